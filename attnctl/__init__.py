@@ -1,0 +1,1 @@
+"""attnctl: training-free attention control for diffusers pipelines."""
