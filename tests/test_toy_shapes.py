@@ -153,9 +153,9 @@ def test_ten_step_generation_runs_ten_unet_calls_and_reports_time(pipe, record_p
         handle.remove()
     assert image.shape == (1, 32, 32, 3)
     assert len(calls) == 10
+    # reported, not asserted (wall times on shared CI machines are noise); ~0.25 s on 2 idle CPU cores
     record_property("toy_shapes_10_step_seconds", round(seconds, 3))
     print(f"\ntoy-shapes: 10-step 32x32 generation (CFG, batch 1) took {seconds:.3f} s")
-    assert seconds < 10.0  # generous bound for a loaded CI machine; measured ~0.1-0.3 s here
 
 
 def test_red_circle_prompt_paints_red_pixels(pipe):

@@ -52,6 +52,7 @@ class TrainConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 256
+    text_init_factor: float = 1.0  # CLIP ``initializer_factor``: larger -> more distinct random word embeddings
     # VAE
     vae_channels: tuple[int, ...] = (32, 64)
     vae_steps: int = 1_000
@@ -78,6 +79,16 @@ class TrainConfig:
 
 #: Settings that do not change the trained model; a run may be resumed with other values.
 RUNTIME_ONLY = ("threads", "log_every", "ckpt_every")
+#: Settings that determine the VAE and the latents (``--reuse-vae`` needs them equal).
+VAE_KEYS = ("seed", "n_samples", "kind_weights", "vae_channels", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight")
+
+
+def config_diff(saved: dict, cfg: TrainConfig, ignore: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> list[str]:
+    """Names of settings where a saved config differs from ``cfg`` (missing saved keys take the defaults)."""
+    defaults = json.loads(json.dumps(asdict(TrainConfig())))
+    wanted = json.loads(json.dumps(asdict(cfg)))
+    keys = [k for k in (only or wanted) if k not in ignore]
+    return sorted(k for k in keys if saved.get(k, defaults[k]) != wanted[k])
 
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
@@ -104,12 +115,33 @@ class Logger:
 
 
 def pick_threads(requested: int) -> int:
-    """``requested`` threads, or for 0 a choice by load: on a shared, oversubscribed CPU one thread is
-    several times faster than two (the OpenMP barriers wait for descheduled threads)."""
+    """``requested`` threads, or for 0 a choice by load: 2 threads when the machine is otherwise idle."""
     if requested > 0:
         return requested
     busy = os.getloadavg()[0] - torch.get_num_threads()  # load caused by other processes
     return 2 if busy < 1.0 else 1
+
+
+class ThreadGovernor:
+    """For ``threads=0``: on a shared, oversubscribed CPU one thread is several times faster than two (the
+    OpenMP barriers wait for descheduled threads), so drop to one thread as soon as a two-thread step takes
+    much longer than the best two-thread step, and try two again at each log interval if the load allows."""
+
+    def __init__(self, requested: int) -> None:
+        self.auto = requested == 0
+        self.best2 = float("inf")
+        torch.set_num_threads(pick_threads(requested))
+
+    def after_step(self, seconds: float) -> None:
+        if not self.auto or torch.get_num_threads() != 2:
+            return
+        self.best2 = min(self.best2, seconds)
+        if seconds > 2.0 * self.best2:
+            torch.set_num_threads(1)
+
+    def at_interval(self) -> None:
+        if self.auto:
+            torch.set_num_threads(pick_threads(0))
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -149,6 +181,7 @@ def build_text_encoder(cfg: TrainConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=cfg.text_hidden,
+        initializer_factor=cfg.text_init_factor,
     )
     return CLIPTextModel(config).eval().requires_grad_(False)
 
@@ -301,7 +334,9 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
     unet.train()
     t_start = time.time()
     t_last, run_loss, last_losses, last_weighted = time.time(), 0.0, [], []
+    governor = ThreadGovernor(cfg.threads)
     for step in range(start, cfg.unet_steps):
+        t_step = time.time()
         lr = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.unet_warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -324,6 +359,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - d)
         run_loss += loss.item()
+        governor.after_step(time.time() - t_step)
         last_losses = (last_losses + [per.mean().item()])[-200:]
         last_weighted = (last_weighted + [loss.item()])[-200:]
         if (step + 1) % cfg.log_every == 0:
@@ -331,7 +367,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
             log(f"unet step {step + 1}/{cfg.unet_steps} loss {run_loss / cfg.log_every:.4f} "
                 f"(unweighted {np.mean(last_losses[-cfg.log_every:]):.4f}) lr {lr:.2e} {dt:.3f} s/step "
                 f"threads {torch.get_num_threads()}")
-            torch.set_num_threads(pick_threads(cfg.threads))
+            governor.at_interval()
             t_last, run_loss = time.time(), 0.0
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.unet_steps:
             seconds = stats.get("unet_seconds_before_resume", 0.0) + time.time() - t_start
@@ -348,13 +384,15 @@ _LOG_RE = re.compile(r"(?P<stage>vae|unet) step (?P<step>\d+)/(?P<total>\d+) (?:
                      r"(?: \(unweighted (?P<unweighted>[\d.]+)\))?.* (?P<dt>[\d.]+) s/step")
 
 
-def summarize_log(log_path: Path) -> dict:
-    """Training summary from ``train.log`` (robust to resumed runs: every logged interval counts once)."""
+def summarize_log(*log_paths: Path) -> dict:
+    """Training summary from ``train.log`` files (robust to resumed runs: every logged interval counts once;
+    a run that reused another run's VAE passes that run's log first)."""
     rows: dict[str, dict[int, dict]] = {"vae": {}, "unet": {}}
-    for line in log_path.read_text(encoding="utf-8").splitlines():
-        m = _LOG_RE.search(line)
-        if m:
-            rows[m["stage"]][int(m["step"])] = m.groupdict()
+    for log_path in log_paths:
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            m = _LOG_RE.search(line)
+            if m:
+                rows[m["stage"]][int(m["step"])] = m.groupdict()
     out: dict = {}
     for stage, by_step in rows.items():
         if not by_step:
@@ -365,12 +403,14 @@ def summarize_log(log_path: Path) -> dict:
         out[f"{stage}_steps"] = steps[-1]
         out[f"{stage}_minutes"] = float(np.dot(dts, intervals)) / 60.0
         out[f"{stage}_seconds_per_step"] = float(np.median(dts))
+        out[f"{stage}_minutes_at_median_rate"] = float(np.median(dts)) * steps[-1] / 60.0
         last = [by_step[s] for s in steps[-8:]]
         out[f"{stage}_final_loss"] = float(np.mean([float(r["loss"]) for r in last]))
         if stage == "unet":
             out["final_loss"] = out["unet_final_loss"]
             out["final_loss_unweighted"] = float(np.mean([float(r["unweighted"]) for r in last]))
     out["total_minutes"] = out.get("vae_minutes", 0.0) + out.get("unet_minutes", 0.0)
+    out["total_minutes_at_median_rate"] = sum(out.get(f"{s}_minutes_at_median_rate", 0.0) for s in ("vae", "unet"))
     out["note"] = ("minutes are the sums of logged training-step times (data generation, latent encoding and "
                    "export add about a minute); final losses are means over the last 200 steps "
                    "(unet: min-SNR-weighted epsilon MSE; vae: MSE + 0.5 L1)")
@@ -403,6 +443,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     p.add_argument("--out", required=True, type=Path, help="run directory (log, checkpoints, model)")
     p.add_argument("--export", type=Path, default=None, help="also copy the final model here (e.g. attnctl/assets/toy-shapes)")
     p.add_argument("--scheduler", default="DDIMScheduler", help="scheduler class saved with the model")
+    p.add_argument("--reuse-vae", type=Path, default=None,
+                   help="copy the trained VAE and latents of another run with the same data and VAE settings")
     p.add_argument("--snapshot", action="store_true",
                    help="only export the latest checkpoint's EMA weights to OUT/snapshot (inspect a run in progress)")
     for name, value in asdict(cfg).items():
@@ -449,12 +491,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     cfg_path = out / "config.json"
     if cfg_path.exists():
-        saved = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k not in RUNTIME_ONLY}
-        wanted = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RUNTIME_ONLY}
-        if saved != wanted:
-            diff = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        diff = config_diff(json.loads(cfg_path.read_text()), cfg, ignore=RUNTIME_ONLY)
+        if diff:
             log(f"config differs from {cfg_path} in {diff}; refusing to resume a different run (use a new --out)")
             return 2
+    if args.reuse_vae is not None and not (ckpt / "vae_final.pt").exists():
+        other = json.loads((args.reuse_vae / "config.json").read_text())
+        diff = config_diff(other, cfg, only=VAE_KEYS)
+        if diff:
+            log(f"cannot reuse the VAE of {args.reuse_vae}: its config differs in {diff}")
+            return 2
+        for name in ("vae_final.pt", "latents.pt"):
+            shutil.copy2(args.reuse_vae / "ckpt" / name, ckpt / name)
+        (ckpt / "vae_source.json").write_text(json.dumps({"run": str(args.reuse_vae.resolve())}) + "\n")
+        log(f"vae: reusing the trained VAE and latents of {args.reuse_vae} (same data and VAE config)")
     if args.snapshot:
         snapshot(out, cfg, args.scheduler, log)
         return 0
@@ -504,7 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     stats["unet_seconds_this_process"] = time.time() - t0
 
     model_dir = export_pipeline(out / "model", tokenizer, text_encoder, vae, unet, args.scheduler)
-    summary = {**summarize_log(out / "train.log"), "config": asdict(cfg),
+    logs = [out / "train.log"]
+    if (ckpt / "vae_source.json").exists():
+        source = Path(json.loads((ckpt / "vae_source.json").read_text())["run"])
+        logs.insert(0, source / "train.log")
+        stats["vae_reused_from"] = str(source)
+    summary = {**summarize_log(*logs), "config": asdict(cfg), "vae_reused_from": stats.get("vae_reused_from"),
                "scaling_factor": scaling, "vae_recon_mse": stats["vae_recon_mse"]}
     (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
