@@ -1,0 +1,127 @@
+"""Attention backends and the table of what each can do.
+
+`attention(q, k, v, spec, backend)` runs one attention call with the changes in `spec` (an
+`AttentionSpec`) on a backend: `"reference"` (eager, the specification), `"sdpa"` (torch SDPA with
+additive masks), and the fused backends registered by their modules when their dependencies import.
+`"auto"` picks by device and capability (`choose_backend` says why). A backend that cannot honour a
+spec raises `BackendError`; nothing is ever dropped silently.
+
+This package imports without triton installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BackendError, ConfigError
+from . import reference, sdpa
+from .spec import PLAIN, AttentionSpec, LabelMask, Sparse, Window
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: AttentionFn
+    features: frozenset[str]
+    devices: tuple[str, ...]
+    note: str = ""
+
+
+_ALL = frozenset({"attn_mask", "key_bias", "value_scale", "query_range", "labels", "window", "sparse", "lse"})
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", reference.attention, _ALL, ("cpu", "cuda", "mps", "xpu"), "eager, explicit softmax"),
+    "sdpa": Backend(
+        "sdpa",
+        sdpa.attention,
+        frozenset({"attn_mask", "key_bias", "value_scale", "query_range", "labels", "window"}),
+        ("cpu", "cuda", "mps", "xpu"),
+        f"torch SDPA; label masks and windows dense up to {sdpa.DENSE_MASK_LIMIT} elements",
+    ),
+}
+BACKEND_NAMES: tuple[str, ...] = ("reference", "sdpa", "flex", "triton")
+# Preference of `auto` per device type; names not registered (no triton, no flex) are skipped.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("sdpa", "reference"),
+    "cuda": ("sdpa", "reference"),
+}
+
+
+def register_backend(backend: Backend, *, auto: dict[str, int] | None = None) -> None:
+    """Add a backend to the table; `auto` maps device types to its position in that device's preference."""
+    BACKENDS[backend.name] = backend
+    for device, position in (auto or {}).items():
+        order = [name for name in AUTO_ORDER.get(device, ()) if name != backend.name]
+        order.insert(position, backend.name)
+        AUTO_ORDER[device] = tuple(order)
+
+
+def validate_backend(name: object) -> str:
+    allowed = ("auto",) + BACKEND_NAMES
+    if not isinstance(name, str) or name not in allowed:
+        raise ConfigError(f"backend must be one of {', '.join(allowed)}, got {name!r}")
+    return name
+
+
+def _unsupported(backend: Backend, features: tuple[str, ...], device: str) -> list[str]:
+    missing = [f for f in features if f not in backend.features]
+    if device not in backend.devices:
+        missing.append(f"device {device}")
+    return missing
+
+
+def choose_backend(requested: str, device: torch.device | str, features: tuple[str, ...]) -> tuple[str, str]:
+    """Return (backend name, reason) for a call needing `features` on `device`, or raise BackendError."""
+    device_type = torch.device(device).type
+    if requested != "auto":
+        backend = BACKENDS.get(requested)
+        if backend is None:
+            raise BackendError(f"backend {requested!r} is not available here: {_why_missing(requested)}")
+        missing = _unsupported(backend, features, device_type)
+        if missing:
+            raise BackendError(f"backend {requested!r} cannot do {', '.join(missing)}; {capability_table()}")
+        return requested, "requested"
+    order = AUTO_ORDER.get(device_type, ("sdpa", "reference"))
+    for name in order:
+        backend = BACKENDS.get(name)
+        if backend is not None and not _unsupported(backend, features, device_type):
+            needs = ", ".join(features) if features else "no control"
+            return name, f"auto on {device_type}: first of {'/'.join(order)} that can do {needs}"
+    raise BackendError(f"no backend can do {', '.join(features)} on {device_type}; {capability_table()}")
+
+
+def _why_missing(name: str) -> str:
+    if name == "triton":
+        return "it needs the triton package (pip install 'attnctl[triton]') and its kernels module"
+    if name == "flex":
+        return "it needs torch.nn.attention.flex_attention (torch >= 2.5)"
+    return "unknown backend"
+
+
+def capability_table() -> str:
+    """A one-line-per-backend text of what each registered backend can do."""
+    lines = [f"{name}: {', '.join(sorted(b.features))} [{b.note}]" for name, b in BACKENDS.items()]
+    return "capabilities: " + "; ".join(lines)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec = PLAIN,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over (B, H, N, D) tensors with the changes in `spec`; returns (out, lse or None)."""
+    name, _ = choose_backend(backend, q.device, spec.features())
+    return BACKENDS[name].fn(q, k, v, spec)
+
+
+__all__ = [
+    "AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "AttentionSpec", "Backend", "LabelMask", "PLAIN", "Sparse", "Window",
+    "attention", "capability_table", "choose_backend", "register_backend", "validate_backend",
+]

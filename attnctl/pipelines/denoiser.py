@@ -1,0 +1,140 @@
+"""The wrapper around the denoiser's `forward` (DESIGN §2, steps 2 and 4).
+
+Every denoiser call opens a frame (step, rows, geometry) for the processors. When guidance controls
+add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is
+re-batched), and `D = sum_k term_k(cond, perturbed_k)` is added to every row the pipeline combines, so
+the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s. In a separate uncond call
+(Flux true CFG) the `D` of the same step's cond call is added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..control import Frame
+from ..errors import CallLayoutError
+from .rows import Perturbation, Row, RowLayout
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.sample
+
+
+def replace_first(output: Any, value: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    if dataclasses.is_dataclass(output):
+        return dataclasses.replace(output, sample=value)
+    output.sample = value
+    return output
+
+
+def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[str, ...], batch: int, index: tuple[int, ...]) -> dict[str, Any]:
+    """Inputs with every batched tensor re-indexed by `index` (rows of the original batch)."""
+    positions = torch.tensor(index, dtype=torch.long)
+
+    def take(value: Any, where: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0 or value.shape[0] == 1 and batch != 1:
+                return value
+            if value.shape[0] != batch:
+                raise CallLayoutError(f"attnctl: input {where} has {value.shape[0]} rows, expected {batch} (or 1)")
+            return value.index_select(0, positions.to(value.device))
+        if isinstance(value, (list, tuple)):
+            return type(value)(take(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return value
+
+    out = dict(inputs)
+    for name in names:
+        if out.get(name) is not None:
+            out[name] = take(out[name], name)
+    for name in dict_names:
+        if isinstance(out.get(name), dict):
+            out[name] = {key: take(value, f"{name}[{key!r}]") for key, value in out[name].items()}
+    return out
+
+
+def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    adapter = runtime.adapter
+    signature = inspect.signature(adapter.denoiser.forward)
+    main_input = adapter.batched_inputs[0]
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call_with(inputs: dict[str, Any], frame: Frame) -> Any:
+            bound = inspect.BoundArguments(signature, inputs)
+            runtime.enter(frame)
+            try:
+                return original(*bound.args, **bound.kwargs)
+            finally:
+                runtime.leave()
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            inputs = runtime.bind_inputs(args, kwargs)
+            batch = int(inputs[main_input].shape[0])
+            frame = runtime.open_frame(inputs, batch)
+            perturbations = runtime.perturbations(frame)
+            if not perturbations:
+                return call_with(inputs, frame)
+            return guided(inputs, frame, batch, perturbations, call_with)
+
+        return forward
+
+    def guided(inputs, frame: Frame, batch: int, perturbations: tuple[Perturbation, ...], call_with) -> Any:
+        base = frame.rows
+        cond = base.indices("cond", None)
+        step = frame.step.index
+        if not cond:
+            output = call_with(inputs, frame)
+            terms = runtime.call.guidance_terms.get(step)
+            if terms is None:
+                raise CallLayoutError(
+                    "attnctl: an uncond-only denoiser call came before the cond call of its step; guidance needs the "
+                    "cond call first (as Flux's true CFG does)"
+                )
+            return replace_first(output, first_tensor(output) + _spread(terms, base, runtime.call.guidance_prompts.get(step)))
+        batched = tuple(p for p in perturbations if not p.separate)
+        layout, source = base.with_perturbed(tuple(p.tag for p in batched))
+        names, dicts = adapter.batched_inputs, adapter.dict_inputs
+        wide = rebatch(inputs, names, dicts, batch, source) if batched else inputs
+        output = call_with(wide, dataclasses.replace(frame, rows=layout, inputs=wide))
+        prediction = first_tensor(output)
+        own = prediction[:batch]
+        cond_prediction = own[list(cond)]
+        total = torch.zeros_like(cond_prediction)
+        for k, perturbation in enumerate(batched):
+            start = batch + k * len(cond)
+            total = total + perturbation.term(cond_prediction, prediction[start : start + len(cond)], frame)
+        for perturbation in (p for p in perturbations if p.separate):
+            rows = RowLayout(tuple(Row("cond", base.rows[i].prompt, perturbation.tag) for i in cond))
+            narrow = rebatch(inputs, names, dicts, batch, cond)
+            perturbed = first_tensor(call_with(narrow, dataclasses.replace(frame, rows=rows, inputs=narrow)))
+            total = total + perturbation.term(cond_prediction, perturbed, frame)
+        prompts = tuple(base.rows[i].prompt for i in cond)
+        runtime.call.guidance_terms[step] = total
+        runtime.call.guidance_prompts[step] = prompts
+        return replace_first(output, own + _spread(total, base, prompts))
+
+    return make
+
+
+def _spread(terms: torch.Tensor, layout: RowLayout, prompts: tuple[int, ...] | None) -> torch.Tensor:
+    """Per-row guidance terms for every row of `layout`, matched by prompt row."""
+    if prompts is None:
+        raise CallLayoutError("attnctl: no guidance term was recorded for this step")
+    where = {prompt: i for i, prompt in enumerate(prompts)}
+    try:
+        index = [where[row.prompt] for row in layout.rows]
+    except KeyError as missing:
+        raise CallLayoutError(f"attnctl: no guidance term for prompt row {missing}") from None
+    return terms[torch.tensor(index, device=terms.device)]

@@ -1,0 +1,105 @@
+"""What the per-family controlled processors share: the attention op with hooks and a backend.
+
+A controlled processor is a plain object (not an nn.Module, so it never enters a state_dict), one instance
+per layer. It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
+layer's edit, and calls one attention op. With no edit it makes the stock processor's exact SDPA call, so
+outputs are bitwise identical to stock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.spec import AttentionSpec
+from .edit import Edit, LayerCall
+
+if TYPE_CHECKING:
+    from ..families.base import LayerInfo
+    from ..runtime import Runtime
+
+
+class ControlledProcessor:
+    """Base class; subclasses implement `__call__` for one family of attention modules."""
+
+    # Kept so that diffusers' set_attention_backend / enable_parallelism find what they look for; a change
+    # after apply is detected at the next pipeline call.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
+        self.layer = layer
+        self.runtime = runtime
+        self.original = original
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+        self.installed_backend = self._attention_backend
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.layer.name!r}, wraps {type(self.original).__name__})"
+
+    def stock_sdpa(self) -> bool:
+        """Whether a layer without edits makes the stock SDPA call (auto or sdpa backend)."""
+        return self.runtime.backend in ("auto", "sdpa")
+
+    def plain_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention without edits, (B, H, N, D) layout."""
+        if self.stock_sdpa():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        backend = self.runtime.backend_for(self.layer, q.device, ("attn_mask",) if attn_mask is not None else ())
+        out, _ = kernels.BACKENDS[backend].fn(q, k, v, AttentionSpec(attn_mask=attn_mask))
+        return out
+
+    def edited_attention(
+        self, call: LayerCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention with the edit's spec on the chosen backend, wrapped by the edit's hooks, (B, H, N, D)."""
+        spec = edit.spec(attn_mask=attn_mask)
+
+        def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
+            if spec.is_plain and self.stock_sdpa():
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.attn_mask, dropout_p=0.0, is_causal=False), None
+            backend = self.runtime.backend_for(self.layer, q.device, spec.features())
+            return kernels.BACKENDS[backend].fn(q, k, v, spec)
+
+        fn = compute
+        for hook in reversed(edit.hooks):
+            fn = _bind_hook(hook, call, fn)
+        out, _ = fn(q, k, v, spec)
+        return out
+
+    def query_hooks(self, call: LayerCall | None, edit: Edit | None, q_proj: torch.Tensor) -> torch.Tensor:
+        if edit is not None:
+            for hook in edit.hooks:
+                q_proj = hook.query(call, q_proj)
+        return q_proj
+
+    def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, LayerCall | None, Any, torch.Tensor]:
+        """Look up the edit; returns (edit, call, reused result or None, hidden after token hooks)."""
+        edit = self.runtime.edit_for(self.layer)
+        if edit is None:
+            return None, None, None, hidden
+        call = self.runtime.layer_call(self.layer, attn, edit)
+        for hook in edit.hooks:
+            reused = hook.reuse(call, hidden, context)
+            if reused is not None:
+                return edit, call, reused, hidden
+        for hook in edit.hooks:
+            hidden = hook.tokens_in(call, hidden)
+        return edit, call, None, hidden
+
+    def finish(self, call: LayerCall | None, edit: Edit | None, result: Any) -> Any:
+        if edit is not None:
+            for hook in reversed(edit.hooks):
+                result = hook.result(call, result)
+        return result
+
+
+def _bind_hook(hook, call, inner):
+    def fn(q, k, v, spec):
+        return hook.attend(call, q, k, v, spec, inner)
+
+    return fn
