@@ -182,6 +182,7 @@ class Frame:
     canvas: Canvas
     context: str | None = None
     inputs: dict[str, Any] | None = None
+    number: int = 0  # denoiser calls before this one in the pipeline call
 
     def geometry(self, layer: LayerInfo) -> Geometry:
         return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)

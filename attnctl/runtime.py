@@ -117,7 +117,7 @@ class Runtime:
             self._start_schedule(call)
         step = self._step(call)
         rows = base_rows(self.protocol, call.record, batch, self.context, inputs)
-        frame = Frame(step=step, rows=rows, canvas=canvas, context=self.context, inputs=inputs)
+        frame = Frame(step=step, rows=rows, canvas=canvas, context=self.context, inputs=inputs, number=call.frames)
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
         call.frames += 1

@@ -41,5 +41,6 @@ class _ProbeBound(Bound):
         control.log.append(("bind", context.steps, context.cfg, context.prompt_rows))
 
     def edit(self, layer, frame):
-        self.control.log.append((layer.name, frame.step.index, frame.step.count, tuple((r.branch, r.prompt, r.tag) for r in frame.rows.rows)))
+        rows = tuple((r.branch, r.prompt, r.tag) for r in frame.rows.rows)
+        self.control.log.append((layer.name, frame.step.index, frame.step.count, rows, frame.number))
         return None
