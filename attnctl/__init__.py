@@ -22,8 +22,9 @@ from .errors import (
     UnsupportedError,
 )
 from .handle import Handle, apply
+from .pipelines.loading import load_pipeline
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
-    "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply",
+    "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
 ]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import ConfigError, TokenError
 
-WordQuery = Union[str, int, tuple[str, int]]
+WordQuery = str | int | tuple[str, int]
 
 
 def validate_word_query(query: object, *, owner: str) -> WordQuery:

@@ -11,6 +11,8 @@ from attnctl.testing import make_tiny_pipeline
 
 from .helpers import Probe, generate
 
+pytestmark = pytest.mark.parity
+
 
 def _frames(log):
     """(step, count, rows) per denoiser call, in order."""

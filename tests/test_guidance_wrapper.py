@@ -14,6 +14,8 @@ from attnctl.testing import make_tiny_pipeline
 
 from .helpers import Probe, generate
 
+pytestmark = pytest.mark.parity
+
 
 @dataclass(frozen=True)
 class ConstantGuidance(Control, type_name="test-constant-guidance"):

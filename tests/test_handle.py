@@ -14,6 +14,8 @@ from attnctl.testing import make_tiny_pipeline
 
 from .helpers import Probe, generate
 
+pytestmark = pytest.mark.parity
+
 
 def _snapshot(pipe, denoiser):
     return (

@@ -11,6 +11,8 @@ from attnctl.testing import TINY_MODELS
 
 from .helpers import Probe, generate
 
+pytestmark = pytest.mark.parity
+
 
 def _denoiser(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer

@@ -33,7 +33,7 @@ class LabelMask:
 
     def fully_masked_queries(self) -> torch.Tensor:
         """(B, Nq) bool: queries whose every key is masked (their output is defined as zeros)."""
-        batch, lq, lk = self.q_labels.shape[0], self.table.shape[1], self.table.shape[2]
+        batch, lk = self.q_labels.shape[0], self.table.shape[2]
         present = torch.zeros(batch, lk, dtype=torch.bool, device=self.k_labels.device)
         present.scatter_(1, self.k_labels, True)
         table = self.table.expand(batch, -1, -1)

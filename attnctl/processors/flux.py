@@ -71,9 +71,7 @@ class FluxAttnProcessor(ControlledProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         if edit is None and self.stock_sdpa():
-            hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config
-            )
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, **self._dispatch_options())
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
             if edit is None:
@@ -98,6 +96,13 @@ class FluxAttnProcessor(ControlledProcessor):
             return self.finish(call, edit, (hidden_states, encoder_hidden_states))
         return self.finish(call, edit, hidden_states)
 
+    def _dispatch_options(self) -> dict[str, Any]:
+        """backend= and, on diffusers versions whose processors have it, parallel_config=."""
+        options: dict[str, Any] = {"backend": self._attention_backend}
+        if hasattr(type(self.original), "_parallel_config"):
+            options["parallel_config"] = self._parallel_config
+        return options
+
     def _query_hooks_joint(self, call, edit, query: torch.Tensor) -> torch.Tensor:
         """Query hooks see image tokens only; in single blocks the text comes first and is left as it is."""
         if not self.layer.concatenated:
@@ -115,9 +120,6 @@ class FluxAttnProcessor(ControlledProcessor):
         for states, scale, to_k_ip, to_v_ip in zip(ip_hidden_states, ip.scale, ip.to_k_ip, ip.to_v_ip):
             ip_key = to_k_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
             ip_value = to_v_ip(states).view(batch_size, -1, attn.heads, attn.head_dim)
-            current = dispatch(
-                ip_query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                backend=self._attention_backend, parallel_config=self._parallel_config,
-            )
+            current = dispatch(ip_query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False, **self._dispatch_options())
             ip_out += scale * current.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
         return ip_out

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .pipelines import CALL_DEFAULTS, TINY_MODELS, make_tiny_pipeline, tiny_flux, tiny_pixart, tiny_sd, tiny_sd3, tiny_sdxl
+from .pipelines import (
+    CALL_DEFAULTS,
+    TINY_MODELS,
+    make_tiny_pipeline,
+    tiny_flux,
+    tiny_pixart,
+    tiny_sd,
+    tiny_sd3,
+    tiny_sdxl,
+)
 from .tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
 from .vocabulary import MULTI_TOKEN_WORD, WORDS
 
