@@ -44,3 +44,24 @@ class _ProbeBound(Bound):
         rows = tuple((r.branch, r.prompt, r.tag) for r in frame.rows.rows)
         self.control.log.append((layer.name, frame.step.index, frame.step.count, rows, frame.number))
         return None
+
+
+@dataclass(frozen=True)
+class WordProbe(Control, type_name="test-word-probe"):
+    """Resolves words at bind time for every prompt row (cond and, if asked, uncond) and records them."""
+
+    words: tuple = ()
+    uncond: bool = False
+    log: list = field(default_factory=list, compare=False, hash=False)
+    needs_words = True
+
+    def bind(self, context):
+        tokens = context.require_tokens("WordProbe")
+        for row in range(context.prompt_rows):
+            self.log.append(("cond", row, {w: tokens.positions(w, row) for w in self.words}))
+        if self.uncond:
+            negative = context.require_tokens("WordProbe", "uncond")
+            for row in range(context.prompt_rows):
+                self.log.append(("uncond", row, {w: negative.positions(w, row) for w in self.words}))
+        self.log.append(("text_len", context.canvas.text_len))
+        return Bound(self, context.layers, (0.0, 1.0))
