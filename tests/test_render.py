@@ -3,6 +3,7 @@ PNG parameters, sharding over processes (issue #8)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -227,8 +228,8 @@ def test_dry_run_reports_every_problem_with_its_place(tmp_path, capsys, monkeypa
         15: "prompt must be a non-empty string",
     }
     problem_lines = [line for line in out.splitlines() if "problem " in line]
-    for number, text in expected.items():
-        assert any(f"bad.jsonl:{number}" in line and text in line for line in problem_lines), (number, text, out)
+    for line_number, text in expected.items():
+        assert any(f"bad.jsonl:{line_number}" in line and text in line for line in problem_lines), (line_number, text, out)
     assert len(problem_lines) == len(expected)
     assert "ok  bad.jsonl:2 job 'good'" in out and f"{len(expected)} problem(s)" in out
 
@@ -563,14 +564,17 @@ def test_example_job_files_are_valid(path):
 def test_quickstart_renders_on_the_default_embedded_model(tmp_path, tiny_cache):
     path = ROOT / "examples" / "jobs" / "quickstart.toml"
     jobs = load_job_file(path)
-    if not jobs.ok:
-        pytest.skip(f"quickstart uses controls not in this build: {jobs.problems[0]}")
+    assert jobs.jobs
+    # one seed and two steps per job: this checks that the file runs, not what it shows; jobs whose controls
+    # are not in this build are left out (test_example_job_files_are_valid says which)
+    jobs = dataclasses.replace(jobs, invalid=(), problems=(),
+                               jobs=tuple(dataclasses.replace(job, seeds=job.seeds[:1], steps=2) for job in jobs.jobs))
     name = default_model()
     model = Model(tiny_cache(name), name) if name.startswith("tiny-") else Model.load(name, device="cpu")
     with model:
         summary = render(jobs, options(tmp_path / "out"), model=model)
     assert summary.exit_code == 0, summary.format()
-    assert summary.rendered == jobs.images
+    assert summary.rendered == len(jobs.jobs)
 
 
 def test_summary_and_exit_code():

@@ -144,6 +144,11 @@ class Model:
     # -- introspection --------------------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        if isinstance(denoiser, torch.nn.Module):  # cheaper than pipe.dtype, which walks every component
+            parameter = next(denoiser.parameters(), None)
+            if parameter is not None:
+                return parameter.dtype
         return getattr(self.pipe, "dtype", torch.float32)
 
     @property

@@ -458,6 +458,11 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
     kind = canonical_control_type(raw["type"])
     written = {**raw, "type": kind}
     label = f"{label} ({kind})"
+    registry = registered_controls()
+    if kind not in registry:
+        known = ", ".join(sorted(registry)) or "none in this build"
+        problem(f"{label}: unknown control type {kind!r}{_suggest(kind, tuple(registry))}; registered: {known}")
+        return None, written
     resolved, path_errors = resolve_paths(written, base)
     for message in path_errors:
         problem(f"{label}: {message}")

@@ -493,7 +493,7 @@ class _RunContext:
                 width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options,
             )
             generated = time.perf_counter()
-            folder = self.job_folder(job)
+            folder = os.path.join(self.out, job.id)  # checked by job_folder before the job's first image
             params = {"job": job.id, **result.params}
             saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync)
             size = save_png(result.image, os.path.join(folder, f"{seed}.png"), params, fsync=self.options.fsync)
