@@ -389,7 +389,11 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
                 if model is None:
                     load_start = time.perf_counter()
                     log.info(ranks.say(f"loading {model_name} on {device} ({dtype})"))
-                    model = Model.load(model_name, device=device, dtype=dtype, backend=backend, cpu_offload=options.cpu_offload)
+                    try:
+                        model = Model.load(model_name, device=device, dtype=dtype, backend=backend,
+                                           cpu_offload=options.cpu_offload)
+                    except Exception as error:  # noqa: BLE001 - any loader failure ends the run with its reason
+                        raise RenderError(f"cannot load model {model_name!r}: {_describe(error)}") from error
                     summary.load_seconds = time.perf_counter() - load_start
                 else:
                     model.pipe.set_progress_bar_config(disable=True)
