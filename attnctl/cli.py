@@ -12,10 +12,11 @@ Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ._version import __version__
 from .errors import AttnctlError
@@ -89,26 +90,37 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Log lines with a timestamp to stderr (and --log-file) for the command's duration; the `attnctl` logger
+    is put back as it was afterwards (main() may run inside another program or a test)."""
     logger = logging.getLogger("attnctl")
-    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    saved = (logger.level, logger.propagate, list(logger.handlers))
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [_StderrHandler()]
     if args.log_file:
         handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
-    for handler in list(logger.handlers):
-        if getattr(handler, "_attnctl_cli", False):
-            logger.removeHandler(handler)
-            handler.close()
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler._attnctl_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-    logger.propagate = False
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _render(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    _setup_logging(args)
+    with _logging(args):
+        return _render_logged(args, parser)
+
+
+def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.dry_run and not args.out:
         parser.error("render needs --out DIR (or --dry-run)")
     if args.threads is not None:

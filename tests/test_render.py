@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -173,6 +174,16 @@ options = { eta = 0.5 }
     assert [j.place for j in a.jobs] == ["jobs.toml:7", "jobs.toml:12"] and [j.place for j in b.jobs] == ["jobs.jsonl:2", "jobs.jsonl:3"]
 
 
+def test_json_documents_and_empty_files(tmp_path):
+    document = write(tmp_path / "jobs.json", json.dumps({"defaults": {"steps": 3}, "jobs": [{"id": "a", "prompt": "x"}]}))
+    jobs = load_job_file(document)
+    assert jobs.ok and jobs.format == "json" and jobs.jobs[0].steps == 3 and jobs.jobs[0].place == "jobs.json jobs[0]"
+    empty = load_job_file(write(tmp_path / "empty.jsonl", "# nothing yet\n"))
+    assert [p.message for p in empty.problems] == ["no jobs in this file"]
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_job_file(write(tmp_path / "jobs.yaml", "jobs: []"))
+
+
 def test_control_type_names_are_forgiving_but_unique():
     assert jobs_module.canonical_control_type("test-render-mask") == "test-render-mask"
     assert jobs_module.canonical_control_type("MaskProbe") == "test-render-mask"  # the class name
@@ -239,6 +250,8 @@ def test_dry_run_of_a_good_file_is_clean_and_reports_resume_state(tmp_path, caps
     out = tmp_path / "out"
     assert cli.main(["render", str(path), "--dry-run"]) == 0
     assert "no problems" in capsys.readouterr().out
+    logger = logging.getLogger("attnctl")
+    assert logger.propagate and not logger.handlers  # the command line put the logger back as it was
     render(str(path), options(out), model=tiny_model)
     (out / "a" / "1.png").unlink()
     assert cli.main(["render", str(path), "--dry-run", "--out", str(out), "--model", "tiny-sd"]) == 0

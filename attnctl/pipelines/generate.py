@@ -190,6 +190,10 @@ class Model:
         """Generate one image. Unset settings take the pipeline's defaults (and an embedded model's call
         defaults); `options` are further keyword arguments of the pipeline call."""
         controls = tuple(controls)
+        owned = [key for key in ("generator", "output_type", "prompt") if key in options]
+        if owned:
+            raise ConfigError(f"Model.generate sets {', '.join(owned)} itself (a CPU generator seeded with `seed`, PIL "
+                              "images); call the pipeline directly for other outputs")
         kwargs = {**self.call_defaults, **options}
         for key, value in (("negative_prompt", negative_prompt), ("num_inference_steps", steps), ("width", width),
                            ("height", height), ("guidance_scale", guidance_scale)):

@@ -24,6 +24,7 @@ TOML::
 
 JSONL: one job object per line. An optional first line whose keys are all among `model`, `dtype`,
 `backend`, `defaults` is the file's header. Blank lines and lines starting with `#` are ignored.
+JSON (`.json`): one object with the layout of the TOML file (`{"defaults": {...}, "jobs": [...]}`).
 
 Seeds are a list of integers, one integer (`seed = 3`), or a range `{ start = 0, count = 100 }`.
 
@@ -124,7 +125,7 @@ class InvalidJob:
 @dataclass(frozen=True)
 class JobFile:
     path: str
-    format: str  # "toml" | "jsonl"
+    format: str  # "toml" | "jsonl" | "json"
     jobs: tuple[Job, ...]
     invalid: tuple[InvalidJob, ...] = ()
     problems: tuple[Problem, ...] = ()  # every problem, in file order (those of invalid jobs included)
@@ -155,9 +156,11 @@ def load_job_file(path: str | os.PathLike[str]) -> JobFile:
     lowered = path.lower()
     if lowered.endswith(".toml"):
         return _parse_toml(path, text)
-    if lowered.endswith((".jsonl", ".json", ".ndjson")):
+    if lowered.endswith((".jsonl", ".ndjson")):
         return _parse_jsonl(path, text)
-    raise ConfigError(f"job file {path!r}: unknown format; use a .toml or a .jsonl file")
+    if lowered.endswith(".json"):
+        return _parse_json(path, text)
+    raise ConfigError(f"job file {path!r}: unknown format; use a .toml, .jsonl or .json file")
 
 
 # -- the two formats ----------------------------------------------------------------------------------------------
@@ -167,6 +170,25 @@ def _parse_toml(path: str, text: str) -> JobFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{name}: not valid TOML: {error}") from error
+    return _parse_document(path, text, data)
+
+
+def _parse_json(path: str, text: str) -> JobFile:
+    """A .json file: one document with the layout of the TOML files (`model`, `defaults`, `jobs`: [...])."""
+    name = os.path.basename(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{name}: not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: a .json job file holds one object with 'jobs' (and optional 'model', 'defaults'); "
+                          "for one job per line use .jsonl")
+    return _parse_document(path, text, data)
+
+
+def _parse_document(path: str, text: str, data: dict[str, Any]) -> JobFile:
+    name = os.path.basename(path)
+    fmt = "json" if path.lower().endswith(".json") else "toml"
     problems: list[Problem] = []
     unknown = [key for key in data if key not in HEADER_KEYS + ("jobs",)]
     for key in unknown:
@@ -175,10 +197,10 @@ def _parse_toml(path: str, text: str) -> JobFile:
     jobs = data.get("jobs", [])
     if not isinstance(jobs, list) or not all(isinstance(job, dict) for job in jobs):
         raise ConfigError(f"{name}: 'jobs' must be an array of tables ([[jobs]] sections), got {type(jobs).__name__}")
-    lines = _toml_job_lines(text, len(jobs))
+    lines = _toml_job_lines(text, len(jobs)) if fmt == "toml" else None
     places = [f"{name}:{lines[i]}" if lines else f"{name} jobs[{i}]" for i in range(len(jobs))]
     header = {key: data[key] for key in HEADER_KEYS if key in data}
-    return _build(path, "toml", header, name, list(zip(places, jobs)), problems)
+    return _build(path, fmt, header, name, list(zip(places, jobs)), problems)
 
 
 def _toml_job_lines(text: str, count: int) -> list[int] | None:
@@ -246,17 +268,20 @@ def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entri
             problems.append(Problem(defaults_place, f"unknown key {key!r}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"))
     defaults = {key: value for key, value in defaults.items() if key in JOB_KEYS and key != "id"}
 
+    if not entries:
+        problems.append(Problem(os.path.basename(path), "no jobs in this file"))
     jobs: list[Job] = []
     invalid: list[InvalidJob] = []
     seen: dict[str, str] = {}
     for index, (place, entry) in enumerate(entries):
         job, job_problems, job_id, seeds = _job(entry, defaults, index, place, base)
         if job_id is not None:
-            if job_id in seen:
-                job_problems.append(Problem(_where(place, job_id), f"duplicate job id {job_id!r} (first at {seen[job_id]})", job_id))
+            folder = job_id.lower()  # one folder on case-insensitive file systems (macOS, Windows)
+            if folder in seen:
+                job_problems.append(Problem(_where(place, job_id), f"duplicate job id {job_id!r} (first at {seen[folder]})", job_id))
                 job_id = None  # its images belong to the first job of that id: record nothing under it
             else:
-                seen[job_id] = place
+                seen[folder] = place
         if job_problems or job is None:
             invalid.append(InvalidJob(job_id, seeds if job_id is not None else (), place, tuple(job_problems), index))
             problems.extend(job_problems)

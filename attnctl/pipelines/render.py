@@ -527,7 +527,10 @@ def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *,
             continue
         name = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(key)).strip(".") or "output"
         target = os.path.join(folder, f"{seed}.{name}")
-        takes_images = "images" in inspect.signature(save).parameters
+        try:
+            takes_images = "images" in inspect.signature(save).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            takes_images = False
 
         def fill(path: str, save=save, takes_images=takes_images) -> None:
             save(path, images=[image]) if takes_images else save(path)
