@@ -163,7 +163,7 @@ def load_job_file(path: str | os.PathLike[str]) -> JobFile:
     raise ConfigError(f"job file {path!r}: unknown format; use a .toml, .jsonl or .json file")
 
 
-# -- the two formats ----------------------------------------------------------------------------------------------
+# -- the formats --------------------------------------------------------------------------------------------------
 def _parse_toml(path: str, text: str) -> JobFile:
     name = os.path.basename(path)
     try:
@@ -195,7 +195,7 @@ def _parse_document(path: str, text: str, data: dict[str, Any]) -> JobFile:
         problems.append(Problem(name, f"unknown top-level key {key!r}{_suggest(key, HEADER_KEYS + ('jobs',))}; "
                                       f"allowed: {', '.join(HEADER_KEYS + ('jobs',))}"))
     jobs = data.get("jobs", [])
-    if not isinstance(jobs, list) or not all(isinstance(job, dict) for job in jobs):
+    if not isinstance(jobs, list):
         raise ConfigError(f"{name}: 'jobs' must be an array of tables ([[jobs]] sections), got {type(jobs).__name__}")
     lines = _toml_job_lines(text, len(jobs)) if fmt == "toml" else None
     places = [f"{name}:{lines[i]}" if lines else f"{name} jobs[{i}]" for i in range(len(jobs))]
