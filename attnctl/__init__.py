@@ -22,9 +22,11 @@ from .errors import (
     UnsupportedError,
 )
 from .handle import Handle, apply
+from .pipelines.generate import Generation, Model, generate
 from .pipelines.loading import load_pipeline
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
 ]
+__all__ += ["Generation", "Model", "generate"]

@@ -1,0 +1,7 @@
+"""`python -m attnctl ...` (and `accelerate launch -m attnctl render ...`): the `attnctl` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
