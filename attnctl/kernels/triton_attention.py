@@ -44,6 +44,8 @@ from .spec import AttentionSpec, LabelMask, Window
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Integer arguments that change between layers / controls: not specialised (no new compilation per value).
+_RUNTIME_INTS = ("q_start", "q_stop", "win_w", "win_rh", "win_rw", "win_band", "text_start", "n_img")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def _flash_loop(
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd(
     Q, K, V, Out, Lse, RowMax,
     stride_qb, stride_qh, stride_qm, stride_qd,

@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from . import sdpa
 from . import triton_attention as ta
 from .spec import AttentionSpec
-from .triton_attention import LOG2E, _flash_loop, _key_block, _tile_logits
+from .triton_attention import _RUNTIME_INTS, LOG2E, _flash_loop, _key_block, _tile_logits
 
 #: Key rows up to this length (after rounding up to a power of two) use the one-pass layout.
 ONE_TILE_MAX = 128
@@ -81,7 +81,7 @@ def _newton(tau, lo, hi, f, slope, active, TOL_: tl.constexpr):
     return tau, lo, hi, err
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _sparse_attn_fwd(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -294,8 +294,9 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     single = one_tile(nk)
     if single:
         block_n = triton.next_power_of_2(max(nk, 16))
-        block_m = min(config.block_m, 64 if q.device.type == "cuda" else config.block_m)
-        config = ta.Config(block_m, block_n, config.num_warps, config.num_stages)
+        # the whole (BLOCK_M, BLOCK_N) row tile and its entmax terms live in registers on a GPU
+        block_m = min(config.block_m, 32) if q.device.type == "cuda" else config.block_m
+        config = ta.Config(block_m, block_n, 4 if q.device.type == "cuda" else config.num_warps, config.num_stages)
     args, switches = ta.kernel_arguments(q, k, v, spec, config)
     if single:
         switches["HAS_BLOCKS"] = False
