@@ -12,7 +12,7 @@ This package imports without triton installed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,8 @@ class Backend:
     features: frozenset[str]
     devices: tuple[str, ...]
     note: str = ""
+    #: device type -> features this backend lacks there (compiled flex returns no log-sum-exp on CPU)
+    missing_on: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 _ALL = frozenset({"attn_mask", "key_bias", "value_scale", "query_range", "labels", "window", "sparse", "lse"})
@@ -69,7 +71,9 @@ def validate_backend(name: object) -> str:
 
 
 def _unsupported(backend: Backend, features: tuple[str, ...], device: str) -> list[str]:
+    lacking = backend.missing_on.get(device, frozenset())
     missing = [f for f in features if f not in backend.features]
+    missing += [f"{f} on {device}" for f in features if f in backend.features and f in lacking]
     if device not in backend.devices:
         missing.append(f"device {device}")
     return missing
@@ -105,8 +109,52 @@ def _why_missing(name: str) -> str:
 
 def capability_table() -> str:
     """A one-line-per-backend text of what each registered backend can do."""
-    lines = [f"{name}: {', '.join(sorted(b.features))} [{b.note}]" for name, b in BACKENDS.items()]
+    lines = []
+    for name, b in BACKENDS.items():
+        limits = "".join(f"; not on {device}: {', '.join(sorted(f))}" for device, f in b.missing_on.items())
+        lines.append(f"{name}: {', '.join(sorted(b.features))} on {'/'.join(b.devices)}{limits} [{b.note}]")
     return "capabilities: " + "; ".join(lines)
+
+
+def _register_optional_backends() -> None:
+    """Register flex when torch has it and triton when the triton package imports; on CUDA `auto` then
+    prefers triton > flex > sdpa > reference for controlled layers. CPU keeps sdpa > reference: compiled
+    flex costs seconds per new shape there and is slower than sdpa, and triton runs on CPU only in the
+    interpreter (TRITON_INTERPRET=1, for tests), which lists "cpu" among its devices but never in `auto`."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        pass
+    else:
+        from . import flex
+
+        register_backend(
+            Backend(
+                "flex", flex.attention, _ALL - {"sparse"}, ("cpu", "cuda"),
+                "torch flex_attention compiled; score_mod / mask_mod per control, block masks cached; no PLADIS "
+                "(per-row threshold); plain calls go to SDPA",
+                missing_on={device: frozenset(f) for device, f in flex.DEVICE_LIMITS.items()},
+            ),
+            auto={"cuda": 0},
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    from . import triton_attention, triton_sparse
+
+    register_backend(
+        Backend(
+            "triton", triton_sparse.backend_attention, _ALL,
+            ("cuda", "cpu") if triton_attention.interpreted() else ("cuda",),
+            "fused flash kernels: bias / value scale, labels and windows with tile skipping, LSE, entmax for PLADIS; "
+            "plain calls go to SDPA",
+        ),
+        auto={"cuda": 0},
+    )
+
+
+_register_optional_backends()
 
 
 def attention(

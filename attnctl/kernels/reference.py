@@ -24,7 +24,7 @@ def additive_bias(spec: AttentionSpec, batch: int, nq: int, nk: int, device: tor
         add(mask.float())
     if spec.key_bias is not None:
         key_bias = _per_key(spec.key_bias).float()  # (B|1, H|1, 1, Nk)
-        add(key_bias * query_indicator(spec, nq, device))
+        add(torch.where(query_indicator(spec, nq, device) > 0, key_bias, 0.0))  # not a product: -inf * 0 is NaN
     if spec.labels is not None:
         add(spec.labels.dense().float())
     if spec.window is not None:
@@ -66,6 +66,7 @@ def entmax(logits: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
     finite = torch.where(torch.isneginf(z), torch.full_like(z, -1e4), z)
     finite = finite - finite.max(-1, keepdim=True).values
     finite = torch.where(torch.isneginf(z), torch.full_like(z, -1e4), finite)
+    finite = finite.masked_fill(dead, 0.0)  # all -inf: solve a uniform row instead (zeroed below)
     if alpha == 2.0:
         probs = _sparsemax(finite)
     elif alpha == 1.5:
