@@ -16,8 +16,10 @@ with `alpha_bar = 1 / (1 + sigma^2)`, so the scaling is undone and re-applied im
 Layers: UNet `mid_block.attentions.0.transformer_blocks.0.attn1` (as the SAG pipeline); for DiTs,
 which SAG predates, the layer PAG perturbs by default (SD3 `transformer_blocks.1.attn`, PixArt
 `transformer_blocks.1.attn1`, Flux the middle double block). In joint attention the map is the image x
-image block of the full softmax (normalised over image and text keys). With separate cond / uncond calls
-(Flux true CFG) the uncond prediction is not available during the cond call, so the cond rows are degraded.
+image block of the softmax, renormalised per image query over the image keys (so that "received > 1" still
+means "above the average key"; the text keys' share would otherwise empty the mask). With separate cond /
+uncond calls (Flux true CFG) the uncond prediction is not available during the cond call, so the cond rows
+are degraded.
 """
 
 from __future__ import annotations
@@ -162,8 +164,12 @@ class CaptureReceived(LayerHook):
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> torch.Tensor:
-    """`mean_heads(A)[image queries, image keys].sum(queries)`: (B, N) in float32, A the full softmax of the
-    call's logits (with the spec's additive terms), computed over query chunks (no B x H x N x N tensor)."""
+    """`mean_heads(A)[image queries, image keys].sum(queries)`: (B, N) in float32, A the softmax of the call's
+    logits (with the spec's additive terms), computed over query chunks (no B x H x N x N tensor).
+
+    In joint attention each image query's row of the image x image block is renormalised to sum to 1, so
+    the threshold 1 keeps SAG's meaning (a key receives more than the average key does); without that the
+    text keys' share would leave the mask empty."""
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     keys = torch.arange(k.shape[2], device=q.device)
     kf = k.float()
@@ -177,7 +183,10 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
             logits = logits + bias
         dead = torch.isneginf(logits).all(-1, keepdim=True)
         probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
-        total += probs[..., image].sum(dim=2)
+        block = probs[..., image]
+        if image.stop - image.start < k.shape[2]:  # joint attention: renormalise over the image keys
+            block = block / block.sum(-1, keepdim=True).clamp(min=torch.finfo(block.dtype).tiny)
+        total += block.sum(dim=2)
     return total.mean(dim=1)
 
 
