@@ -105,6 +105,20 @@ def test_pag_matches_diffusers_sd(guidance, adaptive):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_pag_matches_diffusers_sdxl():
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    pipe = make_tiny_pipeline("tiny-sdxl")
+    reference_pipe = StableDiffusionXLPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
+    reference_pipe.set_progress_bar_config(disable=True)
+    expected = generate(reference_pipe, "tiny-sdxl", steps=3, pag_scale=3.0)
+    stock = generate(pipe, "tiny-sdxl", steps=3)
+    with attnctl.apply(pipe, [attnctl.PAG(scale=3.0)]):
+        got = generate(pipe, "tiny-sdxl", steps=3)
+    assert (expected - stock).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_pag_matches_diffusers_sd3():
     from diffusers import StableDiffusion3PAGPipeline
 
@@ -202,24 +216,37 @@ def _blur_hook(sigma, grid_hw):
     return hook
 
 
+SEG_CASES = [
+    # name, size, query projection of the default layer, its grid, cond rows of the CFG batch
+    ("tiny-sd", {"height": 16, "width": 64}, "mid_block.attentions.0.transformer_blocks.0.attn1.to_q", (4, 16)),
+    ("tiny-sd3", {"height": 32, "width": 48}, "transformer_blocks.1.attn.to_q", (16, 24)),
+    ("tiny-flux", {"height": 32, "width": 48}, "transformer_blocks.0.attn.to_q", (8, 12)),
+    ("tiny-pixart", {"height": 32, "width": 48}, "transformer_blocks.1.attn1.to_q", (8, 12)),
+]
+
+
 @pytest.mark.parametrize("sigma", [2.0, float("inf")], ids=["finite", "infinite"])
-def test_seg_matches_a_query_blur_reference_on_a_non_square_latent(sigma):
-    """SEG's D at step 0 equals scale (cond - perturbed), with `perturbed` from the stock UNet whose mid-block
-    query projection is blurred by an independent reference, on a 8x32 latent (mid grid 4x16)."""
-    pipe = make_tiny_pipeline("tiny-sd")
-    size = {"height": 16, "width": 64}
-    stock, calls = record(pipe, "tiny-sd", prompt="a cat", steps=1, **size)
-    got, _ = record(pipe, "tiny-sd", [attnctl.SEG(scale=2.0, sigma=sigma)], prompt="a cat", steps=1, **size)
+@pytest.mark.parametrize("name, size, projection, grid", SEG_CASES, ids=[c[0] for c in SEG_CASES])
+def test_seg_matches_a_query_blur_reference_on_a_non_square_latent(name, size, projection, grid, sigma):
+    """SEG's D at step 0 equals scale (cond - perturbed), with `perturbed` from the stock denoiser whose query
+    projection (image tokens, before qk-norm / RoPE) is blurred by an independent reference, on non-square
+    latents (the tiny-sd case also replicates along the 4-token axis)."""
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, **size)
+    got, _ = record(pipe, name, [attnctl.SEG(scale=2.0, sigma=sigma)], prompt="a cat", steps=1, **size)
     call = calls[0]
-    cond = run_denoiser(pipe, call, [1], 2)
-    to_q = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q
-    handle = to_q.register_forward_hook(_blur_hook(sigma, (4, 16)))
+    batch = 1 if name == "tiny-flux" else 2
+    cond = run_denoiser(pipe, call, [batch - 1], batch)
+    handle = _denoiser(pipe).get_submodule(projection).register_forward_hook(_blur_hook(sigma, grid))
     try:
-        perturbed = run_denoiser(pipe, call, [1], 2)
+        perturbed = run_denoiser(pipe, call, [batch - 1], batch)
     finally:
         handle.remove()
-    assert (cond - perturbed).abs().max() > 1e-4
-    torch.testing.assert_close(got[0], stock[0] + 2.0 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+    term = 2.0 * (cond - perturbed)
+    if name == "tiny-pixart":  # learned sigma: the pipeline keeps the first half of the channels
+        term = term[:, : stock[0].shape[1]]
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
 
 
 # -- PLADIS against eager reference processors --------------------------------------------------------------
@@ -341,6 +368,56 @@ def test_flux_pag_against_a_dense_mask_reference(extra):
     assert (cond - perturbed).abs().max() > 1e-4
     # D is added to the cond and (true CFG) the uncond prediction: neg + D + s (cond - neg) = stock + D
     torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+class RefSD3PAG:
+    """SD3's JointAttnProcessor2_0 (qk-norm included) with diffusers' joint PAG mask, dense; identity attention
+    for the image-only `attn2` of SD3.5 dual blocks."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        batch, n = hidden_states.shape[:2]
+
+        def heads(t):
+            return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2)
+
+        v = heads(attn.to_v(hidden_states))
+        if encoder_hidden_states is None:
+            out = v.transpose(1, 2).reshape(batch, n, -1)
+            return attn.to_out[1](attn.to_out[0](out))
+        q, k = attn.norm_q(heads(attn.to_q(hidden_states))), attn.norm_k(heads(attn.to_k(hidden_states)))
+        cq = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
+        ck = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        total = q.shape[2]
+        mask = torch.zeros(total, total)
+        block = torch.full((n, n), float("-inf"))
+        block.fill_diagonal_(0.0)
+        mask[:n, :n] = block
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch, total, -1)
+        image, text = out[:, :n], out[:, n:]
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return attn.to_out[1](attn.to_out[0](image)), text
+
+
+def test_sd35_pag_applies_qk_norm_and_perturbs_dual_attention():
+    pipe = make_tiny_pipeline("tiny-sd3", qk_norm="rms_norm", dual_attention_layers=(1,))
+    stock, calls = record(pipe, "tiny-sd3", prompt="a cat", steps=1)
+    got, _ = record(pipe, "tiny-sd3", [attnctl.PAG(scale=2.0)], prompt="a cat", steps=1)
+    call = calls[0]
+    cond = run_denoiser(pipe, call, [1], 2)
+    block = pipe.transformer.transformer_blocks[1]
+    originals = (block.attn.processor, block.attn2.processor)
+    block.attn.set_processor(RefSD3PAG())
+    block.attn2.set_processor(RefSD3PAG())
+    try:
+        perturbed = run_denoiser(pipe, call, [1], 2)
+    finally:
+        block.attn.set_processor(originals[0])
+        block.attn2.set_processor(originals[1])
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 2.0 * (cond - perturbed), rtol=1e-4, atol=1e-4)
 
 
 # -- composition, separate forwards, SD3's own skip-layer pass ----------------------------------------------
