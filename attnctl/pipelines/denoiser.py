@@ -4,7 +4,11 @@ Every denoiser call opens a frame (step, rows, geometry) for the processors. Whe
 add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is
 re-batched), and `D = sum_k term_k(cond, perturbed_k)` is added to every row the pipeline combines, so
 the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s. In a separate uncond call
-(Flux true CFG) the `D` of the same step's cond call is added.
+(Flux true CFG) and in SD3's own skip-layer pass the `D` of the same step's cond call is added.
+
+A guidance term that needs the first forward's output (SAG's degraded input) is a `SecondPass`: after the
+forward it gets a `FirstPass` (the pipeline rows' prediction, their inputs, and a way to run the denoiser
+again; those extra forwards are frames with `extra_pass` set) and returns its share of `D`.
 """
 
 from __future__ import annotations

@@ -6,20 +6,18 @@ additive terms on a few (query, key) pairs without ever building an N x N tensor
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 
 from ...control import Bound, Control, Frame
-from ...errors import SelectionError, UnsupportedError
+from ...errors import ConfigError, SelectionError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.spec import AttentionSpec, LabelMask
+from ...pipelines.rows import Perturbation, RowPlan
 from ...selection import describe_layers
 from ...validation import number, set_field
-
-if TYPE_CHECKING:
-    from ...pipelines.rows import GuidanceTerm
 
 PERTURBABLE_KINDS: tuple[str, ...] = ("self", "joint")
 _TAGS = itertools.count()
@@ -86,7 +84,7 @@ class PerturbingControl(Control):
     def _check_scale(self) -> None:
         set_field(self, "scale", number(self.scale, f"{type(self).__name__}.scale", minimum=0))
         if not isinstance(self.separate, bool):
-            raise SelectionError(f"{type(self).__name__}.separate must be True or False, got {self.separate!r}")
+            raise ConfigError(f"{type(self).__name__}.separate must be True or False, got {self.separate!r}")
 
     def default_layers(self, adapter: ModelAdapter) -> str:
         return default_perturbed_layers(adapter, type(self).__name__)
@@ -108,13 +106,10 @@ class PerturbingBound(Bound):
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.control.scale * (cond - perturbed)
 
-    def row_plan(self, frame: Frame):
-        from ...pipelines.rows import Perturbation, RowPlan
-
+    def row_plan(self, frame: Frame) -> RowPlan | None:
         if self.control.scale == 0:
             return None
-        term: GuidanceTerm = self.term
-        return RowPlan((Perturbation(self.tag, term, separate=self.control.separate),))
+        return RowPlan((Perturbation(self.tag, self.term, separate=self.control.separate),))
 
     def rows(self, frame: Frame) -> tuple[int, ...]:
         return frame.rows.indices("cond", self.tag)
@@ -125,7 +120,6 @@ class PerturbingBound(Bound):
 
 def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> AttentionSpec:
     """`spec` restricted to the batch rows `index` (batched tensors re-indexed, broadcast ones kept)."""
-    from dataclasses import replace
 
     def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
         if tensor is None or tensor.ndim == 0 or tensor.shape[0] != batch:

@@ -59,7 +59,7 @@ class PAG(PerturbingControl, type_name="pag"):
 class _PAGBound(PerturbingBound):
     def __init__(self, control: PAG, layers, family: str):
         super().__init__(control, layers, family)
-        self.edit_ = Edit(hooks=(IdentityAttention(self.tag),))
+        self._edit = Edit(hooks=(IdentityAttention(self.tag),))
 
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: Frame) -> torch.Tensor:
         control = self.control
@@ -70,7 +70,7 @@ class _PAGBound(PerturbingBound):
         return scale.to(cond.dtype) * (cond - perturbed)
 
     def edit(self, layer, frame: Frame) -> Edit | None:
-        return self.edit_ if self.rows(frame) else None
+        return self._edit if self.rows(frame) else None
 
 
 class IdentityAttention(LayerHook):
@@ -92,11 +92,11 @@ class IdentityAttention(LayerHook):
             image = call.geometry.image_slice
             positions = torch.arange(image.start, image.stop, device=q.device)
             image_out, image_lse = joint_identity(q, k, v, sub, positions)
-            replaced = out.index_select(0, index).clone()
+            replaced = out.index_select(0, index)
             replaced[:, :, image] = image_out.to(out.dtype)
             out = out.index_copy(0, index, replaced)
             if lse is not None:
-                sub_lse = lse.index_select(0, index).clone()
+                sub_lse = lse.index_select(0, index)
                 sub_lse[:, :, image] = image_lse.to(lse.dtype)
                 lse = lse.index_copy(0, index, sub_lse)
             return out, lse

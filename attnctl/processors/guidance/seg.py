@@ -62,10 +62,10 @@ class SEG(PerturbingControl, type_name="seg"):
 class _SEGBound(PerturbingBound):
     def __init__(self, control: SEG, layers, family: str):
         super().__init__(control, layers, family)
-        self.edit_ = Edit(hooks=(BlurQueries(self.tag, control.sigma),))
+        self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma),))
 
     def edit(self, layer, frame: Frame) -> Edit | None:
-        return self.edit_ if self.rows(frame) else None
+        return self._edit if self.rows(frame) else None
 
 
 class BlurQueries(LayerHook):

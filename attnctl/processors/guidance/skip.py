@@ -29,6 +29,7 @@ from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
 from ...instance import Wrapped, wrap_method
 from ...steps import validate_steps
+from ...validation import set_field
 from .common import PerturbingBound, PerturbingControl
 
 #: Transformer-block classes whose forward returns `hidden_states` or `(encoder_hidden_states, hidden_states)`.
@@ -67,8 +68,8 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
                 raise ConfigError(f"SkipLayer.blocks holds {block!r}; use integers >= 0 or block paths such as 'transformer_blocks.7'")
         if len(set(blocks)) != len(blocks):
             raise ConfigError(f"SkipLayer.blocks has duplicates: {blocks!r}")
-        object.__setattr__(self, "blocks", tuple(blocks))
-        object.__setattr__(self, "steps", validate_steps(self.steps, name="SkipLayer.steps"))
+        set_field(self, "blocks", tuple(blocks))
+        set_field(self, "steps", validate_steps(self.steps, name="SkipLayer.steps"))
 
     def block_paths(self, adapter: ModelAdapter) -> tuple[str, ...]:
         """The module path of every selected block; raises SelectionError naming the blocks there are."""
