@@ -191,11 +191,16 @@ class Runtime:
             outputs=self.outputs,
             current_frame=lambda: self.frame,
         )
-        bound = []
-        for position, control in enumerate(self.controls):
-            if control.needs_words and tokens is not None:
-                tokens.check_lengths()
-            bound.append(control.bind(_with_layers(context, self.resolved[position])))
+        bound: list[Bound] = []
+        try:
+            for position, control in enumerate(self.controls):
+                if control.needs_words and tokens is not None:
+                    tokens.check_lengths()
+                bound.append(control.bind(_with_layers(context, self.resolved[position])))
+        except BaseException:
+            for done in bound:  # a bound control may hold instance-level wraps (skip-layer guidance)
+                done.finish()
+            raise
         return bound
 
     # -- the hot path ---------------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ def test_sag_matches_diffusers_sag_pipeline_ddim(guidance):
 
 @pytest.mark.parametrize("blocks, window", [((0,), (0.2, 0.6)), ((1,), (0.0, 0.8)), ((0, 1), (0.4, 1.0))])
 def test_skip_layer_matches_sd3_skip_guidance_layers(blocks, window):
-    """SD3's window is `n start < i < n stop`, ours `start <= i/n < stop`: with 5 steps these agree."""
+    """SD3's window is `n start < i < n stop`, ours `start <= i/n < stop`; the pipeline gets `start - 0.001`
+    so that both pick the same steps of the 5 (its strict lower bound would drop step n start)."""
     pipe = make_tiny_pipeline("tiny-sd3")
     start, stop = window
     expected = generate(pipe, "tiny-sd3", steps=5, skip_guidance_layers=list(blocks), skip_layer_guidance_scale=2.8,
@@ -506,6 +507,21 @@ def test_skip_layer_wrappers_are_removed_after_an_error():
     del pipe.vae.decode
     handle.remove()
     assert "forward" not in block.__dict__
+
+
+@dataclass(frozen=True)
+class FailingBind(attnctl.Control, type_name="test-failing-bind"):
+    def bind(self, context):
+        raise RuntimeError("bind failed")
+
+
+def test_skip_layer_wrappers_are_removed_when_a_later_bind_fails():
+    pipe = make_tiny_pipeline("tiny-sd3")
+    block = pipe.transformer.transformer_blocks[0]
+    with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=(0,), steps=(0.0, 1.0)), FailingBind()]):
+        with pytest.raises(RuntimeError, match="bind failed"):
+            generate(pipe, "tiny-sd3", steps=1)
+        assert "forward" not in block.__dict__
 
 
 # -- SAG on other schedulers and families ---------------------------------------------------------------------
