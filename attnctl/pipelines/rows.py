@@ -98,7 +98,7 @@ class SecondPass:
     """A guidance term that needs the pipeline rows' prediction first and may run further forwards (SAG).
 
     `term(first)` gets a `pipelines.denoiser.FirstPass` (the prediction of the pipeline's rows, their inputs,
-    and `first.forward(inputs, rows)` to run the denoiser again) and returns a term for the untagged cond rows
+    and `first.forward(inputs, rows, tag)` to run the denoiser again) and returns a term for the untagged cond rows
     (as a `Perturbation` term does), added to every combined row.
     """
 
