@@ -24,9 +24,11 @@ from .errors import (
 from .handle import Handle, apply
 from .pipelines.generate import Generation, Model, generate
 from .pipelines.loading import load_pipeline
+from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
 ]
 __all__ += ["Generation", "Model", "generate"]
+__all__ += ["PAG", "PLADIS", "SAG", "SEG", "SkipLayer"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ConfigError
@@ -132,6 +132,9 @@ class BindContext:
     dtype: Any
     outputs: dict[str, Any]  # results a control publishes for the handle (maps, reports), by key
     layers: tuple[LayerInfo, ...] = ()  # the layers this control resolved to at apply time
+    # The denoiser call in progress (None between calls), for code that runs outside attention layers
+    # (instance-level wraps of transformer blocks: skip-layer guidance).
+    current_frame: Callable[[], Frame | None] = field(default=lambda: None, compare=False, repr=False)
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         from .errors import TokenError
@@ -183,6 +186,9 @@ class Frame:
     context: str | None = None
     inputs: dict[str, Any] | None = None
     number: int = 0  # denoiser calls before this one in the pipeline call
+    # Tag of a control's own extra forward (SAG's degraded pass) made inside this denoiser call; None for
+    # the forward that serves the pipeline's call (caches and captures usually skip extra passes).
+    extra_pass: str | None = None
 
     def geometry(self, layer: LayerInfo) -> Geometry:
         return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)

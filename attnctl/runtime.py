@@ -20,7 +20,7 @@ from .errors import CallLayoutError, HandleError
 from .families.base import Canvas, LayerInfo, ModelAdapter
 from .kernels import choose_backend
 from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
-from .pipelines.rows import Perturbation, RowLayout
+from .pipelines.rows import Perturbation, RowLayout, RowPlan, SecondPass
 from .processors.edit import Edit, LayerCall, merge_edits
 from .steps import StepInfo
 from .tokens import PromptTokens
@@ -123,17 +123,23 @@ class Runtime:
         call.frames += 1
         return frame
 
-    def perturbations(self, frame: Frame) -> tuple[Perturbation, ...]:
+    def row_plan(self, frame: Frame) -> RowPlan:
+        """The row plans of the bound controls active in `frame`, merged (perturbations and second passes)."""
         found: list[Perturbation] = []
+        second: list[SecondPass] = []
         for bound in self.call.bound or ():
             if bound.active(frame.step):
                 plan = bound.row_plan(frame)
                 if plan is not None:
                     found.extend(plan.perturbations)
-        tags = [p.tag for p in found]
+                    second.extend(plan.second)
+        tags = [p.tag for p in found] + [p.tag for p in second]
         if len(set(tags)) != len(tags):
             raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
-        return tuple(found)
+        return RowPlan(tuple(found), tuple(second))
+
+    def perturbations(self, frame: Frame) -> tuple[Perturbation, ...]:
+        return self.row_plan(frame).perturbations
 
     def enter(self, frame: Frame) -> None:
         self.frame = frame
@@ -183,12 +189,18 @@ class Runtime:
             device=sample.device if sample is not None else torch.device("cpu"),
             dtype=sample.dtype if sample is not None else torch.float32,
             outputs=self.outputs,
+            current_frame=lambda: self.frame,
         )
-        bound = []
-        for position, control in enumerate(self.controls):
-            if control.needs_words and tokens is not None:
-                tokens.check_lengths()
-            bound.append(control.bind(_with_layers(context, self.resolved[position])))
+        bound: list[Bound] = []
+        try:
+            for position, control in enumerate(self.controls):
+                if control.needs_words and tokens is not None:
+                    tokens.check_lengths()
+                bound.append(control.bind(_with_layers(context, self.resolved[position])))
+        except BaseException:
+            for done in bound:  # a bound control may hold instance-level wraps (skip-layer guidance)
+                done.finish()
+            raise
         return bound
 
     # -- the hot path ---------------------------------------------------------------------------------------

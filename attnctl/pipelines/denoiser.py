@@ -4,7 +4,11 @@ Every denoiser call opens a frame (step, rows, geometry) for the processors. Whe
 add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is
 re-batched), and `D = sum_k term_k(cond, perturbed_k)` is added to every row the pipeline combines, so
 the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s. In a separate uncond call
-(Flux true CFG) the `D` of the same step's cond call is added.
+(Flux true CFG) and in SD3's own skip-layer pass the `D` of the same step's cond call is added.
+
+A guidance term that needs the first forward's output (SAG's degraded input) is a `SecondPass`: after the
+forward it gets a `FirstPass` (the pipeline rows' prediction, their inputs, and a way to run the denoiser
+again; those extra forwards are frames with `extra_pass` set) and returns its share of `D`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 
 from ..control import Frame
 from ..errors import CallLayoutError
-from .rows import Perturbation, Row, RowLayout
+from .rows import Row, RowLayout, RowPlan
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -83,27 +87,30 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
             inputs = runtime.bind_inputs(args, kwargs)
             batch = int(inputs[main_input].shape[0])
             frame = runtime.open_frame(inputs, batch)
-            perturbations = runtime.perturbations(frame)
-            if not perturbations:
+            plan = runtime.row_plan(frame)
+            if not plan.perturbations and not plan.second:
                 return call_with(inputs, frame)
-            return guided(inputs, frame, batch, perturbations, call_with)
+            return guided(inputs, frame, batch, plan, call_with)
 
         return forward
 
-    def guided(inputs, frame: Frame, batch: int, perturbations: tuple[Perturbation, ...], call_with) -> Any:
+    def guided(inputs, frame: Frame, batch: int, plan: RowPlan, call_with) -> Any:
         base = frame.rows
         cond = base.indices("cond", None)
         step = frame.step.index
-        if not cond:
+        skip_kwarg = runtime.protocol.skip_layer_kwarg
+        if not cond or (skip_kwarg and inputs.get(skip_kwarg) is not None):
+            # a separate uncond call (Flux true CFG) or the pipeline's own extra pass (SD3 skip-layer guidance):
+            # the pipeline combines it with the cond call of the same step, so it gets that call's D
             output = call_with(inputs, frame)
             terms = runtime.call.guidance_terms.get(step)
             if terms is None:
                 raise CallLayoutError(
-                    "attnctl: an uncond-only denoiser call came before the cond call of its step; guidance needs the "
-                    "cond call first (as Flux's true CFG does)"
+                    "attnctl: an uncond-only denoiser call (or SD3's skip-layer pass) came before the cond call of its "
+                    "step; guidance needs the cond call first (as Flux's true CFG and SD3's pipeline do)"
                 )
             return replace_first(output, first_tensor(output) + _spread(terms, base, runtime.call.guidance_prompts.get(step)))
-        batched = tuple(p for p in perturbations if not p.separate)
+        batched = tuple(p for p in plan.perturbations if not p.separate)
         layout, source = base.with_perturbed(tuple(p.tag for p in batched))
         names, dicts = adapter.batched_inputs, adapter.dict_inputs
         wide = rebatch(inputs, names, dicts, batch, source) if batched else inputs
@@ -115,17 +122,46 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
         for k, perturbation in enumerate(batched):
             start = batch + k * len(cond)
             total = total + perturbation.term(cond_prediction, prediction[start : start + len(cond)], frame)
-        for perturbation in (p for p in perturbations if p.separate):
+        for perturbation in (p for p in plan.perturbations if p.separate):
             rows = RowLayout(tuple(Row("cond", base.rows[i].prompt, perturbation.tag) for i in cond))
             narrow = rebatch(inputs, names, dicts, batch, cond)
             perturbed = first_tensor(call_with(narrow, dataclasses.replace(frame, rows=rows, inputs=narrow)))
             total = total + perturbation.term(cond_prediction, perturbed, frame)
+        if plan.second:
+            first = FirstPass(frame, inputs, own, main_input, lambda index: rebatch(inputs, names, dicts, batch, index), call_with)
+            for second in plan.second:
+                total = total + second.term(first)
         prompts = tuple(base.rows[i].prompt for i in cond)
         runtime.call.guidance_terms[step] = total
         runtime.call.guidance_prompts[step] = prompts
         return replace_first(output, own + _spread(total, base, prompts))
 
     return make
+
+
+@dataclasses.dataclass
+class FirstPass:
+    """What a `SecondPass` term sees: the pipeline rows' prediction of this denoiser call, and a way to run
+    the denoiser again (SAG's degraded forward). Extra forwards are frames with `extra_pass` set."""
+
+    frame: Frame  # the pipeline's rows (`frame.rows`), step and inputs
+    inputs: dict[str, Any]  # the denoiser's inputs for those rows
+    prediction: torch.Tensor  # the denoiser's prediction for those rows, before any guidance term
+    main_input: str  # the latent input's name ("sample", "hidden_states")
+    _select: Callable[[tuple[int, ...]], dict[str, Any]] = dataclasses.field(repr=False)
+    _call_with: Callable[..., Any] = dataclasses.field(repr=False)
+
+    def select(self, index: tuple[int, ...]) -> dict[str, Any]:
+        """The inputs of the rows `index` only (every batched input re-indexed)."""
+        return self._select(tuple(index))
+
+    def forward(self, inputs: dict[str, Any], rows: RowLayout, tag: str) -> torch.Tensor:
+        """Run the denoiser on `inputs` whose rows are `rows`; returns its prediction."""
+        batch = int(inputs[self.main_input].shape[0])
+        if batch != len(rows):
+            raise CallLayoutError(f"attnctl: an extra forward got {batch} rows but a layout of {len(rows)}")
+        frame = dataclasses.replace(self.frame, rows=rows, inputs=inputs, extra_pass=tag)
+        return first_tensor(self._call_with(inputs, frame))
 
 
 def _spread(terms: torch.Tensor, layout: RowLayout, prompts: tuple[int, ...] | None) -> torch.Tensor:

@@ -94,5 +94,19 @@ class Perturbation:
 
 
 @dataclass(frozen=True)
+class SecondPass:
+    """A guidance term that needs the pipeline rows' prediction first and may run further forwards (SAG).
+
+    `term(first)` gets a `pipelines.denoiser.FirstPass` (the prediction of the pipeline's rows, their inputs,
+    and `first.forward(inputs, rows, tag)` to run the denoiser again) and returns a term for the untagged cond rows
+    (as a `Perturbation` term does), added to every combined row.
+    """
+
+    tag: str
+    term: Callable[[object], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class RowPlan:
     perturbations: tuple[Perturbation, ...] = ()
+    second: tuple[SecondPass, ...] = ()
