@@ -10,9 +10,10 @@ control may also change the rows of a denoiser call (`row_plan`, for guidance by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -132,6 +133,10 @@ class BindContext:
     dtype: Any
     outputs: dict[str, Any]  # results a control publishes for the handle (maps, reports), by key
     layers: tuple[LayerInfo, ...] = ()  # the layers this control resolved to at apply time
+    # `with context.internal():` around attnctl's own calls of pipeline methods (encode_prompt, ...): not recorded
+    internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
+    prompt_arguments: tuple[dict[str, Any], ...] = ()
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         from .errors import TokenError
@@ -164,6 +169,14 @@ class Bound:
     def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
         """What changes at `layer` in the denoiser call `frame` (None: nothing)."""
         return None
+
+    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The denoiser's inputs for this call, changed before the forward (return `inputs` itself: unchanged).
+
+        Called for active controls only. A changed text sequence (e.g. appended region tokens) is reflected
+        in the frame's canvas (`text_len`) that the layers see.
+        """
+        return inputs
 
     def row_plan(self, frame: Frame) -> RowPlan | None:
         """Extra or fewer rows for this denoiser call (guidance, CFG dropping); None: the pipeline's rows."""
