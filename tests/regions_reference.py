@@ -107,8 +107,8 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 class RefClassicProcessor:
     """UNet / PixArt attention (AttnProcessor2_0 math) with regions on cross layers and isolation on self layers."""
 
-    def __init__(self, state: RefState, cross: bool, isolate_here: bool):
-        self.state, self.cross, self.isolate_here = state, cross, isolate_here
+    def __init__(self, state: RefState, cross: bool, isolate_here: bool, regions_here: bool = True):
+        self.state, self.cross, self.isolate_here, self.regions_here = state, cross, isolate_here, regions_here
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         state = self.state
@@ -127,7 +127,7 @@ class RefClassicProcessor:
                 layout = state.layout(n)
                 bias = isolation_bias(layout.labels, state.subjects, state.strength)
             base = softmax_attention(q[row], k[row], v[row], bias)
-            if self.cross and cond and state.base_ratio < 1:
+            if self.cross and self.regions_here and cond and state.base_ratio < 1:
                 layout = state.layout(n)
                 b = state.base_ratio
                 mixed = (1 - (1 - b) * layout.total)[None, :, None] * base
@@ -186,15 +186,18 @@ def joint_bias(state: RefState, n: int, cond: bool) -> torch.Tensor:
     return torch.where(allowed, extra, torch.full_like(extra, float("-inf")))
 
 
-def joint_attention(state: RefState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
-    """q, k, v (B, H, S, D) over the extended sequence -> (B, H, S, D) float64 per DESIGN §3 and the blend."""
+def joint_attention(state: RefState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, active: bool = True) -> torch.Tensor:
+    """q, k, v (B, H, S, D) over the extended sequence -> (B, H, S, D) float64 per DESIGN §3 and the blend.
+
+    A layer outside the control's layers (`active=False`) treats every row as an uncond row: the stock
+    attention for image and base text, region text hidden."""
     out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=torch.float64)
     is_image, label, is_base, _ = joint_categories(state, n)
     base_keys = torch.nonzero(is_image | is_base).flatten()
     image = torch.nonzero(is_image).flatten()
     layout = state.layout(n)
     for row in range(q.shape[0]):
-        cond = row in state.cond_rows
+        cond = active and row in state.cond_rows
         masked = softmax_attention(q[row], k[row], v[row], joint_bias(state, n, cond))
         if cond:
             base_bias = torch.zeros(len(image), len(base_keys), dtype=torch.float64)
@@ -209,8 +212,8 @@ def joint_attention(state: RefState, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 class RefFluxProcessor:
-    def __init__(self, state: RefState):
-        self.state = state
+    def __init__(self, state: RefState, active: bool = True):
+        self.state, self.active = state, active
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
         from diffusers.models.embeddings import apply_rotary_emb
@@ -229,7 +232,7 @@ class RefFluxProcessor:
         k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         text = self.state.base_len + self.state.regions * self.state.region_len
         n = q.shape[1] - text
-        out = joint_attention(self.state, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), n)
+        out = joint_attention(self.state, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), n, self.active)
         hidden = out.transpose(1, 2).flatten(2, 3).to(hidden_states.dtype)
         if encoder_hidden_states is None:
             return hidden
@@ -238,18 +241,27 @@ class RefFluxProcessor:
 
 
 class RefSD3Processor:
-    def __init__(self, state: RefState):
-        self.state = state
+    def __init__(self, state: RefState, active: bool = True):
+        self.state, self.active = state, active
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         n = hidden_states.shape[1]
         q, k, v = (_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is None:  # SD3.5's image-only attn2: isolation on the cond rows
+            labels = self.state.layout(n).labels
+            out = torch.stack([
+                softmax_attention(q[row], k[row], v[row],
+                                  isolation_bias(labels, self.state.subjects, self.state.strength)
+                                  if self.active and self.state.isolate and row in self.state.cond_rows else None)
+                for row in range(q.shape[0])
+            ])
+            return attn.to_out[1](attn.to_out[0](_merge(out).to(hidden_states.dtype)))
         eq, ek, ev = (_heads(f(encoder_hidden_states), attn.heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         if attn.norm_added_q is not None:
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-        out = joint_attention(self.state, torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2), n)
+        out = joint_attention(self.state, torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2), n, self.active)
         out = _merge(out).to(hidden_states.dtype)
         hidden, context = out[:, :n], out[:, n:]
         if not attn.context_pre_only:
@@ -258,12 +270,15 @@ class RefSD3Processor:
         return hidden, context
 
 
-def install_joint_reference(pipe: Any, state: RefState, region_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, cfg: bool):
-    """Reference processors on every joint layer, and a forward wrapper appending region tokens; returns an undo."""
+def install_joint_reference(pipe: Any, state: RefState, region_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, cfg: bool,
+                            active: Any = None):
+    """Reference processors on every attention layer (`active(name)`: the control acts there; default all), and a
+    forward wrapper appending region tokens; returns an undo."""
     transformer = pipe.transformer
     saved = dict(transformer.attn_processors)
     flux = state.text_first
-    transformer.set_attn_processor({name: (RefFluxProcessor if flux else RefSD3Processor)(state) for name in saved})
+    kind = RefFluxProcessor if flux else RefSD3Processor
+    transformer.set_attn_processor({name: kind(state, True if active is None else active(name)) for name in saved})
     original = transformer.forward
 
     def forward(*args, **kwargs):

@@ -40,11 +40,11 @@ def _shapes(regions):
     return [r.box if r.box is not None else r.shape.double() for r in regions]
 
 
-def run(pipe, name, controls=(), backend="auto", **kwargs):
+def run(pipe, name, controls=(), backend="auto", prompt=PROMPT, **kwargs):
     if controls is None:
-        return generate(pipe, name, prompt=PROMPT, height=HEIGHT, width=WIDTH, **kwargs)
+        return generate(pipe, name, prompt=prompt, height=HEIGHT, width=WIDTH, **kwargs)
     with attnctl.apply(pipe, list(controls), backend=backend):
-        return generate(pipe, name, prompt=PROMPT, height=HEIGHT, width=WIDTH, **kwargs)
+        return generate(pipe, name, prompt=prompt, height=HEIGHT, width=WIDTH, **kwargs)
 
 
 # -- identities ---------------------------------------------------------------------------------------------------
@@ -287,3 +287,147 @@ def test_sdpa_dense_limit_is_reported(tiny_cache, monkeypatch):
     monkeypatch.setattr(sdpa, "DENSE_MASK_LIMIT", 10)
     with pytest.raises(BackendError, match="flex"):
         run(pipe, "tiny-sd", [Regions(layout(), isolate=True)], backend="sdpa")
+
+
+# -- layer selections, batches, families' particular calls ----------------------------------------------------------
+def _install_classic_reference(denoiser, state, regions_here=lambda name: True, isolate_here=lambda name: True):
+    saved = dict(denoiser.attn_processors)
+    processors = {}
+    for key in saved:
+        name = key[: -len(".processor")]
+        module = denoiser.get_submodule(name)
+        processors[key] = ref.RefClassicProcessor(state, cross=module.is_cross_attention, isolate_here=isolate_here(name),
+                                                  regions_here=regions_here(name))
+    denoiser.set_attn_processor(processors)
+    return lambda: denoiser.set_attn_processor(saved)
+
+
+def test_sdxl_matches_the_reference():
+    pipe = make_tiny_pipeline("tiny-sdxl")
+    regions = layout()
+    got = run(pipe, "tiny-sdxl", [Regions(regions, base_ratio=0.2, isolate=True)])
+    context = pipe.encode_prompt([r.prompt for r in regions], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    state = ref.RefState(_shapes(regions), [r.subject for r in regions], 0.2, True, float("inf"), {8 * 12: (8, 12)},
+                         region_context=context.detach(), cond_rows=[1])
+    undo = _install_classic_reference(pipe.unet, state)
+    try:
+        expected = run(pipe, "tiny-sdxl", None)
+    finally:
+        undo()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_selection_and_prompt_batches_on_sd():
+    """Regions on the up blocks only, isolation in the mid block only; two prompts, two images each."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    regions = layout()
+    control = Regions(regions, base_ratio=0.1, isolate=True, layers=("up & cross", "mid & self"))
+    prompts = [PROMPT, "a photo of a cat"]
+    got = run(pipe, "tiny-sd", [control], prompt=prompts, num_images_per_prompt=2)
+    state = _cross_state(pipe, "tiny-sd", regions, 0.1, True, float("inf"))
+    state.cond_rows = [4, 5, 6, 7]
+    undo = _install_classic_reference(pipe.unet, state, regions_here=lambda name: name.startswith("up_blocks"),
+                                      isolate_here=lambda name: name.startswith("mid_block"))
+    try:
+        expected = generate(pipe, "tiny-sd", prompt=prompts, height=HEIGHT, width=WIDTH, num_images_per_prompt=2)
+    finally:
+        undo()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    got_all = run(pipe, "tiny-sd", [Regions(regions, base_ratio=0.1, isolate=True)], prompt=prompts, num_images_per_prompt=2)
+    assert (got_all - got).abs().max() > 1e-4  # the selection matters
+
+
+@pytest.mark.parametrize("name, layers, active", [
+    ("tiny-flux", "double", lambda n: n.startswith("transformer_blocks")),
+    ("tiny-flux", "single_transformer_blocks.1", lambda n: n.startswith("single_transformer_blocks.1")),
+    ("tiny-sd3", "transformer_blocks.1", lambda n: n.startswith("transformer_blocks.1")),
+])
+def test_joint_layers_outside_the_selection_hide_region_tokens(name, layers, active):
+    pipe = make_tiny_pipeline(name)
+    regions = layout()
+    call = {"max_sequence_length": 16} if name == "tiny-sd3" else {}
+    got = run(pipe, name, [Regions(regions, base_ratio=0.2, isolate=True, layers=layers)], **call)
+    prompts = [r.prompt for r in regions]
+    if name == "tiny-flux":
+        embeds = pipe.encode_prompt(prompts, None, device="cpu", num_images_per_prompt=1, max_sequence_length=32)[0]
+        negative, grids, base_len, cfg = None, {8 * 12: (8, 12)}, 32, False
+    else:
+        def encode(texts):
+            return pipe.encode_prompt(texts, None, None, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False,
+                                      max_sequence_length=16)[0]
+        embeds, negative, grids, base_len, cfg = encode(prompts), encode([""] * 3), {16 * 24: (16, 24)}, 93, True
+    state = ref.RefState(_shapes(regions), [r.subject for r in regions], 0.2, True, float("inf"), grids,
+                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux")
+    undo = ref.install_joint_reference(pipe, state, embeds.detach(), None if negative is None else negative.detach(), cfg,
+                                       active=lambda key: active(key[: -len(".processor")]))
+    try:
+        expected = run(pipe, name, None, **call)
+    finally:
+        undo()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_isolation_only_in_joint_attention(name):
+    """base_ratio 1 with isolation: no region tokens are appended, only image x image isolation applies."""
+    pipe = make_tiny_pipeline(name)
+    regions = layout()
+    call = {"max_sequence_length": 16} if name == "tiny-sd3" else {}
+    got = run(pipe, name, [Regions(regions, base_ratio=1.0, isolate=True)], **call)
+    expected = _joint_reference(pipe, name, regions, 1.0, True, float("inf"), **call)
+    assert (got - run(pipe, name, None, **call)).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sd35_dual_attention_layers_get_isolation():
+    pipe = make_tiny_pipeline("tiny-sd3", qk_norm="rms_norm", dual_attention_layers=(0,))
+    regions = layout()
+    control = Regions(regions, base_ratio=0.2, isolate=True)
+    with attnctl.apply(pipe, [control]) as handle:
+        section = handle.describe().split("- Regions")[1]
+    assert "transformer_blocks.0.attn2 (self)" in section
+    got = run(pipe, "tiny-sd3", [control], max_sequence_length=16)
+    expected = _joint_reference(pipe, "tiny-sd3", regions, 0.2, True, float("inf"), max_sequence_length=16)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flux_true_cfg_uncond_call_is_stock(tiny_cache):
+    pipe = tiny_cache("tiny-flux")
+    seen = {}
+
+    def capture(key):
+        def hook(module, args, kwargs, output):
+            seen.setdefault(key, []).append(output[0].detach().clone())
+        return hook
+
+    extra = {"negative_prompt": "a dog", "true_cfg_scale": 3.0, "steps": 1}
+    for key, controls in (("stock", None), ("regions", [Regions(layout(), base_ratio=0.0)])):
+        handle = pipe.transformer.register_forward_hook(capture(key), with_kwargs=True)
+        try:
+            run(pipe, "tiny-flux", controls, **extra)
+        finally:
+            handle.remove()
+    stock_cond, stock_uncond = seen["stock"]
+    cond, uncond = seen["regions"]
+    assert torch.equal(uncond, stock_uncond)  # bitwise: no region tokens (not even hidden ones) in the uncond call
+    assert (cond - stock_cond).abs().max() > 1e-3
+
+
+def test_prompt_embeds_work(tiny_cache):
+    """Region prompts are encoded by attnctl even when the base prompt comes as embeddings."""
+    pipe = tiny_cache("tiny-sd")
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    control = Regions(layout(), base_ratio=0.2)
+    with attnctl.apply(pipe, [control]):
+        from_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, guidance_scale=5.0,
+                           height=HEIGHT, width=WIDTH, output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(from_embeds, run(pipe, "tiny-sd", [control]), rtol=1e-5, atol=1e-5)
+
+
+def test_two_region_controls_conflict(tiny_cache):
+    from attnctl.errors import ConfigError
+
+    pipe = tiny_cache("tiny-flux")
+    with pytest.raises(ConfigError, match="'regions' slot"):
+        attnctl.apply(pipe, [Regions(layout(), layers="double"), Regions(layout(), layers="single")])
+    assert "forward" not in pipe.transformer.__dict__  # nothing was installed
