@@ -1,11 +1,11 @@
 """`Regions`: regional prompts, soft masks and subject isolation (DESIGN §3 "Regions").
 
-Regional prompting as in "Training-Free Layout Control with Cross-Attention Guidance" style mask blending
-(the "regional prompter" family: Regional Prompter, MultiDiffusion-style masks inside attention) and, for
-MMDiT models, "Training-free Regional Prompting for Diffusion Transformers" (Chen et al. 2024, RPG / Regional
-Prompting FLUX), whose joint-attention mask rules DESIGN §3 formalises. Subject isolation follows "Be Yourself:
-Bounded Attention for Multi-Subject T2I Generation" (Dahary et al. 2024): image tokens of different subjects do
-not attend to each other in self / joint attention.
+The base-ratio blend of per-region cross-attention is the "attention mode" of Regional Prompter (hako-mikan,
+2023) and RPG's complementary regional diffusion (Yang et al., ICML 2024, "Mastering Text-to-Image Diffusion:
+Recaptioning, Planning, and Generating with Multimodal LLMs"). The joint-attention rules for MMDiT models are
+those of Chen et al. 2024, "Training-free Regional Prompting for Diffusion Transformers". Subject isolation is
+the self-attention masking of Dahary et al., ECCV 2024, "Be Yourself: Bounded Attention for Multi-Subject T2I
+Generation" (without its guidance). Soft masks and per-cell overlap normalisation are ours (DESIGN §3).
 """
 
 from __future__ import annotations
