@@ -431,3 +431,53 @@ def test_two_region_controls_conflict(tiny_cache):
     with pytest.raises(ConfigError, match="'regions' slot"):
         attnctl.apply(pipe, [Regions(layout(), layers="double"), Regions(layout(), layers="single")])
     assert "forward" not in pipe.transformer.__dict__  # nothing was installed
+
+
+# -- composition with other controls' edits on joint layers -----------------------------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from attnctl.control import Bound, Control  # noqa: E402
+from attnctl.kernels.spec import Window  # noqa: E402
+from attnctl.processors.edit import Edit  # noqa: E402
+
+
+@dataclass(frozen=True)
+class KeyBias(Control, type_name="test-regions-key-bias"):
+    """A per-key bias on the base text's first token for image queries (as Reweight would set), or a window."""
+
+    value: float = 0.0
+    window: bool = False
+    layers: object = None
+
+    def bind(self, context):
+        return _KeyBiasBound(self, context.layers, (0.0, 1.0))
+
+
+class _KeyBiasBound(Bound):
+    def edit(self, layer, frame):
+        geometry = frame.geometry(layer)
+        if self.control.window:
+            return Edit(window=Window(geometry.image_hw, radius=(1, 1), text_len=geometry.text_len, text_first=layer.text == "first"))
+        bias = torch.zeros(len(frame.rows), geometry.query_len)
+        bias[:, geometry.text_slice.start] = self.control.value
+        image = geometry.image_slice
+        return Edit(key_bias=bias, query_range=(image.start, image.stop))
+
+
+@pytest.mark.parametrize("layers", [None, "double"])
+def test_other_controls_key_bias_goes_through_region_attention(layers, tiny_cache):
+    pipe = tiny_cache("tiny-flux")
+    regions = Regions(layout(), base_ratio=0.3, layers=layers)
+    alone = run(pipe, "tiny-flux", [regions])
+    torch.testing.assert_close(run(pipe, "tiny-flux", [regions, KeyBias(0.0)]), alone, rtol=1e-5, atol=1e-5)
+    biased = run(pipe, "tiny-flux", [regions, KeyBias(-30.0)])
+    assert (biased - alone).abs().max() > 1e-4
+    assert torch.isfinite(biased).all()
+
+
+def test_window_edits_cannot_share_a_region_layer(tiny_cache):
+    from attnctl.errors import ConfigError
+
+    pipe = tiny_cache("tiny-flux")
+    with pytest.raises(ConfigError, match="window"):
+        run(pipe, "tiny-flux", [Regions(layout(), base_ratio=0.3, layers="double"), KeyBias(window=True, layers="single")])
