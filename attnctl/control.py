@@ -10,6 +10,7 @@ control may also change the rows of a denoiser call (`row_plan`, for guidance by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -135,6 +136,10 @@ class BindContext:
     # The denoiser call in progress (None between calls), for code that runs outside attention layers
     # (instance-level wraps of transformer blocks: skip-layer guidance).
     current_frame: Callable[[], Frame | None] = field(default=lambda: None, compare=False, repr=False)
+    # `with context.internal():` around attnctl's own calls of pipeline methods (encode_prompt, ...): not recorded
+    internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
+    prompt_arguments: tuple[dict[str, Any], ...] = ()
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         from .errors import TokenError
@@ -167,6 +172,14 @@ class Bound:
     def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
         """What changes at `layer` in the denoiser call `frame` (None: nothing)."""
         return None
+
+    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The denoiser's inputs for this call, changed before the forward (return `inputs` itself: unchanged).
+
+        Called for active controls only. A changed text sequence (e.g. appended region tokens) is reflected
+        in the frame's canvas (`text_len`) that the layers see.
+        """
+        return inputs
 
     def row_plan(self, frame: Frame) -> RowPlan | None:
         """Extra or fewer rows for this denoiser call (guidance, CFG dropping); None: the pipeline's rows."""

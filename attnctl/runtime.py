@@ -9,7 +9,9 @@ once the frame's edit for that layer is built.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,6 +125,27 @@ class Runtime:
         call.frames += 1
         return frame
 
+    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> tuple[dict[str, Any], Frame]:
+        """Let active bound controls change the denoiser's inputs; the frame's canvas follows the new inputs."""
+        changed = False
+        for bound in self.call.bound or ():
+            if bound.active(frame.step):
+                new = bound.transform_inputs(frame, inputs)
+                if new is not inputs:
+                    inputs, changed = new, True
+        if changed:
+            frame = replace(frame, canvas=self.adapter.canvas(inputs), inputs=inputs)
+        return inputs, frame
+
+    @contextlib.contextmanager
+    def internal_calls(self) -> Iterator[None]:
+        """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""
+        self.internal += 1
+        try:
+            yield
+        finally:
+            self.internal -= 1
+
     def row_plan(self, frame: Frame) -> RowPlan:
         """The row plans of the bound controls active in `frame`, merged (perturbations and second passes)."""
         found: list[Perturbation] = []
@@ -190,6 +213,8 @@ class Runtime:
             dtype=sample.dtype if sample is not None else torch.float32,
             outputs=self.outputs,
             current_frame=lambda: self.frame,
+            internal=self.internal_calls,
+            prompt_arguments=tuple(call.encode_calls),
         )
         bound: list[Bound] = []
         try:

@@ -87,6 +87,7 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
             inputs = runtime.bind_inputs(args, kwargs)
             batch = int(inputs[main_input].shape[0])
             frame = runtime.open_frame(inputs, batch)
+            inputs, frame = runtime.transform_inputs(frame, inputs)
             plan = runtime.row_plan(frame)
             if not plan.perturbations and not plan.second:
                 return call_with(inputs, frame)
