@@ -23,8 +23,10 @@ from .errors import (
 )
 from .handle import Handle, apply
 from .pipelines.loading import load_pipeline
+from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 
 __all__ = [
-    "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
+    "AgentAttention", "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
+    "ToMe", "TokenReductionReport",
 ]
