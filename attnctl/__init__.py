@@ -26,7 +26,7 @@ from .pipelines.loading import load_pipeline
 from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 
 __all__ = [
-    "AgentAttention", "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
+    "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
-    "ToMe", "TokenReductionReport",
 ]
+__all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
