@@ -258,11 +258,11 @@ class AgentAttention(Control, type_name="agent-attention"):
     late_stride: int = 2
     late_agent_ratio: float = 0.5
     switch: float = 0.4
-    scale_power: float = 0.3
-    shortcut: float = 0.075
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)
     seed: int = 0
+    scale_power: float = 0.3
+    shortcut: float = 0.075
 
     slots: ClassVar[tuple[str, ...]] = ("tokens",)
 
