@@ -550,3 +550,32 @@ def test_reference_backend_agrees_with_sdpa():
         with attnctl.apply(pipe, [control], backend="reference"):
             slow = generate(pipe, "tiny-sd")
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_no_tensor_of_n_by_n_elements_is_made():
+    """Matching, merging, agent attention and unmerging never materialise an N x N tensor (N = 1024 here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    n = 32 * 32
+    x = torch.randn(1, n, 8)
+    dst, src = cell_destinations((32, 32), 2, torch.Generator().manual_seed(0))
+    with Largest():
+        target, rank = match(x, dst, src)
+        plan = plan_from_matching(n, dst, src, target, rank, n // 2)
+        agents = plan_from_matching(n, dst, src, target, rank, n).merge(x)
+        merged = plan.merge(x)
+        q = merged.view(1, -1, 2, 4).transpose(1, 2)
+        a = agents.view(1, -1, 2, 4).transpose(1, 2)
+        plan.unmerge(agent_attention(q, q, q, a, scale_power=0.3, shortcut=0.075).transpose(1, 2).reshape(1, -1, 8))
+    assert Largest.largest == src.numel() * dst.numel()  # the similarity of sources and destinations: N^2 / 4 * 3 / 4
+    assert Largest.largest < n * n
