@@ -395,10 +395,8 @@ class _ReductionHook(LayerHook):
                     "or the model on the same layer; give them disjoint layers or use ToMe there"
                 )
             agents = _project_queries(call.module, state.agents, heads, dim)
-            plain = AttentionSpec(scale=spec.scale)
-
             def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
-                return compute(q_, k_, v_, plain)[0]
+                return compute(q_, k_, v_, AttentionSpec())[0]  # default scale: agent_attention pre-scales
 
             control = self.bound.control
             out = agent_attention(
