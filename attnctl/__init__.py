@@ -25,6 +25,7 @@ from .handle import Handle, apply
 from .pipelines.generate import Generation, Model, generate
 from .pipelines.loading import load_pipeline
 from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
+from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 from .regions import Region, Regions
 
 __all__ = [
@@ -34,3 +35,4 @@ __all__ = [
 __all__ += ["Generation", "Model", "generate"]
 __all__ += ["PAG", "PLADIS", "SAG", "SEG", "SkipLayer"]
 __all__ += ["Region", "Regions"]
+__all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]

@@ -61,7 +61,7 @@ class ControlledProcessor:
 
         def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
             if spec.is_plain and self.stock_sdpa():
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=spec.attn_mask, dropout_p=0.0, is_causal=False), None
+                return kernels.sdpa.attention(q, k, v, spec)
             backend = self.runtime.backend_for(self.layer, q.device, spec.features())
             return kernels.BACKENDS[backend].fn(q, k, v, spec)
 

@@ -56,6 +56,11 @@ class LayerHook:
 
     #: An exclusive slot ("cache", "tokens", ...): two hooks with the same slot on one layer conflict.
     slot: ClassVar[str | None] = None
+    #: True: the hook sits closest to the attention op at every stage (its `tokens_in` runs last, its `attend`
+    #: is the innermost wrapper, its `result` runs first), whatever the control order. For hooks that change
+    #: the token sequence or replace the op by calls of another shape (token merging, agent attention), so
+    #: that the other hooks see the layer's own tokens and one attention op over q, k, v.
+    innermost: ClassVar[bool] = False
 
     def reuse(self, call: LayerCall, hidden: torch.Tensor, context: torch.Tensor | None) -> Any | None:
         """Return a module result to skip the whole computation (cached attention), or None."""
@@ -150,4 +155,5 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
                     )
                 slots[hook.slot] = hook
             hooks.append(hook)
+    hooks.sort(key=lambda hook: hook.innermost)  # stable: control order otherwise
     return Edit(key_bias, value_scale, query_range, labels, window, sparse, return_lse, tuple(hooks))
