@@ -25,8 +25,8 @@ from .handle import Handle, apply
 from .pipelines.generate import Generation, Model, generate
 from .pipelines.loading import load_pipeline
 from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
+from .processors.regions import Region, Regions
 from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
-from .regions import Region, Regions
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",

@@ -20,7 +20,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.pipelines.loading import embedded_models, load_pipeline
-from attnctl.regions import save_picture
+from attnctl.processors.regions import save_picture
 from attnctl.testing import CALL_DEFAULTS
 
 DEFAULT_REGIONS = (

@@ -14,7 +14,15 @@ from PIL import Image
 import attnctl
 from attnctl import Control, Region, Regions
 from attnctl.errors import ConfigError
-from attnctl.regions import PNG_KEY, area_matrix, box_coverage, grid_layout, load_layout, resize_mask, save_picture
+from attnctl.processors.regions import (
+    PNG_KEY,
+    area_matrix,
+    box_coverage,
+    grid_layout,
+    load_layout,
+    resize_mask,
+    save_picture,
+)
 
 
 # -- validation -------------------------------------------------------------------------------------------------

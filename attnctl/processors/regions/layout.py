@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .region import Region
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .masks import Box, load_mask, validate_box
 
 _FIELDS = ("prompt", "box", "mask", "subject")

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CallLayoutError, ConfigError
-from ..kernels.spec import AttentionSpec, LabelMask
-from ..processors.edit import AttendFn, LayerCall, LayerHook
+from ...errors import CallLayoutError, ConfigError
+from ...kernels.spec import AttentionSpec, LabelMask
+from ..edit import AttendFn, LayerCall, LayerHook
 
 if TYPE_CHECKING:
     from .control import RegionsBound

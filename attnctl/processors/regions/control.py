@@ -19,14 +19,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..control import BindContext, Bound, Control, Frame, _plain
-from ..errors import CallLayoutError, ConfigError, UnsupportedError
-from ..families.base import Geometry, LayerInfo, ModelAdapter
-from ..pipelines.rows import RowLayout
-from ..processors.edit import Edit, LayerCall
-from ..selection import LayerSpec, validate_layers
-from ..steps import validate_steps
-from ..validation import number, set_field
+from ...control import BindContext, Bound, Control, Frame, _plain
+from ...errors import CallLayoutError, ConfigError, UnsupportedError
+from ...families.base import Geometry, LayerInfo, ModelAdapter
+from ...pipelines.regional import RegionText, encode_region_prompts
+from ...pipelines.rows import RowLayout
+from ...selection import LayerSpec, validate_layers
+from ...steps import validate_steps
+from ...validation import number, set_field
+from ..edit import Edit, LayerCall
 from .attention import (
     CrossHook,
     HiddenHook,
@@ -38,7 +39,6 @@ from .attention import (
     joint_table,
     region_chunks,
 )
-from .encode import RegionText, encode_region_prompts
 from .masks import GridLayout, grid_layout
 from .region import Region
 
@@ -277,7 +277,7 @@ class RegionsBound(Bound):
         return tuple(row.branch == "cond" for row in rows.rows)
 
     def isolation_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
-        from ..kernels.spec import LabelMask
+        from ...kernels.spec import LabelMask
 
         key = ("isolate", geometry.image_hw, self._rows_key(rows))
         if key not in self._cache:
@@ -288,7 +288,7 @@ class RegionsBound(Bound):
         return self._cache[key]
 
     def joint_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
-        from ..kernels.spec import LabelMask
+        from ...kernels.spec import LabelMask
 
         sequence = self.sequence(geometry)
         key = ("joint", sequence, geometry.image_hw, self._rows_key(rows))
@@ -307,7 +307,7 @@ class RegionsBound(Bound):
         """Labels of the blend's base attention (cond rows: image queries, image + base-text keys); None without isolation."""
         if not self.isolating:
             return None
-        from ..kernels.spec import LabelMask
+        from ...kernels.spec import LabelMask
 
         key = ("base", sequence, grid, rows, str(device))
         if key not in self._cache:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 #: Cells whose largest mask value is at least this (minus rounding) get that region's label.
 LABEL_THRESHOLD = 0.5
