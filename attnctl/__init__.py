@@ -23,8 +23,12 @@ from .errors import (
 )
 from .handle import Handle, apply
 from .pipelines.loading import load_pipeline
+from .processors.maps import AttentionMapResult, AttentionMaps
+from .processors.reweight import Reweight
+from .prompt_weights import parse_prompt
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
 ]
+__all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]

@@ -24,7 +24,8 @@ def additive_bias(spec: AttentionSpec, batch: int, nq: int, nk: int, device: tor
         add(mask.float())
     if spec.key_bias is not None:
         key_bias = _per_key(spec.key_bias).float()  # (B|1, H|1, 1, Nk)
-        add(key_bias * query_indicator(spec, nq, device))
+        # where, not a product: a -inf bias (a muted key) times 0 would be NaN on the rows outside query_range
+        add(torch.where(query_indicator(spec, nq, device) > 0, key_bias, 0.0))
     if spec.labels is not None:
         add(spec.labels.dense().float())
     if spec.window is not None:
