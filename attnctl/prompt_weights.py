@@ -122,7 +122,7 @@ def parse_prompt(text: str) -> tuple[str, dict[Key, float]]:
     spans: list[tuple[str, int, float]] = []  # (phrase, start in clean, weight)
     position = 0
     for segment, weight in segments:
-        if weight != 1.0:
+        if _tidy(weight) != 1.0:
             stripped = segment.strip()
             if stripped:
                 spans.append((stripped, position + segment.index(stripped), _tidy(weight)))

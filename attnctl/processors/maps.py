@@ -181,6 +181,7 @@ class AttentionMapsBound(Bound):
             raise ConfigError(f"AttentionMaps: two controls publish to handle.outputs[{control.key!r}]; give them different keys")
         self.key = control.key
         self.outputs = context.outputs
+        self.outputs[self.key] = None  # claimed for this call; the result replaces it at the end of the call
         self.labels = tuple(word_label(w) for w in control.words)
         self.text_len = context.canvas.text_len
         self.device = context.device
@@ -211,7 +212,8 @@ class AttentionMapsBound(Bound):
         self.layer_names = tuple(layer.name for layer in context.layers)
         self.hook = _CaptureHook(self)
         self._edit = Edit(hooks=(self.hook,))
-        self.tap = ImageTap.attach(context.pipeline, self)
+        self.pipeline = context.pipeline
+        self.tap: ImageTap | None = None  # attached at the first capture, so a failing bind leaves nothing behind
 
     def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
         if not frame.rows.indices("cond", None):
@@ -235,6 +237,9 @@ class AttentionMapsBound(Bound):
             prompts.append(prompt)
         if not batch_rows:
             return
+        if self.tap is None and self.pipeline is not None:
+            self.tap = ImageTap.attach(self.pipeline, self)
+            self.pipeline = None
         geometry = call.geometry
         image = geometry.image_slice
         index = torch.tensor(batch_rows, device=q.device)
@@ -268,7 +273,7 @@ class AttentionMapsBound(Bound):
 
     def finish(self) -> None:
         images = self.tap.detach(self) if self.tap is not None else None
-        self.tap = None
+        self.tap, self.pipeline = None, None
         maps = self.sums.float()
         if tuple(maps.shape[-2:]) != self.resolution:
             maps = F.interpolate(maps, size=self.resolution, mode="bilinear", align_corners=False)
@@ -345,8 +350,8 @@ class ImageTap:
 
     Pipelines return images only from `__call__`, which cannot be wrapped at instance level; they all pass
     the decoded images through `pipe.image_processor.postprocess` first. The tap wraps that method at
-    instance level while a call is bound and restores it exactly when the last listener detaches (at
-    `Bound.finish`: the end of the call, the start of the next one after an error, or `handle.remove()`).
+    instance level from the first capture of a call and restores it exactly when the last listener detaches
+    (at `Bound.finish`: the end of the call, the start of the next one after an error, or `handle.remove()`).
     One wrapper per image processor, shared by all listeners.
     """
 
