@@ -57,6 +57,7 @@ def test_one_map_per_word_per_image_and_stock_output(name, tiny_cache):
     assert torch.equal(_run(pipe, name), stock)
     assert latents.shape[0] == 4 and result.maps.shape == (4, 3, 32, 32)  # 2 prompts x 2 images, 3 words, image size
     assert result.words == tuple(WORDS) and len(result) == 4 and set(result[0]) == set(WORDS)
+    assert torch.equal(result["red"][3], result[3]["red"]) and result["red"].shape == (4, 32, 32)
     assert torch.isfinite(result.maps).all() and (result.maps >= 0).all()
     present = result.maps.flatten(2).amax(-1) > 0  # "street" is not in the second prompt (images 2, 3)
     assert present[:, :2].all() and present[:2, 2].all() and not present[2:, 2].any()

@@ -50,7 +50,8 @@ class AttentionMaps(Control, type_name="attention-maps"):
     absent from some prompts gives zero maps for those images (absent from all: `TokenError`).
     `layers`: cross-attention (UNet, PixArt) or joint-attention (SD3, Flux) layers, all by default.
     `steps`: the step window. `resolution`: the maps' size, an int (square) or `(height, width)`; None is
-    the generated image's size. `key`: where the result goes in `handle.outputs`.
+    the generated image's size. `key`: where the result goes in `handle.outputs` (an `AttentionMapResult`
+    once the call has ended; None while it runs).
     """
 
     words: tuple[WordQuery, ...]
@@ -143,6 +144,10 @@ def word_attention(
     nk = k.shape[2]
     scale = head_dim**-0.5 if scale is None else scale
     rows = max(1, chunk_elements // max(1, batch * heads * nk))
+    # only the keys some word selects are needed after the log-sum-exp: gather them, skip the other columns
+    used = selector.abs().flatten(0, -2).sum(0) > 0 if selector.numel() else torch.zeros(nk, dtype=torch.bool)
+    columns = used.nonzero().flatten().to(q.device)
+    picked = selector.index_select(-1, columns.to(selector.device)).to(q.device).float()  # (B[, H], W, C)
     keys = k.float().transpose(-1, -2)
     out = []
     for start in range(0, nq, rows):
@@ -151,11 +156,11 @@ def word_attention(
         if bias is not None:
             logits = logits + (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        probs = torch.exp(logits - lse).nan_to_num(0.0)  # a row with every key masked attends to nothing
-        if selector.ndim == 4:
-            out.append((probs @ selector.transpose(-1, -2)).mean(dim=1))
+        probs = torch.exp(logits.index_select(-1, columns) - lse).nan_to_num(0.0)  # (B, H, rows, C); masked rows: 0
+        if picked.ndim == 4:
+            out.append((probs @ picked.transpose(-1, -2)).mean(dim=1))
         else:  # the head mean commutes with the sum over tokens: average first
-            out.append(probs.mean(dim=1) @ selector.transpose(-1, -2))
+            out.append(probs.mean(dim=1) @ picked.transpose(-1, -2))
     return torch.cat(out, dim=1)
 
 
@@ -441,9 +446,13 @@ class AttentionMapResult:
     def __len__(self) -> int:
         return int(self.maps.shape[0])
 
-    def __getitem__(self, image: int) -> dict[str, torch.Tensor]:
-        """`{word: (height, width) map}` of image `image`."""
-        return {word: self.maps[image, w] for w, word in enumerate(self.words)}
+    def __getitem__(self, item: int | str) -> dict[str, torch.Tensor] | torch.Tensor:
+        """`result[i]`: `{word: (height, width) map}` of image i; `result["red"]`: (images, height, width)."""
+        if isinstance(item, str):
+            if item not in self.words:
+                raise KeyError(f"{item!r} is not one of the captured words {self.words}")
+            return self.maps[:, self.words.index(item)]
+        return {word: self.maps[item, w] for w, word in enumerate(self.words)}
 
     def normalized(self) -> torch.Tensor:
         """Every map scaled to [0, 1] by its own maximum (all-zero maps stay zero)."""
