@@ -1,6 +1,7 @@
 """Cost of Reweight and of AttentionMaps capture, against no control, at 4096-token attention.
 
-Two configs, each variant interleaved with the others in one process, medians after a warm-up round:
+Two configs, each variant interleaved with the others in one process (the order rotating from round to
+round), medians after a warm-up round:
 
 1. pipeline: the SD-like UNet of `benchmarks/overhead.py` (block channels 32/64, 4 heads) at a 64x64 latent
    (4096 image tokens at the first level, 77 text tokens), CFG batch of 2, latents out. Variants: stock
@@ -38,10 +39,12 @@ def _overhead_module():
 
 def _interleaved(variants: dict, repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for repeat in range(repeats + 1):  # the first round is warm-up
-        for name, run in variants.items():
+        shift = repeat % len(names)  # rotate the order, so no variant always runs first
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            run()
+            variants[name]()
             elapsed = time.perf_counter() - start
             if repeat:
                 times[name].append(elapsed)

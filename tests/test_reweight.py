@@ -190,6 +190,28 @@ def test_flux_true_cfg_reweights_the_cond_call_only(tiny_cache):
 
 
 @pytest.mark.parity
+def test_flux_true_cfg_uncond_branch_reweights_the_negative_call(tiny_cache):
+    name = "tiny-flux"
+    pipe = tiny_cache(name)
+    negative = "a blurry dog"
+    extra = {"negative_prompt": negative, "true_cfg_scale": 3.0}
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0, "dog": 2.0}, branch="uncond")]):
+        ours = generate(pipe, name, prompt=PROMPT, **extra)
+    uncond = word_weights(pipe, name, [negative], {"blurry": 0.0, "dog": 2.0})
+
+    def weights(branch, row, step):
+        return uncond("cond", row, step) if branch == "uncond" else {}
+
+    with attnctl.apply(pipe, [reference_for(name, weights)]):
+        expected = generate(pipe, name, prompt=PROMPT, **extra)
+    torch.testing.assert_close(ours, expected, **TOL)
+    # without true CFG there is no negative call: nothing to reweight, bitwise stock
+    stock = generate(pipe, name, prompt=PROMPT)
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
+
+
+@pytest.mark.parity
 def test_perturbed_rows_count_as_cond_rows(tiny_cache):
     from .test_guidance_wrapper import ConstantGuidance
 

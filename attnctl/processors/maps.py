@@ -8,8 +8,9 @@ is the cross-attention visualisation of Prompt-to-Prompt (Hertz et al. 2022, Fig
 joint attention.
 
 Capture never materialises an N x N matrix and never changes the output: a `LayerHook.attend` lets the
-layer's own attention op run, then recomputes the probabilities of the requested word tokens from q and k
-in chunks of query rows (the log-sum-exp over all keys, chunk by chunk). Running sums at the finest token
+layer's own attention op run, then computes the attention mass of the requested words from q and k as a
+second, narrow attention whose values are the words' indicator columns (`word_attention`): one fused SDPA
+call over chunks of query rows, normalised over all keys. Running sums at the finest token
 grid of the chosen layers keep memory independent of the number of steps. The model's own attention
 mask and the per-key edits of other controls on the same layer (Reweight's value scale or bias) are
 reflected; label masks, windows and sparse transforms of other controls are not (the map shows the dense
@@ -137,30 +138,40 @@ def word_attention(
     q (B, H, Nq, D) are the query rows wanted; k (B, H, Nk, D) all keys (the softmax runs over all of them);
     selector (B, W, Nk), or (B, H, W, Nk) per head, weights the keys of each word (1 at its tokens; times
     the value scale where a control scales values); bias is additive and broadcasts to (B, H, Nq, Nk).
-    Returns (B, Nq, W) in float32, computed in chunks of query rows: at most about `chunk_elements`
-    logits exist at once, never an Nq x Nk matrix per head.
+    Returns (B, Nq, W) in float32.
+
+    The sum `softmax(...) @ S^T` is itself an attention whose values are the selector columns, so it runs as
+    a fused SDPA call (values padded to the head width): the softmax is normalised over every key and no
+    Nq x Nk matrix is formed. Query rows go in chunks of at most about `chunk_elements` logits, which also bounds memory
+    where SDPA falls back to its unfused kernel.
     """
-    batch, heads, nq, head_dim = q.shape
+    batch, heads, nq, _ = q.shape
     nk = k.shape[2]
-    scale = head_dim**-0.5 if scale is None else scale
+    if selector.ndim == 3:
+        values = selector.transpose(-1, -2)[:, None].expand(batch, heads, nk, selector.shape[1])
+    else:
+        values = selector.transpose(-1, -2)
+    words, head_dim = values.shape[-1], q.shape[-1]
+    # fused SDPA kernels (CPU flash, CUDA flash) need values as wide as the queries, otherwise SDPA falls back
+    # to its unfused kernel (3x slower here): pad the word columns with zeros to groups of head_dim
+    groups = -(-words // head_dim)
+    values = F.pad(values, (0, groups * head_dim - words)).to(device=q.device, dtype=q.dtype).contiguous()
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
     rows = max(1, chunk_elements // max(1, batch * heads * nk))
-    # only the keys some word selects are needed after the log-sum-exp: gather them, skip the other columns
-    used = selector.abs().flatten(0, -2).sum(0) > 0 if selector.numel() else torch.zeros(nk, dtype=torch.bool)
-    columns = used.nonzero().flatten().to(q.device)
-    picked = selector.index_select(-1, columns.to(selector.device)).to(q.device).float()  # (B[, H], W, C)
-    keys = k.float().transpose(-1, -2)
+    options = {} if scale is None else {"scale": scale}
     out = []
     for start in range(0, nq, rows):
         stop = min(start + rows, nq)
-        logits = (q[:, :, start:stop].float() @ keys) * scale
-        if bias is not None:
-            logits = logits + (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        probs = torch.exp(logits.index_select(-1, columns) - lse).nan_to_num(0.0)  # (B, H, rows, C); masked rows: 0
-        if picked.ndim == 4:
-            out.append((probs @ picked.transpose(-1, -2)).mean(dim=1))
-        else:  # the head mean commutes with the sum over tokens: average first
-            out.append(probs.mean(dim=1) @ picked.transpose(-1, -2))
+        mask = None if bias is None else (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
+        mass = torch.cat(
+            [
+                F.scaled_dot_product_attention(q[:, :, start:stop], k, values[..., g * head_dim : (g + 1) * head_dim], attn_mask=mask, **options)
+                for g in range(groups)
+            ],
+            dim=-1,
+        )
+        out.append(mass[..., :words].float().nan_to_num(0.0).mean(dim=1))  # a fully masked row attends to nothing
     return torch.cat(out, dim=1)
 
 
