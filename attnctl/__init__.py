@@ -27,6 +27,9 @@ from .pipelines.loading import load_pipeline
 from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .processors.regions import Region, Regions
 from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
+from .processors.maps import AttentionMapResult, AttentionMaps
+from .processors.reweight import Reweight
+from .prompt_weights import parse_prompt
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
@@ -36,3 +39,4 @@ __all__ += ["Generation", "Model", "generate"]
 __all__ += ["PAG", "PLADIS", "SAG", "SEG", "SkipLayer"]
 __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
+__all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
