@@ -25,10 +25,10 @@ from .handle import Handle, apply
 from .pipelines.generate import Generation, Model, generate
 from .pipelines.loading import load_pipeline
 from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
-from .processors.regions import Region, Regions
-from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 from .processors.maps import AttentionMapResult, AttentionMaps
+from .processors.regions import Region, Regions
 from .processors.reweight import Reweight
+from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 from .prompt_weights import parse_prompt
 
 __all__ = [
