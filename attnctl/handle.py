@@ -22,7 +22,7 @@ from .errors import ConfigError, HandleError, PipelineChangedError, UnsupportedE
 from .families import adapter_for
 from .families.base import LayerInfo, ModelAdapter
 from .instance import Wrapped, wrap_method
-from .kernels import choose_backend, validate_backend
+from .kernels import check_features, choose_backend, validate_backend
 from .pipelines.denoiser import make_forward
 from .pipelines.protocol import protocol_for
 from .processors import classic, flux, joint
@@ -91,6 +91,8 @@ def apply(pipe: Any, controls: Iterable[Control] = (), *, backend: str = "auto")
     adapter = adapter_for(denoiser)
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
+    for control in controls:
+        check_features(backend, tuple(control.kernel_features), type(control).__name__)
     processor_cls, supported = PROCESSORS[adapter.family]
     originals = {name: module.processor for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})

@@ -99,6 +99,22 @@ def choose_backend(requested: str, device: torch.device | str, features: tuple[s
     raise BackendError(f"no backend can do {', '.join(features)} on {device_type}; {capability_table()}")
 
 
+def check_features(requested: str, features: tuple[str, ...], owner: str) -> None:
+    """Raise BackendError when an explicitly requested backend lacks a feature `owner` needs (any device).
+
+    `apply` calls this so that a control a backend cannot carry out fails before anything is installed,
+    not in the middle of a render; device-specific gaps are checked per call by `choose_backend`.
+    """
+    if requested == "auto":
+        return
+    backend = BACKENDS.get(requested)
+    if backend is None:
+        raise BackendError(f"backend {requested!r} is not available here: {_why_missing(requested)}")
+    missing = [f for f in features if f not in backend.features]
+    if missing:
+        raise BackendError(f"backend {requested!r} cannot do {', '.join(missing)}, which {owner} needs; {capability_table()}")
+
+
 def _why_missing(name: str) -> str:
     if name == "triton":
         return "it needs the triton package (pip install 'attnctl[triton]') and its kernels module"
@@ -171,5 +187,5 @@ def attention(
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "AttentionSpec", "Backend", "LabelMask", "PLAIN", "Sparse", "Window",
-    "attention", "capability_table", "choose_backend", "register_backend", "validate_backend",
+    "attention", "capability_table", "check_features", "choose_backend", "register_backend", "validate_backend",
 ]
