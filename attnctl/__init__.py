@@ -23,8 +23,11 @@ from .errors import (
 )
 from .handle import Handle, apply
 from .pipelines.loading import load_pipeline
+from .processors.fastattn import FastAttn, FastAttnPlan
+from .processors.tgate import TGate
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
 ]
+__all__ += ["FastAttn", "FastAttnPlan", "TGate"]

@@ -20,7 +20,7 @@ from .errors import CallLayoutError, HandleError
 from .families.base import Canvas, LayerInfo, ModelAdapter
 from .kernels import choose_backend
 from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
-from .pipelines.rows import Perturbation, RowLayout
+from .pipelines.rows import Perturbation, RowLayout, RowSelect
 from .processors.edit import Edit, LayerCall, merge_edits
 from .steps import StepInfo
 from .tokens import PromptTokens
@@ -134,6 +134,18 @@ class Runtime:
         if len(set(tags)) != len(tags):
             raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
         return tuple(found)
+
+    def selection(self, frame: Frame) -> RowSelect | None:
+        """The row selection the bound controls ask for in this denoiser call (two different ones conflict)."""
+        found: RowSelect | None = None
+        for bound in self.call.bound or ():
+            if bound.active(frame.step):
+                plan = bound.row_plan(frame)
+                if plan is not None and plan.select is not None:
+                    if found is not None and plan.select != found:
+                        raise CallLayoutError(f"attnctl: two controls select different rows: {found} and {plan.select}")
+                    found = plan.select
+        return found
 
     def enter(self, frame: Frame) -> None:
         self.frame = frame

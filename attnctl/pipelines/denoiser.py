@@ -4,7 +4,8 @@ Every denoiser call opens a frame (step, rows, geometry) for the processors. Whe
 add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is
 re-batched), and `D = sum_k term_k(cond, perturbed_k)` is added to every row the pipeline combines, so
 the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s. In a separate uncond call
-(Flux true CFG) the `D` of the same step's cond call is added.
+(Flux true CFG) the `D` of the same step's cond call is added. A control may instead select rows
+(`RowSelect`, TGATE after its gate): only those run, and their prediction is spread to every row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..control import Frame
 from ..errors import CallLayoutError
-from .rows import Perturbation, Row, RowLayout
+from .rows import Perturbation, Row, RowLayout, RowSelect
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -79,16 +80,35 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
             finally:
                 runtime.leave()
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            inputs = runtime.bind_inputs(args, kwargs)
-            batch = int(inputs[main_input].shape[0])
-            frame = runtime.open_frame(inputs, batch)
+        def rows_of(inputs: dict[str, Any], frame: Frame, batch: int) -> Any:
             perturbations = runtime.perturbations(frame)
             if not perturbations:
                 return call_with(inputs, frame)
             return guided(inputs, frame, batch, perturbations, call_with)
 
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            inputs = runtime.bind_inputs(args, kwargs)
+            batch = int(inputs[main_input].shape[0])
+            frame = runtime.open_frame(inputs, batch)
+            selection = runtime.selection(frame)
+            if selection is not None:
+                return selected(inputs, frame, batch, selection, rows_of)
+            return rows_of(inputs, frame, batch)
+
         return forward
+
+    def selected(inputs, frame: Frame, batch: int, selection: RowSelect, rows_of) -> Any:
+        """Run only the selected rows (guidance rows still added to them), then give every row of the pipeline's
+        layout the prediction of the selected row with its prompt."""
+        layout, index = frame.rows.selected(selection.branch, selection.label)
+        if not index:
+            raise CallLayoutError(f"attnctl: a control selected the {selection.branch} rows, but this denoiser call has none")
+        narrow = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, index)
+        output = rows_of(narrow, dataclasses.replace(frame, rows=layout, inputs=narrow), len(index))
+        prediction = first_tensor(output)
+        where = {row.prompt: i for i, row in enumerate(layout.rows)}
+        spread = torch.tensor([where[row.prompt] for row in frame.rows.rows], device=prediction.device)
+        return replace_first(output, prediction[spread])
 
     def guided(inputs, frame: Frame, batch: int, perturbations: tuple[Perturbation, ...], call_with) -> Any:
         base = frame.rows
