@@ -163,3 +163,22 @@ def test_cache_composes_with_reweight_and_pag(kind, name, tiny_cache):
     assert torch.isfinite(together).all()
     assert report.hits > 0
     assert not torch.allclose(together, cache_only) and not torch.allclose(together, without_cache)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"])
+def test_report_flops_match_the_shapes_each_layer_sees(name, tiny_cache):
+    """The report's FLOPs come from the geometry; they must equal 4 B H Nq Nk D of the q and k each layer received."""
+    from .cache_helpers import Capture
+
+    pipe = tiny_cache(name)
+    capture = Capture()
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(threshold=0.0)]) as handle:
+        generate(pipe, name, steps=2, guidance=1.0 if name == "tiny-flux" else 5.0)
+        report = handle.outputs["fastattn"]
+    seen = {}
+    for layer, step, _, q, k, _, _, _ in capture.log:
+        batch, heads, nq, head_dim = q.shape
+        seen[(step, layer)] = seen.get((step, layer), 0.0) + 4.0 * batch * heads * nq * k.shape[2] * head_dim
+    assert set(seen) == set(report.entries) and len(seen) == 2 * len(handle.adapter.layers)
+    for key, flops in seen.items():
+        assert report.entries[key].full_flops == flops == report.entries[key].flops, key

@@ -106,8 +106,9 @@ def test_2d_window_on_joint_layouts_leaves_text_unrestricted(name, layer, text_f
     guidance = 1.0 if name == "tiny-flux" else 5.0
     plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=(1, 2))
     capture = Capture(layers=layer)
-    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]):
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
         generate(pipe, name, steps=3, guidance=guidance)
+        report = handle.outputs["fastattn"]
     calls = {entry[1]: entry for entry in capture.log}
     q0, k0, v0 = calls[0][3:6]
     window = calls[1][7]
@@ -118,6 +119,9 @@ def test_2d_window_on_joint_layouts_leaves_text_unrestricted(name, layer, text_f
     residual = explicit_attention(q0, k0, v0) - explicit_attention(q0, k0, v0, allowed)
     q, k, v, out = calls[1][3], calls[1][4], calls[1][5], calls[1][6]
     torch.testing.assert_close(out, explicit_attention(q, k, v, allowed) + residual, rtol=1e-4, atol=1e-5)
+    batch, heads, tokens, head_dim = q.shape
+    assert report.entries[(1, layer)].flops == 4.0 * batch * int(allowed.sum()) * heads * head_dim
+    assert report.entries[(1, layer)].full_flops == 4.0 * batch * tokens * tokens * heads * head_dim
 
 
 def test_step_share_reuses_the_layer_output(tiny_cache):

@@ -11,6 +11,7 @@ every technique holds at most one tensor per layer and branch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -154,10 +155,13 @@ def attention_flops(rows: int, geometry: Geometry, width: int, pairs: int | None
 
 
 def _span(n: int, radius: int) -> int:
-    """Sum over i < n of how many j < n satisfy |i - j| <= radius."""
-    return sum(min(n - 1, i + radius) - max(0, i - radius) + 1 for i in range(n))
+    """Sum over i < n of how many j < n satisfy |i - j| <= radius: a band of width 2r+1, less its two corners."""
+    if radius >= n - 1:
+        return n * n
+    return n * (2 * radius + 1) - radius * (radius + 1)
 
 
+@functools.lru_cache(maxsize=256)
 def window_pairs(window: Window) -> int:
     """Query-key pairs a window lets through (what a block-sparse kernel computes), text rows and columns included."""
     h, w = window.grid_hw
