@@ -480,19 +480,20 @@ class _FastAttnHook(LayerHook):
     def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
         if self.calibrate:
             return self._calibrate(call, q, k, v, spec, compute)
+        out, lse = self._apply(call, q, k, v, spec, compute)
+        if self.bound.calibrating:  # later frames of a calibrated step: step sharing works on attention outputs
+            self.state.output.store(call.rows, out, self.keys)
+        return out, lse
+
+    def _apply(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
         method = self.method
         if method == "step_share":
-            if not self.bound.calibrating:  # the module-level reuse missed: compute full attention
-                self._record("miss", self.rows * self.one)
-                return compute(q, k, v, dataclasses.replace(spec, window=None))
-            previous = self.state.output.load(call.rows, self.keys)
+            previous = self.state.output.load(call.rows, self.keys) if self.bound.calibrating else None
             if previous is not None:
                 self._record("step_share", 0.0, hit=True)
                 return previous, None
-            self._record("miss", self.rows * self.one)
-            out, lse = compute(q, k, v, dataclasses.replace(spec, window=None))
-            self.state.output.store(call.rows, out, self.keys)
-            return out, lse
+            self._record("miss", self.rows * self.one)  # (with a plan: the module-level reuse missed)
+            return compute(q, k, v, dataclasses.replace(spec, window=None))
         share = _share_index(call.rows) if method.endswith("cfg_share") else None
         computed, source = share if share is not None else (list(range(self.rows)), None)
         if share is not None:
@@ -520,10 +521,7 @@ class _FastAttnHook(LayerHook):
             self.state.residual.store(call.rows, self._finish(full - window, source, call), self.keys)
         # while calibrating, the report shows what the chosen method costs with a plan, not calibration's own work
         self._record(label, self._cost(method, len(computed), keep and self.window is not None and not self.bound.calibrating))
-        out = self._finish(full, source, call)
-        if self.bound.calibrating:
-            self.state.output.store(call.rows, out, self.keys)
-        return out, (lse if share is None else None)
+        return self._finish(full, source, call), (lse if share is None else None)
 
     def _finish(self, out: torch.Tensor, source: list[int] | None, call: LayerCall) -> torch.Tensor:
         """Spread the computed rows to every row (uncond rows take their prompt's cond row)."""
