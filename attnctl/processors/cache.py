@@ -198,7 +198,8 @@ class CacheReport:
     `entries[(step, layer)]` covers every attention layer of the model (layers the control does not act on run
     `"full"`). FLOPs count the attention op only (`Q K^T` and `A V`); window attention counts the query-key pairs
     the window lets through, which is what a block-sparse kernel computes (the sdpa backend computes a dense masked
-    op instead). The baseline is full attention on the rows the pipeline itself would run.
+    op instead). The baseline is full attention on the rows the pipeline itself would run. With two cache controls
+    on disjoint layers, each report counts its own savings: the other's layers count as computed there.
     """
 
     method: str
