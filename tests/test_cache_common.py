@@ -89,6 +89,7 @@ def test_row_selection_layout():
 class ZeroGuidance(Control, type_name="test-zero-guidance"):
     """Adds perturbed copies of the cond rows with a zero guidance term; records the shapes it saw."""
 
+    separate: bool = False
     seen: list = field(default_factory=list, compare=False, hash=False)
 
     def bind(self, context):
@@ -101,7 +102,7 @@ class _ZeroBound(Bound):
             self.control.seen.append((frame.step.index, tuple(cond.shape)))
             return torch.zeros_like(cond)
 
-        return RowPlan((Perturbation("zero", term),))
+        return RowPlan((Perturbation("zero", term, separate=self.control.separate),))
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,10 @@ class _BiasBound(Bound):
         return Edit(key_bias=bias)
 
 
-def test_tgate_composes_with_added_rows_and_key_bias(tiny_cache):
+@pytest.mark.parametrize("separate", [False, True], ids=["batched", "separate"])
+def test_tgate_composes_with_added_rows_and_key_bias(separate, tiny_cache):
     pipe = tiny_cache("tiny-sd")
-    guidance = ZeroGuidance()
+    guidance = ZeroGuidance(separate=separate)
     with attnctl.apply(pipe, [attnctl.TGate(gate_step=2)]):
         alone = generate(pipe, "tiny-sd", steps=4)
     with attnctl.apply(pipe, [CondBias(), attnctl.TGate(gate_step=2), guidance]) as handle:
@@ -134,7 +136,8 @@ def test_tgate_composes_with_added_rows_and_key_bias(tiny_cache):
         rows_only = generate(pipe, "tiny-sd", steps=4)
     torch.testing.assert_close(rows_only, alone, rtol=1e-5, atol=1e-5)  # zero term: the added rows change nothing
     assert not torch.allclose(together, alone)  # the bias acts before the gate
-    assert report.hits > 0
+    cross = [layer.name for layer in handle.adapter.layers if layer.kind == "cross"]
+    assert all(report.entries[(3, name)].ran == ["cached"] for name in cross)  # perturbed rows included
     # after the gate the guidance control still gets its rows: copies of the single null-text row per prompt
     assert {shape[0] for step, shape in guidance.seen if step >= 2} == {2}
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..families.base import Geometry, LayerInfo, ModelAdapter
     from ..pipelines.rows import RowLayout
 
-Key = tuple[int, str, Any]  # (pass, branch, tag)
+Key = tuple[Any, str, Any]  # (pass, branch, tag)
 Value = Any  # a tensor or a tuple of tensors (or None entries) whose first dimension is the batch
 
 
@@ -65,21 +65,22 @@ def spec_rows(spec: AttentionSpec, index: list[int], batch: int) -> AttentionSpe
 
 
 class PassCounter:
-    """Which denoiser call of its step a frame is (0 for the first; Flux true CFG and SD3's skip-layer pass add more)."""
+    """Which denoiser call of its step a frame is: (0 for the first, 1, ... for Flux true CFG's uncond call or SD3's
+    skip-layer pass; the tag of an extra forward a guidance control makes, such as SAG's, or None)."""
 
     def __init__(self) -> None:
         self._step = -1
         self._numbers: list[int] = []
 
-    def __call__(self, frame: Frame) -> int:
+    def __call__(self, frame: Frame) -> tuple[int, Any]:
         if frame.step.index != self._step:
             self._step, self._numbers = frame.step.index, []
         if frame.number not in self._numbers:
             self._numbers.append(frame.number)
-        return self._numbers.index(frame.number)
+        return self._numbers.index(frame.number), getattr(frame, "extra_pass", None)
 
 
-def row_keys(layout: RowLayout, pass_index: int) -> list[Key]:
+def row_keys(layout: RowLayout, pass_index: Any) -> list[Key]:
     return [(pass_index, row.branch, row.tag) for row in layout.rows]
 
 

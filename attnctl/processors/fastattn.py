@@ -440,7 +440,7 @@ class _FastAttnHook(LayerHook):
     slot: ClassVar[str | None] = "cache"
 
     def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: Frame, method: str, window: Window | None,
-                 pass_index: int, calibrate: bool):
+                 pass_index: Any, calibrate: bool):
         self.bound, self.layer, self.method, self.window = bound, layer, method, window
         self.pass_index, self.calibrate = pass_index, calibrate
         self.state = bound.states[layer.index]

@@ -147,7 +147,10 @@ class TGateBound(Bound):
         return self_action(step, control.gate_step, self.count, control.warm_up, control.sp_interval, control.fi_interval)
 
     def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
-        dropped = self._dropped[1] if self._dropped[0] == frame.number else 0
+        # the rows the selection dropped count in the baseline of the forward that holds the selected rows (not in
+        # a separate forward of perturbed rows made for the same denoiser call)
+        selected_here = self._dropped[0] == frame.number and frame.rows.indices("cond", None)
+        dropped = self._dropped[1] if selected_here else 0
         rows, baseline = len(frame.rows), len(frame.rows) + dropped
         self.accountant.see(frame, baseline)
         step = frame.step.index
@@ -161,7 +164,7 @@ class TGateBound(Bound):
             self.report.record(step, layer.name, "store", rows * one, baseline * one)
         return Edit(hooks=(hook,))
 
-    def store(self, layer: LayerInfo, call: LayerCall, result: Any, pass_index: int) -> None:
+    def store(self, layer: LayerInfo, call: LayerCall, result: Any, pass_index: Any) -> None:
         cache = self.caches[layer.index]
         if self.mean_mode.pop(layer.index, False):
             cache.clear()
@@ -171,6 +174,8 @@ class TGateBound(Bound):
         """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG)."""
         rows = call.rows
         cond = rows.indices("cond", None)
+        if not cond:  # a forward of perturbed copies only (separate guidance rows): the mean is not theirs
+            return
         uncond = {rows.rows[i].prompt: i for i in rows.indices("uncond", None)}
         prompts = tuple(rows.rows[i].prompt for i in cond)
         value = result[list(cond)]
@@ -181,7 +186,7 @@ class TGateBound(Bound):
         cache.store_by_prompt("mean", prompts, value)
         self.mean_mode[layer.index] = True
 
-    def load(self, layer: LayerInfo, call: LayerCall, pass_index: int) -> Any | None:
+    def load(self, layer: LayerInfo, call: LayerCall, pass_index: Any) -> Any | None:
         cache = self.caches[layer.index]
         keys = ["mean"] * len(call.rows) if self.mean_mode.get(layer.index) else row_keys(call.rows, pass_index)
         return cache.load(call.rows, keys)
@@ -196,7 +201,7 @@ class TGateBound(Bound):
 class _TGateHook(LayerHook):
     slot: ClassVar[str | None] = "cache"
 
-    def __init__(self, bound: TGateBound, layer: LayerInfo, action: Action, pass_index: int, one_row: float, baseline: int):
+    def __init__(self, bound: TGateBound, layer: LayerInfo, action: Action, pass_index: Any, one_row: float, baseline: int):
         self.bound, self.layer, self.action, self.pass_index = bound, layer, action, pass_index
         self.one_row, self.baseline = one_row, baseline
 
