@@ -150,7 +150,7 @@ def make_controls(method: str, pipe, options: dict[str, Any], args) -> tuple[lis
     control = attnctl.FastAttn(threshold=args.threshold, window=args.window, techniques=techniques)
     start = time.perf_counter()
     with torch.inference_mode():
-        plan = control.calibrate(pipe, CALIBRATION_PROMPTS, generator=torch.Generator().manual_seed(1), **options)
+        plan = control.calibrate(pipe, CALIBRATION_PROMPTS, backend=args.backend, generator=torch.Generator().manual_seed(1), **options)
     return [attnctl.FastAttn(plan=plan)], time.perf_counter() - start
 
 
@@ -173,7 +173,7 @@ def measure_family(name: str, args) -> list[dict[str, Any]]:
     reports: dict[str, Any] = {}
     latents: dict[str, torch.Tensor] = {}
     for variant, controls in variants.items():  # latents and reports, untimed
-        with attnctl.apply(pipe, controls) if controls else _null() as handle:
+        with attnctl.apply(pipe, controls, backend=args.backend) if controls else _null() as handle:
             latents[variant] = call(pipe, options, "latent")
             if handle is not None:
                 reports[variant] = next(iter(handle.outputs.values()))
@@ -181,7 +181,7 @@ def measure_family(name: str, args) -> list[dict[str, Any]]:
     times: dict[str, list[float]] = {v: [] for v in variants}
     for repeat in range(args.repeats + 1):  # the first round is warm-up; its images are the ones compared
         for variant, controls in variants.items():
-            handle = attnctl.apply(pipe, controls) if controls else None
+            handle = attnctl.apply(pipe, controls, backend=args.backend) if controls else None
             start = clock()
             image = call(pipe, options, "pt")
             elapsed = clock() - start
@@ -269,13 +269,15 @@ def main() -> None:
     parser.add_argument("--gate", type=int, default=10, help="TGATE gate step")
     parser.add_argument("--threshold", type=float, default=0.1, help="FastAttn calibration threshold")
     parser.add_argument("--window", type=int, default=64, help="FastAttn 1-D band half-width (tokens)")
+    parser.add_argument("--backend", default="auto", help="attention backend of the cached variants (auto, sdpa, flex, triton)")
     parser.add_argument("--quick", action="store_true", help="half the latent size and at most 10 steps (a smoke run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {args.threads}, clock {args.clock}")
     print(f"repeats {args.repeats} (+1 warm-up round), variants interleaved, medians; FastAttn threshold {args.threshold}, "
-          f"window band {args.window}; TGATE gate step {args.gate}; random weights (fidelity numbers are weak)")
+          f"window band {args.window}; TGATE gate step {args.gate}; backend {args.backend}; random weights (fidelity "
+          "numbers are weak)")
     rows = []
     for name in args.families.split(","):
         start = time.perf_counter()
