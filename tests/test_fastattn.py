@@ -262,6 +262,9 @@ def test_plan_validation(tiny_cache):
         attnctl.FastAttn(plan=plan, window=3)
     with pytest.raises(ConfigError, match="JSON"):
         attnctl.FastAttnPlan.from_json("{not json")
+    cross = make_plan(pipe, 2, {"transformer_blocks.0.attn2": ["full", "window_residual"]})
+    with pytest.raises(ConfigError, match="cross-attention"):
+        attnctl.apply(pipe, [attnctl.FastAttn(plan=cross)])
 
 
 def test_techniques_restrict_the_choices(tiny_cache):

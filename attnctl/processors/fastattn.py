@@ -280,10 +280,14 @@ class FastAttn(Control, type_name="fastattn"):
         if self.plan is not None:
             model, _, fingerprint = model_identity(adapter.denoiser)
             self.plan.check(model=model, fingerprint=fingerprint)
-            names = {layer.name for layer in adapter.layers}
-            missing = [name for name in self.plan.layers if name not in names]
+            kinds = {layer.name: layer.kind for layer in adapter.layers}
+            missing = [name for name in self.plan.layers if name not in kinds]
             if missing:
                 raise ConfigError(f"the FastAttn plan names layer(s) this model does not have: {', '.join(missing[:5])}")
+            windowed = [name for name, methods in self.plan.methods
+                        if kinds[name] == "cross" and any(m.startswith("window_residual") for m in methods)]
+            if windowed:
+                raise ConfigError(f"the FastAttn plan asks for window attention in cross-attention layer(s) {', '.join(windowed[:5])}")
 
     def bind(self, context: BindContext) -> Bound:
         return FastAttnBound(self, context)
@@ -363,8 +367,6 @@ class FastAttnBound(Bound):
             text_len=geometry.text_len if joint else 0,
             text_first=layer.text == "first",
         )
-        if window_pairs(window) >= geometry.query_len * geometry.query_len:
-            return None  # the window lets every pair through: it would save nothing
         return window
 
     def needs_residual(self, layer: LayerInfo, step: int) -> bool:
@@ -514,7 +516,7 @@ class _FastAttnHook(LayerHook):
             out = out + residual.to(out.dtype)
             self._record(label, self._cost(method, len(computed), False))
             return self._finish(out, source, call), None
-        keep = self.bound.needs_residual(self.layer, self.step) or self.bound.calibrating
+        keep = self.bound.needs_residual(self.layer, self.step) or (self.bound.calibrating and self.window_one < self.one)
         full, lse = compute(q, k, v, spec)
         if keep and self.window is not None:
             window, _ = compute(q, k, v, dataclasses.replace(spec, window=self.window))
@@ -534,7 +536,8 @@ class _FastAttnHook(LayerHook):
         bound, state, techniques = self.bound, self.state, self.bound.fast.techniques
         full, lse = compute(q, k, v, spec)
         window_out = None
-        if self.window is not None:
+        # a window that lets every pair through would save nothing: not a candidate then
+        if self.window is not None and self.window_one < self.one:
             window_out, _ = compute(q, k, v, dataclasses.replace(spec, window=self.window))
         residual = state.residual.load(call.rows, self.keys)
         previous = state.output.load(call.rows, self.keys)
