@@ -153,13 +153,14 @@ class TGateBound(Bound):
         dropped = self._dropped[1] if selected_here else 0
         rows, baseline = len(frame.rows), len(frame.rows) + dropped
         self.accountant.see(frame, baseline)
+        pass_index = self.passes(frame)
         step = frame.step.index
         action = self.action(layer, step)
         one = self.accountant.full(layer, frame, 1)
         if action == "compute":
             self.report.record(step, layer.name, "nocfg" if dropped else "full", rows * one, baseline * one)
             return None
-        hook = _TGateHook(self, layer, action, self.passes(frame), one, baseline)
+        hook = _TGateHook(self, layer, action, pass_index, one, baseline)
         if action != "reuse":  # reuse records hit or miss when it runs
             self.report.record(step, layer.name, "store", rows * one, baseline * one)
         return Edit(hooks=(hook,))
