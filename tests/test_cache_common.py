@@ -185,3 +185,27 @@ def test_report_flops_match_the_shapes_each_layer_sees(name, tiny_cache):
     assert set(seen) == set(report.entries) and len(seen) == 2 * len(handle.adapter.layers)
     for key, flops in seen.items():
         assert report.entries[key].full_flops == flops == report.entries[key].flops, key
+
+
+@pytest.mark.skipif(not hasattr(attnctl, "PAG"), reason="attnctl.PAG is built in issue 5; this test runs once it is merged")
+@pytest.mark.parametrize("kind, name", [("tgate", "tiny-sd"), ("fastattn", "tiny-pixart"), ("fastattn", "tiny-flux")])
+@pytest.mark.parametrize("separate", [False, True], ids=["batched", "separate"])
+def test_cache_composes_with_pag(kind, name, separate, tiny_cache):
+    """PAG's perturbed rows (batched or in their own forward) next to cached layers: after TGATE's gate they are
+    copies of the single null-text row, and every cross-attention layer still hits its stored mean."""
+    pipe = tiny_cache(name)
+    guidance = 1.0 if name == "tiny-flux" else 5.0
+    cache = attnctl.TGate(gate_step=2) if kind == "tgate" else attnctl.FastAttn(threshold=0.3, window=4)
+    pag = attnctl.PAG(scale=3.0, separate=separate)
+    with attnctl.apply(pipe, [cache]):
+        cache_only = generate(pipe, name, prompt="a photo of a cat", steps=4, guidance=guidance)
+    with attnctl.apply(pipe, [pag]):
+        pag_only = generate(pipe, name, prompt="a photo of a cat", steps=4, guidance=guidance)
+    with attnctl.apply(pipe, [cache, pag]) as handle:
+        together = generate(pipe, name, prompt="a photo of a cat", steps=4, guidance=guidance)
+        report = handle.outputs[kind]
+    assert torch.isfinite(together).all() and report.hits > 0
+    assert not torch.allclose(together, cache_only) and not torch.allclose(together, pag_only)
+    if kind == "tgate":
+        cross = [layer.name for layer in handle.adapter.layers if layer.kind == "cross"]
+        assert all(report.entries[(3, layer)].ran == ["cached"] for layer in cross)
