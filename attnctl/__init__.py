@@ -24,10 +24,12 @@ from .errors import (
 from .handle import Handle, apply
 from .pipelines.generate import Generation, Model, generate
 from .pipelines.loading import load_pipeline
+from .processors.fastattn import FastAttn, FastAttnPlan
 from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .processors.maps import AttentionMapResult, AttentionMaps
 from .processors.regions import Region, Regions
 from .processors.reweight import Reweight
+from .processors.tgate import TGate
 from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 from .prompt_weights import parse_prompt
 
@@ -40,3 +42,4 @@ __all__ += ["PAG", "PLADIS", "SAG", "SEG", "SkipLayer"]
 __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
+__all__ += ["FastAttn", "FastAttnPlan", "TGate"]

@@ -22,7 +22,7 @@ from .errors import CallLayoutError, HandleError
 from .families.base import Canvas, LayerInfo, ModelAdapter
 from .kernels import choose_backend
 from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
-from .pipelines.rows import Perturbation, RowLayout, RowPlan, SecondPass
+from .pipelines.rows import Perturbation, RowLayout, RowPlan, RowSelect, SecondPass
 from .processors.edit import Edit, LayerCall, merge_edits
 from .steps import StepInfo
 from .tokens import PromptTokens
@@ -163,6 +163,18 @@ class Runtime:
 
     def perturbations(self, frame: Frame) -> tuple[Perturbation, ...]:
         return self.row_plan(frame).perturbations
+
+    def selection(self, frame: Frame) -> RowSelect | None:
+        """The row selection the bound controls ask for in this denoiser call (two different ones conflict)."""
+        found: RowSelect | None = None
+        for bound in self.call.bound or ():
+            if bound.active(frame.step):
+                plan = bound.row_plan(frame)
+                if plan is not None and plan.select is not None:
+                    if found is not None and plan.select != found:
+                        raise CallLayoutError(f"attnctl: two controls select different rows: {found} and {plan.select}")
+                    found = plan.select
+        return found
 
     def enter(self, frame: Frame) -> None:
         self.frame = frame

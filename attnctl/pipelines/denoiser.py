@@ -9,6 +9,8 @@ the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s. I
 A guidance term that needs the first forward's output (SAG's degraded input) is a `SecondPass`: after the
 forward it gets a `FirstPass` (the pipeline rows' prediction, their inputs, and a way to run the denoiser
 again; those extra forwards are frames with `extra_pass` set) and returns its share of `D`.
+A control may instead select rows (`RowSelect`, TGATE after its gate): only those run, and their prediction is
+spread to every row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from ..control import Frame
 from ..errors import CallLayoutError
-from .rows import Row, RowLayout, RowPlan
+from .rows import Row, RowLayout, RowPlan, RowSelect
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -83,17 +85,36 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
             finally:
                 runtime.leave()
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            inputs = runtime.bind_inputs(args, kwargs)
-            batch = int(inputs[main_input].shape[0])
-            frame = runtime.open_frame(inputs, batch)
-            inputs, frame = runtime.transform_inputs(frame, inputs)
+        def rows_of(inputs: dict[str, Any], frame: Frame, batch: int) -> Any:
             plan = runtime.row_plan(frame)
             if not plan.perturbations and not plan.second:
                 return call_with(inputs, frame)
             return guided(inputs, frame, batch, plan, call_with)
 
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            inputs = runtime.bind_inputs(args, kwargs)
+            batch = int(inputs[main_input].shape[0])
+            frame = runtime.open_frame(inputs, batch)
+            inputs, frame = runtime.transform_inputs(frame, inputs)
+            selection = runtime.selection(frame)
+            if selection is not None:
+                return selected(inputs, frame, batch, selection, rows_of)
+            return rows_of(inputs, frame, batch)
+
         return forward
+
+    def selected(inputs, frame: Frame, batch: int, selection: RowSelect, rows_of) -> Any:
+        """Run only the selected rows (guidance rows still added to them), then give every row of the pipeline's
+        layout the prediction of the selected row with its prompt."""
+        layout, index = frame.rows.selected(selection.branch, selection.label)
+        if not index:
+            raise CallLayoutError(f"attnctl: a control selected the {selection.branch} rows, but this denoiser call has none")
+        narrow = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, index)
+        output = rows_of(narrow, dataclasses.replace(frame, rows=layout, inputs=narrow), len(index))
+        prediction = first_tensor(output)
+        where = {row.prompt: i for i, row in enumerate(layout.rows)}
+        spread = torch.tensor([where[row.prompt] for row in frame.rows.rows], device=prediction.device)
+        return replace_first(output, prediction[spread])
 
     def guided(inputs, frame: Frame, batch: int, plan: RowPlan, call_with) -> Any:
         base = frame.rows

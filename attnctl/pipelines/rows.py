@@ -65,6 +65,11 @@ class RowLayout:
     def single(branch: Branch, prompt_rows: int) -> RowLayout:
         return RowLayout(tuple(Row(branch, p) for p in range(prompt_rows)))
 
+    def selected(self, branch: Branch, label: Branch | None = None) -> tuple[RowLayout, tuple[int, ...]]:
+        """The untagged rows of `branch` (relabelled `label` when given) and their source indices."""
+        index = self.indices(branch, None)
+        return RowLayout(tuple(Row(label or self.rows[i].branch, self.rows[i].prompt) for i in index)), index
+
     def with_perturbed(self, tags: tuple[str, ...]) -> tuple[RowLayout, tuple[int, ...]]:
         """This layout plus one copy of the untagged cond rows per tag; also returns the source index of every row."""
         cond = self.indices("cond", None)
@@ -107,6 +112,20 @@ class SecondPass:
 
 
 @dataclass(frozen=True)
+class RowSelect:
+    """Run only the untagged rows of `branch` (every batched input re-batched), labelled `label` for the controls,
+    and give each row of the pipeline's layout the prediction of the selected row with the same prompt.
+
+    TGATE (Zhang et al. 2024) after its gate step: one null-text row per prompt, `RowSelect("uncond", "cond")`:
+    its prediction stands for the guided one, so it is returned for both CFG rows.
+    """
+
+    branch: Branch
+    label: Branch | None = None
+
+
+@dataclass(frozen=True)
 class RowPlan:
     perturbations: tuple[Perturbation, ...] = ()
     second: tuple[SecondPass, ...] = ()
+    select: RowSelect | None = None
