@@ -62,7 +62,8 @@ class ControlledProcessor:
         def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
             if spec.is_plain and self.stock_sdpa():
                 return kernels.sdpa.attention(q, k, v, spec)
-            backend = self.runtime.backend_for(self.layer, q.device, spec.features())
+            dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+            backend = self.runtime.backend_for(self.layer, q.device, spec.features(), dense)
             return kernels.BACKENDS[backend].fn(q, k, v, spec)
 
         fn = compute
