@@ -24,6 +24,7 @@ def per_key(
     Every backend reads `key_bias` and `value_scale` through this: the reference and sdpa backends add a
     query axis (`[..., None, :]`), flex and triton expand it to (B, H, Nk).
     """
+    given = tuple(tensor.shape)
     if tensor.ndim == 2:
         tensor = tensor[:, None, :]
     ok = tensor.ndim == 3
@@ -35,7 +36,7 @@ def per_key(
         ok = tensor.shape[1] in (1, heads)
     if not ok:
         expected = f"({batch if batch is not None else 'B'}, [{heads if heads is not None else 'H'},] {keys if keys is not None else 'Nk'})"
-        raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = {expected}, got {tuple(tensor.shape)}")
+        raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = {expected}, got {given}")
     return tensor
 
 
