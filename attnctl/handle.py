@@ -26,7 +26,7 @@ from .kernels import check_features, choose_backend, validate_backend
 from .pipelines.denoiser import make_forward
 from .pipelines.protocol import protocol_for
 from .processors import classic, flux, joint
-from .processors.base import ControlledProcessor
+from .processors.base import ControlledProcessor, make_processor
 from .processors.edit import EFFECTS, effect_conflict
 from .runtime import Runtime
 from .selection import describe_layers
@@ -240,7 +240,7 @@ class Handle:
         pipe, runtime = self.pipeline, self.runtime
         denoiser = self.adapter.denoiser
         for layer in self.adapter.layers:
-            self._processors[layer.name] = processor_cls(layer, runtime, self._originals[layer.name])
+            self._processors[layer.name] = make_processor(processor_cls, layer, runtime, self._originals[layer.name])
         self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
