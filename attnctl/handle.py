@@ -97,7 +97,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     resolved = _resolve(controls, adapter)
     for control in controls:
         check_features(backend, tuple(control.kernel_features), type(control).__name__)
-    _check_backend_device(backend, pipe, denoiser, controls)
+    _check_backend_device(backend, denoiser, controls)
     processor_cls, supported = PROCESSORS[adapter.family]
     originals = {name: module.processor for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
@@ -128,25 +128,25 @@ def _control_tuple(controls: Any) -> tuple[Control, ...]:
     return tuple(controls)
 
 
-def execution_device(pipe: Any, denoiser: torch.nn.Module) -> torch.device:
-    """The device the denoiser runs on: the pipeline's execution device (CPU offload hooks included), else
-    the device of its parameters."""
-    try:
-        device = getattr(pipe, "_execution_device", None)
-    except Exception:  # noqa: BLE001 - a pipeline-like object whose property fails: fall back to the weights
-        device = None
-    if isinstance(device, (torch.device, str)):
-        return torch.device(device)
+def execution_device(denoiser: torch.nn.Module) -> torch.device:
+    """The device the denoiser runs on: the execution device of its accelerate hooks (model or sequential CPU
+    offload), else the device of its parameters."""
+    for module in denoiser.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+            device = getattr(part, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     parameter = next(denoiser.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _check_backend_device(backend: str, pipe: Any, denoiser: torch.nn.Module, controls: tuple[Control, ...]) -> None:
+def _check_backend_device(backend: str, denoiser: torch.nn.Module, controls: tuple[Control, ...]) -> None:
     """An explicit backend must run on the denoiser's current device, for plain layers and every control
     (calls check again: the pipeline may move later)."""
     if backend == "auto":
         return
-    device = execution_device(pipe, denoiser)
+    device = execution_device(denoiser)
     for owner, features in (("attnctl's layers", ()),) + tuple((type(c).__name__, tuple(c.kernel_features)) for c in controls):
         try:
             choose_backend(backend, device, features)
@@ -391,7 +391,7 @@ class Handle:
 
     def describe(self) -> str:
         """Per control: the layers it resolved to, its step window and the backend of each layer, and why."""
-        device = execution_device(self.pipeline, self.adapter.denoiser)
+        device = execution_device(self.adapter.denoiser)
         lines = [
             f"attnctl handle on {type(self.pipeline).__name__} ({self.adapter.family}, "
             f"{len(self.adapter.layers)} attention layers), backend={self.runtime.backend!r}"

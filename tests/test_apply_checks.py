@@ -132,3 +132,18 @@ def test_explicit_backend_must_run_on_the_denoisers_device(tiny_cache, monkeypat
     assert _untouched(pipe)
     with attnctl.apply(pipe, [Probe()], backend="flex"):  # what the device lacks is not needed here
         pass
+
+
+def test_the_device_checked_is_the_offload_hooks_execution_device(tiny_cache, monkeypatch):
+    """With CPU offload the weights rest on the CPU but the denoiser runs on the hook's execution device."""
+
+    class Hook:  # what accelerate's CpuOffload / AlignDevicesHook expose
+        execution_device = "cuda:0"
+
+    pipe = tiny_cache("tiny-sd")
+    cpu_only = dataclasses.replace(kernels.BACKENDS["reference"], name="flex", devices=("cpu",))
+    monkeypatch.setitem(kernels.BACKENDS, "flex", cpu_only)
+    monkeypatch.setattr(pipe.unet, "_hf_hook", Hook(), raising=False)
+    with pytest.raises(BackendError, match=r"on the denoiser's device \(cuda:0\)"):
+        attnctl.apply(pipe, [], backend="flex")
+    assert _untouched(pipe)

@@ -1,7 +1,8 @@
 """What the per-family controlled processors share: the attention op with hooks and a backend.
 
 A controlled processor is a plain object (not an nn.Module, so it never enters a state_dict), one instance
-per layer. It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
+per layer; where the stock processor holds weights (IP-Adapter) it is an nn.Module holding those same
+weights under the same names, so the state_dict is the stock one (`make_processor`). It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
 layer's edit, and calls one attention op. With no edit it makes the stock processor's exact SDPA call, so
 outputs are bitwise identical to stock.
 """
