@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -64,6 +65,15 @@ class Control:
     def validate_for(self, adapter: ModelAdapter) -> None:
         """Raise if this control cannot act on this model family (checked at apply time)."""
 
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """What this control does to one of its layers, in the vocabulary of `processors.edit.EFFECTS`.
+
+        `apply` checks the effects of every pair of controls sharing a layer against
+        `processors.edit.CONFLICTS` and refuses a pair that cannot share it before anything is installed
+        (DESIGN §2: conflicts raise at apply time, not in the middle of a render). Default: none.
+        """
+        return ()
+
     @property
     def step_window(self) -> StepWindow:
         return getattr(self, "steps", (0.0, 1.0))
@@ -80,11 +90,15 @@ class Control:
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> Control:
-        """Rebuild a control from `to_dict` output; unknown types or fields raise ConfigError."""
+        """Rebuild a control from `to_dict` output; unknown types or fields raise ConfigError.
+
+        `type` is a registered type name or a class name, in any case and with or without `-` / `_`
+        (`"pag"`, `"PAG"`, `"skip-layer"`, `"SkipLayer"`), as job files accept it.
+        """
         if not isinstance(data, Mapping) or "type" not in data:
             raise ConfigError(f"a control dict needs a 'type' key, got {data!r}")
         kind = data["type"]
-        cls = _REGISTRY.get(kind)
+        cls = _REGISTRY.get(canonical_type_name(kind)) if isinstance(kind, str) else None
         if cls is None:
             raise ConfigError(f"unknown control type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
         return cls._from_fields({k: v for k, v in data.items() if k != "type"})
@@ -114,6 +128,22 @@ def _plain(value: Any) -> Any:
 
 def registered_controls() -> dict[str, type[Control]]:
     return dict(_REGISTRY)
+
+
+def canonical_type_name(name: str) -> str:
+    """The registered type name for `name`, accepting class names and case or `-`/`_`/space variants
+    (`"PAG"`, `"skip_layer"`, `"Reweight"`); a name matching no single control is returned unchanged."""
+    if name in _REGISTRY:
+        return name
+    key = _loose(name)
+    matches = tuple(dict.fromkeys(
+        type_name for type_name, cls in sorted(_REGISTRY.items()) if key in (_loose(type_name), _loose(cls.__name__))
+    ))
+    return matches[0] if len(matches) == 1 else name
+
+
+def _loose(name: str) -> str:
+    return re.sub(r"[-_\s]", "", name).lower()
 
 
 @dataclass(frozen=True)

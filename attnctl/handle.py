@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from .control import Control
-from .errors import ConfigError, HandleError, PipelineChangedError, UnsupportedError
+from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from .families import adapter_for
 from .families.base import LayerInfo, ModelAdapter
 from .instance import Wrapped, wrap_method
@@ -26,7 +26,8 @@ from .kernels import check_features, choose_backend, validate_backend
 from .pipelines.denoiser import make_forward
 from .pipelines.protocol import protocol_for
 from .processors import classic, flux, joint
-from .processors.base import ControlledProcessor
+from .processors.base import ControlledProcessor, make_processor
+from .processors.edit import EFFECTS, effect_conflict
 from .runtime import Runtime
 from .selection import describe_layers
 
@@ -65,15 +66,18 @@ def _refuse_compiled(module: torch.nn.Module, attribute: str) -> None:
         )
 
 
-def apply(pipe: Any, controls: Iterable[Control] = (), *, backend: str = "auto") -> Handle:
-    """Attach `controls` to the attention layers of `pipe`'s denoiser and return a removable handle.
+def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str = "auto") -> Handle:
+    """Attach `controls` (one control or several) to the attention layers of `pipe`'s denoiser and return a
+    removable handle.
 
     Works on any diffusers pipeline object holding a `unet` (SD 1.x/2.x, SDXL) or a `transformer` (SD3,
     Flux, PixArt), including img2img, inpaint and ControlNet variants. The pipeline is never forked or
-    subclassed and no class is patched. `backend` is "auto", "reference", "sdpa", "flex" or "triton".
+    subclassed and no class is patched. `backend` is "auto", "reference", "sdpa", "flex" or "triton"; an
+    explicit backend must run on the device the denoiser runs on now (checked here, and again per call).
+    Everything is checked before anything is installed: a refused apply leaves the pipeline untouched.
     """
     backend = validate_backend(backend)
-    controls = tuple(controls)
+    controls = _control_tuple(controls)
     for control in controls:
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
@@ -93,6 +97,7 @@ def apply(pipe: Any, controls: Iterable[Control] = (), *, backend: str = "auto")
     resolved = _resolve(controls, adapter)
     for control in controls:
         check_features(backend, tuple(control.kernel_features), type(control).__name__)
+    _check_backend_device(backend, denoiser, controls)
     processor_cls, supported = PROCESSORS[adapter.family]
     originals = {name: module.processor for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
@@ -112,6 +117,45 @@ def apply(pipe: Any, controls: Iterable[Control] = (), *, backend: str = "auto")
     return handle
 
 
+def _control_tuple(controls: Any) -> tuple[Control, ...]:
+    """`controls` as a tuple: one control, or an iterable of controls (anything else: ConfigError)."""
+    if isinstance(controls, Control):
+        return (controls,)
+    if isinstance(controls, (str, bytes, Mapping)) or not isinstance(controls, Iterable):
+        raise ConfigError(
+            f"attnctl.apply takes one attnctl control or a list of them, got {controls!r} ({type(controls).__name__})"
+        )
+    return tuple(controls)
+
+
+def execution_device(denoiser: torch.nn.Module) -> torch.device:
+    """The device the denoiser runs on: the execution device of its accelerate hooks (model or sequential CPU
+    offload), else the device of its parameters."""
+    for module in denoiser.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+            device = getattr(part, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    parameter = next(denoiser.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _check_backend_device(backend: str, denoiser: torch.nn.Module, controls: tuple[Control, ...]) -> None:
+    """An explicit backend must run on the denoiser's current device, for plain layers and every control
+    (calls check again: the pipeline may move later)."""
+    if backend == "auto":
+        return
+    device = execution_device(denoiser)
+    for owner, features in (("attnctl's layers", ()),) + tuple((type(c).__name__, tuple(c.kernel_features)) for c in controls):
+        try:
+            choose_backend(backend, device, features)
+        except BackendError as error:
+            raise BackendError(
+                f"attnctl: backend {backend!r} cannot run {owner} on the denoiser's device ({device}): {error}"
+            ) from None
+
+
 def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:
     resolved: dict[int, tuple[LayerInfo, ...]] = {}
     claimed: dict[tuple[str, int], Control] = {}
@@ -128,7 +172,53 @@ def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, 
                         f"layer {layer.name}; give them disjoint layers"
                     )
                 claimed[(slot, layer.index)] = control
+    _check_effects(controls, resolved, adapter)
+    _check_output_keys(controls)
     return resolved
+
+
+def _check_effects(controls: tuple[Control, ...], resolved: dict[int, tuple[LayerInfo, ...]], adapter: ModelAdapter) -> None:
+    """Refuse two controls whose effects on a layer they share cannot go together (`processors.edit.CONFLICTS`)."""
+    per_layer: dict[int, list[tuple[Control, tuple[str, ...]]]] = {}
+    for position, control in enumerate(controls):
+        for layer in resolved[position]:
+            effects = tuple(control.layer_effects(adapter, layer))
+            unknown = [effect for effect in effects if effect not in EFFECTS]
+            if unknown:
+                raise ConfigError(
+                    f"attnctl: {type(control).__name__}.layer_effects gave unknown effect(s) {', '.join(map(repr, unknown))} "
+                    f"for layer {layer.name}; known: {', '.join(EFFECTS)}"
+                )
+            if effects:
+                per_layer.setdefault(layer.index, []).append((control, effects))
+    for layer in adapter.layers:
+        entries = per_layer.get(layer.index, [])
+        for i, (first, first_effects) in enumerate(entries):
+            for second, second_effects in entries[i + 1 :]:
+                for a in first_effects:
+                    for b in second_effects:
+                        why = effect_conflict(a, b)
+                        if why is not None:
+                            raise ConfigError(
+                                f"attnctl: {type(first).__name__} ({a}) and {type(second).__name__} ({b}) cannot share "
+                                f"layer {layer.name}: {why}; give them disjoint layers (their `layers` argument)"
+                            )
+
+
+def _check_output_keys(controls: tuple[Control, ...]) -> None:
+    """Refuse two controls that would publish under the same `handle.outputs` key."""
+    publishers: dict[str, Control] = {}
+    for control in controls:
+        key = getattr(control, "output_key", None)
+        if key is None:
+            continue
+        other = publishers.get(key)
+        if other is not None:
+            raise ConfigError(
+                f"attnctl: {type(other).__name__} and {type(control).__name__} would both publish handle.outputs[{key!r}]; "
+                "one output key per control"
+            )
+        publishers[key] = control
 
 
 class Handle:
@@ -150,7 +240,7 @@ class Handle:
         pipe, runtime = self.pipeline, self.runtime
         denoiser = self.adapter.denoiser
         for layer in self.adapter.layers:
-            self._processors[layer.name] = processor_cls(layer, runtime, self._originals[layer.name])
+            self._processors[layer.name] = make_processor(processor_cls, layer, runtime, self._originals[layer.name])
         self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
@@ -229,14 +319,9 @@ class Handle:
 
         return cache_context
 
-    @contextlib.contextmanager
-    def internal(self) -> Iterator[None]:
+    def internal(self) -> contextlib.AbstractContextManager[None]:
         """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""
-        self.runtime.internal += 1
-        try:
-            yield
-        finally:
-            self.runtime.internal -= 1
+        return self.runtime.internal_calls()
 
     # -- checks -----------------------------------------------------------------------------------------------
     def verify(self) -> None:
@@ -306,7 +391,7 @@ class Handle:
 
     def describe(self) -> str:
         """Per control: the layers it resolved to, its step window and the backend of each layer, and why."""
-        device = next(self.adapter.denoiser.parameters()).device
+        device = execution_device(self.adapter.denoiser)
         lines = [
             f"attnctl handle on {type(self.pipeline).__name__} ({self.adapter.family}, "
             f"{len(self.adapter.layers)} attention layers), backend={self.runtime.backend!r}"

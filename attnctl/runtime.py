@@ -66,7 +66,7 @@ class Runtime:
         self.frame: Frame | None = None
         self.context: str | None = None  # Flux cache_context name
         self._frame_edits: dict[int, Edit | None] = {}
-        self._backend_cache: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
+        self._backend_cache: dict[tuple[str, tuple[str, ...], int], tuple[str, str]] = {}
         self.backend_log: dict[str, tuple[str, str]] = {}
         self.last_call: CallState | None = None
         self.outputs: dict[str, Any] = {}
@@ -198,9 +198,10 @@ class Runtime:
         position = call.positions_done
         if call.num_positions is None:
             return StepInfo(index=position // order, count=max(position // order + 1, 1))
+        # a second-order scheduler (Heun, KDPM2) calls the model twice per step, except for the last step:
+        # calls (0, 1) are step 0, (2, 3) step 1, ..., the last call alone the last step
         count = (call.num_positions + order - 1) // order
-        index = position if order == 1 else (position + 1) // order
-        return StepInfo(index=min(index, count - 1), count=count)
+        return StepInfo(index=min(position // order, count - 1), count=count)
 
     def _bind(self, call: CallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
         record = call.record
@@ -263,11 +264,12 @@ class Runtime:
         frame = self.frame
         return LayerCall(layer, frame.geometry(layer), frame, module, self.backend)
 
-    def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...]) -> str:
-        key = (device.type, features)
+    def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
+        """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
+        key = (device.type, features, dense_elements)
         choice = self._backend_cache.get(key)
         if choice is None:
-            choice = choose_backend(self.backend, device, features)
+            choice = choose_backend(self.backend, device, features, dense_elements)
             self._backend_cache[key] = choice
         self.backend_log[layer.name] = choice
         return choice[0]

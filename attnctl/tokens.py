@@ -10,7 +10,7 @@ row raises `TokenError` showing how the prompt was tokenized.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +50,11 @@ class EncoderPrompts:
     """One text encoder's part of a call: its tokenizers, each row's prompt per tokenizer, and its span.
 
     `prompts[t][r]` is the text tokenizer `t` saw for row `r` (e.g. `prompt` for CLIP-L, `prompt_2` for
-    CLIP-G). `limit` is the number of positions the encoder has (77 for CLIP, `max_sequence_length` for T5).
+    CLIP-G), as the pipeline encoded it (caption preprocessing and textual-inversion expansion applied).
+    `limit` is the number of positions the encoder has (77 for CLIP, `max_sequence_length` for T5).
+    `convert[t]`, when given, rewrites a queried phrase as the prompts were rewritten for tokenizer `t`
+    (textual inversion: a multi-vector token `<x>` becomes `<x> <x>_1 ...`, so a query for `<x>` finds
+    every vector).
     """
 
     name: str
@@ -58,6 +62,7 @@ class EncoderPrompts:
     prompts: tuple[tuple[str, ...], ...]
     offset: int
     limit: int
+    convert: tuple[Callable[[str], str] | None, ...] = ()
 
 
 class _Tokenized:
@@ -141,7 +146,9 @@ class PromptTokens:
         for e, encoder in enumerate(self.encoders):
             for t in range(len(encoder.tokenizers)):
                 tokenized = self._tokenized(e, t, row)
-                found.update(encoder.offset + p for p in tokenized.find(phrase, occurrence) if p < encoder.limit)
+                convert = encoder.convert[t] if t < len(encoder.convert) else None
+                form = convert(phrase) if convert is not None else phrase
+                found.update(encoder.offset + p for p in tokenized.find(form, occurrence) if p < encoder.limit)
         if not found:
             raise TokenError(self._missing_message(query, row))
         return tuple(sorted(found))

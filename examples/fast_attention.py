@@ -2,7 +2,7 @@
 
     python examples/fast_attention.py                                  # tiny-pixart, offline: FastAttn
     python examples/fast_attention.py --method tgate --model tiny-sd   # TGATE on a UNet
-    python examples/fast_attention.py --model tiny-flux --guidance 1   # FastAttn without CFG
+    python examples/fast_attention.py --model tiny-flux --guidance-scale 1   # FastAttn without CFG
     python examples/fast_attention.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --device cuda --steps 20 \\
         --height 1024 --width 1024 --threshold 0.05          # a real model (hub id or local directory)
 
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--method", choices=("fastattn", "tgate"), default="fastattn")
     parser.add_argument("--prompt", default="a photo of a dog under a tree")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--threshold", type=float, default=0.1, help="FastAttn: calibration threshold")
@@ -48,8 +48,8 @@ def main() -> None:
         if getattr(args, key):
             options[key] = getattr(args, key)
     options["num_inference_steps"] = args.steps or (8 if tiny else 25)
-    if args.guidance is not None:
-        options["guidance_scale"] = args.guidance
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
     os.makedirs(args.out, exist_ok=True)
 
     if args.method == "tgate":

@@ -16,7 +16,6 @@ import os
 
 import attnctl
 from attnctl.pipelines.generate import default_model
-from attnctl.pipelines.jobs import canonical_control_type
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     controls = []
     for text in args.control:
         data = json.loads(text)
-        controls.append(attnctl.Control.from_dict({**data, "type": canonical_control_type(data["type"])}))
+        controls.append(attnctl.Control.from_dict(data))  # class names accepted in any case, as in job files
     name = args.model or default_model()
     steps = args.steps or (2 if name.startswith("tiny-") else 20)
     os.makedirs(args.out, exist_ok=True)

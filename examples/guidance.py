@@ -60,9 +60,9 @@ def main() -> None:
     parser.add_argument("--prompt", default="a photo of a cat on a red car")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None, help="the pipeline's own CFG scale")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's own CFG scale")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=(None, "float16", "bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: the model's own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/guidance")
     args = parser.parse_args()
@@ -76,8 +76,8 @@ def main() -> None:
     tiny = args.model in embedded_models()
     options = dict(CALL_DEFAULTS.get(args.model, {}))
     options["num_inference_steps"] = args.steps or (4 if tiny else 28)
-    if args.guidance is not None:
-        options["guidance_scale"] = args.guidance
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
     os.makedirs(args.out, exist_ok=True)
 
     def generate():

@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--base-ratio", type=float, default=0.2)
     parser.add_argument("--isolate", action="store_true", help="keep the subjects' image tokens apart")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="out/regions")
@@ -55,8 +55,8 @@ def main() -> None:
     pipe = load_pipeline(model, device=args.device)
     options = dict(CALL_DEFAULTS.get(model, {}))
     options["num_inference_steps"] = args.steps or (2 if model.startswith("tiny-") else 30)
-    if args.guidance is not None:
-        options["guidance_scale"] = args.guidance
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
 
     def render():
         generator = torch.Generator(device="cpu").manual_seed(args.seed)

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=(None, "float32", "float16", "bfloat16"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: the model's own")
     parser.add_argument("--out", default="out/reweight")
     args = parser.parse_args()
 

@@ -63,17 +63,19 @@ def test_sd3_skip_layer_pass_is_cond_only():
     assert any(f[2] == (("cond", 0, None),) for f in frames)
 
 
-def test_second_order_scheduler_counts_steps_once():
-    from diffusers import HeunDiscreteScheduler
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # KDPM2 on numpy 2
+@pytest.mark.parametrize("scheduler", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_scheduler_counts_steps_once(scheduler):
+    import diffusers
 
     pipe = make_tiny_pipeline("tiny-sd")
-    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     probe = Probe()
     with attnctl.apply(pipe, [probe]):
         generate(pipe, "tiny-sd", prompt="a cat", steps=3)
     frames = _frames(probe.log)
-    assert len(frames) == 5  # Heun: 2 model calls per step except the last
-    assert [f[0] for f in frames] == [0, 1, 1, 2, 2]
+    assert len(frames) == 5  # 2 model calls per step except the last
+    assert [f[0] for f in frames] == [0, 0, 1, 1, 2]  # both calls of a step share its index
     assert {f[1] for f in frames} == {3}
 
 
@@ -121,3 +123,16 @@ def test_pipeline_without_encode_prompt_is_refused():
     )
     with pytest.raises(attnctl.UnsupportedError, match="encode_prompt"):
         attnctl.apply(pipe, [])
+
+
+def test_row_layout_index_tensors_are_cached_per_device():
+    from attnctl.pipelines.rows import RowLayout
+
+    layout, _ = RowLayout.batched_cfg(2).with_perturbed(("pag",))
+    cond = layout.index("cond")
+    assert cond.dtype == torch.long and cond.tolist() == [2, 3, 4, 5]
+    assert layout.index("cond") is cond and layout.index("cond", device="cpu") is layout.index("cond", device=torch.device("cpu"))
+    assert layout.index("cond", None).tolist() == [2, 3] and layout.index(tag="pag").tolist() == [4, 5]
+    assert layout.index("uncond").tolist() == list(layout.indices("uncond")) == [0, 1]
+    assert layout.mask("cond").tolist() == [False, False, True, True, True, True]  # masks and indices kept apart
+    assert layout.take((3, 1)).tolist() == [3, 1] and layout.take((3, 1)) is layout.take([3, 1])

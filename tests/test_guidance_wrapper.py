@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import pytest
@@ -108,3 +110,36 @@ def test_zero_scale_adds_no_rows():
 
     with attnctl.apply(pipe, [Nothing()]):
         assert torch.equal(generate(pipe, "tiny-sd"), stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_joint_attention_kwargs_tensors_are_rebatched_with_perturbed_rows(name):
+    """SD3 / Flux carry IP-Adapter image embeds in `joint_attention_kwargs`: perturbed rows get their rows too."""
+    pipe = make_tiny_pipeline(name)
+    transformer = pipe.transformer
+    real_forward = transformer.forward
+    seen = []
+
+    @functools.wraps(real_forward)  # as accelerate's hooks wrap it: the signature stays readable
+    def forward(*args, **kwargs):
+        bound = inspect.signature(real_forward).bind(*args, **kwargs)
+        extra = dict(bound.arguments.get("joint_attention_kwargs") or {})
+        embeds = extra.pop("probe_embeds", None)
+        seen.append((bound.arguments["hidden_states"].shape[0], None if embeds is None else embeds[0].clone()))
+        bound.arguments["joint_attention_kwargs"] = extra or None
+        return real_forward(*bound.args, **bound.kwargs)
+
+    transformer.forward = forward  # a user's (or accelerate's) instance-level wrap, which attnctl wraps in turn
+    rows = torch.arange(2.0)[:, None].expand(2, 3)
+    if name == "tiny-sd3":  # batched CFG: [uncond, cond] rows, as SD3 passes its IP-Adapter embeds
+        rows = torch.arange(4.0)[:, None].expand(4, 3)
+    control = ConstantGuidance()
+    try:
+        with attnctl.apply(pipe, [control]):
+            generate(pipe, name, prompt=["a cat", "a dog"], steps=1, joint_attention_kwargs={"probe_embeds": [rows], "scale": 1.0})
+    finally:
+        del transformer.forward
+    batch, embeds = seen[0]
+    cond = [2, 3] if name == "tiny-sd3" else [0, 1]
+    assert batch == len(rows) + 2 and embeds.shape[0] == batch
+    assert torch.equal(embeds[:, 0], torch.tensor([*range(len(rows)), *cond], dtype=torch.float32))

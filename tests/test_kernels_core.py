@@ -142,3 +142,90 @@ def test_backend_choice_and_refusals():
     q, k, v = _qkv()
     with pytest.raises(BackendError):
         attention(q, k, v, AttentionSpec(return_lse=True), "sdpa")
+
+
+def test_auto_skips_sdpa_past_its_dense_limit(monkeypatch):
+    from attnctl import kernels
+    from attnctl.kernels import sdpa
+
+    over = sdpa.DENSE_MASK_LIMIT + 1
+    assert choose_backend("auto", "cpu", ("labels",), dense_elements=sdpa.DENSE_MASK_LIMIT)[0] == "sdpa"
+    name, why = choose_backend("auto", "cpu", ("labels",), dense_elements=over)
+    assert name == ("flex" if "flex" in kernels.BACKENDS else "reference")
+    assert f"sdpa would build a dense mask of {over} elements" in why
+    assert choose_backend("auto", "cpu", ("window", "lse"), dense_elements=over)[0] == "reference"  # no lse in CPU flex
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("sdpa", "reference"))
+    assert choose_backend("auto", "cpu", ("window",), dense_elements=over)[0] == "reference"
+    assert choose_backend("auto", "cpu", ("key_bias",), dense_elements=0)[0] == "sdpa"
+    with pytest.raises(BackendError, match="dense mask of"):
+        choose_backend("sdpa", "cpu", ("labels",), dense_elements=over)
+
+
+def test_auto_attention_past_the_dense_limit_runs_on_another_backend(monkeypatch):
+    """The reviewer's case at a small size: a label mask over sdpa's (lowered) limit is not sent to sdpa."""
+    import dataclasses
+
+    from attnctl import kernels
+
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=100))
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("sdpa", "reference"))  # keep flex's compilation out of this test
+    monkeypatch.setattr(kernels.sdpa, "DENSE_MASK_LIMIT", 100)
+    q, k, v = _qkv(nq=12, nk=12)
+    labels = LabelMask(torch.zeros(2, 12, dtype=torch.long), torch.arange(12).remainder(2).expand(2, -1), torch.tensor([[[0.0, float("-inf")]]]))
+    spec = AttentionSpec(labels=labels)
+    assert spec.dense_elements(2, 12, 12) == 288
+    with pytest.raises(BackendError, match="limit 100"):
+        attention(q, k, v, spec, "sdpa")
+    out, _ = attention(q, k, v, spec, "auto")
+    ref, _ = attention(q, k, v, spec, "reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_sdpa_caches_dense_masks_per_label_mask_and_window(monkeypatch):
+    import gc
+
+    from attnctl.kernels import sdpa
+
+    sdpa.clear_caches()
+    built = []
+    original = LabelMask.dense
+    monkeypatch.setattr(LabelMask, "dense", lambda self: built.append(1) or original(self))
+    q, k, v = _qkv(nq=12, nk=12)
+    labels = LabelMask(torch.zeros(2, 12, dtype=torch.long), torch.arange(12).remainder(2).expand(2, -1), torch.tensor([[[0.0, -2.0]]]))
+    spec = AttentionSpec(labels=labels)
+    first, _ = attention(q, k, v, spec, "sdpa")
+    second, _ = attention(q, k, v, AttentionSpec(labels=labels, key_bias=torch.zeros(2, 12)), "sdpa")
+    assert torch.equal(first, second) and len(built) == 1  # one dense mask for both calls
+    attention(q.double(), k.double(), v.double(), spec, "sdpa")
+    assert len(built) == 2  # another dtype: built again
+    torch.testing.assert_close(first, attention(q, k, v, spec, "reference")[0])
+    assert len(sdpa._LABEL_DENSE) == 1
+    del spec, labels
+    gc.collect()
+    assert len(sdpa._LABEL_DENSE) == 0  # the entry dies with its LabelMask
+
+    window = Window((3, 4), radius=(1, 1))
+    allowed = []
+    original_allowed = Window.allowed
+    monkeypatch.setattr(Window, "allowed", lambda self, device=None: allowed.append(1) or original_allowed(self, device))
+    for _ in range(3):
+        out, _ = attention(q, k, v, AttentionSpec(window=Window((3, 4), radius=(1, 1))), "sdpa")
+    assert len(allowed) == 1  # windows are cached by value
+    torch.testing.assert_close(out, attention(q, k, v, AttentionSpec(window=window), "reference")[0])
+
+
+def test_per_key_shapes_are_checked_once_for_every_backend():
+    from attnctl.kernels.spec import as_additive, per_key
+
+    assert per_key(torch.ones(2, 5)).shape == (2, 1, 5)
+    assert per_key(torch.ones(2, 3, 5), batch=2, heads=3, keys=5).shape == (2, 3, 5)
+    with pytest.raises(ConfigError, match=r"key_bias must have shape \(B, Nk\) or \(B, H, Nk\) = \(2, \[3,\] 5\), got \(2, 4\)"):
+        per_key(torch.ones(2, 4), "key_bias", batch=2, heads=3, keys=5)
+    q, k, v = _qkv()
+    for backend in ("reference", "sdpa"):
+        with pytest.raises(ConfigError, match="value_scale must have shape"):
+            attention(q, k, v, AttentionSpec(value_scale=torch.ones(2, 11)), backend)
+    mask = torch.tensor([True, False])
+    assert torch.equal(as_additive(mask), torch.tensor([0.0, float("-inf")]))
+    assert as_additive(mask, torch.float16).dtype == torch.float16
+    assert as_additive(torch.zeros(2), torch.float64).dtype == torch.float64

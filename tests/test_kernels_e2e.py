@@ -97,3 +97,32 @@ def test_backends_generate_like_the_reference(tiny_cache, reference_run, backend
         for name, values in store.items():
             for got, want in zip(values, expected_lse[name]):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_sends_layers_past_the_dense_limit_elsewhere(tiny_cache, reference_run, monkeypatch):
+    """`auto` on CPU picks sdpa for the label / window layers while their dense mask fits its limit, and the
+    next backend once it does not; the latents do not change."""
+    import dataclasses
+
+    from attnctl import kernels
+
+    pipe = tiny_cache("tiny-sd")
+    expected, _, _ = reference_run
+    latents, log, _ = _run_auto(pipe)
+    assert log["down_blocks.0.attentions.0.transformer_blocks.0.attn1"][0] == "sdpa"
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+    # 2 rows x 64 x 64 image tokens = 8192 elements at down_blocks.0's self-attention: a limit below that
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=8000))
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("sdpa", "reference"))  # flex's CPU compilation stays out of this test
+    latents, log, _ = _run_auto(pipe)
+    assert log["down_blocks.0.attentions.0.transformer_blocks.0.attn1"][0] == "reference"
+    assert "dense mask of 8192 elements" in log["down_blocks.0.attentions.0.transformer_blocks.0.attn1"][1]
+    assert log["down_blocks.0.attentions.0.transformer_blocks.0.attn2"][0] == "sdpa"  # per-key edits: no dense mask
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+
+
+def _run_auto(pipe):
+    probe = KernelProbe()
+    with attnctl.apply(pipe, [probe]) as handle:
+        latents = generate(pipe, "tiny-sd", prompt="a photo of a cat", height=16, width=16)
+        return latents, dict(handle.runtime.backend_log), None

@@ -21,10 +21,9 @@ import torch
 from PIL import Image
 
 import attnctl
-from attnctl import cli
 from attnctl.control import Bound, Control
 from attnctl.errors import ConfigError
-from attnctl.pipelines import jobs as jobs_module
+from attnctl.pipelines import cli
 from attnctl.pipelines.generate import Model, default_model, generate
 from attnctl.pipelines.jobs import check_job_id, load_job_file
 from attnctl.pipelines.outputs import read_png_params
@@ -185,10 +184,16 @@ def test_json_documents_and_empty_files(tmp_path):
 
 
 def test_control_type_names_are_forgiving_but_unique():
-    assert jobs_module.canonical_control_type("test-render-mask") == "test-render-mask"
-    assert jobs_module.canonical_control_type("MaskProbe") == "test-render-mask"  # the class name
-    assert jobs_module.canonical_control_type("Test_Render_Mask") == "test-render-mask"
-    assert jobs_module.canonical_control_type("no-such-thing") == "no-such-thing"
+    from attnctl.control import canonical_type_name
+
+    assert canonical_type_name("test-render-mask") == "test-render-mask"
+    assert canonical_type_name("MaskProbe") == "test-render-mask"  # the class name
+    assert canonical_type_name("Test_Render_Mask") == "test-render-mask"
+    assert canonical_type_name("no-such-thing") == "no-such-thing"
+    # Control.from_dict accepts what job files accept
+    assert isinstance(attnctl.Control.from_dict({"type": "MASKPROBE", "mask": os.path.abspath("m.png")}), MaskProbe)
+    with pytest.raises(ConfigError, match="unknown control type 'no-such-thing'"):
+        attnctl.Control.from_dict({"type": "no-such-thing"})
 
 
 BAD_JSONL = [

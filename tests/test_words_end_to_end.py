@@ -76,3 +76,50 @@ def test_missing_word_fails_before_the_first_step_runs():
         with pytest.raises(TokenError, match="'dog' is not in the cond prompt of row 1"):
             generate(pipe, "tiny-sd", prompt=["a dog", "a cat"])
     assert calls == [1]  # the denoiser was entered once, and failed before any layer ran
+
+
+def _positions(tokenizer, text, word):
+    """Positions of `word` (one token here) in `text` as `tokenizer` encodes it, by token ids."""
+    ids = tokenizer(text)["input_ids"]
+    target = tokenizer(word, add_special_tokens=False)["input_ids"]
+    return tuple(i for i in range(len(ids)) if ids[i : i + len(target)] == target)
+
+
+def test_words_are_found_in_the_text_the_pipeline_encodes_textual_inversion():
+    """A multi-vector textual-inversion token expands to several tokens in the prompt the text encoder sees;
+    the positions of the words after it (and of its own vectors) follow that expansion."""
+    import torch
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    pipe.load_textual_inversion({"<toy>": torch.randn(3, width)}, token="<toy>")
+    prompt = "a <toy> next to a red cat"
+    encoded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
+    assert encoded == "a <toy> <toy>_1 <toy>_2 next to a red cat"
+    probe = WordProbe(words=("cat", "<toy>"), uncond=True)
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-sd", prompt=prompt, negative_prompt="a <toy> cat")
+    cond = probe.log[0][2]
+    assert cond["cat"] == _positions(pipe.tokenizer, encoded, "cat") != _positions(pipe.tokenizer, prompt, "cat")
+    assert cond["<toy>"] == (2, 3, 4)  # every vector of the token
+    assert probe.log[1] == ("uncond", 0, {"cat": (5,), "<toy>": (2, 3, 4)})
+
+
+def test_words_are_found_in_the_text_the_pipeline_encodes_pixart_preprocessing():
+    """PixArt lower-cases (or, with clean_caption and its packages, cleans) the prompt before T5 sees it."""
+    pipe = make_tiny_pipeline("tiny-pixart")
+    seen = []
+    original = pipe._text_preprocessing
+    pipe._text_preprocessing = lambda text, clean_caption=False: seen.append(clean_caption) or original(text, clean_caption)
+    prompt = "  A Photo of a CAT"
+    probe = WordProbe(words=("cat", "photo"))
+    try:
+        with attnctl.apply(pipe, [probe]):
+            generate(pipe, "tiny-pixart", prompt=prompt, clean_caption=True)
+    finally:
+        del pipe._text_preprocessing
+    encoded = original(prompt, clean_caption=True)[0]
+    assert encoded.startswith("a photo of a cat")  # lower-cased at least (cleaned when bs4 and ftfy are installed)
+    assert probe.log[0][2]["cat"] == _positions(pipe.tokenizer, encoded, "cat") != _positions(pipe.tokenizer, prompt, "cat")
+    assert probe.log[0][2]["photo"] == _positions(pipe.tokenizer, encoded, "photo")
+    assert True in seen  # attnctl asked the pipeline's own preprocessing, with the call's clean_caption

@@ -119,6 +119,7 @@ class SD3Adapter(ModelAdapter):
             layers=tuple(layers),
             modules=modules,
             batched_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "block_controlnet_hidden_states"),
+            dict_inputs=("joint_attention_kwargs",),  # IP-Adapter image embeds (`ip_adapter_image_embeds`)
         )
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
@@ -179,6 +180,7 @@ class FluxAdapter(ModelAdapter):
                 "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
                 "controlnet_block_samples", "controlnet_single_block_samples",
             ),
+            dict_inputs=("joint_attention_kwargs",),  # IP-Adapter image embeds (`ip_adapter_image_embeds`)
         )
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:

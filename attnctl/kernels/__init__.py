@@ -32,6 +32,8 @@ class Backend:
     note: str = ""
     #: device type -> features this backend lacks there (compiled flex returns no log-sum-exp on CPU)
     missing_on: dict[str, frozenset[str]] = field(default_factory=dict)
+    #: The most mask elements (`AttentionSpec.dense_elements`) it builds for label masks and windows (None: no limit)
+    dense_limit: int | None = None
 
 
 _ALL = frozenset({"attn_mask", "key_bias", "value_scale", "query_range", "labels", "window", "sparse", "lse"})
@@ -44,10 +46,13 @@ BACKENDS: dict[str, Backend] = {
         frozenset({"attn_mask", "key_bias", "value_scale", "query_range", "labels", "window"}),
         ("cpu", "cuda", "mps", "xpu"),
         f"torch SDPA; label masks and windows dense up to {sdpa.DENSE_MASK_LIMIT} elements",
+        dense_limit=sdpa.DENSE_MASK_LIMIT,
     ),
 }
 BACKEND_NAMES: tuple[str, ...] = ("reference", "sdpa", "flex", "triton")
-# Preference of `auto` per device type; names not registered (no triton, no flex) are skipped.
+# Preference of `auto` per device type; names not registered (no triton, no flex) are skipped, and so is a
+# backend whose `dense_limit` the call exceeds (CPU: label masks and windows past sdpa's limit go to flex, then
+# the reference).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("sdpa", "reference"),
     "cuda": ("sdpa", "reference"),
@@ -70,32 +75,49 @@ def validate_backend(name: object) -> str:
     return name
 
 
-def _unsupported(backend: Backend, features: tuple[str, ...], device: str) -> list[str]:
+def _unsupported(backend: Backend, features: tuple[str, ...], device: str, dense_elements: int = 0) -> list[str]:
     lacking = backend.missing_on.get(device, frozenset())
     missing = [f for f in features if f not in backend.features]
     missing += [f"{f} on {device}" for f in features if f in backend.features and f in lacking]
     if device not in backend.devices:
         missing.append(f"device {device}")
+    if backend.dense_limit is not None and dense_elements > backend.dense_limit:
+        missing.append(f"a dense mask of {dense_elements} elements (limit {backend.dense_limit})")
     return missing
 
 
-def choose_backend(requested: str, device: torch.device | str, features: tuple[str, ...]) -> tuple[str, str]:
-    """Return (backend name, reason) for a call needing `features` on `device`, or raise BackendError."""
+def choose_backend(
+    requested: str, device: torch.device | str, features: tuple[str, ...], dense_elements: int = 0
+) -> tuple[str, str]:
+    """Return (backend name, reason) for a call needing `features` on `device`, or raise BackendError.
+
+    `dense_elements` is what a backend that makes label masks and windows dense would build for this call
+    (`AttentionSpec.dense_elements(batch, nq, nk)`; 0 when unknown or none): `auto` skips a backend whose
+    `dense_limit` it exceeds, an explicit request of that backend raises.
+    """
     device_type = torch.device(device).type
     if requested != "auto":
         backend = BACKENDS.get(requested)
         if backend is None:
             raise BackendError(f"backend {requested!r} is not available here: {_why_missing(requested)}")
-        missing = _unsupported(backend, features, device_type)
+        missing = _unsupported(backend, features, device_type, dense_elements)
         if missing:
             raise BackendError(f"backend {requested!r} cannot do {', '.join(missing)}; {capability_table()}")
         return requested, "requested"
     order = AUTO_ORDER.get(device_type, ("sdpa", "reference"))
+    skipped: list[str] = []
     for name in order:
         backend = BACKENDS.get(name)
-        if backend is not None and not _unsupported(backend, features, device_type):
+        if backend is None:
+            continue
+        if not _unsupported(backend, features, device_type, dense_elements):
             needs = ", ".join(features) if features else "no control"
-            return name, f"auto on {device_type}: first of {'/'.join(order)} that can do {needs}"
+            why = f"auto on {device_type}: first of {'/'.join(order)} that can do {needs}"
+            if skipped:
+                why += f" ({'; '.join(skipped)})"
+            return name, why
+        if not _unsupported(backend, features, device_type):
+            skipped.append(f"{name} would build a dense mask of {dense_elements} elements, limit {backend.dense_limit}")
     raise BackendError(f"no backend can do {', '.join(features)} on {device_type}; {capability_table()}")
 
 
@@ -134,9 +156,10 @@ def capability_table() -> str:
 
 def _register_optional_backends() -> None:
     """Register flex when torch has it and triton when the triton package imports; on CUDA `auto` then
-    prefers triton > flex > sdpa > reference for controlled layers. CPU keeps sdpa > reference: compiled
-    flex costs seconds per new shape there and is slower than sdpa, and triton runs on CPU only in the
-    interpreter (TRITON_INTERPRET=1, for tests), which lists "cpu" among its devices but never in `auto`."""
+    prefers triton > flex > sdpa > reference for controlled layers. CPU prefers sdpa > flex > reference:
+    compiled flex costs seconds per new shape there and is slower than sdpa, so it serves only what sdpa
+    refuses and flex can do (label masks and windows past sdpa's dense limit); triton runs on CPU only in
+    the interpreter (TRITON_INTERPRET=1, for tests), which lists "cpu" among its devices but never in `auto`."""
     try:
         import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
     except ImportError:
@@ -151,7 +174,7 @@ def _register_optional_backends() -> None:
                 "(per-row threshold); plain calls go to SDPA",
                 missing_on={device: frozenset(f) for device, f in flex.DEVICE_LIMITS.items()},
             ),
-            auto={"cuda": 0},
+            auto={"cuda": 0, "cpu": 1},  # CPU: only for label masks / windows past sdpa's dense limit
         )
     try:
         import triton  # noqa: F401
@@ -181,7 +204,7 @@ def attention(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over (B, H, N, D) tensors with the changes in `spec`; returns (out, lse or None)."""
-    name, _ = choose_backend(backend, q.device, spec.features())
+    name, _ = choose_backend(backend, q.device, spec.features(), spec.dense_elements(q.shape[0], q.shape[2], k.shape[2]))
     return BACKENDS[name].fn(q, k, v, spec)
 
 

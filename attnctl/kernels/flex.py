@@ -39,7 +39,7 @@ from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block
 
 from ..errors import BackendError, ConfigError
 from . import sdpa
-from .spec import AttentionSpec, LabelMask, Window
+from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -233,17 +233,8 @@ def _flex_call(q, k, v, score_mod, mask, scale, return_lse):
         return out, aux.lse
 
 
-def _per_key(t: torch.Tensor, batch: int, heads: int, nk: int, name: str) -> torch.Tensor:
-    if t.ndim == 2:
-        t = t[:, None, :]
-    if t.ndim != 3 or t.shape[-1] != nk or t.shape[0] not in (1, batch) or t.shape[1] not in (1, heads):
-        raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = ({batch}, [{heads},] {nk}), got {tuple(t.shape)}")
-    return t
-
-
 def _mask4(mask: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    mask = as_additive(mask)
     while mask.ndim < 4:
         mask = mask[None]
     if mask.shape[-1] != nk or mask.shape[-2] not in (1, nq):
@@ -282,10 +273,10 @@ def attention(
     mask = _mask4(spec.attn_mask, nq, nk) if spec.attn_mask is not None else None
     bias = None
     if spec.key_bias is not None:
-        bias = _per_key(spec.key_bias, batch, heads, nk, "key_bias").float().expand(batch, heads, nk).contiguous()
+        bias = per_key(spec.key_bias, "key_bias", batch=batch, heads=heads, keys=nk).float().expand(batch, heads, nk).contiguous()
     scaled_v = v
     if spec.value_scale is not None:
-        w = _per_key(spec.value_scale, batch, heads, nk, "value_scale").to(v.dtype)
+        w = per_key(spec.value_scale, "value_scale", batch=batch, heads=heads, keys=nk).to(v.dtype)
         scaled_v = v * w[..., None]
     edited = spec.key_bias is not None or spec.value_scale is not None
     start, stop = spec.query_range if (spec.query_range is not None and edited) else (0, nq)

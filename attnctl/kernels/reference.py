@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import AttentionSpec
+from .spec import AttentionSpec, as_additive, per_key
 
 
 def additive_bias(spec: AttentionSpec, batch: int, nq: int, nk: int, device: torch.device) -> torch.Tensor | None:
@@ -18,12 +18,9 @@ def additive_bias(spec: AttentionSpec, batch: int, nq: int, nk: int, device: tor
         bias = term if bias is None else bias + term
 
     if spec.attn_mask is not None:
-        mask = spec.attn_mask
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-        add(mask.float())
+        add(as_additive(spec.attn_mask, torch.float32))
     if spec.key_bias is not None:
-        key_bias = _per_key(spec.key_bias).float()  # (B|1, H|1, 1, Nk)
+        key_bias = per_key(spec.key_bias, "key_bias", keys=nk)[:, :, None, :].float()  # (B|1, H|1, 1, Nk)
         add(torch.where(query_indicator(spec, nq, device) > 0, key_bias, 0.0))  # not a product: -inf * 0 is NaN
     if spec.labels is not None:
         add(spec.labels.dense().float())
@@ -31,15 +28,8 @@ def additive_bias(spec: AttentionSpec, batch: int, nq: int, nk: int, device: tor
         allowed = spec.window.allowed(device)
         if allowed.shape != (nq, nk):
             raise ValueError(f"window covers {tuple(allowed.shape)} tokens but the call has ({nq}, {nk})")
-        add(torch.zeros(nq, nk, device=device).masked_fill(~allowed, float("-inf")))
+        add(as_additive(allowed))
     return bias
-
-
-def _per_key(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, Nk) or (B, H, Nk) -> (B, H|1, 1, Nk)."""
-    if tensor.ndim == 2:
-        tensor = tensor[:, None]
-    return tensor[:, :, None, :]
 
 
 def query_indicator(spec: AttentionSpec, nq: int, device: torch.device) -> torch.Tensor:
@@ -130,7 +120,7 @@ def attention(
     values = v.float()
     rows = query_indicator(spec, nq, q.device)  # (Nq, 1)
     if spec.value_scale is not None:
-        scaled = values * _per_key(spec.value_scale).float().transpose(-1, -2)
+        scaled = values * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].float()  # (B|1, H|1, Nk, 1)
         out = probs @ values * (1 - rows) + probs @ scaled * rows
     else:
         scaled = values

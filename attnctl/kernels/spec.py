@@ -12,8 +12,43 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
 
-@dataclass(frozen=True)
+
+def per_key(
+    tensor: torch.Tensor, name: str = "per-key tensor", *, batch: int | None = None, heads: int | None = None,
+    keys: int | None = None,
+) -> torch.Tensor:
+    """A per-key edit, (B, Nk) or (B, H, Nk), as a (B|1, H|1, Nk) view; the sizes given are checked.
+
+    Every backend reads `key_bias` and `value_scale` through this: the reference and sdpa backends add a
+    query axis (`[..., None, :]`), flex and triton expand it to (B, H, Nk).
+    """
+    given = tuple(tensor.shape)
+    if tensor.ndim == 2:
+        tensor = tensor[:, None, :]
+    ok = tensor.ndim == 3
+    if ok and keys is not None:
+        ok = tensor.shape[-1] == keys
+    if ok and batch is not None:
+        ok = tensor.shape[0] in (1, batch)
+    if ok and heads is not None:
+        ok = tensor.shape[1] in (1, heads)
+    if not ok:
+        expected = f"({batch if batch is not None else 'B'}, [{heads if heads is not None else 'H'},] {keys if keys is not None else 'Nk'})"
+        raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = {expected}, got {given}")
+    return tensor
+
+
+def as_additive(mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A mask as additive logits: bool (True = attend) becomes 0 / -inf, a float mask is cast to `dtype`."""
+    if mask.dtype == torch.bool:
+        out = torch.zeros(mask.shape, dtype=dtype or torch.float32, device=mask.device)
+        return out.masked_fill_(~mask, float("-inf"))
+    return mask if dtype is None else mask.to(dtype)
+
+
+@dataclass(frozen=True, eq=False)  # identity equality and hash: backends cache per LabelMask object
 class LabelMask:
     """Region / isolation masks evaluated from labels, never as a dense N x N tensor in fused kernels.
 
@@ -107,6 +142,10 @@ class AttentionSpec:
     sparse: Sparse | None = None
     return_lse: bool = False
     extras: dict = field(default_factory=dict)
+
+    def dense_elements(self, batch: int, nq: int, nk: int) -> int:
+        """Mask elements a backend that makes label masks and windows dense would build (0 when none)."""
+        return batch * nq * nk if (self.labels is not None or self.window is not None) else 0
 
     def features(self) -> tuple[str, ...]:
         """The capability names this spec needs, in a fixed order."""

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendError, ConfigError
-from .spec import AttentionSpec, LabelMask, Window
+from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -152,24 +152,18 @@ def _flash_loop(
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _attn_fwd(
-    Q, K, V, Out, Lse, RowMax,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
-    Bias, stride_bb, stride_bh, stride_bn,
-    VScale, stride_wb, stride_wh, stride_wn,
-    QLab, stride_qlb, KLab, stride_klb, Table, stride_tb, stride_tq, stride_tk,
-    BlockNum, stride_nb, BlockIdx, stride_ib, stride_im,
-    H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
-    win_w, win_rh, win_rw, win_band, text_start, n_img,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, RETURN_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+@triton.jit
+def _program_start(
+    Q, K, V, Mask, Bias, VScale, QLab, KLab, Table, BlockNum, BlockIdx,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_mb, stride_mh, stride_bb, stride_bh, stride_wb, stride_wh, stride_qlb, stride_klb, stride_tb,
+    stride_nb, stride_ib, stride_im, H, N_Q, N_K, HEAD_DIM, q_start, q_stop,
+    HAS_LABELS: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """What every kernel program starts with (dense and sparse kernels alike): its (batch, head) and query
+    block, the query tile, the per-(batch, head) base pointers of every control's tensors, the query labels
+    and the number of key blocks it visits (from the block list when labels / windows skip tiles)."""
     pid_m = tl.program_id(0)
     off_hz = tl.program_id(1)
     off_b = (off_hz // H).to(tl.int64)
@@ -198,6 +192,40 @@ def _attn_fwd(
     else:
         n_blocks = tl.cdiv(N_K, BLOCK_N)
     BlockIdx_row = BlockIdx + off_b * stride_ib + pid_m * stride_im
+    return (
+        off_hz, off_b, off_h, offs_m, offs_d, row_ok, in_range, q,
+        K_bh, V_bh, Mask_bh, Bias_bh, VScale_bh, KLab_b, Table_b, q_lab, n_blocks, BlockIdx_row,
+    )
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _attn_fwd(
+    Q, K, V, Out, Lse, RowMax,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Mask, stride_mb, stride_mh, stride_mm, stride_mn,
+    Bias, stride_bb, stride_bh, stride_bn,
+    VScale, stride_wb, stride_wh, stride_wn,
+    QLab, stride_qlb, KLab, stride_klb, Table, stride_tb, stride_tq, stride_tk,
+    BlockNum, stride_nb, BlockIdx, stride_ib, stride_im,
+    H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
+    win_w, win_rh, win_rw, win_band, text_start, n_img,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, RETURN_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    (
+        off_hz, off_b, off_h, offs_m, offs_d, row_ok, in_range, q,
+        K_bh, V_bh, Mask_bh, Bias_bh, VScale_bh, KLab_b, Table_b, q_lab, n_blocks, BlockIdx_row,
+    ) = _program_start(
+        Q, K, V, Mask, Bias, VScale, QLab, KLab, Table, BlockNum, BlockIdx,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_mb, stride_mh, stride_bb, stride_bh, stride_wb, stride_wh, stride_qlb, stride_klb, stride_tb,
+        stride_nb, stride_ib, stride_im, H, N_Q, N_K, HEAD_DIM, q_start, q_stop,
+        HAS_LABELS, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D,
+    )
 
     m_i, l_i, acc = _flash_loop(
         q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
@@ -282,20 +310,16 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str = "
         raise BackendError(f"the {who} backend needs matching batch / heads / keys, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
-def _per_key(t: torch.Tensor, batch: int, heads: int, nk: int, name: str) -> torch.Tensor:
+def _per_key_view(t: torch.Tensor, batch: int, heads: int, nk: int, name: str) -> torch.Tensor:
     """(B, Nk) or (B, H, Nk), batch 1 broadcast -> a (B, H, Nk) view with zero strides where broadcast."""
-    if t.ndim == 2:
-        t = t[:, None, :]
-    if t.ndim != 3 or t.shape[-1] != nk or t.shape[0] not in (1, batch) or t.shape[1] not in (1, heads):
-        raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = ({batch}, [{heads},] {nk}), got {tuple(t.shape)}")
+    t = per_key(t, name, batch=batch, heads=heads, keys=nk)
     if not t.is_floating_point():
         t = t.float()
     return t.expand(batch, heads, nk)
 
 
 def _mask4(mask: torch.Tensor, batch: int, heads: int, nq: int, nk: int) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+    mask = as_additive(mask)
     while mask.ndim < 4:
         mask = mask[None]
     try:
@@ -454,7 +478,7 @@ def kernel_arguments(
         args += [dummy, 0, 0, 0, 0]
     for tensor, name in ((spec.key_bias, "key_bias"), (spec.value_scale, "value_scale")):
         if tensor is not None:
-            t = _per_key(tensor, batch, heads, nk, name)
+            t = _per_key_view(tensor, batch, heads, nk, name)
             args += [t, *t.stride()]
         else:
             args += [dummy, 0, 0, 0]

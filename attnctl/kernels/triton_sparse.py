@@ -39,7 +39,7 @@ from ..errors import ConfigError
 from . import sdpa
 from . import triton_attention as ta
 from .spec import AttentionSpec
-from .triton_attention import _RUNTIME_INTS, LOG2E, _flash_loop, _key_block, _tile_logits
+from .triton_attention import _RUNTIME_INTS, LOG2E, _flash_loop, _key_block, _program_start, _tile_logits
 
 #: Key rows up to this length (after rounding up to a power of two) use the one-pass layout.
 ONE_TILE_MAX = 128
@@ -101,34 +101,16 @@ def _sparse_attn_fwd(
     ONE_TILE: tl.constexpr, MODE: tl.constexpr, MAX_ITER_: tl.constexpr, TOL_: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    off_hz = tl.program_id(1)
-    off_b = (off_hz // H).to(tl.int64)
-    off_h = (off_hz % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < N_Q
-    in_range = (offs_m >= q_start) & (offs_m < q_stop)
-
-    q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
+    (
+        off_hz, off_b, off_h, offs_m, offs_d, row_ok, in_range, q,
+        K_bh, V_bh, Mask_bh, Bias_bh, VScale_bh, KLab_b, Table_b, q_lab, n_blocks, BlockIdx_row,
+    ) = _program_start(
+        Q, K, V, Mask, Bias, VScale, QLab, KLab, Table, BlockNum, BlockIdx,
+        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_vb, stride_vh,
+        stride_mb, stride_mh, stride_bb, stride_bh, stride_wb, stride_wh, stride_qlb, stride_klb, stride_tb,
+        stride_nb, stride_ib, stride_im, H, N_Q, N_K, HEAD_DIM, q_start, q_stop,
+        HAS_LABELS, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D,
     )
-    K_bh = K + off_b * stride_kb + off_h * stride_kh
-    V_bh = V + off_b * stride_vb + off_h * stride_vh
-    Mask_bh = Mask + off_b * stride_mb + off_h * stride_mh
-    Bias_bh = Bias + off_b * stride_bb + off_h * stride_bh
-    VScale_bh = VScale + off_b * stride_wb + off_h * stride_wh
-    KLab_b = KLab + off_b * stride_klb
-    Table_b = Table + off_b * stride_tb
-    q_lab = offs_m * 0
-    if HAS_LABELS:
-        q_lab = tl.load(QLab + off_b * stride_qlb + offs_m, mask=row_ok, other=0)
-    if HAS_BLOCKS:
-        n_blocks = tl.load(BlockNum + off_b * stride_nb + pid_m)
-    else:
-        n_blocks = tl.cdiv(N_K, BLOCK_N)
-    BlockIdx_row = BlockIdx + off_b * stride_ib + pid_m * stride_im
 
     if ONE_TILE:
         # --- the whole key row in one tile: logits once, everything from registers -------------------

@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..control import Control, registered_controls
+from ..control import Control, canonical_type_name, registered_controls
 from ..errors import AttnctlError, ConfigError
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -480,7 +480,7 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
     if "type" not in raw or not isinstance(raw["type"], str):
         problem(f"{label} needs a 'type' (one of: {', '.join(sorted(registered_controls())) or 'none registered'})")
         return None, raw
-    kind = canonical_control_type(raw["type"])
+    kind = canonical_type_name(raw["type"])
     written = {**raw, "type": kind}
     label = f"{label} ({kind})"
     registry = registered_controls()
@@ -499,23 +499,6 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
         problem(f"{label}: {error}")
         return None, written
     return control, written
-
-
-def canonical_control_type(name: str) -> str:
-    """The registered type name for `name`, accepting class names and case or `-`/`_` variants
-    (`"PAG"`, `"skip_layer"`, `"Reweight"`); names matching no single control are returned unchanged."""
-    registry = registered_controls()
-    if name in registry:
-        return name
-    key = _loose(name)
-    matches = tuple(dict.fromkeys(
-        type_name for type_name, cls in sorted(registry.items()) if key in (_loose(type_name), _loose(cls.__name__))
-    ))
-    return matches[0] if len(matches) == 1 else name
-
-
-def _loose(name: str) -> str:
-    return re.sub(r"[-_\s]", "", name).lower()
 
 
 def is_path_key(key: str) -> bool:

@@ -11,6 +11,8 @@ A denoiser call whose batch matches none of these raises `CallLayoutError`; noth
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,7 +127,7 @@ def encoder_prompts(
     offset = 0
     for spec in protocol.encoders:
         length = spec.length if spec.length is not None else text_len - offset
-        tokenizers, texts = [], []
+        tokenizers, texts, converters = [], [], []
         for attr, prompt_arg, negative_arg in zip(spec.tokenizers, spec.prompt_args, spec.negative_args):
             tokenizer = getattr(pipeline, attr, None)
             if tokenizer is None:
@@ -139,11 +141,39 @@ def encoder_prompts(
             if row_texts is None:
                 return None
             tokenizers.append(tokenizer)
-            texts.append(tuple(row_texts))
+            texts.append(tuple(encoded_texts(pipeline, tokenizer, row_texts, args)))
+            converters.append(_textual_inversion(pipeline, tokenizer))
         if tokenizers and length > 0:
-            encoders.append(EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length))
+            encoders.append(EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length, tuple(converters)))
         offset += length
     return encoders
+
+
+def encoded_texts(pipeline: Any, tokenizer: Any, texts: list[str], arguments: dict[str, Any]) -> list[str]:
+    """`texts` as the pipeline's `encode_prompt` hands them to `tokenizer`, so that word positions are those
+    of the tokens the text encoder sees: PixArt's caption preprocessing (`_text_preprocessing(prompt,
+    clean_caption)`: lower-cased and stripped, or cleaned when `clean_caption` was set and its packages are
+    installed), then textual inversion's multi-vector expansion (`maybe_convert_prompt`)."""
+    texts = list(texts)
+    preprocess = getattr(pipeline, "_text_preprocessing", None)
+    if callable(preprocess) and "clean_caption" in arguments:
+        texts = list(preprocess(texts, clean_caption=bool(arguments["clean_caption"])))
+    convert = _textual_inversion(pipeline, tokenizer)
+    if convert is not None:
+        texts = [convert(text) for text in texts]
+    return texts
+
+
+def _textual_inversion(pipeline: Any, tokenizer: Any) -> Callable[[str], str] | None:
+    """The pipeline's textual-inversion prompt conversion for `tokenizer` (diffusers applies it when the
+    pipeline is a `TextualInversionLoaderMixin`), or None."""
+    try:
+        from diffusers.loaders import TextualInversionLoaderMixin
+    except ImportError:  # pragma: no cover - diffusers always has it in the supported range
+        return None
+    if not isinstance(pipeline, TextualInversionLoaderMixin):
+        return None
+    return functools.partial(pipeline.maybe_convert_prompt, tokenizer=tokenizer)
 
 
 def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context: str | None, inputs: dict[str, Any]) -> RowLayout:

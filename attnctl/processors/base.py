@@ -1,13 +1,15 @@
 """What the per-family controlled processors share: the attention op with hooks and a backend.
 
 A controlled processor is a plain object (not an nn.Module, so it never enters a state_dict), one instance
-per layer. It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
+per layer; where the stock processor holds weights (IP-Adapter) it is an nn.Module holding those same
+weights under the same names, so the state_dict is the stock one (`make_processor`). It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
 layer's edit, and calls one attention op. With no edit it makes the stock processor's exact SDPA call, so
 outputs are bitwise identical to stock.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +25,13 @@ if TYPE_CHECKING:
 
 
 class ControlledProcessor:
-    """Base class; subclasses implement `__call__` for one family of attention modules."""
+    """Base class; subclasses implement `__call__` for one family of attention modules.
+
+    Build one with `make_processor`: a stock processor that holds weights (IP-Adapter) gets the
+    `nn.Module` variant of the class, whose children are the stock processor's own, so that the weights
+    stay in the denoiser's module tree while attnctl is applied (`.to()`, state_dict, offload hooks see
+    them exactly as before, under the same names).
+    """
 
     # Kept so that diffusers' set_attention_backend / enable_parallelism find what they look for; a change
     # after apply is detected at the next pipeline call.
@@ -31,9 +39,19 @@ class ControlledProcessor:
     _parallel_config = None
 
     def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
+        if isinstance(self, torch.nn.Module):
+            torch.nn.Module.__init__(self)
+            for name, child in original.named_children():
+                self.add_module(name, child)  # the same module objects: moved and cast together with ours
+            for name, parameter in original.named_parameters(recurse=False):
+                self.register_parameter(name, parameter)
+            for name, buffer in original.named_buffers(recurse=False):
+                self.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+            self.__dict__["original"] = original  # not a child: its weights are registered above
+        else:
+            self.original = original
         self.layer = layer
         self.runtime = runtime
-        self.original = original
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
         self.installed_backend = self._attention_backend
@@ -62,7 +80,8 @@ class ControlledProcessor:
         def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
             if spec.is_plain and self.stock_sdpa():
                 return kernels.sdpa.attention(q, k, v, spec)
-            backend = self.runtime.backend_for(self.layer, q.device, spec.features())
+            dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+            backend = self.runtime.backend_for(self.layer, q.device, spec.features(), dense)
             return kernels.BACKENDS[backend].fn(q, k, v, spec)
 
         fn = compute
@@ -96,6 +115,21 @@ class ControlledProcessor:
             for hook in reversed(edit.hooks):
                 result = hook.result(call, result)
         return result
+
+
+def make_processor(cls: type[ControlledProcessor], layer: LayerInfo, runtime: Runtime, original: Any) -> ControlledProcessor:
+    """The controlled processor of `cls` replacing `original` at `layer`: the `nn.Module` variant when the
+    original processor holds weights (IP-Adapter), a plain object otherwise (it never enters a state_dict)."""
+    holds_weights = isinstance(original, torch.nn.Module) and (
+        next(original.parameters(), None) is not None or next(original.buffers(), None) is not None
+    )
+    return (_module_variant(cls) if holds_weights else cls)(layer, runtime, original)
+
+
+@functools.cache
+def _module_variant(cls: type[ControlledProcessor]) -> type[ControlledProcessor]:
+    """`cls` as an `nn.Module` (its own `__call__`, as diffusers' processor modules have)."""
+    return type(cls.__name__, (cls, torch.nn.Module), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def _bind_hook(hook, call, inner):

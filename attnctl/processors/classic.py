@@ -105,8 +105,7 @@ class ClassicAttnProcessor(ControlledProcessor):
         """The IP-Adapter branch of `IPAdapterAttnProcessor2_0`, with the original processor's weights."""
         from diffusers.image_processor import IPAdapterMaskProcessor
 
-        ip = self.original
-        ip.to(query.device)  # its weights left the module tree when this processor was installed
+        ip = self.original  # its weights are this processor's children (`make_processor`): they follow `.to()`
         if ip_adapter_masks is not None:
             if not isinstance(ip_adapter_masks, list):
                 ip_adapter_masks = list(ip_adapter_masks.unsqueeze(1))

@@ -5,7 +5,9 @@ go to the backend through `AttentionSpec`. Changes a kernel cannot express (pert
 transforms, caches, token reduction, extra contexts) are `LayerHook`s, called by the processor at fixed
 stages. Several controls on one layer merge their edits: biases add, value scales multiply, label masks
 and windows must not collide, hooks run in control order, and two hooks claiming the same exclusive slot
-(two caches on one layer) are an error raised when the controls are applied.
+(two caches on one layer) are an error. Controls declare their effects per layer (`EFFECTS`), and `apply`
+refuses controls whose effects conflict on a shared layer (`CONFLICTS`) before anything is installed; the
+checks in `merge_edits` stay as a backstop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,42 @@ if TYPE_CHECKING:
     from ..families.base import Geometry, LayerInfo
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], tuple[torch.Tensor, torch.Tensor | None]]
+
+#: What a control can do to one of its layers (`Control.layer_effects`), checked pairwise at `apply`:
+#: "tokens" changes which tokens enter attention (ToMe, AgentAttention); "labels" label masks (Regions);
+#: "region_tokens" adds text tokens to a joint sequence (Regions on SD3 / Flux); "window" local attention
+#: (DiTFastAttn); "sparse" sparse attention (PLADIS); "query" a query transform (SEG); "capture" reads the
+#: attention probabilities (AttentionMaps, SAG's capture layer); "cache" reuses outputs (TGATE, DiTFastAttn);
+#: "perturb" identity rows (PAG); "key_edits" per-key bias / value scale (Reweight).
+EFFECTS: tuple[str, ...] = (
+    "tokens", "labels", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "key_edits",
+)
+
+#: Effect pairs that cannot share a layer, with why (a pair of one effect is two controls doing the same thing).
+CONFLICTS: tuple[tuple[str, str, str], ...] = (
+    ("tokens", "labels", "token reduction merges image tokens, and label masks address image tokens pairwise"),
+    ("tokens", "region_tokens", "token reduction merges the image tokens that region text tokens are masked against"),
+    ("tokens", "window", "token reduction merges image tokens, so the window's grid no longer matches them"),
+    ("tokens", "query", "token reduction merges image tokens, so the query transform's grid no longer matches them"),
+    ("tokens", "capture", "token reduction merges image tokens, so captured maps would not cover the image grid"),
+    ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
+    ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
+    ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
+    ("labels", "labels", "two label masks on one layer"),
+    ("window", "window", "two windows on one layer"),
+    ("sparse", "sparse", "two sparse transforms on one layer"),
+    ("tokens", "tokens", "two token reducers on one layer"),
+    ("cache", "cache", "two caches on one layer"),
+    ("region_tokens", "region_tokens", "two sets of region text tokens on one layer"),
+)
+
+
+def effect_conflict(first: str, second: str) -> str | None:
+    """Why effects `first` and `second` of two controls cannot share a layer, or None when they can."""
+    for a, b, why in CONFLICTS:
+        if (first, second) in ((a, b), (b, a)):
+            return why
+    return None
 
 
 @dataclass

@@ -113,8 +113,7 @@ class FluxAttnProcessor(ControlledProcessor):
         return query if image is tail else torch.cat([query[:, :text], image], dim=1)
 
     def _ip_adapter(self, attn, ip_query, hidden_states, ip_hidden_states, dispatch):
-        ip = self.original
-        ip.to(ip_query.device)  # its weights left the module tree when this processor was installed
+        ip = self.original  # its weights are this processor's children (`make_processor`): they follow `.to()`
         batch_size = hidden_states.shape[0]
         ip_out = torch.zeros_like(hidden_states)
         for states, scale, to_k_ip, to_v_ip in zip(ip_hidden_states, ip.scale, ip.to_k_ip, ip.to_v_ip):

@@ -474,7 +474,7 @@ class AttentionMapResult:
         """Write, per image i, `image{i}_{word}.png` (heatmap over the image) and `image{i}_grid.png` (the
         image and every word's heatmap, names below); returns the paths. `scaling`: "max" (each map divided by
         its maximum) or "minmax". Without decoded images (`output_type="latent"`) the heatmaps stand alone."""
-        from ..heatmap import save_maps
+        from .heatmap import save_maps
 
         return save_maps(self, directory, scaling)
 

@@ -18,8 +18,8 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 
-from ._version import __version__
-from .errors import AttnctlError
+from .._version import __version__
+from ..errors import AttnctlError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,8 +129,8 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         import torch
 
         torch.set_num_threads(args.threads)
-    from .pipelines.jobs import load_job_file
-    from .pipelines.render import RenderOptions, dry_run, render
+    from .jobs import load_job_file
+    from .render import RenderOptions, dry_run, render
 
     try:
         jobs = load_job_file(args.jobs)
@@ -162,7 +162,7 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _params(args: argparse.Namespace) -> int:
-    from .pipelines.outputs import read_png_params
+    from .outputs import read_png_params
 
     status = 0
     for path in args.images:
