@@ -157,8 +157,9 @@ def test_sdpa_and_reference_backends_agree(name, tiny_cache):
 
 
 def _first_predictions(pipe, name, variants, **call):
-    """The denoiser's output of the first denoiser call(s), per variant of controls."""
+    """The denoiser's outputs of a one-step call (every denoiser call of it), per variant of controls."""
     seen = {}
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
     def capture(key):
         def hook(module, args, kwargs, output):
@@ -166,7 +167,7 @@ def _first_predictions(pipe, name, variants, **call):
         return hook
 
     for key, controls in variants.items():
-        handle = pipe.transformer.register_forward_hook(capture(key), with_kwargs=True)
+        handle = denoiser.register_forward_hook(capture(key), with_kwargs=True)
         try:
             run(pipe, name, controls, steps=1, **call)
         finally:
@@ -194,21 +195,10 @@ def test_uncond_rows_keep_the_negative_prompt_and_get_isolation(tiny_cache):
 
 def test_isolation_applies_to_the_uncond_rows_of_a_unet(tiny_cache):
     pipe = tiny_cache("tiny-sd")
-    seen = {}
-
-    def capture(key):
-        def hook(module, args, kwargs, output):
-            seen.setdefault(key, output[0].detach().clone())
-        return hook
-
-    for key, controls in (("stock", None), ("isolated", [Regions(layout(), base_ratio=1.0, isolate=True)])):
-        handle = pipe.unet.register_forward_hook(capture(key), with_kwargs=True)
-        try:
-            run(pipe, "tiny-sd", controls, steps=1)
-        finally:
-            handle.remove()
-    assert (seen["isolated"][0] - seen["stock"][0]).abs().max() > 1e-4  # uncond row (row 0 of [uncond, cond])
-    assert (seen["isolated"][1] - seen["stock"][1]).abs().max() > 1e-4
+    seen = _first_predictions(pipe, "tiny-sd", {"stock": None, "isolated": [Regions(layout(), base_ratio=1.0, isolate=True)]})
+    stock, isolated = seen["stock"][0], seen["isolated"][0]
+    assert (isolated[0] - stock[0]).abs().max() > 1e-4  # the uncond row (row 0 of [uncond, cond])
+    assert (isolated[1] - stock[1]).abs().max() > 1e-4
 
 
 def test_thirty_two_regions_on_tiny_sd():

@@ -39,7 +39,7 @@ from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex, keep_kinds, spec_rows
 from ..edit import Edit, LayerCall, LayerHook
-from .common import PERTURBABLE_KINDS, bias_block, middle_double_block, new_tag
+from .common import PERTURBABLE_KINDS, bias_block, default_perturbed_layers, new_tag
 
 MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
 BLUR_KERNEL = 9
@@ -66,16 +66,11 @@ class SAG(Control, type_name="sag"):
         set_field(self, "steps", validate_steps(self.steps, name="SAG.steps"))
 
     def default_layers(self, adapter: ModelAdapter) -> str:
-        family = adapter.family
-        if family == "unet":
-            return "mid_block.attentions.0.transformer_blocks.0.attn1"
-        if family == "sd3":
-            return "transformer_blocks.1.attn"
-        if family == "pixart":
-            return "transformer_blocks.1.attn1"
-        if family == "flux":
-            return f"transformer_blocks.{middle_double_block(adapter)}.attn"
-        raise UnsupportedError(f"attnctl: SAG has no default layer for model family {family!r}; give layer=...")
+        """The first self- / joint attention layer of PAG's default layers: UNet
+        `mid_block.attentions.0.transformer_blocks.0.attn1` (the SAG pipeline's), SD3 `transformer_blocks.1.attn`,
+        PixArt `transformer_blocks.1.attn1`, Flux the middle double block's `attn`."""
+        layers = select_layers(adapter.layers, None, default=default_perturbed_layers(adapter, "SAG"), owner="SAG")
+        return next(layer.name for layer in layers if layer.kind in PERTURBABLE_KINDS)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         selection = self.layer or self.default_layers(adapter)

@@ -218,30 +218,21 @@ def skipped_output(module: torch.nn.Module, hidden: torch.Tensor, context: torch
 def merge_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, kept: torch.Tensor) -> Any:
     """The block's output for every row: the rows `kept` from `output` (the block ran on them only), the others
     their inputs (skipped)."""
-
-    def put(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return source.to(out.dtype).index_copy(0, kept, out)
-
-    if isinstance(output, torch.Tensor):
-        return put(hidden, output)
-    if isinstance(output, tuple) and len(output) == 2:  # (encoder_hidden_states, hidden_states)
-        encoder_out, hidden_out = output
-        if encoder_out is not None and context is not None:
-            encoder_out = put(context, encoder_out)
-        return encoder_out, put(hidden, hidden_out)
-    raise ConfigError(f"SkipLayer: unexpected transformer-block output {type(output).__name__}; cannot skip it per row")
+    return _per_stream(output, hidden, context, lambda out, source: source.to(out.dtype).index_copy(0, kept, out))
 
 
 def skip_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, rows: torch.Tensor) -> Any:
     """A block's output with the rows `rows` (an index tensor) replaced by the block's inputs (the block skipped
     for them)."""
+    return _per_stream(output, hidden, context, lambda out, source: out.index_copy(0, rows, source.index_select(0, rows).to(out.dtype)))
 
-    def put(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        return out.index_copy(0, rows, source.index_select(0, rows).to(out.dtype))
 
+def _per_stream(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, put) -> Any:
+    """`put(out, source)` on each stream of a block's output: `hidden_states`, or `(encoder_hidden_states,
+    hidden_states)` (a missing text stream stays None)."""
     if isinstance(output, torch.Tensor):
         return put(output, hidden)
-    if isinstance(output, tuple) and len(output) == 2:  # (encoder_hidden_states, hidden_states)
+    if isinstance(output, tuple) and len(output) == 2:
         encoder_out, hidden_out = output
         if encoder_out is not None and context is not None:
             encoder_out = put(encoder_out, context)
