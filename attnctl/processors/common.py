@@ -5,7 +5,9 @@
 - `spec_rows` / `spec_queries`: an `AttentionSpec` restricted to some batch rows or to a contiguous range of
   query rows (per-row tensors sliced, broadcast ones kept, the query range moved).
 - `restricted_rows`: run the rest of a layer's hook chain on some batch rows only (the hooks inside see a
-  layer call whose `rows` are those rows, and `row_source(call)` says where they came from).
+  layer call whose `rows` are those rows, and `row_source(call)` says where they came from);
+  `restricted_tokens` / `token_layout`: the same for a sub-attention over other tokens (where the image and
+  text tokens are among its queries and keys).
 - `backend_op`: the layer's attention op on the handle's backend without the other controls' hooks.
 - `select_kinds`, `text_layers`: layer selections filtered by kind, and the default text layers
   (cross-attention on UNet / PixArt, joint attention on SD3 / Flux).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +30,7 @@ from ..selection import describe_layers
 
 if TYPE_CHECKING:
     from ..control import BindContext, Control
-    from ..families.base import LayerInfo, ModelAdapter
+    from ..families.base import Geometry, LayerInfo, ModelAdapter
     from .edit import LayerCall
 
 TEXT_KINDS: tuple[str, ...] = ("cross", "joint")
@@ -147,6 +150,60 @@ def restricted_rows(call: LayerCall, positions: Sequence[int]) -> Iterator[Layer
 def row_source(call: LayerCall) -> tuple[int, ...] | None:
     """The original batch positions of the rows of a restricted layer call (None: not restricted)."""
     return call.__dict__.get("row_source")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the image and text tokens are in the queries and the keys of one attention op of a layer.
+
+    The layer's own op: from its geometry (`token_layout(call)`). A sub-attention an outer hook runs with other
+    queries or keys (Regions' base attention over image and base-text tokens) says so with `restricted_tokens`,
+    so that the hooks inside can still find the image tokens (PAG's identity, map capture). `text_q` is None
+    when no text token is a query.
+    """
+
+    nq: int
+    nk: int
+    image_q: slice
+    image_k: slice
+    text_q: slice | None = None
+    text_k: slice | None = None
+    sub: bool = False  # a sub-attention of the layer call, not the layer's own op
+
+    @staticmethod
+    def of(geometry: Geometry) -> TokenLayout:
+        image, text = geometry.image_slice, geometry.text_slice
+        if geometry.layer.text == "keys":  # cross-attention: text keys only
+            return TokenLayout(geometry.image_len, geometry.text_len, image, slice(0, 0), None, slice(0, geometry.text_len))
+        n = geometry.query_len
+        return TokenLayout(n, n, image, image, text, text)
+
+    @staticmethod
+    def joint(image_len: int, text_len: int, text_first: bool, queries: str = "all") -> TokenLayout:
+        """A sub-attention over a joint sequence of `image_len` image and `text_len` text tokens (text first or
+        last); `queries="image"`: the image tokens are the only queries."""
+        n = image_len + text_len
+        image = slice(text_len, n) if text_first else slice(0, image_len)
+        text = slice(0, text_len) if text_first else slice(image_len, n)
+        if queries == "image":
+            return TokenLayout(image_len, n, slice(0, image_len), image, None, text, sub=True)
+        return TokenLayout(n, n, image, image, text, text, sub=True)
+
+
+def token_layout(call: LayerCall) -> TokenLayout:
+    """The token layout of the op a hook is asked to run: the layer's own, or the one an outer hook declared."""
+    return call.__dict__.get("token_layout") or TokenLayout.of(call.geometry)
+
+
+@contextlib.contextmanager
+def restricted_tokens(call: LayerCall, layout: TokenLayout) -> Iterator[LayerCall]:
+    """While inside, `token_layout(call)` is `layout`: for a hook that runs the rest of the chain on other tokens."""
+    before = call.__dict__.get("token_layout")
+    call.__dict__["token_layout"] = layout
+    try:
+        yield call
+    finally:
+        call.__dict__["token_layout"] = before
 
 
 def backend_op(call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):

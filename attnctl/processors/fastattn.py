@@ -44,7 +44,7 @@ from ..kernels.spec import AttentionSpec, Window
 from ..selection import LayerSpec, validate_layers
 from ..validation import number, set_field
 from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
-from .common import RowIndex, image_size, output_key, publish, restricted_rows, spec_rows
+from .common import RowIndex, image_size, output_key, publish, restricted_rows, spec_rows, token_layout
 from .edit import Edit, LayerCall, LayerHook
 
 TECHNIQUES: tuple[str, ...] = ("window_residual", "step_share", "cfg_share")
@@ -492,6 +492,8 @@ class _FastAttnHook(LayerHook):
 
     # -- the attention op -----------------------------------------------------------------------------------------
     def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+        if token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention): computed as asked
+            return compute(q, k, v, spec)
         # The rows here may be fewer than the layer call's (an outer hook ran the rest of the chain on some rows,
         # e.g. PAG on the rows it does not perturb): the attention caches are keyed by the rows seen here.
         layer_rows, layer_keys = self.rows, self.keys

@@ -36,7 +36,7 @@ from ..selection import LayerSpec, validate_layers
 from ..steps import StepWindow, validate_steps
 from ..tokens import WordQuery, describe_query, validate_word_query
 from ..validation import set_field
-from .common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
+from .common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers, token_layout
 from .edit import AttendFn, Edit, LayerCall, LayerHook
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
@@ -184,8 +184,9 @@ class _CaptureHook(LayerHook):
 
     def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         result = compute(q, k, v, spec)
-        with torch.no_grad():
-            self.bound.accumulate(call, q, k, spec)
+        if not token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention) is not the map
+            with torch.no_grad():
+                self.bound.accumulate(call, q, k, spec)
         return result
 
 

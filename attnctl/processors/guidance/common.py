@@ -175,24 +175,25 @@ def bias_block(spec: AttentionSpec, queries: slice, keys: slice) -> torch.Tensor
     return _sum(terms)
 
 
-def bias_diagonal(spec: AttentionSpec, positions: slice) -> torch.Tensor | None:
-    """The additive logits of `spec` for each token of `positions` and its own key: (B|1, H|1, n, 1), or None."""
+def bias_pairs(spec: AttentionSpec, queries: slice, keys: slice) -> torch.Tensor | None:
+    """The additive logits of `spec` for the pairs (queries[i], keys[i]) of two equally long spans (a token and
+    its own key): (B|1, H|1, n, 1), or None."""
     terms = []
     if spec.attn_mask is not None:
         mask = _float_mask(spec.attn_mask)
         if mask.shape[-2] == 1:
-            own = mask[..., 0, positions]
+            own = mask[..., 0, keys]
         else:
-            own = torch.diagonal(mask[..., positions, positions], dim1=-2, dim2=-1)
+            own = torch.diagonal(mask[..., queries, keys], dim1=-2, dim2=-1)
         while own.ndim < 3:
             own = own[None]
         terms.append(own[..., None])
     if spec.key_bias is not None:
-        rows = query_rows(spec, positions, spec.key_bias.device)
-        terms.append(_scaled_rows(_per_key(spec.key_bias).float()[..., positions], rows, 2)[..., None])
+        rows = query_rows(spec, queries, spec.key_bias.device)
+        terms.append(_scaled_rows(_per_key(spec.key_bias).float()[..., keys], rows, 2)[..., None])
     if spec.labels is not None:
         labels = spec.labels
-        q_labels, k_labels = labels.q_labels[:, positions], labels.k_labels[:, positions]  # (B, n)
+        q_labels, k_labels = labels.q_labels[:, queries], labels.k_labels[:, keys]  # (B, n)
         table = labels.table.float().expand(q_labels.shape[0], -1, -1)
         by_query = torch.gather(table, 1, q_labels[:, :, None].expand(-1, -1, table.shape[-1]))  # (B, n, Lk)
         terms.append(torch.gather(by_query, 2, k_labels[:, :, None])[:, None])  # (B, 1, n, 1)

@@ -31,9 +31,9 @@ from ...kernels.spec import AttentionSpec
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
-from ..common import RowIndex, backend_op, restricted_rows, spec_queries, spec_rows
+from ..common import RowIndex, TokenLayout, backend_op, restricted_rows, spec_queries, spec_rows, token_layout
 from ..edit import Edit, LayerCall, LayerHook
-from .common import PerturbingBound, PerturbingControl, bias_block, bias_diagonal, query_rows, timestep_1000
+from .common import PerturbingBound, PerturbingControl, bias_block, bias_pairs, query_rows, timestep_1000
 
 
 @dataclass(frozen=True)
@@ -92,28 +92,28 @@ class IdentityAttention(LayerHook):
         self.index = index if index is not None else RowIndex()
 
     def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
-        layout = call.rows
-        tagged = layout.indices("cond", self.tag)
+        tagged = call.rows.indices("cond", self.tag)
         if not tagged:
             return compute(q, k, v, spec)
         batch = q.shape[0]
         joint = call.layer.text in ("first", "last")
         if not joint and (call.layer.text != "none" or q.shape[2] != k.shape[2]):
             raise ConfigError(f"PAG: layer {call.layer.name} is not self-attention; PAG perturbs self- and joint attention")
-        if joint and q.shape[2] != call.geometry.query_len:
+        layout = token_layout(call)
+        if joint and (q.shape[2] != layout.nq or k.shape[2] != layout.nk):
             raise UnsupportedError(
-                f"attnctl: PAG at {call.layer.name} expected {call.geometry.query_len} joint tokens, got {q.shape[2]}: "
-                "another control on this layer changed the token sequence (token reduction); give them disjoint layers"
+                f"attnctl: PAG at {call.layer.name} expected {layout.nq} joint tokens, got {q.shape[2]}: another control "
+                "on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
             )
         index = self.index(tagged, q.device)
         sub = spec_rows(spec, index, batch)
         qt, kt, vt = (t.index_select(0, index) for t in (q, k, v))
         if joint:
-            own, own_lse = _joint_rows(call, qt, kt, vt, sub)
+            own, own_lse = _joint_rows(call, layout, qt, kt, vt, sub)
         else:
             own, own_lse = self_identity(qt, kt, vt, sub)
         if len(tagged) == batch:  # a separate forward of perturbed rows only
-            return own.to(q.dtype), None if own_lse is None or not spec.return_lse else own_lse
+            return own.to(q.dtype), own_lse if spec.return_lse else None
         chosen = set(tagged)
         rest = tuple(i for i in range(batch) if i not in chosen)
         kept = self.index(rest, q.device)
@@ -130,19 +130,21 @@ class IdentityAttention(LayerHook):
         return full, full_lse
 
 
-def _joint_rows(call: LayerCall, q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The perturbed rows of a joint layer: image queries by `joint_identity`, text queries by the layer's attention
-    op over every key (a window never restricts text queries, so it is left out there)."""
-    geometry = call.geometry
-    image, text = geometry.image_slice, geometry.text_slice
-    image_out, image_lse = joint_identity(q, k, v, spec, image)
+def _joint_rows(call: LayerCall, layout: TokenLayout, q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The perturbed rows of a joint layer: image queries by `joint_identity`, text queries (if any) by the layer's
+    attention op over every key (a window never restricts text queries, so it is left out there)."""
+    image_out, image_lse = joint_identity(q, k, v, spec, layout.image_q, layout.image_k, layout.text_k)
+    if layout.text_q is None:
+        return image_out.to(q.dtype), image_lse
+    text = layout.text_q
     text_spec = spec_queries(dataclasses.replace(spec, window=None), text.start, text.stop)
     text_out, text_lse = backend_op(call, q[:, :, text], k, v, text_spec)
-    parts = (text_out, image_out) if image.start > 0 else (image_out, text_out)
+    first_text = text.start < layout.image_q.start
+    parts = (text_out, image_out) if first_text else (image_out, text_out)
     out = torch.cat([p.to(q.dtype) for p in parts], dim=2)
     if text_lse is None:
         return out, None
-    lse_parts = (text_lse, image_lse) if image.start > 0 else (image_lse, text_lse)
+    lse_parts = (text_lse, image_lse) if first_text else (image_lse, text_lse)
     return out, torch.cat([p.float() for p in lse_parts], dim=2)
 
 
@@ -153,7 +155,7 @@ def self_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Atten
     positions = slice(0, n)
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     logit = (q.float() * k.float()).sum(-1, keepdim=True) * scale
-    bias = bias_diagonal(spec, positions)
+    bias = bias_pairs(spec, positions, positions)
     if bias is not None:
         logit = logit + bias
     out = v.float()
@@ -166,28 +168,33 @@ def self_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Atten
 
 
 def joint_identity(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, image: slice
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, image: slice,
+    image_keys: slice | None = None, text_keys: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PAG in joint attention for the image queries `image` (a contiguous span; the rest are text tokens).
+    """PAG in joint attention for the image queries `image` (a contiguous span of the queries).
 
-    Image query i attends to its own key i and to every text key: softmax over 1 + T logits, no N x N
+    Image query i attends to its own key (position i of `image_keys`, default the same span as the queries) and
+    to every text key (`text_keys`, default the keys outside `image`): softmax over 1 + T logits, no N x N
     tensor. Honours the model's mask, per-key bias and value scale (on the rows of `query_range`), label
     masks and PLADIS's sparse transform of the same logits. Returns (out (B, H, N, D), lse (B, H, N)),
     computed in float32.
     """
-    total = q.shape[2]
-    if image.start == 0:
-        text = slice(image.stop, total)
-    elif image.stop == total:
-        text = slice(0, image.start)
-    else:
-        raise ConfigError(f"PAG: image tokens {image.start}..{image.stop} of {total} are neither first nor last")
+    total = k.shape[2]
+    image_keys = image if image_keys is None else image_keys
+    if text_keys is None:
+        if image_keys.start == 0:
+            text_keys = slice(image_keys.stop, total)
+        elif image_keys.stop == total:
+            text_keys = slice(0, image_keys.start)
+        else:
+            raise ConfigError(f"PAG: image keys {image_keys.start}..{image_keys.stop} of {total} are neither first nor last")
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-    qi, ki, vi = (t[:, :, image].float() for t in (q, k, v))
-    kt, vt = k[:, :, text].float(), v[:, :, text].float()
+    qi = q[:, :, image].float()
+    ki, vi = k[:, :, image_keys].float(), v[:, :, image_keys].float()
+    kt, vt = k[:, :, text_keys].float(), v[:, :, text_keys].float()
     own = (qi * ki).sum(-1, keepdim=True) * scale  # (B, H, N, 1)
     cross = qi @ kt.transpose(-1, -2) * scale  # (B, H, N, T)
-    own_bias, cross_bias = bias_diagonal(spec, image), bias_block(spec, image, text)
+    own_bias, cross_bias = bias_pairs(spec, image, image_keys), bias_block(spec, image, text_keys)
     if own_bias is not None:
         own = own + own_bias
     if cross_bias is not None:
@@ -202,8 +209,8 @@ def joint_identity(
         self_v, text_v = vi, vt
         if scaled and spec.value_scale is not None:
             weights = _value_scale(spec.value_scale)
-            self_v = vi * weights[..., image, None]
-            text_v = vt * weights[..., text, None]
+            self_v = vi * weights[..., image_keys, None]
+            text_v = vt * weights[..., text_keys, None]
         return p[..., :1] * self_v + p[..., 1:] @ text_v
 
     def on_rows(edited: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ...pipelines.rows import RowLayout, RowPlan, SecondPass
 from ...selection import select_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
-from ..common import RowIndex, keep_kinds, spec_rows
+from ..common import RowIndex, keep_kinds, spec_rows, token_layout
 from ..edit import Edit, LayerCall, LayerHook
 from .common import PERTURBABLE_KINDS, bias_block, default_perturbed_layers, new_tag
 
@@ -159,6 +159,8 @@ class CaptureReceived(LayerHook):
 
     def attend(self, call: LayerCall, q, k, v, spec, compute):
         out, lse = compute(q, k, v, spec)
+        if token_layout(call).sub:  # a sub-attention an outer hook runs: not the layer's map
+            return out, lse
         source = degraded_rows(call.rows)
         index = self.bound.index(source, q.device)
         image = call.geometry.image_slice if call.layer.text in ("first", "last") else slice(0, q.shape[2])

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...errors import CallLayoutError, ConfigError
+from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...kernels.spec import AttentionSpec, LabelMask
-from ..common import spans_range
+from ..common import TokenLayout, backend_op, restricted_rows, restricted_tokens, spans_range
 from ..edit import AttendFn, LayerCall, LayerHook
 
 if TYPE_CHECKING:
@@ -126,7 +126,8 @@ class CrossHook(LayerHook):
             mask = None
             if padding is not None:
                 mask = padding[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, 1, 1, -1)
-            part, _ = compute(gathered, ck, cv, AttentionSpec(attn_mask=mask))
+            # region attentions are ops of their own (other keys): the layer's other hooks do not see them
+            part, _ = backend_op(call, gathered, ck, cv, AttentionSpec(attn_mask=mask))
             part = part.view(batch, count, heads, width, head_dim).float() * chunk.weight[None, :, None, :, None]
             total.index_add_(2, chunk.index.reshape(-1), part.transpose(1, 2).reshape(batch, heads, count * width, head_dim))
         keep = bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1): 1 - (1 - b) M(x)
@@ -300,6 +301,7 @@ class JointHook(LayerHook):
     def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         bound = self.bound
         sequence = bound.sequence(call)
+        _check_tokens(call, q, sequence)
         out, lse = compute(q, k, v, spec)
         grid = call.geometry.image_hw
         if not bound.needs_blend(grid):
@@ -315,12 +317,23 @@ class JointHook(LayerHook):
         qc = q.index_select(0, rows)[:, :, image]
         kc = k.index_select(0, rows).index_select(2, positions)
         vc = v.index_select(0, rows).index_select(2, positions)
-        base, _ = compute(qc, kc, vc, base_spec)
+        # the base attention runs through the other hooks as a sub-attention of the cond rows (PAG perturbs it too)
+        tokens = TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first, queries="image")
+        with restricted_rows(call, cond), restricted_tokens(call, tokens):
+            base, _ = compute(qc, kc, vc, base_spec)
         weight = bound.blend_weight(grid, q.device, "region")  # (1, 1, N, 1): (1 - b) M(x)
         chosen = out.index_select(0, rows)
         mixed = (1.0 - weight) * base.float() + weight * chosen[:, :, image].float()
         chosen = torch.cat([chosen[:, :, : image.start], mixed.to(out.dtype), chosen[:, :, image.stop :]], dim=2)
         return out.index_copy(0, rows, chosen), lse
+
+
+def _check_tokens(call: LayerCall, q: torch.Tensor, sequence: JointSequence) -> None:
+    if q.shape[2] != sequence.length:
+        raise UnsupportedError(
+            f"attnctl: Regions at {call.layer.name} expected {sequence.length} joint tokens, got {q.shape[2]}: another "
+            "control on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
+        )
 
 
 class HiddenHook(LayerHook):
@@ -337,9 +350,11 @@ class HiddenHook(LayerHook):
         if spec.labels is not None:
             raise ConfigError(f"attnctl: Regions cannot share joint layer {call.layer.name} with another control's label mask")
         sequence = self.bound.sequence(call)
+        _check_tokens(call, q, sequence)
         positions = self.bound.base_positions(sequence, q.device)
         base_spec = sub_spec(spec, None, positions, sequence.base_spans(), None, f"layer {call.layer.name}")
-        base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
+        with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
+            base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
         out = base.new_empty(q.shape[:3] + (v.shape[-1],))
         out[:, :, positions] = base
         lengths = set(sequence.region_lens)
@@ -353,12 +368,12 @@ class HiddenHook(LayerHook):
                 part = t[:, :, start:stop].reshape(batch, heads, -1, length, head_dim).transpose(1, 2)
                 return part.reshape(-1, heads, length, head_dim)
 
-            own, _ = compute(split(q), split(k), split(v), AttentionSpec())
+            own, _ = backend_op(call, split(q), split(k), split(v), AttentionSpec())
             own = own.reshape(batch, -1, heads, length, head_dim).transpose(1, 2).reshape(batch, heads, stop - start, head_dim)
             out[:, :, start:stop] = own
         else:
             for r in range(len(sequence.region_lens)):
                 span = sequence.region_slice(r)
-                own, _ = compute(q[:, :, span], k[:, :, span], v[:, :, span], AttentionSpec())
+                own, _ = backend_op(call, q[:, :, span], k[:, :, span], v[:, :, span], AttentionSpec())
                 out[:, :, span] = own
         return out, None
