@@ -183,7 +183,7 @@ class Entry:
 
 @dataclass
 class CacheReport:
-    """What a cache control did in the last pipeline call (`handle.outputs["tgate"]` / `["fastattn"]`).
+    """What a cache control did in the last pipeline call (`handle.outputs[control.key]`: "tgate" / "fastattn" by default).
 
     `entries[(step, layer)]` covers every attention layer of the model (layers the control does not act on run
     `"full"`). FLOPs count the attention op only (`Q K^T` and `A V`); window attention counts the query-key pairs

@@ -311,6 +311,7 @@ class ReweightBound(Bound):
         self._cache_step: int | None = None
         self._cache: dict[Any, Edit | None] = {}
         self._device_weights: dict[str, torch.Tensor] = {}
+        self._on_device = {branch: grid.to(self.device) for branch, grid in self.weights.items()}  # one copy per call
 
     def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
         """(prompt rows, text_len) factors at step index `step` for `branch`; None outside the step window."""
@@ -329,7 +330,7 @@ class ReweightBound(Bound):
             return None
         if step != self._cache_step:
             self._cache_step, self._cache = step, {}
-            self._device_weights = {b: self.weights[b][k].to(self.device) for b in live}
+            self._device_weights = {b: self._on_device[b][k] for b in live}
         geometry = frame.geometry(layer)
         key_text = geometry.key_text_slice
         # keys from the frame's geometry: another control may have appended text tokens (Regions on SD3 / Flux puts

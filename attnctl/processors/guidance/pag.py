@@ -26,6 +26,7 @@ import torch
 
 from ...control import Frame
 from ...errors import ConfigError, UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.reference import entmax
 from ...kernels.spec import AttentionSpec
 from ...selection import LayerSpec, validate_layers
@@ -62,7 +63,7 @@ class PAG(PerturbingControl, type_name="pag"):
     def bind(self, context) -> _PAGBound:
         return _PAGBound(self, context.layers, context.adapter.family)
 
-    def layer_effects(self, adapter, layer) -> tuple[str, ...]:
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"perturb": the perturbed rows' attention is replaced (none while scale is 0)."""
         return ("perturb",) if self.scale > 0 else ()
 

@@ -86,7 +86,7 @@ class SAG(Control, type_name="sag"):
     def bind(self, context) -> _SAGBound:
         return _SAGBound(self, context)
 
-    def layer_effects(self, adapter, layer) -> tuple[str, ...]:
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"capture" on the layer whose self-attention map it reads (none while scale is 0)."""
         return ("capture",) if self.scale > 0 else ()
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ...control import Frame
 from ...errors import UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
@@ -61,7 +62,7 @@ class SEG(PerturbingControl, type_name="seg"):
     def bind(self, context) -> _SEGBound:
         return _SEGBound(self, context.layers, context.adapter.family)
 
-    def layer_effects(self, adapter, layer) -> tuple[str, ...]:
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"query": the perturbed rows' image queries are blurred over the grid (none while scale is 0)."""
         return ("query",) if self.scale > 0 else ()
 

@@ -121,7 +121,7 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
     def bind(self, context) -> _SkipBound:
         return _SkipBound(self, context)
 
-    def layer_effects(self, adapter, layer) -> tuple[str, ...]:
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """None: whole blocks are skipped for the perturbed rows only; no attention layer computes differently for
         the rows that run it, so nothing here conflicts with another control's edits."""
         return ()

@@ -394,7 +394,10 @@ class RegionsBound(Bound):
             raise CallLayoutError(
                 f"attnctl: Regions expected {self.base_text_len} base text tokens in this denoiser call, got {context.shape[1]}"
             )
-        embeds = self.text.embeds.to(device=context.device, dtype=context.dtype)
+        key = ("embeds-joint", str(context.device), context.dtype)
+        if key not in self._cache:  # one copy per call
+            self._cache[key] = self.text.embeds.to(device=context.device, dtype=context.dtype)
+        embeds = self._cache[key]
         if embeds.shape[-1] != context.shape[-1]:
             raise CallLayoutError(f"attnctl: region embeddings have {embeds.shape[-1]} channels, the base text {context.shape[-1]}")
         block = embeds.reshape(1, -1, context.shape[-1]).expand(context.shape[0], -1, -1)
