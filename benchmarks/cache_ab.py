@@ -22,6 +22,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -33,23 +34,11 @@ PROMPT = "a photo of a dog under a tree"
 
 # -- models ---------------------------------------------------------------------------------------------------------
 def build_sd(latent: int):
-    """SD-like: UNet 32/64 channels, cross-attention at both levels (the config of benchmarks/overhead.py)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    """SD-like: UNet 32/64 channels, cross-attention at both levels (the model of benchmarks/overhead.py)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from overhead import build
 
-    from attnctl.testing.pipelines import _clip_text_encoder, _vae
-    from attnctl.testing.tokenizers import tiny_clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=latent, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(
-        vae=_vae(), text_encoder=_clip_text_encoder(), tokenizer=tiny_clip_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
-    ), {}
+    return build(latent), {}
 
 
 def build_pixart(latent: int):

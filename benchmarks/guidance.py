@@ -8,7 +8,11 @@ process, medians after a warm-up round, printed as ratios to CFG alone (the stoc
   of 2; target <= 1.6x);
 - `pag-separate`: the same with the perturbed rows as their own forward;
 - `seg`: SEG (sigma 10) on the mid block, batched;
+- `pag-self`: PAG on every self-attention layer, the 4096-token ones included (where computing only the
+  unperturbed rows' attention shows);
 - `skip`: skip-layer guidance on the mid block's transformer block, batched;
+- `skip-down`: skip-layer guidance on the first down block's transformer block (4096 tokens; the block does not
+  run for the perturbed rows);
 - `sag`: SAG (two forwards: the CFG batch, then the degraded uncond rows);
 - `pladis`: PLADIS on every cross-attention layer (no extra rows; the sparse transform runs on the eager
   reference backend on a CPU, the Triton kernel on CUDA).
@@ -28,7 +32,7 @@ import time
 
 import torch
 
-VARIANTS = ("pag", "pag-separate", "seg", "skip", "sag", "pladis")
+VARIANTS = ("pag", "pag-separate", "pag-self", "seg", "skip", "skip-down", "sag", "pladis")
 
 
 def _build(latent: int):
@@ -45,8 +49,10 @@ def controls(variant: str):
     return {
         "pag": [attnctl.PAG(scale=3.0)],
         "pag-separate": [attnctl.PAG(scale=3.0, separate=True)],
+        "pag-self": [attnctl.PAG(scale=3.0, layers="self")],
         "seg": [attnctl.SEG(scale=3.0, sigma=10.0)],
         "skip": [attnctl.SkipLayer(scale=2.8, blocks=("mid_block.attentions.0.transformer_blocks.0",), steps=(0.0, 1.0))],
+        "skip-down": [attnctl.SkipLayer(scale=2.8, blocks=("down_blocks.0.attentions.0.transformer_blocks.0",), steps=(0.0, 1.0))],
         "sag": [attnctl.SAG(scale=0.75)],
         "pladis": [attnctl.PLADIS(scale=2.0, alpha=1.5)],
     }[variant]

@@ -157,7 +157,7 @@ def main() -> None:
     print(header)
     for config in CONFIGS:
         report = reports[config]
-        flops = f"{report.flops_ratio:.3f}" if report is not None else "1.000"
+        flops = f"{report.flops_ratio():.3f}" if report is not None else "1.000"
         quality = psnr(outputs[config], outputs["stock"])
         line = (f"{config:<10} {wall[config] * 1000:>9.1f} {wall['stock'] / wall[config]:>7.2f}x {cpu[config] * 1000:>9.1f} "
                 f"{cpu['stock'] / cpu[config]:>7.2f}x {flops:>10} {quality:>8.2f}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import attnctl
+from attnctl.pipelines.generate import embedded_call_defaults
 from attnctl.testing import CALL_DEFAULTS
 
 CALIBRATION = ["a red circle on a blue square", "a cat on a chair in a garden", "a boat on the sea at sunset"]
@@ -43,7 +44,7 @@ def main() -> None:
 
     tiny = args.model in CALL_DEFAULTS
     pipe = attnctl.load_pipeline(args.model, device=args.device)
-    options = dict(CALL_DEFAULTS.get(args.model, {}))
+    options = embedded_call_defaults(args.model)
     for key in ("height", "width"):
         if getattr(args, key):
             options[key] = getattr(args, key)

@@ -20,9 +20,9 @@ import torch
 import attnctl
 from attnctl.families import adapter_for
 from attnctl.handle import denoiser_of
+from attnctl.pipelines.generate import embedded_call_defaults
 from attnctl.pipelines.loading import embedded_models, load_pipeline
 from attnctl.processors.guidance.skip import transformer_blocks
-from attnctl.testing import CALL_DEFAULTS
 
 METHODS = ("pag", "seg", "sag", "pladis", "skip", "pag+seg")
 
@@ -74,7 +74,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     tiny = args.model in embedded_models()
-    options = dict(CALL_DEFAULTS.get(args.model, {}))
+    options = embedded_call_defaults(args.model)
     options["num_inference_steps"] = args.steps or (4 if tiny else 28)
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale

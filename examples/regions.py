@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 import attnctl
+from attnctl.pipelines.generate import default_model, embedded_call_defaults
 from attnctl.pipelines.loading import embedded_models, load_pipeline
 from attnctl.processors.regions import save_picture
-from attnctl.testing import CALL_DEFAULTS
 
 DEFAULT_REGIONS = (
     ("a red circle", (0.05, 0.2, 0.48, 0.8)),
@@ -51,9 +51,9 @@ def main() -> None:
         pairs = [(r[0], tuple(float(v) for v in r[1:])) for r in args.region] if args.region else DEFAULT_REGIONS
         control = attnctl.Regions([attnctl.Region(p, box=b) for p, b in pairs], base_ratio=args.base_ratio, isolate=args.isolate)
 
-    model = args.model or _default_model()
+    model = args.model or default_model()
     pipe = load_pipeline(model, device=args.device)
-    options = dict(CALL_DEFAULTS.get(model, {}))
+    options = embedded_call_defaults(model)
     options["num_inference_steps"] = args.steps or (2 if model.startswith("tiny-") else 30)
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale
@@ -77,15 +77,6 @@ def main() -> None:
         strip.paste(image.convert("RGB"), (position * size[0], 0))
     strip.save(os.path.join(args.out, "comparison.png"))
     print(f"saved layout.png, stock.png, regions.png and comparison.png to {args.out} ({model}, {options['num_inference_steps']} steps)")
-
-
-def _default_model() -> str:
-    try:
-        import attnctl.toy  # noqa: F401
-
-        return "toy-shapes"
-    except ImportError:
-        return "tiny-sd"
 
 
 if __name__ == "__main__":

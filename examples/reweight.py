@@ -16,7 +16,7 @@ import os
 import torch
 
 import attnctl
-from attnctl.testing import CALL_DEFAULTS
+from attnctl.pipelines.generate import embedded_call_defaults
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = attnctl.load_pipeline(args.model, torch_dtype=dtype, device=args.device)
-    options = dict(CALL_DEFAULTS.get(args.model, {}))
+    options = embedded_call_defaults(args.model)
     steps = args.steps or (2 if args.model.startswith("tiny-") else 30)
     clean, control = attnctl.Reweight.from_prompt(args.prompt, normalize=args.normalize)
     print(f"prompt: {clean!r}")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import attnctl
+from attnctl.pipelines.generate import embedded_call_defaults
 from attnctl.pipelines.loading import embedded_models, load_pipeline
-from attnctl.testing import CALL_DEFAULTS
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, device=args.device)
-    options = dict(CALL_DEFAULTS.get(args.model, {}))
+    options = embedded_call_defaults(args.model)
     if args.size:
         options.update(height=args.size, width=args.size)
     steps = args.steps or (4 if args.model.startswith("tiny-") else 30)
@@ -59,7 +59,7 @@ def main() -> None:
             report = handle.outputs["tome" if name == "tome" else "agent_attention"]
         image.save(os.path.join(args.out, f"{name}.png"))
         print(f"\n{control}\n  {elapsed:.2f} s ({stock_time / elapsed:.2f}x), PSNR vs stock {psnr(image, stock):.2f} dB, "
-              f"attention FLOPs {report.flops_ratio:.3f} of full attention")
+              f"attention FLOPs {report.flops_ratio():.3f} of full attention")
         for step, entry in report.per_step().items():
             print(f"  step {step}: {int(entry['merged'])} tokens merged per image over the layers, FLOPs {entry['flops_ratio']:.3f}")
         for layer, entry in report.per_layer().items():

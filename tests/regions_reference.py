@@ -123,7 +123,7 @@ class RefClassicProcessor:
             if attention_mask is not None:  # (B, 1, T) additive, from the model
                 bias = attention_mask[row].double()
             cond = row in state.cond_rows
-            if not self.cross and self.isolate_here and cond and state.isolate:
+            if not self.cross and self.isolate_here and state.isolate:  # isolation: every row, uncond rows too
                 layout = state.layout(n)
                 bias = isolation_bias(layout.labels, state.subjects, state.strength)
             base = softmax_attention(q[row], k[row], v[row], bias)
@@ -163,8 +163,9 @@ def joint_categories(state: RefState, n: int) -> tuple[torch.Tensor, torch.Tenso
     return is_image, image_label, is_base, region_id
 
 
-def joint_bias(state: RefState, n: int, cond: bool) -> torch.Tensor:
-    """The dense (S, S) additive mask of DESIGN §3's joint rules (uncond rows: region text hidden)."""
+def joint_bias(state: RefState, n: int, cond: bool, isolate: bool) -> torch.Tensor:
+    """The dense (S, S) additive mask of DESIGN §3's joint rules (uncond rows: region text hidden); `isolate`: the
+    image x image isolation bias (every row of a layer the control acts on, uncond rows too)."""
     is_image, label, is_base, region = joint_categories(state, n)
     length = len(is_image)
     allowed = torch.zeros(length, length, dtype=torch.bool)
@@ -180,7 +181,7 @@ def joint_bias(state: RefState, n: int, cond: bool) -> torch.Tensor:
         else:
             r = int(region[i])
             allowed[i] = (is_image & (label == r + 1)) | (region == r) if cond else (region == r)
-    if cond and state.isolate:
+    if isolate:
         image = torch.nonzero(is_image).flatten()
         extra[image[:, None], image[None, :]] = isolation_bias(label[image].tolist(), state.subjects, state.strength)
     return torch.where(allowed, extra, torch.full_like(extra, float("-inf")))
@@ -198,7 +199,7 @@ def joint_attention(state: RefState, q: torch.Tensor, k: torch.Tensor, v: torch.
     layout = state.layout(n)
     for row in range(q.shape[0]):
         cond = active and row in state.cond_rows
-        masked = softmax_attention(q[row], k[row], v[row], joint_bias(state, n, cond))
+        masked = softmax_attention(q[row], k[row], v[row], joint_bias(state, n, cond, active and state.isolate))
         if cond:
             base_bias = torch.zeros(len(image), len(base_keys), dtype=torch.float64)
             if state.isolate:  # image x image isolation; the base text stays visible to every image token
@@ -249,12 +250,12 @@ class RefSD3Processor:
         q, k, v = (_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is None:  # SD3.5's image-only attn2: isolation on the cond rows
+        if encoder_hidden_states is None:  # SD3.5's image-only attn2: isolation on every row
             labels = self.state.layout(n).labels
             out = torch.stack([
                 softmax_attention(q[row], k[row], v[row],
                                   isolation_bias(labels, self.state.subjects, self.state.strength)
-                                  if self.active and self.state.isolate and row in self.state.cond_rows else None)
+                                  if self.active and self.state.isolate else None)
                 for row in range(q.shape[0])
             ])
             return attn.to_out[1](attn.to_out[0](_merge(out).to(hidden_states.dtype)))

@@ -204,10 +204,14 @@ def test_postprocess_is_restored_after_errors_and_shared_by_two_captures(tiny_ca
         finally:
             del pipe.vae.decode
     assert vars(processor) == before
-    with attnctl.apply(pipe, [AttentionMaps(["red"]), AttentionMaps(["cat"])]):
-        with pytest.raises(ConfigError, match="different keys"):
+    # two maps publishing to one key: refused (at apply once `apply` checks output keys; before that at the call)
+    with pytest.raises(ConfigError, match="attention_maps"):
+        with attnctl.apply(pipe, [AttentionMaps(["red"]), AttentionMaps(["cat"])]):
             _run(pipe, "tiny-sd")
     assert vars(processor) == before
+    with attnctl.apply(pipe, [AttentionMaps(["red"]), AttentionMaps(["cat"], key="cat_maps")]) as handle:
+        _run(pipe, "tiny-sd")
+    assert handle.outputs["attention_maps"].words == ("red",) and handle.outputs["cat_maps"].words == ("cat",)
 
 
 def test_config_validation_and_round_trip():

@@ -105,45 +105,24 @@ def test_pag_matches_diffusers_sd(guidance, adaptive):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_pag_matches_diffusers_sdxl():
-    from diffusers import StableDiffusionXLPAGPipeline
+@pytest.mark.parametrize("name, pipeline, layers, leave_out", [
+    ("tiny-sdxl", "StableDiffusionXLPAGPipeline", "mid", ()),
+    ("tiny-sd3", "StableDiffusion3PAGPipeline", "blocks.1", ("image_encoder", "feature_extractor")),  # no qk-norm
+    ("tiny-pixart", "PixArtSigmaPAGPipeline", "blocks.1", ()),
+])
+def test_pag_matches_diffusers_pipelines(name, pipeline, layers, leave_out):
+    """PAG with its default layers against diffusers' PAG pipeline of the family (diffusers' PAG processors skip
+    qk-norm: the tiny models have none)."""
+    import diffusers
 
-    pipe = make_tiny_pipeline("tiny-sdxl")
-    reference_pipe = StableDiffusionXLPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
+    pipe = make_tiny_pipeline(name)
+    reference_pipe = getattr(diffusers, pipeline)(**_components(pipe, leave_out), pag_applied_layers=[layers])
     reference_pipe.set_progress_bar_config(disable=True)
-    expected = generate(reference_pipe, "tiny-sdxl", steps=3, pag_scale=3.0)
-    stock = generate(pipe, "tiny-sdxl", steps=3)
+    expected = generate(reference_pipe, name, steps=3, pag_scale=3.0)
+    stock = generate(pipe, name, steps=3)
     with attnctl.apply(pipe, [attnctl.PAG(scale=3.0)]):
-        got = generate(pipe, "tiny-sdxl", steps=3)
-    assert (expected - stock).abs().max() > 1e-2
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_pag_matches_diffusers_sd3():
-    from diffusers import StableDiffusion3PAGPipeline
-
-    pipe = make_tiny_pipeline("tiny-sd3")  # no qk-norm: diffusers' PAG processors skip it
-    reference_pipe = StableDiffusion3PAGPipeline(**_components(pipe, ("image_encoder", "feature_extractor")), pag_applied_layers=["blocks.1"])
-    reference_pipe.set_progress_bar_config(disable=True)
-    expected = generate(reference_pipe, "tiny-sd3", steps=3, pag_scale=3.0)
-    stock = generate(pipe, "tiny-sd3", steps=3)
-    with attnctl.apply(pipe, [attnctl.PAG(scale=3.0)]):
-        got = generate(pipe, "tiny-sd3", steps=3)
-    assert (expected - stock).abs().max() > 1e-2
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_pag_matches_diffusers_pixart():
-    from diffusers import PixArtSigmaPAGPipeline
-
-    pipe = make_tiny_pipeline("tiny-pixart")
-    reference_pipe = PixArtSigmaPAGPipeline(**pipe.components, pag_applied_layers=["blocks.1"])
-    reference_pipe.set_progress_bar_config(disable=True)
-    expected = generate(reference_pipe, "tiny-pixart", steps=3, pag_scale=3.0)
-    stock = generate(pipe, "tiny-pixart", steps=3)
-    with attnctl.apply(pipe, [attnctl.PAG(scale=3.0)]):
-        got = generate(pipe, "tiny-pixart", steps=3)
-    assert (expected - stock).abs().max() > 1e-2
+        got = generate(pipe, name, steps=3)
+    assert (expected - stock).abs().max() > 1e-2  # PAG changes the result
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

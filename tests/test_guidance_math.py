@@ -112,8 +112,7 @@ def test_joint_identity_matches_dense_diagonal_mask(layout, extras):
         rows = torch.ones(total)
         bias = bias + attn_mask.double() + LabelMask(q_labels, k_labels, table).dense().double()
     expected, expected_lse = dense_reference(q, k, v, bias, value_scale, rows, spec.sparse)
-    positions = torch.arange(image.start, image.stop)
-    out, lse = joint_identity(q, k, v, spec, positions)
+    out, lse = joint_identity(q, k, v, spec, image)
     torch.testing.assert_close(out.double(), expected[:, :, image], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), expected_lse[:, :, image], rtol=1e-5, atol=1e-5)
 
@@ -137,7 +136,7 @@ def ref_seg_kernel_size(sigma: float, hw: tuple[int, int]) -> int:
     if size % 2 == 0:  # made odd as SEG-SDXL does: ceil(6 sigma) + 1 - ceil(6 sigma) % 2
         size -= 1
     longest = max(hw)
-    limit = longest if longest % 2 == 1 else longest + 1
+    limit = longest if longest % 2 == 1 else longest - 1  # DESIGN: the largest odd size that fits the grid
     return min(size, limit)
 
 
@@ -176,12 +175,14 @@ def ref_blur(grid: torch.Tensor, sigma: float) -> torch.Tensor:
 def test_seg_kernel_size_rule():
     assert kernel_size(1.0, (64, 64)) == 7  # ceil(6) + 1 = 7
     assert kernel_size(0.75, (64, 64)) == 5  # ceil(4.5) = 5, odd: 5
-    assert kernel_size(10.0, (16, 16)) == 17  # clamped: 16 - (0 - 1)
+    assert kernel_size(10.0, (16, 16)) == 15  # clamped to the largest odd size <= 16 (SEG-SDXL's rule gives 17)
     assert kernel_size(10.0, (15, 9)) == 15
-    assert kernel_size(10.0, (4, 12)) == 13  # the longer side clamps
+    assert kernel_size(10.0, (4, 12)) == 11  # the longer side clamps
+    assert kernel_size(2.0, (16, 16)) == 13  # ceil(12) + 1, already odd, within the grid
+    assert kernel_size(10.0, (1, 2)) == 1
 
 
-@pytest.mark.parametrize("sigma, hw", [(1.0, (5, 8)), (0.6, (7, 4)), (3.0, (3, 10)), (2.0, (6, 6))])
+@pytest.mark.parametrize("sigma, hw", [(1.0, (5, 8)), (0.6, (7, 4)), (3.0, (3, 10)), (2.0, (6, 6)), (10.0, (4, 16))])
 def test_seg_blur_matches_explicit_reference(sigma, hw):
     torch.manual_seed(2)
     channels = 3

@@ -156,26 +156,49 @@ def test_sdpa_and_reference_backends_agree(name, tiny_cache):
     torch.testing.assert_close(sdpa, reference, rtol=1e-4, atol=1e-4)
 
 
-def test_uncond_rows_are_stock(tiny_cache):
-    """With CFG the uncond rows keep the negative prompt everywhere: their prediction is the stock one."""
-    pipe = tiny_cache("tiny-sd3")
-    predictions = {}
-    transformer = pipe.transformer
+def _first_predictions(pipe, name, variants, **call):
+    """The denoiser's outputs of a one-step call (every denoiser call of it), per variant of controls."""
+    seen = {}
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
     def capture(key):
         def hook(module, args, kwargs, output):
-            predictions.setdefault(key, output[0].detach().clone())
+            seen.setdefault(key, []).append(output[0].detach().clone())
         return hook
 
-    for key, controls in (("stock", None), ("regions", [Regions(layout(), base_ratio=0.0, isolate=True)])):
-        handle = transformer.register_forward_hook(capture(key), with_kwargs=True)
+    for key, controls in variants.items():
+        handle = denoiser.register_forward_hook(capture(key), with_kwargs=True)
         try:
-            run(pipe, "tiny-sd3", controls, steps=1, max_sequence_length=16)
+            run(pipe, name, controls, steps=1, **call)
         finally:
             handle.remove()
-    stock, regions = predictions["stock"], predictions["regions"]
+    return seen
+
+
+def test_uncond_rows_keep_the_negative_prompt_and_get_isolation(tiny_cache):
+    """With CFG the uncond rows keep the negative prompt everywhere: without isolation their prediction is the stock
+    one. Isolation applies to every row (DESIGN §3 does not restrict it): the uncond rows then equal those of
+    isolation alone (base_ratio 1, no region prompts)."""
+    pipe = tiny_cache("tiny-sd3")
+    seen = _first_predictions(pipe, "tiny-sd3", {
+        "stock": None,
+        "regions": [Regions(layout(), base_ratio=0.0)],
+        "isolated": [Regions(layout(), base_ratio=0.0, isolate=True)],
+        "isolation only": [Regions(layout(), base_ratio=1.0, isolate=True)],
+    }, max_sequence_length=16)
+    stock, regions, isolated, only = (seen[key][0] for key in ("stock", "regions", "isolated", "isolation only"))
     torch.testing.assert_close(regions[0], stock[0], rtol=1e-5, atol=1e-5)
     assert (regions[1] - stock[1]).abs().max() > 1e-3
+    assert (isolated[0] - stock[0]).abs().max() > 1e-3  # the uncond row is isolated too
+    torch.testing.assert_close(isolated[0], only[0], rtol=1e-5, atol=1e-5)  # ... and gets nothing else
+
+
+def test_isolation_applies_to_the_uncond_rows_of_a_unet(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    seen = _first_predictions(pipe, "tiny-sd", {"stock": None, "isolated": [Regions(layout(), base_ratio=1.0, isolate=True)]})
+    stock, isolated = seen["stock"][0], seen["isolated"][0]
+    assert (isolated[0] - stock[0]).abs().max() > 1e-4  # the uncond row (row 0 of [uncond, cond])
+    assert (isolated[1] - stock[1]).abs().max() > 1e-4
 
 
 def test_thirty_two_regions_on_tiny_sd():
@@ -393,24 +416,22 @@ def test_sd35_dual_attention_layers_get_isolation():
 
 def test_flux_true_cfg_uncond_call_is_stock(tiny_cache):
     pipe = tiny_cache("tiny-flux")
-    seen = {}
-
-    def capture(key):
-        def hook(module, args, kwargs, output):
-            seen.setdefault(key, []).append(output[0].detach().clone())
-        return hook
-
-    extra = {"negative_prompt": "a dog", "true_cfg_scale": 3.0, "steps": 1}
-    for key, controls in (("stock", None), ("regions", [Regions(layout(), base_ratio=0.0)])):
-        handle = pipe.transformer.register_forward_hook(capture(key), with_kwargs=True)
-        try:
-            run(pipe, "tiny-flux", controls, **extra)
-        finally:
-            handle.remove()
+    extra = {"negative_prompt": "a dog", "true_cfg_scale": 3.0}
+    seen = _first_predictions(pipe, "tiny-flux", {
+        "stock": None,
+        "regions": [Regions(layout(), base_ratio=0.0)],
+        "isolated": [Regions(layout(), base_ratio=0.0, isolate=True)],
+        "isolation only": [Regions(layout(), base_ratio=1.0, isolate=True)],
+    }, **extra)
     stock_cond, stock_uncond = seen["stock"]
     cond, uncond = seen["regions"]
     assert torch.equal(uncond, stock_uncond)  # bitwise: no region tokens (not even hidden ones) in the uncond call
     assert (cond - stock_cond).abs().max() > 1e-3
+    # isolation acts in the uncond call too (without region tokens there): as isolation alone does
+    _, isolated_uncond = seen["isolated"]
+    _, only_uncond = seen["isolation only"]
+    assert (isolated_uncond - stock_uncond).abs().max() > 1e-4
+    torch.testing.assert_close(isolated_uncond, only_uncond, rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_embeds_work(tiny_cache):

@@ -357,7 +357,6 @@ def test_to_dict_round_trip():
     controls = [
         Reweight({"red": 1.5, ("cat", 1): (0.5, 2.0), 5: 0, "blue car": 2}, normalize=True, layers=("down", "up"), steps=(0.1, 0.9)),
         Reweight([{"red": 2.0}, {}, {("dog", 0): 0.0}], branch="both"),
-        Reweight({}),
     ]
     for control in controls:
         data = json.loads(json.dumps(control.to_dict()))
@@ -371,6 +370,21 @@ def test_to_dict_round_trip():
     # the readable hand-written forms are accepted too
     assert Control.from_dict({"type": "reweight", "weights": {"red": 2}}) == Reweight({"red": 2.0})
     assert Reweight([["red", 2], [["cat", 1], [1, 3]]]) == Reweight({"red": 2.0, ("cat", 1): (1.0, 3.0)})
+
+
+@pytest.mark.parametrize("weights", [{}, [], [{}], [{}, {}]])
+def test_empty_weights_are_refused(weights):
+    with pytest.raises(ConfigError, match="empty"):
+        Reweight(weights)
+    with pytest.raises(ConfigError, match="empty"):
+        Control.from_dict({"type": "reweight", "weights": weights})
+
+
+def test_from_prompt_without_syntax_is_refused():
+    with pytest.raises(ConfigError, match="no weighting syntax"):
+        Reweight.from_prompt("a red car")
+    with pytest.raises(ConfigError, match="no weighting syntax"):
+        Reweight.from_prompt(["a red car", "a dog"])
 
 
 def test_from_prompt():

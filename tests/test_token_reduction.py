@@ -268,7 +268,7 @@ def test_works_on_unet_and_pixart_with_the_highest_resolution_default(name, leve
         assert torch.isfinite(out).all() and not torch.equal(out, stock)
         assert {r.layer for r in report.records} == {l.name for l in layers}
         assert sorted({r.step for r in report.records}) == [0, 1, 2]
-        assert 0 < report.flops_ratio < 1
+        assert 0 < report.flops_ratio() < 1
     if name == "tiny-sdxl":  # SDXL's first level has no attention: the default is the second level
         assert all(l.level > 0 for l in handle.adapter.layers)
 
@@ -280,7 +280,7 @@ def test_report_counts_tokens_and_flops():
     report = handle.outputs["tome"]
     n = 16 * 16  # the first UNet level of a 32x32 image: 16x16 latent tokens
     assert {(r.tokens, r.merged, r.kept, r.rows, r.agents) for r in report.records} == {(n, n // 2, n // 2, 4, 0)}
-    assert report.flops_ratio == pytest.approx(0.25)
+    assert report.flops_ratio() == pytest.approx(0.25)
     assert set(report.per_step()) == {0, 1}
     assert all(entry["merged"] == n // 2 for entry in report.per_layer().values())
     assert report.merged()[(report.records[0].layer, 0)] == n // 2
@@ -372,7 +372,7 @@ def test_sd3_merges_image_tokens_only_and_agent_attention_is_refused_on_joint_la
     assert {r.layer for r in report.records} == {"transformer_blocks.0.attn", "transformer_blocks.1.attn"}
     assert {(r.tokens, r.kept) for r in report.records} == {(256, 128)}
     text = 77 + 256  # CLIP and T5 tokens are never merged
-    assert report.flops_ratio == pytest.approx(((128 + text) / (256 + text)) ** 2)
+    assert report.flops_ratio() == pytest.approx(((128 + text) / (256 + text)) ** 2)
     with pytest.raises(UnsupportedError, match="AgentAttention"):
         attnctl.apply(pipe, [attnctl.AgentAttention()])
     dual = make_tiny_pipeline("tiny-sd3", dual_attention_layers=(0,))

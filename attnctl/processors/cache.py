@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..kernels.spec import AttentionSpec, LabelMask, Window
+from ..kernels.spec import Window
+from .common import RowIndex
 
 if TYPE_CHECKING:
     from ..control import Frame
@@ -30,13 +31,16 @@ Value = Any  # a tensor or a tuple of tensors (or None entries) whose first dime
 
 
 # -- rows --------------------------------------------------------------------------------------------------------
-def take_rows(value: Value, index: torch.Tensor | list[int]) -> Value:
-    """The rows `index` of a tensor, or of every tensor of a tuple (None entries stay None)."""
+def take_rows(value: Value, positions: Sequence[int], index: RowIndex | None = None) -> Value:
+    """The rows `positions` of a tensor, or of every tensor of a tuple (None entries stay None). The index tensors
+    come from `index` (cached per device: no host-to-device copy per call once made)."""
+    index = index if index is not None else RowIndex()
     if isinstance(value, torch.Tensor):
-        positions = index if isinstance(index, torch.Tensor) else torch.tensor(index, dtype=torch.long)
-        return value.index_select(0, positions.to(value.device))
+        if list(positions) == list(range(value.shape[0])):
+            return value
+        return value.index_select(0, index(positions, value.device))
     if isinstance(value, tuple):
-        return tuple(None if v is None else take_rows(v, index) for v in value)
+        return tuple(None if v is None else take_rows(v, positions, index) for v in value)
     raise TypeError(f"attnctl: cannot cache a layer result of type {type(value).__name__}")
 
 
@@ -45,23 +49,6 @@ def cat_rows(values: list[Value]) -> Value:
     if isinstance(first, torch.Tensor):
         return torch.cat(values, dim=0)
     return tuple(None if first[i] is None else torch.cat([v[i] for v in values], dim=0) for i in range(len(first)))
-
-
-def spec_rows(spec: AttentionSpec, index: list[int], batch: int) -> AttentionSpec:
-    """`spec` for the batch rows `index` only: every per-row tensor is sliced (those with 1 row broadcast)."""
-    positions = torch.tensor(index, dtype=torch.long)
-
-    def rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None or tensor.ndim == 0 or tensor.shape[0] != batch or batch == 1:
-            return tensor
-        return tensor.index_select(0, positions.to(tensor.device))
-
-    labels = spec.labels
-    if labels is not None:
-        labels = LabelMask(rows(labels.q_labels), rows(labels.k_labels), rows(labels.table))
-    return dataclasses.replace(
-        spec, attn_mask=rows(spec.attn_mask), key_bias=rows(spec.key_bias), value_scale=rows(spec.value_scale), labels=labels
-    )
 
 
 class PassCounter:
@@ -87,8 +74,9 @@ def row_keys(layout: RowLayout, pass_index: Any) -> list[Key]:
 class BranchCache:
     """At most one value per key; a value holds that key's rows of the layout it was stored from, by prompt."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: RowIndex | None = None) -> None:
         self._values: dict[Any, tuple[tuple[int, ...], Value]] = {}
+        self.index = index if index is not None else RowIndex()  # the owner clears it at the end of the call
 
     def __len__(self) -> int:
         return len(self._values)
@@ -102,7 +90,7 @@ class BranchCache:
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         for key, index in groups.items():
-            self._values[key] = (tuple(layout.rows[i].prompt for i in index), take_rows(value, index))
+            self._values[key] = (tuple(layout.rows[i].prompt for i in index), take_rows(value, index, self.index))
 
     def store_by_prompt(self, key: Any, prompts: tuple[int, ...], value: Value) -> None:
         self._values[key] = (prompts, value)
@@ -122,13 +110,14 @@ class BranchCache:
                 positions = [prompts.index(layout.rows[i].prompt) for i in index]
             except ValueError:
                 return None
-            parts.append(take_rows(value, positions) if positions != list(range(len(prompts))) else value)
+            parts.append(take_rows(value, positions, self.index))
             order.extend(index)
         out = parts[0] if len(parts) == 1 else cat_rows(parts)
         if order != sorted(order):
-            inverse = torch.empty(len(order), dtype=torch.long)
-            inverse[torch.tensor(order)] = torch.arange(len(order))
-            out = take_rows(out, inverse)
+            inverse = [0] * len(order)
+            for place, row in enumerate(order):
+                inverse[row] = place
+            out = take_rows(out, inverse, self.index)
         return out
 
 
@@ -194,7 +183,7 @@ class Entry:
 
 @dataclass
 class CacheReport:
-    """What a cache control did in the last pipeline call (`handle.outputs["tgate"]` / `["fastattn"]`).
+    """What a cache control did in the last pipeline call (`handle.outputs[control.key]`: "tgate" / "fastattn" by default).
 
     `entries[(step, layer)]` covers every attention layer of the model (layers the control does not act on run
     `"full"`). FLOPs count the attention op only (`Q K^T` and `A V`); window attention counts the query-key pairs

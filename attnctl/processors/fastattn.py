@@ -43,7 +43,8 @@ from ..families.base import Geometry, LayerInfo, ModelAdapter
 from ..kernels.spec import AttentionSpec, Window
 from ..selection import LayerSpec, validate_layers
 from ..validation import number, set_field
-from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, spec_rows, take_rows, window_pairs
+from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
+from .common import RowIndex, image_size, output_key, publish, restricted_rows, spec_rows, token_layout
 from .edit import Edit, LayerCall, LayerHook
 
 TECHNIQUES: tuple[str, ...] = ("window_residual", "step_share", "cfg_share")
@@ -224,6 +225,7 @@ class FastAttn(Control, type_name="fastattn"):
     techniques: which of "window_residual", "step_share", "cfg_share" calibration may choose.
     layers: default self-attention on UNet and PixArt, every attention layer on SD3 and Flux (with a plan: the
         plan's layers). Cross-attention layers may be selected; they use step_share and cfg_share only.
+    key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
     threshold: float = 0.05
@@ -231,6 +233,7 @@ class FastAttn(Control, type_name="fastattn"):
     plan: FastAttnPlan | None = None
     techniques: tuple[str, ...] = TECHNIQUES
     layers: LayerSpec = None
+    key: str = "fastattn"
 
     slots: ClassVar[tuple[str, ...]] = ("cache",)
     kernel_features: ClassVar[tuple[str, ...]] = ("window",)
@@ -245,6 +248,7 @@ class FastAttn(Control, type_name="fastattn"):
             raise ConfigError(f"FastAttn.techniques must be distinct names from {', '.join(TECHNIQUES)}, got {self.techniques!r}")
         set_field(self, "techniques", techniques)
         set_field(self, "layers", validate_layers(self.layers, name="FastAttn.layers"))
+        set_field(self, "key", output_key(self.key, "FastAttn"))
         plan = self.plan
         if isinstance(plan, Mapping):
             plan = FastAttnPlan.from_dict(plan)
@@ -262,6 +266,23 @@ class FastAttn(Control, type_name="fastattn"):
             used = sorted({m for _, methods in plan.methods for m in methods} - allowed)
             if used:
                 raise ConfigError(f"the plan uses {', '.join(used)}, which FastAttn.techniques {techniques} does not allow")
+
+    @property
+    def output_key(self) -> str:
+        """Where the report goes in `handle.outputs`."""
+        return self.key
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"cache" where outputs may be stored and reused, "window" where window attention may run (by the plan's
+        methods for the layer; without a plan, what calibration may choose; nothing at threshold 0)."""
+        if self.plan is not None:
+            methods = dict(self.plan.methods).get(layer.name, ())
+            effects = ("cache",) if any(m != "full" for m in methods) else ()
+            return effects + (("window",) if any(m.startswith("window_residual") for m in methods) else ())
+        if self.threshold == 0:
+            return ()
+        windowed = "window_residual" in self.techniques and layer.kind != "cross"
+        return ("cache", "window") if windowed else ("cache",)
 
     @property
     def window_size(self) -> WindowSize:
@@ -305,7 +326,7 @@ class FastAttn(Control, type_name="fastattn"):
         prompt = [prompts] if isinstance(prompts, str) else list(prompts)
         with apply(pipe, [control], backend=backend) as handle:
             pipe(prompt, **call_kwargs)
-            report = handle.outputs.get("fastattn")
+            report = handle.outputs.get(control.key)
         if report is None or report.plan is None:
             raise ConfigError("FastAttn.calibrate: the pipeline call ran no denoising step, so no plan was made")
         return report.plan
@@ -315,9 +336,9 @@ class FastAttn(Control, type_name="fastattn"):
 class _LayerState:
     __slots__ = ("output", "residual")
 
-    def __init__(self) -> None:
-        self.output = BranchCache()  # step_share: module results (inference) or attention outputs (calibration)
-        self.residual = BranchCache()  # window_residual: R = full - window, (B, H, N, D) rows
+    def __init__(self, index: RowIndex) -> None:
+        self.output = BranchCache(index)  # step_share: module results (inference) or attention outputs (calibration)
+        self.residual = BranchCache(index)  # window_residual: R = full - window, (B, H, N, D) rows
 
 
 def _relative_l1(candidate: torch.Tensor, full: torch.Tensor) -> float:
@@ -334,7 +355,7 @@ class FastAttnBound(Bound):
         self.fast = control
         self.adapter = context.adapter
         self.steps_count = context.steps
-        self.resolution = _resolution(context)
+        self.resolution = image_size(context)
         model, source, fingerprint = model_identity(context.adapter.denoiser)
         self.identity = (model, source, fingerprint)
         plan = control.plan
@@ -346,12 +367,10 @@ class FastAttnBound(Bound):
         self.calibrating = plan is None and control.threshold > 0
         self.decided: set[tuple[int, int]] = set()  # (layer index, step) decided by calibration
         self.report = CacheReport("fastattn", steps=context.steps, plan=plan)
-        key = "fastattn"
-        while key in context.outputs:
-            key += "+"
-        context.outputs[key] = self.report
+        publish(context, control.key, self.report, "FastAttn")
         self.accountant = Accountant(context.adapter, context.layers, self.report)
-        self.states = {layer.index: _LayerState() for layer in context.layers}
+        self.index = RowIndex()  # row positions as index tensors, per device (shared by the layers' caches)
+        self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
         self.passes = PassCounter()
 
     # -- per layer geometry ---------------------------------------------------------------------------------------
@@ -410,15 +429,8 @@ class FastAttnBound(Bound):
         for state in self.states.values():
             state.output.clear()
             state.residual.clear()
+        self.index.clear()
         self.accountant._frame = None
-
-
-def _resolution(context: BindContext) -> tuple[int, int]:
-    factor = getattr(context.pipeline, "vae_scale_factor", None)
-    h, w = context.canvas.latent_hw
-    if isinstance(factor, int) and factor > 0:
-        return (h * factor, w * factor)
-    return (h, w)
 
 
 def _share_index(layout) -> tuple[list[int], list[int]] | None:
@@ -480,12 +492,29 @@ class _FastAttnHook(LayerHook):
 
     # -- the attention op -----------------------------------------------------------------------------------------
     def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
-        if self.calibrate:
-            return self._calibrate(call, q, k, v, spec, compute)
-        out, lse = self._apply(call, q, k, v, spec, compute)
-        if self.bound.calibrating:  # later frames of a calibrated step: step sharing works on attention outputs
-            self.state.output.store(call.rows, out, self.keys)
-        return out, lse
+        if token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention): computed as asked
+            return compute(q, k, v, spec)
+        # The rows here may be fewer than the layer call's (an outer hook ran the rest of the chain on some rows,
+        # e.g. PAG on the rows it does not perturb): the attention caches are keyed by the rows seen here.
+        layer_rows, layer_keys = self.rows, self.keys
+        if q.shape[0] != self.rows:
+            self.rows, self.keys = len(call.rows), row_keys(call.rows, self.pass_index)
+        try:
+            if self.calibrate:
+                return self._calibrate(call, q, k, v, spec, compute)
+            out, lse = self._apply(call, q, k, v, spec, compute)
+            if self.bound.calibrating:  # later frames of a calibrated step: step sharing works on attention outputs
+                self.state.output.store(call.rows, out, self.keys)
+            return out, lse
+        finally:
+            self.rows, self.keys = layer_rows, layer_keys
+
+    def _some_rows(self, call: LayerCall, computed: list[int], compute, q, k, v, spec: AttentionSpec):
+        """`compute` on the rows `computed` only (the hooks inside see those rows)."""
+        if len(computed) == self.rows:
+            return compute(q, k, v, spec)
+        with restricted_rows(call, computed):
+            return compute(q, k, v, spec)
 
     def _apply(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
         method = self.method
@@ -499,37 +528,37 @@ class _FastAttnHook(LayerHook):
         share = _share_index(call.rows) if method.endswith("cfg_share") else None
         computed, source = share if share is not None else (list(range(self.rows)), None)
         if share is not None:
-            sub = torch.tensor(computed, device=q.device)
+            sub = self.bound.index(computed, q.device)
             q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
-            spec = spec_rows(spec, computed, self.rows)
+            spec = spec_rows(spec, sub, self.rows)
         label = method if share is not None else method.replace("+cfg_share", "").replace("cfg_share", "full")
         if method.startswith("window_residual"):
             residual = self.state.residual.load(call.rows, self.keys)
             if residual is None:
-                out, _ = compute(q, k, v, dataclasses.replace(spec, window=None))
+                out, _ = self._some_rows(call, computed, compute, q, k, v, dataclasses.replace(spec, window=None))
                 self._record("miss", len(computed) * self.one)
-                return self._finish(out, source, call), None
+                return self._finish(out, source), None
             if share is not None:
-                residual = take_rows(residual, computed)
+                residual = take_rows(residual, computed, self.bound.index)
             window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
-            out, _ = compute(q, k, v, window_spec)
+            out, _ = self._some_rows(call, computed, compute, q, k, v, window_spec)
             out = out + residual.to(out.dtype)
             self._record(label, self._cost(method, len(computed), False))
-            return self._finish(out, source, call), None
+            return self._finish(out, source), None
         keep = self.bound.needs_residual(self.layer, self.step) or (self.bound.calibrating and self.window_one < self.one)
-        full, lse = compute(q, k, v, spec)
+        full, lse = self._some_rows(call, computed, compute, q, k, v, spec)
         if keep and self.window is not None:
-            window, _ = compute(q, k, v, dataclasses.replace(spec, window=self.window))
-            self.state.residual.store(call.rows, self._finish(full - window, source, call), self.keys)
+            window, _ = self._some_rows(call, computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
+            self.state.residual.store(call.rows, self._finish(full - window, source), self.keys)
         # while calibrating, the report shows what the chosen method costs with a plan, not calibration's own work
         self._record(label, self._cost(method, len(computed), keep and self.window is not None and not self.bound.calibrating))
-        return self._finish(full, source, call), (lse if share is None else None)
+        return self._finish(full, source), (lse if share is None else None)
 
-    def _finish(self, out: torch.Tensor, source: list[int] | None, call: LayerCall) -> torch.Tensor:
+    def _finish(self, out: torch.Tensor, source: list[int] | None) -> torch.Tensor:
         """Spread the computed rows to every row (uncond rows take their prompt's cond row)."""
         if source is None:
             return out
-        return out.index_select(0, torch.tensor(source, device=out.device))
+        return out.index_select(0, self.bound.index(source, out.device))
 
     # -- calibration ----------------------------------------------------------------------------------------------
     def _calibrate(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
@@ -547,7 +576,7 @@ class _FastAttnHook(LayerHook):
 
         def spread(out: torch.Tensor) -> torch.Tensor:  # every row takes its source row, among all rows here
             computed, source = share
-            return out.index_select(0, torch.tensor([computed[s] for s in source], device=out.device))
+            return out.index_select(0, bound.index([computed[s] for s in source], out.device))
 
         options: list[tuple[float, int, str, Any]] = []
         if "step_share" in techniques and previous is not None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..control import BindContext, Bound, Control, Frame
-from ..errors import ConfigError, SelectionError, TokenError
+from ..errors import ConfigError, TokenError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
 from ..kernels.spec import AttentionSpec
@@ -36,11 +36,11 @@ from ..selection import LayerSpec, validate_layers
 from ..steps import StepWindow, validate_steps
 from ..tokens import WordQuery, describe_query, validate_word_query
 from ..validation import set_field
+from .common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers, token_layout
 from .edit import AttendFn, Edit, LayerCall, LayerHook
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
 CHUNK_ELEMENTS = 1 << 24
-TEXT_KINDS: tuple[str, ...] = ("cross", "joint")
 
 
 @dataclass(frozen=True)
@@ -80,24 +80,25 @@ class AttentionMaps(Control, type_name="attention-maps"):
         set_field(self, "layers", validate_layers(self.layers, name="AttentionMaps.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="AttentionMaps.steps"))
         set_field(self, "resolution", _resolution(self.resolution))
-        if not isinstance(self.key, str) or not self.key:
-            raise ConfigError(f"AttentionMaps.key must be a non-empty string, got {self.key!r}")
+        set_field(self, "key", output_key(self.key, "AttentionMaps"))
+
+    @property
+    def output_key(self) -> str:
+        """Where the result goes in `handle.outputs`."""
+        return self.key
 
     def default_layers(self, adapter: ModelAdapter) -> str:
-        return "joint" if adapter.family in ("sd3", "flux") else "cross"
+        return text_layers(adapter)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
-        layers = super().select(adapter)
-        kept = tuple(layer for layer in layers if layer.kind in TEXT_KINDS)
-        if not kept:
-            raise SelectionError(
-                f"AttentionMaps: the selection {self.layers!r} has no cross- or joint-attention layer (it matched "
-                f"{', '.join(l.name for l in layers)}); maps are read from layers that attend to text"
-            )
-        return kept
+        return select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
 
     def bind(self, context: BindContext) -> AttentionMapsBound:
         return AttentionMapsBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"capture": the layer's attention to the words is read (it needs the layer's own image tokens)."""
+        return ("capture",)
 
 
 def _resolution(value: Any) -> tuple[int, int] | None:
@@ -183,8 +184,9 @@ class _CaptureHook(LayerHook):
 
     def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         result = compute(q, k, v, spec)
-        with torch.no_grad():
-            self.bound.accumulate(call, q, k, spec)
+        if not token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention) is not the map
+            with torch.no_grad():
+                self.bound.accumulate(call, q, k, spec)
         return result
 
 
@@ -193,11 +195,9 @@ class AttentionMapsBound(Bound):
 
     def __init__(self, control: AttentionMaps, context: BindContext):
         super().__init__(control, context.layers, control.steps)
-        if control.key in context.outputs:
-            raise ConfigError(f"AttentionMaps: two controls publish to handle.outputs[{control.key!r}]; give them different keys")
         self.key = control.key
         self.outputs = context.outputs
-        self.outputs[self.key] = None  # claimed for this call; the result replaces it at the end of the call
+        publish(context, self.key, None, "AttentionMaps")  # claimed for this call; the result replaces it at the end
         self.labels = tuple(word_label(w) for w in control.words)
         self.text_len = context.canvas.text_len
         self.device = context.device
@@ -222,9 +222,10 @@ class AttentionMapsBound(Bound):
         grids = [context.canvas.grid_at(layer.level) for layer in context.layers]
         self.grid = max(grids, key=lambda hw: hw[0] * hw[1])
         self.sums = torch.zeros(rows, len(control.words), *self.grid, device=self.device)
-        self.contributions = torch.zeros(rows, dtype=torch.long)
+        self.contributions = [0] * rows
+        self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
         self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
-        self.resolution = control.resolution or _image_size(context)
+        self.resolution = control.resolution or image_size(context)
         self.layer_names = tuple(layer.name for layer in context.layers)
         self.hook = _CaptureHook(self)
         self._edit = Edit(hooks=(self.hook,))
@@ -238,7 +239,7 @@ class AttentionMapsBound(Bound):
 
     def stored_bytes(self) -> int:
         """Bytes of the tensors this bound keeps across steps (independent of the number of steps)."""
-        return sum(t.numel() * t.element_size() for t in (self.sums, self.contributions, self.selector))
+        return sum(t.numel() * t.element_size() for t in (self.sums, self.selector)) + 8 * len(self.contributions)
 
     def accumulate(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
         layout = call.rows
@@ -258,12 +259,18 @@ class AttentionMapsBound(Bound):
             self.pipeline = None
         geometry = call.geometry
         image = geometry.image_slice
-        index = torch.tensor(batch_rows, device=q.device)
+        if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.query_len):
+            raise UnsupportedError(
+                f"attnctl: AttentionMaps at {call.layer.name} got {q.shape[2]} query tokens, its grid "
+                f"{geometry.image_hw[0]}x{geometry.image_hw[1]} has {geometry.image_len} image tokens: another control "
+                "on this layer changed the tokens (token reduction merges them); give the controls disjoint layers"
+            )
+        index = self.index(batch_rows, q.device)
         qi = q.index_select(0, index)[:, :, image]
         ki = k.index_select(0, index)
         n_keys = ki.shape[2]
         key_text = geometry.key_text_slice
-        prompt_index = torch.tensor(prompts, device=self.selector.device)
+        prompt_index = self.index(prompts, self.selector.device)
         text_selector = self.selector.index_select(0, prompt_index).to(q.device)  # (b, W, text_len)
         selector = text_selector.new_zeros(len(batch_rows), text_selector.shape[1], n_keys)
         selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
@@ -284,12 +291,14 @@ class AttentionMapsBound(Bound):
         maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)
         if (h, w) != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
-        self.sums.index_add_(0, prompt_index.to(self.sums.device), maps.to(self.sums.device))
-        self.contributions.index_add_(0, prompt_index.cpu(), torch.ones(len(prompts), dtype=torch.long))
+        self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
+        for prompt in prompts:
+            self.contributions[prompt] += 1
 
     def finish(self) -> None:
         images = self.tap.detach(self) if self.tap is not None else None
         self.tap, self.pipeline = None, None
+        self.index.clear()
         maps = self.sums.float()
         if tuple(maps.shape[-2:]) != self.resolution:
             maps = F.interpolate(maps, size=self.resolution, mode="bilinear", align_corners=False)
@@ -299,7 +308,7 @@ class AttentionMapsBound(Bound):
             grid_maps=self.sums.cpu().clone(),
             prompts=self.prompts,
             layers=self.layer_names,
-            contributions=tuple(int(c) for c in self.contributions),
+            contributions=tuple(self.contributions),
             images=images,
             stored_bytes=self.stored_bytes(),
         )
@@ -316,12 +325,6 @@ def _prompt_texts(tokens: Any, rows: int) -> tuple[str, ...]:
         return ("",) * rows
     texts = tokens.encoders[0].prompts[0]
     return tuple(texts[r] for r in range(rows))
-
-
-def _image_size(context: BindContext) -> tuple[int, int]:
-    factor = int(getattr(context.pipeline, "vae_scale_factor", 8) or 8)
-    h, w = context.canvas.latent_hw
-    return (h * factor, w * factor)
 
 
 def _take(tensor: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,10 @@ class MergePlan:
             return y
         return torch.gather(y, 1, self.group[:, :, None].expand(y.shape[0], self.tokens, y.shape[2]))
 
+    def rows(self, index: torch.Tensor) -> MergePlan:
+        """The plan of the batch rows `index` only."""
+        return MergePlan(self.tokens, self.kept, self.group.index_select(0, index), self.counts.index_select(0, index))
+
     def merge_keys(self, values: torch.Tensor) -> torch.Tensor:
         """(B, N) or (B, H, N) per-token values (key bias, value scale) -> the mean over each group."""
         if values.ndim == 2:

@@ -21,19 +21,19 @@ from typing import Any, ClassVar
 import torch
 
 from ..control import BindContext, Bound, Control, Frame
-from ..errors import ConfigError, SelectionError
+from ..errors import CallLayoutError, ConfigError
 from ..families.base import LayerInfo, ModelAdapter
 from ..selection import LayerSpec, validate_layers
 from ..steps import StepInfo, StepWindow, validate_steps
 from ..tokens import WordQuery, describe_query, validate_word_query
 from ..validation import choice, set_field
+from .common import TEXT_KINDS, select_kinds, text_layers
 from .edit import Edit
 
 #: A factor: a number, a `(start, end)` pair (linear ramp over the steps the control acts on), or a
 #: callable of the step fraction `i / n` returning a number.
 Factor = float | tuple[float, float] | Callable[[float], float]
 BRANCHES: tuple[str, ...] = ("cond", "uncond", "both")
-TEXT_KINDS: tuple[str, ...] = ("cross", "joint")
 _ENTRY_KEYS = frozenset({"word", "occurrence", "position", "weight"})
 
 
@@ -54,7 +54,7 @@ class Reweight(Control, type_name="reweight"):
 
     `weights`: a mapping from a word or phrase (every occurrence), a `(word, occurrence)` pair or a token
     position to a factor; or a list of such mappings, one per prompt of the call (applied to all the images
-    of that prompt). A factor is a number >= 0 (0 mutes, 1 changes nothing), a `(start, end)` pair for a
+    of that prompt). At least one entry is needed (an empty mapping is a ConfigError). A factor is a number >= 0 (0 mutes, 1 changes nothing), a `(start, end)` pair for a
     linear ramp from the first to the last step the control acts on, or a callable of the step fraction
     `i / n`. Positions matched by several keys get the product of their factors.
 
@@ -75,7 +75,13 @@ class Reweight(Control, type_name="reweight"):
     needs_words: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        set_field(self, "weights", _parse_weights(self.weights))
+        weights = _parse_weights(self.weights)
+        if not any(weights):  # no entry (in any prompt's table)
+            raise ConfigError(
+                f"Reweight.weights is empty ({self.weights!r}): give at least one word or token position and its factor, "
+                "e.g. {'cat': 1.5}"
+            )
+        set_field(self, "weights", weights)
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"Reweight.normalize must be True or False, got {self.normalize!r}")
         set_field(self, "layers", validate_layers(self.layers, name="Reweight.layers"))
@@ -89,6 +95,11 @@ class Reweight(Control, type_name="reweight"):
         from ..prompt_weights import parse_prompts
 
         clean, weights = parse_prompts(prompt)
+        if not (any(weights) if isinstance(weights, list) else weights):
+            raise ConfigError(
+                f"Reweight.from_prompt: {prompt!r} has no weighting syntax such as (word:1.5), (word) or [word]; "
+                "use the prompt as it is, without Reweight"
+            )
         return clean, cls(weights, **options)
 
     @property
@@ -106,20 +117,17 @@ class Reweight(Control, type_name="reweight"):
 
     # -- Control protocol -------------------------------------------------------------------------------
     def default_layers(self, adapter: ModelAdapter) -> str:
-        return "joint" if adapter.family in ("sd3", "flux") else "cross"
+        return text_layers(adapter)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
-        layers = super().select(adapter)
-        kept = tuple(layer for layer in layers if layer.kind in TEXT_KINDS)
-        if not kept:
-            raise SelectionError(
-                f"Reweight: the selection {self.layers!r} has no cross- or joint-attention layer (it matched "
-                f"{', '.join(l.name for l in layers)}); Reweight acts on layers that attend to text"
-            )
-        return kept
+        return select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
 
     def bind(self, context: BindContext) -> ReweightBound:
         return ReweightBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"key_edits": a per-key value scale (or bias) on the text keys."""
+        return ("key_edits",)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -303,6 +311,7 @@ class ReweightBound(Bound):
         self._cache_step: int | None = None
         self._cache: dict[Any, Edit | None] = {}
         self._device_weights: dict[str, torch.Tensor] = {}
+        self._on_device = {branch: grid.to(self.device) for branch, grid in self.weights.items()}  # one copy per call
 
     def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
         """(prompt rows, text_len) factors at step index `step` for `branch`; None outside the step window."""
@@ -321,10 +330,16 @@ class ReweightBound(Bound):
             return None
         if step != self._cache_step:
             self._cache_step, self._cache = step, {}
-            self._device_weights = {b: self.weights[b][k].to(self.device) for b in live}
+            self._device_weights = {b: self._on_device[b][k] for b in live}
         geometry = frame.geometry(layer)
         key_text = geometry.key_text_slice
-        n_keys = self.text_len if layer.kind == "cross" else geometry.image_len + self.text_len
+        # keys from the frame's geometry: another control may have appended text tokens (Regions on SD3 / Flux puts
+        # region prompts after the base text); the weights stay on the base text, the first `text_len` text keys
+        n_keys = geometry.text_len if layer.kind == "cross" else geometry.image_len + geometry.text_len
+        if geometry.text_len < self.text_len:
+            raise CallLayoutError(
+                f"attnctl: Reweight was bound to {self.text_len} text tokens, layer {layer.name} has {geometry.text_len}"
+            )
         key = (frame.rows.rows, key_text.start, n_keys, layer.kind == "cross" or (geometry.image_slice.start, geometry.image_slice.stop))
         if key not in self._cache:
             self._cache[key] = self._build(frame, key_text, n_keys, None if layer.kind == "cross" else geometry.image_slice)

@@ -28,7 +28,8 @@ from ..families.base import LayerInfo, ModelAdapter
 from ..pipelines.rows import RowPlan, RowSelect
 from ..selection import LayerSpec, validate_layers
 from ..validation import integer, set_field
-from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys
+from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows
+from .common import RowIndex, output_key, publish
 from .edit import Edit, LayerCall, LayerHook
 
 Action = Literal["compute", "store", "store_mean", "reuse"]
@@ -69,6 +70,7 @@ class TGate(Control, type_name="tgate"):
         reusing the stored output in between.
     layers: the attention layers; default the cross-attention layers (and the self-attention layers when an
         interval is set). Cross layers get the caching, self layers the v2 reuse.
+    key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
     gate_step: int = 10
@@ -76,6 +78,7 @@ class TGate(Control, type_name="tgate"):
     sp_interval: int | None = None
     fi_interval: int | None = None
     layers: LayerSpec = None
+    key: str = "tgate"
 
     slots: ClassVar[tuple[str, ...]] = ("cache",)
 
@@ -87,6 +90,16 @@ class TGate(Control, type_name="tgate"):
             if value is not None:
                 set_field(self, name, integer(value, f"TGate.{name}", minimum=1))
         set_field(self, "layers", validate_layers(self.layers, name="TGate.layers"))
+        set_field(self, "key", output_key(self.key, "TGate"))
+
+    @property
+    def output_key(self) -> str:
+        """Where the report goes in `handle.outputs`."""
+        return self.key
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"cache": the layer's output is stored and reused."""
+        return ("cache",)
 
     @property
     def reuses_self_attention(self) -> bool:
@@ -121,12 +134,10 @@ class TGateBound(Bound):
         self.count = context.steps
         self.cfg = context.cfg
         self.report = CacheReport("tgate", steps=context.steps)
-        key = "tgate"
-        while key in context.outputs:
-            key += "+"
-        context.outputs[key] = self.report
+        publish(context, control.key, self.report, "TGate")
         self.accountant = Accountant(context.adapter, context.layers, self.report)
-        self.caches: dict[int, BranchCache] = {layer.index: BranchCache() for layer in context.layers}
+        self.index = RowIndex()
+        self.caches: dict[int, BranchCache] = {layer.index: BranchCache(self.index) for layer in context.layers}
         self.mean_mode: dict[int, bool] = {}
         self.passes = PassCounter()
         self._dropped: tuple[int, int] = (-1, 0)  # (frame number, rows dropped by the row selection)
@@ -179,9 +190,9 @@ class TGateBound(Bound):
             return
         uncond = {rows.rows[i].prompt: i for i in rows.indices("uncond", None)}
         prompts = tuple(rows.rows[i].prompt for i in cond)
-        value = result[list(cond)]
+        value = take_rows(result, cond, self.index)
         if uncond:
-            value = (result[[uncond[p] for p in prompts]] + value) / 2
+            value = (take_rows(result, [uncond[p] for p in prompts], self.index) + value) / 2
         cache = self.caches[layer.index]
         cache.clear()
         cache.store_by_prompt("mean", prompts, value)
@@ -195,6 +206,7 @@ class TGateBound(Bound):
     def finish(self) -> None:
         for cache in self.caches.values():
             cache.clear()
+        self.index.clear()
         self.mean_mode.clear()
         self.accountant._frame = None
 

@@ -8,12 +8,14 @@ Both are one `LayerHook` in the exclusive `"tokens"` slot of a layer: `tokens_in
 before the projections (the math is in `merging.py`), `attend` runs the attention op on the merged sequence
 (AgentAttention: through agent tokens) and maps other controls' per-key edits onto the merged keys, and
 `result` unmerges the layer's output after the output projection. Every layer call is recorded in a
-`TokenReductionReport` published as `handle.outputs["tome"]` / `handle.outputs["agent_attention"]`.
+`TokenReductionReport` published as `handle.outputs[control.key]` (`"tome"` / `"agent_attention"` by default;
+two controls need two keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +28,7 @@ from ..kernels.spec import AttentionSpec
 from ..selection import LayerSpec, describe_layers, validate_layers
 from ..steps import StepInfo, StepWindow, validate_steps
 from ..validation import integer, number, set_field
+from .common import RowIndex, output_key, publish, row_source
 from .edit import Edit, LayerCall, LayerHook
 from .merging import MergePlan, agent_attention, cell_destinations, derived_seed, match, plan_from_matching
 
@@ -71,18 +74,23 @@ class TokenReductionReport:
     def add(self, record: ReductionRecord) -> None:
         self.records.append(record)
 
-    @property
-    def flops(self) -> int:
-        return sum(r.flops for r in self.records)
+    def _select(self, layers: Iterable[str] | None) -> list[ReductionRecord]:
+        chosen = None if layers is None else set(layers)
+        return [r for r in self.records if chosen is None or r.layer in chosen]
 
-    @property
-    def full_flops(self) -> int:
-        return sum(r.full_flops for r in self.records)
+    def flops(self, layers: Iterable[str] | None = None) -> int:
+        """Attention FLOPs computed (of `layers`; None: every layer), as `CacheReport.flops`."""
+        return sum(r.flops for r in self._select(layers))
 
-    @property
-    def flops_ratio(self) -> float:
-        """Attention FLOPs computed / FLOPs of full attention at the same layer calls (1.0: nothing saved)."""
-        return self.flops / self.full_flops if self.full_flops else 1.0
+    def full_flops(self, layers: Iterable[str] | None = None) -> int:
+        """FLOPs of full attention at the same layer calls."""
+        return sum(r.full_flops for r in self._select(layers))
+
+    def flops_ratio(self, layers: Iterable[str] | None = None) -> float:
+        """Attention FLOPs computed / FLOPs of full attention at the same layer calls (1.0: nothing saved); a method,
+        as `CacheReport.flops_ratio`."""
+        full = self.full_flops(layers)
+        return self.flops(layers) / full if full else 1.0
 
     def merged(self) -> dict[tuple[str, int], int]:
         """Tokens merged away per (layer, step), per batch row."""
@@ -120,14 +128,14 @@ class TokenReductionReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "flops": self.flops,
-            "full_flops": self.full_flops,
-            "flops_ratio": self.flops_ratio,
+            "flops": self.flops(),
+            "full_flops": self.full_flops(),
+            "flops_ratio": self.flops_ratio(),
             "records": [dataclasses.asdict(r) for r in self.records],
         }
 
     def table(self) -> str:
-        lines = [f"{self.method}: attention FLOPs {self.flops_ratio:.3f} of full attention over {len(self.records)} layer calls"]
+        lines = [f"{self.method}: attention FLOPs {self.flops_ratio():.3f} of full attention over {len(self.records)} layer calls"]
         lines.append(f"  {'step':>4}  {'layer':<60} {'tokens':>7} {'merged':>7} {'agents':>6} {'flops/full':>10}")
         for r in self.records:
             ratio = r.flops / r.full_flops if r.full_flops else 1.0
@@ -135,7 +143,7 @@ class TokenReductionReport:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"<TokenReductionReport {self.method}: {len(self.records)} layer calls, FLOPs ratio {self.flops_ratio:.3f}>"
+        return f"<TokenReductionReport {self.method}: {len(self.records)} layer calls, FLOPs ratio {self.flops_ratio():.3f}>"
 
 
 # -- the controls ---------------------------------------------------------------------------------------------
@@ -153,6 +161,20 @@ def _validate_common(control: Control, owner: str) -> None:
     set_field(control, "layers", validate_layers(control.layers, name=f"{owner}.layers"))
     set_field(control, "steps", validate_steps(control.steps, name=f"{owner}.steps"))
     set_field(control, "seed", integer(control.seed, f"{owner}.seed", minimum=0))
+    set_field(control, "key", output_key(control.key, owner))
+
+
+class _Reducer:
+    """What ToMe and AgentAttention share as controls: the report's key and their effect on a layer."""
+
+    @property
+    def output_key(self) -> str:
+        """Where the `TokenReductionReport` goes in `handle.outputs`."""
+        return self.key
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"tokens": the image tokens entering attention are merged (or pass through agent tokens)."""
+        return ("tokens",)
 
 
 def _refuse_family(owner: str, adapter: ModelAdapter) -> None:
@@ -186,7 +208,7 @@ def _check_layers(owner: str, control: Control, adapter: ModelAdapter, kinds: tu
 
 
 @dataclass(frozen=True)
-class ToMe(Control, type_name="tome"):
+class ToMe(_Reducer, Control, type_name="tome"):
     """Token merging in self-attention (Bolya and Hoffman 2023, "Token Merging for Fast Stable Diffusion").
 
     In each selected layer the image grid is cut into `stride x stride` cells; one token per cell, drawn from
@@ -201,6 +223,7 @@ class ToMe(Control, type_name="tome"):
       the first UNet level; SDXL: the second, its first has no attention; PixArt: every block). On SD3, joint
       layers may be selected too and are the default: only their image tokens are merged, never the text.
     - `steps`, `seed`: step window; seed of the destination draws (never the pipeline's generator).
+    - `key`: where the `TokenReductionReport` goes in `handle.outputs` (two ToMe controls need two keys).
     """
 
     ratio: float = 0.5
@@ -208,6 +231,7 @@ class ToMe(Control, type_name="tome"):
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)
     seed: int = 0
+    key: str = "tome"
 
     slots: ClassVar[tuple[str, ...]] = ("tokens",)
 
@@ -230,11 +254,15 @@ class ToMe(Control, type_name="tome"):
         return _Phase(self.stride, self.ratio, None)
 
     def bind(self, context: BindContext) -> Bound:
-        return _ReductionBound(self, context, "tome")
+        return _ReductionBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"tokens" (none at ratio 0: stock)."""
+        return ("tokens",) if self.ratio > 0 else ()
 
 
 @dataclass(frozen=True)
-class AgentAttention(Control, type_name="agent-attention"):
+class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     """Training-free agent attention in self-attention: AgentSD (Han et al. 2024, "Agent Attention").
 
     The tokens are matched as in `ToMe` (one destination per cell, cosine similarity). `ratio` of them are
@@ -249,7 +277,8 @@ class AgentAttention(Control, type_name="agent-attention"):
     steps `late_stride` and `late_agent_ratio`. Agent ratios above what the cells allow are capped (at most
     every source merges, leaving one agent per cell). `scale_power` (0.3) and `shortcut` (0.075) are the
     authors' `k_scale2` and `k_shortcut`; `scale_power=1, shortcut=0` is the plain two-softmax form.
-    Acts on self-attention layers only (UNet, PixArt, SD3.5's image-only `attn2`); layers and seed as `ToMe`.
+    Acts on self-attention layers only (UNet, PixArt, SD3.5's image-only `attn2`); layers, seed and key (default
+    `"agent_attention"`) as `ToMe`.
     """
 
     ratio: float = 0.4
@@ -263,6 +292,7 @@ class AgentAttention(Control, type_name="agent-attention"):
     seed: int = 0
     scale_power: float = 0.3
     shortcut: float = 0.075
+    key: str = "agent_attention"
 
     slots: ClassVar[tuple[str, ...]] = ("tokens",)
 
@@ -296,7 +326,7 @@ class AgentAttention(Control, type_name="agent-attention"):
         return _Phase(self.late_stride, self.ratio, self.late_agent_ratio)
 
     def bind(self, context: BindContext) -> Bound:
-        return _ReductionBound(self, context, "agent_attention")
+        return _ReductionBound(self, context)
 
 
 @dataclass(frozen=True)
@@ -312,12 +342,11 @@ class _Phase:
 
 # -- bound control and hook -----------------------------------------------------------------------------------
 class _ReductionBound(Bound):
-    def __init__(self, control: ToMe | AgentAttention, context: BindContext, key: str):
+    def __init__(self, control: ToMe | AgentAttention, context: BindContext):
         super().__init__(control, context.layers, control.steps)
-        existing = context.outputs.get(key)
-        if not isinstance(existing, TokenReductionReport):  # two controls of one kind (disjoint layers) share it
-            existing = context.outputs[key] = TokenReductionReport(type(control).__name__)
-        self.report = existing
+        self.report = TokenReductionReport(type(control).__name__)
+        publish(context, control.key, self.report, type(control).__name__)
+        self.index = RowIndex()
         self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
@@ -338,6 +367,7 @@ class _ReductionBound(Bound):
 
     def finish(self) -> None:
         self._partitions.clear()
+        self.index.clear()
 
 
 @dataclass
@@ -383,6 +413,12 @@ class _ReductionHook(LayerHook):
         state = self._calls.get(id(call))
         if state is None:  # tokens_in did not run for this call: nothing was merged
             return compute(q, k, v, spec)
+        source = row_source(call)
+        if source is not None and q.shape[0] != state.plan.group.shape[0]:
+            # an outer hook runs the op on some rows only (PAG on the rows it does not perturb): their plans
+            index = self.bound.index(source, q.device)
+            agents = None if state.agents is None else state.agents.index_select(0, index)
+            state = _CallState(state.plan.rows(index), agents, state.matching_flops)
         batch, heads, nq, dim = q.shape
         nk = k.shape[2]
         merged = state.plan.merged

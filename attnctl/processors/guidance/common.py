@@ -6,7 +6,7 @@ additive terms on a few (query, key) pairs without ever building an N x N tensor
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -14,10 +14,10 @@ import torch
 from ...control import Bound, Control, Frame
 from ...errors import ConfigError, SelectionError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
-from ...kernels.spec import AttentionSpec, LabelMask
+from ...kernels.spec import AttentionSpec
 from ...pipelines.rows import Perturbation, RowPlan
-from ...selection import describe_layers
 from ...validation import number, set_field
+from ..common import RowIndex, select_kinds
 
 PERTURBABLE_KINDS: tuple[str, ...] = ("self", "joint")
 _TAGS = itertools.count()
@@ -43,17 +43,6 @@ def default_perturbed_layers(adapter: ModelAdapter, owner: str) -> str:
     if family == "flux":
         return f"transformer_blocks.{middle_double_block(adapter)}"
     raise UnsupportedError(f"attnctl: {owner} has no default layers for model family {family!r}; give layers=... explicitly")
-
-
-def keep_kinds(layers: tuple[LayerInfo, ...], kinds: tuple[str, ...], owner: str, what: str, selection: Any) -> tuple[LayerInfo, ...]:
-    """The layers of `kinds` among `layers`; raises SelectionError when none is left."""
-    kept = tuple(layer for layer in layers if layer.kind in kinds)
-    if not kept:
-        raise SelectionError(
-            f"{owner}: the layer selection {selection!r} holds no {what} layer ({owner} acts on {', '.join(kinds)} "
-            f"attention); it selected {describe_layers(layers)}"
-        )
-    return kept
 
 
 def new_tag(name: str) -> str:
@@ -90,9 +79,7 @@ class PerturbingControl(Control):
         return default_perturbed_layers(adapter, type(self).__name__)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
-        layers = super().select(adapter)
-        selection = getattr(self, "layers", None) or self.default_layers(adapter)
-        return keep_kinds(layers, self.kinds, type(self).__name__, "self- or joint attention", selection)
+        return select_kinds(self, adapter, self.kinds, "self- or joint attention")
 
 
 class PerturbingBound(Bound):
@@ -102,6 +89,7 @@ class PerturbingBound(Bound):
         super().__init__(control, layers, control.steps)
         self.family = family
         self.tag = new_tag(control.type_name)
+        self.index = RowIndex()  # the tagged rows' positions as index tensors, per device
 
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: Frame) -> torch.Tensor:
         return self.control.scale * (cond - perturbed)
@@ -114,32 +102,27 @@ class PerturbingBound(Bound):
     def rows(self, frame: Frame) -> tuple[int, ...]:
         return frame.rows.indices("cond", self.tag)
 
+    def finish(self) -> None:
+        self.index.clear()
+
 
 # -- a spec's additive terms at chosen (query, key) positions ---------------------------------------------------
+# Positions are contiguous `slice`s (image tokens, text tokens, a chunk of queries): everything below is views and
+# gathers of tensors already on the device, no index tensor is copied from the host.
 
 
-def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> AttentionSpec:
-    """`spec` restricted to the batch rows `index` (batched tensors re-indexed, broadcast ones kept)."""
-
-    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None or tensor.ndim == 0 or tensor.shape[0] != batch:
-            return tensor
-        return tensor.index_select(0, index.to(tensor.device))
-
-    labels = spec.labels
-    if labels is not None:
-        labels = LabelMask(take(labels.q_labels), take(labels.k_labels), take(labels.table))
-    return replace(
-        spec, attn_mask=take(spec.attn_mask), key_bias=take(spec.key_bias), value_scale=take(spec.value_scale), labels=labels
-    )
-
-
-def query_rows(spec: AttentionSpec, queries: torch.Tensor) -> torch.Tensor:
-    """(n,) float: 1 where the per-key edits (key bias, value scale, sparse) apply to these query positions."""
+def query_rows(spec: AttentionSpec, queries: slice, device: torch.device) -> torch.Tensor | None:
+    """(n,) float: 1 where the per-key edits (key bias, value scale, sparse) apply to these query positions, 0
+    elsewhere; None when they apply to all of them."""
     if spec.query_range is None:
-        return torch.ones(queries.shape[0], device=queries.device)
-    start, stop = spec.query_range
-    return ((queries >= start) & (queries < stop)).float()
+        return None
+    lo, hi = max(spec.query_range[0], queries.start), min(spec.query_range[1], queries.stop)
+    if lo <= queries.start and hi >= queries.stop:
+        return None
+    rows = torch.zeros(queries.stop - queries.start, device=device)
+    if lo < hi:
+        rows[lo - queries.start : hi - queries.start] = 1.0
+    return rows
 
 
 def _per_key(tensor: torch.Tensor) -> torch.Tensor:
@@ -153,54 +136,65 @@ def _float_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.float()
 
 
-def bias_block(spec: AttentionSpec, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+def _scaled_rows(term: torch.Tensor, rows: torch.Tensor | None, query_dim: int) -> torch.Tensor:
+    """`term` times the 0/1 query-row weights along dimension `query_dim` (no-op when they are all 1)."""
+    if rows is None:
+        return term
+    shape = [1] * term.ndim
+    shape[query_dim] = -1
+    return term * rows.view(shape)
+
+
+def _sum(terms: list[torch.Tensor]) -> torch.Tensor | None:
+    total = None
+    for term in terms:
+        total = term if total is None else total + term
+    return total
+
+
+def bias_block(spec: AttentionSpec, queries: slice, keys: slice) -> torch.Tensor | None:
     """The additive logits of `spec` for every (query in `queries`, key in `keys`): (B|1, H|1, nq, nk), or None.
 
     Covers the model's mask, per-key bias (on the rows of `query_range`) and label masks. Windows never
     restrict text keys nor a token's own key, the only keys this is used for; they add nothing here.
     """
-    total = None
-
-    def add(term: torch.Tensor) -> None:
-        nonlocal total
-        total = term if total is None else total + term
-
+    terms = []
     if spec.attn_mask is not None:
         mask = _float_mask(spec.attn_mask)
-        mask = mask if mask.shape[-2] == 1 else mask.index_select(-2, queries.to(mask.device))
-        add(mask.index_select(-1, keys.to(mask.device)))
+        mask = mask if mask.shape[-2] == 1 else mask[..., queries, :]
+        terms.append(mask[..., keys])
     if spec.key_bias is not None:
-        rows = query_rows(spec, queries)
-        add(_per_key(spec.key_bias).float().index_select(-1, keys)[:, :, None, :] * rows[:, None])
+        rows = query_rows(spec, queries, spec.key_bias.device)
+        terms.append(_scaled_rows(_per_key(spec.key_bias).float()[..., keys][:, :, None, :], rows, 2))
     if spec.labels is not None:
-        add(_label_bias(spec.labels, queries, keys[None, :].expand(queries.shape[0], -1)))
-    return total
+        labels = spec.labels
+        q_labels, k_labels = labels.q_labels[:, queries], labels.k_labels[:, keys]  # (B, n), (B, m)
+        table = labels.table.float().expand(q_labels.shape[0], -1, -1)
+        by_query = torch.gather(table, 1, q_labels[:, :, None].expand(-1, -1, table.shape[-1]))  # (B, n, Lk)
+        terms.append(torch.gather(by_query, 2, k_labels[:, None, :].expand(-1, q_labels.shape[1], -1))[:, None])
+    return _sum(terms)
 
 
-def bias_pairs(spec: AttentionSpec, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
-    """The additive logits of `spec` for the pairs (queries[n], keys[n]): (B|1, H|1, n, 1), or None."""
-    total = None
-
-    def add(term: torch.Tensor) -> None:
-        nonlocal total
-        total = term if total is None else total + term
-
+def bias_pairs(spec: AttentionSpec, queries: slice, keys: slice) -> torch.Tensor | None:
+    """The additive logits of `spec` for the pairs (queries[i], keys[i]) of two equally long spans (a token and
+    its own key): (B|1, H|1, n, 1), or None."""
+    terms = []
     if spec.attn_mask is not None:
         mask = _float_mask(spec.attn_mask)
-        rows = queries if mask.shape[-2] != 1 else torch.zeros_like(queries)
-        add(mask[..., rows, keys][..., None])
+        if mask.shape[-2] == 1:
+            own = mask[..., 0, keys]
+        else:
+            own = torch.diagonal(mask[..., queries, keys], dim1=-2, dim2=-1)
+        while own.ndim < 3:
+            own = own[None]
+        terms.append(own[..., None])
     if spec.key_bias is not None:
-        add((_per_key(spec.key_bias).float()[..., keys] * query_rows(spec, queries))[..., None])
+        rows = query_rows(spec, queries, spec.key_bias.device)
+        terms.append(_scaled_rows(_per_key(spec.key_bias).float()[..., keys], rows, 2)[..., None])
     if spec.labels is not None:
-        add(_label_bias(spec.labels, queries, keys[:, None]))
-    return total
-
-
-def _label_bias(labels: LabelMask, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Label-table bias for query positions `queries` (n,) and key positions `keys` (n, m): (B, 1, n, m)."""
-    batch = labels.q_labels.shape[0]
-    table = labels.table.float().expand(batch, -1, -1)
-    q_labels = labels.q_labels[:, queries]  # (B, n)
-    k_labels = labels.k_labels[:, keys]  # (B, n, m)
-    rows = torch.gather(table, 1, q_labels[:, :, None].expand(-1, -1, table.shape[-1]))  # (B, n, Lk)
-    return torch.gather(rows, 2, k_labels)[:, None]
+        labels = spec.labels
+        q_labels, k_labels = labels.q_labels[:, queries], labels.k_labels[:, keys]  # (B, n)
+        table = labels.table.float().expand(q_labels.shape[0], -1, -1)
+        by_query = torch.gather(table, 1, q_labels[:, :, None].expand(-1, -1, table.shape[-1]))  # (B, n, Lk)
+        terms.append(torch.gather(by_query, 2, k_labels[:, :, None])[:, None])  # (B, 1, n, 1)
+    return _sum(terms)

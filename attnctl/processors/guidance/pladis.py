@@ -25,8 +25,8 @@ from ...kernels.spec import Sparse
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
+from ..common import TEXT_KINDS, select_kinds, text_layers
 from ..edit import Edit
-from .common import keep_kinds
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class PLADIS(Control, type_name="pladis"):
     """Sparse-extrapolated cross-attention (Kim et al. 2025).
 
     scale: lambda in `dense + lambda (sparse - dense)` (0: off, stock attention; 1: pure entmax). alpha: the
-    entmax exponent, > 1 (1.5 default; 2 is sparsemax). layers: cross-attention layers (default every
-    cross-attention on SD / SDXL / PixArt, every joint attention on SD3 / Flux). steps: the step window.
+    entmax exponent, > 1 (1.5 default; 2 is sparsemax). layers: cross- or joint-attention layers (default, as
+    Reweight's and AttentionMaps': every cross-attention on SD / SDXL / PixArt, every joint attention on SD3 /
+    Flux). steps: the step window.
     """
 
     scale: float = 2.0
@@ -52,14 +53,17 @@ class PLADIS(Control, type_name="pladis"):
         set_field(self, "steps", validate_steps(self.steps, name="PLADIS.steps"))
 
     def default_layers(self, adapter: ModelAdapter) -> str:
-        return "joint" if any(layer.kind == "joint" for layer in adapter.layers) else "cross"
+        return text_layers(adapter)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
-        layers = super().select(adapter)
-        return keep_kinds(layers, ("cross", "joint"), "PLADIS", "cross- or joint attention", self.layers or self.default_layers(adapter))
+        return select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
 
     def bind(self, context) -> _PLADISBound:
         return _PLADISBound(self, context.layers)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"sparse": the attention operator of the layer changes (none while scale is 0)."""
+        return ("sparse",) if self.scale > 0 else ()
 
 
 class _PLADISBound(Bound):

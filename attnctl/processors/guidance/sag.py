@@ -37,8 +37,9 @@ from ...pipelines.rows import RowLayout, RowPlan, SecondPass
 from ...selection import select_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
+from ..common import RowIndex, keep_kinds, spec_rows, token_layout
 from ..edit import Edit, LayerCall, LayerHook
-from .common import PERTURBABLE_KINDS, bias_block, keep_kinds, middle_double_block, new_tag, spec_rows
+from .common import PERTURBABLE_KINDS, bias_block, default_perturbed_layers, new_tag
 
 MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
 BLUR_KERNEL = 9
@@ -65,16 +66,11 @@ class SAG(Control, type_name="sag"):
         set_field(self, "steps", validate_steps(self.steps, name="SAG.steps"))
 
     def default_layers(self, adapter: ModelAdapter) -> str:
-        family = adapter.family
-        if family == "unet":
-            return "mid_block.attentions.0.transformer_blocks.0.attn1"
-        if family == "sd3":
-            return "transformer_blocks.1.attn"
-        if family == "pixart":
-            return "transformer_blocks.1.attn1"
-        if family == "flux":
-            return f"transformer_blocks.{middle_double_block(adapter)}.attn"
-        raise UnsupportedError(f"attnctl: SAG has no default layer for model family {family!r}; give layer=...")
+        """The first self- / joint attention layer of PAG's default layers: UNet
+        `mid_block.attentions.0.transformer_blocks.0.attn1` (the SAG pipeline's), SD3 `transformer_blocks.1.attn`,
+        PixArt `transformer_blocks.1.attn1`, Flux the middle double block's `attn`."""
+        layers = select_layers(adapter.layers, None, default=default_perturbed_layers(adapter, "SAG"), owner="SAG")
+        return next(layer.name for layer in layers if layer.kind in PERTURBABLE_KINDS)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         selection = self.layer or self.default_layers(adapter)
@@ -90,6 +86,10 @@ class SAG(Control, type_name="sag"):
     def bind(self, context) -> _SAGBound:
         return _SAGBound(self, context)
 
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"capture" on the layer whose self-attention map it reads (none while scale is 0)."""
+        return ("capture",) if self.scale > 0 else ()
+
 
 class _SAGBound(Bound):
     def __init__(self, control: SAG, context):
@@ -98,6 +98,7 @@ class _SAGBound(Bound):
         self.family = context.adapter.family
         self.scheduler = getattr(context.pipeline, "scheduler", None)
         self.hook = CaptureReceived(self)
+        self.index = RowIndex()
         self.received: torch.Tensor | None = None
         self.received_frame: int | None = None
         self.hw: tuple[int, int] | None = None
@@ -119,9 +120,9 @@ class _SAGBound(Bound):
         if self.received is None or self.received_frame != frame.number:
             raise CallLayoutError(f"SAG: layer {self.layers[0].name} did not run in this denoiser call; no attention map")
         received, self.received = self.received, None
-        index = torch.tensor(source, device=first.prediction.device)
-        sample = first.inputs[first.main_input].index_select(0, index.to(first.inputs[first.main_input].device))
-        prediction = first.prediction.index_select(0, index)
+        sample = first.inputs[first.main_input]
+        sample = sample.index_select(0, self.index(source, sample.device))
+        prediction = first.prediction.index_select(0, self.index(source, first.prediction.device))
         degraded = degrade(
             sample, prediction, received, self.hw, frame.canvas, self.family, self.scheduler, (frame.inputs or {}).get("timestep")
         )
@@ -129,7 +130,11 @@ class _SAGBound(Bound):
         inputs[first.main_input] = degraded.to(sample.dtype)
         again = first.forward(inputs, RowLayout(tuple(rows.rows[i] for i in source)), self.tag)
         term = self.control.scale * (prediction - again)
-        return match_cond_rows(term, rows, source)
+        return match_cond_rows(term, rows, source, self.index)
+
+    def finish(self) -> None:
+        self.received = None
+        self.index.clear()
 
 
 def degraded_rows(rows: RowLayout) -> tuple[int, ...]:
@@ -137,11 +142,13 @@ def degraded_rows(rows: RowLayout) -> tuple[int, ...]:
     return rows.indices("uncond", None) or rows.indices("cond", None)
 
 
-def match_cond_rows(term: torch.Tensor, rows: RowLayout, source: tuple[int, ...]) -> torch.Tensor:
+def match_cond_rows(term: torch.Tensor, rows: RowLayout, source: tuple[int, ...], index: RowIndex | None = None) -> torch.Tensor:
     """`term` (one per row of `source`) re-ordered to the untagged cond rows, matched by prompt row."""
     where = {rows.rows[i].prompt: n for n, i in enumerate(source)}
     order = [where[rows.rows[i].prompt] for i in rows.indices("cond", None)]
-    return term.index_select(0, torch.tensor(order, device=term.device))
+    if order == list(range(term.shape[0])):
+        return term
+    return term.index_select(0, (index or RowIndex())(order, term.device))
 
 
 class CaptureReceived(LayerHook):
@@ -152,9 +159,17 @@ class CaptureReceived(LayerHook):
 
     def attend(self, call: LayerCall, q, k, v, spec, compute):
         out, lse = compute(q, k, v, spec)
+        if token_layout(call).sub:  # a sub-attention an outer hook runs: not the layer's map
+            return out, lse
         source = degraded_rows(call.rows)
-        index = torch.tensor(source, device=q.device)
+        index = self.bound.index(source, q.device)
         image = call.geometry.image_slice if call.layer.text in ("first", "last") else slice(0, q.shape[2])
+        if image.stop > q.shape[2] or (call.layer.text == "none" and q.shape[2] != call.geometry.image_len):
+            raise UnsupportedError(
+                f"attnctl: SAG at {call.layer.name} got {q.shape[2]} tokens for its {call.geometry.image_hw[0]}x"
+                f"{call.geometry.image_hw[1]} grid: another control on this layer changed the tokens (token reduction); "
+                "give SAG another layer"
+            )
         self.bound.received = received_attention(
             q.index_select(0, index), k.index_select(0, index), spec_rows(spec, index, q.shape[0]), image
         )
@@ -171,14 +186,13 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
     the threshold 1 keeps SAG's meaning (a key receives more than the average key does); without that the
     text keys' share would leave the mask empty."""
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-    keys = torch.arange(k.shape[2], device=q.device)
+    keys = slice(0, k.shape[2])
     kf = k.float()
     total = torch.zeros(q.shape[0], q.shape[1], image.stop - image.start, device=q.device)
     for start in range(image.start, image.stop, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, image.stop)
-        queries = torch.arange(start, stop, device=q.device)
         logits = q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale
-        bias = bias_block(spec, queries, keys)
+        bias = bias_block(spec, slice(start, stop), keys)
         if bias is not None:
             logits = logits + bias
         dead = torch.isneginf(logits).all(-1, keepdim=True)

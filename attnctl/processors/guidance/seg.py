@@ -6,11 +6,13 @@ over the image-token grid, which smooths the attention energy landscape. The blu
 query projection, before qk-norm and RoPE (where diffusers' SEG hook sits), on image tokens only (text
 tokens of joint attention are untouched), and only on the perturbed rows.
 
-Kernel as the authors' SEG-SDXL code: size `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` when that is odd),
-clamped to the grid (the SEG rule `L - (L % 2 - 1)` on the longer side L of the grid, which is never assumed
-square), one isotropic kernel for both axes; reflect padding, replicate padding on an axis the pad would
-exceed. `sigma >= 9999` means infinite: every image query becomes the mean image query. (diffusers 0.42's
-`_gaussian_blur_2d` inverts its two branches and assumes a square, image-only sequence; not reproduced.)
+Kernel size as DESIGN §3: `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` when that is odd, as the authors'
+SEG-SDXL code), clamped to the grid: at most the largest odd size that fits the grid's longer side L (L when
+odd, L - 1 when even; the grid is never assumed square). The authors' `L - (L % 2 - 1)` gives L + 1 for an even
+L, one tap wider than the grid: not reproduced. One isotropic kernel for both axes; reflect padding, replicate
+padding on an axis (the shorter one) the pad would exceed. `sigma >= 9999` means infinite: every image query
+becomes the mean image query. (diffusers 0.42's `_gaussian_blur_2d` inverts its two branches and assumes a
+square, image-only sequence; not reproduced.)
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from ...control import Frame
-from ...errors import CallLayoutError
+from ...errors import UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
+from ..common import RowIndex
 from ..edit import Edit, LayerCall, LayerHook
 from .common import PerturbingBound, PerturbingControl
 
@@ -58,11 +62,15 @@ class SEG(PerturbingControl, type_name="seg"):
     def bind(self, context) -> _SEGBound:
         return _SEGBound(self, context.layers, context.adapter.family)
 
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"query": the perturbed rows' image queries are blurred over the grid (none while scale is 0)."""
+        return ("query",) if self.scale > 0 else ()
+
 
 class _SEGBound(PerturbingBound):
     def __init__(self, control: SEG, layers, family: str):
         super().__init__(control, layers, family)
-        self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma),))
+        self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma, self.index),))
 
     def edit(self, layer, frame: Frame) -> Edit | None:
         return self._edit if self.rows(frame) else None
@@ -71,9 +79,10 @@ class _SEGBound(PerturbingBound):
 class BlurQueries(LayerHook):
     """Blurs the image-token query projections of the rows tagged `tag` over the layer's image grid."""
 
-    def __init__(self, tag: str, sigma: float):
+    def __init__(self, tag: str, sigma: float, index: RowIndex | None = None):
         self.tag = tag
         self.sigma = sigma
+        self.index = index if index is not None else RowIndex()
 
     def query(self, call: LayerCall, q_proj: torch.Tensor) -> torch.Tensor:
         rows = call.rows.indices("cond", self.tag)
@@ -81,19 +90,21 @@ class BlurQueries(LayerHook):
             return q_proj
         hw = call.geometry.image_hw
         if q_proj.shape[1] != hw[0] * hw[1]:
-            raise CallLayoutError(
-                f"SEG: layer {call.layer.name} has {q_proj.shape[1]} image queries but its grid is {hw[0]}x{hw[1]}"
+            raise UnsupportedError(
+                f"attnctl: SEG at {call.layer.name} got {q_proj.shape[1]} image queries for its {hw[0]}x{hw[1]} grid: "
+                "another control on this layer changed the image tokens (token reduction merges them), so they cannot be "
+                "blurred over the grid; give the controls disjoint layers"
             )
-        index = torch.tensor(rows, device=q_proj.device)
+        index = self.index(rows, q_proj.device)
         blurred = blur_tokens(q_proj.index_select(0, index), hw, self.sigma)
         return q_proj.index_copy(0, index, blurred.to(q_proj.dtype))
 
 
 def kernel_size(sigma: float, grid_hw: tuple[int, int]) -> int:
-    """SEG-SDXL's kernel size: `ceil(6 sigma) + 1` made odd, clamped to the grid's longer side."""
+    """`ceil(6 sigma) + 1` made odd, clamped to the largest odd size <= the grid's longer side (15 for 16)."""
     size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
     longest = max(grid_hw)
-    return min(size, longest - (longest % 2 - 1))
+    return min(size, longest if longest % 2 else longest - 1)
 
 
 def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:

@@ -12,8 +12,12 @@ What a block is, per family:
   `"mid_block.attentions.0.transformer_blocks.0"` (integers raise).
 
 Skipping some rows of a batch wraps the block's `forward` at instance level for the pipeline call (no class
-is patched; `finish()` restores it exactly): the block runs on the whole batch and the skipping rows get
-their inputs back.
+is patched; `finish()` restores it exactly): the block runs on the other rows only (its batched inputs re-indexed,
+the attention layers inside it seeing those rows as the denoiser call's rows), and the skipping rows get their
+inputs back. A forward made of skipping rows only (`separate=True`) does not run the block at all. When a block
+input cannot be re-indexed safely (tensors inside `joint_attention_kwargs` / `cross_attention_kwargs` /
+`added_cond_kwargs`, or a batched input whose rows do not match), the block runs on the whole batch and the
+skipping rows' outputs are replaced, as before.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ...control import Frame
 from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
 from ...instance import Wrapped, wrap_method
+from ...pipelines.rows import RowLayout
 from ...steps import validate_steps
 from ...validation import set_field
 from .common import PerturbingBound, PerturbingControl
@@ -35,6 +40,17 @@ from .common import PerturbingBound, PerturbingControl
 #: Transformer-block classes whose forward returns `hidden_states` or `(encoder_hidden_states, hidden_states)`.
 BLOCK_CLASSES: tuple[str, ...] = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock", "BasicTransformerBlock")
 INDEXED_FAMILIES: tuple[str, ...] = ("sd3", "pixart", "flux")
+#: Per block class, the forward arguments that hold one row per batch row (or one row for all).
+BATCHED_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "JointTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    "BasicTransformerBlock": (
+        "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep", "class_labels",
+    ),
+}
+#: Arguments that are dicts of extra inputs: re-indexed only when they hold no tensor.
+DICT_ARGUMENTS: tuple[str, ...] = ("joint_attention_kwargs", "cross_attention_kwargs", "added_cond_kwargs")
 
 
 def transformer_blocks(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -105,6 +121,11 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
     def bind(self, context) -> _SkipBound:
         return _SkipBound(self, context)
 
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """None: whole blocks are skipped for the perturbed rows only; no attention layer computes differently for
+        the rows that run it, so nothing here conflicts with another control's edits."""
+        return ()
+
 
 def _some(available: dict[str, Any], limit: int = 6) -> str:
     names = list(available)
@@ -128,17 +149,36 @@ class _SkipBound(PerturbingBound):
 
     def _make(self, module: torch.nn.Module, current_frame):
         tag = self.tag
-        signature = inspect.signature(type(module).forward)
+        kind = type(module).__name__
+        index = self.index
 
         def make(original):
+            signature = inspect.signature(original)
+
             def forward(*args: Any, **kwargs: Any) -> Any:
                 frame: Frame | None = current_frame()
                 rows = frame.rows.indices("cond", tag) if frame is not None else ()
                 if not rows:
                     return original(*args, **kwargs)
-                arguments = signature.bind(module, *args, **kwargs).arguments
-                output = original(*args, **kwargs)
-                return skip_rows(output, arguments.get("hidden_states"), arguments.get("encoder_hidden_states"), rows)
+                bound = signature.bind(*args, **kwargs)
+                arguments = bound.arguments
+                hidden, context = arguments.get("hidden_states"), arguments.get("encoder_hidden_states")
+                batch = hidden.shape[0]
+                if len(rows) == batch:  # every row skips the block: it does not run
+                    return skipped_output(module, hidden, context)
+                skipped = set(rows)
+                kept = tuple(i for i in range(batch) if i not in skipped)
+                narrow = _rebatch(kind, arguments, batch, index(kept, hidden.device))
+                if narrow is None or len(frame.rows) != batch:
+                    return skip_rows(original(*args, **kwargs), hidden, context, index(rows, hidden.device))
+                layout = frame.rows
+                frame.rows = RowLayout(tuple(layout.rows[i] for i in kept))  # the layers inside see the rows that run
+                bound.arguments.update(narrow)
+                try:
+                    output = original(*bound.args, **bound.kwargs)
+                finally:
+                    frame.rows = layout
+                return merge_rows(output, hidden, context, index(kept, hidden.device))
 
             return forward
 
@@ -147,18 +187,52 @@ class _SkipBound(PerturbingBound):
     def finish(self) -> None:
         while self._wraps:
             self._wraps.pop().unwrap()
+        self.index.clear()
 
 
-def skip_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, rows: tuple[int, ...]) -> Any:
-    """A block's output with the rows `rows` replaced by the block's inputs (the block skipped for them)."""
+def _rebatch(kind: str, arguments: dict[str, Any], batch: int, kept: torch.Tensor) -> dict[str, Any] | None:
+    """The block's arguments for the rows `kept` only, or None when some input cannot be re-indexed safely."""
+    narrow = dict(arguments)
+    for name in BATCHED_ARGUMENTS.get(kind, ("hidden_states",)):
+        value = arguments.get(name)
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] == 1:
+            continue
+        if value.shape[0] != batch:
+            return None
+        narrow[name] = value.index_select(0, kept if kept.device == value.device else kept.to(value.device))
+    for name in DICT_ARGUMENTS:
+        extra = arguments.get(name)
+        if isinstance(extra, dict) and any(isinstance(v, (torch.Tensor, list, tuple)) for v in extra.values()):
+            return None
+    return narrow
 
-    def put(out: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        index = torch.tensor(rows, device=out.device)
-        return out.index_copy(0, index, source.index_select(0, index).to(out.dtype))
 
+def skipped_output(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor | None) -> Any:
+    """What a block returns when every row skips it: its inputs (a last SD3 block, `context_pre_only`, returns no
+    text stream)."""
+    if type(module).__name__ == "BasicTransformerBlock":
+        return hidden
+    return (None if getattr(module, "context_pre_only", False) else context), hidden
+
+
+def merge_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, kept: torch.Tensor) -> Any:
+    """The block's output for every row: the rows `kept` from `output` (the block ran on them only), the others
+    their inputs (skipped)."""
+    return _per_stream(output, hidden, context, lambda out, source: source.to(out.dtype).index_copy(0, kept, out))
+
+
+def skip_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, rows: torch.Tensor) -> Any:
+    """A block's output with the rows `rows` (an index tensor) replaced by the block's inputs (the block skipped
+    for them)."""
+    return _per_stream(output, hidden, context, lambda out, source: out.index_copy(0, rows, source.index_select(0, rows).to(out.dtype)))
+
+
+def _per_stream(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, put) -> Any:
+    """`put(out, source)` on each stream of a block's output: `hidden_states`, or `(encoder_hidden_states,
+    hidden_states)` (a missing text stream stays None)."""
     if isinstance(output, torch.Tensor):
         return put(output, hidden)
-    if isinstance(output, tuple) and len(output) == 2:  # (encoder_hidden_states, hidden_states)
+    if isinstance(output, tuple) and len(output) == 2:
         encoder_out, hidden_out = output
         if encoder_out is not None and context is not None:
             encoder_out = put(encoder_out, context)

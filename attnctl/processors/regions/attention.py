@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...errors import CallLayoutError, ConfigError
+from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...kernels.spec import AttentionSpec, LabelMask
+from ..common import TokenLayout, backend_op, restricted_rows, restricted_tokens, spans_range
 from ..edit import AttendFn, LayerCall, LayerHook
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class CrossHook(LayerHook):
         n = layout.weights.shape[1]
         if q.shape[2] != n:
             raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({grid[0]}x{grid[1]}) at {call.layer.name}, got {q.shape[2]}")
-        rows = torch.tensor(cond, device=q.device)
+        rows = bound.index(cond, q.device)
         qc = q.index_select(0, rows)
         batch, heads, _, head_dim = qc.shape
         keys, values = project_context(call.module, bound.text_embeds(q.device, _weight_dtype(call.module)))
@@ -125,12 +126,12 @@ class CrossHook(LayerHook):
             mask = None
             if padding is not None:
                 mask = padding[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, 1, 1, -1)
-            part, _ = compute(gathered, ck, cv, AttentionSpec(attn_mask=mask))
+            # region attentions are ops of their own (other keys): the layer's other hooks do not see them
+            part, _ = backend_op(call, gathered, ck, cv, AttentionSpec(attn_mask=mask))
             part = part.view(batch, count, heads, width, head_dim).float() * chunk.weight[None, :, None, :, None]
             total.index_add_(2, chunk.index.reshape(-1), part.transpose(1, 2).reshape(batch, heads, count * width, head_dim))
-        ratio = bound.base_ratio
-        keep = (1.0 - (1.0 - ratio) * layout.total.to(q.device))[None, None, :, None]
-        blended = keep * out.index_select(0, rows).float() + (1.0 - ratio) * total
+        keep = bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1): 1 - (1 - b) M(x)
+        blended = keep * out.index_select(0, rows).float() + (1.0 - bound.base_ratio) * total
         return out.index_copy(0, rows, blended.to(out.dtype)), lse
 
 
@@ -165,19 +166,25 @@ class JointSequence:
         start = self.text_start + self.base_len + sum(self.region_lens[:r])
         return slice(start, start + self.region_lens[r])
 
+    def base_spans(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Image and base-text positions as (start, stop) spans, in sequence order (the stock sequence)."""
+        image = (self.image_slice.start, self.image_slice.stop)
+        text = (self.text_start, self.text_start + self.base_len)
+        return (text, image) if self.text_first else (image, text)
+
     def base_positions(self) -> torch.Tensor:
         """Image and base-text positions, in sequence order (the stock sequence)."""
-        image = torch.arange(self.image_slice.start, self.image_slice.stop)
-        text = torch.arange(self.text_start, self.text_start + self.base_len)
-        return torch.cat([text, image]) if self.text_first else torch.cat([image, text])
+        return torch.cat([torch.arange(start, stop) for start, stop in self.base_spans()])
 
     def labels(self, image_labels: torch.Tensor, regions: int, cond: bool) -> torch.Tensor:
-        """(S,) labels: image 0 (background) / r+1; base text R+1; region r text R+2+r; hidden text 2R+2.
+        """(S,) labels: image `image_labels` (0 background, r+1 region r); base text R+1; region r text R+2+r;
+        hidden text 2R+2.
 
-        Rows that are not cond rows get background image labels and hidden region text (see `joint_table`).
+        Rows that are not cond rows get hidden region text (see `joint_table`); their image labels are the
+        regions' only when isolation needs them (the caller passes zeros otherwise).
         """
         labels = torch.empty(self.length, dtype=torch.long)
-        labels[self.image_slice] = image_labels if cond else 0
+        labels[self.image_slice] = image_labels
         labels[self.text_start : self.text_start + self.base_len] = regions + 1
         for r in range(len(self.region_lens)):
             labels[self.region_slice(r)] = regions + 2 + r if cond else 2 * regions + 2
@@ -225,7 +232,9 @@ def joint_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> t
 
 
 def base_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> torch.Tensor:
-    """The allow table of the unmasked base attention (image + base text) in the joint label space."""
+    """The allow table of the unmasked base attention (image + base text) in the joint label space: the blend's base
+    attention, the rows that are not cond rows (their region text, if any, hidden), and isolation without region
+    prompts."""
     regions = len(subjects)
     size = 2 * regions + 3
     table = torch.full((size, size), NEG_INF)
@@ -234,11 +243,16 @@ def base_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> to
     table[image, regions + 1] = 0.0
     table[regions + 1, image] = 0.0
     table[regions + 1, regions + 1] = 0.0
+    table[size - 1, size - 1] = 0.0
     return table
 
 
-def sub_spec(spec: AttentionSpec, rows: torch.Tensor | None, keys: torch.Tensor, queries: torch.Tensor, labels: LabelMask | None, where: str) -> AttentionSpec:
-    """`spec` restricted to batch `rows`, key positions `keys` and query positions `queries` (other controls' per-key edits)."""
+def sub_spec(
+    spec: AttentionSpec, rows: torch.Tensor | None, keys: torch.Tensor, queries: tuple[tuple[int, int], ...], labels: LabelMask | None,
+    where: str,
+) -> AttentionSpec:
+    """`spec` restricted to batch `rows`, key positions `keys` and the query positions of the spans `queries`
+    (other controls' per-key edits; the query range is mapped in Python, without a device sync)."""
     if spec.window is not None or spec.sparse is not None:
         raise ConfigError(f"attnctl: Regions cannot share {where} with a window or sparse (PLADIS) edit; give them different layers")
 
@@ -256,15 +270,12 @@ def sub_spec(spec: AttentionSpec, rows: torch.Tensor | None, keys: torch.Tensor,
         attn_mask = per_key(attn_mask)
     key_bias, value_scale, query_range = per_key(spec.key_bias), per_key(spec.value_scale), None
     if spec.query_range is not None and (key_bias is not None or value_scale is not None):
-        start, stop = spec.query_range
-        inside = torch.nonzero((queries >= start) & (queries < stop)).flatten()
-        if len(inside) == 0:
+        try:
+            query_range = spans_range(queries, spec.query_range)
+        except ConfigError:
+            raise ConfigError(f"attnctl: Regions cannot map another control's query range {spec.query_range} at {where}") from None
+        if query_range is None:
             key_bias = value_scale = None
-        else:
-            first, last = int(inside[0]), int(inside[-1]) + 1
-            if last - first != len(inside):
-                raise ConfigError(f"attnctl: Regions cannot map another control's query range {spec.query_range} at {where}")
-            query_range = (first, last)
     return dataclasses.replace(
         spec, attn_mask=attn_mask, key_bias=key_bias, value_scale=value_scale, query_range=query_range, labels=labels
     )
@@ -290,26 +301,39 @@ class JointHook(LayerHook):
     def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         bound = self.bound
         sequence = bound.sequence(call)
+        _check_tokens(call, q, sequence)
         out, lse = compute(q, k, v, spec)
         grid = call.geometry.image_hw
         if not bound.needs_blend(grid):
             return out, lse
         cond = call.rows.indices("cond")
-        rows = torch.tensor(cond, device=q.device)
+        if not cond:
+            return out, lse
+        rows = bound.index(cond, q.device)
         image = sequence.image_slice
-        positions = sequence.base_positions().to(q.device)
-        queries = torch.arange(image.start, image.stop, device=q.device)
+        positions = bound.base_positions(sequence, q.device)
         labels = bound.base_labels(sequence, grid, len(cond), q.device)
-        base_spec = sub_spec(spec, rows, positions, queries, labels, f"layer {call.layer.name}")
+        base_spec = sub_spec(spec, rows, positions, ((image.start, image.stop),), labels, f"layer {call.layer.name}")
         qc = q.index_select(0, rows)[:, :, image]
         kc = k.index_select(0, rows).index_select(2, positions)
         vc = v.index_select(0, rows).index_select(2, positions)
-        base, _ = compute(qc, kc, vc, base_spec)
-        weight = ((1.0 - bound.base_ratio) * bound.layout(grid).total.to(q.device))[None, None, :, None]
+        # the base attention runs through the other hooks as a sub-attention of the cond rows (PAG perturbs it too)
+        tokens = TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first, queries="image")
+        with restricted_rows(call, cond), restricted_tokens(call, tokens):
+            base, _ = compute(qc, kc, vc, base_spec)
+        weight = bound.blend_weight(grid, q.device, "region")  # (1, 1, N, 1): (1 - b) M(x)
         chosen = out.index_select(0, rows)
         mixed = (1.0 - weight) * base.float() + weight * chosen[:, :, image].float()
         chosen = torch.cat([chosen[:, :, : image.start], mixed.to(out.dtype), chosen[:, :, image.stop :]], dim=2)
         return out.index_copy(0, rows, chosen), lse
+
+
+def _check_tokens(call: LayerCall, q: torch.Tensor, sequence: JointSequence) -> None:
+    if q.shape[2] != sequence.length:
+        raise UnsupportedError(
+            f"attnctl: Regions at {call.layer.name} expected {sequence.length} joint tokens, got {q.shape[2]}: another "
+            "control on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
+        )
 
 
 class HiddenHook(LayerHook):
@@ -326,9 +350,11 @@ class HiddenHook(LayerHook):
         if spec.labels is not None:
             raise ConfigError(f"attnctl: Regions cannot share joint layer {call.layer.name} with another control's label mask")
         sequence = self.bound.sequence(call)
-        positions = sequence.base_positions().to(q.device)
-        base_spec = sub_spec(spec, None, positions, positions, None, f"layer {call.layer.name}")
-        base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
+        _check_tokens(call, q, sequence)
+        positions = self.bound.base_positions(sequence, q.device)
+        base_spec = sub_spec(spec, None, positions, sequence.base_spans(), None, f"layer {call.layer.name}")
+        with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
+            base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
         out = base.new_empty(q.shape[:3] + (v.shape[-1],))
         out[:, :, positions] = base
         lengths = set(sequence.region_lens)
@@ -342,12 +368,12 @@ class HiddenHook(LayerHook):
                 part = t[:, :, start:stop].reshape(batch, heads, -1, length, head_dim).transpose(1, 2)
                 return part.reshape(-1, heads, length, head_dim)
 
-            own, _ = compute(split(q), split(k), split(v), AttentionSpec())
+            own, _ = backend_op(call, split(q), split(k), split(v), AttentionSpec())
             own = own.reshape(batch, -1, heads, length, head_dim).transpose(1, 2).reshape(batch, heads, stop - start, head_dim)
             out[:, :, start:stop] = own
         else:
             for r in range(len(sequence.region_lens)):
                 span = sequence.region_slice(r)
-                own, _ = compute(q[:, :, span], k[:, :, span], v[:, :, span], AttentionSpec())
+                own, _ = backend_op(call, q[:, :, span], k[:, :, span], v[:, :, span], AttentionSpec())
                 out[:, :, span] = own
         return out, None

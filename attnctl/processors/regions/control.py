@@ -27,6 +27,7 @@ from ...pipelines.rows import RowLayout
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
+from ..common import RowIndex
 from ..edit import Edit, LayerCall
 from .attention import (
     CrossHook,
@@ -62,8 +63,9 @@ class Regions(Control, type_name="regions"):
       self-attention layer with `isolate`.
     - `steps=(start, stop)`: the window of steps it acts in.
 
-    All of it applies to the cond rows (and perturbed copies of them); unconditional rows keep the negative
-    prompt everywhere and stay as stock. Region prompts are encoded by the pipeline's own text encoders with the
+    The regional prompts apply to the cond rows (and perturbed copies of them); unconditional rows keep the
+    negative prompt everywhere. Isolation applies to every row, unconditional rows included (DESIGN §3 does not
+    restrict it): the subjects are kept apart in both CFG branches. Region prompts are encoded by the pipeline's own text encoders with the
     options of the call (`clip_skip`, `max_sequence_length`, ...); the pooled embedding stays the base prompt's.
     The same layout applies to every prompt of a batch.
     """
@@ -122,6 +124,32 @@ class Regions(Control, type_name="regions"):
         if adapter.family not in FAMILIES:
             raise UnsupportedError(f"attnctl: Regions supports the families {', '.join(FAMILIES)}, not {adapter.family!r}")
 
+    @property
+    def isolating(self) -> bool:
+        """Whether isolation acts: `isolate` and at least two subject regions."""
+        return self.isolate and sum(region.subject for region in self.regions) >= 2
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """What Regions does at `layer` (the roles of `RegionsBound`): on SD3 / Flux "region_tokens" on every
+        joint layer while region prompts act (their tokens are in the sequence there), "labels" on the joint
+        layers it selects (the masked joint softmax, or isolation); "labels" on the self-attention layers it
+        isolates; nothing on cross-attention layers (the region attentions are separate ops in a hook)."""
+        prompts_act = self.base_ratio < 1.0
+        selected = {info.index for info in Control.select(self, adapter)}
+        here = layer.index in selected
+        effects: list[str] = []
+        if layer.kind == "joint":
+            tokens = adapter.family in JOINT_FAMILIES and prompts_act and any(
+                info.kind == "joint" and info.index in selected for info in adapter.layers
+            )
+            if here and (prompts_act or self.isolating):
+                effects.append("labels")
+            if tokens:
+                effects.append("region_tokens")
+        elif layer.kind == "self" and here and self.isolating:
+            effects.append("labels")
+        return tuple(effects)
+
     def bind(self, context: BindContext) -> Bound:
         selected = Control.select(self, context.adapter)
         bound = RegionsBound(self, context, selected)
@@ -178,7 +206,7 @@ class RegionsBound(Bound):
         self.base_ratio = float(control.base_ratio)
         self.shapes = tuple(region.shape for region in control.regions)
         self.subjects = tuple(region.subject for region in control.regions)
-        self.isolating = control.isolate and sum(self.subjects) >= 2
+        self.isolating = control.isolating
         self.strength = float(control.isolation_strength)
         prompts_act = self.base_ratio < 1.0
         roles: dict[int, str] = {}
@@ -207,6 +235,7 @@ class RegionsBound(Bound):
         self.hidden_hook = HiddenHook(self)
         self._layouts: dict[tuple[int, int], GridLayout] = {}
         self._cache: dict[Any, Any] = {}
+        self.index = RowIndex()  # the cond rows' positions as index tensors, per device
 
     # -- per-grid data ---------------------------------------------------------------------------------------------
     def layout(self, grid: tuple[int, int]) -> GridLayout:
@@ -255,17 +284,41 @@ class RegionsBound(Bound):
 
     def needs_blend(self, grid: tuple[int, int]) -> bool:
         """Whether the joint blend with the base attention changes anything (b > 0, or soft weights on labelled cells)."""
-        layout = self.layout(grid)
-        labelled = layout.labels > 0
-        return self.base_ratio > 0 or bool((layout.total[labelled] < 1).any())
+        key = ("blend?", grid)
+        if key not in self._cache:
+            layout = self.layout(grid)  # on the CPU: no device sync
+            self._cache[key] = self.base_ratio > 0 or bool((layout.total[layout.labels > 0] < 1).any())
+        return self._cache[key]
+
+    def blend_weight(self, grid: tuple[int, int], device: torch.device, kind: str) -> torch.Tensor:
+        """(1, 1, N, 1) float32 on `device`: "keep" `1 - (1-b) M(x)` (cross-attention's base share) or "region"
+        `(1-b) M(x)` (the joint blend's masked share)."""
+        key = ("weight", kind, grid, str(device))
+        if key not in self._cache:
+            share = (1.0 - self.base_ratio) * self.layout(grid).total.float()
+            weight = 1.0 - share if kind == "keep" else share
+            self._cache[key] = weight.to(device)[None, None, :, None]
+        return self._cache[key]
+
+    def base_positions(self, sequence: JointSequence, device: torch.device) -> torch.Tensor:
+        """The image and base-text positions of `sequence` (the stock sequence) as an index tensor on `device`."""
+        key = ("positions", sequence, str(device))
+        if key not in self._cache:
+            self._cache[key] = sequence.base_positions().to(device)
+        return self._cache[key]
 
     # -- joint sequences and labels --------------------------------------------------------------------------------
     def region_lens(self) -> tuple[int, ...]:
         return (self.text.length,) * len(self.shapes) if self.tokens else ()
 
-    def sequence(self, call: LayerCall | Geometry) -> JointSequence:
+    def has_tokens(self, rows: RowLayout) -> bool:
+        """Whether a denoiser call with these rows has the region tokens appended (only calls with cond rows do)."""
+        return self.tokens and bool(rows.indices("cond"))
+
+    def sequence(self, call: LayerCall | Geometry, with_tokens: bool = True) -> JointSequence:
         geometry = call.geometry if isinstance(call, LayerCall) else call
-        sequence = JointSequence(geometry.image_len, self.base_text_len, self.region_lens(), geometry.layer.text == "first")
+        lens = self.region_lens() if with_tokens else ()
+        sequence = JointSequence(geometry.image_len, self.base_text_len, lens, geometry.layer.text == "first")
         if geometry.text_len != sequence.text_len:
             raise CallLayoutError(
                 f"attnctl: Regions expected {sequence.text_len} text tokens at {geometry.layer.name} "
@@ -277,30 +330,40 @@ class RegionsBound(Bound):
         return tuple(row.branch == "cond" for row in rows.rows)
 
     def isolation_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
+        """Self-attention isolation: every row (uncond rows too) gets the regions' image labels."""
         from ...kernels.spec import LabelMask
 
-        key = ("isolate", geometry.image_hw, self._rows_key(rows))
+        key = ("isolate", geometry.image_hw, len(rows))
         if key not in self._cache:
             image = self.layout(geometry.image_hw).labels
-            labels = torch.stack([image if cond else torch.zeros_like(image) for cond in self._rows_key(rows)]).to(self.device)
+            labels = image[None].repeat(len(rows), 1).to(self.device)
             table = isolation_table(self.subjects, self.strength)[None].to(self.device)
             self._cache[key] = LabelMask(labels, labels, table)
         return self._cache[key]
 
     def joint_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
+        """The joint label mask: cond rows with region tokens follow `joint_table`; the other rows (uncond rows, and
+        every row without region prompts) `base_table`: the stock attention, with isolation when it acts."""
         from ...kernels.spec import LabelMask
 
-        sequence = self.sequence(geometry)
+        with_tokens = self.has_tokens(rows)
+        sequence = self.sequence(geometry, with_tokens)
         key = ("joint", sequence, geometry.image_hw, self._rows_key(rows))
         if key not in self._cache:
             image = self.layout(geometry.image_hw).labels
             regions = len(self.shapes)
-            labels = torch.stack([sequence.labels(image, regions, cond) for cond in self._rows_key(rows)]).to(self.device)
-            if self.tokens:
-                table = joint_table(self.subjects, self.isolating, self.strength)
-            else:  # isolation only (base_ratio 1): the stock sequence with image x image isolation
-                table = base_table(self.subjects, self.isolating, self.strength)
-            self._cache[key] = LabelMask(labels, labels, table[None].to(self.device))
+            labels, tables = [], []
+            for cond in self._rows_key(rows):
+                shown = image if cond or self.isolating else torch.zeros_like(image)
+                labels.append(sequence.labels(shown, regions, cond))
+                tables.append("joint" if cond and with_tokens else "base")
+            made = {
+                "joint": joint_table(self.subjects, self.isolating, self.strength),
+                "base": base_table(self.subjects, self.isolating, self.strength),
+            }
+            table = made[tables[0]][None] if len(set(tables)) == 1 else torch.stack([made[t] for t in tables])
+            stacked = torch.stack(labels).to(self.device)
+            self._cache[key] = LabelMask(stacked, stacked, table.to(self.device))
         return self._cache[key]
 
     def base_labels(self, sequence: JointSequence, grid: tuple[int, int], rows: int, device: torch.device) -> Any:
@@ -331,7 +394,10 @@ class RegionsBound(Bound):
             raise CallLayoutError(
                 f"attnctl: Regions expected {self.base_text_len} base text tokens in this denoiser call, got {context.shape[1]}"
             )
-        embeds = self.text.embeds.to(device=context.device, dtype=context.dtype)
+        key = ("embeds-joint", str(context.device), context.dtype)
+        if key not in self._cache:  # one copy per call
+            self._cache[key] = self.text.embeds.to(device=context.device, dtype=context.dtype)
+        embeds = self._cache[key]
         if embeds.shape[-1] != context.shape[-1]:
             raise CallLayoutError(f"attnctl: region embeddings have {embeds.shape[-1]} channels, the base text {context.shape[-1]}")
         block = embeds.reshape(1, -1, context.shape[-1]).expand(context.shape[0], -1, -1)
@@ -356,10 +422,19 @@ class RegionsBound(Bound):
         return torch.cat([ids] + [extra_one] * len(self.shapes), dim=-2)
 
     def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
-        if not frame.rows.indices("cond"):
-            return None
         role = self.roles.get(layer.index)
+        if role is None:
+            return None
         geometry = frame.geometry(layer)
+        if not frame.rows.indices("cond"):
+            # a call without cond rows (Flux true CFG's negative pass): no region prompts there, only isolation
+            if not self.isolating:
+                return None
+            if role == "isolate":
+                return Edit(labels=self.isolation_labels(geometry, frame.rows))
+            if role == "joint":
+                return Edit(labels=self.joint_labels(geometry, frame.rows))
+            return None
         if role == "cross":
             return Edit(hooks=(self.cross_hook,))
         if role == "isolate":
@@ -375,3 +450,4 @@ class RegionsBound(Bound):
     def finish(self) -> None:
         self._cache.clear()
         self._layouts.clear()
+        self.index.clear()
