@@ -123,16 +123,3 @@ def test_pipeline_without_encode_prompt_is_refused():
     )
     with pytest.raises(attnctl.UnsupportedError, match="encode_prompt"):
         attnctl.apply(pipe, [])
-
-
-def test_row_layout_index_tensors_are_cached_per_device():
-    from attnctl.pipelines.rows import RowLayout
-
-    layout, _ = RowLayout.batched_cfg(2).with_perturbed(("pag",))
-    cond = layout.index("cond")
-    assert cond.dtype == torch.long and cond.tolist() == [2, 3, 4, 5]
-    assert layout.index("cond") is cond and layout.index("cond", device="cpu") is layout.index("cond", device=torch.device("cpu"))
-    assert layout.index("cond", None).tolist() == [2, 3] and layout.index(tag="pag").tolist() == [4, 5]
-    assert layout.index("uncond").tolist() == list(layout.indices("uncond")) == [0, 1]
-    assert layout.mask("cond").tolist() == [False, False, True, True, True, True]  # masks and indices kept apart
-    assert layout.take((3, 1)).tolist() == [3, 1] and layout.take((3, 1)) is layout.take([3, 1])

@@ -45,22 +45,6 @@ class RowLayout:
             self._masks[key] = torch.tensor([i in chosen for i in range(len(self.rows))], dtype=torch.bool, device=device)
         return self._masks[key]
 
-    def index(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any", device=None) -> torch.Tensor:
-        """`indices(branch, tag)` as a LongTensor on `device` (for `index_select` / indexing), cached per device:
-        one host-to-device copy per layout and device, not one per attention call."""
-        key = ("index", branch, tag, str(device))
-        if key not in self._masks:
-            self._masks[key] = torch.tensor(self.indices(branch, tag), dtype=torch.long, device=device)
-        return self._masks[key]
-
-    def take(self, rows: tuple[int, ...], device=None) -> torch.Tensor:
-        """Any row tuple of this layout (e.g. `indices` of several branches joined) as a LongTensor on `device`,
-        cached per rows and device."""
-        key = ("take", tuple(rows), str(device))
-        if key not in self._masks:
-            self._masks[key] = torch.tensor(tuple(rows), dtype=torch.long, device=device)
-        return self._masks[key]
-
     @property
     def has_uncond(self) -> bool:
         return any(row.branch == "uncond" for row in self.rows)

@@ -139,17 +139,17 @@ def restricted_rows(call: LayerCall, positions: Sequence[int]) -> Iterator[Layer
     before = row_source(call)
     rows = frame.rows.rows
     call.frame = dataclasses.replace(frame, rows=RowLayout(tuple(rows[i] for i in positions)))
-    call.__dict__["row_source"] = tuple(positions) if before is None else tuple(before[i] for i in positions)
+    call.row_source = tuple(positions) if before is None else tuple(before[i] for i in positions)
     try:
         yield call
     finally:
         call.frame = frame
-        call.__dict__["row_source"] = before
+        call.row_source = before
 
 
 def row_source(call: LayerCall) -> tuple[int, ...] | None:
     """The original batch positions of the rows of a restricted layer call (None: not restricted)."""
-    return call.__dict__.get("row_source")
+    return call.row_source
 
 
 @dataclass(frozen=True)
@@ -192,18 +192,18 @@ class TokenLayout:
 
 def token_layout(call: LayerCall) -> TokenLayout:
     """The token layout of the op a hook is asked to run: the layer's own, or the one an outer hook declared."""
-    return call.__dict__.get("token_layout") or TokenLayout.of(call.geometry)
+    return call.token_layout or TokenLayout.of(call.geometry)
 
 
 @contextlib.contextmanager
 def restricted_tokens(call: LayerCall, layout: TokenLayout) -> Iterator[LayerCall]:
     """While inside, `token_layout(call)` is `layout`: for a hook that runs the rest of the chain on other tokens."""
-    before = call.__dict__.get("token_layout")
-    call.__dict__["token_layout"] = layout
+    before = call.token_layout
+    call.token_layout = layout
     try:
         yield call
     finally:
-        call.__dict__["token_layout"] = before
+        call.token_layout = before
 
 
 def backend_op(call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
@@ -211,10 +211,7 @@ def backend_op(call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     part of a layer call itself (PAG's text queries of the perturbed rows). Returns (out, lse or None)."""
     from .. import kernels
 
-    if spec.is_plain and call.backend in ("auto", "sdpa"):
-        return kernels.sdpa.attention(q, k, v, spec)
-    name, _ = kernels.choose_backend(call.backend, q.device, spec.features())
-    return kernels.BACKENDS[name].fn(q, k, v, spec)
+    return kernels.attention(q, k, v, spec, call.backend)
 
 
 # -- layers -------------------------------------------------------------------------------------------------------

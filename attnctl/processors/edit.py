@@ -73,6 +73,10 @@ class LayerCall:
     frame: Frame
     module: torch.nn.Module
     backend: str
+    # Set while an outer hook runs the rest of the chain on some rows or tokens only (`processors.common`):
+    # the original batch position of each row the inner hooks see, and the token layout of the op they run.
+    row_source: tuple[int, ...] | None = None
+    token_layout: Any = None
 
     @property
     def rows(self):
