@@ -1,0 +1,32 @@
+"""Model adapters, one per supported denoiser class (see `base.py` for what an adapter knows)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedError
+from .adapters import FluxAdapter, PixArtAdapter, SD3Adapter, UNetAdapter
+from .base import Canvas, Geometry, LayerInfo, ModelAdapter, TextSpan
+
+# Ordered: the first entry whose class name matches the denoiser's class (or a base class) wins.
+ADAPTERS: tuple[tuple[str, type[ModelAdapter]], ...] = (
+    ("UNet2DConditionModel", UNetAdapter),
+    ("SD3Transformer2DModel", SD3Adapter),
+    ("FluxTransformer2DModel", FluxAdapter),
+    ("PixArtTransformer2DModel", PixArtAdapter),
+)
+SUPPORTED_DENOISERS: tuple[str, ...] = tuple(name for name, _ in ADAPTERS)
+
+
+def adapter_for(denoiser: torch.nn.Module) -> ModelAdapter:
+    """Build the adapter of `denoiser`, or raise listing the supported denoiser classes."""
+    mro = [klass.__name__ for klass in type(denoiser).__mro__]
+    for class_name, adapter_cls in ADAPTERS:
+        if class_name in mro:
+            return adapter_cls.discover(denoiser)
+    raise UnsupportedError(
+        f"attnctl: denoiser class {type(denoiser).__name__} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"
+    )
+
+
+__all__ = ["ADAPTERS", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]

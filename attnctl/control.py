@@ -1,0 +1,237 @@
+"""The control protocol: frozen configs that describe changes, bound once per pipeline call.
+
+A `Control` is a frozen dataclass validated on construction; it serialises to a plain dict
+(`to_dict` / `Control.from_dict`) for job files, PNG metadata and saved plans. Once per pipeline call the
+handle calls `bind(context)`, which resolves words to tokens, layers to indices and sizes caches, and
+returns a `Bound`. For every denoiser call and layer the processor asks the bound controls for an `Edit`
+(`attnctl.processors.edit`): plain data saying what changes (bias, value scale, masks, hooks). A bound
+control may also change the rows of a denoiser call (`row_plan`, for guidance by perturbation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .errors import ConfigError
+from .families.base import Canvas, Geometry, LayerInfo, ModelAdapter
+from .steps import StepInfo, StepWindow
+
+if TYPE_CHECKING:
+    from .pipelines.rows import RowLayout, RowPlan
+    from .processors.edit import Edit
+    from .tokens import PromptTokens
+
+_REGISTRY: dict[str, type[Control]] = {}
+
+
+@dataclass(frozen=True)
+class Control:
+    """Base class of every control. Subclasses are frozen dataclasses with a `type_name` class keyword."""
+
+    type_name: ClassVar[str] = "control"
+    #: Whether `bind` needs the words of the prompts (then `prompt_embeds` passed directly is an error).
+    needs_words: ClassVar[bool] = False
+    #: Exclusive per-layer slots ("cache", "tokens", ...): two controls claiming one on a layer conflict.
+    slots: ClassVar[tuple[str, ...]] = ()
+    #: Kernel features the control's edits need (see `attnctl.kernels.CAPABILITIES`), for `describe()`.
+    kernel_features: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if type_name is not None:
+            if type_name in _REGISTRY and _REGISTRY[type_name] is not cls:
+                raise TypeError(f"control type name {type_name!r} is already registered by {_REGISTRY[type_name]}")
+            cls.type_name = type_name
+            _REGISTRY[type_name] = cls
+
+    def default_layers(self, adapter: ModelAdapter) -> str | tuple[str, ...] | None:
+        """The selection used when the control's `layers` is None (None: every layer)."""
+        return None
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        """The layers this control acts on (its `layers` field, or its default); raises SelectionError."""
+        from .selection import select_layers
+
+        return select_layers(
+            adapter.layers, getattr(self, "layers", None), default=self.default_layers(adapter), owner=type(self).__name__
+        )
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        """Raise if this control cannot act on this model family (checked at apply time)."""
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """What this control does to one of its layers, in the vocabulary of `processors.edit.EFFECTS`.
+
+        `apply` checks the effects of every pair of controls sharing a layer against
+        `processors.edit.CONFLICTS` and refuses a pair that cannot share it before anything is installed
+        (DESIGN §2: conflicts raise at apply time, not in the middle of a render). Default: none.
+        """
+        return ()
+
+    @property
+    def step_window(self) -> StepWindow:
+        return getattr(self, "steps", (0.0, 1.0))
+
+    def bind(self, context: BindContext) -> Bound:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.bind")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-friendly dict: `{"type": ..., field: value, ...}`."""
+        out: dict[str, Any] = {"type": self.type_name}
+        for f in dataclasses.fields(self):
+            out[f.name] = _plain(getattr(self, f.name))
+        return out
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> Control:
+        """Rebuild a control from `to_dict` output; unknown types or fields raise ConfigError.
+
+        `type` is a registered type name or a class name, in any case and with or without `-` / `_`
+        (`"pag"`, `"PAG"`, `"skip-layer"`, `"SkipLayer"`), as job files accept it.
+        """
+        if not isinstance(data, Mapping) or "type" not in data:
+            raise ConfigError(f"a control dict needs a 'type' key, got {data!r}")
+        kind = data["type"]
+        cls = _REGISTRY.get(canonical_type_name(kind)) if isinstance(kind, str) else None
+        if cls is None:
+            raise ConfigError(f"unknown control type {kind!r}; known: {', '.join(sorted(_REGISTRY))}")
+        return cls._from_fields({k: v for k, v in data.items() if k != "type"})
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Control:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(names))}")
+        return cls(**fields)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Control):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k) if not isinstance(k, (int, float)) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def registered_controls() -> dict[str, type[Control]]:
+    return dict(_REGISTRY)
+
+
+def canonical_type_name(name: str) -> str:
+    """The registered type name for `name`, accepting class names and case or `-`/`_`/space variants
+    (`"PAG"`, `"skip_layer"`, `"Reweight"`); a name matching no single control is returned unchanged."""
+    if name in _REGISTRY:
+        return name
+    key = _loose(name)
+    matches = tuple(dict.fromkeys(
+        type_name for type_name, cls in sorted(_REGISTRY.items()) if key in (_loose(type_name), _loose(cls.__name__))
+    ))
+    return matches[0] if len(matches) == 1 else name
+
+
+def _loose(name: str) -> str:
+    return re.sub(r"[-_\s]", "", name).lower()
+
+
+@dataclass(frozen=True)
+class BindContext:
+    """What a control may know when it is bound at the start of a pipeline call."""
+
+    adapter: ModelAdapter
+    canvas: Canvas
+    steps: int
+    cfg: bool
+    prompt_rows: int
+    tokens: PromptTokens | None
+    negative_tokens: PromptTokens | None
+    backend: str
+    pipeline: Any
+    device: Any
+    dtype: Any
+    outputs: dict[str, Any]  # results a control publishes for the handle (maps, reports), by key
+    layers: tuple[LayerInfo, ...] = ()  # the layers this control resolved to at apply time
+    # The denoiser call in progress (None between calls), for code that runs outside attention layers
+    # (instance-level wraps of transformer blocks: skip-layer guidance).
+    current_frame: Callable[[], Frame | None] = field(default=lambda: None, compare=False, repr=False)
+    # `with context.internal():` around attnctl's own calls of pipeline methods (encode_prompt, ...): not recorded
+    internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+    # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
+    prompt_arguments: tuple[dict[str, Any], ...] = ()
+
+    def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
+        from .errors import TokenError
+
+        tokens = self.tokens if branch == "cond" else self.negative_tokens
+        if tokens is None:
+            raise TokenError(
+                f"attnctl: {owner} needs the words of the {'prompt' if branch == 'cond' else 'negative prompt'}, "
+                "but the pipeline was called with embeddings (prompt_embeds) instead of text; pass the prompt as "
+                "text or give explicit token positions"
+            )
+        return tokens
+
+    def geometry(self, layer: LayerInfo) -> Geometry:
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)
+
+
+class Bound:
+    """A control bound to one pipeline call. Subclasses override what they take part in."""
+
+    def __init__(self, control: Control, layers: tuple[LayerInfo, ...], steps: StepWindow):
+        self.control = control
+        self.layers = layers
+        self.layer_indices = frozenset(layer.index for layer in layers)
+        self.steps = steps
+
+    def active(self, step: StepInfo) -> bool:
+        return step.inside(self.steps)
+
+    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+        """What changes at `layer` in the denoiser call `frame` (None: nothing)."""
+        return None
+
+    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The denoiser's inputs for this call, changed before the forward (return `inputs` itself: unchanged).
+
+        Called for active controls only. A changed text sequence (e.g. appended region tokens) is reflected
+        in the frame's canvas (`text_len`) that the layers see.
+        """
+        return inputs
+
+    def row_plan(self, frame: Frame) -> RowPlan | None:
+        """Extra or fewer rows for this denoiser call (guidance, CFG dropping); None: the pipeline's rows."""
+        return None
+
+    def finish(self) -> None:
+        """End of the pipeline call (successful or not)."""
+
+
+@dataclass
+class Frame:
+    """One denoiser call: its step, its rows (after row plans), its geometry."""
+
+    step: StepInfo
+    rows: RowLayout
+    canvas: Canvas
+    context: str | None = None
+    inputs: dict[str, Any] | None = None
+    number: int = 0  # denoiser calls before this one in the pipeline call
+    # Tag of a control's own extra forward (SAG's degraded pass) made inside this denoiser call; None for
+    # the forward that serves the pipeline's call (caches and captures usually skip extra passes).
+    extra_pass: str | None = None
+
+    def geometry(self, layer: LayerInfo) -> Geometry:
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)

@@ -1,0 +1,203 @@
+"""Model adapters for the supported denoiser classes.
+
+Each adapter discovers the attention layers through the public `attn_processors` surface, classifies them
+from the module's own attributes, and reads a call's geometry from the call's inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import CallLayoutError, UnsupportedError
+from .base import Canvas, LayerInfo, ModelAdapter
+
+
+def _attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Attention modules by name (module path without `.processor`), in model order."""
+    if hasattr(denoiser, "attn_processors"):
+        names = [key[: -len(".processor")] for key in denoiser.attn_processors]
+        return {name: denoiser.get_submodule(name) for name in names}
+    return {
+        name: module
+        for name, module in denoiser.named_modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    }
+
+
+def _block_index(parts: list[str], container: str) -> int | None:
+    if container in parts:
+        position = parts.index(container)
+        if position + 1 < len(parts) and parts[position + 1].isdigit():
+            return int(parts[position + 1])
+    return None
+
+
+class UNetAdapter(ModelAdapter):
+    """`UNet2DConditionModel` (SD 1.x / 2.x, SDXL): self-attention `attn1`, cross-attention `attn2`."""
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> UNetAdapter:
+        modules = _attention_modules(denoiser)
+        down_levels, mid_level, up_levels = _unet_levels(denoiser)
+        layers = []
+        for index, (name, module) in enumerate(modules.items()):
+            parts = name.split(".")
+            if parts[0] == "down_blocks":
+                group, block = "down", int(parts[1])
+                level = down_levels[block]
+            elif parts[0] == "mid_block":
+                group, block, level = "mid", 0, mid_level
+            elif parts[0] == "up_blocks":
+                group, block = "up", int(parts[1])
+                level = up_levels[block]
+            else:
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            cross = bool(getattr(module, "is_cross_attention", False))
+            layers.append(
+                LayerInfo(name, index, "cross" if cross else "self", group, block, level, "keys" if cross else "none")
+            )
+        return cls(
+            family="unet",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=(
+                "sample", "timestep", "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask",
+                "encoder_attention_mask", "down_block_additional_residuals", "mid_block_additional_residual",
+                "down_intrablock_additional_residuals",
+            ),
+            dict_inputs=("added_cond_kwargs",),
+        )
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        sample = inputs["sample"]
+        context = inputs.get("encoder_hidden_states")
+        hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        return Canvas(latent_hw=hw, token_hw=hw, text_len=_text_len(context))
+
+
+def _unet_levels(unet: torch.nn.Module) -> tuple[list[int], int, list[int]]:
+    """Downsampling level of each down block, the mid block and each up block, from the model structure."""
+    down_levels, level = [], 0
+    for block in unet.down_blocks:
+        down_levels.append(level)
+        if getattr(block, "downsamplers", None):
+            level += 1
+    mid_level = level
+    up_levels = []
+    for block in unet.up_blocks:
+        up_levels.append(level)
+        if getattr(block, "upsamplers", None):
+            level -= 1
+    return down_levels, mid_level, up_levels
+
+
+def _text_len(context: Any) -> int:
+    if isinstance(context, tuple):  # IP-Adapter: (text, image embeds)
+        context = context[0]
+    return int(context.shape[1]) if isinstance(context, torch.Tensor) else 0
+
+
+class SD3Adapter(ModelAdapter):
+    """`SD3Transformer2DModel`: joint attention `[image; text]`; SD3.5-M dual blocks add image-only `attn2`."""
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> SD3Adapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, (name, module) in enumerate(modules.items()):
+            parts = name.split(".")
+            block = _block_index(parts, "transformer_blocks")
+            joint = getattr(module, "add_k_proj", None) is not None or getattr(module, "to_added_qkv", None) is not None
+            kind, text = ("joint", "last") if joint else ("self", "none")
+            layers.append(LayerInfo(name, index, kind, "blocks", block, 0, text))
+        return cls(
+            family="sd3",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "block_controlnet_hidden_states"),
+            dict_inputs=("joint_attention_kwargs",),  # IP-Adapter image embeds (`ip_adapter_image_embeds`)
+        )
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        patch = int(self.denoiser.config.patch_size)
+        h, w = int(latents.shape[-2]), int(latents.shape[-1])
+        return Canvas(latent_hw=(h, w), token_hw=(h // patch, w // patch), text_len=_text_len(inputs.get("encoder_hidden_states")))
+
+
+class PixArtAdapter(ModelAdapter):
+    """`PixArtTransformer2DModel`: self-attention `attn1`, cross-attention `attn2` to T5 tokens."""
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> PixArtAdapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, (name, module) in enumerate(modules.items()):
+            block = _block_index(name.split("."), "transformer_blocks")
+            cross = bool(getattr(module, "is_cross_attention", False))
+            layers.append(LayerInfo(name, index, "cross" if cross else "self", "blocks", block, 0, "keys" if cross else "none"))
+        return cls(
+            family="pixart",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=("hidden_states", "encoder_hidden_states", "timestep", "attention_mask", "encoder_attention_mask"),
+            dict_inputs=("added_cond_kwargs",),
+        )
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        patch = int(self.denoiser.config.patch_size)
+        h, w = int(latents.shape[-2]), int(latents.shape[-1])
+        return Canvas(latent_hw=(h, w), token_hw=(h // patch, w // patch), text_len=_text_len(inputs.get("encoder_hidden_states")))
+
+
+class FluxAdapter(ModelAdapter):
+    """`FluxTransformer2DModel`: double blocks (joint, `[text; image]`), single blocks (text concatenated first)."""
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> FluxAdapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, name in enumerate(modules):
+            parts = name.split(".")
+            if parts[0] == "transformer_blocks":
+                layers.append(LayerInfo(name, index, "joint", "double", int(parts[1]), 0, "first"))
+            elif parts[0] == "single_transformer_blocks":
+                layers.append(LayerInfo(name, index, "joint", "single", int(parts[1]), 0, "first", concatenated=True))
+            else:
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+        return cls(
+            family="flux",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=(
+                "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
+                "controlnet_block_samples", "controlnet_single_block_samples",
+            ),
+            dict_inputs=("joint_attention_kwargs",),  # IP-Adapter image embeds (`ip_adapter_image_embeds`)
+        )
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        img_ids = inputs.get("img_ids")
+        if img_ids is None:
+            raise CallLayoutError("attnctl: the Flux transformer was called without img_ids; the image grid is unknown")
+        if img_ids.ndim == 3:
+            img_ids = img_ids[0]
+        n = int(latents.shape[1])
+        if img_ids.shape[0] != n:
+            raise CallLayoutError(
+                f"attnctl: Flux img_ids has {img_ids.shape[0]} rows but hidden_states has {n} image tokens; "
+                "extra image tokens (Kontext-style references) are not supported yet"
+            )
+        rows = int(img_ids[:, 1].max()) + 1
+        cols = int(img_ids[:, 2].max()) + 1
+        if rows * cols != n:
+            raise CallLayoutError(f"attnctl: Flux img_ids describe a {rows}x{cols} grid but there are {n} image tokens")
+        return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))

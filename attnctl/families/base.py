@@ -1,0 +1,139 @@
+"""Model adapters: what attnctl knows about one denoiser class, as data.
+
+An adapter lists the attention layers of a denoiser with their kind (self / cross / joint), group and
+block, the token layout each layer sees (image-first or text-first, where the text sits), and how to find
+the image-token grid of a call. Nothing here is guessed from tensor shapes: grids come from the model's
+structure and the call's inputs, and a shape that disagrees with them is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+LayerKind = Literal["self", "cross", "joint"]
+TextPosition = Literal["none", "keys", "first", "last"]
+KINDS: tuple[str, ...] = ("self", "cross", "joint")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One attention layer of a denoiser.
+
+    `name` is the module path without `.processor`. `level` is the number of 2x downsamplings between the
+    latent and this layer's token grid (UNet levels; 0 for DiTs, whose patch size is applied separately).
+    `text` says where text tokens are: `"none"` (self-attention over image tokens), `"keys"` (cross-attention:
+    text only as keys), `"first"` / `"last"` (joint attention: text before or after the image tokens).
+    `concatenated` is true when the text is already part of `hidden_states` (Flux single blocks).
+    """
+
+    name: str
+    index: int
+    kind: LayerKind
+    group: str
+    block: int | None
+    level: int = 0
+    text: TextPosition = "none"
+    concatenated: bool = False
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.name.split("."))
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    """Where one text encoder's tokens sit inside the text sequence a layer sees."""
+
+    encoder: str  # "clip" or "t5"
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The geometry of one denoiser call: latent grid, image-token grid at patch level, text length."""
+
+    latent_hw: tuple[int, int]
+    token_hw: tuple[int, int]
+    text_len: int
+
+    def grid_at(self, level: int) -> tuple[int, int]:
+        h, w = self.token_hw
+        for _ in range(level):
+            h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1: ceil(n / 2)
+        return h, w
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Token layout of one layer in one call: the image grid and where the text is."""
+
+    layer: LayerInfo
+    image_hw: tuple[int, int]
+    text_len: int
+
+    @property
+    def image_len(self) -> int:
+        return self.image_hw[0] * self.image_hw[1]
+
+    @property
+    def image_slice(self) -> slice:
+        """Image tokens inside the query sequence."""
+        if self.layer.text == "first":
+            return slice(self.text_len, self.text_len + self.image_len)
+        return slice(0, self.image_len)
+
+    @property
+    def text_slice(self) -> slice | None:
+        """Text tokens inside the query sequence (joint layouts), or None."""
+        if self.layer.text == "first":
+            return slice(0, self.text_len)
+        if self.layer.text == "last":
+            return slice(self.image_len, self.image_len + self.text_len)
+        return None
+
+    @property
+    def key_text_slice(self) -> slice | None:
+        """Text tokens inside the key sequence: all keys for cross-attention, the text span for joint."""
+        if self.layer.text == "keys":
+            return slice(0, self.text_len)
+        return self.text_slice
+
+    @property
+    def query_len(self) -> int:
+        return self.image_len + (self.text_len if self.layer.text in ("first", "last") else 0)
+
+
+@dataclass
+class ModelAdapter:
+    """What attnctl knows about one denoiser instance: its layers and how to read a call's geometry."""
+
+    family: str
+    denoiser: torch.nn.Module
+    layers: tuple[LayerInfo, ...]
+    modules: dict[str, torch.nn.Module] = field(repr=False)
+    batched_inputs: tuple[str, ...] = ()
+    dict_inputs: tuple[str, ...] = ()
+
+    def layer(self, name: str) -> LayerInfo:
+        for info in self.layers:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def groups(self) -> tuple[str, ...]:
+        seen: list[str] = []
+        for info in self.layers:
+            if info.group not in seen:
+                seen.append(info.group)
+        return tuple(seen)

@@ -1,0 +1,422 @@
+"""`attnctl.apply(pipe, controls)` and the `Handle` it returns.
+
+apply() installs one controlled processor per attention layer of the pipeline's denoiser (through the
+public `set_processor` of each attention module) and wraps, at instance level only, the hook points of
+DESIGN §2: the denoiser's `forward`, the pipeline's `check_inputs`, `encode_prompt` and
+`maybe_free_model_hooks`, the scheduler's `step`, and Flux's `cache_context`. `Handle.remove()` puts
+everything back exactly; it is idempotent, and `with attnctl.apply(...)` calls it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .control import Control
+from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
+from .families import adapter_for
+from .families.base import LayerInfo, ModelAdapter
+from .instance import Wrapped, wrap_method
+from .kernels import check_features, choose_backend, validate_backend
+from .pipelines.denoiser import make_forward
+from .pipelines.protocol import protocol_for
+from .processors import classic, flux, joint
+from .processors.base import ControlledProcessor, make_processor
+from .processors.edit import EFFECTS, effect_conflict
+from .runtime import Runtime
+from .selection import describe_layers
+
+PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
+    "unet": (classic.ClassicAttnProcessor, classic.SUPPORTED),
+    "pixart": (classic.ClassicAttnProcessor, classic.SUPPORTED),
+    "sd3": (joint.JointAttnProcessor, joint.SUPPORTED),
+    "flux": (flux.FluxAttnProcessor, flux.SUPPORTED),
+}
+
+_LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
+
+CHANGE_HINT = (
+    "calls such as load_ip_adapter, fuse_qkv_projections, set_attn_processor, set_default_attn_processor or "
+    "set_attention_backend replace or reconfigure processors; make them before attnctl.apply, or call "
+    "handle.remove() first and apply again afterwards"
+)
+
+
+def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
+    for attribute in ("unet", "transformer"):
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, torch.nn.Module):
+            return attribute, module
+    raise UnsupportedError(
+        f"attnctl: {type(pipe).__name__} holds neither a `unet` nor a `transformer`; attnctl.apply needs a diffusers "
+        "pipeline whose denoiser is one of those"
+    )
+
+
+def _refuse_compiled(module: torch.nn.Module, attribute: str) -> None:
+    if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
+        raise UnsupportedError(
+            f"attnctl: pipe.{attribute} is torch.compile'd; apply attnctl to the uncompiled model. Compiling a "
+            "controlled denoiser is not supported yet: its per-call state lives outside the compiled graph."
+        )
+
+
+def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str = "auto") -> Handle:
+    """Attach `controls` (one control or several) to the attention layers of `pipe`'s denoiser and return a
+    removable handle.
+
+    Works on any diffusers pipeline object holding a `unet` (SD 1.x/2.x, SDXL) or a `transformer` (SD3,
+    Flux, PixArt), including img2img, inpaint and ControlNet variants. The pipeline is never forked or
+    subclassed and no class is patched. `backend` is "auto", "reference", "sdpa", "flex" or "triton"; an
+    explicit backend must run on the device the denoiser runs on now (checked here, and again per call).
+    Everything is checked before anything is installed: a refused apply leaves the pipeline untouched.
+    """
+    backend = validate_backend(backend)
+    controls = _control_tuple(controls)
+    for control in controls:
+        if not isinstance(control, Control):
+            raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
+    attribute, denoiser = denoiser_of(pipe)
+    _refuse_compiled(denoiser, attribute)
+    live = _LIVE.get(denoiser)
+    if live is not None and live.live:
+        raise HandleError(
+            f"attnctl: pipe.{attribute} already has a live attnctl handle (applied to a {type(live.pipeline).__name__}); "
+            "pipelines made with from_pipe share the denoiser. Call handle.remove() before applying again."
+        )
+    for method in ("encode_prompt",):
+        if not callable(getattr(pipe, method, None)):
+            raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
+    adapter = adapter_for(denoiser)
+    protocol = protocol_for(adapter.family)
+    resolved = _resolve(controls, adapter)
+    for control in controls:
+        check_features(backend, tuple(control.kernel_features), type(control).__name__)
+    _check_backend_device(backend, denoiser, controls)
+    processor_cls, supported = PROCESSORS[adapter.family]
+    originals = {name: module.processor for name, module in adapter.modules.items()}
+    unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
+    if unsupported:
+        raise UnsupportedError(
+            f"attnctl: {type(denoiser).__name__} has attention processor(s) {', '.join(unsupported)}, which attnctl "
+            f"cannot reproduce; supported for this family: {', '.join(supported)}"
+        )
+    runtime = Runtime(pipe, adapter, protocol, controls, resolved, backend)
+    handle = Handle(pipe, attribute, adapter, runtime, originals)
+    try:
+        handle._install(processor_cls)
+    except BaseException:
+        handle.remove()
+        raise
+    _LIVE[denoiser] = handle
+    return handle
+
+
+def _control_tuple(controls: Any) -> tuple[Control, ...]:
+    """`controls` as a tuple: one control, or an iterable of controls (anything else: ConfigError)."""
+    if isinstance(controls, Control):
+        return (controls,)
+    if isinstance(controls, (str, bytes, Mapping)) or not isinstance(controls, Iterable):
+        raise ConfigError(
+            f"attnctl.apply takes one attnctl control or a list of them, got {controls!r} ({type(controls).__name__})"
+        )
+    return tuple(controls)
+
+
+def execution_device(denoiser: torch.nn.Module) -> torch.device:
+    """The device the denoiser runs on: the execution device of its accelerate hooks (model or sequential CPU
+    offload), else the device of its parameters."""
+    for module in denoiser.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+            device = getattr(part, "execution_device", None)
+            if device is not None:
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    parameter = next(denoiser.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _check_backend_device(backend: str, denoiser: torch.nn.Module, controls: tuple[Control, ...]) -> None:
+    """An explicit backend must run on the denoiser's current device, for plain layers and every control
+    (calls check again: the pipeline may move later)."""
+    if backend == "auto":
+        return
+    device = execution_device(denoiser)
+    for owner, features in (("attnctl's layers", ()),) + tuple((type(c).__name__, tuple(c.kernel_features)) for c in controls):
+        try:
+            choose_backend(backend, device, features)
+        except BackendError as error:
+            raise BackendError(
+                f"attnctl: backend {backend!r} cannot run {owner} on the denoiser's device ({device}): {error}"
+            ) from None
+
+
+def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:
+    resolved: dict[int, tuple[LayerInfo, ...]] = {}
+    claimed: dict[tuple[str, int], Control] = {}
+    for position, control in enumerate(controls):
+        control.validate_for(adapter)
+        layers = control.select(adapter)
+        resolved[position] = layers
+        for slot in control.slots:
+            for layer in layers:
+                other = claimed.get((slot, layer.index))
+                if other is not None:
+                    raise ConfigError(
+                        f"attnctl: {type(other).__name__} and {type(control).__name__} both need the '{slot}' slot of "
+                        f"layer {layer.name}; give them disjoint layers"
+                    )
+                claimed[(slot, layer.index)] = control
+    _check_effects(controls, resolved, adapter)
+    _check_output_keys(controls)
+    return resolved
+
+
+def _check_effects(controls: tuple[Control, ...], resolved: dict[int, tuple[LayerInfo, ...]], adapter: ModelAdapter) -> None:
+    """Refuse two controls whose effects on a layer they share cannot go together (`processors.edit.CONFLICTS`)."""
+    per_layer: dict[int, list[tuple[Control, tuple[str, ...]]]] = {}
+    for position, control in enumerate(controls):
+        for layer in resolved[position]:
+            effects = tuple(control.layer_effects(adapter, layer))
+            unknown = [effect for effect in effects if effect not in EFFECTS]
+            if unknown:
+                raise ConfigError(
+                    f"attnctl: {type(control).__name__}.layer_effects gave unknown effect(s) {', '.join(map(repr, unknown))} "
+                    f"for layer {layer.name}; known: {', '.join(EFFECTS)}"
+                )
+            if effects:
+                per_layer.setdefault(layer.index, []).append((control, effects))
+    for layer in adapter.layers:
+        entries = per_layer.get(layer.index, [])
+        for i, (first, first_effects) in enumerate(entries):
+            for second, second_effects in entries[i + 1 :]:
+                for a in first_effects:
+                    for b in second_effects:
+                        why = effect_conflict(a, b)
+                        if why is not None:
+                            raise ConfigError(
+                                f"attnctl: {type(first).__name__} ({a}) and {type(second).__name__} ({b}) cannot share "
+                                f"layer {layer.name}: {why}; give them disjoint layers (their `layers` argument)"
+                            )
+
+
+def _check_output_keys(controls: tuple[Control, ...]) -> None:
+    """Refuse two controls that would publish under the same `handle.outputs` key."""
+    publishers: dict[str, Control] = {}
+    for control in controls:
+        key = getattr(control, "output_key", None)
+        if key is None:
+            continue
+        other = publishers.get(key)
+        if other is not None:
+            raise ConfigError(
+                f"attnctl: {type(other).__name__} and {type(control).__name__} would both publish handle.outputs[{key!r}]; "
+                "one output key per control"
+            )
+        publishers[key] = control
+
+
+class Handle:
+    """A live attachment of controls to one pipeline's denoiser. Use `remove()` or a `with` block."""
+
+    def __init__(self, pipe: Any, attribute: str, adapter: ModelAdapter, runtime: Runtime, originals: dict[str, Any]):
+        self.pipeline = pipe
+        self.attribute = attribute
+        self.adapter = adapter
+        self.runtime = runtime
+        self._originals = originals
+        self._processors: dict[str, ControlledProcessor] = {}
+        self._wrapped: list[Wrapped] = []
+        self._scheduler_wraps: list[Wrapped] = []
+        self.live = False
+
+    # -- installation -----------------------------------------------------------------------------------------
+    def _install(self, processor_cls: type[ControlledProcessor]) -> None:
+        pipe, runtime = self.pipeline, self.runtime
+        denoiser = self.adapter.denoiser
+        for layer in self.adapter.layers:
+            self._processors[layer.name] = make_processor(processor_cls, layer, runtime, self._originals[layer.name])
+        self.live = True
+        for layer in self.adapter.layers:
+            self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
+        self._forward = wrap_method(denoiser, "forward", make_forward(runtime))
+        self._wrapped.append(self._forward)
+        if callable(getattr(pipe, "check_inputs", None)):
+            self._wrapped.append(wrap_method(pipe, "check_inputs", self._make_call_start))
+        self._wrapped.append(wrap_method(pipe, "encode_prompt", self._make_encode_prompt))
+        if callable(getattr(pipe, "maybe_free_model_hooks", None)):
+            self._wrapped.append(wrap_method(pipe, "maybe_free_model_hooks", self._make_call_end))
+        if callable(getattr(denoiser, "cache_context", None)):
+            self._wrapped.append(wrap_method(denoiser, "cache_context", self._make_cache_context))
+        self._wrap_scheduler()
+
+    def _wrap_scheduler(self) -> None:
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if scheduler is None or not callable(getattr(scheduler, "step", None)):
+            return
+        if any(w.obj is scheduler and w.active for w in self._scheduler_wraps):
+            return
+        runtime = self.runtime
+
+        def make(original):
+            def step(*args: Any, **kwargs: Any) -> Any:
+                result = original(*args, **kwargs)
+                runtime.scheduler_stepped()
+                return result
+
+            return step
+
+        self._scheduler_wraps.append(wrap_method(scheduler, "step", make))
+
+    def _make_call_start(self, original):
+        def check_inputs(*args: Any, **kwargs: Any) -> Any:
+            if self.runtime.internal:
+                return original(*args, **kwargs)
+            self.verify()
+            self.runtime.begin_call()
+            return original(*args, **kwargs)
+
+        return check_inputs
+
+    def _make_encode_prompt(self, original):
+        signature = inspect.signature(original)
+
+        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+            if not self.runtime.internal:
+                if self.runtime.call is None or self.runtime.call.frames:
+                    self.verify()
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                self.runtime.record_encode(dict(bound.arguments))
+            return original(*args, **kwargs)
+
+        return encode_prompt
+
+    def _make_call_end(self, original):
+        def maybe_free_model_hooks(*args: Any, **kwargs: Any) -> Any:
+            if not self.runtime.internal:
+                self.runtime.end_call()
+            return original(*args, **kwargs)
+
+        return maybe_free_model_hooks
+
+    def _make_cache_context(self, original):
+        runtime = self.runtime
+
+        @contextlib.contextmanager
+        def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            previous, runtime.context = runtime.context, name
+            try:
+                with original(name, *args, **kwargs) as value:
+                    yield value
+            finally:
+                runtime.context = previous
+
+        return cache_context
+
+    def internal(self) -> contextlib.AbstractContextManager[None]:
+        """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""
+        return self.runtime.internal_calls()
+
+    # -- checks -----------------------------------------------------------------------------------------------
+    def verify(self) -> None:
+        """Raise PipelineChangedError if processors or wrappers were replaced since apply()."""
+        if not self.live:
+            return
+        denoiser = self.adapter.denoiser
+        current = getattr(self.pipeline, self.attribute, None)
+        if current is not denoiser:
+            raise PipelineChangedError(
+                f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
+            )
+        _refuse_compiled(denoiser, self.attribute)
+        changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
+        if changed:
+            found = sorted({type(self.adapter.modules[n].processor).__name__ for n in changed})
+            raise PipelineChangedError(
+                f"attnctl: the processors of {len(changed)} layer(s) ({describe_layers(tuple(self.adapter.layer(n) for n in changed), 200)}) "
+                f"were replaced by {', '.join(found)} after attnctl.apply; {CHANGE_HINT}"
+            )
+        moved = [name for name, proc in self._processors.items() if proc._attention_backend != proc.installed_backend]
+        if moved:
+            raise PipelineChangedError(
+                f"attnctl: the attention backend of {len(moved)} layer(s) changed after attnctl.apply "
+                f"(now {self._processors[moved[0]]._attention_backend!r}); {CHANGE_HINT}"
+            )
+        if self._forward.wrapper not in (denoiser.__dict__.get("forward"), denoiser.__dict__.get("_old_forward")):
+            raise PipelineChangedError(
+                f"attnctl: pipe.{self.attribute}.forward was replaced after attnctl.apply and no longer reaches attnctl's "
+                "wrapper; call handle.remove() and apply again"
+            )
+        self._wrap_scheduler()
+
+    # -- removal ----------------------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore processors and wrapped methods exactly as they were. Safe to call more than once."""
+        if not self.live and not self._wrapped and not self._scheduler_wraps:
+            return
+        self.live = False
+        self.runtime.end_call()
+        for name, proc in self._processors.items():
+            module = self.adapter.modules[name]
+            if module.processor is proc:
+                module.set_processor(self._originals[name])
+        for record in reversed(self._scheduler_wraps + self._wrapped):
+            record.unwrap()
+        self._wrapped.clear()
+        self._scheduler_wraps.clear()
+        if _LIVE.get(self.adapter.denoiser) is self:
+            del _LIVE[self.adapter.denoiser]
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # -- reporting --------------------------------------------------------------------------------------------
+    @property
+    def controls(self) -> tuple[Control, ...]:
+        return self.runtime.controls
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        """What controls published during the last pipeline call (attention maps, reports), by key."""
+        return dict(self.runtime.outputs)
+
+    def describe(self) -> str:
+        """Per control: the layers it resolved to, its step window and the backend of each layer, and why."""
+        device = execution_device(self.adapter.denoiser)
+        lines = [
+            f"attnctl handle on {type(self.pipeline).__name__} ({self.adapter.family}, "
+            f"{len(self.adapter.layers)} attention layers), backend={self.runtime.backend!r}"
+            + ("" if self.live else " [removed]")
+        ]
+        if not self.controls:
+            lines.append("  no controls: every layer runs the stock attention through attnctl's processors")
+        for position, control in enumerate(self.controls):
+            layers = self.runtime.resolved[position]
+            start, stop = control.step_window
+            lines.append(f"- {type(control).__name__}: steps {start:g} <= i/n < {stop:g}, {len(layers)} layer(s)")
+            features = control.kernel_features
+            try:
+                name, why = choose_backend(self.runtime.backend, device, features)
+            except Exception as error:  # noqa: BLE001 - describe must report, not raise
+                name, why = "none", str(error)
+            for layer in layers:
+                used = self.runtime.backend_log.get(layer.name)
+                seen = f"; last call used {used[0]}" if used else ""
+                lines.append(f"    {layer.name} ({layer.kind}): {name} ({why}){seen}")
+        untouched = [l for l in self.adapter.layers if all(l not in self.runtime.resolved[p] for p in range(len(self.controls)))]
+        if untouched and self.controls:
+            lines.append(f"- no control: {len(untouched)} layer(s) run the stock SDPA call: {describe_layers(tuple(untouched), 300)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        state = "live" if self.live else "removed"
+        return f"<attnctl.Handle {state} on {type(self.pipeline).__name__} with {len(self.controls)} control(s)>"

@@ -1,0 +1,63 @@
+"""Instance-level method wrapping that can always be undone (no diffusers class is ever patched).
+
+`wrap_method(obj, name, make)` sets `obj.<name>` as an instance attribute to `make(original)`. `unwrap`
+puts back exactly what was there. If something was stacked on top of the wrapper in the meantime
+(accelerate's offload hooks keep the previous forward as `_old_forward`), the stack is mended in place;
+a wrapper that cannot be taken out is switched to pass-through instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+_MISSING = object()
+
+
+@dataclass
+class Wrapped:
+    obj: Any
+    name: str
+    previous: Any  # the instance attribute before wrapping, or _MISSING
+    original: Callable[..., Any]
+    wrapper: Callable[..., Any]
+    active: bool = True
+
+    def unwrap(self) -> bool:
+        """Restore the attribute; return False when the wrapper could only be switched to pass-through."""
+        self.active = False
+        current = self.obj.__dict__.get(self.name, _MISSING)
+        if current is self.wrapper:
+            if self.previous is _MISSING:
+                del self.obj.__dict__[self.name]
+            else:
+                self.obj.__dict__[self.name] = self.previous
+            return True
+        if self.obj.__dict__.get("_old_forward", _MISSING) is self.wrapper:  # accelerate stacked its hook on ours
+            self.obj.__dict__["_old_forward"] = self.original
+            return True
+        return False
+
+
+def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Wrapped:
+    """Wrap `obj.<name>` (looked up as Python would) with `make(original)` at instance level."""
+    previous = obj.__dict__.get(name, _MISSING)
+    original = getattr(obj, name)
+    inner = make(original)
+    record: Wrapped
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not record.active:
+            return original(*args, **kwargs)
+        return inner(*args, **kwargs)
+
+    record = Wrapped(obj, name, previous, original, wrapper)
+    obj.__dict__[name] = wrapper
+    return record
+
+
+def is_wrapped_by(obj: Any, name: str, record: Wrapped) -> bool:
+    return obj.__dict__.get(name, _MISSING) is record.wrapper

@@ -1,0 +1,305 @@
+"""The flex backend: `torch.nn.attention.flex_attention`, compiled once, with tiny score / mask functions.
+
+FlexAttention (Dong, Feng, He, Huang, Lin and Zhang 2024, "Flex Attention: A Programming Model for
+Generating Optimized Attention Kernels") turns a `score_mod(score, b, h, q_idx, kv_idx)` and a
+`mask_mod(b, h, q_idx, kv_idx)` into one fused kernel; a `BlockMask` made from the mask_mod lets it skip
+fully masked tiles. In the style of attention-gym, each control is a factory returning a small pure
+closure with a readable `__name__`:
+
+- score mods: `key_bias` (per-key additive logits), `label_bias` (the finite part of a label table),
+  `additive_mask` (the model's own mask);
+- mask mods: `label_mask` (label pairs whose table entry is -inf are cut), `window_mask` (a 2-D radius or
+  a 1-D band over the image grid; text tokens unrestricted), combined with `and_masks`.
+
+Per-key edits (bias, value scale) act on the `query_range` rows only: the call is split into row groups
+as the sdpa backend does, and the value scale multiplies V for the edited group (`A (w V)`). Block masks
+are cached per layout (window, group, resolution) and, for labels, per `LabelMask` object (controls build
+it once per pipeline call). The closures capture tensors, which torch.compile treats as inputs: new bias
+values, new labels, new steps never recompile; a new shape or a new combination of controls compiles once.
+Row groups have their own shapes, so a joint layer with a query range compiles up to three times.
+
+Two things flex does not do here, listed in the capability table that `auto` reads:
+- PLADIS's sparse attention (`spec.sparse`): entmax needs a per-row threshold, which an element-wise
+  score_mod cannot compute; this backend refuses it (use `triton` or `reference`).
+- log-sum-exp on CPU: compiled flex on CPU does not return it (torch raises "return_lse is not supported
+  yet"); it does on CUDA.
+
+Plain calls (no control, or only the model's own mask) go to torch SDPA: that is what flex would compute,
+without a compilation. Rows whose every key is masked give zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
+
+from ..errors import BackendError, ConfigError
+from . import sdpa
+from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
+
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Compiled graphs the flex function may hold (torch's default recompile limit, 8, is too few for a UNet's
+#: shapes times control combinations; past the limit torch silently falls back to an unfused, N x N path).
+RECOMPILE_LIMIT = 256
+#: Features flex cannot do on a device type even though the backend has them elsewhere.
+DEVICE_LIMITS: dict[str, tuple[str, ...]] = {"cpu": ("lse",)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# score_mod / mask_mod factories
+# ---------------------------------------------------------------------------------------------------------
+
+
+def key_bias(bias: torch.Tensor) -> ScoreMod:
+    """`score + bias[b, h, kv]`; bias (B, H, Nk) float32."""
+
+    def key_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, kv_idx]
+
+    return key_bias
+
+
+def label_bias(q_labels: torch.Tensor, k_labels: torch.Tensor, table: torch.Tensor, offset: int = 0) -> ScoreMod:
+    """`score + table[b, q_label, k_label]` for the finite entries of a label table (-inf entries are the
+    mask_mod's job); `offset` is the first query row of the group the call covers."""
+
+    def label_bias(score, b, h, q_idx, kv_idx):
+        return score + table[b, q_labels[b, q_idx + offset], k_labels[b, kv_idx]]
+
+    return label_bias
+
+
+def additive_mask(mask: torch.Tensor, offset: int = 0) -> ScoreMod:
+    """`score + mask[b, h, q, kv]` for a 4-D additive mask whose size-1 dims broadcast."""
+    sb, sh, sq = (int(mask.shape[i] > 1) for i in range(3))
+
+    def additive_mask(score, b, h, q_idx, kv_idx):
+        return score + mask[b * sb, h * sh, (q_idx + offset) * sq, kv_idx]
+
+    return additive_mask
+
+
+def compose(mods: tuple[ScoreMod, ...]) -> ScoreMod | None:
+    """One score_mod applying `mods` in order (None when there are none)."""
+    if not mods:
+        return None
+    if len(mods) == 1:
+        return mods[0]
+
+    def composed(score, b, h, q_idx, kv_idx):
+        for mod in mods:
+            score = mod(score, b, h, q_idx, kv_idx)
+        return score
+
+    composed.__name__ = "+".join(mod.__name__ for mod in mods)
+    return composed
+
+
+def label_mask(q_labels: torch.Tensor, k_labels: torch.Tensor, allowed: torch.Tensor, offset: int = 0) -> MaskMod:
+    """Keep pairs whose labels may interact: `allowed[b, q_label, k_label]` (bool, (B, Lq, Lk))."""
+
+    def label_mask(b, h, q_idx, kv_idx):
+        return allowed[b, q_labels[b, q_idx + offset], k_labels[b, kv_idx]]
+
+    return label_mask
+
+
+def window_mask(window: Window, offset: int = 0) -> MaskMod:
+    """Local attention over the image grid (index arithmetic over the declared canvas); text is unrestricted."""
+    rows, cols = window.grid_hw
+    n_img = rows * cols
+    start = window.text_len if window.text_first else 0
+
+    def image_index(idx):
+        i = idx - start
+        return i, (i >= 0) & (i < n_img)
+
+    if window.radius is not None:
+        rh, rw = window.radius
+
+        def window_2d(b, h, q_idx, kv_idx):
+            qi, q_img = image_index(q_idx + offset)
+            ki, k_img = image_index(kv_idx)
+            near = ((qi // cols - ki // cols).abs() <= rh) & ((qi % cols - ki % cols).abs() <= rw)
+            return near | ~q_img | ~k_img
+
+        return window_2d
+    band = window.band
+
+    def window_band(b, h, q_idx, kv_idx):
+        qi, q_img = image_index(q_idx + offset)
+        ki, k_img = image_index(kv_idx)
+        return ((qi - ki).abs() <= band) | ~q_img | ~k_img
+
+    return window_band
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block masks, cached per layout / per LabelMask
+# ---------------------------------------------------------------------------------------------------------
+
+_WINDOW_MASKS: dict[tuple, BlockMask] = {}
+_LABEL_MASKS: dict[int, dict[tuple, BlockMask]] = {}
+_LABEL_PARTS: dict[int, tuple] = {}
+_WINDOW_CACHE_SIZE = 64
+
+
+def _label_parts(labels: LabelMask, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(q_labels, k_labels, allowed, finite table, has soft penalties), once per LabelMask object."""
+    key = (batch, labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    cached = _LABEL_PARTS.get(id(labels))  # no reference to `labels` itself: the entry dies with it
+    if cached is None or cached[0] != key:
+        table = labels.table.float().expand(batch, -1, -1).contiguous()
+        allowed = table > float("-inf")
+        finite = torch.where(allowed, table, 0.0)
+        soft = bool((finite != 0).any())  # one host sync per LabelMask, not per step
+        if cached is None:
+            weakref.finalize(labels, _LABEL_PARTS.pop, id(labels), None)
+        cached = _LABEL_PARTS[id(labels)] = (key, (labels.q_labels.long(), labels.k_labels.long(), allowed, finite, soft))
+    return cached[1]
+
+
+def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int, device: torch.device) -> BlockMask | None:
+    """The BlockMask of the labels and window of `spec` for query rows `group`, or None."""
+    if spec.labels is None and spec.window is None:
+        return None
+    start, stop = group
+    window_key = (spec.window, group, nk, str(device)) if spec.window is not None else None
+    if spec.labels is None:
+        cached = _WINDOW_MASKS.get(window_key)
+        if cached is None:
+            cached = create_block_mask(window_mask(spec.window, start), None, None, stop - start, nk, device=device)
+            if len(_WINDOW_MASKS) >= _WINDOW_CACHE_SIZE:
+                _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
+            _WINDOW_MASKS[window_key] = cached
+        return cached
+    labels = spec.labels
+    key = (window_key, group, nk, batch, str(device), labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    per_object = _LABEL_MASKS.get(id(labels))
+    if per_object is None:
+        per_object = _LABEL_MASKS[id(labels)] = {}
+        weakref.finalize(labels, _LABEL_MASKS.pop, id(labels), None)
+    cached = per_object.get(key)
+    if cached is None:
+        q_labels, k_labels, allowed, _, _ = _label_parts(labels, batch)
+        mod = label_mask(q_labels, k_labels, allowed, start)
+        if spec.window is not None:
+            mod = and_masks(mod, window_mask(spec.window, start))
+            mod.__name__ = "label_mask&window"
+        cached = per_object[key] = create_block_mask(mod, batch, None, stop - start, nk, device=device)
+    return cached
+
+
+def clear_caches() -> None:
+    """Forget every cached block mask."""
+    _WINDOW_MASKS.clear()
+    _LABEL_MASKS.clear()
+    _LABEL_PARTS.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compiled call
+# ---------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_flex() -> Callable:
+    """`flex_attention` compiled once per process (dynamic=False: one graph per shape, reused every step)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _recompile_limit():
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)})
+
+
+def _flex_call(q, k, v, score_mod, mask, scale, return_lse):
+    fn = compiled_flex()
+    with _recompile_limit():
+        if not return_lse:
+            return fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale), None
+        try:
+            from torch.nn.attention.flex_attention import AuxRequest
+        except ImportError:  # torch < 2.9
+            return fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_lse=True)
+        out, aux = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse
+
+
+def _mask4(mask: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    mask = as_additive(mask)
+    while mask.ndim < 4:
+        mask = mask[None]
+    if mask.shape[-1] != nk or mask.shape[-2] not in (1, nq):
+        raise ConfigError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, {nq}, {nk})")
+    return mask.float()
+
+
+def check_spec(spec: AttentionSpec, device: torch.device) -> None:
+    if spec.sparse is not None:
+        raise BackendError(
+            "the flex backend cannot apply sparse (PLADIS) attention: entmax needs a per-row threshold that an "
+            "element-wise score_mod cannot express; use backend='triton' (CUDA) or 'reference'"
+        )
+    if spec.return_lse and "lse" in DEVICE_LIMITS.get(device.type, ()):
+        raise BackendError("the flex backend cannot return log-sum-exp on CPU (compiled flex does not support it there)")
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over (B, H, N, D) with the changes of `spec`: (out, log-sum-exp or None)."""
+    check_spec(spec, q.device)
+    if spec.is_plain and not spec.return_lse:
+        return sdpa.attention(q, k, v, spec)
+    batch, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    if spec.window is not None:
+        n = spec.window.grid_hw[0] * spec.window.grid_hw[1] + spec.window.text_len
+        if nq != n or nk != n:
+            raise ConfigError(f"window covers {n} tokens (grid {spec.window.grid_hw} + {spec.window.text_len} text) but the call has ({nq}, {nk})")
+    if spec.labels is not None and (tuple(spec.labels.q_labels.shape) != (batch, nq) or tuple(spec.labels.k_labels.shape) != (batch, nk)):
+        raise ConfigError(
+            f"label vectors must be ({batch}, {nq}) and ({batch}, {nk}), got {tuple(spec.labels.q_labels.shape)} and "
+            f"{tuple(spec.labels.k_labels.shape)}"
+        )
+    mask = _mask4(spec.attn_mask, nq, nk) if spec.attn_mask is not None else None
+    bias = None
+    if spec.key_bias is not None:
+        bias = per_key(spec.key_bias, "key_bias", batch=batch, heads=heads, keys=nk).float().expand(batch, heads, nk).contiguous()
+    scaled_v = v
+    if spec.value_scale is not None:
+        w = per_key(spec.value_scale, "value_scale", batch=batch, heads=heads, keys=nk).to(v.dtype)
+        scaled_v = v * w[..., None]
+    edited = spec.key_bias is not None or spec.value_scale is not None
+    start, stop = spec.query_range if (spec.query_range is not None and edited) else (0, nq)
+    groups = [(a, b, (a, b) == (start, stop)) for a, b in ((0, start), (start, stop), (stop, nq)) if b > a]
+    outs, lses = [], []
+    for a, b, in_range in groups:
+        mods: list[ScoreMod] = []
+        if mask is not None:
+            mods.append(additive_mask(mask, a))
+        if in_range and bias is not None:
+            mods.append(key_bias(bias))
+        if spec.labels is not None:
+            q_labels, k_labels, _, finite, soft = _label_parts(spec.labels, batch)
+            if soft:
+                mods.append(label_bias(q_labels, k_labels, finite, a))
+        out, lse = _flex_call(
+            q[:, :, a:b], k, scaled_v if in_range else v, compose(tuple(mods)), block_mask(spec, batch, (a, b), nk, q.device),
+            spec.scale, spec.return_lse,
+        )
+        outs.append(out)
+        lses.append(lse)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    lse = None
+    if spec.return_lse:
+        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+    return out, lse

@@ -1,0 +1,125 @@
+"""The SDPA backend: `torch.nn.functional.scaled_dot_product_attention`, with an additive mask where a
+control needs one. A plain spec makes exactly the call the stock diffusers processors make, so outputs
+are bitwise identical to stock.
+
+Per-key edits (bias, value scale) never need an N x N mask: a (B, H, 1, Nk) mask broadcasts, and a query
+range splits the call into row groups. Label masks and windows are made dense here, up to
+`DENSE_MASK_LIMIT` mask elements (B * Nq * Nk); past that the fused backends (flex, triton) are needed.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendError
+from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
+
+DENSE_MASK_LIMIT = 1 << 26  # 64M elements: 256 MB as float32
+
+
+# Dense masks, built once and reused by every layer and step that shares them: label masks per LabelMask object
+# (controls build one per layout and pipeline call; the entry dies with the object), windows per Window value.
+# Keyed by device, dtype and the label tensors' versions (an in-place change of a label tensor rebuilds).
+_LABEL_DENSE: weakref.WeakKeyDictionary[LabelMask, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = weakref.WeakKeyDictionary()
+_WINDOW_DENSE: dict[tuple, torch.Tensor] = {}
+_WINDOW_CACHE_SIZE = 32
+
+
+def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the (B, 1, Nq, Nk) additive mask in `dtype`, the (B, Nq) fully masked queries), cached per LabelMask."""
+    key = (str(device), dtype, labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    per_object = _LABEL_DENSE.get(labels)
+    if per_object is None:
+        per_object = _LABEL_DENSE[labels] = {}
+    cached = per_object.get(key)
+    if cached is None:
+        per_object.clear()  # a stale version, another dtype: keep one entry per object
+        cached = per_object[key] = (labels.dense().to(device=device, dtype=dtype), labels.fully_masked_queries().to(device))
+    return cached
+
+
+def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (N, N) additive mask of a window in `dtype`, cached per window value, device and dtype."""
+    key = (window, str(device), dtype)
+    cached = _WINDOW_DENSE.get(key)
+    if cached is None:
+        cached = as_additive(window.allowed(device), dtype)
+        if len(_WINDOW_DENSE) >= _WINDOW_CACHE_SIZE:
+            _WINDOW_DENSE.pop(next(iter(_WINDOW_DENSE)))
+        _WINDOW_DENSE[key] = cached
+    return cached
+
+
+def clear_caches() -> None:
+    """Forget every cached dense mask."""
+    _LABEL_DENSE.clear()
+    _WINDOW_DENSE.clear()
+
+
+def _call(q, k, v, mask, scale):
+    if scale is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if spec.return_lse or spec.sparse is not None:
+        raise BackendError("the sdpa backend cannot return log-sum-exp or apply sparse (PLADIS) attention")
+    if spec.is_plain:
+        return _call(q, k, v, spec.attn_mask, spec.scale), None
+    batch, _, nq, _ = q.shape
+    nk = k.shape[2]
+    elements = spec.dense_elements(batch, nq, nk)
+    if elements > DENSE_MASK_LIMIT:
+        raise BackendError(
+            f"the sdpa backend would materialise a {batch}x{nq}x{nk} mask ({elements} elements, limit "
+            f"{DENSE_MASK_LIMIT}); use backend='flex' or 'triton' for label masks and windows at this size"
+        )
+    shared = _shared_mask(spec, nq, nk, q)
+    start, stop = spec.query_range if spec.query_range is not None else (0, nq)
+    pieces = []
+    if start > 0:
+        pieces.append(_call(q[:, :, :start], k, v, _rows(shared, 0, start), spec.scale))
+    edited_mask = _rows(shared, start, stop)
+    if spec.key_bias is not None:
+        key_bias = per_key(spec.key_bias, "key_bias", keys=nk)[:, :, None, :].to(q.dtype)  # (B|1, H|1, 1, Nk)
+        edited_mask = key_bias if edited_mask is None else edited_mask + key_bias
+    if spec.value_scale is not None:
+        edited_v = v * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].to(v.dtype)  # (B|1, H|1, Nk, 1)
+    else:
+        edited_v = v
+    pieces.append(_call(q[:, :, start:stop], k, edited_v, edited_mask, spec.scale))
+    if stop < nq:
+        pieces.append(_call(q[:, :, stop:], k, v, _rows(shared, stop, nq), spec.scale))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    if spec.labels is not None:
+        _, dead = _labels_dense(spec.labels, q.dtype, q.device)  # (B, Nq)
+        out = out.masked_fill(dead[:, None, :, None], 0.0)
+    return out, None
+
+
+def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torch.Tensor | None:
+    """The model's own mask plus label and window masks, broadcastable to (B, H, Nq, Nk)."""
+    mask = spec.attn_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = as_additive(mask, q.dtype)
+    if spec.labels is not None:
+        dense, _ = _labels_dense(spec.labels, q.dtype, q.device)
+        mask = dense if mask is None else mask + dense
+    if spec.window is not None:
+        window = _window_dense(spec.window, q.dtype, q.device)
+        if window.shape != (nq, nk):
+            raise BackendError(f"window covers {tuple(window.shape)} tokens but the call has ({nq}, {nk})")
+        mask = window if mask is None else mask + window
+    return mask
+
+
+def _rows(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    if mask is None or mask.shape[-2] == 1:
+        return mask
+    return mask[..., start:stop, :]

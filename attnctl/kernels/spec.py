@@ -1,0 +1,176 @@
+"""What one attention call must compute: the changes controls ask for, as plain data a backend carries out.
+
+Every field is optional; an empty spec is plain softmax attention. Backends read `features()` to say
+whether they can honour a spec (see `attnctl.kernels.CAPABILITIES`).
+
+Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D). Per-key tensors broadcast to (B, H, Nk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+
+
+def per_key(
+    tensor: torch.Tensor, name: str = "per-key tensor", *, batch: int | None = None, heads: int | None = None,
+    keys: int | None = None,
+) -> torch.Tensor:
+    """A per-key edit, (B, Nk) or (B, H, Nk), as a (B|1, H|1, Nk) view; the sizes given are checked.
+
+    Every backend reads `key_bias` and `value_scale` through this: the reference and sdpa backends add a
+    query axis (`[..., None, :]`), flex and triton expand it to (B, H, Nk).
+    """
+    given = tuple(tensor.shape)
+    if tensor.ndim == 2:
+        tensor = tensor[:, None, :]
+    ok = tensor.ndim == 3
+    if ok and keys is not None:
+        ok = tensor.shape[-1] == keys
+    if ok and batch is not None:
+        ok = tensor.shape[0] in (1, batch)
+    if ok and heads is not None:
+        ok = tensor.shape[1] in (1, heads)
+    if not ok:
+        expected = f"({batch if batch is not None else 'B'}, [{heads if heads is not None else 'H'},] {keys if keys is not None else 'Nk'})"
+        raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = {expected}, got {given}")
+    return tensor
+
+
+def as_additive(mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A mask as additive logits: bool (True = attend) becomes 0 / -inf, a float mask is cast to `dtype`."""
+    if mask.dtype == torch.bool:
+        out = torch.zeros(mask.shape, dtype=dtype or torch.float32, device=mask.device)
+        return out.masked_fill_(~mask, float("-inf"))
+    return mask if dtype is None else mask.to(dtype)
+
+
+@dataclass(frozen=True, eq=False)  # identity equality and hash: backends cache per LabelMask object
+class LabelMask:
+    """Region / isolation masks evaluated from labels, never as a dense N x N tensor in fused kernels.
+
+    Query i of batch row b and key j may interact with additive bias `table[b, q_labels[b, i], k_labels[b, j]]`
+    (0: allowed, -inf: masked, finite: a soft penalty). `table` has shape (B or 1, Lq, Lk).
+    """
+
+    q_labels: torch.Tensor  # (B, Nq) int64
+    k_labels: torch.Tensor  # (B, Nk) int64
+    table: torch.Tensor  # (B | 1, Lq, Lk) float
+
+    def dense(self) -> torch.Tensor:
+        """The (B, 1, Nq, Nk) additive mask; for reference backends and small sizes only."""
+        table = self.table.expand(self.q_labels.shape[0], -1, -1)
+        rows = torch.gather(table, 1, self.q_labels[:, :, None].expand(-1, -1, table.shape[-1]))
+        return torch.gather(rows, 2, self.k_labels[:, None, :].expand(-1, rows.shape[1], -1))[:, None]
+
+    def fully_masked_queries(self) -> torch.Tensor:
+        """(B, Nq) bool: queries whose every key is masked (their output is defined as zeros)."""
+        batch, lk = self.q_labels.shape[0], self.table.shape[2]
+        present = torch.zeros(batch, lk, dtype=torch.bool, device=self.k_labels.device)
+        present.scatter_(1, self.k_labels, True)
+        table = self.table.expand(batch, -1, -1)
+        open_label = ((table > float("-inf")) & present[:, None, :]).any(-1)  # (B, Lq)
+        return ~torch.gather(open_label, 1, self.q_labels)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Local attention for image queries over the image-token grid (DiTFastAttn, Yuan et al. 2024).
+
+    `radius=(rh, rw)`: a 2-D neighbourhood, |dr| <= rh and |dc| <= rw. `band=w`: the paper's 1-D band over the
+    flattened image tokens, |i - j| <= w. Text tokens (before or after the image tokens) attend to and are
+    attended by everything, so windows never cut image tokens off from the prompt.
+    """
+
+    grid_hw: tuple[int, int]
+    radius: tuple[int, int] | None = None
+    band: int | None = None
+    text_len: int = 0
+    text_first: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.radius is None) == (self.band is None):
+            raise ValueError("Window needs exactly one of radius=(rh, rw) or band=w")
+
+    def allowed(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(N, N) bool over the joint sequence; for reference backends and small sizes only."""
+        h, w = self.grid_hw
+        n_img = h * w
+        idx = torch.arange(n_img, device=device)
+        if self.band is not None:
+            image = (idx[:, None] - idx[None, :]).abs() <= self.band
+        else:
+            rows, cols = idx // w, idx % w
+            image = ((rows[:, None] - rows[None, :]).abs() <= self.radius[0]) & (
+                (cols[:, None] - cols[None, :]).abs() <= self.radius[1]
+            )
+        n = n_img + self.text_len
+        full = torch.ones(n, n, dtype=torch.bool, device=device)
+        start = self.text_len if self.text_first else 0
+        full[start : start + n_img, start : start + n_img] = image
+        return full
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """PLADIS (Kim et al. 2025): output `dense + scale * (sparse - dense)` with sparse = alpha-entmax."""
+
+    alpha: float = 1.5
+    scale: float = 2.0
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The changes to one attention call. See the module docstring for shapes.
+
+    `key_bias` (additive logits) and `value_scale` (multiplies value rows, i.e. `A (w * V)`: Prompt-to-Prompt
+    reweighting without renormalisation) act per key and apply to the query rows in `query_range`
+    (None: all rows); `sparse` applies to the same rows. `attn_mask` is the model's own additive mask,
+    passed through exactly as the stock processor passes it.
+    """
+
+    scale: float | None = None
+    attn_mask: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    value_scale: torch.Tensor | None = None
+    query_range: tuple[int, int] | None = None
+    labels: LabelMask | None = None
+    window: Window | None = None
+    sparse: Sparse | None = None
+    return_lse: bool = False
+    extras: dict = field(default_factory=dict)
+
+    def dense_elements(self, batch: int, nq: int, nk: int) -> int:
+        """Mask elements a backend that makes label masks and windows dense would build (0 when none)."""
+        return batch * nq * nk if (self.labels is not None or self.window is not None) else 0
+
+    def features(self) -> tuple[str, ...]:
+        """The capability names this spec needs, in a fixed order."""
+        wanted = []
+        if self.attn_mask is not None:
+            wanted.append("attn_mask")
+        if self.key_bias is not None:
+            wanted.append("key_bias")
+        if self.value_scale is not None:
+            wanted.append("value_scale")
+        if self.query_range is not None:
+            wanted.append("query_range")
+        if self.labels is not None:
+            wanted.append("labels")
+        if self.window is not None:
+            wanted.append("window")
+        if self.sparse is not None:
+            wanted.append("sparse")
+        if self.return_lse:
+            wanted.append("lse")
+        return tuple(wanted)
+
+    @property
+    def is_plain(self) -> bool:
+        return not self.features() or self.features() == ("attn_mask",)
+
+
+PLAIN = AttentionSpec()

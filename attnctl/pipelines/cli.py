@@ -1,0 +1,180 @@
+"""The `attnctl` command line.
+
+    attnctl render JOBS --out DIR [--model M] [--device D] [--dtype T] [--dry-run] ...
+    attnctl params IMAGE.png              # the generation parameters stored in a rendered PNG
+    python -m attnctl render ...          # the same; `accelerate launch -m attnctl render ...` for many processes
+
+Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or some jobs were invalid;
+2 the command could not run (usage, unreadable job file, problems found by --dry-run, folder locked);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+
+from .._version import __version__
+from ..errors import AttnctlError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnctl", description="Training-free attention control for diffusers pipelines.")
+    parser.add_argument("--version", action="version", version=f"attnctl {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    render = commands.add_parser(
+        "render", help="render the images of a job file (TOML or JSONL)",
+        description="Render every image of a job file into DIR/<job-id>/<seed>.png with DIR/manifest.jsonl. "
+                    "Resumes by default: images already recorded and present are skipped. Run under "
+                    "`accelerate launch -m attnctl render ...` to shard the images over several processes.",
+    )
+    render.add_argument("jobs", metavar="JOBS", help="job file (.toml or .jsonl)")
+    render.add_argument("--out", metavar="DIR", help="output folder (required unless --dry-run)")
+    render.add_argument("--model", help="embedded model (toy-shapes, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, "
+                                        "tiny-pixart), a local diffusers folder or a hub id; default: the job file's "
+                                        "`model`, else the embedded default")
+    render.add_argument("--device", default="auto", help="auto (default: the process's GPU, else CPU), cpu, cuda, cuda:N, mps")
+    render.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
+                        help="default: the job file's `dtype`, else auto (float32 on CPU, bfloat16/float16 on GPU)")
+    render.add_argument("--backend", default=None, help="attention backend for controlled layers (auto, reference, sdpa, "
+                                                        "flex, triton); default: the job file's, else auto")
+    render.add_argument("--dry-run", action="store_true", help="validate the job file and report every problem with its "
+                                                               "place; load no model, write nothing")
+    render.add_argument("--overwrite", action="store_true", help="render every image again (no resume)")
+    render.add_argument("--fsync", action="store_true", help="flush every image and record to disk (safe against power "
+                                                             "loss; renames already make a killed run safe)")
+    render.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() instead of moving the "
+                                                                   "whole pipeline to the device")
+    render.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    render.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                        help="auto: a progress bar on a terminal, log lines otherwise")
+    render.add_argument("--manifest-interval", type=float, default=60.0, metavar="SECONDS",
+                        help="refresh DIR/manifest.jsonl this often during the run (default 60)")
+    render.add_argument("--log-file", default=None, help="also append the log to this file")
+    render.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    render.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only")
+
+    params = commands.add_parser("params", help="print the generation parameters stored in rendered PNG files")
+    params.add_argument("images", nargs="+", metavar="IMAGE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "render":
+        return _render(args, parser)
+    if args.command == "params":
+        return _params(args)
+    parser.print_help()
+    return 2
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time of each record."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _logging(args: argparse.Namespace) -> Iterator[None]:
+    """Log lines with a timestamp to stderr (and --log-file) for the command's duration; the `attnctl` logger
+    is put back as it was afterwards (main() may run inside another program or a test)."""
+    logger = logging.getLogger("attnctl")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [_StderrHandler()]
+    if args.log_file:
+        handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _render(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    with _logging(args):
+        return _render_logged(args, parser)
+
+
+def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.dry_run and not args.out:
+        parser.error("render needs --out DIR (or --dry-run)")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .jobs import load_job_file
+    from .render import RenderOptions, dry_run, render
+
+    try:
+        jobs = load_job_file(args.jobs)
+    except AttnctlError as error:
+        print(f"attnctl render: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        lines, problems = dry_run(jobs, args.out, args.model)
+        print("\n".join(lines))
+        return 2 if problems else 0
+    for problem in jobs.problems:
+        logging.getLogger("attnctl.render").warning("job file problem: %s", problem)
+    options = RenderOptions(
+        out=args.out, model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
+        resume=not args.overwrite, fsync=args.fsync, cpu_offload=args.cpu_offload, progress=args.progress,
+        manifest_interval=args.manifest_interval,
+    )
+    try:
+        summary = render(jobs, options)
+    except KeyboardInterrupt:
+        print("attnctl render: interrupted", file=sys.stderr)
+        return 130
+    except AttnctlError as error:
+        print(f"attnctl render: {error}", file=sys.stderr)
+        return 2
+    if summary.rank == 0 or summary.failed:
+        print(summary.format(), file=sys.stderr if summary.rank else sys.stdout, flush=True)
+    return summary.exit_code
+
+
+def _params(args: argparse.Namespace) -> int:
+    from .outputs import read_png_params
+
+    status = 0
+    for path in args.images:
+        try:
+            params = read_png_params(path)
+        except (OSError, ValueError) as error:
+            print(f"{path}: {error}", file=sys.stderr)
+            status = 1
+            continue
+        print(json.dumps({"file": path, **params}, indent=2, sort_keys=True))
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Wrapped generation: load a model, attach controls, generate one image per seed, keep the parameters.
+
+    import attnctl
+
+    model = attnctl.Model.load("tiny-sd")                  # embedded name, local folder or hub id
+    result = model.generate("a photo of a cat", seed=3, steps=20, controls=[...])
+    result.image                                           # PIL image
+    result.params                                          # what made it (prompt, seed, steps, size, controls...)
+    result.save("cat.png")                                 # PNG with the parameters in its text chunk (atomic)
+
+    # or, on a pipeline you already have (controls attached for this call only):
+    result = attnctl.generate(pipe, "a photo of a cat", seed=3, controls=[...])
+
+One image per pipeline call (batch 1) with its own `torch.Generator` seeded from `seed`, on the CPU, so
+that an image depends only on its own parameters: not on what else is rendered, in which order, on how
+many processes. `Model` keeps the controls of the last call attached while the next call uses the very
+same control objects (a job of many seeds pays `attnctl.apply` once); `model.release()` (or leaving a
+`with model:` block) detaches them. Without controls the pipeline runs untouched (stock, bitwise).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..control import Control
+from ..errors import ConfigError
+from .outputs import save_png
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_model() -> str:
+    """The embedded model used when none is named: `toy-shapes` when this build ships it, else `tiny-sd`."""
+    return "toy-shapes" if importlib.util.find_spec("attnctl.toy") is not None else "tiny-sd"
+
+
+def embedded_call_defaults(name: str | None) -> dict[str, Any]:
+    """Call arguments an embedded model needs (the tiny fixtures: 32x32, no PixArt resolution binning...)."""
+    from ..testing import CALL_DEFAULTS
+
+    if name in CALL_DEFAULTS:
+        return dict(CALL_DEFAULTS[name])
+    if name == "toy-shapes":
+        try:
+            from .. import toy
+        except ImportError:  # pragma: no cover - depends on the build
+            return {}
+        return dict(getattr(toy, "CALL_DEFAULTS", {}))
+    return {}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` (or None): CUDA when available, else MPS, else CPU; anything else as torch reads it."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from error
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`auto` (or None): float32 on a CPU; bfloat16 on a GPU that has it, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Generation:
+    """One generated image, the parameters that made it, and what the controls published (`outputs`)."""
+
+    image: Any
+    params: dict[str, Any]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def save(self, path: str, *, fsync: bool = False) -> int:
+        """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written."""
+        return save_png(self.image, path, self.params, fsync=fsync)
+
+
+class Model:
+    """A pipeline ready to generate with attnctl controls, one image per seed."""
+
+    def __init__(self, pipe: Any, name: str | None = None, *, backend: str = "auto",
+                 call_defaults: Mapping[str, Any] | None = None):
+        from ..kernels import validate_backend
+
+        self.pipe = pipe
+        self.name = name or _pipeline_name(pipe)
+        self.backend = validate_backend(backend)
+        self.call_defaults = dict(embedded_call_defaults(name) if call_defaults is None else call_defaults)
+        self._parameters = inspect.signature(pipe.__call__).parameters
+        self._handle: Any = None
+        self._attached: tuple[Control, ...] = ()
+
+    @classmethod
+    def load(cls, name_or_path: str | None = None, *, device: str | torch.device | None = "auto",
+             dtype: str | torch.dtype | None = "auto", backend: str = "auto", cpu_offload: bool = False,
+             **kwargs: Any) -> Model:
+        """Load an embedded model (`default_model()` when None), a local diffusers folder or a hub id
+        (safetensors only, no remote code) with `attnctl.load_pipeline`, on `device` in `dtype`."""
+        from .loading import embedded_models, load_pipeline
+
+        name = name_or_path or default_model()
+        target = device if isinstance(device, torch.device) else resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, target)
+        embedded = name in embedded_models()
+        pipe = load_pipeline(name, torch_dtype=None if embedded else torch_dtype, **kwargs)
+        if embedded and pipe.dtype != torch_dtype:  # cast only when needed (diffusers warns about casts)
+            pipe = pipe.to(dtype=torch_dtype)
+        if not cpu_offload:
+            pipe = pipe.to(target)
+        else:
+            pipe.enable_model_cpu_offload(device=target)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, name, backend=backend)
+
+    # -- introspection --------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        denoiser = getattr(self.pipe, "unet", None) or getattr(self.pipe, "transformer", None)
+        if isinstance(denoiser, torch.nn.Module):  # cheaper than pipe.dtype, which walks every component
+            parameter = next(denoiser.parameters(), None)
+            if parameter is not None:
+                return parameter.dtype
+        return getattr(self.pipe, "dtype", torch.float32)
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self.pipe, "device", torch.device("cpu"))
+
+    def accepts(self, argument: str) -> bool:
+        """Whether the pipeline call names this argument (diffusers swallows unknown ones into `**kwargs`)."""
+        parameter = self._parameters.get(argument)
+        return parameter is not None and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+
+    def default(self, argument: str) -> Any:
+        parameter = self._parameters.get(argument)
+        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+    def check(self, controls: Iterable[Control] = (), options: Mapping[str, Any] | None = None,
+              negative_prompt: str | None = None) -> None:
+        """Raise if these controls cannot act on this model (the checks of `attnctl.apply`, nothing left
+        installed) or the pipeline call does not take these options."""
+        from ..handle import apply
+
+        unknown = [key for key in (options or {}) if not self.accepts(key)]
+        if negative_prompt is not None and not self.accepts("negative_prompt"):
+            unknown.append("negative_prompt")
+        if unknown:
+            raise ConfigError(
+                f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
+            )
+        controls = tuple(controls)
+        if controls and not self._is_attached(controls):
+            self.release()
+            apply(self.pipe, controls, backend=self.backend).remove()
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def generate(self, prompt: str, *, seed: int = 0, controls: Iterable[Control] = (), negative_prompt: str | None = None,
+                 steps: int | None = None, width: int | None = None, height: int | None = None,
+                 guidance_scale: float | None = None, **options: Any) -> Generation:
+        """Generate one image. Unset settings take the pipeline's defaults (and an embedded model's call
+        defaults); `options` are further keyword arguments of the pipeline call."""
+        controls = tuple(controls)
+        owned = [key for key in ("generator", "output_type", "prompt") if key in options]
+        if owned:
+            raise ConfigError(f"Model.generate sets {', '.join(owned)} itself (a CPU generator seeded with `seed`, PIL "
+                              "images); call the pipeline directly for other outputs")
+        kwargs = {**self.call_defaults, **options}
+        for key, value in (("negative_prompt", negative_prompt), ("num_inference_steps", steps), ("width", width),
+                           ("height", height), ("guidance_scale", guidance_scale)):
+            if value is not None:
+                kwargs[key] = value
+        handle = self._attach(controls)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        start = time.perf_counter()
+        result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
+        seconds = time.perf_counter() - start
+        image = result.images[0]
+        outputs = handle.outputs if handle is not None else {}
+        return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
+
+    def _params(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], image: Any
+                ) -> dict[str, Any]:
+        main = ("negative_prompt", "num_inference_steps", "guidance_scale", "width", "height")
+        steps = kwargs.get("num_inference_steps", self.default("num_inference_steps"))
+        guidance = kwargs.get("guidance_scale", self.default("guidance_scale"))
+        return {
+            "prompt": prompt,
+            "negative_prompt": kwargs.get("negative_prompt"),
+            "seed": int(seed),
+            "steps": steps,
+            "width": image.width,
+            "height": image.height,
+            "guidance_scale": float(guidance) if guidance is not None else None,
+            "model": self.name,
+            "pipeline": type(self.pipe).__name__,
+            "dtype": dtype_name(self.dtype),
+            "controls": [control.to_dict() for control in controls],
+            "options": {key: value for key, value in sorted(kwargs.items()) if key not in main},
+            "backend": self.backend,
+            "attnctl": __version__,
+        }
+
+    # -- controls -------------------------------------------------------------------------------------------------
+    def _is_attached(self, controls: tuple[Control, ...]) -> bool:
+        # identity, not equality: controls may hold arrays, and a job reuses its own control objects
+        return (self._handle is not None and self._handle.live and len(controls) == len(self._attached)
+                and all(a is b for a, b in zip(controls, self._attached)))
+
+    def _attach(self, controls: tuple[Control, ...]) -> Any:
+        from ..handle import apply
+
+        if not controls:
+            self.release()
+            return None
+        if not self._is_attached(controls):
+            self.release()
+            self._handle = apply(self.pipe, controls, backend=self.backend)
+            self._attached = controls
+        return self._handle
+
+    @property
+    def handle(self) -> Any:
+        """The live attnctl handle of the last call's controls (None without controls)."""
+        return self._handle
+
+    def release(self) -> None:
+        """Detach the controls of the last call; the pipeline is stock again."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self._attached = None, ()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"<attnctl.Model {self.name!r} {type(self.pipe).__name__} on {self.device} ({dtype_name(self.dtype)})>"
+
+
+def generate(pipe: Any, prompt: str, *, controls: Iterable[Control] = (), seed: int = 0,
+             negative_prompt: str | None = None, steps: int | None = None, width: int | None = None,
+             height: int | None = None, guidance_scale: float | None = None, backend: str = "auto",
+             **options: Any) -> Generation:
+    """Generate one image with `controls` attached for this call only (the pipeline is restored after).
+
+    The image depends only on its arguments: batch 1 and a CPU `torch.Generator` seeded with `seed`."""
+    with Model(pipe, backend=backend, call_defaults={}) as model:
+        return model.generate(prompt, seed=seed, controls=controls, negative_prompt=negative_prompt, steps=steps,
+                              width=width, height=height, guidance_scale=guidance_scale, **options)
+
+
+def _pipeline_name(pipe: Any) -> str:
+    config = getattr(pipe, "config", None)
+    name = getattr(pipe, "name_or_path", None) or (config.get("_name_or_path") if isinstance(config, Mapping) else None)
+    return str(name) if name else type(pipe).__name__

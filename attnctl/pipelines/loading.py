@@ -1,0 +1,73 @@
+"""One loader for every model attnctl runs on: embedded names, local diffusers directories and hub ids."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import ConfigError, UnsupportedError
+
+DEFAULT_MODEL = "toy-shapes"
+
+
+def embedded_models() -> tuple[str, ...]:
+    from ..testing import TINY_MODELS
+
+    return ("toy-shapes",) + TINY_MODELS
+
+
+def load_pipeline(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    torch_dtype: Any = None,
+    device: str | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+):
+    """Load a diffusers pipeline.
+
+    - `toy-shapes`: the shapes model trained by this project and shipped in the package;
+    - `tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`: random-weight offline fixtures (`seed`);
+    - a local directory in diffusers format, or a hub id (needs network access): loaded with
+      `DiffusionPipeline.from_pretrained(..., use_safetensors=True)`, never with remote code.
+    Extra keyword arguments go to `from_pretrained`.
+    """
+    import torch
+
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ConfigError(f"model must be an embedded name, a directory or a hub id, got {name_or_path!r}")
+    if name_or_path == "toy-shapes":
+        pipe = _load_toy_shapes()
+    elif name_or_path in embedded_models():
+        from ..testing import make_tiny_pipeline
+
+        pipe = make_tiny_pipeline(name_or_path, seed=seed)
+    else:
+        from diffusers import DiffusionPipeline
+
+        for forbidden in ("trust_remote_code", "custom_pipeline"):
+            if kwargs.get(forbidden):
+                raise ConfigError(f"attnctl loads models without remote code; {forbidden}= is not allowed")
+        local = os.path.isdir(name_or_path)
+        if not local and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]):
+            raise ConfigError(
+                f"model {name_or_path!r} is neither an embedded model ({', '.join(embedded_models())}) nor an existing "
+                "directory; a hub id looks like 'owner/name'"
+            )
+        options = {"use_safetensors": True, "local_files_only": local, **kwargs}
+        if torch_dtype is not None:
+            options["torch_dtype"] = torch_dtype
+        pipe = DiffusionPipeline.from_pretrained(name_or_path, **options)
+    if torch_dtype is not None and name_or_path in embedded_models():
+        pipe = pipe.to(dtype=torch_dtype)
+    if device is not None:
+        pipe = pipe.to(torch.device(device))
+    return pipe
+
+
+def _load_toy_shapes():
+    try:
+        from ..toy import load_toy_shapes
+    except ImportError as error:  # pragma: no cover - depends on the package build
+        raise UnsupportedError(f"the embedded toy-shapes model is not available in this build: {error}") from error
+    return load_toy_shapes()

@@ -1,0 +1,147 @@
+"""Atomic file writes and PNG files that carry their generation parameters.
+
+Every file is written to a temporary name in the same folder and renamed over its final name
+(`os.replace`, atomic on POSIX and Windows), so a killed process leaves either the old file, the new file
+or a stray temporary (`.<name>.<pid>.tmp`, removed by the next run), never a truncated file. `fsync=True`
+also flushes the data and the folder entry to the disk, which protects against power loss, not only
+against a killed process.
+
+PNG text chunks: `attnctl` holds the parameters as JSON (read back with `read_png_params`); `parameters`
+holds the same in the `prompt / Negative prompt: / Steps: ...` text that image browsers show.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+PNG_KEY = "attnctl"
+TEMP_PATTERN = re.compile(r"^\..+\.\d+\.tmp$")
+
+
+def temp_name(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+def atomic_write(path: str, data: bytes, *, fsync: bool = False) -> None:
+    """Write `data` to `path` through a temporary file and a rename."""
+    temp = temp_name(path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    if fsync:
+        fsync_folder(os.path.dirname(path) or ".")
+
+
+def atomic_folder(path: str, fill, *, fsync: bool = False) -> None:
+    """Create the folder `path` by filling a temporary folder (`fill(temp_path)`) and renaming it."""
+    temp = temp_name(path)
+    shutil.rmtree(temp, ignore_errors=True)
+    os.makedirs(temp)
+    try:
+        fill(temp)
+        if os.path.isdir(path):
+            shutil.rmtree(path)  # a rename cannot replace a non-empty folder
+        os.replace(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    if fsync:
+        fsync_folder(os.path.dirname(path) or ".")
+
+
+def fsync_folder(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without folder descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def remove_temporaries(folder: str) -> int:
+    """Remove temporaries left by killed runs under `folder` (one level of sub-folders); returns the count."""
+    removed = 0
+    if not os.path.isdir(folder):
+        return 0
+    for place in [folder] + [e.path for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]:
+        for entry in os.scandir(place):
+            if TEMP_PATTERN.match(entry.name):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    _remove_quietly(entry.path)
+                removed += 1
+    return removed
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- PNG with parameters ------------------------------------------------------------------------------------------
+def png_bytes(image: Any, params: dict[str, Any]) -> bytes:
+    """The PNG encoding of a PIL image with `params` in its text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(params, ensure_ascii=True, sort_keys=True))
+    info.add_text("parameters", parameters_text(params))  # iTXt when not latin-1
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Any, path: str, params: dict[str, Any], *, fsync: bool = False) -> int:
+    """Atomically write `image` with `params` to `path`; returns the number of bytes written."""
+    data = png_bytes(image, params)
+    atomic_write(path, data, fsync=fsync)
+    return len(data)
+
+
+def read_png_params(path: str) -> dict[str, Any]:
+    """The parameters `save_png` stored in a PNG (raises ValueError if it holds none)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}) or {}
+        if PNG_KEY not in text:
+            raise ValueError(f"{path} has no attnctl parameters (text chunks: {', '.join(sorted(text)) or 'none'})")
+        return json.loads(text[PNG_KEY])
+
+
+def parameters_text(params: dict[str, Any]) -> str:
+    """The parameters in the plain-text layout image browsers read from the `parameters` chunk."""
+    lines = [str(params.get("prompt", ""))]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    fields = [
+        ("Steps", params.get("steps")),
+        ("CFG scale", params.get("guidance_scale")),
+        ("Seed", params.get("seed")),
+        ("Size", f"{params['width']}x{params['height']}" if params.get("width") else None),
+        ("Model", params.get("model")),
+        ("Controls", ", ".join(c.get("type", "?") for c in params.get("controls", ())) or None),
+        ("attnctl", params.get("attnctl")),
+    ]
+    lines.append(", ".join(f"{name}: {value}" for name, value in fields if value is not None))
+    return "\n".join(lines)

@@ -1,0 +1,201 @@
+"""Call-protocol adapters: where the rows of a denoiser call come from, per pipeline family.
+
+- batched `[uncond, cond]` when the pipeline's `encode_prompt` was told to do classifier-free guidance
+  (SD, SDXL, SD3, PixArt), cond rows only otherwise (guidance_scale <= 1);
+- Flux: cond rows only, or separate cond / uncond calls inside `transformer.cache_context("cond" / "uncond")`
+  (true CFG);
+- SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`.
+
+A denoiser call whose batch matches none of these raises `CallLayoutError`; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import CallLayoutError, UnsupportedError
+from ..tokens import EncoderPrompts
+from .rows import RowLayout
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A text encoder as the pipeline uses it: tokenizer attributes and `encode_prompt` argument names."""
+
+    name: str
+    tokenizers: tuple[str, ...]
+    prompt_args: tuple[str, ...]
+    negative_args: tuple[str, ...]
+    length: int | None  # fixed number of positions (CLIP: 77), or None: the rest of the text sequence
+
+
+@dataclass(frozen=True)
+class CallProtocol:
+    name: str
+    encoders: tuple[EncoderSpec, ...]
+    cfg_source: Literal["flag", "contexts"]
+    skip_layer_kwarg: str | None = None
+
+
+_CLIP = EncoderSpec("clip", ("tokenizer", "tokenizer_2"), ("prompt", "prompt_2"), ("negative_prompt", "negative_prompt_2"), 77)
+PROTOCOLS: dict[str, CallProtocol] = {
+    "unet": CallProtocol("sd", (_CLIP,), "flag"),
+    "sd3": CallProtocol(
+        "sd3",
+        (_CLIP, EncoderSpec("t5", ("tokenizer_3",), ("prompt_3",), ("negative_prompt_3",), None)),
+        "flag",
+        skip_layer_kwarg="skip_layers",
+    ),
+    "flux": CallProtocol("flux", (EncoderSpec("t5", ("tokenizer_2",), ("prompt_2",), ("prompt_2",), None),), "contexts"),
+    "pixart": CallProtocol("pixart", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "flag"),
+}
+
+
+def protocol_for(family: str) -> CallProtocol:
+    try:
+        return PROTOCOLS[family]
+    except KeyError:
+        raise UnsupportedError(f"attnctl: no call protocol for model family {family!r}; known: {', '.join(PROTOCOLS)}") from None
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+@dataclass
+class PromptRecord:
+    """What `encode_prompt` told us about one call: prompts per argument, rows, CFG."""
+
+    arguments: list[dict[str, Any]]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.arguments[0] if self.arguments else {}
+
+    def prompt_rows(self) -> int:
+        args = self.first
+        per_prompt = int(args.get("num_images_per_prompt") or 1)
+        prompts = _as_list(args.get("prompt"))
+        if prompts is not None:
+            return len(prompts) * per_prompt
+        embeds = args.get("prompt_embeds")
+        if embeds is not None:
+            return int(embeds.shape[0]) * per_prompt
+        raise CallLayoutError("attnctl: encode_prompt was called with neither a prompt nor prompt_embeds")
+
+    def has_text(self) -> bool:
+        return _as_list(self.first.get("prompt")) is not None
+
+    def cfg_flag(self) -> bool:
+        return bool(self.first.get("do_classifier_free_guidance", False))
+
+
+def _row_texts(args: dict[str, Any], names: tuple[str, ...], fallback: str | None, rows: int, per_prompt: int) -> list[str] | None:
+    """The text of each row for argument `names[0]` (falling back to `fallback`), or None when unknown."""
+    for name in names + ((fallback,) if fallback else ()):
+        values = _as_list(args.get(name))
+        if values is not None:
+            break
+    else:
+        return None
+    if len(values) == 1 and rows // per_prompt > 1:
+        values = values * (rows // per_prompt)
+    if len(values) * per_prompt != rows:
+        raise CallLayoutError(f"attnctl: {len(values)} texts for {rows // per_prompt} prompts in argument {names[0]!r}")
+    return [text for text in values for _ in range(per_prompt)]
+
+
+def encoder_prompts(
+    protocol: CallProtocol, pipeline: Any, record: PromptRecord, text_len: int, branch: str
+) -> list[EncoderPrompts] | None:
+    """Per-encoder prompts of every row for the cond or uncond branch; None when the prompts are not text."""
+    if not record.has_text():
+        return None
+    args = record.first
+    per_prompt = int(args.get("num_images_per_prompt") or 1)
+    rows = record.prompt_rows()
+    if branch == "uncond" and protocol.cfg_source == "contexts":
+        if len(record.arguments) < 2:
+            return None
+        args = record.arguments[1]
+    encoders: list[EncoderPrompts] = []
+    offset = 0
+    for spec in protocol.encoders:
+        length = spec.length if spec.length is not None else text_len - offset
+        tokenizers, texts, converters = [], [], []
+        for attr, prompt_arg, negative_arg in zip(spec.tokenizers, spec.prompt_args, spec.negative_args):
+            tokenizer = getattr(pipeline, attr, None)
+            if tokenizer is None:
+                continue
+            if branch == "cond" or protocol.cfg_source == "contexts":
+                row_texts = _row_texts(args, (prompt_arg,), "prompt", rows, per_prompt)
+            else:
+                row_texts = _row_texts(args, (negative_arg,), "negative_prompt", rows, per_prompt)
+                if row_texts is None:
+                    row_texts = [""] * rows
+            if row_texts is None:
+                return None
+            tokenizers.append(tokenizer)
+            texts.append(tuple(encoded_texts(pipeline, tokenizer, row_texts, args)))
+            converters.append(_textual_inversion(pipeline, tokenizer))
+        if tokenizers and length > 0:
+            encoders.append(EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length, tuple(converters)))
+        offset += length
+    return encoders
+
+
+def encoded_texts(pipeline: Any, tokenizer: Any, texts: list[str], arguments: dict[str, Any]) -> list[str]:
+    """`texts` as the pipeline's `encode_prompt` hands them to `tokenizer`, so that word positions are those
+    of the tokens the text encoder sees: PixArt's caption preprocessing (`_text_preprocessing(prompt,
+    clean_caption)`: lower-cased and stripped, or cleaned when `clean_caption` was set and its packages are
+    installed), then textual inversion's multi-vector expansion (`maybe_convert_prompt`)."""
+    texts = list(texts)
+    preprocess = getattr(pipeline, "_text_preprocessing", None)
+    if callable(preprocess) and "clean_caption" in arguments:
+        texts = list(preprocess(texts, clean_caption=bool(arguments["clean_caption"])))
+    convert = _textual_inversion(pipeline, tokenizer)
+    if convert is not None:
+        texts = [convert(text) for text in texts]
+    return texts
+
+
+def _textual_inversion(pipeline: Any, tokenizer: Any) -> Callable[[str], str] | None:
+    """The pipeline's textual-inversion prompt conversion for `tokenizer` (diffusers applies it when the
+    pipeline is a `TextualInversionLoaderMixin`), or None."""
+    try:
+        from diffusers.loaders import TextualInversionLoaderMixin
+    except ImportError:  # pragma: no cover - diffusers always has it in the supported range
+        return None
+    if not isinstance(pipeline, TextualInversionLoaderMixin):
+        return None
+    return functools.partial(pipeline.maybe_convert_prompt, tokenizer=tokenizer)
+
+
+def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context: str | None, inputs: dict[str, Any]) -> RowLayout:
+    """The pipeline's own rows for a denoiser call with `batch` rows."""
+    prompt_rows = record.prompt_rows()
+    if protocol.skip_layer_kwarg and inputs.get(protocol.skip_layer_kwarg) is not None:
+        expected, layout = prompt_rows, RowLayout.single("cond", prompt_rows)
+        what = "SD3's skip-layer pass (cond rows only)"
+    elif protocol.cfg_source == "contexts":
+        branch = "uncond" if context == "uncond" else "cond"
+        expected, layout = prompt_rows, RowLayout.single(branch, prompt_rows)
+        what = f"{branch} rows of a separate {branch} call"
+    elif record.cfg_flag():
+        expected, layout = 2 * prompt_rows, RowLayout.batched_cfg(prompt_rows)
+        what = "[uncond, cond] (classifier-free guidance)"
+    else:
+        expected, layout = prompt_rows, RowLayout.single("cond", prompt_rows)
+        what = "cond rows only (no classifier-free guidance)"
+    if batch != expected:
+        raise CallLayoutError(
+            f"attnctl: the denoiser was called with a batch of {batch} rows, but the {protocol.name} call protocol "
+            f"expects {expected} for {what} with {prompt_rows} prompt row(s). Known layouts: batched "
+            "[uncond, cond], cond only, separate cond/uncond calls (Flux true CFG), SD3 skip-layer passes."
+        )
+    return layout

@@ -1,0 +1,651 @@
+"""`attnctl render`: a batch renderer over job files, resumable, atomic, fault-isolated, multi-process.
+
+Layout of the output folder `DIR`::
+
+    DIR/<job-id>/<seed>.png          the image, its parameters in the PNG text chunk
+    DIR/<job-id>/<seed>.<output>/    what a control published with a `save(folder)` method (attention maps)
+    DIR/manifest.jsonl               one record per image: status, error, timings, request digest
+    DIR/.attnctl/                    run state: the lock, per-process journals of the run in progress
+
+How a run goes:
+
+1. The job file is read and validated (no model yet). Jobs with problems are recorded as failed.
+2. Rank 0 takes the folder's lock, removes temporaries left by a killed run and merges the manifest with
+   the journals a killed run left behind (`compact`). All ranks wait for it (a barrier).
+3. Every rank computes the same list of pending images: those not recorded `ok` with the same request
+   digest and present on disk with the recorded size. Rank r renders pending images r, r + W, r + 2W, ...
+   (images, not jobs, so one long job is spread over every process).
+4. Each image: generate (batch 1, CPU generator seeded with the seed), write the PNG through a temporary
+   file and a rename, then append one whole line to the rank's journal `DIR/.attnctl/journal-<rank>.jsonl`
+   with a single `write`. An error (a bad mask, an unknown word, out of memory) is recorded for that
+   image and the run goes on.
+5. All ranks wait (a barrier); rank 0 merges the journals into `manifest.jsonl` (written to a temporary
+   file and renamed, so it is never half-written), deletes them, and prints the summary. Rank 0 also
+   refreshes the manifest every `manifest_interval` seconds during the run.
+
+Per-rank journals rather than appends to one shared file: appends from several machines to one file on a
+network file system are not atomic, and a reader of a journal only has to drop an incomplete last line.
+A killed run therefore loses at most the images in flight; the next run merges what the journals hold.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import AttnctlError
+from .generate import Model, default_model, dtype_name, resolve_device, resolve_dtype
+from .jobs import Job, JobFile, Problem, load_job_file
+from .outputs import atomic_folder, atomic_write, remove_temporaries, save_png
+
+log = logging.getLogger("attnctl.render")
+
+MANIFEST = "manifest.jsonl"
+STATE = ".attnctl"
+#: Process-group timeout of multi-process runs: the last barrier waits for the slowest rank.
+BARRIER_TIMEOUT = datetime.timedelta(hours=24)
+DRY_RUN_LISTED = 50
+
+
+class RenderError(AttnctlError, RuntimeError):
+    """The run cannot start or finish (folder locked, output outside the folder, model not loadable)."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    out: str
+    model: str | None = None  # None: the job file's `model`, else default_model()
+    device: str = "auto"
+    dtype: str | None = None  # None: the job file's `dtype`, else "auto"
+    backend: str | None = None  # None: the job file's `backend`, else "auto"
+    resume: bool = True
+    fsync: bool = False
+    cpu_offload: bool = False
+    progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | log | none
+    manifest_interval: float = 60.0
+
+
+@dataclass
+class Summary:
+    """What a run did. On rank 0 of a multi-process run it covers every rank; elsewhere, that rank."""
+
+    images: int = 0
+    skipped: int = 0
+    rendered: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    problems: tuple[Problem, ...] = ()
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+    rank: int = 0
+    world: int = 1
+    manifest: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed or self.problems else 0
+
+    def format(self) -> str:
+        rate = self.rendered / self.seconds if self.seconds > 0 else 0.0
+        scope = "" if self.world == 1 else (f" across {self.world} processes" if self.rank == 0 else f" on rank {self.rank}")
+        lines = [
+            f"attnctl render: {self.images} image(s){scope}: {self.rendered} rendered, {self.skipped} skipped (already "
+            f"done), {len(self.failed)} failed, in {self.seconds:.1f} s ({rate:.2f} images/s; model load "
+            f"{self.load_seconds:.1f} s)"
+        ]
+        if self.problems:
+            lines.append(f"{len(self.problems)} problem(s) in the job file (their images are recorded as failed):")
+            lines.extend(f"  {p}" for p in self.problems)
+        failed = [r for r in self.failed if not str(r.get("error", "")).startswith("invalid job:")]
+        if failed:
+            lines.append("failed:")
+            for record in failed[:20]:
+                lines.append(f"  job {record['job']!r} seed {record['seed']}: {record.get('error')}")
+            if len(failed) > 20:
+                lines.append(f"  ... and {len(failed) - 20} more (see the manifest)")
+        if self.manifest:
+            lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+class Ranks:
+    """This process's place in a multi-process run (`accelerate launch`, `torchrun`), or a single process."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None, state: Any = None):
+        self.rank, self.world, self.device, self._state = rank, world, device, state
+
+    @classmethod
+    def from_env(cls, device: str = "auto") -> Ranks:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls(0, 1, resolve_device(device))
+        from accelerate import PartialState
+
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        if device in ("auto", "cuda") or cpu:
+            target = torch.device(state.device.type) if state.device.type == "cpu" else state.device
+        else:
+            target = resolve_device(device)
+        return cls(state.process_index, state.num_processes, target, state)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._state.wait_for_everyone()
+
+    def broadcast(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def say(self, message: str) -> str:
+        return message if self.world == 1 else f"[rank {self.rank}/{self.world}] {message}"
+
+
+# -- manifest and journals ----------------------------------------------------------------------------------------
+def read_records(path: str) -> tuple[list[dict[str, Any]], int]:
+    """The records of a manifest or journal, and the number of lines dropped (incomplete or not JSON)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return [], 0
+    records, dropped = [], 0
+    lines = text.split("\n")
+    if lines and lines[-1] != "":
+        dropped += 1  # a line without its newline was being written when the writer died (or still is)
+    for line in lines[:-1]:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and "job" in record and "seed" in record:
+            records.append(record)
+        else:
+            dropped += 1
+    return records, dropped
+
+
+def journal_paths(out: str) -> list[str]:
+    folder = os.path.join(out, STATE)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(entry.path for entry in os.scandir(folder) if entry.name.startswith("journal-") and entry.name.endswith(".jsonl"))
+
+
+def merged_records(out: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """The manifest and the journals merged: per image, the record that finished last."""
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in [os.path.join(out, MANIFEST)] + journal_paths(out):
+        records, dropped = read_records(path)
+        if dropped:
+            log.debug("%s: %d incomplete line(s) ignored", path, dropped)
+        for record in records:
+            key = (str(record["job"]), record["seed"])
+            old = merged.get(key)
+            if old is None or str(record.get("finished", "")) >= str(old.get("finished", "")):
+                merged[key] = record
+    return merged
+
+
+def compact(out: str, jobs: JobFile | None = None, *, delete_journals: bool = False, fsync: bool = False
+            ) -> dict[tuple[str, int], dict[str, Any]]:
+    """Merge the journals into `DIR/manifest.jsonl` (atomically), one record per image, in job-file order."""
+    journals = journal_paths(out)
+    merged = merged_records(out)
+    order: dict[tuple[str, int], tuple] = {}
+    if jobs is not None:
+        for job in jobs.jobs:
+            for position, seed in enumerate(job.seeds):
+                order[(job.id, seed)] = (0, job.index, position)
+        for job in jobs.invalid:
+            for position, seed in enumerate(job.seeds):
+                order.setdefault((job.id, seed), (0, job.index, position))
+
+    def key(item: tuple[tuple[str, int], dict[str, Any]]) -> tuple:
+        (job, seed), _ = item
+        return order.get((job, seed), (1, job, seed if isinstance(seed, int) else -1))
+
+    lines = [json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for _, record in sorted(merged.items(), key=key)]
+    manifest = os.path.join(out, MANIFEST)
+    if lines or os.path.exists(manifest):
+        atomic_write(manifest, "".join(lines).encode("utf-8"), fsync=fsync)
+    if delete_journals:
+        for path in journals:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    return merged
+
+
+class Journal:
+    """Whole-line appends of records, one `write` system call per record."""
+
+    def __init__(self, path: str, fsync: bool = False):
+        self.path = path
+        self.fsync = fsync
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+        written = os.write(self._fd, data)
+        if written != len(data):  # pragma: no cover - disk full
+            raise OSError(f"short write to {self.path} ({written} of {len(data)} bytes)")
+        if self.fsync:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class FolderLock:
+    """An exclusive lock on the output folder while a run writes to it (released when the process dies)."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, STATE, "lock")
+        self._handle = None
+
+    def acquire(self) -> None:
+        self._handle = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory lock
+            return
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            self._handle.seek(0)
+            holder = self._handle.read().strip()
+            self._handle.close()
+            self._handle = None
+            raise RenderError(
+                f"another attnctl render is writing to {os.path.dirname(os.path.dirname(self.path))} ({holder or 'pid unknown'}); "
+                "wait for it to finish, or give another --out"
+            ) from error
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()}\n")
+        self._handle.flush()
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+# -- the plan -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Image:
+    job: Job
+    seed: int
+    request: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job.id, self.seed)
+
+
+def request_digest(job: Job, model: str, dtype: str) -> str:
+    """What must be equal for a recorded image to count as done: the job's request, the model, the dtype."""
+    return f"{job.request}/{model}/{dtype}"
+
+
+def plan(jobs: JobFile, out: str, model: str, dtype: str, *, resume: bool = True,
+         records: dict[tuple[str, int], dict[str, Any]] | None = None) -> tuple[list[Image], list[Image]]:
+    """All images of the valid jobs in file order, and those still to render."""
+    if records is None:
+        records = merged_records(out)
+    every: list[Image] = []
+    pending: list[Image] = []
+    for job in jobs.jobs:
+        request = request_digest(job, model, dtype)
+        for seed in job.seeds:
+            image = Image(job, seed, request)
+            every.append(image)
+            if not resume or not _done(records.get(image.key), out, request):
+                pending.append(image)
+    return every, pending
+
+
+def _done(record: dict[str, Any] | None, out: str, request: str) -> bool:
+    if record is None or record.get("status") != "ok" or record.get("request") != request:
+        return False
+    path = os.path.join(out, str(record.get("path", "")))
+    try:
+        return os.path.getsize(path) == record.get("bytes")
+    except OSError:
+        return False
+
+
+def shard(pending: list[Image], rank: int, world: int) -> list[Image]:
+    """Rank r's images: r, r + W, r + 2W, ... of the pending list (the same list on every rank)."""
+    return pending[rank::world]
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None = None, ranks: Ranks | None = None
+           ) -> Summary:
+    """Render every pending image of a job file into `options.out`; see the module docstring."""
+    started = time.perf_counter()
+    if not isinstance(jobs, JobFile):
+        jobs = load_job_file(jobs)
+    ranks = ranks or Ranks.from_env(options.device)
+    out = os.path.realpath(options.out)
+    model_name = model.name if model is not None else (options.model or jobs.model or default_model())
+    device = model.device if model is not None else ranks.device
+    dtype = dtype_name(model.dtype if model is not None else resolve_dtype(options.dtype or jobs.dtype or "auto", device))
+    backend = options.backend or jobs.backend or "auto"
+
+    lock = FolderLock(out)
+    if ranks.main:
+        os.makedirs(os.path.join(out, STATE), exist_ok=True)
+        lock.acquire()
+    try:
+        run_id = None
+        if ranks.main:
+            removed = remove_temporaries(out)
+            if removed:
+                log.info("removed %d temporary file(s) left by an interrupted run", removed)
+            compact(out, jobs, delete_journals=True, fsync=options.fsync)
+            run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        ranks.barrier()
+        run_id = ranks.broadcast(run_id)
+        every, pending = plan(jobs, out, model_name, dtype, resume=options.resume)
+        mine = shard(pending, ranks.rank, ranks.world)
+        invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
+        summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
+                          rank=ranks.rank, world=ranks.world, manifest=os.path.join(out, MANIFEST))
+        log.info(ranks.say(f"{len(jobs.jobs)} job(s), {len(every)} image(s): {len(every) - len(pending)} already done, "
+                           f"{len(pending)} to render, {len(mine)} on this process"))
+        journal = Journal(os.path.join(out, STATE, f"journal-{ranks.rank:05d}.jsonl"), fsync=options.fsync)
+        context = _RunContext(out, run_id, ranks, journal, options, jobs, summary)
+        try:
+            if ranks.main:
+                context.record_invalid(jobs)
+            if mine:
+                if model is None:
+                    load_start = time.perf_counter()
+                    log.info(ranks.say(f"loading {model_name} on {device} ({dtype})"))
+                    try:
+                        model = Model.load(model_name, device=device, dtype=dtype, backend=backend,
+                                           cpu_offload=options.cpu_offload)
+                    except Exception as error:  # noqa: BLE001 - any loader failure ends the run with its reason
+                        raise RenderError(f"cannot load model {model_name!r}: {_describe(error)}") from error
+                    summary.load_seconds = time.perf_counter() - load_start
+                else:
+                    model.pipe.set_progress_bar_config(disable=True)
+                context.run(model, mine)
+        except KeyboardInterrupt:
+            journal.close()
+            if ranks.world == 1:
+                compact(out, jobs, delete_journals=True, fsync=options.fsync)
+            log.warning(ranks.say("interrupted: images finished so far are recorded; run again to resume"))
+            raise
+        finally:
+            journal.close()
+            if model is not None:
+                model.release()
+        summary.rendered, summary.failed = context.ok, context.failed
+        ranks.barrier()
+        if ranks.main:
+            merged = compact(out, jobs, delete_journals=True, fsync=options.fsync)
+            this_run = [record for record in merged.values() if record.get("run") == run_id]
+            summary.rendered = sum(record.get("status") == "ok" for record in this_run)
+            summary.failed = [record for record in this_run if record.get("status") != "ok"]
+        summary.seconds = time.perf_counter() - started
+        return summary
+    finally:
+        lock.release()
+
+
+class _RunContext:
+    def __init__(self, out: str, run_id: str, ranks: Ranks, journal: Journal, options: RenderOptions, jobs: JobFile,
+                 summary: Summary):
+        self.out, self.run_id, self.ranks, self.journal = out, run_id, ranks, journal
+        self.options, self.jobs, self.summary = options, jobs, summary
+        self._last_compaction = time.monotonic()
+        self.failed: list[dict[str, Any]] = []
+        self.ok = 0
+
+    def record(self, job_id: str, seed: int, status: str, **fields: Any) -> dict[str, Any]:
+        record = {
+            "job": job_id, "seed": seed, "path": f"{job_id}/{seed}.png", "status": status, "error": None,
+            "run": self.run_id, "rank": self.ranks.rank,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+            **fields,
+        }
+        self.journal.append(record)
+        if status == "ok":
+            self.ok += 1
+        else:
+            self.failed.append(record)
+        return record
+
+    def record_invalid(self, jobs: JobFile) -> None:
+        for job in jobs.invalid:
+            if job.id is None:
+                continue
+            error = "; ".join(problem.message for problem in job.problems)
+            for seed in job.seeds:
+                self.record(job.id, seed, "failed", error=f"invalid job: {error}", error_type="ConfigError", place=job.place)
+
+    def job_folder(self, job: Job) -> str:
+        folder = os.path.join(self.out, job.id)
+        real = os.path.realpath(folder)
+        if os.path.commonpath([real, self.out]) != self.out or real == self.out:
+            raise RenderError(f"job {job.id!r}: its folder {real} is outside the output folder {self.out}")
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    def run(self, model: Model, images: list[Image]) -> None:
+        progress = _Progress(len(images), self.options.progress, self.ranks)
+        failed_jobs: dict[str, str] = {}
+        checked: set[str] = set()
+        try:
+            for image in images:
+                job = image.job
+                if job.id not in checked:
+                    checked.add(job.id)
+                    try:
+                        model.check(job.controls, job.options, job.negative_prompt)
+                        self.job_folder(job)
+                    except Exception as error:  # noqa: BLE001 - fault isolation: the job fails, the run goes on
+                        failed_jobs[job.id] = _describe(error)
+                        log.warning(self.ranks.say(f"job {job.id!r} ({job.place}) cannot run on {model.name}: {failed_jobs[job.id]}"))
+                if job.id in failed_jobs:
+                    self.record(job.id, image.seed, "failed", error=failed_jobs[job.id], request=image.request,
+                                error_type="ConfigError", place=job.place)
+                    progress.update(ok=False)
+                    continue
+                ok = self.render_one(model, image)
+                progress.update(ok=ok)
+                if self.ranks.main and time.monotonic() - self._last_compaction > self.options.manifest_interval:
+                    compact(self.out, self.jobs, fsync=self.options.fsync)
+                    self._last_compaction = time.monotonic()
+        finally:
+            progress.close()
+
+    def render_one(self, model: Model, image: Image) -> bool:
+        job, seed = image.job, image.seed
+        start = time.perf_counter()
+        try:
+            result = model.generate(
+                job.prompt, seed=seed, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
+                width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options,
+            )
+            generated = time.perf_counter()
+            folder = os.path.join(self.out, job.id)  # checked by job_folder before the job's first image
+            params = {"job": job.id, **result.params}
+            saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync)
+            size = save_png(result.image, os.path.join(folder, f"{seed}.png"), params, fsync=self.options.fsync)
+            done = time.perf_counter()
+        except Exception as error:  # noqa: BLE001 - fault isolation: the image fails, the run goes on
+            message = _describe(error)
+            if _is_out_of_memory(error) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning(self.ranks.say(f"job {job.id!r} seed {seed} failed ({job.place}): {message}"))
+            self.record(job.id, seed, "failed", error=message, error_type=type(error).__name__, request=image.request,
+                        place=job.place, seconds={"total": round(time.perf_counter() - start, 4)})
+            return False
+        self.record(job.id, seed, "ok", request=image.request, bytes=size, outputs=saved_outputs or None,
+                    seconds={"generate": round(generated - start, 4), "save": round(done - generated, 4),
+                             "total": round(done - start, 4)})
+        return True
+
+
+def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *, fsync: bool = False) -> list[str]:
+    """Save what controls published with a `save(folder)` method (attention maps) to `<seed>.<key>/`."""
+    from PIL import Image as PILImage
+
+    saved = []
+    for key, value in outputs.items():
+        save = getattr(value, "save", None)
+        if not callable(save) or isinstance(value, PILImage.Image):
+            continue
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(key)).strip(".") or "output"
+        target = os.path.join(folder, f"{seed}.{name}")
+        try:
+            takes_images = "images" in inspect.signature(save).parameters
+        except (TypeError, ValueError):  # builtins without a signature
+            takes_images = False
+
+        def fill(path: str, save=save, takes_images=takes_images) -> None:
+            save(path, images=[image]) if takes_images else save(path)
+
+        atomic_folder(target, fill, fsync=fsync)
+        saved.append(os.path.relpath(target, os.path.dirname(folder)))
+    return saved
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip() or repr(error)
+    return f"{type(error).__name__}: {text}"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise a log line every 30 s (and at the end)."""
+
+    def __init__(self, total: int, mode: str, ranks: Ranks):
+        self.total, self.ranks, self.done, self.failed = total, ranks, 0, 0
+        self.start = self._last = time.monotonic()
+        interactive = sys.stderr.isatty()
+        self.mode = ("bar" if interactive and ranks.main else "log") if mode == "auto" else mode
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc="render" if ranks.world == 1 else f"rank {ranks.rank}",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += not ok
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.failed:
+                self.bar.set_postfix(failed=self.failed, refresh=False)
+        elif self.mode == "log" and time.monotonic() - self._last >= 30:
+            self._log()
+
+    def _log(self) -> None:
+        self._last = time.monotonic()
+        elapsed = self._last - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        log.info(self.ranks.say(f"{self.done}/{self.total} images ({self.failed} failed), {rate:.2f} images/s, "
+                                f"about {_duration(eta)} left"))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.mode == "log" and self.done:
+            self._log()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# -- dry run ------------------------------------------------------------------------------------------------------
+def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None) -> tuple[list[str], int]:
+    """Report lines for `--dry-run` (no model is loaded), and the number of problems found."""
+    lines = []
+    problems = list(jobs.problems)
+    name = model or jobs.model or default_model()
+    model_problem = _model_problem(name)
+    if model_problem:
+        problems.insert(0, Problem("--model" if model else jobs.path, model_problem))
+    images = jobs.images + sum(len(job.seeds) for job in jobs.invalid)
+    lines.append(f"{os.path.basename(jobs.path)}: {len(jobs.jobs) + len(jobs.invalid)} job(s), {images} image(s), "
+                 f"model {name}")
+    if out is not None and os.path.isdir(out):
+        dtype = dtype_name(resolve_dtype(jobs.dtype or "auto", resolve_device("auto")))
+        every, pending = plan(jobs, os.path.realpath(out), name, dtype)
+        lines.append(f"{out}: {len(every) - len(pending)} image(s) already done, {len(pending)} to render")
+    for job in jobs.jobs[:DRY_RUN_LISTED]:
+        controls = ", ".join(c.type_name for c in job.controls) or "no controls"
+        lines.append(f"  ok  {job.place} job {job.id!r}: {len(job.seeds)} seed(s), {controls}")
+    if len(jobs.jobs) > DRY_RUN_LISTED:
+        lines.append(f"  ... and {len(jobs.jobs) - DRY_RUN_LISTED} more valid job(s)")
+    for problem in problems:
+        lines.append(f"  problem  {problem}")
+    lines.append(f"{len(problems)} problem(s)" if problems else "no problems")
+    return lines, len(problems)
+
+
+def _model_problem(name: str) -> str | None:
+    from .loading import embedded_models
+
+    if name in embedded_models() or os.path.isdir(name):
+        return None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or not all(name.split("/")):
+        return (f"model {name!r} is neither an embedded model ({', '.join(embedded_models())}), an existing folder, "
+                "nor a hub id ('owner/name')")
+    return None
+
+
+def iter_images(out: str) -> Iterator[str]:
+    """The PNG files under an output folder (for tools and tests)."""
+    for entry in sorted(os.scandir(out), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            for image in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                if image.name.endswith(".png") and not image.name.startswith("."):
+                    yield image.path
+
+
+__all__ = [
+    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "compact", "dry_run", "merged_records", "plan",
+    "read_records", "render", "shard",
+]

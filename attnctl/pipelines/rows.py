@@ -1,0 +1,131 @@
+"""Batch rows of a denoiser call: which are unconditional, conditional, or perturbed copies of the cond rows.
+
+Perturbed copies count as cond rows for every other control (Reweight, Regions apply to them too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Branch = Literal["cond", "uncond"]
+
+
+@dataclass(frozen=True)
+class Row:
+    branch: Branch
+    prompt: int  # index of the prompt row (after num_images_per_prompt expansion)
+    tag: str | None = None  # perturbation tag of a perturbed copy of a cond row
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    rows: tuple[Row, ...]
+    _masks: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def indices(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any") -> tuple[int, ...]:
+        """Row indices with that branch (None: any) and tag ("any": any tag, None: untagged rows only)."""
+        return tuple(
+            i
+            for i, row in enumerate(self.rows)
+            if (branch is None or row.branch == branch) and (tag == "any" or row.tag == tag)
+        )
+
+    def mask(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any", device=None) -> torch.Tensor:
+        """(B,) bool tensor of `indices(branch, tag)`, cached per device."""
+        key = ("mask", branch, tag, str(device))
+        if key not in self._masks:
+            chosen = set(self.indices(branch, tag))
+            self._masks[key] = torch.tensor([i in chosen for i in range(len(self.rows))], dtype=torch.bool, device=device)
+        return self._masks[key]
+
+    @property
+    def has_uncond(self) -> bool:
+        return any(row.branch == "uncond" for row in self.rows)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        seen: list[str] = []
+        for row in self.rows:
+            if row.tag is not None and row.tag not in seen:
+                seen.append(row.tag)
+        return tuple(seen)
+
+    @staticmethod
+    def batched_cfg(prompt_rows: int) -> RowLayout:
+        return RowLayout(tuple(Row("uncond", p) for p in range(prompt_rows)) + tuple(Row("cond", p) for p in range(prompt_rows)))
+
+    @staticmethod
+    def single(branch: Branch, prompt_rows: int) -> RowLayout:
+        return RowLayout(tuple(Row(branch, p) for p in range(prompt_rows)))
+
+    def selected(self, branch: Branch, label: Branch | None = None) -> tuple[RowLayout, tuple[int, ...]]:
+        """The untagged rows of `branch` (relabelled `label` when given) and their source indices."""
+        index = self.indices(branch, None)
+        return RowLayout(tuple(Row(label or self.rows[i].branch, self.rows[i].prompt) for i in index)), index
+
+    def with_perturbed(self, tags: tuple[str, ...]) -> tuple[RowLayout, tuple[int, ...]]:
+        """This layout plus one copy of the untagged cond rows per tag; also returns the source index of every row."""
+        cond = self.indices("cond", None)
+        rows = list(self.rows)
+        source = list(range(len(self.rows)))
+        for tag in tags:
+            rows.extend(Row("cond", self.rows[i].prompt, tag) for i in cond)
+            source.extend(cond)
+        return RowLayout(tuple(rows)), tuple(source)
+
+
+# guidance(cond_prediction, perturbed_prediction, frame) -> the term D_k added to every combined row
+GuidanceTerm = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Rows a guidance control adds: perturbed copies of the cond rows, and its guidance term.
+
+    The wrapper adds `D = sum_k term_k(cond, perturbed_k)` to every row the pipeline combines (DESIGN §2), so
+    the pipeline's own CFG yields `uncond + s (cond - uncond) + D` for any scale s.
+    """
+
+    tag: str
+    term: GuidanceTerm
+    separate: bool = False  # run these rows as their own forward (saves memory) instead of batching them
+
+
+@dataclass(frozen=True)
+class SecondPass:
+    """A guidance term that needs the pipeline rows' prediction first and may run further forwards (SAG).
+
+    `term(first)` gets a `pipelines.denoiser.FirstPass` (the prediction of the pipeline's rows, their inputs,
+    and `first.forward(inputs, rows, tag)` to run the denoiser again) and returns a term for the untagged cond rows
+    (as a `Perturbation` term does), added to every combined row.
+    """
+
+    tag: str
+    term: Callable[[object], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RowSelect:
+    """Run only the untagged rows of `branch` (every batched input re-batched), labelled `label` for the controls,
+    and give each row of the pipeline's layout the prediction of the selected row with the same prompt.
+
+    TGATE (Zhang et al. 2024) after its gate step: one null-text row per prompt, `RowSelect("uncond", "cond")`:
+    its prediction stands for the guided one, so it is returned for both CFG rows.
+    """
+
+    branch: Branch
+    label: Branch | None = None
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    perturbations: tuple[Perturbation, ...] = ()
+    second: tuple[SecondPass, ...] = ()
+    select: RowSelect | None = None

@@ -1,0 +1,139 @@
+"""What the per-family controlled processors share: the attention op with hooks and a backend.
+
+A controlled processor is a plain object (not an nn.Module, so it never enters a state_dict), one instance
+per layer; where the stock processor holds weights (IP-Adapter) it is an nn.Module holding those same
+weights under the same names, so the state_dict is the stock one (`make_processor`). It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
+layer's edit, and calls one attention op. With no edit it makes the stock processor's exact SDPA call, so
+outputs are bitwise identical to stock.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.spec import AttentionSpec
+from .edit import Edit, LayerCall
+
+if TYPE_CHECKING:
+    from ..families.base import LayerInfo
+    from ..runtime import Runtime
+
+
+class ControlledProcessor:
+    """Base class; subclasses implement `__call__` for one family of attention modules.
+
+    Build one with `make_processor`: a stock processor that holds weights (IP-Adapter) gets the
+    `nn.Module` variant of the class, whose children are the stock processor's own, so that the weights
+    stay in the denoiser's module tree while attnctl is applied (`.to()`, state_dict, offload hooks see
+    them exactly as before, under the same names).
+    """
+
+    # Kept so that diffusers' set_attention_backend / enable_parallelism find what they look for; a change
+    # after apply is detected at the next pipeline call.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
+        if isinstance(self, torch.nn.Module):
+            torch.nn.Module.__init__(self)
+            for name, child in original.named_children():
+                self.add_module(name, child)  # the same module objects: moved and cast together with ours
+            for name, parameter in original.named_parameters(recurse=False):
+                self.register_parameter(name, parameter)
+            for name, buffer in original.named_buffers(recurse=False):
+                self.register_buffer(name, buffer, persistent=name not in original._non_persistent_buffers_set)
+            self.__dict__["original"] = original  # not a child: its weights are registered above
+        else:
+            self.original = original
+        self.layer = layer
+        self.runtime = runtime
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+        self.installed_backend = self._attention_backend
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.layer.name!r}, wraps {type(self.original).__name__})"
+
+    def stock_sdpa(self) -> bool:
+        """Whether a layer without edits makes the stock SDPA call (auto or sdpa backend)."""
+        return self.runtime.backend in ("auto", "sdpa")
+
+    def plain_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention without edits, (B, H, N, D) layout."""
+        if self.stock_sdpa():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=False)
+        backend = self.runtime.backend_for(self.layer, q.device, ("attn_mask",) if attn_mask is not None else ())
+        out, _ = kernels.BACKENDS[backend].fn(q, k, v, AttentionSpec(attn_mask=attn_mask))
+        return out
+
+    def edited_attention(
+        self, call: LayerCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention with the edit's spec on the chosen backend, wrapped by the edit's hooks, (B, H, N, D)."""
+        spec = edit.spec(attn_mask=attn_mask)
+
+        def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
+            if spec.is_plain and self.stock_sdpa():
+                return kernels.sdpa.attention(q, k, v, spec)
+            dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+            backend = self.runtime.backend_for(self.layer, q.device, spec.features(), dense)
+            return kernels.BACKENDS[backend].fn(q, k, v, spec)
+
+        fn = compute
+        for hook in reversed(edit.hooks):
+            fn = _bind_hook(hook, call, fn)
+        out, _ = fn(q, k, v, spec)
+        return out
+
+    def query_hooks(self, call: LayerCall | None, edit: Edit | None, q_proj: torch.Tensor) -> torch.Tensor:
+        if edit is not None:
+            for hook in edit.hooks:
+                q_proj = hook.query(call, q_proj)
+        return q_proj
+
+    def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, LayerCall | None, Any, torch.Tensor]:
+        """Look up the edit; returns (edit, call, reused result or None, hidden after token hooks)."""
+        edit = self.runtime.edit_for(self.layer)
+        if edit is None:
+            return None, None, None, hidden
+        call = self.runtime.layer_call(self.layer, attn, edit)
+        for hook in edit.hooks:
+            reused = hook.reuse(call, hidden, context)
+            if reused is not None:
+                return edit, call, reused, hidden
+        for hook in edit.hooks:
+            hidden = hook.tokens_in(call, hidden)
+        return edit, call, None, hidden
+
+    def finish(self, call: LayerCall | None, edit: Edit | None, result: Any) -> Any:
+        if edit is not None:
+            for hook in reversed(edit.hooks):
+                result = hook.result(call, result)
+        return result
+
+
+def make_processor(cls: type[ControlledProcessor], layer: LayerInfo, runtime: Runtime, original: Any) -> ControlledProcessor:
+    """The controlled processor of `cls` replacing `original` at `layer`: the `nn.Module` variant when the
+    original processor holds weights (IP-Adapter), a plain object otherwise (it never enters a state_dict)."""
+    holds_weights = isinstance(original, torch.nn.Module) and (
+        next(original.parameters(), None) is not None or next(original.buffers(), None) is not None
+    )
+    return (_module_variant(cls) if holds_weights else cls)(layer, runtime, original)
+
+
+@functools.cache
+def _module_variant(cls: type[ControlledProcessor]) -> type[ControlledProcessor]:
+    """`cls` as an `nn.Module` (its own `__call__`, as diffusers' processor modules have)."""
+    return type(cls.__name__, (cls, torch.nn.Module), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def _bind_hook(hook, call, inner):
+    def fn(q, k, v, spec):
+        return hook.attend(call, q, k, v, spec, inner)
+
+    return fn

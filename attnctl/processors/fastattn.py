@@ -1,0 +1,604 @@
+"""DiTFastAttn: window attention with residual sharing, attention sharing across timesteps and across CFG rows,
+chosen per layer and step by a calibration run.
+
+Yuan et al. 2024, "DiTFastAttn: Attention Compression for Diffusion Transformer Models" (NeurIPS 2024,
+arXiv 2406.08552; github.com/thu-nics/DiTFastAttn). Per layer and step, one of:
+
+- `full`: full attention. When a later step uses window attention, the residual `R = full - window` is cached;
+- `window_residual` (WA-RS): window attention plus the cached residual, `window + R`;
+- `step_share` (AST): the layer's output of the previous step, reused (the whole layer is skipped);
+- `cfg_share` (ASC): attention computed for the cond rows only; each uncond row takes the output of the cond
+  row of its prompt (combined with `window_residual` as `window_residual+cfg_share`).
+
+Calibration (`FastAttn.calibrate`, or any call made without a plan) runs a few prompts step by step and, in
+each step, layer by layer in model order with every earlier choice applied, takes the most compressive choice
+whose relative L1 error `sum|O' - O| / sum|O|` of the layer's attention output against full attention `O` is
+strictly below `threshold`. The paper's window is a 1-D band over the flattened image tokens (`window=w`:
+`|i - j| <= w`); `window=(rh, rw)` is a 2-D neighbourhood over the token grid instead. Text tokens of joint
+layouts attend to and are attended by every token. A plan records the model, the number of steps and the
+resolution it was made for, and raises on a mismatch; it is saved and loaded as JSON.
+
+Deviations from the reference code: the error is measured on each layer's attention output as DESIGN §3 asks
+(the reference compares the model's output after trying each candidate, a forward pass per candidate); CFG
+sharing computes the cond rows and copies them to the uncond rows (the reference computes the uncond half); the
+attention projections still run for every row except in `step_share`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..control import BindContext, Bound, Control, Frame
+from ..errors import ConfigError, UnsupportedError
+from ..families.base import Geometry, LayerInfo, ModelAdapter
+from ..kernels.spec import AttentionSpec, Window
+from ..selection import LayerSpec, validate_layers
+from ..validation import number, set_field
+from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
+from .common import RowIndex, image_size, output_key, publish, restricted_rows, spec_rows, token_layout
+from .edit import Edit, LayerCall, LayerHook
+
+TECHNIQUES: tuple[str, ...] = ("window_residual", "step_share", "cfg_share")
+METHODS: tuple[str, ...] = ("full", "cfg_share", "window_residual", "window_residual+cfg_share", "step_share")
+#: Candidates in order of preference when two cost the same (most compressive first).
+CANDIDATES: tuple[str, ...] = ("step_share", "window_residual+cfg_share", "window_residual", "cfg_share")
+FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "unet")
+DEFAULT_WINDOW = 64  # the reference code's flash-attention window (-64, 64)
+WindowSize = int | tuple[int, int]
+
+
+# -- the plan ----------------------------------------------------------------------------------------------------
+def model_identity(denoiser: torch.nn.Module) -> tuple[str, str, str]:
+    """(class name, name or path it was loaded from, fingerprint of its config)."""
+    config = dict(getattr(denoiser, "config", {}) or {})
+    source = str(config.get("_name_or_path") or "")
+    public = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    text = json.dumps(public, sort_keys=True, default=str)
+    return type(denoiser).__name__, source, hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _validate_window(window: Any, name: str) -> WindowSize:
+    if isinstance(window, bool):
+        raise ConfigError(f"{name} must be an int (1-D band) or a pair (rh, rw) (2-D radius), got {window!r}")
+    if isinstance(window, int):
+        if window < 0:
+            raise ConfigError(f"{name} must be >= 0, got {window!r}")
+        return window
+    if isinstance(window, Sequence) and not isinstance(window, str) and len(window) == 2:
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in window):
+            return (int(window[0]), int(window[1]))
+    raise ConfigError(
+        f"{name} must be an int w >= 0 (the paper's 1-D band |i - j| <= w over flattened image tokens) or a pair "
+        f"(rh, rw) of ints >= 0 (a 2-D neighbourhood over the token grid), got {window!r}"
+    )
+
+
+@dataclass(frozen=True)
+class FastAttnPlan:
+    """Per layer and step, which DiTFastAttn method runs; made by calibration, saved and loaded as JSON.
+
+    `model` / `fingerprint`: the denoiser class and a hash of its config (checked when applied); `source`: the name
+    or path it was loaded from (informative); `steps`: the number of steps run; `resolution`: the image (height,
+    width) in pixels; `methods`: `(layer name, (method of step 0, method of step 1, ...))` in model order.
+    """
+
+    model: str
+    fingerprint: str
+    steps: int
+    resolution: tuple[int, int]
+    window: WindowSize
+    threshold: float
+    methods: tuple[tuple[str, tuple[str, ...]], ...]
+    source: str = ""
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ConfigError(f"FastAttnPlan.steps must be an int >= 1, got {self.steps!r}")
+        resolution = tuple(self.resolution) if isinstance(self.resolution, Sequence) else ()
+        if len(resolution) != 2 or not all(isinstance(v, int) and v > 0 for v in resolution):
+            raise ConfigError(f"FastAttnPlan.resolution must be (height, width) in pixels, got {self.resolution!r}")
+        set_field(self, "resolution", resolution)
+        set_field(self, "window", _validate_window(self.window, "FastAttnPlan.window"))
+        set_field(self, "threshold", number(self.threshold, "FastAttnPlan.threshold", minimum=0))
+        items = tuple(self.methods.items()) if isinstance(self.methods, Mapping) else tuple(self.methods)
+        methods = []
+        for item in items:
+            if not isinstance(item, Sequence) or len(item) != 2 or not isinstance(item[0], str):
+                raise ConfigError(f"FastAttnPlan.methods must hold (layer name, methods per step) pairs, got {item!r}")
+            name, per_step = item[0], tuple(item[1])
+            if len(per_step) != self.steps:
+                raise ConfigError(f"FastAttnPlan: layer {name!r} has {len(per_step)} methods for {self.steps} steps")
+            bad = [m for m in per_step if m not in METHODS]
+            if bad:
+                raise ConfigError(f"FastAttnPlan: layer {name!r} has unknown method(s) {bad}; known: {', '.join(METHODS)}")
+            if per_step[0] in ("step_share", "window_residual", "window_residual+cfg_share"):
+                raise ConfigError(f"FastAttnPlan: layer {name!r} starts with {per_step[0]!r}, which needs an earlier step")
+            methods.append((name, per_step))
+        names = [name for name, _ in methods]
+        if len(set(names)) != len(names):
+            raise ConfigError("FastAttnPlan.methods names a layer twice")
+        set_field(self, "methods", tuple(methods))
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.methods)
+
+    def per_step(self, layer: str) -> tuple[str, ...]:
+        for name, methods in self.methods:
+            if name == layer:
+                return methods
+        return ("full",) * self.steps
+
+    def counts(self) -> dict[str, int]:
+        out = {method: 0 for method in METHODS}
+        for _, methods in self.methods:
+            for method in methods:
+                out[method] += 1
+        return out
+
+    def check(self, *, model: str | None = None, fingerprint: str | None = None, steps: int | None = None,
+              resolution: tuple[int, int] | None = None) -> None:
+        """Raise ConfigError when the plan was made for another model, number of steps or resolution."""
+        if model is not None and (model != self.model or fingerprint != self.fingerprint):
+            raise ConfigError(
+                f"this FastAttn plan was calibrated for {self.model} (config {self.fingerprint}), not for this "
+                f"{model} (config {fingerprint}); calibrate a plan for this model"
+            )
+        if steps is not None and steps != self.steps:
+            raise ConfigError(
+                f"this FastAttn plan was calibrated for {self.steps} steps, but the call runs {steps}; calibrate a plan "
+                "for this number of steps (img2img strength counts: only the steps run)"
+            )
+        if resolution is not None and tuple(resolution) != self.resolution:
+            raise ConfigError(
+                f"this FastAttn plan was calibrated at {self.resolution[0]}x{self.resolution[1]}, but the call runs at "
+                f"{resolution[0]}x{resolution[1]}; calibrate a plan for this resolution"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "model": self.model, "source": self.source, "fingerprint": self.fingerprint,
+            "steps": self.steps, "resolution": list(self.resolution),
+            "window": self.window if isinstance(self.window, int) else list(self.window), "threshold": self.threshold,
+            "methods": {name: list(methods) for name, methods in self.methods},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FastAttnPlan:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a FastAttn plan must be a dict, got {type(data).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ConfigError(f"FastAttnPlan has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}")
+        missing = sorted(f for f in ("model", "fingerprint", "steps", "resolution", "window", "threshold", "methods") if f not in data)
+        if missing:
+            raise ConfigError(f"FastAttnPlan is missing {', '.join(missing)}")
+        if data.get("version", 1) != 1:
+            raise ConfigError(f"FastAttnPlan version {data['version']!r} is not supported (this attnctl reads version 1)")
+        values = dict(data)
+        if isinstance(values["window"], list):
+            values["window"] = tuple(values["window"])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> FastAttnPlan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"a FastAttn plan must be JSON: {error}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FastAttnPlan:
+        with open(path, encoding="utf-8") as handle:
+            return cls.from_json(handle.read())
+
+
+# -- the control -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastAttn(Control, type_name="fastattn"):
+    """DiTFastAttn (Yuan et al. 2024) for PixArt, SD3, Flux and UNet self-attention.
+
+    threshold: the calibration's bound on each layer's relative L1 error (strictly below); 0 changes nothing.
+    window: `w` for the paper's 1-D band over flattened image tokens (`|i - j| <= w`), or `(rh, rw)` for a 2-D
+        neighbourhood over the token grid; default 64 (the reference code's), or the plan's.
+    plan: a `FastAttnPlan` (or its dict) from `calibrate`; None: every call calibrates on its own prompts (the
+        plan is in `handle.outputs["fastattn"].plan`).
+    techniques: which of "window_residual", "step_share", "cfg_share" calibration may choose.
+    layers: default self-attention on UNet and PixArt, every attention layer on SD3 and Flux (with a plan: the
+        plan's layers). Cross-attention layers may be selected; they use step_share and cfg_share only.
+    key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
+    """
+
+    threshold: float = 0.05
+    window: WindowSize | None = None
+    plan: FastAttnPlan | None = None
+    techniques: tuple[str, ...] = TECHNIQUES
+    layers: LayerSpec = None
+    key: str = "fastattn"
+
+    slots: ClassVar[tuple[str, ...]] = ("cache",)
+    kernel_features: ClassVar[tuple[str, ...]] = ("window",)
+
+    def __post_init__(self) -> None:
+        set_field(self, "threshold", number(self.threshold, "FastAttn.threshold", minimum=0))
+        if isinstance(self.techniques, str) or not isinstance(self.techniques, Sequence):
+            raise ConfigError(f"FastAttn.techniques must be a tuple drawn from {TECHNIQUES}, got {self.techniques!r}")
+        techniques = tuple(self.techniques)
+        bad = [t for t in techniques if t not in TECHNIQUES]
+        if bad or len(set(techniques)) != len(techniques):
+            raise ConfigError(f"FastAttn.techniques must be distinct names from {', '.join(TECHNIQUES)}, got {self.techniques!r}")
+        set_field(self, "techniques", techniques)
+        set_field(self, "layers", validate_layers(self.layers, name="FastAttn.layers"))
+        set_field(self, "key", output_key(self.key, "FastAttn"))
+        plan = self.plan
+        if isinstance(plan, Mapping):
+            plan = FastAttnPlan.from_dict(plan)
+            set_field(self, "plan", plan)
+        if plan is not None and not isinstance(plan, FastAttnPlan):
+            raise ConfigError(f"FastAttn.plan must be a FastAttnPlan, its dict or None, got {type(plan).__name__}")
+        if self.window is not None:
+            set_field(self, "window", _validate_window(self.window, "FastAttn.window"))
+        if plan is not None:
+            if self.window is not None and self.window != plan.window:
+                raise ConfigError(f"FastAttn.window {self.window!r} differs from the plan's window {plan.window!r}")
+            if self.layers is not None:
+                raise ConfigError("FastAttn.layers must be None with a plan: the plan names its layers")
+            allowed = {"full"} | {m for m in METHODS if all(part in techniques for part in m.split("+") if part != "full")}
+            used = sorted({m for _, methods in plan.methods for m in methods} - allowed)
+            if used:
+                raise ConfigError(f"the plan uses {', '.join(used)}, which FastAttn.techniques {techniques} does not allow")
+
+    @property
+    def output_key(self) -> str:
+        """Where the report goes in `handle.outputs`."""
+        return self.key
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"cache" where outputs may be stored and reused, "window" where window attention may run (by the plan's
+        methods for the layer; without a plan, what calibration may choose; nothing at threshold 0)."""
+        if self.plan is not None:
+            methods = dict(self.plan.methods).get(layer.name, ())
+            effects = ("cache",) if any(m != "full" for m in methods) else ()
+            return effects + (("window",) if any(m.startswith("window_residual") for m in methods) else ())
+        if self.threshold == 0:
+            return ()
+        windowed = "window_residual" in self.techniques and layer.kind != "cross"
+        return ("cache", "window") if windowed else ("cache",)
+
+    @property
+    def window_size(self) -> WindowSize:
+        if self.plan is not None:
+            return self.plan.window
+        return DEFAULT_WINDOW if self.window is None else self.window
+
+    def default_layers(self, adapter: ModelAdapter) -> str | tuple[str, ...] | None:
+        if self.plan is not None:
+            return self.plan.layers
+        return "self" if adapter.family in ("unet", "pixart") else None
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if adapter.family not in FAMILIES:
+            raise UnsupportedError(f"attnctl: FastAttn supports {', '.join(FAMILIES)}, not {adapter.family}")
+        if self.plan is not None:
+            model, _, fingerprint = model_identity(adapter.denoiser)
+            self.plan.check(model=model, fingerprint=fingerprint)
+            kinds = {layer.name: layer.kind for layer in adapter.layers}
+            missing = [name for name in self.plan.layers if name not in kinds]
+            if missing:
+                raise ConfigError(f"the FastAttn plan names layer(s) this model does not have: {', '.join(missing[:5])}")
+            windowed = [name for name, methods in self.plan.methods
+                        if kinds[name] == "cross" and any(m.startswith("window_residual") for m in methods)]
+            if windowed:
+                raise ConfigError(f"the FastAttn plan asks for window attention in cross-attention layer(s) {', '.join(windowed[:5])}")
+
+    def bind(self, context: BindContext) -> Bound:
+        return FastAttnBound(self, context)
+
+    def calibrate(self, pipe: Any, prompts: str | Sequence[str], *, backend: str = "auto", **call_kwargs: Any) -> FastAttnPlan:
+        """Run `pipe` once on `prompts` (one batch) with calibration on, and return the plan.
+
+        `call_kwargs` go to the pipeline call (num_inference_steps, height, width, guidance_scale, generator, ...);
+        the plan is made for exactly that number of steps and resolution. The pipeline must not have a live handle.
+        """
+        from ..handle import apply
+
+        control = dataclasses.replace(self, plan=None, window=self.window_size)
+        call_kwargs.setdefault("output_type", "latent")
+        prompt = [prompts] if isinstance(prompts, str) else list(prompts)
+        with apply(pipe, [control], backend=backend) as handle:
+            pipe(prompt, **call_kwargs)
+            report = handle.outputs.get(control.key)
+        if report is None or report.plan is None:
+            raise ConfigError("FastAttn.calibrate: the pipeline call ran no denoising step, so no plan was made")
+        return report.plan
+
+
+# -- one pipeline call -------------------------------------------------------------------------------------------
+class _LayerState:
+    __slots__ = ("output", "residual")
+
+    def __init__(self, index: RowIndex) -> None:
+        self.output = BranchCache(index)  # step_share: module results (inference) or attention outputs (calibration)
+        self.residual = BranchCache(index)  # window_residual: R = full - window, (B, H, N, D) rows
+
+
+def _relative_l1(candidate: torch.Tensor, full: torch.Tensor) -> float:
+    total = full.float().abs().sum()
+    diff = (candidate.float() - full.float()).abs().sum()
+    if total == 0:
+        return 0.0 if diff == 0 else math.inf
+    return float(diff / total)
+
+
+class FastAttnBound(Bound):
+    def __init__(self, control: FastAttn, context: BindContext):
+        super().__init__(control, context.layers, (0.0, 1.0))
+        self.fast = control
+        self.adapter = context.adapter
+        self.steps_count = context.steps
+        self.resolution = image_size(context)
+        model, source, fingerprint = model_identity(context.adapter.denoiser)
+        self.identity = (model, source, fingerprint)
+        plan = control.plan
+        if plan is not None:
+            plan.check(steps=context.steps, resolution=self.resolution)
+            self.methods = {layer.name: list(plan.per_step(layer.name)) for layer in context.layers}
+        else:
+            self.methods = {layer.name: ["full"] * context.steps for layer in context.layers}
+        self.calibrating = plan is None and control.threshold > 0
+        self.decided: set[tuple[int, int]] = set()  # (layer index, step) decided by calibration
+        self.report = CacheReport("fastattn", steps=context.steps, plan=plan)
+        publish(context, control.key, self.report, "FastAttn")
+        self.accountant = Accountant(context.adapter, context.layers, self.report)
+        self.index = RowIndex()  # row positions as index tensors, per device (shared by the layers' caches)
+        self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
+        self.passes = PassCounter()
+
+    # -- per layer geometry ---------------------------------------------------------------------------------------
+    def window_for(self, layer: LayerInfo, geometry: Geometry) -> Window | None:
+        if layer.kind == "cross" or "window_residual" not in self.fast.techniques:
+            return None
+        joint = layer.text in ("first", "last")
+        size = self.fast.window_size
+        window = Window(
+            grid_hw=geometry.image_hw,
+            radius=size if isinstance(size, tuple) else None,
+            band=size if isinstance(size, int) else None,
+            text_len=geometry.text_len if joint else 0,
+            text_first=layer.text == "first",
+        )
+        return window
+
+    def needs_residual(self, layer: LayerInfo, step: int) -> bool:
+        for method in self.methods[layer.name][step + 1 :]:
+            if method in ("full", "cfg_share"):
+                return False
+            if method.startswith("window_residual"):
+                return True
+        return False
+
+    def needs_output(self, layer: LayerInfo, step: int) -> bool:
+        methods = self.methods[layer.name]
+        return step + 1 < len(methods) and methods[step + 1] == "step_share"
+
+    # -- edits ----------------------------------------------------------------------------------------------------
+    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+        self.accountant.see(frame, len(frame.rows))
+        step = frame.step.index
+        pass_index = self.passes(frame)
+        geometry = frame.geometry(layer)
+        window = self.window_for(layer, geometry)
+        method = self.methods[layer.name][step]
+        if self.calibrating:
+            undecided = (layer.index, step) not in self.decided
+            return Edit(hooks=(_FastAttnHook(self, layer, frame, method, window, pass_index, calibrate=undecided),))
+        if method == "full" and not self.needs_residual(layer, step) and not self.needs_output(layer, step):
+            one = self.accountant.full(layer, frame, 1)
+            self.report.record(step, layer.name, "full", len(frame.rows) * one, len(frame.rows) * one)
+            return None
+        hook = _FastAttnHook(self, layer, frame, method, window, pass_index, calibrate=False)
+        return Edit(window=window if method.startswith("window_residual") else None, hooks=(hook,))
+
+    def finish(self) -> None:
+        model, source, fingerprint = self.identity
+        if self.fast.plan is None:
+            self.report.plan = FastAttnPlan(
+                model=model, fingerprint=fingerprint, steps=self.steps_count, resolution=self.resolution,
+                window=self.fast.window_size, threshold=self.fast.threshold, source=source,
+                methods=tuple((layer.name, tuple(self.methods[layer.name])) for layer in self.layers),
+            )
+        for state in self.states.values():
+            state.output.clear()
+            state.residual.clear()
+        self.index.clear()
+        self.accountant._frame = None
+
+
+def _share_index(layout) -> tuple[list[int], list[int]] | None:
+    """For CFG sharing: (rows to compute, for every row the position of its source among them), or None."""
+    uncond = layout.indices("uncond", None)
+    if not uncond:
+        return None
+    cond = {layout.rows[i].prompt: i for i in layout.indices("cond", None)}
+    if any(layout.rows[i].prompt not in cond for i in uncond):
+        return None
+    skipped = set(uncond)
+    computed = [i for i in range(len(layout)) if i not in skipped]
+    position = {row: k for k, row in enumerate(computed)}
+    source = [position[cond[layout.rows[i].prompt]] if i in skipped else position[i] for i in range(len(layout))]
+    return computed, source
+
+
+class _FastAttnHook(LayerHook):
+    """Carries out one layer's method in one denoiser call (and, while calibrating, chooses it first)."""
+
+    slot: ClassVar[str | None] = "cache"
+
+    def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: Frame, method: str, window: Window | None,
+                 pass_index: Any, calibrate: bool):
+        self.bound, self.layer, self.method, self.window = bound, layer, method, window
+        self.pass_index, self.calibrate = pass_index, calibrate
+        self.state = bound.states[layer.index]
+        self.step = frame.step.index
+        self.keys = row_keys(frame.rows, pass_index)
+        self.rows = len(frame.rows)
+        self.one = bound.accountant.full(layer, frame, 1)
+        width = bound.accountant.width(layer)
+        self.window_one = 4.0 * window_pairs(window) * width if window is not None else self.one
+        self.stored_miss = False
+
+    def _record(self, ran: str, flops: float, hit: bool = False) -> None:
+        self.bound.report.record(self.step, self.layer.name, ran, flops, self.rows * self.one, hit)
+
+    def _cost(self, method: str, computed: int, residual: bool) -> float:
+        if method == "step_share":
+            return 0.0
+        if method.startswith("window_residual"):
+            return computed * self.window_one
+        return computed * (self.one + (self.window_one if residual else 0.0))
+
+    # -- step sharing at the module level (inference) -------------------------------------------------------------
+    def reuse(self, call: LayerCall, hidden: Any, context: Any) -> Any | None:
+        if self.calibrate or self.bound.calibrating or self.method != "step_share":
+            return None
+        value = self.state.output.load(call.rows, self.keys)
+        if value is not None:
+            self._record("step_share", 0.0, hit=True)
+        return value
+
+    def result(self, call: LayerCall, result: Any) -> Any:
+        if not self.bound.calibrating and (self.method == "step_share" or self.bound.needs_output(self.layer, self.step)):
+            self.state.output.store(call.rows, result, self.keys)  # a step_share miss stores too, for the next hit
+        return result
+
+    # -- the attention op -----------------------------------------------------------------------------------------
+    def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+        if token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention): computed as asked
+            return compute(q, k, v, spec)
+        # The rows here may be fewer than the layer call's (an outer hook ran the rest of the chain on some rows,
+        # e.g. PAG on the rows it does not perturb): the attention caches are keyed by the rows seen here.
+        layer_rows, layer_keys = self.rows, self.keys
+        if q.shape[0] != self.rows:
+            self.rows, self.keys = len(call.rows), row_keys(call.rows, self.pass_index)
+        try:
+            if self.calibrate:
+                return self._calibrate(call, q, k, v, spec, compute)
+            out, lse = self._apply(call, q, k, v, spec, compute)
+            if self.bound.calibrating:  # later frames of a calibrated step: step sharing works on attention outputs
+                self.state.output.store(call.rows, out, self.keys)
+            return out, lse
+        finally:
+            self.rows, self.keys = layer_rows, layer_keys
+
+    def _some_rows(self, call: LayerCall, computed: list[int], compute, q, k, v, spec: AttentionSpec):
+        """`compute` on the rows `computed` only (the hooks inside see those rows)."""
+        if len(computed) == self.rows:
+            return compute(q, k, v, spec)
+        with restricted_rows(call, computed):
+            return compute(q, k, v, spec)
+
+    def _apply(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+        method = self.method
+        if method == "step_share":
+            previous = self.state.output.load(call.rows, self.keys) if self.bound.calibrating else None
+            if previous is not None:
+                self._record("step_share", 0.0, hit=True)
+                return previous, None
+            self._record("miss", self.rows * self.one)  # (with a plan: the module-level reuse missed)
+            return compute(q, k, v, dataclasses.replace(spec, window=None))
+        share = _share_index(call.rows) if method.endswith("cfg_share") else None
+        computed, source = share if share is not None else (list(range(self.rows)), None)
+        if share is not None:
+            sub = self.bound.index(computed, q.device)
+            q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
+            spec = spec_rows(spec, sub, self.rows)
+        label = method if share is not None else method.replace("+cfg_share", "").replace("cfg_share", "full")
+        if method.startswith("window_residual"):
+            residual = self.state.residual.load(call.rows, self.keys)
+            if residual is None:
+                out, _ = self._some_rows(call, computed, compute, q, k, v, dataclasses.replace(spec, window=None))
+                self._record("miss", len(computed) * self.one)
+                return self._finish(out, source), None
+            if share is not None:
+                residual = take_rows(residual, computed, self.bound.index)
+            window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
+            out, _ = self._some_rows(call, computed, compute, q, k, v, window_spec)
+            out = out + residual.to(out.dtype)
+            self._record(label, self._cost(method, len(computed), False))
+            return self._finish(out, source), None
+        keep = self.bound.needs_residual(self.layer, self.step) or (self.bound.calibrating and self.window_one < self.one)
+        full, lse = self._some_rows(call, computed, compute, q, k, v, spec)
+        if keep and self.window is not None:
+            window, _ = self._some_rows(call, computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
+            self.state.residual.store(call.rows, self._finish(full - window, source), self.keys)
+        # while calibrating, the report shows what the chosen method costs with a plan, not calibration's own work
+        self._record(label, self._cost(method, len(computed), keep and self.window is not None and not self.bound.calibrating))
+        return self._finish(full, source), (lse if share is None else None)
+
+    def _finish(self, out: torch.Tensor, source: list[int] | None) -> torch.Tensor:
+        """Spread the computed rows to every row (uncond rows take their prompt's cond row)."""
+        if source is None:
+            return out
+        return out.index_select(0, self.bound.index(source, out.device))
+
+    # -- calibration ----------------------------------------------------------------------------------------------
+    def _calibrate(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+        bound, state, techniques = self.bound, self.state, self.bound.fast.techniques
+        full, lse = compute(q, k, v, spec)
+        window_out = None
+        # a window that lets every pair through would save nothing: not a candidate then
+        if self.window is not None and self.window_one < self.one:
+            window_out, _ = compute(q, k, v, dataclasses.replace(spec, window=self.window))
+        residual = state.residual.load(call.rows, self.keys)
+        previous = state.output.load(call.rows, self.keys)
+        share = _share_index(call.rows) if "cfg_share" in techniques else None
+        fraction = len(share[0]) / self.rows if share is not None else 1.0
+        window_fraction = self.window_one / self.one if self.one else 1.0
+
+        def spread(out: torch.Tensor) -> torch.Tensor:  # every row takes its source row, among all rows here
+            computed, source = share
+            return out.index_select(0, bound.index([computed[s] for s in source], out.device))
+
+        options: list[tuple[float, int, str, Any]] = []
+        if "step_share" in techniques and previous is not None:
+            options.append((0.0, 0, "step_share", lambda: previous))
+        if window_out is not None and residual is not None:
+            if share is not None:
+                options.append((window_fraction * fraction, 1, "window_residual+cfg_share", lambda: spread(window_out + residual.to(full.dtype))))
+            options.append((window_fraction, 2, "window_residual", lambda: window_out + residual.to(full.dtype)))
+        if share is not None:
+            options.append((fraction, 3, "cfg_share", lambda: spread(full)))
+        chosen, out = "full", full
+        for _, _, name, make in sorted(options, key=lambda option: (option[0], option[1])):
+            candidate = make()
+            if _relative_l1(candidate, full) < bound.fast.threshold:
+                chosen, out = name, candidate
+                break
+        bound.methods[self.layer.name][self.step] = chosen
+        bound.decided.add((self.layer.index, self.step))
+        if chosen in ("full", "cfg_share") and window_out is not None:
+            fresh = full - window_out
+            state.residual.store(call.rows, spread(fresh) if chosen == "cfg_share" else fresh, self.keys)
+        state.output.store(call.rows, out, self.keys)
+        computed = self.rows if share is None or "cfg_share" not in chosen else len(share[0])
+        self._record(chosen, self._cost(chosen, computed, False), hit=chosen == "step_share")
+        return out, (lse if chosen == "full" else None)

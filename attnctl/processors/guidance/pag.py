@@ -1,0 +1,231 @@
+"""Perturbed-Attention Guidance (Ahn et al. 2024, "Self-Rectifying Diffusion Sampling with Perturbed-Attention
+Guidance", arXiv:2403.17377).
+
+The perturbed rows (copies of the cond rows) replace the self-attention map of the selected layers by the
+identity, `out = V`. In joint attention (SD3, Flux) the image x image block is masked to its diagonal, as
+diffusers' `PAGCFGJointAttnProcessor2_0` does: an image query attends to itself and to every text key,
+text queries see everything. That is computed here in O(N (1 + T)) per head (a token's own logit beside its
+T text logits), never with an N x N mask. qk-norm and RoPE are applied by the family processor before
+this point, as in the stock processor (diffusers' PAG processors skip qk-norm).
+
+Only what is needed is computed: the perturbed rows never go through full attention. In self-attention they
+are `V` (times a value scale); in joint attention their image queries take the O(N (1 + T)) path and their
+text queries one attention op over all keys; the other rows go through the rest of the layer's hook chain
+(other controls' hooks see only those rows).
+
+The guidance term `scale (cond - perturbed)` is added to every combined row; with `adaptive_scale > 0`
+the scale is diffusers' `max(scale - adaptive_scale (1000 - t), 0)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ...control import Frame
+from ...errors import ConfigError, UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.reference import entmax
+from ...kernels.spec import AttentionSpec
+from ...selection import LayerSpec, validate_layers
+from ...steps import validate_steps
+from ...validation import number, set_field
+from ..common import RowIndex, TokenLayout, backend_op, restricted_rows, spec_queries, spec_rows, token_layout
+from ..edit import Edit, LayerCall, LayerHook
+from .common import PerturbingBound, PerturbingControl, bias_block, bias_pairs, query_rows, timestep_1000
+
+
+@dataclass(frozen=True)
+class PAG(PerturbingControl, type_name="pag"):
+    """Perturbed-attention guidance (Ahn et al. 2024).
+
+    scale: guidance scale of `cond - perturbed` (0: off, no rows are added). layers: self- / joint attention
+    layers to perturb (default: every self-attention of the mid block on SD / SDXL, `transformer_blocks.1`
+    on SD3 / PixArt, the middle double block on Flux). steps: the step window. adaptive_scale: diffusers'
+    `pag_adaptive_scale` (the scale decays as `scale - adaptive_scale (1000 - t)`, clamped at 0).
+    separate: run the perturbed rows as their own forward (less memory) instead of batching them.
+    """
+
+    scale: float = 3.0
+    layers: LayerSpec = None
+    steps: tuple[float, float] = (0.0, 1.0)
+    adaptive_scale: float = 0.0
+    separate: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_scale()
+        set_field(self, "adaptive_scale", number(self.adaptive_scale, "PAG.adaptive_scale", minimum=0))
+        set_field(self, "layers", validate_layers(self.layers, name="PAG.layers"))
+        set_field(self, "steps", validate_steps(self.steps, name="PAG.steps"))
+
+    def bind(self, context) -> _PAGBound:
+        return _PAGBound(self, context.layers, context.adapter.family)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"perturb": the perturbed rows' attention is replaced (none while scale is 0)."""
+        return ("perturb",) if self.scale > 0 else ()
+
+
+class _PAGBound(PerturbingBound):
+    def __init__(self, control: PAG, layers, family: str):
+        super().__init__(control, layers, family)
+        self._edit = Edit(hooks=(IdentityAttention(self.tag, self.index),))
+
+    def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: Frame) -> torch.Tensor:
+        control = self.control
+        if control.adaptive_scale == 0:
+            return control.scale * (cond - perturbed)
+        t = timestep_1000(frame, self.family).to(cond.device)
+        scale = (control.scale - control.adaptive_scale * (1000.0 - t)).clamp(min=0.0)
+        return scale.to(cond.dtype) * (cond - perturbed)
+
+    def edit(self, layer, frame: Frame) -> Edit | None:
+        return self._edit if self.rows(frame) else None
+
+
+class IdentityAttention(LayerHook):
+    """The rows tagged `tag` get identity attention (self-attention) or the diagonal-masked image block (joint)."""
+
+    def __init__(self, tag: str, index: RowIndex | None = None):
+        self.tag = tag
+        self.index = index if index is not None else RowIndex()
+
+    def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+        tagged = call.rows.indices("cond", self.tag)
+        if not tagged:
+            return compute(q, k, v, spec)
+        batch = q.shape[0]
+        joint = call.layer.text in ("first", "last")
+        if not joint and (call.layer.text != "none" or q.shape[2] != k.shape[2]):
+            raise ConfigError(f"PAG: layer {call.layer.name} is not self-attention; PAG perturbs self- and joint attention")
+        layout = token_layout(call)
+        if joint and (q.shape[2] != layout.nq or k.shape[2] != layout.nk):
+            raise UnsupportedError(
+                f"attnctl: PAG at {call.layer.name} expected {layout.nq} joint tokens, got {q.shape[2]}: another control "
+                "on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
+            )
+        index = self.index(tagged, q.device)
+        sub = spec_rows(spec, index, batch)
+        qt, kt, vt = (t.index_select(0, index) for t in (q, k, v))
+        if joint:
+            own, own_lse = _joint_rows(call, layout, qt, kt, vt, sub)
+        else:
+            own, own_lse = self_identity(qt, kt, vt, sub)
+        if len(tagged) == batch:  # a separate forward of perturbed rows only
+            return own.to(q.dtype), own_lse if spec.return_lse else None
+        chosen = set(tagged)
+        rest = tuple(i for i in range(batch) if i not in chosen)
+        kept = self.index(rest, q.device)
+        with restricted_rows(call, rest):
+            out, lse = compute(q.index_select(0, kept), k.index_select(0, kept), v.index_select(0, kept), spec_rows(spec, kept, batch))
+        full = out.new_empty((batch,) + tuple(out.shape[1:]))
+        full.index_copy_(0, kept, out)
+        full.index_copy_(0, index, own.to(out.dtype))
+        if lse is None or own_lse is None:
+            return full, None
+        full_lse = lse.new_empty((batch,) + tuple(lse.shape[1:]))
+        full_lse.index_copy_(0, kept, lse)
+        full_lse.index_copy_(0, index, own_lse.to(lse.dtype))
+        return full, full_lse
+
+
+def _joint_rows(call: LayerCall, layout: TokenLayout, q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The perturbed rows of a joint layer: image queries by `joint_identity`, text queries (if any) by the layer's
+    attention op over every key (a window never restricts text queries, so it is left out there)."""
+    image_out, image_lse = joint_identity(q, k, v, spec, layout.image_q, layout.image_k, layout.text_k)
+    if layout.text_q is None:
+        return image_out.to(q.dtype), image_lse
+    text = layout.text_q
+    text_spec = spec_queries(dataclasses.replace(spec, window=None), text.start, text.stop)
+    text_out, text_lse = backend_op(call, q[:, :, text], k, v, text_spec)
+    first_text = text.start < layout.image_q.start
+    parts = (text_out, image_out) if first_text else (image_out, text_out)
+    out = torch.cat([p.to(q.dtype) for p in parts], dim=2)
+    if text_lse is None:
+        return out, None
+    lse_parts = (text_lse, image_lse) if first_text else (image_lse, text_lse)
+    return out, torch.cat([p.float() for p in lse_parts], dim=2)
+
+
+def self_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity attention: each query attends only to its own key, so `out = V` (times a value scale on the
+    rows it applies to). Also returns the log-sum-exp (the own logit). Layout (B, H, N, D)."""
+    n = q.shape[2]
+    positions = slice(0, n)
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    logit = (q.float() * k.float()).sum(-1, keepdim=True) * scale
+    bias = bias_pairs(spec, positions, positions)
+    if bias is not None:
+        logit = logit + bias
+    out = v.float()
+    if spec.value_scale is not None:
+        weights = _value_scale(spec.value_scale)[..., :n, None]  # (B, H|1, N, 1)
+        rows = query_rows(spec, positions, q.device)
+        scaled = out * weights
+        out = scaled if rows is None else out * (1 - rows[:, None]) + scaled * rows[:, None]
+    return out, logit[..., 0]
+
+
+def joint_identity(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, image: slice,
+    image_keys: slice | None = None, text_keys: slice | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAG in joint attention for the image queries `image` (a contiguous span of the queries).
+
+    Image query i attends to its own key (position i of `image_keys`, default the same span as the queries) and
+    to every text key (`text_keys`, default the keys outside `image`): softmax over 1 + T logits, no N x N
+    tensor. Honours the model's mask, per-key bias and value scale (on the rows of `query_range`), label
+    masks and PLADIS's sparse transform of the same logits. Returns (out (B, H, N, D), lse (B, H, N)),
+    computed in float32.
+    """
+    total = k.shape[2]
+    image_keys = image if image_keys is None else image_keys
+    if text_keys is None:
+        if image_keys.start == 0:
+            text_keys = slice(image_keys.stop, total)
+        elif image_keys.stop == total:
+            text_keys = slice(0, image_keys.start)
+        else:
+            raise ConfigError(f"PAG: image keys {image_keys.start}..{image_keys.stop} of {total} are neither first nor last")
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    qi = q[:, :, image].float()
+    ki, vi = k[:, :, image_keys].float(), v[:, :, image_keys].float()
+    kt, vt = k[:, :, text_keys].float(), v[:, :, text_keys].float()
+    own = (qi * ki).sum(-1, keepdim=True) * scale  # (B, H, N, 1)
+    cross = qi @ kt.transpose(-1, -2) * scale  # (B, H, N, T)
+    own_bias, cross_bias = bias_pairs(spec, image, image_keys), bias_block(spec, image, text_keys)
+    if own_bias is not None:
+        own = own + own_bias
+    if cross_bias is not None:
+        cross = cross + cross_bias
+    logits = torch.cat([own, cross], dim=-1)
+    dead = torch.isneginf(logits).all(-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+    rows = query_rows(spec, image, q.device)
+    rows = None if rows is None else rows[:, None]  # (N, 1)
+
+    def combine(p: torch.Tensor, scaled: bool) -> torch.Tensor:
+        self_v, text_v = vi, vt
+        if scaled and spec.value_scale is not None:
+            weights = _value_scale(spec.value_scale)
+            self_v = vi * weights[..., image_keys, None]
+            text_v = vt * weights[..., text_keys, None]
+        return p[..., :1] * self_v + p[..., 1:] @ text_v
+
+    def on_rows(edited: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        return edited if rows is None else plain * (1 - rows) + edited * rows
+
+    out = combine(probs, False)
+    if spec.value_scale is not None:
+        out = on_rows(combine(probs, True), out)
+    if spec.sparse is not None:
+        sparse = entmax(logits, spec.sparse.alpha).masked_fill(dead, 0.0)
+        out = on_rows(out + spec.sparse.scale * (combine(sparse, True) - out), out)
+    return out, torch.logsumexp(logits, dim=-1)
+
+
+def _value_scale(value_scale: torch.Tensor) -> torch.Tensor:
+    """(B, Nk) or (B, H, Nk) -> (B, H|1, Nk) float."""
+    return (value_scale[:, None] if value_scale.ndim == 2 else value_scale).float()

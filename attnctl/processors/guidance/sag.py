@@ -1,0 +1,329 @@
+"""Self-Attention Guidance (Hong et al. 2023, "Improving Sample Quality of Diffusion Models Using
+Self-Attention Guidance", ICCV 2023, arXiv:2210.00939), as diffusers' `StableDiffusionSAGPipeline` does it.
+
+In the first forward the self-attention map of one layer is captured for the rows SAG degrades (the uncond
+rows with CFG, the cond rows without it, as the SAG pipeline). The mask is the head-averaged attention each
+image token *receives* (summed over the image queries) above 1, upsampled to the latent (nearest). The
+predicted x0 of those rows is blurred inside the mask (Gaussian, kernel 9, sigma 1, reflect padding),
+re-noised with their own predicted noise to the current level, and the denoiser runs a second time on it
+with the same rows' conditioning. `scale (pred - degraded)` is added after CFG, to every combined row.
+
+x0 comes from epsilon, v and sample predictions (alphas_cumprod at the timestep, or a scheduler's sigma)
+and from flow-matching velocity. Everything is computed in the space of the denoiser's input: for
+Euler-type schedulers that input is `x / sqrt(sigma^2 + 1)` (`scale_model_input`), i.e. variance preserving
+with `alpha_bar = 1 / (1 + sigma^2)`, so the scaling is undone and re-applied implicitly and exactly.
+
+Layers: UNet `mid_block.attentions.0.transformer_blocks.0.attn1` (as the SAG pipeline); for DiTs,
+which SAG predates, the layer PAG perturbs by default (SD3 `transformer_blocks.1.attn`, PixArt
+`transformer_blocks.1.attn1`, Flux the middle double block). In joint attention the map is the image x
+image block of the softmax, renormalised per image query over the image keys (so that "received > 1" still
+means "above the average key"; the text keys' share would otherwise empty the mask). With separate cond /
+uncond calls (Flux true CFG) the uncond prediction is not available during the cond call, so the cond rows
+are degraded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...control import Bound, Control, Frame
+from ...errors import CallLayoutError, SelectionError, UnsupportedError
+from ...families.base import Canvas, LayerInfo, ModelAdapter
+from ...pipelines.rows import RowLayout, RowPlan, SecondPass
+from ...selection import select_layers
+from ...steps import validate_steps
+from ...validation import number, set_field
+from ..common import RowIndex, keep_kinds, spec_rows, token_layout
+from ..edit import Edit, LayerCall, LayerHook
+from .common import PERTURBABLE_KINDS, bias_block, default_perturbed_layers, new_tag
+
+MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
+BLUR_KERNEL = 9
+BLUR_SIGMA = 1.0
+QUERY_CHUNK = 1024  # query rows per chunk when measuring received attention (bounded memory)
+
+
+@dataclass(frozen=True)
+class SAG(Control, type_name="sag"):
+    """Self-attention guidance (Hong et al. 2023).
+
+    scale: `s_sag` (0: off; 0.75 as the SAG pipeline). layer: the one self- / joint attention layer whose map
+    drives the mask (default: see the module docstring). steps: the step window.
+    """
+
+    scale: float = 0.75
+    layer: str | None = None
+    steps: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        set_field(self, "scale", number(self.scale, "SAG.scale", minimum=0))
+        if self.layer is not None and (not isinstance(self.layer, str) or not self.layer.strip()):
+            raise SelectionError(f"SAG.layer must be None or one layer selector such as 'mid_block.attentions.0.transformer_blocks.0.attn1', got {self.layer!r}")
+        set_field(self, "steps", validate_steps(self.steps, name="SAG.steps"))
+
+    def default_layers(self, adapter: ModelAdapter) -> str:
+        """The first self- / joint attention layer of PAG's default layers: UNet
+        `mid_block.attentions.0.transformer_blocks.0.attn1` (the SAG pipeline's), SD3 `transformer_blocks.1.attn`,
+        PixArt `transformer_blocks.1.attn1`, Flux the middle double block's `attn`."""
+        layers = select_layers(adapter.layers, None, default=default_perturbed_layers(adapter, "SAG"), owner="SAG")
+        return next(layer.name for layer in layers if layer.kind in PERTURBABLE_KINDS)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        selection = self.layer or self.default_layers(adapter)
+        layers = select_layers(adapter.layers, selection, default=None, owner="SAG")
+        layers = keep_kinds(layers, PERTURBABLE_KINDS, "SAG", "self- or joint attention", selection)
+        if len(layers) != 1:
+            raise SelectionError(f"SAG: layer {selection!r} matches {len(layers)} self-attention layers; it needs exactly one: {[l.name for l in layers]}")
+        return layers
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        self.select(adapter)
+
+    def bind(self, context) -> _SAGBound:
+        return _SAGBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"capture" on the layer whose self-attention map it reads (none while scale is 0)."""
+        return ("capture",) if self.scale > 0 else ()
+
+
+class _SAGBound(Bound):
+    def __init__(self, control: SAG, context):
+        super().__init__(control, context.layers, control.steps)
+        self.tag = new_tag("sag")
+        self.family = context.adapter.family
+        self.scheduler = getattr(context.pipeline, "scheduler", None)
+        self.hook = CaptureReceived(self)
+        self.index = RowIndex()
+        self.received: torch.Tensor | None = None
+        self.received_frame: int | None = None
+        self.hw: tuple[int, int] | None = None
+
+    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+        if self.control.scale == 0 or frame.extra_pass is not None or not frame.rows.indices("cond", None):
+            return None
+        return Edit(hooks=(self.hook,))
+
+    def row_plan(self, frame: Frame) -> RowPlan | None:
+        if self.control.scale == 0:
+            return None
+        return RowPlan(second=(SecondPass(self.tag, self.term),))
+
+    def term(self, first) -> torch.Tensor:
+        frame = first.frame
+        rows = frame.rows
+        source = degraded_rows(rows)
+        if self.received is None or self.received_frame != frame.number:
+            raise CallLayoutError(f"SAG: layer {self.layers[0].name} did not run in this denoiser call; no attention map")
+        received, self.received = self.received, None
+        sample = first.inputs[first.main_input]
+        sample = sample.index_select(0, self.index(source, sample.device))
+        prediction = first.prediction.index_select(0, self.index(source, first.prediction.device))
+        degraded = degrade(
+            sample, prediction, received, self.hw, frame.canvas, self.family, self.scheduler, (frame.inputs or {}).get("timestep")
+        )
+        inputs = first.select(source)
+        inputs[first.main_input] = degraded.to(sample.dtype)
+        again = first.forward(inputs, RowLayout(tuple(rows.rows[i] for i in source)), self.tag)
+        term = self.control.scale * (prediction - again)
+        return match_cond_rows(term, rows, source, self.index)
+
+    def finish(self) -> None:
+        self.received = None
+        self.index.clear()
+
+
+def degraded_rows(rows: RowLayout) -> tuple[int, ...]:
+    """The rows SAG degrades: the uncond rows with CFG, else the (untagged) cond rows."""
+    return rows.indices("uncond", None) or rows.indices("cond", None)
+
+
+def match_cond_rows(term: torch.Tensor, rows: RowLayout, source: tuple[int, ...], index: RowIndex | None = None) -> torch.Tensor:
+    """`term` (one per row of `source`) re-ordered to the untagged cond rows, matched by prompt row."""
+    where = {rows.rows[i].prompt: n for n, i in enumerate(source)}
+    order = [where[rows.rows[i].prompt] for i in rows.indices("cond", None)]
+    if order == list(range(term.shape[0])):
+        return term
+    return term.index_select(0, (index or RowIndex())(order, term.device))
+
+
+class CaptureReceived(LayerHook):
+    """Measures, for the rows SAG degrades, the head-averaged attention each image token receives."""
+
+    def __init__(self, bound: _SAGBound):
+        self.bound = bound
+
+    def attend(self, call: LayerCall, q, k, v, spec, compute):
+        out, lse = compute(q, k, v, spec)
+        if token_layout(call).sub:  # a sub-attention an outer hook runs: not the layer's map
+            return out, lse
+        source = degraded_rows(call.rows)
+        index = self.bound.index(source, q.device)
+        image = call.geometry.image_slice if call.layer.text in ("first", "last") else slice(0, q.shape[2])
+        if image.stop > q.shape[2] or (call.layer.text == "none" and q.shape[2] != call.geometry.image_len):
+            raise UnsupportedError(
+                f"attnctl: SAG at {call.layer.name} got {q.shape[2]} tokens for its {call.geometry.image_hw[0]}x"
+                f"{call.geometry.image_hw[1]} grid: another control on this layer changed the tokens (token reduction); "
+                "give SAG another layer"
+            )
+        self.bound.received = received_attention(
+            q.index_select(0, index), k.index_select(0, index), spec_rows(spec, index, q.shape[0]), image
+        )
+        self.bound.received_frame = call.frame.number
+        self.bound.hw = call.geometry.image_hw
+        return out, lse
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> torch.Tensor:
+    """`mean_heads(A)[image queries, image keys].sum(queries)`: (B, N) in float32, A the softmax of the call's
+    logits (with the spec's additive terms), computed over query chunks (no B x H x N x N tensor).
+
+    In joint attention each image query's row of the image x image block is renormalised to sum to 1, so
+    the threshold 1 keeps SAG's meaning (a key receives more than the average key does); without that the
+    text keys' share would leave the mask empty."""
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    keys = slice(0, k.shape[2])
+    kf = k.float()
+    total = torch.zeros(q.shape[0], q.shape[1], image.stop - image.start, device=q.device)
+    for start in range(image.start, image.stop, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, image.stop)
+        logits = q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale
+        bias = bias_block(spec, slice(start, stop), keys)
+        if bias is not None:
+            logits = logits + bias
+        dead = torch.isneginf(logits).all(-1, keepdim=True)
+        probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+        block = probs[..., image]
+        if image.stop - image.start < k.shape[2]:  # joint attention: renormalise over the image keys
+            block = block / block.sum(-1, keepdim=True).clamp(min=torch.finfo(block.dtype).tiny)
+        total += block.sum(dim=2)
+    return total.mean(dim=1)
+
+
+# -- the degraded input --------------------------------------------------------------------------------------
+
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """The SAG pipeline's `gaussian_blur_2d` (reflect padding; replicate on an axis too small to reflect)."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (pdf / pdf.sum()).to(device=images.device, dtype=torch.float32)
+    kernel2d = torch.outer(kernel, kernel).expand(images.shape[-3], 1, kernel_size, kernel_size)
+    pad = kernel_size // 2
+    height, width = images.shape[-2:]
+    out = F.pad(images.float(), (pad, pad, 0, 0), mode="reflect" if pad < width else "replicate")
+    out = F.pad(out, (0, 0, pad, pad), mode="reflect" if pad < height else "replicate")
+    return F.conv2d(out, kernel2d, groups=images.shape[-3])
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """Where the denoiser's input sits: `vp` (input = sqrt(a) x0 + sqrt(1 - a) eps) or `flow` (input =
+    (1 - sigma) x0 + sigma eps, output = eps - x0), and what the model predicts."""
+
+    kind: str  # "vp" | "flow"
+    value: torch.Tensor  # alpha_bar (vp) or sigma (flow), 0-d float64
+    prediction: str  # "epsilon" | "v_prediction" | "sample" | "flow"
+
+    def split(self, sample: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from the denoiser's input and output (float32)."""
+        s, m = sample.float(), output.float()
+        if self.kind == "flow":
+            sigma = self.value.float()
+            return s - sigma * m, s + (1 - sigma) * m
+        a = self.value.float()
+        root_a, root_b = a.sqrt(), (1 - a).sqrt()
+        if self.prediction == "epsilon":
+            return (s - root_b * m) / root_a, m
+        if self.prediction == "v_prediction":
+            return root_a * s - root_b * m, root_b * s + root_a * m
+        if self.prediction == "sample":
+            return m, (s - root_a * m) / root_b
+        raise UnsupportedError(f"SAG: prediction type {self.prediction!r} is not supported (epsilon, v_prediction, sample, flow)")
+
+    def noise(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The denoiser input at this level for `x0` and `eps` (the inverse of `split`)."""
+        if self.kind == "flow":
+            sigma = self.value.float()
+            return (1 - sigma) * x0 + sigma * eps
+        a = self.value.float()
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def noise_level(scheduler: Any, timestep: Any) -> NoiseLevel:
+    """The noise level of the denoiser call in progress, from the pipeline's scheduler (see the module
+    docstring): flow-matching sigma; a VP scheduler's sigma (Euler, Heun, DPM-Solver, UniPC: the input is VP
+    with alpha_bar = 1 / (1 + sigma^2)); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
+    if scheduler is None:
+        raise UnsupportedError("SAG needs the pipeline's scheduler (pipe.scheduler) to know the noise level")
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", {})
+    prediction = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
+    if "EDM" in name:
+        raise UnsupportedError(f"SAG: {name} preconditions the model (EDM); not supported")
+    use_flow_sigmas = config.get("use_flow_sigmas", False) if hasattr(config, "get") else False
+    flow = "FlowMatch" in name or prediction == "flow_prediction" or bool(use_flow_sigmas)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and hasattr(scheduler, "step_index"):
+        index = scheduler.step_index
+        if index is None:  # before the first scheduler.step: the first sigma of the steps run
+            index = getattr(scheduler, "begin_index", None) or 0
+        sigma = torch.as_tensor(sigmas[index]).double()
+        if flow:
+            return NoiseLevel("flow", sigma, "flow")
+        return NoiseLevel("vp", 1.0 / (1.0 + sigma**2), prediction)
+    if flow:
+        raise UnsupportedError(f"SAG: flow-matching scheduler {name} has no sigmas")
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or timestep is None:
+        raise UnsupportedError(f"SAG: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
+    t = torch.as_tensor(timestep).flatten()[0]
+    return NoiseLevel("vp", torch.as_tensor(alphas)[t.long().cpu()].double(), prediction)
+
+
+def to_image(tokens: torch.Tensor, canvas: Canvas, family: str) -> torch.Tensor:
+    """The denoiser's latent input as (B, C, H, W): Flux packs 2 x 2 latent patches into tokens."""
+    if family != "flux":
+        return tokens
+    batch, n, channels = tokens.shape
+    rows, cols = canvas.token_hw
+    if rows * cols != n:
+        raise CallLayoutError(f"SAG: {n} Flux tokens for a {rows}x{cols} grid")
+    latent = tokens.view(batch, rows, cols, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latent.reshape(batch, channels // 4, rows * 2, cols * 2)
+
+
+def from_image(images: torch.Tensor, family: str) -> torch.Tensor:
+    if family != "flux":
+        return images
+    batch, channels, height, width = images.shape
+    packed = images.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def degrade(
+    sample: torch.Tensor,
+    prediction: torch.Tensor,
+    received: torch.Tensor,
+    grid_hw: tuple[int, int],
+    canvas: Canvas,
+    family: str,
+    scheduler: Any,
+    timestep: Any,
+) -> torch.Tensor:
+    """SAG's degraded denoiser input for `sample` (the rows' input) and `prediction` (their output)."""
+    level = noise_level(scheduler, timestep)
+    image = to_image(sample, canvas, family)
+    output = to_image(prediction, canvas, family)[:, : image.shape[1]]  # learned-sigma models: the first half
+    x0, eps = level.split(image, output)
+    height, width = grid_hw
+    mask = (received > MASK_THRESHOLD).float().reshape(-1, 1, height, width)
+    mask = F.interpolate(mask, size=image.shape[-2:])  # nearest, as the SAG pipeline
+    blurred = gaussian_blur(x0)
+    mixed = blurred * mask + x0 * (1 - mask)
+    return from_image(level.noise(mixed, eps), family)

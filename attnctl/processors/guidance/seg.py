@@ -1,0 +1,140 @@
+"""Smoothed Energy Guidance (Hong 2024, "Smoothed Energy Guidance: Guiding Diffusion Models with Reduced
+Energy Curvature of Attention", NeurIPS 2024, arXiv:2408.00760).
+
+The perturbed rows blur the queries of the selected self-attention layers with a 2-D Gaussian of std sigma
+over the image-token grid, which smooths the attention energy landscape. The blur acts on the output of the
+query projection, before qk-norm and RoPE (where diffusers' SEG hook sits), on image tokens only (text
+tokens of joint attention are untouched), and only on the perturbed rows.
+
+Kernel size as DESIGN §3: `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` when that is odd, as the authors'
+SEG-SDXL code), clamped to the grid: at most the largest odd size that fits the grid's longer side L (L when
+odd, L - 1 when even; the grid is never assumed square). The authors' `L - (L % 2 - 1)` gives L + 1 for an even
+L, one tap wider than the grid: not reproduced. One isotropic kernel for both axes; reflect padding, replicate
+padding on an axis (the shorter one) the pad would exceed. `sigma >= 9999` means infinite: every image query
+becomes the mean image query. (diffusers 0.42's `_gaussian_blur_2d` inverts its two branches and assumes a
+square, image-only sequence; not reproduced.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ...control import Frame
+from ...errors import UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
+from ...selection import LayerSpec, validate_layers
+from ...steps import validate_steps
+from ...validation import number, set_field
+from ..common import RowIndex
+from ..edit import Edit, LayerCall, LayerHook
+from .common import PerturbingBound, PerturbingControl
+
+INFINITE_SIGMA = 9999.0
+
+
+@dataclass(frozen=True)
+class SEG(PerturbingControl, type_name="seg"):
+    """Smoothed energy guidance (Hong 2024).
+
+    scale: guidance scale of `cond - perturbed` (0: off). sigma: std of the Gaussian blur of the queries,
+    in image tokens (>= 9999 or inf: the mean query). layers / steps / separate as PAG (same default layers).
+    Defaults as the authors' SEG-SDXL code: scale 3.0, sigma 100.
+    """
+
+    scale: float = 3.0
+    sigma: float = 100.0
+    layers: LayerSpec = None
+    steps: tuple[float, float] = (0.0, 1.0)
+    separate: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_scale()
+        if isinstance(self.sigma, str) and self.sigma.strip().lower() in ("inf", "infinity"):  # from to_dict()
+            set_field(self, "sigma", math.inf)
+        set_field(self, "sigma", number(self.sigma, "SEG.sigma", minimum=0, exclusive_minimum=True, allow_inf=True))
+        set_field(self, "layers", validate_layers(self.layers, name="SEG.layers"))
+        set_field(self, "steps", validate_steps(self.steps, name="SEG.steps"))
+
+    def bind(self, context) -> _SEGBound:
+        return _SEGBound(self, context.layers, context.adapter.family)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"query": the perturbed rows' image queries are blurred over the grid (none while scale is 0)."""
+        return ("query",) if self.scale > 0 else ()
+
+
+class _SEGBound(PerturbingBound):
+    def __init__(self, control: SEG, layers, family: str):
+        super().__init__(control, layers, family)
+        self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma, self.index),))
+
+    def edit(self, layer, frame: Frame) -> Edit | None:
+        return self._edit if self.rows(frame) else None
+
+
+class BlurQueries(LayerHook):
+    """Blurs the image-token query projections of the rows tagged `tag` over the layer's image grid."""
+
+    def __init__(self, tag: str, sigma: float, index: RowIndex | None = None):
+        self.tag = tag
+        self.sigma = sigma
+        self.index = index if index is not None else RowIndex()
+
+    def query(self, call: LayerCall, q_proj: torch.Tensor) -> torch.Tensor:
+        rows = call.rows.indices("cond", self.tag)
+        if not rows:
+            return q_proj
+        hw = call.geometry.image_hw
+        if q_proj.shape[1] != hw[0] * hw[1]:
+            raise UnsupportedError(
+                f"attnctl: SEG at {call.layer.name} got {q_proj.shape[1]} image queries for its {hw[0]}x{hw[1]} grid: "
+                "another control on this layer changed the image tokens (token reduction merges them), so they cannot be "
+                "blurred over the grid; give the controls disjoint layers"
+            )
+        index = self.index(rows, q_proj.device)
+        blurred = blur_tokens(q_proj.index_select(0, index), hw, self.sigma)
+        return q_proj.index_copy(0, index, blurred.to(q_proj.dtype))
+
+
+def kernel_size(sigma: float, grid_hw: tuple[int, int]) -> int:
+    """`ceil(6 sigma) + 1` made odd, clamped to the largest odd size <= the grid's longer side (15 for 16)."""
+    size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+    longest = max(grid_hw)
+    return min(size, longest if longest % 2 else longest - 1)
+
+
+def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:
+    half = (size - 1) / 2
+    x = torch.linspace(-half, half, steps=size, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).to(device=device, dtype=torch.float32)
+
+
+def blur_grid(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) per channel as SEG specifies (see the module docstring), in float32."""
+    height, width = images.shape[-2:]
+    x = images.float()
+    if sigma >= INFINITE_SIGMA:
+        return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
+    size = kernel_size(sigma, (height, width))
+    if size <= 1:
+        return x
+    pad = size // 2
+    x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if pad < width else "replicate")
+    x = F.pad(x, (0, 0, pad, pad), mode="reflect" if pad < height else "replicate")
+    kernel = gaussian_kernel1d(size, sigma, x.device)
+    channels = x.shape[1]
+    x = F.conv2d(x, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
+
+
+def blur_tokens(tokens: torch.Tensor, grid_hw: tuple[int, int], sigma: float) -> torch.Tensor:
+    """(B, H*W, C) row-major image tokens -> blurred, same layout, float32."""
+    batch, n, channels = tokens.shape
+    height, width = grid_hw
+    images = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+    return blur_grid(images, sigma).reshape(batch, channels, n).transpose(1, 2)

@@ -1,0 +1,240 @@
+"""Skip-layer guidance (Stability AI, SD3.5; as SD3's `skip_guidance_layers`): the perturbed rows skip the
+selected transformer blocks (a skipped block returns its inputs unchanged, text stream included, as
+`SD3Transformer2DModel(skip_layers=...)` does), and `scale (cond - perturbed)` is added to every combined
+row, as PAG's term.
+
+What a block is, per family:
+- SD3: `transformer_blocks.i` (an integer i, as SD3's `skip_layers`);
+- PixArt: `transformer_blocks.i` (integer);
+- Flux: integers index the double-stream `transformer_blocks`; single-stream blocks are named by path,
+  `"single_transformer_blocks.j"`;
+- UNet (SD, SDXL): there is no flat block list; name each `BasicTransformerBlock` by its path, e.g.
+  `"mid_block.attentions.0.transformer_blocks.0"` (integers raise).
+
+Skipping some rows of a batch wraps the block's `forward` at instance level for the pipeline call (no class
+is patched; `finish()` restores it exactly): the block runs on the other rows only (its batched inputs re-indexed,
+the attention layers inside it seeing those rows as the denoiser call's rows), and the skipping rows get their
+inputs back. A forward made of skipping rows only (`separate=True`) does not run the block at all. When a block
+input cannot be re-indexed safely (tensors inside `joint_attention_kwargs` / `cross_attention_kwargs` /
+`added_cond_kwargs`, or a batched input whose rows do not match), the block runs on the whole batch and the
+skipping rows' outputs are replaced, as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...control import Frame
+from ...errors import ConfigError, SelectionError
+from ...families.base import LayerInfo, ModelAdapter
+from ...instance import Wrapped, wrap_method
+from ...pipelines.rows import RowLayout
+from ...steps import validate_steps
+from ...validation import set_field
+from .common import PerturbingBound, PerturbingControl
+
+#: Transformer-block classes whose forward returns `hidden_states` or `(encoder_hidden_states, hidden_states)`.
+BLOCK_CLASSES: tuple[str, ...] = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock", "BasicTransformerBlock")
+INDEXED_FAMILIES: tuple[str, ...] = ("sd3", "pixart", "flux")
+#: Per block class, the forward arguments that hold one row per batch row (or one row for all).
+BATCHED_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "JointTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    "BasicTransformerBlock": (
+        "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep", "class_labels",
+    ),
+}
+#: Arguments that are dicts of extra inputs: re-indexed only when they hold no tensor.
+DICT_ARGUMENTS: tuple[str, ...] = ("joint_attention_kwargs", "cross_attention_kwargs", "added_cond_kwargs")
+
+
+def transformer_blocks(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Skippable blocks by module path, in model order."""
+    return {name: module for name, module in denoiser.named_modules() if type(module).__name__ in BLOCK_CLASSES}
+
+
+@dataclass(frozen=True)
+class SkipLayer(PerturbingControl, type_name="skip-layer"):
+    """Skip-layer guidance. Defaults are SD3.5-Medium's: blocks 7, 8, 9, scale 2.8, steps 1%-20%.
+
+    blocks: integers (SD3 / PixArt / Flux double blocks: `transformer_blocks.i`) or block paths (see the
+    module docstring). separate: run the perturbed rows as their own forward.
+    """
+
+    scale: float = 2.8
+    blocks: tuple[int | str, ...] = (7, 8, 9)
+    steps: tuple[float, float] = (0.01, 0.2)
+    separate: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_scale()
+        blocks = self.blocks
+        if isinstance(blocks, (int, str)):
+            blocks = (blocks,)
+        if not isinstance(blocks, (tuple, list)) or not blocks:
+            raise ConfigError(f"SkipLayer.blocks must be a non-empty sequence of block indices or paths, got {self.blocks!r}")
+        for block in blocks:
+            valid_int = isinstance(block, int) and not isinstance(block, bool) and block >= 0
+            if not (valid_int or (isinstance(block, str) and block.strip())):
+                raise ConfigError(f"SkipLayer.blocks holds {block!r}; use integers >= 0 or block paths such as 'transformer_blocks.7'")
+        if len(set(blocks)) != len(blocks):
+            raise ConfigError(f"SkipLayer.blocks has duplicates: {blocks!r}")
+        set_field(self, "blocks", tuple(blocks))
+        set_field(self, "steps", validate_steps(self.steps, name="SkipLayer.steps"))
+
+    def block_paths(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """The module path of every selected block; raises SelectionError naming the blocks there are."""
+        available = transformer_blocks(adapter.denoiser)
+        paths = []
+        for block in self.blocks:
+            if isinstance(block, int):
+                if adapter.family not in INDEXED_FAMILIES:
+                    raise SelectionError(
+                        f"SkipLayer: integer block {block} means nothing on a {adapter.family} denoiser; name the blocks "
+                        f"by path, e.g. {_some(available)} (the defaults 7, 8, 9 are SD3.5-Medium's)"
+                    )
+                path = f"transformer_blocks.{block}"
+            else:
+                path = block
+            if path not in available:
+                count = sum(1 for name in available if name.startswith("transformer_blocks."))
+                raise SelectionError(
+                    f"SkipLayer: block {block!r} ({path}) does not exist in {type(adapter.denoiser).__name__}; it has "
+                    f"{count} transformer_blocks; blocks: {_some(available)}"
+                )
+            paths.append(path)
+        return tuple(paths)
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        self.block_paths(adapter)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        """The attention layers inside the skipped blocks (for `describe()`)."""
+        prefixes = tuple(path + "." for path in self.block_paths(adapter))
+        return tuple(layer for layer in adapter.layers if layer.name.startswith(prefixes))
+
+    def bind(self, context) -> _SkipBound:
+        return _SkipBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """None: whole blocks are skipped for the perturbed rows only; no attention layer computes differently for
+        the rows that run it, so nothing here conflicts with another control's edits."""
+        return ()
+
+
+def _some(available: dict[str, Any], limit: int = 6) -> str:
+    names = list(available)
+    text = ", ".join(names[:limit])
+    return text + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+class _SkipBound(PerturbingBound):
+    def __init__(self, control: SkipLayer, context):
+        super().__init__(control, context.layers, context.adapter.family)
+        self._wraps: list[Wrapped] = []
+        if control.scale == 0:
+            return
+        modules = transformer_blocks(context.adapter.denoiser)
+        try:
+            for path in control.block_paths(context.adapter):
+                self._wraps.append(wrap_method(modules[path], "forward", self._make(modules[path], context.current_frame)))
+        except BaseException:
+            self.finish()
+            raise
+
+    def _make(self, module: torch.nn.Module, current_frame):
+        tag = self.tag
+        kind = type(module).__name__
+        index = self.index
+
+        def make(original):
+            signature = inspect.signature(original)
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                frame: Frame | None = current_frame()
+                rows = frame.rows.indices("cond", tag) if frame is not None else ()
+                if not rows:
+                    return original(*args, **kwargs)
+                bound = signature.bind(*args, **kwargs)
+                arguments = bound.arguments
+                hidden, context = arguments.get("hidden_states"), arguments.get("encoder_hidden_states")
+                batch = hidden.shape[0]
+                if len(rows) == batch:  # every row skips the block: it does not run
+                    return skipped_output(module, hidden, context)
+                skipped = set(rows)
+                kept = tuple(i for i in range(batch) if i not in skipped)
+                narrow = _rebatch(kind, arguments, batch, index(kept, hidden.device))
+                if narrow is None or len(frame.rows) != batch:
+                    return skip_rows(original(*args, **kwargs), hidden, context, index(rows, hidden.device))
+                layout = frame.rows
+                frame.rows = RowLayout(tuple(layout.rows[i] for i in kept))  # the layers inside see the rows that run
+                bound.arguments.update(narrow)
+                try:
+                    output = original(*bound.args, **bound.kwargs)
+                finally:
+                    frame.rows = layout
+                return merge_rows(output, hidden, context, index(kept, hidden.device))
+
+            return forward
+
+        return make
+
+    def finish(self) -> None:
+        while self._wraps:
+            self._wraps.pop().unwrap()
+        self.index.clear()
+
+
+def _rebatch(kind: str, arguments: dict[str, Any], batch: int, kept: torch.Tensor) -> dict[str, Any] | None:
+    """The block's arguments for the rows `kept` only, or None when some input cannot be re-indexed safely."""
+    narrow = dict(arguments)
+    for name in BATCHED_ARGUMENTS.get(kind, ("hidden_states",)):
+        value = arguments.get(name)
+        if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] == 1:
+            continue
+        if value.shape[0] != batch:
+            return None
+        narrow[name] = value.index_select(0, kept if kept.device == value.device else kept.to(value.device))
+    for name in DICT_ARGUMENTS:
+        extra = arguments.get(name)
+        if isinstance(extra, dict) and any(isinstance(v, (torch.Tensor, list, tuple)) for v in extra.values()):
+            return None
+    return narrow
+
+
+def skipped_output(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor | None) -> Any:
+    """What a block returns when every row skips it: its inputs (a last SD3 block, `context_pre_only`, returns no
+    text stream)."""
+    if type(module).__name__ == "BasicTransformerBlock":
+        return hidden
+    return (None if getattr(module, "context_pre_only", False) else context), hidden
+
+
+def merge_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, kept: torch.Tensor) -> Any:
+    """The block's output for every row: the rows `kept` from `output` (the block ran on them only), the others
+    their inputs (skipped)."""
+    return _per_stream(output, hidden, context, lambda out, source: source.to(out.dtype).index_copy(0, kept, out))
+
+
+def skip_rows(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, rows: torch.Tensor) -> Any:
+    """A block's output with the rows `rows` (an index tensor) replaced by the block's inputs (the block skipped
+    for them)."""
+    return _per_stream(output, hidden, context, lambda out, source: out.index_copy(0, rows, source.index_select(0, rows).to(out.dtype)))
+
+
+def _per_stream(output: Any, hidden: torch.Tensor, context: torch.Tensor | None, put) -> Any:
+    """`put(out, source)` on each stream of a block's output: `hidden_states`, or `(encoder_hidden_states,
+    hidden_states)` (a missing text stream stays None)."""
+    if isinstance(output, torch.Tensor):
+        return put(output, hidden)
+    if isinstance(output, tuple) and len(output) == 2:
+        encoder_out, hidden_out = output
+        if encoder_out is not None and context is not None:
+            encoder_out = put(encoder_out, context)
+        return encoder_out, put(hidden_out, hidden)
+    raise ConfigError(f"SkipLayer: unexpected transformer-block output {type(output).__name__}; cannot skip it per row")

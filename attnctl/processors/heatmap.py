@@ -1,0 +1,119 @@
+"""Pictures of attention maps with PIL only: a colour map, heatmaps over the generated image, a grid.
+
+Each map is scaled to [0, 1] before colouring, by its own maximum (`scaling="max"`, as Prompt-to-Prompt's
+notebooks show maps) or from its minimum to its maximum (`"minmax"`, more contrast for flat maps); the
+numbers stay in the result's `maps`. The colour map is a piecewise-linear approximation of matplotlib's
+"inferno".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .maps import AttentionMapResult
+
+# (position, (r, g, b)) anchors of the "inferno" colour map
+_INFERNO = (
+    (0.0, (0, 0, 4)), (0.125, (31, 12, 72)), (0.25, (85, 15, 109)), (0.375, (136, 34, 106)), (0.5, (186, 54, 85)),
+    (0.625, (227, 89, 51)), (0.75, (249, 140, 10)), (0.875, (249, 201, 50)), (1.0, (252, 255, 164)),
+)
+ALPHA = 0.55  # weight of the heatmap over the image
+MIN_TILE = 128  # grid tiles are at least this tall, so tiny images stay legible
+MAX_TILE = 512
+LABEL_HEIGHT = 18
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
+    values = np.clip(np.nan_to_num(values.astype(np.float64)), 0.0, 1.0)
+    positions = np.array([p for p, _ in _INFERNO])
+    colours = np.array([c for _, c in _INFERNO], dtype=np.float64)
+    out = np.stack([np.interp(values, positions, colours[:, channel]) for channel in range(3)], axis=-1)
+    return out.round().astype(np.uint8)
+
+
+SCALINGS: tuple[str, ...] = ("max", "minmax")
+
+
+def scale_map(array: np.ndarray, scaling: str = "max") -> np.ndarray:
+    """Values in [0, 1]: divided by the maximum, or min-max scaled; a constant or zero map gives zeros."""
+    if scaling not in SCALINGS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"scaling must be one of {', '.join(map(repr, SCALINGS))}, got {scaling!r}")
+    low = float(array.min()) if scaling == "minmax" and array.size else 0.0
+    span = (float(array.max()) - low) if array.size else 0.0
+    return (array - low) / span if span > 0 else np.zeros_like(array)
+
+
+def heatmap(values: torch.Tensor, image: Any | None = None, alpha: float = ALPHA, scaling: str = "max") -> Any:
+    """A PIL image of one map, blended over `image` (PIL) when given."""
+    from PIL import Image
+
+    scaled = scale_map(values.detach().float().cpu().numpy(), scaling)
+    picture = Image.fromarray(colorize(scaled))
+    if image is None:
+        return picture
+    base = image.convert("RGB")
+    if base.size != picture.size:
+        base = base.resize(picture.size, Image.BILINEAR)
+    return Image.blend(base, picture, alpha)
+
+
+def _label(draw: Any, box: tuple[int, int, int, int], text: str) -> None:
+    from PIL import ImageFont
+
+    font = ImageFont.load_default()
+    left, top, right, bottom = box
+    width = right - left
+    while text and draw.textlength(text, font=font) > width - 4:
+        text = text[:-2] + "…" if len(text) > 2 else text[:-1]
+    draw.text((left + 2, top + 3), text, fill=(0, 0, 0), font=font)
+
+
+def grid(tiles: list[tuple[str, Any]]) -> Any:
+    """One picture of `(name, PIL image)` tiles side by side, each name written below its tile."""
+    from PIL import Image, ImageDraw
+
+    first = tiles[0][1]
+    height = min(max(first.height, MIN_TILE), MAX_TILE)
+    width = max(1, round(first.width * height / first.height))
+    canvas = Image.new("RGB", (width * len(tiles), height + LABEL_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for column, (name, tile) in enumerate(tiles):
+        resample = Image.NEAREST if tile.height < height else Image.BILINEAR
+        canvas.paste(tile.convert("RGB").resize((width, height), resample), (column * width, 0))
+        _label(draw, (column * width, height, (column + 1) * width, height + LABEL_HEIGHT), name)
+    return canvas
+
+
+def save_maps(result: AttentionMapResult, directory: str, scaling: str = "max") -> list[str]:
+    """Per image i: `image{i}_{word}.png` for each word (heatmap over the image) and `image{i}_grid.png`."""
+    from .maps import slug
+
+    os.makedirs(directory, exist_ok=True)
+    names: list[str] = []
+    for word in result.words:  # file names unique even when two words slug alike
+        name = slug(word)
+        while name in names:
+            name += "_"
+        names.append(name)
+    written = []
+    for i in range(len(result)):
+        image = result.images[i] if result.images is not None and i < len(result.images) else None
+        tiles = [("image", image)] if image is not None else []
+        for w, word in enumerate(result.words):
+            picture = heatmap(result.maps[i, w], image, scaling=scaling)
+            path = os.path.join(directory, f"image{i}_{names[w]}.png")
+            picture.save(path)
+            written.append(path)
+            tiles.append((word, picture))
+        path = os.path.join(directory, f"image{i}_grid.png")
+        grid(tiles).save(path)
+        written.append(path)
+    return written

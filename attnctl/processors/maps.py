@@ -1,0 +1,489 @@
+"""Attention maps: how much each image token attends to each requested word (DESIGN §3).
+
+Per word, per image: the attention probabilities of the word's tokens (summed over them) from
+cross-attention, or from the image-query rows of joint attention normalised over the *full* row (image
+keys included), averaged over heads, summed over the chosen layers and steps, resized to the image. This
+is the cross-attention visualisation of Prompt-to-Prompt (Hertz et al. 2022, Fig. 4) and of DAAM
+(Tang et al. 2023, "What the DAAM: Interpreting Stable Diffusion Using Cross Attention"), extended to
+joint attention.
+
+Capture never materialises an N x N matrix and never changes the output: a `LayerHook.attend` lets the
+layer's own attention op run, then computes the attention mass of the requested words from q and k as a
+second, narrow attention whose values are the words' indicator columns (`word_attention`): one fused SDPA
+call over chunks of query rows, normalised over all keys. Running sums at the finest token
+grid of the chosen layers keep memory independent of the number of steps. The model's own attention
+mask and the per-key edits of other controls on the same layer (Reweight's value scale or bias) are
+reflected; label masks, windows and sparse transforms of other controls are not (the map shows the dense
+softmax of those rows).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..control import BindContext, Bound, Control, Frame
+from ..errors import ConfigError, TokenError, UnsupportedError
+from ..families.base import LayerInfo, ModelAdapter
+from ..instance import Wrapped, wrap_method
+from ..kernels.spec import AttentionSpec
+from ..selection import LayerSpec, validate_layers
+from ..steps import StepWindow, validate_steps
+from ..tokens import WordQuery, describe_query, validate_word_query
+from ..validation import set_field
+from .common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers, token_layout
+from .edit import AttendFn, Edit, LayerCall, LayerHook
+
+#: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
+CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class AttentionMaps(Control, type_name="attention-maps"):
+    """Capture per-word attention maps for every image of a call; read them from `handle.outputs[key]`.
+
+    `words`: words or phrases (every occurrence), `(word, occurrence)` pairs or token positions; a word
+    absent from some prompts gives zero maps for those images (absent from all: `TokenError`).
+    `layers`: cross-attention (UNet, PixArt) or joint-attention (SD3, Flux) layers, all by default.
+    `steps`: the step window. `resolution`: the maps' size, an int (square) or `(height, width)`; None is
+    the generated image's size. `key`: where the result goes in `handle.outputs` (an `AttentionMapResult`
+    once the call has ended; None while it runs).
+    """
+
+    words: tuple[WordQuery, ...]
+    layers: LayerSpec = None
+    steps: StepWindow = (0.0, 1.0)
+    resolution: int | tuple[int, int] | None = None
+    key: str = "attention_maps"
+
+    needs_words: ClassVar[bool] = True
+    kernel_features: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        words = (self.words,) if isinstance(self.words, (str, int)) else self.words
+        if isinstance(words, tuple) and len(words) == 2 and isinstance(words[0], str) and isinstance(words[1], int) and not isinstance(words[1], bool):
+            raise ConfigError(
+                f"AttentionMaps.words={words!r} is ambiguous; pass a list of words, e.g. [{words!r}] for a "
+                "(word, occurrence) pair"
+            )
+        if not isinstance(words, (list, tuple)) or not words:
+            raise ConfigError(f"AttentionMaps.words must be a non-empty list of words, got {self.words!r}")
+        checked = tuple(validate_word_query(w, owner="AttentionMaps.words") for w in words)
+        if len(set(checked)) != len(checked):
+            raise ConfigError(f"AttentionMaps.words has duplicates: {checked!r}")
+        set_field(self, "words", checked)
+        set_field(self, "layers", validate_layers(self.layers, name="AttentionMaps.layers"))
+        set_field(self, "steps", validate_steps(self.steps, name="AttentionMaps.steps"))
+        set_field(self, "resolution", _resolution(self.resolution))
+        set_field(self, "key", output_key(self.key, "AttentionMaps"))
+
+    @property
+    def output_key(self) -> str:
+        """Where the result goes in `handle.outputs`."""
+        return self.key
+
+    def default_layers(self, adapter: ModelAdapter) -> str:
+        return text_layers(adapter)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        return select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
+
+    def bind(self, context: BindContext) -> AttentionMapsBound:
+        return AttentionMapsBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"capture": the layer's attention to the words is read (it needs the layer's own image tokens)."""
+        return ("capture",)
+
+
+def _resolution(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return (int(value[0]), int(value[1]))
+    raise ConfigError(f"AttentionMaps.resolution must be None, a positive int or (height, width), got {value!r}")
+
+
+def word_label(query: WordQuery) -> str:
+    """The display name of a word query: `cat`, `cat#1` (second occurrence), `token 5`."""
+    if isinstance(query, tuple):
+        return f"{query[0]}#{query[1]}"
+    if isinstance(query, int):
+        return f"token {query}"
+    return query
+
+
+# -- the capture math -------------------------------------------------------------------------------------
+def word_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selector: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Head-averaged attention mass of each word: `mean_h sum_t softmax(q k^T scale + bias)[.., t] S[w, t]`.
+
+    q (B, H, Nq, D) are the query rows wanted; k (B, H, Nk, D) all keys (the softmax runs over all of them);
+    selector (B, W, Nk), or (B, H, W, Nk) per head, weights the keys of each word (1 at its tokens; times
+    the value scale where a control scales values); bias is additive and broadcasts to (B, H, Nq, Nk).
+    Returns (B, Nq, W) in float32.
+
+    The sum `softmax(...) @ S^T` is itself an attention whose values are the selector columns, so it runs as
+    a fused SDPA call (values padded to the head width): the softmax is normalised over every key and no
+    Nq x Nk matrix is formed. Query rows go in chunks of at most about `chunk_elements` logits, which also bounds memory
+    where SDPA falls back to its unfused kernel.
+    """
+    batch, heads, nq, _ = q.shape
+    nk = k.shape[2]
+    if selector.ndim == 3:
+        values = selector.transpose(-1, -2)[:, None].expand(batch, heads, nk, selector.shape[1])
+    else:
+        values = selector.transpose(-1, -2)
+    words, head_dim = values.shape[-1], q.shape[-1]
+    # fused SDPA kernels (CPU flash, CUDA flash) need values as wide as the queries, otherwise SDPA falls back
+    # to its unfused kernel (3x slower here): pad the word columns with zeros to groups of head_dim
+    groups = -(-words // head_dim)
+    values = F.pad(values, (0, groups * head_dim - words)).to(device=q.device, dtype=q.dtype).contiguous()
+    if bias is not None and bias.dtype != q.dtype:
+        bias = bias.to(q.dtype)
+    rows = max(1, chunk_elements // max(1, batch * heads * nk))
+    options = {} if scale is None else {"scale": scale}
+    out = []
+    for start in range(0, nq, rows):
+        stop = min(start + rows, nq)
+        mask = None if bias is None else (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
+        mass = torch.cat(
+            [
+                F.scaled_dot_product_attention(q[:, :, start:stop], k, values[..., g * head_dim : (g + 1) * head_dim], attn_mask=mask, **options)
+                for g in range(groups)
+            ],
+            dim=-1,
+        )
+        out.append(mass[..., :words].float().nan_to_num(0.0).mean(dim=1))  # a fully masked row attends to nothing
+    return torch.cat(out, dim=1)
+
+
+class _CaptureHook(LayerHook):
+    """Lets the layer's attention op run, then adds the word maps of the cond rows to the running sums."""
+
+    def __init__(self, bound: AttentionMapsBound):
+        self.bound = bound
+
+    def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+        result = compute(q, k, v, spec)
+        if not token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention) is not the map
+            with torch.no_grad():
+                self.bound.accumulate(call, q, k, spec)
+        return result
+
+
+class AttentionMapsBound(Bound):
+    """Running sums of the maps of one pipeline call, at the finest token grid of the chosen layers."""
+
+    def __init__(self, control: AttentionMaps, context: BindContext):
+        super().__init__(control, context.layers, control.steps)
+        self.key = control.key
+        self.outputs = context.outputs
+        publish(context, self.key, None, "AttentionMaps")  # claimed for this call; the result replaces it at the end
+        self.labels = tuple(word_label(w) for w in control.words)
+        self.text_len = context.canvas.text_len
+        self.device = context.device
+        rows = context.prompt_rows
+        tokens = None
+        if any(not isinstance(w, int) for w in control.words):
+            tokens = context.require_tokens("AttentionMaps")
+        selector = torch.zeros(rows, len(control.words), self.text_len)
+        for w, query in enumerate(control.words):
+            errors = []
+            for row in range(rows):
+                try:
+                    positions = tokens.positions(query, row) if tokens is not None else _position(query, self.text_len)
+                except TokenError as error:
+                    errors.append(error)
+                    continue
+                selector[row, w, list(positions)] = 1.0
+            if len(errors) == rows:
+                raise errors[0]
+        self.selector = selector.to(self.device)  # (prompt rows, words, text_len)
+        self.prompts = _prompt_texts(tokens, rows)
+        grids = [context.canvas.grid_at(layer.level) for layer in context.layers]
+        self.grid = max(grids, key=lambda hw: hw[0] * hw[1])
+        self.sums = torch.zeros(rows, len(control.words), *self.grid, device=self.device)
+        self.contributions = [0] * rows
+        self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
+        self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
+        self.resolution = control.resolution or image_size(context)
+        self.layer_names = tuple(layer.name for layer in context.layers)
+        self.hook = _CaptureHook(self)
+        self._edit = Edit(hooks=(self.hook,))
+        self.pipeline = context.pipeline
+        self.tap: ImageTap | None = None  # attached at the first capture, so a failing bind leaves nothing behind
+
+    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+        if not frame.rows.indices("cond", None):
+            return None
+        return self._edit
+
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors this bound keeps across steps (independent of the number of steps)."""
+        return sum(t.numel() * t.element_size() for t in (self.sums, self.selector)) + 8 * len(self.contributions)
+
+    def accumulate(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
+        layout = call.rows
+        step = call.step.index
+        batch_rows, prompts = [], []
+        for i in layout.indices("cond", None):
+            prompt = layout.rows[i].prompt
+            if self._last_step.get((call.layer.index, prompt)) == step:
+                continue  # a step's second model call (Heun, SD3's skip-layer pass) counts once
+            self._last_step[(call.layer.index, prompt)] = step
+            batch_rows.append(i)
+            prompts.append(prompt)
+        if not batch_rows:
+            return
+        if self.tap is None and self.pipeline is not None:
+            self.tap = ImageTap.attach(self.pipeline, self)
+            self.pipeline = None
+        geometry = call.geometry
+        image = geometry.image_slice
+        if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.query_len):
+            raise UnsupportedError(
+                f"attnctl: AttentionMaps at {call.layer.name} got {q.shape[2]} query tokens, its grid "
+                f"{geometry.image_hw[0]}x{geometry.image_hw[1]} has {geometry.image_len} image tokens: another control "
+                "on this layer changed the tokens (token reduction merges them); give the controls disjoint layers"
+            )
+        index = self.index(batch_rows, q.device)
+        qi = q.index_select(0, index)[:, :, image]
+        ki = k.index_select(0, index)
+        n_keys = ki.shape[2]
+        key_text = geometry.key_text_slice
+        prompt_index = self.index(prompts, self.selector.device)
+        text_selector = self.selector.index_select(0, prompt_index).to(q.device)  # (b, W, text_len)
+        selector = text_selector.new_zeros(len(batch_rows), text_selector.shape[1], n_keys)
+        selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
+        mask = _model_mask(spec.attn_mask, index, image)
+        parts = []
+        for start, stop, edited in _segments(spec.query_range, image, qi.shape[2]):
+            bias, chosen = _row_mask(mask, start, stop), selector
+            if edited and spec.key_bias is not None:
+                key_bias = _take(spec.key_bias.float(), index)
+                key_bias = key_bias[:, None, None, :] if key_bias.ndim == 2 else key_bias[:, :, None, :]
+                bias = key_bias if bias is None else bias + key_bias
+            if edited and spec.value_scale is not None:
+                value_scale = _take(spec.value_scale.float(), index)  # (b, Nk) or (b, H, Nk)
+                chosen = selector * value_scale[:, None, :] if value_scale.ndim == 2 else selector[:, None] * value_scale[:, :, None, :]
+            parts.append(word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias))
+        words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
+        h, w = geometry.image_hw
+        maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)
+        if (h, w) != self.grid:
+            maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
+        self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
+        for prompt in prompts:
+            self.contributions[prompt] += 1
+
+    def finish(self) -> None:
+        images = self.tap.detach(self) if self.tap is not None else None
+        self.tap, self.pipeline = None, None
+        self.index.clear()
+        maps = self.sums.float()
+        if tuple(maps.shape[-2:]) != self.resolution:
+            maps = F.interpolate(maps, size=self.resolution, mode="bilinear", align_corners=False)
+        self.outputs[self.key] = AttentionMapResult(
+            words=self.labels,
+            maps=maps.clamp_min(0).cpu(),
+            grid_maps=self.sums.cpu().clone(),
+            prompts=self.prompts,
+            layers=self.layer_names,
+            contributions=tuple(self.contributions),
+            images=images,
+            stored_bytes=self.stored_bytes(),
+        )
+
+
+def _position(query: WordQuery, text_len: int) -> tuple[int, ...]:
+    if not isinstance(query, int) or query >= text_len:
+        raise TokenError(f"attnctl: token position {query} is outside the text sequence of {text_len} tokens")
+    return (query,)
+
+
+def _prompt_texts(tokens: Any, rows: int) -> tuple[str, ...]:
+    if tokens is None or not tokens.encoders:
+        return ("",) * rows
+    texts = tokens.encoders[0].prompts[0]
+    return tuple(texts[r] for r in range(rows))
+
+
+def _take(tensor: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.shape[0] == 1 else tensor.index_select(0, batch_index)
+
+
+def _model_mask(mask: torch.Tensor | None, batch_index: torch.Tensor, image: slice) -> torch.Tensor | None:
+    """The model's own attention mask for the chosen batch rows and the image query rows, as float logits."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+    mask = mask.float()
+    while mask.ndim < 4:
+        mask = mask[None]
+    if mask.shape[0] > 1:
+        mask = mask.index_select(0, batch_index)
+    if mask.shape[-2] > 1:
+        mask = mask[..., image, :]
+    return mask
+
+
+def _row_mask(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    if mask is None or mask.shape[-2] == 1:
+        return mask
+    return mask[..., start:stop, :]
+
+
+def _segments(query_range: tuple[int, int] | None, image: slice, n_image: int) -> list[tuple[int, int, bool]]:
+    """The image query rows (relative to the image slice) split by whether per-key edits apply to them."""
+    if query_range is None:
+        return [(0, n_image, True)]
+    lo = min(max(query_range[0] - image.start, 0), n_image)
+    hi = min(max(query_range[1] - image.start, lo), n_image)
+    pieces = [(0, lo, False), (lo, hi, True), (hi, n_image, False)]
+    return [piece for piece in pieces if piece[1] > piece[0]]
+
+
+# -- the generated images ---------------------------------------------------------------------------------
+class ImageTap:
+    """Sees the images a pipeline call produces, to draw maps over them.
+
+    Pipelines return images only from `__call__`, which cannot be wrapped at instance level; they all pass
+    the decoded images through `pipe.image_processor.postprocess` first. The tap wraps that method at
+    instance level from the first capture of a call and restores it exactly when the last listener detaches
+    (at `Bound.finish`: the end of the call, the start of the next one after an error, or `handle.remove()`).
+    One wrapper per image processor, shared by all listeners.
+    """
+
+    _taps: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self.listeners: dict[int, list[Any] | None] = {}
+        self.record: Wrapped = wrap_method(processor, "postprocess", self._make)
+
+    @classmethod
+    def attach(cls, pipeline: Any, listener: Any) -> ImageTap | None:
+        """Start listening to `pipeline`'s images (None when it has no image processor)."""
+        processor = getattr(pipeline, "image_processor", None)
+        if processor is None or not callable(getattr(processor, "postprocess", None)):
+            return None
+        tap = cls._taps.get(processor)
+        if tap is None:
+            tap = cls._taps[processor] = cls(processor)
+        tap.listeners[id(listener)] = None
+        return tap
+
+    def _make(self, original: Any) -> Any:
+        def postprocess(image: Any, output_type: str = "pil", *args: Any, **kwargs: Any) -> Any:
+            result = original(image, output_type, *args, **kwargs)
+            if self.listeners and output_type != "latent":
+                pictures = _to_pil(result)
+                for key in self.listeners:
+                    self.listeners[key] = pictures
+            return result
+
+        return postprocess
+
+    def detach(self, listener: Any) -> list[Any] | None:
+        """Stop listening; returns the images seen. The last listener restores `postprocess`."""
+        self.listeners.setdefault(id(listener), None)
+        images = self.listeners.pop(id(listener))
+        if not self.listeners:
+            self.record.unwrap()
+            if ImageTap._taps.get(self.processor) is self:
+                del ImageTap._taps[self.processor]
+        return images
+
+
+def _to_pil(result: Any) -> list[Any] | None:
+    """PIL images from what `postprocess` returned (a list of PIL images, an array or a tensor in [0, 1])."""
+    from PIL import Image
+
+    try:
+        if isinstance(result, list) and all(isinstance(r, Image.Image) for r in result):
+            return [r.copy() for r in result]
+        if isinstance(result, torch.Tensor):
+            result = result.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        import numpy as np
+
+        if isinstance(result, np.ndarray) and result.ndim == 4:
+            array = (np.clip(result, 0, 1) * 255).round().astype("uint8")
+            if array.shape[-1] == 1:
+                return [Image.fromarray(a[..., 0], mode="L").convert("RGB") for a in array]
+            return [Image.fromarray(a[..., :3]) for a in array]
+    except Exception:  # noqa: BLE001 - pictures are a convenience; never break the pipeline call
+        return None
+    return None
+
+
+# -- the result ---------------------------------------------------------------------------------------------
+@dataclass
+class AttentionMapResult:
+    """Per-image, per-word attention maps of one pipeline call (`handle.outputs["attention_maps"]`).
+
+    `maps` (images, words, height, width): the sums over layers and steps, resized to the resolution;
+    `grid_maps` the same sums at the finest token grid, before resizing; `contributions[i]` how many
+    (layer, step) maps were summed for image i (divide for a mean); `images` the generated pictures when
+    the pipeline decoded them (None with `output_type="latent"`).
+    """
+
+    words: tuple[str, ...]
+    maps: torch.Tensor
+    grid_maps: torch.Tensor
+    prompts: tuple[str, ...]
+    layers: tuple[str, ...]
+    contributions: tuple[int, ...]
+    images: list[Any] | None = None
+    stored_bytes: int = 0
+    _pictures: Any = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return int(self.maps.shape[0])
+
+    def __getitem__(self, item: int | str) -> dict[str, torch.Tensor] | torch.Tensor:
+        """`result[i]`: `{word: (height, width) map}` of image i; `result["red"]`: (images, height, width)."""
+        if isinstance(item, str):
+            if item not in self.words:
+                raise KeyError(f"{item!r} is not one of the captured words {self.words}")
+            return self.maps[:, self.words.index(item)]
+        return {word: self.maps[item, w] for w, word in enumerate(self.words)}
+
+    def normalized(self) -> torch.Tensor:
+        """Every map scaled to [0, 1] by its own maximum (all-zero maps stay zero)."""
+        peak = self.maps.amax(dim=(-2, -1), keepdim=True)
+        return torch.where(peak > 0, self.maps / peak.clamp_min(1e-30), torch.zeros_like(self.maps))
+
+    def save(self, directory: str, scaling: str = "max") -> list[str]:
+        """Write, per image i, `image{i}_{word}.png` (heatmap over the image) and `image{i}_grid.png` (the
+        image and every word's heatmap, names below); returns the paths. `scaling`: "max" (each map divided by
+        its maximum) or "minmax". Without decoded images (`output_type="latent"`) the heatmaps stand alone."""
+        from .heatmap import save_maps
+
+        return save_maps(self, directory, scaling)
+
+
+def slug(word: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "_", word).strip("_").lower() or "word"
+
+
+__all__ = ["AttentionMapResult", "AttentionMaps", "ImageTap", "describe_query", "word_attention", "word_label"]

@@ -1,0 +1,213 @@
+"""Region masks: reading them, resizing them to attention grids, overlaps and token labels (DESIGN §3 "Regions").
+
+A region's shape is a box in relative image coordinates or a soft mask in [0, 1] covering the whole image
+(stretched to the canvas, as boxes are). At each attention layer it is resized to that layer's image-token
+grid by **exact area averaging**: cell (i, j) of an h x w grid covers `[i/h, (i+1)/h) x [j/w, (j+1)/w)` of the
+image and takes the mean of the mask over that area, so soft stays soft and a box edge that cuts a cell
+gives that cell the covered fraction. Where the resized masks of a cell sum above 1 they are divided by
+their sum (overlaps share the cell).
+
+Token labels (joint attention and isolation): a cell belongs to the region whose resized mask is largest
+there, if that value is at least 1/2 (ties: the region listed later); otherwise it is background (label 0).
+The 1/2 threshold uses the masks before overlap normalisation, so a cell covered by three regions still
+belongs to one of them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import ConfigError
+
+#: Cells whose largest mask value is at least this (minus rounding) get that region's label.
+LABEL_THRESHOLD = 0.5
+_EPS = 1e-6
+
+Box = tuple[float, float, float, float]
+
+
+def load_mask(value: Any, *, owner: str) -> torch.Tensor:
+    """A user mask as a (H, W) float32 CPU tensor in [0, 1], or ConfigError naming what is wrong.
+
+    Accepts a PIL image (read as grayscale, white = inside; alpha ignored; 16-bit images scaled by 65535),
+    a numpy array or a torch tensor of rank 2 (or rank 3 with one singleton channel axis): bool, uint8
+    (0..255 scaled to [0, 1]), other integers holding 0 / 1, or floats in [0, 1]; or a path to an image file
+    (a `str` or `os.PathLike`, relative to the current directory unless absolute).
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return _from_image(_open_image(value, owner), owner)
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(value, Image.Image):
+        return _from_image(value, owner)
+    if isinstance(value, np.ndarray):
+        kind = value.dtype
+        if kind == np.bool_:
+            return _check(torch.from_numpy(value.astype(np.float64)), owner)
+        if kind == np.uint8:
+            return _check(torch.from_numpy(value.astype(np.float64) / 255.0), owner)
+        if kind == np.uint16:
+            return _check(torch.from_numpy(value.astype(np.float64) / 65535.0), owner)
+        if np.issubdtype(kind, np.integer):
+            return _check(torch.from_numpy(value.astype(np.float64)), owner, integer=True)
+        if np.issubdtype(kind, np.floating):
+            return _check(torch.from_numpy(value.astype(np.float64)), owner)
+        raise ConfigError(f"{owner}: a numpy mask must hold bools, integers or floats, got dtype {kind}")
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu")
+        if tensor.dtype == torch.bool:
+            return _check(tensor.double(), owner)
+        if tensor.dtype == torch.uint8:
+            return _check(tensor.double() / 255.0, owner)
+        if tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+            return _check(tensor.double(), owner, integer=True)
+        if tensor.is_floating_point():
+            return _check(tensor.double(), owner)
+        raise ConfigError(f"{owner}: a tensor mask must hold bools, integers or floats, got {tensor.dtype}")
+    raise ConfigError(
+        f"{owner}: a mask must be a PIL image, a numpy array, a torch tensor (values in [0, 1]) or a path to an image "
+        f"file, got {type(value).__name__}"
+    )
+
+
+def _open_image(path: Any, owner: str):
+    from PIL import Image
+
+    resolved = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(resolved):
+        raise ConfigError(f"{owner}: mask file {os.fspath(path)!r} does not exist (looked for {resolved!r})")
+    try:
+        with Image.open(resolved) as image:
+            image.load()
+            return image.copy()
+    except OSError as error:
+        raise ConfigError(f"{owner}: mask file {resolved!r} is not an image PIL can read: {error}") from None
+
+
+def _from_image(image: Any, owner: str) -> torch.Tensor:
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64) / 65535.0
+    elif mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+    else:
+        array = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    return _check(torch.from_numpy(np.ascontiguousarray(array)), owner)
+
+
+def _check(mask: torch.Tensor, owner: str, integer: bool = False) -> torch.Tensor:
+    if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
+        mask = mask[0] if mask.shape[0] == 1 else mask[..., 0]
+    if mask.ndim != 2:
+        raise ConfigError(
+            f"{owner}: a mask must be 2-D (H, W), or 3-D with one singleton channel axis, got shape {tuple(mask.shape)}"
+        )
+    if mask.shape[0] == 0 or mask.shape[1] == 0:
+        raise ConfigError(f"{owner}: the mask has no pixels (shape {tuple(mask.shape)})")
+    mask = mask.double()
+    if torch.isnan(mask).any():
+        raise ConfigError(f"{owner}: the mask contains NaN")
+    low, high = float(mask.min()), float(mask.max())
+    if low < 0.0 or high > 1.0:
+        what = "integer masks must hold 0 and 1 (uint8 masks 0..255)" if integer else "mask values must lie in [0, 1]"
+        raise ConfigError(f"{owner}: {what}; got values from {low:g} to {high:g}")
+    if high == 0.0:
+        raise ConfigError(f"{owner}: the mask is empty (all zeros); a region needs some area")
+    return mask.float().contiguous()
+
+
+def validate_box(box: Any, *, owner: str) -> Box:
+    """(x0, y0, x1, y1) relative image coordinates with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1."""
+    if isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:
+        raise ConfigError(f"{owner}: a box is (x0, y0, x1, y1) in relative image coordinates, got {box!r}")
+    values = []
+    for v in box:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            raise ConfigError(f"{owner}: box coordinates must be finite numbers in [0, 1], got {box!r}")
+        values.append(float(v))
+    x0, y0, x1, y1 = values
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ConfigError(f"{owner}: box {tuple(values)} lies outside [0, 1]; boxes are relative (x0, y0, x1, y1)")
+    if not (x0 < x1 and y0 < y1):
+        raise ConfigError(f"{owner}: box {tuple(values)} needs x0 < x1 and y0 < y1")
+    return (x0, y0, x1, y1)
+
+
+# -- resizing ---------------------------------------------------------------------------------------------------
+def area_matrix(source: int, target: int) -> torch.Tensor:
+    """(target, source) float64 weights of exact area averaging from `source` equal cells to `target` equal cells."""
+    src = torch.arange(source + 1, dtype=torch.float64) / source
+    dst = torch.arange(target + 1, dtype=torch.float64) / target
+    low = torch.maximum(dst[:-1, None], src[None, :-1])
+    high = torch.minimum(dst[1:, None], src[None, 1:])
+    return (high - low).clamp(min=0.0) * target
+
+
+def box_coverage(box: Box, grid: tuple[int, int]) -> torch.Tensor:
+    """(h, w) float64: the fraction of each grid cell inside `box` (a hard box averaged over each cell)."""
+    x0, y0, x1, y1 = box
+
+    def axis(a: float, b: float, n: int) -> torch.Tensor:
+        edges = torch.arange(n + 1, dtype=torch.float64) / n
+        return (torch.minimum(edges[1:], torch.tensor(b, dtype=torch.float64)) - torch.maximum(edges[:-1], torch.tensor(a, dtype=torch.float64))).clamp(min=0.0) * n
+
+    return axis(y0, y1, grid[0])[:, None] * axis(x0, x1, grid[1])[None, :]
+
+
+def resize_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(h, w) float64: `mask` (H, W) area-averaged onto `grid`."""
+    h, w = grid
+    rows = area_matrix(mask.shape[0], h)
+    cols = area_matrix(mask.shape[1], w)
+    return rows @ mask.double() @ cols.T
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """All regions on one attention grid.
+
+    `coverage` (R, N): each region's mask area-averaged onto the grid (before overlap normalisation);
+    `weights` (R, N): the same, divided by the per-cell sum where that sum exceeds 1 (these are the `m_r(x)` of
+    DESIGN §3); `total` (N,): `M(x) = sum_r m_r(x)` (<= 1); `labels` (N,) int64: 0 for background, r + 1 for a
+    cell that belongs to region r (see the module docstring). N = h * w, row-major.
+    """
+
+    grid: tuple[int, int]
+    coverage: torch.Tensor
+    weights: torch.Tensor
+    total: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def binary(self) -> bool:
+        """Whether every cell is either fully inside one region's weight or outside all (M in {0, 1})."""
+        return bool(((self.total == 0) | (self.total == 1)).all())
+
+
+def grid_layout(shapes: tuple[torch.Tensor | Box, ...], grid: tuple[int, int]) -> GridLayout:
+    """Resize every region shape (a (H, W) mask tensor or a box) to `grid` and derive weights and labels."""
+    planes = [box_coverage(s, grid) if isinstance(s, tuple) else resize_mask(s, grid) for s in shapes]
+    coverage = torch.stack([p.reshape(-1) for p in planes])  # (R, N) float64
+    coverage = coverage.clamp(0.0, 1.0)
+    coverage = torch.where(coverage < 1e-12, torch.zeros_like(coverage), coverage)
+    coverage = torch.where(coverage > 1 - 1e-12, torch.ones_like(coverage), coverage)
+    total = coverage.sum(0)
+    scale = torch.where(total > 1.0, 1.0 / total.clamp(min=1e-12), torch.ones_like(total))
+    weights = coverage * scale
+    labels = region_labels(coverage)
+    return GridLayout(grid, coverage.float(), weights.float(), weights.sum(0).clamp(max=1.0).float(), labels)
+
+
+def region_labels(coverage: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 labels from (R, N) coverage: the largest region (ties: the later one) if >= 1/2, else 0."""
+    best = coverage.max(0).values
+    order = torch.arange(1, coverage.shape[0] + 1, dtype=torch.int64)[:, None]
+    label = torch.where(coverage >= best - 1e-12, order, torch.zeros_like(order)).max(0).values
+    return torch.where(best >= LABEL_THRESHOLD - _EPS, label, torch.zeros_like(label))

@@ -1,0 +1,408 @@
+"""Cross-attention reweighting: emphasise or mute words at the attention level.
+
+Prompt-to-Prompt (Hertz et al. 2022, "Prompt-to-Prompt Image Editing with Cross Attention Control", §3.2
+"attention re-weighting"): the post-softmax attention probabilities of chosen text tokens are multiplied
+by a factor, without renormalisation, `A' = A ⊙ w`. Since `A' V = A (w ⊙ V)`, this is a per-key value
+scale, which every fused kernel takes at no cost: no attention matrix is materialised. `normalize=True`
+renormalises instead, `softmax(logits + log w)`: an additive per-key bias.
+
+Where: the conditional rows (perturbed copies of them included) of every cross-attention layer (UNet,
+PixArt) and the image-query rows of every joint-attention layer (SD3, Flux) over each text encoder's span;
+the text-query rows of joint attention are unchanged. Token positions are resolved per prompt row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..control import BindContext, Bound, Control, Frame
+from ..errors import CallLayoutError, ConfigError
+from ..families.base import LayerInfo, ModelAdapter
+from ..selection import LayerSpec, validate_layers
+from ..steps import StepInfo, StepWindow, validate_steps
+from ..tokens import WordQuery, describe_query, validate_word_query
+from ..validation import choice, set_field
+from .common import TEXT_KINDS, select_kinds, text_layers
+from .edit import Edit
+
+#: A factor: a number, a `(start, end)` pair (linear ramp over the steps the control acts on), or a
+#: callable of the step fraction `i / n` returning a number.
+Factor = float | tuple[float, float] | Callable[[float], float]
+BRANCHES: tuple[str, ...] = ("cond", "uncond", "both")
+_ENTRY_KEYS = frozenset({"word", "occurrence", "position", "weight"})
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One entry of a weight table: a word query and its factor (number, (start, end) ramp or callable)."""
+
+    query: WordQuery
+    factor: Factor
+
+
+WeightTable = tuple[Weight, ...]
+
+
+@dataclass(frozen=True)
+class Reweight(Control, type_name="reweight"):
+    """Multiply the attention paid to chosen words by a factor (Prompt-to-Prompt reweighting).
+
+    `weights`: a mapping from a word or phrase (every occurrence), a `(word, occurrence)` pair or a token
+    position to a factor; or a list of such mappings, one per prompt of the call (applied to all the images
+    of that prompt). At least one entry is needed (an empty mapping is a ConfigError). A factor is a number >= 0 (0 mutes, 1 changes nothing), a `(start, end)` pair for a
+    linear ramp from the first to the last step the control acts on, or a callable of the step fraction
+    `i / n`. Positions matched by several keys get the product of their factors.
+
+    `normalize`: False (default) is Prompt-to-Prompt, `A ⊙ w` without renormalisation; True is
+    `softmax(logits + log w)`. `layers`: cross-attention (UNet, PixArt) or joint-attention (SD3, Flux)
+    layers, all by default; a selection keeps only those kinds. `steps`: the step window. `branch`:
+    `"cond"` (the prompt's rows, default), `"uncond"` (the negative prompt's rows: words are looked up in
+    the negative prompt) or `"both"` (each prompt's words in its own rows; a word must be in both).
+    """
+
+    weights: Any
+    _: KW_ONLY
+    normalize: bool = False
+    layers: LayerSpec = None
+    steps: StepWindow = (0.0, 1.0)
+    branch: str = "cond"
+
+    needs_words: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        weights = _parse_weights(self.weights)
+        if not any(weights):  # no entry (in any prompt's table)
+            raise ConfigError(
+                f"Reweight.weights is empty ({self.weights!r}): give at least one word or token position and its factor, "
+                "e.g. {'cat': 1.5}"
+            )
+        set_field(self, "weights", weights)
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"Reweight.normalize must be True or False, got {self.normalize!r}")
+        set_field(self, "layers", validate_layers(self.layers, name="Reweight.layers"))
+        set_field(self, "steps", validate_steps(self.steps, name="Reweight.steps"))
+        choice(self.branch, "Reweight.branch", BRANCHES)
+
+    # -- construction helpers ---------------------------------------------------------------------------
+    @classmethod
+    def from_prompt(cls, prompt: str | Sequence[str], **options: Any) -> tuple[str | list[str], Reweight]:
+        """`(clean prompt(s), Reweight)` from prompts written with weighting syntax (`attnctl.parse_prompt`)."""
+        from ..prompt_weights import parse_prompts
+
+        clean, weights = parse_prompts(prompt)
+        if not (any(weights) if isinstance(weights, list) else weights):
+            raise ConfigError(
+                f"Reweight.from_prompt: {prompt!r} has no weighting syntax such as (word:1.5), (word) or [word]; "
+                "use the prompt as it is, without Reweight"
+            )
+        return clean, cls(weights, **options)
+
+    @property
+    def per_prompt(self) -> bool:
+        """Whether `weights` holds one table per prompt."""
+        return bool(self.weights) and isinstance(self.weights[0], tuple)
+
+    def tables(self) -> tuple[WeightTable, ...]:
+        """The weight tables: one shared table, or one per prompt."""
+        return self.weights if self.per_prompt else (self.weights,)
+
+    @property
+    def kernel_features(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("key_bias",) if self.normalize else ("value_scale",)
+
+    # -- Control protocol -------------------------------------------------------------------------------
+    def default_layers(self, adapter: ModelAdapter) -> str:
+        return text_layers(adapter)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        return select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
+
+    def bind(self, context: BindContext) -> ReweightBound:
+        return ReweightBound(self, context)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"key_edits": a per-key value scale (or bias) on the text keys."""
+        return ("key_edits",)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        tables = [[_entry(w.query, w.factor) for w in table] for table in self.tables()]
+        out["weights"] = tables if self.per_prompt else tables[0]
+        return out
+
+
+def _is_factor_like(value: Any) -> bool:
+    if callable(value) or isinstance(value, (int, float)) and not isinstance(value, bool):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    )
+
+
+def _is_entry_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and "weight" in value and set(value) <= _ENTRY_KEYS
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, (list, tuple)) and len(item) == 2 and not isinstance(item[0], Mapping) and _is_factor_like(item[1])
+
+
+def _is_prompt_table(item: Any) -> bool:
+    """One prompt's table in a per-prompt list: a mapping, a list of JSON entries, or a normalised table."""
+    if isinstance(item, Mapping):
+        return not _is_entry_dict(item)
+    if isinstance(item, tuple) and all(isinstance(e, Weight) for e in item):
+        return True
+    return isinstance(item, list) and all(_is_entry_dict(e) for e in item) and not _is_pair(item)
+
+
+def _parse_weights(weights: Any) -> WeightTable | tuple[WeightTable, ...]:
+    """Normalise every accepted form of `weights` to a table (or a tuple of tables, one per prompt)."""
+    if isinstance(weights, Mapping) and not _is_entry_dict(weights):
+        return _table(list(weights.items()), "Reweight.weights")
+    if isinstance(weights, (list, tuple)):
+        items = list(weights)
+        if items and all(_is_prompt_table(item) for item in items):
+            return tuple(
+                _table(list(item.items()) if isinstance(item, Mapping) else list(item), f"Reweight.weights[{i}]")
+                for i, item in enumerate(items)
+            )
+        return _table(items, "Reweight.weights")
+    raise ConfigError(
+        "Reweight.weights must be a mapping {word: factor}, a list of (word, factor) pairs or of "
+        "{'word'|'position', 'occurrence', 'weight'} entries, or a list of mappings (one per prompt); "
+        f"got {weights!r}"
+    )
+
+
+def _table(items: list[Any], name: str) -> WeightTable:
+    table: list[tuple[WordQuery, Factor]] = []
+    seen: list[WordQuery] = []
+    for item in items:
+        if isinstance(item, Weight):
+            query, factor = item.query, item.factor
+        elif _is_entry_dict(item):
+            query, factor = _from_entry(item, name)
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            query, factor = item
+        else:
+            raise ConfigError(f"{name}: {item!r} is neither a (word, factor) pair nor a {{'word', 'weight'}} entry")
+        query = validate_word_query(query, owner=name)
+        if query in seen:
+            raise ConfigError(f"{name}: {describe_query(query)} is given twice")
+        seen.append(query)
+        table.append(Weight(query, _factor(factor, f"{name}[{describe_query(query)}]")))
+    return tuple(table)
+
+
+def _from_entry(entry: Mapping[str, Any], name: str) -> tuple[Any, Any]:
+    if ("word" in entry) == ("position" in entry) or ("occurrence" in entry and "word" not in entry):
+        raise ConfigError(f"{name}: entry {dict(entry)!r} needs exactly one of 'word' (with an optional 'occurrence') or 'position'")
+    if "position" in entry:
+        return entry["position"], entry["weight"]
+    if "occurrence" in entry:
+        return (entry["word"], entry["occurrence"]), entry["weight"]
+    return entry["word"], entry["weight"]
+
+
+def _entry(query: WordQuery, factor: Factor) -> dict[str, Any]:
+    if callable(factor):
+        raise ConfigError(
+            f"Reweight.to_dict: the factor of {describe_query(query)} is a callable ({factor!r}), which cannot be "
+            "serialised; use a number or a (start, end) ramp"
+        )
+    weight = list(factor) if isinstance(factor, tuple) else factor
+    if isinstance(query, int):
+        return {"position": query, "weight": weight}
+    if isinstance(query, tuple):
+        return {"word": query[0], "occurrence": query[1], "weight": weight}
+    return {"word": query, "weight": weight}
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number >= 0, a (start, end) pair or a callable of the step fraction, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0 (0 mutes, 1 changes nothing), got {value!r}")
+    return value
+
+
+def _factor(value: Any, name: str) -> Factor:
+    if callable(value):
+        return value
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ConfigError(f"{name}: a schedule pair must be (start, end), got {value!r}")
+        return (_number(value[0], f"{name} start"), _number(value[1], f"{name} end"))
+    return _number(value, name)
+
+
+def factor_values(factor: Factor, active: Sequence[int], count: int, name: str) -> list[float]:
+    """The factor at each active step index (`active`: the indices the control acts on, of `count`)."""
+    if isinstance(factor, float):
+        return [factor] * len(active)
+    if isinstance(factor, tuple):
+        start, end = factor
+        if len(active) < 2:
+            return [start] * len(active)
+        first, last = active[0], active[-1]
+        return [start + (end - start) * (i - first) / (last - first) for i in active]
+    values = []
+    for i in active:
+        try:
+            value = factor(i / count)
+        except Exception as error:  # noqa: BLE001 - report which schedule failed, keep the cause
+            raise ConfigError(f"{name}: the schedule raised {error!r} at step fraction {i / count:g}") from error
+        if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+            value = value.item()
+        values.append(_number(value, f"{name} at step fraction {i / count:g}"))
+    return values
+
+
+class ReweightBound(Bound):
+    """Reweight bound to one pipeline call: per-step weights per prompt row, per branch."""
+
+    def __init__(self, control: Reweight, context: BindContext):
+        super().__init__(control, context.layers, control.steps)
+        self.normalize = control.normalize
+        self.text_len = context.canvas.text_len
+        self.device = context.device
+        count = context.steps
+        self.active_steps = tuple(i for i in range(count) if StepInfo(i, count).inside(control.steps))
+        self._step_slot = {step: k for k, step in enumerate(self.active_steps)}
+        branches = ("cond", "uncond") if control.branch == "both" else (control.branch,)
+        tables = control.tables()
+        rows = context.prompt_rows
+        if len(tables) > 1 and rows % len(tables):
+            raise ConfigError(
+                f"Reweight has weights for {len(tables)} prompts, but the call has {rows} prompt row(s) "
+                "(prompts x num_images_per_prompt); give one mapping per prompt, or one mapping for all"
+            )
+        per_prompt = rows // len(tables)
+        # factor values per table entry per active step, validated before anything is computed
+        values = [
+            [factor_values(w.factor, self.active_steps, count, f"Reweight factor of {describe_query(w.query)}") for w in table]
+            for table in tables
+        ]
+        # weights[branch]: (active steps, prompt rows, text_len) on the CPU; identity[branch][k]: all ones
+        self.weights: dict[str, torch.Tensor] = {}
+        for branch in branches:
+            tokens = _tokens_for(context, branch, tables)
+            if tokens is _NO_ROWS:
+                continue
+            grid = torch.ones(len(self.active_steps), rows, self.text_len)
+            for row in range(rows):
+                t = row // per_prompt if len(tables) > 1 else 0
+                for weight, per_step in zip(tables[t], values[t]):
+                    positions = _positions(tokens, weight.query, row, self.text_len)
+                    grid[:, row, list(positions)] *= torch.tensor(per_step)[:, None]
+            if self.normalize:
+                _check_not_all_muted(grid, branch, self.active_steps, context)
+            self.weights[branch] = grid
+        self.identity = {
+            branch: [bool((grid[k] == 1).all()) for k in range(len(self.active_steps))] for branch, grid in self.weights.items()
+        }
+        self._cache_step: int | None = None
+        self._cache: dict[Any, Edit | None] = {}
+        self._device_weights: dict[str, torch.Tensor] = {}
+        self._on_device = {branch: grid.to(self.device) for branch, grid in self.weights.items()}  # one copy per call
+
+    def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
+        """(prompt rows, text_len) factors at step index `step` for `branch`; None outside the step window."""
+        k = self._step_slot.get(step)
+        if k is None or branch not in self.weights:
+            return None
+        return self.weights[branch][k]
+
+    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+        step = frame.step.index
+        k = self._step_slot.get(step)
+        if k is None:
+            return None
+        live = [b for b, identity in self.identity.items() if not identity[k]]
+        if not live:
+            return None
+        if step != self._cache_step:
+            self._cache_step, self._cache = step, {}
+            self._device_weights = {b: self._on_device[b][k] for b in live}
+        geometry = frame.geometry(layer)
+        key_text = geometry.key_text_slice
+        # keys from the frame's geometry: another control may have appended text tokens (Regions on SD3 / Flux puts
+        # region prompts after the base text); the weights stay on the base text, the first `text_len` text keys
+        n_keys = geometry.text_len if layer.kind == "cross" else geometry.image_len + geometry.text_len
+        if geometry.text_len < self.text_len:
+            raise CallLayoutError(
+                f"attnctl: Reweight was bound to {self.text_len} text tokens, layer {layer.name} has {geometry.text_len}"
+            )
+        key = (frame.rows.rows, key_text.start, n_keys, layer.kind == "cross" or (geometry.image_slice.start, geometry.image_slice.stop))
+        if key not in self._cache:
+            self._cache[key] = self._build(frame, key_text, n_keys, None if layer.kind == "cross" else geometry.image_slice)
+        return self._cache[key]
+
+    def _build(self, frame: Frame, key_text: slice, n_keys: int, image_rows: slice | None) -> Edit | None:
+        weights = self._device_weights
+        ones = torch.ones(self.text_len, device=self.device)
+        per_row, touched = [], False
+        for row in frame.rows.rows:
+            table = weights.get(row.branch)
+            if table is None:
+                per_row.append(ones)
+            else:
+                per_row.append(table[row.prompt])
+                touched = True
+        if not touched:
+            return None
+        text = torch.stack(per_row)  # (B, text_len)
+        if n_keys == self.text_len and key_text.start == 0:
+            scale = text
+        else:
+            scale = torch.ones(len(per_row), n_keys, device=self.device)
+            scale[:, key_text.start : key_text.start + self.text_len] = text
+        query_range = None if image_rows is None else (image_rows.start, image_rows.stop)
+        if self.normalize:
+            return Edit(key_bias=torch.log(scale), query_range=query_range)
+        return Edit(value_scale=scale, query_range=query_range)
+
+
+_NO_ROWS = object()
+
+
+def _tokens_for(context: BindContext, branch: str, tables: tuple[WeightTable, ...]) -> Any:
+    """The PromptTokens of `branch`; None when only explicit positions are used; _NO_ROWS when the call has
+    no rows of that branch (Flux without true CFG has no negative prompt)."""
+    needs_words = any(not isinstance(w.query, int) for table in tables for w in table)
+    tokens = context.tokens if branch == "cond" else context.negative_tokens
+    if tokens is None and branch == "uncond" and context.tokens is not None:
+        return _NO_ROWS
+    if tokens is None and needs_words:
+        return context.require_tokens("Reweight", branch)
+    return tokens
+
+
+def _positions(tokens: Any, query: WordQuery, row: int, text_len: int) -> tuple[int, ...]:
+    if tokens is not None:
+        return tokens.positions(query, row)
+    from ..errors import TokenError
+
+    if query >= text_len:  # explicit positions without prompts (prompt_embeds)
+        raise TokenError(f"attnctl: token position {query} is outside the text sequence of {text_len} tokens")
+    return (query,)
+
+
+def _check_not_all_muted(grid: torch.Tensor, branch: str, steps: tuple[int, ...], context: BindContext) -> None:
+    """normalize=True with every text key at 0 leaves a cross-attention row with no key at all."""
+    if not any(layer.kind == "cross" for layer in context.layers):
+        return
+    dead = (grid == 0).all(dim=-1)  # (steps, rows)
+    if dead.any():
+        k, row = (int(i) for i in dead.nonzero()[0])
+        raise ConfigError(
+            f"Reweight(normalize=True) mutes every text token of {branch} prompt row {row} at step {steps[k]}: "
+            "cross-attention would have no key left; use normalize=False or keep a token"
+        )

@@ -1,0 +1,237 @@
+"""TGATE: caching cross-attention after a gate step, and dropping classifier-free guidance there.
+
+Zhang, Liu et al. 2024, "Cross-Attention Makes Inference Cumbersome in Text-to-Image Diffusion Models"
+(arXiv 2404.02747), as their reference code (github.com/HaozheLiu-ST/T-GATE, `tgate_scheduler`) does it:
+
+- step indices `0 .. g-1` run with CFG, unchanged;
+- at index `g-1` every cross-attention layer also stores the mean of its uncond and cond outputs;
+- from index `g` on one row per prompt runs, with the negative / null-text conditioning (SDXL: its pooled
+  embeddings and time ids too), every cross-attention layer returns the stored mean, and that prediction is
+  returned for both CFG rows, so the pipeline's CFG gives it back unchanged;
+- TGATE v2's self-attention reuse (optional): after `warm_up` steps, self-attention outputs are stored every
+  `sp_interval` steps and reused in between, before the gate; at `g-1` the mean is stored, and after the gate
+  they are stored every `fi_interval` steps and reused in between.
+
+Without CFG (guidance_scale <= 1) there is nothing to drop: the cross-attention outputs of step `g-1` are stored
+and reused after it (and the self-attention reuse as configured). TGATE needs cross-attention: on joint-attention
+models (SD3, Flux) it raises; `FastAttn` is the method for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from ..control import BindContext, Bound, Control, Frame
+from ..errors import ConfigError, UnsupportedError
+from ..families.base import LayerInfo, ModelAdapter
+from ..pipelines.rows import RowPlan, RowSelect
+from ..selection import LayerSpec, validate_layers
+from ..validation import integer, set_field
+from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows
+from .common import RowIndex, output_key, publish
+from .edit import Edit, LayerCall, LayerHook
+
+Action = Literal["compute", "store", "store_mean", "reuse"]
+
+
+def cross_action(step: int, gate_step: int, steps: int) -> Action:
+    """What a cross-attention layer does at step index `step` (TGATE)."""
+    if step < gate_step - 1:
+        return "compute"
+    if step == gate_step - 1:
+        return "store_mean" if gate_step < steps else "compute"
+    return "reuse"
+
+
+def self_action(step: int, gate_step: int, steps: int, warm_up: int, sp_interval: int | None, fi_interval: int | None) -> Action:
+    """What a self-attention layer does at step index `step` (TGATE v2's `tgate_scheduler`)."""
+    if step < gate_step - 1:
+        if sp_interval is None or step < warm_up:
+            return "compute"
+        if step == warm_up or step % sp_interval == 0:
+            return "store"
+        return "reuse"
+    if step == gate_step - 1:
+        return "store_mean" if fi_interval is not None and gate_step < steps else "compute"
+    if fi_interval is None:
+        return "compute"
+    return "store" if step % fi_interval == 0 else "reuse"
+
+
+@dataclass(frozen=True)
+class TGate(Control, type_name="tgate"):
+    """TGATE (Zhang et al. 2024): cache cross-attention from step `gate_step` on and drop CFG there.
+
+    gate_step: the step index from which cross-attention is cached and CFG dropped (>= 1). At or beyond the
+        number of steps nothing changes.
+    warm_up, sp_interval, fi_interval: TGATE v2's self-attention reuse (off while both intervals are None):
+        after `warm_up` steps, store every `sp_interval` steps before the gate and every `fi_interval` after it,
+        reusing the stored output in between.
+    layers: the attention layers; default the cross-attention layers (and the self-attention layers when an
+        interval is set). Cross layers get the caching, self layers the v2 reuse.
+    key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
+    """
+
+    gate_step: int = 10
+    warm_up: int = 0
+    sp_interval: int | None = None
+    fi_interval: int | None = None
+    layers: LayerSpec = None
+    key: str = "tgate"
+
+    slots: ClassVar[tuple[str, ...]] = ("cache",)
+
+    def __post_init__(self) -> None:
+        set_field(self, "gate_step", integer(self.gate_step, "TGate.gate_step", minimum=1))
+        set_field(self, "warm_up", integer(self.warm_up, "TGate.warm_up", minimum=0))
+        for name in ("sp_interval", "fi_interval"):
+            value = getattr(self, name)
+            if value is not None:
+                set_field(self, name, integer(value, f"TGate.{name}", minimum=1))
+        set_field(self, "layers", validate_layers(self.layers, name="TGate.layers"))
+        set_field(self, "key", output_key(self.key, "TGate"))
+
+    @property
+    def output_key(self) -> str:
+        """Where the report goes in `handle.outputs`."""
+        return self.key
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"cache": the layer's output is stored and reused."""
+        return ("cache",)
+
+    @property
+    def reuses_self_attention(self) -> bool:
+        return self.sp_interval is not None or self.fi_interval is not None
+
+    def default_layers(self, adapter: ModelAdapter) -> str | tuple[str, ...]:
+        return ("cross", "self") if self.reuses_self_attention else "cross"
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if adapter.family not in ("unet", "pixart"):
+            raise UnsupportedError(
+                f"attnctl: TGate caches cross-attention, which {adapter.family} does not have (its text and image "
+                "tokens share joint attention layers); TGate supports unet and pixart. Use attnctl.FastAttn for "
+                "joint-attention models."
+            )
+        if self.layers is not None:
+            kinds = {layer.kind for layer in self.select(adapter)}
+            if "self" in kinds and not self.reuses_self_attention:
+                raise ConfigError(
+                    "TGate.layers selects self-attention layers, but self-attention reuse is off (sp_interval and "
+                    "fi_interval are None); select cross-attention layers, or set an interval"
+                )
+
+    def bind(self, context: BindContext) -> Bound:
+        return TGateBound(self, context)
+
+
+class TGateBound(Bound):
+    def __init__(self, control: TGate, context: BindContext):
+        super().__init__(control, context.layers, (0.0, 1.0))
+        self.tgate = control
+        self.count = context.steps
+        self.cfg = context.cfg
+        self.report = CacheReport("tgate", steps=context.steps)
+        publish(context, control.key, self.report, "TGate")
+        self.accountant = Accountant(context.adapter, context.layers, self.report)
+        self.index = RowIndex()
+        self.caches: dict[int, BranchCache] = {layer.index: BranchCache(self.index) for layer in context.layers}
+        self.mean_mode: dict[int, bool] = {}
+        self.passes = PassCounter()
+        self._dropped: tuple[int, int] = (-1, 0)  # (frame number, rows dropped by the row selection)
+
+    # -- rows -----------------------------------------------------------------------------------------------------
+    def row_plan(self, frame: Frame) -> RowPlan | None:
+        rows = frame.rows
+        if frame.step.index < self.tgate.gate_step or not rows.indices("uncond", None) or not rows.indices("cond", None):
+            return None
+        self._dropped = (frame.number, len(rows.indices("uncond", None)))
+        return RowPlan(select=RowSelect("uncond", label="cond"))
+
+    # -- layers ---------------------------------------------------------------------------------------------------
+    def action(self, layer: LayerInfo, step: int) -> Action:
+        control = self.tgate
+        if layer.kind == "cross":
+            return cross_action(step, control.gate_step, self.count)
+        return self_action(step, control.gate_step, self.count, control.warm_up, control.sp_interval, control.fi_interval)
+
+    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+        # the rows the selection dropped count in the baseline of the forward that holds the selected rows (not in
+        # a separate forward of perturbed rows made for the same denoiser call)
+        selected_here = self._dropped[0] == frame.number and frame.rows.indices("cond", None)
+        dropped = self._dropped[1] if selected_here else 0
+        rows, baseline = len(frame.rows), len(frame.rows) + dropped
+        self.accountant.see(frame, baseline)
+        pass_index = self.passes(frame)
+        step = frame.step.index
+        action = self.action(layer, step)
+        one = self.accountant.full(layer, frame, 1)
+        if action == "compute":
+            self.report.record(step, layer.name, "nocfg" if dropped else "full", rows * one, baseline * one)
+            return None
+        hook = _TGateHook(self, layer, action, pass_index, one, baseline)
+        if action != "reuse":  # reuse records hit or miss when it runs
+            self.report.record(step, layer.name, "store", rows * one, baseline * one)
+        return Edit(hooks=(hook,))
+
+    def store(self, layer: LayerInfo, call: LayerCall, result: Any, pass_index: Any) -> None:
+        cache = self.caches[layer.index]
+        if self.mean_mode.pop(layer.index, False):
+            cache.clear()
+        cache.store(call.rows, result, row_keys(call.rows, pass_index))
+
+    def store_mean(self, layer: LayerInfo, call: LayerCall, result: Any) -> None:
+        """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG)."""
+        rows = call.rows
+        cond = rows.indices("cond", None)
+        if not cond:  # a forward of perturbed copies only (separate guidance rows): the mean is not theirs
+            return
+        uncond = {rows.rows[i].prompt: i for i in rows.indices("uncond", None)}
+        prompts = tuple(rows.rows[i].prompt for i in cond)
+        value = take_rows(result, cond, self.index)
+        if uncond:
+            value = (take_rows(result, [uncond[p] for p in prompts], self.index) + value) / 2
+        cache = self.caches[layer.index]
+        cache.clear()
+        cache.store_by_prompt("mean", prompts, value)
+        self.mean_mode[layer.index] = True
+
+    def load(self, layer: LayerInfo, call: LayerCall, pass_index: Any) -> Any | None:
+        cache = self.caches[layer.index]
+        keys = ["mean"] * len(call.rows) if self.mean_mode.get(layer.index) else row_keys(call.rows, pass_index)
+        return cache.load(call.rows, keys)
+
+    def finish(self) -> None:
+        for cache in self.caches.values():
+            cache.clear()
+        self.index.clear()
+        self.mean_mode.clear()
+        self.accountant._frame = None
+
+
+class _TGateHook(LayerHook):
+    slot: ClassVar[str | None] = "cache"
+
+    def __init__(self, bound: TGateBound, layer: LayerInfo, action: Action, pass_index: Any, one_row: float, baseline: int):
+        self.bound, self.layer, self.action, self.pass_index = bound, layer, action, pass_index
+        self.one_row, self.baseline = one_row, baseline
+
+    def reuse(self, call: LayerCall, hidden: Any, context: Any) -> Any | None:
+        if self.action != "reuse":
+            return None
+        value = self.bound.load(self.layer, call, self.pass_index)
+        full = self.baseline * self.one_row
+        if value is None:
+            self.bound.report.record(call.step.index, self.layer.name, "miss", len(call.rows) * self.one_row, full)
+            return None
+        self.bound.report.record(call.step.index, self.layer.name, "cached", 0.0, full, hit=True)
+        return value
+
+    def result(self, call: LayerCall, result: Any) -> Any:
+        if self.action == "store":
+            self.bound.store(self.layer, call, result, self.pass_index)
+        elif self.action == "store_mean":
+            self.bound.store_mean(self.layer, call, result)
+        return result

@@ -1,0 +1,287 @@
+"""Per-handle runtime: the state of the pipeline call in progress and of the denoiser call in progress.
+
+The handle feeds it from instance-level hook points (DESIGN §2): `check_inputs` starts a call,
+`encode_prompt` records the prompts and whether CFG is on, `scheduler.step` advances the step,
+`transformer.cache_context` names Flux's cond / uncond passes, the denoiser's `forward` opens a frame,
+`maybe_free_model_hooks` ends the call. Processors ask `edit_for(layer)` in the hot path: a dict lookup
+once the frame's edit for that layer is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .control import BindContext, Bound, Control, Frame
+from .errors import CallLayoutError, HandleError
+from .families.base import Canvas, LayerInfo, ModelAdapter
+from .kernels import choose_backend
+from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
+from .pipelines.rows import Perturbation, RowLayout, RowPlan, RowSelect, SecondPass
+from .processors.edit import Edit, LayerCall, merge_edits
+from .steps import StepInfo
+from .tokens import PromptTokens
+
+
+@dataclass
+class CallState:
+    """Everything about one pipeline call; replaced wholesale at the next call's start."""
+
+    encode_calls: list[dict[str, Any]] = field(default_factory=list)
+    positions_done: int = 0  # scheduler.step calls so far
+    num_positions: int | None = None
+    order: int = 1
+    bound: list[Bound] | None = None
+    frames: int = 0
+    guidance_terms: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> D, for separate cond/uncond calls
+    guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # step -> prompt row of each D row
+
+    @property
+    def record(self) -> PromptRecord:
+        return PromptRecord(self.encode_calls)
+
+
+class Runtime:
+    def __init__(
+        self,
+        pipeline: Any,
+        adapter: ModelAdapter,
+        protocol: CallProtocol,
+        controls: tuple[Control, ...],
+        resolved: dict[int, tuple[LayerInfo, ...]],
+        backend: str,
+    ):
+        self.pipeline = pipeline
+        self.adapter = adapter
+        self.protocol = protocol
+        self.controls = controls
+        self.resolved = resolved  # control position -> layers it acts on
+        self.backend = backend
+        self.call: CallState | None = None
+        self.frame: Frame | None = None
+        self.context: str | None = None  # Flux cache_context name
+        self._frame_edits: dict[int, Edit | None] = {}
+        self._backend_cache: dict[tuple[str, tuple[str, ...], int], tuple[str, str]] = {}
+        self.backend_log: dict[str, tuple[str, str]] = {}
+        self.last_call: CallState | None = None
+        self.outputs: dict[str, Any] = {}
+        self.internal = 0  # >0 while attnctl itself calls pipeline methods (not recorded)
+        self._signature = inspect.signature(adapter.denoiser.forward)
+
+    # -- call lifecycle -------------------------------------------------------------------------------------
+    def begin_call(self) -> None:
+        self._finish_bound()
+        self.outputs.clear()
+        self.call = CallState()
+        self.frame = None
+        self.context = None
+
+    def record_encode(self, arguments: dict[str, Any]) -> None:
+        if self.call is None or self.call.frames:
+            self.begin_call()
+        self.call.encode_calls.append(arguments)
+
+    def scheduler_stepped(self) -> None:
+        if self.call is not None:
+            self.call.positions_done += 1
+
+    def end_call(self) -> None:
+        self._finish_bound()
+        self.last_call = self.call
+        self.call = None
+        self.frame = None
+
+    def _finish_bound(self) -> None:
+        if self.call is not None and self.call.bound:
+            for bound in self.call.bound:
+                bound.finish()
+
+    # -- denoiser calls -------------------------------------------------------------------------------------
+    def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = self._signature.bind(*args, **kwargs)
+        return dict(bound.arguments)
+
+    def open_frame(self, inputs: dict[str, Any], batch: int) -> Frame:
+        call = self.call
+        if call is None or not call.encode_calls:
+            raise HandleError(
+                f"attnctl: the {self.adapter.family} denoiser was called outside a call of the pipeline it was "
+                f"applied to ({type(self.pipeline).__name__}). Pipelines made with from_pipe share the denoiser: "
+                "apply attnctl to the pipeline you call (handle.remove() first)."
+            )
+        canvas = self.adapter.canvas(inputs)
+        if call.frames == 0:
+            self._start_schedule(call)
+        step = self._step(call)
+        rows = base_rows(self.protocol, call.record, batch, self.context, inputs)
+        frame = Frame(step=step, rows=rows, canvas=canvas, context=self.context, inputs=inputs, number=call.frames)
+        if call.bound is None:
+            call.bound = self._bind(call, canvas, step, inputs)
+        call.frames += 1
+        return frame
+
+    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> tuple[dict[str, Any], Frame]:
+        """Let active bound controls change the denoiser's inputs; the frame's canvas follows the new inputs."""
+        changed = False
+        for bound in self.call.bound or ():
+            if bound.active(frame.step):
+                new = bound.transform_inputs(frame, inputs)
+                if new is not inputs:
+                    inputs, changed = new, True
+        if changed:
+            frame = replace(frame, canvas=self.adapter.canvas(inputs), inputs=inputs)
+        return inputs, frame
+
+    @contextlib.contextmanager
+    def internal_calls(self) -> Iterator[None]:
+        """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""
+        self.internal += 1
+        try:
+            yield
+        finally:
+            self.internal -= 1
+
+    def row_plan(self, frame: Frame) -> RowPlan:
+        """The row plans of the bound controls active in `frame`, merged (perturbations and second passes)."""
+        found: list[Perturbation] = []
+        second: list[SecondPass] = []
+        for bound in self.call.bound or ():
+            if bound.active(frame.step):
+                plan = bound.row_plan(frame)
+                if plan is not None:
+                    found.extend(plan.perturbations)
+                    second.extend(plan.second)
+        tags = [p.tag for p in found] + [p.tag for p in second]
+        if len(set(tags)) != len(tags):
+            raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
+        return RowPlan(tuple(found), tuple(second))
+
+    def perturbations(self, frame: Frame) -> tuple[Perturbation, ...]:
+        return self.row_plan(frame).perturbations
+
+    def selection(self, frame: Frame) -> RowSelect | None:
+        """The row selection the bound controls ask for in this denoiser call (two different ones conflict)."""
+        found: RowSelect | None = None
+        for bound in self.call.bound or ():
+            if bound.active(frame.step):
+                plan = bound.row_plan(frame)
+                if plan is not None and plan.select is not None:
+                    if found is not None and plan.select != found:
+                        raise CallLayoutError(f"attnctl: two controls select different rows: {found} and {plan.select}")
+                    found = plan.select
+        return found
+
+    def enter(self, frame: Frame) -> None:
+        self.frame = frame
+        self._frame_edits = {}
+
+    def leave(self) -> None:
+        self.frame = None
+        self._frame_edits = {}
+
+    def _start_schedule(self, call: CallState) -> None:
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        call.order = int(getattr(scheduler, "order", 1) or 1)
+        positions = getattr(self.pipeline, "_num_timesteps", None)
+        if positions is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
+            begin = getattr(scheduler, "_begin_index", None) or 0
+            positions = len(scheduler.timesteps) - begin
+        call.num_positions = int(positions) if positions else None
+
+    def _step(self, call: CallState) -> StepInfo:
+        order = call.order
+        position = call.positions_done
+        if call.num_positions is None:
+            return StepInfo(index=position // order, count=max(position // order + 1, 1))
+        # a second-order scheduler (Heun, KDPM2) calls the model twice per step, except for the last step:
+        # calls (0, 1) are step 0, (2, 3) step 1, ..., the last call alone the last step
+        count = (call.num_positions + order - 1) // order
+        return StepInfo(index=min(position // order, count - 1), count=count)
+
+    def _bind(self, call: CallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
+        record = call.record
+        pipe = self.pipeline
+        cond_prompts = encoder_prompts(self.protocol, pipe, record, canvas.text_len, "cond")
+        uncond_prompts = encoder_prompts(self.protocol, pipe, record, canvas.text_len, "uncond")
+        prompt_rows = record.prompt_rows()
+        tokens = PromptTokens(cond_prompts, prompt_rows, canvas.text_len, "cond") if cond_prompts else None
+        negative = PromptTokens(uncond_prompts, prompt_rows, canvas.text_len, "uncond") if uncond_prompts else None
+        sample = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+        context = BindContext(
+            adapter=self.adapter,
+            canvas=canvas,
+            steps=step.count,
+            cfg=self.protocol.cfg_source == "flag" and record.cfg_flag(),
+            prompt_rows=prompt_rows,
+            tokens=tokens,
+            negative_tokens=negative,
+            backend=self.backend,
+            pipeline=pipe,
+            device=sample.device if sample is not None else torch.device("cpu"),
+            dtype=sample.dtype if sample is not None else torch.float32,
+            outputs=self.outputs,
+            current_frame=lambda: self.frame,
+            internal=self.internal_calls,
+            prompt_arguments=tuple(call.encode_calls),
+        )
+        bound: list[Bound] = []
+        try:
+            for position, control in enumerate(self.controls):
+                if control.needs_words and tokens is not None:
+                    tokens.check_lengths()
+                bound.append(control.bind(_with_layers(context, self.resolved[position])))
+        except BaseException:
+            for done in bound:  # a bound control may hold instance-level wraps (skip-layer guidance)
+                done.finish()
+            raise
+        return bound
+
+    # -- the hot path ---------------------------------------------------------------------------------------
+    def edit_for(self, layer: LayerInfo) -> Edit | None:
+        """The merged edit of all bound controls at `layer` in the current frame (None: stock math)."""
+        frame = self.frame
+        if frame is None or not self.controls:
+            return None
+        cached = self._frame_edits.get(layer.index, _UNSET)
+        if cached is not _UNSET:
+            return cached
+        edits = []
+        for bound in self.call.bound or ():
+            if layer.index in bound.layer_indices and bound.active(frame.step):
+                edit = bound.edit(layer, frame)
+                if edit is not None:
+                    edits.append(edit)
+        merged = merge_edits(edits, where=f"layer {layer.name}")
+        self._frame_edits[layer.index] = merged
+        return merged
+
+    def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> LayerCall:
+        frame = self.frame
+        return LayerCall(layer, frame.geometry(layer), frame, module, self.backend)
+
+    def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
+        """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
+        key = (device.type, features, dense_elements)
+        choice = self._backend_cache.get(key)
+        if choice is None:
+            choice = choose_backend(self.backend, device, features, dense_elements)
+            self._backend_cache[key] = choice
+        self.backend_log[layer.name] = choice
+        return choice[0]
+
+
+_UNSET = object()
+
+
+def _with_layers(context: BindContext, layers: tuple[LayerInfo, ...]) -> BindContext:
+    return replace(context, layers=layers)
+
+
+def check_batch(batch: int, frame_rows: RowLayout) -> None:
+    if batch != len(frame_rows):
+        raise CallLayoutError(f"attnctl: internal row mismatch: {batch} rows in the batch, {len(frame_rows)} in the layout")

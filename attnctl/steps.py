@@ -1,0 +1,45 @@
+"""Step windows and the step position of a denoiser call (DESIGN §3: `start <= i/n < stop`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+StepWindow = tuple[float, float]
+ALL_STEPS: StepWindow = (0.0, 1.0)
+
+
+def validate_steps(steps: object, *, name: str = "steps") -> StepWindow:
+    """Return `steps` as a `(start, stop)` pair of floats with `0 <= start <= stop <= 1`, or raise."""
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) != 2:  # type: ignore[arg-type]
+        raise ConfigError(f"{name} must be a pair (start, stop) of fractions of the schedule, got {steps!r}")
+    start, stop = steps  # type: ignore[misc]
+    for value in (start, stop):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{name} must hold two finite numbers in [0, 1], got {steps!r}")
+    start, stop = float(start), float(stop)
+    if not (0.0 <= start <= stop <= 1.0):
+        raise ConfigError(f"{name} must satisfy 0 <= start <= stop <= 1, got {steps!r}")
+    return (start, stop)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where a denoiser call sits in the schedule that is actually run.
+
+    `index` counts steps from 0 (a second-order scheduler's two model calls share one index; with img2img
+    strength only the steps run are counted), `count` is the number of steps run.
+    """
+
+    index: int
+    count: int
+
+    @property
+    def fraction(self) -> float:
+        return self.index / self.count if self.count else 0.0
+
+    def inside(self, window: StepWindow) -> bool:
+        start, stop = window
+        return start <= self.fraction < stop

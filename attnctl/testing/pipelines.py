@@ -1,0 +1,158 @@
+"""Tiny offline pipelines built from configs with random weights: the test fixtures and the embedded
+default models of the examples (`tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`).
+
+Each is deterministic from its seed and generates a 2-step 32x32 image in well under a second on a CPU.
+Their tokenizers hold the words of `attnctl.testing.WORDS` as single tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .tokenizers import clip_vocab_size, t5_vocab_size, tiny_clip_tokenizer, tiny_t5_tokenizer
+
+TINY_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart")
+
+#: Keyword arguments every call of a tiny pipeline needs (PixArt's resolution binning expects real sizes).
+CALL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny-sd": {"height": 32, "width": 32},
+    "tiny-sdxl": {"height": 32, "width": 32},
+    "tiny-sd3": {"height": 32, "width": 32},
+    "tiny-flux": {"height": 32, "width": 32, "max_sequence_length": 32},
+    "tiny-pixart": {"height": 32, "width": 32, "use_resolution_binning": False, "max_sequence_length": 32, "clean_caption": False},
+}
+
+
+def _clip_text_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=clip_vocab_size(), max_position_embeddings=77, projection_dim=projection or hidden,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _t5_encoder(d_model: int = 32, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=t5_vocab_size(), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+    return T5EncoderModel(config).eval()
+
+
+def _vae(latent_channels: int = 4, seed: int = 0, flow: bool = False):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    extra = {"shift_factor": 0.0609, "scaling_factor": 1.5035} if flow else {}
+    return AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, **extra,
+    ).eval()
+
+
+def tiny_sd(seed: int = 0):
+    """SD 1.x-like: UNet with cross-attention at levels 0 and 1 (4 self + 4 cross layers), DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(seed=seed + 1), text_encoder=_clip_text_encoder(seed=seed + 2), tokenizer=tiny_clip_tokenizer(), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl(seed: int = 0):
+    """SDXL-like: two CLIP encoders (channels concatenated), text-time conditioning, attention from level 1 on."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=8 * 6 + 32, cross_attention_dim=64,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=_vae(seed=seed + 1), text_encoder=_clip_text_encoder(seed=seed + 2), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_clip_text_encoder(projection=32, seed=seed + 3), tokenizer_2=tiny_clip_tokenizer(pad_token="!"),
+        unet=unet, scheduler=scheduler, image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True,
+    )
+
+
+def tiny_sd3(seed: int = 0, *, t5: bool = True, qk_norm: str | None = None, dual_attention_layers: tuple[int, ...] = ()):
+    """SD3-like: 2 joint blocks ([image; text], CLIP 77 + T5 tokens); `qk_norm="rms_norm"` and dual layers as SD3.5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=32, out_channels=4, qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed=seed + 1, flow=True),
+        text_encoder=_clip_text_encoder(hidden=16, projection=16, seed=seed + 2), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_clip_text_encoder(hidden=16, projection=16, seed=seed + 3), tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(seed=seed + 4) if t5 else None, tokenizer_3=tiny_t5_tokenizer() if t5 else None,
+    )
+
+
+def tiny_flux(seed: int = 0):
+    """Flux-like: 1 double block ([text; image]) and 2 single blocks, RoPE, T5 text tokens, 2x2 packed latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(latent_channels=1, seed=seed + 1, flow=True),
+        text_encoder=_clip_text_encoder(seed=seed + 2), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_t5_encoder(seed=seed + 3), tokenizer_2=tiny_t5_tokenizer(), transformer=transformer,
+    )
+
+
+def tiny_pixart(seed: int = 0):
+    """PixArt-Sigma-like: 2 blocks of self-attention and cross-attention to T5 tokens (with padding mask)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    return PixArtSigmaPipeline(
+        tokenizer=tiny_t5_tokenizer(), text_encoder=_t5_encoder(seed=seed + 2), vae=_vae(seed=seed + 1),
+        transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+_BUILDERS = {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux, "tiny-pixart": tiny_pixart}
+
+
+def make_tiny_pipeline(name: str, seed: int = 0, **options: Any):
+    """Build one of `TINY_MODELS` (random weights from `seed`; offline)."""
+    if name not in _BUILDERS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
+    pipe = _BUILDERS[name](seed, **options)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

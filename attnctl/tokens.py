@@ -1,0 +1,165 @@
+"""Words to token positions (DESIGN §3 "Words to tokens"), shared by every control that takes words.
+
+A query is a word or phrase (`"red car"`: every occurrence), a word with an occurrence (`("cat", 1)`: the
+second "cat", counting from 0), or an explicit position in the text sequence (`5`). Positions are resolved
+per prompt row and per text encoder: CLIP-L and CLIP-G share their positions (SDXL, SD3), SD3's T5 span
+follows the CLIP span, Flux and PixArt attend to T5 tokens only. A word found by none of the encoders of a
+row raises `TokenError` showing how the prompt was tokenized.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError, TokenError
+
+WordQuery = str | int | tuple[str, int]
+
+
+def validate_word_query(query: object, *, owner: str) -> WordQuery:
+    if isinstance(query, bool):
+        raise ConfigError(f"{owner}: {query!r} is not a word, phrase, (word, occurrence) pair or token position")
+    if isinstance(query, int):
+        if query < 0:
+            raise ConfigError(f"{owner}: token position must be >= 0, got {query}")
+        return query
+    if isinstance(query, str):
+        if not query.strip():
+            raise ConfigError(f"{owner}: empty word {query!r}")
+        return query.strip()
+    if isinstance(query, (tuple, list)) and len(query) == 2 and isinstance(query[0], str) and isinstance(query[1], int) and not isinstance(query[1], bool):
+        if query[1] < 0 or not query[0].strip():
+            raise ConfigError(f"{owner}: occurrence must be >= 0 and the word non-empty, got {tuple(query)!r}")
+        return (query[0].strip(), int(query[1]))
+    raise ConfigError(f"{owner}: {query!r} is not a word, phrase, (word, occurrence) pair or token position")
+
+
+def describe_query(query: WordQuery) -> str:
+    if isinstance(query, tuple):
+        return f"{query[0]!r} (occurrence {query[1]})"
+    if isinstance(query, int):
+        return f"token position {query}"
+    return repr(query)
+
+
+@dataclass(frozen=True)
+class EncoderPrompts:
+    """One text encoder's part of a call: its tokenizers, each row's prompt per tokenizer, and its span.
+
+    `prompts[t][r]` is the text tokenizer `t` saw for row `r` (e.g. `prompt` for CLIP-L, `prompt_2` for
+    CLIP-G), as the pipeline encoded it (caption preprocessing and textual-inversion expansion applied).
+    `limit` is the number of positions the encoder has (77 for CLIP, `max_sequence_length` for T5).
+    `convert[t]`, when given, rewrites a queried phrase as the prompts were rewritten for tokenizer `t`
+    (textual inversion: a multi-vector token `<x>` becomes `<x> <x>_1 ...`, so a query for `<x>` finds
+    every vector).
+    """
+
+    name: str
+    tokenizers: tuple[Any, ...]
+    prompts: tuple[tuple[str, ...], ...]
+    offset: int
+    limit: int
+    convert: tuple[Callable[[str], str] | None, ...] = ()
+
+
+class _Tokenized:
+    """One prompt tokenized by one tokenizer, with character offsets when the tokenizer gives them."""
+
+    def __init__(self, tokenizer: Any, text: str, limit: int, encoder: str):
+        self.text = text
+        try:
+            encoding = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
+            self.offsets: list[tuple[int, int]] | None = [tuple(o) for o in encoding["offset_mapping"]]
+        except (NotImplementedError, TypeError, ValueError, KeyError):
+            encoding = tokenizer(text, truncation=False, add_special_tokens=True)
+            self.offsets = None
+        self.ids: list[int] = list(encoding["input_ids"])
+        self.tokens: list[str] = list(tokenizer.convert_ids_to_tokens(self.ids))
+        self.tokenizer = tokenizer
+        if len(self.ids) > limit:
+            raise TokenError(
+                f"attnctl: the prompt {text!r} has {len(self.ids)} {encoder} tokens but the limit is {limit} "
+                f"(special tokens included); the pipeline would truncate it, so words past the limit could not "
+                f"be controlled. Shorten the prompt."
+            )
+
+    def show(self) -> str:
+        return " ".join(f"{i}:{tok}" for i, tok in enumerate(self.tokens))
+
+    def find(self, phrase: str, occurrence: int | None) -> list[int]:
+        if self.offsets is not None:
+            spans = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", self.text, re.IGNORECASE)]
+            if occurrence is not None:
+                spans = spans[occurrence : occurrence + 1]
+            positions: list[int] = []
+            for start, stop in spans:
+                positions.extend(
+                    i for i, (a, b) in enumerate(self.offsets) if b > a and a < stop and b > start
+                )
+            return positions
+        return self._find_ids(phrase, occurrence)
+
+    def _find_ids(self, phrase: str, occurrence: int | None) -> list[int]:
+        pattern = list(self.tokenizer(phrase, add_special_tokens=False)["input_ids"])
+        hits = [i for i in range(len(self.ids) - len(pattern) + 1) if pattern and self.ids[i : i + len(pattern)] == pattern]
+        if occurrence is not None:
+            hits = hits[occurrence : occurrence + 1]
+        return [i + j for i in hits for j in range(len(pattern))]
+
+
+class PromptTokens:
+    """Token positions of words in every prompt row of one call, for the cond or uncond prompts."""
+
+    def __init__(self, encoders: Sequence[EncoderPrompts], rows: int, text_len: int, branch: str = "cond"):
+        self.encoders = tuple(encoders)
+        self.rows = rows
+        self.text_len = text_len
+        self.branch = branch
+        self._cache: dict[tuple[int, int, str], _Tokenized] = {}
+
+    def _tokenized(self, e: int, t: int, row: int) -> _Tokenized:
+        encoder = self.encoders[e]
+        text = encoder.prompts[t][row]
+        key = (e, t, text)
+        if key not in self._cache:
+            self._cache[key] = _Tokenized(encoder.tokenizers[t], text, encoder.limit, encoder.name)
+        return self._cache[key]
+
+    def check_lengths(self) -> None:
+        """Raise TokenError if any prompt is longer than its encoder's limit."""
+        for e, encoder in enumerate(self.encoders):
+            for t in range(len(encoder.tokenizers)):
+                for row in range(self.rows):
+                    self._tokenized(e, t, row)
+
+    def positions(self, query: WordQuery, row: int) -> tuple[int, ...]:
+        """Positions of `query` in the text sequence of prompt row `row` (sorted, unique)."""
+        if isinstance(query, int):
+            if query >= self.text_len:
+                raise TokenError(f"attnctl: token position {query} is outside the text sequence of {self.text_len} tokens")
+            return (query,)
+        phrase, occurrence = (query if isinstance(query, tuple) else (query, None))
+        found: set[int] = set()
+        for e, encoder in enumerate(self.encoders):
+            for t in range(len(encoder.tokenizers)):
+                tokenized = self._tokenized(e, t, row)
+                convert = encoder.convert[t] if t < len(encoder.convert) else None
+                form = convert(phrase) if convert is not None else phrase
+                found.update(encoder.offset + p for p in tokenized.find(form, occurrence) if p < encoder.limit)
+        if not found:
+            raise TokenError(self._missing_message(query, row))
+        return tuple(sorted(found))
+
+    def _missing_message(self, query: WordQuery, row: int) -> str:
+        shown = []
+        for e, encoder in enumerate(self.encoders):
+            tokenized = self._tokenized(e, 0, row)
+            shown.append(f"{encoder.name} (positions from {encoder.offset}): {tokenized.show()}")
+        text = self.encoders[0].prompts[0][row] if self.encoders else ""
+        return (
+            f"attnctl: {describe_query(query)} is not in the {self.branch} prompt of row {row} ({text!r}). "
+            f"It was tokenized as: " + " | ".join(shown)
+        )

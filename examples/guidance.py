@@ -1,0 +1,113 @@
+"""Guidance by attention perturbation: PAG, SEG, SAG, PLADIS and skip-layer guidance on one pipeline.
+
+Generates the same prompt and seed without guidance and with each method, saves every image and a strip of
+them side by side, and prints what attnctl did (`handle.describe()`).
+
+    python examples/guidance.py                                   # tiny-sd, offline (random weights)
+    python examples/guidance.py --model tiny-sd3 --methods pag,skip
+    python examples/guidance.py --model stabilityai/stable-diffusion-3.5-medium --device cuda --dtype bfloat16 \\
+        --methods skip,pag --steps 28
+    python examples/guidance.py --model /path/to/sd15 --device cuda --methods pag,seg,sag,pladis,pag+seg
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import attnctl
+from attnctl.families import adapter_for
+from attnctl.handle import denoiser_of
+from attnctl.pipelines.generate import embedded_call_defaults
+from attnctl.pipelines.loading import embedded_models, load_pipeline
+from attnctl.processors.guidance.skip import transformer_blocks
+
+METHODS = ("pag", "seg", "sag", "pladis", "skip", "pag+seg")
+
+
+def skip_blocks(pipe) -> tuple:
+    """SD3.5-M's blocks 7, 8, 9 where the model has them; else its middle transformer block."""
+    _, denoiser = denoiser_of(pipe)
+    adapter = adapter_for(denoiser)
+    blocks = [name for name in transformer_blocks(denoiser) if name.startswith("transformer_blocks.")]
+    if adapter.family in ("sd3", "pixart", "flux") and len(blocks) > 9:
+        return (7, 8, 9)
+    if adapter.family in ("sd3", "pixart", "flux"):
+        return (len(blocks) // 2,)
+    mid = [name for name in transformer_blocks(denoiser) if name.startswith("mid_block.")]
+    return (mid[0],) if mid else (next(iter(transformer_blocks(denoiser))),)
+
+
+def controls_for(method: str, pipe, few_steps: bool = False) -> list[attnctl.Control]:
+    # SD3.5-M's window (1%-20% of the steps) holds no step of a 4-step run: widen it there
+    skip_steps = (0.0, 0.5) if few_steps else (0.01, 0.2)
+    table = {
+        "pag": lambda: [attnctl.PAG(scale=3.0)],
+        "seg": lambda: [attnctl.SEG(scale=3.0, sigma=10.0)],
+        "sag": lambda: [attnctl.SAG(scale=0.75)],
+        "pladis": lambda: [attnctl.PLADIS(scale=2.0, alpha=1.5)],
+        "skip": lambda: [attnctl.SkipLayer(scale=2.8, blocks=skip_blocks(pipe), steps=skip_steps)],
+        "pag+seg": lambda: [attnctl.PAG(scale=2.0), attnctl.SEG(scale=2.0, sigma=10.0)],
+    }
+    return table[method]()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny-sd", help=f"embedded ({', '.join(embedded_models())}), a directory or a hub id")
+    parser.add_argument("--prompt", default="a photo of a cat on a red car")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's own CFG scale")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: the model's own")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="out/guidance")
+    args = parser.parse_args()
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    pipe = load_pipeline(args.model, device=args.device, torch_dtype=dtype)
+    tiny = args.model in embedded_models()
+    options = embedded_call_defaults(args.model)
+    options["num_inference_steps"] = args.steps or (4 if tiny else 28)
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
+    os.makedirs(args.out, exist_ok=True)
+
+    def generate():
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        return pipe(args.prompt, generator=generator, **options).images[0]
+
+    images = [("none", generate())]
+    for method in methods:
+        with attnctl.apply(pipe, controls_for(method, pipe, options["num_inference_steps"] < 10)) as handle:
+            images.append((method, generate()))
+            print(handle.describe())
+    for name, image in images:
+        image.save(os.path.join(args.out, f"{name.replace('+', '_')}.png"))
+    strip = _strip([image for _, image in images])
+    strip.save(os.path.join(args.out, "strip.png"))
+    print(f"saved {len(images)} images and strip.png ({', '.join(n for n, _ in images)}) to {args.out}")
+
+
+def _strip(images):
+    from PIL import Image
+
+    width = sum(image.width for image in images)
+    height = max(image.height for image in images)
+    out = Image.new("RGB", (width, height))
+    x = 0
+    for image in images:
+        out.paste(image, (x, 0))
+        x += image.width
+    return out
+
+
+if __name__ == "__main__":
+    main()

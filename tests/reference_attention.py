@@ -1,0 +1,195 @@
+"""Independent eager references for Reweight and AttentionMaps, written from DESIGN §3, not from attnctl's code.
+
+Token positions come straight from the tokenizers' input ids; the token layout of each family is spelled
+out here ([image; text] for SD3, [text; image] for Flux, text-only keys for cross-attention); the
+attention is an explicit float64 softmax. The only attnctl machinery used is the processors' q / k / v
+(held bitwise to stock by the identity tests) and the row layout (held by the call-protocol tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnctl.control import Bound, Control
+from attnctl.processors.edit import Edit, LayerHook
+
+FAMILY = {"tiny-sd": "unet", "tiny-sdxl": "unet", "tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-pixart": "pixart"}
+CLIP_LEN = 77
+#: text sequence length each tiny pipeline's denoiser sees with CALL_DEFAULTS
+TEXT_LEN = {"tiny-sd": 77, "tiny-sdxl": 77, "tiny-sd3": 77 + 256, "tiny-flux": 32, "tiny-pixart": 32}
+
+
+def _find(ids: list[int], pattern: list[int]) -> list[int]:
+    hits = [i for i in range(len(ids) - len(pattern) + 1) if ids[i : i + len(pattern)] == pattern]
+    return [i + j for i in hits for j in range(len(pattern))]
+
+
+def text_positions(pipe: Any, name: str, prompt: str, word: str) -> list[int]:
+    """Positions of `word` in the text sequence the denoiser of `name` sees, from the tokenizers' ids."""
+    family = FAMILY[name]
+    positions: set[int] = set()
+    if family in ("unet", "sd3"):
+        for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)):
+            if tok is not None:
+                positions.update(_find(tok(prompt).input_ids, tok(word, add_special_tokens=False).input_ids))
+    t5 = {"sd3": "tokenizer_3", "flux": "tokenizer_2", "pixart": "tokenizer"}.get(family)
+    if t5 is not None and getattr(pipe, t5, None) is not None:
+        tok = getattr(pipe, t5)
+        offset = CLIP_LEN if family == "sd3" else 0
+        positions.update(offset + p for p in _find(tok(prompt).input_ids, tok(" " + word, add_special_tokens=False).input_ids))
+    return sorted(positions)
+
+
+# weights(branch, prompt_row, step_index) -> {text position: factor}
+WeightsFn = Callable[[str, int, int], dict[int, float]]
+
+
+class _EagerHook(LayerHook):
+    def __init__(self, control: EagerReference):
+        self.control = control
+
+    def attend(self, call, q, k, v, spec, compute):
+        c = self.control
+        batch, heads, n_q, d = q.shape
+        n_k = k.shape[2]
+        text_len = c.text_len
+        if c.family in ("unet", "pixart"):
+            text_keys, image_rows = slice(0, n_k), slice(0, n_q)
+        elif c.family == "sd3":  # [image; text]
+            image = n_q - text_len
+            text_keys, image_rows = slice(image, n_k), slice(0, image)
+        else:  # flux: [text; image]
+            text_keys, image_rows = slice(0, text_len), slice(text_len, n_q)
+        logits = (q.double() @ k.double().transpose(-1, -2)) / d**0.5
+        if spec.attn_mask is not None:
+            logits = logits + spec.attn_mask.double()
+        w = torch.ones(batch, n_k, dtype=torch.float64)
+        for b, row in enumerate(call.rows.rows):
+            for position, factor in c.weights(row.branch, row.prompt, call.step.index).items():
+                w[b, text_keys.start + position] *= factor
+        if c.capture is not None:
+            c.capture.append((call.layer.name, call.step.index, call.rows, logits, text_keys, image_rows))
+        if c.normalize:
+            bias = torch.zeros(batch, 1, n_q, n_k, dtype=torch.float64)
+            bias[:, :, image_rows, :] = torch.log(w)[:, None, None, :]
+            probs = torch.softmax(logits + bias, dim=-1)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            probs[:, :, image_rows, :] = probs[:, :, image_rows, :] * w[:, None, None, :]
+        return (probs @ v.double()).to(v.dtype), None
+
+
+@dataclass(frozen=True)
+class EagerReference(Control, type_name="test-eager-reweight-reference"):
+    """Explicit softmax, A * w (or softmax(logits + log w)) on the image-query rows, per the weights function."""
+
+    family: str = "unet"
+    text_len: int = 77
+    weights: Any = None  # WeightsFn
+    normalize: bool = False
+    layers: Any = None
+    capture: list | None = field(default=None, compare=False, hash=False)
+
+    def default_layers(self, adapter):
+        return "joint" if adapter.family in ("sd3", "flux") else "cross"
+
+    def bind(self, context):
+        return _EagerBound(self, context.layers, (0.0, 1.0))
+
+
+class _EagerBound(Bound):
+    def __init__(self, control, layers, steps):
+        super().__init__(control, layers, steps)
+        self._edit = Edit(hooks=(_EagerHook(control),))
+
+    def edit(self, layer, frame):
+        return self._edit
+
+
+def reference_for(name: str, weights: WeightsFn, normalize: bool = False, capture: list | None = None, layers: Any = None) -> EagerReference:
+    return EagerReference(family=FAMILY[name], text_len=TEXT_LEN[name], weights=weights, normalize=normalize, capture=capture, layers=layers)
+
+
+def word_weights(pipe: Any, name: str, prompts: list[str], table: dict[str, float], branch: str = "cond",
+                 per_prompt: int = 1) -> WeightsFn:
+    """A weights function: `table` {word: factor} on the rows of `branch`; prompts listed once per prompt."""
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    resolved = []
+    for prompt in expanded:
+        found: dict[int, float] = {}
+        for word, factor in table.items():
+            positions = text_positions(pipe, name, prompt, word)
+            assert positions, (word, prompt)
+            for p in positions:
+                found[p] = found.get(p, 1.0) * factor
+        resolved.append(found)
+
+    def weights(row_branch: str, prompt_row: int, step: int) -> dict[int, float]:
+        return resolved[prompt_row] if row_branch == branch or branch == "both" else {}
+
+    return weights
+
+
+class _SpyHook(LayerHook):
+    def __init__(self, log: list):
+        self.log = log
+
+    def attend(self, call, q, k, v, spec, compute):
+        out, lse = compute(q, k, v, spec)
+        self.log.append({"layer": call.layer, "rows": call.rows, "step": call.step.index, "q": q, "k": k, "v": v,
+                         "mask": spec.attn_mask, "out": out})
+        return out, lse
+
+
+@dataclass(frozen=True)
+class Spy(Control, type_name="test-attention-spy"):
+    """Records q, k, v and the output of every attention call of its layers (the op of the other controls)."""
+
+    log: list = field(default_factory=list, compare=False, hash=False)
+    layers: Any = None
+
+    def default_layers(self, adapter):
+        return "joint" if adapter.family in ("sd3", "flux") else "cross"
+
+    def bind(self, context):
+        bound = Bound(self, context.layers, (0.0, 1.0))
+        edit = Edit(hooks=(_SpyHook(self.log),))
+        bound.edit = lambda layer, frame: edit
+        return bound
+
+
+def layout(name: str, n_q: int, n_k: int) -> tuple[slice, slice, slice]:
+    """(text keys, image query rows, text query rows) of one attention call of the tiny model `name`."""
+    family, text_len = FAMILY[name], TEXT_LEN[name]
+    if family in ("unet", "pixart"):
+        return slice(0, n_k), slice(0, n_q), slice(0, 0)
+    if family == "sd3":
+        image = n_q - text_len
+        return slice(image, n_k), slice(0, image), slice(image, n_q)
+    return slice(0, text_len), slice(text_len, n_q), slice(0, text_len)
+
+
+def eager_call(name: str, record: dict, weights: WeightsFn, normalize: bool) -> torch.Tensor:
+    """The reweighted output of one recorded attention call, by the formula."""
+    q, k, v = (record[x].double() for x in ("q", "k", "v"))
+    batch, _, n_q, d = q.shape
+    n_k = k.shape[2]
+    text_keys, image_rows, _ = layout(name, n_q, n_k)
+    logits = q @ k.transpose(-1, -2) / d**0.5
+    if record["mask"] is not None:
+        logits = logits + record["mask"].double()
+    w = torch.ones(batch, n_k, dtype=torch.float64)
+    for b, row in enumerate(record["rows"].rows):
+        for position, factor in weights(row.branch, row.prompt, record["step"]).items():
+            w[b, text_keys.start + position] *= factor
+    if normalize:
+        bias = torch.zeros(batch, 1, n_q, n_k, dtype=torch.float64)
+        bias[:, :, image_rows] = torch.log(w)[:, None, None, :]
+        return torch.softmax(logits + bias, -1) @ v
+    probs = torch.softmax(logits, -1)
+    probs[:, :, image_rows] = probs[:, :, image_rows] * w[:, None, None, :]
+    return probs @ v

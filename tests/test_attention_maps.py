@@ -1,0 +1,227 @@
+"""AttentionMaps: per-word maps on every family, against an eager reference, bounded memory, pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnctl
+from attnctl import AttentionMaps, ConfigError, Reweight, TokenError
+from attnctl.control import Control
+from attnctl.processors.maps import word_attention
+from attnctl.testing import CALL_DEFAULTS, TINY_MODELS
+
+from .reference_attention import Spy, layout, text_positions
+
+PROMPTS = ["a red cat on the street", "a photo of a red car"]
+WORDS = ["red", "a", "street"]
+
+
+def _run(pipe, name, prompt=PROMPTS, steps=2, output_type="latent", **kwargs):
+    options = dict(CALL_DEFAULTS[name])
+    options.update(kwargs)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, output_type=output_type,
+                generator=torch.Generator().manual_seed(0), **options).images
+
+
+def _tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor reachable from an object's attributes, lists, tuples and dicts."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("attnctl.processors"):
+        return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_one_map_per_word_per_image_and_stock_output(name, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = _run(pipe, name)
+    with attnctl.apply(pipe, [AttentionMaps(WORDS)]) as handle:
+        latents = _run(pipe, name, num_images_per_prompt=2)
+        result = handle.outputs["attention_maps"]
+        images = _run(pipe, name, output_type="pil")
+        pictures = handle.outputs["attention_maps"]
+    assert torch.equal(_run(pipe, name), stock)
+    assert latents.shape[0] == 4 and result.maps.shape == (4, 3, 32, 32)  # 2 prompts x 2 images, 3 words, image size
+    assert result.words == tuple(WORDS) and len(result) == 4 and set(result[0]) == set(WORDS)
+    assert torch.equal(result["red"][3], result[3]["red"]) and result["red"].shape == (4, 32, 32)
+    assert torch.isfinite(result.maps).all() and (result.maps >= 0).all()
+    present = result.maps.flatten(2).amax(-1) > 0  # "street" is not in the second prompt (images 2, 3)
+    assert present[:, :2].all() and present[:2, 2].all() and not present[2:, 2].any()
+    assert result.contributions == (2 * len(handle.runtime.resolved[0]),) * 4
+    assert result.images is None  # latents: nothing decoded
+    assert len(pictures.images) == 2 and pictures.images[0].size == images[0].size
+    assert "postprocess" not in vars(pipe.image_processor)
+
+
+def test_capture_does_not_change_the_output(tiny_cache):
+    for name in ("tiny-sd", "tiny-flux"):
+        pipe = tiny_cache(name)
+        stock = _run(pipe, name)
+        with attnctl.apply(pipe, [AttentionMaps(["red"], layers=None, steps=(0.0, 1.0))]):
+            assert torch.equal(_run(pipe, name), stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux", "tiny-pixart"])
+def test_matches_eager_reference(name, tiny_cache):
+    """Explicit softmax over every key of the row (image keys too in joint attention), mean over heads, sum
+    over the word's tokens, layers and steps, bilinear resizing."""
+    pipe = tiny_cache(name)
+    spy = Spy()
+    with attnctl.apply(pipe, [AttentionMaps(WORDS, resolution=(20, 24)), spy]) as handle:
+        _run(pipe, name)
+        result = handle.outputs["attention_maps"]
+    finest = max(r["q"].shape[2] for r in spy.log)
+    expected = None
+    for record in spy.log:
+        q, k = record["q"].double(), record["k"].double()
+        n_q, n_k = q.shape[2], k.shape[2]
+        text_keys, image_rows, _ = layout(name, n_q, n_k)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if record["mask"] is not None:
+            logits = logits + record["mask"].double()
+        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].mean(1)  # (B, Ni, Nk)
+        side = int(round((image_rows.stop - image_rows.start) ** 0.5))
+        rows = [(i, row.prompt) for i, row in enumerate(record["rows"].rows) if row.branch == "cond"]
+        maps = torch.zeros(len(PROMPTS), len(WORDS), side, side, dtype=torch.float64)
+        for i, prompt in rows:
+            for w, word in enumerate(WORDS):
+                keys = [text_keys.start + p for p in text_positions(pipe, name, PROMPTS[prompt], word)]
+                maps[prompt, w] = probs[i][:, keys].sum(-1).reshape(side, side)
+        if side * side < finest:
+            full = int(round(finest**0.5)) if name in ("tiny-sd", "tiny-sdxl") else side
+            maps = F.interpolate(maps, size=(full, full), mode="bilinear", align_corners=False)
+        expected = maps if expected is None else expected + maps
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+    resized = F.interpolate(expected, size=(20, 24), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(result.maps.double(), resized, rtol=1e-5, atol=1e-6)
+    if name in ("tiny-sd3", "tiny-flux"):  # normalised over the full row: text gets a part of the mass only
+        everything = [text_keys.start + p for p in range(text_keys.stop - text_keys.start)]
+        assert float(torch.softmax(logits, -1)[..., image_rows, :][..., everything].sum(-1).max()) < 1.0
+
+
+def test_word_attention_chunks_and_per_head_selectors():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    selector = (torch.rand(2, 4, 40, generator=g) > 0.7).float()
+    bias = torch.randn(2, 1, 50, 40, generator=g)
+    bias[0, 0, 7] = float("-inf")  # a row with every key masked attends to nothing
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + bias, -1).nan_to_num(0.0)
+    expected = torch.einsum("bhqk,bwk->bqw", probs, selector) / 3
+    for chunk in (1 << 24, 3 * 40 * 2 * 7):  # one chunk; 7 query rows per chunk
+        torch.testing.assert_close(word_attention(q, k, selector, bias=bias, chunk_elements=chunk), expected)
+    per_head = selector[:, None].expand(2, 3, 4, 40) * torch.tensor([1.0, 2.0, 0.0])[None, :, None, None]
+    expected = torch.einsum("bhqk,bhwk->bqw", probs, per_head) / 3
+    torch.testing.assert_close(word_attention(q, k, per_head, bias=bias, chunk_elements=200), expected)
+
+
+def test_stored_bytes_do_not_grow_with_steps(tiny_cache):
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    counted = {}
+    with attnctl.apply(pipe, [AttentionMaps(WORDS)]) as handle:
+        for steps in (2, 6):
+            _run(pipe, name, steps=steps)
+            bound = handle.runtime.last_call.bound[0]
+            result = handle.outputs["attention_maps"]
+            counted[steps] = (_tensor_bytes(bound), bound.stored_bytes(), result.stored_bytes, result.contributions[0])
+    assert counted[2][:3] == counted[6][:3] and counted[2][0] > 0
+    assert counted[6][3] == 3 * counted[2][3]  # three times the (layer, step) maps summed in the same bytes
+
+
+def test_reweighted_words_show_the_reweighted_attention(tiny_cache):
+    """Maps are read from the attention as edited: a muted word has an all-zero map (both reweighting modes)."""
+    name = "tiny-sd3"
+    pipe = tiny_cache(name)
+    for normalize in (False, True):
+        with attnctl.apply(pipe, [Reweight({"red": 0.0}, normalize=normalize), AttentionMaps(["red", "a"])]) as handle:
+            _run(pipe, name)
+            result = handle.outputs["attention_maps"]
+        assert float(result.maps[:, 0].abs().max()) == 0.0 and float(result.maps[:, 1].min()) > 0
+
+
+def test_word_missing_from_some_prompts_gives_zero_maps(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [AttentionMaps(["cat", "car"])]) as handle:
+        _run(pipe, "tiny-sd")
+        result = handle.outputs["attention_maps"]
+    assert float(result.maps[0, 0].min()) > 0 and float(result.maps[1, 0].max()) == 0.0
+    assert float(result.maps[0, 1].max()) == 0.0 and float(result.maps[1, 1].min()) > 0
+    with attnctl.apply(pipe, [AttentionMaps(["dog"])]):
+        with pytest.raises(TokenError, match="'dog' is not in the cond prompt"):
+            _run(pipe, "tiny-sd")
+    assert "postprocess" not in vars(pipe.image_processor)
+
+
+def test_save_writes_heatmaps_and_a_grid(tiny_cache, tmp_path):
+    from PIL import Image
+
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [AttentionMaps(["red", ("a", 1), 4])]) as handle:
+        _run(pipe, "tiny-sd", output_type="pil")
+        paths = handle.outputs["attention_maps"].save(str(tmp_path / "maps"))
+        _run(pipe, "tiny-sd")
+        bare = handle.outputs["attention_maps"].save(str(tmp_path / "bare"), scaling="minmax")
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == sorted(f"image{i}_{w}.png" for i in range(2) for w in ("red", "a_1", "token_4", "grid"))
+    heat = Image.open(tmp_path / "maps" / "image0_red.png")
+    assert heat.size == (32, 32)
+    grid = Image.open(tmp_path / "maps" / "image0_grid.png")
+    assert grid.width == 4 * 128 and grid.height > 128  # image + 3 words, tiles at least 128 px, names below
+    assert len(bare) == 2 * 4 and Image.open(tmp_path / "bare" / "image1_grid.png").width == 3 * 128
+
+
+def test_postprocess_is_restored_after_errors_and_shared_by_two_captures(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    processor = pipe.image_processor
+    before = dict(vars(processor))
+    two = [AttentionMaps(["red"]), AttentionMaps(["cat"], key="cat_maps")]
+    with attnctl.apply(pipe, two) as handle:
+        _run(pipe, "tiny-sd", output_type="np")
+        assert len(handle.outputs["attention_maps"].images) == 2 and len(handle.outputs["cat_maps"].images) == 2
+        assert vars(processor) == before
+
+        def explode(*args, **kwargs):
+            raise RuntimeError("vae exploded")
+
+        pipe.vae.decode = explode
+        try:
+            with pytest.raises(RuntimeError, match="vae exploded"):
+                _run(pipe, "tiny-sd", output_type="pil")
+        finally:
+            del pipe.vae.decode
+    assert vars(processor) == before
+    # two maps publishing to one key: refused (at apply once `apply` checks output keys; before that at the call)
+    with pytest.raises(ConfigError, match="attention_maps"):
+        with attnctl.apply(pipe, [AttentionMaps(["red"]), AttentionMaps(["cat"])]):
+            _run(pipe, "tiny-sd")
+    assert vars(processor) == before
+    with attnctl.apply(pipe, [AttentionMaps(["red"]), AttentionMaps(["cat"], key="cat_maps")]) as handle:
+        _run(pipe, "tiny-sd")
+    assert handle.outputs["attention_maps"].words == ("red",) and handle.outputs["cat_maps"].words == ("cat",)
+
+
+def test_config_validation_and_round_trip():
+    control = AttentionMaps(["red", ("cat", 1), 5], layers="up", steps=(0.2, 0.8), resolution=(64, 48))
+    again = Control.from_dict(json.loads(json.dumps(control.to_dict())))
+    assert again == control
+    assert AttentionMaps("red").words == ("red",) and AttentionMaps(["red"], resolution=64).resolution == (64, 64)
+    for bad, match in (([], "non-empty"), (["red", "red"], "duplicates"), (("cat", 1), "ambiguous"), ([1.5], "not a word")):
+        with pytest.raises(ConfigError, match=match):
+            AttentionMaps(bad)
+    for resolution in (0, (32,), (32, -1), 2.5, True):
+        with pytest.raises(ConfigError, match="resolution"):
+            AttentionMaps(["red"], resolution=resolution)

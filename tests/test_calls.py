@@ -1,0 +1,125 @@
+"""Call protocols: rows per denoiser call, step counting, per-call state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import CallLayoutError
+from attnctl.testing import make_tiny_pipeline
+
+from .helpers import Probe, generate
+
+pytestmark = pytest.mark.parity
+
+
+def _frames(log):
+    """(step, count, rows) per denoiser call, in order."""
+    seen = {}
+    for entry in log:
+        if entry[0] != "bind":
+            seen.setdefault(entry[-1], entry[1:-1])
+    return list(seen.values())
+
+
+def test_batched_cfg_rows_and_prompts():
+    pipe = make_tiny_pipeline("tiny-sd")
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-sd", prompt=["a cat", "a dog"], steps=2, num_images_per_prompt=2)
+    step, count, rows = _frames(probe.log)[0]
+    assert (step, count) == (0, 2)
+    assert rows == tuple(("uncond", p, None) for p in range(4)) + tuple(("cond", p, None) for p in range(4))
+    assert probe.log[0] == ("bind", 2, True, 4)
+
+
+def test_no_cfg_is_cond_only():
+    pipe = make_tiny_pipeline("tiny-sd")
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-sd", prompt="a cat", guidance=1.0)
+    assert _frames(probe.log)[0][2] == (("cond", 0, None),)
+
+
+def test_flux_true_cfg_separate_calls():
+    pipe = make_tiny_pipeline("tiny-flux")
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-flux", prompt="a cat", negative_prompt="a dog", true_cfg_scale=4.0, steps=2)
+    frames = _frames(probe.log)
+    assert [f[2] for f in frames] == [(("cond", 0, None),), (("uncond", 0, None),)] * 2
+    assert [f[0] for f in frames] == [0, 0, 1, 1]
+
+
+def test_sd3_skip_layer_pass_is_cond_only():
+    pipe = make_tiny_pipeline("tiny-sd3")
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-sd3", prompt="a cat", steps=4, skip_guidance_layers=[0], skip_layer_guidance_start=0.0,
+                 skip_layer_guidance_stop=1.0)
+    frames = _frames(probe.log)
+    assert (0, 4, (("uncond", 0, None), ("cond", 0, None))) in frames
+    assert any(f[2] == (("cond", 0, None),) for f in frames)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # KDPM2 on numpy 2
+@pytest.mark.parametrize("scheduler", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_scheduler_counts_steps_once(scheduler):
+    import diffusers
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-sd", prompt="a cat", steps=3)
+    frames = _frames(probe.log)
+    assert len(frames) == 5  # 2 model calls per step except the last
+    assert [f[0] for f in frames] == [0, 0, 1, 1, 2]  # both calls of a step share its index
+    assert {f[1] for f in frames} == {3}
+
+
+def test_img2img_strength_counts_steps_run():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline.from_pipe(make_tiny_pipeline("tiny-sd"))
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        pipe("a cat", image=torch.rand(1, 3, 32, 32), strength=0.5, num_inference_steps=8, output_type="latent")
+    frames = _frames(probe.log)
+    assert [f[0] for f in frames] == [0, 1, 2, 3]
+    assert {f[1] for f in frames} == {4}
+
+
+def test_state_does_not_leak_between_calls():
+    pipe = make_tiny_pipeline("tiny-sd")
+    fresh = Probe()
+    with attnctl.apply(pipe, [fresh]):
+        generate(pipe, "tiny-sd", prompt="a red car", steps=2)
+    reused = Probe()
+    with attnctl.apply(pipe, [reused]):
+        generate(pipe, "tiny-sd", prompt=["a cat", "a dog"], steps=4)
+        reused.log.clear()
+        generate(pipe, "tiny-sd", prompt="a red car", steps=2)
+    assert reused.log == fresh.log
+
+
+def test_unknown_batch_layout_raises():
+    from attnctl.pipelines.protocol import PromptRecord, base_rows, protocol_for
+
+    record = PromptRecord([{"prompt": ["a cat"], "num_images_per_prompt": 1, "do_classifier_free_guidance": True}])
+    assert len(base_rows(protocol_for("unet"), record, 2, None, {})) == 2
+    with pytest.raises(CallLayoutError, match="batch of 3 rows"):
+        base_rows(protocol_for("unet"), record, 3, None, {})
+
+
+def test_pipeline_without_encode_prompt_is_refused():
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    base = make_tiny_pipeline("tiny-sd")
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with pytest.raises(attnctl.UnsupportedError, match="encode_prompt"):
+        attnctl.apply(pipe, [])

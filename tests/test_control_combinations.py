@@ -1,0 +1,359 @@
+"""Controls together: what each control does to a layer (`layer_effects`), the combinations that cannot share a
+layer (refused at `apply` once it checks effects; a clear attnctl error at the first call before that), Reweight
+with Regions on joint models, guidance computing only what it needs, no host syncs in the hot path, output keys.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.control import Bound, Control, Frame
+from attnctl.errors import AttnctlError, ConfigError, UnsupportedError
+from attnctl.families import adapter_for
+from attnctl.families.base import Canvas
+from attnctl.handle import denoiser_of
+from attnctl.pipelines.rows import RowLayout
+from attnctl.processors.edit import Edit, LayerHook
+from attnctl.steps import StepInfo
+from attnctl.testing import make_tiny_pipeline
+
+from .helpers import generate
+
+EFFECTS = ("tokens", "labels", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "key_edits")
+
+
+def regions(isolate: bool = False, base_ratio: float = 0.2) -> attnctl.Regions:
+    return attnctl.Regions(
+        [attnctl.Region("a red car", box=(0, 0, 0.5, 1)), attnctl.Region("a cat", box=(0.5, 0, 1, 1))],
+        isolate=isolate, base_ratio=base_ratio,
+    )
+
+
+def adapter(pipe):
+    return adapter_for(denoiser_of(pipe)[1])
+
+
+def needs_apply_checks() -> None:
+    if not hasattr(Control, "layer_effects"):
+        pytest.skip("needs Control.layer_effects checks in apply (fix-core)")
+
+
+# -- what each control does to a layer ------------------------------------------------------------------------------
+def _effects(control, pipe) -> dict[str, tuple[str, ...]]:
+    info = adapter(pipe)
+    return {layer.name: control.layer_effects(info, layer) for layer in control.select(info)}
+
+
+def test_every_control_states_its_effects_in_the_shared_vocabulary(tiny_cache):
+    sd, sd3 = tiny_cache("tiny-sd"), tiny_cache("tiny-sd3")
+    cases = [
+        (sd, attnctl.Reweight({"cat": 2.0}), {"key_edits"}),
+        (sd3, attnctl.Reweight({"cat": 2.0}), {"key_edits"}),
+        (sd, attnctl.AttentionMaps(["cat"]), {"capture"}),
+        (sd, attnctl.PAG(), {"perturb"}),
+        (sd3, attnctl.SEG(), {"query"}),
+        (sd, attnctl.SAG(), {"capture"}),
+        (sd, attnctl.PLADIS(), {"sparse"}),
+        (sd3, attnctl.PLADIS(), {"sparse"}),
+        (sd, attnctl.ToMe(), {"tokens"}),
+        (sd3, attnctl.ToMe(), {"tokens"}),
+        (sd, attnctl.AgentAttention(), {"tokens"}),
+        (sd, attnctl.TGate(), {"cache"}),
+        (tiny_cache("tiny-pixart"), attnctl.FastAttn(), {"cache", "window"}),
+    ]
+    for pipe, control, expected in cases:
+        found = _effects(control, pipe)
+        assert found and all(set(effects) == expected for effects in found.values()), (control, found)
+    # identities have no effect
+    for control in (attnctl.PAG(scale=0.0), attnctl.SEG(scale=0.0), attnctl.PLADIS(scale=0.0), attnctl.ToMe(ratio=0.0),
+                    attnctl.FastAttn(threshold=0.0)):
+        pipe = sd3 if isinstance(control, attnctl.SEG) else sd
+        assert set(_effects(control, pipe).values()) == {()}, control
+    # skip-layer guidance replaces whole blocks for its own rows only
+    assert set(_effects(attnctl.SkipLayer(blocks=(1,)), sd3).values()) == {()}
+    # FastAttn on cross-attention layers: caches, no window
+    pixart = tiny_cache("tiny-pixart")
+    cross = _effects(attnctl.FastAttn(layers="cross"), pixart)
+    assert set(cross.values()) == {("cache",)}
+
+
+def test_regions_effects_depend_on_family_layer_and_isolation(tiny_cache):
+    sd, sd3 = tiny_cache("tiny-sd"), tiny_cache("tiny-sd3")
+    info = adapter(sd)
+    plain = {layer.kind: regions().layer_effects(info, layer) for layer in info.layers}
+    assert plain == {"cross": (), "self": ()}  # region attentions are separate ops inside a cross-attention hook
+    isolated = {layer.kind: regions(isolate=True).layer_effects(info, layer) for layer in info.layers}
+    assert isolated == {"cross": (), "self": ("labels",)}
+    info = adapter(sd3)
+    joint = [layer for layer in info.layers if layer.kind == "joint"]
+    assert {regions().layer_effects(info, layer) for layer in joint} == {("labels", "region_tokens")}
+    only_first = attnctl.Regions(regions().regions, layers="transformer_blocks.0")
+    effects = {layer.name: only_first.layer_effects(info, layer) for layer in joint}
+    assert effects["transformer_blocks.0.attn"] == ("labels", "region_tokens")
+    assert effects["transformer_blocks.1.attn"] == ("region_tokens",)  # region text hidden there, still in the sequence
+    isolation_only = regions(isolate=True, base_ratio=1.0)
+    assert {isolation_only.layer_effects(info, layer) for layer in joint} == {("labels",)}  # no region tokens
+
+
+def test_every_registered_control_of_the_library_states_its_effects(tiny_cache):
+    sd = tiny_cache("tiny-sd")
+    info = adapter(sd)
+    owned = ("reweight", "attention-maps", "pag", "seg", "sag", "pladis", "skip-layer", "regions", "tgate", "fastattn",
+             "tome", "agent-attention")
+    registry = attnctl.control.registered_controls()
+    for name in owned:
+        cls = registry[name]
+        assert "layer_effects" in vars(cls) or any("layer_effects" in vars(base) for base in cls.__mro__[1:] if base is not Control
+                                                   and base is not object), name
+    for layer in info.layers:
+        for control in (regions(isolate=True), attnctl.FastAttn(), attnctl.TGate(sp_interval=2)):
+            assert set(control.layer_effects(info, layer)) <= set(EFFECTS)
+
+
+# -- combinations that cannot share a layer ----------------------------------------------------------------------
+CONFLICTS = [
+    ("tiny-sd3", lambda: [attnctl.PLADIS(), regions()]),
+    ("tiny-sd", lambda: [attnctl.ToMe(), regions(isolate=True)]),
+    ("tiny-sd", lambda: [attnctl.AgentAttention(), regions(isolate=True)]),
+    ("tiny-sd3", lambda: [attnctl.ToMe(), regions()]),
+    ("tiny-sd3", lambda: [attnctl.SEG(), attnctl.ToMe()]),
+    ("tiny-sd3", lambda: [attnctl.ToMe(), attnctl.AttentionMaps(["cat"])]),
+]
+CONFLICT_IDS = ["pladis+regions-sd3", "tome+isolation-sd", "agent+isolation-sd", "tome+regions-sd3", "seg+tome-sd3",
+                "tome+maps-sd3"]
+
+
+@pytest.mark.parametrize("name, make", CONFLICTS, ids=CONFLICT_IDS)
+def test_conflicting_controls_are_refused_at_apply(name, make, tiny_cache):
+    needs_apply_checks()
+    pipe = tiny_cache(name)
+    denoiser = denoiser_of(pipe)[1]
+    processors = {key: type(p) for key, p in denoiser.attn_processors.items()}
+    with pytest.raises((ConfigError, UnsupportedError)):
+        attnctl.apply(pipe, make())
+    assert "forward" not in denoiser.__dict__  # nothing was installed
+    assert {key: type(p) for key, p in denoiser.attn_processors.items()} == processors
+    for control in make():  # each alone is fine
+        attnctl.apply(pipe, [control]).remove()
+
+
+@pytest.mark.parametrize("name, make", CONFLICTS, ids=CONFLICT_IDS)
+def test_conflicting_controls_fail_with_an_attnctl_error(name, make, tiny_cache):
+    """The backstop: whichever way a conflict is met (at apply, or at the first layer call without the apply-time
+    check), the error is an attnctl error naming what cannot be combined, never a raw shape error."""
+    pipe = tiny_cache(name)
+    try:
+        handle = attnctl.apply(pipe, make())
+    except AttnctlError:
+        return
+    with handle, pytest.raises(AttnctlError) as caught:
+        generate(pipe, name, prompt="a photo of a cat", steps=1)
+    assert "layer" in str(caught.value) or "share" in str(caught.value)
+
+
+@pytest.mark.parametrize("name, make", [
+    ("tiny-flux", lambda: [attnctl.PAG(), regions(isolate=True)]),
+    ("tiny-sd3", lambda: [attnctl.PAG(), attnctl.PLADIS()]),
+    ("tiny-sd3", lambda: [attnctl.SkipLayer(blocks=(1,), steps=(0.0, 1.0)), regions()]),
+    ("tiny-sd", lambda: [attnctl.ToMe(layers="mid & self"), attnctl.PAG()]),  # identity over merged tokens
+    ("tiny-pixart", lambda: [attnctl.FastAttn(threshold=0.5), attnctl.PAG()]),
+    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1), attnctl.PAG(), attnctl.AttentionMaps(["cat"])]),
+], ids=["pag+isolation-flux", "pag+pladis-sd3", "skip+regions-sd3", "tome+pag-sd", "fastattn+pag-pixart", "tgate+pag+maps-sd"])
+def test_compatible_controls_share_layers(name, make, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, prompt="a photo of a cat", steps=2)
+    for controls in (make(), list(reversed(make()))):
+        with attnctl.apply(pipe, controls):
+            out = generate(pipe, name, prompt="a photo of a cat", steps=2)
+        assert torch.isfinite(out).all() and not torch.equal(out, stock)
+
+
+# -- Reweight with Regions on joint models -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_reweight_with_regions_on_joint_models(name, tiny_cache):
+    pipe = tiny_cache(name)
+    prompt = "a photo of a cat"
+    layout = regions()
+    with attnctl.apply(pipe, [layout]):
+        alone = generate(pipe, name, prompt=prompt)
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 1.0}), layout]):  # weight 1: nothing changes
+        assert torch.equal(generate(pipe, name, prompt=prompt), alone)
+    for controls in ([attnctl.Reweight({"cat": 3.0}), layout], [layout, attnctl.Reweight({"cat": 3.0})]):
+        with attnctl.apply(pipe, controls) as handle:
+            both = generate(pipe, name, prompt=prompt)
+            bound = next(b for b in handle.runtime.last_call.bound if type(b).__name__ == "ReweightBound")
+        assert torch.isfinite(both).all() and (both - alone).abs().max() > 1e-4
+    # the edit at a joint layer of a call with region tokens (two regions of 7 tokens): weights on the base text only
+    layer = next(layer for layer in adapter(pipe).layers if layer.kind == "joint")
+    base_len, region_len = bound.text_len, 7
+    canvas = Canvas(latent_hw=(8, 8), token_hw=(4, 4), text_len=base_len + 2 * region_len)
+    rows = RowLayout.batched_cfg(1) if name == "tiny-sd3" else RowLayout.single("cond", 1)
+    frame = Frame(step=StepInfo(0, 2), rows=rows, canvas=canvas)
+    edit = bound.edit(layer, frame)
+    geometry = frame.geometry(layer)
+    scale = edit.value_scale[-1]  # the cond row
+    assert scale.shape == (geometry.image_len + base_len + 2 * region_len,)
+    text = geometry.key_text_slice
+    weighted = torch.nonzero(scale != 1).flatten().tolist()
+    assert weighted and all(text.start <= p < text.start + base_len for p in weighted)  # base text only
+    assert torch.all(scale[text.start + base_len : text.stop] == 1)  # region tokens keep weight 1
+    assert edit.query_range == (geometry.image_slice.start, geometry.image_slice.stop)
+
+
+# -- guidance computes only what it needs -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttendRecorder(Control, type_name="test-combinations-attend-recorder"):
+    """Records, per attention call it wraps, the layer, the batch rows and the tags of the rows it sees."""
+
+    layers: Any = None
+    log: list = field(default_factory=list, compare=False, hash=False)
+
+    def bind(self, context):
+        return _RecorderBound(self, context.layers, (0.0, 1.0))
+
+
+class _RecorderBound(Bound):
+    def edit(self, layer, frame):
+        return Edit(hooks=(_Recorder(self.control.log),))
+
+
+class _Recorder(LayerHook):
+    def __init__(self, log):
+        self.log = log
+
+    def attend(self, call, q, k, v, spec, compute):
+        assert q.shape[0] == len(call.rows)
+        self.log.append((call.layer.name, q.shape[0], tuple(row.tag for row in call.rows.rows)))
+        return compute(q, k, v, spec)
+
+
+@pytest.mark.parametrize("name, layers", [("tiny-sd", "mid & self"), ("tiny-sd3", "transformer_blocks.1")])
+def test_pag_runs_no_attention_for_the_perturbed_rows(name, layers, tiny_cache):
+    pipe = tiny_cache(name)
+    pag = attnctl.PAG(scale=3.0, layers=layers)
+    with attnctl.apply(pipe, [pag]):
+        alone = generate(pipe, name)
+    inside = AttendRecorder(layers=layers)
+    with attnctl.apply(pipe, [pag, inside]):
+        got = generate(pipe, name)
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    assert inside.log and all(rows == 4 and set(tags) == {None} for _, rows, tags in inside.log)  # 2 prompts x CFG
+    outside = AttendRecorder(layers=layers)
+    with attnctl.apply(pipe, [outside, pag]):
+        generate(pipe, name)
+    assert outside.log and all(rows == 6 for _, rows, _ in outside.log)  # it sees the perturbed rows too
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_skip_layer_does_not_run_the_blocks_it_skips(separate, tiny_cache):
+    pipe = tiny_cache("tiny-sd3")
+    skip = attnctl.SkipLayer(blocks=(1,), steps=(0.0, 1.0), separate=separate)
+    recorder = AttendRecorder(layers=None)
+    with attnctl.apply(pipe, [skip, recorder]):
+        generate(pipe, "tiny-sd3")
+    skipped = [entry for entry in recorder.log if entry[0].startswith("transformer_blocks.1.")]
+    kept = [entry for entry in recorder.log if entry[0].startswith("transformer_blocks.0.")]
+    assert skipped and all(rows == 4 and set(tags) == {None} for _, rows, tags in skipped)
+    assert any(tag is not None for _, _, tags in kept for tag in tags)  # the perturbed rows do run block 0
+
+
+# -- no host syncs and no per-call index copies in the hot path -----------------------------------------------------
+class SyncWatch:
+    """Counts host syncs (`item`, `cpu`, `tolist`, `bool`, `nonzero`) and host-made tensors (`torch.tensor`) called
+    from `attnctl/processors/` after the first steps of a pipeline call."""
+
+    def __init__(self, monkeypatch, runtime, from_step: int):
+        self.runtime, self.from_step, self.calls = runtime, from_step, []
+        for owner, name in ((torch, "tensor"), (torch, "nonzero"), (torch.Tensor, "nonzero"), (torch.Tensor, "item"),
+                            (torch.Tensor, "cpu"), (torch.Tensor, "tolist"), (torch.Tensor, "__bool__")):
+            monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name))
+
+    #: Functions that work on the CPU by construction: ToMe's destinations are drawn from a private CPU generator
+    #: once per layer and step (then moved to the device once).
+    CPU_ONLY = ("cell_destinations",)
+
+    def _wrap(self, original, name):
+        def wrapper(*args, **kwargs):
+            code = sys._getframe(1).f_code
+            caller = code.co_filename.replace("\\", "/")
+            frame = self.runtime.frame
+            if ("/attnctl/processors/" in caller and code.co_name not in self.CPU_ONLY and frame is not None
+                    and frame.step.index >= self.from_step):
+                self.calls.append((name, caller.rsplit("/attnctl/", 1)[1], sys._getframe(1).f_lineno))
+            return original(*args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("name, make", [
+    ("tiny-sd3", lambda: [attnctl.PAG(), regions(isolate=True), attnctl.AttentionMaps(["cat"]), attnctl.Reweight({"cat": 2.0}),
+                          attnctl.SEG(layers="transformer_blocks.0"), attnctl.SkipLayer(blocks=(1,), steps=(0.0, 1.0))]),
+    ("tiny-flux", lambda: [attnctl.PAG(), regions(isolate=True), attnctl.Reweight({"cat": 2.0})]),
+    ("tiny-sd", lambda: [attnctl.PAG(), attnctl.SAG(), regions(), attnctl.AttentionMaps(["cat"]), attnctl.ToMe()]),
+    ("tiny-sd", lambda: [attnctl.ToMe(layers="mid & self"), attnctl.PAG(), regions(base_ratio=0.0)]),
+    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, sp_interval=1, fi_interval=1), attnctl.PAG()]),
+], ids=["sd3", "flux", "sd", "sd-tome-pag", "tgate"])
+def test_no_host_syncs_in_the_hot_path(name, make, monkeypatch):
+    pipe = make_tiny_pipeline(name)
+    with attnctl.apply(pipe, make()) as handle:
+        watch = SyncWatch(monkeypatch, handle.runtime, from_step=2)
+        generate(pipe, name, prompt="a photo of a cat", steps=4)
+    assert watch.calls == []
+
+
+def test_no_host_syncs_with_a_fastattn_plan(monkeypatch):
+    pipe = make_tiny_pipeline("tiny-pixart")
+    plan = attnctl.FastAttn(threshold=0.5).calibrate(pipe, ["a photo of a cat"], num_inference_steps=4, guidance_scale=5.0,
+                                                   **attnctl.testing.CALL_DEFAULTS["tiny-pixart"])
+    assert any(method != "full" for _, methods in plan.methods for method in methods)
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan), attnctl.PAG()]) as handle:
+        watch = SyncWatch(monkeypatch, handle.runtime, from_step=2)
+        generate(pipe, "tiny-pixart", prompt="a photo of a cat", steps=4)
+    assert watch.calls == []
+
+
+# -- output keys ------------------------------------------------------------------------------------------------------
+PUBLISHERS = [
+    (attnctl.AttentionMaps, {"words": ["cat"]}, "attention_maps"),
+    (attnctl.TGate, {}, "tgate"),
+    (attnctl.FastAttn, {}, "fastattn"),
+    (attnctl.ToMe, {}, "tome"),
+    (attnctl.AgentAttention, {}, "agent_attention"),
+]
+
+
+@pytest.mark.parametrize("cls, fields, key", PUBLISHERS, ids=[p[2] for p in PUBLISHERS])
+def test_every_publishing_control_has_a_key(cls, fields, key):
+    control = cls(**fields)
+    assert control.key == key and control.output_key == key
+    other = cls(**fields, key="mine")
+    assert other.output_key == "mine" and Control.from_dict(other.to_dict()) == other
+    for bad in ("", "  ", 3, None):
+        with pytest.raises(ConfigError, match="key"):
+            cls(**fields, key=bad)
+
+
+def test_one_output_key_per_control(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    twice = [attnctl.ToMe(layers="down_blocks.0 & self"), attnctl.ToMe(layers="up_blocks.1 & self")]
+    with pytest.raises(ConfigError, match="tome"):  # refused at apply once it checks keys, else at the call
+        with attnctl.apply(pipe, twice):
+            generate(pipe, "tiny-sd")
+    keyed = [twice[0], attnctl.ToMe(layers="up_blocks.1 & self", key="tome_up")]
+    with attnctl.apply(pipe, keyed) as handle:
+        generate(pipe, "tiny-sd")
+        down, up = handle.outputs["tome"], handle.outputs["tome_up"]
+    assert {r.layer.split(".")[0] for r in down.records} == {"down_blocks"}
+    assert {r.layer.split(".")[0] for r in up.records} == {"up_blocks"}
+    layers = [down.records[0].layer]
+    # the same report API as the cache controls': methods with an optional list of layers
+    assert 0 < down.flops_ratio() < 1 and down.flops_ratio(layers) == pytest.approx(down.flops(layers) / down.full_flops(layers))
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=1, layers="down & cross"), attnctl.TGate(gate_step=1, layers="up & cross", key="tgate_up")]) as handle:
+        generate(pipe, "tiny-sd", steps=3)
+        assert handle.outputs["tgate"].flops_ratio() < 1 and handle.outputs["tgate_up"].flops_ratio() < 1

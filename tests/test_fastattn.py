@@ -1,0 +1,281 @@
+"""DiTFastAttn (Yuan et al. 2024): identities, each technique against an explicit reference, the greedy calibration
+rule against an independent re-computation, plans (JSON, mismatches), and the FLOPs of the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import ConfigError, UnsupportedError
+
+from .cache_helpers import Capture, band_allowed, explicit_attention, grid_allowed, make_plan
+from .helpers import generate
+
+pytestmark = pytest.mark.parity
+
+FAMILIES = [("tiny-pixart", 4.5), ("tiny-sd3", 5.0), ("tiny-flux", 1.0), ("tiny-sd", 5.0)]
+
+
+def _rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().sum() / b.double().abs().sum())
+
+
+# -- identities -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, guidance", FAMILIES)
+def test_threshold_zero_is_bitwise_stock(name, guidance, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, steps=3, guidance=guidance)
+    with attnctl.apply(pipe, [attnctl.FastAttn(threshold=0.0)]) as handle:
+        controlled = generate(pipe, name, steps=3, guidance=guidance)
+        report = handle.outputs["fastattn"]
+    assert torch.equal(controlled, stock)
+    assert report.flops_ratio() == 1.0 and report.hits == 0
+    assert set(report.plan.counts()) >= {"full"} and report.plan.counts()["full"] == 3 * len(report.plan.layers)
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=report.plan)]):  # an all-full plan changes nothing either
+        assert torch.equal(generate(pipe, name, steps=3, guidance=guidance), stock)
+
+
+# -- calibration, then inference with the plan ---------------------------------------------------------------------
+SEPARATE_PASSES = [
+    ("tiny-flux", 1.0, {"negative_prompt": "a dog", "true_cfg_scale": 3.0}),
+    ("tiny-sd3", 5.0, {"skip_guidance_layers": [1], "skip_layer_guidance_stop": 0.9}),
+]
+
+
+@pytest.mark.parametrize("name, guidance, extra", [(n, g, {}) for n, g in FAMILIES] + SEPARATE_PASSES,
+                         ids=["pixart-cfg", "sd3-cfg", "flux-nocfg", "sd-cfg", "flux-true-cfg", "sd3-skip-layer"])
+def test_calibrated_plan_reproduces_the_calibration_call(name, guidance, extra, tiny_cache):
+    """The calibration call applies its choices as it makes them; running the plan it made gives the same output.
+    Steps with several denoiser calls (Flux true CFG, SD3 skip-layer passes) keep one cache per call."""
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, steps=5, guidance=guidance, **extra)
+    control = attnctl.FastAttn(threshold=0.3, window=4)
+    plan = control.calibrate(pipe, ["a photo of a cat", "a red car on the street"], num_inference_steps=5,
+                             guidance_scale=guidance, generator=torch.Generator().manual_seed(0), **_defaults(name), **extra)
+    with attnctl.apply(pipe, [control]) as handle:
+        calibrated = generate(pipe, name, steps=5, guidance=guidance, **extra)
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]) as handle:
+        planned = generate(pipe, name, steps=5, guidance=guidance, **extra)
+        report = handle.outputs["fastattn"]
+    torch.testing.assert_close(planned, calibrated, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(planned, stock)
+    counts = plan.counts()
+    assert counts["step_share"] > 0
+    if guidance > 1:
+        assert counts["cfg_share"] + counts["window_residual+cfg_share"] > 0
+    else:
+        assert counts["cfg_share"] + counts["window_residual+cfg_share"] == 0
+    assert report.flops_ratio() < 1.0
+    # one hit per step_share (layer, step), and one more per extra denoiser call of such a step
+    assert report.hits == counts["step_share"] if not extra else report.hits > counts["step_share"]
+
+
+def _defaults(name):
+    from attnctl.testing import CALL_DEFAULTS
+
+    return dict(CALL_DEFAULTS[name])
+
+
+# -- each technique against an explicit reference -------------------------------------------------------------------
+def test_window_residual_band_matches_the_reference_and_counts_window_flops(tiny_cache):
+    pipe = tiny_cache("tiny-pixart")
+    layer = "transformer_blocks.0.attn1"
+    plan = make_plan(pipe, 4, {layer: ["full", "window_residual", "window_residual", "full"]}, window=8)
+    capture = Capture(layers=layer)
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
+        generate(pipe, "tiny-pixart", steps=4)
+        report = handle.outputs["fastattn"]
+    calls = {entry[1]: entry for entry in capture.log}
+    _, _, _, q0, k0, v0, out0, window0 = calls[0]
+    n = q0.shape[2]
+    band = band_allowed(n, 8)
+    residual = explicit_attention(q0, k0, v0) - explicit_attention(q0, k0, v0, band)
+    torch.testing.assert_close(out0, explicit_attention(q0, k0, v0), rtol=1e-4, atol=1e-5)
+    assert window0 is None  # full steps run plain attention (the window for the residual is the hook's own call)
+    for step in (1, 2):
+        _, _, _, q, k, v, out, window = calls[step]
+        assert window is not None and window.band == 8
+        torch.testing.assert_close(out, explicit_attention(q, k, v, band) + residual, rtol=1e-4, atol=1e-5)
+    batch, heads, _, head_dim = q0.shape
+    full = 4.0 * batch * n * n * heads * head_dim
+    windowed = 4.0 * batch * int(band.sum()) * heads * head_dim
+    assert report.entries[(0, layer)].flops == full + windowed  # the residual needs the window too
+    assert report.entries[(1, layer)].flops == windowed
+    assert report.entries[(3, layer)].flops == full  # no later window step: no residual
+    assert report.entries[(1, layer)].full_flops == full
+
+
+@pytest.mark.parametrize("name, layer, text_first", [
+    ("tiny-flux", "transformer_blocks.0.attn", True),
+    ("tiny-flux", "single_transformer_blocks.1.attn", True),
+    ("tiny-sd3", "transformer_blocks.0.attn", False),
+])
+def test_2d_window_on_joint_layouts_leaves_text_unrestricted(name, layer, text_first, tiny_cache):
+    pipe = tiny_cache(name)
+    guidance = 1.0 if name == "tiny-flux" else 5.0
+    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=(1, 2))
+    capture = Capture(layers=layer)
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
+        generate(pipe, name, steps=3, guidance=guidance)
+        report = handle.outputs["fastattn"]
+    calls = {entry[1]: entry for entry in capture.log}
+    q0, k0, v0 = calls[0][3:6]
+    window = calls[1][7]
+    h, w = window.grid_hw
+    text = q0.shape[2] - h * w
+    assert text > 0 and window.text_len == text and window.text_first == text_first
+    allowed = grid_allowed(h, w, 1, 2, text, text_first)
+    residual = explicit_attention(q0, k0, v0) - explicit_attention(q0, k0, v0, allowed)
+    q, k, v, out = calls[1][3], calls[1][4], calls[1][5], calls[1][6]
+    torch.testing.assert_close(out, explicit_attention(q, k, v, allowed) + residual, rtol=1e-4, atol=1e-5)
+    batch, heads, tokens, head_dim = q.shape
+    assert report.entries[(1, layer)].flops == 4.0 * batch * int(allowed.sum()) * heads * head_dim
+    assert report.entries[(1, layer)].full_flops == 4.0 * batch * tokens * tokens * heads * head_dim
+
+
+def test_step_share_reuses_the_layer_output(tiny_cache):
+    pipe = tiny_cache("tiny-sd3")
+    layer = "transformer_blocks.1.attn"
+    plan = make_plan(pipe, 4, {layer: ["full", "step_share", "step_share", "full"]})
+    outputs = []
+    module = pipe.transformer.get_submodule(layer)
+    hook = module.register_forward_hook(lambda mod, args, out: outputs.append(tuple(o.clone() for o in out)))
+    try:
+        with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]) as handle:
+            generate(pipe, "tiny-sd3", steps=4)
+            report = handle.outputs["fastattn"]
+    finally:
+        hook.remove()
+    for step in (1, 2):
+        assert all(torch.equal(a, b) for a, b in zip(outputs[step], outputs[0]))
+    assert not torch.equal(outputs[3][0], outputs[0][0])
+    assert report.hits == 2 and report.entries[(1, layer)].flops == 0.0
+
+
+def test_cfg_share_computes_cond_rows_and_copies_them(tiny_cache):
+    pipe = tiny_cache("tiny-pixart")
+    layer = "transformer_blocks.1.attn1"
+    plan = make_plan(pipe, 2, {layer: ["cfg_share", "full"]})
+    capture = Capture(layers=layer)
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
+        generate(pipe, "tiny-pixart", steps=2)
+        report = handle.outputs["fastattn"]
+    _, _, rows, q, k, v, out, _ = capture.log[0]
+    uncond, cond = rows.indices("uncond"), rows.indices("cond")
+    assert len(uncond) == len(cond) == 2
+    torch.testing.assert_close(out[list(cond)], explicit_attention(q[list(cond)], k[list(cond)], v[list(cond)]), rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[list(uncond)], out[list(cond)])
+    assert report.entries[(0, layer)].flops == report.entries[(0, layer)].full_flops / 2
+
+
+# -- the greedy rule, re-computed independently --------------------------------------------------------------------
+def test_calibration_takes_the_most_compressive_choice_below_the_threshold(tiny_cache):
+    """From the q, k, v each layer received during calibration, recompute every candidate's error by the spec."""
+    pipe = tiny_cache("tiny-pixart")
+    threshold, band, steps = 0.2, 8, 5
+    capture = Capture()
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(threshold=threshold, window=band)]) as handle:
+        generate(pipe, "tiny-pixart", steps=steps)
+        plan = handle.outputs["fastattn"].plan
+    assert plan.layers == ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1")
+    log = {(entry[0], entry[1]): entry for entry in capture.log}
+    chosen_somewhere = set()
+    for layer in plan.layers:
+        methods = plan.per_step(layer)
+        residual = None
+        for step in range(steps):
+            _, _, rows, q, k, v, out, _ = log[(layer, step)]
+            allowed = band_allowed(q.shape[2], band)
+            full = explicit_attention(q, k, v)
+            window = explicit_attention(q, k, v, allowed)
+            cond = list(rows.indices("cond"))
+            assert list(rows.indices("uncond")) == list(range(len(cond)))
+
+            def share(x, source=cond + cond):  # rows are [uncond..., cond...]: each takes its prompt's cond row
+                return x[source]
+
+            fraction = float(allowed.sum()) / allowed.numel()
+            options = [(0.0, "step_share", log[(layer, step - 1)][6] if step else None)]
+            if residual is not None:
+                options += [(fraction / 2, "window_residual+cfg_share", share(window + residual)),
+                            (fraction, "window_residual", window + residual)]
+            options += [(0.5, "cfg_share", share(full))]
+            expected, expected_out = "full", full
+            for _, name, candidate in sorted((o for o in options if o[2] is not None), key=lambda o: o[0]):
+                if _rel_l1(candidate, full) < threshold:
+                    expected, expected_out = name, candidate
+                    break
+            assert methods[step] == expected, (layer, step)
+            torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-4)
+            chosen_somewhere.add(expected)
+            if expected in ("full", "cfg_share"):
+                residual = full - window if expected == "full" else share(full - window)
+    assert {"step_share", "full"} & chosen_somewhere and len(chosen_somewhere) >= 2
+
+
+# -- plans -----------------------------------------------------------------------------------------------------------
+def test_plan_json_round_trip_and_mismatches(tiny_cache, tmp_path):
+    pipe = tiny_cache("tiny-pixart")
+    plan = attnctl.FastAttn(threshold=0.3, window=(1, 1)).calibrate(pipe, "a photo of a cat", num_inference_steps=3, **_defaults("tiny-pixart"))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = attnctl.FastAttnPlan.load(path)
+    assert loaded == plan and loaded.window == (1, 1) and loaded.resolution == (32, 32) and loaded.steps == 3
+    control = attnctl.FastAttn(plan=loaded)
+    assert attnctl.Control.from_dict(control.to_dict()) == control
+    with attnctl.apply(pipe, [control]):
+        with pytest.raises(ConfigError, match="4"):
+            generate(pipe, "tiny-pixart", steps=4)
+        with pytest.raises(ConfigError, match="48x48"):
+            generate(pipe, "tiny-pixart", steps=3, height=48, width=48)
+        generate(pipe, "tiny-pixart", steps=3)  # the handle stays usable after a mismatch
+    other = tiny_cache("tiny-sd")
+    with pytest.raises(ConfigError, match="calibrated for PixArtTransformer2DModel"):
+        attnctl.apply(other, [control])
+    assert "forward" not in other.unet.__dict__
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"threshold": -0.1}, "threshold"),
+    ({"window": -1}, "window"),
+    ({"window": (1, 2, 3)}, "window"),
+    ({"window": 2.5}, "window"),
+    ({"techniques": ("window",)}, "techniques"),
+    ({"techniques": "step_share"}, "techniques"),
+])
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        attnctl.FastAttn(**kwargs)
+
+
+def test_plan_validation(tiny_cache):
+    pipe = tiny_cache("tiny-pixart")
+    with pytest.raises(ConfigError, match="needs an earlier step"):
+        make_plan(pipe, 2, {"transformer_blocks.0.attn1": ["step_share", "full"]})
+    with pytest.raises(ConfigError, match="unknown method"):
+        make_plan(pipe, 2, {"transformer_blocks.0.attn1": ["full", "skip"]})
+    plan = make_plan(pipe, 2, {"transformer_blocks.0.attn1": ["full", "window_residual"]})
+    with pytest.raises(ConfigError, match="does not allow"):
+        attnctl.FastAttn(plan=plan, techniques=("step_share",))
+    with pytest.raises(ConfigError, match="differs"):
+        attnctl.FastAttn(plan=plan, window=3)
+    with pytest.raises(ConfigError, match="JSON"):
+        attnctl.FastAttnPlan.from_json("{not json")
+    cross = make_plan(pipe, 2, {"transformer_blocks.0.attn2": ["full", "window_residual"]})
+    with pytest.raises(ConfigError, match="cross-attention"):
+        attnctl.apply(pipe, [attnctl.FastAttn(plan=cross)])
+
+
+def test_techniques_restrict_the_choices(tiny_cache):
+    pipe = tiny_cache("tiny-sd3")
+    plan = attnctl.FastAttn(threshold=10.0, techniques=("cfg_share",)).calibrate(pipe, "a cat", num_inference_steps=3, **_defaults("tiny-sd3"))
+    assert set(m for _, methods in plan.methods for m in methods) == {"cfg_share"}
+
+
+def test_unsupported_family_message_lists_the_families():
+    from attnctl.families.base import ModelAdapter
+
+    adapter = ModelAdapter("wan", torch.nn.Linear(1, 1), (), {})
+    with pytest.raises(UnsupportedError, match="pixart, sd3, flux, unet"):
+        attnctl.FastAttn().validate_for(adapter)

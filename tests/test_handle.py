@@ -1,0 +1,199 @@
+"""Handle life cycle: exact restore, exceptions, one handle per denoiser, things that replace processors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.control import Bound, Control
+from attnctl.errors import ConfigError, HandleError, PipelineChangedError, UnsupportedError
+from attnctl.testing import make_tiny_pipeline
+
+from .helpers import Probe, generate
+
+pytestmark = pytest.mark.parity
+
+
+def _snapshot(pipe, denoiser):
+    return (
+        {k: v for k, v in denoiser.attn_processors.items()},
+        dict(pipe.__dict__),
+        dict(denoiser.__dict__),
+        dict(pipe.scheduler.__dict__),
+    )
+
+
+def _same(a, b):
+    procs_a, pipe_a, den_a, sched_a = a
+    procs_b, pipe_b, den_b, sched_b = b
+    assert procs_a.keys() == procs_b.keys() and all(procs_a[k] is procs_b[k] for k in procs_a)
+    for left, right in ((pipe_a, pipe_b), (den_a, den_b), (sched_a, sched_b)):
+        methods_left = {k for k, v in left.items() if _is_method(v)}
+        methods_right = {k for k, v in right.items() if _is_method(v)}
+        assert methods_left == methods_right, methods_left ^ methods_right
+        for key in methods_left:
+            assert left[key] is right[key], key
+
+
+def _is_method(value):
+    return callable(value) and not isinstance(value, (torch.nn.Module, type))
+
+
+@dataclass(frozen=True)
+class Explode(Control, type_name="test-explode"):
+    """Raises inside the denoiser at a given step."""
+
+    at_step: int = 1
+
+    def bind(self, context):
+        return _ExplodeBound(self, context.layers, (0.0, 1.0))
+
+
+class _ExplodeBound(Bound):
+    def edit(self, layer, frame):
+        if frame.step.index == self.control.at_step:
+            raise RuntimeError("boom")
+        return None
+
+
+def test_remove_restores_exactly_and_is_idempotent():
+    pipe = make_tiny_pipeline("tiny-sd")
+    before = _snapshot(pipe, pipe.unet)
+    handle = attnctl.apply(pipe, [Probe()])
+    assert handle.live
+    handle.remove()
+    handle.remove()
+    _same(before, _snapshot(pipe, pipe.unet))
+    assert "step" not in pipe.scheduler.__dict__
+
+
+def test_exception_keeps_handle_live_and_next_call_is_fresh():
+    pipe = make_tiny_pipeline("tiny-sd")
+    before = _snapshot(pipe, pipe.unet)
+    stock = generate(pipe, "tiny-sd", steps=3)
+    probe = Probe()
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnctl.apply(pipe, [probe, Explode(at_step=1)]) as handle:
+            with pytest.raises(RuntimeError, match="boom"):
+                generate(pipe, "tiny-sd", steps=3)
+            assert handle.live
+            # the next call starts from fresh state: the explosion is at step 1 again, not carried over
+            probe.log.clear()
+            generate(pipe, "tiny-sd", steps=3)
+    assert not handle.live
+    _same(before, _snapshot(pipe, pipe.unet))
+    assert torch.equal(generate(pipe, "tiny-sd", steps=3), stock)
+    steps_seen = sorted({entry[1] for entry in probe.log if entry[0] != "bind"})
+    assert steps_seen == [0, 1]
+
+
+def test_exception_in_with_block_restores_pipeline():
+    pipe = make_tiny_pipeline("tiny-flux")
+    before = _snapshot(pipe, pipe.transformer)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attnctl.apply(pipe, [Explode(at_step=0)]):
+            generate(pipe, "tiny-flux")
+    _same(before, _snapshot(pipe, pipe.transformer))
+
+
+def test_one_live_handle_per_denoiser_and_from_pipe():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    handle = attnctl.apply(pipe, [])
+    with pytest.raises(HandleError, match="already has a live attnctl handle"):
+        attnctl.apply(pipe, [])
+    other = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    with pytest.raises(HandleError, match="from_pipe"):
+        attnctl.apply(other, [])
+    image = torch.rand(1, 3, 32, 32)
+    with pytest.raises(HandleError, match="outside a call of the pipeline"):
+        other("a cat", image=image, num_inference_steps=2, output_type="latent")
+    handle.remove()
+    with attnctl.apply(other, []):
+        other("a cat", image=image, num_inference_steps=2, output_type="latent")
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        (lambda p: p.unet.set_attn_processor(__import__("diffusers").models.attention_processor.AttnProcessor2_0()), "tiny-sd"),
+        (lambda p: p.fuse_qkv_projections(), "tiny-sd"),
+        (lambda p: p.transformer.set_attention_backend("_native_math"), "tiny-flux"),
+    ],
+    ids=["set_attn_processor", "fuse_qkv_projections", "set_attention_backend"],
+)
+def test_processor_changes_after_apply_are_detected(change, name):
+    pipe = make_tiny_pipeline(name)
+    handle = attnctl.apply(pipe, [])
+    change(pipe)
+    with pytest.raises(PipelineChangedError, match="after attnctl.apply"):
+        generate(pipe, name)
+    handle.remove()
+
+
+def test_fused_projections_before_apply_are_reproduced():
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.fuse_qkv_projections()
+    stock = generate(pipe, "tiny-sd")
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = generate(pipe, "tiny-sd")
+    assert torch.equal(stock, controlled)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_model_cpu_offload_before_or_after_apply(order):
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd")
+    if order == "before":
+        pipe.enable_model_cpu_offload(device="cpu")
+    handle = attnctl.apply(pipe, [Probe()])
+    if order == "after":
+        pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(generate(pipe, "tiny-sd"), stock)
+    handle.remove()
+    assert "_hf_hook" in pipe.unet.__dict__  # offload still installed
+    assert torch.equal(generate(pipe, "tiny-sd"), stock)
+    pipe.remove_all_hooks()
+    assert pipe.unet.forward == type(pipe.unet).forward.__get__(pipe.unet)
+    assert torch.equal(generate(pipe, "tiny-sd"), stock)
+
+
+def test_compiled_denoiser_is_refused():
+    pipe = make_tiny_pipeline("tiny-sd")
+    unet = pipe.unet
+    pipe.unet = torch.compile(unet)
+    with pytest.raises(UnsupportedError, match="torch.compile"):
+        attnctl.apply(pipe, [])
+    pipe.unet = unet
+    handle = attnctl.apply(pipe, [])
+    unet.compile()
+    with pytest.raises(UnsupportedError, match="torch.compile"):
+        generate(pipe, "tiny-sd")
+    handle.remove()
+
+
+def test_bad_arguments_leave_pipeline_untouched():
+    pipe = make_tiny_pipeline("tiny-sd")
+    before = _snapshot(pipe, pipe.unet)
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        attnctl.apply(pipe, [], backend="fast")
+    with pytest.raises(ConfigError, match="takes attnctl controls"):
+        attnctl.apply(pipe, ["reweight"])
+    with pytest.raises(attnctl.SelectionError, match="matched no attention layer"):
+        attnctl.apply(pipe, [Probe(layers="transformer_blocks.3")])
+    with pytest.raises(UnsupportedError, match="neither a `unet` nor a `transformer`"):
+        attnctl.apply(object(), [])
+    _same(before, _snapshot(pipe, pipe.unet))
+
+
+def test_describe_lists_layers_steps_and_backends():
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [Probe(layers="self & mid", steps=(0.2, 0.8))]) as handle:
+        text = handle.describe()
+    assert "Probe: steps 0.2 <= i/n < 0.8, 1 layer(s)" in text
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1 (self): sdpa" in text
+    assert "no control: 7 layer(s)" in text

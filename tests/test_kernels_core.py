@@ -1,0 +1,231 @@
+"""Backends against the eager reference, and the reference against the formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnctl.errors import BackendError, ConfigError
+from attnctl.kernels import AttentionSpec, LabelMask, Sparse, Window, attention, choose_backend, validate_backend
+from attnctl.kernels.reference import entmax
+
+
+def _qkv(b=2, h=3, nq=20, nk=12, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, nq, d, generator=g), torch.randn(b, h, nk, d, generator=g), torch.randn(b, h, nk, d, generator=g))
+
+
+def _naive(q, k, v, bias=None, scale_v=None, rows=None):
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if bias is not None:
+        logits = logits + bias
+    probs = torch.softmax(logits, -1)
+    out = probs @ v
+    if scale_v is not None:
+        scaled = probs @ (v * scale_v)
+        out = scaled if rows is None else torch.where(rows[:, None], scaled, out)
+    return out
+
+
+def test_plain_matches_sdpa_bitwise():
+    q, k, v = _qkv()
+    out, lse = attention(q, k, v, AttentionSpec(), "sdpa")
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert lse is None
+    ref, lse = attention(q, k, v, AttentionSpec(return_lse=True), "reference")
+    torch.testing.assert_close(ref, out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / 8**0.5, -1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("query_range", [None, (4, 15)])
+def test_value_scale_and_key_bias(backend, query_range):
+    q, k, v = _qkv()
+    scale = torch.rand(2, 12) * 2
+    bias = torch.randn(2, 12)
+    rows = torch.zeros(20, dtype=torch.bool)
+    rows[slice(*query_range) if query_range else slice(None)] = True
+    spec = AttentionSpec(value_scale=scale, key_bias=bias, query_range=query_range)
+    out, _ = attention(q, k, v, spec, backend)
+    full_bias = bias[:, None, None, :] * rows[:, None].float()
+    expected = _naive(q, k, v, bias=full_bias, scale_v=scale[:, None, :, None], rows=rows)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_value_scale_equals_reweighted_probabilities():
+    """Prompt-to-Prompt: A * w without renormalisation equals A (w * V)."""
+    q, k, v = _qkv()
+    w = torch.rand(2, 12) * 3
+    out, _ = attention(q, k, v, AttentionSpec(value_scale=w), "sdpa")
+    probs = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1)
+    torch.testing.assert_close(out, (probs * w[:, None, None, :]) @ v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_labels_and_fully_masked_rows(backend):
+    q, k, v = _qkv(nq=10, nk=10)
+    q_labels = torch.tensor([[0] * 5 + [1] * 4 + [2]] * 2)
+    k_labels = torch.tensor([[0] * 5 + [1] * 5] * 2)
+    inf = float("-inf")
+    table = torch.tensor([[[0.0, inf], [inf, -1.5], [inf, inf]]])  # label 2 sees nothing
+    spec = AttentionSpec(labels=LabelMask(q_labels, k_labels, table))
+    out, _ = attention(q, k, v, spec, backend)
+    dense = table[0][q_labels[0]][:, k_labels[0]]
+    expected = _naive(q, k, v, bias=torch.nan_to_num(dense, neginf=-1e30))
+    expected[:, :, 9] = 0.0
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("window", [Window((3, 4), radius=(1, 1), text_len=2, text_first=True), Window((3, 4), band=2, text_len=3)])
+def test_window(backend, window):
+    n = 12 + window.text_len
+    q, k, v = _qkv(nq=n, nk=n)
+    out, _ = attention(q, k, v, AttentionSpec(window=window), backend)
+    allowed = window.allowed()
+    expected = _naive(q, k, v, bias=torch.zeros(n, n).masked_fill(~allowed, float("-inf")))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    img = slice(window.text_len, None) if window.text_first else slice(0, 12)
+    block = allowed[img, img]
+    if window.radius:  # token (1, 1) sees its 3x3 neighbourhood only
+        assert block[5].nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    else:
+        assert block[5].nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
+
+
+def _entmax_by_bisection(z, alpha):
+    x = z * (alpha - 1)
+    lo, hi = x.max(-1, keepdim=True).values - 1, x.max(-1, keepdim=True).values
+    for _ in range(200):
+        tau = (lo + hi) / 2
+        total = (x - tau).clamp(min=0).pow(1 / (alpha - 1)).sum(-1, keepdim=True)
+        lo, hi = torch.where(total >= 1, tau, lo), torch.where(total >= 1, hi, tau)
+    return (x - (lo + hi) / 2).clamp(min=0).pow(1 / (alpha - 1))
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25, 3.0])
+def test_entmax_matches_definition(alpha):
+    z = torch.randn(4, 7, 33, dtype=torch.float64) * 3
+    p = entmax(z, alpha).double()
+    torch.testing.assert_close(p.sum(-1), torch.ones(4, 7, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(p, _entmax_by_bisection(z, alpha), rtol=2e-4, atol=2e-4)
+    assert (p == 0).any()  # sparse
+
+
+def test_sparsemax_known_values():
+    z = torch.tensor([[1.0, 0.5, -3.0]])
+    torch.testing.assert_close(entmax(z, 2.0), torch.tensor([[0.75, 0.25, 0.0]]))
+    z = torch.tensor([[0.0, float("-inf"), 0.0]])
+    torch.testing.assert_close(entmax(z, 1.5), torch.tensor([[0.5, 0.0, 0.5]]))
+
+
+def test_reference_sparse_combination():
+    q, k, v = _qkv()
+    out, _ = attention(q, k, v, AttentionSpec(sparse=Sparse(alpha=2.0, scale=2.0)), "reference")
+    logits = q @ k.transpose(-1, -2) / 8**0.5
+    dense = torch.softmax(logits, -1) @ v
+    sparse = entmax(logits, 2.0) @ v
+    torch.testing.assert_close(out, dense + 2.0 * (sparse - dense), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_choice_and_refusals():
+    assert choose_backend("auto", "cpu", ())[0] == "sdpa"
+    assert choose_backend("auto", "cpu", ("sparse",))[0] == "reference"
+    name, why = choose_backend("auto", "cpu", ("lse",))
+    assert name == "reference" and "lse" in why
+    with pytest.raises(BackendError, match="cannot do sparse"):
+        choose_backend("sdpa", "cpu", ("sparse",))
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        validate_backend("xformers")
+    q, k, v = _qkv()
+    with pytest.raises(BackendError):
+        attention(q, k, v, AttentionSpec(return_lse=True), "sdpa")
+
+
+def test_auto_skips_sdpa_past_its_dense_limit(monkeypatch):
+    from attnctl import kernels
+    from attnctl.kernels import sdpa
+
+    over = sdpa.DENSE_MASK_LIMIT + 1
+    assert choose_backend("auto", "cpu", ("labels",), dense_elements=sdpa.DENSE_MASK_LIMIT)[0] == "sdpa"
+    name, why = choose_backend("auto", "cpu", ("labels",), dense_elements=over)
+    assert name == ("flex" if "flex" in kernels.BACKENDS else "reference")
+    assert f"sdpa would build a dense mask of {over} elements" in why
+    assert choose_backend("auto", "cpu", ("window", "lse"), dense_elements=over)[0] == "reference"  # no lse in CPU flex
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("sdpa", "reference"))
+    assert choose_backend("auto", "cpu", ("window",), dense_elements=over)[0] == "reference"
+    assert choose_backend("auto", "cpu", ("key_bias",), dense_elements=0)[0] == "sdpa"
+    with pytest.raises(BackendError, match="dense mask of"):
+        choose_backend("sdpa", "cpu", ("labels",), dense_elements=over)
+
+
+def test_auto_attention_past_the_dense_limit_runs_on_another_backend(monkeypatch):
+    """The reviewer's case at a small size: a label mask over sdpa's (lowered) limit is not sent to sdpa."""
+    import dataclasses
+
+    from attnctl import kernels
+
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=100))
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("sdpa", "reference"))  # keep flex's compilation out of this test
+    monkeypatch.setattr(kernels.sdpa, "DENSE_MASK_LIMIT", 100)
+    q, k, v = _qkv(nq=12, nk=12)
+    labels = LabelMask(torch.zeros(2, 12, dtype=torch.long), torch.arange(12).remainder(2).expand(2, -1), torch.tensor([[[0.0, float("-inf")]]]))
+    spec = AttentionSpec(labels=labels)
+    assert spec.dense_elements(2, 12, 12) == 288
+    with pytest.raises(BackendError, match="limit 100"):
+        attention(q, k, v, spec, "sdpa")
+    out, _ = attention(q, k, v, spec, "auto")
+    ref, _ = attention(q, k, v, spec, "reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_sdpa_caches_dense_masks_per_label_mask_and_window(monkeypatch):
+    import gc
+
+    from attnctl.kernels import sdpa
+
+    sdpa.clear_caches()
+    built = []
+    original = LabelMask.dense
+    monkeypatch.setattr(LabelMask, "dense", lambda self: built.append(1) or original(self))
+    q, k, v = _qkv(nq=12, nk=12)
+    labels = LabelMask(torch.zeros(2, 12, dtype=torch.long), torch.arange(12).remainder(2).expand(2, -1), torch.tensor([[[0.0, -2.0]]]))
+    spec = AttentionSpec(labels=labels)
+    first, _ = attention(q, k, v, spec, "sdpa")
+    second, _ = attention(q, k, v, AttentionSpec(labels=labels, key_bias=torch.zeros(2, 12)), "sdpa")
+    assert torch.equal(first, second) and len(built) == 1  # one dense mask for both calls
+    attention(q.double(), k.double(), v.double(), spec, "sdpa")
+    assert len(built) == 2  # another dtype: built again
+    torch.testing.assert_close(first, attention(q, k, v, spec, "reference")[0])
+    assert len(sdpa._LABEL_DENSE) == 1
+    del spec, labels
+    gc.collect()
+    assert len(sdpa._LABEL_DENSE) == 0  # the entry dies with its LabelMask
+
+    window = Window((3, 4), radius=(1, 1))
+    allowed = []
+    original_allowed = Window.allowed
+    monkeypatch.setattr(Window, "allowed", lambda self, device=None: allowed.append(1) or original_allowed(self, device))
+    for _ in range(3):
+        out, _ = attention(q, k, v, AttentionSpec(window=Window((3, 4), radius=(1, 1))), "sdpa")
+    assert len(allowed) == 1  # windows are cached by value
+    torch.testing.assert_close(out, attention(q, k, v, AttentionSpec(window=window), "reference")[0])
+
+
+def test_per_key_shapes_are_checked_once_for_every_backend():
+    from attnctl.kernels.spec import as_additive, per_key
+
+    assert per_key(torch.ones(2, 5)).shape == (2, 1, 5)
+    assert per_key(torch.ones(2, 3, 5), batch=2, heads=3, keys=5).shape == (2, 3, 5)
+    with pytest.raises(ConfigError, match=r"key_bias must have shape \(B, Nk\) or \(B, H, Nk\) = \(2, \[3,\] 5\), got \(2, 4\)"):
+        per_key(torch.ones(2, 4), "key_bias", batch=2, heads=3, keys=5)
+    q, k, v = _qkv()
+    for backend in ("reference", "sdpa"):
+        with pytest.raises(ConfigError, match="value_scale must have shape"):
+            attention(q, k, v, AttentionSpec(value_scale=torch.ones(2, 11)), backend)
+    mask = torch.tensor([True, False])
+    assert torch.equal(as_additive(mask), torch.tensor([0.0, float("-inf")]))
+    assert as_additive(mask, torch.float16).dtype == torch.float16
+    assert as_additive(torch.zeros(2), torch.float64).dtype == torch.float64

@@ -1,0 +1,112 @@
+"""The flex backend against the eager reference. Compiled flex costs several seconds per new shape on a
+CPU, so the compiled tests share two shapes (a query range splits the call into two row groups)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnctl.errors import BackendError
+from attnctl.kernels import BACKENDS, AttentionSpec, LabelMask, Sparse, Window, choose_backend, reference
+
+flex = pytest.importorskip("attnctl.kernels.flex")
+from torch.nn.attention.flex_attention import create_mask  # noqa: E402
+
+INF = float("-inf")
+WINDOW = Window((5, 8), radius=(1, 2), text_len=5, text_first=True)
+N = 45
+
+
+def _labels(seed: int) -> LabelMask:
+    g = torch.Generator().manual_seed(seed)
+    q_labels = torch.randint(0, 3, (2, N), generator=g)
+    q_labels[:, 5:7] = 2  # label 2 sees nothing: fully masked rows
+    k_labels = torch.randint(0, 2, (2, N), generator=g)
+    return LabelMask(q_labels, k_labels, torch.tensor([[[0.0, INF], [INF, -1.5], [INF, INF]]]))
+
+
+def _inputs(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, N, 16, generator=g) for _ in range(3))
+    spec = AttentionSpec(
+        attn_mask=torch.randn(2, 1, 1, N, generator=g),
+        key_bias=torch.randn(2, N, generator=g),
+        value_scale=torch.rand(2, N, generator=g) * 2,
+        query_range=(5, N),  # the image rows of a text-first joint layout
+        labels=_labels(seed),
+        window=WINDOW,
+    )
+    return q, k, v, spec
+
+
+def test_flex_matches_reference_and_never_recompiles_per_step():
+    from torch._dynamo.utils import counters
+
+    q, k, v, spec = _inputs(0)
+    out, lse = flex.attention(q, k, v, spec)
+    assert lse is None
+    ref, _ = reference.attention(q, k, v, spec)
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5)
+    dead = spec.labels.fully_masked_queries()
+    assert dead.any() and (out.masked_select(dead[:, None, :, None]) == 0).all()
+
+    graphs = counters["stats"]["unique_graphs"]
+    q, k, v, spec = _inputs(1)  # a new step: new values, new labels object, same shapes and controls
+    out, _ = flex.attention(q, k, v, spec)
+    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=2e-5, atol=2e-5)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new step recompiled flex"
+
+
+def test_block_masks_cached_per_layout_and_label_object():
+    labels = _labels(3)
+    spec = AttentionSpec(labels=labels, window=WINDOW)
+    first = flex.block_mask(spec, 2, (0, N), N, torch.device("cpu"))
+    assert flex.block_mask(spec, 2, (0, N), N, torch.device("cpu")) is first
+    window_only = AttentionSpec(window=WINDOW)
+    assert flex.block_mask(window_only, 2, (5, N), N, torch.device("cpu")) is flex.block_mask(window_only, 1, (5, N), N, torch.device("cpu"))
+    key = id(labels)
+    assert key in flex._LABEL_MASKS
+    del spec, labels, first
+    gc.collect()
+    assert key not in flex._LABEL_MASKS
+
+
+@pytest.mark.parametrize("window", [WINDOW, Window((4, 6), band=3, text_len=4), Window((3, 7), radius=(0, 1))])
+@pytest.mark.parametrize("offset", [0, 4])
+def test_mask_mods_are_the_spec(window, offset):
+    """The mask_mods evaluated densely (no compilation) equal the spec's own dense masks."""
+    n = window.grid_hw[0] * window.grid_hw[1] + window.text_len
+    mask = create_mask(flex.window_mask(window, offset), None, None, n - offset, n, device="cpu")
+    assert torch.equal(mask[0, 0], window.allowed()[offset:])
+    labels = _labels(5)
+    allowed = labels.table.expand(2, -1, -1) > INF
+    mask = create_mask(flex.label_mask(labels.q_labels, labels.k_labels, allowed, offset), 2, None, N - offset, N, device="cpu")
+    assert torch.equal(mask[:, 0], labels.dense()[:, 0, offset:] > INF)
+
+
+def test_mod_names_are_readable():
+    t = torch.zeros(1, 1, 4)
+    mods = (flex.additive_mask(torch.zeros(1, 1, 1, 4)), flex.key_bias(t), flex.label_bias(t[0].long(), t[0].long(), t))
+    assert [m.__name__ for m in mods] == ["additive_mask", "key_bias", "label_bias"]
+    assert flex.compose(mods).__name__ == "additive_mask+key_bias+label_bias"
+    assert flex.window_mask(WINDOW).__name__ == "window_2d"
+    assert flex.window_mask(Window((2, 2), band=1)).__name__ == "window_band"
+
+
+def test_flex_refusals_and_plain_calls():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(BackendError, match="per-row threshold"):
+        flex.attention(q, q, q, AttentionSpec(sparse=Sparse()))
+    with pytest.raises(BackendError, match="log-sum-exp on CPU"):
+        flex.attention(q, q, q, AttentionSpec(key_bias=torch.zeros(1, 8), return_lse=True))
+    assert torch.equal(flex.attention(q, q, q, AttentionSpec())[0], F.scaled_dot_product_attention(q, q, q))
+    # the capability table says the same, and auto reads it
+    assert "sparse" not in BACKENDS["flex"].features
+    with pytest.raises(BackendError, match="lse on cpu"):
+        choose_backend("flex", "cpu", ("lse",))
+    assert choose_backend("flex", "cuda", ("lse",))[0] == "flex"
+    assert choose_backend("auto", "cuda", ("key_bias", "labels"))[0] == ("triton" if "triton" in BACKENDS else "flex")
+    assert choose_backend("auto", "cpu", ("labels", "window"))[0] == "sdpa"

@@ -1,0 +1,395 @@
+"""Reweight (Prompt-to-Prompt reweighting): identities, the eager reference, words, rows, schedules, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnctl
+from attnctl import ConfigError, Reweight, SelectionError, TokenError
+from attnctl.control import Control
+from attnctl.testing import MULTI_TOKEN_WORD, TINY_MODELS, make_tiny_pipeline
+
+from .helpers import generate
+from .reference_attention import Spy, eager_call, layout, reference_for, text_positions, word_weights
+
+PROMPT = "a red cat on the street"
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+# the random tiny PixArt amplifies float32-vs-float64 rounding through its learned-sigma DPM-Solver steps
+LOOSE = {"rtol": 1e-3, "atol": 1e-3}
+
+
+def _bound(handle):
+    return handle.runtime.last_call.bound[0]
+
+
+# -- identities -----------------------------------------------------------------------------------------------
+@pytest.mark.parity
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_weight_one_is_bitwise_stock(name, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, prompt=PROMPT)
+    controls = [
+        Reweight({"red": 1.0, "cat": 1}),
+        Reweight({"red": (1.0, 1.0)}, normalize=True),
+        Reweight({"red": lambda f: 1.0}),
+        Reweight({"red": 3.0}, steps=(0.99, 1.0)),  # 2 steps: no step inside the window
+    ]
+    for control in controls:
+        with attnctl.apply(pipe, [control]):
+            assert torch.equal(generate(pipe, name, prompt=PROMPT), stock), control
+
+
+# -- against the eager reference ----------------------------------------------------------------------------
+@pytest.mark.parity
+@pytest.mark.parametrize("normalize", [False, True], ids=["p2p", "normalize"])
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_matches_eager_reference(name, normalize, tiny_cache):
+    pipe = tiny_cache(name)
+    table = {"red": 2.5, "street": 0.0, "cat": 0.5}
+    stock = generate(pipe, name, prompt=PROMPT)
+    with attnctl.apply(pipe, [Reweight(table, normalize=normalize)]):
+        ours = generate(pipe, name, prompt=PROMPT)
+    with attnctl.apply(pipe, [reference_for(name, word_weights(pipe, name, [PROMPT], table), normalize)]):
+        expected = generate(pipe, name, prompt=PROMPT)
+    assert not torch.allclose(expected, stock, **TOL)  # the reference does change the output
+    torch.testing.assert_close(ours, expected, **(LOOSE if name == "tiny-pixart" else TOL))
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["p2p", "normalize"])
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux", "tiny-pixart"])
+def test_each_attention_call_matches_the_formula(name, normalize, tiny_cache):
+    """Layer by layer: cond rows' image queries reweighted, uncond rows and text queries exactly plain attention."""
+    pipe = tiny_cache(name)
+    table = {"red": 3.0, "street": 0.0}
+    spy = Spy()
+    with attnctl.apply(pipe, [Reweight(table, normalize=normalize), spy]):
+        generate(pipe, name, prompt=PROMPT)
+    weights = word_weights(pipe, name, [PROMPT], table)
+    layers = {record["layer"].name for record in spy.log}
+    assert len(spy.log) == 2 * len(layers) and layers
+    for record in spy.log:
+        expected = eager_call(name, record, weights, normalize)
+        torch.testing.assert_close(record["out"].double(), expected, rtol=1e-5, atol=1e-6)
+        plain = eager_call(name, record, lambda *a: {}, normalize)
+        _, image_rows, text_rows = layout(name, record["q"].shape[2], record["k"].shape[2])
+        uncond = [i for i, row in enumerate(record["rows"].rows) if row.branch == "uncond"]
+        cond = [i for i, row in enumerate(record["rows"].rows) if row.branch == "cond"]
+        torch.testing.assert_close(record["out"][uncond].double(), plain[uncond], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(record["out"][:, :, text_rows].double(), plain[:, :, text_rows], rtol=1e-5, atol=1e-6)
+        assert (record["out"][cond][:, :, image_rows].double() - plain[cond][:, :, image_rows]).abs().max() > 1e-3
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux"])
+def test_reference_backend_matches_eager_reference(name, tiny_cache):
+    """The eager backend carries out the same edit (value scale / -inf key bias with a query range)."""
+    pipe = tiny_cache(name)
+    for normalize in (False, True):
+        table = {"red": 0.0, "cat": 2.0}
+        with attnctl.apply(pipe, [Reweight(table, normalize=normalize)], backend="reference"):
+            ours = generate(pipe, name, prompt=PROMPT)
+        with attnctl.apply(pipe, [reference_for(name, word_weights(pipe, name, [PROMPT], table), normalize)], backend="reference"):
+            expected = generate(pipe, name, prompt=PROMPT)
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux"])
+def test_word_split_into_several_tokens_weights_all_of_them(name, tiny_cache):
+    pipe = tiny_cache(name)
+    prompt = f"a {MULTI_TOKEN_WORD} cat"
+    expected_positions = text_positions(pipe, name, prompt, MULTI_TOKEN_WORD)
+    clip_positions = [p for p in expected_positions if p < 77] if name != "tiny-flux" else expected_positions
+    assert len(clip_positions) > 1
+    with attnctl.apply(pipe, [Reweight({MULTI_TOKEN_WORD: 3.0})]) as handle:
+        ours = generate(pipe, name, prompt=prompt)
+        weights = _bound(handle).weights_at(0)[0]
+    assert (weights == 3.0).nonzero().flatten().tolist() == expected_positions
+    assert int((weights != 1.0).sum()) == len(expected_positions)
+    with attnctl.apply(pipe, [reference_for(name, word_weights(pipe, name, [prompt], {MULTI_TOKEN_WORD: 3.0}))]):
+        expected = generate(pipe, name, prompt=prompt)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux"])
+def test_per_row_prompts_and_images_per_prompt(name, tiny_cache):
+    """Positions are resolved per prompt row: "red" sits at different positions in the two prompts."""
+    pipe = tiny_cache(name)
+    prompts = ["a red cat", "a photo of a red car"]
+    with attnctl.apply(pipe, [Reweight({"red": 3.0, "a": 0.5})]) as handle:
+        ours = generate(pipe, name, prompt=prompts, num_images_per_prompt=2)
+        rows = _bound(handle).weights_at(0)
+    assert rows.shape[0] == 4 and torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])
+    reference = reference_for(name, word_weights(pipe, name, prompts, {"red": 3.0, "a": 0.5}, per_prompt=2))
+    with attnctl.apply(pipe, [reference]):
+        expected = generate(pipe, name, prompt=prompts, num_images_per_prompt=2)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parity
+def test_one_table_per_prompt(tiny_cache):
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    prompts = ["a red cat", "a photo of a blue car"]
+    per_prompt = [{"cat": 0.0}, {"blue": 2.0, "car": 1.5}]
+    with attnctl.apply(pipe, [Reweight(per_prompt)]):
+        ours = generate(pipe, name, prompt=prompts, num_images_per_prompt=2)
+    first = word_weights(pipe, name, prompts[:1], per_prompt[0], per_prompt=2)
+    second = word_weights(pipe, name, prompts[1:], per_prompt[1], per_prompt=2)
+
+    def weights(branch, row, step):
+        return (first(branch, row, step) if row < 2 else second(branch, row - 2, step)) if branch == "cond" else {}
+
+    with attnctl.apply(pipe, [reference_for(name, weights)]):
+        expected = generate(pipe, name, prompt=prompts, num_images_per_prompt=2)
+    torch.testing.assert_close(ours, expected, **TOL)
+    with attnctl.apply(pipe, [Reweight(per_prompt)]):
+        with pytest.raises(ConfigError, match="weights for 2 prompts"):
+            generate(pipe, name, prompt=["a red cat", "a blue car", "a cat"])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize(
+    "branch, negative",
+    [("uncond", "a blurry dark street"), ("both", "a red blurry street")],
+)
+def test_negative_prompt_branches(branch, negative, tiny_cache):
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    table = {"street": 0.2, "red": 2.0} if branch == "both" else {"blurry": 3.0, "dark": 0.0}
+    with attnctl.apply(pipe, [Reweight(table, branch=branch)]):
+        ours = generate(pipe, name, prompt=PROMPT, negative_prompt=negative)
+    cond = word_weights(pipe, name, [PROMPT], table) if branch == "both" else (lambda *a: {})
+    uncond = word_weights(pipe, name, [negative], table)
+
+    def weights(row_branch, row, step):
+        return cond(row_branch, row, step) if row_branch == "cond" else uncond("cond", row, step)
+
+    with attnctl.apply(pipe, [reference_for(name, weights)]):
+        expected = generate(pipe, name, prompt=PROMPT, negative_prompt=negative)
+    torch.testing.assert_close(ours, expected, **TOL)
+    with attnctl.apply(pipe, [Reweight({"cat": 2.0}, branch="uncond")]):
+        with pytest.raises(TokenError, match="uncond prompt of row 0"):
+            generate(pipe, name, prompt=PROMPT, negative_prompt=negative)
+
+
+@pytest.mark.parity
+def test_flux_true_cfg_reweights_the_cond_call_only(tiny_cache):
+    name = "tiny-flux"
+    pipe = tiny_cache(name)
+    extra = {"negative_prompt": "a blurry dog", "true_cfg_scale": 3.0}
+    with attnctl.apply(pipe, [Reweight({"red": 3.0})]):
+        ours = generate(pipe, name, prompt=PROMPT, **extra)
+    with attnctl.apply(pipe, [reference_for(name, word_weights(pipe, name, [PROMPT], {"red": 3.0}))]):
+        expected = generate(pipe, name, prompt=PROMPT, **extra)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parity
+def test_flux_true_cfg_uncond_branch_reweights_the_negative_call(tiny_cache):
+    name = "tiny-flux"
+    pipe = tiny_cache(name)
+    negative = "a blurry dog"
+    extra = {"negative_prompt": negative, "true_cfg_scale": 3.0}
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0, "dog": 2.0}, branch="uncond")]):
+        ours = generate(pipe, name, prompt=PROMPT, **extra)
+    uncond = word_weights(pipe, name, [negative], {"blurry": 0.0, "dog": 2.0})
+
+    def weights(branch, row, step):
+        return uncond("cond", row, step) if branch == "uncond" else {}
+
+    with attnctl.apply(pipe, [reference_for(name, weights)]):
+        expected = generate(pipe, name, prompt=PROMPT, **extra)
+    torch.testing.assert_close(ours, expected, **TOL)
+    # without true CFG there is no negative call: nothing to reweight, bitwise stock
+    stock = generate(pipe, name, prompt=PROMPT)
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
+
+
+@pytest.mark.parity
+def test_perturbed_rows_count_as_cond_rows(tiny_cache):
+    from .test_guidance_wrapper import ConstantGuidance
+
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    with attnctl.apply(pipe, [Reweight({"red": 3.0}), ConstantGuidance(value=0.0)]):
+        ours = generate(pipe, name, prompt=PROMPT)
+    reference = reference_for(name, word_weights(pipe, name, [PROMPT], {"red": 3.0}))
+    with attnctl.apply(pipe, [reference, ConstantGuidance(value=0.0)]):
+        expected = generate(pipe, name, prompt=PROMPT)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+# -- schedules ----------------------------------------------------------------------------------------------
+@pytest.mark.parity
+def test_schedules_ramp_callable_and_window(tiny_cache):
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    control = Reweight({"red": (0.0, 3.0), "cat": lambda f: 2.0 if f < 0.5 else 1.0, "street": (1.0, 3.0)}, steps=(0.0, 1.0))
+    with attnctl.apply(pipe, [control]) as handle:
+        ours = generate(pipe, name, prompt=PROMPT, steps=4)
+        bound = _bound(handle)
+    red, cat, street = (text_positions(pipe, name, PROMPT, w)[0] for w in ("red", "cat", "street"))
+    assert [float(bound.weights_at(i)[0, red]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0]
+    assert [float(bound.weights_at(i)[0, cat]) for i in range(4)] == [2.0, 2.0, 1.0, 1.0]
+
+    def weights(branch, row, step):
+        if branch != "cond":
+            return {}
+        return {red: step * 1.0, cat: 2.0 if step < 2 else 1.0, street: 1.0 + 2.0 * step / 3}
+
+    with attnctl.apply(pipe, [reference_for(name, weights)]):
+        expected = generate(pipe, name, prompt=PROMPT, steps=4)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+    # a ramp spans the steps the control acts on; outside the window nothing changes
+    with attnctl.apply(pipe, [Reweight({"red": (1.0, 3.0)}, steps=(0.5, 1.0))]) as handle:
+        ours = generate(pipe, name, prompt=PROMPT, steps=4)
+        bound = _bound(handle)
+    assert bound.weights_at(0) is None and bound.weights_at(1) is None
+    assert [float(bound.weights_at(i)[0, red]) for i in (2, 3)] == [1.0, 3.0]
+
+    def windowed(branch, row, step):
+        return {red: 1.0 + (step - 2) * 2.0} if branch == "cond" and step >= 2 else {}
+
+    with attnctl.apply(pipe, [reference_for(name, windowed)]):
+        expected = generate(pipe, name, prompt=PROMPT, steps=4)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_bad_schedule_values_raise_at_the_first_denoiser_call(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    for factor, match in ((lambda f: -1.0, ">= 0"), (lambda f: float("nan"), "finite"), (lambda f: "x", "number"),
+                          (lambda f: 1 / 0, "ZeroDivisionError")):
+        with attnctl.apply(pipe, [Reweight({"red": factor})]):
+            with pytest.raises(ConfigError, match=match):
+                generate(pipe, "tiny-sd", prompt=PROMPT)
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux", "tiny-pixart"])
+def test_missing_word_raises_before_anything_is_computed(name, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, prompt=PROMPT)
+    calls = []
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    hook = denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with attnctl.apply(pipe, [Reweight({"dog": 2.0})]):
+            with pytest.raises(TokenError, match="'dog' is not in the cond prompt of row 0"):
+                generate(pipe, name, prompt=PROMPT)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ({"red": -1.0}, ">= 0"),
+        ({"red": float("nan")}, "finite"),
+        ({"red": float("inf")}, "finite"),
+        ({"red": True}, "number"),
+        ({"red": "2"}, "number"),
+        ({"red": (1.0, -2.0)}, ">= 0"),
+        ({"red": (1.0, 2.0, 3.0)}, "start, end"),
+        ({"": 2.0}, "empty word"),
+        ({-3: 2.0}, "position must be >= 0"),
+        ([("red", 1.0), ("red", 2.0)], "given twice"),
+        ("red", "must be a mapping"),
+        ([{"word": "red", "position": 3, "weight": 1.0}], "exactly one of"),
+    ],
+)
+def test_bad_weights_raise_config_error(weights, match):
+    with pytest.raises(ConfigError, match=match):
+        Reweight(weights)
+
+
+def test_other_bad_options():
+    with pytest.raises(ConfigError, match="branch must be one of"):
+        Reweight({"red": 2.0}, branch="perturbed")
+    with pytest.raises(ConfigError, match="normalize"):
+        Reweight({"red": 2.0}, normalize=1)
+    with pytest.raises(ConfigError, match="steps"):
+        Reweight({"red": 2.0}, steps=(0.5, 0.2))
+    pipe = make_tiny_pipeline("tiny-sd")
+    with pytest.raises(SelectionError, match="no cross- or joint-attention layer"):
+        attnctl.apply(pipe, [Reweight({"red": 2.0}, layers="self")])
+    assert not any("forward" in vars(m) for m in (pipe.unet,))
+
+
+def test_layer_selection_keeps_text_layers(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [Reweight({"red": 2.0}, layers="down")]) as handle:
+        layers = handle.runtime.resolved[0]
+    assert [layer.name for layer in layers] == ["down_blocks.0.attentions.0.transformer_blocks.0.attn2"]
+
+
+def test_prompt_embeds_need_positions(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    kwargs = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    with attnctl.apply(pipe, [Reweight({"red": 2.0})]):
+        with pytest.raises(TokenError, match="prompt_embeds"):
+            generate(pipe, "tiny-sd", prompt=None, **kwargs)
+    with attnctl.apply(pipe, [Reweight({2: 2.0})]):
+        by_position = generate(pipe, "tiny-sd", prompt=None, **kwargs)
+    with attnctl.apply(pipe, [Reweight({"red": 2.0})]):
+        by_word = generate(pipe, "tiny-sd", prompt=PROMPT)
+    torch.testing.assert_close(by_position, by_word, rtol=1e-5, atol=1e-5)  # "red" is token 2
+
+
+def test_normalize_refuses_to_mute_every_text_key(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [Reweight({p: 0.0 for p in range(77)}, normalize=True)]):
+        with pytest.raises(ConfigError, match="no key left"):
+            generate(pipe, "tiny-sd", prompt=PROMPT)
+
+
+# -- serialisation -------------------------------------------------------------------------------------------
+def test_to_dict_round_trip():
+    controls = [
+        Reweight({"red": 1.5, ("cat", 1): (0.5, 2.0), 5: 0, "blue car": 2}, normalize=True, layers=("down", "up"), steps=(0.1, 0.9)),
+        Reweight([{"red": 2.0}, {}, {("dog", 0): 0.0}], branch="both"),
+    ]
+    for control in controls:
+        data = json.loads(json.dumps(control.to_dict()))
+        assert data["type"] == "reweight"
+        again = Control.from_dict(data)
+        assert again == control and again.to_dict() == control.to_dict()
+    assert controls[0].to_dict()["weights"][1] == {"word": "cat", "occurrence": 1, "weight": [0.5, 2.0]}
+    assert controls[0].to_dict()["weights"][2] == {"position": 5, "weight": 0.0}
+    with pytest.raises(ConfigError, match="cannot be serialised"):
+        Reweight({"red": lambda f: 2.0}).to_dict()
+    # the readable hand-written forms are accepted too
+    assert Control.from_dict({"type": "reweight", "weights": {"red": 2}}) == Reweight({"red": 2.0})
+    assert Reweight([["red", 2], [["cat", 1], [1, 3]]]) == Reweight({"red": 2.0, ("cat", 1): (1.0, 3.0)})
+
+
+@pytest.mark.parametrize("weights", [{}, [], [{}], [{}, {}]])
+def test_empty_weights_are_refused(weights):
+    with pytest.raises(ConfigError, match="empty"):
+        Reweight(weights)
+    with pytest.raises(ConfigError, match="empty"):
+        Control.from_dict({"type": "reweight", "weights": weights})
+
+
+def test_from_prompt_without_syntax_is_refused():
+    with pytest.raises(ConfigError, match="no weighting syntax"):
+        Reweight.from_prompt("a red car")
+    with pytest.raises(ConfigError, match="no weighting syntax"):
+        Reweight.from_prompt(["a red car", "a dog"])
+
+
+def test_from_prompt():
+    clean, control = Reweight.from_prompt("a (red:1.6) car, (blurry:0)", normalize=True)
+    assert clean == "a red car, blurry"
+    assert control == Reweight({"red": 1.6, "blurry": 0.0}, normalize=True)
+    clean, control = Reweight.from_prompt(["a (red) car", "a [dog]"])
+    assert clean == ["a red car", "a dog"] and control.per_prompt

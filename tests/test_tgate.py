@@ -1,0 +1,222 @@
+"""TGATE (Zhang et al. 2024): identities, an independent reference of the reference code's loop, the report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import ConfigError, UnsupportedError
+from attnctl.processors.tgate import self_action
+
+from .helpers import generate
+
+pytestmark = pytest.mark.parity
+
+
+# -- an independent reference, written from DESIGN §3 and the T-GATE repository's `tgate_scheduler` -----------------
+def _schedule(step, gate, warm_up, sp, fi):
+    """(cross action, self action) per the reference's scheduler; actions: None, "cache", "reuse", "mean"."""
+    if step < gate - 1:
+        cross = None
+        if sp is None or step < warm_up:
+            selfa = None
+        elif step == warm_up or step % sp == 0:
+            selfa = "cache"
+        else:
+            selfa = "reuse"
+    elif step == gate - 1:
+        cross, selfa = "mean", ("mean" if fi is not None else None)
+    else:
+        cross = "reuse"
+        selfa = None if fi is None else ("cache" if step % fi == 0 else "reuse")
+    return cross, selfa
+
+
+class _Clock:
+    def __init__(self):
+        self.step = 0
+
+
+def _reference_processor(clock, gate, warm_up, sp, fi, cross):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class Reference(AttnProcessor2_0):
+        cache = None
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+            action = _schedule(clock.step, gate, warm_up, sp, fi)[0 if cross else 1]
+            if action == "reuse" and self.cache is not None:
+                return self.cache
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            if action == "cache":
+                self.cache = out
+            elif action == "mean":
+                self.cache = (out.chunk(2)[0] + out.chunk(2)[1]) / 2 if clock.cfg else out
+            return out
+
+    return Reference()
+
+
+def _run_reference(pipe, name, gate, steps, guidance, warm_up=0, sp=None, fi=None, **kwargs):
+    """The TGATE loop with stock processors and a hand-written wrapper: one uncond row from step `gate` on."""
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    clock = _Clock()
+    clock.cfg = guidance > 1
+    saved = dict(denoiser.attn_processors)
+    processors = {}
+    for key in saved:
+        module = denoiser.get_submodule(key[: -len(".processor")])
+        is_cross = module.is_cross_attention
+        if is_cross or sp is not None or fi is not None:
+            processors[key] = _reference_processor(clock, gate, warm_up, sp, fi, is_cross)
+        else:
+            processors[key] = saved[key]
+    original_forward = denoiser.forward
+    original_step = pipe.scheduler.step
+
+    def halve(value, rows):
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows:
+            return value[: rows // 2]
+        if isinstance(value, dict):
+            return {k: halve(v, rows) for k, v in value.items()}
+        return value
+
+    def forward(*args, **kw):
+        rows = args[0].shape[0] if args else kw["hidden_states"].shape[0]
+        if clock.cfg and clock.step >= gate:
+            args = tuple(halve(a, rows) for a in args)
+            kw = {k: halve(v, rows) for k, v in kw.items()}
+            out = original_forward(*args, **kw)
+            sample = out[0] if isinstance(out, tuple) else out.sample
+            return (torch.cat([sample, sample]),)
+        return original_forward(*args, **kw)
+
+    def step(*args, **kw):
+        result = original_step(*args, **kw)
+        clock.step += 1
+        return result
+
+    denoiser.set_attn_processor(processors)
+    denoiser.forward = forward
+    pipe.scheduler.step = step
+    try:
+        return generate(pipe, name, steps=steps, guidance=guidance, **kwargs)
+    finally:
+        del denoiser.forward
+        del pipe.scheduler.step
+        denoiser.set_attn_processor(saved)
+
+
+# -- identities -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-pixart"])
+@pytest.mark.parametrize("gate", [4, 9])
+def test_gate_at_or_beyond_the_steps_is_bitwise_stock(name, gate, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, steps=4)
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=gate)]) as handle:
+        controlled = generate(pipe, name, steps=4)
+        report = handle.outputs["tgate"]
+    assert torch.equal(controlled, stock)
+    assert report.flops_ratio() == 1.0 and report.hits == 0
+
+
+# -- against the reference ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, guidance, options",
+    [
+        ("tiny-sd", 5.0, {}),
+        ("tiny-sd", 1.0, {}),
+        ("tiny-sdxl", 5.0, {}),
+        ("tiny-pixart", 4.5, {}),
+        ("tiny-sd", 5.0, {"warm_up": 1, "sp": 2, "fi": 2}),
+        ("tiny-sd", 1.0, {"warm_up": 0, "sp": 3, "fi": 1}),
+    ],
+    ids=["sd-cfg", "sd-nocfg", "sdxl-cfg", "pixart-cfg", "sd-v2-reuse", "sd-v2-nocfg"],
+)
+def test_tgate_matches_the_reference_loop(name, guidance, options, tiny_cache):
+    pipe = tiny_cache(name)
+    steps, gate = 6, 3
+    expected = _run_reference(pipe, name, gate, steps, guidance, **options)
+    control = attnctl.TGate(gate_step=gate, warm_up=options.get("warm_up", 0), sp_interval=options.get("sp"), fi_interval=options.get("fi"))
+    with attnctl.apply(pipe, [control]) as handle:
+        got = generate(pipe, name, steps=steps, guidance=guidance)
+        report = handle.outputs["tgate"]
+    stock = generate(pipe, name, steps=steps, guidance=guidance)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, stock)  # the reference did change something, so the match means something
+    assert report.hits > 0
+    cross = [layer.name for layer in handle.adapter.layers if layer.kind == "cross"]
+    for step in range(gate, steps):
+        assert all(report.entries[(step, layer)].ran == ["cached"] for layer in cross)
+
+
+def test_after_the_gate_one_null_text_row_runs_and_both_rows_get_its_prediction(tiny_cache):
+    """Rows of every denoiser call, seen by a probe: [uncond, cond] before the gate, one row per prompt after."""
+    from .helpers import Probe
+
+    pipe = tiny_cache("tiny-sdxl")
+    probe = Probe(layers="cross")
+    seen = []
+
+    def spy(module, args, kwargs, out):
+        seen.append((args[0].shape[0], kwargs["encoder_hidden_states"].shape[0], kwargs["added_cond_kwargs"]["text_embeds"].shape[0], out[0].clone()))
+
+    hook = pipe.unet.register_forward_hook(spy, with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [probe, attnctl.TGate(gate_step=2)]):
+            generate(pipe, "tiny-sdxl", prompt="a cat", steps=4)
+    finally:
+        hook.remove()
+    rows = {entry[1]: entry[3] for entry in probe.log if entry[0] != "bind"}
+    assert rows[0] == rows[1] == (("uncond", 0, None), ("cond", 0, None))
+    assert rows[2] == rows[3] == (("cond", 0, None),)  # the null-text row, labelled cond for other controls
+    assert [s[:3] for s in seen] == [(2, 2, 2)] * 4  # the pipeline still sees its two rows
+    for _, _, _, out in seen[2:]:
+        assert torch.equal(out[0], out[1])
+
+
+# -- configuration and families -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [{"gate_step": 0}, {"gate_step": 2.5}, {"warm_up": -1}, {"sp_interval": 0}, {"fi_interval": True}])
+def test_bad_config_raises(kwargs):
+    with pytest.raises(ConfigError):
+        attnctl.TGate(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_joint_attention_models_raise_clearly(name, tiny_cache):
+    pipe = tiny_cache(name)
+    with pytest.raises(UnsupportedError, match="FastAttn"):
+        attnctl.apply(pipe, [attnctl.TGate()])
+    assert "forward" not in pipe.transformer.__dict__
+
+
+def test_self_layers_need_an_interval(tiny_cache):
+    with pytest.raises(ConfigError, match="interval"):
+        attnctl.apply(tiny_cache("tiny-sd"), [attnctl.TGate(layers="self")])
+
+
+def test_round_trip_dict():
+    control = attnctl.TGate(gate_step=7, warm_up=2, sp_interval=5, fi_interval=1)
+    assert attnctl.Control.from_dict(control.to_dict()) == control
+
+
+def test_self_schedule_matches_the_reference_scheduler():
+    got = [self_action(s, 10, 25, 2, 5, 1) for s in range(14)]
+    assert got == ["compute", "compute", "store", "reuse", "reuse", "store", "reuse", "reuse", "reuse", "store_mean",
+                   "store", "store", "store", "store"]
+
+
+def test_report_counts_flops_of_the_dropped_rows(tiny_cache):
+    """After the gate: cross-attention costs nothing, self-attention half of the CFG baseline."""
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2)]) as handle:
+        generate(pipe, "tiny-sd", steps=4)
+        report = handle.outputs["tgate"]
+    for layer in handle.adapter.layers:
+        before = report.entries[(0, layer.name)]
+        after = report.entries[(3, layer.name)]
+        assert before.flops == before.full_flops > 0
+        assert after.full_flops == before.full_flops
+        assert after.flops == (0.0 if layer.kind == "cross" else before.flops / 2)
+    assert "cached" in report.table() and report.summary().startswith("tgate")
