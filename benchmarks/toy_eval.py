@@ -1,6 +1,6 @@
 """Evaluate the toy-shapes model with automatic pixel analysis.
 
-Stock part (works now):
+Stock part:
 - one-object prompts with a position ("a red circle on the left"): colour, shape and position accuracy over
   every colour x shape x position, repeated over seeds (96 samples by default);
 - one-object prompts without a position ("a red circle", the per-region prompts of region control):
@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 import attnctl
-from attnctl.toy import DEFAULT_GUIDANCE_SCALE, DEFAULT_NUM_INFERENCE_STEPS, analysis, data, load_toy_shapes
+from attnctl.toy import (
+    BINDING_REGION_LAYERS,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    analysis,
+    data,
+    load_toy_shapes,
+)
 
 ObjectSpec = tuple[str, str, "str | None"]
 
@@ -111,54 +118,50 @@ def time_per_image(pipe, steps: int, guidance: float, repeats: int = 7) -> float
     return statistics.median(times[1:])
 
 
-# --------------------------------------------------------------------------- controls (issues 4 and later)
+# --------------------------------------------------------------------------- controls
 def position_box(position: str) -> tuple[float, float, float, float]:
     """The half of the canvas a position word names, as a normalised box ``(x0, y0, x1, y1)``."""
     return {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),
             "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0)}[position]
 
 
-def evaluate_controls(pipe, cases: list[Case], steps: int, guidance: float) -> dict[str, tuple[dict[str, float], np.ndarray]]:
-    """CONTROLS PART: the two-object cases with ``attnctl.Regions`` and ``attnctl.Reweight``.
+def evaluate_controls(pipe, cases: list[Case], steps: int, guidance: float, stock_images: np.ndarray,
+                      weight: float = 2.0) -> dict[str, tuple[dict[str, float], np.ndarray]]:
+    """The two-object cases with ``attnctl.Regions`` and ``attnctl.Reweight``; returns ``{name: (scores, images)}``.
 
-    Returns ``{name: (scores, images)}``.  Regions: one box per object (the half of the canvas its
-    position names), the object's phrase without position (``"a red circle"``) as the region prompt and
-    the full two-object prompt as the base prompt; acceptance: binding >= 98% and never below stock.
-    Reweight: emphasise the first object's colour word and report how much more of that colour is painted.
-
-    TODO(issue 4): written against DESIGN.md before the controls existed; adapt the two marked calls to the
-    final Regions / Reweight API.
+    Regions: one box per object (the half of the canvas its position names), the object's phrase without
+    position (``"a red circle"``) as the region prompt, the full two-object prompt as the base prompt; once with
+    the settings this model needs (``layers=BINDING_REGION_LAYERS, isolate=True``: ``regions``) and once with
+    the defaults (``regions_default``).
+    Reweight: the first object's colour word weighted by ``weight`` (Prompt-to-Prompt, cond rows); reported as
+    the change of that colour's area in pixels against the stock image of the same seed (mean, and the
+    fraction of cases where it grew), and the same for the other object's colour as a control.
     """
-    if not hasattr(attnctl, "Regions"):
-        raise NotImplementedError("needs attnctl.Regions (issue 4)")
-    if not hasattr(attnctl, "Reweight"):
-        raise NotImplementedError("needs attnctl.Reweight")
     generate = stock_generator(pipe, steps, guidance, batch=1)
     out: dict[str, tuple[dict[str, float], np.ndarray]] = {}
 
-    images = []
-    for case in cases:
-        regions = [(data.object_phrase(c, s), position_box(p)) for c, s, p in case.objects]
-        handle = attnctl.apply(pipe, attnctl.Regions(regions))  # TODO(issue 4): final signature
-        try:
-            images.append(generate([case])[0])
-        finally:
-            handle.remove()
-    out["regions"] = (score(cases, np.stack(images)), np.stack(images))
+    for name, options in (("regions", {"layers": BINDING_REGION_LAYERS, "isolate": True}), ("regions_default", {})):
+        images = []
+        for case in cases:
+            regions = attnctl.Regions([attnctl.Region(data.object_phrase(c, s), box=position_box(p)) for c, s, p in case.objects],
+                                      **options)
+            with attnctl.apply(pipe, [regions]):
+                images.append(generate([case])[0])
+        out[name] = (score(cases, np.stack(images)), np.stack(images))
 
-    images, gains = [], []
-    stock = generate(cases)
-    for case, base in zip(cases, stock):
-        color = case.objects[0][0]
-        handle = attnctl.apply(pipe, attnctl.Reweight({color: 2.0}))  # TODO: final signature
-        try:
+    images, gains, others = [], [], []
+    for case, base in zip(cases, stock_images):
+        color, other = case.objects[0][0], case.objects[1][0]
+        with attnctl.apply(pipe, [attnctl.Reweight({color: weight})]):
             img = generate([case])[0]
-        finally:
-            handle.remove()
         images.append(img)
-        gains.append(analysis.color_masks(img)[color].sum() - analysis.color_masks(base)[color].sum())
+        after, before = analysis.color_masks(img), analysis.color_masks(base)
+        gains.append(float(after[color].sum()) - float(before[color].sum()))
+        others.append(float(after[other].sum()) - float(before[other].sum()))
     res = score(cases, np.stack(images))
-    res["weighted_colour_pixel_gain"] = float(np.mean(gains))
+    res["weighted_colour_area_gain_px"] = float(np.mean(gains))
+    res["weighted_colour_area_grew"] = float(np.mean(np.array(gains) > 0))
+    res["other_colour_area_gain_px"] = float(np.mean(others))
     out["reweight"] = (res, np.stack(images))
     return out
 
@@ -239,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
 
     grid_rows = [two_images[:16]]
     if args.controls:
-        controlled = evaluate_controls(pipe, two, args.steps, args.guidance)
+        controlled = evaluate_controls(pipe, two, args.steps, args.guidance, two_images)
         report["controls"] = {name: res for name, (res, _) in controlled.items()}
         for name, (res, images) in controlled.items():
             grid_rows.append(images[:16])
             for k, v in res.items():
-                rows.append((f"two-object {name} {k}", str(len(two)), f"{v:.4g}" if k.endswith("gain") else f"{v:.1%}"))
+                rows.append((f"two-object {name} {k}", str(len(two)), f"{v:.4g}" if k.endswith("_px") else f"{v:.1%}"))
 
     print(f"toy-shapes eval: {args.steps} steps, guidance {args.guidance}, {report['scheduler']}")
     print_table(rows)

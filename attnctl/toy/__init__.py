@@ -15,12 +15,22 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from diffusers import StableDiffusionPipeline
 
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_NUM_INFERENCE_STEPS", "IMAGE_SIZE", "load_toy_shapes", "toy_shapes_path"]
+__all__ = [
+    "BINDING_REGION_LAYERS", "CALL_DEFAULTS", "DEFAULT_GUIDANCE_SCALE", "DEFAULT_NUM_INFERENCE_STEPS", "IMAGE_SIZE", "load_toy_shapes", "toy_shapes_path",
+]
 
 #: Settings the model was evaluated with (see docs/toy-shapes.md).
 DEFAULT_NUM_INFERENCE_STEPS = 10
 DEFAULT_GUIDANCE_SCALE = 4.0
 IMAGE_SIZE = 32
+#: Layers for `attnctl.Regions(..., layers=BINDING_REGION_LAYERS, isolate=True)` when the regions hold one object
+#: each: the 8x8 level (cross- and self-attention).  With the default layers (the 4x4 level too) each region's
+#: one-object prompt, which in the training data means "and nothing else on the canvas", fights the other
+#: regions while the layout forms, and often only one object is drawn (docs/toy-shapes.md, "Regions").
+BINDING_REGION_LAYERS = ("down_blocks.1", "up_blocks.1")
+#: Pipeline call arguments `attnctl render` and `attnctl.Model` use for this model unless a job sets them.
+CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS,
+                 "guidance_scale": DEFAULT_GUIDANCE_SCALE}
 
 
 def toy_shapes_path() -> Path:
