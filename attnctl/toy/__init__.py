@@ -1,0 +1,70 @@
+"""The embedded ``toy-shapes`` demo model: a tiny text-to-image model of coloured shapes trained by the project.
+
+``load_toy_shapes()`` returns a standard ``StableDiffusionPipeline`` (32x32 images; the model was trained at
+that size only, so pass ``height=32, width=32``).  Submodules: :mod:`.data` (synthetic data),
+:mod:`.tokenizer` (offline single-token-word CLIP tokenizer), :mod:`.analysis` (pixel analysis),
+:mod:`.train` (the training script).  Importing this package does not import torch or diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+__all__ = [
+    "BINDING_REGION_LAYERS", "CALL_DEFAULTS", "DEFAULT_GUIDANCE_SCALE", "DEFAULT_NUM_INFERENCE_STEPS", "IMAGE_SIZE", "load_toy_shapes", "toy_shapes_path",
+]
+
+#: Settings the model was evaluated with (see docs/toy-shapes.md).
+DEFAULT_NUM_INFERENCE_STEPS = 10
+DEFAULT_GUIDANCE_SCALE = 4.0
+IMAGE_SIZE = 32
+#: Layers for `attnctl.Regions(..., layers=BINDING_REGION_LAYERS, isolate=True)` when the regions hold one object
+#: each: the 8x8 level (cross- and self-attention).  With the default layers (the 4x4 level too) each region's
+#: one-object prompt, which in the training data means "and nothing else on the canvas", fights the other
+#: regions while the layout forms, and often only one object is drawn (docs/toy-shapes.md, "Regions").
+BINDING_REGION_LAYERS = ("down_blocks.1", "up_blocks.1")
+#: Pipeline call arguments `attnctl render` and `attnctl.Model` use for this model unless a job sets them.
+CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS,
+                 "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+
+
+def toy_shapes_path() -> Path:
+    """Directory of the shipped model (standard diffusers layout, fp16 safetensors)."""
+    path = Path(__file__).resolve().parent.parent / "assets" / "toy-shapes"
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the toy-shapes model is missing from {path}; train it with "
+            "`python -m attnctl.toy.train --out RUN_DIR --export attnctl/assets/toy-shapes`"
+        )
+    return path
+
+
+def load_toy_shapes(torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    path: str | Path | None = None, **kwargs: Any) -> StableDiffusionPipeline:
+    """Load the embedded toy-shapes ``StableDiffusionPipeline`` offline.
+
+    The weights ship as fp16; they are loaded as ``torch_dtype`` (default float32; fp16 is upcast to
+    float32 on CPU, where half precision is slow).  ``path`` loads another directory of the same kind
+    (e.g. a training snapshot) instead of the shipped one.  Extra ``kwargs`` go to ``from_pretrained``.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtype = torch.float32 if torch_dtype is None else torch_dtype
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32  # fp16 on CPU is slow and partly unsupported: upcast
+    options = {"safety_checker": None, "requires_safety_checker": False, "local_files_only": True, **kwargs}
+    pipe = StableDiffusionPipeline.from_pretrained(str(toy_shapes_path() if path is None else path), **options)
+    # diffusers loads its models as fp32 and transformers keeps the saved fp16: cast only what differs
+    # (casting works on every supported diffusers version, unlike the renamed torch_dtype / dtype argument)
+    for component in (pipe.unet, pipe.vae, pipe.text_encoder):
+        if component.dtype != dtype:
+            component.to(dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

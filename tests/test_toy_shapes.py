@@ -1,0 +1,248 @@
+"""Tests of the embedded toy-shapes model, its data generator, tokenizer and pixel analysis (CPU, offline, no training)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from attnctl.toy import analysis, data
+
+# --------------------------------------------------------------------------- data generator
+
+
+def test_dataset_is_deterministic_from_seed():
+    a_img, a_cap = data.make_dataset(48, seed=3)
+    b_img, b_cap = data.make_dataset(48, seed=3)
+    c_img, c_cap = data.make_dataset(48, seed=4)
+    assert a_img.shape == (48, 32, 32, 3) and a_img.dtype == np.uint8
+    assert np.array_equal(a_img, b_img) and a_cap == b_cap
+    assert not np.array_equal(a_img, c_img) and a_cap != c_cap
+
+
+def test_dataset_mixes_captions_with_and_without_positions():
+    _, caps = data.make_dataset(400, seed=0)
+    parsed = [analysis.parse_caption(c) for c in caps]
+    one_free = sum(len(p) == 1 and p[0][2] is None for p in parsed)
+    one_pos = sum(len(p) == 1 and p[0][2] is not None for p in parsed)
+    two_pos = sum(len(p) == 2 and all(o[2] for o in p) for p in parsed)
+    assert one_free > 50 and one_pos > 50 and two_pos > 100
+    assert "a red circle on the left and a blue square on the right" in data.all_captions()
+    assert all(len(p) in (1, 2) for p in parsed)
+
+
+def test_generator_leaves_global_random_state_alone():
+    state = np.random.get_state()
+    data.make_dataset(8, seed=1)
+    assert np.array_equal(np.random.get_state()[1], state[1])
+
+
+# --------------------------------------------------------------------------- analysis on ground truth
+
+
+def test_analysis_reads_rendered_samples_exactly():
+    rng = np.random.default_rng(11)
+    for i in range(90):
+        sample = data.sample_one(rng, ("one_pos", "two_pos", "one")[i % 3])
+        objects = analysis.parse_caption(sample.caption)
+        assert objects == [(s.color, s.shape, s.position) for s in sample.shapes]
+        image = data.render(sample.shapes)
+        result = analysis.check_one(image, *objects[0]) if len(objects) == 1 else analysis.check_two(image, objects)
+        assert result["all"], (sample.caption, result)
+
+
+def test_analysis_catches_a_colour_swap_and_a_wrong_shape():
+    shapes = (data.Shape("red", "circle", 8, 16, 11, "left"), data.Shape("blue", "square", 24, 16, 11, "right"))
+    image = data.render(shapes)
+    swapped = [("red", "circle", "right"), ("blue", "square", "left")]
+    assert analysis.check_two(image, swapped)["binding"] is False
+    assert analysis.check_one(data.render(shapes[:1]), "red", "triangle", "left")["shape"] is False
+    assert analysis.check_one(data.render(shapes[:1]), "blue", "circle", "left")["color"] is False
+    assert analysis.check_one(data.render(shapes[:1]), "red", "circle", "top")["position"] is False
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def shipped_dir():
+    from attnctl.toy import toy_shapes_path
+
+    return toy_shapes_path()
+
+
+def test_shipped_tokenizer_has_one_token_per_caption_word(shipped_dir):
+    from attnctl.toy.tokenizer import load_tokenizer, single_token_violations
+
+    tok = load_tokenizer(shipped_dir / "tokenizer")
+    assert tok.model_max_length == 77
+    assert single_token_violations(tok, data.VOCAB_WORDS) == {}
+    for caption in data.all_captions()[::7]:
+        ids = tok(caption, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(caption.split()), caption
+
+
+def test_tokenizer_builder_never_splits_a_word(tmp_path):
+    from attnctl.toy.tokenizer import make_tokenizer, single_token_violations
+
+    words = ["top", "bottom", "to", "tot", "otto", "button", "tomato"]  # overlapping merges
+    tok = make_tokenizer(tmp_path, words)
+    assert single_token_violations(tok, words) == {}
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+
+def test_shipped_model_is_fp16_safetensors_under_15mb(shipped_dir):
+    files = [f for f in shipped_dir.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 15 * 1024 * 1024
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    assert {f.parent.name for f in weights} == {"unet", "vae", "text_encoder"}
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".ckpt")]
+    from safetensors import safe_open
+
+    for f in weights:
+        with safe_open(str(f), "pt") as st:
+            dtypes = {str(st.get_slice(k).get_dtype()) for k in st.keys()}
+        assert dtypes == {"F16"}, (f, dtypes)
+    index = json.loads((shipped_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    import torch
+
+    from attnctl.toy import load_toy_shapes
+
+    torch.set_num_threads(2)
+    return load_toy_shapes()
+
+
+def _generate(pipe, prompts, seeds, steps=10, **kw):
+    import torch
+
+    from attnctl.toy import DEFAULT_GUIDANCE_SCALE
+
+    kw.setdefault("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, num_inference_steps=steps, height=32, width=32, generator=gens, output_type="np", **kw).images
+
+
+def test_model_loads_offline_as_fp32_stock_pipeline(pipe):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    assert pipe.vae_scale_factor == 2 and pipe.safety_checker is None
+
+
+def test_ten_step_generation_runs_ten_unet_calls_and_reports_time(pipe, record_property):
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _generate(pipe, "a red circle", [0])  # warm-up
+        calls.clear()
+        t0 = time.perf_counter()
+        image = _generate(pipe, "a red circle", [0])
+        seconds = time.perf_counter() - t0
+    finally:
+        handle.remove()
+    assert image.shape == (1, 32, 32, 3)
+    assert len(calls) == 10
+    # reported, not asserted (wall times on shared CI machines are noise); ~0.25 s on 2 idle CPU cores
+    record_property("toy_shapes_10_step_seconds", round(seconds, 3))
+    print(f"\ntoy-shapes: 10-step 32x32 generation (CFG, batch 1) took {seconds:.3f} s")
+
+
+def test_red_circle_prompt_paints_red_pixels(pipe):
+    images = _generate(pipe, ["a red circle"] * 2, [0, 1])
+    for image in images:
+        masks = analysis.color_masks(image)
+        assert masks["red"].sum() >= 20
+        assert masks["red"].sum() > 4 * sum(masks[c].sum() for c in data.COLORS if c != "red")
+
+
+def test_one_object_prompts_are_mostly_right(pipe):
+    objects = [(c, s, data.POSITIONS[(i + j) % 4]) for i, c in enumerate(data.COLORS) for j, s in enumerate(data.SHAPES)]
+    prompts = [data.object_phrase(*o) for o in objects]
+    images = _generate(pipe, prompts, list(range(100, 100 + len(prompts))))
+    results = [analysis.check_one(img, *o) for img, o in zip(images, objects)]
+    right = sum(r["all"] for r in results)
+    assert right >= len(objects) - 1, [(p, r) for p, r in zip(prompts, results) if not r["all"]]
+
+
+
+# --------------------------------------------------------------------------- what the controls do to it
+
+
+def _red_centroid(image) -> tuple[float, float] | None:
+    """Relative (x, y) of the red pixels' centroid, or None when there are hardly any."""
+    mask = analysis.color_masks(image)["red"]
+    if mask.sum() < 10:
+        return None
+    ys, xs = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
+    return float((mask * xs).sum() / mask.sum() / mask.shape[1]), float((mask * ys).sum() / mask.sum() / mask.shape[0])
+
+
+def test_region_box_moves_the_red_circle(pipe):
+    import attnctl
+
+    box = (0.5, 0.0, 1.0, 1.0)
+    seeds = list(range(100, 112))
+    prompt = "a red circle on the left"
+    regions = attnctl.Regions([attnctl.Region("a red circle on the right", box=box)], base_ratio=0.0)
+
+    def inside(images) -> int:
+        centroids = [_red_centroid(image) for image in images]
+        return sum(c is not None and box[0] <= c[0] <= box[2] for c in centroids)
+
+    stock = inside(_generate(pipe, [prompt] * len(seeds), seeds))
+    with attnctl.apply(pipe, [regions]):
+        moved = inside(_generate(pipe, [prompt] * len(seeds), seeds))
+    assert stock <= 2, f"the stock model put the red circle in the right half for {stock}/{len(seeds)} seeds"
+    assert moved >= 10, f"the region box moved the red circle into itself for only {moved}/{len(seeds)} seeds"
+
+
+def test_regions_fix_a_colour_swap(pipe):
+    import attnctl
+    from attnctl.toy import BINDING_REGION_LAYERS
+
+    objects = [("red", "circle", "left"), ("blue", "square", "right")]
+    prompt = "a red circle on the left and a blue square on the right"
+    seeds = list(range(16))
+    regions = attnctl.Regions([attnctl.Region("a red circle", box=(0.0, 0.0, 0.5, 1.0)),
+                               attnctl.Region("a blue square", box=(0.5, 0.0, 1.0, 1.0))],
+                              layers=BINDING_REGION_LAYERS, isolate=True)
+    stock = [analysis.check_two(img, objects)["binding"] for img in _generate(pipe, [prompt] * 16, seeds)]
+    with attnctl.apply(pipe, [regions]):
+        fixed = [analysis.check_two(img, objects)["binding"] for img in _generate(pipe, [prompt] * 16, seeds)]
+    # measured: stock 8/16, regions 13/16 (the misses draw one colour only, never a swap)
+    assert sum(fixed) >= 12 and sum(fixed) >= sum(stock) + 4, (stock, fixed)
+
+
+def test_reweight_grows_the_weighted_colour(pipe):
+    import attnctl
+
+    prompt = "a green triangle on the left and a yellow circle on the right"
+    seeds = list(range(8))
+    stock = _generate(pipe, [prompt] * 8, seeds)
+    with attnctl.apply(pipe, [attnctl.Reweight({"yellow": 2.0})]):
+        weighted = _generate(pipe, [prompt] * 8, seeds)
+    area = [float(analysis.color_masks(img)["yellow"].sum()) for img in stock]
+    grown = [float(analysis.color_masks(img)["yellow"].sum()) for img in weighted]
+    assert sum(grown) > sum(area), (area, grown)
+
+
+def test_load_pipeline_and_render_default_to_toy_shapes():
+    import attnctl
+    from attnctl.pipelines.generate import default_model, embedded_call_defaults
+    from attnctl.toy import CALL_DEFAULTS
+
+    assert default_model() == "toy-shapes"
+    assert embedded_call_defaults("toy-shapes") == CALL_DEFAULTS
+    pipe = attnctl.load_pipeline("toy-shapes")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
