@@ -10,7 +10,8 @@ from functools import lru_cache
 from .vocabulary import WORDS
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -39,7 +40,7 @@ def clip_vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], lis
     Merges are added until every word is a single token: a merge joins the first two pieces a word still
     splits into, so words already whole are never split again.
     """
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in alphabet:
         vocab.setdefault(char, len(vocab))

@@ -3,7 +3,7 @@
 ``load_toy_shapes()`` returns a standard ``StableDiffusionPipeline`` (32x32 images; the model was trained at
 that size only, so pass ``height=32, width=32``).  Submodules: :mod:`.data` (synthetic data),
 :mod:`.tokenizer` (offline single-token-word CLIP tokenizer), :mod:`.analysis` (pixel analysis),
-:mod:`.train` (the training script).  Importing this package does not import torch or diffusers.
+:mod:`.train` (the training script).  Importing this package does not import diffusers.
 """
 
 from __future__ import annotations
