@@ -152,7 +152,7 @@ _WINDOW_CACHE_SIZE = 64
 
 def _label_parts(labels: LabelMask, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(q_labels, k_labels, allowed, finite table, has soft penalties), once per LabelMask object."""
-    key = (batch, labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    key = (batch, labels.versions())
     cached = _LABEL_PARTS.get(id(labels))  # no reference to `labels` itself: the entry dies with it
     if cached is None or cached[0] != key:
         table = labels.table.float().expand(batch, -1, -1).contiguous()
@@ -180,7 +180,7 @@ def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int,
             _WINDOW_MASKS[window_key] = cached
         return cached
     labels = spec.labels
-    key = (window_key, group, nk, batch, str(device), labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    key = (window_key, group, nk, batch, str(device), labels.versions())
     per_object = _LABEL_MASKS.get(id(labels))
     if per_object is None:
         per_object = _LABEL_MASKS[id(labels)] = {}

@@ -30,7 +30,7 @@ _WINDOW_CACHE_SIZE = 32
 
 def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the (B, 1, Nq, Nk) additive mask in `dtype`, the (B, Nq) fully masked queries), cached per LabelMask."""
-    key = (str(device), dtype, labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    key = (str(device), dtype, labels.versions())
     per_object = _LABEL_DENSE.get(labels)
     if per_object is None:
         per_object = _LABEL_DENSE[labels] = {}

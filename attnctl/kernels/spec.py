@@ -60,6 +60,11 @@ class LabelMask:
     k_labels: torch.Tensor  # (B, Nk) int64
     table: torch.Tensor  # (B | 1, Lq, Lk) float
 
+    def versions(self) -> tuple[int | None, ...]:
+        """The label tensors' version counters, so that cached masks rebuild after an in-place change. Tensors
+        made under `torch.inference_mode()` have no counter (None): their in-place changes are not seen."""
+        return tuple(None if t.is_inference() else t._version for t in (self.q_labels, self.k_labels, self.table))
+
     def dense(self) -> torch.Tensor:
         """The (B, 1, Nq, Nk) additive mask; for reference backends and small sizes only."""
         table = self.table.expand(self.q_labels.shape[0], -1, -1)

@@ -439,7 +439,7 @@ def block_lists(
             _WINDOW_LISTS[window_key] = lists
         return lists
     labels = spec.labels
-    versions = (labels.q_labels._version, labels.k_labels._version, labels.table._version)
+    versions = labels.versions()
     key = (window_key, versions, nq, nk, block_m, block_n, str(device))
     per_object = _LABEL_LISTS.get(id(labels))
     if per_object is None:

@@ -1,0 +1,49 @@
+"""Generation under `torch.inference_mode()`, as many users run it: every control works there, gives what it gives
+under `torch.no_grad()`, and the masks it caches in one mode serve the next call in the other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+
+from .helpers import generate
+
+
+def _regions(isolate: bool) -> attnctl.Regions:
+    return attnctl.Regions([attnctl.Region("a red car", box=(0, 0, 0.5, 1)), attnctl.Region("a cat", box=(0.5, 0, 1, 1))],
+                           isolate=isolate)
+
+
+CASES = [
+    ("tiny-sd", lambda: attnctl.Reweight({"a": 2.0})),
+    ("tiny-sd", lambda: attnctl.AttentionMaps(["a"])),
+    ("tiny-sd", lambda: _regions(isolate=True)),
+    ("tiny-sd", lambda: attnctl.PAG()),
+    ("tiny-sd", lambda: attnctl.SAG()),
+    ("tiny-sd", lambda: attnctl.PLADIS()),
+    ("tiny-sd", lambda: attnctl.ToMe()),
+    ("tiny-sd", lambda: attnctl.AgentAttention()),
+    ("tiny-sd", lambda: attnctl.TGate(gate_step=2)),
+    ("tiny-sd3", lambda: _regions(isolate=True)),
+    ("tiny-sd3", lambda: attnctl.SEG()),
+    ("tiny-sd3", lambda: attnctl.SkipLayer(blocks=(1,))),
+    ("tiny-flux", lambda: _regions(isolate=True)),
+    ("tiny-flux", lambda: attnctl.FastAttn(threshold=1.0)),
+    ("tiny-pixart", lambda: attnctl.FastAttn(threshold=1.0)),
+]
+
+
+@pytest.mark.parametrize("name,make", CASES, ids=[f"{n}-{type(m()).__name__}" for n, m in CASES])
+def test_controls_run_under_inference_mode_as_under_no_grad(tiny_cache, name, make):
+    pipe = tiny_cache(name)
+    with attnctl.apply(pipe, [make()]):
+        with torch.no_grad():
+            expected = generate(pipe, name, steps=4)
+        with torch.inference_mode():
+            inferred = generate(pipe, name, steps=4)
+        with torch.no_grad():
+            again = generate(pipe, name, steps=4)
+    torch.testing.assert_close(inferred, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
