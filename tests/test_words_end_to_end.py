@@ -122,4 +122,4 @@ def test_words_are_found_in_the_text_the_pipeline_encodes_pixart_preprocessing()
     assert encoded.startswith("a photo of a cat")  # lower-cased at least (cleaned when bs4 and ftfy are installed)
     assert probe.log[0][2]["cat"] == _positions(pipe.tokenizer, encoded, "cat") != _positions(pipe.tokenizer, prompt, "cat")
     assert probe.log[0][2]["photo"] == _positions(pipe.tokenizer, encoded, "photo")
-    assert True in seen  # attnctl asked the pipeline's own preprocessing, with the call's clean_caption
+    assert seen.count(True) >= 1  # attnctl asked the pipeline's own preprocessing, with the call's clean_caption

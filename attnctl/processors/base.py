@@ -71,6 +71,15 @@ class ControlledProcessor:
         out, _ = kernels.BACKENDS[backend].fn(q, k, v, AttentionSpec(attn_mask=attn_mask))
         return out
 
+    def attention(
+        self, call: LayerCall | None, edit: Edit | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The layer's attention, (B, H, N, D) layout: the edit's when there is one, else the plain one."""
+        if edit is None:
+            return self.plain_attention(q, k, v, attn_mask)
+        return self.edited_attention(call, edit, q, k, v, attn_mask)
+
     def edited_attention(
         self, call: LayerCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:

@@ -82,10 +82,7 @@ class ClassicAttnProcessor(ControlledProcessor):
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
 
-        if edit is None:
-            hidden_states = self.plain_attention(query, key, value, attention_mask)
-        else:
-            hidden_states = self.edited_attention(call, edit, query, key, value, attention_mask)
+        hidden_states = self.attention(call, edit, query, key, value, attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 

@@ -74,11 +74,7 @@ class FluxAttnProcessor(ControlledProcessor):
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, **self._dispatch_options())
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            if edit is None:
-                out = self.plain_attention(q, k, v, attention_mask)
-            else:
-                out = self.edited_attention(call, edit, q, k, v, attention_mask)
-            hidden_states = out.transpose(1, 2)
+            hidden_states = self.attention(call, edit, q, k, v, attention_mask).transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

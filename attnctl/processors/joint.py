@@ -67,10 +67,7 @@ class JointAttnProcessor(ControlledProcessor):
             key = torch.cat([key, ctx_k], dim=2)
             value = torch.cat([value, ctx_v], dim=2)
 
-        if edit is None:
-            hidden_states = self.plain_attention(query, key, value, None)
-        else:
-            hidden_states = self.edited_attention(call, edit, query, key, value, None)
+        hidden_states = self.attention(call, edit, query, key, value, None)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
