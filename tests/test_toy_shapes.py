@@ -182,10 +182,8 @@ def test_one_object_prompts_are_mostly_right(pipe):
 def _red_centroid(image) -> tuple[float, float] | None:
     """Relative (x, y) of the red pixels' centroid, or None when there are hardly any."""
     mask = analysis.color_masks(image)["red"]
-    if mask.sum() < 10:
-        return None
-    ys, xs = np.mgrid[0 : mask.shape[0], 0 : mask.shape[1]]
-    return float((mask * xs).sum() / mask.sum() / mask.shape[1]), float((mask * ys).sum() / mask.sum() / mask.shape[0])
+    found = analysis.centroid(mask) if mask.sum() >= 10 else None
+    return None if found is None else (found[0] / mask.shape[1], found[1] / mask.shape[0])
 
 
 def test_region_box_moves_the_red_circle(pipe):
