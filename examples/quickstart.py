@@ -21,11 +21,12 @@ import attnctl
 from attnctl.pipelines.generate import default_model, embedded_call_defaults
 from attnctl.pipelines.loading import embedded_models, load_pipeline
 from attnctl.processors.heatmap import grid
+from attnctl.toy import BINDING_REGION_LAYERS
 
 OBJECTS = (("red", "circle", "left"), ("blue", "square", "right"))
 BOXES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
 #: toy-shapes: one-object region prompts act at the 8x8 level, with the subjects isolated (see attnctl.toy).
-REGION_OPTIONS = {"toy-shapes": {"layers": ("down_blocks.1", "up_blocks.1"), "isolate": True}}
+REGION_OPTIONS = {"toy-shapes": {"layers": BINDING_REGION_LAYERS, "isolate": True}}
 
 
 def main() -> None:
