@@ -25,7 +25,8 @@ from attnctl.toy import BINDING_REGION_LAYERS
 
 OBJECTS = (("red", "circle", "left"), ("blue", "square", "right"))
 BOXES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
-#: toy-shapes: one-object region prompts act at the 8x8 level, with the subjects isolated (see attnctl.toy).
+#: toy-shapes: region prompts act in the 8x8 cross-attention, the subjects are kept apart in every self-attention
+#: layer (see attnctl.toy.BINDING_REGION_LAYERS).
 REGION_OPTIONS = {"toy-shapes": {"layers": BINDING_REGION_LAYERS, "isolate": True}}
 
 

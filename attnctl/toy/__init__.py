@@ -24,10 +24,10 @@ DEFAULT_NUM_INFERENCE_STEPS = 10
 DEFAULT_GUIDANCE_SCALE = 4.0
 IMAGE_SIZE = 32
 #: Layers for `attnctl.Regions(..., layers=BINDING_REGION_LAYERS, isolate=True)` when the regions hold one object
-#: each: the 8x8 level (cross- and self-attention).  With the default layers (the 4x4 level too) each region's
-#: one-object prompt, which in the training data means "and nothing else on the canvas", fights the other
-#: regions while the layout forms, and often only one object is drawn (docs/toy-shapes.md, "Regions").
-BINDING_REGION_LAYERS = ("down_blocks.1", "up_blocks.1")
+#: each: the region prompts act in the cross-attention of the 8x8 level, isolation in every self-attention layer.
+#: At the 4x4 level the base prompt keeps laying out two objects; one-object region prompts there make the model
+#: draw one object (docs/toy-shapes.md, "Regions").
+BINDING_REGION_LAYERS = ("down_blocks.1", "up_blocks.1", "self")
 #: Pipeline call arguments `attnctl render` and `attnctl.Model` use for this model unless a job sets them.
 CALL_DEFAULTS = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": DEFAULT_NUM_INFERENCE_STEPS,
                  "guidance_scale": DEFAULT_GUIDANCE_SCALE}

@@ -53,8 +53,9 @@ ACROSS_JITTER = 4.0  # jitter across it
 KIND_WEIGHTS: dict[str, float] = {
     "one": 0.25,  # one object, no position word: anywhere on the canvas
     "one_pos": 0.30,  # one object with a position word
-    "two_pos": 0.40,  # two objects with positions
+    "two_pos": 0.30,  # two objects with positions
     "two": 0.05,  # two objects, no position words
+    "one_of_two": 0.10,  # two objects with positions, the caption names one of them (no position word)
 }
 
 #: Every word any caption (or a reasonable prompt) uses; each is one token.
@@ -183,7 +184,7 @@ def _two_colors(rng: np.random.Generator) -> tuple[str, str]:
 
 
 def sample_one(rng: np.random.Generator, kind: str) -> Sample:
-    """Draw one random sample of the given kind (``one``, ``one_pos``, ``two_pos``, ``two``)."""
+    """Draw one random sample of the given kind (``one``, ``one_pos``, ``two_pos``, ``two``, ``one_of_two``)."""
     if kind in ("one", "one_pos"):
         color = COLORS[int(rng.integers(len(COLORS)))]
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -192,7 +193,7 @@ def sample_one(rng: np.random.Generator, kind: str) -> Sample:
         else:
             pos = POSITIONS[int(rng.integers(len(POSITIONS)))]
             shapes = (_positioned(rng, color, shape, pos, _size(rng)),)
-    elif kind == "two_pos":
+    elif kind in ("two_pos", "one_of_two"):
         c1, c2 = _two_colors(rng)
         s1, s2 = (SHAPES[int(k)] for k in rng.integers(len(SHAPES), size=2))
         p1, p2 = POSITION_PAIRS[int(rng.integers(len(POSITION_PAIRS)))]
@@ -210,6 +211,9 @@ def sample_one(rng: np.random.Generator, kind: str) -> Sample:
         shapes = (a, b)
     else:
         raise ValueError(f"unknown sample kind {kind!r}; expected one of {tuple(KIND_WEIGHTS)}")
+    if kind == "one_of_two":
+        named = shapes[int(rng.integers(2))]
+        return Sample(object_phrase(named.color, named.shape), shapes, kind)
     return Sample(caption_for(shapes), shapes, kind)
 
 

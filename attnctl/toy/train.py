@@ -61,6 +61,7 @@ class TrainConfig:
     vae_kl_weight: float = 1e-7
     # UNet
     unet_channels: tuple[int, ...] = (64, 96, 128)
+    unet_attention: str = "8,4"  # latent sides (16 / 8 / 4) whose blocks have attention; the mid block has it iff the coarsest does
     unet_heads: int = 4
     unet_steps: int = 4_000
     unet_batch: int = 48
@@ -206,10 +207,23 @@ def build_vae(cfg: TrainConfig):
     )
 
 
+def attention_levels(cfg: TrainConfig, latent_size: int) -> tuple[bool, ...]:
+    """For each UNet level (finest first), whether its blocks have (self- and cross-) attention."""
+    sides = [latent_size // 2**i for i in range(len(cfg.unet_channels))]
+    try:
+        wanted = {int(part) for part in cfg.unet_attention.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(f"--unet-attention must list latent sides such as '8,4', got {cfg.unet_attention!r}") from None
+    if not wanted or not wanted <= set(sides):
+        raise ValueError(f"--unet-attention {cfg.unet_attention!r}: choose one or more of the latent sides {sides}")
+    return tuple(side in wanted for side in sides)
+
+
 def build_unet(cfg: TrainConfig, latent_size: int):
-    """``UNet2DConditionModel`` with cross-attention only at the two coarse levels (8x8 and 4x4)."""
+    """``UNet2DConditionModel`` with attention at the levels ``cfg.unet_attention`` names (default 8x8 and 4x4)."""
     from diffusers import UNet2DConditionModel
 
+    levels = attention_levels(cfg, latent_size)
     torch.manual_seed(cfg.seed + 3)
     return UNet2DConditionModel(
         sample_size=latent_size,
@@ -217,8 +231,9 @@ def build_unet(cfg: TrainConfig, latent_size: int):
         out_channels=4,
         block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(cfg.unet_channels) - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (len(cfg.unet_channels) - 1) + ("UpBlock2D",),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)),
+        mid_block_type="UNetMidBlock2DCrossAttn" if levels[-1] else "UNetMidBlock2D",
         cross_attention_dim=cfg.text_hidden,
         attention_head_dim=cfg.unet_heads,
         norm_num_groups=32,
@@ -448,11 +463,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     p.add_argument("--snapshot", action="store_true",
                    help="only export the latest checkpoint's EMA weights to OUT/snapshot (inspect a run in progress)")
     for name, value in asdict(cfg).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = p.parse_args(argv)
     for name, value in asdict(cfg).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             setattr(cfg, name, getattr(args, name))
     return args, cfg
 
