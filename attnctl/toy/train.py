@@ -12,7 +12,7 @@ Stages (each resumable; finished stages are skipped on a re-run with the same ``
 
 Usage::
 
-    python -m attnctl.toy.train --out /work/toy-run --export attnctl/assets/toy-shapes
+    python -m attnctl.toy.train --out /work/toy-run --export attnctl/assets/toy-shapes   # the shipped model: the defaults
 
 Progress (step, loss, seconds per step) goes to ``OUT/train.log`` and stdout; checkpoints to
 ``OUT/ckpt``; a killed run resumes from its last checkpoint when started again with the same arguments.
@@ -52,7 +52,7 @@ class TrainConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 256
-    text_init_factor: float = 1.0  # CLIP ``initializer_factor``: larger -> more distinct random word embeddings
+    text_init_factor: float = 5.0  # CLIP ``initializer_factor``: larger -> more distinct random word embeddings
     # VAE
     vae_channels: tuple[int, ...] = (32, 64)
     vae_steps: int = 1_000
@@ -65,7 +65,7 @@ class TrainConfig:
     unet_heads: int = 4
     unet_steps: int = 4_000
     unet_batch: int = 48
-    unet_lr: float = 1e-3
+    unet_lr: float = 8e-4
     unet_warmup: int = 200
     unet_weight_decay: float = 0.01
     min_snr_gamma: float = 5.0
