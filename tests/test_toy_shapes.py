@@ -43,6 +43,17 @@ def test_one_of_two_captions_name_one_of_the_two_shapes():
         assert {s.position for s in sample.shapes} in ({"left", "right"}, {"top", "bottom"})
 
 
+def test_training_config_chooses_the_attention_levels():
+    from attnctl.toy.train import TrainConfig, attention_levels, parse_args
+
+    assert attention_levels(TrainConfig(), 16) == (False, True, True)  # the shipped model: 8x8 and 4x4
+    _, cfg = parse_args(["--out", "run", "--unet-attention", "8"])
+    assert cfg.unet_attention == "8" and attention_levels(cfg, 16) == (False, True, False)
+    for bad in ("5", "8,x", ""):
+        with pytest.raises(ValueError, match="unet-attention"):
+            attention_levels(TrainConfig(unet_attention=bad), 16)
+
+
 def test_generator_leaves_global_random_state_alone():
     state = np.random.get_state()
     data.make_dataset(8, seed=1)
