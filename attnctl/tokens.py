@@ -5,6 +5,9 @@ second "cat", counting from 0), or an explicit position in the text sequence (`5
 per prompt row and per text encoder: CLIP-L and CLIP-G share their positions (SDXL, SD3), SD3's T5 span
 follows the CLIP span, Flux and PixArt attend to T5 tokens only. A word found by none of the encoders of a
 row raises `TokenError` showing how the prompt was tokenized.
+
+`bytes_to_unicode` is the byte-level alphabet of CLIP's BPE, shared by the offline tokenizers this package builds
+(`attnctl.testing`, `attnctl.toy`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from .errors import ConfigError, TokenError
@@ -163,3 +167,17 @@ class PromptTokens:
             f"attnctl: {describe_query(query)} is not in the {self.branch} prompt of row {row} ({text!r}). "
             f"It was tokenized as: " + " | ".join(shown)
         )
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))

@@ -21,13 +21,9 @@ import attnctl
 from attnctl.pipelines.generate import default_model, embedded_call_defaults
 from attnctl.pipelines.loading import embedded_models, load_pipeline
 from attnctl.processors.heatmap import grid
-from attnctl.toy import BINDING_REGION_LAYERS
 
 OBJECTS = (("red", "circle", "left"), ("blue", "square", "right"))
 BOXES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}
-#: toy-shapes: region prompts act in the 8x8 cross-attention, the subjects are kept apart in every self-attention
-#: layer (see attnctl.toy.BINDING_REGION_LAYERS).
-REGION_OPTIONS = {"toy-shapes": {"layers": BINDING_REGION_LAYERS, "isolate": True}}
 
 
 def main() -> None:
@@ -53,7 +49,7 @@ def main() -> None:
 
     prompt = " and ".join(f"a {color} {shape} on the {side}" for color, shape, side in OBJECTS)
     regions = attnctl.Regions([attnctl.Region(f"a {color} {shape}", box=BOXES[side]) for color, shape, side in OBJECTS],
-                              **REGION_OPTIONS.get(model, {}))
+                              **_region_options(model))
     seeds = list(range(args.seeds))
     rows = []
     for name, controls in (("stock", []), ("regions", [regions])):
@@ -72,6 +68,16 @@ def main() -> None:
     path = os.path.join(args.out, "grid.png")
     picture.save(path)
     print(f"prompt: {prompt!r}\nsaved {path} (top: stock, bottom: regions; {model}, seeds {seeds[0]}..{seeds[-1]})")
+
+
+def _region_options(model: str) -> dict:
+    """Real models take the defaults. toy-shapes: region prompts act in the 8x8 cross-attention and the subjects are
+    kept apart in every self-attention layer (attnctl.toy.BINDING_REGION_LAYERS, docs/toy-shapes.md)."""
+    if model != "toy-shapes":
+        return {}
+    from attnctl.toy import BINDING_REGION_LAYERS  # only in builds that ship the toy model
+
+    return {"layers": BINDING_REGION_LAYERS, "isolate": True}
 
 
 def _binding(image) -> bool:

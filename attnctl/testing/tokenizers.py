@@ -7,21 +7,8 @@ import os
 import tempfile
 from functools import lru_cache
 
+from ..tokens import bytes_to_unicode
 from .vocabulary import WORDS
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level alphabet: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:

@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..testing.tokenizers import bytes_to_unicode
+from ..tokens import bytes_to_unicode
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
