@@ -10,6 +10,13 @@ from __future__ import annotations
 
 from ._version import __version__
 from .control import Bound, Control
+from .controls.fastattn import FastAttn, FastAttnPlan
+from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
+from .controls.maps.capture import AttentionMapResult, AttentionMaps
+from .controls.regions import Region, Regions
+from .controls.reweight import Reweight
+from .controls.tgate import TGate
+from .controls.token_reduction.controls import AgentAttention, TokenReductionReport, ToMe
 from .errors import (
     AttnctlError,
     BackendError,
@@ -22,16 +29,9 @@ from .errors import (
     UnsupportedError,
 )
 from .handle import Handle, apply
-from .pipelines.generate import Generation, Model, generate
-from .pipelines.loading import load_pipeline
-from .processors.fastattn import FastAttn, FastAttnPlan
-from .processors.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
-from .processors.maps import AttentionMapResult, AttentionMaps
-from .processors.regions import Region, Regions
-from .processors.reweight import Reweight
-from .processors.tgate import TGate
-from .processors.token_reduction import AgentAttention, TokenReductionReport, ToMe
 from .prompt_weights import parse_prompt
+from .render.generate import Generation, Model, generate
+from .render.loading import load_pipeline
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",

@@ -16,16 +16,15 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .denoiser_call import DenoiserCall, RowPlan
+from .errors import ConfigError, TokenError
 from .families.base import Canvas, Geometry, LayerInfo, ModelAdapter
+from .processors.edit import Edit
+from .selection import select_layers
 from .steps import StepInfo, StepWindow
-
-if TYPE_CHECKING:
-    from .pipelines.rows import RowLayout, RowPlan
-    from .processors.edit import Edit
-    from .tokens import PromptTokens
+from .tokens import PromptTokens
 
 _REGISTRY: dict[str, type[Control]] = {}
 
@@ -56,8 +55,6 @@ class Control:
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         """The layers this control acts on (its `layers` field, or its default); raises SelectionError."""
-        from .selection import select_layers
-
         return select_layers(
             adapter.layers, getattr(self, "layers", None), default=self.default_layers(adapter), owner=type(self).__name__
         )
@@ -165,15 +162,13 @@ class BindContext:
     layers: tuple[LayerInfo, ...] = ()  # the layers this control resolved to at apply time
     # The denoiser call in progress (None between calls), for code that runs outside attention layers
     # (instance-level wraps of transformer blocks: skip-layer guidance).
-    current_frame: Callable[[], Frame | None] = field(default=lambda: None, compare=False, repr=False)
+    current_frame: Callable[[], DenoiserCall | None] = field(default=lambda: None, compare=False, repr=False)
     # `with context.internal():` around attnctl's own calls of pipeline methods (encode_prompt, ...): not recorded
     internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
     prompt_arguments: tuple[dict[str, Any], ...] = ()
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
-        from .errors import TokenError
-
         tokens = self.tokens if branch == "cond" else self.negative_tokens
         if tokens is None:
             raise TokenError(
@@ -199,11 +194,11 @@ class Bound:
     def active(self, step: StepInfo) -> bool:
         return step.inside(self.steps)
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         """What changes at `layer` in the denoiser call `frame` (None: nothing)."""
         return None
 
-    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> dict[str, Any]:
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
         """The denoiser's inputs for this call, changed before the forward (return `inputs` itself: unchanged).
 
         Called for active controls only. A changed text sequence (e.g. appended region tokens) is reflected
@@ -211,27 +206,9 @@ class Bound:
         """
         return inputs
 
-    def row_plan(self, frame: Frame) -> RowPlan | None:
+    def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         """Extra or fewer rows for this denoiser call (guidance, CFG dropping); None: the pipeline's rows."""
         return None
 
     def finish(self) -> None:
         """End of the pipeline call (successful or not)."""
-
-
-@dataclass
-class Frame:
-    """One denoiser call: its step, its rows (after row plans), its geometry."""
-
-    step: StepInfo
-    rows: RowLayout
-    canvas: Canvas
-    context: str | None = None
-    inputs: dict[str, Any] | None = None
-    number: int = 0  # denoiser calls before this one in the pipeline call
-    # Tag of a control's own extra forward (SAG's degraded pass) made inside this denoiser call; None for
-    # the forward that serves the pipeline's call (caches and captures usually skip extra passes).
-    extra_pass: str | None = None
-
-    def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)

@@ -25,15 +25,15 @@ from .instance import Wrapped, wrap_method
 from .kernels import check_features, choose_backend, validate_backend
 from .pipelines.denoiser import make_forward
 from .pipelines.protocol import protocol_for
-from .processors import classic, flux, joint
+from .pipelines.runtime import Runtime
+from .processors import flux, joint, self_cross
 from .processors.base import ControlledProcessor, make_processor
 from .processors.edit import EFFECTS, effect_conflict
-from .runtime import Runtime
 from .selection import describe_layers
 
 PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
-    "unet": (classic.ClassicAttnProcessor, classic.SUPPORTED),
-    "pixart": (classic.ClassicAttnProcessor, classic.SUPPORTED),
+    "unet": (self_cross.SelfCrossAttnProcessor, self_cross.SUPPORTED),
+    "pixart": (self_cross.SelfCrossAttnProcessor, self_cross.SUPPORTED),
     "sd3": (joint.JointAttnProcessor, joint.SUPPORTED),
     "flux": (flux.FluxAttnProcessor, flux.SUPPORTED),
 }

@@ -27,8 +27,8 @@ import torch
 
 
 def main() -> None:
-    from attnctl.pipelines.generate import Model
-    from attnctl.pipelines.render import RenderOptions, render
+    from attnctl.render.generate import Model
+    from attnctl.render.runner import RenderOptions, render
     from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

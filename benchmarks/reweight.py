@@ -89,8 +89,8 @@ def pipeline_benchmark(args) -> None:
 
 
 def op_benchmark(args) -> None:
+    from attnctl.controls.maps.capture import word_attention
     from attnctl.kernels import AttentionSpec, attention
-    from attnctl.processors.maps import word_attention
 
     g = torch.Generator().manual_seed(0)
     results = []

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import attnctl
-from attnctl.pipelines.generate import embedded_call_defaults
+from attnctl.render.generate import embedded_call_defaults
 from attnctl.testing import CALL_DEFAULTS
 
 CALIBRATION = ["a red circle on a blue square", "a cat on a chair in a garden", "a boat on the sea at sunset"]

@@ -15,7 +15,7 @@ import json
 import os
 
 import attnctl
-from attnctl.pipelines.generate import default_model
+from attnctl.render.generate import default_model
 
 
 def main() -> None:

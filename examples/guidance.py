@@ -18,11 +18,11 @@ import os
 import torch
 
 import attnctl
+from attnctl.controls.guidance.skip import transformer_blocks
 from attnctl.families import adapter_for
 from attnctl.handle import denoiser_of
-from attnctl.pipelines.generate import embedded_call_defaults
-from attnctl.pipelines.loading import embedded_models, load_pipeline
-from attnctl.processors.guidance.skip import transformer_blocks
+from attnctl.render.generate import embedded_call_defaults
+from attnctl.render.loading import embedded_models, load_pipeline
 
 METHODS = ("pag", "seg", "sag", "pladis", "skip", "pag+seg")
 

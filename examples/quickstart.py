@@ -18,9 +18,9 @@ import os
 import torch
 
 import attnctl
-from attnctl.pipelines.generate import default_model, embedded_call_defaults
-from attnctl.pipelines.loading import embedded_models, load_pipeline
-from attnctl.processors.heatmap import grid
+from attnctl.controls.maps.heatmap import grid
+from attnctl.render.generate import default_model, embedded_call_defaults
+from attnctl.render.loading import embedded_models, load_pipeline
 
 OBJECTS = (("red", "circle", "left"), ("blue", "square", "right"))
 BOXES = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0)}

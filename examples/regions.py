@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 import attnctl
-from attnctl.pipelines.generate import default_model, embedded_call_defaults
-from attnctl.pipelines.loading import embedded_models, load_pipeline
-from attnctl.processors.regions import save_picture
+from attnctl.controls.regions import save_picture
+from attnctl.render.generate import default_model, embedded_call_defaults
+from attnctl.render.loading import embedded_models, load_pipeline
 
 DEFAULT_REGIONS = (
     ("a red circle", (0.05, 0.2, 0.48, 0.8)),

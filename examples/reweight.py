@@ -16,7 +16,7 @@ import os
 import torch
 
 import attnctl
-from attnctl.pipelines.generate import embedded_call_defaults
+from attnctl.render.generate import embedded_call_defaults
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import attnctl
-from attnctl.pipelines.generate import embedded_call_defaults
-from attnctl.pipelines.loading import embedded_models, load_pipeline
+from attnctl.render.generate import embedded_call_defaults
+from attnctl.render.loading import embedded_models, load_pipeline
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from attnctl.control import Bound, Control
+from attnctl.controls.fastattn import FastAttnPlan, model_identity
 from attnctl.processors.edit import Edit, LayerHook
-from attnctl.processors.fastattn import FastAttnPlan, model_identity
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """An independent eager reference of region control, written from DESIGN §3 "Regions" (and the documented
 choices of attnctl's README: labels for joint attention and isolation, the joint soft-mask blend).
 
-It does not use `attnctl.processors.regions`: masks are rasterised on a fine pixel grid and average-pooled, attention is an
+It does not use `attnctl.controls.regions`: masks are rasterised on a fine pixel grid and average-pooled, attention is an
 explicit float64 softmax with dense masks built from per-token categories, and it runs on a *stock* pipeline
 through its own attention processors (`set_attn_processor`) and, for joint models, its own wrapper of the
 transformer's `forward` that appends the region tokens (uncond rows get the negative prompt's tokens there,

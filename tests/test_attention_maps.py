@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import attnctl
 from attnctl import AttentionMaps, ConfigError, Reweight, TokenError
 from attnctl.control import Control
-from attnctl.processors.maps import word_attention
+from attnctl.controls.maps.capture import word_attention
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS
 
 from .reference_attention import Spy, layout, text_positions

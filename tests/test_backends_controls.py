@@ -71,8 +71,8 @@ def test_flex_refuses_pladis_at_apply(tiny_cache):
 
 
 def _window_plan(pipe, name, window):
+    from attnctl.controls.fastattn import FastAttnPlan, model_identity
     from attnctl.families import adapter_for
-    from attnctl.processors.fastattn import FastAttnPlan, model_identity
 
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     model, source, fingerprint = model_identity(denoiser)

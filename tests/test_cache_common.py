@@ -10,8 +10,8 @@ import torch
 
 import attnctl
 from attnctl.control import Bound, Control
+from attnctl.denoiser_call import Perturbation, RowLayout, RowPlan
 from attnctl.errors import ConfigError
-from attnctl.pipelines.rows import Perturbation, RowLayout, RowPlan
 from attnctl.processors.edit import Edit
 
 from .cache_helpers import make_plan

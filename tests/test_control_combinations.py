@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.control import Bound, Control, Frame
+from attnctl.control import Bound, Control
+from attnctl.denoiser_call import DenoiserCall, RowLayout
 from attnctl.errors import AttnctlError, ConfigError, UnsupportedError
 from attnctl.families import adapter_for
 from attnctl.families.base import Canvas
 from attnctl.handle import denoiser_of
-from attnctl.pipelines.rows import RowLayout
 from attnctl.processors.edit import Edit, LayerHook
 from attnctl.steps import StepInfo
 from attnctl.testing import make_tiny_pipeline
@@ -194,7 +194,7 @@ def test_reweight_with_regions_on_joint_models(name, tiny_cache):
     base_len, region_len = bound.text_len, 7
     canvas = Canvas(latent_hw=(8, 8), token_hw=(4, 4), text_len=base_len + 2 * region_len)
     rows = RowLayout.batched_cfg(1) if name == "tiny-sd3" else RowLayout.single("cond", 1)
-    frame = Frame(step=StepInfo(0, 2), rows=rows, canvas=canvas)
+    frame = DenoiserCall(step=StepInfo(0, 2), rows=rows, canvas=canvas)
     edit = bound.edit(layer, frame)
     geometry = frame.geometry(layer)
     scale = edit.value_scale[-1]  # the cond row

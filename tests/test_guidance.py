@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import attnctl
-from attnctl.processors.guidance import sag as sag_module
+from attnctl.controls.guidance import sag as sag_module
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS, make_tiny_pipeline
 
 from .helpers import Probe, generate

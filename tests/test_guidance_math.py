@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.controls.guidance.pag import joint_identity, self_identity
+from attnctl.controls.guidance.sag import NoiseLevel, noise_level
+from attnctl.controls.guidance.seg import blur_tokens, kernel_size
 from attnctl.errors import ConfigError, SelectionError
 from attnctl.kernels.spec import AttentionSpec, LabelMask, Sparse
-from attnctl.processors.guidance.pag import joint_identity, self_identity
-from attnctl.processors.guidance.sag import NoiseLevel, noise_level
-from attnctl.processors.guidance.seg import blur_tokens, kernel_size
 
 # -- references ---------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import torch
 
 import attnctl
 from attnctl.control import Bound, Control
-from attnctl.pipelines.rows import Perturbation, RowPlan
+from attnctl.denoiser_call import Perturbation, RowPlan
 from attnctl.testing import make_tiny_pipeline
 
 from .helpers import Probe, generate
@@ -90,9 +90,9 @@ def test_constant_term_is_added_to_the_combined_prediction(name, extra, separate
 
 
 def test_uncond_call_before_cond_is_an_error():
+    from attnctl.denoiser_call import RowLayout
     from attnctl.errors import CallLayoutError
     from attnctl.pipelines.denoiser import _spread
-    from attnctl.pipelines.rows import RowLayout
 
     with pytest.raises(CallLayoutError):
         _spread(torch.zeros(1, 4), RowLayout.single("uncond", 1), None)

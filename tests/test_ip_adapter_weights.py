@@ -44,7 +44,7 @@ def test_ip_adapter_weights_follow_to_and_stay_in_the_state_dict(monkeypatch):
     module = unet.get_submodule(name[: -len(".processor")])
     ours = module.processor
     assert isinstance(ours, ControlledProcessor) and isinstance(ours, torch.nn.Module)
-    assert type(ours).__name__ == "ClassicAttnProcessor" and ours.original is stock[name]
+    assert type(ours).__name__ == "SelfCrossAttnProcessor" and ours.original is stock[name]
     assert list(unet.state_dict()) == keys  # same names, same tensors
     assert torch.equal(unet.state_dict()[name + ".to_k_ip.0.weight"], stock[name].to_k_ip[0].weight)
     self_attention = next(p for p in unet.attn_processors.values() if not isinstance(p, torch.nn.Module))

@@ -7,8 +7,8 @@ import torch
 
 import attnctl
 from attnctl.families.base import LayerInfo
-from attnctl.processors.classic import ClassicAttnProcessor
 from attnctl.processors.flux import FluxAttnProcessor
+from attnctl.processors.self_cross import SelfCrossAttnProcessor
 from attnctl.testing import make_tiny_pipeline
 
 from .helpers import Probe, generate
@@ -32,7 +32,7 @@ def test_ip_adapter_processor_is_reproduced():
     attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
     stock = IPAdapterAttnProcessor2_0(hidden_size=16, cross_attention_dim=12, num_tokens=(4, 2), scale=[0.7, 1.3])
     torch.nn.init.normal_(stock.to_k_ip[0].weight)
-    ours = ClassicAttnProcessor(LayerInfo("x.attn2", 0, "cross", "down", 0), _NoFrame(), stock)
+    ours = SelfCrossAttnProcessor(LayerInfo("x.attn2", 0, "cross", "down", 0), _NoFrame(), stock)
     hidden = torch.randn(2, 6, 16)
     text = torch.randn(2, 5, 12)
     ip = [torch.randn(2, 4, 12), torch.randn(2, 2, 12)]

@@ -13,8 +13,7 @@ from PIL import Image
 
 import attnctl
 from attnctl import Control, Region, Regions
-from attnctl.errors import ConfigError
-from attnctl.processors.regions import (
+from attnctl.controls.regions import (
     PNG_KEY,
     area_matrix,
     box_coverage,
@@ -23,6 +22,7 @@ from attnctl.processors.regions import (
     resize_mask,
     save_picture,
 )
+from attnctl.errors import ConfigError
 
 
 # -- validation -------------------------------------------------------------------------------------------------

@@ -224,8 +224,8 @@ def test_thirty_two_regions_on_tiny_sd():
 
 def test_region_attention_memory_is_chunked():
     """Chunks bound the gathered queries (C * S) by the budget, whatever the number of regions."""
-    from attnctl.processors.regions.attention import region_chunks
-    from attnctl.processors.regions.masks import grid_layout
+    from attnctl.controls.regions.attention import region_chunks
+    from attnctl.controls.regions.masks import grid_layout
 
     boxes = tuple((c / 8, r / 4, (c + 1) / 8, (r + 1) / 4) for r in range(4) for c in range(8))
     weights = grid_layout(boxes, (16, 24)).weights

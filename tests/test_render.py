@@ -23,11 +23,11 @@ from PIL import Image
 import attnctl
 from attnctl.control import Bound, Control
 from attnctl.errors import ConfigError
-from attnctl.pipelines import cli
-from attnctl.pipelines.generate import Model, default_model, generate
-from attnctl.pipelines.jobs import check_job_id, load_job_file
-from attnctl.pipelines.outputs import read_png_params
-from attnctl.pipelines.render import (
+from attnctl.render import cli
+from attnctl.render.generate import Model, default_model, generate
+from attnctl.render.jobs import check_job_id, load_job_file
+from attnctl.render.outputs import read_png_params
+from attnctl.render.runner import (
     MANIFEST,
     FolderLock,
     RenderError,
@@ -224,7 +224,7 @@ def test_dry_run_reports_every_problem_with_its_place(tmp_path, capsys, monkeypa
         raise AssertionError("--dry-run loaded a model")
 
     monkeypatch.setattr(Model, "load", no_model)
-    monkeypatch.setattr(attnctl.pipelines.loading, "load_pipeline", no_model)
+    monkeypatch.setattr(attnctl.render.loading, "load_pipeline", no_model)
     code = cli.main(["render", str(path), "--dry-run", "--model", "tiny-sd"])
     out = capsys.readouterr().out
     assert code == 2
@@ -596,7 +596,7 @@ def test_quickstart_renders_on_the_default_embedded_model(tmp_path, tiny_cache):
 
 
 def test_summary_and_exit_code():
-    from attnctl.pipelines.render import Summary
+    from attnctl.render.runner import Summary
 
     ok = Summary(images=2, rendered=2)
     assert ok.exit_code == 0 and "2 rendered" in ok.format()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.controls.tgate import self_action
 from attnctl.errors import ConfigError, UnsupportedError
-from attnctl.processors.tgate import self_action
 
 from .helpers import generate
 

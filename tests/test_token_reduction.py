@@ -11,11 +11,8 @@ import torch
 
 import attnctl
 from attnctl.control import Bound, Control
-from attnctl.errors import ConfigError, UnsupportedError
-from attnctl.families.base import Geometry, LayerInfo
-from attnctl.kernels.spec import AttentionSpec, LabelMask
-from attnctl.processors.edit import Edit, LayerHook
-from attnctl.processors.merging import (
+from attnctl.controls.token_reduction.controls import _merged_spec
+from attnctl.controls.token_reduction.merging import (
     agent_attention,
     cell_destinations,
     derived_seed,
@@ -23,7 +20,10 @@ from attnctl.processors.merging import (
     plan_from_matching,
     plan_merge,
 )
-from attnctl.processors.token_reduction import _merged_spec
+from attnctl.errors import ConfigError, UnsupportedError
+from attnctl.families.base import Geometry, LayerInfo
+from attnctl.kernels.spec import AttentionSpec, LabelMask
+from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import make_tiny_pipeline
 
 from .helpers import generate

@@ -265,7 +265,7 @@ def test_reweight_grows_the_weighted_colour(pipe):
 
 def test_load_pipeline_and_render_default_to_toy_shapes():
     import attnctl
-    from attnctl.pipelines.generate import default_model, embedded_call_defaults
+    from attnctl.render.generate import default_model, embedded_call_defaults
     from attnctl.toy import CALL_DEFAULTS
 
     assert default_model() == "toy-shapes"

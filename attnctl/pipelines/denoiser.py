@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from ..control import Frame
+from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, RowSelect
 from ..errors import CallLayoutError
-from .rows import Row, RowLayout, RowPlan, RowSelect
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -77,7 +76,7 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
     main_input = adapter.batched_inputs[0]
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def call_with(inputs: dict[str, Any], frame: Frame) -> Any:
+        def call_with(inputs: dict[str, Any], frame: DenoiserCall) -> Any:
             bound = inspect.BoundArguments(signature, inputs)
             runtime.enter(frame)
             try:
@@ -85,7 +84,7 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
             finally:
                 runtime.leave()
 
-        def rows_of(inputs: dict[str, Any], frame: Frame, batch: int) -> Any:
+        def rows_of(inputs: dict[str, Any], frame: DenoiserCall, batch: int) -> Any:
             plan = runtime.row_plan(frame)
             if not plan.perturbations and not plan.second:
                 return call_with(inputs, frame)
@@ -103,7 +102,7 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
 
         return forward
 
-    def selected(inputs, frame: Frame, batch: int, selection: RowSelect, rows_of) -> Any:
+    def selected(inputs, frame: DenoiserCall, batch: int, selection: RowSelect, rows_of) -> Any:
         """Run only the selected rows (guidance rows still added to them), then give every row of the pipeline's
         layout the prediction of the selected row with its prompt."""
         layout, index = frame.rows.selected(selection.branch, selection.label)
@@ -116,7 +115,7 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
         spread = torch.tensor([where[row.prompt] for row in frame.rows.rows], device=prediction.device)
         return replace_first(output, prediction[spread])
 
-    def guided(inputs, frame: Frame, batch: int, plan: RowPlan, call_with) -> Any:
+    def guided(inputs, frame: DenoiserCall, batch: int, plan: RowPlan, call_with) -> Any:
         base = frame.rows
         cond = base.indices("cond", None)
         step = frame.step.index
@@ -166,7 +165,7 @@ class FirstPass:
     """What a `SecondPass` term sees: the pipeline rows' prediction of this denoiser call, and a way to run
     the denoiser again (SAG's degraded forward). Extra forwards are frames with `extra_pass` set."""
 
-    frame: Frame  # the pipeline's rows (`frame.rows`), step and inputs
+    frame: DenoiserCall  # the pipeline's rows (`frame.rows`), step and inputs
     inputs: dict[str, Any]  # the denoiser's inputs for those rows
     prediction: torch.Tensor  # the denoiser's prediction for those rows, before any guidance term
     main_input: str  # the latent input's name ("sample", "hidden_states")

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..denoiser_call import RowLayout
 from ..errors import CallLayoutError, UnsupportedError
 from ..tokens import EncoderPrompts
-from .rows import RowLayout
 
 
 @dataclass(frozen=True)

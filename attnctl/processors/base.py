@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels.spec import AttentionSpec
-from .edit import Edit, LayerCall
+from .edit import AttentionCall, Edit
 
 if TYPE_CHECKING:
     from ..families.base import LayerInfo
-    from ..runtime import Runtime
+    from ..pipelines.runtime import Runtime
 
 
 class ControlledProcessor:
@@ -72,7 +72,7 @@ class ControlledProcessor:
         return out
 
     def attention(
-        self, call: LayerCall | None, edit: Edit | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        self, call: AttentionCall | None, edit: Edit | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """The layer's attention, (B, H, N, D) layout: the edit's when there is one, else the plain one."""
@@ -81,7 +81,7 @@ class ControlledProcessor:
         return self.edited_attention(call, edit, q, k, v, attn_mask)
 
     def edited_attention(
-        self, call: LayerCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+        self, call: AttentionCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Attention with the edit's spec on the chosen backend, wrapped by the edit's hooks, (B, H, N, D)."""
         spec = edit.spec(attn_mask=attn_mask)
@@ -99,13 +99,13 @@ class ControlledProcessor:
         out, _ = fn(q, k, v, spec)
         return out
 
-    def query_hooks(self, call: LayerCall | None, edit: Edit | None, q_proj: torch.Tensor) -> torch.Tensor:
+    def query_hooks(self, call: AttentionCall | None, edit: Edit | None, q_proj: torch.Tensor) -> torch.Tensor:
         if edit is not None:
             for hook in edit.hooks:
                 q_proj = hook.query(call, q_proj)
         return q_proj
 
-    def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, LayerCall | None, Any, torch.Tensor]:
+    def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, AttentionCall | None, Any, torch.Tensor]:
         """Look up the edit; returns (edit, call, reused result or None, hidden after token hooks)."""
         edit = self.runtime.edit_for(self.layer)
         if edit is None:
@@ -119,7 +119,7 @@ class ControlledProcessor:
             hidden = hook.tokens_in(call, hidden)
         return edit, call, None, hidden
 
-    def finish(self, call: LayerCall | None, edit: Edit | None, result: Any) -> Any:
+    def finish(self, call: AttentionCall | None, edit: Edit | None, result: Any) -> Any:
         if edit is not None:
             for hook in reversed(edit.hooks):
                 result = hook.result(call, result)

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..kernels.spec import AttentionSpec, LabelMask, Sparse, Window
 
 if TYPE_CHECKING:
-    from ..control import Frame
+    from ..denoiser_call import DenoiserCall
     from ..families.base import Geometry, LayerInfo
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], tuple[torch.Tensor, torch.Tensor | None]]
@@ -65,12 +65,12 @@ def effect_conflict(first: str, second: str) -> str | None:
 
 
 @dataclass
-class LayerCall:
+class AttentionCall:
     """What a hook knows about the attention call in progress."""
 
     layer: LayerInfo
     geometry: Geometry
-    frame: Frame
+    frame: DenoiserCall
     module: torch.nn.Module
     backend: str
     # Set while an outer hook runs the rest of the chain on some rows or tokens only (`processors.common`):
@@ -104,22 +104,22 @@ class LayerHook:
     #: that the other hooks see the layer's own tokens and one attention op over q, k, v.
     innermost: ClassVar[bool] = False
 
-    def reuse(self, call: LayerCall, hidden: torch.Tensor, context: torch.Tensor | None) -> Any | None:
+    def reuse(self, call: AttentionCall, hidden: torch.Tensor, context: torch.Tensor | None) -> Any | None:
         """Return a module result to skip the whole computation (cached attention), or None."""
         return None
 
-    def tokens_in(self, call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
+    def tokens_in(self, call: AttentionCall, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
-    def query(self, call: LayerCall, q_proj: torch.Tensor) -> torch.Tensor:
+    def query(self, call: AttentionCall, q_proj: torch.Tensor) -> torch.Tensor:
         return q_proj
 
     def attend(
-        self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn
+        self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return compute(q, k, v, spec)
 
-    def result(self, call: LayerCall, result: Any) -> Any:
+    def result(self, call: AttentionCall, result: Any) -> Any:
         return result
 
 

@@ -27,8 +27,9 @@ import torch
 
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...kernels.spec import AttentionSpec, LabelMask
-from ..common import TokenLayout, backend_op, restricted_rows, restricted_tokens, spans_range
-from ..edit import AttendFn, LayerCall, LayerHook
+from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
+from ...processors.edit import AttendFn, AttentionCall, LayerHook
+from ..common import spans_range
 
 if TYPE_CHECKING:
     from .control import RegionsBound
@@ -99,7 +100,7 @@ class CrossHook(LayerHook):
     def __init__(self, bound: RegionsBound):
         self.bound = bound
 
-    def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         out, lse = compute(q, k, v, spec)
         cond = call.rows.indices("cond")
         if not cond:
@@ -298,7 +299,7 @@ class JointHook(LayerHook):
     def __init__(self, bound: RegionsBound):
         self.bound = bound
 
-    def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         bound = self.bound
         sequence = bound.sequence(call)
         _check_tokens(call, q, sequence)
@@ -328,7 +329,7 @@ class JointHook(LayerHook):
         return out.index_copy(0, rows, chosen), lse
 
 
-def _check_tokens(call: LayerCall, q: torch.Tensor, sequence: JointSequence) -> None:
+def _check_tokens(call: AttentionCall, q: torch.Tensor, sequence: JointSequence) -> None:
     if q.shape[2] != sequence.length:
         raise UnsupportedError(
             f"attnctl: Regions at {call.layer.name} expected {sequence.length} joint tokens, got {q.shape[2]}: another "
@@ -346,7 +347,7 @@ class HiddenHook(LayerHook):
     def __init__(self, bound: RegionsBound):
         self.bound = bound
 
-    def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         if spec.labels is not None:
             raise ConfigError(f"attnctl: Regions cannot share joint layer {call.layer.name} with another control's label mask")
         sequence = self.bound.sequence(call)

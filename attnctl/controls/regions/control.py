@@ -19,16 +19,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...control import BindContext, Bound, Control, Frame, _plain
+from ...control import BindContext, Bound, Control, _plain
+from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...families.base import Geometry, LayerInfo, ModelAdapter
-from ...pipelines.regional import RegionText, encode_region_prompts
-from ...pipelines.rows import RowLayout
+from ...pipelines.prompts import RegionText, encode_region_prompts
+from ...processors.edit import AttentionCall, Edit
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex
-from ..edit import Edit, LayerCall
 from .attention import (
     CrossHook,
     HiddenHook,
@@ -315,8 +315,8 @@ class RegionsBound(Bound):
         """Whether a denoiser call with these rows has the region tokens appended (only calls with cond rows do)."""
         return self.tokens and bool(rows.indices("cond"))
 
-    def sequence(self, call: LayerCall | Geometry, with_tokens: bool = True) -> JointSequence:
-        geometry = call.geometry if isinstance(call, LayerCall) else call
+    def sequence(self, call: AttentionCall | Geometry, with_tokens: bool = True) -> JointSequence:
+        geometry = call.geometry if isinstance(call, AttentionCall) else call
         lens = self.region_lens() if with_tokens else ()
         sequence = JointSequence(geometry.image_len, self.base_text_len, lens, geometry.layer.text == "first")
         if geometry.text_len != sequence.text_len:
@@ -383,7 +383,7 @@ class RegionsBound(Bound):
         return self._cache[key]
 
     # -- the protocol ------------------------------------------------------------------------------------------------
-    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> dict[str, Any]:
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
         """SD3 / Flux: append every region prompt's tokens after the base text (cond rows; zeros, hidden, elsewhere)."""
         if not self.tokens or not frame.rows.indices("cond"):
             return inputs
@@ -421,7 +421,7 @@ class RegionsBound(Bound):
             raise UnsupportedError("attnctl: Regions cannot place region text ids longer than the base text's non-zero ids")
         return torch.cat([ids] + [extra_one] * len(self.shapes), dim=-2)
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         role = self.roles.get(layer.index)
         if role is None:
             return None

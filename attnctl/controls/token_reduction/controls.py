@@ -21,19 +21,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..control import BindContext, Bound, Control, Frame
-from ..errors import CallLayoutError, ConfigError, UnsupportedError
-from ..families.base import LayerInfo, ModelAdapter
-from ..kernels.spec import AttentionSpec
-from ..selection import LayerSpec, describe_layers, validate_layers
-from ..steps import StepInfo, StepWindow, validate_steps
-from ..validation import integer, number, set_field
-from .common import RowIndex, output_key, publish, row_source
-from .edit import Edit, LayerCall, LayerHook
+from ...control import BindContext, Bound, Control
+from ...denoiser_call import DenoiserCall
+from ...errors import CallLayoutError, ConfigError, UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.spec import AttentionSpec
+from ...processors.chain import row_source
+from ...processors.edit import AttentionCall, Edit, LayerHook
+from ...selection import LayerSpec, describe_layers, validate_layers
+from ...steps import StepInfo, StepWindow, validate_steps
+from ...validation import integer, number, set_field
+from ..common import RowIndex, output_key, publish
 from .merging import MergePlan, agent_attention, cell_destinations, derived_seed, match, plan_from_matching
 
 if TYPE_CHECKING:
-    from ..families.base import Geometry
+    from ...families.base import Geometry
 
 #: Families whose attention layers token reduction can act on (Flux: see `_refuse_family`).
 FAMILIES: tuple[str, ...] = ("unet", "pixart", "sd3")
@@ -349,7 +351,7 @@ class _ReductionBound(Bound):
         self.index = RowIndex()
         self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         phase = self.control.phase(frame.step)
         if phase.identity:
             return None
@@ -388,7 +390,7 @@ class _ReductionHook(LayerHook):
         self.phase = phase
         self._calls: dict[int, _CallState] = {}
 
-    def tokens_in(self, call: LayerCall, hidden: torch.Tensor) -> torch.Tensor:
+    def tokens_in(self, call: AttentionCall, hidden: torch.Tensor) -> torch.Tensor:
         geometry = call.geometry
         tokens = geometry.image_len
         if hidden.ndim != 3 or hidden.shape[1] != tokens:
@@ -452,7 +454,7 @@ class _ReductionHook(LayerHook):
         )
         return result
 
-    def result(self, call: LayerCall, result: Any) -> Any:
+    def result(self, call: AttentionCall, result: Any) -> Any:
         state = self._calls.pop(id(call), None)
         if state is None:
             return result

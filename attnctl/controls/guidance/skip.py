@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
-from ...control import Frame
+from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
 from ...instance import Wrapped, wrap_method
-from ...pipelines.rows import RowLayout
 from ...steps import validate_steps
 from ...validation import set_field
 from .common import PerturbingBound, PerturbingControl
@@ -156,7 +155,7 @@ class _SkipBound(PerturbingBound):
             signature = inspect.signature(original)
 
             def forward(*args: Any, **kwargs: Any) -> Any:
-                frame: Frame | None = current_frame()
+                frame: DenoiserCall | None = current_frame()
                 rows = frame.rows.indices("cond", tag) if frame is not None else ()
                 if not rows:
                     return original(*args, **kwargs)

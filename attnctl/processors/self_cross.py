@@ -17,7 +17,7 @@ from .base import ControlledProcessor
 SUPPORTED = ("AttnProcessor2_0", "FusedAttnProcessor2_0", "IPAdapterAttnProcessor2_0")
 
 
-class ClassicAttnProcessor(ControlledProcessor):
+class SelfCrossAttnProcessor(ControlledProcessor):
     def __call__(
         self,
         attn: Any,

@@ -19,14 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...control import Bound, Control, Frame
+from ...control import Bound, Control
+from ...denoiser_call import DenoiserCall
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.spec import Sparse
+from ...processors.edit import Edit
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
-from ..edit import Edit
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class _PLADISBound(Bound):
         self.sparse = Sparse(alpha=control.alpha, scale=control.scale)
         self._edits: dict[tuple[int, int, int], Edit] = {}
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0:
             return None
         if layer.kind == "cross":

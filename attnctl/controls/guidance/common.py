@@ -11,11 +11,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...control import Bound, Control, Frame
+from ...control import Bound, Control
+from ...denoiser_call import DenoiserCall, Perturbation, RowPlan
 from ...errors import ConfigError, SelectionError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.spec import AttentionSpec
-from ...pipelines.rows import Perturbation, RowPlan
 from ...validation import number, set_field
 from ..common import RowIndex, select_kinds
 
@@ -50,7 +50,7 @@ def new_tag(name: str) -> str:
     return f"{name}#{next(_TAGS)}"
 
 
-def timestep_1000(frame: Frame, family: str) -> torch.Tensor:
+def timestep_1000(frame: DenoiserCall, family: str) -> torch.Tensor:
     """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor (Flux passes t / 1000)."""
     inputs = frame.inputs or {}
     value = inputs.get("timestep")
@@ -91,15 +91,15 @@ class PerturbingBound(Bound):
         self.tag = new_tag(control.type_name)
         self.index = RowIndex()  # the tagged rows' positions as index tensors, per device
 
-    def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: Frame) -> torch.Tensor:
+    def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: DenoiserCall) -> torch.Tensor:
         return self.control.scale * (cond - perturbed)
 
-    def row_plan(self, frame: Frame) -> RowPlan | None:
+    def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         if self.control.scale == 0:
             return None
         return RowPlan((Perturbation(self.tag, self.term, separate=self.control.separate),))
 
-    def rows(self, frame: Frame) -> tuple[int, ...]:
+    def rows(self, frame: DenoiserCall) -> tuple[int, ...]:
         return frame.rows.indices("cond", self.tag)
 
     def finish(self) -> None:

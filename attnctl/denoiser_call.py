@@ -1,15 +1,20 @@
-"""Batch rows of a denoiser call: which are unconditional, conditional, or perturbed copies of the cond rows.
+"""One denoiser call as controls and processors see it: its step, its canvas and its batch rows.
 
-Perturbed copies count as cond rows for every other control (Reweight, Regions apply to them too).
+The rows say which are unconditional, conditional, or perturbed copies of the cond rows; perturbed copies
+count as cond rows for every other control (Reweight, Regions apply to them too). A bound control changes
+the rows of a denoiser call with a `RowPlan` (guidance by perturbation, CFG dropping, second passes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+
+from .families.base import Canvas, Geometry, LayerInfo
+from .steps import StepInfo
 
 Branch = Literal["cond", "uncond"]
 
@@ -129,3 +134,21 @@ class RowPlan:
     perturbations: tuple[Perturbation, ...] = ()
     second: tuple[SecondPass, ...] = ()
     select: RowSelect | None = None
+
+
+@dataclass
+class DenoiserCall:
+    """One denoiser call: its step, its rows (after row plans), its geometry."""
+
+    step: StepInfo
+    rows: RowLayout
+    canvas: Canvas
+    context: str | None = None
+    inputs: dict[str, Any] | None = None
+    number: int = 0  # denoiser calls before this one in the pipeline call
+    # Tag of a control's own extra forward (SAG's degraded pass) made inside this denoiser call; None for
+    # the forward that serves the pipeline's call (caches and captures usually skip extra passes).
+    extra_pass: str | None = None
+
+    def geometry(self, layer: LayerInfo) -> Geometry:
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)

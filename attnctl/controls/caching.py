@@ -22,9 +22,8 @@ from ..kernels.spec import Window
 from .common import RowIndex
 
 if TYPE_CHECKING:
-    from ..control import Frame
+    from ..denoiser_call import DenoiserCall, RowLayout
     from ..families.base import Geometry, LayerInfo, ModelAdapter
-    from ..pipelines.rows import RowLayout
 
 Key = tuple[Any, str, Any]  # (pass, branch, tag)
 Value = Any  # a tensor or a tuple of tensors (or None entries) whose first dimension is the batch
@@ -59,7 +58,7 @@ class PassCounter:
         self._step = -1
         self._numbers: list[int] = []
 
-    def __call__(self, frame: Frame) -> tuple[int, Any]:
+    def __call__(self, frame: DenoiserCall) -> tuple[int, Any]:
         if frame.step.index != self._step:
             self._step, self._numbers = frame.step.index, []
         if frame.number not in self._numbers:
@@ -297,15 +296,15 @@ class Accountant:
         report.order = tuple(layer.name for layer in adapter.layers)
         self.controlled = frozenset(layer.index for layer in controlled)
         self.widths = {layer.name: inner_dim(adapter.modules[layer.name]) for layer in adapter.layers}
-        self._frame: Frame | None = None
+        self._frame: DenoiserCall | None = None
 
     def width(self, layer: LayerInfo) -> int:
         return self.widths[layer.name]
 
-    def full(self, layer: LayerInfo, frame: Frame, rows: int) -> float:
+    def full(self, layer: LayerInfo, frame: DenoiserCall, rows: int) -> float:
         return attention_flops(rows, frame.geometry(layer), self.widths[layer.name])
 
-    def see(self, frame: Frame, baseline_rows: int) -> None:
+    def see(self, frame: DenoiserCall, baseline_rows: int) -> None:
         """Record the uncontrolled layers of a denoiser call once."""
         if frame is self._frame:
             return

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...control import Frame
+from ...denoiser_call import DenoiserCall
 from ...errors import UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex
-from ..edit import Edit, LayerCall, LayerHook
 from .common import PerturbingBound, PerturbingControl
 
 INFINITE_SIGMA = 9999.0
@@ -72,7 +72,7 @@ class _SEGBound(PerturbingBound):
         super().__init__(control, layers, family)
         self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma, self.index),))
 
-    def edit(self, layer, frame: Frame) -> Edit | None:
+    def edit(self, layer, frame: DenoiserCall) -> Edit | None:
         return self._edit if self.rows(frame) else None
 
 
@@ -84,7 +84,7 @@ class BlurQueries(LayerHook):
         self.sigma = sigma
         self.index = index if index is not None else RowIndex()
 
-    def query(self, call: LayerCall, q_proj: torch.Tensor) -> torch.Tensor:
+    def query(self, call: AttentionCall, q_proj: torch.Tensor) -> torch.Tensor:
         rows = call.rows.indices("cond", self.tag)
         if not rows:
             return q_proj

@@ -27,17 +27,19 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..control import BindContext, Bound, Control, Frame
-from ..errors import ConfigError, TokenError, UnsupportedError
-from ..families.base import LayerInfo, ModelAdapter
-from ..instance import Wrapped, wrap_method
-from ..kernels.spec import AttentionSpec
-from ..selection import LayerSpec, validate_layers
-from ..steps import StepWindow, validate_steps
-from ..tokens import WordQuery, describe_query, validate_word_query
-from ..validation import set_field
-from .common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers, token_layout
-from .edit import AttendFn, Edit, LayerCall, LayerHook
+from ...control import BindContext, Bound, Control
+from ...denoiser_call import DenoiserCall
+from ...errors import ConfigError, TokenError, UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
+from ...instance import Wrapped, wrap_method
+from ...kernels.spec import AttentionSpec
+from ...processors.chain import token_layout
+from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
+from ...selection import LayerSpec, validate_layers
+from ...steps import StepWindow, validate_steps
+from ...tokens import WordQuery, describe_query, validate_word_query
+from ...validation import set_field
+from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -182,7 +184,7 @@ class _CaptureHook(LayerHook):
     def __init__(self, bound: AttentionMapsBound):
         self.bound = bound
 
-    def attend(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         result = compute(q, k, v, spec)
         if not token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention) is not the map
             with torch.no_grad():
@@ -232,7 +234,7 @@ class AttentionMapsBound(Bound):
         self.pipeline = context.pipeline
         self.tap: ImageTap | None = None  # attached at the first capture, so a failing bind leaves nothing behind
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if not frame.rows.indices("cond", None):
             return None
         return self._edit
@@ -241,7 +243,7 @@ class AttentionMapsBound(Bound):
         """Bytes of the tensors this bound keeps across steps (independent of the number of steps)."""
         return sum(t.numel() * t.element_size() for t in (self.sums, self.selector)) + 8 * len(self.contributions)
 
-    def accumulate(self, call: LayerCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
+    def accumulate(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
         layout = call.rows
         step = call.step.index
         batch_rows, prompts = [], []

@@ -20,15 +20,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..control import BindContext, Bound, Control, Frame
+from ..control import BindContext, Bound, Control
+from ..denoiser_call import DenoiserCall
 from ..errors import CallLayoutError, ConfigError
 from ..families.base import LayerInfo, ModelAdapter
+from ..processors.edit import Edit
 from ..selection import LayerSpec, validate_layers
 from ..steps import StepInfo, StepWindow, validate_steps
 from ..tokens import WordQuery, describe_query, validate_word_query
 from ..validation import choice, set_field
 from .common import TEXT_KINDS, select_kinds, text_layers
-from .edit import Edit
 
 #: A factor: a number, a `(start, end)` pair (linear ramp over the steps the control acts on), or a
 #: callable of the step fraction `i / n` returning a number.
@@ -320,7 +321,7 @@ class ReweightBound(Bound):
             return None
         return self.weights[branch][k]
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         step = frame.step.index
         k = self._step_slot.get(step)
         if k is None:
@@ -345,7 +346,7 @@ class ReweightBound(Bound):
             self._cache[key] = self._build(frame, key_text, n_keys, None if layer.kind == "cross" else geometry.image_slice)
         return self._cache[key]
 
-    def _build(self, frame: Frame, key_text: slice, n_keys: int, image_rows: slice | None) -> Edit | None:
+    def _build(self, frame: DenoiserCall, key_text: slice, n_keys: int, image_rows: slice | None) -> Edit | None:
         weights = self._device_weights
         ones = torch.ones(self.text_len, device=self.device)
         per_row, touched = [], False

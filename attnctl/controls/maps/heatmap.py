@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .maps import AttentionMapResult
+    from .capture import AttentionMapResult
 
 # (position, (r, g, b)) anchors of the "inferno" colour map
 _INFERNO = (
@@ -43,7 +43,7 @@ SCALINGS: tuple[str, ...] = ("max", "minmax")
 def scale_map(array: np.ndarray, scaling: str = "max") -> np.ndarray:
     """Values in [0, 1]: divided by the maximum, or min-max scaled; a constant or zero map gives zeros."""
     if scaling not in SCALINGS:
-        from ..errors import ConfigError
+        from ...errors import ConfigError
 
         raise ConfigError(f"scaling must be one of {', '.join(map(repr, SCALINGS))}, got {scaling!r}")
     low = float(array.min()) if scaling == "minmax" and array.size else 0.0
@@ -94,7 +94,7 @@ def grid(tiles: list[tuple[str, Any]]) -> Any:
 
 def save_maps(result: AttentionMapResult, directory: str, scaling: str = "max") -> list[str]:
     """Per image i: `image{i}_{word}.png` for each word (heatmap over the image) and `image{i}_grid.png`."""
-    from .maps import slug
+    from .capture import slug
 
     os.makedirs(directory, exist_ok=True)
     names: list[str] = []

@@ -22,15 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from ..control import BindContext, Bound, Control, Frame
+from ..control import BindContext, Bound, Control
+from ..denoiser_call import DenoiserCall, RowPlan, RowSelect
 from ..errors import ConfigError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter
-from ..pipelines.rows import RowPlan, RowSelect
+from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
 from ..validation import integer, set_field
-from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows
+from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows
 from .common import RowIndex, output_key, publish
-from .edit import Edit, LayerCall, LayerHook
 
 Action = Literal["compute", "store", "store_mean", "reuse"]
 
@@ -143,7 +143,7 @@ class TGateBound(Bound):
         self._dropped: tuple[int, int] = (-1, 0)  # (frame number, rows dropped by the row selection)
 
     # -- rows -----------------------------------------------------------------------------------------------------
-    def row_plan(self, frame: Frame) -> RowPlan | None:
+    def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         rows = frame.rows
         if frame.step.index < self.tgate.gate_step or not rows.indices("uncond", None) or not rows.indices("cond", None):
             return None
@@ -157,7 +157,7 @@ class TGateBound(Bound):
             return cross_action(step, control.gate_step, self.count)
         return self_action(step, control.gate_step, self.count, control.warm_up, control.sp_interval, control.fi_interval)
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         # the rows the selection dropped count in the baseline of the forward that holds the selected rows (not in
         # a separate forward of perturbed rows made for the same denoiser call)
         selected_here = self._dropped[0] == frame.number and frame.rows.indices("cond", None)
@@ -176,13 +176,13 @@ class TGateBound(Bound):
             self.report.record(step, layer.name, "store", rows * one, baseline * one)
         return Edit(hooks=(hook,))
 
-    def store(self, layer: LayerInfo, call: LayerCall, result: Any, pass_index: Any) -> None:
+    def store(self, layer: LayerInfo, call: AttentionCall, result: Any, pass_index: Any) -> None:
         cache = self.caches[layer.index]
         if self.mean_mode.pop(layer.index, False):
             cache.clear()
         cache.store(call.rows, result, row_keys(call.rows, pass_index))
 
-    def store_mean(self, layer: LayerInfo, call: LayerCall, result: Any) -> None:
+    def store_mean(self, layer: LayerInfo, call: AttentionCall, result: Any) -> None:
         """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG)."""
         rows = call.rows
         cond = rows.indices("cond", None)
@@ -198,7 +198,7 @@ class TGateBound(Bound):
         cache.store_by_prompt("mean", prompts, value)
         self.mean_mode[layer.index] = True
 
-    def load(self, layer: LayerInfo, call: LayerCall, pass_index: Any) -> Any | None:
+    def load(self, layer: LayerInfo, call: AttentionCall, pass_index: Any) -> Any | None:
         cache = self.caches[layer.index]
         keys = ["mean"] * len(call.rows) if self.mean_mode.get(layer.index) else row_keys(call.rows, pass_index)
         return cache.load(call.rows, keys)
@@ -218,7 +218,7 @@ class _TGateHook(LayerHook):
         self.bound, self.layer, self.action, self.pass_index = bound, layer, action, pass_index
         self.one_row, self.baseline = one_row, baseline
 
-    def reuse(self, call: LayerCall, hidden: Any, context: Any) -> Any | None:
+    def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
         if self.action != "reuse":
             return None
         value = self.bound.load(self.layer, call, self.pass_index)
@@ -229,7 +229,7 @@ class _TGateHook(LayerHook):
         self.bound.report.record(call.step.index, self.layer.name, "cached", 0.0, full, hit=True)
         return value
 
-    def result(self, call: LayerCall, result: Any) -> Any:
+    def result(self, call: AttentionCall, result: Any) -> Any:
         if self.action == "store":
             self.bound.store(self.layer, call, result, self.pass_index)
         elif self.action == "store_mean":

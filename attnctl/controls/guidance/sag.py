@@ -30,15 +30,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...control import Bound, Control, Frame
+from ...control import Bound, Control
+from ...denoiser_call import DenoiserCall, RowLayout, RowPlan, SecondPass
 from ...errors import CallLayoutError, SelectionError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
-from ...pipelines.rows import RowLayout, RowPlan, SecondPass
+from ...kernels.semantics import spec_rows
+from ...processors.chain import token_layout
+from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import select_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
-from ..common import RowIndex, keep_kinds, spec_rows, token_layout
-from ..edit import Edit, LayerCall, LayerHook
+from ..common import RowIndex, keep_kinds
 from .common import PERTURBABLE_KINDS, bias_block, default_perturbed_layers, new_tag
 
 MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
@@ -103,12 +105,12 @@ class _SAGBound(Bound):
         self.received_frame: int | None = None
         self.hw: tuple[int, int] | None = None
 
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0 or frame.extra_pass is not None or not frame.rows.indices("cond", None):
             return None
         return Edit(hooks=(self.hook,))
 
-    def row_plan(self, frame: Frame) -> RowPlan | None:
+    def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         if self.control.scale == 0:
             return None
         return RowPlan(second=(SecondPass(self.tag, self.term),))
@@ -157,7 +159,7 @@ class CaptureReceived(LayerHook):
     def __init__(self, bound: _SAGBound):
         self.bound = bound
 
-    def attend(self, call: LayerCall, q, k, v, spec, compute):
+    def attend(self, call: AttentionCall, q, k, v, spec, compute):
         out, lse = compute(q, k, v, spec)
         if token_layout(call).sub:  # a sub-attention an outer hook runs: not the layer's map
             return out, lse

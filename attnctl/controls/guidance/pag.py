@@ -24,16 +24,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ...control import Frame
+from ...denoiser_call import DenoiserCall
 from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.reference import entmax
+from ...kernels.semantics import spec_queries, spec_rows
 from ...kernels.spec import AttentionSpec
+from ...processors.chain import TokenLayout, backend_op, restricted_rows, token_layout
+from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
-from ..common import RowIndex, TokenLayout, backend_op, restricted_rows, spec_queries, spec_rows, token_layout
-from ..edit import Edit, LayerCall, LayerHook
+from ..common import RowIndex
 from .common import PerturbingBound, PerturbingControl, bias_block, bias_pairs, query_rows, timestep_1000
 
 
@@ -73,7 +75,7 @@ class _PAGBound(PerturbingBound):
         super().__init__(control, layers, family)
         self._edit = Edit(hooks=(IdentityAttention(self.tag, self.index),))
 
-    def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: Frame) -> torch.Tensor:
+    def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: DenoiserCall) -> torch.Tensor:
         control = self.control
         if control.adaptive_scale == 0:
             return control.scale * (cond - perturbed)
@@ -81,7 +83,7 @@ class _PAGBound(PerturbingBound):
         scale = (control.scale - control.adaptive_scale * (1000.0 - t)).clamp(min=0.0)
         return scale.to(cond.dtype) * (cond - perturbed)
 
-    def edit(self, layer, frame: Frame) -> Edit | None:
+    def edit(self, layer, frame: DenoiserCall) -> Edit | None:
         return self._edit if self.rows(frame) else None
 
 
@@ -92,7 +94,7 @@ class IdentityAttention(LayerHook):
         self.tag = tag
         self.index = index if index is not None else RowIndex()
 
-    def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+    def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         tagged = call.rows.indices("cond", self.tag)
         if not tagged:
             return compute(q, k, v, spec)
@@ -131,7 +133,7 @@ class IdentityAttention(LayerHook):
         return full, full_lse
 
 
-def _joint_rows(call: LayerCall, layout: TokenLayout, q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _joint_rows(call: AttentionCall, layout: TokenLayout, q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The perturbed rows of a joint layer: image queries by `joint_identity`, text queries (if any) by the layer's
     attention op over every key (a window never restricts text queries, so it is left out there)."""
     image_out, image_lse = joint_identity(q, k, v, spec, layout.image_q, layout.image_k, layout.text_k)

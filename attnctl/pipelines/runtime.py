@@ -17,19 +17,19 @@ from typing import Any
 
 import torch
 
-from .control import BindContext, Bound, Control, Frame
-from .errors import CallLayoutError, HandleError
-from .families.base import Canvas, LayerInfo, ModelAdapter
-from .kernels import choose_backend
-from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
-from .pipelines.rows import Perturbation, RowLayout, RowPlan, RowSelect, SecondPass
-from .processors.edit import Edit, LayerCall, merge_edits
-from .steps import StepInfo
-from .tokens import PromptTokens
+from ..control import BindContext, Bound, Control
+from ..denoiser_call import DenoiserCall, Perturbation, RowLayout, RowPlan, RowSelect, SecondPass
+from ..errors import CallLayoutError, HandleError
+from ..families.base import Canvas, LayerInfo, ModelAdapter
+from ..kernels import choose_backend
+from ..processors.edit import AttentionCall, Edit, merge_edits
+from ..steps import StepInfo
+from ..tokens import PromptTokens
+from .protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
 
 
 @dataclass
-class CallState:
+class PipelineCallState:
     """Everything about one pipeline call; replaced wholesale at the next call's start."""
 
     encode_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -62,13 +62,13 @@ class Runtime:
         self.controls = controls
         self.resolved = resolved  # control position -> layers it acts on
         self.backend = backend
-        self.call: CallState | None = None
-        self.frame: Frame | None = None
+        self.call: PipelineCallState | None = None
+        self.frame: DenoiserCall | None = None
         self.context: str | None = None  # Flux cache_context name
         self._frame_edits: dict[int, Edit | None] = {}
         self._backend_cache: dict[tuple[str, tuple[str, ...], int], tuple[str, str]] = {}
         self.backend_log: dict[str, tuple[str, str]] = {}
-        self.last_call: CallState | None = None
+        self.last_call: PipelineCallState | None = None
         self.outputs: dict[str, Any] = {}
         self.internal = 0  # >0 while attnctl itself calls pipeline methods (not recorded)
         self._signature = inspect.signature(adapter.denoiser.forward)
@@ -77,7 +77,7 @@ class Runtime:
     def begin_call(self) -> None:
         self._finish_bound()
         self.outputs.clear()
-        self.call = CallState()
+        self.call = PipelineCallState()
         self.frame = None
         self.context = None
 
@@ -106,7 +106,7 @@ class Runtime:
         bound = self._signature.bind(*args, **kwargs)
         return dict(bound.arguments)
 
-    def open_frame(self, inputs: dict[str, Any], batch: int) -> Frame:
+    def open_frame(self, inputs: dict[str, Any], batch: int) -> DenoiserCall:
         call = self.call
         if call is None or not call.encode_calls:
             raise HandleError(
@@ -119,13 +119,13 @@ class Runtime:
             self._start_schedule(call)
         step = self._step(call)
         rows = base_rows(self.protocol, call.record, batch, self.context, inputs)
-        frame = Frame(step=step, rows=rows, canvas=canvas, context=self.context, inputs=inputs, number=call.frames)
+        frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=self.context, inputs=inputs, number=call.frames)
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
         call.frames += 1
         return frame
 
-    def transform_inputs(self, frame: Frame, inputs: dict[str, Any]) -> tuple[dict[str, Any], Frame]:
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> tuple[dict[str, Any], DenoiserCall]:
         """Let active bound controls change the denoiser's inputs; the frame's canvas follows the new inputs."""
         changed = False
         for bound in self.call.bound or ():
@@ -146,7 +146,7 @@ class Runtime:
         finally:
             self.internal -= 1
 
-    def row_plan(self, frame: Frame) -> RowPlan:
+    def row_plan(self, frame: DenoiserCall) -> RowPlan:
         """The row plans of the bound controls active in `frame`, merged (perturbations and second passes)."""
         found: list[Perturbation] = []
         second: list[SecondPass] = []
@@ -161,10 +161,10 @@ class Runtime:
             raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
         return RowPlan(tuple(found), tuple(second))
 
-    def perturbations(self, frame: Frame) -> tuple[Perturbation, ...]:
+    def perturbations(self, frame: DenoiserCall) -> tuple[Perturbation, ...]:
         return self.row_plan(frame).perturbations
 
-    def selection(self, frame: Frame) -> RowSelect | None:
+    def selection(self, frame: DenoiserCall) -> RowSelect | None:
         """The row selection the bound controls ask for in this denoiser call (two different ones conflict)."""
         found: RowSelect | None = None
         for bound in self.call.bound or ():
@@ -176,7 +176,7 @@ class Runtime:
                     found = plan.select
         return found
 
-    def enter(self, frame: Frame) -> None:
+    def enter(self, frame: DenoiserCall) -> None:
         self.frame = frame
         self._frame_edits = {}
 
@@ -184,7 +184,7 @@ class Runtime:
         self.frame = None
         self._frame_edits = {}
 
-    def _start_schedule(self, call: CallState) -> None:
+    def _start_schedule(self, call: PipelineCallState) -> None:
         scheduler = getattr(self.pipeline, "scheduler", None)
         call.order = int(getattr(scheduler, "order", 1) or 1)
         positions = getattr(self.pipeline, "_num_timesteps", None)
@@ -193,7 +193,7 @@ class Runtime:
             positions = len(scheduler.timesteps) - begin
         call.num_positions = int(positions) if positions else None
 
-    def _step(self, call: CallState) -> StepInfo:
+    def _step(self, call: PipelineCallState) -> StepInfo:
         order = call.order
         position = call.positions_done
         if call.num_positions is None:
@@ -203,7 +203,7 @@ class Runtime:
         count = (call.num_positions + order - 1) // order
         return StepInfo(index=min(position // order, count - 1), count=count)
 
-    def _bind(self, call: CallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
+    def _bind(self, call: PipelineCallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
         record = call.record
         pipe = self.pipeline
         cond_prompts = encoder_prompts(self.protocol, pipe, record, canvas.text_len, "cond")
@@ -260,9 +260,9 @@ class Runtime:
         self._frame_edits[layer.index] = merged
         return merged
 
-    def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> LayerCall:
+    def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall:
         frame = self.frame
-        return LayerCall(layer, frame.geometry(layer), frame, module, self.backend)
+        return AttentionCall(layer, frame.geometry(layer), frame, module, self.backend)
 
     def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
         """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""

@@ -130,7 +130,7 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
         torch.set_num_threads(args.threads)
     from .jobs import load_job_file
-    from .render import RenderOptions, dry_run, render
+    from .runner import RenderOptions, dry_run, render
 
     try:
         jobs = load_job_file(args.jobs)

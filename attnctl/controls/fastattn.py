@@ -37,15 +37,18 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..control import BindContext, Bound, Control, Frame
+from ..control import BindContext, Bound, Control
+from ..denoiser_call import DenoiserCall
 from ..errors import ConfigError, UnsupportedError
 from ..families.base import Geometry, LayerInfo, ModelAdapter
+from ..kernels.semantics import spec_rows
 from ..kernels.spec import AttentionSpec, Window
+from ..processors.chain import restricted_rows, token_layout
+from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
 from ..validation import number, set_field
-from .cache import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
-from .common import RowIndex, image_size, output_key, publish, restricted_rows, spec_rows, token_layout
-from .edit import Edit, LayerCall, LayerHook
+from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
+from .common import RowIndex, image_size, output_key, publish
 
 TECHNIQUES: tuple[str, ...] = ("window_residual", "step_share", "cfg_share")
 METHODS: tuple[str, ...] = ("full", "cfg_share", "window_residual", "window_residual+cfg_share", "step_share")
@@ -401,7 +404,7 @@ class FastAttnBound(Bound):
         return step + 1 < len(methods) and methods[step + 1] == "step_share"
 
     # -- edits ----------------------------------------------------------------------------------------------------
-    def edit(self, layer: LayerInfo, frame: Frame) -> Edit | None:
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         self.accountant.see(frame, len(frame.rows))
         step = frame.step.index
         pass_index = self.passes(frame)
@@ -453,7 +456,7 @@ class _FastAttnHook(LayerHook):
 
     slot: ClassVar[str | None] = "cache"
 
-    def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: Frame, method: str, window: Window | None,
+    def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: DenoiserCall, method: str, window: Window | None,
                  pass_index: Any, calibrate: bool):
         self.bound, self.layer, self.method, self.window = bound, layer, method, window
         self.pass_index, self.calibrate = pass_index, calibrate
@@ -477,7 +480,7 @@ class _FastAttnHook(LayerHook):
         return computed * (self.one + (self.window_one if residual else 0.0))
 
     # -- step sharing at the module level (inference) -------------------------------------------------------------
-    def reuse(self, call: LayerCall, hidden: Any, context: Any) -> Any | None:
+    def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
         if self.calibrate or self.bound.calibrating or self.method != "step_share":
             return None
         value = self.state.output.load(call.rows, self.keys)
@@ -485,13 +488,13 @@ class _FastAttnHook(LayerHook):
             self._record("step_share", 0.0, hit=True)
         return value
 
-    def result(self, call: LayerCall, result: Any) -> Any:
+    def result(self, call: AttentionCall, result: Any) -> Any:
         if not self.bound.calibrating and (self.method == "step_share" or self.bound.needs_output(self.layer, self.step)):
             self.state.output.store(call.rows, result, self.keys)  # a step_share miss stores too, for the next hit
         return result
 
     # -- the attention op -----------------------------------------------------------------------------------------
-    def attend(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+    def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         if token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention): computed as asked
             return compute(q, k, v, spec)
         # The rows here may be fewer than the layer call's (an outer hook ran the rest of the chain on some rows,
@@ -509,14 +512,14 @@ class _FastAttnHook(LayerHook):
         finally:
             self.rows, self.keys = layer_rows, layer_keys
 
-    def _some_rows(self, call: LayerCall, computed: list[int], compute, q, k, v, spec: AttentionSpec):
+    def _some_rows(self, call: AttentionCall, computed: list[int], compute, q, k, v, spec: AttentionSpec):
         """`compute` on the rows `computed` only (the hooks inside see those rows)."""
         if len(computed) == self.rows:
             return compute(q, k, v, spec)
         with restricted_rows(call, computed):
             return compute(q, k, v, spec)
 
-    def _apply(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+    def _apply(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         method = self.method
         if method == "step_share":
             previous = self.state.output.load(call.rows, self.keys) if self.bound.calibrating else None
@@ -561,7 +564,7 @@ class _FastAttnHook(LayerHook):
         return out.index_select(0, self.bound.index(source, out.device))
 
     # -- calibration ----------------------------------------------------------------------------------------------
-    def _calibrate(self, call: LayerCall, q, k, v, spec: AttentionSpec, compute):
+    def _calibrate(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         bound, state, techniques = self.bound, self.state, self.bound.fast.techniques
         full, lse = compute(q, k, v, spec)
         window_out = None

@@ -1,0 +1,123 @@
+"""What the controls share (guidance, caches, regions, maps, reweighting, token reduction).
+
+- `RowIndex`: batch-row positions as index tensors, made once per (positions, device) and kept by a bound
+  control, so that no attention call pays a host-to-device copy (or a sync) to pick its rows.
+- `spans_range`: where a query range falls among concatenated token spans.
+- `select_kinds`, `text_layers`: layer selections filtered by kind, and the default text layers
+  (cross-attention on UNet / PixArt, joint attention on SD3 / Flux).
+- `image_size`, `output_key`, `publish`: the generated image's size, and the `handle.outputs` keys.
+
+The hook chain (`restricted_rows`, `restricted_tokens`, `backend_op`) is in `attnctl.processors.chain`; what
+a spec means (`spec_rows`, `spec_queries`) in `attnctl.kernels.semantics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ConfigError, SelectionError
+from ..selection import describe_layers
+
+if TYPE_CHECKING:
+    from ..control import BindContext, Control
+    from ..families.base import LayerInfo, ModelAdapter
+
+TEXT_KINDS: tuple[str, ...] = ("cross", "joint")
+JOINT_FAMILIES: tuple[str, ...] = ("sd3", "flux")
+
+
+# -- rows ---------------------------------------------------------------------------------------------------------
+class RowIndex:
+    """Index tensors of batch-row positions, cached per (positions, device).
+
+    `index(positions, device)` returns the same int64 tensor for the same positions and device, so picking
+    rows in an attention layer costs no host-to-device copy after the first call. A bound control keeps one
+    and clears it at `finish()` (nothing survives the pipeline call).
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def __call__(self, positions: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (tuple(positions), device)
+        found = self._tensors.get(key)
+        if found is None:
+            found = self._tensors[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+        return found
+
+    def clear(self) -> None:
+        self._tensors.clear()
+
+
+def spans_range(spans: Sequence[tuple[int, int]], query_range: tuple[int, int]) -> tuple[int, int] | None:
+    """Where the positions inside `query_range` fall among the positions `spans` (concatenated, in order):
+    a (start, stop) range of the new positions, None when none falls inside; ConfigError when they are not
+    contiguous there. Pure Python: no tensor, no device sync."""
+    found: list[tuple[int, int]] = []
+    offset = 0
+    for begin, end in spans:
+        lo, hi = max(begin, query_range[0]), min(end, query_range[1])
+        if lo < hi:
+            found.append((offset + lo - begin, offset + hi - begin))
+        offset += end - begin
+    if not found:
+        return None
+    for (_, previous_stop), (next_start, _) in zip(found, found[1:]):
+        if previous_stop != next_start:
+            raise ConfigError(f"attnctl: the query range {query_range} is not contiguous among the positions {tuple(spans)}")
+    return found[0][0], found[-1][1]
+
+
+def text_layers(adapter: ModelAdapter) -> str:
+    """The default layers of controls that act on text attention: joint on SD3 / Flux, cross elsewhere."""
+    return "joint" if adapter.family in JOINT_FAMILIES else "cross"
+
+
+def keep_kinds(layers: tuple[LayerInfo, ...], kinds: tuple[str, ...], owner: str, what: str, selection: Any) -> tuple[LayerInfo, ...]:
+    """The layers of `kinds` among `layers`; raises SelectionError when none is left."""
+    kept = tuple(layer for layer in layers if layer.kind in kinds)
+    if not kept:
+        raise SelectionError(
+            f"{owner}: the layer selection {selection!r} holds no {what} layer ({owner} acts on {', '.join(kinds)} "
+            f"attention); it selected {describe_layers(layers)}"
+        )
+    return kept
+
+
+def select_kinds(control: Control, adapter: ModelAdapter, kinds: tuple[str, ...], what: str) -> tuple[LayerInfo, ...]:
+    """`control`'s selection (its `layers`, or its default) restricted to the layers of `kinds`."""
+    from ..control import Control
+
+    layers = Control.select(control, adapter)
+    selection = getattr(control, "layers", None) or control.default_layers(adapter)
+    return keep_kinds(layers, kinds, type(control).__name__, what, selection)
+
+
+# -- outputs ------------------------------------------------------------------------------------------------------
+def image_size(context: BindContext) -> tuple[int, int]:
+    """The generated image's (height, width): the latent grid times the pipeline's VAE scale factor (8 when the
+    pipeline does not say)."""
+    factor = getattr(context.pipeline, "vae_scale_factor", None)
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
+        factor = 8
+    h, w = context.canvas.latent_hw
+    return (h * factor, w * factor)
+
+
+def output_key(value: Any, owner: str) -> str:
+    """Validate the `key` field of a control that publishes into `handle.outputs`."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{owner}.key must be a non-empty string (where the result goes in handle.outputs), got {value!r}")
+    return value
+
+
+def publish(context: BindContext, key: str, value: Any, owner: str) -> None:
+    """Put `value` at `handle.outputs[key]` for this call; two controls publishing to one key is an error
+    (`apply` refuses it first; this is the backstop)."""
+    if key in context.outputs:
+        raise ConfigError(f"attnctl: two controls publish to handle.outputs[{key!r}] ({owner} is the second); give them different keys")
+    context.outputs[key] = value
