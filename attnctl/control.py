@@ -67,7 +67,7 @@ class Control:
 
         `apply` checks the effects of every pair of controls sharing a layer against
         `processors.edit.CONFLICTS` and refuses a pair that cannot share it before anything is installed
-        (DESIGN §2: conflicts raise at apply time, not in the middle of a render). Default: none.
+        (docs/architecture.md: conflicts raise at apply time, not in the middle of a render). Default: none.
         """
         return ()
 

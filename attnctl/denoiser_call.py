@@ -94,7 +94,7 @@ GuidanceTerm = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 class Perturbation:
     """Rows a guidance control adds: perturbed copies of the cond rows, and its guidance term.
 
-    The wrapper adds `D = sum_k term_k(cond, perturbed_k)` to every row the pipeline combines (DESIGN §2), so
+    The wrapper adds `D = sum_k term_k(cond, perturbed_k)` to every row the pipeline combines (docs/architecture.md), so
     the pipeline's own CFG yields `uncond + s (cond - uncond) + D` for any scale s.
     """
 

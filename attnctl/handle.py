@@ -2,7 +2,7 @@
 
 apply() installs one controlled processor per attention layer of the pipeline's denoiser (through the
 public `set_processor` of each attention module) and wraps, at instance level only, the hook points of
-DESIGN §2: the denoiser's `forward`, the pipeline's `check_inputs`, `encode_prompt` and
+docs/architecture.md: the denoiser's `forward`, the pipeline's `check_inputs`, `encode_prompt` and
 `maybe_free_model_hooks`, the scheduler's `step`, and Flux's `cache_context`. `Handle.remove()` puts
 everything back exactly; it is idempotent, and `with attnctl.apply(...)` calls it on exit.
 """

@@ -3,7 +3,7 @@
     >>> parse_prompt("a (red:1.6) car, (blurry:0)")
     ('a red car, blurry', {'red': 1.6, 'blurry': 0.0})
 
-The subset of the AUTOMATIC1111 / compel syntax of DESIGN §3:
+The subset of the AUTOMATIC1111 / compel syntax of docs/methods.md:
 
 - `(text:1.5)` multiplies the weight of `text` by 1.5; `(text)` by 1.1; `[text]` by 1 / 1.1;
 - nesting multiplies: `((cat))` is 1.21, `(a (red:1.5) car:1.2)` gives "red" 1.8;

@@ -1,4 +1,4 @@
-"""Step windows and the step position of a denoiser call (DESIGN §3: `start <= i/n < stop`)."""
+"""Step windows and the step position of a denoiser call (docs/methods.md: `start <= i/n < stop`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Words to token positions (DESIGN §3 "Words to tokens"), shared by every control that takes words.
+"""Words to token positions (docs/methods.md "Words to tokens"), shared by every control that takes words.
 
 A query is a word or phrase (`"red car"`: every occurrence), a word with an occurrence (`("cat", 1)`: the
 second "cat", counting from 0), or an explicit position in the text sequence (`5`). Positions are resolved

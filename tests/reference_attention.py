@@ -1,4 +1,4 @@
-"""Independent eager references for Reweight and AttentionMaps, written from DESIGN §3, not from attnctl's code.
+"""Independent eager references for Reweight and AttentionMaps, written from docs/methods.md, not from attnctl's code.
 
 Token positions come straight from the tokenizers' input ids; the token layout of each family is spelled
 out here ([image; text] for SD3, [text; image] for Flux, text-only keys for cross-attention); the

@@ -1,4 +1,4 @@
-"""An independent eager reference of region control, written from DESIGN §3 "Regions" (and the documented
+"""An independent eager reference of region control, written from docs/methods.md "Regions" (and the documented
 choices of attnctl's README: labels for joint attention and isolation, the joint soft-mask blend).
 
 It does not use `attnctl.controls.regions`: masks are rasterised on a fine pixel grid and average-pooled, attention is an
@@ -164,7 +164,7 @@ def joint_categories(state: RefState, n: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def joint_bias(state: RefState, n: int, cond: bool, isolate: bool) -> torch.Tensor:
-    """The dense (S, S) additive mask of DESIGN §3's joint rules (uncond rows: region text hidden); `isolate`: the
+    """The dense (S, S) additive mask of docs/methods.md's joint rules (uncond rows: region text hidden); `isolate`: the
     image x image isolation bias (every row of a layer the control acts on, uncond rows too)."""
     is_image, label, is_base, region = joint_categories(state, n)
     length = len(is_image)
@@ -188,7 +188,7 @@ def joint_bias(state: RefState, n: int, cond: bool, isolate: bool) -> torch.Tens
 
 
 def joint_attention(state: RefState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, active: bool = True) -> torch.Tensor:
-    """q, k, v (B, H, S, D) over the extended sequence -> (B, H, S, D) float64 per DESIGN §3 and the blend.
+    """q, k, v (B, H, S, D) over the extended sequence -> (B, H, S, D) float64 per docs/methods.md and the blend.
 
     A layer outside the control's layers (`active=False`) treats every row as an uncond row: the stock
     attention for image and base text, region text hidden."""

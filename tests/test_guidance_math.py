@@ -1,5 +1,5 @@
 """Guidance controls at the level of tensors: each fast path against an independent reference written from
-DESIGN §3 (never from the implementation), plus validation and serialisation."""
+docs/methods.md (never from the implementation), plus validation and serialisation."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def ref_seg_kernel_size(sigma: float, hw: tuple[int, int]) -> int:
     if size % 2 == 0:  # made odd as SEG-SDXL does: ceil(6 sigma) + 1 - ceil(6 sigma) % 2
         size -= 1
     longest = max(hw)
-    limit = longest if longest % 2 == 1 else longest - 1  # DESIGN: the largest odd size that fits the grid
+    limit = longest if longest % 2 == 1 else longest - 1  # docs/methods.md: the largest odd size that fits the grid
     return min(size, limit)
 
 
@@ -300,7 +300,7 @@ def test_selection_errors(tiny_cache):
 
 
 def test_default_layers_are_exact(tiny_cache):
-    """Defaults per DESIGN §3, and `transformer_blocks.1` never selects block 10 or 11."""
+    """Defaults per docs/methods.md, and `transformer_blocks.1` never selects block 10 or 11."""
     from attnctl.families import adapter_for
 
     unet = adapter_for(tiny_cache("tiny-sd").unet)

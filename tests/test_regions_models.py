@@ -177,7 +177,7 @@ def _first_predictions(pipe, name, variants, **call):
 
 def test_uncond_rows_keep_the_negative_prompt_and_get_isolation(tiny_cache):
     """With CFG the uncond rows keep the negative prompt everywhere: without isolation their prediction is the stock
-    one. Isolation applies to every row (DESIGN §3 does not restrict it): the uncond rows then equal those of
+    one. Isolation applies to every row (docs/methods.md does not restrict it): the uncond rows then equal those of
     isolation alone (base_ratio 1, no region prompts)."""
     pipe = tiny_cache("tiny-sd3")
     seen = _first_predictions(pipe, "tiny-sd3", {
@@ -241,7 +241,7 @@ def test_region_attention_memory_is_chunked():
 
 
 def test_overlapping_regions_average_their_prompts(tiny_cache):
-    """Two regions over the whole canvas share every cell: each weighs 1/2 (DESIGN: normalised to sum 1)."""
+    """Two regions over the whole canvas share every cell: each weighs 1/2 (docs/methods.md: normalised to sum 1)."""
     pipe = tiny_cache("tiny-sd")
     both = Regions([Region("a red cat", box=(0, 0, 1, 1)), Region("a blue dog", box=(0, 0, 1, 1))], base_ratio=0.0)
     got = run(pipe, "tiny-sd", [both])

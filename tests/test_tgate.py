@@ -14,7 +14,7 @@ from .helpers import generate
 pytestmark = pytest.mark.parity
 
 
-# -- an independent reference, written from DESIGN §3 and the T-GATE repository's `tgate_scheduler` -----------------
+# -- an independent reference, written from docs/methods.md and the T-GATE repository's `tgate_scheduler` -----------------
 def _schedule(step, gate, warm_up, sp, fi):
     """(cross action, self action) per the reference's scheduler; actions: None, "cache", "reuse", "mean"."""
     if step < gate - 1:

@@ -1,4 +1,4 @@
-"""ToMe and AgentAttention (DESIGN §3 "ToMe / AgentSD"): identities, references from the spec, families,
+"""ToMe and AgentAttention (docs/methods.md "ToMe / AgentSD"): identities, references from the spec, families,
 composition, determinism, the report."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from attnctl.testing import make_tiny_pipeline
 from .helpers import generate
 
 
-# -- independent references, written from DESIGN §3 (loops and explicit softmax, no code shared) ------------
+# -- independent references, written from docs/methods.md (loops and explicit softmax, no code shared) ------------
 def reference_groups(x: torch.Tensor, dst: list[int], count: int) -> list[list[list[int]]]:
     """Per batch row, the groups of token indices after bipartite soft matching.
 

@@ -1,4 +1,4 @@
-"""Words to token positions for CLIP and T5 tokenizers (DESIGN §3)."""
+"""Words to token positions for CLIP and T5 tokenizers (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ strictly below `threshold`. The paper's window is a 1-D band over the flattened 
 layouts attend to and are attended by every token. A plan records the model, the number of steps and the
 resolution it was made for, and raises on a mismatch; it is saved and loaded as JSON.
 
-Deviations from the reference code: the error is measured on each layer's attention output as DESIGN §3 asks
+Deviations from the reference code: the error is measured on each layer's attention output as docs/methods.md asks
 (the reference compares the model's output after trying each candidate, a forward pass per candidate); CFG
 sharing computes the cond rows and copies them to the uncond rows (the reference computes the uncond half); the
 attention projections still run for every row except in `step_share`.

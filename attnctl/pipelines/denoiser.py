@@ -1,4 +1,4 @@
-"""The wrapper around the denoiser's `forward` (DESIGN §2, steps 2 and 4).
+"""The wrapper around the denoiser's `forward` (docs/architecture.md, steps 2 and 4).
 
 Every denoiser call opens a frame (step, rows, geometry) for the processors. When guidance controls
 add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is

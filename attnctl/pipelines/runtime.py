@@ -1,6 +1,6 @@
 """Per-handle runtime: the state of the pipeline call in progress and of the denoiser call in progress.
 
-The handle feeds it from instance-level hook points (DESIGN §2): `check_inputs` starts a call,
+The handle feeds it from instance-level hook points (docs/architecture.md): `check_inputs` starts a call,
 `encode_prompt` records the prompts and whether CFG is on, `scheduler.step` advances the step,
 `transformer.cache_context` names Flux's cond / uncond passes, the denoiser's `forward` opens a frame,
 `maybe_free_model_hooks` ends the call. Processors ask `edit_for(layer)` in the hot path: a dict lookup

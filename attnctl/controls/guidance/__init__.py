@@ -1,4 +1,4 @@
-"""Guidance by attention perturbation: PAG, SEG, SAG, PLADIS and skip-layer guidance (DESIGN §3).
+"""Guidance by attention perturbation: PAG, SEG, SAG, PLADIS and skip-layer guidance (docs/methods.md).
 
 PAG, SEG and skip-layer guidance add perturbed copies of the cond rows, batched with the pipeline's rows in
 one forward (or run separately with `separate=True`), and add `scale (cond - perturbed)` to every row the

@@ -31,7 +31,7 @@ def middle_double_block(adapter: ModelAdapter) -> int:
 
 
 def default_perturbed_layers(adapter: ModelAdapter, owner: str) -> str:
-    """DESIGN §3 PAG / SEG defaults: SD / SDXL every self-attention of the mid block; SD3 and PixArt
+    """docs/methods.md PAG / SEG defaults: SD / SDXL every self-attention of the mid block; SD3 and PixArt
     `transformer_blocks.1` (exactly block 1, never 10-19); Flux the middle double block."""
     family = adapter.family
     if family == "unet":
@@ -64,7 +64,7 @@ def timestep_1000(frame: DenoiserCall, family: str) -> torch.Tensor:
 class PerturbingControl(Control):
     """Base class of the controls that add perturbed copies of the cond rows (PAG, SEG, skip-layer).
 
-    Their guidance term is `scale (cond - perturbed)` added to every combined row (DESIGN §2), so the
+    Their guidance term is `scale (cond - perturbed)` added to every combined row (docs/architecture.md), so the
     pipeline's CFG yields `uncond + s (cond - uncond) + scale (cond - perturbed)`.
     """
 

@@ -6,7 +6,7 @@ over the image-token grid, which smooths the attention energy landscape. The blu
 query projection, before qk-norm and RoPE (where diffusers' SEG hook sits), on image tokens only (text
 tokens of joint attention are untouched), and only on the perturbed rows.
 
-Kernel size as DESIGN §3: `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` when that is odd, as the authors'
+Kernel size as docs/methods.md: `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` when that is odd, as the authors'
 SEG-SDXL code), clamped to the grid: at most the largest odd size that fits the grid's longer side L (L when
 odd, L - 1 when even; the grid is never assumed square). The authors' `L - (L % 2 - 1)` gives L + 1 for an even
 L, one tap wider than the grid: not reproduced. One isotropic kernel for both axes; reflect padding, replicate

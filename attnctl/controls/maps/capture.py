@@ -1,4 +1,4 @@
-"""Attention maps: how much each image token attends to each requested word (DESIGN §3).
+"""Attention maps: how much each image token attends to each requested word (docs/methods.md).
 
 Per word, per image: the attention probabilities of the word's tokens (summed over them) from
 cross-attention, or from the image-query rows of joint attention normalised over the *full* row (image

@@ -1,4 +1,4 @@
-"""Region control: regional prompts, soft masks, subject isolation (DESIGN §3 "Regions").
+"""Region control: regional prompts, soft masks, subject isolation (docs/methods.md "Regions").
 
     import attnctl
     regions = attnctl.Regions([

@@ -1,4 +1,4 @@
-"""What region control does inside attention layers (DESIGN §3 "Regions").
+"""What region control does inside attention layers (docs/methods.md "Regions").
 
 Cross-attention (UNet, PixArt): a `LayerHook.attend` computes the base attention as the layer would, one
 attention per region over that region's own text keys (projected with the layer's own `to_k` / `to_v`),
@@ -12,7 +12,7 @@ whatever the number of regions.
 
 Joint attention (SD3 `[image; text]`, Flux `[text; image]`): the region prompts' tokens are appended after the
 base text (`RegionsBound.transform_inputs`), and one masked softmax, expressed as token labels plus an allow
-table (`LabelMask`), applies the rules of DESIGN §3; the image outputs are then blended with the unmasked base
+table (`LabelMask`), applies the rules of docs/methods.md; the image outputs are then blended with the unmasked base
 attention (over image + base text) by the base ratio. See `joint_table` for the rules and `JointHook` for
 the soft-mask semantics.
 """
@@ -285,14 +285,14 @@ def sub_spec(
 class JointHook(LayerHook):
     """Regions in a joint attention layer: the masked softmax (labels in the spec), then the blend with the base.
 
-    Soft masks in joint attention (our choice; DESIGN states the rules for hard regions): an image token takes
+    Soft masks in joint attention (our choice; docs/methods.md states the rules for hard regions): an image token takes
     the text of one region, its label (the region with the largest mask there if >= 1/2, ties to the later
     region; else background), and its output is
 
         out(x) = (1 - (1-b) M(x)) Attn_base(x) + (1-b) M(x) Attn_masked(x),
 
     with `M(x) = sum_r m_r(x)` after overlap normalisation. For hard, non-overlapping regions this is exactly
-    DESIGN's "blend with the unmasked base attention by b"; a background token's masked attention equals its
+    docs/methods.md's "blend with the unmasked base attention by b"; a background token's masked attention equals its
     base attention, so it is unchanged. With isolation the base attention of the blend is isolated too.
     """
 

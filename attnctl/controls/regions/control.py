@@ -1,11 +1,11 @@
-"""`Regions`: regional prompts, soft masks and subject isolation (DESIGN §3 "Regions").
+"""`Regions`: regional prompts, soft masks and subject isolation (docs/methods.md "Regions").
 
 The base-ratio blend of per-region cross-attention is the "attention mode" of Regional Prompter (hako-mikan,
 2023) and RPG's complementary regional diffusion (Yang et al., ICML 2024, "Mastering Text-to-Image Diffusion:
 Recaptioning, Planning, and Generating with Multimodal LLMs"). The joint-attention rules for MMDiT models are
 those of Chen et al. 2024, "Training-free Regional Prompting for Diffusion Transformers". Subject isolation is
 the self-attention masking of Dahary et al., ECCV 2024, "Be Yourself: Bounded Attention for Multi-Subject T2I
-Generation" (without its guidance). Soft masks and per-cell overlap normalisation are ours (DESIGN §3).
+Generation" (without its guidance). Soft masks and per-cell overlap normalisation are ours (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Regions(Control, type_name="regions"):
     - `steps=(start, stop)`: the window of steps it acts in.
 
     The regional prompts apply to the cond rows (and perturbed copies of them); unconditional rows keep the
-    negative prompt everywhere. Isolation applies to every row, unconditional rows included (DESIGN §3 does not
+    negative prompt everywhere. Isolation applies to every row, unconditional rows included (docs/methods.md does not
     restrict it): the subjects are kept apart in both CFG branches. Region prompts are encoded by the pipeline's own text encoders with the
     options of the call (`clip_skip`, `max_sequence_length`, ...); the pooled embedding stays the base prompt's.
     The same layout applies to every prompt of a batch.

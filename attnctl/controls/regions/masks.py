@@ -1,4 +1,4 @@
-"""Region masks: reading them, resizing them to attention grids, overlaps and token labels (DESIGN §3 "Regions").
+"""Region masks: reading them, resizing them to attention grids, overlaps and token labels (docs/methods.md "Regions").
 
 A region's shape is a box in relative image coordinates or a soft mask in [0, 1] covering the whole image
 (stretched to the canvas, as boxes are). At each attention layer it is resized to that layer's image-token
@@ -175,7 +175,7 @@ class GridLayout:
 
     `coverage` (R, N): each region's mask area-averaged onto the grid (before overlap normalisation);
     `weights` (R, N): the same, divided by the per-cell sum where that sum exceeds 1 (these are the `m_r(x)` of
-    DESIGN §3); `total` (N,): `M(x) = sum_r m_r(x)` (<= 1); `labels` (N,) int64: 0 for background, r + 1 for a
+    docs/methods.md); `total` (N,): `M(x) = sum_r m_r(x)` (<= 1); `labels` (N,) int64: 0 for background, r + 1 for a
     cell that belongs to region r (see the module docstring). N = h * w, row-major.
     """
 
