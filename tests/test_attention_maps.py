@@ -40,7 +40,7 @@ def _tensor_bytes(obj, seen=None) -> int:
         return sum(_tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and type(obj).__module__.startswith("attnctl.processors"):
+    if hasattr(obj, "__dict__") and type(obj).__module__.startswith(("attnctl.controls", "attnctl.processors")):
         return sum(_tensor_bytes(v, seen) for v in vars(obj).values())
     return 0
 
