@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from .denoiser_call import DenoiserCall, RowPlan
 from .errors import ConfigError, TokenError
 from .families.base import Canvas, Geometry, LayerInfo, ModelAdapter
-from .processors.edit import Edit
+from .processors.edit import Edit, effect_features
 from .selection import select_layers
 from .steps import StepInfo, StepWindow
 from .tokens import PromptTokens
@@ -36,10 +36,8 @@ class Control:
     type_name: ClassVar[str] = "control"
     #: Whether `bind` needs the words of the prompts (then `prompt_embeds` passed directly is an error).
     needs_words: ClassVar[bool] = False
-    #: Exclusive per-layer slots ("cache", "tokens", ...): two controls claiming one on a layer conflict.
-    slots: ClassVar[tuple[str, ...]] = ()
-    #: Kernel features the control's edits need (see `attnctl.kernels.CAPABILITIES`), for `describe()`.
-    kernel_features: ClassVar[tuple[str, ...]] = ()
+    #: Whether the control reads the images the call produces (`BindContext.call_images`).
+    needs_images: ClassVar[bool] = False
 
     def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,13 +61,18 @@ class Control:
         """Raise if this control cannot act on this model family (checked at apply time)."""
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
-        """What this control does to one of its layers, in the vocabulary of `processors.edit.EFFECTS`.
+        """What this control does to one of its layers: names from `processors.edit.EFFECT_TABLE`.
 
-        `apply` checks the effects of every pair of controls sharing a layer against
-        `processors.edit.CONFLICTS` and refuses a pair that cannot share it before anything is installed
-        (docs/architecture.md: conflicts raise at apply time, not in the middle of a render). Default: none.
+        The one declaration of a control's footprint: `apply` refuses two controls whose effects on a shared
+        layer conflict (`processors.edit.CONFLICTS`), and an explicit backend that lacks a feature the effects
+        need, before anything is installed (conflicts raise at apply time, not in the middle of a render).
+        Default: none.
         """
         return ()
+
+    def kernel_features(self, adapter: ModelAdapter, layers: tuple[LayerInfo, ...]) -> tuple[str, ...]:
+        """The backend features this control needs on `layers` (from its declared effects)."""
+        return effect_features(tuple(effect for layer in layers for effect in self.layer_effects(adapter, layer)))
 
     @property
     def step_window(self) -> StepWindow:
@@ -144,6 +147,23 @@ def _loose(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class EncodedText:
+    """Extra prompts encoded by the pipeline's own text encoders: `embeds` (R, T, C) as `encode_prompt` returns
+    them, `mask` (R, T) 0/1 where the family's encoder returns an attention mask, else None."""
+
+    embeds: Any
+    mask: Any = None
+
+    @property
+    def length(self) -> int:
+        return int(self.embeds.shape[1])
+
+
+def _no_handle(*args: Any, **kwargs: Any) -> Any:
+    raise TypeError("attnctl: this BindContext was made outside a handle; it offers no pipeline services")
+
+
+@dataclass(frozen=True)
 class BindContext:
     """What a control may know when it is bound at the start of a pipeline call."""
 
@@ -167,6 +187,16 @@ class BindContext:
     internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
     prompt_arguments: tuple[dict[str, Any], ...] = ()
+    # `encode_prompts(texts)`: extra prompts encoded as the pipeline encodes its own prompt in this call
+    encode_prompts: Callable[[list[str]], EncodedText] = field(default=_no_handle, compare=False, repr=False)
+    # `wrap_method(obj, name, make)`: an instance-level wrap for this pipeline call, owned by the handle (undone
+    # at the end of the call, or by `handle.remove()`)
+    wrap_method: Callable[[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]], None] = field(
+        default=_no_handle, compare=False, repr=False
+    )
+    # `call_images()`: what `pipe.image_processor.postprocess` returned in this call (None before it ran); only
+    # for controls with `needs_images`
+    call_images: Callable[[], Any] = field(default=lambda: None, compare=False, repr=False)
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         tokens = self.tokens if branch == "cond" else self.negative_tokens

@@ -26,17 +26,10 @@ from .kernels import check_features, choose_backend, validate_backend
 from .pipelines.denoiser import make_forward
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import Runtime
-from .processors import flux, joint, self_cross
+from .processors import processor_for
 from .processors.base import ControlledProcessor, make_processor
 from .processors.edit import EFFECTS, effect_conflict
 from .selection import describe_layers
-
-PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
-    "unet": (self_cross.SelfCrossAttnProcessor, self_cross.SUPPORTED),
-    "pixart": (self_cross.SelfCrossAttnProcessor, self_cross.SUPPORTED),
-    "sd3": (joint.JointAttnProcessor, joint.SUPPORTED),
-    "flux": (flux.FluxAttnProcessor, flux.SUPPORTED),
-}
 
 _LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
 
@@ -95,10 +88,11 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     adapter = adapter_for(denoiser)
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
-    for control in controls:
-        check_features(backend, tuple(control.kernel_features), type(control).__name__)
-    _check_backend_device(backend, denoiser, controls)
-    processor_cls, supported = PROCESSORS[adapter.family]
+    features = tuple(control.kernel_features(adapter, resolved[position]) for position, control in enumerate(controls))
+    for control, needed in zip(controls, features):
+        check_features(backend, needed, type(control).__name__)
+    _check_backend_device(backend, denoiser, controls, features)
+    processor_cls, supported = processor_for(adapter.family)
     originals = {name: module.processor for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
     if unsupported:
@@ -141,15 +135,17 @@ def execution_device(denoiser: torch.nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _check_backend_device(backend: str, denoiser: torch.nn.Module, controls: tuple[Control, ...]) -> None:
+def _check_backend_device(
+    backend: str, denoiser: torch.nn.Module, controls: tuple[Control, ...], features: tuple[tuple[str, ...], ...]
+) -> None:
     """An explicit backend must run on the denoiser's current device, for plain layers and every control
     (calls check again: the pipeline may move later)."""
     if backend == "auto":
         return
     device = execution_device(denoiser)
-    for owner, features in (("attnctl's layers", ()),) + tuple((type(c).__name__, tuple(c.kernel_features)) for c in controls):
+    for owner, needed in (("attnctl's layers", ()),) + tuple((type(c).__name__, f) for c, f in zip(controls, features)):
         try:
-            choose_backend(backend, device, features)
+            choose_backend(backend, device, needed)
         except BackendError as error:
             raise BackendError(
                 f"attnctl: backend {backend!r} cannot run {owner} on the denoiser's device ({device}): {error}"
@@ -158,20 +154,9 @@ def _check_backend_device(backend: str, denoiser: torch.nn.Module, controls: tup
 
 def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:
     resolved: dict[int, tuple[LayerInfo, ...]] = {}
-    claimed: dict[tuple[str, int], Control] = {}
     for position, control in enumerate(controls):
         control.validate_for(adapter)
-        layers = control.select(adapter)
-        resolved[position] = layers
-        for slot in control.slots:
-            for layer in layers:
-                other = claimed.get((slot, layer.index))
-                if other is not None:
-                    raise ConfigError(
-                        f"attnctl: {type(other).__name__} and {type(control).__name__} both need the '{slot}' slot of "
-                        f"layer {layer.name}; give them disjoint layers"
-                    )
-                claimed[(slot, layer.index)] = control
+        resolved[position] = control.select(adapter)
     _check_effects(controls, resolved, adapter)
     _check_output_keys(controls)
     return resolved
@@ -253,6 +238,9 @@ class Handle:
             self._wrapped.append(wrap_method(pipe, "maybe_free_model_hooks", self._make_call_end))
         if callable(getattr(denoiser, "cache_context", None)):
             self._wrapped.append(wrap_method(denoiser, "cache_context", self._make_cache_context))
+        images = getattr(pipe, "image_processor", None)
+        if any(control.needs_images for control in self.runtime.controls) and callable(getattr(images, "postprocess", None)):
+            self._wrapped.append(wrap_method(images, "postprocess", self._make_postprocess))
         self._wrap_scheduler()
 
     def _wrap_scheduler(self) -> None:
@@ -318,6 +306,17 @@ class Handle:
                 runtime.context = previous
 
         return cache_context
+
+    def _make_postprocess(self, original):
+        runtime = self.runtime
+
+        def postprocess(image: Any, output_type: str = "pil", *args: Any, **kwargs: Any) -> Any:
+            result = original(image, output_type, *args, **kwargs)
+            if output_type != "latent":
+                runtime.record_images(result)
+            return result
+
+        return postprocess
 
     def internal(self) -> contextlib.AbstractContextManager[None]:
         """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""
@@ -403,7 +402,7 @@ class Handle:
             layers = self.runtime.resolved[position]
             start, stop = control.step_window
             lines.append(f"- {type(control).__name__}: steps {start:g} <= i/n < {stop:g}, {len(layers)} layer(s)")
-            features = control.kernel_features
+            features = control.kernel_features(self.adapter, layers)
             try:
                 name, why = choose_backend(self.runtime.backend, device, features)
             except Exception as error:  # noqa: BLE001 - describe must report, not raise

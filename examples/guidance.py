@@ -18,7 +18,6 @@ import os
 import torch
 
 import attnctl
-from attnctl.controls.guidance.skip import transformer_blocks
 from attnctl.families import adapter_for
 from attnctl.handle import denoiser_of
 from attnctl.render.generate import embedded_call_defaults
@@ -31,13 +30,14 @@ def skip_blocks(pipe) -> tuple:
     """SD3.5-M's blocks 7, 8, 9 where the model has them; else its middle transformer block."""
     _, denoiser = denoiser_of(pipe)
     adapter = adapter_for(denoiser)
-    blocks = [name for name in transformer_blocks(denoiser) if name.startswith("transformer_blocks.")]
-    if adapter.family in ("sd3", "pixart", "flux") and len(blocks) > 9:
+    available = adapter.transformer_blocks()
+    blocks = [name for name in available if name.startswith("transformer_blocks.")]
+    if adapter.indexed_blocks and len(blocks) > 9:
         return (7, 8, 9)
-    if adapter.family in ("sd3", "pixart", "flux"):
+    if adapter.indexed_blocks:
         return (len(blocks) // 2,)
-    mid = [name for name in transformer_blocks(denoiser) if name.startswith("mid_block.")]
-    return (mid[0],) if mid else (next(iter(transformer_blocks(denoiser))),)
+    mid = [name for name in available if name.startswith("mid_block.")]
+    return (mid[0],) if mid else (next(iter(available)),)
 
 
 def controls_for(method: str, pipe, few_steps: bool = False) -> list[attnctl.Control]:

@@ -50,7 +50,7 @@ def _untouched(pipe) -> bool:
 REQUIRED = (
     [("tokens", other) for other in ("labels", "region_tokens", "window", "query", "capture", "cache")]
     + [("sparse", "region_tokens"), ("window", "region_tokens")]
-    + [(same, same) for same in ("labels", "window", "sparse", "tokens", "cache", "region_tokens")]
+    + [(same, same) for same in ("labels", "window", "sparse", "tokens", "cache", "region_tokens", "region_prompts")]
 )
 
 
@@ -58,7 +58,7 @@ def test_conflict_table_covers_the_required_pairs_and_is_symmetric():
     assert all(a in EFFECTS and b in EFFECTS for a, b, _ in CONFLICTS)
     for a, b in REQUIRED:
         assert effect_conflict(a, b) and effect_conflict(b, a) == effect_conflict(a, b), (a, b)
-    assert effect_conflict("key_edits", "labels") is None
+    assert effect_conflict("value_scale", "labels") is None
     assert effect_conflict("perturb", "tokens") is None
     assert effect_conflict("capture", "capture") is None
 
@@ -66,7 +66,7 @@ def test_conflict_table_covers_the_required_pairs_and_is_symmetric():
 @pytest.mark.parametrize(("a", "b"), REQUIRED)
 def test_conflicting_effects_on_a_shared_layer_are_refused_at_apply(tiny_cache, a, b):
     pipe = tiny_cache("tiny-sd")
-    first = Effects(effects=("key_edits", a), layers="mid & self")
+    first = Effects(effects=("value_scale", a), layers="mid & self")
     second = OtherEffects(effects=(b,), layers="self")
     with pytest.raises(ConfigError) as caught:
         attnctl.apply(pipe, [first, second])
@@ -80,7 +80,7 @@ def test_effects_on_disjoint_layers_or_compatible_effects_are_accepted(tiny_cach
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, [Effects(effects=("tokens",), layers="mid"), OtherEffects(effects=("labels",), layers="down")]):
         pass
-    with attnctl.apply(pipe, [Effects(effects=("labels", "capture"), layers="self"), OtherEffects(effects=("key_edits", "perturb"), layers="self")]):
+    with attnctl.apply(pipe, [Effects(effects=("labels", "capture"), layers="self"), OtherEffects(effects=("value_scale", "perturb"), layers="self")]):
         generate(pipe, "tiny-sd", steps=1)
     assert _untouched(pipe)
 

@@ -1,4 +1,4 @@
-"""What the cache controls share: per-call state, exclusive cache slots, row selection, composition with other
+"""What the cache controls share: per-call state, exclusive caches, row selection, composition with other
 controls."""
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def test_a_failed_call_leaves_no_cache_behind(kind, name, tiny_cache):
 
 def test_two_caches_on_one_layer_are_refused_at_apply(tiny_cache):
     pipe = tiny_cache("tiny-pixart")
-    with pytest.raises(ConfigError, match="'cache' slot"):
+    with pytest.raises(ConfigError, match="two caches on one layer"):
         attnctl.apply(pipe, [attnctl.TGate(gate_step=2, sp_interval=2), attnctl.FastAttn(threshold=0.1)])
     assert "forward" not in pipe.transformer.__dict__
     with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), attnctl.FastAttn(threshold=0.3, window=4)]) as handle:

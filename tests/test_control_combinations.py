@@ -25,7 +25,10 @@ from attnctl.testing import make_tiny_pipeline
 
 from .helpers import generate
 
-EFFECTS = ("tokens", "labels", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "key_edits")
+EFFECTS = (
+    "tokens", "labels", "region_prompts", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "value_scale",
+    "key_bias",
+)
 
 
 def regions(isolate: bool = False, base_ratio: float = 0.2) -> attnctl.Regions:
@@ -53,8 +56,8 @@ def _effects(control, pipe) -> dict[str, tuple[str, ...]]:
 def test_every_control_states_its_effects_in_the_shared_vocabulary(tiny_cache):
     sd, sd3 = tiny_cache("tiny-sd"), tiny_cache("tiny-sd3")
     cases = [
-        (sd, attnctl.Reweight({"cat": 2.0}), {"key_edits"}),
-        (sd3, attnctl.Reweight({"cat": 2.0}), {"key_edits"}),
+        (sd, attnctl.Reweight({"cat": 2.0}), {"value_scale"}),
+        (sd3, attnctl.Reweight({"cat": 2.0}), {"value_scale"}),
         (sd, attnctl.AttentionMaps(["cat"]), {"capture"}),
         (sd, attnctl.PAG(), {"perturb"}),
         (sd3, attnctl.SEG(), {"query"}),
@@ -87,9 +90,9 @@ def test_regions_effects_depend_on_family_layer_and_isolation(tiny_cache):
     sd, sd3 = tiny_cache("tiny-sd"), tiny_cache("tiny-sd3")
     info = adapter(sd)
     plain = {layer.kind: regions().layer_effects(info, layer) for layer in info.layers}
-    assert plain == {"cross": (), "self": ()}  # region attentions are separate ops inside a cross-attention hook
+    assert plain == {"cross": ("region_prompts",), "self": ()}  # separate attentions inside a cross-attention hook
     isolated = {layer.kind: regions(isolate=True).layer_effects(info, layer) for layer in info.layers}
-    assert isolated == {"cross": (), "self": ("labels",)}
+    assert isolated == {"cross": ("region_prompts",), "self": ("labels",)}
     info = adapter(sd3)
     joint = [layer for layer in info.layers if layer.kind == "joint"]
     assert {regions().layer_effects(info, layer) for layer in joint} == {("labels", "region_tokens")}

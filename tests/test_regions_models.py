@@ -449,7 +449,7 @@ def test_two_region_controls_conflict(tiny_cache):
     from attnctl.errors import ConfigError
 
     pipe = tiny_cache("tiny-flux")
-    with pytest.raises(ConfigError, match="'regions' slot"):
+    with pytest.raises(ConfigError, match="two sets of region text tokens"):
         attnctl.apply(pipe, [Regions(layout(), layers="double"), Regions(layout(), layers="single")])
     assert "forward" not in pipe.transformer.__dict__  # nothing was installed
 

@@ -406,7 +406,7 @@ def test_flux_and_cross_attention_are_refused_before_anything_changes():
 # -- composition ----------------------------------------------------------------------------------------------
 def test_two_token_reducers_on_one_layer_are_refused_at_apply_time():
     pipe = make_tiny_pipeline("tiny-sd")
-    with pytest.raises(ConfigError, match="'tokens' slot"):
+    with pytest.raises(ConfigError, match="two token reducers on one layer"):
         attnctl.apply(pipe, [attnctl.ToMe(), attnctl.AgentAttention(layers="down_blocks.0 & self")])
     # disjoint layers are fine, and share nothing
     with attnctl.apply(pipe, [attnctl.ToMe(layers="down & self"), attnctl.AgentAttention(layers="up & self")]) as handle:

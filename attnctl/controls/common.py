@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from ..families.base import LayerInfo, ModelAdapter
 
 TEXT_KINDS: tuple[str, ...] = ("cross", "joint")
-JOINT_FAMILIES: tuple[str, ...] = ("sd3", "flux")
 
 
 # -- rows ---------------------------------------------------------------------------------------------------------
@@ -73,8 +72,8 @@ def spans_range(spans: Sequence[tuple[int, int]], query_range: tuple[int, int]) 
 
 
 def text_layers(adapter: ModelAdapter) -> str:
-    """The default layers of controls that act on text attention: joint on SD3 / Flux, cross elsewhere."""
-    return "joint" if adapter.family in JOINT_FAMILIES else "cross"
+    """The default layers of controls that act on text attention: cross- or joint attention, as the family has."""
+    return adapter.text_attention
 
 
 def keep_kinds(layers: tuple[LayerInfo, ...], kinds: tuple[str, ...], owner: str, what: str, selection: Any) -> tuple[LayerInfo, ...]:
@@ -115,9 +114,6 @@ def output_key(value: Any, owner: str) -> str:
     return value
 
 
-def publish(context: BindContext, key: str, value: Any, owner: str) -> None:
-    """Put `value` at `handle.outputs[key]` for this call; two controls publishing to one key is an error
-    (`apply` refuses it first; this is the backstop)."""
-    if key in context.outputs:
-        raise ConfigError(f"attnctl: two controls publish to handle.outputs[{key!r}] ({owner} is the second); give them different keys")
+def publish(context: BindContext, key: str, value: Any) -> None:
+    """Put `value` at `handle.outputs[key]` for this call (`apply` refused two controls with one key)."""
     context.outputs[key] = value

@@ -33,13 +33,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall
-from ..errors import ConfigError, UnsupportedError
+from ..errors import ConfigError
 from ..families.base import Geometry, LayerInfo, ModelAdapter
 from ..kernels.semantics import spec_rows
 from ..kernels.spec import AttentionSpec, Window
@@ -238,8 +238,6 @@ class FastAttn(Control, type_name="fastattn"):
     layers: LayerSpec = None
     key: str = "fastattn"
 
-    slots: ClassVar[tuple[str, ...]] = ("cache",)
-    kernel_features: ClassVar[tuple[str, ...]] = ("window",)
 
     def __post_init__(self) -> None:
         set_field(self, "threshold", number(self.threshold, "FastAttn.threshold", minimum=0))
@@ -296,11 +294,9 @@ class FastAttn(Control, type_name="fastattn"):
     def default_layers(self, adapter: ModelAdapter) -> str | tuple[str, ...] | None:
         if self.plan is not None:
             return self.plan.layers
-        return "self" if adapter.family in ("unet", "pixart") else None
+        return "self" if adapter.text_attention == "cross" else None
 
     def validate_for(self, adapter: ModelAdapter) -> None:
-        if adapter.family not in FAMILIES:
-            raise UnsupportedError(f"attnctl: FastAttn supports {', '.join(FAMILIES)}, not {adapter.family}")
         if self.plan is not None:
             model, _, fingerprint = model_identity(adapter.denoiser)
             self.plan.check(model=model, fingerprint=fingerprint)
@@ -370,7 +366,7 @@ class FastAttnBound(Bound):
         self.calibrating = plan is None and control.threshold > 0
         self.decided: set[tuple[int, int]] = set()  # (layer index, step) decided by calibration
         self.report = CacheReport("fastattn", steps=context.steps, plan=plan)
-        publish(context, control.key, self.report, "FastAttn")
+        publish(context, control.key, self.report)
         self.accountant = Accountant(context.adapter, context.layers, self.report)
         self.index = RowIndex()  # row positions as index tensors, per device (shared by the layers' caches)
         self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
@@ -454,7 +450,6 @@ def _share_index(layout) -> tuple[list[int], list[int]] | None:
 class _FastAttnHook(LayerHook):
     """Carries out one layer's method in one denoiser call (and, while calibrating, chooses it first)."""
 
-    slot: ClassVar[str | None] = "cache"
 
     def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: DenoiserCall, method: str, window: Window | None,
                  pass_index: Any, calibrate: bool):

@@ -112,10 +112,6 @@ class Reweight(Control, type_name="reweight"):
         """The weight tables: one shared table, or one per prompt."""
         return self.weights if self.per_prompt else (self.weights,)
 
-    @property
-    def kernel_features(self) -> tuple[str, ...]:  # type: ignore[override]
-        return ("key_bias",) if self.normalize else ("value_scale",)
-
     # -- Control protocol -------------------------------------------------------------------------------
     def default_layers(self, adapter: ModelAdapter) -> str:
         return text_layers(adapter)
@@ -127,8 +123,8 @@ class Reweight(Control, type_name="reweight"):
         return ReweightBound(self, context)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
-        """"key_edits": a per-key value scale (or bias) on the text keys."""
-        return ("key_edits",)
+        """A per-key value scale on the text keys ("value_scale"), or a logit bias with `normalize` ("key_bias")."""
+        return ("key_bias",) if self.normalize else ("value_scale",)
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

@@ -20,7 +20,7 @@ models (SD3, Flux) it raises; `FastAttn` is the method for those.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, RowPlan, RowSelect
@@ -80,7 +80,6 @@ class TGate(Control, type_name="tgate"):
     layers: LayerSpec = None
     key: str = "tgate"
 
-    slots: ClassVar[tuple[str, ...]] = ("cache",)
 
     def __post_init__(self) -> None:
         set_field(self, "gate_step", integer(self.gate_step, "TGate.gate_step", minimum=1))
@@ -109,11 +108,11 @@ class TGate(Control, type_name="tgate"):
         return ("cross", "self") if self.reuses_self_attention else "cross"
 
     def validate_for(self, adapter: ModelAdapter) -> None:
-        if adapter.family not in ("unet", "pixart"):
+        if adapter.text_attention != "cross":
             raise UnsupportedError(
                 f"attnctl: TGate caches cross-attention, which {adapter.family} does not have (its text and image "
-                "tokens share joint attention layers); TGate supports unet and pixart. Use attnctl.FastAttn for "
-                "joint-attention models."
+                "tokens share joint attention layers); TGate supports families with cross-attention (SD / SDXL, "
+                "PixArt). Use attnctl.FastAttn for joint-attention models."
             )
         if self.layers is not None:
             kinds = {layer.kind for layer in self.select(adapter)}
@@ -134,7 +133,7 @@ class TGateBound(Bound):
         self.count = context.steps
         self.cfg = context.cfg
         self.report = CacheReport("tgate", steps=context.steps)
-        publish(context, control.key, self.report, "TGate")
+        publish(context, control.key, self.report)
         self.accountant = Accountant(context.adapter, context.layers, self.report)
         self.index = RowIndex()
         self.caches: dict[int, BranchCache] = {layer.index: BranchCache(self.index) for layer in context.layers}
@@ -212,7 +211,6 @@ class TGateBound(Bound):
 
 
 class _TGateHook(LayerHook):
-    slot: ClassVar[str | None] = "cache"
 
     def __init__(self, bound: TGateBound, layer: LayerInfo, action: Action, pass_index: Any, one_row: float, baseline: int):
         self.bound, self.layer, self.action, self.pass_index = bound, layer, action, pass_index

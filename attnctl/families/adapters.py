@@ -6,12 +6,15 @@ from the module's own attributes, and reads a call's geometry from the call's in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..errors import CallLayoutError, UnsupportedError
+from ..errors import CallLayoutError, SelectionError, UnsupportedError
 from .base import Canvas, LayerInfo, ModelAdapter
+
+#: Forward arguments of diffusers' `BasicTransformerBlock` (UNet, PixArt) with one row per batch row.
+BASIC_BLOCK_INPUTS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep", "class_labels")
 
 
 def _attention_modules(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -36,6 +39,23 @@ def _block_index(parts: list[str], container: str) -> int | None:
 
 class UNetAdapter(ModelAdapter):
     """`UNet2DConditionModel` (SD 1.x / 2.x, SDXL): self-attention `attn1`, cross-attention `attn2`."""
+
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"BasicTransformerBlock": BASIC_BLOCK_INPUTS}
+    indexed_blocks: ClassVar[bool] = False
+
+    def perturbed_layers(self) -> str:
+        return "self & mid"
+
+    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        projection = getattr(self.denoiser, "encoder_hid_proj", None)
+        if projection is None:
+            return embeds
+        kind = getattr(self.denoiser.config, "encoder_hid_dim_type", None)
+        if kind == "text_proj":
+            return projection(embeds)
+        if kind != "ip_image_proj":  # IP-Adapter's image projection leaves the text alone
+            raise UnsupportedError(f"attnctl: a UNet whose encoder_hid_dim_type is {kind!r} is not supported here")
+        return embeds
 
     @classmethod
     def discover(cls, denoiser: torch.nn.Module) -> UNetAdapter:
@@ -103,6 +123,18 @@ def _text_len(context: Any) -> int:
 class SD3Adapter(ModelAdapter):
     """`SD3Transformer2DModel`: joint attention `[image; text]`; SD3.5-M dual blocks add image-only `attn2`."""
 
+    text_attention: ClassVar[str] = "joint"
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"JointTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb")}
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("JointTransformerBlock",)
+
+    def perturbed_layers(self) -> str:
+        return "transformer_blocks.1"  # exactly block 1 (diffusers' regex `blocks.1` also picks 10-19)
+
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+        changed = dict(inputs)
+        changed["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], block], dim=1)
+        return changed
+
     @classmethod
     def discover(cls, denoiser: torch.nn.Module) -> SD3Adapter:
         modules = _attention_modules(denoiser)
@@ -132,6 +164,16 @@ class SD3Adapter(ModelAdapter):
 class PixArtAdapter(ModelAdapter):
     """`PixArtTransformer2DModel`: self-attention `attn1`, cross-attention `attn2` to T5 tokens."""
 
+    prompt_mask: ClassVar[bool] = True
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"BasicTransformerBlock": BASIC_BLOCK_INPUTS}
+
+    def perturbed_layers(self) -> str:
+        return "transformer_blocks.1 & self"
+
+    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        projection = getattr(self.denoiser, "caption_projection", None)
+        return embeds if projection is None else projection(embeds)
+
     @classmethod
     def discover(cls, denoiser: torch.nn.Module) -> PixArtAdapter:
         modules = _attention_modules(denoiser)
@@ -158,6 +200,54 @@ class PixArtAdapter(ModelAdapter):
 
 class FluxAdapter(ModelAdapter):
     """`FluxTransformer2DModel`: double blocks (joint, `[text; image]`), single blocks (text concatenated first)."""
+
+    text_attention: ClassVar[str] = "joint"
+    timestep_scale: ClassVar[float] = 1000.0
+    rotary: ClassVar[bool] = True
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+        "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
+    }
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.group == "double" and layer.block is not None})
+        if not blocks:
+            raise SelectionError("attnctl: this Flux transformer has no double-stream block; give layers=... explicitly")
+        return f"transformer_blocks.{blocks[len(blocks) // 2]}"  # the middle double block
+
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+        """Also extends `txt_ids`: each of the `segments` appended prompts takes the base text's first positions
+        (all zeros when the base text's are)."""
+        context = inputs["encoder_hidden_states"]
+        ids = inputs.get("txt_ids")
+        if not isinstance(ids, torch.Tensor) or ids.shape[-2] != context.shape[1]:
+            raise CallLayoutError(f"attnctl: expected Flux txt_ids with {context.shape[1]} rows, got {getattr(ids, 'shape', ids)}")
+        length = block.shape[1] // segments
+        if bool((ids == 0).all()):
+            extra = torch.zeros(ids.shape[:-2] + (length, ids.shape[-1]), dtype=ids.dtype, device=ids.device)
+        elif length <= ids.shape[-2]:
+            extra = ids[..., :length, :]
+        else:
+            raise UnsupportedError("attnctl: appended Flux text longer than the base text's non-zero ids cannot be placed")
+        changed = dict(inputs)
+        changed["encoder_hidden_states"] = torch.cat([context, block], dim=1)
+        changed["txt_ids"] = torch.cat([ids] + [extra] * segments, dim=-2)
+        return changed
+
+    def latent_image(self, latents: torch.Tensor, canvas: Canvas) -> torch.Tensor:
+        """Flux packs 2 x 2 latent patches into tokens: (B, N, 4C) -> (B, C, 2h, 2w)."""
+        batch, n, channels = latents.shape
+        rows, cols = canvas.token_hw
+        if rows * cols != n:
+            raise CallLayoutError(f"attnctl: {n} Flux tokens for a {rows}x{cols} grid")
+        latent = latents.view(batch, rows, cols, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return latent.reshape(batch, channels // 4, rows * 2, cols * 2)
+
+    def packed_latents(self, images: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = images.shape
+        packed = images.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
 
     @classmethod
     def discover(cls, denoiser: torch.nn.Module) -> FluxAdapter:

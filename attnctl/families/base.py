@@ -9,9 +9,11 @@ structure and the call's inputs, and a shape that disagrees with them is an erro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+
+from ..errors import UnsupportedError
 
 LayerKind = Literal["self", "cross", "joint"]
 TextPosition = Literal["none", "keys", "first", "last"]
@@ -113,7 +115,11 @@ class Geometry:
 
 @dataclass
 class ModelAdapter:
-    """What attnctl knows about one denoiser instance: its layers and how to read a call's geometry."""
+    """What attnctl knows about one denoiser instance: its layers and how to read a call's geometry.
+
+    The class attributes are the family's traits, as data: controls read them instead of testing the family
+    name, so that a new family is one adapter (and, where its attention differs, one processor).
+    """
 
     family: str
     denoiser: torch.nn.Module
@@ -121,6 +127,22 @@ class ModelAdapter:
     modules: dict[str, torch.nn.Module] = field(repr=False)
     batched_inputs: tuple[str, ...] = ()
     dict_inputs: tuple[str, ...] = ()
+
+    #: Where image queries meet the prompt: "cross" (cross-attention layers, text as keys only) or "joint"
+    #: (text and image tokens in one sequence).
+    text_attention: ClassVar[Literal["cross", "joint"]] = "cross"
+    #: The factor from the denoiser's `timestep` input to diffusers' 0..1000 scale (Flux is called with t / 1000).
+    timestep_scale: ClassVar[float] = 1.0
+    #: Whether image tokens carry rotary position embeddings (merging tokens would lose their positions).
+    rotary: ClassVar[bool] = False
+    #: Whether `pipe.encode_prompt` returns the text attention mask as its second output (PixArt's T5 mask).
+    prompt_mask: ClassVar[bool] = False
+    #: Per transformer-block class, the forward arguments that hold one row per batch row (skip-layer guidance).
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Transformer-block classes whose forward returns `(encoder_hidden_states, hidden_states)`.
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ()
+    #: Whether an integer `i` names the block `transformer_blocks.i` (no flat block list in a UNet).
+    indexed_blocks: ClassVar[bool] = True
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
@@ -137,3 +159,28 @@ class ModelAdapter:
             if info.group not in seen:
                 seen.append(info.group)
         return tuple(seen)
+
+    def perturbed_layers(self) -> str:
+        """The default selection of attention-perturbation guidance (PAG, SEG; docs/methods.md "PAG")."""
+        raise UnsupportedError(f"attnctl: no default perturbed layers for model family {self.family!r}; give layers=... explicitly")
+
+    def transformer_blocks(self) -> dict[str, torch.nn.Module]:
+        """Skippable transformer blocks by module path, in model order."""
+        classes = tuple(self.block_inputs)
+        return {name: module for name, module in self.denoiser.named_modules() if type(module).__name__ in classes}
+
+    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any."""
+        return embeds
+
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor) -> dict[str, Any]:
+        """The denoiser inputs with `block` (B, T', C) appended after the prompt tokens (joint families)."""
+        raise UnsupportedError(f"attnctl: the {self.family} family has no joint text sequence to append tokens to")
+
+    def latent_image(self, latents: torch.Tensor, canvas: Canvas) -> torch.Tensor:
+        """The denoiser's latent input (or output) as (B, C, H, W)."""
+        return latents
+
+    def packed_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The inverse of `latent_image`."""
+        return images

@@ -8,7 +8,7 @@ Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D). Per-key tensors broadcast to (B,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -146,7 +146,6 @@ class AttentionSpec:
     window: Window | None = None
     sparse: Sparse | None = None
     return_lse: bool = False
-    extras: dict = field(default_factory=dict)
 
     def dense_elements(self, batch: int, nq: int, nk: int) -> int:
         """Mask elements a backend that makes label masks and windows dense would build (0 when none)."""

@@ -1,38 +1,29 @@
-"""Region prompts encoded with the pipeline's own text encoders (`pipe.encode_prompt`).
+"""Extra prompts (region prompts, ...) encoded with the pipeline's own text encoders (`pipe.encode_prompt`).
 
-The call mirrors the user's own `encode_prompt` call of the same pipeline call (clip_skip, lora_scale,
-max_sequence_length, clean_caption, ...), with the region prompts as a batch, one image per prompt, no
-classifier-free guidance and no precomputed embeddings. It runs inside `context.internal()`, so attnctl's
-own call is not recorded as the user's prompt.
+Shared by every control that encodes text; controls reach it as `BindContext.encode_prompts`. The call
+mirrors the user's own `encode_prompt` call of the same pipeline call (clip_skip, lora_scale,
+max_sequence_length, clean_caption, ...), with the extra prompts as a batch, one image per prompt, no
+classifier-free guidance and no precomputed embeddings. It runs inside the runtime's `internal_calls()`, so
+attnctl's own call is not recorded as the user's prompt.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
-from ..control import BindContext
+from ..control import EncodedText
 from ..errors import CallLayoutError
+from ..families.base import ModelAdapter
 
 _NONE_SUFFIXES = ("_embeds", "_attention_mask")
 
 
-@dataclass(frozen=True)
-class RegionText:
-    """Encoded region prompts: `embeds` (R, T, C) as the pipeline's encoder returns them, `mask` (R, T) 0/1 or None."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor | None
-
-    @property
-    def length(self) -> int:
-        return int(self.embeds.shape[1])
-
-
-def _region_arguments(signature: inspect.Signature, recorded: dict[str, Any], prompts: list[str], device: Any) -> inspect.BoundArguments:
+def _prompt_arguments(signature: inspect.Signature, recorded: dict[str, Any], prompts: list[str], device: Any) -> inspect.BoundArguments:
     arguments: dict[str, Any] = {}
     for name, parameter in signature.parameters.items():
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -61,29 +52,31 @@ def _region_arguments(signature: inspect.Signature, recorded: dict[str, Any], pr
         elif parameter.default is not inspect.Parameter.empty:
             value = parameter.default
         else:
-            raise CallLayoutError(f"attnctl: cannot encode region prompts: encode_prompt needs {name!r}, which attnctl does not know")
+            raise CallLayoutError(f"attnctl: cannot encode extra prompts: encode_prompt needs {name!r}, which attnctl does not know")
         arguments[name] = value
     return inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
 
 
-def encode_region_prompts(context: BindContext, prompts: list[str]) -> RegionText:
-    """Encode `prompts` as the pipeline encodes its prompt in this call (see the module docstring)."""
-    pipe = context.pipeline
+def encode_prompts(
+    pipe: Any, adapter: ModelAdapter, recorded: dict[str, Any], device: Any, internal: Callable[[], AbstractContextManager[None]],
+    prompts: list[str],
+) -> EncodedText:
+    """Encode `prompts` as the pipeline encodes its prompt in this call (`recorded`: the arguments of the
+    call's first `encode_prompt`; see the module docstring)."""
     encode = pipe.encode_prompt
     signature = inspect.signature(encode)
-    recorded = context.prompt_arguments[0] if context.prompt_arguments else {}
-    bound = _region_arguments(signature, recorded, prompts, context.device)
-    with context.internal(), torch.no_grad():
+    bound = _prompt_arguments(signature, recorded, prompts, device)
+    with internal(), torch.no_grad():
         out = encode(*bound.args, **bound.kwargs)
     embeds = out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[0] != len(prompts):
         raise CallLayoutError(
-            f"attnctl: {type(pipe).__name__}.encode_prompt returned {type(embeds).__name__} for {len(prompts)} region prompts; "
+            f"attnctl: {type(pipe).__name__}.encode_prompt returned {type(embeds).__name__} for {len(prompts)} extra prompts; "
             "expected (prompts, tokens, channels) embeddings first"
         )
     mask = None
-    if context.adapter.family == "pixart":
+    if adapter.prompt_mask:
         mask = out[1]
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
-            raise CallLayoutError("attnctl: PixArt's encode_prompt did not return an attention mask for the region prompts")
-    return RegionText(embeds.detach(), None if mask is None else mask.detach())
+            raise CallLayoutError(f"attnctl: {type(pipe).__name__}.encode_prompt did not return an attention mask for the extra prompts")
+    return EncodedText(embeds.detach(), None if mask is None else mask.detach())

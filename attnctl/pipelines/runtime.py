@@ -10,6 +10,7 @@ once the frame's edit for that layer is built.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -18,13 +19,15 @@ from typing import Any
 import torch
 
 from ..control import BindContext, Bound, Control
-from ..denoiser_call import DenoiserCall, Perturbation, RowLayout, RowPlan, RowSelect, SecondPass
+from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass
 from ..errors import CallLayoutError, HandleError
 from ..families.base import Canvas, LayerInfo, ModelAdapter
+from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend
 from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepInfo
 from ..tokens import PromptTokens
+from .prompts import encode_prompts
 from .protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
 
 
@@ -40,6 +43,7 @@ class PipelineCallState:
     frames: int = 0
     guidance_terms: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> D, for separate cond/uncond calls
     guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # step -> prompt row of each D row
+    images: Any = None  # what pipe.image_processor.postprocess returned (controls with `needs_images`)
 
     @property
     def record(self) -> PromptRecord:
@@ -71,6 +75,7 @@ class Runtime:
         self.last_call: PipelineCallState | None = None
         self.outputs: dict[str, Any] = {}
         self.internal = 0  # >0 while attnctl itself calls pipeline methods (not recorded)
+        self._call_wraps: list[Wrapped] = []  # controls' instance-level wraps for the current call
         self._signature = inspect.signature(adapter.denoiser.forward)
 
     # -- call lifecycle -------------------------------------------------------------------------------------
@@ -97,9 +102,12 @@ class Runtime:
         self.frame = None
 
     def _finish_bound(self) -> None:
-        if self.call is not None and self.call.bound:
-            for bound in self.call.bound:
-                bound.finish()
+        try:
+            if self.call is not None and self.call.bound:
+                for bound in self.call.bound:
+                    bound.finish()
+        finally:
+            self._unwrap_call()
 
     # -- denoiser calls -------------------------------------------------------------------------------------
     def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +168,6 @@ class Runtime:
         if len(set(tags)) != len(tags):
             raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
         return RowPlan(tuple(found), tuple(second))
-
-    def perturbations(self, frame: DenoiserCall) -> tuple[Perturbation, ...]:
-        return self.row_plan(frame).perturbations
 
     def selection(self, frame: DenoiserCall) -> RowSelect | None:
         """The row selection the bound controls ask for in this denoiser call (two different ones conflict)."""
@@ -228,6 +233,12 @@ class Runtime:
             current_frame=lambda: self.frame,
             internal=self.internal_calls,
             prompt_arguments=tuple(call.encode_calls),
+            encode_prompts=functools.partial(
+                encode_prompts, pipe, self.adapter, call.encode_calls[0] if call.encode_calls else {},
+                sample.device if sample is not None else torch.device("cpu"), self.internal_calls,
+            ),
+            wrap_method=self.wrap_for_call,
+            call_images=lambda: call.images,
         )
         bound: list[Bound] = []
         try:
@@ -236,10 +247,25 @@ class Runtime:
                     tokens.check_lengths()
                 bound.append(control.bind(_with_layers(context, self.resolved[position])))
         except BaseException:
-            for done in bound:  # a bound control may hold instance-level wraps (skip-layer guidance)
+            for done in bound:
                 done.finish()
+            self._unwrap_call()
             raise
         return bound
+
+    def wrap_for_call(self, obj: Any, name: str, make: Any) -> None:
+        """An instance-level wrap of `obj.<name>` for the current pipeline call (a control's, e.g. skip-layer
+        guidance's transformer blocks); undone at the end of the call or by `handle.remove()`."""
+        self._call_wraps.append(wrap_method(obj, name, make))
+
+    def record_images(self, images: Any) -> None:
+        """What `pipe.image_processor.postprocess` returned in the current call (for controls with `needs_images`)."""
+        if self.call is not None and not self.internal:
+            self.call.images = images
+
+    def _unwrap_call(self) -> None:
+        while self._call_wraps:
+            self._call_wraps.pop().unwrap()
 
     # -- the hot path ---------------------------------------------------------------------------------------
     def edit_for(self, layer: LayerInfo) -> Edit | None:
@@ -280,8 +306,3 @@ _UNSET = object()
 
 def _with_layers(context: BindContext, layers: tuple[LayerInfo, ...]) -> BindContext:
     return replace(context, layers=layers)
-
-
-def check_batch(batch: int, frame_rows: RowLayout) -> None:
-    if batch != len(frame_rows):
-        raise CallLayoutError(f"attnctl: internal row mismatch: {batch} rows in the batch, {len(frame_rows)} in the layout")

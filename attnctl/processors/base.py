@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..errors import UnsupportedError
 from ..kernels.spec import AttentionSpec
 from .edit import AttentionCall, Edit
 
@@ -118,6 +119,16 @@ class ControlledProcessor:
         for hook in edit.hooks:
             hidden = hook.tokens_in(call, hidden)
         return edit, call, None, hidden
+
+    def project_queries(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        """Queries (B, H, N, D) of image tokens `hidden` (B, N, C) as this processor computes them (projection,
+        heads, qk-norm; no RoPE): for controls that attend with other queries (agent tokens)."""
+        raise UnsupportedError(f"attnctl: {type(self).__name__} cannot project other queries for {self.layer.name}")
+
+    def project_context(self, attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (R, H, T, D) of a text `context` (R, T, C) as this processor computes them for a
+        cross-attention layer: for controls that attend to other prompts (regions)."""
+        raise UnsupportedError(f"attnctl: {type(self).__name__} has no separate text keys at {self.layer.name}")
 
     def finish(self, call: AttentionCall | None, edit: Edit | None, result: Any) -> Any:
         if edit is not None:

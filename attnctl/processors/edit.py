@@ -3,11 +3,11 @@
 Kernel-level changes (per-key bias and value scale, label masks, windows, sparse attention, log-sum-exp)
 go to the backend through `AttentionSpec`. Changes a kernel cannot express (perturbed rows, query
 transforms, caches, token reduction, extra contexts) are `LayerHook`s, called by the processor at fixed
-stages. Several controls on one layer merge their edits: biases add, value scales multiply, label masks
-and windows must not collide, hooks run in control order, and two hooks claiming the same exclusive slot
-(two caches on one layer) are an error. Controls declare their effects per layer (`EFFECTS`), and `apply`
-refuses controls whose effects conflict on a shared layer (`CONFLICTS`) before anything is installed; the
-checks in `merge_edits` stay as a backstop.
+stages. Several controls on one layer merge their edits: biases add, value scales multiply, hooks run in
+control order. What a control does to a layer is declared once, as effects (`EFFECT_TABLE`: what each
+needs from the backend, and which cannot be shared): `apply` refuses controls whose effects conflict on a
+shared layer (`CONFLICTS`), and an explicit backend that lacks a feature they need, before anything is
+installed.
 """
 
 from __future__ import annotations
@@ -27,17 +27,37 @@ if TYPE_CHECKING:
 
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec], tuple[torch.Tensor, torch.Tensor | None]]
 
-#: What a control can do to one of its layers (`Control.layer_effects`), checked pairwise at `apply`:
-#: "tokens" changes which tokens enter attention (ToMe, AgentAttention); "labels" label masks (Regions);
-#: "region_tokens" adds text tokens to a joint sequence (Regions on SD3 / Flux); "window" local attention
-#: (DiTFastAttn); "sparse" sparse attention (PLADIS); "query" a query transform (SEG); "capture" reads the
-#: attention probabilities (AttentionMaps, SAG's capture layer); "cache" reuses outputs (TGATE, DiTFastAttn);
-#: "perturb" identity rows (PAG); "key_edits" per-key bias / value scale (Reweight).
-EFFECTS: tuple[str, ...] = (
-    "tokens", "labels", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "key_edits",
-)
+@dataclass(frozen=True)
+class Effect:
+    """Something a control can do to one of its layers (`Control.layer_effects`): the one declaration that
+    `apply` checks. `features` are what the backend must then be able to do (`AttentionSpec.features`);
+    `exclusive`, when set, says why two controls cannot both do it on one layer."""
 
-#: Effect pairs that cannot share a layer, with why (a pair of one effect is two controls doing the same thing).
+    name: str
+    meaning: str
+    features: tuple[str, ...] = ()
+    exclusive: str | None = None
+
+
+#: Every effect, in a fixed order.
+EFFECT_TABLE: tuple[Effect, ...] = (
+    Effect("tokens", "changes which tokens enter attention (ToMe, AgentAttention)", exclusive="two token reducers on one layer"),
+    Effect("labels", "label masks (Regions)", ("labels",), exclusive="two label masks on one layer"),
+    Effect("region_prompts", "separate attentions to region prompts (Regions on cross-attention)", exclusive="two sets of region prompts on one layer"),
+    Effect("region_tokens", "adds text tokens to a joint sequence (Regions on SD3 / Flux)", exclusive="two sets of region text tokens on one layer"),
+    Effect("window", "local attention (DiTFastAttn)", ("window",), exclusive="two windows on one layer"),
+    Effect("sparse", "sparse attention on a query range (PLADIS)", ("sparse", "query_range"), exclusive="two sparse transforms on one layer"),
+    Effect("query", "a query transform (SEG)"),
+    Effect("capture", "reads the attention probabilities (AttentionMaps, SAG's capture layer)"),
+    Effect("cache", "reuses outputs (TGATE, DiTFastAttn)", exclusive="two caches on one layer"),
+    Effect("perturb", "identity rows (PAG)"),
+    Effect("value_scale", "a per-key value scale (Reweight)", ("value_scale",)),
+    Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
+)
+EFFECTS: tuple[str, ...] = tuple(effect.name for effect in EFFECT_TABLE)
+_BY_NAME: dict[str, Effect] = {effect.name: effect for effect in EFFECT_TABLE}
+
+#: Pairs of different effects that cannot share a layer, with why (each exclusive effect also conflicts with itself).
 CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "labels", "token reduction merges image tokens, and label masks address image tokens pairwise"),
     ("tokens", "region_tokens", "token reduction merges the image tokens that region text tokens are masked against"),
@@ -47,13 +67,7 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
     ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
     ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
-    ("labels", "labels", "two label masks on one layer"),
-    ("window", "window", "two windows on one layer"),
-    ("sparse", "sparse", "two sparse transforms on one layer"),
-    ("tokens", "tokens", "two token reducers on one layer"),
-    ("cache", "cache", "two caches on one layer"),
-    ("region_tokens", "region_tokens", "two sets of region text tokens on one layer"),
-)
+) + tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
 
 def effect_conflict(first: str, second: str) -> str | None:
@@ -62,6 +76,11 @@ def effect_conflict(first: str, second: str) -> str | None:
         if (first, second) in ((a, b), (b, a)):
             return why
     return None
+
+
+def effect_features(effects: tuple[str, ...]) -> tuple[str, ...]:
+    """The backend features `effects` need, in a fixed order, without repeats."""
+    return tuple(dict.fromkeys(feature for name in effects for feature in _BY_NAME[name].features))
 
 
 @dataclass
@@ -96,8 +115,6 @@ class LayerHook:
     joint layers).
     """
 
-    #: An exclusive slot ("cache", "tokens", ...): two hooks with the same slot on one layer conflict.
-    slot: ClassVar[str | None] = None
     #: True: the hook sits closest to the attention op at every stage (its `tokens_in` runs last, its `attend`
     #: is the innermost wrapper, its `result` runs first), whatever the control order. For hooks that change
     #: the token sequence or replace the op by calls of another shape (token merging, agent attention), so
@@ -165,7 +182,6 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
     query_range = None
     return_lse = False
     hooks: list[LayerHook] = []
-    slots: dict[str, LayerHook] = {}
     for edit in edits:
         if edit.per_key:
             if query_range is not None and edit.query_range != query_range and (key_bias is not None or value_scale is not None or sparse is not None):
@@ -179,8 +195,8 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
             if value is None:
                 continue
             current = {"labels": labels, "window": window, "sparse": sparse}[name]
-            if current is not None:
-                raise ConfigError(f"{where}: two controls both set {name}; they cannot share this layer")
+            if current is not None:  # apply refuses this from the controls' `layer_effects`: a declaration is wrong
+                raise ConfigError(f"{where}: two controls both set {name} although their declared effects allowed it")
             if name == "labels":
                 labels = value
             elif name == "window":
@@ -188,14 +204,6 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
             else:
                 sparse = value
         return_lse = return_lse or edit.return_lse
-        for hook in edit.hooks:
-            if hook.slot is not None:
-                if hook.slot in slots:
-                    raise ConfigError(
-                        f"{where}: {type(slots[hook.slot]).__name__} and {type(hook).__name__} both need the "
-                        f"'{hook.slot}' slot of this layer; they cannot be combined here"
-                    )
-                slots[hook.slot] = hook
-            hooks.append(hook)
+        hooks.extend(edit.hooks)
     hooks.sort(key=lambda hook: hook.innermost)  # stable: control order otherwise
     return Edit(key_bias, value_scale, query_range, labels, window, sparse, return_lse, tuple(hooks))

@@ -8,13 +8,11 @@ stock; with an edit it goes to attnctl's backends in the (B, H, S, D) layout.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .base import ControlledProcessor
-
-SUPPORTED = ("FluxAttnProcessor", "FluxIPAdapterAttnProcessor")
 
 
 def _projections(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -30,6 +28,9 @@ def _projections(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: 
 
 
 class FluxAttnProcessor(ControlledProcessor):
+    #: The stock processor classes this one reproduces exactly.
+    reproduces: ClassVar[tuple[str, ...]] = ("FluxAttnProcessor", "FluxIPAdapterAttnProcessor")
+
     def __call__(
         self,
         attn: Any,

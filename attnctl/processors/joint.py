@@ -7,13 +7,11 @@ to stock. SD3.5-M's image-only `attn2` uses the same processor without text.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .base import ControlledProcessor
-
-SUPPORTED = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
 
 
 def _heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -21,6 +19,9 @@ def _heads(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tens
 
 
 class JointAttnProcessor(ControlledProcessor):
+    #: The stock processor classes this one reproduces exactly.
+    reproduces: ClassVar[tuple[str, ...]] = ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0")
+
     def __call__(
         self,
         attn: Any,
@@ -79,3 +80,11 @@ class JointAttnProcessor(ControlledProcessor):
         hidden_states = attn.to_out[1](hidden_states)
         result = (hidden_states, encoder_hidden_states) if encoder_hidden_states is not None else hidden_states
         return self.finish(call, edit, result)
+
+    def project_queries(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        fused = type(self.original).__name__ == "FusedJointAttnProcessor2_0"
+        q = attn.to_qkv(hidden)[..., : attn.to_qkv.out_features // 3] if fused else attn.to_q(hidden)
+        q = _heads(q, hidden.shape[0], attn.heads, q.shape[-1] // attn.heads)
+        if not fused and attn.norm_q is not None:
+            q = attn.norm_q(q)
+        return q

@@ -7,17 +7,18 @@ weights) operation for operation, and sends the attention op through attnctl's b
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from .base import ControlledProcessor
 
-SUPPORTED = ("AttnProcessor2_0", "FusedAttnProcessor2_0", "IPAdapterAttnProcessor2_0")
-
 
 class SelfCrossAttnProcessor(ControlledProcessor):
+    #: The stock processor classes this one reproduces exactly.
+    reproduces: ClassVar[tuple[str, ...]] = ("AttnProcessor2_0", "FusedAttnProcessor2_0", "IPAdapterAttnProcessor2_0")
+
     def __call__(
         self,
         attn: Any,
@@ -97,6 +98,35 @@ class SelfCrossAttnProcessor(ControlledProcessor):
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return self.finish(call, edit, hidden_states)
+
+    def project_queries(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
+        if getattr(attn, "fused_projections", False):
+            q = attn.to_qkv(hidden)[..., : attn.to_qkv.out_features // 3]
+        else:
+            q = attn.to_q(hidden)
+        q = q.view(hidden.shape[0], -1, attn.heads, q.shape[-1] // attn.heads).transpose(1, 2)
+        if attn.norm_q is not None and not self._ip_adapter_layer():
+            q = attn.norm_q(q)
+        return q
+
+    def project_context(self, attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        if getattr(attn, "fused_projections", False):
+            kv = attn.to_kv(context)
+            key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        else:
+            key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        key = key.view(context.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(context.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None and not self._ip_adapter_layer():
+            key = attn.norm_k(key)
+        return key, value
+
+    def _ip_adapter_layer(self) -> bool:
+        """IP-Adapter's stock processor applies no qk-norm; mirrored."""
+        return type(self.original).__name__ == "IPAdapterAttnProcessor2_0"
 
     def _ip_adapter(self, attn, query, hidden_states, ip_hidden_states, ip_adapter_masks, batch_size, head_dim):
         """The IP-Adapter branch of `IPAdapterAttnProcessor2_0`, with the original processor's weights."""

@@ -13,7 +13,7 @@ import torch
 
 from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall, Perturbation, RowPlan
-from ...errors import ConfigError, SelectionError, UnsupportedError
+from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.spec import AttentionSpec
 from ...validation import number, set_field
@@ -23,41 +23,18 @@ PERTURBABLE_KINDS: tuple[str, ...] = ("self", "joint")
 _TAGS = itertools.count()
 
 
-def middle_double_block(adapter: ModelAdapter) -> int:
-    blocks = sorted({layer.block for layer in adapter.layers if layer.group == "double" and layer.block is not None})
-    if not blocks:
-        raise SelectionError("attnctl: this Flux transformer has no double-stream block; give layers=... explicitly")
-    return blocks[len(blocks) // 2]
-
-
-def default_perturbed_layers(adapter: ModelAdapter, owner: str) -> str:
-    """docs/methods.md PAG / SEG defaults: SD / SDXL every self-attention of the mid block; SD3 and PixArt
-    `transformer_blocks.1` (exactly block 1, never 10-19); Flux the middle double block."""
-    family = adapter.family
-    if family == "unet":
-        return "self & mid"
-    if family == "pixart":
-        return "transformer_blocks.1 & self"
-    if family == "sd3":
-        return "transformer_blocks.1"
-    if family == "flux":
-        return f"transformer_blocks.{middle_double_block(adapter)}"
-    raise UnsupportedError(f"attnctl: {owner} has no default layers for model family {family!r}; give layers=... explicitly")
-
-
 def new_tag(name: str) -> str:
     """A row tag unique within the process (two guidance controls of one type may be applied together)."""
     return f"{name}#{next(_TAGS)}"
 
 
-def timestep_1000(frame: DenoiserCall, family: str) -> torch.Tensor:
-    """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor (Flux passes t / 1000)."""
+def timestep_1000(frame: DenoiserCall, adapter: ModelAdapter) -> torch.Tensor:
+    """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor."""
     inputs = frame.inputs or {}
     value = inputs.get("timestep")
     if value is None:
         raise UnsupportedError("attnctl: the denoiser call has no `timestep` input; the adaptive scale needs it")
-    t = torch.as_tensor(value).flatten()[0].float()
-    return t * 1000.0 if family == "flux" else t
+    return torch.as_tensor(value).flatten()[0].float() * adapter.timestep_scale
 
 
 @dataclass(frozen=True)
@@ -76,7 +53,7 @@ class PerturbingControl(Control):
             raise ConfigError(f"{type(self).__name__}.separate must be True or False, got {self.separate!r}")
 
     def default_layers(self, adapter: ModelAdapter) -> str:
-        return default_perturbed_layers(adapter, type(self).__name__)
+        return adapter.perturbed_layers()
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         return select_kinds(self, adapter, self.kinds, "self- or joint attention")
@@ -85,9 +62,9 @@ class PerturbingControl(Control):
 class PerturbingBound(Bound):
     """A bound perturbing control: one tag, rows only while scale > 0 and the step is inside the window."""
 
-    def __init__(self, control: Any, layers: tuple[LayerInfo, ...], family: str):
+    def __init__(self, control: Any, layers: tuple[LayerInfo, ...], adapter: ModelAdapter):
         super().__init__(control, layers, control.steps)
-        self.family = family
+        self.adapter = adapter
         self.tag = new_tag(control.type_name)
         self.index = RowIndex()  # the tagged rows' positions as index tensors, per device
 

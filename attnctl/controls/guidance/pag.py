@@ -63,7 +63,7 @@ class PAG(PerturbingControl, type_name="pag"):
         set_field(self, "steps", validate_steps(self.steps, name="PAG.steps"))
 
     def bind(self, context) -> _PAGBound:
-        return _PAGBound(self, context.layers, context.adapter.family)
+        return _PAGBound(self, context.layers, context.adapter)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"perturb": the perturbed rows' attention is replaced (none while scale is 0)."""
@@ -71,15 +71,15 @@ class PAG(PerturbingControl, type_name="pag"):
 
 
 class _PAGBound(PerturbingBound):
-    def __init__(self, control: PAG, layers, family: str):
-        super().__init__(control, layers, family)
+    def __init__(self, control: PAG, layers, adapter: ModelAdapter):
+        super().__init__(control, layers, adapter)
         self._edit = Edit(hooks=(IdentityAttention(self.tag, self.index),))
 
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: DenoiserCall) -> torch.Tensor:
         control = self.control
         if control.adaptive_scale == 0:
             return control.scale * (cond - perturbed)
-        t = timestep_1000(frame, self.family).to(cond.device)
+        t = timestep_1000(frame, self.adapter).to(cond.device)
         scale = (control.scale - control.adaptive_scale * (1000.0 - t)).clamp(min=0.0)
         return scale.to(cond.dtype) * (cond - perturbed)
 

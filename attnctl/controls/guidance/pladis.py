@@ -17,7 +17,6 @@ so `backend="auto"` routes these layers to a backend that can and says so in `ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall
@@ -45,7 +44,6 @@ class PLADIS(Control, type_name="pladis"):
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
 
-    kernel_features: ClassVar[tuple[str, ...]] = ("sparse", "query_range")
 
     def __post_init__(self) -> None:
         set_field(self, "scale", number(self.scale, "PLADIS.scale", minimum=0))

@@ -41,7 +41,7 @@ from ...selection import select_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex, keep_kinds
-from .common import PERTURBABLE_KINDS, bias_block, default_perturbed_layers, new_tag
+from .common import PERTURBABLE_KINDS, bias_block, new_tag
 
 MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
 BLUR_KERNEL = 9
@@ -71,7 +71,7 @@ class SAG(Control, type_name="sag"):
         """The first self- / joint attention layer of PAG's default layers: UNet
         `mid_block.attentions.0.transformer_blocks.0.attn1` (the SAG pipeline's), SD3 `transformer_blocks.1.attn`,
         PixArt `transformer_blocks.1.attn1`, Flux the middle double block's `attn`."""
-        layers = select_layers(adapter.layers, None, default=default_perturbed_layers(adapter, "SAG"), owner="SAG")
+        layers = select_layers(adapter.layers, None, default=adapter.perturbed_layers(), owner="SAG")
         return next(layer.name for layer in layers if layer.kind in PERTURBABLE_KINDS)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
@@ -97,7 +97,7 @@ class _SAGBound(Bound):
     def __init__(self, control: SAG, context):
         super().__init__(control, context.layers, control.steps)
         self.tag = new_tag("sag")
-        self.family = context.adapter.family
+        self.adapter = context.adapter
         self.scheduler = getattr(context.pipeline, "scheduler", None)
         self.hook = CaptureReceived(self)
         self.index = RowIndex()
@@ -126,7 +126,7 @@ class _SAGBound(Bound):
         sample = sample.index_select(0, self.index(source, sample.device))
         prediction = first.prediction.index_select(0, self.index(source, first.prediction.device))
         degraded = degrade(
-            sample, prediction, received, self.hw, frame.canvas, self.family, self.scheduler, (frame.inputs or {}).get("timestep")
+            sample, prediction, received, self.hw, frame.canvas, self.adapter, self.scheduler, (frame.inputs or {}).get("timestep")
         )
         inputs = first.select(source)
         inputs[first.main_input] = degraded.to(sample.dtype)
@@ -288,44 +288,24 @@ def noise_level(scheduler: Any, timestep: Any) -> NoiseLevel:
     return NoiseLevel("vp", torch.as_tensor(alphas)[t.long().cpu()].double(), prediction)
 
 
-def to_image(tokens: torch.Tensor, canvas: Canvas, family: str) -> torch.Tensor:
-    """The denoiser's latent input as (B, C, H, W): Flux packs 2 x 2 latent patches into tokens."""
-    if family != "flux":
-        return tokens
-    batch, n, channels = tokens.shape
-    rows, cols = canvas.token_hw
-    if rows * cols != n:
-        raise CallLayoutError(f"SAG: {n} Flux tokens for a {rows}x{cols} grid")
-    latent = tokens.view(batch, rows, cols, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return latent.reshape(batch, channels // 4, rows * 2, cols * 2)
-
-
-def from_image(images: torch.Tensor, family: str) -> torch.Tensor:
-    if family != "flux":
-        return images
-    batch, channels, height, width = images.shape
-    packed = images.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
 def degrade(
     sample: torch.Tensor,
     prediction: torch.Tensor,
     received: torch.Tensor,
     grid_hw: tuple[int, int],
     canvas: Canvas,
-    family: str,
+    adapter: ModelAdapter,
     scheduler: Any,
     timestep: Any,
 ) -> torch.Tensor:
     """SAG's degraded denoiser input for `sample` (the rows' input) and `prediction` (their output)."""
     level = noise_level(scheduler, timestep)
-    image = to_image(sample, canvas, family)
-    output = to_image(prediction, canvas, family)[:, : image.shape[1]]  # learned-sigma models: the first half
+    image = adapter.latent_image(sample, canvas)
+    output = adapter.latent_image(prediction, canvas)[:, : image.shape[1]]  # learned-sigma models: the first half
     x0, eps = level.split(image, output)
     height, width = grid_hw
     mask = (received > MASK_THRESHOLD).float().reshape(-1, 1, height, width)
     mask = F.interpolate(mask, size=image.shape[-2:])  # nearest, as the SAG pipeline
     blurred = gaussian_blur(x0)
     mixed = blurred * mask + x0 * (1 - mask)
-    return from_image(level.noise(mixed, eps), family)
+    return adapter.packed_latents(level.noise(mixed, eps))

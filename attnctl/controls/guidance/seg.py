@@ -60,7 +60,7 @@ class SEG(PerturbingControl, type_name="seg"):
         set_field(self, "steps", validate_steps(self.steps, name="SEG.steps"))
 
     def bind(self, context) -> _SEGBound:
-        return _SEGBound(self, context.layers, context.adapter.family)
+        return _SEGBound(self, context.layers, context.adapter)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"query": the perturbed rows' image queries are blurred over the grid (none while scale is 0)."""
@@ -68,8 +68,8 @@ class SEG(PerturbingControl, type_name="seg"):
 
 
 class _SEGBound(PerturbingBound):
-    def __init__(self, control: SEG, layers, family: str):
-        super().__init__(control, layers, family)
+    def __init__(self, control: SEG, layers, adapter: ModelAdapter):
+        super().__init__(control, layers, adapter)
         self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma, self.index),))
 
     def edit(self, layer, frame: DenoiserCall) -> Edit | None:

@@ -31,30 +31,12 @@ import torch
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
-from ...instance import Wrapped, wrap_method
 from ...steps import validate_steps
 from ...validation import set_field
 from .common import PerturbingBound, PerturbingControl
 
-#: Transformer-block classes whose forward returns `hidden_states` or `(encoder_hidden_states, hidden_states)`.
-BLOCK_CLASSES: tuple[str, ...] = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock", "BasicTransformerBlock")
-INDEXED_FAMILIES: tuple[str, ...] = ("sd3", "pixart", "flux")
-#: Per block class, the forward arguments that hold one row per batch row (or one row for all).
-BATCHED_ARGUMENTS: dict[str, tuple[str, ...]] = {
-    "JointTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
-    "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
-    "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
-    "BasicTransformerBlock": (
-        "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep", "class_labels",
-    ),
-}
 #: Arguments that are dicts of extra inputs: re-indexed only when they hold no tensor.
 DICT_ARGUMENTS: tuple[str, ...] = ("joint_attention_kwargs", "cross_attention_kwargs", "added_cond_kwargs")
-
-
-def transformer_blocks(denoiser: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Skippable blocks by module path, in model order."""
-    return {name: module for name, module in denoiser.named_modules() if type(module).__name__ in BLOCK_CLASSES}
 
 
 @dataclass(frozen=True)
@@ -88,11 +70,11 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
 
     def block_paths(self, adapter: ModelAdapter) -> tuple[str, ...]:
         """The module path of every selected block; raises SelectionError naming the blocks there are."""
-        available = transformer_blocks(adapter.denoiser)
+        available = adapter.transformer_blocks()
         paths = []
         for block in self.blocks:
             if isinstance(block, int):
-                if adapter.family not in INDEXED_FAMILIES:
+                if not adapter.indexed_blocks:
                     raise SelectionError(
                         f"SkipLayer: integer block {block} means nothing on a {adapter.family} denoiser; name the blocks "
                         f"by path, e.g. {_some(available)} (the defaults 7, 8, 9 are SD3.5-Medium's)"
@@ -133,22 +115,21 @@ def _some(available: dict[str, Any], limit: int = 6) -> str:
 
 
 class _SkipBound(PerturbingBound):
+    """Wraps the forward of each skipped block for the pipeline call (`BindContext.wrap_method`: the handle owns
+    and undoes the wraps)."""
+
     def __init__(self, control: SkipLayer, context):
-        super().__init__(control, context.layers, context.adapter.family)
-        self._wraps: list[Wrapped] = []
+        super().__init__(control, context.layers, context.adapter)
         if control.scale == 0:
             return
-        modules = transformer_blocks(context.adapter.denoiser)
-        try:
-            for path in control.block_paths(context.adapter):
-                self._wraps.append(wrap_method(modules[path], "forward", self._make(modules[path], context.current_frame)))
-        except BaseException:
-            self.finish()
-            raise
+        modules = context.adapter.transformer_blocks()
+        for path in control.block_paths(context.adapter):
+            context.wrap_method(modules[path], "forward", self._make(modules[path], context.current_frame))
 
     def _make(self, module: torch.nn.Module, current_frame):
         tag = self.tag
-        kind = type(module).__name__
+        batched = self.adapter.block_inputs.get(type(module).__name__, ("hidden_states",))
+        two_streams = type(module).__name__ in self.adapter.text_stream_blocks
         index = self.index
 
         def make(original):
@@ -164,10 +145,10 @@ class _SkipBound(PerturbingBound):
                 hidden, context = arguments.get("hidden_states"), arguments.get("encoder_hidden_states")
                 batch = hidden.shape[0]
                 if len(rows) == batch:  # every row skips the block: it does not run
-                    return skipped_output(module, hidden, context)
+                    return skipped_output(module, hidden, context, two_streams)
                 skipped = set(rows)
                 kept = tuple(i for i in range(batch) if i not in skipped)
-                narrow = _rebatch(kind, arguments, batch, index(kept, hidden.device))
+                narrow = _rebatch(batched, arguments, batch, index(kept, hidden.device))
                 if narrow is None or len(frame.rows) != batch:
                     return skip_rows(original(*args, **kwargs), hidden, context, index(rows, hidden.device))
                 layout = frame.rows
@@ -184,15 +165,14 @@ class _SkipBound(PerturbingBound):
         return make
 
     def finish(self) -> None:
-        while self._wraps:
-            self._wraps.pop().unwrap()
         self.index.clear()
 
 
-def _rebatch(kind: str, arguments: dict[str, Any], batch: int, kept: torch.Tensor) -> dict[str, Any] | None:
-    """The block's arguments for the rows `kept` only, or None when some input cannot be re-indexed safely."""
+def _rebatch(batched: tuple[str, ...], arguments: dict[str, Any], batch: int, kept: torch.Tensor) -> dict[str, Any] | None:
+    """The block's arguments for the rows `kept` only (`batched`: the block's arguments with one row per batch row),
+    or None when some input cannot be re-indexed safely."""
     narrow = dict(arguments)
-    for name in BATCHED_ARGUMENTS.get(kind, ("hidden_states",)):
+    for name in batched:
         value = arguments.get(name)
         if not isinstance(value, torch.Tensor) or value.ndim == 0 or value.shape[0] == 1:
             continue
@@ -206,10 +186,10 @@ def _rebatch(kind: str, arguments: dict[str, Any], batch: int, kept: torch.Tenso
     return narrow
 
 
-def skipped_output(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor | None) -> Any:
+def skipped_output(module: torch.nn.Module, hidden: torch.Tensor, context: torch.Tensor | None, two_streams: bool) -> Any:
     """What a block returns when every row skips it: its inputs (a last SD3 block, `context_pre_only`, returns no
     text stream)."""
-    if type(module).__name__ == "BasicTransformerBlock":
+    if not two_streams:
         return hidden
     return (None if getattr(module, "context_pre_only", False) else context), hidden
 

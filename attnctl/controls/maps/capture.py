@@ -20,7 +20,6 @@ softmax of those rows).
 from __future__ import annotations
 
 import re
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +30,6 @@ from ...control import BindContext, Bound, Control
 from ...denoiser_call import DenoiserCall
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
-from ...instance import Wrapped, wrap_method
 from ...kernels.spec import AttentionSpec
 from ...processors.chain import token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
@@ -64,7 +62,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
     key: str = "attention_maps"
 
     needs_words: ClassVar[bool] = True
-    kernel_features: ClassVar[tuple[str, ...]] = ()
+    needs_images: ClassVar[bool] = True  # the maps are drawn over the generated images
 
     def __post_init__(self) -> None:
         words = (self.words,) if isinstance(self.words, (str, int)) else self.words
@@ -199,7 +197,7 @@ class AttentionMapsBound(Bound):
         super().__init__(control, context.layers, control.steps)
         self.key = control.key
         self.outputs = context.outputs
-        publish(context, self.key, None, "AttentionMaps")  # claimed for this call; the result replaces it at the end
+        publish(context, self.key, None)  # claimed for this call; the result replaces it at the end
         self.labels = tuple(word_label(w) for w in control.words)
         self.text_len = context.canvas.text_len
         self.device = context.device
@@ -231,8 +229,7 @@ class AttentionMapsBound(Bound):
         self.layer_names = tuple(layer.name for layer in context.layers)
         self.hook = _CaptureHook(self)
         self._edit = Edit(hooks=(self.hook,))
-        self.pipeline = context.pipeline
-        self.tap: ImageTap | None = None  # attached at the first capture, so a failing bind leaves nothing behind
+        self.call_images = context.call_images
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if not frame.rows.indices("cond", None):
@@ -256,9 +253,6 @@ class AttentionMapsBound(Bound):
             prompts.append(prompt)
         if not batch_rows:
             return
-        if self.tap is None and self.pipeline is not None:
-            self.tap = ImageTap.attach(self.pipeline, self)
-            self.pipeline = None
         geometry = call.geometry
         image = geometry.image_slice
         if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.query_len):
@@ -298,8 +292,8 @@ class AttentionMapsBound(Bound):
             self.contributions[prompt] += 1
 
     def finish(self) -> None:
-        images = self.tap.detach(self) if self.tap is not None else None
-        self.tap, self.pipeline = None, None
+        shown = self.call_images()
+        images = _to_pil(shown) if shown is not None else None
         self.index.clear()
         maps = self.sums.float()
         if tuple(maps.shape[-2:]) != self.resolution:
@@ -366,57 +360,6 @@ def _segments(query_range: tuple[int, int] | None, image: slice, n_image: int) -
 
 
 # -- the generated images ---------------------------------------------------------------------------------
-class ImageTap:
-    """Sees the images a pipeline call produces, to draw maps over them.
-
-    Pipelines return images only from `__call__`, which cannot be wrapped at instance level; they all pass
-    the decoded images through `pipe.image_processor.postprocess` first. The tap wraps that method at
-    instance level from the first capture of a call and restores it exactly when the last listener detaches
-    (at `Bound.finish`: the end of the call, the start of the next one after an error, or `handle.remove()`).
-    One wrapper per image processor, shared by all listeners.
-    """
-
-    _taps: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-        self.listeners: dict[int, list[Any] | None] = {}
-        self.record: Wrapped = wrap_method(processor, "postprocess", self._make)
-
-    @classmethod
-    def attach(cls, pipeline: Any, listener: Any) -> ImageTap | None:
-        """Start listening to `pipeline`'s images (None when it has no image processor)."""
-        processor = getattr(pipeline, "image_processor", None)
-        if processor is None or not callable(getattr(processor, "postprocess", None)):
-            return None
-        tap = cls._taps.get(processor)
-        if tap is None:
-            tap = cls._taps[processor] = cls(processor)
-        tap.listeners[id(listener)] = None
-        return tap
-
-    def _make(self, original: Any) -> Any:
-        def postprocess(image: Any, output_type: str = "pil", *args: Any, **kwargs: Any) -> Any:
-            result = original(image, output_type, *args, **kwargs)
-            if self.listeners and output_type != "latent":
-                pictures = _to_pil(result)
-                for key in self.listeners:
-                    self.listeners[key] = pictures
-            return result
-
-        return postprocess
-
-    def detach(self, listener: Any) -> list[Any] | None:
-        """Stop listening; returns the images seen. The last listener restores `postprocess`."""
-        self.listeners.setdefault(id(listener), None)
-        images = self.listeners.pop(id(listener))
-        if not self.listeners:
-            self.record.unwrap()
-            if ImageTap._taps.get(self.processor) is self:
-                del ImageTap._taps[self.processor]
-        return images
-
-
 def _to_pil(result: Any) -> list[Any] | None:
     """PIL images from what `postprocess` returned (a list of PIL images, an array or a tensor in [0, 1])."""
     from PIL import Image
@@ -488,4 +431,4 @@ def slug(word: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", word).strip("_").lower() or "word"
 
 
-__all__ = ["AttentionMapResult", "AttentionMaps", "ImageTap", "describe_query", "word_attention", "word_label"]
+__all__ = ["AttentionMapResult", "AttentionMaps", "describe_query", "word_attention", "word_label"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,24 +38,6 @@ NEG_INF = float("-inf")
 
 
 # -- region keys and values in a cross-attention layer ---------------------------------------------------------------
-def project_context(attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (R, H, T, D) of text `context` (R, T, C) as the layer's processor computes them."""
-    if attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    if getattr(attn, "fused_projections", False):
-        kv = attn.to_kv(context)
-        key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
-    else:
-        key, value = attn.to_k(context), attn.to_v(context)
-    head_dim = key.shape[-1] // attn.heads
-    key = key.view(context.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(context.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
-    original = getattr(getattr(attn, "processor", None), "original", None)
-    if attn.norm_k is not None and type(original).__name__ != "IPAdapterAttnProcessor2_0":  # as the processor does
-        key = attn.norm_k(key)
-    return key, value
-
-
 def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
     for parameter in module.parameters():
         return parameter.dtype
@@ -114,7 +96,7 @@ class CrossHook(LayerHook):
         rows = bound.index(cond, q.device)
         qc = q.index_select(0, rows)
         batch, heads, _, head_dim = qc.shape
-        keys, values = project_context(call.module, bound.text_embeds(q.device, _weight_dtype(call.module)))
+        keys, values = call.module.processor.project_context(call.module, bound.text_embeds(q.device, _weight_dtype(call.module)))
         keys, values = keys.to(q.dtype), values.to(v.dtype)
         padding = bound.text_bias(q.device, q.dtype)  # (R, 1, 1, T) or None
         total = keys.new_zeros(batch, heads, n, head_dim, dtype=torch.float32)

@@ -15,15 +15,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from ...control import BindContext, Bound, Control, _plain
+from ...control import BindContext, Bound, Control, EncodedText, _plain
 from ...denoiser_call import DenoiserCall, RowLayout
-from ...errors import CallLayoutError, ConfigError, UnsupportedError
+from ...errors import CallLayoutError, ConfigError
 from ...families.base import Geometry, LayerInfo, ModelAdapter
-from ...pipelines.prompts import RegionText, encode_region_prompts
 from ...processors.edit import AttentionCall, Edit
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
@@ -42,9 +41,6 @@ from .attention import (
 )
 from .masks import GridLayout, grid_layout
 from .region import Region
-
-FAMILIES: tuple[str, ...] = ("unet", "pixart", "sd3", "flux")
-JOINT_FAMILIES: tuple[str, ...] = ("sd3", "flux")
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,6 @@ class Regions(Control, type_name="regions"):
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
 
-    slots: ClassVar[tuple[str, ...]] = ("regions",)
-    kernel_features: ClassVar[tuple[str, ...]] = ("labels",)
 
     def __post_init__(self) -> None:
         regions = self.regions
@@ -106,7 +100,7 @@ class Regions(Control, type_name="regions"):
 
     # -- layers --------------------------------------------------------------------------------------------------
     def default_layers(self, adapter: ModelAdapter) -> tuple[str, ...]:
-        kinds = ["joint"] if adapter.family in JOINT_FAMILIES else ["cross"]
+        kinds = [adapter.text_attention]
         if self.isolate:
             kinds.append("self")
         present = {layer.kind for layer in adapter.layers}
@@ -115,14 +109,10 @@ class Regions(Control, type_name="regions"):
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         """The selected layers, plus (SD3, Flux) every joint layer: region tokens must be hidden where not selected."""
         chosen = super().select(adapter)
-        if adapter.family not in JOINT_FAMILIES:
+        if adapter.text_attention != "joint":
             return chosen
         indices = {layer.index for layer in chosen}
         return tuple(layer for layer in adapter.layers if layer.index in indices or layer.kind == "joint")
-
-    def validate_for(self, adapter: ModelAdapter) -> None:
-        if adapter.family not in FAMILIES:
-            raise UnsupportedError(f"attnctl: Regions supports the families {', '.join(FAMILIES)}, not {adapter.family!r}")
 
     @property
     def isolating(self) -> bool:
@@ -133,13 +123,14 @@ class Regions(Control, type_name="regions"):
         """What Regions does at `layer` (the roles of `RegionsBound`): on SD3 / Flux "region_tokens" on every
         joint layer while region prompts act (their tokens are in the sequence there), "labels" on the joint
         layers it selects (the masked joint softmax, or isolation); "labels" on the self-attention layers it
-        isolates; nothing on cross-attention layers (the region attentions are separate ops in a hook)."""
+        isolates; "region_prompts" on the cross-attention layers where region prompts act (separate attentions in a
+        hook)."""
         prompts_act = self.base_ratio < 1.0
         selected = {info.index for info in Control.select(self, adapter)}
         here = layer.index in selected
         effects: list[str] = []
         if layer.kind == "joint":
-            tokens = adapter.family in JOINT_FAMILIES and prompts_act and any(
+            tokens = adapter.text_attention == "joint" and prompts_act and any(
                 info.kind == "joint" and info.index in selected for info in adapter.layers
             )
             if here and (prompts_act or self.isolating):
@@ -148,6 +139,8 @@ class Regions(Control, type_name="regions"):
                 effects.append("region_tokens")
         elif layer.kind == "self" and here and self.isolating:
             effects.append("labels")
+        elif layer.kind == "cross" and here and prompts_act:
+            effects.append("region_prompts")
         return tuple(effects)
 
     def bind(self, context: BindContext) -> Bound:
@@ -202,7 +195,7 @@ class RegionsBound(Bound):
 
     def __init__(self, control: Regions, context: BindContext, selected: tuple[LayerInfo, ...]):
         adapter = context.adapter
-        self.family = adapter.family
+        self.adapter = adapter
         self.base_ratio = float(control.base_ratio)
         self.shapes = tuple(region.shape for region in control.regions)
         self.subjects = tuple(region.subject for region in control.regions)
@@ -217,7 +210,7 @@ class RegionsBound(Bound):
                 roles[layer.index] = "joint"
             elif layer.kind == "self" and self.isolating:
                 roles[layer.index] = "isolate"
-        self.tokens = self.family in JOINT_FAMILIES and prompts_act and "joint" in roles.values()
+        self.tokens = adapter.text_attention == "joint" and prompts_act and "joint" in roles.values()
         if self.tokens:
             for layer in adapter.layers:
                 if layer.kind == "joint" and layer.index not in roles:
@@ -227,9 +220,9 @@ class RegionsBound(Bound):
         self.device = context.device
         self.denoiser = adapter.denoiser
         self.base_text_len = context.canvas.text_len
-        self.text: RegionText | None = None
+        self.text: EncodedText | None = None
         if roles and (self.tokens or "cross" in roles.values()):
-            self.text = encode_region_prompts(context, [region.prompt for region in control.regions])
+            self.text = context.encode_prompts([region.prompt for region in control.regions])
         self.cross_hook = CrossHook(self)
         self.joint_hook = JointHook(self)
         self.hidden_hook = HiddenHook(self)
@@ -257,20 +250,8 @@ class RegionsBound(Bound):
         if key not in self._cache:
             embeds = self.text.embeds.to(device=device, dtype=dtype)
             with torch.no_grad():
-                self._cache[key] = self._project_captions(embeds)
+                self._cache[key] = self.adapter.project_text(embeds)
         return self._cache[key]
-
-    def _project_captions(self, embeds: torch.Tensor) -> torch.Tensor:
-        denoiser = self.denoiser
-        if self.family == "pixart" and getattr(denoiser, "caption_projection", None) is not None:
-            return denoiser.caption_projection(embeds)
-        if self.family == "unet" and getattr(denoiser, "encoder_hid_proj", None) is not None:
-            kind = getattr(denoiser.config, "encoder_hid_dim_type", None)
-            if kind == "text_proj":
-                return denoiser.encoder_hid_proj(embeds)
-            if kind != "ip_image_proj":
-                raise UnsupportedError(f"attnctl: Regions does not support a UNet whose encoder_hid_dim_type is {kind!r}")
-        return embeds
 
     def text_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """(R, 1, 1, T) additive padding bias of the region prompts (PixArt's T5 mask), as the model builds its own."""
@@ -403,23 +384,7 @@ class RegionsBound(Bound):
         block = embeds.reshape(1, -1, context.shape[-1]).expand(context.shape[0], -1, -1)
         cond = frame.rows.mask("cond", device=context.device)[:, None, None]
         block = torch.where(cond, block, torch.zeros_like(block))
-        changed = dict(inputs)
-        changed["encoder_hidden_states"] = torch.cat([context, block], dim=1)
-        if self.family == "flux":
-            changed["txt_ids"] = self._extend_ids(inputs.get("txt_ids"))
-        return changed
-
-    def _extend_ids(self, ids: Any) -> torch.Tensor:
-        if not isinstance(ids, torch.Tensor) or ids.shape[-2] != self.base_text_len:
-            raise CallLayoutError(f"attnctl: Regions expected Flux txt_ids with {self.base_text_len} rows, got {getattr(ids, 'shape', ids)}")
-        length = self.text.length
-        if bool((ids == 0).all()):
-            extra_one = torch.zeros(ids.shape[:-2] + (length, ids.shape[-1]), dtype=ids.dtype, device=ids.device)
-        elif length <= ids.shape[-2]:  # region text takes the positions the base text has
-            extra_one = ids[..., :length, :]
-        else:
-            raise UnsupportedError("attnctl: Regions cannot place region text ids longer than the base text's non-zero ids")
-        return torch.cat([ids] + [extra_one] * len(self.shapes), dim=-2)
+        return self.adapter.append_text(inputs, block, segments=len(self.shapes))
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         role = self.roles.get(layer.index)

@@ -37,10 +37,6 @@ from .merging import MergePlan, agent_attention, cell_destinations, derived_seed
 if TYPE_CHECKING:
     from ...families.base import Geometry
 
-#: Families whose attention layers token reduction can act on (Flux: see `_refuse_family`).
-FAMILIES: tuple[str, ...] = ("unet", "pixart", "sd3")
-
-
 # -- the report -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReductionRecord:
@@ -180,11 +176,11 @@ class _Reducer:
 
 
 def _refuse_family(owner: str, adapter: ModelAdapter) -> None:
-    if adapter.family not in FAMILIES:
+    if adapter.rotary:
         raise UnsupportedError(
             f"attnctl: {owner} does not support the {adapter.family} family: its attention applies rotary position "
-            "embeddings per image token and its single blocks carry the text inside the token sequence, so merged "
-            f"tokens have no position; supported families: {', '.join(FAMILIES)}"
+            "embeddings per image token, so merged tokens have no position; it supports families without rotary "
+            "image positions (SD / SDXL, SD3, PixArt)"
         )
 
 
@@ -235,7 +231,6 @@ class ToMe(_Reducer, Control, type_name="tome"):
     seed: int = 0
     key: str = "tome"
 
-    slots: ClassVar[tuple[str, ...]] = ("tokens",)
 
     def __post_init__(self) -> None:
         set_field(self, "stride", _stride(self.stride, "ToMe.stride"))
@@ -243,7 +238,7 @@ class ToMe(_Reducer, Control, type_name="tome"):
         _validate_common(self, "ToMe")
 
     def kinds(self, adapter: ModelAdapter) -> tuple[str, ...]:
-        return ("self", "joint") if adapter.family == "sd3" else ("self",)
+        return ("self", "joint") if adapter.text_attention == "joint" else ("self",)
 
     def default_layers(self, adapter: ModelAdapter) -> tuple[str, ...]:
         return _highest_resolution(adapter, self.kinds(adapter))
@@ -296,7 +291,6 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     shortcut: float = 0.075
     key: str = "agent_attention"
 
-    slots: ClassVar[tuple[str, ...]] = ("tokens",)
 
     def __post_init__(self) -> None:
         set_field(self, "stride", _stride(self.stride, "AgentAttention.stride"))
@@ -347,7 +341,7 @@ class _ReductionBound(Bound):
     def __init__(self, control: ToMe | AgentAttention, context: BindContext):
         super().__init__(control, context.layers, control.steps)
         self.report = TokenReductionReport(type(control).__name__)
-        publish(context, control.key, self.report, type(control).__name__)
+        publish(context, control.key, self.report)
         self.index = RowIndex()
         self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -382,7 +376,6 @@ class _CallState:
 class _ReductionHook(LayerHook):
     """Merge before the projections, attend (with agents or not), unmerge after the output projection."""
 
-    slot: ClassVar[str | None] = "tokens"
     innermost: ClassVar[bool] = True
 
     def __init__(self, bound: _ReductionBound, phase: _Phase):
@@ -432,7 +425,8 @@ class _ReductionHook(LayerHook):
                     f"through agent tokens; it cannot carry out {', '.join(spec.features())} asked by another control "
                     "or the model on the same layer; give them disjoint layers or use ToMe there"
                 )
-            agents = _project_queries(call.module, state.agents, heads, dim)
+            agents = call.module.processor.project_queries(call.module, state.agents)
+
             def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
                 return compute(q_, k_, v_, AttentionSpec())[0]  # default scale: agent_attention pre-scales
 
@@ -461,19 +455,6 @@ class _ReductionHook(LayerHook):
         if isinstance(result, tuple):  # joint layers: (image, text[, ...]); only the image tokens were merged
             return (state.plan.unmerge(result[0]), *result[1:])
         return state.plan.unmerge(result)
-
-
-def _project_queries(attn: Any, hidden: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
-    """The layer's own query path for the agent tokens: projection, heads, qk-norm as the processor does it."""
-    if getattr(attn, "fused_projections", False) and getattr(attn, "to_qkv", None) is not None:
-        q = attn.to_qkv(hidden)[..., : heads * dim]
-    else:
-        q = attn.to_q(hidden)
-    q = q.view(hidden.shape[0], -1, heads, dim).transpose(1, 2)
-    original = type(getattr(getattr(attn, "processor", None), "original", None)).__name__
-    if getattr(attn, "norm_q", None) is not None and original != "FusedJointAttnProcessor2_0":
-        q = attn.norm_q(q)
-    return q
 
 
 def _merged_spec(spec: AttentionSpec, plan: MergePlan, geometry: Geometry, layer: LayerInfo) -> AttentionSpec:
