@@ -30,6 +30,7 @@ from .errors import (
 )
 from .handle import Handle, apply
 from .prompt_weights import parse_prompt
+from .render.calibrate import calibrate
 from .render.generate import Generation, Model, generate
 from .render.loading import load_pipeline
 
@@ -42,4 +43,4 @@ __all__ += ["PAG", "PLADIS", "SAG", "SEG", "SkipLayer"]
 __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
-__all__ += ["FastAttn", "FastAttnPlan", "TGate"]
+__all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]

@@ -139,7 +139,7 @@ def make_controls(method: str, pipe, options: dict[str, Any], args) -> tuple[lis
     control = attnctl.FastAttn(threshold=args.threshold, window=args.window, techniques=techniques)
     start = time.perf_counter()
     with torch.inference_mode():
-        plan = control.calibrate(pipe, CALIBRATION_PROMPTS, backend=args.backend, generator=torch.Generator().manual_seed(1), **options)
+        plan = attnctl.calibrate(control, pipe, CALIBRATION_PROMPTS, backend=args.backend, generator=torch.Generator().manual_seed(1), **options)
     return [attnctl.FastAttn(plan=plan)], time.perf_counter() - start
 
 

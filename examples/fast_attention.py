@@ -59,7 +59,7 @@ def main() -> None:
         control = attnctl.FastAttn(plan=attnctl.FastAttnPlan.load(args.plan))
     else:
         calibrate = attnctl.FastAttn(threshold=args.threshold, window=args.window)
-        plan = calibrate.calibrate(pipe, CALIBRATION, generator=torch.Generator().manual_seed(1), **options)
+        plan = attnctl.calibrate(calibrate, pipe, CALIBRATION, generator=torch.Generator().manual_seed(1), **options)
         path = os.path.join(args.out, "plan.json")
         plan.save(path)
         print(f"calibrated on {len(CALIBRATION)} prompts; plan saved to {path}: {plan.counts()}")

@@ -312,7 +312,7 @@ def test_no_host_syncs_in_the_hot_path(name, make, monkeypatch):
 
 def test_no_host_syncs_with_a_fastattn_plan(monkeypatch):
     pipe = make_tiny_pipeline("tiny-pixart")
-    plan = attnctl.FastAttn(threshold=0.5).calibrate(pipe, ["a photo of a cat"], num_inference_steps=4, guidance_scale=5.0,
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.5), pipe, ["a photo of a cat"], num_inference_steps=4, guidance_scale=5.0,
                                                    **attnctl.testing.CALL_DEFAULTS["tiny-pixart"])
     assert any(method != "full" for _, methods in plan.methods for method in methods)
     with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan), attnctl.PAG()]) as handle:

@@ -51,7 +51,7 @@ def test_calibrated_plan_reproduces_the_calibration_call(name, guidance, extra, 
     pipe = tiny_cache(name)
     stock = generate(pipe, name, steps=5, guidance=guidance, **extra)
     control = attnctl.FastAttn(threshold=0.3, window=4)
-    plan = control.calibrate(pipe, ["a photo of a cat", "a red car on the street"], num_inference_steps=5,
+    plan = attnctl.calibrate(control, pipe, ["a photo of a cat", "a red car on the street"], num_inference_steps=5,
                              guidance_scale=guidance, generator=torch.Generator().manual_seed(0), **_defaults(name), **extra)
     with attnctl.apply(pipe, [control]) as handle:
         calibrated = generate(pipe, name, steps=5, guidance=guidance, **extra)
@@ -217,7 +217,7 @@ def test_calibration_takes_the_most_compressive_choice_below_the_threshold(tiny_
 # -- plans -----------------------------------------------------------------------------------------------------------
 def test_plan_json_round_trip_and_mismatches(tiny_cache, tmp_path):
     pipe = tiny_cache("tiny-pixart")
-    plan = attnctl.FastAttn(threshold=0.3, window=(1, 1)).calibrate(pipe, "a photo of a cat", num_inference_steps=3, **_defaults("tiny-pixart"))
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.3, window=(1, 1)), pipe, "a photo of a cat", num_inference_steps=3, **_defaults("tiny-pixart"))
     path = tmp_path / "plan.json"
     plan.save(path)
     loaded = attnctl.FastAttnPlan.load(path)
@@ -269,7 +269,7 @@ def test_plan_validation(tiny_cache):
 
 def test_techniques_restrict_the_choices(tiny_cache):
     pipe = tiny_cache("tiny-sd3")
-    plan = attnctl.FastAttn(threshold=10.0, techniques=("cfg_share",)).calibrate(pipe, "a cat", num_inference_steps=3, **_defaults("tiny-sd3"))
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=10.0, techniques=("cfg_share",)), pipe, "a cat", num_inference_steps=3, **_defaults("tiny-sd3"))
     assert set(m for _, methods in plan.methods for m in methods) == {"cfg_share"}
 
 

@@ -312,24 +312,6 @@ class FastAttn(Control, type_name="fastattn"):
     def bind(self, context: BindContext) -> Bound:
         return FastAttnBound(self, context)
 
-    def calibrate(self, pipe: Any, prompts: str | Sequence[str], *, backend: str = "auto", **call_kwargs: Any) -> FastAttnPlan:
-        """Run `pipe` once on `prompts` (one batch) with calibration on, and return the plan.
-
-        `call_kwargs` go to the pipeline call (num_inference_steps, height, width, guidance_scale, generator, ...);
-        the plan is made for exactly that number of steps and resolution. The pipeline must not have a live handle.
-        """
-        from ..handle import apply
-
-        control = dataclasses.replace(self, plan=None, window=self.window_size)
-        call_kwargs.setdefault("output_type", "latent")
-        prompt = [prompts] if isinstance(prompts, str) else list(prompts)
-        with apply(pipe, [control], backend=backend) as handle:
-            pipe(prompt, **call_kwargs)
-            report = handle.outputs.get(control.key)
-        if report is None or report.plan is None:
-            raise ConfigError("FastAttn.calibrate: the pipeline call ran no denoising step, so no plan was made")
-        return report.plan
-
 
 # -- one pipeline call -------------------------------------------------------------------------------------------
 class _LayerState:

@@ -10,7 +10,7 @@ outputs are bitwise identical to stock.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,18 @@ from .edit import AttentionCall, Edit
 
 if TYPE_CHECKING:
     from ..families.base import LayerInfo
-    from ..pipelines.runtime import Runtime
+
+
+class Runtime(Protocol):
+    """What a controlled processor asks of the handle's per-call state (`attnctl.pipelines.runtime.Runtime`)."""
+
+    backend: str
+
+    def edit_for(self, layer: LayerInfo) -> Edit | None: ...
+
+    def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall: ...
+
+    def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str: ...
 
 
 class ControlledProcessor:

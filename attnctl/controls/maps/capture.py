@@ -19,7 +19,6 @@ softmax of those rows).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +37,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
+from .heatmap import save_maps
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -422,13 +422,7 @@ class AttentionMapResult:
         """Write, per image i, `image{i}_{word}.png` (heatmap over the image) and `image{i}_grid.png` (the
         image and every word's heatmap, names below); returns the paths. `scaling`: "max" (each map divided by
         its maximum) or "minmax". Without decoded images (`output_type="latent"`) the heatmaps stand alone."""
-        from .heatmap import save_maps
-
-        return save_maps(self, directory, scaling)
-
-
-def slug(word: str) -> str:
-    return re.sub(r"[^0-9A-Za-z]+", "_", word).strip("_").lower() or "word"
+        return save_maps(self.maps, self.words, self.images, directory, scaling)
 
 
 __all__ = ["AttentionMapResult", "AttentionMaps", "describe_query", "word_attention", "word_label"]

@@ -9,13 +9,12 @@ numbers stay in the result's `maps`. The colour map is a piecewise-linear approx
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+import re
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from .capture import AttentionMapResult
 
 # (position, (r, g, b)) anchors of the "inferno" colour map
 _INFERNO = (
@@ -92,23 +91,29 @@ def grid(tiles: list[tuple[str, Any]]) -> Any:
     return canvas
 
 
-def save_maps(result: AttentionMapResult, directory: str, scaling: str = "max") -> list[str]:
-    """Per image i: `image{i}_{word}.png` for each word (heatmap over the image) and `image{i}_grid.png`."""
-    from .capture import slug
+def slug(word: str) -> str:
+    """A file-name part for a word label."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", word).strip("_").lower() or "word"
 
+
+def save_maps(
+    maps: torch.Tensor, words: Sequence[str], images: Sequence[Any] | None, directory: str, scaling: str = "max"
+) -> list[str]:
+    """Per image i of `maps` (images, words, H, W): `image{i}_{word}.png` for each word (heatmap over the image,
+    when `images` has one) and `image{i}_grid.png`."""
     os.makedirs(directory, exist_ok=True)
     names: list[str] = []
-    for word in result.words:  # file names unique even when two words slug alike
+    for word in words:  # file names unique even when two words slug alike
         name = slug(word)
         while name in names:
             name += "_"
         names.append(name)
     written = []
-    for i in range(len(result)):
-        image = result.images[i] if result.images is not None and i < len(result.images) else None
+    for i in range(maps.shape[0]):
+        image = images[i] if images is not None and i < len(images) else None
         tiles = [("image", image)] if image is not None else []
-        for w, word in enumerate(result.words):
-            picture = heatmap(result.maps[i, w], image, scaling=scaling)
+        for w, word in enumerate(words):
+            picture = heatmap(maps[i, w], image, scaling=scaling)
             path = os.path.join(directory, f"image{i}_{names[w]}.png")
             picture.save(path)
             written.append(path)

@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 from .control import Regions, RegionsBound
-from .layout import PNG_KEY, draw_layout, load_layout, save_layout, save_mask, save_picture
+from .layout import PNG_KEY, draw_layout, save_layout, save_mask, save_picture
 from .masks import GridLayout, area_matrix, box_coverage, grid_layout, load_mask, resize_mask
 from .region import Region
+
+load_layout = Regions.from_layout  # a layout file (or its data) -> Regions
 
 __all__ = [
     "PNG_KEY", "GridLayout", "Region", "Regions", "RegionsBound", "area_matrix", "box_coverage", "draw_layout",

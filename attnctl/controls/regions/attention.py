@@ -21,29 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from ...errors import CallLayoutError, ConfigError, UnsupportedError
+from ...errors import ConfigError
 from ...kernels.spec import AttentionSpec, LabelMask
-from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
-from ...processors.edit import AttendFn, AttentionCall, LayerHook
 from ..common import spans_range
-
-if TYPE_CHECKING:
-    from .control import RegionsBound
 
 NEG_INF = float("-inf")
 
 
 # -- region keys and values in a cross-attention layer ---------------------------------------------------------------
-def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
-    for parameter in module.parameters():
-        return parameter.dtype
-    return torch.float32
-
-
 @dataclass(frozen=True)
 class RegionChunk:
     """Regions `start:stop`, each with the query cells where its weight is nonzero, padded to one length."""
@@ -76,49 +64,6 @@ def region_chunks(weights: torch.Tensor, budget: int) -> tuple[RegionChunk, ...]
     return tuple(chunks)
 
 
-class CrossHook(LayerHook):
-    """Regional prompts in a cross-attention layer (UNet, PixArt); see the module docstring."""
-
-    def __init__(self, bound: RegionsBound):
-        self.bound = bound
-
-    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
-        out, lse = compute(q, k, v, spec)
-        cond = call.rows.indices("cond")
-        if not cond:
-            return out, lse
-        bound = self.bound
-        grid = call.geometry.image_hw
-        layout = bound.layout(grid)
-        n = layout.weights.shape[1]
-        if q.shape[2] != n:
-            raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({grid[0]}x{grid[1]}) at {call.layer.name}, got {q.shape[2]}")
-        rows = bound.index(cond, q.device)
-        qc = q.index_select(0, rows)
-        batch, heads, _, head_dim = qc.shape
-        keys, values = call.module.processor.project_context(call.module, bound.text_embeds(q.device, _weight_dtype(call.module)))
-        keys, values = keys.to(q.dtype), values.to(v.dtype)
-        padding = bound.text_bias(q.device, q.dtype)  # (R, 1, 1, T) or None
-        total = keys.new_zeros(batch, heads, n, head_dim, dtype=torch.float32)
-        for chunk in bound.chunks(grid, q.device):
-            count, width = chunk.index.shape
-            gathered = qc.index_select(2, chunk.index.reshape(-1))  # (Bc, H, C*S, D)
-            gathered = gathered.view(batch, heads, count, width, head_dim).transpose(1, 2).reshape(batch * count, heads, width, head_dim)
-            ck = keys[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, heads, -1, head_dim)
-            cv = values[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, heads, -1, head_dim)
-            mask = None
-            if padding is not None:
-                mask = padding[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, 1, 1, -1)
-            # region attentions are ops of their own (other keys): the layer's other hooks do not see them
-            part, _ = backend_op(call, gathered, ck, cv, AttentionSpec(attn_mask=mask))
-            part = part.view(batch, count, heads, width, head_dim).float() * chunk.weight[None, :, None, :, None]
-            total.index_add_(2, chunk.index.reshape(-1), part.transpose(1, 2).reshape(batch, heads, count * width, head_dim))
-        keep = bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1): 1 - (1 - b) M(x)
-        blended = keep * out.index_select(0, rows).float() + (1.0 - bound.base_ratio) * total
-        return out.index_copy(0, rows, blended.to(out.dtype)), lse
-
-
-# -- joint attention ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JointSequence:
     """Token layout of a joint layer with region text appended after the base text."""
@@ -262,101 +207,3 @@ def sub_spec(
     return dataclasses.replace(
         spec, attn_mask=attn_mask, key_bias=key_bias, value_scale=value_scale, query_range=query_range, labels=labels
     )
-
-
-class JointHook(LayerHook):
-    """Regions in a joint attention layer: the masked softmax (labels in the spec), then the blend with the base.
-
-    Soft masks in joint attention (our choice; docs/methods.md states the rules for hard regions): an image token takes
-    the text of one region, its label (the region with the largest mask there if >= 1/2, ties to the later
-    region; else background), and its output is
-
-        out(x) = (1 - (1-b) M(x)) Attn_base(x) + (1-b) M(x) Attn_masked(x),
-
-    with `M(x) = sum_r m_r(x)` after overlap normalisation. For hard, non-overlapping regions this is exactly
-    docs/methods.md's "blend with the unmasked base attention by b"; a background token's masked attention equals its
-    base attention, so it is unchanged. With isolation the base attention of the blend is isolated too.
-    """
-
-    def __init__(self, bound: RegionsBound):
-        self.bound = bound
-
-    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
-        bound = self.bound
-        sequence = bound.sequence(call)
-        _check_tokens(call, q, sequence)
-        out, lse = compute(q, k, v, spec)
-        grid = call.geometry.image_hw
-        if not bound.needs_blend(grid):
-            return out, lse
-        cond = call.rows.indices("cond")
-        if not cond:
-            return out, lse
-        rows = bound.index(cond, q.device)
-        image = sequence.image_slice
-        positions = bound.base_positions(sequence, q.device)
-        labels = bound.base_labels(sequence, grid, len(cond), q.device)
-        base_spec = sub_spec(spec, rows, positions, ((image.start, image.stop),), labels, f"layer {call.layer.name}")
-        qc = q.index_select(0, rows)[:, :, image]
-        kc = k.index_select(0, rows).index_select(2, positions)
-        vc = v.index_select(0, rows).index_select(2, positions)
-        # the base attention runs through the other hooks as a sub-attention of the cond rows (PAG perturbs it too)
-        tokens = TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first, queries="image")
-        with restricted_rows(call, cond), restricted_tokens(call, tokens):
-            base, _ = compute(qc, kc, vc, base_spec)
-        weight = bound.blend_weight(grid, q.device, "region")  # (1, 1, N, 1): (1 - b) M(x)
-        chosen = out.index_select(0, rows)
-        mixed = (1.0 - weight) * base.float() + weight * chosen[:, :, image].float()
-        chosen = torch.cat([chosen[:, :, : image.start], mixed.to(out.dtype), chosen[:, :, image.stop :]], dim=2)
-        return out.index_copy(0, rows, chosen), lse
-
-
-def _check_tokens(call: AttentionCall, q: torch.Tensor, sequence: JointSequence) -> None:
-    if q.shape[2] != sequence.length:
-        raise UnsupportedError(
-            f"attnctl: Regions at {call.layer.name} expected {sequence.length} joint tokens, got {q.shape[2]}: another "
-            "control on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
-        )
-
-
-class HiddenHook(LayerHook):
-    """A joint layer outside the control's `layers` while region tokens are in the sequence.
-
-    Image and base-text tokens attend exactly as stock (over image + base text); each region's text attends
-    only to itself; nothing attends to region text. No dense mask is needed.
-    """
-
-    def __init__(self, bound: RegionsBound):
-        self.bound = bound
-
-    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
-        if spec.labels is not None:
-            raise ConfigError(f"attnctl: Regions cannot share joint layer {call.layer.name} with another control's label mask")
-        sequence = self.bound.sequence(call)
-        _check_tokens(call, q, sequence)
-        positions = self.bound.base_positions(sequence, q.device)
-        base_spec = sub_spec(spec, None, positions, sequence.base_spans(), None, f"layer {call.layer.name}")
-        with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
-            base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
-        out = base.new_empty(q.shape[:3] + (v.shape[-1],))
-        out[:, :, positions] = base
-        lengths = set(sequence.region_lens)
-        if len(lengths) == 1:  # every region text has the same length: one batched call
-            length = lengths.pop()
-            start = sequence.region_slice(0).start
-            stop = start + length * len(sequence.region_lens)
-            batch, heads, _, head_dim = q.shape
-
-            def split(t: torch.Tensor) -> torch.Tensor:
-                part = t[:, :, start:stop].reshape(batch, heads, -1, length, head_dim).transpose(1, 2)
-                return part.reshape(-1, heads, length, head_dim)
-
-            own, _ = backend_op(call, split(q), split(k), split(v), AttentionSpec())
-            own = own.reshape(batch, -1, heads, length, head_dim).transpose(1, 2).reshape(batch, heads, stop - start, head_dim)
-            out[:, :, start:stop] = own
-        else:
-            for r in range(len(sequence.region_lens)):
-                span = sequence.region_slice(r)
-                own, _ = backend_op(call, q[:, :, span], k[:, :, span], v[:, :, span], AttentionSpec())
-                out[:, :, span] = own
-        return out, None

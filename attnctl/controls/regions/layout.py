@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,8 +31,15 @@ import torch
 from ...errors import ConfigError
 from .region import Region
 
-if TYPE_CHECKING:
-    from .control import Regions
+
+class Layout(Protocol):
+    """What the layout functions read of a `Regions` control."""
+
+    regions: tuple[Region, ...]
+    base_ratio: float
+    isolate: bool
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 #: The PNG text chunk holding the layout's JSON in pictures saved by `save_picture`.
 PNG_KEY = "attnctl:layout"
@@ -67,10 +74,9 @@ def _read(path: str) -> Any:
     raise ConfigError(f"layout file {path!r} must end in .json or .toml")
 
 
-def load_layout(source: str | os.PathLike | Mapping[str, Any] | Sequence[Any], **overrides: Any) -> Regions:
-    """`Regions` from a JSON / TOML file, a mapping or a list of regions; keyword arguments override fields."""
-    from .control import Regions
-
+def layout_fields(source: str | os.PathLike | Mapping[str, Any] | Sequence[Any], **overrides: Any) -> dict[str, Any]:
+    """The fields of a `Regions` control from a JSON / TOML file, a mapping or a list of regions; keyword
+    arguments override fields (`Regions.from_layout` builds the control and checks the field names)."""
     base_dir = None
     data: Any = source
     if isinstance(source, (str, os.PathLike)):
@@ -95,14 +101,10 @@ def load_layout(source: str | os.PathLike | Mapping[str, Any] | Sequence[Any], *
     if isinstance(fields.get("layers"), list):
         fields["layers"] = tuple(fields["layers"])
     fields.update(overrides)
-    known = {f for f in Regions.__dataclass_fields__}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"a layout has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
-    return Regions(**fields)
+    return fields
 
 
-def save_layout(regions: Regions, path: str | os.PathLike) -> str:
+def save_layout(regions: Layout, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".json"):
         raise ConfigError(f"layouts are saved as JSON; {path!r} must end in .json")
@@ -122,7 +124,7 @@ def save_mask(mask: torch.Tensor, path: str) -> str:
     return path
 
 
-def draw_layout(regions: Regions, size: tuple[int, int] = (512, 512), background: Any = None):
+def draw_layout(regions: Layout, size: tuple[int, int] = (512, 512), background: Any = None):
     """A PIL RGB picture of the layout (`size` = (width, height)): each region's area tinted in its colour,
     boxes outlined, each prompt written at its region's top-left corner. `background`: a PIL image to draw on."""
     from PIL import Image, ImageDraw
@@ -162,7 +164,7 @@ def draw_layout(regions: Regions, size: tuple[int, int] = (512, 512), background
     return picture
 
 
-def save_picture(regions: Regions, path: str | os.PathLike, size: tuple[int, int] = (512, 512), background: Any = None) -> str:
+def save_picture(regions: Layout, path: str | os.PathLike, size: tuple[int, int] = (512, 512), background: Any = None) -> str:
     """Save `draw_layout` as a PNG; the layout's JSON goes in its text chunk `attnctl:layout` when serialisable."""
     from PIL.PngImagePlugin import PngInfo
 

@@ -1,0 +1,408 @@
+"""Regions bound to one pipeline call, and the layer hooks that carry it out (docs/methods.md "Regions").
+
+`RegionsBound` holds what is constant within the call (encoded region prompts, per-grid masks, labels and
+tables, row indices); the hooks read it: `CrossHook` (cross-attention: the base attention and one attention
+per region, blended), `JointHook` (joint attention: one masked softmax over image, base text and region text,
+blended with the base attention), `HiddenHook` (joint layers Regions does not select: region text hidden).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ...control import BindContext, Bound, Control, EncodedText
+from ...denoiser_call import DenoiserCall, RowLayout
+from ...errors import CallLayoutError, ConfigError, UnsupportedError
+from ...families.base import Geometry, LayerInfo
+from ...kernels.spec import AttentionSpec, LabelMask
+from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
+from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
+from ..common import RowIndex
+from .attention import (
+    JointSequence,
+    RegionChunk,
+    base_table,
+    isolation_table,
+    joint_table,
+    region_chunks,
+    sub_spec,
+)
+from .masks import GridLayout, grid_layout
+
+
+class RegionsBound(Bound):
+    """Regions bound to one pipeline call: encoded region prompts, per-grid masks and labels, the layer hooks."""
+
+    def __init__(self, control: Control, context: BindContext, selected: tuple[LayerInfo, ...]):
+        """`control`: the `Regions` config (its fields are read here)."""
+        adapter = context.adapter
+        self.adapter = adapter
+        self.base_ratio = float(control.base_ratio)
+        self.shapes = tuple(region.shape for region in control.regions)
+        self.subjects = tuple(region.subject for region in control.regions)
+        self.isolating = control.isolating
+        self.strength = float(control.isolation_strength)
+        prompts_act = self.base_ratio < 1.0
+        roles: dict[int, str] = {}
+        for layer in selected:
+            if layer.kind == "cross" and prompts_act:
+                roles[layer.index] = "cross"
+            elif layer.kind == "joint" and (prompts_act or self.isolating):
+                roles[layer.index] = "joint"
+            elif layer.kind == "self" and self.isolating:
+                roles[layer.index] = "isolate"
+        self.tokens = adapter.text_attention == "joint" and prompts_act and "joint" in roles.values()
+        if self.tokens:
+            for layer in adapter.layers:
+                if layer.kind == "joint" and layer.index not in roles:
+                    roles[layer.index] = "hidden"
+        self.roles = roles
+        super().__init__(control, tuple(layer for layer in adapter.layers if layer.index in roles), control.steps)
+        self.device = context.device
+        self.denoiser = adapter.denoiser
+        self.base_text_len = context.canvas.text_len
+        self.text: EncodedText | None = None
+        if roles and (self.tokens or "cross" in roles.values()):
+            self.text = context.encode_prompts([region.prompt for region in control.regions])
+        self.cross_hook = CrossHook(self)
+        self.joint_hook = JointHook(self)
+        self.hidden_hook = HiddenHook(self)
+        self._layouts: dict[tuple[int, int], GridLayout] = {}
+        self._cache: dict[Any, Any] = {}
+        self.index = RowIndex()  # the cond rows' positions as index tensors, per device
+
+    # -- per-grid data ---------------------------------------------------------------------------------------------
+    def layout(self, grid: tuple[int, int]) -> GridLayout:
+        if grid not in self._layouts:
+            self._layouts[grid] = grid_layout(self.shapes, grid)
+        return self._layouts[grid]
+
+    def chunks(self, grid: tuple[int, int], device: torch.device) -> tuple[RegionChunk, ...]:
+        key = ("chunks", grid, str(device))
+        if key not in self._cache:
+            cells = grid[0] * grid[1]
+            chunks = region_chunks(self.layout(grid).weights, budget=max(2 * cells, 256))
+            self._cache[key] = tuple(dataclasses.replace(c, index=c.index.to(device), weight=c.weight.to(device)) for c in chunks)
+        return self._cache[key]
+
+    def text_embeds(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Region text as cross-attention layers see it: after the denoiser's own caption projection, if any."""
+        key = ("embeds", str(device), dtype)
+        if key not in self._cache:
+            embeds = self.text.embeds.to(device=device, dtype=dtype)
+            with torch.no_grad():
+                self._cache[key] = self.adapter.project_text(embeds)
+        return self._cache[key]
+
+    def text_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """(R, 1, 1, T) additive padding bias of the region prompts (PixArt's T5 mask), as the model builds its own."""
+        if self.text is None or self.text.mask is None:
+            return None
+        key = ("bias", str(device), dtype)
+        if key not in self._cache:
+            mask = self.text.mask.to(device=device, dtype=dtype)
+            self._cache[key] = ((1 - mask) * -10000.0)[:, None, None, :]
+        return self._cache[key]
+
+    def needs_blend(self, grid: tuple[int, int]) -> bool:
+        """Whether the joint blend with the base attention changes anything (b > 0, or soft weights on labelled cells)."""
+        key = ("blend?", grid)
+        if key not in self._cache:
+            layout = self.layout(grid)  # on the CPU: no device sync
+            self._cache[key] = self.base_ratio > 0 or bool((layout.total[layout.labels > 0] < 1).any())
+        return self._cache[key]
+
+    def blend_weight(self, grid: tuple[int, int], device: torch.device, kind: str) -> torch.Tensor:
+        """(1, 1, N, 1) float32 on `device`: "keep" `1 - (1-b) M(x)` (cross-attention's base share) or "region"
+        `(1-b) M(x)` (the joint blend's masked share)."""
+        key = ("weight", kind, grid, str(device))
+        if key not in self._cache:
+            share = (1.0 - self.base_ratio) * self.layout(grid).total.float()
+            weight = 1.0 - share if kind == "keep" else share
+            self._cache[key] = weight.to(device)[None, None, :, None]
+        return self._cache[key]
+
+    def base_positions(self, sequence: JointSequence, device: torch.device) -> torch.Tensor:
+        """The image and base-text positions of `sequence` (the stock sequence) as an index tensor on `device`."""
+        key = ("positions", sequence, str(device))
+        if key not in self._cache:
+            self._cache[key] = sequence.base_positions().to(device)
+        return self._cache[key]
+
+    # -- joint sequences and labels --------------------------------------------------------------------------------
+    def region_lens(self) -> tuple[int, ...]:
+        return (self.text.length,) * len(self.shapes) if self.tokens else ()
+
+    def has_tokens(self, rows: RowLayout) -> bool:
+        """Whether a denoiser call with these rows has the region tokens appended (only calls with cond rows do)."""
+        return self.tokens and bool(rows.indices("cond"))
+
+    def sequence(self, call: AttentionCall | Geometry, with_tokens: bool = True) -> JointSequence:
+        geometry = call.geometry if isinstance(call, AttentionCall) else call
+        lens = self.region_lens() if with_tokens else ()
+        sequence = JointSequence(geometry.image_len, self.base_text_len, lens, geometry.layer.text == "first")
+        if geometry.text_len != sequence.text_len:
+            raise CallLayoutError(
+                f"attnctl: Regions expected {sequence.text_len} text tokens at {geometry.layer.name} "
+                f"({self.base_text_len} base + {sum(sequence.region_lens)} region), got {geometry.text_len}"
+            )
+        return sequence
+
+    def _rows_key(self, rows: RowLayout) -> tuple[bool, ...]:
+        return tuple(row.branch == "cond" for row in rows.rows)
+
+    def isolation_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
+        """Self-attention isolation: every row (uncond rows too) gets the regions' image labels."""
+
+        key = ("isolate", geometry.image_hw, len(rows))
+        if key not in self._cache:
+            image = self.layout(geometry.image_hw).labels
+            labels = image[None].repeat(len(rows), 1).to(self.device)
+            table = isolation_table(self.subjects, self.strength)[None].to(self.device)
+            self._cache[key] = LabelMask(labels, labels, table)
+        return self._cache[key]
+
+    def joint_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
+        """The joint label mask: cond rows with region tokens follow `joint_table`; the other rows (uncond rows, and
+        every row without region prompts) `base_table`: the stock attention, with isolation when it acts."""
+
+        with_tokens = self.has_tokens(rows)
+        sequence = self.sequence(geometry, with_tokens)
+        key = ("joint", sequence, geometry.image_hw, self._rows_key(rows))
+        if key not in self._cache:
+            image = self.layout(geometry.image_hw).labels
+            regions = len(self.shapes)
+            labels, tables = [], []
+            for cond in self._rows_key(rows):
+                shown = image if cond or self.isolating else torch.zeros_like(image)
+                labels.append(sequence.labels(shown, regions, cond))
+                tables.append("joint" if cond and with_tokens else "base")
+            made = {
+                "joint": joint_table(self.subjects, self.isolating, self.strength),
+                "base": base_table(self.subjects, self.isolating, self.strength),
+            }
+            table = made[tables[0]][None] if len(set(tables)) == 1 else torch.stack([made[t] for t in tables])
+            stacked = torch.stack(labels).to(self.device)
+            self._cache[key] = LabelMask(stacked, stacked, table.to(self.device))
+        return self._cache[key]
+
+    def base_labels(self, sequence: JointSequence, grid: tuple[int, int], rows: int, device: torch.device) -> Any:
+        """Labels of the blend's base attention (cond rows: image queries, image + base-text keys); None without isolation."""
+        if not self.isolating:
+            return None
+
+        key = ("base", sequence, grid, rows, str(device))
+        if key not in self._cache:
+            regions = len(self.shapes)
+            image = self.layout(grid).labels
+            full = sequence.labels(image, regions, True)
+            keys = full[sequence.base_positions()]
+            table = base_table(self.subjects, True, self.strength)[None]
+            self._cache[key] = LabelMask(image.expand(rows, -1).to(device), keys.expand(rows, -1).to(device), table.to(device))
+        return self._cache[key]
+
+    # -- the protocol ------------------------------------------------------------------------------------------------
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
+        """SD3 / Flux: append every region prompt's tokens after the base text (cond rows; zeros, hidden, elsewhere)."""
+        if not self.tokens or not frame.rows.indices("cond"):
+            return inputs
+        context = inputs.get("encoder_hidden_states")
+        if not isinstance(context, torch.Tensor) or context.ndim != 3:
+            raise CallLayoutError("attnctl: Regions needs the text embeddings (encoder_hidden_states) of the denoiser call")
+        if context.shape[1] != self.base_text_len:
+            raise CallLayoutError(
+                f"attnctl: Regions expected {self.base_text_len} base text tokens in this denoiser call, got {context.shape[1]}"
+            )
+        key = ("embeds-joint", str(context.device), context.dtype)
+        if key not in self._cache:  # one copy per call
+            self._cache[key] = self.text.embeds.to(device=context.device, dtype=context.dtype)
+        embeds = self._cache[key]
+        if embeds.shape[-1] != context.shape[-1]:
+            raise CallLayoutError(f"attnctl: region embeddings have {embeds.shape[-1]} channels, the base text {context.shape[-1]}")
+        block = embeds.reshape(1, -1, context.shape[-1]).expand(context.shape[0], -1, -1)
+        cond = frame.rows.mask("cond", device=context.device)[:, None, None]
+        block = torch.where(cond, block, torch.zeros_like(block))
+        return self.adapter.append_text(inputs, block, segments=len(self.shapes))
+
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        role = self.roles.get(layer.index)
+        if role is None:
+            return None
+        geometry = frame.geometry(layer)
+        if not frame.rows.indices("cond"):
+            # a call without cond rows (Flux true CFG's negative pass): no region prompts there, only isolation
+            if not self.isolating:
+                return None
+            if role == "isolate":
+                return Edit(labels=self.isolation_labels(geometry, frame.rows))
+            if role == "joint":
+                return Edit(labels=self.joint_labels(geometry, frame.rows))
+            return None
+        if role == "cross":
+            return Edit(hooks=(self.cross_hook,))
+        if role == "isolate":
+            return Edit(labels=self.isolation_labels(geometry, frame.rows))
+        if role == "hidden":
+            self.sequence(geometry)
+            return Edit(hooks=(self.hidden_hook,))
+        if role == "joint":
+            labels = self.joint_labels(geometry, frame.rows)
+            return Edit(labels=labels, hooks=(self.joint_hook,) if self.tokens else ())
+        return None
+
+    def finish(self) -> None:
+        self._cache.clear()
+        self._layouts.clear()
+        self.index.clear()
+
+
+def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    for parameter in module.parameters():
+        return parameter.dtype
+    return torch.float32
+
+
+class CrossHook(LayerHook):
+    """Regional prompts in a cross-attention layer (UNet, PixArt); see the module docstring."""
+
+    def __init__(self, bound: RegionsBound):
+        self.bound = bound
+
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+        out, lse = compute(q, k, v, spec)
+        cond = call.rows.indices("cond")
+        if not cond:
+            return out, lse
+        bound = self.bound
+        grid = call.geometry.image_hw
+        layout = bound.layout(grid)
+        n = layout.weights.shape[1]
+        if q.shape[2] != n:
+            raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({grid[0]}x{grid[1]}) at {call.layer.name}, got {q.shape[2]}")
+        rows = bound.index(cond, q.device)
+        qc = q.index_select(0, rows)
+        batch, heads, _, head_dim = qc.shape
+        keys, values = call.module.processor.project_context(call.module, bound.text_embeds(q.device, _weight_dtype(call.module)))
+        keys, values = keys.to(q.dtype), values.to(v.dtype)
+        padding = bound.text_bias(q.device, q.dtype)  # (R, 1, 1, T) or None
+        total = keys.new_zeros(batch, heads, n, head_dim, dtype=torch.float32)
+        for chunk in bound.chunks(grid, q.device):
+            count, width = chunk.index.shape
+            gathered = qc.index_select(2, chunk.index.reshape(-1))  # (Bc, H, C*S, D)
+            gathered = gathered.view(batch, heads, count, width, head_dim).transpose(1, 2).reshape(batch * count, heads, width, head_dim)
+            ck = keys[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, heads, -1, head_dim)
+            cv = values[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, heads, -1, head_dim)
+            mask = None
+            if padding is not None:
+                mask = padding[chunk.start : chunk.stop].unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * count, 1, 1, -1)
+            # region attentions are ops of their own (other keys): the layer's other hooks do not see them
+            part, _ = backend_op(call, gathered, ck, cv, AttentionSpec(attn_mask=mask))
+            part = part.view(batch, count, heads, width, head_dim).float() * chunk.weight[None, :, None, :, None]
+            total.index_add_(2, chunk.index.reshape(-1), part.transpose(1, 2).reshape(batch, heads, count * width, head_dim))
+        keep = bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1): 1 - (1 - b) M(x)
+        blended = keep * out.index_select(0, rows).float() + (1.0 - bound.base_ratio) * total
+        return out.index_copy(0, rows, blended.to(out.dtype)), lse
+
+
+# -- joint attention ---------------------------------------------------------------------------------------------
+
+
+class JointHook(LayerHook):
+    """Regions in a joint attention layer: the masked softmax (labels in the spec), then the blend with the base.
+
+    Soft masks in joint attention (our choice; docs/methods.md states the rules for hard regions): an image token takes
+    the text of one region, its label (the region with the largest mask there if >= 1/2, ties to the later
+    region; else background), and its output is
+
+        out(x) = (1 - (1-b) M(x)) Attn_base(x) + (1-b) M(x) Attn_masked(x),
+
+    with `M(x) = sum_r m_r(x)` after overlap normalisation. For hard, non-overlapping regions this is exactly
+    docs/methods.md's "blend with the unmasked base attention by b"; a background token's masked attention equals its
+    base attention, so it is unchanged. With isolation the base attention of the blend is isolated too.
+    """
+
+    def __init__(self, bound: RegionsBound):
+        self.bound = bound
+
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+        bound = self.bound
+        sequence = bound.sequence(call)
+        _check_tokens(call, q, sequence)
+        out, lse = compute(q, k, v, spec)
+        grid = call.geometry.image_hw
+        if not bound.needs_blend(grid):
+            return out, lse
+        cond = call.rows.indices("cond")
+        if not cond:
+            return out, lse
+        rows = bound.index(cond, q.device)
+        image = sequence.image_slice
+        positions = bound.base_positions(sequence, q.device)
+        labels = bound.base_labels(sequence, grid, len(cond), q.device)
+        base_spec = sub_spec(spec, rows, positions, ((image.start, image.stop),), labels, f"layer {call.layer.name}")
+        qc = q.index_select(0, rows)[:, :, image]
+        kc = k.index_select(0, rows).index_select(2, positions)
+        vc = v.index_select(0, rows).index_select(2, positions)
+        # the base attention runs through the other hooks as a sub-attention of the cond rows (PAG perturbs it too)
+        tokens = TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first, queries="image")
+        with restricted_rows(call, cond), restricted_tokens(call, tokens):
+            base, _ = compute(qc, kc, vc, base_spec)
+        weight = bound.blend_weight(grid, q.device, "region")  # (1, 1, N, 1): (1 - b) M(x)
+        chosen = out.index_select(0, rows)
+        mixed = (1.0 - weight) * base.float() + weight * chosen[:, :, image].float()
+        chosen = torch.cat([chosen[:, :, : image.start], mixed.to(out.dtype), chosen[:, :, image.stop :]], dim=2)
+        return out.index_copy(0, rows, chosen), lse
+
+
+def _check_tokens(call: AttentionCall, q: torch.Tensor, sequence: JointSequence) -> None:
+    if q.shape[2] != sequence.length:
+        raise UnsupportedError(
+            f"attnctl: Regions at {call.layer.name} expected {sequence.length} joint tokens, got {q.shape[2]}: another "
+            "control on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
+        )
+
+
+class HiddenHook(LayerHook):
+    """A joint layer outside the control's `layers` while region tokens are in the sequence.
+
+    Image and base-text tokens attend exactly as stock (over image + base text); each region's text attends
+    only to itself; nothing attends to region text. No dense mask is needed.
+    """
+
+    def __init__(self, bound: RegionsBound):
+        self.bound = bound
+
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+        if spec.labels is not None:
+            raise ConfigError(f"attnctl: Regions cannot share joint layer {call.layer.name} with another control's label mask")
+        sequence = self.bound.sequence(call)
+        _check_tokens(call, q, sequence)
+        positions = self.bound.base_positions(sequence, q.device)
+        base_spec = sub_spec(spec, None, positions, sequence.base_spans(), None, f"layer {call.layer.name}")
+        with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
+            base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
+        out = base.new_empty(q.shape[:3] + (v.shape[-1],))
+        out[:, :, positions] = base
+        lengths = set(sequence.region_lens)
+        if len(lengths) == 1:  # every region text has the same length: one batched call
+            length = lengths.pop()
+            start = sequence.region_slice(0).start
+            stop = start + length * len(sequence.region_lens)
+            batch, heads, _, head_dim = q.shape
+
+            def split(t: torch.Tensor) -> torch.Tensor:
+                part = t[:, :, start:stop].reshape(batch, heads, -1, length, head_dim).transpose(1, 2)
+                return part.reshape(-1, heads, length, head_dim)
+
+            own, _ = backend_op(call, split(q), split(k), split(v), AttentionSpec())
+            own = own.reshape(batch, -1, heads, length, head_dim).transpose(1, 2).reshape(batch, heads, stop - start, head_dim)
+            out[:, :, start:stop] = own
+        else:
+            for r in range(len(sequence.region_lens)):
+                span = sequence.region_slice(r)
+                own, _ = backend_op(call, q[:, :, span], k[:, :, span], v[:, :, span], AttentionSpec())
+                out[:, :, span] = own
+        return out, None

@@ -1,0 +1,30 @@
+"""Calibrating a DiTFastAttn plan: one pipeline call with `FastAttn` in calibration mode (docs/methods.md "DiTFastAttn")."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ..controls.fastattn import FastAttn, FastAttnPlan
+from ..errors import ConfigError
+from ..handle import apply
+
+
+def calibrate(control: FastAttn, pipe: Any, prompts: str | Sequence[str], *, backend: str = "auto", **call_kwargs: Any) -> FastAttnPlan:
+    """Run `pipe` once on `prompts` (one batch) with `control` calibrating, and return the plan it makes.
+
+    `call_kwargs` go to the pipeline call (num_inference_steps, height, width, guidance_scale, generator, ...);
+    the plan is made for exactly that number of steps and resolution. The pipeline must not have a live handle.
+    """
+    if not isinstance(control, FastAttn):
+        raise ConfigError(f"attnctl.calibrate takes a FastAttn control, got {control!r} ({type(control).__name__})")
+    control = dataclasses.replace(control, plan=None, window=control.window_size)
+    call_kwargs.setdefault("output_type", "latent")
+    prompt = [prompts] if isinstance(prompts, str) else list(prompts)
+    with apply(pipe, [control], backend=backend) as handle:
+        pipe(prompt, **call_kwargs)
+        report = handle.outputs.get(control.key)
+    if report is None or report.plan is None:
+        raise ConfigError("attnctl.calibrate: the pipeline call ran no denoising step, so no plan was made")
+    return report.plan
