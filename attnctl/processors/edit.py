@@ -92,7 +92,7 @@ class AttentionCall:
     frame: DenoiserCall
     module: torch.nn.Module
     backend: str
-    # Set while an outer hook runs the rest of the chain on some rows or tokens only (`processors.common`):
+    # Set while an outer hook runs the rest of the chain on some rows or tokens only (`processors.chain`):
     # the original batch position of each row the inner hooks see, and the token layout of the op they run.
     row_source: tuple[int, ...] | None = None
     token_layout: Any = None
