@@ -127,9 +127,13 @@ def test_explicit_backend_must_run_on_the_denoisers_device(tiny_cache, monkeypat
     assert _untouched(pipe)
     lse_gap = dataclasses.replace(kernels.BACKENDS["reference"], name="flex", missing_on={"cpu": frozenset({"labels"})})
     monkeypatch.setitem(kernels.BACKENDS, "flex", lse_gap)
+    two = [attnctl.Region("a cat", box=(0, 0, 0.5, 1)), attnctl.Region("a dog", box=(0.5, 0, 1, 1))]
     with pytest.raises(BackendError, match="cannot run Regions on the denoiser's device"):
-        attnctl.apply(pipe, [attnctl.Regions([attnctl.Region("a cat", box=(0, 0, 0.5, 1))])], backend="flex")
+        attnctl.apply(pipe, [attnctl.Regions(two, isolate=True)], backend="flex")  # isolation: label masks
     assert _untouched(pipe)
+    # the features come from the declared effects of the layers: region prompts on cross-attention need no labels
+    with attnctl.apply(pipe, [attnctl.Regions(two)], backend="flex"):
+        pass
     with attnctl.apply(pipe, [Probe()], backend="flex"):  # what the device lacks is not needed here
         pass
 
