@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.errors import ConfigError, UnsupportedError
+from attnctl.errors import ConfigError
 
 from .cache_helpers import Capture, band_allowed, explicit_attention, grid_allowed, make_plan
 from .helpers import generate
@@ -273,9 +273,18 @@ def test_techniques_restrict_the_choices(tiny_cache):
     assert set(m for _, methods in plan.methods for m in methods) == {"cfg_share"}
 
 
-def test_unsupported_family_message_lists_the_families():
+def test_default_layers_follow_the_family_traits_not_its_name():
+    """FastAttn reads `text_attention` (cross: self-attention layers by default; joint: every layer), whatever the
+    family is called (it used to list four family names)."""
     from attnctl.families.base import ModelAdapter
 
-    adapter = ModelAdapter("wan", torch.nn.Linear(1, 1), (), {})
-    with pytest.raises(UnsupportedError, match="pixart, sd3, flux, unet"):
+    class Cross(ModelAdapter):
+        text_attention = "cross"
+
+    class Joint(ModelAdapter):
+        text_attention = "joint"
+
+    for cls, expected in ((Cross, "self"), (Joint, None)):
+        adapter = cls("some-new-family", torch.nn.Linear(1, 1), (), {})
         attnctl.FastAttn().validate_for(adapter)
+        assert attnctl.FastAttn().default_layers(adapter) == expected
