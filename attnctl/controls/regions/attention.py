@@ -19,17 +19,16 @@ the soft-mask semantics.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
-from ...kernels.spec import AttentionSpec, LabelMask
+from ...kernels.semantics import spec_tokens
+from ...kernels.spec import AttentionSpec
 from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
 from ...processors.edit import AttendFn, AttentionCall, LayerHook
-from ..common import spans_range
 
 if TYPE_CHECKING:
     from .control import RegionsBound
@@ -248,40 +247,6 @@ def base_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> to
     return table
 
 
-def sub_spec(
-    spec: AttentionSpec, rows: torch.Tensor | None, keys: torch.Tensor, queries: tuple[tuple[int, int], ...], labels: LabelMask | None,
-    where: str,
-) -> AttentionSpec:
-    """`spec` restricted to batch `rows`, key positions `keys` and the query positions of the spans `queries`
-    (other controls' per-key edits; the query range is mapped in Python, without a device sync)."""
-    if spec.window is not None or spec.sparse is not None:
-        raise ConfigError(f"attnctl: Regions cannot share {where} with a window or sparse (PLADIS) edit; give them different layers")
-
-    def per_key(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None:
-            return None
-        if rows is not None and tensor.shape[0] > 1:
-            tensor = tensor.index_select(0, rows.to(tensor.device))
-        return tensor.index_select(tensor.ndim - 1, keys.to(tensor.device))
-
-    attn_mask = spec.attn_mask
-    if attn_mask is not None:
-        if attn_mask.ndim < 2 or attn_mask.shape[-2] != 1:
-            raise ConfigError(f"attnctl: Regions cannot restrict the model's per-query attention mask at {where}")
-        attn_mask = per_key(attn_mask)
-    key_bias, value_scale, query_range = per_key(spec.key_bias), per_key(spec.value_scale), None
-    if spec.query_range is not None and (key_bias is not None or value_scale is not None):
-        try:
-            query_range = spans_range(queries, spec.query_range)
-        except ConfigError:
-            raise ConfigError(f"attnctl: Regions cannot map another control's query range {spec.query_range} at {where}") from None
-        if query_range is None:
-            key_bias = value_scale = None
-    return dataclasses.replace(
-        spec, attn_mask=attn_mask, key_bias=key_bias, value_scale=value_scale, query_range=query_range, labels=labels
-    )
-
-
 class JointHook(LayerHook):
     """Regions in a joint attention layer: the masked softmax (labels in the spec), then the blend with the base.
 
@@ -314,7 +279,9 @@ class JointHook(LayerHook):
         image = sequence.image_slice
         positions = bound.base_positions(sequence, q.device)
         labels = bound.base_labels(sequence, grid, len(cond), q.device)
-        base_spec = sub_spec(spec, rows, positions, ((image.start, image.stop),), labels, f"layer {call.layer.name}")
+        base_spec = spec_tokens(
+            spec, ((image.start, image.stop),), sequence.base_spans(), positions, rows=rows, labels=labels, where=f"layer {call.layer.name}"
+        )
         qc = q.index_select(0, rows)[:, :, image]
         kc = k.index_select(0, rows).index_select(2, positions)
         vc = v.index_select(0, rows).index_select(2, positions)
@@ -353,7 +320,8 @@ class HiddenHook(LayerHook):
         sequence = self.bound.sequence(call)
         _check_tokens(call, q, sequence)
         positions = self.bound.base_positions(sequence, q.device)
-        base_spec = sub_spec(spec, None, positions, sequence.base_spans(), None, f"layer {call.layer.name}")
+        spans = sequence.base_spans()
+        base_spec = spec_tokens(spec, spans, spans, positions, labels=None, where=f"layer {call.layer.name}")
         with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
             base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
         out = base.new_empty(q.shape[:3] + (v.shape[-1],))
