@@ -480,3 +480,49 @@ def _entmax_bisect(z: torch.Tensor, alpha: float, iterations: int = 60) -> torch
         hi = torch.where(total >= 1, hi, tau)
     probs = (x - (lo + hi) / 2).clamp(min=0).pow(power)
     return probs / probs.sum(-1, keepdim=True)
+
+
+# -- combine: the kernel edits of several controls on one layer ---------------------------------------------------
+
+#: The fields of a spec that controls edit (`processors.edit.Edit`); `scale` and `attn_mask` are the call's.
+EDIT_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(AttentionSpec)) - {"scale", "attn_mask", "extras"}
+
+
+def edits_keys(spec: AttentionSpec) -> bool:
+    """Whether `spec` has edits that act per key on the rows of its `query_range` (key bias, value scale, sparse)."""
+    return spec.key_bias is not None or spec.value_scale is not None or spec.sparse is not None
+
+
+def merge_specs(specs: Sequence[AttentionSpec], where: str) -> AttentionSpec:
+    """The kernel edits of several controls on one layer as one spec: key biases add, value scales multiply, the
+    per-key edits must act on the same query rows, label masks, windows and sparse transforms must not collide
+    (ConfigError), log-sum-exp is returned if any asks for it."""
+    key_bias = value_scale = labels = window = sparse = None
+    query_range = None
+    return_lse = False
+    for spec in specs:
+        if edits_keys(spec):
+            if query_range is not None and spec.query_range != query_range and (key_bias is not None or value_scale is not None or sparse is not None):
+                raise ConfigError(f"{where}: two controls edit keys for different query rows ({query_range} and {spec.query_range})")
+            query_range = spec.query_range if spec.query_range is not None else query_range
+        if spec.key_bias is not None:
+            key_bias = spec.key_bias if key_bias is None else key_bias + spec.key_bias
+        if spec.value_scale is not None:
+            value_scale = spec.value_scale if value_scale is None else value_scale * spec.value_scale
+        for name in ("labels", "window", "sparse"):
+            value = getattr(spec, name)
+            if value is None:
+                continue
+            if {"labels": labels, "window": window, "sparse": sparse}[name] is not None:
+                raise ConfigError(f"{where}: two controls both set {name}; they cannot share this layer")
+            if name == "labels":
+                labels = value
+            elif name == "window":
+                window = value
+            else:
+                sparse = value
+        return_lse = return_lse or spec.return_lse
+    return AttentionSpec(
+        key_bias=key_bias, value_scale=value_scale, query_range=query_range, labels=labels, window=window, sparse=sparse,
+        return_lse=return_lse,
+    )
