@@ -181,9 +181,11 @@ class CaptureReceived(LayerHook):
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> torch.Tensor:
-    """`mean_heads(A)[image queries, image keys].sum(queries)`: (B, N) in float32, A the attention weights of the
-    call (`kernels.semantics.probabilities` of its logits: every additive term of the spec, PLADIS's sparse
-    combination on its rows), computed over query chunks (no B x H x N x N tensor).
+    """`mean_heads(A)[image queries, image keys].sum(queries)`: (B, N) in float32, A the softmax of the call's
+    logits (`kernels.semantics`: every additive term of the spec, windows included), computed over query chunks
+    (no B x H x N x N tensor). PLADIS's sparse combination `P + scale (entmax - P)` is deliberately left out
+    (`sparse="ignore"`): it is not a distribution (it goes negative), so "received more than the average key"
+    would lose its meaning.
 
     In joint attention each image query's row of the image x image block is renormalised to sum to 1, so
     the threshold 1 keeps SAG's meaning (a key receives more than the average key does); without that the
@@ -194,7 +196,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
     for start in range(image.start, image.stop, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, image.stop)
         queries = slice(start, stop)
-        probs = probabilities(block_logits(q, kf, spec, queries, keys), spec, queries)
+        probs = probabilities(block_logits(q, kf, spec, queries, keys), spec, queries, sparse="ignore")
         block = probs[..., image]
         if image.stop - image.start < k.shape[2]:  # joint attention: renormalise over the image keys
             block = block / block.sum(-1, keepdim=True).clamp(min=torch.finfo(block.dtype).tiny)
