@@ -324,3 +324,25 @@ def test_block_logits_is_the_reference_logits():
     logits = block_logits(q, k, spec, slice(0, 12), slice(0, 12))
     want = q.double() @ k.double().transpose(-1, -2) / 2.0 + _dense_bias(spec, 2, 12)
     torch.testing.assert_close(logits.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_change_one_dimensional_masks_and_bad_key_bias_shapes():
+    """Before: `bias_block` / `bias_pairs` indexed `mask.shape[-2]` (IndexError on a 1-D model mask) and Regions'
+    `sub_spec` refused a 1-D mask as a per-query mask; a 1-D mask is per key, as in the reference's broadcasting.
+    A key bias of the wrong shape is a ConfigError (it was a torch shape error)."""
+    mask = torch.tensor([0.0, INF, 0.0, -1.0])
+    spec = AttentionSpec(attn_mask=mask)
+    torch.testing.assert_close(block_bias(spec, slice(0, 3), slice(1, 4)).expand(3, 3), mask[1:4].expand(3, 3))
+    torch.testing.assert_close(pair_bias(spec, slice(0, 4), slice(0, 4))[0, 0, :, 0], mask)
+    sub = spec_tokens(spec, ((0, 2),), ((2, 4),), torch.tensor([2, 3]))
+    torch.testing.assert_close(sub.attn_mask, mask[2:])
+    with pytest.raises(ConfigError, match="key_bias"):
+        block_bias(AttentionSpec(key_bias=torch.zeros(1, 1, 1, 4)), slice(0, 2), slice(0, 4))
+
+
+def test_change_sub_attention_query_range_message():
+    """The refusal of a query range that is not contiguous among a sub-attention's queries is now worded for any
+    sub-attention (it named Regions)."""
+    spec = AttentionSpec(key_bias=torch.zeros(1, 6), query_range=(1, 5))
+    with pytest.raises(ConfigError, match="cannot map another control's query range"):
+        spec_tokens(spec, ((4, 6), (0, 2)), ((0, 6),), torch.arange(6), where="layer x")
