@@ -218,7 +218,7 @@ def test_edit_holds_its_kernel_edits_as_a_spec():
     mask = torch.zeros(2, 1, 1, 5)
     spec = edit.spec(attn_mask=mask, scale=0.5)
     assert spec.attn_mask is mask and spec.scale == 0.5 and spec.key_bias is bias and edit.kernel.attn_mask is None
-    assert Edit(kernel=spec).kernel is spec
+    assert Edit(kernel=spec).kernel is spec and hash(Edit()) == hash(Edit()) and Edit() == Edit()
     with pytest.raises(TypeError):
         Edit(scale=0.5)
     with pytest.raises(TypeError):

@@ -145,6 +145,9 @@ class Edit:
         object.__setattr__(self, "kernel", kernel if kernel is not None else AttentionSpec(**edits) if edits else PLAIN)
         object.__setattr__(self, "hooks", tuple(hooks))
 
+    def __hash__(self) -> int:  # the spec's `extras` dict is not an edit (and not hashable)
+        return hash((tuple(getattr(self.kernel, name) for name in sorted(EDIT_FIELDS)), self.hooks))
+
     def __getattr__(self, name: str) -> Any:  # only for names that are not attributes: the spec's edit fields
         if name in EDIT_FIELDS:
             return getattr(self.kernel, name)
