@@ -12,8 +12,10 @@ Evaluate on a block of queries x keys (contiguous `slice`s of the call's positio
 already on the device, no host sync, nothing larger than the block): `edited_rows` / `query_rows` /
 `query_segments` (the query rows the per-key edits and `sparse` apply to), `block_bias` (the additive logits:
 model mask, key bias, labels, window), `pair_bias` (the same for pairs (query i, key i): a token and its own
-key), `block_logits`, `probabilities` (softmax, fully masked rows zero, PLADIS's sparse combination applied or
-refused), `entmax`, `log_sum_exp`.
+key), `window_block`, `block_logits`, `softmax` (fully masked rows zero), `probabilities` (PLADIS's sparse
+combination applied, ignored or refused, as the caller says), `entmax`, `log_sum_exp`.
+
+Combine (the kernel edits of several controls on one layer): `EDIT_FIELDS`, `edits_keys`, `merge_specs`.
 """
 
 from __future__ import annotations
