@@ -501,4 +501,16 @@ def test_window_edits_cannot_share_a_region_layer(tiny_cache):
 
     pipe = tiny_cache("tiny-flux")
     with pytest.raises(ConfigError, match="window"):
-        run(pipe, "tiny-flux", [Regions(layout(), base_ratio=0.3, layers="double"), KeyBias(window=True, layers="single")])
+        run(pipe, "tiny-flux", [Regions(layout(), base_ratio=0.3, layers="double"), KeyBias(window=True, layers="double")])
+
+
+def test_window_edits_run_on_joint_layers_that_only_carry_region_tokens(tiny_cache):
+    """Behaviour change (#22 semantics): a window on a joint layer outside Regions' layers, where the region tokens
+    are only carried along (`HiddenHook`), was refused; the window is now restricted to the image and base-text
+    tokens of the base attention (`kernels.semantics.spec_tokens`)."""
+    pipe = tiny_cache("tiny-flux")
+    regions = Regions(layout(), base_ratio=0.3, layers="double")
+    alone = run(pipe, "tiny-flux", [regions])
+    windowed = run(pipe, "tiny-flux", [regions, KeyBias(window=True, layers="single")])
+    assert torch.isfinite(windowed).all()
+    assert (windowed - alone).abs().max() > 1e-4

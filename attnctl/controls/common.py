@@ -2,13 +2,12 @@
 
 - `RowIndex`: batch-row positions as index tensors, made once per (positions, device) and kept by a bound
   control, so that no attention call pays a host-to-device copy (or a sync) to pick its rows.
-- `spans_range`: where a query range falls among concatenated token spans.
 - `select_kinds`, `text_layers`: layer selections filtered by kind, and the default text layers
   (cross-attention on UNet / PixArt, joint attention on SD3 / Flux).
 - `image_size`, `output_key`, `publish`: the generated image's size, and the `handle.outputs` keys.
 
 The hook chain (`restricted_rows`, `restricted_tokens`, `backend_op`) is in `attnctl.processors.chain`; what
-a spec means (`spec_rows`, `spec_queries`) in `attnctl.kernels.semantics`.
+a spec means (`spec_rows`, `spec_queries`, `spec_tokens`, `spans_range`, ...) in `attnctl.kernels.semantics`.
 """
 
 from __future__ import annotations
@@ -50,25 +49,6 @@ class RowIndex:
 
     def clear(self) -> None:
         self._tensors.clear()
-
-
-def spans_range(spans: Sequence[tuple[int, int]], query_range: tuple[int, int]) -> tuple[int, int] | None:
-    """Where the positions inside `query_range` fall among the positions `spans` (concatenated, in order):
-    a (start, stop) range of the new positions, None when none falls inside; ConfigError when they are not
-    contiguous there. Pure Python: no tensor, no device sync."""
-    found: list[tuple[int, int]] = []
-    offset = 0
-    for begin, end in spans:
-        lo, hi = max(begin, query_range[0]), min(end, query_range[1])
-        if lo < hi:
-            found.append((offset + lo - begin, offset + hi - begin))
-        offset += end - begin
-    if not found:
-        return None
-    for (_, previous_stop), (next_start, _) in zip(found, found[1:]):
-        if previous_stop != next_start:
-            raise ConfigError(f"attnctl: the query range {query_range} is not contiguous among the positions {tuple(spans)}")
-    return found[0][0], found[-1][1]
 
 
 def text_layers(adapter: ModelAdapter) -> str:

@@ -12,14 +12,15 @@ installed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError
-from ..kernels.spec import AttentionSpec, LabelMask, Sparse, Window
+from ..kernels.semantics import EDIT_FIELDS, edits_keys, merge_specs
+from ..kernels.spec import PLAIN, AttentionSpec
 
 if TYPE_CHECKING:
     from ..denoiser_call import DenoiserCall
@@ -140,70 +141,53 @@ class LayerHook:
         return result
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Edit:
-    """The changes at one layer for one denoiser call. See `AttentionSpec` for tensor shapes."""
+    """The changes at one layer for one denoiser call: the kernel-level edits as an `AttentionSpec` (`kernel`;
+    its `scale` and `attn_mask` are the call's, filled in by `spec`) and the `hooks`.
 
-    key_bias: torch.Tensor | None = None
-    value_scale: torch.Tensor | None = None
-    query_range: tuple[int, int] | None = None
-    labels: LabelMask | None = None
-    window: Window | None = None
-    sparse: Sparse | None = None
-    return_lse: bool = False
+    `Edit(key_bias=..., query_range=..., hooks=...)` takes the spec's edit fields as keywords, and they read back
+    as attributes (`edit.key_bias`), so the field list is the spec's alone. See `AttentionSpec` for tensor shapes.
+    """
+
+    kernel: AttentionSpec = PLAIN
     hooks: tuple[LayerHook, ...] = field(default=())
 
+    def __init__(self, kernel: AttentionSpec | None = None, hooks: tuple[LayerHook, ...] = (), **edits: Any):
+        if kernel is not None and edits:
+            raise TypeError("Edit takes either kernel=AttentionSpec(...) or the spec's fields as keywords, not both")
+        if "scale" in edits or "attn_mask" in edits:
+            raise TypeError("Edit: `scale` and `attn_mask` are the attention call's, not an edit")
+        object.__setattr__(self, "kernel", kernel if kernel is not None else AttentionSpec(**edits) if edits else PLAIN)
+        object.__setattr__(self, "hooks", tuple(hooks))
+
+    def __hash__(self) -> int:
+        return hash((tuple(getattr(self.kernel, name) for name in sorted(EDIT_FIELDS)), self.hooks))
+
+    def __getattr__(self, name: str) -> Any:  # only for names that are not attributes: the spec's edit fields
+        if name in EDIT_FIELDS:
+            return getattr(self.kernel, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def spec(self, attn_mask: torch.Tensor | None = None, scale: float | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            scale=scale,
-            attn_mask=attn_mask,
-            key_bias=self.key_bias,
-            value_scale=self.value_scale,
-            query_range=self.query_range,
-            labels=self.labels,
-            window=self.window,
-            sparse=self.sparse,
-            return_lse=self.return_lse,
-        )
+        return dataclasses.replace(self.kernel, scale=scale, attn_mask=attn_mask)
 
     @property
     def per_key(self) -> bool:
-        return self.key_bias is not None or self.value_scale is not None or self.sparse is not None
+        return edits_keys(self.kernel)
 
 
 def merge_edits(edits: list[Edit], where: str) -> Edit | None:
-    """Combine the edits of several controls on one layer, or raise ConfigError on a conflict."""
+    """Combine the edits of several controls on one layer (`kernels.semantics.merge_specs` for the kernel
+    edits), or raise ConfigError on a conflict."""
     edits = [e for e in edits if e is not None]
     if not edits:
         return None
     if len(edits) == 1:
         return edits[0]
-    key_bias = value_scale = labels = window = sparse = None
-    query_range = None
-    return_lse = False
+    kernel = merge_specs([edit.kernel for edit in edits], where)
     hooks: list[LayerHook] = []
     for edit in edits:
-        if edit.per_key:
-            if query_range is not None and edit.query_range != query_range and (key_bias is not None or value_scale is not None or sparse is not None):
-                raise ConfigError(f"{where}: two controls edit keys for different query rows ({query_range} and {edit.query_range})")
-            query_range = edit.query_range if edit.query_range is not None else query_range
-        if edit.key_bias is not None:
-            key_bias = edit.key_bias if key_bias is None else key_bias + edit.key_bias
-        if edit.value_scale is not None:
-            value_scale = edit.value_scale if value_scale is None else value_scale * edit.value_scale
-        for name, value in (("labels", edit.labels), ("window", edit.window), ("sparse", edit.sparse)):
-            if value is None:
-                continue
-            current = {"labels": labels, "window": window, "sparse": sparse}[name]
-            if current is not None:  # apply refuses this from the controls' `layer_effects`: a declaration is wrong
-                raise ConfigError(f"{where}: two controls both set {name} although their declared effects allowed it")
-            if name == "labels":
-                labels = value
-            elif name == "window":
-                window = value
-            else:
-                sparse = value
-        return_lse = return_lse or edit.return_lse
         hooks.extend(edit.hooks)
     hooks.sort(key=lambda hook: hook.innermost)  # stable: control order otherwise
-    return Edit(key_bias, value_scale, query_range, labels, window, sparse, return_lse, tuple(hooks))
+    return Edit(kernel, tuple(hooks))

@@ -27,16 +27,24 @@ import torch
 from ...denoiser_call import DenoiserCall
 from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
-from ...kernels.reference import entmax
-from ...kernels.semantics import spec_queries, spec_rows
-from ...kernels.spec import AttentionSpec
+from ...kernels.semantics import (
+    block_bias,
+    entmax,
+    log_sum_exp,
+    pair_bias,
+    query_rows,
+    softmax,
+    spec_queries,
+    spec_rows,
+)
+from ...kernels.spec import AttentionSpec, per_key
 from ...processors.chain import TokenLayout, backend_op, restricted_rows, token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex
-from .common import PerturbingBound, PerturbingControl, bias_block, bias_pairs, query_rows, timestep_1000
+from .common import PerturbingBound, PerturbingControl, timestep_1000
 
 
 @dataclass(frozen=True)
@@ -158,12 +166,12 @@ def self_identity(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Atten
     positions = slice(0, n)
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     logit = (q.float() * k.float()).sum(-1, keepdim=True) * scale
-    bias = bias_pairs(spec, positions, positions)
+    bias = pair_bias(spec, positions, positions, q.device)
     if bias is not None:
         logit = logit + bias
     out = v.float()
     if spec.value_scale is not None:
-        weights = _value_scale(spec.value_scale)[..., :n, None]  # (B, H|1, N, 1)
+        weights = per_key(spec.value_scale, "value_scale").float()[..., :n, None]  # (B, H|1, N, 1)
         rows = query_rows(spec, positions, q.device)
         scaled = out * weights
         out = scaled if rows is None else out * (1 - rows[:, None]) + scaled * rows[:, None]
@@ -178,8 +186,9 @@ def joint_identity(
 
     Image query i attends to its own key (position i of `image_keys`, default the same span as the queries) and
     to every text key (`text_keys`, default the keys outside `image`): softmax over 1 + T logits, no N x N
-    tensor. Honours the model's mask, per-key bias and value scale (on the rows of `query_range`), label
-    masks and PLADIS's sparse transform of the same logits. Returns (out (B, H, N, D), lse (B, H, N)),
+    tensor. The logits are `kernels.semantics`' (model mask, per-key bias on the rows of `query_range`, label
+    masks; a window never cuts a token from its own key nor from the text); value scale and PLADIS's sparse
+    transform of the same logits act on the rows of `query_range`. Returns (out (B, H, N, D), lse (B, H, N)),
     computed in float32.
     """
     total = k.shape[2]
@@ -197,21 +206,20 @@ def joint_identity(
     kt, vt = k[:, :, text_keys].float(), v[:, :, text_keys].float()
     own = (qi * ki).sum(-1, keepdim=True) * scale  # (B, H, N, 1)
     cross = qi @ kt.transpose(-1, -2) * scale  # (B, H, N, T)
-    own_bias, cross_bias = bias_pairs(spec, image, image_keys), bias_block(spec, image, text_keys)
+    own_bias, cross_bias = pair_bias(spec, image, image_keys, q.device), block_bias(spec, image, text_keys, q.device)
     if own_bias is not None:
         own = own + own_bias
     if cross_bias is not None:
         cross = cross + cross_bias
     logits = torch.cat([own, cross], dim=-1)
-    dead = torch.isneginf(logits).all(-1, keepdim=True)
-    probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+    probs = softmax(logits)
     rows = query_rows(spec, image, q.device)
     rows = None if rows is None else rows[:, None]  # (N, 1)
 
     def combine(p: torch.Tensor, scaled: bool) -> torch.Tensor:
         self_v, text_v = vi, vt
         if scaled and spec.value_scale is not None:
-            weights = _value_scale(spec.value_scale)
+            weights = per_key(spec.value_scale, "value_scale").float()
             self_v = vi * weights[..., image_keys, None]
             text_v = vt * weights[..., text_keys, None]
         return p[..., :1] * self_v + p[..., 1:] @ text_v
@@ -223,11 +231,6 @@ def joint_identity(
     if spec.value_scale is not None:
         out = on_rows(combine(probs, True), out)
     if spec.sparse is not None:
-        sparse = entmax(logits, spec.sparse.alpha).masked_fill(dead, 0.0)
+        sparse = entmax(logits, spec.sparse.alpha)  # zeros on fully masked rows
         out = on_rows(out + spec.sparse.scale * (combine(sparse, True) - out), out)
-    return out, torch.logsumexp(logits, dim=-1)
-
-
-def _value_scale(value_scale: torch.Tensor) -> torch.Tensor:
-    """(B, Nk) or (B, H, Nk) -> (B, H|1, Nk) float."""
-    return (value_scale[:, None] if value_scale.ndim == 2 else value_scale).float()
+    return out, log_sum_exp(logits)

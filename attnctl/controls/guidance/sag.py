@@ -34,14 +34,14 @@ from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout, RowPlan, SecondPass
 from ...errors import CallLayoutError, SelectionError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
-from ...kernels.semantics import spec_rows
+from ...kernels.semantics import block_logits, probabilities, spec_rows
 from ...processors.chain import token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import select_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex, keep_kinds
-from .common import PERTURBABLE_KINDS, bias_block, new_tag
+from .common import PERTURBABLE_KINDS, new_tag
 
 MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
 BLUR_KERNEL = 9
@@ -182,23 +182,21 @@ class CaptureReceived(LayerHook):
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> torch.Tensor:
     """`mean_heads(A)[image queries, image keys].sum(queries)`: (B, N) in float32, A the softmax of the call's
-    logits (with the spec's additive terms), computed over query chunks (no B x H x N x N tensor).
+    logits (`kernels.semantics`: every additive term of the spec, windows included), computed over query chunks
+    (no B x H x N x N tensor). PLADIS's sparse combination `P + scale (entmax - P)` is deliberately left out
+    (`sparse="ignore"`): it is not a distribution (it goes negative), so "received more than the average key"
+    would lose its meaning.
 
     In joint attention each image query's row of the image x image block is renormalised to sum to 1, so
     the threshold 1 keeps SAG's meaning (a key receives more than the average key does); without that the
     text keys' share would leave the mask empty."""
-    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     keys = slice(0, k.shape[2])
     kf = k.float()
     total = torch.zeros(q.shape[0], q.shape[1], image.stop - image.start, device=q.device)
     for start in range(image.start, image.stop, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, image.stop)
-        logits = q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale
-        bias = bias_block(spec, slice(start, stop), keys)
-        if bias is not None:
-            logits = logits + bias
-        dead = torch.isneginf(logits).all(-1, keepdim=True)
-        probs = torch.softmax(logits, dim=-1).masked_fill(dead, 0.0)
+        queries = slice(start, stop)
+        probs = probabilities(block_logits(q, kf, spec, queries, keys), spec, queries, sparse="ignore")
         block = probs[..., image]
         if image.stop - image.start < k.shape[2]:  # joint attention: renormalise over the image keys
             block = block / block.sum(-1, keepdim=True).clamp(min=torch.finfo(block.dtype).tiny)

@@ -11,14 +11,16 @@ Capture never materialises an N x N matrix and never changes the output: a `Laye
 layer's own attention op run, then computes the attention mass of the requested words from q and k as a
 second, narrow attention whose values are the words' indicator columns (`word_attention`): one fused SDPA
 call over chunks of query rows, normalised over all keys. Running sums at the finest token
-grid of the chosen layers keep memory independent of the number of steps. The model's own attention
-mask and the per-key edits of other controls on the same layer (Reweight's value scale or bias) are
-reflected; label masks, windows and sparse transforms of other controls are not (the map shows the dense
-softmax of those rows).
+grid of the chosen layers keep memory independent of the number of steps. The layer's spec means what it means
+everywhere (`kernels.semantics`): the model's own attention mask, the per-key edits of other controls on the
+same layer (Reweight's value scale or bias), label masks (Regions' isolation) and windows (DiTFastAttn) are
+reflected, evaluated per chunk of query rows; on the rows a sparse transform (PLADIS) applies to, the map is of
+its attention weights `P + scale (entmax - P)`, computed eagerly per chunk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,7 +31,8 @@ from ...control import BindContext, Bound, Control
 from ...denoiser_call import DenoiserCall
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
-from ...kernels.spec import AttentionSpec
+from ...kernels.semantics import block_bias, block_logits, probabilities, query_segments, spec_rows
+from ...kernels.spec import AttentionSpec, per_key
 from ...processors.chain import token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
@@ -131,15 +134,16 @@ def word_attention(
     selector: torch.Tensor,
     *,
     scale: float | None = None,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | Callable[[int, int], torch.Tensor | None] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """Head-averaged attention mass of each word: `mean_h sum_t softmax(q k^T scale + bias)[.., t] S[w, t]`.
 
     q (B, H, Nq, D) are the query rows wanted; k (B, H, Nk, D) all keys (the softmax runs over all of them);
     selector (B, W, Nk), or (B, H, W, Nk) per head, weights the keys of each word (1 at its tokens; times
-    the value scale where a control scales values); bias is additive and broadcasts to (B, H, Nq, Nk).
-    Returns (B, Nq, W) in float32.
+    the value scale where a control scales values); bias is additive and broadcasts to (B, H, Nq, Nk), or is a
+    function `bias(start, stop)` giving the block of rows start:stop (never all rows at once). Returns (B, Nq, W)
+    in float32.
 
     The sum `softmax(...) @ S^T` is itself an attention whose values are the selector columns, so it runs as
     a fused SDPA call (values padded to the head width): the softmax is normalised over every key and no
@@ -157,14 +161,18 @@ def word_attention(
     # to its unfused kernel (3x slower here): pad the word columns with zeros to groups of head_dim
     groups = -(-words // head_dim)
     values = F.pad(values, (0, groups * head_dim - words)).to(device=q.device, dtype=q.dtype).contiguous()
-    if bias is not None and bias.dtype != q.dtype:
+    if isinstance(bias, torch.Tensor) and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     rows = max(1, chunk_elements // max(1, batch * heads * nk))
     options = {} if scale is None else {"scale": scale}
     out = []
     for start in range(0, nq, rows):
         stop = min(start + rows, nq)
-        mask = None if bias is None else (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
+        if callable(bias):
+            mask = bias(start, stop)
+            mask = mask if mask is None or mask.dtype == q.dtype else mask.to(q.dtype)
+        else:
+            mask = None if bias is None else (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
         mass = torch.cat(
             [
                 F.scaled_dot_product_attention(q[:, :, start:stop], k, values[..., g * head_dim : (g + 1) * head_dim], attn_mask=mask, **options)
@@ -262,7 +270,9 @@ class AttentionMapsBound(Bound):
                 "on this layer changed the tokens (token reduction merges them); give the controls disjoint layers"
             )
         index = self.index(batch_rows, q.device)
-        qi = q.index_select(0, index)[:, :, image]
+        spec = spec_rows(spec, index, q.shape[0])
+        qb = q.index_select(0, index)
+        qi = qb[:, :, image]
         ki = k.index_select(0, index)
         n_keys = ki.shape[2]
         key_text = geometry.key_text_slice
@@ -270,17 +280,21 @@ class AttentionMapsBound(Bound):
         text_selector = self.selector.index_select(0, prompt_index).to(q.device)  # (b, W, text_len)
         selector = text_selector.new_zeros(len(batch_rows), text_selector.shape[1], n_keys)
         selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
-        mask = _model_mask(spec.attn_mask, index, image)
+        keys = slice(0, n_keys)
         parts = []
-        for start, stop, edited in _segments(spec.query_range, image, qi.shape[2]):
-            bias, chosen = _row_mask(mask, start, stop), selector
-            if edited and spec.key_bias is not None:
-                key_bias = _take(spec.key_bias.float(), index)
-                key_bias = key_bias[:, None, None, :] if key_bias.ndim == 2 else key_bias[:, :, None, :]
-                bias = key_bias if bias is None else bias + key_bias
+        for start, stop, edited in query_segments(spec, image):
+            chosen = selector
             if edited and spec.value_scale is not None:
-                value_scale = _take(spec.value_scale.float(), index)  # (b, Nk) or (b, H, Nk)
-                chosen = selector * value_scale[:, None, :] if value_scale.ndim == 2 else selector[:, None] * value_scale[:, :, None, :]
+                value_scale = per_key(spec.value_scale.float(), "value_scale")  # (b, H|1, Nk)
+                chosen = selector * value_scale if value_scale.shape[1] == 1 else selector[:, None] * value_scale[:, :, None, :]
+            offset = image.start + start
+            if edited and spec.sparse is not None:
+                parts.append(_sparse_words(qb, ki, chosen, spec, slice(offset, image.start + stop)))
+                continue
+
+            def bias(lo: int, hi: int, offset: int = offset) -> torch.Tensor | None:
+                return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
+
             parts.append(word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias))
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
         h, w = geometry.image_hw
@@ -323,40 +337,23 @@ def _prompt_texts(tokens: Any, rows: int) -> tuple[str, ...]:
     return tuple(texts[r] for r in range(rows))
 
 
-def _take(tensor: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.shape[0] == 1 else tensor.index_select(0, batch_index)
-
-
-def _model_mask(mask: torch.Tensor | None, batch_index: torch.Tensor, image: slice) -> torch.Tensor | None:
-    """The model's own attention mask for the chosen batch rows and the image query rows, as float logits."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-    mask = mask.float()
-    while mask.ndim < 4:
-        mask = mask[None]
-    if mask.shape[0] > 1:
-        mask = mask.index_select(0, batch_index)
-    if mask.shape[-2] > 1:
-        mask = mask[..., image, :]
-    return mask
-
-
-def _row_mask(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    if mask is None or mask.shape[-2] == 1:
-        return mask
-    return mask[..., start:stop, :]
-
-
-def _segments(query_range: tuple[int, int] | None, image: slice, n_image: int) -> list[tuple[int, int, bool]]:
-    """The image query rows (relative to the image slice) split by whether per-key edits apply to them."""
-    if query_range is None:
-        return [(0, n_image, True)]
-    lo = min(max(query_range[0] - image.start, 0), n_image)
-    hi = min(max(query_range[1] - image.start, lo), n_image)
-    pieces = [(0, lo, False), (lo, hi, True), (hi, n_image, False)]
-    return [piece for piece in pieces if piece[1] > piece[0]]
+def _sparse_words(
+    q: torch.Tensor, k: torch.Tensor, selector: torch.Tensor, spec: AttentionSpec, queries: slice,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """`word_attention` for query rows a sparse transform (PLADIS) applies to: the words' mass under the attention
+    weights `kernels.semantics.probabilities` (eager, per chunk of rows; q holds every query position, k every key).
+    Returns (B, n, W) in float32."""
+    batch, heads, nk = q.shape[0], q.shape[1], k.shape[2]
+    values = selector.float().transpose(-1, -2)  # (B, Nk, W) or (B, H, Nk, W)
+    values = values[:, None] if values.ndim == 3 else values
+    rows = max(1, chunk_elements // max(1, batch * heads * nk))
+    out = []
+    for start in range(queries.start, queries.stop, rows):
+        chunk = slice(start, min(start + rows, queries.stop))
+        weights = probabilities(block_logits(q, k, spec, chunk, slice(0, nk)), spec, chunk)
+        out.append((weights @ values).mean(dim=1))
+    return torch.cat(out, dim=1)
 
 
 # -- the generated images ---------------------------------------------------------------------------------

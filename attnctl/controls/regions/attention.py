@@ -19,14 +19,9 @@ the soft-mask semantics.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
-
-from ...errors import ConfigError
-from ...kernels.spec import AttentionSpec, LabelMask
-from ..common import spans_range
 
 NEG_INF = float("-inf")
 
@@ -175,35 +170,3 @@ def base_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> to
     return table
 
 
-def sub_spec(
-    spec: AttentionSpec, rows: torch.Tensor | None, keys: torch.Tensor, queries: tuple[tuple[int, int], ...], labels: LabelMask | None,
-    where: str,
-) -> AttentionSpec:
-    """`spec` restricted to batch `rows`, key positions `keys` and the query positions of the spans `queries`
-    (other controls' per-key edits; the query range is mapped in Python, without a device sync)."""
-    if spec.window is not None or spec.sparse is not None:
-        raise ConfigError(f"attnctl: Regions cannot share {where} with a window or sparse (PLADIS) edit; give them different layers")
-
-    def per_key(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None:
-            return None
-        if rows is not None and tensor.shape[0] > 1:
-            tensor = tensor.index_select(0, rows.to(tensor.device))
-        return tensor.index_select(tensor.ndim - 1, keys.to(tensor.device))
-
-    attn_mask = spec.attn_mask
-    if attn_mask is not None:
-        if attn_mask.ndim < 2 or attn_mask.shape[-2] != 1:
-            raise ConfigError(f"attnctl: Regions cannot restrict the model's per-query attention mask at {where}")
-        attn_mask = per_key(attn_mask)
-    key_bias, value_scale, query_range = per_key(spec.key_bias), per_key(spec.value_scale), None
-    if spec.query_range is not None and (key_bias is not None or value_scale is not None):
-        try:
-            query_range = spans_range(queries, spec.query_range)
-        except ConfigError:
-            raise ConfigError(f"attnctl: Regions cannot map another control's query range {spec.query_range} at {where}") from None
-        if query_range is None:
-            key_bias = value_scale = None
-    return dataclasses.replace(
-        spec, attn_mask=attn_mask, key_bias=key_bias, value_scale=value_scale, query_range=query_range, labels=labels
-    )

@@ -17,6 +17,7 @@ from ...control import BindContext, Bound, Control, EncodedText
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...families.base import Geometry, LayerInfo
+from ...kernels.semantics import spec_tokens
 from ...kernels.spec import AttentionSpec, LabelMask
 from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
@@ -28,7 +29,6 @@ from .attention import (
     isolation_table,
     joint_table,
     region_chunks,
-    sub_spec,
 )
 from .masks import GridLayout, grid_layout
 
@@ -342,7 +342,9 @@ class JointHook(LayerHook):
         image = sequence.image_slice
         positions = bound.base_positions(sequence, q.device)
         labels = bound.base_labels(sequence, grid, len(cond), q.device)
-        base_spec = sub_spec(spec, rows, positions, ((image.start, image.stop),), labels, f"layer {call.layer.name}")
+        base_spec = spec_tokens(
+            spec, ((image.start, image.stop),), sequence.base_spans(), positions, rows=rows, labels=labels, where=f"layer {call.layer.name}"
+        )
         qc = q.index_select(0, rows)[:, :, image]
         kc = k.index_select(0, rows).index_select(2, positions)
         vc = v.index_select(0, rows).index_select(2, positions)
@@ -381,7 +383,8 @@ class HiddenHook(LayerHook):
         sequence = self.bound.sequence(call)
         _check_tokens(call, q, sequence)
         positions = self.bound.base_positions(sequence, q.device)
-        base_spec = sub_spec(spec, None, positions, sequence.base_spans(), None, f"layer {call.layer.name}")
+        spans = sequence.base_spans()
+        base_spec = spec_tokens(spec, spans, spans, positions, labels=None, where=f"layer {call.layer.name}")
         with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
             base, lse = compute(q.index_select(2, positions), k.index_select(2, positions), v.index_select(2, positions), base_spec)
         out = base.new_empty(q.shape[:3] + (v.shape[-1],))

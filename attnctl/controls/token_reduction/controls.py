@@ -25,6 +25,7 @@ from ...control import BindContext, Bound, Control
 from ...denoiser_call import DenoiserCall
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.semantics import spec_merged
 from ...kernels.spec import AttentionSpec
 from ...processors.chain import row_source
 from ...processors.edit import AttentionCall, Edit, LayerHook
@@ -458,47 +459,9 @@ class _ReductionHook(LayerHook):
 
 
 def _merged_spec(spec: AttentionSpec, plan: MergePlan, geometry: Geometry, layer: LayerInfo) -> AttentionSpec:
-    """Other controls' edits, made for the full token sequence, mapped onto the merged one.
-
-    Per-key bias and value scale of image keys become their group's mean (the text keys of joint layers are
-    untouched); a query range over the image rows or the text rows moves with them. Label masks, windows,
-    log-sum-exp capture and the model's own attention mask index image tokens pairwise and cannot be merged.
-    """
-    blocked = [name for name, value in (("labels", spec.labels), ("window", spec.window), ("attn_mask", spec.attn_mask)) if value is not None]
-    if spec.return_lse:
-        blocked.append("lse (attention-map capture)")
-    if blocked:
-        raise UnsupportedError(
-            f"attnctl: token reduction at {layer.name} merges image tokens, so it cannot carry out {', '.join(blocked)} "
-            "on the same layer (they address image tokens pairwise); give the controls disjoint layers"
-        )
-    if spec.key_bias is None and spec.value_scale is None and spec.query_range is None:
-        return spec
-    image = geometry.image_slice
-    tokens = geometry.image_len  # keys: the image tokens (self-attention), or [image; text] (SD3 joint layers)
-
-    def per_key(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None:
-            return None
-        body = plan.merge_keys(tensor[..., :tokens])
-        tail = tensor[..., tokens:]
-        if not tail.shape[-1]:
-            return body
-        return torch.cat([body, tail.expand(*body.shape[:-1], -1)], dim=-1)
-
-    query_range = spec.query_range
-    if query_range is not None:
-        start, stop = query_range
-        if (start, stop) == (image.start, image.stop):
-            query_range = (image.start, image.stop - plan.merged)
-        elif start >= image.stop:
-            query_range = (start - plan.merged, stop - plan.merged)
-        elif stop > image.start:
-            raise UnsupportedError(
-                f"attnctl: token reduction at {layer.name} cannot map the query range {query_range} (image rows "
-                f"{image.start}..{image.stop}) onto merged tokens"
-            )
-    return dataclasses.replace(spec, key_bias=per_key(spec.key_bias), value_scale=per_key(spec.value_scale), query_range=query_range)
+    """Other controls' edits, made for the full token sequence, mapped onto the merged one
+    (`kernels.semantics.spec_merged`: the keys are the image tokens, then the text tokens of SD3 joint layers)."""
+    return spec_merged(spec, plan.merge_keys, geometry.image_slice, geometry.image_len, plan.merged, layer.name)
 
 
 __all__ = ["AgentAttention", "ReductionRecord", "ToMe", "TokenReductionReport"]
