@@ -192,7 +192,8 @@ def test_postprocess_is_restored_after_errors_and_shared_by_two_captures(tiny_ca
     with attnctl.apply(pipe, two) as handle:
         _run(pipe, "tiny-sd", output_type="np")
         assert len(handle.outputs["attention_maps"].images) == 2 and len(handle.outputs["cat_maps"].images) == 2
-        assert vars(processor) == before
+        # one wrap of postprocess, owned by the handle while it is live (controls with `needs_images`)
+        assert set(vars(processor)) - set(before) == {"postprocess"}
 
         def explode(*args, **kwargs):
             raise RuntimeError("vae exploded")
