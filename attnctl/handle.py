@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 
+from .compose import Snapshot, foreign_patches, summarize
 from .control import Control
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from .families import adapter_for
 from .families.base import LayerInfo, ModelAdapter
-from .instance import Wrapped, wrap_method
+from .instance import Wrapped, describe_callable, wrap_method
 from .kernels import check_features, choose_backend, validate_backend
-from .pipelines.denoiser import make_forward
+from .pipelines.denoiser import DenoiserHooks
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import Runtime
 from .processors import flux, joint, self_cross
@@ -93,6 +94,12 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
     adapter = adapter_for(denoiser)
+    problems = foreign_patches(denoiser, adapter.modules)
+    if problems:
+        raise PipelineChangedError(
+            f"attnctl: cannot apply to pipe.{attribute}: {summarize(problems)}. Undo the other library's patch before "
+            "attnctl.apply (tomesd.remove_patch(pipe), tgate's cleanup), or use attnctl's own ToMe / TGate"
+        )
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
     for control in controls:
@@ -232,6 +239,8 @@ class Handle:
         self._originals = originals
         self._processors: dict[str, ControlledProcessor] = {}
         self._wrapped: list[Wrapped] = []
+        self._hooks: DenoiserHooks | None = None
+        self._snapshot: Snapshot | None = None
         self._scheduler_wraps: list[Wrapped] = []
         self.live = False
 
@@ -244,8 +253,8 @@ class Handle:
         self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
-        self._forward = wrap_method(denoiser, "forward", make_forward(runtime))
-        self._wrapped.append(self._forward)
+        self._hooks = DenoiserHooks(runtime, denoiser)
+        self._snapshot = Snapshot.take(denoiser, self.adapter.modules)
         if callable(getattr(pipe, "check_inputs", None)):
             self._wrapped.append(wrap_method(pipe, "check_inputs", self._make_call_start))
         self._wrapped.append(wrap_method(pipe, "encode_prompt", self._make_encode_prompt))
@@ -348,11 +357,14 @@ class Handle:
                 f"attnctl: the attention backend of {len(moved)} layer(s) changed after attnctl.apply "
                 f"(now {self._processors[moved[0]]._attention_backend!r}); {CHANGE_HINT}"
             )
-        if self._forward.wrapper not in (denoiser.__dict__.get("forward"), denoiser.__dict__.get("_old_forward")):
+        if self._hooks is None or not self._hooks.installed:
             raise PipelineChangedError(
-                f"attnctl: pipe.{self.attribute}.forward was replaced after attnctl.apply and no longer reaches attnctl's "
-                "wrapper; call handle.remove() and apply again"
+                f"attnctl: attnctl's forward hooks on pipe.{self.attribute} were removed after attnctl.apply (e.g. by "
+                "clearing _forward_pre_hooks / _forward_hooks); call handle.remove() and apply again"
             )
+        changes = list(self._snapshot.changes()) if self._snapshot is not None else []
+        if changes:
+            raise PipelineChangedError(f"attnctl: {summarize(changes)}; call handle.remove(), undo that change, and apply again")
         self._wrap_scheduler()
 
     # -- removal ----------------------------------------------------------------------------------------------
@@ -366,12 +378,28 @@ class Handle:
             module = self.adapter.modules[name]
             if module.processor is proc:
                 module.set_processor(self._originals[name])
+            else:
+                proc.inert = True  # if something still calls it, it is a pass-through to the stock processor
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        stuck = []
         for record in reversed(self._scheduler_wraps + self._wrapped):
-            record.unwrap()
+            if not record.unwrap():  # another library stacked on attnctl's wrapper: it stays, as a pass-through
+                owner = "pipe" if record.obj is self.pipeline else type(record.obj).__name__
+                now = record.obj.__dict__.get(record.name)
+                stuck.append(f"{owner}.{record.name} (now {describe_callable(now) if now is not None else 'the class method'})")
         self._wrapped.clear()
         self._scheduler_wraps.clear()
         if _LIVE.get(self.adapter.denoiser) is self:
             del _LIVE[self.adapter.denoiser]
+        if stuck:
+            raise PipelineChangedError(
+                f"attnctl: handle.remove() restored everything except its wrapper(s) of {', '.join(stuck)}: another "
+                "library re-bound or stacked on them after attnctl.apply, so attnctl cannot take them out without "
+                "breaking that library. They are inert pure pass-throughs now (the pipeline generates its stock "
+                "output); undo the other library's patch to drop them"
+            )
 
     def __enter__(self) -> Handle:
         return self

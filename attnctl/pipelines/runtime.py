@@ -71,7 +71,7 @@ class Runtime:
         self.last_call: PipelineCallState | None = None
         self.outputs: dict[str, Any] = {}
         self.internal = 0  # >0 while attnctl itself calls pipeline methods (not recorded)
-        self._signature = inspect.signature(adapter.denoiser.forward)
+        self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
 
     # -- call lifecycle -------------------------------------------------------------------------------------
     def begin_call(self) -> None:

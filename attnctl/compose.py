@@ -1,0 +1,118 @@
+"""What attnctl checks so that it composes with other libraries' patches, or refuses clearly (issue #17).
+
+- Foreign patches of the denoiser's modules: an attention module whose `forward` another library replaced
+  (tgate leaves such forwards installed) never reaches attnctl's processor, and a block whose class was
+  swapped (tomesd's `module.__class__ = ToMeBlock`) changes the token count the processors see. Both are
+  found at `apply` and at the start of every pipeline call (`Snapshot.changes`) and raise
+  `PipelineChangedError` naming the module and the change. Stacking that is known to keep calling the
+  processor is allowed: accelerate's offload hooks (`_hf_hook`), diffusers' hook registry
+  (`_diffusers_hook`: group offload, caches) and attnctl's own instance wraps.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .instance import describe_callable, is_attnctl_wrapper
+
+_STACKERS = (
+    ("_hf_hook", "accelerate's hook"),
+    ("_diffusers_hook", "diffusers' hook registry"),
+)
+
+
+def known_forward(module: torch.nn.Module, fn: Any) -> bool:
+    """Whether an instance-level `forward` of `module` is one that keeps calling the class's forward (and so
+    the attention processor): attnctl's own wraps, accelerate's hooks, diffusers' hook registry."""
+    if fn is None or is_attnctl_wrapper(fn):
+        return True
+    return any(attribute in module.__dict__ for attribute, _ in _STACKERS)
+
+
+def swapped_class(cls: type) -> type | None:
+    """The diffusers class that `cls` was made from outside diffusers (tomesd's `ToMeBlock`), else None."""
+    if cls.__module__.startswith(("diffusers.", "torch.", "attnctl.")):
+        return None
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("diffusers."):
+            return base
+    return None
+
+
+def _attention_forward_problem(name: str, module: torch.nn.Module) -> str | None:
+    fn = module.__dict__.get("forward")
+    if known_forward(module, fn):
+        return None
+    return (
+        f"the forward of attention module {name} ({type(module).__name__}) is an instance attribute "
+        f"({describe_callable(fn)}) set by another library: it would bypass attnctl's processor"
+    )
+
+
+def _class_problem(name: str, module: torch.nn.Module, base: type) -> str:
+    cls = type(module)
+    return (
+        f"module {name or '<denoiser>'} has class {cls.__module__}.{cls.__qualname__}, swapped in by another library "
+        f"for diffusers' {base.__name__} (token merging such as tomesd changes the token count attnctl's controls see)"
+    )
+
+
+@dataclass
+class Snapshot:
+    """The classes of every module of the denoiser and the instance `forward` of each attention module, as
+    they were at `apply`."""
+
+    classes: list[tuple[str, weakref.ref, type]] = field(default_factory=list)
+    forwards: dict[str, tuple[torch.nn.Module, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, denoiser: torch.nn.Module, attention: dict[str, torch.nn.Module]) -> Snapshot:
+        snapshot = cls()
+        for name, module in denoiser.named_modules():
+            snapshot.classes.append((name, weakref.ref(module), type(module)))
+        for name, module in attention.items():
+            snapshot.forwards[name] = (module, module.__dict__.get("forward"))
+        return snapshot
+
+    def changes(self) -> Iterator[str]:
+        """What changed since the snapshot, one sentence each (modules no longer alive are skipped: a LoRA
+        or quantisation replaces child modules, which is not a patch of a module attnctl depends on)."""
+        for name, ref, cls in self.classes:
+            module = ref()
+            if module is not None and type(module) is not cls:
+                yield (
+                    f"module {name or '<denoiser>'} changed class from {cls.__qualname__} to "
+                    f"{type(module).__module__}.{type(module).__qualname__} after attnctl.apply (tomesd-style class swap)"
+                )
+        for name, (module, before) in self.forwards.items():
+            now = module.__dict__.get("forward")
+            if now is not before and not known_forward(module, now):
+                yield (
+                    f"the forward of attention module {name} was replaced by {describe_callable(now)} after "
+                    "attnctl.apply: attnctl's processor would be bypassed"
+                )
+
+
+def foreign_patches(denoiser: torch.nn.Module, attention: dict[str, torch.nn.Module]) -> list[str]:
+    """Patches found at `apply` that attnctl cannot compose with (swapped classes, replaced attention forwards)."""
+    problems = []
+    for name, module in denoiser.named_modules():
+        base = swapped_class(type(module))
+        if base is not None:
+            problems.append(_class_problem(name, module, base))
+    for name, module in attention.items():
+        problem = _attention_forward_problem(name, module)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def summarize(problems: list[str], limit: int = 3) -> str:
+    shown = "; ".join(problems[:limit])
+    more = len(problems) - limit
+    return shown + (f"; and {more} more" if more > 0 else "")
