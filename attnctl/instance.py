@@ -38,7 +38,7 @@ class Wrapped:
         if self.obj.__dict__.get("_old_forward", _MISSING) is self.wrapper:  # accelerate stacked its hook on ours
             self.obj.__dict__["_old_forward"] = self.original
             return True
-        return False
+        return current is self.previous  # someone else already put back what was there before: nothing of ours left
 
 
 def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Wrapped:

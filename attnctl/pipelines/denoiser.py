@@ -109,7 +109,7 @@ class DenoiserHooks:
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
         self._handles = (
             module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
-            module.register_forward_hook(self._post, with_kwargs=True),
+            module.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
         )
 
     @property
@@ -178,7 +178,10 @@ class DenoiserHooks:
         self._pending = pending
         if call_inputs is given:
             return None
-        return self._arguments(call_inputs)
+        # the caller's split of positional and keyword arguments, kept for other hooks and wrappers
+        names = list(call_inputs)
+        positional = tuple(call_inputs[name] for name in names[: len(args)])
+        return positional, {name: call_inputs[name] for name in names[len(args) :]}
 
     @torch.compiler.disable
     def _post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
