@@ -293,7 +293,8 @@ class Handle:
         return check_inputs
 
     def _make_encode_prompt(self, original):
-        signature = inspect.signature(original)
+        method = getattr(type(self.pipeline), "encode_prompt", None)  # the class's signature: another library's
+        signature = inspect.signature(method.__get__(self.pipeline) if method is not None else original)  # wrapper may take *a, **k
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
             if not self.runtime.internal:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, RowSelect
+from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan
 from ..errors import CallLayoutError
 
 
