@@ -116,3 +116,51 @@ def summarize(problems: list[str], limit: int = 3) -> str:
     shown = "; ".join(problems[:limit])
     more = len(problems) - limit
     return shown + (f"; and {more} more" if more > 0 else "")
+
+
+# -- torch.compile ----------------------------------------------------------------------------------------------
+# Controls verified to run in a compiled denoiser: no graph break inside attnctl's processors, at most one
+# recompilation per (control set, active layers, shapes), compiled output = eager output within the stock
+# compiled-vs-eager tolerance (tests/test_compose_compile.py). Others are refused with the reason below.
+COMPILE_READY: tuple[str, ...] = ("Reweight",)
+NOT_VERIFIED = (
+    "it is not verified to run compiled (its hooks keep per-step Python state, so dynamo would guard on it and "
+    "recompile per step, or break the graph inside the processor)"
+)
+
+
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a `torch.compile(module)` wrapper (OptimizedModule), else the module itself."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
+
+
+def compiled_parts(entry: torch.nn.Module, denoiser: torch.nn.Module) -> list[str]:
+    """How the denoiser is compiled: `torch.compile(m)` (an OptimizedModule in the pipeline), `m.compile()`,
+    compiled blocks (`compile_repeated_blocks`, `block.compile()`), or nothing (an empty list)."""
+    parts = []
+    if entry is not denoiser:
+        parts.append("torch.compile(denoiser)")
+    if getattr(denoiser, "_compiled_call_impl", None) is not None:
+        parts.append("denoiser.compile()")
+    blocks = sum(
+        1 for name, module in denoiser.named_modules()
+        if name and (getattr(module, "_compiled_call_impl", None) is not None or type(module).__name__ == "OptimizedModule")
+    )
+    if blocks:
+        parts.append(f"{blocks} compiled block(s) (compile_repeated_blocks or block.compile())")
+    return parts
+
+
+def refuse_uncompilable(controls: tuple[Any, ...], parts: list[str], attribute: str) -> None:
+    if not parts:
+        return
+    for control in controls:
+        name = type(control).__name__
+        if name not in COMPILE_READY:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"attnctl: {name} cannot run in the torch.compile'd pipe.{attribute} ({', '.join(parts)}): {NOT_VERIFIED}. "
+                f"Controls that run compiled: {', '.join(COMPILE_READY)}; or apply {name} to an uncompiled denoiser"
+            )

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .compose import Snapshot, foreign_patches, summarize
+from .compose import Snapshot, compiled_parts, foreign_patches, refuse_uncompilable, summarize, uncompiled
 from .control import Control
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from .families import adapter_for
@@ -59,12 +59,10 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
-def _refuse_compiled(module: torch.nn.Module, attribute: str) -> None:
-    if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-        raise UnsupportedError(
-            f"attnctl: pipe.{attribute} is torch.compile'd; apply attnctl to the uncompiled model. Compiling a "
-            "controlled denoiser is not supported yet: its per-call state lives outside the compiled graph."
-        )
+def _refuse_compiled(entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...]) -> None:
+    """A compiled denoiser (torch.compile(m), m.compile(), compiled blocks) runs the controls that are verified to
+    compile (`compose.COMPILE_READY`); any other control is refused with the reason."""
+    refuse_uncompilable(controls, compiled_parts(entry, denoiser), attribute)
 
 
 def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str = "auto") -> Handle:
@@ -82,8 +80,9 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for control in controls:
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
-    attribute, denoiser = denoiser_of(pipe)
-    _refuse_compiled(denoiser, attribute)
+    attribute, entry = denoiser_of(pipe)
+    denoiser = uncompiled(entry)  # torch.compile(m): attnctl hooks m itself, dynamo traces through the hooks' calls
+    _refuse_compiled(entry, denoiser, attribute, controls)
     live = _LIVE.get(denoiser)
     if live is not None and live.live:
         raise HandleError(
@@ -253,7 +252,7 @@ class Handle:
         self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
-        self._hooks = DenoiserHooks(runtime, denoiser)
+        self._hooks = DenoiserHooks(runtime, denoiser, self._processors)
         self._snapshot = Snapshot.take(denoiser, self.adapter.modules)
         if callable(getattr(pipe, "check_inputs", None)):
             self._wrapped.append(wrap_method(pipe, "check_inputs", self._make_call_start))
@@ -340,11 +339,13 @@ class Handle:
             return
         denoiser = self.adapter.denoiser
         current = getattr(self.pipeline, self.attribute, None)
-        if current is not denoiser:
+        if current is None or uncompiled(current) is not denoiser:
             raise PipelineChangedError(
                 f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
             )
-        _refuse_compiled(denoiser, self.attribute)
+        _refuse_compiled(current, denoiser, self.attribute, self.controls)
+        if self._hooks is not None:
+            self._hooks.compiled = bool(compiled_parts(current, denoiser))
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
         if changed:
             found = sorted({type(self.adapter.modules[n].processor).__name__ for n in changed})

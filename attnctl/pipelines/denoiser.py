@@ -100,13 +100,15 @@ class DenoiserHooks:
     bookkeeping is Python, the denoiser's forward is compiled (docs: README "Works with").
     """
 
-    def __init__(self, runtime: Any, module: torch.nn.Module):
+    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any]):
         self.runtime = runtime
+        self.processors = processors
         self.module = module
         self.signature = call_signature(module)
         self.main_input = runtime.adapter.batched_inputs[0]
         self._pending: _Pending | None = None
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
+        self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
         self._handles = (
             module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
             module.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
@@ -131,6 +133,8 @@ class DenoiserHooks:
         args, kwargs = self._arguments(inputs)
         self._passthrough += 1
         self.runtime.enter(frame)
+        if self.compiled:
+            self.runtime.prefill_edits(self.processors)
         try:
             return self.module(*args, **kwargs)
         finally:
@@ -175,6 +179,8 @@ class DenoiserHooks:
                     call_inputs = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, source)
                     call_frame = dataclasses.replace(frame, rows=layout, inputs=call_inputs)
         runtime.enter(call_frame)
+        if self.compiled:
+            runtime.prefill_edits(self.processors)
         self._pending = pending
         if call_inputs is given:
             return None

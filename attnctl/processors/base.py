@@ -37,6 +37,7 @@ class ControlledProcessor:
     # after apply is detected at the next pipeline call.
     _attention_backend = None
     _parallel_config = None
+    edit_now = None  # this layer's edit, computed before a compiled forward (`Runtime.prefill_edits`)
     inert = False  # set by Handle.remove() when another library still holds this processor: pass-through to stock
 
     def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
@@ -108,7 +109,7 @@ class ControlledProcessor:
 
     def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, AttentionCall | None, Any, torch.Tensor]:
         """Look up the edit; returns (edit, call, reused result or None, hidden after token hooks)."""
-        edit = self.runtime.edit_for(self.layer)
+        edit = self.edit_now if self.runtime.prefilled else self.runtime.edit_for(self.layer)  # compiled: prefilled
         if edit is None:
             return None, None, None, hidden
         call = self.runtime.layer_call(self.layer, attn, edit)
