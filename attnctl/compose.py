@@ -122,9 +122,23 @@ def summarize(problems: list[str], limit: int = 3) -> str:
 # Controls verified to run in a compiled denoiser: no graph break inside attnctl's processors, at most one
 # recompilation per (control set, active layers, shapes), compiled output = eager output within the stock
 # compiled-vs-eager tolerance (tests/test_compose_compile.py). Others are refused with the reason below.
-COMPILE_READY: tuple[str, ...] = ("Reweight",)
+COMPILE_READY: tuple[str, ...] = ("Reweight", "PLADIS", "SAG", "Regions")
+# Why the others are refused (measured with dynamo on the tiny pipelines, torch 2.13; docs: README "Works with").
+NOT_COMPILABLE: dict[str, str] = {
+    "TGate": "its attention cache is per-step Python state read inside the processor, so dynamo guards on the step "
+    "and recompiles every step (fullgraph hits the recompile limit)",
+    "AttentionMaps": "it accumulates maps in Python state keyed by the step inside the processor, so dynamo "
+    "recompiles every step",
+    "ToMe": "its token-merge plan creates objects dynamo cannot build inside a graph (an opaque object)",
+    "AgentAttention": "its token-reduction hook shares ToMe's machinery (objects dynamo cannot build inside a graph)",
+    "FastAttn": "it branches in Python on tensor values (data-dependent control flow) inside the processor",
+    "PAG": "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles "
+    "every call",
+    "SEG": "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles "
+    "every call",
+}
 NOT_VERIFIED = (
-    "it is not verified to run compiled (its hooks keep per-step Python state, so dynamo would guard on it and "
+    "it is not verified to run compiled (a hook that keeps per-step Python state makes dynamo guard on it and "
     "recompile per step, or break the graph inside the processor)"
 )
 
@@ -161,6 +175,92 @@ def refuse_uncompilable(controls: tuple[Any, ...], parts: list[str], attribute: 
             from .errors import UnsupportedError
 
             raise UnsupportedError(
-                f"attnctl: {name} cannot run in the torch.compile'd pipe.{attribute} ({', '.join(parts)}): {NOT_VERIFIED}. "
+                f"attnctl: {name} cannot run in the torch.compile'd pipe.{attribute} ({', '.join(parts)}): "
+                f"{NOT_COMPILABLE.get(name, NOT_VERIFIED)}. "
                 f"Controls that run compiled: {', '.join(COMPILE_READY)}; or apply {name} to an uncompiled denoiser"
             )
+
+
+# -- diffusers' caches ------------------------------------------------------------------------------------------
+# diffusers' cache hooks, by the name they register under (`module._diffusers_hook`): attention-output caches sit
+# on attention modules and return a cached output instead of calling the processor on some steps; block caches
+# skip whole blocks (or the model's uncond rows) on some steps.
+ATTENTION_CACHES = {
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcast",
+    "faster_cache_block": "FasterCache (attention cache)",
+    "taylorseer_cache": "TaylorSeerCache",
+}
+BLOCK_CACHES = {
+    "fbc_leader_block_hook": "FirstBlockCache",
+    "fbc_block_hook": "FirstBlockCache",
+    "mag_cache_leader_block_hook": "MagCache",
+    "mag_cache_block_hook": "MagCache",
+    "faster_cache_denoiser": "FasterCache (unconditional-batch skip)",
+}
+# Controls that cannot share a denoiser with a diffusers cache, and why.
+CACHE_CONFLICTS: dict[str, str] = {
+    "TGate": "both would cache attention across steps (TGate keeps the cross-attention output after its gate step); "
+    "the cache would reuse outputs TGate already replaced, or skip the steps TGate caches from",
+    "FastAttn": "both would reuse attention outputs across steps (FastAttn's step sharing and residual cache); the "
+    "plan's error bounds assume every layer runs every step",
+    "AttentionMaps": "the cache skips attention layers (or blocks) on some steps, so their maps would be silently "
+    "missing from the averages",
+}
+
+
+def diffusers_caches(denoiser: torch.nn.Module) -> list[str]:
+    """The diffusers caches installed on the denoiser's modules, by name (deduplicated, in module order)."""
+    found: list[str] = []
+    for module in denoiser.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        for hook in getattr(registry, "hooks", {}) or {}:
+            name = ATTENTION_CACHES.get(hook) or BLOCK_CACHES.get(hook)
+            if name is not None and name not in found:
+                found.append(name)
+    return found
+
+
+def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str) -> None:
+    if not caches:
+        return
+    for control in controls:
+        why = CACHE_CONFLICTS.get(type(control).__name__)
+        if why is not None:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"attnctl: {type(control).__name__} cannot run with diffusers' {', '.join(caches)} on pipe.{attribute}: "
+                f"{why}. Disable the cache (pipe.{attribute}.disable_cache()) or leave {type(control).__name__} out"
+            )
+
+
+# -- context parallelism ----------------------------------------------------------------------------------------
+CONTEXT_PARALLEL_WHY = (
+    "under ring or Ulysses attention each rank holds a shard of the sequence (or of the heads), while attnctl's "
+    "edits are built for the whole token grid and its hooks (caches, token reduction, maps) see whole layers; "
+    "docs/context-parallel.md says how controls would run sharded. Data parallelism (one prompt per GPU, "
+    "`attnctl render` through accelerate) works"
+)
+
+
+def parallel_config(denoiser: torch.nn.Module) -> Any:
+    """diffusers' context-parallel config of the denoiser (`enable_parallelism`), or None."""
+    config = getattr(denoiser, "_parallel_config", None)
+    if config is not None:
+        return config
+    for module in denoiser.modules():
+        processor = getattr(module, "processor", None)
+        if getattr(processor, "_parallel_config", None) is not None and not getattr(processor, "inert", False):
+            return processor._parallel_config
+    return None
+
+
+def refuse_context_parallel(denoiser: torch.nn.Module, attribute: str) -> None:
+    config = parallel_config(denoiser)
+    if config is not None:
+        from .errors import UnsupportedError
+
+        raise UnsupportedError(
+            f"attnctl: pipe.{attribute} runs context parallelism ({type(config).__name__}, enable_parallelism); attnctl "
+            f"refuses it: {CONTEXT_PARALLEL_WHY}"
+        )

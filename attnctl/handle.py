@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 
-from .compose import Snapshot, compiled_parts, foreign_patches, refuse_uncompilable, summarize, uncompiled
+from .compose import (
+    Snapshot,
+    compiled_parts,
+    diffusers_caches,
+    foreign_patches,
+    refuse_cache_conflicts,
+    refuse_context_parallel,
+    refuse_uncompilable,
+    summarize,
+    uncompiled,
+)
 from .control import Control
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from .families import adapter_for
@@ -59,10 +69,13 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
-def _refuse_compiled(entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...]) -> None:
-    """A compiled denoiser (torch.compile(m), m.compile(), compiled blocks) runs the controls that are verified to
-    compile (`compose.COMPILE_READY`); any other control is refused with the reason."""
+def _refuse_uncomposable(entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...]) -> None:
+    """What attnctl refuses to compose with, with the reason (attnctl/compose.py): a control not verified to run
+    in a compiled denoiser (torch.compile(m), m.compile(), compiled blocks), a control that would cache or
+    capture what a diffusers cache skips, and context parallelism."""
     refuse_uncompilable(controls, compiled_parts(entry, denoiser), attribute)
+    refuse_cache_conflicts(controls, diffusers_caches(denoiser), attribute)  # diffusers' caches and context
+    refuse_context_parallel(denoiser, attribute)  # parallelism: checked at the same times (apply, every call)
 
 
 def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str = "auto") -> Handle:
@@ -82,7 +95,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
     attribute, entry = denoiser_of(pipe)
     denoiser = uncompiled(entry)  # torch.compile(m): attnctl hooks m itself, dynamo traces through the hooks' calls
-    _refuse_compiled(entry, denoiser, attribute, controls)
+    _refuse_uncomposable(entry, denoiser, attribute, controls)
     live = _LIVE.get(denoiser)
     if live is not None and live.live:
         raise HandleError(
@@ -343,7 +356,7 @@ class Handle:
             raise PipelineChangedError(
                 f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
             )
-        _refuse_compiled(current, denoiser, self.attribute, self.controls)
+        _refuse_uncomposable(current, denoiser, self.attribute, self.controls)
         if self._hooks is not None:
             self._hooks.compiled = bool(compiled_parts(current, denoiser))
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]

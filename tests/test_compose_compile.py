@@ -119,7 +119,7 @@ def test_compile_repeated_blocks_bounded_recompiles():
 def test_control_that_cannot_run_compiled_is_refused_with_the_reason():
     pipe = make_tiny_pipeline("tiny-sd")
     pipe.unet.compile()  # lazy: nothing is traced until a call
-    with pytest.raises(UnsupportedError, match=r"TGate cannot run in the torch.compile'd pipe.unet \(denoiser.compile\(\)\): it is not verified"):
+    with pytest.raises(UnsupportedError, match=r"TGate cannot run in the torch.compile'd pipe.unet \(denoiser.compile\(\)\): its attention cache"):
         attnctl.apply(pipe, attnctl.TGate(gate_step=1))
     assert not pipe.unet._forward_pre_hooks and "encode_prompt" not in pipe.__dict__
     pipe.unet._compiled_call_impl = None
