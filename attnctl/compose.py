@@ -122,7 +122,13 @@ def summarize(problems: list[str], limit: int = 3) -> str:
 # Controls verified to run in a compiled denoiser: no graph break inside attnctl's processors, at most one
 # recompilation per (control set, active layers, shapes), compiled output = eager output within the stock
 # compiled-vs-eager tolerance (tests/test_compose_compile.py). Others are refused with the reason below.
-COMPILE_READY: tuple[str, ...] = ("Reweight", "PLADIS", "SAG", "Regions")
+ALL_FAMILIES = ("unet", "sd3", "flux", "pixart")
+COMPILE_READY: dict[str, tuple[str, ...]] = {  # control -> families it was verified on
+    "Reweight": ALL_FAMILIES,
+    "PLADIS": ALL_FAMILIES,
+    "SAG": ALL_FAMILIES,
+    "Regions": ("unet",),
+}
 # Why the others are refused (measured with dynamo on the tiny pipelines, torch 2.13; docs: README "Works with").
 NOT_COMPILABLE: dict[str, str] = {
     "TGate": "its attention cache is per-step Python state read inside the processor, so dynamo guards on the step "
@@ -136,6 +142,8 @@ NOT_COMPILABLE: dict[str, str] = {
     "every call",
     "SEG": "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles "
     "every call",
+    "Regions": "on joint-attention and PixArt layouts its region masks use data-dependent ops (nonzero) and a tensor "
+    "version check inside the attention op, which break the graph (it runs compiled on UNet models)",
 }
 NOT_VERIFIED = (
     "it is not verified to run compiled (a hook that keeps per-step Python state makes dynamo guard on it and "
@@ -166,18 +174,19 @@ def compiled_parts(entry: torch.nn.Module, denoiser: torch.nn.Module) -> list[st
     return parts
 
 
-def refuse_uncompilable(controls: tuple[Any, ...], parts: list[str], attribute: str) -> None:
+def refuse_uncompilable(controls: tuple[Any, ...], parts: list[str], attribute: str, family: str) -> None:
     if not parts:
         return
     for control in controls:
         name = type(control).__name__
-        if name not in COMPILE_READY:
+        if family not in COMPILE_READY.get(name, ()):
             from .errors import UnsupportedError
 
             raise UnsupportedError(
                 f"attnctl: {name} cannot run in the torch.compile'd pipe.{attribute} ({', '.join(parts)}): "
                 f"{NOT_COMPILABLE.get(name, NOT_VERIFIED)}. "
-                f"Controls that run compiled: {', '.join(COMPILE_READY)}; or apply {name} to an uncompiled denoiser"
+                f"Controls that run compiled on {family}: {', '.join(n for n, f in COMPILE_READY.items() if family in f)}; "
+                f"or apply {name} to an uncompiled denoiser"
             )
 
 

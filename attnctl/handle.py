@@ -69,11 +69,13 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
-def _refuse_uncomposable(entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...]) -> None:
+def _refuse_uncomposable(
+    entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...], family: str
+) -> None:
     """What attnctl refuses to compose with, with the reason (attnctl/compose.py): a control not verified to run
     in a compiled denoiser (torch.compile(m), m.compile(), compiled blocks), a control that would cache or
     capture what a diffusers cache skips, and context parallelism."""
-    refuse_uncompilable(controls, compiled_parts(entry, denoiser), attribute)
+    refuse_uncompilable(controls, compiled_parts(entry, denoiser), attribute, family)
     refuse_cache_conflicts(controls, diffusers_caches(denoiser), attribute)  # diffusers' caches and context
     refuse_context_parallel(denoiser, attribute)  # parallelism: checked at the same times (apply, every call)
 
@@ -95,7 +97,6 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
     attribute, entry = denoiser_of(pipe)
     denoiser = uncompiled(entry)  # torch.compile(m): attnctl hooks m itself, dynamo traces through the hooks' calls
-    _refuse_uncomposable(entry, denoiser, attribute, controls)
     live = _LIVE.get(denoiser)
     if live is not None and live.live:
         raise HandleError(
@@ -106,6 +107,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
     adapter = adapter_for(denoiser)
+    _refuse_uncomposable(entry, denoiser, attribute, controls, adapter.family)
     problems = foreign_patches(denoiser, adapter.modules)
     if problems:
         raise PipelineChangedError(
@@ -356,7 +358,7 @@ class Handle:
             raise PipelineChangedError(
                 f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
             )
-        _refuse_uncomposable(current, denoiser, self.attribute, self.controls)
+        _refuse_uncomposable(current, denoiser, self.attribute, self.controls, self.adapter.family)
         if self._hooks is not None:
             self._hooks.compiled = bool(compiled_parts(current, denoiser))
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
