@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import attnctl
 import attnctl.handle
+from attnctl.compose import COMPILE_READY, NOT_COMPILABLE
 from attnctl.errors import UnsupportedError
 from attnctl.testing import make_tiny_pipeline
 
@@ -66,6 +67,8 @@ def _compile(pipe, entry, backend):
     denoiser = _denoiser(pipe)
     if entry == "inplace":
         denoiser.compile(backend=backend)
+    elif entry == "inplace-full":
+        denoiser.compile(backend=backend, fullgraph=True)
     elif entry == "wrapped":
         setattr(pipe, "unet" if hasattr(pipe, "unet") else "transformer", torch.compile(denoiser, backend=backend))
     elif entry == "blocks":
@@ -157,9 +160,65 @@ def test_inductor_compiled_output_matches_eager_within_stock_tolerance():
 @pytest.mark.parametrize("name, entry, order", [
     ("tiny-sd", "inplace", "before"), ("tiny-sd", "wrapped", "after"), ("tiny-sd", "blocks", "before"),
     ("tiny-flux", "blocks", "after"), ("tiny-flux", "inplace", "before"), ("tiny-sd3", "wrapped", "before"),
-    ("tiny-pixart", "inplace", "after"), ("tiny-sdxl", "blocks", "after"),
+    ("tiny-pixart", "inplace", "after"), ("tiny-sdxl", "blocks", "after"), ("tiny-flux", "inplace-full", "after"),
+    ("tiny-sd", "inplace-full", "before"),
 ])
 def test_entry_point_matrix(name, entry, order):
     eager, compiled, again, first, total = _run_entry(name, entry, order)
     assert torch.equal(compiled, eager) and torch.equal(again, eager)
     assert total == first  # no recompilation on the next call
+
+
+def _controls_for(family):
+    made = {
+        "Reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),
+        "PLADIS": lambda: attnctl.PLADIS(),
+        "SAG": lambda: attnctl.SAG(),
+        "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
+    }
+    return [(name, made[name]) for name, families in COMPILE_READY.items() if family in families]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, family", [("tiny-sd", "unet"), ("tiny-flux", "flux"), ("tiny-sd3", "sd3"), ("tiny-pixart", "pixart")])
+def test_every_compile_ready_control_matrix(name, family):
+    """Each control verified to compile: compiled (blocks where the model has them, else the whole denoiser)
+    equals eager bitwise with dynamo's eager backend, no graph break, no recompilation on the next call."""
+    from torch._dynamo.utils import counters
+
+    entry = "blocks" if name in ("tiny-sd", "tiny-flux") else "inplace"
+    for control_name, make in _controls_for(family):
+        pipe = make_tiny_pipeline(name)
+        with attnctl.apply(pipe, make()):
+            eager = generate(pipe, name, prompt=PROMPT, steps=3)
+        torch._dynamo.reset()
+        counters.clear()
+        counter = CompileCounterWithBackend("eager")
+        _compile(pipe, entry, counter)
+        with attnctl.apply(pipe, make()):
+            compiled = generate(pipe, name, prompt=PROMPT, steps=3)
+            first = counter.frame_count
+            again = generate(pipe, name, prompt=PROMPT, steps=3)
+        assert torch.equal(compiled, eager) and torch.equal(again, eager), control_name
+        assert counter.frame_count == first, control_name
+        assert not counters["graph_break"], (control_name, dict(counters["graph_break"]))
+
+
+@pytest.mark.parametrize("name", sorted(NOT_COMPILABLE))
+def test_every_refused_control_names_its_reason(tiny_cache, name):
+    """No tracing: compile is lazy and the refusal comes at apply."""
+    control = {
+        "TGate": lambda: attnctl.TGate(gate_step=1), "AttentionMaps": lambda: attnctl.AttentionMaps(["cat"]),
+        "ToMe": lambda: attnctl.ToMe(), "AgentAttention": lambda: attnctl.AgentAttention(), "FastAttn": lambda: attnctl.FastAttn(),
+        "PAG": lambda: attnctl.PAG(), "SEG": lambda: attnctl.SEG(),
+        "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
+    }[name]()
+    pipe = tiny_cache("tiny-sd3" if name == "Regions" else "tiny-sd")  # Regions compiles on UNet only
+    denoiser = _denoiser(pipe)
+    denoiser.compile()
+    try:
+        with pytest.raises(UnsupportedError, match=rf"{name} cannot run in the torch.compile'd .*: {NOT_COMPILABLE[name][:30]}"):
+            attnctl.apply(pipe, control)
+    finally:
+        denoiser._compiled_call_impl = None
+    assert not denoiser._forward_pre_hooks
