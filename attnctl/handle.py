@@ -1,8 +1,9 @@
 """`attnctl.apply(pipe, controls)` and the `Handle` it returns.
 
 apply() installs one controlled processor per attention layer of the pipeline's denoiser (through the
-public `set_processor` of each attention module) and wraps, at instance level only, the hook points of
-docs/architecture.md: the denoiser's `forward`, the pipeline's `check_inputs`, `encode_prompt` and
+public `set_processor` of each attention module), registers a forward pre-hook and a forward hook on the
+denoiser, and wraps, at instance level only, the other hook points of docs/architecture.md: the pipeline's
+`check_inputs`, `encode_prompt` and
 `maybe_free_model_hooks`, the scheduler's `step`, and Flux's `cache_context`. `Handle.remove()` puts
 everything back exactly; it is idempotent, and `with attnctl.apply(...)` calls it on exit.
 """
