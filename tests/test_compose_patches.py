@@ -188,3 +188,22 @@ def test_processor_held_by_another_library_is_inert_after_remove(sd):
     assert ours.inert
     assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
     module.set_processor(ours.original)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_block_forwards_wrapped_by_another_library_are_not_flagged(sd, order):
+    """DeepCache wraps the forward of UNet blocks (not attention modules) at instance level: that keeps calling the
+    attention processors, so it composes; only attention modules' forwards and swapped classes are refused."""
+    pipe, stock, muted = sd
+    blocks = [pipe.unet.down_blocks[0], pipe.unet.up_blocks[-1]]
+    if order == "before":
+        saved = [_wrap_forward(block) for block in blocks]
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    if order == "after":
+        saved = [_wrap_forward(block) for block in blocks]
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), muted)
+    assert all(calls for _, calls in saved)
+    handle.remove()
+    for block in blocks:
+        del block.__dict__["forward"]
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
