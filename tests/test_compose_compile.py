@@ -30,6 +30,16 @@ def _window():
 
 
 @pytest.fixture(autouse=True)
+def _heavy_matrix_on_request(request):
+    """The compile matrices (minutes of tracing on CPU) run only when asked for: `-m slow` or ATTNCTL_SLOW=1.
+    CI's plain `pytest -q` keeps one compile per entry point (about a minute)."""
+    import os
+
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("-m") or "") and not os.environ.get("ATTNCTL_SLOW"):
+        pytest.skip("heavy compile matrix: run with -m slow (or ATTNCTL_SLOW=1)")
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield
