@@ -38,6 +38,9 @@ class Control:
     needs_words: ClassVar[bool] = False
     #: Whether the control reads the images the call produces (`BindContext.call_images`).
     needs_images: ClassVar[bool] = False
+    #: Why the control cannot share the denoiser with a diffusers step cache (FirstBlockCache, FasterCache, ...),
+    #: or None when it can.
+    step_cache_refusal: ClassVar[str | None] = None
 
     def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -73,6 +76,14 @@ class Control:
     def kernel_features(self, adapter: ModelAdapter, layers: tuple[LayerInfo, ...]) -> tuple[str, ...]:
         """The backend features this control needs on `layers` (from its declared effects)."""
         return effect_features(tuple(effect for layer in layers for effect in self.layer_effects(adapter, layer)))
+
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        """Why the control cannot run in a torch.compile'd denoiser of this family, or None when it is verified to
+        (no graph break in the processors, one compilation per control set and shapes: tests/test_compose_compile.py)."""
+        return (
+            "it is not verified to run compiled (a hook that keeps per-step Python state makes dynamo guard on it and "
+            "recompile per step, or break the graph inside the processor)"
+        )
 
     @property
     def step_window(self) -> StepWindow:

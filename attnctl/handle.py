@@ -1,8 +1,9 @@
 """`attnctl.apply(pipe, controls)` and the `Handle` it returns.
 
 apply() installs one controlled processor per attention layer of the pipeline's denoiser (through the
-public `set_processor` of each attention module) and wraps, at instance level only, the hook points of
-docs/architecture.md: the denoiser's `forward`, the pipeline's `check_inputs`, `encode_prompt` and
+public `set_processor` of each attention module), registers a forward pre-hook and a forward hook on the
+denoiser, and wraps, at instance level only, the other hook points of docs/architecture.md: the pipeline's
+`check_inputs`, `encode_prompt` and
 `maybe_free_model_hooks`, the scheduler's `step`, and Flux's `cache_context`. `Handle.remove()` puts
 everything back exactly; it is idempotent, and `with attnctl.apply(...)` calls it on exit.
 """
@@ -21,9 +22,20 @@ from .control import Control
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from .families import adapter_for
 from .families.base import LayerInfo, ModelAdapter
-from .instance import Wrapped, wrap_method
+from .foreign_patches import (
+    Snapshot,
+    compiled_parts,
+    diffusers_caches,
+    foreign_patches,
+    refuse_cache_conflicts,
+    refuse_context_parallel,
+    refuse_uncompilable,
+    summarize,
+    uncompiled,
+)
+from .instance import Wrapped, describe_callable, wrap_method
 from .kernels import check_features, choose_backend, validate_backend
-from .pipelines.denoiser import make_forward
+from .pipelines.denoiser import DenoiserHooks
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import Runtime
 from .processors import processor_for
@@ -51,12 +63,15 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
-def _refuse_compiled(module: torch.nn.Module, attribute: str) -> None:
-    if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
-        raise UnsupportedError(
-            f"attnctl: pipe.{attribute} is torch.compile'd; apply attnctl to the uncompiled model. Compiling a "
-            "controlled denoiser is not supported yet: its per-call state lives outside the compiled graph."
-        )
+def _refuse_uncomposable(
+    entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...], adapter: ModelAdapter
+) -> None:
+    """What attnctl refuses to compose with, with the reason (attnctl/foreign_patches.py): a control not verified to run
+    in a compiled denoiser (torch.compile(m), m.compile(), compiled blocks), a control that would cache or
+    capture what a diffusers cache skips, and context parallelism."""
+    refuse_uncompilable(controls, compiled_parts(entry, denoiser), attribute, adapter)
+    refuse_cache_conflicts(controls, diffusers_caches(denoiser), attribute)  # diffusers' caches and context
+    refuse_context_parallel(denoiser, attribute)  # parallelism: checked at the same times (apply, every call)
 
 
 def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str = "auto") -> Handle:
@@ -74,8 +89,8 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for control in controls:
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
-    attribute, denoiser = denoiser_of(pipe)
-    _refuse_compiled(denoiser, attribute)
+    attribute, entry = denoiser_of(pipe)
+    denoiser = uncompiled(entry)  # torch.compile(m): attnctl hooks m itself, dynamo traces through the hooks' calls
     live = _LIVE.get(denoiser)
     if live is not None and live.live:
         raise HandleError(
@@ -86,6 +101,13 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
     adapter = adapter_for(denoiser)
+    _refuse_uncomposable(entry, denoiser, attribute, controls, adapter)
+    problems = foreign_patches(denoiser, adapter.modules)
+    if problems:
+        raise PipelineChangedError(
+            f"attnctl: cannot apply to pipe.{attribute}: {summarize(problems)}. Undo the other library's patch before "
+            "attnctl.apply (tomesd.remove_patch(pipe), tgate's cleanup), or use attnctl's own ToMe / TGate"
+        )
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
     features = tuple(control.kernel_features(adapter, resolved[position]) for position, control in enumerate(controls))
@@ -217,6 +239,8 @@ class Handle:
         self._originals = originals
         self._processors: dict[str, ControlledProcessor] = {}
         self._wrapped: list[Wrapped] = []
+        self._hooks: DenoiserHooks | None = None
+        self._snapshot: Snapshot | None = None
         self._scheduler_wraps: list[Wrapped] = []
         self.live = False
 
@@ -229,8 +253,8 @@ class Handle:
         self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
-        self._forward = wrap_method(denoiser, "forward", make_forward(runtime))
-        self._wrapped.append(self._forward)
+        self._hooks = DenoiserHooks(runtime, denoiser, self._processors)
+        self._snapshot = Snapshot.take(denoiser, self.adapter.modules)
         if callable(getattr(pipe, "check_inputs", None)):
             self._wrapped.append(wrap_method(pipe, "check_inputs", self._make_call_start))
         self._wrapped.append(wrap_method(pipe, "encode_prompt", self._make_encode_prompt))
@@ -272,7 +296,8 @@ class Handle:
         return check_inputs
 
     def _make_encode_prompt(self, original):
-        signature = inspect.signature(original)
+        method = getattr(type(self.pipeline), "encode_prompt", None)  # the class's signature: another library's
+        signature = inspect.signature(method.__get__(self.pipeline) if method is not None else original)  # wrapper may take *a, **k
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
             if not self.runtime.internal:
@@ -329,11 +354,13 @@ class Handle:
             return
         denoiser = self.adapter.denoiser
         current = getattr(self.pipeline, self.attribute, None)
-        if current is not denoiser:
+        if current is None or uncompiled(current) is not denoiser:
             raise PipelineChangedError(
                 f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
             )
-        _refuse_compiled(denoiser, self.attribute)
+        _refuse_uncomposable(current, denoiser, self.attribute, self.controls, self.adapter)
+        if self._hooks is not None:
+            self._hooks.compiled = bool(compiled_parts(current, denoiser))
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
         if changed:
             found = sorted({type(self.adapter.modules[n].processor).__name__ for n in changed})
@@ -347,11 +374,14 @@ class Handle:
                 f"attnctl: the attention backend of {len(moved)} layer(s) changed after attnctl.apply "
                 f"(now {self._processors[moved[0]]._attention_backend!r}); {CHANGE_HINT}"
             )
-        if self._forward.wrapper not in (denoiser.__dict__.get("forward"), denoiser.__dict__.get("_old_forward")):
+        if self._hooks is None or not self._hooks.installed:
             raise PipelineChangedError(
-                f"attnctl: pipe.{self.attribute}.forward was replaced after attnctl.apply and no longer reaches attnctl's "
-                "wrapper; call handle.remove() and apply again"
+                f"attnctl: attnctl's forward hooks on pipe.{self.attribute} were removed after attnctl.apply (e.g. by "
+                "clearing _forward_pre_hooks / _forward_hooks); call handle.remove() and apply again"
             )
+        changes = list(self._snapshot.changes()) if self._snapshot is not None else []
+        if changes:
+            raise PipelineChangedError(f"attnctl: {summarize(changes)}; call handle.remove(), undo that change, and apply again")
         self._wrap_scheduler()
 
     # -- removal ----------------------------------------------------------------------------------------------
@@ -365,12 +395,28 @@ class Handle:
             module = self.adapter.modules[name]
             if module.processor is proc:
                 module.set_processor(self._originals[name])
+            else:
+                proc.inert = True  # if something still calls it, it is a pass-through to the stock processor
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        stuck = []
         for record in reversed(self._scheduler_wraps + self._wrapped):
-            record.unwrap()
+            if not record.unwrap():  # another library stacked on attnctl's wrapper: it stays, as a pass-through
+                owner = "pipe" if record.obj is self.pipeline else type(record.obj).__name__
+                now = record.obj.__dict__.get(record.name)
+                stuck.append(f"{owner}.{record.name} (now {describe_callable(now) if now is not None else 'the class method'})")
         self._wrapped.clear()
         self._scheduler_wraps.clear()
         if _LIVE.get(self.adapter.denoiser) is self:
             del _LIVE[self.adapter.denoiser]
+        if stuck:
+            raise PipelineChangedError(
+                f"attnctl: handle.remove() restored everything except its wrapper(s) of {', '.join(stuck)}: another "
+                "library re-bound or stacked on them after attnctl.apply, so attnctl cannot take them out without "
+                "breaking that library. They are inert pure pass-throughs now (the pipeline generates its stock "
+                "output); undo the other library's patch to drop them"
+            )
 
     def __enter__(self) -> Handle:
         return self

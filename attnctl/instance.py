@@ -38,7 +38,7 @@ class Wrapped:
         if self.obj.__dict__.get("_old_forward", _MISSING) is self.wrapper:  # accelerate stacked its hook on ours
             self.obj.__dict__["_old_forward"] = self.original
             return True
-        return False
+        return current is self.previous  # someone else already put back what was there before: nothing of ours left
 
 
 def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Wrapped:
@@ -54,6 +54,7 @@ def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callab
             return original(*args, **kwargs)
         return inner(*args, **kwargs)
 
+    wrapper.__attnctl_wrapper__ = True  # lets foreign-patch checks tell attnctl's own wraps from others'
     record = Wrapped(obj, name, previous, original, wrapper)
     obj.__dict__[name] = wrapper
     return record
@@ -61,3 +62,15 @@ def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callab
 
 def is_wrapped_by(obj: Any, name: str, record: Wrapped) -> bool:
     return obj.__dict__.get(name, _MISSING) is record.wrapper
+
+
+def is_attnctl_wrapper(fn: Any) -> bool:
+    return getattr(fn, "__attnctl_wrapper__", False) is True
+
+
+def describe_callable(fn: Any) -> str:
+    """A short name for a callable found where attnctl expected its own (for error messages)."""
+    inner = getattr(fn, "func", fn)  # functools.partial (accelerate, diffusers' hook registry)
+    name = getattr(inner, "__qualname__", None) or type(inner).__name__
+    module = getattr(inner, "__module__", None)
+    return f"{module}.{name}" if module else name

@@ -74,9 +74,8 @@ def test_constant_term_is_added_to_the_combined_prediction(name, extra, separate
     generate(pipe, name, prompt="a cat", steps=1, **extra)
     guidance = ConstantGuidance(value=0.25, separate=separate)
     probe = Probe()
-    controlled_seen = []
+    controlled_seen = _capture_predictions(pipe)  # before apply: a wrap stacked on attnctl's would stay at remove()
     with attnctl.apply(pipe, [probe, guidance]):
-        controlled_seen = _capture_predictions(pipe)
         generate(pipe, name, prompt="a cat", steps=1, **extra)
     expected = stock_seen[0] + 0.25
     got = controlled_seen[0]

@@ -162,17 +162,21 @@ def test_model_cpu_offload_before_or_after_apply(order):
     assert torch.equal(generate(pipe, "tiny-sd"), stock)
 
 
-def test_compiled_denoiser_is_refused():
+def test_compiled_denoiser_refuses_controls_not_verified_compiled():
+    """Compiling is no longer refused as such (tests/test_compose_compile.py); a control that cannot run compiled is,
+    at apply or at the first call after compiling. Nothing is traced here (compile is lazy)."""
     pipe = make_tiny_pipeline("tiny-sd")
     unet = pipe.unet
     pipe.unet = torch.compile(unet)
     with pytest.raises(UnsupportedError, match="torch.compile"):
-        attnctl.apply(pipe, [])
+        attnctl.apply(pipe, [attnctl.TGate(gate_step=1)])
+    attnctl.apply(pipe, []).remove()
     pipe.unet = unet
-    handle = attnctl.apply(pipe, [])
+    handle = attnctl.apply(pipe, [attnctl.TGate(gate_step=1)])
     unet.compile()
     with pytest.raises(UnsupportedError, match="torch.compile"):
         generate(pipe, "tiny-sd")
+    unet._compiled_call_impl = None
     handle.remove()
 
 

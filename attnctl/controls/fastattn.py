@@ -33,7 +33,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -238,6 +238,14 @@ class FastAttn(Control, type_name="fastattn"):
     layers: LayerSpec = None
     key: str = "fastattn"
 
+
+    step_cache_refusal: ClassVar[str | None] = (
+        "both would reuse attention outputs across steps (FastAttn's step sharing and residual cache); the plan's "
+        "error bounds assume every layer runs every step"
+    )
+
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return "it branches in Python on tensor values (data-dependent control flow) inside the processor"
 
     def __post_init__(self) -> None:
         set_field(self, "threshold", number(self.threshold, "FastAttn.threshold", minimum=0))

@@ -75,6 +75,9 @@ class Reweight(Control, type_name="reweight"):
 
     needs_words: ClassVar[bool] = True
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return None
+
     def __post_init__(self) -> None:
         weights = _parse_weights(self.weights)
         if not any(weights):  # no entry (in any prompt's table)

@@ -20,7 +20,7 @@ models (SD3, Flux) it raises; `FastAttn` is the method for those.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, RowPlan, RowSelect
@@ -80,6 +80,17 @@ class TGate(Control, type_name="tgate"):
     layers: LayerSpec = None
     key: str = "tgate"
 
+
+    step_cache_refusal: ClassVar[str | None] = (
+        "both would cache attention across steps (TGate keeps the cross-attention output after its gate step); "
+        "the cache would reuse outputs TGate already replaced, or skip the steps TGate caches from"
+    )
+
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return (
+            "its attention cache is per-step Python state read inside the processor, so dynamo guards on the step "
+            "and recompiles every step (fullgraph hits the recompile limit)"
+        )
 
     def __post_init__(self) -> None:
         set_field(self, "gate_step", integer(self.gate_step, "TGate.gate_step", minimum=1))

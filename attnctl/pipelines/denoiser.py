@@ -1,4 +1,4 @@
-"""The wrapper around the denoiser's `forward` (docs/architecture.md, steps 2 and 4).
+"""attnctl's hooks around each denoiser call (docs/architecture.md, steps 3 and 4).
 
 Every denoiser call opens a frame (step, rows, geometry) for the processors. When guidance controls
 add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, RowSelect
+from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan
 from ..errors import CallLayoutError
 
 
@@ -70,94 +70,187 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
     return out
 
 
-def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    adapter = runtime.adapter
-    signature = inspect.signature(adapter.denoiser.forward)
-    main_input = adapter.batched_inputs[0]
+def call_signature(module: torch.nn.Module) -> inspect.Signature:
+    """The denoiser's call signature, taken from its class: another library's instance-level `forward`
+    wrapper (DeepCache, cache-dit, accelerate's hooks) often takes `*args, **kwargs` only."""
+    return inspect.signature(type(module).forward.__get__(module))
 
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def call_with(inputs: dict[str, Any], frame: DenoiserCall) -> Any:
-            bound = inspect.BoundArguments(signature, inputs)
-            runtime.enter(frame)
-            try:
-                return original(*bound.args, **bound.kwargs)
-            finally:
-                runtime.leave()
 
-        def rows_of(inputs: dict[str, Any], frame: DenoiserCall, batch: int) -> Any:
-            plan = runtime.row_plan(frame)
-            if not plan.perturbations and not plan.second:
-                return call_with(inputs, frame)
-            return guided(inputs, frame, batch, plan, call_with)
+@dataclasses.dataclass
+class _Pending:
+    """What the forward hook needs from the pre-hook of the same denoiser call."""
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            inputs = runtime.bind_inputs(args, kwargs)
-            batch = int(inputs[main_input].shape[0])
-            frame = runtime.open_frame(inputs, batch)
-            inputs, frame = runtime.transform_inputs(frame, inputs)
-            selection = runtime.selection(frame)
-            if selection is not None:
-                return selected(inputs, frame, batch, selection, rows_of)
-            return rows_of(inputs, frame, batch)
+    frame: DenoiserCall  # the rows the pipeline (or a row selection) asked for
+    inputs: dict[str, Any]
+    batch: int
+    plan: RowPlan | None = None
+    mode: str = "plain"  # "plain", "terms" (separate uncond / skip-layer pass: add its step's D), "guided"
+    batched: tuple[Any, ...] = ()
+    outer: DenoiserCall | None = None  # the pipeline's frame when a control selected rows
 
-        return forward
 
-    def selected(inputs, frame: DenoiserCall, batch: int, selection: RowSelect, rows_of) -> Any:
-        """Run only the selected rows (guidance rows still added to them), then give every row of the pipeline's
-        layout the prediction of the selected row with its prompt."""
-        layout, index = frame.rows.selected(selection.branch, selection.label)
-        if not index:
-            raise CallLayoutError(f"attnctl: a control selected the {selection.branch} rows, but this denoiser call has none")
-        narrow = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, index)
-        output = rows_of(narrow, dataclasses.replace(frame, rows=layout, inputs=narrow), len(index))
-        prediction = first_tensor(output)
-        where = {row.prompt: i for i, row in enumerate(layout.rows)}
-        spread = torch.tensor([where[row.prompt] for row in frame.rows.rows], device=prediction.device)
-        return replace_first(output, prediction[spread])
+class DenoiserHooks:
+    """attnctl's entry into each denoiser call: a forward pre-hook and a forward hook on the denoiser
+    (`register_forward_pre_hook` / `register_forward_hook`, owned by the handle and removed with it).
 
-    def guided(inputs, frame: DenoiserCall, batch: int, plan: RowPlan, call_with) -> Any:
+    Hooks, not an instance-level `forward` wrapper: another library that saves and restores `forward`
+    (DeepCache, cache-dit, accelerate: `orig = m.forward; m.forward = new; ...; m.forward = orig`) never
+    captures attnctl, and attnctl never captures it; both stack in any order. The inputs are bound with the
+    class's signature. Both hooks run outside torch.compile's graph (`torch.compiler.disable`): the
+    bookkeeping is Python, the denoiser's forward is compiled (docs: README "Works with").
+    """
+
+    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any]):
+        self.runtime = runtime
+        self.processors = processors
+        self.module = module
+        self.signature = call_signature(module)
+        self.main_input = runtime.adapter.batched_inputs[0]
+        self._pending: _Pending | None = None
+        self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
+        self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
+        self._handles = (
+            module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+            module.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
+        )
+
+    @property
+    def installed(self) -> bool:
+        pre, post = self._handles
+        return pre.id in self.module._forward_pre_hooks and post.id in self.module._forward_hooks
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._pending = None
+
+    def _arguments(self, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        bound = inspect.BoundArguments(self.signature, inputs)
+        return bound.args, bound.kwargs
+
+    def call_with(self, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
+        """An extra forward of attnctl's own (separate perturbations, second passes) with `frame` set."""
+        args, kwargs = self._arguments(inputs)
+        self._passthrough += 1
+        self.runtime.enter(frame)
+        if self.compiled:
+            self.runtime.prefill_edits(self.processors)
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            self.runtime.leave()
+            self._passthrough -= 1
+
+    @torch.compiler.disable
+    def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._passthrough:
+            return None
+        runtime, adapter = self.runtime, self.runtime.adapter
+        self._pending = None
+        inputs = dict(self.signature.bind(*args, **kwargs).arguments)
+        batch = int(inputs[self.main_input].shape[0])
+        frame = runtime.open_frame(inputs, batch)
+        given = inputs
+        inputs, frame = runtime.transform_inputs(frame, inputs)
+        outer = None
+        selection = runtime.selection(frame)
+        if selection is not None:
+            layout, index = frame.rows.selected(selection.branch, selection.label)
+            if not index:
+                raise CallLayoutError(f"attnctl: a control selected the {selection.branch} rows, but this denoiser call has none")
+            outer = frame
+            inputs = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, index)
+            frame = dataclasses.replace(frame, rows=layout, inputs=inputs)
+            batch = len(index)
+        pending = _Pending(frame, inputs, batch, outer=outer)
+        call_frame, call_inputs = frame, inputs
+        plan = runtime.row_plan(frame)
+        if plan.perturbations or plan.second:
+            pending.plan = plan
+            cond = frame.rows.indices("cond", None)
+            skip_kwarg = runtime.protocol.skip_layer_kwarg
+            if not cond or (skip_kwarg and inputs.get(skip_kwarg) is not None):
+                pending.mode = "terms"
+            else:
+                pending.mode = "guided"
+                pending.batched = tuple(p for p in plan.perturbations if not p.separate)
+                if pending.batched:
+                    layout, source = frame.rows.with_perturbed(tuple(p.tag for p in pending.batched))
+                    call_inputs = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, source)
+                    call_frame = dataclasses.replace(frame, rows=layout, inputs=call_inputs)
+        runtime.enter(call_frame)
+        if self.compiled:
+            runtime.prefill_edits(self.processors)
+        self._pending = pending
+        if call_inputs is given:
+            return None
+        # the caller's split of positional and keyword arguments, kept for other hooks and wrappers
+        names = list(call_inputs)
+        positional = tuple(call_inputs[name] for name in names[: len(args)])
+        return positional, {name: call_inputs[name] for name in names[len(args) :]}
+
+    @torch.compiler.disable
+    def _post(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if self._passthrough:
+            return None
+        pending, self._pending = self._pending, None
+        self.runtime.leave()
+        if pending is None:
+            return None
+        if pending.mode == "terms":
+            output = self._terms(pending, output)
+        elif pending.mode == "guided":
+            output = self._guided(pending, output)
+        if pending.outer is not None:
+            output = _spread_selected(pending.outer, pending.frame, output)
+        return output
+
+    def _terms(self, pending: _Pending, output: Any) -> Any:
+        """A separate uncond call (Flux true CFG) or the pipeline's own extra pass (SD3 skip-layer guidance):
+        the pipeline combines it with the cond call of the same step, so it gets that call's D."""
+        call, step = self.runtime.call, pending.frame.step.index
+        terms = call.guidance_terms.get(step)
+        if terms is None:
+            raise CallLayoutError(
+                "attnctl: an uncond-only denoiser call (or SD3's skip-layer pass) came before the cond call of its "
+                "step; guidance needs the cond call first (as Flux's true CFG and SD3's pipeline do)"
+            )
+        return replace_first(output, first_tensor(output) + _spread(terms, pending.frame.rows, call.guidance_prompts.get(step)))
+
+    def _guided(self, pending: _Pending, output: Any) -> Any:
+        runtime, adapter = self.runtime, self.runtime.adapter
+        frame, inputs, batch, plan = pending.frame, pending.inputs, pending.batch, pending.plan
         base = frame.rows
         cond = base.indices("cond", None)
-        step = frame.step.index
-        skip_kwarg = runtime.protocol.skip_layer_kwarg
-        if not cond or (skip_kwarg and inputs.get(skip_kwarg) is not None):
-            # a separate uncond call (Flux true CFG) or the pipeline's own extra pass (SD3 skip-layer guidance):
-            # the pipeline combines it with the cond call of the same step, so it gets that call's D
-            output = call_with(inputs, frame)
-            terms = runtime.call.guidance_terms.get(step)
-            if terms is None:
-                raise CallLayoutError(
-                    "attnctl: an uncond-only denoiser call (or SD3's skip-layer pass) came before the cond call of its "
-                    "step; guidance needs the cond call first (as Flux's true CFG and SD3's pipeline do)"
-                )
-            return replace_first(output, first_tensor(output) + _spread(terms, base, runtime.call.guidance_prompts.get(step)))
-        batched = tuple(p for p in plan.perturbations if not p.separate)
-        layout, source = base.with_perturbed(tuple(p.tag for p in batched))
         names, dicts = adapter.batched_inputs, adapter.dict_inputs
-        wide = rebatch(inputs, names, dicts, batch, source) if batched else inputs
-        output = call_with(wide, dataclasses.replace(frame, rows=layout, inputs=wide))
         prediction = first_tensor(output)
         own = prediction[:batch]
         cond_prediction = own[list(cond)]
         total = torch.zeros_like(cond_prediction)
-        for k, perturbation in enumerate(batched):
+        for k, perturbation in enumerate(pending.batched):
             start = batch + k * len(cond)
             total = total + perturbation.term(cond_prediction, prediction[start : start + len(cond)], frame)
         for perturbation in (p for p in plan.perturbations if p.separate):
             rows = RowLayout(tuple(Row("cond", base.rows[i].prompt, perturbation.tag) for i in cond))
             narrow = rebatch(inputs, names, dicts, batch, cond)
-            perturbed = first_tensor(call_with(narrow, dataclasses.replace(frame, rows=rows, inputs=narrow)))
+            perturbed = first_tensor(self.call_with(narrow, dataclasses.replace(frame, rows=rows, inputs=narrow)))
             total = total + perturbation.term(cond_prediction, perturbed, frame)
         if plan.second:
-            first = FirstPass(frame, inputs, own, main_input, lambda index: rebatch(inputs, names, dicts, batch, index), call_with)
+            first = FirstPass(frame, inputs, own, self.main_input, lambda index: rebatch(inputs, names, dicts, batch, index), self.call_with)
             for second in plan.second:
                 total = total + second.term(first)
         prompts = tuple(base.rows[i].prompt for i in cond)
-        runtime.call.guidance_terms[step] = total
-        runtime.call.guidance_prompts[step] = prompts
+        runtime.call.guidance_terms[frame.step.index] = total
+        runtime.call.guidance_prompts[frame.step.index] = prompts
         return replace_first(output, own + _spread(total, base, prompts))
 
-    return make
+
+def _spread_selected(outer: DenoiserCall, selected: DenoiserCall, output: Any) -> Any:
+    """Give every row of the pipeline's layout the prediction of the selected row with its prompt."""
+    prediction = first_tensor(output)
+    where = {row.prompt: i for i, row in enumerate(selected.rows.rows)}
+    spread = torch.tensor([where[row.prompt] for row in outer.rows.rows], device=prediction.device)
+    return replace_first(output, prediction[spread])
 
 
 @dataclasses.dataclass

@@ -76,7 +76,8 @@ class Runtime:
         self.outputs: dict[str, Any] = {}
         self.internal = 0  # >0 while attnctl itself calls pipeline methods (not recorded)
         self._call_wraps: list[Wrapped] = []  # controls' instance-level wraps for the current call
-        self._signature = inspect.signature(adapter.denoiser.forward)
+        self.prefilled = False  # True while the processors' `edit_now` holds the current frame's edits (compiled)
+        self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
 
     # -- call lifecycle -------------------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -184,10 +185,12 @@ class Runtime:
     def enter(self, frame: DenoiserCall) -> None:
         self.frame = frame
         self._frame_edits = {}
+        self.prefilled = False
 
     def leave(self) -> None:
         self.frame = None
         self._frame_edits = {}
+        self.prefilled = False
 
     def _start_schedule(self, call: PipelineCallState) -> None:
         scheduler = getattr(self.pipeline, "scheduler", None)
@@ -286,12 +289,23 @@ class Runtime:
         self._frame_edits[layer.index] = merged
         return merged
 
+    def prefill_edits(self, processors: dict[str, Any]) -> None:
+        """Compute every layer's edit for the frame now, outside any compiled graph, and hand it to the layer's
+        processor (`edit_now`): compiled processors then read only their own `edit_now`, so dynamo never traces
+        the controls' Python state (step windows, caches) nor guards on a layer's index (blocks of one class
+        share a graph), and recompiles only when whether a layer has an edit, or an edit's structure, changes."""
+        for layer in self.adapter.layers:
+            processors[layer.name].edit_now = self.edit_for(layer)
+        self.prefilled = True
+
     def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall:
         frame = self.frame
         return AttentionCall(layer, frame.geometry(layer), frame, module, self.backend)
 
     def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
         """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
+        if torch.compiler.is_compiling():  # a pure function of constants in a graph: no dict state to guard on
+            return choose_backend(self.backend, device, features, dense_elements)[0]
         key = (device.type, features, dense_elements)
         choice = self._backend_cache.get(key)
         if choice is None:

@@ -49,6 +49,8 @@ class ControlledProcessor:
     # after apply is detected at the next pipeline call.
     _attention_backend = None
     _parallel_config = None
+    edit_now = None  # this layer's edit, computed before a compiled forward (`Runtime.prefill_edits`)
+    inert = False  # set by Handle.remove() when another library still holds this processor: pass-through to stock
 
     def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
         if isinstance(self, torch.nn.Module):
@@ -119,10 +121,11 @@ class ControlledProcessor:
 
     def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, AttentionCall | None, Any, torch.Tensor]:
         """Look up the edit; returns (edit, call, reused result or None, hidden after token hooks)."""
-        edit = self.runtime.edit_for(self.layer)
+        edit = self.edit_now if self.runtime.prefilled else self.runtime.edit_for(self.layer)  # compiled: prefilled
         if edit is None:
             return None, None, None, hidden
         call = self.runtime.layer_call(self.layer, attn, edit)
+        check_tokens(call, hidden)
         for hook in edit.hooks:
             reused = hook.reuse(call, hidden, context)
             if reused is not None:
@@ -146,6 +149,25 @@ class ControlledProcessor:
             for hook in reversed(edit.hooks):
                 result = hook.result(call, result)
         return result
+
+
+def check_tokens(call: AttentionCall, hidden: torch.Tensor) -> None:
+    """The layer's query tokens must be the ones the adapter's geometry describes: another library's token
+    merging (tomesd) or a changed resolution inside the denoiser would otherwise reach the controls as a raw
+    size mismatch, or silently edit the wrong tokens."""
+    geometry = call.geometry
+    expected = geometry.query_len if call.layer.concatenated else geometry.image_len
+    found = hidden.shape[1] if hidden.ndim == 3 else hidden.shape[2] * hidden.shape[3]
+    if found != expected:
+        from ..errors import CallLayoutError
+
+        raise CallLayoutError(
+            f"attnctl: attention layer {call.layer.name} got {found} query tokens, but the denoiser's inputs give "
+            f"{expected} ({'text + ' if call.layer.concatenated else ''}image grid {geometry.image_hw[0]}x{geometry.image_hw[1]}"
+            f"{f', text {geometry.text_len}' if call.layer.concatenated else ''}); something inside the denoiser changed the "
+            "token count (token merging such as tomesd?). attnctl's controls need the layer's own tokens; use attnctl.ToMe "
+            "for token merging"
+        )
 
 
 def make_processor(cls: type[ControlledProcessor], layer: LayerInfo, runtime: Runtime, original: Any) -> ControlledProcessor:

@@ -41,6 +41,9 @@ class FluxAttnProcessor(ControlledProcessor):
         ip_hidden_states: list[torch.Tensor] | None = None,
         ip_adapter_masks: torch.Tensor | None = None,
     ) -> Any:
+        if self.inert:
+            extra = {k: v for k, v in (("ip_hidden_states", ip_hidden_states), ("ip_adapter_masks", ip_adapter_masks)) if v is not None}
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, **extra)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
 

@@ -31,6 +31,8 @@ class JointAttnProcessor(ControlledProcessor):
         *args: Any,
         **kwargs: Any,
     ) -> Any:
+        if self.inert:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         edit, call, reused, hidden_states = self.begin(attn, hidden_states, encoder_hidden_states)
         if reused is not None:
             return reused

@@ -30,6 +30,9 @@ class SelfCrossAttnProcessor(ControlledProcessor):
         ip_adapter_masks: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if self.inert:
+            extra = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **extra, **kwargs)
         ip_hidden_states = None
         if type(self.original).__name__ == "IPAdapterAttnProcessor2_0" and encoder_hidden_states is not None:
             if isinstance(encoder_hidden_states, tuple):

@@ -64,6 +64,9 @@ class PAG(PerturbingControl, type_name="pag"):
     adaptive_scale: float = 0.0
     separate: bool = False
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles every call"
+
     def __post_init__(self) -> None:
         self._check_scale()
         set_field(self, "adaptive_scale", number(self.adaptive_scale, "PAG.adaptive_scale", minimum=0))

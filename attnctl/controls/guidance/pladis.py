@@ -45,6 +45,9 @@ class PLADIS(Control, type_name="pladis"):
     steps: tuple[float, float] = (0.0, 1.0)
 
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return None
+
     def __post_init__(self) -> None:
         set_field(self, "scale", number(self.scale, "PLADIS.scale", minimum=0))
         set_field(self, "alpha", number(self.alpha, "PLADIS.alpha", minimum=1, exclusive_minimum=True))

@@ -61,6 +61,9 @@ class SAG(Control, type_name="sag"):
     layer: str | None = None
     steps: tuple[float, float] = (0.0, 1.0)
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return None
+
     def __post_init__(self) -> None:
         set_field(self, "scale", number(self.scale, "SAG.scale", minimum=0))
         if self.layer is not None and (not isinstance(self.layer, str) or not self.layer.strip()):

@@ -51,6 +51,9 @@ class SEG(PerturbingControl, type_name="seg"):
     steps: tuple[float, float] = (0.0, 1.0)
     separate: bool = False
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles every call"
+
     def __post_init__(self) -> None:
         self._check_scale()
         if isinstance(self.sigma, str) and self.sigma.strip().lower() in ("inf", "infinity"):  # from to_dict()

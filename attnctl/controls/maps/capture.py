@@ -67,6 +67,14 @@ class AttentionMaps(Control, type_name="attention-maps"):
     needs_words: ClassVar[bool] = True
     needs_images: ClassVar[bool] = True  # the maps are drawn over the generated images
 
+    step_cache_refusal: ClassVar[str | None] = (
+        "the cache skips attention layers (or blocks) on some steps, so their maps would be silently missing from "
+        "the averages"
+    )
+
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return "it accumulates maps in Python state keyed by the step inside the processor, so dynamo recompiles every step"
+
     def __post_init__(self) -> None:
         words = (self.words,) if isinstance(self.words, (str, int)) else self.words
         if isinstance(words, tuple) and len(words) == 2 and isinstance(words[0], str) and isinstance(words[1], int) and not isinstance(words[1], bool):

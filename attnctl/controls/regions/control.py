@@ -59,6 +59,15 @@ class Regions(Control, type_name="regions"):
     steps: tuple[float, float] = (0.0, 1.0)
 
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        if adapter.text_attention == "cross" and not adapter.prompt_mask:
+            return None
+        return (
+            "on joint-attention layouts and with a text attention mask its region masks use data-dependent ops "
+            "(nonzero) and a tensor version check inside the attention op, which break the graph (it runs compiled "
+            "on SD / SDXL UNets)"
+        )
+
     def __post_init__(self) -> None:
         regions = self.regions
         if isinstance(regions, (Region, Mapping, str, bytes)) or not isinstance(regions, Sequence):

@@ -166,6 +166,9 @@ def _validate_common(control: Control, owner: str) -> None:
 class _Reducer:
     """What ToMe and AgentAttention share as controls: the report's key and their effect on a layer."""
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return "its token-merge plan creates objects dynamo cannot build inside a graph (an opaque object)"
+
     @property
     def output_key(self) -> str:
         """Where the `TokenReductionReport` goes in `handle.outputs`."""

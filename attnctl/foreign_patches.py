@@ -1,0 +1,237 @@
+"""Other libraries' patches of the denoiser: what attnctl checks so that it composes with them or refuses clearly.
+
+- Foreign patches of the denoiser's modules: an attention module whose `forward` another library replaced
+  (tgate leaves such forwards installed) never reaches attnctl's processor, and a block whose class was
+  swapped (tomesd's `module.__class__ = ToMeBlock`) changes the token count the processors see. Both are
+  found at `apply` and at the start of every pipeline call (`Snapshot.changes`) and raise
+  `PipelineChangedError` naming the module and the change. Stacking that is known to keep calling the
+  processor is allowed: accelerate's offload hooks (`_hf_hook`), diffusers' hook registry
+  (`_diffusers_hook`: group offload, caches) and attnctl's own instance wraps.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .instance import describe_callable, is_attnctl_wrapper
+
+_STACKERS = (
+    ("_hf_hook", "accelerate's hook"),
+    ("_diffusers_hook", "diffusers' hook registry"),
+)
+
+
+def known_forward(module: torch.nn.Module, fn: Any) -> bool:
+    """Whether an instance-level `forward` of `module` is one that keeps calling the class's forward (and so
+    the attention processor): attnctl's own wraps, accelerate's hooks, diffusers' hook registry."""
+    if fn is None or is_attnctl_wrapper(fn):
+        return True
+    return any(attribute in module.__dict__ for attribute, _ in _STACKERS)
+
+
+def swapped_class(cls: type) -> type | None:
+    """The diffusers class that `cls` was made from outside diffusers (tomesd's `ToMeBlock`), else None."""
+    if cls.__module__.startswith(("diffusers.", "torch.", "attnctl.")):
+        return None
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("diffusers."):
+            return base
+    return None
+
+
+def _attention_forward_problem(name: str, module: torch.nn.Module) -> str | None:
+    fn = module.__dict__.get("forward")
+    if known_forward(module, fn):
+        return None
+    return (
+        f"the forward of attention module {name} ({type(module).__name__}) is an instance attribute "
+        f"({describe_callable(fn)}) set by another library: it would bypass attnctl's processor"
+    )
+
+
+def _class_problem(name: str, module: torch.nn.Module, base: type) -> str:
+    cls = type(module)
+    return (
+        f"module {name or '<denoiser>'} has class {cls.__module__}.{cls.__qualname__}, swapped in by another library "
+        f"for diffusers' {base.__name__} (token merging such as tomesd changes the token count attnctl's controls see)"
+    )
+
+
+@dataclass
+class Snapshot:
+    """The classes of every module of the denoiser and the instance `forward` of each attention module, as
+    they were at `apply`."""
+
+    classes: list[tuple[str, weakref.ref, type]] = field(default_factory=list)
+    forwards: dict[str, tuple[torch.nn.Module, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, denoiser: torch.nn.Module, attention: dict[str, torch.nn.Module]) -> Snapshot:
+        snapshot = cls()
+        for name, module in denoiser.named_modules():
+            snapshot.classes.append((name, weakref.ref(module), type(module)))
+        for name, module in attention.items():
+            snapshot.forwards[name] = (module, module.__dict__.get("forward"))
+        return snapshot
+
+    def changes(self) -> Iterator[str]:
+        """What changed since the snapshot, one sentence each (modules no longer alive are skipped: a LoRA
+        or quantisation replaces child modules, which is not a patch of a module attnctl depends on)."""
+        for name, ref, cls in self.classes:
+            module = ref()
+            if module is not None and type(module) is not cls:
+                yield (
+                    f"module {name or '<denoiser>'} changed class from {cls.__qualname__} to "
+                    f"{type(module).__module__}.{type(module).__qualname__} after attnctl.apply (tomesd-style class swap)"
+                )
+        for name, (module, before) in self.forwards.items():
+            now = module.__dict__.get("forward")
+            if now is not before and not known_forward(module, now):
+                yield (
+                    f"the forward of attention module {name} was replaced by {describe_callable(now)} after "
+                    "attnctl.apply: attnctl's processor would be bypassed"
+                )
+
+
+def foreign_patches(denoiser: torch.nn.Module, attention: dict[str, torch.nn.Module]) -> list[str]:
+    """Patches found at `apply` that attnctl cannot compose with (swapped classes, replaced attention forwards)."""
+    problems = []
+    for name, module in denoiser.named_modules():
+        base = swapped_class(type(module))
+        if base is not None:
+            problems.append(_class_problem(name, module, base))
+    for name, module in attention.items():
+        problem = _attention_forward_problem(name, module)
+        if problem is not None:
+            problems.append(problem)
+    return problems
+
+
+def summarize(problems: list[str], limit: int = 3) -> str:
+    shown = "; ".join(problems[:limit])
+    more = len(problems) - limit
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+# -- torch.compile ----------------------------------------------------------------------------------------------
+# Each control declares whether it runs in a compiled denoiser (`Control.compile_refusal`): no graph break inside
+# attnctl's processors, at most one recompilation per (control set, active layers, shapes), compiled output =
+# eager output within the stock compiled-vs-eager tolerance (tests/test_compose_compile.py).
+
+
+def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a `torch.compile(module)` wrapper (OptimizedModule), else the module itself."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
+
+
+def compiled_parts(entry: torch.nn.Module, denoiser: torch.nn.Module) -> list[str]:
+    """How the denoiser is compiled: `torch.compile(m)` (an OptimizedModule in the pipeline), `m.compile()`,
+    compiled blocks (`compile_repeated_blocks`, `block.compile()`), or nothing (an empty list)."""
+    parts = []
+    if entry is not denoiser:
+        parts.append("torch.compile(denoiser)")
+    if getattr(denoiser, "_compiled_call_impl", None) is not None:
+        parts.append("denoiser.compile()")
+    blocks = sum(
+        1 for name, module in denoiser.named_modules()
+        if name and (getattr(module, "_compiled_call_impl", None) is not None or type(module).__name__ == "OptimizedModule")
+    )
+    if blocks:
+        parts.append(f"{blocks} compiled block(s) (compile_repeated_blocks or block.compile())")
+    return parts
+
+
+def refuse_uncompilable(controls: tuple[Any, ...], parts: list[str], attribute: str, adapter: Any) -> None:
+    if not parts:
+        return
+    for control in controls:
+        why = control.compile_refusal(adapter)
+        if why is not None:
+            from .errors import UnsupportedError
+
+            ready = [type(c).__name__ for c in controls if c.compile_refusal(adapter) is None]
+            raise UnsupportedError(
+                f"attnctl: {type(control).__name__} cannot run in the torch.compile'd pipe.{attribute} ({', '.join(parts)}): "
+                f"{why}. " + (f"Of the controls given, these run compiled: {', '.join(ready)}; " if ready else "")
+                + f"or apply {type(control).__name__} to an uncompiled denoiser"
+            )
+
+
+# -- diffusers' caches ------------------------------------------------------------------------------------------
+# diffusers' cache hooks, by the name they register under (`module._diffusers_hook`): attention-output caches sit
+# on attention modules and return a cached output instead of calling the processor on some steps; block caches
+# skip whole blocks (or the model's uncond rows) on some steps.
+ATTENTION_CACHES = {
+    "pyramid_attention_broadcast": "PyramidAttentionBroadcast",
+    "faster_cache_block": "FasterCache (attention cache)",
+    "taylorseer_cache": "TaylorSeerCache",
+}
+BLOCK_CACHES = {
+    "fbc_leader_block_hook": "FirstBlockCache",
+    "fbc_block_hook": "FirstBlockCache",
+    "mag_cache_leader_block_hook": "MagCache",
+    "mag_cache_block_hook": "MagCache",
+    "faster_cache_denoiser": "FasterCache (unconditional-batch skip)",
+}
+def diffusers_caches(denoiser: torch.nn.Module) -> list[str]:
+    """The diffusers caches installed on the denoiser's modules, by name (deduplicated, in module order)."""
+    found: list[str] = []
+    for module in denoiser.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        for hook in getattr(registry, "hooks", {}) or {}:
+            name = ATTENTION_CACHES.get(hook) or BLOCK_CACHES.get(hook)
+            if name is not None and name not in found:
+                found.append(name)
+    return found
+
+
+def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str) -> None:
+    if not caches:
+        return
+    for control in controls:
+        why = control.step_cache_refusal  # a class declaration of the control: why it cannot share with a cache
+        if why is not None:
+            from .errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"attnctl: {type(control).__name__} cannot run with diffusers' {', '.join(caches)} on pipe.{attribute}: "
+                f"{why}. Disable the cache (pipe.{attribute}.disable_cache()) or leave {type(control).__name__} out"
+            )
+
+
+# -- context parallelism ----------------------------------------------------------------------------------------
+CONTEXT_PARALLEL_WHY = (
+    "under ring or Ulysses attention each rank holds a shard of the sequence (or of the heads), while attnctl's "
+    "edits are built for the whole token grid and its hooks (caches, token reduction, maps) see whole layers; "
+    "docs/context-parallel.md says how controls would run sharded. Data parallelism (one prompt per GPU, "
+    "`attnctl render` through accelerate) works"
+)
+
+
+def parallel_config(denoiser: torch.nn.Module) -> Any:
+    """diffusers' context-parallel config of the denoiser (`enable_parallelism`), or None."""
+    config = getattr(denoiser, "_parallel_config", None)
+    if config is not None:
+        return config
+    for module in denoiser.modules():
+        processor = getattr(module, "processor", None)
+        if getattr(processor, "_parallel_config", None) is not None and not getattr(processor, "inert", False):
+            return processor._parallel_config
+    return None
+
+
+def refuse_context_parallel(denoiser: torch.nn.Module, attribute: str) -> None:
+    config = parallel_config(denoiser)
+    if config is not None:
+        from .errors import UnsupportedError
+
+        raise UnsupportedError(
+            f"attnctl: pipe.{attribute} runs context parallelism ({type(config).__name__}, enable_parallelism); attnctl "
+            f"refuses it: {CONTEXT_PARALLEL_WHY}"
+        )

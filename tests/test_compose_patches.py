@@ -1,0 +1,209 @@
+"""Other libraries' patches (issue #17): instance-level denoiser wrappers (DeepCache, cache-dit), replaced
+attention forwards (tgate), swapped block classes (tomesd), changed token counts, and remove() after another
+library stacked on attnctl's wrappers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import CallLayoutError, PipelineChangedError
+from attnctl.testing import make_tiny_pipeline
+
+from .helpers import generate
+
+PROMPT = "a photo of a cat"
+MUTE = {"cat": 0.0}
+
+
+def _wrap_forward(module):
+    """An instance-level forward wrapper taking *args, **kwargs only, as DeepCache and cache-dit install; it
+    calls the saved forward and can be undone by restoring it (`orig = m.forward; m.forward = new; m.forward = orig`)."""
+    orig = module.forward
+    calls = []
+
+    def forward(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+
+    module.forward = forward
+    return orig, calls
+
+
+def _restore(module, orig):
+    module.forward = orig  # what those libraries do on disable: the saved bound method, set back as an attribute
+
+
+@pytest.fixture(scope="module")
+def sd():
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt=PROMPT)
+    with attnctl.apply(pipe, attnctl.Reweight(MUTE)):
+        muted = generate(pipe, "tiny-sd", prompt=PROMPT)
+    assert not torch.equal(stock, muted)
+    return pipe, stock, muted
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_denoiser_forward_wrapped_by_another_library(sd, order):
+    """The call signature comes from the class (the wrapper takes *args, **kwargs), and save/restore of
+    `forward` never captures attnctl: both orders give the controlled output, and everything is restored."""
+    pipe, stock, muted = sd
+    if order == "before":
+        orig, calls = _wrap_forward(pipe.unet)
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    if order == "after":
+        orig, calls = _wrap_forward(pipe.unet)
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), muted)
+    assert calls  # the other library's wrapper ran
+    if order == "after":
+        _restore(pipe.unet, orig)  # the other library's disable, while attnctl is applied
+        assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), muted)
+    handle.remove()
+    if order == "before":
+        assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+        _restore(pipe.unet, orig)
+    del pipe.unet.__dict__["forward"]
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+
+
+def _first_cross_attention(pipe):
+    return next((name, m) for name, m in pipe.unet.named_modules() if name.endswith("attn2"))
+
+
+def test_replaced_attention_forward_is_detected_at_apply_and_at_every_call(sd):
+    pipe, stock, _ = sd
+    name, module = _first_cross_attention(pipe)
+    original = module.forward
+    module.forward = lambda *a, **k: original(*a, **k)  # tgate-style: a forward that may bypass the processor
+    try:
+        with pytest.raises(PipelineChangedError, match=rf"{name}.*instance attribute"):
+            attnctl.apply(pipe, attnctl.Reweight(MUTE))
+        assert not pipe.unet._forward_pre_hooks and "encode_prompt" not in pipe.__dict__  # untouched
+    finally:
+        del module.forward
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    module.forward = lambda *a, **k: original(*a, **k)
+    try:
+        for _ in range(2):  # every call, not only the first
+            with pytest.raises(PipelineChangedError, match=rf"forward of attention module {name} was replaced"):
+                generate(pipe, "tiny-sd", prompt=PROMPT)
+    finally:
+        del module.forward
+        handle.remove()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+
+
+def _tome_like(module):
+    """tomesd's patch: `module.__class__ = make_tome_block(module.__class__)`, a subclass made outside diffusers."""
+    base = type(module)
+    module.__class__ = type("ToMeBlock", (base,), {"__module__": "tomesd.patch"})
+    return base
+
+
+def test_swapped_block_class_is_detected_at_apply_and_at_every_call(sd):
+    pipe, stock, _ = sd
+    block = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    base = _tome_like(block)
+    try:
+        with pytest.raises(PipelineChangedError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0 has class tomesd\.patch\.ToMeBlock"):
+            attnctl.apply(pipe, [])
+    finally:
+        block.__class__ = base
+    handle = attnctl.apply(pipe, [])
+    _tome_like(block)
+    try:
+        for _ in range(2):
+            with pytest.raises(PipelineChangedError, match=r"changed class from BasicTransformerBlock to tomesd\.patch\.ToMeBlock"):
+                generate(pipe, "tiny-sd", prompt=PROMPT)
+    finally:
+        block.__class__ = base
+        handle.remove()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+
+
+def _drop_one_token(module, args, kwargs):
+    """A pre-hook merging away one query token (what token merging does), invisible to class and forward checks."""
+    if args:
+        return (args[0][:, :-1], *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"][:, :-1]}
+
+
+@pytest.mark.parametrize("name, control", [
+    ("tiny-sd", attnctl.Reweight(MUTE)),
+    ("tiny-sd3", attnctl.Reweight(MUTE)),
+    ("tiny-flux", attnctl.Reweight(MUTE)),
+    ("tiny-sd", attnctl.TGate(gate_step=1)),  # a reuse hook: checked before anything is cached
+])
+def test_token_count_other_than_the_geometry_is_an_attnctl_error(tiny_cache, name, control):
+    pipe = tiny_cache(name)
+    with attnctl.apply(pipe, control) as handle:
+        modules = [handle.adapter.modules[layer.name] for layer in handle.runtime.resolved[0]]  # the layers it acts on
+        hooks = [m.register_forward_pre_hook(_drop_one_token, with_kwargs=True) for m in modules]
+        try:
+            with pytest.raises(CallLayoutError, match=r"query tokens, but the denoiser's inputs give"):
+                generate(pipe, name, prompt=PROMPT, steps=2)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def test_remove_after_another_library_stacked_on_attnctl_wrappers(sd):
+    """cache-dit style: a library saves attnctl's wrapper and stacks on it after apply. remove() restores all it
+    can, raises naming what it could not, and the wrapper left behind is a pure pass-through (stock output)."""
+    pipe, stock, _ = sd
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    ours = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **k: ours(*a, **k)
+    with pytest.raises(PipelineChangedError, match=r"except its wrapper\(s\) of pipe\.encode_prompt.*inert pure pass-throughs"):
+        handle.remove()
+    assert not handle.live
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+    assert "check_inputs" not in pipe.__dict__
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+    handle.remove()  # idempotent, nothing left to report
+    again = attnctl.apply(pipe, attnctl.Reweight(MUTE))  # a fresh handle stacks on the leftovers and works
+    assert not torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+    again.remove()
+    del pipe.encode_prompt
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+
+
+def test_processor_held_by_another_library_is_inert_after_remove(sd):
+    """A library that wrapped attnctl's processor keeps calling it after remove(): it runs the stock processor."""
+    pipe, stock, _ = sd
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE), backend="reference")
+    name, module = _first_cross_attention(pipe)
+    ours = module.processor
+
+    class Holder:
+        def __call__(self, *args, **kwargs):
+            return ours(*args, **kwargs)
+
+    module.processor = Holder()
+    handle.remove()
+    assert ours.inert
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+    module.set_processor(ours.original)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_block_forwards_wrapped_by_another_library_are_not_flagged(sd, order):
+    """DeepCache wraps the forward of UNet blocks (not attention modules) at instance level: that keeps calling the
+    attention processors, so it composes; only attention modules' forwards and swapped classes are refused."""
+    pipe, stock, muted = sd
+    blocks = [pipe.unet.down_blocks[0], pipe.unet.up_blocks[-1]]
+    if order == "before":
+        saved = [_wrap_forward(block) for block in blocks]
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    if order == "after":
+        saved = [_wrap_forward(block) for block in blocks]
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), muted)
+    assert all(calls for _, calls in saved)
+    handle.remove()
+    for block in blocks:
+        del block.__dict__["forward"]
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
