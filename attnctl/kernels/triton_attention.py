@@ -31,7 +31,9 @@ Under `TRITON_INTERPRET=1` (set before this module is first imported) the kernel
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +43,46 @@ import triton.language as tl
 from ..errors import BackendError, ConfigError
 from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
-LOG2E = 1.4426950408889634
+#: log2(e). A module global read inside @triton.jit code must be a `tl.constexpr` instance (the annotated form
+#: `LOG2E: tl.constexpr = ...` is not accepted either); a plain float compiles only in the interpreter.
+LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Integer arguments that change between layers / controls: not specialised (no new compilation per value).
 _RUNTIME_INTS = ("q_start", "q_stop", "win_w", "win_rh", "win_rw", "win_band", "text_start", "n_img")
+
+#: The constexpr switches of `_attn_fwd` that a spec sets, and every value the launcher (`kernel_arguments`,
+#: `attention`) passes. tests/test_kernels_compile.py compiles every value for real GPU targets and checks that
+#: SWITCHES + TILE_CONSTEXPRS are exactly the kernel's constexpr parameters, so a new switch cannot escape it.
+SWITCHES: dict[str, tuple] = {
+    "HAS_MASK": (False, True),
+    "HAS_BIAS": (False, True),
+    "HAS_VSCALE": (False, True),
+    "HAS_LABELS": (False, True),
+    "WINDOW": (0, 1, 2),  # none, 2-D radius, 1-D band
+    "HAS_BLOCKS": (False, True),
+    "RETURN_LSE": (False, True),
+}
+#: Constexprs set by the tile sizes, the head dim and the dtype (`tile_constexprs`).
+TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "INPUT_PRECISION")
+#: One head dim per BLOCK_D specialisation (`head_block`), for the compile test.
+HEAD_DIM_CLASSES = (16, 32, 64, 128, 256)
+
+
+def launchable(switches: dict) -> bool:
+    """Whether the launcher can pass this switch combination: block lists exist exactly with labels or a window."""
+    return bool(switches["HAS_BLOCKS"]) == bool(switches["HAS_LABELS"] or switches["WINDOW"])
+
+
+#: Pointer arguments of the kernels: "qkv" is the dtype of q / k / v (and of the output), "mask" the dtype of
+#: the model's mask as passed (additive, usually the model dtype), else a fixed dtype (labels and block lists
+#: int32, per-key edits float32 unless given in another float dtype, the label table float32).
+POINTERS: dict[str, str] = {
+    "Q": "qkv", "K": "qkv", "V": "qkv", "Out": "qkv", "Lse": "fp32", "Mask": "mask", "Bias": "fp32", "VScale": "fp32",
+    "QLab": "i32", "KLab": "i32", "Table": "fp32", "BlockNum": "i32", "BlockIdx": "i32",
+}
+#: Float scalar arguments (fp32); every other non-constexpr argument is an int32 size or stride.
+FLOATS = ("sm_scale",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +237,7 @@ def _program_start(
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd(
-    Q, K, V, Out, Lse, RowMax,
+    Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -213,7 +250,7 @@ def _attn_fwd(
     H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
     win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, RETURN_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     (
@@ -242,8 +279,6 @@ def _attn_fwd(
     if RETURN_LSE:
         lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / LOG2E)
         tl.store(Lse + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
-    if RETURN_MAX:
-        tl.store(RowMax + off_hz.to(tl.int64) * N_Q + offs_m, m_i / LOG2E, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,6 +305,41 @@ def interpreted() -> bool:
     return isinstance(_attn_fwd, InterpretedFunction)
 
 
+class KernelCompileError(BackendError):
+    """A Triton kernel failed to compile for the device (names the kernel; `auto` falls back on it)."""
+
+    def __init__(self, kernel: str, device: str, error: BaseException):
+        self.kernel, self.device, self.error = kernel, device, error
+        first = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+        super().__init__(f"triton kernel {kernel} failed to compile on {device}: {type(error).__name__}: {first}")
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from triton.compiler.errors import CompilationError
+
+    found: list[type[BaseException]] = [CompilationError]
+    try:
+        from triton.runtime import errors
+    except ImportError:  # pragma: no cover - old triton
+        return tuple(found)
+    found += [getattr(errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(errors, name)]
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def compiling(kernel: str, device: torch.device) -> Iterator[None]:
+    """Around a kernel launch: a compilation failure (the first launch of a variant compiles it) becomes a
+    `KernelCompileError` naming the kernel, so that `auto` can move to the next backend."""
+    try:
+        yield
+    except _compile_errors() as error:
+        raise KernelCompileError(kernel, str(device), error) from error
+    except RuntimeError as error:
+        if "PassManager" not in str(error):  # an MLIR pass failed: a compile error too; anything else is not
+            raise
+        raise KernelCompileError(kernel, str(device), error) from error
+
+
 def head_block(head_dim: int) -> int:
     """The padded head dim the kernel computes with: the next power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -281,8 +351,13 @@ def default_config(q: torch.Tensor, head_dim: int) -> Config:
     exercise block boundaries)."""
     if q.device.type != "cuda":
         return Config(64, 64)
+    return cuda_config(q.dtype, head_dim)
+
+
+def cuda_config(dtype: torch.dtype, head_dim: int) -> Config:
+    """The tile sizes `default_config` picks on a GPU (the compile test compiles each of them)."""
     block_d = head_block(head_dim)
-    if q.dtype == torch.float32:
+    if dtype == torch.float32:
         return Config(64, 32, num_warps=4, num_stages=2)
     if block_d <= 64:
         return Config(128, 64, num_warps=4, num_stages=3)
@@ -514,12 +589,17 @@ def kernel_arguments(
         HAS_LABELS=spec.labels is not None,
         WINDOW=0 if window is None else (1 if window.radius is not None else 2),
         HAS_BLOCKS=lists is not None,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_D=head_block(head_dim),
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **tile_constexprs(config, head_dim, q.dtype),
     )
     return args, switches
+
+
+def tile_constexprs(config: Config, head_dim: int, dtype: torch.dtype) -> dict:
+    """The constexprs set by the tile sizes, head dim and dtype (`TILE_CONSTEXPRS`)."""
+    return dict(
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_block(head_dim),
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,42 +614,38 @@ def attention(
     spec: AttentionSpec,
     *,
     config: Config | None = None,
-    out_dtype: torch.dtype | None = None,
-    return_max: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Controlled attention over (B, H, N, D) tensors: (out in v's dtype, log-sum-exp (B, H, Nq) float32 or None).
 
-    `spec.sparse` is not handled here (see `triton_sparse`). `return_max` (internal) returns the row max of
-    the logits instead of the log-sum-exp, for the sparse kernel's threshold search.
+    `spec.sparse` is not handled here (see `triton_sparse`).
     """
     if spec.sparse is not None:
         raise BackendError("triton_attention.attention does not apply sparse attention; use triton_sparse.attention")
     check_inputs(q, k, v)
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    out = torch.empty(q.shape, dtype=out_dtype or v.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
     lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if spec.return_lse else None
-    row_max = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if return_max else None
     if nq == 0:
-        return out, (row_max if return_max else lse)
+        return out, lse
     if nk == 0:
         out.zero_()
-        for t in (lse, row_max):
-            if t is not None:
-                t.fill_(float("-inf"))
-        return out, (row_max if return_max else lse)
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
     config = config or default_config(q, head_dim)
     args, switches = kernel_arguments(q, k, v, spec, config)
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(nq, config.block_m), batch * heads)
-    _attn_fwd[grid](
-        q, k, v, out, lse if lse is not None else dummy, row_max if row_max is not None else dummy,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *args,
-        RETURN_LSE=lse is not None, RETURN_MAX=return_max, **switches,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out, (row_max if return_max else lse)
+    with compiling("_attn_fwd", q.device):
+        _attn_fwd[grid](
+            q, k, v, out, lse if lse is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *args,
+            RETURN_LSE=lse is not None, **switches,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out, lse
 
 
 def _self_check(n: int = 40, head_dim: int = 24) -> float:
