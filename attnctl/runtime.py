@@ -20,6 +20,7 @@ import torch
 from .control import BindContext, Bound, Control, Frame
 from .errors import CallLayoutError, HandleError
 from .families.base import Canvas, LayerInfo, ModelAdapter
+from . import kernels
 from .kernels import choose_backend
 from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
 from .pipelines.rows import Perturbation, RowLayout, RowPlan, RowSelect, SecondPass
@@ -266,12 +267,13 @@ class Runtime:
 
     def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
         """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
-        key = (device.type, features, dense_elements)
+        key = (device.type, features, dense_elements, len(kernels.KERNEL_FAILURES))  # a compile failure re-chooses
         choice = self._backend_cache.get(key)
         if choice is None:
             choice = choose_backend(self.backend, device, features, dense_elements)
             self._backend_cache[key] = choice
         self.backend_log[layer.name] = choice
+        kernels.note_request(self.backend)  # the backend's function falls back on a compile failure only under auto
         return choice[0]
 
 

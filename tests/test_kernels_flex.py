@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from attnctl.errors import BackendError
 from attnctl.kernels import BACKENDS, AttentionSpec, LabelMask, Sparse, Window, choose_backend, reference
+from attnctl.kernels import sdpa as kernels_sdpa
 
 flex = pytest.importorskip("attnctl.kernels.flex")
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
@@ -108,5 +109,8 @@ def test_flex_refusals_and_plain_calls():
     with pytest.raises(BackendError, match="lse on cpu"):
         choose_backend("flex", "cpu", ("lse",))
     assert choose_backend("flex", "cuda", ("lse",))[0] == "flex"
-    assert choose_backend("auto", "cuda", ("key_bias", "labels"))[0] == ("triton" if "triton" in BACKENDS else "flex")
+    # label masks on CUDA: dense SDPA while the mask fits, then flex (measured faster than the ungrouped triton kernel)
+    assert choose_backend("auto", "cuda", ("key_bias", "labels"))[0] == "sdpa"
+    over = kernels_sdpa.DENSE_MASK_LIMIT + 1
+    assert choose_backend("auto", "cuda", ("key_bias", "labels"), dense_elements=over)[0] == "flex"
     assert choose_backend("auto", "cpu", ("labels", "window"))[0] == "sdpa"

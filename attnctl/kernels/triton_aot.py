@@ -269,10 +269,12 @@ def compile_variant(variant: Variant) -> dict:
     return record
 
 
-def run(which: str, archs: tuple[int, ...], shard: tuple[int, int] = (0, 1), limit: int | None = None) -> Iterator[dict]:
+def run(
+    which: str, archs: tuple[int, ...], shard: tuple[int, int] = (0, 1), limit: int | None = None, kernel: str | None = None
+) -> Iterator[dict]:
     """Compile a variant set (optionally one shard of it: variant i goes to shard i % count); yields records."""
     index, count = shard
-    todo = [v for i, v in enumerate(variants(which, archs)) if i % count == index]
+    todo = [v for i, v in enumerate(variants(which, archs)) if i % count == index and kernel in (None, v.kernel)]
     if limit is not None:
         todo = todo[:limit]
     for variant in todo:
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="default", choices=VARIANT_SETS)
     parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated sm numbers, e.g. 80,90")
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
+    parser.add_argument("--kernel", default=None, help="compile only this kernel's variants (e.g. _label_attn_fwd)")
     parser.add_argument("--limit", type=int, default=None, help="compile at most this many variants")
     parser.add_argument("--list", action="store_true", help="print the variants and the declaration check, compile nothing")
     args = parser.parse_args(argv)
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     index, count = (int(x) for x in args.shard.split("/"))
     failed = bool(problems)
-    for record in run(args.set, archs, (index, count), args.limit):
+    for record in run(args.set, archs, (index, count), args.limit, args.kernel):
         print(json.dumps(record), flush=True)
         failed |= not record["ok"]
     return 1 if failed else 0

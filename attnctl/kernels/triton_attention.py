@@ -296,13 +296,20 @@ class Config:
     num_stages: int = 2
 
 
-def interpreted() -> bool:
-    """Whether the kernels of this module run in the Triton interpreter (on CPU tensors)."""
+def _is_interpreted() -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - very old triton
         return False
     return isinstance(_attn_fwd, InterpretedFunction)
+
+
+_INTERPRETED = _is_interpreted()  # fixed when the kernels are defined (TRITON_INTERPRET is read then)
+
+
+def interpreted() -> bool:
+    """Whether the kernels of this module run in the Triton interpreter (on CPU tensors)."""
+    return _INTERPRETED
 
 
 class KernelCompileError(BackendError):

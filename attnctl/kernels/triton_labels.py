@@ -83,13 +83,13 @@ def _label_step(
     key_ok = offs_n < N_K
     k_idx = tl.load(KPerm_b + offs_n, mask=key_ok, other=0)  # original key positions
     k = tl.load(
-        K_bh + k_idx[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+        K_bh + k_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
         mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0,
     )
     z = tl.dot(q, k, input_precision=INPUT_PRECISION) * sm_scale
     if HAS_MASK:
         z += tl.load(
-            Mask_bh + q_idx[:, None].to(tl.int64) * stride_mm + k_idx[None, :].to(tl.int64) * stride_mn,
+            Mask_bh + q_idx[:, None] * stride_mm + k_idx[None, :] * stride_mn,
             mask=row_ok[:, None] & key_ok[None, :], other=0.0,
         ).to(tl.float32)
     if HAS_BIAS:
@@ -109,7 +109,7 @@ def _label_step(
         w = tl.load(VScale_bh + k_idx * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
         p = p * tl.where(in_range[:, None], w[None, :], 1.0)
     v = tl.load(
-        V_bh + k_idx[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
+        V_bh + k_idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
         mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -144,7 +144,7 @@ def _label_attn_fwd(
     q_lab = tl.load(QLab + off_b * stride_pqb + offs_m, mask=row_ok, other=0)
     in_range = (q_idx >= q_start) & (q_idx < q_stop)
     q = tl.load(
-        Q + off_b * stride_qb + off_h * stride_qh + q_idx[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+        Q + off_b * stride_qb + off_h * stride_qh + q_idx[:, None] * stride_qm + offs_d[None, :] * stride_qd,
         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
     )
     K_bh = K + off_b * stride_kb + off_h * stride_kh
@@ -180,7 +180,7 @@ def _label_attn_fwd(
     dead = l_i == 0.0  # every key masked: output zeros
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     tl.store(
-        Out + off_b * stride_ob + off_h * stride_oh + q_idx[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od,
+        Out + off_b * stride_ob + off_h * stride_oh + q_idx[:, None] * stride_om + offs_d[None, :] * stride_od,
         out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
     if RETURN_LSE:

@@ -282,6 +282,18 @@ def backend_attention(
     return attention(q, k, v, spec)
 
 
+def kernel_for(features: tuple[str, ...]) -> str | None:
+    """The kernel `backend_attention` runs for a call with `features` (None: SDPA's plain path)."""
+    wanted = set(features)
+    if "sparse" in wanted:
+        return "_sparse_attn_fwd"
+    if not wanted - {"attn_mask"}:
+        return None
+    if "labels" in wanted and "window" not in wanted:
+        return "_label_attn_fwd"
+    return "_attn_fwd"
+
+
 def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, config: ta.Config | None):
     alpha = float(spec.sparse.alpha)
     if not alpha > 1.0:
