@@ -256,8 +256,7 @@ def compile_variant(variant: Variant) -> dict:
             options={"num_warps": config.num_warps, "num_stages": config.num_stages},
         )
     except Exception as error:  # noqa: BLE001 - reported per variant
-        message = str(error).strip()
-        record.update(ok=False, error=f"{type(error).__name__}: {message[-1500:]}")
+        record.update(ok=False, error=_describe_error(error))
     else:
         shared = int(compiled.metadata.shared)
         record.update(ok=True, stages=sorted(compiled.asm), shared=shared)
@@ -267,6 +266,18 @@ def compile_variant(variant: Variant) -> dict:
             record.update(ok=False, error="no cubin: ptxas did not run")
     record["seconds"] = round(time.perf_counter() - start, 2)
     return record
+
+
+def _describe_error(error: BaseException) -> str:
+    """The error and its causes, innermost last (a CompilationError in a called jit function wraps the real one)."""
+    parts = []
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        parts.append(f"{type(error).__name__}: {' | '.join(lines[-3:])[-600:]}")
+        error = error.__cause__ or error.__context__
+    return " <- ".join(parts)
 
 
 def run(

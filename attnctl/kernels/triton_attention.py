@@ -317,8 +317,12 @@ class KernelCompileError(BackendError):
 
     def __init__(self, kernel: str, device: str, error: BaseException):
         self.kernel, self.device, self.error = kernel, device, error
-        first = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
-        super().__init__(f"triton kernel {kernel} failed to compile on {device}: {type(error).__name__}: {first}")
+        inner = error
+        while inner.__cause__ is not None:  # a CompilationError in a called jit function wraps the real one
+            inner = inner.__cause__
+        lines = [line for line in str(inner).strip().splitlines() if line.strip()]
+        text = lines[-1][:300] if lines else ""
+        super().__init__(f"triton kernel {kernel} failed to compile on {device}: {type(error).__name__}: {text}")
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
