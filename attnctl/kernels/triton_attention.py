@@ -62,6 +62,7 @@ SWITCHES: dict[str, tuple] = {
     "WINDOW": (0, 1, 2),  # none, 2-D radius, 1-D band
     "HAS_BLOCKS": (False, True),
     "RETURN_LSE": (False, True),
+    "ROW_RANGE": (False, True),  # the per-key edits apply to some query rows only (`query_range` cuts the rows)
 }
 #: Constexprs set by the tile sizes, the head dim and the dtype (`tile_constexprs`).
 TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "INPUT_PRECISION")
@@ -96,11 +97,12 @@ def _tile_logits(
     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
     N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
 ):
     """Logits (natural units, float32) of one (BLOCK_M, BLOCK_N) tile with every control applied.
 
-    Keys past N_K and masked pairs are -inf. Returns (logits, key offsets, key-in-range mask).
+    Keys past N_K and masked pairs are -inf. Returns (logits, key offsets, key-in-range mask). Without
+    ROW_RANGE every row is in the query range: the per-key edits need no per-element select.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < N_K
@@ -116,7 +118,10 @@ def _tile_logits(
         ).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(Bias_bh + offs_n * stride_bn, mask=key_ok, other=0.0).to(tl.float32)
-        z += tl.where(in_range[:, None], bias[None, :], 0.0)
+        if ROW_RANGE:
+            z += tl.where(in_range[:, None], bias[None, :], 0.0)
+        else:
+            z += bias[None, :]
     if HAS_LABELS:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)
@@ -154,7 +159,7 @@ def _flash_loop(
     BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
     WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
 ):
     """The FlashAttention-2 inner loop over the visited key blocks: returns (row max in log2 units, row sum
     of exp2(s - max), unnormalised P @ V accumulator)."""
@@ -167,7 +172,7 @@ def _flash_loop(
             q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
             N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
         s = z * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -178,7 +183,10 @@ def _flash_loop(
         acc = acc * alpha[:, None]
         if HAS_VSCALE:
             w = tl.load(VScale_bh + offs_n * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-            p = p * tl.where(in_range[:, None], w[None, :], 1.0)
+            if ROW_RANGE:
+                p = p * tl.where(in_range[:, None], w[None, :], 1.0)
+            else:
+                p = p * w[None, :]
         v = tl.load(
             V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -250,7 +258,7 @@ def _attn_fwd(
     H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
     win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, ROW_RANGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     (
@@ -268,7 +276,7 @@ def _attn_fwd(
         q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
         Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
         BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-        HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+        HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROW_RANGE,
     )
     dead = l_i == 0.0  # every key masked: output zeros
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
@@ -600,6 +608,7 @@ def kernel_arguments(
         HAS_LABELS=spec.labels is not None,
         WINDOW=0 if window is None else (1 if window.radius is not None else 2),
         HAS_BLOCKS=lists is not None,
+        ROW_RANGE=(int(q_start), int(q_stop)) != (0, nq),
         **tile_constexprs(config, head_dim, q.dtype),
     )
     return args, switches

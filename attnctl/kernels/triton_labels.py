@@ -49,6 +49,7 @@ SWITCHES: dict[str, tuple] = {
     "HAS_BIAS": (False, True),
     "HAS_VSCALE": (False, True),
     "RETURN_LSE": (False, True),
+    "ROW_RANGE": (False, True),
 }
 TILE_CONSTEXPRS = ta.TILE_CONSTEXPRS
 POINTERS: dict[str, str] = {
@@ -76,7 +77,7 @@ def _label_step(
     K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, KPerm_b, KLab_b, Table_b, stride_tq, stride_tk,
     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, N_K, HEAD_DIM, sm_scale,
     MIXED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
 ):
     """One key tile (index `kb` in the sorted key order) of the online softmax; MIXED adds the label table."""
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,7 +95,10 @@ def _label_step(
         ).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(Bias_bh + k_idx * stride_bn, mask=key_ok, other=0.0).to(tl.float32)
-        z += tl.where(in_range[:, None], bias[None, :], 0.0)
+        if ROW_RANGE:
+            z += tl.where(in_range[:, None], bias[None, :], 0.0)
+        else:
+            z += bias[None, :]
     if MIXED:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)
@@ -107,7 +111,10 @@ def _label_step(
     acc = acc * alpha[:, None]
     if HAS_VSCALE:
         w = tl.load(VScale_bh + k_idx * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-        p = p * tl.where(in_range[:, None], w[None, :], 1.0)
+        if ROW_RANGE:
+            p = p * tl.where(in_range[:, None], w[None, :], 1.0)
+        else:
+            p = p * w[None, :]
     v = tl.load(
         V_bh + k_idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
         mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -131,7 +138,7 @@ def _label_attn_fwd(
     TileCount, stride_cb, TileIdx, stride_ib, stride_im,
     H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, RETURN_LSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ROW_RANGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -167,14 +174,14 @@ def _label_attn_fwd(
             m_i, l_i, acc, q, tl.load(Idx_row + j), offs_d, row_ok, in_range, q_idx, q_lab,
             K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, KPerm_b, KLab_b, Table_b, stride_tq, stride_tk,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, N_K, HEAD_DIM, sm_scale,
-            False, HAS_MASK, HAS_BIAS, HAS_VSCALE, BLOCK_N, INPUT_PRECISION,
+            False, HAS_MASK, HAS_BIAS, HAS_VSCALE, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
     for j in range(n_open, n_visit):  # mixed tiles: the table per element
         m_i, l_i, acc = _label_step(
             m_i, l_i, acc, q, tl.load(Idx_row + j), offs_d, row_ok, in_range, q_idx, q_lab,
             K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, KPerm_b, KLab_b, Table_b, stride_tq, stride_tk,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, N_K, HEAD_DIM, sm_scale,
-            True, HAS_MASK, HAS_BIAS, HAS_VSCALE, BLOCK_N, INPUT_PRECISION,
+            True, HAS_MASK, HAS_BIAS, HAS_VSCALE, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
 
     dead = l_i == 0.0  # every key masked: output zeros
@@ -336,7 +343,7 @@ def attention(
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *args,
             HAS_MASK=spec.attn_mask is not None, HAS_BIAS=spec.key_bias is not None,
-            HAS_VSCALE=spec.value_scale is not None, RETURN_LSE=lse is not None,
+            HAS_VSCALE=spec.value_scale is not None, RETURN_LSE=lse is not None, ROW_RANGE=(int(q_start), int(q_stop)) != (0, nq),
             **tile_constexprs(config, head_dim, q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

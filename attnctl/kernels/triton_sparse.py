@@ -120,7 +120,7 @@ def _sparse_attn_fwd(
     win_w, win_rh, win_rw, win_band, text_start, n_img,
     alpha_m1, pow_, mix,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, ROW_RANGE: tl.constexpr,
     ONE_TILE: tl.constexpr, MODE: tl.constexpr, MAX_ITER_: tl.constexpr, TOL_: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -141,7 +141,7 @@ def _sparse_attn_fwd(
             q, K_bh, stride_kn, stride_kd, 0, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
             N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
         m = tl.max(z, 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -151,7 +151,10 @@ def _sparse_attn_fwd(
         w_eff = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         if HAS_VSCALE:
             w = tl.load(VScale_bh + offs_n * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-            w_eff = tl.where(in_range[:, None], w[None, :], 1.0)
+            if ROW_RANGE:
+                w_eff = tl.where(in_range[:, None], w[None, :], 1.0)
+            else:
+                w_eff = w_eff * w[None, :]
         v = tl.load(
             V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -180,7 +183,7 @@ def _sparse_attn_fwd(
             q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
             BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-            HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROW_RANGE,
         )
         live = l_i > 0.0
         out = acc / tl.where(live, l_i, 1.0)[:, None]
@@ -202,7 +205,7 @@ def _sparse_attn_fwd(
                     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
                     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
                     N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
                 )
                 value, slope = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)
                 f += tl.sum(value, 1)
@@ -219,13 +222,16 @@ def _sparse_attn_fwd(
                     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
                     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
                     N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
                 )
                 ps, _ = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)
                 z_s += tl.sum(ps, 1)
                 if HAS_VSCALE:
                     w = tl.load(VScale_bh + offs_n * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-                    ps = ps * tl.where(in_range[:, None], w[None, :], 1.0)
+                    if ROW_RANGE:
+                        ps = ps * tl.where(in_range[:, None], w[None, :], 1.0)
+                    else:
+                        ps = ps * w[None, :]
                 v = tl.load(
                     V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
