@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .control import BindContext, Bound, Control, Frame
 from .errors import CallLayoutError, HandleError
 from .families.base import Canvas, LayerInfo, ModelAdapter
-from . import kernels
 from .kernels import choose_backend
 from .pipelines.protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
 from .pipelines.rows import Perturbation, RowLayout, RowPlan, RowSelect, SecondPass

@@ -189,9 +189,6 @@ def measure_shape(name: str, shape: tuple, dtype: torch.dtype, device: torch.dev
         layout.q_perm, layout.q_sorted, layout.k_perm, layout.k_sorted, layout.table, layout.counts, layout.order, layout.classes))
     cells["tiles"] = {kind: int((layout.classes == value).sum()) for kind, value in (("open", tlab.OPEN), ("mixed", tlab.MIXED), ("skipped", tlab.SKIPPED))}
     cells["output-bytes"] = q.numel() * q.element_size()
-    del q, k, v
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     # PLADIS on cross-attention: N image queries x 77 text keys
     kt, vt = (torch.randn(b, h, 77, d, device=device, dtype=dtype, generator=g) for _ in range(2))
     qc = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g)

@@ -17,7 +17,7 @@ import torch
 
 from attnctl import kernels
 from attnctl.errors import BackendError
-from attnctl.kernels import AttentionSpec, LabelMask, Sparse, Window, choose_backend, reference
+from attnctl.kernels import AttentionSpec, LabelMask, Sparse, choose_backend, reference
 
 triton = pytest.importorskip("triton")
 from attnctl.kernels import triton_attention as ta  # noqa: E402
@@ -171,6 +171,7 @@ def test_describe_shows_the_fallback(tiny_cache, fresh):
     """A handle with auto on a device where the kernel does not compile: the render completes, one warning,
     and describe() names the kernel and the backend used instead."""
     import attnctl
+
     from .helpers import generate
 
     pipe = tiny_cache("tiny-sd")
