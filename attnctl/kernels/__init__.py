@@ -327,7 +327,8 @@ def capability_table() -> str:
 
 def _register_optional_backends() -> None:
     """Register flex when torch has it and triton when the triton package imports; on CUDA `auto` then
-    prefers triton > flex > sdpa > reference for controlled layers. CPU prefers sdpa > flex > reference:
+    prefers triton > flex > sdpa > reference for controlled layers whose workload `MEASURED` does not cover
+    (it reorders the measured ones, see `auto_order`). CPU prefers sdpa > flex > reference:
     compiled flex costs seconds per new shape there and is slower than sdpa, so it serves only what sdpa
     refuses and flex can do (label masks and windows past sdpa's dense limit); triton runs on CPU only in
     the interpreter (TRITON_INTERPRET=1, for tests), which lists "cpu" among its devices but never in `auto`."""
