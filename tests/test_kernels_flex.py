@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from attnctl.errors import BackendError
 from attnctl.kernels import BACKENDS, AttentionSpec, LabelMask, Sparse, Window, choose_backend, reference
+from attnctl.kernels import sdpa as kernels_sdpa
 
 flex = pytest.importorskip("attnctl.kernels.flex")
 from torch.nn.attention.flex_attention import create_mask  # noqa: E402
@@ -108,5 +109,46 @@ def test_flex_refusals_and_plain_calls():
     with pytest.raises(BackendError, match="lse on cpu"):
         choose_backend("flex", "cpu", ("lse",))
     assert choose_backend("flex", "cuda", ("lse",))[0] == "flex"
-    assert choose_backend("auto", "cuda", ("key_bias", "labels"))[0] == ("triton" if "triton" in BACKENDS else "flex")
+    # label masks on CUDA: dense SDPA while the mask fits, then flex (measured faster than the ungrouped triton kernel)
+    assert choose_backend("auto", "cuda", ("key_bias", "labels"))[0] == "sdpa"
+    over = kernels_sdpa.DENSE_MASK_LIMIT + 1
+    assert choose_backend("auto", "cuda", ("key_bias", "labels"), dense_elements=over)[0] == "flex"
     assert choose_backend("auto", "cpu", ("labels", "window"))[0] == "sdpa"
+
+
+def test_labels_run_on_the_grouped_order():
+    """Label masks without a window: q / k / v rows gathered into the label-sorted order (cached permutation
+    and BlockMask per LabelMask), output scattered back; same result as the reference, dead rows zero."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, N, 16, generator=g) for _ in range(3))
+    labels = _labels(5)
+    spec = AttentionSpec(labels=labels, key_bias=torch.randn(2, N, generator=g), value_scale=torch.rand(2, N, generator=g) * 2)
+    assert flex.grouped(spec) and not flex.grouped(AttentionSpec(labels=labels, window=WINDOW))
+    out, _ = flex.attention(q, k, v, spec)
+    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=2e-5, atol=2e-5)
+    dead = labels.fully_masked_queries()
+    assert dead.any() and (out.masked_select(dead[:, None, :, None]) == 0).all()
+    first = flex.grouped_layout(labels, 2, N, N, torch.device("cpu"))
+    assert flex.grouped_layout(labels, 2, N, N, torch.device("cpu")) is first
+    key = id(labels)
+    del spec, labels, first
+    gc.collect()
+    assert key not in flex._GROUPED
+
+
+def test_grouped_block_mask_has_open_blocks_where_the_token_order_has_none():
+    """On a region layout (boxes + background border) the token order leaves every block partial (mask_mod
+    everywhere); sorted by label, blocks become full (no mask_mod) or empty (skipped)."""
+    h = w = 32
+    rows, cols = torch.arange(h)[:, None].expand(h, w), torch.arange(w)[None, :].expand(h, w)
+    label = torch.where((rows < 2) | (cols < 2), 0, 1 + (rows * 2 // h) * 2 + cols * 2 // w).flatten()[None]
+    table = torch.full((5, 5), INF)
+    table.fill_diagonal_(0.0)
+    table[0], table[:, 0] = 0.0, 0.0
+    labels = LabelMask(label, label, table[None])
+    n = h * w
+    token_order = flex.block_mask(AttentionSpec(labels=labels), 1, (0, n), n, torch.device("cpu"))
+    grouped = flex.grouped_layout(labels, 1, n, n, torch.device("cpu"))[-1]
+    assert int(token_order.full_kv_num_blocks.sum()) == 0
+    assert int(grouped.full_kv_num_blocks.sum()) > 0
+    assert int(grouped.kv_num_blocks.sum() + grouped.full_kv_num_blocks.sum()) < int(token_order.kv_num_blocks.sum())

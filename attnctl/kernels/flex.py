@@ -196,11 +196,43 @@ def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int,
     return cached
 
 
+_GROUPED: dict[int, dict[tuple, tuple]] = {}
+
+
+def grouped_layout(labels: LabelMask, batch: int, nq: int, nk: int, device: torch.device) -> tuple:
+    """(q_perm, k_perm, BlockMask over the label-sorted order), once per LabelMask object, versions and size.
+
+    Sorting the tokens by label (stable) makes most blocks of a region layout fully masked or fully open, which
+    flex then skips or runs without its mask_mod (the same grouping as `triton_labels`); the entry dies with
+    the LabelMask."""
+    key = (batch, nq, nk, str(device), labels.versions())
+    per_object = _GROUPED.get(id(labels))
+    if per_object is None:
+        per_object = _GROUPED[id(labels)] = {}
+        weakref.finalize(labels, _GROUPED.pop, id(labels), None)
+    cached = per_object.get(key)
+    if cached is None:
+        q_labels, k_labels, allowed, _, _ = _label_parts(labels, batch)
+        q_sorted, q_perm = torch.sort(q_labels, dim=-1, stable=True)
+        k_sorted, k_perm = (q_sorted, q_perm) if labels.k_labels is labels.q_labels else torch.sort(k_labels, dim=-1, stable=True)
+        mask = create_block_mask(label_mask(q_sorted, k_sorted, allowed), batch, None, nq, nk, device=device)
+        cached = per_object[key] = (q_perm, k_perm, q_sorted, k_sorted, mask)
+    return cached
+
+
+def grouped(spec: AttentionSpec) -> bool:
+    """Whether `attention` runs `spec` on the label-sorted order: labels without a window, the model's mask or
+    a query range for per-key edits (those index the token order)."""
+    edited = spec.key_bias is not None or spec.value_scale is not None
+    return spec.labels is not None and spec.window is None and spec.attn_mask is None and not (edited and spec.query_range is not None)
+
+
 def clear_caches() -> None:
     """Forget every cached block mask."""
     _WINDOW_MASKS.clear()
     _LABEL_MASKS.clear()
     _LABEL_PARTS.clear()
+    _GROUPED.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,6 +302,8 @@ def attention(
             f"label vectors must be ({batch}, {nq}) and ({batch}, {nk}), got {tuple(spec.labels.q_labels.shape)} and "
             f"{tuple(spec.labels.k_labels.shape)}"
         )
+    if grouped(spec):
+        return _grouped_attention(q, k, v, spec)
     mask = _mask4(spec.attn_mask, nq, nk) if spec.attn_mask is not None else None
     bias = None
     if spec.key_bias is not None:
@@ -302,4 +336,33 @@ def attention(
     lse = None
     if spec.return_lse:
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+    return out, lse
+
+
+def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
+    """Label masks on the label-sorted order: gather q / k / v rows by the cached permutations, run flex with the
+    grouped BlockMask, scatter the output rows (and log-sum-exp) back."""
+    batch, heads, nq, head_dim = q.shape
+    nk = k.shape[2]
+    q_perm, k_perm, q_sorted, k_sorted, mask = grouped_layout(spec.labels, batch, nq, nk, q.device)
+
+    def rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+        return t.gather(2, perm[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+    vv = v
+    if spec.value_scale is not None:
+        w = per_key(spec.value_scale, "value_scale", batch=batch, heads=heads, keys=nk).to(v.dtype)
+        vv = v * w[..., None]
+    mods: list[ScoreMod] = []
+    if spec.key_bias is not None:
+        bias = per_key(spec.key_bias, "key_bias", batch=batch, heads=heads, keys=nk).float().expand(batch, heads, nk)
+        mods.append(key_bias(bias.gather(2, k_perm[:, None, :].expand(-1, heads, -1)).contiguous()))
+    _, _, _, finite, soft = _label_parts(spec.labels, batch)
+    if soft:
+        mods.append(label_bias(q_sorted, k_sorted, finite))
+    out_g, lse_g = _flex_call(rows(q, q_perm), rows(k, k_perm), rows(vv, k_perm), compose(tuple(mods)), mask, spec.scale, spec.return_lse)
+    out = torch.empty_like(out_g).scatter_(2, q_perm[:, None, :, None].expand(-1, heads, -1, out_g.shape[3]), out_g)
+    lse = None
+    if lse_g is not None:
+        lse = torch.empty_like(lse_g).scatter_(2, q_perm[:, None, :].expand(-1, heads, -1), lse_g)
     return out, lse

@@ -31,7 +31,9 @@ Under `TRITON_INTERPRET=1` (set before this module is first imported) the kernel
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,11 +43,47 @@ import triton.language as tl
 from ..errors import BackendError, ConfigError
 from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
-LOG2E = 1.4426950408889634
+#: log2(e). A module global read inside @triton.jit code must be a `tl.constexpr` instance (the annotated form
+#: `LOG2E: tl.constexpr = ...` is not accepted either); a plain float compiles only in the interpreter.
+LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Integer arguments that change between layers / controls: not specialised (no new compilation per value).
 _RUNTIME_INTS = ("q_start", "q_stop", "win_w", "win_rh", "win_rw", "win_band", "text_start", "n_img")
+
+#: The constexpr switches of `_attn_fwd` that a spec sets, and every value the launcher (`kernel_arguments`,
+#: `attention`) passes. tests/test_kernels_compile.py compiles every value for real GPU targets and checks that
+#: SWITCHES + TILE_CONSTEXPRS are exactly the kernel's constexpr parameters, so a new switch cannot escape it.
+SWITCHES: dict[str, tuple] = {
+    "HAS_MASK": (False, True),
+    "HAS_BIAS": (False, True),
+    "HAS_VSCALE": (False, True),
+    "HAS_LABELS": (False, True),
+    "WINDOW": (0, 1, 2),  # none, 2-D radius, 1-D band
+    "HAS_BLOCKS": (False, True),
+    "RETURN_LSE": (False, True),
+    "ROW_RANGE": (False, True),  # the per-key edits apply to some query rows only (`query_range` cuts the rows)
+}
+#: Constexprs set by the tile sizes, the head dim and the dtype (`tile_constexprs`).
+TILE_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "INPUT_PRECISION")
+#: One head dim per BLOCK_D specialisation (`head_block`), for the compile test.
+HEAD_DIM_CLASSES = (16, 32, 64, 128, 256)
+
+
+def launchable(switches: dict) -> bool:
+    """Whether the launcher can pass this switch combination: block lists exist exactly with labels or a window."""
+    return bool(switches["HAS_BLOCKS"]) == bool(switches["HAS_LABELS"] or switches["WINDOW"])
+
+
+#: Pointer arguments of the kernels: "qkv" is the dtype of q / k / v (and of the output), "mask" the dtype of
+#: the model's mask as passed (additive, usually the model dtype), else a fixed dtype (labels and block lists
+#: int32, per-key edits float32 unless given in another float dtype, the label table float32).
+POINTERS: dict[str, str] = {
+    "Q": "qkv", "K": "qkv", "V": "qkv", "Out": "qkv", "Lse": "fp32", "Mask": "mask", "Bias": "fp32", "VScale": "fp32",
+    "QLab": "i32", "KLab": "i32", "Table": "fp32", "BlockNum": "i32", "BlockIdx": "i32",
+}
+#: Float scalar arguments (fp32); every other non-constexpr argument is an int32 size or stride.
+FLOATS = ("sm_scale",)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,11 +97,12 @@ def _tile_logits(
     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
     N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
 ):
     """Logits (natural units, float32) of one (BLOCK_M, BLOCK_N) tile with every control applied.
 
-    Keys past N_K and masked pairs are -inf. Returns (logits, key offsets, key-in-range mask).
+    Keys past N_K and masked pairs are -inf. Returns (logits, key offsets, key-in-range mask). Without
+    ROW_RANGE every row is in the query range: the per-key edits need no per-element select.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < N_K
@@ -79,7 +118,10 @@ def _tile_logits(
         ).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(Bias_bh + offs_n * stride_bn, mask=key_ok, other=0.0).to(tl.float32)
-        z += tl.where(in_range[:, None], bias[None, :], 0.0)
+        if ROW_RANGE:
+            z += tl.where(in_range[:, None], bias[None, :], 0.0)
+        else:
+            z += bias[None, :]
     if HAS_LABELS:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)
@@ -117,7 +159,7 @@ def _flash_loop(
     BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
     WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
 ):
     """The FlashAttention-2 inner loop over the visited key blocks: returns (row max in log2 units, row sum
     of exp2(s - max), unnormalised P @ V accumulator)."""
@@ -130,7 +172,7 @@ def _flash_loop(
             q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
             N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
         s = z * LOG2E
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -141,7 +183,10 @@ def _flash_loop(
         acc = acc * alpha[:, None]
         if HAS_VSCALE:
             w = tl.load(VScale_bh + offs_n * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-            p = p * tl.where(in_range[:, None], w[None, :], 1.0)
+            if ROW_RANGE:
+                p = p * tl.where(in_range[:, None], w[None, :], 1.0)
+            else:
+                p = p * w[None, :]
         v = tl.load(
             V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -200,7 +245,7 @@ def _program_start(
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _attn_fwd(
-    Q, K, V, Out, Lse, RowMax,
+    Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -213,7 +258,7 @@ def _attn_fwd(
     H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
     win_w, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, RETURN_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, ROW_RANGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     (
@@ -231,7 +276,7 @@ def _attn_fwd(
         q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
         Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
         BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-        HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+        HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROW_RANGE,
     )
     dead = l_i == 0.0  # every key masked: output zeros
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
@@ -242,8 +287,6 @@ def _attn_fwd(
     if RETURN_LSE:
         lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) / LOG2E)
         tl.store(Lse + off_hz.to(tl.int64) * N_Q + offs_m, lse, mask=row_ok)
-    if RETURN_MAX:
-        tl.store(RowMax + off_hz.to(tl.int64) * N_Q + offs_m, m_i / LOG2E, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,13 +304,59 @@ class Config:
     num_stages: int = 2
 
 
-def interpreted() -> bool:
-    """Whether the kernels of this module run in the Triton interpreter (on CPU tensors)."""
+def _is_interpreted() -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - very old triton
         return False
     return isinstance(_attn_fwd, InterpretedFunction)
+
+
+_INTERPRETED = _is_interpreted()  # fixed when the kernels are defined (TRITON_INTERPRET is read then)
+
+
+def interpreted() -> bool:
+    """Whether the kernels of this module run in the Triton interpreter (on CPU tensors)."""
+    return _INTERPRETED
+
+
+class KernelCompileError(BackendError):
+    """A Triton kernel failed to compile for the device (names the kernel; `auto` falls back on it)."""
+
+    def __init__(self, kernel: str, device: str, error: BaseException):
+        self.kernel, self.device, self.error = kernel, device, error
+        inner = error
+        while inner.__cause__ is not None:  # a CompilationError in a called jit function wraps the real one
+            inner = inner.__cause__
+        lines = [line for line in str(inner).strip().splitlines() if line.strip()]
+        text = lines[-1][:300] if lines else ""
+        super().__init__(f"triton kernel {kernel} failed to compile on {device}: {type(error).__name__}: {text}")
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    from triton.compiler.errors import CompilationError
+
+    found: list[type[BaseException]] = [CompilationError]
+    try:
+        from triton.runtime import errors
+    except ImportError:  # pragma: no cover - old triton
+        return tuple(found)
+    found += [getattr(errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(errors, name)]
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def compiling(kernel: str, device: torch.device) -> Iterator[None]:
+    """Around a kernel launch: a compilation failure (the first launch of a variant compiles it) becomes a
+    `KernelCompileError` naming the kernel, so that `auto` can move to the next backend."""
+    try:
+        yield
+    except _compile_errors() as error:
+        raise KernelCompileError(kernel, str(device), error) from error
+    except RuntimeError as error:
+        if "PassManager" not in str(error):  # an MLIR pass failed: a compile error too; anything else is not
+            raise
+        raise KernelCompileError(kernel, str(device), error) from error
 
 
 def head_block(head_dim: int) -> int:
@@ -281,8 +370,13 @@ def default_config(q: torch.Tensor, head_dim: int) -> Config:
     exercise block boundaries)."""
     if q.device.type != "cuda":
         return Config(64, 64)
+    return cuda_config(q.dtype, head_dim)
+
+
+def cuda_config(dtype: torch.dtype, head_dim: int) -> Config:
+    """The tile sizes `default_config` picks on a GPU (the compile test compiles each of them)."""
     block_d = head_block(head_dim)
-    if q.dtype == torch.float32:
+    if dtype == torch.float32:
         return Config(64, 32, num_warps=4, num_stages=2)
     if block_d <= 64:
         return Config(128, 64, num_warps=4, num_stages=3)
@@ -514,12 +608,18 @@ def kernel_arguments(
         HAS_LABELS=spec.labels is not None,
         WINDOW=0 if window is None else (1 if window.radius is not None else 2),
         HAS_BLOCKS=lists is not None,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_D=head_block(head_dim),
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ROW_RANGE=(int(q_start), int(q_stop)) != (0, nq),
+        **tile_constexprs(config, head_dim, q.dtype),
     )
     return args, switches
+
+
+def tile_constexprs(config: Config, head_dim: int, dtype: torch.dtype) -> dict:
+    """The constexprs set by the tile sizes, head dim and dtype (`TILE_CONSTEXPRS`)."""
+    return dict(
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_block(head_dim),
+        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,42 +634,38 @@ def attention(
     spec: AttentionSpec,
     *,
     config: Config | None = None,
-    out_dtype: torch.dtype | None = None,
-    return_max: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Controlled attention over (B, H, N, D) tensors: (out in v's dtype, log-sum-exp (B, H, Nq) float32 or None).
 
-    `spec.sparse` is not handled here (see `triton_sparse`). `return_max` (internal) returns the row max of
-    the logits instead of the log-sum-exp, for the sparse kernel's threshold search.
+    `spec.sparse` is not handled here (see `triton_sparse`).
     """
     if spec.sparse is not None:
         raise BackendError("triton_attention.attention does not apply sparse attention; use triton_sparse.attention")
     check_inputs(q, k, v)
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    out = torch.empty(q.shape, dtype=out_dtype or v.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
     lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if spec.return_lse else None
-    row_max = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if return_max else None
     if nq == 0:
-        return out, (row_max if return_max else lse)
+        return out, lse
     if nk == 0:
         out.zero_()
-        for t in (lse, row_max):
-            if t is not None:
-                t.fill_(float("-inf"))
-        return out, (row_max if return_max else lse)
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
     config = config or default_config(q, head_dim)
     args, switches = kernel_arguments(q, k, v, spec, config)
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(nq, config.block_m), batch * heads)
-    _attn_fwd[grid](
-        q, k, v, out, lse if lse is not None else dummy, row_max if row_max is not None else dummy,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *args,
-        RETURN_LSE=lse is not None, RETURN_MAX=return_max, **switches,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out, (row_max if return_max else lse)
+    with compiling("_attn_fwd", q.device):
+        _attn_fwd[grid](
+            q, k, v, out, lse if lse is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *args,
+            RETURN_LSE=lse is not None, **switches,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out, lse
 
 
 def _self_check(n: int = 40, head_dim: int = 24) -> float:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from . import sdpa
+from . import sdpa, triton_labels
 from . import triton_attention as ta
 from .spec import AttentionSpec
 from .triton_attention import _RUNTIME_INTS, LOG2E, _flash_loop, _key_block, _program_start, _tile_logits
@@ -46,6 +46,29 @@ ONE_TILE_MAX = 128
 #: Threshold iterations at most (Newton converges in a handful; the cap bounds pathological rows).
 MAX_ITER = 40
 TOL = 1e-6
+
+#: The constexpr switches of `_sparse_attn_fwd` and every value `attention` passes (see
+#: `triton_attention.SWITCHES`; tests/test_kernels_compile.py compiles each one for real GPU targets).
+SWITCHES: dict[str, tuple] = {
+    **{name: values for name, values in ta.SWITCHES.items()},
+    "ONE_TILE": (False, True),
+    "MODE": (0, 1, 2),  # sparsemax, 1.5-entmax, other alpha (see `_mode`)
+}
+#: Constexprs with one value, passed by the launcher from these module constants.
+FIXED = {"MAX_ITER_": MAX_ITER, "TOL_": TOL}
+TILE_CONSTEXPRS = ta.TILE_CONSTEXPRS
+#: Key-row lengths, one per BLOCK_N of the one-tile layout (`launch_config`), for the compile test.
+ONE_TILE_KEYS = (16, 32, 64, 77)
+POINTERS = ta.POINTERS
+tile_constexprs = ta.tile_constexprs
+FLOATS = ta.FLOATS + ("alpha_m1", "pow_", "mix")
+
+
+def launchable(switches: dict) -> bool:
+    """Whether `attention` can pass this combination: one-tile rows never use block lists."""
+    if switches["ONE_TILE"]:
+        return not switches["HAS_BLOCKS"]
+    return ta.launchable(switches)
 
 
 @triton.jit
@@ -97,7 +120,7 @@ def _sparse_attn_fwd(
     win_w, win_rh, win_rw, win_band, text_start, n_img,
     alpha_m1, pow_, mix,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, ROW_RANGE: tl.constexpr,
     ONE_TILE: tl.constexpr, MODE: tl.constexpr, MAX_ITER_: tl.constexpr, TOL_: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -118,7 +141,7 @@ def _sparse_attn_fwd(
             q, K_bh, stride_kn, stride_kd, 0, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
             N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+            HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
         m = tl.max(z, 1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -128,7 +151,10 @@ def _sparse_attn_fwd(
         w_eff = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
         if HAS_VSCALE:
             w = tl.load(VScale_bh + offs_n * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-            w_eff = tl.where(in_range[:, None], w[None, :], 1.0)
+            if ROW_RANGE:
+                w_eff = tl.where(in_range[:, None], w[None, :], 1.0)
+            else:
+                w_eff = w_eff * w[None, :]
         v = tl.load(
             V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -157,7 +183,7 @@ def _sparse_attn_fwd(
             q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
             BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-            HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION,
+            HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROW_RANGE,
         )
         live = l_i > 0.0
         out = acc / tl.where(live, l_i, 1.0)[:, None]
@@ -179,7 +205,7 @@ def _sparse_attn_fwd(
                     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
                     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
                     N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
                 )
                 value, slope = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)
                 f += tl.sum(value, 1)
@@ -196,13 +222,16 @@ def _sparse_attn_fwd(
                     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
                     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
                     N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
-                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION,
+                    HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
                 )
                 ps, _ = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)
                 z_s += tl.sum(ps, 1)
                 if HAS_VSCALE:
                     w = tl.load(VScale_bh + offs_n * stride_wn, mask=key_ok, other=0.0).to(tl.float32)
-                    ps = ps * tl.where(in_range[:, None], w[None, :], 1.0)
+                    if ROW_RANGE:
+                        ps = ps * tl.where(in_range[:, None], w[None, :], 1.0)
+                    else:
+                        ps = ps * w[None, :]
                 v = tl.load(
                     V_bh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0,
@@ -250,10 +279,25 @@ def backend_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The registered `triton` backend: plain calls (no control, or only the model's own mask) are torch
-    SDPA's, which is what the kernels would compute and the fastest way to do it; the rest runs here."""
+    SDPA's, which is what the kernels would compute and the fastest way to do it; label masks without a
+    window or PLADIS go to the grouped label kernel (`triton_labels`); the rest runs here."""
     if spec.is_plain and not spec.return_lse:
         return sdpa.attention(q, k, v, spec)
+    if triton_labels.supports(spec):
+        return triton_labels.attention(q, k, v, spec)
     return attention(q, k, v, spec)
+
+
+def kernel_for(features: tuple[str, ...]) -> str | None:
+    """The kernel `backend_attention` runs for a call with `features` (None: SDPA's plain path)."""
+    wanted = set(features)
+    if "sparse" in wanted:
+        return "_sparse_attn_fwd"
+    if not wanted - {"attn_mask"}:
+        return None
+    if "labels" in wanted and "window" not in wanted:
+        return "_label_attn_fwd"
+    return "_attn_fwd"
 
 
 def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, config: ta.Config | None):
@@ -272,26 +316,32 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
         if lse is not None:
             lse.fill_(float("-inf"))
         return out, lse
-    config = config or ta.default_config(q, head_dim)
     single = one_tile(nk)
-    if single:
-        block_n = triton.next_power_of_2(max(nk, 16))
-        # the whole (BLOCK_M, BLOCK_N) row tile and its entmax terms live in registers on a GPU
-        block_m = min(config.block_m, 32) if q.device.type == "cuda" else config.block_m
-        config = ta.Config(block_m, block_n, 4 if q.device.type == "cuda" else config.num_warps, config.num_stages)
+    config = launch_config(config or ta.default_config(q, head_dim), nk, q.device.type == "cuda")
     args, switches = ta.kernel_arguments(q, k, v, spec, config)
     if single:
         switches["HAS_BLOCKS"] = False
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(nq, config.block_m), batch * heads)
-    _sparse_attn_fwd[grid](
-        q, k, v, out, lse if lse is not None else dummy,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *args, alpha - 1.0, 1.0 / (alpha - 1.0), float(spec.sparse.scale),
-        RETURN_LSE=lse is not None, ONE_TILE=single, MODE=_mode(alpha), MAX_ITER_=MAX_ITER, TOL_=TOL,
-        **switches, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    with ta.compiling("_sparse_attn_fwd", q.device):
+        _sparse_attn_fwd[grid](
+            q, k, v, out, lse if lse is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *args, alpha - 1.0, 1.0 / (alpha - 1.0), float(spec.sparse.scale),
+            RETURN_LSE=lse is not None, ONE_TILE=single, MODE=_mode(alpha), **FIXED,
+            **switches, num_warps=config.num_warps, num_stages=config.num_stages,
+        )
     return out, lse
+
+
+def launch_config(config: ta.Config, nk: int, cuda: bool) -> ta.Config:
+    """The tiles of a call with `nk` keys: `config`, or in the one-tile layout the whole key row as BLOCK_N
+    (BLOCK_M at most 32 on a GPU: the row tile and its entmax terms live in registers)."""
+    if not one_tile(nk):
+        return config
+    block_n = triton.next_power_of_2(max(nk, 16))
+    block_m = min(config.block_m, 32) if cuda else config.block_m
+    return ta.Config(block_m, block_n, 4 if cuda else config.num_warps, config.num_stages)
 
 
 def _self_check(nk: int = 40, alpha: float = 1.5) -> float:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass
 from ..errors import CallLayoutError, HandleError
@@ -306,12 +307,13 @@ class Runtime:
         """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
         if torch.compiler.is_compiling():  # a pure function of constants in a graph: no dict state to guard on
             return choose_backend(self.backend, device, features, dense_elements)[0]
-        key = (device.type, features, dense_elements)
+        key = (device.type, features, dense_elements, len(kernels.KERNEL_FAILURES))  # a compile failure re-chooses
         choice = self._backend_cache.get(key)
         if choice is None:
             choice = choose_backend(self.backend, device, features, dense_elements)
             self._backend_cache[key] = choice
         self.backend_log[layer.name] = choice
+        kernels.note_request(self.backend)  # the backend's function falls back on a compile failure only under auto
         return choice[0]
 
 

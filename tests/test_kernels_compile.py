@@ -1,0 +1,186 @@
+"""Every Triton kernel compiles for real GPU targets (sm_80, sm_90), on this CPU-only machine.
+
+The interpreter (TRITON_INTERPRET=1, set by conftest.py for the other kernel tests) accepts code that a GPU
+compile rejects: issue #15's kernels read a plain module float and failed on every GPU while CI passed. Here
+`attnctl.kernels.triton_aot` compiles the kernels to cubin with `triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))` in a subprocess with TRITON_INTERPRET=0 and a fresh, empty cache. The
+variants come from the launchers' own declarations (SWITCHES, FIXED, TILE_CONSTEXPRS, `launchable`), and
+`check_declarations` fails when a kernel has a constexpr its launcher does not declare.
+
+Default: per arch, every switch value of every kernel and every dtype / head-dim class at least once (18
+compiles, about 2 minutes of one core). The slow test compiles every launchable switch combination of every
+kernel for both archs (`--set product`, 2976 compiles, about 5 hours of one core); it runs only with
+ATTNCTL_COMPILE_ALL=1 (ATTNCTL_COMPILE_SHARD=i/n runs every n-th variant from the i-th).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from attnctl.kernels import triton_aot  # noqa: E402
+from attnctl.kernels import triton_attention as ta  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+needs_ptxas = pytest.mark.skipif(not PTXAS.exists(), reason=f"the triton wheel ships no ptxas ({PTXAS})")
+
+
+def _compile_env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "triton-cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run_aot(tmp_path: Path, *args: str, timeout: float = 1800) -> tuple[int, list[dict], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnctl.kernels.triton_aot", *args],
+        env=_compile_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    records = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    return proc.returncode, records, proc.stderr[-3000:]
+
+
+def _failures(records: list[dict]) -> list[str]:
+    return [f"{r['variant']}: {r['error']}" for r in records if "variant" in r and not r["ok"]]
+
+
+# --- the declarations the variants come from ----------------------------------------------------------------
+
+
+def test_every_constexpr_is_declared_by_its_launcher():
+    assert triton_aot.check_declarations() == []
+    assert set(triton_aot.kernels()) == {"_attn_fwd", "_sparse_attn_fwd", "_label_attn_fwd"}
+
+
+def test_a_new_switch_cannot_escape(monkeypatch):
+    """A constexpr the launcher does not declare (or a declared one the kernel lacks) is reported."""
+    monkeypatch.setattr(ta, "SWITCHES", {k: v for k, v in ta.SWITCHES.items() if k != "HAS_VSCALE"})
+    problems = triton_aot.check_declarations()
+    assert any("_attn_fwd" in p and "HAS_VSCALE" in p and "not declared" in p for p in problems), problems
+    monkeypatch.setattr(ta, "SWITCHES", {**ta.SWITCHES, "HAS_VSCALE": (False, True), "HAS_NEW": (False, True)})
+    assert any("HAS_NEW" in p and "not constexpr parameters" in p for p in triton_aot.check_declarations())
+
+
+def test_launcher_passes_only_declared_switch_values():
+    """What `kernel_arguments` really passes for a spec with every control is in the declarations."""
+    import torch
+
+    from attnctl.kernels import AttentionSpec, LabelMask, Window
+
+    n = 20
+    q = torch.randn(1, 2, n, 16)
+    labels = LabelMask(torch.zeros(1, n, dtype=torch.long), torch.zeros(1, n, dtype=torch.long), torch.zeros(1, 1, 1))
+    spec = AttentionSpec(attn_mask=torch.zeros(1, 1, n, n), key_bias=torch.zeros(1, n), value_scale=torch.ones(1, n),
+                         labels=labels, window=Window((4, 5), radius=(1, 1)), return_lse=True)
+    for s in (spec, AttentionSpec()):
+        _, switches = ta.kernel_arguments(q, q, q, s, ta.Config(16, 16))
+        for name, value in switches.items():
+            if name in ta.TILE_CONSTEXPRS:
+                continue
+            assert value in ta.SWITCHES[name], (name, value)
+        assert set(switches) == (set(ta.SWITCHES) - {"RETURN_LSE"}) | set(ta.TILE_CONSTEXPRS)
+
+
+@pytest.mark.parametrize("which", ["default", "product"])
+def test_variant_sets_cover_every_switch_value_dtype_and_head_dim(which):
+    for arch in triton_aot.ARCHS:
+        chosen = [v for v in triton_aot.variants(which) if v.arch == arch]
+        assert {v.dtype for v in chosen} == set(triton_aot.DTYPES)
+        assert {v.head_dim for v in chosen} == set(ta.HEAD_DIM_CLASSES)
+        for name, decl in triton_aot.kernels().items():
+            mine = [v for v in chosen if v.kernel == name]
+            assert {v.dtype for v in mine} == set(triton_aot.DTYPES), name
+            covered = {item for v in mine for item in v.switches}
+            wanted = {(k, value) for k, values in decl.switches.items() for value in values}
+            assert wanted <= covered, (name, wanted - covered)
+            assert all(decl.module.launchable(dict(v.switches)) for v in mine)
+    if which == "product":
+        for name, decl in triton_aot.kernels().items():
+            combos = {v.switches for v in triton_aot.variants(which, (90,)) if v.kernel == name}
+            assert len(combos) == len(triton_aot._all_combinations(decl))
+
+
+# --- compiling ---------------------------------------------------------------------------------------------
+
+
+@needs_ptxas
+@pytest.mark.parametrize("arch", triton_aot.ARCHS, ids=lambda a: f"sm_{a}")
+def test_default_variants_compile_to_cubin(arch, tmp_path):
+    expected = [v.label() for v in triton_aot.variants("default", (arch,))]
+    rc, records, stderr = _run_aot(tmp_path, "--set", "default", "--arch", str(arch), timeout=900)
+    assert records and records[0] == {"declarations": []}, (records[:1], stderr)
+    compiled = [r for r in records if "variant" in r]
+    assert not _failures(compiled), "\n".join(_failures(compiled))
+    assert [r["variant"] for r in compiled] == expected, stderr
+    assert all("cubin" in r["stages"] and "ptx" in r["stages"] for r in compiled)
+    assert rc == 0, stderr
+
+
+@needs_ptxas
+def test_a_kernel_reading_a_plain_global_fails_to_compile(tmp_path):
+    """The failure this file exists for (issue #15): a plain module float read inside @triton.jit runs in the
+    interpreter but does not compile; the same value as a tl.constexpr does."""
+    code = textwrap.dedent(
+        """
+        import json, triton, triton.language as tl
+        SCALE = 1.5
+        SCALE_C = tl.constexpr(1.5)
+
+        @triton.jit
+        def plain(X, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(X + offs, tl.load(X + offs, mask=offs < n) * SCALE, mask=offs < n)
+
+        @triton.jit
+        def const(X, n, BLOCK: tl.constexpr):
+            offs = tl.arange(0, BLOCK)
+            tl.store(X + offs, tl.load(X + offs, mask=offs < n) * SCALE_C, mask=offs < n)
+
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        out = {}
+        for fn in (plain, const):
+            try:
+                triton.compile(ASTSource(fn, {"X": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64}),
+                               target=GPUTarget("cuda", 90, 32))
+                out[fn.__name__] = "ok"
+            except Exception as error:
+                out[fn.__name__] = type(error).__name__ + ": " + str(error)
+        print(json.dumps(out))
+        """
+    )
+    script = tmp_path / "plain_global.py"  # @triton.jit reads the source: a file, not `python -c`
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], env=_compile_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["const"] == "ok"
+    assert result["plain"].startswith("CompilationError") and "Cannot access global variable SCALE" in result["plain"]
+
+
+@needs_ptxas
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ATTNCTL_COMPILE_ALL") != "1", reason="thousands of compiles (hours on one core): set ATTNCTL_COMPILE_ALL=1")
+def test_every_switch_combination_compiles(tmp_path):
+    shard = os.environ.get("ATTNCTL_COMPILE_SHARD", "0/1")
+    index, count = (int(x) for x in shard.split("/"))
+    expected = [v.label() for i, v in enumerate(triton_aot.variants("product")) if i % count == index]
+    rc, records, stderr = _run_aot(tmp_path, "--set", "product", "--shard", shard, timeout=24 * 3600)
+    compiled = [r for r in records if "variant" in r]
+    seconds = sum(r["seconds"] for r in compiled)
+    print(f"\ncompiled {len(compiled)} of {len(expected)} variants (shard {shard}) in {seconds:.0f} s of compile time; "
+          f"slowest {max((r['seconds'] for r in compiled), default=0):.1f} s")
+    assert not _failures(compiled), "\n".join(_failures(compiled)[:20])
+    assert [r["variant"] for r in compiled] == expected, stderr
+    assert rc == 0, stderr
