@@ -353,18 +353,18 @@ def _register_optional_backends() -> None:
     except ImportError:
         return
     try:
-        from . import triton_attention, triton_sparse
+        from . import triton_attention, triton_backend
     except Exception as error:  # noqa: BLE001 - e.g. a triton too old for the kernels: auto uses the others
         UNAVAILABLE["triton"] = f"attnctl's triton kernels do not import with this triton: {type(error).__name__}: {error}"
         return
 
     register_backend(
         Backend(
-            "triton", _with_fallback("triton", triton_sparse.backend_attention), _ALL,
+            "triton", _with_fallback("triton", triton_backend.attention), _ALL,
             ("cuda", "cpu") if triton_attention.interpreted() else ("cuda",),
             "fused flash kernels: bias / value scale, labels grouped by label with tile skipping, windows, LSE, "
             "entmax for PLADIS; plain calls go to SDPA",
-            kernel_of=triton_sparse.kernel_for,
+            kernel_of=triton_backend.kernel_for,
         ),
         auto={"cuda": 0},
     )

@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from . import sdpa, triton_labels
 from . import triton_attention as ta
 from .spec import AttentionSpec
 from .triton_attention import _RUNTIME_INTS, LOG2E, _flash_loop, _key_block, _program_start, _tile_logits
@@ -273,31 +272,6 @@ def attention(
     if spec.sparse is None:
         return ta.attention(q, k, v, spec, config=config)
     return _sparse(q, k, v, spec, config)
-
-
-def backend_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The registered `triton` backend: plain calls (no control, or only the model's own mask) are torch
-    SDPA's, which is what the kernels would compute and the fastest way to do it; label masks without a
-    window or PLADIS go to the grouped label kernel (`triton_labels`); the rest runs here."""
-    if spec.is_plain and not spec.return_lse:
-        return sdpa.attention(q, k, v, spec)
-    if triton_labels.supports(spec):
-        return triton_labels.attention(q, k, v, spec)
-    return attention(q, k, v, spec)
-
-
-def kernel_for(features: tuple[str, ...]) -> str | None:
-    """The kernel `backend_attention` runs for a call with `features` (None: SDPA's plain path)."""
-    wanted = set(features)
-    if "sparse" in wanted:
-        return "_sparse_attn_fwd"
-    if not wanted - {"attn_mask"}:
-        return None
-    if "labels" in wanted and "window" not in wanted:
-        return "_label_attn_fwd"
-    return "_attn_fwd"
 
 
 def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, config: ta.Config | None):
