@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -14,6 +15,31 @@ def embedded_models() -> tuple[str, ...]:
     from ..testing import TINY_MODELS
 
     return ("toy-shapes",) + TINY_MODELS
+
+
+def near_miss(name: str) -> str | None:
+    """The embedded model `name` is a typo of, or None. A name with no '/' that is not an existing folder and
+    is close to an embedded name (case aside, or by a couple of characters) is taken for a typo, never for a hub id."""
+    if not isinstance(name, str) or name in embedded_models() or "/" in name or os.sep in name or os.path.isdir(name):
+        return None
+    names = embedded_models()
+    lowered = {candidate.lower(): candidate for candidate in names}
+    folded = name.strip().lower().replace("_", "-").replace(" ", "-")
+    if folded in lowered:
+        return lowered[folded]
+    close = difflib.get_close_matches(folded, list(lowered), n=1, cutoff=0.75)
+    return lowered[close[0]] if close else None
+
+
+def check_model_name(name: Any) -> None:
+    """Raise ConfigError for a name that is not usable, or that is a near miss of an embedded name (before any
+    attempt to reach a hub)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model must be an embedded name, a directory or a hub id, got {name!r}")
+    guess = near_miss(name)
+    if guess is not None:
+        raise ConfigError(f"model {name!r} is not an embedded model: did you mean {guess!r}? "
+                          f"(embedded: {', '.join(embedded_models())}; a hub id looks like 'owner/name')")
 
 
 def load_pipeline(
@@ -34,8 +60,7 @@ def load_pipeline(
     """
     import torch
 
-    if not isinstance(name_or_path, str) or not name_or_path:
-        raise ConfigError(f"model must be an embedded name, a directory or a hub id, got {name_or_path!r}")
+    check_model_name(name_or_path)
     if name_or_path == "toy-shapes":
         pipe = _load_toy_shapes()
     elif name_or_path in embedded_models():
