@@ -32,7 +32,7 @@ import torch
 from .._version import __version__
 from ..control import Control
 from ..errors import ConfigError
-from .outputs import save_png
+from .outputs import sampler_fields, save_png
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -292,6 +292,7 @@ class Model:
             "guidance_scale": float(guidance) if guidance is not None else None,
             "model": self.name,
             "pipeline": type(self.pipe).__name__,
+            **sampler_fields(getattr(self.pipe, "scheduler", None)),
             "dtype": dtype_name(self.dtype),
             "controls": [control.to_dict() for control in controls],
             "options": {key: value for key, value in sorted(kwargs.items()) if key not in main},
