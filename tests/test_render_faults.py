@@ -365,3 +365,22 @@ def test_render_api_raises_render_error_for_a_file_out(tmp_path, tiny_model):
     (tmp_path / "f").write_text("")
     with pytest.raises(RenderError, match="is a file"):
         render(jobs, RenderOptions(out=str(tmp_path / "f"), progress="none"), model=tiny_model)
+
+
+@pytest.mark.parametrize("prompt", ["(red:nan)", "(red:inf)", "(red:-inf)", "a (red:NaN) car"])
+def test_parse_prompt_rejects_non_finite_weights(prompt):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        attnctl.parse_prompt(prompt)
+
+
+def test_long_prompt_with_a_word_control_raises_only_for_a_word_past_the_limit(tiny_cache):
+    from attnctl.errors import TokenError
+
+    pipe = tiny_cache("tiny-sd")
+    prompt = "a red car " + "on a long road " * 30 + "with a dog"  # over 77 CLIP tokens; "dog" is past the limit
+    call = {"num_inference_steps": 1, "height": 32, "width": 32, "output_type": "latent"}
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 2.0})]):
+        pipe(prompt, **call)  # diffusers truncates with a warning; "red" is inside the limit
+    with attnctl.apply(pipe, [attnctl.Reweight({"dog": 2.0})]):
+        with pytest.raises(TokenError, match="truncates the prompt"):
+            pipe(prompt, **call)
