@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedError
@@ -15,6 +18,46 @@ def embedded_models() -> tuple[str, ...]:
     from ..testing import TINY_MODELS
 
     return ("toy-shapes",) + TINY_MODELS
+
+
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ...Pil"
+    notice. attnctl never runs those image processors (they serve safety checkers and IP-Adapter inputs), and the
+    PIL fallback transformers takes is the processor diffusers used before; the notice is explained once in the
+    README ("Install") instead of printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def silence_optional_notices() -> None:
+    """Install the filter for transformers' torchvision notice (idempotent)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_TorchvisionNotice())
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """While loading: no diffusers / transformers progress bars ("Loading pipeline components", "Loading
+    weights") and no torchvision notice; the libraries' settings are put back afterwards."""
+    silence_optional_notices()
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        yield
+        return
+    enabled = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled[0]:
+            diffusers_logging.enable_progress_bar()
+        if enabled[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def near_miss(name: str) -> str | None:
@@ -56,11 +99,17 @@ def load_pipeline(
     - `tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`: random-weight offline fixtures (`seed`);
     - a local directory in diffusers format, or a hub id (needs network access): loaded with
       `DiffusionPipeline.from_pretrained(..., use_safetensors=True)`, never with remote code.
-    Extra keyword arguments go to `from_pretrained`.
+    Extra keyword arguments go to `from_pretrained`. A name with no '/' close to an embedded name is a typo
+    (ConfigError with "did you mean"), never sent to a hub. Loading shows no progress bars (`quiet_loading`).
     """
+    check_model_name(name_or_path)
+    with quiet_loading():
+        return _load(name_or_path, torch_dtype=torch_dtype, device=device, seed=seed, **kwargs)
+
+
+def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int, **kwargs: Any):
     import torch
 
-    check_model_name(name_or_path)
     if name_or_path == "toy-shapes":
         pipe = _load_toy_shapes()
     elif name_or_path in embedded_models():

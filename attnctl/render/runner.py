@@ -709,6 +709,8 @@ class _Progress:
     def __init__(self, total: int, mode: str, ranks: Ranks):
         self.total, self.ranks, self.done, self.failed = total, ranks, 0, 0
         self.start = self._last = time.monotonic()
+        self._first_done: float | None = None  # the first image pays for warm-up: the rate is measured after it
+        self._logged_at = -1  # `done` at the last log line (the final line is not repeated)
         interactive = sys.stderr.isatty()
         self.mode = ("bar" if interactive and ranks.main else "log") if mode == "auto" else mode
         self.bar = None
@@ -721,6 +723,8 @@ class _Progress:
     def update(self, ok: bool) -> None:
         self.done += 1
         self.failed += not ok
+        if self._first_done is None:
+            self._first_done = time.monotonic()
         if self.bar is not None:
             self.bar.update(1)
             if self.failed:
@@ -728,18 +732,26 @@ class _Progress:
         elif self.mode == "log" and time.monotonic() - self._last >= 30:
             self._log()
 
+    def rate(self) -> float:
+        """Images per second after the first image (which includes warm-up); nan before two images."""
+        now = time.monotonic()
+        if self._first_done is None or self.done < 2 or now <= self._first_done:
+            return float("nan")
+        return (self.done - 1) / (now - self._first_done)
+
     def _log(self) -> None:
         self._last = time.monotonic()
-        elapsed = self._last - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info(self.ranks.say(f"{self.done}/{self.total} images ({self.failed} failed), {rate:.2f} images/s, "
-                                f"about {_duration(eta)} left"))
+        self._logged_at = self.done
+        rate = self.rate()
+        left = self.total - self.done
+        eta = "done" if left == 0 else f"about {_duration(left / rate)} left" if rate == rate and rate > 0 else "estimating"
+        shown = f"{rate:.2f} images/s" if rate == rate else "first image done" if self.done else "starting"
+        log.info(self.ranks.say(f"{self.done}/{self.total} images ({self.failed} failed), {shown}, {eta}"))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.mode == "log" and self.done:
+        elif self.mode == "log" and self.done and self._logged_at != self.done:
             self._log()
 
 
