@@ -214,7 +214,7 @@ def main() -> None:
 def pipeline_benchmark(args) -> None:
     import attnctl
 
-    variants = ("none", "2", "8", "32", "2+isolate", "8+isolate", "32+isolate")
+    variants = ("none", "2+isolate") if args.quick else ("none", "2", "8", "32", "2+isolate", "8+isolate", "32+isolate")
     pipe = build(args.latent)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for repeat in range(args.repeats + 1):  # round 0 is warm-up
@@ -246,7 +246,9 @@ def pipeline_benchmark(args) -> None:
 def attention_benchmark(args) -> None:
     from attnctl.kernels import BACKENDS
 
-    paths = ["dense-sdpa", "labels-blocked"] + [name for name in ("flex", "triton") if name in BACKENDS and "labels" in BACKENDS[name].features]
+    paths = ["dense-sdpa", "labels-blocked"]
+    if not args.quick:
+        paths += [name for name in ("flex", "triton") if name in BACKENDS and "labels" in BACKENDS[name].features]
     results = {}
     for path in paths:
         try:
