@@ -34,7 +34,7 @@ STAMP_TORCH := $(VENV)/.stamp-torch-$(TORCH_VERSION)
 STAMP_PKG := $(VENV)/.stamp-attnctl
 STAMP_TEST := $(VENV)/.stamp-test
 
-.PHONY: setup setup-test demo test test-browser torch-install-args check-install
+.PHONY: setup setup-test demo test test-browser torch-install-args check-install gallery-screenshot
 
 $(STAMP_VENV):
 	$(PYTHON) -m venv $(VENV)
@@ -75,3 +75,9 @@ check-install: $(STAMP_VENV)
 	$(BIN)/python -m pip install --dry-run --ignore-installed --quiet --report $(VENV)/install-report.json \
 		$(TORCH_INSTALL) -e .
 	$(BIN)/python .ci/check_install.py $(VENV)/install-report.json
+
+# docs/images/gallery.png: the gallery of examples/jobs/gallery.toml in headless Chromium
+gallery-screenshot: setup
+	$(BIN)/attnctl render examples/jobs/gallery.toml --out out/gallery --progress none
+	chromium --headless --no-sandbox --disable-gpu --no-first-run --hide-scrollbars --window-size=1200,1500 \
+		--user-data-dir=$$(mktemp -d) --screenshot=docs/images/gallery.png file://$(CURDIR)/out/gallery/index.html

@@ -225,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=Path, default=None, help="save a picture grid of two-object prompts here")
     p.add_argument("--json", type=Path, default=None, help="save the numbers here")
     p.add_argument("--controls", action="store_true", help="also evaluate attnctl.Regions / attnctl.Reweight")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 4 / 2 / 2 prompts, 2 steps (CI; the numbers mean nothing)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 / 1 / 1 prompts, 2 steps (CI; the numbers mean nothing)")
     args = p.parse_args(argv)
     if args.quick:
-        args.n_one, args.n_free, args.n_two, args.steps = 4, 2, 2, 2
+        args.n_one, args.n_free, args.n_two, args.steps = 2, 1, 1, 2
     torch.set_num_threads(args.threads)
 
     pipe = load_toy_shapes(path=args.model)
