@@ -384,3 +384,13 @@ def test_long_prompt_with_a_word_control_raises_only_for_a_word_past_the_limit(t
     with attnctl.apply(pipe, [attnctl.Reweight({"dog": 2.0})]):
         with pytest.raises(TokenError, match="truncates the prompt"):
             pipe(prompt, **call)
+
+
+def test_attnctl_toy_is_reachable_after_import_attnctl():
+    import subprocess
+    import sys
+
+    code = "import attnctl; print(attnctl.toy.CALL_DEFAULTS['num_inference_steps'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0 and result.stdout.strip() == "10", result.stderr[-2000:]
