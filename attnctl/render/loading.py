@@ -37,6 +37,9 @@ def silence_optional_notices() -> None:
         logger.addFilter(_TorchvisionNotice())
 
 
+silence_optional_notices()  # at import: attnctl's pipelines (embedded fixtures included) load without the notice
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """While loading: no diffusers / transformers progress bars ("Loading pipeline components", "Loading
