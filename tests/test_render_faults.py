@@ -394,3 +394,23 @@ def test_attnctl_toy_is_reachable_after_import_attnctl():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert result.returncode == 0 and result.stdout.strip() == "10", result.stderr[-2000:]
+
+
+def test_progress_log_has_a_sane_first_estimate_and_one_final_line(caplog, monkeypatch):
+    from attnctl.render import runner
+
+    clock = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    progress = runner._Progress(10, "log", runner.Ranks())
+    with caplog.at_level("INFO", logger="attnctl.render"):
+        clock[0] += 40.0  # the first image pays for warm-up
+        progress.update(ok=True)
+        assert "estimating" in caplog.records[-1].getMessage()  # no ETA from the warm-up image alone
+        for _ in range(9):
+            clock[0] += 2.0
+            progress.update(ok=True)
+        progress.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1].startswith("10/10 images") and messages[-1].endswith("done")
+    assert sum(m.startswith("10/10") for m in messages) == 1
+    assert "0.50 images/s" in messages[-1]  # 9 images in 18 s after the first
