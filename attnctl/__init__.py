@@ -44,3 +44,13 @@ __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
+
+
+def __getattr__(name: str):
+    """`attnctl.toy` (the embedded toy-shapes model's helpers) is imported on first use: `import attnctl` stays
+    light, and `attnctl.toy.CALL_DEFAULTS` works as the README shows."""
+    if name == "toy":
+        import importlib
+
+        return importlib.import_module(".toy", __name__)
+    raise AttributeError(f"module 'attnctl' has no attribute {name!r}")

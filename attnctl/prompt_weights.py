@@ -33,7 +33,7 @@ SQUARE = 1 / 1.1
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _WEIGHT_CLOSE = re.compile(r":\s*(" + _NUMBER + r")\s*\)")
-_ANY_NUMBER_CLOSE = re.compile(r":\s*([+-]?[\d.eE+-]+)\s*([)\]])")
+_ANY_NUMBER_CLOSE = re.compile(r":\s*([+-]?(?:[\d.eE+-]+|nan|inf(?:inity)?))\s*([)\]])", re.IGNORECASE)
 _ESCAPABLE = "()[]:\\"
 
 Key = str | tuple[str, int]
@@ -71,6 +71,11 @@ def parse_segments(text: str) -> list[tuple[str, float]]:
                     raise ConfigError(
                         f"parse_prompt: {text[where:close.end()]!r} at position {where} looks like A1111 prompt editing "
                         "or a weight in square brackets; attnctl supports (text:weight), (text) and [text] only"
+                    )
+                if close.group(1).lstrip("+-").lower() in ("nan", "inf", "infinity"):
+                    raise ConfigError(
+                        f"parse_prompt: weight {close.group(1)} at position {i + 1} must be a finite number >= 0 "
+                        "(0 mutes the text)"
                     )
                 weight = _WEIGHT_CLOSE.match(text, i)
                 if weight is None:

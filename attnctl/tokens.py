@@ -83,12 +83,10 @@ class _Tokenized:
         self.ids: list[int] = list(encoding["input_ids"])
         self.tokens: list[str] = list(tokenizer.convert_ids_to_tokens(self.ids))
         self.tokenizer = tokenizer
-        if len(self.ids) > limit:
-            raise TokenError(
-                f"attnctl: the prompt {text!r} has {len(self.ids)} {encoder} tokens but the limit is {limit} "
-                f"(special tokens included); the pipeline would truncate it, so words past the limit could not "
-                f"be controlled. Shorten the prompt."
-            )
+        self.limit, self.encoder = limit, encoder
+        # Longer than the encoder takes: the pipeline truncates it (diffusers warns). Words inside the limit are
+        # controlled as usual; a word only past it raises in `PromptTokens.positions`.
+        self.truncated = len(self.ids) > limit
 
     def show(self) -> str:
         return " ".join(f"{i}:{tok}" for i, tok in enumerate(self.tokens))
@@ -133,7 +131,9 @@ class PromptTokens:
         return self._cache[key]
 
     def check_lengths(self) -> None:
-        """Raise TokenError if any prompt is longer than its encoder's limit."""
+        """Tokenize every prompt (raising for a tokenizer failure). A prompt longer than its encoder's limit is
+        not an error by itself: the pipeline truncates it, and only a word that lies entirely past the limit
+        raises (in `positions`)."""
         for e, encoder in enumerate(self.encoders):
             for t in range(len(encoder.tokenizers)):
                 for row in range(self.rows):
@@ -147,12 +147,25 @@ class PromptTokens:
             return (query,)
         phrase, occurrence = (query if isinstance(query, tuple) else (query, None))
         found: set[int] = set()
+        truncated: list[tuple[_Tokenized, list[int]]] = []
         for e, encoder in enumerate(self.encoders):
             for t in range(len(encoder.tokenizers)):
                 tokenized = self._tokenized(e, t, row)
                 convert = encoder.convert[t] if t < len(encoder.convert) else None
                 form = convert(phrase) if convert is not None else phrase
-                found.update(encoder.offset + p for p in tokenized.find(form, occurrence) if p < encoder.limit)
+                hits = tokenized.find(form, occurrence)
+                found.update(encoder.offset + p for p in hits if p < encoder.limit)
+                past = [p for p in hits if p >= encoder.limit]
+                if past:
+                    truncated.append((tokenized, past))
+        if not found and truncated:
+            tokenized, past = truncated[0]
+            raise TokenError(
+                f"attnctl: {describe_query(query)} is at {tokenized.encoder} token position(s) {past} of the prompt "
+                f"{tokenized.text!r}, which has {len(tokenized.ids)} tokens but the limit is {tokenized.limit} "
+                "(special tokens included): the pipeline truncates the prompt there, so the word cannot be "
+                "controlled. Shorten the prompt or move the word before the limit."
+            )
         if not found:
             raise TokenError(self._missing_message(query, row))
         return tuple(sorted(found))

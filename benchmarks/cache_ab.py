@@ -22,7 +22,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -32,13 +31,22 @@ CALIBRATION_PROMPTS = ["a red circle on a blue square", "a cat on a chair in a g
 PROMPT = "a photo of a dog under a tree"
 
 
+def _overhead_build(latent: int):
+    """The SD-like UNet pipeline of benchmarks/overhead.py, loaded by path: the benchmarks folder is never put on
+    sys.path, where a module of it could shadow an installed package."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead.py")
+    spec = importlib.util.spec_from_file_location("attnctl_bench_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(latent)
+
+
 # -- models ---------------------------------------------------------------------------------------------------------
 def build_sd(latent: int):
     """SD-like: UNet 32/64 channels, cross-attention at both levels (the model of benchmarks/overhead.py)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from overhead import build
-
-    return build(latent), {}
+    return _overhead_build(latent), {}
 
 
 def build_pixart(latent: int):

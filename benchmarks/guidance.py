@@ -67,9 +67,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="a smoke run: smallest sizes, one repeat (CI; not a measurement)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: process CPU time (steadier on a contended machine; use with --threads 1)")
     args = parser.parse_args()
+    if args.quick:  # a smoke run (CI): the smallest sizes, one repeat; the numbers mean nothing
+        args.repeats, args.latent, args.steps = 1, 16, 1
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for variant in variants:

@@ -45,8 +45,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: smallest sizes, one repeat (CI; not a measurement)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if args.quick:  # a smoke run (CI): the smallest sizes, one repeat; the numbers mean nothing
+        args.repeats, args.latent, args.steps = 1, 16, 1
     torch.set_num_threads(args.threads)
     pipe = build(args.latent)
     size = args.latent * 2  # the tiny VAE downsamples by 2

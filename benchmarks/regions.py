@@ -56,11 +56,20 @@ def controls_for(variant: str):
     return [attnctl.Regions(grid_regions(int(count)), base_ratio=0.2, isolate=flag == "isolate")]
 
 
-def build(latent: int):
-    sys.path.insert(0, HERE)
-    from overhead import build as build_overhead  # the SD-like UNet of the overhead benchmark
+def _overhead_build(latent: int):
+    """The SD-like UNet pipeline of benchmarks/overhead.py, loaded by path: the benchmarks folder is never put on
+    sys.path, where a module of it could shadow an installed package."""
+    import importlib.util
 
-    return build_overhead(latent)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead.py")
+    spec = importlib.util.spec_from_file_location("attnctl_bench_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(latent)
+
+
+def build(latent: int):
+    return _overhead_build(latent)  # the SD-like UNet of the overhead benchmark
 
 
 def call(pipe, latent: int, steps: int) -> None:
@@ -182,8 +191,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: smallest sizes, one repeat (CI; not a measurement)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # a smoke run (CI): the smallest sizes, one repeat; the numbers mean nothing
+        args.repeats, args.latent, args.steps, args.tokens = 1, 16, 1, 256
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -202,7 +214,7 @@ def main() -> None:
 def pipeline_benchmark(args) -> None:
     import attnctl
 
-    variants = ("none", "2", "8", "32", "2+isolate", "8+isolate", "32+isolate")
+    variants = ("none", "2+isolate") if args.quick else ("none", "2", "8", "32", "2+isolate", "8+isolate", "32+isolate")
     pipe = build(args.latent)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for repeat in range(args.repeats + 1):  # round 0 is warm-up
@@ -234,7 +246,9 @@ def pipeline_benchmark(args) -> None:
 def attention_benchmark(args) -> None:
     from attnctl.kernels import BACKENDS
 
-    paths = ["dense-sdpa", "labels-blocked"] + [name for name in ("flex", "triton") if name in BACKENDS and "labels" in BACKENDS[name].features]
+    paths = ["dense-sdpa", "labels-blocked"]
+    if not args.quick:
+        paths += [name for name in ("flex", "triton") if name in BACKENDS and "labels" in BACKENDS[name].features]
     results = {}
     for path in paths:
         try:

@@ -36,8 +36,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: smallest sizes, one repeat (CI; not a measurement)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    if args.quick:  # a smoke run (CI): the smallest sizes, one repeat; the numbers mean nothing
+        args.jobs, args.seeds, args.steps, args.repeats = 1, 2, 1, 1
     torch.set_num_threads(args.threads)
 
     pipe = make_tiny_pipeline("tiny-sd")

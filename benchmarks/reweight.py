@@ -130,8 +130,11 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="a smoke run: smallest sizes, one repeat (CI; not a measurement)")
     parser.add_argument("--only", choices=("pipeline", "op"), default=None)
     args = parser.parse_args()
+    if args.quick:  # a smoke run (CI): the smallest sizes, one repeat; the numbers mean nothing
+        args.repeats, args.latent, args.steps = 1, 16, 1
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}")
     if args.only in (None, "op"):

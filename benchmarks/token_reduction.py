@@ -30,7 +30,18 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+def _overhead_build(latent: int):
+    """The SD-like UNet pipeline of benchmarks/overhead.py, loaded by path: the benchmarks folder is never put on
+    sys.path, where a module of it could shadow an installed package."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead.py")
+    spec = importlib.util.spec_from_file_location("attnctl_bench_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(latent)
+
 
 RATIOS = (0.3, 0.5, 0.7)
 CONFIGS: tuple[str, ...] = ("stock",) + tuple(f"tome-{r}" for r in RATIOS) + tuple(f"agent-{r}" for r in RATIOS)
@@ -82,7 +93,7 @@ def child(config: str, latent: int, steps: int, threads: int) -> None:
     """One configuration in a fresh process: build, fork, one generation in the fork, its max RSS."""
     import gc
 
-    from overhead import build
+    build = _overhead_build
 
     torch.set_num_threads(threads)
     pipe = build(latent)
@@ -124,12 +135,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration subprocesses")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: smallest sizes, one repeat (CI; not a measurement)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.quick:  # a smoke run (CI): the smallest sizes, one repeat; the numbers mean nothing
+        args.repeats, args.latent, args.steps, args.no_memory = 1, 16, 1, True
     if args.child:
         child(args.child, args.latent, args.steps, args.threads)
         return
-    from overhead import build
+    build = _overhead_build
 
     torch.set_num_threads(args.threads)
     pipe = build(args.latent)

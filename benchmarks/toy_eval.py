@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,16 +84,38 @@ def two_object_cases(n: int, seed: int = 0) -> list[Case]:
 Generate = Callable[[list[Case]], np.ndarray]
 
 
-def stock_generator(pipe, steps: int, guidance: float, batch: int = 16) -> Generate:
-    """Generate a list of cases with the stock pipeline, each from its own seeded noise."""
+class Progress:
+    """Progress on stderr: a line when a stage starts and at most every 10 s within it (the evaluation runs for
+    minutes on a CPU and printed nothing until the end)."""
 
-    def generate(cases: list[Case]) -> np.ndarray:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self._last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or done == total or now - self._last >= 10:
+            self._last = now
+            print(f"toy_eval: {stage} {done}/{total} images ({now - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+
+PROGRESS = Progress()
+
+
+def stock_generator(pipe, steps: int, guidance: float, batch: int = 16) -> Generate:
+    """Generate a list of cases with the stock pipeline, each from its own seeded noise (`stage`: report progress)."""
+
+    def generate(cases: list[Case], stage: str = "") -> np.ndarray:
         out = []
         for i in range(0, len(cases), batch):
             chunk = cases[i : i + batch]
             gens = [torch.Generator().manual_seed(c.seed) for c in chunk]
+            if stage:
+                PROGRESS(stage, i, len(cases), force=i == 0)
             out.append(pipe([c.prompt for c in chunk], num_inference_steps=steps, guidance_scale=guidance,
                             height=32, width=32, generator=gens, output_type="np").images)
+        if stage:
+            PROGRESS(stage, len(cases), len(cases))
         return np.concatenate(out)
 
     return generate
@@ -142,7 +165,8 @@ def evaluate_controls(pipe, cases: list[Case], steps: int, guidance: float, stoc
 
     for name, options in (("regions", {"layers": BINDING_REGION_LAYERS, "isolate": True}), ("regions_default", {})):
         images = []
-        for case in cases:
+        for number, case in enumerate(cases):
+            PROGRESS(f"two-object {name}", number, len(cases), force=number == 0)
             regions = attnctl.Regions([attnctl.Region(data.object_phrase(c, s), box=position_box(p)) for c, s, p in case.objects],
                                       **options)
             with attnctl.apply(pipe, [regions]):
@@ -150,7 +174,8 @@ def evaluate_controls(pipe, cases: list[Case], steps: int, guidance: float, stoc
         out[name] = (score(cases, np.stack(images)), np.stack(images))
 
     images, gains, others = [], [], []
-    for case, base in zip(cases, stock_images):
+    for number, (case, base) in enumerate(zip(cases, stock_images)):
+        PROGRESS("two-object reweight", number, len(cases), force=number == 0)
         color, other = case.objects[0][0], case.objects[1][0]
         with attnctl.apply(pipe, [attnctl.Reweight({color: weight})]):
             img = generate([case])[0]
@@ -200,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=Path, default=None, help="save a picture grid of two-object prompts here")
     p.add_argument("--json", type=Path, default=None, help="save the numbers here")
     p.add_argument("--controls", action="store_true", help="also evaluate attnctl.Regions / attnctl.Reweight")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 / 1 / 1 prompts, 2 steps (CI; the numbers mean nothing)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.n_one, args.n_free, args.n_two, args.steps = 2, 1, 1, 2
     torch.set_num_threads(args.threads)
 
     pipe = load_toy_shapes(path=args.model)
@@ -223,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     one = one_object_cases(args.n_one, args.seed)
-    report["one_object"] = score(one, generate(one))
+    report["one_object"] = score(one, generate(one, "one-object"))
     free = one_object_cases(args.n_free, args.seed + 1, with_position=False)
-    report["one_object_free"] = score(free, generate(free))
+    report["one_object_free"] = score(free, generate(free, "one-object without position"))
     two = two_object_cases(args.n_two, args.seed)
-    two_images = generate(two)
+    two_images = generate(two, "two-object stock")
     report["two_object_stock"] = score(two, two_images)
     report["eval_seconds"] = time.perf_counter() - t0
-    report["seconds_per_image"] = time_per_image(pipe, args.steps, args.guidance)
+    report["seconds_per_image"] = time_per_image(pipe, args.steps, args.guidance, repeats=1 if args.quick else 7)
 
     for k in ("color", "shape", "position", "all"):
         rows.append((f"one-object {k}", str(len(one)), f"{report['one_object'][k]:.1%}"))

@@ -22,9 +22,11 @@ from attnctl.render.generate import embedded_call_defaults
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-sd", help="embedded name (tiny-sd, ...), a directory or a hub id")
-    parser.add_argument("--prompt", default="a red car on the street")
-    parser.add_argument("--words", default="red,car,street", help="comma-separated words or phrases")
+    parser.add_argument("--model", default="toy-shapes", help="embedded name (toy-shapes, tiny-sd, ...), a directory or a hub id")
+    parser.add_argument("--prompt", default=None, help="default: 'a red circle on the left and a blue square on the "
+                                                         "right' on toy-shapes, else 'a red car on the street'")
+    parser.add_argument("--words", default=None, help="comma-separated words or phrases (default: circle,square on "
+                                                       "toy-shapes, else red,car,street)")
     parser.add_argument("--layers", default=None, help="a layer selector, e.g. 'up' or 'transformer_blocks.7'")
     parser.add_argument("--resolution", type=int, default=None, help="map size (default: the image size)")
     parser.add_argument("--scaling", default="max", choices=("max", "minmax"))
@@ -33,17 +35,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: the model's own")
     parser.add_argument("--out", default="out/attention_maps")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps (CI)")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = attnctl.load_pipeline(args.model, torch_dtype=dtype, device=args.device)
     options = embedded_call_defaults(args.model)
-    steps = args.steps or (2 if args.model.startswith("tiny-") else 30)
-    words = [w.strip() for w in args.words.split(",") if w.strip()]
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
+    options.setdefault("num_inference_steps", 2 if args.model.startswith("tiny-") else 30)
+    steps = options["num_inference_steps"]
+    toy = args.model == "toy-shapes"
+    prompt = args.prompt or ("a red circle on the left and a blue square on the right" if toy else "a red car on the street")
+    words = [w.strip() for w in (args.words or ("circle,square" if toy else "red,car,street")).split(",") if w.strip()]
     control = attnctl.AttentionMaps(words, layers=args.layers, resolution=args.resolution)
     with attnctl.apply(pipe, [control]) as handle:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        pipe(args.prompt, num_inference_steps=steps, generator=generator, **options)
+        pipe(prompt, generator=generator, **options)
         maps = handle.outputs["attention_maps"]
         print(handle.describe())
     paths = maps.save(args.out, scaling=args.scaling)

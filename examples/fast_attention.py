@@ -1,6 +1,7 @@
 """Cached and fast attention: DiTFastAttn (calibrate a plan, save it, generate with it) and TGATE.
 
-    python examples/fast_attention.py                                  # tiny-pixart, offline: FastAttn
+    python examples/fast_attention.py                                  # toy-shapes (UNet self-attention), offline: FastAttn
+    python examples/fast_attention.py --model tiny-pixart              # a DiT: every attention layer
     python examples/fast_attention.py --method tgate --model tiny-sd   # TGATE on a UNet
     python examples/fast_attention.py --model tiny-flux --guidance-scale 1   # FastAttn without CFG
     python examples/fast_attention.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --device cuda --steps 20 \\
@@ -27,7 +28,7 @@ CALIBRATION = ["a red circle on a blue square", "a cat on a chair in a garden", 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-pixart", help="embedded name, a directory or a hub id")
+    parser.add_argument("--model", default="toy-shapes", help="embedded name, a directory or a hub id")
     parser.add_argument("--method", choices=("fastattn", "tgate"), default="fastattn")
     parser.add_argument("--prompt", default="a photo of a dog under a tree")
     parser.add_argument("--steps", type=int, default=None)
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--gate", type=int, default=None, help="TGATE: gate step (default 40%% of the steps)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="out/fast_attention")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps (CI)")
     args = parser.parse_args()
 
     tiny = args.model in CALL_DEFAULTS
@@ -48,7 +50,9 @@ def main() -> None:
     for key in ("height", "width"):
         if getattr(args, key):
             options[key] = getattr(args, key)
-    options["num_inference_steps"] = args.steps or (8 if tiny else 25)
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
+    options.setdefault("num_inference_steps", 8 if tiny else 25)
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale
     os.makedirs(args.out, exist_ok=True)

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default="out/generate")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one seed, 2 steps (CI)")
     args = parser.parse_args()
 
     controls = []
@@ -39,11 +40,15 @@ def main() -> None:
         data = json.loads(text)
         controls.append(attnctl.Control.from_dict(data))  # class names accepted in any case, as in job files
     name = args.model or default_model()
-    steps = args.steps or (2 if name.startswith("tiny-") else 20)
+    from attnctl.render.generate import embedded_call_defaults
+
+    embedded = embedded_call_defaults(name)
+    steps = args.steps or (2 if args.quick else None) or (None if "num_inference_steps" in embedded else 20)
+    seeds = args.seeds[:1] if args.quick else args.seeds
     os.makedirs(args.out, exist_ok=True)
     with attnctl.Model.load(name, device=args.device, dtype=args.dtype) as model:
         print(model)
-        for seed in args.seeds:
+        for seed in seeds:
             result = model.generate(args.prompt, seed=seed, controls=controls, negative_prompt=args.negative_prompt,
                                     steps=steps, width=args.width, height=args.height,
                                     guidance_scale=args.guidance_scale)

@@ -3,7 +3,7 @@
 Generates the same prompt and seed without guidance and with each method, saves every image and a strip of
 them side by side, and prints what attnctl did (`handle.describe()`).
 
-    python examples/guidance.py                                   # tiny-sd, offline (random weights)
+    python examples/guidance.py                                   # toy-shapes (trained), offline
     python examples/guidance.py --model tiny-sd3 --methods pag,skip
     python examples/guidance.py --model stabilityai/stable-diffusion-3.5-medium --device cuda --dtype bfloat16 \\
         --methods skip,pag --steps 28
@@ -56,8 +56,9 @@ def controls_for(method: str, pipe, few_steps: bool = False) -> list[attnctl.Con
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-sd", help=f"embedded ({', '.join(embedded_models())}), a directory or a hub id")
-    parser.add_argument("--prompt", default="a photo of a cat on a red car")
+    parser.add_argument("--model", default="toy-shapes", help=f"embedded ({', '.join(embedded_models())}), a directory or a hub id")
+    parser.add_argument("--prompt", default=None, help="default: 'a red circle on the left and a blue square on the "
+                                                         "right' on toy-shapes, else 'a photo of a cat on a red car'")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's own CFG scale")
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: the model's own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/guidance")
+    parser.add_argument("--describe", action="store_true", help="print what attnctl did per method (handle.describe())")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps (CI)")
     args = parser.parse_args()
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -75,20 +78,26 @@ def main() -> None:
     pipe = load_pipeline(args.model, device=args.device, torch_dtype=dtype)
     tiny = args.model in embedded_models()
     options = embedded_call_defaults(args.model)
-    options["num_inference_steps"] = args.steps or (4 if tiny else 28)
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
+    options.setdefault("num_inference_steps", 4 if tiny else 28)
+    prompt = args.prompt or ("a red circle on the left and a blue square on the right" if args.model == "toy-shapes"
+                             else "a photo of a cat on a red car")
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale
     os.makedirs(args.out, exist_ok=True)
 
     def generate():
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        return pipe(args.prompt, generator=generator, **options).images[0]
+        return pipe(prompt, generator=generator, **options).images[0]
 
     images = [("none", generate())]
     for method in methods:
         with attnctl.apply(pipe, controls_for(method, pipe, options["num_inference_steps"] < 10)) as handle:
             images.append((method, generate()))
-            print(handle.describe())
+            if args.describe:
+                print(handle.describe())
+        print(f"{method}: done", flush=True)
     for name, image in images:
         image.save(os.path.join(args.out, f"{name.replace('+', '_')}.png"))
     strip = _strip([image for _, image in images])

@@ -34,14 +34,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="out/quickstart")
+    parser.add_argument("--describe", action="store_true", help="also print what attnctl did (handle.describe())")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 2 steps (CI)")
     args = parser.parse_args()
 
     model = args.model or default_model()
     pipe = load_pipeline(model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     options = embedded_call_defaults(model)
-    if args.steps:
-        options["num_inference_steps"] = args.steps
+    if args.quick:
+        args.seeds = min(args.seeds, 2)
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
     elif model.startswith("tiny-"):
         options["num_inference_steps"] = 2
     if args.size:
@@ -56,12 +60,12 @@ def main() -> None:
         with attnctl.apply(pipe, controls) as handle:
             generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
             images = pipe([prompt] * len(seeds), generator=generators, **options).images
-            if controls:
+            if controls and args.describe:
                 print(handle.describe())
         verdicts = [_binding(image) if model == "toy-shapes" else None for image in images]
         rows.append(grid([(f"{name} {seed}{_mark(ok)}", image) for seed, image, ok in zip(seeds, images, verdicts)]))
         if model == "toy-shapes":
-            print(f"{name:>8}: colours bound to the right sides in {sum(verdicts)}/{len(seeds)} images")
+            print(f"{name:>8}: colours bound to the right sides in {sum(verdicts)}/{len(seeds)} images", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     picture = _stack(rows)

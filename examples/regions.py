@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="out/regions")
+    parser.add_argument("--describe", action="store_true", help="print what attnctl did (handle.describe())")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps (CI)")
     args = parser.parse_args()
 
     if args.layout:
@@ -54,7 +56,9 @@ def main() -> None:
     model = args.model or default_model()
     pipe = load_pipeline(model, device=args.device)
     options = embedded_call_defaults(model)
-    options["num_inference_steps"] = args.steps or (2 if model.startswith("tiny-") else 30)
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
+    options.setdefault("num_inference_steps", 2 if model.startswith("tiny-") else 30)
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale
 
@@ -65,7 +69,8 @@ def main() -> None:
     stock = render()
     with attnctl.apply(pipe, [control]) as handle:
         regional = render()
-        print(handle.describe())
+        if args.describe:
+            print(handle.describe())
 
     os.makedirs(args.out, exist_ok=True)
     size = stock.size

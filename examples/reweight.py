@@ -1,7 +1,7 @@
 """Reweight words at the attention level, written in prompt syntax: stock and reweighted images side by side.
 
-    python examples/reweight.py                                   # embedded tiny-sd, offline
-    python examples/reweight.py --model tiny-flux                 # tiny-sdxl, tiny-sd3, tiny-flux, tiny-pixart too
+    python examples/reweight.py                                   # embedded toy-shapes (trained), offline
+    python examples/reweight.py --model tiny-flux                 # tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, tiny-pixart too
     python examples/reweight.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --dtype float16 \
         --prompt "a (red:1.8) car on a street, [blurry]"          # a hub id or a local diffusers directory
 
@@ -21,27 +21,33 @@ from attnctl.render.generate import embedded_call_defaults
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-sd", help="embedded name (tiny-sd, ...), a directory or a hub id")
-    parser.add_argument("--prompt", default="a (red:2.5) car on the (street:0.5), [blurry]")
+    parser.add_argument("--model", default="toy-shapes", help="embedded name (toy-shapes, tiny-sd, ...), a directory or a hub id")
+    parser.add_argument("--prompt", default=None, help="default: 'a (red:0) circle' on toy-shapes (red muted: the "
+                                                         "circle loses its colour), else 'a (red:2.5) car on the (street:0.5), [blurry]'")
     parser.add_argument("--normalize", action="store_true", help="renormalise: softmax(logits + log w)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"), help="default: the model's own")
     parser.add_argument("--out", default="out/reweight")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps (CI)")
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     pipe = attnctl.load_pipeline(args.model, torch_dtype=dtype, device=args.device)
     options = embedded_call_defaults(args.model)
-    steps = args.steps or (2 if args.model.startswith("tiny-") else 30)
-    clean, control = attnctl.Reweight.from_prompt(args.prompt, normalize=args.normalize)
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
+    options.setdefault("num_inference_steps", 2 if args.model.startswith("tiny-") else 30)
+    steps = options["num_inference_steps"]
+    prompt = args.prompt or ("a (red:0) circle" if args.model == "toy-shapes" else "a (red:2.5) car on the (street:0.5), [blurry]")
+    clean, control = attnctl.Reweight.from_prompt(prompt, normalize=args.normalize)
     print(f"prompt: {clean!r}")
     print(f"weights: {[(w.query, w.factor) for w in control.weights]}")
 
     def generate():
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        return pipe(clean, num_inference_steps=steps, generator=generator, **options).images[0]
+        return pipe(clean, generator=generator, **options).images[0]
 
     stock = generate()
     with attnctl.apply(pipe, [control]) as handle:

@@ -1,6 +1,6 @@
 """Faster self-attention by token reduction: ToMe and AgentAttention (AgentSD) against the stock pipeline.
 
-    python examples/token_reduction.py                                  # embedded tiny SD, offline
+    python examples/token_reduction.py                                  # embedded toy-shapes (trained), offline
     python examples/token_reduction.py --model tiny-sdxl --ratio 0.6    # another embedded model
     python examples/token_reduction.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --size 512
 
@@ -26,7 +26,7 @@ from attnctl.render.loading import embedded_models, load_pipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-sd", help=f"embedded ({', '.join(embedded_models())}), a directory or a hub id")
+    parser.add_argument("--model", default="toy-shapes", help=f"embedded ({', '.join(embedded_models())}), a directory or a hub id")
     parser.add_argument("--prompt", default="a photo of a cat on a red car")
     parser.add_argument("--ratio", type=float, default=0.5, help="ToMe merge ratio (AgentAttention keeps the authors' 0.4)")
     parser.add_argument("--steps", type=int, default=None)
@@ -34,22 +34,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/token_reduction")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, no warm-up (CI)")
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, device=args.device)
     options = embedded_call_defaults(args.model)
     if args.size:
         options.update(height=args.size, width=args.size)
-    steps = args.steps or (4 if args.model.startswith("tiny-") else 30)
+    if args.steps or args.quick:
+        options["num_inference_steps"] = args.steps or 2
+    options.setdefault("num_inference_steps", 4 if args.model.startswith("tiny-") else 30)
+    steps = options["num_inference_steps"]
     os.makedirs(args.out, exist_ok=True)
 
     def generate():
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
         start = time.perf_counter()
-        image = pipe(args.prompt, num_inference_steps=steps, generator=generator, **options).images[0]
+        image = pipe(args.prompt, generator=generator, **options).images[0]
         return image, time.perf_counter() - start
 
-    generate()  # warm-up
+    if not args.quick:
+        generate()  # warm-up
     stock, stock_time = generate()
     stock.save(os.path.join(args.out, "stock.png"))
     print(f"{args.model}, {steps} steps: stock {stock_time:.2f} s")

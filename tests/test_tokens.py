@@ -57,9 +57,13 @@ def test_missing_word_shows_tokenization(clip):
 
 
 def test_prompt_over_limit(clip):
-    tokens = _clip_tokens(clip, [" ".join(["cat"] * 80)])
+    """The pipeline truncates a long prompt (with a warning): a word inside the limit is controlled, a word only
+    past it raises (issue #18: any word control used to raise on any prompt over the limit)."""
+    tokens = _clip_tokens(clip, [" ".join(["cat"] * 80) + " dog"])
+    tokens.check_lengths()  # not an error by itself
+    assert tokens.positions("cat", 0) == tuple(range(1, 77))
     with pytest.raises(TokenError, match="limit is 77"):
-        tokens.check_lengths()
+        tokens.positions("dog", 0)
 
 
 def test_t5_span_after_clip_and_shared_clip_positions(clip, t5):

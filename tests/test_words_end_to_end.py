@@ -63,8 +63,9 @@ def test_prompt_embeds_and_long_prompts_raise_clearly():
     with attnctl.apply(pipe, [WordProbe(words=("cat",))]):
         with pytest.raises(TokenError, match="prompt_embeds"):
             generate(pipe, "tiny-sd", prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative)
-        with pytest.raises(TokenError, match="the limit is 77"):
-            generate(pipe, "tiny-sd", prompt=" ".join(["cat"] * 90))
+        generate(pipe, "tiny-sd", prompt=" ".join(["cat"] * 90))  # truncated by the pipeline; "cat" is inside
+        with pytest.raises(TokenError, match="the limit is 77"):  # only past the limit: cannot be controlled
+            generate(pipe, "tiny-sd", prompt=" ".join(["dog"] * 90) + " cat")
 
 
 

@@ -5,7 +5,8 @@
     python -m attnctl render ...          # the same; `accelerate launch -m attnctl render ...` for many processes
 
 Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or some jobs were invalid;
-2 the command could not run (usage, unreadable job file, problems found by --dry-run, folder locked);
+2 the command could not run (usage, unreadable job file, problems found by --dry-run or --check, folder locked,
+an output folder that is a file, read-only or full: one line on stderr, nothing recorded is lost);
 130 interrupted.
 """
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "flex, triton); default: the job file's, else auto")
     render.add_argument("--dry-run", action="store_true", help="validate the job file and report every problem with its "
                                                                "place; load no model, write nothing")
+    render.add_argument("--check", action="store_true", help="--dry-run, then load the model once and resolve every "
+                                                             "job's words, layers and options on it (prompt encoding "
+                                                             "only: no image is generated, nothing is written)")
     render.add_argument("--overwrite", action="store_true", help="render every image again (no resume)")
     render.add_argument("--fsync", action="store_true", help="flush every image and record to disk (safe against power "
                                                              "loss; renames already make a killed run safe)")
@@ -121,8 +125,8 @@ def _render(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if not args.dry_run and not args.out:
-        parser.error("render needs --out DIR (or --dry-run)")
+    if not args.dry_run and not args.check and not args.out:
+        parser.error("render needs --out DIR (or --dry-run / --check)")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -137,9 +141,22 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     except AttnctlError as error:
         print(f"attnctl render: {error}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        lines, problems = dry_run(jobs, args.out, args.model)
-        print("\n".join(lines))
+    if args.dry_run or args.check:
+        try:
+            lines, problems = dry_run(jobs, args.out, args.model)
+        except AttnctlError as error:
+            print(f"attnctl render: {error}", file=sys.stderr)
+            return 2
+        print("\n".join(lines), flush=True)
+        if args.check and not problems:
+            from .runner import check_jobs
+
+            try:
+                lines, problems = check_jobs(jobs, args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+            except AttnctlError as error:
+                print(f"attnctl render: {error}", file=sys.stderr)
+                return 2
+            print("\n".join(lines))
         return 2 if problems else 0
     for problem in jobs.problems:
         logging.getLogger("attnctl.render").warning("job file problem: %s", problem)
@@ -155,6 +172,10 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         return 130
     except AttnctlError as error:
         print(f"attnctl render: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a fault of the output folder the renderer did not foresee: still one line
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(f"attnctl render: cannot write the output{where}: {error.strerror or error}", file=sys.stderr)
         return 2
     if summary.rank == 0 or summary.failed:
         print(summary.format(), file=sys.stderr if summary.rank else sys.stdout, flush=True)

@@ -32,7 +32,7 @@ import torch
 from .._version import __version__
 from ..control import Control
 from ..errors import ConfigError
-from .outputs import save_png
+from .outputs import sampler_fields, save_png
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -183,6 +183,41 @@ class Model:
             self.release()
             apply(self.pipe, controls, backend=self.backend).remove()
 
+    def resolve(self, prompt: str, *, controls: Iterable[Control] = (), negative_prompt: str | None = None,
+                steps: int | None = None, width: int | None = None, height: int | None = None,
+                guidance_scale: float | None = None, **options: Any) -> None:
+        """Raise what `generate` would raise for these arguments before the first image pixel is computed: the
+        call's options, the controls' layers and options (`attnctl.apply`) and their words in this prompt (bound
+        at the first denoiser call). Runs the prompt encoding and stops the denoiser before its first layer;
+        generates nothing and leaves no control attached."""
+        controls = tuple(controls)
+        self.check(controls, options, negative_prompt)
+        kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
+        _check_seed(0)
+        if not controls:
+            return
+        from ..handle import denoiser_of
+
+        _, denoiser = denoiser_of(self.pipe)
+
+        def stop(*_: Any) -> None:
+            raise _Resolved
+
+        self.release()
+        hooks = [child.register_forward_pre_hook(stop) for child in denoiser.children()]
+        try:
+            handle = self._attach(controls)
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            try:
+                self.pipe(prompt, generator=generator, output_type="latent", **kwargs)
+            except _Resolved:
+                pass
+            del handle
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.release()
+
     # -- generation -----------------------------------------------------------------------------------------------
     def generate(self, prompt: str, *, seed: int = 0, controls: Iterable[Control] = (), negative_prompt: str | None = None,
                  steps: int | None = None, width: int | None = None, height: int | None = None,
@@ -190,15 +225,8 @@ class Model:
         """Generate one image. Unset settings take the pipeline's defaults (and an embedded model's call
         defaults); `options` are further keyword arguments of the pipeline call."""
         controls = tuple(controls)
-        owned = [key for key in ("generator", "output_type", "prompt") if key in options]
-        if owned:
-            raise ConfigError(f"Model.generate sets {', '.join(owned)} itself (a CPU generator seeded with `seed`, PIL "
-                              "images); call the pipeline directly for other outputs")
-        kwargs = {**self.call_defaults, **options}
-        for key, value in (("negative_prompt", negative_prompt), ("num_inference_steps", steps), ("width", width),
-                           ("height", height), ("guidance_scale", guidance_scale)):
-            if value is not None:
-                kwargs[key] = value
+        seed = _check_seed(seed)
+        kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         handle = self._attach(controls)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
@@ -207,6 +235,47 @@ class Model:
         image = result.images[0]
         outputs = handle.outputs if handle is not None else {}
         return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
+
+    def _call_kwargs(self, options: Mapping[str, Any], negative_prompt: str | None, steps: int | None,
+                     width: int | None, height: int | None, guidance_scale: float | None) -> dict[str, Any]:
+        """The pipeline call's keyword arguments, validated as the renderer validates a job (ConfigError)."""
+        from ..validation import integer, number
+
+        owned = [key for key in ("generator", "output_type", "prompt") if key in options]
+        if owned:
+            raise ConfigError(f"Model.generate sets {', '.join(owned)} itself (a CPU generator seeded with `seed`, PIL "
+                              "images); call the pipeline directly for other outputs")
+        named = {"num_inference_steps": "steps", "negative_prompt": "negative_prompt", "width": "width",
+                 "height": "height", "guidance_scale": "guidance_scale"}
+        given = {"num_inference_steps": steps, "negative_prompt": negative_prompt, "width": width, "height": height,
+                 "guidance_scale": guidance_scale}
+        doubled = [key for key in options if key in named and given[key] is not None]
+        if doubled:
+            raise ConfigError(f"Model.generate: give {', '.join(named[k] + '=' for k in doubled)} instead of "
+                              f"{', '.join(doubled)} in the options")
+        unknown = [key for key in options if not self.accepts(key)]
+        if unknown:
+            raise ConfigError(
+                f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
+                f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
+            )
+        if steps is not None:
+            steps = integer(steps, "steps", minimum=1)
+        for name, value in (("width", width), ("height", height)):
+            if value is not None:
+                value = integer(value, name, minimum=8)
+                if value % 8:
+                    raise ConfigError(f"{name} must be a multiple of 8, got {value}")
+        if guidance_scale is not None:
+            guidance_scale = number(guidance_scale, "guidance_scale", minimum=0.0)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ConfigError(f"negative_prompt must be a string, got {negative_prompt!r}")
+        kwargs = {**self.call_defaults, **options}
+        for key, value in (("negative_prompt", negative_prompt), ("num_inference_steps", steps), ("width", width),
+                           ("height", height), ("guidance_scale", guidance_scale)):
+            if value is not None:
+                kwargs[key] = value
+        return kwargs
 
     def _params(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], image: Any
                 ) -> dict[str, Any]:
@@ -223,6 +292,7 @@ class Model:
             "guidance_scale": float(guidance) if guidance is not None else None,
             "model": self.name,
             "pipeline": type(self.pipe).__name__,
+            **sampler_fields(getattr(self.pipe, "scheduler", None)),
             "dtype": dtype_name(self.dtype),
             "controls": [control.to_dict() for control in controls],
             "options": {key: value for key, value in sorted(kwargs.items()) if key not in main},
@@ -279,6 +349,26 @@ def generate(pipe: Any, prompt: str, *, controls: Iterable[Control] = (), seed: 
     with Model(pipe, backend=backend, call_defaults={}) as model:
         return model.generate(prompt, seed=seed, controls=controls, negative_prompt=negative_prompt, steps=steps,
                               width=width, height=height, guidance_scale=guidance_scale, **options)
+
+
+class _Resolved(Exception):
+    """Raised by `Model.resolve` at the denoiser's first layer: the controls are bound, nothing is computed."""
+
+
+def _check_seed(seed: Any) -> int:
+    """A seed is an int in [0, 2**64) (what torch.Generator.manual_seed takes without wrapping): floats, bools,
+    negative numbers and larger numbers raise ConfigError rather than being truncated or wrapped."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        try:
+            import numpy
+
+            if isinstance(seed, numpy.integer):
+                seed = int(seed)
+        except ImportError:  # pragma: no cover
+            pass
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return seed
 
 
 def _pipeline_name(pipe: Any) -> str:

@@ -70,6 +70,10 @@ RESERVED_OPTIONS: tuple[str, ...] = (
     "attention_kwargs", "ip_adapter_image", "ip_adapter_image_embeds",
 )
 MAX_SEED = 2**63 - 1
+#: The most seeds (images) one job may have: a bound that keeps a typo (`count = 10**12`) a clear error.
+MAX_SEEDS_PER_JOB = 100_000
+#: Names in the output folder the renderer writes itself (compared case-insensitively): never job ids.
+RESERVED_IDS: tuple[str, ...] = ("manifest.jsonl", ".attnctl", "index.html")
 MAX_ID_LENGTH = 100
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -381,6 +385,9 @@ def check_job_id(value: Any) -> tuple[str, str | None]:
     if "/" in text or "\\" in text or ".." in text or text.startswith(".") or os.path.isabs(text) or "\x00" in text:
         return text, (f"id {text!r} is not allowed: job ids name a folder inside the output folder, so they cannot "
                       "contain '/', '\\' or '..', or start with '.'")
+    if text.strip().lower() in RESERVED_IDS:
+        return text, (f"id {text!r} is reserved: the renderer writes {', '.join(RESERVED_IDS)} in the output folder "
+                      "itself; choose another id")
     if len(text) > MAX_ID_LENGTH:
         return text, f"id {text[:20]!r}... is longer than {MAX_ID_LENGTH} characters"
     return _ID_CHARS.sub("_", text.strip()), None
@@ -397,20 +404,33 @@ def _seeds(values: dict[str, Any], problem) -> tuple[int, ...]:
         if extra or not _is_int(start) or not _is_int(count) or count < 1 or start < 0:
             problem(f"seeds as a table must be {{start = S, count = N}} with integers S >= 0 and N >= 1, got {raw!r}")
             return ()
-        raw = list(range(start, start + count))
+        if count > MAX_SEEDS_PER_JOB:
+            problem(f"seeds count {count} is more than {MAX_SEEDS_PER_JOB} images in one job; split it into several "
+                    "jobs (seeds = {start, count} with count <= " f"{MAX_SEEDS_PER_JOB})")
+            return ()
+        if start + count - 1 > MAX_SEED:
+            problem(f"seeds {{start = {start}, count = {count}}} go beyond the largest seed 2**63 - 1")
+            return ()
+        raw = range(start, start + count)  # distinct by construction
+        return tuple(raw)
     if _is_int(raw):
         raw = [raw]
     if not isinstance(raw, list) or not raw:
         problem(f"seeds must be a non-empty list of integers, one integer or {{start, count}}, got {raw!r}")
         return ()
+    if len(raw) > MAX_SEEDS_PER_JOB:
+        problem(f"{len(raw)} seeds is more than {MAX_SEEDS_PER_JOB} images in one job; split it into several jobs")
+        return ()
     seeds: list[int] = []
+    seen: set[int] = set()  # O(n): a list membership test made 100000 seeds take over a minute
     for seed in raw:
         if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
             problem(f"seed {seed!r} is not an integer in [0, 2**63 - 1]")
             return ()
-        if seed in seeds:
+        if seed in seen:
             problem(f"seed {seed} appears twice")
             return ()
+        seen.add(seed)
         seeds.append(seed)
     return tuple(seeds)
 
@@ -493,6 +513,18 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
         problem(f"{label}: {message}")
     if path_errors:
         return None, written
+    if kind == "fastattn" and isinstance(resolved.get("plan"), str):
+        # `plan = "plan.json"`: a file saved by FastAttnPlan.save, read with its own loader. The request digest
+        # holds the plan itself, so editing the file re-renders on resume.
+        from ..controls.fastattn import FastAttnPlan
+
+        try:
+            loaded = FastAttnPlan.load(resolved["plan"]).to_dict()
+        except (AttnctlError, OSError, TypeError, ValueError) as error:
+            problem(f"{label}: plan file {written['plan']!r}: {error}")
+            return None, written
+        resolved = {**resolved, "plan": loaded}
+        written = {**written, "plan": loaded}
     try:
         control = Control.from_dict(resolved)
     except (AttnctlError, TypeError, ValueError) as error:

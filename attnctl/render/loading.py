@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedError
@@ -14,6 +18,74 @@ def embedded_models() -> tuple[str, ...]:
     from ..testing import TINY_MODELS
 
     return ("toy-shapes",) + TINY_MODELS
+
+
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ...Pil"
+    notice. attnctl never runs those image processors (they serve safety checkers and IP-Adapter inputs), and the
+    PIL fallback transformers takes is the processor diffusers used before; the notice is explained once in the
+    README ("Install") instead of printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def silence_optional_notices() -> None:
+    """Install the filter for transformers' torchvision notice (idempotent)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_TorchvisionNotice())
+
+
+silence_optional_notices()  # at import: attnctl's pipelines (embedded fixtures included) load without the notice
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """While loading: no diffusers / transformers progress bars ("Loading pipeline components", "Loading
+    weights") and no torchvision notice; the libraries' settings are put back afterwards."""
+    silence_optional_notices()
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+    except ImportError:  # pragma: no cover - both are dependencies
+        yield
+        return
+    enabled = (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled[0]:
+            diffusers_logging.enable_progress_bar()
+        if enabled[1]:
+            transformers_logging.enable_progress_bar()
+
+
+def near_miss(name: str) -> str | None:
+    """The embedded model `name` is a typo of, or None. A name with no '/' that is not an existing folder and
+    is close to an embedded name (case aside, or by a couple of characters) is taken for a typo, never for a hub id."""
+    if not isinstance(name, str) or name in embedded_models() or "/" in name or os.sep in name or os.path.isdir(name):
+        return None
+    names = embedded_models()
+    lowered = {candidate.lower(): candidate for candidate in names}
+    folded = name.strip().lower().replace("_", "-").replace(" ", "-")
+    if folded in lowered:
+        return lowered[folded]
+    close = difflib.get_close_matches(folded, list(lowered), n=1, cutoff=0.75)
+    return lowered[close[0]] if close else None
+
+
+def check_model_name(name: Any) -> None:
+    """Raise ConfigError for a name that is not usable, or that is a near miss of an embedded name (before any
+    attempt to reach a hub)."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model must be an embedded name, a directory or a hub id, got {name!r}")
+    guess = near_miss(name)
+    if guess is not None:
+        raise ConfigError(f"model {name!r} is not an embedded model: did you mean {guess!r}? "
+                          f"(embedded: {', '.join(embedded_models())}; a hub id looks like 'owner/name')")
 
 
 def load_pipeline(
@@ -30,12 +102,17 @@ def load_pipeline(
     - `tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`: random-weight offline fixtures (`seed`);
     - a local directory in diffusers format, or a hub id (needs network access): loaded with
       `DiffusionPipeline.from_pretrained(..., use_safetensors=True)`, never with remote code.
-    Extra keyword arguments go to `from_pretrained`.
+    Extra keyword arguments go to `from_pretrained`. A name with no '/' close to an embedded name is a typo
+    (ConfigError with "did you mean"), never sent to a hub. Loading shows no progress bars (`quiet_loading`).
     """
+    check_model_name(name_or_path)
+    with quiet_loading():
+        return _load(name_or_path, torch_dtype=torch_dtype, device=device, seed=seed, **kwargs)
+
+
+def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int, **kwargs: Any):
     import torch
 
-    if not isinstance(name_or_path, str) or not name_or_path:
-        raise ConfigError(f"model must be an embedded name, a directory or a hub id, got {name_or_path!r}")
     if name_or_path == "toy-shapes":
         pipe = _load_toy_shapes()
     elif name_or_path in embedded_models():

@@ -129,19 +129,53 @@ def read_png_params(path: str) -> dict[str, Any]:
         return json.loads(text[PNG_KEY])
 
 
+#: diffusers scheduler classes under the sampler names AUTOMATIC1111 writes (PNG-info readers show them as given).
+SAMPLER_NAMES: dict[str, str] = {
+    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS", "HeunDiscreteScheduler": "Heun",
+    "DPMSolverMultistepScheduler": "DPM++ 2M", "DPMSolverSinglestepScheduler": "DPM++ 2S",
+    "DPMSolverSDEScheduler": "DPM++ SDE", "KDPM2DiscreteScheduler": "DPM2", "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "UniPCMultistepScheduler": "UniPC", "DDPMScheduler": "DDPM", "LCMScheduler": "LCM", "DEISMultistepScheduler": "DEIS",
+    "FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
+}
+
+
+def sampler_fields(scheduler: Any) -> dict[str, str]:
+    """`sampler` (A1111's name for the scheduler class), `schedule_type` (Karras / Exponential / Beta / Automatic)
+    and `scheduler` (the diffusers class) of a pipeline's scheduler."""
+    cls = type(scheduler).__name__
+    config = getattr(scheduler, "config", {}) or {}
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: default)
+    schedule = ("Karras" if get("use_karras_sigmas", False) else "Exponential" if get("use_exponential_sigmas", False)
+                else "Beta" if get("use_beta_sigmas", False) else "Automatic")
+    return {"sampler": SAMPLER_NAMES.get(cls, cls), "schedule_type": schedule, "scheduler": cls}
+
+
+def _a1111_value(value: Any) -> str:
+    text = str(value)
+    # A1111 quotes a value holding a separator (its readers split on ", " and ": " outside quotes)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
 def parameters_text(params: dict[str, Any]) -> str:
-    """The parameters in the plain-text layout image browsers read from the `parameters` chunk."""
+    """The parameters in AUTOMATIC1111's `parameters` layout, which PNG-info readers parse: the prompt, then
+    `Negative prompt: ...`, then `Steps: N, Sampler: X, Schedule type: Y, CFG scale: Z, Seed: S, Size: WxH,
+    Model: M` and attnctl's own fields (values holding `,` or `:` are JSON-quoted, as A1111 does)."""
     lines = [str(params.get("prompt", ""))]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
+    controls = params.get("controls") or ()
     fields = [
         ("Steps", params.get("steps")),
+        ("Sampler", params.get("sampler")),
+        ("Schedule type", params.get("schedule_type")),
         ("CFG scale", params.get("guidance_scale")),
         ("Seed", params.get("seed")),
         ("Size", f"{params['width']}x{params['height']}" if params.get("width") else None),
         ("Model", params.get("model")),
-        ("Controls", ", ".join(c.get("type", "?") for c in params.get("controls", ())) or None),
+        ("Controls", ", ".join(c.get("type", "?") for c in controls if isinstance(c, dict)) or None),
+        ("Output", params.get("output")),
         ("attnctl", params.get("attnctl")),
     ]
-    lines.append(", ".join(f"{name}: {value}" for name, value in fields if value is not None))
+    lines.append(", ".join(f"{name}: {_a1111_value(value)}" for name, value in fields if value is not None))
     return "\n".join(lines)

@@ -31,6 +31,7 @@ A killed run therefore loses at most the images in flight; the next run merges w
 from __future__ import annotations
 
 import datetime
+import errno
 import inspect
 import json
 import logging
@@ -45,9 +46,10 @@ from typing import Any
 import torch
 
 from ..errors import AttnctlError
+from . import outputs
 from .generate import Model, default_model, dtype_name, resolve_device, resolve_dtype
 from .jobs import Job, JobFile, Problem, load_job_file
-from .outputs import atomic_folder, atomic_write, remove_temporaries, save_png
+from .outputs import atomic_folder, remove_temporaries, save_png
 
 log = logging.getLogger("attnctl.render")
 
@@ -56,10 +58,30 @@ STATE = ".attnctl"
 #: Process-group timeout of multi-process runs: the last barrier waits for the slowest rank.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 DRY_RUN_LISTED = 50
+GALLERY = "index.html"
+#: Write errors that stop a run at once (the folder cannot take more files): rendering on would only make
+#: images that cannot be saved.
+FATAL_WRITE_ERRNOS = frozenset(
+    code for code in (getattr(errno, name, None) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG", "EACCES", "EPERM"))
+    if code is not None
+)
 
 
 class RenderError(AttnctlError, RuntimeError):
     """The run cannot start or finish (folder locked, output outside the folder, model not loadable)."""
+
+
+class WriteStopped(Exception):
+    """A write to the output folder failed (disk full, read-only): the run stops after recording it."""
+
+    def __init__(self, error: OSError, path: str):
+        super().__init__(str(error))
+        self.error, self.path = error, path
+
+
+def _os_reason(error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{reason} (errno {errno.errorcode.get(error.errno, error.errno)})" if error.errno else reason
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,8 @@ class Summary:
     rank: int = 0
     world: int = 1
     manifest: str = ""
+    #: This process's time per phase over the images it rendered: {"generate": s, "save": s, "images": n}.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -167,6 +191,11 @@ def read_records(path: str) -> tuple[list[dict[str, Any]], int]:
             text = handle.read()
     except FileNotFoundError:
         return [], 0
+    except IsADirectoryError:
+        raise RenderError(f"{path} is a folder, not a record file (an older attnctl allowed a job id named "
+                          f"{os.path.basename(path)!r}); move that folder out of the output folder") from None
+    except OSError as error:
+        raise RenderError(f"cannot read {path}: {_os_reason(error)}") from None
     records, dropped = [], 0
     lines = text.split("\n")
     if lines and lines[-1] != "":
@@ -229,7 +258,7 @@ def compact(out: str, jobs: JobFile | None = None, *, delete_journals: bool = Fa
     lines = [json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n" for _, record in sorted(merged.items(), key=key)]
     manifest = os.path.join(out, MANIFEST)
     if lines or os.path.exists(manifest):
-        atomic_write(manifest, "".join(lines).encode("utf-8"), fsync=fsync)
+        outputs.atomic_write(manifest, "".join(lines).encode("utf-8"), fsync=fsync)
     if delete_journals:
         for path in journals:
             try:
@@ -346,79 +375,158 @@ def shard(pending: list[Image], rank: int, world: int) -> list[Image]:
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
+def prepare_output_folder(out: str) -> None:
+    """Create the output folder and its state folder, or raise RenderError with the one-line reason (a file in
+    the way, a read-only folder, a renderer file replaced by a folder)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RenderError(f"--out {out} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        os.makedirs(os.path.join(out, STATE), exist_ok=True)
+    except FileExistsError:
+        raise RenderError(f"{os.path.join(out, STATE)} is a file, not the renderer's state folder; move it away") from None
+    except OSError as error:
+        raise RenderError(f"cannot create the output folder {out}: {_os_reason(error)}") from None
+    for name in (MANIFEST, GALLERY):
+        if os.path.isdir(os.path.join(out, name)):
+            raise RenderError(f"{os.path.join(out, name)} is a folder where the renderer writes its {name} (an older "
+                              f"attnctl allowed a job id {name!r}); move that folder out of {out}")
+    probe = os.path.join(out, STATE, f".write-test.{os.getpid()}.tmp")
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+        os.unlink(probe)
+    except OSError as error:
+        raise RenderError(f"the output folder {out} is not writable: {_os_reason(error)}") from None
+    if not os.access(out, os.W_OK):
+        raise RenderError(f"the output folder {out} is not writable (permission denied)")
+
+
 def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None = None, ranks: Ranks | None = None
            ) -> Summary:
-    """Render every pending image of a job file into `options.out`; see the module docstring."""
+    """Render every pending image of a job file into `options.out`; see the module docstring.
+
+    Every fault of the output folder (a file in its place, read-only, full) raises RenderError with one line;
+    after a failed write the run stops, and the manifest and journals hold every image saved so far."""
     started = time.perf_counter()
     if not isinstance(jobs, JobFile):
         jobs = load_job_file(jobs)
     ranks = ranks or Ranks.from_env(options.device)
     out = os.path.realpath(options.out)
     model_name = model.name if model is not None else (options.model or jobs.model or default_model())
+    if model is None:
+        from .loading import check_model_name
+
+        check_model_name(model_name)
     device = model.device if model is not None else ranks.device
     dtype = dtype_name(model.dtype if model is not None else resolve_dtype(options.dtype or jobs.dtype or "auto", device))
     backend = options.backend or jobs.backend or "auto"
 
     lock = FolderLock(out)
     if ranks.main:
-        os.makedirs(os.path.join(out, STATE), exist_ok=True)
-        lock.acquire()
-    try:
-        run_id = None
-        if ranks.main:
-            removed = remove_temporaries(out)
-            if removed:
-                log.info("removed %d temporary file(s) left by an interrupted run", removed)
-            compact(out, jobs, delete_journals=True, fsync=options.fsync)
-            run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        ranks.barrier()
-        run_id = ranks.broadcast(run_id)
-        every, pending = plan(jobs, out, model_name, dtype, resume=options.resume)
-        mine = shard(pending, ranks.rank, ranks.world)
-        invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
-        summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
-                          rank=ranks.rank, world=ranks.world, manifest=os.path.join(out, MANIFEST))
-        log.info(ranks.say(f"{len(jobs.jobs)} job(s), {len(every)} image(s): {len(every) - len(pending)} already done, "
-                           f"{len(pending)} to render, {len(mine)} on this process"))
-        journal = Journal(os.path.join(out, STATE, f"journal-{ranks.rank:05d}.jsonl"), fsync=options.fsync)
-        context = _RunContext(out, run_id, ranks, journal, options, jobs, summary)
+        prepare_output_folder(out)
         try:
-            if ranks.main:
-                context.record_invalid(jobs)
-            if mine:
-                if model is None:
-                    load_start = time.perf_counter()
-                    log.info(ranks.say(f"loading {model_name} on {device} ({dtype})"))
-                    try:
-                        model = Model.load(model_name, device=device, dtype=dtype, backend=backend,
-                                           cpu_offload=options.cpu_offload)
-                    except Exception as error:  # noqa: BLE001 - any loader failure ends the run with its reason
-                        raise RenderError(f"cannot load model {model_name!r}: {_describe(error)}") from error
-                    summary.load_seconds = time.perf_counter() - load_start
-                else:
-                    model.pipe.set_progress_bar_config(disable=True)
-                context.run(model, mine)
-        except KeyboardInterrupt:
-            journal.close()
-            if ranks.world == 1:
-                compact(out, jobs, delete_journals=True, fsync=options.fsync)
-            log.warning(ranks.say("interrupted: images finished so far are recorded; run again to resume"))
-            raise
-        finally:
-            journal.close()
-            if model is not None:
-                model.release()
-        summary.rendered, summary.failed = context.ok, context.failed
-        ranks.barrier()
-        if ranks.main:
-            merged = compact(out, jobs, delete_journals=True, fsync=options.fsync)
-            this_run = [record for record in merged.values() if record.get("run") == run_id]
-            summary.rendered = sum(record.get("status") == "ok" for record in this_run)
-            summary.failed = [record for record in this_run if record.get("status") != "ok"]
-        summary.seconds = time.perf_counter() - started
-        return summary
+            lock.acquire()
+        except OSError as error:
+            raise RenderError(f"cannot lock the output folder {out}: {_os_reason(error)}") from None
+    try:
+        try:
+            return _render_locked(jobs, options, model, ranks, out, model_name, device, dtype, backend, started)
+        except WriteStopped as stop:
+            raise RenderError(
+                f"cannot write {stop.path}: {_os_reason(stop.error)}; the run stopped at the first failed write "
+                f"(images saved before it are in {os.path.join(out, MANIFEST)}); free space or fix the folder, "
+                "then run again to resume"
+            ) from None
+        except OSError as error:  # anything else the folder refused (setup, compaction)
+            where = f" {error.filename}" if getattr(error, "filename", None) else ""
+            raise RenderError(f"cannot write to the output folder {out}{where}: {_os_reason(error)}") from None
     finally:
         lock.release()
+
+
+def _safe_compact(out: str, jobs: JobFile, fsync: bool) -> None:
+    """The final merge after a failed write: the journals stay when the manifest cannot be written (the next
+    run merges them), so nothing recorded is lost either way."""
+    try:
+        compact(out, jobs, delete_journals=True, fsync=fsync)
+    except OSError as error:
+        log.warning("could not refresh %s (%s); the journals in %s keep the records for the next run",
+                    os.path.join(out, MANIFEST), _os_reason(error), os.path.join(out, STATE))
+
+
+def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, ranks: Ranks, out: str, model_name: str,
+                   device: torch.device, dtype: str, backend: str, started: float) -> Summary:
+    run_id = None
+    if ranks.main:
+        removed = remove_temporaries(out)
+        if removed:
+            log.info("removed %d temporary file(s) left by an interrupted run", removed)
+        compact(out, jobs, delete_journals=True, fsync=options.fsync)
+        run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    ranks.barrier()
+    run_id = ranks.broadcast(run_id)
+    every, pending = plan(jobs, out, model_name, dtype, resume=options.resume)
+    mine = shard(pending, ranks.rank, ranks.world)
+    invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
+    summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
+                      rank=ranks.rank, world=ranks.world, manifest=os.path.join(out, MANIFEST))
+    log.info(ranks.say(f"{len(jobs.jobs)} job(s), {len(every)} image(s): {len(every) - len(pending)} already done, "
+                       f"{len(pending)} to render, {len(mine)} on this process"))
+    journal = Journal(os.path.join(out, STATE, f"journal-{ranks.rank:05d}.jsonl"), fsync=options.fsync)
+    context = _RunContext(out, run_id, ranks, journal, options, jobs, summary)
+    try:
+        if ranks.main:
+            context.record_invalid(jobs)
+        if mine:
+            if model is None:
+                load_start = time.perf_counter()
+                log.info(ranks.say(f"loading {model_name} on {device} ({dtype})"))
+                try:
+                    model = Model.load(model_name, device=device, dtype=dtype, backend=backend,
+                                       cpu_offload=options.cpu_offload)
+                except Exception as error:  # noqa: BLE001 - any loader failure ends the run with its reason
+                    raise RenderError(f"cannot load model {model_name!r}: {_describe(error)}") from error
+                summary.load_seconds = time.perf_counter() - load_start
+            else:
+                model.pipe.set_progress_bar_config(disable=True)
+            context.run(model, mine)
+    except KeyboardInterrupt:
+        journal.close()
+        if ranks.world == 1:
+            compact(out, jobs, delete_journals=True, fsync=options.fsync)
+        log.warning(ranks.say("interrupted: images finished so far are recorded; run again to resume"))
+        raise
+    except WriteStopped:
+        journal.close()
+        if ranks.world == 1:
+            _safe_compact(out, jobs, options.fsync)
+        raise
+    finally:
+        journal.close()
+        if model is not None:
+            model.release()
+    summary.rendered, summary.failed = context.ok, context.failed
+    ranks.barrier()
+    if ranks.main:
+        merged = compact(out, jobs, delete_journals=True, fsync=options.fsync)
+        this_run = [record for record in merged.values() if record.get("run") == run_id]
+        summary.rendered = sum(record.get("status") == "ok" for record in this_run)
+        summary.failed = [record for record in this_run if record.get("status") != "ok"]
+    summary.seconds = time.perf_counter() - started
+    summary.timings = context.timings
+    if ranks.main:
+        _write_gallery(out, jobs, merged, summary, model_name)
+    return summary
+
+
+def _write_gallery(out: str, jobs: JobFile, records: dict[tuple[str, int], dict[str, Any]], summary: Summary,
+                   model_name: str) -> None:
+    from .gallery import write_gallery
+
+    try:
+        write_gallery(out, jobs, records, summary=summary, model=model_name)
+    except OSError as error:
+        raise WriteStopped(error, os.path.join(out, GALLERY)) from None
 
 
 class _RunContext:
@@ -429,15 +537,19 @@ class _RunContext:
         self._last_compaction = time.monotonic()
         self.failed: list[dict[str, Any]] = []
         self.ok = 0
+        self.timings: dict[str, float] = {"generate": 0.0, "save": 0.0, "images": 0}
 
     def record(self, job_id: str, seed: int, status: str, **fields: Any) -> dict[str, Any]:
         record = {
             "job": job_id, "seed": seed, "path": f"{job_id}/{seed}.png", "status": status, "error": None,
-            "run": self.run_id, "rank": self.ranks.rank,
+            "error_type": None, "place": None, "run": self.run_id, "rank": self.ranks.rank,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             **fields,
         }
-        self.journal.append(record)
+        try:
+            self.journal.append(record)
+        except OSError as error:
+            raise WriteStopped(error, self.journal.path) from None
         if status == "ok":
             self.ok += 1
         else:
@@ -483,7 +595,10 @@ class _RunContext:
                 ok = self.render_one(model, image)
                 progress.update(ok=ok)
                 if self.ranks.main and time.monotonic() - self._last_compaction > self.options.manifest_interval:
-                    compact(self.out, self.jobs, fsync=self.options.fsync)
+                    try:
+                        compact(self.out, self.jobs, fsync=self.options.fsync)
+                    except OSError as error:
+                        raise WriteStopped(error, os.path.join(self.out, MANIFEST)) from None
                     self._last_compaction = time.monotonic()
         finally:
             progress.close()
@@ -491,6 +606,7 @@ class _RunContext:
     def render_one(self, model: Model, image: Image) -> bool:
         job, seed = image.job, image.seed
         start = time.perf_counter()
+        target = os.path.join(self.out, job.id, f"{seed}.png")
         try:
             result = model.generate(
                 job.prompt, seed=seed, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
@@ -499,9 +615,25 @@ class _RunContext:
             generated = time.perf_counter()
             folder = os.path.join(self.out, job.id)  # checked by job_folder before the job's first image
             params = {"job": job.id, **result.params}
-            saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync)
-            size = save_png(result.image, os.path.join(folder, f"{seed}.png"), params, fsync=self.options.fsync)
+            try:
+                saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync,
+                                             params=params)
+                size = save_png(result.image, target, params, fsync=self.options.fsync)
+            except OSError as error:
+                if error.errno in FATAL_WRITE_ERRNOS:
+                    raise WriteStopped(error, error.filename or target) from None
+                raise
             done = time.perf_counter()
+        except WriteStopped as stop:
+            log.error(self.ranks.say(f"job {job.id!r} seed {seed}: cannot write {stop.path}: {_os_reason(stop.error)}; "
+                                     "stopping the run"))
+            try:
+                self.record(job.id, seed, "failed", error=f"not saved: {_os_reason(stop.error)}",
+                            error_type=type(stop.error).__name__, request=image.request, place=job.place,
+                            seconds={"total": round(time.perf_counter() - start, 4)})
+            except WriteStopped:
+                pass  # the journal cannot take the line either: the image is simply not recorded (it is not on disk)
+            raise
         except Exception as error:  # noqa: BLE001 - fault isolation: the image fails, the run goes on
             message = _describe(error)
             if _is_out_of_memory(error) and torch.cuda.is_available():
@@ -513,10 +645,14 @@ class _RunContext:
         self.record(job.id, seed, "ok", request=image.request, bytes=size, outputs=saved_outputs or None,
                     seconds={"generate": round(generated - start, 4), "save": round(done - generated, 4),
                              "total": round(done - start, 4)})
+        self.timings["generate"] += generated - start
+        self.timings["save"] += done - generated
+        self.timings["images"] += 1
         return True
 
 
-def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *, fsync: bool = False) -> list[str]:
+def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *, fsync: bool = False,
+                 params: dict[str, Any] | None = None) -> list[str]:
     """Save what controls published with a `save(folder)` method (attention maps) to `<seed>.<key>/`."""
     from PIL import Image as PILImage
 
@@ -532,12 +668,29 @@ def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *,
         except (TypeError, ValueError):  # builtins without a signature
             takes_images = False
 
-        def fill(path: str, save=save, takes_images=takes_images) -> None:
+        def fill(path: str, save=save, takes_images=takes_images, key=key) -> None:
             save(path, images=[image]) if takes_images else save(path)
+            if params is not None:
+                tag_pngs(path, {**params, "output": str(key)})
 
         atomic_folder(target, fill, fsync=fsync)
         saved.append(os.path.relpath(target, os.path.dirname(folder)))
     return saved
+
+
+def tag_pngs(folder: str, params: dict[str, Any]) -> None:
+    """Give every PNG in `folder` (heatmaps of a control's `save`) the parameters of the image they belong to,
+    in the same text chunks as the image (`attnctl` JSON with `output` and `file`, and A1111 `parameters`)."""
+    from PIL import Image as PILImage
+
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.name.lower().endswith(".png") or not entry.is_file():
+            continue
+        with PILImage.open(entry.path) as picture:
+            picture.load()
+            data = outputs.png_bytes(picture, {**params, "file": entry.name})
+        with open(entry.path, "wb") as handle:  # inside the temporary folder: renamed into place as a whole
+            handle.write(data)
 
 
 def _describe(error: BaseException) -> str:
@@ -556,6 +709,8 @@ class _Progress:
     def __init__(self, total: int, mode: str, ranks: Ranks):
         self.total, self.ranks, self.done, self.failed = total, ranks, 0, 0
         self.start = self._last = time.monotonic()
+        self._first_done: float | None = None  # the first image pays for warm-up: the rate is measured after it
+        self._logged_at = -1  # `done` at the last log line (the final line is not repeated)
         interactive = sys.stderr.isatty()
         self.mode = ("bar" if interactive and ranks.main else "log") if mode == "auto" else mode
         self.bar = None
@@ -568,6 +723,8 @@ class _Progress:
     def update(self, ok: bool) -> None:
         self.done += 1
         self.failed += not ok
+        if self._first_done is None:
+            self._first_done = time.monotonic()
         if self.bar is not None:
             self.bar.update(1)
             if self.failed:
@@ -575,18 +732,26 @@ class _Progress:
         elif self.mode == "log" and time.monotonic() - self._last >= 30:
             self._log()
 
+    def rate(self) -> float:
+        """Images per second after the first image (which includes warm-up); nan before two images."""
+        now = time.monotonic()
+        if self._first_done is None or self.done < 2 or now <= self._first_done:
+            return float("nan")
+        return (self.done - 1) / (now - self._first_done)
+
     def _log(self) -> None:
         self._last = time.monotonic()
-        elapsed = self._last - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        log.info(self.ranks.say(f"{self.done}/{self.total} images ({self.failed} failed), {rate:.2f} images/s, "
-                                f"about {_duration(eta)} left"))
+        self._logged_at = self.done
+        rate = self.rate()
+        left = self.total - self.done
+        eta = "done" if left == 0 else f"about {_duration(left / rate)} left" if rate == rate and rate > 0 else "estimating"
+        shown = f"{rate:.2f} images/s" if rate == rate else "first image done" if self.done else "starting"
+        log.info(self.ranks.say(f"{self.done}/{self.total} images ({self.failed} failed), {shown}, {eta}"))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.mode == "log" and self.done:
+        elif self.mode == "log" and self.done and self._logged_at != self.done:
             self._log()
 
 
@@ -626,14 +791,50 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None) -> 
 
 
 def _model_problem(name: str) -> str | None:
-    from .loading import embedded_models
+    from .loading import embedded_models, near_miss
 
     if name in embedded_models() or os.path.isdir(name):
         return None
+    guess = near_miss(name)
+    if guess is not None:
+        return f"model {name!r} is not an embedded model: did you mean {guess!r}?"
     if name.startswith((".", "/", "~")) or name.count("/") != 1 or not all(name.split("/")):
         return (f"model {name!r} is neither an embedded model ({', '.join(embedded_models())}), an existing folder, "
                 "nor a hub id ('owner/name')")
     return None
+
+
+def check_jobs(jobs: JobFile, model: str | None = None, *, device: str = "auto", dtype: str | None = None,
+               backend: str | None = None, loaded: Model | None = None) -> tuple[list[str], int]:
+    """`--check`: load the model once and resolve every valid job on it (`Model.resolve`: the call's options,
+    the controls' layers and options, their words in the job's prompt) without generating. Report lines and
+    the number of problems; the model is left without controls."""
+    name = loaded.name if loaded is not None else (model or jobs.model or default_model())
+    lines: list[str] = []
+    problems = 0
+    if loaded is None:
+        target = resolve_device(device)
+        load_start = time.perf_counter()
+        try:
+            loaded = Model.load(name, device=target, dtype=dtype or jobs.dtype or "auto",
+                                backend=backend or jobs.backend or "auto")
+        except Exception as error:  # noqa: BLE001 - any loader failure ends the check with its reason
+            raise RenderError(f"cannot load model {name!r}: {_describe(error)}") from error
+        lines.append(f"check: loaded {name} ({type(loaded.pipe).__name__}) in {time.perf_counter() - load_start:.1f} s")
+    try:
+        for job in jobs.jobs:
+            try:
+                loaded.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
+                               width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
+            except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
+                problems += 1
+                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}")
+            else:
+                lines.append(f"  ok  {job.place} job {job.id!r} resolves on {name}")
+    finally:
+        loaded.release()
+    lines.append(f"check: {problems} problem(s) on {name}" if problems else f"check: every job resolves on {name}")
+    return lines, problems
 
 
 def iter_images(out: str) -> Iterator[str]:
@@ -646,6 +847,6 @@ def iter_images(out: str) -> Iterator[str]:
 
 
 __all__ = [
-    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "compact", "dry_run", "merged_records", "plan",
+    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records", "plan",
     "read_records", "render", "shard",
 ]

@@ -1,0 +1,82 @@
+"""Every example and every benchmark runs, in its smoke mode (`--quick`: the smallest sizes, seconds each), as
+a user runs it: a subprocess from another folder (issue #18). Nothing here is timed; the benchmarks' numbers
+mean nothing at these sizes. `benchmarks/kernels.py` belongs to the kernels work and is smoke-tested there.
+
+PYTHONSAFEPATH=1: the script's own folder is not put first on sys.path, so a module in it can never shadow an
+installed package (`benchmarks/kernels.py` shadowed the `kernels` package transformers imports)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+slow = pytest.mark.slow
+
+#: (script, extra arguments, a line its output must hold); the slow ones (over ~20 s of CPU on 2 cores) are marked
+EXAMPLES = [
+    pytest.param("examples/reweight.py", [], "saved", id="reweight"),
+    pytest.param("examples/attention_maps.py", [], "pictures in", id="attention_maps"),
+    pytest.param("examples/token_reduction.py", [], "saved stock.png, tome.png, agent.png", id="token_reduction"),
+    pytest.param("examples/guidance.py", ["--methods", "pag,sag,skip"], "saved 4 images", id="guidance"),
+    pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
+    pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),
+    pytest.param("examples/fast_attention.py", [], "PSNR against the uncached image", id="fast_attention", marks=slow),
+]
+BENCHMARKS = [
+    pytest.param("benchmarks/overhead.py", [], "ratio", id="overhead"),
+    pytest.param("benchmarks/render.py", [], "", id="render"),
+    pytest.param("benchmarks/token_reduction.py", [], "ToMe at ratio", id="token_reduction"),
+    pytest.param("benchmarks/guidance.py", ["--variants", "pag-self"], "", id="guidance", marks=slow),
+    pytest.param("benchmarks/reweight.py", [], "", id="reweight", marks=slow),
+    pytest.param("benchmarks/regions.py", [], "labels-blocked", id="regions", marks=slow),
+    pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
+    pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
+]
+NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
+
+
+def run(script: str, args: list[str], tmp_path: Path, out: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / script), "--quick", *args] + (["--out", str(tmp_path / "out")] if out else [])
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("script", "args", "expect"), EXAMPLES)
+def test_example_smoke(script, args, expect, tmp_path):
+    result = run(script, args, tmp_path, out=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expect in result.stdout, result.stdout[-3000:]
+    assert not [noise for noise in NOISE if noise in result.stderr + result.stdout], result.stderr[-3000:]
+    assert any((tmp_path / "out").rglob("*.png"))
+
+
+def test_quickstart_prints_its_result_lines_only(tmp_path):
+    result = run("examples/quickstart.py", [], tmp_path, out=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not [noise for noise in NOISE if noise in result.stderr + result.stdout], result.stderr[-3000:]
+    assert (tmp_path / "out" / "grid.png").is_file()
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(":")[0].strip() for line in lines[:2]] == ["stock", "regions"]
+    assert "attnctl handle on" not in result.stdout and len(lines) == 4, result.stdout
+
+
+@pytest.mark.parametrize(("script", "args", "expect"), BENCHMARKS)
+def test_benchmark_smoke(script, args, expect, tmp_path):
+    result = run(script, args, tmp_path, out=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expect in result.stdout, result.stdout[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_every_example_and_benchmark_is_smoke_tested():
+    covered = {p.values[0] for p in EXAMPLES + BENCHMARKS} | {"examples/quickstart.py"}
+    present = {f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_")}
+    present |= {f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py")}
+    present -= {"benchmarks/kernels.py", "benchmarks/bench_kernels.py"}  # the kernels work owns and tests these
+    assert present == covered

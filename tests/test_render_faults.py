@@ -1,0 +1,416 @@
+"""The renderer under faults and a new user's mistakes (issue #18): one-line errors with exit status 2 and
+nothing lost; reserved ids, bounded seeds, plan files, model-name typos, `--check`; the Python API's
+validation; PNG metadata other tools read; the gallery page."""
+
+from __future__ import annotations
+
+import errno
+import html.parser
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import attnctl
+from attnctl.control import Bound, Control
+from attnctl.errors import ConfigError
+from attnctl.render import cli, outputs
+from attnctl.render.generate import Model
+from attnctl.render.jobs import MAX_SEEDS_PER_JOB, check_job_id, load_job_file
+from attnctl.render.outputs import parameters_text, read_png_params
+from attnctl.render.runner import MANIFEST, RenderError, RenderOptions, render
+
+
+@dataclass(frozen=True)
+class _SavesMaps(Control, type_name="test-faults-maps"):
+    """Publishes an object with `save(folder)` (as AttentionMaps does): two heatmaps per image."""
+
+    def bind(self, context):
+        context.outputs["attention_maps"] = _Heatmaps()
+        return Bound(self, context.layers, (0.0, 1.0))
+
+
+class _Heatmaps:
+    def save(self, folder, images=None):
+        for word in ("red", "car"):
+            Image.new("RGB", (8, 8), (200, 30, 30)).save(os.path.join(folder, f"image0_{word}.png"))
+
+
+def jsonl(path: Path, *lines: dict) -> Path:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def manifest(out: Path) -> list[dict]:
+    text = (out / MANIFEST).read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("attnctl render:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in "\n".join(err)
+    return errors[0]
+
+
+@pytest.fixture
+def tiny_model(tiny_cache):
+    model = Model(tiny_cache("tiny-sd"), "tiny-sd")
+    yield model
+    model.release()
+
+
+def run_cli(args, model=None, monkeypatch=None) -> int:
+    if model is not None:  # reuse the session's tiny pipeline instead of building one per run
+        monkeypatch.setattr(Model, "load", classmethod(lambda cls, *a, **k: model))
+    return cli.main(["render", *map(str, args), "--progress", "none"])
+
+
+SMALL = {"steps": 2, "guidance_scale": 5.0}
+
+
+# -- the output folder --------------------------------------------------------------------------------------------
+def test_out_that_is_a_file_is_one_line_and_rc_2(tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    assert run_cli([jobs, "--out", target]) == 2
+    assert "is a file, not a folder" in one_line_error(capsys)
+    assert target.read_text() == "not a folder"
+
+
+def test_read_only_output_folder_is_one_line_and_rc_2(tmp_path, capsys, monkeypatch):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    out = tmp_path / "ro"
+    out.mkdir()
+    if os.geteuid() == 0:  # root writes anywhere: make the folder refuse writes the way a read-only mount does
+        real_open = open
+
+        def refusing_open(path, *args, **kwargs):
+            if str(path).startswith(str(out)) and args and "w" in args[0]:
+                raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr("builtins.open", refusing_open)
+    else:
+        out.chmod(0o555)
+    try:
+        assert run_cli([jobs, "--out", out]) == 2
+    finally:
+        out.chmod(0o755)
+    line = one_line_error(capsys)
+    assert str(out) in line and ("not writable" in line or "cannot" in line), line
+
+
+class _DiskFull:
+    """`outputs.atomic_write` that fails with ENOSPC from the `fail_at`-th call on (PNG images and the manifest
+    alike), as a disk that fills up does."""
+
+    def __init__(self, fail_at: int, sticky: bool = True):
+        self.calls, self.fail_at, self.sticky = 0, fail_at, sticky
+        self.real = outputs.atomic_write
+
+    def __call__(self, path, data, *, fsync=False):
+        self.calls += 1
+        if self.calls >= self.fail_at and (self.sticky or self.calls == self.fail_at):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return self.real(path, data, fsync=fsync)
+
+
+@pytest.mark.parametrize("sticky", [True, False], ids=["disk-stays-full", "one-failed-write"])
+def test_full_disk_stops_after_the_first_failed_write_and_loses_nothing(tmp_path, capsys, monkeypatch, tiny_model, sticky):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", "seeds": [0, 1, 2, 3, 4], **SMALL})
+    out = tmp_path / "out"
+    calls = []
+    real_generate = tiny_model.generate
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: calls.append(k["seed"]) or real_generate(*a, **k))
+    # an empty folder has no manifest to compact first: the writes are image 0, image 1, image 2 (fails), ...
+    full = _DiskFull(fail_at=3, sticky=sticky)
+    monkeypatch.setattr(outputs, "atomic_write", full)
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 2
+    line = one_line_error(capsys)
+    assert "No space left on device" in line and "run again to resume" in line
+    assert calls == [0, 1, 2]  # stopped at the first failed write: no image generated that could not be saved
+    # what is recorded is consistent: the manifest (or, when it could not be written, the journals) holds the
+    # two saved images as ok with their sizes; the image that failed is not recorded as ok
+    from attnctl.render.runner import merged_records
+
+    records = merged_records(str(out))
+    ok = sorted(seed for (job, seed), r in records.items() if r["status"] == "ok")
+    assert ok == [0, 1]
+    for seed in ok:
+        assert os.path.getsize(out / "a" / f"{seed}.png") == records[("a", seed)]["bytes"]
+    assert not (out / "a" / "2.png").exists()
+    assert not [p for p in out.rglob("*.tmp")]  # no half-written file
+    if not sticky:
+        assert [r["seed"] for r in manifest(out) if r["status"] == "ok"] == [0, 1]
+    # the disk has room again: the next run renders the rest, each image exactly once
+    monkeypatch.setattr(outputs, "atomic_write", full.real)
+    calls.clear()
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 0
+    assert calls == [2, 3, 4]
+    records = manifest(out)
+    assert [(r["seed"], r["status"]) for r in records] == [(s, "ok") for s in range(5)]
+
+
+def test_a_manifest_replaced_by_a_folder_is_a_clear_error(tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    out = tmp_path / "out"
+    (out / MANIFEST).mkdir(parents=True)  # what an older attnctl did with a job id "manifest.jsonl"
+    assert run_cli([jobs, "--out", out]) == 2
+    assert "is a folder" in one_line_error(capsys)
+    assert run_cli([jobs, "--out", out, "--dry-run"]) == 2
+    assert "is a folder" in one_line_error(capsys)
+
+
+# -- job files ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reserved", ["manifest.jsonl", "MANIFEST.JSONL", "index.html", ".attnctl"])
+def test_reserved_job_ids_are_refused(reserved):
+    _, error = check_job_id(reserved)
+    assert error is not None and repr(reserved) in error
+
+
+def test_seed_counts_are_bounded_and_checked_in_linear_time(tmp_path):
+    huge = load_job_file(jsonl(tmp_path / "huge.jsonl", {"id": "a", "prompt": "x", "seeds": {"start": 0, "count": 10**12}}))
+    assert not huge.jobs and f"more than {MAX_SEEDS_PER_JOB}" in huge.problems[0].message
+    many = load_job_file(jsonl(tmp_path / "many.jsonl", {"id": "a", "prompt": "x", "seeds": list(range(MAX_SEEDS_PER_JOB))},
+                               {"id": "b", "prompt": "x", "seeds": {"start": 5, "count": MAX_SEEDS_PER_JOB}}))
+    assert many.ok and [len(j.seeds) for j in many.jobs] == [MAX_SEEDS_PER_JOB] * 2
+    duplicate = load_job_file(jsonl(tmp_path / "dup.jsonl", {"id": "a", "prompt": "x", "seeds": list(range(50)) + [7]}))
+    assert duplicate.problems[0].message == "seed 7 appears twice"
+    over = load_job_file(jsonl(tmp_path / "over.jsonl", {"id": "a", "prompt": "x", "seeds": {"start": 2**63 - 2, "count": 5}}))
+    assert "beyond the largest seed" in over.problems[0].message
+
+
+def test_dry_run_of_100000_seeds(tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "x", "seeds": {"start": 0, "count": 100000}})
+    assert cli.main(["render", str(jobs), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    assert "100000 image(s)" in capsys.readouterr().out
+
+
+def _plan_file(path: Path) -> Path:
+    plan = attnctl.FastAttnPlan(model="PixArtTransformer2DModel", fingerprint="abc", steps=2, resolution=(32, 32),
+                                window=4, threshold=0.05, methods={"transformer_blocks.0.attn1": ("full", "step_share")})
+    plan.save(path)
+    return path
+
+
+def test_fastattn_plan_file_in_a_job_file(tmp_path):
+    _plan_file(tmp_path / "plan.json")
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "x",
+                                                         "controls": [{"type": "fastattn", "plan": "plan.json"}]}))
+    assert jobs.ok, jobs.problems
+    control = jobs.jobs[0].controls[0]
+    assert isinstance(control.plan, attnctl.FastAttnPlan) and control.plan.steps == 2
+    (tmp_path / "bad.json").write_text("{not json")
+    bad = load_job_file(jsonl(tmp_path / "bad.jsonl", {"id": "a", "prompt": "x",
+                                                       "controls": [{"type": "fastattn", "plan": "bad.json"}]}))
+    assert "plan file 'bad.json'" in bad.problems[0].message and "JSON" in bad.problems[0].message
+
+
+# -- model names --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_hub(monkeypatch):
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a hub load was attempted")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize(("typo", "meant"), [("tiny-sd2", "tiny-sd"), ("Toy-Shapes", "toy-shapes"), ("tiny_sdxl", "tiny-sdxl")])
+def test_embedded_name_typos_suggest_the_name_before_any_hub_attempt(typo, meant, tmp_path, capsys, no_hub):
+    hint = f"did you mean {meant!r}?"
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        attnctl.load_pipeline(typo)
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        Model.load(typo)
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "x", **SMALL})
+    assert cli.main(["render", str(jobs), "--dry-run", "--model", typo]) == 2
+    assert hint in capsys.readouterr().out
+    assert cli.main(["render", str(jobs), "--out", str(tmp_path / "out"), "--model", typo, "--progress", "none"]) == 2
+    assert hint in one_line_error(capsys)
+
+
+def test_hub_ids_and_local_folders_are_not_taken_for_typos():
+    from attnctl.render.loading import near_miss
+
+    assert near_miss("owner/tiny-sd2") is None and near_miss("gpt2") is None and near_miss("tiny-sd") is None
+    assert near_miss(os.getcwd()) is None
+
+
+# -- --check ------------------------------------------------------------------------------------------------------
+def test_check_resolves_words_layers_and_options_without_generating(tmp_path, capsys, monkeypatch, tiny_model):
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd"},
+        {"id": "good", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"red": 2}}], **SMALL},
+        {"id": "absent", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"zebra": 2}}], **SMALL},
+        {"id": "layers", "prompt": "a red car", "controls": [{"type": "pag", "layers": "transformer_blocks.99"}], **SMALL},
+        {"id": "skip", "prompt": "a red car", "controls": [{"type": "skip-layer"}], **SMALL},
+        {"id": "option", "prompt": "a red car", "options": {"bogus": 1}, **SMALL},
+    )
+    generated = []
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: generated.append(1))
+    stock = {name: type(p) for name, p in tiny_model.pipe.unet.attn_processors.items()}
+    assert run_cli([jobs, "--check"], tiny_model, monkeypatch) == 2
+    out = capsys.readouterr().out
+    lines = {name: [line for line in out.splitlines() if f"job {name!r}" in line] for name in ("good", "absent", "layers", "skip", "option")}
+    assert lines["good"][-1].strip().startswith("ok") and "resolves" in lines["good"][-1]
+    assert "problem" in lines["absent"][-1] and "zebra" in lines["absent"][-1]
+    for name in ("layers", "skip", "option"):
+        assert "problem" in lines[name][-1], (name, out)
+    assert "bogus" in lines["option"][-1]
+    assert generated == [] and not (tmp_path / "out").exists()
+    assert tiny_model.handle is None
+    assert {name: type(p) for name, p in tiny_model.pipe.unet.attn_processors.items()} == stock
+
+
+# -- the Python API -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [3.7, -1, 2**64, True, "3"])
+def test_generate_rejects_seeds_that_are_not_integers_in_range(tiny_model, seed):
+    with pytest.raises(ConfigError, match="seed must be an integer in"):
+        tiny_model.generate("a cat", seed=seed, steps=1)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"steps": 0}, "steps must be >= 1"), ({"bogus_option": 1}, "bogus_option"),
+                                               ({"width": 30}, "multiple of 8"), ({"guidance_scale": float("nan")}, "finite")])
+def test_generate_rejects_what_the_renderer_rejects(tiny_model, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_model.generate("a cat", seed=0, **kwargs)
+    assert tiny_model.handle is None
+
+
+def test_generate_accepts_the_largest_seed(tiny_model):
+    assert tiny_model.generate("a cat", seed=2**64 - 1, steps=1).params["seed"] == 2**64 - 1
+
+
+# -- records, metadata, gallery -----------------------------------------------------------------------------------
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's own PNG-info parser
+
+
+def a1111_parse(text: str) -> dict[str, str]:
+    *lines, last = text.strip().split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    found = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in A1111_PARAM.findall(last):
+        found[key] = json.loads(value) if value.startswith('"') else value
+    return found
+
+
+def test_render_records_metadata_heatmaps_and_gallery(tmp_path, monkeypatch, tiny_model, capsys):
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd"},
+        {"id": "stock", "prompt": "a red car, on a street", "negative_prompt": "blurry", "seeds": [0, 1], **SMALL},
+        {"id": "maps", "prompt": "a red car, on a street", "negative_prompt": "blurry", "seeds": [0, 1], **SMALL,
+         "controls": [{"type": "test-faults-maps"}]},
+        {"id": "other", "prompt": "a blue car", "seeds": [0], **SMALL},
+    )
+    out = tmp_path / "out"
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 0
+    records = manifest(out)
+    assert all(r["status"] == "ok" and "error_type" in r and r["error_type"] is None and r["place"] is None for r in records)
+    # A1111 parameters: prompt, negative prompt, then the settings line, read by A1111's own parser
+    with Image.open(out / "maps" / "1.png") as image:
+        parsed = a1111_parse(image.text["parameters"])
+    assert parsed["Prompt"] == "a red car, on a street" and parsed["Negative prompt"] == "blurry"
+    assert parsed["Steps"] == "2" and parsed["Seed"] == "1" and parsed["CFG scale"] == "5.0" and parsed["Model"] == "tiny-sd"
+    assert parsed["Sampler"] and parsed["Schedule type"] and parsed["Size"] == "32x32"
+    assert parsed["Controls"] == "test-faults-maps"
+    # heatmaps carry the parameters of their image
+    heatmap = out / "maps" / "1.attention_maps" / "image0_red.png"
+    params = read_png_params(heatmap)
+    assert params["seed"] == 1 and params["output"] == "attention_maps" and params["file"] == "image0_red.png"
+    # the gallery: every image and overlay referenced exists, no external reference, an A/B table for stock vs maps
+    page = (out / "index.html").read_text()
+    parser = _Images()
+    parser.feed(page)
+    assert {src for src in parser.images if src.endswith(".png") and "/" in src and "attention_maps" not in src} == \
+        {"stock/0.png", "stock/1.png", "maps/0.png", "maps/1.png", "other/0.png"}
+    assert "maps/1.attention_maps/image0_red.png" in parser.images
+    assert all((out / src).is_file() for src in parser.images)
+    assert not re.search(r"(src|href)=\"(https?:|//)", page) and "@import" not in page
+    assert "A/B" in page and "a blue car" in page
+    assert page.count('<table class="ab">') == 1  # stock vs maps differ only by controls; "other" does not pair
+    assert "per image" in page and "generate" in page  # the run's timings
+
+
+class _Images(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def test_parameters_text_quotes_separators():
+    text = parameters_text({"prompt": "p", "steps": 2, "seed": 1, "model": "a, b: c", "sampler": "Euler"})
+    assert a1111_parse(text)["Model"] == "a, b: c"
+
+
+def test_render_api_raises_render_error_for_a_file_out(tmp_path, tiny_model):
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "x", **SMALL}))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(RenderError, match="is a file"):
+        render(jobs, RenderOptions(out=str(tmp_path / "f"), progress="none"), model=tiny_model)
+
+
+@pytest.mark.parametrize("prompt", ["(red:nan)", "(red:inf)", "(red:-inf)", "a (red:NaN) car"])
+def test_parse_prompt_rejects_non_finite_weights(prompt):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        attnctl.parse_prompt(prompt)
+
+
+def test_long_prompt_with_a_word_control_raises_only_for_a_word_past_the_limit(tiny_cache):
+    from attnctl.errors import TokenError
+
+    pipe = tiny_cache("tiny-sd")
+    prompt = "a red car " + "on a long road " * 30 + "with a dog"  # over 77 CLIP tokens; "dog" is past the limit
+    call = {"num_inference_steps": 1, "height": 32, "width": 32, "output_type": "latent"}
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 2.0})]):
+        pipe(prompt, **call)  # diffusers truncates with a warning; "red" is inside the limit
+    with attnctl.apply(pipe, [attnctl.Reweight({"dog": 2.0})]):
+        with pytest.raises(TokenError, match="truncates the prompt"):
+            pipe(prompt, **call)
+
+
+def test_attnctl_toy_is_reachable_after_import_attnctl():
+    import subprocess
+    import sys
+
+    code = "import attnctl; print(attnctl.toy.CALL_DEFAULTS['num_inference_steps'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0 and result.stdout.strip() == "10", result.stderr[-2000:]
+
+
+def test_progress_log_has_a_sane_first_estimate_and_one_final_line(caplog, monkeypatch):
+    from attnctl.render import runner
+
+    clock = [100.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    progress = runner._Progress(10, "log", runner.Ranks())
+    with caplog.at_level("INFO", logger="attnctl.render"):
+        clock[0] += 40.0  # the first image pays for warm-up
+        progress.update(ok=True)
+        assert "estimating" in caplog.records[-1].getMessage()  # no ETA from the warm-up image alone
+        for _ in range(9):
+            clock[0] += 2.0
+            progress.update(ok=True)
+        progress.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1].startswith("10/10 images") and messages[-1].endswith("done")
+    assert sum(m.startswith("10/10") for m in messages) == 1
+    assert "0.50 images/s" in messages[-1]  # 9 images in 18 s after the first
