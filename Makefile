@@ -20,7 +20,10 @@ UNAME := $(shell uname -s)
 HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 # Evaluated only when an install runs (recursive `=`): a second `make demo` does not even probe.
 ifeq ($(origin TORCH_INDEX),undefined)
-  ifeq ($(UNAME)$(HAS_NVIDIA),Linux)
+  # CI's registry serves a CPU build: no probe of another host from CI
+  ifeq ($(CI),true)
+    TORCH_INDEX = none
+  else ifeq ($(UNAME)$(HAS_NVIDIA),Linux)
     TORCH_INDEX = $(shell $(PYTHON) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && echo $(TORCH_CPU_INDEX) || echo none)
   else
     TORCH_INDEX = none
