@@ -6,6 +6,7 @@ import torch
 
 from ..errors import UnsupportedError
 from .adapters import FluxAdapter, PixArtAdapter, SD3Adapter, UNetAdapter
+from .adapters_new import ChromaAdapter
 from .base import Canvas, Geometry, LayerInfo, ModelAdapter, TextSpan
 
 # Ordered: the first entry whose class name matches the denoiser's class (or a base class) wins.
@@ -14,6 +15,7 @@ ADAPTERS: tuple[tuple[str, type[ModelAdapter]], ...] = (
     ("SD3Transformer2DModel", SD3Adapter),
     ("FluxTransformer2DModel", FluxAdapter),
     ("PixArtTransformer2DModel", PixArtAdapter),
+    ("ChromaTransformer2DModel", ChromaAdapter),
 )
 SUPPORTED_DENOISERS: tuple[str, ...] = tuple(name for name, _ in ADAPTERS)
 

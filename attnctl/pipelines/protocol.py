@@ -4,7 +4,9 @@
   (SD, SDXL, SD3, PixArt), cond rows only otherwise (guidance_scale <= 1);
 - Flux: cond rows only, or separate cond / uncond calls inside `transformer.cache_context("cond" / "uncond")`
   (true CFG);
-- SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`.
+- SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`;
+- sequential true CFG (Chroma): with CFG on, each scheduler position makes a cond call, then an uncond call,
+  without `cache_context` (the runtime names them by their order, `sequential_branch`).
 
 A denoiser call whose batch matches none of these raises `CallLayoutError`; nothing is guessed.
 """
@@ -36,7 +38,7 @@ class EncoderSpec:
 class CallProtocol:
     name: str
     encoders: tuple[EncoderSpec, ...]
-    cfg_source: Literal["flag", "contexts"]
+    cfg_source: Literal["flag", "contexts", "sequential"]
     skip_layer_kwarg: str | None = None
 
 
@@ -51,7 +53,21 @@ PROTOCOLS: dict[str, CallProtocol] = {
     ),
     "flux": CallProtocol("flux", (EncoderSpec("t5", ("tokenizer_2",), ("prompt_2",), ("prompt_2",), None),), "contexts"),
     "pixart": CallProtocol("pixart", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "flag"),
+    "chroma": CallProtocol("chroma", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "sequential"),
 }
+
+
+def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before: int) -> str | None:
+    """The branch of a denoiser call under a "sequential" protocol with CFG on: the first call at a scheduler
+    position is the cond call, the second the uncond one (Chroma's true CFG); None for other protocols."""
+    if protocol.cfg_source != "sequential" or not record.cfg_flag():
+        return None
+    if calls_before > 1:
+        raise CallLayoutError(
+            f"attnctl: {calls_before + 1} denoiser calls at one scheduler position; the {protocol.name} call protocol "
+            "expects a cond call, then an uncond call"
+        )
+    return ("cond", "uncond")[calls_before]
 
 
 def protocol_for(family: str) -> CallProtocol:
@@ -182,7 +198,7 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
     if protocol.skip_layer_kwarg and inputs.get(protocol.skip_layer_kwarg) is not None:
         expected, layout = prompt_rows, RowLayout.single("cond", prompt_rows)
         what = "SD3's skip-layer pass (cond rows only)"
-    elif protocol.cfg_source == "contexts":
+    elif protocol.cfg_source == "contexts" or (protocol.cfg_source == "sequential" and record.cfg_flag()):
         branch = "uncond" if context == "uncond" else "cond"
         expected, layout = prompt_rows, RowLayout.single(branch, prompt_rows)
         what = f"{branch} rows of a separate {branch} call"
@@ -196,6 +212,6 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
         raise CallLayoutError(
             f"attnctl: the denoiser was called with a batch of {batch} rows, but the {protocol.name} call protocol "
             f"expects {expected} for {what} with {prompt_rows} prompt row(s). Known layouts: batched "
-            "[uncond, cond], cond only, separate cond/uncond calls (Flux true CFG), SD3 skip-layer passes."
+            "[uncond, cond], cond only, separate cond/uncond calls (Flux / Chroma true CFG), SD3 skip-layer passes."
         )
     return layout

@@ -19,6 +19,7 @@ PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
     "pixart": (SelfCrossAttnProcessor, SelfCrossAttnProcessor.reproduces),
     "sd3": (JointAttnProcessor, JointAttnProcessor.reproduces),
     "flux": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
+    "chroma": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
 }
 
 
