@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnctl
 from attnctl.processors.base import ControlledProcessor
@@ -169,3 +170,142 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
             probs[:, :, image_rows] = probs[:, :, image_rows] * w[:, None, None, :]
             expected = probs @ v
         torch.testing.assert_close(record["out"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+class RefFluxLayoutPAG:
+    """Flux-layout double-block attention (qk-norm, RoPE, `[text; image]`, the model's own mask) with the joint
+    PAG mask of docs/methods.md "PAG" (an image query sees itself and the text), dense."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        text, n = eq.shape[1], q.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        mask = torch.zeros(text + n, text + n)
+        mask[text:, text:] = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+        if attention_mask is not None:  # Chroma's 0/1 float mask is additive in the stock SDPA call, as here
+            mask = mask + attention_mask if attention_mask.dtype != torch.bool else mask.masked_fill(~attention_mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+@pytest.mark.parametrize("name", [pytest.param("tiny-chroma", marks=_needs("tiny-chroma"))])
+def test_pag_against_a_dense_mask_reference(name, guidance):
+    """D = scale (cond - perturbed) is added to the cond and (true CFG) the uncond prediction: stock + D."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import record, run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=guidance)
+    got, _ = record(pipe, name, [attnctl.PAG(scale=1.5)], prompt="a cat", steps=1, guidance=guidance)
+    call = calls[0]  # the cond call comes first
+    cond = run_denoiser(pipe, call, [0], 1)
+    layer = pipe.transformer.transformer_blocks[0].attn
+    original = layer.processor
+    layer.set_processor(RefFluxLayoutPAG())
+    try:
+        perturbed = run_denoiser(pipe, call, [0], 1)
+    finally:
+        layer.set_processor(original)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, blocks, path",
+    [pytest.param("tiny-chroma", (0,), "transformer_blocks.0", marks=_needs("tiny-chroma")),
+     pytest.param("tiny-chroma", ("single_transformer_blocks.1",), "single_transformer_blocks.1", marks=_needs("tiny-chroma"))],
+)
+def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import record, run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=1.0)
+    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=1, guidance=1.0)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    block = pipe.transformer.get_submodule(path)
+    two_streams = type(block).__name__ in attnctl.handle.adapter_for(pipe.transformer).text_stream_blocks
+
+    def skipped(hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return (encoder_hidden_states, hidden_states) if two_streams else hidden_states
+
+    block.forward = skipped
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        del block.forward
+    term = 2.0 * (cond - perturbed)
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
+
+
+# -- the support matrix: refusals at apply, and every supported control runs ----------------------------------
+
+
+def _family_of(name: str) -> str:
+    from attnctl.render.matrix import FAMILIES
+
+    return {tiny: family for family, tiny in FAMILIES}[name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_refused_controls_are_refused_at_apply_and_leave_the_pipeline_untouched(name, tiny):
+    from attnctl.render.matrix import CONTROLS, support
+
+    pipe = tiny(name)
+    adapter = attnctl.handle.adapter_for(_denoiser(pipe))
+    refused = [(label, make) for label, make in CONTROLS if support(make(), adapter)[0] == "refused"]
+    before = dict(_denoiser(pipe).attn_processors)
+    for label, make in refused:
+        with pytest.raises(attnctl.UnsupportedError, match=adapter.family):
+            attnctl.apply(pipe, [make()])
+        assert dict(_denoiser(pipe).attn_processors) == before, label
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_supported_control_runs_and_changes_the_output(name, tiny):
+    """Each control the matrix says yes to, at a strength that changes something: applies, runs a true-CFG
+    call, gives finite latents different from stock, and leaves the pipeline bitwise stock after remove."""
+    from attnctl.render.matrix import CONTROLS, support
+
+    pipe = tiny(name)
+    adapter = attnctl.handle.adapter_for(_denoiser(pipe))
+    stock = generate(pipe, name, prompt=PROMPT)
+    strong = {
+        "Reweight": lambda: attnctl.Reweight({"cat": 4.0, "street": 0.0}),
+        "Regions": lambda: attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))], base_ratio=0.0),
+        "PLADIS": lambda: attnctl.PLADIS(scale=4.0),
+        "FastAttn": lambda: attnctl.FastAttn(threshold=10.0, window=1),
+        "SkipLayer": lambda: attnctl.SkipLayer(blocks=(0,), steps=(0.0, 1.0)),
+    }
+    ran = []
+    for label, make in CONTROLS:
+        if support(make(), adapter)[0] != "yes":
+            continue
+        control = strong.get(label, make)()
+        with attnctl.apply(pipe, [control]) as handle:
+            out = generate(pipe, name, prompt=PROMPT)
+        assert torch.isfinite(out).all(), label
+        if label == "AttentionMaps":
+            result = handle.outputs["attention_maps"]
+            assert result is not None, label
+        else:
+            assert not torch.equal(out, stock), label
+        ran.append(label)
+    assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
+    assert "Reweight" in ran and "PAG" in ran

@@ -80,10 +80,11 @@ def matrix(families: tuple[tuple[str, str], ...] = FAMILIES) -> dict[str, dict[s
     }
 
 
-def _short(reason: str) -> str:
-    """The reason without the `attnctl:` prefix, one line, pipes escaped (a Markdown table cell)."""
+def _short(reason: str, family: str) -> str:
+    """The reason without the `attnctl:` prefix, the family's name as `<family>` (one note serves several
+    families), one line, pipes escaped."""
     text = re.sub(r"^attnctl:\s*", "", reason.strip()).replace("\n", " ").replace("|", "\\|")
-    return text
+    return re.sub(rf"\b{re.escape(family)}\b", "<family>", text)
 
 
 def markdown(table: dict[str, dict[str, Cell]] | None = None) -> str:
@@ -99,7 +100,7 @@ def markdown(table: dict[str, dict[str, Cell]] | None = None) -> str:
             if reason is None:
                 cells.append("yes")
                 continue
-            text = _short(reason)
+            text = _short(reason, family)
             if text not in reasons:
                 reasons.append(text)
             label = "refused" if status == "refused" else "yes, explicit selection"
