@@ -89,6 +89,7 @@ def test_identity_edit_sees_every_layer_every_step_and_the_rows(name, tiny):
 # rows of the denoiser calls of one step with CALL_DEFAULTS, two prompts, guidance 5
 EXPECTED_ROWS = {
     "tiny-chroma": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    "tiny-qwenimage": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
 }
 
 
@@ -128,7 +129,9 @@ def _t5_positions(tokenizer, prompt: str, word: str) -> list[int]:
 
 
 #: Per tiny model: the tokenizer of the text the joint sequence holds, and where that text sits in the queries.
-TEXT = {"tiny-chroma": ("tokenizer", "first")}
+TEXT = {"tiny-chroma": ("tokenizer", "first"), "tiny-qwenimage": ("tokenizer", "first")}
+#: Image tokens of every new tiny model at CALL_DEFAULTS' 32x32: a 16x16 latent in 2x2 patches.
+IMAGE_TOKENS = 64
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["p2p", "normalize"])
@@ -149,7 +152,7 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
     for record in spy.log:
         q, k, v = (record[x].double() for x in ("q", "k", "v"))
         n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
-        text_len = CALL_DEFAULTS[name]["max_sequence_length"]
+        text_len = n_q - IMAGE_TOKENS
         image_rows = slice(text_len, n_q) if TEXT[name][1] == "first" else slice(0, n_q - text_len)
         text_keys = slice(0, text_len) if TEXT[name][1] == "first" else slice(n_q - text_len, n_k)
         logits = q @ k.transpose(-1, -2) / d**0.5
@@ -227,7 +230,8 @@ def test_pag_against_a_dense_mask_reference(name, guidance):
 @pytest.mark.parametrize(
     "name, blocks, path",
     [pytest.param("tiny-chroma", (0,), "transformer_blocks.0", marks=_needs("tiny-chroma")),
-     pytest.param("tiny-chroma", ("single_transformer_blocks.1",), "single_transformer_blocks.1", marks=_needs("tiny-chroma"))],
+     pytest.param("tiny-chroma", ("single_transformer_blocks.1",), "single_transformer_blocks.1", marks=_needs("tiny-chroma")),
+     pytest.param("tiny-qwenimage", (1,), "transformer_blocks.1", marks=_needs("tiny-qwenimage"))],
 )
 def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
     from attnctl.testing import make_tiny_pipeline
@@ -235,8 +239,9 @@ def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
     from .test_guidance import record, run_denoiser
 
     pipe = make_tiny_pipeline(name)
-    stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=1.0)
-    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=1, guidance=1.0)
+    off = {"guidance": 1.0, "true_cfg_scale": 1.0} if name == "tiny-qwenimage" else {"guidance": 1.0}
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, **off)
+    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=1, **off)
     cond = run_denoiser(pipe, calls[0], [0], 1)
     block = pipe.transformer.get_submodule(path)
     two_streams = type(block).__name__ in attnctl.handle.adapter_for(pipe.transformer).text_stream_blocks
@@ -309,3 +314,57 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         ran.append(label)
     assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
     assert "Reweight" in ran and "PAG" in ran
+
+
+class RefQwenPAG:
+    """Qwen-Image's double-stream attention (qk-norms, separate RoPE, `[text; image]`, the text padding mask) with
+    the joint PAG mask of docs/methods.md "PAG", dense."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        img_freqs, txt_freqs = image_rotary_emb
+        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+        eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
+        text, n = eq.shape[1], q.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        allowed = torch.ones(q.shape[0], 1, text + n, text + n, dtype=torch.bool)
+        allowed[:, :, text:, text:] = torch.eye(n, dtype=torch.bool)
+        if encoder_hidden_states_mask is not None:
+            allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        out = out.transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])
+def test_qwenimage_pag_against_a_dense_mask_reference(name):
+    """Without true CFG (the pipeline rescales a true-CFG combination by the cond norm): cond + D exactly."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import record, run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    prompts = ["a cat", "a red car on the street"]  # different lengths: the text padding mask is in play
+    stock, calls = record(pipe, name, prompt=prompts, steps=1, true_cfg_scale=1.0)
+    got, _ = record(pipe, name, [attnctl.PAG(scale=1.5)], prompt=prompts, steps=1, true_cfg_scale=1.0)
+    assert calls[0]["kwargs"]["encoder_hidden_states_mask"] is not None
+    cond = run_denoiser(pipe, calls[0], [0, 1], 2)
+    layer = pipe.transformer.transformer_blocks[1].attn  # the middle block of 2
+    original = layer.processor
+    layer.set_processor(RefQwenPAG())
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0, 1], 2)
+    finally:
+        layer.set_processor(original)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UnsupportedError
 from .adapters import FluxAdapter, PixArtAdapter, SD3Adapter, UNetAdapter
-from .adapters_new import ChromaAdapter
+from .adapters_new import ChromaAdapter, QwenImageAdapter
 from .base import Canvas, Geometry, LayerInfo, ModelAdapter, TextSpan
 
 # Ordered: the first entry whose class name matches the denoiser's class (or a base class) wins.
@@ -16,6 +16,7 @@ ADAPTERS: tuple[tuple[str, type[ModelAdapter]], ...] = (
     ("FluxTransformer2DModel", FluxAdapter),
     ("PixArtTransformer2DModel", PixArtAdapter),
     ("ChromaTransformer2DModel", ChromaAdapter),
+    ("QwenImageTransformer2DModel", QwenImageAdapter),
 )
 SUPPORTED_DENOISERS: tuple[str, ...] = tuple(name for name, _ in ADAPTERS)
 

@@ -11,7 +11,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from .adapters import FluxAdapter
+from ..errors import CallLayoutError, UnsupportedError
+from .adapters import FluxAdapter, _attention_modules, _text_len
+from .base import Canvas, LayerInfo, ModelAdapter
 
 
 class ChromaAdapter(FluxAdapter):
@@ -43,3 +45,79 @@ class ChromaAdapter(FluxAdapter):
             ones = torch.ones(mask.shape[0], block.shape[1], dtype=mask.dtype, device=mask.device)
             changed["attention_mask"] = torch.cat([mask[:, :text], ones, mask[:, text:]], dim=1)
         return changed
+
+
+class QwenImageAdapter(ModelAdapter):
+    """`QwenImageTransformer2DModel`: double-stream blocks only, joint attention `[text; image]` with the text
+    padding mask, separate text / image RoPE, 2x2 packed latents (`img_shapes` gives the token grid), true CFG
+    as separate `cache_context("cond" / "uncond")` calls; guidance-distilled checkpoints take `guidance`."""
+
+    text_attention: ClassVar[str] = "joint"
+    timestep_scale: ClassVar[float] = 1000.0
+    rotary: ClassVar[bool] = True
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
+    }
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("QwenImageTransformerBlock",)
+
+    latent_image = FluxAdapter.latent_image  # the same 2x2 packing as Flux
+    packed_latents = FluxAdapter.packed_latents
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> QwenImageAdapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, name in enumerate(modules):
+            parts = name.split(".")
+            if parts[0] != "transformer_blocks" or len(parts) != 3 or not parts[1].isdigit():
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            layers.append(LayerInfo(name, index, "joint", "blocks", int(parts[1]), 0, "first"))
+        if getattr(denoiser.config, "zero_cond_t", False):
+            raise UnsupportedError(
+                "attnctl: this Qwen-Image transformer has zero_cond_t (Qwen-Image-Edit-2511: the reference image's "
+                "tokens are modulated with t = 0 in the same sequence); reference-image tokens are not supported yet"
+            )
+        return cls(
+            family="qwenimage",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=(
+                "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
+                "controlnet_block_samples", "additional_t_cond",
+            ),
+            dict_inputs=("attention_kwargs",),
+        )
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
+        return f"transformer_blocks.{blocks[len(blocks) // 2]}"  # the middle block
+
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+        """Text RoPE positions follow the text length, so appended tokens take the next positions; the padding
+        mask, when there is one, gets ones for them."""
+        changed = dict(inputs)
+        context = inputs["encoder_hidden_states"]
+        changed["encoder_hidden_states"] = torch.cat([context, block], dim=1)
+        mask = inputs.get("encoder_hidden_states_mask")
+        if isinstance(mask, torch.Tensor):
+            ones = torch.ones(mask.shape[0], block.shape[1], dtype=mask.dtype, device=mask.device)
+            changed["encoder_hidden_states_mask"] = torch.cat([mask, ones], dim=1)
+        return changed
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        shapes = inputs.get("img_shapes")
+        if not shapes:
+            raise CallLayoutError("attnctl: the Qwen-Image transformer was called without img_shapes; the image grid is unknown")
+        per_sample = shapes[0] if isinstance(shapes[0], list) else list(shapes)
+        n = int(latents.shape[1])
+        if len(per_sample) != 1:
+            raise CallLayoutError(
+                f"attnctl: Qwen-Image img_shapes {per_sample} hold {len(per_sample)} images; reference-image tokens "
+                "(QwenImageEditPipeline / EditPlus) are not supported yet"
+            )
+        frames, rows, cols = (int(x) for x in per_sample[0])
+        if frames != 1 or rows * cols != n:
+            raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample[0]} disagree with {n} image tokens")
+        return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))

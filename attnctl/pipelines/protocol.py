@@ -54,6 +54,8 @@ PROTOCOLS: dict[str, CallProtocol] = {
     "flux": CallProtocol("flux", (EncoderSpec("t5", ("tokenizer_2",), ("prompt_2",), ("prompt_2",), None),), "contexts"),
     "pixart": CallProtocol("pixart", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "flag"),
     "chroma": CallProtocol("chroma", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "sequential"),
+    # Qwen2.5-VL: the chat template's prefix is dropped from the embeddings, so the prompt's tokens come first
+    "qwenimage": CallProtocol("qwenimage", (EncoderSpec("qwen", ("tokenizer",), ("prompt",), ("prompt",), None),), "contexts"),
 }
 
 

@@ -11,6 +11,7 @@ from ..errors import UnsupportedError
 from .base import ControlledProcessor
 from .flux import FluxAttnProcessor
 from .joint import JointAttnProcessor
+from .qwen import QwenDoubleStreamProcessor
 from .self_cross import SelfCrossAttnProcessor
 
 #: Per model family: the controlled processor class and the stock processor classes it reproduces.
@@ -20,6 +21,7 @@ PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
     "sd3": (JointAttnProcessor, JointAttnProcessor.reproduces),
     "flux": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
     "chroma": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
+    "qwenimage": (QwenDoubleStreamProcessor, QwenDoubleStreamProcessor.reproduces),
 }
 
 
