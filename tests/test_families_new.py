@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import attnctl
 from attnctl.processors.base import ControlledProcessor
-from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
 from .helpers import Probe, generate

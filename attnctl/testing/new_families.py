@@ -85,7 +85,12 @@ def tiny_qwenimage(seed: int = 0):
     embeddings by a token count (`prompt_template_encode_start_idx`, 34 with the real tokenizer); it is set here to
     the prefix's length under the tiny tokenizer, so the prompt's tokens come first as with the real model.
     """
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
 
     from .qwen_tokenizer import tiny_qwen_tokenizer
 
