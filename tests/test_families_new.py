@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import attnctl
 from attnctl.processors.base import ControlledProcessor
+from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
 from .helpers import Probe, generate
@@ -92,24 +93,30 @@ EXPECTED_ROWS = {
 }
 
 
+VARIANTS = {
+    ("tiny-chroma", "img2img"): "ChromaImg2ImgPipeline", ("tiny-chroma", "inpaint"): "ChromaInpaintPipeline",
+    ("tiny-qwenimage", "img2img"): "QwenImageImg2ImgPipeline", ("tiny-qwenimage", "inpaint"): "QwenImageInpaintPipeline",
+}
+
+
 @pytest.mark.parity
-@pytest.mark.parametrize("variant", ["img2img", "inpaint"])
-@pytest.mark.parametrize("name", [pytest.param("tiny-chroma", marks=_needs("tiny-chroma"))])
+@pytest.mark.parametrize("name, variant", [pytest.param(*key, marks=_needs(key[0])) for key in VARIANTS])
 def test_img2img_and_inpaint_identity(name, variant, tiny):
     import diffusers
 
-    classes = {("tiny-chroma", "img2img"): "ChromaImg2ImgPipeline", ("tiny-chroma", "inpaint"): "ChromaInpaintPipeline"}
-    pipe = getattr(diffusers, classes[(name, variant)]).from_pipe(tiny(name))
+    pipe = getattr(diffusers, VARIANTS[(name, variant)]).from_pipe(tiny(name))
     if name == "tiny-chroma" and variant == "inpaint" and "guidance_embeds" not in pipe.transformer.config:
         pytest.skip("ChromaInpaintPipeline reads transformer.config.guidance_embeds, which ChromaTransformer2DModel's "
                     "config does not have: the stock pipeline fails before attnctl is involved (diffusers bug)")
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    extra = {"mask_image": torch.ones(1, 1, 32, 32)} if variant == "inpaint" else {}
+    extra = dict(CALL_DEFAULTS[name])
+    if variant == "inpaint":
+        extra["mask_image"] = torch.ones(1, 1, 32, 32)
 
     def run():
         return pipe(PROMPT, image=image, strength=0.6, num_inference_steps=4, guidance_scale=4.0, output_type="latent",
-                    height=32, width=32, max_sequence_length=32, generator=torch.Generator().manual_seed(0), **extra).images
+                    generator=torch.Generator().manual_seed(0), **extra).images
 
     stock = run()
     with attnctl.apply(pipe, [Probe()]):
