@@ -16,10 +16,35 @@ from attnctl.processors.base import ControlledProcessor
 from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
-from .helpers import Probe, generate
+from .helpers import PROMPTS, Probe
 from .reference_attention import Spy
 
 PROMPT = "a red cat on the street"
+
+
+def generate(pipe, name: str, prompt=PROMPTS, steps: int = 2, guidance: float = 5.0, seed: int = 0, **kwargs):
+    """tests.helpers.generate with the prompt as a keyword (Flux2KleinPipeline's first argument is `image`)."""
+    options = dict(CALL_DEFAULTS[name])
+    options.update(kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=generator,
+                **options).images
+
+
+def record(pipe, name, controls=(), **kwargs):
+    """(predictions handed to scheduler.step, denoiser calls) of one generation (tests.test_guidance.record)."""
+    from .test_guidance import StepRecorder
+
+    recorder = StepRecorder(pipe)
+    try:
+        if controls:
+            with attnctl.apply(pipe, list(controls)):
+                generate(pipe, name, **kwargs)
+        else:
+            generate(pipe, name, **kwargs)
+    finally:
+        recorder.close()
+    return recorder.predictions, recorder.calls
 
 
 def _needs(name: str):
@@ -90,6 +115,7 @@ def test_identity_edit_sees_every_layer_every_step_and_the_rows(name, tiny):
 EXPECTED_ROWS = {
     "tiny-chroma": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
     "tiny-qwenimage": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    "tiny-flux2": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
 }
 
 
@@ -115,7 +141,7 @@ def test_img2img_and_inpaint_identity(name, variant, tiny):
         extra["mask_image"] = torch.ones(1, 1, 32, 32)
 
     def run():
-        return pipe(PROMPT, image=image, strength=0.6, num_inference_steps=4, guidance_scale=4.0, output_type="latent",
+        return pipe(prompt=PROMPT, image=image, strength=0.6, num_inference_steps=4, guidance_scale=4.0, output_type="latent",
                     generator=torch.Generator().manual_seed(0), **extra).images
 
     stock = run()
@@ -135,7 +161,16 @@ def _t5_positions(tokenizer, prompt: str, word: str) -> list[int]:
 
 
 #: Per tiny model: the tokenizer of the text the joint sequence holds, and where that text sits in the queries.
-TEXT = {"tiny-chroma": ("tokenizer", "first"), "tiny-qwenimage": ("tokenizer", "first")}
+TEXT = {"tiny-chroma": ("tokenizer", "first"), "tiny-qwenimage": ("tokenizer", "first"), "tiny-flux2": ("tokenizer", "first")}
+
+
+def _as_encoded(pipe, name: str, prompt: str) -> str:
+    """The text the pipeline hands its tokenizer: klein wraps the prompt in Qwen3's chat template, whose tokens
+    stay in the embeddings (Qwen-Image drops its template prefix, Chroma has none)."""
+    if name == "tiny-flux2":
+        messages = [{"role": "user", "content": prompt}]
+        return pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    return prompt
 #: Image tokens of every new tiny model at CALL_DEFAULTS' 32x32: a 16x16 latent in 2x2 patches.
 IMAGE_TOKENS = 64
 
@@ -151,7 +186,7 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
     with attnctl.apply(pipe, [attnctl.Reweight(table, normalize=normalize), spy]) as handle:
         generate(pipe, name, prompt=PROMPT)
     tokenizer = getattr(pipe, TEXT[name][0])
-    weights = {p: f for word, f in table.items() for p in _t5_positions(tokenizer, PROMPT, word)}
+    weights = {p: f for word, f in table.items() for p in _t5_positions(tokenizer, _as_encoded(pipe, name, PROMPT), word)}
     assert weights
     joint = {layer.name for layer in handle.adapter.layers if layer.kind == "joint"}
     assert {record["layer"].name for record in spy.log} == joint
@@ -210,12 +245,12 @@ class RefFluxLayoutPAG:
 
 
 @pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
-@pytest.mark.parametrize("name", [pytest.param("tiny-chroma", marks=_needs("tiny-chroma"))])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-chroma", "tiny-flux2")])
 def test_pag_against_a_dense_mask_reference(name, guidance):
     """D = scale (cond - perturbed) is added to the cond and (true CFG) the uncond prediction: stock + D."""
     from attnctl.testing import make_tiny_pipeline
 
-    from .test_guidance import record, run_denoiser
+    from .test_guidance import run_denoiser
 
     pipe = make_tiny_pipeline(name)
     stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=guidance)
@@ -237,12 +272,14 @@ def test_pag_against_a_dense_mask_reference(name, guidance):
     "name, blocks, path",
     [pytest.param("tiny-chroma", (0,), "transformer_blocks.0", marks=_needs("tiny-chroma")),
      pytest.param("tiny-chroma", ("single_transformer_blocks.1",), "single_transformer_blocks.1", marks=_needs("tiny-chroma")),
-     pytest.param("tiny-qwenimage", (1,), "transformer_blocks.1", marks=_needs("tiny-qwenimage"))],
+     pytest.param("tiny-qwenimage", (1,), "transformer_blocks.1", marks=_needs("tiny-qwenimage")),
+     pytest.param("tiny-flux2", (0,), "transformer_blocks.0", marks=_needs("tiny-flux2")),
+     pytest.param("tiny-flux2", ("single_transformer_blocks.0",), "single_transformer_blocks.0", marks=_needs("tiny-flux2"))],
 )
 def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
     from attnctl.testing import make_tiny_pipeline
 
-    from .test_guidance import record, run_denoiser
+    from .test_guidance import run_denoiser
 
     pipe = make_tiny_pipeline(name)
     off = {"guidance": 1.0, "true_cfg_scale": 1.0} if name == "tiny-qwenimage" else {"guidance": 1.0}
@@ -357,7 +394,7 @@ def test_qwenimage_pag_against_a_dense_mask_reference(name):
     """Without true CFG (the pipeline rescales a true-CFG combination by the cond norm): cond + D exactly."""
     from attnctl.testing import make_tiny_pipeline
 
-    from .test_guidance import record, run_denoiser
+    from .test_guidance import run_denoiser
 
     pipe = make_tiny_pipeline(name)
     prompts = ["a cat", "a red car on the street"]  # different lengths: the text padding mask is in play
@@ -374,3 +411,26 @@ def test_qwenimage_pag_against_a_dense_mask_reference(name):
         layer.set_processor(original)
     assert (cond - perturbed).abs().max() > 1e-4
     torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-flux2", marks=_needs("tiny-flux2"))])
+def test_flux2_reference_images_are_refused_with_the_reason(name, tiny):
+    """Klein's `image=` puts reference-image tokens into the sequence: refused at the first denoiser call (the
+    grid the controls read would be wrong), and the pipeline is left as it was."""
+    pipe = tiny(name)
+    stock = generate(pipe, name)
+    from PIL import Image
+
+    reference = Image.new("RGB", (64, 64), (200, 30, 30))  # the Flux.2 image processor wants >= 64 px
+    with attnctl.apply(pipe, [Probe()]):
+        with pytest.raises(attnctl.CallLayoutError, match="reference"):
+            generate(pipe, name, image=reference)
+    assert torch.equal(generate(pipe, name), stock)
+    import diffusers
+
+    inpaint = diffusers.Flux2KleinInpaintPipeline.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    with attnctl.apply(inpaint, [Probe()]):
+        with pytest.raises(attnctl.CallLayoutError, match="reference"):
+            inpaint(prompt=PROMPT, image=reference, mask_image=Image.new("L", (64, 64), 255), strength=0.6, num_inference_steps=2,
+                    output_type="latent", **CALL_DEFAULTS[name])

@@ -121,3 +121,35 @@ class QwenImageAdapter(ModelAdapter):
         if frames != 1 or rows * cols != n:
             raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample[0]} disagree with {n} image tokens")
         return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
+
+
+class Flux2Adapter(FluxAdapter):
+    """`Flux2Transformer2DModel` (Flux.2 dev, Flux.2 klein): Flux's layout with 4-axis positions (t, h, w, l):
+    double-stream blocks (`Flux2Attention`, `[text; image]`) and single-stream blocks (`Flux2ParallelSelfAttention`,
+    text concatenated first, attention and MLP from one fused projection); an LLM text encoder (no CLIP, no pooled
+    text); guidance-distilled (dev: `guidance`, no uncond call) or true CFG as `cache_context` calls (klein base)."""
+
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Flux2TransformerBlock": ("hidden_states", "encoder_hidden_states", "temb_mod_img", "temb_mod_txt"),
+        "Flux2SingleTransformerBlock": ("hidden_states", "temb_mod"),
+    }
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("Flux2TransformerBlock",)
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> Flux2Adapter:
+        adapter = super().discover(denoiser)
+        adapter.family = "flux2"
+        adapter.batched_inputs = ("hidden_states", "encoder_hidden_states", "timestep", "guidance")
+        return adapter
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        img_ids = inputs.get("img_ids")
+        if isinstance(img_ids, torch.Tensor):
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            if ids.shape[-1] == 4 and bool((ids[:, 0] != ids[0, 0]).any()):
+                raise CallLayoutError(
+                    "attnctl: this Flux.2 call has reference-image tokens in its sequence (img_ids with several time "
+                    "coordinates: Flux2KleinPipeline(image=...), Flux2KleinInpaintPipeline, Flux.2 editing); reference "
+                    "tokens are not supported yet"
+                )
+        return super().canvas(inputs)

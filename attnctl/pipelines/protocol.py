@@ -32,6 +32,9 @@ class EncoderSpec:
     prompt_args: tuple[str, ...]
     negative_args: tuple[str, ...]
     length: int | None  # fixed number of positions (CLIP: 77), or None: the rest of the text sequence
+    # (pipeline, tokenizer, text) -> the text as the pipeline hands it to the tokenizer (a chat template), or None
+    # when the pipeline's template is not known (then words cannot be placed)
+    template: Callable[[Any, Any, str], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,21 @@ def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before
             "expects a cond call, then an uncond call"
         )
     return ("cond", "uncond")[calls_before]
+
+
+def _klein_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
+    """Flux.2 klein's Qwen3 chat template, as `Flux2KleinPipeline._get_qwen3_prompt_embeds` applies it (the
+    embeddings keep the template's tokens, so the prompt's words sit after its prefix); None for Flux2Pipeline
+    (Mistral, another template: not placed yet)."""
+    if type(pipeline).__name__ not in ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"):
+        return None
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+PROTOCOLS["flux2"] = CallProtocol(
+    "flux2", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("prompt",), None, template=_klein_chat),), "contexts"
+)
 
 
 def protocol_for(family: str) -> CallProtocol:
@@ -158,6 +176,10 @@ def encoder_prompts(
                     row_texts = [""] * rows
             if row_texts is None:
                 return None
+            if spec.template is not None:
+                row_texts = [spec.template(pipeline, tokenizer, text) for text in row_texts]
+                if any(text is None for text in row_texts):
+                    return None
             tokenizers.append(tokenizer)
             texts.append(tuple(encoded_texts(pipeline, tokenizer, row_texts, args)))
             converters.append(_textual_inversion(pipeline, tokenizer))

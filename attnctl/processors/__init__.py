@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..errors import UnsupportedError
 from .base import ControlledProcessor
 from .flux import FluxAttnProcessor
+from .flux2 import Flux2Processor
 from .joint import JointAttnProcessor
 from .qwen import QwenDoubleStreamProcessor
 from .self_cross import SelfCrossAttnProcessor
@@ -22,6 +23,7 @@ PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
     "flux": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
     "chroma": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
     "qwenimage": (QwenDoubleStreamProcessor, QwenDoubleStreamProcessor.reproduces),
+    "flux2": (Flux2Processor, Flux2Processor.reproduces),
 }
 
 

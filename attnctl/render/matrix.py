@@ -41,7 +41,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
 #: The families in the matrix, each with its tiny offline model.
 FAMILIES: tuple[tuple[str, str], ...] = (
     ("unet", "tiny-sd"), ("sd3", "tiny-sd3"), ("flux", "tiny-flux"), ("pixart", "tiny-pixart"),
-    ("chroma", "tiny-chroma"), ("qwenimage", "tiny-qwenimage"),
+    ("chroma", "tiny-chroma"), ("qwenimage", "tiny-qwenimage"), ("flux2", "tiny-flux2"),
 )
 
 

@@ -19,6 +19,7 @@ from .tokenizers import tiny_t5_tokenizer
 REQUIRES: dict[str, tuple[str, ...]] = {
     "tiny-chroma": ("ChromaPipeline", "ChromaTransformer2DModel"),
     "tiny-qwenimage": ("QwenImagePipeline", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage"),
+    "tiny-flux2": ("Flux2KleinPipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2"),
 }
 NEW_TINY_MODELS: tuple[str, ...] = tuple(REQUIRES)
 
@@ -26,7 +27,12 @@ NEW_CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny-chroma": {"height": 32, "width": 32, "max_sequence_length": 32},
     # true CFG needs a negative prompt (QwenImagePipeline runs it when true_cfg_scale > 1 and one is given)
     "tiny-qwenimage": {"height": 32, "width": 32, "negative_prompt": "", "true_cfg_scale": 4.0},
+    # klein stacks the hidden states of three text-encoder layers (9, 18, 27 in the real model)
+    "tiny-flux2": {"height": 32, "width": 32, "max_sequence_length": 48, "text_encoder_out_layers": (1, 2, 3)},
 }
+
+#: Pipelines whose first positional argument is not the prompt (Flux2KleinPipeline: `image`): call with prompt=.
+PROMPT_KEYWORD: tuple[str, ...] = ("tiny-flux2",)
 
 
 def available(name: str) -> bool:
@@ -113,4 +119,51 @@ def tiny_qwenimage(seed: int = 0):
     return pipe
 
 
-NEW_BUILDERS = {"tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage}
+#: Qwen3's chat template (the part Flux.2 klein uses: user turn, generation prompt, thinking off).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_flux2(seed: int = 0):
+    """Flux.2-klein-like: 1 double-stream and 2 single-stream (fused attention + MLP) blocks, 4-axis RoPE, a
+    1-level Flux.2 VAE (2x2 patchified latents), true CFG as cond / uncond calls.
+
+    Text encoder: a tiny random Qwen3 (3 layers, whose hidden states are stacked as klein stacks layers 9, 18,
+    27) with the offline whole-word `Qwen2Tokenizer` of `qwen_tokenizer.py` and Qwen3's chat template (its
+    `<think>` block closed, as klein asks for `enable_thinking=False`)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .qwen_tokenizer import qwen_vocab_size, tiny_qwen_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=qwen_vocab_size(), hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+    )).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
+
+
+NEW_BUILDERS = {"tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2}
