@@ -38,6 +38,9 @@ class Control:
     needs_words: ClassVar[bool] = False
     #: Whether the control reads the images the call produces (`BindContext.call_images`).
     needs_images: ClassVar[bool] = False
+    #: The image-token grids the control's definition covers (`ModelAdapter.grid_dims`): 2 (images) and 3 (video:
+    #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,6 +62,19 @@ class Control:
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         """Raise if this control cannot act on this model family (checked at apply time)."""
+
+    def validate_grid(self, adapter: ModelAdapter) -> None:
+        """Raise UnsupportedError when the family's image-token grid has dimensions the control's definition does
+        not cover (`grid_dims`; checked at apply time, before `validate_for`)."""
+        if adapter.grid_dims not in self.grid_dims:
+            from .errors import UnsupportedError
+
+            kind = "a 3-D (frames x height x width) video" if adapter.grid_dims == 3 else f"a {adapter.grid_dims}-D"
+            raise UnsupportedError(
+                f"attnctl: {type(self).__name__} is defined over a 2-D image-token grid, and the {adapter.family} family "
+                f"has {kind} token grid; its video semantics (per-frame maps, regions as tubes, 3-D windows) are not "
+                "implemented yet"
+            )
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """What this control does to one of its layers: names from `processors.edit.EFFECT_TABLE`.
@@ -209,7 +225,7 @@ class BindContext:
         return tokens
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames)
 
 
 class Bound:

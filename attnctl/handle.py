@@ -86,6 +86,11 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
     adapter = adapter_for(denoiser)
+    if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} has a second denoiser (pipe.transformer_2: Wan 2.2's low-noise expert); attnctl "
+            "controls one denoiser per pipeline, so the other's steps would run uncontrolled; not supported yet"
+        )
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
     features = tuple(control.kernel_features(adapter, resolved[position]) for position, control in enumerate(controls))
@@ -155,6 +160,7 @@ def _check_backend_device(
 def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:
     resolved: dict[int, tuple[LayerInfo, ...]] = {}
     for position, control in enumerate(controls):
+        control.validate_grid(adapter)
         control.validate_for(adapter)
         resolved[position] = control.select(adapter)
     _check_effects(controls, resolved, adapter)

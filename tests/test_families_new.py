@@ -27,8 +27,9 @@ def generate(pipe, name: str, prompt=PROMPTS, steps: int = 2, guidance: float = 
     options = dict(CALL_DEFAULTS[name])
     options.update(kwargs)
     generator = torch.Generator().manual_seed(seed)
-    return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=generator,
-                **options).images
+    out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=generator,
+               **options)
+    return out.frames if hasattr(out, "frames") else out.images  # video pipelines return frames
 
 
 def record(pipe, name, controls=(), **kwargs):
@@ -116,6 +117,7 @@ EXPECTED_ROWS = {
     "tiny-chroma": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
     "tiny-qwenimage": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
     "tiny-flux2": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    "tiny-wan": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
 }
 
 
@@ -161,7 +163,10 @@ def _t5_positions(tokenizer, prompt: str, word: str) -> list[int]:
 
 
 #: Per tiny model: the tokenizer of the text the joint sequence holds, and where that text sits in the queries.
-TEXT = {"tiny-chroma": ("tokenizer", "first"), "tiny-qwenimage": ("tokenizer", "first"), "tiny-flux2": ("tokenizer", "first")}
+TEXT = {
+    "tiny-chroma": ("tokenizer", "first"), "tiny-qwenimage": ("tokenizer", "first"), "tiny-flux2": ("tokenizer", "first"),
+    "tiny-wan": ("tokenizer", "keys"),  # cross-attention: every key is a text token, every query an image token
+}
 
 
 def _as_encoded(pipe, name: str, prompt: str) -> str:
@@ -182,20 +187,23 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
     text keys of the weighted words; uncond rows and text queries keep plain attention."""
     pipe = tiny(name)
     table = {"red": 3.0, "street": 0.0}
-    spy = Spy(layers="joint")
+    cross = TEXT[name][1] == "keys"
+    spy = Spy(layers="cross" if cross else "joint")
     with attnctl.apply(pipe, [attnctl.Reweight(table, normalize=normalize), spy]) as handle:
         generate(pipe, name, prompt=PROMPT)
     tokenizer = getattr(pipe, TEXT[name][0])
     weights = {p: f for word, f in table.items() for p in _t5_positions(tokenizer, _as_encoded(pipe, name, PROMPT), word)}
     assert weights
-    joint = {layer.name for layer in handle.adapter.layers if layer.kind == "joint"}
-    assert {record["layer"].name for record in spy.log} == joint
+    kind = "cross" if cross else "joint"
+    assert {record["layer"].name for record in spy.log} == {layer.name for layer in handle.adapter.layers if layer.kind == kind}
     for record in spy.log:
         q, k, v = (record[x].double() for x in ("q", "k", "v"))
         n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
-        text_len = n_q - IMAGE_TOKENS
-        image_rows = slice(text_len, n_q) if TEXT[name][1] == "first" else slice(0, n_q - text_len)
-        text_keys = slice(0, text_len) if TEXT[name][1] == "first" else slice(n_q - text_len, n_k)
+        if cross:
+            image_rows, text_keys = slice(0, n_q), slice(0, n_k)
+        else:
+            text_len = n_q - IMAGE_TOKENS
+            image_rows, text_keys = slice(text_len, n_q), slice(0, text_len)
         logits = q @ k.transpose(-1, -2) / d**0.5
         if record["mask"] is not None:
             mask = record["mask"]
@@ -340,6 +348,7 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         "PLADIS": lambda: attnctl.PLADIS(scale=4.0),
         "FastAttn": lambda: attnctl.FastAttn(threshold=10.0, window=1),
         "SkipLayer": lambda: attnctl.SkipLayer(blocks=(0,), steps=(0.0, 1.0)),
+        "TGate": lambda: attnctl.TGate(gate_step=1),
     }
     ran = []
     for label, make in CONTROLS:
@@ -434,3 +443,51 @@ def test_flux2_reference_images_are_refused_with_the_reason(name, tiny):
         with pytest.raises(attnctl.CallLayoutError, match="reference"):
             inpaint(prompt=PROMPT, image=reference, mask_image=Image.new("L", (64, 64), 255), strength=0.6, num_inference_steps=2,
                     output_type="latent", **CALL_DEFAULTS[name])
+
+
+class RefIdentitySelfAttention:
+    """docs/methods.md "PAG" in self-attention: the perturbed attention is the identity, out = V (Wan's attn1:
+    no qk-norm or RoPE reaches V), then the output projection."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_pag_is_identity_self_attention_on_the_video_tokens(name, guidance):
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=guidance)
+    got, _ = record(pipe, name, [attnctl.PAG(scale=1.5)], prompt="a cat", steps=1, guidance=guidance)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    layer = pipe.transformer.blocks[1].attn1  # the middle block of 2
+    original = layer.processor
+    layer.set_processor(RefIdentitySelfAttention())
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        layer.set_processor(original)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_geometry_is_a_3d_token_grid(name, tiny):
+    """The canvas of a Wan call: frames x height x width tokens, frame-major, never assumed square."""
+    pipe = tiny(name)
+    seen = []
+
+    class Grid(Probe):
+        def bind(self, context):
+            seen.append((context.canvas, context.geometry(context.adapter.layers[0])))
+            return super().bind(context)
+
+    with attnctl.apply(pipe, [Grid()]):
+        generate(pipe, name)
+    canvas, geometry = seen[0]
+    assert (canvas.frames, canvas.token_hw, canvas.latent_hw) == (3, (4, 3), (8, 6))
+    assert geometry.image_len == 36 and geometry.frames == 3 and geometry.image_slice == slice(0, 36)

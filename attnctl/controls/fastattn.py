@@ -33,7 +33,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -230,6 +230,9 @@ class FastAttn(Control, type_name="fastattn"):
         plan's layers). Cross-attention layers may be selected; they use step_share and cfg_share only.
     key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
+
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
 
     threshold: float = 0.05
     window: WindowSize | None = None

@@ -55,6 +55,7 @@ class QwenImageAdapter(ModelAdapter):
     text_attention: ClassVar[str] = "joint"
     timestep_scale: ClassVar[float] = 1000.0
     rotary: ClassVar[bool] = True
+    cfg_calls: ClassVar[str] = "separate"
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
     }
@@ -153,3 +154,52 @@ class Flux2Adapter(FluxAdapter):
                     "tokens are not supported yet"
                 )
         return super().canvas(inputs)
+
+
+class WanAdapter(ModelAdapter):
+    """`WanTransformer3DModel` (Wan 2.1 / 2.2 video): per block, self-attention `attn1` over the video's
+    (frames x height x width) tokens with 3-D RoPE and cross-attention `attn2` to umT5 tokens (image-to-video
+    models add a separate attention to CLIP image tokens inside `attn2`); true CFG as `cache_context` calls."""
+
+    rotary: ClassVar[bool] = True
+    grid_dims: ClassVar[int] = 3
+    cfg_calls: ClassVar[str] = "separate"
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"WanTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb")}
+    indexed_blocks: ClassVar[bool] = False  # Wan's blocks are `blocks.i`; name them by path
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> WanAdapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, name in enumerate(modules):
+            parts = name.split(".")
+            if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in ("attn1", "attn2"):
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            cross = parts[2] == "attn2"
+            layers.append(LayerInfo(name, index, "cross" if cross else "self", "blocks", int(parts[1]), 0, "keys" if cross else "none"))
+        return cls(
+            family="wan",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+            dict_inputs=("attention_kwargs",),
+        )
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
+        return f"blocks.{blocks[len(blocks) // 2]} & self"  # the middle block's self-attention
+
+    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.condition_embedder.text_embedder(embeds)
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        if latents.ndim != 5:
+            raise CallLayoutError(f"attnctl: Wan expects (batch, channels, frames, height, width) latents, got {tuple(latents.shape)}")
+        p_t, p_h, p_w = (int(p) for p in self.denoiser.config.patch_size)
+        frames, height, width = (int(n) for n in latents.shape[2:])
+        return Canvas(
+            latent_hw=(height, width), token_hw=(height // p_h, width // p_w), text_len=_text_len(inputs.get("encoder_hidden_states")),
+            frames=frames // p_t,
+        )

@@ -85,6 +85,8 @@ def _klein_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
 
 
+# Wan: one encode_prompt call gives both prompts; the denoiser runs cond / uncond calls in cache_context
+PROTOCOLS["wan"] = CallProtocol("wan", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "contexts")
 PROTOCOLS["flux2"] = CallProtocol(
     "flux2", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("prompt",), None, template=_klein_chat),), "contexts"
 )
@@ -95,6 +97,11 @@ def protocol_for(family: str) -> CallProtocol:
         return PROTOCOLS[family]
     except KeyError:
         raise UnsupportedError(f"attnctl: no call protocol for model family {family!r}; known: {', '.join(PROTOCOLS)}") from None
+
+
+def _per_prompt(args: dict[str, Any]) -> int:
+    """Outputs per prompt: `num_images_per_prompt`, or video pipelines' `num_videos_per_prompt`."""
+    return int(args.get("num_images_per_prompt") or args.get("num_videos_per_prompt") or 1)
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -115,7 +122,7 @@ class PromptRecord:
 
     def prompt_rows(self) -> int:
         args = self.first
-        per_prompt = int(args.get("num_images_per_prompt") or 1)
+        per_prompt = _per_prompt(args)
         prompts = _as_list(args.get("prompt"))
         if prompts is not None:
             return len(prompts) * per_prompt
@@ -153,12 +160,15 @@ def encoder_prompts(
     if not record.has_text():
         return None
     args = record.first
-    per_prompt = int(args.get("num_images_per_prompt") or 1)
+    per_prompt = _per_prompt(args)
     rows = record.prompt_rows()
-    if branch == "uncond" and protocol.cfg_source == "contexts":
-        if len(record.arguments) < 2:
-            return None
+    # the negative prompt is the `prompt` of a second encode_prompt call (Flux, Qwen-Image, Flux.2), or the
+    # negative arguments of the one call (batched CFG, and Wan / Chroma, which encode both prompts at once)
+    separate_negative = protocol.cfg_source == "contexts" and len(record.arguments) >= 2
+    if branch == "uncond" and separate_negative:
         args = record.arguments[1]
+    elif branch == "uncond" and protocol.cfg_source == "contexts" and not record.cfg_flag():
+        return None  # no negative prompt in this call
     encoders: list[EncoderPrompts] = []
     offset = 0
     for spec in protocol.encoders:
@@ -168,7 +178,7 @@ def encoder_prompts(
             tokenizer = getattr(pipeline, attr, None)
             if tokenizer is None:
                 continue
-            if branch == "cond" or protocol.cfg_source == "contexts":
+            if branch == "cond" or separate_negative:
                 row_texts = _row_texts(args, (prompt_arg,), "prompt", rows, per_prompt)
             else:
                 row_texts = _row_texts(args, (negative_arg,), "negative_prompt", rows, per_prompt)

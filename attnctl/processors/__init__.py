@@ -14,6 +14,7 @@ from .flux2 import Flux2Processor
 from .joint import JointAttnProcessor
 from .qwen import QwenDoubleStreamProcessor
 from .self_cross import SelfCrossAttnProcessor
+from .wan import WanProcessor
 
 #: Per model family: the controlled processor class and the stock processor classes it reproduces.
 PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
@@ -24,6 +25,7 @@ PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
     "chroma": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
     "qwenimage": (QwenDoubleStreamProcessor, QwenDoubleStreamProcessor.reproduces),
     "flux2": (Flux2Processor, Flux2Processor.reproduces),
+    "wan": (WanProcessor, WanProcessor.reproduces),
 }
 
 

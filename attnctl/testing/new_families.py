@@ -20,6 +20,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "tiny-chroma": ("ChromaPipeline", "ChromaTransformer2DModel"),
     "tiny-qwenimage": ("QwenImagePipeline", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage"),
     "tiny-flux2": ("Flux2KleinPipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2"),
+    "tiny-wan": ("WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan"),
 }
 NEW_TINY_MODELS: tuple[str, ...] = tuple(REQUIRES)
 
@@ -29,6 +30,8 @@ NEW_CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny-qwenimage": {"height": 32, "width": 32, "negative_prompt": "", "true_cfg_scale": 4.0},
     # klein stacks the hidden states of three text-encoder layers (9, 18, 27 in the real model)
     "tiny-flux2": {"height": 32, "width": 32, "max_sequence_length": 48, "text_encoder_out_layers": (1, 2, 3)},
+    # 64x48 pixels, 9 frames -> latents of 3 frames of 8x6 -> a 3 x 4 x 3 token grid (not square, several frames)
+    "tiny-wan": {"height": 64, "width": 48, "num_frames": 9, "max_sequence_length": 32},
 }
 
 #: Pipelines whose first positional argument is not the prompt (Flux2KleinPipeline: `image`): call with prompt=.
@@ -166,4 +169,32 @@ def tiny_flux2(seed: int = 0):
     )
 
 
-NEW_BUILDERS = {"tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2}
+def tiny_wan(seed: int = 0):
+    """Wan-2.1-like text-to-video: 2 blocks of self-attention over a (frames x height x width) token grid with 3-D
+    RoPE and cross-attention to umT5 tokens; a 2-level Wan VAE (4x spatial, 2x temporal); true CFG as cond /
+    uncond calls. Text encoder: a tiny random UMT5 with the offline whole-word T5 tokenizer (umT5's is a
+    SentencePiece unigram model too)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tokenizers import t5_vocab_size
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32,
+        freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=t5_vocab_size(), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    )).eval()
+    return WanPipeline(
+        tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+
+
+NEW_BUILDERS = {"tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2, "tiny-wan": tiny_wan}
