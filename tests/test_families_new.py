@@ -491,3 +491,20 @@ def test_wan_geometry_is_a_3d_token_grid(name, tiny):
     canvas, geometry = seen[0]
     assert (canvas.frames, canvas.token_hw, canvas.latent_hw) == (3, (4, 3), (8, 6))
     assert geometry.image_len == 36 and geometry.frames == 3 and geometry.image_slice == slice(0, 36)
+
+
+def test_readme_support_matrix_is_the_generated_one():
+    """The README's control x family table is `attnctl.render.matrix.markdown()` (it cannot drift from the code)."""
+    import pathlib
+
+    from attnctl.render.matrix import FAMILIES, markdown
+    from attnctl.testing.new_families import NEW_TINY_MODELS
+
+    missing = [tiny for _, tiny in FAMILIES if tiny in NEW_TINY_MODELS and not available(tiny)]
+    if missing:
+        pytest.skip(f"the installed diffusers lacks {', '.join(missing)}; the README's matrix covers every family")
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- support-matrix:start -->\n", "\n<!-- support-matrix:end -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == markdown(), "regenerate the README's matrix: python -m attnctl.render.matrix"
