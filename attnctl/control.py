@@ -41,6 +41,9 @@ class Control:
     #: The image-token grids the control's definition covers (`ModelAdapter.grid_dims`): 2 (images) and 3 (video:
     #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    #: Call-machinery capabilities the control relies on (`ModelAdapter.lacks`): "extra_rows" (guidance by
+    #: perturbed rows), "appended_text" (tokens appended to a joint text sequence).
+    needs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,11 +66,19 @@ class Control:
     def validate_for(self, adapter: ModelAdapter) -> None:
         """Raise if this control cannot act on this model family (checked at apply time)."""
 
-    def validate_grid(self, adapter: ModelAdapter) -> None:
+    def validate_traits(self, adapter: ModelAdapter) -> None:
         """Raise UnsupportedError when the family's image-token grid has dimensions the control's definition does
-        not cover (`grid_dims`; checked at apply time, before `validate_for`)."""
+        not cover (`grid_dims`) or the family lacks a capability the control needs (`needs`, `ModelAdapter.lacks`);
+        checked at apply time, before `validate_for`."""
+        from .errors import UnsupportedError
+
+        for need in self.needs:
+            if need in adapter.lacks:
+                raise UnsupportedError(
+                    f"attnctl: {type(self).__name__} needs {need.replace('_', ' ')}, which the {adapter.family} family does "
+                    f"not offer: {adapter.lacks[need]}"
+                )
         if adapter.grid_dims not in self.grid_dims:
-            from .errors import UnsupportedError
 
             kind = "a 3-D (frames x height x width) video" if adapter.grid_dims == 3 else f"a {adapter.grid_dims}-D"
             raise UnsupportedError(

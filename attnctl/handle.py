@@ -160,7 +160,7 @@ def _check_backend_device(
 def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:
     resolved: dict[int, tuple[LayerInfo, ...]] = {}
     for position, control in enumerate(controls):
-        control.validate_grid(adapter)
+        control.validate_traits(adapter)
         control.validate_for(adapter)
         resolved[position] = control.select(adapter)
     _check_effects(controls, resolved, adapter)

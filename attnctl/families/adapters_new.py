@@ -203,3 +203,75 @@ class WanAdapter(ModelAdapter):
             latent_hw=(height, width), token_hw=(height // p_h, width // p_w), text_len=_text_len(inputs.get("encoder_hidden_states")),
             frames=frames // p_t,
         )
+
+
+#: Z-Image pads the image tokens and the caption tokens of every row to a multiple of this (`SEQ_MULTI_OF`).
+ZIMAGE_SEQ_MULTIPLE = 32
+
+
+class ZImageAdapter(ModelAdapter):
+    """`ZImageTransformer2DModel` (Z-Image, basic mode): per row, an image refiner (self-attention over the image
+    tokens), a caption refiner (text tokens only: not controlled, it has no image queries) and the main layers over
+    one sequence `[image; text]` with RoPE. The inputs are lists of per-row tensors; CFG is batched as
+    `[cond, uncond]`. Each row's caption is padded with a learned pad token (visible to attention) to a multiple
+    of 32, so the text span a layer sees is the padded length; rows whose padded lengths differ, an image token
+    count that is not a multiple of 32 (padding between image and text), and omni mode are refused per call."""
+
+    text_attention: ClassVar[str] = "joint"
+    rotary: ClassVar[bool] = True
+    lacks: ClassVar[dict[str, str]] = {
+        "extra_rows": "its denoiser takes lists of per-row tensors and returns a list, so perturbed rows cannot be "
+        "batched into its calls yet",
+        "appended_text": "each row's caption is padded inside the denoiser, so appended tokens would not sit at one "
+        "position for every row",
+    }
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> ZImageAdapter:
+        found = _attention_modules(denoiser)
+        modules, layers = {}, []
+        for name, module in found.items():
+            parts = name.split(".")
+            if len(parts) != 3 or not parts[1].isdigit() or parts[2] != "attention":
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            if parts[0] == "noise_refiner":
+                info = ("self", "refiner", "none")
+            elif parts[0] == "layers":
+                info = ("joint", "layers", "last")
+            elif parts[0] in ("context_refiner", "siglip_refiner"):
+                continue  # text (or SigLIP) tokens only: no image query to control; they stay stock
+            else:
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            kind, group, text = info
+            modules[name] = module
+            layers.append(LayerInfo(name, len(layers), kind, group, int(parts[1]), 0, text))
+        return cls(
+            family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules, batched_inputs=("x", "t", "cap_feats"),
+            dict_inputs=("joint_attention_kwargs",),
+        )
+
+    def batch_size(self, inputs: dict[str, Any]) -> int:
+        return len(inputs["x"])
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        images, captions = inputs["x"], inputs["cap_feats"]
+        if not isinstance(images, (list, tuple)) or not images or isinstance(images[0], (list, tuple)):
+            raise CallLayoutError("attnctl: Z-Image omni mode (nested lists of images, SigLIP features) is not supported yet")
+        patch, f_patch = int(inputs.get("patch_size") or 2), int(inputs.get("f_patch_size") or 1)
+        channels, frames, height, width = (int(n) for n in images[0].shape)
+        if frames != f_patch:
+            raise CallLayoutError(f"attnctl: Z-Image latents with {frames} frames are not supported (one image per row)")
+        rows, cols = height // patch, width // patch
+        if (rows * cols) % ZIMAGE_SEQ_MULTIPLE:
+            raise CallLayoutError(
+                f"attnctl: Z-Image pads the {rows}x{cols} image tokens to a multiple of {ZIMAGE_SEQ_MULTIPLE}, which puts "
+                "padding between the image and the text; use a size whose token grid is a multiple of 32 tokens "
+                "(e.g. width and height multiples of 64 pixels)"
+            )
+        padded = {-(-int(c.shape[0]) // ZIMAGE_SEQ_MULTIPLE) * ZIMAGE_SEQ_MULTIPLE for c in captions}
+        if len(padded) != 1:
+            raise CallLayoutError(
+                f"attnctl: the Z-Image rows' captions pad to different lengths ({sorted(padded)}), so their text spans "
+                "differ; give prompts of similar length (or one prompt per call)"
+            )
+        return Canvas(latent_hw=(height, width), token_hw=(rows, cols), text_len=padded.pop())

@@ -155,6 +155,14 @@ class ModelAdapter:
     #: How the family's pipelines run classifier-free guidance: "batched" (uncond and cond rows in one denoiser
     #: call) or "separate" (a cond call and an uncond call per step: Flux / Chroma / Qwen-Image / Flux.2 / Wan true CFG).
     cfg_calls: ClassVar[str] = "batched"
+    #: Capabilities of the call machinery this family lacks, with the reason (`Control.needs` names the ones a
+    #: control relies on: "extra_rows" to batch perturbed rows into a denoiser call, "appended_text" to append
+    #: tokens to the joint text sequence); a control needing one is refused at apply.
+    lacks: ClassVar[dict[str, str]] = {}
+
+    def batch_size(self, inputs: dict[str, Any]) -> int:
+        """The number of rows of a denoiser call (the first batched input's first dimension)."""
+        return int(inputs[self.batched_inputs[0]].shape[0])
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:

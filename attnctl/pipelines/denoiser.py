@@ -92,7 +92,7 @@ def make_forward(runtime: Any) -> Callable[[Callable[..., Any]], Callable[..., A
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             inputs = runtime.bind_inputs(args, kwargs)
-            batch = int(inputs[main_input].shape[0])
+            batch = adapter.batch_size(inputs)
             frame = runtime.open_frame(inputs, batch)
             inputs, frame = runtime.transform_inputs(frame, inputs)
             selection = runtime.selection(frame)

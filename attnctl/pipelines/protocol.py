@@ -43,6 +43,8 @@ class CallProtocol:
     encoders: tuple[EncoderSpec, ...]
     cfg_source: Literal["flag", "contexts", "sequential"]
     skip_layer_kwarg: str | None = None
+    #: Batched CFG's row order: [uncond, cond] (diffusers' usual) or "cond_first" (Z-Image: [cond, uncond]).
+    cfg_order: Literal["uncond_first", "cond_first"] = "uncond_first"
 
 
 _CLIP = EncoderSpec("clip", ("tokenizer", "tokenizer_2"), ("prompt", "prompt_2"), ("negative_prompt", "negative_prompt_2"), 77)
@@ -87,6 +89,17 @@ def _klein_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
 
 # Wan: one encode_prompt call gives both prompts; the denoiser runs cond / uncond calls in cache_context
 PROTOCOLS["wan"] = CallProtocol("wan", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "contexts")
+def _zimage_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
+    """Z-Image's Qwen3 chat template (`ZImagePipeline._encode_prompt`: thinking on); the embeddings keep every
+    non-padding token, the template's included."""
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+
+
+PROTOCOLS["zimage"] = CallProtocol(
+    "zimage", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("negative_prompt",), None, template=_zimage_chat),), "flag",
+    cfg_order="cond_first",
+)
 PROTOCOLS["flux2"] = CallProtocol(
     "flux2", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("prompt",), None, template=_klein_chat),), "contexts"
 )
@@ -236,6 +249,9 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
         branch = "uncond" if context == "uncond" else "cond"
         expected, layout = prompt_rows, RowLayout.single(branch, prompt_rows)
         what = f"{branch} rows of a separate {branch} call"
+    elif record.cfg_flag() and protocol.cfg_order == "cond_first":
+        layout = RowLayout(RowLayout.single("cond", prompt_rows).rows + RowLayout.single("uncond", prompt_rows).rows)
+        expected, what = 2 * prompt_rows, "[cond, uncond] (classifier-free guidance, cond rows first)"
     elif record.cfg_flag():
         expected, layout = 2 * prompt_rows, RowLayout.batched_cfg(prompt_rows)
         what = "[uncond, cond] (classifier-free guidance)"

@@ -90,7 +90,8 @@ class Runtime:
     def record_encode(self, arguments: dict[str, Any]) -> None:
         if self.call is None or self.call.frames:
             self.begin_call()
-        self.call.encode_calls.append(arguments)
+        # lists copied: a pipeline may rewrite its prompt list in place (ZImagePipeline templates each prompt)
+        self.call.encode_calls.append({k: list(v) if isinstance(v, list) else v for k, v in arguments.items()})
 
     def scheduler_stepped(self) -> None:
         if self.call is not None:

@@ -15,6 +15,7 @@ from .joint import JointAttnProcessor
 from .qwen import QwenDoubleStreamProcessor
 from .self_cross import SelfCrossAttnProcessor
 from .wan import WanProcessor
+from .zimage import ZImageProcessor
 
 #: Per model family: the controlled processor class and the stock processor classes it reproduces.
 PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
@@ -26,6 +27,7 @@ PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
     "qwenimage": (QwenDoubleStreamProcessor, QwenDoubleStreamProcessor.reproduces),
     "flux2": (Flux2Processor, Flux2Processor.reproduces),
     "wan": (WanProcessor, WanProcessor.reproduces),
+    "zimage": (ZImageProcessor, ZImageProcessor.reproduces),
 }
 
 

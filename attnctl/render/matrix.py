@@ -42,6 +42,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
 FAMILIES: tuple[tuple[str, str], ...] = (
     ("unet", "tiny-sd"), ("sd3", "tiny-sd3"), ("flux", "tiny-flux"), ("pixart", "tiny-pixart"),
     ("chroma", "tiny-chroma"), ("qwenimage", "tiny-qwenimage"), ("flux2", "tiny-flux2"), ("wan", "tiny-wan"),
+    ("zimage", "tiny-zimage"),
 )
 
 
@@ -52,7 +53,7 @@ Cell = tuple[str, str | None]
 def support(control: Control, adapter: ModelAdapter) -> Cell:
     """Whether `control` (as configured) passes `attnctl.apply`'s checks on `adapter`'s family, and if not, why."""
     try:
-        control.validate_grid(adapter)
+        control.validate_traits(adapter)
         control.validate_for(adapter)
         control.select(adapter)
     except UnsupportedError as error:

@@ -21,6 +21,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "tiny-qwenimage": ("QwenImagePipeline", "QwenImageTransformer2DModel", "AutoencoderKLQwenImage"),
     "tiny-flux2": ("Flux2KleinPipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2"),
     "tiny-wan": ("WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan"),
+    "tiny-zimage": ("ZImagePipeline", "ZImageTransformer2DModel"),
 }
 NEW_TINY_MODELS: tuple[str, ...] = tuple(REQUIRES)
 
@@ -32,6 +33,7 @@ NEW_CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny-flux2": {"height": 32, "width": 32, "max_sequence_length": 48, "text_encoder_out_layers": (1, 2, 3)},
     # 64x48 pixels, 9 frames -> latents of 3 frames of 8x6 -> a 3 x 4 x 3 token grid (not square, several frames)
     "tiny-wan": {"height": 64, "width": 48, "num_frames": 9, "max_sequence_length": 32},
+    "tiny-zimage": {"height": 32, "width": 32, "max_sequence_length": 32},
 }
 
 #: Pipelines whose first positional argument is not the prompt (Flux2KleinPipeline: `image`): call with prompt=.
@@ -197,4 +199,40 @@ def tiny_wan(seed: int = 0):
     )
 
 
-NEW_BUILDERS = {"tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2, "tiny-wan": tiny_wan}
+#: Qwen3's chat template with thinking on (Z-Image): the generation prompt ends after "assistant\n".
+QWEN3_THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_zimage(seed: int = 0):
+    """Z-Image-like: 1 image-refiner and 1 caption-refiner block, 2 main blocks over `[image; text]` (each padded
+    to a multiple of 32 tokens), RoPE over (t, h, w); batched CFG as `[cond, uncond]`. Text encoder: a tiny random
+    Qwen3 (Z-Image reads the second-to-last hidden states) with the offline whole-word `Qwen2Tokenizer` and
+    Qwen3's chat template."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from .qwen_tokenizer import qwen_vocab_size, tiny_qwen_tokenizer
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+        n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32],
+    ).eval()
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=qwen_vocab_size(), hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+    )).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_THINKING_TEMPLATE
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(seed=seed + 1, flow=True), text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=transformer,
+    )
+
+
+NEW_BUILDERS = {"tiny-zimage": tiny_zimage, "tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2, "tiny-wan": tiny_wan}

@@ -59,6 +59,7 @@ class SAG(Control, type_name="sag"):
 
     #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
     grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # a second forward of degraded rows
 
     scale: float = 0.75
     layer: str | None = None

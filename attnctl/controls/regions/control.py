@@ -53,6 +53,7 @@ class Regions(Control, type_name="regions"):
 
     #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
     grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    needs: ClassVar[tuple[str, ...]] = ("appended_text",)  # region prompts join a joint text sequence
 
     regions: tuple[Region, ...]
     base_ratio: float = 0.2
