@@ -296,7 +296,8 @@ def test_pag_against_a_dense_mask_reference(name, guidance):
      pytest.param("tiny-chroma", ("single_transformer_blocks.1",), "single_transformer_blocks.1", marks=_needs("tiny-chroma")),
      pytest.param("tiny-qwenimage", (1,), "transformer_blocks.1", marks=_needs("tiny-qwenimage")),
      pytest.param("tiny-flux2", (0,), "transformer_blocks.0", marks=_needs("tiny-flux2")),
-     pytest.param("tiny-flux2", ("single_transformer_blocks.0",), "single_transformer_blocks.0", marks=_needs("tiny-flux2"))],
+     pytest.param("tiny-flux2", ("single_transformer_blocks.0",), "single_transformer_blocks.0", marks=_needs("tiny-flux2")),
+     pytest.param("tiny-wan", ("blocks.1",), "blocks.1", marks=_needs("tiny-wan"))],
 )
 def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
     from attnctl.testing import make_tiny_pipeline
@@ -522,3 +523,31 @@ def test_readme_support_matrix_is_the_generated_one():
     assert start in readme and end in readme
     table = readme.split(start, 1)[1].split(end, 1)[0]
     assert table == markdown(), "regenerate the README's matrix: python -m attnctl.render.matrix"
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_video_to_video_identity(name, tiny, monkeypatch):
+    import importlib
+    import types
+
+    import diffusers
+
+    module = importlib.import_module("diffusers.pipelines.wan.pipeline_wan_video2video")
+    if not hasattr(module, "ftfy"):  # the V2V pipeline calls ftfy unguarded (WanPipeline guards it): a no-op stand-in
+        monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    pipe = diffusers.WanVideoToVideoPipeline.from_pipe(tiny(name))
+    pipe.set_progress_bar_config(disable=True)
+    from PIL import Image
+
+    video = [Image.new("RGB", (48, 64), (20 * i, 100, 200 - 20 * i)) for i in range(9)]
+
+    def run():
+        return pipe(prompt=PROMPT, video=video, strength=0.7, num_inference_steps=3, guidance_scale=4.0, height=64, width=48,
+                    output_type="latent", max_sequence_length=32, generator=torch.Generator().manual_seed(0)).frames
+
+    stock = run()
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = run()
+    assert torch.equal(stock, controlled)
+    assert torch.equal(stock, run())
