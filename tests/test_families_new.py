@@ -551,3 +551,78 @@ def test_wan_video_to_video_identity(name, tiny, monkeypatch):
         controlled = run()
     assert torch.equal(stock, controlled)
     assert torch.equal(stock, run())
+
+
+MAP_PROMPTS = ["a red cat on the street", "a photo of a red car"]
+MAP_WORDS = ["red", "cat", "street"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT if n != "tiny-wan"])
+def test_attention_maps_match_an_eager_reference(name, tiny):
+    """docs/methods.md "AttentionMaps": explicit softmax over every key of the row (the model's mask included),
+    mean over heads, sum over the word's tokens, layers and steps, on the family's 8x8 image grid; cond rows only."""
+    pipe = tiny(name)
+    spy = Spy(layers="joint")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(MAP_WORDS), spy]) as handle:
+        generate(pipe, name, prompt=MAP_PROMPTS)
+        result = handle.outputs["attention_maps"]
+    tokenizer = getattr(pipe, TEXT[name][0])
+    expected = torch.zeros(len(MAP_PROMPTS), len(MAP_WORDS), 8, 8, dtype=torch.float64)
+    for record in spy.log:
+        q, k = record["q"].double(), record["k"].double()
+        n_q, n_k = q.shape[2], k.shape[2]
+        if TEXT[name][1] == "last":
+            image_rows, text_start = slice(0, IMAGE_TOKENS), IMAGE_TOKENS
+        else:
+            image_rows, text_start = slice(n_q - IMAGE_TOKENS, n_q), 0
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = record["mask"]
+        if mask is not None:
+            logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+                               if mask.dtype == torch.bool else mask.double())
+        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].mean(1)
+        for i, row in enumerate(record["rows"].rows):
+            if row.branch != "cond":
+                continue
+            text = _as_encoded(pipe, name, MAP_PROMPTS[row.prompt])
+            for w, word in enumerate(MAP_WORDS):
+                keys = [text_start + p for p in _t5_positions(tokenizer, text, word)]
+                if keys:
+                    expected[row.prompt, w] += probs[i][:, keys].sum(-1).reshape(8, 8)
+    assert expected[0].abs().sum() > 0 and expected[1, 1].abs().sum() == 0  # "cat" is not in the second prompt
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+SEG_CASES = [  # name, query projection of the default (middle) layer, its grid at 32x48 pixels, extra call options
+    pytest.param("tiny-chroma", "transformer_blocks.0.attn.to_q", (8, 12), {}, marks=_needs("tiny-chroma")),
+    pytest.param("tiny-qwenimage", "transformer_blocks.1.attn.to_q", (8, 12), {"true_cfg_scale": 1.0}, marks=_needs("tiny-qwenimage")),
+    pytest.param("tiny-flux2", "transformer_blocks.0.attn.to_q", (8, 12), {}, marks=_needs("tiny-flux2")),
+]
+
+
+@pytest.mark.parametrize("name, projection, grid, extra", SEG_CASES)
+def test_seg_matches_a_query_blur_reference_on_a_non_square_grid(name, projection, grid, extra):
+    """docs/methods.md "SEG": the perturbed rows' image queries (before qk-norm / RoPE) are blurred over the 2-D
+    grid; D = scale (cond - perturbed) from the stock denoiser with an independently blurred query projection."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import _blur_hook, run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    size = {"height": 32, "width": 48, **extra}
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, **size)
+    got, _ = record(pipe, name, [attnctl.SEG(scale=2.0, sigma=2.0)], prompt="a cat", steps=1, **size)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    blur = _blur_hook(2.0, grid)
+
+    def contiguous_blur(module, inputs, output):  # Qwen's complex RoPE views the queries as complex numbers
+        return blur(module, inputs, output).contiguous()
+
+    hook = pipe.transformer.get_submodule(projection).register_forward_hook(contiguous_blur)
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        hook.remove()
+    term = 2.0 * (cond - perturbed)
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
