@@ -51,6 +51,19 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
+def _refuse_modular(pipe: Any) -> None:
+    """diffusers' modular pipelines run blocks that encode the prompt and call the denoiser from a shared state,
+    without the pipeline-object methods (`check_inputs`, `encode_prompt`, `maybe_free_model_hooks`) where attnctl
+    reads a call's prompts and boundaries: refused with what is missing."""
+    if any(klass.__name__ == "ModularPipeline" for klass in type(pipe).__mro__):
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} is a diffusers modular pipeline; its blocks encode the prompt and call the "
+            "denoiser without the pipeline methods attnctl reads a call from (check_inputs, encode_prompt, "
+            "maybe_free_model_hooks), so prompts, CFG rows and call boundaries are unknown. Modular pipelines are not "
+            "supported yet; use the family's classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
+        )
+
+
 def _refuse_compiled(module: torch.nn.Module, attribute: str) -> None:
     if type(module).__name__ == "OptimizedModule" or getattr(module, "_compiled_call_impl", None) is not None:
         raise UnsupportedError(
@@ -74,6 +87,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for control in controls:
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
+    _refuse_modular(pipe)
     attribute, denoiser = denoiser_of(pipe)
     _refuse_compiled(denoiser, attribute)
     live = _LIVE.get(denoiser)

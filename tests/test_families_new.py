@@ -626,3 +626,13 @@ def test_seg_matches_a_query_blur_reference_on_a_non_square_grid(name, projectio
     term = 2.0 * (cond - perturbed)
     assert term.abs().max() > 1e-4
     torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
+
+
+def test_modular_pipelines_are_refused_with_what_is_missing():
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "ModularPipeline"):
+        pytest.skip("this diffusers has no modular pipelines")
+    cls = getattr(diffusers, "Flux2KleinModularPipeline", diffusers.ModularPipeline)
+    pipe = object.__new__(cls)  # no components needed: apply refuses before reading any
+    with pytest.raises(attnctl.UnsupportedError, match="modular pipeline.*encode_prompt"):
+        attnctl.apply(pipe, [])
