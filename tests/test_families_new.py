@@ -636,3 +636,17 @@ def test_modular_pipelines_are_refused_with_what_is_missing():
     pipe = object.__new__(cls)  # no components needed: apply refuses before reading any
     with pytest.raises(attnctl.UnsupportedError, match="modular pipeline.*encode_prompt"):
         attnctl.apply(pipe, [])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-chroma", "tiny-flux2", "tiny-wan")])
+def test_fused_projections_before_apply(name):
+    """`fuse_qkv_projections()` made before apply: the controlled processors take the fused path as stock does."""
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(name)
+    pipe.transformer.fuse_qkv_projections()
+    stock = generate(pipe, name)
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = generate(pipe, name)
+    assert torch.equal(stock, controlled)
