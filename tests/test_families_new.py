@@ -650,3 +650,34 @@ def test_fused_projections_before_apply(name):
     with attnctl.apply(pipe, [Probe()]):
         controlled = generate(pipe, name)
     assert torch.equal(stock, controlled)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT])
+def test_pladis_matches_the_formula_call_by_call(name, tiny):
+    """docs/methods.md "PLADIS": on every row, the image queries' attention is dense + scale (entmax_1.5 - dense)
+    of the same logits (normalised over the full row in joint attention); text queries stay dense."""
+    from .test_guidance_math import ref_entmax
+
+    pipe = tiny(name)
+    cross = TEXT[name][1] == "keys"
+    spy = Spy(layers="cross" if cross else "joint")
+    with attnctl.apply(pipe, [attnctl.PLADIS(scale=2.0, alpha=1.5), spy]):
+        generate(pipe, name, prompt=PROMPT)
+    assert spy.log
+    for record in spy.log:
+        q, k, v = (record[x].double() for x in ("q", "k", "v"))
+        n_q = q.shape[2]
+        if cross:
+            image_rows = slice(0, n_q)
+        elif TEXT[name][1] == "last":
+            image_rows = slice(0, IMAGE_TOKENS)
+        else:
+            image_rows = slice(n_q - IMAGE_TOKENS, n_q)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if record["mask"] is not None:
+            assert record["mask"].dtype != torch.bool  # one prompt: Qwen-Image passes no mask; Chroma's is additive
+            logits = logits + record["mask"].double()
+        probs = torch.softmax(logits, -1)
+        image = probs[:, :, image_rows]
+        probs[:, :, image_rows] = image + 2.0 * (ref_entmax(logits[:, :, image_rows], 1.5) - image)
+        torch.testing.assert_close(record["out"].double(), probs @ v, rtol=1e-4, atol=2e-5)  # entmax in float32
