@@ -681,3 +681,25 @@ def test_pladis_matches_the_formula_call_by_call(name, tiny):
         image = probs[:, :, image_rows]
         probs[:, :, image_rows] = image + 2.0 * (ref_entmax(logits[:, :, image_rows], 1.5) - image)
         torch.testing.assert_close(record["out"].double(), probs @ v, rtol=1e-4, atol=2e-5)  # entmax in float32
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-qwenimage", "tiny-flux2")])
+def test_latent_image_is_the_pipelines_own_unpacking(name, tiny):
+    """SAG blurs the latent as an image: the adapter's unpacking of the denoiser's tokens is the pipeline's own."""
+    from attnctl.families import Canvas
+
+    pipe = tiny(name)
+    adapter = attnctl.handle.adapter_for(pipe.transformer)
+    rows, cols, batch = 4, 6, 2
+    tokens = torch.randn(batch, rows * cols, 16, generator=torch.Generator().manual_seed(0))
+    canvas = Canvas(latent_hw=(2 * rows, 2 * cols), token_hw=(rows, cols), text_len=8)
+    image = adapter.latent_image(tokens, canvas)
+    if name == "tiny-qwenimage":  # the pipeline's helper takes pixel sizes
+        factor = pipe.vae_scale_factor
+        expected = pipe._unpack_latents(tokens, 2 * rows * factor, 2 * cols * factor, factor)[:, :, 0]
+    else:
+        ids = pipe._prepare_latent_ids(torch.zeros(batch, 16, rows, cols))
+        unpacked = pipe._unpack_latents_with_ids(tokens, ids)
+        expected = pipe._unpatchify_latents(unpacked if isinstance(unpacked, torch.Tensor) else torch.stack(unpacked))
+    assert torch.equal(image, expected)
+    assert torch.equal(adapter.packed_latents(image), tokens)
