@@ -703,3 +703,46 @@ def test_latent_image_is_the_pipelines_own_unpacking(name, tiny):
         expected = pipe._unpatchify_latents(unpacked if isinstance(unpacked, torch.Tensor) else torch.stack(unpacked))
     assert torch.equal(image, expected)
     assert torch.equal(adapter.packed_latents(image), tokens)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_image_to_video_identity(name, tiny, monkeypatch):
+    """Wan I2V: attn2 also attends to CLIP image tokens (the stock processor takes the last 512 context tokens as
+    text); bitwise stock through attnctl's processor, and Reweight acts on the text part only."""
+    import importlib
+    import types
+
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    module = importlib.import_module("diffusers.pipelines.wan.pipeline_wan_i2v")
+    if not hasattr(module, "ftfy"):  # called unguarded by the I2V pipeline: a no-op stand-in
+        monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    base = tiny(name)
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4, text_dim=32,
+        freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=16, added_kv_proj_dim=24,
+    ).eval()
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                               image_size=32, patch_size=8, projection_dim=16)).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        image_processor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}), image_encoder=encoder, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (48, 64), (200, 30, 30))
+
+    def run():
+        return pipe(image=image, prompt="a red cat", num_inference_steps=2, guidance_scale=4.0, height=64, width=48, num_frames=9,
+                    max_sequence_length=512, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    stock = run()
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = run()
+    assert torch.equal(stock, controlled) and torch.equal(stock, run())
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 3.0})]):
+        assert not torch.equal(run(), stock)

@@ -173,9 +173,9 @@ def tiny_flux2(seed: int = 0):
 
 def tiny_wan(seed: int = 0):
     """Wan-2.1-like text-to-video: 2 blocks of self-attention over a (frames x height x width) token grid with 3-D
-    RoPE and cross-attention to umT5 tokens; a 2-level Wan VAE (4x spatial, 2x temporal); true CFG as cond /
-    uncond calls. Text encoder: a tiny random UMT5 with the offline whole-word T5 tokenizer (umT5's is a
-    SentencePiece unigram model too)."""
+    RoPE and cross-attention to umT5 tokens; a tiny Wan VAE (8x spatial, 4x temporal, the factors the pipelines
+    assume); true CFG as cond / uncond calls. Text encoder: a tiny random UMT5 with the offline whole-word T5
+    tokenizer (umT5's is a SentencePiece unigram model too)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -187,8 +187,8 @@ def tiny_wan(seed: int = 0):
         freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ).eval()
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()  # 8x spatial, 4x temporal, as Wan 2.1's
     torch.manual_seed(seed + 2)
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=t5_vocab_size(), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
