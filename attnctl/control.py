@@ -79,7 +79,6 @@ class Control:
                     f"not offer: {adapter.lacks[need]}"
                 )
         if adapter.grid_dims not in self.grid_dims:
-
             kind = "a 3-D (frames x height x width) video" if adapter.grid_dims == 3 else f"a {adapter.grid_dims}-D"
             raise UnsupportedError(
                 f"attnctl: {type(self).__name__} is defined over a 2-D image-token grid, and the {adapter.family} family "
