@@ -41,6 +41,12 @@ class Control:
     #: Why the control cannot share the denoiser with a diffusers step cache (FirstBlockCache, FasterCache, ...),
     #: or None when it can.
     step_cache_refusal: ClassVar[str | None] = None
+    #: The image-token grids the control's definition covers (`ModelAdapter.grid_dims`): 2 (images) and 3 (video:
+    #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    #: Call-machinery capabilities the control relies on (`ModelAdapter.lacks`): "extra_rows" (guidance by
+    #: perturbed rows), "appended_text" (tokens appended to a joint text sequence).
+    needs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -62,6 +68,26 @@ class Control:
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         """Raise if this control cannot act on this model family (checked at apply time)."""
+
+    def validate_traits(self, adapter: ModelAdapter) -> None:
+        """Raise UnsupportedError when the family's image-token grid has dimensions the control's definition does
+        not cover (`grid_dims`) or the family lacks a capability the control needs (`needs`, `ModelAdapter.lacks`);
+        checked at apply time, before `validate_for`."""
+        from .errors import UnsupportedError
+
+        for need in self.needs:
+            if need in adapter.lacks:
+                raise UnsupportedError(
+                    f"attnctl: {type(self).__name__} needs {need.replace('_', ' ')}, which the {adapter.family} family does "
+                    f"not offer: {adapter.lacks[need]}"
+                )
+        if adapter.grid_dims not in self.grid_dims:
+            kind = "a 3-D (frames x height x width) video" if adapter.grid_dims == 3 else f"a {adapter.grid_dims}-D"
+            raise UnsupportedError(
+                f"attnctl: {type(self).__name__} is defined over a 2-D image-token grid, and the {adapter.family} family "
+                f"has {kind} token grid; its video semantics (per-frame maps, regions as tubes, 3-D windows) are not "
+                "implemented yet"
+            )
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """What this control does to one of its layers: names from `processors.edit.EFFECT_TABLE`.
@@ -220,7 +246,7 @@ class BindContext:
         return tokens
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames)
 
 
 class Bound:

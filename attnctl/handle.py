@@ -63,6 +63,19 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
+def _refuse_modular(pipe: Any) -> None:
+    """diffusers' modular pipelines run blocks that encode the prompt and call the denoiser from a shared state,
+    without the pipeline-object methods (`check_inputs`, `encode_prompt`, `maybe_free_model_hooks`) where attnctl
+    reads a call's prompts and boundaries: refused with what is missing."""
+    if any(klass.__name__ == "ModularPipeline" for klass in type(pipe).__mro__):
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} is a diffusers modular pipeline; its blocks encode the prompt and call the "
+            "denoiser without the pipeline methods attnctl reads a call from (check_inputs, encode_prompt, "
+            "maybe_free_model_hooks), so prompts, CFG rows and call boundaries are unknown. Modular pipelines are not "
+            "supported yet; use the family's classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
+        )
+
+
 def _refuse_uncomposable(
     entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...], adapter: ModelAdapter
 ) -> None:
@@ -89,6 +102,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for control in controls:
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
+    _refuse_modular(pipe)
     attribute, entry = denoiser_of(pipe)
     denoiser = uncompiled(entry)  # torch.compile(m): attnctl hooks m itself, dynamo traces through the hooks' calls
     live = _LIVE.get(denoiser)
@@ -101,6 +115,11 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
     adapter = adapter_for(denoiser)
+    if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} has a second denoiser (pipe.transformer_2: Wan 2.2's low-noise expert); attnctl "
+            "controls one denoiser per pipeline, so the other's steps would run uncontrolled; not supported yet"
+        )
     _refuse_uncomposable(entry, denoiser, attribute, controls, adapter)
     problems = foreign_patches(denoiser, adapter.modules)
     if problems:
@@ -177,6 +196,7 @@ def _check_backend_device(
 def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:
     resolved: dict[int, tuple[LayerInfo, ...]] = {}
     for position, control in enumerate(controls):
+        control.validate_traits(adapter)
         control.validate_for(adapter)
         resolved[position] = control.select(adapter)
     _check_effects(controls, resolved, adapter)

@@ -231,6 +231,9 @@ class FastAttn(Control, type_name="fastattn"):
     key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+
     threshold: float = 0.05
     window: WindowSize | None = None
     plan: FastAttnPlan | None = None

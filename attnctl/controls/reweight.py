@@ -325,8 +325,10 @@ class ReweightBound(Bound):
         k = self._step_slot.get(step)
         if k is None:
             return None
+        # a branch with no rows in this call changes nothing here (Qwen-Image's separate uncond call may have
+        # another text length than the cond call the control was bound to)
         live = [b for b, identity in self.identity.items() if not identity[k]]
-        if not live:
+        if not any(frame.rows.indices(b) for b in live):
             return None
         if step != self._cache_step:
             self._cache_step, self._cache = step, {}

@@ -125,6 +125,12 @@ class TGate(Control, type_name="tgate"):
                 "tokens share joint attention layers); TGate supports families with cross-attention (SD / SDXL, "
                 "PixArt). Use attnctl.FastAttn for joint-attention models."
             )
+        if adapter.cfg_calls != "batched":
+            raise UnsupportedError(
+                f"attnctl: TGate averages the uncond and cond rows' cross-attention and drops CFG inside one batched "
+                f"denoiser call, and the {adapter.family} family's pipelines run cond and uncond as separate calls; "
+                "TGate supports batched-CFG families (SD / SDXL, PixArt)"
+            )
         if self.layers is not None:
             kinds = {layer.kind for layer in self.select(adapter)}
             if "self" in kinds and not self.reuses_self_attention:

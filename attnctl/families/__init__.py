@@ -6,6 +6,7 @@ import torch
 
 from ..errors import UnsupportedError
 from .adapters import FluxAdapter, PixArtAdapter, SD3Adapter, UNetAdapter
+from .adapters_new import ChromaAdapter, Flux2Adapter, QwenImageAdapter, WanAdapter, ZImageAdapter
 from .base import Canvas, Geometry, LayerInfo, ModelAdapter, TextSpan
 
 # Ordered: the first entry whose class name matches the denoiser's class (or a base class) wins.
@@ -14,6 +15,11 @@ ADAPTERS: tuple[tuple[str, type[ModelAdapter]], ...] = (
     ("SD3Transformer2DModel", SD3Adapter),
     ("FluxTransformer2DModel", FluxAdapter),
     ("PixArtTransformer2DModel", PixArtAdapter),
+    ("ChromaTransformer2DModel", ChromaAdapter),
+    ("QwenImageTransformer2DModel", QwenImageAdapter),
+    ("Flux2Transformer2DModel", Flux2Adapter),
+    ("WanTransformer3DModel", WanAdapter),
+    ("ZImageTransformer2DModel", ZImageAdapter),
 )
 SUPPORTED_DENOISERS: tuple[str, ...] = tuple(name for name, _ in ADAPTERS)
 

@@ -204,6 +204,7 @@ class FluxAdapter(ModelAdapter):
     text_attention: ClassVar[str] = "joint"
     timestep_scale: ClassVar[float] = 1000.0
     rotary: ClassVar[bool] = True
+    cfg_calls: ClassVar[str] = "separate"
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
         "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),

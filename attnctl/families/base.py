@@ -60,11 +60,16 @@ class TextSpan:
 
 @dataclass(frozen=True)
 class Canvas:
-    """The geometry of one denoiser call: latent grid, image-token grid at patch level, text length."""
+    """The geometry of one denoiser call: latent grid, image-token grid at patch level, text length.
+
+    Video denoisers (Wan) have `frames` token frames of `token_hw` each, in frame-major order (frames x height x
+    width); images have one.
+    """
 
     latent_hw: tuple[int, int]
     token_hw: tuple[int, int]
     text_len: int
+    frames: int = 1
 
     def grid_at(self, level: int) -> tuple[int, int]:
         h, w = self.token_hw
@@ -80,10 +85,11 @@ class Geometry:
     layer: LayerInfo
     image_hw: tuple[int, int]
     text_len: int
+    frames: int = 1  # token frames of `image_hw` each (video); the image tokens are frame-major
 
     @property
     def image_len(self) -> int:
-        return self.image_hw[0] * self.image_hw[1]
+        return self.frames * self.image_hw[0] * self.image_hw[1]
 
     @property
     def image_slice(self) -> slice:
@@ -143,6 +149,20 @@ class ModelAdapter:
     text_stream_blocks: ClassVar[tuple[str, ...]] = ()
     #: Whether an integer `i` names the block `transformer_blocks.i` (no flat block list in a UNet).
     indexed_blocks: ClassVar[bool] = True
+    #: The image-token grid's dimensions: 2 (height x width) or 3 (frames x height x width: video). Controls
+    #: whose definition is 2-D (`Control.grid_dims`) are refused on a 3-D grid.
+    grid_dims: ClassVar[int] = 2
+    #: How the family's pipelines run classifier-free guidance: "batched" (uncond and cond rows in one denoiser
+    #: call) or "separate" (a cond call and an uncond call per step: Flux / Chroma / Qwen-Image / Flux.2 / Wan true CFG).
+    cfg_calls: ClassVar[str] = "batched"
+    #: Capabilities of the call machinery this family lacks, with the reason (`Control.needs` names the ones a
+    #: control relies on: "extra_rows" to batch perturbed rows into a denoiser call, "appended_text" to append
+    #: tokens to the joint text sequence); a control needing one is refused at apply.
+    lacks: ClassVar[dict[str, str]] = {}
+
+    def batch_size(self, inputs: dict[str, Any]) -> int:
+        """The number of rows of a denoiser call (the first batched input's first dimension)."""
+        return int(inputs[self.batched_inputs[0]].shape[0])
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:

@@ -148,7 +148,7 @@ class DenoiserHooks:
         runtime, adapter = self.runtime, self.runtime.adapter
         self._pending = None
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
-        batch = int(inputs[self.main_input].shape[0])
+        batch = adapter.batch_size(inputs)
         frame = runtime.open_frame(inputs, batch)
         given = inputs
         inputs, frame = runtime.transform_inputs(frame, inputs)

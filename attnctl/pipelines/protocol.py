@@ -4,7 +4,9 @@
   (SD, SDXL, SD3, PixArt), cond rows only otherwise (guidance_scale <= 1);
 - Flux: cond rows only, or separate cond / uncond calls inside `transformer.cache_context("cond" / "uncond")`
   (true CFG);
-- SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`.
+- SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`;
+- sequential true CFG (Chroma): with CFG on, each scheduler position makes a cond call, then an uncond call,
+  without `cache_context` (the runtime names them by their order, `sequential_branch`).
 
 A denoiser call whose batch matches none of these raises `CallLayoutError`; nothing is guessed.
 """
@@ -30,14 +32,19 @@ class EncoderSpec:
     prompt_args: tuple[str, ...]
     negative_args: tuple[str, ...]
     length: int | None  # fixed number of positions (CLIP: 77), or None: the rest of the text sequence
+    # (pipeline, tokenizer, text) -> the text as the pipeline hands it to the tokenizer (a chat template), or None
+    # when the pipeline's template is not known (then words cannot be placed)
+    template: Callable[[Any, Any, str], str | None] | None = None
 
 
 @dataclass(frozen=True)
 class CallProtocol:
     name: str
     encoders: tuple[EncoderSpec, ...]
-    cfg_source: Literal["flag", "contexts"]
+    cfg_source: Literal["flag", "contexts", "sequential"]
     skip_layer_kwarg: str | None = None
+    #: Batched CFG's row order: [uncond, cond] (diffusers' usual) or "cond_first" (Z-Image: [cond, uncond]).
+    cfg_order: Literal["uncond_first", "cond_first"] = "uncond_first"
 
 
 _CLIP = EncoderSpec("clip", ("tokenizer", "tokenizer_2"), ("prompt", "prompt_2"), ("negative_prompt", "negative_prompt_2"), 77)
@@ -51,7 +58,51 @@ PROTOCOLS: dict[str, CallProtocol] = {
     ),
     "flux": CallProtocol("flux", (EncoderSpec("t5", ("tokenizer_2",), ("prompt_2",), ("prompt_2",), None),), "contexts"),
     "pixart": CallProtocol("pixart", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "flag"),
+    "chroma": CallProtocol("chroma", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "sequential"),
+    # Qwen2.5-VL: the chat template's prefix is dropped from the embeddings, so the prompt's tokens come first
+    "qwenimage": CallProtocol("qwenimage", (EncoderSpec("qwen", ("tokenizer",), ("prompt",), ("prompt",), None),), "contexts"),
 }
+
+
+def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before: int) -> str | None:
+    """The branch of a denoiser call under a "sequential" protocol with CFG on: the first call at a scheduler
+    position is the cond call, the second the uncond one (Chroma's true CFG); None for other protocols."""
+    if protocol.cfg_source != "sequential" or not record.cfg_flag():
+        return None
+    if calls_before > 1:
+        raise CallLayoutError(
+            f"attnctl: {calls_before + 1} denoiser calls at one scheduler position; the {protocol.name} call protocol "
+            "expects a cond call, then an uncond call"
+        )
+    return ("cond", "uncond")[calls_before]
+
+
+def _klein_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
+    """Flux.2 klein's Qwen3 chat template, as `Flux2KleinPipeline._get_qwen3_prompt_embeds` applies it (the
+    embeddings keep the template's tokens, so the prompt's words sit after its prefix); None for Flux2Pipeline
+    (Mistral, another template: not placed yet)."""
+    if type(pipeline).__name__ not in ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"):
+        return None
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+
+# Wan: one encode_prompt call gives both prompts; the denoiser runs cond / uncond calls in cache_context
+PROTOCOLS["wan"] = CallProtocol("wan", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "contexts")
+def _zimage_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
+    """Z-Image's Qwen3 chat template (`ZImagePipeline._encode_prompt`: thinking on); the embeddings keep every
+    non-padding token, the template's included."""
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+
+
+PROTOCOLS["zimage"] = CallProtocol(
+    "zimage", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("negative_prompt",), None, template=_zimage_chat),), "flag",
+    cfg_order="cond_first",
+)
+PROTOCOLS["flux2"] = CallProtocol(
+    "flux2", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("prompt",), None, template=_klein_chat),), "contexts"
+)
 
 
 def protocol_for(family: str) -> CallProtocol:
@@ -59,6 +110,11 @@ def protocol_for(family: str) -> CallProtocol:
         return PROTOCOLS[family]
     except KeyError:
         raise UnsupportedError(f"attnctl: no call protocol for model family {family!r}; known: {', '.join(PROTOCOLS)}") from None
+
+
+def _per_prompt(args: dict[str, Any]) -> int:
+    """Outputs per prompt: `num_images_per_prompt`, or video pipelines' `num_videos_per_prompt`."""
+    return int(args.get("num_images_per_prompt") or args.get("num_videos_per_prompt") or 1)
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -79,7 +135,7 @@ class PromptRecord:
 
     def prompt_rows(self) -> int:
         args = self.first
-        per_prompt = int(args.get("num_images_per_prompt") or 1)
+        per_prompt = _per_prompt(args)
         prompts = _as_list(args.get("prompt"))
         if prompts is not None:
             return len(prompts) * per_prompt
@@ -117,12 +173,15 @@ def encoder_prompts(
     if not record.has_text():
         return None
     args = record.first
-    per_prompt = int(args.get("num_images_per_prompt") or 1)
+    per_prompt = _per_prompt(args)
     rows = record.prompt_rows()
-    if branch == "uncond" and protocol.cfg_source == "contexts":
-        if len(record.arguments) < 2:
-            return None
+    # the negative prompt is the `prompt` of a second encode_prompt call (Flux, Qwen-Image, Flux.2), or the
+    # negative arguments of the one call (batched CFG, and Wan / Chroma, which encode both prompts at once)
+    separate_negative = protocol.cfg_source == "contexts" and len(record.arguments) >= 2
+    if branch == "uncond" and separate_negative:
         args = record.arguments[1]
+    elif branch == "uncond" and protocol.cfg_source == "contexts" and not record.cfg_flag():
+        return None  # no negative prompt in this call
     encoders: list[EncoderPrompts] = []
     offset = 0
     for spec in protocol.encoders:
@@ -132,7 +191,7 @@ def encoder_prompts(
             tokenizer = getattr(pipeline, attr, None)
             if tokenizer is None:
                 continue
-            if branch == "cond" or protocol.cfg_source == "contexts":
+            if branch == "cond" or separate_negative:
                 row_texts = _row_texts(args, (prompt_arg,), "prompt", rows, per_prompt)
             else:
                 row_texts = _row_texts(args, (negative_arg,), "negative_prompt", rows, per_prompt)
@@ -140,6 +199,10 @@ def encoder_prompts(
                     row_texts = [""] * rows
             if row_texts is None:
                 return None
+            if spec.template is not None:
+                row_texts = [spec.template(pipeline, tokenizer, text) for text in row_texts]
+                if any(text is None for text in row_texts):
+                    return None
             tokenizers.append(tokenizer)
             texts.append(tuple(encoded_texts(pipeline, tokenizer, row_texts, args)))
             converters.append(_textual_inversion(pipeline, tokenizer))
@@ -182,10 +245,13 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
     if protocol.skip_layer_kwarg and inputs.get(protocol.skip_layer_kwarg) is not None:
         expected, layout = prompt_rows, RowLayout.single("cond", prompt_rows)
         what = "SD3's skip-layer pass (cond rows only)"
-    elif protocol.cfg_source == "contexts":
+    elif protocol.cfg_source == "contexts" or (protocol.cfg_source == "sequential" and record.cfg_flag()):
         branch = "uncond" if context == "uncond" else "cond"
         expected, layout = prompt_rows, RowLayout.single(branch, prompt_rows)
         what = f"{branch} rows of a separate {branch} call"
+    elif record.cfg_flag() and protocol.cfg_order == "cond_first":
+        layout = RowLayout(RowLayout.single("cond", prompt_rows).rows + RowLayout.single("uncond", prompt_rows).rows)
+        expected, what = 2 * prompt_rows, "[cond, uncond] (classifier-free guidance, cond rows first)"
     elif record.cfg_flag():
         expected, layout = 2 * prompt_rows, RowLayout.batched_cfg(prompt_rows)
         what = "[uncond, cond] (classifier-free guidance)"
@@ -196,6 +262,6 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
         raise CallLayoutError(
             f"attnctl: the denoiser was called with a batch of {batch} rows, but the {protocol.name} call protocol "
             f"expects {expected} for {what} with {prompt_rows} prompt row(s). Known layouts: batched "
-            "[uncond, cond], cond only, separate cond/uncond calls (Flux true CFG), SD3 skip-layer passes."
+            "[uncond, cond], cond only, separate cond/uncond calls (Flux / Chroma true CFG), SD3 skip-layer passes."
         )
     return layout

@@ -29,7 +29,7 @@ from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepInfo
 from ..tokens import PromptTokens
 from .prompts import encode_prompts
-from .protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts
+from .protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts, sequential_branch
 
 
 @dataclass
@@ -45,6 +45,7 @@ class PipelineCallState:
     guidance_terms: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> D, for separate cond/uncond calls
     guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # step -> prompt row of each D row
     images: Any = None  # what pipe.image_processor.postprocess returned (controls with `needs_images`)
+    position_calls: dict[int, int] = field(default_factory=dict)  # scheduler position -> denoiser calls opened there
 
     @property
     def record(self) -> PromptRecord:
@@ -91,7 +92,8 @@ class Runtime:
     def record_encode(self, arguments: dict[str, Any]) -> None:
         if self.call is None or self.call.frames:
             self.begin_call()
-        self.call.encode_calls.append(arguments)
+        # lists copied: a pipeline may rewrite its prompt list in place (ZImagePipeline templates each prompt)
+        self.call.encode_calls.append({k: list(v) if isinstance(v, list) else v for k, v in arguments.items()})
 
     def scheduler_stepped(self) -> None:
         if self.call is not None:
@@ -128,8 +130,11 @@ class Runtime:
         if call.frames == 0:
             self._start_schedule(call)
         step = self._step(call)
-        rows = base_rows(self.protocol, call.record, batch, self.context, inputs)
-        frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=self.context, inputs=inputs, number=call.frames)
+        calls_before = call.position_calls.get(call.positions_done, 0)
+        call.position_calls[call.positions_done] = calls_before + 1
+        context = self.context or sequential_branch(self.protocol, call.record, calls_before)
+        rows = base_rows(self.protocol, call.record, batch, context, inputs)
+        frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=context, inputs=inputs, number=call.frames)
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
         call.frames += 1

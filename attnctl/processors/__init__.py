@@ -10,8 +10,12 @@ from __future__ import annotations
 from ..errors import UnsupportedError
 from .base import ControlledProcessor
 from .flux import FluxAttnProcessor
+from .flux2 import Flux2Processor
 from .joint import JointAttnProcessor
+from .qwen import QwenDoubleStreamProcessor
 from .self_cross import SelfCrossAttnProcessor
+from .wan import WanProcessor
+from .zimage import ZImageProcessor
 
 #: Per model family: the controlled processor class and the stock processor classes it reproduces.
 PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
@@ -19,6 +23,11 @@ PROCESSORS: dict[str, tuple[type[ControlledProcessor], tuple[str, ...]]] = {
     "pixart": (SelfCrossAttnProcessor, SelfCrossAttnProcessor.reproduces),
     "sd3": (JointAttnProcessor, JointAttnProcessor.reproduces),
     "flux": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
+    "chroma": (FluxAttnProcessor, FluxAttnProcessor.reproduces),
+    "qwenimage": (QwenDoubleStreamProcessor, QwenDoubleStreamProcessor.reproduces),
+    "flux2": (Flux2Processor, Flux2Processor.reproduces),
+    "wan": (WanProcessor, WanProcessor.reproduces),
+    "zimage": (ZImageProcessor, ZImageProcessor.reproduces),
 }
 
 

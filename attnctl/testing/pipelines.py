@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .tokenizers import clip_vocab_size, t5_vocab_size, tiny_clip_tokenizer, tiny_t5_tokenizer
+from .components import _clip_text_encoder, _t5_encoder, _vae
+from .tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
 
 TINY_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart")
 
@@ -23,36 +24,6 @@ CALL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny-flux": {"height": 32, "width": 32, "max_sequence_length": 32},
     "tiny-pixart": {"height": 32, "width": 32, "use_resolution_binning": False, "max_sequence_length": 32, "clean_caption": False},
 }
-
-
-def _clip_text_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, vocab_size=clip_vocab_size(), max_position_embeddings=77, projection_dim=projection or hidden,
-    )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
-
-
-def _t5_encoder(d_model: int = 32, seed: int = 0):
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=t5_vocab_size(), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
-    return T5EncoderModel(config).eval()
-
-
-def _vae(latent_channels: int = 4, seed: int = 0, flow: bool = False):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    extra = {"shift_factor": 0.0609, "scaling_factor": 1.5035} if flow else {}
-    return AutoencoderKL(
-        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=latent_channels, norm_num_groups=4,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, **extra,
-    ).eval()
 
 
 def tiny_sd(seed: int = 0):
@@ -148,11 +119,18 @@ _BUILDERS = {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "
 
 
 def make_tiny_pipeline(name: str, seed: int = 0, **options: Any):
-    """Build one of `TINY_MODELS` (random weights from `seed`; offline)."""
-    if name not in _BUILDERS:
+    """Build one of `TINY_MODELS` or `NEW_TINY_MODELS` (random weights from `seed`; offline)."""
+    builders = {**_BUILDERS, **NEW_BUILDERS}
+    if name not in builders:
         from ..errors import ConfigError
 
-        raise ConfigError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
-    pipe = _BUILDERS[name](seed, **options)
+        raise ConfigError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS + NEW_TINY_MODELS)}")
+    pipe = builders[name](seed, **options)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The newer families (issue #19) live in their own module; their call defaults join CALL_DEFAULTS.
+from .new_families import NEW_BUILDERS, NEW_CALL_DEFAULTS, NEW_TINY_MODELS  # noqa: E402
+
+CALL_DEFAULTS.update(NEW_CALL_DEFAULTS)

@@ -45,6 +45,7 @@ class PerturbingControl(Control):
     """
 
     kinds: ClassVar[tuple[str, ...]] = PERTURBABLE_KINDS
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)
 
     def _check_scale(self) -> None:
         set_field(self, "scale", number(self.scale, f"{type(self).__name__}.scale", minimum=0))

@@ -25,7 +25,7 @@ are degraded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,10 @@ class SAG(Control, type_name="sag"):
     scale: `s_sag` (0: off; 0.75 as the SAG pipeline). layer: the one self- / joint attention layer whose map
     drives the mask (default: see the module docstring). steps: the step window.
     """
+
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # a second forward of degraded rows
 
     scale: float = 0.75
     layer: str | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,9 @@ class SEG(PerturbingControl, type_name="seg"):
     in image tokens (>= 9999 or inf: the mean query). layers / steps / separate as PAG (same default layers).
     Defaults as the authors' SEG-SDXL code: scale 3.0, sigma 100.
     """
+
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
 
     scale: float = 3.0
     sigma: float = 100.0

@@ -58,6 +58,9 @@ class AttentionMaps(Control, type_name="attention-maps"):
     once the call has ended; None while it runs).
     """
 
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+
     words: tuple[WordQuery, ...]
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)

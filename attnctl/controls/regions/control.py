@@ -15,7 +15,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ...control import BindContext, Bound, Control, _plain
 from ...errors import ConfigError
@@ -50,6 +50,10 @@ class Regions(Control, type_name="regions"):
     options of the call (`clip_skip`, `max_sequence_length`, ...); the pooled embedding stays the base prompt's.
     The same layout applies to every prompt of a batch.
     """
+
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    needs: ClassVar[tuple[str, ...]] = ("appended_text",)  # region prompts join a joint text sequence
 
     regions: tuple[Region, ...]
     base_ratio: float = 0.2

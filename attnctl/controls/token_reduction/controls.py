@@ -228,6 +228,9 @@ class ToMe(_Reducer, Control, type_name="tome"):
     - `key`: where the `TokenReductionReport` goes in `handle.outputs` (two ToMe controls need two keys).
     """
 
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+
     ratio: float = 0.5
     stride: int = 2
     layers: LayerSpec = None
@@ -281,6 +284,9 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     Acts on self-attention layers only (UNet, PixArt, SD3.5's image-only `attn2`); layers, seed and key (default
     `"agent_attention"`) as `ToMe`.
     """
+
+    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
 
     ratio: float = 0.4
     agent_ratio: float = 0.95

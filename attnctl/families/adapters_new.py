@@ -1,0 +1,277 @@
+"""Model adapters for the newer DiT families (issue #19): Chroma, Qwen-Image, Z-Image, Flux.2, Wan.
+
+As in `adapters.py`, layers are discovered through the public `attn_processors` surface and classified by
+their module path; a call's geometry comes from the call's own inputs (`img_ids`, `img_shapes`, the latent
+shape), never from guessing on tensor shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import CallLayoutError, UnsupportedError
+from .adapters import FluxAdapter, _attention_modules, _text_len
+from .base import Canvas, LayerInfo, ModelAdapter
+
+
+class ChromaAdapter(FluxAdapter):
+    """`ChromaTransformer2DModel`: Flux's layout (double blocks `[text; image]`, single blocks with the text
+    concatenated first, RoPE, 2x2 packed latents), T5 only, a text padding mask, true CFG as two calls."""
+
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "ChromaTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb", "attention_mask"),
+        "ChromaSingleTransformerBlock": ("hidden_states", "temb", "attention_mask"),
+    }
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("ChromaTransformerBlock",)
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> ChromaAdapter:
+        adapter = super().discover(denoiser)
+        adapter.family = "chroma"
+        adapter.batched_inputs = (
+            "hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
+            "controlnet_block_samples", "controlnet_single_block_samples",
+        )
+        return adapter
+
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+        """As Flux, and the `[text; image]` attention mask gets ones for the appended tokens."""
+        changed = super().append_text(inputs, block, segments)
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            text = inputs["encoder_hidden_states"].shape[1]
+            ones = torch.ones(mask.shape[0], block.shape[1], dtype=mask.dtype, device=mask.device)
+            changed["attention_mask"] = torch.cat([mask[:, :text], ones, mask[:, text:]], dim=1)
+        return changed
+
+
+class QwenImageAdapter(ModelAdapter):
+    """`QwenImageTransformer2DModel`: double-stream blocks only, joint attention `[text; image]` with the text
+    padding mask, separate text / image RoPE, 2x2 packed latents (`img_shapes` gives the token grid), true CFG
+    as separate `cache_context("cond" / "uncond")` calls; guidance-distilled checkpoints take `guidance`."""
+
+    text_attention: ClassVar[str] = "joint"
+    timestep_scale: ClassVar[float] = 1000.0
+    rotary: ClassVar[bool] = True
+    cfg_calls: ClassVar[str] = "separate"
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
+    }
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("QwenImageTransformerBlock",)
+
+    latent_image = FluxAdapter.latent_image  # the same 2x2 packing as Flux
+    packed_latents = FluxAdapter.packed_latents
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> QwenImageAdapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, name in enumerate(modules):
+            parts = name.split(".")
+            if parts[0] != "transformer_blocks" or len(parts) != 3 or not parts[1].isdigit():
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            layers.append(LayerInfo(name, index, "joint", "blocks", int(parts[1]), 0, "first"))
+        if getattr(denoiser.config, "zero_cond_t", False):
+            raise UnsupportedError(
+                "attnctl: this Qwen-Image transformer has zero_cond_t (Qwen-Image-Edit-2511: the reference image's "
+                "tokens are modulated with t = 0 in the same sequence); reference-image tokens are not supported yet"
+            )
+        return cls(
+            family="qwenimage",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=(
+                "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
+                "controlnet_block_samples", "additional_t_cond",
+            ),
+            dict_inputs=("attention_kwargs",),
+        )
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
+        return f"transformer_blocks.{blocks[len(blocks) // 2]}"  # the middle block
+
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+        """Text RoPE positions follow the text length, so appended tokens take the next positions; the padding
+        mask, when there is one, gets ones for them."""
+        changed = dict(inputs)
+        context = inputs["encoder_hidden_states"]
+        changed["encoder_hidden_states"] = torch.cat([context, block], dim=1)
+        mask = inputs.get("encoder_hidden_states_mask")
+        if isinstance(mask, torch.Tensor):
+            ones = torch.ones(mask.shape[0], block.shape[1], dtype=mask.dtype, device=mask.device)
+            changed["encoder_hidden_states_mask"] = torch.cat([mask, ones], dim=1)
+        return changed
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        shapes = inputs.get("img_shapes")
+        if not shapes:
+            raise CallLayoutError("attnctl: the Qwen-Image transformer was called without img_shapes; the image grid is unknown")
+        per_sample = shapes[0] if isinstance(shapes[0], list) else list(shapes)
+        n = int(latents.shape[1])
+        if len(per_sample) != 1:
+            raise CallLayoutError(
+                f"attnctl: Qwen-Image img_shapes {per_sample} hold {len(per_sample)} images; reference-image tokens "
+                "(QwenImageEditPipeline / EditPlus) are not supported yet"
+            )
+        frames, rows, cols = (int(x) for x in per_sample[0])
+        if frames != 1 or rows * cols != n:
+            raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample[0]} disagree with {n} image tokens")
+        return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
+
+
+class Flux2Adapter(FluxAdapter):
+    """`Flux2Transformer2DModel` (Flux.2 dev, Flux.2 klein): Flux's layout with 4-axis positions (t, h, w, l):
+    double-stream blocks (`Flux2Attention`, `[text; image]`) and single-stream blocks (`Flux2ParallelSelfAttention`,
+    text concatenated first, attention and MLP from one fused projection); an LLM text encoder (no CLIP, no pooled
+    text); guidance-distilled (dev: `guidance`, no uncond call) or true CFG as `cache_context` calls (klein base)."""
+
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Flux2TransformerBlock": ("hidden_states", "encoder_hidden_states", "temb_mod_img", "temb_mod_txt"),
+        "Flux2SingleTransformerBlock": ("hidden_states", "temb_mod"),
+    }
+    text_stream_blocks: ClassVar[tuple[str, ...]] = ("Flux2TransformerBlock",)
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> Flux2Adapter:
+        adapter = super().discover(denoiser)
+        adapter.family = "flux2"
+        adapter.batched_inputs = ("hidden_states", "encoder_hidden_states", "timestep", "guidance")
+        return adapter
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        img_ids = inputs.get("img_ids")
+        if isinstance(img_ids, torch.Tensor):
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            if ids.shape[-1] == 4 and bool((ids[:, 0] != ids[0, 0]).any()):
+                raise CallLayoutError(
+                    "attnctl: this Flux.2 call has reference-image tokens in its sequence (img_ids with several time "
+                    "coordinates: Flux2KleinPipeline(image=...), Flux2KleinInpaintPipeline, Flux.2 editing); reference "
+                    "tokens are not supported yet"
+                )
+        return super().canvas(inputs)
+
+
+class WanAdapter(ModelAdapter):
+    """`WanTransformer3DModel` (Wan 2.1 / 2.2 video): per block, self-attention `attn1` over the video's
+    (frames x height x width) tokens with 3-D RoPE and cross-attention `attn2` to umT5 tokens (image-to-video
+    models add a separate attention to CLIP image tokens inside `attn2`); true CFG as `cache_context` calls."""
+
+    rotary: ClassVar[bool] = True
+    grid_dims: ClassVar[int] = 3
+    cfg_calls: ClassVar[str] = "separate"
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"WanTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb")}
+    indexed_blocks: ClassVar[bool] = False  # Wan's blocks are `blocks.i`; name them by path
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> WanAdapter:
+        modules = _attention_modules(denoiser)
+        layers = []
+        for index, name in enumerate(modules):
+            parts = name.split(".")
+            if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in ("attn1", "attn2"):
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            cross = parts[2] == "attn2"
+            layers.append(LayerInfo(name, index, "cross" if cross else "self", "blocks", int(parts[1]), 0, "keys" if cross else "none"))
+        return cls(
+            family="wan",
+            denoiser=denoiser,
+            layers=tuple(layers),
+            modules=modules,
+            batched_inputs=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+            dict_inputs=("attention_kwargs",),
+        )
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
+        return f"blocks.{blocks[len(blocks) // 2]} & self"  # the middle block's self-attention
+
+    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.condition_embedder.text_embedder(embeds)
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        latents = inputs["hidden_states"]
+        if latents.ndim != 5:
+            raise CallLayoutError(f"attnctl: Wan expects (batch, channels, frames, height, width) latents, got {tuple(latents.shape)}")
+        p_t, p_h, p_w = (int(p) for p in self.denoiser.config.patch_size)
+        frames, height, width = (int(n) for n in latents.shape[2:])
+        return Canvas(
+            latent_hw=(height, width), token_hw=(height // p_h, width // p_w), text_len=_text_len(inputs.get("encoder_hidden_states")),
+            frames=frames // p_t,
+        )
+
+
+#: Z-Image pads the image tokens and the caption tokens of every row to a multiple of this (`SEQ_MULTI_OF`).
+ZIMAGE_SEQ_MULTIPLE = 32
+
+
+class ZImageAdapter(ModelAdapter):
+    """`ZImageTransformer2DModel` (Z-Image, basic mode): per row, an image refiner (self-attention over the image
+    tokens), a caption refiner (text tokens only: not controlled, it has no image queries) and the main layers over
+    one sequence `[image; text]` with RoPE. The inputs are lists of per-row tensors; CFG is batched as
+    `[cond, uncond]`. Each row's caption is padded with a learned pad token (visible to attention) to a multiple
+    of 32, so the text span a layer sees is the padded length; rows whose padded lengths differ, an image token
+    count that is not a multiple of 32 (padding between image and text), and omni mode are refused per call."""
+
+    text_attention: ClassVar[str] = "joint"
+    rotary: ClassVar[bool] = True
+    lacks: ClassVar[dict[str, str]] = {
+        "extra_rows": "its denoiser takes lists of per-row tensors and returns a list, so perturbed rows cannot be "
+        "batched into its calls yet",
+        "appended_text": "each row's caption is padded inside the denoiser, so appended tokens would not sit at one "
+        "position for every row",
+    }
+
+    @classmethod
+    def discover(cls, denoiser: torch.nn.Module) -> ZImageAdapter:
+        found = _attention_modules(denoiser)
+        modules, layers = {}, []
+        for name, module in found.items():
+            parts = name.split(".")
+            if len(parts) != 3 or not parts[1].isdigit() or parts[2] != "attention":
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            if parts[0] == "noise_refiner":
+                info = ("self", "refiner", "none")
+            elif parts[0] == "layers":
+                info = ("joint", "layers", "last")
+            elif parts[0] in ("context_refiner", "siglip_refiner"):
+                continue  # text (or SigLIP) tokens only: no image query to control; they stay stock
+            else:
+                raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
+            kind, group, text = info
+            modules[name] = module
+            layers.append(LayerInfo(name, len(layers), kind, group, int(parts[1]), 0, text))
+        return cls(
+            family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules, batched_inputs=("x", "t", "cap_feats"),
+            dict_inputs=("joint_attention_kwargs",),
+        )
+
+    def batch_size(self, inputs: dict[str, Any]) -> int:
+        return len(inputs["x"])
+
+    def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        images, captions = inputs["x"], inputs["cap_feats"]
+        if not isinstance(images, (list, tuple)) or not images or isinstance(images[0], (list, tuple)):
+            raise CallLayoutError("attnctl: Z-Image omni mode (nested lists of images, SigLIP features) is not supported yet")
+        patch, f_patch = int(inputs.get("patch_size") or 2), int(inputs.get("f_patch_size") or 1)
+        channels, frames, height, width = (int(n) for n in images[0].shape)
+        if frames != f_patch:
+            raise CallLayoutError(f"attnctl: Z-Image latents with {frames} frames are not supported (one image per row)")
+        rows, cols = height // patch, width // patch
+        if (rows * cols) % ZIMAGE_SEQ_MULTIPLE:
+            raise CallLayoutError(
+                f"attnctl: Z-Image pads the {rows}x{cols} image tokens to a multiple of {ZIMAGE_SEQ_MULTIPLE}, which puts "
+                "padding between the image and the text; use a size whose token grid is a multiple of 32 tokens "
+                "(e.g. width and height multiples of 64 pixels)"
+            )
+        padded = {-(-int(c.shape[0]) // ZIMAGE_SEQ_MULTIPLE) * ZIMAGE_SEQ_MULTIPLE for c in captions}
+        if len(padded) != 1:
+            raise CallLayoutError(
+                f"attnctl: the Z-Image rows' captions pad to different lengths ({sorted(padded)}), so their text spans "
+                "differ; give prompts of similar length (or one prompt per call)"
+            )
+        return Canvas(latent_hw=(height, width), token_hw=(rows, cols), text_len=padded.pop())

@@ -1,0 +1,748 @@
+"""The newer families of issue #19 (Chroma, ...) on their tiny offline models: bitwise identities (apply with
+no controls, after remove, img2img / inpaint), the call protocol, every control whose definition applies
+against an independent reference, and the refusals of the others.
+
+diffusers releases before these families (the oldest supported, 0.35) skip them with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnctl
+from attnctl.processors.base import ControlledProcessor
+from attnctl.testing import CALL_DEFAULTS
+from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
+
+from .helpers import PROMPTS, Probe
+from .reference_attention import Spy
+
+PROMPT = "a red cat on the street"
+
+
+def generate(pipe, name: str, prompt=PROMPTS, steps: int = 2, guidance: float = 5.0, seed: int = 0, **kwargs):
+    """tests.helpers.generate with the prompt as a keyword (Flux2KleinPipeline's first argument is `image`)."""
+    options = dict(CALL_DEFAULTS[name])
+    options.update(kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    prompt = list(prompt) if isinstance(prompt, list) else prompt  # ZImagePipeline rewrites a prompt list in place
+    out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=generator,
+               **options)
+    return out.frames if hasattr(out, "frames") else out.images  # video pipelines return frames
+
+
+def record(pipe, name, controls=(), **kwargs):
+    """(predictions handed to scheduler.step, denoiser calls) of one generation (tests.test_guidance.record)."""
+    from .test_guidance import StepRecorder
+
+    recorder = StepRecorder(pipe)
+    try:
+        if controls:
+            with attnctl.apply(pipe, list(controls)):
+                generate(pipe, name, **kwargs)
+        else:
+            generate(pipe, name, **kwargs)
+    finally:
+        recorder.close()
+    return recorder.predictions, recorder.calls
+
+
+def _needs(name: str):
+    return pytest.mark.skipif(
+        not available(name), reason=f"{name} needs diffusers with {', '.join(REQUIRES[name])} (newer than the installed one)"
+    )
+
+
+MODELS = [pytest.param(name, marks=_needs(name)) for name in NEW_TINY_MODELS]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from attnctl.testing import make_tiny_pipeline
+
+    cache: dict[str, object] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = make_tiny_pipeline(name)
+        return cache[name]
+
+    return get
+
+
+def _denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def _processors(denoiser) -> dict:
+    """Every attention module's processor (Z-Image's denoiser has no `attn_processors`)."""
+    return {name: m.processor for name, m in denoiser.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}
+
+
+# -- identities ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("name", MODELS)
+def test_empty_apply_and_remove_are_bitwise_stock(name, guidance, tiny):
+    pipe = tiny(name)
+    stock = generate(pipe, name, guidance=guidance)
+    with attnctl.apply(pipe, []) as handle:
+        controlled = {layer.name for layer in handle.adapter.layers}
+        processors = {name: p for name, p in _processors(_denoiser(pipe)).items() if name in controlled}
+        assert processors and all(isinstance(p, ControlledProcessor) for p in processors.values())
+        controlled = generate(pipe, name, guidance=guidance)
+    after = generate(pipe, name, guidance=guidance)
+    assert torch.equal(stock, controlled)
+    assert torch.equal(stock, after)
+    assert not any(isinstance(p, ControlledProcessor) for p in _processors(_denoiser(pipe)).values())
+    assert "forward" not in _denoiser(pipe).__dict__ and not handle.live
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", MODELS)
+def test_identity_edit_sees_every_layer_every_step_and_the_rows(name, tiny):
+    pipe = tiny(name)
+    stock = generate(pipe, name, steps=3)
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]) as handle:
+        controlled = generate(pipe, name, steps=3)
+    assert torch.equal(stock, controlled)
+    calls = [entry for entry in probe.log if entry[0] != "bind"]
+    assert {entry[0] for entry in calls} == {layer.name for layer in handle.adapter.layers}
+    assert sorted({entry[1] for entry in calls}) == [0, 1, 2]
+    first = handle.adapter.layers[0].name
+    rows = [entry[3] for entry in calls if entry[0] == first]
+    assert rows == EXPECTED_ROWS[name] * 3
+
+
+# rows of the denoiser calls of one step with CALL_DEFAULTS, two prompts, guidance 5
+EXPECTED_ROWS = {
+    "tiny-chroma": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    "tiny-qwenimage": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    "tiny-flux2": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    "tiny-wan": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],
+    # one batched call, cond rows first
+    "tiny-zimage": [(("cond", 0, None), ("cond", 1, None), ("uncond", 0, None), ("uncond", 1, None))],
+}
+
+
+VARIANTS = {
+    ("tiny-chroma", "img2img"): "ChromaImg2ImgPipeline", ("tiny-chroma", "inpaint"): "ChromaInpaintPipeline",
+    ("tiny-qwenimage", "img2img"): "QwenImageImg2ImgPipeline", ("tiny-qwenimage", "inpaint"): "QwenImageInpaintPipeline",
+    ("tiny-zimage", "img2img"): "ZImageImg2ImgPipeline", ("tiny-zimage", "inpaint"): "ZImageInpaintPipeline",
+}
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name, variant", [pytest.param(*key, marks=_needs(key[0])) for key in VARIANTS])
+def test_img2img_and_inpaint_identity(name, variant, tiny):
+    import diffusers
+
+    pipe = getattr(diffusers, VARIANTS[(name, variant)]).from_pipe(tiny(name))
+    if name == "tiny-chroma" and variant == "inpaint" and "guidance_embeds" not in pipe.transformer.config:
+        pytest.skip("ChromaInpaintPipeline reads transformer.config.guidance_embeds, which ChromaTransformer2DModel's "
+                    "config does not have: the stock pipeline fails before attnctl is involved (diffusers bug)")
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    extra = dict(CALL_DEFAULTS[name])
+    if variant == "inpaint":
+        extra["mask_image"] = torch.ones(1, 1, 32, 32)
+
+    def run():
+        return pipe(prompt=PROMPT, image=image, strength=0.6, num_inference_steps=4, guidance_scale=4.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **extra).images
+
+    stock = run()
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = run()
+    assert torch.equal(stock, controlled)
+    assert torch.equal(stock, run())
+
+
+# -- controls against references -----------------------------------------------------------------------------
+
+
+def _t5_positions(tokenizer, prompt: str, word: str) -> list[int]:
+    ids = tokenizer(prompt).input_ids
+    pattern = tokenizer(" " + word, add_special_tokens=False).input_ids
+    return [i + j for i in range(len(ids) - len(pattern) + 1) if ids[i : i + len(pattern)] == pattern for j in range(len(pattern))]
+
+
+#: Per tiny model: the tokenizer of the text the joint sequence holds, and where that text sits in the queries.
+TEXT = {
+    "tiny-chroma": ("tokenizer", "first"), "tiny-qwenimage": ("tokenizer", "first"), "tiny-flux2": ("tokenizer", "first"),
+    "tiny-wan": ("tokenizer", "keys"),  # cross-attention: every key is a text token, every query an image token
+    "tiny-zimage": ("tokenizer", "last"),  # [image; text], the text padded to 32 tokens with a learned pad token
+}
+
+
+def _as_encoded(pipe, name: str, prompt: str) -> str:
+    """The text the pipeline hands its tokenizer: klein wraps the prompt in Qwen3's chat template, whose tokens
+    stay in the embeddings (Qwen-Image drops its template prefix, Chroma has none)."""
+    if name in ("tiny-flux2", "tiny-zimage"):
+        messages = [{"role": "user", "content": prompt}]
+        return pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=name == "tiny-zimage")
+    return prompt
+#: Image tokens of every new tiny model at CALL_DEFAULTS' 32x32: a 16x16 latent in 2x2 patches.
+IMAGE_TOKENS = 64
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["p2p", "normalize"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT])
+def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
+    """docs/methods.md "Reweight": the cond rows' image queries see A * w (or softmax(logits + log w)) over the
+    text keys of the weighted words; uncond rows and text queries keep plain attention."""
+    pipe = tiny(name)
+    table = {"red": 3.0, "street": 0.0}
+    cross = TEXT[name][1] == "keys"
+    spy = Spy(layers="cross" if cross else "joint")
+    with attnctl.apply(pipe, [attnctl.Reweight(table, normalize=normalize), spy]) as handle:
+        generate(pipe, name, prompt=PROMPT)
+    tokenizer = getattr(pipe, TEXT[name][0])
+    weights = {p: f for word, f in table.items() for p in _t5_positions(tokenizer, _as_encoded(pipe, name, PROMPT), word)}
+    assert weights
+    kind = "cross" if cross else "joint"
+    assert {record["layer"].name for record in spy.log} == {layer.name for layer in handle.adapter.layers if layer.kind == kind}
+    for record in spy.log:
+        q, k, v = (record[x].double() for x in ("q", "k", "v"))
+        n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
+        if cross:
+            image_rows, text_keys = slice(0, n_q), slice(0, n_k)
+        elif TEXT[name][1] == "last":
+            image_rows, text_keys = slice(0, IMAGE_TOKENS), slice(IMAGE_TOKENS, n_k)
+        else:
+            text_len = n_q - IMAGE_TOKENS
+            image_rows, text_keys = slice(text_len, n_q), slice(0, text_len)
+        logits = q @ k.transpose(-1, -2) / d**0.5
+        if record["mask"] is not None:
+            mask = record["mask"]
+            logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask.double())
+        w = torch.ones(q.shape[0], n_k, dtype=torch.float64)
+        for b, row in enumerate(record["rows"].rows):
+            if row.branch == "cond":
+                for position, factor in weights.items():
+                    w[b, text_keys.start + position] *= factor
+        if normalize:
+            bias = torch.zeros(q.shape[0], 1, n_q, n_k, dtype=torch.float64)
+            bias[:, :, image_rows] = torch.log(w)[:, None, None, :]
+            expected = torch.softmax(logits + bias, -1) @ v
+        else:
+            probs = torch.softmax(logits, -1)
+            probs[:, :, image_rows] = probs[:, :, image_rows] * w[:, None, None, :]
+            expected = probs @ v
+        torch.testing.assert_close(record["out"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+class RefFluxLayoutPAG:
+    """Flux-layout double-block attention (qk-norm, RoPE, `[text; image]`, the model's own mask) with the joint
+    PAG mask of docs/methods.md "PAG" (an image query sees itself and the text), dense."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        text, n = eq.shape[1], q.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        mask = torch.zeros(text + n, text + n)
+        mask[text:, text:] = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+        if attention_mask is not None:  # Chroma's 0/1 float mask is additive in the stock SDPA call, as here
+            mask = mask + attention_mask if attention_mask.dtype != torch.bool else mask.masked_fill(~attention_mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-chroma", "tiny-flux2")])
+def test_pag_against_a_dense_mask_reference(name, guidance):
+    """D = scale (cond - perturbed) is added to the cond and (true CFG) the uncond prediction: stock + D."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=guidance)
+    got, _ = record(pipe, name, [attnctl.PAG(scale=1.5)], prompt="a cat", steps=1, guidance=guidance)
+    call = calls[0]  # the cond call comes first
+    cond = run_denoiser(pipe, call, [0], 1)
+    layer = pipe.transformer.transformer_blocks[0].attn
+    original = layer.processor
+    layer.set_processor(RefFluxLayoutPAG())
+    try:
+        perturbed = run_denoiser(pipe, call, [0], 1)
+    finally:
+        layer.set_processor(original)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, blocks, path",
+    [pytest.param("tiny-chroma", (0,), "transformer_blocks.0", marks=_needs("tiny-chroma")),
+     pytest.param("tiny-chroma", ("single_transformer_blocks.1",), "single_transformer_blocks.1", marks=_needs("tiny-chroma")),
+     pytest.param("tiny-qwenimage", (1,), "transformer_blocks.1", marks=_needs("tiny-qwenimage")),
+     pytest.param("tiny-flux2", (0,), "transformer_blocks.0", marks=_needs("tiny-flux2")),
+     pytest.param("tiny-flux2", ("single_transformer_blocks.0",), "single_transformer_blocks.0", marks=_needs("tiny-flux2")),
+     pytest.param("tiny-wan", ("blocks.1",), "blocks.1", marks=_needs("tiny-wan"))],
+)
+def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    off = {"guidance": 1.0, "true_cfg_scale": 1.0} if name == "tiny-qwenimage" else {"guidance": 1.0}
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, **off)
+    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=1, **off)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    block = pipe.transformer.get_submodule(path)
+    two_streams = type(block).__name__ in attnctl.handle.adapter_for(pipe.transformer).text_stream_blocks
+
+    def skipped(hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        return (encoder_hidden_states, hidden_states) if two_streams else hidden_states
+
+    block.forward = skipped
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        del block.forward
+    term = 2.0 * (cond - perturbed)
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
+
+
+# -- the support matrix: refusals at apply, and every supported control runs ----------------------------------
+
+
+def _family_of(name: str) -> str:
+    from attnctl.render.matrix import FAMILIES
+
+    return {tiny: family for family, tiny in FAMILIES}[name]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_refused_controls_are_refused_at_apply_and_leave_the_pipeline_untouched(name, tiny):
+    from attnctl.render.matrix import CONTROLS, support
+
+    pipe = tiny(name)
+    adapter = attnctl.handle.adapter_for(_denoiser(pipe))
+    refused = [(label, make) for label, make in CONTROLS if support(make(), adapter)[0] == "refused"]
+    before = _processors(_denoiser(pipe))
+    for label, make in refused:
+        with pytest.raises(attnctl.UnsupportedError, match=adapter.family):
+            attnctl.apply(pipe, [make()])
+        assert _processors(_denoiser(pipe)) == before, label
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_supported_control_runs_and_changes_the_output(name, tiny):
+    """Each control the matrix says yes to, at a strength that changes something: applies, runs a true-CFG
+    call, gives finite latents different from stock, and leaves the pipeline bitwise stock after remove."""
+    from attnctl.render.matrix import CONTROLS, support
+
+    pipe = tiny(name)
+    adapter = attnctl.handle.adapter_for(_denoiser(pipe))
+    stock = generate(pipe, name, prompt=PROMPT)
+    strong = {
+        "Reweight": lambda: attnctl.Reweight({"cat": 4.0, "street": 0.0}),
+        "Regions": lambda: attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))], base_ratio=0.0),
+        "PLADIS": lambda: attnctl.PLADIS(scale=4.0),
+        "FastAttn": lambda: attnctl.FastAttn(threshold=10.0, window=1),
+        "SkipLayer": lambda: attnctl.SkipLayer(blocks=(0,), steps=(0.0, 1.0)),
+        "TGate": lambda: attnctl.TGate(gate_step=1),
+    }
+    ran = []
+    for label, make in CONTROLS:
+        if support(make(), adapter)[0] != "yes":
+            continue
+        control = strong.get(label, make)()
+        with attnctl.apply(pipe, [control]) as handle:
+            out = generate(pipe, name, prompt=PROMPT)
+        assert torch.isfinite(out).all(), label
+        if label == "AttentionMaps":
+            result = handle.outputs["attention_maps"]
+            assert result is not None, label
+        else:
+            assert not torch.equal(out, stock), label
+        ran.append(label)
+    assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
+    assert "Reweight" in ran and ("PAG" in ran or "extra_rows" in adapter.lacks)
+
+
+class RefQwenPAG:
+    """Qwen-Image's double-stream attention (qk-norms, separate RoPE, `[text; image]`, the text padding mask) with
+    the joint PAG mask of docs/methods.md "PAG", dense."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        img_freqs, txt_freqs = image_rotary_emb
+        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+        eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
+        text, n = eq.shape[1], q.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        allowed = torch.ones(q.shape[0], 1, text + n, text + n, dtype=torch.bool)
+        allowed[:, :, text:, text:] = torch.eye(n, dtype=torch.bool)
+        if encoder_hidden_states_mask is not None:
+            allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        out = out.transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])
+def test_qwenimage_pag_against_a_dense_mask_reference(name):
+    """Without true CFG (the pipeline rescales a true-CFG combination by the cond norm): cond + D exactly."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    prompts = ["a cat", "a red car on the street"]  # different lengths: the text padding mask is in play
+    stock, calls = record(pipe, name, prompt=prompts, steps=1, true_cfg_scale=1.0)
+    got, _ = record(pipe, name, [attnctl.PAG(scale=1.5)], prompt=prompts, steps=1, true_cfg_scale=1.0)
+    assert calls[0]["kwargs"]["encoder_hidden_states_mask"] is not None
+    cond = run_denoiser(pipe, calls[0], [0, 1], 2)
+    layer = pipe.transformer.transformer_blocks[1].attn  # the middle block of 2
+    original = layer.processor
+    layer.set_processor(RefQwenPAG())
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0, 1], 2)
+    finally:
+        layer.set_processor(original)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-flux2", marks=_needs("tiny-flux2"))])
+def test_flux2_reference_images_are_refused_with_the_reason(name, tiny):
+    """Klein's `image=` puts reference-image tokens into the sequence: refused at the first denoiser call (the
+    grid the controls read would be wrong), and the pipeline is left as it was."""
+    pipe = tiny(name)
+    stock = generate(pipe, name)
+    from PIL import Image
+
+    reference = Image.new("RGB", (64, 64), (200, 30, 30))  # the Flux.2 image processor wants >= 64 px
+    with attnctl.apply(pipe, [Probe()]):
+        with pytest.raises(attnctl.CallLayoutError, match="reference"):
+            generate(pipe, name, image=reference)
+    assert torch.equal(generate(pipe, name), stock)
+    import diffusers
+
+    inpaint = diffusers.Flux2KleinInpaintPipeline.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    with attnctl.apply(inpaint, [Probe()]):
+        with pytest.raises(attnctl.CallLayoutError, match="reference"):
+            inpaint(prompt=PROMPT, image=reference, mask_image=Image.new("L", (64, 64), 255), strength=0.6, num_inference_steps=2,
+                    output_type="latent", **CALL_DEFAULTS[name])
+
+
+class RefIdentitySelfAttention:
+    """docs/methods.md "PAG" in self-attention: the perturbed attention is the identity, out = V (Wan's attn1:
+    no qk-norm or RoPE reaches V), then the output projection."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_pag_is_identity_self_attention_on_the_video_tokens(name, guidance):
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, guidance=guidance)
+    got, _ = record(pipe, name, [attnctl.PAG(scale=1.5)], prompt="a cat", steps=1, guidance=guidance)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    layer = pipe.transformer.blocks[1].attn1  # the middle block of 2
+    original = layer.processor
+    layer.set_processor(RefIdentitySelfAttention())
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        layer.set_processor(original)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_geometry_is_a_3d_token_grid(name, tiny):
+    """The canvas of a Wan call: frames x height x width tokens, frame-major, never assumed square."""
+    pipe = tiny(name)
+    seen = []
+
+    class Grid(Probe):
+        def bind(self, context):
+            seen.append((context.canvas, context.geometry(context.adapter.layers[0])))
+            return super().bind(context)
+
+    with attnctl.apply(pipe, [Grid()]):
+        generate(pipe, name)
+    canvas, geometry = seen[0]
+    assert (canvas.frames, canvas.token_hw, canvas.latent_hw) == (3, (4, 3), (8, 6))
+    assert geometry.image_len == 36 and geometry.frames == 3 and geometry.image_slice == slice(0, 36)
+
+
+def test_readme_support_matrix_is_the_generated_one():
+    """The README's control x family table is `attnctl.render.matrix.markdown()` (it cannot drift from the code)."""
+    import pathlib
+
+    from attnctl.render.matrix import FAMILIES, markdown
+    from attnctl.testing.new_families import NEW_TINY_MODELS
+
+    missing = [tiny for _, tiny in FAMILIES if tiny in NEW_TINY_MODELS and not available(tiny)]
+    if missing:
+        pytest.skip(f"the installed diffusers lacks {', '.join(missing)}; the README's matrix covers every family")
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- support-matrix:start -->\n", "\n<!-- support-matrix:end -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0]
+    assert table == markdown(), "regenerate the README's matrix: python -m attnctl.render.matrix"
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_video_to_video_identity(name, tiny, monkeypatch):
+    import importlib
+    import types
+
+    import diffusers
+
+    module = importlib.import_module("diffusers.pipelines.wan.pipeline_wan_video2video")
+    if not hasattr(module, "ftfy"):  # the V2V pipeline calls ftfy unguarded (WanPipeline guards it): a no-op stand-in
+        monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    pipe = diffusers.WanVideoToVideoPipeline.from_pipe(tiny(name))
+    pipe.set_progress_bar_config(disable=True)
+    from PIL import Image
+
+    video = [Image.new("RGB", (48, 64), (20 * i, 100, 200 - 20 * i)) for i in range(9)]
+
+    def run():
+        return pipe(prompt=PROMPT, video=video, strength=0.7, num_inference_steps=3, guidance_scale=4.0, height=64, width=48,
+                    output_type="latent", max_sequence_length=32, generator=torch.Generator().manual_seed(0)).frames
+
+    stock = run()
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = run()
+    assert torch.equal(stock, controlled)
+    assert torch.equal(stock, run())
+
+
+MAP_PROMPTS = ["a red cat on the street", "a photo of a red car"]
+MAP_WORDS = ["red", "cat", "street"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT if n != "tiny-wan"])
+def test_attention_maps_match_an_eager_reference(name, tiny):
+    """docs/methods.md "AttentionMaps": explicit softmax over every key of the row (the model's mask included),
+    mean over heads, sum over the word's tokens, layers and steps, on the family's 8x8 image grid; cond rows only."""
+    pipe = tiny(name)
+    spy = Spy(layers="joint")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(MAP_WORDS), spy]) as handle:
+        generate(pipe, name, prompt=MAP_PROMPTS)
+        result = handle.outputs["attention_maps"]
+    tokenizer = getattr(pipe, TEXT[name][0])
+    expected = torch.zeros(len(MAP_PROMPTS), len(MAP_WORDS), 8, 8, dtype=torch.float64)
+    for record in spy.log:
+        q, k = record["q"].double(), record["k"].double()
+        n_q = q.shape[2]
+        if TEXT[name][1] == "last":
+            image_rows, text_start = slice(0, IMAGE_TOKENS), IMAGE_TOKENS
+        else:
+            image_rows, text_start = slice(n_q - IMAGE_TOKENS, n_q), 0
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = record["mask"]
+        if mask is not None:
+            logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+                               if mask.dtype == torch.bool else mask.double())
+        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].mean(1)
+        for i, row in enumerate(record["rows"].rows):
+            if row.branch != "cond":
+                continue
+            text = _as_encoded(pipe, name, MAP_PROMPTS[row.prompt])
+            for w, word in enumerate(MAP_WORDS):
+                keys = [text_start + p for p in _t5_positions(tokenizer, text, word)]
+                if keys:
+                    expected[row.prompt, w] += probs[i][:, keys].sum(-1).reshape(8, 8)
+    assert expected[0].abs().sum() > 0 and expected[1, 1].abs().sum() == 0  # "cat" is not in the second prompt
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+SEG_CASES = [  # name, query projection of the default (middle) layer, its grid at 32x48 pixels, extra call options
+    pytest.param("tiny-chroma", "transformer_blocks.0.attn.to_q", (8, 12), {}, marks=_needs("tiny-chroma")),
+    pytest.param("tiny-qwenimage", "transformer_blocks.1.attn.to_q", (8, 12), {"true_cfg_scale": 1.0}, marks=_needs("tiny-qwenimage")),
+    pytest.param("tiny-flux2", "transformer_blocks.0.attn.to_q", (8, 12), {}, marks=_needs("tiny-flux2")),
+]
+
+
+@pytest.mark.parametrize("name, projection, grid, extra", SEG_CASES)
+def test_seg_matches_a_query_blur_reference_on_a_non_square_grid(name, projection, grid, extra):
+    """docs/methods.md "SEG": the perturbed rows' image queries (before qk-norm / RoPE) are blurred over the 2-D
+    grid; D = scale (cond - perturbed) from the stock denoiser with an independently blurred query projection."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import _blur_hook, run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    size = {"height": 32, "width": 48, **extra}
+    stock, calls = record(pipe, name, prompt="a cat", steps=1, **size)
+    got, _ = record(pipe, name, [attnctl.SEG(scale=2.0, sigma=2.0)], prompt="a cat", steps=1, **size)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    blur = _blur_hook(2.0, grid)
+
+    def contiguous_blur(module, inputs, output):  # Qwen's complex RoPE views the queries as complex numbers
+        return blur(module, inputs, output).contiguous()
+
+    hook = pipe.transformer.get_submodule(projection).register_forward_hook(contiguous_blur)
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        hook.remove()
+    term = 2.0 * (cond - perturbed)
+    assert term.abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
+
+
+def test_modular_pipelines_are_refused_with_what_is_missing():
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "ModularPipeline"):
+        pytest.skip("this diffusers has no modular pipelines")
+    cls = getattr(diffusers, "Flux2KleinModularPipeline", diffusers.ModularPipeline)
+    pipe = object.__new__(cls)  # no components needed: apply refuses before reading any
+    with pytest.raises(attnctl.UnsupportedError, match="modular pipeline.*encode_prompt"):
+        attnctl.apply(pipe, [])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-chroma", "tiny-flux2", "tiny-wan")])
+def test_fused_projections_before_apply(name):
+    """`fuse_qkv_projections()` made before apply: the controlled processors take the fused path as stock does."""
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(name)
+    pipe.transformer.fuse_qkv_projections()
+    stock = generate(pipe, name)
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = generate(pipe, name)
+    assert torch.equal(stock, controlled)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT])
+def test_pladis_matches_the_formula_call_by_call(name, tiny):
+    """docs/methods.md "PLADIS": on every row, the image queries' attention is dense + scale (entmax_1.5 - dense)
+    of the same logits (normalised over the full row in joint attention); text queries stay dense."""
+    from .test_guidance_math import ref_entmax
+
+    pipe = tiny(name)
+    cross = TEXT[name][1] == "keys"
+    spy = Spy(layers="cross" if cross else "joint")
+    with attnctl.apply(pipe, [attnctl.PLADIS(scale=2.0, alpha=1.5), spy]):
+        generate(pipe, name, prompt=PROMPT)
+    assert spy.log
+    for record in spy.log:
+        q, k, v = (record[x].double() for x in ("q", "k", "v"))
+        n_q = q.shape[2]
+        if cross:
+            image_rows = slice(0, n_q)
+        elif TEXT[name][1] == "last":
+            image_rows = slice(0, IMAGE_TOKENS)
+        else:
+            image_rows = slice(n_q - IMAGE_TOKENS, n_q)
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if record["mask"] is not None:
+            assert record["mask"].dtype != torch.bool  # one prompt: Qwen-Image passes no mask; Chroma's is additive
+            logits = logits + record["mask"].double()
+        probs = torch.softmax(logits, -1)
+        image = probs[:, :, image_rows]
+        probs[:, :, image_rows] = image + 2.0 * (ref_entmax(logits[:, :, image_rows], 1.5) - image)
+        torch.testing.assert_close(record["out"].double(), probs @ v, rtol=1e-4, atol=2e-5)  # entmax in float32
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-qwenimage", "tiny-flux2")])
+def test_latent_image_is_the_pipelines_own_unpacking(name, tiny):
+    """SAG blurs the latent as an image: the adapter's unpacking of the denoiser's tokens is the pipeline's own."""
+    from attnctl.families import Canvas
+
+    pipe = tiny(name)
+    adapter = attnctl.handle.adapter_for(pipe.transformer)
+    rows, cols, batch = 4, 6, 2
+    tokens = torch.randn(batch, rows * cols, 16, generator=torch.Generator().manual_seed(0))
+    canvas = Canvas(latent_hw=(2 * rows, 2 * cols), token_hw=(rows, cols), text_len=8)
+    image = adapter.latent_image(tokens, canvas)
+    if name == "tiny-qwenimage":  # the pipeline's helper takes pixel sizes
+        factor = pipe.vae_scale_factor
+        expected = pipe._unpack_latents(tokens, 2 * rows * factor, 2 * cols * factor, factor)[:, :, 0]
+    else:
+        ids = pipe._prepare_latent_ids(torch.zeros(batch, 16, rows, cols))
+        unpacked = pipe._unpack_latents_with_ids(tokens, ids)
+        expected = pipe._unpatchify_latents(unpacked if isinstance(unpacked, torch.Tensor) else torch.stack(unpacked))
+    assert torch.equal(image, expected)
+    assert torch.equal(adapter.packed_latents(image), tokens)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_image_to_video_identity(name, tiny, monkeypatch):
+    """Wan I2V: attn2 also attends to CLIP image tokens (the stock processor takes the last 512 context tokens as
+    text); bitwise stock through attnctl's processor, and Reweight acts on the text part only."""
+    import importlib
+    import types
+
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    module = importlib.import_module("diffusers.pipelines.wan.pipeline_wan_i2v")
+    if not hasattr(module, "ftfy"):  # called unguarded by the I2V pipeline: a no-op stand-in
+        monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    base = tiny(name)
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4, text_dim=32,
+        freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=16, added_kv_proj_dim=24,
+    ).eval()
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                               image_size=32, patch_size=8, projection_dim=16)).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
+        image_processor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}), image_encoder=encoder, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (48, 64), (200, 30, 30))
+
+    def run():
+        return pipe(image=image, prompt="a red cat", num_inference_steps=2, guidance_scale=4.0, height=64, width=48, num_frames=9,
+                    max_sequence_length=512, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    stock = run()
+    with attnctl.apply(pipe, [Probe()]):
+        controlled = run()
+    assert torch.equal(stock, controlled) and torch.equal(stock, run())
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 3.0})]):
+        assert not torch.equal(run(), stock)
