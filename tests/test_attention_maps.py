@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import attnctl
 from attnctl import AttentionMaps, ConfigError, Reweight, TokenError
 from attnctl.control import Control
-from attnctl.controls.maps.capture import word_attention
+from attnctl.controls.maps.capture import AttentionMapResult, word_attention
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS
 
 from .reference_attention import Spy, layout, text_positions
@@ -226,3 +226,16 @@ def test_config_validation_and_round_trip():
     for resolution in (0, (32,), (32, -1), 2.5, True):
         with pytest.raises(ConfigError, match="resolution"):
             AttentionMaps(["red"], resolution=resolution)
+
+
+def test_results_are_keyed_by_word_labels_and_say_so():
+    """`("street", 0)` is keyed "street#0"; the query finds it too, and a missing word names the labels."""
+    result = AttentionMapResult(
+        words=("street#0", "red", "token 4"), maps=torch.rand(2, 3, 4, 4), grid_maps=torch.zeros(2, 3, 2, 2),
+        prompts=("a", "b"), layers=(), contributions=(1, 1),
+    )
+    assert torch.equal(result[("street", 0)], result["street#0"]) and torch.equal(result[0][("street", 0)], result.maps[0, 0])
+    assert torch.equal(result[1][4], result.maps[1, 2])
+    for lookup in (lambda: result["street"], lambda: result[0]["street"]):
+        with pytest.raises(KeyError, match="street#0.*'word#k'"):
+            lookup()

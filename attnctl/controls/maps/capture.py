@@ -367,6 +367,22 @@ def _sparse_words(
     return torch.cat(out, dim=1)
 
 
+class _WordMaps(dict):
+    """One image's maps by word label; a missing word says which labels there are."""
+
+    def __missing__(self, key: Any) -> Any:
+        if isinstance(key, (tuple, int)) and word_label(key) in self:
+            return self[word_label(key)]
+        raise KeyError(_missing_word(key, tuple(self)))
+
+
+def _missing_word(item: Any, words: tuple[str, ...]) -> str:
+    return (
+        f"{item!r} is not one of the captured words {words}; a word query (word, k) is keyed 'word#k' and a token "
+        "position p 'token p'"
+    )
+
+
 # -- the generated images ---------------------------------------------------------------------------------
 def _to_pil(result: Any) -> list[Any] | None:
     """PIL images from what `postprocess` returned (a list of PIL images, an array or a tensor in [0, 1])."""
@@ -413,13 +429,18 @@ class AttentionMapResult:
     def __len__(self) -> int:
         return int(self.maps.shape[0])
 
-    def __getitem__(self, item: int | str) -> dict[str, torch.Tensor] | torch.Tensor:
-        """`result[i]`: `{word: (height, width) map}` of image i; `result["red"]`: (images, height, width)."""
+    def __getitem__(self, item: int | str | tuple[str, int]) -> dict[str, torch.Tensor] | torch.Tensor:
+        """`result[i]`: `{word: (height, width) map}` of image i; `result["red"]`: (images, height, width).
+
+        Words are keyed by their display label: `"red"`, `"street#1"` for the query `("street", 1)` (an
+        occurrence), `"token 5"` for a position; `result[("street", 1)]` finds the same map."""
+        if isinstance(item, tuple):
+            item = word_label(item)
         if isinstance(item, str):
             if item not in self.words:
-                raise KeyError(f"{item!r} is not one of the captured words {self.words}")
+                raise KeyError(_missing_word(item, self.words))
             return self.maps[:, self.words.index(item)]
-        return {word: self.maps[item, w] for w, word in enumerate(self.words)}
+        return _WordMaps({word: self.maps[item, w] for w, word in enumerate(self.words)})
 
     def normalized(self) -> torch.Tensor:
         """Every map scaled to [0, 1] by its own maximum (all-zero maps stay zero)."""
