@@ -284,8 +284,10 @@ def noise_level(scheduler: Any, timestep: Any) -> NoiseLevel:
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None or timestep is None:
         raise UnsupportedError(f"SAG: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
-    t = torch.as_tensor(timestep).flatten()[0]
-    return NoiseLevel("vp", torch.as_tensor(alphas)[t.long().cpu()].double(), prediction)
+    t = torch.as_tensor(timestep).flatten()[:1].long()
+    # gathered where the timestep is (no copy of it to the host); float64 is exact for the float32 table
+    value = torch.as_tensor(alphas).to(t.device).index_select(0, t)[0]
+    return NoiseLevel("vp", value.double() if value.device.type != "mps" else value, prediction)
 
 
 def degrade(
