@@ -295,18 +295,23 @@ class ReweightBound(Bound):
             tokens = _tokens_for(context, branch, tables)
             if tokens is _NO_ROWS:
                 continue
-            grid = torch.ones(len(self.active_steps), rows, self.text_len)
-            applied: list[tuple[int, tuple[int, ...], Any]] = []
+            # built in Python floats rounded to float32 after every product, exactly as float32 tensors would
+            # hold it: one tensor made from host data, and no tensor read to find the identity steps
+            cells = [[[1.0] * self.text_len for _ in range(rows)] for _ in self.active_steps]
             for row in range(rows):
                 t = row // per_prompt if len(tables) > 1 else 0
                 for weight, per_step in zip(tables[t], values[t]):
                     positions = _positions(tokens, weight.query, row, self.text_len)
-                    grid[:, row, list(positions)] *= torch.tensor(per_step)[:, None]
-                    applied.append((row, positions, per_step))
+                    touched = {p % self.text_len if p < 0 else p for p in positions}
+                    for k, factor in enumerate(per_step):
+                        factor, line = _f32(float(factor)), cells[k][row]
+                        for p in touched:
+                            line[p] = _f32(line[p] * factor)
             if self.normalize:
-                _check_not_all_muted(grid, branch, self.active_steps, context)
+                _check_not_all_muted(cells, branch, self.active_steps, context)
+            grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, self.text_len)
             self.weights[branch] = grid
-            self.identity[branch] = [_identity_at(grid, k, applied) for k in range(len(self.active_steps))]
+            self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
         self._cache: dict[Any, Edit | None] = {}
         self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
         self._on_device = {branch: grid.to(self.device) for branch, grid in self.weights.items()}  # one copy per call
@@ -384,20 +389,6 @@ def _f32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
-def _identity_at(grid: torch.Tensor, k: int, applied: list[tuple[int, tuple[int, ...], Any]]) -> bool:
-    """Whether the weights of active step `k` are all ones, from the factors applied (Python floats), so that
-    binding reads no tensor: a token with one factor has that float32 factor as its weight. Only a token with
-    several factors that are not 1 (they may cancel: 2 x 0.5) needs the grid itself (host data)."""
-    touched: dict[tuple[int, int], int] = {}
-    for row, positions, per_step in applied:
-        if _f32(float(per_step[k])) != 1.0:
-            for position in set(positions):
-                touched[(row, position)] = touched.get((row, position), 0) + 1
-    if not touched:
-        return True
-    if all(count == 1 for count in touched.values()):
-        return False
-    return bool((grid[k] == 1).all())
 
 
 _NO_ROWS = object()
@@ -425,13 +416,13 @@ def _positions(tokens: Any, query: WordQuery, row: int, text_len: int) -> tuple[
     return (query,)
 
 
-def _check_not_all_muted(grid: torch.Tensor, branch: str, steps: tuple[int, ...], context: BindContext) -> None:
+def _check_not_all_muted(cells: list[list[list[float]]], branch: str, steps: tuple[int, ...], context: BindContext) -> None:
     """normalize=True with every text key at 0 leaves a cross-attention row with no key at all."""
     if not any(layer.kind == "cross" for layer in context.layers):
         return
-    dead = (grid == 0).all(dim=-1)  # (steps, rows)
-    if dead.any():
-        k, row = (int(i) for i in dead.nonzero()[0])
+    dead = [(k, row) for k, step in enumerate(cells) for row, line in enumerate(step) if all(v == 0 for v in line)]
+    if dead:
+        k, row = dead[0]
         raise ConfigError(
             f"Reweight(normalize=True) mutes every text token of {branch} prompt row {row} at step {steps[k]}: "
             "cross-attention would have no key left; use normalize=False or keep a token"
