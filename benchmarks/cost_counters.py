@@ -77,6 +77,7 @@ class Cost:
     sync_ops: dict[str, int]
     op_names: dict[str, int]
     attention_calls: int  # attention calls that got an edit (0 for stock)
+    copies_in: int = 0  # host-to-device copy calls (a stream sync each on CUDA unless non_blocking)
     error: str | None = None
 
 
@@ -116,7 +117,8 @@ def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> 
     finally:
         if handle is not None:
             handle.remove()
-    return Cost(model, name, counter.ops, counter.syncs, dict(counter.sync_ops), dict(counter.op_names), edited[0])
+    return Cost(model, name, counter.ops, counter.syncs, dict(counter.sync_ops), dict(counter.op_names), edited[0],
+                counter.copies_in)
 
 
 def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
@@ -131,7 +133,7 @@ def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
             try:
                 rows.append(measure(pipe, model, name, make, steps))
             except Exception as error:  # noqa: BLE001 - the table goes on
-                rows.append(Cost(model, name, 0, 0, {}, {}, 0, f"{type(error).__name__}: {error}"[:200]))
+                rows.append(Cost(model, name, 0, 0, {}, {}, 0, 0, f"{type(error).__name__}: {error}"[:200]))
     return rows
 
 
@@ -147,8 +149,8 @@ def main() -> None:
     stock = {row.model: row for row in rows if row.control == "stock"}
     print(f"torch {torch.__version__}; warm second call, {args.steps} steps, inference_mode; "
           "ops = aten ops dispatched (views excluded), syncs = host synchronisations")
-    print("| model | control | ops | extra ops | edited attn calls | extra ops / attn call | syncs | extra syncs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | control | ops | extra ops | edited attn calls | extra ops / attn call | syncs | extra syncs | extra copies in |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row.error:
             print(f"| {row.model} | {row.control} | error: {row.error} |")
@@ -158,7 +160,7 @@ def main() -> None:
         per = f"{extra / row.attention_calls:.2f}" if row.attention_calls else "-"
         extra_syncs = {k: v - base.sync_ops.get(k, 0) for k, v in row.sync_ops.items() if v != base.sync_ops.get(k, 0)}
         print(f"| {row.model} | {row.control} | {row.ops} | {extra:+d} | {row.attention_calls} | {per} | {row.syncs} | "
-              f"{row.syncs - base.syncs:+d} {extra_syncs or ''} |")
+              f"{row.syncs - base.syncs:+d} {extra_syncs or ''} | {row.copies_in - base.copies_in:+d} |")
         if args.ops and row.control != "stock":
             diff = {k: v - base.op_names.get(k, 0) for k, v in row.op_names.items() if v != base.op_names.get(k, 0)}
             print(f"|   | ops by name | {dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25])} |")

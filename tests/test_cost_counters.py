@@ -56,6 +56,18 @@ def test_counter_sees_host_synchronisations(read):
     assert counter.syncs >= 1, counter
 
 
+def test_counter_counts_copies_to_a_device():
+    x = torch.arange(4.0)
+    with CostCounter() as counter:
+        torch.tensor([1.0, 2.0], device="cpu")
+        x.to("cpu")
+        x.to(device=torch.device("cpu"))
+        x.to("cpu", non_blocking=True)  # not counted: no sync from pinned memory
+        x.to(torch.float16)  # a cast, not a copy between devices
+        torch.ones(2, device="cpu")  # made on the device
+    assert counter.copies_in == 3, counter.copy_ops
+
+
 def test_counter_is_quiet_on_device_side_selection():
     x = torch.arange(4.0)
     index = torch.tensor([0, 2])

@@ -17,6 +17,12 @@ in `_FREE`. `syncs` counts what makes the host wait for the device when the tens
   `repeat_interleave` without `output_size`;
 - copies of a tensor to the CPU (`_to_copy` / `copy_` from another device, `.cpu()` of a device tensor).
 
+`copies_in` counts, apart, the calls that copy host data to a named device: `torch.tensor(..., device=d)`,
+`torch.as_tensor(..., device=d)` and `tensor.to(d)` / `.to(device=d)` / `.cuda()` without `non_blocking=True`.
+On CUDA a blocking copy from pageable host memory synchronises the stream; on a CPU machine the same calls are
+no-ops, so they are counted by the call, whatever the tensor's device (a `.to(d)` of a tensor already on `d`
+counts too: compare with stock).
+
 On a CPU machine every tensor is on the CPU, so a read such as `.tolist()` or `.item()` counts whatever the
 tensor's device: the tests compare a control's counts with stock's, and a control that reads tensor values
 on the host during a pipeline call would sync on a GPU unless the tensor was made on the host.
@@ -93,16 +99,33 @@ class _Dispatch(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _copy_in(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    if func in (torch.tensor, torch.as_tensor):
+        return func.__name__ if kwargs.get("device") is not None else None
+    if func is torch.Tensor.cuda:
+        return None if kwargs.get("non_blocking") else "cuda"
+    if func is torch.Tensor.to and not kwargs.get("non_blocking"):
+        named = kwargs.get("device") is not None or any(isinstance(a, (str, torch.device)) for a in args[1:])
+        if len(args) > 2 and args[-1] is True and not isinstance(args[1], torch.dtype):  # to(device, dtype, True)
+            return None
+        return "to(device)" if named else None
+    return None
+
+
 class _Function(TorchFunctionMode):
     def __init__(self, counter: CostCounter):
         super().__init__()
         self.counter = counter
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         name = _FUNCTION_READS.get(func)
         if name is not None:
             self.counter.sync_ops[name] += 1
-        return func(*args, **(kwargs or {}))
+        copy = _copy_in(func, args, kwargs)
+        if copy is not None:
+            self.counter.copy_ops[copy] += 1
+        return func(*args, **kwargs)
 
 
 class CostCounter:
@@ -111,6 +134,7 @@ class CostCounter:
     def __init__(self) -> None:
         self.op_names: Counter[str] = Counter()
         self.sync_ops: Counter[str] = Counter()
+        self.copy_ops: Counter[str] = Counter()
         self._modes: list[Any] = []
 
     @property
@@ -120,6 +144,10 @@ class CostCounter:
     @property
     def syncs(self) -> int:
         return sum(self.sync_ops.values())
+
+    @property
+    def copies_in(self) -> int:
+        return sum(self.copy_ops.values())
 
     def __enter__(self) -> CostCounter:
         self._modes = [_Function(self), _Dispatch(self)]
@@ -133,7 +161,7 @@ class CostCounter:
         self._modes = []
 
     def __repr__(self) -> str:
-        return f"CostCounter(ops={self.ops}, syncs={self.syncs} {dict(self.sync_ops)})"
+        return f"CostCounter(ops={self.ops}, syncs={self.syncs} {dict(self.sync_ops)}, copies_in={self.copies_in})"
 
 
 def count(fn: Any, *args: Any, **kwargs: Any) -> tuple[CostCounter, Any]:
