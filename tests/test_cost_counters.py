@@ -128,3 +128,47 @@ def test_no_control_adds_a_host_synchronisation(model, name, tiny_cache, stock_c
         assert extra, f"{name} no longer syncs: remove its exemption ({SYNC_EXEMPT[name]})"
         return
     assert not extra, f"{name} on {model} adds host synchronisations: {extra}"
+
+
+# -- the sync-free paths give what the host reads gave -------------------------------------------------------------
+def test_flux_canvas_from_the_call_size_is_the_canvas_of_the_img_ids(tiny_cache):
+    from diffusers import FluxPipeline
+
+    import attnctl
+
+    pipe = tiny_cache("tiny-flux")
+    scale = pipe.vae_scale_factor
+    with attnctl.apply(pipe, []) as handle:
+        adapter = handle.adapter
+        for height, width in ((32, 32), (32, 64), (64, 32)):
+            rows, cols = height // (2 * scale), width // (2 * scale)
+            ids = FluxPipeline._prepare_latent_image_ids(1, rows, cols, "cpu", torch.float32)
+            inputs = {"hidden_states": torch.zeros(1, rows * cols, 4), "img_ids": ids, "encoder_hidden_states": torch.zeros(1, 5, 32)}
+            with CostCounter() as counter:
+                canvas = adapter.canvas_for_call(inputs, (height, width), scale)
+            assert counter.syncs == 0 and canvas == adapter.canvas(inputs)
+            assert canvas.token_hw == (rows, cols)
+        # a size that does not account for the tokens: the grid is read from the img_ids
+        transposed = {**inputs, "img_ids": FluxPipeline._prepare_latent_image_ids(1, cols, rows, "cpu", torch.float32)}
+        with CostCounter() as counter:
+            canvas = adapter.canvas_for_call(transposed, (2 * height, width), scale)
+        assert counter.syncs > 0 and canvas.token_hw == (cols, rows)
+
+
+def test_flux_appended_text_ids_without_a_host_read(tiny_cache):
+    import attnctl
+
+    pipe = tiny_cache("tiny-flux")
+    with attnctl.apply(pipe, []) as handle:
+        adapter = handle.adapter
+        inputs = {"encoder_hidden_states": torch.zeros(1, 6, 32), "txt_ids": torch.zeros(6, 3)}
+        with CostCounter() as counter:
+            out = adapter.append_text(inputs, torch.ones(1, 8, 32), segments=2)
+        assert counter.syncs == 0
+        assert out["txt_ids"].shape == (14, 3) and not out["txt_ids"].any()
+        assert out["encoder_hidden_states"].shape == (1, 14, 32)
+        ids = torch.arange(18.0).reshape(6, 3)
+        out = adapter.append_text({**inputs, "txt_ids": ids}, torch.ones(1, 8, 32), segments=2)
+        assert torch.equal(out["txt_ids"], torch.cat([ids, ids[:4], ids[:4]]))
+        with pytest.raises(attnctl.UnsupportedError):  # longer than the base text, ids not all zero
+            adapter.append_text({**inputs, "txt_ids": ids}, torch.ones(1, 16, 32), segments=2)
