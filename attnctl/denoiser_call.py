@@ -51,12 +51,17 @@ class RowLayout:
         return len(self.rows)
 
     def indices(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any") -> tuple[int, ...]:
-        """Row indices with that branch (None: any) and tag ("any": any tag, None: untagged rows only)."""
-        return tuple(
-            i
-            for i, row in enumerate(self.rows)
-            if (branch is None or row.branch == branch) and (tag == "any" or row.tag == tag)
-        )
+        """Row indices with that branch (None: any) and tag ("any": any tag, None: untagged rows only); found
+        once per layout (attention hooks ask at every layer)."""
+        key = ("indices", branch, tag)
+        found = self._masks.get(key)
+        if found is None:
+            found = self._masks[key] = tuple(
+                i
+                for i, row in enumerate(self.rows)
+                if (branch is None or row.branch == branch) and (tag == "any" or row.tag == tag)
+            )
+        return found
 
     def mask(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any", device=None) -> torch.Tensor:
         """(B,) bool tensor of `indices(branch, tag)`, cached per device."""
