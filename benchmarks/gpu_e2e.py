@@ -331,7 +331,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                     handle.remove()
     stock = rows["stock"]
     stock_ms = statistics.median(stock.times_ms) if stock.times_ms else None
-    stock_first = statistics.median(first["stock"]) if first["stock"] else None
+    stock_first = statistics.median(first["stock"][1:] or first["stock"]) if first["stock"] else None  # after warm-up
     for name, row in rows.items():
         if row.error or not row.times_ms:
             continue
