@@ -234,6 +234,9 @@ class BindContext:
     # `call_images()`: what `pipe.image_processor.postprocess` returned in this call (None before it ran); only
     # for controls with `needs_images`
     call_images: Callable[[], Any] = field(default=lambda: None, compare=False, repr=False)
+    # a dict the control's bound objects share for the life of the handle: what depends only on the control and
+    # the handle (masks per token grid, index tensors per layer and step) is computed once, not once per call
+    handle_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         tokens = self.tokens if branch == "cond" else self.negative_tokens

@@ -18,6 +18,22 @@ from .steps import StepInfo
 
 Branch = Literal["cond", "uncond"]
 
+_HOST_DATA: dict[tuple[Any, ...], torch.Tensor] = {}
+
+
+def host_tensor(values: tuple[Any, ...], dtype: torch.dtype, device: Any = None) -> torch.Tensor:
+    """A read-only 1-D tensor of `values` on `device`, made once per process (row positions, row masks): the
+    per-call path picks batch rows with it without a host-to-device copy (a stream sync on CUDA) each time."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (values, dtype, device)
+    found = _HOST_DATA.get(key)
+    if found is None:
+        if len(_HOST_DATA) >= 1024:
+            _HOST_DATA.clear()
+        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
+            found = _HOST_DATA[key] = torch.tensor(values, dtype=dtype, device=device)
+    return found
+
 
 @dataclass(frozen=True)
 class Row:
@@ -35,19 +51,24 @@ class RowLayout:
         return len(self.rows)
 
     def indices(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any") -> tuple[int, ...]:
-        """Row indices with that branch (None: any) and tag ("any": any tag, None: untagged rows only)."""
-        return tuple(
-            i
-            for i, row in enumerate(self.rows)
-            if (branch is None or row.branch == branch) and (tag == "any" or row.tag == tag)
-        )
+        """Row indices with that branch (None: any) and tag ("any": any tag, None: untagged rows only); found
+        once per layout (attention hooks ask at every layer)."""
+        key = ("indices", branch, tag)
+        found = self._masks.get(key)
+        if found is None:
+            found = self._masks[key] = tuple(
+                i
+                for i, row in enumerate(self.rows)
+                if (branch is None or row.branch == branch) and (tag == "any" or row.tag == tag)
+            )
+        return found
 
     def mask(self, branch: Branch | None = None, tag: str | None | Literal["any"] = "any", device=None) -> torch.Tensor:
         """(B,) bool tensor of `indices(branch, tag)`, cached per device."""
         key = ("mask", branch, tag, str(device))
         if key not in self._masks:
             chosen = set(self.indices(branch, tag))
-            self._masks[key] = torch.tensor([i in chosen for i in range(len(self.rows))], dtype=torch.bool, device=device)
+            self._masks[key] = host_tensor(tuple(i in chosen for i in range(len(self.rows))), torch.bool, device)
         return self._masks[key]
 
     @property

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..denoiser_call import host_tensor
 from ..errors import ConfigError, SelectionError
 from ..selection import describe_layers
 
@@ -33,7 +34,8 @@ class RowIndex:
 
     `index(positions, device)` returns the same int64 tensor for the same positions and device, so picking
     rows in an attention layer costs no host-to-device copy after the first call. A bound control keeps one
-    and clears it at `finish()` (nothing survives the pipeline call).
+    and clears it at `finish()`; the tensors themselves come from a small process-wide table (positions and
+    device are all they depend on), so a later pipeline call copies nothing either.
     """
 
     def __init__(self) -> None:
@@ -44,7 +46,7 @@ class RowIndex:
         key = (tuple(positions), device)
         found = self._tensors.get(key)
         if found is None:
-            found = self._tensors[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+            found = self._tensors[key] = host_tensor(key[0], torch.long, device)
         return found
 
     def clear(self) -> None:

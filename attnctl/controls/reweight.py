@@ -14,6 +14,7 @@ the text-query rows of joint attention are unchanged. Token positions are resolv
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
@@ -292,25 +293,30 @@ class ReweightBound(Bound):
         ]
         # weights[branch]: (active steps, prompt rows, text_len) on the CPU; identity[branch][k]: all ones
         self.weights: dict[str, torch.Tensor] = {}
+        self.identity: dict[str, list[bool]] = {}
         for branch in branches:
             tokens = _tokens_for(context, branch, tables)
             if tokens is _NO_ROWS:
                 continue
-            grid = torch.ones(len(self.active_steps), rows, self.text_len)
+            # built in Python floats rounded to float32 after every product, exactly as float32 tensors would
+            # hold it: one tensor made from host data, and no tensor read to find the identity steps
+            cells = [[[1.0] * self.text_len for _ in range(rows)] for _ in self.active_steps]
             for row in range(rows):
                 t = row // per_prompt if len(tables) > 1 else 0
                 for weight, per_step in zip(tables[t], values[t]):
                     positions = _positions(tokens, weight.query, row, self.text_len)
-                    grid[:, row, list(positions)] *= torch.tensor(per_step)[:, None]
+                    touched = {p % self.text_len if p < 0 else p for p in positions}
+                    for k, factor in enumerate(per_step):
+                        factor, line = _f32(float(factor)), cells[k][row]
+                        for p in touched:
+                            line[p] = _f32(line[p] * factor)
             if self.normalize:
-                _check_not_all_muted(grid, branch, self.active_steps, context)
+                _check_not_all_muted(cells, branch, self.active_steps, context)
+            grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, self.text_len)
             self.weights[branch] = grid
-        self.identity = {
-            branch: [bool((grid[k] == 1).all()) for k in range(len(self.active_steps))] for branch, grid in self.weights.items()
-        }
-        self._cache_step: int | None = None
+            self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
         self._cache: dict[Any, Edit | None] = {}
-        self._device_weights: dict[str, torch.Tensor] = {}
+        self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
         self._on_device = {branch: grid.to(self.device) for branch, grid in self.weights.items()}  # one copy per call
 
     def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
@@ -330,9 +336,6 @@ class ReweightBound(Bound):
         live = [b for b, identity in self.identity.items() if not identity[k]]
         if not any(frame.rows.indices(b) for b in live):
             return None
-        if step != self._cache_step:
-            self._cache_step, self._cache = step, {}
-            self._device_weights = {b: self._on_device[b][k] for b in live}
         geometry = frame.geometry(layer)
         key_text = geometry.key_text_slice
         # keys from the frame's geometry: another control may have appended text tokens (Regions on SD3 / Flux puts
@@ -343,33 +346,54 @@ class ReweightBound(Bound):
                 f"attnctl: Reweight was bound to {self.text_len} text tokens, layer {layer.name} has {geometry.text_len}"
             )
         key = (frame.rows.rows, key_text.start, n_keys, layer.kind == "cross" or (geometry.image_slice.start, geometry.image_slice.stop))
-        if key not in self._cache:
-            self._cache[key] = self._build(frame, key_text, n_keys, None if layer.kind == "cross" else geometry.image_slice)
-        return self._cache[key]
+        cached = self._cache.get((k, key), _UNSET)
+        if cached is _UNSET:
+            if not any(row.branch in live for row in frame.rows.rows):
+                cached = None  # no row of this call has a branch with weights at this step: stock attention
+            else:
+                if key not in self._scales:
+                    self._scales[key] = self._scale(frame, key_text, n_keys)
+                image_rows = None if layer.kind == "cross" else geometry.image_slice
+                query_range = None if image_rows is None else (image_rows.start, image_rows.stop)
+                scale = self._scales[key][k]  # a view: no operation
+                cached = Edit(key_bias=scale, query_range=query_range) if self.normalize else Edit(value_scale=scale, query_range=query_range)
+            self._cache[(k, key)] = cached
+        return cached
 
-    def _build(self, frame: DenoiserCall, key_text: slice, n_keys: int, image_rows: slice | None) -> Edit | None:
-        weights = self._device_weights
-        ones = torch.ones(self.text_len, device=self.device)
-        per_row, touched = [], False
+    def _scale(self, frame: DenoiserCall, key_text: slice, n_keys: int) -> torch.Tensor:
+        """(active steps, B, n_keys) value scales (log: key biases with `normalize`) of a row layout, every step
+        at once: a few operations per call instead of a few per step and layer. A branch that is the identity at a
+        step has all-ones weights there, so its rows are the same as the ones they used to get."""
+        ones = None
+        per_row = []
         for row in frame.rows.rows:
-            table = weights.get(row.branch)
+            table = self._on_device.get(row.branch)
             if table is None:
+                if ones is None:
+                    ones = torch.ones(len(self.active_steps), self.text_len, device=self.device)
                 per_row.append(ones)
             else:
-                per_row.append(table[row.prompt])
-                touched = True
-        if not touched:
-            return None
-        text = torch.stack(per_row)  # (B, text_len)
+                per_row.append(table[:, row.prompt])
+        text = torch.stack(per_row, dim=1)  # (steps, B, text_len)
         if n_keys == self.text_len and key_text.start == 0:
             scale = text
         else:
-            scale = torch.ones(len(per_row), n_keys, device=self.device)
-            scale[:, key_text.start : key_text.start + self.text_len] = text
-        query_range = None if image_rows is None else (image_rows.start, image_rows.stop)
-        if self.normalize:
-            return Edit(key_bias=torch.log(scale), query_range=query_range)
-        return Edit(value_scale=scale, query_range=query_range)
+            scale = torch.ones(len(self.active_steps), len(per_row), n_keys, device=self.device)
+            scale[:, :, key_text.start : key_text.start + self.text_len] = text
+        return torch.log(scale) if self.normalize else scale
+
+
+_UNSET = object()
+
+
+def _f32(value: float) -> float:
+    """`value` rounded to float32, as torch.tensor(list of floats) stores it."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 
 
 _NO_ROWS = object()
@@ -397,13 +421,13 @@ def _positions(tokens: Any, query: WordQuery, row: int, text_len: int) -> tuple[
     return (query,)
 
 
-def _check_not_all_muted(grid: torch.Tensor, branch: str, steps: tuple[int, ...], context: BindContext) -> None:
+def _check_not_all_muted(cells: list[list[list[float]]], branch: str, steps: tuple[int, ...], context: BindContext) -> None:
     """normalize=True with every text key at 0 leaves a cross-attention row with no key at all."""
     if not any(layer.kind == "cross" for layer in context.layers):
         return
-    dead = (grid == 0).all(dim=-1)  # (steps, rows)
-    if dead.any():
-        k, row = (int(i) for i in dead.nonzero()[0])
+    dead = [(k, row) for k, step in enumerate(cells) for row, line in enumerate(step) if all(v == 0 for v in line)]
+    if dead:
+        k, row = dead[0]
         raise ConfigError(
             f"Reweight(normalize=True) mutes every text token of {branch} prompt row {row} at step {steps[k]}: "
             "cross-attention would have no key left; use normalize=False or keep a token"

@@ -225,10 +225,10 @@ class FluxAdapter(ModelAdapter):
         if not isinstance(ids, torch.Tensor) or ids.shape[-2] != context.shape[1]:
             raise CallLayoutError(f"attnctl: expected Flux txt_ids with {context.shape[1]} rows, got {getattr(ids, 'shape', ids)}")
         length = block.shape[1] // segments
-        if bool((ids == 0).all()):
-            extra = torch.zeros(ids.shape[:-2] + (length, ids.shape[-1]), dtype=ids.dtype, device=ids.device)
-        elif length <= ids.shape[-2]:
+        if length <= ids.shape[-2]:  # the base text's first positions (zeros when they are: no host read)
             extra = ids[..., :length, :]
+        elif bool((ids == 0).all()):
+            extra = torch.zeros(ids.shape[:-2] + (length, ids.shape[-1]), dtype=ids.dtype, device=ids.device)
         else:
             raise UnsupportedError("attnctl: appended Flux text longer than the base text's non-zero ids cannot be placed")
         changed = dict(inputs)
@@ -292,3 +292,17 @@ class FluxAdapter(ModelAdapter):
         if rows * cols != n:
             raise CallLayoutError(f"attnctl: Flux img_ids describe a {rows}x{cols} grid but there are {n} image tokens")
         return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
+
+    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any) -> Canvas:
+        """The canvas from the pipeline call's image size, as FluxPipeline makes its img_ids (a
+        `height // (2 * vae_scale_factor)` by `width // (2 * vae_scale_factor)` token grid): no host read of the
+        img_ids. Falls back to `canvas` (which reads them) when the size does not account for the tokens."""
+        latents = inputs["hidden_states"]
+        img_ids = inputs.get("img_ids")
+        if isinstance(vae_scale_factor, int) and vae_scale_factor > 0 and isinstance(img_ids, torch.Tensor) and latents.ndim == 3:
+            rows, cols = pixels[0] // (2 * vae_scale_factor), pixels[1] // (2 * vae_scale_factor)
+            n = int(latents.shape[1])
+            ids_rows = img_ids.shape[-2] if img_ids.ndim >= 2 else -1
+            if rows * cols == n and ids_rows == n:
+                return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
+        return self.canvas(inputs)

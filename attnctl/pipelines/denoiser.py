@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan
+from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError
 
 
@@ -47,7 +47,7 @@ def replace_first(output: Any, value: torch.Tensor) -> Any:
 
 def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[str, ...], batch: int, index: tuple[int, ...]) -> dict[str, Any]:
     """Inputs with every batched tensor re-indexed by `index` (rows of the original batch)."""
-    positions = torch.tensor(index, dtype=torch.long)
+    index = tuple(index)
 
     def take(value: Any, where: str) -> Any:
         if isinstance(value, torch.Tensor):
@@ -55,7 +55,7 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
                 return value
             if value.shape[0] != batch:
                 raise CallLayoutError(f"attnctl: input {where} has {value.shape[0]} rows, expected {batch} (or 1)")
-            return value.index_select(0, positions.to(value.device))
+            return value.index_select(0, host_tensor(index, torch.long, value.device))
         if isinstance(value, (list, tuple)):
             return type(value)(take(v, f"{where}[{i}]") for i, v in enumerate(value))
         return value
@@ -249,7 +249,7 @@ def _spread_selected(outer: DenoiserCall, selected: DenoiserCall, output: Any) -
     """Give every row of the pipeline's layout the prediction of the selected row with its prompt."""
     prediction = first_tensor(output)
     where = {row.prompt: i for i, row in enumerate(selected.rows.rows)}
-    spread = torch.tensor([where[row.prompt] for row in outer.rows.rows], device=prediction.device)
+    spread = host_tensor(tuple(where[row.prompt] for row in outer.rows.rows), torch.long, prediction.device)
     return replace_first(output, prediction[spread])
 
 
@@ -287,4 +287,4 @@ def _spread(terms: torch.Tensor, layout: RowLayout, prompts: tuple[int, ...] | N
         index = [where[row.prompt] for row in layout.rows]
     except KeyError as missing:
         raise CallLayoutError(f"attnctl: no guidance term for prompt row {missing}") from None
-    return terms[torch.tensor(index, device=terms.device)]
+    return terms[host_tensor(tuple(index), torch.long, terms.device)]

@@ -46,6 +46,7 @@ class PipelineCallState:
     guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # step -> prompt row of each D row
     images: Any = None  # what pipe.image_processor.postprocess returned (controls with `needs_images`)
     position_calls: dict[int, int] = field(default_factory=dict)  # scheduler position -> denoiser calls opened there
+    pixels: tuple[int, int] | None = None  # (height, width) the pipeline's check_inputs got, when it names them
 
     @property
     def record(self) -> PromptRecord:
@@ -80,14 +81,19 @@ class Runtime:
         self._call_wraps: list[Wrapped] = []  # controls' instance-level wraps for the current call
         self.prefilled = False  # True while the processors' `edit_now` holds the current frame's edits (compiled)
         self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
+        self._plans: tuple[DenoiserCall, list[RowPlan]] | None = None  # the active bound controls' plans of a frame
+        self._handle_caches: dict[int, dict[Any, Any]] = {}  # control position -> its cache for the handle's life
 
     # -- call lifecycle -------------------------------------------------------------------------------------
-    def begin_call(self) -> None:
+    def begin_call(self, pixels: tuple[Any, Any] | None = None) -> None:
         self._finish_bound()
         self.outputs.clear()
         self.call = PipelineCallState()
+        if pixels is not None and all(isinstance(p, int) for p in pixels):
+            self.call.pixels = (int(pixels[0]), int(pixels[1]))
         self.frame = None
         self.context = None
+        self._plans = None
 
     def record_encode(self, arguments: dict[str, Any]) -> None:
         if self.call is None or self.call.frames:
@@ -126,7 +132,7 @@ class Runtime:
                 f"applied to ({type(self.pipeline).__name__}). Pipelines made with from_pipe share the denoiser: "
                 "apply attnctl to the pipeline you call (handle.remove() first)."
             )
-        canvas = self.adapter.canvas(inputs)
+        canvas = self._canvas(inputs)
         if call.frames == 0:
             self._start_schedule(call)
         step = self._step(call)
@@ -149,8 +155,17 @@ class Runtime:
                 if new is not inputs:
                     inputs, changed = new, True
         if changed:
-            frame = replace(frame, canvas=self.adapter.canvas(inputs), inputs=inputs)
+            frame = replace(frame, canvas=self._canvas(inputs), inputs=inputs)
         return inputs, frame
+
+    def _canvas(self, inputs: dict[str, Any]) -> Canvas:
+        """The adapter's canvas; an adapter with `canvas_for_call` (Flux) takes the call's pixel size as a hint
+        that spares it reading the image ids on the host."""
+        for_call = getattr(self.adapter, "canvas_for_call", None)
+        pixels = self.call.pixels if self.call is not None else None
+        if for_call is None or pixels is None:
+            return self.adapter.canvas(inputs)
+        return for_call(inputs, pixels, getattr(self.pipeline, "vae_scale_factor", None))
 
     @contextlib.contextmanager
     def internal_calls(self) -> Iterator[None]:
@@ -165,12 +180,10 @@ class Runtime:
         """The row plans of the bound controls active in `frame`, merged (perturbations and second passes)."""
         found: list[Perturbation] = []
         second: list[SecondPass] = []
-        for bound in self.call.bound or ():
-            if bound.active(frame.step):
-                plan = bound.row_plan(frame)
-                if plan is not None:
-                    found.extend(plan.perturbations)
-                    second.extend(plan.second)
+        for plan in self._row_plans(frame):
+            if plan is not None:
+                found.extend(plan.perturbations)
+                second.extend(plan.second)
         tags = [p.tag for p in found] + [p.tag for p in second]
         if len(set(tags)) != len(tags):
             raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
@@ -179,14 +192,22 @@ class Runtime:
     def selection(self, frame: DenoiserCall) -> RowSelect | None:
         """The row selection the bound controls ask for in this denoiser call (two different ones conflict)."""
         found: RowSelect | None = None
-        for bound in self.call.bound or ():
-            if bound.active(frame.step):
-                plan = bound.row_plan(frame)
-                if plan is not None and plan.select is not None:
-                    if found is not None and plan.select != found:
-                        raise CallLayoutError(f"attnctl: two controls select different rows: {found} and {plan.select}")
-                    found = plan.select
+        for plan in self._row_plans(frame):
+            if plan is not None and plan.select is not None:
+                if found is not None and plan.select != found:
+                    raise CallLayoutError(f"attnctl: two controls select different rows: {found} and {plan.select}")
+                found = plan.select
         return found
+
+    def _row_plans(self, frame: DenoiserCall) -> list[RowPlan | None]:
+        """The row plans of the active bound controls for `frame`, asked once per frame (the denoiser wrapper
+        wants both the selection and the plan)."""
+        cached = self._plans
+        if cached is not None and cached[0] is frame:
+            return cached[1]
+        plans = [bound.row_plan(frame) for bound in self.call.bound or () if bound.active(frame.step)]
+        self._plans = (frame, plans)
+        return plans
 
     def enter(self, frame: DenoiserCall) -> None:
         self.frame = frame
@@ -254,7 +275,8 @@ class Runtime:
             for position, control in enumerate(self.controls):
                 if control.needs_words and tokens is not None:
                     tokens.check_lengths()
-                bound.append(control.bind(_with_layers(context, self.resolved[position])))
+                cache = self._handle_caches.setdefault(position, {})
+                bound.append(control.bind(replace(context, layers=self.resolved[position], handle_cache=cache)))
         except BaseException:
             for done in bound:
                 done.finish()
@@ -323,7 +345,3 @@ class Runtime:
 
 
 _UNSET = object()
-
-
-def _with_layers(context: BindContext, layers: tuple[LayerInfo, ...]) -> BindContext:
-    return replace(context, layers=layers)

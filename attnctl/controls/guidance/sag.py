@@ -42,6 +42,7 @@ from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex, keep_kinds
 from .common import PERTURBABLE_KINDS, new_tag
+from .seg import gaussian_kernel1d
 
 MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipeline's `> 1.0`)
 BLUR_KERNEL = 9
@@ -216,10 +217,7 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
 
 def gaussian_blur(images: torch.Tensor, kernel_size: int = BLUR_KERNEL, sigma: float = BLUR_SIGMA) -> torch.Tensor:
     """The SAG pipeline's `gaussian_blur_2d` (reflect padding; replicate on an axis too small to reflect)."""
-    half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float64)
-    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (pdf / pdf.sum()).to(device=images.device, dtype=torch.float32)
+    kernel = gaussian_kernel1d(kernel_size, sigma, images.device)  # the same float64 recipe, made once per device
     kernel2d = torch.outer(kernel, kernel).expand(images.shape[-3], 1, kernel_size, kernel_size)
     pad = kernel_size // 2
     height, width = images.shape[-2:]
@@ -289,8 +287,27 @@ def noise_level(scheduler: Any, timestep: Any) -> NoiseLevel:
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None or timestep is None:
         raise UnsupportedError(f"SAG: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
-    t = torch.as_tensor(timestep).flatten()[0]
-    return NoiseLevel("vp", torch.as_tensor(alphas)[t.long().cpu()].double(), prediction)
+    t = torch.as_tensor(timestep).flatten()[:1].long()
+    # gathered where the timestep is (no copy of it to the host); float64 is exact for the float32 table
+    value = _on_device(torch.as_tensor(alphas), t.device).index_select(0, t)[0]
+    return NoiseLevel("vp", value.double() if value.device.type != "mps" else value, prediction)
+
+
+_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The scheduler's (host) table on `device`, copied once per table and device, not at every step."""
+    if table.device == device:
+        return table
+    key = (id(table), str(device))
+    found = _TABLES.get(key)
+    if found is None or found[0] is not table:
+        if len(_TABLES) >= 16:
+            _TABLES.clear()
+        with torch.inference_mode(False):
+            found = _TABLES[key] = (table, table.to(device))
+    return found[1]
 
 
 def degrade(

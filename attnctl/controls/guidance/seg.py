@@ -115,10 +115,23 @@ def kernel_size(sigma: float, grid_hw: tuple[int, int]) -> int:
 
 
 def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:
-    half = (size - 1) / 2
-    x = torch.linspace(-half, half, steps=size, dtype=torch.float64)
-    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (pdf / pdf.sum()).to(device=device, dtype=torch.float32)
+    """The float32 kernel on `device`, built in float64 on the CPU once per (size, sigma, device): it is the
+    same at every step and layer of every call (read-only: callers only view it)."""
+    key = (size, float(sigma), str(torch.device(device)) if device is not None else "cpu")
+    found = _KERNELS.get(key)
+    if found is None:
+        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
+            half = (size - 1) / 2
+            x = torch.linspace(-half, half, steps=size, dtype=torch.float64)
+            pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+            found = (pdf / pdf.sum()).to(device=device, dtype=torch.float32)
+        if len(_KERNELS) >= 64:
+            _KERNELS.clear()
+        _KERNELS[key] = found
+    return found
+
+
+_KERNELS: dict[tuple[int, float, str], torch.Tensor] = {}
 
 
 def blur_grid(images: torch.Tensor, sigma: float) -> torch.Tensor:

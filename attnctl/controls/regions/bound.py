@@ -70,8 +70,10 @@ class RegionsBound(Bound):
         self.cross_hook = CrossHook(self)
         self.joint_hook = JointHook(self)
         self.hidden_hook = HiddenHook(self)
-        self._layouts: dict[tuple[int, int], GridLayout] = {}
-        self._cache: dict[Any, Any] = {}
+        # per token grid (masks, labels, chunks): constant for the handle, kept across calls
+        self._layouts: dict[tuple[int, int], GridLayout] = context.handle_cache.setdefault("layouts", {})
+        self._grids: dict[Any, Any] = context.handle_cache.setdefault("grids", {})
+        self._cache: dict[Any, Any] = {}  # per call (encoded region prompts, their keys and values per layer)
         self.index = RowIndex()  # the cond rows' positions as index tensors, per device
 
     # -- per-grid data ---------------------------------------------------------------------------------------------
@@ -82,11 +84,11 @@ class RegionsBound(Bound):
 
     def chunks(self, grid: tuple[int, int], device: torch.device) -> tuple[RegionChunk, ...]:
         key = ("chunks", grid, str(device))
-        if key not in self._cache:
+        if key not in self._grids:
             cells = grid[0] * grid[1]
             chunks = region_chunks(self.layout(grid).weights, budget=max(2 * cells, 256))
-            self._cache[key] = tuple(dataclasses.replace(c, index=c.index.to(device), weight=c.weight.to(device)) for c in chunks)
-        return self._cache[key]
+            self._grids[key] = tuple(dataclasses.replace(c, index=c.index.to(device), weight=c.weight.to(device)) for c in chunks)
+        return self._grids[key]
 
     def text_embeds(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Region text as cross-attention layers see it: after the denoiser's own caption projection, if any."""
@@ -96,6 +98,19 @@ class RegionsBound(Bound):
             with torch.no_grad():
                 self._cache[key] = self.adapter.project_text(embeds)
         return self._cache[key]
+
+    def region_keys(self, call: AttentionCall, device: torch.device, q_dtype: torch.dtype, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, H, T, D) keys and values of the region prompts at a cross-attention layer: the layer's `to_k` /
+        `to_v` of constant text, projected once per call and layer (not at every step)."""
+        module = call.module
+        key = ("kv", call.layer.name, str(device), q_dtype, v_dtype)
+        found = self._cache.get(key)
+        if found is None:
+            keys, values = module.processor.project_context(module, self.text_embeds(device, _weight_dtype(module)))
+            found = (keys.to(q_dtype), values.to(v_dtype))
+            if not torch.is_grad_enabled():  # with autograd on, every step keeps its own graph
+                self._cache[key] = found
+        return found
 
     def text_bias(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """(R, 1, 1, T) additive padding bias of the region prompts (PixArt's T5 mask), as the model builds its own."""
@@ -110,27 +125,27 @@ class RegionsBound(Bound):
     def needs_blend(self, grid: tuple[int, int]) -> bool:
         """Whether the joint blend with the base attention changes anything (b > 0, or soft weights on labelled cells)."""
         key = ("blend?", grid)
-        if key not in self._cache:
+        if key not in self._grids:
             layout = self.layout(grid)  # on the CPU: no device sync
-            self._cache[key] = self.base_ratio > 0 or bool((layout.total[layout.labels > 0] < 1).any())
-        return self._cache[key]
+            self._grids[key] = self.base_ratio > 0 or bool((layout.total[layout.labels > 0] < 1).any())
+        return self._grids[key]
 
     def blend_weight(self, grid: tuple[int, int], device: torch.device, kind: str) -> torch.Tensor:
         """(1, 1, N, 1) float32 on `device`: "keep" `1 - (1-b) M(x)` (cross-attention's base share) or "region"
         `(1-b) M(x)` (the joint blend's masked share)."""
         key = ("weight", kind, grid, str(device))
-        if key not in self._cache:
+        if key not in self._grids:
             share = (1.0 - self.base_ratio) * self.layout(grid).total.float()
             weight = 1.0 - share if kind == "keep" else share
-            self._cache[key] = weight.to(device)[None, None, :, None]
-        return self._cache[key]
+            self._grids[key] = weight.to(device)[None, None, :, None]
+        return self._grids[key]
 
     def base_positions(self, sequence: JointSequence, device: torch.device) -> torch.Tensor:
         """The image and base-text positions of `sequence` (the stock sequence) as an index tensor on `device`."""
         key = ("positions", sequence, str(device))
-        if key not in self._cache:
-            self._cache[key] = sequence.base_positions().to(device)
-        return self._cache[key]
+        if key not in self._grids:
+            self._grids[key] = sequence.base_positions().to(device)
+        return self._grids[key]
 
     # -- joint sequences and labels --------------------------------------------------------------------------------
     def region_lens(self) -> tuple[int, ...]:
@@ -157,13 +172,13 @@ class RegionsBound(Bound):
     def isolation_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
         """Self-attention isolation: every row (uncond rows too) gets the regions' image labels."""
 
-        key = ("isolate", geometry.image_hw, len(rows))
-        if key not in self._cache:
+        key = ("isolate", geometry.image_hw, len(rows), str(self.device))
+        if key not in self._grids:
             image = self.layout(geometry.image_hw).labels
             labels = image[None].repeat(len(rows), 1).to(self.device)
             table = isolation_table(self.subjects, self.strength)[None].to(self.device)
-            self._cache[key] = LabelMask(labels, labels, table)
-        return self._cache[key]
+            self._grids[key] = LabelMask(labels, labels, table)
+        return self._grids[key]
 
     def joint_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
         """The joint label mask: cond rows with region tokens follow `joint_table`; the other rows (uncond rows, and
@@ -171,8 +186,8 @@ class RegionsBound(Bound):
 
         with_tokens = self.has_tokens(rows)
         sequence = self.sequence(geometry, with_tokens)
-        key = ("joint", sequence, geometry.image_hw, self._rows_key(rows))
-        if key not in self._cache:
+        key = ("joint", sequence, geometry.image_hw, self._rows_key(rows), str(self.device))
+        if key not in self._grids:
             image = self.layout(geometry.image_hw).labels
             regions = len(self.shapes)
             labels, tables = [], []
@@ -186,8 +201,8 @@ class RegionsBound(Bound):
             }
             table = made[tables[0]][None] if len(set(tables)) == 1 else torch.stack([made[t] for t in tables])
             stacked = torch.stack(labels).to(self.device)
-            self._cache[key] = LabelMask(stacked, stacked, table.to(self.device))
-        return self._cache[key]
+            self._grids[key] = LabelMask(stacked, stacked, table.to(self.device))
+        return self._grids[key]
 
     def base_labels(self, sequence: JointSequence, grid: tuple[int, int], rows: int, device: torch.device) -> Any:
         """Labels of the blend's base attention (cond rows: image queries, image + base-text keys); None without isolation."""
@@ -195,14 +210,14 @@ class RegionsBound(Bound):
             return None
 
         key = ("base", sequence, grid, rows, str(device))
-        if key not in self._cache:
+        if key not in self._grids:
             regions = len(self.shapes)
             image = self.layout(grid).labels
             full = sequence.labels(image, regions, True)
             keys = full[sequence.base_positions()]
             table = base_table(self.subjects, True, self.strength)[None]
-            self._cache[key] = LabelMask(image.expand(rows, -1).to(device), keys.expand(rows, -1).to(device), table.to(device))
-        return self._cache[key]
+            self._grids[key] = LabelMask(image.expand(rows, -1).to(device), keys.expand(rows, -1).to(device), table.to(device))
+        return self._grids[key]
 
     # -- the protocol ------------------------------------------------------------------------------------------------
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -254,8 +269,7 @@ class RegionsBound(Bound):
         return None
 
     def finish(self) -> None:
-        self._cache.clear()
-        self._layouts.clear()
+        self._cache.clear()  # the per-grid data stays with the handle
         self.index.clear()
 
 
@@ -285,8 +299,7 @@ class CrossHook(LayerHook):
         rows = bound.index(cond, q.device)
         qc = q.index_select(0, rows)
         batch, heads, _, head_dim = qc.shape
-        keys, values = call.module.processor.project_context(call.module, bound.text_embeds(q.device, _weight_dtype(call.module)))
-        keys, values = keys.to(q.dtype), values.to(v.dtype)
+        keys, values = bound.region_keys(call, q.device, q.dtype, v.dtype)
         padding = bound.text_bias(q.device, q.dtype)  # (R, 1, 1, T) or None
         total = keys.new_zeros(batch, heads, n, head_dim, dtype=torch.float32)
         for chunk in bound.chunks(grid, q.device):

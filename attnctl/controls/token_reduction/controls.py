@@ -353,7 +353,8 @@ class _ReductionBound(Bound):
         self.report = TokenReductionReport(type(control).__name__)
         publish(context, control.key, self.report)
         self.index = RowIndex()
-        self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (dst, src) per layer, step, grid and device: drawn from a seed, so constant for the handle (kept across calls)
+        self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = context.handle_cache.setdefault("partitions", {})
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         phase = self.control.phase(frame.step)
@@ -372,7 +373,6 @@ class _ReductionBound(Bound):
         return found
 
     def finish(self) -> None:
-        self._partitions.clear()
         self.index.clear()
 
 

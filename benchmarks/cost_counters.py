@@ -1,0 +1,170 @@
+"""Deterministic cost counters per control: aten operations dispatched (each a kernel launch on a GPU) and host
+synchronisations in a whole warm pipeline call, against stock (`attnctl.testing.counters`).
+
+A warm call is the second call with the same handle (the first one builds per-handle caches), under
+`torch.inference_mode`, `tiny-sd` / `tiny-flux` at 32x32, 4 steps, CFG 5 on tiny-sd. `ops/attn` divides the
+extra operations by the attention calls that got an edit from the control. tests/test_cost_counters.py holds
+the CI targets; this prints the table.
+
+    python benchmarks/cost_counters.py [--models tiny-sd,tiny-flux] [--controls reweight,regions] [--ops]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+# benchmarks/kernels.py would shadow the `kernels` package that transformers imports: run from the repo root
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import torch  # noqa: E402
+
+PROMPT = "a photo of a red cat and a blue dog"
+STEPS = 4
+MODELS = ("tiny-sd", "tiny-flux")
+
+
+def _regions(isolate: bool):
+    import attnctl
+
+    return attnctl.Regions(
+        [attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)), attnctl.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))],
+        base_ratio=0.2, isolate=isolate,
+    )
+
+
+def controls(model: str) -> dict[str, Any]:
+    """name -> factory of the control list (None: stock, no handle). The UNet-only ones are left out on Flux."""
+    import attnctl
+
+    catalog: dict[str, Any] = {
+        "stock": None,
+        "apply[]": lambda: [],
+        "reweight": lambda: [attnctl.Reweight({"red": 2.0})],
+        "regions": lambda: [_regions(False)],
+        "regions+isolate": lambda: [_regions(True)],
+        "pag": lambda: [attnctl.PAG(scale=3.0)],
+        "seg": lambda: [attnctl.SEG(scale=3.0)],
+        "sag": lambda: [attnctl.SAG(scale=0.75)],
+        "pladis": lambda: [attnctl.PLADIS()],
+        "skip-layer": lambda: [attnctl.SkipLayer(blocks=((0,) if model == "tiny-flux" else ("down_blocks.0.attentions.0.transformer_blocks.0",)), steps=(0.0, 1.0))],
+        "maps": lambda: [attnctl.AttentionMaps(["cat", "dog"])],
+        "tgate": lambda: [attnctl.TGate(gate_step=2)],
+        "tome0.5": lambda: [attnctl.ToMe(ratio=0.5)],
+        "agent": lambda: [attnctl.AgentAttention()],
+        "fastattn": lambda: [attnctl.FastAttn()],
+        "rw+regions+pag": lambda: [attnctl.Reweight({"red": 2.0}), _regions(True), attnctl.PAG(scale=3.0)],
+        "rw+regions+pag+tgate": lambda: [attnctl.Reweight({"red": 2.0}), _regions(False), attnctl.PAG(scale=3.0, steps=(0.0, 0.4)),
+                                         attnctl.TGate(gate_step=2)],
+    }
+    if model == "tiny-flux":
+        for name in ("seg", "sag", "tgate", "tome0.5", "agent", "rw+regions+pag+tgate"):
+            catalog.pop(name)
+    return catalog
+
+
+@dataclass
+class Cost:
+    model: str
+    control: str
+    ops: int
+    syncs: int
+    sync_ops: dict[str, int]
+    op_names: dict[str, int]
+    attention_calls: int  # attention calls that got an edit (0 for stock)
+    copies_in: int = 0  # host-to-device copy calls (a stream sync each on CUDA unless non_blocking)
+    error: str | None = None
+
+
+def _run(pipe: Any, model: str, steps: int):
+    from attnctl.testing import CALL_DEFAULTS
+
+    options = dict(CALL_DEFAULTS[model])
+    guidance = 5.0 if model != "tiny-flux" else 3.5
+    with torch.inference_mode():
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **options).images
+
+
+def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> Cost:
+    """The counts of the second (warm) pipeline call with the control list `make()` applied (None: stock)."""
+    import attnctl
+    from attnctl.testing.counters import CostCounter
+
+    handle = attnctl.apply(pipe, make()) if make is not None else None
+    edited = [0]
+    try:
+        if handle is not None:
+            runtime = handle.runtime
+            edit_for = runtime.edit_for
+
+            def counting(layer):
+                edit = edit_for(layer)
+                if edit is not None:
+                    edited[0] += 1
+                return edit
+
+            runtime.edit_for = counting
+        _run(pipe, model, steps)
+        edited[0] = 0
+        with CostCounter() as counter:
+            _run(pipe, model, steps)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return Cost(model, name, counter.ops, counter.syncs, dict(counter.sync_ops), dict(counter.op_names), edited[0],
+                counter.copies_in)
+
+
+def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
+    from attnctl.testing import make_tiny_pipeline
+
+    rows = []
+    for model in models:
+        pipe = make_tiny_pipeline(model)
+        for name, make in controls(model).items():
+            if names and name not in names and name != "stock":
+                continue
+            try:
+                rows.append(measure(pipe, model, name, make, steps))
+            except Exception as error:  # noqa: BLE001 - the table goes on
+                rows.append(Cost(model, name, 0, 0, {}, {}, 0, 0, f"{type(error).__name__}: {error}"[:200]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--controls", default="")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--ops", action="store_true", help="also print the extra operations per aten name")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = table(args.models.split(","), set(filter(None, args.controls.split(","))), args.steps)
+    stock = {row.model: row for row in rows if row.control == "stock"}
+    print(f"torch {torch.__version__}; warm second call, {args.steps} steps, inference_mode; "
+          "ops = aten ops dispatched (views excluded), syncs = host synchronisations")
+    print("| model | control | ops | extra ops | edited attn calls | extra ops / attn call | syncs | extra syncs | extra copies in |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        if row.error:
+            print(f"| {row.model} | {row.control} | error: {row.error} |")
+            continue
+        base = stock[row.model]
+        extra = row.ops - base.ops
+        per = f"{extra / row.attention_calls:.2f}" if row.attention_calls else "-"
+        extra_syncs = {k: v - base.sync_ops.get(k, 0) for k, v in row.sync_ops.items() if v != base.sync_ops.get(k, 0)}
+        print(f"| {row.model} | {row.control} | {row.ops} | {extra:+d} | {row.attention_calls} | {per} | {row.syncs} | "
+              f"{row.syncs - base.syncs:+d} {extra_syncs or ''} | {row.copies_in - base.copies_in:+d} |")
+        if args.ops and row.control != "stock":
+            diff = {k: v - base.op_names.get(k, 0) for k, v in row.op_names.items() if v != base.op_names.get(k, 0)}
+            print(f"|   | ops by name | {dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25])} |")
+
+
+if __name__ == "__main__":
+    main()

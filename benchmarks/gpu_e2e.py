@@ -1,0 +1,447 @@
+"""What attnctl controls cost end to end on real-size denoisers (issue 16): time, FLOPs, memory, fidelity.
+
+Denoisers are built from their published configs with random weights (no download): SD 1.5 (UNet, 512),
+SDXL (UNet, 1024), SD3.5-medium (MMDiT, 1024) and Flux-dev (19 double + 38 single blocks, 1024). Text
+encoders and VAE are tiny but as wide as the denoiser expects (their cost is outside the denoising loop);
+the output is latents. Per model, stock and every variant run interleaved in one process: each round applies
+the variant's controls, makes one untimed call (the handle's per-handle caches are built there, as in any
+session that generates more than one image) and one timed call, then removes the handle. Medians over the
+rounds after a warm-up round.
+
+Printed per variant: median ms, ratio to stock, the ratio of total FLOPs to stock (counted here by a
+`FlopCounterMode` run: matmuls, convolutions and attention, linear layers included), PSNR of the latents
+against stock, whether they are bitwise stock, peak memory (CUDA). On CUDA the issue's targets follow as
+PASS / FAIL lines: the TGate bound B = T_cfg / ((g/n) T_cfg + (1 - g/n) T_nocfg) from stock with and
+without CFG in the same run, the ToMe FLOP bound, and "control for free" on SDXL.
+
+    python benchmarks/gpu_e2e.py --models sd15,flux [--variants stock,apply[],reweight] [--steps 20]
+        [--flux-steps 10] [--repeats 3] [--device cuda] [--backend auto] [--json out.json]
+    python benchmarks/gpu_e2e.py --tiny      # CPU-size configs in seconds: a smoke test, not a timing
+
+One run of one model fits a 10-minute window on an H100 / H200 (`--variants` to cut it further).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers imports: put the repo root first
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import torch  # noqa: E402
+
+PROMPT = "a photo of a red cat and a blue dog"
+MODELS = ("sd15", "sdxl", "sd35m", "flux")
+TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux"}
+FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux"}
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+def _clip(hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from attnctl.testing.tokenizers import clip_vocab_size
+
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=64,
+                            num_attention_heads=4, num_hidden_layers=1, vocab_size=clip_vocab_size(),
+                            max_position_embeddings=77, projection_dim=projection or hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _t5(width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    from attnctl.testing.tokenizers import t5_vocab_size
+
+    config = T5Config(vocab_size=t5_vocab_size(), d_model=width, d_kv=64, d_ff=128, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=8)
+    return T5EncoderModel(config).eval()
+
+
+def _vae(latent_channels: int, flow: bool = False):
+    """Four levels of 8 channels: vae_scale_factor 8, as the real VAEs (only its config matters: latents out)."""
+    from diffusers import AutoencoderKL
+
+    extra = {"shift_factor": 0.0609, "scaling_factor": 1.5035} if flow else {}
+    return AutoencoderKL(block_out_channels=[8] * 4, in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         norm_num_groups=4, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, **extra).eval()
+
+
+def build_sd15():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from attnctl.testing.tokenizers import tiny_clip_tokenizer
+
+    unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                                cross_attention_dim=768, attention_head_dim=8)  # runwayml SD 1.5 unet/config.json
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=_vae(4), text_encoder=_clip(768), tokenizer=tiny_clip_tokenizer(), unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+    return pipe, {"height": 512, "width": 512, "guidance_scale": 7.5}
+
+
+def build_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from attnctl.testing.tokenizers import tiny_clip_tokenizer
+
+    unet = UNet2DConditionModel(  # stabilityai SDXL base unet/config.json
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        transformer_layers_per_block=(1, 2, 10), projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=_vae(4), text_encoder=_clip(768), tokenizer=tiny_clip_tokenizer(),
+                                     text_encoder_2=_clip(1280, projection=1280),
+                                     tokenizer_2=tiny_clip_tokenizer(pad_token="!"), unet=unet.eval(), scheduler=scheduler,
+                                     image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True)
+    return pipe, {"height": 1024, "width": 1024, "guidance_scale": 6.0}
+
+
+def build_sd35m():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from attnctl.testing.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    transformer = SD3Transformer2DModel(  # stabilityai SD3.5-medium transformer/config.json
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_vae(16, flow=True), text_encoder=_clip(768, projection=768),
+                                    tokenizer=tiny_clip_tokenizer(), text_encoder_2=_clip(1280, projection=1280),
+                                    tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=_t5(4096),
+                                    tokenizer_3=tiny_t5_tokenizer())
+    return pipe, {"height": 1024, "width": 1024, "guidance_scale": 4.5, "max_sequence_length": 256}
+
+
+def build_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from attnctl.testing.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    transformer = FluxTransformer2DModel(  # black-forest-labs FLUX.1-dev transformer/config.json
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(16, flow=True), text_encoder=_clip(768, projection=None),
+                        tokenizer=tiny_clip_tokenizer(), text_encoder_2=_t5(4096), tokenizer_2=tiny_t5_tokenizer(),
+                        transformer=transformer.eval())
+    return pipe, {"height": 1024, "width": 1024, "guidance_scale": 3.5, "max_sequence_length": 512}
+
+
+BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
+    "sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m, "flux": build_flux,
+}
+
+
+def build(model: str, tiny: bool, device: str, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
+    torch.manual_seed(0)
+    if tiny:
+        from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
+
+        name = TINY[model]
+        call = dict(CALL_DEFAULTS[name])
+        call["guidance_scale"] = 3.5 if model == "flux" else 5.0
+        pipe = make_tiny_pipeline(name)
+    else:  # built where it runs, in bf16 already for the big transformers (Flux-dev: 12B parameters)
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        try:
+            with torch.device(device):
+                pipe, call = BUILDERS[model]()
+        finally:
+            torch.set_default_dtype(old)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype), call
+
+
+# -- variants ---------------------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    controls: Callable[[], list[Any]] | None  # None: stock (no handle)
+    call: dict[str, Any] = field(default_factory=dict)  # overrides of the call's arguments
+
+
+def variants(model: str, steps: int) -> dict[str, Variant]:
+    import attnctl as a
+
+    def regions(isolate: bool):
+        return a.Regions([a.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)), a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))],
+                         base_ratio=0.2, isolate=isolate)
+
+    gate = max(1, round(0.4 * steps))  # TGate at 40% of the steps
+    family = FAMILY[model]
+    found = {
+        "stock": Variant(None),
+        "apply[]": Variant(lambda: []),
+        "reweight": Variant(lambda: [a.Reweight({"red": 2.0})]),
+        "regions": Variant(lambda: [regions(False)]),
+        "regions+isolate": Variant(lambda: [regions(True)]),
+        "pag": Variant(lambda: [a.PAG(scale=3.0)]),
+        "maps": Variant(lambda: [a.AttentionMaps(["cat", "dog"])]),
+        "rw+regions(iso)+pag": Variant(lambda: [a.Reweight({"red": 2.0}), regions(True), a.PAG(scale=3.0)]),
+    }
+    if family == "unet":
+        found.update({
+            "stock-nocfg": Variant(None, {"guidance_scale": 1.0}),  # T_nocfg of the TGate bound
+            "seg": Variant(lambda: [a.SEG(scale=3.0)]),
+            f"tgate(g={gate}/{steps})": Variant(lambda: [a.TGate(gate_step=gate)]),
+            "tome0.5": Variant(lambda: [a.ToMe(ratio=0.5)]),
+            "agent": Variant(lambda: [a.AgentAttention()]),
+            "rw+regions+pag+tgate": Variant(lambda: [a.Reweight({"red": 2.0}), regions(False), a.PAG(scale=3.0),
+                                                     a.TGate(gate_step=gate)]),
+            "rw+regions+pag+tgate+tome": Variant(lambda: [a.Reweight({"red": 2.0}), regions(False), a.PAG(scale=3.0),
+                                                          a.TGate(gate_step=gate), a.ToMe(ratio=0.5)]),
+            "control-for-free": Variant(lambda: [a.Reweight({"red": 2.0}), regions(False), a.PAG(scale=3.0, steps=(0.0, 0.4)),
+                                                 a.TGate(gate_step=gate)]),
+        })
+    return found
+
+
+# -- measuring --------------------------------------------------------------------------------------------------
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and AV of an SDPA call: 2 * 2 * B * H * Nq * Nk * D (the CPU kernel is not in torch's table)."""
+    batch, heads, nq, dim = query_shape
+    nk, dv = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * nq * nk * dim + 2 * batch * heads * nq * nk * dv
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    custom = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
+    x, reference = x.float(), reference.float()
+    mse = float(((x - reference) ** 2).mean())
+    if mse == 0:
+        return math.inf
+    span = float(reference.max() - reference.min()) or 1.0
+    return 10 * math.log10(span**2 / mse)
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    ms: float | None = None
+    ratio: float | None = None
+    first_ratio: float | None = None  # the first call of a fresh handle (per-handle caches built there)
+    flops: int | None = None
+    flop_ratio: float | None = None
+    psnr: float | None = None
+    bitwise: bool | None = None
+    peak_gib: float | None = None
+    error: str | None = None
+    times_ms: list[float] = field(default_factory=list)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_model(model: str, args: argparse.Namespace) -> list[Row]:
+    import attnctl
+
+    device = args.device
+    cuda = device.startswith("cuda")
+    dtype = torch.float32 if not cuda else (torch.bfloat16 if FAMILY[model] in ("flux", "mmdit") else torch.float16)
+    steps = args.flux_steps if model == "flux" else args.steps
+    started = time.perf_counter()
+    pipe, call = build(model, args.tiny, device, dtype)
+    print(f"=== {model}{' (tiny)' if args.tiny else ''}: built in {time.perf_counter() - started:.1f}s, {dtype}, {steps} steps, "
+          f"backend {args.backend}", flush=True)
+    table = variants(model, steps)
+    if args.variants:
+        wanted = set(args.variants.split(","))
+        table = {name: v for name, v in table.items() if name in wanted or name in ("stock", "stock-nocfg")}
+
+    def generate(variant: Variant, pipe: Any = pipe) -> torch.Tensor:
+        options = dict(call)
+        options.update(variant.call)
+        with torch.inference_mode():
+            return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+                        output_type="latent", **options).images
+
+    rows = {name: Row(model, name) for name in table}
+    first: dict[str, list[float]] = {name: [] for name in table}
+    latents: dict[str, torch.Tensor] = {}
+    for round_index in range(args.repeats + 1):  # round 0: warm-up (latents, FLOPs)
+        for name, variant in table.items():
+            row = rows[name]
+            if row.error:
+                continue
+            handle = None
+            try:
+                if variant.controls is not None:
+                    handle = attnctl.apply(pipe, variant.controls(), backend=args.backend)
+                _sync(device)
+                start = time.perf_counter()
+                generate(variant)  # a fresh handle's first call
+                _sync(device)
+                first[name].append(time.perf_counter() - start)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                out = generate(variant)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if cuda:
+                    row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                if round_index == 0:
+                    latents[name] = out.detach().float().cpu()
+                    if not args.no_flops:
+                        row.flops = count_flops(functools.partial(generate, variant))
+                else:
+                    row.times_ms.append(elapsed * 1000)
+            except Exception as error:  # noqa: BLE001 - report and go on with the other variants
+                row.error = f"{type(error).__name__}: {str(error)[:300]}"
+                if args.verbose:
+                    traceback.print_exc()
+            finally:
+                if handle is not None:
+                    handle.remove()
+    stock = rows["stock"]
+    stock_ms = statistics.median(stock.times_ms) if stock.times_ms else None
+    stock_first = statistics.median(first["stock"][1:] or first["stock"]) if first["stock"] else None  # after warm-up
+    for name, row in rows.items():
+        if row.error or not row.times_ms:
+            continue
+        row.ms = statistics.median(row.times_ms)
+        row.ratio = row.ms / stock_ms if stock_ms else None
+        row.first_ratio = statistics.median(first[name][1:] or first[name]) / stock_first if stock_first else None
+        if row.flops and stock.flops:
+            row.flop_ratio = row.flops / stock.flops
+        if name in latents and "stock" in latents:
+            row.bitwise = bool(torch.equal(latents[name], latents["stock"]))
+            row.psnr = psnr(latents[name], latents["stock"])
+    _print(model, steps, args, list(rows.values()))
+    if cuda:
+        _targets(model, steps, rows)
+    del generate, pipe  # free the denoiser before the next model is built
+    if cuda:
+        torch.cuda.empty_cache()
+    return list(rows.values())
+
+
+def _print(model: str, steps: int, args: argparse.Namespace, rows: list[Row]) -> None:
+    print(f"--- {model}: medians of {args.repeats} after a warm-up round; ratio = variant / stock (warm handle: second call); "
+          "first = a fresh handle's first call")
+    print(f"{'variant':28s} {'ms':>9s} {'ratio':>7s} {'first':>7s} {'FLOPs':>7s} {'PSNR dB':>8s} {'bitwise':>7s} {'peak GiB':>8s}")
+    for row in rows:
+        if row.error:
+            print(f"{row.variant:28s} FAILED {row.error}")
+            continue
+        def f(value, spec):
+            return format(value, spec) if value is not None else "-"
+        print(f"{row.variant:28s} {f(row.ms, '9.1f')} {f(row.ratio, '7.3f')} {f(row.first_ratio, '7.3f')} {f(row.flop_ratio, '7.3f')} "
+              f"{f(row.psnr, '8.1f')} {str(row.bitwise):>7s} {f(row.peak_gib, '8.2f')}")
+    sys.stdout.flush()
+
+
+def _targets(model: str, steps: int, rows: dict[str, Row]) -> None:
+    """The issue's targets (judged on an H100 / H200 with backend auto) as PASS / FAIL lines."""
+    family = FAMILY[model]
+
+    def check(name: str, ok: bool | None, detail: str) -> None:
+        print(f"{'PASS' if ok else ('FAIL' if ok is not None else 'N/A ')} {model} {name}: {detail}")
+
+    def ratio(name: str) -> float | None:
+        row = rows.get(name)
+        return row.ratio if row is not None and row.ratio is not None else None
+
+    for name, limit in (("apply[]", 1.01), ("reweight", 1.02), ("maps", 1.08)):
+        r = ratio(name)
+        if r is not None:
+            check(name, r <= limit, f"x{r:.3f} <= {limit}")
+    for name, limit in (("regions", 1.08), ("regions+isolate", 1.12)):
+        r = ratio(name)
+        if r is None:
+            continue
+        if family == "unet":
+            check(name, r <= limit, f"x{r:.3f} <= {limit}")
+        elif rows[name].flop_ratio is not None:
+            bound = 1.05 * rows[name].flop_ratio
+            check(name, r <= bound, f"x{r:.3f} <= 1.05 x FLOP ratio {rows[name].flop_ratio:.3f} = {bound:.3f}")
+    r = ratio("pag")
+    if r is not None and rows["pag"].flop_ratio is not None:
+        bound = 1.05 * rows["pag"].flop_ratio
+        check("pag", r <= bound, f"x{r:.3f} <= 1.05 x FLOP ratio {rows['pag'].flop_ratio:.3f} = {bound:.3f}")
+    tgate = next((n for n in rows if n.startswith("tgate(")), None)
+    if tgate and ratio(tgate) is not None and rows.get("stock-nocfg") and rows["stock-nocfg"].ms:
+        gate = int(tgate.split("g=")[1].split("/")[0])
+        t_cfg, t_nocfg = rows["stock"].ms, rows["stock-nocfg"].ms
+        bound = t_cfg / ((gate / steps) * t_cfg + (1 - gate / steps) * t_nocfg)
+        speedup = 1 / ratio(tgate)
+        check(tgate, speedup >= 0.95 * bound, f"speed-up {speedup:.3f} >= 0.95 x B {bound:.3f} = {0.95 * bound:.3f} "
+              f"(T_cfg {t_cfg:.1f} ms, T_nocfg {t_nocfg:.1f} ms)")
+    r = ratio("tome0.5")
+    if r is not None and rows["tome0.5"].flops and rows["stock"].flops:
+        bound = rows["stock"].flops / rows["tome0.5"].flops
+        check("tome0.5", 1 / r >= 0.8 * bound and r <= 1.0, f"speed-up {1 / r:.3f} >= 0.8 x FLOP bound {bound:.3f} and x{r:.3f} <= 1")
+    r = ratio("control-for-free")
+    if r is not None and model == "sdxl":
+        check("control-for-free", r <= 1.0, f"x{r:.3f} <= 1.0 (Reweight + Regions + PAG(steps=(0, 0.4)) + TGate(40%))")
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="sd15,sdxl,flux", help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--variants", default="", help="comma-separated variant names (stock always runs)")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the UNet and SD3.5 models")
+    parser.add_argument("--flux-steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--tiny", action="store_true", help="CPU-size configs (attnctl.testing): a smoke test, not timed")
+    parser.add_argument("--no-flops", action="store_true")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    import diffusers
+
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "no GPU"
+    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, device {args.device} ({gpu})")
+    if not args.device.startswith("cuda"):
+        print("not CUDA: no target is judged (the targets are GPU figures)")
+    results: list[Row] = []
+    for model in args.models.split(","):
+        if model not in MODELS:
+            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+        results.extend(run_model(model, args))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump([asdict(row) for row in results], handle, indent=1, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main()
