@@ -30,21 +30,23 @@ class _TorchvisionNotice(logging.Filter):
         return "requires torchvision" not in record.getMessage()
 
 
-def silence_optional_notices() -> None:
-    """Install the filter for transformers' torchvision notice (idempotent)."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _TorchvisionNotice) for f in logger.filters):
-        logger.addFilter(_TorchvisionNotice())
-
-
-silence_optional_notices()  # at import: attnctl's pipelines (embedded fixtures included) load without the notice
-
-
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """While loading: no diffusers / transformers progress bars ("Loading pipeline components", "Loading
-    weights") and no torchvision notice; the libraries' settings are put back afterwards."""
-    silence_optional_notices()
+    weights") and no torchvision notice; the libraries' settings are put back afterwards (nothing is changed
+    at import: attnctl leaves the user's logging alone outside its own loading)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    notice = _TorchvisionNotice()
+    logger.addFilter(notice)
+    try:
+        with _progress_bars_off():
+            yield
+    finally:
+        logger.removeFilter(notice)
+
+
+@contextlib.contextmanager
+def _progress_bars_off() -> Iterator[None]:
     try:
         import diffusers.utils.logging as diffusers_logging
         import transformers.utils.logging as transformers_logging
