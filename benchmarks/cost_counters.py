@@ -143,7 +143,10 @@ def main() -> None:
     parser.add_argument("--controls", default="")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--ops", action="store_true", help="also print the extra operations per aten name")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny-sd, Reweight, 2 steps (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.controls, args.steps = "tiny-sd", "reweight", 2
     torch.set_num_threads(1)
     rows = table(args.models.split(","), set(filter(None, args.controls.split(","))), args.steps)
     stock = {row.model: row for row in rows if row.control == "stock"}

@@ -1,6 +1,6 @@
 """Every example and every benchmark runs, in its smoke mode (`--quick`: the smallest sizes, seconds each), as
 a user runs it: a subprocess from another folder (issue #18). Nothing here is timed; the benchmarks' numbers
-mean nothing at these sizes. `benchmarks/kernels.py` belongs to the kernels work and is smoke-tested there.
+mean nothing at these sizes. `benchmarks/bench_kernels.py` and `benchmarks/gpu_e2e.py` have smoke tests of their own.
 
 PYTHONSAFEPATH=1: the script's own folder is not put first on sys.path, so a module in it can never shadow an
 installed package (`benchmarks/kernels.py` shadowed the `kernels` package transformers imports)."""
@@ -31,6 +31,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/overhead.py", [], "ratio", id="overhead"),
     pytest.param("benchmarks/render.py", [], "", id="render"),
     pytest.param("benchmarks/token_reduction.py", [], "ToMe at ratio", id="token_reduction"),
+    pytest.param("benchmarks/cost_counters.py", [], "| tiny-sd | reweight |", id="cost_counters"),
     pytest.param("benchmarks/guidance.py", ["--variants", "pag-self"], "", id="guidance", marks=slow),
     pytest.param("benchmarks/reweight.py", [], "", id="reweight", marks=slow),
     pytest.param("benchmarks/regions.py", [], "labels-blocked", id="regions", marks=slow),
@@ -78,5 +79,6 @@ def test_every_example_and_benchmark_is_smoke_tested():
     covered = {p.values[0] for p in EXAMPLES + BENCHMARKS} | {"examples/quickstart.py"}
     present = {f"examples/{p.name}" for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_")}
     present |= {f"benchmarks/{p.name}" for p in (ROOT / "benchmarks").glob("*.py")}
-    present -= {"benchmarks/kernels.py", "benchmarks/bench_kernels.py"}  # the kernels work owns and tests these
+    # smoke-tested by their own tests: tests/test_kernels_bench.py (--tiny), tests/test_gpu_e2e_smoke.py (--tiny)
+    present -= {"benchmarks/bench_kernels.py", "benchmarks/gpu_e2e.py"}
     assert present == covered

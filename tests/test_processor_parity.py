@@ -20,6 +20,7 @@ class _NoFrame:
     """A runtime stand-in outside any pipeline call: no edits, stock math."""
 
     backend = "auto"
+    prefilled = False
 
     def edit_for(self, layer):
         return None

@@ -244,7 +244,8 @@ class ZImageAdapter(ModelAdapter):
                 raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
             kind, group, text = info
             modules[name] = module
-            layers.append(LayerInfo(name, len(layers), kind, group, int(parts[1]), 0, text))
+            # the main layers' hidden states already hold [image; text] (one stream)
+            layers.append(LayerInfo(name, len(layers), kind, group, int(parts[1]), 0, text, concatenated=kind == "joint"))
         return cls(
             family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules, batched_inputs=("x", "t", "cap_feats"),
             dict_inputs=("joint_attention_kwargs",),

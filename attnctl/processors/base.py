@@ -28,6 +28,7 @@ class Runtime(Protocol):
     """What a controlled processor asks of the handle's per-call state (`attnctl.pipelines.runtime.Runtime`)."""
 
     backend: str
+    prefilled: bool  # a compiled forward: the processors read the edits prefilled before it (`edit_now`)
 
     def edit_for(self, layer: LayerInfo) -> Edit | None: ...
 
