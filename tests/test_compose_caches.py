@@ -272,3 +272,64 @@ def test_families_without_enable_cache_are_named(name):
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     if hasattr(denoiser, "enable_cache"):
         pytest.fail(f"diffusers {diffusers.__version__} gives {type(denoiser).__name__} enable_cache: add {name} to FAMILY_CACHES")
+
+
+def test_control_for_free_set_with_first_block_cache_in_both_orders(flux):
+    """Reweight + Regions + PAG(steps=(0, 0.4)) under FirstBlockCache (the benchmark's "cff+fbc"): PAG's perturbed rows
+    come and go with its window, so attnctl keys diffusers' cache state apart for its wider batch
+    (foreign_patches.keyed_cache_context). Before, the first step after the window added a residual cached on two rows
+    to one row and the next call failed (CallLayoutError: a batch of 2 rows)."""
+    pipe, stock = flux
+
+    def controls():
+        regions = attnctl.Regions([attnctl.Region("a cat", box=(0.0, 0.0, 0.5, 1.0))], base_ratio=0.2)
+        return [attnctl.Reweight({"cat": 2.0}), regions, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))]
+
+    with attnctl.apply(pipe, controls()):
+        controlled = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    transformer = pipe.transformer
+    transformer.enable_cache(_config("FirstBlockCache", pipe))
+    try:
+        cached = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        with attnctl.apply(pipe, controls()):  # cache first
+            cache_then_attnctl = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+            again = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+    handle = attnctl.apply(pipe, controls())
+    transformer.enable_cache(_config("FirstBlockCache", pipe))  # attnctl first
+    try:
+        attnctl_then_cache = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+        handle.remove()
+    assert cache_then_attnctl.shape == stock.shape
+    assert torch.equal(cache_then_attnctl, attnctl_then_cache) and torch.equal(cache_then_attnctl, again)
+    assert not torch.equal(cache_then_attnctl, cached) and not torch.equal(cache_then_attnctl, controlled)  # both act
+    assert torch.equal(generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS), stock)
+
+
+def test_keyed_cache_context_names_attnctl_batches_apart(flux):
+    """While PAG's rows are in the batch, the cache hooks see a context of their own; the pipeline's name comes back."""
+    from diffusers.hooks.hooks import StateManager
+
+    pipe, _ = flux
+    transformer = pipe.transformer
+    transformer.enable_cache(_config("FirstBlockCache", pipe))
+    seen = set()
+
+    def spy(module, args):
+        for hook in module._diffusers_hook.hooks.values():
+            for manager in vars(hook).values():
+                if isinstance(manager, StateManager) and manager._context is not None:
+                    seen.add(manager._context.name)
+
+    spy_handle = transformer.transformer_blocks[0].register_forward_pre_hook(spy)
+    try:
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))):
+            generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        spy_handle.remove()
+        transformer.disable_cache()
+    apart = seen - {"cond"}  # PAG's tag is numbered per instance ("pag#<n>")
+    assert "cond" in seen and len(apart) == 1 and next(iter(apart)).startswith("cond|attnctl:cond,cond+pag"), seen
