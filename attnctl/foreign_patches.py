@@ -191,6 +191,43 @@ def diffusers_caches(denoiser: torch.nn.Module) -> list[str]:
     return found
 
 
+def keyed_cache_context(denoiser: torch.nn.Module, key: str) -> Any:
+    """Give diffusers' cache hooks a context of their own for a denoiser call whose batch is attnctl's, not the
+    pipeline's (perturbed rows added by PAG / SEG / SAG, or attnctl's extra passes).
+
+    The hooks keep their state (FirstBlockCache's residuals, FasterCache's outputs, ...) per context name, which the
+    pipeline sets (`cache_context("cond")`). A control whose rows come and go with its step window (PAG with
+    steps=(0, 0.4)) would otherwise leave the state of a wider batch under the pipeline's name: the next narrow call
+    adds a cached residual of the wrong batch (broadcast silently). Each call layout gets its own name
+    (`"cond|attnctl:<key>"`), so a cache reuses only what was computed on the same rows. Returns a function that
+    puts the pipeline's context back, or None where no stateful hook has a context set (no cache, or an old diffusers)."""
+    registry = denoiser.__dict__.get("_diffusers_hook")
+    if registry is None:  # the pipeline's cache_context initialises the denoiser's registry
+        return None
+    children = getattr(registry, "_get_child_registries", None)
+    changed: list[tuple[Any, Any]] = []
+    for child in (registry, *(children() if children is not None else ())):
+        for hook in getattr(child, "hooks", {}).values():
+            if not getattr(hook, "_is_stateful", False):
+                continue
+            for manager in vars(hook).values():
+                old = getattr(manager, "_context", None) if hasattr(manager, "set_context") else None
+                if old is None or not hasattr(old, "name"):
+                    continue
+                import dataclasses
+
+                manager.set_context(dataclasses.replace(old, name=f"{old.name}|attnctl:{key}"))
+                changed.append((manager, old))
+    if not changed:
+        return None
+
+    def restore() -> None:
+        for manager, old in changed:
+            manager.set_context(old)
+
+    return restore
+
+
 def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str) -> None:
     if not caches:
         return

@@ -14,9 +14,17 @@ against stock, whether they are bitwise stock, peak memory (CUDA). On CUDA the i
 PASS / FAIL lines: the TGate bound B = T_cfg / ((g/n) T_cfg + (1 - g/n) T_nocfg) from stock with and
 without CFG in the same run, the ToMe FLOP bound, and "control for free" on SDXL.
 
+"Control for free" with a block cache (issue 17): where the denoiser has diffusers' `enable_cache` (Flux-dev;
+diffusers 0.42's UNet2DConditionModel and SD3Transformer2DModel have none, and their pipelines open no
+`cache_context`), four more variants: stock+fbc (FirstBlockCache alone), cff (Reweight + Regions +
+PAG(steps=(0, 0.4))), cff+fbc (the same with FirstBlockCache: applied after attnctl, disabled after the
+round). On CUDA: PASS when cff+fbc is no slower than stock. The "spread" column is (max - min) / median of
+the timed rounds; "cached" is how many denoiser calls the last block ran (FirstBlockCache skips the others).
+
     python benchmarks/gpu_e2e.py --models sd15,flux [--variants stock,apply[],reweight] [--steps 20]
         [--flux-steps 10] [--repeats 3] [--device cuda] [--backend auto] [--json out.json]
     python benchmarks/gpu_e2e.py --tiny      # CPU-size configs in seconds: a smoke test, not a timing
+    python benchmarks/gpu_e2e.py --tiny --models sd15,flux --variants stock+fbc,cff,cff+fbc --repeats 7  # CPU
 
 One run of one model fits a 10-minute window on an H100 / H200 (`--variants` to cut it further).
 """
@@ -182,9 +190,27 @@ def build(model: str, tiny: bool, device: str, dtype: torch.dtype) -> tuple[Any,
 class Variant:
     controls: Callable[[], list[Any]] | None  # None: stock (no handle)
     call: dict[str, Any] = field(default_factory=dict)  # overrides of the call's arguments
+    cache: Callable[[], Any] | None = None  # a diffusers cache config, enabled on the denoiser after apply
 
 
-def variants(model: str, steps: int) -> dict[str, Variant]:
+def has_enable_cache(denoiser: Any) -> bool:
+    """diffusers' CacheMixin (`enable_cache`): Flux, Chroma, Qwen-Image, Wan in 0.42; not the UNet, SD3, PixArt."""
+    return callable(getattr(denoiser, "enable_cache", None))
+
+
+def denoiser_of(pipe: Any) -> Any:
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
+def _last_block(denoiser: Any) -> Any:
+    for name in ("single_transformer_blocks", "transformer_blocks"):
+        blocks = getattr(denoiser, name, None)
+        if blocks is not None and len(blocks):
+            return blocks[-1]
+    return None
+
+
+def variants(model: str, steps: int, cacheable: bool = False, fbc_threshold: float = 0.12) -> dict[str, Variant]:
     import attnctl as a
 
     def regions(isolate: bool):
@@ -216,6 +242,20 @@ def variants(model: str, steps: int) -> dict[str, Variant]:
                                                           a.TGate(gate_step=gate), a.ToMe(ratio=0.5)]),
             "control-for-free": Variant(lambda: [a.Reweight({"red": 2.0}), regions(False), a.PAG(scale=3.0, steps=(0.0, 0.4)),
                                                  a.TGate(gate_step=gate)]),
+        })
+    if cacheable:  # "control for free" with a block cache (issue 17)
+        def fbc():
+            from diffusers import FirstBlockCacheConfig
+
+            return FirstBlockCacheConfig(threshold=fbc_threshold)
+
+        def cff():
+            return [a.Reweight({"red": 2.0}), regions(False), a.PAG(scale=3.0, steps=(0.0, 0.4))]
+
+        found.update({
+            "stock+fbc": Variant(None, cache=fbc),
+            "cff": Variant(cff),
+            "cff+fbc": Variant(cff, cache=fbc),
         })
     return found
 
@@ -259,6 +299,9 @@ class Row:
     psnr: float | None = None
     bitwise: bool | None = None
     peak_gib: float | None = None
+    spread: float | None = None  # (max - min) / median of the timed rounds
+    last_block_runs: int | None = None  # denoiser calls in which the last block ran (a cache skips the others)
+    denoiser_calls: int | None = None
     error: str | None = None
     times_ms: list[float] = field(default_factory=list)
 
@@ -279,7 +322,10 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     pipe, call = build(model, args.tiny, device, dtype)
     print(f"=== {model}{' (tiny)' if args.tiny else ''}: built in {time.perf_counter() - started:.1f}s, {dtype}, {steps} steps, "
           f"backend {args.backend}", flush=True)
-    table = variants(model, steps)
+    cacheable = has_enable_cache(denoiser_of(pipe))
+    table = variants(model, steps, cacheable, args.fbc_threshold)
+    if not cacheable:
+        print(f"{model}: {type(denoiser_of(pipe)).__name__} has no enable_cache in this diffusers: no block-cache variants")
     if args.variants:
         wanted = set(args.variants.split(","))
         table = {name: v for name, v in table.items() if name in wanted or name in ("stock", "stock-nocfg")}
@@ -300,9 +346,15 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
             if row.error:
                 continue
             handle = None
+            cached = False
+            counter = None
             try:
                 if variant.controls is not None:
                     handle = attnctl.apply(pipe, variant.controls(), backend=args.backend)
+                if variant.cache is not None:
+                    denoiser_of(pipe).enable_cache(variant.cache())  # attnctl first, the cache second
+                    cached = True
+                    counter = _count_runs(pipe, row) if round_index == 0 else None
                 _sync(device)
                 start = time.perf_counter()
                 generate(variant)  # a fresh handle's first call
@@ -316,6 +368,9 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                 elapsed = time.perf_counter() - start
                 if cuda:
                     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                if counter is not None:
+                    counter.remove()
+                    counter = None
                 if round_index == 0:
                     latents[name] = out.detach().float().cpu()
                     if not args.no_flops:
@@ -327,6 +382,10 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                 if args.verbose:
                     traceback.print_exc()
             finally:
+                if counter is not None:
+                    counter.remove()
+                if cached:
+                    denoiser_of(pipe).disable_cache()
                 if handle is not None:
                     handle.remove()
     stock = rows["stock"]
@@ -336,6 +395,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
         if row.error or not row.times_ms:
             continue
         row.ms = statistics.median(row.times_ms)
+        row.spread = (max(row.times_ms) - min(row.times_ms)) / row.ms if row.ms else None
         row.ratio = row.ms / stock_ms if stock_ms else None
         row.first_ratio = statistics.median(first[name][1:] or first[name]) / stock_first if stock_first else None
         if row.flops and stock.flops:
@@ -352,18 +412,44 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     return list(rows.values())
 
 
+def _count_runs(pipe: Any, row: Row) -> Any:
+    """Hooks counting the denoiser's calls and the last block's runs over both calls of the warm-up round."""
+    denoiser, block = denoiser_of(pipe), _last_block(denoiser_of(pipe))
+    row.denoiser_calls, row.last_block_runs = 0, 0
+
+    def on_denoiser(*_):
+        row.denoiser_calls += 1
+
+    def on_block(*_):
+        row.last_block_runs += 1
+
+    handles = [denoiser.register_forward_pre_hook(on_denoiser)]
+    attention = getattr(block, "attn", None) or getattr(block, "attn1", None)
+    if attention is not None:  # the inner attention: a cached block returns without running it
+        handles.append(attention.register_forward_pre_hook(on_block))
+
+    class _Remove:
+        def remove(self) -> None:
+            for handle in handles:
+                handle.remove()
+
+    return _Remove()
+
+
 def _print(model: str, steps: int, args: argparse.Namespace, rows: list[Row]) -> None:
     print(f"--- {model}: medians of {args.repeats} after a warm-up round; ratio = variant / stock (warm handle: second call); "
           "first = a fresh handle's first call")
-    print(f"{'variant':28s} {'ms':>9s} {'ratio':>7s} {'first':>7s} {'FLOPs':>7s} {'PSNR dB':>8s} {'bitwise':>7s} {'peak GiB':>8s}")
+    print(f"{'variant':28s} {'ms':>9s} {'spread':>7s} {'ratio':>7s} {'first':>7s} {'FLOPs':>7s} {'PSNR dB':>8s} {'bitwise':>7s} "
+          f"{'peak GiB':>8s} {'cached':>9s}")
     for row in rows:
         if row.error:
             print(f"{row.variant:28s} FAILED {row.error}")
             continue
         def f(value, spec):
             return format(value, spec) if value is not None else "-"
-        print(f"{row.variant:28s} {f(row.ms, '9.1f')} {f(row.ratio, '7.3f')} {f(row.first_ratio, '7.3f')} {f(row.flop_ratio, '7.3f')} "
-              f"{f(row.psnr, '8.1f')} {str(row.bitwise):>7s} {f(row.peak_gib, '8.2f')}")
+        runs = f"{row.last_block_runs}/{row.denoiser_calls}" if row.denoiser_calls else "-"
+        print(f"{row.variant:28s} {f(row.ms, '9.1f')} {f(row.spread, '7.3f')} {f(row.ratio, '7.3f')} {f(row.first_ratio, '7.3f')} "
+              f"{f(row.flop_ratio, '7.3f')} {f(row.psnr, '8.1f')} {str(row.bitwise):>7s} {f(row.peak_gib, '8.2f')} {runs:>9s}")
     sys.stdout.flush()
 
 
@@ -410,6 +496,11 @@ def _targets(model: str, steps: int, rows: dict[str, Row]) -> None:
     r = ratio("control-for-free")
     if r is not None and model == "sdxl":
         check("control-for-free", r <= 1.0, f"x{r:.3f} <= 1.0 (Reweight + Regions + PAG(steps=(0, 0.4)) + TGate(40%))")
+    r = ratio("cff+fbc")
+    if r is not None:
+        alone = ratio("stock+fbc")
+        check("cff+fbc", r <= 1.0, f"x{r:.3f} <= 1.0 (Reweight + Regions + PAG(steps=(0, 0.4)) + FirstBlockCache; "
+              f"FirstBlockCache alone x{alone:.3f})" if alone is not None else f"x{r:.3f} <= 1.0")
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -422,6 +513,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--tiny", action="store_true", help="CPU-size configs (attnctl.testing): a smoke test, not timed")
+    parser.add_argument("--fbc-threshold", type=float, default=0.12, help="FirstBlockCache threshold of the *fbc variants")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--verbose", action="store_true")

@@ -2,8 +2,10 @@
 
 Caches compose in both orders (enable_cache before or after apply gives the same output; with no control the
 output is bitwise the cache's own), except where both would cache or capture the same thing: TGate, FastAttn
-and AttentionMaps are refused with a cache installed. Tested on tiny-flux, the tiny family whose denoiser has
-`enable_cache` in diffusers 0.42 (CacheMixin); configs a diffusers version lacks are skipped with the reason.
+and AttentionMaps are refused with a cache installed. Tested on tiny-flux (every cache) and on tiny-chroma,
+tiny-qwenimage and tiny-wan (FirstBlockCache and PAB), the tiny families whose denoiser has `enable_cache` in
+diffusers 0.42 (CacheMixin); UNet, SD3 and PixArt have none (a test names them). Configs a diffusers version
+lacks, and caches diffusers itself cannot run on a family, are skipped with the reason.
 Context parallelism is refused (docs/context-parallel.md)."""
 
 from __future__ import annotations
@@ -168,3 +170,166 @@ def test_context_parallelism_is_refused_at_apply_and_at_every_call():
         generate(pipe, "tiny-flux", prompt=PROMPT, steps=1)
     pipe.transformer._parallel_config = None
     handle.remove()
+
+
+# -- the newer families (Chroma, Qwen-Image, Wan have CacheMixin in diffusers 0.42; SD3 and PixArt have not) -------
+FAMILY_CACHES = [("tiny-chroma", "PyramidAttentionBroadcast"), ("tiny-chroma", "FirstBlockCache"),
+                 ("tiny-qwenimage", "FirstBlockCache"), ("tiny-qwenimage", "PyramidAttentionBroadcast"),
+                 ("tiny-wan", "FirstBlockCache"), ("tiny-wan", "PyramidAttentionBroadcast")]
+FAMILY_STEPS = 4
+
+
+def _family_generate(pipe, name):
+    from attnctl.testing import CALL_DEFAULTS
+
+    out = pipe(prompt=PROMPT, num_inference_steps=FAMILY_STEPS, guidance_scale=5.0, output_type="latent",
+               generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS[name])
+    return out.frames if hasattr(out, "frames") else out.images  # Wan returns frames
+
+
+def _family_config(key, pipe):
+    config = _config(key, pipe)
+    if key == "FirstBlockCache":
+        config.threshold = 1.0  # skips on these random tiny models within 4 steps
+    return config
+
+
+_FAMILY_PIPES = {}
+
+
+def _family(name):
+    if name not in _FAMILY_PIPES:
+        pipe = make_tiny_pipeline(name)
+        _FAMILY_PIPES[name] = (pipe, _family_generate(pipe, name))
+    return _FAMILY_PIPES[name]
+
+
+@pytest.mark.parametrize("name,key", FAMILY_CACHES, ids=[f"{n}-{k}" for n, k in FAMILY_CACHES])
+def test_cache_composes_on_newer_families_in_both_orders(name, key):
+    """Same output either order, bitwise the cache's own output with no control, the control acts, all undone.
+    A cache that diffusers itself cannot run on the family (without attnctl) is skipped with diffusers' error."""
+    pipe, stock = _family(name)
+    transformer = pipe.transformer
+    control = attnctl.Reweight({"cat": 0.0})
+    try:
+        transformer.enable_cache(_family_config(key, pipe))
+        cached = _family_generate(pipe, name)
+    except Exception as error:  # noqa: BLE001 - stock diffusers fails: nothing of attnctl's to test
+        if getattr(transformer, "_cache_config", None) is not None:
+            transformer.disable_cache()
+        pytest.skip(f"diffusers {diffusers.__version__} cannot run {key} on {type(transformer).__name__} without "
+                    f"attnctl: {type(error).__name__}: {str(error)[:120]}")
+    try:
+        with attnctl.apply(pipe, []):
+            identity = _family_generate(pipe, name)
+        with attnctl.apply(pipe, control):  # cache first, attnctl second
+            cache_then_attnctl = _family_generate(pipe, name)
+    finally:
+        transformer.disable_cache()
+    handle = attnctl.apply(pipe, control)
+    transformer.enable_cache(_family_config(key, pipe))  # attnctl first, cache second
+    try:
+        attnctl_then_cache = _family_generate(pipe, name)
+    finally:
+        transformer.disable_cache()
+        handle.remove()
+    assert not torch.equal(cached, stock)  # the cache acts
+    assert torch.equal(identity, cached)  # attnctl without controls: bitwise the cache's output
+    assert torch.equal(cache_then_attnctl, attnctl_then_cache)  # the order does not matter
+    assert not torch.equal(cache_then_attnctl, cached)  # the control acts under the cache
+    assert torch.equal(_family_generate(pipe, name), stock)  # both undone
+
+
+@pytest.mark.parametrize("name", ["tiny-chroma", "tiny-qwenimage"])
+def test_maps_with_a_cache_are_refused_on_newer_families(name):
+    """AttentionMaps would miss the steps a cache skips: refused at apply and, cache enabled after apply, at the call.
+    (Wan: no control that caches or captures runs on its video grid, AttentionMaps included, so nothing to refuse.)"""
+    pipe, _ = _family(name)
+    key = "PyramidAttentionBroadcast"  # runs on all three (FirstBlockCache is not registered for Chroma's blocks)
+    pipe.transformer.enable_cache(_family_config(key, pipe))
+    try:
+        with pytest.raises(UnsupportedError, match=r"AttentionMaps cannot run with diffusers' PyramidAttentionBroadcast"):
+            attnctl.apply(pipe, attnctl.AttentionMaps(["cat"]))
+        assert not pipe.transformer._forward_pre_hooks
+    finally:
+        pipe.transformer.disable_cache()
+    handle = attnctl.apply(pipe, attnctl.AttentionMaps(["cat"]))
+    pipe.transformer.enable_cache(_family_config(key, pipe))
+    try:
+        with pytest.raises(UnsupportedError, match=r"AttentionMaps cannot run with diffusers'"):
+            _family_generate(pipe, name)
+    finally:
+        pipe.transformer.disable_cache()
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-pixart"])
+def test_families_without_enable_cache_are_named(name):
+    """diffusers 0.42 gives these denoisers no enable_cache (no CacheMixin), and their pipelines open no cache_context,
+    so the block caches cannot run on them at all; PAB via apply_pyramid_attention_broadcast is covered above on
+    PixArt. The test fails the day diffusers adds it, so the README's table can follow."""
+    pipe = make_tiny_pipeline(name)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    if hasattr(denoiser, "enable_cache"):
+        pytest.fail(f"diffusers {diffusers.__version__} gives {type(denoiser).__name__} enable_cache: add {name} to FAMILY_CACHES")
+
+
+def test_control_for_free_set_with_first_block_cache_in_both_orders(flux):
+    """Reweight + Regions + PAG(steps=(0, 0.4)) under FirstBlockCache (the benchmark's "cff+fbc"): PAG's perturbed rows
+    come and go with its window, so attnctl keys diffusers' cache state apart for its wider batch
+    (foreign_patches.keyed_cache_context). Before, the first step after the window added a residual cached on two rows
+    to one row and the next call failed (CallLayoutError: a batch of 2 rows)."""
+    pipe, stock = flux
+
+    def controls():
+        regions = attnctl.Regions([attnctl.Region("a cat", box=(0.0, 0.0, 0.5, 1.0))], base_ratio=0.2)
+        return [attnctl.Reweight({"cat": 2.0}), regions, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))]
+
+    with attnctl.apply(pipe, controls()):
+        controlled = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    transformer = pipe.transformer
+    transformer.enable_cache(_config("FirstBlockCache", pipe))
+    try:
+        cached = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        with attnctl.apply(pipe, controls()):  # cache first
+            cache_then_attnctl = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+            again = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+    handle = attnctl.apply(pipe, controls())
+    transformer.enable_cache(_config("FirstBlockCache", pipe))  # attnctl first
+    try:
+        attnctl_then_cache = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+        handle.remove()
+    assert cache_then_attnctl.shape == stock.shape
+    assert torch.equal(cache_then_attnctl, attnctl_then_cache) and torch.equal(cache_then_attnctl, again)
+    assert not torch.equal(cache_then_attnctl, cached) and not torch.equal(cache_then_attnctl, controlled)  # both act
+    assert torch.equal(generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS), stock)
+
+
+def test_keyed_cache_context_names_attnctl_batches_apart(flux):
+    """While PAG's rows are in the batch, the cache hooks see a context of their own; the pipeline's name comes back."""
+    from diffusers.hooks.hooks import StateManager
+
+    pipe, _ = flux
+    transformer = pipe.transformer
+    transformer.enable_cache(_config("FirstBlockCache", pipe))
+    seen = set()
+
+    def spy(module, args):
+        for hook in module._diffusers_hook.hooks.values():
+            for manager in vars(hook).values():
+                if isinstance(manager, StateManager) and manager._context is not None:
+                    seen.add(manager._context.name)
+
+    spy_handle = transformer.transformer_blocks[0].register_forward_pre_hook(spy)
+    try:
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))):
+            generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        spy_handle.remove()
+        transformer.disable_cache()
+    apart = seen - {"cond"}  # PAG's tag is numbered per instance ("pag#<n>")
+    assert "cond" in seen and len(apart) == 1 and next(iter(apart)).startswith("cond|attnctl:cond,cond+pag"), seen

@@ -24,6 +24,7 @@ import torch
 
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError
+from ..foreign_patches import keyed_cache_context
 
 
 def first_tensor(output: Any) -> torch.Tensor:
@@ -87,6 +88,12 @@ class _Pending:
     mode: str = "plain"  # "plain", "terms" (separate uncond / skip-layer pass: add its step's D), "guided"
     batched: tuple[Any, ...] = ()
     outer: DenoiserCall | None = None  # the pipeline's frame when a control selected rows
+    restore: Callable[[], None] | None = None  # puts back diffusers' cache context (keyed_cache_context)
+
+
+def _layout_key(rows: RowLayout) -> str:
+    """A call layout as a cache-context suffix: each row's branch and perturbation tag."""
+    return ",".join(f"{row.branch}{'+' + row.tag if row.tag else ''}" for row in rows.rows)
 
 
 class DenoiserHooks:
@@ -135,9 +142,12 @@ class DenoiserHooks:
         self.runtime.enter(frame)
         if self.compiled:
             self.runtime.prefill_edits(self.processors)
+        restore = keyed_cache_context(self.module, f"pass:{_layout_key(frame.rows)}")  # not the pipeline's cache state
         try:
             return self.module(*args, **kwargs)
         finally:
+            if restore is not None:
+                restore()
             self.runtime.leave()
             self._passthrough -= 1
 
@@ -181,6 +191,8 @@ class DenoiserHooks:
         runtime.enter(call_frame)
         if self.compiled:
             runtime.prefill_edits(self.processors)
+        if call_frame is not pending.frame or outer is not None:  # a batch of attnctl's: diffusers' caches keyed apart
+            pending.restore = keyed_cache_context(module, _layout_key(call_frame.rows))
         self._pending = pending
         if call_inputs is given:
             return None
@@ -197,6 +209,8 @@ class DenoiserHooks:
         self.runtime.leave()
         if pending is None:
             return None
+        if pending.restore is not None:
+            pending.restore()
         if pending.mode == "terms":
             output = self._terms(pending, output)
         elif pending.mode == "guided":
