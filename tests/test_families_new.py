@@ -746,3 +746,71 @@ def test_wan_image_to_video_identity(name, tiny, monkeypatch):
     assert torch.equal(stock, controlled) and torch.equal(stock, run())
     with attnctl.apply(pipe, [attnctl.Reweight({"red": 3.0})]):
         assert not torch.equal(run(), stock)
+
+
+# -- video semantics on Wan (issue #19, branch video) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_attention_maps_are_per_token_frame_against_an_eager_reference(name, tiny):
+    """docs/methods.md "AttentionMaps" on video: per token frame, the explicit softmax of each image query over
+    the umT5 keys, mean over heads, summed over the word's tokens, the cross-attention layers and the steps; cond
+    rows only. The 36 video tokens are frame-major (3 frames of 4x3), so a frame's map is a slice, not a blur."""
+    pipe = tiny(name)
+    stock = generate(pipe, name, prompt=MAP_PROMPTS)
+    spy = Spy(layers="cross")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(MAP_WORDS), spy]) as handle:
+        out = generate(pipe, name, prompt=MAP_PROMPTS)
+        result = handle.outputs["attention_maps"]
+    assert torch.equal(out, stock)  # capture never changes the output
+    expected = torch.zeros(len(MAP_PROMPTS), len(MAP_WORDS), 3, 4, 3, dtype=torch.float64)
+    for record in spy.log:
+        q, k = record["q"].double(), record["k"].double()
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # (b, 36, keys)
+        for i, row in enumerate(record["rows"].rows):
+            if row.branch != "cond":
+                continue
+            for w, word in enumerate(MAP_WORDS):
+                keys = _t5_positions(pipe.tokenizer, MAP_PROMPTS[row.prompt], word)
+                if keys:
+                    expected[row.prompt, w] += probs[i][:, keys].sum(-1).reshape(3, 4, 3)
+    assert expected[0].abs().sum() > 0 and expected[1, 1].abs().sum() == 0  # "cat" is not in the second prompt
+    assert result.frames == 3
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+    # resized per frame to the video's 64x48 pixels (Wan's spatial VAE factor 8)
+    assert tuple(result.maps.shape) == (2, 3, 3, 64, 48)
+    assert tuple(result["cat"].shape) == (2, 3, 64, 48) and tuple(result[0]["red"].shape) == (3, 64, 48)
+    frame = F.interpolate(expected[:, :, 1].float(), size=(64, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(result.maps[:, :, 1], frame, rtol=1e-5, atol=1e-6)
+    peak = result.normalized().amax(dim=(-3, -2, -1))
+    assert torch.equal(peak[0], torch.ones(3))  # normalised over the whole video, not per frame
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_attention_map_pictures_are_a_strip_and_an_animated_gif(name, tiny, tmp_path):
+    """The decoded frames (postprocess_video) come with the result; save writes per word a strip of the token
+    frames and a GIF with one picture per decoded frame; the output is the stock video."""
+    from PIL import Image
+
+    from attnctl.controls.maps.heatmap import token_frame
+
+    pipe = tiny(name)
+    options = dict(CALL_DEFAULTS[name], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    stock = pipe(prompt=PROMPT, output_type="pil", **options).frames
+    options["generator"] = torch.Generator().manual_seed(0)
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        out = pipe(prompt=PROMPT, output_type="pil", **options).frames
+        result = handle.outputs["attention_maps"]
+    assert [[f.tobytes() for f in v] for v in out] == [[f.tobytes() for f in v] for v in stock]
+    assert len(result.images) == 1 and len(result.images[0]) == 9  # 9 decoded frames of the one video
+    paths = result.save(str(tmp_path), fps=10)
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["video0_cat.gif", "video0_cat_strip.png"]
+    gif = Image.open(tmp_path / "video0_cat.gif")
+    assert gif.n_frames == 9 and gif.size == (48, 64) and gif.info["duration"] == 100  # GIF stores centiseconds
+    strip = Image.open(tmp_path / "video0_cat_strip.png")
+    assert strip.width == 3 * round(48 * 128 / 64)  # three token frames side by side, tiles at least 128 px tall
+    # Wan's causal VAE: frame 0 alone, then 4 frames per latent frame
+    assert [token_frame(i, 9, 3) for i in range(9)] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert [token_frame(i, 4, 3) for i in range(4)] == [0, 0, 1, 2]  # not 1 + 4k frames: spread evenly
+    with pytest.raises(attnctl.ConfigError, match="fps must be a positive int"):
+        result.save(str(tmp_path), fps=0)
