@@ -814,3 +814,117 @@ def test_wan_attention_map_pictures_are_a_strip_and_an_animated_gif(name, tiny, 
     assert [token_frame(i, 4, 3) for i in range(4)] == [0, 0, 1, 2]  # not 1 + 4k frames: spread evenly
     with pytest.raises(attnctl.ConfigError, match="fps must be a positive int"):
         result.save(str(tmp_path), fps=0)
+
+
+class RefWanRegionCross:
+    """Wan's cross-attention (`attn2`, text only) with docs/methods.md "Regions" in cross-attention, written out:
+    out(x) = (1 - (1 - b) M(x)) A(x; base text) + (1 - b) sum_r m_r(x) A(x; region r's text), M = sum_r m_r, per
+    video token x of the frame-major (frames x h x w) grid."""
+
+    def __init__(self, region_text, weights, base_ratio):
+        self.region_text, self.weights, self.b = region_text, weights, base_ratio  # (R, T, C), (R, N)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        def heads(t):
+            return t.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+        q = heads(attn.norm_q(attn.to_q(hidden_states)))
+
+        def attend(context):
+            k, v = heads(attn.norm_k(attn.to_k(context))), heads(attn.to_v(context))
+            return F.scaled_dot_product_attention(q, k, v)
+
+        base = attend(encoder_hidden_states)
+        weights = self.weights.to(q.dtype)
+        total = weights.sum(0)
+        out = (1 - (1 - self.b) * total)[None, None, :, None] * base
+        for r, text in enumerate(self.region_text):
+            context = text[None].expand(q.shape[0], -1, -1)
+            out = out + (1 - self.b) * weights[r][None, None, :, None] * attend(context)
+        out = out.transpose(1, 2).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_tubes():
+    """Two regions on tiny-wan's 3 x 4 x 3 token grid: a tube (a box on token frames 1-2) and per-frame boxes on
+    frames 0-1, with their weights m_r written out cell by cell (box area per cell; no overlap above 1)."""
+    regions = [
+        attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0), frames=(1, 3)),
+        attnctl.Region("a green tree", box=[(0.5, 0.0, 1.0, 0.5), (0.5, 0.5, 1.0, 1.0)], frames=(0, 2)),
+    ]
+    dog = torch.zeros(3, 4, 3)
+    dog[1:, :, 0], dog[1:, :, 1] = 1.0, 0.5  # x in [0, 0.5] over 3 columns: all of column 0, half of column 1
+    tree = torch.zeros(3, 4, 3)
+    tree[0, :2, 1], tree[0, :2, 2] = 0.5, 1.0  # frame 0: rows 0-1 (y in [0, 0.5]), x in [0.5, 1]
+    tree[1, 2:, 1], tree[1, 2:, 2] = 0.5, 1.0  # frame 1: rows 2-3
+    return regions, torch.stack([dog.reshape(-1), tree.reshape(-1)])
+
+
+@pytest.mark.parametrize("base_ratio", [0.0, 0.3])
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_regions_are_tubes_in_cross_attention_against_a_reference(name, base_ratio, tiny):
+    """Regions on video: a region's box on a frame range, and per-frame boxes, give per-token weights over
+    (frames x h x w); the cross-attention blend of docs/methods.md, against the stock denoiser with a reference
+    processor on every attn2 (no CFG: every call is a cond call)."""
+    pipe = tiny(name)
+    regions, weights = _wan_tubes()
+    stock = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    with attnctl.apply(pipe, [attnctl.Regions(regions, base_ratio=base_ratio)]):
+        got = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt([r.prompt for r in regions], do_classifier_free_guidance=False,
+                                       max_sequence_length=CALL_DEFAULTS[name]["max_sequence_length"])
+        region_text = pipe.transformer.condition_embedder.text_embedder(embeds)
+    originals = {i: block.attn2.processor for i, block in enumerate(pipe.transformer.blocks)}
+    for block in pipe.transformer.blocks:
+        block.attn2.set_processor(RefWanRegionCross(region_text, weights, base_ratio))
+    try:
+        expected = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    finally:
+        for i, block in enumerate(pipe.transformer.blocks):
+            block.attn2.set_processor(originals[i])
+    assert (expected - stock).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(pipe, name, prompt=PROMPT, guidance=1.0), stock)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_region_layout_weights_and_bad_tubes(name, tiny):
+    """The layout on a 3-D grid is frame-major; a mask per frame equals the same boxes rasterised; a frame range
+    or a per-frame count that does not fit the video raises at the call, naming the value and what is allowed."""
+    import numpy as np
+
+    from attnctl.controls.regions.masks import Tube, grid_layout
+
+    regions, weights = _wan_tubes()
+    tubes = tuple(Tube(r.per_frame or (r.shape,), r.frames) for r in regions)
+    layout = grid_layout(tubes, (3, 4, 3))
+    torch.testing.assert_close(layout.weights, weights)
+    masks = np.zeros((2, 40, 30), dtype=np.float32)  # the tree's two per-frame boxes as per-frame masks
+    masks[0, :20, 15:], masks[1, 20:, 15:] = 1.0, 1.0
+    tree = attnctl.Region("a green tree", mask=[masks[0], masks[1]], frames=(0, 2))
+    assert len(tree.per_frame) == 2
+    torch.testing.assert_close(grid_layout((Tube(tree.per_frame, tree.frames),), (3, 4, 3)).weights[0], weights[1])
+    # serialisation keeps the frames and the per-frame boxes
+    assert attnctl.Region.from_dict(regions[1].to_dict()) == regions[1]
+    assert regions[1].to_dict()["frames"] == [0, 2]
+    pipe = tiny(name)
+    for bad, match in [
+        (attnctl.Region("a dog", box=(0, 0, 1, 1), frames=(2, 5)), r"frames=\(2, 5\) lies outside this video's 3 token frames"),
+        (attnctl.Region("a dog", box=[(0, 0, 1, 1)] * 2), r"2 per-frame shapes for token frames 0\.\.2"),
+    ]:
+        with attnctl.apply(pipe, [attnctl.Regions([bad])]), pytest.raises(attnctl.ConfigError, match=match):
+            generate(pipe, name, prompt=PROMPT)
+    with pytest.raises(attnctl.ConfigError, match=r"frames must be \(start, stop\)"):
+        attnctl.Region("a dog", box=(0, 0, 1, 1), frames=(2, 2))
+    with pytest.raises(attnctl.ConfigError, match="per-frame masks must share one size"):
+        attnctl.Region("a dog", mask=[masks[0], masks[0][:10]])
+
+
+def test_video_regions_are_refused_on_image_models():
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    region = attnctl.Region("a dog", box=(0, 0, 0.5, 1), frames=(0, 1))
+    with pytest.raises(attnctl.ConfigError, match="need a video denoiser"):
+        attnctl.apply(pipe, [attnctl.Regions([region])])
