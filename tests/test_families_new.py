@@ -928,3 +928,34 @@ def test_video_regions_are_refused_on_image_models():
     region = attnctl.Region("a dog", box=(0, 0, 0.5, 1), frames=(0, 1))
     with pytest.raises(attnctl.ConfigError, match="need a video denoiser"):
         attnctl.apply(pipe, [attnctl.Regions([region])])
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tiny):
+    """docs/methods.md "FastAttn" on video: window_residual with the 1-D band |i - j| <= w over the 36 frame-major
+    video tokens (3 frames of 4x3, so a band of 8 reaches into the neighbouring frame), plus the residual cached at
+    the full step; the FLOPs counted are the band's pairs. No CFG: one call per step."""
+    from .cache_helpers import Capture, band_allowed, explicit_attention, make_plan
+
+    pipe = tiny(name)
+    layer = "blocks.0.attn1"
+    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=8, resolution=(64, 48))
+    capture = Capture(layers=layer)
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
+        generate(pipe, name, prompt=PROMPT, steps=3, guidance=1.0)
+        report = handle.outputs["fastattn"]
+    calls = {entry[1]: entry for entry in capture.log}
+    q0, k0, v0 = calls[0][3:6]
+    n = q0.shape[2]
+    assert n == 36
+    band = band_allowed(n, 8)
+    residual = explicit_attention(q0, k0, v0) - explicit_attention(q0, k0, v0, band)
+    for step in (1, 2):
+        q, k, v, out, window = calls[step][3:8]
+        assert window.band == 8 and window.frames == 3 and window.n_img == 36
+        torch.testing.assert_close(out, explicit_attention(q, k, v, band) + residual, rtol=1e-4, atol=1e-5)
+    batch, heads, _, head_dim = q0.shape
+    assert report.entries[(1, layer)].flops == 4.0 * batch * int(band.sum()) * heads * head_dim
+    assert report.entries[(1, layer)].full_flops == 4.0 * batch * n * n * heads * head_dim
+    with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* use the 1-D band"):
+        attnctl.apply(pipe, [attnctl.FastAttn(window=(1, 2))])
