@@ -959,3 +959,59 @@ def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tin
     assert report.entries[(1, layer)].full_flops == 4.0 * batch * n * n * heads * head_dim
     with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* use the 1-D band"):
         attnctl.apply(pipe, [attnctl.FastAttn(window=(1, 2))])
+
+
+# -- render and loading of the new tiny models --------------------------------------------------------------------
+
+
+def test_load_pipeline_lists_the_new_tiny_models():
+    from attnctl.render.loading import check_model_name, embedded_models
+
+    names = embedded_models()
+    for name in NEW_TINY_MODELS:
+        assert (name in names) == available(name), name
+    if available("tiny-wan"):
+        with pytest.raises(attnctl.ConfigError, match="did you mean 'tiny-wan'"):
+            check_model_name("tiny_wan")
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_render_writes_a_video_with_its_parameters(name, tmp_path, capsys):
+    """`attnctl render` on a video pipeline: the first frame as the PNG (with the parameters, as for images), the
+    frames as an animated GIF with the parameters in its comment, and one PNG per frame; the frames are the
+    pipeline's own (same seed, same call)."""
+    import json
+
+    from PIL import Image
+
+    from attnctl.render import cli
+    from attnctl.render.outputs import read_gif_params, read_png_params
+
+    jobs = tmp_path / "jobs.jsonl"
+    control = {"type": "reweight", "weights": {"cat": 2.0}}
+    jobs.write_text(json.dumps({"id": "cat", "prompt": PROMPT, "seeds": [3], "steps": 2, "controls": [control]}) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["render", str(jobs), "--out", str(out), "--model", name, "--device", "cpu", "--progress", "none", "-q"]) == 0
+    png, gif, frames = out / "cat" / "3.png", out / "cat" / "3.gif", out / "cat" / "3.frames"
+    params = read_png_params(png)
+    assert params["frames"] == 9 and params["fps"] == 16 and params["pipeline"] == "WanPipeline"
+    assert read_gif_params(gif) == params
+    with Image.open(gif) as animated:
+        assert animated.n_frames == 9 and animated.size == (48, 64)
+    written = sorted(p.name for p in frames.iterdir())
+    assert written == [f"{i:04d}.png" for i in range(9)]
+    assert read_png_params(frames / "0004.png") == {**params, "frame": 4}
+    # the same call on the pipeline itself gives these frames
+    pipe = attnctl.load_pipeline(name)
+    options = dict(CALL_DEFAULTS[name], num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3))
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})]):
+        video = pipe(PROMPT, output_type="pil", **options).frames[0]
+    for i in (0, 8):
+        with Image.open(frames / f"{i:04d}.png") as frame:
+            assert frame.convert("RGB").tobytes() == video[i].convert("RGB").tobytes()
+    with Image.open(png) as poster:
+        assert poster.convert("RGB").tobytes() == video[0].convert("RGB").tobytes()
+    from attnctl.render.runner import MANIFEST
+
+    record = next(r for r in map(json.loads, (out / MANIFEST).read_text().splitlines()) if r.get("job") == "cat")
+    assert record["status"] == "ok" and {"cat/3.gif", "cat/3.frames"} <= set(record["outputs"])
