@@ -1015,3 +1015,36 @@ def test_render_writes_a_video_with_its_parameters(name, tmp_path, capsys):
 
     record = next(r for r in map(json.loads, (out / MANIFEST).read_text().splitlines()) if r.get("job") == "cat")
     assert record["status"] == "ok" and {"cat/3.gif", "cat/3.frames"} <= set(record["outputs"])
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_region_isolation_over_the_video_tokens_against_a_masked_self_attention(name, tiny):
+    """docs/methods.md "Regions", isolation on video: image tokens of two different subject tubes do not see each
+    other in self-attention (attn1, over all 36 video tokens, across frames); labels per token from the definition
+    (the largest coverage if >= 1/2, ties to the later region). base_ratio=1: the region prompts change nothing."""
+    pipe = tiny(name)
+    regions, coverage = _wan_tubes()
+    best = coverage.max(0).values
+    label = torch.where(coverage[1] >= best, 2, 1)
+    label = torch.where(best >= 0.5, label, 0)
+    assert set(label.tolist()) == {0, 1, 2}
+    apart = (label[:, None] > 0) & (label[None, :] > 0) & (label[:, None] != label[None, :])
+    with attnctl.apply(pipe, [attnctl.Regions(regions, base_ratio=1.0, isolate=True)]):
+        got = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    stock = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    originals = {i: block.attn1.processor for i, block in enumerate(pipe.transformer.blocks)}
+
+    def masked(stock_processor):
+        def call(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return stock_processor(attn, hidden_states, encoder_hidden_states, ~apart[None, None], rotary_emb)
+        return call
+
+    for i, block in enumerate(pipe.transformer.blocks):
+        block.attn1.set_processor(masked(originals[i]))
+    try:
+        expected = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    finally:
+        for i, block in enumerate(pipe.transformer.blocks):
+            block.attn1.set_processor(originals[i])
+    assert (expected - stock).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
