@@ -85,8 +85,7 @@ class Control:
             kind = "a 3-D (frames x height x width) video" if adapter.grid_dims == 3 else f"a {adapter.grid_dims}-D"
             raise UnsupportedError(
                 f"attnctl: {type(self).__name__} is defined over a 2-D image-token grid, and the {adapter.family} family "
-                f"has {kind} token grid; its video semantics (per-frame maps, regions as tubes, 3-D windows) are not "
-                "implemented yet"
+                f"has {kind} token grid; its video semantics are not implemented yet"
             )
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
@@ -201,6 +200,15 @@ def _no_handle(*args: Any, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class VideoFrames:
+    """What a video pipeline's `video_processor.postprocess_video` returned (`BindContext.call_images()` of a video
+    call): per video, its frames (a list of lists of PIL images, an array (videos, frames, H, W, C) or a tensor
+    (videos, frames, C, H, W) in [0, 1])."""
+
+    frames: Any
+
+
+@dataclass(frozen=True)
 class BindContext:
     """What a control may know when it is bound at the start of a pipeline call."""
 
@@ -231,8 +239,9 @@ class BindContext:
     wrap_method: Callable[[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]], None] = field(
         default=_no_handle, compare=False, repr=False
     )
-    # `call_images()`: what `pipe.image_processor.postprocess` returned in this call (None before it ran); only
-    # for controls with `needs_images`
+    # `call_images()`: what `pipe.image_processor.postprocess` returned in this call (None before it ran), or for a
+    # video pipeline `VideoFrames` of what `pipe.video_processor.postprocess_video` returned; only for controls
+    # with `needs_images`
     call_images: Callable[[], Any] = field(default=lambda: None, compare=False, repr=False)
     # a dict the control's bound objects share for the life of the handle: what depends only on the control and
     # the handle (masks per token grid, index tensors per layer and step) is computed once, not once per call

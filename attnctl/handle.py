@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .control import Control
+from .control import Control, VideoFrames
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from .families import adapter_for
 from .families.base import LayerInfo, ModelAdapter
@@ -285,6 +285,9 @@ class Handle:
         images = getattr(pipe, "image_processor", None)
         if any(control.needs_images for control in self.runtime.controls) and callable(getattr(images, "postprocess", None)):
             self._wrapped.append(wrap_method(images, "postprocess", self._make_postprocess))
+        video = getattr(pipe, "video_processor", None)  # video pipelines (Wan): postprocess_video's result, per video
+        if any(control.needs_images for control in self.runtime.controls) and callable(getattr(video, "postprocess_video", None)):
+            self._wrapped.append(wrap_method(video, "postprocess_video", self._make_postprocess_video))
         self._wrap_scheduler()
 
     def _wrap_scheduler(self) -> None:
@@ -368,6 +371,18 @@ class Handle:
             return result
 
         return postprocess
+
+    def _make_postprocess_video(self, original):
+        runtime = self.runtime
+
+        def postprocess_video(video: Any, output_type: str = "np", *args: Any, **kwargs: Any) -> Any:
+            with runtime.internal_calls():  # its per-video `postprocess` calls are not the call's images
+                result = original(video, output_type, *args, **kwargs)
+            if output_type != "latent":
+                runtime.record_images(VideoFrames(result))
+            return result
+
+        return postprocess_video
 
     def internal(self) -> contextlib.AbstractContextManager[None]:
         """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""

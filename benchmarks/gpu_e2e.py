@@ -25,6 +25,8 @@ the timed rounds; "cached" is how many denoiser calls the last block ran (FirstB
         [--flux-steps 10] [--repeats 3] [--device cuda] [--backend auto] [--json out.json]
     python benchmarks/gpu_e2e.py --tiny      # CPU-size configs in seconds: a smoke test, not a timing
     python benchmarks/gpu_e2e.py --tiny --models sd15,flux --variants stock+fbc,cff,cff+fbc --repeats 7  # CPU
+    python benchmarks/gpu_e2e.py --models wan,flux2   # Wan 2.1 1.3B at 480x832 x 33 frames, FLUX.2 klein 4B at 1024;
+                                                      # 10 steps each (--flux-steps); FastAttn's band with its FLOP bound
 
 One run of one model fits a 10-minute window on an H100 / H200 (`--variants` to cut it further).
 """
@@ -52,9 +54,15 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 import torch  # noqa: E402
 
 PROMPT = "a photo of a red cat and a blue dog"
-MODELS = ("sd15", "sdxl", "sd35m", "flux")
-TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux"}
-FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux"}
+MODELS = ("sd15", "sdxl", "sd35m", "flux", "flux2", "wan")
+TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux", "flux2": "tiny-flux2", "wan": "tiny-wan"}
+FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux", "flux2": "flux", "wan": "wan"}
+#: Models whose steps are `--flux-steps` (10 by default: the issue's Flux.2 klein and Wan runs).
+FEW_STEPS = ("flux", "flux2", "wan")
+#: FastAttn's 1-D band per model (tokens each side): one frame of Wan 2.1 at 480x832 (30 x 52 tokens), an eighth of
+#: klein's 4096 tokens at 1024x1024; the tiny configs use the band of the tiny tests.
+FAST_BAND = {"flux2": 512, "wan": 1560}
+TINY_FAST_BAND = {"flux2": 8, "wan": 8}
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -159,8 +167,63 @@ def build_flux():
     return pipe, {"height": 1024, "width": 1024, "guidance_scale": 3.5, "max_sequence_length": 512}
 
 
+def build_flux2():
+    """FLUX.2 klein 4B (black-forest-labs/FLUX.2-klein-4B transformer/config.json: 5 double + 20 single blocks,
+    24 heads of 128, 128 latent channels, Qwen3-4B hidden states of 3 layers stacked: 3 x 2560 = 7680), 1024x1024."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from attnctl.testing.new_families import QWEN3_CHAT_TEMPLATE
+    from attnctl.testing.qwen_tokenizer import qwen_vocab_size, tiny_qwen_tokenizer
+
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+        guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(block_out_channels=(8,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=32, norm_num_groups=4, layers_per_block=1)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(  # as wide as Qwen3-4B, 3 layers (klein stacks layers 9, 18, 27)
+        vocab_size=qwen_vocab_size(), hidden_size=2560, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
+    )).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=transformer.eval())
+    return pipe, {"height": 1024, "width": 1024, "guidance_scale": 4.0, "max_sequence_length": 512,
+                  "text_encoder_out_layers": (1, 2, 3)}
+
+
+def build_wan():
+    """Wan 2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json: 30 blocks, 12 heads of 128, ffn
+    8960, umT5-XXL text width 4096), 480x832, 33 frames: 9 x 30 x 52 = 14040 video tokens."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from attnctl.testing.tokenizers import t5_vocab_size, tiny_t5_tokenizer
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+        freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 16, latents_std=[1.0] * 16)  # 8x spatial, 4x temporal: only its config is used
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=t5_vocab_size(), d_model=4096, d_kv=64, d_ff=128, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8)).eval()
+    pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, vae=vae.eval(), transformer=transformer.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe, {"height": 480, "width": 832, "num_frames": 33, "guidance_scale": 5.0, "max_sequence_length": 512}
+
+
 BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
-    "sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m, "flux": build_flux,
+    "sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m, "flux": build_flux, "flux2": build_flux2, "wan": build_wan,
 }
 
 
@@ -171,7 +234,7 @@ def build(model: str, tiny: bool, device: str, dtype: torch.dtype) -> tuple[Any,
 
         name = TINY[model]
         call = dict(CALL_DEFAULTS[name])
-        call["guidance_scale"] = 3.5 if model == "flux" else 5.0
+        call["guidance_scale"] = 3.5 if model == "flux" else (4.0 if model == "flux2" else 5.0)
         pipe = make_tiny_pipeline(name)
     else:  # built where it runs, in bf16 already for the big transformers (Flux-dev: 12B parameters)
         old = torch.get_default_dtype()
@@ -210,7 +273,24 @@ def _last_block(denoiser: Any) -> Any:
     return None
 
 
-def variants(model: str, steps: int, cacheable: bool = False, fbc_threshold: float = 0.12) -> dict[str, Variant]:
+def fast_plan(pipe: Any, steps: int, band: int, call: dict[str, Any]) -> Any:
+    """A fixed DiTFastAttn plan: window_residual (the 1-D band) on every self / joint attention layer after a full
+    first step (which caches the residual), so the FLOP bound does not depend on a calibration."""
+    from attnctl.controls.fastattn import FastAttnPlan, model_identity
+    from attnctl.families import adapter_for
+
+    denoiser = pipe.transformer
+    model, source, fingerprint = model_identity(denoiser)
+    layers = [layer.name for layer in adapter_for(denoiser).layers if layer.kind != "cross"]
+    per_step = ("full",) + ("window_residual",) * (steps - 1)
+    return FastAttnPlan(model=model, fingerprint=fingerprint, steps=steps, resolution=(call["height"], call["width"]),
+                        window=band, threshold=0.0, methods=tuple((name, per_step) for name in layers), source=source)
+
+
+def variants(
+    model: str, steps: int, pipe: Any = None, call: dict[str, Any] | None = None, tiny: bool = False, cacheable: bool = False,
+    fbc_threshold: float = 0.12,
+) -> dict[str, Variant]:
     import attnctl as a
 
     def regions(isolate: bool):
@@ -229,6 +309,15 @@ def variants(model: str, steps: int, cacheable: bool = False, fbc_threshold: flo
         "maps": Variant(lambda: [a.AttentionMaps(["cat", "dog"])]),
         "rw+regions(iso)+pag": Variant(lambda: [a.Reweight({"red": 2.0}), regions(True), a.PAG(scale=3.0)]),
     }
+    if model in FAST_BAND and pipe is not None:  # the families of issue 19: FastAttn's band (video: over frames x h x w)
+        band = (TINY_FAST_BAND if tiny else FAST_BAND)[model]
+        plan = fast_plan(pipe, steps, band, call)
+        found[f"fastattn(band={band})"] = Variant(lambda: [a.FastAttn(plan=plan)])
+    if family == "wan":  # a cross-attention family: no joint region tokens; the tube variant is Regions on frames
+        found["regions"] = Variant(lambda: [a.Regions([a.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0), frames=(0, None)),
+                                                       a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))], base_ratio=0.2)])
+        for name in ("regions+isolate", "rw+regions(iso)+pag"):
+            found.pop(name)  # isolation would label the self-attention of 14040 tokens densely: measured elsewhere
     if family == "unet":
         found.update({
             "stock-nocfg": Variant(None, {"guidance_scale": 1.0}),  # T_nocfg of the TGate bound
@@ -304,6 +393,8 @@ class Row:
     denoiser_calls: int | None = None
     error: str | None = None
     times_ms: list[float] = field(default_factory=list)
+    attention_saved: float | None = None  # FastAttn: attention FLOPs its report says it did not compute
+    flop_bound: float | None = None  # FastAttn: stock FLOPs / (stock FLOPs - attention_saved), the speed-up bound
 
 
 def _sync(device: str) -> None:
@@ -317,13 +408,13 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     device = args.device
     cuda = device.startswith("cuda")
     dtype = torch.float32 if not cuda else (torch.bfloat16 if FAMILY[model] in ("flux", "mmdit") else torch.float16)
-    steps = args.flux_steps if model == "flux" else args.steps
+    steps = args.flux_steps if model in FEW_STEPS else args.steps
     started = time.perf_counter()
     pipe, call = build(model, args.tiny, device, dtype)
     print(f"=== {model}{' (tiny)' if args.tiny else ''}: built in {time.perf_counter() - started:.1f}s, {dtype}, {steps} steps, "
           f"backend {args.backend}", flush=True)
     cacheable = has_enable_cache(denoiser_of(pipe))
-    table = variants(model, steps, cacheable, args.fbc_threshold)
+    table = variants(model, steps, pipe, call, args.tiny, cacheable, args.fbc_threshold)
     if not cacheable:
         print(f"{model}: {type(denoiser_of(pipe)).__name__} has no enable_cache in this diffusers: no block-cache variants")
     if args.variants:
@@ -333,9 +424,10 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     def generate(variant: Variant, pipe: Any = pipe) -> torch.Tensor:
         options = dict(call)
         options.update(variant.call)
-        with torch.inference_mode():
-            return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
-                        output_type="latent", **options).images
+        with torch.inference_mode():  # prompt= (Flux2KleinPipeline's first argument is `image`); video: .frames
+            out = pipe(prompt=PROMPT, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+                       output_type="latent", **options)
+            return out.frames if hasattr(out, "frames") else out.images
 
     rows = {name: Row(model, name) for name in table}
     first: dict[str, list[float]] = {name: [] for name in table}
@@ -373,6 +465,9 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                     counter = None
                 if round_index == 0:
                     latents[name] = out.detach().float().cpu()
+                    report = handle.outputs.get("fastattn") if handle is not None else None
+                    if report is not None:
+                        row.attention_saved = float(report.full_flops() - report.flops())
                     if not args.no_flops:
                         row.flops = count_flops(functools.partial(generate, variant))
                 else:
@@ -400,6 +495,9 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
         row.first_ratio = statistics.median(first[name][1:] or first[name]) / stock_first if stock_first else None
         if row.flops and stock.flops:
             row.flop_ratio = row.flops / stock.flops
+        if row.attention_saved is not None and stock.flops:
+            # what a block-sparse window kernel can save at best: FlopCounterMode counts a masked dense op in full
+            row.flop_bound = stock.flops / max(1.0, stock.flops - row.attention_saved)
         if name in latents and "stock" in latents:
             row.bitwise = bool(torch.equal(latents[name], latents["stock"]))
             row.psnr = psnr(latents[name], latents["stock"])
@@ -450,6 +548,10 @@ def _print(model: str, steps: int, args: argparse.Namespace, rows: list[Row]) ->
         runs = f"{row.last_block_runs}/{row.denoiser_calls}" if row.denoiser_calls else "-"
         print(f"{row.variant:28s} {f(row.ms, '9.1f')} {f(row.spread, '7.3f')} {f(row.ratio, '7.3f')} {f(row.first_ratio, '7.3f')} "
               f"{f(row.flop_ratio, '7.3f')} {f(row.psnr, '8.1f')} {str(row.bitwise):>7s} {f(row.peak_gib, '8.2f')} {runs:>9s}")
+        if row.flop_bound is not None:
+            speedup = 1 / row.ratio if row.ratio else None
+            print(f"{'':28s} speed-up {f(speedup, '.3f')} beside its FLOP bound {row.flop_bound:.3f} (stock FLOPs / (stock - "
+                  f"{row.attention_saved:.3e} attention FLOPs the window skips))")
     sys.stdout.flush()
 
 
@@ -493,6 +595,10 @@ def _targets(model: str, steps: int, rows: dict[str, Row]) -> None:
     if r is not None and rows["tome0.5"].flops and rows["stock"].flops:
         bound = rows["stock"].flops / rows["tome0.5"].flops
         check("tome0.5", 1 / r >= 0.8 * bound and r <= 1.0, f"speed-up {1 / r:.3f} >= 0.8 x FLOP bound {bound:.3f} and x{r:.3f} <= 1")
+    for name, row in rows.items():
+        if row.flop_bound is not None and row.ratio:
+            check(name, 1 / row.ratio >= 0.8 * row.flop_bound,
+                  f"speed-up {1 / row.ratio:.3f} >= 0.8 x FLOP bound {row.flop_bound:.3f} = {0.8 * row.flop_bound:.3f}")
     r = ratio("control-for-free")
     if r is not None and model == "sdxl":
         check("control-for-free", r <= 1.0, f"x{r:.3f} <= 1.0 (Reweight + Regions + PAG(steps=(0, 0.4)) + TGate(40%))")

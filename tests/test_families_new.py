@@ -746,3 +746,305 @@ def test_wan_image_to_video_identity(name, tiny, monkeypatch):
     assert torch.equal(stock, controlled) and torch.equal(stock, run())
     with attnctl.apply(pipe, [attnctl.Reweight({"red": 3.0})]):
         assert not torch.equal(run(), stock)
+
+
+# -- video semantics on Wan (issue #19, branch video) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_attention_maps_are_per_token_frame_against_an_eager_reference(name, tiny):
+    """docs/methods.md "AttentionMaps" on video: per token frame, the explicit softmax of each image query over
+    the umT5 keys, mean over heads, summed over the word's tokens, the cross-attention layers and the steps; cond
+    rows only. The 36 video tokens are frame-major (3 frames of 4x3), so a frame's map is a slice, not a blur."""
+    pipe = tiny(name)
+    stock = generate(pipe, name, prompt=MAP_PROMPTS)
+    spy = Spy(layers="cross")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(MAP_WORDS), spy]) as handle:
+        out = generate(pipe, name, prompt=MAP_PROMPTS)
+        result = handle.outputs["attention_maps"]
+    assert torch.equal(out, stock)  # capture never changes the output
+    expected = torch.zeros(len(MAP_PROMPTS), len(MAP_WORDS), 3, 4, 3, dtype=torch.float64)
+    for record in spy.log:
+        q, k = record["q"].double(), record["k"].double()
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # (b, 36, keys)
+        for i, row in enumerate(record["rows"].rows):
+            if row.branch != "cond":
+                continue
+            for w, word in enumerate(MAP_WORDS):
+                keys = _t5_positions(pipe.tokenizer, MAP_PROMPTS[row.prompt], word)
+                if keys:
+                    expected[row.prompt, w] += probs[i][:, keys].sum(-1).reshape(3, 4, 3)
+    assert expected[0].abs().sum() > 0 and expected[1, 1].abs().sum() == 0  # "cat" is not in the second prompt
+    assert result.frames == 3
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+    # resized per frame to the video's 64x48 pixels (Wan's spatial VAE factor 8)
+    assert tuple(result.maps.shape) == (2, 3, 3, 64, 48)
+    assert tuple(result["cat"].shape) == (2, 3, 64, 48) and tuple(result[0]["red"].shape) == (3, 64, 48)
+    frame = F.interpolate(expected[:, :, 1].float(), size=(64, 48), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(result.maps[:, :, 1], frame, rtol=1e-5, atol=1e-6)
+    peak = result.normalized().amax(dim=(-3, -2, -1))
+    assert torch.equal(peak[0], torch.ones(3))  # normalised over the whole video, not per frame
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_attention_map_pictures_are_a_strip_and_an_animated_gif(name, tiny, tmp_path):
+    """The decoded frames (postprocess_video) come with the result; save writes per word a strip of the token
+    frames and a GIF with one picture per decoded frame; the output is the stock video."""
+    from PIL import Image
+
+    from attnctl.controls.maps.heatmap import token_frame
+
+    pipe = tiny(name)
+    options = dict(CALL_DEFAULTS[name], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    stock = pipe(prompt=PROMPT, output_type="pil", **options).frames
+    options["generator"] = torch.Generator().manual_seed(0)
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        out = pipe(prompt=PROMPT, output_type="pil", **options).frames
+        result = handle.outputs["attention_maps"]
+    assert [[f.tobytes() for f in v] for v in out] == [[f.tobytes() for f in v] for v in stock]
+    assert len(result.images) == 1 and len(result.images[0]) == 9  # 9 decoded frames of the one video
+    paths = result.save(str(tmp_path), fps=10)
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["video0_cat.gif", "video0_cat_strip.png"]
+    gif = Image.open(tmp_path / "video0_cat.gif")
+    assert gif.n_frames == 9 and gif.size == (48, 64) and gif.info["duration"] == 100  # GIF stores centiseconds
+    strip = Image.open(tmp_path / "video0_cat_strip.png")
+    assert strip.width == 3 * round(48 * 128 / 64)  # three token frames side by side, tiles at least 128 px tall
+    # Wan's causal VAE: frame 0 alone, then 4 frames per latent frame
+    assert [token_frame(i, 9, 3) for i in range(9)] == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert [token_frame(i, 4, 3) for i in range(4)] == [0, 0, 1, 2]  # not 1 + 4k frames: spread evenly
+    with pytest.raises(attnctl.ConfigError, match="fps must be a positive int"):
+        result.save(str(tmp_path), fps=0)
+
+
+class RefWanRegionCross:
+    """Wan's cross-attention (`attn2`, text only) with docs/methods.md "Regions" in cross-attention, written out:
+    out(x) = (1 - (1 - b) M(x)) A(x; base text) + (1 - b) sum_r m_r(x) A(x; region r's text), M = sum_r m_r, per
+    video token x of the frame-major (frames x h x w) grid."""
+
+    def __init__(self, region_text, weights, base_ratio):
+        self.region_text, self.weights, self.b = region_text, weights, base_ratio  # (R, T, C), (R, N)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        def heads(t):
+            return t.unflatten(2, (attn.heads, -1)).transpose(1, 2)
+
+        q = heads(attn.norm_q(attn.to_q(hidden_states)))
+
+        def attend(context):
+            k, v = heads(attn.norm_k(attn.to_k(context))), heads(attn.to_v(context))
+            return F.scaled_dot_product_attention(q, k, v)
+
+        base = attend(encoder_hidden_states)
+        weights = self.weights.to(q.dtype)
+        total = weights.sum(0)
+        out = (1 - (1 - self.b) * total)[None, None, :, None] * base
+        for r, text in enumerate(self.region_text):
+            context = text[None].expand(q.shape[0], -1, -1)
+            out = out + (1 - self.b) * weights[r][None, None, :, None] * attend(context)
+        out = out.transpose(1, 2).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_tubes():
+    """Two regions on tiny-wan's 3 x 4 x 3 token grid: a tube (a box on token frames 1-2) and per-frame boxes on
+    frames 0-1, with their weights m_r written out cell by cell (box area per cell; no overlap above 1)."""
+    regions = [
+        attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0), frames=(1, 3)),
+        attnctl.Region("a green tree", box=[(0.5, 0.0, 1.0, 0.5), (0.5, 0.5, 1.0, 1.0)], frames=(0, 2)),
+    ]
+    dog = torch.zeros(3, 4, 3)
+    dog[1:, :, 0], dog[1:, :, 1] = 1.0, 0.5  # x in [0, 0.5] over 3 columns: all of column 0, half of column 1
+    tree = torch.zeros(3, 4, 3)
+    tree[0, :2, 1], tree[0, :2, 2] = 0.5, 1.0  # frame 0: rows 0-1 (y in [0, 0.5]), x in [0.5, 1]
+    tree[1, 2:, 1], tree[1, 2:, 2] = 0.5, 1.0  # frame 1: rows 2-3
+    return regions, torch.stack([dog.reshape(-1), tree.reshape(-1)])
+
+
+@pytest.mark.parametrize("base_ratio", [0.0, 0.3])
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_regions_are_tubes_in_cross_attention_against_a_reference(name, base_ratio, tiny):
+    """Regions on video: a region's box on a frame range, and per-frame boxes, give per-token weights over
+    (frames x h x w); the cross-attention blend of docs/methods.md, against the stock denoiser with a reference
+    processor on every attn2 (no CFG: every call is a cond call)."""
+    pipe = tiny(name)
+    regions, weights = _wan_tubes()
+    stock = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    with attnctl.apply(pipe, [attnctl.Regions(regions, base_ratio=base_ratio)]):
+        got = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt([r.prompt for r in regions], do_classifier_free_guidance=False,
+                                       max_sequence_length=CALL_DEFAULTS[name]["max_sequence_length"])
+        region_text = pipe.transformer.condition_embedder.text_embedder(embeds)
+    originals = {i: block.attn2.processor for i, block in enumerate(pipe.transformer.blocks)}
+    for block in pipe.transformer.blocks:
+        block.attn2.set_processor(RefWanRegionCross(region_text, weights, base_ratio))
+    try:
+        expected = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    finally:
+        for i, block in enumerate(pipe.transformer.blocks):
+            block.attn2.set_processor(originals[i])
+    assert (expected - stock).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(pipe, name, prompt=PROMPT, guidance=1.0), stock)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_region_layout_weights_and_bad_tubes(name, tiny):
+    """The layout on a 3-D grid is frame-major; a mask per frame equals the same boxes rasterised; a frame range
+    or a per-frame count that does not fit the video raises at the call, naming the value and what is allowed."""
+    import numpy as np
+
+    from attnctl.controls.regions.masks import Tube, grid_layout
+
+    regions, weights = _wan_tubes()
+    tubes = tuple(Tube(r.per_frame or (r.shape,), r.frames) for r in regions)
+    layout = grid_layout(tubes, (3, 4, 3))
+    torch.testing.assert_close(layout.weights, weights)
+    masks = np.zeros((2, 40, 30), dtype=np.float32)  # the tree's two per-frame boxes as per-frame masks
+    masks[0, :20, 15:], masks[1, 20:, 15:] = 1.0, 1.0
+    tree = attnctl.Region("a green tree", mask=[masks[0], masks[1]], frames=(0, 2))
+    assert len(tree.per_frame) == 2
+    torch.testing.assert_close(grid_layout((Tube(tree.per_frame, tree.frames),), (3, 4, 3)).weights[0], weights[1])
+    # serialisation keeps the frames and the per-frame boxes
+    assert attnctl.Region.from_dict(regions[1].to_dict()) == regions[1]
+    assert regions[1].to_dict()["frames"] == [0, 2]
+    pipe = tiny(name)
+    for bad, match in [
+        (attnctl.Region("a dog", box=(0, 0, 1, 1), frames=(2, 5)), r"frames=\(2, 5\) lies outside this video's 3 token frames"),
+        (attnctl.Region("a dog", box=[(0, 0, 1, 1)] * 2), r"2 per-frame shapes for token frames 0\.\.2"),
+    ]:
+        with attnctl.apply(pipe, [attnctl.Regions([bad])]), pytest.raises(attnctl.ConfigError, match=match):
+            generate(pipe, name, prompt=PROMPT)
+    with pytest.raises(attnctl.ConfigError, match=r"frames must be \(start, stop\)"):
+        attnctl.Region("a dog", box=(0, 0, 1, 1), frames=(2, 2))
+    with pytest.raises(attnctl.ConfigError, match="per-frame masks must share one size"):
+        attnctl.Region("a dog", mask=[masks[0], masks[0][:10]])
+
+
+def test_video_regions_are_refused_on_image_models():
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    region = attnctl.Region("a dog", box=(0, 0, 0.5, 1), frames=(0, 1))
+    with pytest.raises(attnctl.ConfigError, match="need a video denoiser"):
+        attnctl.apply(pipe, [attnctl.Regions([region])])
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tiny):
+    """docs/methods.md "FastAttn" on video: window_residual with the 1-D band |i - j| <= w over the 36 frame-major
+    video tokens (3 frames of 4x3, so a band of 8 reaches into the neighbouring frame), plus the residual cached at
+    the full step; the FLOPs counted are the band's pairs. No CFG: one call per step."""
+    from .cache_helpers import Capture, band_allowed, explicit_attention, make_plan
+
+    pipe = tiny(name)
+    layer = "blocks.0.attn1"
+    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=8, resolution=(64, 48))
+    capture = Capture(layers=layer)
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
+        generate(pipe, name, prompt=PROMPT, steps=3, guidance=1.0)
+        report = handle.outputs["fastattn"]
+    calls = {entry[1]: entry for entry in capture.log}
+    q0, k0, v0 = calls[0][3:6]
+    n = q0.shape[2]
+    assert n == 36
+    band = band_allowed(n, 8)
+    residual = explicit_attention(q0, k0, v0) - explicit_attention(q0, k0, v0, band)
+    for step in (1, 2):
+        q, k, v, out, window = calls[step][3:8]
+        assert window.band == 8 and window.frames == 3 and window.n_img == 36
+        torch.testing.assert_close(out, explicit_attention(q, k, v, band) + residual, rtol=1e-4, atol=1e-5)
+    batch, heads, _, head_dim = q0.shape
+    assert report.entries[(1, layer)].flops == 4.0 * batch * int(band.sum()) * heads * head_dim
+    assert report.entries[(1, layer)].full_flops == 4.0 * batch * n * n * heads * head_dim
+    with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* use the 1-D band"):
+        attnctl.apply(pipe, [attnctl.FastAttn(window=(1, 2))])
+
+
+# -- render and loading of the new tiny models --------------------------------------------------------------------
+
+
+def test_load_pipeline_lists_the_new_tiny_models():
+    from attnctl.render.loading import check_model_name, embedded_models
+
+    names = embedded_models()
+    for name in NEW_TINY_MODELS:
+        assert (name in names) == available(name), name
+    if available("tiny-wan"):
+        with pytest.raises(attnctl.ConfigError, match="did you mean 'tiny-wan'"):
+            check_model_name("tiny_wan")
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_render_writes_a_video_with_its_parameters(name, tmp_path, capsys):
+    """`attnctl render` on a video pipeline: the first frame as the PNG (with the parameters, as for images), the
+    frames as an animated GIF with the parameters in its comment, and one PNG per frame; the frames are the
+    pipeline's own (same seed, same call)."""
+    import json
+
+    from PIL import Image
+
+    from attnctl.render import cli
+    from attnctl.render.outputs import read_gif_params, read_png_params
+
+    jobs = tmp_path / "jobs.jsonl"
+    control = {"type": "reweight", "weights": {"cat": 2.0}}
+    jobs.write_text(json.dumps({"id": "cat", "prompt": PROMPT, "seeds": [3], "steps": 2, "controls": [control]}) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["render", str(jobs), "--out", str(out), "--model", name, "--device", "cpu", "--progress", "none", "-q"]) == 0
+    png, gif, frames = out / "cat" / "3.png", out / "cat" / "3.gif", out / "cat" / "3.frames"
+    params = read_png_params(png)
+    assert params["frames"] == 9 and params["fps"] == 16 and params["pipeline"] == "WanPipeline"
+    assert read_gif_params(gif) == params
+    with Image.open(gif) as animated:
+        assert animated.n_frames == 9 and animated.size == (48, 64)
+    written = sorted(p.name for p in frames.iterdir())
+    assert written == [f"{i:04d}.png" for i in range(9)]
+    assert read_png_params(frames / "0004.png") == {**params, "frame": 4}
+    # the same call on the pipeline itself gives these frames
+    pipe = attnctl.load_pipeline(name)
+    options = dict(CALL_DEFAULTS[name], num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3))
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})]):
+        video = pipe(PROMPT, output_type="pil", **options).frames[0]
+    for i in (0, 8):
+        with Image.open(frames / f"{i:04d}.png") as frame:
+            assert frame.convert("RGB").tobytes() == video[i].convert("RGB").tobytes()
+    with Image.open(png) as poster:
+        assert poster.convert("RGB").tobytes() == video[0].convert("RGB").tobytes()
+    from attnctl.render.runner import MANIFEST
+
+    record = next(r for r in map(json.loads, (out / MANIFEST).read_text().splitlines()) if r.get("job") == "cat")
+    assert record["status"] == "ok" and {"cat/3.gif", "cat/3.frames"} <= set(record["outputs"])
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_region_isolation_over_the_video_tokens_against_a_masked_self_attention(name, tiny):
+    """docs/methods.md "Regions", isolation on video: image tokens of two different subject tubes do not see each
+    other in self-attention (attn1, over all 36 video tokens, across frames); labels per token from the definition
+    (the largest coverage if >= 1/2, ties to the later region). base_ratio=1: the region prompts change nothing."""
+    pipe = tiny(name)
+    regions, coverage = _wan_tubes()
+    best = coverage.max(0).values
+    label = torch.where(coverage[1] >= best, 2, 1)
+    label = torch.where(best >= 0.5, label, 0)
+    assert set(label.tolist()) == {0, 1, 2}
+    apart = (label[:, None] > 0) & (label[None, :] > 0) & (label[:, None] != label[None, :])
+    with attnctl.apply(pipe, [attnctl.Regions(regions, base_ratio=1.0, isolate=True)]):
+        got = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    stock = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    originals = {i: block.attn1.processor for i, block in enumerate(pipe.transformer.blocks)}
+
+    def masked(stock_processor):
+        def call(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return stock_processor(attn, hidden_states, encoder_hidden_states, ~apart[None, None], rotary_emb)
+        return call
+
+    for i, block in enumerate(pipe.transformer.blocks):
+        block.attn1.set_processor(masked(originals[i]))
+    try:
+        expected = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    finally:
+        for i, block in enumerate(pipe.transformer.blocks):
+            block.attn1.set_processor(originals[i])
+    assert (expected - stock).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -37,3 +37,29 @@ def test_tiny_run_reports_every_column(capsys):
     assert not cache.bitwise and not controlled.bitwise  # the cache acts, and so do the controls under it
     assert controlled.psnr != cache.psnr
     assert "not CUDA: no target is judged" in out and "PASS" not in out and "FAIL" not in out
+
+
+def test_tiny_wan_and_flux2_runs_print_the_fastattn_flop_bound(capsys):
+    """--models wan,flux2 (issue 19): the CPU-size configs run every variant; FastAttn's fixed band plan reports the
+    attention FLOPs it skipped and the FLOP bound beside its speed-up (nothing is timed or judged on CPU)."""
+    from attnctl.testing.new_families import available
+
+    missing = [name for name in ("tiny-wan", "tiny-flux2") if not available(name)]
+    if missing:
+        import pytest
+
+        pytest.skip(f"the installed diffusers lacks {', '.join(missing)}")
+    rows = bench.main(["--tiny", "--models", "wan,flux2", "--variants", "apply[],maps,fastattn(band=8)",
+                       "--flux-steps", "3", "--repeats", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert not [row for row in rows if row.error], [row.error for row in rows if row.error]
+    by = {(row.model, row.variant): row for row in rows}
+    for model in ("wan", "flux2"):
+        assert by[(model, "apply[]")].bitwise and by[(model, "maps")].bitwise  # capture never changes the output
+        fast = by[(model, "fastattn(band=8)")]
+        assert fast.attention_saved is not None and fast.flop_bound is not None and not fast.bitwise
+        stock = by[(model, "stock")]
+        assert abs(fast.flop_bound - stock.flops / (stock.flops - fast.attention_saved)) < 1e-9
+    # Wan's 36 video tokens with a band of 8: the window steps skip pairs, so the bound exceeds 1
+    assert by[("wan", "fastattn(band=8)")].attention_saved > 0 and by[("wan", "fastattn(band=8)")].flop_bound > 1.0
+    assert out.count("beside its FLOP bound") == 2 and "PASS" not in out and "FAIL" not in out

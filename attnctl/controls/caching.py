@@ -154,7 +154,7 @@ def _span(n: int, radius: int) -> int:
 def window_pairs(window: Window) -> int:
     """Query-key pairs a window lets through (what a block-sparse kernel computes), text rows and columns included."""
     h, w = window.grid_hw
-    n = h * w
+    n = window.n_img
     image = _span(n, window.band) if window.band is not None else _span(h, window.radius[0]) * _span(w, window.radius[1])
     t = window.text_len
     return image + 2 * n * t + t * t

@@ -81,8 +81,10 @@ def select_kinds(control: Control, adapter: ModelAdapter, kinds: tuple[str, ...]
 # -- outputs ------------------------------------------------------------------------------------------------------
 def image_size(context: BindContext) -> tuple[int, int]:
     """The generated image's (height, width): the latent grid times the pipeline's VAE scale factor (8 when the
-    pipeline does not say)."""
+    pipeline does not say; video pipelines say `vae_scale_factor_spatial`)."""
     factor = getattr(context.pipeline, "vae_scale_factor", None)
+    if factor is None:
+        factor = getattr(context.pipeline, "vae_scale_factor_spatial", None)
     if not isinstance(factor, int) or isinstance(factor, bool) or factor <= 0:
         factor = 8
     h, w = context.canvas.latent_hw

@@ -231,8 +231,9 @@ class FastAttn(Control, type_name="fastattn"):
     key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images and video; on video (frames x height x width tokens, frame-major) the window is the paper's 1-D band
+    #: over the flattened video tokens (`window=w`); a 2-D radius is refused there (a 3-D neighbourhood is not built)
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     threshold: float = 0.05
     window: WindowSize | None = None
@@ -308,6 +309,12 @@ class FastAttn(Control, type_name="fastattn"):
         return "self" if adapter.text_attention == "cross" else None
 
     def validate_for(self, adapter: ModelAdapter) -> None:
+        if adapter.grid_dims == 3 and isinstance(self.window_size, tuple) and "window_residual" in self.techniques:
+            raise ConfigError(
+                f"FastAttn.window={self.window_size!r} is a 2-D (rh, rw) neighbourhood, and the {adapter.family} family has a "
+                "3-D (frames x height x width) video token grid; use the 1-D band window=w over the frame-major video "
+                "tokens (|i - j| <= w), or techniques without 'window_residual'"
+            )
         if self.plan is not None:
             model, _, fingerprint = model_identity(adapter.denoiser)
             self.plan.check(model=model, fingerprint=fingerprint)
@@ -377,6 +384,7 @@ class FastAttnBound(Bound):
             band=size if isinstance(size, int) else None,
             text_len=geometry.text_len if joint else 0,
             text_first=layer.text == "first",
+            frames=geometry.frames,
         )
         return window
 

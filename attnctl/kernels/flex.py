@@ -113,7 +113,7 @@ def label_mask(q_labels: torch.Tensor, k_labels: torch.Tensor, allowed: torch.Te
 def window_mask(window: Window, offset: int = 0) -> MaskMod:
     """Local attention over the image grid (index arithmetic over the declared canvas); text is unrestricted."""
     rows, cols = window.grid_hw
-    n_img = rows * cols
+    n_img = window.n_img
     start = window.text_len if window.text_first else 0
 
     def image_index(idx):
@@ -294,7 +294,7 @@ def attention(
     batch, heads, nq, _ = q.shape
     nk = k.shape[2]
     if spec.window is not None:
-        n = spec.window.grid_hw[0] * spec.window.grid_hw[1] + spec.window.text_len
+        n = spec.window.n_img + spec.window.text_len
         if nq != n or nk != n:
             raise ConfigError(f"window covers {n} tokens (grid {spec.window.grid_hw} + {spec.window.text_len} text) but the call has ({nq}, {nk})")
     if spec.labels is not None and (tuple(spec.labels.q_labels.shape) != (batch, nq) or tuple(spec.labels.k_labels.shape) != (batch, nk)):

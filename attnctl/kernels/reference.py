@@ -26,7 +26,7 @@ def _check(spec: AttentionSpec, nq: int, nk: int) -> None:
     if spec.key_bias is not None:
         per_key(spec.key_bias, "key_bias", keys=nk)
     if spec.window is not None:
-        n = spec.window.grid_hw[0] * spec.window.grid_hw[1] + spec.window.text_len
+        n = spec.window.n_img + spec.window.text_len
         if (n, n) != (nq, nk):
             raise ValueError(f"window covers {(n, n)} tokens but the call has ({nq}, {nk})")
 

@@ -159,7 +159,7 @@ def spec_tokens(
 def _window_tokens(window: Window | None, queries: Sequence[tuple[int, int]], keys: Sequence[tuple[int, int]], where: str) -> Window | None:
     if window is None:
         return None
-    n_img = window.grid_hw[0] * window.grid_hw[1]
+    n_img = window.n_img
     start = window.text_len if window.text_first else 0
     image = (start, start + n_img)
     spans = tuple(tuple(span) for span in queries)
@@ -286,7 +286,7 @@ def _sum(terms: list[torch.Tensor]) -> torch.Tensor | None:
 def window_block(window: Window, queries: slice, keys: slice, device: torch.device | str | None = None) -> torch.Tensor | None:
     """(nq, nk) bool: which (query, key) pairs of the block `window` allows; None when it allows them all (text
     queries or text keys only). The block of `Window.allowed`, without the N x N tensor."""
-    n_img = window.grid_hw[0] * window.grid_hw[1]
+    n_img = window.n_img
     start = window.text_len if window.text_first else 0
     stop = start + n_img
     if min(queries.stop, stop) <= max(queries.start, start) or min(keys.stop, stop) <= max(keys.start, start):
@@ -367,7 +367,7 @@ def pair_bias(spec: AttentionSpec, queries: slice, keys: slice, device: torch.de
 
 
 def _window_pairs(window: Window, queries: slice, keys: slice, device) -> torch.Tensor | None:
-    n_img = window.grid_hw[0] * window.grid_hw[1]
+    n_img = window.n_img
     start = window.text_len if window.text_first else 0
     qi = torch.arange(queries.start, queries.stop, device=device)
     ki = torch.arange(keys.start, keys.stop, device=device)

@@ -86,7 +86,8 @@ class Window:
     """Local attention for image queries over the image-token grid (DiTFastAttn, Yuan et al. 2024).
 
     `radius=(rh, rw)`: a 2-D neighbourhood, |dr| <= rh and |dc| <= rw. `band=w`: the paper's 1-D band over the
-    flattened image tokens, |i - j| <= w. Text tokens (before or after the image tokens) attend to and are
+    flattened image tokens, |i - j| <= w (on video, `frames` > 1: over the frame-major frames x height x width
+    tokens, so a band wider than one frame reaches the neighbouring frames). Text tokens (before or after the image tokens) attend to and are
     attended by everything, so windows never cut image tokens off from the prompt.
     """
 
@@ -95,15 +96,23 @@ class Window:
     band: int | None = None
     text_len: int = 0
     text_first: bool = False
+    frames: int = 1  # video: `frames` token frames of `grid_hw` each, frame-major (the band runs over all of them)
 
     def __post_init__(self) -> None:
         if (self.radius is None) == (self.band is None):
             raise ValueError("Window needs exactly one of radius=(rh, rw) or band=w")
+        if self.radius is not None and self.frames != 1:
+            raise ValueError(f"a 2-D window radius is defined on one frame; this grid has {self.frames} token frames (use band=w)")
+
+    @property
+    def n_img(self) -> int:
+        """Image (video) tokens the window covers: frames x height x width."""
+        return self.frames * self.grid_hw[0] * self.grid_hw[1]
 
     def allowed(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(N, N) bool over the joint sequence; for reference backends and small sizes only."""
         h, w = self.grid_hw
-        n_img = h * w
+        n_img = self.n_img
         idx = torch.arange(n_img, device=device)
         if self.band is not None:
             image = (idx[:, None] - idx[None, :]).abs() <= self.band

@@ -432,7 +432,7 @@ def _labels(labels: LabelMask, batch: int, nq: int, nk: int) -> tuple[torch.Tens
 
 
 def _check_window(window: Window, nq: int, nk: int) -> None:
-    n = window.grid_hw[0] * window.grid_hw[1] + window.text_len
+    n = window.n_img + window.text_len
     if nq != n or nk != n:
         raise ConfigError(f"window covers {n} tokens (grid {window.grid_hw} + {window.text_len} text) but the call has ({nq}, {nk})")
 
@@ -453,7 +453,7 @@ def _window_tiles(window: Window, n: int, block_m: int, block_n: int, device: to
         nb = triton.cdiv(n, block)
         idx = torch.arange(nb * block, device=device)
         start = window.text_len if window.text_first else 0
-        n_img = window.grid_hw[0] * window.grid_hw[1]
+        n_img = window.n_img
         img = idx - start
         valid = idx < n
         is_img = valid & (img >= 0) & (img < n_img)
@@ -596,7 +596,7 @@ def kernel_arguments(
         win = [
             window.grid_hw[1], window.radius[0] if window.radius else 0, window.radius[1] if window.radius else 0,
             window.band if window.band is not None else 0, window.text_len if window.text_first else 0,
-            window.grid_hw[0] * window.grid_hw[1],
+            window.n_img,
         ]
     else:
         win = [1, 0, 0, 0, 0, 0]

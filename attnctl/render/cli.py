@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("jobs", metavar="JOBS", help="job file (.toml or .jsonl)")
     render.add_argument("--out", metavar="DIR", help="output folder (required unless --dry-run)")
     render.add_argument("--model", help="embedded model (toy-shapes, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, "
-                                        "tiny-pixart), a local diffusers folder or a hub id; default: the job file's "
-                                        "`model`, else the embedded default")
+                                        "tiny-pixart; with a diffusers that has them tiny-chroma, tiny-qwenimage, "
+                                        "tiny-zimage, tiny-flux2, tiny-wan), a local diffusers folder or a hub id; "
+                                        "default: the job file's `model`, else the embedded default. Video pipelines "
+                                        "(Wan) write <seed>.png (first frame), <seed>.gif and <seed>.frames/")
     render.add_argument("--device", default="auto", help="auto (default: the process's GPU, else CPU), cpu, cuda, cuda:N, mps")
     render.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
                         help="default: the job file's `dtype`, else auto (float32 on CPU, bfloat16/float16 on GPU)")

@@ -92,12 +92,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class Generation:
-    """One generated image, the parameters that made it, and what the controls published (`outputs`)."""
+    """One generated image, the parameters that made it, and what the controls published (`outputs`).
+
+    Video pipelines (Wan): `frames` holds the video's frames (PIL images) and `image` is its first frame (the
+    poster the PNG holds); `save_video` writes the frames as an animated GIF."""
 
     image: Any
     params: dict[str, Any]
     outputs: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    frames: list[Any] | None = None
+
+    def save_video(self, path: str, *, fsync: bool = False) -> int:
+        """Write the frames as an animated GIF with `params` in its comment (atomically); returns the bytes written."""
+        from .outputs import save_video
+
+        if self.frames is None:
+            raise ConfigError("this generation is an image, not a video: save it with save()")
+        return save_video(self.frames, path, self.params, fsync=fsync)
 
     def save(self, path: str, *, fsync: bool = False) -> int:
         """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written."""
@@ -232,9 +244,19 @@ class Model:
         start = time.perf_counter()
         result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
-        image = result.images[0]
+        frames = None
+        if hasattr(result, "frames"):  # a video pipeline: per video, its frames as PIL images
+            frames = list(result.frames[0])
+            image = frames[0]
+        else:
+            image = result.images[0]
         outputs = handle.outputs if handle is not None else {}
-        return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
+        params = self._params(prompt, seed, controls, kwargs, image)
+        if frames is not None:
+            from .outputs import VIDEO_FPS
+
+            params.update(frames=len(frames), fps=VIDEO_FPS)
+        return Generation(image, params, outputs, seconds, frames)
 
     def _call_kwargs(self, options: Mapping[str, Any], negative_prompt: str | None, steps: int | None,
                      width: int | None, height: int | None, guidance_scale: float | None) -> dict[str, Any]:

@@ -15,9 +15,11 @@ DEFAULT_MODEL = "toy-shapes"
 
 
 def embedded_models() -> tuple[str, ...]:
-    from ..testing import TINY_MODELS
+    """`toy-shapes`, the tiny fixtures, and those of the newer families (issue 19) the installed diffusers has."""
+    from ..testing import NEW_TINY_MODELS, TINY_MODELS
+    from ..testing.new_families import available
 
-    return ("toy-shapes",) + TINY_MODELS
+    return ("toy-shapes",) + TINY_MODELS + tuple(name for name in NEW_TINY_MODELS if available(name))
 
 
 class _TorchvisionNotice(logging.Filter):
@@ -101,7 +103,9 @@ def load_pipeline(
     """Load a diffusers pipeline.
 
     - `toy-shapes`: the shapes model trained by this project and shipped in the package;
-    - `tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`: random-weight offline fixtures (`seed`);
+    - `tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`, and where the installed diffusers has their
+      classes `tiny-chroma`, `tiny-qwenimage`, `tiny-zimage`, `tiny-flux2`, `tiny-wan` (video): random-weight
+      offline fixtures (`seed`);
     - a local directory in diffusers format, or a hub id (needs network access): loaded with
       `DiffusionPipeline.from_pretrained(..., use_safetensors=True)`, never with remote code.
     Extra keyword arguments go to `from_pretrained`. A name with no '/' close to an embedded name is a typo

@@ -118,6 +118,53 @@ def save_png(image: Any, path: str, params: dict[str, Any], *, fsync: bool = Fal
     return len(data)
 
 
+# -- videos ------------------------------------------------------------------------------------------------------
+#: Frames per second of the GIFs written for video pipelines (Wan generates at 16 fps).
+VIDEO_FPS = 16
+
+
+def gif_bytes(frames: list[Any], params: dict[str, Any], fps: int = VIDEO_FPS) -> bytes:
+    """An animated GIF of PIL `frames` (looping, `fps` frames per second; GIF stores hundredths of a second), with
+    `params` as JSON in its comment (read back with `read_gif_params`)."""
+    if not frames:
+        raise ValueError("a video needs at least one frame")
+    buffer = io.BytesIO()
+    first, *rest = (frame.convert("RGB") for frame in frames)
+    first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=max(1, round(1000 / fps)), loop=0,
+               comment=json.dumps(params, ensure_ascii=True, sort_keys=True).encode("ascii"))
+    return buffer.getvalue()
+
+
+def save_video(frames: list[Any], path: str, params: dict[str, Any], *, fsync: bool = False, fps: int = VIDEO_FPS) -> int:
+    """Atomically write `frames` as an animated GIF with `params` to `path`; returns the number of bytes written."""
+    data = gif_bytes(frames, params, fps)
+    atomic_write(path, data, fsync=fsync)
+    return len(data)
+
+
+def save_frames(frames: list[Any], folder: str, params: dict[str, Any], *, fsync: bool = False) -> None:
+    """Atomically create `folder` with one PNG per frame (`0000.png`, ...), each carrying `params` and its `frame`."""
+
+    def fill(path: str) -> None:
+        for index, frame in enumerate(frames):
+            with open(os.path.join(path, f"{index:04d}.png"), "wb") as handle:
+                handle.write(png_bytes(frame, {**params, "frame": index}))
+
+    atomic_folder(folder, fill, fsync=fsync)
+
+
+def read_gif_params(path: str) -> dict[str, Any]:
+    """The parameters `save_video` stored in a GIF's comment (raises ValueError if it holds none)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        comment = image.info.get("comment", b"")
+    try:
+        return json.loads(comment.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{path} has no attnctl parameters in its GIF comment") from None
+
+
 def read_png_params(path: str) -> dict[str, Any]:
     """The parameters `save_png` stored in a PNG (raises ValueError if it holds none)."""
     from PIL import Image

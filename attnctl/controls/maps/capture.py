@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...control import BindContext, Bound, Control
+from ...control import BindContext, Bound, Control, VideoFrames
 from ...denoiser_call import DenoiserCall
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
@@ -40,7 +40,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
-from .heatmap import save_maps
+from .heatmap import save_maps, save_video_maps
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -50,6 +50,9 @@ CHUNK_ELEMENTS = 1 << 24
 class AttentionMaps(Control, type_name="attention-maps"):
     """Capture per-word attention maps for every image of a call; read them from `handle.outputs[key]`.
 
+    On video denoisers (3-D token grids: Wan) the maps are per token frame: `maps` is (videos, words, frames,
+    height, width), see `AttentionMapResult`.
+
     `words`: words or phrases (every occurrence), `(word, occurrence)` pairs or token positions; a word
     absent from some prompts gives zero maps for those images (absent from all: `TokenError`).
     `layers`: cross-attention (UNet, PixArt) or joint-attention (SD3, Flux) layers, all by default.
@@ -58,8 +61,8 @@ class AttentionMaps(Control, type_name="attention-maps"):
     once the call has ended; None while it runs).
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images (2-D token grids) and video (3-D: one map per token frame, see `AttentionMapResult`)
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     words: tuple[WordQuery, ...]
     layers: LayerSpec = None
@@ -240,7 +243,10 @@ class AttentionMapsBound(Bound):
         self.prompts = _prompt_texts(tokens, rows)
         grids = [context.canvas.grid_at(layer.level) for layer in context.layers]
         self.grid = max(grids, key=lambda hw: hw[0] * hw[1])
-        self.sums = torch.zeros(rows, len(control.words), *self.grid, device=self.device)
+        # video (a 3-D token grid): one map per token frame; the layers of a video denoiser share its frames
+        self.frames = context.canvas.frames if context.adapter.grid_dims == 3 else None
+        frames = () if self.frames is None else (self.frames,)
+        self.sums = torch.zeros(rows, len(control.words), *frames, *self.grid, device=self.device)
         self.contributions = [0] * rows
         self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
         self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
@@ -277,7 +283,7 @@ class AttentionMapsBound(Bound):
         if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.query_len):
             raise UnsupportedError(
                 f"attnctl: AttentionMaps at {call.layer.name} got {q.shape[2]} query tokens, its grid "
-                f"{geometry.image_hw[0]}x{geometry.image_hw[1]} has {geometry.image_len} image tokens: another control "
+                f"{geometry.frames}x{geometry.image_hw[0]}x{geometry.image_hw[1]} has {geometry.image_len} image tokens: another control "
                 "on this layer changed the tokens (token reduction merges them); give the controls disjoint layers"
             )
         index = self.index(batch_rows, q.device)
@@ -309,20 +315,25 @@ class AttentionMapsBound(Bound):
             parts.append(word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias))
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
         h, w = geometry.image_hw
-        maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)
+        maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)  # video: (b, W * frames, h, w), frame-major
         if (h, w) != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
+        maps = maps.reshape(len(batch_rows), *self.sums.shape[1:])  # video: (b, W, frames, h, w)
         self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
         for prompt in prompts:
             self.contributions[prompt] += 1
 
     def finish(self) -> None:
         shown = self.call_images()
-        images = _to_pil(shown) if shown is not None else None
+        if self.frames is None:
+            images = _to_pil(shown) if shown is not None and not isinstance(shown, VideoFrames) else None
+        else:
+            images = _video_to_pil(shown.frames) if isinstance(shown, VideoFrames) else None
         self.index.clear()
         maps = self.sums.float()
-        if tuple(maps.shape[-2:]) != self.resolution:
-            maps = F.interpolate(maps, size=self.resolution, mode="bilinear", align_corners=False)
+        if tuple(maps.shape[-2:]) != self.resolution:  # per frame on video
+            flat = maps if self.frames is None else maps.flatten(1, 2)
+            maps = F.interpolate(flat, size=self.resolution, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *self.resolution)
         self.outputs[self.key] = AttentionMapResult(
             words=self.labels,
             maps=maps.clamp_min(0).cpu(),
@@ -332,6 +343,7 @@ class AttentionMapsBound(Bound):
             contributions=tuple(self.contributions),
             images=images,
             stored_bytes=self.stored_bytes(),
+            frames=self.frames,
         )
 
 
@@ -405,6 +417,22 @@ def _to_pil(result: Any) -> list[Any] | None:
     return None
 
 
+def _video_to_pil(result: Any) -> list[list[Any]] | None:
+    """Per video, its frames as PIL images, from what `postprocess_video` returned (lists of PIL frames, an array
+    (videos, frames, H, W, C) or a tensor (videos, frames, C, H, W) in [0, 1])."""
+    from PIL import Image
+
+    try:
+        if isinstance(result, list) and all(isinstance(v, list) and all(isinstance(f, Image.Image) for f in v) for v in result):
+            return [[f.copy() for f in v] for v in result]
+        if getattr(result, "ndim", 0) == 5:
+            videos = [_to_pil(v) for v in result]
+            return None if any(v is None for v in videos) else videos
+    except Exception:  # noqa: BLE001 - pictures are a convenience; never break the pipeline call
+        return None
+    return None
+
+
 # -- the result ---------------------------------------------------------------------------------------------
 @dataclass
 class AttentionMapResult:
@@ -414,6 +442,12 @@ class AttentionMapResult:
     `grid_maps` the same sums at the finest token grid, before resizing; `contributions[i]` how many
     (layer, step) maps were summed for image i (divide for a mean); `images` the generated pictures when
     the pipeline decoded them (None with `output_type="latent"`).
+
+    Video (a 3-D token grid, `frames` not None): one map per *token* frame (the denoiser's latent frames: Wan's
+    VAE encodes the first video frame alone, then 4 frames per latent frame), so `maps` is (videos, words,
+    frames, height, width), `result["cat"]` (videos, frames, height, width) and `result[i]["cat"]` (frames,
+    height, width); `images` holds per video its decoded frames (a list of PIL frames); `save` writes a strip
+    of the token frames and an animated GIF per word.
     """
 
     words: tuple[str, ...]
@@ -424,6 +458,7 @@ class AttentionMapResult:
     contributions: tuple[int, ...]
     images: list[Any] | None = None
     stored_bytes: int = 0
+    frames: int | None = None  # token frames of a video call; None for images
     _pictures: Any = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -443,14 +478,21 @@ class AttentionMapResult:
         return _WordMaps({word: self.maps[item, w] for w, word in enumerate(self.words)})
 
     def normalized(self) -> torch.Tensor:
-        """Every map scaled to [0, 1] by its own maximum (all-zero maps stay zero)."""
-        peak = self.maps.amax(dim=(-2, -1), keepdim=True)
+        """Every map scaled to [0, 1] by its own maximum (all-zero maps stay zero); on video, by the maximum over
+        all its frames (so that frames compare)."""
+        peak = self.maps.amax(dim=(-2, -1) if self.frames is None else (-3, -2, -1), keepdim=True)
         return torch.where(peak > 0, self.maps / peak.clamp_min(1e-30), torch.zeros_like(self.maps))
 
-    def save(self, directory: str, scaling: str = "max") -> list[str]:
+    def save(self, directory: str, scaling: str = "max", fps: int = 16) -> list[str]:
         """Write, per image i, `image{i}_{word}.png` (heatmap over the image) and `image{i}_grid.png` (the
         image and every word's heatmap, names below); returns the paths. `scaling`: "max" (each map divided by
-        its maximum) or "minmax". Without decoded images (`output_type="latent"`) the heatmaps stand alone."""
+        its maximum) or "minmax". Without decoded images (`output_type="latent"`) the heatmaps stand alone.
+
+        Video: per video i and word, `video{i}_{word}_strip.png` (the token frames side by side, each over its
+        first decoded frame) and `video{i}_{word}.gif` (animated: every decoded frame under its token frame's map,
+        or the token frames alone without decoded frames), scaled over the whole video; `fps` is the GIF's rate."""
+        if self.frames is not None:
+            return save_video_maps(self.maps, self.words, self.images, directory, scaling, fps=fps)
         return save_maps(self.maps, self.words, self.images, directory, scaling)
 
 

@@ -122,3 +122,71 @@ def save_maps(
         grid(tiles).save(path)
         written.append(path)
     return written
+
+
+def token_frame(index: int, video_frames: int, token_frames: int) -> int:
+    """The token (latent) frame that decoded video frame `index` belongs to. A causal video VAE (Wan's) encodes
+    frame 0 alone, then `stride` frames per latent frame: when `video_frames == 1 + stride * (token_frames - 1)`,
+    frame i belongs to ceil(i / stride). Otherwise the frames are spread evenly."""
+    if not 0 <= index < video_frames:
+        raise IndexError(f"video frame {index} is outside 0..{video_frames - 1}")
+    if token_frames <= 1:
+        return 0
+    stride, extra = divmod(video_frames - 1, token_frames - 1)
+    if extra == 0 and stride >= 1:
+        return -(-index // stride)
+    return min(index * token_frames // video_frames, token_frames - 1)
+
+
+def _overlay(scaled: np.ndarray, image: Any | None, alpha: float = ALPHA) -> Any:
+    from PIL import Image
+
+    picture = Image.fromarray(colorize(scaled))
+    if image is None:
+        return picture
+    base = image.convert("RGB")
+    if base.size != picture.size:
+        base = base.resize(picture.size, Image.BILINEAR)
+    return Image.blend(base, picture, alpha)
+
+
+def save_video_maps(
+    maps: torch.Tensor, words: Sequence[str], videos: Sequence[Sequence[Any]] | None, directory: str,
+    scaling: str = "max", fps: int = 16,
+) -> list[str]:
+    """Per video i of `maps` (videos, words, token frames, H, W) and word: `video{i}_{word}_strip.png` (the token
+    frames side by side, each over the first decoded frame that belongs to it, labelled `t=k`) and
+    `video{i}_{word}.gif` (animated: each decoded frame under its token frame's map; the token frames alone when
+    `videos` is None). Each word's maps are scaled over the whole video (frames compare)."""
+    if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
+        from ...errors import ConfigError
+
+        raise ConfigError(f"fps must be a positive int (frames per second of the GIF), got {fps!r}")
+    os.makedirs(directory, exist_ok=True)
+    names: list[str] = []
+    for word in words:
+        name = slug(word)
+        while name in names:
+            name += "_"
+        names.append(name)
+    written = []
+    tokens = maps.shape[2]
+    for i in range(maps.shape[0]):
+        video = list(videos[i]) if videos is not None and i < len(videos) and videos[i] else None
+        shown = len(video) if video is not None else tokens
+        owner = [token_frame(f, shown, tokens) for f in range(shown)] if video is not None else list(range(tokens))
+        for w, word in enumerate(words):
+            scaled = scale_map(maps[i, w].detach().float().cpu().numpy(), scaling)  # over the whole video
+            first = [owner.index(t) if t in owner else None for t in range(tokens)]
+            tiles = [
+                (f"{word} t={t}", _overlay(scaled[t], video[first[t]] if video is not None and first[t] is not None else None))
+                for t in range(tokens)
+            ]
+            path = os.path.join(directory, f"video{i}_{names[w]}_strip.png")
+            grid(tiles).save(path)
+            written.append(path)
+            pictures = [_overlay(scaled[owner[f]], video[f] if video is not None else None) for f in range(shown)]
+            path = os.path.join(directory, f"video{i}_{names[w]}.gif")
+            pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=max(1, round(1000 / fps)), loop=0)
+            written.append(path)
+    return written

@@ -9,6 +9,7 @@ blended with the base attention), `HiddenHook` (joint layers Regions does not se
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from .attention import (
     joint_table,
     region_chunks,
 )
-from .masks import GridLayout, grid_layout
+from .masks import GridLayout, Tube, grid_layout
 
 
 class RegionsBound(Bound):
@@ -41,7 +42,16 @@ class RegionsBound(Bound):
         adapter = context.adapter
         self.adapter = adapter
         self.base_ratio = float(control.base_ratio)
-        self.shapes = tuple(region.shape for region in control.regions)
+        # a video denoiser (3-D token grid): each region is a tube over the token frames (docs/methods.md "Regions")
+        self.video = adapter.grid_dims == 3
+        if self.video:
+            self.shapes = tuple(
+                Tube(region.per_frame or (region.shape,), region.frames, owner=repr(region)) for region in control.regions
+            )
+            for tube in self.shapes:  # a frame range or per-frame count that does not fit this video: raise at bind
+                tube.span(context.canvas.frames)
+        else:
+            self.shapes = tuple(region.shape for region in control.regions)
         self.subjects = tuple(region.subject for region in control.regions)
         self.isolating = control.isolating
         self.strength = float(control.isolation_strength)
@@ -77,7 +87,11 @@ class RegionsBound(Bound):
         self.index = RowIndex()  # the cond rows' positions as index tensors, per device
 
     # -- per-grid data ---------------------------------------------------------------------------------------------
-    def layout(self, grid: tuple[int, int]) -> GridLayout:
+    def grid(self, geometry: Geometry) -> tuple[int, ...]:
+        """The token grid a layer's masks live on: (h, w), or (frames, h, w) on a video denoiser (frame-major)."""
+        return (geometry.frames, *geometry.image_hw) if self.video else geometry.image_hw
+
+    def layout(self, grid: tuple[int, ...]) -> GridLayout:
         if grid not in self._layouts:
             self._layouts[grid] = grid_layout(self.shapes, grid)
         return self._layouts[grid]
@@ -85,7 +99,7 @@ class RegionsBound(Bound):
     def chunks(self, grid: tuple[int, int], device: torch.device) -> tuple[RegionChunk, ...]:
         key = ("chunks", grid, str(device))
         if key not in self._grids:
-            cells = grid[0] * grid[1]
+            cells = math.prod(grid)
             chunks = region_chunks(self.layout(grid).weights, budget=max(2 * cells, 256))
             self._grids[key] = tuple(dataclasses.replace(c, index=c.index.to(device), weight=c.weight.to(device)) for c in chunks)
         return self._grids[key]
@@ -172,9 +186,9 @@ class RegionsBound(Bound):
     def isolation_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
         """Self-attention isolation: every row (uncond rows too) gets the regions' image labels."""
 
-        key = ("isolate", geometry.image_hw, len(rows), str(self.device))
+        key = ("isolate", self.grid(geometry), len(rows), str(self.device))
         if key not in self._grids:
-            image = self.layout(geometry.image_hw).labels
+            image = self.layout(self.grid(geometry)).labels
             labels = image[None].repeat(len(rows), 1).to(self.device)
             table = isolation_table(self.subjects, self.strength)[None].to(self.device)
             self._grids[key] = LabelMask(labels, labels, table)
@@ -186,9 +200,9 @@ class RegionsBound(Bound):
 
         with_tokens = self.has_tokens(rows)
         sequence = self.sequence(geometry, with_tokens)
-        key = ("joint", sequence, geometry.image_hw, self._rows_key(rows), str(self.device))
+        key = ("joint", sequence, self.grid(geometry), self._rows_key(rows), str(self.device))
         if key not in self._grids:
-            image = self.layout(geometry.image_hw).labels
+            image = self.layout(self.grid(geometry)).labels
             regions = len(self.shapes)
             labels, tables = [], []
             for cond in self._rows_key(rows):
@@ -291,11 +305,12 @@ class CrossHook(LayerHook):
         if not cond:
             return out, lse
         bound = self.bound
-        grid = call.geometry.image_hw
+        grid = bound.grid(call.geometry)
         layout = bound.layout(grid)
         n = layout.weights.shape[1]
         if q.shape[2] != n:
-            raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({grid[0]}x{grid[1]}) at {call.layer.name}, got {q.shape[2]}")
+            shown = "x".join(map(str, grid))
+            raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({shown}) at {call.layer.name}, got {q.shape[2]}")
         rows = bound.index(cond, q.device)
         qc = q.index_select(0, rows)
         batch, heads, _, head_dim = qc.shape
@@ -345,7 +360,7 @@ class JointHook(LayerHook):
         sequence = bound.sequence(call)
         _check_tokens(call, q, sequence)
         out, lse = compute(q, k, v, spec)
-        grid = call.geometry.image_hw
+        grid = bound.grid(call.geometry)
         if not bound.needs_blend(grid):
             return out, lse
         cond = call.rows.indices("cond")

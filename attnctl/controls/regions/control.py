@@ -49,10 +49,14 @@ class Regions(Control, type_name="regions"):
     restrict it): the subjects are kept apart in both CFG branches. Region prompts are encoded by the pipeline's own text encoders with the
     options of the call (`clip_skip`, `max_sequence_length`, ...); the pooled embedding stays the base prompt's.
     The same layout applies to every prompt of a batch.
+
+    Video denoisers (Wan: cross-attention to umT5 over a frames x height x width token grid): each region is a tube,
+    its box or mask on every token frame of its `Region.frames` range (all by default), or one shape per frame; the
+    weights `m_r` and labels are per token over (frames x h x w), and the cross-attention blend is the one above.
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images and video (regions as spatio-temporal tubes over the frames x height x width token grid)
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
     needs: ClassVar[tuple[str, ...]] = ("appended_text",)  # region prompts join a joint text sequence
 
     regions: tuple[Region, ...]
@@ -95,6 +99,16 @@ class Regions(Control, type_name="regions"):
         set_field(self, "isolation_strength", number(strength, "Regions.isolation_strength", minimum=0.0, exclusive_minimum=True, allow_inf=True))
         set_field(self, "layers", validate_layers(self.layers, name="Regions.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="Regions.steps"))
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if adapter.grid_dims != 3:
+            for region in self.regions:
+                if region.video:
+                    raise ConfigError(
+                        f"{region!r} has a frame range or per-frame shapes, which need a video denoiser (a frames x "
+                        f"height x width token grid); the {adapter.family} family generates images: give one box or "
+                        "2-D mask and no frames"
+                    )
 
     # -- layers --------------------------------------------------------------------------------------------------
     def default_layers(self, adapter: ModelAdapter) -> tuple[str, ...]:
@@ -175,6 +189,11 @@ class Regions(Control, type_name="regions"):
         regions = []
         for position, region in enumerate(self.regions):
             if region.box is None and region.mask_path is None:
+                if region.per_frame is not None:
+                    raise ConfigError(
+                        f"{region!r} has per-frame masks, which cannot be saved as one mask file; use per-frame boxes "
+                        "or serialise the layout without it"
+                    )
                 path = save_mask(region.shape, os.path.join(os.fspath(directory), f"region_{position:02d}.png"))
                 region = Region(region.prompt, mask=path, subject=region.subject)
             regions.append(region)

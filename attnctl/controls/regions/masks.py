@@ -140,6 +140,26 @@ def validate_box(box: Any, *, owner: str) -> Box:
     return (x0, y0, x1, y1)
 
 
+def validate_frames(frames: Any, *, owner: str) -> tuple[int, int | None] | None:
+    """A token-frame range (start, stop): ints with 0 <= start < stop, stop None for "to the last frame"; or None."""
+    if frames is None:
+        return None
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if (
+        isinstance(frames, (str, bytes)) or not isinstance(frames, (tuple, list)) or len(frames) != 2
+        or not integer(frames[0]) or not (frames[1] is None or integer(frames[1]))
+        or frames[0] < 0 or (frames[1] is not None and frames[1] <= frames[0])
+    ):
+        raise ConfigError(
+            f"{owner}: frames must be (start, stop), token frames start..stop-1 with 0 <= start < stop (stop None: to "
+            f"the last frame), got {frames!r}"
+        )
+    return (int(frames[0]), None if frames[1] is None else int(frames[1]))
+
+
 # -- resizing ---------------------------------------------------------------------------------------------------
 def area_matrix(source: int, target: int) -> torch.Tensor:
     """(target, source) float64 weights of exact area averaging from `source` equal cells to `target` equal cells."""
@@ -191,9 +211,52 @@ class GridLayout:
         return bool(((self.total == 0) | (self.total == 1)).all())
 
 
-def grid_layout(shapes: tuple[torch.Tensor | Box, ...], grid: tuple[int, int]) -> GridLayout:
-    """Resize every region shape (a (H, W) mask tensor or a box) to `grid` and derive weights and labels."""
-    planes = [box_coverage(s, grid) if isinstance(s, tuple) else resize_mask(s, grid) for s in shapes]
+def _coverage(shape: torch.Tensor | Box, grid: tuple[int, int]) -> torch.Tensor:
+    return box_coverage(shape, grid) if isinstance(shape, tuple) else resize_mask(shape, grid)
+
+
+@dataclass(frozen=True, eq=False)
+class Tube:
+    """A region on a video (frames x height x width) token grid: `shapes` is one shape for every frame of `frames`
+    or one shape per frame of it; `frames` (start, stop) token frames (stop None: to the last), None: every frame."""
+
+    shapes: tuple[torch.Tensor | Box, ...]
+    frames: tuple[int, int | None] | None = None
+    owner: str = "Region"
+
+    def span(self, total: int) -> tuple[int, int]:
+        """The token frames (start, stop) on a video of `total` token frames, or ConfigError naming what is allowed."""
+        start, stop = self.frames if self.frames is not None else (0, None)
+        stop = total if stop is None else stop
+        if stop > total or start >= total:
+            raise ConfigError(
+                f"{self.owner}: frames={self.frames} lies outside this video's {total} token frames; start and stop must "
+                f"satisfy 0 <= start < stop <= {total}"
+            )
+        if len(self.shapes) not in (1, stop - start):
+            raise ConfigError(
+                f"{self.owner}: {len(self.shapes)} per-frame shapes for token frames {start}..{stop - 1} ({stop - start} "
+                f"frames of this video's {total}); give one shape per frame of the range, or one for all"
+            )
+        return start, stop
+
+    def plane(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(frames, h, w) float64 coverage: the shape of each frame of the range, zero outside it."""
+        total, h, w = grid
+        start, stop = self.span(total)
+        planes = torch.zeros(total, h, w, dtype=torch.float64)
+        for f in range(start, stop):
+            planes[f] = _coverage(self.shapes[0] if len(self.shapes) == 1 else self.shapes[f - start], (h, w))
+        return planes
+
+
+def grid_layout(shapes: tuple[torch.Tensor | Box | Tube, ...], grid: tuple[int, ...]) -> GridLayout:
+    """Resize every region shape (a (H, W) mask tensor or a box; on a video grid (frames, h, w) a `Tube`, frame-major)
+    to `grid` and derive weights and labels."""
+    if len(grid) == 3:
+        planes = [(s if isinstance(s, Tube) else Tube((s,))).plane(grid) for s in shapes]
+    else:
+        planes = [_coverage(s, grid) for s in shapes]
     coverage = torch.stack([p.reshape(-1) for p in planes])  # (R, N) float64
     coverage = coverage.clamp(0.0, 1.0)
     coverage = torch.where(coverage < 1e-12, torch.zeros_like(coverage), coverage)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from ...errors import ConfigError
-from .masks import Box, load_mask, validate_box
+from .masks import Box, load_mask, validate_box, validate_frames
 
-_FIELDS = ("prompt", "box", "mask", "subject")
+_FIELDS = ("prompt", "box", "mask", "subject", "frames")
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,6 +25,13 @@ class Region:
     - `mask=`: a soft mask in [0, 1] covering the whole image (stretched to the canvas like a box): a PIL
       image (grayscale, white = inside), a numpy array or torch tensor (H, W), or a path to an image file
       (relative to the current directory unless absolute).
+
+    Video denoisers (Wan: a frames x height x width token grid): one box or mask applies to every token frame;
+    `box=[box, ...]` or `mask=[mask, ...]` (one per token frame, masks of one size) gives one shape per token
+    frame; `frames=(start, stop)` limits the region to token frames start..stop-1 (a spatio-temporal tube; stop None:
+    to the last), and per-frame shapes then cover exactly that range. Token frames are the denoiser's latent frames
+    (Wan's VAE: frame 0 is video frame 0, token frame t >= 1 video frames 4t-3..4t). A region with `frames` or
+    per-frame shapes is refused on image denoisers.
 
     `subject` (default True) marks the region as a subject for `Regions(isolate=True)`: image tokens of two
     different subjects do not attend to each other. Set it to False for regions that should stay shared with
@@ -39,6 +46,7 @@ class Region:
     box: Box | None = None
     mask: Any = None
     subject: bool = True
+    frames: tuple[int, int | None] | None = None
 
     def __post_init__(self) -> None:
         owner = f"Region({self.prompt!r})" if isinstance(self.prompt, str) else "Region"
@@ -48,9 +56,26 @@ class Region:
             raise ConfigError(f"{owner}: subject must be True or False, got {self.subject!r}")
         if (self.box is None) == (self.mask is None):
             raise ConfigError(f"{owner}: give exactly one of box=(x0, y0, x1, y1) or mask=...; got {'both' if self.box is not None else 'neither'}")
+        object.__setattr__(self, "frames", validate_frames(self.frames, owner=owner))
         if self.box is not None:
-            object.__setattr__(self, "box", validate_box(self.box, owner=owner))
+            if _box_list(self.box):
+                boxes = tuple(validate_box(b, owner=f"{owner} box[{i}]") for i, b in enumerate(self.box))
+                if not boxes:
+                    raise ConfigError(f"{owner}: a list of per-frame boxes needs at least one box, got {self.box!r}")
+                object.__setattr__(self, "box", boxes)
+            else:
+                object.__setattr__(self, "box", validate_box(self.box, owner=owner))
             object.__setattr__(self, "_pixels", None)
+            return
+        if isinstance(self.mask, (list, tuple)):  # one mask per token frame (video), each in any accepted form
+            if not self.mask:
+                raise ConfigError(f"{owner}: a list of per-frame masks needs at least one mask, got {self.mask!r}")
+            frames = [load_mask(m, owner=f"{owner} mask[{f}]") for f, m in enumerate(self.mask)]
+            if len({tuple(m.shape) for m in frames}) != 1:
+                raise ConfigError(f"{owner}: per-frame masks must share one size, got {[tuple(m.shape) for m in frames]}")
+            pixels = torch.stack(frames)
+            object.__setattr__(self, "mask", pixels)
+            object.__setattr__(self, "_pixels", pixels)
             return
         if isinstance(self.mask, (str, os.PathLike)):
             path = os.fspath(self.mask)
@@ -64,8 +89,23 @@ class Region:
     # -- what the control uses ----------------------------------------------------------------------------------
     @property
     def shape(self) -> Box | torch.Tensor:
-        """The box, or the mask as a (H, W) float32 tensor in [0, 1]."""
+        """The box, or the mask as a (H, W) float32 tensor in [0, 1] (per-frame shapes: the first frame's)."""
+        frames = self.per_frame
+        if frames is not None:
+            return frames[0]
         return self.box if self.box is not None else self._pixels
+
+    @property
+    def per_frame(self) -> tuple[Box | torch.Tensor, ...] | None:
+        """One shape per token frame (boxes, or (H, W) masks), or None when one shape covers every frame."""
+        if self.box is not None:
+            return self.box if isinstance(self.box[0], tuple) else None
+        return tuple(self._pixels) if self._pixels.ndim == 3 else None
+
+    @property
+    def video(self) -> bool:
+        """Whether the region uses video fields (a frame range or per-frame shapes)."""
+        return self.frames is not None or self.per_frame is not None
 
     @property
     def mask_path(self) -> str | None:
@@ -75,7 +115,7 @@ class Region:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Region):
             return NotImplemented
-        if (self.prompt, self.box, self.subject, self.mask_path) != (other.prompt, other.box, other.subject, other.mask_path):
+        if (self.prompt, self.box, self.subject, self.mask_path, self.frames) != (other.prompt, other.box, other.subject, other.mask_path, other.frames):
             return False
         if self.box is not None:
             return True
@@ -83,7 +123,7 @@ class Region:
 
     def __hash__(self) -> int:
         pixels = None if self._pixels is None else tuple(self._pixels.shape)
-        return hash((self.prompt, self.box, self.subject, self.mask_path, pixels))
+        return hash((self.prompt, self.box, self.subject, self.mask_path, pixels, self.frames))
 
     def __repr__(self) -> str:
         if self.box is not None:
@@ -93,6 +133,7 @@ class Region:
         else:
             where = f"mask=<{tuple(self._pixels.shape)} array>"
         extra = "" if self.subject else ", subject=False"
+        extra += "" if self.frames is None else f", frames={self.frames}"
         return f"Region({self.prompt!r}, {where}{extra})"
 
     # -- serialisation --------------------------------------------------------------------------------------------
@@ -100,7 +141,7 @@ class Region:
         """`{"prompt", "box" | "mask", "subject"}`; raises ConfigError for an in-memory mask."""
         out: dict[str, Any] = {"prompt": self.prompt}
         if self.box is not None:
-            out["box"] = list(self.box)
+            out["box"] = [list(b) for b in self.box] if self.per_frame is not None else list(self.box)
         elif self.mask_path is not None:
             out["mask"] = self.mask_path
         else:
@@ -109,6 +150,8 @@ class Region:
                 "(Regions.with_mask_files(directory) does that for every in-memory mask)"
             )
         out["subject"] = self.subject
+        if self.frames is not None:
+            out["frames"] = list(self.frames)
         return out
 
     @staticmethod
@@ -128,5 +171,14 @@ class Region:
         if base_dir is not None and isinstance(mask, str) and not os.path.isabs(mask):
             fields["mask"] = os.path.join(base_dir, mask)
         if fields.get("box") is not None and isinstance(fields["box"], list):
-            fields["box"] = tuple(fields["box"])
+            fields["box"] = [tuple(b) for b in fields["box"]] if _box_list(fields["box"]) else tuple(fields["box"])
+        if isinstance(fields.get("frames"), list):
+            fields["frames"] = tuple(fields["frames"])
         return Region(**fields)
+
+
+def _box_list(box: Any) -> bool:
+    """Whether `box` is a list of boxes (one per token frame) rather than one box."""
+    if not isinstance(box, (list, tuple)):
+        return False
+    return len(box) == 0 or all(hasattr(b, "__len__") and not isinstance(b, (str, bytes)) for b in box)
