@@ -41,10 +41,12 @@ PROMPT_KEYWORD: tuple[str, ...] = ("tiny-flux2",)
 
 
 def available(name: str) -> bool:
-    """Whether the installed diffusers has the classes of the tiny model `name`."""
+    """Whether the installed diffusers has the classes of the tiny model `name` (read from the lazy module's
+    names, without importing the pipelines: that would import transformers' image processors)."""
     import diffusers
 
-    return all(hasattr(diffusers, cls) for cls in REQUIRES[name])
+    names = set(dir(diffusers))
+    return all(cls in names for cls in REQUIRES[name])
 
 
 def tiny_chroma(seed: int = 0):
