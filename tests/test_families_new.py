@@ -51,7 +51,7 @@ def record(pipe, name, controls=(), **kwargs):
 
 def _needs(name: str):
     return pytest.mark.skipif(
-        not available(name), reason=f"{name} needs diffusers with {', '.join(REQUIRES[name])} (newer than the installed one)"
+        not available(name), reason=f"{name} needs diffusers >= 0.42 with {', '.join(REQUIRES[name])} (attnctl reproduces its processors)"
     )
 
 

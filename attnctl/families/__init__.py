@@ -24,11 +24,26 @@ ADAPTERS: tuple[tuple[str, type[ModelAdapter]], ...] = (
 SUPPORTED_DENOISERS: tuple[str, ...] = tuple(name for name, _ in ADAPTERS)
 
 
+def installed_diffusers() -> tuple[int, int]:
+    """(major, minor) of the installed diffusers."""
+    import diffusers
+
+    major, minor = diffusers.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
 def adapter_for(denoiser: torch.nn.Module) -> ModelAdapter:
     """Build the adapter of `denoiser`, or raise listing the supported denoiser classes."""
     mro = [klass.__name__ for klass in type(denoiser).__mro__]
     for class_name, adapter_cls in ADAPTERS:
         if class_name in mro:
+            minimum = adapter_cls.min_diffusers
+            if minimum is not None and installed_diffusers() < minimum:
+                raise UnsupportedError(
+                    f"attnctl: {type(denoiser).__name__} needs diffusers >= {minimum[0]}.{minimum[1]} with attnctl (its "
+                    f"attention processors changed; attnctl reproduces those of {minimum[0]}.{minimum[1]}); installed: "
+                    f"{'.'.join(map(str, installed_diffusers()))}"
+                )
             return adapter_cls.discover(denoiser)
     raise UnsupportedError(
         f"attnctl: denoiser class {type(denoiser).__name__} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"

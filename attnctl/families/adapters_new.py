@@ -20,6 +20,8 @@ class ChromaAdapter(FluxAdapter):
     """`ChromaTransformer2DModel`: Flux's layout (double blocks `[text; image]`, single blocks with the text
     concatenated first, RoPE, 2x2 packed latents), T5 only, a text padding mask, true CFG as two calls."""
 
+    min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
+
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "ChromaTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb", "attention_mask"),
         "ChromaSingleTransformerBlock": ("hidden_states", "temb", "attention_mask"),
@@ -51,6 +53,8 @@ class QwenImageAdapter(ModelAdapter):
     """`QwenImageTransformer2DModel`: double-stream blocks only, joint attention `[text; image]` with the text
     padding mask, separate text / image RoPE, 2x2 packed latents (`img_shapes` gives the token grid), true CFG
     as separate `cache_context("cond" / "uncond")` calls; guidance-distilled checkpoints take `guidance`."""
+
+    min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
 
     text_attention: ClassVar[str] = "joint"
     timestep_scale: ClassVar[float] = 1000.0
@@ -130,6 +134,8 @@ class Flux2Adapter(FluxAdapter):
     text concatenated first, attention and MLP from one fused projection); an LLM text encoder (no CLIP, no pooled
     text); guidance-distilled (dev: `guidance`, no uncond call) or true CFG as `cache_context` calls (klein base)."""
 
+    min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
+
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "Flux2TransformerBlock": ("hidden_states", "encoder_hidden_states", "temb_mod_img", "temb_mod_txt"),
         "Flux2SingleTransformerBlock": ("hidden_states", "temb_mod"),
@@ -160,6 +166,8 @@ class WanAdapter(ModelAdapter):
     """`WanTransformer3DModel` (Wan 2.1 / 2.2 video): per block, self-attention `attn1` over the video's
     (frames x height x width) tokens with 3-D RoPE and cross-attention `attn2` to umT5 tokens (image-to-video
     models add a separate attention to CLIP image tokens inside `attn2`); true CFG as `cache_context` calls."""
+
+    min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
 
     rotary: ClassVar[bool] = True
     grid_dims: ClassVar[int] = 3
@@ -216,6 +224,8 @@ class ZImageAdapter(ModelAdapter):
     `[cond, uncond]`. Each row's caption is padded with a learned pad token (visible to attention) to a multiple
     of 32, so the text span a layer sees is the padded length; rows whose padded lengths differ, an image token
     count that is not a multiple of 32 (padding between image and text), and omni mode are refused per call."""
+
+    min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
 
     text_attention: ClassVar[str] = "joint"
     rotary: ClassVar[bool] = True

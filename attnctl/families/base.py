@@ -147,6 +147,9 @@ class ModelAdapter:
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Transformer-block classes whose forward returns `(encoder_hidden_states, hidden_states)`.
     text_stream_blocks: ClassVar[tuple[str, ...]] = ()
+    #: The oldest diffusers whose attention processors of this family attnctl reproduces exactly (None: every
+    #: supported version).
+    min_diffusers: ClassVar[tuple[int, int] | None] = None
     #: Whether an integer `i` names the block `transformer_blocks.i` (no flat block list in a UNet).
     indexed_blocks: ClassVar[bool] = True
     #: The image-token grid's dimensions: 2 (height x width) or 3 (frames x height x width: video). Controls

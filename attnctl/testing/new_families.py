@@ -46,7 +46,9 @@ def available(name: str) -> bool:
     import diffusers
 
     names = set(dir(diffusers))
-    return all(cls in names for cls in REQUIRES[name])
+    major, minor = diffusers.__version__.split(".")[:2]
+    recent = (int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)) >= (0, 42)  # families/adapters_new.py
+    return recent and all(cls in names for cls in REQUIRES[name])
 
 
 def tiny_chroma(seed: int = 0):
