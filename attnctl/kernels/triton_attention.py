@@ -385,6 +385,20 @@ def cuda_config(dtype: torch.dtype, head_dim: int) -> Config:
     return Config(64, 32, num_warps=8, num_stages=2)
 
 
+def outputs(q: torch.Tensor, v: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output (B, H, Nq, D) in v's dtype and, when asked, the float32 log-sum-exp (B, H, Nq) of a kernel call."""
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if return_lse else None
+    return torch.empty(q.shape, dtype=v.dtype, device=q.device), lse
+
+
+def empty_call(out: torch.Tensor, lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A call with no query or no key: every row attends to nothing (zeros, log-sum-exp -inf)."""
+    out.zero_()
+    if lse is not None:
+        lse.fill_(float("-inf"))
+    return out, lse
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str = "triton") -> None:
     """Raise BackendError for what the kernels cannot take."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -644,15 +658,9 @@ def attention(
     check_inputs(q, k, v)
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
-    lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if spec.return_lse else None
-    if nq == 0:
-        return out, lse
-    if nk == 0:
-        out.zero_()
-        if lse is not None:
-            lse.fill_(float("-inf"))
-        return out, lse
+    out, lse = outputs(q, v, spec.return_lse)
+    if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
+        return empty_call(out, lse)
     config = config or default_config(q, head_dim)
     args, switches = kernel_arguments(q, k, v, spec, config)
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)

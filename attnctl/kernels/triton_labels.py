@@ -305,15 +305,9 @@ def attention(
     ta.check_inputs(q, k, v, who="triton (labels)")
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
-    lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if spec.return_lse else None
-    if nq == 0:
-        return out, lse
-    if nk == 0:
-        out.zero_()
-        if lse is not None:
-            lse.fill_(float("-inf"))
-        return out, lse
+    out, lse = ta.outputs(q, v, spec.return_lse)
+    if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
+        return ta.empty_call(out, lse)
     config = config or ta.default_config(q, head_dim)
     grouped = layout(spec.labels, nq, nk, config.block_m, config.block_n, q.device)
     dummy = torch.zeros(1, device=q.device, dtype=torch.float32)

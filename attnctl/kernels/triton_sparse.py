@@ -281,15 +281,9 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     ta.check_inputs(q, k, v, who="triton (sparse)")
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
-    lse = torch.empty(batch, heads, nq, dtype=torch.float32, device=q.device) if spec.return_lse else None
-    if nq == 0:
-        return out, lse
-    if nk == 0:
-        out.zero_()
-        if lse is not None:
-            lse.fill_(float("-inf"))
-        return out, lse
+    out, lse = ta.outputs(q, v, spec.return_lse)
+    if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
+        return ta.empty_call(out, lse)
     single = one_tile(nk)
     config = launch_config(config or ta.default_config(q, head_dim), nk, q.device.type == "cuda")
     args, switches = ta.kernel_arguments(q, k, v, spec, config)
