@@ -53,7 +53,7 @@ $(STAMP_PKG): $(STAMP_TORCH) pyproject.toml
 	touch $@
 
 $(STAMP_TEST): $(STAMP_PKG)
-	$(BIN)/python -m pip install -q -e ".[test]" pytest-xdist
+	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
 setup: $(STAMP_PKG)
