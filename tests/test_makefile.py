@@ -26,12 +26,15 @@ def make(*args: str, env: dict | None = None) -> str:
 
 
 def test_cpu_only_linux_gets_the_cpu_index_when_it_answers():
+    outside_ci = {"CI": ""}
     if os.uname().sysname == "Linux" and shutil.which("nvidia-smi") is None:
         # the probe answers (PYTHON=true): CPU index added; it does not (PYTHON=false): the registry's torch only
-        assert make("torch-install-args", "PYTHON=true").split() == ["torch==2.13.0", "--extra-index-url", CPU_INDEX]
-        assert make("torch-install-args", "PYTHON=false").split() == ["torch==2.13.0"]
+        assert make("torch-install-args", "PYTHON=true", env=outside_ci).split() == ["torch==2.13.0", "--extra-index-url", CPU_INDEX]
+        assert make("torch-install-args", "PYTHON=false", env=outside_ci).split() == ["torch==2.13.0"]
     else:  # a GPU machine or another system: PyPI's torch as it is
-        assert make("torch-install-args", "PYTHON=true").split() == ["torch==2.13.0"]
+        assert make("torch-install-args", "PYTHON=true", env=outside_ci).split() == ["torch==2.13.0"]
+    # under CI no other host is probed: its registry serves the CPU build
+    assert make("torch-install-args", "PYTHON=true", env={"CI": "true"}).split() == ["torch==2.13.0"]
     assert make("torch-install-args", f"TORCH_INDEX={CPU_INDEX}").split() == ["torch==2.13.0", "--extra-index-url", CPU_INDEX]
     assert make("torch-install-args", "TORCH_INDEX=none").split() == ["torch==2.13.0"]
     assert make("torch-install-args", "TORCH_INSTALL=torch --index-url x").split() == ["torch", "--index-url", "x"]
