@@ -61,14 +61,7 @@ class FluxAttnProcessor(ControlledProcessor):
         ip_query = query
 
         if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
+            query, key, value = text_first(attn, (query, key, value), (encoder_query, encoder_key, encoder_value))
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
@@ -122,3 +115,13 @@ class FluxAttnProcessor(ControlledProcessor):
             current = dispatch(ip_query, ip_key, ip_value, attn_mask=None, dropout_p=0.0, is_causal=False, **self._dispatch_options())
             ip_out += scale * current.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
         return ip_out
+
+
+def text_first(attn: Any, image: tuple[torch.Tensor, ...], text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """q, k, v of a Flux-style double-stream block as (B, N, H, D): the text stream's projections split into heads
+    and qk-normed with the added norms, then put before the image stream's (`[text; image]`), as the stock
+    processors of Flux and Flux.2 do."""
+    encoder_query, encoder_key, encoder_value = (t.unflatten(-1, (-1, attn.head_dim)) for t in text)
+    encoder_query = attn.norm_added_q(encoder_query)
+    encoder_key = attn.norm_added_k(encoder_key)
+    return tuple(torch.cat([encoded, own], dim=1) for encoded, own in zip((encoder_query, encoder_key, encoder_value), image))

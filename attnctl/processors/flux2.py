@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from .base import ControlledProcessor
+from .flux import text_first
 
 
 class Flux2Processor(ControlledProcessor):
@@ -44,14 +45,7 @@ class Flux2Processor(ControlledProcessor):
         query = attn.norm_q(query)
         key = attn.norm_k(key)
         if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
+            query, key, value = text_first(attn, (query, key, value), (encoder_query, encoder_key, encoder_value))
         hidden_states = self._attend(call, edit, query, key, value, attention_mask, image_rotary_emb)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(

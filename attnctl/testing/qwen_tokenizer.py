@@ -11,19 +11,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 from ..tokens import bytes_to_unicode
+from .tokenizers import learn_merges
 from .vocabulary import WORDS
 
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    parts = list(word)
-    while len(parts) > 1:
-        best = min(range(len(parts) - 1), key=lambda i: ranks.get((parts[i], parts[i + 1]), 1 << 30))
-        if (parts[best], parts[best + 1]) not in ranks:
-            break
-        parts[best : best + 2] = [parts[best] + parts[best + 1]]
-    return parts
 
 
 @lru_cache(maxsize=2)
@@ -33,19 +24,8 @@ def qwen_vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], tup
     vocab: dict[str, int] = {}
     for char in alphabet:
         vocab.setdefault(char, len(vocab))
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
     space = bytes_to_unicode()[ord(" ")]
-    for word in words:
-        for form in (word, space + word):
-            while True:
-                parts = _bpe(form, ranks)
-                if len(parts) == 1:
-                    break
-                pair = (parts[0], parts[1])
-                ranks[pair] = len(merges)
-                merges.append(pair)
-                vocab.setdefault(pair[0] + pair[1], len(vocab))
+    merges = learn_merges([list(form) for word in words for form in (word, space + word)], vocab)
     for token in SPECIAL:
         vocab[token] = len(vocab)
     return vocab, tuple(merges)

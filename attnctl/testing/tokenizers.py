@@ -11,14 +11,31 @@ from ..tokens import bytes_to_unicode
 from .vocabulary import WORDS
 
 
-def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    parts = list(pieces)
     while len(parts) > 1:
         best = min(range(len(parts) - 1), key=lambda i: ranks.get((parts[i], parts[i + 1]), 1 << 30))
         if (parts[best], parts[best + 1]) not in ranks:
             break
         parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return parts
+
+
+def learn_merges(forms: list[list[str]], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges (in rank order) that make each form (its initial pieces) one token, added to `vocab` as they are
+    made. A merge joins the first two pieces a form still splits into, so forms already whole are never split."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for pieces in forms:
+        while True:
+            parts = _bpe(pieces, ranks)
+            if len(parts) == 1:
+                break
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    return merges
 
 
 def clip_vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -33,17 +50,7 @@ def clip_vocabulary(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], lis
         vocab.setdefault(char, len(vocab))
     for char in alphabet:
         vocab.setdefault(char + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        while True:
-            parts = _bpe(word, ranks)
-            if len(parts) == 1:
-                break
-            pair = (parts[0], parts[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    merges = learn_merges([list(word[:-1]) + [word[-1] + "</w>"] for word in words], vocab)
     return vocab, merges
 
 
