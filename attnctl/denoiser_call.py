@@ -83,6 +83,22 @@ class RowLayout:
                 seen.append(row.tag)
         return tuple(seen)
 
+    def linked(self, source_prompt: Callable[[int], int | None]) -> tuple[int | None, ...]:
+        """Cross-image links: for every row, the index of the row it reads from, or None.
+
+        Row i reads from the row of the same branch and tag whose prompt row is `source_prompt(rows[i].prompt)`:
+        an uncond row reads from an uncond row, a cond row from a cond row, a perturbed copy from the copy with
+        the same tag. None where `source_prompt` gives None or the row itself, or where this call holds no such
+        row (a pipeline that runs cond and uncond as separate calls still links inside each call).
+        """
+        where = {(row.branch, row.tag, row.prompt): i for i, row in enumerate(self.rows)}
+        links: list[int | None] = []
+        for i, row in enumerate(self.rows):
+            source = source_prompt(row.prompt)
+            found = None if source is None else where.get((row.branch, row.tag, source))
+            links.append(None if found == i else found)
+        return tuple(links)
+
     @staticmethod
     def batched_cfg(prompt_rows: int) -> RowLayout:
         return RowLayout(tuple(Row("uncond", p) for p in range(prompt_rows)) + tuple(Row("cond", p) for p in range(prompt_rows)))
