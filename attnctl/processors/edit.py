@@ -54,6 +54,10 @@ EFFECT_TABLE: tuple[Effect, ...] = (
     Effect("perturb", "identity rows (PAG)"),
     Effect("value_scale", "a per-key value scale (Reweight)", ("value_scale",)),
     Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
+    Effect(
+        "linked_keys", "some rows attend to keys and values of other rows of the batch (attention interpolation, "
+        "consistent subjects, reference attention)", exclusive="two cross-image links on one layer",
+    ),
 )
 EFFECTS: tuple[str, ...] = tuple(effect.name for effect in EFFECT_TABLE)
 _BY_NAME: dict[str, Effect] = {effect.name: effect for effect in EFFECT_TABLE}
@@ -68,7 +72,13 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
     ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
     ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
-) + tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
+) + tuple(
+    ("linked_keys", other, "the linked rows attend to other rows' keys in their own attention op, which does not carry "
+     "this edit over to the appended keys")
+    for other in ("tokens", "labels", "region_prompts", "region_tokens", "window", "sparse", "capture", "cache", "perturb",
+                  "value_scale", "key_bias")
+)
+CONFLICTS += tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
 
 def effect_conflict(first: str, second: str) -> str | None:

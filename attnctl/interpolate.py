@@ -1,0 +1,95 @@
+"""`attnctl.interpolate`: images between two prompts by attention interpolation (AID, He et al. NeurIPS 2024).
+
+    import attnctl
+    pipe = attnctl.toy.load_toy_shapes()
+    images = attnctl.interpolate(pipe, "a red circle on the left", "a red circle on the right", n=5,
+                                 generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpolation, beta_points
+from .errors import ConfigError
+from .handle import apply
+
+
+def interpolate(
+    pipe: Any, prompt_a: str, prompt_b: str, n: int = 5, *, mode: str = "outer", alpha: float = DEFAULT_BETA,
+    beta: float = DEFAULT_BETA, self_attention: bool = True, controls: list[Any] | tuple[Any, ...] = (),
+    **pipeline_kwargs: Any,
+) -> list[Any]:
+    """n images from `prompt_a` (t = 0) to `prompt_b` (t = 1), in one pipeline call of n rows.
+
+    The points are `beta_points(n, alpha, beta)` (AID §4.3); `mode` "outer" or "inner" and `self_attention` are
+    `AttentionInterpolation`'s. Every image starts from the same initial noise: one seed is drawn from `generator`
+    (a `torch.Generator`, or a list holding one) and every row gets a generator with that seed, so the endpoints are
+    exactly the stock images of the two prompts with that noise. The interpolated rows are encoded with the nearer
+    endpoint's prompt (t < 0.5: `prompt_a`; this gives their pooled embeddings and, on joint families, the start of
+    their text stream; their image tokens read only the endpoints' text). `pipeline_kwargs` go to the pipeline call;
+    on the embedded toy model its `CALL_DEFAULTS` apply where not given. `controls`: more controls for the call.
+    Returns the n PIL images in order.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"interpolate: n must be an integer >= 2 (the two endpoints included), got {n!r}")
+    for name, value in (("prompt_a", prompt_a), ("prompt_b", prompt_b)):
+        if not isinstance(value, str):
+            raise ConfigError(f"interpolate: {name} must be a string, got {value!r}")
+    for name in ("prompt", "prompt_embeds", "num_images_per_prompt", "output_type"):
+        if name in pipeline_kwargs:
+            raise ConfigError(f"interpolate: {name} is set by interpolate itself; leave it out of the pipeline arguments")
+    points = beta_points(n, alpha, beta)
+    control = AttentionInterpolation(points=points, mode=mode, self_attention=self_attention)
+    options = {**embedded_defaults(pipe), **pipeline_kwargs}
+    options["generator"] = _same_noise(options.get("generator"), n, pipe)
+    for name in ("negative_prompt",):
+        if isinstance(options.get(name), (list, tuple)):
+            raise ConfigError(f"interpolate: {name} must be one string for all the images")
+    prompts = [prompt_a if t < 0.5 else prompt_b for t in points]
+    prompts[0], prompts[-1] = prompt_a, prompt_b
+    handle = apply(pipe, [control, *controls])
+    try:
+        result = pipe(prompts, output_type="pil", **options)
+    finally:
+        handle.remove()
+    images = getattr(result, "images", None)
+    if images is None:
+        images = getattr(result, "frames", None)
+    return list(images)
+
+
+def embedded_defaults(pipe: Any) -> dict[str, Any]:
+    """The toy model's CALL_DEFAULTS when `pipe` is the embedded toy-shapes model, else nothing."""
+    name = getattr(pipe, "name_or_path", None)
+    if not name:
+        return {}
+    try:
+        from . import toy
+
+        if Path(str(name)).resolve() == toy.toy_shapes_path().resolve():
+            return dict(toy.CALL_DEFAULTS)
+    except (ImportError, FileNotFoundError, OSError):  # pragma: no cover - depends on the build
+        return {}
+    return {}
+
+
+def _same_noise(generator: Any, n: int, pipe: Any) -> list[torch.Generator]:
+    """n generators with one seed, drawn from `generator` (a fresh seed when None)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != 1:
+            raise ConfigError(
+                f"interpolate: give one generator (every image starts from the same noise), got a list of {len(generator)}"
+            )
+        generator = generator[0]
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"interpolate: generator must be a torch.Generator, got {generator!r}")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else int(torch.seed() % 2**62)
+    device = generator.device if generator is not None else torch.device("cpu")
+    return [torch.Generator(device).manual_seed(seed) for _ in range(n)]
+
+
+__all__ = ["interpolate"]
