@@ -1,0 +1,126 @@
+"""Cross-image controls on the embedded toy-shapes model, where the truth is known from pixels.
+
+Attention interpolation (AID, `attnctl.interpolate`) between "a red circle on the left" and "a red circle on the
+right": a sequence passes when the red object's centroid x (largest red component, `attnctl.toy.analysis`) is found
+in every image, never moves back by more than 0.02 of the width from one image to the next, and moves at least 0.3
+of the width in all. Reported: the pass rate over the seeds for each mode and Beta(alpha, alpha), and for a baseline
+without attention control, the usual linear interpolation of the prompt embeddings (the same n rows, the same
+noise). Cost: one n-row call with the control against the same n-row call without it, interleaved in one run.
+
+    python benchmarks/cross_image.py [--seeds 48] [--n 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+PROMPT_A = "a red circle on the left"
+PROMPT_B = "a red circle on the right"
+MAX_BACK = 0.02
+MIN_TRAVEL = 0.3
+
+
+def centroid_xs(images: list[Any], colour: str = "red") -> list[float | None]:
+    from attnctl.toy import analysis
+
+    xs: list[float | None] = []
+    for image in images:
+        found = analysis.centroid(analysis.largest_component(analysis.color_masks(image)[colour]))
+        xs.append(None if found is None else found[0] / image.size[0])
+    return xs
+
+
+def sequence_passes(xs: list[float | None]) -> bool:
+    """Every centroid found, never back by more than MAX_BACK, and at least MIN_TRAVEL from first to last."""
+    if any(x is None for x in xs):
+        return False
+    steps = [b - a for a, b in zip(xs, xs[1:])]
+    return min(steps) >= -MAX_BACK and xs[-1] - xs[0] >= MIN_TRAVEL
+
+
+def embedding_lerp(pipe: Any, n: int, seed: int, points: tuple[float, ...]) -> list[Any]:
+    """The baseline: no attention control, the prompt embeddings interpolated linearly at `points`, same noise."""
+    from attnctl.toy import CALL_DEFAULTS
+
+    with torch.no_grad():
+        a, negative = pipe.encode_prompt(PROMPT_A, "cpu", 1, True)
+        b, _ = pipe.encode_prompt(PROMPT_B, "cpu", 1, True)
+    t = torch.tensor(points, dtype=a.dtype).view(-1, 1, 1)
+    embeds = (1 - t) * a + t * b
+    generators = [torch.Generator().manual_seed(seed) for _ in range(n)]
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative.expand(n, -1, -1), generator=generators,
+                **CALL_DEFAULTS).images
+
+
+def aid_rates(pipe: Any, seeds: range, n: int, variants: list[tuple[str, float]], baseline: bool = True) -> dict[str, float]:
+    """Pass rate of each (mode, alpha) variant (and of the baseline) over `seeds`."""
+    from attnctl.controls.cross_image.interpolation import beta_points
+    from attnctl.interpolate import interpolate
+
+    passed: dict[str, int] = {}
+    for seed in seeds:
+        for mode, alpha in variants:
+            images = interpolate(pipe, PROMPT_A, PROMPT_B, n, mode=mode, alpha=alpha, beta=alpha,
+                                 generator=torch.Generator().manual_seed(seed))
+            key = f"{mode} Beta({alpha:g},{alpha:g})"
+            passed[key] = passed.get(key, 0) + sequence_passes(centroid_xs(images))
+        if baseline:
+            images = embedding_lerp(pipe, n, _seed_of(seed), beta_points(n, 1.0, 1.0))
+            passed["embedding lerp (no control)"] = passed.get("embedding lerp (no control)", 0) + sequence_passes(centroid_xs(images))
+    return {key: count / len(seeds) for key, count in passed.items()}
+
+
+def _seed_of(seed: int) -> int:
+    """The seed `interpolate` gives every row for `generator=torch.Generator().manual_seed(seed)`."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)).item())
+
+
+def cost(pipe: Any, n: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one n-row call with AttentionInterpolation and without it (the same rows), interleaved."""
+    import attnctl
+    from attnctl.controls.cross_image.interpolation import AttentionInterpolation
+    from attnctl.toy import CALL_DEFAULTS
+
+    prompts = [PROMPT_A] * (n // 2) + [PROMPT_B] * (n - n // 2)
+    times: dict[str, list[float]] = {"stock": [], "outer": [], "inner": []}
+    for r in range(repeats + 1):
+        for name in times:
+            handle = None if name == "stock" else attnctl.apply(pipe, [AttentionInterpolation(mode=name)])
+            start = time.perf_counter()
+            pipe(prompts, generator=torch.Generator().manual_seed(r), output_type="latent", **CALL_DEFAULTS)
+            if r:
+                times[name].append(time.perf_counter() - start)
+            if handle is not None:
+                handle.remove()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=48)
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from attnctl.toy import load_toy_shapes
+
+    pipe = load_toy_shapes()
+    variants = [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
+    print(f"AID on toy-shapes: {PROMPT_A!r} -> {PROMPT_B!r}, n={args.n}, seeds 0..{args.seeds - 1}")
+    print(f"pass: centroid never back > {MAX_BACK} width, travel >= {MIN_TRAVEL} width")
+    for key, rate in aid_rates(pipe, range(args.seeds), args.n, variants).items():
+        print(f"  {key:32s} {rate:6.1%}")
+    medians = cost(pipe, args.n, args.repeats)
+    print(f"cost, one {args.n}-row call (CFG, {torch.get_num_threads()} threads), median of {args.repeats}:")
+    for name, seconds in medians.items():
+        print(f"  {name:6s} {seconds * 1000:8.1f} ms  x{seconds / medians['stock']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Attention interpolation (AID, He et al. 2024): Beta points, identities, an independent eager reference written
+from docs/methods.md ("Attention interpolation"), every family, call protocols, interpolate(), the toy effect."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+import attnctl
+from attnctl import ConfigError
+from attnctl.control import Bound, Control
+from attnctl.controls.cross_image.interpolation import AttentionInterpolation, beta_points
+from attnctl.processors.edit import Edit, LayerHook
+from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS
+from attnctl.testing.new_families import PROMPT_KEYWORD, available
+
+PROMPTS = ["a red cat on the street", "a red car on the street", "a blue car in a field", "a blue dog in a field"]
+POINTS = (0.0, 0.3, 0.7, 1.0)
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+LOOSE = {"rtol": 1e-3, "atol": 1e-3}
+
+
+def run(pipe, name, prompts=PROMPTS, steps=2, guidance=5.0, seed=0, **kwargs):
+    options = dict(CALL_DEFAULTS[name])
+    options.update(kwargs)
+    generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+    prompt_arg = {"prompt": prompts} if name in PROMPT_KEYWORD else {}
+    args = () if prompt_arg else (prompts,)
+    if "guidance_scale" not in options:
+        options["guidance_scale"] = guidance
+    out = pipe(*args, num_inference_steps=steps, output_type="latent", generator=generators, **prompt_arg, **options)
+    return out.frames if hasattr(out, "frames") and not hasattr(out, "images") else out.images
+
+
+# -- the Beta points ---------------------------------------------------------------------------------------------
+def test_beta_points_are_the_inverse_cdf():
+    points = beta_points(7, 2.0, 2.0)
+    assert points[0] == 0.0 and points[-1] == 1.0
+    cdf = lambda x: 3 * x**2 - 2 * x**3  # noqa: E731 - Beta(2, 2)
+    for i, t in enumerate(points):
+        assert abs(cdf(t) - i / 6) < 1e-6
+    uniform = beta_points(5, 1.0, 1.0)
+    assert all(abs(a - b) < 1e-6 for a, b in zip(uniform, (0, 0.25, 0.5, 0.75, 1)))
+    skewed = beta_points(5, 3.0, 1.0)  # CDF x^3
+    assert all(abs(t**3 - i / 4) < 1e-6 for i, t in enumerate(skewed))
+    assert beta_points(2) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "middle"}, "mode"),
+        ({"points": (0.0, 0.5)}, "end at 1"),
+        ({"points": (0.0, 0.7, 0.3, 1.0)}, "never decrease"),
+        ({"points": (0.0,)}, "at least 2"),
+        ({"alpha": 0}, "alpha"),
+        ({"self_attention": "yes"}, "self_attention"),
+    ],
+)
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        AttentionInterpolation(**kwargs)
+    with pytest.raises(ConfigError, match="n must"):
+        beta_points(1)
+
+
+def test_to_dict_round_trip():
+    control = AttentionInterpolation(points=POINTS, mode="inner", self_attention=False, steps=(0.0, 0.5))
+    assert Control.from_dict(control.to_dict()) == control
+
+
+# -- identities ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_idle_is_bitwise_stock(name, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = run(pipe, name)
+    for control in (AttentionInterpolation(points=POINTS, steps=(0.99, 1.0)),):
+        with attnctl.apply(pipe, [control]):
+            assert torch.equal(run(pipe, name), stock)
+    two = run(pipe, name, prompts=PROMPTS[:2])
+    with attnctl.apply(pipe, [AttentionInterpolation()]):  # two rows: both are endpoints, nothing is interpolated
+        assert torch.equal(run(pipe, name, prompts=PROMPTS[:2]), two)
+
+
+# -- the eager reference ---------------------------------------------------------------------------------------------
+def _attend(q, k, v, mask, scale):
+    """softmax(q k^T scale + mask) v in float64; q (H, Nq, D), k v (H, Nk, D), mask (H|1, Nq|1, Nk) or None."""
+    logits = q @ k.transpose(-1, -2) * scale
+    if mask is not None:
+        logits = logits + mask
+    return torch.softmax(logits, dim=-1) @ v
+
+
+class _EagerHook(LayerHook):
+    def __init__(self, control: EagerInterpolation):
+        self.control = control
+
+    def attend(self, call, q, k, v, spec, compute):
+        out, lse = compute(q, k, v, spec)
+        points, mode, fuse = self.control.points, self.control.mode, self.control.fuse
+        n = len(points)
+        rows = call.rows.rows
+        batch, heads, nq, d = q.shape
+        scale = spec.scale if spec.scale is not None else d**-0.5
+        mask = spec.attn_mask
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+            mask = mask.double().expand(batch, heads, nq if mask.shape[-2] > 1 else 1, k.shape[2])
+        out = out.clone()
+        text = call.layer.text
+        for i, row in enumerate(rows):
+            if not 0 < row.prompt < n - 1:
+                continue
+            find = lambda p: next(j for j, r in enumerate(rows) if (r.branch, r.tag, r.prompt) == (row.branch, row.tag, p))  # noqa: E731
+            a, b = find(0), find(n - 1)
+            t = points[row.prompt]
+            Q, K, V = q[i].double(), k.double(), v.double()
+            m = (lambda j: None) if mask is None else (lambda j: mask[j])
+            if text == "keys":
+                queries = slice(0, nq)
+                own_keys = None
+                end_keys = slice(0, k.shape[2])
+            elif text == "none":
+                queries = slice(0, nq)
+                own_keys = slice(0, k.shape[2])
+                end_keys = slice(0, k.shape[2])
+            else:
+                g = call.geometry
+                queries = g.image_slice
+                own_keys = g.image_slice
+                end_keys = (g.image_slice, g.text_slice) if fuse else (g.text_slice,)
+            ends = end_keys if isinstance(end_keys, tuple) else (end_keys,)
+
+            def pick(j, spans):
+                keys = torch.cat([K[j][:, s] for s in spans], dim=1)
+                values = torch.cat([V[j][:, s] for s in spans], dim=1)
+                masks = None if mask is None else torch.cat([m(j)[..., queries if m(j).shape[-2] > 1 else slice(None), s] for s in spans], dim=-1)
+                return keys, values, masks
+
+            own = pick(i, (own_keys,)) if own_keys is not None else None
+            ka, va, ma = pick(a, ends)
+            kb, vb, mb = pick(b, ends)
+
+            def with_own(keys, values, masks):
+                if own is None:
+                    return keys, values, masks
+                joined_mask = None if masks is None else torch.cat([own[2], masks], dim=-1)
+                return torch.cat([own[0], keys], 1), torch.cat([own[1], values], 1), joined_mask
+
+            Qi = Q[:, queries]
+            if mode == "inner":
+                mixed_mask = None if ma is None else torch.maximum(ma, mb)
+                result = _attend(Qi, *_sw(with_own((1 - t) * ka + t * kb, (1 - t) * va + t * vb, mixed_mask)), scale)
+            else:
+                result = (1 - t) * _attend(Qi, *_sw(with_own(ka, va, ma)), scale) + t * _attend(Qi, *_sw(with_own(kb, vb, mb)), scale)
+            out[i, :, queries] = result.to(out.dtype)
+        return out, None
+
+
+def _sw(triple):
+    keys, values, masks = triple
+    return keys, values, masks
+
+
+@dataclass(frozen=True)
+class EagerInterpolation(Control, type_name="test-eager-interpolation"):
+    points: tuple = POINTS
+    mode: str = "outer"
+    fuse: bool = True
+    log: list = field(default_factory=list, compare=False, hash=False)
+
+    def select(self, adapter):
+        kinds = ("cross", "joint", "self") if self.fuse else ("cross", "joint")
+        return tuple(layer for layer in adapter.layers if layer.kind in kinds)
+
+    def bind(self, context):
+        return _EagerBound(self, context.layers, (0.0, 1.0))
+
+
+class _EagerBound(Bound):
+    def edit(self, layer, frame):
+        return Edit(hooks=(_EagerHook(self.control),))
+
+
+@pytest.mark.parametrize("mode", ["outer", "inner"])
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_matches_eager_reference(name, mode, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = run(pipe, name)
+    with attnctl.apply(pipe, [AttentionInterpolation(points=POINTS, mode=mode)]):
+        ours = run(pipe, name)
+    with attnctl.apply(pipe, [EagerInterpolation(POINTS, mode)]):
+        expected = run(pipe, name)
+    assert not torch.allclose(expected[1:3], stock[1:3], **TOL)
+    torch.testing.assert_close(ours, expected, **(LOOSE if name == "tiny-pixart" else TOL))
+    # the endpoint rows are the stock rows
+    torch.testing.assert_close(ours[[0, 3]], stock[[0, 3]], **TOL)
+
+
+def test_without_self_attention_fusion(tiny_cache):
+    for name in ("tiny-sd", "tiny-sd3"):
+        pipe = tiny_cache(name)
+        with attnctl.apply(pipe, [AttentionInterpolation(points=POINTS, self_attention=False)]):
+            ours = run(pipe, name)
+        with attnctl.apply(pipe, [EagerInterpolation(POINTS, "outer", fuse=False)]):
+            expected = run(pipe, name)
+        torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_flux_true_cfg_links_inside_each_call(tiny_cache):
+    """Flux's true CFG runs cond and uncond as separate denoiser calls: each links within itself."""
+    name = "tiny-flux"
+    pipe = tiny_cache(name)
+    extra = {"negative_prompt": "a blurry dog", "true_cfg_scale": 3.0}
+    with attnctl.apply(pipe, [AttentionInterpolation(points=POINTS)]):
+        ours = run(pipe, name, **extra)
+    with attnctl.apply(pipe, [EagerInterpolation(POINTS)]):
+        expected = run(pipe, name, **extra)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_sd_without_cfg(tiny_cache):
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    with attnctl.apply(pipe, [AttentionInterpolation(points=POINTS)]):
+        ours = run(pipe, name, guidance=1.0)
+    with attnctl.apply(pipe, [EagerInterpolation(POINTS)]):
+        expected = run(pipe, name, guidance=1.0)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parametrize("name", [n for n in NEW_TINY_MODELS])
+def test_new_families_run_or_refuse(name, tiny_cache):
+    if not available(name):
+        pytest.skip(f"diffusers lacks {name}")
+    pipe = tiny_cache(name)
+    stock = run(pipe, name, prompts=PROMPTS[:3], guidance=3.0)
+    with attnctl.apply(pipe, [AttentionInterpolation(points=(0.0, 0.5, 1.0))]):
+        ours = run(pipe, name, prompts=PROMPTS[:3], guidance=3.0)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours[[0, 2]], stock[[0, 2]], **LOOSE)
+    assert not torch.allclose(ours[1], stock[1], **TOL)
+
+
+def test_wrong_number_of_points_raises(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [AttentionInterpolation(points=(0.0, 0.5, 1.0))]):
+        with pytest.raises(ConfigError, match="3 points"):
+            run(pipe, "tiny-sd")
+
+
+def test_conflicts_are_refused_at_apply(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with pytest.raises(ConfigError):
+        attnctl.apply(pipe, [AttentionInterpolation(), attnctl.Reweight({"red": 2.0})])
+
+
+# -- interpolate() and the toy effect --------------------------------------------------------------------------------
+toy_missing = importlib.util.find_spec("attnctl.toy") is None
+
+
+@pytest.mark.skipif(toy_missing, reason="no toy model in this build")
+def test_interpolate_on_the_toy_model():
+    from benchmarks_cross_image import PROMPT_A, PROMPT_B, aid_rates, centroid_xs  # noqa: F401
+
+    from attnctl.toy import load_toy_shapes
+
+    pipe = load_toy_shapes()
+    images = attnctl.interpolate(pipe, PROMPT_A, PROMPT_B, n=5, generator=torch.Generator().manual_seed(0))
+    assert len(images) == 5 and images[0].size == (32, 32)
+    stock = pipe(PROMPT_A, generator=torch.Generator().manual_seed(_seed(0)), **attnctl.toy.CALL_DEFAULTS).images[0]
+    assert images[0].tobytes() == stock.tobytes() or _close(images[0], stock)
+    rates = aid_rates(pipe, range(8), 5, [("outer", 2.0)], baseline=False)
+    assert rates["outer Beta(2,2)"] >= 0.9, rates
+
+
+def _seed(seed):
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)).item())
+
+
+def _close(a, b):
+    import numpy as np
+
+    return np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).max() <= 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _benchmark_module():
+    import sys
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cross_image.py")
+    spec = importlib.util.spec_from_file_location("benchmarks_cross_image", here)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["benchmarks_cross_image"] = module
+    yield
+    sys.modules.pop("benchmarks_cross_image", None)
+
+
+_ = Any
