@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .control import Bound, Control
+from .controls.cross_image.interpolation import AttentionInterpolation, beta_points
 from .controls.fastattn import FastAttn, FastAttnPlan
 from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
@@ -29,6 +30,7 @@ from .errors import (
     UnsupportedError,
 )
 from .handle import Handle, apply
+from .interpolate import interpolate
 from .prompt_weights import parse_prompt
 from .render.calibrate import calibrate
 from .render.generate import Generation, Model, generate
@@ -44,6 +46,7 @@ __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
+__all__ += ["AttentionInterpolation", "beta_points", "interpolate"]
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpolation, beta_points
+from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpolation, beta_points, sequence_prompts
 from .errors import ConfigError
 from .handle import apply
 
@@ -49,8 +49,7 @@ def interpolate(
     for name in ("negative_prompt",):
         if isinstance(options.get(name), (list, tuple)):
             raise ConfigError(f"interpolate: {name} must be one string for all the images")
-    prompts = [prompt_a if t < 0.5 else prompt_b for t in points]
-    prompts[0], prompts[-1] = prompt_a, prompt_b
+    prompts = sequence_prompts(prompt_a, prompt_b, points)
     handle = apply(pipe, [control, *controls])
     try:
         result = pipe(prompts, output_type="pil", **options)

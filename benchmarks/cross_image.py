@@ -7,12 +7,13 @@ of the width in all. Reported: the pass rate over the seeds for each mode and Be
 without attention control, the usual linear interpolation of the prompt embeddings (the same n rows, the same
 noise). Cost: one n-row call with the control against the same n-row call without it, interleaved in one run.
 
-    python benchmarks/cross_image.py [--seeds 48] [--n 5] [--threads 2]
+    python benchmarks/cross_image.py [--seeds 48] [--n 5] [--threads 2] [--repeats 5] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
 from typing import Any
@@ -88,6 +89,7 @@ def cost(pipe: Any, n: int, repeats: int) -> dict[str, float]:
 
     prompts = [PROMPT_A] * (n // 2) + [PROMPT_B] * (n - n // 2)
     times: dict[str, list[float]] = {"stock": [], "outer": [], "inner": []}
+    torch.manual_seed(0)
     for r in range(repeats + 1):
         for name in times:
             handle = None if name == "stock" else attnctl.apply(pipe, [AttentionInterpolation(mode=name)])
@@ -104,19 +106,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=48)
     parser.add_argument("--n", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.n, args.repeats = 1, 3, 1
     torch.set_num_threads(args.threads)
-    from attnctl.toy import load_toy_shapes
+    from attnctl.render.loading import load_pipeline
 
-    pipe = load_toy_shapes()
-    variants = [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
+    pipe = load_pipeline("toy-shapes")
+    variants = [("outer", 2.0)] if args.quick else [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
     print(f"AID on toy-shapes: {PROMPT_A!r} -> {PROMPT_B!r}, n={args.n}, seeds 0..{args.seeds - 1}")
     print(f"pass: centroid never back > {MAX_BACK} width, travel >= {MIN_TRAVEL} width")
     for key, rate in aid_rates(pipe, range(args.seeds), args.n, variants).items():
-        print(f"  {key:32s} {rate:6.1%}")
+        print(f"  {key:32s} {rate:6.1%}", flush=True)
     medians = cost(pipe, args.n, args.repeats)
+    sys.stdout.flush()
     print(f"cost, one {args.n}-row call (CFG, {torch.get_num_threads()} threads), median of {args.repeats}:")
     for name, seconds in medians.items():
         print(f"  {name:6s} {seconds * 1000:8.1f} ms  x{seconds / medians['stock']:.2f}")

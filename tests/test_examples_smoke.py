@@ -24,6 +24,7 @@ EXAMPLES = [
     pytest.param("examples/token_reduction.py", [], "saved stock.png, tome.png, agent.png", id="token_reduction"),
     pytest.param("examples/guidance.py", ["--methods", "pag,sag,skip"], "saved 4 images", id="guidance"),
     pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
+    pytest.param("examples/interpolate.py", [], "saved strip.png", id="interpolate"),
     pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),
     pytest.param("examples/fast_attention.py", [], "PSNR against the uncached image", id="fast_attention", marks=slow),
 ]
@@ -31,6 +32,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/overhead.py", [], "ratio", id="overhead"),
     pytest.param("benchmarks/render.py", [], "", id="render"),
     pytest.param("benchmarks/token_reduction.py", [], "ToMe at ratio", id="token_reduction"),
+    pytest.param("benchmarks/cross_image.py", [], "cost, one 3-row call", id="cross_image", marks=slow),
     pytest.param("benchmarks/cost_counters.py", [], "| tiny-sd | reweight |", id="cost_counters"),
     pytest.param("benchmarks/guidance.py", ["--variants", "pag-self"], "", id="guidance", marks=slow),
     pytest.param("benchmarks/reweight.py", [], "", id="reweight", marks=slow),

@@ -34,6 +34,8 @@ from ..control import Control
 from ..errors import ConfigError
 from .outputs import sampler_fields, save_png
 
+#: Frames per second of the GIF of an interpolation sequence (`AttentionInterpolation(to=...)`).
+SEQUENCE_FPS = 2
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -240,6 +242,9 @@ class Model:
         seed = _check_seed(seed)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         handle = self._attach(controls)
+        sequence = _interpolation_of(controls)
+        if sequence is not None:  # AID: one call renders the sequence; frames = its images, image = their strip
+            return self._sequence(prompt, seed, controls, kwargs, sequence, handle)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
         result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
@@ -256,6 +261,26 @@ class Model:
             from .outputs import VIDEO_FPS
 
             params.update(frames=len(frames), fps=VIDEO_FPS)
+        return Generation(image, params, outputs, seconds, frames)
+
+    def _sequence(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], sequence: Any,
+                  handle: Any) -> Generation:
+        """An attention-interpolation sequence (`AttentionInterpolation(to=...)`): `n` rows from `prompt` to `to`, each
+        with a CPU generator seeded with `seed` (the same initial noise), in one call."""
+        from ..controls.cross_image.interpolation import sequence_prompts
+        from .outputs import strip
+
+        count = len(sequence.points) if sequence.points is not None else sequence.n
+        prompts = sequence_prompts(prompt, sequence.to, sequence.point_list(count))
+        generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
+        start = time.perf_counter()
+        result = self.pipe(prompts, generator=generators, output_type="pil", **kwargs)
+        seconds = time.perf_counter() - start
+        frames = list(result.images)
+        image = strip(frames)
+        outputs = handle.outputs if handle is not None else {}
+        params = self._params(prompt, seed, controls, kwargs, image)
+        params.update(frames=len(frames), fps=SEQUENCE_FPS)
         return Generation(image, params, outputs, seconds, frames)
 
     def _call_kwargs(self, options: Mapping[str, Any], negative_prompt: str | None, steps: int | None,
@@ -391,6 +416,16 @@ def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
+
+
+def _interpolation_of(controls: tuple[Control, ...]) -> Any:
+    """The AttentionInterpolation among `controls` that names a second prompt (`to`), or None."""
+    from ..controls.cross_image.interpolation import AttentionInterpolation
+
+    found = [c for c in controls if isinstance(c, AttentionInterpolation) and c.to is not None]
+    if len(found) > 1:
+        raise ConfigError("give one AttentionInterpolation with `to` per image (a call renders one sequence)")
+    return found[0] if found else None
 
 
 def _pipeline_name(pipe: Any) -> str:

@@ -135,6 +135,19 @@ def gif_bytes(frames: list[Any], params: dict[str, Any], fps: int = VIDEO_FPS) -
     return buffer.getvalue()
 
 
+def strip(images: list[Any]) -> Any:
+    """The images side by side, left to right, as one PIL image (an interpolation sequence's PNG)."""
+    from PIL import Image
+
+    images = [image.convert("RGB") for image in images]
+    out = Image.new("RGB", (sum(image.width for image in images), max(image.height for image in images)))
+    x = 0
+    for image in images:
+        out.paste(image, (x, 0))
+        x += image.width
+    return out
+
+
 def save_video(frames: list[Any], path: str, params: dict[str, Any], *, fsync: bool = False, fps: int = VIDEO_FPS) -> int:
     """Atomically write `frames` as an animated GIF with `params` to `path`; returns the number of bytes written."""
     data = gif_bytes(frames, params, fps)

@@ -620,7 +620,8 @@ class _RunContext:
                                              params=params)
                 size = save_png(result.image, target, params, fsync=self.options.fsync)
                 if result.frames is not None:  # a video: <seed>.gif (animated) and <seed>.frames/ (a PNG per frame)
-                    save_video(result.frames, os.path.join(folder, f"{seed}.gif"), params, fsync=self.options.fsync)
+                    save_video(result.frames, os.path.join(folder, f"{seed}.gif"), params, fsync=self.options.fsync,
+                               **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
                     save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
                     saved_outputs = [os.path.join(job.id, f"{seed}.gif"), os.path.join(job.id, f"{seed}.frames"), *saved_outputs]
             except OSError as error:

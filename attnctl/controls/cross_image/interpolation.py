@@ -89,6 +89,8 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
     fuse the endpoints' keys into the self-attention of the interpolated rows (AID's fused attention; on joint
     attention, the endpoints' image keys beside their text keys). `layers`: a selection (default every
     cross- / joint layer, and every self-attention layer with `self_attention`). `steps`: the step window.
+    `to` and `n` are for `attnctl.Model.generate` and `attnctl render` jobs: with `to` set, the job's prompt is the
+    first endpoint, `to` the second, and one call renders `n` images (`len(points)` when points are given).
     """
 
     points: tuple[float, ...] | None = None
@@ -98,8 +100,14 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
     self_attention: bool = True
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
+    to: str | None = None
+    n: int = 5
 
     def __post_init__(self) -> None:
+        if self.to is not None and not isinstance(self.to, str):
+            raise ConfigError(f"AttentionInterpolation.to must be None or the second prompt (a string), got {self.to!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+            raise ConfigError(f"AttentionInterpolation.n must be an integer >= 2 (the two endpoints included), got {self.n!r}")
         choice(self.mode, "AttentionInterpolation.mode", MODES)
         set_field(self, "alpha", number(self.alpha, "AttentionInterpolation.alpha", minimum=0, exclusive_minimum=True))
         set_field(self, "beta", number(self.beta, "AttentionInterpolation.beta", minimum=0, exclusive_minimum=True))
@@ -146,6 +154,15 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
 
     def bind(self, context: BindContext) -> _InterpolationBound:
         return _InterpolationBound(self, context)
+
+
+def sequence_prompts(prompt_a: str, prompt_b: str, points: tuple[float, ...]) -> list[str]:
+    """The prompt of each row of an interpolation call: the endpoints' own, and for an interpolated row the nearer
+    endpoint's (t < 0.5: the first). That prompt gives the row's pooled embeddings (SDXL, SD3, Flux) and, on joint
+    families, the start of its text stream; its image tokens read only the endpoints' text at the selected layers."""
+    prompts = [prompt_a if t < 0.5 else prompt_b for t in points]
+    prompts[0], prompts[-1] = prompt_a, prompt_b
+    return prompts
 
 
 @dataclass(frozen=True)
@@ -337,4 +354,4 @@ def _interpolated_rows(call, control: AttentionInterpolation, q, k, v, spec: Att
     return torch.cat(parts, dim=2)
 
 
-__all__ = ["AttentionInterpolation", "beta_points", "interpolation_links", "RowLinks", "MODES", "DEFAULT_BETA"]
+__all__ = ["AttentionInterpolation", "beta_points", "sequence_prompts", "interpolation_links", "RowLinks", "MODES", "DEFAULT_BETA"]
