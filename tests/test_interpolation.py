@@ -261,6 +261,26 @@ def test_conflicts_are_refused_at_apply(tiny_cache):
         attnctl.apply(pipe, [AttentionInterpolation(), attnctl.Reweight({"red": 2.0})])
 
 
+def test_model_generate_renders_a_sequence(tiny_cache, tmp_path):
+    """A render job's AttentionInterpolation(to=...): one call of n rows, frames = the images, image = their strip."""
+    import numpy as np
+
+    from attnctl.render.outputs import read_gif_params
+
+    pipe = tiny_cache("tiny-sd")
+    model = attnctl.Model(pipe, "tiny-sd")
+    control = AttentionInterpolation(to="a blue dog in a field", n=4)
+    result = model.generate("a red cat on the street", seed=3, steps=2, controls=[control])
+    model.release()
+    assert len(result.frames) == 4 and result.image.size == (4 * 32, 32)
+    assert result.params["frames"] == 4
+    stock = pipe("a red cat on the street", num_inference_steps=2, generator=torch.Generator().manual_seed(3),
+                 **CALL_DEFAULTS["tiny-sd"]).images[0]
+    assert np.abs(np.asarray(result.frames[0], dtype=float) - np.asarray(stock, dtype=float)).max() <= 1
+    result.save_video(str(tmp_path / "s.gif"))
+    assert read_gif_params(str(tmp_path / "s.gif"))["frames"] == 4
+
+
 # -- interpolate() and the toy effect --------------------------------------------------------------------------------
 toy_missing = importlib.util.find_spec("attnctl.toy") is None
 
