@@ -370,14 +370,16 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         if support(make(), adapter)[0] != "yes":
             continue
         control = strong.get(label, make)()
+        # a cross-image control needs rows to link: AttentionInterpolation interpolates the middle of three prompts
+        prompts = [PROMPT, "a blue dog", PROMPT] if label == "AttentionInterpolation" else PROMPT
         with attnctl.apply(pipe, [control]) as handle:
-            out = generate(pipe, name, prompt=PROMPT)
+            out = generate(pipe, name, prompt=prompts)
         assert torch.isfinite(out).all(), label
         if label == "AttentionMaps":
             result = handle.outputs["attention_maps"]
             assert result is not None, label
         else:
-            assert not torch.equal(out, stock), label
+            assert not torch.equal(out, stock if prompts is PROMPT else generate(pipe, name, prompt=prompts)), label
         ran.append(label)
     assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
     assert "Reweight" in ran and ("PAG" in ran or "extra_rows" in adapter.lacks)
