@@ -54,7 +54,7 @@ def beta_points(n: int, alpha: float = DEFAULT_BETA, beta: float = DEFAULT_BETA)
     AID observes that the images of a linear schedule change little near the endpoints and jump in the middle, and
     draws the points from a Beta distribution with alpha, beta > 1 so that they crowd where the change is fast
     (the paper then picks alpha, beta per pair by Bayesian optimisation of the smoothness; attnctl takes them as
-    given). `t_0 = 0` and `t_{n-1} = 1` exactly. Computed in float64 on a fine grid (no scipy).
+    given). `t_0 = 0` and `t_{n-1} = 1` exactly. Computed in float64 on a fine grid (no scipy), rounded to 9 digits.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"beta_points: n must be an integer >= 2 (the two endpoints included), got {n!r}")
@@ -73,7 +73,7 @@ def beta_points(n: int, alpha: float = DEFAULT_BETA, beta: float = DEFAULT_BETA)
         j = int(torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64)).item())
         lo, hi = cdf[j - 1].item(), cdf[j].item()
         frac = 0.0 if hi == lo else (p - lo) / (hi - lo)
-        points.append(edges[j - 1].item() + frac * (edges[j] - edges[j - 1]).item())
+        points.append(round(edges[j - 1].item() + frac * (edges[j] - edges[j - 1]).item(), 9))
     points.append(1.0)
     return tuple(points)
 
