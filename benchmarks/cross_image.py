@@ -102,12 +102,34 @@ def cost(pipe: Any, n: int, repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def agreement_rates(pipe: Any, seeds: range, rows: int, variants: dict[str, Any], prompt: str = "a circle on the left") -> dict[str, float]:
+    """Consistent subjects: how often every image of a `rows`-image batch of `prompt` (no colour given; each row its
+    own seed) has one object of one colour, stock and with each control of `variants`."""
+    import attnctl
+    from attnctl.toy import CALL_DEFAULTS, analysis
+
+    agreed = dict.fromkeys(variants, 0)
+    for seed in seeds:
+        for name, control in variants.items():
+            handle = attnctl.apply(pipe, [control]) if control is not None else None
+            generators = [torch.Generator().manual_seed(1000 * seed + i) for i in range(rows)]
+            try:
+                images = pipe([prompt] * rows, generator=generators, **CALL_DEFAULTS).images
+            finally:
+                if handle is not None:
+                    handle.remove()
+            colours = [objects[0].color if objects else None for objects in map(analysis.describe, images)]
+            agreed[name] += colours[0] is not None and len(set(colours)) == 1
+    return {name: count / len(seeds) for name, count in agreed.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=48)
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("all", "aid", "consistent"), default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
     args = parser.parse_args()
     if args.quick:
@@ -116,6 +138,16 @@ def main() -> None:
     from attnctl.render.loading import load_pipeline
 
     pipe = load_pipeline("toy-shapes")
+    if args.only in ("all", "consistent"):
+        from attnctl.controls.cross_image.consistent import ConsistentSubjects
+
+        variants_cs = {"stock": None, "ConsistentSubjects()": ConsistentSubjects(),
+                       "ConsistentSubjects(strength=100)": ConsistentSubjects(strength=100.0)}
+        print(f"consistent subjects: 4 images of 'a circle on the left', seeds 0..{args.seeds - 1}: all one colour")
+        for key, rate in agreement_rates(pipe, range(args.seeds), 4, variants_cs).items():
+            print(f"  {key:32s} {rate:6.1%}", flush=True)
+        if args.only == "consistent":
+            return
     variants = [("outer", 2.0)] if args.quick else [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
     print(f"AID on toy-shapes: {PROMPT_A!r} -> {PROMPT_B!r}, n={args.n}, seeds 0..{args.seeds - 1}")
     print(f"pass: centroid never back > {MAX_BACK} width, travel >= {MIN_TRAVEL} width")

@@ -370,8 +370,8 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         if support(make(), adapter)[0] != "yes":
             continue
         control = strong.get(label, make)()
-        # a cross-image control needs rows to link: AttentionInterpolation interpolates the middle of three prompts
-        prompts = [PROMPT, "a blue dog", PROMPT] if label == "AttentionInterpolation" else PROMPT
+        # a cross-image control needs rows to link (AttentionInterpolation interpolates the middle of three prompts)
+        prompts = [PROMPT, "a blue dog", PROMPT] if label in ("AttentionInterpolation", "ConsistentSubjects") else PROMPT
         with attnctl.apply(pipe, [control]) as handle:
             out = generate(pipe, name, prompt=prompts)
         assert torch.isfinite(out).all(), label

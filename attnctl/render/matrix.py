@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 from ..control import Control
+from ..controls.cross_image.consistent import ConsistentSubjects
 from ..controls.cross_image.interpolation import AttentionInterpolation
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
@@ -38,6 +39,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("TGate", lambda: TGate()),
     ("FastAttn", lambda: FastAttn()),
     ("AttentionInterpolation", lambda: AttentionInterpolation()),
+    ("ConsistentSubjects", lambda: ConsistentSubjects()),
 )
 
 #: The families in the matrix, each with its tiny offline model.
