@@ -123,13 +123,38 @@ def agreement_rates(pipe: Any, seeds: range, rows: int, variants: dict[str, Any]
     return {name: count / len(seeds) for name, count in agreed.items()}
 
 
+def reference_rates(pipe: Any, seeds: range, rows: int, variants: dict[str, Any], reference: str = "a green circle on the left",
+                    prompt: str = "a circle on the left") -> dict[str, float]:
+    """Reference attention: how often the object of an image of `prompt` (no colour given) takes the colour of the
+    reference image (the stock image of `reference` for seed 1), stock and with each control of `variants` (a
+    callable of the reference image). Row 0 of each call carries the reference; the `rows` others are counted."""
+    import attnctl
+    from attnctl.toy import CALL_DEFAULTS, analysis
+
+    image = pipe(reference, generator=torch.Generator().manual_seed(1), **CALL_DEFAULTS).images[0]
+    colour = analysis.describe(image)[0].color
+    hits = dict.fromkeys(variants, 0)
+    for seed in seeds:
+        for name, make in variants.items():
+            handle = attnctl.apply(pipe, [make(image)]) if make is not None else None
+            generators = [torch.Generator().manual_seed(1000 * seed + i) for i in range(rows + 1)]
+            try:
+                images = pipe([reference] + [prompt] * rows, generator=generators, **CALL_DEFAULTS).images
+            finally:
+                if handle is not None:
+                    handle.remove()
+            found = [objects[0].color if objects else None for objects in map(analysis.describe, images[1:])]
+            hits[name] += sum(c == colour for c in found)
+    return {name: count / (len(seeds) * rows) for name, count in hits.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=48)
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=("all", "aid", "consistent"), default="all")
+    parser.add_argument("--only", choices=("all", "aid", "consistent", "reference"), default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
     args = parser.parse_args()
     if args.quick:
@@ -138,6 +163,17 @@ def main() -> None:
     from attnctl.render.loading import load_pipeline
 
     pipe = load_pipeline("toy-shapes")
+    if args.only in ("all", "reference"):
+        from attnctl.controls.cross_image.reference import ReferenceAttention
+
+        variants_ref = {"stock": None, "ReferenceAttention()": lambda image: ReferenceAttention(image),
+                        "ReferenceAttention(strength=3)": lambda image: ReferenceAttention(image, strength=3.0)}
+        print(f"reference attention: 3 images of 'a circle on the left' + the reference row, seeds 0..{args.seeds - 1}: "
+              "the object takes the reference's colour (green)")
+        for key, rate in reference_rates(pipe, range(args.seeds), 3, variants_ref).items():
+            print(f"  {key:32s} {rate:6.1%}", flush=True)
+        if args.only == "reference":
+            return
     if args.only in ("all", "consistent"):
         from attnctl.controls.cross_image.consistent import ConsistentSubjects
 

@@ -2,5 +2,6 @@
 
 from .consistent import ConsistentSubjects
 from .interpolation import AttentionInterpolation, beta_points
+from .reference import ReferenceAttention
 
-__all__ = ["AttentionInterpolation", "ConsistentSubjects", "beta_points"]
+__all__ = ["AttentionInterpolation", "ConsistentSubjects", "ReferenceAttention", "beta_points"]

@@ -1,0 +1,236 @@
+"""Reference attention: the generated images attend to a reference image's self-attention keys and values.
+
+Reference-only control (lllyasviel, ControlNet discussion #1236, 2023; diffusers' community
+`StableDiffusionReferencePipeline`) and PrimeComposer's attention steering (Wang et al. 2024, "PrimeComposer: Faster
+Progressively Combined Diffusion for Image Composition with Attention Steering", arXiv:2403.05053). One prompt row
+of the call (`reference_row`) carries the reference: at every denoiser call its latent input is replaced by the
+reference image, encoded by the pipeline's VAE and noised to the call's noise level with a fixed noise
+(`x_t = sqrt(a) x0 + sqrt(1-a) eps`, or `(1 - sigma) x0 + sigma eps` for flow matching). Every other row of the same
+branch (`RowLayout.linked`) attends in its self-attention (joint attention: its image queries) to its own keys and to
+the reference row's image keys with a logit bias log(strength):
+
+    softmax(Q [K; K_ref]ᵀ scale + [0; log(strength)]) [V; V_ref]
+
+inside `region` (a box of the generated image; outside it the stock attention), everywhere when None. The
+reference row's own image is a by-product (a reconstruction of the reference); discard it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...control import BindContext, Bound, Control
+from ...denoiser_call import DenoiserCall, RowLayout
+from ...errors import ConfigError, UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.semantics import spec_rows
+from ...kernels.spec import AttentionSpec
+from ...processors.chain import restricted_rows
+from ...processors.edit import AttentionCall, Edit, LayerHook
+from ...selection import LayerSpec, validate_layers
+from ...steps import validate_steps
+from ...validation import number, set_field
+from ..common import RowIndex, keep_kinds
+from ..guidance.sag import noise_level
+from .consistent import Box, _box, appended_attention, box_mask
+
+
+@dataclass(frozen=True)
+class ReferenceAttention(Control, type_name="reference-attention"):
+    """The images of the call attend to a reference image in their self-attention (reference-only, PrimeComposer).
+
+    `image`: the reference, a path to an image file or a PIL image (a path serialises into job files).
+    `reference_row`: the prompt row that carries the reference (default 0; give it a prompt describing the
+    reference, and discard its output). `strength`: a factor on the attention the reference tokens get (logit bias
+    log(strength); 0 is off). `region`: a box (x0, y0, x1, y1) of the generated images where they read the reference
+    (None: everywhere). `seed`: of the fixed noise the reference is noised with. `layers`, `steps` as usual.
+    """
+
+    image: Any
+    reference_row: int = 0
+    strength: float = 1.0
+    region: Box | None = None
+    seed: int = 0
+    layers: LayerSpec = None
+    steps: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, str) and not hasattr(self.image, "convert"):
+            raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {self.image!r}")
+        if isinstance(self.reference_row, bool) or not isinstance(self.reference_row, int) or self.reference_row < 0:
+            raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
+        set_field(self, "strength", number(self.strength, "ReferenceAttention.strength", minimum=0))
+        set_field(self, "region", _box(self.region, "ReferenceAttention.region"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"ReferenceAttention.seed must be an integer >= 0, got {self.seed!r}")
+        set_field(self, "layers", validate_layers(self.layers, name="ReferenceAttention.layers"))
+        set_field(self, "steps", validate_steps(self.steps, name="ReferenceAttention.steps"))
+
+    grid_dims = (2,)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        return keep_kinds(Control.select(self, adapter), ("self", "joint"), type(self).__name__, "self- or joint attention", self.layers)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"linked_keys": the rows attend to the reference row's keys and values (none while strength is 0)."""
+        return ("linked_keys",) if self.strength > 0 else ()
+
+    def to_dict(self) -> dict[str, Any]:
+        if not isinstance(self.image, str):
+            raise ConfigError("ReferenceAttention.to_dict: the image is a PIL image; give a path to serialise it")
+        return super().to_dict()
+
+    def bind(self, context: BindContext) -> _ReferenceBound:
+        return _ReferenceBound(self, context)
+
+
+def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, dtype: Any) -> torch.Tensor:
+    """The reference as the pipeline's VAE latents (1, C, h, w): resized to the call's image size, scaled to
+    [-1, 1], encoded (the distribution's mean), then shifted and scaled by the VAE's config."""
+    from PIL import Image
+
+    if isinstance(image, str):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    image = image.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        raise UnsupportedError("attnctl: ReferenceAttention needs the pipeline's VAE (pipe.vae) to encode the reference")
+    with torch.no_grad():
+        encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype))
+    dist = getattr(encoded, "latent_dist", None)
+    latents = dist.mean if dist is not None else encoded[0]
+    if latents.ndim != 4:
+        raise UnsupportedError(
+            f"attnctl: ReferenceAttention encodes a 2-D image latent; this pipeline's VAE gives a {latents.ndim}-D latent"
+        )
+    config = vae.config
+    shift = getattr(config, "shift_factor", None) or 0.0
+    scale = getattr(config, "scaling_factor", None) or 1.0
+    return ((latents - shift) * scale).to(dtype)
+
+
+class _ReferenceBound(Bound):
+    def __init__(self, control: ReferenceAttention, context: BindContext):
+        super().__init__(control, context.layers, control.steps)
+        if control.reference_row >= context.prompt_rows:
+            raise ConfigError(
+                f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "
+                f"{context.prompt_rows} prompt row(s); add a row for the reference (its output is a by-product)"
+            )
+        from ..common import image_size
+
+        self.adapter = context.adapter
+        self.pipeline = context.pipeline
+        latents = encode_reference(context.pipeline, control.image, image_size(context), context.device, context.dtype)
+        if tuple(latents.shape[-2:]) != tuple(context.canvas.latent_hw):
+            raise UnsupportedError(
+                f"attnctl: ReferenceAttention: the reference encodes to a {tuple(latents.shape[-2:])} latent, the call's "
+                f"latent grid is {tuple(context.canvas.latent_hw)}"
+            )
+        generator = torch.Generator().manual_seed(control.seed)
+        self.x0 = latents
+        self.eps = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+        self.canvas = context.canvas
+        self.index = RowIndex()
+        self._links: dict[Any, tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]] = {}
+        self._bias: dict[Any, torch.Tensor] = {}
+        self._region: dict[Any, torch.Tensor] = {}
+        self._edit = Edit(hooks=(ReferenceHook(self),))
+        self.main_input = context.adapter.batched_inputs[0]
+
+    def links(self, rows: RowLayout):
+        found = self._links.get(rows.rows)
+        if found is None:
+            linked = rows.linked(lambda prompt: self.control.reference_row)
+            targets = tuple(i for i, s in enumerate(linked) if s is not None)
+            found = self._links[rows.rows] = (targets, tuple((linked[i],) for i in targets))
+        return found
+
+    def source_bias(self, geometry, device, dtype) -> torch.Tensor:
+        key = (geometry.image_len, device, dtype)
+        found = self._bias.get(key)
+        if found is None:
+            found = self._bias[key] = torch.full((geometry.image_len,), math.log(self.control.strength), dtype=dtype, device=device)
+        return found
+
+    def region_weight(self, geometry, device, dtype) -> torch.Tensor:
+        """(Nq, 1): 1 for the image queries inside the region."""
+        key = (geometry.image_hw, device, dtype)
+        found = self._region.get(key)
+        if found is None:
+            found = self._region[key] = box_mask(self.control.region, geometry.image_hw).to(device=device, dtype=dtype)[:, None]
+        return found
+
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The reference row's latent input: the reference noised to this call's level."""
+        rows = tuple(i for i, row in enumerate(frame.rows.rows) if row.prompt == self.control.reference_row)
+        if not rows or self.main_input not in inputs:
+            return inputs
+        sample = inputs[self.main_input]
+        if not isinstance(sample, torch.Tensor):
+            raise UnsupportedError(
+                f"attnctl: ReferenceAttention replaces the reference row of the denoiser's {self.main_input!r} tensor; this "
+                f"family passes it as {type(sample).__name__}"
+            )
+        level = noise_level(getattr(self.pipeline, "scheduler", None), inputs.get("timestep"))
+        noised = level.noise(self.x0.float(), self.eps.float()).to(sample.dtype)
+        packed = self.adapter.packed_latents(noised)
+        if packed.shape[1:] != sample.shape[1:]:
+            raise UnsupportedError(
+                f"attnctl: ReferenceAttention: the noised reference has shape {tuple(packed.shape[1:])}, the denoiser's "
+                f"{self.main_input} rows {tuple(sample.shape[1:])}"
+            )
+        changed = sample.clone()
+        index = self.index(rows, sample.device)
+        changed.index_copy_(0, index, packed.expand(len(rows), *packed.shape[1:]).to(sample.dtype))
+        return {**inputs, self.main_input: changed}
+
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if self.control.strength == 0 or not self.active(frame.step) or not self.links(frame.rows)[0]:
+            return None
+        return self._edit
+
+    def finish(self) -> None:
+        self.index.clear()
+
+
+class ReferenceHook(LayerHook):
+    """The target rows: appended reference keys (`appended_attention`), blended with their stock attention outside
+    the region; the other rows (the reference) through the rest of the chain."""
+
+    def __init__(self, bound: _ReferenceBound):
+        self.bound = bound
+
+    def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
+        targets, sources = self.bound.links(call.rows)
+        if not targets:
+            return compute(q, k, v, spec)
+        batch = q.shape[0]
+        index = self.bound.index
+        target_index = index(targets, q.device)
+        source_index = index(tuple(s[0] for s in sources), q.device)
+        own = appended_attention(call, q, k, v, spec, target_index, [source_index],
+                                 self.bound.source_bias(call.geometry, q.device, torch.float32))
+        rows = tuple(range(batch)) if self.bound.control.region is not None else tuple(i for i in range(batch) if i not in set(targets))
+        kept = index(rows, q.device)
+        with restricted_rows(call, rows):
+            out, _ = compute(q.index_select(0, kept), k.index_select(0, kept), v.index_select(0, kept), spec_rows(spec, kept, batch))
+        full = out.new_empty((batch,) + tuple(out.shape[1:]))
+        full.index_copy_(0, kept, out)
+        if self.bound.control.region is not None:
+            geometry = call.geometry
+            image = slice(0, q.shape[2]) if call.layer.text == "none" else geometry.image_slice
+            weight = self.bound.region_weight(geometry, q.device, own.dtype)
+            stock = full.index_select(0, target_index)
+            blended = stock.clone()
+            blended[:, :, image] = stock[:, :, image] + weight * (own[:, :, image].to(stock.dtype) - stock[:, :, image])
+            own = blended
+        full.index_copy_(0, target_index, own.to(out.dtype))
+        return full, None
