@@ -12,6 +12,7 @@ from ._version import __version__
 from .control import Bound, Control
 from .controls.cross_image.consistent import ConsistentSubjects
 from .controls.cross_image.interpolation import AttentionInterpolation, beta_points
+from .controls.cross_image.reference import ReferenceAttention
 from .controls.fastattn import FastAttn, FastAttnPlan
 from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
@@ -48,7 +49,7 @@ __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
 __all__ += ["AttentionInterpolation", "beta_points", "interpolate"]
-__all__ += ["ConsistentSubjects"]
+__all__ += ["ConsistentSubjects", "ReferenceAttention"]
 
 
 def __getattr__(name: str):

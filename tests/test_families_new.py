@@ -328,6 +328,10 @@ def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
 # -- the support matrix: refusals at apply, and every supported control runs ----------------------------------
 
 
+#: Controls that link the rows of a call: the matrix run gives them three prompts
+CROSS_IMAGE = ("AttentionInterpolation", "ConsistentSubjects", "ReferenceAttention")
+
+
 def _family_of(name: str) -> str:
     from attnctl.render.matrix import FAMILIES
 
@@ -371,7 +375,7 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
             continue
         control = strong.get(label, make)()
         # a cross-image control needs rows to link (AttentionInterpolation interpolates the middle of three prompts)
-        prompts = [PROMPT, "a blue dog", PROMPT] if label in ("AttentionInterpolation", "ConsistentSubjects") else PROMPT
+        prompts = [PROMPT, "a blue dog", PROMPT] if label in CROSS_IMAGE else PROMPT
         with attnctl.apply(pipe, [control]) as handle:
             out = generate(pipe, name, prompt=prompts)
         assert torch.isfinite(out).all(), label

@@ -67,6 +67,9 @@ class QwenImageAdapter(ModelAdapter):
 
     latent_image = FluxAdapter.latent_image  # the same 2x2 packing as Flux
     packed_latents = FluxAdapter.packed_latents
+    lacks: ClassVar[dict[str, str]] = {
+        "image_vae": "its VAE encodes frames (5-D latents normalised by a per-channel mean and std), not 2-D image latents",
+    }
 
     @classmethod
     def discover(cls, denoiser: torch.nn.Module) -> QwenImageAdapter:
@@ -234,6 +237,8 @@ class ZImageAdapter(ModelAdapter):
         "batched into its calls yet",
         "appended_text": "each row's caption is padded inside the denoiser, so appended tokens would not sit at one "
         "position for every row",
+        "row_inputs": "its denoiser takes a list of per-row latents, so one row's latent input cannot be replaced in a "
+        "batched tensor",
     }
 
     @classmethod

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from ..control import Control
 from ..controls.cross_image.consistent import ConsistentSubjects
 from ..controls.cross_image.interpolation import AttentionInterpolation
+from ..controls.cross_image.reference import ReferenceAttention
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
@@ -40,7 +41,15 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("FastAttn", lambda: FastAttn()),
     ("AttentionInterpolation", lambda: AttentionInterpolation()),
     ("ConsistentSubjects", lambda: ConsistentSubjects()),
+    ("ReferenceAttention", lambda: ReferenceAttention(_grey())),
 )
+
+
+def _grey():
+    """A plain grey picture: the reference ReferenceAttention's matrix entry is checked (and run) with."""
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (128, 128, 128))
 
 #: The families in the matrix, each with its tiny offline model.
 FAMILIES: tuple[tuple[str, str], ...] = (

@@ -72,6 +72,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         set_field(self, "steps", validate_steps(self.steps, name="ReferenceAttention.steps"))
 
     grid_dims = (2,)
+    needs = ("row_inputs", "image_vae")
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         return keep_kinds(Control.select(self, adapter), ("self", "joint"), type(self).__name__, "self- or joint attention", self.layers)
@@ -171,7 +172,7 @@ class _ReferenceBound(Bound):
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
         """The reference row's latent input: the reference noised to this call's level."""
         rows = tuple(i for i, row in enumerate(frame.rows.rows) if row.prompt == self.control.reference_row)
-        if not rows or self.main_input not in inputs:
+        if self.control.strength == 0 or not self.active(frame.step) or not rows or self.main_input not in inputs:
             return inputs
         sample = inputs[self.main_input]
         if not isinstance(sample, torch.Tensor):

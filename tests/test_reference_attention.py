@@ -1,0 +1,177 @@
+"""Reference attention (reference-only, PrimeComposer's attention steering): identities, an independent eager
+reference written from docs/methods.md ("Reference attention") on SD (DDIM) and Flux (flow matching), every family
+runs or is refused, errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attnctl
+from attnctl import ConfigError
+from attnctl.control import Bound, Control
+from attnctl.controls.cross_image.reference import ReferenceAttention
+from attnctl.processors.edit import Edit, LayerHook
+from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS
+from attnctl.testing.new_families import PROMPT_KEYWORD, available
+
+PROMPTS = ["a red cat on the street", "a blue dog in a field", "a green car"]
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+LOOSE = {"rtol": 1e-3, "atol": 1e-3}
+REFUSED = {"tiny-qwenimage": "image vae", "tiny-wan": "video", "tiny-zimage": "row inputs"}
+
+
+def picture(size=32) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def run(pipe, name, prompts=PROMPTS, steps=2, guidance=5.0, **kwargs):
+    options = dict(CALL_DEFAULTS[name])
+    options.update(kwargs)
+    options.setdefault("guidance_scale", guidance)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    if name in PROMPT_KEYWORD:
+        out = pipe(prompt=prompts, num_inference_steps=steps, output_type="latent", generator=generators, **options)
+    else:
+        out = pipe(prompts, num_inference_steps=steps, output_type="latent", generator=generators, **options)
+    return out.frames if hasattr(out, "frames") and not hasattr(out, "images") else out.images
+
+
+class _EagerHook(LayerHook):
+    def __init__(self, control):
+        self.control = control
+
+    def attend(self, call, q, k, v, spec, compute):
+        out, _ = compute(q, k, v, spec)
+        out = out.clone()
+        rows = call.rows.rows
+        d = q.shape[-1]
+        scale = spec.scale if spec.scale is not None else d**-0.5
+        g = call.geometry
+        image = slice(0, q.shape[2]) if call.layer.text == "none" else g.image_slice
+        h, w = g.image_hw
+        box = self.control.region
+        inside = torch.tensor([box is None or (box[0] <= ((i % w) + 0.5) / w <= box[2] and box[1] <= ((i // w) + 0.5) / h <= box[3])
+                               for i in range(h * w)], dtype=torch.float64)[:, None]
+        for i, row in enumerate(rows):
+            if row.prompt == 0:
+                continue
+            j = next(n for n, r in enumerate(rows) if (r.branch, r.tag, r.prompt) == (row.branch, row.tag, 0))
+            keys = torch.cat([k[i].double(), k[j][:, image].double()], 1)
+            values = torch.cat([v[i].double(), v[j][:, image].double()], 1)
+            bias = torch.cat([torch.zeros(k.shape[2], dtype=torch.float64),
+                              torch.full((image.stop - image.start,), math.log(self.control.strength), dtype=torch.float64)])
+            logits = q[i][:, image].double() @ keys.transpose(-1, -2) * scale + bias
+            read = torch.softmax(logits, -1) @ values
+            out[i, :, image] = (inside * read + (1 - inside) * out[i, :, image].double()).to(out.dtype)
+        return out, None
+
+
+@dataclass(frozen=True)
+class EagerReference(Control, type_name="test-eager-reference"):
+    image: Any = None
+    strength: float = 1.0
+    region: tuple | None = None
+
+    def select(self, adapter):
+        return tuple(layer for layer in adapter.layers if layer.kind in ("self", "joint"))
+
+    def bind(self, context):
+        return _EagerBound(self, context)
+
+
+class _EagerBound(Bound):
+    def __init__(self, control, context):
+        super().__init__(control, context.layers, (0.0, 1.0))
+        pipe = context.pipeline
+        self.pipe = pipe
+        pixels = torch.tensor(np.asarray(control.image.convert("RGB").resize((32, 32)), dtype=np.float32)) / 127.5 - 1
+        with torch.no_grad():
+            mean = pipe.vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist.mean
+        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+        self.x0 = (mean - shift) * pipe.vae.config.scaling_factor
+        self.eps = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(0))
+        self.flux = hasattr(pipe, "_pack_latents")
+
+    def transform_inputs(self, frame, inputs):
+        name = "sample" if "sample" in inputs else "hidden_states"
+        scheduler = self.pipe.scheduler
+        if "FlowMatch" in type(scheduler).__name__:
+            sigma = scheduler.sigmas[scheduler.step_index or 0]
+            noised = (1 - sigma) * self.x0 + sigma * self.eps
+        else:
+            a = scheduler.alphas_cumprod[int(inputs["timestep"].flatten()[0])]
+            noised = a.sqrt() * self.x0 + (1 - a).sqrt() * self.eps
+        if self.flux:
+            b, c, hh, ww = noised.shape
+            noised = noised.view(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (hh // 2) * (ww // 2), c * 4)
+        sample = inputs[name].clone()
+        for i, row in enumerate(frame.rows.rows):
+            if row.prompt == 0:
+                sample[i] = noised[0].to(sample.dtype)
+        return {**inputs, name: sample}
+
+    def edit(self, layer, frame):
+        return Edit(hooks=(_EagerHook(self.control),))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_idle_is_bitwise_stock(name, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = run(pipe, name)
+    for control in (ReferenceAttention(picture(), strength=0.0), ReferenceAttention(picture(), steps=(0.99, 1.0))):
+        with attnctl.apply(pipe, [control]):
+            assert torch.equal(run(pipe, name), stock)
+
+
+@pytest.mark.parametrize("options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}], ids=["everywhere", "region"])
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_matches_eager_reference(name, options, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = run(pipe, name)
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), **options)]):
+        ours = run(pipe, name)
+    with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"))]):
+        expected = run(pipe, name)
+    assert not torch.allclose(expected[1:], stock[1:], **TOL)
+    torch.testing.assert_close(ours[1:], expected[1:], **TOL)
+
+
+@pytest.mark.parametrize("name", [n for n in TINY_MODELS if n not in ("tiny-sd", "tiny-flux")] + list(NEW_TINY_MODELS))
+def test_other_families_run_or_refuse(name, tiny_cache):
+    if name in NEW_TINY_MODELS and not available(name):
+        pytest.skip(f"diffusers lacks {name}")
+    pipe = tiny_cache(name)
+    if name in REFUSED:
+        with pytest.raises(attnctl.UnsupportedError, match=REFUSED[name]):
+            attnctl.apply(pipe, [ReferenceAttention(picture())])
+        return
+    stock = run(pipe, name, guidance=3.0)
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), strength=3.0)]):
+        ours = run(pipe, name, guidance=3.0)
+    assert torch.isfinite(ours).all()
+    assert not torch.allclose(ours[1:], stock[1:], **TOL)
+
+
+def test_bad_options(tiny_cache):
+    with pytest.raises(ConfigError, match="image"):
+        ReferenceAttention(3)
+    with pytest.raises(ConfigError, match="strength"):
+        ReferenceAttention("x.png", strength=-1)
+    with pytest.raises(ConfigError, match="region"):
+        ReferenceAttention("x.png", region=(0.5, 0, 0.1, 1))
+    control = ReferenceAttention("x.png", strength=2.0, region=(0, 0, 0.5, 1))
+    assert Control.from_dict(control.to_dict()) == control
+    with pytest.raises(ConfigError, match="PIL"):
+        ReferenceAttention(picture()).to_dict()
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), reference_row=5)]):
+        with pytest.raises(ConfigError, match="prompt row 5"):
+            run(pipe, "tiny-sd")
