@@ -82,17 +82,23 @@ def _seed_of(seed: int) -> int:
 
 
 def cost(pipe: Any, n: int, repeats: int) -> dict[str, float]:
-    """Median seconds of one n-row call with AttentionInterpolation and without it (the same rows), interleaved."""
+    """Median seconds of one n-row call with each cross-image control and without any (the same rows and
+    settings), interleaved in one run."""
     import attnctl
+    from attnctl.controls.cross_image.consistent import ConsistentSubjects
     from attnctl.controls.cross_image.interpolation import AttentionInterpolation
+    from attnctl.controls.cross_image.reference import ReferenceAttention
     from attnctl.toy import CALL_DEFAULTS
 
+    reference = pipe(PROMPT_A, generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS).images[0]
+    variants = {"stock": None, "AID outer": AttentionInterpolation(mode="outer"), "AID inner": AttentionInterpolation(mode="inner"),
+                "consistent": ConsistentSubjects(), "consistent, all": ConsistentSubjects(reference=None),
+                "reference": ReferenceAttention(reference)}
     prompts = [PROMPT_A] * (n // 2) + [PROMPT_B] * (n - n // 2)
-    times: dict[str, list[float]] = {"stock": [], "outer": [], "inner": []}
-    torch.manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(repeats + 1):
-        for name in times:
-            handle = None if name == "stock" else attnctl.apply(pipe, [AttentionInterpolation(mode=name)])
+        for name, control in variants.items():
+            handle = None if control is None else attnctl.apply(pipe, [control])
             start = time.perf_counter()
             pipe(prompts, generator=torch.Generator().manual_seed(r), output_type="latent", **CALL_DEFAULTS)
             if r:
@@ -154,7 +160,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=("all", "aid", "consistent", "reference"), default="all")
+    parser.add_argument("--only", choices=("all", "aid", "consistent", "reference", "cost"), default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
     args = parser.parse_args()
     if args.quick:
@@ -163,6 +169,8 @@ def main() -> None:
     from attnctl.render.loading import load_pipeline
 
     pipe = load_pipeline("toy-shapes")
+    if args.only == "cost":
+        args.only = "cost-only"
     if args.only in ("all", "reference"):
         from attnctl.controls.cross_image.reference import ReferenceAttention
 
@@ -184,16 +192,16 @@ def main() -> None:
             print(f"  {key:32s} {rate:6.1%}", flush=True)
         if args.only == "consistent":
             return
-    variants = [("outer", 2.0)] if args.quick else [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
+    variants = [] if args.only == "cost-only" else [("outer", 2.0)] if args.quick else [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
     print(f"AID on toy-shapes: {PROMPT_A!r} -> {PROMPT_B!r}, n={args.n}, seeds 0..{args.seeds - 1}")
     print(f"pass: centroid never back > {MAX_BACK} width, travel >= {MIN_TRAVEL} width")
-    for key, rate in aid_rates(pipe, range(args.seeds), args.n, variants).items():
+    for key, rate in (aid_rates(pipe, range(args.seeds), args.n, variants, baseline=bool(variants)) if variants else {}).items():
         print(f"  {key:32s} {rate:6.1%}", flush=True)
     medians = cost(pipe, args.n, args.repeats)
     sys.stdout.flush()
     print(f"cost, one {args.n}-row call (CFG, {torch.get_num_threads()} threads), median of {args.repeats}:")
     for name, seconds in medians.items():
-        print(f"  {name:6s} {seconds * 1000:8.1f} ms  x{seconds / medians['stock']:.2f}")
+        print(f"  {name:16s} {seconds * 1000:8.1f} ms  x{seconds / medians['stock']:.2f}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ EFFECT_TABLE: tuple[Effect, ...] = (
     Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
     Effect(
         "linked_keys", "some rows attend to keys and values of other rows of the batch (attention interpolation, "
-        "consistent subjects, reference attention)", exclusive="two cross-image links on one layer",
+        "consistent subjects, reference attention)", ("key_bias",), exclusive="two cross-image links on one layer",
     ),
 )
 EFFECTS: tuple[str, ...] = tuple(effect.name for effect in EFFECT_TABLE)
