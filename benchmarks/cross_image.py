@@ -175,7 +175,10 @@ def main() -> None:
         from attnctl.controls.cross_image.reference import ReferenceAttention
 
         variants_ref = {"stock": None, "ReferenceAttention()": lambda image: ReferenceAttention(image),
-                        "ReferenceAttention(strength=3)": lambda image: ReferenceAttention(image, strength=3.0)}
+                        "ReferenceAttention(steps=(0,.5))": lambda image: ReferenceAttention(image, steps=(0.0, 0.5)),
+                        "ReferenceAttention(strength=.5)": lambda image: ReferenceAttention(image, strength=0.5)}
+        if args.quick:
+            variants_ref = dict(list(variants_ref.items())[:2])
         print(f"reference attention: 3 images of 'a circle on the left' + the reference row, seeds 0..{args.seeds - 1}: "
               "the object takes the reference's colour (green)")
         for key, rate in reference_rates(pipe, range(args.seeds), 3, variants_ref).items():
@@ -187,6 +190,8 @@ def main() -> None:
 
         variants_cs = {"stock": None, "ConsistentSubjects()": ConsistentSubjects(),
                        "ConsistentSubjects(strength=100)": ConsistentSubjects(strength=100.0)}
+        if args.quick:
+            variants_cs = dict(list(variants_cs.items())[:2])
         print(f"consistent subjects: 4 images of 'a circle on the left', seeds 0..{args.seeds - 1}: all one colour")
         for key, rate in agreement_rates(pipe, range(args.seeds), 4, variants_cs).items():
             print(f"  {key:32s} {rate:6.1%}", flush=True)
