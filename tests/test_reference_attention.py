@@ -61,7 +61,7 @@ class _EagerHook(LayerHook):
         inside = torch.tensor([box is None or (box[0] <= ((i % w) + 0.5) / w <= box[2] and box[1] <= ((i // w) + 0.5) / h <= box[3])
                                for i in range(h * w)], dtype=torch.float64)[:, None]
         for i, row in enumerate(rows):
-            if row.prompt == 0:
+            if row.prompt == 0 or (self.control.branch == "cond" and row.branch != "cond"):
                 continue
             j = next(n for n, r in enumerate(rows) if (r.branch, r.tag, r.prompt) == (row.branch, row.tag, 0))
             keys = torch.cat([k[i].double(), k[j][:, image].double()], 1)
@@ -79,6 +79,7 @@ class EagerReference(Control, type_name="test-eager-reference"):
     image: Any = None
     strength: float = 1.0
     region: tuple | None = None
+    branch: str = "both"
 
     def select(self, adapter):
         return tuple(layer for layer in adapter.layers if layer.kind in ("self", "joint"))
@@ -131,14 +132,16 @@ def test_idle_is_bitwise_stock(name, tiny_cache):
             assert torch.equal(run(pipe, name), stock)
 
 
-@pytest.mark.parametrize("options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}], ids=["everywhere", "region"])
+@pytest.mark.parametrize(
+    "options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}, {"branch": "cond"}], ids=["everywhere", "region", "cond"]
+)
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
 def test_matches_eager_reference(name, options, tiny_cache):
     pipe = tiny_cache(name)
     stock = run(pipe, name)
     with attnctl.apply(pipe, [ReferenceAttention(picture(), **options)]):
         ours = run(pipe, name)
-    with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"))]):
+    with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"), options.get("branch", "both"))]):
         expected = run(pipe, name)
     assert not torch.allclose(expected[1:], stock[1:], **TOL)
     torch.testing.assert_close(ours[1:], expected[1:], **TOL)

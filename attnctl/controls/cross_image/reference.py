@@ -34,7 +34,7 @@ from ...processors.chain import restricted_rows
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import number, set_field
+from ...validation import choice, number, set_field
 from ..common import RowIndex, keep_kinds
 from ..guidance.sag import noise_level
 from .consistent import Box, _box, appended_attention, box_mask
@@ -46,7 +46,9 @@ class ReferenceAttention(Control, type_name="reference-attention"):
 
     `image`: the reference, a path to an image file or a PIL image (a path serialises into job files).
     `reference_row`: the prompt row that carries the reference (default 0; give it a prompt describing the
-    reference, and discard its output). `strength`: a factor on the attention the reference tokens get (logit bias
+    reference, and discard its output). `branch`: "both" (uncond rows read the reference's uncond row, cond rows its
+    cond row) or "cond" (only the cond rows read it, so CFG amplifies the reference: reference-only's
+    style_fidelity = 1). `strength`: a factor on the attention the reference tokens get (logit bias
     log(strength); 0 is off). `region`: a box (x0, y0, x1, y1) of the generated images where they read the reference
     (None: everywhere). `seed`: of the fixed noise the reference is noised with. `layers`, `steps` as usual.
     """
@@ -56,6 +58,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     strength: float = 1.0
     region: Box | None = None
     seed: int = 0
+    branch: str = "both"
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
 
@@ -68,6 +71,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         set_field(self, "region", _box(self.region, "ReferenceAttention.region"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ReferenceAttention.seed must be an integer >= 0, got {self.seed!r}")
+        choice(self.branch, "ReferenceAttention.branch", ("both", "cond"))
         set_field(self, "layers", validate_layers(self.layers, name="ReferenceAttention.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="ReferenceAttention.steps"))
 
@@ -150,7 +154,8 @@ class _ReferenceBound(Bound):
         found = self._links.get(rows.rows)
         if found is None:
             linked = rows.linked(lambda prompt: self.control.reference_row)
-            targets = tuple(i for i, s in enumerate(linked) if s is not None)
+            branches = ("cond",) if self.control.branch == "cond" else ("cond", "uncond")
+            targets = tuple(i for i, s in enumerate(linked) if s is not None and rows.rows[i].branch in branches)
             found = self._links[rows.rows] = (targets, tuple((linked[i],) for i in targets))
         return found
 
