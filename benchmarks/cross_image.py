@@ -13,8 +13,8 @@ noise). Cost: one n-row call with the control against the same n-row call withou
 from __future__ import annotations
 
 import argparse
-import sys
 import statistics
+import sys
 import time
 from typing import Any
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import torch
@@ -117,55 +116,52 @@ class _EagerHook(LayerHook):
         for i, row in enumerate(rows):
             if not 0 < row.prompt < n - 1:
                 continue
-            find = lambda p: next(j for j, r in enumerate(rows) if (r.branch, r.tag, r.prompt) == (row.branch, row.tag, p))  # noqa: E731
-            a, b = find(0), find(n - 1)
+            a, b = _find(rows, row, 0), _find(rows, row, n - 1)
             t = points[row.prompt]
             Q, K, V = q[i].double(), k.double(), v.double()
-            m = (lambda j: None) if mask is None else (lambda j: mask[j])
             if text == "keys":
-                queries = slice(0, nq)
-                own_keys = None
-                end_keys = slice(0, k.shape[2])
+                queries, own_keys, ends = slice(0, nq), None, (slice(0, k.shape[2]),)
             elif text == "none":
-                queries = slice(0, nq)
-                own_keys = slice(0, k.shape[2])
-                end_keys = slice(0, k.shape[2])
+                queries, own_keys, ends = slice(0, nq), slice(0, k.shape[2]), (slice(0, k.shape[2]),)
             else:
                 g = call.geometry
-                queries = g.image_slice
-                own_keys = g.image_slice
-                end_keys = (g.image_slice, g.text_slice) if fuse else (g.text_slice,)
-            ends = end_keys if isinstance(end_keys, tuple) else (end_keys,)
-
-            def pick(j, spans):
-                keys = torch.cat([K[j][:, s] for s in spans], dim=1)
-                values = torch.cat([V[j][:, s] for s in spans], dim=1)
-                masks = None if mask is None else torch.cat([m(j)[..., queries if m(j).shape[-2] > 1 else slice(None), s] for s in spans], dim=-1)
-                return keys, values, masks
-
-            own = pick(i, (own_keys,)) if own_keys is not None else None
-            ka, va, ma = pick(a, ends)
-            kb, vb, mb = pick(b, ends)
-
-            def with_own(keys, values, masks):
-                if own is None:
-                    return keys, values, masks
-                joined_mask = None if masks is None else torch.cat([own[2], masks], dim=-1)
-                return torch.cat([own[0], keys], 1), torch.cat([own[1], values], 1), joined_mask
-
+                queries, own_keys = g.image_slice, g.image_slice
+                ends = (g.image_slice, g.text_slice) if fuse else (g.text_slice,)
+            own = _pick(K, V, mask, i, (own_keys,), queries) if own_keys is not None else None
+            ka, va, ma = _pick(K, V, mask, a, ends, queries)
+            kb, vb, mb = _pick(K, V, mask, b, ends, queries)
             Qi = Q[:, queries]
             if mode == "inner":
                 mixed_mask = None if ma is None else torch.maximum(ma, mb)
-                result = _attend(Qi, *_sw(with_own((1 - t) * ka + t * kb, (1 - t) * va + t * vb, mixed_mask)), scale)
+                result = _attend(Qi, *_with_own(own, (1 - t) * ka + t * kb, (1 - t) * va + t * vb, mixed_mask), scale)
             else:
-                result = (1 - t) * _attend(Qi, *_sw(with_own(ka, va, ma)), scale) + t * _attend(Qi, *_sw(with_own(kb, vb, mb)), scale)
+                result = (1 - t) * _attend(Qi, *_with_own(own, ka, va, ma), scale) + t * _attend(Qi, *_with_own(own, kb, vb, mb), scale)
             out[i, :, queries] = result.to(out.dtype)
         return out, None
 
 
-def _sw(triple):
-    keys, values, masks = triple
-    return keys, values, masks
+def _find(rows, row, prompt):
+    """The row of the same branch and tag as `row` whose prompt row is `prompt`."""
+    return next(j for j, r in enumerate(rows) if (r.branch, r.tag, r.prompt) == (row.branch, row.tag, prompt))
+
+
+def _pick(K, V, mask, j, spans, queries):
+    """Row j's keys, values and (additive) mask over the key spans `spans`, for the query span `queries`."""
+    keys = torch.cat([K[j][:, s] for s in spans], dim=1)
+    values = torch.cat([V[j][:, s] for s in spans], dim=1)
+    if mask is None:
+        return keys, values, None
+    m = mask[j]
+    rows = queries if m.shape[-2] > 1 else slice(None)
+    return keys, values, torch.cat([m[..., rows, s] for s in spans], dim=-1)
+
+
+def _with_own(own, keys, values, masks):
+    """The row's own keys (if any) before the endpoint keys."""
+    if own is None:
+        return keys, values, masks
+    joined = None if masks is None else torch.cat([own[2], masks], dim=-1)
+    return torch.cat([own[0], keys], 1), torch.cat([own[1], values], 1), joined
 
 
 @dataclass(frozen=True)
@@ -322,5 +318,3 @@ def _benchmark_module():
     yield
     sys.modules.pop("benchmarks_cross_image", None)
 
-
-_ = Any

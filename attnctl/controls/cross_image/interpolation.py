@@ -26,7 +26,7 @@ concatenated keys (the own keys plus one endpoint's), on the handle's backend. T
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
