@@ -277,6 +277,30 @@ def test_model_generate_renders_a_sequence(tiny_cache, tmp_path):
     assert read_gif_params(str(tmp_path / "s.gif"))["frames"] == 4
 
 
+def test_render_job_writes_strip_gif_and_frames(tiny_cache, tmp_path):
+    import json as _json
+
+    from attnctl.render.outputs import read_gif_params
+    from attnctl.render.runner import RenderOptions, render
+
+    job = {"id": "aid", "prompt": "a red cat on the street", "seeds": [2], "steps": 2,
+           "controls": [{"type": "attention-interpolation", "to": "a blue dog in a field", "n": 3}]}
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(_json.dumps(job) + "\n")
+    model = attnctl.Model(tiny_cache("tiny-sd"), "tiny-sd")
+    try:
+        assert render(str(path), RenderOptions(out=str(tmp_path / "out"), progress="none"), model=model).exit_code == 0
+    finally:
+        model.release()
+    folder = tmp_path / "out" / "aid"
+    from PIL import Image
+
+    with Image.open(folder / "2.png") as strip_image:
+        assert strip_image.size == (3 * 32, 32)
+    assert read_gif_params(str(folder / "2.gif"))["fps"] == 2
+    assert sorted(p.name for p in (folder / "2.frames").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+
+
 # -- interpolate() and the toy effect --------------------------------------------------------------------------------
 toy_missing = importlib.util.find_spec("attnctl.toy") is None
 
