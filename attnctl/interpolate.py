@@ -32,7 +32,7 @@ def interpolate(
     endpoint's prompt (t < 0.5: `prompt_a`; this gives their pooled embeddings and, on joint families, the start of
     their text stream; their image tokens read only the endpoints' text). `pipeline_kwargs` go to the pipeline call;
     on the embedded toy model its `CALL_DEFAULTS` apply where not given. `controls`: more controls for the call.
-    Returns the n PIL images in order.
+    Returns the n PIL images in order (for a video pipeline such as Wan: the n videos, each a list of frames).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"interpolate: n must be an integer >= 2 (the two endpoints included), got {n!r}")

@@ -276,6 +276,9 @@ class Model:
         start = time.perf_counter()
         result = self.pipe(prompts, generator=generators, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
+        if not hasattr(result, "images"):
+            raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation job renders image sequences only "
+                              "(use attnctl.interpolate for the videos)")
         frames = list(result.images)
         image = strip(frames)
         outputs = handle.outputs if handle is not None else {}
