@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .control import Bound, Control
+from .controls.cross_image.p2p import PromptToPrompt
 from .controls.fastattn import FastAttn, FastAttnPlan
 from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
@@ -44,6 +45,7 @@ __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
+__all__ += ["PromptToPrompt"]
 
 
 def __getattr__(name: str):

@@ -54,6 +54,8 @@ EFFECT_TABLE: tuple[Effect, ...] = (
     Effect("perturb", "identity rows (PAG)"),
     Effect("value_scale", "a per-key value scale (Reweight)", ("value_scale",)),
     Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
+    Effect("linked_rows", "rows read another row's queries, keys and attention (Prompt-to-Prompt)",
+           exclusive="two controls linking batch rows on one layer"),
 )
 EFFECTS: tuple[str, ...] = tuple(effect.name for effect in EFFECT_TABLE)
 _BY_NAME: dict[str, Effect] = {effect.name: effect for effect in EFFECT_TABLE}
@@ -68,6 +70,9 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
     ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
     ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
+    ("tokens", "linked_rows", "token reduction merges each row's tokens differently, so one row's keys no longer match another's values"),
+    ("region_tokens", "linked_rows", "appended region text tokens are not part of the prompts whose tokens are aligned"),
+    ("cache", "linked_rows", "a reused output skips the linked attention"),
 ) + tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
 
