@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ...control import BindContext, Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import CallLayoutError, ConfigError, TokenError, UnsupportedError
-from ...families.base import LayerInfo, ModelAdapter
+from ...families.base import Canvas, LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
 from ...processors.chain import restricted_rows, token_layout
@@ -46,8 +46,8 @@ from .p2p_align import refinement_mapper, replacement_mapper
 
 MODES: tuple[str, ...] = ("replace", "refine")
 BRANCHES: tuple[str, ...] = ("both", "cond")
-#: P2P edits self-attention and takes its blending maps at 16x16 tokens of SD's 64x64 latent: two downsamplings.
-P2P_LEVEL = 2
+#: P2P edits self-attention, and takes its blending maps, at 16x16 tokens (SD 1.x at 512 px).
+P2P_GRID = 16
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,10 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     inside the cross-attention window, as P2P). `local_blend`: words (found in a prompt, they count for its rows)
     whose cross-attention maps confine the edit; `blend_threshold` on the max-normalised maps; blending from the
     step fraction `blend_start`. `branch`: `"both"` (uncond rows also read the base's uncond row) or `"cond"`
-    (only the cond rows, as P2P's reference code). `layers`: default every cross- / joint-attention layer and
-    the self-attention layers at P2P's level (16x16 tokens of a 64x64 latent: the UNet levels two
-    downsamplings down; every self-attention layer of a single-level denoiser).
+    (only the cond rows, as P2P's reference code). `layers`: default every cross- / joint-attention layer, and
+    the self-attention layers with at most 16x16 tokens in the call (P2P's rule; every self-attention layer of a
+    denoiser with one token grid); given layers are all edited. Local blending averages the maps of the
+    cross-attention level nearest to 16x16 tokens.
     """
 
     mode: str = "replace"
@@ -130,13 +131,9 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
                 )
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
-        if self.layers is not None:
-            return Control.select(self, adapter)
-        text = tuple(layer for layer in adapter.layers if layer.kind in ("cross", "joint"))
-        selfs = tuple(layer for layer in adapter.layers if layer.kind == "self")
-        level = min(P2P_LEVEL, max((layer.level for layer in selfs), default=0))
-        chosen = {layer.index for layer in text} | {layer.index for layer in selfs if layer.level >= level}
-        return tuple(layer for layer in adapter.layers if layer.index in chosen)
+        """The `layers` given, or every cross-, joint- and self-attention layer (the self-attention layers P2P
+        edits are then chosen per call by their token grid: `p2p_self_layers`)."""
+        return Control.select(self, adapter)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         if self.local_blend is not None and layer.kind != "self":
@@ -152,14 +149,27 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
         return out
 
 
-def blend_level(layers: tuple[LayerInfo, ...]) -> int | None:
-    """The level of the cross-attention maps local blending averages: P2P's 16x16 of a 64x64 latent (two
-    downsamplings), or the nearest level the selected text layers have."""
+def blend_level(layers: tuple[LayerInfo, ...], canvas: Canvas) -> int | None:
+    """The level of the cross-attention maps local blending averages: the one whose token grid is nearest to P2P's
+    16x16 (SD at 512 px; the finer of two equally near), or None without cross- / joint-attention layers."""
     levels = sorted({layer.level for layer in layers if layer.kind in ("cross", "joint")})
     if not levels:
         return None
-    below = [level for level in levels if level <= P2P_LEVEL]
-    return max(below) if below else levels[0]
+    return min(levels, key=lambda level: (abs(_side(canvas, level) - P2P_GRID), -_side(canvas, level)))
+
+
+def p2p_self_layers(layers: tuple[LayerInfo, ...], canvas: Canvas) -> tuple[LayerInfo, ...]:
+    """P2P edits self-attention only where it has at most 16x16 tokens (its `replace_self_attention`); a denoiser
+    with one token grid (DiT) has it edited everywhere."""
+    selfs = tuple(layer for layer in layers if layer.kind == "self")
+    if len({layer.level for layer in selfs}) <= 1:
+        return selfs
+    return tuple(layer for layer in selfs if _side(canvas, layer.level) <= P2P_GRID)
+
+
+def _side(canvas: Canvas, level: int) -> int:
+    h, w = canvas.grid_at(level)
+    return max(h, w)
 
 
 @dataclass
@@ -203,8 +213,11 @@ class PromptToPromptBound(Bound):
             source = tokens if branch == "cond" else context.negative_tokens
             self.tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
         self.text_layers = frozenset(layer.index for layer in context.layers if layer.kind in ("cross", "joint"))
-        self.self_layers = frozenset(layer.index for layer in context.layers if layer.kind in ("self", "joint"))
-        level = blend_level(context.layers)
+        selfs = context.layers if control.layers is not None else p2p_self_layers(context.layers, context.canvas)
+        self.self_layers = frozenset(layer.index for layer in selfs if layer.kind == "self") | frozenset(
+            layer.index for layer in context.layers if layer.kind == "joint"
+        )
+        level = blend_level(context.layers, context.canvas)
         self.blend_layers = frozenset()
         self.blend_grid: tuple[int, int] | None = None
         self.selector: torch.Tensor | None = None
@@ -496,11 +509,15 @@ class _LinkHook(LayerHook):
         layout = token_layout(call)
         text_k = layout.text_k if layout.text_k is not None and layout.text_k.stop > layout.text_k.start else None
         image_k = layout.image_k if layout.image_k.stop > layout.image_k.start else None
+        own_text = plan.own_text
         if text_k is not None and text_k.stop - text_k.start != self.bound.text_len:
-            raise CallLayoutError(
-                f"attnctl: PromptToPrompt was bound to {self.bound.text_len} text tokens, layer {call.layer.name} has "
-                f"{text_k.stop - text_k.start}"
-            )
+            if plan.mapper is None and plan.own_text_zero:  # identity links (the same negative prompt): any length
+                own_text = own_text.new_zeros(own_text.shape[0], text_k.stop - text_k.start)
+            else:
+                raise CallLayoutError(
+                    f"attnctl: PromptToPrompt was bound to {self.bound.text_len} text tokens, layer {call.layer.name} has "
+                    f"{text_k.stop - text_k.start}"
+                )
         targets, sources = plan.target_index, plan.source_index
         v_t = v.index_select(0, targets)
         base_v = torch.zeros_like(v_t)
@@ -511,7 +528,7 @@ class _LinkHook(LayerHook):
             if self.cross:
                 mapped = text if plan.mapper is None else torch.einsum("ewj,ehjd->ehwd", plan.mapper.to(text.dtype), text)
                 base_v[:, :, text_k] = mapped
-                own_v[:, :, text_k] = text * plan.own_text.to(text.dtype)[:, None, :, None]
+                own_v[:, :, text_k] = text * own_text.to(text.dtype)[:, None, :, None]
                 own_zero = plan.own_text_zero
             else:
                 own_zero = False
