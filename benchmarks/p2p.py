@@ -74,7 +74,10 @@ def main() -> None:
     parser.add_argument("--branch", default=None)
     parser.add_argument("--layers", nargs="*", default=None)
     parser.add_argument("--no-stock", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.batch = 2, 2
     options = {k: v for k, v in (("cross_steps", args.cross_steps), ("self_steps", args.self_steps), ("branch", args.branch)) if v is not None}
     if args.layers:
         options["layers"] = tuple(args.layers)

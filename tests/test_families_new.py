@@ -370,14 +370,15 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         if support(make(), adapter)[0] != "yes":
             continue
         control = strong.get(label, make)()
+        prompt = [PROMPT, PROMPT.replace("red", "blue")] if label == "PromptToPrompt" else PROMPT  # base and edit
         with attnctl.apply(pipe, [control]) as handle:
-            out = generate(pipe, name, prompt=PROMPT)
+            out = generate(pipe, name, prompt=prompt)
         assert torch.isfinite(out).all(), label
         if label == "AttentionMaps":
             result = handle.outputs["attention_maps"]
             assert result is not None, label
         else:
-            assert not torch.equal(out, stock), label
+            assert not torch.equal(out, stock if prompt is PROMPT else generate(pipe, name, prompt=prompt)), label
         ran.append(label)
     assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
     assert "Reweight" in ran and ("PAG" in ran or "extra_rows" in adapter.lacks)

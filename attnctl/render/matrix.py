@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 from ..control import Control
+from ..controls.cross_image.p2p import PromptToPrompt
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
@@ -36,6 +37,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("AgentAttention", lambda: AgentAttention()),
     ("TGate", lambda: TGate()),
     ("FastAttn", lambda: FastAttn()),
+    ("PromptToPrompt", lambda: PromptToPrompt()),
 )
 
 #: The families in the matrix, each with its tiny offline model.
