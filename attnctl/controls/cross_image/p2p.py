@@ -424,8 +424,7 @@ class PromptToPromptBound(Bound):
         flat = maps.flatten(1)
         peak = flat.max(dim=1).values.clamp_min(1e-12)
         above = (flat / peak[:, None]) > self.p2p.blend_threshold
-        base = torch.tensor([row % self.per_prompt for row in self.edited], device=above.device)
-        edited = torch.tensor(self.edited, device=above.device)
+        edited, base = self._edited_index(above.device)
         mask = above.index_select(0, edited) | above.index_select(0, base)
         return mask.view(len(self.edited), *maps.shape[1:]).to(latents.dtype)
 
