@@ -13,6 +13,7 @@ from .control import Bound, Control
 from .controls.cross_image.consistent import ConsistentSubjects
 from .controls.cross_image.interpolation import AttentionInterpolation, beta_points
 from .controls.cross_image.reference import ReferenceAttention
+from .controls.cross_image.p2p import PromptToPrompt
 from .controls.fastattn import FastAttn, FastAttnPlan
 from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
@@ -50,6 +51,7 @@ __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
 __all__ += ["AttentionInterpolation", "beta_points", "interpolate"]
 __all__ += ["ConsistentSubjects", "ReferenceAttention"]
+__all__ += ["PromptToPrompt"]
 
 
 def __getattr__(name: str):

@@ -139,6 +139,13 @@ class PromptTokens:
                 for row in range(self.rows):
                     self._tokenized(e, t, row)
 
+    def token_ids(self, row: int) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        """Per text encoder: (offset, limit, token ids of prompt row `row` by the encoder's first tokenizer, special
+        tokens included, untruncated): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
+        return tuple(
+            (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).ids)) for e, encoder in enumerate(self.encoders)
+        )
+
     def positions(self, query: WordQuery, row: int) -> tuple[int, ...]:
         """Positions of `query` in the text sequence of prompt row `row` (sorted, unique)."""
         if isinstance(query, int):

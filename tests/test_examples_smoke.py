@@ -25,6 +25,7 @@ EXAMPLES = [
     pytest.param("examples/guidance.py", ["--methods", "pag,sag,skip"], "saved 4 images", id="guidance"),
     pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
     pytest.param("examples/interpolate.py", [], "saved strip.png", id="interpolate"),
+    pytest.param("examples/prompt_to_prompt.py", [], "saved", id="prompt_to_prompt"),
     pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),
     pytest.param("examples/fast_attention.py", [], "PSNR against the uncached image", id="fast_attention", marks=slow),
 ]
@@ -37,6 +38,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/guidance.py", ["--variants", "pag-self"], "", id="guidance", marks=slow),
     pytest.param("benchmarks/reweight.py", [], "", id="reweight", marks=slow),
     pytest.param("benchmarks/regions.py", [], "labels-blocked", id="regions", marks=slow),
+    pytest.param("benchmarks/p2p.py", [], "success", id="p2p", marks=slow),
     pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
     pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
 ]

@@ -374,8 +374,10 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         if support(make(), adapter)[0] != "yes":
             continue
         control = strong.get(label, make)()
-        # a cross-image control needs rows to link (AttentionInterpolation interpolates the middle of three prompts)
-        prompts = [PROMPT, "a blue dog", PROMPT] if label in CROSS_IMAGE else PROMPT
+        # a cross-image control needs rows to link (AttentionInterpolation interpolates the middle of three prompts;
+        # PromptToPrompt edits a base prompt)
+        prompts = ([PROMPT, PROMPT.replace("red", "blue")] if label == "PromptToPrompt"
+                   else [PROMPT, "a blue dog", PROMPT] if label in CROSS_IMAGE else PROMPT)
         with attnctl.apply(pipe, [control]) as handle:
             out = generate(pipe, name, prompt=prompts)
         assert torch.isfinite(out).all(), label

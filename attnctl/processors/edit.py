@@ -58,6 +58,8 @@ EFFECT_TABLE: tuple[Effect, ...] = (
         "linked_keys", "some rows attend to keys and values of other rows of the batch (attention interpolation, "
         "consistent subjects, reference attention)", ("key_bias",), exclusive="two cross-image links on one layer",
     ),
+    Effect("linked_rows", "rows read another row's queries, keys and attention (Prompt-to-Prompt)",
+           exclusive="two controls linking batch rows on one layer"),
 )
 EFFECTS: tuple[str, ...] = tuple(effect.name for effect in EFFECT_TABLE)
 _BY_NAME: dict[str, Effect] = {effect.name: effect for effect in EFFECT_TABLE}
@@ -72,6 +74,10 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
     ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
     ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
+    ("tokens", "linked_rows", "token reduction merges each row's tokens differently, so one row's keys no longer match another's values"),
+    ("region_tokens", "linked_rows", "appended region text tokens are not part of the prompts whose tokens are aligned"),
+    ("cache", "linked_rows", "a reused output skips the linked attention"),
+    ("linked_keys", "linked_rows", "two controls linking batch rows on one layer"),
 ) + tuple(
     ("linked_keys", other, "the linked rows attend to other rows' keys in their own attention op, which does not carry "
      "this edit over to the appended keys")

@@ -15,6 +15,7 @@ from ..control import Control
 from ..controls.cross_image.consistent import ConsistentSubjects
 from ..controls.cross_image.interpolation import AttentionInterpolation
 from ..controls.cross_image.reference import ReferenceAttention
+from ..controls.cross_image.p2p import PromptToPrompt
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
@@ -42,6 +43,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("AttentionInterpolation", lambda: AttentionInterpolation()),
     ("ConsistentSubjects", lambda: ConsistentSubjects()),
     ("ReferenceAttention", lambda: ReferenceAttention(_grey())),
+    ("PromptToPrompt", lambda: PromptToPrompt()),
 )
 
 

@@ -1,7 +1,10 @@
-"""Controls that link the images of one call: a row's attention reads other rows' keys and values."""
+"""Controls whose rows read other rows of the same denoiser call (`RowLayout.linked`, issue 20): Prompt-to-Prompt
+editing (`p2p.py`: queries, keys and attention of a base row), and the controls whose rows attend to other rows' keys
+and values (`interpolation.py`, `consistent.py`, `reference.py`)."""
 
 from .consistent import ConsistentSubjects
 from .interpolation import AttentionInterpolation, beta_points
+from .p2p import PromptToPrompt
 from .reference import ReferenceAttention
 
-__all__ = ["AttentionInterpolation", "ConsistentSubjects", "ReferenceAttention", "beta_points"]
+__all__ = ["AttentionInterpolation", "ConsistentSubjects", "PromptToPrompt", "ReferenceAttention", "beta_points"]

@@ -1,0 +1,580 @@
+"""Prompt-to-Prompt editing (Hertz et al. 2022, "Prompt-to-Prompt Image Editing with Cross Attention Control",
+arXiv:2208.01626): a base prompt and edited prompts generated together from the same initial noise, the edited
+rows taking the base row's attention.
+
+The call is `pipe([base, edit1, edit2, ...], ...)`. Row r of prompt p > 0 reads from the base prompt's row with
+the same image index (`RowLayout.linked`: uncond rows from the base's uncond row, cond rows from its cond row,
+perturbed copies from the copy with the same tag), on every call protocol. With `P_x = softmax(Q_x K_x^T s)` the
+probabilities of row x (b: base, e: edited) and `V_e` the edited row's values, in the layers it acts on:
+
+- self-attention, for the first `self_steps` of the steps: `P_b V_e = Attn(Q_b, K_b, V_e)`;
+- cross-attention (the image-query rows over the text keys on joint attention), for the first `cross_steps`:
+  replace `P_b M diag(w) V_e = Attn(Q_b, K_b, M (w * V_e))` with P2P's word-swap matrix M;
+  refine `(P_b M_a + P_e diag(1 - a)) diag(w) V_e = Attn(Q_b, K_b, M_a (w * V_e)) + Attn(Q_e, K_e, (1 - a) w * V_e)`
+  with P2P's refinement mapper (`M_a[m(j), j] = a_j`, a_j = 1 where edited token j aligns to base token m(j));
+  w is the reweighting (P2P's equalizer, 1 elsewhere).
+
+So no probability matrix is formed: the edited rows run the same fused attention with the base row's queries and
+keys and mapped values (joint layers, whose text queries keep their own attention, run the edited rows once more).
+Local blending (P2P's `LocalBlend`) keeps the edit where the chosen words' cross-attention maps exceed a threshold
+and copies the base row's latents elsewhere after every scheduler step. docs/methods.md, "Prompt-to-Prompt editing".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ...control import BindContext, Bound, Control
+from ...denoiser_call import DenoiserCall, RowLayout
+from ...errors import CallLayoutError, ConfigError, TokenError, UnsupportedError
+from ...families.base import Canvas, LayerInfo, ModelAdapter
+from ...kernels.semantics import spec_rows
+from ...kernels.spec import AttentionSpec
+from ...processors.chain import restricted_rows, token_layout
+from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
+from ...selection import LayerSpec, validate_layers
+from ...tokens import validate_word_query
+from ...validation import choice, number, set_field
+from ..common import RowIndex, keep_kinds
+from ..maps.capture import word_attention
+from .p2p_align import refinement_mapper, replacement_mapper
+
+MODES: tuple[str, ...] = ("replace", "refine")
+BRANCHES: tuple[str, ...] = ("both", "cond")
+#: P2P edits self-attention, and takes its blending maps, at 16x16 tokens (SD 1.x at 512 px).
+P2P_GRID = 16
+
+
+@dataclass(frozen=True)
+class PromptToPrompt(Control, type_name="prompt-to-prompt"):
+    """Edit an image by editing its prompt (Prompt-to-Prompt, Hertz et al. 2022).
+
+    Call the pipeline with a list of prompts `[base, edit1, ...]` (each may have `num_images_per_prompt` images);
+    the edited rows start from the base row's initial latents (copied at the first step, so one generator is
+    enough) and take its attention. The base rows are never changed.
+
+    `mode`: `"replace"` (words swapped one for one; token counts may differ) or `"refine"` (words added or
+    removed: aligned tokens take the base maps, new tokens keep their own). `cross_steps` / `self_steps`: the
+    fraction of the steps, from the start, in which cross- / self-attention is taken from the base row.
+    `reweight`: `{word: factor}` scaling the attention of words of the edited prompts (P2P's equalizer; only
+    inside the cross-attention window, as P2P). `local_blend`: words (found in a prompt, they count for its rows)
+    whose cross-attention maps confine the edit; `blend_threshold` on the max-normalised maps; blending from the
+    step fraction `blend_start`. `branch`: `"both"` (uncond rows also read the base's uncond row) or `"cond"`
+    (only the cond rows, as P2P's reference code). `layers`: default every cross- / joint-attention layer, and
+    the self-attention layers with at most 16x16 tokens in the call (P2P's rule; every self-attention layer of a
+    denoiser with one token grid); given layers are all edited. Local blending averages the maps of the
+    cross-attention level nearest to 16x16 tokens.
+    """
+
+    mode: str = "replace"
+    _: KW_ONLY
+    cross_steps: float = 0.8
+    self_steps: float = 0.4
+    reweight: Any = None
+    local_blend: Any = None
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    branch: str = "both"
+    layers: LayerSpec = None
+
+    needs_words: ClassVar[bool] = True
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    step_cache_refusal: ClassVar[str | None] = "the edited rows read the base row's attention in every layer it acts on"
+
+    def __post_init__(self) -> None:
+        choice(self.mode, "PromptToPrompt.mode", MODES)
+        choice(self.branch, "PromptToPrompt.branch", BRANCHES)
+        set_field(self, "cross_steps", number(self.cross_steps, "PromptToPrompt.cross_steps", minimum=0, maximum=1))
+        set_field(self, "self_steps", number(self.self_steps, "PromptToPrompt.self_steps", minimum=0, maximum=1))
+        set_field(self, "blend_threshold", number(self.blend_threshold, "PromptToPrompt.blend_threshold", minimum=0, maximum=1))
+        set_field(self, "blend_start", number(self.blend_start, "PromptToPrompt.blend_start", minimum=0, maximum=1))
+        if self.reweight is not None:
+            if not isinstance(self.reweight, Mapping) or not self.reweight:
+                raise ConfigError(f"PromptToPrompt.reweight must be a non-empty mapping {{word: factor}} or None, got {self.reweight!r}")
+            table = {}
+            for word, factor in self.reweight.items():
+                if not isinstance(word, str):
+                    raise ConfigError(f"PromptToPrompt.reweight: keys are words, got {word!r}")
+                table[validate_word_query(word, owner="PromptToPrompt.reweight")] = number(
+                    factor, f"PromptToPrompt.reweight[{word!r}]", minimum=0
+                )
+            if self.cross_steps == 0:
+                raise ConfigError(
+                    "PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and "
+                    "cross_steps=0 leaves no step for it; give cross_steps > 0"
+                )
+            set_field(self, "reweight", table)
+        if self.local_blend is not None:
+            words = (self.local_blend,) if isinstance(self.local_blend, str) else self.local_blend
+            if not isinstance(words, (tuple, list)) or not words or not all(isinstance(w, str) for w in words):
+                raise ConfigError(f"PromptToPrompt.local_blend must be a word or a non-empty list of words, or None; got {self.local_blend!r}")
+            set_field(self, "local_blend", tuple(validate_word_query(w, owner="PromptToPrompt.local_blend") for w in words))
+        set_field(self, "layers", validate_layers(self.layers, name="PromptToPrompt.layers"))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do: no attention window and no blending (the output is the stock one, bit for bit)."""
+        return self.cross_steps == 0 and self.self_steps == 0 and self.local_blend is None
+
+    # -- Control protocol -------------------------------------------------------------------------------
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        for lack in ("extra_rows", "appended_text"):
+            if lack in adapter.lacks:
+                raise UnsupportedError(
+                    f"attnctl: PromptToPrompt links the rows of one denoiser call and aligns their text tokens at fixed "
+                    f"positions, which the {adapter.family} family does not offer: {adapter.lacks[lack]}"
+                )
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        """The `layers` given, or every cross-, joint- and self-attention layer (the self-attention layers P2P
+        edits are then chosen per call by their token grid: `p2p_self_layers`)."""
+        return Control.select(self, adapter)
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        if self.local_blend is not None and layer.kind != "self":
+            return ("linked_rows", "capture")
+        return ("linked_rows",)
+
+    def bind(self, context: BindContext) -> Bound:
+        return PromptToPromptBound(self, context)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["local_blend"] = list(self.local_blend) if self.local_blend is not None else None
+        return out
+
+
+def blend_level(layers: tuple[LayerInfo, ...], canvas: Canvas) -> int | None:
+    """The level of the cross-attention maps local blending averages: the one whose token grid is nearest to P2P's
+    16x16 (SD at 512 px; the finer of two equally near), or None without cross- / joint-attention layers."""
+    levels = sorted({layer.level for layer in layers if layer.kind in ("cross", "joint")})
+    if not levels:
+        return None
+    return min(levels, key=lambda level: (abs(_side(canvas, level) - P2P_GRID), -_side(canvas, level)))
+
+
+def p2p_self_layers(layers: tuple[LayerInfo, ...], canvas: Canvas) -> tuple[LayerInfo, ...]:
+    """P2P edits self-attention only where it has at most 16x16 tokens (its `replace_self_attention`); a denoiser
+    with one token grid (DiT) has it edited everywhere."""
+    selfs = tuple(layer for layer in layers if layer.kind == "self")
+    if len({layer.level for layer in selfs}) <= 1:
+        return selfs
+    return tuple(layer for layer in selfs if _side(canvas, layer.level) <= P2P_GRID)
+
+
+def _side(canvas: Canvas, level: int) -> int:
+    h, w = canvas.grid_at(level)
+    return max(h, w)
+
+
+@dataclass
+class _Plan:
+    """The links of one row layout: target rows, their source rows and the mapped text tables, on the device."""
+
+    targets: tuple[int, ...]
+    target_index: torch.Tensor
+    source_index: torch.Tensor
+    permuted: torch.Tensor  # (B,) each row's own index, the source's for target rows
+    mapper: torch.Tensor | None  # (E, T, T) M diag(w) per target; None: identity everywhere
+    own_text: torch.Tensor  # (E, T) (1 - a) w per target
+    own_text_zero: bool  # the edited rows keep none of their own cross-attention (replace)
+
+
+class PromptToPromptBound(Bound):
+    """PromptToPrompt bound to one pipeline call: token alignment per edited row, links per row layout, the
+    blending maps and the scheduler wrap."""
+
+    def __init__(self, control: PromptToPrompt, context: BindContext):
+        super().__init__(control, context.layers, (0.0, 1.0))
+        self.p2p = control
+        self.adapter = context.adapter
+        self.device = context.device
+        self.count = context.steps
+        self.text_len = context.canvas.text_len
+        self.rows = context.prompt_rows
+        self.per_prompt = _per_prompt(context)
+        if self.rows % self.per_prompt or self.rows // self.per_prompt < 2:
+            raise ConfigError(
+                f"attnctl: PromptToPrompt needs a list of prompts [base, edit, ...] in one call; this call has "
+                f"{self.rows // max(self.per_prompt, 1)} prompt(s)"
+            )
+        self.index = RowIndex()
+        self.idle = control.idle
+        tokens = context.require_tokens("PromptToPrompt")
+        self.edited = tuple(range(self.per_prompt, self.rows))
+        weights = self._equalizer(tokens)
+        self.tables: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+        for branch in ("cond", "uncond") if control.branch == "both" else ("cond",):
+            source = tokens if branch == "cond" else context.negative_tokens
+            self.tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
+        self.text_layers = frozenset(layer.index for layer in context.layers if layer.kind in ("cross", "joint"))
+        selfs = context.layers if control.layers is not None else p2p_self_layers(context.layers, context.canvas)
+        self.self_layers = frozenset(layer.index for layer in selfs if layer.kind == "self") | frozenset(
+            layer.index for layer in context.layers if layer.kind == "joint"
+        )
+        level = blend_level(context.layers, context.canvas)
+        self.blend_layers = frozenset()
+        self.blend_grid: tuple[int, int] | None = None
+        self.selector: torch.Tensor | None = None
+        if control.local_blend is not None:
+            if level is None:
+                raise ConfigError("attnctl: PromptToPrompt.local_blend needs cross- or joint-attention layers among its layers")
+            self.blend_layers = frozenset(
+                layer.index for layer in context.layers if layer.kind in ("cross", "joint") and layer.level == level
+            )
+            self.blend_grid = context.canvas.grid_at(level)
+            self.selector = self._blend_selector(tokens, control.local_blend)
+        self._canvas_token_hw = context.canvas.token_hw
+        self.maps: torch.Tensor | None = None  # (rows, image tokens) running sums of the blend words' maps
+        self.last_step = 0
+        self.stepped = False
+        self._plans: dict[Any, _Plan | None] = {}
+        self._edits: dict[Any, Edit] = {}
+        self._selectors: dict[Any, torch.Tensor] = {}
+        if not self.idle:
+            scheduler = getattr(context.pipeline, "scheduler", None)
+            if scheduler is None or not callable(getattr(scheduler, "step", None)):
+                raise UnsupportedError("attnctl: PromptToPrompt needs the pipeline's scheduler (its step copies the start latents and blends)")
+            context.wrap_method(scheduler, "step", self._wrap_step)
+
+    # -- binding ----------------------------------------------------------------------------------------
+    def _equalizer(self, tokens: Any) -> dict[int, torch.Tensor]:
+        """Per edited cond row: (T,) factors of P2P's equalizer (1 where not reweighted)."""
+        out: dict[int, torch.Tensor] = {}
+        table = self.p2p.reweight or {}
+        found = {word: False for word in table}
+        for row in self.edited:
+            w = torch.ones(self.text_len)
+            for word, factor in table.items():
+                try:
+                    positions = tokens.positions(word, row)
+                except TokenError:
+                    continue
+                found[word] = True
+                w[list(positions)] *= factor
+            out[row] = w
+        missing = [word for word, hit in found.items() if not hit]
+        if missing:
+            raise TokenError(f"attnctl: PromptToPrompt.reweight words {missing} are in none of the edited prompts")
+        return out
+
+    def _tables(self, tokens: Any, weights: dict[int, torch.Tensor] | None, branch: str):
+        """(mapper (rows, T, T) or None for identity, own text scale (rows, T), own all zero) of one branch."""
+        t = self.text_len
+        mappers = torch.eye(t).repeat(self.rows, 1, 1)
+        own = torch.zeros(self.rows, t)
+        for row in self.edited:
+            base = row % self.per_prompt
+            if tokens is not None:
+                for (offset, limit, x), (_, _, y) in zip(tokens.token_ids(base), tokens.token_ids(row)):
+                    span = min(limit, t - offset)
+                    if span <= 0 or offset < 0:
+                        continue
+                    block = slice(offset, offset + span)
+                    mappers[row, block, block] = 0.0
+                    if self.p2p.mode == "replace":
+                        what = f"the {branch} prompt of row {row}"
+                        mappers[row, block, block] = torch.tensor(replacement_mapper(x, y, span, what=what))
+                    else:
+                        mapping, alpha = refinement_mapper(x, y, span)
+                        for j, (m, a) in enumerate(zip(mapping, alpha)):
+                            if m >= 0:
+                                mappers[row, offset + m, offset + j] = a
+                            own[row, offset + j] = 1.0 - a
+            if weights is not None:
+                mappers[row] = mappers[row] * weights[row][None, :]
+                own[row] = own[row] * weights[row]
+        identity = bool(torch.equal(mappers, torch.eye(t).expand(self.rows, t, t)))
+        zero = not bool(own.any())
+        return (None if identity else mappers.to(self.device), own.to(self.device), zero)
+
+    def _blend_selector(self, tokens: Any, words: tuple[Any, ...]) -> torch.Tensor:
+        """(rows, T) 1 at the tokens of the blend words found in each row's prompt."""
+        selector = torch.zeros(self.rows, self.text_len)
+        for row in range(self.rows):
+            for word in words:
+                try:
+                    selector[row, list(tokens.positions(word, row))] = 1.0
+                except TokenError:
+                    continue
+            if not bool(selector[row].any()):
+                raise TokenError(
+                    f"attnctl: PromptToPrompt.local_blend: none of {list(words)} is in the prompt of row {row}; give the "
+                    "words of the edited region as each prompt says them (e.g. ('cat', 'dog') for cat -> dog)"
+                )
+        return selector.to(self.device)
+
+    # -- per denoiser call ------------------------------------------------------------------------------
+    def source_prompt(self, prompt: int) -> int | None:
+        return prompt % self.per_prompt if prompt >= self.per_prompt else None
+
+    def links(self, rows: RowLayout, attention: bool) -> tuple[int | None, ...]:
+        links = rows.linked(self.source_prompt)
+        if attention:  # rows of a branch without tables read nothing
+            links = tuple(None if row.branch not in self.tables else link for row, link in zip(rows.rows, links))
+        return links
+
+    def plan(self, rows: RowLayout, device: torch.device) -> _Plan | None:
+        key = (rows.rows, device)
+        if key in self._plans:
+            return self._plans[key]
+        links = self.links(rows, attention=True)
+        targets = tuple(i for i, link in enumerate(links) if link is not None)
+        if not targets:
+            self._plans[key] = None
+            return None
+        sources = tuple(links[i] for i in targets)
+        permuted = tuple(link if link is not None else i for i, link in enumerate(links))
+        mapper, own, zero = [], [], True
+        identity = True
+        for i in targets:
+            row = rows.rows[i]
+            table, scale, table_zero = self.tables[row.branch]
+            identity = identity and table is None
+            mapper.append(torch.eye(self.text_len, device=self.device) if table is None else table[row.prompt])
+            own.append(scale[row.prompt])
+            zero = zero and table_zero
+        plan = _Plan(
+            targets, self.index(targets, device), self.index(sources, device), self.index(permuted, device),
+            None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero,
+        )
+        self._plans[key] = plan
+        return plan
+
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Before the first scheduler step, the edited rows' latents are the base rows' (same initial noise)."""
+        if self.idle or self.stepped:
+            return inputs
+        name = self.adapter.batched_inputs[0]
+        latents = inputs.get(name)
+        if not isinstance(latents, torch.Tensor):
+            raise CallLayoutError(f"attnctl: PromptToPrompt expected the latents as the denoiser's {name!r} tensor")
+        links = self.links(frame.rows, attention=False)
+        targets = tuple(i for i, link in enumerate(links) if link is not None)
+        if not targets:
+            return inputs
+        sources = tuple(links[i] for i in targets)
+        device = latents.device
+        copied = latents.index_copy(0, self.index(targets, device), latents.index_select(0, self.index(sources, device)))
+        return {**inputs, name: copied}
+
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if self.idle:
+            return None
+        step = frame.step
+        self.last_step = step.index
+        cross = layer.index in self.text_layers and step.inside((0.0, self.p2p.cross_steps))
+        self_ = layer.index in self.self_layers and step.inside((0.0, self.p2p.self_steps))
+        capture = layer.index in self.blend_layers and frame.extra_pass is None
+        if not (cross or self_ or capture):
+            return None
+        key = (layer.index, cross, self_, capture)
+        found = self._edits.get(key)
+        if found is None:
+            found = self._edits[key] = Edit(hooks=(_LinkHook(self, layer, cross, self_, capture),))
+        return found
+
+    # -- local blending ---------------------------------------------------------------------------------
+    def add_maps(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
+        """Add the blend words' maps of the cond rows of this layer call (head-averaged, P2P's attention store)."""
+        cond = [i for i, row in enumerate(call.rows.rows) if row.branch == "cond" and row.tag is None]
+        if not cond:
+            return
+        layout = token_layout(call)
+        device = q.device
+        index = self.index(cond, device)
+        prompts = self.index(tuple(call.rows.rows[i].prompt for i in cond), device)
+        key = (layout.nk, layout.text_k.start if layout.text_k is not None else 0, device)
+        full = self._selectors.get(key)
+        if full is None:
+            full = torch.zeros(self.rows, layout.nk, device=device)
+            start = layout.text_k.start
+            full[:, start : start + self.text_len] = self.selector.to(device)
+            self._selectors[key] = full
+        selector = full.index_select(0, prompts)[:, None, :]
+        mask = spec.attn_mask
+        if mask is not None:
+            mask = spec_rows(spec, index, q.shape[0]).attn_mask
+            if mask.ndim == 4 and mask.shape[-2] > 1:
+                mask = mask[..., layout.image_q, :]
+        mass = word_attention(q.index_select(0, index)[:, :, layout.image_q], k.index_select(0, index), selector,
+                              scale=spec.scale, bias=mask)[..., 0]
+        if self.maps is None:
+            self.maps = torch.zeros(self.rows, mass.shape[1], device=device)
+        self.maps.index_add_(0, prompts, mass.to(self.maps.device))
+
+    def blend_mask(self, latents: torch.Tensor) -> torch.Tensor:
+        """(E, 1, ...) 0/1 mask per edited prompt row in the latents' layout: P2P's LocalBlend (max-pool 3x3,
+        max-normalised, above the threshold in the base row's or the edited row's maps)."""
+        h, w = self.blend_grid
+        maps = self.maps.view(self.rows, 1, h, w)
+        maps = F.max_pool2d(maps, 3, stride=1, padding=1)
+        if latents.ndim == 4:
+            maps = F.interpolate(maps, size=latents.shape[-2:])
+        elif latents.ndim == 3:
+            token_hw = self._token_hw(latents.shape[1])
+            maps = F.interpolate(maps, size=token_hw).flatten(2).transpose(1, 2)  # (rows, N, 1)
+        else:
+            raise CallLayoutError(f"attnctl: PromptToPrompt.local_blend cannot blend latents of shape {tuple(latents.shape)}")
+        flat = maps.flatten(1)
+        peak = flat.max(dim=1).values.clamp_min(1e-12)
+        above = (flat / peak[:, None]) > self.p2p.blend_threshold
+        edited, base = self._edited_index(above.device)
+        mask = above.index_select(0, edited) | above.index_select(0, base)
+        return mask.view(len(self.edited), *maps.shape[1:]).to(latents.dtype)
+
+    def _token_hw(self, tokens: int) -> tuple[int, int]:
+        grid = self._canvas_token_hw
+        if grid[0] * grid[1] != tokens:
+            raise CallLayoutError(
+                f"attnctl: PromptToPrompt.local_blend: the packed latents have {tokens} tokens, the image-token grid "
+                f"{grid[0]}x{grid[1]}"
+            )
+        return grid
+
+    # -- the scheduler ----------------------------------------------------------------------------------
+    def _wrap_step(self, original):
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if not self.stepped:
+                args, kwargs = self._same_start(args, kwargs)
+            result = original(*args, **kwargs)
+            self.stepped = True
+            if self.p2p.local_blend is not None and self.maps is not None and self.last_step / self.count >= self.p2p.blend_start:
+                result = self._blend(result)
+            return result
+
+        return step
+
+    def _edited_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.index(self.edited, device), self.index(tuple(r % self.per_prompt for r in self.edited), device)
+
+    def _same_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        in_kwargs = "sample" in kwargs
+        sample = kwargs["sample"] if in_kwargs else args[2] if len(args) > 2 else None
+        if not isinstance(sample, torch.Tensor) or sample.shape[0] != self.rows:
+            raise CallLayoutError(
+                f"attnctl: PromptToPrompt expected scheduler.step's sample with {self.rows} rows (one per prompt row)"
+            )
+        edited, base = self._edited_index(sample.device)
+        sample = sample.index_copy(0, edited, sample.index_select(0, base))
+        if in_kwargs:
+            return args, {**kwargs, "sample": sample}
+        return args[:2] + (sample,) + args[3:], kwargs
+
+    def _blend(self, result: Any) -> Any:
+        latents = result[0] if isinstance(result, tuple) else result.prev_sample
+        edited, base = self._edited_index(latents.device)
+        mask = self.blend_mask(latents)
+        source = latents.index_select(0, base)
+        blended = source + mask * (latents.index_select(0, edited) - source)
+        latents = latents.index_copy(0, edited, blended)
+        if isinstance(result, tuple):
+            return (latents,) + tuple(result[1:])
+        result.prev_sample = latents
+        return result
+
+    def finish(self) -> None:
+        self._plans.clear()
+        self._edits.clear()
+        self.index.clear()
+        self.maps = None
+
+
+def _per_prompt(context: BindContext) -> int:
+    first = context.prompt_arguments[0] if context.prompt_arguments else {}
+    return int(first.get("num_images_per_prompt") or 1)
+
+
+class _LinkHook(LayerHook):
+    """The linked attention of one layer and step: see the module docstring."""
+
+    def __init__(self, bound: PromptToPromptBound, layer: LayerInfo, cross: bool, self_: bool, capture: bool):
+        self.bound, self.layer = bound, layer
+        self.cross, self.self_, self.capture = cross, self_, capture
+
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+        if self.capture:
+            self.bound.add_maps(call, q, k, spec)
+        if not (self.cross or self.self_):
+            return compute(q, k, v, spec)
+        plan = self.bound.plan(call.rows, q.device)
+        if plan is None:
+            return compute(q, k, v, spec)
+        layout = token_layout(call)
+        text_k = layout.text_k if layout.text_k is not None and layout.text_k.stop > layout.text_k.start else None
+        image_k = layout.image_k if layout.image_k.stop > layout.image_k.start else None
+        own_text = plan.own_text
+        if text_k is not None and text_k.stop - text_k.start != self.bound.text_len:
+            if plan.mapper is None and plan.own_text_zero:  # identity links (the same negative prompt): any length
+                own_text = own_text.new_zeros(own_text.shape[0], text_k.stop - text_k.start)
+            else:
+                raise CallLayoutError(
+                    f"attnctl: PromptToPrompt was bound to {self.bound.text_len} text tokens, layer {call.layer.name} has "
+                    f"{text_k.stop - text_k.start}"
+                )
+        targets, sources = plan.target_index, plan.source_index
+        v_t = v.index_select(0, targets)
+        base_v = torch.zeros_like(v_t)
+        own_v = v_t.clone()
+        own_zero = True
+        if text_k is not None:
+            text = v_t[:, :, text_k]
+            if self.cross:
+                mapped = text if plan.mapper is None else torch.einsum("ewj,ehjd->ehwd", plan.mapper.to(text.dtype), text)
+                base_v[:, :, text_k] = mapped
+                own_v[:, :, text_k] = text * own_text.to(text.dtype)[:, None, :, None]
+                own_zero = plan.own_text_zero
+            else:
+                own_zero = False
+        if image_k is not None:
+            if self.self_:
+                base_v[:, :, image_k] = v_t[:, :, image_k]
+                own_v[:, :, image_k] = 0
+            else:
+                own_zero = False
+        batch = q.shape[0]
+        extra = [plan.targets] if not own_zero else []
+        if layout.text_q is None and layout.image_q == slice(0, layout.nq):
+            # every query is an image query: the edited rows run in place with the base row's queries and keys
+            q_all = q.index_copy(0, targets, q.index_select(0, sources))
+            k_all = k.index_copy(0, targets, k.index_select(0, sources))
+            v_all = v.index_copy(0, targets, base_v)
+            rows = [plan.permuted]
+            positions = list(range(batch))
+        else:  # joint layers: the text queries of the edited rows keep their own attention
+            q_all = torch.cat([q, q.index_select(0, sources)])
+            k_all = torch.cat([k, k.index_select(0, sources)])
+            v_all = torch.cat([v, base_v])
+            rows = [self.bound.index(tuple(range(batch)), q.device), sources]
+            positions = list(range(batch)) + list(plan.targets)
+        if extra:
+            q_all = torch.cat([q_all, q.index_select(0, targets)])
+            k_all = torch.cat([k_all, k.index_select(0, targets)])
+            v_all = torch.cat([v_all, own_v])
+            rows.append(targets)
+            positions += list(plan.targets)
+        spec_all = spec_rows(spec, torch.cat(rows), batch)
+        if len(positions) == batch:
+            out, lse = compute(q_all, k_all, v_all, spec_all)
+        else:
+            with restricted_rows(call, positions):
+                out, lse = compute(q_all, k_all, v_all, spec_all)
+        lse = None if lse is None else lse[:batch]
+        edited_count = len(plan.targets)
+        if layout.text_q is None and layout.image_q == slice(0, layout.nq):
+            result = out[:batch]
+            if extra:
+                result = result.index_add(0, targets, out[batch:])
+            return result, lse
+        image_q = layout.image_q
+        linked = out[batch : batch + edited_count, :, image_q]
+        if extra:
+            linked = linked + out[batch + edited_count :, :, image_q]
+        result = out[:batch].clone()
+        result[targets, :, image_q] = linked
+        return result, lse

@@ -1,0 +1,94 @@
+"""Prompt-to-Prompt's token alignment (Hertz et al. 2022, arXiv:2208.01626, §3.2 and its `seq_aligner.py`).
+
+An edited prompt's text tokens are aligned to the base prompt's by a global (Needleman-Wunsch) alignment with
+P2P's scores (gap 0, match 1, mismatch -1) and its trace-back preferences, over the tokens with the special tokens
+(BOS / EOS) included. The padding after the last real token is aligned by its offset from that token.
+
+- `refinement_mapper`: for each edited token, the base token it aligns to (or -1) and alpha = 1 where aligned
+  (P2P's `get_refinement_mapper`: aligned tokens take the base maps, new tokens keep their own).
+- `replacement_mapper`: a (T, T) matrix `M` with `A_edit = A_base M` (P2P's `get_replacement_mapper`): aligned
+  tokens map one to one, and each run of swapped tokens between two aligned ones maps every base token of the run
+  to every edited token of the run with weight 1 / (edited tokens of the run), so token counts may differ. A run
+  present in one prompt only (a word added or removed) is not a swap: ConfigError (use refine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ...errors import ConfigError
+
+GAP, MATCH, MISMATCH = 0, 1, -1
+
+
+def align(x: Sequence[int], y: Sequence[int]) -> list[int]:
+    """For each token of `y`, the index of the token of `x` it is aligned to, or -1 (P2P's `global_align` and
+    `get_aligned_sequences`: ties prefer a gap in x, then a gap in y, then the diagonal)."""
+    n, m = len(x), len(y)
+    score = [[0] * (m + 1) for _ in range(n + 1)]
+    trace = [[0] * (m + 1) for _ in range(n + 1)]
+    for j in range(1, m + 1):
+        score[0][j], trace[0][j] = GAP * j, 1
+    for i in range(1, n + 1):
+        score[i][0], trace[i][0] = GAP * i, 2
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            left = score[i][j - 1] + GAP
+            up = score[i - 1][j] + GAP
+            diag = score[i - 1][j - 1] + (MATCH if x[i - 1] == y[j - 1] else MISMATCH)
+            best = max(left, up, diag)
+            score[i][j] = best
+            trace[i][j] = 1 if best == left else 2 if best == up else 3
+    mapping = [-1] * m
+    i, j = n, m
+    while i > 0 or j > 0:
+        step = trace[i][j]
+        if step == 3:
+            i, j = i - 1, j - 1
+            mapping[j] = i
+        elif step == 1:
+            j -= 1
+        else:
+            i -= 1
+    return mapping
+
+
+def _with_tail(x_len: int, y_len: int, limit: int, mapping: list[int]) -> list[int]:
+    """`mapping` extended over the padding positions `y_len .. limit-1`, aligned by offset from the last token."""
+    tail = [i - y_len + x_len for i in range(y_len, limit)]
+    return mapping[:limit] + [t if t < limit else -1 for t in tail]
+
+
+def refinement_mapper(x: Sequence[int], y: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
+    """(base index or -1, alpha) for each of the `limit` positions of the edited prompt `y` (token ids, special
+    tokens included, truncated to `limit`)."""
+    x, y = list(x)[:limit], list(y)[:limit]
+    mapping = _with_tail(len(x), len(y), limit, align(x, y))
+    return mapping, [0.0 if m < 0 else 1.0 for m in mapping]
+
+
+def replacement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, what: str = "the edited prompt") -> list[list[float]]:
+    """The (limit, limit) word-swap matrix M (base position, edited position) with `A_edit = A_base M`."""
+    x, y = list(x)[:limit], list(y)[:limit]
+    mapping = align(x, y)
+    matrix = [[0.0] * limit for _ in range(limit)]
+    anchors = [(-1, -1)] + [(mapping[j], j) for j in range(len(y)) if mapping[j] >= 0] + [(len(x), len(y))]
+    for (xa, ya), (xb, yb) in zip(anchors, anchors[1:]):
+        if ya >= 0:
+            matrix[xa][ya] = 1.0
+        source, target = list(range(xa + 1, xb)), list(range(ya + 1, yb))
+        if bool(source) != bool(target):
+            kind = "adds" if target else "removes"
+            raise ConfigError(
+                f"PromptToPrompt(mode='replace'): {what} {kind} tokens relative to the base prompt (tokens "
+                f"{target or source}); replace swaps words one for one (token counts may differ). Use mode='refine' "
+                "to add or remove words"
+            )
+        for s in source:
+            for t in target:
+                matrix[s][t] = 1.0 / len(target)
+    for offset, j in enumerate(range(len(y), limit)):
+        i = len(x) + offset
+        if i < limit:
+            matrix[i][j] = 1.0
+    return matrix

