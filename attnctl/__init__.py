@@ -13,6 +13,7 @@ from .control import Bound, Control
 from .controls.fastattn import FastAttn, FastAttnPlan
 from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
+from .controls.optimize import AStar, AttendExcite, BoxGuidance
 from .controls.regions import Region, Regions
 from .controls.reweight import Reweight
 from .controls.tgate import TGate
@@ -44,6 +45,7 @@ __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
+__all__ += ["AStar", "AttendExcite", "BoxGuidance"]
 
 
 def __getattr__(name: str):
