@@ -56,6 +56,7 @@ class _LatentOptimization(Control):
 
     needs_words: ClassVar[bool] = True
     grid_dims: ClassVar[tuple[int, ...]] = (2,)  # maps over a 2-D image-token grid (video: not implemented yet)
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # the loss pass runs the denoiser on the cond rows alone
     step_cache_refusal: ClassVar[str | None] = (
         "its loss passes run the denoiser's first layers with gradients outside the cache's schedule"
     )
@@ -163,22 +164,33 @@ def _prompt_end(context: BindContext, owner: str) -> int:
     return encoder.offset + min(longest, encoder.limit) - 1
 
 
+def _text_start(context: BindContext, owner: str) -> int:
+    """1 when the first text encoder's tokenizer puts a start token first (CLIP's <sot>, which the paper's `[1:-1]`
+    drops), else 0 (T5 and other tokenizers without one: the first position is a word)."""
+    tokens = context.require_tokens(owner)
+    tokenizer = tokens.encoders[0].tokenizers[0]
+    with_special = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    return 1 if with_special[: len(plain)] != plain else 0
+
+
 def _renormalised_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str, which: str = "all") -> tuple[tuple[int, ...], torch.Tensor]:
     """Attend-and-Excite's columns and the selector (rows, S, W) of each word's tokens among them: `"all"`, every
     text position but the first and the last (the paper's `[1:-1]`, its SD 1.x setting); `"prompt"`, the prompt's
     tokens without its start and end tokens (the paper's SD 2.1 setting, `normalize_eot`)."""
     text_len = context.canvas.text_len
     stop = text_len - 1 if which == "all" else _prompt_end(context, owner)
-    columns = tuple(range(1, stop))
+    first = _text_start(context, owner)
+    columns = tuple(range(first, stop))
     text_len = stop + 1
     per_row = word_columns(context, words, owner)
     selector = torch.zeros(context.prompt_rows, len(words), len(columns))
     for row, per_word in enumerate(per_row):
         for s, positions in enumerate(per_word):
             for p in positions:
-                if not 1 <= p < text_len - 1:
-                    raise ConfigError(f"attnctl: {owner}: the word {words[s]!r} sits at text position {p}, outside the maps read (1..{text_len - 2})")
-                selector[row, s, p - 1] = 1.0
+                if not first <= p < text_len - 1:
+                    raise ConfigError(f"attnctl: {owner}: the word {words[s]!r} sits at text position {p}, outside the maps read ({first}..{text_len - 2})")
+                selector[row, s, p - first] = 1.0
     return columns, selector
 
 
@@ -418,4 +430,9 @@ def noise_variance(scheduler: Any, timestep: Any, context: BindContext) -> float
         return (1.0 - a) / a
     train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000
     sigma = min(max(t / train if t > 1.0 else t, 0.0), 0.999)
-    return (sigma / (1.0 - sigma)) ** 2
+    return min((sigma / (1.0 - sigma)) ** 2, MAX_NOISE_VARIANCE)
+
+
+#: The cap of `noise_variance` for flow matching, whose `(sigma / (1 - sigma))^2` is unbounded at sigma = 1: about the
+#: largest `(1 - alpha_bar) / alpha_bar` of Stable Diffusion's schedule (212 at t = 999).
+MAX_NOISE_VARIANCE = 212.0
