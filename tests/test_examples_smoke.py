@@ -24,6 +24,7 @@ EXAMPLES = [
     pytest.param("examples/token_reduction.py", [], "saved stock.png, tome.png, agent.png", id="token_reduction"),
     pytest.param("examples/guidance.py", ["--methods", "pag,sag,skip"], "saved 4 images", id="guidance"),
     pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
+    pytest.param("examples/attend_and_excite.py", [], "saved stock.png, attend_excite.png", id="attend_and_excite"),
     pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),
     pytest.param("examples/fast_attention.py", [], "PSNR against the uncached image", id="fast_attention", marks=slow),
 ]
@@ -37,6 +38,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/regions.py", [], "labels-blocked", id="regions", marks=slow),
     pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
     pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
+    pytest.param("benchmarks/attend_excite.py", [], "peak memory of one call", id="attend_excite", marks=slow),
 ]
 NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
 

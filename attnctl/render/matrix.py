@@ -15,6 +15,7 @@ from ..control import Control
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
+from ..controls.optimize import AStar, AttendExcite, BoxGuidance
 from ..controls.regions import Region, Regions
 from ..controls.reweight import Reweight
 from ..controls.tgate import TGate
@@ -36,6 +37,9 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("AgentAttention", lambda: AgentAttention()),
     ("TGate", lambda: TGate()),
     ("FastAttn", lambda: FastAttn()),
+    ("AttendExcite", lambda: AttendExcite(subjects=("cat",))),
+    ("AStar", lambda: AStar(subjects=("cat", "street"))),
+    ("BoxGuidance", lambda: BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)})),
 )
 
 #: The families in the matrix, each with its tiny offline model.
