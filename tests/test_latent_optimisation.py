@@ -282,3 +282,14 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
         assert len(trace) >= 2
         lowered += trace[-1] < trace[0]
     assert lowered >= 7, lowered
+
+
+def test_job_file_round_trip():
+    import json
+
+    for control in (attnctl.AttendExcite(subjects=["cat", ("dog", 0)]), attnctl.AStar(subjects=["cat", "dog"], loss="segregation"),
+                    attnctl.BoxGuidance({"cat": (0, 0, 0.5, 1)}, constraints=("inner", "outer"))):
+        data = json.loads(json.dumps(control.to_dict()))
+        assert attnctl.Control.from_dict(data) == control
+    job = {"type": "box-guidance", "boxes": {"cat": [0.5, 0, 1, 1]}}  # as a job file writes it
+    assert attnctl.Control.from_dict(job).boxes == (("cat", (0.5, 0.0, 1.0, 1.0)),)
