@@ -293,3 +293,22 @@ def test_job_file_round_trip():
         assert attnctl.Control.from_dict(data) == control
     job = {"type": "box-guidance", "boxes": {"cat": [0.5, 0, 1, 1]}}  # as a job file writes it
     assert attnctl.Control.from_dict(job).boxes == (("cat", (0.5, 0.0, 1.0, 1.0)),)
+
+
+def test_flux_true_cfg_uncond_call_gets_the_same_updated_latent(tiny_cache):
+    pipe = tiny_cache("tiny-flux")
+    seen = []
+    signature = inspect.signature(type(pipe.transformer).forward)
+
+    def pre(module, args, kwargs):
+        seen.append(signature.bind(module, *args, **kwargs).arguments["hidden_states"].detach().clone())
+
+    hook = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], refine=())]):
+            generate(pipe, "tiny-flux", prompt=PROMPT, steps=2, negative_prompt="blurry", true_cfg_scale=2.0)
+    finally:
+        hook.remove()
+    loss_pass, cond, uncond = seen[:3]  # step 0; step 1 is outside the window (two calls)
+    assert len(seen) == 5
+    assert torch.equal(cond, uncond) and not torch.equal(cond, loss_pass)
