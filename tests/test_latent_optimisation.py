@@ -312,3 +312,33 @@ def test_flux_true_cfg_uncond_call_gets_the_same_updated_latent(tiny_cache):
     loss_pass, cond, uncond = seen[:3]  # step 0; step 1 is outside the window (two calls)
     assert len(seen) == 5
     assert torch.equal(cond, uncond) and not torch.equal(cond, loss_pass)
+
+
+def test_the_scheduler_gets_the_update_in_its_own_scale_with_euler(tiny_cache):
+    """Euler's denoiser input is `sample / sqrt(sigma^2 + 1)`: the scheduler's sample moves by the update times that
+    factor back, so that the next input is the updated one."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
+    samples = []
+    original = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        samples.append((sample.clone(), pipe.scheduler.sigmas[pipe.scheduler.step_index or 0].item()))
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    try:
+        with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], refine=(), steps=(0.0, 0.5))]):
+            seen, hook = _capture_inputs(pipe.unet)
+            try:
+                generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+            finally:
+                hook.remove()
+    finally:
+        pipe.scheduler = saved
+    updated = next(call for call in seen if not call["grad"])["sample"]
+    sample, sigma = samples[0]
+    torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated[1:], rtol=1e-5, atol=1e-6)
