@@ -12,11 +12,12 @@ from ._version import __version__
 from .control import Bound, Control
 from .controls.cross_image.consistent import ConsistentSubjects
 from .controls.cross_image.interpolation import AttentionInterpolation, beta_points
-from .controls.cross_image.reference import ReferenceAttention
 from .controls.cross_image.p2p import PromptToPrompt
+from .controls.cross_image.reference import ReferenceAttention
 from .controls.fastattn import FastAttn, FastAttnPlan
 from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
+from .controls.optimize import AStar, AttendExcite, BoxGuidance
 from .controls.regions import Region, Regions
 from .controls.reweight import Reweight
 from .controls.tgate import TGate
@@ -52,6 +53,7 @@ __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
 __all__ += ["AttentionInterpolation", "beta_points", "interpolate"]
 __all__ += ["ConsistentSubjects", "ReferenceAttention"]
 __all__ += ["PromptToPrompt"]
+__all__ += ["AStar", "AttendExcite", "BoxGuidance"]
 
 
 def __getattr__(name: str):

@@ -246,6 +246,12 @@ class BindContext:
     # a dict the control's bound objects share for the life of the handle: what depends only on the control and
     # the handle (masks per token grid, index tensors per layer and step) is computed once, not once per call
     handle_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+    # `select_rows(inputs, index)`: the denoiser inputs of the rows `index` only (every batched input re-indexed)
+    select_rows: Callable[[dict[str, Any], tuple[int, ...]], dict[str, Any]] = field(default=_no_handle, compare=False, repr=False)
+    # `run_denoiser(inputs, frame)`: an extra forward of attnctl's own with `frame` set (its edits apply), on backends
+    # that autograd can differentiate (sdpa, reference) whatever the handle's backend: for a control that optimises the
+    # latent through the denoiser (Attend-and-Excite); returns the denoiser's output
+    run_denoiser: Callable[[dict[str, Any], DenoiserCall], Any] = field(default=_no_handle, compare=False, repr=False)
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         tokens = self.tokens if branch == "cond" else self.negative_tokens

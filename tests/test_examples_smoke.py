@@ -26,6 +26,7 @@ EXAMPLES = [
     pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
     pytest.param("examples/interpolate.py", [], "saved strip.png", id="interpolate"),
     pytest.param("examples/prompt_to_prompt.py", [], "saved", id="prompt_to_prompt"),
+    pytest.param("examples/attend_and_excite.py", [], "saved stock.png, attend_excite.png", id="attend_and_excite"),
     pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),
     pytest.param("examples/fast_attention.py", [], "PSNR against the uncached image", id="fast_attention", marks=slow),
 ]
@@ -41,6 +42,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/p2p.py", [], "success", id="p2p", marks=slow),
     pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
     pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
+    pytest.param("benchmarks/attend_excite.py", [], "peak memory of one call", id="attend_excite", marks=slow),
 ]
 NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
 

@@ -116,6 +116,7 @@ class DenoiserHooks:
         self._pending: _Pending | None = None
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
         self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
+        runtime.extra_forward = self.call_with  # `BindContext.run_denoiser` (latent optimisation's loss passes)
         self._handles = (
             module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
             module.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows

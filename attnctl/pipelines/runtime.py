@@ -21,13 +21,14 @@ import torch
 from .. import kernels
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass
-from ..errors import CallLayoutError, HandleError
+from ..errors import BackendError, CallLayoutError, HandleError
 from ..families.base import Canvas, LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend
 from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepInfo
 from ..tokens import PromptTokens
+from .denoiser import rebatch
 from .prompts import encode_prompts
 from .protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts, sequential_branch
 
@@ -83,6 +84,8 @@ class Runtime:
         self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
         self._plans: tuple[DenoiserCall, list[RowPlan]] | None = None  # the active bound controls' plans of a frame
         self._handle_caches: dict[int, dict[Any, Any]] = {}  # control position -> its cache for the handle's life
+        self.differentiable = 0  # >0 while a control's loss pass runs: backends autograd can differentiate only
+        self.extra_forward: Any = None  # the denoiser hooks' `call_with` (set by DenoiserHooks)
 
     # -- call lifecycle -------------------------------------------------------------------------------------
     def begin_call(self, pixels: tuple[Any, Any] | None = None) -> None:
@@ -269,6 +272,8 @@ class Runtime:
             ),
             wrap_method=self.wrap_for_call,
             call_images=lambda: call.images,
+            select_rows=self.select_rows,
+            run_denoiser=self.run_differentiable,
         )
         bound: list[Bound] = []
         try:
@@ -283,6 +288,22 @@ class Runtime:
             self._unwrap_call()
             raise
         return bound
+
+    def select_rows(self, inputs: dict[str, Any], index: tuple[int, ...]) -> dict[str, Any]:
+        """The denoiser inputs of the rows `index` only (`BindContext.select_rows`)."""
+        adapter = self.adapter
+        return rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, adapter.batch_size(inputs), tuple(index))
+
+    def run_differentiable(self, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
+        """An extra forward with `frame` set, every attention op on a backend autograd differentiates
+        (`BindContext.run_denoiser`)."""
+        if self.extra_forward is None:
+            raise HandleError("attnctl: the denoiser hooks are not installed; no extra forward can run")
+        self.differentiable += 1
+        try:
+            return self.extra_forward(inputs, frame)
+        finally:
+            self.differentiable -= 1
 
     def wrap_for_call(self, obj: Any, name: str, make: Any) -> None:
         """An instance-level wrap of `obj.<name>` for the current pipeline call (a control's, e.g. skip-layer
@@ -332,6 +353,11 @@ class Runtime:
 
     def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
         """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
+        if self.differentiable:  # a loss pass (latent optimisation): the fused Triton kernels are forward-only
+            try:
+                return choose_backend("sdpa", device, features, dense_elements)[0]
+            except BackendError:
+                return "reference"
         if torch.compiler.is_compiling():  # a pure function of constants in a graph: no dict state to guard on
             return choose_backend(self.backend, device, features, dense_elements)[0]
         key = (device.type, features, dense_elements, len(kernels.KERNEL_FAILURES))  # a compile failure re-chooses

@@ -19,6 +19,7 @@ from ..controls.cross_image.p2p import PromptToPrompt
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
+from ..controls.optimize import AStar, AttendExcite, BoxGuidance
 from ..controls.regions import Region, Regions
 from ..controls.reweight import Reweight
 from ..controls.tgate import TGate
@@ -44,6 +45,9 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("ConsistentSubjects", lambda: ConsistentSubjects()),
     ("ReferenceAttention", lambda: ReferenceAttention(_grey())),
     ("PromptToPrompt", lambda: PromptToPrompt()),
+    ("AttendExcite", lambda: AttendExcite(subjects=("cat",))),
+    ("AStar", lambda: AStar(subjects=("cat", "street"))),
+    ("BoxGuidance", lambda: BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)})),
 )
 
 

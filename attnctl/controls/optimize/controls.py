@@ -1,0 +1,438 @@
+"""Test-time latent optimisation on attention maps: Attend-and-Excite, A-STAR and box layout guidance.
+
+All three move the latent at early steps by gradient steps of a loss on the cross-attention maps of some words
+(`engine.LatentOptimizerBound`); they differ in the maps they read and the loss:
+
+- `AttendExcite` (Chefer et al. 2023, "Attend-and-Excite: Attention-Based Semantic Guidance for Text-to-Image
+  Diffusion Models", arXiv:2301.13826): raise the maximum attention of the most neglected subject;
+- `AStar` (Agarwal et al. 2023, "A-STAR: Test-time Attention Segregation and Retention for Text-to-image
+  Synthesis"): keep the subjects' maps apart (segregation) and each subject's map where it was (retention);
+- `BoxGuidance` (Chen, Laina, Vedaldi 2023, "Training-Free Layout Control with Cross-Attention Guidance", backward
+  guidance; BoxDiff's constraints as an option): pull each word's attention mass inside its box.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ...control import BindContext, Control
+from ...denoiser_call import DenoiserCall
+from ...errors import ConfigError, UnsupportedError
+from ...families.base import LayerInfo, ModelAdapter
+from ...selection import LayerSpec, validate_layers
+from ...steps import StepWindow, validate_steps
+from ...tokens import WordQuery, validate_word_query
+from ...validation import choice, integer, number, set_field
+from ..common import TEXT_KINDS, select_kinds, text_layers
+from ..regions.masks import box_coverage, validate_box
+from . import losses
+from .engine import LatentOptimizerBound, word_columns
+
+#: The UNet level whose maps the losses read by default: two 2x downsamplings below the latent (Attend-and-Excite's
+#: 16x16 maps of a 64x64 SD latent; 32x32 on SDXL; 4x4 on the toy-shapes model's 16x16 latent).
+MAP_LEVEL = 2
+
+
+def _subjects(value: Any, owner: str) -> tuple[WordQuery, ...]:
+    if isinstance(value, (str, int)) or not isinstance(value, (tuple, list)) or not value:
+        raise ConfigError(f"{owner}.subjects must be a non-empty list of words, e.g. ['cat', 'dog'], got {value!r}")
+    return tuple(validate_word_query(v, owner=f"{owner}.subjects") for v in value)
+
+
+def _range(value: Any, name: str) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(f"{name} must be a pair (first, last) of positive numbers, got {value!r}")
+    return (number(value[0], name, minimum=0.0, exclusive_minimum=True), number(value[1], name, minimum=0.0, exclusive_minimum=True))
+
+
+@dataclass(frozen=True)
+class _LatentOptimization(Control):
+    """Fields and checks shared by the latent optimisers."""
+
+    needs_words: ClassVar[bool] = True
+    grid_dims: ClassVar[tuple[int, ...]] = (2,)  # maps over a 2-D image-token grid (video: not implemented yet)
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # the loss pass runs the denoiser on the cond rows alone
+    step_cache_refusal: ClassVar[str | None] = (
+        "its loss passes run the denoiser's first layers with gradients outside the cache's schedule"
+    )
+
+    def _check_common(self) -> None:
+        owner = type(self).__name__
+        set_field(self, "scale", number(self.scale, f"{owner}.scale", minimum=0.0))
+        set_field(self, "steps", validate_steps(self.steps))
+        set_field(self, "layers", validate_layers(self.layers))
+
+    def default_layers(self, adapter: ModelAdapter) -> str:
+        return text_layers(adapter)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        layers = select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
+        if self.layers is None:
+            levels = sorted({layer.level for layer in layers})
+            level = MAP_LEVEL if MAP_LEVEL in levels else levels[-1]
+            layers = tuple(layer for layer in layers if layer.level == level)
+        return layers
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if adapter.text_attention not in TEXT_KINDS:
+            raise UnsupportedError(f"attnctl: {type(self).__name__} reads text attention maps; the {adapter.family} family has none")
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"capture": its loss passes read the layer's attention to the words (normal passes are untouched)."""
+        return ("capture",)
+
+
+def _excite_step_size(control: Any, step: int, count: int) -> float:
+    """Attend-and-Excite's step size: `scale * sqrt(r_i)`, r linear from `scale_range[0]` at the first step to
+    `scale_range[1]` at the last."""
+    first, last = control.scale_range
+    r = first if count <= 1 else first + (last - first) * step / (count - 1)
+    return control.scale * math.sqrt(r)
+
+
+@dataclass(frozen=True)
+class AttendExcite(_LatentOptimization, type_name="attend-excite"):
+    """Attend-and-Excite (Chefer et al. 2023, arXiv:2301.13826): at the steps in `steps`, a gradient step on the
+    latent raises the maximum attention of the most neglected subject.
+
+    `subjects`: the words to excite (resolved in every prompt as every control resolves words). `scale`: the
+    step-size factor (paper 20; 0: idle); `scale_range`: the step size is `scale * sqrt(r)`, r linear from the first to
+    the second number over the schedule. `columns`: the text positions the softmax renormalises over, `"all"` but the
+    first and last (the paper's SD 1.x setting) or `"prompt"` (its tokens without start and end: the SD 2.1 setting).
+    `steps`: the window (paper: the first 25 of 50 steps). `refine`:
+    `(fraction, threshold)` pairs, iterative refinement at step `round(fraction * steps)` until every subject's
+    maximum reaches `threshold` (paper: steps 0, 10, 20 of 50 at 0.05, 0.5, 0.8), at most `max_refinement_steps`
+    passes. `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
+    `sigma`: the smoothing (paper 3, 0.5; kernel_size 1: none). `layers`: the cross- or joint-attention layers
+    whose maps are averaged (default: the UNet level two downsamplings below the latent, every text layer of a DiT).
+    """
+
+    subjects: tuple[WordQuery, ...]
+    scale: float = 20.0
+    steps: StepWindow = (0.0, 0.5)
+    refine: tuple[tuple[float, float], ...] = ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))
+    max_refinement_steps: int = 20
+    scale_range: tuple[float, float] = (1.0, 0.5)
+    columns: str = "all"
+    temperature: float = 100.0
+    kernel_size: int = 3
+    sigma: float = 0.5
+    layers: LayerSpec = None
+
+    def __post_init__(self) -> None:
+        set_field(self, "subjects", _subjects(self.subjects, "AttendExcite"))
+        self._check_common()
+        refine = []
+        for pair in self.refine or ():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ConfigError(f"AttendExcite.refine must hold (fraction, threshold) pairs, got {pair!r}")
+            refine.append((number(pair[0], "AttendExcite.refine fraction", minimum=0.0, maximum=1.0),
+                           number(pair[1], "AttendExcite.refine threshold", minimum=0.0, maximum=1.0)))
+        set_field(self, "refine", tuple(refine))
+        integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0)
+        set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
+        set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
+        choice(self.columns, "AttendExcite.columns", COLUMNS)
+        _smoothing(self)
+
+    def bind(self, context: BindContext) -> AttendExciteBound:
+        return AttendExciteBound(self, context)
+
+
+def _smoothing(control: Any) -> None:
+    owner = type(control).__name__
+    size = integer(control.kernel_size, f"{owner}.kernel_size", minimum=1)
+    if size % 2 == 0:
+        raise ConfigError(f"{owner}.kernel_size must be odd, got {size}")
+    set_field(control, "sigma", number(control.sigma, f"{owner}.sigma", minimum=0.0, exclusive_minimum=True))
+
+
+COLUMNS: tuple[str, ...] = ("all", "prompt")
+
+
+def _prompt_end(context: BindContext, owner: str) -> int:
+    """One past the last token of the longest prompt before its end token, in the first text encoder's span."""
+    tokens = context.require_tokens(owner)
+    encoder = tokens.encoders[0]
+    tokenizer, prompts = encoder.tokenizers[0], encoder.prompts[0]
+    longest = max(len(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in prompts)
+    return encoder.offset + min(longest, encoder.limit) - 1
+
+
+def _text_start(context: BindContext, owner: str) -> int:
+    """1 when the first text encoder's tokenizer puts a start token first (CLIP's <sot>, which the paper's `[1:-1]`
+    drops), else 0 (T5 and other tokenizers without one: the first position is a word)."""
+    tokens = context.require_tokens(owner)
+    tokenizer = tokens.encoders[0].tokenizers[0]
+    with_special = list(tokenizer("x", add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    return 1 if with_special[: len(plain)] != plain else 0
+
+
+def _renormalised_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str, which: str = "all") -> tuple[tuple[int, ...], torch.Tensor]:
+    """Attend-and-Excite's columns and the selector (rows, S, W) of each word's tokens among them: `"all"`, every
+    text position but the first and the last (the paper's `[1:-1]`, its SD 1.x setting); `"prompt"`, the prompt's
+    tokens without its start and end tokens (the paper's SD 2.1 setting, `normalize_eot`)."""
+    text_len = context.canvas.text_len
+    stop = text_len - 1 if which == "all" else _prompt_end(context, owner)
+    first = _text_start(context, owner)
+    columns = tuple(range(first, stop))
+    text_len = stop + 1
+    per_row = word_columns(context, words, owner)
+    selector = torch.zeros(context.prompt_rows, len(words), len(columns))
+    for row, per_word in enumerate(per_row):
+        for s, positions in enumerate(per_word):
+            for p in positions:
+                if not first <= p < text_len - 1:
+                    raise ConfigError(f"attnctl: {owner}: the word {words[s]!r} sits at text position {p}, outside the maps read ({first}..{text_len - 2})")
+                selector[row, s, p - first] = 1.0
+    return columns, selector
+
+
+class AttendExciteBound(LatentOptimizerBound):
+    def __init__(self, control: AttendExcite, context: BindContext):
+        columns, selector = _renormalised_columns(context, control.subjects, "AttendExcite", control.columns)
+        super().__init__(control, context, columns, selector)
+        count = context.steps
+        self.refine_at = {round(fraction * count): threshold for fraction, threshold in control.refine}
+
+    def _loss(self, selector: torch.Tensor):
+        c = self.control
+
+        def loss_of(maps: torch.Tensor) -> torch.Tensor:
+            return losses.attend_excite_loss(losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma))
+
+        return loss_of
+
+    def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):
+        c = self.control
+        step = outer.step.index
+        size = _excite_step_size(c, step, outer.step.count)
+        loss_of = self._loss(selector)
+        loss, grad = self.gradient(x, inputs, frame, loss_of)
+        self.losses.append((step, loss.tolist()))
+        threshold = self.refine_at.get(step)
+        if threshold is not None:
+            target = max(0.0, 1.0 - threshold)
+            for _ in range(c.max_refinement_steps):
+                above = loss > target
+                if not bool(above.any()):
+                    break
+                x = x - size * grad * above.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+                loss, grad = self.gradient(x, inputs, frame, loss_of)
+        return x - size * grad
+
+
+@dataclass(frozen=True)
+class AStar(_LatentOptimization, type_name="a-star"):
+    """A-STAR (Agarwal et al. 2023, "A-STAR: Test-time Attention Segregation and Retention for Text-to-image
+    Synthesis"): at the steps in `steps`, a gradient step on the latent that keeps the subjects' attention maps apart
+    (`loss="segregation"`), keeps each subject's map on the region it held at the previous step (`"retention"`), or
+    both (`"both"`, the paper's).
+
+    The maps are Attend-and-Excite's (token probabilities renormalised by a softmax of `temperature` times them over
+    the text tokens, smoothed), each scaled to maximum 1; `threshold` binarises the previous step's maps for the
+    retention loss. The step size is Attend-and-Excite's (`scale * sqrt(r)`). Other fields as `AttendExcite`.
+    """
+
+    subjects: tuple[WordQuery, ...]
+    loss: str = "both"
+    scale: float = 20.0
+    steps: StepWindow = (0.0, 0.5)
+    scale_range: tuple[float, float] = (1.0, 0.5)
+    threshold: float = 0.5
+    columns: str = "all"
+    temperature: float = 100.0
+    kernel_size: int = 3
+    sigma: float = 0.5
+    layers: LayerSpec = None
+
+    LOSSES: ClassVar[tuple[str, ...]] = ("both", "segregation", "retention")
+
+    def __post_init__(self) -> None:
+        set_field(self, "subjects", _subjects(self.subjects, "AStar"))
+        choice(self.loss, "AStar.loss", self.LOSSES)
+        if self.loss != "retention" and len(self.subjects) < 2:
+            raise ConfigError(f"AStar with loss={self.loss!r} needs at least two subjects (segregation is between subjects), got {self.subjects!r}")
+        self._check_common()
+        set_field(self, "scale_range", _range(self.scale_range, "AStar.scale_range"))
+        set_field(self, "threshold", number(self.threshold, "AStar.threshold", minimum=0.0, maximum=1.0))
+        set_field(self, "temperature", number(self.temperature, "AStar.temperature", minimum=0.0, exclusive_minimum=True))
+        choice(self.columns, "AStar.columns", COLUMNS)
+        _smoothing(self)
+
+    def bind(self, context: BindContext) -> AStarBound:
+        return AStarBound(self, context)
+
+
+class AStarBound(LatentOptimizerBound):
+    def __init__(self, control: AStar, context: BindContext):
+        columns, selector = _renormalised_columns(context, control.subjects, "AStar", control.columns)
+        super().__init__(control, context, columns, selector)
+        self.previous: dict[int, torch.Tensor] = {}  # prompt row -> its binarised subject maps of the last step
+
+    def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):
+        c = self.control
+        prompts = tuple(row.prompt for row in frame.rows.rows)
+        previous = [self.previous.get(p) for p in prompts]
+        seen: dict[str, torch.Tensor] = {}
+
+        def loss_of(maps: torch.Tensor) -> torch.Tensor:
+            subjects = losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma)
+            seen["maps"] = subjects.detach()
+            total = subjects.new_zeros(subjects.shape[0])
+            if c.loss in ("both", "segregation"):
+                total = total + losses.segregation_loss(subjects)
+            if c.loss in ("both", "retention") and all(p is not None for p in previous):
+                total = total + losses.retention_loss(subjects, torch.stack(previous))
+            return total
+
+        loss, grad = self.gradient(x, inputs, frame, loss_of)
+        self.losses.append((outer.step.index, loss.tolist()))
+        binary = losses.binarize(seen["maps"], c.threshold)
+        for j, p in enumerate(prompts):
+            self.previous[p] = binary[j]
+        return x - _excite_step_size(c, outer.step.index, outer.step.count) * grad
+
+
+BOX_CONSTRAINTS: tuple[str, ...] = ("ratio", "inner", "outer", "corner")
+
+
+def _boxes(value: Any) -> tuple[tuple[WordQuery, tuple[float, float, float, float]], ...]:
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (tuple, list)):
+        items = list(value)
+    else:
+        raise ConfigError(f"BoxGuidance.boxes must map words to boxes (x0, y0, x1, y1), got {value!r}")
+    out = []
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ConfigError(f"BoxGuidance.boxes must map words to boxes (x0, y0, x1, y1), got the entry {item!r}")
+        word, box = item
+        out.append((validate_word_query(word if not isinstance(word, list) else tuple(word), owner="BoxGuidance.boxes"), validate_box(box, owner="BoxGuidance.boxes")))
+    if not out:
+        raise ConfigError("BoxGuidance.boxes is empty; give at least one word and its box")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
+    """Box layout guidance: backward guidance of Chen, Laina, Vedaldi 2023 ("Training-Free Layout Control with
+    Cross-Attention Guidance"): at the steps in `steps`, up to `iterations` gradient steps per step on the loss
+    `sum_words (1 - mass inside the word's box / total mass)^2` of the words' cross-attention maps, while it is above
+    `loss_threshold`; step size `scale * sigma_t^2` (`sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t`; flow matching:
+    `(sigma / (1 - sigma))^2`).
+
+    `boxes`: `{word: (x0, y0, x1, y1)}` in relative image coordinates (x right, y down), as `Region` boxes.
+    `constraints`: `("ratio",)` (Chen et al., default) and / or BoxDiff's `"inner"`, `"outer"`, `"corner"` (Xie et al.
+    2023), whose top-k means use the top `topk` fraction. With `Regions`: `BoxGuidance.from_regions(regions, words)`
+    gives each word its region's box.
+    """
+
+    boxes: Any
+    scale: float = 30.0
+    steps: StepWindow = (0.0, 0.2)
+    iterations: int = 5
+    loss_threshold: float = 0.2
+    constraints: tuple[str, ...] = ("ratio",)
+    topk: float = 0.8
+    layers: LayerSpec = None
+
+    def __post_init__(self) -> None:
+        set_field(self, "boxes", _boxes(self.boxes))
+        self._check_common()
+        integer(self.iterations, "BoxGuidance.iterations", minimum=1)
+        set_field(self, "loss_threshold", number(self.loss_threshold, "BoxGuidance.loss_threshold", minimum=0.0))
+        constraints = (self.constraints,) if isinstance(self.constraints, str) else tuple(self.constraints or ())
+        if not constraints:
+            raise ConfigError(f"BoxGuidance.constraints must name at least one of {', '.join(BOX_CONSTRAINTS)}")
+        for name in constraints:
+            choice(name, "BoxGuidance.constraints", BOX_CONSTRAINTS)
+        set_field(self, "constraints", tuple(dict.fromkeys(constraints)))
+        set_field(self, "topk", number(self.topk, "BoxGuidance.topk", minimum=0.0, maximum=1.0, exclusive_minimum=True))
+
+    @staticmethod
+    def from_regions(regions: Any, words: Any, **fields: Any) -> BoxGuidance:
+        """Box guidance whose boxes are the boxes of `regions` (a `Regions` or a list of `Region`): `words[i]` (a
+        word of the base prompt) gets the box of the i-th region; regions with a mask instead of a box are refused."""
+        listed = tuple(getattr(regions, "regions", regions))
+        words = (words,) if isinstance(words, str) else tuple(words)
+        if len(words) != len(listed):
+            raise ConfigError(f"BoxGuidance.from_regions: {len(listed)} region(s) but {len(words)} word(s) {words!r}; give one word per region")
+        boxes = []
+        for word, region in zip(words, listed):
+            if getattr(region, "box", None) is None or isinstance(region.box, list):
+                raise ConfigError(f"BoxGuidance.from_regions: the region {region.prompt!r} has no single box (masks are not boxes)")
+            boxes.append((word, tuple(region.box)))
+        return BoxGuidance(boxes=tuple(boxes), **fields)
+
+    def bind(self, context: BindContext) -> BoxGuidanceBound:
+        return BoxGuidanceBound(self, context)
+
+
+class BoxGuidanceBound(LatentOptimizerBound):
+    def __init__(self, control: BoxGuidance, context: BindContext):
+        words = tuple(word for word, _ in control.boxes)
+        per_row = word_columns(context, words, "BoxGuidance")
+        columns = tuple(sorted({p for per_word in per_row for positions in per_word for p in positions}))
+        where = {p: i for i, p in enumerate(columns)}
+        selector = torch.zeros(context.prompt_rows, len(words), len(columns))
+        for row, per_word in enumerate(per_row):
+            for s, positions in enumerate(per_word):
+                for p in positions:
+                    selector[row, s, where[p]] = 1.0
+        super().__init__(control, context, columns, selector)
+        self.masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float().to(context.device)
+
+    def _loss(self, maps: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
+        c = self.control
+        words = losses.word_maps(maps, selector)
+        total = words.new_zeros(words.shape[0])
+        if "ratio" in c.constraints:
+            total = total + losses.box_ratio_loss(words, self.masks)
+        rest = tuple(name for name in c.constraints if name != "ratio")
+        if rest:
+            total = total + losses.boxdiff_loss(words, self.masks, rest, c.topk)
+        return total
+
+    def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):
+        c = self.control
+        size = c.scale * noise_variance(self.scheduler, inputs.get("timestep"), self.context)
+
+        def loss_of(maps: torch.Tensor) -> torch.Tensor:
+            return self._loss(maps, selector)
+
+        for iteration in range(c.iterations):
+            loss, grad = self.gradient(x, inputs, frame, loss_of)
+            if iteration == 0:
+                self.losses.append((outer.step.index, loss.tolist()))
+            above = loss > c.loss_threshold
+            if not bool(above.any()):
+                break
+            x = x - size * grad * above.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return x
+
+
+def noise_variance(scheduler: Any, timestep: Any, context: BindContext) -> float:
+    """`sigma_t^2` of Chen et al.'s step size at `timestep`: `(1 - alpha_bar) / alpha_bar` for schedulers with
+    `alphas_cumprod`, `(sigma / (1 - sigma))^2` with `sigma = t / num_train_timesteps` for flow matching (read once
+    per step, on the host)."""
+    t = timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else float(timestep)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is not None:
+        a = float(alphas[int(round(t))])
+        return (1.0 - a) / a
+    train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000
+    sigma = min(max(t / train if t > 1.0 else t, 0.0), 0.999)
+    return min((sigma / (1.0 - sigma)) ** 2, MAX_NOISE_VARIANCE)
+
+
+#: The cap of `noise_variance` for flow matching, whose `(sigma / (1 - sigma))^2` is unbounded at sigma = 1: about the
+#: largest `(1 - alpha_bar) / alpha_bar` of Stable Diffusion's schedule (212 at t = 999).
+MAX_NOISE_VARIANCE = 212.0

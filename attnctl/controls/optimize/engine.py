@@ -1,0 +1,233 @@
+"""The machinery shared by the latent optimisers: loss passes through the denoiser and gradient steps on the latent.
+
+At a step inside the control's window, before the denoiser call of that step (`Bound.transform_inputs`, which the
+denoiser's pre-hook calls), the cond rows' latents go through a *loss pass*: an extra forward of the denoiser
+(`BindContext.run_denoiser`: every attention op on a backend autograd can differentiate) under
+`torch.enable_grad` (and outside inference mode, on clones of the inputs). A hook on the map layers computes the
+head-averaged probabilities of the token columns the loss reads (`word_attention`: one fused SDPA call whose values
+are the columns' indicators, never an N x N matrix) and, once the last map layer has been read, stops the forward
+with a private exception: later layers cost nothing. The loss's gradient with respect to the latent gives the step
+`x <- x - step_size * grad`. The denoiser call of the step then runs on the updated latent for every row of that
+image (the uncond rows carry no loss but share the latent, as in the paper's code), and the scheduler's `step` is
+given the updated latent too (an instance-level wrap owned by the handle), so that the update persists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...control import BindContext, Bound
+from ...denoiser_call import DenoiserCall, Row, RowLayout
+from ...errors import CallLayoutError, TokenError, UnsupportedError
+from ...families.base import LayerInfo
+from ...kernels.semantics import block_bias
+from ...kernels.spec import AttentionSpec
+from ...processors.chain import token_layout
+from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
+from ...tokens import WordQuery
+from ..common import RowIndex
+from ..maps.capture import word_attention
+
+LOSS_PASS = "latent-optimisation"
+
+
+class _MapsRead(Exception):
+    """Raised by the map hook after the last map layer of a loss pass: the rest of the forward is not needed."""
+
+
+class _MapHook(LayerHook):
+    def __init__(self, bound: LatentOptimizerBound):
+        self.bound = bound
+
+    def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
+        if token_layout(call).sub:  # a sub-attention another control runs is not the layer's map
+            return compute(q, k, v, spec)
+        self.bound.record(call, q, k, spec)
+        if len(self.bound.read) == len(self.bound.layers):
+            raise _MapsRead
+        return compute(q, k, v, spec)
+
+
+def _normal(value: Any) -> Any:
+    """Tensors that autograd may save (inference-mode tensors cloned), in the same containers."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, dict):
+        return {key: _normal(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_normal(item) for item in value)
+    return value
+
+
+def word_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str) -> list[list[tuple[int, ...]]]:
+    """Per prompt row, per word: its token positions in the text sequence (`PromptTokens.positions`)."""
+    tokens = context.require_tokens(owner)
+    out = []
+    for row in range(context.prompt_rows):
+        per_word = []
+        for word in words:
+            positions = tokens.positions(word, row)
+            if not positions:
+                raise TokenError(f"attnctl: {owner}: the word {word!r} is not in prompt row {row}")
+            per_word.append(tuple(positions))
+        out.append(per_word)
+    return out
+
+
+class LatentOptimizerBound(Bound):
+    """A latent optimiser bound to one pipeline call. Subclasses say which token columns the loss reads
+    (`columns`, `selector`) and how a step optimises (`optimise_step`)."""
+
+    def __init__(self, control: Any, context: BindContext, columns: tuple[int, ...], selector: torch.Tensor):
+        super().__init__(control, context.layers, control.steps)
+        self.context = context
+        self.steps_count = context.steps
+        self.main_input = context.adapter.batched_inputs[0]
+        self.columns = columns  # text positions whose maps the loss reads
+        self.selector = selector.to(context.device)  # (prompt rows, S, W): the columns of each subject / word
+        self.grid = max((context.canvas.grid_at(layer.level) for layer in context.layers), key=lambda hw: hw[0] * hw[1])
+        self.index = RowIndex()
+        self.hook = _MapHook(self)
+        self._edit = Edit(hooks=(self.hook,))
+        self.read: dict[int, torch.Tensor] = {}  # layer index -> (n, W, h, w) maps of the loss pass in progress
+        self.updates: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # step -> prompt -> (old, new)
+        self.losses: list[tuple[int, list[float]]] = []  # (step, per-image loss before its update), for reports
+        self._scheduler_wrapped = False
+        scheduler = getattr(context.pipeline, "scheduler", None)
+        if scheduler is None or not callable(getattr(scheduler, "step", None)):
+            raise UnsupportedError(f"attnctl: {type(control).__name__} needs the pipeline's scheduler (pipe.scheduler.step) to carry the updated latent")
+        self.scheduler = scheduler
+        self._signature = inspect.signature(type(scheduler).step)
+        context.wrap_method(scheduler, "step", self._wrap_step)
+
+    # -- the loss pass ----------------------------------------------------------------------------------------
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        return self._edit if frame.extra_pass == LOSS_PASS else None
+
+    def record(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
+        geometry = call.geometry
+        image = geometry.image_slice
+        key_text = geometry.key_text_slice
+        n_keys = k.shape[2]
+        rows = q.shape[0]
+        selector = q.new_zeros(rows, len(self.columns), n_keys, dtype=torch.float32)
+        positions = torch.tensor([key_text.start + c for c in self.columns], device=q.device)
+        selector[:, torch.arange(len(self.columns), device=q.device), positions] = 1.0
+        keys = slice(0, n_keys)
+
+        def bias(lo: int, hi: int) -> torch.Tensor | None:
+            return block_bias(spec, slice(image.start + lo, image.start + hi), keys, q.device)
+
+        maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias)  # (n, Ni, W) float32
+        h, w = geometry.image_hw
+        maps = maps.transpose(1, 2).reshape(rows, len(self.columns), h, w)
+        if (h, w) != self.grid:
+            maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
+        self.read[call.layer.index] = maps
+
+    def loss_maps(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall) -> torch.Tensor:
+        """The layer-averaged maps (n, W, h, w) of a loss pass at latent `x` (differentiable in `x`)."""
+        self.read = {}
+        run = dict(inputs)
+        run[self.main_input] = x
+        try:
+            self.context.run_denoiser(run, frame)
+        except _MapsRead:
+            pass
+        if len(self.read) != len(self.layers):
+            missing = [layer.name for layer in self.layers if layer.index not in self.read]
+            raise UnsupportedError(
+                f"attnctl: {type(self.control).__name__} read no attention map at {', '.join(missing)} in its loss pass "
+                "(another control on those layers computes their attention itself, or the layers did not run)"
+            )
+        maps = torch.stack(list(self.read.values())).mean(dim=0)
+        self.read = {}
+        return maps
+
+    # -- the step -----------------------------------------------------------------------------------------------
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
+        step = frame.step.index
+        if frame.extra_pass is not None or self.control.scale == 0:
+            return inputs
+        if step not in self.updates:
+            cond = frame.rows.indices("cond", None)
+            if not cond:
+                return inputs
+            self.updates = {step: self._optimise(frame, inputs, cond)}
+        updates = self.updates[step]
+        latents = inputs[self.main_input]
+        rows = [i for i, row in enumerate(frame.rows.rows) if row.prompt in updates]
+        if not rows:
+            return inputs
+        new = latents.clone()
+        for i in rows:
+            new[i] = updates[frame.rows.rows[i].prompt][1].to(new.dtype)
+        out = dict(inputs)
+        out[self.main_input] = new
+        return out
+
+    def _optimise(self, frame: DenoiserCall, inputs: dict[str, Any], cond: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        prompts = tuple(frame.rows.rows[i].prompt for i in cond)
+        narrow = self.context.select_rows(inputs, cond)
+        with torch.inference_mode(False), torch.enable_grad():
+            narrow = _normal(narrow)
+            start = narrow[self.main_input].detach().clone()
+            rows = RowLayout(tuple(Row("cond", p) for p in prompts))
+            loss_frame = dataclasses.replace(frame, rows=rows, inputs=narrow, extra_pass=LOSS_PASS)
+            selector = self.selector.index_select(0, self.index(prompts, self.selector.device))
+            x = self.optimise_step(start, narrow, loss_frame, selector, frame)
+        return {p: (start[j].detach(), x[j].detach()) for j, p in enumerate(prompts)}
+
+    def gradient(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall,
+                 loss_of: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-image loss (n,), its gradient with respect to `x`) of one loss pass."""
+        x = x.detach().requires_grad_(True)
+        losses = loss_of(self.loss_maps(x, inputs, frame))
+        if not losses.requires_grad:
+            return losses.detach(), torch.zeros_like(x)
+        (grad,) = torch.autograd.grad(losses.sum(), [x])
+        return losses.detach(), grad
+
+    def optimise_step(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall, selector: torch.Tensor,
+                      outer: DenoiserCall) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the scheduler --------------------------------------------------------------------------------------------
+    def _wrap_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self.updates:
+                (updates,) = self.updates.values()
+                self.updates = {}
+                bound = self._signature.bind(self.scheduler, *args, **kwargs)
+                bound.arguments["sample"] = self._updated_sample(bound.arguments["sample"], updates)
+                args, kwargs = bound.args[1:], bound.kwargs
+            return original(*args, **kwargs)
+
+        return step
+
+    def _updated_sample(self, sample: torch.Tensor, updates: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The scheduler's sample with each image's latent moved by its update. The denoiser's input may be the
+        sample scaled (`scale_model_input`, Euler-type schedulers): the scale is read as the least-squares ratio of
+        the input to the sample, and the update is divided by it."""
+        out = sample.clone()
+        for prompt, (old, new) in updates.items():
+            if prompt >= sample.shape[0] or sample[prompt].numel() != old.numel():
+                raise CallLayoutError(
+                    f"attnctl: {type(self.control).__name__}: the scheduler's sample has shape {tuple(sample.shape)}, which does "
+                    f"not hold the denoiser's latent of image {prompt} ({tuple(old.shape)}); this pipeline is not supported"
+                )
+            s = sample[prompt].reshape(old.shape).to(old.dtype)
+            ratio = (old * s).sum() / (s * s).sum().clamp(min=1e-20)
+            out[prompt] = (s + (new - old) / ratio).reshape(sample[prompt].shape).to(sample.dtype)
+        return out
+
+    def finish(self) -> None:
+        self.updates = {}
+        self.read = {}
+        self.index.clear()

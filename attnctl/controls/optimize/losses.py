@@ -1,0 +1,131 @@
+"""The losses of test-time latent optimisation on attention maps, as pure functions of the maps.
+
+Every function takes head- and layer-averaged cross-attention maps of the image tokens, one row per image:
+`maps` (n, W, h, w) are attention probabilities of the W token columns the control reads, and a `selector`
+(n, S, W) sums the columns of each subject (a word of several tokens sums its tokens). They return one loss per
+image, shape (n,), differentiable in `maps`. Definitions: docs/methods.md, "Latent optimisation on attention maps".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def smoothing_kernel(kernel_size: int, sigma: float, device: torch.device | None = None) -> torch.Tensor:
+    """The (k, k) smoothing kernel of Attend-and-Excite's code: weights proportional to `exp(-(d / (2 sigma))^2)`
+    per axis (a Gaussian of standard deviation `sigma * sqrt(2)`), normalised to sum 1."""
+    centre = (kernel_size - 1) / 2
+    d = torch.arange(kernel_size, dtype=torch.float32, device=device) - centre
+    line = torch.exp(-((d / (2 * sigma)) ** 2))
+    kernel = line[:, None] * line[None, :]
+    return kernel / kernel.sum()
+
+
+def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """`maps` (..., h, w) convolved with `smoothing_kernel` after reflect padding (replicate where the map is too
+    small to reflect), same size out."""
+    shape = maps.shape
+    flat = maps.reshape(-1, 1, shape[-2], shape[-1])
+    pad = kernel_size // 2
+    mode = "reflect" if min(shape[-2:]) > pad else "replicate"
+    padded = F.pad(flat, (pad, pad, pad, pad), mode=mode)
+    kernel = smoothing_kernel(kernel_size, sigma, maps.device).to(maps.dtype)
+    return F.conv2d(padded, kernel[None, None]).reshape(shape)
+
+
+def excite_maps(maps: torch.Tensor, selector: torch.Tensor, temperature: float = 100.0, kernel_size: int = 3,
+                sigma: float = 0.5) -> torch.Tensor:
+    """Attend-and-Excite's subject maps (n, S, h, w): the token probabilities renormalised over the W columns by a
+    softmax of `temperature` times them, each subject's columns summed, then smoothed (`kernel_size` 0: not)."""
+    renormalised = torch.softmax(maps * temperature, dim=1)
+    subjects = torch.einsum("nsw,nwhk->nshk", selector.to(maps.dtype), renormalised)
+    return smooth(subjects, kernel_size, sigma) if kernel_size > 1 else subjects
+
+
+def attend_excite_loss(subject_maps: torch.Tensor) -> torch.Tensor:
+    """Chefer et al. 2023, eq. 1: the most neglected subject's `max(0, 1 - max_x A_s(x))`, per image (n,)."""
+    peaks = subject_maps.flatten(2).amax(dim=2)  # (n, S)
+    return (1.0 - peaks).clamp(min=0.0).amax(dim=1)
+
+
+def _unit(maps: torch.Tensor) -> torch.Tensor:
+    """Each map divided by its maximum (maps in [0, 1])."""
+    return maps / maps.flatten(2).amax(dim=2)[..., None, None].clamp(min=1e-12)
+
+
+def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`sum min(a, b) / sum max(a, b)` over the last two dimensions."""
+    return torch.minimum(a, b).flatten(-2).sum(-1) / torch.maximum(a, b).flatten(-2).sum(-1).clamp(min=1e-12)
+
+
+def segregation_loss(subject_maps: torch.Tensor) -> torch.Tensor:
+    """A-STAR's attention segregation (Agarwal et al. 2023): the overlap of every pair of subjects' maps, each map
+    scaled to maximum 1, as a soft IoU, summed over the pairs; per image (n,)."""
+    unit = _unit(subject_maps)
+    n, s = unit.shape[:2]
+    total = unit.new_zeros(n)
+    for i in range(s):
+        for j in range(i + 1, s):
+            total = total + soft_iou(unit[:, i], unit[:, j])
+    return total
+
+
+def binarize(subject_maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Each map scaled to maximum 1 and cut at `threshold`: 1.0 where it reaches it, else 0.0 (no gradient)."""
+    return (_unit(subject_maps.detach()) >= threshold).to(subject_maps.dtype)
+
+
+def retention_loss(subject_maps: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """A-STAR's attention retention: each subject's map (scaled to maximum 1) against its binarised map from the
+    previous step `previous` (n, S, h, w): `1 - soft IoU`, summed over the subjects; per image (n,)."""
+    return (1.0 - soft_iou(_unit(subject_maps), previous)).sum(dim=1)
+
+
+def word_maps(maps: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
+    """Each word's map (n, S, h, w): the probabilities of its token columns summed."""
+    return torch.einsum("nsw,nwhk->nshk", selector.to(maps.dtype), maps)
+
+
+def box_ratio_loss(words: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Backward guidance of Chen, Laina, Vedaldi 2023 ("Training-Free Layout Control with Cross-Attention
+    Guidance", eq. 3): per word `(1 - sum_box A / sum A)^2`, summed over the words; `boxes` (S, h, w) in [0, 1]
+    (each cell's fraction inside the box); per image (n,)."""
+    inside = (words * boxes).flatten(2).sum(-1)
+    total = words.flatten(2).sum(-1).clamp(min=1e-12)
+    return ((1.0 - inside / total) ** 2).sum(dim=1)
+
+
+def _topk_mean(values: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the top `fraction` of `values` (n, S, P) among the positions where `weight` (S, P) > 0.5."""
+    out = []
+    for s in range(values.shape[1]):
+        chosen = values[:, s, weight[s] > 0.5]
+        if chosen.shape[1] == 0:
+            out.append(values.new_zeros(values.shape[0]))
+            continue
+        k = max(1, math.ceil(fraction * chosen.shape[1]))
+        out.append(chosen.topk(k, dim=1).values.mean(dim=1))
+    return torch.stack(out, dim=1)
+
+
+def boxdiff_loss(words: torch.Tensor, boxes: torch.Tensor, constraints: tuple[str, ...], fraction: float = 0.8) -> torch.Tensor:
+    """BoxDiff's constraints (Xie et al. 2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained
+    Diffusion"), on each word's map scaled to maximum 1: `inner` = 1 - mean of the top `fraction` inside the box,
+    `outer` = mean of the top `fraction` outside it, `corner` = mean |projection - box indicator| of the map's
+    maximum over rows (onto x) and over columns (onto y); summed over the constraints and words; per image (n,)."""
+    unit = _unit(words)
+    flat = unit.flatten(2)
+    hard = (boxes >= 0.5).to(unit.dtype)
+    total = unit.new_zeros(unit.shape[0], unit.shape[1])
+    if "inner" in constraints:
+        total = total + 1.0 - _topk_mean(flat, hard.flatten(1), fraction)
+    if "outer" in constraints:
+        total = total + _topk_mean(flat, 1.0 - hard.flatten(1), fraction)
+    if "corner" in constraints:
+        on_x = hard.amax(dim=1)  # (S, w)
+        on_y = hard.amax(dim=2)  # (S, h)
+        total = total + (unit.amax(dim=2) - on_x).abs().mean(-1) + (unit.amax(dim=3) - on_y).abs().mean(-1)
+    return total.sum(dim=1)

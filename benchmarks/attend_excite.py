@@ -1,0 +1,146 @@
+"""Latent optimisation on attention maps on the embedded toy-shapes model (docs/methods.md, "Latent optimisation
+on attention maps"); the truth comes from the pixels (attnctl.toy.analysis).
+
+- two objects, no position words ("a red circle and a blue square"): the rate of images with both colours present,
+  stock against AttendExcite and AStar (subjects: the two shape words), same prompts and seeds;
+- one object with a box in the left or right half, no position word ("a red circle"): the rate of images whose
+  object's colour centroid lies in the box's half, stock against Regions([Region(prompt, box)]) and BoxGuidance;
+- the cost: wall time per call against a plain call, and the peak memory of one 256x256 call against a plain one, in
+  the same run (CPU: the growth of a fresh process's peak resident set, getrusage ru_maxrss, in that call, over the
+  process after loading the model and one 32x32 stock call).
+
+    python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
+    python benchmarks/attend_excite.py --quick     # 8 of each (the CI-sized run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import attnctl
+from attnctl.toy import CALL_DEFAULTS, analysis, load_toy_shapes
+from attnctl.toy.data import COLORS, SHAPES
+
+
+def two_object_cases(n: int) -> list[tuple[str, str, str, str, int]]:
+    cases = []
+    for i in range(n):
+        c1, c2 = COLORS[i % len(COLORS)], COLORS[(i // len(COLORS) + 1 + i) % len(COLORS)]
+        if c2 == c1:
+            c2 = COLORS[(COLORS.index(c1) + 1) % len(COLORS)]
+        s1, s2 = SHAPES[i % 3], SHAPES[(i // 3 + 1 + i) % 3]
+        cases.append((c1, s1, c2, s2, i))
+    return cases
+
+
+def box_cases(n: int) -> list[tuple[str, str, tuple[float, float, float, float], int]]:
+    return [(COLORS[i % len(COLORS)], SHAPES[(i // len(COLORS)) % 3], (0.0, 0.0, 0.5, 1.0) if i % 2 == 0 else (0.5, 0.0, 1.0, 1.0), i)
+            for i in range(n)]
+
+
+#: Box guidance settings that read better on the toy model than the paper's (docs/methods.md): the 8x8 level, whose
+#: early maps of the shape word sit on the object (the 4x4 level's sit on the background), BoxDiff's constraints,
+#: and a longer window.
+TOY_BOX = {"layers": ("down_blocks.1", "up_blocks.1"), "constraints": ("inner", "outer", "corner"), "scale": 10.0,
+           "steps": (0.0, 0.6), "iterations": 3, "loss_threshold": 0.0}
+
+
+def call(pipe, prompt: str, seed: int, controls: list) -> object:
+    with attnctl.apply(pipe, controls):
+        return pipe(prompt, generator=torch.Generator().manual_seed(seed), **CALL_DEFAULTS).images[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 prompt-seed pairs of each kind")
+    parser.add_argument("--pairs", type=int, default=96)
+    parser.add_argument("--boxes", type=int, default=48)
+    parser.add_argument("--out", default=None, help="unused (the smoke test passes it)")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child)
+        return
+    if args.quick:
+        args.pairs = args.boxes = 8
+    torch.set_num_threads(1)
+    pipe = load_toy_shapes()
+    pipe.set_progress_bar_config(disable=True)
+
+    two = {"stock": lambda s1, s2: [], "AttendExcite": lambda s1, s2: [attnctl.AttendExcite(subjects=[s1, s2])],
+           "AStar": lambda s1, s2: [attnctl.AStar(subjects=[s1, s2])]}
+    seconds = {name: 0.0 for name in two}
+    present = {name: 0 for name in two}
+    for c1, s1, c2, s2, seed in two_object_cases(args.pairs):
+        prompt = f"a {c1} {s1} and a {c2} {s2}"
+        for name, make in two.items():
+            start = time.perf_counter()
+            image = call(pipe, prompt, seed, make(s1, s2))
+            seconds[name] += time.perf_counter() - start
+            present[name] += analysis.check_two(image, [(c1, s1, None), (c2, s2, None)])["colors"]
+    print(f"two objects, no positions, {args.pairs} prompt-seed pairs: both colours present")
+    for name in two:
+        print(f"  {name:13s} {present[name] / args.pairs:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
+
+    boxed = {"stock": lambda prompt, shape, box: [], "Regions": lambda prompt, shape, box: [attnctl.Regions([attnctl.Region(prompt, box=box)])],
+             "BoxGuidance": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box})],
+             "BoxGuidance+": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **TOY_BOX)]}
+    inside = {name: 0 for name in boxed}
+    seconds = {name: 0.0 for name in boxed}
+    for color, shape, box, seed in box_cases(args.boxes):
+        prompt = f"a {color} {shape}"
+        for name, make in boxed.items():
+            start = time.perf_counter()
+            image = call(pipe, prompt, seed, make(prompt, shape, box))
+            seconds[name] += time.perf_counter() - start
+            centre = analysis.centroid(analysis.color_masks(image)[color])
+            inside[name] += centre is not None and (centre[0] < 16) == (box[0] == 0.0)
+    print(f"one object with a box in the left or right half, {args.boxes} seeds: colour centroid inside the box "
+          f"(BoxGuidance+: {TOY_BOX})")
+    for name in boxed:
+        print(f"  {name:13s} {inside[name] / args.boxes:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
+
+    peaks = {name: _peak_in_child(name) for name in MEMORY_CASES}
+    print(f"peak memory of one {MEMORY_SIZE}x{MEMORY_SIZE} call (a fresh process per method: growth of the peak resident set, "
+          "getrusage ru_maxrss, over the process after loading the model and one 32x32 stock call): " + ", ".join(f"{name} +{peak / 2**20:.1f} MiB" for name, peak in peaks.items()))
+
+
+MEMORY_CASES = {
+    "stock": lambda: [],
+    "AttendExcite": lambda: [attnctl.AttendExcite(subjects=["circle", "square"])],
+    "AStar": lambda: [attnctl.AStar(subjects=["circle", "square"])],
+    "BoxGuidance": lambda: [attnctl.BoxGuidance({"circle": (0.0, 0.0, 0.5, 1.0)})],
+}
+
+
+#: The image side of the memory measurement (the toy model runs at any multiple of 8; 32 is its training size).
+MEMORY_SIZE = 256
+
+
+def _peak_in_child(name: str) -> int:
+    """Bytes the peak resident set of a fresh process grows by in one call with `name`'s controls, after the model is
+    loaded and one stock call has run (so the stock call's own working set is the baseline)."""
+    output = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True, check=True).stdout
+    return int(output.strip().splitlines()[-1])
+
+
+def _memory_child(name: str) -> None:
+    torch.set_num_threads(1)
+    pipe = load_toy_shapes()
+    pipe.set_progress_bar_config(disable=True)
+    call(pipe, "a red circle and a blue square", 0, [])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with attnctl.apply(pipe, MEMORY_CASES[name]()):  # a larger canvas, so that the call's working set shows in the RSS
+        pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0),
+             **{**CALL_DEFAULTS, "height": MEMORY_SIZE, "width": MEMORY_SIZE})
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # ru_maxrss is in KiB on Linux
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Attend-and-Excite, A-STAR and box layout guidance (attnctl.controls.optimize) against eager references written
+from the papers' definitions: the loss values, the gradient step on the latent (full materialised attention and
+autograd through the stock UNet), bitwise stock when idle, and the families it runs on or is refused on."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
+
+import attnctl
+from attnctl.controls.optimize import losses
+
+from .helpers import generate
+
+PROMPT = "a photo of a cat"
+
+
+# -- the losses, from the definitions -------------------------------------------------------------------------
+def _paper_kernel(size: int, sigma: float) -> torch.Tensor:
+    # Attend-and-Excite's GaussianSmoothing: prod over axes of 1/(sigma sqrt(2 pi)) exp(-((x - mean) / (2 sigma))^2), normalised
+    kernel = torch.ones(size, size)
+    grids = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    for grid in grids:
+        mean = (size - 1) / 2
+        kernel = kernel * (1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((grid - mean) / (2 * sigma)) ** 2)))
+    return kernel / kernel.sum()
+
+
+def _paper_excite_loss(probabilities: torch.Tensor, subject_columns: list[int]) -> torch.Tensor:
+    """probabilities (h, w, T) averaged over heads and layers; the paper's `_compute_max_attention_per_index` and
+    `_compute_loss` (smoothing on, sigma 0.5, kernel 3, reflect padding 1)."""
+    text = probabilities[:, :, 1:-1] * 100
+    text = torch.softmax(text, dim=-1)
+    kernel = _paper_kernel(3, 0.5)
+    peaks = []
+    for index in subject_columns:
+        image = text[:, :, index - 1]
+        padded = F.pad(image[None, None], (1, 1, 1, 1), mode="reflect")
+        peaks.append(F.conv2d(padded, kernel[None, None])[0, 0].max())
+    return max(torch.clamp(1.0 - p, min=0.0) for p in peaks)
+
+
+def test_losses_match_their_definitions():
+    torch.manual_seed(0)
+    maps = torch.rand(2, 3, 5, 6)
+    maps = maps / maps.sum(dim=1, keepdim=True)
+    # A-STAR segregation: soft IoU (sum min / sum max) of each pair of max-normalised maps
+    unit = maps / maps.amax(dim=(2, 3), keepdim=True)
+    expected = torch.zeros(2)
+    for n in range(2):
+        for i in range(3):
+            for j in range(i + 1, 3):
+                expected[n] += torch.minimum(unit[n, i], unit[n, j]).sum() / torch.maximum(unit[n, i], unit[n, j]).sum()
+    torch.testing.assert_close(losses.segregation_loss(maps), expected)
+    # retention: 1 - soft IoU with the previous binarised map
+    previous = (torch.rand(2, 3, 5, 6) > 0.5).float()
+    expected = torch.stack([sum(1 - torch.minimum(unit[n, i], previous[n, i]).sum() / torch.maximum(unit[n, i], previous[n, i]).sum()
+                                for i in range(3)) for n in range(2)])
+    torch.testing.assert_close(losses.retention_loss(maps, previous), expected)
+    # Chen et al.: (1 - mass in box / mass)^2 summed over words
+    boxes = torch.zeros(3, 5, 6)
+    boxes[0, :, :3] = 1
+    boxes[1, 2:, :] = 1
+    boxes[2, 1:4, 1:5] = 1
+    expected = torch.stack([sum((1 - (maps[n, s] * boxes[s]).sum() / maps[n, s].sum()) ** 2 for s in range(3)) for n in range(2)])
+    torch.testing.assert_close(losses.box_ratio_loss(maps, boxes), expected)
+
+
+def test_attend_excite_loss_matches_the_paper_code():
+    torch.manual_seed(1)
+    probabilities = torch.softmax(torch.randn(8, 8, 12) * 3, dim=-1)  # (h, w, T)
+    columns = torch.arange(1, 11)
+    maps = probabilities.permute(2, 0, 1)[columns][None]  # (1, W, h, w)
+    selector = torch.zeros(1, 2, 10)
+    selector[0, 0, 2] = 1  # text position 3
+    selector[0, 1, 6] = 1  # text position 7
+    ours = losses.attend_excite_loss(losses.excite_maps(maps, selector))
+    torch.testing.assert_close(ours[0], _paper_excite_loss(probabilities, [3, 7]))
+
+
+# -- the gradient step through the model -------------------------------------------------------------------------
+class _Recording(AttnProcessor):
+    """diffusers' eager AttnProcessor (explicit softmax); records the probabilities of cross-attention calls."""
+
+    def __init__(self, store: list):
+        super().__init__()
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if encoder_hidden_states is not None:
+            original = attn.get_attention_scores
+
+            def scores(query, key, mask=None):
+                probs = original(query, key, mask)
+                self.store.append(probs)
+                return probs
+
+            attn.get_attention_scores = scores
+            try:
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            finally:
+                del attn.get_attention_scores
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def _capture_inputs(unet):
+    seen = []
+
+    signature = inspect.signature(type(unet).forward)
+
+    def pre(module, args, kwargs):
+        given = signature.bind(module, *args, **kwargs).arguments
+        sample = given["sample"]
+        seen.append({"sample": sample.detach().clone(), "timestep": given["timestep"],
+                     "encoder_hidden_states": given["encoder_hidden_states"].detach().clone(), "grad": sample.requires_grad})
+
+    return seen, unet.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_attend_excite_gradient_step_matches_autograd_through_full_attention(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    control = attnctl.AttendExcite(subjects=["cat"], steps=(0.0, 0.5), refine=(), layers="cross")
+    with attnctl.apply(pipe, [control]):
+        seen, hook = _capture_inputs(pipe.unet)
+        try:
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+        finally:
+            hook.remove()
+    loss_pass = seen[0]  # the first call: the loss pass on the cond row, with gradients
+    assert loss_pass["grad"] and loss_pass["sample"].shape[0] == 1
+    updated = next(call for call in seen if not call["grad"])["sample"]  # the step's call: [uncond, cond]
+    # the reference: the stock UNet with eager attention, every cross-attention map materialised, autograd
+    store: list = []
+    saved = pipe.unet.attn_processors
+    pipe.unet.set_attn_processor(_Recording(store))
+    try:
+        with torch.enable_grad():
+            x = loss_pass["sample"].clone().requires_grad_(True)
+            pipe.unet(x, loss_pass["timestep"], encoder_hidden_states=loss_pass["encoder_hidden_states"])
+            grid = int(math.isqrt(store[0].shape[1]))
+            maps = []
+            for probs in store:  # (heads, N, T): head average, resized to the finest grid
+                side = int(math.isqrt(probs.shape[1]))
+                image = probs.mean(0).T.reshape(1, -1, side, side)
+                maps.append(F.interpolate(image, size=(grid, grid), mode="bilinear", align_corners=False)[0])
+            probabilities = torch.stack(maps).mean(0).permute(1, 2, 0)
+            position = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
+            loss = _paper_excite_loss(probabilities, [position])
+            (grad,) = torch.autograd.grad(loss, [x])
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    expected = x.detach() - 20.0 * math.sqrt(1.0) * grad  # step 0: scale_factor * sqrt(scale_range[0])
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(updated[1:], expected, rtol=1e-4, atol=1e-5)  # the cond row
+    torch.testing.assert_close(updated[:1], expected, rtol=1e-4, atol=1e-5)  # the uncond row shares the latent
+
+
+# -- identities ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: attnctl.AttendExcite(subjects=["cat"], scale=0.0),
+    lambda: attnctl.AttendExcite(subjects=["cat"], steps=(0.0, 0.0)),
+    lambda: attnctl.AStar(subjects=["photo", "cat"], scale=0.0),
+    lambda: attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, scale=0.0),
+], ids=["excite-scale0", "excite-no-steps", "astar-scale0", "box-scale0"])
+def test_idle_controls_are_bitwise_stock(tiny_cache, make):
+    pipe = tiny_cache("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt=PROMPT, steps=3)
+    with attnctl.apply(pipe, [make()]):
+        out = generate(pipe, "tiny-sd", prompt=PROMPT, steps=3)
+    torch.testing.assert_close(out, stock, rtol=0, atol=0)
+
+
+def test_only_the_window_steps_run_loss_passes_and_inference_mode_matches_no_grad(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    control = attnctl.AttendExcite(subjects=["cat"], steps=(0.0, 0.5), refine=())
+    with attnctl.apply(pipe, [control]) as handle:
+        with torch.no_grad():
+            expected = generate(pipe, "tiny-sd", prompt=PROMPT, steps=4)
+        assert [step for step, _ in handle.runtime.last_call.bound[0].losses] == [0, 1]
+        with torch.inference_mode():
+            inferred = generate(pipe, "tiny-sd", prompt=PROMPT, steps=4)
+    torch.testing.assert_close(inferred, expected, rtol=0, atol=0)
+    assert not torch.equal(expected, generate(pipe, "tiny-sd", prompt=PROMPT, steps=4))
+
+
+# -- families -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-pixart"])
+def test_runs_on_joint_attention_and_pixart(tiny_cache, name):
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, prompt=PROMPT, steps=2)
+    for control in (attnctl.AttendExcite(subjects=["cat"], refine=()), attnctl.AStar(subjects=["photo", "cat"]),
+                    attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)})):
+        with attnctl.apply(pipe, [control]) as handle:
+            out = generate(pipe, name, prompt=PROMPT, steps=2)
+            assert handle.runtime.last_call.bound[0].losses, type(control).__name__
+        assert torch.isfinite(out).all() and not torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-zimage"])
+def test_refused_where_not_implemented(tiny_cache, name):
+    pipe = tiny_cache(name)
+    with pytest.raises(attnctl.UnsupportedError):
+        attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"])])
+
+
+def test_box_guidance_from_regions_and_config_checks():
+    regions = attnctl.Regions([attnctl.Region("a red circle", box=(0.5, 0.0, 1.0, 1.0))])
+    box = attnctl.BoxGuidance.from_regions(regions, ["circle"])
+    assert box.boxes == (("circle", (0.5, 0.0, 1.0, 1.0)),)
+    assert attnctl.Control.from_dict(box.to_dict()) == box
+    with pytest.raises(attnctl.ConfigError, match="constraints"):
+        attnctl.BoxGuidance({"cat": (0, 0, 1, 1)}, constraints=("nope",))
+    with pytest.raises(attnctl.ConfigError, match="two subjects"):
+        attnctl.AStar(subjects=["cat"])
+    with pytest.raises(attnctl.ConfigError, match="subjects"):
+        attnctl.AttendExcite(subjects="cat")
+
+
+def test_box_guidance_composes_with_regions(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    regions = attnctl.Regions([attnctl.Region("a cat", box=(0.5, 0.0, 1.0, 1.0))], isolate=True)
+    box = attnctl.BoxGuidance.from_regions(regions, ["cat"])
+    with attnctl.apply(pipe, [regions]):
+        regional = generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+    with attnctl.apply(pipe, [regions, box]) as handle:
+        both = generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+        assert handle.runtime.last_call.bound[1].losses
+    assert torch.isfinite(both).all() and not torch.equal(both, regional)
+
+
+# -- the effect on the toy-shapes model (8 seeds; benchmarks/attend_excite.py runs the full measurement) -----------
+@pytest.fixture(scope="module")
+def toy():
+    from attnctl.toy import load_toy_shapes
+
+    pipe = load_toy_shapes()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _loss_trace(monkeypatch):
+    from attnctl.controls.optimize.engine import LatentOptimizerBound
+
+    trace: list = []
+    original = LatentOptimizerBound.gradient
+
+    def gradient(self, x, inputs, frame, loss_of):
+        loss, grad = original(self, x, inputs, frame, loss_of)
+        trace.append(loss.sum().item())
+        return loss, grad
+
+    monkeypatch.setattr(LatentOptimizerBound, "gradient", gradient)
+    return trace
+
+
+@pytest.mark.parametrize("kind", ["excite", "box"])
+def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
+    """On 8 seeds, a few gradient steps at the first step lower the method's loss (the subject's peak attention
+    rises; the word's mass moves into its box)."""
+    from attnctl.toy import CALL_DEFAULTS
+
+    trace = _loss_trace(monkeypatch)
+    lowered = 0
+    for seed in range(8):
+        trace.clear()
+        if kind == "excite":
+            control = attnctl.AttendExcite(subjects=["circle", "square"], steps=(0.0, 0.1), refine=((0.0, 0.99),),
+                                           max_refinement_steps=3, layers=("down_blocks.1", "up_blocks.1"))
+            prompt = "a red circle and a blue square"
+        else:
+            box = (0.0, 0.0, 0.5, 1.0) if seed % 2 == 0 else (0.5, 0.0, 1.0, 1.0)
+            control = attnctl.BoxGuidance({"circle": box}, steps=(0.0, 0.1), iterations=4, loss_threshold=0.0, scale=3.0,
+                                          layers=("down_blocks.1", "up_blocks.1"))
+            prompt = "a red circle"
+        with attnctl.apply(toy, [control]):
+            toy(prompt, generator=torch.Generator().manual_seed(seed), **{**CALL_DEFAULTS, "num_inference_steps": 4})
+        assert len(trace) >= 2
+        lowered += trace[-1] < trace[0]
+    assert lowered >= 7, lowered
+
+
+def test_job_file_round_trip():
+    import json
+
+    for control in (attnctl.AttendExcite(subjects=["cat", ("dog", 0)]), attnctl.AStar(subjects=["cat", "dog"], loss="segregation"),
+                    attnctl.BoxGuidance({"cat": (0, 0, 0.5, 1)}, constraints=("inner", "outer"))):
+        data = json.loads(json.dumps(control.to_dict()))
+        assert attnctl.Control.from_dict(data) == control
+    job = {"type": "box-guidance", "boxes": {"cat": [0.5, 0, 1, 1]}}  # as a job file writes it
+    assert attnctl.Control.from_dict(job).boxes == (("cat", (0.5, 0.0, 1.0, 1.0)),)
+
+
+def test_flux_true_cfg_uncond_call_gets_the_same_updated_latent(tiny_cache):
+    pipe = tiny_cache("tiny-flux")
+    seen = []
+    signature = inspect.signature(type(pipe.transformer).forward)
+
+    def pre(module, args, kwargs):
+        seen.append(signature.bind(module, *args, **kwargs).arguments["hidden_states"].detach().clone())
+
+    hook = pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], refine=())]):
+            generate(pipe, "tiny-flux", prompt=PROMPT, steps=2, negative_prompt="blurry", true_cfg_scale=2.0)
+    finally:
+        hook.remove()
+    loss_pass, cond, uncond = seen[:3]  # step 0; step 1 is outside the window (two calls)
+    assert len(seen) == 5
+    assert torch.equal(cond, uncond) and not torch.equal(cond, loss_pass)
+
+
+def test_the_scheduler_gets_the_update_in_its_own_scale_with_euler(tiny_cache):
+    """Euler's denoiser input is `sample / sqrt(sigma^2 + 1)`: the scheduler's sample moves by the update times that
+    factor back, so that the next input is the updated one."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
+    samples = []
+    original = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        samples.append((sample.clone(), pipe.scheduler.sigmas[pipe.scheduler.step_index or 0].item()))
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    try:
+        with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], refine=(), steps=(0.0, 0.5))]):
+            seen, hook = _capture_inputs(pipe.unet)
+            try:
+                generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+            finally:
+                hook.remove()
+    finally:
+        pipe.scheduler = saved
+    updated = next(call for call in seen if not call["grad"])["sample"]
+    sample, sigma = samples[0]
+    torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated[1:], rtol=1e-5, atol=1e-6)
