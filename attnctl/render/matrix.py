@@ -14,8 +14,8 @@ from collections.abc import Callable
 from ..control import Control
 from ..controls.cross_image.consistent import ConsistentSubjects
 from ..controls.cross_image.interpolation import AttentionInterpolation
-from ..controls.cross_image.reference import ReferenceAttention
 from ..controls.cross_image.p2p import PromptToPrompt
+from ..controls.cross_image.reference import ReferenceAttention
 from ..controls.fastattn import FastAttn
 from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
