@@ -232,3 +232,58 @@ def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_no
     print(f"p2p {success(edited)}/8 IoU {iou(edited):.3f}; stock from the same noise {success(stock)}/8 IoU {iou(stock):.3f}")
     assert success(edited) >= 3 and sum(r["color"] for r in edited) >= 6
     assert iou(edited) > iou(stock)  # the linked attention keeps more of the base layout than the shared noise alone
+
+
+class _EagerP2PProcessor:
+    """P2P's `AttentionControlEdit` on diffusers' eager attention (Hertz et al. 2022, its ptp_utils / notebook),
+    written from the paper's code, not from the control: the probabilities are materialised and, inside the
+    windows, the edited rows' probabilities are the base rows' (uncond and cond halves of the CFG batch
+    `[uncond base, uncond edit, cond base, cond edit]`, one token-for-token swap: P2P's mapper is the identity)."""
+
+    def __init__(self, is_cross: bool, clock: dict):
+        self.is_cross, self.clock = is_cross, clock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
+        probs = attn.get_attention_scores(q, k, attention_mask)
+        probs = probs.view(batch, attn.heads, *probs.shape[1:]).clone()
+        window = self.clock["cross"] if self.is_cross else self.clock["self"]
+        if self.clock["step"] < int(window * self.clock["steps"]):
+            n, half = self.clock["n"], batch // 2
+            for start in (0, half):
+                probs[start + n : start + 2 * n] = probs[start : start + n]
+        out = attn.batch_to_head_dim(torch.bmm(probs.flatten(0, 1), v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@pytest.mark.parametrize("windows", [(0.8, 0.4), (1.0, 1.0)], ids=["defaults", "every-step"])
+def test_toy_end_to_end_matches_p2p_on_eager_attention(windows):
+    """End to end on the toy model (every cross- and self-attention layer of it is at <= 16x16 tokens): the control's
+    images equal an independent P2P on materialised probabilities with the same start noise."""
+    from attnctl.toy import CALL_DEFAULTS as TOY_DEFAULTS
+    from attnctl.toy import load_toy_shapes
+
+    cross, self_ = windows
+    seeds = [1000, 1001]
+    pipe = load_toy_shapes()
+
+    def call(**extra):
+        generators = [torch.Generator().manual_seed(s) for s in seeds] + [torch.Generator().manual_seed(s) for s in seeds]
+        kwargs = dict(TOY_DEFAULTS, num_images_per_prompt=len(seeds), generator=generators, output_type="np")
+        return pipe(["a red circle", "a blue circle"], **kwargs, **extra).images
+
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(cross_steps=cross, self_steps=self_)]):
+        controlled = call()
+    clock = {"step": 0, "n": len(seeds), "cross": cross, "self": self_, "steps": TOY_DEFAULTS["num_inference_steps"]}
+    pipe.unet.set_attn_processor({name: _EagerP2PProcessor(name.endswith("attn2.processor"), clock) for name in pipe.unet.attn_processors})
+
+    def tick(pipeline, i, t, kwargs):
+        clock["step"] = i + 1
+        return {}
+
+    reference = call(callback_on_step_end=tick)
+    stock_pair = abs(reference[:2] - reference[2:]).max()
+    assert stock_pair > 0.1  # the edit changes the image (the colour), so the comparison below means something
+    assert abs(controlled - reference).max() < 1e-3
