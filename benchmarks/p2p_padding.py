@@ -15,10 +15,15 @@ It prints the base rows' mean cross-attention mass per token and, per variant, t
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 import torch
 
-from p2p import BASE, EDIT, judge, overlap, split
+_spec = importlib.util.spec_from_file_location("p2p_benchmark", Path(__file__).resolve().parent / "p2p.py")
+_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_bench)
+BASE, EDIT, judge, overlap, split = _bench.BASE, _bench.EDIT, _bench.judge, _bench.overlap, _bench.split
 
 
 class _Mixed:
@@ -59,7 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-seed", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds = 1
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     pipe = load_toy_shapes()
     tokens = pipe.tokenizer(BASE).input_ids
