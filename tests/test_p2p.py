@@ -287,3 +287,44 @@ def test_toy_end_to_end_matches_p2p_on_eager_attention(windows):
     stock_pair = abs(reference[:2] - reference[2:]).max()
     assert stock_pair > 0.1  # the edit changes the image (the colour), so the comparison below means something
     assert abs(controlled - reference).max() < 1e-3
+
+
+def test_render_job_drives_edits(tiny_cache, tmp_path):
+    """A render job's PromptToPrompt(edits=[...]): one call [prompt, *edits] from one seed; the strip's first frame is
+    the base, the edited frame equals a direct call; the field is validated and round-trips."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from attnctl.errors import ConfigError
+    from attnctl.render.runner import RenderOptions, render
+
+    control = attnctl.PromptToPrompt(edits=[EDIT])
+    assert control.edits == (EDIT,) and attnctl.PromptToPrompt.from_dict(control.to_dict()) == control
+    for bad in ([], [""], [3], 5):
+        with pytest.raises(ConfigError, match="edits"):
+            attnctl.PromptToPrompt(edits=bad)
+    pipe = tiny_cache("tiny-sd")
+    job = {"id": "p2p", "prompt": BASE, "seeds": [2], "steps": 2,
+           "controls": [{"type": "prompt-to-prompt", "edits": [EDIT, "a green cat on the street"]}]}
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps(job) + "\n")
+    model = attnctl.Model(pipe, "tiny-sd")
+    try:
+        assert render(str(path), RenderOptions(out=str(tmp_path / "out"), progress="none"), model=model).exit_code == 0
+    finally:
+        model.release()
+    folder = tmp_path / "out" / "p2p"
+    with Image.open(folder / "2.png") as strip_image:
+        assert strip_image.size == (3 * 32, 32)
+    frames = sorted((folder / "2.frames").iterdir())
+    assert len(frames) == 3
+    generators = [torch.Generator().manual_seed(2) for _ in range(3)]
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(edits=[EDIT, "a green cat on the street"])]):
+        direct = pipe([BASE, EDIT, "a green cat on the street"], num_inference_steps=2, generator=generators,
+                      **CALL_DEFAULTS["tiny-sd"]).images
+        with pytest.raises(ConfigError, match="edits"):
+            pipe([BASE, EDIT], num_inference_steps=2, **CALL_DEFAULTS["tiny-sd"])
+    with Image.open(frames[1]) as frame:
+        assert np.abs(np.asarray(frame, dtype=float) - np.asarray(direct[1], dtype=float)).max() <= 1
