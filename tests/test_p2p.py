@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import attnctl
+from attnctl.controls.common import RowIndex
 from attnctl.controls.cross_image.p2p import _LinkHook, _Plan
 from attnctl.controls.cross_image.p2p_align import align, refinement_mapper, replacement_mapper
-from attnctl.controls.common import RowIndex
 from attnctl.denoiser_call import DenoiserCall, RowLayout
 from attnctl.families.base import Canvas, Geometry, LayerInfo
 from attnctl.kernels.spec import AttentionSpec
@@ -232,3 +232,99 @@ def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_no
     print(f"p2p {success(edited)}/8 IoU {iou(edited):.3f}; stock from the same noise {success(stock)}/8 IoU {iou(stock):.3f}")
     assert success(edited) >= 3 and sum(r["color"] for r in edited) >= 6
     assert iou(edited) > iou(stock)  # the linked attention keeps more of the base layout than the shared noise alone
+
+
+class _EagerP2PProcessor:
+    """P2P's `AttentionControlEdit` on diffusers' eager attention (Hertz et al. 2022, its ptp_utils / notebook),
+    written from the paper's code, not from the control: the probabilities are materialised and, inside the
+    windows, the edited rows' probabilities are the base rows' (uncond and cond halves of the CFG batch
+    `[uncond base, uncond edit, cond base, cond edit]`, one token-for-token swap: P2P's mapper is the identity)."""
+
+    def __init__(self, is_cross: bool, clock: dict):
+        self.is_cross, self.clock = is_cross, clock
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
+        probs = attn.get_attention_scores(q, k, attention_mask)
+        probs = probs.view(batch, attn.heads, *probs.shape[1:]).clone()
+        window = self.clock["cross"] if self.is_cross else self.clock["self"]
+        if self.clock["step"] < int(window * self.clock["steps"]):
+            n, half = self.clock["n"], batch // 2
+            for start in (0, half):
+                probs[start + n : start + 2 * n] = probs[start : start + n]
+        out = attn.batch_to_head_dim(torch.bmm(probs.flatten(0, 1), v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@pytest.mark.parametrize("windows", [(0.8, 0.4), (1.0, 1.0)], ids=["defaults", "every-step"])
+def test_toy_end_to_end_matches_p2p_on_eager_attention(windows):
+    """End to end on the toy model (every cross- and self-attention layer of it is at <= 16x16 tokens): the control's
+    images equal an independent P2P on materialised probabilities with the same start noise."""
+    from attnctl.toy import CALL_DEFAULTS as TOY_DEFAULTS
+    from attnctl.toy import load_toy_shapes
+
+    cross, self_ = windows
+    seeds = [1000, 1001]
+    pipe = load_toy_shapes()
+
+    def call(**extra):
+        generators = [torch.Generator().manual_seed(s) for s in seeds] + [torch.Generator().manual_seed(s) for s in seeds]
+        kwargs = dict(TOY_DEFAULTS, num_images_per_prompt=len(seeds), generator=generators, output_type="np")
+        return pipe(["a red circle", "a blue circle"], **kwargs, **extra).images
+
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(cross_steps=cross, self_steps=self_)]):
+        controlled = call()
+    clock = {"step": 0, "n": len(seeds), "cross": cross, "self": self_, "steps": TOY_DEFAULTS["num_inference_steps"]}
+    pipe.unet.set_attn_processor({name: _EagerP2PProcessor(name.endswith("attn2.processor"), clock) for name in pipe.unet.attn_processors})
+
+    def tick(pipeline, i, t, kwargs):
+        clock["step"] = i + 1
+        return {}
+
+    reference = call(callback_on_step_end=tick)
+    stock_pair = abs(reference[:2] - reference[2:]).max()
+    assert stock_pair > 0.1  # the edit changes the image (the colour), so the comparison below means something
+    assert abs(controlled - reference).max() < 1e-3
+
+
+def test_render_job_drives_edits(tiny_cache, tmp_path):
+    """A render job's PromptToPrompt(edits=[...]): one call [prompt, *edits] from one seed; the strip's first frame is
+    the base, the edited frame equals a direct call; the field is validated and round-trips."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from attnctl.errors import ConfigError
+    from attnctl.render.runner import RenderOptions, render
+
+    control = attnctl.PromptToPrompt(edits=[EDIT])
+    assert control.edits == (EDIT,) and attnctl.PromptToPrompt.from_dict(control.to_dict()) == control
+    for bad in ([], [""], [3], 5):
+        with pytest.raises(ConfigError, match="edits"):
+            attnctl.PromptToPrompt(edits=bad)
+    pipe = tiny_cache("tiny-sd")
+    job = {"id": "p2p", "prompt": BASE, "seeds": [2], "steps": 2,
+           "controls": [{"type": "prompt-to-prompt", "edits": [EDIT, "a green cat on the street"]}]}
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps(job) + "\n")
+    model = attnctl.Model(pipe, "tiny-sd")
+    try:
+        assert render(str(path), RenderOptions(out=str(tmp_path / "out"), progress="none"), model=model).exit_code == 0
+    finally:
+        model.release()
+    folder = tmp_path / "out" / "p2p"
+    with Image.open(folder / "2.png") as strip_image:
+        assert strip_image.size == (3 * 32, 32)
+    frames = sorted((folder / "2.frames").iterdir())
+    assert len(frames) == 3
+    generators = [torch.Generator().manual_seed(2) for _ in range(3)]
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(edits=[EDIT, "a green cat on the street"])]):
+        direct = pipe([BASE, EDIT, "a green cat on the street"], num_inference_steps=2, generator=generators,
+                      **CALL_DEFAULTS["tiny-sd"]).images
+        with pytest.raises(ConfigError, match="edits"):
+            pipe([BASE, EDIT], num_inference_steps=2, **CALL_DEFAULTS["tiny-sd"])
+    with Image.open(frames[1]) as frame:
+        assert np.abs(np.asarray(frame, dtype=float) - np.asarray(direct[1], dtype=float)).max() <= 1

@@ -243,8 +243,13 @@ class Model:
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         handle = self._attach(controls)
         sequence = _interpolation_of(controls)
+        edits = _edits_of(controls)
+        if sequence is not None and edits is not None:
+            raise ConfigError("an AttentionInterpolation with `to` and a PromptToPrompt with `edits` each render their own sequence; give one")
         if sequence is not None:  # AID: one call renders the sequence; frames = its images, image = their strip
             return self._sequence(prompt, seed, controls, kwargs, sequence, handle)
+        if edits is not None:  # P2P: [prompt, *edits] in one call, same seed per row
+            return self._rows([prompt, *edits], prompt, seed, controls, kwargs, handle)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
         result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
@@ -268,17 +273,24 @@ class Model:
         """An attention-interpolation sequence (`AttentionInterpolation(to=...)`): `n` rows from `prompt` to `to`, each
         with a CPU generator seeded with `seed` (the same initial noise), in one call."""
         from ..controls.cross_image.interpolation import sequence_prompts
-        from .outputs import strip
 
         count = len(sequence.points) if sequence.points is not None else sequence.n
         prompts = sequence_prompts(prompt, sequence.to, sequence.point_list(count))
+        return self._rows(prompts, prompt, seed, controls, kwargs, handle)
+
+    def _rows(self, prompts: list[Any], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
+              handle: Any) -> Generation:
+        """One call with one row per prompt, each with a CPU generator seeded with `seed`: frames = the images,
+        image = their strip."""
+        from .outputs import strip
+
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
         result = self.pipe(prompts, generator=generators, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
         if not hasattr(result, "images"):
-            raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation job renders image sequences only "
-                              "(use attnctl.interpolate for the videos)")
+            raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation or prompt-to-prompt job renders "
+                              "image sequences only (use attnctl.interpolate for interpolation videos)")
         frames = list(result.images)
         image = strip(frames)
         outputs = handle.outputs if handle is not None else {}
@@ -429,6 +441,16 @@ def _interpolation_of(controls: tuple[Control, ...]) -> Any:
     if len(found) > 1:
         raise ConfigError("give one AttentionInterpolation with `to` per image (a call renders one sequence)")
     return found[0] if found else None
+
+
+def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
+    """The edited prompts of the PromptToPrompt among `controls` that names them (`edits`), or None."""
+    from ..controls.cross_image.p2p import PromptToPrompt
+
+    found = [c for c in controls if isinstance(c, PromptToPrompt) and c.edits is not None]
+    if len(found) > 1:
+        raise ConfigError("give one PromptToPrompt with `edits` per image (a call renders one base prompt and its edits)")
+    return found[0].edits if found else None
 
 
 def _pipeline_name(pipe: Any) -> str:

@@ -40,7 +40,7 @@ from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...tokens import validate_word_query
 from ...validation import choice, number, set_field
-from ..common import RowIndex, keep_kinds
+from ..common import RowIndex
 from ..maps.capture import word_attention
 from .p2p_align import refinement_mapper, replacement_mapper
 
@@ -68,7 +68,9 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     (only the cond rows, as P2P's reference code). `layers`: default every cross- / joint-attention layer, and
     the self-attention layers with at most 16x16 tokens in the call (P2P's rule; every self-attention layer of a
     denoiser with one token grid); given layers are all edited. Local blending averages the maps of the
-    cross-attention level nearest to 16x16 tokens.
+    cross-attention level nearest to 16x16 tokens. `edits`: the edited prompts, for `attnctl render` jobs and
+    `Model.generate` (they call the pipeline with `[prompt, *edits]`, one image per prompt from the same seed);
+    a direct call must then pass that many prompts.
     """
 
     mode: str = "replace"
@@ -81,6 +83,7 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     blend_start: float = 0.2
     branch: str = "both"
     layers: LayerSpec = None
+    edits: Any = None
 
     needs_words: ClassVar[bool] = True
     grid_dims: ClassVar[tuple[int, ...]] = (2,)
@@ -115,6 +118,11 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
                 raise ConfigError(f"PromptToPrompt.local_blend must be a word or a non-empty list of words, or None; got {self.local_blend!r}")
             set_field(self, "local_blend", tuple(validate_word_query(w, owner="PromptToPrompt.local_blend") for w in words))
         set_field(self, "layers", validate_layers(self.layers, name="PromptToPrompt.layers"))
+        if self.edits is not None:
+            edits = (self.edits,) if isinstance(self.edits, str) else self.edits
+            if not isinstance(edits, (tuple, list)) or not edits or not all(isinstance(e, str) and e.strip() for e in edits):
+                raise ConfigError(f"PromptToPrompt.edits must be None or a non-empty list of edited prompts (strings), got {self.edits!r}")
+            set_field(self, "edits", tuple(edits))
 
     @property
     def idle(self) -> bool:
@@ -146,6 +154,7 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out["local_blend"] = list(self.local_blend) if self.local_blend is not None else None
+        out["edits"] = list(self.edits) if self.edits is not None else None
         return out
 
 
@@ -202,6 +211,11 @@ class PromptToPromptBound(Bound):
             raise ConfigError(
                 f"attnctl: PromptToPrompt needs a list of prompts [base, edit, ...] in one call; this call has "
                 f"{self.rows // max(self.per_prompt, 1)} prompt(s)"
+            )
+        if control.edits is not None and self.rows // self.per_prompt != 1 + len(control.edits):
+            raise ConfigError(
+                f"attnctl: PromptToPrompt.edits names {len(control.edits)} edited prompt(s), but this call has "
+                f"{self.rows // self.per_prompt} prompts; call with [base, *edits]"
             )
         self.index = RowIndex()
         self.idle = control.idle
