@@ -15,6 +15,7 @@ from .controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from .controls.maps.capture import AttentionMapResult, AttentionMaps
 from .controls.regions import Region, Regions
 from .controls.reweight import Reweight
+from .controls.structured import StructuredGuidance, noun_phrases
 from .controls.tgate import TGate
 from .controls.token_reduction.controls import AgentAttention, TokenReductionReport, ToMe
 from .errors import (
@@ -33,6 +34,7 @@ from .prompt_weights import parse_prompt
 from .render.calibrate import calibrate
 from .render.generate import Generation, Model, generate
 from .render.loading import load_pipeline
+from .render.readout import read_maps
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
@@ -44,6 +46,8 @@ __all__ += ["Region", "Regions"]
 __all__ += ["AgentAttention", "ToMe", "TokenReductionReport"]
 __all__ += ["AttentionMapResult", "AttentionMaps", "Reweight", "parse_prompt"]
 __all__ += ["FastAttn", "FastAttnPlan", "TGate", "calibrate"]
+__all__ += ["StructuredGuidance", "noun_phrases"]
+__all__ += ["read_maps"]
 
 
 def __getattr__(name: str):
