@@ -17,6 +17,7 @@ from ..controls.guidance import PAG, PLADIS, SAG, SEG, SkipLayer
 from ..controls.maps.capture import AttentionMaps
 from ..controls.regions import Region, Regions
 from ..controls.reweight import Reweight
+from ..controls.structured import StructuredGuidance
 from ..controls.tgate import TGate
 from ..controls.token_reduction.controls import AgentAttention, ToMe
 from ..errors import SelectionError, UnsupportedError
@@ -36,6 +37,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("AgentAttention", lambda: AgentAttention()),
     ("TGate", lambda: TGate()),
     ("FastAttn", lambda: FastAttn()),
+    ("StructuredGuidance", lambda: StructuredGuidance()),
 )
 
 #: The families in the matrix, each with its tiny offline model.

@@ -154,7 +154,7 @@ def _resolution(value: Any) -> tuple[int, int] | None:
 
 
 def _magnets(value: Any) -> tuple[str, ...]:
-    if value is False or value is None:
+    if value is False or value is None or (isinstance(value, (list, tuple)) and not value):
         return ()
     if value is True:
         return MAGNET_WORDS
