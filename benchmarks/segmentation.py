@@ -32,12 +32,26 @@ def iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(predicted, truth).sum() / union) if union else 0.0
 
 
+def two_object_prompts(count: int, seed: int = 0) -> list[tuple[str, list[tuple[str, str, None]]]]:
+    """`count` two-object prompts without positions (as benchmarks/structured.py draws them)."""
+    import random
+
+    from attnctl.toy.data import COLORS, SHAPES
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        c1, c2 = rng.sample(COLORS, 2)
+        s1, s2 = rng.sample(SHAPES, 2)
+        out.append((f"a {c1} {s1} and a {c2} {s2}", [(c1, s1, None), (c2, s2, None)]))
+    return out
+
+
 def segmentation(pipe: Any, count: int, *, strength: float = 0.5, threshold: float = 0.5) -> dict[str, Any]:
     """Mean IoU per readout over every (image, word) pair, the number of pairs and the median times."""
     import attnctl
     from attnctl.toy import CALL_DEFAULTS
     from attnctl.toy.analysis import MIN_MASS, color_masks
-    from structured import two_object_prompts  # noqa: E402 - the benchmark next to this one
 
     scores: dict[str, list[float]] = {"generation": [], "readout": [], "magnets": []}
     times: dict[str, list[float]] = {"plain": [], "generation": [], "readout": [], "magnets": []}
@@ -79,7 +93,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 images (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.count = 2
     from attnctl.toy import load_toy_shapes
 
     pipe = load_toy_shapes()

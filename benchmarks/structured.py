@@ -78,7 +78,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts (CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.count = 2
     from attnctl.toy import load_toy_shapes
 
     pipe = load_toy_shapes()

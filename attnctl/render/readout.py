@@ -24,14 +24,15 @@ def img2img_of(pipe: Any) -> Any:
 
     if "image" in inspect.signature(type(pipe).__call__).parameters and "strength" in inspect.signature(type(pipe).__call__).parameters:
         return pipe
-    from diffusers import AutoPipelineForImage2Image
+    import diffusers
 
+    name = type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline")  # StableDiffusion(XL)Pipeline -> ...Img2ImgPipeline
     try:
-        made = AutoPipelineForImage2Image.from_pipe(pipe)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        made = getattr(diffusers, name).from_pipe(pipe)  # only that pipeline's module is imported
+    except (AttributeError, ValueError, KeyError, TypeError) as error:
         raise UnsupportedError(
-            f"attnctl: read_maps needs an img2img pipeline for {type(pipe).__name__}, and diffusers has none to make from it "
-            f"({error})"
+            f"attnctl: read_maps needs an img2img pipeline for {type(pipe).__name__} ({name}), and diffusers has none to "
+            f"make from it ({error}); pass an img2img pipeline of the model instead"
         ) from error
     made.set_progress_bar_config(disable=True)
     return made
