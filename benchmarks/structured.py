@@ -34,11 +34,16 @@ def two_object_prompts(count: int, seed: int = 0) -> list[tuple[str, list[tuple[
     return out
 
 
-def bound(image: Any, objects: list[tuple[str, str, None]]) -> bool:
+def checks(image: Any, objects: list[tuple[str, str, None]]) -> dict[str, bool]:
+    """`colors`: both colours present; `bound`: and each colour's blob has its own shape."""
     from attnctl.toy.analysis import check_two
 
-    checks = check_two(image, objects)
-    return checks["colors"] and checks["shapes"]
+    found = check_two(image, objects)
+    return {"colors": found["colors"], "bound": found["colors"] and found["shapes"]}
+
+
+def bound(image: Any, objects: list[tuple[str, str, None]]) -> bool:
+    return checks(image, objects)["bound"]
 
 
 def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guidance: float = 4.0) -> dict[str, Any]:
@@ -48,6 +53,7 @@ def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guida
 
     options = dict(CALL_DEFAULTS, num_inference_steps=steps, guidance_scale=guidance)
     hits = {"stock": 0, "sdg": 0}
+    colors = {"stock": 0, "sdg": 0}
     times: dict[str, list[float]] = {"stock": [], "sdg": []}
     handle = None
     for i, (prompt, objects) in enumerate(two_object_prompts(count)):
@@ -62,11 +68,15 @@ def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guida
                 if handle is not None:
                     handle.remove()
                     handle = None
-            hits[name] += bound(image, objects)
+            found = checks(image, objects)
+            hits[name] += found["bound"]
+            colors[name] += found["colors"]
     return {
         "count": count,
         "stock": hits["stock"] / count,
         "sdg": hits["sdg"] / count,
+        "colors_stock": colors["stock"] / count,
+        "colors_sdg": colors["sdg"] / count,
         "time_stock": statistics.median(times["stock"]),
         "time_sdg": statistics.median(times["sdg"]),
     }
@@ -89,6 +99,7 @@ def main() -> None:
     print(f"toy-shapes, {r['count']} two-object prompts without positions (prompt i, seed i), {args.steps} steps, guidance {args.guidance}")
     print(f"colour binding  stock {100 * r['stock']:.1f}%   SDG (scale {args.scale}) {100 * r['sdg']:.1f}%   "
           f"difference {100 * (r['sdg'] - r['stock']):+.1f} points")
+    print(f"both colours present  stock {100 * r['colors_stock']:.1f}%   SDG {100 * r['colors_sdg']:.1f}%")
     print(f"median call  stock {1000 * r['time_stock']:.1f} ms   SDG {1000 * r['time_sdg']:.1f} ms   "
           f"ratio {r['time_sdg'] / r['time_stock']:.2f}x")
 

@@ -52,11 +52,13 @@ def main() -> None:
                                seed=args.seed, **options)
     os.makedirs(args.out, exist_ok=True)
     image.save(os.path.join(args.out, "image.png"))
+    tiles = [image.convert("RGB")]
     for word in words:
         soft = result.masks(word, soft=True)[0]
         hard = result.masks(word, threshold=args.threshold)[0]
         Image.fromarray((soft.numpy() * 255).astype("uint8")).save(os.path.join(args.out, f"{word}_soft.png"))
         Image.fromarray(hard.numpy().astype("uint8") * 255).save(os.path.join(args.out, f"{word}_mask.png"))
+        tiles += [Image.open(os.path.join(args.out, f"{word}_{kind}.png")).convert("RGB") for kind in ("soft", "mask")]
         print(f"{word:>10}: mask covers {100 * float(hard.float().mean()):.1f}% of the image")
 
     first = words[0]
@@ -64,7 +66,13 @@ def main() -> None:
     with attnctl.apply(pipe, attnctl.Regions([region], base_ratio=0.3)):
         second = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed + 1), **options).images[0]
     second.save(os.path.join(args.out, "second_pass.png"))
-    print(f"saved image.png, the masks and second_pass.png to {args.out} ({model}, readout strength {args.strength}, "
+    tiles.append(second.convert("RGB"))
+    width, height = image.size
+    overview = Image.new("RGB", (width * len(tiles), height), (255, 255, 255))
+    for column, tile in enumerate(tiles):
+        overview.paste(tile.resize((width, height)), (column * width, 0))
+    overview.save(os.path.join(args.out, "overview.png"))
+    print(f"saved image.png, the masks, second_pass.png and overview.png to {args.out} ({model}, readout strength {args.strength}, "
           f"magnets {'off' if args.no_magnets else 'on'})")
 
 
