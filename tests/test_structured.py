@@ -214,3 +214,20 @@ def test_binding_on_the_toy_model_8_seeds():
     result = binding(load_toy_shapes(), 8)
     assert 0.0 <= result["stock"] <= 1.0 and 0.0 <= result["sdg"] <= 1.0
     assert result["time_sdg"] > 0 and result["time_stock"] > 0
+
+
+def test_a_render_job_with_structured_guidance(tmp_path, tiny_cache):
+    from attnctl.render.generate import Model
+    from attnctl.render.jobs import load_job_file
+    from attnctl.render.runner import RenderOptions, render
+
+    path = tmp_path / "jobs.toml"
+    path.write_text(
+        '[[jobs]]\nid = "sdg"\nprompt = "a red cat and a blue car"\nseeds = [0]\nsteps = 2\n'
+        '[[jobs.controls]]\ntype = "StructuredGuidance"\nphrases = ["a red cat", "a blue car"]\nscale = 1.0\n'
+    )
+    jobs = load_job_file(path)
+    assert not jobs.problems and jobs.jobs[0].controls == (StructuredGuidance(["a red cat", "a blue car"]),)
+    with Model(tiny_cache("tiny-sd"), "tiny-sd") as model:
+        summary = render(jobs, RenderOptions(out=str(tmp_path / "out"), progress="none"), model=model)
+    assert summary.exit_code == 0 and (tmp_path / "out" / "sdg" / "0.png").is_file()
