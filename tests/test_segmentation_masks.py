@@ -104,8 +104,9 @@ def test_magnets_are_refused_at_apply_outside_the_unet_family(name, tiny_cache):
         attnctl.apply(tiny_cache(name), AttentionMaps(["cat"], magnets=True))
 
 
-def test_readout_pass_over_a_given_image(tiny_cache):
-    pipe = tiny_cache("tiny-sd")
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_readout_pass_over_a_given_image(name, tiny_cache):
+    pipe = tiny_cache(name)
     images = pipe([PROMPT], num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=32, width=32).images
     before = [image.copy() for image in images]
     plain = attnctl.read_maps(pipe, images, PROMPT, ["red", "car"], strength=0.5, magnets=False, num_inference_steps=4)
