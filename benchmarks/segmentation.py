@@ -57,7 +57,9 @@ def segmentation(pipe: Any, count: int, *, strength: float = 0.5, threshold: flo
     times: dict[str, list[float]] = {"plain": [], "generation": [], "readout": [], "magnets": []}
     for i, (prompt, objects) in enumerate(two_object_prompts(count)):
         words = tuple(w for color, shape, _ in objects for w in (color, shape))
-        generator = lambda: torch.Generator().manual_seed(i)  # noqa: E731
+        def generator(seed: int = i) -> torch.Generator:
+            return torch.Generator().manual_seed(seed)
+
         start = time.perf_counter()
         image = pipe(prompt, generator=generator(), **CALL_DEFAULTS).images[0]
         times["plain"].append(time.perf_counter() - start)

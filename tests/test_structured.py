@@ -3,7 +3,6 @@ and the colour-binding effect on the toy model (8 seeds)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -187,8 +186,8 @@ def test_every_family_runs_or_is_refused_at_apply(name, tiny_cache):
     if name in NEW_TINY_MODELS and not available(name):
         pytest.skip(f"{name} needs a newer diffusers")
     pipe = tiny_cache(name)
-    from attnctl.handle import denoiser_of
     from attnctl.families import adapter_for
+    from attnctl.handle import denoiser_of
 
     adapter = adapter_for(denoiser_of(pipe)[1])
     prompt = ["a red cat and a blue car"]

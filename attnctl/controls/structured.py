@@ -24,7 +24,6 @@ encoded at the input has no values at a deep layer unless it runs through every 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
 

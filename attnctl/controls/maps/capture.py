@@ -413,10 +413,9 @@ class AttentionMapsBound(Bound):
 
 def _require_readout(pipeline: Any) -> None:
     """Magnets change the prompt and so the image: only an img2img call (a readout pass over an image) may use them."""
-    call = getattr(type(pipeline), "__call__", None)
     try:
-        takes_image = call is not None and "image" in inspect.signature(call).parameters
-    except (TypeError, ValueError):
+        takes_image = "image" in inspect.signature(type(pipeline).__call__).parameters
+    except (AttributeError, TypeError, ValueError):
         takes_image = False
     if not takes_image:
         raise ConfigError(
