@@ -83,8 +83,9 @@ class _EagerSDGHook(LayerHook):
     phrase's own encoding (its tokens after the start token) written over the phrase's positions; keys from the
     full prompt; output = mean over [full, copies] of softmax(Q K^T / sqrt(d)) V_i, with P materialised."""
 
-    def __init__(self, sets):
+    def __init__(self, sets, project=None):
         self.sets = sets  # prompt row -> list of (T, C) embeddings: the aligned copies (the full prompt is v itself)
+        self.project = project  # the denoiser's caption projection (PixArt), applied per token
 
     def attend(self, call, q, k, v, spec, compute):
         if call.layer.kind != "cross":
@@ -103,6 +104,8 @@ class _EagerSDGHook(LayerHook):
             values = [v[b].double()]
             for embeds in self.sets[row.prompt]:
                 context = embeds.to(next(module.parameters()).dtype)[None]
+                if self.project is not None:
+                    context = self.project(context)
                 projected = module.to_v(module.norm_cross(context) if module.norm_cross else context)
                 values.append(projected.view(1, -1, heads, dim).transpose(1, 2)[0].double())
             out[b] = torch.stack([probs @ value for value in values]).mean(0).to(out.dtype)
@@ -110,12 +113,13 @@ class _EagerSDGHook(LayerHook):
 
 
 class _EagerSDG(Control, type_name="test-eager-sdg"):
-    def __init__(self, sets):
+    def __init__(self, sets, project=None):
         object.__setattr__(self, "sets", sets)
+        object.__setattr__(self, "project", project)
 
     def bind(self, context):
         bound = Bound(self, context.layers, (0.0, 1.0))
-        edit = Edit(hooks=(_EagerSDGHook(self.sets),))
+        edit = Edit(hooks=(_EagerSDGHook(self.sets, self.project),))
         bound.edit = lambda layer, frame: edit if layer.kind == "cross" else None
         return bound
 
@@ -149,6 +153,41 @@ def test_matches_the_eager_reference(name, tiny_cache):
         fused = generate(pipe, name, PROMPTS)
     stock = generate(pipe, name, PROMPTS)
     assert not torch.allclose(reference, stock, atol=1e-4)
+    torch.testing.assert_close(fused, reference, atol=2e-4, rtol=1e-3)
+
+
+def test_matches_the_eager_reference_on_pixart(tiny_cache):
+    """PixArt: T5 has no start token, so a phrase's own tokens start at position 0; the values go through the
+    denoiser's caption projection (per token) before to_v; the prompt's padding mask stays."""
+    name = "tiny-pixart"
+    pipe = tiny_cache(name)
+    tokenizer = pipe.tokenizer
+
+    def encode(text):
+        return pipe.encode_prompt(text, do_classifier_free_guidance=False, device="cpu", clean_caption=False,
+                                  max_sequence_length=32)[0][0]
+
+    def span(prompt, phrase):
+        ids, pattern = tokenizer(prompt).input_ids, tokenizer(phrase, add_special_tokens=False).input_ids
+        for i in range(len(ids) - len(pattern) + 1):
+            if ids[i : i + len(pattern)] == pattern:
+                return list(range(i, i + len(pattern)))
+        raise AssertionError((prompt, phrase))
+
+    sets = []
+    for prompt in PROMPTS:
+        full, copies = encode(prompt), []
+        for phrase in noun_phrases(prompt):
+            positions = span(prompt, phrase)
+            copy = full.clone()
+            copy[positions] = encode(phrase)[: len(positions)]
+            copies.append(copy)
+        sets.append(copies)
+    with attnctl.apply(pipe, _EagerSDG(sets, project=pipe.transformer.caption_projection), backend="reference"):
+        reference = generate(pipe, name, PROMPTS)
+    with attnctl.apply(pipe, StructuredGuidance()):
+        fused = generate(pipe, name, PROMPTS)
+    assert not torch.allclose(reference, generate(pipe, name, PROMPTS), atol=1e-4)
     torch.testing.assert_close(fused, reference, atol=2e-4, rtol=1e-3)
 
 
