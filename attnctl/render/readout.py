@@ -67,7 +67,9 @@ def read_maps(
     if len(prompts) != len(images):
         raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
     reader = img2img_of(pipe)
-    control = AttentionMaps(tuple(words), layers=layers, magnets=magnets, key="readout_maps")
+    size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
+    resolution = (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
+    control = AttentionMaps(tuple(words), layers=layers, magnets=magnets, resolution=resolution, key="readout_maps")
     with apply(reader, control) as handle:
         reader(prompts, image=images, strength=float(strength), generator=torch.Generator().manual_seed(seed), output_type="latent", **call)
         result = handle.outputs["readout_maps"]

@@ -43,7 +43,7 @@ from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
-from .magnets import MAGNET_WORDS, magnet_prompt, suppress_sinks
+from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, magnet_prompt, suppress_sinks
 from .masks import MASK_THRESHOLD, masks_from_maps
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
@@ -68,8 +68,8 @@ class AttentionMaps(Control, type_name="attention-maps"):
     (`MAGNET_WORDS`), or give your own tuple. They soak up surplus attention and are filtered out; global
     attention sinks at the deepest captured level are detected and suppressed. The magnets change the prompt and
     so the image, so they are only for a separate readout pass, an img2img call over the image
-    (`attnctl.read_maps(pipe, images, prompt, words)`): a text-to-image call with magnets raises. UNet family
-    (SD / SDXL) only for now; other families are refused at apply with the reason.
+    (`attnctl.read_maps(pipe, images, prompt, words)`): a text-to-image call with magnets raises. SD / SDXL,
+    SD3 and Flux (padded text embeddings); other families are refused at apply with the reason.
     """
 
     #: images (2-D token grids) and video (3-D: one map per token frame, see `AttentionMapResult`)
@@ -113,11 +113,11 @@ class AttentionMaps(Control, type_name="attention-maps"):
         set_field(self, "magnets", _magnets(self.magnets))
 
     def validate_for(self, adapter: ModelAdapter) -> None:
-        if self.magnets and adapter.family != "unet":
+        if self.magnets and adapter.family not in MAGNET_FAMILIES:
             raise UnsupportedError(
-                f"attnctl: AttentionMaps(magnets=...) swaps the prompt embeddings of the cond rows for the prompt with "
-                f"the magnets appended, which is implemented for the UNet family (SD / SDXL: one padded CLIP sequence) "
-                f"only; the {adapter.family} family's text input (T5 masks, joint text streams, video) is not handled yet"
+                f"attnctl: AttentionMaps(magnets=...) swaps the cond rows' prompt embeddings for those of the prompt with the "
+                f"magnets appended (same padded length), implemented for {', '.join(MAGNET_FAMILIES)}; the "
+                f"{adapter.family} family's text input (unpadded or masked text, video) is not handled yet"
             )
 
     @property

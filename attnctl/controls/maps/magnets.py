@@ -23,6 +23,8 @@ import torch
 
 #: The default magnets: English stop words (single tokens for CLIP and T5), appended after the prompt.
 MAGNET_WORDS: tuple[str, ...] = ("and", "the", "of", "with", "a", "in", "to", "is")
+#: Families whose prompt embeddings have a fixed padded length, so that the magnet prompt's replace them in place.
+MAGNET_FAMILIES: tuple[str, ...] = ("unet", "sd3", "flux")
 #: A sink's mean share of the image tokens' attention (out of 1), at least.
 SINK_MASS = 0.3
 #: A sink's smallest share over the image tokens, relative to its mean, at least (flat: everywhere).
@@ -47,4 +49,4 @@ def suppress_sinks(words: torch.Tensor, mass: torch.Tensor, selector: torch.Tens
     return words / (1.0 - sunk).clamp_min(1e-6) * (1.0 - word_is_sink[:, None, :])
 
 
-__all__ = ["MAGNET_WORDS", "SINK_FLATNESS", "SINK_MASS", "magnet_prompt", "suppress_sinks"]
+__all__ = ["MAGNET_FAMILIES", "MAGNET_WORDS", "SINK_FLATNESS", "SINK_MASS", "magnet_prompt", "suppress_sinks"]
