@@ -7,8 +7,10 @@
         --prompt "a cat and a dog on a sofa" --words cat,dog --steps 30
 
 Writes the generated image, each word's soft mask and binary mask (threshold 0.5 on the min-max normalised
-map), and the second pass that puts the first word's region prompt inside that word's mask. On the toy model
-the masks are poor (its cross-attention barely localises: docs/methods.md gives the measured IoU).
+map), and the second pass that puts the first word's region prompt inside that word's mask. On the toy model the
+maps are read in its down-path cross-attention (`attnctl.toy.MAP_LAYERS`: its up-path maps are anti-correlated with
+the objects); real models read every cross-attention layer (`--layers` overrides). docs/methods.md gives the
+measured IoU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.5, help="share of the schedule the readout re-runs")
     parser.add_argument("--no-magnets", action="store_true", help="read the plain maps (no magnets, no sink suppression)")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--layers", default=None, help="comma-separated layer selectors (default: the model's map layers)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -48,8 +51,9 @@ def main() -> None:
     words = [w.strip() for w in args.words.split(",") if w.strip()]
 
     image = pipe(args.prompt, generator=torch.Generator().manual_seed(args.seed), **options).images[0]  # stock
+    layers = tuple(args.layers.split(",")) if args.layers else _map_layers(model)
     result = attnctl.read_maps(pipe, image, args.prompt, words, strength=args.strength, magnets=not args.no_magnets,
-                               seed=args.seed, **options)
+                               layers=layers, seed=args.seed, **options)
     os.makedirs(args.out, exist_ok=True)
     image.save(os.path.join(args.out, "image.png"))
     tiles = [image.convert("RGB")]
@@ -74,6 +78,16 @@ def main() -> None:
     overview.save(os.path.join(args.out, "overview.png"))
     print(f"saved image.png, the masks, second_pass.png and overview.png to {args.out} ({model}, readout strength {args.strength}, "
           f"magnets {'off' if args.no_magnets else 'on'})")
+
+
+def _map_layers(model: str) -> tuple[str, ...] | None:
+    """Real models read every cross-attention layer (None). toy-shapes: its down path (attnctl.toy.MAP_LAYERS,
+    docs/toy-shapes.md)."""
+    if model != "toy-shapes":
+        return None
+    from attnctl.toy import MAP_LAYERS  # only in builds that ship the toy model
+
+    return MAP_LAYERS
 
 
 if __name__ == "__main__":

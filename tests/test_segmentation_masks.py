@@ -130,14 +130,19 @@ def test_readout_pass_over_a_given_image(name, tiny_cache):
 
 # -- the effect on the toy model -----------------------------------------------------------------------------------
 def test_iou_on_the_toy_model_8_images():
-    """benchmarks/segmentation.py at 8 images: every readout runs and gives IoUs in [0, 1] (the 96-image numbers
-    and why they are low on this model: docs/methods.md)."""
+    """benchmarks/segmentation.py at 8 images in the toy model's map layers (`attnctl.toy.MAP_LAYERS`, the down
+    path): every readout runs and gives IoUs in [0, 1] (the 96-image numbers: docs/methods.md)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from segmentation import segmentation
 
-    from attnctl.toy import load_toy_shapes
+    from attnctl.toy import MAP_LAYERS, load_toy_shapes
 
-    result = segmentation(load_toy_shapes(), 8)
+    pipe = load_toy_shapes()
+    result = segmentation(pipe, 8, layers=MAP_LAYERS)
     assert result["pairs"] >= 16
     for name in ("generation", "readout", "magnets"):
         assert 0.0 <= result[f"iou_{name}"] <= 1.0
+    with attnctl.apply(pipe, attnctl.AttentionMaps(["red"], layers=MAP_LAYERS)) as handle:
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=1, height=32, width=32)
+        layers = handle.outputs["attention_maps"].layers
+    assert layers and all(name.startswith("down_blocks.") and name.endswith("attn2") for name in layers)
