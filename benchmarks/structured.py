@@ -46,8 +46,10 @@ def bound(image: Any, objects: list[tuple[str, str, None]]) -> bool:
     return checks(image, objects)["bound"]
 
 
-def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guidance: float = 4.0) -> dict[str, Any]:
-    """Binding rates and median call times of stock and SDG over `count` prompts (prompt i with seed i)."""
+def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guidance: float = 4.0,
+            layers: Any = None) -> dict[str, Any]:
+    """Binding rates and median call times of stock and SDG over `count` prompts (prompt i with seed i).
+    `layers`: SDG's layers (None: every cross-attention layer)."""
     import attnctl
     from attnctl.toy import CALL_DEFAULTS
 
@@ -59,7 +61,7 @@ def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guida
     for i, (prompt, objects) in enumerate(two_object_prompts(count)):
         for name in ("stock", "sdg"):
             if name == "sdg":
-                handle = attnctl.apply(pipe, attnctl.StructuredGuidance(scale=scale))
+                handle = attnctl.apply(pipe, attnctl.StructuredGuidance(scale=scale, layers=layers))
             try:
                 start = time.perf_counter()
                 image = pipe(prompt, generator=torch.Generator().manual_seed(i), **options).images[0]
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--layers", nargs="+", default=None, help="SDG's layer selectors (default: every cross layer)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts (CI)")
     args = parser.parse_args()
     if args.quick:
@@ -95,8 +98,10 @@ def main() -> None:
     from attnctl.toy import load_toy_shapes
 
     pipe = load_toy_shapes()
-    r = binding(pipe, args.count, scale=args.scale, steps=args.steps, guidance=args.guidance)
-    print(f"toy-shapes, {r['count']} two-object prompts without positions (prompt i, seed i), {args.steps} steps, guidance {args.guidance}")
+    layers = None if args.layers is None else tuple(args.layers)
+    r = binding(pipe, args.count, scale=args.scale, steps=args.steps, guidance=args.guidance, layers=layers)
+    print(f"toy-shapes, {r['count']} two-object prompts without positions (prompt i, seed i), {args.steps} steps, "
+          f"guidance {args.guidance}, SDG layers {'every cross-attention layer' if layers is None else layers}")
     print(f"colour binding  stock {100 * r['stock']:.1f}%   SDG (scale {args.scale}) {100 * r['sdg']:.1f}%   "
           f"difference {100 * (r['sdg'] - r['stock']):+.1f} points")
     print(f"both colours present  stock {100 * r['colors_stock']:.1f}%   SDG {100 * r['colors_sdg']:.1f}%")
