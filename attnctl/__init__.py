@@ -20,6 +20,7 @@ from .controls.maps.capture import AttentionMapResult, AttentionMaps
 from .controls.optimize import AStar, AttendExcite, BoxGuidance
 from .controls.regions import Region, Regions
 from .controls.reweight import Reweight
+from .controls.structured import StructuredGuidance, noun_phrases
 from .controls.tgate import TGate
 from .controls.token_reduction.controls import AgentAttention, TokenReductionReport, ToMe
 from .errors import (
@@ -39,6 +40,7 @@ from .prompt_weights import parse_prompt
 from .render.calibrate import calibrate
 from .render.generate import Generation, Model, generate
 from .render.loading import load_pipeline
+from .render.readout import read_maps
 
 __all__ = [
     "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
@@ -54,6 +56,8 @@ __all__ += ["AttentionInterpolation", "beta_points", "interpolate"]
 __all__ += ["ConsistentSubjects", "ReferenceAttention"]
 __all__ += ["PromptToPrompt"]
 __all__ += ["AStar", "AttendExcite", "BoxGuidance"]
+__all__ += ["StructuredGuidance", "noun_phrases"]
+__all__ += ["read_maps"]
 
 
 def __getattr__(name: str):

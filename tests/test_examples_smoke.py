@@ -29,6 +29,8 @@ EXAMPLES = [
     pytest.param("examples/attend_and_excite.py", [], "saved stock.png, attend_excite.png", id="attend_and_excite"),
     pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),
     pytest.param("examples/fast_attention.py", [], "PSNR against the uncached image", id="fast_attention", marks=slow),
+    pytest.param("examples/segmentation_masks.py", [], "second_pass.png", id="segmentation_masks"),
+    pytest.param("examples/structured_guidance.py", [], "comparison.png", id="structured_guidance"),
 ]
 BENCHMARKS = [
     pytest.param("benchmarks/overhead.py", [], "ratio", id="overhead"),
@@ -44,6 +46,8 @@ BENCHMARKS = [
     pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
     pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
     pytest.param("benchmarks/attend_excite.py", [], "peak memory of one call", id="attend_excite", marks=slow),
+    pytest.param("benchmarks/segmentation.py", [], "mean IoU  magnets", id="segmentation"),
+    pytest.param("benchmarks/structured.py", [], "colour binding", id="structured"),
 ]
 NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
 

@@ -53,6 +53,7 @@ EFFECT_TABLE: tuple[Effect, ...] = (
     Effect("cache", "reuses outputs (TGATE, DiTFastAttn)", exclusive="two caches on one layer"),
     Effect("perturb", "identity rows (PAG)"),
     Effect("value_scale", "a per-key value scale (Reweight)", ("value_scale",)),
+    Effect("value_edit", "replaces the text values of the cond rows (Structured Diffusion Guidance)", exclusive="two value replacements on one layer"),
     Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
     Effect(
         "linked_keys", "some rows attend to keys and values of other rows of the batch (attention interpolation, "

@@ -22,6 +22,7 @@ from ..controls.maps.capture import AttentionMaps
 from ..controls.optimize import AStar, AttendExcite, BoxGuidance
 from ..controls.regions import Region, Regions
 from ..controls.reweight import Reweight
+from ..controls.structured import StructuredGuidance
 from ..controls.tgate import TGate
 from ..controls.token_reduction.controls import AgentAttention, ToMe
 from ..errors import SelectionError, UnsupportedError
@@ -48,6 +49,7 @@ CONTROLS: tuple[tuple[str, Callable[[], Control]], ...] = (
     ("AttendExcite", lambda: AttendExcite(subjects=("cat",))),
     ("AStar", lambda: AStar(subjects=("cat", "street"))),
     ("BoxGuidance", lambda: BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)})),
+    ("StructuredGuidance", lambda: StructuredGuidance()),
 )
 
 

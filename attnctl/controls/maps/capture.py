@@ -20,6 +20,8 @@ its attention weights `P + scale (entmax - P)`, computed eagerly per chunk.
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,6 +43,8 @@ from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
+from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, magnet_prompt, suppress_sinks
+from .masks import MASK_THRESHOLD, masks_from_maps
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
 CHUNK_ELEMENTS = 1 << 24
@@ -59,6 +63,13 @@ class AttentionMaps(Control, type_name="attention-maps"):
     `steps`: the step window. `resolution`: the maps' size, an int (square) or `(height, width)`; None is
     the generated image's size. `key`: where the result goes in `handle.outputs` (an `AttentionMapResult`
     once the call has ended; None while it runs).
+
+    `magnets` (RefAM, opt-in; `attnctl.controls.maps.magnets`): True appends the default stop words
+    (`MAGNET_WORDS`), or give your own tuple. They soak up surplus attention and are filtered out; global
+    attention sinks at the deepest captured level are detected and suppressed. The magnets change the prompt and
+    so the image, so they are only for a separate readout pass, an img2img call over the image
+    (`attnctl.read_maps(pipe, images, prompt, words)`): a text-to-image call with magnets raises. SD / SDXL,
+    SD3 and Flux (padded text embeddings); other families are refused at apply with the reason.
     """
 
     #: images (2-D token grids) and video (3-D: one map per token frame, see `AttentionMapResult`)
@@ -69,6 +80,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
     steps: StepWindow = (0.0, 1.0)
     resolution: int | tuple[int, int] | None = None
     key: str = "attention_maps"
+    magnets: bool | tuple[str, ...] = False
 
     needs_words: ClassVar[bool] = True
     needs_images: ClassVar[bool] = True  # the maps are drawn over the generated images
@@ -98,6 +110,15 @@ class AttentionMaps(Control, type_name="attention-maps"):
         set_field(self, "steps", validate_steps(self.steps, name="AttentionMaps.steps"))
         set_field(self, "resolution", _resolution(self.resolution))
         set_field(self, "key", output_key(self.key, "AttentionMaps"))
+        set_field(self, "magnets", _magnets(self.magnets))
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if self.magnets and adapter.family not in MAGNET_FAMILIES:
+            raise UnsupportedError(
+                f"attnctl: AttentionMaps(magnets=...) swaps the cond rows' prompt embeddings for those of the prompt with the "
+                f"magnets appended (same padded length), implemented for {', '.join(MAGNET_FAMILIES)}; the "
+                f"{adapter.family} family's text input (unpadded or masked text, video) is not handled yet"
+            )
 
     @property
     def output_key(self) -> str:
@@ -130,6 +151,18 @@ def _resolution(value: Any) -> tuple[int, int] | None:
     ):
         return (int(value[0]), int(value[1]))
     raise ConfigError(f"AttentionMaps.resolution must be None, a positive int or (height, width), got {value!r}")
+
+
+def _magnets(value: Any) -> tuple[str, ...]:
+    if value is False or value is None or (isinstance(value, (list, tuple)) and not value):
+        return ()
+    if value is True:
+        return MAGNET_WORDS
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(v.strip() for v in value)
+    raise ConfigError(f"AttentionMaps.magnets must be False, True (the default stop words) or a list of words, got {value!r}")
 
 
 def word_label(query: WordQuery) -> str:
@@ -255,6 +288,32 @@ class AttentionMapsBound(Bound):
         self.hook = _CaptureHook(self)
         self._edit = Edit(hooks=(self.hook,))
         self.call_images = context.call_images
+        self.magnets = control.magnets
+        self.magnet_text = None
+        if self.magnets:
+            _require_readout(context.pipeline)
+            texts = _prompt_texts(context.require_tokens("AttentionMaps(magnets=...)"), rows)
+            self.magnet_text = context.encode_prompts([magnet_prompt(p, self.magnets) for p in texts])
+            sizes = {layer.index: math.prod(context.canvas.grid_at(layer.level)) for layer in context.layers}
+            deepest = min(sizes.values())
+            self.sink_layers = frozenset(index for index, size in sizes.items() if size == deepest)
+
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Readout with magnets: the cond rows read the prompt with the magnets appended."""
+        if not self.magnets or not frame.rows.indices("cond"):
+            return inputs
+        text = inputs.get("encoder_hidden_states")
+        embeds = self.magnet_text.embeds
+        if not isinstance(text, torch.Tensor) or text.shape[1:] != embeds.shape[1:]:
+            raise UnsupportedError(
+                f"attnctl: AttentionMaps(magnets=...) expected text embeddings of shape (rows, {tuple(embeds.shape[1:])}) "
+                f"in the denoiser call, got {None if not isinstance(text, torch.Tensor) else tuple(text.shape)}"
+            )
+        rows = frame.rows.indices("cond")
+        index = self.index(rows, text.device)
+        prompts = self.index(tuple(frame.rows.rows[i].prompt for i in rows), text.device)
+        swapped = embeds.to(device=text.device, dtype=text.dtype).index_select(0, prompts)
+        return {**inputs, "encoder_hidden_states": text.index_copy(0, index, swapped)}
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if not frame.rows.indices("cond", None):
@@ -314,6 +373,11 @@ class AttentionMapsBound(Bound):
 
             parts.append(word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias))
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
+        if self.magnets and call.layer.index in self.sink_layers:
+            every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
+            every[:, :, key_text.start : key_text.start + self.text_len] = torch.eye(self.text_len, device=every.device)
+            mass = word_attention(qi, ki, every, scale=spec.scale)  # (b, Ni, text_len)
+            words = suppress_sinks(words, mass, text_selector.float())
         h, w = geometry.image_hw
         maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)  # video: (b, W * frames, h, w), frame-major
         if (h, w) != self.grid:
@@ -344,6 +408,20 @@ class AttentionMapsBound(Bound):
             images=images,
             stored_bytes=self.stored_bytes(),
             frames=self.frames,
+        )
+
+
+def _require_readout(pipeline: Any) -> None:
+    """Magnets change the prompt and so the image: only an img2img call (a readout pass over an image) may use them."""
+    try:
+        takes_image = "image" in inspect.signature(type(pipeline).__call__).parameters
+    except (AttributeError, TypeError, ValueError):
+        takes_image = False
+    if not takes_image:
+        raise ConfigError(
+            f"attnctl: AttentionMaps(magnets=...) changes the prompt and so the image, so it runs only in a separate "
+            f"readout pass over an image (an img2img call); {type(pipeline).__name__} generates from text. Generate "
+            "without magnets, then read the maps with attnctl.read_maps(pipe, images, prompt, words, magnets=True)"
         )
 
 
@@ -482,6 +560,16 @@ class AttentionMapResult:
         all its frames (so that frames compare)."""
         peak = self.maps.amax(dim=(-2, -1) if self.frames is None else (-3, -2, -1), keepdim=True)
         return torch.where(peak > 0, self.maps / peak.clamp_min(1e-30), torch.zeros_like(self.maps))
+
+    def masks(self, word: str | tuple[str, int] | int, soft: bool = False, threshold: float = MASK_THRESHOLD) -> torch.Tensor:
+        """Segmentation masks of `word` for every image: (images, height, width) at the maps' resolution (the image's
+        size by default), bool, or floats in [0, 1] with `soft=True`. Usable directly as `Region(mask=masks[i])`.
+
+        The rule (docs/methods.md "Segmentation masks from attention"): each image's map is min-max normalised to
+        [0, 1] (the soft mask; a constant map gives zeros) and the binary mask is `soft >= threshold` (0.5, the
+        half maximum, by default). Video: (videos, frames, height, width), normalised over the whole video."""
+        item = word_label(word) if isinstance(word, (tuple, int)) else word
+        return masks_from_maps(self[item], soft=soft, threshold=threshold, frames=self.frames is not None)
 
     def save(self, directory: str, scaling: str = "max", fps: int = 16) -> list[str]:
         """Write, per image i, `image{i}_{word}.png` (heatmap over the image) and `image{i}_grid.png` (the

@@ -1,0 +1,291 @@
+"""Structured Diffusion Guidance: noun phrases encoded on their own, their values averaged in (docs/methods.md).
+
+Feng et al. 2023, "Training-Free Structured Diffusion Guidance for Compositional Text-to-Image Synthesis"
+(arXiv:2212.05032), §3.3 and the authors' code ("align_seq"): the prompt's noun phrases are encoded separately
+by the text encoder; for each phrase a copy of the full prompt's embedding gets the phrase's own token
+embeddings written over the phrase's positions. Cross-attention keeps the keys of the full prompt and averages
+its output over the value sets, `O = mean_i softmax(Q K_full^T / sqrt(d)) V_i` with `V_0` the full prompt's
+values and `V_i` (i = 1..n) the aligned phrase copies' values.
+
+Since `mean_i (P V_i) = P mean_i V_i`, this is ONE attention call with averaged values: a value edit, no extra
+softmax and no materialised P. `V_i` equals `V_0` outside phrase i's positions, so the averaged values are
+`V_0 (1 - s c) + s/(n+1) sum_i scatter_i(W_v e_i)`, where `c(t)` counts the phrases covering token t over
+`n + 1` and `e_i` is phrase i's own encoding; `s` (scale, 1 = the paper) blends from stock (0) to SDG (1).
+The phrase values are projected once per call and layer; per attention call the edit is one multiply-add on
+the cond rows' text values.
+
+Where: the conditional rows (and perturbed copies of them) of cross-attention layers (UNet SD / SDXL, PixArt,
+Wan). Joint-attention families (SD3, Flux, Chroma, Flux.2, Qwen-Image, Z-Image) are refused at apply: their text
+keys and values at a layer come from the text stream the denoiser itself transforms block by block, so a phrase
+encoded at the input has no values at a deep layer unless it runs through every block as its own text stream
+(a second denoiser pass per phrase), which is not the paper's method.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..control import BindContext, Bound, Control
+from ..denoiser_call import DenoiserCall
+from ..errors import ConfigError, TokenError, UnsupportedError
+from ..families.base import LayerInfo, ModelAdapter
+from ..processors.edit import AttendFn, AttentionCall, Edit, LayerHook
+from ..selection import LayerSpec, validate_layers
+from ..steps import StepWindow, validate_steps
+from ..tokens import EncoderPrompts, PromptTokens
+from ..validation import set_field
+from .common import RowIndex, select_kinds
+
+#: Words that end a noun phrase in `noun_phrases` (conjunctions, prepositions, relative words, verbs of being).
+PHRASE_BREAKS: tuple[str, ...] = (
+    "and", "or", "but", "with", "without", "on", "in", "at", "of", "to", "from", "by", "near", "under", "over",
+    "above", "below", "behind", "beside", "besides", "between", "next", "inside", "outside", "into", "onto",
+    "under", "beneath", "around", "against", "along", "across", "through", "while", "that", "which", "who",
+    "is", "are", "was", "were", "holding", "wearing", "riding", "sitting", "standing", "left", "right", "top",
+    "bottom",
+)
+#: Words that open a noun phrase (kept in it).
+DETERMINERS: tuple[str, ...] = ("a", "an", "the", "one", "two", "three", "some", "many", "his", "her", "their", "its", "this", "that")
+
+
+def noun_phrases(prompt: str) -> tuple[str, ...]:
+    """The noun phrases of `prompt` by a small rule-based chunker (no parser download).
+
+    The prompt is cut at punctuation (`, ; : .`) and at the words of `PHRASE_BREAKS` (which end a phrase and
+    are dropped); a determiner (`DETERMINERS`) opens a new phrase. A chunk is kept when it starts with a
+    determiner and has at least one more word (`"a red car"`, `"the sky"`), so that bare position words
+    (`"on the left"` gives `"the"` alone: dropped) and adjectives without a noun are not phrases. Phrases are
+    returned in order, each as it is written in the prompt; a phrase equal to the whole prompt is dropped (its
+    aligned copy would be the prompt itself).
+
+    `noun_phrases("a red car and a blue house")` -> `("a red car", "a blue house")`;
+    `noun_phrases("a cat sitting on a wooden bench, oil painting")` -> `("a cat", "a wooden bench")`.
+    """
+    if not isinstance(prompt, str):
+        raise ConfigError(f"noun_phrases takes a prompt string, got {prompt!r}")
+    phrases: list[str] = []
+    for piece in re.split(r"[,;:.!?]", prompt):
+        current: list[str] = []
+        for word in re.findall(r"[\w'-]+", piece):
+            lower = word.lower()
+            if lower in PHRASE_BREAKS and not (lower == "that" and not current):
+                _close(current, phrases)
+                current = []
+                continue
+            if lower in DETERMINERS and current:
+                _close(current, phrases)
+                current = []
+            current.append(word)
+        _close(current, phrases)
+    whole = " ".join(re.findall(r"[\w'-]+", prompt)).lower()
+    return tuple(p for p in dict.fromkeys(phrases) if p.lower() != whole)
+
+
+def _close(words: list[str], phrases: list[str]) -> None:
+    if len(words) >= 2 and words[0].lower() in DETERMINERS:
+        phrases.append(" ".join(words))
+
+
+@dataclass(frozen=True)
+class StructuredGuidance(Control, type_name="structured-guidance"):
+    """Structured Diffusion Guidance (Feng et al. 2023): each noun phrase's own encoding averaged into the
+    cross-attention values at the phrase's positions; keys stay the full prompt's.
+
+    `phrases`: the noun phrases, each written as in the prompt (`["a red car", "a blue house"]`), applied to
+    every prompt of the call that contains them (a phrase in none of them: `TokenError`); None (default): the
+    phrases `noun_phrases` finds in each prompt. `scale`: 1 is the paper's average; 0 is stock (bitwise); in
+    between blends the values. `layers`: cross-attention layers, all by default. `steps`: the step window
+    (the paper: every step).
+    """
+
+    phrases: tuple[str, ...] | None = None
+    _: KW_ONLY
+    scale: float = 1.0
+    layers: LayerSpec = None
+    steps: StepWindow = (0.0, 1.0)
+
+    needs_words: ClassVar[bool] = True
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)  # values only: the token grid's shape does not enter
+
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return None
+
+    def __post_init__(self) -> None:
+        phrases = self.phrases
+        if phrases is not None:
+            if isinstance(phrases, str):
+                phrases = (phrases,)
+            if not isinstance(phrases, (list, tuple)) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
+                raise ConfigError(
+                    f"StructuredGuidance.phrases must be None (the rule-based chunker) or a non-empty list of "
+                    f"non-empty phrases as written in the prompt, e.g. ['a red car', 'a blue house']; got {self.phrases!r}"
+                )
+            phrases = tuple(p.strip() for p in phrases)
+            if len(set(phrases)) != len(phrases):
+                raise ConfigError(f"StructuredGuidance.phrases has duplicates: {phrases!r}")
+        set_field(self, "phrases", phrases)
+        scale = self.scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 1.0:
+            raise ConfigError(f"StructuredGuidance.scale must be a number in [0, 1] (1 = the paper, 0 = stock), got {scale!r}")
+        set_field(self, "scale", float(scale))
+        set_field(self, "layers", validate_layers(self.layers, name="StructuredGuidance.layers"))
+        set_field(self, "steps", validate_steps(self.steps, name="StructuredGuidance.steps"))
+
+    def default_layers(self, adapter: ModelAdapter) -> str:
+        return "cross"
+
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if adapter.text_attention != "cross":
+            raise UnsupportedError(
+                f"attnctl: StructuredGuidance is defined on cross-attention, and the {adapter.family} family has joint "
+                "attention: its text keys and values at each layer come from the text stream the denoiser transforms "
+                "block by block, so a separately encoded noun phrase has no values there without its own pass through "
+                "every block (a denoiser pass per phrase, not the paper's method)"
+            )
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        return select_kinds(self, adapter, ("cross",), "cross-attention")
+
+    def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
+        """"value_edit": the text values of the cond rows are replaced (averaged with the phrases' values)."""
+        return ("value_edit",)
+
+    def bind(self, context: BindContext) -> StructuredBound:
+        return StructuredBound(self, context)
+
+
+@dataclass(frozen=True)
+class PhraseSpan:
+    """One phrase in one prompt row: its positions in the prompt's text sequence and, in order, the positions of
+    its tokens in its own encoding (`source`, index into `StructuredBound.text`)."""
+
+    row: int
+    positions: tuple[int, ...]
+    source: int
+    own: tuple[int, ...]
+
+
+def phrase_tokens(tokens: PromptTokens, phrase: str) -> tuple[int, ...]:
+    """Positions of `phrase`'s tokens in its own encoding (after CLIP's start token; from 0 in T5)."""
+    alone = PromptTokens(
+        [
+            EncoderPrompts(e.name, e.tokenizers, tuple((phrase,) for _ in e.tokenizers), e.offset, e.limit, e.convert)
+            for e in tokens.encoders
+        ],
+        rows=1,
+        text_len=tokens.text_len,
+    )
+    return alone.positions(phrase, 0)
+
+
+class StructuredBound(Bound):
+    """The phrases of each prompt row resolved and encoded once per call; the value edit per layer."""
+
+    def __init__(self, control: StructuredGuidance, context: BindContext):
+        super().__init__(control, context.layers, control.steps)
+        self.scale = control.scale
+        self.adapter = context.adapter
+        self.spans: list[PhraseSpan] = []
+        self.counts = [0] * context.prompt_rows  # phrases per prompt row
+        self.text = None
+        self._cache: dict[Any, Any] = {}
+        self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
+        self.hook = _ValueHook(self)
+        self._edit = Edit(hooks=(self.hook,))
+        if self.scale == 0.0:
+            return
+        tokens = context.require_tokens("StructuredGuidance")
+        texts = tokens.encoders[0].prompts[0] if tokens.encoders else ("",) * context.prompt_rows
+        sources: list[str] = []
+        missing: list[str] = []
+        for row in range(context.prompt_rows):
+            phrases = control.phrases if control.phrases is not None else noun_phrases(texts[row])
+            for phrase in phrases:
+                try:
+                    positions = tokens.positions(phrase, row)
+                except TokenError:
+                    missing.append(phrase)
+                    continue
+                if phrase not in sources:
+                    sources.append(phrase)
+                own = phrase_tokens(tokens, phrase)
+                if len(own) != len(positions):
+                    raise TokenError(
+                        f"attnctl: StructuredGuidance: {phrase!r} has {len(positions)} token(s) in the prompt of row {row} "
+                        f"({texts[row]!r}) and {len(own)} encoded alone (every occurrence counts); give it once per prompt"
+                    )
+                self.spans.append(PhraseSpan(row, positions, sources.index(phrase), own))
+                self.counts[row] += 1
+        if control.phrases is not None:
+            absent = [p for p in control.phrases if p not in sources]
+            if absent:
+                raise TokenError(f"attnctl: StructuredGuidance: phrase(s) {absent!r} are in none of the prompts {list(texts)!r}")
+        self.sources = tuple(sources)
+        if sources:
+            self.text = context.encode_prompts(list(sources))
+
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if not self.spans or not frame.rows.indices("cond"):
+            return None
+        return self._edit
+
+    def plan(self, call: AttentionCall, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep, add), each (prompt rows, H, T, D) float32 on v's device: the averaged values are `v keep + add`."""
+        key = (call.layer.name, str(v.device), tuple(v.shape[1:]))
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        module = call.module
+        weight = next(module.parameters()).dtype
+        with torch.no_grad():
+            embeds = self.adapter.project_text(self.text.embeds.to(device=v.device, dtype=weight))
+            _, values = module.processor.project_context(module, embeds)  # (phrases, H, T', D)
+        values = values.float()
+        rows, (heads, text, dim) = len(self.counts), v.shape[1:]
+        cover = torch.zeros(rows, 1, text, 1, device=v.device)
+        summed = torch.zeros(rows, heads, text, dim, device=v.device)
+        for span in self.spans:
+            positions = torch.tensor(span.positions, device=v.device)
+            own = torch.tensor(span.own, device=v.device)
+            cover[span.row, :, positions] += 1.0
+            summed[span.row, :, positions] += values[span.source][:, own]
+        sets = torch.tensor(self.counts, device=v.device, dtype=torch.float32).add(1.0)[:, None, None, None]
+        keep = 1.0 - self.scale * cover / sets
+        add = self.scale * summed / sets
+        found = (keep, add)
+        self._cache[key] = found
+        return found
+
+    def finish(self) -> None:
+        self.index.clear()
+        self._cache.clear()
+
+
+class _ValueHook(LayerHook):
+    def __init__(self, bound: StructuredBound):
+        self.bound = bound
+
+    def attend(
+        self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Any, compute: AttendFn
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layout = call.rows
+        rows = layout.indices("cond")
+        keep, add = self.bound.plan(call, v)
+        if v.shape[2] != keep.shape[2]:
+            raise UnsupportedError(
+                f"attnctl: StructuredGuidance at {call.layer.name} got {v.shape[2]} text keys, the prompt has "
+                f"{keep.shape[2]}: another control on this layer changed the text (give the controls disjoint layers)"
+            )
+        index = self.bound.index(rows, v.device)
+        prompts = self.bound.index(tuple(layout.rows[i].prompt for i in rows), v.device)
+        chosen = v.index_select(0, index).float()
+        edited = chosen * keep.index_select(0, prompts) + add.index_select(0, prompts)
+        v = v.index_copy(0, index, edited.to(v.dtype))
+        return compute(q, k, v, spec)
+
+
+__all__ = ["PHRASE_BREAKS", "StructuredGuidance", "noun_phrases", "phrase_tokens"]

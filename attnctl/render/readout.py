@@ -1,0 +1,80 @@
+"""The readout pass: attention maps of a given image through img2img (RefAM's zero-shot setting, docs/methods.md).
+
+`read_maps(pipe, images, prompt, words, strength=...)` re-noises the images to `strength` and runs the rest of the
+schedule through the same pipeline's denoiser (an img2img pipeline made from `pipe`'s components with
+`from_pipe`, so no weights are loaded or copied), with `AttentionMaps(words, magnets=...)` applied: the maps of
+that pass are the readout. The given images are not changed; the readout's own output (the images the pass
+denoised) is thrown away. Works for images the pipeline generated (generate without magnets, read them after)
+and for any image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..controls.maps.capture import AttentionMapResult, AttentionMaps
+from ..errors import ConfigError, UnsupportedError
+from ..handle import apply
+
+
+def img2img_of(pipe: Any) -> Any:
+    """An img2img pipeline sharing `pipe`'s components (`pipe` itself if it already takes an image)."""
+    import inspect
+
+    if "image" in inspect.signature(type(pipe).__call__).parameters and "strength" in inspect.signature(type(pipe).__call__).parameters:
+        return pipe
+    import diffusers
+
+    name = type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline")  # StableDiffusion(XL)Pipeline -> ...Img2ImgPipeline
+    try:
+        made = getattr(diffusers, name).from_pipe(pipe)  # only that pipeline's module is imported
+    except (AttributeError, ValueError, KeyError, TypeError) as error:
+        raise UnsupportedError(
+            f"attnctl: read_maps needs an img2img pipeline for {type(pipe).__name__} ({name}), and diffusers has none to "
+            f"make from it ({error}); pass an img2img pipeline of the model instead"
+        ) from error
+    made.set_progress_bar_config(disable=True)
+    return made
+
+
+def read_maps(
+    pipe: Any,
+    images: Any,
+    prompt: str | Sequence[str],
+    words: Sequence[Any],
+    *,
+    strength: float = 0.5,
+    magnets: bool | tuple[str, ...] = True,
+    layers: Any = None,
+    seed: int = 0,
+    **call: Any,
+) -> AttentionMapResult:
+    """Attention maps of `words` over `images` (PIL images, one per prompt, or one prompt for all), read in a
+    separate img2img pass at `strength` (the share of the schedule re-run: 0.5 re-noises to the middle).
+
+    `magnets`: True (default) the RefAM magnets and sink suppression, a tuple: your own magnet words, False: the
+    plain maps. `layers`: as `AttentionMaps`. `seed`: the re-noising noise. Other keyword arguments go to the
+    pipeline call (num_inference_steps, guidance_scale, height, width). `pipe` must not hold a live attnctl handle.
+    Returns the `AttentionMapResult` with `images` set to the given images; `.masks(word)` gives the masks.
+    """
+    import torch
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
+        raise ConfigError(f"read_maps: strength must be in (0, 1], got {strength!r}")
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+        raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
+    reader = img2img_of(pipe)
+    size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
+    resolution = (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
+    control = AttentionMaps(tuple(words), layers=layers, magnets=magnets, resolution=resolution, key="readout_maps")
+    with apply(reader, control) as handle:
+        reader(prompts, image=images, strength=float(strength), generator=torch.Generator().manual_seed(seed), output_type="latent", **call)
+        result = handle.outputs["readout_maps"]
+    result.images = [image.copy() if hasattr(image, "copy") else image for image in images]
+    return result
+
+
+__all__ = ["img2img_of", "read_maps"]

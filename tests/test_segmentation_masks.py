@@ -1,0 +1,148 @@
+"""Segmentation masks from attention (RefAM): the mask rule, masks as Region masks, magnets and sinks, the
+img2img readout, families, and the IoU on the toy model (8 images)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnctl
+from attnctl import AttentionMaps, ConfigError, Region, Regions, UnsupportedError
+from attnctl.controls.maps.magnets import MAGNET_WORDS, SINK_FLATNESS, SINK_MASS, magnet_prompt, suppress_sinks
+
+from .helpers import generate
+
+PROMPT = "a red cat and a blue car"
+
+
+def _result(pipe, name="tiny-sd", words=("red", "cat")):
+    with attnctl.apply(pipe, AttentionMaps(list(words))) as handle:
+        generate(pipe, name, [PROMPT, PROMPT], seed=1)
+        return handle.outputs["attention_maps"]
+
+
+def test_mask_rule_against_its_definition(tiny_cache):
+    result = _result(tiny_cache("tiny-sd"))
+    maps = result["red"]
+    hard, soft = result.masks("red"), result.masks("red", soft=True)
+    assert hard.dtype == torch.bool and soft.dtype == torch.float32 and hard.shape == soft.shape == maps.shape == (2, 32, 32)
+    for i in range(2):  # min-max normalised per image, then >= 0.5
+        m = maps[i].double()
+        expected = (m - m.min()) / (m.max() - m.min())
+        torch.testing.assert_close(soft[i].double(), expected, atol=1e-6, rtol=0)
+        assert torch.equal(hard[i], soft[i] >= 0.5)
+    assert torch.equal(result.masks("red", threshold=0.8), soft >= 0.8)
+    assert 0 < hard.sum() < hard.numel()
+    with pytest.raises(ConfigError, match="threshold"):
+        result.masks("red", threshold=0)
+    with pytest.raises(KeyError, match="dog"):
+        result.masks("dog")
+
+
+def test_a_constant_map_gives_an_empty_mask():
+    from attnctl.controls.maps.masks import masks_from_maps
+
+    flat = torch.full((1, 4, 4), 3.0)
+    assert not masks_from_maps(flat).any() and masks_from_maps(flat, soft=True).eq(0).all()
+
+
+def test_masks_are_region_masks_for_a_second_pass(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    masks = _result(pipe).masks("cat")
+    stock = generate(pipe, "tiny-sd", ["a photo"])
+    with attnctl.apply(pipe, Regions([Region("a cat", mask=masks[0])], base_ratio=0.0)):
+        steered = generate(pipe, "tiny-sd", ["a photo"])
+    assert torch.isfinite(steered).all() and not torch.equal(steered, stock)
+    soft = _result(pipe).masks("cat", soft=True)
+    Region("a cat", mask=soft[1])  # soft masks are accepted too
+
+
+# -- magnets and sinks ---------------------------------------------------------------------------------------------
+def test_sink_suppression_is_the_softmax_without_the_sink_keys():
+    """Eager reference: detect sinks by the rule of docs/methods.md, then take the softmax again over the keys
+    without them (the sinks' logits at -inf)."""
+    torch.manual_seed(0)
+    logits = 0.3 * torch.randn(2, 50, 9)
+    logits[0, :, 0] += 4.0  # token 0 of image 0: a flat, heavy sink
+    logits[1, :25, 3] += 6.0  # token 3 of image 1: heavy in half the image only, not global
+    probs = logits.softmax(-1)
+    selector = torch.zeros(2, 3, 9)
+    selector[:, 0, 2] = selector[:, 1, 5] = selector[:, 2, 0] = 1.0  # words at tokens 2, 5, and 0 (the sink)
+    words = probs @ selector.transpose(-1, -2)
+    mean, low = probs.mean(1), probs.amin(1)
+    sinks = (mean >= SINK_MASS) & (low >= SINK_FLATNESS * mean)
+    assert sinks[0, 0] and not sinks[1].any() and sinks.sum() == 1
+    masked = logits.masked_fill(sinks[:, None, :], float("-inf")).softmax(-1)
+    expected = masked @ selector.transpose(-1, -2)
+    torch.testing.assert_close(suppress_sinks(words, probs, selector), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_magnet_config():
+    assert AttentionMaps(["cat"], magnets=True).magnets == MAGNET_WORDS
+    assert AttentionMaps(["cat"], magnets=["the", "of"]).magnets == ("the", "of")
+    assert AttentionMaps(["cat"]).magnets == ()
+    with pytest.raises(ConfigError, match="magnets"):
+        AttentionMaps(["cat"], magnets=[""])
+    assert magnet_prompt("a cat", ("the", "of")) == "a cat the of"
+    control = AttentionMaps(["cat"], magnets=True)
+    assert attnctl.Control.from_dict(control.to_dict()) == control
+
+
+def test_magnets_never_run_in_a_generation(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
+        with pytest.raises(ConfigError, match="readout pass"):
+            generate(pipe, "tiny-sd", [PROMPT])
+
+
+@pytest.mark.parametrize("name", ["tiny-pixart"])
+def test_magnets_are_refused_at_apply_outside_their_families(name, tiny_cache):
+    with pytest.raises(UnsupportedError, match="magnets"):
+        attnctl.apply(tiny_cache(name), AttentionMaps(["cat"], magnets=True))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_readout_pass_over_a_given_image(name, tiny_cache):
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache(name)
+    options = {k: v for k, v in CALL_DEFAULTS[name].items() if k not in ("height", "width")}
+    images = pipe([PROMPT], num_inference_steps=2, generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS[name]).images
+    before = [image.copy() for image in images]
+    plain = attnctl.read_maps(pipe, images, PROMPT, ["red", "car"], strength=0.5, magnets=False, num_inference_steps=4, **options)
+    magnets = attnctl.read_maps(pipe, images, PROMPT, ["red", "car"], strength=0.5, num_inference_steps=4, **options)
+    assert [i.tobytes() for i in images] == [i.tobytes() for i in before]  # the images are not changed
+    assert magnets.words == ("red", "car")  # the magnets' own maps are never captured
+    height, width = images[0].height, images[0].width
+    assert magnets.maps.shape == plain.maps.shape == (1, 2, height, width) and magnets.images[0].size == images[0].size
+    assert magnets.contributions == plain.contributions and magnets.contributions[0] > 0  # strength 0.5 of 4 steps
+    assert not torch.allclose(magnets.maps, plain.maps)  # the readout read the magnet prompt
+    assert magnets.masks("car").shape == (1, height, width)
+    for _ in range(2):  # deterministic: the same seed re-noises the same way
+        again = attnctl.read_maps(pipe, images, PROMPT, ["red", "car"], strength=0.5, num_inference_steps=4, **options)
+        assert torch.equal(again.maps, magnets.maps)
+    with pytest.raises(ConfigError, match="strength"):
+        attnctl.read_maps(pipe, images, PROMPT, ["red"], strength=0)
+
+
+# -- the effect on the toy model -----------------------------------------------------------------------------------
+def test_iou_on_the_toy_model_8_images():
+    """benchmarks/segmentation.py at 8 images in the toy model's map layers (`attnctl.toy.MAP_LAYERS`, the down
+    path): every readout runs and gives IoUs in [0, 1] (the 96-image numbers: docs/methods.md)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from segmentation import segmentation
+
+    from attnctl.toy import MAP_LAYERS, load_toy_shapes
+
+    pipe = load_toy_shapes()
+    result = segmentation(pipe, 8, layers=MAP_LAYERS)
+    assert result["pairs"] >= 16
+    for name in ("generation", "readout", "magnets"):
+        assert 0.0 <= result[f"iou_{name}"] <= 1.0
+    with attnctl.apply(pipe, attnctl.AttentionMaps(["red"], layers=MAP_LAYERS)) as handle:
+        pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=1, height=32, width=32)
+        layers = handle.outputs["attention_maps"].layers
+    assert layers and all(name.startswith("down_blocks.") and name.endswith("attn2") for name in layers)
