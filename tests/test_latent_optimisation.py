@@ -284,6 +284,29 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
     assert lowered >= 7, lowered
 
 
+def test_down_path_layers_stop_the_loss_pass_before_the_up_path(toy):
+    """With map layers on the down path only (the toy model's choice: its up path's maps are anti-correlated with
+    the object), the loss passes never run the up blocks: the up path runs once per denoiser call, no more."""
+    from attnctl.toy import CALL_DEFAULTS
+
+    calls = {"up": 0, "down": 0}
+    hooks = [toy.unet.up_blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("up", calls["up"] + 1)),
+             toy.unet.down_blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("down", calls["down"] + 1))]
+    try:
+        for layers, loss_pass_reaches_up in ((("down_blocks.1", "down_blocks.2"), False), (None, True)):
+            calls.update(up=0, down=0)
+            control = attnctl.BoxGuidance({"circle": (0.0, 0.0, 0.5, 1.0)}, steps=(0.0, 0.5), iterations=2, loss_threshold=0.0,
+                                          layers=layers)
+            with attnctl.apply(toy, [control]) as handle:
+                toy("a red circle", generator=torch.Generator().manual_seed(0), **{**CALL_DEFAULTS, "num_inference_steps": 4})
+                passes = len(handle.runtime.last_call.bound[0].losses)
+            assert passes >= 2 and calls["down"] >= 4 + passes, (layers, calls)  # the loss passes ran the down path
+            assert (calls["up"] > 4) == loss_pass_reaches_up, (layers, calls)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_job_file_round_trip():
     import json
 
