@@ -261,7 +261,9 @@ def _loss_trace(monkeypatch):
 @pytest.mark.parametrize("kind", ["excite", "box"])
 def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
     """On 8 seeds, a few gradient steps at the first step lower the method's loss (the subject's peak attention
-    rises; the word's mass moves into its box)."""
+    rises; the word's mass moves into its box), on the toy's down-path map layer (its up path's maps are
+    anti-correlated with the object; benchmarks/attend_excite.py TOY_LAYERS). Placement itself is not asserted: on
+    held-out seeds no setting beat stock (docs/methods.md)."""
     from attnctl.toy import CALL_DEFAULTS
 
     trace = _loss_trace(monkeypatch)
@@ -270,12 +272,12 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
         trace.clear()
         if kind == "excite":
             control = attnctl.AttendExcite(subjects=["circle", "square"], steps=(0.0, 0.1), refine=((0.0, 0.99),),
-                                           max_refinement_steps=3, layers=("down_blocks.1", "up_blocks.1"))
+                                           max_refinement_steps=3, layers=("down_blocks.2",))
             prompt = "a red circle and a blue square"
         else:
             box = (0.0, 0.0, 0.5, 1.0) if seed % 2 == 0 else (0.5, 0.0, 1.0, 1.0)
             control = attnctl.BoxGuidance({"circle": box}, steps=(0.0, 0.1), iterations=4, loss_threshold=0.0, scale=3.0,
-                                          layers=("down_blocks.1", "up_blocks.1"))
+                                          layers=("down_blocks.2",))
             prompt = "a red circle"
         with attnctl.apply(toy, [control]):
             toy(prompt, generator=torch.Generator().manual_seed(seed), **{**CALL_DEFAULTS, "num_inference_steps": 4})
