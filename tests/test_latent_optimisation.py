@@ -282,7 +282,8 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
         with attnctl.apply(toy, [control]):
             toy(prompt, generator=torch.Generator().manual_seed(seed), **{**CALL_DEFAULTS, "num_inference_steps": 4})
         assert len(trace) >= 2
-        lowered += trace[-1] < trace[0]
+        # box: the ratio loss at least halves (seeds 0-7 on down_blocks.2: x0.07..x0.33); A&E's peak loss moves little
+        lowered += trace[-1] < (0.5 if kind == "box" else 1.0) * trace[0]
     assert lowered >= 7, lowered
 
 
