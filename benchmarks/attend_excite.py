@@ -9,6 +9,11 @@ on attention maps"); the truth comes from the pixels (attnctl.toy.analysis).
   the same run (CPU: the growth of a fresh process's peak resident set, getrusage ru_maxrss, in that call, over the
   process after loading the model and one 32x32 stock call).
 
+The controls read the toy's down-path map layer (TOY_LAYERS, chosen on held-out seeds 1000-1015); --level-defaults
+adds the controls at their default level (4x4) and TOY_BOX at the 8x8 level. --part runs one part (each has its own
+stock, so its time ratios stand alone); the numbers in README were measured with `--part box --level-defaults` and
+`--part two` running concurrently, then `--part memory`.
+
     python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
     python benchmarks/attend_excite.py --quick     # 8 of each (the CI-sized run)
 """
