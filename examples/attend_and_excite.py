@@ -20,6 +20,10 @@ import attnctl
 from attnctl.render.generate import default_model, embedded_call_defaults
 from attnctl.render.loading import load_pipeline
 
+#: On toy-shapes read the down path's maps only: its up path's cross-attention maps are anti-correlated with the
+#: object (docs/methods.md, "Latent optimisation on attention maps", Layers).
+TOY_SHAPES_LAYERS = ("down_blocks.2",)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,6 +32,9 @@ def main() -> None:
     parser.add_argument("--subjects", nargs="+", default=["circle", "square"], help="the subject words")
     parser.add_argument("--box", nargs=5, default=["circle", "0.5", "0", "1", "1"], metavar=("WORD", "X0", "Y0", "X1", "Y1"),
                         help="a word of the prompt and its box for BoxGuidance (relative coordinates)")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="the map layers (default: the controls' default level; on toy-shapes its down path, "
+                             "down_blocks.2: its up path's maps are anti-correlated with the object)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -42,11 +49,12 @@ def main() -> None:
         options["num_inference_steps"] = args.steps or 2
     options.setdefault("num_inference_steps", 50)
     word, *box = args.box
+    layers = tuple(args.layers) if args.layers else (TOY_SHAPES_LAYERS if model == "toy-shapes" else None)
     methods = {
         "stock": [],
-        "attend_excite": [attnctl.AttendExcite(subjects=args.subjects)],
-        "a_star": [attnctl.AStar(subjects=args.subjects)] if len(args.subjects) > 1 else [attnctl.AStar(subjects=args.subjects, loss="retention")],
-        "box_guidance": [attnctl.BoxGuidance({word: tuple(float(v) for v in box)})],
+        "attend_excite": [attnctl.AttendExcite(subjects=args.subjects, layers=layers)],
+        "a_star": [attnctl.AStar(subjects=args.subjects, layers=layers, loss="both" if len(args.subjects) > 1 else "retention")],
+        "box_guidance": [attnctl.BoxGuidance({word: tuple(float(v) for v in box)}, layers=layers)],
     }
     os.makedirs(args.out, exist_ok=True)
     images = []

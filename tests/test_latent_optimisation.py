@@ -261,7 +261,9 @@ def _loss_trace(monkeypatch):
 @pytest.mark.parametrize("kind", ["excite", "box"])
 def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
     """On 8 seeds, a few gradient steps at the first step lower the method's loss (the subject's peak attention
-    rises; the word's mass moves into its box)."""
+    rises; the word's mass moves into its box), on the toy's down-path map layer (its up path's maps are
+    anti-correlated with the object; benchmarks/attend_excite.py TOY_LAYERS). Placement itself is not asserted: on
+    held-out seeds no setting beat stock (docs/methods.md)."""
     from attnctl.toy import CALL_DEFAULTS
 
     trace = _loss_trace(monkeypatch)
@@ -270,18 +272,42 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
         trace.clear()
         if kind == "excite":
             control = attnctl.AttendExcite(subjects=["circle", "square"], steps=(0.0, 0.1), refine=((0.0, 0.99),),
-                                           max_refinement_steps=3, layers=("down_blocks.1", "up_blocks.1"))
+                                           max_refinement_steps=3, layers=("down_blocks.2",))
             prompt = "a red circle and a blue square"
         else:
             box = (0.0, 0.0, 0.5, 1.0) if seed % 2 == 0 else (0.5, 0.0, 1.0, 1.0)
             control = attnctl.BoxGuidance({"circle": box}, steps=(0.0, 0.1), iterations=4, loss_threshold=0.0, scale=3.0,
-                                          layers=("down_blocks.1", "up_blocks.1"))
+                                          layers=("down_blocks.2",))
             prompt = "a red circle"
         with attnctl.apply(toy, [control]):
             toy(prompt, generator=torch.Generator().manual_seed(seed), **{**CALL_DEFAULTS, "num_inference_steps": 4})
         assert len(trace) >= 2
-        lowered += trace[-1] < trace[0]
+        # box: the ratio loss at least halves (seeds 0-7 on down_blocks.2: x0.07..x0.33); A&E's peak loss moves little
+        lowered += trace[-1] < (0.5 if kind == "box" else 1.0) * trace[0]
     assert lowered >= 7, lowered
+
+
+def test_down_path_layers_stop_the_loss_pass_before_the_up_path(toy):
+    """With map layers on the down path only (the toy model's choice: its up path's maps are anti-correlated with
+    the object), the loss passes never run the up blocks: the up path runs once per denoiser call, no more."""
+    from attnctl.toy import CALL_DEFAULTS
+
+    calls = {"up": 0, "down": 0}
+    hooks = [toy.unet.up_blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("up", calls["up"] + 1)),
+             toy.unet.down_blocks[0].register_forward_pre_hook(lambda *a: calls.__setitem__("down", calls["down"] + 1))]
+    try:
+        for layers, loss_pass_reaches_up in ((("down_blocks.1", "down_blocks.2"), False), (None, True)):
+            calls.update(up=0, down=0)
+            control = attnctl.BoxGuidance({"circle": (0.0, 0.0, 0.5, 1.0)}, steps=(0.0, 0.5), iterations=2, loss_threshold=0.0,
+                                          layers=layers)
+            with attnctl.apply(toy, [control]) as handle:
+                toy("a red circle", generator=torch.Generator().manual_seed(0), **{**CALL_DEFAULTS, "num_inference_steps": 4})
+                passes = len(handle.runtime.last_call.bound[0].losses)
+            assert passes >= 2 and calls["down"] >= 4 + passes, (layers, calls)  # the loss passes ran the down path
+            assert (calls["up"] > 4) == loss_pass_reaches_up, (layers, calls)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_job_file_round_trip():
