@@ -37,19 +37,14 @@ from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex, keep_kinds
+from ..regions.masks import validate_box
 
 Box = tuple[float, float, float, float]
 
 
-def _box(value: Any, name: str) -> Box | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise ConfigError(f"{name} must be None or a box (x0, y0, x1, y1) in relative coordinates, got {value!r}")
-    box = tuple(number(v, f"{name}[{i}]", minimum=0, maximum=1) for i, v in enumerate(value))
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise ConfigError(f"{name} must have x0 < x1 and y0 < y1, got {value!r}")
-    return box
+def optional_box(value: Any, owner: str) -> Box | None:
+    """None, or a box validated as Regions validates its boxes."""
+    return None if value is None else validate_box(value, owner=owner)
 
 
 def box_mask(box: Box | None, grid: tuple[int, int], frames: int = 1) -> torch.Tensor:
@@ -84,7 +79,7 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     def __post_init__(self) -> None:
         if self.reference is not None and (isinstance(self.reference, bool) or not isinstance(self.reference, int) or self.reference < 0):
             raise ConfigError(f"ConsistentSubjects.reference must be None or a prompt row index >= 0, got {self.reference!r}")
-        set_field(self, "subject", _box(self.subject, "ConsistentSubjects.subject"))
+        set_field(self, "subject", optional_box(self.subject, "ConsistentSubjects.subject"))
         set_field(self, "strength", number(self.strength, "ConsistentSubjects.strength", minimum=0))
         set_field(self, "layers", validate_layers(self.layers, name="ConsistentSubjects.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="ConsistentSubjects.steps"))
@@ -107,35 +102,59 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         return _ConsistentBound(self, context)
 
 
-class _ConsistentBound(Bound):
-    def __init__(self, control: ConsistentSubjects, context: BindContext):
+Links = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]
+
+
+class LinkedKeysBound(Bound):
+    """What the appended-keys controls (ConsistentSubjects, ReferenceAttention) share per call: the row links of each
+    row layout (`find_links`, found once per layout), the row index tensors, and one edit with their hook while the
+    control is active (its `strength` above 0, inside its steps, and some row linked)."""
+
+    def __init__(self, control: Control, context: BindContext, hook: LayerHook):
         super().__init__(control, context.layers, control.steps)
+        self.index = RowIndex()
+        self._links: dict[Any, Links] = {}
+        self._bias: dict[Any, torch.Tensor] = {}
+        self._edit = Edit(hooks=(hook,))
+
+    def find_links(self, rows: RowLayout) -> Links:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def links(self, rows: RowLayout) -> Links:
+        """(targets, sources per target): the rows that read others, and which (equally many per target)."""
+        found = self._links.get(rows.rows)
+        if found is None:
+            found = self._links[rows.rows] = self.find_links(rows)
+        return found
+
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if self.control.strength == 0 or not self.active(frame.step) or not self.links(frame.rows)[0]:
+            return None
+        return self._edit
+
+    def finish(self) -> None:
+        self.index.clear()
+
+
+class _ConsistentBound(LinkedKeysBound):
+    def __init__(self, control: ConsistentSubjects, context: BindContext):
+        super().__init__(control, context, AppendedKeysHook(self))
         self.prompt_rows = context.prompt_rows
         if control.reference is not None and control.reference >= context.prompt_rows:
             raise ConfigError(
                 f"ConsistentSubjects.reference is prompt row {control.reference}, but the call has {context.prompt_rows} "
                 "prompt row(s) (prompts x num_images_per_prompt)"
             )
-        self.index = RowIndex()
-        self._links: dict[Any, tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]] = {}
-        self._bias: dict[Any, torch.Tensor] = {}
-        self._edit = Edit(hooks=(AppendedKeysHook(self),))
 
-    def links(self, rows: RowLayout) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
-        """(targets, sources per target): the rows that read others, and which (equally many per target)."""
-        found = self._links.get(rows.rows)
-        if found is None:
-            reference = self.control.reference
-            if reference is not None:
-                linked = rows.linked(lambda prompt: reference)
-                targets = tuple(i for i, s in enumerate(linked) if s is not None)
-                found = (targets, tuple((linked[i],) for i in targets))
-            else:
-                others = [rows.linked(lambda prompt, k=k: (prompt + k) % self.prompt_rows) for k in range(1, self.prompt_rows)]
-                targets = tuple(i for i in range(len(rows)) if others and all(o[i] is not None for o in others))
-                found = (targets, tuple(tuple(o[i] for o in others) for i in targets))
-            self._links[rows.rows] = found
-        return found
+    def find_links(self, rows: RowLayout) -> Links:
+        reference = self.control.reference
+        if reference is not None:
+            linked = rows.linked(lambda prompt: reference)
+            targets = tuple(i for i, s in enumerate(linked) if s is not None)
+            return targets, tuple((linked[i],) for i in targets)
+        others = [rows.linked(lambda prompt, k=k: (prompt + k) % self.prompt_rows) for k in range(1, self.prompt_rows)]
+        targets = tuple(i for i in range(len(rows)) if others and all(o[i] is not None for o in others))
+        return targets, tuple(tuple(o[i] for o in others) for i in targets)
 
     def source_bias(self, geometry, device, dtype) -> torch.Tensor:
         """(image_len,) logit bias of one source's image keys: log(strength) inside the subject, -inf outside."""
@@ -147,15 +166,6 @@ class _ConsistentBound(Bound):
             bias[inside] = math.log(self.control.strength)
             found = self._bias[key] = bias.to(device=device, dtype=dtype)
         return found
-
-    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if self.control.strength == 0 or not self.active(frame.step) or not self.links(frame.rows)[0]:
-            return None
-        return self._edit
-
-    def finish(self) -> None:
-        self.index.clear()
-
 
 class AppendedKeysHook(LayerHook):
     """The target rows' image queries attend to their own keys plus the source rows' image keys, with the source

@@ -24,20 +24,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...control import BindContext, Bound, Control
+from ...control import BindContext, Control
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
 from ...processors.chain import restricted_rows
-from ...processors.edit import AttentionCall, Edit, LayerHook
+from ...processors.edit import AttentionCall, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import choice, number, set_field
-from ..common import RowIndex, keep_kinds
+from ..common import keep_kinds
 from ..guidance.sag import noise_level
-from .consistent import Box, _box, appended_attention, box_mask
+from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, optional_box
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         if isinstance(self.reference_row, bool) or not isinstance(self.reference_row, int) or self.reference_row < 0:
             raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
         set_field(self, "strength", number(self.strength, "ReferenceAttention.strength", minimum=0))
-        set_field(self, "region", _box(self.region, "ReferenceAttention.region"))
+        set_field(self, "region", optional_box(self.region, "ReferenceAttention.region"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ReferenceAttention.seed must be an integer >= 0, got {self.seed!r}")
         choice(self.branch, "ReferenceAttention.branch", ("both", "cond"))
@@ -121,9 +121,9 @@ def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, 
     return ((latents - shift) * scale).to(dtype)
 
 
-class _ReferenceBound(Bound):
+class _ReferenceBound(LinkedKeysBound):
     def __init__(self, control: ReferenceAttention, context: BindContext):
-        super().__init__(control, context.layers, control.steps)
+        super().__init__(control, context, ReferenceHook(self))
         if control.reference_row >= context.prompt_rows:
             raise ConfigError(
                 f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "
@@ -143,21 +143,14 @@ class _ReferenceBound(Bound):
         self.x0 = latents
         self.eps = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
         self.canvas = context.canvas
-        self.index = RowIndex()
-        self._links: dict[Any, tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]] = {}
-        self._bias: dict[Any, torch.Tensor] = {}
         self._region: dict[Any, torch.Tensor] = {}
-        self._edit = Edit(hooks=(ReferenceHook(self),))
         self.main_input = context.adapter.batched_inputs[0]
 
-    def links(self, rows: RowLayout):
-        found = self._links.get(rows.rows)
-        if found is None:
-            linked = rows.linked(lambda prompt: self.control.reference_row)
-            branches = ("cond",) if self.control.branch == "cond" else ("cond", "uncond")
-            targets = tuple(i for i, s in enumerate(linked) if s is not None and rows.rows[i].branch in branches)
-            found = self._links[rows.rows] = (targets, tuple((linked[i],) for i in targets))
-        return found
+    def find_links(self, rows: RowLayout) -> Links:
+        linked = rows.linked(lambda prompt: self.control.reference_row)
+        branches = ("cond",) if self.control.branch == "cond" else ("cond", "uncond")
+        targets = tuple(i for i, s in enumerate(linked) if s is not None and rows.rows[i].branch in branches)
+        return targets, tuple((linked[i],) for i in targets)
 
     def source_bias(self, geometry, device, dtype) -> torch.Tensor:
         key = (geometry.image_len, device, dtype)
@@ -197,14 +190,6 @@ class _ReferenceBound(Bound):
         index = self.index(rows, sample.device)
         changed.index_copy_(0, index, packed.expand(len(rows), *packed.shape[1:]).to(sample.dtype))
         return {**inputs, self.main_input: changed}
-
-    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if self.control.strength == 0 or not self.active(frame.step) or not self.links(frame.rows)[0]:
-            return None
-        return self._edit
-
-    def finish(self) -> None:
-        self.index.clear()
 
 
 class ReferenceHook(LayerHook):
