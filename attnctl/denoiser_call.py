@@ -35,6 +35,18 @@ def host_tensor(values: tuple[Any, ...], dtype: torch.dtype, device: Any = None)
     return found
 
 
+def upload(host: torch.Tensor, device: Any) -> torch.Tensor:
+    """Host data (built on the CPU once per call: weight grids, masks) on `device` without synchronising: on CUDA
+    it is page-locked and copied asynchronously (a copy from pageable memory waits for the stream; the caching
+    host allocator keeps the page-locked block until the copy has run). On the CPU it is `host` itself."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Row:
     branch: Branch

@@ -130,17 +130,36 @@ def uncompiled(module: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
 
 
-def compiled_parts(entry: torch.nn.Module, denoiser: torch.nn.Module) -> list[str]:
+def module_list(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every module under `root` (itself first), depth first in registration order, each once: one cheap walk
+    over `_modules` that the per-call checks share (`named_modules` builds a name per module, and each check
+    walking the tree again cost milliseconds per pipeline call on Flux's 1,300 modules)."""
+    found: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        found.append(module)
+        stack.extend(child for child in reversed(module._modules.values()) if child is not None)
+    return found
+
+
+def compiled_parts(entry: torch.nn.Module, denoiser: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> list[str]:
     """How the denoiser is compiled: `torch.compile(m)` (an OptimizedModule in the pipeline), `m.compile()`,
-    compiled blocks (`compile_repeated_blocks`, `block.compile()`), or nothing (an empty list)."""
+    compiled blocks (`compile_repeated_blocks`, `block.compile()`), or nothing (an empty list). `modules`:
+    `module_list(denoiser)`, when the caller has it."""
     parts = []
     if entry is not denoiser:
         parts.append("torch.compile(denoiser)")
     if getattr(denoiser, "_compiled_call_impl", None) is not None:
         parts.append("denoiser.compile()")
     blocks = sum(
-        1 for name, module in denoiser.named_modules()
-        if name and (getattr(module, "_compiled_call_impl", None) is not None or type(module).__name__ == "OptimizedModule")
+        1 for module in (module_list(denoiser) if modules is None else modules)
+        if module is not denoiser
+        and (module.__dict__.get("_compiled_call_impl") is not None or type(module).__name__ == "OptimizedModule")
     )
     if blocks:
         parts.append(f"{blocks} compiled block(s) (compile_repeated_blocks or block.compile())")
@@ -179,10 +198,10 @@ BLOCK_CACHES = {
     "mag_cache_block_hook": "MagCache",
     "faster_cache_denoiser": "FasterCache (unconditional-batch skip)",
 }
-def diffusers_caches(denoiser: torch.nn.Module) -> list[str]:
+def diffusers_caches(denoiser: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> list[str]:
     """The diffusers caches installed on the denoiser's modules, by name (deduplicated, in module order)."""
     found: list[str] = []
-    for module in denoiser.modules():
+    for module in module_list(denoiser) if modules is None else modules:
         registry = module.__dict__.get("_diffusers_hook")
         for hook in getattr(registry, "hooks", {}) or {}:
             name = ATTENTION_CACHES.get(hook) or BLOCK_CACHES.get(hook)
@@ -251,20 +270,20 @@ CONTEXT_PARALLEL_WHY = (
 )
 
 
-def parallel_config(denoiser: torch.nn.Module) -> Any:
+def parallel_config(denoiser: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> Any:
     """diffusers' context-parallel config of the denoiser (`enable_parallelism`), or None."""
     config = getattr(denoiser, "_parallel_config", None)
     if config is not None:
         return config
-    for module in denoiser.modules():
-        processor = getattr(module, "processor", None)
+    for module in module_list(denoiser) if modules is None else modules:
+        processor = module.__dict__.get("processor") or module._modules.get("processor")
         if getattr(processor, "_parallel_config", None) is not None and not getattr(processor, "inert", False):
             return processor._parallel_config
     return None
 
 
-def refuse_context_parallel(denoiser: torch.nn.Module, attribute: str) -> None:
-    config = parallel_config(denoiser)
+def refuse_context_parallel(denoiser: torch.nn.Module, attribute: str, modules: list[torch.nn.Module] | None = None) -> None:
+    config = parallel_config(denoiser, modules)
     if config is not None:
         from .errors import UnsupportedError
 

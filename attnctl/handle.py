@@ -27,6 +27,7 @@ from .foreign_patches import (
     compiled_parts,
     diffusers_caches,
     foreign_patches,
+    module_list,
     refuse_cache_conflicts,
     refuse_context_parallel,
     refuse_uncompilable,
@@ -78,13 +79,17 @@ def _refuse_modular(pipe: Any) -> None:
 
 def _refuse_uncomposable(
     entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...], adapter: ModelAdapter
-) -> None:
+) -> list[str]:
     """What attnctl refuses to compose with, with the reason (attnctl/foreign_patches.py): a control not verified to run
     in a compiled denoiser (torch.compile(m), m.compile(), compiled blocks), a control that would cache or
-    capture what a diffusers cache skips, and context parallelism."""
-    refuse_uncompilable(controls, compiled_parts(entry, denoiser), attribute, adapter)
-    refuse_cache_conflicts(controls, diffusers_caches(denoiser), attribute)  # diffusers' caches and context
-    refuse_context_parallel(denoiser, attribute)  # parallelism: checked at the same times (apply, every call)
+    capture what a diffusers cache skips, and context parallelism. Returns how the denoiser is compiled
+    (`compiled_parts`). One walk of the module tree serves every check."""
+    modules = module_list(denoiser)
+    parts = compiled_parts(entry, denoiser, modules)
+    refuse_uncompilable(controls, parts, attribute, adapter)
+    refuse_cache_conflicts(controls, diffusers_caches(denoiser, modules), attribute)  # diffusers' caches and context
+    refuse_context_parallel(denoiser, attribute, modules)  # parallelism: checked at the same times (apply, every call)
+    return parts
 
 
 def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str = "auto") -> Handle:
@@ -399,9 +404,9 @@ class Handle:
             raise PipelineChangedError(
                 f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
             )
-        _refuse_uncomposable(current, denoiser, self.attribute, self.controls, self.adapter)
+        compiled = _refuse_uncomposable(current, denoiser, self.attribute, self.controls, self.adapter)
         if self._hooks is not None:
-            self._hooks.compiled = bool(compiled_parts(current, denoiser))
+            self._hooks.compiled = bool(compiled)
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
         if changed:
             found = sorted({type(self.adapter.modules[n].processor).__name__ for n in changed})

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..control import BindContext, Bound, Control
-from ..denoiser_call import DenoiserCall
+from ..denoiser_call import DenoiserCall, upload
 from ..errors import CallLayoutError, ConfigError
 from ..families.base import LayerInfo, ModelAdapter
 from ..processors.edit import Edit
@@ -317,7 +317,7 @@ class ReweightBound(Bound):
             self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
         self._cache: dict[Any, Edit | None] = {}
         self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
-        self._on_device = {branch: grid.to(self.device) for branch, grid in self.weights.items()}  # one copy per call
+        self._on_device = {branch: upload(grid, self.device) for branch, grid in self.weights.items()}  # one async copy per call
 
     def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
         """(prompt rows, text_len) factors at step index `step` for `branch`; None outside the step window."""

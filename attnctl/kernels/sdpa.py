@@ -96,11 +96,18 @@ def attention(
     pieces.append(_call(q[:, :, start:stop], k, edited_v, edited_mask, spec.scale))
     if stop < nq:
         pieces.append(_call(q[:, :, stop:], k, v, _rows(shared, stop, nq), spec.scale))
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    out = pieces[0] if len(pieces) == 1 else _join_queries(pieces)
     if spec.labels is not None:
         _, dead = _labels_dense(spec.labels, q.dtype, q.device)  # (B, Nq)
         out = out.masked_fill(dead[:, None, :, None], 0.0)
     return out, None
+
+
+def _join_queries(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The row groups' outputs as one (B, H, N, D) tensor, stored (B, N, H, D): the processors' next step is
+    `transpose(1, 2).flatten(2, 3)`, which is then a view instead of a copy, so the concatenation costs no more
+    than the copy a single call's output takes there."""
+    return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1).transpose(1, 2)
 
 
 def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torch.Tensor | None:

@@ -183,7 +183,8 @@ class AttentionSpec:
 
     @property
     def is_plain(self) -> bool:
-        return not self.features() or self.features() == ("attn_mask",)
+        features = self.features()
+        return not features or features == ("attn_mask",)
 
 
 PLAIN = AttentionSpec()

@@ -10,6 +10,7 @@ outputs are bitwise identical to stock.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -52,6 +53,14 @@ class ControlledProcessor:
     _parallel_config = None
     edit_now = None  # this layer's edit, computed before a compiled forward (`Runtime.prefill_edits`)
     inert = False  # set by Handle.remove() when another library still holds this processor: pass-through to stock
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None:
+            # diffusers' attention modules read `inspect.signature(self.processor.__call__)` at every call to filter
+            # their kwargs; a signature computed once makes that lookup cheaper than for the stock processor
+            call.__signature__ = inspect.signature(call)
 
     def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
         if isinstance(self, torch.nn.Module):
@@ -100,19 +109,20 @@ class ControlledProcessor:
     ) -> torch.Tensor:
         """Attention with the edit's spec on the chosen backend, wrapped by the edit's hooks, (B, H, N, D)."""
         spec = edit.spec(attn_mask=attn_mask)
-
-        def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
-            if spec.is_plain and self.stock_sdpa():
-                return kernels.sdpa.attention(q, k, v, spec)
-            dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
-            backend = self.runtime.backend_for(self.layer, q.device, spec.features(), dense)
-            return kernels.BACKENDS[backend].fn(q, k, v, spec)
-
-        fn = compute
+        fn = self.compute
         for hook in reversed(edit.hooks):
             fn = _bind_hook(hook, call, fn)
         out, _ = fn(q, k, v, spec)
         return out
+
+    def compute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One attention op with `spec` on the backend the runtime picks for it (hooks call it through `attend`)."""
+        features = spec.features()
+        if (not features or features == ("attn_mask",)) and self.stock_sdpa():
+            return kernels.sdpa.attention(q, k, v, spec)
+        dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+        backend = self.runtime.backend_for(self.layer, q.device, features, dense)
+        return kernels.BACKENDS[backend].fn(q, k, v, spec)
 
     def query_hooks(self, call: AttentionCall | None, edit: Edit | None, q_proj: torch.Tensor) -> torch.Tensor:
         if edit is not None:

@@ -187,7 +187,10 @@ class Edit:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def spec(self, attn_mask: torch.Tensor | None = None, scale: float | None = None) -> AttentionSpec:
-        return dataclasses.replace(self.kernel, scale=scale, attn_mask=attn_mask)
+        kernel = self.kernel
+        if attn_mask is None and scale is None and kernel.attn_mask is None and kernel.scale is None:
+            return kernel  # the common call: no copy of the spec per attention call
+        return dataclasses.replace(kernel, scale=scale, attn_mask=attn_mask)
 
     @property
     def per_key(self) -> bool:
