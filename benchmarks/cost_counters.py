@@ -12,7 +12,9 @@ the CI targets; this prints the table.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +80,7 @@ class Cost:
     op_names: dict[str, int]
     attention_calls: int  # attention calls that got an edit (0 for stock)
     copies_in: int = 0  # host-to-device copy calls (a stream sync each on CUDA unless non_blocking)
+    python_calls: int = 0  # Python and builtin function calls in the warm call (cProfile): the host work per call
     error: str | None = None
 
 
@@ -114,11 +117,19 @@ def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> 
         edited[0] = 0
         with CostCounter() as counter:
             _run(pipe, model, steps)
+        attention_calls = edited[0]
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            _run(pipe, model, steps)
+        finally:
+            profile.disable()
+        python_calls = pstats.Stats(profile).total_calls
     finally:
         if handle is not None:
             handle.remove()
-    return Cost(model, name, counter.ops, counter.syncs, dict(counter.sync_ops), dict(counter.op_names), edited[0],
-                counter.copies_in)
+    return Cost(model, name, counter.ops, counter.syncs, dict(counter.sync_ops), dict(counter.op_names), attention_calls,
+                counter.copies_in, python_calls)
 
 
 def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
@@ -151,9 +162,11 @@ def main() -> None:
     rows = table(args.models.split(","), set(filter(None, args.controls.split(","))), args.steps)
     stock = {row.model: row for row in rows if row.control == "stock"}
     print(f"torch {torch.__version__}; warm second call, {args.steps} steps, inference_mode; "
-          "ops = aten ops dispatched (views excluded), syncs = host synchronisations")
-    print("| model | control | ops | extra ops | edited attn calls | extra ops / attn call | syncs | extra syncs | extra copies in |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "ops = aten ops dispatched (views excluded), syncs = host synchronisations, "
+          "Python calls = function calls in the call (cProfile), the host work a GPU waits on when launch-bound")
+    print("| model | control | ops | extra ops | edited attn calls | extra ops / attn call | syncs | extra syncs | extra copies in "
+          "| extra Python calls |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if row.error:
             print(f"| {row.model} | {row.control} | error: {row.error} |")
@@ -163,7 +176,8 @@ def main() -> None:
         per = f"{extra / row.attention_calls:.2f}" if row.attention_calls else "-"
         extra_syncs = {k: v - base.sync_ops.get(k, 0) for k, v in row.sync_ops.items() if v != base.sync_ops.get(k, 0)}
         print(f"| {row.model} | {row.control} | {row.ops} | {extra:+d} | {row.attention_calls} | {per} | {row.syncs} | "
-              f"{row.syncs - base.syncs:+d} {extra_syncs or ''} | {row.copies_in - base.copies_in:+d} |")
+              f"{row.syncs - base.syncs:+d} {extra_syncs or ''} | {row.copies_in - base.copies_in:+d} | "
+              f"{row.python_calls - base.python_calls:+d} |")
         if args.ops and row.control != "stock":
             diff = {k: v - base.op_names.get(k, 0) for k, v in row.op_names.items() if v != base.op_names.get(k, 0)}
             print(f"|   | ops by name | {dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25])} |")

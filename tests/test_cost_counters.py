@@ -172,3 +172,69 @@ def test_flux_appended_text_ids_without_a_host_read(tiny_cache):
         assert torch.equal(out["txt_ids"], torch.cat([ids, ids[:4], ids[:4]]))
         with pytest.raises(attnctl.UnsupportedError):  # longer than the base text, ids not all zero
             adapter.append_text({**inputs, "txt_ids": ids}, torch.ones(1, 16, 32), segments=2)
+
+
+# -- host work per pipeline call -------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+def test_the_composition_checks_walk_the_module_tree_once_per_call(model, tiny_cache, monkeypatch):
+    """`Handle.verify` runs at every pipeline call (compile, diffusers' caches, context parallelism, foreign
+    patches): one walk of the denoiser's modules serves all of them; skip-layer guidance finds its blocks
+    once per handle."""
+    import attnctl
+    import attnctl.handle as handle_module
+
+    pipe = tiny_cache(model)
+    walks = []
+    walk = handle_module.module_list
+    monkeypatch.setattr(handle_module, "module_list", lambda root: walks.append(root) or walk(root))
+    block = (0,) if model == "tiny-flux" else ("down_blocks.0.attentions.0.transformer_blocks.0",)
+    with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=block, steps=(0.0, 1.0))]) as handle:
+        bench._run(pipe, model, 2)
+        walks.clear()
+        bench._run(pipe, model, 2)
+        assert len(walks) == 1
+        found = vars(handle.adapter)["_transformer_blocks"]  # found at the first call, kept for the handle
+        bench._run(pipe, model, 2)
+        assert vars(handle.adapter)["_transformer_blocks"] is found
+        assert handle.adapter.transformer_blocks() == found and handle.adapter.transformer_blocks() is not found  # a copy
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_reweight_uploads_its_weights_without_a_blocking_copy(model, tiny_cache, stock_costs):
+    """Reweight's weight grid starts on the host once per call; it reaches the device through `upload`
+    (page-locked, non_blocking on CUDA), never a blocking `.to(device)` (a stream sync on CUDA)."""
+    import attnctl
+
+    cost = bench.measure(tiny_cache(model), model, "reweight", lambda: [attnctl.Reweight({"red": 2.0})])
+    assert cost.copies_in == stock_costs[model].copies_in
+
+
+def test_upload_keeps_cpu_tensors_and_copies_asynchronously_elsewhere():
+    from attnctl.denoiser_call import upload
+
+    host = torch.arange(6.0)
+    assert upload(host, "cpu") is host
+    if torch.cuda.is_available():
+        with CostCounter() as counter:
+            on_device = upload(host, "cuda")
+        assert counter.copies_in == 0 and counter.syncs == 0
+        assert torch.equal(on_device.cpu(), host)
+
+
+def test_controlled_processors_give_diffusers_their_signature_without_recomputing_it():
+    """diffusers' attention modules call `inspect.signature(self.processor.__call__)` at every call to filter
+    their keyword arguments: the controlled processors carry it precomputed, with the parameters of `__call__`."""
+    import inspect
+
+    from attnctl.processors import base
+    from attnctl.processors.flux import FluxAttnProcessor
+    from attnctl.processors.self_cross import SelfCrossAttnProcessor
+
+    for cls in (SelfCrossAttnProcessor, FluxAttnProcessor):
+        assert "__signature__" in vars(cls.__call__)
+        processor = object.__new__(cls)
+        names = list(inspect.signature(processor.__call__).parameters)
+        code = cls.__call__.__code__
+        assert names[: code.co_argcount - 1] == list(code.co_varnames[1 : code.co_argcount])  # self left out
+        assert names[:2] == ["attn", "hidden_states"]
+    assert base.ControlledProcessor.__dict__.get("__call__") is None

@@ -188,9 +188,14 @@ class ModelAdapter:
         raise UnsupportedError(f"attnctl: no default perturbed layers for model family {self.family!r}; give layers=... explicitly")
 
     def transformer_blocks(self) -> dict[str, torch.nn.Module]:
-        """Skippable transformer blocks by module path, in model order."""
-        classes = tuple(self.block_inputs)
-        return {name: module for name, module in self.denoiser.named_modules() if type(module).__name__ in classes}
+        """Skippable transformer blocks by module path, in model order; found once per adapter (per handle), not
+        by a walk of the module tree in every pipeline call."""
+        found = self.__dict__.get("_transformer_blocks")
+        if found is None:
+            classes = tuple(self.block_inputs)
+            found = {name: module for name, module in self.denoiser.named_modules() if type(module).__name__ in classes}
+            self.__dict__["_transformer_blocks"] = found
+        return dict(found)
 
     def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any."""
