@@ -232,8 +232,9 @@ class BindContext:
     internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
     prompt_arguments: tuple[dict[str, Any], ...] = ()
-    # `encode_prompts(texts)`: extra prompts encoded as the pipeline encodes its own prompt in this call
-    encode_prompts: Callable[[list[str]], EncodedText] = field(default=_no_handle, compare=False, repr=False)
+    # `encode_prompts(texts, trim=False)`: extra prompts encoded as the pipeline encodes its own prompt in this call
+    # (`trim`: cut after the longest prompt's last token, where `ModelAdapter.padded_text_tokenizer` says how)
+    encode_prompts: Callable[..., EncodedText] = field(default=_no_handle, compare=False, repr=False)
     # `wrap_method(obj, name, make)`: an instance-level wrap for this pipeline call, owned by the handle (undone
     # at the end of the call, or by `handle.remove()`)
     wrap_method: Callable[[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]], None] = field(

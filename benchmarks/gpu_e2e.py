@@ -293,9 +293,11 @@ def variants(
 ) -> dict[str, Variant]:
     import attnctl as a
 
-    def regions(isolate: bool):
+    def regions(isolate: bool, trim: bool = False):
         return a.Regions([a.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)), a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))],
-                         base_ratio=0.2, isolate=isolate)
+                         base_ratio=0.2, isolate=isolate, trim_prompts=trim)
+
+    trims = model == "flux"  # Regions(trim_prompts=True): region prompts cut after their last T5 token
 
     gate = max(1, round(0.4 * steps))  # TGate at 40% of the steps
     family = FAMILY[model]
@@ -309,6 +311,8 @@ def variants(
         "maps": Variant(lambda: [a.AttentionMaps(["cat", "dog"])]),
         "rw+regions(iso)+pag": Variant(lambda: [a.Reweight({"red": 2.0}), regions(True), a.PAG(scale=3.0)]),
     }
+    if trims:
+        found["regions(trim)"] = Variant(lambda: [regions(False, trim=True)])
     if model in FAST_BAND and pipe is not None:  # the families of issue 19: FastAttn's band (video: over frames x h x w)
         band = (TINY_FAST_BAND if tiny else FAST_BAND)[model]
         plan = fast_plan(pipe, steps, band, call)
@@ -338,14 +342,16 @@ def variants(
 
             return FirstBlockCacheConfig(threshold=fbc_threshold)
 
-        def cff():
-            return [a.Reweight({"red": 2.0}), regions(False), a.PAG(scale=3.0, steps=(0.0, 0.4))]
+        def cff(trim: bool = False):
+            return [a.Reweight({"red": 2.0}), regions(False, trim=trim), a.PAG(scale=3.0, steps=(0.0, 0.4))]
 
         found.update({
             "stock+fbc": Variant(None, cache=fbc),
             "cff": Variant(cff),
             "cff+fbc": Variant(cff, cache=fbc),
         })
+        if trims:
+            found["cff(trim)+fbc"] = Variant(lambda: cff(trim=True), cache=fbc)
     return found
 
 

@@ -205,6 +205,7 @@ class FluxAdapter(ModelAdapter):
     timestep_scale: ClassVar[float] = 1000.0
     rotary: ClassVar[bool] = True
     cfg_calls: ClassVar[str] = "separate"
+    padded_text_tokenizer: ClassVar[str | None] = "tokenizer_2"
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
         "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),

@@ -21,6 +21,7 @@ class ChromaAdapter(FluxAdapter):
     concatenated first, RoPE, 2x2 packed latents), T5 only, a text padding mask, true CFG as two calls."""
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
+    padded_text_tokenizer: ClassVar[str | None] = None  # T5 with a padding mask
 
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "ChromaTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb", "attention_mask"),

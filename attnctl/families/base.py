@@ -143,6 +143,10 @@ class ModelAdapter:
     rotary: ClassVar[bool] = False
     #: Whether `pipe.encode_prompt` returns the text attention mask as its second output (PixArt's T5 mask).
     prompt_mask: ClassVar[bool] = False
+    #: The pipeline attribute of the tokenizer whose padded output is the whole joint text sequence, with no
+    #: attention mask (Flux: T5 padded to `max_sequence_length`): extra prompts appended to that sequence can
+    #: be cut after their last token (`Regions(trim_prompts=True)`). None: the text has several segments or a mask.
+    padded_text_tokenizer: ClassVar[str | None] = None
     #: Per transformer-block class, the forward arguments that hold one row per batch row (skip-layer guidance).
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Transformer-block classes whose forward returns `(encoder_hidden_states, hidden_states)`.

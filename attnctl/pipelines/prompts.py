@@ -59,10 +59,12 @@ def _prompt_arguments(signature: inspect.Signature, recorded: dict[str, Any], pr
 
 def encode_prompts(
     pipe: Any, adapter: ModelAdapter, recorded: dict[str, Any], device: Any, internal: Callable[[], AbstractContextManager[None]],
-    prompts: list[str],
+    prompts: list[str], *, trim: bool = False,
 ) -> EncodedText:
     """Encode `prompts` as the pipeline encodes its prompt in this call (`recorded`: the arguments of the
-    call's first `encode_prompt`; see the module docstring)."""
+    call's first `encode_prompt`; see the module docstring). `trim`: on a family whose text is one padded
+    sequence without a mask (`ModelAdapter.padded_text_tokenizer`), keep the positions up to the longest
+    prompt's last token (its end-of-sequence token included); the kept positions are exactly as encoded."""
     encode = pipe.encode_prompt
     signature = inspect.signature(encode)
     bound = _prompt_arguments(signature, recorded, prompts, device)
@@ -79,4 +81,20 @@ def encode_prompts(
         mask = out[1]
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
             raise CallLayoutError(f"attnctl: {type(pipe).__name__}.encode_prompt did not return an attention mask for the extra prompts")
+    if trim:
+        embeds = embeds[:, : _token_count(pipe, adapter, prompts, embeds.shape[1])]
     return EncodedText(embeds.detach(), None if mask is None else mask.detach())
+
+
+def _token_count(pipe: Any, adapter: ModelAdapter, prompts: list[str], limit: int) -> int:
+    """The most tokens any of `prompts` has with the family's padded-text tokenizer (special tokens included),
+    at most `limit` (the padded length)."""
+    attribute = adapter.padded_text_tokenizer
+    tokenizer = getattr(pipe, attribute, None) if attribute is not None else None
+    if tokenizer is None:
+        raise CallLayoutError(
+            f"attnctl: cannot trim extra prompts on {type(pipe).__name__}: the {adapter.family} family's text is not one "
+            f"padded sequence of a tokenizer the pipeline holds ({attribute or 'none declared'})"
+        )
+    ids = tokenizer(list(prompts), truncation=True, max_length=limit, padding=False).input_ids
+    return max(1, min(limit, max(len(row) for row in ids)))

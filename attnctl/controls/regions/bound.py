@@ -76,7 +76,7 @@ class RegionsBound(Bound):
         self.base_text_len = context.canvas.text_len
         self.text: EncodedText | None = None
         if roles and (self.tokens or "cross" in roles.values()):
-            self.text = context.encode_prompts([region.prompt for region in control.regions])
+            self.text = context.encode_prompts([region.prompt for region in control.regions], trim=control.trim_prompts)
         self.cross_hook = CrossHook(self)
         self.joint_hook = JointHook(self)
         self.hidden_hook = HiddenHook(self)
