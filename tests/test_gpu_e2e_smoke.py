@@ -63,3 +63,18 @@ def test_tiny_wan_and_flux2_runs_print_the_fastattn_flop_bound(capsys):
     # Wan's 36 video tokens with a band of 8: the window steps skip pairs, so the bound exceeds 1
     assert by[("wan", "fastattn(band=8)")].attention_saved > 0 and by[("wan", "fastattn(band=8)")].flop_bound > 1.0
     assert out.count("beside its FLOP bound") == 2 and "PASS" not in out and "FAIL" not in out
+
+
+def test_the_gpu_session_script_names_files_that_exist():
+    """benchmarks/gpu_session.sh is run on a lent GPU only: here, its syntax and every file it runs are checked."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "gpu_session.sh"
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"((?:tests|benchmarks)/[\w/]+\.py)", script.read_text()))
+    assert named and all((root / path).is_file() for path in named), sorted(p for p in named if not (root / p).is_file())
