@@ -96,5 +96,9 @@ def _token_count(pipe: Any, adapter: ModelAdapter, prompts: list[str], limit: in
             f"attnctl: cannot trim extra prompts on {type(pipe).__name__}: the {adapter.family} family's text is not one "
             f"padded sequence of a tokenizer the pipeline holds ({attribute or 'none declared'})"
         )
-    ids = tokenizer(list(prompts), truncation=True, max_length=limit, padding=False).input_ids
+    texts = list(prompts)
+    convert = getattr(pipe, "maybe_convert_prompt", None)  # textual inversion: as the pipeline tokenizes them
+    if callable(convert):
+        texts = convert(texts, tokenizer)
+    ids = tokenizer(texts, truncation=True, max_length=limit, padding=False).input_ids
     return max(1, min(limit, max(len(row) for row in ids)))
