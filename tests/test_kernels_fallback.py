@@ -153,6 +153,10 @@ def test_auto_on_cuda_follows_the_measured_table():
     assert choose_backend("auto", "cuda", ("key_bias", "value_scale"), shape=(4096, 64))[0] == "triton"
     assert choose_backend("auto", "cuda", ("key_bias", "value_scale"), shape=(4608, 128))[0] == "flex"
     assert choose_backend("auto", "cuda", ("key_bias",), shape=(16384, 64))[0] == "flex"
+    # a value scale alone (Reweight's default): sdpa runs the plain flash kernel on scaled values (1.0x), which
+    # beats triton (0.80x) at D=64; flex (1.17x) stays first at D=128
+    assert choose_backend("auto", "cuda", ("value_scale",), shape=(4096, 64))[0] == "sdpa"
+    assert choose_backend("auto", "cuda", ("value_scale", "query_range"), shape=(4608, 128))[0] == "flex"
     # regions: dense SDPA while the mask fits, then flex (0.23-0.58x) before the ungrouped triton kernel
     name, why = choose_backend("auto", "cuda", ("labels",), dense_elements=2 * 4096 * 4096)
     assert name == "sdpa" and "measured regions" in why and "H200" in why
@@ -184,3 +188,20 @@ def test_describe_shows_the_fallback(tiny_cache, fresh):
             text = handle.describe()
     assert len([w for w in caught if "_label_attn_fwd" in str(w.message)]) == 1
     assert "triton skipped" in text and "_label_attn_fwd" in text and "reference" in text
+
+
+def test_the_runtime_gives_auto_the_calls_shape(tiny_cache, monkeypatch):
+    """Inside a pipeline, `auto` reads the measured row of the call's own (query tokens, head dim)."""
+    import attnctl
+    from attnctl.pipelines import runtime as runtime_module
+
+    from .helpers import generate
+
+    pipe = tiny_cache("tiny-flux")
+    seen = []
+    choose = runtime_module.choose_backend
+    monkeypatch.setattr(runtime_module, "choose_backend", lambda *args: seen.append(args[4]) or choose(*args))
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 2.0})]):
+        generate(pipe, "tiny-flux", prompt="a red cat", steps=1)
+    attn = pipe.transformer.transformer_blocks[0].attn
+    assert seen and all(shape is not None and shape[1] == attn.head_dim for shape in seen)

@@ -12,7 +12,7 @@ from attnctl import Regions
 from attnctl.testing import make_tiny_pipeline
 
 from . import regions_reference as ref
-from .test_regions_models import HEIGHT, WIDTH, _shapes, layout, run
+from .test_regions_models import _shapes, layout, run
 
 pytestmark = pytest.mark.parity
 

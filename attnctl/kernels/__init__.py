@@ -86,7 +86,7 @@ MEASURED: dict[str, dict[str, dict[str, float]]] = {
     },
     "window": {"triton": {"sdxl-4k": 1.24, "flux": 1.97}},
 }
-#: The benchmark row used when the call's size is not known (the runtime passes none: the most common shape).
+#: The benchmark row used when the call's size is not known (the runtime passes each call's (query tokens, head dim)).
 DEFAULT_MEASURED_SHAPE = "sdxl-4k"
 
 #: (device type, kernel) -> why the kernel failed to compile there (recorded at its first use, one warning).
@@ -165,6 +165,10 @@ def auto_order(device_type: str, features: tuple[str, ...], shape: tuple[int, in
         return order, "preference"
     row = _measured_row(shape)
     speeds = MEASURED[kind]
+    if kind == "reweight" and "key_bias" not in features:
+        # a value scale alone: sdpa runs the plain fused kernel on the scaled values (one multiply more), so it
+        # goes as fast as plain sdpa; the measured reweight rows are of a bias and a value scale together
+        speeds = {**speeds, "sdpa": MEASURED["plain"]["sdpa"]}
 
     def speed(name: str) -> float:
         by_shape = speeds[name]

@@ -74,7 +74,7 @@ class Runtime:
         self.frame: DenoiserCall | None = None
         self.context: str | None = None  # Flux cache_context name
         self._frame_edits: dict[int, Edit | None] = {}
-        self._backend_cache: dict[tuple[str, tuple[str, ...], int], tuple[str, str]] = {}
+        self._backend_cache: dict[tuple[Any, ...], tuple[str, str]] = {}
         self.backend_log: dict[str, tuple[str, str]] = {}
         self.last_call: PipelineCallState | None = None
         self.outputs: dict[str, Any] = {}
@@ -351,19 +351,23 @@ class Runtime:
         frame = self.frame
         return AttentionCall(layer, frame.geometry(layer), frame, module, self.backend)
 
-    def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str:
-        """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call)."""
+    def backend_for(
+        self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0,
+        shape: tuple[int, int] | None = None,
+    ) -> str:
+        """The backend of one attention call (`dense_elements`: `AttentionSpec.dense_elements` of the call; `shape`:
+        its (query tokens, head dim), which picks `auto`'s measured row on CUDA)."""
         if self.differentiable:  # a loss pass (latent optimisation): the fused Triton kernels are forward-only
             try:
-                return choose_backend("sdpa", device, features, dense_elements)[0]
+                return choose_backend("sdpa", device, features, dense_elements, shape)[0]
             except BackendError:
                 return "reference"
         if torch.compiler.is_compiling():  # a pure function of constants in a graph: no dict state to guard on
-            return choose_backend(self.backend, device, features, dense_elements)[0]
-        key = (device.type, features, dense_elements, len(kernels.KERNEL_FAILURES))  # a compile failure re-chooses
+            return choose_backend(self.backend, device, features, dense_elements, shape)[0]
+        key = (device.type, features, dense_elements, shape, len(kernels.KERNEL_FAILURES))  # a compile failure re-chooses
         choice = self._backend_cache.get(key)
         if choice is None:
-            choice = choose_backend(self.backend, device, features, dense_elements)
+            choice = choose_backend(self.backend, device, features, dense_elements, shape)
             self._backend_cache[key] = choice
         self.backend_log[layer.name] = choice
         kernels.note_request(self.backend)  # the backend's function falls back on a compile failure only under auto

@@ -35,7 +35,10 @@ class Runtime(Protocol):
 
     def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall: ...
 
-    def backend_for(self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0) -> str: ...
+    def backend_for(
+        self, layer: LayerInfo, device: torch.device, features: tuple[str, ...], dense_elements: int = 0,
+        shape: tuple[int, int] | None = None,
+    ) -> str: ...
 
 
 class ControlledProcessor:
@@ -121,7 +124,7 @@ class ControlledProcessor:
         if (not features or features == ("attn_mask",)) and self.stock_sdpa():
             return kernels.sdpa.attention(q, k, v, spec)
         dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
-        backend = self.runtime.backend_for(self.layer, q.device, features, dense)
+        backend = self.runtime.backend_for(self.layer, q.device, features, dense, (q.shape[2], q.shape[3]))
         return kernels.BACKENDS[backend].fn(q, k, v, spec)
 
     def query_hooks(self, call: AttentionCall | None, edit: Edit | None, q_proj: torch.Tensor) -> torch.Tensor:
