@@ -7,6 +7,7 @@ shape), never from guessing on tensor shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -201,8 +202,48 @@ class WanAdapter(ModelAdapter):
         blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
         return f"blocks.{blocks[len(blocks) // 2]} & self"  # the middle block's self-attention
 
-    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
-        return self.denoiser.condition_embedder.text_embedder(embeds)
+    @classmethod
+    def discover_experts(cls, experts: dict[str, torch.nn.Module]) -> WanAdapter:
+        """One adapter over Wan 2.2's two experts (`transformer`: the high-noise steps, `transformer_2`: the low-noise
+        ones, switched by the pipeline's `boundary_ratio`). Each expert's layers keep their path behind the expert's
+        attribute (`transformer.blocks.0.attn1`, `transformer_2.blocks.0.attn1`), so a selector such as `blocks.1` or
+        `self` acts on both experts and `transformer_2` on the low-noise one only. The experts must share a class and a
+        patch size (one token grid for a call, whichever runs)."""
+        found = {attribute: cls.discover(module) for attribute, module in experts.items()}
+        kinds = {type(module) for module in experts.values()}
+        patches = {tuple(module.config.patch_size) for module in experts.values()}
+        if len(kinds) != 1 or len(patches) != 1:
+            raise UnsupportedError(
+                f"attnctl: the pipeline's denoiser experts ({', '.join(f'{a}: {type(m).__name__}, patch {tuple(m.config.patch_size)}' for a, m in experts.items())}) "
+                "differ in class or patch size; attnctl controls experts of one class and one token grid"
+            )
+        layers: list[LayerInfo] = []
+        modules: dict[str, torch.nn.Module] = {}
+        for attribute, adapter in found.items():
+            for info in adapter.layers:
+                name = f"{attribute}.{info.name}"
+                layers.append(dataclasses.replace(info, name=name, index=len(layers)))
+                modules[name] = adapter.modules[info.name]
+        first = next(iter(found.values()))
+        return cls(
+            family=first.family, denoiser=first.denoiser, layers=tuple(layers), modules=modules, batched_inputs=first.batched_inputs,
+            dict_inputs=first.dict_inputs, experts=dict(experts),
+        )
+
+    def transformer_blocks(self) -> dict[str, torch.nn.Module]:
+        """As the base class; with experts, each path behind its expert's attribute (`transformer_2.blocks.3`)."""
+        if not self.experts:
+            return super().transformer_blocks()
+        classes = tuple(self.block_inputs)
+        return {
+            f"{attribute}.{name}": module
+            for attribute, expert in self.experts.items()
+            for name, module in expert.named_modules()
+            if type(module).__name__ in classes
+        }
+
+    def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
+        return self.expert_of(layer).condition_embedder.text_embedder(embeds)
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
         latents = inputs["hidden_states"]

@@ -133,6 +133,11 @@ class ModelAdapter:
     modules: dict[str, torch.nn.Module] = field(repr=False)
     batched_inputs: tuple[str, ...] = ()
     dict_inputs: tuple[str, ...] = ()
+    #: A pipeline with several denoiser experts of one class (Wan 2.2 A14B: `transformer` runs the high-noise steps,
+    #: `transformer_2` the low-noise ones), by pipeline attribute; empty for one denoiser. With experts, every layer
+    #: name starts with its expert's attribute (`transformer.blocks.0.attn1`, `transformer_2.blocks.0.attn1`) and
+    #: `denoiser` is the first expert.
+    experts: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
 
     #: Where image queries meet the prompt: "cross" (cross-attention layers, text as keys only) or "joint"
     #: (text and image tokens in one sequence).
@@ -192,8 +197,15 @@ class ModelAdapter:
         classes = tuple(self.block_inputs)
         return {name: module for name, module in self.denoiser.named_modules() if type(module).__name__ in classes}
 
-    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any."""
+    def expert_of(self, layer: LayerInfo | None) -> torch.nn.Module:
+        """The denoiser (expert) that holds `layer`; the (first) denoiser for None."""
+        if layer is not None and self.experts:
+            return self.experts[layer.parts[0]]
+        return self.denoiser
+
+    def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
+        """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any (the
+        projection of the expert holding `layer`, on a pipeline with several)."""
         return embeds
 
     def append_text(self, inputs: dict[str, Any], block: torch.Tensor) -> dict[str, Any]:

@@ -107,29 +107,36 @@ class DenoiserHooks:
     bookkeeping is Python, the denoiser's forward is compiled (docs: README "Works with").
     """
 
-    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any]):
+    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any], others: tuple[torch.nn.Module, ...] = ()):
         self.runtime = runtime
         self.processors = processors
-        self.module = module
+        self.modules = (module, *others)  # the pipeline's denoiser experts (Wan 2.2's transformer_2), all of one class
+        self.module = module  # the expert of the call in progress: attnctl's extra forwards run it
         self.signature = call_signature(module)
         self.main_input = runtime.adapter.batched_inputs[0]
         self._pending: _Pending | None = None
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
         self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
         runtime.extra_forward = self.call_with  # `BindContext.run_denoiser` (latent optimisation's loss passes)
-        self._handles = (
-            module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
-            module.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
+        self._handles = tuple(
+            (
+                expert.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+                expert.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
+            )
+            for expert in self.modules
         )
 
     @property
     def installed(self) -> bool:
-        pre, post = self._handles
-        return pre.id in self.module._forward_pre_hooks and post.id in self.module._forward_hooks
+        return all(
+            pre.id in expert._forward_pre_hooks and post.id in expert._forward_hooks
+            for expert, (pre, post) in zip(self.modules, self._handles)
+        )
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for pair in self._handles:
+            for handle in pair:
+                handle.remove()
         self._pending = None
 
     def _arguments(self, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -158,6 +165,7 @@ class DenoiserHooks:
             return None
         runtime, adapter = self.runtime, self.runtime.adapter
         self._pending = None
+        self.module = module
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
         batch = adapter.batch_size(inputs)
         frame = runtime.open_frame(inputs, batch)

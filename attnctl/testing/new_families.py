@@ -240,3 +240,18 @@ def tiny_zimage(seed: int = 0):
 
 
 NEW_BUILDERS = {"tiny-zimage": tiny_zimage, "tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2, "tiny-wan": tiny_wan}
+
+
+def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.7):
+    """Wan-2.2-A14B-like: tiny-wan with a second expert (`transformer_2`, the low-noise expert: same config, its own
+    random weights) switched in below `boundary_ratio * 1000` timesteps. With tiny-wan's scheduler (shift 3), 4
+    steps put the first 2 on `transformer` and the last 2 on `transformer_2` at the default ratio."""
+    from diffusers import WanPipeline
+
+    pipe = tiny_wan(seed)
+    torch.manual_seed(seed + 5)
+    second = type(pipe.transformer)(**pipe.transformer.config).eval()
+    return WanPipeline(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+        transformer=pipe.transformer, transformer_2=second, boundary_ratio=boundary_ratio,
+    )
