@@ -20,7 +20,7 @@ import torch
 
 from .control import Control, VideoFrames
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
-from .families import adapter_for_experts
+from .families import adapter_for, adapter_for_experts  # noqa: F401 - adapter_for: read by tests and tools
 from .families.base import LayerInfo, ModelAdapter
 from .foreign_patches import (
     Snapshot,

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CallLayoutError, UnsupportedError
 from .adapters import FluxAdapter, _attention_modules, _text_len
-from .base import Canvas, LayerInfo, ModelAdapter
+from .base import Canvas, LayerInfo, ModelAdapter, RowList
 
 
 class ChromaAdapter(FluxAdapter):
@@ -273,9 +273,8 @@ class ZImageAdapter(ModelAdapter):
 
     text_attention: ClassVar[str] = "joint"
     rotary: ClassVar[bool] = True
+    prediction_sign: ClassVar[int] = -1  # ZImagePipeline hands the scheduler the negated output
     lacks: ClassVar[dict[str, str]] = {
-        "extra_rows": "its denoiser takes lists of per-row tensors and returns a list, so perturbed rows cannot be "
-        "batched into its calls yet",
         "appended_text": "each row's caption is padded inside the denoiser, so appended tokens would not sit at one "
         "position for every row",
         "row_inputs": "its denoiser takes a list of per-row latents, so one row's latent input cannot be replaced in a "
@@ -303,12 +302,28 @@ class ZImageAdapter(ModelAdapter):
             # the main layers' hidden states already hold [image; text] (one stream)
             layers.append(LayerInfo(name, len(layers), kind, group, int(parts[1]), 0, text, concatenated=kind == "joint"))
         return cls(
-            family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules, batched_inputs=("x", "t", "cap_feats"),
+            family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules,
+            batched_inputs=(RowList("x"), "t", RowList("cap_feats")),  # lists of per-row tensors: re-batched as lists
             dict_inputs=("joint_attention_kwargs",),
         )
 
-    def batch_size(self, inputs: dict[str, Any]) -> int:
-        return len(inputs["x"])
+    def transformer_blocks(self) -> dict[str, torch.nn.Module]:
+        raise UnsupportedError(
+            "attnctl: the zimage family's transformer blocks take their tokens as `x` (with `attn_mask`, `freqs_cis`, "
+            "`adaln_input`), and skip-layer guidance skips rows of a block's `hidden_states`; skipping Z-Image blocks is not "
+            "supported yet"
+        )
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.group == "layers"})
+        return f"layers.{blocks[len(blocks) // 2]}"  # the middle main layer
+
+    def latent_image(self, latents: torch.Tensor, canvas: Canvas) -> torch.Tensor:
+        """Rows stacked as (B, C, 1, H, W) (one frame per row): (B, C, H, W)."""
+        return latents.squeeze(2)
+
+    def packed_latents(self, images: torch.Tensor) -> torch.Tensor:
+        return images.unsqueeze(2)
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
         images, captions = inputs["x"], inputs["cap_feats"]

@@ -20,6 +20,14 @@ TextPosition = Literal["none", "keys", "first", "last"]
 KINDS: tuple[str, ...] = ("self", "cross", "joint")
 
 
+class RowList(str):
+    """The name of a batched denoiser input that is a list with one tensor per row (Z-Image's `x`, `cap_feats`),
+    not a tensor whose first dimension is the batch: re-batching indexes the list itself. An `ModelAdapter.batched_inputs`
+    entry; it is a `str`, so it names the input everywhere a plain name does."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """One attention layer of a denoiser.
@@ -167,10 +175,15 @@ class ModelAdapter:
     #: control relies on: "extra_rows" to batch perturbed rows into a denoiser call, "appended_text" to append
     #: tokens to the joint text sequence); a control needing one is refused at apply.
     lacks: ClassVar[dict[str, str]] = {}
+    #: The sign between the denoiser's output and the prediction the pipeline hands to the scheduler (-1: Z-Image's
+    #: pipeline negates the output); a second pass (SAG) sees the prediction with the scheduler's sign.
+    prediction_sign: ClassVar[int] = 1
 
     def batch_size(self, inputs: dict[str, Any]) -> int:
-        """The number of rows of a denoiser call (the first batched input's first dimension)."""
-        return int(inputs[self.batched_inputs[0]].shape[0])
+        """The number of rows of a denoiser call (the first batched input's first dimension, or its length when it
+        is a list of per-row tensors)."""
+        first = self.batched_inputs[0]
+        return len(inputs[first]) if isinstance(first, RowList) else int(inputs[first].shape[0])
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:

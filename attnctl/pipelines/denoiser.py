@@ -24,10 +24,11 @@ import torch
 
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError
+from ..families.base import RowList
 from ..foreign_patches import keyed_cache_context
 
 
-def first_tensor(output: Any) -> torch.Tensor:
+def _first(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple):
@@ -35,7 +36,16 @@ def first_tensor(output: Any) -> torch.Tensor:
     return output.sample
 
 
+def first_tensor(output: Any) -> torch.Tensor:
+    """The denoiser's prediction as one (B, ...) tensor; a list of per-row predictions (Z-Image) is stacked."""
+    first = _first(output)
+    return torch.stack(list(first)) if isinstance(first, (list, tuple)) else first
+
+
 def replace_first(output: Any, value: torch.Tensor) -> Any:
+    """`output` with its prediction replaced by `value` (B, ...), given back as a list of rows where it was one."""
+    if isinstance(_first(output), list):
+        value = list(value.unbind(0))
     if isinstance(output, torch.Tensor):
         return value
     if isinstance(output, tuple):
@@ -63,8 +73,15 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
 
     out = dict(inputs)
     for name in names:
-        if out.get(name) is not None:
-            out[name] = take(out[name], name)
+        value = out.get(name)
+        if value is None:
+            continue
+        if isinstance(name, RowList):  # one tensor per row: the list itself is the batch
+            if len(value) != batch:
+                raise CallLayoutError(f"attnctl: input {name} holds {len(value)} rows, expected {batch}")
+            out[name] = type(value)(value[i] for i in index)
+        else:
+            out[name] = take(value, name)
     for name in dict_names:
         if isinstance(out.get(name), dict):
             out[name] = {key: take(value, f"{name}[{key!r}]") for key, value in out[name].items()}
@@ -259,13 +276,39 @@ class DenoiserHooks:
             perturbed = first_tensor(self.call_with(narrow, dataclasses.replace(frame, rows=rows, inputs=narrow)))
             total = total + perturbation.term(cond_prediction, perturbed, frame)
         if plan.second:
-            first = FirstPass(frame, inputs, own, self.main_input, lambda index: rebatch(inputs, names, dicts, batch, index), self.call_with)
+            main, sign = self.main_input, adapter.prediction_sign
+            first = FirstPass(
+                frame, _stacked(inputs, main), _signed(own, sign), main,
+                lambda index: _stacked(rebatch(inputs, names, dicts, batch, index), main),
+                lambda given, call_frame: self._signed_call(given, call_frame, main, sign),
+            )
             for second in plan.second:
-                total = total + second.term(first)
+                total = total + _signed(second.term(first), sign)
         prompts = tuple(base.rows[i].prompt for i in cond)
         runtime.call.guidance_terms[frame.step.index] = total
         runtime.call.guidance_prompts[frame.step.index] = prompts
         return replace_first(output, own + _spread(total, base, prompts))
+
+
+    def _signed_call(self, inputs: dict[str, Any], frame: DenoiserCall, main: str, sign: int) -> torch.Tensor:
+        """A second pass's extra forward: its main input given back as a list of rows where the denoiser takes one,
+        its prediction with the scheduler's sign (`ModelAdapter.prediction_sign`)."""
+        value = inputs.get(main)
+        if isinstance(main, RowList) and isinstance(value, torch.Tensor):
+            inputs = {**inputs, main: list(value.unbind(0))}
+        return _signed(first_tensor(self.call_with(inputs, frame)), sign)
+
+
+def _signed(value: torch.Tensor, sign: int) -> torch.Tensor:
+    return value if sign == 1 else -value
+
+
+def _stacked(inputs: dict[str, Any], main: str) -> dict[str, Any]:
+    """`inputs` with the main (latent) input as one (B, ...) tensor where the denoiser takes a list of rows."""
+    value = inputs.get(main)
+    if isinstance(main, RowList) and isinstance(value, (list, tuple)):
+        return {**inputs, main: torch.stack(list(value))}
+    return inputs
 
 
 def _spread_selected(outer: DenoiserCall, selected: DenoiserCall, output: Any) -> Any:
@@ -283,7 +326,7 @@ class FirstPass:
 
     frame: DenoiserCall  # the pipeline's rows (`frame.rows`), step and inputs
     inputs: dict[str, Any]  # the denoiser's inputs for those rows
-    prediction: torch.Tensor  # the denoiser's prediction for those rows, before any guidance term
+    prediction: torch.Tensor  # the prediction for those rows, before any guidance term, with the scheduler's sign
     main_input: str  # the latent input's name ("sample", "hidden_states")
     _select: Callable[[tuple[int, ...]], dict[str, Any]] = dataclasses.field(repr=False)
     _call_with: Callable[..., Any] = dataclasses.field(repr=False)
@@ -298,7 +341,7 @@ class FirstPass:
         if batch != len(rows):
             raise CallLayoutError(f"attnctl: an extra forward got {batch} rows but a layout of {len(rows)}")
         frame = dataclasses.replace(self.frame, rows=rows, inputs=inputs, extra_pass=tag)
-        return first_tensor(self._call_with(inputs, frame))
+        return self._call_with(inputs, frame)
 
 
 def _spread(terms: torch.Tensor, layout: RowLayout, prompts: tuple[int, ...] | None) -> torch.Tensor:
