@@ -264,7 +264,7 @@ class BindContext:
         return tokens
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)
 
 
 class Bound:

@@ -154,15 +154,25 @@ class Flux2Adapter(FluxAdapter):
         return adapter
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        """As Flux; reference-image tokens (Flux2KleinPipeline(image=...): the encoded reference images after the
+        generated image's tokens, each with its own time coordinate in `img_ids`) are counted in `reference_len`
+        and left out of the image grid."""
         img_ids = inputs.get("img_ids")
         if isinstance(img_ids, torch.Tensor):
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-            if ids.shape[-1] == 4 and bool((ids[:, 0] != ids[0, 0]).any()):
-                raise CallLayoutError(
-                    "attnctl: this Flux.2 call has reference-image tokens in its sequence (img_ids with several time "
-                    "coordinates: Flux2KleinPipeline(image=...), Flux2KleinInpaintPipeline, Flux.2 editing); reference "
-                    "tokens are not supported yet"
-                )
+            if ids.ndim == 2 and ids.shape[-1] == 4:
+                times = ids[:, 0]
+                generated = int((times == times[0]).sum())  # a host read of the ids, as Flux's canvas makes
+                total = int(ids.shape[0])
+                if generated < total:
+                    if bool((times[:generated] != times[0]).any()):
+                        raise CallLayoutError(
+                            "attnctl: this Flux.2 call's img_ids interleave the generated image's tokens with reference-image "
+                            "tokens; attnctl expects the generated image first, then the references (as Flux2KleinPipeline)"
+                        )
+                    latents = inputs["hidden_states"]
+                    own = {**inputs, "hidden_states": latents[:, :generated], "img_ids": ids[:generated]}
+                    return dataclasses.replace(super().canvas(own), reference_len=total - generated)
         return super().canvas(inputs)
 
 

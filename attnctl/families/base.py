@@ -78,6 +78,9 @@ class Canvas:
     token_hw: tuple[int, int]
     text_len: int
     frames: int = 1
+    #: Reference-image tokens after the generated image's tokens in the image stream (Flux.2 klein `image=`): keys
+    #: and queries of every joint layer, never part of the image grid controls edit.
+    reference_len: int = 0
 
     def grid_at(self, level: int) -> tuple[int, int]:
         h, w = self.token_hw
@@ -94,6 +97,7 @@ class Geometry:
     image_hw: tuple[int, int]
     text_len: int
     frames: int = 1  # token frames of `image_hw` each (video); the image tokens are frame-major
+    reference_len: int = 0  # reference-image tokens after the image tokens (joint layouts: `Canvas.reference_len`)
 
     @property
     def image_len(self) -> int:
@@ -124,7 +128,15 @@ class Geometry:
 
     @property
     def query_len(self) -> int:
+        """The text and generated image tokens: the queries controls see (reference tokens are not among them)."""
         return self.image_len + (self.text_len if self.layer.text in ("first", "last") else 0)
+
+    @property
+    def key_len(self) -> int:
+        """The keys of the layer: its own tokens (text keys only in cross-attention), reference tokens last."""
+        if self.layer.text == "keys":
+            return self.text_len
+        return self.query_len + self.reference_len
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
-from ..errors import CallLayoutError
+from ..errors import CallLayoutError, UnsupportedError
 from ..families.base import RowList
 from ..foreign_patches import keyed_cache_context
 
@@ -108,6 +108,12 @@ class _Pending:
     restore: Callable[[], None] | None = None  # puts back diffusers' cache context (keyed_cache_context)
 
 
+#: What a control may do at a layer whose sequence holds reference-image tokens (Flux.2 `image=`): the processors give
+#: the controls the text and generated-image queries, extend per-key edits over the reference keys with no change,
+#: and let the reference queries attend as stock (`processors/flux2.py`).
+REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "key_bias", "perturb", "query", "sparse", "value_scale"})
+
+
 def _layout_key(rows: RowLayout) -> str:
     """A call layout as a cache-context suffix: each row's branch and perturbation tag."""
     return ",".join(f"{row.branch}{'+' + row.tag if row.tag else ''}" for row in rows.rows)
@@ -133,6 +139,7 @@ class DenoiserHooks:
         self.main_input = runtime.adapter.batched_inputs[0]
         self._pending: _Pending | None = None
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
+        self._references_checked: Any = None  # the pipeline call whose controls were checked for reference tokens
         self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
         runtime.extra_forward = self.call_with  # `BindContext.run_denoiser` (latent optimisation's loss passes)
         self._handles = tuple(
@@ -186,6 +193,8 @@ class DenoiserHooks:
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
         batch = adapter.batch_size(inputs)
         frame = runtime.open_frame(inputs, batch)
+        if frame.canvas.reference_len:
+            self._check_reference_tokens(frame)
         given = inputs
         inputs, frame = runtime.transform_inputs(frame, inputs)
         outer = None
@@ -201,6 +210,11 @@ class DenoiserHooks:
         pending = _Pending(frame, inputs, batch, outer=outer)
         call_frame, call_inputs = frame, inputs
         plan = runtime.row_plan(frame)
+        if plan.second and frame.canvas.reference_len:
+            raise UnsupportedError(
+                "attnctl: a second pass (SAG) re-noises the denoiser's latent input, which holds reference-image tokens in "
+                "this call (Flux2KleinPipeline(image=...)); SAG with reference images is not supported"
+            )
         if plan.perturbations or plan.second:
             pending.plan = plan
             cond = frame.rows.indices("cond", None)
@@ -289,6 +303,31 @@ class DenoiserHooks:
         runtime.call.guidance_prompts[frame.step.index] = prompts
         return replace_first(output, own + _spread(total, base, prompts))
 
+
+    def _check_reference_tokens(self, frame: DenoiserCall) -> None:
+        """Refuse, once per pipeline call, a control whose effects are not defined over reference-image tokens (the
+        processors leave those unedited: `REFERENCE_EFFECTS`) or that replaces the latent input (which holds them)."""
+        runtime, adapter = self.runtime, self.runtime.adapter
+        if self._references_checked is runtime.call:
+            return
+        for position, control in enumerate(runtime.controls):
+            name = type(control).__name__
+            replaces = [need for need in control.needs if need in ("row_inputs", "appended_text")]
+            if replaces:
+                raise UnsupportedError(
+                    f"attnctl: {name} needs {replaces[0].replace('_', ' ')}, and this {adapter.family} call holds "
+                    f"{frame.canvas.reference_len} reference-image tokens in its sequence (image=...); not supported with "
+                    "reference images"
+                )
+            for layer in runtime.resolved[position]:
+                effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
+                if effects:
+                    raise UnsupportedError(
+                        f"attnctl: {name} ({', '.join(effects)} at {layer.name}) is not defined over the "
+                        f"{frame.canvas.reference_len} reference-image tokens of this {adapter.family} call (image=...); "
+                        f"with reference images attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}"
+                    )
+        self._references_checked = runtime.call
 
     def _signed_call(self, inputs: dict[str, Any], frame: DenoiserCall, main: str, sign: int) -> torch.Tensor:
         """A second pass's extra forward: its main input given back as a list of rows where the denoiser takes one,

@@ -1,0 +1,201 @@
+"""Reference-image tokens in the sequence (issue #19): Flux.2 klein's `image=` appends the encoded reference images'
+tokens after the generated image's. They are keys for every query, as stock; controls edit the generated image's
+grid only (their per-key edits leave the reference keys unchanged, the reference queries attend as stock), and a
+control whose effects are not defined over them is refused at the call with the reason.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.testing import CALL_DEFAULTS
+from attnctl.testing.new_families import available
+
+from .helpers import Probe
+from .reference_attention import Spy
+from .test_families_new import IMAGE_TOKENS, _as_encoded, _t5_positions
+
+pytestmark = pytest.mark.skipif(not available("tiny-flux2"), reason="tiny-flux2 needs diffusers >= 0.42 with Flux2KleinPipeline")
+
+NAME = "tiny-flux2"
+PROMPT = "a red cat on the street"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from attnctl.testing import make_tiny_pipeline
+
+    return make_tiny_pipeline(NAME)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (200, 30, 30))  # the Flux.2 image processor wants >= 64 px
+    image.paste((20, 40, 220), (0, 32, 64, 64))
+    return image
+
+
+def generate(pipe, image, prompt=PROMPT, guidance: float = 4.0, steps: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt=prompt, image=image, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                generator=generator, **CALL_DEFAULTS[NAME]).images
+
+
+class RefFlux2Double:
+    """Flux.2's double-stream attention written out densely over `[text; image; references]` (qk-norms, RoPE on the
+    joint sequence), with `change(logits, text)` giving the probabilities: the reference for a control on this layer."""
+
+    def __init__(self, change):
+        self.change = change
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        text = eq.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        q, k, v = (t.transpose(1, 2).double() for t in (q, k, v))
+        probs = self.change(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, text)
+        out = (probs @ v).to(hidden_states.dtype).transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+def _with_processor(pipe, processor, run):
+    layer = pipe.transformer.transformer_blocks[0].attn
+    original = layer.processor
+    layer.set_processor(processor)
+    try:
+        return run()
+    finally:
+        layer.set_processor(original)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["cfg", "no-cfg"])
+def test_reference_images_keep_apply_and_remove_bitwise_stock(pipe, reference, guidance):
+    stock = generate(pipe, reference, guidance=guidance)
+    seen = []
+
+    class Grid(Probe):
+        def bind(self, context):
+            seen.append((context.canvas, context.geometry(context.adapter.layers[0])))
+            return super().bind(context)
+
+    probe = Grid()
+    with attnctl.apply(pipe, [probe]):
+        controlled = generate(pipe, reference, guidance=guidance)
+    assert torch.equal(stock, controlled)
+    assert torch.equal(generate(pipe, reference, guidance=guidance), stock)
+    canvas, geometry = seen[0]
+    references = canvas.reference_len
+    assert references > 0 and canvas.token_hw == (8, 8)  # the generated image's grid, not the references'
+    assert geometry.image_len == IMAGE_TOKENS and geometry.key_len == geometry.query_len + references
+    with attnctl.apply(pipe, []):  # and without a control: the processors' stock path
+        assert torch.equal(generate(pipe, reference, guidance=guidance), stock)
+
+
+def test_reweight_edits_the_generated_queries_over_the_text_only(pipe, reference):
+    """docs/methods.md "Reweight" (p2p): the generated image's queries see A * w over the weighted words' text keys; the
+    reference keys are keys as stock (weight 1), text and reference queries keep plain attention. Against the stock
+    pipeline with that attention written out densely in the double block (no CFG: every row is a cond row)."""
+    table = {"red": 3.0, "street": 0.2}
+    tokens = [p for word in table for p in _t5_positions(pipe.tokenizer, _as_encoded(pipe, NAME, PROMPT), word)]
+    weights = {p: f for word, f in table.items() for p in _t5_positions(pipe.tokenizer, _as_encoded(pipe, NAME, PROMPT), word)}
+    assert tokens
+    stock = generate(pipe, reference, guidance=1.0)
+    with attnctl.apply(pipe, [attnctl.Reweight(table, layers="double")]):
+        got = generate(pipe, reference, guidance=1.0)
+
+    def reweighted(logits, text):
+        probs = torch.softmax(logits, -1)
+        w = torch.ones(probs.shape[-1], dtype=probs.dtype)
+        for position, factor in weights.items():
+            w[position] = factor
+        rows = slice(text, text + IMAGE_TOKENS)
+        probs[:, :, rows] = probs[:, :, rows] * w
+        return probs
+
+    expected = _with_processor(pipe, RefFlux2Double(reweighted), lambda: generate(pipe, reference, guidance=1.0))
+    assert (expected - stock).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+def test_pag_perturbs_the_generated_image_only(pipe, reference, guidance):
+    """docs/methods.md "PAG" with reference tokens: in the perturbed rows a generated image query attends to itself and
+    the text (not to the other image tokens, the references included); text and reference queries attend as stock.
+    The prediction is stock + scale (cond - perturbed) at the first step."""
+    from .test_guidance import run_denoiser
+    from .test_families_new import record
+
+    def perturbed_probs(logits, text):
+        total = logits.shape[-1]
+        mask = torch.zeros(total, total, dtype=torch.float64)
+        image = torch.full((IMAGE_TOKENS, total - text), float("-inf"), dtype=torch.float64)
+        image[:, :IMAGE_TOKENS].fill_diagonal_(0.0)
+        mask[text : text + IMAGE_TOKENS, text:] = image
+        return torch.softmax(logits + mask, -1)
+
+    options = {"prompt": "a cat", "steps": 1, "guidance": guidance, "image": reference}
+    stock, calls = record(pipe, NAME, **options)
+    got, _ = record(pipe, NAME, [attnctl.PAG(scale=1.5)], **options)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    perturbed = _with_processor(pipe, RefFlux2Double(perturbed_probs), lambda: run_denoiser(pipe, calls[0], [0], 1))
+    assert (cond - perturbed).abs().max() > 1e-4
+    tokens = got[0].shape[1]  # the pipeline keeps the generated image's tokens of the prediction
+    torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed)[:, :tokens], rtol=1e-4, atol=1e-4)
+
+
+def test_attention_maps_are_over_the_generated_grid_against_an_eager_reference(pipe, reference):
+    """docs/methods.md "AttentionMaps": softmax over every key (the reference keys included), the generated image's
+    queries only, mean over heads, summed over the word's tokens, layers and steps, on its 8x8 grid."""
+    words = ("red", "cat", "street")
+    spy = Spy(layers="joint")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(words), spy]) as handle:
+        generate(pipe, reference)
+        result = handle.outputs["attention_maps"]
+    expected = torch.zeros(1, len(words), 8, 8, dtype=torch.float64)
+    text = _as_encoded(pipe, NAME, PROMPT)
+    for entry in spy.log:
+        q, k = entry["q"].double(), entry["k"].double()
+        n_q = q.shape[2]
+        assert k.shape[2] > n_q  # the reference keys
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)[:, :, n_q - IMAGE_TOKENS : n_q].mean(1)
+        for i, row in enumerate(entry["rows"].rows):
+            if row.branch != "cond":
+                continue
+            for w, word in enumerate(words):
+                expected[row.prompt, w] += probs[i][:, _t5_positions(pipe.tokenizer, text, word)].sum(-1).reshape(8, 8)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))]), "needs appended text"),
+        (lambda: attnctl.FastAttn(threshold=10.0, window=1), "cache, window at transformer_blocks.0.attn"),
+        (lambda: attnctl.SAG(scale=0.75), "second pass"),
+    ],
+    ids=["Regions", "FastAttn", "SAG"],
+)
+def test_controls_not_defined_over_reference_tokens_are_refused_at_the_call(pipe, reference, make, reason):
+    stock = generate(pipe, reference)
+    with attnctl.apply(pipe, [make()]):
+        with pytest.raises(attnctl.UnsupportedError, match=reason):
+            generate(pipe, reference)
+        generate(pipe, None, steps=1)  # without reference images the control runs
+    assert torch.equal(generate(pipe, reference), stock)
