@@ -66,13 +66,16 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
 def _refuse_modular(pipe: Any) -> None:
     """diffusers' modular pipelines run blocks that encode the prompt and call the denoiser from a shared state,
     without the pipeline-object methods (`check_inputs`, `encode_prompt`, `maybe_free_model_hooks`) where attnctl
-    reads a call's prompts and boundaries: refused with what is missing."""
+    reads a call's prompts and boundaries: refused with what is missing (findings: /work/notes/families.md, README)."""
     if any(klass.__name__ == "ModularPipeline" for klass in type(pipe).__mro__):
         raise UnsupportedError(
             f"attnctl: {type(pipe).__name__} is a diffusers modular pipeline; its blocks encode the prompt and call the "
             "denoiser without the pipeline methods attnctl reads a call from (check_inputs, encode_prompt, "
-            "maybe_free_model_hooks), so prompts, CFG rows and call boundaries are unknown. Modular pipelines are not "
-            "supported yet; use the family's classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
+            "maybe_free_model_hooks). Missing: the call's prompt text (it enters a PipelineState inside "
+            "ModularPipeline.__call__ and reaches the text-encoder block through type-level calls no instance hook "
+            "sees) and the call's end; the CFG rows and steps would be readable from the `guider` component "
+            "(prepare_inputs / set_state), but not the words. Modular pipelines are not supported yet; use the family's "
+            "classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
         )
 
 

@@ -123,8 +123,11 @@ class QwenImageAdapter(ModelAdapter):
         n = int(latents.shape[1])
         if len(per_sample) != 1:
             raise CallLayoutError(
-                f"attnctl: Qwen-Image img_shapes {per_sample} hold {len(per_sample)} images; reference-image tokens "
-                "(QwenImageEditPipeline / EditPlus) are not supported yet"
+                f"attnctl: Qwen-Image img_shapes {per_sample} hold {len(per_sample)} images: reference-image tokens "
+                "(QwenImageEditPipeline / EditPlus) are not supported yet. Missing: the edit pipelines' word positions (their "
+                "kept prompt embeddings start with the Qwen2.5-VL vision tokens of the reference image, whose count depends "
+                "on the VL processor's image grid) and a tiny offline fixture (Qwen2VLProcessor needs torchvision for its "
+                "video processor). Flux.2 klein's image= is supported"
             )
         frames, rows, cols = (int(x) for x in per_sample[0])
         if frames != 1 or rows * cols != n:
