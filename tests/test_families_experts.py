@@ -137,7 +137,7 @@ def test_pag_perturbs_the_expert_that_runs_each_step(pipe, guidance):
         assert attribute == EXPERTS[step // 2]
         expert = getattr(pipe, attribute)
 
-        def run(inputs):
+        def run(inputs, expert=expert):
             with torch.no_grad():
                 return expert(**{**inputs, "return_dict": False})[0]
 

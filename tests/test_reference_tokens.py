@@ -138,8 +138,8 @@ def test_pag_perturbs_the_generated_image_only(pipe, reference, guidance):
     """docs/methods.md "PAG" with reference tokens: in the perturbed rows a generated image query attends to itself and
     the text (not to the other image tokens, the references included); text and reference queries attend as stock.
     The prediction is stock + scale (cond - perturbed) at the first step."""
-    from .test_guidance import run_denoiser
     from .test_families_new import record
+    from .test_guidance import run_denoiser
 
     def perturbed_probs(logits, text):
         total = logits.shape[-1]

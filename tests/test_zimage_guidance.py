@@ -88,7 +88,7 @@ class RefZImagePAG:
 
 def _run(pipe, call, rows):
     """The stock denoiser on the rows `rows` of a recorded call (lists indexed, the timestep tensor too)."""
-    (x, t, captions), kwargs = call[0][:3], call[1]
+    x, t, captions = call[0][:3]
     with torch.no_grad():
         out = pipe.transformer([x[i] for i in rows], t[list(rows)], [captions[i] for i in rows], return_dict=False)[0]
     return torch.stack(out)
