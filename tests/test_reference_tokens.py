@@ -199,3 +199,109 @@ def test_controls_not_defined_over_reference_tokens_are_refused_at_the_call(pipe
             generate(pipe, reference)
         generate(pipe, None, steps=1)  # without reference images the control runs
     assert torch.equal(generate(pipe, reference), stock)
+
+
+# -- Qwen-Image Edit ----------------------------------------------------------------------------------------------
+
+EDIT_OPTIONS = {"height": 256, "width": 192, "negative_prompt": " "}  # 8x6 latents at the fixture's factor 32: 4x3 tokens
+EDIT_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def edit_pipe():
+    from attnctl.testing.new_families import tiny_qwenimage_edit
+
+    pipe = tiny_qwenimage_edit()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def edit(pipe, image, cfg: float = 4.0, prompt=PROMPT, steps: int = 2):
+    return pipe(image=image, prompt=prompt, true_cfg_scale=cfg, num_inference_steps=steps, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **EDIT_OPTIONS).images
+
+
+def _kept_positions(pipe, image, prompt: str, word: str) -> list[int]:
+    """Where `word` sits in the embeddings QwenImageEditPipeline keeps: its own processor on its template and image,
+    the prefix dropped (independent of attnctl's word placement)."""
+    resized = pipe.image_processor.resize(image, 1024, 1024)  # the pipeline's ~1024^2 area for a square image
+    ids = pipe.processor(text=[pipe.prompt_template_encode.format(prompt)], images=resized, padding=True,
+                         return_tensors="pt")["input_ids"][0][pipe.prompt_template_encode_start_idx :]
+    target = pipe.tokenizer.convert_tokens_to_ids("Ġ" + word)
+    return [i for i, token in enumerate(ids.tolist()) if token == target]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("cfg", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+def test_qwen_edit_apply_and_remove_are_bitwise_stock(edit_pipe, reference, cfg):
+    stock = edit(edit_pipe, reference, cfg)
+    seen = []
+
+    class Grid(Probe):
+        def bind(self, context):
+            seen.append(context.canvas)
+            return super().bind(context)
+
+    with attnctl.apply(edit_pipe, [Grid()]):
+        assert torch.equal(edit(edit_pipe, reference, cfg), stock)
+    with attnctl.apply(edit_pipe, []):
+        assert torch.equal(edit(edit_pipe, reference, cfg), stock)
+    assert torch.equal(edit(edit_pipe, reference, cfg), stock)
+    assert seen[0].token_hw == (4, 3) and seen[0].reference_len == 16 * 16  # the 1024^2 reference at factor 32, 2x2 patches
+
+
+def test_qwen_edit_reweight_against_the_formula_with_vision_tokens_first(edit_pipe, reference):
+    """docs/methods.md "Reweight" on the edit pipeline: the weighted words sit after the reference image's vision
+    tokens in the kept embeddings; the generated image's queries of the cond rows see A * w over every key (the
+    reference keys at weight 1); the reference queries are not the controls' (stock attention)."""
+    table = {"red": 3.0, "street": 0.0}
+    weights = {p: f for word, f in table.items() for p in _kept_positions(edit_pipe, reference, PROMPT, word)}
+    assert weights and min(weights) > 256  # after the 256 vision tokens
+    spy = Spy(layers="joint")
+    with attnctl.apply(edit_pipe, [attnctl.Reweight(table), spy]):
+        edit(edit_pipe, reference)
+    assert spy.log
+    for entry in spy.log:
+        q, k, v = (entry[x].double() for x in ("q", "k", "v"))
+        n_q = q.shape[2]
+        assert k.shape[2] == n_q + 256  # the reference keys after the layer's own
+        text = n_q - EDIT_TOKENS
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = entry["mask"]
+        if mask is not None:
+            logits = logits.masked_fill(~mask.bool(), float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+        probs = torch.softmax(logits, -1)
+        w = torch.ones(q.shape[0], k.shape[2], dtype=torch.float64)
+        for b, row in enumerate(entry["rows"].rows):
+            if row.branch == "cond":
+                for position, factor in weights.items():
+                    w[b, position] = factor
+        probs[:, :, text:] = probs[:, :, text:] * w[:, None, None, :]
+        torch.testing.assert_close(entry["out"].double(), probs @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_qwen_edit_attention_maps_and_refused_regions(edit_pipe, reference):
+    """AttentionMaps: softmax over every key (the reference keys included), the generated image's queries, head mean,
+    the word's tokens after the vision tokens, summed over layers and steps, on the 4x3 grid. Regions: refused at the
+    call (label masks are not defined over reference tokens)."""
+    spy = Spy(layers="joint")
+    with attnctl.apply(edit_pipe, [attnctl.AttentionMaps(("cat",)), spy]) as handle:
+        edit(edit_pipe, reference)
+        result = handle.outputs["attention_maps"]
+    positions = _kept_positions(edit_pipe, reference, PROMPT, "cat")
+    expected = torch.zeros(1, 1, 4, 3, dtype=torch.float64)
+    for entry in spy.log:
+        q, k = entry["q"].double(), entry["k"].double()
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = entry["mask"]
+        if mask is not None:
+            logits = logits.masked_fill(~mask.bool(), float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+        probs = torch.softmax(logits, -1)[:, :, q.shape[2] - EDIT_TOKENS :].mean(1)
+        for i, row in enumerate(entry["rows"].rows):
+            if row.branch == "cond":
+                expected[row.prompt, 0] += probs[i][:, positions].sum(-1).reshape(4, 3)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+    with attnctl.apply(edit_pipe, [attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))])]):
+        with pytest.raises(attnctl.UnsupportedError, match="reference-image tokens"):
+            edit(edit_pipe, reference)

@@ -121,18 +121,15 @@ class QwenImageAdapter(ModelAdapter):
             raise CallLayoutError("attnctl: the Qwen-Image transformer was called without img_shapes; the image grid is unknown")
         per_sample = shapes[0] if isinstance(shapes[0], list) else list(shapes)
         n = int(latents.shape[1])
-        if len(per_sample) != 1:
-            raise CallLayoutError(
-                f"attnctl: Qwen-Image img_shapes {per_sample} hold {len(per_sample)} images: reference-image tokens "
-                "(QwenImageEditPipeline / EditPlus) are not supported yet. Missing: the edit pipelines' word positions (their "
-                "kept prompt embeddings start with the Qwen2.5-VL vision tokens of the reference image, whose count depends "
-                "on the VL processor's image grid) and a tiny offline fixture (Qwen2VLProcessor needs torchvision for its "
-                "video processor). Flux.2 klein's image= is supported"
-            )
         frames, rows, cols = (int(x) for x in per_sample[0])
-        if frames != 1 or rows * cols != n:
-            raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample[0]} disagree with {n} image tokens")
-        return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
+        # QwenImageEditPipeline / EditPlus: the reference images' shapes follow the generated image's
+        references = sum(int(f) * int(h) * int(w) for f, h, w in per_sample[1:])
+        if frames != 1 or rows * cols + references != n:
+            raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample} disagree with {n} image tokens")
+        return Canvas(
+            latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")),
+            reference_len=references,
+        )
 
 
 class Flux2Adapter(FluxAdapter):

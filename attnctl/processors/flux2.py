@@ -9,22 +9,17 @@ without `.contiguous()`, as Flux.2's processor does); with an edit it goes to at
 The KV-cache processors (`Flux2KV*`, reference-image KV caching of Flux.2 klein-kv) are not reproduced.
 
 Reference-image tokens (`Flux2KleinPipeline(image=...)`: `Geometry.reference_len` tokens after the generated
-image's) are keys for every query, as stock, but never edited: with an edit, the controls see the text and generated
-image queries (their per-key edits extended over the reference keys with no bias and a value scale of 1), and the
-reference queries attend as stock.
+image's) are keys for every query, as stock, but never edited (`references.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from ..errors import CallLayoutError
+from . import references
 from .base import ControlledProcessor
-from .edit import Edit
 from .flux import text_first
 
 
@@ -43,7 +38,7 @@ class Flux2Processor(ControlledProcessor):
     ) -> Any:
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
-        edit, call, reused, hidden_states = self._begin(attn, hidden_states, encoder_hidden_states)
+        edit, call, reused, hidden_states = references.begin(self, attn, hidden_states, encoder_hidden_states)
         if reused is not None:
             return reused
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
@@ -73,7 +68,7 @@ class Flux2Processor(ControlledProcessor):
     def _parallel(
         self, attn: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
     ) -> Any:
-        edit, call, reused, hidden_states = self._begin(attn, hidden_states, None)
+        edit, call, reused, hidden_states = references.begin(self, attn, hidden_states, None)
         if reused is not None:
             return reused
         hidden_states = attn.to_qkv_mlp_proj(hidden_states)
@@ -111,50 +106,6 @@ class Flux2Processor(ControlledProcessor):
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, **options)
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            references = call.geometry.reference_len if call is not None else 0
-            if references:
-                own = self.attention(call, _over_references(edit, references, k.shape[2]), q[:, :, :-references], k, v, attention_mask)
-                rest = self.plain_attention(q[:, :, -references:], k, v, _query_rows(attention_mask, -references))
-                hidden_states = torch.cat([own, rest.to(own.dtype)], dim=2).transpose(1, 2)
-            else:
-                hidden_states = self.attention(call, edit, q, k, v, attention_mask).transpose(1, 2)
+            hidden_states = references.attend(self, call, edit, q, k, v, attention_mask).transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3)
         return hidden_states.to(query.dtype)
-
-    def _begin(self, attn: Any, hidden_states: torch.Tensor, context: Any) -> tuple[Any, Any, Any, torch.Tensor]:
-        """`begin` on the tokens controls see: without the reference-image tokens at the end of `hidden_states`."""
-        frame = getattr(self.runtime, "frame", None)
-        references = frame.canvas.reference_len if frame is not None else 0
-        if not references:
-            return self.begin(attn, hidden_states, context)
-        own = hidden_states[:, : hidden_states.shape[1] - references]
-        edit, call, reused, seen = self.begin(attn, own, context)
-        if seen is not own:
-            hidden_states = torch.cat([seen, hidden_states[:, own.shape[1] :]], dim=1)
-        return edit, call, reused, hidden_states
-
-
-def _over_references(edit: Any, references: int, keys: int) -> Any:
-    """`edit` for queries that also see `references` reference keys after the layer's own: per-key edits extended with
-    no bias and a value scale of 1; label masks and windows are defined over the layer's own tokens only."""
-    spec = edit.kernel
-    if spec.labels is not None or spec.window is not None:
-        raise CallLayoutError(
-            "attnctl: label masks (Regions) and windows (FastAttn) are not defined over reference-image tokens "
-            "(Flux2KleinPipeline(image=...)); run those controls without reference images"
-        )
-    changes = {}
-    for name, fill in (("key_bias", 0.0), ("value_scale", 1.0)):
-        value = getattr(spec, name)
-        if value is not None and value.shape[-1] == keys - references:  # over the layer's own keys: extended
-            changes[name] = F.pad(value, (0, references), value=fill)
-    if not changes:
-        return edit
-    return Edit(kernel=dataclasses.replace(spec, **changes), hooks=edit.hooks)
-
-
-def _query_rows(mask: torch.Tensor | None, start: int) -> torch.Tensor | None:
-    """A model mask restricted to the query rows from `start` (a mask over keys only is kept as it is)."""
-    if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
-        return mask
-    return mask[..., start:, :]
