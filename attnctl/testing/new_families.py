@@ -292,7 +292,12 @@ def tiny_qwenimage_edit(seed: int = 0):
     whose vision tower reads the prompt image (2x2 patches, at most 32x32 pixels: 256 vision tokens) and
     `TinyQwenVLProcessor`; `prompt_template_encode_start_idx` is the template prefix's length under the tiny tokenizer
     (64 with the real one), so the kept embeddings start with the vision tokens, as with the real model."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageTransformer2DModel,
+    )
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from .qwen_tokenizer import tiny_qwen_tokenizer
