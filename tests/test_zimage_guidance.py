@@ -144,3 +144,31 @@ def test_skip_layer_and_latent_optimisation_are_refused_with_the_reason(pipe):
         attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("layers.1",))])
     with pytest.raises(UnsupportedError, match="list of per-row latents"):
         attnctl.apply(pipe, [attnctl.AttendExcite(("cat",))])
+
+
+def test_sag_reads_x0_with_the_schedulers_sign(pipe, monkeypatch):
+    """ZImagePipeline hands the scheduler the negated output (velocity v = -out), so SAG's x0 of the uncond rows is
+    x + sigma * out (flow matching: x0 = x - sigma v), as FlowMatchEulerDiscreteScheduler would step it."""
+    from attnctl.controls.guidance import sag as sag_module
+
+    blurred = []
+    original = sag_module.gaussian_blur
+
+    def spy(images, *args, **kwargs):
+        blurred.append(images.clone())
+        return original(images, *args, **kwargs)
+
+    monkeypatch.setattr(sag_module, "gaussian_blur", spy)
+    with attnctl.apply(pipe, [attnctl.SAG(scale=0.75)]):
+        recorder = Recorder(pipe)
+        try:
+            generate(pipe, steps=1)
+        finally:
+            recorder.close()
+    call = recorder.calls[0]  # the pipeline's call (SAG's degraded pass follows it)
+    rows = len(PROMPTS)
+    uncond = _run(pipe, call, range(rows, 2 * rows))  # ZImagePipeline's rows: [cond, uncond]
+    sample = torch.stack(call[0][0][rows:])
+    sigma = float(pipe.scheduler.sigmas[0])
+    expected = (sample.float() + sigma * uncond.float()).squeeze(2)
+    torch.testing.assert_close(blurred[0], expected, rtol=1e-5, atol=1e-5)
