@@ -255,6 +255,13 @@ class BindContext:
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         tokens = self.tokens if branch == "cond" else self.negative_tokens
+        if tokens is None and branch == "cond" and self.prompt_arguments and self.prompt_arguments[0].get("prompt") is not None:
+            raise TokenError(
+                f"attnctl: {owner} needs the words of the prompt, but "
+                f"attnctl does not know where {type(self.pipeline).__name__}'s text encoding puts them (its chat template "
+                "is not modelled: Flux2Pipeline's Mistral template, Qwen-Image EditPlus / EditInpaint's per-image "
+                "templates); give explicit token positions or use a control that needs no words"
+            )
         if tokens is None:
             raise TokenError(
                 f"attnctl: {owner} needs the words of the {'prompt' if branch == 'cond' else 'negative prompt'}, "

@@ -305,3 +305,21 @@ def test_qwen_edit_attention_maps_and_refused_regions(edit_pipe, reference):
     with attnctl.apply(edit_pipe, [attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))])]):
         with pytest.raises(attnctl.UnsupportedError, match="reference-image tokens"):
             edit(edit_pipe, reference)
+
+
+def test_qwen_edit_plus_runs_word_free_controls_and_says_why_words_are_missing(edit_pipe, reference):
+    """QwenImageEditPlusPipeline (a template part per input image): bitwise under apply, PAG runs over its reference
+    tokens; its template is not modelled, so a word-based control says that its words cannot be placed."""
+    from diffusers import QwenImageEditPlusPipeline
+
+    plus = QwenImageEditPlusPipeline(**edit_pipe.components)
+    plus.set_progress_bar_config(disable=True)
+    stock = edit(plus, [reference])
+    with attnctl.apply(plus, []):
+        assert torch.equal(edit(plus, [reference]), stock)
+    with attnctl.apply(plus, [attnctl.PAG(scale=1.5)]):
+        guided = edit(plus, [reference])
+    assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
+    with attnctl.apply(plus, [attnctl.Reweight({"cat": 2.0})]):
+        with pytest.raises(attnctl.TokenError, match="does not know where QwenImageEditPlusPipeline"):
+            edit(plus, [reference])
