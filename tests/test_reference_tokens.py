@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import attnctl
 from attnctl.testing import CALL_DEFAULTS
@@ -323,3 +324,129 @@ def test_qwen_edit_plus_runs_word_free_controls_and_says_why_words_are_missing(e
     with attnctl.apply(plus, [attnctl.Reweight({"cat": 2.0})]):
         with pytest.raises(attnctl.TokenError, match="does not know where QwenImageEditPlusPipeline"):
             edit(plus, [reference])
+
+
+class RefQwenEditPAG:
+    """Qwen-Image's double-stream attention over `[text; image; references]` (qk-norms, separate RoPE, the text padding
+    mask) with docs/methods.md "PAG" for the generated image's queries (itself and the text), written out densely;
+    text and reference queries attend to every key."""
+
+    def __init__(self, image_tokens: int):
+        self.n = image_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        img_freqs, txt_freqs = image_rotary_emb
+        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+        eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
+        text, total = eq.shape[1], eq.shape[1] + q.shape[1]
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        allowed = torch.ones(q.shape[0], 1, total, total, dtype=torch.bool)
+        allowed[:, :, text : text + self.n, text:] = False
+        allowed[:, :, text : text + self.n, text : text + self.n] |= torch.eye(self.n, dtype=torch.bool)
+        if encoder_hidden_states_mask is not None:
+            allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        out = out.transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+@pytest.fixture(scope="module")
+def edit_2511():
+    from attnctl.testing.new_families import tiny_qwenimage_edit
+
+    pipe = tiny_qwenimage_edit(zero_cond_t=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_qwen_edit_2511_zero_cond_t_identity_and_maps(edit_2511, reference):
+    """Qwen-Image-Edit-2511 (`zero_cond_t`: the reference tokens modulated with t = 0): bitwise under apply and after
+    remove, AttentionMaps over its generated grid, Reweight acts."""
+    pipe = edit_2511
+    stock = edit(pipe, reference)
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(("cat",))]) as handle:
+        assert torch.equal(edit(pipe, reference), stock)
+        maps = handle.outputs["attention_maps"]
+    assert maps.grid_maps.shape[-2:] == (4, 3) and maps.grid_maps.abs().sum() > 0
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 3.0})]):
+        assert not torch.equal(edit(pipe, reference), stock)
+    assert torch.equal(edit(pipe, reference), stock)
+
+
+def test_qwen_edit_2511_pag_with_two_prompts_against_a_reference(edit_2511, reference):
+    """PAG's perturbed rows join the cond call; `img_shapes` is re-batched with them (the 2511 transformer builds its
+    per-row modulation index from it). Two prompts, no CFG: the prediction is cond + s (cond - perturbed), perturbed =
+    the stock transformer with the reference PAG attention in its middle block."""
+    pipe, scale = edit_2511, 1.5
+    prompts = [PROMPT, "a blue dog"]
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale)]):
+        calls, predictions = [], []
+        hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True, prepend=True)
+        original = pipe.scheduler.step
+        pipe.scheduler.step = lambda output, *a, **k: (predictions.append(output.clone()), original(output, *a, **k))[1]
+        try:
+            edit(pipe, [reference, reference], cfg=1.0, prompt=prompts, steps=1)
+        finally:
+            hook.remove()
+            del pipe.scheduler.step
+    (call,), (got,) = calls, predictions
+    assert call["hidden_states"].shape[0] == 2 and len(call["img_shapes"]) == 2
+
+    def run():
+        with torch.no_grad():
+            return pipe.transformer(**{**call, "return_dict": False})[0]
+
+    cond = run()
+    layer = pipe.transformer.transformer_blocks[1].attn
+    original_processor = layer.processor
+    layer.set_processor(RefQwenEditPAG(EDIT_TOKENS))
+    try:
+        perturbed = run()
+    finally:
+        layer.set_processor(original_processor)
+    expected = (cond + scale * (cond - perturbed))[:, :EDIT_TOKENS]
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_qwen_edit_2511_skip_layer_against_a_hand_skipped_block(edit_2511, reference):
+    """SkipLayer on the 2511 transformer (its blocks get the timestep rows doubled): against the stock transformer with
+    block 1 replaced by the identity, no CFG, one step."""
+    pipe = edit_2511
+    with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=(1,), scale=2.0, steps=(0.0, 1.0))]):
+        calls, predictions = [], []
+        hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True, prepend=True)
+        original = pipe.scheduler.step
+        pipe.scheduler.step = lambda output, *a, **k: (predictions.append(output.clone()), original(output, *a, **k))[1]
+        try:
+            edit(pipe, reference, cfg=1.0, steps=1)
+        finally:
+            hook.remove()
+            del pipe.scheduler.step
+    (call,), (got,) = calls, predictions
+
+    def run():
+        with torch.no_grad():
+            return pipe.transformer(**{**call, "return_dict": False})[0]
+
+    cond = run()
+    block = pipe.transformer.transformer_blocks[1]
+    block.forward = lambda hidden_states, encoder_hidden_states=None, *args, **kwargs: (encoder_hidden_states, hidden_states)
+    try:
+        skipped = run()
+    finally:
+        del block.forward
+    expected = (cond + 2.0 * (cond - skipped))[:, :EDIT_TOKENS]
+    assert (cond - skipped).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

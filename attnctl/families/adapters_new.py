@@ -81,12 +81,7 @@ class QwenImageAdapter(ModelAdapter):
             if parts[0] != "transformer_blocks" or len(parts) != 3 or not parts[1].isdigit():
                 raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
             layers.append(LayerInfo(name, index, "joint", "blocks", int(parts[1]), 0, "first"))
-        if getattr(denoiser.config, "zero_cond_t", False):
-            raise UnsupportedError(
-                "attnctl: this Qwen-Image transformer has zero_cond_t (Qwen-Image-Edit-2511: the reference image's "
-                "tokens are modulated with t = 0 in the same sequence); reference-image tokens are not supported yet"
-            )
-        return cls(
+        adapter = cls(
             family="qwenimage",
             denoiser=denoiser,
             layers=tuple(layers),
@@ -94,9 +89,12 @@ class QwenImageAdapter(ModelAdapter):
             batched_inputs=(
                 "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
                 "controlnet_block_samples", "additional_t_cond",
+                # one shape list per row (Qwen-Image-Edit-2511's `zero_cond_t` builds its per-row modulation index from it)
+                RowList("img_shapes"),
             ),
             dict_inputs=("attention_kwargs",),
         )
+        return adapter
 
     def perturbed_layers(self) -> str:
         blocks = sorted({layer.block for layer in self.layers if layer.block is not None})

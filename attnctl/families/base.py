@@ -21,9 +21,10 @@ KINDS: tuple[str, ...] = ("self", "cross", "joint")
 
 
 class RowList(str):
-    """The name of a batched denoiser input that is a list with one tensor per row (Z-Image's `x`, `cap_feats`),
-    not a tensor whose first dimension is the batch: re-batching indexes the list itself. An `ModelAdapter.batched_inputs`
-    entry; it is a `str`, so it names the input everywhere a plain name does."""
+    """The name of a batched denoiser input that is a list with one entry per row (Z-Image's `x`, `cap_feats`;
+    Qwen-Image's `img_shapes`), not a tensor whose first dimension is the batch: re-batching indexes the list itself
+    (a one-entry list stands for every row). A `ModelAdapter.batched_inputs` entry; it is a `str`, so it names the
+    input everywhere a plain name does."""
 
     __slots__ = ()
 

@@ -76,9 +76,11 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
         value = out.get(name)
         if value is None:
             continue
-        if isinstance(name, RowList):  # one tensor per row: the list itself is the batch
+        if isinstance(name, RowList):  # one entry per row: the list itself is the batch (one entry: for every row)
+            if len(value) == 1 and batch != 1:
+                continue
             if len(value) != batch:
-                raise CallLayoutError(f"attnctl: input {name} holds {len(value)} rows, expected {batch}")
+                raise CallLayoutError(f"attnctl: input {name} holds {len(value)} rows, expected {batch} (or 1)")
             out[name] = type(value)(value[i] for i in index)
         else:
             out[name] = take(value, name)

@@ -286,12 +286,13 @@ class TinyQwenVLProcessor:
         return BatchFeature(data={**tokens, **image_inputs}, tensor_type=return_tensors)
 
 
-def tiny_qwenimage_edit(seed: int = 0):
+def tiny_qwenimage_edit(seed: int = 0, zero_cond_t: bool = False):
     """Qwen-Image-Edit-like: tiny-qwenimage's transformer with a Qwen-Image VAE of factor 8 (the edit pipeline encodes
     its reference image at a ~1024x1024 area whatever the output size: 4096 reference tokens here), a tiny Qwen2.5-VL
     whose vision tower reads the prompt image (2x2 patches, at most 32x32 pixels: 256 vision tokens) and
     `TinyQwenVLProcessor`; `prompt_template_encode_start_idx` is the template prefix's length under the tiny tokenizer
-    (64 with the real one), so the kept embeddings start with the vision tokens, as with the real model."""
+    (64 with the real one), so the kept embeddings start with the vision tokens, as with the real model.
+    `zero_cond_t=True`: Qwen-Image-Edit-2511's transformer (the reference tokens modulated with t = 0)."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -310,7 +311,7 @@ def tiny_qwenimage_edit(seed: int = 0):
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
     ).eval()
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(
