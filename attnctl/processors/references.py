@@ -43,7 +43,12 @@ def attend(processor: Any, call: Any, edit: Any, q: torch.Tensor, k: torch.Tenso
     references = call.geometry.reference_len if call is not None else 0
     if not references:
         return processor.attention(call, edit, q, k, v, mask)
-    own = processor.attention(call, _over_references(edit, references, k.shape[2]), q[:, :, :-references], k, v, _rows(mask, 0, -references))
+    key = (id(edit), references, k.shape[2])
+    cached = getattr(processor, "_references_edit", None)
+    if cached is None or cached[0] != key or cached[1] is not edit:  # a control's edit is often the same object across steps
+        cached = (key, edit, _over_references(edit, references, k.shape[2]))
+        processor._references_edit = cached
+    own = processor.attention(call, cached[2], q[:, :, :-references], k, v, _rows(mask, 0, -references))
     rest = processor.plain_attention(q[:, :, -references:], k, v, _rows(mask, -references, None))
     return torch.cat([own, rest.to(own.dtype)], dim=2)
 
