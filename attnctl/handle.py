@@ -66,7 +66,7 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
 def _refuse_modular(pipe: Any) -> None:
     """diffusers' modular pipelines run blocks that encode the prompt and call the denoiser from a shared state,
     without the pipeline-object methods (`check_inputs`, `encode_prompt`, `maybe_free_model_hooks`) where attnctl
-    reads a call's prompts and boundaries: refused with what is missing (findings: /work/notes/families.md, README)."""
+    reads a call's prompts and boundaries: refused with what is missing (README, "what differs per family")."""
     if any(klass.__name__ == "ModularPipeline" for klass in type(pipe).__mro__):
         raise UnsupportedError(
             f"attnctl: {type(pipe).__name__} is a diffusers modular pipeline; its blocks encode the prompt and call the "
@@ -95,7 +95,8 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     removable handle.
 
     Works on any diffusers pipeline object holding a `unet` (SD 1.x/2.x, SDXL) or a `transformer` (SD3,
-    Flux, PixArt), including img2img, inpaint and ControlNet variants. The pipeline is never forked or
+    Flux, PixArt, and the families of `attnctl.families`), including img2img, inpaint and ControlNet variants; a
+    pipeline with a second expert (Wan 2.2's `transformer_2`) is controlled on both. The pipeline is never forked or
     subclassed and no class is patched. `backend` is "auto", "reference", "sdpa", "flex" or "triton"; an
     explicit backend must run on the device the denoiser runs on now (checked here, and again per call).
     Everything is checked before anything is installed: a refused apply leaves the pipeline untouched.

@@ -110,9 +110,9 @@ class _Pending:
     restore: Callable[[], None] | None = None  # puts back diffusers' cache context (keyed_cache_context)
 
 
-#: What a control may do at a layer whose sequence holds reference-image tokens (Flux.2 `image=`): the processors give
-#: the controls the text and generated-image queries, extend per-key edits over the reference keys with no change,
-#: and let the reference queries attend as stock (`processors/flux2.py`).
+#: What a control may do at a layer whose sequence holds reference-image tokens (Flux.2 `image=`, Qwen-Image Edit): the
+#: processors give the controls the text and generated-image queries, extend per-key edits over the reference keys with
+#: no change, and let the reference queries attend as stock (`processors/references.py`).
 REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "key_bias", "perturb", "query", "sparse", "value_scale"})
 
 
@@ -215,7 +215,7 @@ class DenoiserHooks:
         if plan.second and frame.canvas.reference_len:
             raise UnsupportedError(
                 "attnctl: a second pass (SAG) re-noises the denoiser's latent input, which holds reference-image tokens in "
-                "this call (Flux2KleinPipeline(image=...)); SAG with reference images is not supported"
+                "this call (Flux.2 image=..., Qwen-Image Edit); SAG with reference images is not supported"
             )
         if plan.perturbations or plan.second:
             pending.plan = plan
@@ -304,7 +304,6 @@ class DenoiserHooks:
         runtime.call.guidance_terms[frame.step.index] = total
         runtime.call.guidance_prompts[frame.step.index] = prompts
         return replace_first(output, own + _spread(total, base, prompts))
-
 
     def _check_reference_tokens(self, frame: DenoiserCall) -> None:
         """Refuse, once per pipeline call, a control whose effects are not defined over reference-image tokens (the
