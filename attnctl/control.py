@@ -259,8 +259,8 @@ class BindContext:
             raise TokenError(
                 f"attnctl: {owner} needs the words of the prompt, but "
                 f"attnctl does not know where {type(self.pipeline).__name__}'s text encoding puts them (its chat template "
-                "is not modelled: Flux2Pipeline's Mistral template, Qwen-Image EditPlus / EditInpaint's per-image "
-                "templates); give explicit token positions or use a control that needs no words"
+                "is not modelled, e.g. Flux2Pipeline's Mistral template, Qwen-Image edit pipelines other than Edit and "
+                "EditPlus); give explicit token positions or use a control that needs no words"
             )
         if tokens is None:
             raise TokenError(

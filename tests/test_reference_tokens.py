@@ -308,22 +308,60 @@ def test_qwen_edit_attention_maps_and_refused_regions(edit_pipe, reference):
             edit(edit_pipe, reference)
 
 
-def test_qwen_edit_plus_runs_word_free_controls_and_says_why_words_are_missing(edit_pipe, reference):
-    """QwenImageEditPlusPipeline (a template part per input image): bitwise under apply, PAG runs over its reference
-    tokens; its template is not modelled, so a word-based control says that its words cannot be placed."""
+def test_qwen_edit_plus_places_words_after_every_images_vision_tokens(edit_pipe, reference):
+    """QwenImageEditPlusPipeline ("Picture i: <vision tokens>" per input image before the prompt): bitwise under apply,
+    PAG runs over its reference tokens, and AttentionMaps reads the word where the text encoder got it (the input ids
+    it was called with, recorded by a hook, the pipeline's drop index applied)."""
     from diffusers import QwenImageEditPlusPipeline
 
     plus = QwenImageEditPlusPipeline(**edit_pipe.components)
     plus.set_progress_bar_config(disable=True)
-    stock = edit(plus, [reference])
+    images = [reference, reference.transpose(0)]  # two input images
+    stock = edit(plus, images)
     with attnctl.apply(plus, []):
-        assert torch.equal(edit(plus, [reference]), stock)
+        assert torch.equal(edit(plus, images), stock)
     with attnctl.apply(plus, [attnctl.PAG(scale=1.5)]):
-        guided = edit(plus, [reference])
+        guided = edit(plus, images)
     assert torch.isfinite(guided).all() and not torch.equal(guided, stock)
-    with attnctl.apply(plus, [attnctl.Reweight({"cat": 2.0})]):
-        with pytest.raises(attnctl.TokenError, match="does not know where QwenImageEditPlusPipeline"):
-            edit(plus, [reference])
+    seen = []
+    hook = plus.text_encoder.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"][0].clone()), with_kwargs=True)
+    spy = Spy(layers="joint")
+    try:
+        with attnctl.apply(plus, [attnctl.AttentionMaps(("cat",)), spy]) as handle:
+            edit(plus, images)
+            result = handle.outputs["attention_maps"]
+    finally:
+        hook.remove()
+    kept = seen[0][plus.prompt_template_encode_start_idx :].tolist()  # the cond prompt's encoding comes first
+    positions = [i for i, token in enumerate(kept) if token == plus.tokenizer.convert_tokens_to_ids("Ġcat")]
+    assert positions and positions[0] > 2 * 256  # after both images' vision tokens
+    expected = torch.zeros(1, 1, 4, 3, dtype=torch.float64)
+    for entry in spy.log:
+        q, k = entry["q"].double(), entry["k"].double()
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        mask = entry["mask"]
+        if mask is not None:
+            logits = logits.masked_fill(~mask.bool(), float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
+        probs = torch.softmax(logits, -1)[:, :, q.shape[2] - EDIT_TOKENS :].mean(1)
+        for i, row in enumerate(entry["rows"].rows):
+            if row.branch == "cond":
+                expected[row.prompt, 0] += probs[i][:, positions].sum(-1).reshape(4, 3)
+    torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_edit_pipeline_whose_template_is_not_modelled_says_words_cannot_be_placed(edit_pipe, reference):
+    """A Qwen-Image edit pipeline attnctl does not know the template of (here a subclass: its template could differ):
+    word-free controls run, a word-based control raises TokenError saying why (not "called with embeddings")."""
+    from diffusers import QwenImageEditPipeline
+
+    class QwenImageEditCustomPipeline(QwenImageEditPipeline):
+        pass
+
+    custom = QwenImageEditCustomPipeline(**edit_pipe.components)
+    custom.set_progress_bar_config(disable=True)
+    with attnctl.apply(custom, [attnctl.Reweight({"cat": 2.0})]):
+        with pytest.raises(attnctl.TokenError, match="does not know where QwenImageEditCustomPipeline's text encoding puts them"):
+            edit(custom, reference, steps=1)
 
 
 class RefQwenEditPAG:

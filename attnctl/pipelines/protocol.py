@@ -65,17 +65,26 @@ PROTOCOLS: dict[str, CallProtocol] = {
 }
 
 
+#: QwenImageEditPlusPipeline's part of the template per input image (a local constant of its `_get_qwen_prompt_embeds`
+#: in diffusers 0.42)
+QWEN_EDIT_PLUS_IMAGE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
 def _qwen_kept_text(pipeline: Any, tokenizer: Any, text: str, arguments: dict[str, Any]) -> str | None:
     """The tokens Qwen-Image keeps of its chat template, as text. QwenImagePipeline drops the template's prefix, so the
-    prompt comes first (the text itself). QwenImageEditPipeline keeps everything after its prefix, the reference
-    image's Qwen2.5-VL vision tokens first: made by the pipeline's own processor on the pipeline's template and
-    image, decoded. Other edit pipelines (EditPlus: one template part per image): None, words not placed."""
+    prompt comes first (the text itself). The edit pipelines keep everything after the prefix, the reference images'
+    Qwen2.5-VL vision tokens first: made by the pipeline's own processor on the pipeline's template and images,
+    decoded (QwenImageEditPipeline: one image; EditPlus: "Picture i: ..." per image). Other edit pipelines: None, words
+    not placed."""
     name = type(pipeline).__name__
     if "Edit" not in name:
         return text
     image = arguments.get("image")
-    if name != "QwenImageEditPipeline" or image is None:
+    if image is None or name not in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"):
         return None
+    if name == "QwenImageEditPlusPipeline":
+        count = len(image) if isinstance(image, list) else 1
+        text = "".join(QWEN_EDIT_PLUS_IMAGE.format(i + 1) for i in range(count)) + text
     inputs = pipeline.processor(text=[pipeline.prompt_template_encode.format(text)], images=image, padding=True, return_tensors="pt")
     kept = inputs["input_ids"][0][pipeline.prompt_template_encode_start_idx :]
     return tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
