@@ -172,3 +172,38 @@ def test_sag_reads_x0_with_the_schedulers_sign(pipe, monkeypatch):
     sigma = float(pipe.scheduler.sigmas[0])
     expected = (sample.float() + sigma * uncond.float()).squeeze(2)
     torch.testing.assert_close(blurred[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_seg_blurs_the_image_queries_of_the_joint_stream_against_a_reference(pipe):
+    """docs/methods.md "SEG" on Z-Image's `[image; text]` stream, on a non-square 8x16 grid: the perturbed rows' image
+    queries (the query projection's output, before qk-norm and RoPE) are blurred, the text queries are not; against
+    the stock denoiser with an independently blurred projection; the pipeline's sign and CFG as for PAG."""
+    from .test_guidance import ref_blur
+
+    scale, sigma, guidance, grid = 2.0, 2.0, 4.0, (8, 16)
+    options = {**CALL_DEFAULTS[NAME], "height": 32, "width": 64}
+    with attnctl.apply(pipe, [attnctl.SEG(scale=scale, sigma=sigma)]):
+        recorder = Recorder(pipe)
+        try:
+            pipe(prompt=list(PROMPTS), num_inference_steps=1, guidance_scale=guidance, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **options)
+        finally:
+            recorder.close()
+    (call,), (got,) = recorder.calls, recorder.predictions
+    rows = len(PROMPTS)
+    cond, uncond = _run(pipe, call, range(rows)), _run(pipe, call, range(rows, 2 * rows))
+    image = grid[0] * grid[1]
+
+    def blur(module, inputs, output):
+        head = output[:, :image]
+        blurred = torch.stack([ref_blur(g, sigma) for g in head.transpose(1, 2).reshape(output.shape[0], -1, *grid)]).float()
+        return torch.cat([blurred.reshape(output.shape[0], -1, image).transpose(1, 2).to(output.dtype), output[:, image:]], 1)
+
+    hook = pipe.transformer.layers[1].attention.to_q.register_forward_hook(blur)
+    try:
+        perturbed = _run(pipe, call, range(rows))
+    finally:
+        hook.remove()
+    expected = -(cond + guidance * (cond - uncond) + scale * (cond - perturbed)).squeeze(2)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4)
