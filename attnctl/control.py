@@ -256,6 +256,13 @@ class BindContext:
 
     def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
         tokens = self.tokens if branch == "cond" else self.negative_tokens
+        if tokens is None and branch == "cond" and self.prompt_arguments and self.prompt_arguments[0].get("prompt") is not None:
+            raise TokenError(
+                f"attnctl: {owner} needs the words of the prompt, but "
+                f"attnctl does not know where {type(self.pipeline).__name__}'s text encoding puts them (its chat template "
+                "is not modelled, e.g. Flux2Pipeline's Mistral template, Qwen-Image edit pipelines other than Edit and "
+                "EditPlus); give explicit token positions or use a control that needs no words"
+            )
         if tokens is None:
             raise TokenError(
                 f"attnctl: {owner} needs the words of the {'prompt' if branch == 'cond' else 'negative prompt'}, "
@@ -265,7 +272,7 @@ class BindContext:
         return tokens
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)
 
 
 class Bound:

@@ -20,7 +20,7 @@ import torch
 
 from .control import Control, VideoFrames
 from .errors import BackendError, ConfigError, HandleError, PipelineChangedError, UnsupportedError
-from .families import adapter_for
+from .families import adapter_for, adapter_for_experts  # noqa: F401 - adapter_for: read by tests and tools
 from .families.base import LayerInfo, ModelAdapter
 from .foreign_patches import (
     Snapshot,
@@ -67,13 +67,16 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
 def _refuse_modular(pipe: Any) -> None:
     """diffusers' modular pipelines run blocks that encode the prompt and call the denoiser from a shared state,
     without the pipeline-object methods (`check_inputs`, `encode_prompt`, `maybe_free_model_hooks`) where attnctl
-    reads a call's prompts and boundaries: refused with what is missing."""
+    reads a call's prompts and boundaries: refused with what is missing (README, "what differs per family")."""
     if any(klass.__name__ == "ModularPipeline" for klass in type(pipe).__mro__):
         raise UnsupportedError(
             f"attnctl: {type(pipe).__name__} is a diffusers modular pipeline; its blocks encode the prompt and call the "
             "denoiser without the pipeline methods attnctl reads a call from (check_inputs, encode_prompt, "
-            "maybe_free_model_hooks), so prompts, CFG rows and call boundaries are unknown. Modular pipelines are not "
-            "supported yet; use the family's classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
+            "maybe_free_model_hooks). Missing: the call's prompt text (it enters a PipelineState inside "
+            "ModularPipeline.__call__ and reaches the text-encoder block through type-level calls no instance hook "
+            "sees) and the call's end; the CFG rows and steps would be readable from the `guider` component "
+            "(prepare_inputs / set_state), but not the words. Modular pipelines are not supported yet; use the family's "
+            "classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
         )
 
 
@@ -97,7 +100,8 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     removable handle.
 
     Works on any diffusers pipeline object holding a `unet` (SD 1.x/2.x, SDXL) or a `transformer` (SD3,
-    Flux, PixArt), including img2img, inpaint and ControlNet variants. The pipeline is never forked or
+    Flux, PixArt, and the families of `attnctl.families`), including img2img, inpaint and ControlNet variants; a
+    pipeline with a second expert (Wan 2.2's `transformer_2`) is controlled on both. The pipeline is never forked or
     subclassed and no class is patched. `backend` is "auto", "reference", "sdpa", "flex" or "triton"; an
     explicit backend must run on the device the denoiser runs on now (checked here, and again per call).
     Everything is checked before anything is installed: a refused apply leaves the pipeline untouched.
@@ -109,24 +113,23 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
     _refuse_modular(pipe)
     attribute, entry = denoiser_of(pipe)
-    denoiser = uncompiled(entry)  # torch.compile(m): attnctl hooks m itself, dynamo traces through the hooks' calls
-    live = _LIVE.get(denoiser)
-    if live is not None and live.live:
-        raise HandleError(
-            f"attnctl: pipe.{attribute} already has a live attnctl handle (applied to a {type(live.pipeline).__name__}); "
-            "pipelines made with from_pipe share the denoiser. Call handle.remove() before applying again."
-        )
+    entries = _experts(pipe, attribute, entry)
+    denoisers = {name: uncompiled(module) for name, module in entries.items()}  # torch.compile(m): attnctl hooks m
+    denoiser = denoisers[attribute]  # itself, dynamo traces through the hooks' calls
+    for name, module in denoisers.items():
+        live = _LIVE.get(module)
+        if live is not None and live.live:
+            raise HandleError(
+                f"attnctl: pipe.{name} already has a live attnctl handle (applied to a {type(live.pipeline).__name__}); "
+                "pipelines made with from_pipe share the denoiser. Call handle.remove() before applying again."
+            )
     for method in ("encode_prompt",):
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
-    adapter = adapter_for(denoiser)
-    if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):
-        raise UnsupportedError(
-            f"attnctl: {type(pipe).__name__} has a second denoiser (pipe.transformer_2: Wan 2.2's low-noise expert); attnctl "
-            "controls one denoiser per pipeline, so the other's steps would run uncontrolled; not supported yet"
-        )
-    _refuse_uncomposable(entry, denoiser, attribute, controls, adapter)
-    problems = foreign_patches(denoiser, adapter.modules)
+    adapter = adapter_for_experts(denoisers)
+    for name, module in entries.items():
+        _refuse_uncomposable(module, denoisers[name], name, controls, adapter)
+    problems = [found for module in denoisers.values() for found in foreign_patches(module, adapter.modules if module is denoiser else {})]
     if problems:
         raise PipelineChangedError(
             f"attnctl: cannot apply to pipe.{attribute}: {summarize(problems)}. Undo the other library's patch before "
@@ -153,8 +156,19 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     except BaseException:
         handle.remove()
         raise
-    _LIVE[denoiser] = handle
+    for module in denoisers.values():
+        _LIVE[module] = handle
     return handle
+
+
+def _experts(pipe: Any, attribute: str, entry: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The pipeline's denoiser and its second expert where it has one (Wan 2.2 A14B's `transformer_2`, which runs the
+    low-noise steps below the pipeline's `boundary_ratio`), by attribute: one handle controls both."""
+    experts = {attribute: entry}
+    second = getattr(pipe, f"{attribute}_2", None)
+    if isinstance(second, torch.nn.Module):
+        experts[f"{attribute}_2"] = second
+    return experts
 
 
 def _control_tuple(controls: Any) -> tuple[Control, ...]:
@@ -265,7 +279,7 @@ class Handle:
         self._processors: dict[str, ControlledProcessor] = {}
         self._wrapped: list[Wrapped] = []
         self._hooks: DenoiserHooks | None = None
-        self._snapshot: Snapshot | None = None
+        self._snapshots: list[Snapshot] = []
         self._scheduler_wraps: list[Wrapped] = []
         self.live = False
 
@@ -278,15 +292,17 @@ class Handle:
         self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
-        self._hooks = DenoiserHooks(runtime, denoiser, self._processors)
-        self._snapshot = Snapshot.take(denoiser, self.adapter.modules)
+        experts = self.denoisers()
+        self._hooks = DenoiserHooks(runtime, denoiser, self._processors, tuple(m for m in experts.values() if m is not denoiser))
+        self._snapshots = [Snapshot.take(m, self.adapter.modules if m is denoiser else {}) for m in experts.values()]
         if callable(getattr(pipe, "check_inputs", None)):
             self._wrapped.append(wrap_method(pipe, "check_inputs", self._make_call_start))
         self._wrapped.append(wrap_method(pipe, "encode_prompt", self._make_encode_prompt))
         if callable(getattr(pipe, "maybe_free_model_hooks", None)):
             self._wrapped.append(wrap_method(pipe, "maybe_free_model_hooks", self._make_call_end))
-        if callable(getattr(denoiser, "cache_context", None)):
-            self._wrapped.append(wrap_method(denoiser, "cache_context", self._make_cache_context))
+        for expert in experts.values():
+            if callable(getattr(expert, "cache_context", None)):
+                self._wrapped.append(wrap_method(expert, "cache_context", self._make_cache_context))
         images = getattr(pipe, "image_processor", None)
         if any(control.needs_images for control in self.runtime.controls) and callable(getattr(images, "postprocess", None)):
             self._wrapped.append(wrap_method(images, "postprocess", self._make_postprocess))
@@ -393,20 +409,25 @@ class Handle:
         """Calls of pipeline methods made by attnctl itself inside this block are not recorded."""
         return self.runtime.internal_calls()
 
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """The controlled denoiser(s) by pipeline attribute: one, or Wan 2.2's two experts."""
+        return dict(self.adapter.experts) or {self.attribute: self.adapter.denoiser}
+
     # -- checks -----------------------------------------------------------------------------------------------
     def verify(self) -> None:
         """Raise PipelineChangedError if processors or wrappers were replaced since apply()."""
         if not self.live:
             return
-        denoiser = self.adapter.denoiser
-        current = getattr(self.pipeline, self.attribute, None)
-        if current is None or uncompiled(current) is not denoiser:
-            raise PipelineChangedError(
-                f"attnctl: pipe.{self.attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
-            )
-        compiled = _refuse_uncomposable(current, denoiser, self.attribute, self.controls, self.adapter)
+        compiled = False
+        for attribute, denoiser in self.denoisers().items():
+            current = getattr(self.pipeline, attribute, None)
+            if current is None or uncompiled(current) is not denoiser:
+                raise PipelineChangedError(
+                    f"attnctl: pipe.{attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
+                )
+            compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
         if self._hooks is not None:
-            self._hooks.compiled = bool(compiled)
+            self._hooks.compiled = compiled
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
         if changed:
             found = sorted({type(self.adapter.modules[n].processor).__name__ for n in changed})
@@ -425,7 +446,7 @@ class Handle:
                 f"attnctl: attnctl's forward hooks on pipe.{self.attribute} were removed after attnctl.apply (e.g. by "
                 "clearing _forward_pre_hooks / _forward_hooks); call handle.remove() and apply again"
             )
-        changes = list(self._snapshot.changes()) if self._snapshot is not None else []
+        changes = [change for snapshot in self._snapshots for change in snapshot.changes()]
         if changes:
             raise PipelineChangedError(f"attnctl: {summarize(changes)}; call handle.remove(), undo that change, and apply again")
         self._wrap_scheduler()
@@ -454,8 +475,9 @@ class Handle:
                 stuck.append(f"{owner}.{record.name} (now {describe_callable(now) if now is not None else 'the class method'})")
         self._wrapped.clear()
         self._scheduler_wraps.clear()
-        if _LIVE.get(self.adapter.denoiser) is self:
-            del _LIVE[self.adapter.denoiser]
+        for denoiser in self.denoisers().values():
+            if _LIVE.get(denoiser) is self:
+                del _LIVE[denoiser]
         if stuck:
             raise PipelineChangedError(
                 f"attnctl: handle.remove() restored everything except its wrapper(s) of {', '.join(stuck)}: another "

@@ -445,27 +445,36 @@ def test_qwenimage_pag_against_a_dense_mask_reference(name):
     torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", [pytest.param("tiny-flux2", marks=_needs("tiny-flux2"))])
-def test_flux2_reference_images_are_refused_with_the_reason(name, tiny):
-    """Klein's `image=` puts reference-image tokens into the sequence: refused at the first denoiser call (the
-    grid the controls read would be wrong), and the pipeline is left as it was."""
-    pipe = tiny(name)
-    stock = generate(pipe, name)
+def test_flux2_inpaint_with_reference_tokens_is_bitwise_stock(name, tiny):
+    """Flux2KleinInpaintPipeline puts the encoded image's tokens into the sequence as reference tokens: attnctl reads
+    them as such (`Canvas.reference_len`; tests/test_reference_tokens.py covers klein's `image=` and controls), and
+    the output is bitwise stock under apply and after remove."""
+    import diffusers
     from PIL import Image
 
+    pipe = tiny(name)
     reference = Image.new("RGB", (64, 64), (200, 30, 30))  # the Flux.2 image processor wants >= 64 px
-    with attnctl.apply(pipe, [Probe()]):
-        with pytest.raises(attnctl.CallLayoutError, match="reference"):
-            generate(pipe, name, image=reference)
-    assert torch.equal(generate(pipe, name), stock)
-    import diffusers
-
     inpaint = diffusers.Flux2KleinInpaintPipeline.from_pipe(pipe)
     inpaint.set_progress_bar_config(disable=True)
-    with attnctl.apply(inpaint, [Probe()]):
-        with pytest.raises(attnctl.CallLayoutError, match="reference"):
-            inpaint(prompt=PROMPT, image=reference, mask_image=Image.new("L", (64, 64), 255), strength=0.6, num_inference_steps=2,
-                    output_type="latent", **CALL_DEFAULTS[name])
+
+    def run():
+        return inpaint(prompt=PROMPT, image=reference, mask_image=Image.new("L", (64, 64), 255), strength=0.6, num_inference_steps=2,
+                       output_type="latent", generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS[name]).images
+
+    stock = run()
+    seen = []
+
+    class Canvas(Probe):
+        def bind(self, context):
+            seen.append(context.canvas)
+            return super().bind(context)
+
+    with attnctl.apply(inpaint, [Canvas()]):
+        assert torch.equal(run(), stock)
+    assert torch.equal(run(), stock)
+    assert seen and seen[0].reference_len == 256 and seen[0].token_hw == (16, 16)  # 64 px: the generated grid, references apart
 
 
 class RefIdentitySelfAttention:

@@ -242,7 +242,7 @@ class StructuredBound(Bound):
         module = call.module
         weight = next(module.parameters()).dtype
         with torch.no_grad():
-            embeds = self.adapter.project_text(self.text.embeds.to(device=v.device, dtype=weight))
+            embeds = self.adapter.project_text(self.text.embeds.to(device=v.device, dtype=weight), call.layer)
             _, values = module.processor.project_context(module, embeds)  # (phrases, H, T', D)
         values = values.float()
         rows, (heads, text, dim) = len(self.counts), v.shape[1:]

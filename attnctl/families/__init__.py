@@ -50,4 +50,20 @@ def adapter_for(denoiser: torch.nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]
+def adapter_for_experts(experts: dict[str, torch.nn.Module]) -> ModelAdapter:
+    """One adapter over a pipeline's denoiser experts by attribute (Wan 2.2: `transformer` and `transformer_2`), or
+    raise with the reason; a single entry is `adapter_for` of it."""
+    first = next(iter(experts.values()))
+    single = adapter_for(first)
+    if len(experts) == 1:
+        return single
+    discover = getattr(type(single), "discover_experts", None)
+    if discover is None:
+        raise UnsupportedError(
+            f"attnctl: this pipeline has several denoisers ({', '.join(experts)}); attnctl controls several experts of "
+            f"one pipeline for Wan 2.2 only, not for {type(first).__name__}"
+        )
+    return discover(experts)
+
+
+__all__ = ["ADAPTERS", "adapter_for_experts", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]

@@ -46,7 +46,7 @@ class UNetAdapter(ModelAdapter):
     def perturbed_layers(self) -> str:
         return "self & mid"
 
-    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+    def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
         projection = getattr(self.denoiser, "encoder_hid_proj", None)
         if projection is None:
             return embeds
@@ -170,7 +170,7 @@ class PixArtAdapter(ModelAdapter):
     def perturbed_layers(self) -> str:
         return "transformer_blocks.1 & self"
 
-    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
+    def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
         projection = getattr(self.denoiser, "caption_projection", None)
         return embeds if projection is None else projection(embeds)
 

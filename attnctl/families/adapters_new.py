@@ -7,13 +7,14 @@ shape), never from guessing on tensor shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import CallLayoutError, UnsupportedError
 from .adapters import FluxAdapter, _attention_modules, _text_len
-from .base import Canvas, LayerInfo, ModelAdapter
+from .base import Canvas, LayerInfo, ModelAdapter, RowList
 
 
 class ChromaAdapter(FluxAdapter):
@@ -81,12 +82,7 @@ class QwenImageAdapter(ModelAdapter):
             if parts[0] != "transformer_blocks" or len(parts) != 3 or not parts[1].isdigit():
                 raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
             layers.append(LayerInfo(name, index, "joint", "blocks", int(parts[1]), 0, "first"))
-        if getattr(denoiser.config, "zero_cond_t", False):
-            raise UnsupportedError(
-                "attnctl: this Qwen-Image transformer has zero_cond_t (Qwen-Image-Edit-2511: the reference image's "
-                "tokens are modulated with t = 0 in the same sequence); reference-image tokens are not supported yet"
-            )
-        return cls(
+        adapter = cls(
             family="qwenimage",
             denoiser=denoiser,
             layers=tuple(layers),
@@ -94,9 +90,12 @@ class QwenImageAdapter(ModelAdapter):
             batched_inputs=(
                 "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance",
                 "controlnet_block_samples", "additional_t_cond",
+                # one shape list per row (Qwen-Image-Edit-2511's `zero_cond_t` builds its per-row modulation index from it)
+                RowList("img_shapes"),
             ),
             dict_inputs=("attention_kwargs",),
         )
+        return adapter
 
     def perturbed_layers(self) -> str:
         blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
@@ -121,15 +120,15 @@ class QwenImageAdapter(ModelAdapter):
             raise CallLayoutError("attnctl: the Qwen-Image transformer was called without img_shapes; the image grid is unknown")
         per_sample = shapes[0] if isinstance(shapes[0], list) else list(shapes)
         n = int(latents.shape[1])
-        if len(per_sample) != 1:
-            raise CallLayoutError(
-                f"attnctl: Qwen-Image img_shapes {per_sample} hold {len(per_sample)} images; reference-image tokens "
-                "(QwenImageEditPipeline / EditPlus) are not supported yet"
-            )
         frames, rows, cols = (int(x) for x in per_sample[0])
-        if frames != 1 or rows * cols != n:
-            raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample[0]} disagree with {n} image tokens")
-        return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
+        # QwenImageEditPipeline / EditPlus: the reference images' shapes follow the generated image's
+        references = sum(int(f) * int(h) * int(w) for f, h, w in per_sample[1:])
+        if frames != 1 or rows * cols + references != n:
+            raise CallLayoutError(f"attnctl: Qwen-Image img_shapes {per_sample} disagree with {n} image tokens")
+        return Canvas(
+            latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")),
+            reference_len=references,
+        )
 
 
 class Flux2Adapter(FluxAdapter):
@@ -154,15 +153,25 @@ class Flux2Adapter(FluxAdapter):
         return adapter
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
+        """As Flux; reference-image tokens (Flux2KleinPipeline(image=...): the encoded reference images after the
+        generated image's tokens, each with its own time coordinate in `img_ids`) are counted in `reference_len`
+        and left out of the image grid."""
         img_ids = inputs.get("img_ids")
         if isinstance(img_ids, torch.Tensor):
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-            if ids.shape[-1] == 4 and bool((ids[:, 0] != ids[0, 0]).any()):
-                raise CallLayoutError(
-                    "attnctl: this Flux.2 call has reference-image tokens in its sequence (img_ids with several time "
-                    "coordinates: Flux2KleinPipeline(image=...), Flux2KleinInpaintPipeline, Flux.2 editing); reference "
-                    "tokens are not supported yet"
-                )
+            if ids.ndim == 2 and ids.shape[-1] == 4:
+                times = ids[:, 0]
+                generated = int((times == times[0]).sum())  # a host read of the ids, as Flux's canvas makes
+                total = int(ids.shape[0])
+                if generated < total:
+                    if bool((times[:generated] != times[0]).any()):
+                        raise CallLayoutError(
+                            "attnctl: this Flux.2 call's img_ids interleave the generated image's tokens with reference-image "
+                            "tokens; attnctl expects the generated image first, then the references (as Flux2KleinPipeline)"
+                        )
+                    latents = inputs["hidden_states"]
+                    own = {**inputs, "hidden_states": latents[:, :generated], "img_ids": ids[:generated]}
+                    return dataclasses.replace(super().canvas(own), reference_len=total - generated)
         return super().canvas(inputs)
 
 
@@ -202,8 +211,48 @@ class WanAdapter(ModelAdapter):
         blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
         return f"blocks.{blocks[len(blocks) // 2]} & self"  # the middle block's self-attention
 
-    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
-        return self.denoiser.condition_embedder.text_embedder(embeds)
+    @classmethod
+    def discover_experts(cls, experts: dict[str, torch.nn.Module]) -> WanAdapter:
+        """One adapter over Wan 2.2's two experts (`transformer`: the high-noise steps, `transformer_2`: the low-noise
+        ones, switched by the pipeline's `boundary_ratio`). Each expert's layers keep their path behind the expert's
+        attribute (`transformer.blocks.0.attn1`, `transformer_2.blocks.0.attn1`), so a selector such as `blocks.1` or
+        `self` acts on both experts and `transformer_2` on the low-noise one only. The experts must share a class and a
+        patch size (one token grid for a call, whichever runs)."""
+        found = {attribute: cls.discover(module) for attribute, module in experts.items()}
+        kinds = {type(module) for module in experts.values()}
+        patches = {tuple(module.config.patch_size) for module in experts.values()}
+        if len(kinds) != 1 or len(patches) != 1:
+            raise UnsupportedError(
+                f"attnctl: the pipeline's denoiser experts ({', '.join(f'{a}: {type(m).__name__}, patch {tuple(m.config.patch_size)}' for a, m in experts.items())}) "
+                "differ in class or patch size; attnctl controls experts of one class and one token grid"
+            )
+        layers: list[LayerInfo] = []
+        modules: dict[str, torch.nn.Module] = {}
+        for attribute, adapter in found.items():
+            for info in adapter.layers:
+                name = f"{attribute}.{info.name}"
+                layers.append(dataclasses.replace(info, name=name, index=len(layers)))
+                modules[name] = adapter.modules[info.name]
+        first = next(iter(found.values()))
+        return cls(
+            family=first.family, denoiser=first.denoiser, layers=tuple(layers), modules=modules, batched_inputs=first.batched_inputs,
+            dict_inputs=first.dict_inputs, experts=dict(experts),
+        )
+
+    def transformer_blocks(self) -> dict[str, torch.nn.Module]:
+        """As the base class; with experts, each path behind its expert's attribute (`transformer_2.blocks.3`)."""
+        if not self.experts:
+            return super().transformer_blocks()
+        classes = tuple(self.block_inputs)
+        return {
+            f"{attribute}.{name}": module
+            for attribute, expert in self.experts.items()
+            for name, module in expert.named_modules()
+            if type(module).__name__ in classes
+        }
+
+    def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
+        return self.expert_of(layer).condition_embedder.text_embedder(embeds)
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
         latents = inputs["hidden_states"]
@@ -233,9 +282,8 @@ class ZImageAdapter(ModelAdapter):
 
     text_attention: ClassVar[str] = "joint"
     rotary: ClassVar[bool] = True
+    prediction_sign: ClassVar[int] = -1  # ZImagePipeline hands the scheduler the negated output
     lacks: ClassVar[dict[str, str]] = {
-        "extra_rows": "its denoiser takes lists of per-row tensors and returns a list, so perturbed rows cannot be "
-        "batched into its calls yet",
         "appended_text": "each row's caption is padded inside the denoiser, so appended tokens would not sit at one "
         "position for every row",
         "row_inputs": "its denoiser takes a list of per-row latents, so one row's latent input cannot be replaced in a "
@@ -263,12 +311,28 @@ class ZImageAdapter(ModelAdapter):
             # the main layers' hidden states already hold [image; text] (one stream)
             layers.append(LayerInfo(name, len(layers), kind, group, int(parts[1]), 0, text, concatenated=kind == "joint"))
         return cls(
-            family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules, batched_inputs=("x", "t", "cap_feats"),
+            family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules,
+            batched_inputs=(RowList("x"), "t", RowList("cap_feats")),  # lists of per-row tensors: re-batched as lists
             dict_inputs=("joint_attention_kwargs",),
         )
 
-    def batch_size(self, inputs: dict[str, Any]) -> int:
-        return len(inputs["x"])
+    def transformer_blocks(self) -> dict[str, torch.nn.Module]:
+        raise UnsupportedError(
+            "attnctl: the zimage family's transformer blocks take their tokens as `x` (with `attn_mask`, `freqs_cis`, "
+            "`adaln_input`), and skip-layer guidance skips rows of a block's `hidden_states`; skipping Z-Image blocks is not "
+            "supported yet"
+        )
+
+    def perturbed_layers(self) -> str:
+        blocks = sorted({layer.block for layer in self.layers if layer.group == "layers"})
+        return f"layers.{blocks[len(blocks) // 2]}"  # the middle main layer
+
+    def latent_image(self, latents: torch.Tensor, canvas: Canvas) -> torch.Tensor:
+        """Rows stacked as (B, C, 1, H, W) (one frame per row): (B, C, H, W)."""
+        return latents.squeeze(2)
+
+    def packed_latents(self, images: torch.Tensor) -> torch.Tensor:
+        return images.unsqueeze(2)
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:
         images, captions = inputs["x"], inputs["cap_feats"]

@@ -20,6 +20,15 @@ TextPosition = Literal["none", "keys", "first", "last"]
 KINDS: tuple[str, ...] = ("self", "cross", "joint")
 
 
+class RowList(str):
+    """The name of a batched denoiser input that is a list with one entry per row (Z-Image's `x`, `cap_feats`;
+    Qwen-Image's `img_shapes`), not a tensor whose first dimension is the batch: re-batching indexes the list itself
+    (a one-entry list stands for every row). A `ModelAdapter.batched_inputs` entry; it is a `str`, so it names the
+    input everywhere a plain name does."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """One attention layer of a denoiser.
@@ -70,6 +79,9 @@ class Canvas:
     token_hw: tuple[int, int]
     text_len: int
     frames: int = 1
+    #: Reference-image tokens after the generated image's tokens in the image stream (Flux.2 klein `image=`): keys
+    #: and queries of every joint layer, never part of the image grid controls edit.
+    reference_len: int = 0
 
     def grid_at(self, level: int) -> tuple[int, int]:
         h, w = self.token_hw
@@ -86,6 +98,7 @@ class Geometry:
     image_hw: tuple[int, int]
     text_len: int
     frames: int = 1  # token frames of `image_hw` each (video); the image tokens are frame-major
+    reference_len: int = 0  # reference-image tokens after the image tokens (joint layouts: `Canvas.reference_len`)
 
     @property
     def image_len(self) -> int:
@@ -116,7 +129,15 @@ class Geometry:
 
     @property
     def query_len(self) -> int:
+        """The text and generated image tokens: the queries controls see (reference tokens are not among them)."""
         return self.image_len + (self.text_len if self.layer.text in ("first", "last") else 0)
+
+    @property
+    def key_len(self) -> int:
+        """The keys of the layer: its own tokens (text keys only in cross-attention), reference tokens last."""
+        if self.layer.text == "keys":
+            return self.text_len
+        return self.query_len + self.reference_len
 
 
 @dataclass
@@ -133,6 +154,11 @@ class ModelAdapter:
     modules: dict[str, torch.nn.Module] = field(repr=False)
     batched_inputs: tuple[str, ...] = ()
     dict_inputs: tuple[str, ...] = ()
+    #: A pipeline with several denoiser experts of one class (Wan 2.2 A14B: `transformer` runs the high-noise steps,
+    #: `transformer_2` the low-noise ones), by pipeline attribute; empty for one denoiser. With experts, every layer
+    #: name starts with its expert's attribute (`transformer.blocks.0.attn1`, `transformer_2.blocks.0.attn1`) and
+    #: `denoiser` is the first expert.
+    experts: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
 
     #: Where image queries meet the prompt: "cross" (cross-attention layers, text as keys only) or "joint"
     #: (text and image tokens in one sequence).
@@ -166,10 +192,15 @@ class ModelAdapter:
     #: control relies on: "extra_rows" to batch perturbed rows into a denoiser call, "appended_text" to append
     #: tokens to the joint text sequence); a control needing one is refused at apply.
     lacks: ClassVar[dict[str, str]] = {}
+    #: The sign between the denoiser's output and the prediction the pipeline hands to the scheduler (-1: Z-Image's
+    #: pipeline negates the output); a second pass (SAG) sees the prediction with the scheduler's sign.
+    prediction_sign: ClassVar[int] = 1
 
     def batch_size(self, inputs: dict[str, Any]) -> int:
-        """The number of rows of a denoiser call (the first batched input's first dimension)."""
-        return int(inputs[self.batched_inputs[0]].shape[0])
+        """The number of rows of a denoiser call (the first batched input's first dimension, or its length when it
+        is a list of per-row tensors)."""
+        first = self.batched_inputs[0]
+        return len(inputs[first]) if isinstance(first, RowList) else int(inputs[first].shape[0])
 
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
@@ -201,8 +232,15 @@ class ModelAdapter:
             self.__dict__["_transformer_blocks"] = found
         return dict(found)
 
-    def project_text(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any."""
+    def expert_of(self, layer: LayerInfo | None) -> torch.nn.Module:
+        """The denoiser (expert) that holds `layer`; the (first) denoiser for None."""
+        if layer is not None and self.experts:
+            return self.experts[layer.parts[0]]
+        return self.denoiser
+
+    def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
+        """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any (the
+        projection of the expert holding `layer`, on a pipeline with several)."""
         return embeds
 
     def append_text(self, inputs: dict[str, Any], block: torch.Tensor) -> dict[str, Any]:

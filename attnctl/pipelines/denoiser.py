@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
-from ..errors import CallLayoutError
+from ..errors import CallLayoutError, UnsupportedError
+from ..families.base import RowList
 from ..foreign_patches import keyed_cache_context
 
 
-def first_tensor(output: Any) -> torch.Tensor:
+def _first(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple):
@@ -35,7 +36,16 @@ def first_tensor(output: Any) -> torch.Tensor:
     return output.sample
 
 
+def first_tensor(output: Any) -> torch.Tensor:
+    """The denoiser's prediction as one (B, ...) tensor; a list of per-row predictions (Z-Image) is stacked."""
+    first = _first(output)
+    return torch.stack(list(first)) if isinstance(first, (list, tuple)) else first
+
+
 def replace_first(output: Any, value: torch.Tensor) -> Any:
+    """`output` with its prediction replaced by `value` (B, ...), given back as a list of rows where it was one."""
+    if isinstance(_first(output), list):
+        value = list(value.unbind(0))
     if isinstance(output, torch.Tensor):
         return value
     if isinstance(output, tuple):
@@ -63,8 +73,17 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
 
     out = dict(inputs)
     for name in names:
-        if out.get(name) is not None:
-            out[name] = take(out[name], name)
+        value = out.get(name)
+        if value is None:
+            continue
+        if isinstance(name, RowList):  # one entry per row: the list itself is the batch (one entry: for every row)
+            if len(value) == 1 and batch != 1:
+                continue
+            if len(value) != batch:
+                raise CallLayoutError(f"attnctl: input {name} holds {len(value)} rows, expected {batch} (or 1)")
+            out[name] = type(value)(value[i] for i in index)
+        else:
+            out[name] = take(value, name)
     for name in dict_names:
         if isinstance(out.get(name), dict):
             out[name] = {key: take(value, f"{name}[{key!r}]") for key, value in out[name].items()}
@@ -91,6 +110,12 @@ class _Pending:
     restore: Callable[[], None] | None = None  # puts back diffusers' cache context (keyed_cache_context)
 
 
+#: What a control may do at a layer whose sequence holds reference-image tokens (Flux.2 `image=`, Qwen-Image Edit): the
+#: processors give the controls the text and generated-image queries, extend per-key edits over the reference keys with
+#: no change, and let the reference queries attend as stock (`processors/references.py`).
+REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "key_bias", "perturb", "query", "sparse", "value_scale"})
+
+
 def _layout_key(rows: RowLayout) -> str:
     """A call layout as a cache-context suffix: each row's branch and perturbation tag."""
     return ",".join(f"{row.branch}{'+' + row.tag if row.tag else ''}" for row in rows.rows)
@@ -107,29 +132,37 @@ class DenoiserHooks:
     bookkeeping is Python, the denoiser's forward is compiled (docs: README "Works with").
     """
 
-    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any]):
+    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any], others: tuple[torch.nn.Module, ...] = ()):
         self.runtime = runtime
         self.processors = processors
-        self.module = module
+        self.modules = (module, *others)  # the pipeline's denoiser experts (Wan 2.2's transformer_2), all of one class
+        self.module = module  # the expert of the call in progress: attnctl's extra forwards run it
         self.signature = call_signature(module)
         self.main_input = runtime.adapter.batched_inputs[0]
         self._pending: _Pending | None = None
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
+        self._references_checked: Any = None  # the pipeline call whose controls were checked for reference tokens
         self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
         runtime.extra_forward = self.call_with  # `BindContext.run_denoiser` (latent optimisation's loss passes)
-        self._handles = (
-            module.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
-            module.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
+        self._handles = tuple(
+            (
+                expert.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
+                expert.register_forward_hook(self._post, with_kwargs=True, prepend=True),  # others see the pipeline's rows
+            )
+            for expert in self.modules
         )
 
     @property
     def installed(self) -> bool:
-        pre, post = self._handles
-        return pre.id in self.module._forward_pre_hooks and post.id in self.module._forward_hooks
+        return all(
+            pre.id in expert._forward_pre_hooks and post.id in expert._forward_hooks
+            for expert, (pre, post) in zip(self.modules, self._handles)
+        )
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for pair in self._handles:
+            for handle in pair:
+                handle.remove()
         self._pending = None
 
     def _arguments(self, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -158,9 +191,12 @@ class DenoiserHooks:
             return None
         runtime, adapter = self.runtime, self.runtime.adapter
         self._pending = None
+        self.module = module
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
         batch = adapter.batch_size(inputs)
         frame = runtime.open_frame(inputs, batch)
+        if frame.canvas.reference_len:
+            self._check_reference_tokens(frame)
         given = inputs
         inputs, frame = runtime.transform_inputs(frame, inputs)
         outer = None
@@ -176,6 +212,11 @@ class DenoiserHooks:
         pending = _Pending(frame, inputs, batch, outer=outer)
         call_frame, call_inputs = frame, inputs
         plan = runtime.row_plan(frame)
+        if plan.second and frame.canvas.reference_len:
+            raise UnsupportedError(
+                "attnctl: a second pass (SAG) re-noises the denoiser's latent input, which holds reference-image tokens in "
+                "this call (Flux.2 image=..., Qwen-Image Edit); SAG with reference images is not supported"
+            )
         if plan.perturbations or plan.second:
             pending.plan = plan
             cond = frame.rows.indices("cond", None)
@@ -251,13 +292,63 @@ class DenoiserHooks:
             perturbed = first_tensor(self.call_with(narrow, dataclasses.replace(frame, rows=rows, inputs=narrow)))
             total = total + perturbation.term(cond_prediction, perturbed, frame)
         if plan.second:
-            first = FirstPass(frame, inputs, own, self.main_input, lambda index: rebatch(inputs, names, dicts, batch, index), self.call_with)
+            main, sign = self.main_input, adapter.prediction_sign
+            first = FirstPass(
+                frame, _stacked(inputs, main), _signed(own, sign), main,
+                lambda index: _stacked(rebatch(inputs, names, dicts, batch, index), main),
+                lambda given, call_frame: self._signed_call(given, call_frame, main, sign),
+            )
             for second in plan.second:
-                total = total + second.term(first)
+                total = total + _signed(second.term(first), sign)
         prompts = tuple(base.rows[i].prompt for i in cond)
         runtime.call.guidance_terms[frame.step.index] = total
         runtime.call.guidance_prompts[frame.step.index] = prompts
         return replace_first(output, own + _spread(total, base, prompts))
+
+    def _check_reference_tokens(self, frame: DenoiserCall) -> None:
+        """Refuse, once per pipeline call, a control whose effects are not defined over reference-image tokens (the
+        processors leave those unedited: `REFERENCE_EFFECTS`) or that replaces the latent input (which holds them)."""
+        runtime, adapter = self.runtime, self.runtime.adapter
+        if self._references_checked is runtime.call:
+            return
+        for position, control in enumerate(runtime.controls):
+            name = type(control).__name__
+            replaces = [need for need in control.needs if need in ("row_inputs", "appended_text")]
+            if replaces:
+                raise UnsupportedError(
+                    f"attnctl: {name} needs {replaces[0].replace('_', ' ')}, and this {adapter.family} call holds "
+                    f"{frame.canvas.reference_len} reference-image tokens in its sequence (image=...); not supported with "
+                    "reference images"
+                )
+            for layer in runtime.resolved[position]:
+                effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
+                if effects:
+                    raise UnsupportedError(
+                        f"attnctl: {name} ({', '.join(effects)} at {layer.name}) is not defined over the "
+                        f"{frame.canvas.reference_len} reference-image tokens of this {adapter.family} call (image=...); "
+                        f"with reference images attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}"
+                    )
+        self._references_checked = runtime.call
+
+    def _signed_call(self, inputs: dict[str, Any], frame: DenoiserCall, main: str, sign: int) -> torch.Tensor:
+        """A second pass's extra forward: its main input given back as a list of rows where the denoiser takes one,
+        its prediction with the scheduler's sign (`ModelAdapter.prediction_sign`)."""
+        value = inputs.get(main)
+        if isinstance(main, RowList) and isinstance(value, torch.Tensor):
+            inputs = {**inputs, main: list(value.unbind(0))}
+        return _signed(first_tensor(self.call_with(inputs, frame)), sign)
+
+
+def _signed(value: torch.Tensor, sign: int) -> torch.Tensor:
+    return value if sign == 1 else -value
+
+
+def _stacked(inputs: dict[str, Any], main: str) -> dict[str, Any]:
+    """`inputs` with the main (latent) input as one (B, ...) tensor where the denoiser takes a list of rows."""
+    value = inputs.get(main)
+    if isinstance(main, RowList) and isinstance(value, (list, tuple)):
+        return {**inputs, main: torch.stack(list(value))}
+    return inputs
 
 
 def _spread_selected(outer: DenoiserCall, selected: DenoiserCall, output: Any) -> Any:
@@ -275,7 +366,7 @@ class FirstPass:
 
     frame: DenoiserCall  # the pipeline's rows (`frame.rows`), step and inputs
     inputs: dict[str, Any]  # the denoiser's inputs for those rows
-    prediction: torch.Tensor  # the denoiser's prediction for those rows, before any guidance term
+    prediction: torch.Tensor  # the prediction for those rows, before any guidance term, with the scheduler's sign
     main_input: str  # the latent input's name ("sample", "hidden_states")
     _select: Callable[[tuple[int, ...]], dict[str, Any]] = dataclasses.field(repr=False)
     _call_with: Callable[..., Any] = dataclasses.field(repr=False)
@@ -290,7 +381,7 @@ class FirstPass:
         if batch != len(rows):
             raise CallLayoutError(f"attnctl: an extra forward got {batch} rows but a layout of {len(rows)}")
         frame = dataclasses.replace(self.frame, rows=rows, inputs=inputs, extra_pass=tag)
-        return first_tensor(self._call_with(inputs, frame))
+        return self._call_with(inputs, frame)
 
 
 def _spread(terms: torch.Tensor, layout: RowLayout, prompts: tuple[int, ...] | None) -> torch.Tensor:

@@ -35,6 +35,9 @@ class EncoderSpec:
     # (pipeline, tokenizer, text) -> the text as the pipeline hands it to the tokenizer (a chat template), or None
     # when the pipeline's template is not known (then words cannot be placed)
     template: Callable[[Any, Any, str], str | None] | None = None
+    # (pipeline, tokenizer, text, encode_prompt's arguments) -> the tokens the embeddings keep, as text (Qwen-Image
+    # Edit: the reference image's vision tokens come first), or None when unknown; applied after `template`
+    kept_text: Callable[[Any, Any, str, dict[str, Any]], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,38 @@ PROTOCOLS: dict[str, CallProtocol] = {
     "flux": CallProtocol("flux", (EncoderSpec("t5", ("tokenizer_2",), ("prompt_2",), ("prompt_2",), None),), "contexts"),
     "pixart": CallProtocol("pixart", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "flag"),
     "chroma": CallProtocol("chroma", (EncoderSpec("t5", ("tokenizer",), ("prompt",), ("negative_prompt",), None),), "sequential"),
-    # Qwen2.5-VL: the chat template's prefix is dropped from the embeddings, so the prompt's tokens come first
-    "qwenimage": CallProtocol("qwenimage", (EncoderSpec("qwen", ("tokenizer",), ("prompt",), ("prompt",), None),), "contexts"),
 }
+
+
+#: QwenImageEditPlusPipeline's part of the template per input image (a local constant of its `_get_qwen_prompt_embeds`
+#: in diffusers 0.42)
+QWEN_EDIT_PLUS_IMAGE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _qwen_kept_text(pipeline: Any, tokenizer: Any, text: str, arguments: dict[str, Any]) -> str | None:
+    """The tokens Qwen-Image keeps of its chat template, as text. QwenImagePipeline drops the template's prefix, so the
+    prompt comes first (the text itself). The edit pipelines keep everything after the prefix, the reference images'
+    Qwen2.5-VL vision tokens first: made by the pipeline's own processor on the pipeline's template and images,
+    decoded (QwenImageEditPipeline: one image; EditPlus: "Picture i: ..." per image). Other edit pipelines: None, words
+    not placed."""
+    name = type(pipeline).__name__
+    if "Edit" not in name:
+        return text
+    image = arguments.get("image")
+    if image is None or name not in ("QwenImageEditPipeline", "QwenImageEditPlusPipeline"):
+        return None
+    if name == "QwenImageEditPlusPipeline":
+        count = len(image) if isinstance(image, list) else 1
+        text = "".join(QWEN_EDIT_PLUS_IMAGE.format(i + 1) for i in range(count)) + text
+    inputs = pipeline.processor(text=[pipeline.prompt_template_encode.format(text)], images=image, padding=True, return_tensors="pt")
+    kept = inputs["input_ids"][0][pipeline.prompt_template_encode_start_idx :]
+    return tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+# Qwen2.5-VL: QwenImagePipeline drops the chat template's prefix from the embeddings, so the prompt's tokens come first
+PROTOCOLS["qwenimage"] = CallProtocol(
+    "qwenimage", (EncoderSpec("qwen", ("tokenizer",), ("prompt",), ("prompt",), None, kept_text=_qwen_kept_text),), "contexts"
+)
 
 
 def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before: int) -> str | None:
@@ -201,6 +233,10 @@ def encoder_prompts(
                 return None
             if spec.template is not None:
                 row_texts = [spec.template(pipeline, tokenizer, text) for text in row_texts]
+                if any(text is None for text in row_texts):
+                    return None
+            if spec.kept_text is not None:
+                row_texts = [spec.kept_text(pipeline, tokenizer, text, args) for text in row_texts]
                 if any(text is None for text in row_texts):
                     return None
             tokenizers.append(tokenizer)

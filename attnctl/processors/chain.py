@@ -71,8 +71,7 @@ class TokenLayout:
         image, text = geometry.image_slice, geometry.text_slice
         if geometry.layer.text == "keys":  # cross-attention: text keys only
             return TokenLayout(geometry.image_len, geometry.text_len, image, slice(0, 0), None, slice(0, geometry.text_len))
-        n = geometry.query_len
-        return TokenLayout(n, n, image, image, text, text)
+        return TokenLayout(geometry.query_len, geometry.key_len, image, image, text, text)  # reference keys last
 
     @staticmethod
     def joint(image_len: int, text_len: int, text_first: bool, queries: str = "all") -> TokenLayout:

@@ -7,6 +7,9 @@ v and the MLP half, and `to_out` projects `[attention; MLP]`. Without an edit th
 `dispatch_attention_fn` with the processor's backend, exactly as stock (the split outputs are projected
 without `.contiguous()`, as Flux.2's processor does); with an edit it goes to attnctl's backends.
 The KV-cache processors (`Flux2KV*`, reference-image KV caching of Flux.2 klein-kv) are not reproduced.
+
+Reference-image tokens (`Flux2KleinPipeline(image=...)`: `Geometry.reference_len` tokens after the generated
+image's) are keys for every query, as stock, but never edited (`references.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import references
 from .base import ControlledProcessor
 from .flux import text_first
 
@@ -34,11 +38,15 @@ class Flux2Processor(ControlledProcessor):
     ) -> Any:
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
-        edit, call, reused, hidden_states = self.begin(attn, hidden_states, encoder_hidden_states)
+        edit, call, reused, hidden_states = references.begin(self, attn, hidden_states, encoder_hidden_states)
         if reused is not None:
             return reused
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = self.query_hooks(call, edit, query)
+        if edit is not None:  # query hooks see the generated image's tokens only
+            image = call.geometry.image_len
+            head = query[:, :image]
+            hooked = self.query_hooks(call, edit, head)
+            query = query if hooked is head else torch.cat([hooked, query[:, image:]], dim=1)
         query = query.unflatten(-1, (-1, attn.head_dim))
         key = key.unflatten(-1, (-1, attn.head_dim))
         value = value.unflatten(-1, (-1, attn.head_dim))
@@ -60,7 +68,7 @@ class Flux2Processor(ControlledProcessor):
     def _parallel(
         self, attn: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None,
     ) -> Any:
-        edit, call, reused, hidden_states = self.begin(attn, hidden_states, None)
+        edit, call, reused, hidden_states = references.begin(self, attn, hidden_states, None)
         if reused is not None:
             return reused
         hidden_states = attn.to_qkv_mlp_proj(hidden_states)
@@ -69,11 +77,11 @@ class Flux2Processor(ControlledProcessor):
         local_qkv = hidden_states.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
         qkv, mlp_hidden_states = torch.split(hidden_states, [local_qkv, hidden_states.shape[-1] - local_qkv], dim=-1)
         query, key, value = qkv.chunk(3, dim=-1)
-        if edit is not None:  # query hooks see the image tokens only; the text comes first
-            text = call.geometry.text_len
-            tail = query[:, text:]
+        if edit is not None:  # query hooks see the generated image's tokens only; the text comes first
+            text, end = call.geometry.text_len, call.geometry.query_len
+            tail = query[:, text:end]
             image = self.query_hooks(call, edit, tail)
-            query = query if image is tail else torch.cat([query[:, :text], image], dim=1)
+            query = query if image is tail else torch.cat([query[:, :text], image, query[:, end:]], dim=1)
         query = query.unflatten(-1, (-1, attn.head_dim))
         key = key.unflatten(-1, (-1, attn.head_dim))
         value = value.unflatten(-1, (-1, attn.head_dim))
@@ -98,6 +106,6 @@ class Flux2Processor(ControlledProcessor):
             hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, **options)
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            hidden_states = self.attention(call, edit, q, k, v, attention_mask).transpose(1, 2)
+            hidden_states = references.attend(self, call, edit, q, k, v, attention_mask).transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3)
         return hidden_states.to(query.dtype)

@@ -4,6 +4,7 @@ Image and text streams have their own projections and RMS qk-norms, get their ow
 `txt_freqs`), and attend jointly as `[text; image]` with the text padding mask (`encoder_hidden_states_mask`).
 The processor returns `(image, text)`. Without an edit the op is diffusers' `dispatch_attention_fn` with the
 processor's backend, exactly as stock; with an edit it goes to attnctl's backends in the (B, H, S, D) layout.
+The edit pipelines' reference-image tokens follow the generated image's and are never edited (`references.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import references
 from .base import ControlledProcessor
 
 
@@ -38,7 +40,7 @@ class QwenDoubleStreamProcessor(ControlledProcessor):
                 "QwenDoubleStreamAttnProcessor2_0 does not accept an external attention_mask. "
                 "Pass encoder_hidden_states_mask to let the processor build the joint mask."
             )
-        edit, call, reused, hidden_states = self.begin(attn, hidden_states, encoder_hidden_states)
+        edit, call, reused, hidden_states = references.begin(self, attn, hidden_states, encoder_hidden_states)
         if reused is not None:
             return reused
         if encoder_hidden_states_mask is not None:
@@ -54,7 +56,11 @@ class QwenDoubleStreamProcessor(ControlledProcessor):
         txt_query = attn.add_q_proj(encoder_hidden_states)
         txt_key = attn.add_k_proj(encoder_hidden_states)
         txt_value = attn.add_v_proj(encoder_hidden_states)
-        img_query = self.query_hooks(call, edit, img_query)
+        if edit is not None:  # query hooks see the generated image's tokens only (reference tokens follow them)
+            image = call.geometry.image_len
+            head = img_query[:, :image]
+            hooked = self.query_hooks(call, edit, head)
+            img_query = img_query if hooked is head else torch.cat([hooked, img_query[:, image:]], dim=1)
 
         head_dim = attn.inner_dim // attn.heads
         img_query = img_query.unflatten(-1, (-1, head_dim))
@@ -91,7 +97,7 @@ class QwenDoubleStreamProcessor(ControlledProcessor):
             )
         else:
             q, k, v = (t.transpose(1, 2) for t in (joint_query, joint_key, joint_value))
-            joint_hidden_states = self.attention(call, edit, q, k, v, attention_mask).transpose(1, 2)
+            joint_hidden_states = references.attend(self, call, edit, q, k, v, attention_mask).transpose(1, 2)
         joint_hidden_states = joint_hidden_states.flatten(2, 3)
         joint_hidden_states = joint_hidden_states.to(joint_query.dtype)
 

@@ -240,3 +240,104 @@ def tiny_zimage(seed: int = 0):
 
 
 NEW_BUILDERS = {"tiny-zimage": tiny_zimage, "tiny-chroma": tiny_chroma, "tiny-qwenimage": tiny_qwenimage, "tiny-flux2": tiny_flux2, "tiny-wan": tiny_wan}
+
+
+def tiny_wan22(seed: int = 0, boundary_ratio: float = 0.7):
+    """Wan-2.2-A14B-like: tiny-wan with a second expert (`transformer_2`, the low-noise expert: same config, its own
+    random weights) switched in below `boundary_ratio * 1000` timesteps. With tiny-wan's scheduler (shift 3), 4
+    steps put the first 2 on `transformer` and the last 2 on `transformer_2` at the default ratio."""
+    from diffusers import WanPipeline
+
+    pipe = tiny_wan(seed)
+    torch.manual_seed(seed + 5)
+    second = type(pipe.transformer)(**pipe.transformer.config).eval()
+    return WanPipeline(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+        transformer=pipe.transformer, transformer_2=second, boundary_ratio=boundary_ratio,
+    )
+
+
+class TinyQwenVLProcessor:
+    """The nearest honest substitute of `Qwen2VLProcessor` that builds offline here (the real one needs torchvision for
+    its video processor): Qwen2-VL's own PIL image processor and the tiny Qwen tokenizer, with the processor's rule of
+    expanding each `<|image_pad|>` into one token per merged image patch (`image_grid_thw.prod() // merge_size**2`)."""
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, tokenizer: Any, image_processor: Any):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def __call__(self, text: Any = None, images: Any = None, padding: bool = True, return_tensors: str = "pt", **kwargs: Any):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        image_inputs: dict[str, Any] = {}
+        if images is not None:
+            image_inputs = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            merge = self.image_processor.merge_size**2
+            counts = iter(int(grid.prod()) // merge for grid in image_inputs["image_grid_thw"])
+            expanded = []
+            for item in texts:
+                while self.image_token in item:
+                    item = item.replace(self.image_token, "<|placeholder|>" * next(counts), 1)
+                expanded.append(item.replace("<|placeholder|>", self.image_token))
+            texts = expanded
+        tokens = self.tokenizer(texts, padding=padding, return_tensors=return_tensors)
+        return BatchFeature(data={**tokens, **image_inputs}, tensor_type=return_tensors)
+
+
+def tiny_qwenimage_edit(seed: int = 0, zero_cond_t: bool = False):
+    """Qwen-Image-Edit-like: tiny-qwenimage's transformer with a Qwen-Image VAE of factor 8 (the edit pipeline encodes
+    its reference image at a ~1024x1024 area whatever the output size: 4096 reference tokens here), a tiny Qwen2.5-VL
+    whose vision tower reads the prompt image (2x2 patches, at most 32x32 pixels: 256 vision tokens) and
+    `TinyQwenVLProcessor`; `prompt_template_encode_start_idx` is the template prefix's length under the tiny tokenizer
+    (64 with the real one), so the kept embeddings start with the vision tokens, as with the real model.
+    `zero_cond_t=True`: Qwen-Image-Edit-2511's transformer (the reference tokens modulated with t = 0)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from .qwen_tokenizer import tiny_qwen_tokenizer
+
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"))}
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t,
+    ).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(
+        base_dim=2, z_dim=4, dim_mult=[1, 1, 1, 1, 1, 1], num_res_blocks=0, temperal_downsample=[False] * 5,
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vocab = len(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 8192, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 32, "patch_size": 2,
+            "spatial_merge_size": 1, "temporal_patch_size": 1, "window_size": 8, "fullatt_block_indexes": [0],
+        },
+        vocab_size=vocab, hidden_size=32, **ids,
+    )
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    images = Qwen2VLImageProcessorPil(patch_size=2, merge_size=1, temporal_patch_size=1, min_pixels=16, max_pixels=32 * 32)
+    pipe = QwenImageEditPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        processor=TinyQwenVLProcessor(tokenizer, images), transformer=transformer,
+    )
+    prefix = pipe.prompt_template_encode.split("<|image_pad|>")[0]
+    pipe.prompt_template_encode_start_idx = len(tokenizer(prefix).input_ids)
+    return pipe

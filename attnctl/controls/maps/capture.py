@@ -339,7 +339,7 @@ class AttentionMapsBound(Bound):
             return
         geometry = call.geometry
         image = geometry.image_slice
-        if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.query_len):
+        if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.key_len):
             raise UnsupportedError(
                 f"attnctl: AttentionMaps at {call.layer.name} got {q.shape[2]} query tokens, its grid "
                 f"{geometry.frames}x{geometry.image_hw[0]}x{geometry.image_hw[1]} has {geometry.image_len} image tokens: another control "

@@ -56,7 +56,7 @@ class _LatentOptimization(Control):
 
     needs_words: ClassVar[bool] = True
     grid_dims: ClassVar[tuple[int, ...]] = (2,)  # maps over a 2-D image-token grid (video: not implemented yet)
-    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # the loss pass runs the denoiser on the cond rows alone
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows", "row_inputs")  # the loss pass runs the denoiser on the cond rows alone, its latents replaced
     step_cache_refusal: ClassVar[str | None] = (
         "its loss passes run the denoiser's first layers with gradients outside the cache's schedule"
     )

@@ -104,13 +104,15 @@ class RegionsBound(Bound):
             self._grids[key] = tuple(dataclasses.replace(c, index=c.index.to(device), weight=c.weight.to(device)) for c in chunks)
         return self._grids[key]
 
-    def text_embeds(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Region text as cross-attention layers see it: after the denoiser's own caption projection, if any."""
-        key = ("embeds", str(device), dtype)
+    def text_embeds(self, device: torch.device, dtype: torch.dtype, layer: LayerInfo | None = None) -> torch.Tensor:
+        """Region text as cross-attention layers see it: after the denoiser's own caption projection, if any (that of
+        the expert holding `layer`, on a pipeline with several: Wan 2.2)."""
+        expert = layer.parts[0] if layer is not None and self.adapter.experts else None
+        key = ("embeds", str(device), dtype, expert)
         if key not in self._cache:
             embeds = self.text.embeds.to(device=device, dtype=dtype)
             with torch.no_grad():
-                self._cache[key] = self.adapter.project_text(embeds)
+                self._cache[key] = self.adapter.project_text(embeds, layer)
         return self._cache[key]
 
     def region_keys(self, call: AttentionCall, device: torch.device, q_dtype: torch.dtype, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +122,7 @@ class RegionsBound(Bound):
         key = ("kv", call.layer.name, str(device), q_dtype, v_dtype)
         found = self._cache.get(key)
         if found is None:
-            keys, values = module.processor.project_context(module, self.text_embeds(device, _weight_dtype(module)))
+            keys, values = module.processor.project_context(module, self.text_embeds(device, _weight_dtype(module), call.layer))
             found = (keys.to(q_dtype), values.to(v_dtype))
             if not torch.is_grad_enabled():  # with autograd on, every step keeps its own graph
                 self._cache[key] = found

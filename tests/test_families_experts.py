@@ -1,0 +1,259 @@
+"""Wan 2.2's two experts (issue #19): `transformer` runs the high-noise steps, `transformer_2` the low-noise ones
+(below the pipeline's `boundary_ratio`). One handle controls both: layers are named behind their expert's attribute,
+the output is bitwise stock with no control and after remove, and a control acts on whichever expert runs a step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.errors import HandleError, PipelineChangedError, UnsupportedError
+from attnctl.processors.base import ControlledProcessor
+from attnctl.testing.new_families import NEW_CALL_DEFAULTS, available
+
+from .helpers import Probe
+from .test_families_new import PROMPT, RefIdentitySelfAttention, RefWanRegionCross, _processors, _wan_tubes
+
+pytestmark = pytest.mark.skipif(not available("tiny-wan"), reason="tiny-wan22 needs diffusers >= 0.42 with WanPipeline")
+
+STEPS = 4  # timesteps 1000, 858, 602, 9 under tiny-wan's scheduler: boundary 700 -> steps 0-1 high, 2-3 low noise
+EXPERTS = ("transformer", "transformer_2")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from attnctl.testing.new_families import tiny_wan22
+
+    pipe = tiny_wan22()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt=("a cat", "a dog"), guidance: float = 4.0, steps: int = STEPS, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    prompt = list(prompt) if not isinstance(prompt, str) else prompt
+    return pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent", generator=generator,
+                **NEW_CALL_DEFAULTS["tiny-wan"]).frames
+
+
+class ExpertCalls:
+    """Which expert ran each denoiser call, with its inputs (prepended pre-hooks: made after attnctl.apply, they see
+    the pipeline's rows), and the prediction handed to `scheduler.step`."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls, self.predictions = pipe, [], []
+        self._hooks = [
+            getattr(pipe, attribute).register_forward_pre_hook(self._make(attribute), with_kwargs=True, prepend=True)
+            for attribute in EXPERTS
+        ]
+        original = pipe.scheduler.step
+
+        def step(model_output, *args, **kwargs):
+            self.predictions.append(model_output.clone())
+            return original(model_output, *args, **kwargs)
+
+        pipe.scheduler.step = step
+
+    def _make(self, attribute):
+        def pre(module, args, kwargs):
+            self.calls.append((attribute, dict(kwargs)))
+
+        return pre
+
+    def close(self):
+        del self.pipe.scheduler.step
+        for hook in self._hooks:
+            hook.remove()
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["cfg", "no-cfg"])
+def test_empty_apply_and_remove_are_bitwise_stock_on_both_experts(pipe, guidance):
+    calls = ExpertCalls(pipe)
+    try:
+        stock = generate(pipe, guidance=guidance)
+    finally:
+        calls.close()
+    per_step = 2 if guidance > 1 else 1
+    assert [attribute for attribute, _ in calls.calls] == ["transformer"] * 2 * per_step + ["transformer_2"] * 2 * per_step
+    with attnctl.apply(pipe, []) as handle:
+        assert set(handle.denoisers()) == set(EXPERTS)
+        for attribute in EXPERTS:
+            processors = _processors(getattr(pipe, attribute))
+            assert processors and all(isinstance(p, ControlledProcessor) for p in processors.values())
+        with pytest.raises(HandleError, match="pipe.transformer already has a live attnctl handle"):
+            attnctl.apply(pipe, [])
+        controlled = generate(pipe, guidance=guidance)
+    after = generate(pipe, guidance=guidance)
+    assert torch.equal(stock, controlled) and torch.equal(stock, after)
+    for attribute in EXPERTS:
+        expert = getattr(pipe, attribute)
+        assert not any(isinstance(p, ControlledProcessor) for p in _processors(expert).values())
+        assert not expert._forward_pre_hooks and not expert._forward_hooks and "cache_context" not in expert.__dict__
+    attnctl.apply(pipe, []).remove()  # both experts are free again
+
+
+def test_layers_are_named_per_expert_and_run_on_the_expert_of_the_step(pipe):
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]) as handle:
+        generate(pipe, prompt="a cat")
+    names = [layer.name for layer in handle.adapter.layers]
+    blocks = [f"blocks.{b}.{a}" for b in range(2) for a in ("attn1", "attn2")]
+    assert names == [f"{expert}.{block}" for expert in EXPERTS for block in blocks]
+    assert [layer.index for layer in handle.adapter.layers] == list(range(8))
+    seen = {}
+    for entry in probe.log:
+        if entry[0] != "bind":
+            seen.setdefault(entry[1], set()).add(entry[0])
+    assert seen == {0: set(names[:4]), 1: set(names[:4]), 2: set(names[4:]), 3: set(names[4:])}
+    binds = [entry for entry in probe.log if entry[0] == "bind"]
+    assert len(binds) == 1 and binds[0][1] == STEPS  # one binding per pipeline call, the steps of both experts
+    # selectors match path parts: `blocks.1 & self` is both experts' block 1, `transformer_2` the low-noise expert only
+    pag = attnctl.PAG(scale=1.0)
+    assert [layer.name for layer in pag.select(handle.adapter)] == ["transformer.blocks.1.attn1", "transformer_2.blocks.1.attn1"]
+    low = attnctl.Reweight({"cat": 2.0}, layers="transformer_2 & cross")
+    assert [layer.name for layer in low.select(handle.adapter)] == ["transformer_2.blocks.0.attn2", "transformer_2.blocks.1.attn2"]
+    assert sorted(handle.adapter.transformer_blocks()) == [f"{e}.blocks.{b}" for e in EXPERTS for b in range(2)]
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0], ids=["true-cfg", "no-cfg"])
+def test_pag_perturbs_the_expert_that_runs_each_step(pipe, guidance):
+    """docs/methods.md "PAG" with the default layers (the middle block's self-attention, in both experts): at every
+    step the prediction is the stock CFG combination of that step's expert plus scale * (cond - perturbed), the
+    perturbed pass being that expert with identity self-attention in its block 1."""
+    scale = 1.5
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale)]):
+        calls = ExpertCalls(pipe)  # its pre-hooks go before attnctl's: the pipeline's own rows
+        try:
+            generate(pipe, prompt="a cat", guidance=guidance)
+        finally:
+            calls.close()
+    per_step = 2 if guidance > 1 else 1
+    assert len(calls.calls) == STEPS * per_step and len(calls.predictions) == STEPS
+    for step, prediction in enumerate(calls.predictions):
+        attribute, cond_inputs = calls.calls[step * per_step]
+        assert attribute == EXPERTS[step // 2]
+        expert = getattr(pipe, attribute)
+
+        def run(inputs, expert=expert):
+            with torch.no_grad():
+                return expert(**{**inputs, "return_dict": False})[0]
+
+        cond = run(cond_inputs)
+        layer = expert.blocks[1].attn1
+        original = layer.processor
+        layer.set_processor(RefIdentitySelfAttention())
+        try:
+            perturbed = run(cond_inputs)
+        finally:
+            layer.set_processor(original)
+        expected = cond
+        if per_step == 2:
+            uncond = run(calls.calls[step * per_step + 1][1])
+            expected = uncond + guidance * (cond - uncond)
+        assert (cond - perturbed).abs().max() > 1e-4
+        torch.testing.assert_close(prediction, expected + scale * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
+def test_regions_use_each_experts_own_text_projection(pipe):
+    """Regions (docs/methods.md, tubes on video) in every attn2 of both experts: each expert projects the region
+    prompts with its own text embedder; against the stock pipeline with a reference processor on each expert."""
+    regions, weights = _wan_tubes()
+    stock = generate(pipe, prompt=PROMPT, guidance=1.0)
+    with attnctl.apply(pipe, [attnctl.Regions(regions, base_ratio=0.2)]):
+        got = generate(pipe, prompt=PROMPT, guidance=1.0)
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt([r.prompt for r in regions], do_classifier_free_guidance=False,
+                                       max_sequence_length=NEW_CALL_DEFAULTS["tiny-wan"]["max_sequence_length"])
+    originals = {}
+    for attribute in EXPERTS:
+        expert = getattr(pipe, attribute)
+        with torch.no_grad():
+            text = expert.condition_embedder.text_embedder(embeds)
+        for i, block in enumerate(expert.blocks):
+            originals[attribute, i] = block.attn2.processor
+            block.attn2.set_processor(RefWanRegionCross(text, weights, 0.2))
+    try:
+        expected = generate(pipe, prompt=PROMPT, guidance=1.0)
+    finally:
+        for (attribute, i), processor in originals.items():
+            getattr(pipe, attribute).blocks[i].attn2.set_processor(processor)
+    assert (expected - stock).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(pipe, prompt=PROMPT, guidance=1.0), stock)
+
+
+def test_skip_layer_names_each_experts_blocks(pipe):
+    with pytest.raises(attnctl.errors.SelectionError, match="transformer_2.blocks.1"):
+        attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("blocks.1",))])
+    stock = generate(pipe, prompt="a cat", guidance=1.0)
+    with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("transformer_2.blocks.1",), scale=2.0, steps=(0.0, 1.0))]):
+        got = generate(pipe, prompt="a cat", guidance=1.0)
+    assert not torch.equal(got, stock) and torch.isfinite(got).all()
+
+
+def test_experts_that_differ_are_refused_and_a_replaced_expert_is_detected(pipe):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    config = dict(pipe.transformer.config)
+    config["patch_size"] = (1, 1, 1)
+    other = WanPipeline(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+        transformer=pipe.transformer, transformer_2=WanTransformer3DModel(**config).eval(), boundary_ratio=0.7,
+    )
+    with pytest.raises(UnsupportedError, match="differ in class or patch size"):
+        attnctl.apply(other, [])
+    assert not any(isinstance(p, ControlledProcessor) for p in _processors(pipe.transformer).values())
+
+    handle = attnctl.apply(pipe, [])
+    second = pipe.transformer_2
+    try:
+        pipe.transformer_2 = WanTransformer3DModel(**dict(second.config)).eval()
+        with pytest.raises(PipelineChangedError, match="pipe.transformer_2 was replaced"):
+            generate(pipe, prompt="a cat", guidance=1.0)
+    finally:
+        pipe.transformer_2 = second
+        handle.remove()
+
+
+@pytest.mark.parity
+def test_wan22_image_to_video_two_experts_identity_and_a_control(pipe, monkeypatch):
+    """Wan 2.2 A14B's image-to-video layout: no CLIP image encoder, the image as latent channels, two experts; bitwise
+    stock under apply and after remove, and Reweight changes the output through both experts' cross-attention."""
+    import importlib
+    import types
+
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from PIL import Image
+
+    module = importlib.import_module("diffusers.pipelines.wan.pipeline_wan_i2v")
+    if not hasattr(module, "ftfy"):  # called unguarded by the I2V pipeline: a no-op stand-in
+        monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
+    experts = []
+    for seed in (0, 5):
+        torch.manual_seed(seed)
+        experts.append(WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4, text_dim=32,
+            freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ).eval())
+    i2v = WanImageToVideoPipeline(
+        tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+        transformer=experts[0], transformer_2=experts[1], boundary_ratio=0.7,
+    )
+    i2v.set_progress_bar_config(disable=True)
+    image = Image.new("RGB", (48, 64), (200, 30, 30))
+
+    def run():
+        return i2v(image=image, prompt="a red cat", num_inference_steps=STEPS, guidance_scale=4.0, height=64, width=48, num_frames=9,
+                   max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+
+    stock = run()
+    probe = Probe()
+    with attnctl.apply(i2v, [probe]):
+        controlled = run()
+    assert torch.equal(stock, controlled) and torch.equal(stock, run())
+    assert {entry[0].split(".")[0] for entry in probe.log if entry[0] != "bind"} == set(EXPERTS)
+    with attnctl.apply(i2v, [attnctl.Reweight({"red": 3.0}, layers="transformer_2")]):
+        assert not torch.equal(run(), stock)
