@@ -284,7 +284,18 @@ def fast_plan(pipe: Any, steps: int, band: int, call: dict[str, Any]) -> Any:
     layers = [layer.name for layer in adapter_for(denoiser).layers if layer.kind != "cross"]
     per_step = ("full",) + ("window_residual",) * (steps - 1)
     return FastAttnPlan(model=model, fingerprint=fingerprint, steps=steps, resolution=(call["height"], call["width"]),
-                        window=band, threshold=0.0, methods=tuple((name, per_step) for name in layers), source=source)
+                        window=band, threshold=0.0, methods=tuple((name, per_step) for name in layers), source=source,
+                        frames=token_frames(pipe, call))
+
+
+def token_frames(pipe: Any, call: dict[str, Any]) -> int:
+    """Token frames of a video call (Wan: latent frames (n - 1) // 4 + 1 over the temporal patch); 1 for images."""
+    frames = call.get("num_frames")
+    if frames is None:
+        return 1
+    temporal = getattr(pipe, "vae_scale_factor_temporal", 1) or 1
+    patch = getattr(pipe.transformer.config, "patch_size", (1,))[0]
+    return ((frames - 1) // temporal + 1) // patch
 
 
 def variants(

@@ -947,7 +947,7 @@ def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tin
 
     pipe = tiny(name)
     layer = "blocks.0.attn1"
-    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=8, resolution=(64, 48))
+    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=8, resolution=(64, 48), frames=3)
     capture = Capture(layers=layer)
     with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
         generate(pipe, name, prompt=PROMPT, steps=3, guidance=1.0)
@@ -965,7 +965,7 @@ def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tin
     batch, heads, _, head_dim = q0.shape
     assert report.entries[(1, layer)].flops == 4.0 * batch * int(band.sum()) * heads * head_dim
     assert report.entries[(1, layer)].full_flops == 4.0 * batch * n * n * heads * head_dim
-    with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* use the 1-D band"):
+    with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* 3-D neighbourhood \(rf, rh, rw\)"):
         attnctl.apply(pipe, [attnctl.FastAttn(window=(1, 2))])
 
 

@@ -8,8 +8,8 @@ closure with a readable `__name__`:
 
 - score mods: `key_bias` (per-key additive logits), `label_bias` (the finite part of a label table),
   `additive_mask` (the model's own mask);
-- mask mods: `label_mask` (label pairs whose table entry is -inf are cut), `window_mask` (a 2-D radius or
-  a 1-D band over the image grid; text tokens unrestricted), combined with `and_masks`.
+- mask mods: `label_mask` (label pairs whose table entry is -inf are cut), `window_mask` (a 2-D radius, a 3-D
+  radius over a video's frames x rows x cols or a 1-D band over the image grid; text tokens unrestricted), combined with `and_masks`.
 
 Per-key edits (bias, value scale) act on the `query_range` rows only: the call is split into row groups
 as the sdpa backend does, and the value scale multiplies V for the edited group (`A (w V)`). Block masks
@@ -120,7 +120,7 @@ def window_mask(window: Window, offset: int = 0) -> MaskMod:
         i = idx - start
         return i, (i >= 0) & (i < n_img)
 
-    if window.radius is not None:
+    if window.radius is not None and len(window.radius) == 2:
         rh, rw = window.radius
 
         def window_2d(b, h, q_idx, kv_idx):
@@ -130,6 +130,19 @@ def window_mask(window: Window, offset: int = 0) -> MaskMod:
             return near | ~q_img | ~k_img
 
         return window_2d
+    if window.radius is not None:  # (rf, rh, rw) over frame-major frames x rows x cols
+        rf, rh, rw = window.radius
+        per_frame = rows * cols
+
+        def window_3d(b, h, q_idx, kv_idx):
+            qi, q_img = image_index(q_idx + offset)
+            ki, k_img = image_index(kv_idx)
+            qp, kp = qi % per_frame, ki % per_frame
+            near = ((qi // per_frame - ki // per_frame).abs() <= rf) & ((qp // cols - kp // cols).abs() <= rh)
+            near = near & ((qp % cols - kp % cols).abs() <= rw)
+            return near | ~q_img | ~k_img
+
+        return window_3d
     band = window.band
 
     def window_band(b, h, q_idx, kv_idx):

@@ -1,0 +1,230 @@
+"""FastAttn's 3-D neighbourhood window on video (issue 19): `Window(radius=(rf, rh, rw), frames=F)` over the
+frame-major frames x height x width tokens, in every backend that runs windows, against a reference written here
+from the definition (docs/methods.md "DiTFastAttn", video): image tokens a = (fa, ra, ca) and b = (fb, rb, cb)
+interact iff |fa - fb| <= rf and |ra - rb| <= rh and |ca - cb| <= rw; text tokens see and are seen by all. Also:
+a FastAttn plan records its token frames and is refused for another number of frames.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnctl
+from attnctl.controls.caching import window_pairs
+from attnctl.controls.fastattn import FastAttnPlan
+from attnctl.kernels import AttentionSpec, Window, reference, semantics
+from attnctl.testing import CALL_DEFAULTS
+from attnctl.testing.new_families import REQUIRES, available
+
+from .cache_helpers import Capture, explicit_attention, make_plan
+
+WAN = "tiny-wan"
+needs_wan = pytest.mark.skipif(not available(WAN), reason=f"{WAN} needs diffusers >= 0.42 with {', '.join(REQUIRES[WAN])}")
+PROMPT = "a red cat on the street"
+
+
+def video_allowed(frames: int, h: int, w: int, rf: int, rh: int, rw: int, text: int = 0, text_first: bool = False) -> torch.Tensor:
+    """The definition, coordinate by coordinate: token a = (f, r, c) at a = f*h*w + r*w + c (frame-major)."""
+    coords = [(f, r, c) for f in range(frames) for r in range(h) for c in range(w)]
+    n = len(coords)
+    total = n + text
+    allowed = torch.ones(total, total, dtype=torch.bool)
+    offset = text if text_first else 0
+    for a, (fa, ra, ca) in enumerate(coords):
+        for b, (fb, rb, cb) in enumerate(coords):
+            allowed[offset + a, offset + b] = abs(fa - fb) <= rf and abs(ra - rb) <= rh and abs(ca - cb) <= rw
+    return allowed
+
+
+WINDOWS = [
+    # (frames, h, w, (rf, rh, rw), text, text_first)
+    (3, 4, 5, (1, 1, 2), 0, False),
+    (3, 4, 5, (0, 2, 1), 6, True),
+    (4, 3, 3, (2, 0, 0), 5, False),
+    (2, 5, 4, (1, 4, 3), 0, False),  # reaches the whole grid: every pair allowed
+    (1, 6, 7, (0, 1, 2), 4, True),  # one frame: the 2-D window
+]
+
+
+def _window(frames, h, w, radius, text, text_first) -> Window:
+    return Window((h, w), radius=radius, frames=frames, text_len=text, text_first=text_first)
+
+
+@pytest.mark.parametrize("case", WINDOWS)
+def test_3d_window_mask_and_pair_count_follow_the_definition(case):
+    frames, h, w, radius, text, text_first = case
+    window = _window(*case)
+    expected = video_allowed(frames, h, w, *radius, text=text, text_first=text_first)
+    assert torch.equal(window.allowed(), expected)
+    n = expected.shape[0]
+    assert torch.equal(semantics.window_block(window, slice(0, n), slice(0, n)), expected)
+    # the FLOP accounting counts exactly the allowed pairs
+    assert window_pairs(window) == int(expected.sum())
+
+
+def test_a_2d_radius_on_several_frames_is_refused_and_one_frame_3d_equals_2d():
+    with pytest.raises(ValueError, match=r"2-D window radius .* 3 token frames .*\(rf, rh, rw\)"):
+        Window((4, 5), radius=(1, 1), frames=3)
+    with pytest.raises(ValueError, match=r"\(rh, rw\) or \(rf, rh, rw\)"):
+        Window((4, 5), radius=(1, 1, 1, 1))
+    assert torch.equal(Window((6, 7), radius=(3, 1, 2)).allowed(), Window((6, 7), radius=(1, 2)).allowed())
+
+
+def _qkv(n: int, seed: int = 0, batch: int = 2, heads: int = 2, dim: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, n, dim, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("case", WINDOWS[:3])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
+def test_3d_window_in_every_eager_backend_against_the_explicit_softmax(case, backend):
+    from attnctl.kernels import BACKENDS, attention
+
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend} is not available here")
+    frames, h, w, radius, text, text_first = case
+    window = _window(*case)
+    q, k, v = _qkv(window.n_img + text)
+    expected = explicit_attention(q, k, v, video_allowed(frames, h, w, *radius, text=text, text_first=text_first))
+    out, _ = attention(q, k, v, AttentionSpec(window=window), backend=backend)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [WINDOWS[0], WINDOWS[1]])
+def test_3d_window_in_the_triton_kernels_against_the_explicit_softmax(case):
+    """The dense and PLADIS (sparse) Triton kernels with the frame coordinate (interpreter on CPU), and their tile
+    lists cover every allowed pair while skipping some."""
+    triton = pytest.importorskip("triton")
+    from attnctl.kernels import Sparse
+    from attnctl.kernels import triton_attention as ta
+    from attnctl.kernels import triton_sparse as ts
+
+    if not ta.interpreted() and not torch.cuda.is_available():
+        pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
+    device = torch.device("cpu" if ta.interpreted() else "cuda")
+    frames, h, w, radius, text, text_first = case
+    window = _window(*case)
+    n = window.n_img + text
+    allowed = video_allowed(frames, h, w, *radius, text=text, text_first=text_first)
+    q, k, v = (t.to(device) for t in _qkv(n, seed=1, batch=1))
+    out, _ = ta.attention(q, k, v, AttentionSpec(window=window), config=ta.Config(16, 16))
+    torch.testing.assert_close(out.cpu(), explicit_attention(q.cpu(), k.cpu(), v.cpu(), allowed), rtol=2e-5, atol=2e-5)
+    spec = AttentionSpec(window=window, sparse=Sparse(1.5, 2.0))
+    sparse_out, _ = ts.attention(q, k, v, spec)
+    torch.testing.assert_close(sparse_out.cpu(), reference.attention(q.cpu(), k.cpu(), v.cpu(), spec)[0], rtol=2e-5, atol=2e-5)
+    tiles = ta._window_tiles(window, n, 16, 16, torch.device("cpu"))
+    padded = torch.zeros(triton.cdiv(n, 16) * 16, triton.cdiv(n, 16) * 16, dtype=torch.bool)
+    padded[:n, :n] = allowed
+    pooled = padded.unflatten(-1, (-1, 16)).unflatten(-3, (-1, 16)).any(-1).any(-2)
+    assert (tiles | ~pooled).all(), "a tile holding an allowed pair would be skipped"
+    if text == 0:
+        assert tiles.sum() < tiles.numel()
+
+
+# -- FastAttn on tiny-wan -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wan():
+    from attnctl.testing import make_tiny_pipeline
+
+    return make_tiny_pipeline(WAN)
+
+
+def _generate(pipe, steps: int, **kwargs):
+    options = dict(CALL_DEFAULTS[WAN])
+    options.update(kwargs)
+    out = pipe(prompt=PROMPT, num_inference_steps=steps, guidance_scale=1.0, output_type="latent",
+               generator=torch.Generator().manual_seed(0), **options)
+    return out.frames
+
+
+@needs_wan
+def test_wan_fastattn_3d_window_residual_against_the_reference(wan):
+    """window_residual with radius (1, 1, 1) over tiny-wan's 3 x 4 x 3 video tokens: the explicit 3-D-masked
+    softmax plus the residual (full - window) cached at the full step; the FLOPs counted are the window's pairs; the
+    plan made by calibration records the 3 token frames."""
+    layer = "blocks.0.attn1"
+    plan = make_plan(wan, 3, {layer: ["full", "window_residual", "window_residual"]}, window=(1, 1, 1),
+                     resolution=(64, 48), frames=3)
+    capture = Capture(layers=layer)
+    with attnctl.apply(wan, [capture, attnctl.FastAttn(plan=plan)]) as handle:
+        _generate(wan, 3)
+        report = handle.outputs["fastattn"]
+    calls = {entry[1]: entry for entry in capture.log}
+    q0, k0, v0 = calls[0][3:6]
+    n = q0.shape[2]
+    assert n == 36
+    allowed = video_allowed(3, 4, 3, 1, 1, 1)
+    assert not allowed.all()
+    residual = explicit_attention(q0, k0, v0) - explicit_attention(q0, k0, v0, allowed)
+    for step in (1, 2):
+        q, k, v, out, window = calls[step][3:8]
+        assert window.radius == (1, 1, 1) and window.frames == 3 and window.grid_hw == (4, 3)
+        torch.testing.assert_close(out, explicit_attention(q, k, v, allowed) + residual, rtol=1e-4, atol=1e-5)
+    batch, heads, _, head_dim = q0.shape
+    assert report.entries[(1, layer)].flops == 4.0 * batch * int(allowed.sum()) * heads * head_dim
+    assert report.entries[(1, layer)].full_flops == 4.0 * batch * n * n * heads * head_dim
+    # calibration on video records the frames; its plan replays only on the same number of frames
+    with attnctl.apply(wan, [attnctl.FastAttn(threshold=0.5, window=(1, 1, 1))]) as handle:
+        _generate(wan, 2)
+        made = handle.outputs["fastattn"].plan
+    assert made.frames == 3 and made.window == (1, 1, 1)
+    assert FastAttnPlan.from_json(made.to_json()) == made
+    with attnctl.apply(wan, [attnctl.FastAttn(plan=made)]):
+        _generate(wan, 2)
+
+
+@needs_wan
+def test_wan_plan_for_other_frames_and_wrong_window_dims_are_refused(wan):
+    layer = "blocks.0.attn1"
+    plan = make_plan(wan, 2, {layer: ["full", "window_residual"]}, window=(0, 1, 1), resolution=(64, 48), frames=3)
+    with attnctl.apply(wan, [attnctl.FastAttn(plan=plan)]):  # 5 video frames -> 2 token frames
+        with pytest.raises(attnctl.ConfigError, match=r"calibrated for 3 token frame\(s\), but the call has 2 token frame"):
+            _generate(wan, 2, num_frames=5)
+    image_plan = make_plan(wan, 2, {layer: ["full", "window_residual"]}, window=8, resolution=(64, 48))
+    with attnctl.apply(wan, [attnctl.FastAttn(plan=image_plan)]):
+        with pytest.raises(attnctl.ConfigError, match=r"calibrated for 1 token frame\(s\), but the call has 3"):
+            _generate(wan, 2)
+    with pytest.raises(attnctl.ConfigError, match=r"\(1, 2\) is a 2-D .*\(e\.g\. \(0, 1, 2\)"):
+        attnctl.apply(wan, [attnctl.FastAttn(window=(1, 2))])
+    with pytest.raises(attnctl.ConfigError, match=r"must be an int w >= 0 .* or a triple \(rf, rh, rw\)"):
+        attnctl.FastAttn(window=(1, 2, -1))
+
+
+def test_a_3d_window_is_refused_on_image_models_and_plans_serialise_their_frames():
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("tiny-pixart")
+    with pytest.raises(attnctl.ConfigError, match=r"\(1, 2, 3\) is a 3-D .* use \(rh, rw\) = \(2, 3\)"):
+        attnctl.apply(pipe, [attnctl.FastAttn(window=(1, 2, 3))])
+    plan = FastAttnPlan(model="M", fingerprint="f", steps=1, resolution=(8, 8), window=(1, 2, 3), threshold=0.1,
+                        methods=(("a", ("full",)),), frames=9)
+    data = json.loads(plan.to_json())
+    assert data["frames"] == 9 and data["window"] == [1, 2, 3]
+    assert FastAttnPlan.from_dict(data) == plan
+    del data["frames"]  # a plan saved before frames were recorded: an image plan
+    assert FastAttnPlan.from_dict(data).frames == 1
+    for bad in (0, 2.0, True):
+        with pytest.raises(attnctl.ConfigError, match="FastAttnPlan.frames must be an int >= 1"):
+            FastAttnPlan(model="M", fingerprint="f", steps=1, resolution=(8, 8), window=4, threshold=0.1, methods=(), frames=bad)
+    with pytest.raises(attnctl.ConfigError, match="calibrated for 9 token frame"):
+        plan.check(frames=1)
+
+
+def test_tile_skipping_is_exact_enough_on_a_larger_video_grid():
+    """The block lists of a 3-D window on a bigger grid keep every allowed tile and skip most tiles (the saving
+    Triton gets); checked against the dense definition via `Window.allowed` (tested above)."""
+    pytest.importorskip("triton")
+    from attnctl.kernels import triton_attention as ta
+
+    window = Window((6, 8), radius=(1, 1, 1), frames=8)
+    n = window.n_img
+    tiles = ta._window_tiles(window, n, 32, 32, torch.device("cpu"))
+    allowed = window.allowed()
+    pooled = allowed.unflatten(-1, (-1, 32)).unflatten(-3, (-1, 32)).any(-1).any(-2)
+    assert (tiles | ~pooled).all()
+    assert tiles.float().mean() < 0.6
