@@ -228,3 +228,81 @@ def test_tile_skipping_is_exact_enough_on_a_larger_video_grid():
     pooled = allowed.unflatten(-1, (-1, 32)).unflatten(-3, (-1, 32)).any(-1).any(-2)
     assert (tiles | ~pooled).all()
     assert tiles.float().mean() < 0.6
+
+
+# -- SAG on video (tiny-wan) --------------------------------------------------------------------------------------
+
+
+def _gaussian_blur_reference(image: torch.Tensor, size: int = 9, sigma: float = 1.0) -> torch.Tensor:
+    """Hong et al.'s blur (the SAG pipeline's): a separable Gaussian, kernel 9, sigma 1, reflect padding; (N, C, H, W)
+    -> float64. Axes shorter than the padding replicate (as the pipeline's `gaussian_blur_2d` must)."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    pad = size // 2
+    out = image.double()
+    for axis in (-1, -2):
+        padding = (pad, pad, 0, 0) if axis == -1 else (0, 0, pad, pad)
+        mode = "reflect" if pad < out.shape[axis] else "replicate"
+        out = torch.nn.functional.pad(out, padding, mode=mode)
+        windows = out.unfold(axis if axis == -1 else out.ndim - 2, size, 1)  # (..., n, size)
+        out = (windows * kernel).sum(-1)
+    return out
+
+
+@needs_wan
+def test_wan_sag_degrades_per_frame_against_a_reference(wan):
+    """docs/methods.md "SAG" on video, one step without CFG (the cond row is degraded): the mask is the attention
+    each video token receives in the middle block's attn1 (head mean, summed over all 36 queries of the video) > 1,
+    per token frame, upsampled nearest x2 to the 64x48 latent's 8x6; x0 = x - sigma v (flow matching); x0 blurred
+    within each latent frame inside the mask, re-noised with eps = x + (1 - sigma) v; the stock denoiser runs on it,
+    and the step takes v + s (v - v_degraded)."""
+    scale = 0.8
+    layer = "blocks.1.attn1"  # the middle block's self-attention: SAG's default on Wan
+    assert attnctl.SAG().select(attnctl.handle.adapter_for(wan.transformer))[0].name == layer
+    seen: list[dict] = []
+    steps: list[torch.Tensor] = []
+    hook = wan.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append({"hidden_states": a[0], **kw} if a else dict(kw)), with_kwargs=True)
+    original = wan.scheduler.step
+
+    def step(output, *args, **kwargs):
+        steps.append(output.clone())
+        return original(output, *args, **kwargs)
+
+    wan.scheduler.step = step
+    try:
+        capture = Capture(layers=layer)
+        with attnctl.apply(wan, [capture]):
+            _generate(wan, 1)
+        stock_calls, stock = seen[:], steps[:]
+        seen.clear()
+        steps.clear()
+        with attnctl.apply(wan, [attnctl.SAG(scale=scale)]):
+            _generate(wan, 1)
+        sag_calls, sag = seen[:], steps[:]
+    finally:
+        del wan.scheduler.step
+        hook.remove()
+    assert len(stock_calls) == 1 and len(sag_calls) == 2  # SAG's second forward on the degraded input
+    call = stock_calls[0]
+    x, v = call["hidden_states"], stock[0]
+    q, k = capture.log[0][3], capture.log[0][4]
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    received = probs.mean(1).sum(1)  # (B, N): what each key receives
+    frames, h, w = 3, 4, 3
+    mask = (received > 1).double().reshape(1, 1, frames, h, w)
+    assert 0 < int(mask.sum()) < mask.numel()
+    mask = mask.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)  # nearest, patch 2x2 -> latent 8x6
+    wan.scheduler.set_timesteps(1)
+    sigma = float(wan.scheduler.sigmas[0])
+    x0, eps = x.double() - sigma * v.double(), x.double() + (1 - sigma) * v.double()
+    batch, channels, latent_frames, lh, lw = x0.shape
+    blurred = torch.stack([_gaussian_blur_reference(x0[:, :, f]) for f in range(latent_frames)], dim=2)
+    degraded = (1 - sigma) * (blurred * mask + x0 * (1 - mask)) + sigma * eps
+    with torch.no_grad():
+        again = wan.transformer(**{**call, "hidden_states": degraded.float(), "return_dict": False})[0]
+    expected = v.double() + scale * (v.double() - again.double())
+    assert torch.equal(sag_calls[0]["hidden_states"], x)
+    torch.testing.assert_close(sag_calls[1]["hidden_states"].double(), degraded, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sag[0].double(), expected, rtol=1e-4, atol=1e-5)
