@@ -306,3 +306,35 @@ def test_wan_sag_degrades_per_frame_against_a_reference(wan):
     assert torch.equal(sag_calls[0]["hidden_states"], x)
     torch.testing.assert_close(sag_calls[1]["hidden_states"].double(), degraded, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sag[0].double(), expected, rtol=1e-4, atol=1e-5)
+
+
+# -- ToMe / AgentAttention on video ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames, grid, stride", [(3, (4, 6), 2), (2, (5, 7), 2), (4, (8, 8), 4), (1, (6, 4), 2)])
+def test_video_cells_are_per_frame_with_one_destination_each(frames, grid, stride):
+    """docs/methods.md "ToMe" on video: cells of 1 x s x s tokens within each frame, one destination per cell, every
+    other token (incomplete cells included) a source; frame f's tokens are f*h*w + r*w + c."""
+    from attnctl.controls.token_reduction.merging import cell_destinations, video_cell_destinations
+
+    h, w = grid
+    dst, src = video_cell_destinations(frames, grid, stride, torch.Generator().manual_seed(3))
+    assert sorted(dst.tolist() + src.tolist()) == list(range(frames * h * w))
+    chosen = set(dst.tolist())
+    for f in range(frames):
+        for cr in range(h // stride):
+            for cc in range(w // stride):
+                cell = {f * h * w + (cr * stride + i) * w + cc * stride + j for i in range(stride) for j in range(stride)}
+                assert len(cell & chosen) == 1, (f, cr, cc)
+    assert len(chosen) == frames * (h // stride) * (w // stride)
+    if frames == 1:  # one frame: exactly the image partition
+        image_dst, _ = cell_destinations(grid, stride, torch.Generator().manual_seed(3))
+        assert torch.equal(dst, image_dst)
+
+
+@needs_wan
+@pytest.mark.parametrize("control", [attnctl.ToMe(ratio=0.5), attnctl.AgentAttention()], ids=["tome", "agent"])
+def test_token_reduction_on_wan_is_refused_for_its_rotary_video_positions(wan, control):
+    name = type(control).__name__
+    with pytest.raises(attnctl.UnsupportedError, match=rf"{name} does not support the wan family: .*rotary .*3-D RoPE"):
+        attnctl.apply(wan, [control])
