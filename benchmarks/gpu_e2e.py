@@ -518,7 +518,9 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                     if report is not None:
                         row.attention_saved = float(report.full_flops() - report.flops())
                         row.backends = sorted({used for used, _ in handle.runtime.backend_log.values()})
-                    if not args.no_flops:
+                    # compiled flex cannot run under FlopCounterMode (a dispatch mode): with --backend flex only
+                    # stock's FLOPs are counted (the FLOP bound needs only those)
+                    if not args.no_flops and (variant.controls is None or args.backend != "flex"):
                         row.flops = count_flops(functools.partial(generate, variant))
                 else:
                     row.times_ms.append(elapsed * 1000)
