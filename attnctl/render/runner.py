@@ -47,9 +47,9 @@ import torch
 
 from ..errors import AttnctlError
 from . import outputs
+from . import outputs as _outputs
 from .generate import Model, default_model, dtype_name, resolve_device, resolve_dtype
 from .jobs import Job, JobFile, Problem, load_job_file
-from . import outputs as _outputs
 from .outputs import atomic_folder, remove_temporaries, save_frames, save_png, save_video
 
 log = logging.getLogger("attnctl.render")
