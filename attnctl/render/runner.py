@@ -47,7 +47,6 @@ import torch
 
 from ..errors import AttnctlError
 from . import outputs
-from . import outputs as _outputs
 from .generate import Model, default_model, dtype_name, resolve_device, resolve_dtype
 from .jobs import Job, JobFile, Problem, load_job_file
 from .outputs import atomic_folder, remove_temporaries, save_frames, save_png, save_video
@@ -621,7 +620,7 @@ class _RunContext:
                                              params=params)
                 size = save_png(result.image, target, params, fsync=self.options.fsync)
                 if result.frames is not None:  # a video: <seed>.mp4 (imageio-ffmpeg) or .gif, and <seed>.frames/ (PNGs)
-                    video = f"{seed}.{_outputs.video_format()}"
+                    video = f"{seed}.{outputs.video_format()}"
                     save_video(result.frames, os.path.join(folder, video), params, fsync=self.options.fsync,
                                **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
                     save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
