@@ -461,7 +461,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     started = time.perf_counter()
     pipe, call = build(model, args.tiny, device, dtype)
     print(f"=== {model}{' (tiny)' if args.tiny else ''}: built in {time.perf_counter() - started:.1f}s, {dtype}, {steps} steps, "
-          f"backend {args.backend}", flush=True)
+          f"backend {args.backend}, clock {args.clock if not cuda else 'wall'}", flush=True)
     cacheable = has_enable_cache(denoiser_of(pipe))
     table = variants(model, steps, pipe, call, args.tiny, cacheable, args.fbc_threshold)
     if not cacheable:
@@ -478,6 +478,8 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                        output_type="latent", **options)
             return out.frames if hasattr(out, "frames") else out.images
 
+    # process time (CPU seconds of every thread) is steadier than wall time on a shared CPU; CUDA always uses wall time
+    clock = time.process_time if (args.clock == "process" and not cuda) else time.perf_counter
     rows = {name: Row(model, name) for name in table}
     first: dict[str, list[float]] = {name: [] for name in table}
     latents: dict[str, torch.Tensor] = {}
@@ -497,16 +499,16 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                     cached = True
                     counter = _count_runs(pipe, row) if round_index == 0 else None
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 generate(variant)  # a fresh handle's first call
                 _sync(device)
-                first[name].append(time.perf_counter() - start)
+                first[name].append(clock() - start)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
+                start = clock()
                 out = generate(variant)
                 _sync(device)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 if cuda:
                     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 if counter is not None:
@@ -674,6 +676,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--tiny", action="store_true", help="CPU-size configs (attnctl.testing): a smoke test, not timed")
     parser.add_argument("--fbc-threshold", type=float, default=0.12, help="FirstBlockCache threshold of the *fbc variants")
     parser.add_argument("--no-flops", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="what is timed on CPU: wall time, or the process's CPU time (steadier on a shared machine)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
