@@ -338,3 +338,22 @@ def test_token_reduction_on_wan_is_refused_for_its_rotary_video_positions(wan, c
     name = type(control).__name__
     with pytest.raises(attnctl.UnsupportedError, match=rf"{name} does not support the wan family: .*rotary .*3-D RoPE"):
         attnctl.apply(wan, [control])
+
+
+@needs_wan
+def test_wan_3d_window_plan_gives_the_same_video_on_every_backend(wan):
+    """The same 3-D window plan through the whole pipeline (CFG, both self-attention layers) on the reference, sdpa
+    and (interpreted on CPU) Triton backends: the same latents up to float rounding; each backend is the one used."""
+    from attnctl.kernels import BACKENDS
+
+    layers = {f"blocks.{i}.attn1": ["full", "window_residual", "window_residual"] for i in (0, 1)}
+    plan = make_plan(wan, 3, layers, window=(1, 1, 1), resolution=(64, 48), frames=3)
+    backends = ["reference", "sdpa"] + (["triton"] if "triton" in BACKENDS and "cpu" in BACKENDS["triton"].devices else [])
+    out = {}
+    for backend in backends:
+        with attnctl.apply(wan, [attnctl.FastAttn(plan=plan)], backend=backend) as handle:
+            out[backend] = wan(prompt=PROMPT, num_inference_steps=3, guidance_scale=4.0, output_type="latent",
+                               generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS[WAN]).frames
+            assert {used for used, _ in handle.runtime.backend_log.values()} == {backend}
+    for backend in backends[1:]:
+        torch.testing.assert_close(out[backend], out["reference"], rtol=1e-4, atol=1e-5)
