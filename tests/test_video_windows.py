@@ -357,3 +357,19 @@ def test_wan_3d_window_plan_gives_the_same_video_on_every_backend(wan):
             assert {used for used, _ in handle.runtime.backend_log.values()} == {backend}
     for backend in backends[1:]:
         torch.testing.assert_close(out[backend], out["reference"], rtol=1e-4, atol=1e-5)
+
+
+def test_window_attention_benchmark_smoke(capsys):
+    """benchmarks/video_window_attention.py on a tiny grid: every case runs and the bound is all pairs / allowed pairs."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "video_window_attention.py"
+    spec = importlib.util.spec_from_file_location("video_window_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--grid", "2,4,4", "--repeats", "1", "--backends", "sdpa", "--windows", "band=8,3d=1x1x1"])
+    n = 32
+    assert result["band=8 (sdpa)"]["bound"] == n * n / window_pairs(Window((4, 4), band=8, frames=2))
+    assert result["3d=1x1x1 (sdpa)"]["bound"] == n * n / int(video_allowed(2, 4, 4, 1, 1, 1).sum())
+    assert "flex block mask of 3d=1x1x1" in capsys.readouterr().out
