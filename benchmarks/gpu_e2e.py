@@ -27,6 +27,10 @@ the timed rounds; "cached" is how many denoiser calls the last block ran (FirstB
     python benchmarks/gpu_e2e.py --tiny --models sd15,flux --variants stock+fbc,cff,cff+fbc --repeats 7  # CPU
     python benchmarks/gpu_e2e.py --models wan,flux2   # Wan 2.1 1.3B at 480x832 x 33 frames, FLUX.2 klein 4B at 1024;
                                                       # 10 steps each (--flux-steps); FastAttn's band with its FLOP bound
+    OMP_NUM_THREADS=1 python benchmarks/gpu_e2e.py --models wan-cpu --device cpu --backend flex --clock process \
+        --variants 'fastattn(band=448),fastattn(window=1x4x4)' --repeats 2
+        # Wan's layout at a CPU size (9 x 16 x 28 = 4032 tokens; attention ~70% of stock's CPU time on one thread):
+        # the windows' speed-up beside their FLOP bound (one thread and CPU time: steady on a shared machine)
 
 One run of one model fits a 10-minute window on an H100 / H200 (`--variants` to cut it further).
 """
@@ -54,15 +58,21 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 import torch  # noqa: E402
 
 PROMPT = "a photo of a red cat and a blue dog"
-MODELS = ("sd15", "sdxl", "sd35m", "flux", "flux2", "wan")
-TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux", "flux2": "tiny-flux2", "wan": "tiny-wan"}
-FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux", "flux2": "flux", "wan": "wan"}
+MODELS = ("sd15", "sdxl", "sd35m", "flux", "flux2", "wan", "wan-cpu")
+TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux", "flux2": "tiny-flux2", "wan": "tiny-wan",
+        "wan-cpu": "tiny-wan"}
+FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux", "flux2": "flux", "wan": "wan", "wan-cpu": "wan"}
 #: Models whose steps are `--flux-steps` (10 by default: the issue's Flux.2 klein and Wan runs).
-FEW_STEPS = ("flux", "flux2", "wan")
+FEW_STEPS = ("flux", "flux2", "wan", "wan-cpu")
 #: FastAttn's 1-D band per model (tokens each side): one frame of Wan 2.1 at 480x832 (30 x 52 tokens), an eighth of
-#: klein's 4096 tokens at 1024x1024; the tiny configs use the band of the tiny tests.
-FAST_BAND = {"flux2": 512, "wan": 1560}
-TINY_FAST_BAND = {"flux2": 8, "wan": 8}
+#: klein's 4096 tokens at 1024x1024, one frame of the CPU-size Wan (16 x 28 tokens); the tiny configs use the band of
+#: the tiny tests.
+FAST_BAND = {"flux2": 512, "wan": 1560, "wan-cpu": 448}
+TINY_FAST_BAND = {"flux2": 8, "wan": 8, "wan-cpu": 8}
+#: FastAttn's 3-D neighbourhood (rf, rh, rw) on video: the neighbouring frames, and 8 (Wan 480x832: 30 x 52 tokens a
+#: frame) or 4 (CPU size: 16 x 28) tokens each way within them.
+FAST_WINDOW_3D = {"wan": (1, 8, 8), "wan-cpu": (1, 4, 4)}
+TINY_FAST_WINDOW_3D = {"wan": (1, 1, 1), "wan-cpu": (1, 1, 1)}
 
 
 # -- models -----------------------------------------------------------------------------------------------------
@@ -222,8 +232,32 @@ def build_wan():
     return pipe, {"height": 480, "width": 832, "num_frames": 33, "guidance_scale": 5.0, "max_sequence_length": 512}
 
 
+def build_wan_cpu():
+    """Wan 2.1's layout (patch (1, 2, 2), a causal VAE of 4x temporal and 8x spatial compression, 33 frames) at a
+    CPU size where self-attention dominates: 2 blocks, 2 heads of 64, ffn 512, text width 64, 256x448 pixels:
+    9 x 16 x 28 = 4032 video tokens (the issue's CPU-size config; not the 1.3B model)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from attnctl.testing.tokenizers import t5_vocab_size, tiny_t5_tokenizer
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, text_dim=64,
+        freq_dim=32, ffn_dim=512, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=t5_vocab_size(), d_model=64, d_kv=16, d_ff=64, num_layers=1,
+                                               num_heads=4, relative_attention_num_buckets=8)).eval()
+    pipe = WanPipeline(tokenizer=tiny_t5_tokenizer(), text_encoder=text_encoder, vae=vae.eval(), transformer=transformer.eval(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe, {"height": 256, "width": 448, "num_frames": 33, "guidance_scale": 5.0, "max_sequence_length": 32}
+
+
 BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m, "flux": build_flux, "flux2": build_flux2, "wan": build_wan,
+    "wan-cpu": build_wan_cpu,
 }
 
 
@@ -273,9 +307,10 @@ def _last_block(denoiser: Any) -> Any:
     return None
 
 
-def fast_plan(pipe: Any, steps: int, band: int, call: dict[str, Any]) -> Any:
-    """A fixed DiTFastAttn plan: window_residual (the 1-D band) on every self / joint attention layer after a full
-    first step (which caches the residual), so the FLOP bound does not depend on a calibration."""
+def fast_plan(pipe: Any, steps: int, band: Any, call: dict[str, Any]) -> Any:
+    """A fixed DiTFastAttn plan: window_residual (the 1-D band, or a 3-D (rf, rh, rw) window on video) on every self /
+    joint attention layer after a full first step (which caches the residual), so the FLOP bound does not depend on a
+    calibration."""
     from attnctl.controls.fastattn import FastAttnPlan, model_identity
     from attnctl.families import adapter_for
 
@@ -284,7 +319,18 @@ def fast_plan(pipe: Any, steps: int, band: int, call: dict[str, Any]) -> Any:
     layers = [layer.name for layer in adapter_for(denoiser).layers if layer.kind != "cross"]
     per_step = ("full",) + ("window_residual",) * (steps - 1)
     return FastAttnPlan(model=model, fingerprint=fingerprint, steps=steps, resolution=(call["height"], call["width"]),
-                        window=band, threshold=0.0, methods=tuple((name, per_step) for name in layers), source=source)
+                        window=band, threshold=0.0, methods=tuple((name, per_step) for name in layers), source=source,
+                        frames=token_frames(pipe, call))
+
+
+def token_frames(pipe: Any, call: dict[str, Any]) -> int:
+    """Token frames of a video call (Wan: latent frames (n - 1) // 4 + 1 over the temporal patch); 1 for images."""
+    frames = call.get("num_frames")
+    if frames is None:
+        return 1
+    temporal = getattr(pipe, "vae_scale_factor_temporal", 1) or 1
+    patch = getattr(pipe.transformer.config, "patch_size", (1,))[0]
+    return ((frames - 1) // temporal + 1) // patch
 
 
 def variants(
@@ -317,6 +363,10 @@ def variants(
         band = (TINY_FAST_BAND if tiny else FAST_BAND)[model]
         plan = fast_plan(pipe, steps, band, call)
         found[f"fastattn(band={band})"] = Variant(lambda: [a.FastAttn(plan=plan)])
+        if model in FAST_WINDOW_3D:
+            radius = (TINY_FAST_WINDOW_3D if tiny else FAST_WINDOW_3D)[model]
+            plan_3d = fast_plan(pipe, steps, radius, call)
+            found[f"fastattn(window={'x'.join(map(str, radius))})"] = Variant(lambda: [a.FastAttn(plan=plan_3d)])
     if family == "wan":  # a cross-attention family: no joint region tokens; the tube variant is Regions on frames
         found["regions"] = Variant(lambda: [a.Regions([a.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0), frames=(0, None)),
                                                        a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))], base_ratio=0.2)])
@@ -401,6 +451,7 @@ class Row:
     times_ms: list[float] = field(default_factory=list)
     attention_saved: float | None = None  # FastAttn: attention FLOPs its report says it did not compute
     flop_bound: float | None = None  # FastAttn: stock FLOPs / (stock FLOPs - attention_saved), the speed-up bound
+    backends: list[str] | None = None  # FastAttn: the attention backends its layers used in the last call
 
 
 def _sync(device: str) -> None:
@@ -418,7 +469,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     started = time.perf_counter()
     pipe, call = build(model, args.tiny, device, dtype)
     print(f"=== {model}{' (tiny)' if args.tiny else ''}: built in {time.perf_counter() - started:.1f}s, {dtype}, {steps} steps, "
-          f"backend {args.backend}", flush=True)
+          f"backend {args.backend}, clock {args.clock if not cuda else 'wall'}", flush=True)
     cacheable = has_enable_cache(denoiser_of(pipe))
     table = variants(model, steps, pipe, call, args.tiny, cacheable, args.fbc_threshold)
     if not cacheable:
@@ -435,6 +486,8 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                        output_type="latent", **options)
             return out.frames if hasattr(out, "frames") else out.images
 
+    # process time (CPU seconds of every thread) is steadier than wall time on a shared CPU; CUDA always uses wall time
+    clock = time.process_time if (args.clock == "process" and not cuda) else time.perf_counter
     rows = {name: Row(model, name) for name in table}
     first: dict[str, list[float]] = {name: [] for name in table}
     latents: dict[str, torch.Tensor] = {}
@@ -454,16 +507,16 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                     cached = True
                     counter = _count_runs(pipe, row) if round_index == 0 else None
                 _sync(device)
-                start = time.perf_counter()
+                start = clock()
                 generate(variant)  # a fresh handle's first call
                 _sync(device)
-                first[name].append(time.perf_counter() - start)
+                first[name].append(clock() - start)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
+                start = clock()
                 out = generate(variant)
                 _sync(device)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 if cuda:
                     row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
                 if counter is not None:
@@ -474,7 +527,10 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
                     report = handle.outputs.get("fastattn") if handle is not None else None
                     if report is not None:
                         row.attention_saved = float(report.full_flops() - report.flops())
-                    if not args.no_flops:
+                        row.backends = sorted({used for used, _ in handle.runtime.backend_log.values()})
+                    # compiled flex cannot run under FlopCounterMode (a dispatch mode): with --backend flex only
+                    # stock's FLOPs are counted (the FLOP bound needs only those)
+                    if not args.no_flops and (variant.controls is None or args.backend != "flex"):
                         row.flops = count_flops(functools.partial(generate, variant))
                 else:
                     row.times_ms.append(elapsed * 1000)
@@ -556,8 +612,9 @@ def _print(model: str, steps: int, args: argparse.Namespace, rows: list[Row]) ->
               f"{f(row.flop_ratio, '7.3f')} {f(row.psnr, '8.1f')} {str(row.bitwise):>7s} {f(row.peak_gib, '8.2f')} {runs:>9s}")
         if row.flop_bound is not None:
             speedup = 1 / row.ratio if row.ratio else None
-            print(f"{'':28s} speed-up {f(speedup, '.3f')} beside its FLOP bound {row.flop_bound:.3f} (stock FLOPs / (stock - "
-                  f"{row.attention_saved:.3e} attention FLOPs the window skips))")
+            share = f", {speedup / row.flop_bound:.2f} of it" if speedup else ""
+            print(f"{'':28s} speed-up {f(speedup, '.3f')} beside its FLOP bound {row.flop_bound:.3f}{share} (stock FLOPs / "
+                  f"(stock - {row.attention_saved:.3e} attention FLOPs the window skips)); backends {', '.join(row.backends or [])}")
     sys.stdout.flush()
 
 
@@ -627,6 +684,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--tiny", action="store_true", help="CPU-size configs (attnctl.testing): a smoke test, not timed")
     parser.add_argument("--fbc-threshold", type=float, default=0.12, help="FirstBlockCache threshold of the *fbc variants")
     parser.add_argument("--no-flops", action="store_true")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="what is timed on CPU: wall time, or the process's CPU time (steadier on a shared machine)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -68,8 +68,10 @@ def grid_allowed(h: int, w: int, rh: int, rw: int, text: int = 0, text_first: bo
     return allowed
 
 
-def make_plan(pipe: Any, steps: int, methods: dict[str, list[str]], window: Any = 8, resolution=(32, 32)) -> FastAttnPlan:
+def make_plan(pipe: Any, steps: int, methods: dict[str, list[str]], window: Any = 8, resolution=(32, 32),
+              frames: int = 1) -> FastAttnPlan:
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     model, source, fingerprint = model_identity(denoiser)
     return FastAttnPlan(model=model, fingerprint=fingerprint, steps=steps, resolution=resolution, window=window,
-                        threshold=0.0, methods=tuple((k, tuple(v)) for k, v in methods.items()), source=source)
+                        threshold=0.0, methods=tuple((k, tuple(v)) for k, v in methods.items()), source=source,
+                        frames=frames)

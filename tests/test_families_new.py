@@ -956,7 +956,7 @@ def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tin
 
     pipe = tiny(name)
     layer = "blocks.0.attn1"
-    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=8, resolution=(64, 48))
+    plan = make_plan(pipe, 3, {layer: ["full", "window_residual", "window_residual"]}, window=8, resolution=(64, 48), frames=3)
     capture = Capture(layers=layer)
     with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan)]) as handle:
         generate(pipe, name, prompt=PROMPT, steps=3, guidance=1.0)
@@ -974,7 +974,7 @@ def test_wan_fastattn_band_over_the_video_tokens_against_the_reference(name, tin
     batch, heads, _, head_dim = q0.shape
     assert report.entries[(1, layer)].flops == 4.0 * batch * int(band.sum()) * heads * head_dim
     assert report.entries[(1, layer)].full_flops == 4.0 * batch * n * n * heads * head_dim
-    with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* use the 1-D band"):
+    with pytest.raises(attnctl.ConfigError, match=r"FastAttn.window=\(1, 2\) is a 2-D .* 3-D neighbourhood \(rf, rh, rw\)"):
         attnctl.apply(pipe, [attnctl.FastAttn(window=(1, 2))])
 
 
@@ -993,10 +993,11 @@ def test_load_pipeline_lists_the_new_tiny_models():
 
 
 @pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
-def test_render_writes_a_video_with_its_parameters(name, tmp_path, capsys):
+def test_render_writes_a_video_with_its_parameters(name, tmp_path, capsys, monkeypatch):
     """`attnctl render` on a video pipeline: the first frame as the PNG (with the parameters, as for images), the
-    frames as an animated GIF with the parameters in its comment, and one PNG per frame; the frames are the
-    pipeline's own (same seed, same call)."""
+    frames as an animated GIF with the parameters in its comment (the format without imageio-ffmpeg; the MP4 is
+    tests/test_video_render.py's), and one PNG per frame; the frames are the pipeline's own (same seed, same call)."""
+    monkeypatch.setattr("attnctl.render.outputs.video_format", lambda: "gif")
     import json
 
     from PIL import Image

@@ -49,7 +49,7 @@ def test_tiny_wan_and_flux2_runs_print_the_fastattn_flop_bound(capsys):
         import pytest
 
         pytest.skip(f"the installed diffusers lacks {', '.join(missing)}")
-    rows = bench.main(["--tiny", "--models", "wan,flux2", "--variants", "apply[],maps,fastattn(band=8)",
+    rows = bench.main(["--tiny", "--models", "wan,flux2", "--variants", "apply[],maps,fastattn(band=8),fastattn(window=1x1x1)",
                        "--flux-steps", "3", "--repeats", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert not [row for row in rows if row.error], [row.error for row in rows if row.error]
@@ -62,7 +62,11 @@ def test_tiny_wan_and_flux2_runs_print_the_fastattn_flop_bound(capsys):
         assert abs(fast.flop_bound - stock.flops / (stock.flops - fast.attention_saved)) < 1e-9
     # Wan's 36 video tokens with a band of 8: the window steps skip pairs, so the bound exceeds 1
     assert by[("wan", "fastattn(band=8)")].attention_saved > 0 and by[("wan", "fastattn(band=8)")].flop_bound > 1.0
-    assert out.count("beside its FLOP bound") == 2 and "PASS" not in out and "FAIL" not in out
+    # the 3-D window (1, 1, 1) over Wan's 3 x 4 x 3 tokens: the same arithmetic, the backend that ran it printed
+    window = by[("wan", "fastattn(window=1x1x1)")]
+    assert window.attention_saved > 0 and window.flop_bound > 1.0 and window.backends
+    assert abs(window.flop_bound - by[("wan", "stock")].flops / (by[("wan", "stock")].flops - window.attention_saved)) < 1e-9
+    assert out.count("beside its FLOP bound") == 3 and "PASS" not in out and "FAIL" not in out
 
 
 def test_the_gpu_session_script_names_files_that_exist():

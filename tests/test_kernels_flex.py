@@ -75,11 +75,14 @@ def test_block_masks_cached_per_layout_and_label_object():
     assert key not in flex._LABEL_MASKS
 
 
-@pytest.mark.parametrize("window", [WINDOW, Window((4, 6), band=3, text_len=4), Window((3, 7), radius=(0, 1))])
+@pytest.mark.parametrize("window", [
+    WINDOW, Window((4, 6), band=3, text_len=4), Window((3, 7), radius=(0, 1)),
+    Window((3, 4), radius=(1, 1, 2), frames=3, text_len=5, text_first=True), Window((2, 3), radius=(0, 1, 0), frames=4, text_len=3),
+])
 @pytest.mark.parametrize("offset", [0, 4])
 def test_mask_mods_are_the_spec(window, offset):
-    """The mask_mods evaluated densely (no compilation) equal the spec's own dense masks."""
-    n = window.grid_hw[0] * window.grid_hw[1] + window.text_len
+    """The mask_mods evaluated densely (no compilation) equal the spec's own dense masks (video: 3-D windows)."""
+    n = window.n_img + window.text_len
     mask = create_mask(flex.window_mask(window, offset), None, None, n - offset, n, device="cpu")
     assert torch.equal(mask[0, 0], window.allowed()[offset:])
     labels = _labels(5)

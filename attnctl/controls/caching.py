@@ -155,7 +155,11 @@ def window_pairs(window: Window) -> int:
     """Query-key pairs a window lets through (what a block-sparse kernel computes), text rows and columns included."""
     h, w = window.grid_hw
     n = window.n_img
-    image = _span(n, window.band) if window.band is not None else _span(h, window.radius[0]) * _span(w, window.radius[1])
+    if window.band is not None:
+        image = _span(n, window.band)
+    else:
+        rf, rh, rw = window.reach
+        image = _span(window.frames, rf) * _span(h, rh) * _span(w, rw)
     t = window.text_len
     return image + 2 * n * t + t * t
 

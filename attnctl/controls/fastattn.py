@@ -14,9 +14,10 @@ Calibration (`FastAttn.calibrate`, or any call made without a plan) runs a few p
 each step, layer by layer in model order with every earlier choice applied, takes the most compressive choice
 whose relative L1 error `sum|O' - O| / sum|O|` of the layer's attention output against full attention `O` is
 strictly below `threshold`. The paper's window is a 1-D band over the flattened image tokens (`window=w`:
-`|i - j| <= w`); `window=(rh, rw)` is a 2-D neighbourhood over the token grid instead. Text tokens of joint
-layouts attend to and are attended by every token. A plan records the model, the number of steps and the
-resolution it was made for, and raises on a mismatch; it is saved and loaded as JSON.
+`|i - j| <= w`); `window=(rh, rw)` is a 2-D neighbourhood over the token grid instead, and on video (Wan)
+`window=(rf, rh, rw)` a 3-D one over frames x height x width. Text tokens of joint layouts attend to and are
+attended by every token. A plan records the model, the number of steps, the resolution and the number of token
+frames it was made for, and raises on a mismatch; it is saved and loaded as JSON.
 
 Deviations from the reference code: the error is measured on each layer's attention output as docs/methods.md asks
 (the reference compares the model's output after trying each candidate, a forward pass per candidate); CFG
@@ -56,7 +57,7 @@ METHODS: tuple[str, ...] = ("full", "cfg_share", "window_residual", "window_resi
 CANDIDATES: tuple[str, ...] = ("step_share", "window_residual+cfg_share", "window_residual", "cfg_share")
 FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "unet")
 DEFAULT_WINDOW = 64  # the reference code's flash-attention window (-64, 64)
-WindowSize = int | tuple[int, int]
+WindowSize = int | tuple[int, int] | tuple[int, int, int]
 
 
 # -- the plan ----------------------------------------------------------------------------------------------------
@@ -71,17 +72,18 @@ def model_identity(denoiser: torch.nn.Module) -> tuple[str, str, str]:
 
 def _validate_window(window: Any, name: str) -> WindowSize:
     if isinstance(window, bool):
-        raise ConfigError(f"{name} must be an int (1-D band) or a pair (rh, rw) (2-D radius), got {window!r}")
+        raise ConfigError(f"{name} must be an int (1-D band), a pair (rh, rw) (2-D radius) or a triple (rf, rh, rw) (3-D video radius), got {window!r}")
     if isinstance(window, int):
         if window < 0:
             raise ConfigError(f"{name} must be >= 0, got {window!r}")
         return window
-    if isinstance(window, Sequence) and not isinstance(window, str) and len(window) == 2:
+    if isinstance(window, Sequence) and not isinstance(window, str) and len(window) in (2, 3):
         if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in window):
-            return (int(window[0]), int(window[1]))
+            return tuple(int(v) for v in window)
     raise ConfigError(
-        f"{name} must be an int w >= 0 (the paper's 1-D band |i - j| <= w over flattened image tokens) or a pair "
-        f"(rh, rw) of ints >= 0 (a 2-D neighbourhood over the token grid), got {window!r}"
+        f"{name} must be an int w >= 0 (the paper's 1-D band |i - j| <= w over flattened image tokens), a pair "
+        f"(rh, rw) of ints >= 0 (a 2-D neighbourhood over the token grid) or a triple (rf, rh, rw) of ints >= 0 (a 3-D "
+        f"neighbourhood over a video's frames x height x width tokens), got {window!r}"
     )
 
 
@@ -91,7 +93,9 @@ class FastAttnPlan:
 
     `model` / `fingerprint`: the denoiser class and a hash of its config (checked when applied); `source`: the name
     or path it was loaded from (informative); `steps`: the number of steps run; `resolution`: the image (height,
-    width) in pixels; `methods`: `(layer name, (method of step 0, method of step 1, ...))` in model order.
+    width) in pixels; `frames`: the token (latent) frames of a video, 1 for images (checked when applied: a window
+    and the cached residuals are per token, so a plan holds for one frame count); `methods`: `(layer name, (method
+    of step 0, method of step 1, ...))` in model order.
     """
 
     model: str
@@ -103,10 +107,13 @@ class FastAttnPlan:
     methods: tuple[tuple[str, tuple[str, ...]], ...]
     source: str = ""
     version: int = 1
+    frames: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ConfigError(f"FastAttnPlan.steps must be an int >= 1, got {self.steps!r}")
+        if not isinstance(self.frames, int) or isinstance(self.frames, bool) or self.frames < 1:
+            raise ConfigError(f"FastAttnPlan.frames must be an int >= 1 (token frames; 1 for images), got {self.frames!r}")
         resolution = tuple(self.resolution) if isinstance(self.resolution, Sequence) else ()
         if len(resolution) != 2 or not all(isinstance(v, int) and v > 0 for v in resolution):
             raise ConfigError(f"FastAttnPlan.resolution must be (height, width) in pixels, got {self.resolution!r}")
@@ -150,8 +157,9 @@ class FastAttnPlan:
         return out
 
     def check(self, *, model: str | None = None, fingerprint: str | None = None, steps: int | None = None,
-              resolution: tuple[int, int] | None = None) -> None:
-        """Raise ConfigError when the plan was made for another model, number of steps or resolution."""
+              resolution: tuple[int, int] | None = None, frames: int | None = None) -> None:
+        """Raise ConfigError when the plan was made for another model, number of steps, resolution or number of
+        (token) frames."""
         if model is not None and (model != self.model or fingerprint != self.fingerprint):
             raise ConfigError(
                 f"this FastAttn plan was calibrated for {self.model} (config {self.fingerprint}), not for this "
@@ -167,11 +175,16 @@ class FastAttnPlan:
                 f"this FastAttn plan was calibrated at {self.resolution[0]}x{self.resolution[1]}, but the call runs at "
                 f"{resolution[0]}x{resolution[1]}; calibrate a plan for this resolution"
             )
+        if frames is not None and frames != self.frames:
+            raise ConfigError(
+                f"this FastAttn plan was calibrated for {self.frames} token frame(s), but the call has {frames} token "
+                "frame(s) (a video's latent frames; 1 for an image); calibrate a plan for this number of frames"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version, "model": self.model, "source": self.source, "fingerprint": self.fingerprint,
-            "steps": self.steps, "resolution": list(self.resolution),
+            "steps": self.steps, "resolution": list(self.resolution), "frames": self.frames,
             "window": self.window if isinstance(self.window, int) else list(self.window), "threshold": self.threshold,
             "methods": {name: list(methods) for name, methods in self.methods},
         }
@@ -221,8 +234,10 @@ class FastAttn(Control, type_name="fastattn"):
     """DiTFastAttn (Yuan et al. 2024) for PixArt, SD3, Flux and UNet self-attention.
 
     threshold: the calibration's bound on each layer's relative L1 error (strictly below); 0 changes nothing.
-    window: `w` for the paper's 1-D band over flattened image tokens (`|i - j| <= w`), or `(rh, rw)` for a 2-D
-        neighbourhood over the token grid; default 64 (the reference code's), or the plan's.
+    window: `w` for the paper's 1-D band over flattened image tokens (`|i - j| <= w`), `(rh, rw)` for a 2-D
+        neighbourhood over the token grid (images), or `(rf, rh, rw)` for a 3-D neighbourhood over a video's
+        frames x height x width tokens (`|df| <= rf`, `|dr| <= rh`, `|dc| <= rw`; video families only); default 64
+        (the reference code's), or the plan's.
     plan: a `FastAttnPlan` (or its dict) from `calibrate`; None: every call calibrates on its own prompts (the
         plan is in `handle.outputs["fastattn"].plan`).
     techniques: which of "window_residual", "step_share", "cfg_share" calibration may choose.
@@ -232,7 +247,8 @@ class FastAttn(Control, type_name="fastattn"):
     """
 
     #: images and video; on video (frames x height x width tokens, frame-major) the window is the paper's 1-D band
-    #: over the flattened video tokens (`window=w`); a 2-D radius is refused there (a 3-D neighbourhood is not built)
+    #: over the flattened video tokens (`window=w`) or a 3-D neighbourhood `(rf, rh, rw)`; a 2-D radius is refused
+    #: there, a 3-D one on images
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     threshold: float = 0.05
@@ -309,11 +325,18 @@ class FastAttn(Control, type_name="fastattn"):
         return "self" if adapter.text_attention == "cross" else None
 
     def validate_for(self, adapter: ModelAdapter) -> None:
-        if adapter.grid_dims == 3 and isinstance(self.window_size, tuple) and "window_residual" in self.techniques:
+        size = self.window_size
+        if isinstance(size, tuple) and "window_residual" in self.techniques and len(size) != adapter.grid_dims:
+            if adapter.grid_dims == 3:
+                raise ConfigError(
+                    f"FastAttn.window={size!r} is a 2-D (rh, rw) neighbourhood, and the {adapter.family} family has a "
+                    "3-D (frames x height x width) video token grid; use a 3-D neighbourhood (rf, rh, rw) (e.g. "
+                    f"(0, {size[0]}, {size[1]}) for the same window within each frame), the 1-D band window=w over the "
+                    "frame-major video tokens (|i - j| <= w), or techniques without 'window_residual'"
+                )
             raise ConfigError(
-                f"FastAttn.window={self.window_size!r} is a 2-D (rh, rw) neighbourhood, and the {adapter.family} family has a "
-                "3-D (frames x height x width) video token grid; use the 1-D band window=w over the frame-major video "
-                "tokens (|i - j| <= w), or techniques without 'window_residual'"
+                f"FastAttn.window={size!r} is a 3-D (rf, rh, rw) video neighbourhood, and the {adapter.family} family "
+                f"has a 2-D (height x width) image token grid; use (rh, rw) = ({size[1]}, {size[2]}) or a band window=w"
             )
         if self.plan is not None:
             model, _, fingerprint = model_identity(adapter.denoiser)
@@ -358,8 +381,9 @@ class FastAttnBound(Bound):
         model, source, fingerprint = model_identity(context.adapter.denoiser)
         self.identity = (model, source, fingerprint)
         plan = control.plan
+        self.frames = context.canvas.frames
         if plan is not None:
-            plan.check(steps=context.steps, resolution=self.resolution)
+            plan.check(steps=context.steps, resolution=self.resolution, frames=self.frames)
             self.methods = {layer.name: list(plan.per_step(layer.name)) for layer in context.layers}
         else:
             self.methods = {layer.name: ["full"] * context.steps for layer in context.layers}
@@ -423,7 +447,7 @@ class FastAttnBound(Bound):
         if self.fast.plan is None:
             self.report.plan = FastAttnPlan(
                 model=model, fingerprint=fingerprint, steps=self.steps_count, resolution=self.resolution,
-                window=self.fast.window_size, threshold=self.fast.threshold, source=source,
+                frames=self.frames, window=self.fast.window_size, threshold=self.fast.threshold, source=source,
                 methods=tuple((layer.name, tuple(self.methods[layer.name])) for layer in self.layers),
             )
         for state in self.states.values():

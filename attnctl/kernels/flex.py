@@ -8,8 +8,8 @@ closure with a readable `__name__`:
 
 - score mods: `key_bias` (per-key additive logits), `label_bias` (the finite part of a label table),
   `additive_mask` (the model's own mask);
-- mask mods: `label_mask` (label pairs whose table entry is -inf are cut), `window_mask` (a 2-D radius or
-  a 1-D band over the image grid; text tokens unrestricted), combined with `and_masks`.
+- mask mods: `label_mask` (label pairs whose table entry is -inf are cut), `window_mask` (a 2-D radius, a 3-D
+  radius over a video's frames x rows x cols or a 1-D band over the image grid; text tokens unrestricted), combined with `and_masks`.
 
 Per-key edits (bias, value scale) act on the `query_range` rows only: the call is split into row groups
 as the sdpa backend does, and the value scale multiplies V for the edited group (`A (w V)`). Block masks
@@ -110,8 +110,10 @@ def label_mask(q_labels: torch.Tensor, k_labels: torch.Tensor, allowed: torch.Te
     return label_mask
 
 
-def window_mask(window: Window, offset: int = 0) -> MaskMod:
-    """Local attention over the image grid (index arithmetic over the declared canvas); text is unrestricted."""
+def window_mask(window: Window, offset: int = 0, device: torch.device | str | None = None) -> MaskMod:
+    """Local attention over the image grid (index arithmetic over the declared canvas); text is unrestricted.
+    A 3-D window reads each token's frame, row and column from small tables on `device` (on CPU this halves the
+    mask's cost against integer division per pair, which dominates there: no tile is wholly inside a 3-D window)."""
     rows, cols = window.grid_hw
     n_img = window.n_img
     start = window.text_len if window.text_first else 0
@@ -120,7 +122,7 @@ def window_mask(window: Window, offset: int = 0) -> MaskMod:
         i = idx - start
         return i, (i >= 0) & (i < n_img)
 
-    if window.radius is not None:
+    if window.radius is not None and len(window.radius) == 2:
         rh, rw = window.radius
 
         def window_2d(b, h, q_idx, kv_idx):
@@ -130,6 +132,23 @@ def window_mask(window: Window, offset: int = 0) -> MaskMod:
             return near | ~q_img | ~k_img
 
         return window_2d
+    if window.radius is not None:  # (rf, rh, rw) over frame-major frames x rows x cols
+        rf, rh, rw = window.radius
+        token = torch.arange(n_img, device=device)
+        frame_of = token.div(rows * cols, rounding_mode="floor").int()
+        row_of = token.remainder(rows * cols).div(cols, rounding_mode="floor").int()
+        col_of = token.remainder(cols).int()
+        last = max(n_img - 1, 0)
+
+        def window_3d(b, h, q_idx, kv_idx):
+            qi, q_img = image_index(q_idx + offset)
+            ki, k_img = image_index(kv_idx)
+            qi, ki = qi.clamp(0, last), ki.clamp(0, last)  # text tokens: any entry (they are let through below)
+            near = ((frame_of[qi] - frame_of[ki]).abs() <= rf) & ((row_of[qi] - row_of[ki]).abs() <= rh)
+            near = near & ((col_of[qi] - col_of[ki]).abs() <= rw)
+            return near | ~q_img | ~k_img
+
+        return window_3d
     band = window.band
 
     def window_band(b, h, q_idx, kv_idx):
@@ -174,7 +193,7 @@ def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int,
     if spec.labels is None:
         cached = _WINDOW_MASKS.get(window_key)
         if cached is None:
-            cached = create_block_mask(window_mask(spec.window, start), None, None, stop - start, nk, device=device)
+            cached = create_block_mask(window_mask(spec.window, start, device), None, None, stop - start, nk, device=device)
             if len(_WINDOW_MASKS) >= _WINDOW_CACHE_SIZE:
                 _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
             _WINDOW_MASKS[window_key] = cached
@@ -190,7 +209,7 @@ def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int,
         q_labels, k_labels, allowed, _, _ = _label_parts(labels, batch)
         mod = label_mask(q_labels, k_labels, allowed, start)
         if spec.window is not None:
-            mod = and_masks(mod, window_mask(spec.window, start))
+            mod = and_masks(mod, window_mask(spec.window, start, device))
             mod.__name__ = "label_mask&window"
         cached = per_object[key] = create_block_mask(mod, batch, None, stop - start, nk, device=device)
     return cached

@@ -300,8 +300,12 @@ def window_block(window: Window, queries: slice, keys: slice, device: torch.devi
 def _near(window: Window, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
     if window.band is not None:
         return (qi - ki).abs() <= window.band
-    w = window.grid_hw[1]
-    return ((qi // w - ki // w).abs() <= window.radius[0]) & ((qi % w - ki % w).abs() <= window.radius[1])
+    h, w = window.grid_hw
+    rf, rh, rw = window.reach
+    hw = h * w  # frame-major tokens: frame i // hw, row (i % hw) // w, column i % w
+    near = ((qi % hw) // w - (ki % hw) // w).abs() <= rh
+    near = near & ((qi % w - ki % w).abs() <= rw)
+    return near & ((qi // hw - ki // hw).abs() <= rf) if rf < window.frames - 1 else near
 
 
 def block_bias(spec: AttentionSpec, queries: slice, keys: slice, device: torch.device | None = None) -> torch.Tensor | None:

@@ -85,41 +85,58 @@ class LabelMask:
 class Window:
     """Local attention for image queries over the image-token grid (DiTFastAttn, Yuan et al. 2024).
 
-    `radius=(rh, rw)`: a 2-D neighbourhood, |dr| <= rh and |dc| <= rw. `band=w`: the paper's 1-D band over the
-    flattened image tokens, |i - j| <= w (on video, `frames` > 1: over the frame-major frames x height x width
-    tokens, so a band wider than one frame reaches the neighbouring frames). Text tokens (before or after the image tokens) attend to and are
-    attended by everything, so windows never cut image tokens off from the prompt.
+    `radius=(rh, rw)`: a 2-D neighbourhood, |dr| <= rh and |dc| <= rw, on one frame. `radius=(rf, rh, rw)`: a 3-D
+    neighbourhood over the frame-major frames x height x width tokens of a video, |df| <= rf and |dr| <= rh and
+    |dc| <= rw (on one frame, `frames` = 1, it is the 2-D one). `band=w`: the paper's 1-D band over the flattened
+    image tokens, |i - j| <= w (on video over the frame-major tokens, so a band wider than one frame reaches the
+    neighbouring frames). Text tokens (before or after the image tokens) attend to and are attended by everything,
+    so windows never cut image tokens off from the prompt.
     """
 
     grid_hw: tuple[int, int]
-    radius: tuple[int, int] | None = None
+    radius: tuple[int, int] | tuple[int, int, int] | None = None
     band: int | None = None
     text_len: int = 0
     text_first: bool = False
-    frames: int = 1  # video: `frames` token frames of `grid_hw` each, frame-major (the band runs over all of them)
+    frames: int = 1  # video: `frames` token frames of `grid_hw` each, frame-major
 
     def __post_init__(self) -> None:
         if (self.radius is None) == (self.band is None):
-            raise ValueError("Window needs exactly one of radius=(rh, rw) or band=w")
-        if self.radius is not None and self.frames != 1:
-            raise ValueError(f"a 2-D window radius is defined on one frame; this grid has {self.frames} token frames (use band=w)")
+            raise ValueError("Window needs exactly one of radius=(rh, rw), radius=(rf, rh, rw) or band=w")
+        if self.radius is not None and len(self.radius) not in (2, 3):
+            raise ValueError(f"Window.radius must be (rh, rw) or (rf, rh, rw), got {self.radius!r}")
+        if self.radius is not None and len(self.radius) == 2 and self.frames != 1:
+            raise ValueError(
+                f"a 2-D window radius is defined on one frame; this grid has {self.frames} token frames "
+                "(use radius=(rf, rh, rw) or band=w)"
+            )
 
     @property
     def n_img(self) -> int:
         """Image (video) tokens the window covers: frames x height x width."""
         return self.frames * self.grid_hw[0] * self.grid_hw[1]
 
+    @property
+    def reach(self) -> tuple[int, int, int]:
+        """(rf, rh, rw) of a radius window (rf = 0 for a 2-D radius); only for `radius` windows."""
+        if self.radius is None:
+            raise ValueError("a band window has no radius")
+        return (0, *self.radius) if len(self.radius) == 2 else tuple(self.radius)
+
     def allowed(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(N, N) bool over the joint sequence; for reference backends and small sizes only."""
-        h, w = self.grid_hw
         n_img = self.n_img
         idx = torch.arange(n_img, device=device)
         if self.band is not None:
             image = (idx[:, None] - idx[None, :]).abs() <= self.band
         else:
-            rows, cols = idx // w, idx % w
-            image = ((rows[:, None] - rows[None, :]).abs() <= self.radius[0]) & (
-                (cols[:, None] - cols[None, :]).abs() <= self.radius[1]
+            h, w = self.grid_hw
+            rf, rh, rw = self.reach
+            frame, row, col = idx // (h * w), (idx % (h * w)) // w, idx % w
+            image = (
+                ((frame[:, None] - frame[None, :]).abs() <= rf)
+                & ((row[:, None] - row[None, :]).abs() <= rh)
+                & ((col[:, None] - col[None, :]).abs() <= rw)
             )
         n = n_img + self.text_len
         full = torch.ones(n, n, dtype=torch.bool, device=device)

@@ -15,7 +15,7 @@ per combination):
   `query_range` only. The value scale multiplies the probability tile before the P @ V product,
   `(P * w) V = P (w * V)`: Prompt-to-Prompt's reweighting without renormalisation;
 - region labels: `table[b, q_label, k_label]` gathered from two label vectors and a small table;
-- a window over the image-token grid (2-D radius or 1-D band; text tokens before or after the image
+- a window over the image-token grid (2-D radius, 3-D radius over video frames, or 1-D band; text tokens before or after the image
   tokens attend to and are attended by everything).
 
 Labels and windows also make tiles that are fully masked: the launcher lists, per query block, the key
@@ -49,7 +49,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Integer arguments that change between layers / controls: not specialised (no new compilation per value).
-_RUNTIME_INTS = ("q_start", "q_stop", "win_w", "win_rh", "win_rw", "win_band", "text_start", "n_img")
+_RUNTIME_INTS = ("q_start", "q_stop", "win_w", "win_hw", "win_rf", "win_rh", "win_rw", "win_band", "text_start", "n_img")
 
 #: The constexpr switches of `_attn_fwd` that a spec sets, and every value the launcher (`kernel_arguments`,
 #: `attention`) passes. tests/test_kernels_compile.py compiles every value for real GPU targets and checks that
@@ -59,7 +59,7 @@ SWITCHES: dict[str, tuple] = {
     "HAS_BIAS": (False, True),
     "HAS_VSCALE": (False, True),
     "HAS_LABELS": (False, True),
-    "WINDOW": (0, 1, 2),  # none, 2-D radius, 1-D band
+    "WINDOW": (0, 1, 2),  # none, radius (2-D, or 3-D over video frames), 1-D band
     "HAS_BLOCKS": (False, True),
     "RETURN_LSE": (False, True),
     "ROW_RANGE": (False, True),  # the per-key edits apply to some query rows only (`query_range` cuts the rows)
@@ -95,7 +95,7 @@ FLOATS = ("sm_scale",)
 def _tile_logits(
     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
-    N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+    N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LABELS: tl.constexpr, WINDOW: tl.constexpr,
     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
 ):
@@ -130,11 +130,14 @@ def _tile_logits(
         ki = offs_n - text_start
         q_img = (qi >= 0) & (qi < n_img)
         k_img = (ki >= 0) & (ki < n_img)
-        if WINDOW == 1:  # 2-D radius over the (h, w) grid
+        if WINDOW == 1:  # radius over the frame-major (frames, h, w) grid: win_hw = h * w; one frame: rf = 0
             qi = tl.where(q_img, qi, 0)
             ki = tl.where(k_img, ki, 0)
-            near = tl.abs((qi // win_w)[:, None] - (ki // win_w)[None, :]) <= win_rh
-            near = near & (tl.abs((qi % win_w)[:, None] - (ki % win_w)[None, :]) <= win_rw)
+            qp = qi % win_hw
+            kp = ki % win_hw
+            near = tl.abs((qp // win_w)[:, None] - (kp // win_w)[None, :]) <= win_rh
+            near = near & (tl.abs((qp % win_w)[:, None] - (kp % win_w)[None, :]) <= win_rw)
+            near = near & (tl.abs((qi // win_hw)[:, None] - (ki // win_hw)[None, :]) <= win_rf)
         else:  # 1-D band over the flattened image tokens
             near = tl.abs(qi[:, None] - ki[None, :]) <= win_band
         allowed = near | (~q_img)[:, None] | (~k_img)[None, :]
@@ -156,7 +159,7 @@ def _key_block(BlockIdx_row, j, HAS_BLOCKS: tl.constexpr):
 def _flash_loop(
     q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
-    BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+    BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
     WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RANGE: tl.constexpr,
@@ -171,7 +174,7 @@ def _flash_loop(
         z, offs_n, key_ok = _tile_logits(
             q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
-            N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+            N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
             HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
         s = z * LOG2E
@@ -256,7 +259,7 @@ def _attn_fwd(
     QLab, stride_qlb, KLab, stride_klb, Table, stride_tb, stride_tq, stride_tk,
     BlockNum, stride_nb, BlockIdx, stride_ib, stride_im,
     H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
-    win_w, win_rh, win_rw, win_band, text_start, n_img,
+    win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
     WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, ROW_RANGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -275,7 +278,7 @@ def _attn_fwd(
     m_i, l_i, acc = _flash_loop(
         q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
         Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
-        BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+        BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
         HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROW_RANGE,
     )
     dead = l_i == 0.0  # every key masked: output zeros
@@ -476,7 +479,12 @@ def _window_tiles(window: Window, n: int, block_m: int, block_n: int, device: to
         out = {"text": text, "any_img": is_img.view(nb, block).any(1)}
         values = {"i": img}
         if window.radius is not None:
-            values = {"r": img.div(window.grid_hw[1], rounding_mode="floor"), "c": img.remainder(window.grid_hw[1])}
+            per_frame = window.grid_hw[0] * window.grid_hw[1]
+            values = {
+                "f": img.div(per_frame, rounding_mode="floor"),
+                "r": img.remainder(per_frame).div(window.grid_hw[1], rounding_mode="floor"),
+                "c": img.remainder(window.grid_hw[1]),
+            }
         for key, value in values.items():
             out[key + "0"] = torch.where(is_img, value, big).view(nb, block).amin(1)
             out[key + "1"] = torch.where(is_img, value, -big).view(nb, block).amax(1)
@@ -485,7 +493,7 @@ def _window_tiles(window: Window, n: int, block_m: int, block_n: int, device: to
     qb, kb = blocks(block_m), blocks(block_n)
     near = qb["any_img"][:, None] & kb["any_img"][None, :]
     if window.radius is not None:
-        reach = {"r": window.radius[0], "c": window.radius[1]}
+        reach = dict(zip(("f", "r", "c"), window.reach, strict=True))
     else:
         reach = {"i": window.band}
     for key, radius in reach.items():
@@ -607,13 +615,14 @@ def kernel_arguments(
     q_start, q_stop = spec.query_range if spec.query_range is not None else (0, nq)
     window = spec.window
     if window is not None:
+        rf, rh, rw = window.reach if window.radius is not None else (0, 0, 0)
         win = [
-            window.grid_hw[1], window.radius[0] if window.radius else 0, window.radius[1] if window.radius else 0,
+            window.grid_hw[1], max(window.grid_hw[0] * window.grid_hw[1], 1), rf, rh, rw,
             window.band if window.band is not None else 0, window.text_len if window.text_first else 0,
             window.n_img,
         ]
     else:
-        win = [1, 0, 0, 0, 0, 0]
+        win = [1, 1, 0, 0, 0, 0, 0, 0]
     args += [heads, nq, nk, head_dim, float(scale), int(q_start), int(q_stop), *win]
     switches = dict(
         HAS_MASK=spec.attn_mask is not None,

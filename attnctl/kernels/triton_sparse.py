@@ -116,7 +116,7 @@ def _sparse_attn_fwd(
     QLab, stride_qlb, KLab, stride_klb, Table, stride_tb, stride_tq, stride_tk,
     BlockNum, stride_nb, BlockIdx, stride_ib, stride_im,
     H, N_Q, N_K, HEAD_DIM, sm_scale, q_start, q_stop,
-    win_w, win_rh, win_rw, win_band, text_start, n_img,
+    win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
     alpha_m1, pow_, mix,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_VSCALE: tl.constexpr, HAS_LABELS: tl.constexpr,
     WINDOW: tl.constexpr, HAS_BLOCKS: tl.constexpr, RETURN_LSE: tl.constexpr, ROW_RANGE: tl.constexpr,
@@ -139,7 +139,7 @@ def _sparse_attn_fwd(
         z, offs_n, key_ok = _tile_logits(
             q, K_bh, stride_kn, stride_kd, 0, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
-            N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+            N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
             HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
         )
         m = tl.max(z, 1)
@@ -181,7 +181,7 @@ def _sparse_attn_fwd(
         m_log2, l_i, acc = _flash_loop(
             q, K_bh, stride_kn, stride_kd, V_bh, stride_vn, stride_vd, offs_m, offs_d, row_ok, in_range, q_lab,
             Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, VScale_bh, stride_wn, KLab_b, Table_b, stride_tq, stride_tk,
-            BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+            BlockIdx_row, n_blocks, N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
             HAS_MASK, HAS_BIAS, HAS_VSCALE, HAS_LABELS, WINDOW, HAS_BLOCKS, BLOCK_M, BLOCK_N, BLOCK_D, INPUT_PRECISION, ROW_RANGE,
         )
         live = l_i > 0.0
@@ -203,7 +203,7 @@ def _sparse_attn_fwd(
                 z, offs_n, key_ok = _tile_logits(
                     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
                     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
-                    N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+                    N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
                     HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
                 )
                 value, slope = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)
@@ -220,7 +220,7 @@ def _sparse_attn_fwd(
                 z, offs_n, key_ok = _tile_logits(
                     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
                     Mask_bh, stride_mm, stride_mn, Bias_bh, stride_bn, KLab_b, Table_b, stride_tq, stride_tk,
-                    N_K, HEAD_DIM, sm_scale, win_w, win_rh, win_rw, win_band, text_start, n_img,
+                    N_K, HEAD_DIM, sm_scale, win_w, win_hw, win_rf, win_rh, win_rw, win_band, text_start, n_img,
                     HAS_MASK, HAS_BIAS, HAS_LABELS, WINDOW, BLOCK_N, INPUT_PRECISION, ROW_RANGE,
                 )
                 ps, _ = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)

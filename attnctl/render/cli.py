@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "tiny-pixart; with a diffusers that has them tiny-chroma, tiny-qwenimage, "
                                         "tiny-zimage, tiny-flux2, tiny-wan), a local diffusers folder or a hub id; "
                                         "default: the job file's `model`, else the embedded default. Video pipelines "
-                                        "(Wan) write <seed>.png (first frame), <seed>.gif and <seed>.frames/")
+                                        "(Wan) write <seed>.png (first frame), <seed>.mp4 (with imageio-ffmpeg installed; "
+                                        "else <seed>.gif) and <seed>.frames/")
     render.add_argument("--device", default="auto", help="auto (default: the process's GPU, else CPU), cpu, cuda, cuda:N, mps")
     render.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
                         help="default: the job file's `dtype`, else auto (float32 on CPU, bfloat16/float16 on GPU)")

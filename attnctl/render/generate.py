@@ -97,7 +97,8 @@ class Generation:
     """One generated image, the parameters that made it, and what the controls published (`outputs`).
 
     Video pipelines (Wan): `frames` holds the video's frames (PIL images) and `image` is its first frame (the
-    poster the PNG holds); `save_video` writes the frames as an animated GIF."""
+    poster the PNG holds); `save_video` writes the frames as an MP4 (a .mp4 path; needs imageio-ffmpeg) or an
+    animated GIF."""
 
     image: Any
     params: dict[str, Any]
@@ -106,7 +107,8 @@ class Generation:
     frames: list[Any] | None = None
 
     def save_video(self, path: str, *, fsync: bool = False) -> int:
-        """Write the frames as an animated GIF with `params` in its comment (atomically); returns the bytes written."""
+        """Write the frames with `params` in the file's comment (atomically): an MP4 for a .mp4 path (needs
+        imageio-ffmpeg), else an animated GIF; returns the bytes written."""
         from .outputs import save_video
 
         if self.frames is None:

@@ -148,11 +148,80 @@ def strip(images: list[Any]) -> Any:
     return out
 
 
+def video_format() -> str:
+    """The format `attnctl render` writes videos in: "mp4" where imageio-ffmpeg (the ffmpeg binary imageio uses;
+    `pip install imageio-ffmpeg`) is importable, "gif" (pillow) otherwise."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:  # noqa: BLE001 - not installed, or no ffmpeg binary for this platform: GIF
+        return "gif"
+    return "mp4"
+
+
+def _mp4_file(frames: list[Any], path: str, params: dict[str, Any], fps: int) -> None:
+    """Encode PIL `frames` as H.264 MP4 (yuv420p, sizes padded to even) at `path`, `params` as JSON in its comment."""
+    import imageio_ffmpeg
+    import numpy as np
+
+    pictures = [np.asarray(frame.convert("RGB")) for frame in frames]
+    height, width = pictures[0].shape[:2]
+    comment = json.dumps(params, ensure_ascii=True, sort_keys=True)
+    writer = imageio_ffmpeg.write_frames(
+        path, (width, height), fps=fps, codec="libx264", quality=8, macro_block_size=1, pix_fmt_out="yuv420p",
+        output_params=["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-metadata", f"comment={comment}", "-f", "mp4"],
+    )
+    writer.send(None)
+    try:
+        for picture in pictures:
+            writer.send(np.ascontiguousarray(picture))
+    finally:
+        writer.close()
+
+
 def save_video(frames: list[Any], path: str, params: dict[str, Any], *, fsync: bool = False, fps: int = VIDEO_FPS) -> int:
-    """Atomically write `frames` as an animated GIF with `params` to `path`; returns the number of bytes written."""
+    """Atomically write `frames` with `params` to `path`: an MP4 when `path` ends in .mp4 (needs imageio-ffmpeg),
+    else an animated GIF; returns the number of bytes written."""
+    if not frames:
+        raise ValueError("a video needs at least one frame")
+    if path.lower().endswith(".mp4"):
+        if video_format() != "mp4":
+            raise ValueError(f"writing {path} needs imageio-ffmpeg (pip install imageio-ffmpeg); write a .gif instead")
+        temp = temp_name(path)
+        try:
+            _mp4_file(frames, temp, params, fps)
+            if fsync:
+                with open(temp, "rb") as handle:
+                    os.fsync(handle.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            _remove_quietly(temp)
+            raise
+        if fsync:
+            fsync_folder(os.path.dirname(path) or ".")
+        return os.path.getsize(path)
     data = gif_bytes(frames, params, fps)
     atomic_write(path, data, fsync=fsync)
     return len(data)
+
+
+def read_mp4_params(path: str) -> dict[str, Any]:
+    """The parameters `save_video` stored in an MP4's comment (needs imageio-ffmpeg; ValueError if it holds none)."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "ffmetadata", "-"],
+                            capture_output=True, check=False)
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        if line.startswith("comment="):
+            value = re.sub(r"\\(.)", r"\1", line[len("comment="):])  # ffmetadata escapes = ; # \ and newlines
+            try:
+                return json.loads(value)
+            except ValueError:
+                break
+    raise ValueError(f"{path} has no attnctl parameters in its MP4 comment")
 
 
 def save_frames(frames: list[Any], folder: str, params: dict[str, Any], *, fsync: bool = False) -> None:

@@ -619,11 +619,12 @@ class _RunContext:
                 saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync,
                                              params=params)
                 size = save_png(result.image, target, params, fsync=self.options.fsync)
-                if result.frames is not None:  # a video: <seed>.gif (animated) and <seed>.frames/ (a PNG per frame)
-                    save_video(result.frames, os.path.join(folder, f"{seed}.gif"), params, fsync=self.options.fsync,
+                if result.frames is not None:  # a video: <seed>.mp4 (imageio-ffmpeg) or .gif, and <seed>.frames/ (PNGs)
+                    video = f"{seed}.{outputs.video_format()}"
+                    save_video(result.frames, os.path.join(folder, video), params, fsync=self.options.fsync,
                                **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
                     save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
-                    saved_outputs = [os.path.join(job.id, f"{seed}.gif"), os.path.join(job.id, f"{seed}.frames"), *saved_outputs]
+                    saved_outputs = [os.path.join(job.id, video), os.path.join(job.id, f"{seed}.frames"), *saved_outputs]
             except OSError as error:
                 if error.errno in FATAL_WRITE_ERRNOS:
                     raise WriteStopped(error, error.filename or target) from None

@@ -20,6 +20,12 @@ image block of the softmax, renormalised per image query over the image keys (so
 means "above the average key"; the text keys' share would otherwise empty the mask). With separate cond /
 uncond calls (Flux true CFG) the uncond prediction is not available during the cond call, so the cond rows
 are degraded.
+
+Video (Wan: frames x height x width tokens, frame-major): the map is the layer's own self-attention over every
+video token (the attention a token receives from all queries of the video, head-averaged; "above 1" still means
+above the average key, as every query row sums to 1). The mask is that map per token frame, upsampled (nearest) to
+each latent frame, and the blur is SAG's 2-D Gaussian within each latent frame (no blur across frames: the paper's
+degradation is spatial).
 """
 
 from __future__ import annotations
@@ -58,8 +64,8 @@ class SAG(Control, type_name="sag"):
     drives the mask (default: see the module docstring). steps: the step window.
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images and video: on a (frames, height, width) grid the mask is per token frame and the blur per latent frame
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
     needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # a second forward of degraded rows
 
     scale: float = 0.75
@@ -111,7 +117,7 @@ class _SAGBound(Bound):
         self.index = RowIndex()
         self.received: torch.Tensor | None = None
         self.received_frame: int | None = None
-        self.hw: tuple[int, int] | None = None
+        self.grid: tuple[int, int, int] | None = None  # (frames, height, width) of the captured map; frames 1 on images
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0 or frame.extra_pass is not None or not frame.rows.indices("cond", None):
@@ -134,7 +140,7 @@ class _SAGBound(Bound):
         sample = sample.index_select(0, self.index(source, sample.device))
         prediction = first.prediction.index_select(0, self.index(source, first.prediction.device))
         degraded = degrade(
-            sample, prediction, received, self.hw, frame.canvas, self.adapter, self.scheduler, (frame.inputs or {}).get("timestep")
+            sample, prediction, received, self.grid, frame.canvas, self.adapter, self.scheduler, (frame.inputs or {}).get("timestep")
         )
         inputs = first.select(source)
         inputs[first.main_input] = degraded.to(sample.dtype)
@@ -184,7 +190,7 @@ class CaptureReceived(LayerHook):
             q.index_select(0, index), k.index_select(0, index), spec_rows(spec, index, q.shape[0]), image
         )
         self.bound.received_frame = call.frame.number
-        self.bound.hw = call.geometry.image_hw
+        self.bound.grid = (call.geometry.frames, *call.geometry.image_hw)
         return out, lse
 
 
@@ -314,20 +320,29 @@ def degrade(
     sample: torch.Tensor,
     prediction: torch.Tensor,
     received: torch.Tensor,
-    grid_hw: tuple[int, int],
+    grid: tuple[int, int] | tuple[int, int, int],
     canvas: Canvas,
     adapter: ModelAdapter,
     scheduler: Any,
     timestep: Any,
 ) -> torch.Tensor:
-    """SAG's degraded denoiser input for `sample` (the rows' input) and `prediction` (their output)."""
+    """SAG's degraded denoiser input for `sample` (the rows' input) and `prediction` (their output). `grid` is the
+    token grid of `received`: (height, width), or (frames, height, width) with video latents (B, C, F, H, W)."""
     level = noise_level(scheduler, timestep)
     image = adapter.latent_image(sample, canvas)
     output = adapter.latent_image(prediction, canvas)[:, : image.shape[1]]  # learned-sigma models: the first half
     x0, eps = level.split(image, output)
-    height, width = grid_hw
-    mask = (received > MASK_THRESHOLD).float().reshape(-1, 1, height, width)
-    mask = F.interpolate(mask, size=image.shape[-2:])  # nearest, as the SAG pipeline
-    blurred = gaussian_blur(x0)
+    frames, height, width = grid if len(grid) == 3 else (1, *grid)
+    salient = (received > MASK_THRESHOLD).float()
+    if image.ndim == 5:  # video: the mask per token frame to every latent frame (nearest), the blur per latent frame
+        mask = F.interpolate(salient.reshape(-1, 1, frames, height, width), size=image.shape[-3:])
+        batch, channels, latent_frames = x0.shape[:3]
+        per_frame = x0.transpose(1, 2).reshape(batch * latent_frames, channels, *x0.shape[-2:])
+        blurred = gaussian_blur(per_frame).reshape(batch, latent_frames, channels, *x0.shape[-2:]).transpose(1, 2)
+    else:
+        if frames != 1:
+            raise UnsupportedError(f"SAG: a map over {frames} token frames but latents of shape {tuple(image.shape)}")
+        mask = F.interpolate(salient.reshape(-1, 1, height, width), size=image.shape[-2:])  # nearest, as the SAG pipeline
+        blurred = gaussian_blur(x0)
     mixed = blurred * mask + x0 * (1 - mask)
     return adapter.packed_latents(level.noise(mixed, eps))

@@ -33,7 +33,7 @@ from ...selection import LayerSpec, describe_layers, validate_layers
 from ...steps import StepInfo, StepWindow, validate_steps
 from ...validation import integer, number, set_field
 from ..common import RowIndex, output_key, publish
-from .merging import MergePlan, agent_attention, cell_destinations, derived_seed, match, plan_from_matching
+from .merging import MergePlan, agent_attention, derived_seed, match, plan_from_matching, video_cell_destinations
 
 if TYPE_CHECKING:
     from ...families.base import Geometry
@@ -181,10 +181,12 @@ class _Reducer:
 
 def _refuse_family(owner: str, adapter: ModelAdapter) -> None:
     if adapter.rotary:
+        tokens = "video token (3-D RoPE over frame, row and column)" if adapter.grid_dims == 3 else "image token"
         raise UnsupportedError(
             f"attnctl: {owner} does not support the {adapter.family} family: its attention applies rotary position "
-            "embeddings per image token, so merged tokens have no position; it supports families without rotary "
-            "image positions (SD / SDXL, SD3, PixArt)"
+            f"embeddings per {tokens} to the projected queries and keys, so a merged token (a mean of tokens at "
+            "different positions) has no position to rotate by; it supports families without rotary image positions "
+            "(SD / SDXL, SD3, PixArt)"
         )
 
 
@@ -228,8 +230,9 @@ class ToMe(_Reducer, Control, type_name="tome"):
     - `key`: where the `TokenReductionReport` goes in `handle.outputs` (two ToMe controls need two keys).
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images and video: on a (frames, height, width) grid the cells are `1 x stride x stride` within each frame (a
+    #: merge never mixes frames); the video family attnctl supports (Wan) is refused for its rotary positions
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     ratio: float = 0.5
     stride: int = 2
@@ -285,8 +288,9 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     `"agent_attention"`) as `ToMe`.
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images and video: on a (frames, height, width) grid the cells are `1 x stride x stride` within each frame (a
+    #: merge never mixes frames); the video family attnctl supports (Wan) is refused for its rotary positions
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     ratio: float = 0.4
     agent_ratio: float = 0.95
@@ -362,13 +366,15 @@ class _ReductionBound(Bound):
             return None
         return Edit(hooks=(_ReductionHook(self, phase),))
 
-    def partition(self, layer: LayerInfo, step: StepInfo, grid_hw: tuple[int, int], stride: int, device: torch.device):
-        """(dst, src) of this layer at this step: the same for every batch row and every pass of the step."""
-        key = (layer.name, step.index, grid_hw, stride, str(device))
+    def partition(self, layer: LayerInfo, step: StepInfo, grid_hw: tuple[int, int], stride: int, device: torch.device,
+                  frames: int = 1):
+        """(dst, src) of this layer at this step: the same for every batch row and every pass of the step (video:
+        per-frame cells, `video_cell_destinations`)."""
+        key = (layer.name, step.index, grid_hw, stride, str(device), frames)
         found = self._partitions.get(key)
         if found is None:
             generator = torch.Generator().manual_seed(derived_seed(self.control.seed, layer.name, step.index))
-            dst, src = cell_destinations(grid_hw, stride, generator)
+            dst, src = video_cell_destinations(frames, grid_hw, stride, generator)
             found = self._partitions[key] = (dst.to(device), src.to(device))
         return found
 
@@ -402,7 +408,7 @@ class _ReductionHook(LayerHook):
                 f"tokens for the {geometry.image_hw[0]}x{geometry.image_hw[1]} grid, got {tuple(hidden.shape)}"
             )
         phase = self.phase
-        dst, src = self.bound.partition(call.layer, call.step, geometry.image_hw, phase.stride, hidden.device)
+        dst, src = self.bound.partition(call.layer, call.step, geometry.image_hw, phase.stride, hidden.device, geometry.frames)
         target, rank = match(hidden, dst, src)
         plan = plan_from_matching(tokens, dst, src, target, rank, int(tokens * phase.ratio))
         agents = None

@@ -52,6 +52,21 @@ def cell_destinations(grid_hw: tuple[int, int], stride: int, generator: torch.Ge
     return dst, (~is_dst).nonzero().flatten()
 
 
+def video_cell_destinations(
+    frames: int, grid_hw: tuple[int, int], stride: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cell_destinations` on a frame-major `frames x h x w` video grid: cells of `1 x stride x stride` tokens
+    within each frame (one destination each, drawn frame after frame from `generator`), so a merge never mixes two
+    frames. One frame: `cell_destinations` itself."""
+    if frames == 1:
+        return cell_destinations(grid_hw, stride, generator)
+    per_frame = grid_hw[0] * grid_hw[1]
+    parts = [cell_destinations(grid_hw, stride, generator) for _ in range(frames)]
+    dst = torch.cat([d + f * per_frame for f, (d, _) in enumerate(parts)])
+    src = torch.cat([s + f * per_frame for f, (_, s) in enumerate(parts)])
+    return dst, src
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """Where each of the N tokens of every batch row goes in the merged sequence of `kept` tokens.
