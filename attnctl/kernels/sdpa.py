@@ -4,7 +4,8 @@ are bitwise identical to stock.
 
 Per-key edits (bias, value scale) never need an N x N mask: a (B, H, 1, Nk) mask broadcasts, and a query
 range splits the call into row groups. Label masks and windows are made dense here, up to
-`DENSE_MASK_LIMIT` mask elements (B * Nq * Nk); past that the fused backends (flex, triton) are needed.
+`DENSE_MASK_LIMIT` mask elements (B * Nq * Nk); past that the fused backends (flex, triton) are needed. A window
+alone on a large grid runs tiled instead (`window_tiles`: each tile of image queries against its neighbourhood).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError
+from . import window_tiles
 from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
 DENSE_MASK_LIMIT = 1 << 26  # 64M elements: 256 MB as float32
@@ -74,6 +76,11 @@ def attention(
         return _call(q, k, v, spec.attn_mask, spec.scale), None
     batch, _, nq, _ = q.shape
     nk = k.shape[2]
+    if _window_only(spec) and window_tiles.tileable(spec.window):
+        n = spec.window.n_img + spec.window.text_len
+        if (nq, nk) != (n, n):
+            raise BackendError(f"window covers {(n, n)} tokens but the call has ({nq}, {nk})")
+        return window_tiles.attention(q, k, v, spec.window, spec.scale), None
     elements = spec.dense_elements(batch, nq, nk)
     if elements > DENSE_MASK_LIMIT:
         raise BackendError(
@@ -101,6 +108,12 @@ def attention(
         _, dead = _labels_dense(spec.labels, q.dtype, q.device)  # (B, Nq)
         out = out.masked_fill(dead[:, None, :, None], 0.0)
     return out, None
+
+
+def _window_only(spec: AttentionSpec) -> bool:
+    """A window and nothing else to apply: the tiled path (`window_tiles`) computes it without an N x N mask."""
+    return spec.window is not None and spec.attn_mask is None and spec.labels is None and spec.key_bias is None \
+        and spec.value_scale is None and spec.query_range is None
 
 
 def _join_queries(pieces: list[torch.Tensor]) -> torch.Tensor:
