@@ -112,7 +112,11 @@ class StructuredGuidance(Control, type_name="structured-guidance"):
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)  # values only: the token grid's shape does not enter
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return None
+        return (
+            "its hook projects the phrases' values through each layer's own value projection on first use and caches them "
+            "by layer name inside the processor, so dynamo guards on the layer's name and compiles one graph per "
+            "cross-attention layer (past torch._dynamo's cache size limit on SD / SDXL, the layers then run uncompiled)"
+        )
 
     def __post_init__(self) -> None:
         phrases = self.phrases
