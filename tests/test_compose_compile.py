@@ -240,7 +240,7 @@ def test_every_refused_control_names_its_reason(tiny_cache, name):
         "ToMe": lambda: attnctl.ToMe(), "AgentAttention": lambda: attnctl.AgentAttention(), "FastAttn": lambda: attnctl.FastAttn(),
         "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
     }[name]()
-    pipe = tiny_cache("tiny-sd3" if name == "Regions" else "tiny-sd")  # Regions compiles on UNet only
+    pipe = tiny_cache("tiny-sd3" if name == "Regions" else "tiny-sd")  # Regions: the joint-attention reason
     denoiser = _denoiser(pipe)
     denoiser.compile()
     try:
