@@ -138,7 +138,6 @@ MATRIX_CONTROLS = {
     "ConsistentSubjects": lambda: attnctl.ConsistentSubjects(),
     "ReferenceAttention": lambda: attnctl.ReferenceAttention(_reference_image(), region=(0.0, 0.0, 0.5, 1.0)),
     "AttentionInterpolation": lambda: attnctl.AttentionInterpolation(),
-    "SAG+ConsistentSubjects": lambda: [attnctl.SAG(), attnctl.ConsistentSubjects(layers="transformer_blocks.0")],
 }
 
 
