@@ -68,16 +68,12 @@ class Regions(Control, type_name="regions"):
 
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        per_layer = (
-            "its cross-attention hook projects the region prompts through each layer's to_k / to_v on first use and "
-            "caches them by layer name inside the processor, so dynamo compiles one graph per cross-attention layer (past "
-            "its recompile limit on tiny-sd's blocks with 3 prompts; SD / SDXL have 16 / 70 such layers)"
-        )
         if adapter.text_attention == "cross" and not adapter.prompt_mask:
-            return per_layer
+            return None  # its cross-attention edits carry the layer's region keys as constants (RegionsBound.cross_edit)
         return (
             "on joint-attention layouts and with a text attention mask its region masks use data-dependent ops "
-            "(nonzero) and a tensor version check inside the attention op, which break the graph; and " + per_layer
+            "(nonzero) and a tensor version check inside the attention op, which break the graph (it runs compiled "
+            "on SD / SDXL UNets)"
         )
 
     def __post_init__(self) -> None:
