@@ -153,6 +153,26 @@ def test_guidance_compile_matrix(name, entry):
         _check(f"{name} {entry} {label}", *_compiled_run(name, make, entry, steps=4, prompt=PROMPTS))
 
 
+CROSS_CONTROLS = {
+    "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
+    "StructuredGuidance": lambda: attnctl.StructuredGuidance(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry, controls", [
+    ("tiny-sd", "inplace", ("Regions", "StructuredGuidance")), ("tiny-sdxl", "blocks", ("Regions", "StructuredGuidance")),
+    ("tiny-pixart", "inplace", ("StructuredGuidance",)),
+])
+def test_cross_attention_controls_compile_matrix(name, entry, controls):
+    """Controls with per-layer constants (region keys, phrase values) on the families where they compile: no graph
+    per layer (their edits carry each layer's tensors)."""
+    for label in controls:
+        torch._dynamo.reset()
+        counters.clear()
+        _check(f"{name} {entry} {label}", *_compiled_run(name, CROSS_CONTROLS[label], entry, steps=4, prompt=PROMPTS))
+
+
 # -- every registered control: runs compiled, or refused with a reason of its own ------------------------------
 def _smoke_controls():
     """One instance of every registered control (test-only probes left out); a step window where it has one."""
