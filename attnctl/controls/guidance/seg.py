@@ -138,7 +138,18 @@ def kernel_taps(sigma: float, grid_hw: tuple[int, int]) -> tuple[float, ...] | N
     if sigma >= INFINITE_SIGMA:
         return None
     size = kernel_size(sigma, grid_hw)
-    return tuple(gaussian_kernel1d(size, sigma).tolist()) if size > 1 else None
+    if size <= 1:
+        return None
+    key = (size, float(sigma))
+    found = _TAPS.get(key)
+    if found is None:  # once per process: the same taps at every layer, call and handle
+        if len(_TAPS) >= 64:
+            _TAPS.clear()
+        found = _TAPS[key] = tuple(gaussian_kernel1d(size, sigma).tolist())
+    return found
+
+
+_TAPS: dict[tuple[int, float], tuple[float, ...]] = {}
 
 
 def blur_grid(images: torch.Tensor, sigma: float, taps: tuple[float, ...] | None = None) -> torch.Tensor:
