@@ -56,7 +56,8 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
         return (
             "it wraps the skipped blocks' forward for each pipeline call, and the wrapper reads the call's row tags (new at "
             "every call), binds the block's arguments with inspect and re-batches them in Python: traced as part of a "
-            "compiled block or denoiser, it recompiles at every pipeline call"
+            "compiled block or denoiser, it recompiles at every pipeline call; and the layers inside a narrowed block "
+            "would get the edits made before the forward for the whole batch"
         )
 
     def __post_init__(self) -> None:
