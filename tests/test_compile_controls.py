@@ -21,9 +21,17 @@ import attnctl
 from attnctl.control import Control, registered_controls
 from attnctl.errors import UnsupportedError
 from attnctl.families import adapter_for
-from attnctl.testing import make_tiny_pipeline
+from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
+from attnctl.testing.new_families import available
 
-from .helpers import generate
+
+def generate(pipe, name, prompt, steps=2, guidance=5.0, seed=0):
+    """tests.helpers.generate with the prompt as a keyword (Flux2KleinPipeline's first argument is `image`) and a
+    video pipeline's frames."""
+    out = pipe(prompt=list(prompt) if isinstance(prompt, list) else prompt, num_inference_steps=steps, guidance_scale=guidance,
+               output_type="latent", generator=torch.Generator().manual_seed(seed), **dict(CALL_DEFAULTS[name]))
+    return out.frames if hasattr(out, "frames") else out.images
+
 
 PROMPT = "a photo of a cat"
 DEFAULT_REASON = Control.compile_refusal(None, None)  # the base class's "not verified" text
@@ -171,6 +179,23 @@ def test_cross_attention_controls_compile_matrix(name, entry, controls):
         torch._dynamo.reset()
         counters.clear()
         _check(f"{name} {entry} {label}", *_compiled_run(name, CROSS_CONTROLS[label], entry, steps=4, prompt=PROMPTS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, labels", [
+    ("tiny-chroma", ("PAG", "SEG", "ConsistentSubjects", "AttentionInterpolation")),
+    ("tiny-qwenimage", ("PAG", "SEG", "ConsistentSubjects")),
+    ("tiny-flux2", ("PAG", "SEG", "ConsistentSubjects")),
+    ("tiny-wan", ("PAG",)),  # SEG is defined on 2-D grids only
+])
+def test_newer_families_compile_matrix(name, labels):
+    """The whole denoiser compiled (the newer families have no `_repeated_blocks` entry point tested here)."""
+    if not available(name):
+        pytest.skip(f"{name} needs a newer diffusers")
+    for label in labels:
+        torch._dynamo.reset()
+        counters.clear()
+        _check(f"{name} {label}", *_compiled_run(name, MATRIX_CONTROLS[label], "inplace", steps=4, prompt=PROMPTS))
 
 
 # -- every registered control: runs compiled, or refused with a reason of its own ------------------------------
