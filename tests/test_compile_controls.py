@@ -2,9 +2,9 @@
 registered control either runs compiled or is refused at apply with a reason of its own.
 
 What is checked for a control that runs compiled: compiled output == eager output (bitwise with dynamo's "eager"
-backend; within the stock compiled-vs-eager tolerance with inductor), no graph break, at most twice the graphs
-stock compiles (a control's active / inactive steps and its extra rows), never one per step, and no new graph on
-the next pipeline call. CI traces with the "eager" backend on tiny-sd's blocks; the family matrix is `slow`.
+backend; within the stock compiled-vs-eager tolerance with inductor), no graph break, at most max(2 x, stock + 2)
+the graphs stock compiles (a control's active / inactive steps and its extra rows' batch), never one per step, and
+no new graph on the next pipeline call. CI traces with the "eager" backend on tiny-sd's blocks; the family matrix is `slow`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def _compiled_run(name, make, entry, steps, prompt=PROMPT):
 def _check(label, eager, compiled, again, stock, first, total):
     assert torch.equal(compiled, eager) and torch.equal(again, eager), label
     assert not counters["graph_break"], (label, dict(counters["graph_break"]))
-    assert first <= 2 * stock, (label, stock, first)  # never one per step (4 steps, a window)
+    # a step window's active / inactive graphs and one more batch shape (perturbed rows, SAG's second pass); one graph
+    # per step would exceed it (4 steps)
+    assert first <= max(2 * stock, stock + 2), (label, stock, first)
     assert total == first, (label, first, total)  # the second call compiles nothing
 
 
@@ -181,12 +183,19 @@ def test_cross_attention_controls_compile_matrix(name, entry, controls):
         _check(f"{name} {entry} {label}", *_compiled_run(name, CROSS_CONTROLS[label], entry, steps=4, prompt=PROMPTS))
 
 
+EARLIER_CONTROLS = {  # verified on UNet / SD3 / Flux / PixArt by tests/test_compose_compile.py
+    "SAG": lambda: attnctl.SAG(steps=(0.0, 0.5)),
+    "Reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),
+    "PLADIS": lambda: attnctl.PLADIS(),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, labels", [
-    ("tiny-chroma", ("PAG", "SEG", "ConsistentSubjects", "AttentionInterpolation")),
-    ("tiny-qwenimage", ("PAG", "SEG", "ConsistentSubjects")),
-    ("tiny-flux2", ("PAG", "SEG", "ConsistentSubjects")),
-    ("tiny-wan", ("PAG",)),  # SEG is defined on 2-D grids only
+    ("tiny-chroma", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects", "AttentionInterpolation")),
+    ("tiny-qwenimage", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects")),
+    ("tiny-flux2", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects")),
+    ("tiny-wan", ("PAG", "Reweight", "PLADIS")),  # SEG and SAG are defined on 2-D grids only
 ])
 def test_newer_families_compile_matrix(name, labels):
     """The whole denoiser compiled (the newer families have no `_repeated_blocks` entry point tested here)."""
@@ -195,7 +204,8 @@ def test_newer_families_compile_matrix(name, labels):
     for label in labels:
         torch._dynamo.reset()
         counters.clear()
-        _check(f"{name} {label}", *_compiled_run(name, MATRIX_CONTROLS[label], "inplace", steps=4, prompt=PROMPTS))
+        make = {**MATRIX_CONTROLS, **EARLIER_CONTROLS}[label]
+        _check(f"{name} {label}", *_compiled_run(name, make, "inplace", steps=4, prompt=PROMPTS))
 
 
 # -- every registered control: runs compiled, or refused with a reason of its own ------------------------------
@@ -252,9 +262,10 @@ def _stock_graphs(pipe) -> int:
 @pytest.mark.parametrize("type_name", sorted(_smoke_controls()))
 def test_every_control_runs_compiled_or_names_its_reason(tiny_cache, type_name):
     """tiny-sd: a control that declares itself compile-ready runs with the UNet's blocks compiled (fullgraph,
-    dynamo's eager backend), 3 prompt rows, 4 steps: bitwise the eager output, no graph break, at most twice stock's
-    graphs (never one per step), none on the next call. A control that is not is refused at apply (the UNet compiled
-    lazily: nothing is traced), and its reason is its own, not the base class's "not verified"."""
+    dynamo's eager backend), 3 prompt rows, 4 steps: bitwise the eager output, no graph break, at most
+    max(2 x, stock + 2) stock's graphs (never one per step), none on the next call. A control that is not is
+    refused at apply (the UNet compiled lazily: nothing is traced), and its reason is its own, not the base class's
+    "not verified"."""
     control = _smoke_controls()[type_name]()
     pipe = tiny_cache("tiny-sd")
     denoiser = pipe.unet
