@@ -48,14 +48,24 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux"])
-def test_no_graph_break_inside_a_controlled_processor(monkeypatch, name):
-    """`torch._dynamo.explain` on one attention module, with a Reweight edit computed as a compiled denoiser
+EXPLAINED = {
+    "Reweight": lambda: attnctl.Reweight({"cat": 0.0}),
+    "PAG": lambda: attnctl.PAG(),  # self-attention identity (UNet), joint diagonal + text queries (Flux)
+    "SEG": lambda: attnctl.SEG(sigma=1.0),  # a real kernel (taps), not the mean
+}
+
+
+@pytest.mark.parametrize("name, control", [
+    ("tiny-sd", "Reweight"), ("tiny-sd3", "Reweight"), ("tiny-flux", "Reweight"),
+    ("tiny-sd", "PAG"), ("tiny-flux", "PAG"), ("tiny-sd3", "SEG"),
+])
+def test_no_graph_break_inside_a_controlled_processor(monkeypatch, name, control):
+    """`torch._dynamo.explain` on one attention module, with the control's edit computed as a compiled denoiser
     gets it (before the forward, `Runtime.prefill_edits`): one graph, no break."""
     monkeypatch.setattr(attnctl.handle, "compiled_parts", lambda *args: ["test"])  # as if compiled: edits prefilled
     pipe = make_tiny_pipeline(name)
     explained = []
-    with attnctl.apply(pipe, attnctl.Reweight({"cat": 0.0})) as handle:
+    with attnctl.apply(pipe, EXPLAINED[control]()) as handle:
         layer = handle.runtime.resolved[0][0]
         module = handle.adapter.modules[layer.name]
         processor = module.processor
@@ -219,7 +229,7 @@ def test_every_compile_ready_control_matrix(name, family):
         assert not counters["graph_break"], (control_name, dict(counters["graph_break"]))
 
 
-REFUSED_COMPILED = ("AgentAttention", "AttentionMaps", "FastAttn", "PAG", "Regions", "SEG", "TGate", "ToMe")
+REFUSED_COMPILED = ("AgentAttention", "AttentionMaps", "FastAttn", "Regions", "TGate", "ToMe")
 
 
 @pytest.mark.parametrize("name", REFUSED_COMPILED)
@@ -228,10 +238,9 @@ def test_every_refused_control_names_its_reason(tiny_cache, name):
     control = {
         "TGate": lambda: attnctl.TGate(gate_step=1), "AttentionMaps": lambda: attnctl.AttentionMaps(["cat"]),
         "ToMe": lambda: attnctl.ToMe(), "AgentAttention": lambda: attnctl.AgentAttention(), "FastAttn": lambda: attnctl.FastAttn(),
-        "PAG": lambda: attnctl.PAG(), "SEG": lambda: attnctl.SEG(),
         "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
     }[name]()
-    pipe = tiny_cache("tiny-sd3" if name == "Regions" else "tiny-sd")  # Regions compiles on UNet only
+    pipe = tiny_cache("tiny-sd3" if name == "Regions" else "tiny-sd")  # Regions: the joint-attention reason
     denoiser = _denoiser(pipe)
     denoiser.compile()
     try:

@@ -112,7 +112,7 @@ class StructuredGuidance(Control, type_name="structured-guidance"):
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)  # values only: the token grid's shape does not enter
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return None
+        return None  # its edits carry the layer's phrase values and the cond rows as constants (StructuredBound.edit)
 
     def __post_init__(self) -> None:
         phrases = self.phrases
@@ -194,8 +194,6 @@ class StructuredBound(Bound):
         self.text = None
         self._cache: dict[Any, Any] = {}
         self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
-        self.hook = _ValueHook(self)
-        self._edit = Edit(hooks=(self.hook,))
         if self.scale == 0.0:
             return
         tokens = context.require_tokens("StructuredGuidance")
@@ -229,31 +227,56 @@ class StructuredBound(Bound):
             self.text = context.encode_prompts(list(sources))
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if not self.spans or not frame.rows.indices("cond"):
+        rows = frame.rows.indices("cond")
+        if not self.spans or not rows:
             return None
-        return self._edit
+        key = ("edit", layer.index, rows)
+        found = self._cache.get(key)
+        if found is None:
+            prompts = tuple(frame.rows.rows[i].prompt for i in rows)
+            found = self._cache[key] = Edit(hooks=(_ValueHook(self, rows, prompts, self._layer_plan(layer, frame)),))
+        return found
+
+    def _layer_plan(self, layer: LayerInfo, frame: DenoiserCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's plan made with the edit (eagerly, also before a compiled forward), on the device of the
+        layer's weights, so that a compiled processor looks nothing up by layer name; None where the weights are
+        not on a real device (the hook then makes its own)."""
+        module = self.adapter.modules[layer.name]
+        weight = next(module.parameters(), None)
+        if weight is None or weight.device.type == "meta":
+            return None
+        return self.plan_for(module, layer.name, weight.device, frame.geometry(layer).text_len)
 
     def plan(self, call: AttentionCall, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep, add), each (prompt rows, H, T, D) float32 on v's device: the averaged values are `v keep + add`."""
-        key = (call.layer.name, str(v.device), tuple(v.shape[1:]))
+        keep, add = self.plan_for(call.module, call.layer.name, v.device, v.shape[2])
+        if tuple(add.shape[1:]) != tuple(v.shape[1:]):
+            raise UnsupportedError(
+                f"attnctl: StructuredGuidance at {call.layer.name}: the phrases' values have shape {tuple(add.shape[1:])} "
+                f"(heads, text, head dim), the layer's values {tuple(v.shape[1:])}"
+            )
+        return keep, add
+
+    def plan_for(self, module: torch.nn.Module, name: str, device: torch.device, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep, add) of the layer `name` for `text` text keys on `device`, once per call."""
+        key = (name, str(device), text)
         found = self._cache.get(key)
         if found is not None:
             return found
-        module = call.module
         weight = next(module.parameters()).dtype
         with torch.no_grad():
-            embeds = self.adapter.project_text(self.text.embeds.to(device=v.device, dtype=weight), call.layer)
+            embeds = self.adapter.project_text(self.text.embeds.to(device=device, dtype=weight), self.adapter.layer(name))
             _, values = module.processor.project_context(module, embeds)  # (phrases, H, T', D)
         values = values.float()
-        rows, (heads, text, dim) = len(self.counts), v.shape[1:]
-        cover = torch.zeros(rows, 1, text, 1, device=v.device)
-        summed = torch.zeros(rows, heads, text, dim, device=v.device)
+        rows, heads, dim = len(self.counts), values.shape[1], values.shape[3]
+        cover = torch.zeros(rows, 1, text, 1, device=device)
+        summed = torch.zeros(rows, heads, text, dim, device=device)
         for span in self.spans:
-            positions = torch.tensor(span.positions, device=v.device)
-            own = torch.tensor(span.own, device=v.device)
+            positions = torch.tensor(span.positions, device=device)
+            own = torch.tensor(span.own, device=device)
             cover[span.row, :, positions] += 1.0
             summed[span.row, :, positions] += values[span.source][:, own]
-        sets = torch.tensor(self.counts, device=v.device, dtype=torch.float32).add(1.0)[:, None, None, None]
+        sets = torch.tensor(self.counts, device=device, dtype=torch.float32).add(1.0)[:, None, None, None]
         keep = 1.0 - self.scale * cover / sets
         add = self.scale * summed / sets
         found = (keep, add)
@@ -266,22 +289,39 @@ class StructuredBound(Bound):
 
 
 class _ValueHook(LayerHook):
-    def __init__(self, bound: StructuredBound):
+    """The cond rows' text values averaged with the phrases' (`rows` / `prompts`: the frame's cond rows and their
+    prompt rows; `plan`: the layer's (keep, add), both made by the edit)."""
+
+    def __init__(self, bound: StructuredBound, rows: tuple[int, ...], prompts: tuple[int, ...], plan: Any = None):
         self.bound = bound
+        self.rows = rows
+        self.prompts = prompts
+        self.plan = plan
 
     def attend(
         self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Any, compute: AttendFn
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layout = call.rows
-        rows = layout.indices("cond")
-        keep, add = self.bound.plan(call, v)
+        if call.row_source is None:
+            rows, prompt_rows = self.rows, self.prompts
+        else:  # inside another hook's restricted rows
+            layout = call.rows
+            rows = layout.indices("cond")
+            prompt_rows = tuple(layout.rows[i].prompt for i in rows)
+        plan = self.plan
+        if plan is None or plan[1].device != v.device or tuple(plan[1].shape[1:]) != tuple(v.shape[1:]):
+            plan = self.bound.plan(call, v)
+        keep, add = plan
         if v.shape[2] != keep.shape[2]:
             raise UnsupportedError(
                 f"attnctl: StructuredGuidance at {call.layer.name} got {v.shape[2]} text keys, the prompt has "
                 f"{keep.shape[2]}: another control on this layer changed the text (give the controls disjoint layers)"
             )
-        index = self.bound.index(rows, v.device)
-        prompts = self.bound.index(tuple(layout.rows[i].prompt for i in rows), v.device)
+        if torch.compiler.is_compiling():  # constants of the graph: no lookup in the index cache to guard on
+            index = torch.tensor(rows, dtype=torch.long, device=v.device)
+            prompts = torch.tensor(prompt_rows, dtype=torch.long, device=v.device)
+        else:
+            index = self.bound.index(rows, v.device)
+            prompts = self.bound.index(prompt_rows, v.device)
         chosen = v.index_select(0, index).float()
         edited = chosen * keep.index_select(0, prompts) + add.index_select(0, prompts)
         v = v.index_copy(0, index, edited.to(v.dtype))

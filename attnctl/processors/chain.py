@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,15 +30,15 @@ def restricted_rows(call: AttentionCall, positions: Sequence[int]) -> Iterator[A
     layout that matches the tensors they get. `row_source(call)` gives, for each row they see, its position
     in the batch the layer call started with (token reducers use it to pick their per-row plans).
     """
-    frame = call.frame
+    layout = call.row_layout
     before = row_source(call)
-    rows = frame.rows.rows
-    call.frame = dataclasses.replace(frame, rows=RowLayout(tuple(rows[i] for i in positions)))
+    rows = call.rows.rows
+    call.row_layout = RowLayout(tuple(rows[i] for i in positions))
     call.row_source = tuple(positions) if before is None else tuple(before[i] for i in positions)
     try:
         yield call
     finally:
-        call.frame = frame
+        call.row_layout = layout
         call.row_source = before
 
 
@@ -103,7 +102,15 @@ def restricted_tokens(call: AttentionCall, layout: TokenLayout) -> Iterator[Atte
 
 def backend_op(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
     """The attention op on the handle's backend, without the hooks of other controls: for a hook that computes
-    part of a layer call itself (PAG's text queries of the perturbed rows). Returns (out, lse or None)."""
+    part of a layer call itself (PAG's text queries of the perturbed rows). Returns (out, lse or None).
+
+    While torch.compile traces, the backend is chosen as a pure function of constants and called directly (as
+    `Runtime.backend_for` does there): `kernels.attention` notes the request in a context variable, which dynamo
+    cannot trace."""
+    if torch.compiler.is_compiling():
+        dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+        name, _ = kernels.choose_backend(call.backend, q.device, spec.features(), dense, shape=(q.shape[2], q.shape[3]))
+        return kernels.BACKENDS[name].fn(q, k, v, spec)
     return kernels.attention(q, k, v, spec, call.backend)
 
 

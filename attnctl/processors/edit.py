@@ -114,10 +114,13 @@ class AttentionCall:
     # the original batch position of each row the inner hooks see, and the token layout of the op they run.
     row_source: tuple[int, ...] | None = None
     token_layout: Any = None
+    # The rows of a restricted call (`processors.chain.restricted_rows`); None: the frame's rows. Kept apart from
+    # the frame so that restricting rows copies no frame (a compiled processor would guard on every field it copies).
+    row_layout: Any = None
 
     @property
     def rows(self):
-        return self.frame.rows
+        return self.frame.rows if self.row_layout is None else self.row_layout
 
     @property
     def step(self):

@@ -98,6 +98,9 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         """"linked_keys": the rows attend to the source rows' keys and values (none while strength is 0)."""
         return ("linked_keys",) if self.strength > 0 else ()
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return None  # the edit hands its hook the row links and bias as constants (tests/test_compile_controls.py)
+
     def bind(self, context: BindContext) -> _ConsistentBound:
         return _ConsistentBound(self, context)
 
@@ -107,15 +110,19 @@ Links = tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]
 
 class LinkedKeysBound(Bound):
     """What the appended-keys controls (ConsistentSubjects, ReferenceAttention) share per call: the row links of each
-    row layout (`find_links`, found once per layout), the row index tensors, and one edit with their hook while the
-    control is active (its `strength` above 0, inside its steps, and some row linked)."""
+    row layout (`find_links`, found once per layout), the row index tensors, and the edits with their hook while the
+    control is active (its `strength` above 0, inside its steps, and some row linked).
 
-    def __init__(self, control: Control, context: BindContext, hook: LayerHook):
+    The edit (computed eagerly, also before a compiled forward) hands its hook the links of the frame's rows and the
+    source bias of the layer's grid as constants, so a compiled processor reads no row layout and no per-device cache."""
+
+    def __init__(self, control: Control, context: BindContext, hook: type[LayerHook]):
         super().__init__(control, context.layers, control.steps)
         self.index = RowIndex()
         self._links: dict[Any, Links] = {}
         self._bias: dict[Any, torch.Tensor] = {}
-        self._edit = Edit(hooks=(hook,))
+        self._hook = hook
+        self._edits: dict[Any, Edit] = {}
 
     def find_links(self, rows: RowLayout) -> Links:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -128,17 +135,49 @@ class LinkedKeysBound(Bound):
         return found
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if self.control.strength == 0 or not self.active(frame.step) or not self.links(frame.rows)[0]:
+        if self.control.strength == 0 or not self.active(frame.step):
             return None
-        return self._edit
+        links = self.links(frame.rows)
+        if not links[0]:
+            return None
+        geometry = frame.geometry(layer)
+        key = (links, geometry.image_hw, geometry.frames, geometry.image_len)
+        found = self._edits.get(key)
+        if found is None:
+            found = self._edits[key] = Edit(hooks=(self._hook(self, links, geometry, frame_device(frame)),))
+        return found
+
+    def call_links(self, call: AttentionCall, links: Links) -> Links:
+        """The links of the rows the call's tensors hold: the edit's, or inside another hook's restricted rows, the
+        links of those rows."""
+        return links if call.row_source is None else self.links(call.rows)
+
+    def tensor(self, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An index tensor of `positions`: cached per device when eager; a constant of the graph when compiled."""
+        if torch.compiler.is_compiling():
+            return torch.tensor(positions, dtype=torch.long, device=device)
+        return self.index(positions, device)
 
     def finish(self) -> None:
         self.index.clear()
 
 
+def frame_device(frame: DenoiserCall) -> torch.device:
+    """The device of the denoiser call's first tensor input (where the constants of its edits are made)."""
+    for value in (frame.inputs or {}).values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def on_device(table: torch.Tensor, device: torch.device, make) -> torch.Tensor:
+    """`table` (made by the edit) when it is on `device`, else `make(device)` (the same table, made there)."""
+    return table if table.device == device else make(device)
+
+
 class _ConsistentBound(LinkedKeysBound):
     def __init__(self, control: ConsistentSubjects, context: BindContext):
-        super().__init__(control, context, AppendedKeysHook(self))
+        super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows
         if control.reference is not None and control.reference >= context.prompt_rows:
             raise ConfigError(
@@ -171,18 +210,21 @@ class AppendedKeysHook(LayerHook):
     """The target rows' image queries attend to their own keys plus the source rows' image keys, with the source
     bias (`bound.source_bias`); the other rows (and text queries) go through the rest of the chain unchanged."""
 
-    def __init__(self, bound: Any):
+    def __init__(self, bound: Any, links: Links = ((), ()), geometry: Any = None, device: Any = None):
         self.bound = bound
+        self.links = links
+        self.bias = None if geometry is None else bound.source_bias(geometry, device, torch.float32)
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
-        targets, sources = self.bound.links(call.rows)
+        targets, sources = self.bound.call_links(call, self.links)
         if not targets:
             return compute(q, k, v, spec)
         batch = q.shape[0]
-        index = self.bound.index
+        index = self.bound.tensor
         target_index = index(targets, q.device)
+        bias = on_device(self.bias, q.device, lambda device: self.bound.source_bias(call.geometry, device, torch.float32))
         own = appended_attention(call, q, k, v, spec, target_index, [index(tuple(s[j] for s in sources), q.device) for j in range(len(sources[0]))],
-                                 self.bound.source_bias(call.geometry, q.device, torch.float32))
+                                 bias)
         chosen = set(targets)
         rest = tuple(i for i in range(batch) if i not in chosen)
         if not rest:

@@ -139,7 +139,7 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
         return ("linked_keys",)
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return "its hook reads the per-call row layout inside the processor, so dynamo would recompile every call"
+        return None  # the edit hands its hook the row links as constants (tests/test_compile_controls.py)
 
     def point_list(self, rows: int) -> tuple[float, ...]:
         """The t of each of `rows` prompt rows."""
@@ -195,8 +195,7 @@ class _InterpolationBound(Bound):
         self.index = RowIndex()
         self._links: dict[tuple[Any, ...], RowLinks] = {}
         self._t: dict[tuple[Any, ...], torch.Tensor] = {}
-        self.hook = InterpolationHook(self)
-        self._edit = Edit(hooks=(self.hook,))
+        self._edits: dict[RowLinks, Edit] = {}
 
     def links(self, rows: RowLayout) -> RowLinks:
         found = self._links.get(rows.rows)
@@ -204,7 +203,15 @@ class _InterpolationBound(Bound):
             found = self._links[rows.rows] = interpolation_links(rows, self.points)
         return found
 
+    def tensor(self, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An index tensor of `positions`: cached per device when eager; a constant of the graph when compiled."""
+        if torch.compiler.is_compiling():
+            return torch.tensor(positions, dtype=torch.long, device=device)
+        return self.index(positions, device)
+
     def t_tensor(self, links: RowLinks, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.tensor(links.t, dtype=dtype, device=device).view(-1, 1, 1, 1)
         key = (links.t, device, dtype)
         found = self._t.get(key)
         if found is None:
@@ -212,9 +219,15 @@ class _InterpolationBound(Bound):
         return found
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if not self.active(frame.step) or not self.links(frame.rows).targets:
+        if not self.active(frame.step):
             return None
-        return self._edit
+        links = self.links(frame.rows)
+        if not links.targets:
+            return None
+        found = self._edits.get(links)
+        if found is None:
+            found = self._edits[links] = Edit(hooks=(InterpolationHook(self, links),))
+        return found
 
     def finish(self) -> None:
         self.index.clear()
@@ -222,17 +235,19 @@ class _InterpolationBound(Bound):
 
 class InterpolationHook(LayerHook):
     """The interpolated rows' attention at one layer (the module docstring's definition); the other rows go through
-    the rest of the hook chain."""
+    the rest of the hook chain. `links`: the frame's, found by the edit (a compiled processor reads no row layout);
+    inside another hook's restricted rows, found from the call's rows."""
 
-    def __init__(self, bound: _InterpolationBound):
+    def __init__(self, bound: _InterpolationBound, links: RowLinks | None = None):
         self.bound = bound
+        self.links = links
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
-        links = self.bound.links(call.rows)
+        links = self.links if self.links is not None and call.row_source is None else self.bound.links(call.rows)
         if not links.targets:
             return compute(q, k, v, spec)
         batch = q.shape[0]
-        index = self.bound.index
+        index = self.bound.tensor
         targets = index(links.targets, q.device)
         first = index(links.first, q.device)
         last = index(links.last, q.device)

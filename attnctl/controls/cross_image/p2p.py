@@ -89,6 +89,13 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     grid_dims: ClassVar[tuple[int, ...]] = (2,)
     step_cache_refusal: ClassVar[str | None] = "the edited rows read the base row's attention in every layer it acts on"
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return (
+            "its edits are one hook per layer and replacement phase (its cross- and self-attention windows, the local blend's "
+            "capture), and the capture adds each layer's maps into Python state that the step's blend reads: a compiled block "
+            "recompiles per layer and phase, past dynamo's recompile limit within one call"
+        )
+
     def __post_init__(self) -> None:
         choice(self.mode, "PromptToPrompt.mode", MODES)
         choice(self.branch, "PromptToPrompt.branch", BRANCHES)

@@ -37,7 +37,7 @@ from ...steps import validate_steps
 from ...validation import choice, number, set_field
 from ..common import keep_kinds
 from ..guidance.sag import noise_level
-from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, optional_box
+from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ class ReferenceAttention(Control, type_name="reference-attention"):
             raise ConfigError("ReferenceAttention.to_dict: the image is a PIL image; give a path to serialise it")
         return super().to_dict()
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return None  # the edit hands its hook the row links and bias as constants (tests/test_compile_controls.py)
+
     def bind(self, context: BindContext) -> _ReferenceBound:
         return _ReferenceBound(self, context)
 
@@ -123,7 +126,7 @@ def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, 
 
 class _ReferenceBound(LinkedKeysBound):
     def __init__(self, control: ReferenceAttention, context: BindContext):
-        super().__init__(control, context, ReferenceHook(self))
+        super().__init__(control, context, ReferenceHook)
         if control.reference_row >= context.prompt_rows:
             raise ConfigError(
                 f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "
@@ -196,19 +199,25 @@ class ReferenceHook(LayerHook):
     """The target rows: appended reference keys (`appended_attention`), blended with their stock attention outside
     the region; the other rows (the reference) through the rest of the chain."""
 
-    def __init__(self, bound: _ReferenceBound):
+    def __init__(self, bound: _ReferenceBound, links: Links = ((), ()), geometry: Any = None, device: Any = None):
         self.bound = bound
+        self.links = links
+        self.bias = self.region = None
+        if geometry is not None:  # the edit's constants (`LinkedKeysBound.edit`)
+            self.bias = bound.source_bias(geometry, device, torch.float32)
+            if bound.control.region is not None:
+                self.region = bound.region_weight(geometry, device, torch.float32)
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
-        targets, sources = self.bound.links(call.rows)
+        targets, sources = self.bound.call_links(call, self.links)
         if not targets:
             return compute(q, k, v, spec)
         batch = q.shape[0]
-        index = self.bound.index
+        index = self.bound.tensor
         target_index = index(targets, q.device)
         source_index = index(tuple(s[0] for s in sources), q.device)
-        own = appended_attention(call, q, k, v, spec, target_index, [source_index],
-                                 self.bound.source_bias(call.geometry, q.device, torch.float32))
+        bias = on_device(self.bias, q.device, lambda device: self.bound.source_bias(call.geometry, device, torch.float32))
+        own = appended_attention(call, q, k, v, spec, target_index, [source_index], bias)
         rows = tuple(range(batch)) if self.bound.control.region is not None else tuple(i for i in range(batch) if i not in set(targets))
         kept = index(rows, q.device)
         with restricted_rows(call, rows):
@@ -218,7 +227,8 @@ class ReferenceHook(LayerHook):
         if self.bound.control.region is not None:
             geometry = call.geometry
             image = slice(0, q.shape[2]) if call.layer.text == "none" else geometry.image_slice
-            weight = self.bound.region_weight(geometry, q.device, own.dtype)
+            weight = on_device(self.region, q.device, lambda device: self.bound.region_weight(geometry, device, torch.float32))
+            weight = weight.to(own.dtype)  # 0 / 1: exact in any dtype
             stock = full.index_select(0, target_index)
             blended = stock.clone()
             blended[:, :, image] = stock[:, :, image] + weight * (own[:, :, image].to(stock.dtype) - stock[:, :, image])

@@ -6,6 +6,7 @@ identity, SAG's received attention) is `attnctl.kernels.semantics`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall, Perturbation, RowPlan
 from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...validation import number, set_field
 from ..common import RowIndex, select_kinds
 
@@ -67,6 +69,7 @@ class PerturbingBound(Bound):
         self.adapter = adapter
         self.tag = new_tag(control.type_name)
         self.index = RowIndex()  # the tagged rows' positions as index tensors, per device
+        self._edits: dict[tuple[Any, ...], Edit] = {}
 
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: DenoiserCall) -> torch.Tensor:
         return self.control.scale * (cond - perturbed)
@@ -79,5 +82,54 @@ class PerturbingBound(Bound):
     def rows(self, frame: DenoiserCall) -> tuple[int, ...]:
         return frame.rows.indices("cond", self.tag)
 
+    def rows_edit(
+        self, frame: DenoiserCall, hooks: Callable[[tuple[int, ...], int], tuple[LayerHook, ...]], key: tuple[Any, ...] = (),
+    ) -> Edit | None:
+        """The edit for `frame`: None without this control's rows, else `Edit(hooks=hooks(tagged, batch))`, made once
+        per (row positions, batch, key). The hooks get the perturbed rows' positions in the frame's batch as
+        constants (`PerturbedRows`): they never read the row tags, new at every pipeline call, inside the
+        processor, where a compiled processor would guard on them and recompile at every call."""
+        tagged = self.rows(frame)
+        if not tagged:
+            return None
+        found_key = (tagged, len(frame.rows)) + key
+        found = self._edits.get(found_key)
+        if found is None:
+            found = self._edits[found_key] = Edit(hooks=hooks(tagged, len(frame.rows)))
+        return found
+
     def finish(self) -> None:
         self.index.clear()
+
+
+class PerturbedRows:
+    """Base of the perturbing controls' hooks: the positions of the perturbed rows in the layer call's batch, as
+    constants.
+
+    `tagged`: the perturbed rows' positions in the frame's batch of `batch` rows (`PerturbingBound.rows_edit`).
+    Inside a hook that runs the rest of the chain on some rows only (`restricted_rows`), the positions are mapped
+    through `call.row_source`."""
+
+    def __init__(self, tagged: tuple[int, ...], batch: int, index: RowIndex | None = None):
+        self.tagged = tuple(tagged)
+        self.batch = batch
+        chosen = set(self.tagged)
+        self.rest = tuple(i for i in range(batch) if i not in chosen)
+        self.index = index if index is not None else RowIndex()
+
+    def positions(self, call: AttentionCall) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """(tagged, rest, batch) in the rows this call's tensors hold."""
+        source = call.row_source
+        if source is None:
+            return self.tagged, self.rest, self.batch
+        chosen = set(self.tagged)
+        tagged = tuple(j for j, origin in enumerate(source) if origin in chosen)
+        rest = tuple(j for j, origin in enumerate(source) if origin not in chosen)
+        return tagged, rest, len(source)
+
+    def tensor(self, positions: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """An index tensor of `positions`: cached per device when eager; a constant of the graph when compiled
+        (no lookup in a Python dict for dynamo to guard on)."""
+        if torch.compiler.is_compiling():
+            return torch.tensor(positions, dtype=torch.long, device=device)
+        return self.index(positions, device)

@@ -43,8 +43,7 @@ from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
-from ..common import RowIndex
-from .common import PerturbingBound, PerturbingControl, timestep_1000
+from .common import PerturbedRows, PerturbingBound, PerturbingControl, timestep_1000
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class PAG(PerturbingControl, type_name="pag"):
     separate: bool = False
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles every call"
+        return None
 
     def __post_init__(self) -> None:
         self._check_scale()
@@ -84,7 +83,7 @@ class PAG(PerturbingControl, type_name="pag"):
 class _PAGBound(PerturbingBound):
     def __init__(self, control: PAG, layers, adapter: ModelAdapter):
         super().__init__(control, layers, adapter)
-        self._edit = Edit(hooks=(IdentityAttention(self.tag, self.index),))
+        self._edits: dict[tuple[tuple[int, ...], int], Edit] = {}
 
     def term(self, cond: torch.Tensor, perturbed: torch.Tensor, frame: DenoiserCall) -> torch.Tensor:
         control = self.control
@@ -95,21 +94,17 @@ class _PAGBound(PerturbingBound):
         return scale.to(cond.dtype) * (cond - perturbed)
 
     def edit(self, layer, frame: DenoiserCall) -> Edit | None:
-        return self._edit if self.rows(frame) else None
+        return self.rows_edit(frame, lambda tagged, batch: (IdentityAttention(tagged, batch, self.index),))
 
 
-class IdentityAttention(LayerHook):
-    """The rows tagged `tag` get identity attention (self-attention) or the diagonal-masked image block (joint)."""
-
-    def __init__(self, tag: str, index: RowIndex | None = None):
-        self.tag = tag
-        self.index = index if index is not None else RowIndex()
+class IdentityAttention(PerturbedRows, LayerHook):
+    """The perturbed rows (`PerturbedRows`) get identity attention (self-attention) or the diagonal-masked image
+    block (joint)."""
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
-        tagged = call.rows.indices("cond", self.tag)
+        tagged, rest, batch = self.positions(call)
         if not tagged:
             return compute(q, k, v, spec)
-        batch = q.shape[0]
         joint = call.layer.text in ("first", "last")
         if not joint and (call.layer.text != "none" or q.shape[2] != k.shape[2]):
             raise ConfigError(f"PAG: layer {call.layer.name} is not self-attention; PAG perturbs self- and joint attention")
@@ -119,7 +114,7 @@ class IdentityAttention(LayerHook):
                 f"attnctl: PAG at {call.layer.name} expected {layout.nq} joint tokens, got {q.shape[2]}: another control "
                 "on this layer changed the token sequence (token reduction merges image tokens); give them disjoint layers"
             )
-        index = self.index(tagged, q.device)
+        index = self.tensor(tagged, q.device)
         sub = spec_rows(spec, index, batch)
         qt, kt, vt = (t.index_select(0, index) for t in (q, k, v))
         if joint:
@@ -128,9 +123,7 @@ class IdentityAttention(LayerHook):
             own, own_lse = self_identity(qt, kt, vt, sub)
         if len(tagged) == batch:  # a separate forward of perturbed rows only
             return own.to(q.dtype), own_lse if spec.return_lse else None
-        chosen = set(tagged)
-        rest = tuple(i for i in range(batch) if i not in chosen)
-        kept = self.index(rest, q.device)
+        kept = self.tensor(rest, q.device)
         with restricted_rows(call, rest):
             out, lse = compute(q.index_select(0, kept), k.index_select(0, kept), v.index_select(0, kept), spec_rows(spec, kept, batch))
         full = out.new_empty((batch,) + tuple(out.shape[1:]))

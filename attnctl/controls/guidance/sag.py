@@ -113,16 +113,25 @@ class _SAGBound(Bound):
         self.tag = new_tag("sag")
         self.adapter = context.adapter
         self.scheduler = getattr(context.pipeline, "scheduler", None)
-        self.hook = CaptureReceived(self)
+        self._edits: dict[tuple[int, ...], Edit] = {}  # per rows SAG degrades
         self.index = RowIndex()
         self.received: torch.Tensor | None = None
         self.received_frame: int | None = None
         self.grid: tuple[int, int, int] | None = None  # (frames, height, width) of the captured map; frames 1 on images
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if self.control.scale == 0 or frame.extra_pass is not None or not frame.rows.indices("cond", None):
+        if self.control.scale == 0 or frame.extra_pass is not None:
             return None
-        return Edit(hooks=(self.hook,))
+        # the map this frame's capture will leave: asked once per frame, before the layer runs (eagerly, also when the
+        # denoiser is compiled), so the hook never reads the frame number (a compiled hook would guard on it per frame)
+        self.received, self.received_frame = None, frame.number
+        if not frame.rows.indices("cond", None):
+            return None
+        source = degraded_rows(frame.rows)
+        found = self._edits.get(source)
+        if found is None:
+            found = self._edits[source] = Edit(hooks=(CaptureReceived(self, source),))
+        return found
 
     def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         if self.control.scale == 0:
@@ -168,17 +177,24 @@ def match_cond_rows(term: torch.Tensor, rows: RowLayout, source: tuple[int, ...]
 
 
 class CaptureReceived(LayerHook):
-    """Measures, for the rows SAG degrades, the head-averaged attention each image token receives."""
+    """Measures, for the rows SAG degrades, the head-averaged attention each image token receives.
 
-    def __init__(self, bound: _SAGBound):
+    `source`: those rows' positions in the frame's batch, found by the edit (eagerly), so that a compiled processor
+    never reads the row layout; inside another hook's restricted rows they are found from the call's rows."""
+
+    def __init__(self, bound: _SAGBound, source: tuple[int, ...] = ()):
         self.bound = bound
+        self.source = source
 
     def attend(self, call: AttentionCall, q, k, v, spec, compute):
         out, lse = compute(q, k, v, spec)
         if token_layout(call).sub:  # a sub-attention an outer hook runs: not the layer's map
             return out, lse
-        source = degraded_rows(call.rows)
-        index = self.bound.index(source, q.device)
+        source = self.source if call.row_source is None else degraded_rows(call.rows)
+        if torch.compiler.is_compiling():  # a constant of the graph: no lookup in the index cache to guard on
+            index = torch.tensor(source, dtype=torch.long, device=q.device)
+        else:
+            index = self.bound.index(source, q.device)
         image = call.geometry.image_slice if call.layer.text in ("first", "last") else slice(0, q.shape[2])
         if image.stop > q.shape[2] or (call.layer.text == "none" and q.shape[2] != call.geometry.image_len):
             raise UnsupportedError(
@@ -189,7 +205,6 @@ class CaptureReceived(LayerHook):
         self.bound.received = received_attention(
             q.index_select(0, index), k.index_select(0, index), spec_rows(spec, index, q.shape[0]), image
         )
-        self.bound.received_frame = call.frame.number
         self.bound.grid = (call.geometry.frames, *call.geometry.image_hw)
         return out, lse
 

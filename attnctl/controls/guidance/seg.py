@@ -32,7 +32,7 @@ from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex
-from .common import PerturbingBound, PerturbingControl
+from .common import PerturbedRows, PerturbingBound, PerturbingControl
 
 INFINITE_SIGMA = 9999.0
 
@@ -56,7 +56,7 @@ class SEG(PerturbingControl, type_name="seg"):
     separate: bool = False
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return "its hooks read the per-call row tags and the frame number inside the processor, so dynamo recompiles every call"
+        return None
 
     def __post_init__(self) -> None:
         self._check_scale()
@@ -75,24 +75,23 @@ class SEG(PerturbingControl, type_name="seg"):
 
 
 class _SEGBound(PerturbingBound):
-    def __init__(self, control: SEG, layers, adapter: ModelAdapter):
-        super().__init__(control, layers, adapter)
-        self._edit = Edit(hooks=(BlurQueries(self.tag, control.sigma, self.index),))
-
     def edit(self, layer, frame: DenoiserCall) -> Edit | None:
-        return self._edit if self.rows(frame) else None
+        hw = frame.geometry(layer).image_hw
+        sigma = self.control.sigma
+        return self.rows_edit(frame, lambda tagged, batch: (BlurQueries(tagged, batch, sigma, hw, self.index),), key=(hw,))
 
 
-class BlurQueries(LayerHook):
-    """Blurs the image-token query projections of the rows tagged `tag` over the layer's image grid."""
+class BlurQueries(PerturbedRows, LayerHook):
+    """Blurs the image-token query projections of the perturbed rows (`PerturbedRows`) over the layer's image
+    grid `grid_hw`, with the kernel's taps computed here (a compiled processor makes them a constant)."""
 
-    def __init__(self, tag: str, sigma: float, index: RowIndex | None = None):
-        self.tag = tag
+    def __init__(self, tagged: tuple[int, ...], batch: int, sigma: float, grid_hw: tuple[int, int], index: RowIndex | None = None):
+        super().__init__(tagged, batch, index)
         self.sigma = sigma
-        self.index = index if index is not None else RowIndex()
+        self.taps = kernel_taps(sigma, grid_hw)
 
     def query(self, call: AttentionCall, q_proj: torch.Tensor) -> torch.Tensor:
-        rows = call.rows.indices("cond", self.tag)
+        rows, _, _ = self.positions(call)
         if not rows:
             return q_proj
         hw = call.geometry.image_hw
@@ -102,8 +101,8 @@ class BlurQueries(LayerHook):
                 "another control on this layer changed the image tokens (token reduction merges them), so they cannot be "
                 "blurred over the grid; give the controls disjoint layers"
             )
-        index = self.index(rows, q_proj.device)
-        blurred = blur_tokens(q_proj.index_select(0, index), hw, self.sigma)
+        index = self.tensor(rows, q_proj.device)
+        blurred = blur_tokens(q_proj.index_select(0, index), hw, self.sigma, self.taps)
         return q_proj.index_copy(0, index, blurred.to(q_proj.dtype))
 
 
@@ -134,8 +133,30 @@ def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:
 _KERNELS: dict[tuple[int, float, str], torch.Tensor] = {}
 
 
-def blur_grid(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, C, H, W) per channel as SEG specifies (see the module docstring), in float32."""
+def kernel_taps(sigma: float, grid_hw: tuple[int, int]) -> tuple[float, ...] | None:
+    """The float32 taps of the blur over a `grid_hw` grid as Python floats (None: no kernel, the mean or no blur)."""
+    if sigma >= INFINITE_SIGMA:
+        return None
+    size = kernel_size(sigma, grid_hw)
+    if size <= 1:
+        return None
+    key = (size, float(sigma))
+    found = _TAPS.get(key)
+    if found is None:  # once per process: the same taps at every layer, call and handle
+        if len(_TAPS) >= 64:
+            _TAPS.clear()
+        found = _TAPS[key] = tuple(gaussian_kernel1d(size, sigma).tolist())
+    return found
+
+
+_TAPS: dict[tuple[int, float], tuple[float, ...]] = {}
+
+
+def blur_grid(images: torch.Tensor, sigma: float, taps: tuple[float, ...] | None = None) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) per channel as SEG specifies (see the module docstring), in float32.
+
+    `taps` (`kernel_taps` of this grid): the kernel as constants, used while torch.compile traces (a tensor made
+    from them in the graph, instead of a lookup in the process-wide kernel table that dynamo would guard on)."""
     height, width = images.shape[-2:]
     x = images.float()
     if sigma >= INFINITE_SIGMA:
@@ -146,15 +167,18 @@ def blur_grid(images: torch.Tensor, sigma: float) -> torch.Tensor:
     pad = size // 2
     x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if pad < width else "replicate")
     x = F.pad(x, (0, 0, pad, pad), mode="reflect" if pad < height else "replicate")
-    kernel = gaussian_kernel1d(size, sigma, x.device)
+    if taps is not None and torch.compiler.is_compiling():
+        kernel = torch.tensor(taps, dtype=torch.float32, device=x.device)
+    else:
+        kernel = gaussian_kernel1d(size, sigma, x.device)
     channels = x.shape[1]
     x = F.conv2d(x, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
     return F.conv2d(x, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
 
 
-def blur_tokens(tokens: torch.Tensor, grid_hw: tuple[int, int], sigma: float) -> torch.Tensor:
-    """(B, H*W, C) row-major image tokens -> blurred, same layout, float32."""
+def blur_tokens(tokens: torch.Tensor, grid_hw: tuple[int, int], sigma: float, taps: tuple[float, ...] | None = None) -> torch.Tensor:
+    """(B, H*W, C) row-major image tokens -> blurred, same layout, float32 (`taps`: as `blur_grid`)."""
     batch, n, channels = tokens.shape
     height, width = grid_hw
     images = tokens.transpose(1, 2).reshape(batch, channels, height, width)
-    return blur_grid(images, sigma).reshape(batch, channels, n).transpose(1, 2)
+    return blur_grid(images, sigma, taps).reshape(batch, channels, n).transpose(1, 2)

@@ -52,6 +52,14 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
     steps: tuple[float, float] = (0.01, 0.2)
     separate: bool = False
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return (
+            "it wraps the skipped blocks' forward for each pipeline call, and the wrapper reads the call's row tags (new at "
+            "every call), binds the block's arguments with inspect and re-batches them in Python: traced as part of a "
+            "compiled block or denoiser, it recompiles at every pipeline call; and the layers inside a narrowed block "
+            "would get the edits made before the forward for the whole batch"
+        )
+
     def __post_init__(self) -> None:
         self._check_scale()
         blocks = self.blocks

@@ -61,6 +61,14 @@ class _LatentOptimization(Control):
         "its loss passes run the denoiser's first layers with gradients outside the cache's schedule"
     )
 
+    def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        return (
+            "its loss passes differentiate the latent through the denoiser under autograd at the steps it optimises and end "
+            "the forward early by raising an exception from an attention hook once the map layers are read: the exception "
+            "escapes the compiled graph (an error under fullgraph=True, a graph break otherwise), and the compiled denoiser "
+            "recompiles for the loss passes at the optimised steps"
+        )
+
     def _check_common(self) -> None:
         owner = type(self).__name__
         set_field(self, "scale", number(self.scale, f"{owner}.scale", minimum=0.0))

@@ -77,7 +77,6 @@ class RegionsBound(Bound):
         self.text: EncodedText | None = None
         if roles and (self.tokens or "cross" in roles.values()):
             self.text = context.encode_prompts([region.prompt for region in control.regions], trim=control.trim_prompts)
-        self.cross_hook = CrossHook(self)
         self.joint_hook = JointHook(self)
         self.hidden_hook = HiddenHook(self)
         # per token grid (masks, labels, chunks): constant for the handle, kept across calls
@@ -118,11 +117,36 @@ class RegionsBound(Bound):
     def region_keys(self, call: AttentionCall, device: torch.device, q_dtype: torch.dtype, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(R, H, T, D) keys and values of the region prompts at a cross-attention layer: the layer's `to_k` /
         `to_v` of constant text, projected once per call and layer (not at every step)."""
-        module = call.module
-        key = ("kv", call.layer.name, str(device), q_dtype, v_dtype)
+        return self.layer_keys(call.module, call.layer.name, device, q_dtype, v_dtype)
+
+    def cross_edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit:
+        """The edit of a cross-attention layer. Its hook gets, as constants made here (eagerly, also before a compiled
+        forward), the cond rows' positions, the layer's region keys and values (on the device and in the dtype of the
+        layer's weights; elsewhere the hook projects its own) and the grid's tables, so that a compiled processor
+        looks nothing up by layer name (which would compile one graph per layer)."""
+        cond = frame.rows.indices("cond")
+        key = ("cross", layer.index, cond)
         found = self._cache.get(key)
         if found is None:
-            keys, values = module.processor.project_context(module, self.text_embeds(device, _weight_dtype(module), call.layer))
+            module = self.adapter.modules[layer.name]
+            weight = next(module.parameters(), None)
+            kv = None
+            if weight is not None and weight.device.type != "meta":
+                kv = self.layer_keys(module, layer.name, weight.device, weight.dtype, weight.dtype)
+                grid = self.grid(frame.geometry(layer))
+                self.chunks(grid, weight.device)  # the grid's tables, in the handle's cache before any graph reads them
+                self.blend_weight(grid, weight.device, "keep")
+                self.text_bias(weight.device, weight.dtype)
+            found = Edit(hooks=(CrossHook(self, cond, kv),))
+            if not torch.is_grad_enabled():  # as layer_keys: with autograd on, every step keeps its own graph
+                self._cache[key] = found
+        return found
+
+    def layer_keys(self, module: torch.nn.Module, name: str, device: torch.device, q_dtype: torch.dtype, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("kv", name, str(device), q_dtype, v_dtype)
+        found = self._cache.get(key)
+        if found is None:
+            keys, values = module.processor.project_context(module, self.text_embeds(device, _weight_dtype(module), self.adapter.layer(name)))
             found = (keys.to(q_dtype), values.to(v_dtype))
             if not torch.is_grad_enabled():  # with autograd on, every step keeps its own graph
                 self._cache[key] = found
@@ -273,7 +297,7 @@ class RegionsBound(Bound):
                 return Edit(labels=self.joint_labels(geometry, frame.rows))
             return None
         if role == "cross":
-            return Edit(hooks=(self.cross_hook,))
+            return self.cross_edit(layer, frame)
         if role == "isolate":
             return Edit(labels=self.isolation_labels(geometry, frame.rows))
         if role == "hidden":
@@ -298,12 +322,14 @@ def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
 class CrossHook(LayerHook):
     """Regional prompts in a cross-attention layer (UNet, PixArt); see the module docstring."""
 
-    def __init__(self, bound: RegionsBound):
+    def __init__(self, bound: RegionsBound, cond: tuple[int, ...] | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.bound = bound
+        self.cond = cond  # the cond rows of the frame (`RegionsBound.cross_edit`)
+        self.kv = kv
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         out, lse = compute(q, k, v, spec)
-        cond = call.rows.indices("cond")
+        cond = self.cond if self.cond is not None and call.row_source is None else call.rows.indices("cond")
         if not cond:
             return out, lse
         bound = self.bound
@@ -313,10 +339,16 @@ class CrossHook(LayerHook):
         if q.shape[2] != n:
             shown = "x".join(map(str, grid))
             raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({shown}) at {call.layer.name}, got {q.shape[2]}")
-        rows = bound.index(cond, q.device)
+        if torch.compiler.is_compiling():  # a constant of the graph: no lookup in the index cache to guard on
+            rows = torch.tensor(cond, dtype=torch.long, device=q.device)
+        else:
+            rows = bound.index(cond, q.device)
         qc = q.index_select(0, rows)
         batch, heads, _, head_dim = qc.shape
-        keys, values = bound.region_keys(call, q.device, q.dtype, v.dtype)
+        kv = self.kv
+        if kv is None or kv[0].device != q.device or kv[0].dtype != q.dtype or kv[1].dtype != v.dtype:
+            kv = bound.region_keys(call, q.device, q.dtype, v.dtype)
+        keys, values = kv
         padding = bound.text_bias(q.device, q.dtype)  # (R, 1, 1, T) or None
         total = keys.new_zeros(batch, heads, n, head_dim, dtype=torch.float32)
         for chunk in bound.chunks(grid, q.device):

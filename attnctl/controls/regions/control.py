@@ -74,7 +74,7 @@ class Regions(Control, type_name="regions"):
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
         if adapter.text_attention == "cross" and not adapter.prompt_mask:
-            return None
+            return None  # its cross-attention edits carry the layer's region keys as constants (RegionsBound.cross_edit)
         return (
             "on joint-attention layouts and with a text attention mask its region masks use data-dependent ops "
             "(nonzero) and a tensor version check inside the attention op, which break the graph (it runs compiled "

@@ -1,0 +1,298 @@
+"""torch.compile per control (issue #17): the perturbing guidance controls (PAG, SEG) run compiled, and every
+registered control either runs compiled or is refused at apply with a reason of its own.
+
+What is checked for a control that runs compiled: compiled output == eager output (bitwise with dynamo's "eager"
+backend; within the stock compiled-vs-eager tolerance with inductor), no graph break, at most max(2 x, stock + 2)
+the graphs stock compiles (a control's active / inactive steps and its extra rows' batch), never one per step, and
+no new graph on the next pipeline call. CI traces with the "eager" backend on tiny-sd's blocks; the family matrix is `slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import attnctl
+from attnctl.control import Control, registered_controls
+from attnctl.errors import UnsupportedError
+from attnctl.families import adapter_for
+from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
+from attnctl.testing.new_families import available
+
+
+def generate(pipe, name, prompt, steps=2, guidance=5.0, seed=0):
+    """tests.helpers.generate with the prompt as a keyword (Flux2KleinPipeline's first argument is `image`) and a
+    video pipeline's frames."""
+    out = pipe(prompt=list(prompt) if isinstance(prompt, list) else prompt, num_inference_steps=steps, guidance_scale=guidance,
+               output_type="latent", generator=torch.Generator().manual_seed(seed), **dict(CALL_DEFAULTS[name]))
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+PROMPT = "a photo of a cat"
+DEFAULT_REASON = Control.compile_refusal(None, None)  # the base class's "not verified" text
+
+
+@pytest.fixture(autouse=True)
+def _heavy_matrix_on_request(request):
+    """As tests/test_compose_compile.py: the `slow` matrices run with `-m slow` or ATTNCTL_SLOW=1 only."""
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("-m") or "") and not os.environ.get("ATTNCTL_SLOW"):
+        pytest.skip("heavy compile matrix: run with -m slow (or ATTNCTL_SLOW=1)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _denoiser(pipe):
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def _compile(denoiser, entry, backend):
+    if entry == "blocks":
+        denoiser.compile_repeated_blocks(backend=backend, fullgraph=True)
+    else:
+        denoiser.compile(backend=backend)
+
+
+def _uncompile(denoiser):
+    for module in denoiser.modules():
+        module._compiled_call_impl = None
+
+
+def _compiled_run(name, make, entry, steps, prompt=PROMPT):
+    """(eager, compiled, again, stock graphs, graphs after the first controlled call, graphs after the second)."""
+    pipe = make_tiny_pipeline(name)
+    denoiser = _denoiser(pipe)
+    stock = CompileCounterWithBackend("eager")
+    _compile(denoiser, entry, stock)
+    generate(pipe, name, prompt=prompt, steps=steps)
+    _uncompile(denoiser)
+    torch._dynamo.reset()
+    with attnctl.apply(pipe, make()):
+        eager = generate(pipe, name, prompt=prompt, steps=steps)
+    counters.clear()
+    counter = CompileCounterWithBackend("eager")
+    _compile(denoiser, entry, counter)
+    try:
+        with attnctl.apply(pipe, make()):
+            compiled = generate(pipe, name, prompt=prompt, steps=steps)
+            first = counter.frame_count
+            again = generate(pipe, name, prompt=prompt, steps=steps)
+    finally:
+        _uncompile(denoiser)
+    return eager, compiled, again, stock.frame_count, first, counter.frame_count
+
+
+def _check(label, eager, compiled, again, stock, first, total):
+    assert torch.equal(compiled, eager) and torch.equal(again, eager), label
+    assert not counters["graph_break"], (label, dict(counters["graph_break"]))
+    # a step window's active / inactive graphs and one more batch shape (perturbed rows, SAG's second pass); one graph
+    # per step would exceed it (4 steps)
+    assert first <= max(2 * stock, stock + 2), (label, stock, first)
+    assert total == first, (label, first, total)  # the second call compiles nothing
+
+
+PROMPTS = ["a photo of a cat", "a cat and a dog", "a cat on a red car"]  # three rows: cross-image controls link rows
+
+
+def _reference_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (200, 30, 30))
+
+
+GUIDANCE = {
+    "PAG": lambda: attnctl.PAG(steps=(0.0, 0.5)),  # 4 steps: perturbed rows at steps 0, 1; none at 2, 3
+    "SEG": lambda: attnctl.SEG(sigma=1.0, steps=(0.0, 0.5)),
+}
+
+
+def test_guidance_inductor_matches_eager_within_stock_tolerance():
+    """PAG and SEG together on tiny-sd's mid-block self-attention, that module compiled with inductor: the
+    controlled |compiled - eager| is within what the stock module shows (floored at float32 rounding)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    module = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1  # PAG's and SEG's default layer
+
+    def run(controlled):
+        if not controlled:
+            return generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+        with attnctl.apply(pipe, [attnctl.PAG(), attnctl.SEG(sigma=1.0)]):
+            return generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+
+    eager_stock, eager_ctl = run(False), run(True)
+    module.compile()  # inductor
+    try:
+        compiled_stock, compiled_ctl = run(False), run(True)
+    finally:
+        module._compiled_call_impl = None
+    assert not torch.equal(eager_ctl, eager_stock)  # the controls act
+    stock_tolerance = (compiled_stock - eager_stock).abs().max().item()
+    difference = (compiled_ctl - eager_ctl).abs().max().item()
+    assert difference <= max(4 * stock_tolerance, 1e-5), (difference, stock_tolerance)
+
+
+MATRIX_CONTROLS = {
+    **GUIDANCE,
+    "PAG-separate": lambda: attnctl.PAG(separate=True, steps=(0.0, 0.5)),  # the perturbed rows as their own forward
+    "PAG+SEG": lambda: [attnctl.PAG(), attnctl.SEG(sigma=1.0)],  # PAG runs the rest of the chain on the other rows
+    "PAG+PAG": lambda: [attnctl.PAG(), attnctl.PAG(scale=1.0)],  # the inner one maps its rows through row_source
+    "ConsistentSubjects": lambda: attnctl.ConsistentSubjects(),
+    "ReferenceAttention": lambda: attnctl.ReferenceAttention(_reference_image(), region=(0.0, 0.0, 0.5, 1.0)),
+    "AttentionInterpolation": lambda: attnctl.AttentionInterpolation(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry", [
+    ("tiny-sd", "blocks"), ("tiny-sdxl", "inplace"), ("tiny-sd3", "inplace"), ("tiny-flux", "blocks"), ("tiny-flux", "inplace"),
+    ("tiny-pixart", "inplace"),
+])
+def test_guidance_compile_matrix(name, entry):
+    for label, make in MATRIX_CONTROLS.items():
+        torch._dynamo.reset()
+        counters.clear()
+        _check(f"{name} {entry} {label}", *_compiled_run(name, make, entry, steps=4, prompt=PROMPTS))
+
+
+CROSS_CONTROLS = {
+    "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
+    "StructuredGuidance": lambda: attnctl.StructuredGuidance(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry, controls", [
+    ("tiny-sd", "inplace", ("Regions", "StructuredGuidance")), ("tiny-sdxl", "blocks", ("Regions", "StructuredGuidance")),
+    ("tiny-pixart", "inplace", ("StructuredGuidance",)),
+])
+def test_cross_attention_controls_compile_matrix(name, entry, controls):
+    """Controls with per-layer constants (region keys, phrase values) on the families where they compile: no graph
+    per layer (their edits carry each layer's tensors)."""
+    for label in controls:
+        torch._dynamo.reset()
+        counters.clear()
+        _check(f"{name} {entry} {label}", *_compiled_run(name, CROSS_CONTROLS[label], entry, steps=4, prompt=PROMPTS))
+
+
+EARLIER_CONTROLS = {  # verified on UNet / SD3 / Flux / PixArt by tests/test_compose_compile.py
+    "SAG": lambda: attnctl.SAG(steps=(0.0, 0.5)),
+    "Reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),
+    "PLADIS": lambda: attnctl.PLADIS(),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, labels", [
+    ("tiny-chroma", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects", "AttentionInterpolation")),
+    ("tiny-qwenimage", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects")),
+    ("tiny-flux2", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects")),
+    ("tiny-wan", ("PAG", "Reweight", "PLADIS")),  # SEG and SAG are defined on 2-D grids only
+])
+def test_newer_families_compile_matrix(name, labels):
+    """The whole denoiser compiled (the newer families have no `_repeated_blocks` entry point tested here)."""
+    if not available(name):
+        pytest.skip(f"{name} needs a newer diffusers")
+    for label in labels:
+        torch._dynamo.reset()
+        counters.clear()
+        make = {**MATRIX_CONTROLS, **EARLIER_CONTROLS}[label]
+        _check(f"{name} {label}", *_compiled_run(name, make, "inplace", steps=4, prompt=PROMPTS))
+
+
+# -- every registered control: runs compiled, or refused with a reason of its own ------------------------------
+def _smoke_controls():
+    """One instance of every registered control (test-only probes left out); a step window where it has one."""
+    region = attnctl.Region
+    return {
+        "a-star": lambda: attnctl.AStar(["cat", "dog"]),
+        "agent-attention": lambda: attnctl.AgentAttention(),
+        "attend-excite": lambda: attnctl.AttendExcite(["cat"]),
+        "attention-interpolation": lambda: attnctl.AttentionInterpolation(),
+        "attention-maps": lambda: attnctl.AttentionMaps(["cat"]),
+        "box-guidance": lambda: attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}),
+        "consistent-subjects": lambda: attnctl.ConsistentSubjects(),
+        "fastattn": lambda: attnctl.FastAttn(),
+        "pag": GUIDANCE["PAG"],
+        "pladis": lambda: attnctl.PLADIS(),
+        "prompt-to-prompt": lambda: attnctl.PromptToPrompt(),
+        "reference-attention": lambda: attnctl.ReferenceAttention(_reference_image(), region=(0.0, 0.0, 0.5, 1.0)),
+        "regions": lambda: attnctl.Regions([region("a cat", (0, 0, 0.5, 1)), region("a dog", (0.5, 0, 1, 1))]),
+        "reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),
+        "sag": lambda: attnctl.SAG(steps=(0.0, 0.5)),
+        "seg": GUIDANCE["SEG"],
+        "skip-layer": lambda: attnctl.SkipLayer(blocks=("mid_block.attentions.0.transformer_blocks.0",)),
+        "structured-guidance": lambda: attnctl.StructuredGuidance(),
+        "tgate": lambda: attnctl.TGate(gate_step=1),
+        "tome": lambda: attnctl.ToMe(),
+    }
+
+
+def test_every_registered_control_is_listed():
+    listed = set(_smoke_controls())
+    registered = {name for name in registered_controls() if not name.startswith("test-")}
+    assert registered == listed, (sorted(registered - listed), sorted(listed - registered))
+
+
+_STOCK_GRAPHS: list[int] = []
+
+
+def _stock_graphs(pipe) -> int:
+    """Graphs stock compiles for tiny-sd's blocks on PROMPTS (measured once per session)."""
+    if not _STOCK_GRAPHS:
+        counter = CompileCounterWithBackend("eager")
+        pipe.unet.compile_repeated_blocks(backend=counter, fullgraph=True)
+        try:
+            generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
+        finally:
+            _uncompile(pipe.unet)
+            torch._dynamo.reset()
+        _STOCK_GRAPHS.append(counter.frame_count)
+    return _STOCK_GRAPHS[0]
+
+
+@pytest.mark.parametrize("type_name", sorted(_smoke_controls()))
+def test_every_control_runs_compiled_or_names_its_reason(tiny_cache, type_name):
+    """tiny-sd: a control that declares itself compile-ready runs with the UNet's blocks compiled (fullgraph,
+    dynamo's eager backend), 3 prompt rows, 4 steps: bitwise the eager output, no graph break, at most
+    max(2 x, stock + 2) stock's graphs (never one per step), none on the next call. A control that is not is
+    refused at apply (the UNet compiled lazily: nothing is traced), and its reason is its own, not the base class's
+    "not verified"."""
+    control = _smoke_controls()[type_name]()
+    pipe = tiny_cache("tiny-sd")
+    denoiser = pipe.unet
+    why = control.compile_refusal(adapter_for(denoiser))
+    if why is not None:
+        assert why != DEFAULT_REASON and why.strip(), type_name
+        denoiser.compile()
+        try:
+            with pytest.raises(UnsupportedError, match=rf"{type(control).__name__} cannot run in the torch.compile'd pipe.unet .*: {re.escape(why[:40])}"):
+                attnctl.apply(pipe, control)
+        finally:
+            denoiser._compiled_call_impl = None
+        assert not denoiser._forward_pre_hooks
+        return
+    stock = _stock_graphs(pipe)
+    with attnctl.apply(pipe, control):
+        eager = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
+    plain = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
+    assert not torch.equal(eager, plain), f"{type_name} does not act in this smoke"
+    counters.clear()
+    counter = CompileCounterWithBackend("eager")
+    denoiser.compile_repeated_blocks(backend=counter, fullgraph=True)
+    try:
+        with attnctl.apply(pipe, control):
+            compiled = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
+            first = counter.frame_count
+            again = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
+    finally:
+        _uncompile(denoiser)
+    _check(type_name, eager, compiled, again, stock, first, counter.frame_count)
