@@ -507,6 +507,36 @@ def test_wan_pag_is_identity_self_attention_on_the_video_tokens(name, guidance):
     torch.testing.assert_close(got[0], stock[0] + 1.5 * (cond - perturbed), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sigma", [2.0, float("inf")], ids=["finite", "infinite"])
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_seg_blurs_the_queries_within_each_token_frame(name, sigma):
+    """docs/methods.md "SEG" on video: the perturbed rows' image queries are blurred over each token frame's (h, w)
+    grid, never across frames (sigma = inf: each frame's mean query); D = scale (cond - perturbed) from the stock
+    denoiser with an independently blurred query projection (3 frames of 4x3 tokens, frame-major)."""
+    from attnctl.testing import make_tiny_pipeline
+
+    from .test_guidance import _blur_hook, run_denoiser
+
+    pipe = make_tiny_pipeline(name)
+    stock, calls = record(pipe, name, prompt="a cat", steps=1)
+    got, _ = record(pipe, name, [attnctl.SEG(scale=2.0, sigma=sigma)], prompt="a cat", steps=1)
+    cond = run_denoiser(pipe, calls[0], [0], 1)
+    blur = _blur_hook(sigma, (4, 3))
+
+    def per_frame(module, inputs, output):
+        batch, tokens, channels = output.shape
+        frames = output.reshape(batch * 3, tokens // 3, channels)
+        return blur(module, inputs, frames).reshape(batch, tokens, channels)
+
+    hook = pipe.transformer.blocks[1].attn1.to_q.register_forward_hook(per_frame)  # the middle block of 2
+    try:
+        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+    finally:
+        hook.remove()
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got[0], stock[0] + 2.0 * (cond - perturbed), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
 def test_wan_geometry_is_a_3d_token_grid(name, tiny):
     """The canvas of a Wan call: frames x height x width tokens, frame-major, never assumed square."""

@@ -46,8 +46,8 @@ class SEG(PerturbingControl, type_name="seg"):
     Defaults as the authors' SEG-SDXL code: scale 3.0, sigma 100.
     """
 
-    #: over a 2-D image-token grid (maps, masks, blurs, windows): refused on video grids until its video semantics exist
-    grid_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: images, and video: the queries are blurred within each token frame (the blur is spatial, as on images)
+    grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 
     scale: float = 3.0
     sigma: float = 100.0
@@ -94,15 +94,20 @@ class BlurQueries(PerturbedRows, LayerHook):
         rows, _, _ = self.positions(call)
         if not rows:
             return q_proj
-        hw = call.geometry.image_hw
-        if q_proj.shape[1] != hw[0] * hw[1]:
+        hw, frames = call.geometry.image_hw, call.geometry.frames
+        if q_proj.shape[1] != frames * hw[0] * hw[1]:
             raise UnsupportedError(
-                f"attnctl: SEG at {call.layer.name} got {q_proj.shape[1]} image queries for its {hw[0]}x{hw[1]} grid: "
+                f"attnctl: SEG at {call.layer.name} got {q_proj.shape[1]} image queries for its "
+                f"{f'{frames}x' if frames > 1 else ''}{hw[0]}x{hw[1]} grid: "
                 "another control on this layer changed the image tokens (token reduction merges them), so they cannot be "
                 "blurred over the grid; give the controls disjoint layers"
             )
         index = self.tensor(rows, q_proj.device)
-        blurred = blur_tokens(q_proj.index_select(0, index), hw, self.sigma, self.taps)
+        picked = q_proj.index_select(0, index)
+        count, tokens, channels = picked.shape
+        # video tokens are frame-major: each frame's (h, w) grid is blurred on its own, never across frames
+        per_frame = picked.reshape(count * frames, hw[0] * hw[1], channels)
+        blurred = blur_tokens(per_frame, hw, self.sigma, self.taps).reshape(count, tokens, channels)
         return q_proj.index_copy(0, index, blurred.to(q_proj.dtype))
 
 
