@@ -1,6 +1,6 @@
 """Guidance controls on Z-Image (issue #19): its denoiser takes lists of per-row tensors (`x`, `cap_feats`) and
 returns a list, so attnctl re-batches the lists themselves (`families.base.RowList`) to add perturbed rows.
-PAG against a reference written from docs/methods.md "PAG"; SEG / SAG run; SkipLayer and latent optimisation stay
+PAG and SkipLayer against references written from docs/methods.md; SEG / SAG run; latent optimisation stays
 refused with the reason.
 """
 
@@ -139,9 +139,34 @@ def test_seg_and_sag_run_and_the_output_is_stock_after_remove(pipe):
     assert torch.equal(generate(pipe, steps=2), stock)
 
 
-def test_skip_layer_and_latent_optimisation_are_refused_with_the_reason(pipe):
-    with pytest.raises(UnsupportedError, match="zimage family.s transformer blocks take their tokens as `x`"):
-        attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("layers.1",))])
+def test_skip_layer_adds_its_term_against_a_hand_skipped_block(pipe):
+    """docs/methods.md "Skip-layer guidance": D = s (cond - skipped), skipped = the cond rows with the named block's
+    output replaced by its token input `x` (Z-Image's blocks take their tokens as `x`); ZImagePipeline hands the
+    scheduler -(cond + g (cond - uncond) + D)."""
+    scale, guidance = 2.0, 4.0
+    with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("layers.1",), scale=scale, steps=(0.0, 1.0))]):
+        recorder = Recorder(pipe)
+        try:
+            generate(pipe, guidance=guidance)
+        finally:
+            recorder.close()
+    (call,), (got,) = recorder.calls, recorder.predictions
+    rows = len(PROMPTS)
+    cond, uncond = _run(pipe, call, range(rows)), _run(pipe, call, range(rows, 2 * rows))
+    block = pipe.transformer.layers[1]
+    block.forward = lambda x, *args, **kwargs: x  # an instance attribute: removed below
+    try:
+        skipped = _run(pipe, call, range(rows))
+    finally:
+        del block.forward
+    expected = -(cond + guidance * (cond - uncond) + scale * (cond - skipped)).squeeze(2)
+    assert (cond - skipped).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4)
+    with pytest.raises(attnctl.ConfigError, match="layers.1"):  # blocks are named by path (refiners share the class)
+        attnctl.apply(pipe, [attnctl.SkipLayer(blocks=(1,))])
+
+
+def test_latent_optimisation_is_refused_with_the_reason(pipe):
     with pytest.raises(UnsupportedError, match="list of per-row latents"):
         attnctl.apply(pipe, [attnctl.AttendExcite(("cat",))])
 

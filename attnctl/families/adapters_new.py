@@ -283,6 +283,9 @@ class ZImageAdapter(ModelAdapter):
     text_attention: ClassVar[str] = "joint"
     rotary: ClassVar[bool] = True
     prediction_sign: ClassVar[int] = -1  # ZImagePipeline hands the scheduler the negated output
+    #: the blocks take their tokens as `x` (one batched tensor inside the denoiser, [image; text] in the main layers)
+    block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"ZImageTransformerBlock": ("x", "attn_mask", "freqs_cis", "adaln_input")}
+    indexed_blocks: ClassVar[bool] = False  # name the blocks by path: the refiners and the main layers share the class
     lacks: ClassVar[dict[str, str]] = {
         "appended_text": "each row's caption is padded inside the denoiser, so appended tokens would not sit at one "
         "position for every row",
@@ -314,13 +317,6 @@ class ZImageAdapter(ModelAdapter):
             family="zimage", denoiser=denoiser, layers=tuple(layers), modules=modules,
             batched_inputs=(RowList("x"), "t", RowList("cap_feats")),  # lists of per-row tensors: re-batched as lists
             dict_inputs=("joint_attention_kwargs",),
-        )
-
-    def transformer_blocks(self) -> dict[str, torch.nn.Module]:
-        raise UnsupportedError(
-            "attnctl: the zimage family's transformer blocks take their tokens as `x` (with `attn_mask`, `freqs_cis`, "
-            "`adaln_input`), and skip-layer guidance skips rows of a block's `hidden_states`; skipping Z-Image blocks is not "
-            "supported yet"
         )
 
     def perturbed_layers(self) -> str:

@@ -137,6 +137,7 @@ class _SkipBound(PerturbingBound):
     def _make(self, module: torch.nn.Module, current_frame):
         tag = self.tag
         batched = self.adapter.block_inputs.get(type(module).__name__, ("hidden_states",))
+        tokens = batched[0]  # the block's token input: `hidden_states`, or Z-Image's `x`
         two_streams = type(module).__name__ in self.adapter.text_stream_blocks
         index = self.index
 
@@ -150,7 +151,7 @@ class _SkipBound(PerturbingBound):
                     return original(*args, **kwargs)
                 bound = signature.bind(*args, **kwargs)
                 arguments = bound.arguments
-                hidden, context = arguments.get("hidden_states"), arguments.get("encoder_hidden_states")
+                hidden, context = arguments.get(tokens), arguments.get("encoder_hidden_states")
                 batch = hidden.shape[0]
                 if len(rows) == batch:  # every row skips the block: it does not run
                     return skipped_output(module, hidden, context, two_streams)
