@@ -8,7 +8,7 @@ this isolates the window kernels. Defaults: the grid of gpu_e2e's wan-cpu (9 x 1
 (`--clock wall` for wall time), interleaved, medians.
 
     python benchmarks/video_window_attention.py [--grid 9,16,28] [--heads 2] [--dim 64] [--repeats 5]
-        [--backends sdpa,flex] [--windows band=448,3d=1x4x4]
+        [--backends sdpa,flex] [--windows band=448,3d=1x4x4] [--quick]
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backends", default="sdpa,flex")
     parser.add_argument("--windows", default="band=448,3d=1x4x4")
     parser.add_argument("--clock", choices=("wall", "process"), default="process")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a 3 x 8 x 8 grid, one repeat (numbers mean nothing)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.grid, args.repeats, args.windows = "3,8,8", 1, "band=64,3d=1x2x2"
     grid = tuple(int(v) for v in args.grid.split(","))
     n = grid[0] * grid[1] * grid[2]
     clock = time.process_time if args.clock == "process" else time.perf_counter

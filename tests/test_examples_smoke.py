@@ -48,6 +48,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/attend_excite.py", [], "peak memory of one 256x256 call", id="attend_excite", marks=slow),
     pytest.param("benchmarks/segmentation.py", [], "mean IoU  magnets", id="segmentation"),
     pytest.param("benchmarks/structured.py", [], "colour binding", id="structured"),
+    pytest.param("benchmarks/video_window_attention.py", ["--backends", "sdpa"], "speed-up", id="video_window_attention"),
 ]
 NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
 
