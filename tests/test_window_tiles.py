@@ -55,3 +55,15 @@ def test_sdpa_runs_a_large_window_tiled_and_other_edits_densely(monkeypatch):
     sdpa.attention(q, k, v, AttentionSpec(window=window, key_bias=torch.zeros(1, window.n_img)))  # with a bias: dense
     assert len(tiled) == 1
     assert not window_tiles.tileable(Window((8, 8), band=4))  # small grids keep the dense mask
+    assert not window_tiles.tileable(Window((32, 32), band=1000))  # a box of keys as large as the sequence saves nothing
+    assert window_tiles.tileable(Window((24, 24), radius=(1, 4, 4), frames=7))
+
+
+def test_a_plan_made_in_inference_mode_serves_autograd_later():
+    window = Window((8, 12), radius=(1, 2))
+    window_tiles._PLANS.clear()
+    with torch.inference_mode():
+        window_tiles.plan(window, torch.device("cpu"))
+    q = torch.randn(1, 1, window.n_img, 8, requires_grad=True)
+    window_tiles.attention(q, q, q, window, None).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

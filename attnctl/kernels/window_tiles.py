@@ -14,7 +14,7 @@ floating-point rounding, at the cost of the box's pairs instead of N x N.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +37,33 @@ class TilePlan:
     keys: torch.Tensor  # (tiles, box) long
     bias: torch.Tensor  # (tiles, tq, box) float32: 0 allowed, -inf not
     order: torch.Tensor  # (n_img,) long: flat tile-query rows in token order
+    _cast: dict = field(default_factory=dict, compare=False, repr=False)
 
     def pairs(self) -> int:
         return int(self.bias.shape[0] * self.bias.shape[1] * self.bias.shape[2])
 
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask in the attention's dtype, cast once per dtype (not at every call)."""
+        found = self._cast.get(dtype)
+        if found is None:
+            with torch.inference_mode(False):
+                found = self._cast[dtype] = self.bias.to(dtype)
+        return found
+
+
+def _band_tile(band: int) -> int:
+    """Query tokens per tile of a band (measured on a CPU: larger tiles run SDPA faster, smaller ones gather less)."""
+    return max(64, min(512, band // 2))
+
+
+def _radius_tile(window: Window) -> tuple[int, int]:
+    """(rows, columns) per tile of a radius window: twice the radius, at least 4."""
+    (h, w), (_, rh, rw) = window.grid_hw, window.reach
+    return min(h, max(4, 2 * rh)), min(w, max(4, 2 * rw))
+
 
 def _band_plan(n_img: int, band: int, device: torch.device, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    tile = tile if tile is not None else max(64, min(512, band // 2))  # measured on a CPU: larger tiles run SDPA faster
+    tile = tile if tile is not None else _band_tile(band)
     starts = torch.arange(0, n_img, tile, device=device)
     queries = starts[:, None] + torch.arange(tile, device=device)[None, :]
     keys = starts[:, None] - band + torch.arange(tile + 2 * band, device=device)[None, :]
@@ -53,7 +73,7 @@ def _band_plan(n_img: int, band: int, device: torch.device, tile: int | None = N
 def _radius_plan(window: Window, device: torch.device, tile: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     (h, w), frames = window.grid_hw, window.frames
     rf, rh, rw = window.reach
-    tr, tc = tile if tile is not None else (min(h, max(4, 2 * rh)), min(w, max(4, 2 * rw)))
+    tr, tc = tile if tile is not None else _radius_tile(window)
     f, r0, c0 = torch.meshgrid(
         torch.arange(frames, device=device), torch.arange(0, h, tr, device=device), torch.arange(0, w, tc, device=device),
         indexing="ij",
@@ -79,6 +99,15 @@ def plan(window: Window, device: torch.device) -> TilePlan:
     found = _PLANS.get(key)
     if found is not None:
         return found
+    with torch.inference_mode(False):  # normal tensors: usable in later calls with autograd on
+        found = _make_plan(window, torch.device(device))
+    if len(_PLANS) >= _PLAN_CACHE_SIZE:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = found
+    return found
+
+
+def _make_plan(window: Window, device: torch.device) -> TilePlan:
     n_img = window.n_img
     if window.band is not None:
         queries, keys = _band_plan(n_img, window.band, device)
@@ -93,11 +122,7 @@ def plan(window: Window, device: torch.device) -> TilePlan:
     bias = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, -math.inf)
     flat = q_valid.reshape(-1).nonzero().squeeze(1)  # built once per window, not per call
     order = flat[torch.argsort(queries.reshape(-1)[flat])]
-    found = TilePlan(q_pos, k_pos, bias, order)
-    if len(_PLANS) >= _PLAN_CACHE_SIZE:
-        _PLANS.pop(next(iter(_PLANS)))
-    _PLANS[key] = found
-    return found
+    return TilePlan(q_pos, k_pos, bias, order)
 
 
 def _allowed(window: Window, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,8 +139,17 @@ def _allowed(window: Window, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def tileable(window: Window) -> bool:
-    """Whether the tiled path is worth it for `window` (enough image tokens)."""
-    return window.n_img >= MIN_TOKENS
+    """Whether the tiled path is worth it for `window`: enough image tokens, and a tile's box of keys at most half
+    of them (a band as wide as the sequence saves nothing)."""
+    n_img = window.n_img
+    if n_img < MIN_TOKENS:
+        return False
+    if window.band is not None:
+        box = _band_tile(window.band) + 2 * window.band
+    else:
+        (tr, tc), (rf, rh, rw) = _radius_tile(window), window.reach
+        box = (2 * rf + 1) * (tr + 2 * rh) * (tc + 2 * rw)
+    return 2 * box <= n_img
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window, scale: float | None) -> torch.Tensor:
@@ -135,7 +169,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window,
         return picked.reshape(batch * n_tiles, rows, heads, x.shape[-1]).transpose(1, 2)
 
     q_t, k_t, v_t = gather(q, tiles.queries, tq), gather(k, tiles.keys, box), gather(v, tiles.keys, box)
-    bias = tiles.bias.to(q.dtype)[:, None]  # (tiles, 1, tq, box)
+    bias = tiles.bias_as(q.dtype)[:, None]  # (tiles, 1, tq, box)
     if text:
         text_keys = slice(0, text) if window.text_first else slice(n_img, n_img + text)
 
