@@ -1,13 +1,22 @@
-"""The sdpa backend's tiled windows (`attnctl.kernels.window_tiles`) against the eager reference, written cell by
-cell from the window's definition (`kernels.reference` over `Window.allowed`)."""
+"""The sdpa backend's tiled windows (`attnctl.kernels.window_tiles`) against a dense masked softmax in float64 over
+`Window.allowed` (the window's pairs written out on the whole grid, independent of the tiles and of
+`kernels.semantics`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attnctl.kernels import reference, sdpa, window_tiles
+from attnctl.kernels import sdpa, window_tiles
 from attnctl.kernels.spec import AttentionSpec, Window
+
+
+def dense(q, k, v, window, scale=None):
+    """softmax(q k^T * scale, masked to the window's pairs) v, float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return torch.softmax(logits.masked_fill(~window.allowed(), float("-inf")), dim=-1) @ v
+
 
 WINDOWS = [
     Window((8, 12), band=5),
@@ -26,12 +35,10 @@ def test_tiles_compute_the_window_of_the_definition(window, batch):
     generator = torch.Generator().manual_seed(0)
     n = window.n_img + window.text_len
     q, k, v = (torch.randn(batch, 2, n, 16, generator=generator) for _ in range(3))
-    expected, _ = reference.attention(q.double(), k.double(), v.double(), AttentionSpec(window=window))
     got = window_tiles.attention(q, k, v, window, None)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(got.double(), dense(q, k, v, window), rtol=1e-5, atol=2e-6)
     scaled = window_tiles.attention(q, k, v, window, 0.3)
-    expected_scaled, _ = reference.attention(q.double(), k.double(), v.double(), AttentionSpec(window=window, scale=0.3))
-    torch.testing.assert_close(scaled.double(), expected_scaled, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(scaled.double(), dense(q, k, v, window, 0.3), rtol=1e-5, atol=2e-6)
 
 
 def test_tiles_cover_every_image_query_once_and_keep_fewer_pairs():
@@ -50,8 +57,7 @@ def test_sdpa_runs_a_large_window_tiled_and_other_edits_densely(monkeypatch):
     run = window_tiles.attention
     monkeypatch.setattr(window_tiles, "attention", lambda *args: tiled.append(1) or run(*args))
     out, _ = sdpa.attention(q, k, v, AttentionSpec(window=window))
-    expected, _ = reference.attention(q.double(), k.double(), v.double(), AttentionSpec(window=window))
-    assert tiled and torch.allclose(out.double(), expected, atol=2e-6)
+    assert tiled and torch.allclose(out.double(), dense(q, k, v, window), atol=2e-6)
     sdpa.attention(q, k, v, AttentionSpec(window=window, key_bias=torch.zeros(1, window.n_img)))  # with a bias: dense
     assert len(tiled) == 1
     assert not window_tiles.tileable(Window((8, 8), band=4))  # small grids keep the dense mask

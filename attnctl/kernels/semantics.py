@@ -294,10 +294,12 @@ def window_block(window: Window, queries: slice, keys: slice, device: torch.devi
     qi = torch.arange(queries.start, queries.stop, device=device)[:, None]
     ki = torch.arange(keys.start, keys.stop, device=device)[None, :]
     image = (qi >= start) & (qi < stop) & (ki >= start) & (ki < stop)
-    return ~image | _near(window, qi - start, ki - start)
+    return ~image | window_near(window, qi - start, ki - start)
 
 
-def _near(window: Window, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+def window_near(window: Window, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+    """Whether image tokens `qi` and `ki` (broadcastable positions among the image tokens) are within `window` of each
+    other: the window's definition, which every backend follows."""
     if window.band is not None:
         return (qi - ki).abs() <= window.band
     h, w = window.grid_hw
@@ -376,7 +378,7 @@ def _window_pairs(window: Window, queries: slice, keys: slice, device) -> torch.
     qi = torch.arange(queries.start, queries.stop, device=device)
     ki = torch.arange(keys.start, keys.stop, device=device)
     image = (qi >= start) & (qi < start + n_img) & (ki >= start) & (ki < start + n_img)
-    return ~image | _near(window, qi - start, ki - start)
+    return ~image | window_near(window, qi - start, ki - start)
 
 
 def _device(spec: AttentionSpec) -> torch.device | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .semantics import window_near
 from .spec import Window
 
 #: Below this many image tokens the dense mask is small and the tiled path's gathers cost more than they save.
@@ -117,25 +118,12 @@ def _make_plan(window: Window, device: torch.device) -> TilePlan:
         queries, keys = _radius_plan(window, device)
     q_valid, k_valid = queries >= 0, keys >= 0
     q_pos, k_pos = queries.clamp(min=0), keys.clamp(min=0)
-    allowed = _allowed(window, q_pos[:, :, None], k_pos[:, None, :]) & k_valid[:, None, :]
+    allowed = window_near(window, q_pos[:, :, None], k_pos[:, None, :]) & k_valid[:, None, :]
     allowed |= ~q_valid[:, :, None]  # padded query rows see their box: no empty softmax (their rows are dropped)
     bias = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, -math.inf)
     flat = q_valid.reshape(-1).nonzero().squeeze(1)  # built once per window, not per call
     order = flat[torch.argsort(queries.reshape(-1)[flat])]
     return TilePlan(q_pos, k_pos, bias, order)
-
-
-def _allowed(window: Window, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Whether image tokens `a` and `b` (broadcastable positions) are within the window of each other."""
-    if window.band is not None:
-        return (a - b).abs() <= window.band
-    h, w = window.grid_hw
-    rf, rh, rw = window.reach
-    return (
-        ((a // (h * w) - b // (h * w)).abs() <= rf)
-        & (((a % (h * w)) // w - (b % (h * w)) // w).abs() <= rh)
-        & ((a % w - b % w).abs() <= rw)
-    )
 
 
 def tileable(window: Window) -> bool:
