@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from attnctl.control import Bound, Control
 from attnctl.processors.edit import Edit, LayerHook
@@ -193,3 +194,40 @@ def eager_call(name: str, record: dict, weights: WeightsFn, normalize: bool) -> 
     probs = torch.softmax(logits, -1)
     probs[:, :, image_rows] = probs[:, :, image_rows] * w[:, None, None, :]
     return probs @ v
+
+
+class RefQwenPAG:
+    """Qwen-Image's double-stream attention over `[text; image; references]` (qk-norms, separate RoPE, the text padding
+    mask) with docs/methods.md "PAG" for the generated image's queries (itself and the text), written out densely;
+    text and reference queries attend to every key. `image_tokens`: the generated image's tokens (None: every image
+    token, no references)."""
+
+    def __init__(self, image_tokens: int | None = None):
+        self.image_tokens = image_tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+        def split(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+        img_freqs, txt_freqs = image_rotary_emb
+        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
+        eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
+        text, total = eq.shape[1], eq.shape[1] + q.shape[1]
+        n = q.shape[1] if self.image_tokens is None else self.image_tokens
+        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
+        allowed = torch.ones(q.shape[0], 1, total, total, dtype=torch.bool)
+        allowed[:, :, text : text + n, text:] = False
+        allowed[:, :, text : text + n, text : text + n] |= torch.eye(n, dtype=torch.bool)
+        if encoder_hidden_states_mask is not None:
+            allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        out = out.transpose(1, 2).flatten(2, 3)
+        context, image = out[:, :text], out[:, text:]
+        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)

@@ -17,7 +17,7 @@ from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
 from .helpers import PROMPTS, Probe
-from .reference_attention import Spy
+from .reference_attention import RefQwenPAG, Spy
 
 PROMPT = "a red cat on the street"
 
@@ -389,36 +389,6 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         ran.append(label)
     assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
     assert "Reweight" in ran and ("PAG" in ran or "extra_rows" in adapter.lacks)
-
-
-class RefQwenPAG:
-    """Qwen-Image's double-stream attention (qk-norms, separate RoPE, `[text; image]`, the text padding mask) with
-    the joint PAG mask of docs/methods.md "PAG", dense."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
-                 image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        def split(t):
-            return t.unflatten(-1, (attn.heads, -1))
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-        img_freqs, txt_freqs = image_rotary_emb
-        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
-        eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
-        text, n = eq.shape[1], q.shape[1]
-        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
-        allowed = torch.ones(q.shape[0], 1, text + n, text + n, dtype=torch.bool)
-        allowed[:, :, text:, text:] = torch.eye(n, dtype=torch.bool)
-        if encoder_hidden_states_mask is not None:
-            allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
-        out = out.transpose(1, 2).flatten(2, 3)
-        context, image = out[:, :text], out[:, text:]
-        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
 
 
 @pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import attnctl
 from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import available
 
 from .helpers import Probe
-from .reference_attention import Spy
+from .reference_attention import RefQwenPAG, Spy
 from .test_families_new import IMAGE_TOKENS, _as_encoded, _t5_positions
 
 pytestmark = pytest.mark.skipif(not available("tiny-flux2"), reason="tiny-flux2 needs diffusers >= 0.42 with Flux2KleinPipeline")
@@ -364,41 +363,6 @@ def test_an_edit_pipeline_whose_template_is_not_modelled_says_words_cannot_be_pl
             edit(custom, reference, steps=1)
 
 
-class RefQwenEditPAG:
-    """Qwen-Image's double-stream attention over `[text; image; references]` (qk-norms, separate RoPE, the text padding
-    mask) with docs/methods.md "PAG" for the generated image's queries (itself and the text), written out densely;
-    text and reference queries attend to every key."""
-
-    def __init__(self, image_tokens: int):
-        self.n = image_tokens
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
-                 image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
-
-        def split(t):
-            return t.unflatten(-1, (attn.heads, -1))
-
-        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        eq, ek, ev = (split(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-        img_freqs, txt_freqs = image_rotary_emb
-        q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
-        eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
-        text, total = eq.shape[1], eq.shape[1] + q.shape[1]
-        q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
-        allowed = torch.ones(q.shape[0], 1, total, total, dtype=torch.bool)
-        allowed[:, :, text : text + self.n, text:] = False
-        allowed[:, :, text : text + self.n, text : text + self.n] |= torch.eye(self.n, dtype=torch.bool)
-        if encoder_hidden_states_mask is not None:
-            allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
-        out = out.transpose(1, 2).flatten(2, 3)
-        context, image = out[:, :text], out[:, text:]
-        return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
-
-
 @pytest.fixture(scope="module")
 def edit_2511():
     from attnctl.testing.new_families import tiny_qwenimage_edit
@@ -448,7 +412,7 @@ def test_qwen_edit_2511_pag_with_two_prompts_against_a_reference(edit_2511, refe
     cond = run()
     layer = pipe.transformer.transformer_blocks[1].attn
     original_processor = layer.processor
-    layer.set_processor(RefQwenEditPAG(EDIT_TOKENS))
+    layer.set_processor(RefQwenPAG(EDIT_TOKENS))
     try:
         perturbed = run()
     finally:
