@@ -4,17 +4,21 @@ a reference image, or of every other image.
 StoryDiffusion (Zhou et al. 2024, "StoryDiffusion: Consistent Self-Attention for Long-Range Image and Video
 Generation", arXiv:2405.01434): consistent self-attention, where each image of a batch attends to tokens of the
 other images besides its own; IR-Diffusion (He et al. 2024, "Improving Multi-Subject Consistency in Open-Domain
-Image Generation with Isolation and Reposition Attention") restricts the shared tokens to the subject. Here: for a
-target row with own keys `K, V` and source rows `s` (the reference row, or every other prompt row, of the same
-branch: `RowLayout.linked`), the image queries attend to
+Image Generation with Isolation and Reposition Attention", arXiv:2411.19261) restricts the shared tokens to the
+subjects, keeps two subjects apart (isolation attention) and moves a reference subject to where the subject stands
+in the target (reposition attention). Here: for a target row with own keys `K, V` and source rows `s` (the
+reference row, or every other prompt row, of the same branch: `RowLayout.linked`), the image queries attend to
 
-    softmax(Q [K; K_s1; K_s2; ...]ᵀ scale + [0; b; b; ...]) [V; V_s1; V_s2; ...]
+    softmax(Q [K; K_s1; K_s2; ...]ᵀ scale + [0; b_s1; b_s2; ...] + I) [V; V_s1; V_s2; ...]
 
-with `b = log(strength)` on the source keys inside the subject mask and `-inf` outside it (no mask: every image
-token of the source). Self-attention layers; on joint attention the image queries over the image and text keys
-plus the sources' image keys (text queries stock). The source rows are not changed. Subject tokens by a box or
-mask of the source image; selecting them by a word's attention map and IR-Diffusion's isolation / reposition are
-not implemented.
+with `b_s = log(strength)` on the source's subject tokens and `-inf` on its other image tokens (no subject: every
+image token of the source), and `I` the isolation mask (-inf between a query of subject i and a key of subject
+j != i, own or appended; 0 elsewhere). Subject tokens: a box, a mask, or a word whose cross-attention map
+(head-averaged, from the previous step of the same call, normalised by its maximum) is at least `threshold`.
+Reposition: the appended keys of subject i are the source's tokens in the reference box resampled (nearest cell)
+onto the cells of the target box. Self-attention layers; on joint attention the image queries over the image and
+text keys plus the sources' keys (text queries stock). The source rows are not changed. docs/methods.md
+("Consistent subjects") gives the definitions and choices.
 """
 
 from __future__ import annotations
@@ -24,22 +28,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ...control import BindContext, Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout
-from ...errors import ConfigError, UnsupportedError
+from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
-from ...kernels.semantics import spec_rows
-from ...kernels.spec import AttentionSpec, as_additive
-from ...processors.chain import backend_op, restricted_rows
+from ...kernels.semantics import block_bias, spec_rows
+from ...kernels.spec import AttentionSpec, LabelMask, as_additive
+from ...processors.chain import backend_op, restricted_rows, token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
-from ...selection import LayerSpec, validate_layers
-from ...steps import validate_steps
+from ...selection import LayerSpec, select_layers, validate_layers
+from ...steps import StepInfo, validate_steps
+from ...tokens import WordQuery, validate_word_query
 from ...validation import number, set_field
-from ..common import RowIndex, keep_kinds
-from ..regions.masks import validate_box
+from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
+from ..maps.capture import word_attention
+from ..regions.masks import area_matrix, load_mask, resize_mask, validate_box
 
 Box = tuple[float, float, float, float]
+Subject = Box | WordQuery
+
+#: The default threshold on a word's normalised attention map (its maximum over the image is 1).
+SUBJECT_THRESHOLD = 0.5
 
 
 def optional_box(value: Any, owner: str) -> Box | None:
@@ -58,47 +69,201 @@ def box_mask(box: Box | None, grid: tuple[int, int], frames: int = 1) -> torch.T
     return inside.flatten().repeat(frames)
 
 
+def _is_box(value: Any) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 4
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+
+
+def _subjects(value: Any) -> tuple[Subject, ...] | None:
+    """None, or the subjects: each a box (x0, y0, x1, y1) or a word query (word, phrase, (word, occurrence), token)."""
+    owner = "ConsistentSubjects.subject"
+    if value is None:
+        return None
+    if _is_box(value):
+        return (validate_box(value, owner=owner),)
+    if isinstance(value, (str, int)) or (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)
+                                         and isinstance(value[1], int) and not isinstance(value[1], bool)):
+        return (validate_word_query(value, owner=owner),)
+    if isinstance(value, (tuple, list)) and value:
+        out = tuple(validate_box(item, owner=f"{owner}[{i}]") if _is_box(item) else validate_word_query(item, owner=f"{owner}[{i}]")
+                    for i, item in enumerate(value))
+        if len(set(out)) != len(out):
+            raise ConfigError(f"{owner} has duplicates: {out!r}")
+        return out
+    raise ConfigError(
+        f"{owner} must be None, a box (x0, y0, x1, y1), a word (or (word, occurrence), or a token position), or a list of "
+        f"them (one per subject), got {value!r}"
+    )
+
+
+def _masks(value: Any) -> tuple[torch.Tensor, ...] | None:
+    """None, or one (H, W) float mask in [0, 1] per subject (a list of masks: several subjects; nested lists from a
+    job file are read as one mask when they are 2-D)."""
+    owner = "ConsistentSubjects.mask"
+    if value is None:
+        return None
+    if isinstance(value, list) and value and isinstance(value[0], list) and value[0] and isinstance(value[0][0], (int, float)):
+        value = torch.tensor(value, dtype=torch.float64)
+    if isinstance(value, (tuple, list)):
+        if not value:
+            raise ConfigError(f"{owner} must be a mask or a non-empty list of masks, got {value!r}")
+        items = [torch.tensor(m, dtype=torch.float64) if isinstance(m, list) else m for m in value]
+        return tuple(load_mask(m, owner=f"{owner}[{i}]") for i, m in enumerate(items))
+    return (load_mask(value, owner=owner),)
+
+
+def _reposition(value: Any) -> tuple[tuple[Box, Box], ...] | None:
+    """None, or one (reference box, target box) pair per subject."""
+    owner = "ConsistentSubjects.reposition"
+    if value is None:
+        return None
+    pairs = (value,) if isinstance(value, (tuple, list)) and len(value) == 2 and _is_box(value[0]) else value
+    if not isinstance(pairs, (tuple, list)) or not pairs:
+        raise ConfigError(f"{owner} must be None, a (reference box, target box) pair, or a list of pairs, got {value!r}")
+    out = []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ConfigError(f"{owner}[{i}] must be a (reference box, target box) pair, got {pair!r}")
+        out.append((validate_box(pair[0], owner=f"{owner}[{i}][0]"), validate_box(pair[1], owner=f"{owner}[{i}][1]")))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ConsistentSubjects(Control, type_name="consistent-subjects"):
     """Every image of the call also attends to the subject tokens of a reference image (StoryDiffusion's consistent
-    self-attention, restricted to the subject as IR-Diffusion does).
+    self-attention, restricted to the subjects as IR-Diffusion does, with its isolation and reposition attention).
 
     `reference`: the prompt row every other row reads (default 0), or None: every row reads every other row.
-    `subject`: a box (x0, y0, x1, y1) in relative coordinates of the source image whose tokens are shared (None: all
-    its image tokens). `strength`: a factor on the attention the shared tokens get (the logit bias is
-    log(strength); 0 is off). `layers`: self-attention (and joint attention) layers, all by default. `steps`: the
-    step window.
+    `subject`: what the source rows share: None (every image token), a box (x0, y0, x1, y1) in relative coordinates,
+    a word of the prompts (the tokens where its attention map is at least `threshold` of its maximum; `(word,
+    occurrence)` and token positions as every control takes them), or a list of boxes / words, one per subject.
+    `mask`: instead of `subject`, a mask (tensor, array or PIL image, [0, 1], stretched over the image; cells whose
+    area average is at least `threshold`) or a list of masks, one per subject. `strength`: a factor on the attention
+    the shared tokens get (the logit bias is log(strength); 0 is off). `layers`: self-attention (and joint attention)
+    layers, all by default. `steps`: the step window. `threshold`: in (0, 1]. `map_layers`: the cross-attention (or
+    joint) layers whose maps select a word's tokens, all by default. `isolate`: a target's subject-i queries do not
+    attend to another subject's tokens, its own or appended (IR-Diffusion's isolation attention). `reposition`: a
+    (reference box, target box) pair per subject: the reference's subject tokens are resampled from the first box onto
+    the second before they are appended (IR-Diffusion's reposition attention; needs `reference`, replaces
+    `subject`; refused on rotary-position families).
     """
 
     reference: int | None = 0
-    subject: Box | None = None
+    subject: Any = None
     strength: float = 1.0
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
+    mask: Any = None
+    threshold: float = SUBJECT_THRESHOLD
+    map_layers: LayerSpec = None
+    isolate: bool = False
+    reposition: Any = None
 
     def __post_init__(self) -> None:
         if self.reference is not None and (isinstance(self.reference, bool) or not isinstance(self.reference, int) or self.reference < 0):
             raise ConfigError(f"ConsistentSubjects.reference must be None or a prompt row index >= 0, got {self.reference!r}")
-        set_field(self, "subject", optional_box(self.subject, "ConsistentSubjects.subject"))
+        set_field(self, "subject", _subjects(self.subject))
+        set_field(self, "mask", _masks(self.mask))
+        set_field(self, "reposition", _reposition(self.reposition))
         set_field(self, "strength", number(self.strength, "ConsistentSubjects.strength", minimum=0))
         set_field(self, "layers", validate_layers(self.layers, name="ConsistentSubjects.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="ConsistentSubjects.steps"))
+        threshold = number(self.threshold, "ConsistentSubjects.threshold", minimum=0)
+        if not 0 < threshold <= 1:
+            raise ConfigError(f"ConsistentSubjects.threshold must be in (0, 1], got {self.threshold!r}")
+        set_field(self, "threshold", threshold)
+        set_field(self, "map_layers", validate_layers(self.map_layers, name="ConsistentSubjects.map_layers"))
+        if not isinstance(self.isolate, bool):
+            raise ConfigError(f"ConsistentSubjects.isolate must be True or False, got {self.isolate!r}")
+        given = [name for name in ("subject", "mask", "reposition") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"ConsistentSubjects: give one of subject, mask or reposition (reposition's boxes are the subjects), got {' and '.join(given)}")
+        if self.reposition is not None and self.reference is None:
+            raise ConfigError("ConsistentSubjects.reposition maps a reference subject into the target: it needs reference=<prompt row>, got reference=None")
+        if self.isolate and not given:
+            raise ConfigError("ConsistentSubjects.isolate keeps subjects apart: give the subjects (subject=, mask= or reposition=)")
+        if self.map_layers is not None and not self.words:
+            raise ConfigError("ConsistentSubjects.map_layers selects the maps of subject words; subject gives no word")
 
-    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+    # -- what the subjects are ----------------------------------------------------------------------------------
+    @property
+    def words(self) -> tuple[WordQuery, ...]:
+        """The subjects given as words (selected by their attention maps)."""
+        return tuple(s for s in (self.subject or ()) if not _is_box(s))
+
+    @property
+    def subject_count(self) -> int:
+        for value in (self.subject, self.mask, self.reposition):
+            if value is not None:
+                return len(value)
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConsistentSubjects):
+            return NotImplemented
+        fields = ("reference", "subject", "strength", "layers", "steps", "threshold", "map_layers", "isolate", "reposition")
+        if any(getattr(self, f) != getattr(other, f) for f in fields):
+            return False
+        if (self.mask is None) != (other.mask is None):
+            return False
+        return self.mask is None or (len(self.mask) == len(other.mask)
+                                     and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.mask, other.mask)))
+
+    def __hash__(self) -> int:
+        masks = None if self.mask is None else tuple(tuple(m.shape) for m in self.mask)
+        return hash((self.reference, self.subject, self.strength, self.layers, self.steps, self.threshold, self.map_layers,
+                     self.isolate, self.reposition, masks))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = Control.to_dict(self)
+        if self.mask is not None:  # masks as nested lists of numbers (a job file's form)
+            out["mask"] = [m.tolist() for m in self.mask]
+        return out
+
+    # -- where it acts ------------------------------------------------------------------------------------------
+    def attention_layers(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         return keep_kinds(Control.select(self, adapter), ("self", "joint"), type(self).__name__, "self- or joint attention", self.layers)
 
+    def word_map_layers(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        if not self.words:
+            return ()
+        layers = select_layers(adapter.layers, self.map_layers, default=text_layers(adapter), owner="ConsistentSubjects.map_layers")
+        return keep_kinds(layers, TEXT_KINDS, "ConsistentSubjects.map_layers", "cross- or joint-attention", self.map_layers)
+
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        chosen = {layer.index: layer for layer in self.attention_layers(adapter) + self.word_map_layers(adapter)}
+        return tuple(chosen[i] for i in sorted(chosen))
+
     def validate_for(self, adapter: ModelAdapter) -> None:
-        if self.subject is not None and adapter.grid_dims != 2:
+        if self.subject_count and adapter.grid_dims != 2:
             raise UnsupportedError(
-                f"attnctl: ConsistentSubjects' subject box is defined on a 2-D image grid, and the {adapter.family} family "
-                "has a video token grid; share every token (subject=None) there"
+                f"attnctl: ConsistentSubjects' subjects (boxes, masks, word maps) are defined on a 2-D image grid, and the "
+                f"{adapter.family} family has a video token grid; share every token (no subject) there"
+            )
+        if self.reposition is not None and adapter.rotary:
+            raise UnsupportedError(
+                f"attnctl: ConsistentSubjects.reposition moves the reference's subject tokens to the target box, and the "
+                f"{adapter.family} family's image keys carry rotary position embeddings of their own positions, applied "
+                "inside the attention processor before attnctl sees the keys: moved keys would keep their old positions "
+                "(not exact); reposition works on families without rotary keys (SD / SDXL, SD3, PixArt)"
             )
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
-        """"linked_keys": the rows attend to the source rows' keys and values (none while strength is 0)."""
-        return ("linked_keys",) if self.strength > 0 else ()
+        """"linked_keys" (and "labels" with `isolate`): the rows attend to the source rows' keys and values (none while
+        strength is 0); "capture": a map layer of a subject word."""
+        if self.strength == 0:
+            return ()
+        effects = []
+        if any(layer.index == a.index for a in self.attention_layers(adapter)):
+            effects += ["linked_keys"] + (["labels"] if self.isolate else [])
+        if any(layer.index == m.index for m in self.word_map_layers(adapter)):
+            effects.append("capture")
+        return tuple(effects)
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        if self.words:
+            return ("its subject words' maps are captured into per-step Python state inside the processor (as "
+                    "AttentionMaps does), so dynamo would recompile every step")
         return None  # the edit hands its hook the row links and bias as constants (tests/test_compile_controls.py)
 
     def bind(self, context: BindContext) -> _ConsistentBound:
@@ -176,6 +341,9 @@ def on_device(table: torch.Tensor, device: torch.device, make) -> torch.Tensor:
 
 
 class _ConsistentBound(LinkedKeysBound):
+    """Row links, the subjects' labels per prompt row at each grid, and (subject words) the maps of the previous
+    step: captured in the cond rows' map layers during step t, used by every row at step t + 1."""
+
     def __init__(self, control: ConsistentSubjects, context: BindContext):
         super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows
@@ -184,7 +352,40 @@ class _ConsistentBound(LinkedKeysBound):
                 f"ConsistentSubjects.reference is prompt row {control.reference}, but the call has {context.prompt_rows} "
                 "prompt row(s) (prompts x num_images_per_prompt)"
             )
+        adapter = context.adapter
+        chosen = {layer.index for layer in context.layers}
+        self.attention_indices = frozenset(layer.index for layer in control.attention_layers(adapter)) & chosen
+        map_layers = tuple(layer for layer in control.word_map_layers(adapter) if layer.index in chosen)
+        self.map_slots = {layer.index: i for i, layer in enumerate(map_layers)}
+        self.device = context.device
+        self.words = control.words
+        self.capture_hook = _SubjectMapHook(self)
+        self.ready: torch.Tensor | None = None  # (prompt rows, words, gh, gw): the maps of the previous step
+        self.step_seen: int | None = None
+        self.pending_step: int | None = None
+        if self.words:
+            tokens = context.require_tokens("ConsistentSubjects(subject=<word>)")
+            tokens.check_lengths()
+            text_len = context.canvas.text_len
+            selector = torch.zeros(self.prompt_rows, len(self.words), text_len)
+            for w, query in enumerate(self.words):
+                errors = []
+                for row in range(self.prompt_rows):
+                    try:
+                        positions = tokens.positions(query, row)
+                    except TokenError as error:
+                        errors.append(error)
+                        continue
+                    selector[row, w, [p for p in positions if p < text_len]] = 1.0
+                if len(errors) == self.prompt_rows:
+                    raise errors[0]
+            self.selector = selector.to(self.device)
+            grids = [context.canvas.grid_at(layer.level) for layer in map_layers]
+            self.map_grid = max(grids, key=lambda hw: hw[0] * hw[1])
+            self.pending = torch.zeros(len(map_layers), self.prompt_rows, len(self.words), *self.map_grid, device=self.device)
+            self.text_len = text_len
 
+    # -- row links ------------------------------------------------------------------------------------------------
     def find_links(self, rows: RowLayout) -> Links:
         reference = self.control.reference
         if reference is not None:
@@ -195,36 +396,180 @@ class _ConsistentBound(LinkedKeysBound):
         targets = tuple(i for i in range(len(rows)) if others and all(o[i] is not None for o in others))
         return targets, tuple(tuple(o[i] for o in others) for i in targets)
 
-    def source_bias(self, geometry, device, dtype) -> torch.Tensor:
-        """(image_len,) logit bias of one source's image keys: log(strength) inside the subject, -inf outside."""
-        key = (geometry.image_hw, geometry.frames, device, dtype)
-        found = self._bias.get(key)
-        if found is None:
-            inside = box_mask(self.control.subject, geometry.image_hw, geometry.frames)
-            bias = torch.full(inside.shape, -math.inf, dtype=torch.float32)
-            bias[inside] = math.log(self.control.strength)
-            found = self._bias[key] = bias.to(device=device, dtype=dtype)
-        return found
+    # -- edits ----------------------------------------------------------------------------------------------------
+    def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        control = self.control
+        if control.strength == 0:
+            return None
+        hooks: list[LayerHook] = []
+        if self.words:
+            self._next_step(frame.step.index)
+            if layer.index in self.map_slots and self._capture_at(frame.step) and frame.rows.indices("cond", None):
+                hooks.append(self.capture_hook)
+        if layer.index in self.attention_indices and self.active(frame.step) and (not self.words or self.ready is not None):
+            links = self.links(frame.rows)
+            if links[0]:
+                geometry = frame.geometry(layer)
+                key = (links, geometry.image_hw, geometry.frames, geometry.image_len, self.step_seen if self.words else None)
+                found = self._edits.get(key)
+                if found is None:
+                    found = self._edits[key] = AppendedKeysHook(self, links, geometry, frame_device(frame), frame.rows)
+                hooks.append(found)
+        return Edit(hooks=tuple(hooks)) if hooks else None
+
+    def _capture_at(self, step: StepInfo) -> bool:
+        """Maps are captured at a step when the next step shares (they are used there)."""
+        return step.index + 1 < step.count and StepInfo(step.index + 1, step.count).inside(self.control.steps)
+
+    def _next_step(self, index: int) -> None:
+        """At the first edit of a step, the maps captured at the step before become the ones in use."""
+        if index == self.step_seen:
+            return
+        self.ready = self.pending.sum(0) if self.pending_step is not None and self.pending_step == index - 1 else None
+        self.pending = torch.zeros_like(self.pending)
+        self.pending_step = None
+        self.step_seen = index
+        self._edits.clear()
+
+    def capture(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
+        """The cond rows' head-averaged attention to each subject word, from this layer's image queries, normalised over
+        all keys (`maps.capture.word_attention`, no N x N matrix), resized to the finest map grid."""
+        layout = call.rows
+        batch_rows = layout.indices("cond", None)
+        if not batch_rows:
+            return
+        prompts = tuple(layout.rows[i].prompt for i in batch_rows)
+        geometry = call.geometry
+        image = geometry.image_slice
+        index = self.index(batch_rows, q.device)
+        spec = spec_rows(spec, index, q.shape[0])
+        qi = q.index_select(0, index)[:, :, image]
+        ki = k.index_select(0, index)
+        key_text = geometry.key_text_slice
+        prompt_index = self.index(prompts, self.selector.device)
+        words = self.selector.index_select(0, prompt_index).to(q.device)
+        selector = words.new_zeros(len(batch_rows), words.shape[1], ki.shape[2])
+        selector[:, :, key_text.start : key_text.start + self.text_len] = words
+        keys = slice(0, ki.shape[2])
+
+        def bias(lo: int, hi: int) -> torch.Tensor | None:
+            return block_bias(spec, slice(image.start + lo, image.start + hi), keys, q.device)
+
+        mass = word_attention(qi, ki, selector, scale=spec.scale, bias=bias)  # (b, Ni, W)
+        h, w = geometry.image_hw
+        maps = mass.transpose(1, 2).reshape(len(batch_rows), -1, h, w)
+        if (h, w) != self.map_grid:
+            maps = F.interpolate(maps, size=self.map_grid, mode="bilinear", align_corners=False)
+        self.pending[self.map_slots[call.layer.index]].index_copy_(0, prompt_index, maps.to(self.pending.device))
+        self.pending_step = call.step.index
+
+    # -- the subjects at a grid -----------------------------------------------------------------------------------
+    def labels(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """(prompt rows, h * w) long: 0 outside every subject, i + 1 in subject i (None: no subjects, share all).
+
+        A subject's score per cell: 1 / 0 for a box (cell centre inside), a mask's area average, a word's map (the
+        previous step's, area-averaged onto the grid) divided by its maximum over the image. Cells scoring at least
+        `threshold` are in; a cell in several subjects goes to the highest score (the first on a tie)."""
+        control = self.control
+        if control.reposition is not None:
+            boxes = [pair[1] for pair in control.reposition]
+            scores = torch.stack([box_mask(b, grid).double() for b in boxes])[None].expand(self.prompt_rows, -1, -1)
+        elif control.mask is not None:
+            scores = torch.stack([resize_mask(m, grid).flatten() for m in control.mask])[None].expand(self.prompt_rows, -1, -1)
+        elif control.subject is not None:
+            parts = []
+            word = 0
+            for subject in control.subject:
+                if _is_box(subject):
+                    parts.append(box_mask(subject, grid).double().to(device)[None].expand(self.prompt_rows, -1))
+                    continue
+                maps = self.ready[:, word].double()  # (P, gh, gw)
+                word += 1
+                rows = area_matrix(maps.shape[1], grid[0]).to(maps.device)
+                cols = area_matrix(maps.shape[2], grid[1]).to(maps.device)
+                resized = (rows @ maps @ cols.T).flatten(1)
+                parts.append((resized / resized.amax(1, keepdim=True).clamp_min(1e-30)).to(device))
+            scores = torch.stack(parts, 1)
+        else:
+            return None
+        scores = scores.to(device)
+        inside = scores >= control.threshold
+        best = torch.where(inside, scores, torch.full_like(scores, -1.0)).argmax(1)
+        return torch.where(inside.any(1), best + 1, torch.zeros_like(best))
+
+    def appended(self, grid: tuple[int, int], labels: torch.Tensor | None, device: torch.device):
+        """What each source appends at this grid: (gather, appended labels, bias). `gather` (n,) long: the source's
+        image tokens appended (None: all); appended labels (P, n) long (None without subjects); bias (P, n) float32:
+        log(strength) on the subject tokens, -inf elsewhere."""
+        log_strength = math.log(self.control.strength)
+        h, w = grid
+        if self.control.reposition is not None:
+            gather, slot_labels = [], []
+            for i, (source_box, target_box) in enumerate(self.control.reposition):
+                cells = box_mask(target_box, grid).nonzero().flatten()  # constant per grid: computed on the CPU
+                ys = (cells // w + 0.5) / h
+                xs = (cells % w + 0.5) / w
+                sy = source_box[1] + (ys - target_box[1]) * (source_box[3] - source_box[1]) / (target_box[3] - target_box[1])
+                sx = source_box[0] + (xs - target_box[0]) * (source_box[2] - source_box[0]) / (target_box[2] - target_box[0])
+                row = (sy * h).floor().long().clamp(0, h - 1)
+                col = (sx * w).floor().long().clamp(0, w - 1)
+                gather.append(row * w + col)
+                slot_labels.append(torch.full((cells.numel(),), i + 1, dtype=torch.long))
+            index = torch.cat(gather).to(device)
+            slot = torch.cat(slot_labels).to(device)[None].expand(self.prompt_rows, -1)
+            return index, slot, torch.full(slot.shape, log_strength, dtype=torch.float32, device=device)
+        if labels is None:
+            return None, None, torch.full((self.prompt_rows, h * w), log_strength, dtype=torch.float32, device=device)
+        bias = torch.where(labels > 0, torch.tensor(log_strength, dtype=torch.float32, device=device),
+                           torch.tensor(-math.inf, dtype=torch.float32, device=device))
+        return None, labels, bias
+
+    def finish(self) -> None:
+        super().finish()
+        self.ready = None
+        self.step_seen = self.pending_step = None
+        self._edits.clear()
+
+
+class _SubjectMapHook(LayerHook):
+    """Lets the layer's attention run, then records the cond rows' maps of the subject words (a map layer)."""
+
+    def __init__(self, bound: _ConsistentBound):
+        self.bound = bound
+
+    def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
+        result = compute(q, k, v, spec)
+        if not token_layout(call).sub:
+            with torch.no_grad():
+                self.bound.capture(call, q, k, spec)
+        return result
+
 
 class AppendedKeysHook(LayerHook):
-    """The target rows' image queries attend to their own keys plus the source rows' image keys, with the source
-    bias (`bound.source_bias`); the other rows (and text queries) go through the rest of the chain unchanged."""
+    """The target rows' image queries attend to their own keys plus the source rows' (subject) image keys, with
+    the source bias and, with `isolate`, the isolation labels; the other rows (and text queries) go through the rest
+    of the chain unchanged. The edit hands it the links, the grid's labels and the appended keys as constants."""
 
-    def __init__(self, bound: Any, links: Links = ((), ()), geometry: Any = None, device: Any = None):
+    def __init__(self, bound: Any, links: Links = ((), ()), geometry: Any = None, device: Any = None, rows: RowLayout | None = None):
         self.bound = bound
         self.links = links
-        self.bias = None if geometry is None else bound.source_bias(geometry, device, torch.float32)
+        self.plan = None
+        if geometry is not None:
+            self.plan = _plan(bound, links, geometry, device, rows)
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         targets, sources = self.bound.call_links(call, self.links)
         if not targets:
             return compute(q, k, v, spec)
+        plan = self.plan
+        if plan is None or plan.device != q.device or (call.row_source is not None and (targets, sources) != self.links):
+            plan = _plan(self.bound, (targets, sources), call.geometry, q.device, call.rows)
         batch = q.shape[0]
         index = self.bound.tensor
         target_index = index(targets, q.device)
-        bias = on_device(self.bias, q.device, lambda device: self.bound.source_bias(call.geometry, device, torch.float32))
-        own = appended_attention(call, q, k, v, spec, target_index, [index(tuple(s[j] for s in sources), q.device) for j in range(len(sources[0]))],
-                                 bias)
+        own = appended_attention(call, q, k, v, spec, target_index,
+                                 [index(tuple(s[j] for s in sources), q.device) for j in range(len(sources[0]))],
+                                 plan.bias, gather=plan.gather, q_labels=plan.q_labels, k_labels=plan.k_labels, table=plan.table)
         chosen = set(targets)
         rest = tuple(i for i in range(batch) if i not in chosen)
         if not rest:
@@ -238,10 +583,55 @@ class AppendedKeysHook(LayerHook):
         return full, None
 
 
+@dataclass
+class _Plan:
+    device: torch.device
+    bias: list[torch.Tensor]  # per source slot: (targets, n appended) float32
+    gather: torch.Tensor | None  # (n appended,) image-token indices of a source (None: all)
+    q_labels: torch.Tensor | None  # (targets, image queries) long, with isolation
+    k_labels: list[torch.Tensor] | None  # own (targets, own keys), then per source slot (targets, n appended)
+    table: torch.Tensor | None  # (1, S + 1, S + 1): 0, -inf between two different subjects
+
+
+def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.device, rows: RowLayout) -> _Plan:
+    """The constants of one edit: per target row and source slot, the appended keys' bias and labels."""
+    targets, sources = links
+    grid = geometry.image_hw
+    labels = None if (bound.control.subject is None and bound.control.mask is None and bound.control.reposition is None) \
+        else bound.labels(grid, device)
+    if labels is None and geometry.frames > 1:  # video, no subject: every token of every frame
+        bias_all = torch.full((geometry.image_len,), math.log(bound.control.strength), dtype=torch.float32, device=device)
+        bias = [bias_all[None].expand(len(targets), -1) for _ in sources[0]]
+        return _Plan(device, bias, None, None, None, None)
+    gather, appended_labels, appended_bias = bound.appended(grid, labels, device)
+    prompt = [r.prompt for r in rows.rows]
+    target_prompts = torch.tensor([prompt[t] for t in targets], dtype=torch.long, device=device)
+    slots = range(len(sources[0]))
+    source_prompts = [torch.tensor([prompt[s[j]] for s in sources], dtype=torch.long, device=device) for j in slots]
+    bias = [appended_bias.index_select(0, p) for p in source_prompts]
+    if not bound.control.isolate:
+        return _Plan(device, bias, gather, None, None, None)
+    n_subjects = bound.control.subject_count
+    table = torch.zeros(n_subjects + 1, n_subjects + 1, dtype=torch.float32)
+    table[1:, 1:] = -math.inf
+    table[1:, 1:].fill_diagonal_(0.0)
+    own = labels.index_select(0, target_prompts)  # (m, image tokens)
+    n_own = geometry.key_len if geometry.layer.text != "none" else geometry.image_len
+    own_keys = torch.zeros(len(targets), n_own, dtype=torch.long, device=device)
+    image = slice(0, geometry.image_len) if geometry.layer.text == "none" else geometry.image_slice
+    own_keys[:, image] = own
+    k_labels = [own_keys] + [appended_labels.index_select(0, p) for p in source_prompts]
+    return _Plan(device, bias, gather, own, k_labels, table[None].to(device))
+
+
 def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor, sources: list[torch.Tensor],
-                       bias: torch.Tensor) -> torch.Tensor:
+                       bias: torch.Tensor | list[torch.Tensor], *, gather: torch.Tensor | None = None,
+                       q_labels: torch.Tensor | None = None, k_labels: list[torch.Tensor] | None = None,
+                       table: torch.Tensor | None = None) -> torch.Tensor:
     """(m, H, Nq, D): rows `targets`; image queries over [own keys; each source's image keys (+ bias)], text queries
-    (joint layers) over their own keys."""
+    (joint layers) over their own keys. `bias`: one (n,) tensor for every source, or per source a (m, n) tensor;
+    `gather`: the source image tokens appended (default all); `q_labels` / `k_labels` / `table`: a label mask (isolation)
+    over the image queries and [own keys; appended keys]."""
     batch = q.shape[0]
     geometry = call.geometry
     text = call.layer.text
@@ -249,25 +639,34 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
     if text == "keys":
         raise ConfigError(f"attnctl: layer {call.layer.name} is cross-attention; appended image keys act on self- and joint attention")
     qt, kt, vt = q.index_select(0, targets), k.index_select(0, targets), v.index_select(0, targets)
+    m = qt.shape[0]
     mask = spec.attn_mask
     if mask is not None and mask.ndim == 4 and mask.shape[0] == batch and batch > 1:
         mask_t = mask.index_select(0, targets)
     else:
         mask_t = mask
     image_q = slice(0, q.shape[2]) if text == "none" else image
-    keys = [kt] + [k.index_select(0, s)[:, :, image] for s in sources]
-    values = [vt] + [v.index_select(0, s)[:, :, image] for s in sources]
+    picked = None if gather is None else gather + image.start
+    def appended(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        rows = t.index_select(0, s)
+        return rows[:, :, image] if picked is None else rows.index_select(2, picked)
+    keys = [kt] + [appended(k, s) for s in sources]
+    values = [vt] + [appended(v, s) for s in sources]
     n_own = kt.shape[2]
-    n_img = image.stop - image.start
-    key_bias = torch.cat([bias.new_zeros(n_own)] + [bias] * len(sources))[None, :].expand(qt.shape[0], -1)
+    biases = [bias[None, :].expand(m, -1) for _ in sources] if isinstance(bias, torch.Tensor) else bias
+    n_app = sum(b.shape[-1] for b in biases)
+    key_bias = torch.cat([biases[0].new_zeros(m, n_own)] + list(biases), dim=-1)
     attn_mask = None
     if mask_t is not None:
         own_mask = as_additive(mask_t, torch.float32)
         if own_mask.shape[-2] > 1:
             own_mask = own_mask[..., image_q, :]
-        attn_mask = torch.cat([own_mask, own_mask.new_zeros(own_mask.shape[:-1] + (n_img * len(sources),))], dim=-1)
+        attn_mask = torch.cat([own_mask, own_mask.new_zeros(own_mask.shape[:-1] + (n_app,))], dim=-1)
+    labels = None
+    if q_labels is not None:
+        labels = LabelMask(q_labels, torch.cat(k_labels, dim=-1), table)
     out_image = backend_op(call, qt[:, :, image_q], torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                           AttentionSpec(scale=spec.scale, attn_mask=attn_mask, key_bias=key_bias.to(q.dtype)))[0]
+                           AttentionSpec(scale=spec.scale, attn_mask=attn_mask, key_bias=key_bias.to(q.dtype), labels=labels))[0]
     if text == "none":
         return out_image
     txt = geometry.text_slice
@@ -277,6 +676,3 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
     out_text = backend_op(call, qt[:, :, txt], kt, vt, AttentionSpec(scale=spec.scale, attn_mask=text_mask))[0]
     parts = (out_text, out_image) if txt.start < image.start else (out_image, out_text)
     return torch.cat(parts, dim=2)
-
-
-
