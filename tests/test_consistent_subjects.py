@@ -166,3 +166,314 @@ def test_reference_outside_the_call_raises(tiny_cache):
     with attnctl.apply(pipe, [ConsistentSubjects(reference=5)]):
         with pytest.raises(ConfigError, match="prompt row 5"):
             run(pipe, "tiny-sd")
+
+
+# -- subjects by word maps, masks, isolation and reposition (IR-Diffusion) --------------------------------------------
+WORD_PROMPTS = ["a red cat and a dog", "a blue cat and a dog", "a green cat and a dog"]
+LEFT_RIGHT = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+
+
+def _left_mask():
+    mask = torch.zeros(16, 16)
+    mask[:, :8] = 1.0
+    return mask
+
+
+def _pool(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(P, gh, gw) -> (P, h, w): cell averages when shrinking, repeated cells when growing (integer factors)."""
+    gh, gw = maps.shape[-2:]
+    h, w = grid
+    if (h, w) == (gh, gw):
+        return maps
+    if h <= gh:
+        return torch.nn.functional.adaptive_avg_pool2d(maps, (h, w))
+    return maps.repeat_interleave(h // gh, dim=-2).repeat_interleave(w // gw, dim=-1)
+
+
+class _EagerSubjects:
+    """From the definition in docs/methods.md ("Consistent subjects"), materialised in float64.
+
+    Word maps: at each map layer, the cond rows' softmax(q kᵀ scale) of the image queries over all keys, averaged over
+    heads, summed over the word's tokens, resized bilinearly to the finest map grid and summed over the layers; the
+    maps of step t select the subject tokens at step t + 1 (none at step 0: no sharing). At a self-attention grid a
+    word's map is averaged onto the grid, divided by its maximum; cells >= threshold belong to the subject (the
+    highest score wins). Boxes: cell centre inside; masks: cell average >= threshold."""
+
+    def __init__(self, control, context):
+        self.c = control
+        self.context = context
+        self.prompt_rows = context.prompt_rows
+        self.ready = None
+        self.pending = {}
+        self.pending_step = None
+        self.seen = None
+        words = [s for s in (control.subject or ()) if not (isinstance(s, tuple) and len(s) == 4)]
+        self.words = words
+        self.columns = []
+        if words:
+            tokens = context.require_tokens("test")
+            for row in range(self.prompt_rows):
+                self.columns.append([list(tokens.positions(word, row)) if word in WORD_PROMPTS[row % 3].split() else [] for word in words])
+
+    def step(self, index):
+        if index != self.seen:
+            self.seen = index
+            self.ready = sum(self.pending.values()) if self.pending and self.pending_step == index - 1 else None
+            self.pending = {}
+            self.pending_step = None
+
+    def capture(self, call, q, k, spec):
+        if not any(row.branch == "cond" and row.tag is None for row in call.rows.rows):
+            return  # an uncond-only call (Flux's true CFG) has no maps of the words
+        g = call.geometry
+        image = g.image_slice
+        key_text = g.key_text_slice
+        scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+        maps = torch.zeros(self.prompt_rows, len(self.words), *g.image_hw, dtype=torch.float64)
+        for i, row in enumerate(call.rows.rows):
+            if row.branch != "cond" or row.tag is not None:
+                continue
+            logits = q[i][:, image].double() @ k[i].double().transpose(-1, -2) * scale
+            if spec.attn_mask is not None:
+                m = spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0].double()
+                logits = logits + (m[..., image, :] if m.shape[-2] > 1 else m)
+            probs = torch.softmax(logits, -1).mean(0)  # (Ni, Nk)
+            for w, columns in enumerate(self.columns[row.prompt]):
+                if columns:
+                    maps[row.prompt, w] = probs[:, [key_text.start + t for t in columns]].sum(-1).reshape(g.image_hw)
+        grid = self.finest
+        if tuple(maps.shape[-2:]) != grid:
+            maps = torch.nn.functional.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+        self.pending[call.layer.index] = maps
+        self.pending_step = call.step.index
+
+    def labels(self, grid):
+        """(P, h*w) long."""
+        c = self.c
+        h, w = grid
+        centres = [((r + 0.5) / h, (col + 0.5) / w) for r in range(h) for col in range(w)]
+
+        def box_scores(box):
+            return torch.tensor([1.0 if box[0] <= x <= box[2] and box[1] <= y <= box[3] else 0.0 for y, x in centres], dtype=torch.float64)
+
+        if c.reposition is not None:
+            scores = torch.stack([box_scores(pair[1]) for pair in c.reposition])[None].repeat(self.prompt_rows, 1, 1)
+        elif c.mask is not None:
+            per = []
+            for m in c.mask:
+                per.append(torch.nn.functional.adaptive_avg_pool2d(m.double()[None, None], grid).flatten())
+            scores = torch.stack(per)[None].repeat(self.prompt_rows, 1, 1)
+        else:
+            per, word = [], 0
+            for s in c.subject:
+                if isinstance(s, tuple) and len(s) == 4:
+                    per.append(box_scores(s)[None].repeat(self.prompt_rows, 1))
+                else:
+                    m = _pool(self.ready[:, word], grid).flatten(1)
+                    word += 1
+                    peak = m.max(1, keepdim=True).values
+                    per.append(torch.where(peak > 0, m / torch.where(peak > 0, peak, 1.0), 0.0))
+            scores = torch.stack(per, 1)
+        out = torch.zeros(self.prompt_rows, h * w, dtype=torch.long)
+        for p in range(self.prompt_rows):
+            for t in range(h * w):
+                best, label = -1.0, 0
+                for s in range(scores.shape[1]):
+                    if scores[p, s, t] >= c.threshold and scores[p, s, t] > best:
+                        best, label = float(scores[p, s, t]), s + 1
+                out[p, t] = label
+        return out
+
+
+class _EagerSubjectsHook(LayerHook):
+    def __init__(self, state, kind):
+        self.state = state
+        self.kind = kind
+
+    def attend(self, call, q, k, v, spec, compute):
+        st = self.state
+        if self.kind == "map":
+            out = compute(q, k, v, spec)
+            st.capture(call, q, k, spec)
+            return out
+        out, _ = compute(q, k, v, spec)
+        out = out.clone()
+        c = st.c
+        rows = call.rows.rows
+        batch, heads, nq, d = q.shape
+        scale = spec.scale if spec.scale is not None else d**-0.5
+        g = call.geometry
+        text = call.layer.text
+        image = slice(0, nq) if text == "none" else g.image_slice
+        h, w = g.image_hw
+        has_subjects = c.subject is not None or c.mask is not None or c.reposition is not None
+        labels = st.labels((h, w)) if has_subjects else torch.ones(st.prompt_rows, h * w, dtype=torch.long)
+        if c.reposition is not None:  # source cell of each appended key, and its subject
+            picks, pick_labels = [], []
+            for i, (src, dst) in enumerate(c.reposition):
+                for t in range(h * w):
+                    y, x = (t // w + 0.5) / h, (t % w + 0.5) / w
+                    if dst[0] <= x <= dst[2] and dst[1] <= y <= dst[3]:
+                        sy = src[1] + (y - dst[1]) / (dst[3] - dst[1]) * (src[3] - src[1])
+                        sx = src[0] + (x - dst[0]) / (dst[2] - dst[0]) * (src[2] - src[0])
+                        picks.append(min(h - 1, int(math.floor(sy * h))) * w + min(w - 1, int(math.floor(sx * w))))
+                        pick_labels.append(i + 1)
+        for i, row in enumerate(rows):
+            sources = [j for j, r in enumerate(rows) if (r.branch, r.tag) == (row.branch, row.tag) and r.prompt != row.prompt
+                       and (c.reference is None or r.prompt == c.reference)]
+            if (c.reference is not None and row.prompt == c.reference) or not sources:
+                continue
+            own_labels = torch.zeros(k.shape[2], dtype=torch.long)
+            own_labels[image] = labels[row.prompt]
+            keys, values, biases, key_labels = [k[i].double()], [v[i].double()], [torch.zeros(k.shape[2], dtype=torch.float64)], [own_labels]
+            for j in sources:
+                if c.reposition is not None:
+                    cells = torch.tensor(picks)
+                    slab = torch.tensor(pick_labels)
+                else:
+                    cells = torch.arange(h * w)
+                    slab = labels[rows[j].prompt]
+                keys.append(k[j][:, image][:, cells].double())
+                values.append(v[j][:, image][:, cells].double())
+                biases.append(torch.where(slab > 0, math.log(c.strength), -math.inf).double())
+                key_labels.append(slab)
+            logits = q[i][:, image].double() @ torch.cat(keys, 1).transpose(-1, -2) * scale + torch.cat(biases)
+            if spec.attn_mask is not None:
+                m = spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0].double()
+                m = m[..., image, :] if m.shape[-2] > 1 else m
+                logits[..., : k.shape[2]] += m
+            if c.isolate:
+                ql = labels[row.prompt][:, None]
+                kl = torch.cat(key_labels)[None, :]
+                logits = logits.masked_fill((ql > 0) & (kl > 0) & (ql != kl), -math.inf)
+            out[i, :, image] = (torch.softmax(logits, -1) @ torch.cat(values, 1)).to(out.dtype)
+        return out, None
+
+
+@dataclass(frozen=True)
+class EagerSubjects(Control, type_name="test-eager-subjects"):
+    """The reference of ConsistentSubjects with subjects (`control` holds the options; its code is not used)."""
+
+    control: object = None
+
+    def select(self, adapter):
+        kinds = ("cross", "joint") if self.control.words else ()
+        return tuple(layer for layer in adapter.layers if layer.kind in ("self", "joint") + kinds)
+
+    def bind(self, context):
+        return _EagerSubjectsBound(self, context)
+
+
+class _EagerSubjectsBound(Bound):
+    def __init__(self, control, context):
+        super().__init__(control, context.layers, (0.0, 1.0))
+        self.state = _EagerSubjects(control.control, context)
+        map_layers = [layer for layer in context.layers if layer.kind in ("cross", "joint")]
+        self.state.finest = max((context.canvas.grid_at(layer.level) for layer in map_layers), key=lambda hw: hw[0] * hw[1], default=None)
+
+    def edit(self, layer, frame):
+        st = self.state
+        st.step(frame.step.index)
+        hooks = []
+        if st.words and layer.kind in ("cross", "joint") and frame.step.index + 1 < frame.step.count:
+            hooks.append(_EagerSubjectsHook(st, "map"))
+        if layer.kind in ("self", "joint") and (not st.words or st.ready is not None):
+            hooks.append(_EagerSubjectsHook(st, "self"))
+        return Edit(hooks=tuple(hooks)) if hooks else None
+
+
+SUBJECT_OPTIONS = {
+    "word": {"subject": "cat"},
+    "words-isolate": {"subject": ["cat", "dog"], "isolate": True, "strength": 2.0, "threshold": 0.4},
+    "all-words-isolate": {"subject": ["cat", "dog"], "isolate": True, "reference": None},
+    "boxes-isolate": {"subject": LEFT_RIGHT, "isolate": True, "strength": 3.0},
+    "mask": {"mask": "left", "strength": 2.0},
+    "reposition": {"reposition": [(LEFT_RIGHT[0], LEFT_RIGHT[1]), (LEFT_RIGHT[1], LEFT_RIGHT[0])], "isolate": True},
+}
+
+
+def _options(key):
+    options = dict(SUBJECT_OPTIONS[key])
+    if options.get("mask") == "left":
+        options["mask"] = _left_mask()
+    return options
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("key", list(SUBJECT_OPTIONS))
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_subjects_match_eager_reference(name, key, guidance, tiny_cache):
+    if name == "tiny-flux" and guidance == 5.0 and key not in ("word", "words-isolate"):
+        pytest.skip("tiny-flux runs cond rows only either way (no batched CFG); two options cover it")
+    pipe = tiny_cache(name)
+    control = ConsistentSubjects(**_options(key))
+    if name == "tiny-flux" and control.reposition is not None:
+        with pytest.raises(UnsupportedError, match="rotary"):
+            attnctl.apply(pipe, [control])
+        return
+    stock = run(pipe, name, prompts=WORD_PROMPTS, steps=3, guidance=guidance)
+    with attnctl.apply(pipe, [control]):
+        ours = run(pipe, name, prompts=WORD_PROMPTS, steps=3, guidance=guidance)
+    with attnctl.apply(pipe, [EagerSubjects(control)]):
+        expected = run(pipe, name, prompts=WORD_PROMPTS, steps=3, guidance=guidance)
+    assert not torch.allclose(expected, stock, **TOL)
+    torch.testing.assert_close(ours, expected, **TOL)
+    if control.reference is not None:
+        torch.testing.assert_close(ours[control.reference], stock[control.reference], **TOL)
+
+
+def test_subject_word_flux_true_cfg(tiny_cache):
+    """Separate cond / uncond calls: the uncond call of a step uses the maps the cond calls captured the step before."""
+    name = "tiny-flux"
+    pipe = tiny_cache(name)
+    extra = {"negative_prompt": "a blurry dog", "true_cfg_scale": 3.0}
+    control = ConsistentSubjects(subject=["cat", "dog"], isolate=True)
+    with attnctl.apply(pipe, [control]):
+        ours = run(pipe, name, prompts=WORD_PROMPTS, steps=3, **extra)
+    with attnctl.apply(pipe, [EagerSubjects(control)]):
+        expected = run(pipe, name, prompts=WORD_PROMPTS, steps=3, **extra)
+    torch.testing.assert_close(ours, expected, **TOL)
+
+
+@pytest.mark.parametrize("options", [{"subject": "cat", "strength": 0.0}, {"subject": "cat", "steps": (0.9, 1.0)},
+                                     {"subject": LEFT_RIGHT, "isolate": True, "steps": (0.9, 1.0)},
+                                     {"reposition": (LEFT_RIGHT[0], LEFT_RIGHT[1]), "strength": 0.0}])
+def test_subjects_idle_is_bitwise_stock(options, tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    stock = run(pipe, "tiny-sd", prompts=WORD_PROMPTS)
+    with attnctl.apply(pipe, [ConsistentSubjects(**options)]):
+        assert torch.equal(run(pipe, "tiny-sd", prompts=WORD_PROMPTS), stock)
+
+
+def test_subject_options_errors_and_round_trip():
+    with pytest.raises(ConfigError, match="threshold"):
+        ConsistentSubjects(subject="cat", threshold=0.0)
+    with pytest.raises(ConfigError, match="one of subject, mask or reposition"):
+        ConsistentSubjects(subject="cat", mask=_left_mask())
+    with pytest.raises(ConfigError, match="reference=None"):
+        ConsistentSubjects(reference=None, reposition=(LEFT_RIGHT[0], LEFT_RIGHT[1]))
+    with pytest.raises(ConfigError, match="isolate"):
+        ConsistentSubjects(isolate=True)
+    with pytest.raises(ConfigError, match="isolate"):
+        ConsistentSubjects(subject="cat", isolate="yes")
+    with pytest.raises(ConfigError, match="map_layers"):
+        ConsistentSubjects(subject=LEFT_RIGHT[0], map_layers=("down",))
+    with pytest.raises(ConfigError, match="reposition"):
+        ConsistentSubjects(reposition=[(LEFT_RIGHT[0],)])
+    with pytest.raises(ConfigError, match="subject"):
+        ConsistentSubjects(subject=["cat", "cat"])
+    with pytest.raises(ConfigError, match="mask"):
+        ConsistentSubjects(mask=torch.full((4, 4), 2.0))
+    for options in (_options(key) for key in SUBJECT_OPTIONS):
+        control = ConsistentSubjects(**options)
+        again = Control.from_dict(control.to_dict())
+        assert again == control and hash(again) == hash(control)
+    assert ConsistentSubjects(subject=("cat", 1)).subject == (("cat", 1),)
+    assert ConsistentSubjects(subject=["cat", ("dog", 0), LEFT_RIGHT[0]]).words == ("cat", ("dog", 0))
+
+
+def test_word_absent_from_every_prompt_raises(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [ConsistentSubjects(subject="horse")]):
+        with pytest.raises(attnctl.TokenError, match="horse"):
+            run(pipe, "tiny-sd", prompts=WORD_PROMPTS)
