@@ -589,7 +589,7 @@ class _Plan:
     bias: list[torch.Tensor]  # per source slot: (targets, n appended) float32
     gather: torch.Tensor | None  # (n appended,) image-token indices of a source (None: all)
     q_labels: torch.Tensor | None  # (targets, image queries) long, with isolation
-    k_labels: list[torch.Tensor] | None  # own (targets, own keys), then per source slot (targets, n appended)
+    k_labels: list[torch.Tensor] | None  # own image keys (targets, image tokens), then per source slot (targets, n appended)
     table: torch.Tensor | None  # (1, S + 1, S + 1): 0, -inf between two different subjects
 
 
@@ -616,11 +616,7 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
     table[1:, 1:] = -math.inf
     table[1:, 1:].fill_diagonal_(0.0)
     own = labels.index_select(0, target_prompts)  # (m, image tokens)
-    n_own = geometry.key_len if geometry.layer.text != "none" else geometry.image_len
-    own_keys = torch.zeros(len(targets), n_own, dtype=torch.long, device=device)
-    image = slice(0, geometry.image_len) if geometry.layer.text == "none" else geometry.image_slice
-    own_keys[:, image] = own
-    k_labels = [own_keys] + [appended_labels.index_select(0, p) for p in source_prompts]
+    k_labels = [own] + [appended_labels.index_select(0, p) for p in source_prompts]
     return _Plan(device, bias, gather, own, k_labels, table[None].to(device))
 
 
@@ -630,8 +626,8 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
                        table: torch.Tensor | None = None) -> torch.Tensor:
     """(m, H, Nq, D): rows `targets`; image queries over [own keys; each source's image keys (+ bias)], text queries
     (joint layers) over their own keys. `bias`: one (n,) tensor for every source, or per source a (m, n) tensor;
-    `gather`: the source image tokens appended (default all); `q_labels` / `k_labels` / `table`: a label mask (isolation)
-    over the image queries and [own keys; appended keys]."""
+    `gather`: the source image tokens appended (default all); `q_labels` (m, image queries), `k_labels` (the own image
+    keys', then each source's appended keys' labels) and `table`: a label mask (isolation)."""
     batch = q.shape[0]
     geometry = call.geometry
     text = call.layer.text
@@ -663,8 +659,10 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
             own_mask = own_mask[..., image_q, :]
         attn_mask = torch.cat([own_mask, own_mask.new_zeros(own_mask.shape[:-1] + (n_app,))], dim=-1)
     labels = None
-    if q_labels is not None:
-        labels = LabelMask(q_labels, torch.cat(k_labels, dim=-1), table)
+    if q_labels is not None:  # own text (and reference-image) keys: label 0, open to every query
+        own_keys = k_labels[0].new_zeros(m, n_own)
+        own_keys[:, image] = k_labels[0]
+        labels = LabelMask(q_labels, torch.cat([own_keys] + list(k_labels[1:]), dim=-1), table)
     out_image = backend_op(call, qt[:, :, image_q], torch.cat(keys, dim=2), torch.cat(values, dim=2),
                            AttentionSpec(scale=spec.scale, attn_mask=attn_mask, key_bias=key_bias.to(q.dtype), labels=labels))[0]
     if text == "none":
