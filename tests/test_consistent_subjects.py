@@ -508,3 +508,31 @@ def test_subjects_on_every_family_run_or_refuse(name, tiny_cache):
         if name != "tiny-zimage":  # under pytest a fresh tiny Z-Image pipeline's stock calls differ from each other (no handle)
             torch.testing.assert_close(ours[0], stock[0], **LOOSE)
         assert not torch.allclose(ours[1], stock[1], **TOL)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("attnctl.toy") is None, reason="no toy model in this build")
+def test_toy_agreement_benchmark_ci_size():
+    """The 8-seed version of benchmarks/cross_image.py's consistent-subjects measurement: it runs, the word-map subject
+    changes the target images and never the reference. (On this model sharing does not make the colour agree: the
+    48-seed numbers and the diagnostic are in the README; nothing here asserts an effect the model does not show.)"""
+    import importlib.util
+    import os
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cross_image.py")
+    spec = importlib.util.spec_from_file_location("benchmarks_cross_image_cs", here)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from attnctl.toy import CALL_DEFAULTS, load_toy_shapes
+
+    pipe = load_toy_shapes()
+    variants = bench.consistent_variants(quick=True)
+    rates = bench.agreement_rates(pipe, range(8), 4, variants)
+    assert set(rates) == set(variants) and all(0.0 <= a <= 1.0 and 0.0 <= m <= 1.0 for a, m in rates.values()), rates
+    control = variants["subject='circle' (word map)"]
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    stock = pipe(["a circle on the left"] * 2, generator=generators, output_type="latent", **CALL_DEFAULTS).images
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    with attnctl.apply(pipe, [control]):
+        ours = pipe(["a circle on the left"] * 2, generator=generators, output_type="latent", **CALL_DEFAULTS).images
+    assert torch.equal(ours[0], stock[0])
+    assert not torch.allclose(ours[1], stock[1], **TOL)
