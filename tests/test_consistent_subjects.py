@@ -536,3 +536,26 @@ def test_toy_agreement_benchmark_ci_size():
         ours = pipe(["a circle on the left"] * 2, generator=generators, output_type="latent", **CALL_DEFAULTS).images
     assert torch.equal(ours[0], stock[0])
     assert not torch.allclose(ours[1], stock[1], **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"subject": LEFT_RIGHT}, {"reposition": (LEFT_RIGHT[0], LEFT_RIGHT[1])}, {"mask": "left"}],
+                         ids=["boxes", "reposition", "mask"])
+def test_box_mask_and_reposition_subjects_compile(options):
+    """Boxes, masks and reposition hand their hook constants only: compiled (dynamo's eager backend) bitwise eager, no
+    graph break, nothing compiled on the second call; word subjects and isolation name their reasons."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from .test_compile_controls import PROMPTS as COMPILE_PROMPTS
+    from .test_compile_controls import _check, _compiled_run
+
+    options = dict(options)
+    if options.get("mask") == "left":
+        options["mask"] = _left_mask()
+    torch._dynamo.reset()
+    counters.clear()
+    _check(str(options), *_compiled_run("tiny-sd", lambda: ConsistentSubjects(**options), "blocks", steps=4, prompt=COMPILE_PROMPTS))
+    adapter = attnctl.handle.adapter_for(__import__("attnctl.testing", fromlist=["x"]).make_tiny_pipeline("tiny-sd").unet)
+    assert "maps" in ConsistentSubjects(subject="cat").compile_refusal(adapter)
+    assert "label mask" in ConsistentSubjects(subject=LEFT_RIGHT, isolate=True).compile_refusal(adapter)

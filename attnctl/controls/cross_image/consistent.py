@@ -264,6 +264,9 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         if self.words:
             return ("its subject words' maps are captured into per-step Python state inside the processor (as "
                     "AttentionMaps does), so dynamo would recompile every step")
+        if self.isolate:
+            return ("isolation's label mask goes through the backend's per-mask cache from inside a hook, which reads "
+                    "tensor.is_inference() (a graph break dynamo cannot trace)")
         return None  # the edit hands its hook the row links and bias as constants (tests/test_compile_controls.py)
 
     def bind(self, context: BindContext) -> _ConsistentBound:
