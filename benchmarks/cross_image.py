@@ -175,6 +175,40 @@ def consistent_variants(quick: bool = False) -> dict[str, Any]:
     return variants
 
 
+def consistent_picture(pipe: Any, seeds: range, path: str, scale: int = 3) -> None:
+    """The first seeds of the benchmark (not picked), one row each of 4 images of "a circle on the left" stock, with
+    `subject="circle"` at strength 10, and with the diagnostic, side by side; saved to `path` (upscaled `scale`x)."""
+    from PIL import Image
+
+    import attnctl
+    from attnctl.toy import CALL_DEFAULTS
+
+    variants = consistent_variants()
+    chosen = [variants["stock"], variants["subject='circle', strength=10"], variants["diagnostic: swap attention outputs"]]
+    rows = []
+    for seed in seeds:
+        row = []
+        for control in chosen:
+            if isinstance(control, SwapAttentionOutputs):
+                remove = control.install(pipe)
+            else:
+                handle = attnctl.apply(pipe, [control]) if control is not None else None
+                remove = handle.remove if handle is not None else (lambda: None)
+            generators = [torch.Generator().manual_seed(1000 * seed + i) for i in range(4)]
+            try:
+                row += pipe(["a circle on the left"] * 4, generator=generators, **CALL_DEFAULTS).images
+            finally:
+                remove()
+        rows.append(row)
+    size = rows[0][0].width * scale
+    gap = 4 * scale
+    sheet = Image.new("RGB", (len(rows[0]) * size + 2 * gap, len(rows) * size), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            sheet.paste(image.resize((size, size), Image.NEAREST), (c * size + (c // 4) * gap, r * size))
+    sheet.save(path)
+
+
 def selection_variants() -> dict[str, Any]:
     """Candidates tried on the held-out seeds (1000-1015) before the benchmark seeds were run."""
     from attnctl.controls.cross_image.consistent import ConsistentSubjects
@@ -228,6 +262,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("all", "aid", "consistent", "consistent-select", "reference", "cost"), default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
+    parser.add_argument("--picture", default=None, help="with --only consistent: also save seeds 0-3 as a picture here")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.n, args.repeats = 1, 3, 1
@@ -262,6 +297,9 @@ def main() -> None:
               "target = reference colour")
         for key, (rate, match) in agreement_rates(pipe, range(args.seeds), 4, consistent_variants(args.quick)).items():
             print(f"  {key:40s} {rate:6.1%} {match:6.1%}", flush=True)
+        if args.picture:
+            consistent_picture(pipe, range(4), args.picture)
+            print(f"saved {args.picture}")
         if args.only == "consistent":
             return
     variants = [] if args.only == "cost-only" else [("outer", 2.0)] if args.quick else [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
