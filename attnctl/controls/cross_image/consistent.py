@@ -413,7 +413,8 @@ class _ConsistentBound(LinkedKeysBound):
             links = self.links(frame.rows)
             if links[0]:
                 geometry = frame.geometry(layer)
-                key = (links, geometry.image_hw, geometry.frames, geometry.image_len, self.step_seen if self.words else None)
+                key = (links, tuple(row.prompt for row in frame.rows.rows), geometry.image_hw, geometry.frames, geometry.image_len,
+                       self.step_seen if self.words else None)
                 found = self._edits.get(key)
                 if found is None:
                     found = self._edits[key] = AppendedKeysHook(self, links, geometry, frame_device(frame), frame.rows)
