@@ -16,7 +16,7 @@ import cProfile
 import os
 import pstats
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers imports: run from the repo root
@@ -130,6 +130,112 @@ def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> 
             handle.remove()
     return Cost(model, name, counter.ops, counter.syncs, dict(counter.sync_ops), dict(counter.op_names), attention_calls,
                 counter.copies_in, python_calls)
+
+
+@dataclass
+class DenoiserCallCost:
+    """One denoiser call under a block cache (FirstBlockCache): did the later blocks run, and what it cost."""
+
+    number: int
+    rows: int  # batch rows the first block ran on (attnctl's perturbed rows included)
+    tail_ran: bool  # the last block ran (FirstBlockCache skips it when the first block's residual barely moved)
+    ops: int  # aten operations dispatched from attnctl's pre-hook to its post-hook (guidance combine included)
+    layers_run: int  # attention layers whose processor ran
+    edits_built: int  # layers whose edit the controls built in this call (`Runtime.edit_for` misses)
+    op_names: dict[str, int] = field(default_factory=dict)
+
+
+def per_denoiser_call(pipe: Any, model: str, make: Any, cache: Any = None, steps: int = STEPS) -> list[DenoiserCallCost]:
+    """Per denoiser call of the second (warm) pipeline call with `make()` applied (None: stock) and the diffusers cache
+    config `cache` enabled after attnctl: where a cache skips blocks, attnctl should build nothing for them. Counts, not
+    times (`aten ops` as in `measure`)."""
+    import attnctl
+    from attnctl.testing.counters import CostCounter
+
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    handle = attnctl.apply(pipe, make()) if make is not None else None
+    calls: list[DenoiserCallCost] = []
+    hooks: list[Any] = []
+    state: dict[str, Any] = {}
+    try:
+        if cache is not None:
+            denoiser.enable_cache(cache)
+        processors = {}
+        if handle is not None:
+            runtime = handle.runtime
+            edit_for = runtime.edit_for
+
+            def counting(layer):
+                if state.get("call") is not None:
+                    state["call"].layers_run += 1
+                    if layer.index not in runtime._frame_edits:
+                        state["call"].edits_built += 1
+                return edit_for(layer)
+
+            runtime.edit_for = counting
+        else:  # stock: count the attention modules' calls
+            for module in denoiser.modules():
+                if hasattr(module, "processor") and hasattr(module, "to_q"):
+                    processors[module] = module.register_forward_pre_hook(
+                        lambda *_: state.get("call") and setattr(state["call"], "layers_run", state["call"].layers_run + 1))
+        hooks.extend(processors.values())
+        last = _last_attention(denoiser)
+
+        def pre(module, args, kwargs):  # prepended after attnctl's: runs before it, so its pre-hook work counts
+            if not state.get("on"):
+                return
+            main = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+            call = DenoiserCallCost(len(calls), 0, False, 0, 0, 0)
+            call.rows = int(main.shape[0]) if isinstance(main, torch.Tensor) else 0
+            state["call"] = call
+            state["counter"] = CostCounter().__enter__()
+
+        def post(module, args, kwargs, output):  # appended: runs after attnctl's post-hook
+            call = state.pop("call", None)
+            if call is None:
+                return
+            counter = state.pop("counter")
+            counter.__exit__(None, None, None)
+            call.ops = counter.ops
+            call.op_names = dict(counter.op_names)
+            calls.append(call)
+
+        def first_block(module, args, kwargs):
+            main = kwargs.get("hidden_states", args[0] if args else None)
+            if state.get("call") is not None and isinstance(main, torch.Tensor):
+                state["call"].rows = int(main.shape[0])
+
+        hooks.append(denoiser.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        hooks.append(denoiser.register_forward_hook(post, with_kwargs=True))
+        hooks.append(_first_block(denoiser).register_forward_pre_hook(first_block, with_kwargs=True))
+        hooks.append(last.register_forward_pre_hook(lambda *_: state.get("call") and setattr(state["call"], "tail_ran", True)))
+        _run(pipe, model, steps)
+        state["on"] = True
+        _run(pipe, model, steps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if cache is not None:
+            denoiser.disable_cache()
+        if handle is not None:
+            handle.remove()
+    return calls
+
+
+def _blocks(denoiser: Any) -> list[Any]:
+    found = []
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        found.extend(getattr(denoiser, name, None) or ())
+    return found
+
+
+def _first_block(denoiser: Any) -> Any:
+    return _blocks(denoiser)[0]
+
+
+def _last_attention(denoiser: Any) -> Any:
+    block = _blocks(denoiser)[-1]
+    return getattr(block, "attn", None) or block.attn1
 
 
 def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
