@@ -84,11 +84,11 @@ class Cost:
     error: str | None = None
 
 
-def _run(pipe: Any, model: str, steps: int):
+def _run(pipe: Any, model: str, steps: int, call: dict[str, Any] | None = None):
     from attnctl.testing import CALL_DEFAULTS
 
-    options = dict(CALL_DEFAULTS[model])
-    guidance = 5.0 if model != "tiny-flux" else 3.5
+    options = dict(CALL_DEFAULTS[model]) if call is None else dict(call)
+    guidance = options.pop("guidance_scale", 5.0 if model != "tiny-flux" else 3.5)
     with torch.inference_mode():
         return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
                     generator=torch.Generator().manual_seed(0), **options).images
@@ -143,12 +143,18 @@ class DenoiserCallCost:
     layers_run: int  # attention layers whose processor ran
     edits_built: int  # layers whose edit the controls built in this call (`Runtime.edit_for` misses)
     op_names: dict[str, int] = field(default_factory=dict)
+    seconds: float | None = None  # the call's process time, with `timed=True` (then nothing is counted: ops stay 0)
 
 
-def per_denoiser_call(pipe: Any, model: str, make: Any, cache: Any = None, steps: int = STEPS) -> list[DenoiserCallCost]:
+def per_denoiser_call(
+    pipe: Any, model: str, make: Any, cache: Any = None, steps: int = STEPS, timed: bool = False, call: dict[str, Any] | None = None,
+) -> list[DenoiserCallCost]:
     """Per denoiser call of the second (warm) pipeline call with `make()` applied (None: stock) and the diffusers cache
-    config `cache` enabled after attnctl: where a cache skips blocks, attnctl should build nothing for them. Counts, not
-    times (`aten ops` as in `measure`)."""
+    config `cache` enabled after attnctl: where a cache skips blocks, attnctl should build nothing for them. Counts
+    (`aten ops` as in `measure`), or with `timed` each call's process time instead (no counter: it would slow the call).
+    `call`: the pipeline's call arguments when `model` is not a tiny model (benchmarks/gpu_e2e.py's configs)."""
+    import time
+
     import attnctl
     from attnctl.testing.counters import CostCounter
 
@@ -188,16 +194,20 @@ def per_denoiser_call(pipe: Any, model: str, make: Any, cache: Any = None, steps
             call = DenoiserCallCost(len(calls), 0, False, 0, 0, 0)
             call.rows = int(main.shape[0]) if isinstance(main, torch.Tensor) else 0
             state["call"] = call
-            state["counter"] = CostCounter().__enter__()
+            state["counter"] = None if timed else CostCounter().__enter__()
+            state["start"] = time.process_time()
 
         def post(module, args, kwargs, output):  # appended: runs after attnctl's post-hook
             call = state.pop("call", None)
             if call is None:
                 return
             counter = state.pop("counter")
-            counter.__exit__(None, None, None)
-            call.ops = counter.ops
-            call.op_names = dict(counter.op_names)
+            if counter is None:
+                call.seconds = time.process_time() - state.pop("start")
+            else:
+                counter.__exit__(None, None, None)
+                call.ops = counter.ops
+                call.op_names = dict(counter.op_names)
             calls.append(call)
 
         def first_block(module, args, kwargs):
@@ -209,9 +219,9 @@ def per_denoiser_call(pipe: Any, model: str, make: Any, cache: Any = None, steps
         hooks.append(denoiser.register_forward_hook(post, with_kwargs=True))
         hooks.append(_first_block(denoiser).register_forward_pre_hook(first_block, with_kwargs=True))
         hooks.append(last.register_forward_pre_hook(lambda *_: state.get("call") and setattr(state["call"], "tail_ran", True)))
-        _run(pipe, model, steps)
+        _run(pipe, model, steps, call)
         state["on"] = True
-        _run(pipe, model, steps)
+        _run(pipe, model, steps, call)
     finally:
         for hook in hooks:
             hook.remove()

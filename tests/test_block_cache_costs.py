@@ -41,7 +41,7 @@ def _cff():
 CONTROLS = {
     "reweight": lambda: [attnctl.Reweight({"red": 2.0})],
     "regions": lambda: [bench._regions(False)],
-    "pag(0,0.4)": lambda: [attnctl.PAG(scale=3.0, steps=(0.0, 0.4))],
+    "pag(0..0.4)": lambda: [attnctl.PAG(scale=3.0, steps=(0.0, 0.4))],
     "cff": _cff,
 }
 
@@ -76,7 +76,7 @@ def test_skipped_calls_build_edits_only_for_the_first_block(flux, name):
         if not call.tail_ran:
             skipped_extra, full_extra = call.ops - stock[ALWAYS_SKIP][i].ops, full[i].ops - stock[NEVER_SKIP][i].ops
             assert 0 <= skipped_extra <= full_extra, (i, call, full[i])
-            if name != "pag(0,0.4)":  # PAG perturbs the middle double block: on tiny-flux (one double block) the first
+            if name != "pag(0..0.4)":  # PAG perturbs the middle double block: on tiny-flux (one double block) the first
                 assert skipped_extra < full_extra, (i, call, full[i])
 
 

@@ -97,7 +97,7 @@ def test_flux_cpu_config_and_extra_threshold_rows(capsys):
     packed = (call["height"] // pipe.vae_scale_factor // 2) * (call["width"] // pipe.vae_scale_factor // 2)
     assert packed == 1024 and call["max_sequence_length"] == 64
     names = set(bench.variants("flux-cpu", 10, cacheable=True, fbc_extra=(0.5,)))
-    assert {"pag(0,0.4)", "stock+fbc", "cff", "cff+fbc", "cff(trim)+fbc", "stock+fbc@0.5", "cff+fbc@0.5", "cff(trim)+fbc@0.5"} <= names
+    assert {"pag(0..0.4)", "stock+fbc", "cff", "cff+fbc", "cff(trim)+fbc", "stock+fbc@0.5", "cff+fbc@0.5", "cff(trim)+fbc@0.5"} <= names
     rows = bench.main(["--tiny", "--models", "flux-cpu", "--variants", "stock+fbc,stock+fbc@1000,cff(trim)+fbc@1000",
                        "--fbc-extra-thresholds", "1000", "--flux-steps", "3", "--repeats", "1", "--device", "cpu", "--no-flops"])
     assert not [row for row in rows if row.error], [row.error for row in rows if row.error]
