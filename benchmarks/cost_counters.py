@@ -7,6 +7,8 @@ extra operations by the attention calls that got an edit from the control. tests
 the CI targets; this prints the table.
 
     python benchmarks/cost_counters.py [--models tiny-sd,tiny-flux] [--controls reweight,regions] [--ops]
+    OMP_NUM_THREADS=1 python benchmarks/cost_counters.py --block-cache flux-cpu [--fbc-threshold 1e9]
+        # per denoiser call under FirstBlockCache: which calls ran every block, their cost (issue 17)
 """
 
 from __future__ import annotations
@@ -264,6 +266,47 @@ def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
     return rows
 
 
+def block_cache_calls(model: str = "tiny-flux", threshold: float = 1e9, steps: int = 10) -> None:
+    """Print, per kind of denoiser call (rows, full or first block only), what stock, Reweight + Regions +
+    PAG(steps=(0, 0.4)) ("cff") and cff with trimmed region prompts cost under FirstBlockCache(threshold): aten ops on
+    a tiny model, process time on a gpu_e2e config (`flux-cpu`). The default threshold skips every call it can."""
+    import statistics
+
+    from diffusers import FirstBlockCacheConfig
+
+    import attnctl
+
+    call = None
+    if model.startswith("tiny-"):
+        from attnctl.testing import make_tiny_pipeline
+
+        pipe = make_tiny_pipeline(model)
+    else:
+        sys.path.insert(0, _HERE)
+        import gpu_e2e
+
+        pipe, call = gpu_e2e.build(model, False, "cpu", torch.float32)
+    timed = call is not None
+
+    def cff(trim: bool = False):
+        regions = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)),
+                                   attnctl.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))], base_ratio=0.2, trim_prompts=trim)
+        return [attnctl.Reweight({"red": 2.0}), regions, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))]
+
+    unit = "ms (process time, median)" if timed else "aten ops (median)"
+    print(f"{model}, {steps} steps, FirstBlockCache(threshold={threshold:g}); per kind of denoiser call: count x {unit}")
+    for name, make in (("stock", None), ("cff", cff), ("cff(trim)", lambda: cff(True))):
+        calls = per_denoiser_call(pipe, model, make, FirstBlockCacheConfig(threshold=threshold), steps, timed=timed, call=call)
+        kinds: dict[tuple[int, str], list[float]] = {}
+        for one in calls:
+            value = one.seconds * 1000 if timed else one.ops
+            kinds.setdefault((one.rows, "all blocks" if one.tail_ran else "first block"), []).append(value)
+        total = sum(one.seconds * 1000 if timed else one.ops for one in calls)
+        cells = ", ".join(f"{rows} row(s) {kind}: {len(v)} x {statistics.median(v):.1f}" for (rows, kind), v in sorted(kinds.items()))
+        print(f"  {name:10s} {cells}; total {total:.0f}; edits built {sum(one.edits_built for one in calls)} "
+              f"for {sum(one.layers_run for one in calls)} attention calls")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -271,7 +314,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--ops", action="store_true", help="also print the extra operations per aten name")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny-sd, Reweight, 2 steps (CI)")
+    parser.add_argument("--block-cache", metavar="MODEL", default=None,
+                        help="per denoiser call under FirstBlockCache (tiny-flux: ops; flux-cpu: process time) instead of the table")
+    parser.add_argument("--fbc-threshold", type=float, default=1e9)
     args = parser.parse_args()
+    if args.block_cache:
+        torch.set_num_threads(1)
+        block_cache_calls(args.block_cache, args.fbc_threshold, 10)
+        return
     if args.quick:
         args.models, args.controls, args.steps = "tiny-sd", "reweight", 2
     torch.set_num_threads(1)

@@ -95,3 +95,19 @@ def test_without_skips_every_layer_gets_its_edit(flux):
     pipe, layers, _ = flux
     calls = bench.per_denoiser_call(pipe, "tiny-flux", _cff, diffusers.FirstBlockCacheConfig(threshold=NEVER_SKIP), STEPS)
     assert all(call.tail_ran and call.layers_run == call.edits_built == layers["all"] for call in calls)
+
+
+def test_block_cache_table_prints_every_kind_of_call(capsys):
+    """`python benchmarks/cost_counters.py --block-cache tiny-flux`: one line per variant, the calls grouped by rows and by
+    whether every block ran; edits built only for the attention calls that ran."""
+    import re
+
+    bench.block_cache_calls("tiny-flux", ALWAYS_SKIP, STEPS)
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:] if line.strip()}
+    assert set(lines) == {"stock", "cff", "cff(trim)"}
+    assert "1 row(s) first block: 9 x" in lines["stock"]
+    assert "2 row(s) all blocks: 1 x" in lines["cff"] and "2 row(s) first block: 3 x" in lines["cff"]
+    assert "1 row(s) all blocks: 1 x" in lines["cff"] and "1 row(s) first block: 5 x" in lines["cff"]
+    built, ran = map(int, re.search(r"edits built (\d+) for (\d+) attention calls", lines["cff"]).groups())
+    assert built == ran
