@@ -604,6 +604,8 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     _print(model, steps, args, list(rows.values()))
     if cuda:
         _targets(model, steps, rows)
+    elif model == "flux-cpu" and not args.tiny:
+        _cpu_claim(rows, args.fbc_threshold)
     del generate, pipe  # free the denoiser before the next model is built
     if cuda:
         torch.cuda.empty_cache()
@@ -654,6 +656,21 @@ def _print(model: str, steps: int, args: argparse.Namespace, rows: list[Row]) ->
             print(f"{'':28s} speed-up {f(speedup, '.3f')} beside its FLOP bound {row.flop_bound:.3f}{share} (stock FLOPs / "
                   f"(stock - {row.attention_saved:.3e} attention FLOPs the window skips)); backends {', '.join(row.backends or [])}")
     sys.stdout.flush()
+
+
+def _cpu_claim(rows: dict[str, Row], threshold: float) -> None:
+    """Issue 17's "control for free" with a block cache, judged on the CPU config where no GPU is available: cff+fbc
+    (and cff(trim)+fbc) no slower than stock, at the benchmark's FirstBlockCache threshold; the rows at other
+    thresholds (@T) are printed beside it, not judged."""
+    for name in ("cff+fbc", "cff(trim)+fbc"):
+        row = rows.get(name)
+        if row is None or row.ratio is None:
+            continue
+        alone = rows.get("stock+fbc")
+        skipped = (f"FirstBlockCache alone x{alone.ratio:.3f}, last block ran in {alone.last_block_runs}/{alone.denoiser_calls} calls"
+                   if alone is not None and alone.ratio is not None and alone.denoiser_calls else "FirstBlockCache alone not run")
+        print(f"CPU {'PASS' if row.ratio <= 1.0 else 'FAIL'} flux-cpu {name} at threshold {threshold:g}: x{row.ratio:.3f} <= 1.0 "
+              f"(FLOP ratio {row.flop_ratio if row.flop_ratio is not None else float('nan'):.3f}; {skipped})")
 
 
 def _targets(model: str, steps: int, rows: dict[str, Row]) -> None:

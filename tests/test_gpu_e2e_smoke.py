@@ -107,3 +107,16 @@ def test_flux_cpu_config_and_extra_threshold_rows(capsys):
     # with PAG(steps=(0, 0.4)) the first step after its window runs every block again (a cache context of its own)
     assert by["cff(trim)+fbc@1000"].last_block_runs == 4
     assert "stock+fbc@1000" in capsys.readouterr().out
+
+
+def test_cpu_claim_line_judges_cff_fbc_at_the_benchmark_threshold(capsys):
+    rows = {
+        "stock": bench.Row("flux-cpu", "stock", ratio=1.0),
+        "stock+fbc": bench.Row("flux-cpu", "stock+fbc", ratio=1.004, last_block_runs=20, denoiser_calls=20),
+        "cff+fbc": bench.Row("flux-cpu", "cff+fbc", ratio=2.311, flop_ratio=2.164),
+        "cff(trim)+fbc@1": bench.Row("flux-cpu", "cff(trim)+fbc@1", ratio=0.617),  # an extra row: not judged
+    }
+    bench._cpu_claim(rows, 0.12)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("CPU FAIL flux-cpu cff+fbc at threshold 0.12: x2.311")
+    assert "last block ran in 20/20 calls" in out[0]
