@@ -38,7 +38,7 @@ the timed rounds; "cached" is how many denoiser calls the last block ran (FirstB
         # not per-op host overhead, sets the time (4 double + 8 single blocks of width 256, 1024 image + 64 T5 tokens;
         # about 0.5 s a denoiser call on one thread); the controls' costs one by one beside the cache's saving.
         # Random weights: the first block's residual moves 0.42-0.52 (relative) from step to step, so the default
-        # threshold 0.12 skips no call here (trained Flux is smoother); other thresholds only as extra rows (@T)
+        # threshold 0.12 skips no call here (FBC relies on a trained model moving less between steps; not measurable offline); other thresholds only as extra rows (@T)
 
 One run of one model fits a 10-minute window on an H100 / H200 (`--variants` to cut it further).
 """
