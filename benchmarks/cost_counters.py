@@ -7,6 +7,8 @@ extra operations by the attention calls that got an edit from the control. tests
 the CI targets; this prints the table.
 
     python benchmarks/cost_counters.py [--models tiny-sd,tiny-flux] [--controls reweight,regions] [--ops]
+    OMP_NUM_THREADS=1 python benchmarks/cost_counters.py --block-cache flux-cpu [--fbc-threshold 1e9]
+        # per denoiser call under FirstBlockCache: which calls ran every block, their cost (issue 17)
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import cProfile
 import os
 import pstats
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # benchmarks/kernels.py would shadow the `kernels` package that transformers imports: run from the repo root
@@ -84,11 +86,11 @@ class Cost:
     error: str | None = None
 
 
-def _run(pipe: Any, model: str, steps: int):
+def _run(pipe: Any, model: str, steps: int, call: dict[str, Any] | None = None):
     from attnctl.testing import CALL_DEFAULTS
 
-    options = dict(CALL_DEFAULTS[model])
-    guidance = 5.0 if model != "tiny-flux" else 3.5
+    options = dict(CALL_DEFAULTS[model]) if call is None else dict(call)
+    guidance = options.pop("guidance_scale", 5.0 if model != "tiny-flux" else 3.5)
     with torch.inference_mode():
         return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
                     generator=torch.Generator().manual_seed(0), **options).images
@@ -132,6 +134,122 @@ def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> 
                 counter.copies_in, python_calls)
 
 
+@dataclass
+class DenoiserCallCost:
+    """One denoiser call under a block cache (FirstBlockCache): did the later blocks run, and what it cost."""
+
+    number: int
+    rows: int  # batch rows the first block ran on (attnctl's perturbed rows included)
+    tail_ran: bool  # the last block ran (FirstBlockCache skips it when the first block's residual barely moved)
+    ops: int  # aten operations dispatched from attnctl's pre-hook to its post-hook (guidance combine included)
+    layers_run: int  # attention layers whose processor ran
+    edits_built: int  # layers whose edit the controls built in this call (`Runtime.edit_for` misses)
+    op_names: dict[str, int] = field(default_factory=dict)
+    seconds: float | None = None  # the call's process time, with `timed=True` (then nothing is counted: ops stay 0)
+
+
+def per_denoiser_call(
+    pipe: Any, model: str, make: Any, cache: Any = None, steps: int = STEPS, timed: bool = False, call: dict[str, Any] | None = None,
+) -> list[DenoiserCallCost]:
+    """Per denoiser call of the second (warm) pipeline call with `make()` applied (None: stock) and the diffusers cache
+    config `cache` enabled after attnctl: where a cache skips blocks, attnctl should build nothing for them. Counts
+    (`aten ops` as in `measure`), or with `timed` each call's process time instead (no counter: it would slow the call).
+    `call`: the pipeline's call arguments when `model` is not a tiny model (benchmarks/gpu_e2e.py's configs)."""
+    import time
+
+    import attnctl
+    from attnctl.testing.counters import CostCounter
+
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    handle = attnctl.apply(pipe, make()) if make is not None else None
+    calls: list[DenoiserCallCost] = []
+    hooks: list[Any] = []
+    state: dict[str, Any] = {}
+    try:
+        if cache is not None:
+            denoiser.enable_cache(cache)
+        processors = {}
+        if handle is not None:
+            runtime = handle.runtime
+            edit_for = runtime.edit_for
+
+            def counting(layer):
+                if state.get("call") is not None:
+                    state["call"].layers_run += 1
+                    if layer.index not in runtime._frame_edits:
+                        state["call"].edits_built += 1
+                return edit_for(layer)
+
+            runtime.edit_for = counting
+        else:  # stock: count the attention modules' calls
+            for module in denoiser.modules():
+                if hasattr(module, "processor") and hasattr(module, "to_q"):
+                    processors[module] = module.register_forward_pre_hook(
+                        lambda *_: state.get("call") and setattr(state["call"], "layers_run", state["call"].layers_run + 1))
+        hooks.extend(processors.values())
+        last = _last_attention(denoiser)
+
+        def pre(module, args, kwargs):  # prepended after attnctl's: runs before it, so its pre-hook work counts
+            if not state.get("on"):
+                return
+            main = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+            call = DenoiserCallCost(len(calls), 0, False, 0, 0, 0)
+            call.rows = int(main.shape[0]) if isinstance(main, torch.Tensor) else 0
+            state["call"] = call
+            state["counter"] = None if timed else CostCounter().__enter__()
+            state["start"] = time.process_time()
+
+        def post(module, args, kwargs, output):  # appended: runs after attnctl's post-hook
+            call = state.pop("call", None)
+            if call is None:
+                return
+            counter = state.pop("counter")
+            if counter is None:
+                call.seconds = time.process_time() - state.pop("start")
+            else:
+                counter.__exit__(None, None, None)
+                call.ops = counter.ops
+                call.op_names = dict(counter.op_names)
+            calls.append(call)
+
+        def first_block(module, args, kwargs):
+            main = kwargs.get("hidden_states", args[0] if args else None)
+            if state.get("call") is not None and isinstance(main, torch.Tensor):
+                state["call"].rows = int(main.shape[0])
+
+        hooks.append(denoiser.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
+        hooks.append(denoiser.register_forward_hook(post, with_kwargs=True))
+        hooks.append(_first_block(denoiser).register_forward_pre_hook(first_block, with_kwargs=True))
+        hooks.append(last.register_forward_pre_hook(lambda *_: state.get("call") and setattr(state["call"], "tail_ran", True)))
+        _run(pipe, model, steps, call)
+        state["on"] = True
+        _run(pipe, model, steps, call)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if cache is not None:
+            denoiser.disable_cache()
+        if handle is not None:
+            handle.remove()
+    return calls
+
+
+def _blocks(denoiser: Any) -> list[Any]:
+    found = []
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        found.extend(getattr(denoiser, name, None) or ())
+    return found
+
+
+def _first_block(denoiser: Any) -> Any:
+    return _blocks(denoiser)[0]
+
+
+def _last_attention(denoiser: Any) -> Any:
+    block = _blocks(denoiser)[-1]
+    return getattr(block, "attn", None) or block.attn1
+
+
 def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
     from attnctl.testing import make_tiny_pipeline
 
@@ -148,6 +266,47 @@ def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
     return rows
 
 
+def block_cache_calls(model: str = "tiny-flux", threshold: float = 1e9, steps: int = 10) -> None:
+    """Print, per kind of denoiser call (rows, full or first block only), what stock, Reweight + Regions +
+    PAG(steps=(0, 0.4)) ("cff") and cff with trimmed region prompts cost under FirstBlockCache(threshold): aten ops on
+    a tiny model, process time on a gpu_e2e config (`flux-cpu`). The default threshold skips every call it can."""
+    import statistics
+
+    from diffusers import FirstBlockCacheConfig
+
+    import attnctl
+
+    call = None
+    if model.startswith("tiny-"):
+        from attnctl.testing import make_tiny_pipeline
+
+        pipe = make_tiny_pipeline(model)
+    else:
+        sys.path.insert(0, _HERE)
+        import gpu_e2e
+
+        pipe, call = gpu_e2e.build(model, False, "cpu", torch.float32)
+    timed = call is not None
+
+    def cff(trim: bool = False):
+        regions = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)),
+                                   attnctl.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))], base_ratio=0.2, trim_prompts=trim)
+        return [attnctl.Reweight({"red": 2.0}), regions, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))]
+
+    unit = "ms (process time, median)" if timed else "aten ops (median)"
+    print(f"{model}, {steps} steps, FirstBlockCache(threshold={threshold:g}); per kind of denoiser call: count x {unit}")
+    for name, make in (("stock", None), ("cff", cff), ("cff(trim)", lambda: cff(True))):
+        calls = per_denoiser_call(pipe, model, make, FirstBlockCacheConfig(threshold=threshold), steps, timed=timed, call=call)
+        kinds: dict[tuple[int, str], list[float]] = {}
+        for one in calls:
+            value = one.seconds * 1000 if timed else one.ops
+            kinds.setdefault((one.rows, "all blocks" if one.tail_ran else "first block"), []).append(value)
+        total = sum(one.seconds * 1000 if timed else one.ops for one in calls)
+        cells = ", ".join(f"{rows} row(s) {kind}: {len(v)} x {statistics.median(v):.1f}" for (rows, kind), v in sorted(kinds.items()))
+        print(f"  {name:10s} {cells}; total {total:.0f}; edits built {sum(one.edits_built for one in calls)} "
+              f"for {sum(one.layers_run for one in calls)} attention calls")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -155,7 +314,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--ops", action="store_true", help="also print the extra operations per aten name")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny-sd, Reweight, 2 steps (CI)")
+    parser.add_argument("--block-cache", metavar="MODEL", default=None,
+                        help="per denoiser call under FirstBlockCache (tiny-flux: ops; flux-cpu: process time) instead of the table")
+    parser.add_argument("--fbc-threshold", type=float, default=1e9)
     args = parser.parse_args()
+    if args.block_cache:
+        torch.set_num_threads(1)
+        block_cache_calls(args.block_cache, args.fbc_threshold, 10)
+        return
     if args.quick:
         args.models, args.controls, args.steps = "tiny-sd", "reweight", 2
     torch.set_num_threads(1)

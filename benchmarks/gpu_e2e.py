@@ -32,6 +32,14 @@ the timed rounds; "cached" is how many denoiser calls the last block ran (FirstB
         # Wan's layout at a CPU size (9 x 16 x 28 = 4032 tokens; attention ~70% of stock's CPU time on one thread):
         # the windows' speed-up beside their FLOP bound (one thread and CPU time: steady on a shared machine)
 
+    OMP_NUM_THREADS=1 python benchmarks/gpu_e2e.py --models flux-cpu --device cpu --clock process --repeats 3 \
+        --variants 'reweight,regions,regions(trim),pag(0..0.4),stock+fbc,cff,cff+fbc,cff(trim)+fbc' [--fbc-extra-thresholds 0.5,1]
+        # "control for free" with FirstBlockCache on CPU (issue 17, no GPU): Flux-dev's layout at a size where compute,
+        # not per-op host overhead, sets the time (4 double + 8 single blocks of width 256, 1024 image + 64 T5 tokens;
+        # about 0.5 s a denoiser call on one thread); the controls' costs one by one beside the cache's saving.
+        # Random weights: the first block's residual moves 0.42-0.52 (relative) from step to step, so the default
+        # threshold 0.12 skips no call here (FBC relies on a trained model moving less between steps; not measurable offline); other thresholds only as extra rows (@T)
+
 One run of one model fits a 10-minute window on an H100 / H200 (`--variants` to cut it further).
 """
 
@@ -58,12 +66,13 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 import torch  # noqa: E402
 
 PROMPT = "a photo of a red cat and a blue dog"
-MODELS = ("sd15", "sdxl", "sd35m", "flux", "flux2", "wan", "wan-cpu")
-TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux", "flux2": "tiny-flux2", "wan": "tiny-wan",
-        "wan-cpu": "tiny-wan"}
-FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux", "flux2": "flux", "wan": "wan", "wan-cpu": "wan"}
+MODELS = ("sd15", "sdxl", "sd35m", "flux", "flux-cpu", "flux2", "wan", "wan-cpu")
+TINY = {"sd15": "tiny-sd", "sdxl": "tiny-sdxl", "sd35m": "tiny-sd3", "flux": "tiny-flux", "flux-cpu": "tiny-flux", "flux2": "tiny-flux2",
+        "wan": "tiny-wan", "wan-cpu": "tiny-wan"}
+FAMILY = {"sd15": "unet", "sdxl": "unet", "sd35m": "mmdit", "flux": "flux", "flux-cpu": "flux", "flux2": "flux", "wan": "wan",
+          "wan-cpu": "wan"}
 #: Models whose steps are `--flux-steps` (10 by default: the issue's Flux.2 klein and Wan runs).
-FEW_STEPS = ("flux", "flux2", "wan", "wan-cpu")
+FEW_STEPS = ("flux", "flux-cpu", "flux2", "wan", "wan-cpu")
 #: FastAttn's 1-D band per model (tokens each side): one frame of Wan 2.1 at 480x832 (30 x 52 tokens), an eighth of
 #: klein's 4096 tokens at 1024x1024, one frame of the CPU-size Wan (16 x 28 tokens); the tiny configs use the band of
 #: the tiny tests.
@@ -177,6 +186,27 @@ def build_flux():
     return pipe, {"height": 1024, "width": 1024, "guidance_scale": 3.5, "max_sequence_length": 512}
 
 
+def build_flux_cpu():
+    """Flux-dev's layout (double then single blocks, RoPE, 2x2-packed 16-channel latents, T5 tokens joined to the image
+    tokens, guidance embedding, no CFG) at a CPU size where compute, not per-op host overhead, sets the time: 4 double +
+    8 single blocks of 4 heads of 64 (width 256), 512x512 pixels = 32 x 32 = 1024 image tokens + 64 T5 tokens. The first
+    block, which FirstBlockCache always runs, is 2 / 16 of the blocks' work (Flux-dev: 2 / 76)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from attnctl.testing.tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=4,
+        joint_attention_dim=256, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 24, 24),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_vae(16, flow=True), text_encoder=_clip(768, projection=None),
+                        tokenizer=tiny_clip_tokenizer(), text_encoder_2=_t5(256), tokenizer_2=tiny_t5_tokenizer(),
+                        transformer=transformer.eval())
+    return pipe, {"height": 512, "width": 512, "guidance_scale": 3.5, "max_sequence_length": 64}
+
+
 def build_flux2():
     """FLUX.2 klein 4B (black-forest-labs/FLUX.2-klein-4B transformer/config.json: 5 double + 20 single blocks,
     24 heads of 128, 128 latent channels, Qwen3-4B hidden states of 3 layers stacked: 3 x 2560 = 7680), 1024x1024."""
@@ -256,7 +286,7 @@ def build_wan_cpu():
 
 
 BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
-    "sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m, "flux": build_flux, "flux2": build_flux2, "wan": build_wan,
+    "sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m, "flux": build_flux, "flux-cpu": build_flux_cpu, "flux2": build_flux2, "wan": build_wan,
     "wan-cpu": build_wan_cpu,
 }
 
@@ -268,7 +298,7 @@ def build(model: str, tiny: bool, device: str, dtype: torch.dtype) -> tuple[Any,
 
         name = TINY[model]
         call = dict(CALL_DEFAULTS[name])
-        call["guidance_scale"] = 3.5 if model == "flux" else (4.0 if model == "flux2" else 5.0)
+        call["guidance_scale"] = 3.5 if model in ("flux", "flux-cpu") else (4.0 if model == "flux2" else 5.0)
         pipe = make_tiny_pipeline(name)
     else:  # built where it runs, in bf16 already for the big transformers (Flux-dev: 12B parameters)
         old = torch.get_default_dtype()
@@ -335,7 +365,7 @@ def token_frames(pipe: Any, call: dict[str, Any]) -> int:
 
 def variants(
     model: str, steps: int, pipe: Any = None, call: dict[str, Any] | None = None, tiny: bool = False, cacheable: bool = False,
-    fbc_threshold: float = 0.12,
+    fbc_threshold: float = 0.12, fbc_extra: tuple[float, ...] = (),
 ) -> dict[str, Variant]:
     import attnctl as a
 
@@ -343,7 +373,7 @@ def variants(
         return a.Regions([a.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)), a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))],
                          base_ratio=0.2, isolate=isolate, trim_prompts=trim)
 
-    trims = model == "flux"  # Regions(trim_prompts=True): region prompts cut after their last T5 token
+    trims = model in ("flux", "flux-cpu")  # Regions(trim_prompts=True): region prompts cut after their last T5 token
 
     gate = max(1, round(0.4 * steps))  # TGate at 40% of the steps
     family = FAMILY[model]
@@ -387,21 +417,28 @@ def variants(
                                                  a.TGate(gate_step=gate)]),
         })
     if cacheable:  # "control for free" with a block cache (issue 17)
-        def fbc():
+        def fbc(threshold: float = fbc_threshold):
             from diffusers import FirstBlockCacheConfig
 
-            return FirstBlockCacheConfig(threshold=fbc_threshold)
+            return FirstBlockCacheConfig(threshold=threshold)
 
         def cff(trim: bool = False):
             return [a.Reweight({"red": 2.0}), regions(False, trim=trim), a.PAG(scale=3.0, steps=(0.0, 0.4))]
 
         found.update({
+            "pag(0..0.4)": Variant(lambda: [a.PAG(scale=3.0, steps=(0.0, 0.4))]),  # cff's PAG alone: its share of the cost
             "stock+fbc": Variant(None, cache=fbc),
             "cff": Variant(cff),
             "cff+fbc": Variant(cff, cache=fbc),
         })
         if trims:
             found["cff(trim)+fbc"] = Variant(lambda: cff(trim=True), cache=fbc)
+        for threshold in fbc_extra:  # extra rows at other thresholds (the claim is judged at --fbc-threshold)
+            cache = functools.partial(fbc, threshold)
+            found[f"stock+fbc@{threshold:g}"] = Variant(None, cache=cache)
+            found[f"cff+fbc@{threshold:g}"] = Variant(cff, cache=cache)
+            if trims:
+                found[f"cff(trim)+fbc@{threshold:g}"] = Variant(lambda: cff(trim=True), cache=cache)
     return found
 
 
@@ -471,7 +508,8 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     print(f"=== {model}{' (tiny)' if args.tiny else ''}: built in {time.perf_counter() - started:.1f}s, {dtype}, {steps} steps, "
           f"backend {args.backend}, clock {args.clock if not cuda else 'wall'}", flush=True)
     cacheable = has_enable_cache(denoiser_of(pipe))
-    table = variants(model, steps, pipe, call, args.tiny, cacheable, args.fbc_threshold)
+    extra = tuple(float(t) for t in args.fbc_extra_thresholds.split(",") if t)
+    table = variants(model, steps, pipe, call, args.tiny, cacheable, args.fbc_threshold, extra)
     if not cacheable:
         print(f"{model}: {type(denoiser_of(pipe)).__name__} has no enable_cache in this diffusers: no block-cache variants")
     if args.variants:
@@ -566,6 +604,8 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     _print(model, steps, args, list(rows.values()))
     if cuda:
         _targets(model, steps, rows)
+    elif model == "flux-cpu" and not args.tiny:
+        _cpu_claim(rows, args.fbc_threshold)
     del generate, pipe  # free the denoiser before the next model is built
     if cuda:
         torch.cuda.empty_cache()
@@ -616,6 +656,21 @@ def _print(model: str, steps: int, args: argparse.Namespace, rows: list[Row]) ->
             print(f"{'':28s} speed-up {f(speedup, '.3f')} beside its FLOP bound {row.flop_bound:.3f}{share} (stock FLOPs / "
                   f"(stock - {row.attention_saved:.3e} attention FLOPs the window skips)); backends {', '.join(row.backends or [])}")
     sys.stdout.flush()
+
+
+def _cpu_claim(rows: dict[str, Row], threshold: float) -> None:
+    """Issue 17's "control for free" with a block cache, judged on the CPU config where no GPU is available: cff+fbc
+    (and cff(trim)+fbc) no slower than stock, at the benchmark's FirstBlockCache threshold; the rows at other
+    thresholds (@T) are printed beside it, not judged."""
+    for name in ("cff+fbc", "cff(trim)+fbc"):
+        row = rows.get(name)
+        if row is None or row.ratio is None:
+            continue
+        alone = rows.get("stock+fbc")
+        skipped = (f"FirstBlockCache alone x{alone.ratio:.3f}, last block ran in {alone.last_block_runs}/{alone.denoiser_calls} calls"
+                   if alone is not None and alone.ratio is not None and alone.denoiser_calls else "FirstBlockCache alone not run")
+        print(f"CPU {'PASS' if row.ratio <= 1.0 else 'FAIL'} flux-cpu {name} at threshold {threshold:g}: x{row.ratio:.3f} <= 1.0 "
+              f"(FLOP ratio {row.flop_ratio if row.flop_ratio is not None else float('nan'):.3f}; {skipped})")
 
 
 def _targets(model: str, steps: int, rows: dict[str, Row]) -> None:
@@ -683,6 +738,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--tiny", action="store_true", help="CPU-size configs (attnctl.testing): a smoke test, not timed")
     parser.add_argument("--fbc-threshold", type=float, default=0.12, help="FirstBlockCache threshold of the *fbc variants")
+    parser.add_argument("--fbc-extra-thresholds", default="",
+                        help="comma-separated: also stock+fbc@T, cff+fbc@T (and cff(trim)+fbc@T) at these thresholds, as extra rows")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="what is timed on CPU: wall time, or the process's CPU time (steadier on a shared machine)")

@@ -82,3 +82,41 @@ def test_the_gpu_session_script_names_files_that_exist():
         subprocess.run(["bash", "-n", str(script)], check=True)
     named = set(re.findall(r"((?:tests|benchmarks)/[\w/]+\.py)", script.read_text()))
     assert named and all((root / path).is_file() for path in named), sorted(p for p in named if not (root / p).is_file())
+
+
+def test_flux_cpu_config_and_extra_threshold_rows(capsys):
+    """--models flux-cpu (issue 17's CPU judgement of "control for free" with FirstBlockCache): Flux-dev's layout at
+    1024 image + 64 text tokens, built in seconds; --fbc-extra-thresholds adds rows (the claim stays at --fbc-threshold).
+    Run here with --tiny (tiny-flux), 3 steps: the rows and the "cached" counts, nothing timed."""
+    import torch
+
+    torch.manual_seed(0)
+    pipe, call = bench.build_flux_cpu()
+    config = pipe.transformer.config
+    assert (config.num_layers, config.num_single_layers, config.num_attention_heads * config.attention_head_dim) == (4, 8, 256)
+    packed = (call["height"] // pipe.vae_scale_factor // 2) * (call["width"] // pipe.vae_scale_factor // 2)
+    assert packed == 1024 and call["max_sequence_length"] == 64
+    names = set(bench.variants("flux-cpu", 10, cacheable=True, fbc_extra=(0.5,)))
+    assert {"pag(0..0.4)", "stock+fbc", "cff", "cff+fbc", "cff(trim)+fbc", "stock+fbc@0.5", "cff+fbc@0.5", "cff(trim)+fbc@0.5"} <= names
+    rows = bench.main(["--tiny", "--models", "flux-cpu", "--variants", "stock+fbc,stock+fbc@1000,cff(trim)+fbc@1000",
+                       "--fbc-extra-thresholds", "1000", "--flux-steps", "3", "--repeats", "1", "--device", "cpu", "--no-flops"])
+    assert not [row for row in rows if row.error], [row.error for row in rows if row.error]
+    by = {row.variant: row for row in rows}
+    # stock + cache at a threshold that always skips: the last block ran once per pipeline call (its first step)
+    assert by["stock+fbc@1000"].last_block_runs == 2 and by["stock+fbc@1000"].denoiser_calls == 6
+    # with PAG(steps=(0, 0.4)) the first step after its window runs every block again (a cache context of its own)
+    assert by["cff(trim)+fbc@1000"].last_block_runs == 4
+    assert "stock+fbc@1000" in capsys.readouterr().out
+
+
+def test_cpu_claim_line_judges_cff_fbc_at_the_benchmark_threshold(capsys):
+    rows = {
+        "stock": bench.Row("flux-cpu", "stock", ratio=1.0),
+        "stock+fbc": bench.Row("flux-cpu", "stock+fbc", ratio=1.004, last_block_runs=20, denoiser_calls=20),
+        "cff+fbc": bench.Row("flux-cpu", "cff+fbc", ratio=2.311, flop_ratio=2.164),
+        "cff(trim)+fbc@1": bench.Row("flux-cpu", "cff(trim)+fbc@1", ratio=0.617),  # an extra row: not judged
+    }
+    bench._cpu_claim(rows, 0.12)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("CPU FAIL flux-cpu cff+fbc at threshold 0.12: x2.311")
+    assert "last block ran in 20/20 calls" in out[0]
