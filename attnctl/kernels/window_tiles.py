@@ -55,6 +55,8 @@ class TileGroup:
     queries: torch.Tensor  # (tiles, tq) long, positions in the joint sequence
     keys: torch.Tensor  # (tiles, keys) long, positions in the joint sequence (the box, then the text tokens)
     bias: torch.Tensor | None  # (tiles | 1, tq, keys) float32: 0 allowed, -inf not; None: all allowed
+    runs: tuple[int, int] | None = None  # (first query, first key) where each block's queries and keys are runs of
+    # consecutive tokens, block i's starting tq x i later (a band without text): views of q, k, v, no gather
     _cast: dict = field(default_factory=dict, compare=False, repr=False)
 
     def bias_for(self, dtype: torch.dtype, batch: int) -> torch.Tensor | None:
@@ -96,14 +98,16 @@ class TilePlan:
         return torch.cat([g.queries.reshape(-1) for g in self.groups])
 
     def indices(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query rows, key rows) of every group in turn, each group batch-major: rows of the flattened (B x N)."""
+        """(query rows, key rows) of every gathered group (not `runs`) in turn, each group batch-major: rows of the
+        flattened (B x N)."""
         found = self._indices.get(batch)
         if found is None:
             with torch.inference_mode(False):
                 device = self.groups[0].queries.device
                 offsets = (torch.arange(batch, device=device) * self.tokens)[:, None, None]
                 found = tuple(
-                    torch.cat([(getattr(g, name)[None] + offsets).reshape(-1) for g in self.groups])
+                    torch.cat([(getattr(g, name)[None] + offsets).reshape(-1) for g in self.groups if g.runs is None]
+                              + [torch.zeros(0, dtype=torch.long, device=device)])
                     for name in ("queries", "keys")
                 )
             self._indices[batch] = found
@@ -256,9 +260,22 @@ def make_plan(window: Window, device: torch.device | str, shape: tuple[int, ...]
             bias = bias.to(device)
         queries = torch.stack([q for _, q, _ in members])
         keys = torch.stack([k for _, _, k in members])
+        runs = None if text else _runs(queries, keys)
         keys = torch.cat([keys + start, text_keys.expand(keys.shape[0], text)], dim=1)
-        groups.append(TileGroup((queries + start).to(device), keys.to(device), bias))
+        groups.append(TileGroup((queries + start).to(device), keys.to(device), bias, runs))
     return TilePlan(tuple(groups), shape, window.n_img + text)
+
+
+def _runs(queries: torch.Tensor, keys: torch.Tensor) -> tuple[int, int] | None:
+    """(first query, first key) when every block's queries and keys are consecutive tokens and block i starts
+    tq x i after block 0 (so the blocks are views of the tensors), else None."""
+    count, tq = queries.shape
+    q0, k0 = queries[:, :1], keys[:, :1]
+    consecutive = bool((queries == q0 + torch.arange(tq)).all()) and bool((keys == k0 + torch.arange(keys.shape[1])).all())
+    steps = torch.arange(count)[:, None] * tq
+    if consecutive and bool((q0 == q0[0] + steps).all()) and bool((k0 == k0[0] + steps).all()):
+        return int(q0[0]), int(k0[0])
+    return None
 
 
 def tileable(window: Window) -> bool:
@@ -283,25 +300,36 @@ def attention(
     dim_v = v.shape[-1]
     q_index, k_index = tiles.indices(batch)
     buffers = tiles.buffers(q, k, v) or (None, None, None)
+    # the processors' layout: (B, N, H, d) storage viewed as (B, H, N, d); rows of one token are contiguous
+    q_rows, k_rows, v_rows = (x.transpose(1, 2) if x.transpose(1, 2).is_contiguous() else x.transpose(1, 2).contiguous()
+                              for x in (q, k, v))
 
-    def gather(x: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:  # (rows, H, d)
-        rows = x.transpose(1, 2)  # the processors' layout: (B, N, H, d) viewed as (B, H, N, d)
-        rows = (rows if rows.is_contiguous() else rows.contiguous()).view(batch * n, heads, x.shape[-1])
+    def gather(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:  # (rows, H, d)
+        rows = rows.view(batch * n, heads, rows.shape[-1])
         return torch.index_select(rows, 0, index) if buffer is None else torch.index_select(rows, 0, index, out=buffer)
 
-    q_all, k_all, v_all = gather(q, q_index, buffers[0]), gather(k, k_index, buffers[1]), gather(v, k_index, buffers[2])
-    out = q.new_empty(batch * n, heads, dim_v)
+    q_all, k_all, v_all = gather(q_rows, q_index, buffers[0]), gather(k_rows, k_index, buffers[1]), gather(v_rows, k_index, buffers[2])
+    out = q.new_empty(batch, n, heads, dim_v)
+    out_rows = out.view(batch * n, heads, dim_v)
     kwargs = {} if scale is None else {"scale": scale}
     q_at = k_at = 0
     for group in tiles.groups:
         count, tq = group.queries.shape
         box = group.keys.shape[1]
+        if group.runs is not None:  # views: block i's queries and keys start tq x i tokens after block 0's
+            first_q, first_k = group.runs
+            for b in range(batch):
+                q_t = q_rows[b, first_q : first_q + count * tq].view(count, tq, heads, dim_k).transpose(1, 2)
+                k_t, v_t = (x[b, first_k:].unfold(0, box, tq)[:count].transpose(2, 3) for x in (k_rows, v_rows))
+                out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=group.bias_for(q.dtype, 1), **kwargs)
+                out[b, first_q : first_q + count * tq].view(count, tq, heads, dim_v).copy_(out_t.transpose(1, 2))
+            continue
         rows = batch * count
         q_t = q_all[q_at : q_at + rows * tq].view(rows, tq, heads, dim_k).transpose(1, 2)
         k_t = k_all[k_at : k_at + rows * box].view(rows, box, heads, dim_k).transpose(1, 2)
         v_t = v_all[k_at : k_at + rows * box].view(rows, box, heads, dim_v).transpose(1, 2)
         out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=group.bias_for(q.dtype, batch), **kwargs)
-        out[q_index[q_at : q_at + rows * tq].view(rows, tq)] = out_t.transpose(1, 2)  # (B x tiles, tq, H, d)
+        out_rows[q_index[q_at : q_at + rows * tq].view(rows, tq)] = out_t.transpose(1, 2)  # (B x tiles, tq, H, d)
         q_at, k_at = q_at + rows * tq, k_at + rows * box
     out = out.view(batch, n, heads, dim_v)
     if text:
