@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny-wan, one repeat: a smoke run (numbers mean nothing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    base = load_base(args.base)
+    try:
+        base = load_base(args.base)
+    except (OSError, subprocess.CalledProcessError) as error:  # no git, or a checkout without that revision
+        print(f"window_tiles.py at {args.base} is not available here ({type(error).__name__}): this tree against itself")
+        base = here
     model, steps = "wan-cpu", 10
     if args.quick:
         args.repeats, steps = 1, 3
