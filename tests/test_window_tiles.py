@@ -178,6 +178,7 @@ def test_sdpa_runs_a_large_window_tiled_and_other_edits_densely(monkeypatch):
     assert not window_tiles.tileable(Window((8, 8), band=4))  # small grids keep the dense mask
     assert not window_tiles.tileable(Window((32, 32), band=1000))  # a box of keys as large as the sequence saves nothing
     assert window_tiles.tileable(Window((24, 24), radius=(1, 4, 4), frames=7))
+    assert window_tiles.tileable(Window((32, 32), radius=(4, 4), text_len=512))  # text keys in every block: still cheaper
 
 
 def test_a_plan_made_in_inference_mode_serves_autograd_later():
