@@ -27,10 +27,11 @@ the timed rounds; "cached" is how many denoiser calls the last block ran (FirstB
     python benchmarks/gpu_e2e.py --tiny --models sd15,flux --variants stock+fbc,cff,cff+fbc --repeats 7  # CPU
     python benchmarks/gpu_e2e.py --models wan,flux2   # Wan 2.1 1.3B at 480x832 x 33 frames, FLUX.2 klein 4B at 1024;
                                                       # 10 steps each (--flux-steps); FastAttn's band with its FLOP bound
-    OMP_NUM_THREADS=1 python benchmarks/gpu_e2e.py --models wan-cpu --device cpu --backend flex --clock process \
-        --variants 'fastattn(band=448),fastattn(window=1x4x4)' --repeats 2
+    OMP_NUM_THREADS=1 python benchmarks/gpu_e2e.py --models wan-cpu --device cpu --clock process \
+        --variants 'fastattn(band=448),fastattn(window=1x4x4)' --repeats 3
         # Wan's layout at a CPU size (9 x 16 x 28 = 4032 tokens; attention ~70% of stock's CPU time on one thread):
-        # the windows' speed-up beside their FLOP bound (one thread and CPU time: steady on a shared machine)
+        # the windows' speed-up beside their FLOP bound (one thread and CPU time: steady on a shared machine);
+        # `auto` runs them as sdpa tiles (kernels/window_tiles.py), `--backend flex` as flex block masks
 
     OMP_NUM_THREADS=1 python benchmarks/gpu_e2e.py --models flux-cpu --device cpu --clock process --repeats 3 \
         --variants 'reweight,regions,regions(trim),pag(0..0.4),stock+fbc,cff,cff+fbc,cff(trim)+fbc' [--fbc-extra-thresholds 0.5,1]

@@ -8,7 +8,11 @@ this isolates the window kernels. Defaults: the grid of gpu_e2e's wan-cpu (9 x 1
 (`--clock wall` for wall time), interleaved, medians.
 
     python benchmarks/video_window_attention.py [--grid 9,16,28] [--heads 2] [--dim 64] [--repeats 5]
-        [--backends sdpa,flex] [--windows band=448,3d=1x4x4] [--quick]
+        [--backends sdpa,flex] [--windows band=448,3d=1x4x4] [--layout processors|contiguous] [--quick]
+
+q, k, v are laid out as the processors pass them ((B, N, H, D) storage seen as (B, H, N, D); `--layout contiguous`
+for (B, H, N, D) storage), and the calls run in inference mode, as in a pipeline. For the sdpa backend the tiles'
+block shape and modelled cost (`window_tiles.choose_shape`, `planned_cost`) are printed.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backends", default="sdpa,flex")
     parser.add_argument("--windows", default="band=448,3d=1x4x4")
     parser.add_argument("--clock", choices=("wall", "process"), default="process")
+    parser.add_argument("--layout", choices=("processors", "contiguous"), default="processors")
     parser.add_argument("--quick", action="store_true", help="smoke run: a 3 x 8 x 8 grid, one repeat (numbers mean nothing)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -59,21 +64,25 @@ def main(argv: list[str] | None = None) -> dict:
     n = grid[0] * grid[1] * grid[2]
     clock = time.process_time if args.clock == "process" else time.perf_counter
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(args.batch, args.heads, n, args.dim, generator=g) for _ in range(3))
+    if args.layout == "processors":
+        q, k, v = (torch.randn(args.batch, n, args.heads, args.dim, generator=g).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(args.batch, args.heads, n, args.dim, generator=g) for _ in range(3))
     windows = [parse_window(text, grid) for text in args.windows.split(",")]
     cases = {"full (sdpa)": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)}
     for text, window, _ in windows:
         spec = AttentionSpec(window=window)
         for backend in args.backends.split(","):
             cases[f"{text} ({backend})"] = (lambda spec=spec, backend=backend: attention(q, k, v, spec, backend=backend))
-    for fn in cases.values():  # warm-up: compiles flex, builds the masks
-        fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, fn in cases.items():
-            start = clock()
+    with torch.inference_mode():
+        for fn in cases.values():  # warm-up: compiles flex, builds the masks and tile plans
             fn()
-            times[name].append(clock() - start)
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                start = clock()
+                fn()
+                times[name].append(clock() - start)
     full = statistics.median(times["full (sdpa)"])
     print(f"torch {torch.__version__}, {n} tokens (grid {grid}), batch {args.batch}, {args.heads} heads of {args.dim}, "
           f"{args.clock} clock, medians of {args.repeats}")
@@ -85,6 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
         speedup = full * 1000 / ms
         result[name] = {"ms": ms, "speedup": speedup, "bound": bound}
         print(f"{name:26s} {ms:9.1f} {speedup:9.3f} {bound:7.3f} {speedup / bound:6.2f}")
+    from attnctl.kernels import window_tiles
+
+    for text, window, _ in windows:
+        if window_tiles.tileable(window):
+            print(f"sdpa tiles of {text}: blocks {'x'.join(map(str, window_tiles.choose_shape(window)))}, modelled cost "
+                  f"{window_tiles.planned_cost(window):.3f} of full attention")
+        else:
+            print(f"sdpa of {text}: dense mask (not tiled)")
     try:
         from torch.nn.attention.flex_attention import create_block_mask
 

@@ -50,6 +50,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/segmentation.py", [], "mean IoU  magnets", id="segmentation"),
     pytest.param("benchmarks/structured.py", [], "colour binding", id="structured"),
     pytest.param("benchmarks/video_window_attention.py", ["--backends", "sdpa"], "speed-up", id="video_window_attention"),
+    pytest.param("benchmarks/window_tiles_ab.py", [], "FLOP bound", id="window_tiles_ab", marks=slow),
 ]
 NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
 
