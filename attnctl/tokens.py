@@ -146,8 +146,10 @@ class PromptTokens:
             (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).ids)) for e, encoder in enumerate(self.encoders)
         )
 
-    def positions(self, query: WordQuery, row: int) -> tuple[int, ...]:
-        """Positions of `query` in the text sequence of prompt row `row` (sorted, unique)."""
+    def positions(self, query: WordQuery, row: int, *, missing_ok: bool = False) -> tuple[int, ...]:
+        """Positions of `query` in the text sequence of prompt row `row` (sorted, unique). `missing_ok`: a word that
+        is not in this row gives () instead of a TokenError (a word truncated away by the encoder's limit still
+        raises: it is in the prompt, and the pipeline drops it)."""
         if isinstance(query, int):
             if query >= self.text_len:
                 raise TokenError(f"attnctl: token position {query} is outside the text sequence of {self.text_len} tokens")
@@ -174,6 +176,8 @@ class PromptTokens:
                 "controlled. Shorten the prompt or move the word before the limit."
             )
         if not found:
+            if missing_ok:
+                return ()
             raise TokenError(self._missing_message(query, row))
         return tuple(sorted(found))
 

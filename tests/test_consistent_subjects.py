@@ -22,6 +22,13 @@ TOL = {"rtol": 1e-4, "atol": 1e-4}
 LOOSE = {"rtol": 1e-3, "atol": 1e-3}
 
 
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """The model's attention mask as a float64 logit bias (a bool mask: 0 where allowed, -inf elsewhere)."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf)
+    return mask.double()
+
+
 def run(pipe, name, prompts=PROMPTS, steps=2, guidance=5.0, **kwargs):
     options = dict(CALL_DEFAULTS[name])
     options.update(kwargs)
@@ -70,7 +77,7 @@ class _EagerHook(LayerHook):
             bias = torch.cat([torch.zeros(k.shape[2], dtype=torch.float64)] + [extra] * len(sources))
             logits = q[i][:, image].double() @ torch.cat(keys, 1).transpose(-1, -2) * scale + bias
             if mask is not None:
-                m = mask[i if mask.shape[0] > 1 else 0].double()
+                m = _additive(mask[i if mask.shape[0] > 1 else 0])
                 m = m[..., image, :] if m.shape[-2] > 1 else m
                 logits[..., : k.shape[2]] += m
             out[i, :, image] = (torch.softmax(logits, -1) @ torch.cat(values, 1)).to(out.dtype)
@@ -236,7 +243,7 @@ class _EagerSubjects:
                 continue
             logits = q[i][:, image].double() @ k[i].double().transpose(-1, -2) * scale
             if spec.attn_mask is not None:
-                m = spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0].double()
+                m = _additive(spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0])
                 logits = logits + (m[..., image, :] if m.shape[-2] > 1 else m)
             probs = torch.softmax(logits, -1).mean(0)  # (Ni, Nk)
             for w, columns in enumerate(self.columns[row.prompt]):
@@ -340,7 +347,7 @@ class _EagerSubjectsHook(LayerHook):
                 key_labels.append(slab)
             logits = q[i][:, image].double() @ torch.cat(keys, 1).transpose(-1, -2) * scale + torch.cat(biases)
             if spec.attn_mask is not None:
-                m = spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0].double()
+                m = _additive(spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0])
                 m = m[..., image, :] if m.shape[-2] > 1 else m
                 logits[..., : k.shape[2]] += m
             if c.isolate:
@@ -559,3 +566,89 @@ def test_box_mask_and_reposition_subjects_compile(options):
     adapter = attnctl.handle.adapter_for(__import__("attnctl.testing", fromlist=["x"]).make_tiny_pipeline("tiny-sd").unet)
     assert "maps" in ConsistentSubjects(subject="cat").compile_refusal(adapter)
     assert "label mask" in ConsistentSubjects(subject=LEFT_RIGHT, isolate=True).compile_refusal(adapter)
+
+
+def _latents_per_step(pipe, name, prompts, steps, **kwargs):
+    latents = {}
+
+    def keep(pipeline, i, t, state):
+        latents[i] = state["latents"].clone()
+        return state
+
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    pipe(list(prompts), num_inference_steps=steps, output_type="latent", generator=generators, callback_on_step_end=keep,
+         guidance_scale=5.0, **CALL_DEFAULTS[name], **kwargs)
+    return [latents[i] for i in range(steps)]
+
+
+@pytest.mark.parametrize("steps", [(0.5, 1.0), (0.5, 0.75)], ids=["window", "one-step"])
+def test_word_subject_shares_from_the_window_first_step(steps, tiny_cache):
+    """The maps of the step before the window pick the subject tokens of its first step: the steps before the window
+    are bitwise stock (the capture changes nothing), the window's first step already shares (a one-step window too)."""
+    pipe = tiny_cache("tiny-sd")
+    stock = _latents_per_step(pipe, "tiny-sd", WORD_PROMPTS, 4)
+    with attnctl.apply(pipe, [ConsistentSubjects(subject="cat", steps=steps, strength=5.0)]):
+        ours = _latents_per_step(pipe, "tiny-sd", WORD_PROMPTS, 4)
+    assert torch.equal(ours[0], stock[0]) and torch.equal(ours[1], stock[1])
+    assert not torch.equal(ours[2], stock[2])
+
+
+def test_word_missing_from_the_reference_prompt_raises(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [ConsistentSubjects(subject="dog", strength=10.0)]):
+        with pytest.raises(attnctl.TokenError, match="reference prompt.*row 0"):
+            run(pipe, "tiny-sd", prompts=["a red cat", "a blue dog", "a green dog"])
+
+
+def test_word_truncated_away_in_one_row_raises(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    long = "a red dog " + "and a tree " * 30 + "and a cat"
+    with attnctl.apply(pipe, [ConsistentSubjects(subject="cat", strength=10.0)]):
+        with pytest.raises(attnctl.TokenError, match="truncates"):
+            run(pipe, "tiny-sd", prompts=["a red cat", long])
+
+
+def test_isolation_label_mask_made_once_per_plan(tiny_cache, monkeypatch):
+    """The isolation mask is one object per plan: the backend's dense form of it is built once per call and grid, not
+    at every attention call."""
+    from attnctl.kernels import spec as kernel_spec
+
+    built = []
+    dense = kernel_spec.LabelMask.dense
+
+    def counting(self, *args, **kwargs):
+        built.append(id(self))
+        return dense(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_spec.LabelMask, "dense", counting)
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [ConsistentSubjects(subject=LEFT_RIGHT, isolate=True)]):
+        run(pipe, "tiny-sd", prompts=["a cat"] * 3, steps=4)
+    assert built and len(built) == len(set(built)) <= 2  # one per self-attention grid (two on tiny-sd) for the call
+
+
+def test_sag_extra_pass_does_not_replace_the_word_maps(tiny_cache):
+    """Without CFG, SAG runs an extra (degraded) forward: the subject's maps are the main pass's, as with SAG absent."""
+    from attnctl.controls.cross_image import consistent
+
+    pipe = tiny_cache("tiny-sd")
+    passes = []
+    capture = consistent._ConsistentBound.capture
+
+    def recording(self, call, *args):
+        passes.append(call.frame.extra_pass)
+        return capture(self, call, *args)
+
+    control = ConsistentSubjects(subject="cat", layers=["down_blocks.0"], strength=2.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(consistent._ConsistentBound, "capture", recording)
+        with attnctl.apply(pipe, [control, attnctl.SAG(scale=0.75)]) as handle:
+            run(pipe, "tiny-sd", prompts=WORD_PROMPTS, steps=3, guidance=1.0)
+    assert passes and handle is not None
+    calls = len(passes)
+    with pytest.MonkeyPatch.context() as patch:
+        passes.clear()
+        patch.setattr(consistent._ConsistentBound, "capture", recording)
+        with attnctl.apply(pipe, [control]):
+            run(pipe, "tiny-sd", prompts=WORD_PROMPTS, steps=3, guidance=1.0)
+    assert calls == len(passes)  # SAG's extra pass captured nothing

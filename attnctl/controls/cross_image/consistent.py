@@ -24,14 +24,14 @@ text keys plus the sources' keys (text queries stock). The source rows are not c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ...control import BindContext, Bound, Control
-from ...denoiser_call import DenoiserCall, RowLayout
+from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import block_bias, spec_rows
@@ -40,7 +40,7 @@ from ...processors.chain import backend_op, restricted_rows, token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
-from ...tokens import WordQuery, validate_word_query
+from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import number, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import word_attention
@@ -372,16 +372,20 @@ class _ConsistentBound(LinkedKeysBound):
             text_len = context.canvas.text_len
             selector = torch.zeros(self.prompt_rows, len(self.words), text_len)
             for w, query in enumerate(self.words):
-                errors = []
-                for row in range(self.prompt_rows):
+                found = [tokens.positions(query, row, missing_ok=True) for row in range(self.prompt_rows)]
+                if not any(found):
+                    tokens.positions(query, 0)  # raises the TokenError that names the word and shows the prompt
+                if control.reference is not None and not found[control.reference]:
                     try:
-                        positions = tokens.positions(query, row)
+                        tokens.positions(query, control.reference)
                     except TokenError as error:
-                        errors.append(error)
-                        continue
+                        raise TokenError(
+                            f"attnctl: ConsistentSubjects.subject {describe_query(query)} must be in the reference prompt "
+                            f"(row {control.reference}), or the reference shares nothing for it; "
+                            + str(error).removeprefix("attnctl: ")
+                        ) from None
+                for row, positions in enumerate(found):
                     selector[row, w, [p for p in positions if p < text_len]] = 1.0
-                if len(errors) == self.prompt_rows:
-                    raise errors[0]
             self.selector = selector.to(self.device)
             grids = [context.canvas.grid_at(layer.level) for layer in map_layers]
             self.map_grid = max(grids, key=lambda hw: hw[0] * hw[1])
@@ -407,9 +411,11 @@ class _ConsistentBound(LinkedKeysBound):
         hooks: list[LayerHook] = []
         if self.words:
             self._next_step(frame.step.index)
-            if layer.index in self.map_slots and self._capture_at(frame.step) and frame.rows.indices("cond", None):
+            if (layer.index in self.map_slots and self._capture_at(frame.step) and frame.extra_pass is None
+                    and frame.rows.indices("cond", None)):
                 hooks.append(self.capture_hook)
-        if layer.index in self.attention_indices and self.active(frame.step) and (not self.words or self.ready is not None):
+        if (layer.index in self.attention_indices and frame.step.inside(control.steps)
+                and (not self.words or self.ready is not None)):
             links = self.links(frame.rows)
             if links[0]:
                 geometry = frame.geometry(layer)
@@ -420,6 +426,11 @@ class _ConsistentBound(LinkedKeysBound):
                     found = self._edits[key] = AppendedKeysHook(self, links, geometry, frame_device(frame), frame.rows)
                 hooks.append(found)
         return Edit(hooks=tuple(hooks)) if hooks else None
+
+    def active(self, step: StepInfo) -> bool:
+        """Inside the step window, and (subject words) at the step before it, whose maps pick the window's first
+        subject tokens (a capture-only step is stock: the capture reads the layer's attention, it changes nothing)."""
+        return step.inside(self.control.steps) or (bool(self.words) and self._capture_at(step))
 
     def _capture_at(self, step: StepInfo) -> bool:
         """Maps are captured at a step when the next step shares (they are used there)."""
@@ -485,18 +496,18 @@ class _ConsistentBound(LinkedKeysBound):
             word = 0
             for subject in control.subject:
                 if _is_box(subject):
-                    parts.append(box_mask(subject, grid).double().to(device)[None].expand(self.prompt_rows, -1))
+                    parts.append(upload(box_mask(subject, grid).double(), device)[None].expand(self.prompt_rows, -1))
                     continue
                 maps = self.ready[:, word].double()  # (P, gh, gw)
                 word += 1
-                rows = area_matrix(maps.shape[1], grid[0]).to(maps.device)
-                cols = area_matrix(maps.shape[2], grid[1]).to(maps.device)
+                rows = upload(area_matrix(maps.shape[1], grid[0]).double(), maps.device)
+                cols = upload(area_matrix(maps.shape[2], grid[1]).double(), maps.device)
                 resized = (rows @ maps @ cols.T).flatten(1)
                 parts.append((resized / resized.amax(1, keepdim=True).clamp_min(1e-30)).to(device))
             scores = torch.stack(parts, 1)
         else:
             return None
-        scores = scores.to(device)
+        scores = upload(scores.contiguous(), device) if scores.device.type == "cpu" else scores.to(device)
         inside = scores >= control.threshold
         best = torch.where(inside, scores, torch.full_like(scores, -1.0)).argmax(1)
         return torch.where(inside.any(1), best + 1, torch.zeros_like(best))
@@ -519,13 +530,12 @@ class _ConsistentBound(LinkedKeysBound):
                 col = (sx * w).floor().long().clamp(0, w - 1)
                 gather.append(row * w + col)
                 slot_labels.append(torch.full((cells.numel(),), i + 1, dtype=torch.long))
-            index = torch.cat(gather).to(device)
-            slot = torch.cat(slot_labels).to(device)[None].expand(self.prompt_rows, -1)
+            index = upload(torch.cat(gather), device)
+            slot = upload(torch.cat(slot_labels), device)[None].expand(self.prompt_rows, -1)
             return index, slot, torch.full(slot.shape, log_strength, dtype=torch.float32, device=device)
         if labels is None:
             return None, None, torch.full((self.prompt_rows, h * w), log_strength, dtype=torch.float32, device=device)
-        bias = torch.where(labels > 0, torch.tensor(log_strength, dtype=torch.float32, device=device),
-                           torch.tensor(-math.inf, dtype=torch.float32, device=device))
+        bias = torch.full(labels.shape, log_strength, dtype=torch.float32, device=device).masked_fill_(labels == 0, -math.inf)
         return None, labels, bias
 
     def finish(self) -> None:
@@ -573,7 +583,7 @@ class AppendedKeysHook(LayerHook):
         target_index = index(targets, q.device)
         own = appended_attention(call, q, k, v, spec, target_index,
                                  [index(tuple(s[j] for s in sources), q.device) for j in range(len(sources[0]))],
-                                 plan.bias, gather=plan.gather, q_labels=plan.q_labels, k_labels=plan.k_labels, table=plan.table)
+                                 plan.bias, gather=plan.gather, labels=plan.label_mask(k.shape[2], call.geometry, call.layer.text))
         chosen = set(targets)
         rest = tuple(i for i in range(batch) if i not in chosen)
         if not rest:
@@ -595,6 +605,20 @@ class _Plan:
     q_labels: torch.Tensor | None  # (targets, image queries) long, with isolation
     k_labels: list[torch.Tensor] | None  # own image keys (targets, image tokens), then per source slot (targets, n appended)
     table: torch.Tensor | None  # (1, S + 1, S + 1): 0, -inf between two different subjects
+    _masks: dict = field(default_factory=dict)
+
+    def label_mask(self, n_own: int, geometry: Any, text: str) -> LabelMask | None:
+        """The isolation mask over [own keys; appended keys] for `n_own` own keys, made once per plan and key count
+        (the backend keeps its dense form per mask object: a new object per call would rebuild it every call)."""
+        if self.q_labels is None:
+            return None
+        found = self._masks.get(n_own)
+        if found is None:
+            image = slice(0, n_own) if text == "none" else geometry.image_slice
+            own_keys = self.k_labels[0].new_zeros(self.k_labels[0].shape[0], n_own)  # own text keys: label 0, open
+            own_keys[:, image] = self.k_labels[0]
+            found = self._masks[n_own] = LabelMask(self.q_labels, torch.cat([own_keys] + list(self.k_labels[1:]), dim=-1), self.table)
+        return found
 
 
 def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.device, rows: RowLayout) -> _Plan:
@@ -609,9 +633,9 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
         return _Plan(device, bias, None, None, None, None)
     gather, appended_labels, appended_bias = bound.appended(grid, labels, device)
     prompt = [r.prompt for r in rows.rows]
-    target_prompts = torch.tensor([prompt[t] for t in targets], dtype=torch.long, device=device)
+    target_prompts = upload(torch.tensor([prompt[t] for t in targets], dtype=torch.long), device)
     slots = range(len(sources[0]))
-    source_prompts = [torch.tensor([prompt[s[j]] for s in sources], dtype=torch.long, device=device) for j in slots]
+    source_prompts = [upload(torch.tensor([prompt[s[j]] for s in sources], dtype=torch.long), device) for j in slots]
     bias = [appended_bias.index_select(0, p) for p in source_prompts]
     if not bound.control.isolate:
         return _Plan(device, bias, gather, None, None, None)
@@ -621,17 +645,16 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
     table[1:, 1:].fill_diagonal_(0.0)
     own = labels.index_select(0, target_prompts)  # (m, image tokens)
     k_labels = [own] + [appended_labels.index_select(0, p) for p in source_prompts]
-    return _Plan(device, bias, gather, own, k_labels, table[None].to(device))
+    return _Plan(device, bias, gather, own, k_labels, upload(table[None], device))
 
 
 def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor, sources: list[torch.Tensor],
                        bias: torch.Tensor | list[torch.Tensor], *, gather: torch.Tensor | None = None,
-                       q_labels: torch.Tensor | None = None, k_labels: list[torch.Tensor] | None = None,
-                       table: torch.Tensor | None = None) -> torch.Tensor:
+                       labels: LabelMask | None = None) -> torch.Tensor:
     """(m, H, Nq, D): rows `targets`; image queries over [own keys; each source's image keys (+ bias)], text queries
     (joint layers) over their own keys. `bias`: one (n,) tensor for every source, or per source a (m, n) tensor;
-    `gather`: the source image tokens appended (default all); `q_labels` (m, image queries), `k_labels` (the own image
-    keys', then each source's appended keys' labels) and `table`: a label mask (isolation)."""
+    `gather`: the source image tokens appended (default all); `labels`: a label mask over the image queries and
+    [own keys; appended keys] (isolation)."""
     batch = q.shape[0]
     geometry = call.geometry
     text = call.layer.text
@@ -662,11 +685,6 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
         if own_mask.shape[-2] > 1:
             own_mask = own_mask[..., image_q, :]
         attn_mask = torch.cat([own_mask, own_mask.new_zeros(own_mask.shape[:-1] + (n_app,))], dim=-1)
-    labels = None
-    if q_labels is not None:  # own text (and reference-image) keys: label 0, open to every query
-        own_keys = k_labels[0].new_zeros(m, n_own)
-        own_keys[:, image] = k_labels[0]
-        labels = LabelMask(q_labels, torch.cat([own_keys] + list(k_labels[1:]), dim=-1), table)
     out_image = backend_op(call, qt[:, :, image_q], torch.cat(keys, dim=2), torch.cat(values, dim=2),
                            AttentionSpec(scale=spec.scale, attn_mask=attn_mask, key_bias=key_bias.to(q.dtype), labels=labels))[0]
     if text == "none":

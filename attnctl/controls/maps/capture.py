@@ -262,16 +262,14 @@ class AttentionMapsBound(Bound):
             tokens = context.require_tokens("AttentionMaps")
         selector = torch.zeros(rows, len(control.words), self.text_len)
         for w, query in enumerate(control.words):
-            errors = []
-            for row in range(rows):
-                try:
-                    positions = tokens.positions(query, row) if tokens is not None else _position(query, self.text_len)
-                except TokenError as error:
-                    errors.append(error)
-                    continue
+            if tokens is None:
+                found = [_position(query, self.text_len)] * rows
+            else:  # a word missing from some rows is fine; one truncated away by the encoder's limit raises
+                found = [tokens.positions(query, row, missing_ok=True) for row in range(rows)]
+                if not any(found):
+                    tokens.positions(query, 0)  # the TokenError that names the word and shows the prompt
+            for row, positions in enumerate(found):
                 selector[row, w, list(positions)] = 1.0
-            if len(errors) == rows:
-                raise errors[0]
         self.selector = selector.to(self.device)  # (prompt rows, words, text_len)
         self.prompts = _prompt_texts(tokens, rows)
         grids = [context.canvas.grid_at(layer.level) for layer in context.layers]
