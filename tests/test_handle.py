@@ -127,12 +127,20 @@ def test_one_live_handle_per_denoiser_and_from_pipe():
     ids=["set_attn_processor", "fuse_qkv_projections", "set_attention_backend"],
 )
 def test_processor_changes_after_apply_are_detected(change, name):
-    pipe = make_tiny_pipeline(name)
-    handle = attnctl.apply(pipe, [])
-    change(pipe)
-    with pytest.raises(PipelineChangedError, match="after attnctl.apply"):
-        generate(pipe, name)
-    handle.remove()
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also sets diffusers' process-wide active backend, which reset_attention_backend leaves
+    # set: every later test in this process would run stock attention on it. Restore it.
+    active = _AttentionBackendRegistry._active_backend
+    try:
+        pipe = make_tiny_pipeline(name)
+        handle = attnctl.apply(pipe, [])
+        change(pipe)
+        with pytest.raises(PipelineChangedError, match="after attnctl.apply"):
+            generate(pipe, name)
+        handle.remove()
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
 
 
 def test_fused_projections_before_apply_are_reproduced():
