@@ -15,7 +15,7 @@ stock, so its time ratios stand alone); the numbers in README were measured with
 `--part two` running concurrently, then `--part memory`.
 
     python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
-    python benchmarks/attend_excite.py --quick     # 8 of each (the CI-sized run)
+    python benchmarks/attend_excite.py --quick     # a smoke run: 4 of each, memory at 64x64 (CI)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def call(pipe, prompt: str, seed: int, controls: list) -> object:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 prompt-seed pairs of each kind")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 4 prompt-seed pairs of each kind, memory at 64x64")
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--boxes", type=int, default=48)
     parser.add_argument("--part", choices=("all", "two", "box", "memory"), default="all",
@@ -80,13 +80,15 @@ def main() -> None:
     parser.add_argument("--level-defaults", action="store_true",
                         help="also run the controls at their default level (4x4 on the toy) and the 8x8 level")
     parser.add_argument("--out", default=None, help="unused (the smoke test passes it)")
+    parser.add_argument("--memory-size", type=int, default=MEMORY_SIZE, help="image side of the peak-memory calls")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        _memory_child(args.memory_child)
+        _memory_child(args.memory_child, args.memory_size)
         return
-    if args.quick:
-        args.pairs = args.boxes = 8
+    if args.quick:  # a smoke run of every part (the 8-seed effect checks are tests/test_latent_optimisation.py's)
+        args.pairs = args.boxes = 4
+        args.memory_size = 64
     torch.set_num_threads(1)
     pipe = load_toy_shapes()
     pipe.set_progress_bar_config(disable=True)
@@ -96,7 +98,7 @@ def main() -> None:
     if args.part in ("all", "box"):
         _boxes(pipe, args)
     if args.part in ("all", "memory"):
-        _memory()
+        _memory(args.memory_size)
 
 
 def _two_objects(pipe, args) -> None:
@@ -145,9 +147,9 @@ def _boxes(pipe, args) -> None:
 
 
 
-def _memory() -> None:
-    peaks = {name: _peak_in_child(name) for name in MEMORY_CASES}
-    print(f"peak memory of one {MEMORY_SIZE}x{MEMORY_SIZE} call (a fresh process per method: growth of the peak resident set, "
+def _memory(size: int) -> None:
+    peaks = {name: _peak_in_child(name, size) for name in MEMORY_CASES}
+    print(f"peak memory of one {size}x{size} call (a fresh process per method: growth of the peak resident set, "
           "getrusage ru_maxrss, over the process after loading the model and one 32x32 stock call): " + ", ".join(f"{name} +{peak / 2**20:.1f} MiB" for name, peak in peaks.items()))
 
 
@@ -163,14 +165,15 @@ MEMORY_CASES = {
 MEMORY_SIZE = 256
 
 
-def _peak_in_child(name: str) -> int:
+def _peak_in_child(name: str, size: int) -> int:
     """Bytes the peak resident set of a fresh process grows by in one call with `name`'s controls, after the model is
     loaded and one stock call has run (so the stock call's own working set is the baseline)."""
-    output = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True, check=True).stdout
+    output = subprocess.run([sys.executable, __file__, "--memory-child", name, "--memory-size", str(size)],
+                            capture_output=True, text=True, check=True).stdout
     return int(output.strip().splitlines()[-1])
 
 
-def _memory_child(name: str) -> None:
+def _memory_child(name: str, size: int) -> None:
     torch.set_num_threads(1)
     pipe = load_toy_shapes()
     pipe.set_progress_bar_config(disable=True)
@@ -178,7 +181,7 @@ def _memory_child(name: str) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with attnctl.apply(pipe, MEMORY_CASES[name]()):  # a larger canvas, so that the call's working set shows in the RSS
         pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0),
-             **{**CALL_DEFAULTS, "height": MEMORY_SIZE, "width": MEMORY_SIZE})
+             **{**CALL_DEFAULTS, "height": size, "width": size})
     print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)  # ru_maxrss is in KiB on Linux
 
 

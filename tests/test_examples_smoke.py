@@ -46,7 +46,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/p2p_padding.py", [], "own probs after it", id="p2p_padding", marks=slow),
     pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
     pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
-    pytest.param("benchmarks/attend_excite.py", [], "peak memory of one 256x256 call", id="attend_excite", marks=slow),
+    pytest.param("benchmarks/attend_excite.py", [], "peak memory of one 64x64 call", id="attend_excite", marks=slow),
     pytest.param("benchmarks/segmentation.py", [], "mean IoU  magnets", id="segmentation"),
     pytest.param("benchmarks/structured.py", [], "colour binding", id="structured"),
     pytest.param("benchmarks/video_window_attention.py", ["--backends", "sdpa"], "speed-up", id="video_window_attention"),
