@@ -140,9 +140,26 @@ def test_iou_on_the_toy_model_8_images():
     pipe = load_toy_shapes()
     result = segmentation(pipe, 8, layers=MAP_LAYERS)
     assert result["pairs"] >= 16
-    for name in ("generation", "readout", "magnets"):
+    for name in ("generation", "readout", "magnets", "ceiling"):
         assert 0.0 <= result[f"iou_{name}"] <= 1.0
+    assert result["grid"] == (4, 4)  # MAP_LAYERS: the 4x4 level
     with attnctl.apply(pipe, attnctl.AttentionMaps(["red"], layers=MAP_LAYERS)) as handle:
         pipe("a red circle", generator=torch.Generator().manual_seed(0), num_inference_steps=1, height=32, width=32)
         layers = handle.outputs["attention_maps"].layers
     assert layers and all(name.startswith("down_blocks.") and name.endswith("attn2") for name in layers)
+
+
+def test_perfect_map_ceiling():
+    """The ceiling's perfect map: at the image's own size it is the object itself (IoU 1); at a coarse grid a blob
+    that still covers the object's centre."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from segmentation import iou, perfect_map_mask
+
+    truth = np.zeros((32, 32), dtype=bool)
+    truth[4:14, 18:28] = True
+    assert iou(perfect_map_mask(truth, (32, 32), 0.5), truth) == 1.0
+    coarse = perfect_map_mask(truth, (4, 4), 0.5)
+    assert coarse.shape == truth.shape and coarse[9, 23] and not coarse[28, 4]
+    assert 0.3 < iou(coarse, truth) < 1.0
