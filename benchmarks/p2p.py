@@ -16,7 +16,8 @@ makes it by copying the base rows' start latents).
 The oracle (`--oracle`) bounds what any attention-level edit can do for this target: the edited rows' attention
 OUTPUTS are set from the base rows' (forward hooks, a diagnostic, not a control). Since the edited row starts from
 the base row's noise and the prompt enters the toy UNet only through cross-attention, copying every attention output
-at every step makes the edit the base image; the variants differ in what stays the edited prompt's.
+at every step makes the edit the base image; the variants differ in what stays the edited prompt's. The base image
+itself must hold one object of a known shape for a seed to count, which bounds every method on the seeds.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class CopyAttentionOutputs:
     """Oracle diagnostic, not a control: in the edited rows (prompt rows k..2k-1 of every CFG branch, k images per
     prompt), the output of every self-attention module (`attn1`) is replaced by its base row's (row r - k) in the
     steps `i < self_until * n`, and of every cross-attention module (`attn2`) in the steps `i < cross_until * n`
-    (n: the call's steps; one UNet call per step under batched CFG). What is not copied is what the pipeline
+    (n: the call's steps; one UNet call per step under batched CFG); in the step the fraction cuts, the output is
+    the mix `w * base + (1 - w) * own` with `w = until * n - i`. What is not copied is what the pipeline
     computes, with `control` (a `PromptToPrompt`, or None for stock) applied under the hooks. Forward hooks on the
     module instances, removed after the call."""
 
@@ -67,11 +69,13 @@ class CopyAttentionOutputs:
 
         def copy(kind):
             def hook(module, args, out):
-                if state["step"] >= until[kind]:
+                weight = min(max(until[kind] - state["step"], 0.0), 1.0)  # a step cut by the fraction: a mix
+                if weight == 0.0:
                     return out
                 out, k = out.clone(), rows_per_prompt
                 for group in range(0, out.shape[0], 2 * k):  # [base rows, edited rows] per CFG branch
-                    out[group + k : group + 2 * k] = out[group : group + k]
+                    edited = out[group + k : group + 2 * k]
+                    out[group + k : group + 2 * k] = weight * out[group : group + k] + (1 - weight) * edited if weight < 1 else out[group : group + k]
                 calls[kind] += 1
                 return out
 
@@ -93,8 +97,9 @@ def oracle_variants() -> dict[str, CopyAttentionOutputs]:
         "oracle 2: self-attn outputs from base, cross P2P replace (1, 1)": CopyAttentionOutputs(1.0, 0.0, strongest),
         "oracle 3: all attn outputs from base": CopyAttentionOutputs(1.0, 1.0),
     }
-    for t in (0.1, 0.2, 0.3, 0.5):
+    for t in (0.05, 0.1, 0.15, 0.2):  # 0.05 / 0.15: half of step 0 / step 1 (a mix)
         variants[f"oracle 4: all from base for steps < {t:g}, then self from base, cross stock"] = CopyAttentionOutputs(1.0, t)
+    variants["oracle 5: all from base for steps < 0.1, then stock"] = CopyAttentionOutputs(0.1, 0.1)
     return variants
 
 
@@ -239,6 +244,10 @@ def main() -> None:
     if not args.no_stock:
         summary("stock", run(pipe, None, seeds, args.batch))
     if args.oracle:
+        from attnctl.toy.analysis import describe
+
+        usable = sum(len(objects) == 1 and objects[0].shape is not None for objects in (describe(a) for a, _ in pairs(pipe, None, seeds, args.batch)))
+        print(f"base images with one object of a known shape (the most any edit can reach): {usable}/{len(seeds)} = {usable / len(seeds):.1%}")
         for name, oracle in oracle_variants().items():
             print(f"{name} ({oracle})")
             summary("oracle", run(pipe, oracle, seeds, args.batch))
