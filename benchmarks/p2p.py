@@ -49,14 +49,16 @@ class CopyAttentionOutputs:
     steps `i < self_until * n`, and of every cross-attention module (`attn2`) in the steps `i < cross_until * n`
     (n: the call's steps; one UNet call per step under batched CFG); in the step the fraction cuts, the output is
     the mix `w * base + (1 - w) * own` with `w = until * n - i`. What is not copied is what the pipeline
-    computes, with `control` (a `PromptToPrompt`, or None for stock) applied under the hooks. Forward hooks on the
+    computes, with `control` (a `PromptToPrompt`, or None for stock) applied under the hooks. `cross_layers`: module
+    name prefixes, to copy the cross-attention of those layers only. Forward hooks on the
     module instances, removed after the call."""
 
-    def __init__(self, self_until: float = 1.0, cross_until: float = 0.0, control=None):
-        self.self_until, self.cross_until, self.control = self_until, cross_until, control
+    def __init__(self, self_until: float = 1.0, cross_until: float = 0.0, control=None, cross_layers: tuple[str, ...] | None = None):
+        self.self_until, self.cross_until, self.control, self.cross_layers = self_until, cross_until, control, cross_layers
 
     def __repr__(self) -> str:
-        return f"CopyAttentionOutputs(self_until={self.self_until}, cross_until={self.cross_until}, control={self.control})"
+        layers = "" if self.cross_layers is None else f", cross_layers={self.cross_layers}"
+        return f"CopyAttentionOutputs(self_until={self.self_until}, cross_until={self.cross_until}{layers}, control={self.control})"
 
     def install(self, pipe, rows_per_prompt: int, steps: int):
         """Hooks on `pipe.unet`; returns their remover. `self.calls[kind]` counts the module outputs copied."""
@@ -83,7 +85,7 @@ class CopyAttentionOutputs:
 
         hooks = [pipe.unet.register_forward_pre_hook(tick)]
         hooks += [m.register_forward_hook(copy(name.rsplit(".", 1)[-1])) for name, m in pipe.unet.named_modules()
-                  if name.rsplit(".", 1)[-1] in ("attn1", "attn2")]
+                  if name.endswith(".attn1") or name.endswith(".attn2") and (self.cross_layers is None or name.startswith(self.cross_layers))]
         return lambda: [h.remove() for h in hooks]
 
 
@@ -100,6 +102,8 @@ def oracle_variants() -> dict[str, CopyAttentionOutputs]:
     for t in (0.05, 0.1, 0.15, 0.2):  # 0.05 / 0.15: half of step 0 / step 1 (a mix)
         variants[f"oracle 4: all from base for steps < {t:g}, then self from base, cross stock"] = CopyAttentionOutputs(1.0, t)
     variants["oracle 5: all from base for steps < 0.1, then stock"] = CopyAttentionOutputs(0.1, 0.1)
+    # the best of a scan of layer groups x windows on these seeds (docs/methods.md)
+    variants["oracle 6: self from base, up-block cross from base for steps < 0.1"] = CopyAttentionOutputs(1.0, 0.1, cross_layers=("up_blocks",))
     return variants
 
 

@@ -51,9 +51,13 @@ def test_copying_every_attention_output_makes_the_edit_the_base_image(bench, toy
 
 def test_the_hooks_fire_under_a_prompt_to_prompt_control_and_only_in_their_window(bench, toy):
     """Oracle 2 (self-attention outputs from base, cross-attention P2P replace at (1, 1)): the hooks still see every
-    self-attention call with the control applied; a window of 0.1 copies cross-attention at step 0 only."""
+    self-attention call with the control applied; a window of 0.1 copies cross-attention at step 0 only, and
+    `cross_layers` only in the layers named."""
     control = attnctl.PromptToPrompt("replace", cross_steps=1.0, self_steps=1.0)
     oracle = bench.CopyAttentionOutputs(self_until=1.0, cross_until=0.1, control=control)
     (base, edited), = bench.pairs(toy, oracle, [0], 1)
     assert oracle.calls == {"attn1": 70, "attn2": 7}
     assert not np.array_equal(_pixels(edited), _pixels(base))
+    layered = bench.CopyAttentionOutputs(self_until=0.0, cross_until=0.1, cross_layers=("up_blocks",))
+    bench.pairs(toy, layered, [0], 1)
+    assert layered.calls == {"attn1": 0, "attn2": 4}
