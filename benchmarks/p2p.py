@@ -11,6 +11,13 @@ makes it by copying the base rows' start latents).
 
     python benchmarks/p2p.py [--seeds 48] [--batch 8] [--cross-steps 0.8] [--self-steps 0.4] [--layers ...]
     python benchmarks/p2p.py --cost 5        # time: the edited batch against the same batch without linking
+    python benchmarks/p2p.py --oracle        # + the oracle diagnostics (`CopyAttentionOutputs`), in the same run
+
+The oracle (`--oracle`) bounds what any attention-level edit can do for this target: the edited rows' attention
+OUTPUTS are set from the base rows' (forward hooks, a diagnostic, not a control). Since the edited row starts from
+the base row's noise and the prompt enters the toy UNet only through cross-attention, copying every attention output
+at every step makes the edit the base image; the variants differ in what stays the edited prompt's. The base image
+itself must hold one object of a known shape for a seed to count, which bounds every method on the seeds.
 """
 
 from __future__ import annotations
@@ -36,8 +43,72 @@ def judge(base, edited, color: str = "blue") -> dict[str, bool]:
     return {"shape": a[0].shape == b[0].shape and a[0].shape is not None, "centroid": distance <= 0.1, "color": b[0].color == color}
 
 
+class CopyAttentionOutputs:
+    """Oracle diagnostic, not a control: in the edited rows (prompt rows k..2k-1 of every CFG branch, k images per
+    prompt), the output of every self-attention module (`attn1`) is replaced by its base row's (row r - k) in the
+    steps `i < self_until * n`, and of every cross-attention module (`attn2`) in the steps `i < cross_until * n`
+    (n: the call's steps; one UNet call per step under batched CFG); in the step the fraction cuts, the output is
+    the mix `w * base + (1 - w) * own` with `w = until * n - i`. What is not copied is what the pipeline
+    computes, with `control` (a `PromptToPrompt`, or None for stock) applied under the hooks. `cross_layers`: module
+    name prefixes, to copy the cross-attention of those layers only. Forward hooks on the
+    module instances, removed after the call."""
+
+    def __init__(self, self_until: float = 1.0, cross_until: float = 0.0, control=None, cross_layers: tuple[str, ...] | None = None):
+        self.self_until, self.cross_until, self.control, self.cross_layers = self_until, cross_until, control, cross_layers
+
+    def __repr__(self) -> str:
+        layers = "" if self.cross_layers is None else f", cross_layers={self.cross_layers}"
+        return f"CopyAttentionOutputs(self_until={self.self_until}, cross_until={self.cross_until}{layers}, control={self.control})"
+
+    def install(self, pipe, rows_per_prompt: int, steps: int):
+        """Hooks on `pipe.unet`; returns their remover. `self.calls[kind]` counts the module outputs copied."""
+        state = {"step": -1}
+        calls = self.calls = {"attn1": 0, "attn2": 0}
+        until = {"attn1": self.self_until * steps, "attn2": self.cross_until * steps}
+
+        def tick(module, args):
+            state["step"] += 1
+
+        def copy(kind):
+            def hook(module, args, out):
+                weight = min(max(until[kind] - state["step"], 0.0), 1.0)  # a step cut by the fraction: a mix
+                if weight == 0.0:
+                    return out
+                out, k = out.clone(), rows_per_prompt
+                for group in range(0, out.shape[0], 2 * k):  # [base rows, edited rows] per CFG branch
+                    edited = out[group + k : group + 2 * k]
+                    out[group + k : group + 2 * k] = weight * out[group : group + k] + (1 - weight) * edited if weight < 1 else out[group : group + k]
+                calls[kind] += 1
+                return out
+
+            return hook
+
+        hooks = [pipe.unet.register_forward_pre_hook(tick)]
+        hooks += [m.register_forward_hook(copy(name.rsplit(".", 1)[-1])) for name, m in pipe.unet.named_modules()
+                  if name.endswith(".attn1") or name.endswith(".attn2") and (self.cross_layers is None or name.startswith(self.cross_layers))]
+        return lambda: [h.remove() for h in hooks]
+
+
+def oracle_variants() -> dict[str, CopyAttentionOutputs]:
+    """The oracle variants reported with `--oracle` (docs/methods.md, "Prompt-to-Prompt editing")."""
+    import attnctl
+
+    strongest = attnctl.PromptToPrompt("replace", cross_steps=1.0, self_steps=1.0)
+    variants = {
+        "oracle 1: self-attn outputs from base, cross stock": CopyAttentionOutputs(1.0, 0.0),
+        "oracle 2: self-attn outputs from base, cross P2P replace (1, 1)": CopyAttentionOutputs(1.0, 0.0, strongest),
+        "oracle 3: all attn outputs from base": CopyAttentionOutputs(1.0, 1.0),
+    }
+    for t in (0.05, 0.1, 0.15, 0.2):  # 0.05 / 0.15: half of step 0 / step 1 (a mix)
+        variants[f"oracle 4: all from base for steps < {t:g}, then self from base, cross stock"] = CopyAttentionOutputs(1.0, t)
+    variants["oracle 5: all from base for steps < 0.1, then stock"] = CopyAttentionOutputs(0.1, 0.1)
+    # the best of a scan of layer groups x windows on these seeds (docs/methods.md)
+    variants["oracle 6: self from base, up-block cross from base for steps < 0.1"] = CopyAttentionOutputs(1.0, 0.1, cross_layers=("up_blocks",))
+    return variants
+
+
 def pairs(pipe, control, seeds: list[int], batch: int) -> list[tuple]:
-    """(base image, edited image) per seed."""
+    """(base image, edited image) per seed; `control` a `PromptToPrompt`, a `CopyAttentionOutputs` or None (stock)."""
     import attnctl
     from attnctl.toy import CALL_DEFAULTS
 
@@ -47,11 +118,18 @@ def pairs(pipe, control, seeds: list[int], batch: int) -> list[tuple]:
         # base rows, then edited rows: one generator object per row, the same seeds for both prompts
         generators = [torch.Generator().manual_seed(s) for s in chunk] + [torch.Generator().manual_seed(s) for s in chunk]
         kwargs = dict(CALL_DEFAULTS, num_images_per_prompt=len(chunk), generator=generators)
-        if control is None:
-            images = pipe([BASE, EDIT], **kwargs).images
-        else:
-            with attnctl.apply(pipe, [control]):
+        remove, applied = (lambda: None), control
+        if isinstance(control, CopyAttentionOutputs):
+            remove = control.install(pipe, len(chunk), CALL_DEFAULTS["num_inference_steps"])
+            applied = control.control
+        try:
+            if applied is None:
                 images = pipe([BASE, EDIT], **kwargs).images
+            else:
+                with attnctl.apply(pipe, [applied]):
+                    images = pipe([BASE, EDIT], **kwargs).images
+        finally:
+            remove()
         out.extend((images[i], images[len(chunk) + i]) for i in range(len(chunk)))
     return out
 
@@ -149,6 +227,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", default=None)
     parser.add_argument("--no-stock", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds (CI)")
+    parser.add_argument("--oracle", action="store_true", help="also run the oracle diagnostics (CopyAttentionOutputs)")
     parser.add_argument("--cost", type=int, default=0, metavar="REPEATS", help="time the edited batch against no control instead")
     args = parser.parse_args()
     if args.cost:
@@ -168,6 +247,14 @@ def main() -> None:
     print(f"   ({time.perf_counter() - start:.0f} s)")
     if not args.no_stock:
         summary("stock", run(pipe, None, seeds, args.batch))
+    if args.oracle:
+        from attnctl.toy.analysis import describe
+
+        usable = sum(len(objects) == 1 and objects[0].shape is not None for objects in (describe(a) for a, _ in pairs(pipe, None, seeds, args.batch)))
+        print(f"base images with one object of a known shape (the most any edit can reach): {usable}/{len(seeds)} = {usable / len(seeds):.1%}")
+        for name, oracle in oracle_variants().items():
+            print(f"{name} ({oracle})")
+            summary("oracle", run(pipe, oracle, seeds, args.batch))
 
 
 if __name__ == "__main__":
