@@ -583,7 +583,8 @@ class AppendedKeysHook(LayerHook):
         target_index = index(targets, q.device)
         own = appended_attention(call, q, k, v, spec, target_index,
                                  [index(tuple(s[j] for s in sources), q.device) for j in range(len(sources[0]))],
-                                 plan.bias, gather=plan.gather, labels=plan.label_mask(k.shape[2], call.geometry, call.layer.text))
+                                 plan.bias, gather=plan.gather, labels=plan.label_mask(k.shape[2], call.geometry, call.layer.text),
+                                 key_bias_cache=plan.key_biases)
         chosen = set(targets)
         rest = tuple(i for i in range(batch) if i not in chosen)
         if not rest:
@@ -606,6 +607,7 @@ class _Plan:
     k_labels: list[torch.Tensor] | None  # own image keys (targets, image tokens), then per source slot (targets, n appended)
     table: torch.Tensor | None  # (1, S + 1, S + 1): 0, -inf between two different subjects
     _masks: dict = field(default_factory=dict)
+    key_biases: dict = field(default_factory=dict)  # `appended_attention`'s joined key bias, per key count and dtype
 
     def label_mask(self, n_own: int, geometry: Any, text: str) -> LabelMask | None:
         """The isolation mask over [own keys; appended keys] for `n_own` own keys, made once per plan and key count
@@ -650,11 +652,12 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
 
 def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor, sources: list[torch.Tensor],
                        bias: torch.Tensor | list[torch.Tensor], *, gather: torch.Tensor | None = None,
-                       labels: LabelMask | None = None) -> torch.Tensor:
+                       labels: LabelMask | None = None, key_bias_cache: dict | None = None) -> torch.Tensor:
     """(m, H, Nq, D): rows `targets`; image queries over [own keys; each source's image keys (+ bias)], text queries
     (joint layers) over their own keys. `bias`: one (n,) tensor for every source, or per source a (m, n) tensor;
     `gather`: the source image tokens appended (default all); `labels`: a label mask over the image queries and
-    [own keys; appended keys] (isolation)."""
+    [own keys; appended keys] (isolation). `key_bias_cache`: the caller's store for the joined key bias, which is
+    constant while `bias` is (so it is built once, not at every attention call; not used while compiling)."""
     batch = q.shape[0]
     geometry = call.geometry
     text = call.layer.text
@@ -676,9 +679,15 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
     keys = [kt] + [appended(k, s) for s in sources]
     values = [vt] + [appended(v, s) for s in sources]
     n_own = kt.shape[2]
-    biases = [bias[None, :].expand(m, -1) for _ in sources] if isinstance(bias, torch.Tensor) else bias
-    n_app = sum(b.shape[-1] for b in biases)
-    key_bias = torch.cat([biases[0].new_zeros(m, n_own)] + list(biases), dim=-1)
+    cache = None if key_bias_cache is None or torch.compiler.is_compiling() else key_bias_cache
+    cache_key = (m, n_own, q.dtype, q.device)
+    key_bias = None if cache is None else cache.get(cache_key)
+    if key_bias is None:
+        biases = [bias[None, :].expand(m, -1) for _ in sources] if isinstance(bias, torch.Tensor) else bias
+        key_bias = torch.cat([biases[0].new_zeros(m, n_own)] + list(biases), dim=-1).to(q.dtype)
+        if cache is not None:
+            cache[cache_key] = key_bias
+    n_app = key_bias.shape[-1] - n_own
     attn_mask = None
     if mask_t is not None:
         own_mask = as_additive(mask_t, torch.float32)
@@ -686,7 +695,7 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
             own_mask = own_mask[..., image_q, :]
         attn_mask = torch.cat([own_mask, own_mask.new_zeros(own_mask.shape[:-1] + (n_app,))], dim=-1)
     out_image = backend_op(call, qt[:, :, image_q], torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                           AttentionSpec(scale=spec.scale, attn_mask=attn_mask, key_bias=key_bias.to(q.dtype), labels=labels))[0]
+                           AttentionSpec(scale=spec.scale, attn_mask=attn_mask, key_bias=key_bias, labels=labels))[0]
     if text == "none":
         return out_image
     txt = geometry.text_slice

@@ -203,6 +203,7 @@ class ReferenceHook(LayerHook):
         self.bound = bound
         self.links = links
         self.bias = self.region = None
+        self.key_biases: dict = {}  # `appended_attention`'s joined key bias (constant with `self.bias`)
         if geometry is not None:  # the edit's constants (`LinkedKeysBound.edit`)
             self.bias = bound.source_bias(geometry, device, torch.float32)
             if bound.control.region is not None:
@@ -217,7 +218,8 @@ class ReferenceHook(LayerHook):
         target_index = index(targets, q.device)
         source_index = index(tuple(s[0] for s in sources), q.device)
         bias = on_device(self.bias, q.device, lambda device: self.bound.source_bias(call.geometry, device, torch.float32))
-        own = appended_attention(call, q, k, v, spec, target_index, [source_index], bias)
+        own = appended_attention(call, q, k, v, spec, target_index, [source_index], bias,
+                                 key_bias_cache=self.key_biases if bias is self.bias else None)
         rows = tuple(range(batch)) if self.bound.control.region is not None else tuple(i for i in range(batch) if i not in set(targets))
         kept = index(rows, q.device)
         with restricted_rows(call, rows):
