@@ -83,6 +83,45 @@ def test_attend_excite_loss_matches_the_paper_code():
     torch.testing.assert_close(ours[0], _paper_excite_loss(probabilities, [3, 7]))
 
 
+def _boxdiff_reference(image: torch.Tensor, box: tuple[int, int, int, int], P: float = 0.8, L: int = 1) -> torch.Tensor:
+    """BoxDiff (Xie et al. 2023) for one word's (h, w) map and its box in map cells (x1, y1, x2, y2), x2 / y2
+    exclusive, written from the paper's three constraints and its code's choices (top floor(P * count) values; the
+    corner L1 kept within L cells of the box corners' coordinates, averaged over the axis)."""
+    x1, y1, x2, y2 = box
+    inside = torch.zeros_like(image)
+    inside[y1:y2, x1:x2] = 1
+    outside = 1 - inside
+    inner = (image * inside).reshape(-1).topk(int(inside.sum() * P))[0].mean()
+    outer = (image * outside).reshape(-1).topk(int(outside.sum() * P))[0].mean()
+    proj_x, proj_y = inside.max(dim=0)[0], inside.max(dim=1)[0]
+    near_x, near_y = torch.zeros_like(proj_x), torch.zeros_like(proj_y)
+    for edge in (x1, x2):
+        near_x[max(edge - L, 0) : min(edge + L + 1, len(near_x))] = 1
+    for edge in (y1, y2):
+        near_y[max(edge - L, 0) : min(edge + L + 1, len(near_y))] = 1
+    corner_x = ((image.max(dim=0)[0] - proj_x).abs() * near_x).mean()
+    corner_y = ((image.max(dim=1)[0] - proj_y).abs() * near_y).mean()
+    return torch.clamp(1 - inner, min=0) + torch.clamp(outer, min=0) + corner_x + corner_y
+
+
+def test_boxdiff_loss_matches_the_paper_definition():
+    torch.manual_seed(2)
+    subject_maps = torch.rand(2, 2, 8, 10)
+    cells = [(0, 0, 5, 8), (3, 2, 9, 6)]  # (x1, y1, x2, y2) in cells of the 8 x 10 map
+    boxes = torch.zeros(2, 8, 10)
+    for s, (x1, y1, x2, y2) in enumerate(cells):
+        boxes[s, y1:y2, x1:x2] = 1
+    expected = torch.stack([sum(_boxdiff_reference(subject_maps[n, s], cells[s]) for s in range(2)) for n in range(2)])
+    ours = losses.boxdiff_loss(subject_maps, boxes, ("inner", "outer", "corner"))
+    torch.testing.assert_close(ours, expected)
+    wider = torch.stack([sum(_boxdiff_reference(subject_maps[n, s], cells[s], P=0.5, L=2) for s in range(2)) for n in range(2)])
+    torch.testing.assert_close(losses.boxdiff_loss(subject_maps, boxes, ("inner", "outer", "corner"), 0.5, corner_width=2), wider)
+    # the bands a control makes once are the ones the loss would make
+    bands = (losses.edge_bands(boxes.amax(dim=1), 1), losses.edge_bands(boxes.amax(dim=2), 1))
+    torch.testing.assert_close(losses.boxdiff_loss(subject_maps, boxes, ("corner",), bands=bands),
+                               losses.boxdiff_loss(subject_maps, boxes, ("corner",)))
+
+
 # -- the gradient step through the model -------------------------------------------------------------------------
 class _Recording(AttnProcessor):
     """diffusers' eager AttnProcessor (explicit softmax); records the probabilities of cross-attention calls."""
@@ -160,6 +199,41 @@ def test_attend_excite_gradient_step_matches_autograd_through_full_attention(tin
     torch.testing.assert_close(updated[:1], expected, rtol=1e-4, atol=1e-5)  # the uncond row shares the latent
 
 
+def test_boxdiff_loss_of_a_call_matches_the_reference_on_materialised_maps(tiny_cache):
+    """The BoxDiff loss BoxGuidance records at step 0 equals the paper's, computed from the stock UNet's materialised
+    cross-attention maps (Attend-and-Excite's renormalisation and smoothing, then the three constraints)."""
+    pipe = tiny_cache("tiny-sd")
+    control = attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("inner", "outer", "corner"), iterations=1,
+                                  steps=(0.0, 0.5), layers="cross")
+    with attnctl.apply(pipe, [control]) as handle:
+        seen, hook = _capture_inputs(pipe.unet)
+        try:
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+        finally:
+            hook.remove()
+        recorded = dict(handle.runtime.last_call.bound[0].losses)[0][0]
+    loss_pass = seen[0]
+    store: list = []
+    saved = pipe.unet.attn_processors
+    pipe.unet.set_attn_processor(_Recording(store))
+    try:
+        with torch.no_grad():
+            pipe.unet(loss_pass["sample"], loss_pass["timestep"], encoder_hidden_states=loss_pass["encoder_hidden_states"])
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    grid = int(math.isqrt(store[0].shape[1]))
+    maps = []
+    for probs in store:
+        side = int(math.isqrt(probs.shape[1]))
+        maps.append(F.interpolate(probs.mean(0).T.reshape(1, -1, side, side), size=(grid, grid), mode="bilinear", align_corners=False)[0])
+    probabilities = torch.stack(maps).mean(0).permute(1, 2, 0)  # (h, w, T)
+    position = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
+    text = torch.softmax(probabilities[:, :, 1:-1] * 100, dim=-1)[:, :, position - 1]
+    smoothed = F.conv2d(F.pad(text[None, None], (1, 1, 1, 1), mode="reflect"), _paper_kernel(3, 0.5)[None, None])[0, 0]
+    expected = _boxdiff_reference(smoothed, (0, 0, grid // 2, grid))
+    assert recorded == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
 # -- identities ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [
     lambda: attnctl.AttendExcite(subjects=["cat"], scale=0.0),
@@ -194,7 +268,8 @@ def test_runs_on_joint_attention_and_pixart(tiny_cache, name):
     pipe = tiny_cache(name)
     stock = generate(pipe, name, prompt=PROMPT, steps=2)
     for control in (attnctl.AttendExcite(subjects=["cat"], refine=()), attnctl.AStar(subjects=["photo", "cat"]),
-                    attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)})):
+                    attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}),
+                    attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("inner", "outer", "corner"))):
         with attnctl.apply(pipe, [control]) as handle:
             out = generate(pipe, name, prompt=PROMPT, steps=2)
             assert handle.runtime.last_call.bound[0].losses, type(control).__name__

@@ -339,8 +339,11 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
 
     `boxes`: `{word: (x0, y0, x1, y1)}` in relative image coordinates (x right, y down), as `Region` boxes.
     `constraints`: `("ratio",)` (Chen et al., default) and / or BoxDiff's `"inner"`, `"outer"`, `"corner"` (Xie et al.
-    2023), whose top-k means use the top `topk` fraction. With `Regions`: `BoxGuidance.from_regions(regions, words)`
-    gives each word its region's box.
+    2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained Diffusion"). BoxDiff's constraints read
+    Attend-and-Excite's maps (`columns`, `temperature`, `kernel_size`, `sigma` as in `AttendExcite`); their top-k means
+    take the top `topk` fraction, and the corner constraint the cells within `corner_width` of the box edges
+    (BoxDiff's P = 0.8 and L = 1). With `Regions`: `BoxGuidance.from_regions(regions, words)` gives each word its
+    region's box.
     """
 
     boxes: Any
@@ -350,6 +353,11 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     loss_threshold: float = 0.2
     constraints: tuple[str, ...] = ("ratio",)
     topk: float = 0.8
+    corner_width: int = 1
+    columns: str = "all"
+    temperature: float = 100.0
+    kernel_size: int = 3
+    sigma: float = 0.5
     layers: LayerSpec = None
 
     def __post_init__(self) -> None:
@@ -364,6 +372,10 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
             choice(name, "BoxGuidance.constraints", BOX_CONSTRAINTS)
         set_field(self, "constraints", tuple(dict.fromkeys(constraints)))
         set_field(self, "topk", number(self.topk, "BoxGuidance.topk", minimum=0.0, maximum=1.0, exclusive_minimum=True))
+        integer(self.corner_width, "BoxGuidance.corner_width", minimum=0)
+        choice(self.columns, "BoxGuidance.columns", COLUMNS)
+        set_field(self, "temperature", number(self.temperature, "BoxGuidance.temperature", minimum=0.0, exclusive_minimum=True))
+        _smoothing(self)
 
     @staticmethod
     def from_regions(regions: Any, words: Any, **fields: Any) -> BoxGuidance:
@@ -387,26 +399,33 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
 class BoxGuidanceBound(LatentOptimizerBound):
     def __init__(self, control: BoxGuidance, context: BindContext):
         words = tuple(word for word, _ in control.boxes)
-        per_row = word_columns(context, words, "BoxGuidance")
-        columns = tuple(sorted({p for per_word in per_row for positions in per_word for p in positions}))
-        where = {p: i for i, p in enumerate(columns)}
-        selector = torch.zeros(context.prompt_rows, len(words), len(columns))
-        for row, per_word in enumerate(per_row):
-            for s, positions in enumerate(per_word):
-                for p in positions:
-                    selector[row, s, where[p]] = 1.0
+        self.boxdiff = tuple(name for name in control.constraints if name != "ratio")
+        if self.boxdiff:  # Attend-and-Excite's columns: BoxDiff renormalises over the text tokens
+            columns, selector = _renormalised_columns(context, words, "BoxGuidance", control.columns)
+        else:  # the ratio loss reads the words' own columns only
+            per_row = word_columns(context, words, "BoxGuidance")
+            columns = tuple(sorted({p for per_word in per_row for positions in per_word for p in positions}))
+            where = {p: i for i, p in enumerate(columns)}
+            selector = torch.zeros(context.prompt_rows, len(words), len(columns))
+            for row, per_word in enumerate(per_row):
+                for s, positions in enumerate(per_word):
+                    for p in positions:
+                        selector[row, s, where[p]] = 1.0
         super().__init__(control, context, columns, selector)
-        self.masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float().to(context.device)
+        masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float()
+        inside = (masks >= 0.5).float()
+        bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
+        self.masks = masks.to(context.device)
+        self.bands = tuple(band.to(context.device) for band in bands)
 
     def _loss(self, maps: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
         c = self.control
-        words = losses.word_maps(maps, selector)
-        total = words.new_zeros(words.shape[0])
+        total = maps.new_zeros(maps.shape[0])
         if "ratio" in c.constraints:
-            total = total + losses.box_ratio_loss(words, self.masks)
-        rest = tuple(name for name in c.constraints if name != "ratio")
-        if rest:
-            total = total + losses.boxdiff_loss(words, self.masks, rest, c.topk)
+            total = total + losses.box_ratio_loss(losses.word_maps(maps, selector), self.masks)
+        if self.boxdiff:
+            subjects = losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma)
+            total = total + losses.boxdiff_loss(subjects, self.masks, self.boxdiff, c.topk, c.corner_width, self.bands)
         return total
 
     def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):

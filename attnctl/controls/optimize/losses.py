@@ -8,8 +8,6 @@ image, shape (n,), differentiable in `maps`. Definitions: docs/methods.md, "Late
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -99,33 +97,59 @@ def box_ratio_loss(words: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _topk_mean(values: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the top `fraction` of `values` (n, S, P) among the positions where `weight` (S, P) > 0.5."""
+    """Mean of the top `fraction` of `values` (n, S, P) among the positions where `weight` (S, P) > 0.5: the top
+    `floor(fraction * count)` of them (at least one), as BoxDiff's code takes them; 0 where a word has no such
+    position."""
     out = []
     for s in range(values.shape[1]):
         chosen = values[:, s, weight[s] > 0.5]
         if chosen.shape[1] == 0:
             out.append(values.new_zeros(values.shape[0]))
             continue
-        k = max(1, math.ceil(fraction * chosen.shape[1]))
+        k = max(1, int(fraction * chosen.shape[1]))
         out.append(chosen.topk(k, dim=1).values.mean(dim=1))
     return torch.stack(out, dim=1)
 
 
-def boxdiff_loss(words: torch.Tensor, boxes: torch.Tensor, constraints: tuple[str, ...], fraction: float = 0.8) -> torch.Tensor:
+def edge_bands(inside: torch.Tensor, width: int) -> torch.Tensor:
+    """(S, L) float: 1 within `width` cells of each word's box edges on one axis, else 0. `inside` (S, L) is the
+    box's indicator on that axis; its edges are the first cell inside and the first cell past the last one (the
+    indices of BoxDiff's box corners), each widened by `width` on both sides and clipped to the axis."""
+    bands = torch.zeros_like(inside)
+    length = inside.shape[1]
+    for s in range(inside.shape[0]):
+        cells = torch.nonzero(inside[s] > 0.5).flatten().tolist()
+        if not cells:
+            continue
+        for edge in (cells[0], cells[-1] + 1):
+            bands[s, max(edge - width, 0) : min(edge + width + 1, length)] = 1.0
+    return bands
+
+
+def boxdiff_loss(subject_maps: torch.Tensor, boxes: torch.Tensor, constraints: tuple[str, ...], fraction: float = 0.8,
+                 corner_width: int = 1, bands: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """BoxDiff's constraints (Xie et al. 2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained
-    Diffusion"), on each word's map scaled to maximum 1: `inner` = 1 - mean of the top `fraction` inside the box,
-    `outer` = mean of the top `fraction` outside it, `corner` = mean |projection - box indicator| of the map's
-    maximum over rows (onto x) and over columns (onto y); summed over the constraints and words; per image (n,)."""
-    unit = _unit(words)
-    flat = unit.flatten(2)
-    hard = (boxes >= 0.5).to(unit.dtype)
-    total = unit.new_zeros(unit.shape[0], unit.shape[1])
+    Diffusion", ICCV), on Attend-and-Excite's subject maps (`excite_maps`: renormalised over the text tokens,
+    smoothed) and each word's box `boxes` (S, h, w) (a cell is inside where at least half of it is):
+
+    - `inner`: `max(0, 1 - mean of the top fraction of the map inside the box)`;
+    - `outer`: the mean of the top fraction of the map outside the box;
+    - `corner`: the map's maximum over rows (its projection onto x) against the box's projection, absolute
+      differences kept within `corner_width` cells of the box's left and right edges and averaged over the whole
+      axis; the same on y.
+
+    Summed over the constraints and words; per image (n,). `bands`: `edge_bands` of the boxes on x and y, when the
+    caller made them once (they are constant for a control)."""
+    flat = subject_maps.flatten(2)
+    hard = (boxes >= 0.5).to(subject_maps.dtype)
+    total = subject_maps.new_zeros(subject_maps.shape[0], subject_maps.shape[1])
     if "inner" in constraints:
-        total = total + 1.0 - _topk_mean(flat, hard.flatten(1), fraction)
+        total = total + (1.0 - _topk_mean(flat, hard.flatten(1), fraction)).clamp(min=0.0)
     if "outer" in constraints:
         total = total + _topk_mean(flat, 1.0 - hard.flatten(1), fraction)
     if "corner" in constraints:
-        on_x = hard.amax(dim=1)  # (S, w)
-        on_y = hard.amax(dim=2)  # (S, h)
-        total = total + (unit.amax(dim=2) - on_x).abs().mean(-1) + (unit.amax(dim=3) - on_y).abs().mean(-1)
+        on_x, on_y = hard.amax(dim=1), hard.amax(dim=2)  # (S, w), (S, h)
+        band_x, band_y = bands if bands is not None else (edge_bands(on_x, corner_width), edge_bands(on_y, corner_width))
+        total = total + ((subject_maps.amax(dim=2) - on_x).abs() * band_x).mean(-1)
+        total = total + ((subject_maps.amax(dim=3) - on_y).abs() * band_y).mean(-1)
     return total.sum(dim=1)
