@@ -102,6 +102,11 @@ class Control:
         """The backend features this control needs on `layers` (from its declared effects)."""
         return effect_features(tuple(effect for layer in layers for effect in self.layer_effects(adapter, layer)))
 
+    def reuses_calls(self, adapter: ModelAdapter) -> bool:
+        """Whether the control may ask that a separate uncond denoiser call return its step's cond prediction without
+        running (`RowPlan.reuse_cond`); `apply` then installs the hook that can skip the denoiser's forward."""
+        return False
+
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
         """Why the control cannot run in a torch.compile'd denoiser of this family, or None when it is verified to
         (no graph break in the processors, one compilation per control set and shapes: tests/test_compose_compile.py)."""

@@ -183,6 +183,9 @@ class RowPlan:
     perturbations: tuple[Perturbation, ...] = ()
     second: tuple[SecondPass, ...] = ()
     select: RowSelect | None = None
+    #: A separate uncond call (families that run CFG as separate calls) whose prediction is the one its step's cond
+    #: call returned: its forward does not run (TGATE after its gate, where the two calls would compute the same).
+    reuse_cond: bool = False
 
 
 @dataclass

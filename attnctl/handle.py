@@ -293,7 +293,10 @@ class Handle:
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
         experts = self.denoisers()
-        self._hooks = DenoiserHooks(runtime, denoiser, self._processors, tuple(m for m in experts.values() if m is not denoiser))
+        reuse_calls = any(control.reuses_calls(self.adapter) for control in self.controls)
+        self._hooks = DenoiserHooks(
+            runtime, denoiser, self._processors, tuple(m for m in experts.values() if m is not denoiser), reuse_calls=reuse_calls
+        )
         self._snapshots = [Snapshot.take(m, self.adapter.modules if m is denoiser else {}) for m in experts.values()]
         if callable(getattr(pipe, "check_inputs", None)):
             self._wrapped.append(wrap_method(pipe, "check_inputs", self._make_call_start))

@@ -403,6 +403,8 @@ def variants(
                                                        a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))], base_ratio=0.2)])
         for name in ("regions+isolate", "rw+regions(iso)+pag"):
             found.pop(name)  # isolation would label the self-attention of 14040 tokens densely: measured elsewhere
+        found["stock-nocfg"] = Variant(None, {"guidance_scale": 1.0})  # T_nocfg of the TGate bound
+        found[f"tgate(g={gate}/{steps})"] = Variant(lambda: [a.TGate(gate_step=gate)])  # after the gate one call a step
     if family == "unet":
         found.update({
             "stock-nocfg": Variant(None, {"guidance_scale": 1.0}),  # T_nocfg of the TGate bound

@@ -222,3 +222,141 @@ def test_report_counts_flops_of_the_dropped_rows(tiny_cache):
         assert after.full_flops == before.full_flops
         assert after.flops == (0.0 if layer.kind == "cross" else before.flops / 2)
     assert "cached" in report.table() and report.summary().startswith("tgate")
+
+
+# -- families whose pipelines run CFG as separate calls (Wan) -----------------------------------------------------
+def _wan():
+    from attnctl.testing import make_tiny_pipeline
+    from attnctl.testing.new_families import NEW_CALL_DEFAULTS, available
+
+    if not available("tiny-wan"):
+        pytest.skip("tiny-wan needs diffusers >= 0.42 with WanPipeline")
+    return make_tiny_pipeline("tiny-wan"), NEW_CALL_DEFAULTS["tiny-wan"]
+
+
+def _wan_frames(pipe, options, steps, guidance):
+    return pipe("a photo of a cat", num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                generator=torch.Generator().manual_seed(0), **options).frames
+
+
+def _wan_reference(pipe, options, gate, steps, guidance):
+    """TGATE written from its definition over Wan's two calls per step (cond, then uncond): at step gate-1 every
+    cross-attention layer keeps the mean of its cond and uncond outputs; from step `gate` on it returns that mean, and
+    the uncond call's prediction is the cond call's (CFG dropped). Stock processors, forward hooks only."""
+    calls = [0]
+    cfg = guidance > 1
+    means: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+    cond_out = {}
+
+    def where():
+        per_step = 2 if cfg else 1
+        return calls[0] // per_step, ("cond", "uncond")[calls[0] % per_step]
+
+    def cross_hook(name):
+        def hook(module, args, out):
+            step, branch = where()
+            if step == gate - 1:
+                if branch == "cond":
+                    kept[name] = out
+                    means[name] = out
+                else:
+                    means[name] = (kept[name] + out) / 2
+            elif step >= gate:
+                return means[name]
+        return hook
+
+    def model_hook(module, args, kwargs, out):
+        step, branch = where()
+        calls[0] += 1
+        if step >= gate and branch == "uncond":
+            return cond_out["last"]
+        cond_out["last"] = out
+
+    handles = [block.attn2.register_forward_hook(cross_hook(f"blocks.{i}")) for i, block in enumerate(pipe.transformer.blocks)]
+    handles.append(pipe.transformer.register_forward_hook(model_hook, with_kwargs=True))
+    try:
+        return _wan_frames(pipe, options, steps, guidance)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0], ids=["cfg", "nocfg"])
+def test_wan_separate_cfg_calls_match_the_reference(guidance):
+    pipe, options = _wan()
+    steps, gate = 4, 2
+    expected = _wan_reference(pipe, options, gate, steps, guidance)
+    stock = _wan_frames(pipe, options, steps, guidance)
+    ran = []
+    hook = pipe.transformer.blocks[0].register_forward_hook(lambda module, args, out: ran.append(1))
+    try:
+        with attnctl.apply(pipe, [attnctl.TGate(gate_step=gate)]) as handle:
+            got = _wan_frames(pipe, options, steps, guidance)
+            report = handle.outputs["tgate"]
+    finally:
+        hook.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, stock)
+    calls_per_step = 2 if guidance > 1 else 1
+    assert len(ran) == calls_per_step * gate + (steps - gate)  # after the gate the uncond call does not run
+    layers = [layer.name for layer in handle.adapter.layers]
+    for step in range(gate, steps):
+        for name in layers:
+            entry = report.entries[(step, name)]
+            assert ("skipped" in entry.ran) == (guidance > 1)
+            assert entry.flops <= entry.full_flops / calls_per_step
+    assert report.hits > 0
+    assert "forward" not in pipe.transformer.__dict__ and not pipe.transformer._diffusers_hook.get_hook("attnctl_reuse_cond_call")
+    torch.testing.assert_close(_wan_frames(pipe, options, steps, guidance), stock, rtol=0, atol=0)
+
+
+def test_wan_gate_at_or_beyond_the_steps_is_bitwise_stock():
+    pipe, options = _wan()
+    stock = _wan_frames(pipe, options, 3, 5.0)
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=3)]):
+        assert torch.equal(_wan_frames(pipe, options, 3, 5.0), stock)
+
+
+def test_wan_uncond_call_without_its_cond_call_raises():
+    """The skip needs the step's cond call first (Wan's order): without it, a clear error, and remove() still restores."""
+    from attnctl.errors import CallLayoutError
+
+    pipe, options = _wan()
+    stock = _wan_frames(pipe, options, 2, 5.0)
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=1)]) as handle:
+
+        def forget(module, args, out):  # runs after attnctl's forward hook: as if no cond call had been seen
+            handle._hooks._cond_output = None
+
+        hook = pipe.transformer.register_forward_hook(forget)
+        try:
+            with pytest.raises(CallLayoutError, match="no cond call came before"):
+                _wan_frames(pipe, options, 2, 5.0)
+        finally:
+            hook.remove()
+    assert "forward" not in pipe.transformer.__dict__
+    assert torch.equal(_wan_frames(pipe, options, 2, 5.0), stock)
+
+
+def test_wan_tgate_with_pag_keeps_the_guidance_in_the_one_prediction():
+    """With PAG, the cond call after the gate returns cond + D (PAG's term); the uncond call returns that, so the
+    pipeline's CFG gives cond + D, as batched TGATE gives its selected row's prediction plus D."""
+    pipe, options = _wan()
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2)]):
+        alone = _wan_frames(pipe, options, 4, 5.0)
+    seen = []
+
+    def record(module, args, kwargs, out):
+        seen.append(out[0].clone() if isinstance(out, tuple) else out.sample.clone())
+
+    hook = pipe.transformer.register_forward_hook(record, with_kwargs=True)  # after attnctl's hook: what the pipeline gets
+    try:
+        with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), attnctl.PAG(scale=2.0)]):
+            both = _wan_frames(pipe, options, 4, 5.0)
+    finally:
+        hook.remove()
+    assert torch.isfinite(both).all() and not torch.allclose(both, alone)
+    assert len(seen) == 8  # two calls a step (PAG's row rides in the cond call's batch); the reused one too
+    after_gate = seen[4:]
+    assert torch.equal(after_gate[0], after_gate[1]) and torch.equal(after_gate[2], after_gate[3])

@@ -15,6 +15,13 @@ Zhang, Liu et al. 2024, "Cross-Attention Makes Inference Cumbersome in Text-to-I
 Without CFG (guidance_scale <= 1) there is nothing to drop: the cross-attention outputs of step `g-1` are stored
 and reused after it (and the self-attention reuse as configured). TGATE needs cross-attention: on joint-attention
 models (SD3, Flux) it raises; `FastAttn` is the method for those.
+
+Families whose pipelines run CFG as two denoiser calls per step (Wan: cond, then uncond) get the same semantics
+across the calls: at `g-1` the cond call stores its cross-attention outputs and the uncond call folds its own into
+the mean; from `g` on the cond call's cross-attention layers return the mean and the uncond call does not run: it
+returns the cond call's prediction (`RowPlan.reuse_cond`), so the pipeline's CFG gives that prediction back
+unchanged. The text enters Wan's denoiser only through cross-attention, so after the gate the two calls would
+compute the same thing: the one run is TGATE's single null-text row.
 """
 
 from __future__ import annotations
@@ -123,13 +130,7 @@ class TGate(Control, type_name="tgate"):
             raise UnsupportedError(
                 f"attnctl: TGate caches cross-attention, which {adapter.family} does not have (its text and image "
                 "tokens share joint attention layers); TGate supports families with cross-attention (SD / SDXL, "
-                "PixArt). Use attnctl.FastAttn for joint-attention models."
-            )
-        if adapter.cfg_calls != "batched":
-            raise UnsupportedError(
-                f"attnctl: TGate averages the uncond and cond rows' cross-attention and drops CFG inside one batched "
-                f"denoiser call, and the {adapter.family} family's pipelines run cond and uncond as separate calls; "
-                "TGate supports batched-CFG families (SD / SDXL, PixArt)"
+                "PixArt, Wan). Use attnctl.FastAttn for joint-attention models."
             )
         if self.layers is not None:
             kinds = {layer.kind for layer in self.select(adapter)}
@@ -138,6 +139,10 @@ class TGate(Control, type_name="tgate"):
                     "TGate.layers selects self-attention layers, but self-attention reuse is off (sp_interval and "
                     "fi_interval are None); select cross-attention layers, or set an interval"
                 )
+
+    def reuses_calls(self, adapter: ModelAdapter) -> bool:
+        """After the gate a separate uncond call (Wan) returns the cond call's prediction without running."""
+        return adapter.cfg_calls == "separate"
 
     def bind(self, context: BindContext) -> Bound:
         return TGateBound(self, context)
@@ -161,10 +166,21 @@ class TGateBound(Bound):
     # -- rows -----------------------------------------------------------------------------------------------------
     def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         rows = frame.rows
-        if frame.step.index < self.tgate.gate_step or not rows.indices("uncond", None) or not rows.indices("cond", None):
+        if frame.step.index < self.tgate.gate_step:
+            return None
+        uncond = rows.indices("uncond", None)
+        if uncond and len(uncond) == len(rows) and frame.extra_pass is None:  # a separate uncond call: not run
+            self._record_skipped(frame)
+            return RowPlan(reuse_cond=True)
+        if not uncond or not rows.indices("cond", None):
             return None
         self._dropped = (frame.number, len(rows.indices("uncond", None)))
         return RowPlan(select=RowSelect("uncond", label="cond"))
+
+    def _record_skipped(self, frame: DenoiserCall) -> None:
+        rows, step = len(frame.rows), frame.step.index
+        for layer in self.accountant.adapter.layers:
+            self.report.record(step, layer.name, "skipped", 0.0, self.accountant.full(layer, frame, rows))
 
     # -- layers ---------------------------------------------------------------------------------------------------
     def action(self, layer: LayerInfo, step: int) -> Action:
@@ -199,11 +215,18 @@ class TGateBound(Bound):
         cache.store(call.rows, result, row_keys(call.rows, pass_index))
 
     def store_mean(self, layer: LayerInfo, call: AttentionCall, result: Any) -> None:
-        """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG)."""
+        """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG). A separate uncond
+        call (Wan) folds its outputs into the cond call's, stored just before at the same step."""
         rows = call.rows
         cond = rows.indices("cond", None)
-        if not cond:  # a forward of perturbed copies only (separate guidance rows): the mean is not theirs
-            return
+        if not cond:
+            uncond = rows.indices("uncond", None)
+            if uncond and len(uncond) == len(rows) and self.mean_mode.get(layer.index):
+                cache = self.caches[layer.index]
+                stored = cache.load(rows, ["mean"] * len(rows))
+                if stored is not None:
+                    cache.store_by_prompt("mean", tuple(row.prompt for row in rows.rows), (stored + result) / 2)
+            return  # otherwise a forward of perturbed copies only (separate guidance rows): the mean is not theirs
         uncond = {rows.rows[i].prompt: i for i in rows.indices("uncond", None)}
         prompts = tuple(rows.rows[i].prompt for i in cond)
         value = take_rows(result, cond, self.index)

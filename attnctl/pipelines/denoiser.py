@@ -104,7 +104,7 @@ class _Pending:
     inputs: dict[str, Any]
     batch: int
     plan: RowPlan | None = None
-    mode: str = "plain"  # "plain", "terms" (separate uncond / skip-layer pass: add its step's D), "guided"
+    mode: str = "plain"  # "plain", "terms" (separate uncond / skip-layer pass: add its step's D), "guided", "reused"
     batched: tuple[Any, ...] = ()
     outer: DenoiserCall | None = None  # the pipeline's frame when a control selected rows
     restore: Callable[[], None] | None = None  # puts back diffusers' cache context (keyed_cache_context)
@@ -132,7 +132,8 @@ class DenoiserHooks:
     bookkeeping is Python, the denoiser's forward is compiled (docs: README "Works with").
     """
 
-    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any], others: tuple[torch.nn.Module, ...] = ()):
+    def __init__(self, runtime: Any, module: torch.nn.Module, processors: dict[str, Any], others: tuple[torch.nn.Module, ...] = (),
+                 reuse_calls: bool = False):
         self.runtime = runtime
         self.processors = processors
         self.modules = (module, *others)  # the pipeline's denoiser experts (Wan 2.2's transformer_2), all of one class
@@ -151,6 +152,11 @@ class DenoiserHooks:
             )
             for expert in self.modules
         )
+        # `RowPlan.reuse_cond`: a forward hook cannot skip the forward, so the skip is a diffusers model hook (the
+        # registry diffusers' own caches use), installed only for controls that may ask for it
+        self._cond_output: tuple[Any, int, Any] | None = None  # (pipeline call, step, what the step's cond call returned)
+        self._reused: Any = None  # the output the next forward returns without running
+        self._reuse_hooks = tuple(_install_reuse_hook(expert, self) for expert in self.modules) if reuse_calls else ()
 
     @property
     def installed(self) -> bool:
@@ -163,7 +169,16 @@ class DenoiserHooks:
         for pair in self._handles:
             for handle in pair:
                 handle.remove()
+        for expert, installed in zip(self.modules, self._reuse_hooks):
+            _remove_reuse_hook(expert, *installed)
+        self._reuse_hooks = ()
         self._pending = None
+        self._cond_output = self._reused = None
+
+    def take_reused(self) -> Any:
+        """The output the current forward returns without running (None: run it), consumed."""
+        output, self._reused = self._reused, None
+        return output
 
     def _arguments(self, inputs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         bound = inspect.BoundArguments(self.signature, inputs)
@@ -212,6 +227,9 @@ class DenoiserHooks:
         pending = _Pending(frame, inputs, batch, outer=outer)
         call_frame, call_inputs = frame, inputs
         plan = runtime.row_plan(frame)
+        if plan.reuse_cond:
+            self._reused = self._reused_output(frame)
+            pending.mode = "reused"
         if plan.second and frame.canvas.reference_len:
             raise UnsupportedError(
                 "attnctl: a second pass (SAG) re-noises the denoiser's latent input, which holds reference-image tokens in "
@@ -253,13 +271,27 @@ class DenoiserHooks:
             return None
         if pending.restore is not None:
             pending.restore()
+        self._reused = None
         if pending.mode == "terms":
             output = self._terms(pending, output)
         elif pending.mode == "guided":
             output = self._guided(pending, output)
         if pending.outer is not None:
             output = _spread_selected(pending.outer, pending.frame, output)
+        elif self._reuse_hooks and pending.frame.rows.indices("cond", None) and not pending.frame.rows.indices("uncond", None):
+            self._cond_output = (self.runtime.call, pending.frame.step.index, output)
         return output
+
+    def _reused_output(self, frame: DenoiserCall) -> Any:
+        saved = self._cond_output
+        if saved is None or saved[0] is not self.runtime.call or saved[1] != frame.step.index:
+            raise CallLayoutError(
+                "attnctl: a control asked this uncond denoiser call to return its step's cond prediction, but no cond call "
+                "came before it at this step (the pipeline is expected to run the cond call first, as Wan's does)"
+            )
+        if frame.rows.indices("cond", None) or len(frame.rows) != len(first_tensor(saved[2])):
+            raise CallLayoutError("attnctl: only a separate uncond call with the cond call's rows can reuse its prediction")
+        return saved[2]
 
     def _terms(self, pending: _Pending, output: Any) -> Any:
         """A separate uncond call (Flux true CFG) or the pipeline's own extra pass (SD3 skip-layer guidance):
@@ -337,6 +369,40 @@ class DenoiserHooks:
         if isinstance(main, RowList) and isinstance(value, torch.Tensor):
             inputs = {**inputs, main: list(value.unbind(0))}
         return _signed(first_tensor(self.call_with(inputs, frame)), sign)
+
+
+#: The name of attnctl's model hook in the denoiser's diffusers hook registry (`RowPlan.reuse_cond`).
+REUSE_HOOK = "attnctl_reuse_cond_call"
+
+
+def _install_reuse_hook(module: torch.nn.Module, owner: DenoiserHooks) -> tuple[Any, bool, bool]:
+    """Register on `module` a diffusers `ModelHook` whose forward returns `owner.take_reused()` when it is not None and
+    runs the module's forward otherwise. Returns (the module's hook registry, whether the module had an instance
+    `forward`, whether it had a registry), for `_remove_reuse_hook`."""
+    from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+    class ReuseCondCall(ModelHook):
+        def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            output = owner.take_reused()
+            if output is not None:
+                return output
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    had_forward, had_registry = "forward" in module.__dict__, "_diffusers_hook" in module.__dict__
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(ReuseCondCall(), REUSE_HOOK)
+    return registry, had_forward, had_registry
+
+
+def _remove_reuse_hook(module: torch.nn.Module, registry: Any, had_forward: bool, had_registry: bool) -> None:
+    """Unregister attnctl's model hook; what the registry leaves behind (the class's `forward` bound on the instance,
+    an empty registry) goes too when attnctl's hook put it there."""
+    registry.remove_hook(REUSE_HOOK, recurse=False)
+    forward = module.__dict__.get("forward")
+    if not had_forward and getattr(forward, "__func__", None) is type(module).forward and getattr(forward, "__self__", None) is module:
+        del module.forward
+    if not had_registry and not registry.hooks and module.__dict__.get("_diffusers_hook") is registry:
+        del module._diffusers_hook
 
 
 def _signed(value: torch.Tensor, sign: int) -> torch.Tensor:

@@ -183,13 +183,17 @@ class Runtime:
         """The row plans of the bound controls active in `frame`, merged (perturbations and second passes)."""
         found: list[Perturbation] = []
         second: list[SecondPass] = []
+        reuse = False
         for plan in self._row_plans(frame):
             if plan is not None:
                 found.extend(plan.perturbations)
                 second.extend(plan.second)
+                reuse = reuse or plan.reuse_cond
         tags = [p.tag for p in found] + [p.tag for p in second]
         if len(set(tags)) != len(tags):
             raise CallLayoutError(f"attnctl: two guidance controls use the same row tag: {tags}")
+        if reuse:  # the cond prediction it returns already holds the guidance terms of perturbations and second passes
+            return RowPlan(reuse_cond=True)
         return RowPlan(tuple(found), tuple(second))
 
     def selection(self, frame: DenoiserCall) -> RowSelect | None:
