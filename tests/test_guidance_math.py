@@ -136,7 +136,7 @@ def ref_seg_kernel_size(sigma: float, hw: tuple[int, int]) -> int:
     if size % 2 == 0:  # made odd as SEG-SDXL does: ceil(6 sigma) + 1 - ceil(6 sigma) % 2
         size -= 1
     longest = max(hw)
-    limit = longest if longest % 2 == 1 else longest - 1  # docs/methods.md: the largest odd size that fits the grid
+    limit = longest if longest % 2 == 1 else longest + 1  # SEG-SDXL's `L - (L % 2 - 1)`: one past an even side
     return min(size, limit)
 
 
@@ -175,14 +175,16 @@ def ref_blur(grid: torch.Tensor, sigma: float) -> torch.Tensor:
 def test_seg_kernel_size_rule():
     assert kernel_size(1.0, (64, 64)) == 7  # ceil(6) + 1 = 7
     assert kernel_size(0.75, (64, 64)) == 5  # ceil(4.5) = 5, odd: 5
-    assert kernel_size(10.0, (16, 16)) == 15  # clamped to the largest odd size <= 16 (SEG-SDXL's rule gives 17)
+    assert kernel_size(10.0, (16, 16)) == 17  # SEG-SDXL's clamp: L - (L % 2 - 1), one tap past an even side
     assert kernel_size(10.0, (15, 9)) == 15
-    assert kernel_size(10.0, (4, 12)) == 11  # the longer side clamps
+    assert kernel_size(10.0, (4, 12)) == 13  # the longer side clamps
     assert kernel_size(2.0, (16, 16)) == 13  # ceil(12) + 1, already odd, within the grid
-    assert kernel_size(10.0, (1, 2)) == 1
+    assert kernel_size(10.0, (1, 1)) == 1
+    assert kernel_size(10.0, (1, 2)) == 3
 
 
-@pytest.mark.parametrize("sigma, hw", [(1.0, (5, 8)), (0.6, (7, 4)), (3.0, (3, 10)), (2.0, (6, 6)), (10.0, (4, 16))])
+@pytest.mark.parametrize("sigma, hw", [(1.0, (5, 8)), (0.6, (7, 4)), (3.0, (3, 10)), (2.0, (6, 6)), (10.0, (4, 16)), (100.0, (8, 8)),
+                                       (9999.0, (6, 6))])
 def test_seg_blur_matches_explicit_reference(sigma, hw):
     torch.manual_seed(2)
     channels = 3
@@ -194,7 +196,7 @@ def test_seg_blur_matches_explicit_reference(sigma, hw):
         torch.testing.assert_close(got[b].double(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sigma", [9999.0, float("inf"), 1e6])
+@pytest.mark.parametrize("sigma", [9999.5, float("inf"), 1e6])
 def test_seg_infinite_sigma_is_mean_query(sigma):
     torch.manual_seed(3)
     tokens = torch.randn(2, 12, 5)

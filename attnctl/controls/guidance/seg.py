@@ -7,11 +7,11 @@ query projection, before qk-norm and RoPE (where diffusers' SEG hook sits), on i
 tokens of joint attention are untouched), and only on the perturbed rows.
 
 Kernel size as docs/methods.md: `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` when that is odd, as the authors'
-SEG-SDXL code), clamped to the grid: at most the largest odd size that fits the grid's longer side L (L when
-odd, L - 1 when even; the grid is never assumed square). The authors' `L - (L % 2 - 1)` gives L + 1 for an even
-L, one tap wider than the grid: not reproduced. One isotropic kernel for both axes; reflect padding, replicate
-padding on an axis (the shorter one) the pad would exceed. `sigma >= 9999` means infinite: every image query
-becomes the mean image query. (diffusers 0.42's `_gaussian_blur_2d` inverts its two branches and assumes a
+SEG-SDXL code), clamped as the authors clamp it to the grid's longer side L: `L - (L % 2 - 1)`, i.e. L when L is
+odd and L + 1 when it is even (one tap wider than the grid; its reflect padding of L / 2 still fits). The grid is
+never assumed square: one isotropic kernel for both axes; reflect padding, replicate padding on an axis (the
+shorter one) the pad would exceed. `sigma > 9999` (the authors' and diffusers' test) means infinite: every image
+query becomes the mean image query. (diffusers 0.42's `_gaussian_blur_2d` inverts its two branches and assumes a
 square, image-only sequence; not reproduced.)
 """
 
@@ -112,10 +112,11 @@ class BlurQueries(PerturbedRows, LayerHook):
 
 
 def kernel_size(sigma: float, grid_hw: tuple[int, int]) -> int:
-    """`ceil(6 sigma) + 1` made odd, clamped to the largest odd size <= the grid's longer side (15 for 16)."""
+    """`ceil(6 sigma) + 1` made odd, clamped as SEG's code does to `L - (L % 2 - 1)` of the grid's longer side L
+    (17 for 16, 15 for 15)."""
     size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
     longest = max(grid_hw)
-    return min(size, longest if longest % 2 else longest - 1)
+    return min(size, longest - (longest % 2 - 1))
 
 
 def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:
@@ -140,7 +141,7 @@ _KERNELS: dict[tuple[int, float, str], torch.Tensor] = {}
 
 def kernel_taps(sigma: float, grid_hw: tuple[int, int]) -> tuple[float, ...] | None:
     """The float32 taps of the blur over a `grid_hw` grid as Python floats (None: no kernel, the mean or no blur)."""
-    if sigma >= INFINITE_SIGMA:
+    if sigma > INFINITE_SIGMA:
         return None
     size = kernel_size(sigma, grid_hw)
     if size <= 1:
@@ -164,7 +165,7 @@ def blur_grid(images: torch.Tensor, sigma: float, taps: tuple[float, ...] | None
     from them in the graph, instead of a lookup in the process-wide kernel table that dynamo would guard on)."""
     height, width = images.shape[-2:]
     x = images.float()
-    if sigma >= INFINITE_SIGMA:
+    if sigma > INFINITE_SIGMA:
         return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
     size = kernel_size(sigma, (height, width))
     if size <= 1:
