@@ -306,9 +306,11 @@ def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
 
     pipe = make_tiny_pipeline(name)
     off = {"guidance": 1.0, "true_cfg_scale": 1.0} if name == "tiny-qwenimage" else {"guidance": 1.0}
-    stock, calls = record(pipe, name, prompt="a cat", steps=1, **off)
-    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=1, **off)
-    cond = run_denoiser(pipe, calls[0], [0], 1)
+    # SkipLayer's window is strict at both ends, as SD3's (step 0 never guided): step 1 of 2 is the one compared
+    stock, calls = record(pipe, name, prompt="a cat", steps=2, **off)
+    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=2, **off)
+    torch.testing.assert_close(got[0], stock[0], rtol=0, atol=0)
+    cond = run_denoiser(pipe, calls[1], [0], 1)
     block = pipe.transformer.get_submodule(path)
     two_streams = type(block).__name__ in attnctl.handle.adapter_for(pipe.transformer).text_stream_blocks
 
@@ -317,12 +319,12 @@ def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
 
     block.forward = skipped
     try:
-        perturbed = run_denoiser(pipe, calls[0], [0], 1)
+        perturbed = run_denoiser(pipe, calls[1], [0], 1)
     finally:
         del block.forward
     term = 2.0 * (cond - perturbed)
     assert term.abs().max() > 1e-4
-    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], stock[1] + term, rtol=1e-4, atol=1e-4)
 
 
 # -- the support matrix: refusals at apply, and every supported control runs ----------------------------------

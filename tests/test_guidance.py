@@ -141,14 +141,14 @@ def test_sag_matches_diffusers_sag_pipeline_ddim(guidance):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("blocks, window", [((0,), (0.2, 0.6)), ((1,), (0.0, 0.8)), ((0, 1), (0.4, 1.0))])
+@pytest.mark.parametrize("blocks, window", [((0,), (0.2, 0.6)), ((1,), (0.0, 0.8)), ((0, 1), (0.4, 1.0)), ((0,), (0.19, 0.81))])
 def test_skip_layer_matches_sd3_skip_guidance_layers(blocks, window):
-    """SD3's window is `n start < i < n stop`, ours `start <= i/n < stop`; the pipeline gets `start - 0.001`
-    so that both pick the same steps of the 5 (its strict lower bound would drop step n start)."""
+    """The same window numbers as SD3's `skip_layer_guidance_start` / `_stop` (strict at both ends: `n start < i <
+    n stop`) guide the same steps and give the pipeline's own result."""
     pipe = make_tiny_pipeline("tiny-sd3")
     start, stop = window
     expected = generate(pipe, "tiny-sd3", steps=5, skip_guidance_layers=list(blocks), skip_layer_guidance_scale=2.8,
-                        skip_layer_guidance_start=start - 1e-3, skip_layer_guidance_stop=stop)
+                        skip_layer_guidance_start=start, skip_layer_guidance_stop=stop)
     stock = generate(pipe, "tiny-sd3", steps=5)
     with attnctl.apply(pipe, [attnctl.SkipLayer(scale=2.8, blocks=blocks, steps=window)]):
         got = generate(pipe, "tiny-sd3", steps=5)
@@ -448,9 +448,11 @@ def test_sd3_own_skip_layer_pass_gets_the_same_guidance_term():
 )
 def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
     pipe = make_tiny_pipeline(name)
-    stock, calls = record(pipe, name, prompt="a cat", steps=1)
-    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=1)
-    call = calls[0]
+    # SkipLayer's window is strict at both ends, as SD3's (step 0 never guided): step 1 of 2 is the one compared
+    stock, calls = record(pipe, name, prompt="a cat", steps=2)
+    got, _ = record(pipe, name, [attnctl.SkipLayer(scale=2.0, blocks=blocks, steps=(0.0, 1.0))], prompt="a cat", steps=2)
+    torch.testing.assert_close(got[0], stock[0], rtol=0, atol=0)
+    call = calls[1]
     batch = 2 if name != "tiny-flux" else 1
     rows = [batch - 1]
     cond = run_denoiser(pipe, call, rows, batch)
@@ -466,9 +468,9 @@ def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
         del block.forward
     term = 2.0 * (cond - perturbed)
     if name == "tiny-pixart":  # learned sigma: the pipeline keeps the first half of the channels
-        term = term[:, : stock[0].shape[1]]
+        term = term[:, : stock[1].shape[1]]
     assert term.abs().max() > 1e-4
-    torch.testing.assert_close(got[0], stock[0] + term, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], stock[1] + term, rtol=1e-4, atol=1e-4)
     assert "forward" not in block.__dict__
 
 

@@ -424,7 +424,7 @@ def test_qwen_edit_2511_pag_with_two_prompts_against_a_reference(edit_2511, refe
 
 def test_qwen_edit_2511_skip_layer_against_a_hand_skipped_block(edit_2511, reference):
     """SkipLayer on the 2511 transformer (its blocks get the timestep rows doubled): against the stock transformer with
-    block 1 replaced by the identity, no CFG, one step."""
+    block 1 replaced by the identity, no CFG, at the second of two steps."""
     pipe = edit_2511
     with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=(1,), scale=2.0, steps=(0.0, 1.0))]):
         calls, predictions = [], []
@@ -432,11 +432,11 @@ def test_qwen_edit_2511_skip_layer_against_a_hand_skipped_block(edit_2511, refer
         original = pipe.scheduler.step
         pipe.scheduler.step = lambda output, *a, **k: (predictions.append(output.clone()), original(output, *a, **k))[1]
         try:
-            edit(pipe, reference, cfg=1.0, steps=1)
+            edit(pipe, reference, cfg=1.0, steps=2)  # step 0 is never guided (SkipLayer's window is SD3's, strict)
         finally:
             hook.remove()
             del pipe.scheduler.step
-    (call,), (got,) = calls, predictions
+    (_, call), (_, got) = calls, predictions
 
     def run():
         with torch.no_grad():

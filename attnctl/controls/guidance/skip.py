@@ -31,7 +31,7 @@ import torch
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
-from ...steps import validate_steps
+from ...steps import StepInfo, validate_steps
 from ...validation import set_field
 from .common import PerturbingBound, PerturbingControl
 
@@ -128,11 +128,17 @@ class _SkipBound(PerturbingBound):
 
     def __init__(self, control: SkipLayer, context):
         super().__init__(control, context.layers, context.adapter)
+        self.window = control.steps
         if control.scale == 0:
             return
         modules = context.adapter.transformer_blocks()
         for path in control.block_paths(context.adapter):
             context.wrap_method(modules[path], "forward", self._make(modules[path], context.current_frame))
+
+    def active(self, step: StepInfo) -> bool:
+        """diffusers' SD3 window, strict at both ends: `n start < i < n stop` (so step 0 never is)."""
+        start, stop = self.window
+        return start * step.count < step.index < stop * step.count
 
     def _make(self, module: torch.nn.Module, current_frame):
         tag = self.tag
