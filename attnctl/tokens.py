@@ -88,6 +88,26 @@ class _Tokenized:
         # controlled as usual; a word only past it raises in `PromptTokens.positions`.
         self.truncated = len(self.ids) > limit
 
+    def word_ids(self) -> list[int]:
+        """The index of the word each token comes from (-1: a special token): the whitespace-separated word its
+        characters fall in, when the tokenizer gives character offsets; else from the tokens' own word marks (CLIP's
+        `</w>` ends a word; SentencePiece's `▁` and byte-level BPE's `Ġ` start one)."""
+        if self.offsets is not None:
+            words = [m.span() for m in re.finditer(r"\S+", self.text)]
+            return [next((k for k, (start, stop) in enumerate(words) if b > a and a < stop and b > start), -1) for a, b in self.offsets]
+        specials = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        found, word, open_word = [], -1, False
+        for token_id, token in zip(self.ids, self.tokens):
+            if token_id in specials:
+                found.append(-1)
+                open_word = False
+                continue
+            if not open_word or token.startswith(("\u2581", "\u0120")):
+                word += 1
+            found.append(word)
+            open_word = not token.endswith("</w>")
+        return found
+
     def show(self) -> str:
         return " ".join(f"{i}:{tok}" for i, tok in enumerate(self.tokens))
 
@@ -145,6 +165,10 @@ class PromptTokens:
         return tuple(
             (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).ids)) for e, encoder in enumerate(self.encoders)
         )
+
+    def token_words(self, row: int) -> tuple[list[int], ...]:
+        """Per text encoder: the word index of each token of `token_ids(row)` (`_Tokenized.word_ids`)."""
+        return tuple(self._tokenized(e, 0, row).word_ids() for e in range(len(self.encoders)))
 
     def positions(self, query: WordQuery, row: int, *, missing_ok: bool = False) -> tuple[int, ...]:
         """Positions of `query` in the text sequence of prompt row `row` (sorted, unique). `missing_ok`: a word that

@@ -39,6 +39,59 @@ def test_replacement_mapper_swaps_words_with_different_token_counts():
         replacement_mapper([0, 1, 3, 9], [0, 1, 7, 3, 9], 6)  # a word added is not a swap
 
 
+def _authors_replacement(x_words: list[list[int]], y_words: list[list[int]], limit: int) -> torch.Tensor:
+    """P2P's `get_replacement_mapper_` on prompts given as their words' token ids (the same number of words; special
+    tokens as one-token words): word i of x and y differ -> equal token counts one to one, else every source token
+    to each target token at 1 / len(target); identical words one to one."""
+    mapper = torch.zeros(limit, limit)
+    i = j = 0
+    for wx, wy in zip(x_words, y_words):
+        source, target = list(range(i, i + len(wx))), list(range(j, j + len(wy)))
+        if wx == wy or len(wx) == len(wy):
+            for s_, t in zip(source, target):
+                mapper[s_, t] = 1
+        else:
+            for t in target:
+                mapper[source, t] = 1 / len(target)
+        i, j = i + len(wx), j + len(wy)
+    return mapper
+
+
+@pytest.mark.parametrize("x_words, y_words", [
+    ([[0], [1], [2], [3], [9]], [[0], [1], [5], [6], [9]]),  # a red cat -> a blue dog: two adjacent swaps
+    ([[0], [1], [2, 3, 4], [9]], [[0], [1], [5, 6, 7], [9]]),  # a three-token word for another three-token word
+    ([[0], [1], [2], [20, 21, 22], [9]], [[0], [1], [5], [30, 31], [9]]),  # a red hippo(3) -> a blue zebra(2)
+    ([[0], [1], [2, 3], [8], [9]], [[0], [1], [5], [8], [9]]),  # a two-token word for one token
+])
+def test_replacement_mapper_pairs_swapped_words_as_p2p(x_words, y_words):
+    """P2P's word-for-word pairing (seq_aligner.get_replacement_mapper_), with the tokens' word indices given."""
+    x, y = [t for w in x_words for t in w], [t for w in y_words for t in w]
+    x_ids = [k if len(w) > 0 and w != [0] and w != [9] else -1 for k, w in enumerate(x_words) for _ in w]
+    y_ids = [k if len(w) > 0 and w != [0] and w != [9] else -1 for k, w in enumerate(y_words) for _ in w]
+    limit = max(len(x), len(y))
+    expected = _authors_replacement(x_words, y_words, limit)
+    got = torch.tensor(replacement_mapper(x, y, limit, x_words=x_ids, y_words=y_ids))
+    torch.testing.assert_close(got[: len(x), : len(y)], expected[: len(x), : len(y)])
+
+
+def test_prompt_words_from_offsets_and_from_token_marks(tiny_cache):
+    from attnctl.tokens import _Tokenized
+
+    tokenizer = tiny_cache("tiny-sd").tokenizer
+    text = "a red hippopotamus on the street"
+    with_offsets = _Tokenized(tokenizer, text, 77, "clip")
+    words = with_offsets.word_ids()
+    assert words[0] == words[-1] == -1 and words[1:3] == [0, 1] and words[-2] == 5
+    assert set(words[3:-4]) == {2}  # the split word is one word
+    with_offsets.offsets = None  # a tokenizer without offsets: CLIP's `</w>` marks the word ends
+    assert with_offsets.word_ids() == words
+    t5 = _Tokenized(tiny_cache("tiny-flux").tokenizer_2, text + ", at night", 512, "t5")
+    words = t5.word_ids()
+    assert max(words) == 7 and words[-1] == -1
+    t5.offsets = None  # SentencePiece's `▁` marks the word starts
+    assert t5.word_ids() == words
+
+
 def test_config_is_validated():
     with pytest.raises(attnctl.ConfigError, match="mode"):
         attnctl.PromptToPrompt("swap")
@@ -164,7 +217,7 @@ def test_base_row_is_untouched_and_a_same_prompt_edit_is_the_base(name, guidance
 
 def test_tables_hold_the_word_swap_and_the_equalizer(tiny_cache):
     pipe = tiny_cache("tiny-sd")
-    with attnctl.apply(pipe, [attnctl.PromptToPrompt(reweight={"street": 3.0})]) as handle:
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(reweight={"street": 3.0}, branch="both")]) as handle:
         generate(pipe, "tiny-sd", [BASE, EDIT])
         bound = handle.runtime.last_call.bound[0]
     tokenizer = pipe.tokenizer
@@ -237,8 +290,10 @@ def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_no
 class _EagerP2PProcessor:
     """P2P's `AttentionControlEdit` on diffusers' eager attention (Hertz et al. 2022, its ptp_utils / notebook),
     written from the paper's code, not from the control: the probabilities are materialised and, inside the
-    windows, the edited rows' probabilities are the base rows' (uncond and cond halves of the CFG batch
-    `[uncond base, uncond edit, cond base, cond edit]`, one token-for-token swap: P2P's mapper is the identity)."""
+    windows, the edited rows' probabilities are the base rows' in the cond half of the CFG batch
+    `[uncond base, uncond edit, cond base, cond edit]` (the code edits `attn[h // 2:]`; with `halves="both"` the
+    uncond half too); one token-for-token swap: P2P's mapper is the identity. Windows: cross-attention
+    `step < int(cross * (steps + 1))` (its time alphas have steps + 1 entries), self-attention `step < int(self * steps)`."""
 
     def __init__(self, is_cross: bool, clock: dict):
         self.is_cross, self.clock = is_cross, clock
@@ -249,17 +304,19 @@ class _EagerP2PProcessor:
         q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
         probs = attn.get_attention_scores(q, k, attention_mask)
         probs = probs.view(batch, attn.heads, *probs.shape[1:]).clone()
-        window = self.clock["cross"] if self.is_cross else self.clock["self"]
-        if self.clock["step"] < int(window * self.clock["steps"]):
+        steps = self.clock["steps"]
+        limit = int(self.clock["cross"] * (steps + 1)) if self.is_cross else int(self.clock["self"] * steps)
+        if self.clock["step"] < limit:
             n, half = self.clock["n"], batch // 2
-            for start in (0, half):
+            for start in (0, half) if self.clock.get("halves") == "both" else (half,):
                 probs[start + n : start + 2 * n] = probs[start : start + n]
         out = attn.batch_to_head_dim(torch.bmm(probs.flatten(0, 1), v))
         return attn.to_out[1](attn.to_out[0](out))
 
 
-@pytest.mark.parametrize("windows", [(0.8, 0.4), (1.0, 1.0)], ids=["defaults", "every-step"])
-def test_toy_end_to_end_matches_p2p_on_eager_attention(windows):
+@pytest.mark.parametrize("windows, branch", [((0.8, 0.4), "cond"), ((1.0, 1.0), "cond"), ((0.8, 0.4), "both")],
+                         ids=["defaults", "every-step", "both-branches"])
+def test_toy_end_to_end_matches_p2p_on_eager_attention(windows, branch):
     """End to end on the toy model (every cross- and self-attention layer of it is at <= 16x16 tokens): the control's
     images equal an independent P2P on materialised probabilities with the same start noise."""
     from attnctl.toy import CALL_DEFAULTS as TOY_DEFAULTS
@@ -274,9 +331,9 @@ def test_toy_end_to_end_matches_p2p_on_eager_attention(windows):
         kwargs = dict(TOY_DEFAULTS, num_images_per_prompt=len(seeds), generator=generators, output_type="np")
         return pipe(["a red circle", "a blue circle"], **kwargs, **extra).images
 
-    with attnctl.apply(pipe, [attnctl.PromptToPrompt(cross_steps=cross, self_steps=self_)]):
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(cross_steps=cross, self_steps=self_, branch=branch)]):
         controlled = call()
-    clock = {"step": 0, "n": len(seeds), "cross": cross, "self": self_, "steps": TOY_DEFAULTS["num_inference_steps"]}
+    clock = {"step": 0, "n": len(seeds), "cross": cross, "self": self_, "steps": TOY_DEFAULTS["num_inference_steps"], "halves": branch}
     pipe.unet.set_attn_processor({name: _EagerP2PProcessor(name.endswith("attn2.processor"), clock) for name in pipe.unet.attn_processors})
 
     def tick(pipeline, i, t, kwargs):

@@ -64,8 +64,8 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     `reweight`: `{word: factor}` scaling the attention of words of the edited prompts (P2P's equalizer; only
     inside the cross-attention window, as P2P). `local_blend`: words (found in a prompt, they count for its rows)
     whose cross-attention maps confine the edit; `blend_threshold` on the max-normalised maps; blending from the
-    step fraction `blend_start`. `branch`: `"both"` (uncond rows also read the base's uncond row) or `"cond"`
-    (only the cond rows, as P2P's reference code). `layers`: default every cross- / joint-attention layer, and
+    step fraction `blend_start`. `branch`: `"cond"` (only the cond rows, as P2P's reference code; default) or
+    `"both"` (uncond rows also read the base's uncond row). `layers`: default every cross- / joint-attention layer, and
     the self-attention layers with at most 16x16 tokens in the call (P2P's rule; every self-attention layer of a
     denoiser with one token grid); given layers are all edited. Local blending averages the maps of the
     cross-attention level nearest to 16x16 tokens. `edits`: the edited prompts, for `attnctl render` jobs and
@@ -81,7 +81,7 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     local_blend: Any = None
     blend_threshold: float = 0.3
     blend_start: float = 0.2
-    branch: str = "both"
+    branch: str = "cond"
     layers: LayerSpec = None
     edits: Any = None
 
@@ -292,7 +292,8 @@ class PromptToPromptBound(Bound):
         for row in self.edited:
             base = row % self.per_prompt
             if tokens is not None:
-                for (offset, limit, x), (_, _, y) in zip(tokens.token_ids(base), tokens.token_ids(row)):
+                words = zip(tokens.token_words(base), tokens.token_words(row))
+                for ((offset, limit, x), (_, _, y)), (x_words, y_words) in zip(zip(tokens.token_ids(base), tokens.token_ids(row)), words):
                     span = min(limit, t - offset)
                     if span <= 0 or offset < 0:
                         continue
@@ -300,7 +301,7 @@ class PromptToPromptBound(Bound):
                     mappers[row, block, block] = 0.0
                     if self.p2p.mode == "replace":
                         what = f"the {branch} prompt of row {row}"
-                        mappers[row, block, block] = torch.tensor(replacement_mapper(x, y, span, what=what))
+                        mappers[row, block, block] = torch.tensor(replacement_mapper(x, y, span, what=what, x_words=x_words, y_words=y_words))
                     else:
                         mapping, alpha = refinement_mapper(x, y, span)
                         for j, (m, a) in enumerate(zip(mapping, alpha)):
@@ -389,8 +390,10 @@ class PromptToPromptBound(Bound):
             return None
         step = frame.step
         self.last_step = step.index
-        cross = layer.index in self.text_layers and step.inside((0.0, self.p2p.cross_steps))
-        self_ = layer.index in self.self_layers and step.inside((0.0, self.p2p.self_steps))
+        # the authors' step counts: cross-attention alphas over n + 1 entries, `int(cross_steps * (n + 1))` of them
+        # set; self-attention `int(self_steps * n)` steps
+        cross = layer.index in self.text_layers and step.index < int(self.p2p.cross_steps * (step.count + 1))
+        self_ = layer.index in self.self_layers and step.index < int(self.p2p.self_steps * step.count)
         capture = layer.index in self.blend_layers and frame.extra_pass is None
         if not (cross or self_ or capture):
             return None
@@ -465,7 +468,7 @@ class PromptToPromptBound(Bound):
                 args, kwargs = self._same_start(args, kwargs)
             result = original(*args, **kwargs)
             self.stepped = True
-            if self.p2p.local_blend is not None and self.maps is not None and self.last_step / self.count >= self.p2p.blend_start:
+            if self.p2p.local_blend is not None and self.maps is not None and self.last_step >= int(self.p2p.blend_start * self.count):
                 result = self._blend(result)
             return result
 

@@ -7,9 +7,11 @@ P2P's scores (gap 0, match 1, mismatch -1) and its trace-back preferences, over 
 - `refinement_mapper`: for each edited token, the base token it aligns to (or -1) and alpha = 1 where aligned
   (P2P's `get_refinement_mapper`: aligned tokens take the base maps, new tokens keep their own).
 - `replacement_mapper`: a (T, T) matrix `M` with `A_edit = A_base M` (P2P's `get_replacement_mapper`): aligned
-  tokens map one to one, and each run of swapped tokens between two aligned ones maps every base token of the run
-  to every edited token of the run with weight 1 / (edited tokens of the run), so token counts may differ. A run
-  present in one prompt only (a word added or removed) is not a swap: ConfigError (use refine).
+  tokens map one to one; each run of swapped tokens between two aligned ones is split into word pairs when both
+  sides of the run hold the same number of words (P2P swaps word for word), and each word pair (or the whole run
+  otherwise) maps one to one when its token counts are equal, else every base token to every edited token with
+  weight 1 / (edited tokens), as P2P's `get_replacement_mapper_`. A run present in one prompt only (a word added or
+  removed) is not a swap: ConfigError (use refine).
 """
 
 from __future__ import annotations
@@ -67,8 +69,35 @@ def refinement_mapper(x: Sequence[int], y: Sequence[int], limit: int) -> tuple[l
     return mapping, [0.0 if m < 0 else 1.0 for m in mapping]
 
 
-def replacement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, what: str = "the edited prompt") -> list[list[float]]:
-    """The (limit, limit) word-swap matrix M (base position, edited position) with `A_edit = A_base M`."""
+def _swap(matrix: list[list[float]], source: list[int], target: list[int]) -> None:
+    """P2P's rule for one swapped word: one to one for equal token counts, else all to all at 1 / len(target)."""
+    if len(source) == len(target):
+        for s, t in zip(source, target):
+            matrix[s][t] = 1.0
+        return
+    for s in source:
+        for t in target:
+            matrix[s][t] = 1.0 / len(target)
+
+
+def _words(positions: list[int], word_of: Sequence[int] | None) -> list[list[int]] | None:
+    """`positions` grouped into consecutive words by `word_of` (a word index per token, -1 for none), or None."""
+    if word_of is None or any(word_of[p] < 0 for p in positions):
+        return None
+    groups: list[list[int]] = []
+    for p in positions:
+        if groups and word_of[groups[-1][-1]] == word_of[p]:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def replacement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, what: str = "the edited prompt",
+                       x_words: Sequence[int] | None = None, y_words: Sequence[int] | None = None) -> list[list[float]]:
+    """The (limit, limit) word-swap matrix M (base position, edited position) with `A_edit = A_base M`. `x_words`,
+    `y_words`: the word index of each token of `x` / `y` (-1 for special tokens), when the tokenizer gives
+    character offsets; without them a swapped run counts as one word."""
     x, y = list(x)[:limit], list(y)[:limit]
     mapping = align(x, y)
     matrix = [[0.0] * limit for _ in range(limit)]
@@ -84,9 +113,14 @@ def replacement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, what: 
                 f"{target or source}); replace swaps words one for one (token counts may differ). Use mode='refine' "
                 "to add or remove words"
             )
-        for s in source:
-            for t in target:
-                matrix[s][t] = 1.0 / len(target)
+        if not source:
+            continue
+        source_words, target_words = _words(source, x_words), _words(target, y_words)
+        if source_words is not None and target_words is not None and len(source_words) == len(target_words):
+            for source_word, target_word in zip(source_words, target_words):
+                _swap(matrix, source_word, target_word)
+        else:
+            _swap(matrix, source, target)
     for offset, j in enumerate(range(len(y), limit)):
         i = len(x) + offset
         if i < limit:
