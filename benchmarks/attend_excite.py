@@ -10,7 +10,8 @@ on attention maps"); the truth comes from the pixels (attnctl.toy.analysis).
   process after loading the model and one 32x32 stock call).
 
 The controls read the toy's down-path map layer (TOY_LAYERS, chosen on held-out seeds 1000-1015); --level-defaults
-adds the controls at their default level (4x4) and TOY_BOX at the 8x8 level. --part runs one part (each has its own
+adds the controls at their default layers (A&E / A-STAR: the 4x4 level; BoxGuidance: Chen et al.'s mid block and first
+up block) and TOY_BOX at the 8x8 level. --part runs one part (each has its own
 stock, so its time ratios stand alone); the numbers in README were measured with `--part box --level-defaults` and
 `--part two` running concurrently, then `--part memory`.
 
@@ -128,7 +129,7 @@ def _boxes(pipe, args) -> None:
              "BoxGuidance": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, layers=TOY_LAYERS)],
              "BoxGuidance+": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **TOY_BOX)]}
     if args.level_defaults:
-        boxed["BoxGuidance@4x4"] = lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box})]
+        boxed["BoxGuidance@default"] = lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box})]  # Chen et al.'s layers
         boxed["BoxGuidance+@8x8"] = lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **LEVEL_BOX)]
     inside = {name: 0 for name in boxed}
     seconds = {name: 0.0 for name in boxed}

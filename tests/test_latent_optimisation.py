@@ -62,13 +62,41 @@ def test_losses_match_their_definitions():
     expected = torch.stack([sum(1 - torch.minimum(unit[n, i], previous[n, i]).sum() / torch.maximum(unit[n, i], previous[n, i]).sum()
                                 for i in range(3)) for n in range(2)])
     torch.testing.assert_close(losses.retention_loss(maps, previous), expected)
-    # Chen et al.: (1 - mass in box / mass)^2 summed over words
-    boxes = torch.zeros(3, 5, 6)
-    boxes[0, :, :3] = 1
-    boxes[1, 2:, :] = 1
-    boxes[2, 1:4, 1:5] = 1
-    expected = torch.stack([sum((1 - (maps[n, s] * boxes[s]).sum() / maps[n, s].sum()) ** 2 for s in range(3)) for n in range(2)])
-    torch.testing.assert_close(losses.box_ratio_loss(maps, boxes), expected)
+
+
+def _chen_ca_loss(layer_maps, bboxes, object_positions):
+    """Chen et al.'s `compute_ca_loss` (layout-guidance, utils.py), for maps given per layer as (heads, h*w, T)
+    probabilities of one image at square or rectangular grids: per layer, object and token, the head mean of
+    `(1 - sum_box A / sum A)^2`, averaged over the object's tokens, summed, divided by objects x layers."""
+    loss = 0.0
+    for attn_map, (h, w) in layer_maps:
+        b = attn_map.shape[0]
+        for obj, box in enumerate(bboxes):
+            mask = torch.zeros(h, w)
+            x_min, y_min, x_max, y_max = int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)
+            mask[y_min:y_max, x_min:x_max] = 1
+            obj_loss = 0.0
+            for position in object_positions[obj]:
+                ca = attn_map[:, :, position].reshape(b, h, w)
+                act = (ca * mask).reshape(b, -1).sum(-1) / ca.reshape(b, -1).sum(-1)
+                obj_loss += torch.mean((1 - act) ** 2)
+            loss += obj_loss / len(object_positions[obj])
+    return loss / (len(bboxes) * len(layer_maps))
+
+
+def test_layout_loss_matches_the_authors_code():
+    torch.manual_seed(4)
+    grids = [(4, 4), (8, 8), (6, 10)]
+    heads, text = 3, 9
+    layer_maps = [(torch.softmax(torch.randn(heads, h * w, text) * 2, dim=-1), (h, w)) for h, w in grids]
+    bboxes = [(0.1, 0.1, 0.6, 0.6), (0.5, 0.0, 1.0, 0.75)]
+    positions = [[2], [4, 5]]  # the second word has two tokens
+    expected = _chen_ca_loss(layer_maps, bboxes, positions)
+    columns = [2, 4, 5]
+    per_layer = tuple(m[:, :, columns].permute(0, 2, 1).reshape(1, heads, len(columns), h, w) for m, (h, w) in layer_maps)
+    masks = tuple(torch.stack([losses.hard_box(box, grid) for box in bboxes]) for grid in grids)
+    selector = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]])
+    torch.testing.assert_close(losses.layout_loss(per_layer, masks, selector)[0], torch.as_tensor(expected, dtype=torch.float32))
 
 
 def test_attend_excite_loss_matches_the_paper_code():
@@ -232,6 +260,45 @@ def test_boxdiff_loss_of_a_call_matches_the_reference_on_materialised_maps(tiny_
     smoothed = F.conv2d(F.pad(text[None, None], (1, 1, 1, 1), mode="reflect"), _paper_kernel(3, 0.5)[None, None])[0, 0]
     expected = _boxdiff_reference(smoothed, (0, 0, grid // 2, grid))
     assert recorded == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
+def test_layout_loss_of_a_call_matches_the_authors_code_on_materialised_maps(tiny_cache):
+    """BoxGuidance's default (Chen et al.'s ratio loss at their layers: the mid block and the first up block with
+    cross-attention) records at step 0 the authors' `compute_ca_loss` of the stock UNet's materialised maps, and
+    with a loss above the threshold every iteration steps (their loop)."""
+    pipe = tiny_cache("tiny-sd")
+    box = (0.1, 0.0, 0.6, 0.8)
+    control = attnctl.BoxGuidance({"cat": box}, iterations=2, loss_threshold=0.0, steps=(0.0, 0.5))
+    passes = []
+    with attnctl.apply(pipe, [control]) as handle:
+        seen, hook = _capture_inputs(pipe.unet)
+        try:
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+        finally:
+            hook.remove()
+        bound = handle.runtime.last_call.bound[0]
+        recorded = dict(bound.losses)[0][0]
+        layers = [layer.name for layer in bound.layers]
+    passes = [call for call in seen if call["grad"]]
+    assert len(passes) == 2  # two iterations at step 0 (the loss stays above 0), none at step 1
+    assert layers[0].startswith("mid_block.") and all(name.startswith(("mid_block.", "up_blocks.1.")) for name in layers)
+    stores: dict[str, list] = {}
+    saved = pipe.unet.attn_processors
+    pipe.unet.set_attn_processor({key: _Recording(stores.setdefault(key[: -len(".processor")], [])) for key in saved})
+    try:
+        with torch.no_grad():
+            first = passes[0]
+            pipe.unet(first["sample"], first["timestep"], encoder_hidden_states=first["encoder_hidden_states"])
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    layer_maps = []
+    for name in layers:
+        (probs,) = stores[name]  # (heads, N, T) of the one cond row
+        side = int(math.isqrt(probs.shape[1]))
+        layer_maps.append((probs, (side, side)))
+    position = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
+    expected = _chen_ca_loss(layer_maps, [box], [[position]])
+    assert recorded == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
 
 
 # -- identities ----------------------------------------------------------------------------------------------------

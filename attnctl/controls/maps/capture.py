@@ -183,8 +183,10 @@ def word_attention(
     scale: float | None = None,
     bias: torch.Tensor | Callable[[int, int], torch.Tensor | None] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Head-averaged attention mass of each word: `mean_h sum_t softmax(q k^T scale + bias)[.., t] S[w, t]`.
+    """Head-averaged attention mass of each word: `mean_h sum_t softmax(q k^T scale + bias)[.., t] S[w, t]`
+    (`per_head`: not averaged, (B, H, Nq, W)).
 
     q (B, H, Nq, D) are the query rows wanted; k (B, H, Nk, D) all keys (the softmax runs over all of them);
     selector (B, W, Nk), or (B, H, W, Nk) per head, weights the keys of each word (1 at its tokens; times
@@ -227,8 +229,9 @@ def word_attention(
             ],
             dim=-1,
         )
-        out.append(mass[..., :words].float().nan_to_num(0.0).mean(dim=1))  # a fully masked row attends to nothing
-    return torch.cat(out, dim=1)
+        mass = mass[..., :words].float().nan_to_num(0.0)  # a fully masked row attends to nothing
+        out.append(mass if per_head else mass.mean(dim=1))
+    return torch.cat(out, dim=2 if per_head else 1)
 
 
 class _CaptureHook(LayerHook):

@@ -377,6 +377,20 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
         set_field(self, "temperature", number(self.temperature, "BoxGuidance.temperature", minimum=0.0, exclusive_minimum=True))
         _smoothing(self)
 
+    def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
+        """Default with the ratio loss on a UNet: Chen et al.'s layers, the mid block's and the first up block's
+        cross-attention (8x8 and 16x16 on SD 1.x at 512 px); otherwise the maps' default level."""
+        layers = super().select(adapter)
+        if self.layers is not None or "ratio" not in self.constraints:
+            return layers
+        text = select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
+        mid = tuple(layer for layer in text if layer.name.startswith("mid_block."))
+        up = sorted({layer.name.split(".")[1] for layer in text if layer.name.startswith("up_blocks.")}, key=int)
+        if not mid or not up:
+            return layers
+        first_up = f"up_blocks.{up[0]}."
+        return mid + tuple(layer for layer in text if layer.name.startswith(first_up))
+
     @staticmethod
     def from_regions(regions: Any, words: Any, **fields: Any) -> BoxGuidance:
         """Box guidance whose boxes are the boxes of `regions` (a `Regions` or a list of `Region`): `words[i]` (a
@@ -412,37 +426,49 @@ class BoxGuidanceBound(LatentOptimizerBound):
                     for p in positions:
                         selector[row, s, where[p]] = 1.0
         super().__init__(control, context, columns, selector)
+        # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
+        self.keep_heads = "ratio" in control.constraints
+        self.layer_boxes = tuple(
+            torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]).to(context.device)
+            for layer in self.layers
+        )
         masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float()
         inside = (masks >= 0.5).float()
         bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
         self.masks = masks.to(context.device)
         self.bands = tuple(band.to(context.device) for band in bands)
 
-    def _loss(self, maps: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
+    def _loss(self, maps: Any, selector: torch.Tensor) -> torch.Tensor:
         c = self.control
-        total = maps.new_zeros(maps.shape[0])
-        if "ratio" in c.constraints:
-            total = total + losses.box_ratio_loss(losses.word_maps(maps, selector), self.masks)
+        total = None
+        if self.keep_heads:
+            total = losses.layout_loss(maps, self.layer_boxes, selector)
+            maps = self.averaged(maps) if self.boxdiff else None
         if self.boxdiff:
             subjects = losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma)
-            total = total + losses.boxdiff_loss(subjects, self.masks, self.boxdiff, c.topk, c.corner_width, self.bands)
+            boxdiff = losses.boxdiff_loss(subjects, self.masks, self.boxdiff, c.topk, c.corner_width, self.bands)
+            total = boxdiff if total is None else total + boxdiff
         return total
 
     def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):
         c = self.control
         size = c.scale * noise_variance(self.scheduler, inputs.get("timestep"), self.context)
 
-        def loss_of(maps: torch.Tensor) -> torch.Tensor:
+        def loss_of(maps: Any) -> torch.Tensor:
             return self._loss(maps, selector)
 
+        # the authors' loop: each iteration steps, and the next one runs while the loss before that step was above
+        # the threshold
+        going = None
         for iteration in range(c.iterations):
             loss, grad = self.gradient(x, inputs, frame, loss_of)
             if iteration == 0:
                 self.losses.append((outer.step.index, loss.tolist()))
-            above = loss > c.loss_threshold
-            if not bool(above.any()):
+                going = torch.ones_like(loss, dtype=torch.bool)
+            x = x - size * grad * going.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+            going = going & (loss > c.loss_threshold)
+            if iteration + 1 < c.iterations and not bool(going.any()):
                 break
-            x = x - size * grad * above.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         return x
 
 

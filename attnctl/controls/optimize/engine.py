@@ -96,6 +96,9 @@ class LatentOptimizerBound(Bound):
         self.hook = _MapHook(self)
         self._edit = Edit(hooks=(self.hook,))
         self.read: dict[int, torch.Tensor] = {}  # layer index -> (n, W, h, w) maps of the loss pass in progress
+        #: Keep each layer's maps per head at the layer's own grid ((n, H, W, h, w); `loss_maps` then gives them as a
+        #: tuple in layer order) instead of averaging heads and layers on the finest grid (the default).
+        self.keep_heads = False
         self.updates: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # step -> prompt -> (old, new)
         self.losses: list[tuple[int, list[float]]] = []  # (step, per-image loss before its update), for reports
         self._scheduler_wrapped = False
@@ -124,15 +127,20 @@ class LatentOptimizerBound(Bound):
         def bias(lo: int, hi: int) -> torch.Tensor | None:
             return block_bias(spec, slice(image.start + lo, image.start + hi), keys, q.device)
 
-        maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias)  # (n, Ni, W) float32
         h, w = geometry.image_hw
+        if self.keep_heads:
+            maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias, per_head=True)  # (n, H, Ni, W)
+            self.read[call.layer.index] = maps.transpose(2, 3).reshape(rows, q.shape[1], len(self.columns), h, w)
+            return
+        maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias)  # (n, Ni, W) float32
         maps = maps.transpose(1, 2).reshape(rows, len(self.columns), h, w)
         if (h, w) != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
         self.read[call.layer.index] = maps
 
-    def loss_maps(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall) -> torch.Tensor:
-        """The layer-averaged maps (n, W, h, w) of a loss pass at latent `x` (differentiable in `x`)."""
+    def loss_maps(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
+        """The layer-averaged maps (n, W, h, w) of a loss pass at latent `x` (differentiable in `x`); with
+        `keep_heads`, each layer's (n, H, W, h, w) maps, in layer order."""
         self.read = {}
         run = dict(inputs)
         run[self.main_input] = x
@@ -146,9 +154,23 @@ class LatentOptimizerBound(Bound):
                 f"attnctl: {type(self.control).__name__} read no attention map at {', '.join(missing)} in its loss pass "
                 "(another control on those layers computes their attention itself, or the layers did not run)"
             )
-        maps = torch.stack(list(self.read.values())).mean(dim=0)
+        if self.keep_heads:
+            maps = tuple(self.read[layer.index] for layer in self.layers)
+        else:
+            maps = torch.stack(list(self.read.values())).mean(dim=0)
         self.read = {}
         return maps
+
+    def averaged(self, per_layer: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Kept per-head, per-layer maps as the default form: heads averaged, each resized to the finest grid, layers
+        averaged (n, W, h, w)."""
+        resized = []
+        for maps in per_layer:
+            mean = maps.mean(dim=1)
+            if tuple(mean.shape[-2:]) != self.grid:
+                mean = F.interpolate(mean, size=self.grid, mode="bilinear", align_corners=False)
+            resized.append(mean)
+        return torch.stack(resized).mean(dim=0)
 
     # -- the step -----------------------------------------------------------------------------------------------
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -82,18 +82,33 @@ def retention_loss(subject_maps: torch.Tensor, previous: torch.Tensor) -> torch.
     return (1.0 - soft_iou(_unit(subject_maps), previous)).sum(dim=1)
 
 
-def word_maps(maps: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
-    """Each word's map (n, S, h, w): the probabilities of its token columns summed."""
-    return torch.einsum("nsw,nwhk->nshk", selector.to(maps.dtype), maps)
+def hard_box(box: tuple[float, float, float, float], grid: tuple[int, int]) -> torch.Tensor:
+    """(h, w) 0/1 mask of a relative box (x0, y0, x1, y1) as Chen et al.'s code makes it at a map's grid:
+    `mask[int(y0 h):int(y1 h), int(x0 w):int(x1 w)] = 1`."""
+    h, w = grid
+    x0, y0, x1, y1 = box
+    mask = torch.zeros(h, w)
+    mask[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = 1.0
+    return mask
 
 
-def box_ratio_loss(words: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Backward guidance of Chen, Laina, Vedaldi 2023 ("Training-Free Layout Control with Cross-Attention
-    Guidance", eq. 3): per word `(1 - sum_box A / sum A)^2`, summed over the words; `boxes` (S, h, w) in [0, 1]
-    (each cell's fraction inside the box); per image (n,)."""
-    inside = (words * boxes).flatten(2).sum(-1)
-    total = words.flatten(2).sum(-1).clamp(min=1e-12)
-    return ((1.0 - inside / total) ** 2).sum(dim=1)
+def layout_loss(per_layer: tuple[torch.Tensor, ...], masks: tuple[torch.Tensor, ...], selector: torch.Tensor) -> torch.Tensor:
+    """Backward guidance of Chen, Laina, Vedaldi 2023 ("Training-Free Layout Control with Cross-Attention Guidance",
+    WACV 2024; its code's `compute_ca_loss`): at each map layer, for each word and each of its tokens, the share of the
+    token's attention inside the word's box per head, `act_h = sum_box A_h / sum A_h`; the token's term is
+    `mean_h (1 - act_h)^2`, a word's the mean over its tokens; the loss sums the words and layers and divides by
+    (words x layers). `per_layer`: each layer's (n, H, W, h, w) maps of the W columns read; `masks`: each layer's
+    (S, h, w) word boxes at its grid; `selector` (n, S, W): the columns of each word. Per image (n,)."""
+    total = None
+    for maps, boxes in zip(per_layer, masks):
+        inside = torch.einsum("nhwxy,sxy->nhws", maps, boxes.to(maps.dtype))
+        mass = maps.flatten(-2).sum(-1).clamp(min=1e-12)  # (n, H, W)
+        terms = ((1.0 - inside / mass[..., None]) ** 2).mean(dim=1)  # (n, W, S)
+        chosen = selector.to(maps.dtype)
+        per_word = torch.einsum("nsw,nws->ns", chosen, terms) / chosen.sum(-1).clamp(min=1.0)
+        layer = per_word.sum(dim=1)
+        total = layer if total is None else total + layer
+    return total / (selector.shape[1] * len(per_layer))
 
 
 def _topk_mean(values: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
