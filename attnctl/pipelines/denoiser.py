@@ -206,6 +206,7 @@ class DenoiserHooks:
             return None
         runtime, adapter = self.runtime, self.runtime.adapter
         self._pending = None
+        self._reused = None  # never left over from a call that failed before its forward
         self.module = module
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
         batch = adapter.batch_size(inputs)
