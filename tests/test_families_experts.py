@@ -257,3 +257,25 @@ def test_wan22_image_to_video_two_experts_identity_and_a_control(pipe, monkeypat
     assert {entry[0].split(".")[0] for entry in probe.log if entry[0] != "bind"} == set(EXPERTS)
     with attnctl.apply(i2v, [attnctl.Reweight({"red": 3.0}, layers="transformer_2")]):
         assert not torch.equal(run(), stock)
+
+
+def test_tgate_across_the_two_experts(pipe):
+    """TGATE on Wan 2.2's two experts: after the gate each step runs its expert once (the uncond call returns the cond
+    call's prediction); the second expert's cross-attention has no stored mean (it never ran before the gate), so it
+    computes, and the report says so; remove() leaves both experts stock."""
+    stock = generate(pipe)
+    ran = {name: [] for name in EXPERTS}
+    hooks = [getattr(pipe, name).blocks[0].register_forward_hook(lambda m, a, o, name=name: ran[name].append(1)) for name in EXPERTS]
+    try:
+        with attnctl.apply(pipe, [attnctl.TGate(gate_step=1)]) as handle:
+            with pytest.warns(UserWarning, match="no stored cross-attention at transformer_2"):
+                out = generate(pipe)
+            report = handle.outputs["tgate"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+    assert len(ran["transformer"]) == 2 + 1 and len(ran["transformer_2"]) == 2  # steps 0-1 high noise, 2-3 low noise
+    assert report.hits > 0 and any("miss" in entry.ran for entry in report.entries.values())
+    assert all("forward" not in getattr(pipe, name).__dict__ for name in EXPERTS)
+    assert torch.equal(generate(pipe), stock)

@@ -26,6 +26,7 @@ compute the same thing: the one run is TGATE's single null-text row.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -161,6 +162,7 @@ class TGateBound(Bound):
         self.caches: dict[int, BranchCache] = {layer.index: BranchCache(self.index) for layer in context.layers}
         self.mean_mode: dict[int, bool] = {}
         self.passes = PassCounter()
+        self.warned = False
         self._dropped: tuple[int, int] = (-1, 0)  # (frame number, rows dropped by the row selection)
 
     # -- rows -----------------------------------------------------------------------------------------------------
@@ -242,7 +244,22 @@ class TGateBound(Bound):
         keys = ["mean"] * len(call.rows) if self.mean_mode.get(layer.index) else row_keys(call.rows, pass_index)
         return cache.load(call.rows, keys)
 
+    def warn_miss(self, layer: LayerInfo) -> None:
+        """Once per call: a cross-attention layer reached the gate's reuse with nothing stored (it did not run at step
+        gate - 1: Wan 2.2's second expert when the gate falls before it takes over), so it computes, without CFG."""
+        if self.warned:
+            return
+        self.warned = True
+        warnings.warn(
+            f"attnctl: TGate has no stored cross-attention at {layer.name} after its gate step {self.tgate.gate_step} (the "
+            "layer did not run at the step before it; on Wan 2.2 choose a gate step after the switch to the low-noise "
+            "expert): such layers compute their cross-attention from the cond prompt, and CFG stays dropped "
+            "(handle.outputs report them as 'miss')",
+            stacklevel=2,
+        )
+
     def finish(self) -> None:
+        self.warned = False
         for cache in self.caches.values():
             cache.clear()
         self.index.clear()
@@ -263,6 +280,8 @@ class _TGateHook(LayerHook):
         full = self.baseline * self.one_row
         if value is None:
             self.bound.report.record(call.step.index, self.layer.name, "miss", len(call.rows) * self.one_row, full)
+            if self.layer.kind == "cross":
+                self.bound.warn_miss(self.layer)
             return None
         self.bound.report.record(call.step.index, self.layer.name, "cached", 0.0, full, hit=True)
         return value
