@@ -1,0 +1,123 @@
+"""What a new user met in a first hour with the README, the examples and the public API (notes/firsthour.md):
+each test holds one fix. Tiny pipelines only; a few seconds in all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import attnctl
+from attnctl import AttnctlError, ConfigError, PAG, ReferenceAttention
+from attnctl.testing import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return make_tiny_pipeline("tiny-sd")
+
+
+def _processors(pipe) -> dict[str, str]:
+    return {name: type(p).__name__ for name, p in pipe.unet.attn_processors.items()}
+
+
+# -- read_maps ------------------------------------------------------------------------------------------------------
+def test_read_maps_leaves_a_half_precision_pipeline_in_its_dtype(capfd):
+    """diffusers' `from_pipe` casts every shared component to float32 (its default dtype), and the components are the
+    user's own: read_maps turned a bf16 pipeline into a float32 one (and printed diffusers' "modules that should be
+    kept in float32: []" notice twice). The img2img reader shares the modules and casts nothing."""
+    from attnctl.render.readout import img2img_of
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.unet.to(torch.bfloat16)
+    pipe.text_encoder.to(torch.bfloat16)  # the VAE stays float32: a mixed pipeline, as an upcast VAE is
+    capfd.readouterr()
+    reader = img2img_of(pipe)
+    assert reader.unet is pipe.unet and reader.vae is pipe.vae and reader.scheduler is pipe.scheduler
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32
+    assert type(reader).__name__ == "StableDiffusionImg2ImgPipeline"
+    assert "kept in float32" not in capfd.readouterr().err
+
+
+def test_read_maps_takes_one_word_as_a_string_and_refuses_a_non_image(sd):
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    result = attnctl.read_maps(sd, image, "a red cat", "red", num_inference_steps=2, magnets=False)
+    assert result.words == ("red",)  # not ('r', 'e', 'd')
+    for bad in (None, "missing.png", 3):
+        with pytest.raises(ConfigError, match="read_maps: images"):
+            attnctl.read_maps(sd, bad, "a red cat", ["red"], num_inference_steps=2)
+    assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
+
+
+# -- ReferenceAttention's image: a path checked when made, and relative to the job file ------------------------------
+def test_reference_attention_missing_image_is_a_config_error(tmp_path):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(ConfigError, match="nope.png"):
+        ReferenceAttention(str(missing))
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(ConfigError, match="not an image"):
+        ReferenceAttention(str(text))
+
+
+def test_job_file_reference_image_is_relative_to_the_job_file(tmp_path, monkeypatch):
+    from attnctl.render.jobs import load_job_file
+
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(folder / "ref.png")
+    (folder / "notes.txt").write_text("not an image")
+    jobs = folder / "jobs.jsonl"
+    lines = [
+        {"id": "ok", "prompt": "a cat", "seeds": [0], "controls": [{"type": "reference-attention", "image": "ref.png"}]},
+        {"id": "missing", "prompt": "a cat", "seeds": [0], "controls": [{"type": "reference-attention", "image": "nope.png"}]},
+        {"id": "text", "prompt": "a cat", "seeds": [0], "controls": [{"type": "reference-attention", "image": "notes.txt"}]},
+    ]
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    monkeypatch.chdir(tmp_path)  # another folder than the job file's
+    loaded = load_job_file(str(jobs))
+    ok = next(job for job in loaded.jobs if job.id == "ok")
+    assert ok.controls[0].image == str(folder / "ref.png")
+    problems = " | ".join(problem.message for problem in loaded.problems)
+    assert "nope.png" in problems and "notes.txt" in problems
+
+
+# -- Model.generate / attnctl.generate -----------------------------------------------------------------------------
+def test_generate_takes_one_control_as_apply_does_and_checks_the_prompt(sd):
+    model = attnctl.Model(sd, "tiny-sd")
+    with model:
+        result = model.generate("a red cat", seed=0, steps=1, controls=PAG(scale=1.0))
+        assert result.params["controls"][0]["type"] == "pag"
+        for bad in (None, 3, ["a", "b"]):
+            with pytest.raises(ConfigError, match="prompt"):
+                model.generate(bad, steps=1)
+    assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
+
+
+# -- interpolate: an argument the pipeline does not take is an error, not silently dropped -----------------------------
+def test_interpolate_refuses_an_argument_the_pipeline_does_not_take(sd):
+    with pytest.raises(ConfigError, match="num_inference_step'"):
+        attnctl.interpolate(sd, "a red cat", "a blue cat", n=3, num_inference_step=2)
+    assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
+
+
+# -- describe(): layer lists are cut between layers, and a layer without kernel features says so -----------------------
+def test_describe_cuts_layer_lists_between_names(sd):
+    from attnctl.selection import describe_layers
+
+    with attnctl.apply(sd, [PAG(scale=1.0)]) as handle:
+        text = handle.describe()
+        layers = handle.adapter.layers
+    assert "that can do no control" not in text
+    short = describe_layers(layers, 120)
+    shown = short.split(", ... (")[0].split(", ")
+    names = {f"{layer.name} ({layer.kind})" for layer in layers}
+    assert shown and all(entry in names for entry in shown), short
+    assert short.endswith(f"({len(layers)} layers in all)")
+
+
+def test_errors_above_are_attnctl_errors():
+    assert issubclass(ConfigError, AttnctlError)
