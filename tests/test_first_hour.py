@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import attnctl
-from attnctl import AttnctlError, ConfigError, PAG, ReferenceAttention
+from attnctl import PAG, AttnctlError, ConfigError, ReferenceAttention
 from attnctl.testing import make_tiny_pipeline
 
 

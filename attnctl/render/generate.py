@@ -180,7 +180,7 @@ class Model:
         parameter = self._parameters.get(argument)
         return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
-    def check(self, controls: Iterable[Control] = (), options: Mapping[str, Any] | None = None,
+    def check(self, controls: Control | Iterable[Control] = (), options: Mapping[str, Any] | None = None,
               negative_prompt: str | None = None) -> None:
         """Raise if these controls cannot act on this model (the checks of `attnctl.apply`, nothing left
         installed) or the pipeline call does not take these options."""
@@ -194,19 +194,20 @@ class Model:
                 f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
                 f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
             )
-        controls = tuple(controls)
+        controls = _as_controls(controls)
         if controls and not self._is_attached(controls):
             self.release()
             apply(self.pipe, controls, backend=self.backend).remove()
 
-    def resolve(self, prompt: str, *, controls: Iterable[Control] = (), negative_prompt: str | None = None,
+    def resolve(self, prompt: str, *, controls: Control | Iterable[Control] = (), negative_prompt: str | None = None,
                 steps: int | None = None, width: int | None = None, height: int | None = None,
                 guidance_scale: float | None = None, **options: Any) -> None:
         """Raise what `generate` would raise for these arguments before the first image pixel is computed: the
         call's options, the controls' layers and options (`attnctl.apply`) and their words in this prompt (bound
         at the first denoiser call). Runs the prompt encoding and stops the denoiser before its first layer;
         generates nothing and leaves no control attached."""
-        controls = tuple(controls)
+        controls = _as_controls(controls)
+        _check_prompt(prompt)
         self.check(controls, options, negative_prompt)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         _check_seed(0)
@@ -235,12 +236,13 @@ class Model:
             self.release()
 
     # -- generation -----------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, seed: int = 0, controls: Iterable[Control] = (), negative_prompt: str | None = None,
+    def generate(self, prompt: str, *, seed: int = 0, controls: Control | Iterable[Control] = (), negative_prompt: str | None = None,
                  steps: int | None = None, width: int | None = None, height: int | None = None,
                  guidance_scale: float | None = None, **options: Any) -> Generation:
         """Generate one image. Unset settings take the pipeline's defaults (and an embedded model's call
         defaults); `options` are further keyword arguments of the pipeline call."""
-        controls = tuple(controls)
+        controls = _as_controls(controls)
+        _check_prompt(prompt)
         seed = _check_seed(seed)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         handle = self._attach(controls)
@@ -403,7 +405,7 @@ class Model:
         return f"<attnctl.Model {self.name!r} {type(self.pipe).__name__} on {self.device} ({dtype_name(self.dtype)})>"
 
 
-def generate(pipe: Any, prompt: str, *, controls: Iterable[Control] = (), seed: int = 0,
+def generate(pipe: Any, prompt: str, *, controls: Control | Iterable[Control] = (), seed: int = 0,
              negative_prompt: str | None = None, steps: int | None = None, width: int | None = None,
              height: int | None = None, guidance_scale: float | None = None, backend: str = "auto",
              **options: Any) -> Generation:
@@ -417,6 +419,20 @@ def generate(pipe: Any, prompt: str, *, controls: Iterable[Control] = (), seed: 
 
 class _Resolved(Exception):
     """Raised by `Model.resolve` at the denoiser's first layer: the controls are bound, nothing is computed."""
+
+
+def _as_controls(controls: Control | Iterable[Control]) -> tuple[Control, ...]:
+    """One control or an iterable of them, as `attnctl.apply` takes them (anything else: ConfigError)."""
+    from ..handle import _control_tuple
+
+    return _control_tuple(controls)
+
+
+def _check_prompt(prompt: Any) -> None:
+    """One image per call: the prompt is one string (diffusers would raise its own ValueError for None or a number,
+    and a list would make several images)."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be one string (one image per call), got {prompt!r}")
 
 
 def _check_seed(seed: Any) -> int:
