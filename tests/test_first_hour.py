@@ -101,6 +101,9 @@ def test_generate_takes_one_control_as_apply_does_and_checks_the_prompt(sd):
 def test_interpolate_refuses_an_argument_the_pipeline_does_not_take(sd):
     with pytest.raises(ConfigError, match="num_inference_step'"):
         attnctl.interpolate(sd, "a red cat", "a blue cat", n=3, num_inference_step=2)
+    images = attnctl.interpolate(sd, "a red cat", "a blue cat", n=3, num_inference_steps=1, self_attention=False,
+                                 controls=PAG(scale=1.0))
+    assert len(images) == 3  # one extra control, as apply takes it
     assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
 
 
