@@ -97,6 +97,16 @@ def test_generate_takes_one_control_as_apply_does_and_checks_the_prompt(sd):
     assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
 
 
+def test_generation_save_names_a_bad_path(sd, tmp_path):
+    result = attnctl.generate(sd, "a red cat", seed=0, steps=1)
+    with pytest.raises(ConfigError, match="missing"):
+        result.save(str(tmp_path / "missing" / "cat.png"))
+    with pytest.raises(ConfigError, match=r"\.png"):
+        result.save(str(tmp_path / "cat.jpg"))
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary left
+    assert result.save(tmp_path / "cat.png") > 0
+
+
 # -- interpolate: an argument the pipeline does not take is an error, not silently dropped -----------------------------
 def test_interpolate_refuses_an_argument_the_pipeline_does_not_take(sd):
     with pytest.raises(ConfigError, match="num_inference_step'"):

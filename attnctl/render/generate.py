@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,7 +117,15 @@ class Generation:
         return save_video(self.frames, path, self.params, fsync=fsync)
 
     def save(self, path: str, *, fsync: bool = False) -> int:
-        """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written."""
+        """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written. The path
+        ends in .png and its folder exists (ConfigError otherwise, rather than PNG bytes under another extension or an
+        OSError naming the temporary file)."""
+        path = os.fspath(path)
+        if not path.lower().endswith(".png"):
+            raise ConfigError(f"Generation.save writes a PNG with its parameters; give a path ending in .png, got {path!r}")
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise ConfigError(f"Generation.save: the folder {folder!r} of {path!r} does not exist; create it first")
         return save_png(self.image, path, self.params, fsync=fsync)
 
 
