@@ -134,3 +134,21 @@ def test_describe_cuts_layer_lists_between_names(sd):
 
 def test_errors_above_are_attnctl_errors():
     assert issubclass(ConfigError, AttnctlError)
+
+
+# -- handle.outputs and a removed handle ----------------------------------------------------------------------------
+def test_outputs_say_why_a_key_is_missing_and_a_removed_handle_cannot_be_entered(sd):
+    from attnctl import HandleError
+
+    handle = attnctl.apply(sd, [attnctl.AttentionMaps(["cat"])])
+    try:
+        with pytest.raises(KeyError, match="no call has finished"):
+            handle.outputs["attention_maps"]
+        with pytest.raises(HandleError, match="they publish 'attention_maps'"):
+            handle.outputs["attention-maps"]
+        assert handle.outputs.get("attention_maps") is None and "attention_maps" not in handle.outputs
+    finally:
+        handle.remove()
+    with pytest.raises(HandleError, match="removed"):
+        with handle:
+            pass
