@@ -152,3 +152,25 @@ def test_outputs_say_why_a_key_is_missing_and_a_removed_handle_cannot_be_entered
     with pytest.raises(HandleError, match="removed"):
         with handle:
             pass
+
+
+# -- FastAttnPlan files ---------------------------------------------------------------------------------------------
+def test_fastattn_plan_load_names_a_missing_file_and_save_never_leaves_half_a_plan(tmp_path, monkeypatch):
+    from attnctl import FastAttnPlan
+
+    with pytest.raises(ConfigError, match="nope.json"):
+        FastAttnPlan.load(tmp_path / "nope.json")
+    plan = FastAttnPlan(model="UNet2DConditionModel", fingerprint="f", steps=2, resolution=(32, 32), window=4, threshold=0.1,
+                        methods=(("down.attn1", ("full", "step_share")),))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    before = path.read_text()
+    assert FastAttnPlan.load(path) == plan
+
+    def fail(self):
+        raise RuntimeError("serialisation failed")
+
+    monkeypatch.setattr(FastAttnPlan, "to_json", fail)
+    with pytest.raises(RuntimeError):
+        plan.save(path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -219,13 +219,28 @@ class FastAttnPlan:
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json() + "\n")
+        """Write the plan as JSON through a temporary file and a rename: never a half-written plan."""
+        text = self.to_json() + "\n"
+        path = os.fspath(path)
+        temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            with open(temp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(temp, path)
+        except BaseException:
+            if os.path.exists(temp):
+                os.remove(temp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FastAttnPlan:
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_json(handle.read())
+        """Read a plan saved by `save`; a missing or unreadable file is a ConfigError naming it."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"FastAttnPlan.load: cannot read the plan file {os.fspath(path)!r}: {error}") from None
+        return cls.from_json(text)
 
 
 # -- the control -------------------------------------------------------------------------------------------------
