@@ -174,3 +174,13 @@ def test_fastattn_plan_load_names_a_missing_file_and_save_never_leaves_half_a_pl
     with pytest.raises(RuntimeError):
         plan.save(path)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+# -- examples/generate.py: a bad --control is a usage error, not a traceback ----------------------------------------
+@pytest.mark.parametrize("control", ["notjson", '{"type": "pagg"}'])
+def test_generate_example_reports_a_bad_control_as_usage(control, tmp_path):
+    from .test_examples_smoke import run
+
+    result = run("examples/generate.py", ["--control", control], tmp_path, out=True)
+    assert result.returncode == 2 and "--control" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
