@@ -108,9 +108,14 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     """
     backend = validate_backend(backend)
     controls = _control_tuple(controls)
-    for control in controls:
+    for position, control in enumerate(controls):
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
+        if any(_same_control(control, earlier) for earlier in controls[:position]):
+            raise ConfigError(
+                f"attnctl.apply got the same control twice: {control!r}. Give it once: twice, its effect would apply "
+                "twice (weights multiplied, guidance terms added); to strengthen it, raise its scale or factor"
+            )
     _refuse_modular(pipe)
     attribute, entry = denoiser_of(pipe)
     entries = _experts(pipe, attribute, entry)
@@ -159,6 +164,19 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for module in denoisers.values():
         _LIVE[module] = handle
     return handle
+
+
+def _same_control(a: Control, b: Control) -> bool:
+    """The same object, or an equal control of the same class (a field holding a tensor, such as an in-memory region
+    mask, cannot be compared by value: such controls count as the same only when they are one object)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _experts(pipe: Any, attribute: str, entry: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -184,3 +184,20 @@ def test_generate_example_reports_a_bad_control_as_usage(control, tmp_path):
     result = run("examples/generate.py", ["--control", control], tmp_path, out=True)
     assert result.returncode == 2 and "--control" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+# -- one control given twice ----------------------------------------------------------------------------------------
+def test_apply_refuses_the_same_control_twice_and_leaves_the_pipeline_stock(sd):
+    import numpy as np
+
+    rw = attnctl.Reweight({"cat": 2.0})
+    for controls in ([rw, rw], [PAG(scale=1.0), PAG(scale=1.0)], [attnctl.Reweight({"cat": 2.0}), rw]):
+        with pytest.raises(ConfigError, match="same control twice"):
+            attnctl.apply(sd, controls)
+        assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
+    attnctl.apply(sd, [PAG(scale=1.0), PAG(scale=2.0, layers="down")]).remove()  # different controls: fine
+    mask = np.ones((8, 8), dtype=np.float32)
+    regions = [attnctl.Regions([attnctl.Region("a cat", mask=mask)]), attnctl.Regions([attnctl.Region("a cat", mask=mask)])]
+    assert attnctl.handle._same_control(*regions)  # mask fields compare without error
+    other = attnctl.Regions([attnctl.Region("a cat", mask=np.eye(8, dtype=np.float32) + 0.0)])
+    assert not attnctl.handle._same_control(regions[0], other)
