@@ -201,3 +201,18 @@ def test_apply_refuses_the_same_control_twice_and_leaves_the_pipeline_stock(sd):
     assert attnctl.handle._same_control(*regions)  # mask fields compare without error
     other = attnctl.Regions([attnctl.Region("a cat", mask=np.eye(8, dtype=np.float32) + 0.0)])
     assert not attnctl.handle._same_control(regions[0], other)
+
+
+# -- AttentionMapResult: a word it did not capture --------------------------------------------------------------------
+def test_attention_map_result_missing_word_is_an_attnctl_error_and_a_key_error(sd):
+    from attnctl import TokenError
+
+    with attnctl.apply(sd, [attnctl.AttentionMaps(["cat"])]) as handle:
+        sd("a red cat", num_inference_steps=1, height=32, width=32, generator=torch.Generator().manual_seed(0))
+        result = handle.outputs["attention_maps"]
+    for query in (lambda: result.masks("dog"), lambda: result["dog"], lambda: result[0]["dog"]):
+        with pytest.raises(TokenError, match="'dog' is not one of the captured words") as caught:
+            query()
+        assert isinstance(caught.value, KeyError) and not str(caught.value).startswith('"')
+    with pytest.raises(ConfigError, match="masks: word"):
+        result.masks(None)
