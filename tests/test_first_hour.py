@@ -216,3 +216,36 @@ def test_attention_map_result_missing_word_is_an_attnctl_error_and_a_key_error(s
         assert isinstance(caught.value, KeyError) and not str(caught.value).startswith('"')
     with pytest.raises(ConfigError, match="masks: word"):
         result.masks(None)
+
+
+# -- files the controls save: never half-written ------------------------------------------------------------------
+def test_saved_maps_and_layouts_are_never_half_written(sd, tmp_path, monkeypatch):
+    import numpy as np
+
+    from attnctl.controls.maps import heatmap
+    from attnctl.controls.regions import layout
+
+    with attnctl.apply(sd, [attnctl.AttentionMaps(["cat"])]) as handle:
+        sd("a red cat", num_inference_steps=1, height=32, width=32, generator=torch.Generator().manual_seed(0))
+        result = handle.outputs["attention_maps"]
+
+    class Broken:
+        def save(self, fp, *args, **kwargs):
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(heatmap, "grid", lambda tiles: Broken())
+    with pytest.raises(OSError, match="No space"):
+        result.save(str(tmp_path / "maps"))
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["image0_cat.png"]  # whole, and no temporary
+    assert Image.open(tmp_path / "maps" / "image0_cat.png").size == (32, 32)
+
+    regions = attnctl.Regions([attnctl.Region("a cat", box=(0, 0, 0.5, 1))])
+    monkeypatch.setattr(layout, "draw_layout", lambda *a, **k: Broken())
+    with pytest.raises(OSError, match="No space"):
+        layout.save_picture(regions, tmp_path / "layout.png")
+    with pytest.raises(OSError, match="No space"):
+        monkeypatch.setattr(Image.Image, "save", Broken.save)
+        layout.save_mask(torch.from_numpy(np.ones((4, 4))), str(tmp_path / "mask.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
