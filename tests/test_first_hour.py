@@ -249,3 +249,24 @@ def test_saved_maps_and_layouts_are_never_half_written(sd, tmp_path, monkeypatch
         monkeypatch.setattr(Image.Image, "save", Broken.save)
         layout.save_mask(torch.from_numpy(np.ones((4, 4))), str(tmp_path / "mask.png"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+
+
+# -- devices and dtypes a loader is given -------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of CUDA where there is none")
+def test_loaders_refuse_a_device_torch_cannot_use_before_loading():
+    from attnctl.render.generate import resolve_device
+
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            attnctl.load_pipeline("tiny-sd", device=device)
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device(device)  # Model.load and `attnctl render --device`
+    with pytest.raises(ConfigError, match="'gpu'"):
+        attnctl.load_pipeline("tiny-sd", device="gpu")
+
+
+def test_load_pipeline_takes_a_dtype_name_and_names_a_bad_one():
+    pipe = attnctl.load_pipeline("tiny-sd", torch_dtype="bfloat16")
+    assert pipe.unet.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16"):
+        attnctl.load_pipeline("tiny-sd", torch_dtype="fp16")

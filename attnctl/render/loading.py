@@ -112,8 +112,30 @@ def load_pipeline(
     (ConfigError with "did you mean"), never sent to a hub. Loading shows no progress bars (`quiet_loading`).
     """
     check_model_name(name_or_path)
+    torch_dtype, device = _check_dtype_and_device(torch_dtype, device)
     with quiet_loading():
         return _load(name_or_path, torch_dtype=torch_dtype, device=device, seed=seed, **kwargs)
+
+
+def _check_dtype_and_device(torch_dtype: Any, device: Any) -> tuple[Any, Any]:
+    """`torch_dtype` a torch dtype or its name ("float16"); `device` one torch can use here (ConfigError naming the
+    value otherwise, before anything loads)."""
+    import torch
+
+    names = ("float32", "float16", "bfloat16")
+    if isinstance(torch_dtype, str) and torch_dtype.removeprefix("torch.") in names:
+        torch_dtype = getattr(torch, torch_dtype.removeprefix("torch."))
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ConfigError(f"torch_dtype must be None, a torch dtype or one of {', '.join(names)}, got {torch_dtype!r}")
+    if device is not None:
+        from .generate import check_device_available
+
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from error
+        check_device_available(device)
+    return torch_dtype, device
 
 
 def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int, **kwargs: Any):
