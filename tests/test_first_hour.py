@@ -49,6 +49,8 @@ def test_read_maps_takes_one_word_as_a_string_and_refuses_a_non_image(sd):
     for bad in (None, "missing.png", 3):
         with pytest.raises(ConfigError, match="read_maps: images"):
             attnctl.read_maps(sd, bad, "a red cat", ["red"], num_inference_steps=2)
+    with pytest.raises(ConfigError, match="read_maps: prompt"):
+        attnctl.read_maps(sd, image, 3, ["red"], num_inference_steps=2)
     assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
 
 

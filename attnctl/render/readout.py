@@ -77,6 +77,8 @@ def read_maps(
                 f"read_maps: images must be PIL images (or numpy arrays / torch tensors as the pipeline takes them), one "
                 f"per prompt or a list of them; got {image!r}"
             )
+    if not isinstance(prompt, str) and not (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt)):
+        raise ConfigError(f"read_maps: prompt must be a string or a list of strings (one per image), got {prompt!r}")
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
         raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
