@@ -72,26 +72,10 @@ def resolve_device(device: str | None) -> torch.device:
         target = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from error
+    from .loading import check_device_available
+
     check_device_available(target)
     return target
-
-
-def check_device_available(target: torch.device) -> None:
-    """A CUDA or MPS device this torch cannot use is a ConfigError before anything loads (torch would fail later,
-    mid-load, with "Torch not compiled with CUDA enabled")."""
-    if target.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(
-                f"device {str(target)!r}: this torch sees no CUDA device (torch.cuda.is_available() is False: a CPU build "
-                "of torch, or no GPU); use device 'auto' or 'cpu'"
-            )
-        if target.index is not None and target.index >= count:
-            raise ConfigError(f"device {str(target)!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-    elif target.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(f"device {str(target)!r}: MPS is not available here; use device 'auto' or 'cpu'")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
