@@ -272,3 +272,16 @@ def test_load_pipeline_takes_a_dtype_name_and_names_a_bad_one():
     assert pipe.unet.dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="fp16"):
         attnctl.load_pipeline("tiny-sd", torch_dtype="fp16")
+
+
+# -- examples: a bad argument ends with its attnctl message, not a traceback ------------------------------------------
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("examples/regions.py", ["--region", "a cat", "0.8", "0", "0.2", "1"], "needs x0 < x1"),
+    ("examples/attention_maps.py", ["--words", "dog"], "'dog' is not in the cond prompt"),
+])
+def test_examples_report_an_attnctl_error_in_one_line(script, args, message, tmp_path):
+    from .test_examples_smoke import run
+
+    result = run(script, args, tmp_path, out=True)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
