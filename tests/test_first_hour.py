@@ -251,6 +251,8 @@ def test_saved_maps_and_layouts_are_never_half_written(sd, tmp_path, monkeypatch
         monkeypatch.setattr(Image.Image, "save", Broken.save)
         layout.save_mask(torch.from_numpy(np.ones((4, 4))), str(tmp_path / "mask.png"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+    with pytest.raises(ConfigError, match="nodir' does not exist"):  # names the folder, not a temporary file
+        layout.save_layout(regions, tmp_path / "nodir" / "layout.json")
 
 
 # -- devices and dtypes a loader is given -------------------------------------------------------------------------

@@ -110,6 +110,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> st
     file at `path` (nor the temporary). PIL callers pass `format=` (the temporary name has no image extension)."""
     path = os.fspath(path)
     folder, name = os.path.split(path)
+    if not os.path.isdir(folder or "."):
+        raise ConfigError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first")
     temp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
     try:
         write(temp)

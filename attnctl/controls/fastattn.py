@@ -49,7 +49,7 @@ from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
 from ..validation import number, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
-from .common import RowIndex, image_size, output_key, publish
+from .common import RowIndex, image_size, output_key, publish, write_atomically
 
 TECHNIQUES: tuple[str, ...] = ("window_residual", "step_share", "cfg_share")
 METHODS: tuple[str, ...] = ("full", "cfg_share", "window_residual", "window_residual+cfg_share", "step_share")
@@ -221,16 +221,12 @@ class FastAttnPlan:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON through a temporary file and a rename: never a half-written plan."""
         text = self.to_json() + "\n"
-        path = os.fspath(path)
-        temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
+
+        def write(temp: str) -> None:
             with open(temp, "w", encoding="utf-8") as handle:
                 handle.write(text)
-            os.replace(temp, path)
-        except BaseException:
-            if os.path.exists(temp):
-                os.remove(temp)
-            raise
+
+        write_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FastAttnPlan:
