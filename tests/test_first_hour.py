@@ -107,6 +107,12 @@ def test_generation_save_names_a_bad_path(sd, tmp_path):
         result.save(str(tmp_path / "cat.jpg"))
     assert not list(tmp_path.iterdir())  # nothing written, no temporary left
     assert result.save(tmp_path / "cat.png") > 0
+    video = attnctl.Generation(result.image, result.params, frames=[result.image, result.image])
+    with pytest.raises(ConfigError, match=r"\.mp4 or \.gif"):
+        video.save_video(str(tmp_path / "cat.webm"))
+    with pytest.raises(ConfigError, match="missing"):
+        video.save_video(str(tmp_path / "missing" / "cat.gif"))
+    assert video.save_video(str(tmp_path / "cat.gif")) > 0
 
 
 # -- interpolate: an argument the pipeline does not take is an error, not silently dropped -----------------------------

@@ -118,18 +118,14 @@ class Generation:
 
         if self.frames is None:
             raise ConfigError("this generation is an image, not a video: save it with save()")
+        path = _checked_path(path, (".mp4", ".gif"), "Generation.save_video writes an MP4 or an animated GIF")
         return save_video(self.frames, path, self.params, fsync=fsync)
 
     def save(self, path: str, *, fsync: bool = False) -> int:
         """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written. The path
         ends in .png and its folder exists (ConfigError otherwise, rather than PNG bytes under another extension or an
         OSError naming the temporary file)."""
-        path = os.fspath(path)
-        if not path.lower().endswith(".png"):
-            raise ConfigError(f"Generation.save writes a PNG with its parameters; give a path ending in .png, got {path!r}")
-        folder = os.path.dirname(path) or "."
-        if not os.path.isdir(folder):
-            raise ConfigError(f"Generation.save: the folder {folder!r} of {path!r} does not exist; create it first")
+        path = _checked_path(path, (".png",), "Generation.save writes a PNG with its parameters")
         return save_png(self.image, path, self.params, fsync=fsync)
 
 
@@ -432,6 +428,17 @@ def generate(pipe: Any, prompt: str, *, controls: Control | Iterable[Control] = 
 
 class _Resolved(Exception):
     """Raised by `Model.resolve` at the denoiser's first layer: the controls are bound, nothing is computed."""
+
+
+def _checked_path(path: Any, suffixes: tuple[str, ...], what: str) -> str:
+    """A save path with one of `suffixes` in an existing folder (ConfigError otherwise, before anything is written)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(suffixes):
+        raise ConfigError(f"{what}; give a path ending in {' or '.join(suffixes)}, got {path!r}")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{what.split(' writes')[0]}: the folder {folder!r} of {path!r} does not exist; create it first")
+    return path
 
 
 def _as_controls(controls: Control | Iterable[Control]) -> tuple[Control, ...]:
