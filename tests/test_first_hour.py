@@ -51,6 +51,12 @@ def test_read_maps_takes_one_word_as_a_string_and_refuses_a_non_image(sd):
             attnctl.read_maps(sd, bad, "a red cat", ["red"], num_inference_steps=2)
     with pytest.raises(ConfigError, match="read_maps: prompt"):
         attnctl.read_maps(sd, image, 3, ["red"], num_inference_steps=2)
+    again = attnctl.read_maps(sd, image, "a red cat", "red", num_inference_steps=2, magnets=False, height=32, width=32)
+    assert torch.equal(again.maps, result.maps)  # height / width (documented call options) are the image's here
+    with pytest.raises(ConfigError, match="num_inference_step'"):  # a typo, silently ignored by diffusers before
+        attnctl.read_maps(sd, image, "a red cat", ["red"], num_inference_step=2)
+    with pytest.raises(ConfigError, match="'output_type'.*from read_maps itself"):
+        attnctl.read_maps(sd, image, "a red cat", ["red"], strength=0.5, **{"output_type": "pil"})
     assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
 
 

@@ -83,6 +83,7 @@ def read_maps(
     if len(prompts) != len(images):
         raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
     reader = img2img_of(pipe)
+    call = _check_call_arguments(reader, call)
     size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
     resolution = (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
     words = words if isinstance(words, str) else tuple(words)  # one word as a string, as AttentionMaps takes it
@@ -92,6 +93,26 @@ def read_maps(
         result = handle.outputs["readout_maps"]
     result.images = [image.copy() if hasattr(image, "copy") else image for image in images]
     return result
+
+
+def _check_call_arguments(reader: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """The further arguments of the img2img call. Each must be a named argument of it (diffusers swallows an unknown
+    one, a typo such as `num_inference_step`, into `**kwargs` and ignores it), except `height` / `width`, which the
+    text-to-image call takes and most img2img calls do not (the size is the image's): those are left out there."""
+    import inspect
+
+    parameters = inspect.signature(reader.__call__).parameters
+    named = [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    call = {key: value for key, value in call.items() if key in named or key not in ("height", "width")}
+    unknown = [name for name in call if name not in named]
+    reserved = [name for name in call if name in ("prompt", "image", "strength", "generator", "output_type")]
+    if unknown or reserved:
+        raise ConfigError(
+            f"read_maps: {type(reader).__name__}.__call__ " + (f"takes no argument(s) {', '.join(map(repr, unknown))}"
+            if unknown else f"gets {', '.join(map(repr, reserved))} from read_maps itself") + "; further arguments: "
+            + ", ".join(name for name in named if name not in ("prompt", "image", "strength", "generator", "output_type"))
+        )
+    return call
 
 
 __all__ = ["img2img_of", "read_maps"]
