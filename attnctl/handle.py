@@ -108,9 +108,14 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     """
     backend = validate_backend(backend)
     controls = _control_tuple(controls)
-    for control in controls:
+    for position, control in enumerate(controls):
         if not isinstance(control, Control):
             raise ConfigError(f"attnctl.apply takes attnctl controls, got {control!r} ({type(control).__name__})")
+        if any(_same_control(control, earlier) for earlier in controls[:position]):
+            raise ConfigError(
+                f"attnctl.apply got the same control twice: {control!r}. Give it once: twice, its effect would apply "
+                "twice (weights multiplied, guidance terms added); to strengthen it, raise its scale or factor"
+            )
     _refuse_modular(pipe)
     attribute, entry = denoiser_of(pipe)
     entries = _experts(pipe, attribute, entry)
@@ -159,6 +164,19 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for module in denoisers.values():
         _LIVE[module] = handle
     return handle
+
+
+def _same_control(a: Control, b: Control) -> bool:
+    """The same object, or an equal control of the same class (a field holding a tensor, such as an in-memory region
+    mask, cannot be compared by value: such controls count as the same only when they are one object)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _experts(pipe: Any, attribute: str, entry: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -490,6 +508,8 @@ class Handle:
             )
 
     def __enter__(self) -> Handle:
+        if not self.live:
+            raise HandleError("attnctl: this handle was removed; the pipeline is stock again. Call attnctl.apply again")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -502,8 +522,10 @@ class Handle:
 
     @property
     def outputs(self) -> dict[str, Any]:
-        """What controls published during the last pipeline call (attention maps, reports), by key."""
-        return dict(self.runtime.outputs)
+        """What controls published during the last pipeline call (attention maps, reports), by key. A key that is
+        not there raises a KeyError (also a HandleError) that says why: no call yet, or no control publishes it."""
+        published = tuple(key for key in (getattr(c, "output_key", None) for c in self.controls) if key is not None)
+        return _Outputs(self.runtime.outputs, published)
 
     def describe(self) -> str:
         """Per control: the layers it resolved to, its step window and the backend of each layer, and why."""
@@ -536,3 +558,27 @@ class Handle:
     def __repr__(self) -> str:
         state = "live" if self.live else "removed"
         return f"<attnctl.Handle {state} on {type(self.pipeline).__name__} with {len(self.controls)} control(s)>"
+
+
+class MissingOutputError(HandleError, KeyError):
+    """`handle.outputs[key]` for a key that is not there (a KeyError, so `except KeyError` still catches it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class _Outputs(dict):
+    """`handle.outputs`: a plain dict whose missing keys say why they are missing."""
+
+    def __init__(self, outputs: Mapping[str, Any], published: tuple[str, ...]):
+        super().__init__(outputs)
+        self.published = published
+
+    def __missing__(self, key: Any) -> Any:
+        if key in self.published:
+            raise MissingOutputError(
+                f"attnctl: handle.outputs[{key!r}] is published during a pipeline call, and no call has finished since "
+                "attnctl.apply (or the last one failed); call the pipeline first, inside the with block"
+            )
+        listed = ", ".join(map(repr, self.published)) or "nothing (none of its controls publishes an output)"
+        raise MissingOutputError(f"attnctl: no control of this handle publishes handle.outputs[{key!r}]; they publish {listed}")

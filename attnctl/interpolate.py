@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,12 @@ import torch
 
 from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpolation, beta_points, sequence_prompts
 from .errors import ConfigError
-from .handle import apply
+from .handle import _control_tuple, apply
 
 
 def interpolate(
     pipe: Any, prompt_a: str, prompt_b: str, n: int = 5, *, mode: str = "outer", alpha: float = DEFAULT_BETA,
-    beta: float = DEFAULT_BETA, self_attention: bool = True, controls: list[Any] | tuple[Any, ...] = (),
+    beta: float = DEFAULT_BETA, self_attention: bool = True, controls: Any = (),
     **pipeline_kwargs: Any,
 ) -> list[Any]:
     """n images from `prompt_a` (t = 0) to `prompt_b` (t = 1), in one pipeline call of n rows.
@@ -42,6 +43,8 @@ def interpolate(
     for name in ("prompt", "prompt_embeds", "num_images_per_prompt", "output_type"):
         if name in pipeline_kwargs:
             raise ConfigError(f"interpolate: {name} is set by interpolate itself; leave it out of the pipeline arguments")
+    _check_arguments(pipe, pipeline_kwargs)
+    controls = _control_tuple(controls)
     points = beta_points(n, alpha, beta)
     control = AttentionInterpolation(points=points, mode=mode, self_attention=self_attention)
     options = {**embedded_defaults(pipe), **pipeline_kwargs}
@@ -59,6 +62,19 @@ def interpolate(
     if images is None:
         images = getattr(result, "frames", None)
     return list(images)
+
+
+def _check_arguments(pipe: Any, pipeline_kwargs: dict[str, Any]) -> None:
+    """Every pipeline argument must be a named argument of the pipeline call: diffusers swallows an unknown one (a
+    typo such as `num_inference_step`) into `**kwargs` and ignores it (`Model.generate` checks the same)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    named = [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    unknown = [name for name in pipeline_kwargs if name not in named]
+    if unknown:
+        raise ConfigError(
+            f"interpolate: {type(pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; it "
+            f"takes: {', '.join(name for name in named if name != 'self')}"
+        )
 
 
 def embedded_defaults(pipe: Any) -> dict[str, Any]:

@@ -94,5 +94,14 @@ def select_layers(
 
 
 def describe_layers(layers: tuple[LayerInfo, ...], limit: int = 400) -> str:
-    text = ", ".join(f"{l.name} ({l.kind})" for l in layers)
-    return text if len(text) <= limit else text[:limit] + f", ... ({len(layers)} layers in all)"
+    """The layers' names and kinds, cut after the last whole entry that fits in `limit` characters."""
+    entries = [f"{l.name} ({l.kind})" for l in layers]
+    text = ", ".join(entries)
+    if len(text) <= limit:
+        return text
+    shown: list[str] = []
+    for entry in entries:
+        if shown and len(", ".join(shown + [entry])) > limit:
+            break
+        shown.append(entry)
+    return ", ".join(shown) + f", ... ({len(layers)} layers in all)"

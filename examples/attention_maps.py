@@ -1,6 +1,6 @@
 """Per-word attention maps: heatmaps over the generated image and one grid per image.
 
-    python examples/attention_maps.py                             # embedded tiny-sd, offline
+    python examples/attention_maps.py                             # embedded toy-shapes, offline
     python examples/attention_maps.py --model tiny-sd3            # tiny-sdxl, tiny-sd3, tiny-flux, tiny-pixart too
     python examples/attention_maps.py --model black-forest-labs/FLUX.1-schnell --device cuda --dtype bfloat16 \
         --prompt "a red car next to a blue house" --words red,car,blue,house --steps 4
@@ -62,4 +62,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except attnctl.AttnctlError as error:  # a bad argument or input: its message, not a traceback
+        raise SystemExit(f"{__file__.rsplit('/', 1)[-1]}: {error}") from None

@@ -37,8 +37,11 @@ def main() -> None:
 
     controls = []
     for text in args.control:
-        data = json.loads(text)
-        controls.append(attnctl.Control.from_dict(data))  # class names accepted in any case, as in job files
+        try:
+            data = json.loads(text)
+            controls.append(attnctl.Control.from_dict(data))  # class names accepted in any case, as in job files
+        except (json.JSONDecodeError, attnctl.ConfigError) as error:
+            parser.error(f"--control {text!r}: {error}")
     name = args.model or default_model()
     from attnctl.render.generate import embedded_call_defaults
 
@@ -60,4 +63,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except attnctl.AttnctlError as error:  # a bad argument or input: its message, not a traceback
+        raise SystemExit(f"{__file__.rsplit('/', 1)[-1]}: {error}") from None

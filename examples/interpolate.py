@@ -57,4 +57,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except attnctl.AttnctlError as error:  # a bad argument or input: its message, not a traceback
+        raise SystemExit(f"{__file__.rsplit('/', 1)[-1]}: {error}") from None

@@ -163,14 +163,18 @@ def test_other_families_run_or_refuse(name, tiny_cache):
     assert not torch.allclose(ours[1:], stock[1:], **TOL)
 
 
-def test_bad_options(tiny_cache):
+def test_bad_options(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="image"):
         ReferenceAttention(3)
     with pytest.raises(ConfigError, match="strength"):
         ReferenceAttention("x.png", strength=-1)
     with pytest.raises(ConfigError, match="region"):
         ReferenceAttention("x.png", region=(0.5, 0, 0.1, 1))
-    control = ReferenceAttention("x.png", strength=2.0, region=(0, 0, 0.5, 1))
+    with pytest.raises(ConfigError, match="x.png' does not exist"):  # a path is checked when the control is made
+        ReferenceAttention("x.png")
+    path = str(tmp_path / "x.png")
+    picture().save(path)
+    control = ReferenceAttention(path, strength=2.0, region=(0, 0, 0.5, 1))
     assert Control.from_dict(control.to_dict()) == control
     with pytest.raises(ConfigError, match="PIL"):
         ReferenceAttention(picture()).to_dict()

@@ -5,6 +5,7 @@
 - `select_kinds`, `text_layers`: layer selections filtered by kind, and the default text layers
   (cross-attention on UNet / PixArt, joint attention on SD3 / Flux).
 - `image_size`, `output_key`, `publish`: the generated image's size, and the `handle.outputs` keys.
+- `write_atomically`: files the controls save (heatmaps, layouts, masks) go through a temporary name and a rename.
 
 The hook chain (`restricted_rows`, `restricted_tokens`, `backend_op`) is in `attnctl.processors.chain`; what
 a spec means (`spec_rows`, `spec_queries`, `spec_tokens`, `spans_range`, ...) in `attnctl.kernels.semantics`.
@@ -12,7 +13,8 @@ a spec means (`spec_rows`, `spec_queries`, `spec_tokens`, `spans_range`, ...) in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,3 +103,21 @@ def output_key(value: Any, owner: str) -> str:
 def publish(context: BindContext, key: str, value: Any) -> None:
     """Put `value` at `handle.outputs[key]` for this call (`apply` refused two controls with one key)."""
     context.outputs[key] = value
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
+    """`write(temporary path)`, then rename it to `path`: a failed or interrupted save never leaves a half-written
+    file at `path` (nor the temporary). PIL callers pass `format=` (the temporary name has no image extension)."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    if not os.path.isdir(folder or "."):
+        raise ConfigError(f"cannot write {path!r}: the folder {folder!r} does not exist; create it first")
+    temp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return path

@@ -49,7 +49,7 @@ from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
 from ..validation import number, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
-from .common import RowIndex, image_size, output_key, publish
+from .common import RowIndex, image_size, output_key, publish, write_atomically
 
 TECHNIQUES: tuple[str, ...] = ("window_residual", "step_share", "cfg_share")
 METHODS: tuple[str, ...] = ("full", "cfg_share", "window_residual", "window_residual+cfg_share", "step_share")
@@ -219,13 +219,24 @@ class FastAttnPlan:
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json() + "\n")
+        """Write the plan as JSON through a temporary file and a rename: never a half-written plan."""
+        text = self.to_json() + "\n"
+
+        def write(temp: str) -> None:
+            with open(temp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+
+        write_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FastAttnPlan:
-        with open(path, encoding="utf-8") as handle:
-            return cls.from_json(handle.read())
+        """Read a plan saved by `save`; a missing or unreadable file is a ConfigError naming it."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"FastAttnPlan.load: cannot read the plan file {os.fspath(path)!r}: {error}") from None
+        return cls.from_json(text)
 
 
 # -- the control -------------------------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def choose_backend(
             if failure is not None:
                 skipped.append(f"{name} skipped: {failure[1]}")
                 continue
-            needs = ", ".join(features) if features else "no control"
+            needs = ", ".join(features) if features else "plain attention (no kernel feature needed)"
             why = f"auto on {device_type}: first of {'/'.join(order)} ({source}) that can do {needs}"
             if skipped:
                 why += f" ({'; '.join(skipped)})"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,9 +69,13 @@ def resolve_device(device: str | None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        target = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from error
+    from .loading import check_device_available
+
+    check_device_available(target)
+    return target
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -113,10 +118,14 @@ class Generation:
 
         if self.frames is None:
             raise ConfigError("this generation is an image, not a video: save it with save()")
+        path = _checked_path(path, (".mp4", ".gif"), "Generation.save_video writes an MP4 or an animated GIF")
         return save_video(self.frames, path, self.params, fsync=fsync)
 
     def save(self, path: str, *, fsync: bool = False) -> int:
-        """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written."""
+        """Write the image as PNG with `params` in its text chunk (atomically); returns the bytes written. The path
+        ends in .png and its folder exists (ConfigError otherwise, rather than PNG bytes under another extension or an
+        OSError naming the temporary file)."""
+        path = _checked_path(path, (".png",), "Generation.save writes a PNG with its parameters")
         return save_png(self.image, path, self.params, fsync=fsync)
 
 
@@ -180,7 +189,7 @@ class Model:
         parameter = self._parameters.get(argument)
         return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
-    def check(self, controls: Iterable[Control] = (), options: Mapping[str, Any] | None = None,
+    def check(self, controls: Control | Iterable[Control] = (), options: Mapping[str, Any] | None = None,
               negative_prompt: str | None = None) -> None:
         """Raise if these controls cannot act on this model (the checks of `attnctl.apply`, nothing left
         installed) or the pipeline call does not take these options."""
@@ -194,19 +203,20 @@ class Model:
                 f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
                 f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
             )
-        controls = tuple(controls)
+        controls = _as_controls(controls)
         if controls and not self._is_attached(controls):
             self.release()
             apply(self.pipe, controls, backend=self.backend).remove()
 
-    def resolve(self, prompt: str, *, controls: Iterable[Control] = (), negative_prompt: str | None = None,
+    def resolve(self, prompt: str, *, controls: Control | Iterable[Control] = (), negative_prompt: str | None = None,
                 steps: int | None = None, width: int | None = None, height: int | None = None,
                 guidance_scale: float | None = None, **options: Any) -> None:
         """Raise what `generate` would raise for these arguments before the first image pixel is computed: the
         call's options, the controls' layers and options (`attnctl.apply`) and their words in this prompt (bound
         at the first denoiser call). Runs the prompt encoding and stops the denoiser before its first layer;
         generates nothing and leaves no control attached."""
-        controls = tuple(controls)
+        controls = _as_controls(controls)
+        _check_prompt(prompt)
         self.check(controls, options, negative_prompt)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         _check_seed(0)
@@ -235,12 +245,13 @@ class Model:
             self.release()
 
     # -- generation -----------------------------------------------------------------------------------------------
-    def generate(self, prompt: str, *, seed: int = 0, controls: Iterable[Control] = (), negative_prompt: str | None = None,
+    def generate(self, prompt: str, *, seed: int = 0, controls: Control | Iterable[Control] = (), negative_prompt: str | None = None,
                  steps: int | None = None, width: int | None = None, height: int | None = None,
                  guidance_scale: float | None = None, **options: Any) -> Generation:
         """Generate one image. Unset settings take the pipeline's defaults (and an embedded model's call
         defaults); `options` are further keyword arguments of the pipeline call."""
-        controls = tuple(controls)
+        controls = _as_controls(controls)
+        _check_prompt(prompt)
         seed = _check_seed(seed)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         handle = self._attach(controls)
@@ -403,7 +414,7 @@ class Model:
         return f"<attnctl.Model {self.name!r} {type(self.pipe).__name__} on {self.device} ({dtype_name(self.dtype)})>"
 
 
-def generate(pipe: Any, prompt: str, *, controls: Iterable[Control] = (), seed: int = 0,
+def generate(pipe: Any, prompt: str, *, controls: Control | Iterable[Control] = (), seed: int = 0,
              negative_prompt: str | None = None, steps: int | None = None, width: int | None = None,
              height: int | None = None, guidance_scale: float | None = None, backend: str = "auto",
              **options: Any) -> Generation:
@@ -417,6 +428,31 @@ def generate(pipe: Any, prompt: str, *, controls: Iterable[Control] = (), seed: 
 
 class _Resolved(Exception):
     """Raised by `Model.resolve` at the denoiser's first layer: the controls are bound, nothing is computed."""
+
+
+def _checked_path(path: Any, suffixes: tuple[str, ...], what: str) -> str:
+    """A save path with one of `suffixes` in an existing folder (ConfigError otherwise, before anything is written)."""
+    path = os.fspath(path)
+    if not path.lower().endswith(suffixes):
+        raise ConfigError(f"{what}; give a path ending in {' or '.join(suffixes)}, got {path!r}")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{what.split(' writes')[0]}: the folder {folder!r} of {path!r} does not exist; create it first")
+    return path
+
+
+def _as_controls(controls: Control | Iterable[Control]) -> tuple[Control, ...]:
+    """One control or an iterable of them, as `attnctl.apply` takes them (anything else: ConfigError)."""
+    from ..handle import _control_tuple
+
+    return _control_tuple(controls)
+
+
+def _check_prompt(prompt: Any) -> None:
+    """One image per call: the prompt is one string (diffusers would raise its own ValueError for None or a number,
+    and a list would make several images)."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be one string (one image per call), got {prompt!r}")
 
 
 def _check_seed(seed: Any) -> int:

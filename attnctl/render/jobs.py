@@ -28,9 +28,9 @@ JSON (`.json`): one object with the layout of the TOML file (`{"defaults": {...}
 
 Seeds are a list of integers, one integer (`seed = 3`), or a range `{ start = 0, count = 100 }`.
 
-File paths inside controls (region masks, saved plans) are resolved relative to the job file's folder:
-a string is a path when its key is one of `PATH_KEYS` or ends with one of `PATH_SUFFIXES`, at any depth
-(`regions = [{ prompt = "...", mask = "masks/left.png" }]`). Mask paths must name readable images.
+File paths inside controls (region masks, saved plans, reference images) are resolved relative to the job file's
+folder: a string is a path when its key is one of `PATH_KEYS` or ends with one of `PATH_SUFFIXES`, at any depth
+(`regions = [{ prompt = "...", mask = "masks/left.png" }]`). Mask and image paths must name readable images.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ JOB_KEYS: tuple[str, ...] = (
 )
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 #: Keys whose string values (at any depth of a control) are file paths, resolved against the job file's folder.
-PATH_KEYS: tuple[str, ...] = ("mask", "masks", "plan", "path")
+PATH_KEYS: tuple[str, ...] = ("mask", "masks", "plan", "path", "image")  # image: ReferenceAttention's reference
 PATH_SUFFIXES: tuple[str, ...] = ("_mask", "_masks", "_path", "_file")
 #: Keyword arguments of the pipeline call the renderer sets itself (or that cannot come from a data file).
 RESERVED_OPTIONS: tuple[str, ...] = (
@@ -558,7 +558,7 @@ def resolve_paths(value: Any, base: str, key: str = "") -> tuple[Any, list[str]]
         resolved = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
         if not os.path.isfile(resolved):
             errors.append(f"{key} file {value!r} not found (looked for {resolved})")
-        elif "mask" in key:
+        elif "mask" in key or key == "image":
             error = _image_error(resolved)
             if error:
                 errors.append(f"{key} file {value!r} is not a readable image: {error}")

@@ -112,8 +112,48 @@ def load_pipeline(
     (ConfigError with "did you mean"), never sent to a hub. Loading shows no progress bars (`quiet_loading`).
     """
     check_model_name(name_or_path)
+    torch_dtype, device = _check_dtype_and_device(torch_dtype, device)
     with quiet_loading():
         return _load(name_or_path, torch_dtype=torch_dtype, device=device, seed=seed, **kwargs)
+
+
+def _check_dtype_and_device(torch_dtype: Any, device: Any) -> tuple[Any, Any]:
+    """`torch_dtype` a torch dtype or its name ("float16"); `device` one torch can use here (ConfigError naming the
+    value otherwise, before anything loads)."""
+    import torch
+
+    names = ("float32", "float16", "bfloat16")
+    if isinstance(torch_dtype, str) and torch_dtype.removeprefix("torch.") in names:
+        torch_dtype = getattr(torch, torch_dtype.removeprefix("torch."))
+    if torch_dtype is not None and not isinstance(torch_dtype, torch.dtype):
+        raise ConfigError(f"torch_dtype must be None, a torch dtype or one of {', '.join(names)}, got {torch_dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}") from error
+        check_device_available(device)
+    return torch_dtype, device
+
+
+def check_device_available(target: Any) -> None:
+    """A CUDA or MPS device this torch cannot use is a ConfigError before anything loads (torch would fail later,
+    mid-load, with "Torch not compiled with CUDA enabled")."""
+    import torch
+
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device {str(target)!r}: this torch sees no CUDA device (torch.cuda.is_available() is False: a CPU build "
+                "of torch, or no GPU); use device 'auto' or 'cpu'"
+            )
+        if target.index is not None and target.index >= count:
+            raise ConfigError(f"device {str(target)!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif target.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {str(target)!r}: MPS is not available here; use device 'auto' or 'cpu'")
 
 
 def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int, **kwargs: Any):

@@ -19,6 +19,8 @@ import re
 import shutil
 from typing import Any
 
+from ..errors import ConfigError
+
 PNG_KEY = "attnctl"
 TEMP_PATTERN = re.compile(r"^\..+\.\d+\.tmp$")
 
@@ -184,10 +186,10 @@ def save_video(frames: list[Any], path: str, params: dict[str, Any], *, fsync: b
     """Atomically write `frames` with `params` to `path`: an MP4 when `path` ends in .mp4 (needs imageio-ffmpeg),
     else an animated GIF; returns the number of bytes written."""
     if not frames:
-        raise ValueError("a video needs at least one frame")
+        raise ConfigError("a video needs at least one frame")
     if path.lower().endswith(".mp4"):
         if video_format() != "mp4":
-            raise ValueError(f"writing {path} needs imageio-ffmpeg (pip install imageio-ffmpeg); write a .gif instead")
+            raise ConfigError(f"writing {path} needs imageio-ffmpeg (pip install imageio-ffmpeg); write a .gif instead")
         temp = temp_name(path)
         try:
             _mp4_file(frames, temp, params, fps)

@@ -1,8 +1,8 @@
 """The readout pass: attention maps of a given image through img2img (RefAM's zero-shot setting, docs/methods.md).
 
 `read_maps(pipe, images, prompt, words, strength=...)` re-noises the images to `strength` and runs the rest of the
-schedule through the same pipeline's denoiser (an img2img pipeline made from `pipe`'s components with
-`from_pipe`, so no weights are loaded or copied), with `AttentionMaps(words, magnets=...)` applied: the maps of
+schedule through the same pipeline's denoiser (an img2img pipeline made from `pipe`'s components, as diffusers'
+`from_pipe` does but with no dtype cast, so no weights are loaded, copied or cast), with `AttentionMaps(words, magnets=...)` applied: the maps of
 that pass are the readout. The given images are not changed; the readout's own output (the images the pass
 denoised) is thrown away. Works for images the pipeline generated (generate without magnets, read them after)
 and for any image.
@@ -19,7 +19,11 @@ from ..handle import apply
 
 
 def img2img_of(pipe: Any) -> Any:
-    """An img2img pipeline sharing `pipe`'s components (`pipe` itself if it already takes an image)."""
+    """An img2img pipeline sharing `pipe`'s components (`pipe` itself if it already takes an image).
+
+    Built with the img2img class's constructor from `pipe.components` and its config, as diffusers' `from_pipe`
+    does, but without `from_pipe`'s final `.to(dtype=float32)`: the components are the caller's own modules, and that
+    cast turned a half-precision pipeline into a float32 one (tests/test_first_hour.py)."""
     import inspect
 
     if "image" in inspect.signature(type(pipe).__call__).parameters and "strength" in inspect.signature(type(pipe).__call__).parameters:
@@ -28,7 +32,11 @@ def img2img_of(pipe: Any) -> Any:
 
     name = type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline")  # StableDiffusion(XL)Pipeline -> ...Img2ImgPipeline
     try:
-        made = getattr(diffusers, name).from_pipe(pipe)  # only that pipeline's module is imported
+        cls = getattr(diffusers, name)  # only that pipeline's module is imported
+        parameters = inspect.signature(cls.__init__).parameters
+        components = {key: value for key, value in pipe.components.items() if key in parameters}
+        settings = {key: value for key, value in pipe.config.items() if key in parameters and key not in components}
+        made = cls(**components, **settings)
     except (AttributeError, ValueError, KeyError, TypeError) as error:
         raise UnsupportedError(
             f"attnctl: read_maps needs an img2img pipeline for {type(pipe).__name__} ({name}), and diffusers has none to "
@@ -42,7 +50,7 @@ def read_maps(
     pipe: Any,
     images: Any,
     prompt: str | Sequence[str],
-    words: Sequence[Any],
+    words: str | Sequence[Any],
     *,
     strength: float = 0.5,
     magnets: bool | tuple[str, ...] = True,
@@ -63,18 +71,48 @@ def read_maps(
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
         raise ConfigError(f"read_maps: strength must be in (0, 1], got {strength!r}")
     images = list(images) if isinstance(images, (list, tuple)) else [images]
+    for image in images:
+        if not (hasattr(image, "convert") or isinstance(image, torch.Tensor) or type(image).__name__ == "ndarray"):
+            raise ConfigError(
+                f"read_maps: images must be PIL images (or numpy arrays / torch tensors as the pipeline takes them), one "
+                f"per prompt or a list of them; got {image!r}"
+            )
+    if not isinstance(prompt, str) and not (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt)):
+        raise ConfigError(f"read_maps: prompt must be a string or a list of strings (one per image), got {prompt!r}")
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
         raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
     reader = img2img_of(pipe)
+    call = _check_call_arguments(reader, call)
     size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
     resolution = (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
-    control = AttentionMaps(tuple(words), layers=layers, magnets=magnets, resolution=resolution, key="readout_maps")
+    words = words if isinstance(words, str) else tuple(words)  # one word as a string, as AttentionMaps takes it
+    control = AttentionMaps(words, layers=layers, magnets=magnets, resolution=resolution, key="readout_maps")
     with apply(reader, control) as handle:
         reader(prompts, image=images, strength=float(strength), generator=torch.Generator().manual_seed(seed), output_type="latent", **call)
         result = handle.outputs["readout_maps"]
     result.images = [image.copy() if hasattr(image, "copy") else image for image in images]
     return result
+
+
+def _check_call_arguments(reader: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """The further arguments of the img2img call. Each must be a named argument of it (diffusers swallows an unknown
+    one, a typo such as `num_inference_step`, into `**kwargs` and ignores it), except `height` / `width`, which the
+    text-to-image call takes and most img2img calls do not (the size is the image's): those are left out there."""
+    import inspect
+
+    parameters = inspect.signature(reader.__call__).parameters
+    named = [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    call = {key: value for key, value in call.items() if key in named or key not in ("height", "width")}
+    unknown = [name for name in call if name not in named]
+    reserved = [name for name in call if name in ("prompt", "image", "strength", "generator", "output_type")]
+    if unknown or reserved:
+        raise ConfigError(
+            f"read_maps: {type(reader).__name__}.__call__ " + (f"takes no argument(s) {', '.join(map(repr, unknown))}"
+            if unknown else f"gets {', '.join(map(repr, reserved))} from read_maps itself") + "; further arguments: "
+            + ", ".join(name for name in named if name not in ("prompt", "image", "strength", "generator", "output_type"))
+        )
+    return call
 
 
 __all__ = ["img2img_of", "read_maps"]

@@ -18,6 +18,7 @@ reference row's own image is a by-product (a reconstruction of the reference); d
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,8 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     steps: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image, os.PathLike):
+            set_field(self, "image", os.fspath(self.image))
         if not isinstance(self.image, str) and not hasattr(self.image, "convert"):
             raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {self.image!r}")
         if isinstance(self.reference_row, bool) or not isinstance(self.reference_row, int) or self.reference_row < 0:
@@ -74,6 +77,8 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         choice(self.branch, "ReferenceAttention.branch", ("both", "cond"))
         set_field(self, "layers", validate_layers(self.layers, name="ReferenceAttention.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="ReferenceAttention.steps"))
+        if isinstance(self.image, str):
+            _check_image_file(self.image)
 
     grid_dims = (2,)
     needs = ("row_inputs", "image_vae")
@@ -95,6 +100,21 @@ class ReferenceAttention(Control, type_name="reference-attention"):
 
     def bind(self, context: BindContext) -> _ReferenceBound:
         return _ReferenceBound(self, context)
+
+
+def _check_image_file(path: str) -> None:
+    """A missing or unreadable reference is a ConfigError when the control is made (a Region's mask file is checked
+    the same way), not an OSError at the first denoiser call."""
+    from PIL import Image
+
+    resolved = os.path.abspath(path)
+    if not os.path.isfile(resolved):
+        raise ConfigError(f"ReferenceAttention.image: file {path!r} does not exist (looked for {resolved!r})")
+    try:
+        with Image.open(resolved) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ConfigError(f"ReferenceAttention.image: {path!r} is not an image PIL can read: {error}") from None
 
 
 def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, dtype: Any) -> torch.Tensor:

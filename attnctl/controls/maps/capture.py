@@ -458,13 +458,20 @@ def _sparse_words(
     return torch.cat(out, dim=1)
 
 
+class MissingWordError(TokenError, KeyError):
+    """A word that was not captured, asked of an `AttentionMapResult` (a KeyError too, as for any mapping)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class _WordMaps(dict):
     """One image's maps by word label; a missing word says which labels there are."""
 
     def __missing__(self, key: Any) -> Any:
         if isinstance(key, (tuple, int)) and word_label(key) in self:
             return self[word_label(key)]
-        raise KeyError(_missing_word(key, tuple(self)))
+        raise MissingWordError(_missing_word(key, tuple(self)))
 
 
 def _missing_word(item: Any, words: tuple[str, ...]) -> str:
@@ -552,7 +559,7 @@ class AttentionMapResult:
             item = word_label(item)
         if isinstance(item, str):
             if item not in self.words:
-                raise KeyError(_missing_word(item, self.words))
+                raise MissingWordError(_missing_word(item, self.words))
             return self.maps[:, self.words.index(item)]
         return _WordMaps({word: self.maps[item, w] for w, word in enumerate(self.words)})
 
@@ -569,6 +576,8 @@ class AttentionMapResult:
         The rule (docs/methods.md "Segmentation masks from attention"): each image's map is min-max normalised to
         [0, 1] (the soft mask; a constant map gives zeros) and the binary mask is `soft >= threshold` (0.5, the
         half maximum, by default). Video: (videos, frames, height, width), normalised over the whole video."""
+        if isinstance(word, bool) or not isinstance(word, (str, tuple, int)):
+            raise ConfigError(f"masks: word must be a captured word, a (word, occurrence) pair or a token position, got {word!r}")
         item = word_label(word) if isinstance(word, (tuple, int)) else word
         return masks_from_maps(self[item], soft=soft, threshold=threshold, frames=self.frames is not None)
 

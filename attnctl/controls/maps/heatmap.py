@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common import write_atomically
+
 # (position, (r, g, b)) anchors of the "inferno" colour map
 _INFERNO = (
     (0.0, (0, 0, 4)), (0.125, (31, 12, 72)), (0.25, (85, 15, 109)), (0.375, (136, 34, 106)), (0.5, (186, 54, 85)),
@@ -115,11 +117,11 @@ def save_maps(
         for w, word in enumerate(words):
             picture = heatmap(maps[i, w], image, scaling=scaling)
             path = os.path.join(directory, f"image{i}_{names[w]}.png")
-            picture.save(path)
+            write_atomically(path, lambda temp, picture=picture: picture.save(temp, format="PNG"))
             written.append(path)
             tiles.append((word, picture))
         path = os.path.join(directory, f"image{i}_grid.png")
-        grid(tiles).save(path)
+        write_atomically(path, lambda temp, tiles=tiles: grid(tiles).save(temp, format="PNG"))
         written.append(path)
     return written
 
@@ -183,10 +185,11 @@ def save_video_maps(
                 for t in range(tokens)
             ]
             path = os.path.join(directory, f"video{i}_{names[w]}_strip.png")
-            grid(tiles).save(path)
+            write_atomically(path, lambda temp, tiles=tiles: grid(tiles).save(temp, format="PNG"))
             written.append(path)
             pictures = [_overlay(scaled[owner[f]], video[f] if video is not None else None) for f in range(shown)]
             path = os.path.join(directory, f"video{i}_{names[w]}.gif")
-            pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=max(1, round(1000 / fps)), loop=0)
+            write_atomically(path, lambda temp, pictures=pictures: pictures[0].save(
+                temp, format="GIF", save_all=True, append_images=pictures[1:], duration=max(1, round(1000 / fps)), loop=0))
             written.append(path)
     return written

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
+from ..common import write_atomically
 from .region import Region
 
 
@@ -108,11 +109,13 @@ def save_layout(regions: Layout, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".json"):
         raise ConfigError(f"layouts are saved as JSON; {path!r} must end in .json")
-    data = regions.to_dict()
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    return path
+    text = json.dumps(regions.to_dict(), indent=2) + "\n"
+
+    def write(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return write_atomically(path, write)
 
 
 def save_mask(mask: torch.Tensor, path: str) -> str:
@@ -120,8 +123,7 @@ def save_mask(mask: torch.Tensor, path: str) -> str:
     from PIL import Image
 
     array = np.round(mask.detach().cpu().double().clamp(0, 1).numpy() * 65535).astype(np.uint16)
-    Image.fromarray(array).save(path)
-    return path
+    return write_atomically(path, lambda temp: Image.fromarray(array).save(temp, format="PNG"))
 
 
 def draw_layout(regions: Layout, size: tuple[int, int] = (512, 512), background: Any = None):
@@ -174,8 +176,8 @@ def save_picture(regions: Layout, path: str | os.PathLike, size: tuple[int, int]
         info.add_text(PNG_KEY, json.dumps(regions.to_dict()))
     except ConfigError:
         pass  # in-memory masks: the picture is still useful without the data
-    draw_layout(regions, size=size, background=background).save(path, pnginfo=info)
-    return path
+    picture = draw_layout(regions, size=size, background=background)
+    return write_atomically(path, lambda temp: picture.save(temp, format="PNG", pnginfo=info))
 
 
 def _raster_tensor(region: Region, height: int, width: int) -> torch.Tensor:
