@@ -55,7 +55,18 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if line.startswith("attnctl render:")]
     assert len(errors) == 1, err
-    assert "Traceback" not in "\n".join(err)
+    # Python's logging reports its own failures ("--- Logging error ---" ... "Arguments: ...": diffusers logging the
+    # failed import of a torchao built for another torch, through a handler an earlier test's capture closed); that
+    # block is environment noise, not attnctl's output. Any other traceback fails the test.
+    kept, inside = [], False
+    for line in err:
+        if line.startswith("--- Logging error ---"):
+            inside = True
+        elif inside and line.startswith("Arguments:"):
+            inside = False
+        elif not inside:
+            kept.append(line)
+    assert "Traceback" not in "\n".join(kept), err
     return errors[0]
 
 
