@@ -10,8 +10,8 @@ Kernel size as docs/methods.md: `ceil(6 sigma) + 1` made odd (`ceil(6 sigma)` wh
 SEG-SDXL code), clamped as the authors clamp it to the grid's longer side L: `L - (L % 2 - 1)`, i.e. L when L is
 odd and L + 1 when it is even (one tap wider than the grid; its reflect padding of L / 2 still fits). The grid is
 never assumed square: one isotropic kernel for both axes; reflect padding, replicate padding on an axis (the
-shorter one) the pad would exceed. `sigma > 9999` (the authors' and diffusers' test) means infinite: every image
-query becomes the mean image query. (diffusers 0.42's `_gaussian_blur_2d` inverts its two branches and assumes a
+shorter one) the pad would exceed. `sigma >= 9999` means infinite (the project's specification; the authors' and
+diffusers' code test `> 9999`, which differs only at exactly 9999): every image query becomes the mean image query. (diffusers 0.42's `_gaussian_blur_2d` inverts its two branches and assumes a
 square, image-only sequence; not reproduced.)
 """
 
@@ -141,7 +141,7 @@ _KERNELS: dict[tuple[int, float, str], torch.Tensor] = {}
 
 def kernel_taps(sigma: float, grid_hw: tuple[int, int]) -> tuple[float, ...] | None:
     """The float32 taps of the blur over a `grid_hw` grid as Python floats (None: no kernel, the mean or no blur)."""
-    if sigma > INFINITE_SIGMA:
+    if sigma >= INFINITE_SIGMA:
         return None
     size = kernel_size(sigma, grid_hw)
     if size <= 1:
@@ -165,7 +165,7 @@ def blur_grid(images: torch.Tensor, sigma: float, taps: tuple[float, ...] | None
     from them in the graph, instead of a lookup in the process-wide kernel table that dynamo would guard on)."""
     height, width = images.shape[-2:]
     x = images.float()
-    if sigma > INFINITE_SIGMA:
+    if sigma >= INFINITE_SIGMA:
         return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
     size = kernel_size(sigma, (height, width))
     if size <= 1:

@@ -2,8 +2,9 @@
 
 The base-ratio blend of per-region cross-attention is the "attention mode" of Regional Prompter (hako-mikan,
 2023) and RPG's complementary regional diffusion (Yang et al., ICML 2024, "Mastering Text-to-Image Diffusion:
-Recaptioning, Planning, and Generating with Multimodal LLMs"). The joint-attention rules for MMDiT models are
-those of Chen et al. 2024, "Training-free Regional Prompting for Diffusion Transformers". Subject isolation is
+Recaptioning, Planning, and Generating with Multimodal LLMs"). The joint-attention rules for MMDiT models follow
+the project's specification, after Chen et al. 2024, "Training-free Regional Prompting for Diffusion Transformers",
+whose code masks harder (docs/methods.md says where). Subject isolation is
 the self-attention masking of Dahary et al., ECCV 2024, "Be Yourself: Bounded Attention for Multi-Subject T2I
 Generation" (without its guidance). Soft masks and per-cell overlap normalisation are ours (docs/methods.md).
 """
