@@ -70,7 +70,11 @@ class _EagerHook(LayerHook):
                               torch.full((image.stop - image.start,), math.log(self.control.strength), dtype=torch.float64)])
             logits = q[i][:, image].double() @ keys.transpose(-1, -2) * scale + bias
             read = torch.softmax(logits, -1) @ values
-            out[i, :, image] = (inside * read + (1 - inside) * out[i, :, image].double()).to(out.dtype)
+            stock = out[i, :, image].double()
+            mixed = inside * read + (1 - inside) * stock
+            if row.branch == "uncond":  # reference-only's style fidelity: sf * own attention + (1 - sf) * with the reference
+                mixed = self.control.style_fidelity * stock + (1 - self.control.style_fidelity) * mixed
+            out[i, :, image] = mixed.to(out.dtype)
         return out, None
 
 
@@ -80,6 +84,7 @@ class EagerReference(Control, type_name="test-eager-reference"):
     strength: float = 1.0
     region: tuple | None = None
     branch: str = "both"
+    style_fidelity: float = 0.0
 
     def select(self, adapter):
         return tuple(layer for layer in adapter.layers if layer.kind in ("self", "joint"))
@@ -133,7 +138,9 @@ def test_idle_is_bitwise_stock(name, tiny_cache):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}, {"branch": "cond"}], ids=["everywhere", "region", "cond"]
+    "options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}, {"branch": "cond"}, {"style_fidelity": 0.5},
+                {"style_fidelity": 0.3, "region": (0.0, 0.0, 0.5, 1.0)}],
+    ids=["everywhere", "region", "cond", "style-fidelity", "style-fidelity-region"],
 )
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
 def test_matches_eager_reference(name, options, tiny_cache):
@@ -141,7 +148,8 @@ def test_matches_eager_reference(name, options, tiny_cache):
     stock = run(pipe, name)
     with attnctl.apply(pipe, [ReferenceAttention(picture(), **options)]):
         ours = run(pipe, name)
-    with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"), options.get("branch", "both"))]):
+    with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"), options.get("branch", "both"),
+                                             options.get("style_fidelity", 0.0))]):
         expected = run(pipe, name)
     assert not torch.allclose(expected[1:], stock[1:], **TOL)
     torch.testing.assert_close(ours[1:], expected[1:], **TOL)
@@ -172,6 +180,10 @@ def test_bad_options(tiny_cache, tmp_path):
         ReferenceAttention("x.png", region=(0.5, 0, 0.1, 1))
     with pytest.raises(ConfigError, match="x.png' does not exist"):  # a path is checked when the control is made
         ReferenceAttention("x.png")
+    with pytest.raises(ConfigError, match="style_fidelity"):
+        ReferenceAttention(picture(), style_fidelity=1.5)
+    with pytest.raises(ConfigError, match="branch='both'"):
+        ReferenceAttention(picture(), branch="cond", style_fidelity=0.5)
     path = str(tmp_path / "x.png")
     picture().save(path)
     control = ReferenceAttention(path, strength=2.0, region=(0, 0, 0.5, 1))

@@ -49,7 +49,9 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     `reference_row`: the prompt row that carries the reference (default 0; give it a prompt describing the
     reference, and discard its output). `branch`: "both" (uncond rows read the reference's uncond row, cond rows its
     cond row) or "cond" (only the cond rows read it, so CFG amplifies the reference: reference-only's
-    style_fidelity = 1). `strength`: a factor on the attention the reference tokens get (logit bias
+    style_fidelity = 1). `style_fidelity` (with `branch="both"`): reference-only's blend on the uncond rows,
+    `style_fidelity * their own attention + (1 - style_fidelity) * with the reference` (the community pipeline's
+    default is 0.5; 0, the default here, is plain "both"; 1 is "cond"). `strength`: a factor on the attention the reference tokens get (logit bias
     log(strength); 0 is off). `region`: a box (x0, y0, x1, y1) of the generated images where they read the reference
     (None: everywhere). `seed`: of the fixed noise the reference is noised with. `layers`, `steps` as usual.
     """
@@ -62,6 +64,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     branch: str = "both"
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
+    style_fidelity: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.image, os.PathLike):
@@ -75,6 +78,12 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ReferenceAttention.seed must be an integer >= 0, got {self.seed!r}")
         choice(self.branch, "ReferenceAttention.branch", ("both", "cond"))
+        set_field(self, "style_fidelity", number(self.style_fidelity, "ReferenceAttention.style_fidelity", minimum=0, maximum=1))
+        if self.branch == "cond" and self.style_fidelity not in (0.0, 1.0):
+            raise ConfigError(
+                f"ReferenceAttention.style_fidelity={self.style_fidelity} blends the uncond rows, which branch='cond' leaves "
+                "stock; use branch='both' with it"
+            )
         set_field(self, "layers", validate_layers(self.layers, name="ReferenceAttention.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="ReferenceAttention.steps"))
         if isinstance(self.image, str):
@@ -240,7 +249,13 @@ class ReferenceHook(LayerHook):
         bias = on_device(self.bias, q.device, lambda device: self.bound.source_bias(call.geometry, device, torch.float32))
         own = appended_attention(call, q, k, v, spec, target_index, [source_index], bias,
                                  key_bias_cache=self.key_biases if bias is self.bias else None)
-        rows = tuple(range(batch)) if self.bound.control.region is not None else tuple(i for i in range(batch) if i not in set(targets))
+        fidelity = self.bound.control.style_fidelity
+        blended_rows = tuple(j for j, i in enumerate(targets) if call.rows.rows[i].branch == "uncond") if fidelity else ()
+        stock_of = set(targets[j] for j in blended_rows)
+        if self.bound.control.region is not None:
+            rows = tuple(range(batch))
+        else:
+            rows = tuple(i for i in range(batch) if i not in set(targets) or i in stock_of)
         kept = index(rows, q.device)
         with restricted_rows(call, rows):
             out, _ = compute(q.index_select(0, kept), k.index_select(0, kept), v.index_select(0, kept), spec_rows(spec, kept, batch))
@@ -255,5 +270,9 @@ class ReferenceHook(LayerHook):
             blended = stock.clone()
             blended[:, :, image] = stock[:, :, image] + weight * (own[:, :, image].to(stock.dtype) - stock[:, :, image])
             own = blended
+        if blended_rows:  # reference-only's style fidelity on the uncond rows
+            where = index(blended_rows, q.device)
+            stock = full.index_select(0, index(tuple(targets[j] for j in blended_rows), q.device))
+            own = own.index_copy(0, where, (fidelity * stock.float() + (1.0 - fidelity) * own.index_select(0, where).float()).to(own.dtype))
         full.index_copy_(0, target_index, own.to(out.dtype))
         return full, None
