@@ -87,6 +87,7 @@ class RefState:
     base_len: int = 0
     region_len: int = 0
     text_first: bool = False
+    rule: str = "open"  # "chen": Chen et al.'s code (image tokens see their own region only; background no text)
 
     def layout(self, n: int) -> RefLayout:
         return ref_layout(self.shapes, self.grids[n])
@@ -172,7 +173,9 @@ def joint_bias(state: RefState, n: int, cond: bool, isolate: bool) -> torch.Tens
     extra = torch.zeros(length, length, dtype=torch.float64)
     for i in range(length):
         if is_image[i]:
-            if cond and label[i] > 0:
+            if cond and state.rule == "chen":  # Chen et al.'s regional stream: own region's image and text only
+                allowed[i] = (is_image & (label == label[i])) | ((region == label[i] - 1) if label[i] > 0 else False)
+            elif cond and label[i] > 0:
                 allowed[i] = is_image | (region == label[i] - 1)
             else:
                 allowed[i] = is_image | is_base
@@ -206,7 +209,8 @@ def joint_attention(state: RefState, q: torch.Tensor, k: torch.Tensor, v: torch.
                 image_keys = torch.nonzero(is_image[base_keys]).flatten()
                 base_bias[:, image_keys] = isolation_bias(label[image].tolist(), state.subjects, state.strength)
             base = softmax_attention(q[row][:, image], k[row][:, base_keys], v[row][:, base_keys], base_bias)
-            w = ((1 - state.base_ratio) * layout.total)[None, :, None]
+            share = torch.ones_like(layout.total) if state.rule == "chen" else layout.total  # Chen et al.: every token
+            w = ((1 - state.base_ratio) * share)[None, :, None]
             masked[:, image] = (1 - w) * base + w * masked[:, image]
         out[row] = masked
     return out

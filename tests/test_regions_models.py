@@ -111,7 +111,7 @@ def test_cross_attention_matches_the_reference(name, base_ratio, isolate, streng
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def _joint_reference(pipe, name, regions, base_ratio, isolate, strength, **call):
+def _joint_reference(pipe, name, regions, base_ratio, isolate, strength, rule="open", **call):
     prompts = [r.prompt for r in regions]
     if name == "tiny-flux":
         embeds = pipe.encode_prompt(prompts, None, device="cpu", num_images_per_prompt=1, max_sequence_length=32)[0]
@@ -124,7 +124,7 @@ def _joint_reference(pipe, name, regions, base_ratio, isolate, strength, **call)
         embeds, negative = encode(prompts), encode([""] * len(prompts))
         grids, base_len, cfg = {16 * 24: (16, 24)}, 77 + 16, True
     state = ref.RefState(_shapes(regions), [r.subject for r in regions], base_ratio, isolate, strength, grids,
-                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux")
+                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux", rule=rule)
     undo = ref.install_joint_reference(pipe, state, embeds.detach(), None if negative is None else negative.detach(), cfg)
     try:
         return run(pipe, name, None, **call)
@@ -133,13 +133,15 @@ def _joint_reference(pipe, name, regions, base_ratio, isolate, strength, **call)
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
-@pytest.mark.parametrize("base_ratio, isolate, strength", [(0.0, False, float("inf")), (0.3, True, float("inf")), (0.2, True, 2.5)])
-def test_joint_attention_matches_the_reference(name, base_ratio, isolate, strength):
+@pytest.mark.parametrize("base_ratio, isolate, strength, rule", [(0.0, False, float("inf"), "open"), (0.3, True, float("inf"), "open"),
+                                                                 (0.2, True, 2.5, "open"), (0.3, False, float("inf"), "chen"),
+                                                                 (0.0, True, 2.5, "chen")])
+def test_joint_attention_matches_the_reference(name, base_ratio, isolate, strength, rule):
     pipe = make_tiny_pipeline(name)
     regions = layout()
     call = {"max_sequence_length": 16} if name == "tiny-sd3" else {}
-    got = run(pipe, name, [Regions(regions, base_ratio=base_ratio, isolate=isolate, isolation_strength=strength)], **call)
-    expected = _joint_reference(pipe, name, regions, base_ratio, isolate, strength, **call)
+    got = run(pipe, name, [Regions(regions, base_ratio=base_ratio, isolate=isolate, isolation_strength=strength, joint_rule=rule)], **call)
+    expected = _joint_reference(pipe, name, regions, base_ratio, isolate, strength, rule, **call)
     stock = run(pipe, name, None, **call)
     assert (got - stock).abs().max() > 1e-3
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -380,7 +382,7 @@ def test_joint_layers_outside_the_selection_hide_region_tokens(name, layers, act
                                       max_sequence_length=16)[0]
         embeds, negative, grids, base_len, cfg = encode(prompts), encode([""] * 3), {16 * 24: (16, 24)}, 93, True
     state = ref.RefState(_shapes(regions), [r.subject for r in regions], 0.2, True, float("inf"), grids,
-                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux")
+                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux", rule=rule)
     undo = ref.install_joint_reference(pipe, state, embeds.detach(), None if negative is None else negative.detach(), cfg,
                                        active=lambda key: active(key[: -len(".processor")]))
     try:

@@ -125,7 +125,7 @@ def isolation_table(subjects: tuple[bool, ...], strength: float) -> torch.Tensor
     return table
 
 
-def joint_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> torch.Tensor:
+def joint_table(subjects: tuple[bool, ...], isolate: bool, strength: float, rule: str = "open") -> torch.Tensor:
     """(2R+3, 2R+3) allow table of the masked joint softmax (0 allowed, -inf masked, -strength isolation).
 
     - an image token of region r (label r+1) attends to every image token and to region r's text;
@@ -134,7 +134,9 @@ def joint_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> t
     - region r's text (R+2+r) attends to itself and to region r's image tokens;
     - hidden text (2R+2: the region tokens of uncond rows) attends only to hidden text, and nothing attends to it.
 
-    With `isolate`, image tokens of two different subject regions get -strength between them.
+    With `isolate`, image tokens of two different subject regions get -strength between them. `rule="chen"` (Chen et
+    al.'s code): an image token attends only to the image tokens of its own label (background with background), and
+    a background token to no text.
     """
     regions = len(subjects)
     size = 2 * regions + 3
@@ -142,7 +144,11 @@ def joint_table(subjects: tuple[bool, ...], isolate: bool, strength: float) -> t
     image = slice(0, regions + 1)
     table[image, image] = isolation_table(subjects, strength) if isolate else 0.0
     base = regions + 1
-    table[0, base] = 0.0
+    if rule == "chen":
+        same = torch.eye(regions + 1, dtype=torch.bool)
+        table[image, image] = torch.where(same, table[image, image], torch.full_like(table[image, image], NEG_INF))
+    else:
+        table[0, base] = 0.0
     table[base, image] = 0.0
     table[base, base] = 0.0
     for r in range(regions):

@@ -55,6 +55,7 @@ class RegionsBound(Bound):
         self.subjects = tuple(region.subject for region in control.regions)
         self.isolating = control.isolating
         self.strength = float(control.isolation_strength)
+        self.joint_rule = control.joint_rule
         prompts_act = self.base_ratio < 1.0
         roles: dict[int, str] = {}
         for layer in selected:
@@ -167,7 +168,8 @@ class RegionsBound(Bound):
         key = ("blend?", grid)
         if key not in self._grids:
             layout = self.layout(grid)  # on the CPU: no device sync
-            self._grids[key] = self.base_ratio > 0 or bool((layout.total[layout.labels > 0] < 1).any())
+            soft = self.joint_rule == "open" and bool((layout.total[layout.labels > 0] < 1).any())
+            self._grids[key] = self.base_ratio > 0 or soft
         return self._grids[key]
 
     def blend_weight(self, grid: tuple[int, int], device: torch.device, kind: str) -> torch.Tensor:
@@ -175,7 +177,10 @@ class RegionsBound(Bound):
         `(1-b) M(x)` (the joint blend's masked share)."""
         key = ("weight", kind, grid, str(device))
         if key not in self._grids:
-            share = (1.0 - self.base_ratio) * self.layout(grid).total.float()
+            total = self.layout(grid).total.float()
+            if kind == "region" and self.joint_rule == "chen":  # every image token, background included (Chen et al.)
+                total = torch.ones_like(total)
+            share = (1.0 - self.base_ratio) * total
             weight = 1.0 - share if kind == "keep" else share
             self._grids[key] = weight.to(device)[None, None, :, None]
         return self._grids[key]
@@ -236,7 +241,7 @@ class RegionsBound(Bound):
                 labels.append(sequence.labels(shown, regions, cond))
                 tables.append("joint" if cond and with_tokens else "base")
             made = {
-                "joint": joint_table(self.subjects, self.isolating, self.strength),
+                "joint": joint_table(self.subjects, self.isolating, self.strength, self.joint_rule),
                 "base": base_table(self.subjects, self.isolating, self.strength),
             }
             table = made[tables[0]][None] if len(set(tables)) == 1 else torch.stack([made[t] for t in tables])

@@ -23,7 +23,7 @@ from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import number, set_field
+from ...validation import choice, number, set_field
 from .bound import RegionsBound
 from .layout import draw_layout, layout_fields, save_layout, save_mask
 from .region import Region
@@ -49,6 +49,11 @@ class Regions(Control, type_name="regions"):
       `max_sequence_length` positions: the same embeddings at the kept positions, without the padding
       positions the images would also attend to. At 1024x1024 with 512 text tokens, two regions add 1,024
       tokens to the 4,608 of every joint layer untrimmed, about 30 with it. Refused on other families.
+    - `joint_rule` (joint attention only): `"open"` (default, the project's rules: every image token sees every
+      image token, background tokens see the base text, the blend keeps background tokens stock) or `"chen"` (the
+      masking of Chen et al.'s code, instantX's Regional-Prompting-FLUX: an image token sees only its own region's
+      image tokens and text, background only background and no text, and every image token is blended
+      `(1 - b) masked + b base`); docs/methods.md "Regions".
 
     The regional prompts apply to the cond rows (and perturbed copies of them); unconditional rows keep the
     negative prompt everywhere. Isolation applies to every row, unconditional rows included (docs/methods.md does not
@@ -72,6 +77,9 @@ class Regions(Control, type_name="regions"):
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
     trim_prompts: bool = False
+    joint_rule: str = "open"
+
+    JOINT_RULES: ClassVar[tuple[str, ...]] = ("open", "chen")
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
         if adapter.text_attention == "cross" and not adapter.prompt_mask:
@@ -107,6 +115,7 @@ class Regions(Control, type_name="regions"):
         set_field(self, "steps", validate_steps(self.steps, name="Regions.steps"))
         if not isinstance(self.trim_prompts, bool):
             raise ConfigError(f"Regions.trim_prompts must be True or False, got {self.trim_prompts!r}")
+        choice(self.joint_rule, "Regions.joint_rule", self.JOINT_RULES)
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         if self.trim_prompts and (adapter.padded_text_tokenizer is None or adapter.text_attention != "joint"):
