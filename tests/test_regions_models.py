@@ -382,7 +382,7 @@ def test_joint_layers_outside_the_selection_hide_region_tokens(name, layers, act
                                       max_sequence_length=16)[0]
         embeds, negative, grids, base_len, cfg = encode(prompts), encode([""] * 3), {16 * 24: (16, 24)}, 93, True
     state = ref.RefState(_shapes(regions), [r.subject for r in regions], 0.2, True, float("inf"), grids,
-                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux", rule=rule)
+                         base_len=base_len, region_len=embeds.shape[1], text_first=name == "tiny-flux")
     undo = ref.install_joint_reference(pipe, state, embeds.detach(), None if negative is None else negative.detach(), cfg,
                                        active=lambda key: active(key[: -len(".processor")]))
     try:
