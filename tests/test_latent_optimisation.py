@@ -227,19 +227,25 @@ def test_attend_excite_gradient_step_matches_autograd_through_full_attention(tin
     torch.testing.assert_close(updated[:1], expected, rtol=1e-4, atol=1e-5)  # the uncond row shares the latent
 
 
-def test_boxdiff_loss_of_a_call_matches_the_reference_on_materialised_maps(tiny_cache):
-    """The BoxDiff loss BoxGuidance records at step 0 equals the paper's, computed from the stock UNet's materialised
-    cross-attention maps (Attend-and-Excite's renormalisation and smoothing, then the three constraints)."""
-    pipe = tiny_cache("tiny-sd")
-    control = attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("inner", "outer", "corner"), iterations=1,
-                                  steps=(0.0, 0.5), layers="cross")
+def _run_with_inputs(pipe, control):
+    """(every denoiser call's inputs, the control's bound) of a 2-step tiny-sd call with `control`."""
     with attnctl.apply(pipe, [control]) as handle:
         seen, hook = _capture_inputs(pipe.unet)
         try:
             generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
         finally:
             hook.remove()
-        recorded = dict(handle.runtime.last_call.bound[0].losses)[0][0]
+        return seen, handle.runtime.last_call.bound[0]
+
+
+def test_boxdiff_loss_of_a_call_matches_the_reference_on_materialised_maps(tiny_cache):
+    """The BoxDiff loss BoxGuidance records at step 0 equals the paper's, computed from the stock UNet's materialised
+    cross-attention maps (Attend-and-Excite's renormalisation and smoothing, then the three constraints)."""
+    pipe = tiny_cache("tiny-sd")
+    control = attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("inner", "outer", "corner"), iterations=1,
+                                  steps=(0.0, 0.5), layers="cross")
+    seen, bound = _run_with_inputs(pipe, control)
+    recorded = dict(bound.losses)[0][0]
     loss_pass = seen[0]
     store: list = []
     saved = pipe.unet.attn_processors
@@ -269,16 +275,9 @@ def test_layout_loss_of_a_call_matches_the_authors_code_on_materialised_maps(tin
     pipe = tiny_cache("tiny-sd")
     box = (0.1, 0.0, 0.6, 0.8)
     control = attnctl.BoxGuidance({"cat": box}, iterations=2, loss_threshold=0.0, steps=(0.0, 0.5))
-    passes = []
-    with attnctl.apply(pipe, [control]) as handle:
-        seen, hook = _capture_inputs(pipe.unet)
-        try:
-            generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
-        finally:
-            hook.remove()
-        bound = handle.runtime.last_call.bound[0]
-        recorded = dict(bound.losses)[0][0]
-        layers = [layer.name for layer in bound.layers]
+    seen, bound = _run_with_inputs(pipe, control)
+    recorded = dict(bound.losses)[0][0]
+    layers = [layer.name for layer in bound.layers]
     passes = [call for call in seen if call["grad"]]
     assert len(passes) == 2  # two iterations at step 0 (the loss stays above 0), none at step 1
     assert layers[0].startswith("mid_block.") and all(name.startswith(("mid_block.", "up_blocks.1.")) for name in layers)
