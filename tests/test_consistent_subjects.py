@@ -73,7 +73,11 @@ class _EagerHook(LayerHook):
                 continue
             keys = [k[i].double()] + [k[j][:, image].double() for j in sources]
             values = [v[i].double()] + [v[j][:, image].double() for j in sources]
-            extra = torch.where(inside, math.log(c.strength), -math.inf).double()
+            keep = inside
+            if c.sample_rate < 1:  # StoryDiffusion's sampling, as docs/methods.md gives its seeding
+                drawn = torch.rand(g.frames * h * w, generator=torch.Generator().manual_seed(c.seed * 1_000_003 + call.step.index))
+                keep = inside & (drawn < c.sample_rate)
+            extra = torch.where(keep, math.log(c.strength), -math.inf).double()
             bias = torch.cat([torch.zeros(k.shape[2], dtype=torch.float64)] + [extra] * len(sources))
             logits = q[i][:, image].double() @ torch.cat(keys, 1).transpose(-1, -2) * scale + bias
             if mask is not None:
@@ -89,6 +93,8 @@ class EagerConsistent(Control, type_name="test-eager-consistent"):
     reference: int | None = 0
     box: tuple | None = None
     strength: float = 1.0
+    sample_rate: float = 1.0
+    seed: int = 0
 
     def select(self, adapter):
         return tuple(layer for layer in adapter.layers if layer.kind in ("self", "joint"))
@@ -112,8 +118,9 @@ def test_idle_is_bitwise_stock(name, tiny_cache):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"subject": (0.0, 0.0, 0.5, 1.0), "strength": 3.0}, {"reference": None}, {"reference": 1, "strength": 0.5}],
-    ids=["reference", "box", "all", "row1"],
+    "options", [{}, {"subject": (0.0, 0.0, 0.5, 1.0), "strength": 3.0}, {"reference": None}, {"reference": 1, "strength": 0.5},
+                {"sample_rate": 0.5, "seed": 3}, {"reference": None, "subject": (0.0, 0.0, 0.5, 1.0), "sample_rate": 0.3}],
+    ids=["reference", "box", "all", "row1", "sampled", "all-box-sampled"],
 )
 @pytest.mark.parametrize("name", TINY_MODELS)
 def test_matches_eager_reference(name, options, tiny_cache):
@@ -121,7 +128,8 @@ def test_matches_eager_reference(name, options, tiny_cache):
     stock = run(pipe, name)
     with attnctl.apply(pipe, [ConsistentSubjects(**options)]):
         ours = run(pipe, name)
-    eager = EagerConsistent(options.get("reference", 0), options.get("subject"), options.get("strength", 1.0))
+    eager = EagerConsistent(options.get("reference", 0), options.get("subject"), options.get("strength", 1.0),
+                            options.get("sample_rate", 1.0), options.get("seed", 0))
     with attnctl.apply(pipe, [eager]):
         expected = run(pipe, name)
     assert not torch.allclose(expected, stock, **TOL)
@@ -165,8 +173,14 @@ def test_bad_options():
         ConsistentSubjects(strength=-1)
     with pytest.raises(ConfigError, match="reference"):
         ConsistentSubjects(reference=-1)
-    control = ConsistentSubjects(reference=None, subject=(0, 0, 0.5, 1), strength=2.0)
-    assert Control.from_dict(control.to_dict()) == control
+    for rate in (0, 1.5):
+        with pytest.raises(ConfigError, match="sample_rate"):
+            ConsistentSubjects(sample_rate=rate)
+    with pytest.raises(ConfigError, match="seed"):
+        ConsistentSubjects(seed=-1)
+    control = ConsistentSubjects(reference=None, subject=(0, 0, 0.5, 1), strength=2.0, sample_rate=0.5, seed=7)
+    assert Control.from_dict(control.to_dict()) == control and control != ConsistentSubjects(reference=None, subject=(0, 0, 0.5, 1), strength=2.0)
+    assert "every step" in ConsistentSubjects(sample_rate=0.5).compile_refusal(None)
 
 
 def test_reference_outside_the_call_raises(tiny_cache):

@@ -145,7 +145,9 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     attend to another subject's tokens, its own or appended (IR-Diffusion's isolation attention). `reposition`: a
     (reference box, target box) pair per subject: the reference's subject tokens are resampled from the first box onto
     the second before they are appended (IR-Diffusion's reposition attention; needs `reference`, replaces
-    `subject`; refused on rotary-position families).
+    `subject`; refused on rotary-position families). `sample_rate` in (0, 1]: StoryDiffusion's random sampling of the
+    source images' tokens, a fresh subset at each step shared by every layer, query and image of that step
+    (`sampled_tokens`, seeded by `seed`); 1 (default) appends them all.
     """
 
     reference: int | None = 0
@@ -158,6 +160,8 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     map_layers: LayerSpec = None
     isolate: bool = False
     reposition: Any = None
+    sample_rate: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.reference is not None and (isinstance(self.reference, bool) or not isinstance(self.reference, int) or self.reference < 0):
@@ -173,6 +177,12 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
             raise ConfigError(f"ConsistentSubjects.threshold must be in (0, 1], got {self.threshold!r}")
         set_field(self, "threshold", threshold)
         set_field(self, "map_layers", validate_layers(self.map_layers, name="ConsistentSubjects.map_layers"))
+        rate = number(self.sample_rate, "ConsistentSubjects.sample_rate", minimum=0, maximum=1)
+        if rate <= 0:
+            raise ConfigError(f"ConsistentSubjects.sample_rate must be in (0, 1], got {self.sample_rate!r}")
+        set_field(self, "sample_rate", rate)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"ConsistentSubjects.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.isolate, bool):
             raise ConfigError(f"ConsistentSubjects.isolate must be True or False, got {self.isolate!r}")
         given = [name for name in ("subject", "mask", "reposition") if getattr(self, name) is not None]
@@ -201,7 +211,8 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ConsistentSubjects):
             return NotImplemented
-        fields = ("reference", "subject", "strength", "layers", "steps", "threshold", "map_layers", "isolate", "reposition")
+        fields = ("reference", "subject", "strength", "layers", "steps", "threshold", "map_layers", "isolate", "reposition",
+                  "sample_rate", "seed")
         if any(getattr(self, f) != getattr(other, f) for f in fields):
             return False
         if (self.mask is None) != (other.mask is None):
@@ -212,7 +223,7 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     def __hash__(self) -> int:
         masks = None if self.mask is None else tuple(tuple(m.shape) for m in self.mask)
         return hash((self.reference, self.subject, self.strength, self.layers, self.steps, self.threshold, self.map_layers,
-                     self.isolate, self.reposition, masks))
+                     self.isolate, self.reposition, masks, self.sample_rate, self.seed))
 
     def to_dict(self) -> dict[str, Any]:
         out = Control.to_dict(self)
@@ -261,6 +272,9 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         return tuple(effects)
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        if self.sample_rate < 1:
+            return ("its sampled tokens change at every step, and the hook that carries them as constants with them: "
+                    "dynamo would recompile every step")
         if self.words:
             return ("its subject words' maps are captured into per-step Python state inside the processor (as "
                     "AttentionMaps does), so dynamo would recompile every step")
@@ -330,6 +344,14 @@ class LinkedKeysBound(Bound):
         self.index.clear()
 
 
+def sampled_tokens(seed: int, step: int, tokens: int, rate: float) -> torch.Tensor:
+    """(tokens,) bool on the CPU: StoryDiffusion's random sample of a source image's tokens at step `step`, each kept
+    with probability `rate` (`torch.rand < rate` from a private generator seeded `seed * 1_000_003 + step`, never the
+    pipeline's), the same for every layer, query and image of that step."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.rand(tokens, generator=generator) < rate
+
+
 def frame_device(frame: DenoiserCall) -> torch.device:
     """The device of the denoiser call's first tensor input (where the constants of its edits are made)."""
     for value in (frame.inputs or {}).values():
@@ -366,6 +388,7 @@ class _ConsistentBound(LinkedKeysBound):
         self.ready: torch.Tensor | None = None  # (prompt rows, words, gh, gw): the maps of the previous step
         self.step_seen: int | None = None
         self.pending_step: int | None = None
+        self.sample_step: int | None = None  # the step whose sampled tokens the cached plans hold
         if self.words:
             tokens = context.require_tokens("ConsistentSubjects(subject=<word>)")
             tokens.check_lengths()
@@ -419,6 +442,9 @@ class _ConsistentBound(LinkedKeysBound):
             links = self.links(frame.rows)
             if links[0]:
                 geometry = frame.geometry(layer)
+                if control.sample_rate < 1 and self.sample_step != frame.step.index:  # a fresh subset each step
+                    self.sample_step = frame.step.index
+                    self._edits.clear()
                 key = (links, tuple(row.prompt for row in frame.rows.rows), geometry.image_hw, geometry.frames, geometry.image_len,
                        self.step_seen if self.words else None)
                 found = self._edits.get(key)
@@ -538,9 +564,16 @@ class _ConsistentBound(LinkedKeysBound):
         bias = torch.full(labels.shape, log_strength, dtype=torch.float32, device=device).masked_fill_(labels == 0, -math.inf)
         return None, labels, bias
 
+    def sampled(self, tokens: int, gather: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """(n appended,) bool: the source tokens sampled at the current step (`sampled_tokens`; `gather`: the source
+        tokens appended, default all)."""
+        keep = upload(sampled_tokens(self.control.seed, self.sample_step or 0, tokens, self.control.sample_rate), device)
+        return keep if gather is None else keep.index_select(0, gather)
+
     def finish(self) -> None:
         super().finish()
         self.ready = None
+        self.sample_step = None
         self.step_seen = self.pending_step = None
         self._edits.clear()
 
@@ -629,11 +662,16 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
     grid = geometry.image_hw
     labels = None if (bound.control.subject is None and bound.control.mask is None and bound.control.reposition is None) \
         else bound.labels(grid, device)
+    sampling = bound.control.sample_rate < 1
     if labels is None and geometry.frames > 1:  # video, no subject: every token of every frame
         bias_all = torch.full((geometry.image_len,), math.log(bound.control.strength), dtype=torch.float32, device=device)
+        if sampling:
+            bias_all = bias_all.masked_fill(~bound.sampled(geometry.image_len, None, device), -math.inf)
         bias = [bias_all[None].expand(len(targets), -1) for _ in sources[0]]
         return _Plan(device, bias, None, None, None, None)
     gather, appended_labels, appended_bias = bound.appended(grid, labels, device)
+    if sampling:
+        appended_bias = appended_bias.masked_fill(~bound.sampled(grid[0] * grid[1], gather, device)[None], -math.inf)
     prompt = [r.prompt for r in rows.rows]
     target_prompts = upload(torch.tensor([prompt[t] for t in targets], dtype=torch.long), device)
     slots = range(len(sources[0]))
