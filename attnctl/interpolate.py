@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpolation, beta_points, sequence_prompts
 from .errors import ConfigError
 from .handle import _control_tuple, apply
+from .pipelines.protocol import named_call_arguments
 
 
 def interpolate(
@@ -67,13 +67,12 @@ def interpolate(
 def _check_arguments(pipe: Any, pipeline_kwargs: dict[str, Any]) -> None:
     """Every pipeline argument must be a named argument of the pipeline call: diffusers swallows an unknown one (a
     typo such as `num_inference_step`) into `**kwargs` and ignores it (`Model.generate` checks the same)."""
-    parameters = inspect.signature(pipe.__call__).parameters
-    named = [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    named = named_call_arguments(pipe)
     unknown = [name for name in pipeline_kwargs if name not in named]
     if unknown:
         raise ConfigError(
             f"interpolate: {type(pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; it "
-            f"takes: {', '.join(name for name in named if name != 'self')}"
+            f"takes: {', '.join(named)}"
         )
 
 

@@ -301,3 +301,12 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
             "[uncond, cond], cond only, separate cond/uncond calls (Flux / Chroma true CFG), SD3 skip-layer passes."
         )
     return layout
+
+
+def named_call_arguments(pipe: Any) -> tuple[str, ...]:
+    """The arguments `pipe.__call__` names. diffusers pipelines swallow any other keyword (a typo such as
+    `num_inference_step`) into `**kwargs` and ignore it, so callers that forward arguments check against these."""
+    import inspect
+
+    parameters = inspect.signature(pipe.__call__).parameters
+    return tuple(name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self")

@@ -16,6 +16,7 @@ from typing import Any
 from ..controls.maps.capture import AttentionMapResult, AttentionMaps
 from ..errors import ConfigError, UnsupportedError
 from ..handle import apply
+from ..pipelines.protocol import named_call_arguments
 
 
 def img2img_of(pipe: Any) -> Any:
@@ -99,10 +100,7 @@ def _check_call_arguments(reader: Any, call: dict[str, Any]) -> dict[str, Any]:
     """The further arguments of the img2img call. Each must be a named argument of it (diffusers swallows an unknown
     one, a typo such as `num_inference_step`, into `**kwargs` and ignores it), except `height` / `width`, which the
     text-to-image call takes and most img2img calls do not (the size is the image's): those are left out there."""
-    import inspect
-
-    parameters = inspect.signature(reader.__call__).parameters
-    named = [name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    named = named_call_arguments(reader)
     call = {key: value for key, value in call.items() if key in named or key not in ("height", "width")}
     unknown = [name for name in call if name not in named]
     reserved = [name for name in call if name in ("prompt", "image", "strength", "generator", "output_type")]

@@ -128,7 +128,6 @@ class _SkipBound(PerturbingBound):
 
     def __init__(self, control: SkipLayer, context):
         super().__init__(control, context.layers, context.adapter)
-        self.window = control.steps
         if control.scale == 0:
             return
         modules = context.adapter.transformer_blocks()
@@ -137,7 +136,7 @@ class _SkipBound(PerturbingBound):
 
     def active(self, step: StepInfo) -> bool:
         """diffusers' SD3 window, strict at both ends: `n start < i < n stop` (so step 0 never is)."""
-        start, stop = self.window
+        start, stop = self.steps
         return start * step.count < step.index < stop * step.count
 
     def _make(self, module: torch.nn.Module, current_frame):
