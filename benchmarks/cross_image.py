@@ -209,6 +209,36 @@ def consistent_picture(pipe: Any, seeds: range, path: str, scale: int = 3) -> No
     sheet.save(path)
 
 
+def reference_picture(pipe: Any, seeds: range, path: str, variants: dict[str, Any], scale: int = 3,
+                      reference: str = "a green circle on the left", prompt: str = "a circle on the left") -> None:
+    """One row per variant (None: stock; else a callable of the reference image): the reference, then the 3 counted
+    images of each seed of `seeds` (the benchmark's first seeds, not picked); saved to `path` (upscaled `scale`x)."""
+    from PIL import Image
+
+    import attnctl
+    from attnctl.toy import CALL_DEFAULTS
+
+    image = pipe(reference, generator=torch.Generator().manual_seed(1), **CALL_DEFAULTS).images[0]
+    rows = []
+    for make in variants.values():
+        row = [image]
+        for seed in seeds:
+            handle = attnctl.apply(pipe, [make(image)]) if make is not None else None
+            generators = [torch.Generator().manual_seed(1000 * seed + i) for i in range(4)]
+            try:
+                row += pipe([reference] + [prompt] * 3, generator=generators, **CALL_DEFAULTS).images[1:]
+            finally:
+                if handle is not None:
+                    handle.remove()
+        rows.append(row)
+    size, gap = image.width * scale, 4 * scale
+    sheet = Image.new("RGB", (len(rows[0]) * size + gap, len(rows) * size + (len(rows) - 1) * gap), (128, 128, 128))
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            sheet.paste(tile.resize((size, size), Image.NEAREST), (c * size + (gap if c else 0), r * (size + gap)))
+    sheet.save(path)
+
+
 def selection_variants() -> dict[str, Any]:
     """Candidates tried on the held-out seeds (1000-1015) before the benchmark seeds were run."""
     from attnctl.controls.cross_image.consistent import ConsistentSubjects
@@ -262,7 +292,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("all", "aid", "consistent", "consistent-select", "reference", "cost"), default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
-    parser.add_argument("--picture", default=None, help="with --only consistent: also save seeds 0-3 as a picture here")
+    parser.add_argument("--picture", default=None, help="with --only consistent or reference: also save seeds 0-3 as a picture here")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.n, args.repeats = 1, 3, 1
@@ -277,13 +307,20 @@ def main() -> None:
 
         variants_ref = {"stock": None, "ReferenceAttention()": lambda image: ReferenceAttention(image),
                         "ReferenceAttention(steps=(0,.5))": lambda image: ReferenceAttention(image, steps=(0.0, 0.5)),
-                        "ReferenceAttention(strength=.5)": lambda image: ReferenceAttention(image, strength=0.5)}
+                        "ReferenceAttention(strength=.5)": lambda image: ReferenceAttention(image, strength=0.5),
+                        "ReferenceAttention(adain=True)": lambda image: ReferenceAttention(image, adain=True),
+                        "ReferenceAttention(adain=True, style_fidelity=.5)":
+                            lambda image: ReferenceAttention(image, adain=True, style_fidelity=0.5),
+                        "ReferenceAttention(strength=0, adain=True)": lambda image: ReferenceAttention(image, strength=0.0, adain=True)}
         if args.quick:
             variants_ref = dict(list(variants_ref.items())[:2])
         print(f"reference attention: 3 images of 'a circle on the left' + the reference row, seeds 0..{args.seeds - 1}: "
               "the object takes the reference's colour (green)")
         for key, rate in reference_rates(pipe, range(args.seeds), 3, variants_ref).items():
-            print(f"  {key:32s} {rate:6.1%}", flush=True)
+            print(f"  {key:50s} {rate:6.1%}", flush=True)
+        if args.picture and args.only == "reference":
+            shown = ("stock", "ReferenceAttention()", "ReferenceAttention(adain=True)")
+            reference_picture(pipe, range(4), args.picture, {key: variants_ref[key] for key in shown})
         if args.only == "reference":
             return
     if args.only == "consistent-select":

@@ -67,7 +67,8 @@ class _EagerHook(LayerHook):
             keys = torch.cat([k[i].double(), k[j][:, image].double()], 1)
             values = torch.cat([v[i].double(), v[j][:, image].double()], 1)
             bias = torch.cat([torch.zeros(k.shape[2], dtype=torch.float64),
-                              torch.full((image.stop - image.start,), math.log(self.control.strength), dtype=torch.float64)])
+                              torch.full((image.stop - image.start,), math.log(self.control.strength) if self.control.strength else -math.inf,
+                                         dtype=torch.float64)])
             logits = q[i][:, image].double() @ keys.transpose(-1, -2) * scale + bias
             read = torch.softmax(logits, -1) @ values
             stock = out[i, :, image].double()
@@ -194,3 +195,88 @@ def test_bad_options(tiny_cache, tmp_path):
     with attnctl.apply(pipe, [ReferenceAttention(picture(), reference_row=5)]):
         with pytest.raises(ConfigError, match="prompt row 5"):
             run(pipe, "tiny-sd")
+
+
+# -- reference-only's AdaIN ---------------------------------------------------------------------------------------
+
+
+def community_adain_modules(unet, weight):
+    """The community StableDiffusionReferencePipeline's choice, transcribed: block weights (mid 0, down block w of D
+    1 - w / D, up block w of U w / U) doubled, AdaIN where `gn_auto_machine_weight >= weight`; inside a block after each
+    (resnet, transformer) stage, or each resnet of a block without attentions."""
+    chosen = [unet.mid_block]
+    for blocks, weights in ((unet.down_blocks, [1.0 - w / len(unet.down_blocks) for w in range(len(unet.down_blocks))]),
+                            (unet.up_blocks, [w / len(unet.up_blocks) for w in range(len(unet.up_blocks))])):
+        for block, block_weight in zip(blocks, weights):
+            if weight >= 2 * block_weight:
+                chosen.extend(block.attentions if hasattr(block, "attentions") else block.resnets)
+    return chosen
+
+
+def adain_hook(branch="both", style_fidelity=0.0):
+    """The community pipeline's AdaIN read step on the in-batch rows: each row of prompt > 0 takes the mean and the
+    variance (no correction, clamped at 1e-6) of the prompt-0 row of its CFG half; uncond rows blend by style fidelity."""
+
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        half = x.shape[0] // 2
+        out = x.clone()
+        for i in range(x.shape[0]):
+            source = 0 if i < half else half
+            uncond = i < half
+            if i == source or (branch == "cond" and uncond):
+                continue
+            var, mean = torch.var_mean(x[i].double(), dim=(1, 2), keepdim=True, correction=0)
+            ref_var, ref_mean = torch.var_mean(x[source].double(), dim=(1, 2), keepdim=True, correction=0)
+            moved = (x[i].double() - mean) / torch.clamp(var, min=1e-6) ** 0.5 * torch.clamp(ref_var, min=1e-6) ** 0.5 + ref_mean
+            if uncond:
+                moved = style_fidelity * x[i].double() + (1 - style_fidelity) * moved
+            out[i] = moved.to(x.dtype)
+        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"strength": 0.0}, {}, {"strength": 0.0, "adain_weight": 2.0}, {"strength": 0.0, "adain_weight": 0.0},
+     {"style_fidelity": 0.5}, {"branch": "cond"}],
+    ids=["adain-only", "attention+adain", "every-block", "mid-only", "style-fidelity", "cond"],
+)
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl"])
+def test_adain_matches_community_rule(name, options, tiny_cache):
+    pipe = tiny_cache(name)
+    stock = run(pipe, name)
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), adain=True, **options)]):
+        ours = run(pipe, name)
+    branch, fidelity = options.get("branch", "both"), options.get("style_fidelity", 0.0)
+    hooks = [module.register_forward_hook(adain_hook(branch, fidelity))
+             for module in community_adain_modules(pipe.unet, options.get("adain_weight", 1.0))]
+    try:
+        with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), None, branch, fidelity)]):
+            expected = run(pipe, name)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not torch.allclose(expected[1:], stock[1:], **TOL)
+    torch.testing.assert_close(ours[1:], expected[1:], **TOL)
+    assert torch.equal(run(pipe, name), stock)  # the block wraps are gone after the call's handle
+
+
+def test_adain_idle_and_refusals(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    stock = run(pipe, "tiny-sd")
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), adain=True, steps=(0.99, 1.0))]):
+        assert torch.equal(run(pipe, "tiny-sd"), stock)  # outside its steps every wrapped block returns its own output
+    with pytest.raises(ConfigError, match="adain_weight"):
+        ReferenceAttention(picture(), adain=True, adain_weight=2.5)
+    with pytest.raises(ConfigError, match="adain must be True or False"):
+        ReferenceAttention(picture(), adain="yes")
+    with pytest.raises(ConfigError, match="region"):
+        ReferenceAttention(picture(), adain=True, region=(0, 0, 0.5, 1))
+    assert "adain=False" in ReferenceAttention(picture(), adain=True).compile_refusal(None)
+    assert ReferenceAttention(picture()).compile_refusal(None) is None
+    flux = tiny_cache("tiny-flux")
+    with pytest.raises(attnctl.UnsupportedError, match="UNet"):
+        attnctl.apply(flux, [ReferenceAttention(picture(), adain=True)])
+    assert all(proc is not None for proc in flux.transformer.attn_processors.values())  # nothing left installed

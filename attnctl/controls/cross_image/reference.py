@@ -13,6 +13,15 @@ the reference row's image keys with a logit bias log(strength):
 
 inside `region` (a box of the generated image; outside it the stock attention), everywhere when None. The
 reference row's own image is a by-product (a reconstruction of the reference); discard it.
+
+Optionally (`adain=True`, UNet denoisers) reference-only's AdaIN ("reference_adain" in the community pipeline): after
+each ResNet / transformer stage of the selected UNet blocks, every linked row's feature map is moved to the reference
+row's per-channel mean and standard deviation over the spatial positions,
+
+    x' = (x - mean(x)) / std(x) * std(x_ref) + mean(x_ref),    std = sqrt(max(var, 1e-6)),
+
+the variance without correction, on the blocks whose weight the community pipeline's rule puts at or below
+`adain_weight`: the mid block 0, down block w of D `2 (1 - w / D)`, up block w of U `2 w / U`.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import torch
 
 from ...control import BindContext, Control
 from ...denoiser_call import DenoiserCall, RowLayout
-from ...errors import ConfigError, UnsupportedError
+from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
@@ -54,6 +63,10 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     default is 0.5; 0, the default here, is plain "both"; 1 is "cond"). `strength`: a factor on the attention the reference tokens get (logit bias
     log(strength); 0 is off). `region`: a box (x0, y0, x1, y1) of the generated images where they read the reference
     (None: everywhere). `seed`: of the fixed noise the reference is noised with. `layers`, `steps` as usual.
+    `adain`: also reference-only's AdaIN on the UNet's feature maps (module docstring; UNet families only; with
+    `strength=0` AdaIN alone); `adain_weight` in [0, 2] picks its blocks as the community pipeline's
+    `gn_auto_machine_weight` does (1, its default: the mid block and the lower-resolution half; 2: every block).
+    `style_fidelity` blends AdaIN on the uncond rows as it blends the attention.
     """
 
     image: Any
@@ -65,6 +78,8 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     layers: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
     style_fidelity: float = 0.0
+    adain: bool = False
+    adain_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.image, os.PathLike):
@@ -86,6 +101,14 @@ class ReferenceAttention(Control, type_name="reference-attention"):
             )
         set_field(self, "layers", validate_layers(self.layers, name="ReferenceAttention.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="ReferenceAttention.steps"))
+        if not isinstance(self.adain, bool):
+            raise ConfigError(f"ReferenceAttention.adain must be True or False, got {self.adain!r}")
+        set_field(self, "adain_weight", number(self.adain_weight, "ReferenceAttention.adain_weight", minimum=0, maximum=2))
+        if self.adain and self.region is not None:
+            raise ConfigError(
+                "ReferenceAttention.adain matches the whole feature map's channel statistics, which a region cannot confine; "
+                "use adain=False with region, or no region"
+            )
         if isinstance(self.image, str):
             _check_image_file(self.image)
 
@@ -104,11 +127,52 @@ class ReferenceAttention(Control, type_name="reference-attention"):
             raise ConfigError("ReferenceAttention.to_dict: the image is a PIL image; give a path to serialise it")
         return super().to_dict()
 
+    def validate_for(self, adapter: ModelAdapter) -> None:
+        if self.adain:
+            adain_modules(adapter.denoiser, self.adain_weight, adapter.family)
+
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
+        if self.adain:
+            return ("adain wraps the forward of UNet blocks for each pipeline call (instance-level wraps that read the call's "
+                    "row layout in Python), which a compiled UNet would trace once and keep; use adain=False under torch.compile")
         return None  # the edit hands its hook the row links and bias as constants (tests/test_compile_controls.py)
 
     def bind(self, context: BindContext) -> _ReferenceBound:
         return _ReferenceBound(self, context)
+
+
+ADAIN_EPS = 1e-6
+
+
+def adain_modules(denoiser: torch.nn.Module, weight: float, family: str = "unet") -> tuple[torch.nn.Module, ...]:
+    """The modules after whose output reference-only's AdaIN acts, for `adain_weight` `weight`: the mid block (weight
+    0), and in the down blocks (weight `2 (1 - w / D)` for block w of D) and up blocks (`2 w / U`) at or below `weight`
+    each transformer stage (`attentions[i]`, which follows `resnets[i]`) or, in blocks without attention, each ResNet."""
+    blocks = [getattr(denoiser, name, None) for name in ("down_blocks", "mid_block", "up_blocks")]
+    if family != "unet" or any(block is None for block in blocks):
+        raise UnsupportedError(
+            f"attnctl: ReferenceAttention(adain=True) moves the feature maps of a UNet's down, mid and up blocks to the "
+            f"reference's channel statistics (reference-only's AdaIN); the {family} family's "
+            f"{type(denoiser).__name__} has no such blocks. Use adain=False (reference attention alone)"
+        )
+    down, mid, up = blocks
+    chosen: list[torch.nn.Module] = [mid]
+    for stages, weights in ((down, [2.0 * (1.0 - w / len(down)) for w in range(len(down))]),
+                            (up, [2.0 * w / len(up) for w in range(len(up))])):
+        for block, block_weight in zip(stages, weights):
+            if weight < block_weight:
+                continue
+            attentions, resnets = getattr(block, "attentions", None), getattr(block, "resnets", None)
+            if attentions is not None and resnets is not None and len(attentions) == len(resnets):
+                chosen.extend(attentions)
+            elif attentions is None and resnets is not None:
+                chosen.extend(resnets)
+            else:
+                raise UnsupportedError(
+                    f"attnctl: ReferenceAttention(adain=True) does not know where the stages of a {type(block).__name__} end "
+                    "(it handles blocks of ResNets, each followed by at most one transformer); use adain=False"
+                )
+    return tuple(chosen)
 
 
 def _check_image_file(path: str) -> None:
@@ -176,7 +240,11 @@ class _ReferenceBound(LinkedKeysBound):
         self.eps = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
         self.canvas = context.canvas
         self._region: dict[Any, torch.Tensor] = {}
+        self._fidelity: dict[Any, torch.Tensor] = {}
         self.main_input = context.adapter.batched_inputs[0]
+        if control.adain:
+            for module in adain_modules(context.adapter.denoiser, control.adain_weight, context.adapter.family):
+                context.wrap_method(module, "forward", self._adain_wrap(context.current_frame))
 
     def find_links(self, rows: RowLayout) -> Links:
         linked = rows.linked(lambda prompt: self.control.reference_row)
@@ -202,7 +270,8 @@ class _ReferenceBound(LinkedKeysBound):
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
         """The reference row's latent input: the reference noised to this call's level."""
         rows = tuple(i for i, row in enumerate(frame.rows.rows) if row.prompt == self.control.reference_row)
-        if self.control.strength == 0 or not self.active(frame.step) or not rows or self.main_input not in inputs:
+        idle = self.control.strength == 0 and not self.control.adain
+        if idle or not self.active(frame.step) or not rows or self.main_input not in inputs:
             return inputs
         sample = inputs[self.main_input]
         if not isinstance(sample, torch.Tensor):
@@ -222,6 +291,61 @@ class _ReferenceBound(LinkedKeysBound):
         index = self.index(rows, sample.device)
         changed.index_copy_(0, index, packed.expand(len(rows), *packed.shape[1:]).to(sample.dtype))
         return {**inputs, self.main_input: changed}
+
+
+    def _adain_wrap(self, current_frame):
+        def make(original):
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                output = original(*args, **kwargs)
+                frame: DenoiserCall | None = current_frame()
+                if frame is None or not self.active(frame.step):
+                    return output
+                targets, sources = self.links(frame.rows)
+                if not targets:
+                    return output
+                sample = output if isinstance(output, torch.Tensor) else output[0]
+                if sample.shape[0] != len(frame.rows):
+                    raise CallLayoutError(
+                        f"attnctl: ReferenceAttention(adain=True) got a feature map of {sample.shape[0]} rows in a denoiser "
+                        f"call of {len(frame.rows)} rows"
+                    )
+                moved = self.adain_rows(sample, frame.rows, targets, tuple(s[0] for s in sources))
+                if isinstance(output, torch.Tensor):
+                    return moved
+                if isinstance(output, tuple):
+                    return (moved,) + tuple(output[1:])
+                output[next(iter(output.keys()))] = moved  # a diffusers BaseOutput: its first field
+                return output
+
+            return forward
+
+        return make
+
+    def adain_rows(self, sample: torch.Tensor, rows: RowLayout, targets: tuple[int, ...], sources: tuple[int, ...]) -> torch.Tensor:
+        """`sample` with each target row moved to its source row's per-channel mean and std (module docstring); an uncond
+        target with `style_fidelity` s keeps s of its own map."""
+        target_index, source_index = self.tensor(targets, sample.device), self.tensor(sources, sample.device)
+        spatial = tuple(range(2, sample.ndim))
+        own = sample.index_select(0, target_index).float()
+        var, mean = torch.var_mean(own, dim=spatial, keepdim=True, correction=0)
+        ref_var, ref_mean = torch.var_mean(sample.index_select(0, source_index).float(), dim=spatial, keepdim=True, correction=0)
+        moved = (own - mean) / var.clamp_min(ADAIN_EPS).sqrt() * ref_var.clamp_min(ADAIN_EPS).sqrt() + ref_mean
+        keep = self.fidelity_weight(rows, targets, sample.device)
+        if keep is not None:
+            moved = keep * own + (1.0 - keep) * moved
+        return sample.index_copy(0, target_index, moved.to(sample.dtype))
+
+    def fidelity_weight(self, rows: RowLayout, targets: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+        """(targets, 1, 1, 1): `style_fidelity` on the uncond targets, 0 on the others; None when all are 0."""
+        fidelity = self.control.style_fidelity
+        if not fidelity or all(rows.rows[i].branch != "uncond" for i in targets):
+            return None
+        key = (rows.rows, targets, device)
+        found = self._fidelity.get(key)
+        if found is None:
+            weights = [fidelity if rows.rows[i].branch == "uncond" else 0.0 for i in targets]
+            found = self._fidelity[key] = torch.tensor(weights, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
+        return found
 
 
 class ReferenceHook(LayerHook):
