@@ -115,7 +115,7 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     `steps`: the window (paper: the first 25 of 50 steps). `refine`:
     `(fraction, threshold)` pairs, iterative refinement at step `round(fraction * steps)` until every subject's
     maximum reaches `threshold` (paper: steps 0, 10, 20 of 50 at 0.05, 0.5, 0.8), at most `max_refinement_steps`
-    passes. `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
+    steps, as the authors' loop (the step after the one that reaches it is still taken; 0: no refinement). `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
     `sigma`: the smoothing (paper 3, 0.5; kernel_size 1: none). `layers`: the cross- or joint-attention layers
     whose maps are averaged (default: the UNet level two downsamplings below the latent, every text layer of a DiT).
     """
