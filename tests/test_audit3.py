@@ -157,10 +157,11 @@ def test_attend_excite_smoothing_pads_by_one_as_the_authors(kernel_size, sigma):
 
 # -- Attend-and-Excite: the whole loop against diffusers' pipeline ----------------------------------------------------
 def test_attend_excite_matches_diffusers_pipeline_with_refinement(tiny_cache):
-    """diffusers' `StableDiffusionAttendAndExcitePipeline` (the authors' loop) on the tiny SD model, 4 steps: updates
-    at steps 0-2 (`max_iter_to_alter=3` = `steps=(0, 0.75)`), refinement at steps 0 and 2. The step-0 threshold is set
-    between the losses of the 3rd and 4th refinement iterates (read from a first run), so the loop leaves early there;
-    at step 2 it runs into its cap of 20. Its map resolution is the tiny model's default map level (8 x 8)."""
+    """diffusers' `StableDiffusionAttendAndExcitePipeline` (the authors' loop, per image) on the tiny SD model, two
+    prompts, two subjects, 4 steps: updates at steps 0-2 (`max_iter_to_alter=3` = `steps=(0, 0.75)`), refinement at
+    steps 0 and 2. The step-0 threshold is set between the losses of the first image's 3rd and 4th refinement iterates
+    (read from a first run), so its loop leaves early there; at step 2 the loops run into their cap of 20. Its map
+    resolution is the tiny model's default map level (8 x 8)."""
     from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite import (
         pipeline_stable_diffusion_attend_and_excite as peer_module,
     )
@@ -172,7 +173,11 @@ def test_attend_excite_matches_diffusers_pipeline_with_refinement(tiny_cache):
         scheduler=parts["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     peer.set_progress_bar_config(disable=True)
-    cat = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
+    prompts = [PROMPT, "a red photo of a big cat"]
+    indices = []
+    for prompt in prompts:
+        ids = pipe.tokenizer(prompt).input_ids
+        indices.append([ids.index(pipe.tokenizer.convert_tokens_to_ids(word)) for word in ("cat</w>", "photo</w>")])
     seen: list[float] = []
     compute_loss = peer_module.StableDiffusionAttendAndExcitePipeline._compute_loss
 
@@ -183,7 +188,7 @@ def test_attend_excite_matches_diffusers_pipeline_with_refinement(tiny_cache):
 
     def run_peer(thresholds):
         generator = torch.Generator().manual_seed(0)
-        return peer(PROMPT, token_indices=[cat], height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
+        return peer(prompts, token_indices=indices, height=32, width=32, num_inference_steps=4, guidance_scale=5.0,
                     generator=generator, output_type="latent", max_iter_to_alter=3, thresholds=thresholds,
                     attn_res=(8, 8)).images
 
@@ -199,10 +204,10 @@ def test_attend_excite_matches_diffusers_pipeline_with_refinement(tiny_cache):
     finally:
         peer_module.StableDiffusionAttendAndExcitePipeline._compute_loss = staticmethod(compute_loss)
         pipe.unet.set_attn_processor(saved)
-    control = attnctl.AttendExcite(subjects=["cat"], steps=(0.0, 0.75), refine=((0.0, threshold), (0.5, 0.5)))
+    control = attnctl.AttendExcite(subjects=["cat", "photo"], steps=(0.0, 0.75), refine=((0.0, threshold), (0.5, 0.5)))
     with attnctl.apply(pipe, [control]):
-        got = generate(pipe, "tiny-sd", prompt=PROMPT, steps=4, guidance=5.0)
-    stock = generate(pipe, "tiny-sd", prompt=PROMPT, steps=4, guidance=5.0)
+        got = generate(pipe, "tiny-sd", prompt=prompts, steps=4, guidance=5.0)
+    stock = generate(pipe, "tiny-sd", prompt=prompts, steps=4, guidance=5.0)
     effect = (expected - stock).abs().max()
     assert effect > 1e-2
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-3 * effect.item())
