@@ -75,14 +75,14 @@ class TGate(Control, type_name="tgate"):
         number of steps nothing changes.
     warm_up, sp_interval, fi_interval: TGATE v2's self-attention reuse (off while both intervals are None):
         after `warm_up` steps, store every `sp_interval` steps before the gate and every `fi_interval` after it,
-        reusing the stored output in between.
+        reusing the stored output in between (`warm_up` 2 as the reference code's; the intervals are opt-in).
     layers: the attention layers; default the cross-attention layers (and the self-attention layers when an
         interval is set). Cross layers get the caching, self layers the v2 reuse.
     key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
     gate_step: int = 10
-    warm_up: int = 0
+    warm_up: int = 2
     sp_interval: int | None = None
     fi_interval: int | None = None
     layers: LayerSpec = None

@@ -115,7 +115,7 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     `steps`: the window (paper: the first 25 of 50 steps). `refine`:
     `(fraction, threshold)` pairs, iterative refinement at step `round(fraction * steps)` until every subject's
     maximum reaches `threshold` (paper: steps 0, 10, 20 of 50 at 0.05, 0.5, 0.8), at most `max_refinement_steps`
-    passes. `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
+    steps, as the authors' loop (the step after the one that reaches it is still taken; 0: no refinement). `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
     `sigma`: the smoothing (paper 3, 0.5; kernel_size 1: none). `layers`: the cross- or joint-attention layers
     whose maps are averaged (default: the UNet level two downsamplings below the latent, every text layer of a DiT).
     """
@@ -213,7 +213,8 @@ class AttendExciteBound(LatentOptimizerBound):
         c = self.control
 
         def loss_of(maps: torch.Tensor) -> torch.Tensor:
-            return losses.attend_excite_loss(losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma))
+            # the authors pad by 1 (reflect) whatever the kernel size, then convolve without padding
+            return losses.attend_excite_loss(losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma, padding=1))
 
         return loss_of
 
@@ -225,15 +226,28 @@ class AttendExciteBound(LatentOptimizerBound):
         loss, grad = self.gradient(x, inputs, frame, loss_of)
         self.losses.append((step, loss.tolist()))
         threshold = self.refine_at.get(step)
-        if threshold is not None:
-            target = max(0.0, 1.0 - threshold)
-            for _ in range(c.max_refinement_steps):
-                above = loss > target
-                if not bool(above.any()):
-                    break
-                x = x - size * grad * above.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-                loss, grad = self.gradient(x, inputs, frame, loss_of)
+        if threshold is not None and c.max_refinement_steps > 0:
+            x, loss, grad = self._refine(x, loss, grad, size, threshold, lambda z: self.gradient(z, inputs, frame, loss_of))
         return x - size * grad
+
+    def _refine(self, x, loss, grad, size, threshold, gradient):
+        """The authors' `_perform_iterative_refinement_step`, per image: entered where the loss is above
+        `1 - threshold`; each iteration steps, and the next one runs while the loss *before* that step was above the
+        target (their `while` test), at most `max_refinement_steps` steps; then a closing loss pass at the refined
+        latent, whose gradient the step's own update uses. Returns (x, loss, grad) of that closing pass."""
+        going = loss > 1.0 - threshold
+        if not bool(going.any()):
+            return x, loss, grad
+        target = max(0.0, 1.0 - threshold)
+        shape = (-1, *([1] * (x.ndim - 1)))
+        for iteration in range(1, self.control.max_refinement_steps + 1):
+            x = x - size * grad * going.to(x.dtype).view(shape)
+            going = going & (loss > target)
+            if iteration == self.control.max_refinement_steps or not bool(going.any()):
+                break
+            loss, grad = gradient(x)
+        loss, grad = gradient(x)
+        return x, loss, grad
 
 
 @dataclass(frozen=True)

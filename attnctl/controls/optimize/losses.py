@@ -22,25 +22,28 @@ def smoothing_kernel(kernel_size: int, sigma: float, device: torch.device | None
     return kernel / kernel.sum()
 
 
-def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """`maps` (..., h, w) convolved with `smoothing_kernel` after reflect padding (replicate where the map is too
-    small to reflect), same size out."""
+def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5, padding: int | None = None) -> torch.Tensor:
+    """`maps` (..., h, w) convolved with `smoothing_kernel` after reflect padding by `padding` cells (replicate where
+    the map is too small to reflect), without padding in the convolution. `padding` None: `kernel_size // 2`, same
+    size out; Attend-and-Excite's code pads by 1 whatever the kernel size (the same for its kernel of 3)."""
     shape = maps.shape
     flat = maps.reshape(-1, 1, shape[-2], shape[-1])
-    pad = kernel_size // 2
+    pad = kernel_size // 2 if padding is None else padding
     mode = "reflect" if min(shape[-2:]) > pad else "replicate"
     padded = F.pad(flat, (pad, pad, pad, pad), mode=mode)
     kernel = smoothing_kernel(kernel_size, sigma, maps.device).to(maps.dtype)
-    return F.conv2d(padded, kernel[None, None]).reshape(shape)
+    out = F.conv2d(padded, kernel[None, None])
+    return out.reshape(*shape[:-2], *out.shape[-2:])
 
 
 def excite_maps(maps: torch.Tensor, selector: torch.Tensor, temperature: float = 100.0, kernel_size: int = 3,
-                sigma: float = 0.5) -> torch.Tensor:
+                sigma: float = 0.5, padding: int | None = None) -> torch.Tensor:
     """Attend-and-Excite's subject maps (n, S, h, w): the token probabilities renormalised over the W columns by a
-    softmax of `temperature` times them, each subject's columns summed, then smoothed (`kernel_size` 0: not)."""
+    softmax of `temperature` times them, each subject's columns summed, then smoothed (`kernel_size` 1: not;
+    `padding` as `smooth`)."""
     renormalised = torch.softmax(maps * temperature, dim=1)
     subjects = torch.einsum("nsw,nwhk->nshk", selector.to(maps.dtype), renormalised)
-    return smooth(subjects, kernel_size, sigma) if kernel_size > 1 else subjects
+    return smooth(subjects, kernel_size, sigma, padding) if kernel_size > 1 else subjects
 
 
 def attend_excite_loss(subject_maps: torch.Tensor) -> torch.Tensor:
