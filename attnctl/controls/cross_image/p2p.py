@@ -7,12 +7,14 @@ the same image index (`RowLayout.linked`: uncond rows from the base's uncond row
 perturbed copies from the copy with the same tag), on every call protocol. With `P_x = softmax(Q_x K_x^T s)` the
 probabilities of row x (b: base, e: edited) and `V_e` the edited row's values, in the layers it acts on:
 
-- self-attention, for the first `self_steps` of the steps: `P_b V_e = Attn(Q_b, K_b, V_e)`;
-- cross-attention (the image-query rows over the text keys on joint attention), for the first `cross_steps`:
+- self-attention, in the `self_steps` window: `P_b V_e = Attn(Q_b, K_b, V_e)`;
+- cross-attention (the image-query rows over the text keys on joint attention), in the `cross_steps` window:
   replace `P_b M diag(w) V_e = Attn(Q_b, K_b, M (w * V_e))` with P2P's word-swap matrix M;
   refine `(P_b M_a + P_e diag(1 - a)) diag(w) V_e = Attn(Q_b, K_b, M_a (w * V_e)) + Attn(Q_e, K_e, (1 - a) w * V_e)`
   with P2P's refinement mapper (`M_a[m(j), j] = a_j`, a_j = 1 where edited token j aligns to base token m(j));
-  w is the reweighting (P2P's equalizer, 1 elsewhere).
+  w is the reweighting (P2P's equalizer, 1 elsewhere). With per-word windows (P2P's time-word alphas, alpha_j = 1
+  where edited token j is inside its word's window at this step), M diag(alpha w) and alpha (1 - a) w + (1 - alpha):
+  the columns outside their window keep the edited row's own maps, in the same two fused attentions.
 
 So no probability matrix is formed: the edited rows run the same fused attention with the base row's queries and
 keys and mapped values (joint layers, whose text queries keep their own attention, run the edited rows once more).
@@ -92,7 +94,7 @@ class WordWindows(Mapping):
 _WINDOW_FORMS = "a fraction of the steps in [0, 1] or a (start, end) pair of fractions with start <= end"
 
 
-def step_window(value: Any, name: str) -> P2PWindow:
+def p2p_window(value: Any, name: str) -> P2PWindow:
     """A validated window: a float (from the start) or a (start, end) tuple of fractions of the steps."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -110,7 +112,7 @@ def step_window(value: Any, name: str) -> P2PWindow:
 def cross_windows(value: Any) -> P2PWindow | WordWindows:
     """`cross_steps` validated: one window, or a mapping {word: window} with an optional `"default_"` key."""
     if not isinstance(value, Mapping):
-        return step_window(value, "PromptToPrompt.cross_steps")
+        return p2p_window(value, "PromptToPrompt.cross_steps")
     if not value:
         raise ConfigError(
             "PromptToPrompt.cross_steps is an empty mapping; give {word: window, ..., 'default_': window} or one window"
@@ -120,7 +122,7 @@ def cross_windows(value: Any) -> P2PWindow | WordWindows:
     for word, window in value.items():
         if not isinstance(word, str):
             raise ConfigError(f"PromptToPrompt.cross_steps: the mapping's keys are words or {DEFAULT_WORD!r}, got {word!r}")
-        checked = step_window(window, f"PromptToPrompt.cross_steps[{word!r}]")
+        checked = p2p_window(window, f"PromptToPrompt.cross_steps[{word!r}]")
         if word == DEFAULT_WORD:
             default.append((DEFAULT_WORD, checked))
             continue
@@ -215,7 +217,7 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
         choice(self.mode, "PromptToPrompt.mode", MODES)
         choice(self.branch, "PromptToPrompt.branch", BRANCHES)
         set_field(self, "cross_steps", cross_windows(self.cross_steps))
-        set_field(self, "self_steps", step_window(self.self_steps, "PromptToPrompt.self_steps"))
+        set_field(self, "self_steps", p2p_window(self.self_steps, "PromptToPrompt.self_steps"))
         set_field(self, "blend_threshold", number(self.blend_threshold, "PromptToPrompt.blend_threshold", minimum=0, maximum=1))
         set_field(self, "blend_start", number(self.blend_start, "PromptToPrompt.blend_start", minimum=0, maximum=1))
         if self.reweight is not None:
