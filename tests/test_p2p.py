@@ -156,7 +156,7 @@ def test_linked_attention_matches_the_eager_reference(kind, cross, self_, refine
         def __init__(self):
             self.index = RowIndex()
 
-        def plan(self, rows, device):
+        def plan(self, rows, device, window="all"):
             return plan
 
     hook = _LinkHook(Bound(), layer, cross, self_, False)

@@ -7,12 +7,14 @@ the same image index (`RowLayout.linked`: uncond rows from the base's uncond row
 perturbed copies from the copy with the same tag), on every call protocol. With `P_x = softmax(Q_x K_x^T s)` the
 probabilities of row x (b: base, e: edited) and `V_e` the edited row's values, in the layers it acts on:
 
-- self-attention, for the first `self_steps` of the steps: `P_b V_e = Attn(Q_b, K_b, V_e)`;
-- cross-attention (the image-query rows over the text keys on joint attention), for the first `cross_steps`:
+- self-attention, in the `self_steps` window: `P_b V_e = Attn(Q_b, K_b, V_e)`;
+- cross-attention (the image-query rows over the text keys on joint attention), in the `cross_steps` window:
   replace `P_b M diag(w) V_e = Attn(Q_b, K_b, M (w * V_e))` with P2P's word-swap matrix M;
   refine `(P_b M_a + P_e diag(1 - a)) diag(w) V_e = Attn(Q_b, K_b, M_a (w * V_e)) + Attn(Q_e, K_e, (1 - a) w * V_e)`
   with P2P's refinement mapper (`M_a[m(j), j] = a_j`, a_j = 1 where edited token j aligns to base token m(j));
-  w is the reweighting (P2P's equalizer, 1 elsewhere).
+  w is the reweighting (P2P's equalizer, 1 elsewhere). With per-word windows (P2P's time-word alphas, alpha_j = 1
+  where edited token j is inside its word's window at this step), M diag(alpha w) and alpha (1 - a) w + (1 - alpha):
+  the columns outside their window keep the edited row's own maps, in the same two fused attentions.
 
 So no probability matrix is formed: the edited rows run the same fused attention with the base row's queries and
 keys and mapped values (joint layers, whose text queries keep their own attention, run the edited rows once more).
@@ -22,7 +24,7 @@ and copies the base row's latents elsewhere after every scheduler step. docs/met
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
 
@@ -45,9 +47,119 @@ from ..maps.capture import word_attention
 from .p2p_align import refinement_mapper, replacement_mapper
 
 MODES: tuple[str, ...] = ("replace", "refine")
+#: The key of `cross_steps`' word mapping for every token not named (P2P's `"default_"`); without it, (0, 1).
+DEFAULT_WORD = "default_"
+P2PWindow = float | tuple[float, float]
 BRANCHES: tuple[str, ...] = ("both", "cond")
 #: P2P edits self-attention, and takes its blending maps, at 16x16 tokens (SD 1.x at 512 px).
 P2P_GRID = 16
+
+
+class WordWindows(Mapping):
+    """`cross_steps` given per word: an ordered, immutable, hashable `{word: window}` with `"default_"` first.
+
+    Later words override earlier ones on tokens they share, as P2P applies its dictionary in order."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Any):
+        self._items: tuple[tuple[str, P2PWindow], ...] = tuple(items.items() if isinstance(items, Mapping) else items)
+
+    def __getitem__(self, key: str) -> P2PWindow:
+        for word, window in self._items:
+            if word == key:
+                return window
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return (word for word, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, WordWindows):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"WordWindows({dict(self._items)!r})"
+
+
+_WINDOW_FORMS = "a fraction of the steps in [0, 1] or a (start, end) pair of fractions with start <= end"
+
+
+def p2p_window(value: Any, name: str) -> P2PWindow:
+    """A validated window: a float (from the start) or a (start, end) tuple of fractions of the steps."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ConfigError(f"{name} must be {_WINDOW_FORMS}, got {value!r}")
+        start = number(value[0], f"{name}[0] (the window's start)", minimum=0, maximum=1)
+        end = number(value[1], f"{name}[1] (the window's end)", minimum=0, maximum=1)
+        if start > end:
+            raise ConfigError(f"{name} = {tuple(value)!r} starts after it ends; give (start, end) with start <= end")
+        return (start, end)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be {_WINDOW_FORMS}, got {value!r}")
+    return number(value, name, minimum=0, maximum=1)
+
+
+def cross_windows(value: Any) -> P2PWindow | WordWindows:
+    """`cross_steps` validated: one window, or a mapping {word: window} with an optional `"default_"` key."""
+    if not isinstance(value, Mapping):
+        return p2p_window(value, "PromptToPrompt.cross_steps")
+    if not value:
+        raise ConfigError(
+            "PromptToPrompt.cross_steps is an empty mapping; give {word: window, ..., 'default_': window} or one window"
+        )
+    default: list[tuple[str, P2PWindow]] = []
+    words: list[tuple[str, P2PWindow]] = []
+    for word, window in value.items():
+        if not isinstance(word, str):
+            raise ConfigError(f"PromptToPrompt.cross_steps: the mapping's keys are words or {DEFAULT_WORD!r}, got {word!r}")
+        checked = p2p_window(window, f"PromptToPrompt.cross_steps[{word!r}]")
+        if word == DEFAULT_WORD:
+            default.append((DEFAULT_WORD, checked))
+            continue
+        query = validate_word_query(word, owner="PromptToPrompt.cross_steps")
+        if any(query == seen for seen, _ in words):
+            raise ConfigError(f"PromptToPrompt.cross_steps names the word {query!r} twice")
+        words.append((query, checked))
+    return WordWindows(default + words)
+
+
+def _span(window: P2PWindow) -> tuple[float, float]:
+    return (0.0, window) if isinstance(window, float) else window
+
+
+def cross_step_range(window: P2PWindow, count: int) -> range:
+    """The steps (0-based) inside a cross-attention window over `count` steps: P2P's time alphas have `count + 1`
+    entries, and a window (start, end) sets the entries `int(start (count + 1))` to `int(end (count + 1)) - 1`
+    (`update_alpha_time_word`; a float f is (0, f))."""
+    start, end = _span(window)
+    return range(int(start * (count + 1)), int(end * (count + 1)))
+
+
+def self_step_range(window: P2PWindow, count: int) -> range:
+    """The steps inside a self-attention window: P2P's `num_self_replace`, `int(count start) <= i < int(count end)`."""
+    start, end = _span(window)
+    return range(int(start * count), int(end * count))
+
+
+def _window_empty(window: P2PWindow) -> bool:
+    start, end = _span(window)
+    return end <= start
+
+
+def _default_window(windows: P2PWindow | WordWindows) -> P2PWindow:
+    if isinstance(windows, WordWindows):
+        return windows[DEFAULT_WORD] if DEFAULT_WORD in windows else (0.0, 1.0)
+    return windows
 
 
 @dataclass(frozen=True)
@@ -60,7 +172,12 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
 
     `mode`: `"replace"` (words swapped one for one; token counts may differ) or `"refine"` (words added or
     removed: aligned tokens take the base maps, new tokens keep their own). `cross_steps` / `self_steps`: the
-    fraction of the steps, from the start, in which cross- / self-attention is taken from the base row.
+    window of the steps in which cross- / self-attention is taken from the base row, as P2P's `cross_replace_steps`
+    / `self_replace_steps`: a fraction f of the steps from the start, or a `(start, end)` pair of fractions;
+    `cross_steps` may also be a mapping `{word: window, "default_": window}`: the edited prompts' tokens of each
+    word take the base maps in that word's window, every other token in the `"default_"` window ((0, 1) when the
+    key is missing, as P2P). Steps: cross `int(start (n + 1)) <= i < int(end (n + 1))`, self
+    `int(start n) <= i < int(end n)` (P2P's counts).
     `reweight`: `{word: factor}` scaling the attention of words of the edited prompts (P2P's equalizer; only
     inside the cross-attention window, as P2P). `local_blend`: words (found in a prompt, they count for its rows)
     whose cross-attention maps confine the edit; `blend_threshold` on the max-normalised maps; blending from the
@@ -75,8 +192,8 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
 
     mode: str = "replace"
     _: KW_ONLY
-    cross_steps: float = 0.8
-    self_steps: float = 0.4
+    cross_steps: float | tuple[float, float] | Mapping[str, float | tuple[float, float]] = 0.8
+    self_steps: float | tuple[float, float] = 0.4
     reweight: Any = None
     local_blend: Any = None
     blend_threshold: float = 0.3
@@ -99,8 +216,8 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     def __post_init__(self) -> None:
         choice(self.mode, "PromptToPrompt.mode", MODES)
         choice(self.branch, "PromptToPrompt.branch", BRANCHES)
-        set_field(self, "cross_steps", number(self.cross_steps, "PromptToPrompt.cross_steps", minimum=0, maximum=1))
-        set_field(self, "self_steps", number(self.self_steps, "PromptToPrompt.self_steps", minimum=0, maximum=1))
+        set_field(self, "cross_steps", cross_windows(self.cross_steps))
+        set_field(self, "self_steps", p2p_window(self.self_steps, "PromptToPrompt.self_steps"))
         set_field(self, "blend_threshold", number(self.blend_threshold, "PromptToPrompt.blend_threshold", minimum=0, maximum=1))
         set_field(self, "blend_start", number(self.blend_start, "PromptToPrompt.blend_start", minimum=0, maximum=1))
         if self.reweight is not None:
@@ -113,10 +230,10 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
                 table[validate_word_query(word, owner="PromptToPrompt.reweight")] = number(
                     factor, f"PromptToPrompt.reweight[{word!r}]", minimum=0
                 )
-            if self.cross_steps == 0:
+            if self.cross_idle:
                 raise ConfigError(
                     "PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and "
-                    "cross_steps=0 leaves no step for it; give cross_steps > 0"
+                    f"cross_steps={self.cross_steps!r} leaves no step for it; give a non-empty cross_steps window"
                 )
             set_field(self, "reweight", table)
         if self.local_blend is not None:
@@ -132,9 +249,16 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
             set_field(self, "edits", tuple(edits))
 
     @property
+    def cross_idle(self) -> bool:
+        """Every cross-attention window is empty (end <= start), for every word."""
+        if isinstance(self.cross_steps, WordWindows):
+            return _window_empty(_default_window(self.cross_steps)) and all(_window_empty(w) for w in self.cross_steps.values())
+        return _window_empty(self.cross_steps)
+
+    @property
     def idle(self) -> bool:
         """Nothing to do: no attention window and no blending (the output is the stock one, bit for bit)."""
-        return self.cross_steps == 0 and self.self_steps == 0 and self.local_blend is None
+        return self.cross_idle and _window_empty(self.self_steps) and self.local_blend is None
 
     # -- Control protocol -------------------------------------------------------------------------------
     def validate_for(self, adapter: ModelAdapter) -> None:
@@ -199,6 +323,7 @@ class _Plan:
     mapper: torch.Tensor | None  # (E, T, T) M diag(w) per target; None: identity everywhere
     own_text: torch.Tensor  # (E, T) (1 - a) w per target
     own_text_zero: bool  # the edited rows keep none of their own cross-attention (replace)
+    cross: bool = True  # some target row has a text column inside its cross-attention window
 
 
 class PromptToPromptBound(Bound):
@@ -230,9 +355,18 @@ class PromptToPromptBound(Bound):
         self.edited = tuple(range(self.per_prompt, self.rows))
         weights = self._equalizer(tokens)
         self.tables: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+        self._host_tables: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
         for branch in ("cond", "uncond") if control.branch == "both" else ("cond",):
             source = tokens if branch == "cond" else context.negative_tokens
-            self.tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
+            host = self._host_tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
+            self.tables[branch] = (None if host[0] is None else host[0].to(self.device), host[1].to(self.device), host[2])
+        # per-word cross-attention windows: (window, (rows, T) columns it sets), "default_" first (P2P's order)
+        self.word_windows: tuple[tuple[P2PWindow, torch.Tensor], ...] | None = None
+        if isinstance(control.cross_steps, WordWindows):
+            self.word_windows = self._word_columns(tokens, control.cross_steps)
+            self._check_reweight_windows(context.steps)
+        self._windows: dict[tuple[int, int], Any] = {}  # (step, count) -> None, "all" or a key of _window_tables
+        self._window_tables: dict[Any, dict[str, tuple[torch.Tensor | None, torch.Tensor, bool, tuple[bool, ...]]]] = {}
         self.text_layers = frozenset(layer.index for layer in context.layers if layer.kind in ("cross", "joint"))
         selfs = context.layers if control.layers is not None else p2p_self_layers(context.layers, context.canvas)
         self.self_layers = frozenset(layer.index for layer in selfs if layer.kind == "self") | frozenset(
@@ -269,6 +403,7 @@ class PromptToPromptBound(Bound):
         out: dict[int, torch.Tensor] = {}
         table = self.p2p.reweight or {}
         found = {word: False for word in table}
+        self._reweighted: dict[Any, torch.Tensor] = {word: torch.zeros(self.rows, self.text_len, dtype=torch.bool) for word in table}
         for row in self.edited:
             w = torch.ones(self.text_len)
             for word, factor in table.items():
@@ -278,6 +413,7 @@ class PromptToPromptBound(Bound):
                     continue
                 found[word] = True
                 w[list(positions)] *= factor
+                self._reweighted[word][row, list(positions)] = True
             out[row] = w
         missing = [word for word, hit in found.items() if not hit]
         if missing:
@@ -313,7 +449,93 @@ class PromptToPromptBound(Bound):
                 own[row] = own[row] * weights[row]
         identity = bool(torch.equal(mappers, torch.eye(t).expand(self.rows, t, t)))
         zero = not bool(own.any())
-        return (None if identity else mappers.to(self.device), own.to(self.device), zero)
+        return (None if identity else mappers, own, zero)
+
+    def _word_columns(self, tokens: Any, windows: WordWindows) -> tuple[tuple[P2PWindow, torch.Tensor], ...]:
+        """P2P's `get_time_words_attention_alpha`: the default window over every text column of every edited row,
+        then each word's window over its tokens in the edited prompts that hold it (a word in none of them is an
+        error)."""
+        every = torch.zeros(self.rows, self.text_len, dtype=torch.bool)
+        every[list(self.edited)] = True
+        out = [(_default_window(windows), every)]
+        missing = []
+        for word, window in windows.items():
+            if word == DEFAULT_WORD:
+                continue
+            columns = torch.zeros(self.rows, self.text_len, dtype=torch.bool)
+            for row in self.edited:
+                positions = tokens.positions(word, row, missing_ok=True)
+                columns[row, list(positions)] = True
+            if not bool(columns.any()):
+                missing.append(word)
+            out.append((window, columns))
+        if missing:
+            raise TokenError(f"attnctl: PromptToPrompt.cross_steps words {missing} are in none of the edited prompts")
+        return tuple(out)
+
+    def _alpha(self, step: int, count: int) -> torch.Tensor:
+        """(rows, T) bool: the edited cond rows' text columns inside their cross-attention window at `step` (P2P's
+        `cross_replace_alpha[step]`)."""
+        alpha = torch.zeros(self.rows, self.text_len, dtype=torch.bool)
+        for window, columns in self.word_windows:
+            alpha = alpha.masked_fill(columns, step in cross_step_range(window, count))
+        return alpha
+
+    def _check_reweight_windows(self, count: int) -> None:
+        """A reweighted word whose tokens never fall inside their cross-attention window would be silently inert."""
+        if count <= 0:
+            return
+        inside = torch.zeros(self.rows, self.text_len, dtype=torch.bool)
+        for step in range(count):
+            inside |= self._alpha(step, count)
+        never = [word for word, columns in self._reweighted.items() if not bool((columns & inside).any())]
+        if never:
+            raise ConfigError(
+                f"attnctl: PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and the "
+                f"tokens of {never} are inside no window of cross_steps={dict(self.p2p.cross_steps)!r} over {count} steps"
+            )
+
+    def _cross_window(self, step: int, count: int) -> Any:
+        """The cross-attention window at this step: None (no text column of any edited row inside it), "all" (every
+        one: the tables as bound) or the key of the tables masked to the columns inside it."""
+        key = (step, count)
+        if key in self._windows:
+            return self._windows[key]
+        if self.word_windows is None:
+            found = "all" if step in cross_step_range(self.p2p.cross_steps, count) else None
+        else:
+            alpha = self._alpha(step, count)
+            edited = alpha[list(self.edited)]
+            # uncond rows (branch="both") read their negative prompt, which holds none of the words: the default window
+            uncond = "uncond" in self.tables and step in cross_step_range(self.word_windows[0][0], count)
+            if not bool(edited.any()) and not uncond:
+                found = None
+            elif bool(edited.all()) and (uncond or "uncond" not in self.tables):
+                found = "all"
+            else:
+                found = (edited.numpy().tobytes(), uncond)
+                if found not in self._window_tables:
+                    full = torch.zeros_like(alpha)
+                    full[list(self.edited)] = uncond
+                    self._window_tables[found] = {
+                        branch: self._masked_tables(branch, alpha if branch == "cond" else full) for branch in self.tables
+                    }
+        self._windows[key] = found
+        return found
+
+    def _masked_tables(self, branch: str, alpha: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, bool, tuple[bool, ...]]:
+        """A branch's tables with the text columns outside their window (alpha 0) kept as the edited row's own:
+        `M diag(alpha w)` and `alpha (1 - a) w + (1 - alpha)` (P2P's `A_new alpha + (1 - alpha) A_e`)."""
+        on = tuple(bool(alpha[row].any()) for row in range(self.rows))
+        if bool(alpha[list(self.edited)].all()):
+            return self.tables[branch] + (on,)
+        mapper, own, _ = self._host_tables[branch]
+        t = self.text_len
+        full = torch.eye(t).expand(self.rows, t, t) if mapper is None else mapper
+        masked = full * alpha[:, None, :]
+        kept = torch.where(alpha, own, torch.ones(()))
+        zero = not bool(kept[list(self.edited)].any())
+        return (masked.to(self.device), kept.to(self.device), zero, on)
 
     def _blend_selector(self, tokens: Any, words: tuple[Any, ...]) -> torch.Tensor:
         """(rows, T) 1 at the tokens of the blend words found in each row's prompt."""
@@ -341,8 +563,9 @@ class PromptToPromptBound(Bound):
             links = tuple(None if row.branch not in self.tables else link for row, link in zip(rows.rows, links))
         return links
 
-    def plan(self, rows: RowLayout, device: torch.device) -> _Plan | None:
-        key = (rows.rows, device)
+    def plan(self, rows: RowLayout, device: torch.device, window: Any = "all") -> _Plan | None:
+        """The links of a row layout, with the tables of the cross-attention `window` (`_cross_window`)."""
+        key = (rows.rows, device, window)
         if key in self._plans:
             return self._plans[key]
         links = self.links(rows, attention=True)
@@ -350,20 +573,22 @@ class PromptToPromptBound(Bound):
         if not targets:
             self._plans[key] = None
             return None
+        tables = self._window_tables[window] if window not in (None, "all") else self.tables
         sources = tuple(links[i] for i in targets)
         permuted = tuple(link if link is not None else i for i, link in enumerate(links))
         mapper, own, zero = [], [], True
-        identity = True
+        identity, cross = True, False
         for i in targets:
             row = rows.rows[i]
-            table, scale, table_zero = self.tables[row.branch]
+            table, scale, table_zero = tables[row.branch][:3]
             identity = identity and table is None
             mapper.append(torch.eye(self.text_len, device=self.device) if table is None else table[row.prompt])
             own.append(scale[row.prompt])
             zero = zero and table_zero
+            cross = cross or window == "all" or (window is not None and tables[row.branch][3][row.prompt])
         plan = _Plan(
             targets, self.index(targets, device), self.index(sources, device), self.index(permuted, device),
-            None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero,
+            None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero, cross,
         )
         self._plans[key] = plan
         return plan
@@ -390,17 +615,18 @@ class PromptToPromptBound(Bound):
             return None
         step = frame.step
         self.last_step = step.index
-        # the authors' step counts: cross-attention alphas over n + 1 entries, `int(cross_steps * (n + 1))` of them
-        # set; self-attention `int(self_steps * n)` steps
-        cross = layer.index in self.text_layers and step.index < int(self.p2p.cross_steps * (step.count + 1))
-        self_ = layer.index in self.self_layers and step.index < int(self.p2p.self_steps * step.count)
+        # the authors' step counts: cross-attention alphas over n + 1 entries (`cross_step_range`), self-attention
+        # over n (`self_step_range`)
+        window = self._cross_window(step.index, step.count) if layer.index in self.text_layers else None
+        cross = window is not None
+        self_ = layer.index in self.self_layers and step.index in self_step_range(self.p2p.self_steps, step.count)
         capture = layer.index in self.blend_layers and frame.extra_pass is None
         if not (cross or self_ or capture):
             return None
-        key = (layer.index, cross, self_, capture)
+        key = (layer.index, window, self_, capture)
         found = self._edits.get(key)
         if found is None:
-            found = self._edits[key] = Edit(hooks=(_LinkHook(self, layer, cross, self_, capture),))
+            found = self._edits[key] = Edit(hooks=(_LinkHook(self, layer, cross, self_, capture, window),))
         return found
 
     # -- local blending ---------------------------------------------------------------------------------
@@ -505,6 +731,8 @@ class PromptToPromptBound(Bound):
     def finish(self) -> None:
         self._plans.clear()
         self._edits.clear()
+        self._windows.clear()
+        self._window_tables.clear()
         self.index.clear()
         self.maps = None
 
@@ -517,23 +745,28 @@ def _per_prompt(context: BindContext) -> int:
 class _LinkHook(LayerHook):
     """The linked attention of one layer and step: see the module docstring."""
 
-    def __init__(self, bound: PromptToPromptBound, layer: LayerInfo, cross: bool, self_: bool, capture: bool):
+    def __init__(self, bound: PromptToPromptBound, layer: LayerInfo, cross: bool, self_: bool, capture: bool,
+                 window: Any = "all"):
         self.bound, self.layer = bound, layer
         self.cross, self.self_, self.capture = cross, self_, capture
+        self.window = window if cross else None
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         if self.capture:
             self.bound.add_maps(call, q, k, spec)
         if not (self.cross or self.self_):
             return compute(q, k, v, spec)
-        plan = self.bound.plan(call.rows, q.device)
+        plan = self.bound.plan(call.rows, q.device, self.window)
         if plan is None:
+            return compute(q, k, v, spec)
+        cross = self.cross and plan.cross
+        if not (cross or self.self_):
             return compute(q, k, v, spec)
         layout = token_layout(call)
         text_k = layout.text_k if layout.text_k is not None and layout.text_k.stop > layout.text_k.start else None
         image_k = layout.image_k if layout.image_k.stop > layout.image_k.start else None
         own_text = plan.own_text
-        if text_k is not None and text_k.stop - text_k.start != self.bound.text_len:
+        if cross and text_k is not None and text_k.stop - text_k.start != self.bound.text_len:
             if plan.mapper is None and plan.own_text_zero:  # identity links (the same negative prompt): any length
                 own_text = own_text.new_zeros(own_text.shape[0], text_k.stop - text_k.start)
             else:
@@ -548,7 +781,7 @@ class _LinkHook(LayerHook):
         own_zero = True
         if text_k is not None:
             text = v_t[:, :, text_k]
-            if self.cross:
+            if cross:
                 mapped = text if plan.mapper is None else torch.einsum("ewj,ehjd->ehwd", plan.mapper.to(text.dtype), text)
                 base_v[:, :, text_k] = mapped
                 own_v[:, :, text_k] = text * own_text.to(text.dtype)[:, None, :, None]
