@@ -129,6 +129,11 @@ class Control:
             out[f.name] = _plain(getattr(self, f.name))
         return out
 
+    def to_record(self) -> dict[str, Any]:
+        """What the renderer writes beside an image it made: `to_dict()`, unless a field cannot be serialised (then a
+        description of it: a record, not replayable)."""
+        return self.to_dict()
+
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> Control:
         """Rebuild a control from `to_dict` output; unknown types or fields raise ConfigError.

@@ -299,3 +299,43 @@ def test_examples_report_an_attnctl_error_in_one_line(script, args, message, tmp
     result = run(script, args, tmp_path, out=True)
     assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+# -- cross-image controls need the rows they link ----------------------------------------------------------------
+def _latents(pipe, prompts, seeds):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, num_inference_steps=2, output_type="latent", generator=generators, height=32, width=32).images
+
+
+@pytest.mark.parametrize("control", [attnctl.ConsistentSubjects(), ReferenceAttention(Image.new("RGB", (32, 32), (0, 200, 0))),
+                                     attnctl.AttentionInterpolation()], ids=["consistent", "reference", "interpolation"])
+def test_a_one_image_call_is_refused_not_silently_stock(sd, control):
+    """One image per call links nothing: the control raises naming the rows it needs (it used to return the stock
+    image, or for ReferenceAttention the reconstruction of the reference), and the pipeline stays stock."""
+    stock = _latents(sd, ["a red cat"], [0])
+    with attnctl.apply(sd, [control]):
+        with pytest.raises(ConfigError, match="1 image"):
+            _latents(sd, ["a red cat"], [0])
+    assert torch.equal(_latents(sd, ["a red cat"], [0]), stock)
+
+
+def test_generate_with_reference_attention_keeps_the_generated_row(sd):
+    """Model.generate / attnctl render: row 0 carries the reference with the same prompt, row 1 is the image; a PIL
+    reference is described in the parameters; the controls that one image per call cannot feed raise before
+    anything is installed."""
+    reference = Image.new("RGB", (32, 32), (0, 200, 0))
+    control = ReferenceAttention(reference, strength=2.0)
+    with attnctl.apply(sd, [control]):
+        generators = [torch.Generator().manual_seed(0) for _ in range(2)]
+        expected = sd(["a red cat"] * 2, num_inference_steps=2, generator=generators, height=32, width=32).images[1]
+    model = attnctl.Model(sd, "tiny-sd")
+    with model:
+        result = model.generate("a red cat", seed=0, steps=2, width=32, height=32, controls=control)
+        assert result.image.tobytes() == expected.tobytes()
+        assert result.params["controls"][0]["image"] == "<PIL image 32x32, not saved>"
+        for bad, words in ((attnctl.ConsistentSubjects(), "list of prompts"), (attnctl.AttentionInterpolation(), "`to`"),
+                           (ReferenceAttention(reference, reference_row=1), "row 0")):
+            model.release()
+            with pytest.raises(ConfigError, match=words):
+                model.generate("a red cat", seed=0, steps=2, controls=bad)
+            assert set(_processors(sd).values()) == {"AttnProcessor2_0"}

@@ -254,15 +254,18 @@ class Model:
         _check_prompt(prompt)
         seed = _check_seed(seed)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
-        handle = self._attach(controls)
         sequence = _interpolation_of(controls)
         edits = _edits_of(controls)
         if sequence is not None and edits is not None:
             raise ConfigError("an AttentionInterpolation with `to` and a PromptToPrompt with `edits` each render their own sequence; give one")
+        referenced = sequence is None and edits is None and _reference_of(controls)
+        handle = self._attach(controls)
         if sequence is not None:  # AID: one call renders the sequence; frames = its images, image = their strip
             return self._sequence(prompt, seed, controls, kwargs, sequence, handle)
         if edits is not None:  # P2P: [prompt, *edits] in one call, same seed per row
             return self._rows([prompt, *edits], prompt, seed, controls, kwargs, handle)
+        if referenced:  # row 0 carries the reference (with the same prompt, as reference-only); row 1 is kept
+            return self._referenced(prompt, seed, controls, kwargs, handle)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
         result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
@@ -310,6 +313,18 @@ class Model:
         params = self._params(prompt, seed, controls, kwargs, image)
         params.update(frames=len(frames), fps=SEQUENCE_FPS)
         return Generation(image, params, outputs, seconds, frames)
+
+    def _referenced(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], handle: Any) -> Generation:
+        """A ReferenceAttention image: one call of [prompt, prompt] (row 0 carries the reference, with the generation's
+        prompt as in reference-only's community pipeline), row 1 from a CPU generator seeded with `seed`; the image is
+        row 1's (row 0's is a reconstruction of the reference)."""
+        generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in range(2)]
+        start = time.perf_counter()
+        result = self.pipe([prompt, prompt], generator=generators, output_type="pil", **kwargs)
+        seconds = time.perf_counter() - start
+        image = result.images[1]
+        outputs = handle.outputs if handle is not None else {}
+        return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
 
     def _call_kwargs(self, options: Mapping[str, Any], negative_prompt: str | None, steps: int | None,
                      width: int | None, height: int | None, guidance_scale: float | None) -> dict[str, Any]:
@@ -369,7 +384,7 @@ class Model:
             "pipeline": type(self.pipe).__name__,
             **sampler_fields(getattr(self.pipe, "scheduler", None)),
             "dtype": dtype_name(self.dtype),
-            "controls": [control.to_dict() for control in controls],
+            "controls": [control.to_record() for control in controls],
             "options": {key: value for key, value in sorted(kwargs.items()) if key not in main},
             "backend": self.backend,
             "attnctl": __version__,
@@ -489,6 +504,28 @@ def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
     if len(found) > 1:
         raise ConfigError("give one PromptToPrompt with `edits` per image (a call renders one base prompt and its edits)")
     return found[0].edits if found else None
+
+
+def _reference_of(controls: tuple[Control, ...]) -> bool:
+    """Whether `controls` hold a ReferenceAttention (it needs a reference row besides the image); raises for the
+    cross-image controls whose rows one image per call cannot give."""
+    from ..controls.cross_image.consistent import ConsistentSubjects
+    from ..controls.cross_image.interpolation import AttentionInterpolation
+    from ..controls.cross_image.reference import ReferenceAttention
+
+    if any(isinstance(c, ConsistentSubjects) for c in controls):
+        raise ConfigError("ConsistentSubjects links the images of one pipeline call, and attnctl render / Model.generate make "
+                          "one image per call; call the pipeline with a list of prompts (examples/consistent_subjects.py)")
+    if any(isinstance(c, AttentionInterpolation) and c.to is None for c in controls):
+        raise ConfigError("AttentionInterpolation needs its second prompt (`to`) in attnctl render / Model.generate: each "
+                          "image renders the sequence from the prompt to `to`")
+    found = [c for c in controls if isinstance(c, ReferenceAttention)]
+    if len(found) > 1:
+        raise ConfigError("give one ReferenceAttention per image (the call has one reference row)")
+    if found and found[0].reference_row != 0:
+        raise ConfigError(f"ReferenceAttention.reference_row is {found[0].reference_row}; attnctl render / Model.generate "
+                          "put the reference in row 0 (leave reference_row at 0)")
+    return bool(found)
 
 
 def _pipeline_name(pipe: Any) -> str:

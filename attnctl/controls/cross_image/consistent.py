@@ -372,6 +372,11 @@ class _ConsistentBound(LinkedKeysBound):
     def __init__(self, control: ConsistentSubjects, context: BindContext):
         super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows
+        if context.prompt_rows < 2:
+            raise ConfigError(
+                "attnctl: ConsistentSubjects links the images of one pipeline call, and this call makes 1 image: give a list "
+                "of prompts or num_images_per_prompt > 1"
+            )
         if control.reference is not None and control.reference >= context.prompt_rows:
             raise ConfigError(
                 f"ConsistentSubjects.reference is prompt row {control.reference}, but the call has {context.prompt_rows} "

@@ -191,6 +191,11 @@ def interpolation_links(rows: RowLayout, points: tuple[float, ...]) -> RowLinks:
 class _InterpolationBound(Bound):
     def __init__(self, control: AttentionInterpolation, context: BindContext):
         super().__init__(control, context.layers, control.steps)
+        if context.prompt_rows < 2:
+            raise ConfigError(
+                "attnctl: AttentionInterpolation makes images between the first and the last prompt row of a call, and this "
+                "call makes 1 image: give a list of prompts [prompt_a, ..., prompt_b], or use attnctl.interpolate(pipe, a, b, n=5)"
+            )
         self.points = control.point_list(context.prompt_rows)
         self.index = RowIndex()
         self._links: dict[tuple[Any, ...], RowLinks] = {}

@@ -26,6 +26,7 @@ the variance without correction, on the blocks whose weight the community pipeli
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -127,6 +128,15 @@ class ReferenceAttention(Control, type_name="reference-attention"):
             raise ConfigError("ReferenceAttention.to_dict: the image is a PIL image; give a path to serialise it")
         return super().to_dict()
 
+    def to_record(self) -> dict[str, Any]:
+        if isinstance(self.image, str):
+            return self.to_dict()
+        size = getattr(self.image, "size", None)
+        shown = f"<PIL image {size[0]}x{size[1]}, not saved>" if size else "<PIL image, not saved>"
+        described = copy.copy(self)
+        set_field(described, "image", shown)
+        return Control.to_dict(described)
+
     def validate_for(self, adapter: ModelAdapter) -> None:
         if self.adain:
             adain_modules(adapter.denoiser, self.adain_weight, adapter.family)
@@ -220,6 +230,12 @@ def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, 
 class _ReferenceBound(LinkedKeysBound):
     def __init__(self, control: ReferenceAttention, context: BindContext):
         super().__init__(control, context, ReferenceHook)
+        if context.prompt_rows < 2:
+            raise ConfigError(
+                f"attnctl: ReferenceAttention's reference_row {control.reference_row} carries the reference, and this call "
+                "makes 1 image, so no image would read it: call the pipeline with [a prompt for the reference, the prompts "
+                "to generate, ...] (attnctl render and Model.generate do this themselves)"
+            )
         if control.reference_row >= context.prompt_rows:
             raise ConfigError(
                 f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "
