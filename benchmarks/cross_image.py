@@ -95,7 +95,8 @@ def cost(pipe: Any, n: int, repeats: int) -> dict[str, float]:
                 "consistent": ConsistentSubjects(), "consistent, all": ConsistentSubjects(reference=None),
                 "consistent, word": ConsistentSubjects(subject="circle", map_layers=MAP_LAYERS),
                 "consistent, reposition": ConsistentSubjects(reposition=((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), isolate=True),
-                "reference": ReferenceAttention(reference)}
+                "reference": ReferenceAttention(reference), "reference + adain": ReferenceAttention(reference, adain=True),
+                "adain": ReferenceAttention(reference, strength=0.0, adain=True)}
     prompts = [PROMPT_A] * (n // 2) + [PROMPT_B] * (n - n // 2)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(repeats + 1):
