@@ -26,6 +26,7 @@ EXAMPLES = [
     pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
     pytest.param("examples/interpolate.py", [], "saved strip.png", id="interpolate"),
     pytest.param("examples/consistent_subjects.py", [], "saved comparison.png", id="consistent_subjects"),
+    pytest.param("examples/reference_attention.py", [], "saved comparison.png", id="reference_attention"),
     pytest.param("examples/prompt_to_prompt.py", [], "saved", id="prompt_to_prompt"),
     pytest.param("examples/attend_and_excite.py", [], "saved stock.png, attend_excite.png", id="attend_and_excite"),
     pytest.param("examples/generate.py", ["--control", '{"type": "pag", "scale": 2.0}'], "0.png", id="generate"),

@@ -595,6 +595,21 @@ def test_quickstart_renders_on_the_default_embedded_model(tmp_path, tiny_cache):
     assert summary.rendered == len(jobs.jobs)
 
 
+def test_reference_example_job_renders_the_generated_row(tmp_path, tiny_cache):
+    """examples/jobs/reference.toml: its reference path resolves against the job file, and each job renders (one
+    seed, two steps); the ReferenceAttention image is row 1 of [prompt, prompt], not the reference's reconstruction."""
+    jobs = load_job_file(ROOT / "examples" / "jobs" / "reference.toml")
+    assert not jobs.problems and {job.id for job in jobs.jobs} == {"stock", "reference", "reference-adain"}
+    jobs = dataclasses.replace(jobs, jobs=tuple(dataclasses.replace(job, seeds=job.seeds[:1], steps=2) for job in jobs.jobs))
+    name = default_model()
+    model = Model(tiny_cache(name), name) if name.startswith("tiny-") else Model.load(name, device="cpu")
+    with model:
+        summary = render(jobs, options(tmp_path / "out"), model=model)
+    assert summary.exit_code == 0, summary.format()
+    assert summary.rendered == 3
+    assert read_png_params(str(tmp_path / "out" / "reference-adain" / "0.png"))["controls"][0]["adain"] is True
+
+
 def test_summary_and_exit_code():
     from attnctl.render.runner import Summary
 
