@@ -442,12 +442,23 @@ class BoxGuidanceBound(LatentOptimizerBound):
         super().__init__(control, context, columns, selector)
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
-        self.layer_boxes = tuple(
-            torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]).to(context.device)
-            for layer in self.layers
-        )
+        grids = tuple(dict.fromkeys(context.canvas.grid_at(layer.level) for layer in self.layers))
+        host_boxes = tuple(torch.stack([losses.hard_box(box, grid) for _, box in control.boxes]) for grid in grids)
+        self.layer_boxes = tuple(host_boxes[grids.index(context.canvas.grid_at(layer.level))].to(context.device) for layer in self.layers)
         masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float()
         inside = (masks >= 0.5).float()
+        shown = [f"{h}x{w}" for h, w in grids] if self.keep_heads else []
+        shown += [f"{self.grid[0]}x{self.grid[1]} (BoxDiff's maps)"] if self.boxdiff else []
+        for s, (word, box) in enumerate(control.boxes):  # a box that holds no cell of the maps gives no gradient
+            covered = (self.keep_heads and any(bool(boxes[s].any()) for boxes in host_boxes)) or (
+                bool(self.boxdiff) and bool(inside[s].any())
+            )
+            if not covered:
+                raise ConfigError(
+                    f"attnctl: BoxGuidance box {box} of {word!r} holds no cell of the attention maps it guides at this "
+                    f"call's size (h x w: {', '.join(shown)}), so it would change nothing: give a box at least one cell "
+                    "wide and high there (a cell is 1/w of the width, 1/h of the height), or render a larger image"
+                )
         bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
         self.masks = masks.to(context.device)
         self.bands = tuple(band.to(context.device) for band in bands)
