@@ -35,11 +35,8 @@ def interpolate(
     on the embedded toy model its `CALL_DEFAULTS` apply where not given. `controls`: more controls for the call.
     Returns the n PIL images in order (for a video pipeline such as Wan: the n videos, each a list of frames).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 3:
-        raise ConfigError(
-            f"interpolate: n must be an integer >= 3 (the two endpoints and at least one image between them; the endpoints "
-            f"alone are the stock images of the two prompts), got {n!r}"
-        )
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"interpolate: n must be an integer >= 2 (the two endpoints included), got {n!r}")
     for name, value in (("prompt_a", prompt_a), ("prompt_b", prompt_b)):
         if not isinstance(value, str):
             raise ConfigError(f"interpolate: {name} must be a string, got {value!r}")

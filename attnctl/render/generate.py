@@ -511,11 +511,15 @@ def _reference_of(controls: tuple[Control, ...]) -> bool:
     cross-image controls whose rows one image per call cannot give."""
     from ..controls.cross_image.consistent import ConsistentSubjects
     from ..controls.cross_image.interpolation import AttentionInterpolation
+    from ..controls.cross_image.p2p import PromptToPrompt
     from ..controls.cross_image.reference import ReferenceAttention
 
     if any(isinstance(c, ConsistentSubjects) for c in controls):
         raise ConfigError("ConsistentSubjects links the images of one pipeline call, and attnctl render / Model.generate make "
                           "one image per call; call the pipeline with a list of prompts (examples/consistent_subjects.py)")
+    if any(isinstance(c, PromptToPrompt) and c.edits is None for c in controls):
+        raise ConfigError("PromptToPrompt needs its edited prompts (`edits`) in attnctl render / Model.generate: each image "
+                          "renders [prompt, *edits] in one call")
     if any(isinstance(c, AttentionInterpolation) and c.to is None for c in controls):
         raise ConfigError("AttentionInterpolation needs its second prompt (`to`) in attnctl render / Model.generate: each "
                           "image renders the sequence from the prompt to `to`")

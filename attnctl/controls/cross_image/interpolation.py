@@ -106,21 +106,17 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
     def __post_init__(self) -> None:
         if self.to is not None and not isinstance(self.to, str):
             raise ConfigError(f"AttentionInterpolation.to must be None or the second prompt (a string), got {self.to!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 3:
-            raise ConfigError(
-                f"AttentionInterpolation.n must be an integer >= 3 (the two endpoints and at least one image between "
-                f"them; the endpoints alone are the stock images), got {self.n!r}"
-            )
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+            raise ConfigError(f"AttentionInterpolation.n must be an integer >= 2 (the two endpoints included), got {self.n!r}")
         choice(self.mode, "AttentionInterpolation.mode", MODES)
         set_field(self, "alpha", number(self.alpha, "AttentionInterpolation.alpha", minimum=0, exclusive_minimum=True))
         set_field(self, "beta", number(self.beta, "AttentionInterpolation.beta", minimum=0, exclusive_minimum=True))
         if not isinstance(self.self_attention, bool):
             raise ConfigError(f"AttentionInterpolation.self_attention must be True or False, got {self.self_attention!r}")
         if self.points is not None:
-            if not isinstance(self.points, (list, tuple)) or len(self.points) < 3:
+            if not isinstance(self.points, (list, tuple)) or len(self.points) < 2:
                 raise ConfigError(
-                    f"AttentionInterpolation.points must be None or a list of at least 3 numbers (0 first, 1 last, and at "
-                    f"least one point between them: the endpoints alone are the stock images), got {self.points!r}"
+                    f"AttentionInterpolation.points must be None or a list of at least 2 numbers (0 first, 1 last), got {self.points!r}"
                 )
             points = tuple(number(p, f"AttentionInterpolation.points[{i}]", minimum=0, maximum=1) for i, p in enumerate(self.points))
             if points[0] != 0 or points[-1] != 1 or any(b < a for a, b in zip(points, points[1:])):
@@ -195,18 +191,26 @@ def interpolation_links(rows: RowLayout, points: tuple[float, ...]) -> RowLinks:
 class _InterpolationBound(Bound):
     def __init__(self, control: AttentionInterpolation, context: BindContext):
         super().__init__(control, context.layers, control.steps)
-        if context.prompt_rows < 3:
-            made = "1 image" if context.prompt_rows < 2 else "2 images, the two endpoints (their stock images), and none between them"
+        if context.prompt_rows < 2:
             raise ConfigError(
                 "attnctl: AttentionInterpolation makes images between the first and the last prompt row of a call, and this "
-                f"call makes {made}: give a list of at least 3 prompts [prompt_a, ..., prompt_b], or use "
-                "attnctl.interpolate(pipe, a, b, n=5)"
+                "call makes 1 image: give a list of prompts [prompt_a, ..., prompt_b], or use attnctl.interpolate(pipe, a, b, n=5)"
             )
         self.points = control.point_list(context.prompt_rows)
         self.index = RowIndex()
         self._links: dict[tuple[Any, ...], RowLinks] = {}
         self._t: dict[tuple[Any, ...], torch.Tensor] = {}
         self._edits: dict[RowLinks, Edit] = {}
+
+    def idle_reason(self, count: int) -> str | None:
+        """Two prompt rows are the two endpoints (t = 0 and t = 1): nothing between them is interpolated (a tested
+        identity, so the handle warns rather than refuses)."""
+        if len(self.points) == 2:
+            return (
+                "the call has 2 prompt rows, and both are endpoints (t = 0 and t = 1), so nothing is interpolated and "
+                "the output is the stock one; give at least 3 prompts [prompt_a, ..., prompt_b] (or n >= 3)"
+            )
+        return super().idle_reason(count)
 
     def links(self, rows: RowLayout) -> RowLinks:
         found = self._links.get(rows.rows)

@@ -141,7 +141,8 @@ class _SkipBound(PerturbingBound):
 
     def idle_reason(self, count: int) -> str | None:
         reason = super().idle_reason(count)
-        return None if reason is None else f"{reason} (SkipLayer's window is strict at both ends: n start < i < n stop)"
+        strict = "; SkipLayer's window is strict at both ends: n start < i < n stop), so the output"
+        return None if reason is None else reason.replace("), so the output", strict, 1)
 
     def _make(self, module: torch.nn.Module, current_frame):
         tag = self.tag
