@@ -5,10 +5,12 @@ per call. Tiny pipelines, 2-step calls: a few seconds in all."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
 import torch
+from PIL import Image
 
 import attnctl
 from attnctl import ConfigError, SelectionError
@@ -147,4 +149,61 @@ def test_generate_refuses_prompt_to_prompt_without_edits_before_installing(sd):
     model = attnctl.Model(sd, "tiny-sd")
     with pytest.raises(ConfigError, match="edits"):
         model.generate("a red cat", seed=0, steps=2, width=32, height=32, controls=attnctl.PromptToPrompt(mode="refine"))
+    assert _processors(sd) == {"AttnProcessor2_0"}
+
+
+# -- ToMe / AgentAttention: a stride larger than the token grid ----------------------------------------------------------
+@pytest.mark.parametrize("control, name", [(attnctl.ToMe(stride=64), "ToMe.stride=64"),
+                                           (attnctl.AgentAttention(stride=64, late_stride=2), "AgentAttention.stride=64")])
+def test_a_stride_larger_than_the_token_grid_is_refused(sd, control, name):
+    """No stride x stride cell fits the grid, so there is no destination token: it failed with an IndexError deep in
+    the matching."""
+    with attnctl.apply(sd, [control]):
+        with pytest.raises(ConfigError, match=rf"{name} is larger than the \d+x\d+ token grid"):
+            generate(sd, "tiny-sd", prompt=PROMPTS, steps=2)
+    assert _processors(sd) == {"AttnProcessor2_0"}
+    stock = generate(sd, "tiny-sd", prompt=PROMPTS, steps=2)
+    assert torch.equal(_run(sd, [attnctl.ToMe(ratio=0.0, stride=64)]), stock)  # ratio 0 is stock: no cell is needed
+
+
+# -- regions, subjects and reference regions that hold no image token ---------------------------------------------------
+TINY_BOX = (0.0, 0.0, 0.01, 0.01)
+
+
+def test_a_region_that_labels_no_token_is_refused_where_labels_carry_it(tiny_cache):
+    """Joint attention (Flux) and isolation give each token to the region covering the most of it, at least half: a
+    region under half a token cell was dropped (Flux: its prompt entirely, the output nearly stock). On cross-attention
+    its soft coverage still weighs its prompt in: accepted there."""
+    flux = tiny_cache("tiny-flux")
+    with attnctl.apply(flux, [attnctl.Regions([attnctl.Region("a dog", box=TINY_BOX)])]):
+        with pytest.raises(ConfigError, match=r"Region\('a dog', box=\(0.0, 0.0, 0.01, 0.01\)\) labels no image token"):
+            generate(flux, "tiny-flux", prompt="a photo of a cat", steps=2)
+    sd = tiny_cache("tiny-sd")
+    isolated = attnctl.Regions([attnctl.Region("a dog", box=TINY_BOX), attnctl.Region("a cat", box=(0.5, 0, 1, 1))],
+                               isolate=True)
+    with attnctl.apply(sd, [isolated]):
+        with pytest.raises(ConfigError, match="labels no image token"):
+            generate(sd, "tiny-sd", prompt=PROMPTS, steps=2)
+    stock = generate(sd, "tiny-sd", prompt=PROMPTS, steps=2)
+    assert not torch.equal(_run(sd, [attnctl.Regions([attnctl.Region("a dog", box=TINY_BOX)])]), stock)
+
+
+def _one_pixel_mask() -> torch.Tensor:
+    mask = torch.zeros(64, 64)
+    mask[0, 0] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("control, words", [
+    (attnctl.ConsistentSubjects(subject=TINY_BOX), "the subject box (0.0, 0.0, 0.01, 0.01) holds no image token"),
+    (attnctl.ConsistentSubjects(mask=_one_pixel_mask()), "mask[0] holds no image token"),
+    (attnctl.ReferenceAttention(Image.new("RGB", (32, 32), (0, 200, 0)), region=TINY_BOX),
+     "region (0.0, 0.0, 0.01, 0.01) holds no image token"),
+], ids=["consistent-box", "consistent-mask", "reference-region"])
+def test_a_subject_or_reference_region_that_holds_no_token_is_refused(sd, control, words):
+    """Subjects and the reference's region hold the cells whose centre is inside the box (a mask: whose area average
+    reaches the threshold): one that holds none shared nothing, and the generated images were stock."""
+    with attnctl.apply(sd, [control]):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            generate(sd, "tiny-sd", prompt=PROMPTS, steps=2)
     assert _processors(sd) == {"AttnProcessor2_0"}

@@ -85,6 +85,32 @@ class RegionsBound(Bound):
         self._grids: dict[Any, Any] = context.handle_cache.setdefault("grids", {})
         self._cache: dict[Any, Any] = {}  # per call (encoded region prompts, their keys and values per layer)
         self.index = RowIndex()  # the cond rows' positions as index tensors, per device
+        self._check_labels(control, context)
+
+    def _check_labels(self, control: Control, context: BindContext) -> None:
+        """Joint attention (region prompts) and isolation act through token labels: a token belongs to the region that
+        covers the most of it, at least half. A region that labels no token at any grid they use would be silently
+        dropped there (on joint families its prompt entirely)."""
+        canvas = context.canvas
+        grids = {
+            (canvas.frames, *canvas.grid_at(layer.level)) if self.video else canvas.grid_at(layer.level)
+            for layer in self.layers if self.roles.get(layer.index) in ("joint", "isolate")
+        }
+        if not grids:
+            return
+        labelled = set()
+        for grid in grids:
+            labelled.update(int(v) for v in self.layout(grid).labels.unique())
+        for position, region in enumerate(control.regions):
+            if position + 1 in labelled or not (self.tokens or (self.isolating and region.subject)):
+                continue
+            shown = ", ".join("x".join(map(str, grid)) for grid in sorted(grids))
+            raise ConfigError(
+                f"attnctl: {region!r} labels no image token at this call's size (token grids {shown}): joint attention "
+                "and isolation give a token to the region that covers the most of it, at least half, so this region "
+                "would be dropped there; give it a larger box or mask (at least half a token cell, and not hidden under a "
+                "later region)"
+            )
 
     # -- per-grid data ---------------------------------------------------------------------------------------------
     def grid(self, geometry: Geometry) -> tuple[int, ...]:
