@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -89,8 +90,9 @@ class RegionsBound(Bound):
 
     def _check_labels(self, control: Control, context: BindContext) -> None:
         """Joint attention (region prompts) and isolation act through token labels: a token belongs to the region that
-        covers the most of it, at least half. A region that labels no token at any grid they use would be silently
-        dropped there (on joint families its prompt entirely)."""
+        covers the most of it, at least half. A region that labels no token at any grid they use is dropped there (on
+        joint families its prompt entirely): a warning, once per call (a soft background under the subjects, or a
+        region under a later one, is a layout the project's own tests use, so it is not refused)."""
         canvas = context.canvas
         grids = {
             (canvas.frames, *canvas.grid_at(layer.level)) if self.video else canvas.grid_at(layer.level)
@@ -105,11 +107,12 @@ class RegionsBound(Bound):
             if position + 1 in labelled or not (self.tokens or (self.isolating and region.subject)):
                 continue
             shown = ", ".join("x".join(map(str, grid)) for grid in sorted(grids))
-            raise ConfigError(
-                f"attnctl: {region!r} labels no image token at this call's size (token grids {shown}): joint attention "
-                "and isolation give a token to the region that covers the most of it, at least half, so this region "
-                "would be dropped there; give it a larger box or mask (at least half a token cell, and not hidden under a "
-                "later region)"
+            warnings.warn(
+                f"attnctl: Regions: {region!r} labels no image token at this call's size (token grids {shown}): joint "
+                "attention and isolation give a token to the region that covers the most of it, at least half, so this "
+                "region is dropped there; give it a larger box or mask (at least half a token cell, and not under a "
+                "later region)",
+                stacklevel=2,
             )
 
     # -- per-grid data ---------------------------------------------------------------------------------------------
