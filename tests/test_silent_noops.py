@@ -225,3 +225,18 @@ def test_reweighting_the_negative_prompt_without_cfg_warns_and_stays_stock(sd):
             generate(sd, "tiny-sd", prompt="a cat", steps=2, negative_prompt="a cat")  # with CFG: it acts, no warning
     messages = _idle_warnings(caught)
     assert len(messages) == 1 and "branch='uncond'" in messages[0], messages
+
+
+# -- FastAttn: calibration that can choose nothing -----------------------------------------------------------------------
+@pytest.mark.parametrize("control, steps, guidance, words", [
+    (attnctl.FastAttn(threshold=1.0), 1, 5.0, "1 step"),
+    (attnctl.FastAttn(techniques=("cfg_share",), threshold=1.0), 2, 1.0, "no classifier-free guidance"),
+], ids=["one-step", "cfg-share-without-cfg"])
+def test_fastattn_that_can_choose_nothing_warns_and_stays_stock(sd, control, steps, guidance, words):
+    stock = generate(sd, "tiny-sd", prompt=PROMPTS, steps=steps, guidance=guidance)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attnctl.apply(sd, [control]):
+            assert torch.equal(generate(sd, "tiny-sd", prompt=PROMPTS, steps=steps, guidance=guidance), stock)
+    messages = _idle_warnings(caught)
+    assert len(messages) == 1 and "FastAttn" in messages[0] and words in messages[0], messages
