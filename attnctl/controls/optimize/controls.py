@@ -442,9 +442,12 @@ class BoxGuidanceBound(LatentOptimizerBound):
         super().__init__(control, context, columns, selector)
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
+        self.layer_boxes = tuple(
+            torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]).to(context.device)
+            for layer in self.layers
+        )
         grids = tuple(dict.fromkeys(context.canvas.grid_at(layer.level) for layer in self.layers))
         host_boxes = tuple(torch.stack([losses.hard_box(box, grid) for _, box in control.boxes]) for grid in grids)
-        self.layer_boxes = tuple(host_boxes[grids.index(context.canvas.grid_at(layer.level))].to(context.device) for layer in self.layers)
         masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float()
         inside = (masks >= 0.5).float()
         shown = [f"{h}x{w}" for h, w in grids] if self.keep_heads else []
