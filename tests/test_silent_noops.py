@@ -240,3 +240,15 @@ def test_fastattn_that_can_choose_nothing_warns_and_stays_stock(sd, control, ste
             assert torch.equal(generate(sd, "tiny-sd", prompt=PROMPTS, steps=steps, guidance=guidance), stock)
     messages = _idle_warnings(caught)
     assert len(messages) == 1 and "FastAttn" in messages[0] and words in messages[0], messages
+
+
+def test_generate_that_fails_at_bind_leaves_the_pipeline_stock(sd):
+    """A word not in the prompt is found when the call binds, after the model attached its controls: the model releases
+    them (it used to keep them installed until the next generate or release)."""
+    model = attnctl.Model(sd, "tiny-sd")
+    with pytest.raises(attnctl.TokenError, match="'dog' is not in the cond prompt"):
+        model.generate("a red cat", seed=0, steps=2, width=32, height=32, controls=attnctl.Reweight({"dog": 2.0}))
+    assert model.handle is None and _processors(sd) == {"AttnProcessor2_0"}
+    with model:
+        model.generate("a red cat", seed=0, steps=2, width=32, height=32, controls=attnctl.Reweight({"cat": 2.0}))
+    assert _processors(sd) == {"AttnProcessor2_0"}

@@ -32,7 +32,7 @@ import torch
 
 from .._version import __version__
 from ..control import Control
-from ..errors import ConfigError
+from ..errors import AttnctlError, ConfigError
 from .outputs import sampler_fields, save_png
 
 #: Frames per second of the GIF of an interpolation sequence (`AttentionInterpolation(to=...)`).
@@ -260,6 +260,14 @@ class Model:
             raise ConfigError("an AttentionInterpolation with `to` and a PromptToPrompt with `edits` each render their own sequence; give one")
         referenced = sequence is None and edits is None and _reference_of(controls)
         handle = self._attach(controls)
+        try:
+            return self._render(prompt, seed, controls, kwargs, sequence, edits, referenced, handle)
+        except AttnctlError:  # bad input found while binding (a word not in the prompt, ...): the pipeline is stock again
+            self.release()
+            raise
+
+    def _render(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], sequence: Any,
+                edits: tuple[str, ...] | None, referenced: bool, handle: Any) -> Generation:
         if sequence is not None:  # AID: one call renders the sequence; frames = its images, image = their strip
             return self._sequence(prompt, seed, controls, kwargs, sequence, handle)
         if edits is not None:  # P2P: [prompt, *edits] in one call, same seed per row
