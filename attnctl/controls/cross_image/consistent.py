@@ -435,14 +435,17 @@ class _ConsistentBound(LinkedKeysBound):
                       for i, m in enumerate(control.mask)]
         else:
             shapes = [(f"the subject box {box}", lambda g, box=box: box_mask(box, g)) for box in control.subject or () if _is_box(box)]
-        for name, cells in shapes:
-            if grids and not any(bool(cells(grid).any()) for grid in grids):
-                shown = ", ".join(f"{h}x{w}" for h, w in sorted(grids))
-                raise ConfigError(
-                    f"attnctl: ConsistentSubjects: {name} holds no image token at this call's size (token grids {shown}; a "
-                    f"box holds the cells whose centre is inside it, a mask those whose area average is at least "
-                    f"threshold={control.threshold:g}), so that subject would share nothing: give a larger box or mask"
-                )
+        key = ("empty subjects", tuple(sorted(grids)))
+        if key not in context.handle_cache:  # read once per handle (host data, but no read in a warm call)
+            context.handle_cache[key] = [name for name, cells in shapes if grids and not any(bool(cells(g).any()) for g in grids)]
+        if context.handle_cache[key]:
+            name = context.handle_cache[key][0]
+            shown = ", ".join(f"{h}x{w}" for h, w in sorted(grids))
+            raise ConfigError(
+                f"attnctl: ConsistentSubjects: {name} holds no image token at this call's size (token grids {shown}; a "
+                f"box holds the cells whose centre is inside it, a mask those whose area average is at least "
+                f"threshold={control.threshold:g}), so that subject would share nothing: give a larger box or mask"
+            )
 
     # -- row links ------------------------------------------------------------------------------------------------
     def find_links(self, rows: RowLayout) -> Links:

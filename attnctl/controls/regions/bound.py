@@ -100,11 +100,13 @@ class RegionsBound(Bound):
         }
         if not grids:
             return
-        labelled = set()
-        for grid in grids:
-            labelled.update(int(v) for v in self.layout(grid).labels.unique())
-        for position, region in enumerate(control.regions):
-            if position + 1 in labelled or not (self.tokens or (self.isolating and region.subject)):
+        key = ("unlabelled", tuple(sorted(grids)))
+        if key not in self._grids:  # read once per handle (host data, but no read in a warm call)
+            labelled = {int(v) for grid in grids for v in self.layout(grid).labels.unique()}
+            self._grids[key] = tuple(p for p in range(len(control.regions)) if p + 1 not in labelled)
+        for position in self._grids[key]:
+            region = control.regions[position]
+            if not (self.tokens or (self.isolating and region.subject)):
                 continue
             shown = ", ".join("x".join(map(str, grid)) for grid in sorted(grids))
             warnings.warn(
