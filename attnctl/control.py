@@ -297,6 +297,23 @@ class Bound:
     def active(self, step: StepInfo) -> bool:
         return step.inside(self.steps)
 
+    def idle_reason(self, count: int) -> str | None:
+        """Why the control does nothing in a call of `count` steps although it was asked to act, or None.
+
+        The default: a step window that is not empty (`start < stop`) but holds none of the call's step positions
+        `i / count` (e.g. `steps=(0.9, 1.0)` with 5 steps). The handle warns once per call; the output stays the
+        stock one (a window outside the call's steps is a documented identity, so it is not refused). An empty
+        window (`start == stop`) is an explicit "off" and gets no warning.
+        """
+        start, stop = self.steps
+        if start >= stop or count < 1 or any(self.active(StepInfo(i, count)) for i in range(count)):
+            return None
+        positions = ", ".join(f"{i / count:g}" for i in range(min(count, 6))) + (", ..." if count > 6 else "")
+        return (
+            f"its step window steps=({start:g}, {stop:g}) holds none of the {count} steps of this call (step i runs at "
+            f"i/n = {positions}), so the output is the stock one; widen the window or run more steps"
+        )
+
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         """What changes at `layer` in the denoiser call `frame` (None: nothing)."""
         return None

@@ -411,6 +411,21 @@ class FastAttnBound(Bound):
         self.index = RowIndex()  # row positions as index tensors, per device (shared by the layers' caches)
         self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
         self.passes = PassCounter()
+        self.cfg_off = bool(context.prompt_arguments) and context.prompt_arguments[0].get("do_classifier_free_guidance") is False
+
+    def idle_reason(self, count: int) -> str | None:
+        """Calibration can choose nothing by construction (threshold 0 is the documented identity): one step (step 0
+        always runs full attention), or CFG sharing alone in a call without CFG. The handle warns."""
+        if not self.calibrating:
+            return None
+        if count == 1:
+            return "the call has 1 step, and step 0 always runs full attention, so the output is the stock one"
+        if self.fast.techniques == ("cfg_share",) and self.cfg_off:
+            return (
+                "techniques=('cfg_share',) shares attention between CFG rows, and this call has no classifier-free "
+                "guidance (guidance_scale <= 1), so the output is the stock one; add 'window_residual' or 'step_share'"
+            )
+        return None
 
     # -- per layer geometry ---------------------------------------------------------------------------------------
     def window_for(self, layer: LayerInfo, geometry: Geometry) -> Window | None:

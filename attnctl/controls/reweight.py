@@ -315,9 +315,23 @@ class ReweightBound(Bound):
             grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, self.text_len)
             self.weights[branch] = grid
             self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
+        # the encode_prompt call says CFG is off (SD, SDXL, Wan with guidance_scale <= 1): no uncond rows to reweight
+        cfg_off = bool(context.prompt_arguments) and context.prompt_arguments[0].get("do_classifier_free_guidance") is False
+        self.no_uncond_rows = control.branch == "uncond" and (not self.weights or cfg_off)
         self._cache: dict[Any, Edit | None] = {}
         self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
         self._on_device = {branch: upload(grid, self.device) for branch, grid in self.weights.items()}  # one async copy per call
+
+    def idle_reason(self, count: int) -> str | None:
+        """branch="uncond" in a call without negative-prompt rows (no classifier-free guidance, Flux without true CFG):
+        nothing to reweight, bitwise stock (a tested identity: the handle warns)."""
+        if self.no_uncond_rows:
+            return (
+                "branch='uncond' reweights the negative prompt's rows, and this call has none (no classifier-free "
+                "guidance: guidance_scale <= 1, or Flux without true_cfg_scale and a negative_prompt), so the output is "
+                "the stock one; use branch='cond' or 'both', or enable CFG"
+            )
+        return super().idle_reason(count)
 
     def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
         """(prompt rows, text_len) factors at step index `step` for `branch`; None outside the step window."""

@@ -194,6 +194,7 @@ class StructuredBound(Bound):
         self.text = None
         self._cache: dict[Any, Any] = {}
         self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
+        self.no_phrase: str | None = None  # why the call has nothing to average (no phrase in any prompt)
         if self.scale == 0.0:
             return
         tokens = context.require_tokens("StructuredGuidance")
@@ -222,9 +223,20 @@ class StructuredBound(Bound):
             absent = [p for p in control.phrases if p not in sources]
             if absent:
                 raise TokenError(f"attnctl: StructuredGuidance: phrase(s) {absent!r} are in none of the prompts {list(texts)!r}")
+        if control.phrases is None and not self.spans:  # a tested identity (bitwise stock): the handle warns
+            self.no_phrase = (
+                f"its chunker (noun_phrases) found no noun phrase in the prompts {list(texts)!r}"
+                + (f" (those it found, {missing!r}, are not in the tokenized prompts)" if missing else "")
+                + ", so the output is the stock one; a phrase starts with a determiner (a, the, ...), has a second word "
+                "and is not the whole prompt: give phrases=[...] as written in the prompt, or prompts with two or more "
+                "noun phrases"
+            )
         self.sources = tuple(sources)
         if sources:
             self.text = context.encode_prompts(list(sources))
+
+    def idle_reason(self, count: int) -> str | None:
+        return self.no_phrase or super().idle_reason(count)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         rows = frame.rows.indices("cond")

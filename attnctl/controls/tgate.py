@@ -165,6 +165,16 @@ class TGateBound(Bound):
         self.warned = False
         self._dropped: tuple[int, int] = (-1, 0)  # (frame number, rows dropped by the row selection)
 
+    def idle_reason(self, count: int) -> str | None:
+        """A gate at or after the last step (documented: nothing changes) without self-attention reuse: the handle warns."""
+        if self.tgate.gate_step < count or self.tgate.reuses_self_attention:
+            return None
+        allowed = f"gate_step must be at most {count - 1} to cache any step" if count > 1 else "a 1-step call has no step after a gate"
+        return (
+            f"its gate_step={self.tgate.gate_step} is not before the last step of this {count}-step call ({allowed}), so no "
+            "cross-attention is cached and CFG is never dropped: the output is the stock one"
+        )
+
     # -- rows -----------------------------------------------------------------------------------------------------
     def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
         rows = frame.rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -291,6 +292,11 @@ class Runtime:
                 done.finish()
             self._unwrap_call()
             raise
+        if call.num_positions is not None:
+            for done in bound:
+                reason = done.idle_reason(step.count)
+                if reason is not None:
+                    warnings.warn(f"attnctl: {type(done.control).__name__} is idle in this call: {reason}", stacklevel=2)
         return bound
 
     def select_rows(self, inputs: dict[str, Any], index: tuple[int, ...]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ import torch
 
 from .._version import __version__
 from ..control import Control
-from ..errors import ConfigError
+from ..errors import AttnctlError, ConfigError
 from .outputs import sampler_fields, save_png
 
 #: Frames per second of the GIF of an interpolation sequence (`AttentionInterpolation(to=...)`).
@@ -260,6 +260,14 @@ class Model:
             raise ConfigError("an AttentionInterpolation with `to` and a PromptToPrompt with `edits` each render their own sequence; give one")
         referenced = sequence is None and edits is None and _reference_of(controls)
         handle = self._attach(controls)
+        try:
+            return self._render(prompt, seed, controls, kwargs, sequence, edits, referenced, handle)
+        except AttnctlError:  # bad input found while binding (a word not in the prompt, ...): the pipeline is stock again
+            self.release()
+            raise
+
+    def _render(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], sequence: Any,
+                edits: tuple[str, ...] | None, referenced: bool, handle: Any) -> Generation:
         if sequence is not None:  # AID: one call renders the sequence; frames = its images, image = their strip
             return self._sequence(prompt, seed, controls, kwargs, sequence, handle)
         if edits is not None:  # P2P: [prompt, *edits] in one call, same seed per row
@@ -511,11 +519,15 @@ def _reference_of(controls: tuple[Control, ...]) -> bool:
     cross-image controls whose rows one image per call cannot give."""
     from ..controls.cross_image.consistent import ConsistentSubjects
     from ..controls.cross_image.interpolation import AttentionInterpolation
+    from ..controls.cross_image.p2p import PromptToPrompt
     from ..controls.cross_image.reference import ReferenceAttention
 
     if any(isinstance(c, ConsistentSubjects) for c in controls):
         raise ConfigError("ConsistentSubjects links the images of one pipeline call, and attnctl render / Model.generate make "
                           "one image per call; call the pipeline with a list of prompts (examples/consistent_subjects.py)")
+    if any(isinstance(c, PromptToPrompt) and c.edits is None for c in controls):
+        raise ConfigError("PromptToPrompt needs its edited prompts (`edits`) in attnctl render / Model.generate: each image "
+                          "renders [prompt, *edits] in one call")
     if any(isinstance(c, AttentionInterpolation) and c.to is None for c in controls):
         raise ConfigError("AttentionInterpolation needs its second prompt (`to`) in attnctl render / Model.generate: each "
                           "image renders the sequence from the prompt to `to`")

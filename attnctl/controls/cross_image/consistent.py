@@ -385,6 +385,7 @@ class _ConsistentBound(LinkedKeysBound):
         adapter = context.adapter
         chosen = {layer.index for layer in context.layers}
         self.attention_indices = frozenset(layer.index for layer in control.attention_layers(adapter)) & chosen
+        self._check_static_subjects(control, context)
         map_layers = tuple(layer for layer in control.word_map_layers(adapter) if layer.index in chosen)
         self.map_slots = {layer.index: i for i, layer in enumerate(map_layers)}
         self.device = context.device
@@ -419,6 +420,32 @@ class _ConsistentBound(LinkedKeysBound):
             self.map_grid = max(grids, key=lambda hw: hw[0] * hw[1])
             self.pending = torch.zeros(len(map_layers), self.prompt_rows, len(self.words), *self.map_grid, device=self.device)
             self.text_len = text_len
+
+    def _check_static_subjects(self, control: ConsistentSubjects, context: BindContext) -> None:
+        """A box or mask subject that holds no cell of any grid the control attends at (`labels`: a box holds the cells
+        whose centre is inside it, a mask those whose area average reaches `threshold`) would share nothing."""
+        if control.strength == 0:
+            return
+        grids = {context.canvas.grid_at(layer.level) for layer in context.layers if layer.index in self.attention_indices}
+        if control.reposition is not None:
+            shapes = [(f"the target box {pair[1]} of reposition[{i}]", lambda g, box=pair[1]: box_mask(box, g))
+                      for i, pair in enumerate(control.reposition)]
+        elif control.mask is not None:
+            shapes = [(f"mask[{i}]", lambda g, m=m: resize_mask(m, g).flatten() >= control.threshold)
+                      for i, m in enumerate(control.mask)]
+        else:
+            shapes = [(f"the subject box {box}", lambda g, box=box: box_mask(box, g)) for box in control.subject or () if _is_box(box)]
+        key = ("empty subjects", tuple(sorted(grids)))
+        if key not in context.handle_cache:  # read once per handle (host data, but no read in a warm call)
+            context.handle_cache[key] = [name for name, cells in shapes if grids and not any(bool(cells(g).any()) for g in grids)]
+        if context.handle_cache[key]:
+            name = context.handle_cache[key][0]
+            shown = ", ".join(f"{h}x{w}" for h, w in sorted(grids))
+            raise ConfigError(
+                f"attnctl: ConsistentSubjects: {name} holds no image token at this call's size (token grids {shown}; a "
+                f"box holds the cells whose centre is inside it, a mask those whose area average is at least "
+                f"threshold={control.threshold:g}), so that subject would share nothing: give a larger box or mask"
+            )
 
     # -- row links ------------------------------------------------------------------------------------------------
     def find_links(self, rows: RowLayout) -> Links:

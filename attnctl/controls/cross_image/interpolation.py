@@ -202,6 +202,16 @@ class _InterpolationBound(Bound):
         self._t: dict[tuple[Any, ...], torch.Tensor] = {}
         self._edits: dict[RowLinks, Edit] = {}
 
+    def idle_reason(self, count: int) -> str | None:
+        """Two prompt rows are the two endpoints (t = 0 and t = 1): nothing between them is interpolated (a tested
+        identity, so the handle warns rather than refuses)."""
+        if len(self.points) == 2:
+            return (
+                "the call has 2 prompt rows, and both are endpoints (t = 0 and t = 1), so nothing is interpolated and "
+                "the output is the stock one; give at least 3 prompts [prompt_a, ..., prompt_b] (or n >= 3)"
+            )
+        return super().idle_reason(count)
+
     def links(self, rows: RowLayout) -> RowLinks:
         found = self._links.get(rows.rows)
         if found is None:

@@ -481,6 +481,24 @@ class PromptToPromptBound(Bound):
             alpha = alpha.masked_fill(columns, step in cross_step_range(window, count))
         return alpha
 
+    def idle_reason(self, count: int) -> str | None:
+        """Windows that are not empty but hold none of the call's steps (P2P's rounding: `cross_step_range`,
+        `self_step_range`) and no local blending: no attention is edited (the handle warns)."""
+        control = self.p2p
+        if control.idle or control.local_blend is not None or count < 1:
+            return None
+        cross = control.cross_steps
+        windows = (*cross.values(), _default_window(cross)) if isinstance(cross, WordWindows) else (cross,)
+        if any(len(cross_step_range(w, count)) for w in windows) or len(self_step_range(control.self_steps, count)):
+            return None
+        shown = dict(cross) if isinstance(cross, WordWindows) else cross
+        return (
+            f"its windows cross_steps={shown!r} and self_steps={control.self_steps!r} hold none of the {count} steps of "
+            f"this call (cross-attention: steps int(start (n+1)) to int(end (n+1)) - 1; self-attention: int(start n) to "
+            "int(end n) - 1), so no attention is edited: the edited prompts' images only start from the base row's "
+            "noise; widen a window or run more steps"
+        )
+
     def _check_reweight_windows(self, count: int) -> None:
         """A reweighted word whose tokens never fall inside their cross-attention window would be silently inert."""
         if count <= 0:

@@ -241,6 +241,16 @@ class _ReferenceBound(LinkedKeysBound):
                 f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "
                 f"{context.prompt_rows} prompt row(s); add a row for the reference (its output is a by-product)"
             )
+        grids = sorted({context.canvas.grid_at(layer.level) for layer in context.layers})
+        key = ("empty region", tuple(grids))
+        if control.region is not None and key not in context.handle_cache:  # read once per handle, not in a warm call
+            context.handle_cache[key] = not any(bool(box_mask(control.region, g).any()) for g in grids)
+        if control.region is not None and control.strength > 0 and context.handle_cache[key]:
+            raise ConfigError(
+                f"attnctl: ReferenceAttention.region {control.region} holds no image token at this call's size (token grids "
+                f"{', '.join(f'{h}x{w}' for h, w in grids)}; a region holds the cells whose centre is inside it), so no "
+                "image would read the reference: give a larger region"
+            )
         from ..common import image_size
 
         self.adapter = context.adapter

@@ -448,9 +448,31 @@ class BoxGuidanceBound(LatentOptimizerBound):
         )
         masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float()
         inside = (masks >= 0.5).float()
+        self._refuse_empty_boxes(control, context, inside)
         bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
         self.masks = masks.to(context.device)
         self.bands = tuple(band.to(context.device) for band in bands)
+
+    def _refuse_empty_boxes(self, control: BoxGuidance, context: BindContext, inside: torch.Tensor) -> None:
+        """A box that holds no cell of the maps it guides gives the loss no gradient: the output would be stock. The
+        boxes are read on the host once per handle and grid (a warm call reads nothing)."""
+        grids = tuple(dict.fromkeys(context.canvas.grid_at(layer.level) for layer in self.layers))
+        key = ("empty boxes", grids, self.grid)
+        if key not in context.handle_cache:
+            hard = [torch.stack([losses.hard_box(box, grid) for _, box in control.boxes]) for grid in grids]
+            context.handle_cache[key] = [
+                s for s in range(len(control.boxes))
+                if not ((self.keep_heads and any(bool(boxes[s].any()) for boxes in hard)) or (self.boxdiff and bool(inside[s].any())))
+            ]
+        if context.handle_cache[key]:
+            word, box = control.boxes[context.handle_cache[key][0]]
+            shown = [f"{h}x{w}" for h, w in grids] if self.keep_heads else []
+            shown += [f"{self.grid[0]}x{self.grid[1]} (BoxDiff's maps)"] if self.boxdiff else []
+            raise ConfigError(
+                f"attnctl: BoxGuidance box {box} of {word!r} holds no cell of the attention maps it guides at this call's "
+                f"size (h x w: {', '.join(shown)}), so it would change nothing: give a box at least one cell wide and high "
+                "there (a cell is 1/w of the width, 1/h of the height), or render a larger image"
+            )
 
     def _loss(self, maps: Any, selector: torch.Tensor) -> torch.Tensor:
         c = self.control

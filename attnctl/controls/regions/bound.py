@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -85,6 +86,36 @@ class RegionsBound(Bound):
         self._grids: dict[Any, Any] = context.handle_cache.setdefault("grids", {})
         self._cache: dict[Any, Any] = {}  # per call (encoded region prompts, their keys and values per layer)
         self.index = RowIndex()  # the cond rows' positions as index tensors, per device
+        self._check_labels(control, context)
+
+    def _check_labels(self, control: Control, context: BindContext) -> None:
+        """Joint attention (region prompts) and isolation act through token labels: a token belongs to the region that
+        covers the most of it, at least half. A region that labels no token at any grid they use is dropped there (on
+        joint families its prompt entirely): a warning, once per call (a soft background under the subjects, or a
+        region under a later one, is a layout the project's own tests use, so it is not refused)."""
+        canvas = context.canvas
+        grids = {
+            (canvas.frames, *canvas.grid_at(layer.level)) if self.video else canvas.grid_at(layer.level)
+            for layer in self.layers if self.roles.get(layer.index) in ("joint", "isolate")
+        }
+        if not grids:
+            return
+        key = ("unlabelled", tuple(sorted(grids)))
+        if key not in self._grids:  # read once per handle (host data, but no read in a warm call)
+            labelled = {int(v) for grid in grids for v in self.layout(grid).labels.unique()}
+            self._grids[key] = tuple(p for p in range(len(control.regions)) if p + 1 not in labelled)
+        for position in self._grids[key]:
+            region = control.regions[position]
+            if not (self.tokens or (self.isolating and region.subject)):
+                continue
+            shown = ", ".join("x".join(map(str, grid)) for grid in sorted(grids))
+            warnings.warn(
+                f"attnctl: Regions: {region!r} labels no image token at this call's size (token grids {shown}): joint "
+                "attention and isolation give a token to the region that covers the most of it, at least half, so this "
+                "region is dropped there; give it a larger box or mask (at least half a token cell, and not under a "
+                "later region)",
+                stacklevel=2,
+            )
 
     # -- per-grid data ---------------------------------------------------------------------------------------------
     def grid(self, geometry: Geometry) -> tuple[int, ...]:

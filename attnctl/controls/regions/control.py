@@ -24,6 +24,7 @@ from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import choice, number, set_field
+from ..common import keep_kinds
 from .bound import RegionsBound
 from .layout import draw_layout, layout_fields, save_layout, save_mask
 from .region import Region
@@ -116,6 +117,12 @@ class Regions(Control, type_name="regions"):
         if not isinstance(self.trim_prompts, bool):
             raise ConfigError(f"Regions.trim_prompts must be True or False, got {self.trim_prompts!r}")
         choice(self.joint_rule, "Regions.joint_rule", self.JOINT_RULES)
+        if self.base_ratio == 1.0 and self.isolate and not self.isolating:
+            raise ConfigError(
+                "Regions(base_ratio=1, isolate=True) acts only by keeping subject regions apart, and it has "
+                f"{sum(region.subject for region in self.regions)} subject region(s): give at least two regions with "
+                "subject=True, or a base_ratio below 1 for the region prompts to act"
+            )
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         if self.trim_prompts and (adapter.padded_text_tokenizer is None or adapter.text_attention != "joint"):
@@ -143,8 +150,17 @@ class Regions(Control, type_name="regions"):
         return tuple(kind for kind in kinds if kind in present)
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
-        """The selected layers, plus (SD3, Flux) every joint layer: region tokens must be hidden where not selected."""
+        """The selected layers, plus (SD3, Flux) every joint layer: region tokens must be hidden where not selected.
+        A selection with no layer where the regions act (region prompts: cross / joint; isolation: self / joint)
+        raises, unless nothing is asked of them (`base_ratio=1` without isolation: the documented identity)."""
         chosen = super().select(adapter)
+        kinds = (("cross", "joint") if self.base_ratio < 1.0 else ()) + (("self", "joint") if self.isolating else ())
+        if kinds:
+            what = " or ".join(dict.fromkeys(
+                (("cross- or joint-attention (region prompts)",) if self.base_ratio < 1.0 else ())
+                + (("self- or joint-attention (isolation)",) if self.isolating else ())
+            ))
+            keep_kinds(chosen, tuple(dict.fromkeys(kinds)), "Regions", what, self.layers)
         if adapter.text_attention != "joint":
             return chosen
         indices = {layer.index for layer in chosen}

@@ -354,7 +354,20 @@ class _Phase:
 class _ReductionBound(Bound):
     def __init__(self, control: ToMe | AgentAttention, context: BindContext):
         super().__init__(control, context.layers, control.steps)
-        self.report = TokenReductionReport(type(control).__name__)
+        owner = type(control).__name__
+        used = (StepInfo(i, context.steps) for i in range(context.steps))
+        strides = {control.phase(step).stride for step in used if step.inside(control.steps) and not control.phase(step).identity}
+        for stride in sorted(strides, reverse=True):
+            for layer in context.layers:
+                h, w = context.canvas.grid_at(layer.level)
+                if min(h, w) < stride:  # no stride x stride cell fits: no destination token to merge into
+                    name = "stride" if stride == control.stride else "late_stride"
+                    raise ConfigError(
+                        f"attnctl: {owner}.{name}={stride} is larger than the {h}x{w} token grid of {layer.name} at this "
+                        f"call's size: a {stride}x{stride} cell must fit the grid; give {name} <= {min(h, w)} or select "
+                        "layers with larger grids"
+                    )
+        self.report = TokenReductionReport(owner)
         publish(context, control.key, self.report)
         self.index = RowIndex()
         # (dst, src) per layer, step, grid and device: drawn from a seed, so constant for the handle (kept across calls)
