@@ -610,6 +610,27 @@ def test_reference_example_job_renders_the_generated_row(tmp_path, tiny_cache):
     assert read_png_params(str(tmp_path / "out" / "reference-adain" / "0.png"))["controls"][0]["adain"] is True
 
 
+@pytest.mark.parametrize("name", ["gallery.toml", "interpolate.toml", "quickstart.toml", "reference.toml", "sweep.jsonl"])
+def test_example_job_files_on_the_embedded_model_pass_check(name, tmp_path, capsys):
+    """`attnctl render FILE --check` resolves each job with the rows its image's call will have (an interpolation
+    sequence, P2P's edits, ReferenceAttention's reference row), not one prompt: the shipped files are clean."""
+    assert cli.main(["render", str(ROOT / "examples" / "jobs" / name), "--check", "--out", str(tmp_path / "out"),
+                     "--progress", "none"]) == 0, capsys.readouterr().out
+
+
+def test_generate_refuses_two_controls_that_each_lay_out_the_rows(tiny_cache):
+    reference = Image.new("RGB", (32, 32), (0, 200, 0))
+    pairs = [(attnctl.ReferenceAttention(reference), attnctl.PromptToPrompt(edits=["a blue cat"])),
+             (attnctl.ReferenceAttention(reference), attnctl.AttentionInterpolation(to="a blue cat")),
+             (attnctl.PromptToPrompt(edits=["a blue cat"]), attnctl.AttentionInterpolation(to="a blue cat"))]
+    model = Model(tiny_cache("tiny-sd"), "tiny-sd")
+    with model:
+        for pair in pairs:
+            with pytest.raises(ConfigError, match="each lay out the rows"):
+                model.generate("a red cat", seed=0, steps=1, controls=pair)
+            assert model.handle is None
+
+
 def test_summary_and_exit_code():
     from attnctl.render.runner import Summary
 

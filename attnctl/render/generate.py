@@ -229,13 +229,16 @@ class Model:
         def stop(*_: Any) -> None:
             raise _Resolved
 
+        _, prompts = call_rows(prompt, controls)
         self.release()
         hooks = [child.register_forward_pre_hook(stop) for child in denoiser.children()]
         try:
             handle = self._attach(controls)
-            generator = torch.Generator(device="cpu").manual_seed(0)
+            # the rows generate would call (a sequence, edits, a reference row): the controls bind as they will there
+            rows = prompts if len(prompts) > 1 else prompt
+            generators = [torch.Generator(device="cpu").manual_seed(0) for _ in prompts]
             try:
-                self.pipe(prompt, generator=generator, output_type="latent", **kwargs)
+                self.pipe(rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent", **kwargs)
             except _Resolved:
                 pass
             del handle
@@ -254,26 +257,20 @@ class Model:
         _check_prompt(prompt)
         seed = _check_seed(seed)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
-        sequence = _interpolation_of(controls)
-        edits = _edits_of(controls)
-        if sequence is not None and edits is not None:
-            raise ConfigError("an AttentionInterpolation with `to` and a PromptToPrompt with `edits` each render their own sequence; give one")
-        referenced = sequence is None and edits is None and _reference_of(controls)
+        layout, prompts = call_rows(prompt, controls)
         handle = self._attach(controls)
         try:
-            return self._render(prompt, seed, controls, kwargs, sequence, edits, referenced, handle)
+            return self._render(prompt, seed, controls, kwargs, layout, prompts, handle)
         except AttnctlError:  # bad input found while binding (a word not in the prompt, ...): the pipeline is stock again
             self.release()
             raise
 
-    def _render(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], sequence: Any,
-                edits: tuple[str, ...] | None, referenced: bool, handle: Any) -> Generation:
-        if sequence is not None:  # AID: one call renders the sequence; frames = its images, image = their strip
-            return self._sequence(prompt, seed, controls, kwargs, sequence, handle)
-        if edits is not None:  # P2P: [prompt, *edits] in one call, same seed per row
-            return self._rows([prompt, *edits], prompt, seed, controls, kwargs, handle)
-        if referenced:  # row 0 carries the reference (with the same prompt, as reference-only); row 1 is kept
-            return self._referenced(prompt, seed, controls, kwargs, handle)
+    def _render(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], layout: str,
+                prompts: list[str], handle: Any) -> Generation:
+        if layout == "rows":  # AID's sequence or P2P's [prompt, *edits]: frames = the images, image = their strip
+            return self._rows(prompts, prompt, seed, controls, kwargs, handle)
+        if layout == "reference":  # row 0 carries the reference (with the same prompt, as reference-only); row 1 is kept
+            return self._referenced(prompts, prompt, seed, controls, kwargs, handle)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
         result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
@@ -291,16 +288,6 @@ class Model:
 
             params.update(frames=len(frames), fps=VIDEO_FPS)
         return Generation(image, params, outputs, seconds, frames)
-
-    def _sequence(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], sequence: Any,
-                  handle: Any) -> Generation:
-        """An attention-interpolation sequence (`AttentionInterpolation(to=...)`): `n` rows from `prompt` to `to`, each
-        with a CPU generator seeded with `seed` (the same initial noise), in one call."""
-        from ..controls.cross_image.interpolation import sequence_prompts
-
-        count = len(sequence.points) if sequence.points is not None else sequence.n
-        prompts = sequence_prompts(prompt, sequence.to, sequence.point_list(count))
-        return self._rows(prompts, prompt, seed, controls, kwargs, handle)
 
     def _rows(self, prompts: list[Any], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
               handle: Any) -> Generation:
@@ -322,13 +309,14 @@ class Model:
         params.update(frames=len(frames), fps=SEQUENCE_FPS)
         return Generation(image, params, outputs, seconds, frames)
 
-    def _referenced(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], handle: Any) -> Generation:
+    def _referenced(self, prompts: list[str], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
+                    handle: Any) -> Generation:
         """A ReferenceAttention image: one call of [prompt, prompt] (row 0 carries the reference, with the generation's
         prompt as in reference-only's community pipeline), row 1 from a CPU generator seeded with `seed`; the image is
         row 1's (row 0's is a reconstruction of the reference)."""
-        generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in range(2)]
+        generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe([prompt, prompt], generator=generators, output_type="pil", **kwargs)
+        result = self.pipe(prompts, generator=generators, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
         image = result.images[1]
         outputs = handle.outputs if handle is not None else {}
@@ -512,6 +500,33 @@ def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
     if len(found) > 1:
         raise ConfigError("give one PromptToPrompt with `edits` per image (a call renders one base prompt and its edits)")
     return found[0].edits if found else None
+
+
+def call_rows(prompt: str, controls: tuple[Control, ...]) -> tuple[str, list[str]]:
+    """How `Model.generate` (and `resolve`, and so `attnctl render`) lays out the one pipeline call of an image:
+    ("single", [prompt]); ("rows", prompts) for an AttentionInterpolation with `to` (the sequence from `prompt` to `to`)
+    or a PromptToPrompt with `edits` ([prompt, *edits]); ("reference", [prompt, prompt]) for a ReferenceAttention (row 0
+    the reference). Raises for controls whose rows one image per call cannot give, and for two controls that would
+    each lay out the rows."""
+    from ..controls.cross_image.interpolation import sequence_prompts
+
+    sequence = _interpolation_of(controls)
+    edits = _edits_of(controls)
+    referenced = _reference_of(controls)
+    chosen = [name for name, given in (("an AttentionInterpolation with `to`", sequence is not None),
+                                       ("a PromptToPrompt with `edits`", edits is not None),
+                                       ("a ReferenceAttention", referenced)) if given]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} each lay out the rows of the image's call (a sequence, the edits, a "
+                          "reference row); give one of them")
+    if sequence is not None:
+        count = len(sequence.points) if sequence.points is not None else sequence.n
+        return "rows", sequence_prompts(prompt, sequence.to, sequence.point_list(count))
+    if edits is not None:
+        return "rows", [prompt, *edits]
+    if referenced:
+        return "reference", [prompt, prompt]
+    return "single", [prompt]
 
 
 def _reference_of(controls: tuple[Control, ...]) -> bool:
