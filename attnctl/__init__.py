@@ -29,6 +29,7 @@ from .errors import (
     CallLayoutError,
     ConfigError,
     HandleError,
+    IdleControlWarning,
     PipelineChangedError,
     SelectionError,
     TokenError,
@@ -43,7 +44,7 @@ from .render.loading import load_pipeline
 from .render.readout import read_maps
 
 __all__ = [
-    "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError",
+    "AttnctlError", "BackendError", "Bound", "CallLayoutError", "ConfigError", "Control", "Handle", "HandleError", "IdleControlWarning",
     "PipelineChangedError", "SelectionError", "TokenError", "UnsupportedError", "__version__", "apply", "load_pipeline",
 ]
 __all__ += ["Generation", "Model", "generate"]

@@ -37,3 +37,8 @@ class HandleError(AttnctlError, RuntimeError):
 
 class BackendError(AttnctlError, RuntimeError):
     """A kernel backend cannot carry out what a control asks for."""
+
+
+class IdleControlWarning(UserWarning):
+    """A control was asked to act but does nothing in this pipeline call (its output is the stock one): a step window
+    that holds none of the call's steps, a gate after the last step, ... (`Bound.idle_reason`)."""

@@ -1,9 +1,9 @@
 """Reference attention (reference-only, PrimeComposer): the images of one call read a reference picture.
 
 Row 0 of the call carries the reference (encoded by the pipeline's VAE, noised to each step); the other rows attend to
-its self-attention keys and values, and with `--adain` (UNet models) their feature maps also take its channel
-statistics (reference-only's AdaIN). Saves the reference and the images side by side, stock (top), with
-ReferenceAttention (middle) and with AdaIN too (bottom): comparison.png.
+its self-attention keys and values; on UNet models a third run adds reference-only's AdaIN (their feature maps take
+the reference's channel statistics). Saves the reference and the images side by side, stock (top), with
+ReferenceAttention (middle) and, on UNet models, with AdaIN too (bottom): comparison.png.
 
     python examples/reference_attention.py                                   # embedded default model, offline
     python examples/reference_attention.py --image my_reference.png --prompts "a circle on the left"

@@ -36,7 +36,9 @@ def _run(pipe, controls, prompt=PROMPTS, steps=2):
 
 
 def _idle_warnings(caught) -> list[str]:
-    return [str(w.message) for w in caught if "is idle in this call" in str(w.message)]
+    found = [w for w in caught if "is idle in this call" in str(w.message)]
+    assert all(issubclass(w.category, attnctl.IdleControlWarning) for w in found)  # one category to filter on
+    return [str(w.message) for w in found]
 
 
 # -- step windows that hold no step of the call: identity kept, one warning -----------------------------------------
@@ -252,3 +254,29 @@ def test_generate_that_fails_at_bind_leaves_the_pipeline_stock(sd):
     with model:
         model.generate("a red cat", seed=0, steps=2, width=32, height=32, controls=attnctl.Reweight({"cat": 2.0}))
     assert _processors(sd) == {"AttnProcessor2_0"}
+
+
+def test_attend_excite_kernel_wider_than_the_padded_maps_is_refused_at_bind():
+    """The authors' smoothing pads by 1 and convolves without padding: a kernel wider than the map + 2 cannot run
+    (it used to fail mid-pipeline with a raw torch error); refused at bind, the pipeline stock after."""
+    from attnctl.toy import CALL_DEFAULTS, load_toy_shapes
+
+    pipe = load_toy_shapes()
+    call = {**CALL_DEFAULTS, "num_inference_steps": 2, "output_type": "latent"}
+    stock = pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **call).images
+    with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["circle", "square"], kernel_size=7)]):
+        with pytest.raises(attnctl.ConfigError, match="kernel_size=7 does not fit the 4x4"):
+            pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **call)
+    assert torch.equal(pipe("a red circle and a blue square", generator=torch.Generator().manual_seed(0), **call).images, stock)
+
+
+@pytest.mark.parametrize("cross_steps", [(0.9, 1.0), {"default_": (0.9, 1.0)}], ids=["pair", "mapping"])
+def test_p2p_reweight_outside_every_window_of_the_call_is_refused(cross_steps):
+    """A reweighted word inside no cross-attention window of the call's steps would do nothing: refused for every
+    window form (at 5 steps, (0.9, 1.0) over n + 1 = 6 entries holds no step)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    control = attnctl.PromptToPrompt(cross_steps=cross_steps, self_steps=0.0, reweight={"blue": 2.0})
+    with attnctl.apply(pipe, [control]):
+        with pytest.raises(ConfigError, match="reweight acts inside the cross-attention window"):
+            pipe(["a red cat", "a blue cat"], num_inference_steps=5, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), height=32, width=32)

@@ -22,7 +22,7 @@ import torch
 from .. import kernels
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass
-from ..errors import BackendError, CallLayoutError, HandleError
+from ..errors import BackendError, CallLayoutError, HandleError, IdleControlWarning
 from ..families.base import Canvas, LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend
@@ -296,7 +296,8 @@ class Runtime:
             for done in bound:
                 reason = done.idle_reason(step.count)
                 if reason is not None:
-                    warnings.warn(f"attnctl: {type(done.control).__name__} is idle in this call: {reason}", stacklevel=2)
+                    warnings.warn(f"attnctl: {type(done.control).__name__} is idle in this call: {reason}", IdleControlWarning,
+                                  stacklevel=2)
         return bound
 
     def select_rows(self, inputs: dict[str, Any], index: tuple[int, ...]) -> dict[str, Any]:

@@ -151,6 +151,12 @@ def self_step_range(window: P2PWindow, count: int) -> range:
     return range(int(start * count), int(end * count))
 
 
+def _holds_a_step(steps: range, count: int) -> bool:
+    """Whether a window's step range holds one of the call's steps 0..count-1 (P2P's cross window runs over n + 1
+    entries, so its last one is no step)."""
+    return steps.start < min(steps.stop, count)
+
+
 def _window_empty(window: P2PWindow) -> bool:
     start, end = _span(window)
     return end <= start
@@ -365,6 +371,12 @@ class PromptToPromptBound(Bound):
         if isinstance(control.cross_steps, WordWindows):
             self.word_windows = self._word_columns(tokens, control.cross_steps)
             self._check_reweight_windows(context.steps)
+        elif control.reweight and context.steps > 0 and not _holds_a_step(cross_step_range(control.cross_steps, context.steps), context.steps):
+            raise ConfigError(
+                f"attnctl: PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and "
+                f"cross_steps={control.cross_steps!r} holds none of the {context.steps} steps of this call (steps "
+                "int(start (n+1)) to int(end (n+1)) - 1): widen the window or run more steps"
+            )
         self._windows: dict[tuple[int, int], Any] = {}  # (step, count) -> None, "all" or a key of _window_tables
         self._window_tables: dict[Any, dict[str, tuple[torch.Tensor | None, torch.Tensor, bool, tuple[bool, ...]]]] = {}
         self.text_layers = frozenset(layer.index for layer in context.layers if layer.kind in ("cross", "joint"))
@@ -489,7 +501,7 @@ class PromptToPromptBound(Bound):
             return None
         cross = control.cross_steps
         windows = (*cross.values(), _default_window(cross)) if isinstance(cross, WordWindows) else (cross,)
-        if any(len(cross_step_range(w, count)) for w in windows) or len(self_step_range(control.self_steps, count)):
+        if any(_holds_a_step(cross_step_range(w, count), count) for w in windows) or _holds_a_step(self_step_range(control.self_steps, count), count):
             return None
         shown = dict(cross) if isinstance(cross, WordWindows) else cross
         return (

@@ -208,6 +208,14 @@ class AttendExciteBound(LatentOptimizerBound):
         super().__init__(control, context, columns, selector)
         count = context.steps
         self.refine_at = {round(fraction * count): threshold for fraction, threshold in control.refine}
+        h, w = self.grid
+        widest = min(h, w) + 2 - (min(h, w) % 2)  # odd kernels only
+        if control.kernel_size > 1 and control.kernel_size > widest:
+            # the authors pad by 1 and convolve without padding: the kernel must fit the padded map
+            raise ConfigError(
+                f"attnctl: AttendExcite.kernel_size={control.kernel_size} does not fit the {h}x{w} attention maps of this "
+                f"call padded by 1 cell (the authors' smoothing); give an odd kernel_size <= {widest}, or 1 for no smoothing"
+            )
 
     def _loss(self, selector: torch.Tensor):
         c = self.control

@@ -17,7 +17,7 @@ import torch
 
 from ...control import BindContext, Bound, Control, EncodedText
 from ...denoiser_call import DenoiserCall, RowLayout
-from ...errors import CallLayoutError, ConfigError, UnsupportedError
+from ...errors import CallLayoutError, ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import Geometry, LayerInfo
 from ...kernels.semantics import spec_tokens
 from ...kernels.spec import AttentionSpec, LabelMask
@@ -114,6 +114,7 @@ class RegionsBound(Bound):
                 "attention and isolation give a token to the region that covers the most of it, at least half, so this "
                 "region is dropped there; give it a larger box or mask (at least half a token cell, and not under a "
                 "later region)",
+                IdleControlWarning,
                 stacklevel=2,
             )
 
