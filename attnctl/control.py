@@ -311,8 +311,11 @@ class Bound:
         positions = ", ".join(f"{i / count:g}" for i in range(min(count, 6))) + (", ..." if count > 6 else "")
         return (
             f"its step window steps=({start:g}, {stop:g}) holds none of the {count} steps of this call (step i runs at "
-            f"i/n = {positions}), so the output is the stock one; widen the window or run more steps"
+            f"i/n = {positions}{self.window_rule}), so the output is the stock one; widen the window or run more steps"
         )
+
+    #: How the control's `active` reads its window, when it differs from `start <= i/n < stop` (for `idle_reason`).
+    window_rule: str = ""
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         """What changes at `layer` in the denoiser call `frame` (None: nothing)."""

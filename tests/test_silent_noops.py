@@ -103,7 +103,11 @@ def test_regions_on_self_attention_only_is_refused_unless_isolating(sd):
     # documented identity (base_ratio=1 without isolation) and isolation on self layers stay accepted
     assert torch.equal(_run(sd, [attnctl.Regions([region], layers="self", base_ratio=1.0)]), stock)
     two = [region, attnctl.Region("a cat", box=(0.5, 0, 1, 1))]
-    assert not torch.equal(_run(sd, [attnctl.Regions(two, layers="self", isolate=True)]), stock)
+    assert not torch.equal(_run(sd, [attnctl.Regions(two, layers="self", isolate=True, base_ratio=1.0)]), stock)
+    # each requested action needs a layer of its own: region prompts (base_ratio < 1) on self layers only act nowhere
+    with pytest.raises(SelectionError, match="cross- or joint-attention \\(region prompts\\)"):
+        attnctl.apply(sd, [attnctl.Regions(two, layers="self", isolate=True)])
+    assert _processors(sd) == {"AttnProcessor2_0"}
 
 
 def test_isolation_only_with_one_subject_is_refused():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,8 +320,10 @@ class _ReferenceBound(LinkedKeysBound):
         return {**inputs, self.main_input: changed}
 
 
-    def _adain_wrap(self, current_frame):
-        def make(original):
+    def _adain_wrap(self, current_frame: Callable[[], DenoiserCall | None]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A `wrap_method` maker: the block's forward, then `adain_rows` on its output while the control is active."""
+
+        def make(original: Callable[..., Any]) -> Callable[..., Any]:
             def forward(*args: Any, **kwargs: Any) -> Any:
                 output = original(*args, **kwargs)
                 frame: DenoiserCall | None = current_frame()

@@ -139,10 +139,7 @@ class _SkipBound(PerturbingBound):
         start, stop = self.steps
         return start * step.count < step.index < stop * step.count
 
-    def idle_reason(self, count: int) -> str | None:
-        reason = super().idle_reason(count)
-        strict = "; SkipLayer's window is strict at both ends: n start < i < n stop), so the output"
-        return None if reason is None else reason.replace("), so the output", strict, 1)
+    window_rule = "; SkipLayer's window is strict at both ends: n start < i < n stop"
 
     def _make(self, module: torch.nn.Module, current_frame):
         tag = self.tag

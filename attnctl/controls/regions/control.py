@@ -154,13 +154,10 @@ class Regions(Control, type_name="regions"):
         A selection with no layer where the regions act (region prompts: cross / joint; isolation: self / joint)
         raises, unless nothing is asked of them (`base_ratio=1` without isolation: the documented identity)."""
         chosen = super().select(adapter)
-        kinds = (("cross", "joint") if self.base_ratio < 1.0 else ()) + (("self", "joint") if self.isolating else ())
-        if kinds:
-            what = " or ".join(dict.fromkeys(
-                (("cross- or joint-attention (region prompts)",) if self.base_ratio < 1.0 else ())
-                + (("self- or joint-attention (isolation)",) if self.isolating else ())
-            ))
-            keep_kinds(chosen, tuple(dict.fromkeys(kinds)), "Regions", what, self.layers)
+        if self.base_ratio < 1.0:
+            keep_kinds(chosen, ("cross", "joint"), "Regions", "cross- or joint-attention (region prompts)", self.layers)
+        if self.isolating:
+            keep_kinds(chosen, ("self", "joint"), "Regions", "self- or joint-attention (isolation)", self.layers)
         if adapter.text_attention != "joint":
             return chosen
         indices = {layer.index for layer in chosen}
