@@ -339,3 +339,12 @@ def test_generate_with_reference_attention_keeps_the_generated_row(sd):
             with pytest.raises(ConfigError, match=words):
                 model.generate("a red cat", seed=0, steps=2, controls=bad)
             assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
+
+
+@pytest.mark.parametrize("control", [attnctl.ConsistentSubjects(strength=0.0),
+                                     ReferenceAttention(Image.new("RGB", (32, 32), (0, 200, 0)), strength=0.0)],
+                         ids=["consistent", "reference"])
+def test_a_one_image_call_with_the_control_switched_off_stays_stock(sd, control):
+    stock = _latents(sd, ["a red cat"], [0])
+    with attnctl.apply(sd, [control]):
+        assert torch.equal(_latents(sd, ["a red cat"], [0]), stock)

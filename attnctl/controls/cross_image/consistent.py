@@ -372,7 +372,7 @@ class _ConsistentBound(LinkedKeysBound):
     def __init__(self, control: ConsistentSubjects, context: BindContext):
         super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows
-        if context.prompt_rows < 2:
+        if context.prompt_rows < 2 and control.strength > 0:  # strength 0 is "off": nothing asked of the rows
             raise ConfigError(
                 "attnctl: ConsistentSubjects links the images of one pipeline call, and this call makes 1 image: give a list "
                 "of prompts or num_images_per_prompt > 1"

@@ -231,7 +231,7 @@ def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, 
 class _ReferenceBound(LinkedKeysBound):
     def __init__(self, control: ReferenceAttention, context: BindContext):
         super().__init__(control, context, ReferenceHook)
-        if context.prompt_rows < 2:
+        if context.prompt_rows < 2 and (control.strength > 0 or control.adain):  # strength 0 alone is "off"
             raise ConfigError(
                 f"attnctl: ReferenceAttention's reference_row {control.reference_row} carries the reference, and this call "
                 "makes 1 image, so no image would read it: call the pipeline with [a prompt for the reference, the prompts "
