@@ -281,6 +281,12 @@ class BindContext:
             )
         return tokens
 
+    @property
+    def cfg_off(self) -> bool:
+        """The pipeline's `encode_prompt` call says classifier-free guidance is off (SD, SDXL, Wan with
+        guidance_scale <= 1): the call has no uncond rows. False where the call does not say (Flux's true CFG)."""
+        return bool(self.prompt_arguments) and self.prompt_arguments[0].get("do_classifier_free_guidance") is False
+
     def geometry(self, layer: LayerInfo) -> Geometry:
         return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)
 

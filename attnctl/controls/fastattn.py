@@ -411,7 +411,7 @@ class FastAttnBound(Bound):
         self.index = RowIndex()  # row positions as index tensors, per device (shared by the layers' caches)
         self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
         self.passes = PassCounter()
-        self.cfg_off = bool(context.prompt_arguments) and context.prompt_arguments[0].get("do_classifier_free_guidance") is False
+        self.cfg_off = context.cfg_off
 
     def idle_reason(self, count: int) -> str | None:
         """Calibration can choose nothing by construction (threshold 0 is the documented identity): one step (step 0

@@ -315,9 +315,7 @@ class ReweightBound(Bound):
             grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, self.text_len)
             self.weights[branch] = grid
             self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
-        # the encode_prompt call says CFG is off (SD, SDXL, Wan with guidance_scale <= 1): no uncond rows to reweight
-        cfg_off = bool(context.prompt_arguments) and context.prompt_arguments[0].get("do_classifier_free_guidance") is False
-        self.no_uncond_rows = control.branch == "uncond" and (not self.weights or cfg_off)
+        self.no_uncond_rows = control.branch == "uncond" and (not self.weights or context.cfg_off)
         self._cache: dict[Any, Edit | None] = {}
         self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
         self._on_device = {branch: upload(grid, self.device) for branch, grid in self.weights.items()}  # one async copy per call

@@ -155,12 +155,12 @@ class ReferenceAttention(Control, type_name="reference-attention"):
 ADAIN_EPS = 1e-6
 
 
-def adain_modules(denoiser: torch.nn.Module, weight: float, family: str = "unet") -> tuple[torch.nn.Module, ...]:
+def adain_modules(denoiser: torch.nn.Module, weight: float, family: str) -> tuple[torch.nn.Module, ...]:
     """The modules after whose output reference-only's AdaIN acts, for `adain_weight` `weight`: the mid block (weight
     0), and in the down blocks (weight `2 (1 - w / D)` for block w of D) and up blocks (`2 w / U`) at or below `weight`
     each transformer stage (`attentions[i]`, which follows `resnets[i]`) or, in blocks without attention, each ResNet."""
     blocks = [getattr(denoiser, name, None) for name in ("down_blocks", "mid_block", "up_blocks")]
-    if family != "unet" or any(block is None for block in blocks):
+    if any(block is None for block in blocks):  # the denoiser's structure decides, not the family's name
         raise UnsupportedError(
             f"attnctl: ReferenceAttention(adain=True) moves the feature maps of a UNet's down, mid and up blocks to the "
             f"reference's channel statistics (reference-only's AdaIN); the {family} family's "
