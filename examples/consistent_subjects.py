@@ -58,13 +58,7 @@ def main() -> None:
     with attnctl.apply(pipe, [control]):
         shared = generate()
     os.makedirs(args.out, exist_ok=True)
-    top, bottom = strip(stock), strip(shared)
-    from PIL import Image
-
-    both = Image.new("RGB", (top.width, top.height + bottom.height), "white")
-    both.paste(top, (0, 0))
-    both.paste(bottom, (0, top.height))
-    both.save(os.path.join(args.out, "comparison.png"))
+    strip([strip(stock), strip(shared)], vertical=True).save(os.path.join(args.out, "comparison.png"))
     print(f"{control!r}")
     print(f"saved comparison.png in {args.out}")
 

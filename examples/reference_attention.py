@@ -67,12 +67,7 @@ def main() -> None:
                 handle.remove()
         rows.append(strip([reference, *images[1:]]))  # row 0's own image is a by-product: show the reference instead
     os.makedirs(args.out, exist_ok=True)
-    from PIL import Image
-
-    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    for i, row in enumerate(rows):
-        sheet.paste(row, (0, sum(r.height for r in rows[:i])))
-    sheet.save(os.path.join(args.out, "comparison.png"))
+    strip(rows, vertical=True).save(os.path.join(args.out, "comparison.png"))
     labels = ["stock", f"ReferenceAttention(strength={args.strength:g})", f"ReferenceAttention(strength={args.strength:g}, adain=True)"]
     print(f"rows: {', '.join(labels[:len(variants)])}")
     print(f"saved comparison.png in {args.out}")

@@ -137,16 +137,19 @@ def gif_bytes(frames: list[Any], params: dict[str, Any], fps: int = VIDEO_FPS) -
     return buffer.getvalue()
 
 
-def strip(images: list[Any]) -> Any:
-    """The images side by side, left to right, as one PIL image (an interpolation sequence's PNG)."""
+def strip(images: list[Any], *, vertical: bool = False) -> Any:
+    """The images side by side, left to right (top to bottom with `vertical`), as one PIL image (an interpolation
+    sequence's PNG; the rows of an example's comparison); a narrower image leaves white beside it."""
     from PIL import Image
 
     images = [image.convert("RGB") for image in images]
-    out = Image.new("RGB", (sum(image.width for image in images), max(image.height for image in images)))
-    x = 0
-    for image in images:
-        out.paste(image, (x, 0))
-        x += image.width
+    along = [image.height if vertical else image.width for image in images]
+    across = max(image.width if vertical else image.height for image in images)
+    out = Image.new("RGB", (across, sum(along)) if vertical else (sum(along), across), "white")
+    offset = 0
+    for image, length in zip(images, along):
+        out.paste(image, (0, offset) if vertical else (offset, 0))
+        offset += length
     return out
 
 
