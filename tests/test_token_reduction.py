@@ -105,7 +105,10 @@ def test_configs_validate_and_round_trip():
         attnctl.AgentAttention(switch=1.5)
     with pytest.raises(ConfigError, match="seed"):
         attnctl.ToMe(seed=-1)
-    for control in (attnctl.ToMe(ratio=0.3, layers="self & down", steps=(0.0, 0.5), seed=3), attnctl.AgentAttention()):
+    with pytest.raises(ConfigError, match=r"ToMe.random must be True .* got 0"):
+        attnctl.ToMe(random=0)
+    for control in (attnctl.ToMe(ratio=0.3, layers="self & down", steps=(0.0, 0.5), seed=3), attnctl.AgentAttention(),
+                    attnctl.ToMe(random=False), attnctl.AgentAttention(random=False)):
         assert Control.from_dict(control.to_dict()) == control
     # the authors' schedule is the default
     agent = attnctl.AgentAttention()
@@ -113,6 +116,12 @@ def test_configs_validate_and_round_trip():
 
 
 # -- destinations ---------------------------------------------------------------------------------------------
+def test_fixed_destinations_are_the_top_left_token_of_each_cell():
+    dst, src = cell_destinations((5, 6), 2, None)
+    assert dst.tolist() == [0, 2, 4, 12, 14, 16]  # the bottom row fills no whole cell: sources only
+    assert sorted(dst.tolist() + src.tolist()) == list(range(30))
+
+
 @pytest.mark.parametrize("grid, stride", [((8, 8), 2), ((7, 10), 2), ((9, 12), 4), ((3, 3), 4)])
 def test_one_destination_per_cell_from_a_private_generator(grid, stride):
     h, w = grid
@@ -300,13 +309,24 @@ def test_report_counts_tokens_and_flops():
 
 
 def _apply_reference_processor(pipe, layers, mode, ratio, seed=0, stride=2, agent_ratio=None, power=1.0, shortcut=0.0):
-    """Installs, on `layers`, a stock-like processor doing ToMe / agent attention from the spec (test only)."""
-    originals = {}
+    """Installs, on `layers`, a stock-like processor doing ToMe / agent attention from the spec (test only); a
+    forward pre-hook on each layer's transformer block hands it the block's input, the matching's metric."""
+    originals, hooks = {}, []
     for layer in layers:
         module = pipe.unet.get_submodule(layer.name)
         originals[layer.name] = module.processor
-        module.set_processor(_ReferenceProcessor(layer.name, mode, ratio, seed, stride, agent_ratio, power, shortcut))
-    return lambda: [pipe.unet.get_submodule(name).set_processor(processor) for name, processor in originals.items()]
+        processor = _ReferenceProcessor(layer.name, mode, ratio, seed, stride, agent_ratio, power, shortcut)
+        module.set_processor(processor)
+        block = pipe.unet.get_submodule(layer.name.rsplit(".", 1)[0])
+        hooks.append(block.register_forward_pre_hook(lambda _, args, p=processor: setattr(p, "metric", args[0])))
+
+    def restore():
+        for hook in hooks:
+            hook.remove()
+        for name, processor in originals.items():
+            pipe.unet.get_submodule(name).set_processor(processor)
+
+    return restore
 
 
 class _ReferenceProcessor:
@@ -322,14 +342,14 @@ class _ReferenceProcessor:
         side = int(math.isqrt(n))
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.name, step))
         dst, _ = cell_destinations((side, side), self.stride, generator)
-        groups = reference_groups(hidden_states, dst.tolist(), int(n * self.ratio))
+        groups = reference_groups(self.metric, dst.tolist(), int(n * self.ratio))
         heads, d = attn.heads, c // attn.heads
         out = torch.zeros(b, n, c)
         for row in range(b):
             merged = torch.stack([hidden_states[row, g].mean(0) for g in groups[row]])
             q, k, v = (f(merged).view(-1, heads, d).transpose(0, 1) for f in (attn.to_q, attn.to_k, attn.to_v))
             if self.mode == "agent":
-                agent_groups = reference_groups(hidden_states[row:row + 1], dst.tolist(), int(n * self.agent_ratio))[0]
+                agent_groups = reference_groups(self.metric[row:row + 1], dst.tolist(), int(n * self.agent_ratio))[0]
                 agents = torch.stack([hidden_states[row, g].mean(0) for g in agent_groups])
                 a = attn.to_q(agents).view(-1, heads, d).transpose(0, 1)
                 y = reference_agent_attention(q, k, v, a, d**-0.5, self.power, self.shortcut).float()
@@ -360,6 +380,27 @@ def test_pipeline_matches_a_reference_processor(mode):
     finally:
         restore()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, max_downsample", [("tiny-sd", 1), ("tiny-sdxl", 2)])
+def test_tome_matches_the_tomesd_package(name, max_downsample):
+    """The peer's own code: tomesd (Bolya and Hoffman's ToMe for SD) with `use_rand=False` against
+    `ToMe(random=False)` at the same ratio: the same layers (tomesd's `max_downsample=1` is SD's first level; SDXL's
+    first level has no attention, so its first level with attention is tomesd's `max_downsample=2`), the same metric
+    (the block's input) and the same merge, so the same latents up to float rounding."""
+    import tomesd
+
+    pipe = make_tiny_pipeline(name)
+    stock = generate(pipe, name, steps=3)
+    with attnctl.apply(pipe, [attnctl.ToMe(ratio=0.5, random=False)]):
+        ours = generate(pipe, name, steps=3)
+    tomesd.apply_patch(pipe, ratio=0.5, use_rand=False, max_downsample=max_downsample)
+    try:
+        theirs = generate(pipe, name, steps=3)
+    finally:
+        tomesd.remove_patch(pipe)
+    assert (theirs - stock).abs().max() > 0.1  # tomesd merged something
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=5e-4)
 
 
 def test_sd3_merges_image_tokens_only_and_agent_attention_is_refused_on_joint_layers():

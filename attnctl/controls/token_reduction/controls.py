@@ -160,6 +160,8 @@ def _validate_common(control: Control, owner: str) -> None:
     set_field(control, "layers", validate_layers(control.layers, name=f"{owner}.layers"))
     set_field(control, "steps", validate_steps(control.steps, name=f"{owner}.steps"))
     set_field(control, "seed", integer(control.seed, f"{owner}.seed", minimum=0))
+    if not isinstance(control.random, bool):
+        raise ConfigError(f"{owner}.random must be True (a random destination per cell) or False (its top-left token), got {control.random!r}")
     set_field(control, "key", output_key(control.key, owner))
 
 
@@ -218,8 +220,9 @@ class ToMe(_Reducer, Control, type_name="tome"):
     In each selected layer the image grid is cut into `stride x stride` cells; one token per cell, drawn from
     a private generator seeded from (`seed`, layer name, step index), is a destination, every other token a
     source. `ratio` of the image tokens (sources with the highest cosine similarity to their best destination,
-    measured on the tokens entering the layer) are merged into that destination by mean; attention runs on
-    the merged tokens and every merged token receives its group's output (unmerged tokens their own).
+    measured, as tomesd does, on the hidden states entering the transformer block that holds the layer) are
+    merged into that destination by mean; attention runs on the merged tokens and every merged token receives
+    its group's output (unmerged tokens their own).
 
     - `ratio`: fraction of the image tokens merged away, `0 <= ratio <= 1 - 1/stride**2`; 0 is stock.
     - `stride`: cell size (>= 2) of the destination grid.
@@ -227,6 +230,8 @@ class ToMe(_Reducer, Control, type_name="tome"):
       the first UNet level; SDXL: the second, its first has no attention; PixArt: every block). On SD3, joint
       layers may be selected too and are the default: only their image tokens are merged, never the text.
     - `steps`, `seed`: step window; seed of the destination draws (never the pipeline's generator).
+    - `random`: False takes the top-left token of each cell as its destination (tomesd's `use_rand=False`; no
+      draws, the same cells at every layer and step).
     - `key`: where the `TokenReductionReport` goes in `handle.outputs` (two ToMe controls need two keys).
     """
 
@@ -239,6 +244,7 @@ class ToMe(_Reducer, Control, type_name="tome"):
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)
     seed: int = 0
+    random: bool = True
     key: str = "tome"
 
 
@@ -284,8 +290,8 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     steps `late_stride` and `late_agent_ratio`. Agent ratios above what the cells allow are capped (at most
     every source merges, leaving one agent per cell). `scale_power` (0.3) and `shortcut` (0.075) are the
     authors' `k_scale2` and `k_shortcut`; `scale_power=1, shortcut=0` is the plain two-softmax form.
-    Acts on self-attention layers only (UNet, PixArt, SD3.5's image-only `attn2`); layers, seed and key (default
-    `"agent_attention"`) as `ToMe`.
+    Acts on self-attention layers only (UNet, PixArt, SD3.5's image-only `attn2`); layers, seed, random and key
+    (default `"agent_attention"`) as `ToMe`; the matching's metric as `ToMe` (and agentsd): the block's input.
     """
 
     #: images and video: on a (frames, height, width) grid the cells are `1 x stride x stride` within each frame (a
@@ -301,6 +307,7 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)
     seed: int = 0
+    random: bool = True
     scale_power: float = 0.3
     shortcut: float = 0.075
     key: str = "agent_attention"
@@ -372,6 +379,38 @@ class _ReductionBound(Bound):
         self.index = RowIndex()
         # (dst, src) per layer, step, grid and device: drawn from a seed, so constant for the handle (kept across calls)
         self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = context.handle_cache.setdefault("partitions", {})
+        # the matching's metric: the hidden states entering the transformer block of each layer (as tomesd), held
+        # by reference while that block runs
+        self.block_inputs: dict[str, torch.Tensor] = {}
+        denoiser = context.adapter.denoiser
+        for block in sorted({block_of(layer) for layer in context.layers}):
+            context.wrap_method(denoiser.get_submodule(block), "forward", self._remember_input(block))
+
+    def _remember_input(self, block: str) -> Any:
+        def make(original: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                self.block_inputs[block] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    self.block_inputs.pop(block, None)
+
+            return forward
+
+        return make
+
+    def metric(self, call: AttentionCall, hidden: torch.Tensor) -> torch.Tensor:
+        """The block input of `call`'s layer: (B, N, C) with the rows and image tokens of `hidden`."""
+        block = block_of(call.layer)
+        metric = self.block_inputs.get(block)
+        if not isinstance(metric, torch.Tensor) or metric.ndim != 3 or metric.shape[:2] != hidden.shape[:2]:
+            found = "nothing" if metric is None else tuple(metric.shape) if isinstance(metric, torch.Tensor) else type(metric).__name__
+            raise CallLayoutError(
+                f"attnctl: {type(self.control).__name__} matches the tokens of {call.layer.name} on the hidden states "
+                f"entering its block {block} (as tomesd), expected (B, N, C) with B, N = {tuple(hidden.shape[:2])}; the "
+                f"block received {found}"
+            )
+        return metric
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         phase = self.control.phase(frame.step)
@@ -386,7 +425,9 @@ class _ReductionBound(Bound):
         key = (layer.name, step.index, grid_hw, stride, str(device), frames)
         found = self._partitions.get(key)
         if found is None:
-            generator = torch.Generator().manual_seed(derived_seed(self.control.seed, layer.name, step.index))
+            generator = None
+            if self.control.random:
+                generator = torch.Generator().manual_seed(derived_seed(self.control.seed, layer.name, step.index))
             dst, src = video_cell_destinations(frames, grid_hw, stride, generator)
             found = self._partitions[key] = (dst.to(device), src.to(device))
         return found
@@ -422,7 +463,7 @@ class _ReductionHook(LayerHook):
             )
         phase = self.phase
         dst, src = self.bound.partition(call.layer, call.step, geometry.image_hw, phase.stride, hidden.device, geometry.frames)
-        target, rank = match(hidden, dst, src)
+        target, rank = match(self.bound.metric(call, hidden), dst, src)
         plan = plan_from_matching(tokens, dst, src, target, rank, int(tokens * phase.ratio))
         agents = None
         if phase.agent_ratio is not None:
@@ -484,6 +525,11 @@ class _ReductionHook(LayerHook):
         if isinstance(result, tuple):  # joint layers: (image, text[, ...]); only the image tokens were merged
             return (state.plan.unmerge(result[0]), *result[1:])
         return state.plan.unmerge(result)
+
+
+def block_of(layer: LayerInfo) -> str:
+    """The module path of the transformer block that holds the attention layer (its parent)."""
+    return layer.name.rsplit(".", 1)[0]
 
 
 def _merged_spec(spec: AttentionSpec, plan: MergePlan, geometry: Geometry, layer: LayerInfo) -> AttentionSpec:

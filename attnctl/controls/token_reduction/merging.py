@@ -2,7 +2,8 @@
 
 - Bipartite soft matching with one random destination per stride x stride cell, as in Bolya and Hoffman
   2023, "Token Merging for Fast Stable Diffusion" (ToMe for SD, arXiv:2303.17604): every token that is not a
-  destination is a source; each source finds its most similar destination (cosine similarity); the
+  destination is a source; each source finds its most similar destination (cosine similarity of a metric:
+  the controls use the hidden states entering the transformer block, as tomesd does); the
   `count` sources with the highest similarity are merged into their destination by mean. Attention then runs
   on the merged sequence and `MergePlan.unmerge` copies each group's output back to every member.
 - Agent attention, Han et al. 2024, "Agent Attention: On the Integration of Softmax and Linear Attention"
@@ -31,19 +32,24 @@ def derived_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
-def cell_destinations(grid_hw: tuple[int, int], stride: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_destinations(
+    grid_hw: tuple[int, int], stride: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Destination and source token indices (ascending int64, CPU) of a row-major `grid_hw` token grid.
 
     The grid is cut into `(h // stride) x (w // stride)` cells of `stride x stride` tokens from the top left;
-    one token of each cell, drawn uniformly from `generator`, is a destination. Every other token (including
-    the rows and columns that do not fill a whole cell) is a source. A grid smaller than one cell has no
-    destinations.
+    one token of each cell, drawn uniformly from `generator` (None: the cell's top-left token, tomesd's
+    `use_rand=False`), is a destination. Every other token (including the rows and columns that do not fill a
+    whole cell) is a source. A grid smaller than one cell has no destinations.
     """
     h, w = grid_hw
     cells_h, cells_w = h // stride, w // stride
     if cells_h == 0 or cells_w == 0:
         return torch.zeros(0, dtype=torch.long), torch.arange(h * w)
-    pick = torch.randint(stride * stride, (cells_h, cells_w), generator=generator, device=generator.device).cpu()
+    if generator is None:
+        pick = torch.zeros(cells_h, cells_w, dtype=torch.long)
+    else:
+        pick = torch.randint(stride * stride, (cells_h, cells_w), generator=generator, device=generator.device).cpu()
     rows = torch.arange(cells_h)[:, None] * stride + pick // stride
     cols = torch.arange(cells_w)[None, :] * stride + pick % stride
     dst = (rows * w + cols).flatten().sort().values
@@ -53,7 +59,7 @@ def cell_destinations(grid_hw: tuple[int, int], stride: int, generator: torch.Ge
 
 
 def video_cell_destinations(
-    frames: int, grid_hw: tuple[int, int], stride: int, generator: torch.Generator
+    frames: int, grid_hw: tuple[int, int], stride: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`cell_destinations` on a frame-major `frames x h x w` video grid: cells of `1 x stride x stride` tokens
     within each frame (one destination each, drawn frame after frame from `generator`), so a merge never mixes two
