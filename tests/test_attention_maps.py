@@ -77,8 +77,8 @@ def test_capture_does_not_change_the_output(tiny_cache):
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux", "tiny-pixart"])
 def test_matches_eager_reference(name, tiny_cache):
-    """Explicit softmax over every key of the row (image keys too in joint attention), mean over heads, sum
-    over the word's tokens, layers and steps, bilinear resizing."""
+    """Explicit softmax over every key of the row (image keys too in joint attention), sum over heads, the
+    word's tokens, layers and steps, bilinear resizing."""
     pipe = tiny_cache(name)
     spy = Spy()
     with attnctl.apply(pipe, [AttentionMaps(WORDS, resolution=(20, 24)), spy]) as handle:
@@ -93,7 +93,7 @@ def test_matches_eager_reference(name, tiny_cache):
         logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
         if record["mask"] is not None:
             logits = logits + record["mask"].double()
-        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].mean(1)  # (B, Ni, Nk)
+        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].sum(1)  # (B, Ni, Nk)
         side = int(round((image_rows.stop - image_rows.start) ** 0.5))
         rows = [(i, row.prompt) for i, row in enumerate(record["rows"].rows) if row.branch == "cond"]
         maps = torch.zeros(len(PROMPTS), len(WORDS), side, side, dtype=torch.float64)
@@ -111,6 +111,73 @@ def test_matches_eager_reference(name, tiny_cache):
     if name in ("tiny-sd3", "tiny-flux"):  # normalised over the full row: text gets a part of the mass only
         everything = [text_keys.start + p for p in range(text_keys.stop - text_keys.start)]
         assert float(torch.softmax(logits, -1)[..., image_rows, :][..., everything].sum(-1).max()) < 1.0
+
+
+class _ProbabilityRecorder:
+    """attention-map-diffusers' view of a cross-attention layer, written from its definition: a plain processor
+    (explicit softmax, no attnctl) that records the probabilities summed over heads, (rows, h, w, text tokens)."""
+
+    def __init__(self, name, store):
+        self.name, self.store = name, store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        heads = attn.heads
+        q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+                   for t in (attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)))
+        probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) * attn.scale, dim=-1)
+        side = int(round(n**0.5))
+        self.store.append((self.name, probs.sum(1).reshape(b, side, side, -1)))
+        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_maps_match_attention_map_diffusers():
+    """The peer's definition (wooyeolbaek/attention-map-diffusers): per (timestep, cross-attention layer) the
+    probabilities summed over heads, the cond half, each resized bilinearly to the first (finest) layer's grid,
+    averaged over every (timestep, layer): `grid_maps / contributions`, on a UNet whose levels have 2 and 4 heads
+    (so summing heads, not averaging them, decides how the levels weigh)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from attnctl.testing import make_tiny_pipeline
+
+    base = make_tiny_pipeline("tiny-sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=4,
+    ).eval()
+    pipe = StableDiffusionPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    assert {m.heads for n, m in unet.named_modules() if n.endswith("attn2")} == {2, 4}
+    with attnctl.apply(pipe, [AttentionMaps(WORDS)]) as handle:
+        _run(pipe, "tiny-sd")
+        result = handle.outputs["attention_maps"]
+    store: list = []
+    stock = dict(unet.attn_processors)
+    unet.set_attn_processor({n: _ProbabilityRecorder(n, store) if n.endswith("attn2.processor") else p for n, p in stock.items()})
+    try:
+        _run(pipe, "tiny-sd")
+    finally:
+        unet.set_attn_processor(stock)
+    grid = store[0][1].shape[1:3]
+    total = 0
+    for _, probs in store:
+        cond = probs.chunk(2)[1].permute(0, 3, 1, 2)  # (prompts, tokens, h, w)
+        total = total + F.interpolate(cond, size=grid, mode="bilinear", align_corners=False)
+    total = total / len(store)
+    expected = torch.stack([
+        torch.stack([total[i, text_positions(pipe, "tiny-sd", prompt, word)].sum(0) for word in WORDS]) for i, prompt in enumerate(PROMPTS)
+    ])
+    contributions = torch.tensor(result.contributions, dtype=torch.float64)[:, None, None, None]
+    torch.testing.assert_close(result.grid_maps.double() / contributions, expected, rtol=1e-4, atol=1e-5)
+    with attnctl.apply(pipe, [AttentionMaps(WORDS, heads="mean")]) as handle:
+        _run(pipe, "tiny-sd")
+        averaged = handle.outputs["attention_maps"]
+    assert not torch.allclose(averaged.normalized(), result.normalized(), atol=1e-3)  # the levels weigh differently
+    with pytest.raises(ConfigError, match=r"AttentionMaps.heads must be one of 'sum', 'mean', got 'max'"):
+        AttentionMaps(WORDS, heads="max")
 
 
 def test_word_attention_chunks_and_per_head_selectors():

@@ -599,7 +599,7 @@ def test_attention_maps_match_an_eager_reference(name, tiny):
         if mask is not None:
             logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf"))
                                if mask.dtype == torch.bool else mask.double())
-        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].mean(1)
+        probs = torch.softmax(logits, dim=-1)[:, :, image_rows].sum(1)
         for i, row in enumerate(record["rows"].rows):
             if row.branch != "cond":
                 continue
@@ -785,7 +785,7 @@ def test_wan_attention_maps_are_per_token_frame_against_an_eager_reference(name,
     expected = torch.zeros(len(MAP_PROMPTS), len(MAP_WORDS), 3, 4, 3, dtype=torch.float64)
     for record in spy.log:
         q, k = record["q"].double(), record["k"].double()
-        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).mean(1)  # (b, 36, keys)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1).sum(1)  # (b, 36, keys)
         for i, row in enumerate(record["rows"].rows):
             if row.branch != "cond":
                 continue

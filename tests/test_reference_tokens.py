@@ -173,7 +173,7 @@ def test_attention_maps_are_over_the_generated_grid_against_an_eager_reference(p
         q, k = entry["q"].double(), entry["k"].double()
         n_q = q.shape[2]
         assert k.shape[2] > n_q  # the reference keys
-        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)[:, :, n_q - IMAGE_TOKENS : n_q].mean(1)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)[:, :, n_q - IMAGE_TOKENS : n_q].sum(1)
         for i, row in enumerate(entry["rows"].rows):
             if row.branch != "cond":
                 continue
@@ -296,7 +296,7 @@ def test_qwen_edit_attention_maps_and_refused_regions(edit_pipe, reference):
         mask = entry["mask"]
         if mask is not None:
             logits = logits.masked_fill(~mask.bool(), float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
-        probs = torch.softmax(logits, -1)[:, :, q.shape[2] - EDIT_TOKENS :].mean(1)
+        probs = torch.softmax(logits, -1)[:, :, q.shape[2] - EDIT_TOKENS :].sum(1)
         for i, row in enumerate(entry["rows"].rows):
             if row.branch == "cond":
                 expected[row.prompt, 0] += probs[i][:, positions].sum(-1).reshape(4, 3)
@@ -341,7 +341,7 @@ def test_qwen_edit_plus_places_words_after_every_images_vision_tokens(edit_pipe,
         mask = entry["mask"]
         if mask is not None:
             logits = logits.masked_fill(~mask.bool(), float("-inf")) if mask.dtype == torch.bool else logits + mask.double()
-        probs = torch.softmax(logits, -1)[:, :, q.shape[2] - EDIT_TOKENS :].mean(1)
+        probs = torch.softmax(logits, -1)[:, :, q.shape[2] - EDIT_TOKENS :].sum(1)
         for i, row in enumerate(entry["rows"].rows):
             if row.branch == "cond":
                 expected[row.prompt, 0] += probs[i][:, positions].sum(-1).reshape(4, 3)

@@ -300,8 +300,8 @@ def test_change_attention_maps_honour_labels_windows_and_sparse(extra, tiny_cach
         q, k, spec = record["q"], record["k"], record["spec"]
         n_q, n_k = q.shape[2], k.shape[2]
         text_keys, image_rows, _ = layout(name, n_q, n_k)
-        weights = _dense_weights(q, k, spec)[:, :, image_rows].mean(1)
-        dense = _dense_weights(q, k, AttentionSpec())[:, :, image_rows].mean(1)
+        weights = _dense_weights(q, k, spec)[:, :, image_rows].sum(1)
+        dense = _dense_weights(q, k, AttentionSpec())[:, :, image_rows].sum(1)
         side = int(round((image_rows.stop - image_rows.start) ** 0.5))
         maps = torch.zeros(2, 2, len(WORDS), side, side, dtype=torch.float64)
         for i, row in enumerate(record["rows"].rows):

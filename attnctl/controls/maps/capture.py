@@ -2,10 +2,10 @@
 
 Per word, per image: the attention probabilities of the word's tokens (summed over them) from
 cross-attention, or from the image-query rows of joint attention normalised over the *full* row (image
-keys included), averaged over heads, summed over the chosen layers and steps, resized to the image. This
-is the cross-attention visualisation of Prompt-to-Prompt (Hertz et al. 2022, Fig. 4) and of DAAM
-(Tang et al. 2023, "What the DAAM: Interpreting Stable Diffusion Using Cross Attention"), extended to
-joint attention.
+keys included), summed over heads (as DAAM and attention-map-diffusers; `heads="mean"` averages them),
+summed over the chosen layers and steps, resized to the image. This is the cross-attention visualisation of
+Prompt-to-Prompt (Hertz et al. 2022, Fig. 4) and of DAAM (Tang et al. 2023, "What the DAAM: Interpreting
+Stable Diffusion Using Cross Attention"), extended to joint attention.
 
 Capture never materialises an N x N matrix and never changes the output: a `LayerHook.attend` lets the
 layer's own attention op run, then computes the attention mass of the requested words from q and k as a
@@ -40,7 +40,7 @@ from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
-from ...validation import set_field
+from ...validation import choice, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
 from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, magnet_prompt, suppress_sinks
@@ -62,7 +62,9 @@ class AttentionMaps(Control, type_name="attention-maps"):
     `layers`: cross-attention (UNet, PixArt) or joint-attention (SD3, Flux) layers, all by default.
     `steps`: the step window. `resolution`: the maps' size, an int (square) or `(height, width)`; None is
     the generated image's size. `key`: where the result goes in `handle.outputs` (an `AttentionMapResult`
-    once the call has ended; None while it runs).
+    once the call has ended; None while it runs). `heads`: "sum" (default; DAAM and attention-map-diffusers sum
+    a layer's heads, so a level with more heads weighs more) or "mean" (each layer's map is a probability mass
+    in [0, 1], as Prompt-to-Prompt's average).
 
     `magnets` (RefAM, opt-in; `attnctl.controls.maps.magnets`): True appends the default stop words
     (`MAGNET_WORDS`), or give your own tuple. They soak up surplus attention and are filtered out; global
@@ -81,6 +83,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
     resolution: int | tuple[int, int] | None = None
     key: str = "attention_maps"
     magnets: bool | tuple[str, ...] = False
+    heads: str = "sum"
 
     needs_words: ClassVar[bool] = True
     needs_images: ClassVar[bool] = True  # the maps are drawn over the generated images
@@ -111,6 +114,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
         set_field(self, "resolution", _resolution(self.resolution))
         set_field(self, "key", output_key(self.key, "AttentionMaps"))
         set_field(self, "magnets", _magnets(self.magnets))
+        set_field(self, "heads", choice(self.heads, "AttentionMaps.heads", ("sum", "mean")))
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         if self.magnets and adapter.family not in MAGNET_FAMILIES:
@@ -290,6 +294,7 @@ class AttentionMapsBound(Bound):
         self._edit = Edit(hooks=(self.hook,))
         self.call_images = context.call_images
         self.magnets = control.magnets
+        self.sum_heads = control.heads == "sum"
         self.magnet_text = None
         if self.magnets:
             _require_readout(context.pipeline)
@@ -379,6 +384,8 @@ class AttentionMapsBound(Bound):
             every[:, :, key_text.start : key_text.start + self.text_len] = torch.eye(self.text_len, device=every.device)
             mass = word_attention(qi, ki, every, scale=spec.scale)  # (b, Ni, text_len)
             words = suppress_sinks(words, mass, text_selector.float())
+        if self.sum_heads:
+            words = words * q.shape[1]  # word_attention averages the heads
         h, w = geometry.image_hw
         maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)  # video: (b, W * frames, h, w), frame-major
         if (h, w) != self.grid:
@@ -524,9 +531,11 @@ def _video_to_pil(result: Any) -> list[list[Any]] | None:
 class AttentionMapResult:
     """Per-image, per-word attention maps of one pipeline call (`handle.outputs["attention_maps"]`).
 
-    `maps` (images, words, height, width): the sums over layers and steps, resized to the resolution;
-    `grid_maps` the same sums at the finest token grid, before resizing; `contributions[i]` how many
-    (layer, step) maps were summed for image i (divide for a mean); `images` the generated pictures when
+    `maps` (images, words, height, width): the sums over layers and steps (of each layer's heads summed, or
+    averaged with `heads="mean"`), resized to the resolution; `grid_maps` the same sums at the finest token grid,
+    before resizing; `contributions[i]` how many (layer, step) maps were summed for image i (divide for a mean:
+    with the default heads="sum", `grid_maps[i] / contributions[i]` is attention-map-diffusers' map of the cond
+    image, bilinear at the finest grid); `images` the generated pictures when
     the pipeline decoded them (None with `output_type="latent"`).
 
     Video (a 3-D token grid, `frames` not None): one map per *token* frame (the denoiser's latent frames: Wan's
