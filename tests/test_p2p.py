@@ -103,6 +103,10 @@ def test_config_is_validated():
         attnctl.PromptToPrompt(local_blend=[1])
     control = attnctl.PromptToPrompt("refine", reweight={"cat": 2.0}, local_blend="cat")
     assert attnctl.Control.from_dict(control.to_dict()) == control
+    # hashable like every control; equal tables in another order are one control
+    same = attnctl.PromptToPrompt("refine", reweight={"dog": 0.5, "cat": 2.0}, local_blend="cat")
+    other = attnctl.PromptToPrompt("refine", reweight={"cat": 2.0, "dog": 0.5}, local_blend="cat")
+    assert same == other and hash(same) == hash(other) and len({same, other, control}) == 2
 
 
 # -- the linked attention against the materialised probabilities --------------------------------------------------

@@ -191,6 +191,7 @@ def test_bad_options(tiny_cache, tmp_path):
     assert Control.from_dict(control.to_dict()) == control
     with pytest.raises(ConfigError, match="PIL"):
         ReferenceAttention(picture()).to_dict()
+    assert len({ReferenceAttention(picture()), ReferenceAttention(picture()), control}) == 2  # hashable, as every control
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, [ReferenceAttention(picture(), reference_row=5)]):
         with pytest.raises(ConfigError, match="prompt row 5"):

@@ -254,6 +254,11 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
                 raise ConfigError(f"PromptToPrompt.edits must be None or a non-empty list of edited prompts (strings), got {self.edits!r}")
             set_field(self, "edits", tuple(edits))
 
+    def __hash__(self) -> int:  # `reweight` is a dict (P2P's equalizer table): hashed as the set of its items
+        reweight = None if self.reweight is None else frozenset(self.reweight.items())
+        return hash((self.mode, self.cross_steps, self.self_steps, reweight, self.local_blend, self.blend_threshold,
+                     self.blend_start, self.branch, self.layers, self.edits))
+
     @property
     def cross_idle(self) -> bool:
         """Every cross-attention window is empty (end <= start), for every word."""

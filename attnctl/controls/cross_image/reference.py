@@ -30,7 +30,7 @@ import copy
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,10 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"linked_keys": the rows attend to the reference row's keys and values (none while strength is 0)."""
         return ("linked_keys",) if self.strength > 0 else ()
+
+    def __hash__(self) -> int:  # a PIL image is unhashable (and compares by content): its mode and size stand for it
+        image = self.image if isinstance(self.image, str) else (self.image.mode, self.image.size)
+        return hash((image, *(getattr(self, f.name) for f in fields(self) if f.name != "image")))
 
     def to_dict(self) -> dict[str, Any]:
         if not isinstance(self.image, str):
