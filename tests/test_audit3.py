@@ -5,8 +5,9 @@ against transcriptions of the authors' code.
   (pipeline_attend_and_excite.py; diffusers' `StableDiffusionAttendAndExcitePipeline` is the same loop), its
   `_compute_max_attention_per_index` smoothing (reflect padding 1 whatever the kernel size), and an end-to-end run
   against diffusers' pipeline on the tiny SD model.
-- TGATE: the `tgate` package's `tgate_scheduler` (tgate 1.0.0, tgate_utils.py) and the caching rule of its
-  `tgate_processor`, against attnctl's `cross_action` / `self_action` over many settings.
+- TGATE: the `tgate` package's own `tgate_scheduler` (tgate 1.0.0, imported) and the caching rule of its
+  `tgate_processor`, against attnctl's `cross_action` / `self_action` over many settings (the package's pipelines
+  themselves: tests/test_tgate.py).
 """
 
 from __future__ import annotations
@@ -214,40 +215,14 @@ def test_attend_excite_matches_diffusers_pipeline_with_refinement(tiny_cache):
 
 
 # -- TGATE v2: the package's scheduler --------------------------------------------------------------------------------
-def _tgate_scheduler(cur_step, gate_step=10, sp_interval=5, fi_interval=1, warm_up=2):
-    """tgate 1.0.0 `tgate_utils.tgate_scheduler`, verbatim in logic."""
-    if cur_step < gate_step - 1:
-        ca_kwards = {"cache": False, "reuse": False}
-        if cur_step < warm_up:
-            sa_kwards = {"cache": False, "reuse": False}
-        elif cur_step == warm_up:
-            sa_kwards = {"cache": True, "reuse": False}
-        else:
-            if cur_step % sp_interval == 0:
-                sa_kwards = {"cache": True, "reuse": False}
-            else:
-                sa_kwards = {"cache": False, "reuse": True}
-        keep_shape = True
-    elif cur_step == gate_step - 1:
-        ca_kwards = {"cache": True, "reuse": False}
-        sa_kwards = {"cache": True, "reuse": False}
-        keep_shape = False
-    else:
-        ca_kwards = {"cache": False, "reuse": True}
-        if cur_step % fi_interval == 0:
-            sa_kwards = {"cache": True, "reuse": False}
-        else:
-            sa_kwards = {"cache": False, "reuse": True}
-        keep_shape = True
-    return ca_kwards, sa_kwards, keep_shape
-
-
 def _package_outputs(n, gate, warm_up, sp, fi, cross):
     """What the layer returns at each step under `tgate_processor`: ("fresh", s) computed at step s (the CFG batch
     before the gate, the one row after), ("mean", s) the mean of the CFG halves stored at s."""
+    from tgate.tgate_utils import tgate_scheduler  # the test extra's peer package (not in the parity venv)
+
     cache, out = None, []
     for step in range(n):
-        ca, sa, keep_shape = _tgate_scheduler(step, gate, sp, fi, warm_up)
+        ca, sa, keep_shape = tgate_scheduler(step, gate, sp, fi, warm_up)
         kwargs = ca if cross else sa
         if kwargs["reuse"] and cache is not None:
             out.append(cache)

@@ -151,6 +151,27 @@ def test_tgate_matches_the_reference_loop(name, guidance, options, tiny_cache):
         assert all(report.entries[(step, layer)].ran == ["cached"] for layer in cross)
 
 
+@pytest.mark.parametrize("name, module", [("tiny-sd", "SD"), ("tiny-sdxl", "SDXL"), ("tiny-pixart", "PixArt_Alpha")])
+@pytest.mark.parametrize("steps, gate, warm_up, sp, fi", [(8, 5, 2, 5, 1), (10, 6, 1, 2, 2)])
+def test_tgate_matches_the_tgate_package(name, module, steps, gate, warm_up, sp, fi):
+    """The peer's own code: the `tgate` package's pipelines (TGATE v2, its self-attention reuse included) against
+    `TGate` with the same settings, bitwise."""
+    import importlib
+
+    from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
+
+    peer = importlib.import_module(f"tgate.{module}")
+    prompt = "a photo of a cat"
+    theirs = peer.tgate(make_tiny_pipeline(name), prompt, num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
+                        generator=torch.Generator().manual_seed(0), gate_step=gate, sp_interval=sp, fi_interval=fi,
+                        warm_up=warm_up, **CALL_DEFAULTS[name]).images
+    pipe = make_tiny_pipeline(name)
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=gate, warm_up=warm_up, sp_interval=sp, fi_interval=fi)]):
+        ours = generate(pipe, name, prompt=prompt, steps=steps, guidance=4.5)
+    assert (theirs - generate(pipe, name, prompt=prompt, steps=steps, guidance=4.5)).abs().max() > 1e-2  # it acts
+    assert torch.equal(ours, theirs)
+
+
 def test_after_the_gate_one_null_text_row_runs_and_both_rows_get_its_prediction(tiny_cache):
     """Rows of every denoiser call, seen by a probe: [uncond, cond] before the gate, one row per prompt after."""
     from .helpers import Probe
