@@ -207,3 +207,59 @@ def test_block_forwards_wrapped_by_another_library_are_not_flagged(sd, order):
     for block in blocks:
         del block.__dict__["forward"]
     assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+
+
+def test_the_deepcache_package_composes_in_both_orders():
+    """The DeepCache package itself (installed as the tgate test extra's dependency) on tiny SD: with no control
+    attnctl leaves its output bitwise; with Reweight, enabling DeepCache before or after `apply` gives the same
+    controlled output (not DeepCache's own); disabled and removed in either order, the pipeline is stock again."""
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt=PROMPT, steps=6)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    cached = generate(pipe, "tiny-sd", prompt=PROMPT, steps=6)
+    assert not torch.equal(cached, stock)  # DeepCache skips the deep blocks at some steps
+    with attnctl.apply(pipe, []):
+        assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT, steps=6), cached)
+    with attnctl.apply(pipe, attnctl.Reweight(MUTE)):
+        before = generate(pipe, "tiny-sd", prompt=PROMPT, steps=6)
+    helper.disable()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT, steps=6), stock)
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    helper.enable()
+    after = generate(pipe, "tiny-sd", prompt=PROMPT, steps=6)
+    helper.disable()
+    handle.remove()
+    assert torch.equal(before, after) and not torch.equal(before, cached)
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT, steps=6), stock)
+
+
+def test_the_tomesd_and_tgate_packages_patches_are_refused_clearly():
+    """The packages themselves: tomesd's class swap and the attention forwards tgate leaves behind are refused at
+    `apply` (the pipeline stays as it was) and, when made after `apply`, at the next call; undone, all is stock."""
+    import tgate
+    import tomesd
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt=PROMPT)
+    processors = dict(pipe.unet.attn_processors)
+    tomesd.apply_patch(pipe, ratio=0.5)
+    with pytest.raises(PipelineChangedError, match="ToMeBlock"):
+        attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    assert pipe.unet.attn_processors == processors
+    tomesd.remove_patch(pipe)
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    tomesd.apply_patch(pipe, ratio=0.5)
+    with pytest.raises(PipelineChangedError, match="ToMeBlock"):
+        generate(pipe, "tiny-sd", prompt=PROMPT)
+    tomesd.remove_patch(pipe)
+    handle.remove()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+
+    gated = make_tiny_pipeline("tiny-sd")
+    tgate.SD.tgate(gated, PROMPT, num_inference_steps=2, gate_step=1, output_type="latent", height=32, width=32)
+    with pytest.raises(PipelineChangedError, match="forward"):
+        attnctl.apply(gated, attnctl.Reweight(MUTE))
