@@ -382,21 +382,24 @@ def test_pipeline_matches_a_reference_processor(mode):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, max_downsample", [("tiny-sd", 1), ("tiny-sdxl", 2)])
-def test_tome_matches_the_tomesd_package(name, max_downsample):
+@pytest.mark.parametrize("name, max_downsample, ratio, size", [
+    ("tiny-sd", 1, 0.5, (32, 32)), ("tiny-sd", 1, 0.3, (32, 48)), ("tiny-sdxl", 2, 0.5, (32, 32)), ("tiny-sdxl", 2, 0.4, (48, 32)),
+])
+def test_tome_matches_the_tomesd_package(name, max_downsample, ratio, size):
     """The peer's own code: tomesd (Bolya and Hoffman's ToMe for SD) with `use_rand=False` against
     `ToMe(random=False)` at the same ratio: the same layers (tomesd's `max_downsample=1` is SD's first level; SDXL's
     first level has no attention, so its first level with attention is tomesd's `max_downsample=2`), the same metric
-    (the block's input) and the same merge, so the same latents up to float rounding."""
+    (the block's input) and the same merge, so the same latents up to float rounding, on square and non-square grids."""
     import tomesd
 
+    height, width = size
     pipe = make_tiny_pipeline(name)
-    stock = generate(pipe, name, steps=3)
-    with attnctl.apply(pipe, [attnctl.ToMe(ratio=0.5, random=False)]):
-        ours = generate(pipe, name, steps=3)
-    tomesd.apply_patch(pipe, ratio=0.5, use_rand=False, max_downsample=max_downsample)
+    stock = generate(pipe, name, steps=3, height=height, width=width)
+    with attnctl.apply(pipe, [attnctl.ToMe(ratio=ratio, random=False)]):
+        ours = generate(pipe, name, steps=3, height=height, width=width)
+    tomesd.apply_patch(pipe, ratio=ratio, use_rand=False, max_downsample=max_downsample)
     try:
-        theirs = generate(pipe, name, steps=3)
+        theirs = generate(pipe, name, steps=3, height=height, width=width)
     finally:
         tomesd.remove_patch(pipe)
     assert (theirs - stock).abs().max() > 0.1  # tomesd merged something
