@@ -201,6 +201,19 @@ def _highest_resolution(adapter: ModelAdapter, kinds: tuple[str, ...]) -> tuple[
     return tuple(layer.name for layer in candidates if layer.level == level)
 
 
+def _check_blocks(owner: str, control: Control, adapter: ModelAdapter) -> None:
+    """The matching reads the input of the transformer block that holds each layer (`block_of`): it must be one of
+    the family's transformer blocks (`ModelAdapter.transformer_blocks`)."""
+    blocks = adapter.transformer_blocks()
+    for layer in control.select(adapter):
+        if block_of(layer) not in blocks:
+            raise UnsupportedError(
+                f"attnctl: {owner} matches the tokens of {layer.name} on the input of the transformer block that holds it, "
+                f"and {block_of(layer)} is not one of the {adapter.family} family's transformer blocks "
+                f"({', '.join(adapter.block_inputs)})"
+            )
+
+
 def _check_layers(owner: str, control: Control, adapter: ModelAdapter, kinds: tuple[str, ...], why: str) -> None:
     if not _highest_resolution(adapter, kinds):
         raise UnsupportedError(
@@ -262,6 +275,7 @@ class ToMe(_Reducer, Control, type_name="tome"):
     def validate_for(self, adapter: ModelAdapter) -> None:
         _refuse_family("ToMe", adapter)
         _check_layers("ToMe", self, adapter, self.kinds(adapter), "cross-attention keys are text, not image tokens")
+        _check_blocks("ToMe", self, adapter)
 
     def phase(self, step: StepInfo) -> _Phase:
         return _Phase(self.stride, self.ratio, None)
@@ -336,6 +350,7 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
             "AgentAttention", self, adapter, ("self",),
             "agents would have to stand for text tokens too in joint attention; use ToMe there",
         )
+        _check_blocks("AgentAttention", self, adapter)
 
     def phase(self, step: StepInfo) -> _Phase:
         if step.fraction < self.switch:
@@ -382,14 +397,17 @@ class _ReductionBound(Bound):
         # the matching's metric: the hidden states entering the transformer block of each layer (as tomesd), held
         # by reference while that block runs
         self.block_inputs: dict[str, torch.Tensor] = {}
-        denoiser = context.adapter.denoiser
+        adapter = context.adapter
+        blocks = adapter.transformer_blocks()
         for block in sorted({block_of(layer) for layer in context.layers}):
-            context.wrap_method(denoiser.get_submodule(block), "forward", self._remember_input(block))
+            module = blocks[block]  # present: `_check_blocks` at apply
+            hidden = adapter.block_inputs[type(module).__name__][0]  # the block's hidden-states parameter (its first)
+            context.wrap_method(module, "forward", self._remember_input(block, hidden))
 
-    def _remember_input(self, block: str) -> Any:
+    def _remember_input(self, block: str, hidden: str) -> Any:
         def make(original: Any) -> Any:
             def forward(*args: Any, **kwargs: Any) -> Any:
-                self.block_inputs[block] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                self.block_inputs[block] = kwargs[hidden] if hidden in kwargs else args[0]
                 try:
                     return original(*args, **kwargs)
                 finally:
