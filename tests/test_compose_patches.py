@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnctl
-from attnctl.errors import CallLayoutError, PipelineChangedError
+from attnctl.errors import CallLayoutError, PipelineChangedError, UnsupportedError
 from attnctl.testing import make_tiny_pipeline
 
 from .helpers import generate
@@ -263,3 +263,28 @@ def test_the_tomesd_and_tgate_packages_patches_are_refused_clearly():
     tgate.SD.tgate(gated, PROMPT, num_inference_steps=2, gate_step=1, output_type="latent", height=32, width=32)
     with pytest.raises(PipelineChangedError, match="forward"):
         attnctl.apply(gated, attnctl.Reweight(MUTE))
+
+
+@pytest.mark.parametrize("make", [lambda: attnctl.AttentionMaps(["cat"]), lambda: attnctl.TGate(gate_step=4),
+                                  lambda: attnctl.PromptToPrompt()], ids=["maps", "tgate", "p2p"])
+def test_controls_that_need_every_layer_refuse_blocks_another_library_skips(make):
+    """DeepCache skips the deep blocks at its cached steps, outside attnctl: a control that needs each of its layers
+    at every step (`step_cache_refusal`: maps would miss those layers, P2P's edits and TGate's cache would not be
+    applied there) raises at the first such denoiser call, naming the layer and the step; the pipeline is stock after."""
+    from DeepCache import DeepCacheSDHelper
+
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt=prompts, steps=6)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    control = make()
+    try:
+        with attnctl.apply(pipe, [control]):
+            with pytest.raises(UnsupportedError, match=rf"{type(control).__name__} acts on \S+ .*did not run in the unet "
+                                                       r"denoiser's call at step 1: .*DeepCache"):
+                generate(pipe, "tiny-sd", prompt=prompts, steps=6)
+    finally:
+        helper.disable()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=prompts, steps=6), stock)

@@ -24,7 +24,7 @@ import torch
 
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError, UnsupportedError
-from ..families.base import RowList
+from ..families.base import LayerInfo, RowList
 from ..foreign_patches import keyed_cache_context
 
 
@@ -108,12 +108,25 @@ class _Pending:
     batched: tuple[Any, ...] = ()
     outer: DenoiserCall | None = None  # the pipeline's frame when a control selected rows
     restore: Callable[[], None] | None = None  # puts back diffusers' cache context (keyed_cache_context)
+    skips_layers: bool = False  # the pipeline's own skip-layer pass (SD3's skip_layers): some blocks do not run
 
 
 #: What a control may do at a layer whose sequence holds reference-image tokens (Flux.2 `image=`, Qwen-Image Edit): the
 #: processors give the controls the text and generated-image queries, extend per-key edits over the reference keys with
 #: no change, and let the reference queries attend as stock (`processors/references.py`).
 REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "key_bias", "perturb", "query", "sparse", "value_scale"})
+
+
+def _skipped_error(skipped: tuple[Any, tuple[LayerInfo, ...]], frame: DenoiserCall, adapter: Any) -> UnsupportedError:
+    bound, layers = skipped
+    name = type(bound.control).__name__
+    more = f" (and {len(layers) - 1} more of its layers)" if len(layers) > 1 else ""
+    return UnsupportedError(
+        f"attnctl: {name} acts on {layers[0].name}{more}, which did not run in the {adapter.family} denoiser's call at "
+        f"step {frame.step.index}: something outside attnctl skipped its block (another library's block cache, such as "
+        f"DeepCache or cache-dit); {name} cannot share the denoiser with a step cache: {type(bound.control).step_cache_refusal}. "
+        f"Disable that cache, or leave {name} out"
+    )
 
 
 def _layout_key(rows: RowLayout) -> str:
@@ -226,6 +239,8 @@ class DenoiserHooks:
             frame = dataclasses.replace(frame, rows=layout, inputs=inputs)
             batch = len(index)
         pending = _Pending(frame, inputs, batch, outer=outer)
+        skip_kwarg = runtime.protocol.skip_layer_kwarg
+        pending.skips_layers = bool(skip_kwarg and inputs.get(skip_kwarg) is not None)
         call_frame, call_inputs = frame, inputs
         plan = runtime.row_plan(frame)
         if plan.reuse_cond:
@@ -239,8 +254,7 @@ class DenoiserHooks:
         if plan.perturbations or plan.second:
             pending.plan = plan
             cond = frame.rows.indices("cond", None)
-            skip_kwarg = runtime.protocol.skip_layer_kwarg
-            if not cond or (skip_kwarg and inputs.get(skip_kwarg) is not None):
+            if not cond or pending.skips_layers:
                 pending.mode = "terms"
             else:
                 pending.mode = "guided"
@@ -267,11 +281,16 @@ class DenoiserHooks:
         if self._passthrough:
             return None
         pending, self._pending = self._pending, None
+        skipped = None
+        if pending is not None and pending.mode != "reused" and not pending.skips_layers:
+            skipped = self.runtime.skipped_layers(module)
         self.runtime.leave()
         if pending is None:
             return None
         if pending.restore is not None:
             pending.restore()
+        if skipped is not None:
+            raise _skipped_error(skipped, pending.frame, self.runtime.adapter)
         self._reused = None
         if pending.mode == "terms":
             output = self._terms(pending, output)

@@ -75,6 +75,7 @@ class Runtime:
         self.frame: DenoiserCall | None = None
         self.context: str | None = None  # Flux cache_context name
         self._frame_edits: dict[int, Edit | None] = {}
+        self._expert_layers: dict[int, frozenset[int]] = {}  # id(denoiser or expert) -> the indices of its layers
         self._backend_cache: dict[tuple[Any, ...], tuple[str, str]] = {}
         self.backend_log: dict[str, tuple[str, str]] = {}
         self.last_call: PipelineCallState | None = None
@@ -226,6 +227,28 @@ class Runtime:
         self.frame = None
         self._frame_edits = {}
         self.prefilled = False
+
+    def skipped_layers(self, module: torch.nn.Module) -> tuple[Bound, tuple[LayerInfo, ...]] | None:
+        """The first active bound control that needs each of its layers at every step (`Control.step_cache_refusal`)
+        with layers of `module` (the denoiser, or the expert, whose forward is ending) whose processors did not run in
+        this denoiser call, and those layers: something outside attnctl skipped their blocks (another library's block
+        cache). None when every such layer ran, or when the edits were prefilled (compiled: not tracked)."""
+        frame, call = self.frame, self.call
+        if frame is None or self.prefilled or call is None or not call.bound:
+            return None
+        held = self._expert_layers.get(id(module))
+        if held is None:
+            adapter = self.adapter
+            held = self._expert_layers[id(module)] = frozenset(
+                layer.index for layer in adapter.layers if adapter.expert_of(layer) is module
+            )
+        for bound in call.bound:
+            if type(bound.control).step_cache_refusal is None or not bound.active(frame.step):
+                continue
+            missing = bound.layer_indices & held - self._frame_edits.keys()
+            if missing:
+                return bound, tuple(layer for layer in self.adapter.layers if layer.index in missing)
+        return None
 
     def _start_schedule(self, call: PipelineCallState) -> None:
         scheduler = getattr(self.pipeline, "scheduler", None)
