@@ -127,9 +127,11 @@ CONFLICTS = [
     ("tiny-sd3", lambda: [attnctl.ToMe(), regions()]),
     ("tiny-sd3", lambda: [attnctl.SEG(), attnctl.ToMe()]),
     ("tiny-sd3", lambda: [attnctl.ToMe(), attnctl.AttentionMaps(["cat"])]),
+    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1), attnctl.AttentionMaps(["cat"])]),  # reused steps: no maps
+    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, sp_interval=2), attnctl.SAG()]),  # SAG reads a self-attention map
 ]
 CONFLICT_IDS = ["pladis+regions-sd3", "tome+isolation-sd", "agent+isolation-sd", "tome+regions-sd3", "seg+tome-sd3",
-                "tome+maps-sd3"]
+                "tome+maps-sd3", "tgate+maps-sd", "tgate+sag-sd"]
 
 
 @pytest.mark.parametrize("name, make", CONFLICTS, ids=CONFLICT_IDS)
@@ -166,7 +168,7 @@ def test_conflicting_controls_fail_with_an_attnctl_error(name, make, tiny_cache)
     ("tiny-sd3", lambda: [attnctl.SkipLayer(blocks=(1,), steps=(0.0, 1.0)), regions()]),
     ("tiny-sd", lambda: [attnctl.ToMe(layers="mid & self"), attnctl.PAG()]),  # identity over merged tokens
     ("tiny-pixart", lambda: [attnctl.FastAttn(threshold=0.5), attnctl.PAG()]),
-    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1), attnctl.PAG(), attnctl.AttentionMaps(["cat"])]),
+    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, layers="up_blocks & cross"), attnctl.PAG(), attnctl.AttentionMaps(["cat"], layers="down_blocks")]),
 ], ids=["pag+isolation-flux", "pag+pladis-sd3", "skip+regions-sd3", "tome+pag-sd", "fastattn+pag-pixart", "tgate+pag+maps-sd"])
 def test_compatible_controls_share_layers(name, make, tiny_cache):
     pipe = tiny_cache(name)

@@ -78,6 +78,8 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "linked_rows", "token reduction merges each row's tokens differently, so one row's keys no longer match another's values"),
     ("region_tokens", "linked_rows", "appended region text tokens are not part of the prompts whose tokens are aligned"),
     ("cache", "linked_rows", "a reused output skips the linked attention"),
+    ("cache", "capture", "a reused output skips the attention whose probabilities the capture reads, so the steps it "
+     "reuses would be missing from the maps (or the loss)"),
     ("linked_keys", "linked_rows", "two controls linking batch rows on one layer"),
 ) + tuple(
     ("linked_keys", other, "the linked rows attend to other rows' keys in their own attention op, which does not carry "
