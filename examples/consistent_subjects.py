@@ -19,8 +19,8 @@ import os
 import torch
 
 import attnctl
-from attnctl.render.generate import default_model, embedded_call_defaults
-from attnctl.render.loading import embedded_models, load_pipeline
+from attnctl.render.generate import example_pipeline
+from attnctl.render.loading import embedded_models
 from attnctl.render.outputs import strip
 
 
@@ -38,11 +38,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, 2 images (CI)")
     args = parser.parse_args()
 
-    model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
-    options = embedded_call_defaults(model)
-    if args.steps or args.quick:
-        options["num_inference_steps"] = args.steps or 2
+    model, pipe, options = example_pipeline(args.model, args.device, args.steps, args.quick)
     prompts = args.prompts[:2] if args.quick else args.prompts
     if args.reposition:
         control = attnctl.ConsistentSubjects(reposition=((0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)), strength=args.strength)

@@ -17,8 +17,8 @@ import torch
 
 import attnctl
 from attnctl.controls.cross_image.interpolation import DEFAULT_BETA
-from attnctl.render.generate import default_model, embedded_call_defaults
-from attnctl.render.loading import embedded_models, load_pipeline
+from attnctl.render.generate import example_pipeline
+from attnctl.render.loading import embedded_models
 from attnctl.render.outputs import save_video, strip
 
 
@@ -38,11 +38,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps, 3 images (CI)")
     args = parser.parse_args()
 
-    model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
-    options = embedded_call_defaults(model)
-    if args.steps or args.quick:
-        options["num_inference_steps"] = args.steps or 2
+    model, pipe, options = example_pipeline(args.model, args.device, args.steps, args.quick)
     n = 3 if args.quick else args.n
     images = attnctl.interpolate(pipe, args.a, args.b, n, mode=args.mode, alpha=args.alpha, beta=args.alpha,
                                  generator=torch.Generator(args.device).manual_seed(args.seed), **options)

@@ -20,8 +20,8 @@ from PIL import Image
 
 import attnctl
 from attnctl.controls.regions import save_picture
-from attnctl.render.generate import default_model, embedded_call_defaults
-from attnctl.render.loading import embedded_models, load_pipeline
+from attnctl.render.generate import example_pipeline
+from attnctl.render.loading import embedded_models
 
 DEFAULT_REGIONS = (
     ("a red circle", (0.05, 0.2, 0.48, 0.8)),
@@ -53,11 +53,7 @@ def main() -> None:
         pairs = [(r[0], tuple(float(v) for v in r[1:])) for r in args.region] if args.region else DEFAULT_REGIONS
         control = attnctl.Regions([attnctl.Region(p, box=b) for p, b in pairs], base_ratio=args.base_ratio, isolate=args.isolate)
 
-    model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
-    options = embedded_call_defaults(model)
-    if args.steps or args.quick:
-        options["num_inference_steps"] = args.steps or 2
+    model, pipe, options = example_pipeline(args.model, args.device, args.steps, args.quick)
     options.setdefault("num_inference_steps", 2 if model.startswith("tiny-") else 30)
     if args.guidance_scale is not None:
         options["guidance_scale"] = args.guidance_scale

@@ -22,8 +22,7 @@ import torch
 from PIL import Image
 
 import attnctl
-from attnctl.render.generate import default_model, embedded_call_defaults
-from attnctl.render.loading import load_pipeline
+from attnctl.render.generate import example_pipeline
 
 
 def main() -> None:
@@ -42,11 +41,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 steps (CI)")
     args = parser.parse_args()
 
-    model = args.model or default_model()
-    pipe = load_pipeline(model, device=args.device)
-    options = embedded_call_defaults(model)
-    if args.steps or args.quick:
-        options["num_inference_steps"] = args.steps or 2
+    model, pipe, options = example_pipeline(args.model, args.device, args.steps, args.quick)
     options.setdefault("num_inference_steps", 30)
     words = [w.strip() for w in args.words.split(",") if w.strip()]
 

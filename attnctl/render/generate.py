@@ -45,6 +45,19 @@ def default_model() -> str:
     return "toy-shapes" if importlib.util.find_spec("attnctl.toy") is not None else "tiny-sd"
 
 
+def example_pipeline(model: str | None, device: str, steps: int | None, quick: bool) -> tuple[str, Any, dict[str, Any]]:
+    """How the examples start: the model's name (`default_model()` when None), its pipeline on `device`, and the call
+    options (an embedded model's defaults; `steps` inference steps when given, 2 for a `quick` smoke run)."""
+    from .loading import load_pipeline
+
+    model = model or default_model()
+    pipe = load_pipeline(model, device=device)
+    options = embedded_call_defaults(model)
+    if steps or quick:
+        options["num_inference_steps"] = steps or 2
+    return model, pipe, options
+
+
 def embedded_call_defaults(name: str | None) -> dict[str, Any]:
     """Call arguments an embedded model needs (the tiny fixtures: 32x32, no PixArt resolution binning...)."""
     from ..testing import CALL_DEFAULTS
