@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from ..control import Bound
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError, UnsupportedError
-from ..families.base import LayerInfo, RowList
+from ..families.base import LayerInfo, ModelAdapter, RowList
 from ..foreign_patches import keyed_cache_context
 
 
@@ -117,7 +118,7 @@ class _Pending:
 REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "key_bias", "perturb", "query", "sparse", "value_scale"})
 
 
-def _skipped_error(skipped: tuple[Any, tuple[LayerInfo, ...]], frame: DenoiserCall, adapter: Any) -> UnsupportedError:
+def _skipped_error(skipped: tuple[Bound, tuple[LayerInfo, ...]], frame: DenoiserCall, adapter: ModelAdapter) -> UnsupportedError:
     bound, layers = skipped
     name = type(bound.control).__name__
     more = f" (and {len(layers) - 1} more of its layers)" if len(layers) > 1 else ""
