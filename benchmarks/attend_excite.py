@@ -17,6 +17,7 @@ stock, so its time ratios stand alone); the numbers in README were measured with
 
     python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
     python benchmarks/attend_excite.py --quick     # a smoke run: 4 of each, memory at 64x64 (CI)
+    python benchmarks/attend_excite.py --part box --first-seed 1000   # the same prompts and boxes on other seeds
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 prompt-seed pairs of each kind, memory at 64x64")
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--boxes", type=int, default=48)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="generator seed of the first case (the prompts and boxes stay; e.g. 1000 for held-out seeds)")
     parser.add_argument("--part", choices=("all", "two", "box", "memory"), default="all",
                         help="run one part only (the parts are independent; each has its own stock)")
     parser.add_argument("--level-defaults", action="store_true",
@@ -115,10 +118,11 @@ def _two_objects(pipe, args) -> None:
         prompt = f"a {c1} {s1} and a {c2} {s2}"
         for name, make in two.items():
             start = time.perf_counter()
-            image = call(pipe, prompt, seed, make(s1, s2))
+            image = call(pipe, prompt, args.first_seed + seed, make(s1, s2))
             seconds[name] += time.perf_counter() - start
             present[name] += analysis.check_two(image, [(c1, s1, None), (c2, s2, None)])["colors"]
-    print(f"two objects, no positions, {args.pairs} prompt-seed pairs: both colours present (layers {TOY_LAYERS})")
+    print(f"two objects, no positions, {args.pairs} prompt-seed pairs (first seed {args.first_seed}): both colours "
+          f"present (layers {TOY_LAYERS})")
     for name in two:
         print(f"  {name:16s} {present[name] / args.pairs:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
 
@@ -137,11 +141,11 @@ def _boxes(pipe, args) -> None:
         prompt = f"a {color} {shape}"
         for name, make in boxed.items():
             start = time.perf_counter()
-            image = call(pipe, prompt, seed, make(prompt, shape, box))
+            image = call(pipe, prompt, args.first_seed + seed, make(prompt, shape, box))
             seconds[name] += time.perf_counter() - start
             centre = analysis.centroid(analysis.color_masks(image)[color])
             inside[name] += centre is not None and (centre[0] < 16) == (box[0] == 0.0)
-    print(f"one object with a box in the left or right half, {args.boxes} seeds: colour centroid inside the box "
+    print(f"one object with a box in the left or right half, {args.boxes} seeds from {args.first_seed}: colour centroid inside the box "
           f"(BoxGuidance: paper settings on {TOY_LAYERS}; BoxGuidance+: {TOY_BOX})")
     for name in boxed:
         print(f"  {name:16s} {inside[name] / args.boxes:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
