@@ -35,7 +35,7 @@ from .foreign_patches import (
     uncompiled,
 )
 from .instance import Wrapped, describe_callable, wrap_method
-from .kernels import check_features, choose_backend, validate_backend
+from .kernels import TRACEABLE_LABEL_BACKENDS, check_features, choose_backend, validate_backend
 from .pipelines.denoiser import DenoiserHooks
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import Runtime
@@ -132,8 +132,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
     adapter = adapter_for_experts(denoisers)
-    for name, module in entries.items():
-        _refuse_uncomposable(module, denoisers[name], name, controls, adapter)
+    compiled = [part for name, module in entries.items() for part in _refuse_uncomposable(module, denoisers[name], name, controls, adapter)]
     problems = [found for module in denoisers.values() for found in foreign_patches(module, adapter.modules if module is denoiser else {})]
     if problems:
         raise PipelineChangedError(
@@ -146,6 +145,8 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for control, needed in zip(controls, features):
         check_features(backend, needed, type(control).__name__)
     _check_backend_device(backend, denoiser, controls, features)
+    if compiled:
+        _check_traced_backend(backend, controls, features)
     processor_cls, supported = processor_for(adapter.family)
     originals = {name: module.processor for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
@@ -228,6 +229,18 @@ def _check_backend_device(
             raise BackendError(
                 f"attnctl: backend {backend!r} cannot run {owner} on the denoiser's device ({device}): {error}"
             ) from None
+
+
+def _check_traced_backend(backend: str, controls: tuple[Control, ...], features: tuple[tuple[str, ...], ...]) -> None:
+    """In a compiled denoiser, label masks run on a backend that builds them inside the graph (`choose_traced_backend`):
+    an explicit fused backend is refused for a control that needs them."""
+    for control, needed in zip(controls, features):
+        if "labels" in needed and backend not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+            raise BackendError(
+                f"attnctl: {type(control).__name__} needs label masks, which backend {backend!r} builds on the host "
+                "(torch.compile cannot trace that) and the denoiser is compiled; use backend='auto' or 'sdpa' (label "
+                "masks then run on sdpa in the graph), or apply to the uncompiled denoiser"
+            )
 
 
 def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, tuple[LayerInfo, ...]]:

@@ -196,14 +196,13 @@ def eager_call(name: str, record: dict, weights: WeightsFn, normalize: bool) -> 
     return probs @ v
 
 
-class RefQwenPAG:
-    """Qwen-Image's double-stream attention over `[text; image; references]` (qk-norms, separate RoPE, the text padding
-    mask) with docs/methods.md "PAG" for the generated image's queries (itself and the text), written out densely;
-    text and reference queries attend to every key. `image_tokens`: the generated image's tokens (None: every image
-    token, no references)."""
+class RefQwenJoint:
+    """Qwen-Image's double-stream attention over `[text; image]` (qk-norms, separate RoPE, the text padding mask),
+    written out densely with the allowed (query, key) pairs of `allowed`: subclasses say which."""
 
-    def __init__(self, image_tokens: int | None = None):
-        self.image_tokens = image_tokens
+    def allowed(self, batch: int, text: int, total: int) -> torch.Tensor:
+        """(batch, 1, total, total) bool over the joint sequence `[text; image...]`; every pair by default."""
+        return torch.ones(batch, 1, total, total, dtype=torch.bool)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, attention_mask=None,
                  image_rotary_emb=None):
@@ -220,14 +219,42 @@ class RefQwenPAG:
         q, k = apply_rotary_emb_qwen(q, img_freqs, use_real=False), apply_rotary_emb_qwen(k, img_freqs, use_real=False)
         eq, ek = apply_rotary_emb_qwen(eq, txt_freqs, use_real=False), apply_rotary_emb_qwen(ek, txt_freqs, use_real=False)
         text, total = eq.shape[1], eq.shape[1] + q.shape[1]
-        n = q.shape[1] if self.image_tokens is None else self.image_tokens
         q, k, v = torch.cat([eq, q], 1), torch.cat([ek, k], 1), torch.cat([ev, v], 1)
-        allowed = torch.ones(q.shape[0], 1, total, total, dtype=torch.bool)
-        allowed[:, :, text : text + n, text:] = False
-        allowed[:, :, text : text + n, text : text + n] |= torch.eye(n, dtype=torch.bool)
+        allowed = self.allowed(q.shape[0], text, total)
         if encoder_hidden_states_mask is not None:
             allowed[:, :, :, :text] &= encoder_hidden_states_mask.bool()[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
         out = out.transpose(1, 2).flatten(2, 3)
         context, image = out[:, :text], out[:, text:]
         return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(context)
+
+
+class RefQwenPAG(RefQwenJoint):
+    """docs/methods.md "PAG" for the generated image's queries (itself and the text) in Qwen-Image's joint attention
+    over `[text; image; references]`; text and reference queries attend to every key. `image_tokens`: the generated
+    image's tokens (None: every image token, no references)."""
+
+    def __init__(self, image_tokens: int | None = None):
+        self.image_tokens = image_tokens
+
+    def allowed(self, batch: int, text: int, total: int) -> torch.Tensor:
+        allowed = super().allowed(batch, text, total)
+        n = total - text if self.image_tokens is None else self.image_tokens
+        allowed[:, :, text : text + n, text:] = False
+        allowed[:, :, text : text + n, text : text + n] |= torch.eye(n, dtype=torch.bool)
+        return allowed
+
+
+class RefQwenIsolation(RefQwenJoint):
+    """docs/methods.md "Regions", isolation in Qwen-Image's joint attention: image tokens of two different subject
+    regions (labels > 0, one per image token) do not see each other; text and background keep every key, whatever
+    the call's text length."""
+
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+
+    def allowed(self, batch: int, text: int, total: int) -> torch.Tensor:
+        allowed = super().allowed(batch, text, total)
+        a, b = self.labels[:, None], self.labels[None, :]
+        allowed[:, :, text:, text:] &= ~((a > 0) & (b > 0) & (a != b))
+        return allowed

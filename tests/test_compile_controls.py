@@ -163,16 +163,55 @@ def test_guidance_compile_matrix(name, entry):
         _check(f"{name} {entry} {label}", *_compiled_run(name, make, entry, steps=4, prompt=PROMPTS))
 
 
+LEFT_RIGHT = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
 CROSS_CONTROLS = {
-    "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
+    "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", LEFT_RIGHT[0]), attnctl.Region("a dog", LEFT_RIGHT[1])]),
+    # label masks (joint attention's region rules, isolation) and soft masks, the base ratio at 0, a step window
+    "Regions-isolate": lambda: attnctl.Regions([attnctl.Region("a cat", LEFT_RIGHT[0]), attnctl.Region("a dog", LEFT_RIGHT[1])], isolate=True),
+    "Regions-soft": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.6, 1)), attnctl.Region("a dog", (0.4, 0, 1, 1))], base_ratio=0.0),
+    "Regions-chen": lambda: attnctl.Regions([attnctl.Region("a cat", LEFT_RIGHT[0]), attnctl.Region("a dog", LEFT_RIGHT[1])],
+                                            joint_rule="chen", steps=(0.0, 0.5)),
+    "ConsistentSubjects-isolate": lambda: attnctl.ConsistentSubjects(subject=LEFT_RIGHT, isolate=True, strength=3.0),
     "StructuredGuidance": lambda: attnctl.StructuredGuidance(),
 }
+REGIONS = ("Regions", "Regions-isolate", "Regions-soft", "Regions-chen", "ConsistentSubjects-isolate")
+
+
+def test_label_masks_run_compiled_on_joint_attention():
+    """Regions with isolation on tiny-flux's joint attention (one masked softmax over image, base text and region
+    text, from labels), the transformer compiled: bitwise the eager output, no graph break, no graph per step or
+    per call. In a graph the label mask runs on sdpa (`kernels.choose_traced_backend`)."""
+    _check("tiny-flux Regions-isolate", *_compiled_run("tiny-flux", CROSS_CONTROLS["Regions-isolate"], "inplace", steps=4, prompt=PROMPTS))
+
+
+def test_label_masks_under_compile_refuse_a_fused_backend():
+    """The fused backends build label layouts on the host, which dynamo cannot trace: a compiled denoiser with an
+    explicit fused backend is refused at apply (nothing installed); `auto` runs label masks on sdpa in a graph."""
+    from attnctl.errors import BackendError
+    from attnctl.kernels import choose_traced_backend
+
+    assert choose_traced_backend("auto", "cuda", ("labels",)) == "sdpa"
+    assert choose_traced_backend("auto", "cpu", ("labels", "key_bias")) == "sdpa"
+    with pytest.raises(BackendError, match="'flex' builds its label-mask layouts .* on the host"):
+        choose_traced_backend("flex", "cpu", ("labels",))
+    with pytest.raises(BackendError, match="under torch.compile, label masks .* run on the sdpa backend.*limit"):
+        choose_traced_backend("auto", "cpu", ("labels",), dense_elements=1 << 40)
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.unet.compile()  # lazily: nothing is traced
+    try:
+        with pytest.raises(BackendError, match="Regions needs label masks, which backend 'flex' builds on the host"):
+            attnctl.apply(pipe, CROSS_CONTROLS["Regions-isolate"](), backend="flex")
+        assert not pipe.unet._forward_pre_hooks
+        attnctl.apply(pipe, CROSS_CONTROLS["Regions"](), backend="flex").remove()  # no label mask: no refusal
+    finally:
+        pipe.unet._compiled_call_impl = None
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, entry, controls", [
-    ("tiny-sd", "inplace", ("Regions", "StructuredGuidance")), ("tiny-sdxl", "blocks", ("Regions", "StructuredGuidance")),
-    ("tiny-pixart", "inplace", ("StructuredGuidance",)),
+    ("tiny-sd", "inplace", REGIONS + ("StructuredGuidance",)), ("tiny-sdxl", "blocks", REGIONS + ("StructuredGuidance",)),
+    ("tiny-pixart", "inplace", REGIONS + ("StructuredGuidance",)), ("tiny-sd3", "inplace", REGIONS),
+    ("tiny-flux", "inplace", REGIONS), ("tiny-flux", "blocks", ("Regions", "Regions-isolate")),
 ])
 def test_cross_attention_controls_compile_matrix(name, entry, controls):
     """Controls with per-layer constants (region keys, phrase values) on the families where they compile: no graph
@@ -192,10 +231,10 @@ EARLIER_CONTROLS = {  # verified on UNet / SD3 / Flux / PixArt by tests/test_com
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, labels", [
-    ("tiny-chroma", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects", "AttentionInterpolation")),
-    ("tiny-qwenimage", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects")),
-    ("tiny-flux2", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects")),
-    ("tiny-wan", ("PAG", "Reweight", "PLADIS")),  # SEG and SAG on video are not in the compiled matrix yet
+    ("tiny-chroma", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects", "AttentionInterpolation", "Regions", "Regions-isolate")),
+    ("tiny-qwenimage", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects", "Regions", "Regions-isolate")),
+    ("tiny-flux2", ("PAG", "SEG", "SAG", "Reweight", "PLADIS", "ConsistentSubjects", "Regions", "Regions-isolate")),
+    ("tiny-wan", ("PAG", "Reweight", "PLADIS", "Regions", "Regions-isolate")),  # SEG and SAG on video are not in the compiled matrix yet
 ])
 def test_newer_families_compile_matrix(name, labels):
     """The whole denoiser compiled (the newer families have no `_repeated_blocks` entry point tested here)."""
@@ -204,7 +243,7 @@ def test_newer_families_compile_matrix(name, labels):
     for label in labels:
         torch._dynamo.reset()
         counters.clear()
-        make = {**MATRIX_CONTROLS, **EARLIER_CONTROLS}[label]
+        make = {**MATRIX_CONTROLS, **EARLIER_CONTROLS, **CROSS_CONTROLS}[label]
         _check(f"{name} {label}", *_compiled_run(name, make, "inplace", steps=4, prompt=PROMPTS))
 
 

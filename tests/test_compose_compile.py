@@ -229,7 +229,7 @@ def test_every_compile_ready_control_matrix(name, family):
         assert not counters["graph_break"], (control_name, dict(counters["graph_break"]))
 
 
-REFUSED_COMPILED = ("AgentAttention", "AttentionMaps", "FastAttn", "Regions", "TGate", "ToMe")
+REFUSED_COMPILED = ("AgentAttention", "AttentionMaps", "FastAttn", "TGate", "ToMe")
 
 
 @pytest.mark.parametrize("name", REFUSED_COMPILED)
@@ -238,9 +238,8 @@ def test_every_refused_control_names_its_reason(tiny_cache, name):
     control = {
         "TGate": lambda: attnctl.TGate(gate_step=1), "AttentionMaps": lambda: attnctl.AttentionMaps(["cat"]),
         "ToMe": lambda: attnctl.ToMe(), "AgentAttention": lambda: attnctl.AgentAttention(), "FastAttn": lambda: attnctl.FastAttn(),
-        "Regions": lambda: attnctl.Regions([attnctl.Region("a cat", (0, 0, 0.5, 1)), attnctl.Region("a dog", (0.5, 0, 1, 1))]),
     }[name]()
-    pipe = tiny_cache("tiny-sd3" if name == "Regions" else "tiny-sd")  # Regions: the joint-attention reason
+    pipe = tiny_cache("tiny-sd")
     denoiser = _denoiser(pipe)
     denoiser.compile()
     try:

@@ -17,7 +17,7 @@ from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
 from .helpers import PROMPTS, Probe
-from .reference_attention import RefQwenPAG, Spy
+from .reference_attention import RefQwenIsolation, RefQwenPAG, Spy
 
 PROMPT = "a red cat on the street"
 
@@ -391,6 +391,32 @@ def test_every_supported_control_runs_and_changes_the_output(name, tiny):
         ran.append(label)
     assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
     assert "Reweight" in ran and ("PAG" in ran or "extra_rows" in adapter.lacks)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])
+def test_qwenimage_isolation_in_a_negative_call_with_its_own_text_length(name, tiny):
+    """Qwen-Image's true CFG runs the negative prompt as a denoiser call of its own, with its own text length (the empty
+    negative prompt is shorter than the prompt): isolation acts in both calls (docs/methods.md "Regions": every row),
+    as the dense reference with each call's text gives. It used to raise CallLayoutError in the negative call."""
+    pipe = tiny(name)
+    regions = [attnctl.Region("a cat", (0.0, 0.0, 0.5, 1.0)), attnctl.Region("a dog", (0.5, 0.0, 1.0, 1.0))]
+    _, calls = record(pipe, name, prompt=PROMPT, steps=1)
+    lengths = {call["kwargs"]["encoder_hidden_states"].shape[1] for call in calls}
+    assert len(lengths) == 2, lengths  # the prompt's call and the negative prompt's differ in text length
+    with attnctl.apply(pipe, [attnctl.Regions(regions, base_ratio=1.0, isolate=True)]):
+        got = generate(pipe, name, prompt=PROMPT)
+    stock = generate(pipe, name, prompt=PROMPT)
+    blocks = pipe.transformer.transformer_blocks
+    originals = [block.attn.processor for block in blocks]
+    for block in blocks:
+        block.attn.set_processor(RefQwenIsolation(torch.tensor(([1] * 4 + [2] * 4) * 8)))  # 8 x 8 image tokens
+    try:
+        expected = generate(pipe, name, prompt=PROMPT)
+    finally:
+        for block, processor in zip(blocks, originals):
+            block.attn.set_processor(processor)
+    assert (expected - stock).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])

@@ -237,6 +237,36 @@ def choose_backend(
     raise BackendError(f"no backend can do {', '.join(features)} on {device_type}; {capability_table()}")
 
 
+#: Backends whose label masks are made inside the attention op from the labels alone: while torch.compile traces,
+#: label masks run on these. The fused backends build their label layouts on the host (cached per LabelMask, with
+#: version checks and a host sync when built), which dynamo cannot trace.
+TRACEABLE_LABEL_BACKENDS = ("sdpa", "reference")
+
+
+def choose_traced_backend(
+    requested: str, device: torch.device | str, features: tuple[str, ...], dense_elements: int = 0,
+    shape: tuple[int, int] | None = None,
+) -> str:
+    """The backend of a call while torch.compile traces: `choose_backend`, except that a call with label masks runs
+    on sdpa (`auto`), which builds its dense mask in the graph, and an explicit request of a fused backend for one
+    raises BackendError naming why and what works."""
+    if "labels" not in features:
+        return choose_backend(requested, device, features, dense_elements, shape)[0]
+    if requested not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+        raise BackendError(
+            f"backend {requested!r} builds its label-mask layouts (regions, isolation) on the host, which torch.compile "
+            "cannot trace; with a compiled denoiser use backend='auto' or 'sdpa' (label masks then run on sdpa), or "
+            "run the denoiser uncompiled"
+        )
+    try:
+        return choose_backend("sdpa" if requested == "auto" else requested, device, features, dense_elements, shape)[0]
+    except BackendError as error:
+        raise BackendError(
+            f"under torch.compile, label masks (regions, isolation) run on the sdpa backend, which cannot take this "
+            f"call: {error}; run the denoiser uncompiled for it"
+        ) from None
+
+
 def _warn_once(key: tuple[str, str], message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
@@ -396,6 +426,6 @@ def attention(
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "KERNEL_FAILURES", "MEASURED", "MEASURED_ON", "AttentionSpec", "Backend",
-    "LabelMask", "PLAIN", "Sparse", "Window", "attention", "auto_order", "capability_table", "check_features",
-    "choose_backend", "note_request", "record_kernel_failure", "register_backend", "validate_backend",
+    "LabelMask", "PLAIN", "Sparse", "TRACEABLE_LABEL_BACKENDS", "Window", "attention", "auto_order", "capability_table", "check_features",
+    "choose_backend", "choose_traced_backend", "note_request", "record_kernel_failure", "register_backend", "validate_backend",
 ]

@@ -31,7 +31,12 @@ _WINDOW_CACHE_SIZE = 32
 
 
 def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the (B, 1, Nq, Nk) additive mask in `dtype`, the (B, Nq) fully masked queries), cached per LabelMask."""
+    """(the (B, 1, Nq, Nk) additive mask in `dtype`, the (B, Nq) fully masked queries), cached per LabelMask.
+
+    While torch.compile traces, the mask is built in the graph instead: the cache's version check cannot be traced,
+    and the gathers are cheap beside the attention they mask."""
+    if torch.compiler.is_compiling():
+        return labels.dense().to(device=device, dtype=dtype), labels.fully_masked_queries().to(device)
     key = (str(device), dtype, labels.versions())
     per_object = _LABEL_DENSE.get(labels)
     if per_object is None:

@@ -109,7 +109,7 @@ def backend_op(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.T
     cannot trace."""
     if torch.compiler.is_compiling():
         dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
-        name, _ = kernels.choose_backend(call.backend, q.device, spec.features(), dense, shape=(q.shape[2], q.shape[3]))
+        name = kernels.choose_traced_backend(call.backend, q.device, spec.features(), dense, shape=(q.shape[2], q.shape[3]))
         return kernels.BACKENDS[name].fn(q, k, v, spec)
     return kernels.attention(q, k, v, spec, call.backend)
 

@@ -79,7 +79,6 @@ class RegionsBound(Bound):
         self.text: EncodedText | None = None
         if roles and (self.tokens or "cross" in roles.values()):
             self.text = context.encode_prompts([region.prompt for region in control.regions], trim=control.trim_prompts)
-        self.joint_hook = JointHook(self)
         self.hidden_hook = HiddenHook(self)
         # per token grid (masks, labels, chunks): constant for the handle, kept across calls
         self._layouts: dict[tuple[int, int], GridLayout] = context.handle_cache.setdefault("layouts", {})
@@ -233,9 +232,13 @@ class RegionsBound(Bound):
         return self.tokens and bool(rows.indices("cond"))
 
     def sequence(self, call: AttentionCall | Geometry, with_tokens: bool = True) -> JointSequence:
+        """The token sequence of a joint layer; `with_tokens=False`: a call without region tokens, whose text is its
+        own (a negative prompt's may have another length, as on Qwen-Image)."""
         geometry = call.geometry if isinstance(call, AttentionCall) else call
-        lens = self.region_lens() if with_tokens else ()
-        sequence = JointSequence(geometry.image_len, self.base_text_len, lens, geometry.layer.text == "first")
+        text_first = geometry.layer.text == "first"
+        if not with_tokens or not self.tokens:
+            return JointSequence(geometry.image_len, geometry.text_len, (), text_first)
+        sequence = JointSequence(geometry.image_len, self.base_text_len, self.region_lens(), text_first)
         if geometry.text_len != sequence.text_len:
             raise CallLayoutError(
                 f"attnctl: Regions expected {sequence.text_len} text tokens at {geometry.layer.name} "
@@ -342,8 +345,37 @@ class RegionsBound(Bound):
             return Edit(hooks=(self.hidden_hook,))
         if role == "joint":
             labels = self.joint_labels(geometry, frame.rows)
-            return Edit(labels=labels, hooks=(self.joint_hook,) if self.tokens else ())
+            return Edit(labels=labels, hooks=(self.joint_edit_hook(layer, frame),) if self.tokens else ())
         return None
+
+    def joint_edit_hook(self, layer: LayerInfo, frame: DenoiserCall) -> JointHook:
+        """The hook of a joint layer, with its `JointPlan` made here (eagerly, also before a compiled forward) on the
+        device of the layer's weights, so that a compiled processor runs no data-dependent op (whether the blend acts
+        reads the masks) and looks nothing up in the caches. Weights on the meta device (sequential offload): the hook
+        makes its plan on the queries' device."""
+        weight = next(self.adapter.modules[layer.name].parameters(), None)
+        if weight is None or weight.device.type == "meta":
+            return JointHook(self)
+        return JointHook(self, self.joint_plan(frame.geometry(layer), frame.rows, weight.device))
+
+    def joint_plan(self, geometry: Geometry, rows: RowLayout, device: torch.device) -> JointPlan:
+        """What a joint layer's blend needs in one call, per token sequence, grid, cond rows and device."""
+        sequence = self.sequence(geometry)
+        grid = self.grid(geometry)
+        cond = rows.indices("cond")
+        key = ("joint-plan", sequence, grid, cond, str(device))
+        found = self._cache.get(key)
+        if found is None:
+            blend = bool(cond) and self.needs_blend(grid)
+            found = JointPlan(
+                sequence, cond, blend,
+                rows=self.index(cond, device) if blend else None,
+                positions=self.base_positions(sequence, device) if blend else None,
+                labels=self.base_labels(sequence, grid, len(cond), device) if blend else None,
+                weight=self.blend_weight(grid, device, "region") if blend else None,
+            )
+            self._cache[key] = found
+        return found
 
     def finish(self) -> None:
         self._cache.clear()  # the per-grid data stays with the handle
@@ -409,6 +441,20 @@ class CrossHook(LayerHook):
 # -- joint attention ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class JointPlan:
+    """A joint layer's constants in one call: its token sequence, the cond rows, whether the blend with the base acts
+    and, if it does, the cond rows' index, the base positions, the base labels (isolation) and the blend weight."""
+
+    sequence: JointSequence
+    cond: tuple[int, ...]
+    blend: bool
+    rows: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    labels: LabelMask | None = None
+    weight: torch.Tensor | None = None
+
+
 class JointHook(LayerHook):
     """Regions in a joint attention layer: the masked softmax (labels in the spec), then the blend with the base.
 
@@ -423,26 +469,24 @@ class JointHook(LayerHook):
     base attention, so it is unchanged. With isolation the base attention of the blend is isolated too.
     """
 
-    def __init__(self, bound: RegionsBound):
+    def __init__(self, bound: RegionsBound, plan: JointPlan | None = None):
         self.bound = bound
+        self.plan = plan  # made with the edit (`RegionsBound.joint_edit_hook`)
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
-        bound = self.bound
-        sequence = bound.sequence(call)
+        plan = self.plan
+        if plan is None or call.row_source is not None or (plan.blend and plan.rows.device != q.device):
+            plan = self.bound.joint_plan(call.geometry, call.rows, q.device)
+        sequence = plan.sequence
         _check_tokens(call, q, sequence)
         out, lse = compute(q, k, v, spec)
-        grid = bound.grid(call.geometry)
-        if not bound.needs_blend(grid):
+        if not plan.blend:
             return out, lse
-        cond = call.rows.indices("cond")
-        if not cond:
-            return out, lse
-        rows = bound.index(cond, q.device)
+        cond, rows, positions = plan.cond, plan.rows, plan.positions
         image = sequence.image_slice
-        positions = bound.base_positions(sequence, q.device)
-        labels = bound.base_labels(sequence, grid, len(cond), q.device)
         base_spec = spec_tokens(
-            spec, ((image.start, image.stop),), sequence.base_spans(), positions, rows=rows, labels=labels, where=f"layer {call.layer.name}"
+            spec, ((image.start, image.stop),), sequence.base_spans(), positions, rows=rows, labels=plan.labels,
+            where=f"layer {call.layer.name}",
         )
         qc = q.index_select(0, rows)[:, :, image]
         kc = k.index_select(0, rows).index_select(2, positions)
@@ -451,7 +495,7 @@ class JointHook(LayerHook):
         tokens = TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first, queries="image")
         with restricted_rows(call, cond), restricted_tokens(call, tokens):
             base, _ = compute(qc, kc, vc, base_spec)
-        weight = bound.blend_weight(grid, q.device, "region")  # (1, 1, N, 1): (1 - b) M(x)
+        weight = plan.weight  # (1, 1, N, 1): (1 - b) M(x)
         chosen = out.index_select(0, rows)
         mixed = (1.0 - weight) * base.float() + weight * chosen[:, :, image].float()
         chosen = torch.cat([chosen[:, :, : image.start], mixed.to(out.dtype), chosen[:, :, image.stop :]], dim=2)

@@ -83,13 +83,9 @@ class Regions(Control, type_name="regions"):
     JOINT_RULES: ClassVar[tuple[str, ...]] = ("open", "chen")
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        if adapter.text_attention == "cross" and not adapter.prompt_mask:
-            return None  # its cross-attention edits carry the layer's region keys as constants (RegionsBound.cross_edit)
-        return (
-            "on joint-attention layouts and with a text attention mask its region masks use data-dependent ops "
-            "(nonzero) and a tensor version check inside the attention op, which break the graph (it runs compiled "
-            "on SD / SDXL UNets)"
-        )
+        # its edits carry each layer's constants, made before the forward (region keys, RegionsBound.cross_edit; the
+        # joint blend's plan, RegionsBound.joint_edit_hook); label masks run on sdpa in a graph (choose_traced_backend)
+        return None
 
     def __post_init__(self) -> None:
         regions = self.regions
