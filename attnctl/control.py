@@ -39,7 +39,7 @@ class Control:
     #: Whether the control reads the images the call produces (`BindContext.call_images`).
     needs_images: ClassVar[bool] = False
     #: Why the control cannot share the denoiser with a diffusers step cache (FirstBlockCache, FasterCache, ...),
-    #: or None when it can.
+    #: or None when it can. Read on the instance (a control may need every layer in some settings only).
     step_cache_refusal: ClassVar[str | None] = None
     #: The image-token grids the control's definition covers (`ModelAdapter.grid_dims`): 2 (images) and 3 (video:
     #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
@@ -245,9 +245,10 @@ class BindContext:
     # `encode_prompts(texts, trim=False)`: extra prompts encoded as the pipeline encodes its own prompt in this call
     # (`trim`: cut after the longest prompt's last token, where `ModelAdapter.padded_text_tokenizer` says how)
     encode_prompts: Callable[..., EncodedText] = field(default=_no_handle, compare=False, repr=False)
-    # `wrap_method(obj, name, make)`: an instance-level wrap for this pipeline call, owned by the handle (undone
-    # at the end of the call, or by `handle.remove()`)
-    wrap_method: Callable[[Any, str, Callable[[Callable[..., Any]], Callable[..., Any]]], None] = field(
+    # `wrap_method(obj, name, make, innermost=False)`: an instance-level wrap for this pipeline call, owned by the
+    # handle (undone at the end of the call, or by `handle.remove()`); on top of the call's other wraps of that
+    # method, or beneath them with `innermost=True` (it then sees the arguments as the method itself receives them)
+    wrap_method: Callable[..., None] = field(
         default=_no_handle, compare=False, repr=False
     )
     # `call_images()`: what `pipe.image_processor.postprocess` returned in this call (None before it ran), or for a
@@ -302,6 +303,11 @@ class Bound:
 
     def active(self, step: StepInfo) -> bool:
         return step.inside(self.steps)
+
+    def needs_layer(self, layer: LayerInfo, frame: DenoiserCall) -> bool:
+        """Whether the control acts on `layer` in `frame`, for a control with a `step_cache_refusal`: a layer it needs
+        that something outside attnctl skipped is refused (`Runtime.skipped_layers`). Default: inside its window."""
+        return self.active(frame.step)
 
     def idle_reason(self, count: int) -> str | None:
         """Why the control does nothing in a call of `count` steps although it was asked to act, or None.

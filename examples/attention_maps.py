@@ -6,7 +6,8 @@
         --prompt "a red car next to a blue house" --words red,car,blue,house --steps 4
 
 Maps come from cross-attention (SD, SDXL, PixArt) or the image-query rows of joint attention (SD3, Flux),
-averaged over heads and summed over layers and steps; they are in `handle.outputs["attention_maps"]`.
+summed over heads (as DAAM and attention-map-diffusers; `heads="mean"` averages them), layers and steps; they are in
+`handle.outputs["attention_maps"]`.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ def test_attend_excite_matches_diffusers_pipeline_with_refinement(tiny_cache):
 def _package_outputs(n, gate, warm_up, sp, fi, cross):
     """What the layer returns at each step under `tgate_processor`: ("fresh", s) computed at step s (the CFG batch
     before the gate, the one row after), ("mean", s) the mean of the CFG halves stored at s."""
-    from tgate.tgate_utils import tgate_scheduler  # the test extra's peer package (not in the parity venv)
+    from tgate.tgate_utils import tgate_scheduler  # the test extra's peer package
 
     cache, out = None, []
     for step in range(n):

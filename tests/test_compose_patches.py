@@ -266,7 +266,9 @@ def test_the_tomesd_and_tgate_packages_patches_are_refused_clearly():
 
 
 @pytest.mark.parametrize("make", [lambda: attnctl.AttentionMaps(["cat"]), lambda: attnctl.TGate(gate_step=4),
-                                  lambda: attnctl.PromptToPrompt()], ids=["maps", "tgate", "p2p"])
+                                  lambda: attnctl.PromptToPrompt(),
+                                  lambda: attnctl.ConsistentSubjects(subject=["photo"], map_layers="down_blocks")],
+                         ids=["maps", "tgate", "p2p", "consistent-words"])
 def test_controls_that_need_every_layer_refuse_blocks_another_library_skips(make):
     """DeepCache skips the deep blocks at its cached steps, outside attnctl: a control that needs each of its layers
     at every step (`step_cache_refusal`: maps would miss those layers, P2P's edits and TGate's cache would not be
@@ -288,3 +290,30 @@ def test_controls_that_need_every_layer_refuse_blocks_another_library_skips(make
     finally:
         helper.disable()
     assert torch.equal(generate(pipe, "tiny-sd", prompt=prompts, steps=6), stock)
+
+
+def test_controls_outside_their_steps_or_without_maps_compose_with_deepcache():
+    """The skipped-layer check asks only for the layers a control acts on at that step: PromptToPrompt whose windows
+    end at step 0 runs through DeepCache's cached steps (and still edits), ConsistentSubjects with box subjects reads
+    no maps (no `step_cache_refusal`). An extra forward (SAG's degraded pass) through DeepCache's forward would fill or
+    read its feature cache with another batch (a bare torch error at the next cached step, or silently wrong
+    features): refused at the first one, naming the wrapper."""
+    from DeepCache import DeepCacheSDHelper
+
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    pipe = make_tiny_pipeline("tiny-sd")
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    try:
+        cached = generate(pipe, "tiny-sd", prompt=prompts, steps=6)
+        for control in (attnctl.PromptToPrompt(cross_steps=0.2, self_steps=0.2),
+                        attnctl.ConsistentSubjects(subject=[(0.0, 0.0, 0.5, 1.0)])):
+            with attnctl.apply(pipe, [control]):
+                out = generate(pipe, "tiny-sd", prompt=prompts, steps=6)
+            assert torch.isfinite(out).all() and not torch.equal(out, cached), type(control).__name__
+        with attnctl.apply(pipe, [attnctl.SAG()]):
+            with pytest.raises(UnsupportedError, match=r"runs the unet denoiser again on 2 rows .* another library replaced the denoiser's forward \(DeepCache"):
+                generate(pipe, "tiny-sd", prompt=prompts, steps=6)
+    finally:
+        helper.disable()

@@ -424,6 +424,30 @@ def test_sd3_merges_image_tokens_only_and_agent_attention_is_refused_on_joint_la
         attnctl.apply(dual, [attnctl.AgentAttention(layers="transformer_blocks.0")])  # the joint attn too
 
 
+def test_tome_with_skip_layer_on_the_same_block_in_either_order():
+    """SkipLayer runs its block on the rows that keep it (the other rows skip it); ToMe matches on the block's input as
+    the block receives it, so both controls on one SD3 block give the same result in either order (ToMe's block wrap
+    sits beneath SkipLayer's: `BindContext.wrap_method(innermost=True)`), and the pipeline is stock afterwards."""
+    pipe = make_tiny_pipeline("tiny-sd3")
+    stock = generate(pipe, "tiny-sd3", steps=3)
+
+    def run(*controls):
+        with attnctl.apply(pipe, list(controls)):
+            return generate(pipe, "tiny-sd3", steps=3)
+
+    def skip():
+        return attnctl.SkipLayer(blocks=(0,), steps=(0.0, 1.0), scale=2.0)
+
+    def tome():
+        return attnctl.ToMe(ratio=0.5, random=False)
+
+    first, second = run(skip(), tome()), run(tome(), skip())
+    assert torch.equal(first, second)
+    assert not torch.equal(first, run(skip())) and not torch.equal(first, run(tome()))
+    assert torch.equal(generate(pipe, "tiny-sd3", steps=3), stock)
+    assert all("forward" not in block.__dict__ for block in pipe.transformer.transformer_blocks)
+
+
 def test_sd35_image_only_attention_takes_agent_attention():
     pipe = make_tiny_pipeline("tiny-sd3", qk_norm="rms_norm", dual_attention_layers=(0,))
     stock = generate(pipe, "tiny-sd3")

@@ -26,7 +26,8 @@ from ..control import Bound
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter, RowList
-from ..foreign_patches import keyed_cache_context
+from ..foreign_patches import keyed_cache_context, known_forward
+from ..instance import describe_callable
 
 
 def _first(output: Any) -> Any:
@@ -125,8 +126,8 @@ def _skipped_error(skipped: tuple[Bound, tuple[LayerInfo, ...]], frame: Denoiser
     return UnsupportedError(
         f"attnctl: {name} acts on {layers[0].name}{more}, which did not run in the {adapter.family} denoiser's call at "
         f"step {frame.step.index}: something outside attnctl skipped its block (another library's block cache, such as "
-        f"DeepCache or cache-dit); {name} cannot share the denoiser with a step cache: {type(bound.control).step_cache_refusal}. "
-        f"Disable that cache, or leave {name} out"
+        f"DeepCache or cache-dit, or a hook that skips layers); {name} cannot share the denoiser with a step cache: {bound.control.step_cache_refusal}. "
+        f"Disable what skips it, or leave {name} out"
     )
 
 
@@ -200,6 +201,15 @@ class DenoiserHooks:
 
     def call_with(self, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
         """An extra forward of attnctl's own (separate perturbations, second passes) with `frame` set."""
+        wrapper = self.module.__dict__.get("forward")
+        if not known_forward(self.module, wrapper):
+            raise UnsupportedError(
+                f"attnctl: a control runs the {self.runtime.adapter.family} denoiser again on {len(frame.rows)} rows (SAG's "
+                f"degraded pass, PAG(separate=True), a latent optimiser's loss pass), and another library replaced the "
+                f"denoiser's forward ({describe_callable(wrapper)}): its state is the pipeline's own calls' (DeepCache "
+                "caches features across steps), which an extra forward would change or misread. Disable that library, "
+                "or leave the control out"
+            )
         args, kwargs = self._arguments(inputs)
         self._passthrough += 1
         self.runtime.enter(frame)

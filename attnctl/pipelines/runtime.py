@@ -25,7 +25,7 @@ from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, Seco
 from ..errors import BackendError, CallLayoutError, HandleError, IdleControlWarning
 from ..families.base import Canvas, LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
-from ..kernels import choose_backend
+from ..kernels import choose_backend, choose_traced_backend
 from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepInfo
 from ..tokens import PromptTokens
@@ -82,6 +82,7 @@ class Runtime:
         self.outputs: dict[str, Any] = {}
         self.internal = 0  # >0 while attnctl itself calls pipeline methods (not recorded)
         self._call_wraps: list[Wrapped] = []  # controls' instance-level wraps for the current call
+        self._call_makers: dict[int, Any] = {}  # id(Wrapped) -> the maker that made it (to re-stack it)
         self.prefilled = False  # True while the processors' `edit_now` holds the current frame's edits (compiled)
         self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
         self._plans: tuple[DenoiserCall, list[RowPlan]] | None = None  # the active bound controls' plans of a frame
@@ -243,11 +244,12 @@ class Runtime:
                 layer.index for layer in adapter.layers if adapter.expert_of(layer) is module
             )
         for bound in call.bound:
-            if type(bound.control).step_cache_refusal is None or not bound.active(frame.step):
+            if bound.control.step_cache_refusal is None or not bound.active(frame.step):
                 continue
             missing = bound.layer_indices & held - self._frame_edits.keys()
-            if missing:
-                return bound, tuple(layer for layer in self.adapter.layers if layer.index in missing)
+            layers = tuple(layer for layer in self.adapter.layers if layer.index in missing and bound.needs_layer(layer, frame))
+            if layers:
+                return bound, layers
         return None
 
     def _start_schedule(self, call: PipelineCallState) -> None:
@@ -339,10 +341,19 @@ class Runtime:
         finally:
             self.differentiable -= 1
 
-    def wrap_for_call(self, obj: Any, name: str, make: Any) -> None:
+    def wrap_for_call(self, obj: Any, name: str, make: Any, innermost: bool = False) -> None:
         """An instance-level wrap of `obj.<name>` for the current pipeline call (a control's, e.g. skip-layer
-        guidance's transformer blocks); undone at the end of the call or by `handle.remove()`."""
-        self._call_wraps.append(wrap_method(obj, name, make))
+        guidance's transformer blocks); undone at the end of the call or by `handle.remove()`. `innermost`: beneath
+        the other controls' wraps of that method in this call (a wrap that reads the arguments as the method itself
+        receives them, after another control narrowed the batch); otherwise on top of them."""
+        above = [record for record in self._call_wraps if record.obj is obj and record.name == name] if innermost else []
+        for record in reversed(above):  # this call's wraps are on top of each other in order: take them off
+            record.unwrap()
+            self._call_wraps.remove(record)
+        for maker in (make, *(self._call_makers.pop(id(record)) for record in above)):
+            record = wrap_method(obj, name, maker)
+            self._call_wraps.append(record)
+            self._call_makers[id(record)] = maker
 
     def record_images(self, images: Any) -> None:
         """What `pipe.image_processor.postprocess` returned in the current call (for controls with `needs_images`)."""
@@ -352,6 +363,7 @@ class Runtime:
     def _unwrap_call(self) -> None:
         while self._call_wraps:
             self._call_wraps.pop().unwrap()
+        self._call_makers.clear()
 
     # -- the hot path ---------------------------------------------------------------------------------------
     def edit_for(self, layer: LayerInfo) -> Edit | None:
@@ -397,7 +409,7 @@ class Runtime:
             except BackendError:
                 return "reference"
         if torch.compiler.is_compiling():  # a pure function of constants in a graph: no dict state to guard on
-            return choose_backend(self.backend, device, features, dense_elements, shape)[0]
+            return choose_traced_backend(self.backend, device, features, dense_elements, shape)
         key = (device.type, features, dense_elements, shape, len(kernels.KERNEL_FAILURES))  # a compile failure re-chooses
         choice = self._backend_cache.get(key)
         if choice is None:

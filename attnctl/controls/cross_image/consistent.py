@@ -195,6 +195,14 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         if self.map_layers is not None and not self.words:
             raise ConfigError("ConsistentSubjects.map_layers selects the maps of subject words; subject gives no word")
 
+    @property
+    def step_cache_refusal(self) -> str | None:  # type: ignore[override]
+        """Word subjects read the word maps of every map layer at every step; boxes and masks need no layer's maps."""
+        if self.words:
+            return ("its word subjects are selected by the word maps of its map layers at every step, and the cache skips "
+                    "layers (or blocks) on some steps, so those maps would be silently missing")
+        return None
+
     # -- what the subjects are ----------------------------------------------------------------------------------
     @property
     def words(self) -> tuple[WordQuery, ...]:
@@ -278,10 +286,9 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         if self.words:
             return ("its subject words' maps are captured into per-step Python state inside the processor (as "
                     "AttentionMaps does), so dynamo would recompile every step")
-        if self.isolate:
-            return ("isolation's label mask goes through the backend's per-mask cache from inside a hook, which reads "
-                    "tensor.is_inference() (a graph break dynamo cannot trace)")
-        return None  # the edit hands its hook the row links and bias as constants (tests/test_compile_controls.py)
+        # the edit hands its hook the row links and bias as constants; isolation's label mask runs on sdpa in a graph
+        # (kernels.choose_traced_backend) (tests/test_compile_controls.py)
+        return None
 
     def bind(self, context: BindContext) -> _ConsistentBound:
         return _ConsistentBound(self, context)

@@ -645,17 +645,26 @@ class PromptToPromptBound(Bound):
         copied = latents.index_copy(0, self.index(targets, device), latents.index_select(0, self.index(sources, device)))
         return {**inputs, name: copied}
 
+    def _acts(self, layer: LayerInfo, frame: DenoiserCall) -> tuple[Any, bool, bool]:
+        """(cross window or None, self-attention replaced, blend maps captured) at `layer` in `frame`. The authors'
+        step counts: cross-attention alphas over n + 1 entries (`cross_step_range`), self-attention over n
+        (`self_step_range`)."""
+        step = frame.step
+        window = self._cross_window(step.index, step.count) if layer.index in self.text_layers else None
+        self_ = layer.index in self.self_layers and step.index in self_step_range(self.p2p.self_steps, step.count)
+        capture = layer.index in self.blend_layers and frame.extra_pass is None
+        return window, self_, capture
+
+    def needs_layer(self, layer: LayerInfo, frame: DenoiserCall) -> bool:
+        window, self_, capture = self._acts(layer, frame)
+        return not self.idle and (window is not None or self_ or capture)
+
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.idle:
             return None
-        step = frame.step
-        self.last_step = step.index
-        # the authors' step counts: cross-attention alphas over n + 1 entries (`cross_step_range`), self-attention
-        # over n (`self_step_range`)
-        window = self._cross_window(step.index, step.count) if layer.index in self.text_layers else None
+        self.last_step = frame.step.index
+        window, self_, capture = self._acts(layer, frame)
         cross = window is not None
-        self_ = layer.index in self.self_layers and step.index in self_step_range(self.p2p.self_steps, step.count)
-        capture = layer.index in self.blend_layers and frame.extra_pass is None
         if not (cross or self_ or capture):
             return None
         key = (layer.index, window, self_, capture)

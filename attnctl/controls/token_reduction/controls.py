@@ -257,8 +257,8 @@ class ToMe(_Reducer, Control, type_name="tome"):
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)
     seed: int = 0
-    random: bool = True
     key: str = "tome"
+    random: bool = True  # last: added after the others (positional arguments keep their meaning)
 
 
     def __post_init__(self) -> None:
@@ -321,10 +321,10 @@ class AgentAttention(_Reducer, Control, type_name="agent-attention"):
     layers: LayerSpec = None
     steps: StepWindow = (0.0, 1.0)
     seed: int = 0
-    random: bool = True
     scale_power: float = 0.3
     shortcut: float = 0.075
     key: str = "agent_attention"
+    random: bool = True  # last: added after the others (positional arguments keep their meaning)
 
 
     def __post_init__(self) -> None:
@@ -397,12 +397,14 @@ class _ReductionBound(Bound):
         # the matching's metric: the hidden states entering the transformer block of each layer (as tomesd), held
         # by reference while that block runs
         self.block_inputs: dict[str, torch.Tensor] = {}
+        self.block_names = {layer.index: block_of(layer) for layer in context.layers}
         adapter = context.adapter
         blocks = adapter.transformer_blocks()
-        for block in sorted({block_of(layer) for layer in context.layers}):
+        for block in sorted(set(self.block_names.values())):
             module = blocks[block]  # present: `_check_blocks` at apply
             hidden = adapter.block_inputs[type(module).__name__][0]  # the block's hidden-states parameter (its first)
-            context.wrap_method(module, "forward", self._remember_input(block, hidden))
+            # beneath other controls' block wraps (SkipLayer runs the block on fewer rows): the rows the block gets
+            context.wrap_method(module, "forward", self._remember_input(block, hidden), innermost=True)
 
     def _remember_input(self, block: str, hidden: str) -> Any:
         def make(original: Any) -> Any:
@@ -419,7 +421,7 @@ class _ReductionBound(Bound):
 
     def metric(self, call: AttentionCall, hidden: torch.Tensor) -> torch.Tensor:
         """The block input of `call`'s layer: (B, N, C) with the rows and image tokens of `hidden`."""
-        block = block_of(call.layer)
+        block = self.block_names[call.layer.index]
         metric = self.block_inputs.get(block)
         if not isinstance(metric, torch.Tensor) or metric.ndim != 3 or metric.shape[:2] != hidden.shape[:2]:
             found = "nothing" if metric is None else tuple(metric.shape) if isinstance(metric, torch.Tensor) else type(metric).__name__
