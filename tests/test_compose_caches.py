@@ -106,7 +106,8 @@ def test_first_block_cache_skips_blocks_with_attnctl_applied(flux):
     assert len(runs[first]) == STEPS and len(runs[last]) < STEPS, runs
 
 
-@pytest.mark.parametrize("control", [attnctl.FastAttn(), attnctl.AttentionMaps(["cat"])], ids=["FastAttn", "AttentionMaps"])
+@pytest.mark.parametrize("control", [attnctl.FastAttn(), attnctl.AttentionMaps(["cat"]), attnctl.ConsistentSubjects(subject=["cat"])],
+                         ids=["FastAttn", "AttentionMaps", "ConsistentSubjects-words"])
 @pytest.mark.parametrize("key", ["FasterCache", "PyramidAttentionBroadcast", "FirstBlockCache"])
 def test_control_that_would_cache_the_same_thing_is_refused(flux, key, control):
     pipe, stock = flux
