@@ -22,7 +22,7 @@ from attnctl.control import Control, registered_controls
 from attnctl.errors import UnsupportedError
 from attnctl.families import adapter_for
 from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
-from attnctl.testing.new_families import available
+from attnctl.testing.new_families import REQUIRES, available
 
 
 def generate(pipe, name, prompt, steps=2, guidance=5.0, seed=0):
@@ -68,8 +68,9 @@ def _uncompile(denoiser):
         module._compiled_call_impl = None
 
 
-def _compiled_run(name, make, entry, steps, prompt=PROMPT):
-    """(eager, compiled, again, stock graphs, graphs after the first controlled call, graphs after the second)."""
+def _compiled_run(name, make, entry, steps, prompt=PROMPT, observed=None):
+    """(eager, compiled, again, stock graphs, graphs after the first controlled call, graphs after the second).
+    `observed`: a list that gets what observing controls published, eager then compiled (`_observations`)."""
     pipe = make_tiny_pipeline(name)
     denoiser = _denoiser(pipe)
     stock = CompileCounterWithBackend("eager")
@@ -77,15 +78,19 @@ def _compiled_run(name, make, entry, steps, prompt=PROMPT):
     generate(pipe, name, prompt=prompt, steps=steps)
     _uncompile(denoiser)
     torch._dynamo.reset()
-    with attnctl.apply(pipe, make()):
+    with attnctl.apply(pipe, make()) as handle:
         eager = generate(pipe, name, prompt=prompt, steps=steps)
+        if observed is not None:
+            observed.append(_observations(handle))
     counters.clear()
     counter = CompileCounterWithBackend("eager")
     _compile(denoiser, entry, counter)
     try:
-        with attnctl.apply(pipe, make()):
+        with attnctl.apply(pipe, make()) as handle:
             compiled = generate(pipe, name, prompt=prompt, steps=steps)
             first = counter.frame_count
+            if observed is not None:
+                observed.append(_observations(handle))
             again = generate(pipe, name, prompt=prompt, steps=steps)
     finally:
         _uncompile(denoiser)
@@ -175,6 +180,42 @@ CROSS_CONTROLS = {
     "StructuredGuidance": lambda: attnctl.StructuredGuidance(),
 }
 REGIONS = ("Regions", "Regions-isolate", "Regions-soft", "Regions-chen", "ConsistentSubjects-isolate")
+
+
+MAPS = {
+    "AttentionMaps": lambda: attnctl.AttentionMaps(["cat", "dog"]),
+    "AttentionMaps-window-mean": lambda: attnctl.AttentionMaps(["cat"], steps=(0.0, 0.5), heads="mean"),
+    "AttentionMaps+PAG": lambda: [attnctl.AttentionMaps(["cat"]), attnctl.PAG()],
+}
+
+
+def _check_maps(label, name, entry, make):
+    observed: list = []
+    _check(label, *_compiled_run(name, make, entry, steps=4, prompt=PROMPTS, observed=observed))
+    eager, compiled = observed
+    assert eager and _same_observations(compiled, eager), label
+
+
+def test_attention_maps_run_compiled_on_joint_attention():
+    """AttentionMaps on tiny-flux's joint attention, the transformer's blocks compiled: the same maps and counts as
+    eager (each layer's rows are decided with its edit; the hook only adds to the running sums), no graph break,
+    no graph per step or per call."""
+    _check_maps("tiny-flux blocks AttentionMaps", "tiny-flux", "blocks", MAPS["AttentionMaps"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry", [
+    ("tiny-sd", "inplace"), ("tiny-sdxl", "blocks"), ("tiny-sd3", "inplace"), ("tiny-flux", "inplace"), ("tiny-pixart", "inplace"),
+    ("tiny-chroma", "inplace"), ("tiny-qwenimage", "inplace"), ("tiny-flux2", "inplace"), ("tiny-wan", "inplace"),
+    ("tiny-zimage", "inplace"),
+])
+def test_attention_maps_compile_matrix(name, entry):
+    if name in REQUIRES and not available(name):
+        pytest.skip(f"{name} needs a newer diffusers")
+    for label, make in MAPS.items():
+        torch._dynamo.reset()
+        counters.clear()
+        _check_maps(f"{name} {entry} {label}", name, entry, make)
 
 
 def test_label_masks_run_compiled_on_joint_attention():
@@ -320,18 +361,34 @@ def test_every_control_runs_compiled_or_names_its_reason(tiny_cache, type_name):
         assert not denoiser._forward_pre_hooks
         return
     stock = _stock_graphs(pipe)
-    with attnctl.apply(pipe, control):
+    with attnctl.apply(pipe, control) as handle:
         eager = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
+        observed = _observations(handle)
     plain = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
-    assert not torch.equal(eager, plain), f"{type_name} does not act in this smoke"
+    assert not torch.equal(eager, plain) or observed, f"{type_name} does not act in this smoke"
     counters.clear()
     counter = CompileCounterWithBackend("eager")
     denoiser.compile_repeated_blocks(backend=counter, fullgraph=True)
     try:
-        with attnctl.apply(pipe, control):
+        with attnctl.apply(pipe, control) as handle:
             compiled = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
             first = counter.frame_count
+            assert _same_observations(_observations(handle), observed), type_name
             again = generate(pipe, "tiny-sd", prompt=PROMPTS, steps=4)
     finally:
         _uncompile(denoiser)
     _check(type_name, eager, compiled, again, stock, first, counter.frame_count)
+
+
+def _observations(handle) -> dict:
+    """What an observing control (AttentionMaps) published: its maps and counts, by output key."""
+    from attnctl.controls.maps.capture import AttentionMapResult
+
+    return {key: (value.grid_maps, value.contributions) for key, value in handle.outputs.items()
+            if isinstance(value, AttentionMapResult)}
+
+
+def _same_observations(got: dict, expected: dict) -> bool:
+    return got.keys() == expected.keys() and all(
+        torch.equal(got[key][0], expected[key][0]) and got[key][1] == expected[key][1] for key in expected
+    )

@@ -229,14 +229,14 @@ def test_every_compile_ready_control_matrix(name, family):
         assert not counters["graph_break"], (control_name, dict(counters["graph_break"]))
 
 
-REFUSED_COMPILED = ("AgentAttention", "AttentionMaps", "FastAttn", "TGate", "ToMe")
+REFUSED_COMPILED = ("AgentAttention", "FastAttn", "TGate", "ToMe")
 
 
 @pytest.mark.parametrize("name", REFUSED_COMPILED)
 def test_every_refused_control_names_its_reason(tiny_cache, name):
     """No tracing: compile is lazy and the refusal comes at apply."""
     control = {
-        "TGate": lambda: attnctl.TGate(gate_step=1), "AttentionMaps": lambda: attnctl.AttentionMaps(["cat"]),
+        "TGate": lambda: attnctl.TGate(gate_step=1),
         "ToMe": lambda: attnctl.ToMe(), "AgentAttention": lambda: attnctl.AgentAttention(), "FastAttn": lambda: attnctl.FastAttn(),
     }[name]()
     pipe = tiny_cache("tiny-sd")

@@ -94,7 +94,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
     )
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return "it accumulates maps in Python state keyed by the step inside the processor, so dynamo recompiles every step"
+        return None  # each layer's rows to capture are decided with its edit; the hook adds to the running sums
 
     def __post_init__(self) -> None:
         words = (self.words,) if isinstance(self.words, (str, int)) else self.words
@@ -239,16 +239,21 @@ def word_attention(
 
 
 class _CaptureHook(LayerHook):
-    """Lets the layer's attention op run, then adds the word maps of the cond rows to the running sums."""
+    """Lets the layer's attention op run, then adds the word maps of the cond rows `rows` (of prompt rows `prompts`)
+    to the running sums. The rows, and whether the layer's sinks are suppressed, are decided with the edit (constants
+    of a compiled graph)."""
 
-    def __init__(self, bound: AttentionMapsBound):
+    def __init__(self, bound: AttentionMapsBound, rows: tuple[int, ...], prompts: tuple[int, ...], sinks: bool):
         self.bound = bound
+        self.rows = rows
+        self.prompts = prompts
+        self.sinks = sinks
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         result = compute(q, k, v, spec)
         if not token_layout(call).sub:  # a sub-attention an outer hook runs (Regions' base attention) is not the map
             with torch.no_grad():
-                self.bound.accumulate(call, q, k, spec)
+                self.bound.accumulate(call, q, k, spec, self)
         return result
 
 
@@ -290,8 +295,7 @@ class AttentionMapsBound(Bound):
         self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
         self.resolution = control.resolution or image_size(context)
         self.layer_names = tuple(layer.name for layer in context.layers)
-        self.hook = _CaptureHook(self)
-        self._edit = Edit(hooks=(self.hook,))
+        self._edits: dict[tuple[Any, ...], Edit] = {}
         self.call_images = context.call_images
         self.magnets = control.magnets
         self.sum_heads = control.heads == "sum"
@@ -322,27 +326,33 @@ class AttentionMapsBound(Bound):
         return {**inputs, "encoder_hidden_states": text.index_copy(0, index, swapped)}
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if not frame.rows.indices("cond", None):
+        """The capture of `layer` in `frame`: its cond rows, each prompt row counted once per step (a step's second
+        model call, Heun's or SD3's skip-layer pass, adds nothing)."""
+        rows, prompts = [], []
+        step = frame.step.index
+        for i in frame.rows.indices("cond", None):
+            prompt = frame.rows.rows[i].prompt
+            if self._last_step.get((layer.index, prompt)) == step:
+                continue
+            self._last_step[(layer.index, prompt)] = step
+            rows.append(i)
+            prompts.append(prompt)
+            self.contributions[prompt] += 1
+        if not rows:
             return None
-        return self._edit
+        sinks = bool(self.magnets) and layer.index in self.sink_layers
+        key = (tuple(rows), tuple(prompts), sinks)
+        found = self._edits.get(key)
+        if found is None:
+            found = self._edits[key] = Edit(hooks=(_CaptureHook(self, *key),))
+        return found
 
     def stored_bytes(self) -> int:
         """Bytes of the tensors this bound keeps across steps (independent of the number of steps)."""
         return sum(t.numel() * t.element_size() for t in (self.sums, self.selector)) + 8 * len(self.contributions)
 
-    def accumulate(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
-        layout = call.rows
-        step = call.step.index
-        batch_rows, prompts = [], []
-        for i in layout.indices("cond", None):
-            prompt = layout.rows[i].prompt
-            if self._last_step.get((call.layer.index, prompt)) == step:
-                continue  # a step's second model call (Heun, SD3's skip-layer pass) counts once
-            self._last_step[(call.layer.index, prompt)] = step
-            batch_rows.append(i)
-            prompts.append(prompt)
-        if not batch_rows:
-            return
+    def accumulate(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, hook: _CaptureHook) -> None:
+        batch_rows, prompts = hook.rows, hook.prompts
         geometry = call.geometry
         image = geometry.image_slice
         if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.key_len):
@@ -351,14 +361,18 @@ class AttentionMapsBound(Bound):
                 f"{geometry.frames}x{geometry.image_hw[0]}x{geometry.image_hw[1]} has {geometry.image_len} image tokens: another control "
                 "on this layer changed the tokens (token reduction merges them); give the controls disjoint layers"
             )
-        index = self.index(batch_rows, q.device)
+        if torch.compiler.is_compiling():  # constants of the graph: no lookup in the index cache to guard on
+            index = torch.tensor(batch_rows, dtype=torch.long, device=q.device)
+            prompt_index = torch.tensor(prompts, dtype=torch.long, device=self.selector.device)
+        else:
+            index = self.index(batch_rows, q.device)
+            prompt_index = self.index(prompts, self.selector.device)
         spec = spec_rows(spec, index, q.shape[0])
         qb = q.index_select(0, index)
         qi = qb[:, :, image]
         ki = k.index_select(0, index)
         n_keys = ki.shape[2]
         key_text = geometry.key_text_slice
-        prompt_index = self.index(prompts, self.selector.device)
         text_selector = self.selector.index_select(0, prompt_index).to(q.device)  # (b, W, text_len)
         selector = text_selector.new_zeros(len(batch_rows), text_selector.shape[1], n_keys)
         selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
@@ -379,7 +393,7 @@ class AttentionMapsBound(Bound):
 
             parts.append(word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias))
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
-        if self.magnets and call.layer.index in self.sink_layers:
+        if hook.sinks:
             every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
             every[:, :, key_text.start : key_text.start + self.text_len] = torch.eye(self.text_len, device=every.device)
             mass = word_attention(qi, ki, every, scale=spec.scale)  # (b, Ni, text_len)
@@ -392,8 +406,6 @@ class AttentionMapsBound(Bound):
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
         maps = maps.reshape(len(batch_rows), *self.sums.shape[1:])  # video: (b, W, frames, h, w)
         self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
-        for prompt in prompts:
-            self.contributions[prompt] += 1
 
     def finish(self) -> None:
         shown = self.call_images()
