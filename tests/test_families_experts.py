@@ -279,3 +279,32 @@ def test_tgate_across_the_two_experts(pipe):
     assert report.hits > 0 and any("miss" in entry.ran for entry in report.entries.values())
     assert all("forward" not in getattr(pipe, name).__dict__ for name in EXPERTS)
     assert torch.equal(generate(pipe), stock)
+
+
+def test_attention_maps_in_compiled_experts_count_only_the_expert_that_runs(pipe):
+    """Both experts compiled: the edits are computed before each forward for the layers of the expert that runs
+    (`Runtime.prefill_edits`), so AttentionMaps counts each step once per prompt row, as eager does (the other expert's
+    layers used to be counted too: twice the contributions); the same maps, no graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    with attnctl.apply(pipe, attnctl.AttentionMaps(["cat"])) as handle:
+        generate(pipe)
+        eager = handle.outputs["attention_maps"]
+    torch._dynamo.reset()
+    counters.clear()
+    counter = CompileCounterWithBackend("eager")
+    experts = [getattr(pipe, name) for name in EXPERTS]
+    for expert in experts:
+        expert.compile(backend=counter)
+    try:
+        with attnctl.apply(pipe, attnctl.AttentionMaps(["cat"])) as handle:
+            generate(pipe)
+            compiled = handle.outputs["attention_maps"]
+    finally:
+        for expert in experts:
+            expert._compiled_call_impl = None
+        torch._dynamo.reset()
+    assert counter.frame_count > 0 and not counters["graph_break"]
+    assert compiled.contributions == eager.contributions == (2 * STEPS, 2 * STEPS)  # 2 layers with maps, per step
+    assert torch.equal(compiled.grid_maps, eager.grid_maps)

@@ -214,7 +214,7 @@ class DenoiserHooks:
         self._passthrough += 1
         self.runtime.enter(frame)
         if self.compiled:
-            self.runtime.prefill_edits(self.processors)
+            self.runtime.prefill_edits(self.processors, self.module)
         restore = keyed_cache_context(self.module, f"pass:{_layout_key(frame.rows)}")  # not the pipeline's cache state
         try:
             return self.module(*args, **kwargs)
@@ -276,7 +276,7 @@ class DenoiserHooks:
                     call_frame = dataclasses.replace(frame, rows=layout, inputs=call_inputs)
         runtime.enter(call_frame)
         if self.compiled:
-            runtime.prefill_edits(self.processors)
+            runtime.prefill_edits(self.processors, module)
         if call_frame is not pending.frame or outer is not None:  # a batch of attnctl's: diffusers' caches keyed apart
             pending.restore = keyed_cache_context(module, _layout_key(call_frame.rows))
         self._pending = pending

@@ -237,12 +237,7 @@ class Runtime:
         frame, call = self.frame, self.call
         if frame is None or self.prefilled or call is None or not call.bound:
             return None
-        held = self._expert_layers.get(id(module))
-        if held is None:
-            adapter = self.adapter
-            held = self._expert_layers[id(module)] = frozenset(
-                layer.index for layer in adapter.layers if adapter.expert_of(layer) is module
-            )
+        held = self._held_layers(module)
         for bound in call.bound:
             if bound.control.step_cache_refusal is None or not bound.active(frame.step):
                 continue
@@ -251,6 +246,16 @@ class Runtime:
             if layers:
                 return bound, layers
         return None
+
+    def _held_layers(self, module: torch.nn.Module) -> frozenset[int]:
+        """The indices of the layers inside `module` (the denoiser, or one of Wan 2.2's experts)."""
+        held = self._expert_layers.get(id(module))
+        if held is None:
+            adapter = self.adapter
+            held = self._expert_layers[id(module)] = frozenset(
+                layer.index for layer in adapter.layers if adapter.expert_of(layer) is module
+            )
+        return held
 
     def _start_schedule(self, call: PipelineCallState) -> None:
         scheduler = getattr(self.pipeline, "scheduler", None)
@@ -384,13 +389,16 @@ class Runtime:
         self._frame_edits[layer.index] = merged
         return merged
 
-    def prefill_edits(self, processors: dict[str, Any]) -> None:
-        """Compute every layer's edit for the frame now, outside any compiled graph, and hand it to the layer's
-        processor (`edit_now`): compiled processors then read only their own `edit_now`, so dynamo never traces
-        the controls' Python state (step windows, caches) nor guards on a layer's index (blocks of one class
-        share a graph), and recompiles only when whether a layer has an edit, or an edit's structure, changes."""
+    def prefill_edits(self, processors: dict[str, Any], module: torch.nn.Module) -> None:
+        """Compute the edit of every layer of `module` (the denoiser or expert about to run) for the frame now,
+        outside any compiled graph, and hand it to the layer's processor (`edit_now`): compiled processors then read
+        only their own `edit_now`, so dynamo never traces the controls' Python state (step windows, caches) nor guards
+        on a layer's index (blocks of one class share a graph), and recompiles only when whether a layer has an edit,
+        or an edit's structure, changes. The other expert's layers do not run: they get no edit (and a control
+        counts nothing for them, as AttentionMaps' contributions)."""
+        held = self._held_layers(module)
         for layer in self.adapter.layers:
-            processors[layer.name].edit_now = self.edit_for(layer)
+            processors[layer.name].edit_now = self.edit_for(layer) if layer.index in held else None
         self.prefilled = True
 
     def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall:
