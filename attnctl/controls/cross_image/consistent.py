@@ -284,8 +284,8 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
             return ("its sampled tokens change at every step, and the hook that carries them as constants with them: "
                     "dynamo would recompile every step")
         if self.words:
-            return ("its subject words' maps are captured into per-step Python state inside the processor (as "
-                    "AttentionMaps does), so dynamo would recompile every step")
+            return ("its subject words' maps of one step pick the next step's subject tokens in Python state inside "
+                    "the processor, so dynamo would recompile every step")
         # the edit hands its hook the row links and bias as constants; isolation's label mask runs on sdpa in a graph
         # (kernels.choose_traced_backend) (tests/test_compile_controls.py)
         return None
