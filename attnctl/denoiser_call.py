@@ -201,6 +201,9 @@ class DenoiserCall:
     # Tag of a control's own extra forward (SAG's degraded pass) made inside this denoiser call; None for
     # the forward that serves the pipeline's call (caches and captures usually skip extra passes).
     extra_pass: str | None = None
+    # True when the forward runs compiled: every layer's edit is made before it (`Runtime.prefill_edits`) and the hooks
+    # run inside a graph, so what a hook would decide in Python per call must be decided in `Bound.edit`.
+    compiled: bool = False
 
     def geometry(self, layer: LayerInfo) -> Geometry:
         return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)

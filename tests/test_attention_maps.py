@@ -306,3 +306,88 @@ def test_results_are_keyed_by_word_labels_and_say_so():
     for lookup in (lambda: result["street"], lambda: result[0]["street"]):
         with pytest.raises(KeyError, match="street#0.*'word#k'"):
             lookup()
+
+
+class _CondRowsApart(attnctl.processors.edit.LayerHook):
+    """Runs the rest of the chain on the cond rows only (`restricted_rows`: not a prefix of SD's [uncond; cond] batch)
+    and the other rows on the plain op: the output is the layer's own."""
+
+    def attend(self, call, q, k, v, spec, compute):
+        from attnctl.kernels.semantics import spec_rows
+        from attnctl.processors.chain import backend_op, restricted_rows
+
+        cond = call.rows.indices("cond")
+        other = tuple(i for i in range(q.shape[0]) if i not in cond)
+        if not cond or not other:
+            return compute(q, k, v, spec)
+        batch, cond_index, other_index = q.shape[0], torch.tensor(cond), torch.tensor(other)
+        with restricted_rows(call, cond):
+            out_cond, _ = compute(q[cond_index], k[cond_index], v[cond_index], spec_rows(spec, cond_index, batch))
+        out_other, _ = backend_op(call, q[other_index], k[other_index], v[other_index], spec_rows(spec, other_index, batch))
+        out = out_cond.new_empty((batch, *out_cond.shape[1:]))
+        out[cond_index], out[other_index] = out_cond, out_other.to(out_cond.dtype)
+        return out, None
+
+
+class _CondRowsApartControl(Control, type_name="test-cond-rows-apart"):
+    def compile_refusal(self, adapter):
+        return None  # its hook reads the row layout only (one graph per layout)
+
+    def bind(self, context):
+        hook = _CondRowsApart()
+
+        class Bound(attnctl.control.Bound):
+            def edit(self, layer, frame):
+                return attnctl.processors.edit.Edit(hooks=(hook,))
+
+        return Bound(self, context.layers, (0.0, 1.0))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_maps_under_a_hook_that_restricts_the_rows(compiled):
+    """Another control's hook runs AttentionMaps' layer on the cond rows only (`processors.chain.restricted_rows`,
+    positions 2 and 3 of SD's CFG batch): the maps are those of AttentionMaps alone (its rows are read among the
+    restricted ones: `call.rows` eagerly, `call.row_source` in a compiled forward)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    results = []
+    for controls in ([AttentionMaps(["cat"])], [_CondRowsApartControl(), AttentionMaps(["cat"])]):
+        if compiled:
+            torch._dynamo.reset()
+            pipe.unet.compile(backend=CompileCounterWithBackend("eager"))
+        try:
+            with attnctl.apply(pipe, controls) as handle:
+                _run(pipe, "tiny-sd", prompt=["a photo of a cat", "a cat on the street"])
+                results.append(handle.outputs["attention_maps"])
+        finally:
+            pipe.unet._compiled_call_impl = None
+    alone, apart = results
+    assert apart.contributions == alone.contributions == (8, 8)
+    torch.testing.assert_close(apart.grid_maps, alone.grid_maps, rtol=1e-5, atol=1e-6)
+
+
+def test_maps_count_what_they_add_beside_a_latent_optimiser(monkeypatch):
+    """A latent optimiser's loss pass ends at its last map layer before that layer's attention runs: the maps of that
+    layer come from the step's main pass, and `contributions` counts exactly the (layer, step) maps added."""
+    from attnctl.controls.maps import capture
+    from attnctl.testing import make_tiny_pipeline
+
+    added = []
+    accumulate = capture.AttentionMapsBound.accumulate
+
+    def counting(self, call, q, k, spec, hook):
+        before = self.sums.clone()
+        accumulate(self, call, q, k, spec, hook)
+        if not torch.equal(before, self.sums):
+            added.append((call.layer.name, call.step.index))
+
+    monkeypatch.setattr(capture.AttentionMapsBound, "accumulate", counting)
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttendExcite(["cat"]), AttentionMaps(["cat"])]) as handle:
+        _run(pipe, "tiny-sd", prompt=["a photo of a cat"], steps=4)
+        result = handle.outputs["attention_maps"]
+    layers = len(result.layers)
+    assert len(set(added)) == len(added) == layers * 4 == result.contributions[0]

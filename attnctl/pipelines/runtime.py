@@ -397,6 +397,7 @@ class Runtime:
         or an edit's structure, changes. The other expert's layers do not run: they get no edit (and a control
         counts nothing for them, as AttentionMaps' contributions)."""
         held = self._held_layers(module)
+        self.frame.compiled = True
         for layer in self.adapter.layers:
             processors[layer.name].edit_now = self.edit_for(layer) if layer.index in held else None
         self.prefilled = True

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ...control import BindContext, Bound, Control, VideoFrames
-from ...denoiser_call import DenoiserCall
+from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import block_bias, block_logits, probabilities, query_segments, spec_rows
@@ -239,11 +239,11 @@ def word_attention(
 
 
 class _CaptureHook(LayerHook):
-    """Lets the layer's attention op run, then adds the word maps of the cond rows `rows` (of prompt rows `prompts`)
-    to the running sums. The rows, and whether the layer's sinks are suppressed, are decided with the edit (constants
-    of a compiled graph)."""
+    """Lets the layer's attention op run, then adds the word maps of the cond rows to the running sums. Whether the
+    layer's sinks are suppressed is decided with the edit; in a compiled forward also which rows count (`rows` of
+    prompt rows `prompts`, constants of the graph), otherwise the hook decides when the maps are added (None)."""
 
-    def __init__(self, bound: AttentionMapsBound, rows: tuple[int, ...], prompts: tuple[int, ...], sinks: bool):
+    def __init__(self, bound: AttentionMapsBound, rows: tuple[int, ...] | None, prompts: tuple[int, ...] | None, sinks: bool):
         self.bound = bound
         self.rows = rows
         self.prompts = prompts
@@ -255,6 +255,16 @@ class _CaptureHook(LayerHook):
             with torch.no_grad():
                 self.bound.accumulate(call, q, k, spec, self)
         return result
+
+
+def _mapped_rows(call: AttentionCall, rows: tuple[int, ...], prompts: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The frame's `rows` as positions among the rows of `call`, which another hook may have restricted
+    (`processors.chain.restricted_rows`); rows it left out are dropped."""
+    source = call.row_source
+    if source is None:
+        return rows, prompts
+    kept = [(source.index(row), prompt) for row, prompt in zip(rows, prompts) if row in source]
+    return tuple(row for row, _ in kept), tuple(prompt for _, prompt in kept)
 
 
 class AttentionMapsBound(Bound):
@@ -326,33 +336,47 @@ class AttentionMapsBound(Bound):
         return {**inputs, "encoder_hidden_states": text.index_copy(0, index, swapped)}
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        """The capture of `layer` in `frame`: its cond rows, each prompt row counted once per step (a step's second
-        model call, Heun's or SD3's skip-layer pass, adds nothing)."""
+        """The capture of `layer` in `frame`. Each prompt row counts once per step (a step's second model call, Heun's
+        or SD3's skip-layer pass, adds nothing): when the maps are added (`counted`), or, in a compiled forward, here."""
+        cond = frame.rows.indices("cond", None)
+        if not cond:
+            return None
+        sinks = bool(self.magnets) and layer.index in self.sink_layers
+        rows = prompts = None
+        if frame.compiled:
+            rows, prompts = self.counted(layer, frame.step.index, frame.rows, cond)
+            if not rows:
+                return None
+        key = (rows, prompts, sinks)
+        found = self._edits.get(key)
+        if found is None:
+            found = self._edits[key] = Edit(hooks=(_CaptureHook(self, *key),))
+        return found
+
+    def counted(self, layer: LayerInfo, step: int, layout: RowLayout, cond: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(the rows of `cond` whose prompt row has no map of `layer` at `step` yet, their prompt rows); counts them."""
         rows, prompts = [], []
-        step = frame.step.index
-        for i in frame.rows.indices("cond", None):
-            prompt = frame.rows.rows[i].prompt
+        for i in cond:
+            prompt = layout.rows[i].prompt
             if self._last_step.get((layer.index, prompt)) == step:
                 continue
             self._last_step[(layer.index, prompt)] = step
             rows.append(i)
             prompts.append(prompt)
             self.contributions[prompt] += 1
-        if not rows:
-            return None
-        sinks = bool(self.magnets) and layer.index in self.sink_layers
-        key = (tuple(rows), tuple(prompts), sinks)
-        found = self._edits.get(key)
-        if found is None:
-            found = self._edits[key] = Edit(hooks=(_CaptureHook(self, *key),))
-        return found
+        return tuple(rows), tuple(prompts)
 
     def stored_bytes(self) -> int:
         """Bytes of the tensors this bound keeps across steps (independent of the number of steps)."""
         return sum(t.numel() * t.element_size() for t in (self.sums, self.selector)) + 8 * len(self.contributions)
 
     def accumulate(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec, hook: _CaptureHook) -> None:
-        batch_rows, prompts = hook.rows, hook.prompts
+        if hook.rows is None:  # eager: counted when added (a loss pass that stops at this layer adds nothing)
+            batch_rows, prompts = self.counted(call.layer, call.step.index, call.rows, call.rows.indices("cond", None))
+            if not batch_rows:
+                return
+        else:
+            batch_rows, prompts = _mapped_rows(call, hook.rows, hook.prompts)
         geometry = call.geometry
         image = geometry.image_slice
         if q.shape[2] != geometry.query_len or (call.layer.kind == "joint" and k.shape[2] != geometry.key_len):
