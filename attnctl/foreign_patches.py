@@ -112,6 +112,47 @@ def foreign_patches(denoiser: torch.nn.Module, attention: dict[str, torch.nn.Mod
     return problems
 
 
+#: Libraries whose wrap of the denoiser's `forward` keeps state across the pipeline's calls (block caches: features of
+#: one step reused at the next, and blocks skipped meanwhile), by the wrapper function's module.
+STATEFUL_FORWARDS: tuple[tuple[str, str], ...] = (("DeepCache", "DeepCache"), ("cache_dit", "cache-dit"))
+
+
+def stateful_forward(module: torch.nn.Module) -> str | None:
+    """The instance-level `forward` of `module` (or the one accelerate's hook keeps as `_old_forward`) when it is a
+    block cache's (`STATEFUL_FORWARDS`), described; None otherwise. Other wrappers are taken as stateless."""
+    for attribute in ("forward", "_old_forward"):
+        fn = module.__dict__.get(attribute)
+        inner = getattr(fn, "func", fn)  # functools.partial
+        inner = getattr(inner, "__func__", inner)  # a bound method
+        origin = getattr(inner, "__module__", None) or ""
+        for prefix, library in STATEFUL_FORWARDS:
+            if origin == prefix or origin.startswith(prefix + "."):
+                return f"{library}'s {describe_callable(fn)}"
+    return None
+
+
+def refuse_stateful_forward_compiled(controls: tuple[Any, ...], parts: list[str], module: torch.nn.Module, attribute: str) -> None:
+    """In a compiled denoiser the edits are made before the forward, so attnctl cannot see which layers a block cache
+    skipped (`Runtime.skipped_layers` is eager only): a control that needs its layers at every step is refused."""
+    if not parts:
+        return
+    wrapper = stateful_forward(module)
+    if wrapper is None:
+        return
+    for control in controls:
+        why = control.step_cache_refusal
+        if why is not None:
+            from .errors import UnsupportedError
+
+            name = type(control).__name__
+            raise UnsupportedError(
+                f"attnctl: {name} cannot run in the compiled pipe.{attribute}, whose forward is {wrapper}: in a compiled "
+                f"forward attnctl cannot see which blocks the cache skips at a step, and {name} needs its layers at "
+                f"every step ({why}). Disable the cache, run uncompiled (a step whose layers were skipped is then "
+                f"refused), or leave {name} out"
+            )
+
+
 def summarize(problems: list[str], limit: int = 3) -> str:
     shown = "; ".join(problems[:limit])
     more = len(problems) - limit

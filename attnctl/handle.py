@@ -30,6 +30,7 @@ from .foreign_patches import (
     module_list,
     refuse_cache_conflicts,
     refuse_context_parallel,
+    refuse_stateful_forward_compiled,
     refuse_uncompilable,
     summarize,
     uncompiled,
@@ -90,6 +91,7 @@ def _refuse_uncomposable(
     modules = module_list(denoiser)
     parts = compiled_parts(entry, denoiser, modules)
     refuse_uncompilable(controls, parts, attribute, adapter)
+    refuse_stateful_forward_compiled(controls, parts, denoiser, attribute)
     refuse_cache_conflicts(controls, diffusers_caches(denoiser, modules), attribute)  # diffusers' caches and context
     refuse_context_parallel(denoiser, attribute, modules)  # parallelism: checked at the same times (apply, every call)
     return parts

@@ -313,7 +313,65 @@ def test_controls_outside_their_steps_or_without_maps_compose_with_deepcache():
                 out = generate(pipe, "tiny-sd", prompt=prompts, steps=6)
             assert torch.isfinite(out).all() and not torch.equal(out, cached), type(control).__name__
         with attnctl.apply(pipe, [attnctl.SAG()]):
-            with pytest.raises(UnsupportedError, match=r"runs the unet denoiser again on 2 rows .* another library replaced the denoiser's forward \(DeepCache"):
+            with pytest.raises(UnsupportedError, match=r"runs the unet denoiser again on 2 rows .* the denoiser's forward is DeepCache's"):
                 generate(pipe, "tiny-sd", prompt=prompts, steps=6)
     finally:
         helper.disable()
+
+
+def test_extra_forwards_pass_through_a_stateless_wrapper_and_refuse_a_block_cache_under_accelerate():
+    """A forward wrapper that keeps no state (a user's pass-through) lets SAG's extra forward through unchanged; DeepCache's
+    wrapper is found under accelerate's hook too (`_old_forward`, as `enable_model_cpu_offload` stacks it) and refused."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.SAG()]):
+        plain = generate(pipe, "tiny-sd", prompt=PROMPT)
+    original = pipe.unet.forward
+    pipe.unet.forward = lambda *args, **kwargs: original(*args, **kwargs)
+    try:
+        with attnctl.apply(pipe, [attnctl.SAG()]):
+            assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), plain)
+    finally:
+        del pipe.unet.forward
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    helper.enable()
+    add_hook_to_module(pipe.unet, ModelHook())  # accelerate keeps DeepCache's forward as `_old_forward`
+    try:
+        assert "_old_forward" in pipe.unet.__dict__
+        with attnctl.apply(pipe, [attnctl.SAG()]):
+            with pytest.raises(UnsupportedError, match=r"the denoiser's forward is DeepCache's"):
+                generate(pipe, "tiny-sd", prompt=PROMPT, steps=6)
+    finally:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(pipe.unet)
+        helper.disable()
+
+
+def test_a_compiled_denoiser_with_a_block_cache_refuses_controls_that_need_every_layer():
+    """Compiled, the edits are made before the forward and attnctl cannot see the blocks DeepCache skips: AttentionMaps
+    is refused at apply (and at the next call when DeepCache is enabled after it); Reweight composes."""
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=0)
+    pipe.unet.compile()  # lazily: nothing is traced before a call
+    try:
+        helper.enable()
+        with pytest.raises(UnsupportedError, match=r"AttentionMaps cannot run in the compiled pipe.unet, whose forward is DeepCache's"):
+            attnctl.apply(pipe, attnctl.AttentionMaps(["cat"]))
+        assert not pipe.unet._forward_pre_hooks
+        attnctl.apply(pipe, attnctl.Reweight(MUTE)).remove()
+        helper.disable()
+        handle = attnctl.apply(pipe, attnctl.AttentionMaps(["cat"]))
+        helper.enable()
+        with pytest.raises(UnsupportedError, match=r"AttentionMaps cannot run in the compiled pipe.unet"):
+            generate(pipe, "tiny-sd", prompt=PROMPT)
+        helper.disable()
+        handle.remove()
+    finally:
+        pipe.unet._compiled_call_impl = None

@@ -26,8 +26,7 @@ from ..control import Bound
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter, RowList
-from ..foreign_patches import keyed_cache_context, known_forward
-from ..instance import describe_callable
+from ..foreign_patches import keyed_cache_context, stateful_forward
 
 
 def _first(output: Any) -> Any:
@@ -201,14 +200,13 @@ class DenoiserHooks:
 
     def call_with(self, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
         """An extra forward of attnctl's own (separate perturbations, second passes) with `frame` set."""
-        wrapper = self.module.__dict__.get("forward")
-        if not known_forward(self.module, wrapper):
+        wrapper = stateful_forward(self.module)
+        if wrapper is not None:
             raise UnsupportedError(
                 f"attnctl: a control runs the {self.runtime.adapter.family} denoiser again on {len(frame.rows)} rows (SAG's "
-                f"degraded pass, PAG(separate=True), a latent optimiser's loss pass), and another library replaced the "
-                f"denoiser's forward ({describe_callable(wrapper)}): its state is the pipeline's own calls' (DeepCache "
-                "caches features across steps), which an extra forward would change or misread. Disable that library, "
-                "or leave the control out"
+                f"degraded pass, PAG(separate=True), a latent optimiser's loss pass), and the denoiser's forward is "
+                f"{wrapper}: it keeps features of the pipeline's own calls across steps, which an extra forward of "
+                "other rows would overwrite or misread. Disable the cache, or leave the control out"
             )
         args, kwargs = self._arguments(inputs)
         self._passthrough += 1
