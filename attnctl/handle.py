@@ -464,6 +464,9 @@ class Handle:
             compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
         if self._hooks is not None:
             self._hooks.compiled = compiled
+        if compiled and self.runtime.backend not in ("auto", *TRACEABLE_LABEL_BACKENDS):  # compiled after apply
+            features = tuple(c.kernel_features(self.adapter, self.runtime.resolved[i]) for i, c in enumerate(self.controls))
+            _check_traced_backend(self.runtime.backend, self.controls, features)
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]
         if changed:
             found = sorted({type(self.adapter.modules[n].processor).__name__ for n in changed})

@@ -225,6 +225,36 @@ def test_label_masks_run_compiled_on_joint_attention():
     _check("tiny-flux Regions-isolate", *_compiled_run("tiny-flux", CROSS_CONTROLS["Regions-isolate"], "inplace", steps=4, prompt=PROMPTS))
 
 
+def test_label_masks_are_made_before_the_graph_and_refused_past_the_dense_limit(monkeypatch):
+    """Regions with isolation on tiny-flux, compiled: the dense masks (the joint rules and the blend's base attention)
+    are made before the forward, once per mask, so the graph holds no gather; a mask past sdpa's dense limit is refused
+    with a BackendError before the forward starts (naming the limit), not inside dynamo."""
+    import dataclasses
+
+    from attnctl import kernels
+    from attnctl.errors import BackendError
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    pipe = make_tiny_pipeline("tiny-flux")
+    pipe.transformer.compile(backend=recording)
+    try:
+        with attnctl.apply(pipe, CROSS_CONTROLS["Regions-isolate"]()):
+            generate(pipe, "tiny-flux", prompt=PROMPTS, steps=2)
+        gathers = [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and "gather" in str(n.target)]
+        assert graphs and not gathers, len(gathers)
+        monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=1000))
+        with attnctl.apply(pipe, CROSS_CONTROLS["Regions-isolate"]()):
+            with pytest.raises(BackendError, match=r"under torch.compile, label masks .* sdpa backend, which makes them dense: this call's mask has \d+ elements, past its limit of 1000; run the denoiser uncompiled"):
+                generate(pipe, "tiny-flux", prompt=PROMPTS, steps=2)
+    finally:
+        _uncompile(pipe.transformer)
+
+
 def test_label_masks_under_compile_refuse_a_fused_backend():
     """The fused backends build label layouts on the host, which dynamo cannot trace: a compiled denoiser with an
     explicit fused backend is refused at apply (nothing installed); `auto` runs label masks on sdpa in a graph."""
@@ -235,7 +265,7 @@ def test_label_masks_under_compile_refuse_a_fused_backend():
     assert choose_traced_backend("auto", "cpu", ("labels", "key_bias")) == "sdpa"
     with pytest.raises(BackendError, match="'flex' builds its label-mask layouts .* on the host"):
         choose_traced_backend("flex", "cpu", ("labels",))
-    with pytest.raises(BackendError, match="under torch.compile, label masks .* run on the sdpa backend.*limit"):
+    with pytest.raises(BackendError, match="under torch.compile, label masks .* run on the sdpa backend.*past its limit"):
         choose_traced_backend("auto", "cpu", ("labels",), dense_elements=1 << 40)
     pipe = make_tiny_pipeline("tiny-sd")
     pipe.unet.compile()  # lazily: nothing is traced
@@ -246,6 +276,13 @@ def test_label_masks_under_compile_refuse_a_fused_backend():
         attnctl.apply(pipe, CROSS_CONTROLS["Regions"](), backend="flex").remove()  # no label mask: no refusal
     finally:
         pipe.unet._compiled_call_impl = None
+    with attnctl.apply(pipe, CROSS_CONTROLS["Regions-isolate"](), backend="flex"):  # compiled after apply: at the call
+        pipe.unet.compile()
+        try:
+            with pytest.raises(BackendError, match="Regions needs label masks, which backend 'flex' builds on the host"):
+                generate(pipe, "tiny-sd", prompt=PROMPTS, steps=2)
+        finally:
+            pipe.unet._compiled_call_impl = None
 
 
 @pytest.mark.slow

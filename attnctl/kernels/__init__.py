@@ -258,13 +258,24 @@ def choose_traced_backend(
             "cannot trace; with a compiled denoiser use backend='auto' or 'sdpa' (label masks then run on sdpa), or "
             "run the denoiser uncompiled"
         )
-    try:
-        return choose_backend("sdpa" if requested == "auto" else requested, device, features, dense_elements, shape)[0]
-    except BackendError as error:
+    chosen = "sdpa" if requested == "auto" else requested
+    limit = BACKENDS[chosen].dense_limit
+    if limit is not None and dense_elements > limit:
         raise BackendError(
-            f"under torch.compile, label masks (regions, isolation) run on the sdpa backend, which cannot take this "
-            f"call: {error}; run the denoiser uncompiled for it"
-        ) from None
+            f"under torch.compile, label masks (regions, isolation) run on the {chosen} backend, which makes them dense: "
+            f"this call's mask has {dense_elements} elements, past its limit of {limit}; run the denoiser uncompiled "
+            "for it (attnctl then runs such masks on the fused backends)"
+        )
+    return choose_backend(chosen, device, features, dense_elements, shape)[0]
+
+
+def prepare_traced_labels(labels: LabelMask, requested: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Before a compiled forward (outside any graph): the backend a graph will run `labels` on (`choose_traced_backend`,
+    which refuses a mask past sdpa's size limit here, before the forward starts) gets its dense form now, so that the
+    graph does not build it at every attention call."""
+    elements = labels.q_labels.shape[0] * labels.q_labels.shape[1] * labels.k_labels.shape[1]
+    if choose_traced_backend(requested, device, ("labels",), elements) == "sdpa":
+        sdpa.prepare_labels(labels, dtype, device)
 
 
 def _warn_once(key: tuple[str, str], message: str) -> None:
@@ -427,5 +438,5 @@ def attention(
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "KERNEL_FAILURES", "MEASURED", "MEASURED_ON", "AttentionSpec", "Backend",
     "LabelMask", "PLAIN", "Sparse", "TRACEABLE_LABEL_BACKENDS", "Window", "attention", "auto_order", "capability_table", "check_features",
-    "choose_backend", "choose_traced_backend", "note_request", "record_kernel_failure", "register_backend", "validate_backend",
+    "choose_backend", "choose_traced_backend", "note_request", "prepare_traced_labels", "record_kernel_failure", "register_backend", "validate_backend",
 ]

@@ -33,9 +33,12 @@ _WINDOW_CACHE_SIZE = 32
 def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the (B, 1, Nq, Nk) additive mask in `dtype`, the (B, Nq) fully masked queries), cached per LabelMask.
 
-    While torch.compile traces, the mask is built in the graph instead: the cache's version check cannot be traced,
-    and the gathers are cheap beside the attention they mask."""
+    While torch.compile traces, the cache's version check cannot be traced: the graph reads the form made before the
+    forward (`prepare_labels`), or builds the mask itself when there is none for this device and dtype."""
     if torch.compiler.is_compiling():
+        prepared = labels.prepared.get((device, dtype))
+        if prepared is not None:
+            return prepared
         return labels.dense().to(device=device, dtype=dtype), labels.fully_masked_queries().to(device)
     key = (str(device), dtype, labels.versions())
     per_object = _LABEL_DENSE.get(labels)
@@ -46,6 +49,14 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
         per_object.clear()  # a stale version, another dtype: keep one entry per object
         cached = per_object[key] = (labels.dense().to(device=device, dtype=dtype), labels.fully_masked_queries().to(device))
     return cached
+
+
+def prepare_labels(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> None:
+    """Make the dense mask of `labels` in `dtype` on `device` now (outside a graph), for compiled forwards to read: the
+    mask is then made once per LabelMask (once per call or handle), not in the graph at every attention call."""
+    key = (torch.device(device), dtype)
+    if key not in labels.prepared:
+        labels.prepared[key] = (labels.dense().to(device=key[0], dtype=dtype), labels.fully_masked_queries().to(key[0]))
 
 
 def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D). Per-key tensors broadcast to (B,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,9 @@ class LabelMask:
     q_labels: torch.Tensor  # (B, Nq) int64
     k_labels: torch.Tensor  # (B, Nk) int64
     table: torch.Tensor  # (B | 1, Lq, Lk) float
+    #: Dense forms made before a compiled forward, by (device, dtype) (`sdpa.prepare_labels`): a graph reads them
+    #: instead of building the mask at every attention call.
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def versions(self) -> tuple[int | None, ...]:
         """The label tensors' version counters, so that cached masks rebuild after an in-place change. Tensors

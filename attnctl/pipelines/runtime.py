@@ -25,7 +25,8 @@ from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, Seco
 from ..errors import BackendError, CallLayoutError, HandleError, IdleControlWarning
 from ..families.base import Canvas, LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
-from ..kernels import choose_backend, choose_traced_backend
+from ..kernels import choose_backend, choose_traced_backend, prepare_traced_labels
+from ..kernels.spec import LabelMask
 from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepInfo
 from ..tokens import PromptTokens
@@ -395,12 +396,22 @@ class Runtime:
         only their own `edit_now`, so dynamo never traces the controls' Python state (step windows, caches) nor guards
         on a layer's index (blocks of one class share a graph), and recompiles only when whether a layer has an edit,
         or an edit's structure, changes. The other expert's layers do not run: they get no edit (and a control
-        counts nothing for them, as AttentionMaps' contributions)."""
+        counts nothing for them, as AttentionMaps' contributions). A label mask is made dense here, on the sdpa
+        backend that runs it in a graph (`kernels.choose_traced_backend`), which refuses one past its size limit before
+        the forward starts."""
         held = self._held_layers(module)
         self.frame.compiled = True
         for layer in self.adapter.layers:
-            processors[layer.name].edit_now = self.edit_for(layer) if layer.index in held else None
+            edit = self.edit_for(layer) if layer.index in held else None
+            processors[layer.name].edit_now = edit
+            if edit is not None and edit.kernel.labels is not None:
+                self._prepare_labels(layer, edit.kernel.labels)
         self.prefilled = True
+
+    def _prepare_labels(self, layer: LayerInfo, labels: LabelMask) -> None:
+        weight = next(self.adapter.modules[layer.name].parameters(), None)
+        if weight is not None and weight.device.type != "meta":  # offloaded: the graph builds the mask
+            prepare_traced_labels(labels, self.backend, weight.dtype, weight.device)
 
     def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall:
         frame = self.frame

@@ -19,6 +19,7 @@ from ...control import BindContext, Bound, Control, EncodedText
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import CallLayoutError, ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import Geometry, LayerInfo
+from ...kernels import prepare_traced_labels
 from ...kernels.semantics import spec_tokens
 from ...kernels.spec import AttentionSpec, LabelMask
 from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
@@ -74,6 +75,7 @@ class RegionsBound(Bound):
         self.roles = roles
         super().__init__(control, tuple(layer for layer in adapter.layers if layer.index in roles), control.steps)
         self.device = context.device
+        self.backend = context.backend
         self.denoiser = adapter.denoiser
         self.base_text_len = context.canvas.text_len
         self.text: EncodedText | None = None
@@ -356,7 +358,10 @@ class RegionsBound(Bound):
         weight = next(self.adapter.modules[layer.name].parameters(), None)
         if weight is None or weight.device.type == "meta":
             return JointHook(self)
-        return JointHook(self, self.joint_plan(frame.geometry(layer), frame.rows, weight.device))
+        plan = self.joint_plan(frame.geometry(layer), frame.rows, weight.device)
+        if frame.compiled and plan.labels is not None:  # the blend's base attention: its mask made before the graph
+            prepare_traced_labels(plan.labels, self.backend, weight.dtype, weight.device)
+        return JointHook(self, plan)
 
     def joint_plan(self, geometry: Geometry, rows: RowLayout, device: torch.device) -> JointPlan:
         """What a joint layer's blend needs in one call, per token sequence, grid, cond rows and device."""
