@@ -225,6 +225,31 @@ def test_label_masks_run_compiled_on_joint_attention():
     _check("tiny-flux Regions-isolate", *_compiled_run("tiny-flux", CROSS_CONTROLS["Regions-isolate"], "inplace", steps=4, prompt=PROMPTS))
 
 
+def _gathers_in_compiled_graphs(name, make):
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    pipe = make_tiny_pipeline(name)
+    denoiser = _denoiser(pipe)
+    denoiser.compile(backend=recording)
+    try:
+        with attnctl.apply(pipe, make()):
+            generate(pipe, name, prompt=PROMPTS, steps=2)
+    finally:
+        _uncompile(denoiser)
+    assert graphs
+    return [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and "gather" in str(n.target)]
+
+
+def test_consistent_subjects_isolation_mask_is_made_before_the_graph():
+    """ConsistentSubjects' isolation on tiny-sd, compiled: its label mask over own and appended keys is made dense with
+    the edit, so the graph holds no gather (it held 24 per graph, rebuilt at every attention call)."""
+    assert not _gathers_in_compiled_graphs("tiny-sd", CROSS_CONTROLS["ConsistentSubjects-isolate"])
+
+
 def test_label_masks_are_made_before_the_graph_and_refused_past_the_dense_limit(monkeypatch):
     """Regions with isolation on tiny-flux, compiled: the dense masks (the joint rules and the blend's base attention)
     are made before the forward, once per mask, so the graph holds no gather; a mask past sdpa's dense limit is refused
@@ -234,19 +259,10 @@ def test_label_masks_are_made_before_the_graph_and_refused_past_the_dense_limit(
     from attnctl import kernels
     from attnctl.errors import BackendError
 
-    graphs = []
-
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    assert not _gathers_in_compiled_graphs("tiny-flux", CROSS_CONTROLS["Regions-isolate"])
     pipe = make_tiny_pipeline("tiny-flux")
-    pipe.transformer.compile(backend=recording)
+    pipe.transformer.compile(backend="eager")
     try:
-        with attnctl.apply(pipe, CROSS_CONTROLS["Regions-isolate"]()):
-            generate(pipe, "tiny-flux", prompt=PROMPTS, steps=2)
-        gathers = [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and "gather" in str(n.target)]
-        assert graphs and not gathers, len(gathers)
         monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=1000))
         with attnctl.apply(pipe, CROSS_CONTROLS["Regions-isolate"]()):
             with pytest.raises(BackendError, match=r"under torch.compile, label masks .* sdpa backend, which makes them dense: this call's mask has \d+ elements, past its limit of 1000; run the denoiser uncompiled"):

@@ -34,6 +34,7 @@ from ...control import BindContext, Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...kernels import prepare_traced_labels
 from ...kernels.semantics import block_bias, spec_rows
 from ...kernels.spec import AttentionSpec, LabelMask, as_additive
 from ...processors.chain import backend_op, restricted_rows, token_layout
@@ -379,6 +380,8 @@ class _ConsistentBound(LinkedKeysBound):
     def __init__(self, control: ConsistentSubjects, context: BindContext):
         super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows
+        self.backend = context.backend
+        self.modules = context.adapter.modules
         if context.prompt_rows < 2 and control.strength > 0:  # strength 0 is "off": nothing asked of the rows
             raise ConfigError(
                 "attnctl: ConsistentSubjects links the images of one pipeline call, and this call makes 1 image: give a list "
@@ -489,8 +492,18 @@ class _ConsistentBound(LinkedKeysBound):
                 found = self._edits.get(key)
                 if found is None:
                     found = self._edits[key] = AppendedKeysHook(self, links, geometry, frame_device(frame), frame.rows)
+                    if frame.compiled:
+                        self._prepare_isolation(found, layer, geometry)
                 hooks.append(found)
         return Edit(hooks=tuple(hooks)) if hooks else None
+
+    def _prepare_isolation(self, hook: AppendedKeysHook, layer: LayerInfo, geometry: Any) -> None:
+        """Before a compiled forward: the isolation mask over the layer's own and appended keys, made dense now
+        (`kernels.prepare_traced_labels`) rather than in the graph at every attention call."""
+        labels = hook.plan.label_mask(geometry.key_len, geometry, layer.text) if hook.plan is not None else None
+        weight = next(self.modules[layer.name].parameters(), None)
+        if labels is not None and weight is not None and weight.device == hook.plan.device:
+            prepare_traced_labels(labels, self.backend, weight.dtype, weight.device)
 
     def active(self, step: StepInfo) -> bool:
         """Inside the step window, and (subject words) at the step before it, whose maps pick the window's first
