@@ -253,11 +253,10 @@ class StructuredBound(Bound):
         """The layer's plan made with the edit (eagerly, also before a compiled forward), on the device of the
         layer's weights, so that a compiled processor looks nothing up by layer name; None where the weights are
         not on a real device (the hook then makes its own)."""
-        module = self.adapter.modules[layer.name]
-        weight = next(module.parameters(), None)
-        if weight is None or weight.device.type == "meta":
+        weight = self.adapter.placed_weight(layer.name)
+        if weight is None:
             return None
-        return self.plan_for(module, layer.name, weight.device, frame.geometry(layer).text_len)
+        return self.plan_for(self.adapter.modules[layer.name], layer.name, weight.device, frame.geometry(layer).text_len)
 
     def plan(self, call: AttentionCall, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep, add), each (prompt rows, H, T, D) float32 on v's device: the averaged values are `v keep + add`."""

@@ -202,6 +202,12 @@ class ModelAdapter:
         first = self.batched_inputs[0]
         return len(inputs[first]) if isinstance(first, RowList) else int(inputs[first].shape[0])
 
+    def placed_weight(self, name: str) -> torch.Tensor | None:
+        """The first parameter of layer `name`'s module: where and in which dtype its attention runs, for constants
+        made before a (compiled) forward. None when the layer has none or it is offloaded (on the meta device)."""
+        weight = next(self.modules[name].parameters(), None)
+        return None if weight is None or weight.device.type == "meta" else weight
+
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
             if info.name == name:

@@ -409,8 +409,8 @@ class Runtime:
         self.prefilled = True
 
     def _prepare_labels(self, layer: LayerInfo, labels: LabelMask) -> None:
-        weight = next(self.adapter.modules[layer.name].parameters(), None)
-        if weight is not None and weight.device.type != "meta":  # offloaded: the graph builds the mask
+        weight = self.adapter.placed_weight(layer.name)
+        if weight is not None:  # offloaded: the graph builds the mask
             prepare_traced_labels(labels, self.backend, weight.dtype, weight.device)
 
     def layer_call(self, layer: LayerInfo, module: torch.nn.Module, edit: Edit) -> AttentionCall:

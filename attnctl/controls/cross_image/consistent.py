@@ -381,7 +381,7 @@ class _ConsistentBound(LinkedKeysBound):
         super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows
         self.backend = context.backend
-        self.modules = context.adapter.modules
+        self.adapter = context.adapter
         if context.prompt_rows < 2 and control.strength > 0:  # strength 0 is "off": nothing asked of the rows
             raise ConfigError(
                 "attnctl: ConsistentSubjects links the images of one pipeline call, and this call makes 1 image: give a list "
@@ -501,7 +501,7 @@ class _ConsistentBound(LinkedKeysBound):
         """Before a compiled forward: the isolation mask over the layer's own and appended keys, made dense now
         (`kernels.prepare_traced_labels`) rather than in the graph at every attention call."""
         labels = hook.plan.label_mask(geometry.key_len, geometry, layer.text) if hook.plan is not None else None
-        weight = next(self.modules[layer.name].parameters(), None)
+        weight = self.adapter.placed_weight(layer.name)
         if labels is not None and weight is not None and weight.device == hook.plan.device:
             prepare_traced_labels(labels, self.backend, weight.dtype, weight.device)
 

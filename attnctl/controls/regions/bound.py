@@ -163,9 +163,9 @@ class RegionsBound(Bound):
         found = self._cache.get(key)
         if found is None:
             module = self.adapter.modules[layer.name]
-            weight = next(module.parameters(), None)
+            weight = self.adapter.placed_weight(layer.name)
             kv = None
-            if weight is not None and weight.device.type != "meta":
+            if weight is not None:
                 kv = self.layer_keys(module, layer.name, weight.device, weight.dtype, weight.dtype)
                 grid = self.grid(frame.geometry(layer))
                 self.chunks(grid, weight.device)  # the grid's tables, in the handle's cache before any graph reads them
@@ -355,8 +355,8 @@ class RegionsBound(Bound):
         device of the layer's weights, so that a compiled processor runs no data-dependent op (whether the blend acts
         reads the masks) and looks nothing up in the caches. Weights on the meta device (sequential offload): the hook
         makes its plan on the queries' device."""
-        weight = next(self.adapter.modules[layer.name].parameters(), None)
-        if weight is None or weight.device.type == "meta":
+        weight = self.adapter.placed_weight(layer.name)
+        if weight is None:
             return JointHook(self)
         plan = self.joint_plan(frame.geometry(layer), frame.rows, weight.device)
         if frame.compiled and plan.labels is not None:  # the blend's base attention: its mask made before the graph
