@@ -316,6 +316,101 @@ def test_cross_attention_controls_compile_matrix(name, entry, controls):
         _check(f"{name} {entry} {label}", *_compiled_run(name, CROSS_CONTROLS[label], entry, steps=4, prompt=PROMPTS))
 
 
+# -- cache controls: a cache read is made with the edit, a write kept on the hook and filed before the next edits ---
+def _fastattn_plan(name: str, steps: int, methods: list[str]):
+    from .cache_helpers import make_plan
+
+    pipe = make_tiny_pipeline(name)  # the same weights as _compiled_run's pipeline: the plan's fingerprint matches
+    layers = [layer.name for layer in adapter_for(_denoiser(pipe)).layers if layer.kind != "cross"][:3]
+    call = CALL_DEFAULTS[name]
+    frames = (call["num_frames"] - 1) // 4 + 1 if "num_frames" in call else 1  # Wan's VAE: 4 frames per latent frame
+    return make_plan(pipe, steps, {layer: methods for layer in layers}, window=(0, 1, 1) if frames > 1 else (1, 1),
+                     resolution=(call["height"], call["width"]), frames=frames)
+
+
+#: 6 steps that use each method (full, window + residual, step sharing, window + CFG sharing) and repeat some
+FASTATTN_METHODS = ["full", "window_residual", "window_residual", "step_share", "step_share", "window_residual+cfg_share"]
+#: graphs for the 6 steps above (each step's structure: full keeping a residual; window; window keeping the output;
+#: the shared output returned; window on the cond rows): fewer than the steps, so no graph per step
+FASTATTN_GRAPHS = 5
+#: TGATE v2 over 6 steps (gate 3, self-attention stored every 2 steps): the self / cross actions of steps 3 and 5
+#: are the same (reuse / reuse on the cond rows), so 5 structures, 5 graphs
+TGATE = {"TGate": (lambda: attnctl.TGate(gate_step=3), 3),
+         "TGate-v2": (lambda: attnctl.TGate(gate_step=3, warm_up=0, sp_interval=2, fi_interval=2), 5)}
+
+
+def _check_cache(label, name, entry, make, graphs, again_graphs=0):
+    """Bitwise the eager output and the same report, no graph break, at most `graphs` graphs over 6 steps, none more
+    on the next call (`again_graphs`: Wan's skipped uncond call, see the test)."""
+    counters.clear()
+    observed: list = []
+    eager, compiled, again, _, first, total = _compiled_run(name, make, entry, steps=6, prompt=PROMPTS, observed=observed)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager), label
+    assert not counters["graph_break"], (label, dict(counters["graph_break"]))
+    assert first <= graphs and total <= first + again_graphs, (label, first, total)
+    assert observed[0] and _same_observations(observed[1], observed[0]), label
+
+
+def test_caches_run_compiled():
+    """TGate (with TGATE v2's self-attention reuse) on tiny-sd and FastAttn with a plan on tiny-pixart, the denoiser
+    compiled: the same output and the same cache report as eager, no graph break, no graph per step or per call."""
+    torch._dynamo.reset()
+    make, graphs = TGATE["TGate-v2"]
+    _check_cache("tiny-sd TGate-v2", "tiny-sd", "inplace", make, graphs)
+    torch._dynamo.reset()
+    plan = _fastattn_plan("tiny-pixart", 6, FASTATTN_METHODS)
+    _check_cache("tiny-pixart FastAttn", "tiny-pixart", "inplace", lambda: attnctl.FastAttn(plan=plan), FASTATTN_GRAPHS)
+
+
+def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs():
+    """Calibration chooses each layer's method from measured errors (host reads): refused in a compiled denoiser,
+    naming the way out (calibrate uncompiled, apply the plan). A control that runs a FastAttn layer's attention on
+    some of its rows is refused there at the call (the plan's caches are made for the layer's rows)."""
+    pipe = make_tiny_pipeline("tiny-pixart")
+    pipe.transformer.compile(backend="eager")
+    try:
+        with pytest.raises(UnsupportedError, match=r"FastAttn cannot run .*calibrate uncompiled \(attnctl.calibrate\)"):
+            attnctl.apply(pipe, attnctl.FastAttn())
+        plan = _fastattn_plan("tiny-pixart", 2, ["full", "window_residual"])
+        layer = plan.layers[0]
+        with attnctl.apply(pipe, [attnctl.PAG(layers=(layer,)), attnctl.FastAttn(plan=plan)]):
+            with pytest.raises(UnsupportedError, match=rf"FastAttn at {re.escape(layer)} got 6 of the call's 9 rows"):
+                generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)
+        assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__module__.startswith("diffusers.")
+    finally:
+        _uncompile(pipe.transformer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry", [
+    ("tiny-sd", "blocks"), ("tiny-sdxl", "blocks"), ("tiny-pixart", "inplace"), ("tiny-wan", "inplace"),
+])
+def test_tgate_compile_matrix(name, entry):
+    """On blocks a block class compiles once per structure and shape: TGATE v2 on tiny-sd's blocks needs 10 graphs of
+    one block class (5 structures, each static and then dynamic over the levels' sizes), past dynamo's default
+    recompile limit of 8 (README: raise it, or compile the whole denoiser). Wan runs CFG as two calls and TGATE skips
+    the uncond call after the gate (its output is the cond call's): dynamo finds nothing to compile in that call and
+    compiles the transformer's inner function again on the next pipeline call (at most once per structure), then
+    nothing (measured: 4 / 6 / 6 / 6 graphs after 1-4 calls of 6 steps with a gate at step 3)."""
+    for label, (make, graphs) in TGATE.items():
+        torch._dynamo.reset()
+        blocks = {"tiny-sd": 2, "tiny-sdxl": 1}.get(name, 1) if entry == "blocks" else 1  # block classes x levels stock compiles
+        with torch._dynamo.config.patch(recompile_limit=16):
+            _check_cache(f"{name} {entry} {label}", name, entry, make, graphs * blocks + (2 if name == "tiny-wan" else 0),
+                         again_graphs=graphs if name == "tiny-wan" else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry", [
+    ("tiny-sd", "inplace"), ("tiny-sd3", "inplace"), ("tiny-flux", "inplace"), ("tiny-flux", "blocks"), ("tiny-wan", "inplace"),
+])
+def test_fastattn_compile_matrix(name, entry):
+    torch._dynamo.reset()
+    plan = _fastattn_plan(name, 6, FASTATTN_METHODS)
+    graphs = FASTATTN_GRAPHS * (3 if entry == "blocks" else 1) + (FASTATTN_GRAPHS if name == "tiny-wan" else 0)
+    _check_cache(f"{name} {entry} FastAttn", name, entry, lambda: attnctl.FastAttn(plan=plan), graphs)
+
+
 EARLIER_CONTROLS = {  # verified on UNet / SD3 / Flux / PixArt by tests/test_compose_compile.py
     "SAG": lambda: attnctl.SAG(steps=(0.0, 0.5)),
     "Reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),
@@ -434,14 +529,26 @@ def test_every_control_runs_compiled_or_names_its_reason(tiny_cache, type_name):
 
 
 def _observations(handle) -> dict:
-    """What an observing control (AttentionMaps) published: its maps and counts, by output key."""
+    """What an observing control published, by output key: AttentionMaps' maps and counts, a cache control's report
+    (what ran at each layer and step, its FLOPs and hits)."""
+    import dataclasses
+
+    from attnctl.controls.caching import CacheReport
     from attnctl.controls.maps.capture import AttentionMapResult
 
-    return {key: (value.grid_maps, value.contributions) for key, value in handle.outputs.items()
-            if isinstance(value, AttentionMapResult)}
+    found = {}
+    for key, value in handle.outputs.items():
+        if isinstance(value, AttentionMapResult):
+            found[key] = (value.grid_maps, value.contributions)
+        elif isinstance(value, CacheReport):
+            found[key] = (None, {where: dataclasses.astuple(entry) for where, entry in value.entries.items()})
+    return found
 
 
 def _same_observations(got: dict, expected: dict) -> bool:
+    def same(a, b):
+        return a is b is None or (a is not None and b is not None and torch.equal(a, b))
+
     return got.keys() == expected.keys() and all(
-        torch.equal(got[key][0], expected[key][0]) and got[key][1] == expected[key][1] for key in expected
+        same(got[key][0], expected[key][0]) and got[key][1] == expected[key][1] for key in expected
     )

@@ -146,13 +146,13 @@ def test_compile_repeated_blocks_bounded_recompiles():
 def test_control_that_cannot_run_compiled_is_refused_with_the_reason():
     pipe = make_tiny_pipeline("tiny-sd")
     pipe.unet.compile()  # lazy: nothing is traced until a call
-    with pytest.raises(UnsupportedError, match=r"TGate cannot run in the torch.compile'd pipe.unet \(denoiser.compile\(\)\): its attention cache"):
-        attnctl.apply(pipe, attnctl.TGate(gate_step=1))
+    with pytest.raises(UnsupportedError, match=r"ToMe cannot run in the torch.compile'd pipe.unet \(denoiser.compile\(\)\): its token-merge plan"):
+        attnctl.apply(pipe, attnctl.ToMe())
     assert not pipe.unet._forward_pre_hooks and "encode_prompt" not in pipe.__dict__
     pipe.unet._compiled_call_impl = None
-    handle = attnctl.apply(pipe, [attnctl.Reweight({"cat": 0.0}), attnctl.TGate(gate_step=1)])
+    handle = attnctl.apply(pipe, [attnctl.Reweight({"cat": 0.0}), attnctl.ToMe()])
     pipe.unet.compile()  # compiled after apply: refused at the next call, before the denoiser runs
-    with pytest.raises(UnsupportedError, match=r"TGate cannot run in the torch.compile'd pipe.unet"):
+    with pytest.raises(UnsupportedError, match=r"ToMe cannot run in the torch.compile'd pipe.unet"):
         generate(pipe, "tiny-sd", prompt=PROMPT)
     pipe.unet._compiled_call_impl = None
     handle.remove()
@@ -229,14 +229,13 @@ def test_every_compile_ready_control_matrix(name, family):
         assert not counters["graph_break"], (control_name, dict(counters["graph_break"]))
 
 
-REFUSED_COMPILED = ("AgentAttention", "FastAttn", "TGate", "ToMe")
+REFUSED_COMPILED = ("AgentAttention", "FastAttn", "ToMe")  # FastAttn: without a plan (calibration)
 
 
 @pytest.mark.parametrize("name", REFUSED_COMPILED)
 def test_every_refused_control_names_its_reason(tiny_cache, name):
     """No tracing: compile is lazy and the refusal comes at apply."""
     control = {
-        "TGate": lambda: attnctl.TGate(gate_step=1),
         "ToMe": lambda: attnctl.ToMe(), "AgentAttention": lambda: attnctl.AgentAttention(), "FastAttn": lambda: attnctl.FastAttn(),
     }[name]()
     pipe = tiny_cache("tiny-sd")

@@ -45,7 +45,7 @@ import torch
 
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedError
 from ..families.base import Geometry, LayerInfo, ModelAdapter
 from ..kernels.semantics import spec_rows
 from ..kernels.spec import AttentionSpec, Window
@@ -281,7 +281,13 @@ class FastAttn(Control, type_name="fastattn"):
     )
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return "it branches in Python on tensor values (data-dependent control flow) inside the processor"
+        if self.plan is None and self.threshold > 0:
+            return (
+                "without a plan it calibrates in the call, choosing each layer's method from measured errors (a host "
+                "read per layer and step); calibrate uncompiled (attnctl.calibrate) and apply FastAttn(plan=...) to the "
+                "compiled denoiser"
+            )
+        return None  # with a plan, the caches are read and filled outside the graph (`FastAttnBound.traced_edit`)
 
     def __post_init__(self) -> None:
         set_field(self, "threshold", number(self.threshold, "FastAttn.threshold", minimum=0))
@@ -412,6 +418,7 @@ class FastAttnBound(Bound):
         self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
         self.passes = PassCounter()
         self.cfg_off = context.cfg_off
+        self.pending: list[_TracedFastAttnHook] = []  # what a compiled forward kept, not yet filed (`settle`)
 
     def idle_reason(self, count: int) -> str | None:
         """Calibration can choose nothing by construction (threshold 0 is the documented identity): one step (step 0
@@ -457,6 +464,8 @@ class FastAttnBound(Bound):
 
     # -- edits ----------------------------------------------------------------------------------------------------
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if self.pending and self.pending[0].frame != frame.number:
+            self.settle()
         self.accountant.see(frame, len(frame.rows))
         step = frame.step.index
         pass_index = self.passes(frame)
@@ -470,8 +479,23 @@ class FastAttnBound(Bound):
             one = self.accountant.full(layer, frame, 1)
             self.report.record(step, layer.name, "full", len(frame.rows) * one, len(frame.rows) * one)
             return None
-        hook = _FastAttnHook(self, layer, frame, method, window, pass_index, calibrate=False)
+        if frame.compiled:
+            hook = _TracedFastAttnHook(self, layer, frame, method, window, pass_index)
+            self.pending.append(hook)
+        else:
+            hook = _FastAttnHook(self, layer, frame, method, window, pass_index, calibrate=False)
         return Edit(window=window if method.startswith("window_residual") else None, hooks=(hook,))
+
+    def settle(self) -> None:
+        """File what the last compiled forward kept (module outputs for step sharing, residuals) into the caches,
+        before the next forward's edits."""
+        pending, self.pending = self.pending, []
+        for hook in pending:
+            state = self.states[hook.layer.index]
+            if hook.output is not None:
+                state.output.store(hook.layout, hook.output, hook.keys)
+            if hook.new_residual is not None:
+                state.residual.store(hook.layout, hook.new_residual, hook.keys)
 
     def finish(self) -> None:
         model, source, fingerprint = self.identity
@@ -485,6 +509,7 @@ class FastAttnBound(Bound):
             state.output.clear()
             state.residual.clear()
         self.index.clear()
+        self.pending.clear()
         self.accountant._frame = None
 
 
@@ -658,3 +683,88 @@ class _FastAttnHook(LayerHook):
         computed = self.rows if share is None or "cfg_share" not in chosen else len(share[0])
         self._record(chosen, self._cost(chosen, computed, False), hit=chosen == "step_share")
         return out, (lse if chosen == "full" else None)
+
+
+class _TracedFastAttnHook(_FastAttnHook):
+    """One layer's planned method in a compiled forward. What the eager hook does as it runs in Python (cache lookups,
+    row indices, the report) is done here, with the edit, before the forward; what it stores (the module output for
+    step sharing, the residual) is kept on the hook and filed before the next forward's edits (`FastAttnBound.settle`).
+    The graph then holds tensors and the method only: no cache, step or report for dynamo to guard on (it would
+    recompile every step)."""
+
+    def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: DenoiserCall, method: str, window: Window | None,
+                 pass_index: Any):
+        super().__init__(bound, layer, frame, method, window, pass_index, calibrate=False)
+        self.frame, self.layout = frame.number, frame.rows
+        self.reused = self.residual = None
+        self.share: tuple[torch.Tensor, torch.Tensor] | None = None  # (computed rows, each row's source among them)
+        self.computed = list(range(self.rows))
+        self.keep_output = method == "step_share" or bound.needs_output(layer, self.step)
+        self.keep_residual = False
+        self.output = self.new_residual = None
+        self._prepare(bound.adapter.placed_weight(layer.name))
+
+    def _prepare(self, weight: torch.Tensor | None) -> None:
+        method, state, index = self.method, self.state, self.bound.index
+        if method == "step_share":
+            self.reused = state.output.load(self.layout, self.keys)
+            if self.reused is not None:
+                self._record("step_share", 0.0, hit=True)
+            else:  # computed in full, without a window
+                self._record("miss", self.rows * self.one)
+            return
+        share = _share_index(self.layout) if method.endswith("cfg_share") else None
+        if share is not None:
+            self.computed, source = share
+            device = weight.device if weight is not None else None
+            self.share = (index(self.computed, device), index(source, device))
+        label = method if share is not None else method.replace("+cfg_share", "").replace("cfg_share", "full")
+        if method.startswith("window_residual"):
+            residual = state.residual.load(self.layout, self.keys)
+            if residual is None:
+                self._record("miss", len(self.computed) * self.one)
+                return
+            self.residual = take_rows(residual, self.computed, index) if share is not None else residual
+            self._record(label, self._cost(method, len(self.computed), False))
+            return
+        self.keep_residual = self.window is not None and self.bound.needs_residual(self.layer, self.step)
+        self._record(label, self._cost(method, len(self.computed), self.keep_residual))
+
+    def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
+        return self.reused
+
+    def result(self, call: AttentionCall, result: Any) -> Any:
+        if self.keep_output:
+            self.output = result
+        return result
+
+    def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
+        if token_layout(call).sub:
+            return compute(q, k, v, spec)
+        if q.shape[0] != self.rows:
+            raise UnsupportedError(
+                f"attnctl: FastAttn at {self.layer.name} got {q.shape[0]} of the call's {self.rows} rows (another control "
+                "on the layer runs its attention on some rows); in a compiled denoiser FastAttn needs the layer's own rows: "
+                "apply that control to other layers, or run uncompiled"
+            )
+        if self.method == "step_share":  # the module-level reuse missed
+            return compute(q, k, v, dataclasses.replace(spec, window=None))
+        if self.share is not None:
+            sub = self.share[0].to(q.device)
+            q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
+            spec = spec_rows(spec, sub, self.rows)
+        if self.method.startswith("window_residual"):
+            if self.residual is None:
+                out, _ = self._some_rows(call, self.computed, compute, q, k, v, dataclasses.replace(spec, window=None))
+                return self._spread(out), None
+            window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
+            out, _ = self._some_rows(call, self.computed, compute, q, k, v, window_spec)
+            return self._spread(out + self.residual.to(out.dtype)), None
+        full, lse = self._some_rows(call, self.computed, compute, q, k, v, spec)
+        if self.keep_residual:
+            window, _ = self._some_rows(call, self.computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
+            self.new_residual = self._spread(full - window)
+        return self._spread(full), (lse if self.share is None else None)
+
+    def _spread(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.share is None else out.index_select(0, self.share[1].to(out.device))

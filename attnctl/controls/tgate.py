@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from ..control import BindContext, Bound, Control
-from ..denoiser_call import DenoiserCall, RowPlan, RowSelect
+from ..denoiser_call import DenoiserCall, RowLayout, RowPlan, RowSelect
 from ..errors import ConfigError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter
 from ..processors.edit import AttentionCall, Edit, LayerHook
@@ -95,10 +95,7 @@ class TGate(Control, type_name="tgate"):
     )
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return (
-            "its attention cache is per-step Python state read inside the processor, so dynamo guards on the step "
-            "and recompiles every step (fullgraph hits the recompile limit)"
-        )
+        return None  # compiled, the cache is read and filled outside the graph (`TGateBound.traced_edit`)
 
     def __post_init__(self) -> None:
         set_field(self, "gate_step", integer(self.gate_step, "TGate.gate_step", minimum=1))
@@ -164,6 +161,7 @@ class TGateBound(Bound):
         self.passes = PassCounter()
         self.warned = False
         self._dropped: tuple[int, int] = (-1, 0)  # (frame number, rows dropped by the row selection)
+        self.pending: list[_TracedTGateHook] = []  # outputs a compiled forward kept, not yet filed (`settle`)
 
     def idle_reason(self, count: int) -> str | None:
         """A gate at or after the last step (documented: nothing changes) without self-attention reuse: the handle warns."""
@@ -202,6 +200,8 @@ class TGateBound(Bound):
         return self_action(step, control.gate_step, self.count, control.warm_up, control.sp_interval, control.fi_interval)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if self.pending and self.pending[0].frame != frame.number:
+            self.settle()
         # the rows the selection dropped count in the baseline of the forward that holds the selected rows (not in
         # a separate forward of perturbed rows made for the same denoiser call)
         selected_here = self._dropped[0] == frame.number and frame.rows.indices("cond", None)
@@ -215,21 +215,51 @@ class TGateBound(Bound):
         if action == "compute":
             self.report.record(step, layer.name, "nocfg" if dropped else "full", rows * one, baseline * one)
             return None
-        hook = _TGateHook(self, layer, action, pass_index, one, baseline)
         if action != "reuse":  # reuse records hit or miss when it runs
             self.report.record(step, layer.name, "store", rows * one, baseline * one)
-        return Edit(hooks=(hook,))
+        if frame.compiled:
+            return self.traced_edit(layer, frame, action, pass_index, one, baseline)
+        return Edit(hooks=(_TGateHook(self, layer, action, pass_index, one, baseline),))
 
-    def store(self, layer: LayerInfo, call: AttentionCall, result: Any, pass_index: Any) -> None:
+    def traced_edit(self, layer: LayerInfo, frame: DenoiserCall, action: Action, pass_index: Any, one: float,
+                    baseline: int) -> Edit | None:
+        """The edit for a compiled forward: a reused output is looked up now, and a stored one is kept on the hook
+        and filed into the cache before the next forward's edits (`settle`). The graph then holds no cache lookup,
+        no step and no report (dynamo would guard on each, and recompile every step)."""
+        if action != "reuse":
+            hook = _TracedTGateHook(self, layer, frame, action, pass_index)
+            self.pending.append(hook)
+            return Edit(hooks=(hook,))
+        value = self.load(layer, frame.rows, pass_index)
+        step, full = frame.step.index, baseline * one
+        if value is None:
+            self.report.record(step, layer.name, "miss", len(frame.rows) * one, full)
+            if layer.kind == "cross":
+                self.warn_miss(layer)
+            return None
+        self.report.record(step, layer.name, "cached", 0.0, full, hit=True)
+        return Edit(hooks=(_TracedTGateHook(self, layer, frame, action, pass_index, value),))
+
+    def settle(self) -> None:
+        """File the outputs the last compiled forward kept into the caches (before the next forward's edits)."""
+        pending, self.pending = self.pending, []
+        for hook in pending:
+            if hook.output is None:  # the layer did not run (a reused block, another expert)
+                continue
+            if hook.action == "store":
+                self.store(hook.layer, hook.rows, hook.output, hook.pass_index)
+            else:
+                self.store_mean(hook.layer, hook.rows, hook.output)
+
+    def store(self, layer: LayerInfo, rows: RowLayout, result: Any, pass_index: Any) -> None:
         cache = self.caches[layer.index]
         if self.mean_mode.pop(layer.index, False):
             cache.clear()
-        cache.store(call.rows, result, row_keys(call.rows, pass_index))
+        cache.store(rows, result, row_keys(rows, pass_index))
 
-    def store_mean(self, layer: LayerInfo, call: AttentionCall, result: Any) -> None:
+    def store_mean(self, layer: LayerInfo, rows: RowLayout, result: Any) -> None:
         """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG). A separate uncond
         call (Wan) folds its outputs into the cond call's, stored just before at the same step."""
-        rows = call.rows
         cond = rows.indices("cond", None)
         if not cond:
             uncond = rows.indices("uncond", None)
@@ -249,10 +279,10 @@ class TGateBound(Bound):
         cache.store_by_prompt("mean", prompts, value)
         self.mean_mode[layer.index] = True
 
-    def load(self, layer: LayerInfo, call: AttentionCall, pass_index: Any) -> Any | None:
+    def load(self, layer: LayerInfo, rows: RowLayout, pass_index: Any) -> Any | None:
         cache = self.caches[layer.index]
-        keys = ["mean"] * len(call.rows) if self.mean_mode.get(layer.index) else row_keys(call.rows, pass_index)
-        return cache.load(call.rows, keys)
+        keys = ["mean"] * len(rows) if self.mean_mode.get(layer.index) else row_keys(rows, pass_index)
+        return cache.load(rows, keys)
 
     def warn_miss(self, layer: LayerInfo) -> None:
         """Once per call: a cross-attention layer reached the gate's reuse with nothing stored (it did not run at step
@@ -274,6 +304,7 @@ class TGateBound(Bound):
             cache.clear()
         self.index.clear()
         self.mean_mode.clear()
+        self.pending.clear()
         self.accountant._frame = None
 
 
@@ -286,7 +317,7 @@ class _TGateHook(LayerHook):
     def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
         if self.action != "reuse":
             return None
-        value = self.bound.load(self.layer, call, self.pass_index)
+        value = self.bound.load(self.layer, call.rows, self.pass_index)
         full = self.baseline * self.one_row
         if value is None:
             self.bound.report.record(call.step.index, self.layer.name, "miss", len(call.rows) * self.one_row, full)
@@ -298,7 +329,25 @@ class _TGateHook(LayerHook):
 
     def result(self, call: AttentionCall, result: Any) -> Any:
         if self.action == "store":
-            self.bound.store(self.layer, call, result, self.pass_index)
+            self.bound.store(self.layer, call.rows, result, self.pass_index)
         elif self.action == "store_mean":
-            self.bound.store_mean(self.layer, call, result)
+            self.bound.store_mean(self.layer, call.rows, result)
+        return result
+
+
+class _TracedTGateHook(LayerHook):
+    """TGATE's layer in a compiled forward (`TGateBound.traced_edit`): returns the output looked up with the edit, or
+    keeps the layer's output for `TGateBound.settle`. Dynamo sees one tensor attribute and one attribute store."""
+
+    def __init__(self, bound: TGateBound, layer: LayerInfo, frame: DenoiserCall, action: Action, pass_index: Any,
+                 value: Any = None):
+        self.layer, self.rows, self.frame, self.action, self.pass_index = layer, frame.rows, frame.number, action, pass_index
+        self.value = value
+        self.output: Any = None
+
+    def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
+        return self.value
+
+    def result(self, call: AttentionCall, result: Any) -> Any:
+        self.output = result
         return result

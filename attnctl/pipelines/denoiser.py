@@ -273,7 +273,7 @@ class DenoiserHooks:
                     call_inputs = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, source)
                     call_frame = dataclasses.replace(frame, rows=layout, inputs=call_inputs)
         runtime.enter(call_frame)
-        if self.compiled:
+        if self.compiled and self._reused is None:  # a reused call runs no layer: no edits (eager asks for none)
             runtime.prefill_edits(self.processors, module)
         if call_frame is not pending.frame or outer is not None:  # a batch of attnctl's: diffusers' caches keyed apart
             pending.restore = keyed_cache_context(module, _layout_key(call_frame.rows))
