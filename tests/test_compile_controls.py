@@ -271,6 +271,25 @@ def test_label_masks_are_made_before_the_graph_and_refused_past_the_dense_limit(
         _uncompile(pipe.transformer)
 
 
+def test_auto_picks_traceable_backends_while_compiling():
+    """In a graph `auto` picks sdpa, or the reference where sdpa cannot do the call (PLADIS' entmax, log-sum-exp),
+    on CUDA too, where eager `auto` picks the fused kernels by measured speed: their host-side launch code has not
+    been verified inside a graph on a GPU. An explicit fused backend is honoured; a window past sdpa's dense limit
+    is refused, naming it."""
+    from attnctl import kernels
+    from attnctl.errors import BackendError
+
+    for device in ("cpu", "cuda"):
+        for features, expected in [(("key_bias", "value_scale"), "sdpa"), (("window",), "sdpa"), (("labels",), "sdpa"),
+                                   (("value_scale", "query_range"), "sdpa"), (("sparse",), "reference"), (("lse",), "reference")]:
+            assert kernels.choose_traced_backend("auto", device, features, 1000, (4096, 64)) == expected, (device, features)
+    if "triton" in kernels.BACKENDS:
+        assert kernels.choose_backend("auto", "cuda", ("window",), 1000, (4096, 64))[0] == "triton"  # eagerly: measured fastest
+        assert kernels.choose_traced_backend("triton", "cuda", ("window",), 1000) == "triton"
+    with pytest.raises(BackendError, match=r"under torch.compile, windows \(FastAttn\) run on the sdpa backend, which makes them dense: this call's mask has \d+ elements, past its limit"):
+        kernels.choose_traced_backend("auto", "cuda", ("window",), dense_elements=1 << 40)
+
+
 def test_label_masks_under_compile_refuse_a_fused_backend():
     """The fused backends build label layouts on the host, which dynamo cannot trace: a compiled denoiser with an
     explicit fused backend is refused at apply (nothing installed); `auto` runs label masks on sdpa in a graph."""
@@ -362,10 +381,16 @@ def test_caches_run_compiled():
     _check_cache("tiny-pixart FastAttn", "tiny-pixart", "inplace", lambda: attnctl.FastAttn(plan=plan), FASTATTN_GRAPHS)
 
 
-def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs():
+def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs(monkeypatch):
     """Calibration chooses each layer's method from measured errors (host reads): refused in a compiled denoiser,
     naming the way out (calibrate uncompiled, apply the plan). A control that runs a FastAttn layer's attention on
-    some of its rows is refused there at the call (the plan's caches are made for the layer's rows)."""
+    some of its rows is refused there at the call (the plan's caches are made for the layer's rows). A window past
+    sdpa's dense limit (the backend a graph runs windows on) is refused before the forward."""
+    import dataclasses
+
+    from attnctl import kernels
+    from attnctl.errors import BackendError
+
     pipe = make_tiny_pipeline("tiny-pixart")
     pipe.transformer.compile(backend="eager")
     try:
@@ -377,6 +402,10 @@ def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs():
             with pytest.raises(UnsupportedError, match=rf"FastAttn at {re.escape(layer)} got 6 of the call's 9 rows"):
                 generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)
         assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__module__.startswith("diffusers.")
+        monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=1000))
+        with attnctl.apply(pipe, attnctl.FastAttn(plan=plan)):
+            with pytest.raises(BackendError, match=r"under torch.compile, windows \(FastAttn\) run on the sdpa backend.*past its limit of 1000"):
+                generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)
     finally:
         _uncompile(pipe.transformer)
 

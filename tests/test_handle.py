@@ -177,10 +177,10 @@ def test_compiled_denoiser_refuses_controls_not_verified_compiled():
     unet = pipe.unet
     pipe.unet = torch.compile(unet)
     with pytest.raises(UnsupportedError, match="torch.compile"):
-        attnctl.apply(pipe, [attnctl.TGate(gate_step=1)])
+        attnctl.apply(pipe, [attnctl.ToMe()])
     attnctl.apply(pipe, []).remove()
     pipe.unet = unet
-    handle = attnctl.apply(pipe, [attnctl.TGate(gate_step=1)])
+    handle = attnctl.apply(pipe, [attnctl.ToMe()])
     unet.compile()
     with pytest.raises(UnsupportedError, match="torch.compile"):
         generate(pipe, "tiny-sd")

@@ -237,9 +237,10 @@ def choose_backend(
     raise BackendError(f"no backend can do {', '.join(features)} on {device_type}; {capability_table()}")
 
 
-#: Backends whose label masks are made inside the attention op from the labels alone: while torch.compile traces,
-#: label masks run on these. The fused backends build their label layouts on the host (cached per LabelMask, with
-#: version checks and a host sync when built), which dynamo cannot trace.
+#: Backends whose ops dynamo puts in a graph as they are, label masks made inside the op from the labels alone:
+#: while torch.compile traces, `auto` picks among these (`choose_traced_backend`). The fused backends build their
+#: label layouts on the host (cached per LabelMask, with version checks and a host sync when built), which dynamo
+#: cannot trace, and launch their kernels through host-side code not verified inside a graph on a GPU.
 TRACEABLE_LABEL_BACKENDS = ("sdpa", "reference")
 
 
@@ -247,26 +248,35 @@ def choose_traced_backend(
     requested: str, device: torch.device | str, features: tuple[str, ...], dense_elements: int = 0,
     shape: tuple[int, int] | None = None,
 ) -> str:
-    """The backend of a call while torch.compile traces: `choose_backend`, except that a call with label masks runs
-    on sdpa (`auto`), which builds its dense mask in the graph, and an explicit request of a fused backend for one
-    raises BackendError naming why and what works."""
-    if "labels" not in features:
-        return choose_backend(requested, device, features, dense_elements, shape)[0]
-    if requested not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+    """The backend of a call while torch.compile traces. `auto` picks among the backends whose ops dynamo puts in
+    the graph as they are (`TRACEABLE_LABEL_BACKENDS`: sdpa, then the reference): the fused backends reach their
+    kernels through host-side code (launch configurations, compile-failure fallbacks, label layouts and flex block
+    masks built and cached on the host), which has not been verified inside a graph on a GPU; eagerly `auto` keeps
+    them. On sdpa, label masks and windows become dense masks in the graph; one past its limit raises BackendError
+    naming the size and the limit. An explicit fused backend is honoured, except for label masks, whose host-built
+    layouts dynamo cannot trace (BackendError naming why and what works)."""
+    dense = [name for name in ("labels", "window") if name in features]
+    if "labels" in features and requested not in ("auto", *TRACEABLE_LABEL_BACKENDS):
         raise BackendError(
             f"backend {requested!r} builds its label-mask layouts (regions, isolation) on the host, which torch.compile "
             "cannot trace; with a compiled denoiser use backend='auto' or 'sdpa' (label masks then run on sdpa), or "
             "run the denoiser uncompiled"
         )
+    if requested not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+        return choose_backend(requested, device, features, dense_elements, shape)[0]
     chosen = "sdpa" if requested == "auto" else requested
     limit = BACKENDS[chosen].dense_limit
-    if limit is not None and dense_elements > limit:
+    if dense and limit is not None and dense_elements > limit:
+        what = "label masks (regions, isolation)" if "labels" in dense else "windows (FastAttn)"
         raise BackendError(
-            f"under torch.compile, label masks (regions, isolation) run on the {chosen} backend, which makes them dense: "
-            f"this call's mask has {dense_elements} elements, past its limit of {limit}; run the denoiser uncompiled "
-            "for it (attnctl then runs such masks on the fused backends)"
+            f"under torch.compile, {what} run on the {chosen} backend, which makes them dense: this call's mask has "
+            f"{dense_elements} elements, past its limit of {limit}; run the denoiser uncompiled for it (attnctl then "
+            "runs such masks on the fused backends)"
         )
-    return choose_backend(chosen, device, features, dense_elements, shape)[0]
+    if requested != "auto":
+        return choose_backend(requested, device, features, dense_elements, shape)[0]
+    fused = tuple(name for name in BACKENDS if name not in TRACEABLE_LABEL_BACKENDS)
+    return choose_backend("auto", device, features, dense_elements, shape, exclude=fused)[0]
 
 
 def prepare_traced_labels(labels: LabelMask, requested: str, dtype: torch.dtype, device: torch.device) -> None:

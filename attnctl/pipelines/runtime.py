@@ -398,7 +398,7 @@ class Runtime:
         or an edit's structure, changes. The other expert's layers do not run: they get no edit (and a control
         counts nothing for them, as AttentionMaps' contributions). A label mask is made dense here, on the sdpa
         backend that runs it in a graph (`kernels.choose_traced_backend`), which refuses one past its size limit before
-        the forward starts."""
+        the forward starts; a window (FastAttn) past that limit is refused here too."""
         held = self._held_layers(module)
         self.frame.compiled = True
         for layer in self.adapter.layers:
@@ -406,7 +406,17 @@ class Runtime:
             processors[layer.name].edit_now = edit
             if edit is not None and edit.kernel.labels is not None:
                 self._prepare_labels(layer, edit.kernel.labels)
+            if edit is not None and edit.kernel.window is not None:
+                self._check_traced_window(layer)
         self.prefilled = True
+
+    def _check_traced_window(self, layer: LayerInfo) -> None:
+        """A window in a graph runs on sdpa as a dense mask (`kernels.choose_traced_backend`): one past its size limit
+        is refused here, before the forward, rather than inside dynamo's trace."""
+        tokens = self.frame.geometry(layer).query_len
+        weight = self.adapter.placed_weight(layer.name)
+        choose_traced_backend(self.backend, weight.device if weight is not None else "cpu", ("window",),
+                              len(self.frame.rows) * tokens * tokens)
 
     def _prepare_labels(self, layer: LayerInfo, labels: LabelMask) -> None:
         weight = self.adapter.placed_weight(layer.name)
