@@ -36,7 +36,7 @@ from .foreign_patches import (
     uncompiled,
 )
 from .instance import Wrapped, describe_callable, wrap_method
-from .kernels import TRACEABLE_LABEL_BACKENDS, check_features, choose_backend, validate_backend
+from .kernels import TRACEABLE_BACKENDS, check_features, choose_backend, validate_backend
 from .pipelines.denoiser import DenoiserHooks
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import Runtime
@@ -237,7 +237,7 @@ def _check_traced_backend(backend: str, controls: tuple[Control, ...], features:
     """In a compiled denoiser, label masks run on a backend that builds them inside the graph (`choose_traced_backend`):
     an explicit fused backend is refused for a control that needs them."""
     for control, needed in zip(controls, features):
-        if "labels" in needed and backend not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+        if "labels" in needed and backend not in ("auto", *TRACEABLE_BACKENDS):
             raise BackendError(
                 f"attnctl: {type(control).__name__} needs label masks, which backend {backend!r} builds on the host "
                 "(torch.compile cannot trace that) and the denoiser is compiled; use backend='auto' or 'sdpa' (label "
@@ -464,7 +464,7 @@ class Handle:
             compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
         if self._hooks is not None:
             self._hooks.compiled = compiled
-        if compiled and self.runtime.backend not in ("auto", *TRACEABLE_LABEL_BACKENDS):  # compiled after apply
+        if compiled and self.runtime.backend not in ("auto", *TRACEABLE_BACKENDS):  # compiled after apply
             features = tuple(c.kernel_features(self.adapter, self.runtime.resolved[i]) for i, c in enumerate(self.controls))
             _check_traced_backend(self.runtime.backend, self.controls, features)
         changed = [name for name, proc in self._processors.items() if self.adapter.modules[name].processor is not proc]

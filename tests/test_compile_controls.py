@@ -25,11 +25,11 @@ from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
 from attnctl.testing.new_families import REQUIRES, available
 
 
-def generate(pipe, name, prompt, steps=2, guidance=5.0, seed=0):
+def generate(pipe, name, prompt, steps=2, guidance=5.0, seed=0, **kwargs):
     """tests.helpers.generate with the prompt as a keyword (Flux2KleinPipeline's first argument is `image`) and a
     video pipeline's frames."""
     out = pipe(prompt=list(prompt) if isinstance(prompt, list) else prompt, num_inference_steps=steps, guidance_scale=guidance,
-               output_type="latent", generator=torch.Generator().manual_seed(seed), **dict(CALL_DEFAULTS[name]))
+               output_type="latent", generator=torch.Generator().manual_seed(seed), **{**CALL_DEFAULTS[name], **kwargs})
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -402,12 +402,44 @@ def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs(monkeyp
             with pytest.raises(UnsupportedError, match=rf"FastAttn at {re.escape(layer)} got 6 of the call's 9 rows"):
                 generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)
         assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__module__.startswith("diffusers.")
-        monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=1000))
+    finally:
+        _uncompile(pipe.transformer)
+    # step 0 runs full attention and its window (the residual step 1 reuses) in the graph: refused before it starts
+    counter = CompileCounterWithBackend("eager")
+    pipe.transformer.compile(backend=counter)
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=1000))
+    try:
         with attnctl.apply(pipe, attnctl.FastAttn(plan=plan)):
             with pytest.raises(BackendError, match=r"under torch.compile, windows \(FastAttn\) run on the sdpa backend.*past its limit of 1000"):
                 generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)
+        assert counter.frame_count == 0
     finally:
         _uncompile(pipe.transformer)
+
+
+def test_fastattn_compiled_in_sd3s_skip_layer_pass():
+    """SD3's skip-layer pass skips blocks: their layers get no edit in a compiled forward either, so the report is
+    eager's (it counted the skipped layers' planned methods). After the call no processor holds an edit (the edits
+    hold cached tensors of the call)."""
+    name, steps = "tiny-sd3", 3
+    plan = _fastattn_plan(name, steps, ["full", "window_residual", "cfg_share"])
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        pipe = make_tiny_pipeline(name)
+        if compiled:
+            pipe.transformer.compile(backend="eager")
+        try:
+            with attnctl.apply(pipe, attnctl.FastAttn(plan=plan)) as handle:
+                latents = generate(pipe, name, prompt=PROMPTS, steps=steps, skip_guidance_layers=[0],
+                                   skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+                results.append((latents, _observations(handle)))
+                assert all(processor.edit_now is None for processor in handle._processors.values())  # no cached tensor kept
+        finally:
+            _uncompile(pipe.transformer)
+    (eager, seen_eager), (compiled, seen_compiled) = results
+    assert torch.equal(compiled, eager)
+    assert _same_observations(seen_compiled, seen_eager)
 
 
 @pytest.mark.slow

@@ -381,3 +381,20 @@ def test_wan_tgate_with_pag_keeps_the_guidance_in_the_one_prediction():
     assert len(seen) == 8  # two calls a step (PAG's row rides in the cond call's batch); the reused one too
     after_gate = seen[4:]
     assert torch.equal(after_gate[0], after_gate[1]) and torch.equal(after_gate[2], after_gate[3])
+
+
+def test_sags_degraded_pass_does_not_fold_into_the_gate_mean(tiny_cache, monkeypatch):
+    """SAG's extra forward of degraded uncond rows at the step before the gate is not a separate uncond call (Wan):
+    TGATE's stored mean is the main forward's uncond / cond mean only (it was averaged with SAG's rows as well)."""
+    from attnctl.controls.caching import BranchCache
+
+    stored = []
+    original = BranchCache.store_by_prompt
+    monkeypatch.setattr(BranchCache, "store_by_prompt", lambda self, key, prompts, value: (stored.append(key), original(self, key, prompts, value))[1])
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), attnctl.SAG(steps=(0.0, 1.0))]):
+        generate(pipe, "tiny-sd", steps=4)
+    from attnctl.families import adapter_for
+
+    cross = sum(1 for layer in adapter_for(pipe.unet).layers if layer.kind == "cross")
+    assert len(stored) == cross, stored  # one mean per cross-attention layer, from the main forward

@@ -464,7 +464,7 @@ class FastAttnBound(Bound):
 
     # -- edits ----------------------------------------------------------------------------------------------------
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if self.pending and self.pending[0].frame != frame.number:
+        if self.pending and self.pending[0].number != frame.number:
             self.settle()
         self.accountant.see(frame, len(frame.rows))
         step = frame.step.index
@@ -511,6 +511,11 @@ class FastAttnBound(Bound):
         self.index.clear()
         self.pending.clear()
         self.accountant._frame = None
+
+
+def _ran(method: str, shared: bool) -> str:
+    """What the report says ran for `method`: without its CFG sharing when no row was shared (no uncond rows)."""
+    return method if shared else method.replace("+cfg_share", "").replace("cfg_share", "full")
 
 
 def _share_index(layout) -> tuple[list[int], list[int]] | None:
@@ -610,7 +615,7 @@ class _FastAttnHook(LayerHook):
             sub = self.bound.index(computed, q.device)
             q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
             spec = spec_rows(spec, sub, self.rows)
-        label = method if share is not None else method.replace("+cfg_share", "").replace("cfg_share", "full")
+        label = _ran(method, share is not None)
         if method.startswith("window_residual"):
             residual = self.state.residual.load(call.rows, self.keys)
             if residual is None:
@@ -695,7 +700,7 @@ class _TracedFastAttnHook(_FastAttnHook):
     def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: DenoiserCall, method: str, window: Window | None,
                  pass_index: Any):
         super().__init__(bound, layer, frame, method, window, pass_index, calibrate=False)
-        self.frame, self.layout = frame.number, frame.rows
+        self.number, self.layout = frame.number, frame.rows
         self.reused = self.residual = None
         self.share: tuple[torch.Tensor, torch.Tensor] | None = None  # (computed rows, each row's source among them)
         self.computed = list(range(self.rows))
@@ -718,7 +723,7 @@ class _TracedFastAttnHook(_FastAttnHook):
             self.computed, source = share
             device = weight.device if weight is not None else None
             self.share = (index(self.computed, device), index(source, device))
-        label = method if share is not None else method.replace("+cfg_share", "").replace("cfg_share", "full")
+        label = _ran(method, share is not None)
         if method.startswith("window_residual"):
             residual = state.residual.load(self.layout, self.keys)
             if residual is None:
@@ -732,6 +737,10 @@ class _TracedFastAttnHook(_FastAttnHook):
 
     def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
         return self.reused
+
+    def window_rows(self) -> int:
+        windowed = self.keep_residual or (self.method.startswith("window_residual") and self.residual is not None)
+        return len(self.computed) if windowed else 0
 
     def result(self, call: AttentionCall, result: Any) -> Any:
         if self.keep_output:

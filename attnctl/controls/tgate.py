@@ -200,7 +200,7 @@ class TGateBound(Bound):
         return self_action(step, control.gate_step, self.count, control.warm_up, control.sp_interval, control.fi_interval)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if self.pending and self.pending[0].frame != frame.number:
+        if self.pending and self.pending[0].number != frame.number:
             self.settle()
         # the rows the selection dropped count in the baseline of the forward that holds the selected rows (not in
         # a separate forward of perturbed rows made for the same denoiser call)
@@ -231,14 +231,17 @@ class TGateBound(Bound):
             self.pending.append(hook)
             return Edit(hooks=(hook,))
         value = self.load(layer, frame.rows, pass_index)
-        step, full = frame.step.index, baseline * one
+        self.record_lookup(layer, frame.step.index, value, len(frame.rows) * one, baseline * one)
+        return None if value is None else Edit(hooks=(_TracedTGateHook(self, layer, frame, action, pass_index, value),))
+
+    def record_lookup(self, layer: LayerInfo, step: int, value: Any, computed: float, full: float) -> None:
+        """Report a reuse: a hit, or a miss (the layer computes, `computed` FLOPs; a cross-attention miss warns)."""
         if value is None:
-            self.report.record(step, layer.name, "miss", len(frame.rows) * one, full)
+            self.report.record(step, layer.name, "miss", computed, full)
             if layer.kind == "cross":
                 self.warn_miss(layer)
-            return None
-        self.report.record(step, layer.name, "cached", 0.0, full, hit=True)
-        return Edit(hooks=(_TracedTGateHook(self, layer, frame, action, pass_index, value),))
+        else:
+            self.report.record(step, layer.name, "cached", 0.0, full, hit=True)
 
     def settle(self) -> None:
         """File the outputs the last compiled forward kept into the caches (before the next forward's edits)."""
@@ -248,8 +251,8 @@ class TGateBound(Bound):
                 continue
             if hook.action == "store":
                 self.store(hook.layer, hook.rows, hook.output, hook.pass_index)
-            else:
-                self.store_mean(hook.layer, hook.rows, hook.output)
+            elif hook.action == "store_mean":
+                self.store_mean(hook.layer, hook.rows, hook.output, hook.extra_pass)
 
     def store(self, layer: LayerInfo, rows: RowLayout, result: Any, pass_index: Any) -> None:
         cache = self.caches[layer.index]
@@ -257,13 +260,14 @@ class TGateBound(Bound):
             cache.clear()
         cache.store(rows, result, row_keys(rows, pass_index))
 
-    def store_mean(self, layer: LayerInfo, rows: RowLayout, result: Any) -> None:
+    def store_mean(self, layer: LayerInfo, rows: RowLayout, result: Any, extra_pass: Any = None) -> None:
         """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG). A separate uncond
-        call (Wan) folds its outputs into the cond call's, stored just before at the same step."""
+        call (Wan) folds its outputs into the cond call's, stored just before at the same step; an extra forward of
+        a guidance control (SAG's degraded uncond rows: `extra_pass`) does not."""
         cond = rows.indices("cond", None)
         if not cond:
             uncond = rows.indices("uncond", None)
-            if uncond and len(uncond) == len(rows) and self.mean_mode.get(layer.index):
+            if uncond and len(uncond) == len(rows) and extra_pass is None and self.mean_mode.get(layer.index):
                 cache = self.caches[layer.index]
                 stored = cache.load(rows, ["mean"] * len(rows))
                 if stored is not None:
@@ -318,20 +322,14 @@ class _TGateHook(LayerHook):
         if self.action != "reuse":
             return None
         value = self.bound.load(self.layer, call.rows, self.pass_index)
-        full = self.baseline * self.one_row
-        if value is None:
-            self.bound.report.record(call.step.index, self.layer.name, "miss", len(call.rows) * self.one_row, full)
-            if self.layer.kind == "cross":
-                self.bound.warn_miss(self.layer)
-            return None
-        self.bound.report.record(call.step.index, self.layer.name, "cached", 0.0, full, hit=True)
+        self.bound.record_lookup(self.layer, call.step.index, value, len(call.rows) * self.one_row, self.baseline * self.one_row)
         return value
 
     def result(self, call: AttentionCall, result: Any) -> Any:
         if self.action == "store":
             self.bound.store(self.layer, call.rows, result, self.pass_index)
         elif self.action == "store_mean":
-            self.bound.store_mean(self.layer, call.rows, result)
+            self.bound.store_mean(self.layer, call.rows, result, call.frame.extra_pass)
         return result
 
 
@@ -341,7 +339,8 @@ class _TracedTGateHook(LayerHook):
 
     def __init__(self, bound: TGateBound, layer: LayerInfo, frame: DenoiserCall, action: Action, pass_index: Any,
                  value: Any = None):
-        self.layer, self.rows, self.frame, self.action, self.pass_index = layer, frame.rows, frame.number, action, pass_index
+        self.layer, self.rows, self.number, self.action, self.pass_index = layer, frame.rows, frame.number, action, pass_index
+        self.extra_pass = frame.extra_pass
         self.value = value
         self.output: Any = None
 

@@ -241,7 +241,7 @@ def choose_backend(
 #: while torch.compile traces, `auto` picks among these (`choose_traced_backend`). The fused backends build their
 #: label layouts on the host (cached per LabelMask, with version checks and a host sync when built), which dynamo
 #: cannot trace, and launch their kernels through host-side code not verified inside a graph on a GPU.
-TRACEABLE_LABEL_BACKENDS = ("sdpa", "reference")
+TRACEABLE_BACKENDS = ("sdpa", "reference")
 
 
 def choose_traced_backend(
@@ -249,20 +249,20 @@ def choose_traced_backend(
     shape: tuple[int, int] | None = None,
 ) -> str:
     """The backend of a call while torch.compile traces. `auto` picks among the backends whose ops dynamo puts in
-    the graph as they are (`TRACEABLE_LABEL_BACKENDS`: sdpa, then the reference): the fused backends reach their
+    the graph as they are (`TRACEABLE_BACKENDS`: sdpa, then the reference): the fused backends reach their
     kernels through host-side code (launch configurations, compile-failure fallbacks, label layouts and flex block
     masks built and cached on the host), which has not been verified inside a graph on a GPU; eagerly `auto` keeps
     them. On sdpa, label masks and windows become dense masks in the graph; one past its limit raises BackendError
     naming the size and the limit. An explicit fused backend is honoured, except for label masks, whose host-built
     layouts dynamo cannot trace (BackendError naming why and what works)."""
     dense = [name for name in ("labels", "window") if name in features]
-    if "labels" in features and requested not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+    if "labels" in features and requested not in ("auto", *TRACEABLE_BACKENDS):
         raise BackendError(
             f"backend {requested!r} builds its label-mask layouts (regions, isolation) on the host, which torch.compile "
             "cannot trace; with a compiled denoiser use backend='auto' or 'sdpa' (label masks then run on sdpa), or "
             "run the denoiser uncompiled"
         )
-    if requested not in ("auto", *TRACEABLE_LABEL_BACKENDS):
+    if requested not in ("auto", *TRACEABLE_BACKENDS):
         return choose_backend(requested, device, features, dense_elements, shape)[0]
     chosen = "sdpa" if requested == "auto" else requested
     limit = BACKENDS[chosen].dense_limit
@@ -275,7 +275,7 @@ def choose_traced_backend(
         )
     if requested != "auto":
         return choose_backend(requested, device, features, dense_elements, shape)[0]
-    fused = tuple(name for name in BACKENDS if name not in TRACEABLE_LABEL_BACKENDS)
+    fused = tuple(name for name in BACKENDS if name not in TRACEABLE_BACKENDS)
     return choose_backend("auto", device, features, dense_elements, shape, exclude=fused)[0]
 
 
@@ -447,6 +447,6 @@ def attention(
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "KERNEL_FAILURES", "MEASURED", "MEASURED_ON", "AttentionSpec", "Backend",
-    "LabelMask", "PLAIN", "Sparse", "TRACEABLE_LABEL_BACKENDS", "Window", "attention", "auto_order", "capability_table", "check_features",
+    "LabelMask", "PLAIN", "Sparse", "TRACEABLE_BACKENDS", "Window", "attention", "auto_order", "capability_table", "check_features",
     "choose_backend", "choose_traced_backend", "note_request", "prepare_traced_labels", "record_kernel_failure", "register_backend", "validate_backend",
 ]

@@ -85,6 +85,7 @@ class Runtime:
         self._call_wraps: list[Wrapped] = []  # controls' instance-level wraps for the current call
         self._call_makers: dict[int, Any] = {}  # id(Wrapped) -> the maker that made it (to re-stack it)
         self.prefilled = False  # True while the processors' `edit_now` holds the current frame's edits (compiled)
+        self._prefilled_processors: dict[str, Any] = {}  # whose `edit_now` to clear when the forward ends
         self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
         self._plans: tuple[DenoiserCall, list[RowPlan]] | None = None  # the active bound controls' plans of a frame
         self._handle_caches: dict[int, dict[Any, Any]] = {}  # control position -> its cache for the handle's life
@@ -229,6 +230,9 @@ class Runtime:
         self.frame = None
         self._frame_edits = {}
         self.prefilled = False
+        for processor in self._prefilled_processors.values():  # the edits hold tensors (cached outputs) of the call
+            processor.edit_now = None
+        self._prefilled_processors = {}
 
     def skipped_layers(self, module: torch.nn.Module) -> tuple[Bound, tuple[LayerInfo, ...]] | None:
         """The first active bound control that needs each of its layers at every step (`Control.step_cache_refusal`)
@@ -400,23 +404,36 @@ class Runtime:
         backend that runs it in a graph (`kernels.choose_traced_backend`), which refuses one past its size limit before
         the forward starts; a window (FastAttn) past that limit is refused here too."""
         held = self._held_layers(module)
+        skipped = self._skipped_blocks(self.frame)
         self.frame.compiled = True
+        self._prefilled_processors = processors
         for layer in self.adapter.layers:
-            edit = self.edit_for(layer) if layer.index in held else None
+            runs = layer.index in held and not layer.name.startswith(skipped)
+            edit = self.edit_for(layer) if runs else None
             processors[layer.name].edit_now = edit
             if edit is not None and edit.kernel.labels is not None:
                 self._prepare_labels(layer, edit.kernel.labels)
-            if edit is not None and edit.kernel.window is not None:
-                self._check_traced_window(layer)
+            if edit is not None:
+                self._check_traced_window(layer, edit)
         self.prefilled = True
 
-    def _check_traced_window(self, layer: LayerInfo) -> None:
+    def _skipped_blocks(self, frame: DenoiserCall) -> tuple[str, ...]:
+        """Prefixes of the layers the denoiser skips in this call (SD3's skip-layer pass: `skip_layers` indexes its
+        `transformer_blocks`): they do not run, so they get no edit, as eagerly."""
+        name = self.protocol.skip_layer_kwarg
+        indices = frame.inputs.get(name) if name else None
+        return tuple(f"transformer_blocks.{int(i)}." for i in indices or ())
+
+    def _check_traced_window(self, layer: LayerInfo, edit: Edit) -> None:
         """A window in a graph runs on sdpa as a dense mask (`kernels.choose_traced_backend`): one past its size limit
         is refused here, before the forward, rather than inside dynamo's trace."""
+        declared = [rows for rows in (hook.window_rows() for hook in edit.hooks) if rows is not None]
+        rows = max(declared) if declared else (len(self.frame.rows) if edit.kernel.window is not None else 0)
+        if not rows:
+            return
         tokens = self.frame.geometry(layer).query_len
         weight = self.adapter.placed_weight(layer.name)
-        choose_traced_backend(self.backend, weight.device if weight is not None else "cpu", ("window",),
-                              len(self.frame.rows) * tokens * tokens)
+        choose_traced_backend(self.backend, weight.device if weight is not None else "cpu", ("window",), rows * tokens * tokens)
 
     def _prepare_labels(self, layer: LayerInfo, labels: LabelMask) -> None:
         weight = self.adapter.placed_weight(layer.name)

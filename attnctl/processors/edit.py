@@ -148,6 +148,12 @@ class LayerHook:
         """Return a module result to skip the whole computation (cached attention), or None."""
         return None
 
+    def window_rows(self) -> int | None:
+        """How many batch rows this hook runs window attention on (0: none), when it knows before the layer runs;
+        None: unknown (the edit's own window then counts for every row). A compiled forward checks the windows'
+        dense masks against the traced backend's limit before it starts (`Runtime.prefill_edits`)."""
+        return None
+
     def tokens_in(self, call: AttentionCall, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
