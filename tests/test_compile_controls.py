@@ -472,6 +472,41 @@ def test_fastattn_compile_matrix(name, entry):
     _check_cache(f"{name} {entry} FastAttn", name, entry, lambda: attnctl.FastAttn(plan=plan), graphs)
 
 
+# -- Prompt-to-Prompt: hooks per layer and phase, the blend's maps added in place ------------------------------------
+P2P_PROMPTS = ["a photo of a cat", "a photo of a dog"]
+P2P = {
+    "replace": lambda: attnctl.PromptToPrompt(),
+    "blend": lambda: attnctl.PromptToPrompt(local_blend=["cat", "dog"]),
+    "refine-reweight": lambda: attnctl.PromptToPrompt(mode="refine", reweight={"dog": 2.0}),
+    "word-windows": lambda: attnctl.PromptToPrompt(cross_steps={"default_": 0.8, "dog": 0.3}),
+    "both-branches": lambda: attnctl.PromptToPrompt(branch="both", local_blend=["cat", "dog"]),
+}
+
+
+def test_prompt_to_prompt_runs_compiled_on_joint_attention():
+    """PromptToPrompt with local blending on tiny-flux, the transformer compiled: bitwise the eager latents (the
+    blend reads the maps the graph added), one graph per phase of its windows, none on the next call."""
+    torch._dynamo.reset()
+    counters.clear()
+    _check("tiny-flux P2P blend", *_compiled_run("tiny-flux", P2P["blend"], "inplace", steps=4, prompt=P2P_PROMPTS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, entry", [
+    ("tiny-sd", "inplace"), ("tiny-sd", "blocks"), ("tiny-sdxl", "blocks"), ("tiny-sd3", "inplace"), ("tiny-flux", "inplace"),
+    ("tiny-flux", "blocks"), ("tiny-pixart", "inplace"),
+])
+def test_prompt_to_prompt_compile_matrix(name, entry):
+    """Graphs: the word windows add a third phase (steps inside the default window but outside the word's)."""
+    for label, make in P2P.items():
+        torch._dynamo.reset()
+        counters.clear()
+        eager, compiled, again, stock, first, total = _compiled_run(name, make, entry, steps=4, prompt=P2P_PROMPTS)
+        assert torch.equal(compiled, eager) and torch.equal(again, eager), label
+        assert not counters["graph_break"], (label, dict(counters["graph_break"]))
+        assert first <= 3 * stock and total == first, (label, stock, first, total)
+
+
 EARLIER_CONTROLS = {  # verified on UNet / SD3 / Flux / PixArt by tests/test_compose_compile.py
     "SAG": lambda: attnctl.SAG(steps=(0.0, 0.5)),
     "Reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),
@@ -512,7 +547,7 @@ def _smoke_controls():
         "fastattn": lambda: attnctl.FastAttn(),
         "pag": GUIDANCE["PAG"],
         "pladis": lambda: attnctl.PLADIS(),
-        "prompt-to-prompt": lambda: attnctl.PromptToPrompt(),
+        "prompt-to-prompt": lambda: attnctl.PromptToPrompt(mode="refine"),  # PROMPTS add and remove words
         "reference-attention": lambda: attnctl.ReferenceAttention(_reference_image(), region=(0.0, 0.0, 0.5, 1.0)),
         "regions": lambda: attnctl.Regions([region("a cat", (0, 0, 0.5, 1)), region("a dog", (0.5, 0, 1, 1))]),
         "reweight": lambda: attnctl.Reweight({"cat": 0.0}, steps=(0.0, 0.5)),

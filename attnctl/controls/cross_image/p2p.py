@@ -213,11 +213,10 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     step_cache_refusal: ClassVar[str | None] = "the edited rows read the base row's attention in every layer it acts on"
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        return (
-            "its edits are one hook per layer and replacement phase (its cross- and self-attention windows, the local blend's "
-            "capture), and the capture adds each layer's maps into Python state that the step's blend reads: a compiled block "
-            "recompiles per layer and phase, past dynamo's recompile limit within one call"
-        )
+        # Its hooks are made once per layer and phase and read only the phase's flags in a graph (one graph per phase,
+        # not per layer); the blend's maps are added in place into a tensor the scheduler step reads after the forward.
+        # tests/test_compile_controls.py: bitwise eager on UNet, SD3, Flux and PixArt, with each option.
+        return None
 
     def __post_init__(self) -> None:
         choice(self.mode, "PromptToPrompt.mode", MODES)
@@ -667,6 +666,13 @@ class PromptToPromptBound(Bound):
         cross = window is not None
         if not (cross or self_ or capture):
             return None
+        weight = self.adapter.placed_weight(layer.name) if frame.compiled else None
+        if weight is not None:  # a compiled forward: what the hook looks up by rows is made now (see `_LinkHook`)
+            if capture and self.maps is None:
+                h, w = self.blend_grid
+                self.maps = torch.zeros(self.rows, h * w, device=weight.device)
+            plan = self.plan(frame.rows, weight.device, window) if (cross or self_) else None
+            return Edit(hooks=(_LinkHook(self, layer, cross, self_, capture, window, plan),))
         key = (layer.index, window, self_, capture)
         found = self._edits.get(key)
         if found is None:
@@ -681,15 +687,20 @@ class PromptToPromptBound(Bound):
             return
         layout = token_layout(call)
         device = q.device
-        index = self.index(cond, device)
-        prompts = self.index(tuple(call.rows.rows[i].prompt for i in cond), device)
-        key = (layout.nk, layout.text_k.start if layout.text_k is not None else 0, device)
-        full = self._selectors.get(key)
-        if full is None:
+        positions = tuple(call.rows.rows[i].prompt for i in cond)
+        start = layout.text_k.start
+        if torch.compiler.is_compiling():  # constants of the graph: no lookup in the caches to guard on
+            index, prompts = torch.tensor(cond, device=device), torch.tensor(positions, device=device)
             full = torch.zeros(self.rows, layout.nk, device=device)
-            start = layout.text_k.start
             full[:, start : start + self.text_len] = self.selector.to(device)
-            self._selectors[key] = full
+        else:
+            index, prompts = self.index(cond, device), self.index(positions, device)
+            key = (layout.nk, start, device)
+            full = self._selectors.get(key)
+            if full is None:
+                full = torch.zeros(self.rows, layout.nk, device=device)
+                full[:, start : start + self.text_len] = self.selector.to(device)
+                self._selectors[key] = full
         selector = full.index_select(0, prompts)[:, None, :]
         mask = spec.attn_mask
         if mask is not None:
@@ -781,26 +792,32 @@ class PromptToPromptBound(Bound):
         self.maps = None
 
 
+_UNSET = object()
+
+
 def _per_prompt(context: BindContext) -> int:
     first = context.prompt_arguments[0] if context.prompt_arguments else {}
     return int(first.get("num_images_per_prompt") or 1)
 
 
 class _LinkHook(LayerHook):
-    """The linked attention of one layer and step: see the module docstring."""
+    """The linked attention of one layer and step: see the module docstring. `plan`: the links of the frame's rows,
+    made with the edit for a compiled forward (looked up by rows in the hook, dynamo would guard on the lookup)."""
 
     def __init__(self, bound: PromptToPromptBound, layer: LayerInfo, cross: bool, self_: bool, capture: bool,
-                 window: Any = "all"):
+                 window: Any = "all", plan: Any = _UNSET):
         self.bound, self.layer = bound, layer
         self.cross, self.self_, self.capture = cross, self_, capture
         self.window = window if cross else None
+        self.plan = plan
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         if self.capture:
             self.bound.add_maps(call, q, k, spec)
         if not (self.cross or self.self_):
             return compute(q, k, v, spec)
-        plan = self.bound.plan(call.rows, q.device, self.window)
+        prefilled = self.plan is not _UNSET and call.row_layout is None  # another hook may run this on some rows
+        plan = self.plan if prefilled else self.bound.plan(call.rows, q.device, self.window)
         if plan is None:
             return compute(q, k, v, spec)
         cross = self.cross and plan.cross
@@ -851,7 +868,8 @@ class _LinkHook(LayerHook):
             q_all = torch.cat([q, q.index_select(0, sources)])
             k_all = torch.cat([k, k.index_select(0, sources)])
             v_all = torch.cat([v, base_v])
-            rows = [self.bound.index(tuple(range(batch)), q.device), sources]
+            own = torch.arange(batch, device=q.device) if torch.compiler.is_compiling() else self.bound.index(tuple(range(batch)), q.device)
+            rows = [own, sources]
             positions = list(range(batch)) + list(plan.targets)
         if extra:
             q_all = torch.cat([q_all, q.index_select(0, targets)])
