@@ -287,7 +287,7 @@ class FastAttn(Control, type_name="fastattn"):
                 "read per layer and step); calibrate uncompiled (attnctl.calibrate) and apply FastAttn(plan=...) to the "
                 "compiled denoiser"
             )
-        return None  # with a plan, the caches are read and filled outside the graph (`FastAttnBound.traced_edit`)
+        return None  # with a plan, the caches are read and filled outside the graph (`_TracedFastAttnHook`)
 
     def __post_init__(self) -> None:
         set_field(self, "threshold", number(self.threshold, "FastAttn.threshold", minimum=0))

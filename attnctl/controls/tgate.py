@@ -227,12 +227,12 @@ class TGateBound(Bound):
         and filed into the cache before the next forward's edits (`settle`). The graph then holds no cache lookup,
         no step and no report (dynamo would guard on each, and recompile every step)."""
         if action != "reuse":
-            hook = _TracedTGateHook(self, layer, frame, action, pass_index)
+            hook = _TracedTGateHook(layer, frame, action, pass_index)
             self.pending.append(hook)
             return Edit(hooks=(hook,))
         value = self.load(layer, frame.rows, pass_index)
         self.record_lookup(layer, frame.step.index, value, len(frame.rows) * one, baseline * one)
-        return None if value is None else Edit(hooks=(_TracedTGateHook(self, layer, frame, action, pass_index, value),))
+        return None if value is None else Edit(hooks=(_TracedTGateHook(layer, frame, action, pass_index, value),))
 
     def record_lookup(self, layer: LayerInfo, step: int, value: Any, computed: float, full: float) -> None:
         """Report a reuse: a hit, or a miss (the layer computes, `computed` FLOPs; a cross-attention miss warns)."""
@@ -337,8 +337,7 @@ class _TracedTGateHook(LayerHook):
     """TGATE's layer in a compiled forward (`TGateBound.traced_edit`): returns the output looked up with the edit, or
     keeps the layer's output for `TGateBound.settle`. Dynamo sees one tensor attribute and one attribute store."""
 
-    def __init__(self, bound: TGateBound, layer: LayerInfo, frame: DenoiserCall, action: Action, pass_index: Any,
-                 value: Any = None):
+    def __init__(self, layer: LayerInfo, frame: DenoiserCall, action: Action, pass_index: Any, value: Any = None):
         self.layer, self.rows, self.number, self.action, self.pass_index = layer, frame.rows, frame.number, action, pass_index
         self.extra_pass = frame.extra_pass
         self.value = value

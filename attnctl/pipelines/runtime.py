@@ -429,11 +429,10 @@ class Runtime:
         is refused here, before the forward, rather than inside dynamo's trace."""
         declared = [rows for rows in (hook.window_rows() for hook in edit.hooks) if rows is not None]
         rows = max(declared) if declared else (len(self.frame.rows) if edit.kernel.window is not None else 0)
-        if not rows:
-            return
-        tokens = self.frame.geometry(layer).query_len
         weight = self.adapter.placed_weight(layer.name)
-        choose_traced_backend(self.backend, weight.device if weight is not None else "cpu", ("window",), rows * tokens * tokens)
+        if rows and weight is not None:  # offloaded: the device is not known yet, the graph's choice decides
+            tokens = self.frame.geometry(layer).query_len
+            choose_traced_backend(self.backend, weight.device, ("window",), rows * tokens * tokens)
 
     def _prepare_labels(self, layer: LayerInfo, labels: LabelMask) -> None:
         weight = self.adapter.placed_weight(layer.name)
