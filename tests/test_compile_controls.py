@@ -485,10 +485,15 @@ P2P = {
 
 def test_prompt_to_prompt_runs_compiled_on_joint_attention():
     """PromptToPrompt with local blending on tiny-flux, the transformer compiled: bitwise the eager latents (the
-    blend reads the maps the graph added), one graph per phase of its windows, none on the next call."""
+    blend reads the maps the graph added), one graph per phase of its windows, none on the next call; the same with
+    PAG listed before it on tiny-sd."""
     torch._dynamo.reset()
     counters.clear()
     _check("tiny-flux P2P blend", *_compiled_run("tiny-flux", P2P["blend"], "inplace", steps=4, prompt=P2P_PROMPTS))
+    # PAG listed first runs P2P's hook on some rows: its links are then made in the graph (no graph per call)
+    torch._dynamo.reset()
+    counters.clear()
+    _check("tiny-sd PAG+P2P", *_compiled_run("tiny-sd", lambda: [attnctl.PAG(), P2P["replace"]()], "inplace", steps=3, prompt=P2P_PROMPTS))
 
 
 @pytest.mark.slow

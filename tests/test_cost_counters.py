@@ -221,20 +221,17 @@ def test_upload_keeps_cpu_tensors_and_copies_asynchronously_elsewhere():
         assert torch.equal(on_device.cpu(), host)
 
 
-def test_controlled_processors_give_diffusers_their_signature_without_recomputing_it():
-    """diffusers' attention modules call `inspect.signature(self.processor.__call__)` at every call to filter
-    their keyword arguments: the controlled processors carry it precomputed, with the parameters of `__call__`."""
+def test_controlled_processors_leave_their_signature_to_inspect():
+    """diffusers' attention modules call `inspect.signature(self.processor.__call__)` at every call to filter their
+    keyword arguments. A signature precomputed on `__call__` (1 us instead of 14 us per call here) made dynamo
+    refuse Flux's whole transformer under `fullgraph=True` ("mapping proxy affected by dictionary mutation"): the
+    processors leave it to inspect, as the stock processors do, and give diffusers their parameters."""
     import inspect
 
-    from attnctl.processors import base
     from attnctl.processors.flux import FluxAttnProcessor
     from attnctl.processors.self_cross import SelfCrossAttnProcessor
 
     for cls in (SelfCrossAttnProcessor, FluxAttnProcessor):
-        assert "__signature__" in vars(cls.__call__)
-        processor = object.__new__(cls)
-        names = list(inspect.signature(processor.__call__).parameters)
-        code = cls.__call__.__code__
-        assert names[: code.co_argcount - 1] == list(code.co_varnames[1 : code.co_argcount])  # self left out
+        assert "__signature__" not in vars(cls.__call__)
+        names = list(inspect.signature(object.__new__(cls).__call__).parameters)
         assert names[:2] == ["attn", "hidden_states"]
-    assert base.ControlledProcessor.__dict__.get("__call__") is None

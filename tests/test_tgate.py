@@ -383,9 +383,11 @@ def test_wan_tgate_with_pag_keeps_the_guidance_in_the_one_prediction():
     assert torch.equal(after_gate[0], after_gate[1]) and torch.equal(after_gate[2], after_gate[3])
 
 
-def test_sags_degraded_pass_does_not_fold_into_the_gate_mean(tiny_cache, monkeypatch):
-    """SAG's extra forward of degraded uncond rows at the step before the gate is not a separate uncond call (Wan):
-    TGATE's stored mean is the main forward's uncond / cond mean only (it was averaged with SAG's rows as well)."""
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_sags_degraded_pass_does_not_fold_into_the_gate_mean(tiny_cache, monkeypatch, guidance):
+    """SAG's extra forward of degraded rows at the step before the gate (uncond rows; cond rows without CFG) is not a
+    separate uncond call (Wan): TGATE's stored mean is the main forward's only (it was averaged with SAG's uncond rows,
+    or replaced by its degraded cond rows)."""
     from attnctl.controls.caching import BranchCache
 
     stored = []
@@ -393,7 +395,7 @@ def test_sags_degraded_pass_does_not_fold_into_the_gate_mean(tiny_cache, monkeyp
     monkeypatch.setattr(BranchCache, "store_by_prompt", lambda self, key, prompts, value: (stored.append(key), original(self, key, prompts, value))[1])
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), attnctl.SAG(steps=(0.0, 1.0))]):
-        generate(pipe, "tiny-sd", steps=4)
+        generate(pipe, "tiny-sd", steps=4, guidance=guidance)
     from attnctl.families import adapter_for
 
     cross = sum(1 for layer in adapter_for(pipe.unet).layers if layer.kind == "cross")

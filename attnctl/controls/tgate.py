@@ -262,12 +262,14 @@ class TGateBound(Bound):
 
     def store_mean(self, layer: LayerInfo, rows: RowLayout, result: Any, extra_pass: Any = None) -> None:
         """The mean of each prompt's uncond and cond outputs (the cond output alone without CFG). A separate uncond
-        call (Wan) folds its outputs into the cond call's, stored just before at the same step; an extra forward of
-        a guidance control (SAG's degraded uncond rows: `extra_pass`) does not."""
+        call (Wan) folds its outputs into the cond call's, stored just before at the same step. The outputs of an
+        extra forward (`extra_pass`: SAG's degraded rows, uncond or, without CFG, cond) are not the call's own."""
+        if extra_pass is not None:
+            return
         cond = rows.indices("cond", None)
         if not cond:
             uncond = rows.indices("uncond", None)
-            if uncond and len(uncond) == len(rows) and extra_pass is None and self.mean_mode.get(layer.index):
+            if uncond and len(uncond) == len(rows) and self.mean_mode.get(layer.index):
                 cache = self.caches[layer.index]
                 stored = cache.load(rows, ["mean"] * len(rows))
                 if stored is not None:

@@ -427,8 +427,10 @@ class Runtime:
     def _check_traced_window(self, layer: LayerInfo, edit: Edit) -> None:
         """A window in a graph runs on sdpa as a dense mask (`kernels.choose_traced_backend`): one past its size limit
         is refused here, before the forward, rather than inside dynamo's trace."""
-        declared = [rows for rows in (hook.window_rows() for hook in edit.hooks) if rows is not None]
-        rows = max(declared) if declared else (len(self.frame.rows) if edit.kernel.window is not None else 0)
+        declared = [hook.window_rows() for hook in edit.hooks]
+        rows = max((count for count in declared if count is not None), default=0)
+        if edit.kernel.window is not None and (None in declared or not declared):  # unknown: every row of the call
+            rows = max(rows, len(self.frame.rows))
         weight = self.adapter.placed_weight(layer.name)
         if rows and weight is not None:  # offloaded: the device is not known yet, the graph's choice decides
             tokens = self.frame.geometry(layer).query_len

@@ -10,7 +10,6 @@ outputs are bitwise identical to stock.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -56,14 +55,6 @@ class ControlledProcessor:
     _parallel_config = None
     edit_now = None  # this layer's edit, computed before a compiled forward (`Runtime.prefill_edits`)
     inert = False  # set by Handle.remove() when another library still holds this processor: pass-through to stock
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        call = cls.__dict__.get("__call__")
-        if call is not None:
-            # diffusers' attention modules read `inspect.signature(self.processor.__call__)` at every call to filter
-            # their kwargs; a signature computed once makes that lookup cheaper than for the stock processor
-            call.__signature__ = inspect.signature(call)
 
     def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
         if isinstance(self, torch.nn.Module):

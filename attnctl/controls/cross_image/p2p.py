@@ -598,14 +598,17 @@ class PromptToPromptBound(Bound):
         return links
 
     def plan(self, rows: RowLayout, device: torch.device, window: Any = "all") -> _Plan | None:
-        """The links of a row layout, with the tables of the cross-attention `window` (`_cross_window`)."""
+        """The links of a row layout, with the tables of the cross-attention `window` (`_cross_window`). While dynamo
+        traces (rows another hook restricted), made in the graph from constants: no cache lookup to guard on."""
+        tracing = torch.compiler.is_compiling()
         key = (rows.rows, device, window)
-        if key in self._plans:
+        if not tracing and key in self._plans:
             return self._plans[key]
         links = self.links(rows, attention=True)
         targets = tuple(i for i, link in enumerate(links) if link is not None)
         if not targets:
-            self._plans[key] = None
+            if not tracing:
+                self._plans[key] = None
             return None
         tables = self._window_tables[window] if window not in (None, "all") else self.tables
         sources = tuple(links[i] for i in targets)
@@ -620,11 +623,13 @@ class PromptToPromptBound(Bound):
             own.append(scale[row.prompt])
             zero = zero and table_zero
             cross = cross or window == "all" or (window is not None and tables[row.branch][3][row.prompt])
+        index = (lambda positions: torch.tensor(positions, device=device)) if tracing else (lambda positions: self.index(positions, device))
         plan = _Plan(
-            targets, self.index(targets, device), self.index(sources, device), self.index(permuted, device),
+            targets, index(targets), index(sources), index(permuted),
             None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero, cross,
         )
-        self._plans[key] = plan
+        if not tracing:
+            self._plans[key] = plan
         return plan
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -666,12 +671,11 @@ class PromptToPromptBound(Bound):
         cross = window is not None
         if not (cross or self_ or capture):
             return None
-        weight = self.adapter.placed_weight(layer.name) if frame.compiled else None
-        if weight is not None:  # a compiled forward: what the hook looks up by rows is made now (see `_LinkHook`)
+        if frame.compiled:  # what the hook looks up by rows is made now, on the device the denoiser runs on (`_LinkHook`)
             if capture and self.maps is None:
                 h, w = self.blend_grid
-                self.maps = torch.zeros(self.rows, h * w, device=weight.device)
-            plan = self.plan(frame.rows, weight.device, window) if (cross or self_) else None
+                self.maps = torch.zeros(self.rows, h * w, device=self.device)
+            plan = self.plan(frame.rows, self.device, window) if (cross or self_) else None
             return Edit(hooks=(_LinkHook(self, layer, cross, self_, capture, window, plan),))
         key = (layer.index, window, self_, capture)
         found = self._edits.get(key)
