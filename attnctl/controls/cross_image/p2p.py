@@ -213,9 +213,9 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     step_cache_refusal: ClassVar[str | None] = "the edited rows read the base row's attention in every layer it acts on"
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
-        # Its hooks are made once per layer and phase and read only the phase's flags in a graph (one graph per phase,
-        # not per layer); the blend's maps are added in place into a tensor the scheduler step reads after the forward.
-        # tests/test_compile_controls.py: bitwise eager on UNet, SD3, Flux and PixArt, with each option.
+        # Compiled, each edit's hook carries the frame's row links as tensors and reads only its phase's flags (one graph
+        # per phase, not per layer); the blend's maps are added in place into a tensor the scheduler step reads after
+        # the forward. tests/test_compile_controls.py: bitwise eager on UNet, SD3, Flux and PixArt, with each option.
         return None
 
     def __post_init__(self) -> None:
