@@ -46,6 +46,8 @@ class CallProtocol:
     encoders: tuple[EncoderSpec, ...]
     cfg_source: Literal["flag", "contexts", "sequential"]
     skip_layer_kwarg: str | None = None
+    #: The block list whose indices `skip_layer_kwarg` names (SD3: `transformer_blocks`).
+    skip_layer_blocks: str = "transformer_blocks"
     #: Batched CFG's row order: [uncond, cond] (diffusers' usual) or "cond_first" (Z-Image: [cond, uncond]).
     cfg_order: Literal["uncond_first", "cond_first"] = "uncond_first"
 

@@ -418,11 +418,11 @@ class Runtime:
         self.prefilled = True
 
     def _skipped_blocks(self, frame: DenoiserCall) -> tuple[str, ...]:
-        """Prefixes of the layers the denoiser skips in this call (SD3's skip-layer pass: `skip_layers` indexes its
-        `transformer_blocks`): they do not run, so they get no edit, as eagerly."""
-        name = self.protocol.skip_layer_kwarg
-        indices = frame.inputs.get(name) if name else None
-        return tuple(f"transformer_blocks.{int(i)}." for i in indices or ())
+        """Prefixes of the layers the denoiser skips in this call (SD3's skip-layer pass: the protocol's
+        `skip_layer_kwarg` indexes its `skip_layer_blocks`): they do not run, so they get no edit, as eagerly."""
+        protocol = self.protocol
+        indices = frame.inputs.get(protocol.skip_layer_kwarg) if protocol.skip_layer_kwarg else None
+        return tuple(f"{protocol.skip_layer_blocks}.{int(i)}." for i in indices or ())
 
     def _check_traced_window(self, layer: LayerInfo, edit: Edit) -> None:
         """A window in a graph runs on sdpa as a dense mask (`kernels.choose_traced_backend`): one past its size limit
