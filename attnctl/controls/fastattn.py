@@ -533,6 +533,16 @@ def _share_index(layout) -> tuple[list[int], list[int]] | None:
     return computed, source
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one layer call computes, decided before its tensors (`_FastAttnHook._decide`)."""
+
+    computed: list[int]  # the rows attention runs on (the cond rows with CFG sharing)
+    rows: tuple[torch.Tensor, torch.Tensor] | None  # with CFG sharing: (those rows, each row's source among them)
+    residual: torch.Tensor | None  # window + residual: the cached residual of the computed rows (None: a miss)
+    keep_residual: bool  # full attention also computes the window, for the residual a later step reuses
+
+
 class _FastAttnHook(LayerHook):
     """Carries out one layer's method in one denoiser call (and, while calibrating, chooses it first)."""
 
@@ -601,48 +611,66 @@ class _FastAttnHook(LayerHook):
             return compute(q, k, v, spec)
 
     def _apply(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
-        method = self.method
-        if method == "step_share":
+        if self.method == "step_share":
             previous = self.state.output.load(call.rows, self.keys) if self.bound.calibrating else None
             if previous is not None:
                 self._record("step_share", 0.0, hit=True)
                 return previous, None
             self._record("miss", self.rows * self.one)  # (with a plan: the module-level reuse missed)
             return compute(q, k, v, dataclasses.replace(spec, window=None))
-        share = _share_index(call.rows) if method.endswith("cfg_share") else None
-        computed, source = share if share is not None else (list(range(self.rows)), None)
-        if share is not None:
-            sub = self.bound.index(computed, q.device)
-            q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
-            spec = spec_rows(spec, sub, self.rows)
+        run = self._decide(call.rows, q.device)
+        out, lse, residual = self._run(run, call, q, k, v, spec, compute)
+        if residual is not None:
+            self.state.residual.store(call.rows, residual, self.keys)
+        return out, lse
+
+    def _decide(self, layout, device: torch.device | None) -> _Run:
+        """What this layer call computes for the rows `layout` (not step sharing), and its report entry: the cached
+        residual a window reuses, the rows CFG sharing computes, whether full attention also keeps a residual."""
+        method = self.method
+        share = _share_index(layout) if method.endswith("cfg_share") else None
+        computed = share[0] if share is not None else list(range(self.rows))
+        index = self.bound.index
+        rows = None if share is None else (index(share[0], device), index(share[1], device))
         label = _ran(method, share is not None)
         if method.startswith("window_residual"):
-            residual = self.state.residual.load(call.rows, self.keys)
+            residual = self.state.residual.load(layout, self.keys)
             if residual is None:
-                out, _ = self._some_rows(call, computed, compute, q, k, v, dataclasses.replace(spec, window=None))
                 self._record("miss", len(computed) * self.one)
-                return self._finish(out, source), None
+                return _Run(computed, rows, None, False)
             if share is not None:
-                residual = take_rows(residual, computed, self.bound.index)
-            window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
-            out, _ = self._some_rows(call, computed, compute, q, k, v, window_spec)
-            out = out + residual.to(out.dtype)
+                residual = take_rows(residual, computed, index)
             self._record(label, self._cost(method, len(computed), False))
-            return self._finish(out, source), None
-        keep = self.bound.needs_residual(self.layer, self.step) or (self.bound.calibrating and self.window_one < self.one)
-        full, lse = self._some_rows(call, computed, compute, q, k, v, spec)
-        if keep and self.window is not None:
-            window, _ = self._some_rows(call, computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
-            self.state.residual.store(call.rows, self._finish(full - window, source), self.keys)
+            return _Run(computed, rows, residual, False)
+        calibrating = self.bound.calibrating
+        keep = self.window is not None and (self.bound.needs_residual(self.layer, self.step) or (calibrating and self.window_one < self.one))
         # while calibrating, the report shows what the chosen method costs with a plan, not calibration's own work
-        self._record(label, self._cost(method, len(computed), keep and self.window is not None and not self.bound.calibrating))
-        return self._finish(full, source), (lse if share is None else None)
+        self._record(label, self._cost(method, len(computed), keep and not calibrating))
+        return _Run(computed, rows, None, keep)
 
-    def _finish(self, out: torch.Tensor, source: list[int] | None) -> torch.Tensor:
-        """Spread the computed rows to every row (uncond rows take their prompt's cond row)."""
-        if source is None:
-            return out
-        return out.index_select(0, self.bound.index(source, out.device))
+    def _run(self, run: _Run, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
+        """The tensors of a decided call: (output of every row, log-sum-exp or None, the residual to keep or None)."""
+        if run.rows is not None:
+            sub = run.rows[0].to(q.device)
+            q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
+            spec = spec_rows(spec, sub, self.rows)
+
+        def spread(out: torch.Tensor) -> torch.Tensor:  # every row takes its source row (uncond rows their cond row's)
+            return out if run.rows is None else out.index_select(0, run.rows[1].to(out.device))
+
+        if self.method.startswith("window_residual"):
+            if run.residual is None:
+                out, _ = self._some_rows(call, run.computed, compute, q, k, v, dataclasses.replace(spec, window=None))
+                return spread(out), None, None
+            window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
+            out, _ = self._some_rows(call, run.computed, compute, q, k, v, window_spec)
+            return spread(out + run.residual.to(out.dtype)), None, None
+        full, lse = self._some_rows(call, run.computed, compute, q, k, v, spec)
+        residual = None
+        if run.keep_residual:
+            window, _ = self._some_rows(call, run.computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
+            residual = spread(full - window)
+        return spread(full), (lse if run.rows is None else None), residual
 
     # -- calibration ----------------------------------------------------------------------------------------------
     def _calibrate(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
@@ -691,56 +719,36 @@ class _FastAttnHook(LayerHook):
 
 
 class _TracedFastAttnHook(_FastAttnHook):
-    """One layer's planned method in a compiled forward. What the eager hook does as it runs in Python (cache lookups,
-    row indices, the report) is done here, with the edit, before the forward; what it stores (the module output for
-    step sharing, the residual) is kept on the hook and filed before the next forward's edits (`FastAttnBound.settle`).
-    The graph then holds tensors and the method only: no cache, step or report for dynamo to guard on (it would
-    recompile every step)."""
+    """One layer's planned method in a compiled forward. What the eager hook decides as it runs in Python (cache
+    lookups, row indices, the report: `_decide`) is decided here, with the edit, before the forward; what it stores
+    (the module output for step sharing, the residual) is kept on the hook and filed before the next forward's edits
+    (`FastAttnBound.settle`). The graph then holds tensors and the method only: no cache, step or report for dynamo
+    to guard on (it would recompile every step)."""
 
     def __init__(self, bound: FastAttnBound, layer: LayerInfo, frame: DenoiserCall, method: str, window: Window | None,
                  pass_index: Any):
         super().__init__(bound, layer, frame, method, window, pass_index, calibrate=False)
         self.number, self.layout = frame.number, frame.rows
-        self.reused = self.residual = None
-        self.share: tuple[torch.Tensor, torch.Tensor] | None = None  # (computed rows, each row's source among them)
-        self.computed = list(range(self.rows))
         self.keep_output = method == "step_share" or bound.needs_output(layer, self.step)
-        self.keep_residual = False
-        self.output = self.new_residual = None
-        self._prepare(bound.adapter.placed_weight(layer.name))
-
-    def _prepare(self, weight: torch.Tensor | None) -> None:
-        method, state, index = self.method, self.state, self.bound.index
+        self.output = self.new_residual = self.reused = None
+        self.run: _Run | None = None  # None: step sharing
         if method == "step_share":
-            self.reused = state.output.load(self.layout, self.keys)
+            self.reused = self.state.output.load(self.layout, self.keys)
             if self.reused is not None:
                 self._record("step_share", 0.0, hit=True)
             else:  # computed in full, without a window
                 self._record("miss", self.rows * self.one)
-            return
-        share = _share_index(self.layout) if method.endswith("cfg_share") else None
-        if share is not None:
-            self.computed, source = share
-            device = weight.device if weight is not None else None
-            self.share = (index(self.computed, device), index(source, device))
-        label = _ran(method, share is not None)
-        if method.startswith("window_residual"):
-            residual = state.residual.load(self.layout, self.keys)
-            if residual is None:
-                self._record("miss", len(self.computed) * self.one)
-                return
-            self.residual = take_rows(residual, self.computed, index) if share is not None else residual
-            self._record(label, self._cost(method, len(self.computed), False))
-            return
-        self.keep_residual = self.window is not None and self.bound.needs_residual(self.layer, self.step)
-        self._record(label, self._cost(method, len(self.computed), self.keep_residual))
+        else:
+            weight = bound.adapter.placed_weight(layer.name)
+            self.run = self._decide(self.layout, weight.device if weight is not None else None)
 
     def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
         return self.reused
 
     def window_rows(self) -> int:
-        windowed = self.keep_residual or (self.method.startswith("window_residual") and self.residual is not None)
-        return len(self.computed) if windowed else 0
+        run = self.run
+        windowed = run is not None and (run.keep_residual or (self.method.startswith("window_residual") and run.residual is not None))
+        return len(run.computed) if windowed else 0
 
     def result(self, call: AttentionCall, result: Any) -> Any:
         if self.keep_output:
@@ -756,24 +764,7 @@ class _TracedFastAttnHook(_FastAttnHook):
                 "on the layer runs its attention on some rows); in a compiled denoiser FastAttn needs the layer's own rows: "
                 "apply that control to other layers, or run uncompiled"
             )
-        if self.method == "step_share":  # the module-level reuse missed
+        if self.run is None:  # step sharing whose module-level reuse missed
             return compute(q, k, v, dataclasses.replace(spec, window=None))
-        if self.share is not None:
-            sub = self.share[0].to(q.device)
-            q, k, v = q.index_select(0, sub), k.index_select(0, sub), v.index_select(0, sub)
-            spec = spec_rows(spec, sub, self.rows)
-        if self.method.startswith("window_residual"):
-            if self.residual is None:
-                out, _ = self._some_rows(call, self.computed, compute, q, k, v, dataclasses.replace(spec, window=None))
-                return self._spread(out), None
-            window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
-            out, _ = self._some_rows(call, self.computed, compute, q, k, v, window_spec)
-            return self._spread(out + self.residual.to(out.dtype)), None
-        full, lse = self._some_rows(call, self.computed, compute, q, k, v, spec)
-        if self.keep_residual:
-            window, _ = self._some_rows(call, self.computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
-            self.new_residual = self._spread(full - window)
-        return self._spread(full), (lse if self.share is None else None)
-
-    def _spread(self, out: torch.Tensor) -> torch.Tensor:
-        return out if self.share is None else out.index_select(0, self.share[1].to(out.device))
+        out, lse, self.new_residual = self._run(self.run, call, q, k, v, spec, compute)
+        return out, lse

@@ -695,16 +695,13 @@ class PromptToPromptBound(Bound):
         start = layout.text_k.start
         if torch.compiler.is_compiling():  # constants of the graph: no lookup in the caches to guard on
             index, prompts = torch.tensor(cond, device=device), torch.tensor(positions, device=device)
-            full = torch.zeros(self.rows, layout.nk, device=device)
-            full[:, start : start + self.text_len] = self.selector.to(device)
+            full = self._key_selector(layout.nk, start, device)
         else:
             index, prompts = self.index(cond, device), self.index(positions, device)
             key = (layout.nk, start, device)
             full = self._selectors.get(key)
             if full is None:
-                full = torch.zeros(self.rows, layout.nk, device=device)
-                full[:, start : start + self.text_len] = self.selector.to(device)
-                self._selectors[key] = full
+                full = self._selectors[key] = self._key_selector(layout.nk, start, device)
         selector = full.index_select(0, prompts)[:, None, :]
         mask = spec.attn_mask
         if mask is not None:
@@ -716,6 +713,12 @@ class PromptToPromptBound(Bound):
         if self.maps is None:
             self.maps = torch.zeros(self.rows, mass.shape[1], device=device)
         self.maps.index_add_(0, prompts, mass.to(self.maps.device))
+
+    def _key_selector(self, keys: int, start: int, device: torch.device) -> torch.Tensor:
+        """(prompt rows, keys): each prompt's blend-word weights at the text keys starting at `start`, 0 elsewhere."""
+        full = torch.zeros(self.rows, keys, device=device)
+        full[:, start : start + self.text_len] = self.selector.to(device)
+        return full
 
     def blend_mask(self, latents: torch.Tensor) -> torch.Tensor:
         """(E, 1, ...) 0/1 mask per edited prompt row in the latents' layout: P2P's LocalBlend (max-pool 3x3,
