@@ -356,8 +356,10 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     """Box layout guidance: backward guidance of Chen, Laina, Vedaldi 2023 ("Training-Free Layout Control with
     Cross-Attention Guidance"): at the steps in `steps`, up to `iterations` gradient steps per step on the loss
     `sum_words (1 - mass inside the word's box / total mass)^2` of the words' cross-attention maps, while it is above
-    `loss_threshold`; step size `scale * sigma_t^2` (`sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t`; flow matching:
-    `(sigma / (1 - sigma))^2`).
+    `loss_threshold`. The authors' step is `scale * sigma_t^2` times the gradient on their sampler's latent
+    `x0 + sigma_t * noise` (LMS, `sigma_t^2 = (1 - alpha_bar_t) / alpha_bar_t`); the same move of the denoiser's input
+    is `scale * (1 - alpha_bar_t)` times the gradient with respect to that input (flow matching: `scale * sigma^2`),
+    which is what this control steps, on any scheduler (`guidance_step_variance`).
 
     `boxes`: `{word: (x0, y0, x1, y1)}` in relative image coordinates (x right, y down), as `Region` boxes.
     `constraints`: `("ratio",)` (Chen et al., default) and / or BoxDiff's `"inner"`, `"outer"`, `"corner"` (Xie et al.
@@ -496,7 +498,7 @@ class BoxGuidanceBound(LatentOptimizerBound):
 
     def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):
         c = self.control
-        size = c.scale * noise_variance(self.scheduler, inputs.get("timestep"), self.context)
+        size = c.scale * guidance_step_variance(self.scheduler, inputs.get("timestep"))
 
         def loss_of(maps: Any) -> torch.Tensor:
             return self._loss(maps, selector)
@@ -516,20 +518,26 @@ class BoxGuidanceBound(LatentOptimizerBound):
         return x
 
 
-def noise_variance(scheduler: Any, timestep: Any, context: BindContext) -> float:
-    """`sigma_t^2` of Chen et al.'s step size at `timestep`: `(1 - alpha_bar) / alpha_bar` for schedulers with
-    `alphas_cumprod`, `(sigma / (1 - sigma))^2` with `sigma = t / num_train_timesteps` for flow matching (read once
-    per step, on the host)."""
+def guidance_step_variance(scheduler: Any, timestep: Any) -> float:
+    """The variance of the noise in the denoiser's input at `timestep`: `1 - alpha_bar` for schedulers with
+    `alphas_cumprod` (at a fractional timestep, from `sigma = sqrt((1 - alpha_bar) / alpha_bar)` interpolated as the
+    Euler and LMS schedulers do: `sigma^2 / (sigma^2 + 1)`), `sigma^2` for flow matching (`(1 - sigma) x0 + sigma
+    noise`, `sigma = t / num_train_timesteps`); read once per step, on the host.
+
+    It turns Chen et al.'s step into the input's scale. Their code steps LMS's latent `y = x0 + s noise` by
+    `scale * s^2 * dL/dy`, `s^2 = (1 - alpha_bar) / alpha_bar`; the denoiser reads `x = y / sqrt(s^2 + 1)`, so
+    `dL/dy = dL/dx / sqrt(s^2 + 1)` and `x` moves by `scale * s^2 / (s^2 + 1) * dL/dx = scale * (1 - alpha_bar) *
+    dL/dx`. A flow-matching input `(1 - sigma) y` with `s = sigma / (1 - sigma)` moves by `scale * sigma^2 * dL/dx`.
+    The scheduler's own sample then moves by the input's move over the input's scale (`_updated_sample`)."""
     t = timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else float(timestep)
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is not None:
-        a = float(alphas[int(round(t))])
-        return (1.0 - a) / a
+        t = min(max(t, 0.0), len(alphas) - 1.0)
+        low = int(math.floor(t))
+        pair = torch.as_tensor(alphas)[[low, min(low + 1, len(alphas) - 1)]].double().cpu()
+        sigmas = ((1.0 - pair) / pair).sqrt()
+        sigma = float(sigmas[0] + (t - low) * (sigmas[1] - sigmas[0]))
+        return sigma**2 / (sigma**2 + 1.0)
     train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000
-    sigma = min(max(t / train if t > 1.0 else t, 0.0), 0.999)
-    return min((sigma / (1.0 - sigma)) ** 2, MAX_NOISE_VARIANCE)
-
-
-#: The cap of `noise_variance` for flow matching, whose `(sigma / (1 - sigma))^2` is unbounded at sigma = 1: about the
-#: largest `(1 - alpha_bar) / alpha_bar` of Stable Diffusion's schedule (212 at t = 999).
-MAX_NOISE_VARIANCE = 212.0
+    sigma = min(max(t / train if t > 1.0 else t, 0.0), 1.0)
+    return sigma**2
