@@ -303,8 +303,9 @@ def test_layout_loss_of_a_call_matches_the_authors_code_on_materialised_maps(tin
 def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
     """Chen et al.'s code samples with LMS and steps its latent `y = x0 + sigma * noise` by `30 * sigma^2 * dL/dy`
     (`compute_ca_loss` times the loss scale), the UNet reading `y / sqrt(sigma^2 + 1)`. With a scheduler on that latent
-    (Euler's is LMS's; LMS itself needs scipy) the sample the scheduler receives at the guided step is that update, the gradient taken by autograd through the stock
-    UNet's materialised maps (not a step of `30 * sigma^2` on the UNet's input, which is `sigma^2 + 1` times larger)."""
+    (Euler's is LMS's; LMS itself needs scipy) the sample the scheduler receives at each guided step is that update,
+    the gradient taken by autograd through the stock UNet's materialised maps (not a step of `30 * sigma^2` on the
+    UNet's input, which is `sigma^2 + 1` times larger). Three steps: the second is at a fractional timestep (499.5)."""
     from diffusers import EulerDiscreteScheduler
 
     pipe = tiny_cache("tiny-sd")
@@ -320,33 +321,86 @@ def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
     pipe.scheduler.step = step
     box = (0.1, 0.0, 0.6, 0.8)
     try:
-        seen, bound = _run_with_inputs(pipe, attnctl.BoxGuidance({"cat": box}, iterations=1, steps=(0.0, 0.5)))
-        sigma = float(pipe.scheduler.sigmas[0])
+        with attnctl.apply(pipe, [attnctl.BoxGuidance({"cat": box}, iterations=1, steps=(0.0, 0.5))]) as handle:
+            seen, hook = _capture_inputs(pipe.unet)
+            try:
+                generate(pipe, "tiny-sd", prompt=PROMPT, steps=3)
+            finally:
+                hook.remove()
+            bound = handle.runtime.last_call.bound[0]
+        sigmas = [float(sigma) for sigma in pipe.scheduler.sigmas[:2]]
+        timesteps = [float(t) for t in pipe.scheduler.timesteps[:2]]
     finally:
         pipe.scheduler = saved
-    loss_pass = seen[0]
-    assert loss_pass["grad"] and sigma > 1.0
+    loss_passes = [call for call in seen if call["grad"]]
+    assert len(loss_passes) == 2 and timesteps[1] != int(timesteps[1])  # steps 0 and 1 guided; 499.5
     layers = [layer.name for layer in bound.layers]
     position = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
-    stores: dict[str, list] = {}
     processors = pipe.unet.attn_processors
-    pipe.unet.set_attn_processor({key: _Recording(stores.setdefault(key[: -len(".processor")], [])) for key in processors})
+    for loss_pass, sigma, sample in zip(loss_passes, sigmas, received):
+        stores: dict[str, list] = {}
+        pipe.unet.set_attn_processor({key: _Recording(stores.setdefault(key[: -len(".processor")], [])) for key in processors})
+        try:
+            with torch.enable_grad():
+                y = (loss_pass["sample"] * math.sqrt(sigma**2 + 1)).requires_grad_(True)
+                pipe.unet(y / math.sqrt(sigma**2 + 1), loss_pass["timestep"], encoder_hidden_states=loss_pass["encoder_hidden_states"])
+                layer_maps = []
+                for name in layers:
+                    (probs,) = stores[name]
+                    side = int(math.isqrt(probs.shape[1]))
+                    layer_maps.append((probs, (side, side)))
+                loss = _chen_ca_loss(layer_maps, [box], [[position]]) * 30.0
+                (grad,) = torch.autograd.grad(loss, [y])
+        finally:
+            pipe.unet.set_attn_processor(dict(processors))  # diffusers pops the dict it is given
+        expected = y.detach() - grad * sigma**2
+        assert (expected - y).abs().max() > 1e-3  # the step moves the latent
+        torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_box_guidance_step_variance_is_the_noise_variance_of_the_denoiser_input():
+    """`1 - alpha_bar` of the input on VP schedulers (from alphas_cumprod at the timestep, or the scheduler's own
+    sigma: `sigma^2 / (sigma^2 + 1)`, Karras sigmas at fractional timesteps included); `sigma^2` on flow matching,
+    whatever scale the pipeline gives the timestep in (SD3: 0..1000, Flux: 0..1)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    from attnctl.controls.optimize.controls import guidance_step_variance
+
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    ddim = DDIMScheduler(**sd, steps_offset=1)
+    ddim.set_timesteps(10)
+    for t in ddim.timesteps:
+        assert guidance_step_variance(ddim, t) == pytest.approx(1.0 - float(ddim.alphas_cumprod[int(t)]), rel=1e-6)
+    karras = EulerDiscreteScheduler(**sd, use_karras_sigmas=True)
+    karras.set_timesteps(12)
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow.set_timesteps(12)
+    for i in range(12):
+        karras._step_index = flow._step_index = i
+        sigma = float(karras.sigmas[i])
+        assert guidance_step_variance(karras, karras.timesteps[i]) == pytest.approx(sigma**2 / (sigma**2 + 1), rel=1e-6)
+        sigma = float(flow.sigmas[i])
+        for timestep in (flow.timesteps[i], flow.timesteps[i] / 1000):  # SD3's scale, Flux's
+            assert guidance_step_variance(flow, timestep) == pytest.approx(sigma**2, rel=1e-6)
+
+
+def test_box_guidance_refuses_edm_schedulers_at_the_call_start(tiny_cache):
+    """EDM schedulers precondition the model: the input's noise variance, and so the step, is not defined. The call
+    is refused before any denoiser call, and the scheduler is left as it was."""
+    from diffusers import EDMEulerScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    pipe.scheduler = EDMEulerScheduler()
     try:
-        with torch.enable_grad():
-            y = (loss_pass["sample"] * math.sqrt(sigma**2 + 1)).requires_grad_(True)
-            pipe.unet(y / math.sqrt(sigma**2 + 1), loss_pass["timestep"], encoder_hidden_states=loss_pass["encoder_hidden_states"])
-            layer_maps = []
-            for name in layers:
-                (probs,) = stores[name]
-                side = int(math.isqrt(probs.shape[1]))
-                layer_maps.append((probs, (side, side)))
-            loss = _chen_ca_loss(layer_maps, [box], [[position]]) * 30.0
-            (grad,) = torch.autograd.grad(loss, [y])
+        with attnctl.apply(pipe, [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)})]):
+            handles_step = vars(pipe.scheduler)["step"]  # the handle's own step counter
+            with pytest.raises(attnctl.UnsupportedError, match="EDM"):
+                generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+            assert vars(pipe.scheduler)["step"] is handles_step  # the control's wrap went with the refused call
+        assert "step" not in vars(pipe.scheduler)
     finally:
-        pipe.unet.set_attn_processor(processors)
-    expected = y.detach() - grad * sigma**2
-    assert (expected - y).abs().max() > 1e-3  # the step moves the latent
-    torch.testing.assert_close(received[0], expected, rtol=1e-4, atol=1e-5)
+        pipe.scheduler = saved
 
 
 # -- identities ----------------------------------------------------------------------------------------------------

@@ -281,17 +281,17 @@ class NoiseLevel:
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
-def noise_level(scheduler: Any, timestep: Any) -> NoiseLevel:
+def noise_level(scheduler: Any, timestep: Any, owner: str = "SAG") -> NoiseLevel:
     """The noise level of the denoiser call in progress, from the pipeline's scheduler (see the module
     docstring): flow-matching sigma; a VP scheduler's sigma (Euler, Heun, DPM-Solver, UniPC: the input is VP
     with alpha_bar = 1 / (1 + sigma^2)); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
     if scheduler is None:
-        raise UnsupportedError("SAG needs the pipeline's scheduler (pipe.scheduler) to know the noise level")
+        raise UnsupportedError(f"{owner} needs the pipeline's scheduler (pipe.scheduler) to know the noise level")
     name = type(scheduler).__name__
     config = getattr(scheduler, "config", {})
     prediction = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
     if "EDM" in name:
-        raise UnsupportedError(f"SAG: {name} preconditions the model (EDM); not supported")
+        raise UnsupportedError(f"{owner}: {name} preconditions the model (EDM); not supported")
     use_flow_sigmas = config.get("use_flow_sigmas", False) if hasattr(config, "get") else False
     flow = "FlowMatch" in name or prediction == "flow_prediction" or bool(use_flow_sigmas)
     sigmas = getattr(scheduler, "sigmas", None)
@@ -304,10 +304,10 @@ def noise_level(scheduler: Any, timestep: Any) -> NoiseLevel:
             return NoiseLevel("flow", sigma, "flow")
         return NoiseLevel("vp", 1.0 / (1.0 + sigma**2), prediction)
     if flow:
-        raise UnsupportedError(f"SAG: flow-matching scheduler {name} has no sigmas")
+        raise UnsupportedError(f"{owner}: flow-matching scheduler {name} has no sigmas")
     alphas = getattr(scheduler, "alphas_cumprod", None)
     if alphas is None or timestep is None:
-        raise UnsupportedError(f"SAG: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
+        raise UnsupportedError(f"{owner}: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
     t = torch.as_tensor(timestep).flatten()[:1].long()
     # gathered where the timestep is (no copy of it to the host); float64 is exact for the float32 table
     value = _on_device(torch.as_tensor(alphas), t.device).index_select(0, t)[0]

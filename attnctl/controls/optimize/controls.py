@@ -29,6 +29,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, validate_word_query
 from ...validation import choice, integer, number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
+from ..guidance.sag import noise_level
 from ..regions.masks import box_coverage, validate_box
 from . import losses
 from .engine import LatentOptimizerBound, word_columns
@@ -450,6 +451,9 @@ class BoxGuidanceBound(LatentOptimizerBound):
                     for p in positions:
                         selector[row, s, where[p]] = 1.0
         super().__init__(control, context, columns, selector)
+        if "EDM" in type(self.scheduler).__name__:
+            raise UnsupportedError(f"attnctl: BoxGuidance: {type(self.scheduler).__name__} preconditions the model (EDM), so "
+                                   "the step size (the noise level of the denoiser's input) is not defined for it")
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
         self.layer_boxes = tuple(
@@ -519,25 +523,15 @@ class BoxGuidanceBound(LatentOptimizerBound):
 
 
 def guidance_step_variance(scheduler: Any, timestep: Any) -> float:
-    """The variance of the noise in the denoiser's input at `timestep`: `1 - alpha_bar` for schedulers with
-    `alphas_cumprod` (at a fractional timestep, from `sigma = sqrt((1 - alpha_bar) / alpha_bar)` interpolated as the
-    Euler and LMS schedulers do: `sigma^2 / (sigma^2 + 1)`), `sigma^2` for flow matching (`(1 - sigma) x0 + sigma
-    noise`, `sigma = t / num_train_timesteps`); read once per step, on the host.
+    """The variance of the noise in the denoiser's input at the step in progress: `1 - alpha_bar` (VP schedulers:
+    `sigma^2 / (sigma^2 + 1)` from the scheduler's own sigma, or `alphas_cumprod` at the timestep), `sigma^2` for
+    flow matching (`(1 - sigma) x0 + sigma noise`); the level is SAG's `noise_level`, read once per step on the host.
 
     It turns Chen et al.'s step into the input's scale. Their code steps LMS's latent `y = x0 + s noise` by
     `scale * s^2 * dL/dy`, `s^2 = (1 - alpha_bar) / alpha_bar`; the denoiser reads `x = y / sqrt(s^2 + 1)`, so
     `dL/dy = dL/dx / sqrt(s^2 + 1)` and `x` moves by `scale * s^2 / (s^2 + 1) * dL/dx = scale * (1 - alpha_bar) *
     dL/dx`. A flow-matching input `(1 - sigma) y` with `s = sigma / (1 - sigma)` moves by `scale * sigma^2 * dL/dx`.
     The scheduler's own sample then moves by the input's move over the input's scale (`_updated_sample`)."""
-    t = timestep.flatten()[0].item() if isinstance(timestep, torch.Tensor) else float(timestep)
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is not None:
-        t = min(max(t, 0.0), len(alphas) - 1.0)
-        low = int(math.floor(t))
-        pair = torch.as_tensor(alphas)[[low, min(low + 1, len(alphas) - 1)]].double().cpu()
-        sigmas = ((1.0 - pair) / pair).sqrt()
-        sigma = float(sigmas[0] + (t - low) * (sigmas[1] - sigmas[0]))
-        return sigma**2 / (sigma**2 + 1.0)
-    train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", 1000) or 1000
-    sigma = min(max(t / train if t > 1.0 else t, 0.0), 1.0)
-    return sigma**2
+    level = noise_level(scheduler, timestep, owner="BoxGuidance")
+    value = float(level.value)
+    return value**2 if level.kind == "flow" else 1.0 - value
