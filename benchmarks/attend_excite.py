@@ -18,6 +18,7 @@ stock, so its time ratios stand alone); the numbers in README were measured with
     python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
     python benchmarks/attend_excite.py --quick     # a smoke run: 4 of each, memory at 64x64 (CI)
     python benchmarks/attend_excite.py --part box --first-seed 1000   # the same prompts and boxes on other seeds
+    python benchmarks/attend_excite.py --part box --steps 50          # at the papers' step count
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ TOY_BOXDIFF = {**TOY_BOX, "constraints": ("ratio", "inner", "outer", "corner")}
 LEVEL_BOX = {**TOY_BOX, "layers": ("down_blocks.1", "up_blocks.1")}
 
 
-def call(pipe, prompt: str, seed: int, controls: list) -> object:
+def call(pipe, prompt: str, seed: int, controls: list, steps: int | None = None) -> object:
+    options = CALL_DEFAULTS if steps is None else {**CALL_DEFAULTS, "num_inference_steps": steps}
     with attnctl.apply(pipe, controls):
-        return pipe(prompt, generator=torch.Generator().manual_seed(seed), **CALL_DEFAULTS).images[0]
+        return pipe(prompt, generator=torch.Generator().manual_seed(seed), **options).images[0]
 
 
 def main() -> None:
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--boxes", type=int, default=48)
     parser.add_argument("--first-seed", type=int, default=0,
                         help="generator seed of the first case (the prompts and boxes stay; e.g. 1000 for held-out seeds)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps of the effect parts (default: the toy's 10; the papers run 50, and the step windows scale with it)")
     parser.add_argument("--part", choices=("all", "two", "box", "memory"), default="all",
                         help="run one part only (the parts are independent; each has its own stock)")
     parser.add_argument("--level-defaults", action="store_true",
@@ -121,10 +125,10 @@ def _two_objects(pipe, args) -> None:
         prompt = f"a {c1} {s1} and a {c2} {s2}"
         for name, make in two.items():
             start = time.perf_counter()
-            image = call(pipe, prompt, args.first_seed + seed, make(s1, s2))
+            image = call(pipe, prompt, args.first_seed + seed, make(s1, s2), args.steps)
             seconds[name] += time.perf_counter() - start
             present[name] += analysis.check_two(image, [(c1, s1, None), (c2, s2, None)])["colors"]
-    print(f"two objects, no positions, {args.pairs} prompt-seed pairs (first seed {args.first_seed}): both colours "
+    print(f"two objects, no positions, {args.pairs} prompt-seed pairs (first seed {args.first_seed}, {args.steps or CALL_DEFAULTS['num_inference_steps']} steps): both colours "
           f"present (layers {TOY_LAYERS})")
     for name in two:
         print(f"  {name:16s} {present[name] / args.pairs:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
@@ -145,11 +149,11 @@ def _boxes(pipe, args) -> None:
         prompt = f"a {color} {shape}"
         for name, make in boxed.items():
             start = time.perf_counter()
-            image = call(pipe, prompt, args.first_seed + seed, make(prompt, shape, box))
+            image = call(pipe, prompt, args.first_seed + seed, make(prompt, shape, box), args.steps)
             seconds[name] += time.perf_counter() - start
             centre = analysis.centroid(analysis.color_masks(image)[color])
             inside[name] += centre is not None and (centre[0] < 16) == (box[0] == 0.0)
-    print(f"one object with a box in the left or right half, {args.boxes} seeds from {args.first_seed}: colour centroid inside the box "
+    print(f"one object with a box in the left or right half, {args.boxes} seeds from {args.first_seed}, {args.steps or CALL_DEFAULTS['num_inference_steps']} steps: colour centroid inside the box "
           f"(BoxGuidance: paper settings on {TOY_LAYERS}; BoxGuidance+: {TOY_BOX}; +BoxDiff: its constraints added)")
     for name in boxed:
         print(f"  {name:16s} {inside[name] / args.boxes:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
