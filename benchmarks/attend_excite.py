@@ -13,12 +13,15 @@ The controls read the toy's down-path map layer (TOY_LAYERS, chosen on held-out 
 adds the controls at their default layers (A&E / A-STAR: the 4x4 level; BoxGuidance: Chen et al.'s mid block and first
 up block) and TOY_BOX at the 8x8 level. --part runs one part (each has its own
 stock, so its time ratios stand alone); the numbers in README were measured with `--part box --level-defaults` and
-`--part two` running concurrently, then `--part memory`.
+`--part two` running concurrently, then `--part memory`; the box part also with `--steps 50` (the papers' step
+count), `--swap-sides` (each case's box in the other half) and `--first-seed 1000 --boxes 96` (the held-out seeds
+the toy settings were chosen on).
 
     python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
     python benchmarks/attend_excite.py --quick     # a smoke run: 4 of each, memory at 64x64 (CI)
     python benchmarks/attend_excite.py --part box --first-seed 1000   # the same prompts and boxes on other seeds
     python benchmarks/attend_excite.py --part box --steps 50          # at the papers' step count
+    python benchmarks/attend_excite.py --part box --swap-sides         # every box in the other half
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ def two_object_cases(n: int) -> list[tuple[str, str, str, str, int]]:
     return cases
 
 
-def box_cases(n: int) -> list[tuple[str, str, tuple[float, float, float, float], int]]:
-    return [(COLORS[i % len(COLORS)], SHAPES[(i // len(COLORS)) % 3], (0.0, 0.0, 0.5, 1.0) if i % 2 == 0 else (0.5, 0.0, 1.0, 1.0), i)
+def box_cases(n: int, swap: bool = False) -> list[tuple[str, str, tuple[float, float, float, float], int]]:
+    """(colour, shape, box, seed offset): the box in the left half for even cases, the right for odd ones (`swap`: the
+    other way round; the colour cycles with the case, so each colour keeps one side)."""
+    return [(COLORS[i % len(COLORS)], SHAPES[(i // len(COLORS)) % 3], (0.0, 0.0, 0.5, 1.0) if (i % 2 == 0) != swap else (0.5, 0.0, 1.0, 1.0), i)
             for i in range(n)]
 
 
@@ -67,7 +72,7 @@ TOY_BOX = {"layers": TOY_LAYERS, "scale": 10.0, "steps": (0.0, 0.5), "loss_thres
 #: TOY_BOX with BoxDiff's constraints added (Xie et al. 2023) to the ratio loss.
 TOY_BOXDIFF = {**TOY_BOX, "constraints": ("ratio", "inner", "outer", "corner")}
 
-#: The previous toy settings (the 8x8 level, down_blocks.1 + up_blocks.1), run with --level-defaults.
+#: TOY_BOX at the 8x8 level (down_blocks.1 + up_blocks.1), run with --level-defaults.
 LEVEL_BOX = {**TOY_BOX, "layers": ("down_blocks.1", "up_blocks.1")}
 
 
@@ -86,6 +91,7 @@ def main() -> None:
                         help="generator seed of the first case (the prompts and boxes stay; e.g. 1000 for held-out seeds)")
     parser.add_argument("--steps", type=int, default=None,
                         help="denoising steps of the effect parts (default: the toy's 10; the papers run 50, and the step windows scale with it)")
+    parser.add_argument("--swap-sides", action="store_true", help="box part: each case's box in the other half")
     parser.add_argument("--part", choices=("all", "two", "box", "memory"), default="all",
                         help="run one part only (the parts are independent; each has its own stock)")
     parser.add_argument("--level-defaults", action="store_true",
@@ -128,24 +134,35 @@ def _two_objects(pipe, args) -> None:
             image = call(pipe, prompt, args.first_seed + seed, make(s1, s2), args.steps)
             seconds[name] += time.perf_counter() - start
             present[name] += analysis.check_two(image, [(c1, s1, None), (c2, s2, None)])["colors"]
-    print(f"two objects, no positions, {args.pairs} prompt-seed pairs (first seed {args.first_seed}, {args.steps or CALL_DEFAULTS['num_inference_steps']} steps): both colours "
+    print(f"two objects, no positions, {args.pairs} prompt-seed pairs (first seed {args.first_seed}, {_steps(args)} steps): both colours "
           f"present (layers {TOY_LAYERS})")
     for name in two:
         print(f"  {name:16s} {present[name] / args.pairs:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")
 
 
 
+def _steps(args) -> int:
+    return CALL_DEFAULTS["num_inference_steps"] if args.steps is None else args.steps
+
+
+def _regions_and_box(prompt: str, shape: str, box: tuple[float, float, float, float]) -> list:
+    """`Regions` with the box, and TOY_BOX guidance of the shape word taking the region's box (`from_regions`)."""
+    regions = attnctl.Regions([attnctl.Region(prompt, box=box)])
+    return [regions, attnctl.BoxGuidance.from_regions(regions, [shape], **TOY_BOX)]
+
+
 def _boxes(pipe, args) -> None:
     boxed = {"stock": lambda prompt, shape, box: [], "Regions": lambda prompt, shape, box: [attnctl.Regions([attnctl.Region(prompt, box=box)])],
              "BoxGuidance": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, layers=TOY_LAYERS)],
              "BoxGuidance+": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **TOY_BOX)],
-             "BoxGuidance+BoxDiff": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **TOY_BOXDIFF)]}
+             "BoxGuidance+BoxDiff": lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **TOY_BOXDIFF)],
+             "Regions+BoxGuidance+": _regions_and_box}
     if args.level_defaults:
         boxed["BoxGuidance@default"] = lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box})]  # Chen et al.'s layers
         boxed["BoxGuidance+@8x8"] = lambda prompt, shape, box: [attnctl.BoxGuidance({shape: box}, **LEVEL_BOX)]
     inside = {name: 0 for name in boxed}
     seconds = {name: 0.0 for name in boxed}
-    for color, shape, box, seed in box_cases(args.boxes):
+    for color, shape, box, seed in box_cases(args.boxes, args.swap_sides):
         prompt = f"a {color} {shape}"
         for name, make in boxed.items():
             start = time.perf_counter()
@@ -153,7 +170,7 @@ def _boxes(pipe, args) -> None:
             seconds[name] += time.perf_counter() - start
             centre = analysis.centroid(analysis.color_masks(image)[color])
             inside[name] += centre is not None and (centre[0] < 16) == (box[0] == 0.0)
-    print(f"one object with a box in the left or right half, {args.boxes} seeds from {args.first_seed}, {args.steps or CALL_DEFAULTS['num_inference_steps']} steps: colour centroid inside the box "
+    print(f"one object with a box in the left or right half, {args.boxes} seeds from {args.first_seed}, {_steps(args)} steps{' (sides swapped)' if args.swap_sides else ''}: colour centroid inside the box "
           f"(BoxGuidance: paper settings on {TOY_LAYERS}; BoxGuidance+: {TOY_BOX}; +BoxDiff: its constraints added)")
     for name in boxed:
         print(f"  {name:16s} {inside[name] / args.boxes:6.1%}   time per call x{seconds[name] / seconds['stock']:.2f} of stock")

@@ -305,7 +305,8 @@ def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
     (`compute_ca_loss` times the loss scale), the UNet reading `y / sqrt(sigma^2 + 1)`. With a scheduler on that latent
     (Euler's is LMS's; LMS itself needs scipy) the sample the scheduler receives at each guided step is that update,
     the gradient taken by autograd through the stock UNet's materialised maps (not a step of `30 * sigma^2` on the
-    UNet's input, which is `sigma^2 + 1` times larger). Three steps: the second is at a fractional timestep (499.5)."""
+    UNet's input, which is `sigma^2 + 1` times larger). Three steps, two of them guided (sigmas[0] and sigmas[1], the
+    latter at the fractional timestep 499.5)."""
     from diffusers import EulerDiscreteScheduler
 
     pipe = tiny_cache("tiny-sd")
@@ -358,11 +359,19 @@ def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
         torch.testing.assert_close(sample, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")  # numpy 2 on diffusers' set_timesteps
 def test_box_guidance_step_variance_is_the_noise_variance_of_the_denoiser_input():
     """`1 - alpha_bar` of the input on VP schedulers (from alphas_cumprod at the timestep, or the scheduler's own
-    sigma: `sigma^2 / (sigma^2 + 1)`, Karras sigmas at fractional timesteps included); `sigma^2` on flow matching,
-    whatever scale the pipeline gives the timestep in (SD3: 0..1000, Flux: 0..1)."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    sigma at the step in progress: `sigma^2 / (sigma^2 + 1)`, Karras sigmas at fractional timesteps included; before
+    the first step of a partial schedule, the sigma at `begin_index`; the interpolated sigma of a second-order step's
+    second call); `sigma^2` on flow matching (read from the scheduler, so the timestep's scale does not matter)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+    )
 
     from attnctl.controls.optimize.controls import guidance_step_variance
 
@@ -382,11 +391,27 @@ def test_box_guidance_step_variance_is_the_noise_variance_of_the_denoiser_input(
         sigma = float(flow.sigmas[i])
         for timestep in (flow.timesteps[i], flow.timesteps[i] / 1000):  # SD3's scale, Flux's
             assert guidance_step_variance(flow, timestep) == pytest.approx(sigma**2, rel=1e-6)
+    solver = DPMSolverMultistepScheduler(**sd)
+    solver.set_timesteps(8)
+    solver.set_begin_index(4)  # img2img at strength 0.5, before its first step
+    assert solver.step_index is None
+    sigma = float(solver.sigmas[4])
+    assert guidance_step_variance(solver, solver.timesteps[4]) == pytest.approx(sigma**2 / (sigma**2 + 1), rel=1e-6)
+    second = KDPM2DiscreteScheduler(**sd)
+    second.set_timesteps(6)
+    second._step_index = 3
+    first = guidance_step_variance(second, second.timesteps[3])
+    sigma = float(second.sigmas[3])
+    assert first == pytest.approx(sigma**2 / (sigma**2 + 1), rel=1e-6)
+    second.sample = torch.zeros(1)  # the state between the two calls of a step
+    sigma = float(second.sigmas_interpol[3])
+    assert guidance_step_variance(second, second.timesteps[3]) == pytest.approx(sigma**2 / (sigma**2 + 1), rel=1e-6) != first
 
 
-def test_box_guidance_refuses_edm_schedulers_at_the_call_start(tiny_cache):
+def test_box_guidance_refuses_edm_schedulers_when_the_call_binds(tiny_cache):
     """EDM schedulers precondition the model: the input's noise variance, and so the step, is not defined. The call
-    is refused before any denoiser call, and the scheduler is left as it was."""
+    is refused when it binds its controls (before the first denoiser call runs), and the scheduler is left as it was;
+    at scale 0 the control is idle and nothing is refused."""
     from diffusers import EDMEulerScheduler
 
     pipe = tiny_cache("tiny-sd")
@@ -398,6 +423,8 @@ def test_box_guidance_refuses_edm_schedulers_at_the_call_start(tiny_cache):
             with pytest.raises(attnctl.UnsupportedError, match="EDM"):
                 generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
             assert vars(pipe.scheduler)["step"] is handles_step  # the control's wrap went with the refused call
+        with attnctl.apply(pipe, [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, scale=0.0)]):
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
         assert "step" not in vars(pipe.scheduler)
     finally:
         pipe.scheduler = saved
@@ -533,11 +560,14 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
 def test_box_guidance_puts_the_object_in_its_box_on_the_toy_model(toy):
     """The CI version of the benchmark's placement check (benchmarks/attend_excite.py --part box: 48 seeds, 83.3%
     against 43.8% stock): one object, no position word, a box in the left or right half, the benchmark's first 16
-    cases and its toy settings (TOY_BOX, chosen on held-out seeds). Measured: 12/16 in the box, stock 8/16."""
+    cases and its toy settings (TOY_BOX, chosen on held-out seeds). Measured: 12/16 in the box against 8/16 stock; the
+    centroid's mean signed distance into the box 3.97 px against 0.35 px (of 32). The distance is asserted with a
+    margin, since single cases near the middle can flip with the platform's arithmetic."""
     from attnctl.toy import CALL_DEFAULTS, analysis
     from attnctl.toy.data import COLORS, SHAPES
 
     inside = {"stock": 0, "guided": 0}
+    depth = {"stock": 0.0, "guided": 0.0}
     for i in range(16):
         color, shape = COLORS[i % len(COLORS)], SHAPES[(i // len(COLORS)) % len(SHAPES)]
         box = (0.0, 0.0, 0.5, 1.0) if i % 2 == 0 else (0.5, 0.0, 1.0, 1.0)
@@ -546,8 +576,10 @@ def test_box_guidance_puts_the_object_in_its_box_on_the_toy_model(toy):
             with attnctl.apply(toy, controls):
                 image = toy(f"a {color} {shape}", generator=torch.Generator().manual_seed(i), **CALL_DEFAULTS).images[0]
             centre = analysis.centroid(analysis.color_masks(image)[color])
-            inside[name] += centre is not None and (centre[0] < image.width / 2) == (box[0] == 0.0)
-    assert inside["guided"] >= 11 and inside["guided"] >= inside["stock"] + 3, inside
+            into = 0.0 if centre is None else (centre[0] - image.width / 2) * (1 if box[0] > 0 else -1)
+            inside[name] += into > 0
+            depth[name] += into / 16
+    assert depth["guided"] >= depth["stock"] + 2.0 and inside["guided"] >= 10, (inside, depth)
 
 
 def test_down_path_layers_stop_the_loss_pass_before_the_up_path(toy):

@@ -172,6 +172,31 @@ def test_other_families_run_or_refuse(name, tiny_cache):
     assert not torch.allclose(ours[1:], stock[1:], **TOL)
 
 
+def test_edm_schedulers_are_refused_when_the_call_binds(tiny_cache):
+    """The reference is noised to each call's level, which an EDM scheduler (preconditioned model) does not define:
+    refused before the first denoiser call runs, naming the scheduler; SAG, which degrades its input at that level,
+    likewise. Idle (strength 0 / scale 0) is not refused."""
+    from diffusers import EDMEulerScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    pipe.scheduler = EDMEulerScheduler()
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for control in (ReferenceAttention(picture()), attnctl.SAG(scale=0.75)):
+            with attnctl.apply(pipe, [control]):
+                with pytest.raises(attnctl.UnsupportedError, match="EDMEulerScheduler"):
+                    run(pipe, "tiny-sd")
+            assert not calls, type(control).__name__
+        for control in (ReferenceAttention(picture(), strength=0.0), attnctl.SAG(scale=0.0)):
+            with attnctl.apply(pipe, [control]):
+                run(pipe, "tiny-sd")
+    finally:
+        hook.remove()
+        pipe.scheduler = saved
+
+
 def test_bad_options(tiny_cache, tmp_path):
     with pytest.raises(ConfigError, match="image"):
         ReferenceAttention(3)

@@ -48,7 +48,7 @@ from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import choice, number, set_field
 from ..common import keep_kinds
-from ..guidance.sag import noise_level
+from ..guidance.sag import noise_level, noise_level_refusal
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
 
 
@@ -241,6 +241,10 @@ class _ReferenceBound(LinkedKeysBound):
                 "makes 1 image, so no image would read it: call the pipeline with [a prompt for the reference, the prompts "
                 "to generate, ...] (attnctl render and Model.generate do this themselves)"
             )
+        if control.strength > 0 or control.adain:  # the reference is noised to each call's level: refused here, not mid-call
+            reason = noise_level_refusal(getattr(context.pipeline, "scheduler", None), "attnctl: ReferenceAttention")
+            if reason is not None:
+                raise UnsupportedError(reason)
         if control.reference_row >= context.prompt_rows:
             raise ConfigError(
                 f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "
@@ -310,7 +314,7 @@ class _ReferenceBound(LinkedKeysBound):
                 f"attnctl: ReferenceAttention replaces the reference row of the denoiser's {self.main_input!r} tensor; this "
                 f"family passes it as {type(sample).__name__}"
             )
-        level = noise_level(getattr(self.pipeline, "scheduler", None), inputs.get("timestep"))
+        level = noise_level(getattr(self.pipeline, "scheduler", None), inputs.get("timestep"), owner="attnctl: ReferenceAttention")
         noised = level.noise(self.x0.float(), self.eps.float()).to(sample.dtype)
         packed = self.adapter.packed_latents(noised)
         if packed.shape[1:] != sample.shape[1:]:

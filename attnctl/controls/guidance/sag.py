@@ -118,6 +118,10 @@ class _SAGBound(Bound):
         self.received: torch.Tensor | None = None
         self.received_frame: int | None = None
         self.grid: tuple[int, int, int] | None = None  # (frames, height, width) of the captured map; frames 1 on images
+        if control.scale > 0:  # the degraded input is made at the call's noise level: refused here, not mid-call
+            reason = noise_level_refusal(self.scheduler)
+            if reason is not None:
+                raise UnsupportedError(reason)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0 or frame.extra_pass is not None:
@@ -281,36 +285,60 @@ class NoiseLevel:
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
 
+def _is_flow(scheduler: Any) -> bool:
+    config = getattr(scheduler, "config", {})
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: default)
+    return "FlowMatch" in type(scheduler).__name__ or get("prediction_type", "epsilon") == "flow_prediction" or bool(get("use_flow_sigmas", False))
+
+
+def noise_level_refusal(scheduler: Any, owner: str = "SAG") -> str | None:
+    """Why `noise_level` cannot tell the noise level of `scheduler`'s denoiser inputs, or None (checked at bind, so
+    that a control that needs it is refused before the call runs)."""
+    if scheduler is None:
+        return f"{owner} needs the pipeline's scheduler (pipe.scheduler) to know the noise level"
+    name = type(scheduler).__name__
+    if "EDM" in name:
+        return f"{owner}: {name} preconditions the model (EDM); not supported"
+    has_sigmas = getattr(scheduler, "sigmas", None) is not None and hasattr(scheduler, "step_index")
+    if _is_flow(scheduler) and not has_sigmas:
+        return f"{owner}: flow-matching scheduler {name} has no sigmas"
+    if not has_sigmas and getattr(scheduler, "alphas_cumprod", None) is None:
+        return f"{owner}: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)"
+    return None
+
+
 def noise_level(scheduler: Any, timestep: Any, owner: str = "SAG") -> NoiseLevel:
     """The noise level of the denoiser call in progress, from the pipeline's scheduler (see the module
     docstring): flow-matching sigma; a VP scheduler's sigma (Euler, Heun, DPM-Solver, UniPC: the input is VP
-    with alpha_bar = 1 / (1 + sigma^2)); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
-    if scheduler is None:
-        raise UnsupportedError(f"{owner} needs the pipeline's scheduler (pipe.scheduler) to know the noise level")
-    name = type(scheduler).__name__
+    with alpha_bar = 1 / (1 + sigma^2); the second call of KDPM2's and DPM-Solver-SDE's steps reads their
+    interpolated sigma, as their `scale_model_input` does); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
+    reason = noise_level_refusal(scheduler, owner)
+    if reason is not None:
+        raise UnsupportedError(reason)
     config = getattr(scheduler, "config", {})
     prediction = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
-    if "EDM" in name:
-        raise UnsupportedError(f"{owner}: {name} preconditions the model (EDM); not supported")
-    use_flow_sigmas = config.get("use_flow_sigmas", False) if hasattr(config, "get") else False
-    flow = "FlowMatch" in name or prediction == "flow_prediction" or bool(use_flow_sigmas)
+    flow = _is_flow(scheduler)
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and hasattr(scheduler, "step_index"):
         index = scheduler.step_index
         if index is None:  # before the first scheduler.step: the first sigma of the steps run
             index = getattr(scheduler, "begin_index", None) or 0
-        sigma = torch.as_tensor(sigmas[index]).double()
+        value = sigmas[index]
+        if not getattr(scheduler, "state_in_first_order", True):  # the second call of a second-order step
+            if getattr(scheduler, "sigmas_interpol", None) is not None:
+                value = scheduler.sigmas_interpol[index]
+            elif getattr(scheduler, "mid_point_sigma", None) is not None:
+                value = scheduler.mid_point_sigma
+        value = torch.as_tensor(value)
+        sigma = value.double() if value.device.type != "mps" else value  # MPS has no float64
         if flow:
             return NoiseLevel("flow", sigma, "flow")
         return NoiseLevel("vp", 1.0 / (1.0 + sigma**2), prediction)
-    if flow:
-        raise UnsupportedError(f"{owner}: flow-matching scheduler {name} has no sigmas")
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None or timestep is None:
-        raise UnsupportedError(f"{owner}: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
-    t = torch.as_tensor(timestep).flatten()[:1].long()
+    if timestep is None:
+        raise UnsupportedError(f"{owner}: the denoiser call has no timestep to read {type(scheduler).__name__}'s alphas_cumprod at")
+    t = torch.as_tensor(timestep).flatten()[:1].round().long()
     # gathered where the timestep is (no copy of it to the host); float64 is exact for the float32 table
-    value = _on_device(torch.as_tensor(alphas), t.device).index_select(0, t)[0]
+    value = _on_device(torch.as_tensor(scheduler.alphas_cumprod), t.device).index_select(0, t)[0]
     return NoiseLevel("vp", value.double() if value.device.type != "mps" else value, prediction)
 
 

@@ -29,7 +29,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, validate_word_query
 from ...validation import choice, integer, number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
-from ..guidance.sag import noise_level
+from ..guidance.sag import noise_level, noise_level_refusal
 from ..regions.masks import box_coverage, validate_box
 from . import losses
 from .engine import LatentOptimizerBound, word_columns
@@ -450,10 +450,11 @@ class BoxGuidanceBound(LatentOptimizerBound):
                 for s, positions in enumerate(per_word):
                     for p in positions:
                         selector[row, s, where[p]] = 1.0
+        if control.scale != 0:  # the step size is the input's noise level: refused here rather than mid-call
+            reason = noise_level_refusal(getattr(context.pipeline, "scheduler", None), "attnctl: BoxGuidance")
+            if reason is not None:
+                raise UnsupportedError(reason)
         super().__init__(control, context, columns, selector)
-        if "EDM" in type(self.scheduler).__name__:
-            raise UnsupportedError(f"attnctl: BoxGuidance: {type(self.scheduler).__name__} preconditions the model (EDM), so "
-                                   "the step size (the noise level of the denoiser's input) is not defined for it")
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
         self.layer_boxes = tuple(
@@ -532,6 +533,6 @@ def guidance_step_variance(scheduler: Any, timestep: Any) -> float:
     `dL/dy = dL/dx / sqrt(s^2 + 1)` and `x` moves by `scale * s^2 / (s^2 + 1) * dL/dx = scale * (1 - alpha_bar) *
     dL/dx`. A flow-matching input `(1 - sigma) y` with `s = sigma / (1 - sigma)` moves by `scale * sigma^2 * dL/dx`.
     The scheduler's own sample then moves by the input's move over the input's scale (`_updated_sample`)."""
-    level = noise_level(scheduler, timestep, owner="BoxGuidance")
+    level = noise_level(scheduler, timestep, owner="attnctl: BoxGuidance")
     value = float(level.value)
     return value**2 if level.kind == "flow" else 1.0 - value
