@@ -4,6 +4,7 @@ autograd through the stock UNet), bitwise stock when idle, and the families it r
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -300,6 +301,29 @@ def test_layout_loss_of_a_call_matches_the_authors_code_on_materialised_maps(tin
     assert recorded == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
 
 
+@contextlib.contextmanager
+def _euler_recording_samples(pipe):
+    """The pipeline's scheduler swapped for Euler (whose latent is LMS's, `x0 + sigma noise`, and whose denoiser input
+    is that over `sqrt(sigma^2 + 1)`); yields the list of (sample, sigma) its `step` receives; the scheduler is put
+    back after."""
+    from diffusers import EulerDiscreteScheduler
+
+    saved = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
+    received: list = []
+    original = pipe.scheduler.step
+
+    def step(model_output, timestep, sample, *args, **kwargs):
+        received.append((sample.clone(), pipe.scheduler.sigmas[pipe.scheduler.step_index or 0].item()))
+        return original(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    try:
+        yield received
+    finally:
+        pipe.scheduler = saved
+
+
 def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
     """Chen et al.'s code samples with LMS and steps its latent `y = x0 + sigma * noise` by `30 * sigma^2 * dL/dy`
     (`compute_ca_loss` times the loss scale), the UNet reading `y / sqrt(sigma^2 + 1)`. With a scheduler on that latent
@@ -307,21 +331,9 @@ def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
     the gradient taken by autograd through the stock UNet's materialised maps (not a step of `30 * sigma^2` on the
     UNet's input, which is `sigma^2 + 1` times larger). Three steps, two of them guided (sigmas[0] and sigmas[1], the
     latter at the fractional timestep 499.5)."""
-    from diffusers import EulerDiscreteScheduler
-
     pipe = tiny_cache("tiny-sd")
-    saved = pipe.scheduler
-    pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
-    received = []
-    original = pipe.scheduler.step
-
-    def step(model_output, timestep, sample, *args, **kwargs):
-        received.append(sample.clone())
-        return original(model_output, timestep, sample, *args, **kwargs)
-
-    pipe.scheduler.step = step
     box = (0.1, 0.0, 0.6, 0.8)
-    try:
+    with _euler_recording_samples(pipe) as received:
         with attnctl.apply(pipe, [attnctl.BoxGuidance({"cat": box}, iterations=1, steps=(0.0, 0.5))]) as handle:
             seen, hook = _capture_inputs(pipe.unet)
             try:
@@ -329,16 +341,13 @@ def test_box_guidance_steps_the_authors_update_on_their_scheduler(tiny_cache):
             finally:
                 hook.remove()
             bound = handle.runtime.last_call.bound[0]
-        sigmas = [float(sigma) for sigma in pipe.scheduler.sigmas[:2]]
-        timesteps = [float(t) for t in pipe.scheduler.timesteps[:2]]
-    finally:
-        pipe.scheduler = saved
+        timestep = float(pipe.scheduler.timesteps[1])
     loss_passes = [call for call in seen if call["grad"]]
-    assert len(loss_passes) == 2 and timesteps[1] != int(timesteps[1])  # steps 0 and 1 guided; 499.5
+    assert len(loss_passes) == 2 and timestep != int(timestep)  # steps 0 and 1 guided; 499.5
     layers = [layer.name for layer in bound.layers]
     position = pipe.tokenizer(PROMPT).input_ids.index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
     processors = pipe.unet.attn_processors
-    for loss_pass, sigma, sample in zip(loss_passes, sigmas, received):
+    for loss_pass, (sample, sigma) in zip(loss_passes, received):
         stores: dict[str, list] = {}
         pipe.unet.set_attn_processor({key: _Recording(stores.setdefault(key[: -len(".processor")], [])) for key in processors})
         try:
@@ -638,28 +647,14 @@ def test_flux_true_cfg_uncond_call_gets_the_same_updated_latent(tiny_cache):
 def test_the_scheduler_gets_the_update_in_its_own_scale_with_euler(tiny_cache):
     """Euler's denoiser input is `sample / sqrt(sigma^2 + 1)`: the scheduler's sample moves by the update times that
     factor back, so that the next input is the updated one."""
-    from diffusers import EulerDiscreteScheduler
-
     pipe = tiny_cache("tiny-sd")
-    saved = pipe.scheduler
-    pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
-    samples = []
-    original = pipe.scheduler.step
-
-    def step(model_output, timestep, sample, *args, **kwargs):
-        samples.append((sample.clone(), pipe.scheduler.sigmas[pipe.scheduler.step_index or 0].item()))
-        return original(model_output, timestep, sample, *args, **kwargs)
-
-    pipe.scheduler.step = step
-    try:
+    with _euler_recording_samples(pipe) as samples:
         with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], refine=(), steps=(0.0, 0.5))]):
             seen, hook = _capture_inputs(pipe.unet)
             try:
                 generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
             finally:
                 hook.remove()
-    finally:
-        pipe.scheduler = saved
     updated = next(call for call in seen if not call["grad"])["sample"]
     sample, sigma = samples[0]
     torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated[1:], rtol=1e-5, atol=1e-6)
