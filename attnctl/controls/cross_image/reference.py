@@ -48,7 +48,7 @@ from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import choice, number, set_field
 from ..common import keep_kinds
-from ..guidance.sag import noise_level, noise_level_refusal
+from ..guidance.sag import noise_level, require_noise_level
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
 
 
@@ -242,9 +242,7 @@ class _ReferenceBound(LinkedKeysBound):
                 "to generate, ...] (attnctl render and Model.generate do this themselves)"
             )
         if control.strength > 0 or control.adain:  # the reference is noised to each call's level: refused here, not mid-call
-            reason = noise_level_refusal(getattr(context.pipeline, "scheduler", None), "attnctl: ReferenceAttention")
-            if reason is not None:
-                raise UnsupportedError(reason)
+            require_noise_level(getattr(context.pipeline, "scheduler", None), "attnctl: ReferenceAttention")
         if control.reference_row >= context.prompt_rows:
             raise ConfigError(
                 f"ReferenceAttention.reference_row is prompt row {control.reference_row}, but the call has "

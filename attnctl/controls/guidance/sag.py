@@ -119,9 +119,7 @@ class _SAGBound(Bound):
         self.received_frame: int | None = None
         self.grid: tuple[int, int, int] | None = None  # (frames, height, width) of the captured map; frames 1 on images
         if control.scale > 0:  # the degraded input is made at the call's noise level: refused here, not mid-call
-            reason = noise_level_refusal(self.scheduler)
-            if reason is not None:
-                raise UnsupportedError(reason)
+            require_noise_level(self.scheduler)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0 or frame.extra_pass is not None:
@@ -291,20 +289,19 @@ def _is_flow(scheduler: Any) -> bool:
     return "FlowMatch" in type(scheduler).__name__ or get("prediction_type", "epsilon") == "flow_prediction" or bool(get("use_flow_sigmas", False))
 
 
-def noise_level_refusal(scheduler: Any, owner: str = "SAG") -> str | None:
-    """Why `noise_level` cannot tell the noise level of `scheduler`'s denoiser inputs, or None (checked at bind, so
-    that a control that needs it is refused before the call runs)."""
+def require_noise_level(scheduler: Any, owner: str = "SAG") -> None:
+    """Raise UnsupportedError, naming `owner`, when `noise_level` cannot tell the noise level of `scheduler`'s
+    denoiser inputs (called at bind by the controls that need it, so that they are refused before the call runs)."""
     if scheduler is None:
-        return f"{owner} needs the pipeline's scheduler (pipe.scheduler) to know the noise level"
+        raise UnsupportedError(f"{owner} needs the pipeline's scheduler (pipe.scheduler) to know the noise level")
     name = type(scheduler).__name__
     if "EDM" in name:
-        return f"{owner}: {name} preconditions the model (EDM); not supported"
+        raise UnsupportedError(f"{owner}: {name} preconditions the model (EDM); not supported")
     has_sigmas = getattr(scheduler, "sigmas", None) is not None and hasattr(scheduler, "step_index")
     if _is_flow(scheduler) and not has_sigmas:
-        return f"{owner}: flow-matching scheduler {name} has no sigmas"
+        raise UnsupportedError(f"{owner}: flow-matching scheduler {name} has no sigmas")
     if not has_sigmas and getattr(scheduler, "alphas_cumprod", None) is None:
-        return f"{owner}: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)"
-    return None
+        raise UnsupportedError(f"{owner}: cannot tell the noise level from scheduler {name} (no sigmas, no alphas_cumprod)")
 
 
 def noise_level(scheduler: Any, timestep: Any, owner: str = "SAG") -> NoiseLevel:
@@ -312,9 +309,7 @@ def noise_level(scheduler: Any, timestep: Any, owner: str = "SAG") -> NoiseLevel
     docstring): flow-matching sigma; a VP scheduler's sigma (Euler, Heun, DPM-Solver, UniPC: the input is VP
     with alpha_bar = 1 / (1 + sigma^2); the second call of KDPM2's and DPM-Solver-SDE's steps reads their
     interpolated sigma, as their `scale_model_input` does); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
-    reason = noise_level_refusal(scheduler, owner)
-    if reason is not None:
-        raise UnsupportedError(reason)
+    require_noise_level(scheduler, owner)
     config = getattr(scheduler, "config", {})
     prediction = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
     flow = _is_flow(scheduler)

@@ -29,7 +29,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, validate_word_query
 from ...validation import choice, integer, number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
-from ..guidance.sag import noise_level, noise_level_refusal
+from ..guidance.sag import noise_level, require_noise_level
 from ..regions.masks import box_coverage, validate_box
 from . import losses
 from .engine import LatentOptimizerBound, word_columns
@@ -451,9 +451,7 @@ class BoxGuidanceBound(LatentOptimizerBound):
                     for p in positions:
                         selector[row, s, where[p]] = 1.0
         if control.scale != 0:  # the step size is the input's noise level: refused here rather than mid-call
-            reason = noise_level_refusal(getattr(context.pipeline, "scheduler", None), "attnctl: BoxGuidance")
-            if reason is not None:
-                raise UnsupportedError(reason)
+            require_noise_level(getattr(context.pipeline, "scheduler", None), "attnctl: BoxGuidance")
         super().__init__(control, context, columns, selector)
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
