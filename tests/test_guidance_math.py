@@ -10,10 +10,10 @@ import torch
 
 import attnctl
 from attnctl.controls.guidance.pag import joint_identity, self_identity
-from attnctl.controls.guidance.sag import NoiseLevel, noise_level
 from attnctl.controls.guidance.seg import blur_tokens, kernel_size
 from attnctl.errors import ConfigError, SelectionError
 from attnctl.kernels.spec import AttentionSpec, LabelMask, Sparse
+from attnctl.noise import NoiseLevel, noise_level
 
 # -- references ---------------------------------------------------------------------------------------------
 
@@ -230,7 +230,7 @@ def test_sag_x0_matches_the_scheduler(name, prediction):
     for step in range(3):
         t = scheduler.timesteps[step]
         model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        level = noise_level(scheduler, t)
+        level = noise_level(scheduler, t, "test")
         x0, eps = level.split(model_input, output)
         torch.testing.assert_close(level.noise(x0, eps), model_input.float(), rtol=1e-4, atol=1e-4)
         if name == "FlowMatchEulerDiscreteScheduler":

@@ -42,13 +42,13 @@ from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
+from ...noise import noise_level, require_noise_level
 from ...processors.chain import restricted_rows
 from ...processors.edit import AttentionCall, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import choice, number, set_field
 from ..common import keep_kinds
-from ..guidance.sag import noise_level, require_noise_level
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
 
 

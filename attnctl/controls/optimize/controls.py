@@ -24,12 +24,12 @@ from ...control import BindContext, Control
 from ...denoiser_call import DenoiserCall
 from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...noise import noise_level, require_noise_level
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, validate_word_query
 from ...validation import choice, integer, number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
-from ..guidance.sag import noise_level, require_noise_level
 from ..regions.masks import box_coverage, validate_box
 from . import losses
 from .engine import LatentOptimizerBound, word_columns
