@@ -35,7 +35,7 @@ import time
 import torch
 
 import attnctl
-from attnctl.toy import CALL_DEFAULTS, analysis, load_toy_shapes
+from attnctl.toy import BOX_GUIDANCE, CALL_DEFAULTS, MAP_LAYERS, analysis, load_toy_shapes
 from attnctl.toy.data import COLORS, SHAPES
 
 
@@ -57,17 +57,17 @@ def box_cases(n: int, swap: bool = False) -> list[tuple[str, str, tuple[float, f
             for i in range(n)]
 
 
-#: The map layers for the toy-shapes model: the DOWN path only. Its up path's cross-attention maps are
-#: anti-correlated with the object (Pearson correlation of a word's map with the object's pixel mask, 4 seeds:
+#: The map layers for the toy-shapes model: the DOWN path only (attnctl.toy.MAP_LAYERS). Its up path's cross-attention
+#: maps are anti-correlated with the object (Pearson correlation of a word's map with the object's pixel mask, 4 seeds:
 #: down_blocks.1 +0.23..+0.40, down_blocks.2 +0.47..+0.48, up_blocks.0 -0.14..-0.17, up_blocks.1 -0.14..-0.22), so the
 #: default level (4x4 = down_blocks.2 + up_blocks.0) mixes positive and negative maps. Chosen on held-out seeds
 #: 1000-1015 (docs/methods.md), never on the benchmark's. The loss pass also stops after the down path.
-TOY_LAYERS = ("down_blocks.2",)
+TOY_LAYERS = MAP_LAYERS
 
-#: Box guidance settings for the toy model's 10 steps, chosen on held-out seeds 1000-1095 (docs/methods.md; never the
-#: benchmark's): Chen et al.'s ratio loss on the toy's map layer, every iteration taken, over the first half of the
-#: steps (the paper guides 10 of 50 steps; here 5 of 10), at a third of the paper's scale.
-TOY_BOX = {"layers": TOY_LAYERS, "scale": 10.0, "steps": (0.0, 0.5), "loss_threshold": 0.0}
+#: Box guidance settings for the toy model's 10 steps (attnctl.toy.BOX_GUIDANCE), chosen on held-out seeds 1000-1095
+#: (docs/methods.md; never the benchmark's): Chen et al.'s ratio loss on the toy's map layer, every iteration taken,
+#: over the first half of the steps (the paper guides 10 of 50 steps; here 5 of 10), at a third of the paper's scale.
+TOY_BOX = dict(BOX_GUIDANCE)
 
 #: TOY_BOX with BoxDiff's constraints added (Xie et al. 2023) to the ratio loss.
 TOY_BOXDIFF = {**TOY_BOX, "constraints": ("ratio", "inner", "outer", "corner")}

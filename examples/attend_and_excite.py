@@ -18,10 +18,7 @@ from PIL import Image
 
 import attnctl
 from attnctl.render.generate import example_pipeline
-
-#: On toy-shapes read the down path's maps only: its up path's cross-attention maps are anti-correlated with the
-#: object (docs/methods.md, "Latent optimisation on attention maps", Layers).
-TOY_SHAPES_LAYERS = ("down_blocks.2",)
+from attnctl.toy import MAP_LAYERS
 
 
 def main() -> None:
@@ -44,7 +41,7 @@ def main() -> None:
     model, pipe, options = example_pipeline(args.model, args.device, args.steps, args.quick)
     options.setdefault("num_inference_steps", 50)
     word, *box = args.box
-    layers = tuple(args.layers) if args.layers else (TOY_SHAPES_LAYERS if model == "toy-shapes" else None)
+    layers = tuple(args.layers) if args.layers else (MAP_LAYERS if model == "toy-shapes" else None)  # the toy's up-path maps are anti-correlated with the object
     methods = {
         "stock": [],
         "attend_excite": [attnctl.AttendExcite(subjects=args.subjects, layers=layers)],

@@ -73,12 +73,16 @@ class _EagerHook(LayerHook):
                 continue
             keys = [k[i].double()] + [k[j][:, image].double() for j in sources]
             values = [v[i].double()] + [v[j][:, image].double() for j in sources]
-            keep = inside
-            if c.sample_rate < 1:  # StoryDiffusion's sampling, as docs/methods.md gives its seeding
-                drawn = torch.rand(g.frames * h * w, generator=torch.Generator().manual_seed(c.seed * 1_000_003 + call.step.index))
-                keep = inside & (drawn < c.sample_rate)
-            extra = torch.where(keep, math.log(c.strength), -math.inf).double()
-            bias = torch.cat([torch.zeros(k.shape[2], dtype=torch.float64)] + [extra] * len(sources))
+            extras = []
+            for j in sources:
+                keep = inside
+                if c.sample_rate < 1:  # StoryDiffusion's sampling: each source image its own draw, seeded as docs/methods.md says
+                    tokens = g.frames * h * w
+                    seed = ((c.seed * 1_000_003 + call.step.index) * 1_000_033 + tokens) % 2**63
+                    drawn = torch.rand(len({r.prompt for r in rows}), tokens, generator=torch.Generator().manual_seed(seed))
+                    keep = inside & (drawn[rows[j].prompt] < c.sample_rate)
+                extras.append(torch.where(keep, math.log(c.strength), -math.inf).double())
+            bias = torch.cat([torch.zeros(k.shape[2], dtype=torch.float64)] + extras)
             logits = q[i][:, image].double() @ torch.cat(keys, 1).transpose(-1, -2) * scale + bias
             if mask is not None:
                 m = _additive(mask[i if mask.shape[0] > 1 else 0])

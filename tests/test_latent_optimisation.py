@@ -50,17 +50,17 @@ def test_losses_match_their_definitions():
     torch.manual_seed(0)
     maps = torch.rand(2, 3, 5, 6)
     maps = maps / maps.sum(dim=1, keepdim=True)
-    # A-STAR segregation: soft IoU (sum min / sum max) of each pair of max-normalised maps
-    unit = maps / maps.amax(dim=(2, 3), keepdim=True)
+    # A-STAR's eqs. 2-3 (Agarwal et al. 2023): overlap = sum min(A_m, A_n) / sum (A_m + A_n), on the maps as they are
     expected = torch.zeros(2)
     for n in range(2):
         for i in range(3):
             for j in range(i + 1, 3):
-                expected[n] += torch.minimum(unit[n, i], unit[n, j]).sum() / torch.maximum(unit[n, i], unit[n, j]).sum()
+                expected[n] += torch.minimum(maps[n, i], maps[n, j]).sum() / (maps[n, i] + maps[n, j]).sum()
     torch.testing.assert_close(losses.segregation_loss(maps), expected)
-    # retention: 1 - soft IoU with the previous binarised map
+    assert losses.segregation_loss(torch.ones(1, 2, 3, 3)).item() == pytest.approx(0.5)  # equal maps: 1/2
+    # retention: 1 - the overlap of each map with the previous step's binarised map
     previous = (torch.rand(2, 3, 5, 6) > 0.5).float()
-    expected = torch.stack([sum(1 - torch.minimum(unit[n, i], previous[n, i]).sum() / torch.maximum(unit[n, i], previous[n, i]).sum()
+    expected = torch.stack([sum(1 - torch.minimum(maps[n, i], previous[n, i]).sum() / (maps[n, i] + previous[n, i]).sum()
                                 for i in range(3)) for n in range(2)])
     torch.testing.assert_close(losses.retention_loss(maps, previous), expected)
 
@@ -569,10 +569,10 @@ def test_the_steps_lower_the_loss_on_the_toy_model(toy, monkeypatch, kind):
 def test_box_guidance_puts_the_object_in_its_box_on_the_toy_model(toy):
     """The CI version of the benchmark's placement check (benchmarks/attend_excite.py --part box: 48 seeds, 83.3%
     against 43.8% stock): one object, no position word, a box in the left or right half, the benchmark's first 16
-    cases and its toy settings (TOY_BOX, chosen on held-out seeds). Measured: 12/16 in the box against 8/16 stock; the
+    cases and the toy's settings (attnctl.toy.BOX_GUIDANCE, chosen on held-out seeds). Measured: 12/16 in the box against 8/16 stock; the
     centroid's mean signed distance into the box 3.97 px against 0.35 px (of 32). The distance is asserted with a
     margin, since single cases near the middle can flip with the platform's arithmetic."""
-    from attnctl.toy import CALL_DEFAULTS, analysis
+    from attnctl.toy import BOX_GUIDANCE, CALL_DEFAULTS, analysis
     from attnctl.toy.data import COLORS, SHAPES
 
     inside = {"stock": 0, "guided": 0}
@@ -580,7 +580,7 @@ def test_box_guidance_puts_the_object_in_its_box_on_the_toy_model(toy):
     for i in range(16):
         color, shape = COLORS[i % len(COLORS)], SHAPES[(i // len(COLORS)) % len(SHAPES)]
         box = (0.0, 0.0, 0.5, 1.0) if i % 2 == 0 else (0.5, 0.0, 1.0, 1.0)
-        guided = attnctl.BoxGuidance({shape: box}, layers=("down_blocks.2",), scale=10.0, steps=(0.0, 0.5), loss_threshold=0.0)
+        guided = attnctl.BoxGuidance({shape: box}, **BOX_GUIDANCE)
         for name, controls in (("stock", []), ("guided", [guided])):
             with attnctl.apply(toy, controls):
                 image = toy(f"a {color} {shape}", generator=torch.Generator().manual_seed(i), **CALL_DEFAULTS).images[0]

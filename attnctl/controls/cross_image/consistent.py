@@ -352,12 +352,14 @@ class LinkedKeysBound(Bound):
         self.index.clear()
 
 
-def sampled_tokens(seed: int, step: int, tokens: int, rate: float) -> torch.Tensor:
-    """(tokens,) bool on the CPU: StoryDiffusion's random sample of a source image's tokens at step `step`, each kept
-    with probability `rate` (`torch.rand < rate` from a private generator seeded `seed * 1_000_003 + step`, never the
-    pipeline's), the same for every layer, query and image of that step."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.rand(tokens, generator=generator) < rate
+def sampled_tokens(seed: int, step: int, images: int, tokens: int, rate: float) -> torch.Tensor:
+    """(images, tokens) bool on the CPU: StoryDiffusion's random sample of each source image's tokens at step `step`,
+    every token of every image kept independently with probability `rate` (`torch.rand(images, tokens) < rate`, row
+    p the image of prompt row p, from a private generator seeded `((seed * 1_000_003 + step) * 1_000_033 + tokens) mod
+    2**63`, never the pipeline's): the same for every layer of one token grid and every target image of that step, a
+    separate draw per grid, as StoryDiffusion draws one per resolution."""
+    generator = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + tokens) % 2**63)
+    return torch.rand(images, tokens, generator=generator) < rate
 
 
 def frame_device(frame: DenoiserCall) -> torch.device:
@@ -617,10 +619,10 @@ class _ConsistentBound(LinkedKeysBound):
         return None, labels, bias
 
     def sampled(self, tokens: int, gather: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """(n appended,) bool: the source tokens sampled at the current step (`sampled_tokens`; `gather`: the source
-        tokens appended, default all)."""
-        keep = upload(sampled_tokens(self.control.seed, self.sample_step or 0, tokens, self.control.sample_rate), device)
-        return keep if gather is None else keep.index_select(0, gather)
+        """(prompt rows, n appended) bool: each source image's tokens sampled at the current step (`sampled_tokens`;
+        `gather`: the source tokens appended, default all)."""
+        keep = upload(sampled_tokens(self.control.seed, self.sample_step or 0, self.prompt_rows, tokens, self.control.sample_rate), device)
+        return keep if gather is None else keep.index_select(1, gather)
 
     def finish(self) -> None:
         super().finish()
@@ -715,19 +717,19 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
     labels = None if (bound.control.subject is None and bound.control.mask is None and bound.control.reposition is None) \
         else bound.labels(grid, device)
     sampling = bound.control.sample_rate < 1
+    prompt = [r.prompt for r in rows.rows]
+    slots = range(len(sources[0]))
+    source_prompts = [upload(torch.tensor([prompt[s[j]] for s in sources], dtype=torch.long), device) for j in slots]
     if labels is None and geometry.frames > 1:  # video, no subject: every token of every frame
-        bias_all = torch.full((geometry.image_len,), math.log(bound.control.strength), dtype=torch.float32, device=device)
+        bias_all = torch.full((bound.prompt_rows, geometry.image_len), math.log(bound.control.strength), dtype=torch.float32, device=device)
         if sampling:
             bias_all = bias_all.masked_fill(~bound.sampled(geometry.image_len, None, device), -math.inf)
-        bias = [bias_all[None].expand(len(targets), -1) for _ in sources[0]]
+        bias = [bias_all.index_select(0, p) for p in source_prompts]
         return _Plan(device, bias, None, None, None, None)
     gather, appended_labels, appended_bias = bound.appended(grid, labels, device)
     if sampling:
-        appended_bias = appended_bias.masked_fill(~bound.sampled(grid[0] * grid[1], gather, device)[None], -math.inf)
-    prompt = [r.prompt for r in rows.rows]
+        appended_bias = appended_bias.masked_fill(~bound.sampled(grid[0] * grid[1], gather, device), -math.inf)
     target_prompts = upload(torch.tensor([prompt[t] for t in targets], dtype=torch.long), device)
-    slots = range(len(sources[0]))
-    source_prompts = [upload(torch.tensor([prompt[s[j]] for s in sources], dtype=torch.long), device) for j in slots]
     bias = [appended_bias.index_select(0, p) for p in source_prompts]
     if not bound.control.isolate:
         return _Plan(device, bias, gather, None, None, None)

@@ -267,8 +267,8 @@ class AStar(_LatentOptimization, type_name="a-star"):
     both (`"both"`, the paper's).
 
     The maps are Attend-and-Excite's (token probabilities renormalised by a softmax of `temperature` times them over
-    the text tokens, smoothed), each scaled to maximum 1; `threshold` binarises the previous step's maps for the
-    retention loss. The step size is Attend-and-Excite's (`scale * sqrt(r)`). Other fields as `AttendExcite`.
+    the text tokens, smoothed); the overlap of two maps is the paper's `sum min(a, b) / sum (a + b)`. `threshold`
+    binarises the previous step's maps for the retention loss, as a fraction of each map's maximum. The step size is Attend-and-Excite's (`scale * sqrt(r)`). Other fields as `AttendExcite`.
     """
 
     subjects: tuple[WordQuery, ...]

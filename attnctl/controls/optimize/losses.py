@@ -52,37 +52,34 @@ def attend_excite_loss(subject_maps: torch.Tensor) -> torch.Tensor:
     return (1.0 - peaks).clamp(min=0.0).amax(dim=1)
 
 
-def _unit(maps: torch.Tensor) -> torch.Tensor:
-    """Each map divided by its maximum (maps in [0, 1])."""
-    return maps / maps.flatten(2).amax(dim=2)[..., None, None].clamp(min=1e-12)
-
-
-def soft_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`sum min(a, b) / sum max(a, b)` over the last two dimensions."""
-    return torch.minimum(a, b).flatten(-2).sum(-1) / torch.maximum(a, b).flatten(-2).sum(-1).clamp(min=1e-12)
+def overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A-STAR's overlap of two maps, `sum min(a, b) / sum (a + b)` over the last two dimensions (the paper's eqs. 2-3;
+    in [0, 1/2], 1/2 for equal maps)."""
+    return torch.minimum(a, b).flatten(-2).sum(-1) / (a + b).flatten(-2).sum(-1).clamp(min=1e-12)
 
 
 def segregation_loss(subject_maps: torch.Tensor) -> torch.Tensor:
-    """A-STAR's attention segregation (Agarwal et al. 2023): the overlap of every pair of subjects' maps, each map
-    scaled to maximum 1, as a soft IoU, summed over the pairs; per image (n,)."""
-    unit = _unit(subject_maps)
-    n, s = unit.shape[:2]
-    total = unit.new_zeros(n)
+    """A-STAR's attention segregation (Agarwal et al. 2023, eq. 2): the overlap of the maps of every pair of
+    subjects, summed over the pairs; per image (n,)."""
+    n, s = subject_maps.shape[:2]
+    total = subject_maps.new_zeros(n)
     for i in range(s):
         for j in range(i + 1, s):
-            total = total + soft_iou(unit[:, i], unit[:, j])
+            total = total + overlap(subject_maps[:, i], subject_maps[:, j])
     return total
 
 
 def binarize(subject_maps: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Each map scaled to maximum 1 and cut at `threshold`: 1.0 where it reaches it, else 0.0 (no gradient)."""
-    return (_unit(subject_maps.detach()) >= threshold).to(subject_maps.dtype)
+    """Each map cut at `threshold` times its maximum: 1.0 where it reaches it, else 0.0 (no gradient)."""
+    detached = subject_maps.detach()
+    peaks = detached.flatten(2).amax(dim=2)[..., None, None].clamp(min=1e-12)
+    return (detached >= threshold * peaks).to(subject_maps.dtype)
 
 
 def retention_loss(subject_maps: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """A-STAR's attention retention: each subject's map (scaled to maximum 1) against its binarised map from the
-    previous step `previous` (n, S, h, w): `1 - soft IoU`, summed over the subjects; per image (n,)."""
-    return (1.0 - soft_iou(_unit(subject_maps), previous)).sum(dim=1)
+    """A-STAR's attention retention (eq. 3): `1 - overlap` of each subject's map with its binarised map of the
+    previous step `previous` (n, S, h, w), summed over the subjects; per image (n,)."""
+    return (1.0 - overlap(subject_maps, previous)).sum(dim=1)
 
 
 def hard_box(box: tuple[float, float, float, float], grid: tuple[int, int]) -> torch.Tensor:
