@@ -11,7 +11,7 @@ import torch
 
 import attnctl
 from attnctl import AttentionMaps, ConfigError, Region, Regions, UnsupportedError
-from attnctl.controls.maps.magnets import MAGNET_WORDS, SINK_FLATNESS, SINK_MASS, magnet_prompt, suppress_sinks
+from attnctl.controls.maps.magnets import MAGNET_WORDS, SINK_FLATNESS, SINK_MASS, global_sinks, magnet_prompt, without_sinks
 
 from .helpers import generate
 
@@ -62,22 +62,31 @@ def test_masks_are_region_masks_for_a_second_pass(tiny_cache):
 
 # -- magnets and sinks ---------------------------------------------------------------------------------------------
 def test_sink_suppression_is_the_softmax_without_the_sink_keys():
-    """Eager reference: detect sinks by the rule of docs/methods.md, then take the softmax again over the keys
-    without them (the sinks' logits at -inf)."""
+    """Eager reference: detect sinks by the rule of docs/methods.md on the head-averaged attention, then take each
+    head's softmax again over the keys without them (the sinks' logits at -inf) and average the heads. The heads give
+    the sink different shares, and one phrase holds the sink token and another token (it keeps the other's share)."""
     torch.manual_seed(0)
-    logits = 0.3 * torch.randn(2, 50, 9)
-    logits[0, :, 0] += 4.0  # token 0 of image 0: a flat, heavy sink
-    logits[1, :25, 3] += 6.0  # token 3 of image 1: heavy in half the image only, not global
+    logits = 0.3 * torch.randn(2, 2, 50, 9)
+    logits[0, 0, :, 0] += 5.0  # token 0 of image 0: a flat, heavy sink, much heavier in head 0 than in head 1
+    logits[0, 1, :, 0] += 2.5
+    logits[1, :, :25, 3] += 6.0  # token 3 of image 1: heavy in half the image only, not global
     probs = logits.softmax(-1)
-    selector = torch.zeros(2, 3, 9)
+    selector = torch.zeros(2, 4, 9)
     selector[:, 0, 2] = selector[:, 1, 5] = selector[:, 2, 0] = 1.0  # words at tokens 2, 5, and 0 (the sink)
-    words = probs @ selector.transpose(-1, -2)
-    mean, low = probs.mean(1), probs.amin(1)
+    selector[:, 3, 0] = selector[:, 3, 6] = 1.0  # a phrase of tokens 0 (the sink) and 6
+    averaged = probs.mean(1)
+    mean, low = averaged.mean(1), averaged.amin(1)
     sinks = (mean >= SINK_MASS) & (low >= SINK_FLATNESS * mean)
     assert sinks[0, 0] and not sinks[1].any() and sinks.sum() == 1
-    masked = logits.masked_fill(sinks[:, None, :], float("-inf")).softmax(-1)
-    expected = masked @ selector.transpose(-1, -2)
-    torch.testing.assert_close(suppress_sinks(words, probs, selector), expected, atol=1e-6, rtol=1e-5)
+    masked = logits.masked_fill(sinks[:, None, None, :], float("-inf")).softmax(-1)
+    expected = (masked @ selector[:, None].transpose(-1, -2)).mean(1)
+    found = without_sinks(probs, selector, global_sinks(probs))
+    torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-5)
+    assert found[0, :, 2].abs().max() == 0 and found[0, :, 3].min() > 0  # the sink alone: 0; the phrase: its other token
+    # per-head selectors (a value scale per head) weight each head's words
+    per_head = selector[:, None].repeat(1, 2, 1, 1) * torch.tensor([1.0, 0.5])[None, :, None, None]
+    expected = (masked @ per_head.transpose(-1, -2)).mean(1)
+    torch.testing.assert_close(without_sinks(probs, per_head, global_sinks(probs)), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_magnet_config():
@@ -126,6 +135,39 @@ def test_readout_pass_over_a_given_image(name, tiny_cache):
         assert torch.equal(again.maps, magnets.maps)
     with pytest.raises(ConfigError, match="strength"):
         attnctl.read_maps(pipe, images, PROMPT, ["red"], strength=0)
+
+
+def test_readout_takes_sinks_out_of_each_heads_softmax_and_phrases_keep_their_other_tokens(tiny_cache, monkeypatch):
+    """End to end: with token 1 ("a") taken for a sink (maps of the mid block: the deepest level), the readout's maps of "red" and "cat" are
+    each divided by the rest of each head's softmax, and the phrase "a red cat" loses only the sink's share: its map
+    is the sum of the other two (the maps are linear in the words' columns), not zero."""
+    from attnctl.controls.maps import capture
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache("tiny-sd")
+    options = {k: v for k, v in CALL_DEFAULTS["tiny-sd"].items() if k not in ("height", "width")}
+    images = pipe([PROMPT], num_inference_steps=2, generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS["tiny-sd"]).images
+    words = ["red", "cat", "a red cat"]
+
+    def read():
+        return attnctl.read_maps(pipe, images, PROMPT, words, strength=0.5, num_inference_steps=4, layers=("mid_block",), **options)
+
+    default = read()
+    calls = []
+
+    def token_1_is_a_sink(mass):
+        calls.append(mass.shape)
+        sinks = torch.zeros(mass.shape[0], mass.shape[-1], dtype=mass.dtype, device=mass.device)
+        sinks[:, 1] = 1.0
+        return sinks
+
+    monkeypatch.setattr(capture, "global_sinks", token_1_is_a_sink)
+    sunk = read()
+    assert calls and all(len(shape) == 4 and shape[1] > 1 for shape in calls)  # (rows, heads, image tokens, text)
+    assert torch.isfinite(sunk.maps).all()
+    assert (sunk.maps[0, :2] > default.maps[0, :2]).any()  # red and cat gain the sink's share at the deepest level
+    torch.testing.assert_close(sunk.maps[0, 2], sunk.maps[0, 0] + sunk.maps[0, 1], rtol=1e-4, atol=1e-6)
+    assert (default.maps[0, 2] > default.maps[0, 0] + default.maps[0, 1]).all()  # without sinks the phrase has token 1 too
 
 
 # -- the effect on the toy model -----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import choice, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
-from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, magnet_prompt, suppress_sinks
+from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, global_sinks, magnet_prompt, without_sinks
 from .masks import MASK_THRESHOLD, masks_from_maps
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
@@ -401,27 +401,33 @@ class AttentionMapsBound(Bound):
         selector = text_selector.new_zeros(len(batch_rows), text_selector.shape[1], n_keys)
         selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
         keys = slice(0, n_keys)
-        parts = []
+        text_keys = slice(key_text.start, key_text.start + self.text_len)
+        if hook.sinks:  # each text token's attention per head, to take the sinks out of each head's softmax
+            every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
+            every[:, :, text_keys] = torch.eye(self.text_len, device=every.device)
+        parts, masses, weights = [], [], []
         for start, stop, edited in query_segments(spec, image):
             chosen = selector
             if edited and spec.value_scale is not None:
                 value_scale = per_key(spec.value_scale.float(), "value_scale")  # (b, H|1, Nk)
                 chosen = selector * value_scale if value_scale.shape[1] == 1 else selector[:, None] * value_scale[:, :, None, :]
             offset = image.start + start
+            if hook.sinks:
+                weights.append(chosen[..., text_keys])
+                chosen = every
             if edited and spec.sparse is not None:
-                parts.append(_sparse_words(qb, ki, chosen, spec, slice(offset, image.start + stop)))
-                continue
+                found = _sparse_words(qb, ki, chosen, spec, slice(offset, image.start + stop), per_head=hook.sinks)
+            else:
 
-            def bias(lo: int, hi: int, offset: int = offset) -> torch.Tensor | None:
-                return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
+                def bias(lo: int, hi: int, offset: int = offset) -> torch.Tensor | None:
+                    return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
 
-            parts.append(word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias))
+                found = word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias, per_head=hook.sinks)
+            (masses if hook.sinks else parts).append(found)
+        if hook.sinks:  # per segment: its (b, H, n, text_len) attention and its words' weights over the text keys
+            sinks = global_sinks(torch.cat(masses, dim=2))
+            parts = [without_sinks(mass, weight, sinks) for mass, weight in zip(masses, weights)]
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
-        if hook.sinks:
-            every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
-            every[:, :, key_text.start : key_text.start + self.text_len] = torch.eye(self.text_len, device=every.device)
-            mass = word_attention(qi, ki, every, scale=spec.scale)  # (b, Ni, text_len)
-            words = suppress_sinks(words, mass, text_selector.float())
         if self.sum_heads:
             words = words * q.shape[1]  # word_attention averages the heads
         h, w = geometry.image_hw
@@ -484,11 +490,11 @@ def _prompt_texts(tokens: Any, rows: int) -> tuple[str, ...]:
 
 def _sparse_words(
     q: torch.Tensor, k: torch.Tensor, selector: torch.Tensor, spec: AttentionSpec, queries: slice,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int = CHUNK_ELEMENTS, per_head: bool = False,
 ) -> torch.Tensor:
     """`word_attention` for query rows a sparse transform (PLADIS) applies to: the words' mass under the attention
     weights `kernels.semantics.probabilities` (eager, per chunk of rows; q holds every query position, k every key).
-    Returns (B, n, W) in float32."""
+    Returns (B, n, W) in float32 (`per_head`: (B, H, n, W))."""
     batch, heads, nk = q.shape[0], q.shape[1], k.shape[2]
     values = selector.float().transpose(-1, -2)  # (B, Nk, W) or (B, H, Nk, W)
     values = values[:, None] if values.ndim == 3 else values
@@ -497,8 +503,9 @@ def _sparse_words(
     for start in range(queries.start, queries.stop, rows):
         chunk = slice(start, min(start + rows, queries.stop))
         weights = probabilities(block_logits(q, k, spec, chunk, slice(0, nk)), spec, chunk)
-        out.append((weights @ values).mean(dim=1))
-    return torch.cat(out, dim=1)
+        mass = weights @ values
+        out.append(mass if per_head else mass.mean(dim=1))
+    return torch.cat(out, dim=2 if per_head else 1)
 
 
 class MissingWordError(TokenError, KeyError):

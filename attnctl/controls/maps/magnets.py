@@ -9,9 +9,10 @@ RefAM (Kukleva et al. 2025, "RefAM: Attention Magnets for Zero-Shot Referral Seg
   every image token alike (a flat map that carries no location). Our detection rule: at a layer of the
   deepest captured level (the coarsest token grid), a text token is a sink in an image when its attention,
   averaged over the image tokens, is at least `SINK_MASS` and its smallest value is at least `SINK_FLATNESS`
-  times that average. Suppression: the softmax is taken again without the sink keys, which for the words'
-  probabilities is exact without recomputing it: `p'(x, w) = p(x, w) / (1 - sum_s p(x, s))` (a word that is
-  itself a sink gets zero); the sinks' share is so redistributed over the other tokens, magnets included.
+  times that average (on the head-averaged attention). Suppression: each head's softmax is taken again without the
+  sink keys, which for the words' probabilities is exact without recomputing it:
+  `p'_h(x, w) = sum_{t in w, not a sink} p_h(x, t) / (1 - sum_s p_h(x, s))`, then averaged over the heads (a word
+  loses only its sink tokens' share); the sinks' share is so redistributed over the other tokens, magnets included.
 
 The magnets change the prompt and so the image: they run in a separate readout pass (an img2img call of the same
 pipeline over a given or generated image, `attnctl.render.readout.read_maps`), never in the generation.
@@ -36,17 +37,27 @@ def magnet_prompt(prompt: str, magnets: tuple[str, ...]) -> str:
     return f"{prompt.rstrip()} {' '.join(magnets)}" if magnets else prompt
 
 
-def suppress_sinks(words: torch.Tensor, mass: torch.Tensor, selector: torch.Tensor) -> torch.Tensor:
-    """Words' probabilities with the global sinks' keys removed from the softmax.
-
-    words (B, N, W): the words' attention per image token; mass (B, N, T): every text token's attention per image
-    token; selector (B, W, T): each word's tokens. Returns (B, N, W), no host sync."""
-    mean = mass.mean(dim=1)  # (B, T)
-    low = mass.amin(dim=1)
-    sinks = ((mean >= SINK_MASS) & (low >= SINK_FLATNESS * mean)).to(mass.dtype)  # (B, T)
-    sunk = (mass * sinks[:, None, :]).sum(-1, keepdim=True)  # (B, N, 1)
-    word_is_sink = ((selector * sinks[:, None, :]).sum(-1) > 0).to(words.dtype)  # (B, W)
-    return words / (1.0 - sunk).clamp_min(1e-6) * (1.0 - word_is_sink[:, None, :])
+def global_sinks(mass: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1.0 at the text tokens that are global sinks of each image, 0.0 elsewhere: by the rule above, on the
+    head average of `mass` (B, H, N, T), each text token's attention per head and image token."""
+    averaged = mass.mean(dim=1)  # (B, N, T)
+    mean = averaged.mean(dim=1)  # (B, T)
+    low = averaged.amin(dim=1)
+    return ((mean >= SINK_MASS) & (low >= SINK_FLATNESS * mean)).to(mass.dtype)
 
 
-__all__ = ["MAGNET_FAMILIES", "MAGNET_WORDS", "SINK_FLATNESS", "SINK_MASS", "magnet_prompt", "suppress_sinks"]
+def without_sinks(mass: torch.Tensor, selector: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """The words' attention with the sinks' keys removed from the softmax, per head, then averaged over the heads:
+    `mean_h sum_{t not a sink} p_h(x, t) S(w, t) / (1 - sum_s p_h(x, s))`, exact since each head's softmax is
+    renormalised by its own sink mass (a word loses only its sink tokens' share; a word of sinks only gets 0).
+
+    mass (B, H, N, T): each text token's attention per head and image token; selector (B, W, T), or (B, H, W, T) per
+    head, each word's weight at each text token; sinks (B, T) from `global_sinks`. Returns (B, N, W), no host sync."""
+    kept = selector * (1.0 - sinks)[:, None, :] if selector.ndim == 3 else selector * (1.0 - sinks)[:, None, None, :]
+    kept = kept[:, None] if kept.ndim == 3 else kept  # (B, H|1, W, T)
+    words = mass @ kept.transpose(-1, -2).to(mass.dtype)  # (B, H, N, W)
+    sunk = (mass * sinks[:, None, None, :]).sum(-1, keepdim=True)  # (B, H, N, 1)
+    return (words / (1.0 - sunk).clamp_min(1e-6)).mean(dim=1)
+
+
+__all__ = ["MAGNET_FAMILIES", "MAGNET_WORDS", "SINK_FLATNESS", "SINK_MASS", "global_sinks", "magnet_prompt", "without_sinks"]
