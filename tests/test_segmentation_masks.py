@@ -11,7 +11,14 @@ import torch
 
 import attnctl
 from attnctl import AttentionMaps, ConfigError, Region, Regions, UnsupportedError
-from attnctl.controls.maps.magnets import MAGNET_WORDS, SINK_FLATNESS, SINK_MASS, global_sinks, magnet_prompt, without_sinks
+from attnctl.controls.maps.magnets import (
+    MAGNET_WORDS,
+    SINK_FLATNESS,
+    SINK_MASS,
+    global_sinks,
+    magnet_prompt,
+    without_sinks,
+)
 
 from .helpers import generate
 
