@@ -92,7 +92,8 @@ def embedded_defaults(pipe: Any) -> dict[str, Any]:
 
 
 def _same_noise(generator: Any, n: int, pipe: Any) -> list[torch.Generator]:
-    """n generators with one seed, drawn from `generator` (a fresh seed when None)."""
+    """n generators on `generator`'s device with one seed, drawn from `generator` (None: from torch's global
+    generator)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != 1:
             raise ConfigError(
@@ -101,8 +102,9 @@ def _same_noise(generator: Any, n: int, pipe: Any) -> list[torch.Generator]:
         generator = generator[0]
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConfigError(f"interpolate: generator must be a torch.Generator, got {generator!r}")
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else int(torch.seed() % 2**62)
+    # None: a draw of torch's global generator (so torch.manual_seed makes the call repeat, as for a pipeline call)
     device = generator.device if generator is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
     return [torch.Generator(device).manual_seed(seed) for _ in range(n)]
 
 

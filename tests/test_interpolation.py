@@ -4,6 +4,7 @@ from docs/methods.md ("Attention interpolation"), every family, call protocols, 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -48,6 +49,12 @@ def test_beta_points_are_the_inverse_cdf():
     skewed = beta_points(5, 3.0, 1.0)  # CDF x^3
     assert all(abs(t**3 - i / 4) < 1e-6 for i, t in enumerate(skewed))
     assert beta_points(2) == (0.0, 1.0)
+    # parameters below 1: the density is infinite at an end, the quantiles are still exact (closed forms)
+    quantiles = {(0.2, 1.0): lambda p: p**5, (1.0, 0.3): lambda p: 1 - (1 - p) ** (1 / 0.3),
+                 (0.5, 0.5): lambda p: math.sin(math.pi * p / 2) ** 2}  # arcsine law
+    for (alpha, beta), quantile in quantiles.items():
+        for t, i in zip(beta_points(5, alpha, beta), range(5)):
+            assert abs(t - quantile(i / 4)) < 1e-8, (alpha, beta, i, t)
 
 
 @pytest.mark.parametrize(
@@ -316,6 +323,14 @@ def test_interpolate_on_the_toy_model():
     assert len(images) == 5 and images[0].size == (32, 32)
     stock = pipe(PROMPT_A, generator=torch.Generator().manual_seed(_seed(0)), **attnctl.toy.CALL_DEFAULTS).images[0]
     assert images[0].tobytes() == stock.tobytes() or _close(images[0], stock)
+    stock_b = pipe(PROMPT_B, generator=torch.Generator().manual_seed(_seed(0)), **attnctl.toy.CALL_DEFAULTS).images[0]
+    assert images[-1].tobytes() == stock_b.tobytes() or _close(images[-1], stock_b)
+    # no generator: the seed is a draw of torch's global generator, so torch.manual_seed makes the call repeat
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append([image.tobytes() for image in attnctl.interpolate(pipe, PROMPT_A, PROMPT_B, n=3)])
+    assert runs[0] == runs[1]
     rates = aid_rates(pipe, range(8), 5, [("outer", 2.0)], baseline=False)
     assert rates["outer Beta(2,2)"] >= 0.9, rates
 

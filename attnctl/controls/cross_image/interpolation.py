@@ -54,26 +54,41 @@ def beta_points(n: int, alpha: float = DEFAULT_BETA, beta: float = DEFAULT_BETA)
     AID observes that the images of a linear schedule change little near the endpoints and jump in the middle, and
     draws the points from a Beta distribution with alpha, beta > 1 so that they crowd where the change is fast
     (the paper then picks alpha, beta per pair by Bayesian optimisation of the smoothness; attnctl takes them as
-    given). `t_0 = 0` and `t_{n-1} = 1` exactly. Computed in float64 on a fine grid (no scipy), rounded to 9 digits.
+    given). `t_0 = 0` and `t_{n-1} = 1` exactly. Computed in float64 on a fine grid (no scipy), rounded to 9 digits;
+    alpha or beta below 1 are accepted (the density is then infinite at an end) and computed as accurately.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"beta_points: n must be an integer >= 2 (the two endpoints included), got {n!r}")
     alpha = number(alpha, "beta_points alpha", minimum=0, exclusive_minimum=True)
     beta = number(beta, "beta_points beta", minimum=0, exclusive_minimum=True)
+    # The density x^(a-1) (1-x)^(b-1) is integrated per cell of a fine grid with its singular factor exactly: on the
+    # left half x^(a-1) (the other factor at the cell's midpoint), on the right half (1-x)^(b-1); the same form
+    # inverts the CDF inside a cell. Exact for Beta(a, 1) and Beta(1, b), accurate to ~1e-9 otherwise, a or b < 1
+    # included (their density is infinite at an end).
     grid = 200_000
-    x = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # midpoints: finite density for alpha or beta < 1
-    log_pdf = (alpha - 1) * torch.log(x) + (beta - 1) * torch.log1p(-x)
-    pdf = torch.exp(log_pdf - log_pdf.max())
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pdf, 0)])
-    cdf = cdf / cdf[-1]
     edges = torch.linspace(0, 1, grid + 1, dtype=torch.float64)
+    lo, hi = edges[:-1], edges[1:]
+    mid = (lo + hi) / 2
+    left = mid < 0.5
+    mass = torch.where(
+        left,
+        torch.exp((beta - 1) * torch.log1p(-mid)) * (hi**alpha - lo**alpha) / alpha,
+        torch.exp((alpha - 1) * torch.log(mid)) * ((1 - lo) ** beta - (1 - hi) ** beta) / beta,
+    )
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(mass, 0)])
+    cdf = cdf / cdf[-1]
     points = [0.0]
     for i in range(1, n - 1):
         p = i / (n - 1)
         j = int(torch.searchsorted(cdf, torch.tensor(p, dtype=torch.float64)).item())
-        lo, hi = cdf[j - 1].item(), cdf[j].item()
-        frac = 0.0 if hi == lo else (p - lo) / (hi - lo)
-        points.append(round(edges[j - 1].item() + frac * (edges[j] - edges[j - 1]).item(), 9))
+        below, above = cdf[j - 1].item(), cdf[j].item()
+        frac = 0.0 if above == below else (p - below) / (above - below)
+        a, b = edges[j - 1].item(), edges[j].item()
+        if left[j - 1]:  # within the cell the CDF grows as x^alpha
+            t = (a**alpha + frac * (b**alpha - a**alpha)) ** (1 / alpha)
+        else:  # as -(1 - x)^beta
+            t = 1 - ((1 - a) ** beta - frac * ((1 - a) ** beta - (1 - b) ** beta)) ** (1 / beta)
+        points.append(round(t, 9))
     points.append(1.0)
     return tuple(points)
 
