@@ -156,6 +156,33 @@ def test_matches_the_eager_reference(name, tiny_cache):
     torch.testing.assert_close(fused, reference, atol=2e-4, rtol=1e-3)
 
 
+def test_each_occurrence_of_a_phrase_is_a_value_set_of_its_own(tiny_cache):
+    """A phrase written twice ("a red cat and a red cat"), or inside another ("a cat" in "a cat house"), gives one
+    aligned copy per occurrence, as a parser gives each noun phrase occurrence its own span (it raised)."""
+    pipe = tiny_cache("tiny-sd")
+    prompts = ["a red cat and a red cat", "a cat and a cat house"]
+    sets = []
+    for prompt in prompts:
+        full = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0][0]
+        ids = pipe.tokenizer(prompt).input_ids
+        copies = []
+        for phrase in noun_phrases(prompt):
+            alone = pipe.encode_prompt(phrase, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0][0]
+            pattern = pipe.tokenizer(phrase, add_special_tokens=False).input_ids
+            for i in range(len(ids) - len(pattern) + 1):
+                if ids[i : i + len(pattern)] == pattern:
+                    copy = full.clone()
+                    copy[i : i + len(pattern)] = alone[1 : 1 + len(pattern)]
+                    copies.append(copy)
+        sets.append(copies)
+    assert [len(s) for s in sets] == [2, 3]  # a red cat x2; a cat x2 (once inside "a cat house"), a cat house
+    with attnctl.apply(pipe, _EagerSDG(sets), backend="reference"):
+        reference = generate(pipe, "tiny-sd", prompts)
+    with attnctl.apply(pipe, StructuredGuidance()):
+        fused = generate(pipe, "tiny-sd", prompts)
+    torch.testing.assert_close(fused, reference, atol=2e-4, rtol=1e-3)
+
+
 def test_matches_the_eager_reference_on_pixart(tiny_cache):
     """PixArt: T5 has no start token, so a phrase's own tokens start at position 0; the values go through the
     denoiser's caption projection (per token) before to_v; the prompt's padding mask stays."""

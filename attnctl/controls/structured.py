@@ -85,6 +85,17 @@ def noun_phrases(prompt: str) -> tuple[str, ...]:
     return tuple(p for p in dict.fromkeys(phrases) if p.lower() != whole)
 
 
+def _occurrences(tokens: PromptTokens, phrase: str, row: int) -> list[tuple[int, ...]]:
+    """The token positions of each occurrence of `phrase` in prompt row `row`, in order."""
+    found = []
+    for occurrence in range(tokens.text_len):
+        positions = tokens.positions((phrase, occurrence), row, missing_ok=True)
+        if not positions:
+            break
+        found.append(positions)
+    return found
+
+
 def _close(words: list[str], phrases: list[str]) -> None:
     if len(words) >= 2 and words[0].lower() in DETERMINERS:
         phrases.append(" ".join(words))
@@ -205,20 +216,23 @@ class StructuredBound(Bound):
             phrases = control.phrases if control.phrases is not None else noun_phrases(texts[row])
             for phrase in phrases:
                 try:
-                    positions = tokens.positions(phrase, row)
+                    occurrences = _occurrences(tokens, phrase, row)
                 except TokenError:
+                    occurrences = []
+                if not occurrences:
                     missing.append(phrase)
                     continue
                 if phrase not in sources:
                     sources.append(phrase)
                 own = phrase_tokens(tokens, phrase)
-                if len(own) != len(positions):
-                    raise TokenError(
-                        f"attnctl: StructuredGuidance: {phrase!r} has {len(positions)} token(s) in the prompt of row {row} "
-                        f"({texts[row]!r}) and {len(own)} encoded alone (every occurrence counts); give it once per prompt"
-                    )
-                self.spans.append(PhraseSpan(row, positions, sources.index(phrase), own))
-                self.counts[row] += 1
+                for positions in occurrences:  # each occurrence is a span of its own, as each parsed noun phrase
+                    if len(own) != len(positions):
+                        raise TokenError(
+                            f"attnctl: StructuredGuidance: {phrase!r} has {len(positions)} token(s) at one of its occurrences "
+                            f"in the prompt of row {row} ({texts[row]!r}) and {len(own)} encoded alone"
+                        )
+                    self.spans.append(PhraseSpan(row, positions, sources.index(phrase), own))
+                    self.counts[row] += 1
         if control.phrases is not None:
             absent = [p for p in control.phrases if p not in sources]
             if absent:
