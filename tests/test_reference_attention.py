@@ -306,3 +306,30 @@ def test_adain_idle_and_refusals(tiny_cache):
     with pytest.raises(attnctl.UnsupportedError, match="UNet"):
         attnctl.apply(flux, [ReferenceAttention(picture(), adain=True)])
     assert all(proc is not None for proc in flux.transformer.attn_processors.values())  # nothing left installed
+
+
+def test_a_float16_vae_that_asks_for_upcasting_encodes_the_reference_in_float32(tiny_cache):
+    """SDXL's VAE config sets force_upcast (its float16 encoder overflows): the reference is encoded in float32, as
+    diffusers' img2img pipelines do, and the VAE is back in float16 afterwards, also when encoding fails."""
+    import copy
+    from types import SimpleNamespace
+
+    from attnctl.controls.cross_image.reference import encode_reference
+
+    vae = copy.deepcopy(tiny_cache("tiny-sdxl").vae).to(torch.float16)
+    vae.register_to_config(force_upcast=True)
+    seen = []
+    encode = vae.encode
+    vae.encode = lambda pixels: (seen.append((pixels.dtype, next(vae.parameters()).dtype)), encode(pixels))[1]
+    image = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
+    latents = encode_reference(SimpleNamespace(vae=vae), image, (32, 32), "cpu", torch.float16)
+    assert seen == [(torch.float32, torch.float32)] and vae.dtype == torch.float16
+    assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
+
+    def broken(pixels):
+        raise RuntimeError("encoder failed")
+
+    vae.encode = broken
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        encode_reference(SimpleNamespace(vae=vae), image, (32, 32), "cpu", torch.float16)
+    assert vae.dtype == torch.float16

@@ -206,20 +206,30 @@ def _check_image_file(path: str) -> None:
 
 
 def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, dtype: Any) -> torch.Tensor:
-    """The reference as the pipeline's VAE latents (1, C, h, w): resized to the call's image size, scaled to
-    [-1, 1], encoded (the distribution's mean), then shifted and scaled by the VAE's config."""
+    """The reference as the pipeline's VAE latents (1, C, h, w): resized to the call's image size (Lanczos, as the
+    reference-only pipeline), scaled to [-1, 1], encoded (the distribution's mean), then shifted and scaled by the
+    VAE's config. A VAE whose config asks for `force_upcast` (SDXL's) encodes in float32, as diffusers' img2img
+    pipelines do (its float16 encoder overflows), and is put back in its dtype afterwards."""
     from PIL import Image
 
     if isinstance(image, str):
         with Image.open(image) as opened:
             image = opened.convert("RGB")
-    image = image.convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+    image = image.convert("RGB").resize((size[1], size[0]), Image.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     vae = getattr(pipe, "vae", None)
     if vae is None:
         raise UnsupportedError("attnctl: ReferenceAttention needs the pipeline's VAE (pipe.vae) to encode the reference")
-    with torch.no_grad():
-        encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype))
+    dtype_before = vae.dtype
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype_before == torch.float16
+    try:
+        if upcast:
+            vae.to(dtype=torch.float32)
+        with torch.no_grad():
+            encoded = vae.encode(pixels.to(device=device, dtype=vae.dtype))
+    finally:
+        if upcast:
+            vae.to(dtype=dtype_before)
     dist = getattr(encoded, "latent_dist", None)
     latents = dist.mean if dist is not None else encoded[0]
     if latents.ndim != 4:
