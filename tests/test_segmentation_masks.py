@@ -142,6 +142,8 @@ def test_readout_pass_over_a_given_image(name, tiny_cache):
         assert torch.equal(again.maps, magnets.maps)
     with pytest.raises(ConfigError, match="strength"):
         attnctl.read_maps(pipe, images, PROMPT, ["red"], strength=0)
+    with pytest.raises(ConfigError, match="different sizes"):
+        attnctl.read_maps(pipe, [images[0], images[0].resize((images[0].width * 2, images[0].height))], PROMPT, ["red"])
 
 
 def test_readout_takes_sinks_out_of_each_heads_softmax_and_phrases_keep_their_other_tokens(tiny_cache, monkeypatch):

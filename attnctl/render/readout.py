@@ -86,6 +86,13 @@ def read_maps(
     reader = img2img_of(pipe)
     call = _check_call_arguments(reader, call)
     size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
+    sizes = [getattr(image, "size", None) for image in images]
+    if isinstance(size, tuple) and any(other != size for other in sizes):
+        raise ConfigError(
+            f"read_maps: the images have different sizes ({', '.join(str(s) for s in dict.fromkeys(sizes))}); the pipeline "
+            "processes a batch at the first image's size, so the maps and masks would not fit the others: read images of "
+            "one size per call"
+        )
     resolution = (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
     words = words if isinstance(words, str) else tuple(words)  # one word as a string, as AttentionMaps takes it
     control = AttentionMaps(words, layers=layers, magnets=magnets, resolution=resolution, key="readout_maps")
