@@ -43,7 +43,8 @@ class SEG(PerturbingControl, type_name="seg"):
 
     scale: guidance scale of `cond - perturbed` (0: off). sigma: std of the Gaussian blur of the queries,
     in image tokens (>= 9999 or inf: the mean query). layers / steps / separate as PAG (same default layers).
-    Defaults as the authors' SEG-SDXL code: scale 3.0, sigma 100.
+    Defaults: the authors' SEG-SDXL scale 3.0 and their README's sigma 100 (their code's default, 9999999, is the
+    infinite blur: the mean query; pass `sigma=float('inf')` for it).
     """
 
     #: images, and video: the queries are blurred within each token frame (the blur is spatial, as on images)
