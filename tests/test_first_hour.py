@@ -348,3 +348,37 @@ def test_a_one_image_call_with_the_control_switched_off_stays_stock(sd, control)
     stock = _latents(sd, ["a red cat"], [0])
     with attnctl.apply(sd, [control]):
         assert torch.equal(_latents(sd, ["a red cat"], [0]), stock)
+
+
+@pytest.mark.parametrize("control", [attnctl.AttentionInterpolation(to="a blue dog", n=3),
+                                     attnctl.PromptToPrompt(edits=["a red dog"]),
+                                     ReferenceAttention(Image.new("RGB", (32, 32), (0, 200, 0)))],
+                         ids=["interpolation", "p2p", "reference"])
+def test_a_multi_row_generation_takes_a_negative_prompt(sd, control):
+    """The calls of several rows (a sequence, edits, a reference row) give the negative prompt to every row
+    (diffusers refuses one string beside a list of prompts); `resolve` (attnctl render --check) as well."""
+    model = attnctl.Model(sd, "tiny-sd")
+    with model:
+        model.resolve("a red cat", controls=control, negative_prompt="blurry", steps=2, width=32, height=32)
+        result = model.generate("a red cat", seed=0, steps=2, width=32, height=32, negative_prompt="blurry", controls=control)
+    assert result.params["negative_prompt"] == "blurry"
+    assert (result.params["width"], result.params["height"]) == (32, 32)  # each image's size (a sequence's strip is wider)
+
+
+def test_an_image_sequence_of_a_video_model_is_refused_before_it_runs():
+    """attnctl render --check and Model.generate refuse an interpolation (or P2P) job on a video model before the
+    pipeline is called (it was found after the whole video had been generated)."""
+    from attnctl.testing.new_families import available
+
+    if not available("tiny-wan"):
+        pytest.skip("tiny-wan needs a newer diffusers")
+    wan = make_tiny_pipeline("tiny-wan")
+    calls = []
+    wan.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    model = attnctl.Model(wan, "tiny-wan")
+    with model:
+        for run in (lambda: model.resolve("a cat", controls=attnctl.AttentionInterpolation(to="a dog", n=3)),
+                    lambda: model.generate("a cat", seed=0, steps=2, controls=attnctl.AttentionInterpolation(to="a dog", n=3))):
+            with pytest.raises(ConfigError, match="makes videos"):
+                run()
+    assert not calls

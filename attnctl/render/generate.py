@@ -242,7 +242,9 @@ class Model:
         def stop(*_: Any) -> None:
             raise _Resolved
 
-        _, prompts = call_rows(prompt, controls)
+        layout, prompts = call_rows(prompt, controls)
+        if layout == "rows":
+            self._refuse_video_rows()
         self.release()
         hooks = [child.register_forward_pre_hook(stop) for child in denoiser.children()]
         try:
@@ -251,7 +253,8 @@ class Model:
             rows = prompts if len(prompts) > 1 else prompt
             generators = [torch.Generator(device="cpu").manual_seed(0) for _ in prompts]
             try:
-                self.pipe(rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent", **kwargs)
+                self.pipe(rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent",
+                          **(_per_row(kwargs, len(prompts)) if len(prompts) > 1 else kwargs))
             except _Resolved:
                 pass
             del handle
@@ -271,6 +274,8 @@ class Model:
         seed = _check_seed(seed)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         layout, prompts = call_rows(prompt, controls)
+        if layout == "rows":
+            self._refuse_video_rows()
         handle = self._attach(controls)
         try:
             return self._render(prompt, seed, controls, kwargs, layout, prompts, handle)
@@ -310,15 +315,12 @@ class Model:
 
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompts, generator=generators, output_type="pil", **kwargs)
+        result = self.pipe(prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
         seconds = time.perf_counter() - start
-        if not hasattr(result, "images"):
-            raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation or prompt-to-prompt job renders "
-                              "image sequences only (use attnctl.interpolate for interpolation videos)")
-        frames = list(result.images)
+        frames = list(result.images)  # a video model was refused before the call (_refuse_video_rows)
         image = strip(frames)
         outputs = handle.outputs if handle is not None else {}
-        params = self._params(prompt, seed, controls, kwargs, image)
+        params = self._params(prompt, seed, controls, kwargs, frames[0])  # each image's size, not the strip's
         params.update(frames=len(frames), fps=SEQUENCE_FPS)
         return Generation(image, params, outputs, seconds, frames)
 
@@ -329,11 +331,20 @@ class Model:
         row 1's (row 0's is a reconstruction of the reference)."""
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompts, generator=generators, output_type="pil", **kwargs)
+        result = self.pipe(prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
         seconds = time.perf_counter() - start
         image = result.images[1]
         outputs = handle.outputs if handle is not None else {}
         return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
+
+    def _refuse_video_rows(self) -> None:
+        """An image sequence (interpolation, P2P edits) of a video model is refused before anything runs."""
+        from ..families import adapter_for
+        from ..handle import denoiser_of
+
+        if adapter_for(denoiser_of(self.pipe)[1]).grid_dims == 3:
+            raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation or prompt-to-prompt job renders "
+                              "image sequences only (use attnctl.interpolate for interpolation videos)")
 
     def _call_kwargs(self, options: Mapping[str, Any], negative_prompt: str | None, steps: int | None,
                      width: int | None, height: int | None, guidance_scale: float | None) -> dict[str, Any]:
@@ -513,6 +524,13 @@ def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
     if len(found) > 1:
         raise ConfigError("give one PromptToPrompt with `edits` per image (a call renders one base prompt and its edits)")
     return found[0].edits if found else None
+
+
+def _per_row(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The call's keyword arguments for a call of `rows` prompts: a negative prompt given as one string becomes one per
+    row (diffusers refuses a string negative prompt beside a list of prompts)."""
+    return {key: [value] * rows if key.startswith("negative_prompt") and isinstance(value, str) else value
+            for key, value in kwargs.items()}
 
 
 def call_rows(prompt: str, controls: tuple[Control, ...]) -> tuple[str, list[str]]:
