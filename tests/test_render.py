@@ -442,6 +442,11 @@ def test_outputs_with_save_are_written_beside_the_image(tmp_path, tiny_model):
     assert (out / "a" / "4.attention_maps" / "map.png").is_file()
     assert manifest(out)[0]["outputs"] == ["a/4.attention_maps"]
     assert sorted(os.path.relpath(p, out) for p in iter_images(str(out))) == ["a/4.png"]
+    import shutil
+
+    shutil.rmtree(out / "a" / "4.attention_maps")  # an output removed since: the image is rendered again on resume
+    summary = render(str(path), options(out), model=tiny_model)
+    assert (summary.rendered, summary.skipped) == (1, 0) and (out / "a" / "4.attention_maps" / "map.png").is_file()
 
 
 def test_a_locked_folder_is_refused(tmp_path, tiny_model):

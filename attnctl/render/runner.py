@@ -364,9 +364,11 @@ def _done(record: dict[str, Any] | None, out: str, request: str) -> bool:
         return False
     path = os.path.join(out, str(record.get("path", "")))
     try:
-        return os.path.getsize(path) == record.get("bytes")
+        complete = os.path.getsize(path) == record.get("bytes")
     except OSError:
         return False
+    # the image's other files (maps, video, frames) too: one removed since is rendered again
+    return complete and all(os.path.exists(os.path.join(out, str(saved))) for saved in record.get("outputs") or ())
 
 
 def shard(pending: list[Image], rank: int, world: int) -> list[Image]:
@@ -618,13 +620,14 @@ class _RunContext:
             try:
                 saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync,
                                              params=params)
-                size = save_png(result.image, target, params, fsync=self.options.fsync)
                 if result.frames is not None:  # a video: <seed>.mp4 (imageio-ffmpeg) or .gif, and <seed>.frames/ (PNGs)
                     video = f"{seed}.{outputs.video_format()}"
                     save_video(result.frames, os.path.join(folder, video), params, fsync=self.options.fsync,
                                **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
                     save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
                     saved_outputs = [os.path.join(job.id, video), os.path.join(job.id, f"{seed}.frames"), *saved_outputs]
+                # the PNG last: resuming counts an image done by its PNG, so it exists only once every other file does
+                size = save_png(result.image, target, params, fsync=self.options.fsync)
             except OSError as error:
                 if error.errno in FATAL_WRITE_ERRNOS:
                     raise WriteStopped(error, error.filename or target) from None
