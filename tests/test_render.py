@@ -643,3 +643,18 @@ def test_summary_and_exit_code():
     assert ok.exit_code == 0 and "2 rendered" in ok.format()
     failed = Summary(images=2, rendered=1, failed=[{"job": "a", "seed": 0, "error": "TokenError: x"}])
     assert failed.exit_code == 1 and "job 'a' seed 0: TokenError: x" in failed.format()
+
+
+def test_the_request_digest_holds_the_contents_of_referenced_files(tmp_path):
+    """Editing a reference image or mask file a job names changes its request, so resume renders it again (the
+    digest held only the path)."""
+    from PIL import Image
+
+    reference = tmp_path / "reference.png"
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(reference)
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": [0], **SMALL,
+                                        "controls": [{"type": "reference-attention", "image": "reference.png"}]})
+    before = load_job_file(path).jobs[0].request
+    assert load_job_file(path).jobs[0].request == before  # the same file: the same request
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(reference)
+    assert load_job_file(path).jobs[0].request != before

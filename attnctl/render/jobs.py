@@ -513,6 +513,9 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
         problem(f"{label}: {message}")
     if path_errors:
         return None, written
+    contents = _file_contents(resolved)
+    if contents:  # the request digest holds the referenced files' contents: editing a mask or image re-renders on resume
+        written = {**written, "file_contents": contents}
     if kind == "fastattn" and isinstance(resolved.get("plan"), str):
         # `plan = "plan.json"`: a file saved by FastAttnPlan.save, read with its own loader. The request digest
         # holds the plan itself, so editing the file re-renders on resume.
@@ -564,6 +567,18 @@ def resolve_paths(value: Any, base: str, key: str = "") -> tuple[Any, list[str]]
                 errors.append(f"{key} file {value!r} is not a readable image: {error}")
         return resolved, errors
     return value, errors
+
+
+def _file_contents(value: Any, key: str = "") -> list[str]:
+    """The SHA-256 of every file under a path key of `value` (paths resolved by `resolve_paths`), in order."""
+    if isinstance(value, dict):
+        return [digest for k, v in value.items() for digest in _file_contents(v, str(k))]
+    if isinstance(value, list):
+        return [digest for v in value for digest in _file_contents(v, key)]
+    if isinstance(value, str) and key and is_path_key(key) and os.path.isfile(value):
+        with open(value, "rb") as handle:
+            return [hashlib.sha256(handle.read()).hexdigest()]
+    return []
 
 
 def _image_error(path: str) -> str | None:
