@@ -269,6 +269,21 @@ def test_boxdiff_loss_of_a_call_matches_the_reference_on_materialised_maps(tiny_
     assert recorded == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
 
 
+def test_boxdiff_box_is_the_authors_rounded_rectangle(tiny_cache):
+    """BoxDiff's box at the maps' grid rounds each edge to a cell edge (`mask[y0:y1, x0:x1] = 1` with rounded
+    coordinates): a corner cell covered 0.65 along each axis (0.42 of its area) is inside."""
+    pipe = tiny_cache("tiny-sd")
+    probe = attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("inner",), iterations=1, steps=(0.0, 0.5), layers="cross")
+    h, w = _run_with_inputs(pipe, probe)[1].grid
+    box = (1.35 / w, 1.35 / h, (w - 1.4) / w, (h - 1.4) / h)
+    control = attnctl.BoxGuidance({"cat": box}, constraints=("inner", "outer", "corner"), iterations=1, steps=(0.0, 0.5), layers="cross")
+    bound = _run_with_inputs(pipe, control)[1]
+    x0, y0, x1, y1 = (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
+    expected = torch.zeros(h, w)
+    expected[y0:y1, x0:x1] = 1.0
+    assert bool(expected[1, 1]) and torch.equal(bound.masks[0].cpu(), expected)
+
+
 def test_layout_loss_of_a_call_matches_the_authors_code_on_materialised_maps(tiny_cache):
     """BoxGuidance's default (Chen et al.'s ratio loss at their layers: the mid block and the first up block with
     cross-attention) records at step 0 the authors' `compute_ca_loss` of the stock UNet's materialised maps, and

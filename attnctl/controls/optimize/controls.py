@@ -367,7 +367,8 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained Diffusion"). BoxDiff's constraints read
     Attend-and-Excite's maps (`columns`, `temperature`, `kernel_size`, `sigma` as in `AttendExcite`); their top-k means
     take the top `topk` fraction, and the corner constraint the cells within `corner_width` of the box edges
-    (BoxDiff's P = 0.8 and L = 1). With `Regions`: `BoxGuidance.from_regions(regions, words)` gives each word its
+    (P = 0.8, the default of BoxDiff's config, and L = 1, its README's runs; its config's L is 6). The step and
+    iterations stay Chen et al.'s with any constraints. With `Regions`: `BoxGuidance.from_regions(regions, words)` gives each word its
     region's box.
     """
 
@@ -459,11 +460,15 @@ class BoxGuidanceBound(LatentOptimizerBound):
             torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]).to(context.device)
             for layer in self.layers
         )
-        masks = torch.stack([box_coverage(box, self.grid) for _, box in control.boxes]).float()
-        inside = (masks >= 0.5).float()
+        # BoxDiff's box at the maps' grid: each edge rounded to a cell edge, i.e. a cell is inside where at least
+        # half of it is along x and along y (a rectangle; the area of a corner cell may be less than half)
+        inside = torch.stack([
+            ((box_coverage((x0, 0.0, x1, 1.0), self.grid) >= 0.5) & (box_coverage((0.0, y0, 1.0, y1), self.grid) >= 0.5)).float()
+            for _, (x0, y0, x1, y1) in control.boxes
+        ])
         self._refuse_empty_boxes(control, context, inside)
         bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
-        self.masks = masks.to(context.device)
+        self.masks = inside.to(context.device)
         self.bands = tuple(band.to(context.device) for band in bands)
 
     def _refuse_empty_boxes(self, control: BoxGuidance, context: BindContext, inside: torch.Tensor) -> None:
