@@ -57,6 +57,38 @@ def test_one_full_region_with_the_base_prompt_is_stock(name, tiny_cache):
     assert torch.equal(run(pipe, name, None), stock)  # removed cleanly
 
 
+@pytest.mark.parametrize("name", ["tiny-chroma", "tiny-qwenimage"])
+def test_region_prompts_keep_their_padding_masked_on_families_that_mask_it(name, tiny_cache):
+    """Chroma and Qwen-Image mask the padding of the prompt's text: a region prompt's padding is masked too (it was
+    attended). Chroma: one full region with the base prompt, after a longer region, is the stock image; Qwen-Image:
+    the text mask the transformer receives is 0 at exactly the shorter region's padding (its region tokens take
+    later text RoPE positions, so its output is not bitwise stock: docs/methods.md)."""
+    from attnctl.testing.new_families import available
+
+    if not available(name):
+        pytest.skip(f"{name} needs a newer diffusers")
+    pipe = tiny_cache(name)
+    prompt = "a red circle"
+    regions = [Region("a very very long and detailed description of a big blue square", box=(0, 0, 1, 1)),
+               Region(prompt, box=(0, 0, 1, 1))]
+    stock = generate(pipe, name, prompt=prompt)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [Regions(regions, base_ratio=0.0)]):
+            controlled = generate(pipe, name, prompt=prompt)
+    finally:
+        hook.remove()
+    if name == "tiny-chroma":
+        torch.testing.assert_close(controlled, stock, rtol=1e-5, atol=1e-5)
+        return
+    texts = pipe.encode_prompt([r.prompt for r in regions], device="cpu")[1]  # the regions' own padding mask
+    mask = seen[0]["encoder_hidden_states_mask"]
+    base = mask.shape[1] - texts.numel()
+    assert texts is not None and not bool(texts.all())
+    assert torch.equal(mask[:, base:].bool(), texts.reshape(1, -1).expand(mask.shape[0], -1).bool())
+
+
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
 def test_base_ratio_one_is_bitwise_stock(name, tiny_cache):
     pipe = tiny_cache(name)

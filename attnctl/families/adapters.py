@@ -130,7 +130,8 @@ class SD3Adapter(ModelAdapter):
     def perturbed_layers(self) -> str:
         return "transformer_blocks.1"  # exactly block 1 (diffusers' regex `blocks.1` also picks 10-19)
 
-    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1,
+                    block_mask: torch.Tensor | None = None) -> dict[str, Any]:
         changed = dict(inputs)
         changed["encoder_hidden_states"] = torch.cat([inputs["encoder_hidden_states"], block], dim=1)
         return changed
@@ -164,7 +165,7 @@ class SD3Adapter(ModelAdapter):
 class PixArtAdapter(ModelAdapter):
     """`PixArtTransformer2DModel`: self-attention `attn1`, cross-attention `attn2` to T5 tokens."""
 
-    prompt_mask: ClassVar[bool] = True
+    prompt_mask_index: ClassVar[int | None] = 1
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"BasicTransformerBlock": BASIC_BLOCK_INPUTS}
 
     def perturbed_layers(self) -> str:
@@ -218,7 +219,8 @@ class FluxAdapter(ModelAdapter):
             raise SelectionError("attnctl: this Flux transformer has no double-stream block; give layers=... explicitly")
         return f"transformer_blocks.{blocks[len(blocks) // 2]}"  # the middle double block
 
-    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1,
+                    block_mask: torch.Tensor | None = None) -> dict[str, Any]:
         """Also extends `txt_ids`: each of the `segments` appended prompts takes the base text's first positions
         (all zeros when the base text's are)."""
         context = inputs["encoder_hidden_states"]

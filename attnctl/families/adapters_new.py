@@ -17,12 +17,21 @@ from .adapters import FluxAdapter, _attention_modules, _text_len
 from .base import Canvas, LayerInfo, ModelAdapter, RowList
 
 
+def _appended_mask(block: torch.Tensor, block_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The mask entries of appended text tokens `block` (B, T', C), in the dtype and device of the call's mask `like`:
+    `block_mask` (B, T') where the appended prompts have padding, else ones."""
+    if block_mask is None:
+        return torch.ones(like.shape[0], block.shape[1], dtype=like.dtype, device=like.device)
+    return block_mask.to(device=like.device, dtype=like.dtype)
+
+
 class ChromaAdapter(FluxAdapter):
     """`ChromaTransformer2DModel`: Flux's layout (double blocks `[text; image]`, single blocks with the text
     concatenated first, RoPE, 2x2 packed latents), T5 only, a text padding mask, true CFG as two calls."""
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
     padded_text_tokenizer: ClassVar[str | None] = None  # T5 with a padding mask
+    prompt_mask_index: ClassVar[int | None] = 2  # encode_prompt: (embeds, text_ids, mask, ...)
 
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "ChromaTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb", "attention_mask"),
@@ -40,14 +49,19 @@ class ChromaAdapter(FluxAdapter):
         )
         return adapter
 
-    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
-        """As Flux, and the `[text; image]` attention mask gets ones for the appended tokens."""
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1,
+                    block_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """As Flux, and the `[text; image]` attention mask gets the appended prompts' padding mask (ones without
+        one); without a mask of the call, one is made (ones for the base text and the image) when they have padding."""
         changed = super().append_text(inputs, block, segments)
         mask = inputs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) and block_mask is not None:
+            length = inputs["encoder_hidden_states"].shape[1] + inputs["hidden_states"].shape[1]
+            mask = torch.ones(block.shape[0], length, dtype=torch.bool, device=block.device)
         if isinstance(mask, torch.Tensor):
             text = inputs["encoder_hidden_states"].shape[1]
-            ones = torch.ones(mask.shape[0], block.shape[1], dtype=mask.dtype, device=mask.device)
-            changed["attention_mask"] = torch.cat([mask[:, :text], ones, mask[:, text:]], dim=1)
+            extra = _appended_mask(block, block_mask, mask)
+            changed["attention_mask"] = torch.cat([mask[:, :text], extra, mask[:, text:]], dim=1)
         return changed
 
 
@@ -62,6 +76,7 @@ class QwenImageAdapter(ModelAdapter):
     timestep_scale: ClassVar[float] = 1000.0
     rotary: ClassVar[bool] = True
     cfg_calls: ClassVar[str] = "separate"
+    prompt_mask_index: ClassVar[int | None] = 1  # encode_prompt: (embeds, mask or None when nothing is padded)
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
     }
@@ -101,16 +116,19 @@ class QwenImageAdapter(ModelAdapter):
         blocks = sorted({layer.block for layer in self.layers if layer.block is not None})
         return f"transformer_blocks.{blocks[len(blocks) // 2]}"  # the middle block
 
-    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1) -> dict[str, Any]:
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1,
+                    block_mask: torch.Tensor | None = None) -> dict[str, Any]:
         """Text RoPE positions follow the text length, so appended tokens take the next positions; the padding
-        mask, when there is one, gets ones for them."""
+        mask gets the appended prompts' padding mask (ones without one); without a mask of the call, one is made
+        (ones for the base text) when they have padding."""
         changed = dict(inputs)
         context = inputs["encoder_hidden_states"]
         changed["encoder_hidden_states"] = torch.cat([context, block], dim=1)
         mask = inputs.get("encoder_hidden_states_mask")
+        if not isinstance(mask, torch.Tensor) and block_mask is not None:
+            mask = torch.ones(context.shape[:2], dtype=block_mask.dtype, device=context.device)
         if isinstance(mask, torch.Tensor):
-            ones = torch.ones(mask.shape[0], block.shape[1], dtype=mask.dtype, device=mask.device)
-            changed["encoder_hidden_states_mask"] = torch.cat([mask, ones], dim=1)
+            changed["encoder_hidden_states_mask"] = torch.cat([mask, _appended_mask(block, block_mask, mask)], dim=1)
         return changed
 
     def canvas(self, inputs: dict[str, Any]) -> Canvas:

@@ -167,8 +167,10 @@ class ModelAdapter:
     timestep_scale: ClassVar[float] = 1.0
     #: Whether image tokens carry rotary position embeddings (merging tokens would lose their positions).
     rotary: ClassVar[bool] = False
-    #: Whether `pipe.encode_prompt` returns the text attention mask as its second output (PixArt's T5 mask).
-    prompt_mask: ClassVar[bool] = False
+    #: Where `pipe.encode_prompt`'s output holds the text padding mask the denoiser applies (PixArt 1, Chroma 2,
+    #: Qwen-Image 1; Qwen-Image returns None when nothing is padded), so that extra prompts keep their padding
+    #: masked. None: the family masks no text padding.
+    prompt_mask_index: ClassVar[int | None] = None
     #: The pipeline attribute of the tokenizer whose padded output is the whole joint text sequence, with no
     #: attention mask (Flux: T5 padded to `max_sequence_length`): extra prompts appended to that sequence can
     #: be cut after their last token (`Regions(trim_prompts=True)`). None: the text has several segments or a mask.
@@ -249,8 +251,10 @@ class ModelAdapter:
         projection of the expert holding `layer`, on a pipeline with several)."""
         return embeds
 
-    def append_text(self, inputs: dict[str, Any], block: torch.Tensor) -> dict[str, Any]:
-        """The denoiser inputs with `block` (B, T', C) appended after the prompt tokens (joint families)."""
+    def append_text(self, inputs: dict[str, Any], block: torch.Tensor, segments: int = 1,
+                    block_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The denoiser inputs with `block` (B, T', C), `segments` prompts one after the other, appended after the
+        prompt tokens (joint families); `block_mask` (B, T') 0/1: their padding (families with `prompt_mask_index`)."""
         raise UnsupportedError(f"attnctl: the {self.family} family has no joint text sequence to append tokens to")
 
     def latent_image(self, latents: torch.Tensor, canvas: Canvas) -> torch.Tensor:

@@ -77,9 +77,10 @@ def encode_prompts(
             "expected (prompts, tokens, channels) embeddings first"
         )
     mask = None
-    if adapter.prompt_mask:
-        mask = out[1]
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2]):
+    index = adapter.prompt_mask_index
+    if index is not None:  # the padding mask the denoiser applies (None: nothing padded, Qwen-Image)
+        mask = out[index] if isinstance(out, (tuple, list)) and len(out) > index else None
+        if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(embeds.shape[:2])):
             raise CallLayoutError(f"attnctl: {type(pipe).__name__}.encode_prompt did not return an attention mask for the extra prompts")
     if trim:
         embeds = embeds[:, : _token_count(pipe, adapter, prompts, embeds.shape[1])]

@@ -322,7 +322,13 @@ class RegionsBound(Bound):
         block = embeds.reshape(1, -1, context.shape[-1]).expand(context.shape[0], -1, -1)
         cond = frame.rows.mask("cond", device=context.device)[:, None, None]
         block = torch.where(cond, block, torch.zeros_like(block))
-        return self.adapter.append_text(inputs, block, segments=len(self.shapes))
+        block_mask = None
+        if self.text.mask is not None:  # the region prompts' padding stays masked, as the base prompt's (Chroma, Qwen-Image)
+            key = ("mask-joint", str(context.device))
+            if key not in self._cache:
+                self._cache[key] = self.text.mask.to(device=context.device).reshape(1, -1)
+            block_mask = self._cache[key].expand(context.shape[0], -1)
+        return self.adapter.append_text(inputs, block, segments=len(self.shapes), block_mask=block_mask)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         role = self.roles.get(layer.index)
