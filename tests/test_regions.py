@@ -127,6 +127,14 @@ def test_every_mask_type_reads_the_same(tmp_path):
         Image.fromarray(array).convert("RGB"),
         str(path),
         path,
+        # integer masks of only 0 and 1 are 0 / 1 masks, not 1/255 or 1/65535 of one
+        (array > 0).astype(np.uint8),
+        (array > 0).astype(np.uint16),
+        torch.from_numpy((array > 0).astype(np.uint8)),
+        Image.fromarray((array > 0).astype(np.uint8)),
+        Image.fromarray((array > 0).astype(np.int32)),
+        Image.fromarray(array > 0),
+        Image.fromarray(array.astype(np.uint16) * 257),  # 16-bit, full scale
     ]
     for variant in variants:
         assert torch.equal(Region("a cat", mask=variant).shape, expected), type(variant)
@@ -299,3 +307,21 @@ def test_layout_picture(tmp_path):
 def test_exports():
     assert attnctl.Region is Region and attnctl.Regions is Regions
     assert "Regions" in attnctl.__all__ and "Region" in attnctl.__all__
+
+
+def test_video_region_fields_survive_saving_and_loading(tmp_path):
+    """`with_mask_files` keeps a region's frame range (it was dropped: the region then covered every frame), and a
+    layout's per-frame mask paths are read relative to the layout file and written back as paths."""
+    soft = torch.zeros(8, 8)
+    soft[2:6, 2:6] = 1.0
+    saved = Regions([Region("a cat", mask=soft, frames=(1, 3))]).with_mask_files(tmp_path / "masks")
+    assert saved.regions[0].frames == (1, 3) and saved.regions[0].mask_path is not None
+    for name in ("m0.png", "m1.png"):
+        Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp_path / name)
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"regions": [{"prompt": "a cat", "mask": ["m0.png", "m1.png"], "frames": [0, 2]}]}))
+    loaded = Regions.from_layout(layout)
+    region = loaded.regions[0]
+    assert region.per_frame is not None and len(region.per_frame) == 2
+    assert region.to_dict()["mask"] == [str(tmp_path / "m0.png"), str(tmp_path / "m1.png")]
+    assert Regions.from_layout(loaded.to_dict()["regions"]) == loaded

@@ -228,7 +228,7 @@ class Regions(Control, type_name="regions"):
                         "or serialise the layout without it"
                     )
                 path = save_mask(region.shape, os.path.join(os.fspath(directory), f"region_{position:02d}.png"))
-                region = Region(region.prompt, mask=path, subject=region.subject)
+                region = dataclasses.replace(region, mask=path)  # every other field (frames, subject) kept
             regions.append(region)
         return dataclasses.replace(self, regions=tuple(regions))
 

@@ -34,10 +34,12 @@ Box = tuple[float, float, float, float]
 def load_mask(value: Any, *, owner: str) -> torch.Tensor:
     """A user mask as a (H, W) float32 CPU tensor in [0, 1], or ConfigError naming what is wrong.
 
-    Accepts a PIL image (read as grayscale, white = inside; alpha ignored; 16-bit images scaled by 65535),
-    a numpy array or a torch tensor of rank 2 (or rank 3 with one singleton channel axis): bool, uint8
-    (0..255 scaled to [0, 1]), other integers holding 0 / 1, or floats in [0, 1]; or a path to an image file
-    (a `str` or `os.PathLike`, relative to the current directory unless absolute).
+    Accepts a PIL image (read as grayscale, white = inside; alpha ignored; 16-bit and 32-bit integer images scaled
+    by 65535), a numpy array or a torch tensor of rank 2 (or rank 3 with one singleton channel axis): bool, uint8
+    (0..255 scaled to [0, 1]), uint16 (scaled by 65535), other integers holding 0 / 1, or floats in [0, 1]; or a
+    path to an image file (a `str` or `os.PathLike`, relative to the current directory unless absolute). An integer
+    mask or image that holds only the values 0 and 1 is taken as a 0 / 1 mask, not scaled (it would be 1/255 or
+    1/65535 of a mask: nearly empty).
     """
     if isinstance(value, (str, os.PathLike)):
         return _from_image(_open_image(value, owner), owner)
@@ -51,10 +53,8 @@ def load_mask(value: Any, *, owner: str) -> torch.Tensor:
         kind = value.dtype
         if kind == np.bool_:
             return _check(torch.from_numpy(value.astype(np.float64)), owner)
-        if kind == np.uint8:
-            return _check(torch.from_numpy(value.astype(np.float64) / 255.0), owner)
-        if kind == np.uint16:
-            return _check(torch.from_numpy(value.astype(np.float64) / 65535.0), owner)
+        if kind in (np.uint8, np.uint16):
+            return _check(torch.from_numpy(_scaled(value.astype(np.float64), 255.0 if kind == np.uint8 else 65535.0)), owner)
         if np.issubdtype(kind, np.integer):
             return _check(torch.from_numpy(value.astype(np.float64)), owner, integer=True)
         if np.issubdtype(kind, np.floating):
@@ -65,7 +65,7 @@ def load_mask(value: Any, *, owner: str) -> torch.Tensor:
         if tensor.dtype == torch.bool:
             return _check(tensor.double(), owner)
         if tensor.dtype == torch.uint8:
-            return _check(tensor.double() / 255.0, owner)
+            return _check(torch.from_numpy(_scaled(tensor.double().numpy(), 255.0)), owner)
         if tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
             return _check(tensor.double(), owner, integer=True)
         if tensor.is_floating_point():
@@ -94,12 +94,21 @@ def _open_image(path: Any, owner: str):
 def _from_image(image: Any, owner: str) -> torch.Tensor:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64) / 65535.0
+        array = _scaled(np.asarray(image, dtype=np.float64), 65535.0)
     elif mode == "F":
         array = np.asarray(image, dtype=np.float64)
-    else:
+    elif mode == "1":  # bilevel: 0 / 255 in "L"
         array = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
+    else:
+        array = _scaled(np.asarray(image.convert("L"), dtype=np.float64), 255.0)
     return _check(torch.from_numpy(np.ascontiguousarray(array)), owner)
+
+
+def _scaled(values: np.ndarray, full: float) -> np.ndarray:
+    """Integer mask values over their full scale `full`, except a mask of only 0 and 1, which is already 0 / 1."""
+    if values.size and bool(np.isin(values, (0.0, 1.0)).all()):
+        return values
+    return values / full
 
 
 def _check(mask: torch.Tensor, owner: str, integer: bool = False) -> torch.Tensor:

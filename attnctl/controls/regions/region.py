@@ -74,7 +74,8 @@ class Region:
             if len({tuple(m.shape) for m in frames}) != 1:
                 raise ConfigError(f"{owner}: per-frame masks must share one size, got {[tuple(m.shape) for m in frames]}")
             pixels = torch.stack(frames)
-            object.__setattr__(self, "mask", pixels)
+            paths = all(isinstance(m, (str, os.PathLike)) for m in self.mask)  # kept as paths: the layout round-trips
+            object.__setattr__(self, "mask", tuple(os.fspath(m) for m in self.mask) if paths else pixels)
             object.__setattr__(self, "_pixels", pixels)
             return
         if isinstance(self.mask, (str, os.PathLike)):
@@ -108,8 +109,9 @@ class Region:
         return self.frames is not None or self.per_frame is not None
 
     @property
-    def mask_path(self) -> str | None:
-        return self.mask if isinstance(self.mask, str) else None
+    def mask_path(self) -> str | tuple[str, ...] | None:
+        """The mask's file, or one file per token frame; None for a box or an in-memory mask."""
+        return self.mask if isinstance(self.mask, (str, tuple)) else None
 
     # -- equality (masks are tensors) -----------------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
@@ -143,7 +145,7 @@ class Region:
         if self.box is not None:
             out["box"] = [list(b) for b in self.box] if self.per_frame is not None else list(self.box)
         elif self.mask_path is not None:
-            out["mask"] = self.mask_path
+            out["mask"] = self.mask_path if isinstance(self.mask_path, str) else list(self.mask_path)
         else:
             raise ConfigError(
                 f"{self!r} has an in-memory mask, which cannot be serialised; save it as an image and pass its path "
@@ -170,6 +172,8 @@ class Region:
         mask = fields.get("mask")
         if base_dir is not None and isinstance(mask, str) and not os.path.isabs(mask):
             fields["mask"] = os.path.join(base_dir, mask)
+        elif base_dir is not None and isinstance(mask, list) and all(isinstance(m, str) for m in mask):  # per frame
+            fields["mask"] = [m if os.path.isabs(m) else os.path.join(base_dir, m) for m in mask]
         if fields.get("box") is not None and isinstance(fields["box"], list):
             fields["box"] = [tuple(b) for b in fields["box"]] if _box_list(fields["box"]) else tuple(fields["box"])
         if isinstance(fields.get("frames"), list):
