@@ -196,6 +196,12 @@ def test_a_region_that_labels_no_token_warns_where_labels_carry_it(tiny_cache):
                                isolate=True)
     assert len(dropped(sd, "tiny-sd", isolated, PROMPTS)) == 1
     assert not dropped(sd, "tiny-sd", attnctl.Regions([attnctl.Region("a dog", box=TINY_BOX)]), PROMPTS)
+    # labelled on the 16x16 grid only (two cells three quarters covered), not on the 8x8 one (two cells 3/8 covered):
+    # isolation skips it there, and says so
+    coarse = attnctl.Regions([attnctl.Region("a dog", box=(1.25 / 16, 0, 2.75 / 16, 1)), attnctl.Region("a cat", box=(0.5, 0, 1, 1))],
+                             isolate=True)
+    messages = dropped(sd, "tiny-sd", coarse, PROMPTS)
+    assert len(messages) == 1 and "on the token grid(s) 8x8 (of 2" in messages[0], messages
 
 
 def _one_pixel_mask() -> torch.Tensor:

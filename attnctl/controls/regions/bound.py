@@ -103,18 +103,21 @@ class RegionsBound(Bound):
             return
         key = ("unlabelled", tuple(sorted(grids)))
         if key not in self._grids:  # read once per handle (host data, but no read in a warm call)
-            labelled = {int(v) for grid in grids for v in self.layout(grid).labels.unique()}
-            self._grids[key] = tuple(p for p in range(len(control.regions)) if p + 1 not in labelled)
-        for position in self._grids[key]:
+            labelled = {grid: {int(v) for v in self.layout(grid).labels.unique()} for grid in sorted(grids)}
+            self._grids[key] = tuple(
+                (p, tuple(grid for grid, found in labelled.items() if p + 1 not in found)) for p in range(len(control.regions))
+            )
+        for position, missing in self._grids[key]:
             region = control.regions[position]
-            if not (self.tokens or (self.isolating and region.subject)):
+            if not missing or not (self.tokens or (self.isolating and region.subject)):
                 continue
-            shown = ", ".join("x".join(map(str, grid)) for grid in sorted(grids))
+            shown = ", ".join("x".join(map(str, grid)) for grid in missing)
+            where = f"at this call's size (token grids {shown})" if len(missing) == len(grids) else (
+                f"on the token grid(s) {shown} (of {len(grids)} its layers use)")
             warnings.warn(
-                f"attnctl: Regions: {region!r} labels no image token at this call's size (token grids {shown}): joint "
-                "attention and isolation give a token to the region that covers the most of it, at least half, so this "
-                "region is dropped there; give it a larger box or mask (at least half a token cell, and not under a "
-                "later region)",
+                f"attnctl: Regions: {region!r} labels no image token {where}: joint attention and isolation give a "
+                "token to the region that covers the most of it, at least half, so this region is dropped there; give "
+                "it a larger box or mask (at least half a token cell, and not under a later region)",
                 IdleControlWarning,
                 stacklevel=2,
             )
