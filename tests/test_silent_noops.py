@@ -116,7 +116,8 @@ def test_isolation_only_with_one_subject_is_refused():
     two = [attnctl.Region("a dog", box=(0, 0, 0.5, 1)), attnctl.Region("sky", box=(0, 0, 1, 0.2), subject=False)]
     with pytest.raises(ConfigError, match="at least two regions with subject=True"):
         attnctl.Regions(two, isolate=True, base_ratio=1.0)
-    attnctl.Regions(two, isolate=True)  # region prompts still act
+    with pytest.warns(attnctl.IdleControlWarning, match="isolation does nothing"):
+        attnctl.Regions(two, isolate=True)  # region prompts still act; isolation is idle, and says so
 
 
 # -- BoxGuidance: a box smaller than a cell of every map it guides ------------------------------------------------------

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...control import BindContext, Bound, Control, _plain
-from ...errors import ConfigError, UnsupportedError
+from ...errors import ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
@@ -118,6 +119,14 @@ class Regions(Control, type_name="regions"):
                 "Regions(base_ratio=1, isolate=True) acts only by keeping subject regions apart, and it has "
                 f"{sum(region.subject for region in self.regions)} subject region(s): give at least two regions with "
                 "subject=True, or a base_ratio below 1 for the region prompts to act"
+            )
+        if self.isolate and not self.isolating:
+            warnings.warn(
+                f"attnctl: Regions(isolate=True) keeps subject regions apart, and it has "
+                f"{sum(region.subject for region in self.regions)} subject region(s): isolation does nothing (the region "
+                "prompts still act); give at least two regions with subject=True, or isolate=False",
+                IdleControlWarning,
+                stacklevel=3,
             )
 
     def validate_for(self, adapter: ModelAdapter) -> None:
