@@ -283,6 +283,12 @@ class BindContext:
         return tokens
 
     @property
+    def images_per_prompt(self) -> int | None:
+        """`num_images_per_prompt` of the call's `encode_prompt` (None where the call does not say)."""
+        value = self.prompt_arguments[0].get("num_images_per_prompt") if self.prompt_arguments else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+    @property
     def cfg_off(self) -> bool:
         """The pipeline's `encode_prompt` call says classifier-free guidance is off (SD, SDXL, Wan with
         guidance_scale <= 1): the call has no uncond rows. False where the call does not say (Flux's true CFG)."""

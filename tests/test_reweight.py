@@ -150,6 +150,12 @@ def test_one_table_per_prompt(tiny_cache):
     with attnctl.apply(pipe, [Reweight(per_prompt)]):
         with pytest.raises(ConfigError, match="weights for 2 prompts"):
             generate(pipe, name, prompt=["a red cat", "a blue car", "a cat"])
+        # a count that divides the rows but is not the number of prompts: one prompt x 2 images, 2 prompts x 2 images
+        with pytest.raises(ConfigError, match="weights for 2 prompts, but the call has 1 prompt\\(s\\) x 2 image"):
+            generate(pipe, name, prompt="a red cat", num_images_per_prompt=2)
+    with attnctl.apply(pipe, [Reweight([{"red": 2.0}, {"cat": 0.5}, {"red": 0.5}, {"cat": 2.0}])]):
+        with pytest.raises(ConfigError, match="weights for 4 prompts, but the call has 2 prompt\\(s\\) x 2 image"):
+            generate(pipe, name, prompt=["a red cat", "a red cat"], num_images_per_prompt=2)
 
 
 @pytest.mark.parity

@@ -146,7 +146,8 @@ def _is_factor_like(value: Any) -> bool:
 
 
 def _is_entry_dict(value: Any) -> bool:
-    return isinstance(value, Mapping) and "weight" in value and set(value) <= _ENTRY_KEYS
+    """A JSON entry {'word' | 'position', 'occurrence'?, 'weight'}; a mapping of the word "weight" alone is a table."""
+    return isinstance(value, Mapping) and "weight" in value and bool({"word", "position"} & set(value)) and set(value) <= _ENTRY_KEYS
 
 
 def _is_pair(item: Any) -> bool:
@@ -280,10 +281,13 @@ class ReweightBound(Bound):
         branches = ("cond", "uncond") if control.branch == "both" else (control.branch,)
         tables = control.tables()
         rows = context.prompt_rows
-        if len(tables) > 1 and rows % len(tables):
+        images = context.images_per_prompt
+        prompts = rows // images if images is not None and rows % images == 0 else None
+        if len(tables) > 1 and (rows % len(tables) or (prompts is not None and len(tables) != prompts)):
             raise ConfigError(
-                f"Reweight has weights for {len(tables)} prompts, but the call has {rows} prompt row(s) "
-                "(prompts x num_images_per_prompt); give one mapping per prompt, or one mapping for all"
+                f"Reweight has weights for {len(tables)} prompts, but the call has "
+                + (f"{prompts} prompt(s) x {images} image(s) per prompt" if prompts is not None else f"{rows} prompt row(s)")
+                + "; give one mapping per prompt, or one mapping for all"
             )
         per_prompt = rows // len(tables)
         # factor values per table entry per active step, validated before anything is computed
