@@ -39,6 +39,25 @@ class BackendError(AttnctlError, RuntimeError):
     """A kernel backend cannot carry out what a control asks for."""
 
 
+class KernelCompileError(BackendError):
+    """A compiled kernel (a Triton kernel, compiled flex attention) failed to compile for the device: names the
+    kernel; `backend="auto"` then runs such calls on the next backend."""
+
+    def __init__(self, kernel: str, device: str, error: BaseException, what: str = "triton kernel"):
+        self.kernel, self.device, self.error = kernel, device, error
+        inner = error
+        while inner.__cause__ is not None:  # a CompilationError in a called jit function wraps the real one
+            inner = inner.__cause__
+        lines = [line for line in str(inner).strip().splitlines() if line.strip()]
+        text = lines[-1][:300] if lines else ""
+        super().__init__(f"{what} {kernel} failed to compile on {device}: {type(error).__name__}: {text}")
+
+
+class UnsupportedInputError(BackendError):
+    """A kernel backend cannot take these tensors (their dtype, head dim or shapes): with `backend="auto"` the call
+    runs on the next backend that can."""
+
+
 class IdleControlWarning(UserWarning):
     """A control was asked to act but does nothing in this pipeline call (its output is the stock one): a step window
     that holds none of the call's steps, a gate after the last step, ... (`Bound.idle_reason`)."""

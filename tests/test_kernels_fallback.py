@@ -108,6 +108,22 @@ def test_fallback_of_the_label_and_sparse_kernels(fresh):
     assert choose_backend("auto", "cpu", ("sparse",))[0] == "reference"
 
 
+def test_inputs_a_kernel_cannot_take_run_on_the_next_backend_under_auto(fresh):
+    """A dtype or head dim the Triton kernels do not take (float64, head dim 320) is no compile failure: `auto` runs
+    that call on the next backend (one warning, nothing recorded, the kernel stays chosen for other calls); an
+    explicit `triton` raises UnsupportedInputError."""
+    from attnctl.errors import UnsupportedInputError
+
+    spec = _reweight()
+    for q, k, v in (tuple(t.double() for t in _qkv()), _qkv(d=320)):
+        with pytest.warns(RuntimeWarning, match="auto runs such calls on 'sdpa'"):
+            out, _ = kernels.attention(q, k, v, spec, "auto")
+        torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(UnsupportedInputError):
+            kernels.attention(q, k, v, spec, "triton")
+    assert not kernels.KERNEL_FAILURES and choose_backend("auto", "cpu", spec.features())[0] == "triton"
+
+
 def test_other_errors_are_not_taken_for_compile_failures(fresh):
     class Crashing:
         def __getitem__(self, grid):
@@ -205,3 +221,34 @@ def test_the_runtime_gives_auto_the_calls_shape(tiny_cache, monkeypatch):
         generate(pipe, "tiny-flux", prompt="a red cat", steps=1)
     attn = pipe.transformer.transformer_blocks[0].attn
     assert seen and all(shape is not None and shape[1] == attn.head_dim for shape in seen)
+
+
+def test_flex_compile_failures_fall_back_as_triton_ones(fresh):
+    """Compiled flex attention that cannot be built for the device (an Inductor failure, a Triton kernel out of
+    shared memory: known on 99 KB cards at head dim 128 / 256) is recorded and `auto` moves on; it crashed before."""
+    from attnctl.kernels import flex
+
+    class InductorError(RuntimeError):
+        pass
+
+    def failing(*args, **kwargs):
+        raise InductorError("out of resource: shared memory, Required: 131072, Hardware limit: 101376")
+
+    fresh.setitem(kernels.AUTO_ORDER, "cpu", ("flex", "sdpa", "reference"))
+    fresh.setattr(flex, "_compiled_call", failing)
+    q, k, v = _qkv()
+    spec = _reweight()
+    assert choose_backend("auto", "cpu", spec.features())[0] == "flex"
+    with pytest.warns(RuntimeWarning, match="compiled flex_attention failed to compile on cpu: InductorError"):
+        out, _ = kernels.attention(q, k, v, spec, "auto")
+    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=1e-5, atol=1e-5)
+    assert list(kernels.KERNEL_FAILURES) == [("cpu", "flex_attention")]
+    assert choose_backend("auto", "cpu", spec.features())[0] == "sdpa"
+    with pytest.raises(BackendError, match="flex_attention"):
+        kernels.attention(q, k, v, spec, "flex")
+    # any other error is not taken for a compile failure
+    fresh.setattr(kernels, "KERNEL_FAILURES", {})
+    fresh.setattr(flex, "_compiled_call", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("CUDA error: an illegal memory access")))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        kernels.attention(q, k, v, spec, "auto")
+    assert not kernels.KERNEL_FAILURES

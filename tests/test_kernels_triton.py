@@ -142,6 +142,41 @@ def test_model_mask_and_fully_masked_rows():
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_filled_with_the_dtype_minimum_stay_finite(dtype):
+    """A mask of `finfo(dtype).min` (not -inf; diffusers' and transformers' convention) times log2(e) overflowed to
+    -inf in the kernels: rows masked that way on every key came out empty (zeros), where the reference and SDPA give
+    the uniform average of the values. Dense, labels and sparse kernels, one tile and several."""
+    from attnctl.kernels import triton_labels as tlab
+
+    for nk in (24, 200):
+        q, k, v = _rand(1, 2, 20, 16, seed=1), _rand(1, 2, nk, 16, seed=2), _rand(1, 2, nk, 16, seed=3)
+        mask = torch.zeros(1, 1, 20, nk, dtype=dtype)
+        mask[:, :, :3] = torch.finfo(dtype).min  # rows 0-2: every key
+        mask[:, :, 5:, : nk // 2] = torch.finfo(dtype).min  # later rows: half the keys
+        labels = LabelMask(torch.zeros(1, 20, dtype=torch.long).to(DEVICE), torch.zeros(1, nk, dtype=torch.long).to(DEVICE),
+                           torch.zeros(1, 1, 1).to(DEVICE))
+        dense = AttentionSpec(attn_mask=mask.to(DEVICE))
+        labelled = AttentionSpec(attn_mask=mask.to(DEVICE), labels=labels)
+        sparse = AttentionSpec(attn_mask=mask.to(DEVICE), sparse=Sparse(1.5, 1.0))
+        for spec, out in ((dense, ta.attention(q, k, v, dense, config=ta.Config(16, 16))[0]),
+                          (labelled, tlab.attention(q, k, v, labelled, config=ta.Config(16, 16))[0]),
+                          (sparse, ts.attention(q, k, v, sparse)[0])):
+            expected = reference.attention(q, k, v, spec)[0]
+            assert torch.isfinite(out).all() and out[:, :, :3].abs().amax() > 0
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_label_vectors_of_any_stride():
+    """Label vectors stored transposed (a (B, N) view with stride (1, B)) are read by token, not by memory order."""
+    q, k, v = _rand(2, 2, 24, 16, seed=1), _rand(2, 2, 24, 16, seed=2), _rand(2, 2, 24, 16, seed=3)
+    labels = torch.randint(0, 2, (24, 2), generator=torch.Generator().manual_seed(0)).t().to(DEVICE)
+    assert labels.stride() == (1, 2)
+    table = torch.tensor([[[0.0, INF], [INF, 0.0]]]).to(DEVICE)
+    spec = AttentionSpec(labels=LabelMask(labels, labels, table), key_bias=torch.zeros(2, 24).to(DEVICE))
+    _close(ta.attention(q, k, v, spec, config=ta.Config(16, 16))[0], reference.attention(q, k, v, spec)[0])
+
+
 def test_strided_inputs():
     """(B, N, H, D) tensors viewed as (B, H, N, D), as the processors pass them."""
     q = _rand(2, 24, 3, 16, seed=1).transpose(1, 2)

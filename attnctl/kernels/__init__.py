@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, UnsupportedInputError
 from . import reference, sdpa
 from .spec import PLAIN, AttentionSpec, LabelMask, Sparse, Window
 
@@ -326,6 +326,10 @@ def _with_fallback(name: str, fn: AttentionFn) -> AttentionFn:
         if failure is None:
             try:
                 return fn(q, k, v, spec)
+            except UnsupportedInputError as error:  # these tensors only (dtype, head dim): nothing is recorded
+                if _REQUESTED.get() != "auto":
+                    raise
+                failure = (f"{name} inputs", str(error))
             except BackendError as error:
                 kernel = getattr(error, "kernel", None)
                 if kernel is None or not hasattr(error, "error"):  # not a compile failure
@@ -337,7 +341,8 @@ def _with_fallback(name: str, fn: AttentionFn) -> AttentionFn:
         if _REQUESTED.get() != "auto":
             raise BackendError(_failure_message(name, failure, device_type, features, dense, shape))
         other, _ = choose_backend("auto", q.device, features, dense, shape, exclude=(name,))
-        _warn_once((device_type, failure[0]), f"attnctl: {failure[1]}; auto runs such calls on {other!r} instead")
+        _warn_once((device_type, failure[0] if failure[0] != f"{name} inputs" else failure[1]),
+                   f"attnctl: {failure[1]}; auto runs such calls on {other!r} instead")
         return BACKENDS[other].fn(q, k, v, spec)
 
     call.__name__ = getattr(fn, "__name__", name)
@@ -396,10 +401,11 @@ def _register_optional_backends() -> None:
 
         register_backend(
             Backend(
-                "flex", flex.attention, _ALL - {"sparse"}, ("cpu", "cuda"),
+                "flex", _with_fallback("flex", flex.attention), _ALL - {"sparse"}, ("cpu", "cuda"),
                 "torch flex_attention compiled; score_mod / mask_mod per control, block masks cached; no PLADIS "
                 "(per-row threshold); plain calls go to SDPA",
                 missing_on={device: frozenset(f) for device, f in flex.DEVICE_LIMITS.items()},
+                kernel_of=lambda features: flex.FLEX_KERNEL,
             ),
             auto={"cuda": 0, "cpu": 1},  # CPU: only for label masks / windows past sdpa's dense limit
         )

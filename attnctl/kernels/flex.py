@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, KernelCompileError
 from . import sdpa
 from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
@@ -259,6 +259,10 @@ def clear_caches() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+#: The name compile failures of this backend are recorded under (`attnctl.kernels.KERNEL_FAILURES`).
+FLEX_KERNEL = "flex_attention"
+
+
 @functools.lru_cache(maxsize=1)
 def compiled_flex() -> Callable:
     """`flex_attention` compiled once per process (dynamic=False: one graph per shape, reused every step)."""
@@ -271,7 +275,32 @@ def _recompile_limit():
     return config.patch(**{name: max(getattr(config, name), RECOMPILE_LIMIT)})
 
 
+#: Exceptions (by type name, anywhere in the cause chain) that mean compiled flex attention could not be built for
+#: the device: Inductor / Dynamo compile failures, a Triton kernel that does not fit (shared memory on 99 KB cards).
+COMPILE_FAILURES = frozenset({"BackendCompilerFailed", "InductorError", "OutOfResources", "CompilationError", "PTXASError"})
+
+
+def _is_compile_failure(error: BaseException) -> bool:
+    seen, inner = set(), error
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        if type(inner).__name__ in COMPILE_FAILURES or "out of resource" in str(inner).lower():
+            return True
+        inner = inner.__cause__ or inner.__context__
+    return False
+
+
 def _flex_call(q, k, v, score_mod, mask, scale, return_lse):
+    """The compiled call; a compile failure becomes `KernelCompileError` ("flex_attention"), which `auto` falls back on."""
+    try:
+        return _compiled_call(q, k, v, score_mod, mask, scale, return_lse)
+    except Exception as error:
+        if isinstance(error, BackendError) or not _is_compile_failure(error):
+            raise
+        raise KernelCompileError(FLEX_KERNEL, str(q.device), error, what="compiled") from error
+
+
+def _compiled_call(q, k, v, score_mod, mask, scale, return_lse):
     fn = compiled_flex()
     with _recompile_limit():
         if not return_lse:

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import BackendError, ConfigError
+from ..errors import BackendError, ConfigError, KernelCompileError, UnsupportedInputError
 from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 
 #: log2(e). A module global read inside @triton.jit code must be a `tl.constexpr` instance (the annotated form
@@ -91,6 +91,18 @@ FLOATS = ("sm_scale",)
 # ---------------------------------------------------------------------------------------------------------
 
 
+#: The floor of a finite logit: masks filled with a dtype's minimum (`torch.finfo(float32).min`) times log2(e) would
+#: overflow to -inf and read as "masked", where the reference keeps them finite (a row masked that way on every key
+#: is a uniform average there, not empty). -1e37 * log2(e) is finite and still makes exp() zero beside any real logit.
+FINITE_FLOOR = -1e37
+
+
+@triton.jit
+def _finite_floor(z):
+    """Finite logits below FINITE_FLOOR raised to it; -inf (a masked key) stays -inf."""
+    return tl.where(z == float("-inf"), z, tl.maximum(z, -1e37))
+
+
 @triton.jit
 def _tile_logits(
     q, K_bh, stride_kn, stride_kd, start_n, offs_m, offs_d, row_ok, in_range, q_lab,
@@ -116,6 +128,7 @@ def _tile_logits(
             Mask_bh + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
             mask=row_ok[:, None] & key_ok[None, :], other=0.0,
         ).to(tl.float32)
+        z = _finite_floor(z)
     if HAS_BIAS:
         bias = tl.load(Bias_bh + offs_n * stride_bn, mask=key_ok, other=0.0).to(tl.float32)
         if ROW_RANGE:
@@ -323,19 +336,6 @@ def interpreted() -> bool:
     return _INTERPRETED
 
 
-class KernelCompileError(BackendError):
-    """A Triton kernel failed to compile for the device (names the kernel; `auto` falls back on it)."""
-
-    def __init__(self, kernel: str, device: str, error: BaseException):
-        self.kernel, self.device, self.error = kernel, device, error
-        inner = error
-        while inner.__cause__ is not None:  # a CompilationError in a called jit function wraps the real one
-            inner = inner.__cause__
-        lines = [line for line in str(inner).strip().splitlines() if line.strip()]
-        text = lines[-1][:300] if lines else ""
-        super().__init__(f"triton kernel {kernel} failed to compile on {device}: {type(error).__name__}: {text}")
-
-
 def _compile_errors() -> tuple[type[BaseException], ...]:
     from triton.compiler.errors import CompilationError
 
@@ -350,10 +350,13 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def compiling(kernel: str, device: torch.device) -> Iterator[None]:
-    """Around a kernel launch: a compilation failure (the first launch of a variant compiles it) becomes a
-    `KernelCompileError` naming the kernel, so that `auto` can move to the next backend."""
+    """Around a kernel launch: on a CUDA device, that device is the current one (Triton launches on the current
+    device and its stream: tensors on another GPU would be read from the wrong one); a compilation failure (the
+    first launch of a variant compiles it) becomes a `KernelCompileError` naming the kernel, so that `auto` can move
+    to the next backend."""
     try:
-        yield
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            yield
     except _compile_errors() as error:
         raise KernelCompileError(kernel, str(device), error) from error
     except RuntimeError as error:
@@ -403,22 +406,22 @@ def empty_call(out: torch.Tensor, lse: torch.Tensor | None) -> tuple[torch.Tenso
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str = "triton") -> None:
-    """Raise BackendError for what the kernels cannot take."""
+    """Raise UnsupportedInputError for what the kernels cannot take (`auto` then uses another backend)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise BackendError(f"the {who} backend takes (B, H, N, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise UnsupportedInputError(f"the {who} backend takes (B, H, N, D) tensors, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreted()):
-        raise BackendError(
+        raise UnsupportedInputError(
             f"the {who} backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before attnctl's "
             f"triton kernels are first imported); got a tensor on {q.device}"
         )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise BackendError(f"the {who} backend takes q, k, v of one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise UnsupportedInputError(f"the {who} backend takes q, k, v of one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
-        raise BackendError(f"the {who} backend needs equal head dims for q, k and v, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+        raise UnsupportedInputError(f"the {who} backend needs equal head dims for q, k and v, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise BackendError(f"the {who} backend supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
+        raise UnsupportedInputError(f"the {who} backend supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2]:
-        raise BackendError(f"the {who} backend needs matching batch / heads / keys, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise UnsupportedInputError(f"the {who} backend needs matching batch / heads / keys, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
 def _per_key_view(t: torch.Tensor, batch: int, heads: int, nk: int, name: str) -> torch.Tensor:
@@ -445,7 +448,8 @@ def _labels(labels: LabelMask, batch: int, nq: int, nk: int) -> tuple[torch.Tens
         raise ConfigError(f"label vectors must be ({batch}, {nq}) and ({batch}, {nk}), got {tuple(ql.shape)} and {tuple(kl.shape)}")
     if table.ndim != 3 or table.shape[0] not in (1, batch):
         raise ConfigError(f"label table must be (B or 1, Lq, Lk), got {tuple(table.shape)}")
-    return ql.to(torch.int32), kl.to(torch.int32), table.float().expand(batch, -1, -1)
+    # the kernels step through the label vectors with unit stride along the tokens
+    return ql.to(torch.int32).contiguous(), kl.to(torch.int32).contiguous(), table.float().expand(batch, -1, -1)
 
 
 def _check_window(window: Window, nq: int, nk: int) -> None:
@@ -641,7 +645,9 @@ def tile_constexprs(config: Config, head_dim: int, dtype: torch.dtype) -> dict:
     """The constexprs set by the tile sizes, head dim and dtype (`TILE_CONSTEXPRS`)."""
     return dict(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=head_block(head_dim),
-        INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        # fp32: exact products, as the reference (no TF32); fp16 / bf16 ignore it on NVIDIA, and AMD's backend takes
+        # "tf32" on gfx942 only
+        INPUT_PRECISION="ieee",
     )
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from ..errors import BackendError
 from . import triton_attention as ta
 from .spec import AttentionSpec, LabelMask
-from .triton_attention import LOG2E
+from .triton_attention import LOG2E, _finite_floor
 
 _RUNTIME_INTS = ("q_start", "q_stop")
 
@@ -93,6 +93,7 @@ def _label_step(
             Mask_bh + q_idx[:, None] * stride_mm + k_idx[None, :] * stride_mn,
             mask=row_ok[:, None] & key_ok[None, :], other=0.0,
         ).to(tl.float32)
+        z = _finite_floor(z)
     if HAS_BIAS:
         bias = tl.load(Bias_bh + k_idx * stride_bn, mask=key_ok, other=0.0).to(tl.float32)
         if ROW_RANGE:
