@@ -391,3 +391,21 @@ def test_maps_count_what_they_add_beside_a_latent_optimiser(monkeypatch):
         result = handle.outputs["attention_maps"]
     layers = len(result.layers)
     assert len(set(added)) == len(added) == layers * 4 == result.contributions[0]
+
+
+def test_pixart_maps_follow_resolution_binning_to_the_image_size(tiny_cache):
+    """PixArt generates at a binned size and resizes and centre-crops the image to the size asked for (diffusers'
+    default `use_resolution_binning`): the maps and masks are at the image's size, cropped as the image is (they
+    stayed at the binned size)."""
+    pipe = tiny_cache("tiny-pixart")
+    sample_size = pipe.transformer.config.sample_size
+    pipe.transformer.register_to_config(sample_size=32)  # diffusers' 256 bins
+    try:
+        with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+            out = pipe("a red cat", num_inference_steps=1, height=200, width=300, use_resolution_binning=True,
+                       max_sequence_length=32, clean_caption=False, generator=torch.Generator().manual_seed(0))
+            result = handle.outputs["attention_maps"]
+    finally:
+        pipe.transformer.register_to_config(sample_size=sample_size)
+    assert out.images[0].size == (300, 200)
+    assert tuple(result.maps.shape) == (1, 1, 200, 300) and tuple(result.masks("cat").shape) == (1, 200, 300)

@@ -304,6 +304,10 @@ class AttentionMapsBound(Bound):
         self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
         self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
         self.resolution = control.resolution or image_size(context)
+        # PixArt's resolution binning generates at a binned size, then resizes and centre-crops the image to the size
+        # asked for: the maps follow the image the same way (the pipeline's own function), unless a resolution is given
+        self.fit_to_image = None if control.resolution else getattr(
+            getattr(context.pipeline, "image_processor", None), "resize_and_crop_tensor", None)
         self.layer_names = tuple(layer.name for layer in context.layers)
         self._edits: dict[tuple[Any, ...], Edit] = {}
         self.call_images = context.call_images
@@ -448,6 +452,8 @@ class AttentionMapsBound(Bound):
         if tuple(maps.shape[-2:]) != self.resolution:  # per frame on video
             flat = maps if self.frames is None else maps.flatten(1, 2)
             maps = F.interpolate(flat, size=self.resolution, mode="bilinear", align_corners=False).reshape(*maps.shape[:-2], *self.resolution)
+        if images and self.frames is None and self.fit_to_image is not None and (images[0].height, images[0].width) != tuple(maps.shape[-2:]):
+            maps = self.fit_to_image(maps, images[0].width, images[0].height)
         self.outputs[self.key] = AttentionMapResult(
             words=self.labels,
             maps=maps.clamp_min(0).cpu(),
