@@ -8,7 +8,8 @@ The subset of the AUTOMATIC1111 / compel syntax of docs/methods.md:
 - `(text:1.5)` multiplies the weight of `text` by 1.5; `(text)` by 1.1; `[text]` by 1 / 1.1;
 - nesting multiplies: `((cat))` is 1.21, `(a (red:1.5) car:1.2)` gives "red" 1.8;
 - `\\(`, `\\)`, `\\[`, `\\]`, `\\:` and `\\\\` are the literal characters;
-- a `:` that does not end a `(text:number)` group is plain text.
+- a `:` that does not end a `(text:number)` group is plain text (`(smile: e)` is text weighted 1.1); a weight is
+  what Python's `float` reads (`1.5`, `.5`, `1.5e1`).
 
 Unbalanced or mismatched brackets, negative or malformed weights and A1111's prompt editing
 (`[from:to:when]`) raise `ConfigError` naming the position. The difference that matters: A1111 and compel
@@ -31,9 +32,9 @@ from .errors import ConfigError
 ROUND = 1.1
 SQUARE = 1 / 1.1
 
-_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
-_WEIGHT_CLOSE = re.compile(r":\s*(" + _NUMBER + r")\s*\)")
-_ANY_NUMBER_CLOSE = re.compile(r":\s*([+-]?(?:[\d.eE+-]+|nan|inf(?:inity)?))\s*([)\]])", re.IGNORECASE)
+# a weight: what looks like a number (digits, with signs, dots, exponents) or nan / inf, before the closing bracket;
+# text without a digit (`(smile: e)`, `(x: -)`) is not a weight but plain text
+_ANY_NUMBER_CLOSE = re.compile(r":\s*([+-]?(?:(?=[\d.eE+-]*\d)[\d.eE+-]+|nan|inf(?:inity)?))\s*([)\]])", re.IGNORECASE)
 _ESCAPABLE = "()[]:\\"
 
 Key = str | tuple[str, int]
@@ -77,19 +78,22 @@ def parse_segments(text: str) -> list[tuple[str, float]]:
                         f"parse_prompt: weight {close.group(1)} at position {i + 1} must be a finite number >= 0 "
                         "(0 mutes the text)"
                     )
-                weight = _WEIGHT_CLOSE.match(text, i)
-                if weight is None:
-                    raise ConfigError(f"parse_prompt: malformed weight {close.group(1)!r} at position {i + 1} in {text!r}")
-                value = float(weight.group(1))
+                try:
+                    value = float(close.group(1))  # 1.5, .5, 2., 1.5e1
+                except ValueError:
+                    raise ConfigError(
+                        f"parse_prompt: malformed weight {close.group(1)!r} at position {i + 1} in {text!r} (escape the "
+                        "colon as '\\:' for plain text)"
+                    ) from None
                 if not math.isfinite(value) or value < 0:
                     raise ConfigError(
-                        f"parse_prompt: weight {weight.group(1)} at position {i + 1} must be a finite number >= 0 "
+                        f"parse_prompt: weight {close.group(1)} at position {i + 1} must be a finite number >= 0 "
                         "(0 mutes the text)"
                     )
                 stack.pop()
                 for j in range(start, len(chars)):
                     weights[j] *= value
-                i = weight.end()
+                i = close.end()
                 continue
         if c in ")]":
             if not stack:

@@ -6,7 +6,7 @@ import pytest
 
 import attnctl
 from attnctl import ConfigError
-from attnctl.prompt_weights import parse_prompts, parse_segments
+from attnctl.prompt_weights import parse_prompt, parse_prompts, parse_segments
 from attnctl.testing import tiny_clip_tokenizer
 from attnctl.tokens import EncoderPrompts, PromptTokens
 
@@ -84,3 +84,14 @@ def test_several_prompts():
 def test_readme_examples():
     assert attnctl.parse_prompt("a ((cat)) on a [sofa]") == ("a cat on a sofa", {"cat": 1.21, "sofa": 0.909090909091})
     assert attnctl.parse_prompt(r"a cat and a (cat:2) in a \(small\) box") == ("a cat and a cat in a (small) box", {("cat", 1): 2.0})
+
+
+def test_a_colon_without_a_number_is_plain_text_and_a_weight_is_what_float_reads():
+    """`(smile: e)` and `(x: -)` hold no number: plain text weighted 1.1 (they raised "malformed weight"); a weight is
+    what Python's float reads, exponents included; text that tries to be a number and is not still raises."""
+    assert parse_prompt("a (smile: e)") == ("a smile: e", {"smile: e": 1.1})
+    assert parse_prompt("(x: -) dog") == ("x: - dog", {"x: -": 1.1})
+    assert parse_prompt("(cat:1.5e1)") == ("cat", {"cat": 15.0})
+    for bad in ("(ratio: 16-9)", "(cat:1..5)"):
+        with pytest.raises(ConfigError, match="malformed weight"):
+            parse_prompt(bad)
