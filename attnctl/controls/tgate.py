@@ -299,7 +299,7 @@ class TGateBound(Bound):
         warnings.warn(
             f"attnctl: TGate has no stored cross-attention at {layer.name} after its gate step {self.tgate.gate_step} (the "
             "layer did not run at the step before it; on Wan 2.2 choose a gate step after the switch to the low-noise "
-            "expert): such layers compute their cross-attention from the cond prompt, and CFG stays dropped "
+            "expert): such layers compute their cross-attention from the one row that runs after the gate, and CFG stays dropped "
             "(handle.outputs report them as 'miss')",
             stacklevel=2,
         )
