@@ -496,7 +496,11 @@ class Handle:
         if not self.live and not self._wrapped and not self._scheduler_wraps:
             return
         self.live = False
-        self.runtime.end_call()
+        unfinished: Exception | None = None
+        try:
+            self.runtime.end_call()
+        except Exception as error:  # noqa: BLE001 - a control's finish failed: everything is restored first, then raised
+            unfinished = error
         for name, proc in self._processors.items():
             module = self.adapter.modules[name]
             if module.processor is proc:
@@ -523,7 +527,9 @@ class Handle:
                 "library re-bound or stacked on them after attnctl.apply, so attnctl cannot take them out without "
                 "breaking that library. They are inert pure pass-throughs now (the pipeline generates its stock "
                 "output); undo the other library's patch to drop them"
-            )
+            ) from unfinished
+        if unfinished is not None:  # the pipeline is stock again; the control's error still reaches the caller
+            raise unfinished
 
     def __enter__(self) -> Handle:
         if not self.live:

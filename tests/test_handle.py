@@ -90,6 +90,99 @@ def test_exception_keeps_handle_live_and_next_call_is_fresh():
     assert steps_seen == [0, 1]
 
 
+@dataclass(frozen=True)
+class FailingFinish(Control, type_name="test-failing-finish"):
+    """A control whose end-of-call work raises."""
+
+    def bind(self, context):
+        return _FailingFinishBound(self, context.layers, (0.0, 1.0))
+
+
+class _FailingFinishBound(Bound):
+    def edit(self, layer, frame):
+        return None
+
+    def finish(self):
+        raise ValueError("finish failed")
+
+
+def test_a_control_whose_finish_raises_leaves_the_pipeline_restorable():
+    """Its error reaches the caller, the other controls still finish, the next call starts clean, and remove()
+    restores everything before raising it (remove() raised first and left every processor installed)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    before = _snapshot(pipe, pipe.unet)
+    stock = generate(pipe, "tiny-sd", steps=2)
+    maps = attnctl.AttentionMaps(["cat"])
+    handle = attnctl.apply(pipe, [FailingFinish(), maps])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="finish failed"):
+            generate(pipe, "tiny-sd", steps=2)
+        assert handle.outputs["attention_maps"] is not None  # the other control finished
+    handle.remove()
+    _same(before, _snapshot(pipe, pipe.unet))
+    assert torch.equal(generate(pipe, "tiny-sd", steps=2), stock)
+
+
+def test_a_call_that_ended_with_an_error_controls_nothing_after_it():
+    """After a controlled call raised mid-loop, the denoiser called outside the pipeline's call (a from_pipe
+    pipeline, the user calling pipe.unet) is refused as it is before any call (it ran with the failed call's state)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+
+    def stop(*args):
+        raise RuntimeError("stop")
+
+    with attnctl.apply(pipe, [attnctl.Reweight({"a": 5.0})]):
+        with pytest.raises(RuntimeError, match="stop"):
+            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=stop)
+        with pytest.raises(HandleError, match="outside a call"):
+            generate(other, "tiny-sd", steps=3)
+        generate(pipe, "tiny-sd", steps=3)  # the pipeline itself runs on
+
+
+def test_encode_prompt_during_the_denoising_loop_is_refused():
+    """A callback that changes the prompt mid-call restarted attnctl's call silently (step counts from 0 again)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+
+    def new_prompt(p, i, t, kwargs):
+        p.encode_prompt("a red car", "cpu", 1, True)
+        return kwargs
+
+    with attnctl.apply(pipe, [Probe()]):
+        with pytest.raises(HandleError, match="during the denoising loop"):
+            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=new_prompt)
+        generate(pipe, "tiny-sd", steps=2)
+
+
+def test_a_second_thread_cannot_call_a_pipeline_in_a_call():
+    """Two threads calling one controlled pipeline shared one call's state (the outputs were wrong); the second is
+    refused while the first is in its call."""
+    import threading
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def wait(p, i, t, kwargs):
+        started.set()
+        release.wait(30)
+        return kwargs
+
+    with attnctl.apply(pipe, [Probe()]):
+        first = threading.Thread(target=lambda: generate(pipe, "tiny-sd", steps=2, callback_on_step_end=wait))
+        first.start()
+        assert started.wait(30)
+        try:
+            generate(pipe, "tiny-sd", steps=2)
+        except HandleError as error:
+            errors.append(error)
+        finally:
+            release.set()
+            first.join(60)
+    assert errors and "another thread" in str(errors[0])
+
+
 def test_exception_in_with_block_restores_pipeline():
     pipe = make_tiny_pipeline("tiny-flux")
     before = _snapshot(pipe, pipe.transformer)
@@ -209,3 +302,19 @@ def test_describe_lists_layers_steps_and_backends():
     assert "Probe: steps 0.2 <= i/n < 0.8, 1 layer(s)" in text
     assert "mid_block.attentions.0.transformer_blocks.0.attn1 (self): sdpa" in text
     assert "no control: 7 layer(s)" in text
+
+
+def test_a_denoiser_with_a_live_handle_cannot_be_copied_or_pickled():
+    """The copy held the handle's runtime (the whole original pipeline), failed every call with a misleading
+    message and could not be restored; now the copy is refused, and after remove() it works."""
+    import copy
+    import pickle
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    handle = attnctl.apply(pipe, [Probe()])
+    for attempt in (lambda: copy.deepcopy(pipe.unet), lambda: pickle.dumps(pipe.unet)):
+        with pytest.raises(HandleError, match="cannot be copied or pickled while the handle is applied"):
+            attempt()
+    handle.remove()
+    copy.deepcopy(pipe.unet)
+    pickle.dumps(pipe.unet)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -50,10 +52,41 @@ class PipelineCallState:
     images: Any = None  # what pipe.image_processor.postprocess returned (controls with `needs_images`)
     position_calls: dict[int, int] = field(default_factory=dict)  # scheduler position -> denoiser calls opened there
     pixels: tuple[int, int] | None = None  # (height, width) the pipeline's check_inputs got, when it names them
+    owner: CallOwner | None = None  # the pipeline's `__call__` running this call (None where it was not found)
+    finished: bool = False  # its bound controls have finished
 
     @property
     def record(self) -> PromptRecord:
         return PromptRecord(self.encode_calls)
+
+
+@dataclass(frozen=True)
+class CallOwner:
+    """The pipeline's `__call__` frame a call runs in, by identity (no reference to the frame: its locals, latents
+    included, are not kept alive), and its thread."""
+
+    frame: int
+    code: Any
+    thread: int
+
+    @staticmethod
+    def find(pipeline: Any) -> CallOwner | None:
+        """The innermost running `__call__` of `pipeline` on this thread's stack, or None."""
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
+                return CallOwner(id(frame), frame.f_code, threading.get_ident())
+            frame = frame.f_back
+        return None
+
+    def running(self) -> bool:
+        """Whether that `__call__` is still on its thread's stack (it has not returned or raised)."""
+        frame = sys._current_frames().get(self.thread)
+        while frame is not None:
+            if id(frame) == self.frame and frame.f_code is self.code:
+                return True
+            frame = frame.f_back
+        return False
 
 
 class Runtime:
@@ -92,11 +125,32 @@ class Runtime:
         self.differentiable = 0  # >0 while a control's loss pass runs: backends autograd can differentiate only
         self.extra_forward: Any = None  # the denoiser hooks' `call_with` (set by DenoiserHooks)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A denoiser or pipeline with a live handle cannot be copied or pickled (its hooks reach this runtime)."""
+        raise HandleError(
+            f"attnctl: a {type(self.pipeline).__name__} (or its denoiser) with a live attnctl handle cannot be copied or "
+            "pickled while the handle is applied (the copy would share its state and could not be restored); call "
+            "handle.remove() first, copy, then apply to each pipeline"
+        )
+
     # -- call lifecycle -------------------------------------------------------------------------------------
     def begin_call(self, pixels: tuple[Any, Any] | None = None) -> None:
-        self._finish_bound()
+        owner = CallOwner.find(self.pipeline)
+        previous = self.call
+        if previous is not None and previous.owner is not None and previous.owner.thread != threading.get_ident() \
+                and previous.owner.running():
+            raise HandleError(
+                f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline runs "
+                "one call at a time (its controls keep the call's state): wait for that call, or give each thread its own "
+                "pipeline and handle"
+            )
+        try:  # the previous call, if it ended with an error before its end: its controls finish now
+            self._finish_bound()
+        except Exception as error:  # noqa: BLE001 - that call failed already; this one starts clean
+            warnings.warn(f"attnctl: the controls of the previous call, which ended with an error, could not finish: "
+                          f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
         self.outputs.clear()
-        self.call = PipelineCallState()
+        self.call = PipelineCallState(owner=owner)
         if pixels is not None and all(isinstance(p, int) for p in pixels):
             self.call.pixels = (int(pixels[0]), int(pixels[1]))
         self.frame = None
@@ -104,6 +158,13 @@ class Runtime:
         self._plans = None
 
     def record_encode(self, arguments: dict[str, Any]) -> None:
+        if self.call is not None and self.call.frames and self.call.owner is not None \
+                and self.call.owner.thread == threading.get_ident() and self.call.owner.running():
+            raise HandleError(
+                f"attnctl: {type(self.pipeline).__name__}.encode_prompt was called during the denoising loop of a "
+                "controlled call (a callback that changes the prompt?): the controls were bound to the prompts the call "
+                "started with; change the prompt between calls"
+            )
         if self.call is None or self.call.frames:
             self.begin_call()
         # lists copied: a pipeline may rewrite its prompt list in place (ZImagePipeline templates each prompt)
@@ -114,18 +175,37 @@ class Runtime:
             self.call.positions_done += 1
 
     def end_call(self) -> None:
-        self._finish_bound()
-        self.last_call = self.call
-        self.call = None
-        self.frame = None
+        try:
+            self._finish_bound()
+        finally:  # the call is over whatever its controls' finish raised (the next call starts clean)
+            self.last_call = self.call
+            self.call = None
+            self.frame = None
+
+    def end_call_quietly(self) -> None:
+        """End a call that ended with an error (its controls' finish errors become a warning)."""
+        try:
+            self.end_call()
+        except Exception as error:  # noqa: BLE001 - that call failed already
+            warnings.warn(f"attnctl: the controls of a call that ended with an error could not finish: "
+                          f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
 
     def _finish_bound(self) -> None:
+        """Every bound control of the call finishes (one that raises does not stop the others), the call's wraps
+        are undone, and the bound controls are released; the first error is raised afterwards."""
+        errors: list[BaseException] = []
         try:
-            if self.call is not None and self.call.bound:
-                for bound in self.call.bound:
-                    bound.finish()
+            if self.call is not None and self.call.bound and not self.call.finished:
+                self.call.finished = True  # once: a later begin or end of the call does not finish them again
+                for each in self.call.bound:
+                    try:
+                        each.finish()
+                    except Exception as error:  # noqa: BLE001 - raised below, after every control has finished
+                        errors.append(error)
         finally:
             self._unwrap_call()
+        if errors:
+            raise errors[0]
 
     # -- denoiser calls -------------------------------------------------------------------------------------
     def bind_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +214,9 @@ class Runtime:
 
     def open_frame(self, inputs: dict[str, Any], batch: int) -> DenoiserCall:
         call = self.call
+        if call is not None and call.owner is not None and not call.owner.running():  # it ended with an error
+            self.end_call_quietly()
+            call = None
         if call is None or not call.encode_calls:
             raise HandleError(
                 f"attnctl: the {self.adapter.family} denoiser was called outside a call of the pipeline it was "
