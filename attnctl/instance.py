@@ -38,6 +38,10 @@ class Wrapped:
         if self.obj.__dict__.get("_old_forward", _MISSING) is self.wrapper:  # accelerate stacked its hook on ours
             self.obj.__dict__["_old_forward"] = self.original
             return True
+        above = _attnctl_wrapper_above(current, self.wrapper)
+        if above is not None:  # another handle's wrapper (two pipelines sharing a scheduler): take ours out under it
+            above.original, above.previous = self.original, self.previous
+            return True
         return current is self.previous  # someone else already put back what was there before: nothing of ours left
 
 
@@ -45,19 +49,39 @@ def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callab
     """Wrap `obj.<name>` (looked up as Python would) with `make(original)` at instance level."""
     previous = obj.__dict__.get(name, _MISSING)
     original = getattr(obj, name)
-    inner = make(original)
     record: Wrapped
+
+    @functools.wraps(original)  # its signature too (`inspect.signature` follows __wrapped__)
+    def below(*args: Any, **kwargs: Any) -> Any:
+        return record.original(*args, **kwargs)  # read at each call: an unwrap under this wrapper may change it
+
+    inner = make(below)
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not record.active:
-            return original(*args, **kwargs)
+            return record.original(*args, **kwargs)
         return inner(*args, **kwargs)
 
     wrapper.__attnctl_wrapper__ = True  # lets foreign-patch checks tell attnctl's own wraps from others'
     record = Wrapped(obj, name, previous, original, wrapper)
+    wrapper.__attnctl_record__ = record
     obj.__dict__[name] = wrapper
     return record
+
+
+def _attnctl_wrapper_above(current: Any, wrapper: Any) -> Wrapped | None:
+    """The record of the attnctl wrapper stacked directly on `wrapper`, following attnctl wrappers down from
+    `current`; None when another library's callable is in between."""
+    seen = 0
+    while is_attnctl_wrapper(current) and seen < 64:
+        record = getattr(current, "__attnctl_record__", None)
+        if record is None:
+            return None
+        if record.original is wrapper:
+            return record
+        current, seen = record.original, seen + 1
+    return None
 
 
 def is_wrapped_by(obj: Any, name: str, record: Wrapped) -> bool:

@@ -318,3 +318,22 @@ def test_a_denoiser_with_a_live_handle_cannot_be_copied_or_pickled():
     handle.remove()
     copy.deepcopy(pipe.unet)
     pickle.dumps(pipe.unet)
+
+
+def test_two_handles_on_pipelines_sharing_a_scheduler_are_removed_in_any_order():
+    """Both handles wrap the one scheduler's step: removing the first (under the second's wrapper) takes its wrapper
+    out of the stack (it was reported as another library's patch and stayed), and after both the scheduler is
+    stock."""
+    from diffusers import StableDiffusionPipeline
+
+    first = make_tiny_pipeline("tiny-sd")
+    second = StableDiffusionPipeline(**{**first.components, "unet": make_tiny_pipeline("tiny-sd", seed=1).unet})
+    second.set_progress_bar_config(disable=True)
+    stock = generate(first, "tiny-sd", steps=2), generate(second, "tiny-sd", steps=2)
+    handles = attnctl.apply(first, [Probe()]), attnctl.apply(second, [Probe()])
+    generate(first, "tiny-sd", steps=2)
+    handles[0].remove()
+    generate(second, "tiny-sd", steps=2)  # the second handle still counts its steps
+    handles[1].remove()
+    assert "step" not in first.scheduler.__dict__
+    assert torch.equal(generate(first, "tiny-sd", steps=2), stock[0]) and torch.equal(generate(second, "tiny-sd", steps=2), stock[1])
