@@ -595,7 +595,8 @@ class _Outputs(dict):
     """`handle.outputs`: a plain dict whose missing keys say why they are missing."""
 
     def __init__(self, outputs: Mapping[str, Any], published: tuple[str, ...]):
-        super().__init__(outputs)
+        # a slot a control fills when the call finishes (None until then) is missing after a call that failed
+        super().__init__({key: value for key, value in outputs.items() if value is not None})
         self.published = published
 
     def __missing__(self, key: Any) -> Any:

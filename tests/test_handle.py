@@ -337,3 +337,22 @@ def test_two_handles_on_pipelines_sharing_a_scheduler_are_removed_in_any_order()
     handles[1].remove()
     assert "step" not in first.scheduler.__dict__
     assert torch.equal(generate(first, "tiny-sd", steps=2), stock[0]) and torch.equal(generate(second, "tiny-sd", steps=2), stock[1])
+
+
+def test_outputs_of_a_call_that_failed_are_missing_not_none():
+    """AttentionMaps reserves its slot when it binds: after a call that failed before its end, `handle.outputs[key]`
+    raised nothing and gave None; it says the last call failed."""
+    from attnctl.handle import MissingOutputError
+
+    pipe = make_tiny_pipeline("tiny-sd")
+
+    def stop(*args):
+        raise RuntimeError("stop")
+
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        with pytest.raises(RuntimeError, match="stop"):
+            generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=stop)
+        with pytest.raises(MissingOutputError, match="the last one failed"):
+            handle.outputs["attention_maps"]
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=2)
+        assert handle.outputs["attention_maps"] is not None
