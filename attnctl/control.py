@@ -284,8 +284,10 @@ class BindContext:
 
     @property
     def images_per_prompt(self) -> int | None:
-        """`num_images_per_prompt` of the call's `encode_prompt` (None where the call does not say)."""
-        value = self.prompt_arguments[0].get("num_images_per_prompt") if self.prompt_arguments else None
+        """`num_images_per_prompt` (video pipelines: `num_videos_per_prompt`) of the call's `encode_prompt`; None where
+        the call does not say."""
+        arguments = self.prompt_arguments[0] if self.prompt_arguments else {}
+        value = arguments.get("num_images_per_prompt", arguments.get("num_videos_per_prompt"))
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
     @property

@@ -497,6 +497,8 @@ class Handle:
             return
         self.live = False
         unfinished: Exception | None = None
+        if self.runtime.call_failed():  # that call's own error was raised already: its controls' errors are warnings
+            self.runtime.end_call_quietly()
         try:
             self.runtime.end_call()
         except Exception as error:  # noqa: BLE001 - a control's finish failed: everything is restored first, then raised
@@ -537,6 +539,8 @@ class Handle:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:  # the block's own error goes on: a control's error on finishing becomes a warning
+            self.runtime.end_call_quietly()
         self.remove()
 
     # -- reporting --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import attnctl
 from attnctl.processors.base import ControlledProcessor
-from attnctl.testing import CALL_DEFAULTS
+from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
 from .helpers import PROMPTS, Probe
@@ -1094,3 +1094,14 @@ def test_wan_region_isolation_over_the_video_tokens_against_a_masked_self_attent
             block.attn1.set_processor(originals[i])
     assert (expected - stock).abs().max() > 1e-4
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_reweight_tables_per_prompt_count_the_videos_per_prompt():
+    """On a video pipeline the rows are prompts x num_videos_per_prompt: two tables for one prompt and two videos
+    are refused as they are for images (they were applied per video row)."""
+    if not available("tiny-wan"):
+        pytest.skip("tiny-wan needs a newer diffusers")
+    pipe = make_tiny_pipeline("tiny-wan")
+    with attnctl.apply(pipe, [attnctl.Reweight([{"cat": 2.0}, {"cat": 0.5}])]):
+        with pytest.raises(attnctl.ConfigError, match="1 prompt\\(s\\) x 2"):
+            generate(pipe, "tiny-wan", prompt="a cat", steps=1, num_videos_per_prompt=2)

@@ -356,3 +356,35 @@ def test_outputs_of_a_call_that_failed_are_missing_not_none():
             handle.outputs["attention_maps"]
         generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=2)
         assert handle.outputs["attention_maps"] is not None
+
+
+def test_the_with_block_keeps_the_pipelines_own_error():
+    """A call failed mid-loop inside `with attnctl.apply(...)` and a control then failed to finish: the pipeline's
+    error reaches the caller (the control's one replaced it), the control's becomes a warning, and the pipeline is
+    stock again."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    before = _snapshot(pipe, pipe.unet)
+
+    def stop(*args):
+        raise RuntimeError("the pipeline's error")
+
+    with pytest.warns(RuntimeWarning, match="finish failed"):
+        with pytest.raises(RuntimeError, match="the pipeline's error"):
+            with attnctl.apply(pipe, [FailingFinish()]):
+                generate(pipe, "tiny-sd", steps=3, callback_on_step_end=stop)
+    _same(before, _snapshot(pipe, pipe.unet))
+
+
+def test_a_call_from_inside_the_pipelines_own_call_is_refused():
+    """A callback calling the pipeline again finished the outer call's controls mid-loop, and the outer loop then
+    failed with a misleading "outside a call" error."""
+    pipe = make_tiny_pipeline("tiny-sd")
+
+    def nested(p, i, t, kwargs):
+        p("a red car", num_inference_steps=1, height=32, width=32, output_type="latent")
+        return kwargs
+
+    with attnctl.apply(pipe, [Probe()]):
+        with pytest.raises(HandleError, match="from inside its own call"):
+            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=nested)
+        generate(pipe, "tiny-sd", steps=2)

@@ -165,6 +165,11 @@ def test_masks_filled_with_the_dtype_minimum_stay_finite(dtype):
             expected = reference.attention(q, k, v, spec)[0]
             assert torch.isfinite(out).all() and out[:, :, :3].abs().amax() > 0
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    # a per-key bias at the float32 minimum on every key: the reference's uniform average, not zeros
+    biased = AttentionSpec(key_bias=torch.full((1, 24), torch.finfo(torch.float32).min).to(DEVICE))
+    q, k, v = _rand(1, 2, 20, 16, seed=1), _rand(1, 2, 24, 16, seed=2), _rand(1, 2, 24, 16, seed=3)
+    out = ta.attention(q, k, v, biased, config=ta.Config(16, 16))[0]
+    torch.testing.assert_close(out, reference.attention(q, k, v, biased)[0], atol=2e-5, rtol=2e-5)
 
 
 def test_label_vectors_of_any_stride():

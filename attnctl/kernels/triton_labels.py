@@ -93,13 +93,14 @@ def _label_step(
             Mask_bh + q_idx[:, None] * stride_mm + k_idx[None, :] * stride_mn,
             mask=row_ok[:, None] & key_ok[None, :], other=0.0,
         ).to(tl.float32)
-        z = _finite_floor(z)
     if HAS_BIAS:
         bias = tl.load(Bias_bh + k_idx * stride_bn, mask=key_ok, other=0.0).to(tl.float32)
         if ROW_RANGE:
             z += tl.where(in_range[:, None], bias[None, :], 0.0)
         else:
             z += bias[None, :]
+    if HAS_MASK or HAS_BIAS:
+        z = _finite_floor(z)
     if MIXED:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)

@@ -137,13 +137,18 @@ class Runtime:
     def begin_call(self, pixels: tuple[Any, Any] | None = None) -> None:
         owner = CallOwner.find(self.pipeline)
         previous = self.call
-        if previous is not None and previous.owner is not None and previous.owner.thread != threading.get_ident() \
-                and previous.owner.running():
-            raise HandleError(
-                f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline runs "
-                "one call at a time (its controls keep the call's state): wait for that call, or give each thread its own "
-                "pipeline and handle"
-            )
+        if previous is not None and previous.owner is not None and previous.owner.running():
+            if previous.owner.thread != threading.get_ident():
+                raise HandleError(
+                    f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline "
+                    "runs one call at a time (its controls keep the call's state): wait for that call, or give each "
+                    "thread its own pipeline and handle"
+                )
+            if previous.frames and (owner is None or owner.frame != previous.owner.frame):
+                raise HandleError(
+                    f"attnctl: this {type(self.pipeline).__name__} was called from inside its own call (a callback?); a "
+                    "controlled pipeline runs one call at a time (its controls keep the call's state)"
+                )
         try:  # the previous call, if it ended with an error before its end: its controls finish now
             self._finish_bound()
         except Exception as error:  # noqa: BLE001 - that call failed already; this one starts clean
@@ -181,6 +186,10 @@ class Runtime:
             self.last_call = self.call
             self.call = None
             self.frame = None
+
+    def call_failed(self) -> bool:
+        """Whether the open call ended with an error (its pipeline `__call__` is no longer running)."""
+        return self.call is not None and self.call.owner is not None and not self.call.owner.running()
 
     def end_call_quietly(self) -> None:
         """End a call that ended with an error (its controls' finish errors become a warning)."""

@@ -527,9 +527,9 @@ def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
 
 
 def _per_row(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
-    """The call's keyword arguments for a call of `rows` prompts: a negative prompt given as one string becomes one per
-    row (diffusers refuses a string negative prompt beside a list of prompts)."""
-    return {key: [value] * rows if key.startswith("negative_prompt") and isinstance(value, str) else value
+    """The call's keyword arguments for a call of `rows` prompts: a negative prompt (or a second / third encoder's
+    prompt) given as one string becomes one per row (diffusers refuses a string beside a list of prompts)."""
+    return {key: [value] * rows if key.startswith(("negative_prompt", "prompt_")) and isinstance(value, str) else value
             for key, value in kwargs.items()}
 
 

@@ -576,8 +576,11 @@ def _file_contents(value: Any, key: str = "") -> list[str]:
     if isinstance(value, list):
         return [digest for v in value for digest in _file_contents(v, key)]
     if isinstance(value, str) and key and is_path_key(key) and os.path.isfile(value):
+        digest = hashlib.sha256()
         with open(value, "rb") as handle:
-            return [hashlib.sha256(handle.read()).hexdigest()]
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return [digest.hexdigest()]
     return []
 
 

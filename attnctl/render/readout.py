@@ -86,7 +86,7 @@ def read_maps(
     reader = img2img_of(pipe)
     call = _check_call_arguments(reader, call)
     size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
-    sizes = [getattr(image, "size", None) for image in images]
+    sizes = [image.size for image in images if hasattr(image, "convert")]  # PIL images: (width, height)
     if isinstance(size, tuple) and any(other != size for other in sizes):
         raise ConfigError(
             f"read_maps: the images have different sizes ({', '.join(str(s) for s in dict.fromkeys(sizes))}); the pipeline "

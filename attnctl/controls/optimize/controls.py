@@ -529,7 +529,7 @@ class BoxGuidanceBound(LatentOptimizerBound):
 def guidance_step_variance(scheduler: Any, timestep: Any) -> float:
     """The variance of the noise in the denoiser's input at the step in progress: `1 - alpha_bar` (VP schedulers:
     `sigma^2 / (sigma^2 + 1)` from the scheduler's own sigma, or `alphas_cumprod` at the timestep), `sigma^2` for
-    flow matching (`(1 - sigma) x0 + sigma noise`); the level is SAG's `noise_level`, read once per step on the host.
+    flow matching (`(1 - sigma) x0 + sigma noise`); the level is `attnctl.noise.noise_level`, read once per step on the host.
 
     It turns Chen et al.'s step into the input's scale. Their code steps LMS's latent `y = x0 + s noise` by
     `scale * s^2 * dL/dy`, `s^2 = (1 - alpha_bar) / alpha_bar`; the denoiser reads `x = y / sqrt(s^2 + 1)`, so

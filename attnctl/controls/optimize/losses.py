@@ -145,7 +145,8 @@ def boxdiff_loss(subject_maps: torch.Tensor, boxes: torch.Tensor, constraints: t
                  corner_width: int = 1, bands: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """BoxDiff's constraints (Xie et al. 2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained
     Diffusion", ICCV), on Attend-and-Excite's subject maps (`excite_maps`: renormalised over the text tokens,
-    smoothed) and each word's box `boxes` (S, h, w) (a cell is inside where at least half of it is):
+    smoothed) and each word's box `boxes` (S, h, w) (0 / 1: BoxGuidance gives BoxDiff's rectangle; a soft box counts a
+    cell inside where it is at least 1/2):
 
     - `inner`: `max(0, 1 - mean of the top fraction of the map inside the box)`;
     - `outer`: the mean of the top fraction of the map outside the box;
