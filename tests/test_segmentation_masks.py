@@ -17,6 +17,8 @@ from attnctl.controls.maps.magnets import (
     SINK_MASS,
     global_sinks,
     magnet_prompt,
+    renormalised,
+    sink_columns,
     without_sinks,
 )
 
@@ -90,10 +92,15 @@ def test_sink_suppression_is_the_softmax_without_the_sink_keys():
     found = without_sinks(probs, selector, global_sinks(probs))
     torch.testing.assert_close(found, expected, atol=1e-6, rtol=1e-5)
     assert found[0, :, 2].abs().max() == 0 and found[0, :, 3].min() > 0  # the sink alone: 0; the phrase: its other token
+    # the capture's form: each head's attention to the words' kept columns and one column of the sinks
+    sink_keys = global_sinks(probs)
+    columns = sink_columns(selector, sink_keys)[:, None].transpose(-1, -2)  # (B, 1, keys, words + 1)
+    torch.testing.assert_close(renormalised(probs @ columns), expected, atol=1e-6, rtol=1e-5)
     # per-head selectors (a value scale per head) weight each head's words
     per_head = selector[:, None].repeat(1, 2, 1, 1) * torch.tensor([1.0, 0.5])[None, :, None, None]
     expected = (masked @ per_head.transpose(-1, -2)).mean(1)
     torch.testing.assert_close(without_sinks(probs, per_head, global_sinks(probs)), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(renormalised(probs @ sink_columns(per_head, sink_keys).transpose(-1, -2)), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_magnet_config():
@@ -172,7 +179,7 @@ def test_readout_takes_sinks_out_of_each_heads_softmax_and_phrases_keep_their_ot
 
     monkeypatch.setattr(capture, "global_sinks", token_1_is_a_sink)
     sunk = read()
-    assert calls and all(len(shape) == 4 and shape[1] > 1 for shape in calls)  # (rows, heads, image tokens, text)
+    assert calls and all(len(shape) == 3 for shape in calls)  # head-averaged (rows, image tokens, text): no per-head copy
     assert torch.isfinite(sunk.maps).all()
     assert (sunk.maps[0, :2] > default.maps[0, :2]).any()  # red and cat gain the sink's share at the deepest level
     torch.testing.assert_close(sunk.maps[0, 2], sunk.maps[0, 0] + sunk.maps[0, 1], rtol=1e-4, atol=1e-6)

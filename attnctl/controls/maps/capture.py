@@ -43,7 +43,7 @@ from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import choice, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
-from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, global_sinks, magnet_prompt, without_sinks
+from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, global_sinks, magnet_prompt, renormalised, sink_columns
 from .masks import MASK_THRESHOLD, masks_from_maps
 
 #: Elements of one chunk of logits (rows x keys x heads x batch): 16M floats, 64 MB in float32.
@@ -406,31 +406,34 @@ class AttentionMapsBound(Bound):
         selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
         keys = slice(0, n_keys)
         text_keys = slice(key_text.start, key_text.start + self.text_len)
-        if hook.sinks:  # each text token's attention per head, to take the sinks out of each head's softmax
-            every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
-            every[:, :, text_keys] = torch.eye(self.text_len, device=every.device)
-        parts, masses, weights = [], [], []
+        segments = []  # (queries, edited, the words' weights over the keys)
         for start, stop, edited in query_segments(spec, image):
             chosen = selector
             if edited and spec.value_scale is not None:
                 value_scale = per_key(spec.value_scale.float(), "value_scale")  # (b, H|1, Nk)
                 chosen = selector * value_scale if value_scale.shape[1] == 1 else selector[:, None] * value_scale[:, :, None, :]
-            offset = image.start + start
-            if hook.sinks:
-                weights.append(chosen[..., text_keys])
-                chosen = every
+            segments.append((slice(start, stop), edited, chosen))
+
+        def mass(queries: slice, edited: bool, columns: torch.Tensor, per_head: bool) -> torch.Tensor:
+            """The segment's attention to each column of `columns` (b, C, Nk) or (b, H, C, Nk)."""
+            offset = image.start + queries.start
             if edited and spec.sparse is not None:
-                found = _sparse_words(qb, ki, chosen, spec, slice(offset, image.start + stop), per_head=hook.sinks)
-            else:
+                return _sparse_words(qb, ki, columns, spec, slice(offset, image.start + queries.stop), per_head=per_head)
 
-                def bias(lo: int, hi: int, offset: int = offset) -> torch.Tensor | None:
-                    return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
+            def bias(lo: int, hi: int) -> torch.Tensor | None:
+                return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
 
-                found = word_attention(qi[:, :, start:stop], ki, chosen, scale=spec.scale, bias=bias, per_head=hook.sinks)
-            (masses if hook.sinks else parts).append(found)
-        if hook.sinks:  # per segment: its (b, H, n, text_len) attention and its words' weights over the text keys
-            sinks = global_sinks(torch.cat(masses, dim=2))
-            parts = [without_sinks(mass, weight, sinks) for mass, weight in zip(masses, weights)]
+            return word_attention(qi[:, :, queries], ki, columns, scale=spec.scale, bias=bias, per_head=per_head)
+
+        if not hook.sinks:
+            parts = [mass(queries, edited, chosen, False) for queries, edited, chosen in segments]
+        else:  # sinks found on the head-averaged attention; each head's softmax then renormalised without them
+            every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
+            every[:, :, text_keys] = torch.eye(self.text_len, device=every.device)
+            sinks = global_sinks(torch.cat([mass(queries, edited, every, False) for queries, edited, _ in segments], dim=1))
+            sink_keys = text_selector.new_zeros(len(batch_rows), n_keys)
+            sink_keys[:, text_keys] = sinks
+            parts = [renormalised(mass(queries, edited, sink_columns(chosen, sink_keys), True)) for queries, edited, chosen in segments]
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
         if self.sum_heads:
             words = words * q.shape[1]  # word_attention averages the heads

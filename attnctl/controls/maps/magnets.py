@@ -39,15 +39,18 @@ def magnet_prompt(prompt: str, magnets: tuple[str, ...]) -> str:
 
 def global_sinks(mass: torch.Tensor) -> torch.Tensor:
     """(B, T) 1.0 at the text tokens that are global sinks of each image, 0.0 elsewhere: by the rule above, on the
-    head average of `mass` (B, H, N, T), each text token's attention per head and image token."""
-    averaged = mass.mean(dim=1)  # (B, N, T)
+    head average of `mass`, each text token's attention per image token: (B, N, T) averaged over the heads already,
+    or (B, H, N, T) per head."""
+    averaged = mass.mean(dim=1) if mass.ndim == 4 else mass  # (B, N, T)
     mean = averaged.mean(dim=1)  # (B, T)
     low = averaged.amin(dim=1)
     return ((mean >= SINK_MASS) & (low >= SINK_FLATNESS * mean)).to(mass.dtype)
 
 
 def without_sinks(mass: torch.Tensor, selector: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-    """The words' attention with the sinks' keys removed from the softmax, per head, then averaged over the heads:
+    """The definition (the capture computes the same from the words' and the sinks' columns, without the per-head
+    attention of every text token): the words' attention with the sinks' keys removed from the softmax, per head, then
+    averaged over the heads:
     `mean_h sum_{t not a sink} p_h(x, t) S(w, t) / (1 - sum_s p_h(x, s))`, exact since each head's softmax is
     renormalised by its own sink mass (a word loses only its sink tokens' share; a word of sinks only gets 0).
 
@@ -60,4 +63,17 @@ def without_sinks(mass: torch.Tensor, selector: torch.Tensor, sinks: torch.Tenso
     return (words / (1.0 - sunk).clamp_min(1e-6)).mean(dim=1)
 
 
-__all__ = ["MAGNET_FAMILIES", "MAGNET_WORDS", "SINK_FLATNESS", "SINK_MASS", "global_sinks", "magnet_prompt", "without_sinks"]
+def sink_columns(selector: torch.Tensor, sink_keys: torch.Tensor) -> torch.Tensor:
+    """The columns the capture reads per head to apply `without_sinks` without the attention of every text token:
+    each word's weights with its sink keys dropped, then one column of the sink keys. selector (B, W, Nk) or
+    (B, H, W, Nk); sink_keys (B, Nk) 1.0 at the sinks' keys. Returns (B, W + 1, Nk) or (B, H, W + 1, Nk)."""
+    keys = sink_keys[:, None] if selector.ndim == 3 else sink_keys[:, None, None].expand(-1, selector.shape[1], -1, -1)
+    return torch.cat([selector * (1.0 - keys), keys], dim=-2)
+
+
+def renormalised(found: torch.Tensor) -> torch.Tensor:
+    """`without_sinks` from each head's attention to `sink_columns` (B, H, N, W + 1): (B, N, W)."""
+    return (found[..., :-1] / (1.0 - found[..., -1:]).clamp_min(1e-6)).mean(dim=1)
+
+
+__all__ = ["MAGNET_FAMILIES", "MAGNET_WORDS", "SINK_FLATNESS", "SINK_MASS", "global_sinks", "magnet_prompt", "renormalised", "sink_columns", "without_sinks"]
