@@ -68,6 +68,7 @@ class CallOwner:
     frame: int
     code: Any
     thread: int
+    pipeline: int  # id of the pipeline object (`self` of that frame)
 
     @staticmethod
     def find(pipeline: Any) -> CallOwner | None:
@@ -75,7 +76,7 @@ class CallOwner:
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
-                return CallOwner(id(frame), frame.f_code, threading.get_ident())
+                return CallOwner(id(frame), frame.f_code, threading.get_ident(), id(pipeline))
             frame = frame.f_back
         return None
 
@@ -83,8 +84,8 @@ class CallOwner:
         """Whether that `__call__` is still on its thread's stack (it has not returned or raised)."""
         frame = sys._current_frames().get(self.thread)
         while frame is not None:
-            if id(frame) == self.frame and frame.f_code is self.code:
-                return True
+            if id(frame) == self.frame and frame.f_code is self.code and id(frame.f_locals.get("self")) == self.pipeline:
+                return True  # (the frame's `self` too: a new frame may reuse a dead one's address)
             frame = frame.f_back
         return False
 
