@@ -499,10 +499,11 @@ class Handle:
         unfinished: Exception | None = None
         if self.runtime.call_failed():  # that call's own error was raised already: its controls' errors are warnings
             self.runtime.end_call_quietly()
-        try:
-            self.runtime.end_call()
-        except Exception as error:  # noqa: BLE001 - a control's finish failed: everything is restored first, then raised
-            unfinished = error
+        elif self.runtime.call is not None:
+            try:
+                self.runtime.end_call()
+            except Exception as error:  # noqa: BLE001 - a control's finish failed: everything is restored first, then raised
+                unfinished = error
         for name, proc in self._processors.items():
             module = self.adapter.modules[name]
             if module.processor is proc:

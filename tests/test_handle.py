@@ -388,3 +388,28 @@ def test_a_call_from_inside_the_pipelines_own_call_is_refused():
         with pytest.raises(HandleError, match="from inside its own call"):
             generate(pipe, "tiny-sd", steps=3, callback_on_step_end=nested)
         generate(pipe, "tiny-sd", steps=2)
+
+
+def test_a_pipeline_without_check_inputs_runs_again_after_a_failed_call():
+    """Z-Image's pipelines start a call in encode_prompt: after a call failed mid-loop, the retry's frame could take
+    the dead call's address and be taken for it ("encode_prompt during the denoising loop", every retry refused); the
+    call's frame is now held and compared by identity."""
+    from attnctl.testing import CALL_DEFAULTS
+    from attnctl.testing.new_families import available
+
+    if not available("tiny-zimage"):
+        pytest.skip("tiny-zimage needs a newer diffusers")
+    pipe = make_tiny_pipeline("tiny-zimage")
+
+    def run(**kwargs):
+        return pipe("a cat", num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0),
+                    **CALL_DEFAULTS["tiny-zimage"], **kwargs)
+
+    def stop(*args):
+        raise RuntimeError("stop")
+
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})]):
+        for _ in range(5):
+            with pytest.raises(RuntimeError, match="stop"):
+                run(callback_on_step_end=stop)
+            run()

@@ -60,15 +60,14 @@ class PipelineCallState:
         return PromptRecord(self.encode_calls)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CallOwner:
-    """The pipeline's `__call__` frame a call runs in, by identity (no reference to the frame: its locals, latents
-    included, are not kept alive), and its thread."""
+    """The pipeline's `__call__` frame a call runs in, and its thread. The frame is held (compared by identity: a
+    new frame may reuse a dead one's address) while the call is open; a call that ended with an error releases it at
+    the next call of the pipeline, or at `handle.remove()`."""
 
-    frame: int
-    code: Any
+    frame: Any
     thread: int
-    pipeline: int  # id of the pipeline object (`self` of that frame)
 
     @staticmethod
     def find(pipeline: Any) -> CallOwner | None:
@@ -76,16 +75,16 @@ class CallOwner:
         frame = sys._getframe(1)
         while frame is not None:
             if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
-                return CallOwner(id(frame), frame.f_code, threading.get_ident(), id(pipeline))
+                return CallOwner(frame, threading.get_ident())
             frame = frame.f_back
         return None
 
     def running(self) -> bool:
         """Whether that `__call__` is still on its thread's stack (it has not returned or raised)."""
-        frame = sys._current_frames().get(self.thread)
+        frame = sys._getframe(1) if self.thread == threading.get_ident() else sys._current_frames().get(self.thread)
         while frame is not None:
-            if id(frame) == self.frame and frame.f_code is self.code and id(frame.f_locals.get("self")) == self.pipeline:
-                return True  # (the frame's `self` too: a new frame may reuse a dead one's address)
+            if frame is self.frame:
+                return True
             frame = frame.f_back
         return False
 
@@ -145,7 +144,7 @@ class Runtime:
                     "runs one call at a time (its controls keep the call's state): wait for that call, or give each "
                     "thread its own pipeline and handle"
                 )
-            if previous.frames and (owner is None or owner.frame != previous.owner.frame):
+            if previous.frames and (owner is None or owner.frame is not previous.owner.frame):
                 raise HandleError(
                     f"attnctl: this {type(self.pipeline).__name__} was called from inside its own call (a callback?); a "
                     "controlled pipeline runs one call at a time (its controls keep the call's state)"
@@ -155,6 +154,8 @@ class Runtime:
         except Exception as error:  # noqa: BLE001 - that call failed already; this one starts clean
             warnings.warn(f"attnctl: the controls of the previous call, which ended with an error, could not finish: "
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
+        if previous is not None:
+            previous.owner = None
         self.outputs.clear()
         self.call = PipelineCallState(owner=owner)
         if pixels is not None and all(isinstance(p, int) for p in pixels):
@@ -164,8 +165,14 @@ class Runtime:
         self._plans = None
 
     def record_encode(self, arguments: dict[str, Any]) -> None:
-        if self.call is not None and self.call.frames and self.call.owner is not None \
-                and self.call.owner.thread == threading.get_ident() and self.call.owner.running():
+        owner = self.call.owner if self.call is not None else None
+        if owner is not None and owner.thread != threading.get_ident() and owner.running():
+            raise HandleError(
+                f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline runs "
+                "one call at a time (its controls keep the call's state): wait for that call, or give each thread its own "
+                "pipeline and handle"
+            )
+        if owner is not None and self.call.frames and owner.running():
             raise HandleError(
                 f"attnctl: {type(self.pipeline).__name__}.encode_prompt was called during the denoising loop of a "
                 "controlled call (a callback that changes the prompt?): the controls were bound to the prompts the call "
@@ -184,6 +191,8 @@ class Runtime:
         try:
             self._finish_bound()
         finally:  # the call is over whatever its controls' finish raised (the next call starts clean)
+            if self.call is not None:
+                self.call.owner = None  # the pipeline's frame (and its locals) is not kept past the call
             self.last_call = self.call
             self.call = None
             self.frame = None

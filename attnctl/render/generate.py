@@ -529,8 +529,8 @@ def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
 def _per_row(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
     """The call's keyword arguments for a call of `rows` prompts: a negative prompt (or a second / third encoder's
     prompt) given as one string becomes one per row (diffusers refuses a string beside a list of prompts)."""
-    return {key: [value] * rows if key.startswith(("negative_prompt", "prompt_")) and isinstance(value, str) else value
-            for key, value in kwargs.items()}
+    spread = ("negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3")
+    return {key: [value] * rows if key in spread and isinstance(value, str) else value for key, value in kwargs.items()}
 
 
 def call_rows(prompt: str, controls: tuple[Control, ...]) -> tuple[str, list[str]]:
