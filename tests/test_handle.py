@@ -142,17 +142,26 @@ def test_a_call_that_ended_with_an_error_controls_nothing_after_it():
         generate(pipe, "tiny-sd", steps=3)  # the pipeline itself runs on
 
 
-def test_encode_prompt_during_the_denoising_loop_is_refused():
-    """A callback that changes the prompt mid-call restarted attnctl's call silently (step counts from 0 again)."""
+def _new_prompt(p, i, t, kwargs):
+    p.encode_prompt("a red car", "cpu", 1, True)
+    return kwargs
+
+
+def _nested_call(p, i, t, kwargs):
+    p("a red car", num_inference_steps=1, height=32, width=32, output_type="latent")
+    return kwargs
+
+
+@pytest.mark.parametrize("callback, message", [(_new_prompt, "during the denoising loop"), (_nested_call, "from inside its own call")],
+                         ids=["encode_prompt", "nested-call"])
+def test_a_callback_that_restarts_the_call_is_refused(callback, message):
+    """A callback that changes the prompt (encode_prompt) restarted attnctl's call silently, steps counted from 0
+    again; one that calls the pipeline again finished the outer call's controls mid-loop, and the outer loop then
+    failed with a misleading "outside a call" error. Both are refused; the next call runs."""
     pipe = make_tiny_pipeline("tiny-sd")
-
-    def new_prompt(p, i, t, kwargs):
-        p.encode_prompt("a red car", "cpu", 1, True)
-        return kwargs
-
     with attnctl.apply(pipe, [Probe()]):
-        with pytest.raises(HandleError, match="during the denoising loop"):
-            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=new_prompt)
+        with pytest.raises(HandleError, match=message):
+            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=callback)
         generate(pipe, "tiny-sd", steps=2)
 
 
@@ -373,21 +382,6 @@ def test_the_with_block_keeps_the_pipelines_own_error():
             with attnctl.apply(pipe, [FailingFinish()]):
                 generate(pipe, "tiny-sd", steps=3, callback_on_step_end=stop)
     _same(before, _snapshot(pipe, pipe.unet))
-
-
-def test_a_call_from_inside_the_pipelines_own_call_is_refused():
-    """A callback calling the pipeline again finished the outer call's controls mid-loop, and the outer loop then
-    failed with a misleading "outside a call" error."""
-    pipe = make_tiny_pipeline("tiny-sd")
-
-    def nested(p, i, t, kwargs):
-        p("a red car", num_inference_steps=1, height=32, width=32, output_type="latent")
-        return kwargs
-
-    with attnctl.apply(pipe, [Probe()]):
-        with pytest.raises(HandleError, match="from inside its own call"):
-            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=nested)
-        generate(pipe, "tiny-sd", steps=2)
 
 
 def test_a_pipeline_without_check_inputs_runs_again_after_a_failed_call():

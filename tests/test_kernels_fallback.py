@@ -56,15 +56,21 @@ def _reweight(n=24):
     return AttentionSpec(key_bias=torch.linspace(-1, 1, n)[None], value_scale=torch.linspace(0.5, 2, n)[None])
 
 
+def _falls_back(q, k, v, spec, first, warning, kernel):
+    """`auto` chooses `first`, whose kernel fails to compile: one warning, the reference's result, the failure recorded."""
+    assert choose_backend("auto", "cpu", spec.features())[0] == first
+    with pytest.warns(RuntimeWarning, match=warning):
+        out, _ = kernels.attention(q, k, v, spec, "auto")
+    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=1e-5, atol=1e-5)
+    assert list(kernels.KERNEL_FAILURES) == [("cpu", kernel)]
+    return out
+
+
 def test_auto_falls_back_once_with_one_warning_and_reports_it(fresh):
     fresh.setattr(ta, "_attn_fwd", _Broken())
     q, k, v = _qkv()
     spec = _reweight()
-    assert choose_backend("auto", "cpu", spec.features())[0] == "triton"
-    with pytest.warns(RuntimeWarning, match="_attn_fwd failed to compile on cpu"):
-        out, _ = kernels.attention(q, k, v, spec, "auto")
-    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=1e-5, atol=1e-5)
-    assert list(kernels.KERNEL_FAILURES) == [("cpu", "_attn_fwd")]
+    out = _falls_back(q, k, v, spec, "triton", "_attn_fwd failed to compile on cpu", "_attn_fwd")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         again, _ = kernels.attention(q, k, v, spec, "auto")
@@ -238,11 +244,7 @@ def test_flex_compile_failures_fall_back_as_triton_ones(fresh):
     fresh.setattr(flex, "_compiled_call", failing)
     q, k, v = _qkv()
     spec = _reweight()
-    assert choose_backend("auto", "cpu", spec.features())[0] == "flex"
-    with pytest.warns(RuntimeWarning, match="compiled flex_attention failed to compile on cpu: InductorError"):
-        out, _ = kernels.attention(q, k, v, spec, "auto")
-    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=1e-5, atol=1e-5)
-    assert list(kernels.KERNEL_FAILURES) == [("cpu", "flex_attention")]
+    _falls_back(q, k, v, spec, "flex", "compiled flex_attention failed to compile on cpu: InductorError", "flex_attention")
     assert choose_backend("auto", "cpu", spec.features())[0] == "sdpa"
     with pytest.raises(BackendError, match="flex_attention"):
         kernels.attention(q, k, v, spec, "flex")
