@@ -210,8 +210,8 @@ class Runtime:
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
 
     def _finish_bound(self) -> None:
-        """Every bound control of the call finishes (one that raises does not stop the others), the call's wraps
-        are undone, and the bound controls are released; the first error is raised afterwards."""
+        """Every bound control of the call finishes, once (one that raises does not stop the others), and the call's
+        wraps are undone; the first error is raised afterwards."""
         errors: list[BaseException] = []
         try:
             if self.call is not None and self.call.bound and not self.call.finished:
