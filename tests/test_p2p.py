@@ -62,6 +62,9 @@ def _authors_replacement(x_words: list[list[int]], y_words: list[list[int]], lim
     ([[0], [1], [2, 3, 4], [9]], [[0], [1], [5, 6, 7], [9]]),  # a three-token word for another three-token word
     ([[0], [1], [2], [20, 21, 22], [9]], [[0], [1], [5], [30, 31], [9]]),  # a red hippo(3) -> a blue zebra(2)
     ([[0], [1], [2, 3], [8], [9]], [[0], [1], [5], [8], [9]]),  # a two-token word for one token
+    # a red cat on the street -> a crimson dog on the street, CLIP splitting "crimson" as c|r|im|s|on: its last piece is
+    # the token of "on" (4), which a token alignment paired with the base's "on" ("adds tokens": refused)
+    ([[0], [1], [2], [3], [4], [5], [6], [9]], [[0], [1], [10, 11, 12, 13, 4], [7], [4], [5], [6], [9]]),
 ])
 def test_replacement_mapper_pairs_swapped_words_as_p2p(x_words, y_words):
     """P2P's word-for-word pairing (seq_aligner.get_replacement_mapper_), with the tokens' word indices given."""

@@ -6,7 +6,8 @@ P2P's scores (gap 0, match 1, mismatch -1) and its trace-back preferences, over 
 
 - `refinement_mapper`: for each edited token, the base token it aligns to (or -1) and alpha = 1 where aligned
   (P2P's `get_refinement_mapper`: aligned tokens take the base maps, new tokens keep their own).
-- `replacement_mapper`: a (T, T) matrix `M` with `A_edit = A_base M` (P2P's `get_replacement_mapper`): aligned
+- `replacement_mapper`: a (T, T) matrix `M` with `A_edit = A_base M` (P2P's `get_replacement_mapper`): with the
+  same number of words on both sides (word indices known), word for word as P2P; otherwise aligned
   tokens map one to one; each run of swapped tokens between two aligned ones is split into word pairs when both
   sides of the run hold the same number of words (P2P swaps word for word), and each word pair (or the whole run
   otherwise) maps one to one when its token counts are equal, else every base token to every edited token with
@@ -93,12 +94,51 @@ def _words(positions: list[int], word_of: Sequence[int] | None) -> list[list[int
     return groups
 
 
+def _word_for_word(x: list[int], y: list[int], limit: int, x_words: Sequence[int] | None,
+                   y_words: Sequence[int] | None) -> list[list[float]] | None:
+    """P2P's own replace map when both prompts have the same words count: word i of the base to word i of the edit
+    (equal words one to one; a swapped word by `_swap`), special tokens in order, padding by offset. None where the
+    word indices are not known or the prompts differ in word count or special tokens (the alignment decides then): a
+    token-level alignment can pair a whole word with the last piece of a longer word ("on" in "crims|on")."""
+    if x_words is None or y_words is None:
+        return None
+
+    def groups(tokens: list[int], words: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+        """The token positions of each word, in order, and those of the special tokens."""
+        by_word: dict[int, list[int]] = {}
+        special = []
+        for position in range(len(tokens)):
+            word = words[position] if position < len(words) else -1
+            if word < 0:
+                special.append(position)
+            else:
+                by_word.setdefault(word, []).append(position)
+        return [by_word[w] for w in sorted(by_word)], special
+
+    (x_groups, x_special), (y_groups, y_special) = groups(x, x_words), groups(y, y_words)
+    if len(x_groups) != len(y_groups) or [x[i] for i in x_special] != [y[j] for j in y_special]:
+        return None
+    matrix = [[0.0] * limit for _ in range(limit)]
+    for i, j in zip(x_special, y_special):
+        matrix[i][j] = 1.0
+    for source, target in zip(x_groups, y_groups):
+        _swap(matrix, source, target)  # equal words: one to one, as their tokens are equal
+    for offset, j in enumerate(range(len(y), limit)):
+        i = len(x) + offset
+        if i < limit:
+            matrix[i][j] = 1.0
+    return matrix
+
+
 def replacement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, what: str = "the edited prompt",
                        x_words: Sequence[int] | None = None, y_words: Sequence[int] | None = None) -> list[list[float]]:
     """The (limit, limit) word-swap matrix M (base position, edited position) with `A_edit = A_base M`. `x_words`,
     `y_words`: the word index of each token of `x` / `y` (-1 for special tokens), when the tokenizer gives
     character offsets; without them a swapped run counts as one word."""
     x, y = list(x)[:limit], list(y)[:limit]
+    matrix = _word_for_word(x, y, limit, x_words, y_words)
+    if matrix is not None:
+        return matrix
     mapping = align(x, y)
     matrix = [[0.0] * limit for _ in range(limit)]
     anchors = [(-1, -1)] + [(mapping[j], j) for j in range(len(y)) if mapping[j] >= 0] + [(len(x), len(y))]
