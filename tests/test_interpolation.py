@@ -357,3 +357,13 @@ def _benchmark_module():
     yield
     sys.modules.pop("benchmarks_cross_image", None)
 
+
+
+def test_several_images_per_prompt_are_refused(tiny_cache):
+    """Rows 0 and n-1 are the endpoints: with two images per prompt the first prompt's second image and the last
+    prompt's first were interpolated (t 0.387 / 0.613 for [A, B] x 2), silently."""
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [AttentionInterpolation()]):
+        with pytest.raises(attnctl.ConfigError, match="num_images_per_prompt=2"):
+            pipe(["a red cat", "a blue dog"], num_images_per_prompt=2, num_inference_steps=1, height=32, width=32,
+                 output_type="latent")

@@ -211,6 +211,13 @@ class _InterpolationBound(Bound):
                 "attnctl: AttentionInterpolation makes images between the first and the last prompt row of a call, and this "
                 "call makes 1 image: give a list of prompts [prompt_a, ..., prompt_b], or use attnctl.interpolate(pipe, a, b, n=5)"
             )
+        images = context.images_per_prompt
+        if images is not None and images > 1:  # rows 0 and n-1 would be one prompt's first image and another's last
+            raise ConfigError(
+                f"attnctl: AttentionInterpolation interpolates between the first and the last prompt row of a call, and "
+                f"num_images_per_prompt={images} makes {images} rows of each prompt, whose extra images would be "
+                "interpolated between them; call with one image per prompt (attnctl.interpolate does), once per seed"
+            )
         self.points = control.point_list(context.prompt_rows)
         self.index = RowIndex()
         self._links: dict[tuple[Any, ...], RowLinks] = {}
