@@ -139,11 +139,7 @@ class Runtime:
         previous = self.call
         if previous is not None and previous.owner is not None and previous.owner.running():
             if previous.owner.thread != threading.get_ident():
-                raise HandleError(
-                    f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline "
-                    "runs one call at a time (its controls keep the call's state): wait for that call, or give each "
-                    "thread its own pipeline and handle"
-                )
+                self._refuse_other_thread()
             if previous.frames and (owner is None or owner.frame is not previous.owner.frame):
                 raise HandleError(
                     f"attnctl: this {type(self.pipeline).__name__} was called from inside its own call (a callback?); a "
@@ -164,14 +160,17 @@ class Runtime:
         self.context = None
         self._plans = None
 
+    def _refuse_other_thread(self) -> None:
+        raise HandleError(
+            f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline runs one "
+            "call at a time (its controls keep the call's state): wait for that call, or give each thread its own "
+            "pipeline and handle"
+        )
+
     def record_encode(self, arguments: dict[str, Any]) -> None:
         owner = self.call.owner if self.call is not None else None
         if owner is not None and owner.thread != threading.get_ident() and owner.running():
-            raise HandleError(
-                f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline runs "
-                "one call at a time (its controls keep the call's state): wait for that call, or give each thread its own "
-                "pipeline and handle"
-            )
+            self._refuse_other_thread()
         if owner is not None and self.call.frames and owner.running():
             raise HandleError(
                 f"attnctl: {type(self.pipeline).__name__}.encode_prompt was called during the denoising loop of a "

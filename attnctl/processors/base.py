@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import HandleError, UnsupportedError
+from ..errors import UnsupportedError
 from ..kernels.spec import AttentionSpec
 from .edit import AttentionCall, Edit
 
@@ -76,17 +76,6 @@ class ControlledProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.layer.name!r}, wraps {type(self.original).__name__})"
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        """Copying or pickling a denoiser with a live handle is refused: the copy would hold this handle's runtime
-        (and through it the whole pipeline), run under the original's calls, and nothing could restore it."""
-        if self.inert:  # left behind by a removed handle: a plain pass-through
-            return super().__reduce_ex__(protocol)
-        raise HandleError(
-            f"attnctl: {self.layer.name} holds a live attnctl handle's processor: a pipeline or denoiser cannot be copied "
-            "or pickled while the handle is applied (the copy would share its state and could not be restored); call "
-            "handle.remove() first, copy, then apply to each pipeline"
-        )
 
     def stock_sdpa(self) -> bool:
         """Whether a layer without edits makes the stock SDPA call (auto or sdpa backend)."""

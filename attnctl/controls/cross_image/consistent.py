@@ -45,7 +45,7 @@ from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import number, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import word_attention
-from ..regions.masks import area_matrix, load_mask, resize_mask, validate_box
+from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
 
 Box = tuple[float, float, float, float]
 Subject = Box | WordQuery
@@ -57,17 +57,6 @@ SUBJECT_THRESHOLD = 0.5
 def optional_box(value: Any, owner: str) -> Box | None:
     """None, or a box validated as Regions validates its boxes."""
     return None if value is None else validate_box(value, owner=owner)
-
-
-def box_mask(box: Box | None, grid: tuple[int, int], frames: int = 1) -> torch.Tensor:
-    """(frames * h * w,) bool: image tokens whose cell centre lies inside `box` (every token when None)."""
-    h, w = grid
-    if box is None:
-        return torch.ones(frames * h * w, dtype=torch.bool)
-    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
-    inside = ((ys >= box[1]) & (ys <= box[3]))[:, None] & ((xs >= box[0]) & (xs <= box[2]))[None, :]
-    return inside.flatten().repeat(frames)
 
 
 def _is_box(value: Any) -> bool:

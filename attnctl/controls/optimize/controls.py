@@ -30,7 +30,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, validate_word_query
 from ...validation import choice, integer, number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
-from ..regions.masks import box_coverage, validate_box
+from ..regions.masks import box_mask, validate_box
 from . import losses
 from .engine import LatentOptimizerBound, word_columns
 
@@ -460,12 +460,8 @@ class BoxGuidanceBound(LatentOptimizerBound):
             torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]).to(context.device)
             for layer in self.layers
         )
-        # BoxDiff's box at the maps' grid: each edge rounded to a cell edge, i.e. a cell is inside where at least
-        # half of it is along x and along y (a rectangle; the area of a corner cell may be less than half)
-        inside = torch.stack([
-            ((box_coverage((x0, 0.0, x1, 1.0), self.grid) >= 0.5) & (box_coverage((0.0, y0, 1.0, y1), self.grid) >= 0.5)).float()
-            for _, (x0, y0, x1, y1) in control.boxes
-        ])
+        # BoxDiff's box at the maps' grid: each edge rounded to a cell edge (the cells whose centre is inside)
+        inside = torch.stack([box_mask(box, self.grid).view(self.grid).float() for _, box in control.boxes])
         self._refuse_empty_boxes(control, context, inside)
         bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
         self.masks = inside.to(context.device)

@@ -190,6 +190,18 @@ def box_coverage(box: Box, grid: tuple[int, int]) -> torch.Tensor:
     return axis(y0, y1, grid[0])[:, None] * axis(x0, x1, grid[1])[None, :]
 
 
+def box_mask(box: Box | None, grid: tuple[int, int], frames: int = 1) -> torch.Tensor:
+    """(frames * h * w,) bool: image tokens whose cell centre lies inside `box` (every token when None): a box with
+    each edge rounded to the grid, as BoxDiff's."""
+    h, w = grid
+    if box is None:
+        return torch.ones(frames * h * w, dtype=torch.bool)
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) / w
+    inside = ((ys >= box[1]) & (ys <= box[3]))[:, None] & ((xs >= box[0]) & (xs <= box[2]))[None, :]
+    return inside.flatten().repeat(frames)
+
+
 def resize_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(h, w) float64: `mask` (H, W) area-averaged onto `grid`."""
     h, w = grid
