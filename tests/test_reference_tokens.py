@@ -107,6 +107,43 @@ def test_reference_images_keep_apply_and_remove_bitwise_stock(pipe, reference, g
         assert torch.equal(generate(pipe, reference, guidance=guidance), stock)
 
 
+def test_reference_images_read_the_ids_on_the_host_once_per_call_not_per_denoiser_call(pipe, reference):
+    """The generated grid comes from the call's size; the img_ids are read (to check the layout) at the first
+    denoiser call only, so the host reads attnctl adds do not grow with the steps."""
+    from attnctl.testing.counters import CostCounter
+
+    def added_syncs(steps):
+        counts = []
+        for controlled in (False, True):
+            handle = attnctl.apply(pipe, []) if controlled else None
+            generate(pipe, reference, steps=steps)  # warm
+            with CostCounter() as counter:
+                generate(pipe, reference, steps=steps)
+            if handle is not None:
+                handle.remove()
+            counts.append(counter.syncs)
+        return counts[1] - counts[0]
+
+    assert added_syncs(1) == added_syncs(4) <= 4
+
+
+def test_reference_tokens_interleaved_with_the_generated_image_are_refused(pipe):
+    from attnctl.errors import CallLayoutError
+    from attnctl.families.adapters_new import Flux2Adapter
+
+    adapter = Flux2Adapter.discover(pipe.transformer)
+    rows, cols, references = 2, 2, 3
+    grid = torch.tensor([[0, y, x, 0] for y in range(rows) for x in range(cols)])
+    refs = torch.tensor([[10, 0, x, 0] for x in range(references)])
+    inputs = {"hidden_states": torch.zeros(1, rows * cols + references, 8), "encoder_hidden_states": torch.zeros(1, 5, 8)}
+    pixels = (rows * 2 * pipe.vae_scale_factor, cols * 2 * pipe.vae_scale_factor)
+    good = adapter.canvas_for_call({**inputs, "img_ids": torch.cat([grid, refs])}, pixels, pipe.vae_scale_factor, first=True)
+    assert good.token_hw == (rows, cols) and good.reference_len == references
+    interleaved = torch.cat([grid[:2], refs, grid[2:]])
+    with pytest.raises(CallLayoutError, match="reference-image tokens"):
+        adapter.canvas_for_call({**inputs, "img_ids": interleaved}, pixels, pipe.vae_scale_factor, first=True)
+
+
 def test_reweight_edits_the_generated_queries_over_the_text_only(pipe, reference):
     """docs/methods.md "Reweight" (p2p): the generated image's queries see A * w over the weighted words' text keys; the
     reference keys are keys as stock (weight 1), text and reference queries keep plain attention. Against the stock

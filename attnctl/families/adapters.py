@@ -296,16 +296,28 @@ class FluxAdapter(ModelAdapter):
             raise CallLayoutError(f"attnctl: Flux img_ids describe a {rows}x{cols} grid but there are {n} image tokens")
         return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
 
-    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any) -> Canvas:
+    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any, first: bool = False) -> Canvas:
         """The canvas from the pipeline call's image size, as FluxPipeline makes its img_ids (a
         `height // (2 * vae_scale_factor)` by `width // (2 * vae_scale_factor)` token grid): no host read of the
-        img_ids. Falls back to `canvas` (which reads them) when the size does not account for the tokens."""
+        img_ids. Falls back to `canvas` (which reads them) when the size does not account for the tokens. `first`:
+        the call's first denoiser call (unused here: the shapes alone decide)."""
+        grid = self._pixel_grid(inputs, pixels, vae_scale_factor)
+        if grid is not None and grid[0] * grid[1] == inputs["hidden_states"].shape[1]:
+            return self._grid_canvas(inputs, grid)
+        return self.canvas(inputs)
+
+    @staticmethod
+    def _pixel_grid(inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any) -> tuple[int, int] | None:
+        """The generated image's token grid from the call's pixel size, where img_ids has a row per token."""
         latents = inputs["hidden_states"]
         img_ids = inputs.get("img_ids")
-        if isinstance(vae_scale_factor, int) and vae_scale_factor > 0 and isinstance(img_ids, torch.Tensor) and latents.ndim == 3:
-            rows, cols = pixels[0] // (2 * vae_scale_factor), pixels[1] // (2 * vae_scale_factor)
-            n = int(latents.shape[1])
-            ids_rows = img_ids.shape[-2] if img_ids.ndim >= 2 else -1
-            if rows * cols == n and ids_rows == n:
-                return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
-        return self.canvas(inputs)
+        if not (isinstance(vae_scale_factor, int) and vae_scale_factor > 0 and isinstance(img_ids, torch.Tensor) and latents.ndim == 3):
+            return None
+        if img_ids.ndim < 2 or img_ids.shape[-2] != latents.shape[1]:
+            return None
+        return pixels[0] // (2 * vae_scale_factor), pixels[1] // (2 * vae_scale_factor)
+
+    @staticmethod
+    def _grid_canvas(inputs: dict[str, Any], grid: tuple[int, int]) -> Canvas:
+        rows, cols = grid
+        return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))

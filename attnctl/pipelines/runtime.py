@@ -274,7 +274,8 @@ class Runtime:
         pixels = self.call.pixels if self.call is not None else None
         if for_call is None or pixels is None:
             return self.adapter.canvas(inputs)
-        return for_call(inputs, pixels, getattr(self.pipeline, "vae_scale_factor", None))
+        first = self.call is not None and self.call.frames == 0
+        return for_call(inputs, pixels, getattr(self.pipeline, "vae_scale_factor", None), first)
 
     @contextlib.contextmanager
     def internal_calls(self) -> Iterator[None]:
