@@ -127,7 +127,9 @@ def test_reference_images_read_the_ids_on_the_host_once_per_call_not_per_denoise
     assert added_syncs(1) == added_syncs(4) <= 4
 
 
-def test_reference_tokens_interleaved_with_the_generated_image_are_refused(pipe):
+def test_reference_tokens_from_the_call_size_agree_with_the_ids_and_interleaving_is_refused(pipe):
+    """The size-derived canvas (every denoiser call) is the ids-derived one (read once per call to check it); ids
+    that interleave reference tokens with the generated image's are refused."""
     from attnctl.errors import CallLayoutError
     from attnctl.families.adapters_new import Flux2Adapter
 
@@ -137,11 +139,12 @@ def test_reference_tokens_interleaved_with_the_generated_image_are_refused(pipe)
     refs = torch.tensor([[10, 0, x, 0] for x in range(references)])
     inputs = {"hidden_states": torch.zeros(1, rows * cols + references, 8), "encoder_hidden_states": torch.zeros(1, 5, 8)}
     pixels = (rows * 2 * pipe.vae_scale_factor, cols * 2 * pipe.vae_scale_factor)
-    good = adapter.canvas_for_call({**inputs, "img_ids": torch.cat([grid, refs])}, pixels, pipe.vae_scale_factor, first=True)
-    assert good.token_hw == (rows, cols) and good.reference_len == references
-    interleaved = torch.cat([grid[:2], refs, grid[2:]])
-    with pytest.raises(CallLayoutError, match="reference-image tokens"):
-        adapter.canvas_for_call({**inputs, "img_ids": interleaved}, pixels, pipe.vae_scale_factor, first=True)
+    laid_out = {**inputs, "img_ids": torch.cat([grid, refs])}
+    from_size = adapter.canvas_for_call(laid_out, pixels, pipe.vae_scale_factor)
+    assert from_size == adapter.canvas(laid_out)
+    assert from_size.token_hw == (rows, cols) and from_size.reference_len == references
+    with pytest.raises(CallLayoutError, match="interleave"):
+        adapter.canvas({**inputs, "img_ids": torch.cat([grid[:2], refs, grid[2:]])})
 
 
 def test_reweight_edits_the_generated_queries_over_the_text_only(pipe, reference):

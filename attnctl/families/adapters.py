@@ -296,11 +296,10 @@ class FluxAdapter(ModelAdapter):
             raise CallLayoutError(f"attnctl: Flux img_ids describe a {rows}x{cols} grid but there are {n} image tokens")
         return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
 
-    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any, first: bool = False) -> Canvas:
+    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any) -> Canvas:
         """The canvas from the pipeline call's image size, as FluxPipeline makes its img_ids (a
         `height // (2 * vae_scale_factor)` by `width // (2 * vae_scale_factor)` token grid): no host read of the
-        img_ids. Falls back to `canvas` (which reads them) when the size does not account for the tokens. `first`:
-        the call's first denoiser call (unused here: the shapes alone decide)."""
+        img_ids. Falls back to `canvas` (which reads them) when the size does not account for the tokens."""
         grid = self._pixel_grid(inputs, pixels, vae_scale_factor)
         if grid is not None and grid[0] * grid[1] == inputs["hidden_states"].shape[1]:
             return self._grid_canvas(inputs, grid)

@@ -192,21 +192,14 @@ class Flux2Adapter(FluxAdapter):
                     return dataclasses.replace(super().canvas(own), reference_len=total - generated)
         return super().canvas(inputs)
 
-    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any, first: bool = False) -> Canvas:
-        """As Flux's; with reference-image tokens after the generated image's (more tokens than the call's size
-        accounts for) the grid comes from the size too, and the img_ids are read on the host only at the call's
-        `first` denoiser call, to check that they lay the tokens out that way."""
+    def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any) -> Canvas:
+        """As Flux's; with more tokens than the call's size accounts for, the grid comes from the size too and the
+        rest are taken as reference-image tokens after it (the runtime checks that against `canvas` once per call)."""
         grid = self._pixel_grid(inputs, pixels, vae_scale_factor)
         total = int(inputs["hidden_states"].shape[1])
         if grid is None or grid[0] * grid[1] >= total:
-            return super().canvas_for_call(inputs, pixels, vae_scale_factor, first)
-        canvas = dataclasses.replace(self._grid_canvas(inputs, grid), reference_len=total - grid[0] * grid[1])
-        if first and self.canvas(inputs) != canvas:
-            raise CallLayoutError(
-                f"attnctl: this Flux.2 call's img_ids do not lay out a {grid[0]}x{grid[1]} generated image (the call's "
-                f"size) followed by {canvas.reference_len} reference-image tokens"
-            )
-        return canvas
+            return super().canvas_for_call(inputs, pixels, vae_scale_factor)
+        return dataclasses.replace(self._grid_canvas(inputs, grid), reference_len=total - grid[0] * grid[1])
 
 
 class WanAdapter(ModelAdapter):

@@ -274,8 +274,14 @@ class Runtime:
         pixels = self.call.pixels if self.call is not None else None
         if for_call is None or pixels is None:
             return self.adapter.canvas(inputs)
-        first = self.call is not None and self.call.frames == 0
-        return for_call(inputs, pixels, getattr(self.pipeline, "vae_scale_factor", None), first)
+        canvas = for_call(inputs, pixels, getattr(self.pipeline, "vae_scale_factor", None))
+        if canvas.reference_len and self.call.frames == 0:
+            # tokens past the size's grid: check once per call that the ids lay them out as references after it
+            read = self.adapter.canvas(inputs)
+            if read != canvas:  # the size does not describe the generated image (an inpaint pipeline's own size)
+                self.call.pixels = None
+                return read
+        return canvas
 
     @contextlib.contextmanager
     def internal_calls(self) -> Iterator[None]:
