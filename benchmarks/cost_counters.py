@@ -62,12 +62,18 @@ def controls(model: str) -> dict[str, Any]:
         "tome0.5": lambda: [attnctl.ToMe(ratio=0.5)],
         "agent": lambda: [attnctl.AgentAttention()],
         "fastattn": lambda: [attnctl.FastAttn()],
+        "structured": lambda: [attnctl.StructuredGuidance(phrases=["a red cat", "a blue dog"])],
+        "attend-excite": lambda: [attnctl.AttendExcite(subjects=["cat", "dog"])],
+        "a-star": lambda: [attnctl.AStar(subjects=["cat", "dog"])],
+        "box-guidance": lambda: [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, loss_threshold=0.0)],
+        "boxdiff": lambda: [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)},
+                                                constraints=("inner", "outer", "corner"), loss_threshold=0.0)],
         "rw+regions+pag": lambda: [attnctl.Reweight({"red": 2.0}), _regions(True), attnctl.PAG(scale=3.0)],
         "rw+regions+pag+tgate": lambda: [attnctl.Reweight({"red": 2.0}), _regions(False), attnctl.PAG(scale=3.0, steps=(0.0, 0.4)),
                                          attnctl.TGate(gate_step=2)],
     }
     if model == "tiny-flux":
-        for name in ("seg", "sag", "tgate", "tome0.5", "agent", "rw+regions+pag+tgate"):
+        for name in ("seg", "sag", "tgate", "tome0.5", "agent", "rw+regions+pag+tgate", "structured"):
             catalog.pop(name)
     return catalog
 

@@ -31,6 +31,9 @@ SYNC_EXEMPT = {
     # the threshold in Python to choose the layer's technique (the paper's greedy calibration); with a plan
     # from attnctl.calibrate the call makes no such decision.
     "fastattn": "calibration compares a relative L1 error with the threshold on the host",
+    # Attend-and-Excite's iterative refinement (Chefer et al. 2023), at its refinement steps only: after each
+    # iteration each image's loss is compared with the step's target to decide whether the next one runs.
+    "attend-excite": "iterative refinement tests the loss against its target on the host after each iteration",
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...control import BindContext, Control
-from ...denoiser_call import DenoiserCall
+from ...denoiser_call import DenoiserCall, upload
 from ...errors import ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...noise import noise_level, require_noise_level
@@ -233,7 +233,7 @@ class AttendExciteBound(LatentOptimizerBound):
         size = _excite_step_size(c, step, outer.step.count)
         loss_of = self._loss(selector)
         loss, grad = self.gradient(x, inputs, frame, loss_of)
-        self.losses.append((step, loss.tolist()))
+        self.log_loss(step, loss)
         threshold = self.refine_at.get(step)
         if threshold is not None and c.max_refinement_steps > 0:
             x, loss, grad = self._refine(x, loss, grad, size, threshold, lambda z: self.gradient(z, inputs, frame, loss_of))
@@ -324,7 +324,7 @@ class AStarBound(LatentOptimizerBound):
             return total
 
         loss, grad = self.gradient(x, inputs, frame, loss_of)
-        self.losses.append((outer.step.index, loss.tolist()))
+        self.log_loss(outer.step.index, loss)
         binary = losses.binarize(seen["maps"], c.threshold)
         for j, p in enumerate(prompts):
             self.previous[p] = binary[j]
@@ -456,16 +456,26 @@ class BoxGuidanceBound(LatentOptimizerBound):
         super().__init__(control, context, columns, selector)
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
-        self.layer_boxes = tuple(
-            torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]).to(context.device)
-            for layer in self.layers
-        )
-        # BoxDiff's box at the maps' grid: each edge rounded to a cell edge (the cells whose centre is inside)
-        inside = torch.stack([box_mask(box, self.grid).view(self.grid).float() for _, box in control.boxes])
-        self._refuse_empty_boxes(control, context, inside)
-        bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
-        self.masks = inside.to(context.device)
-        self.bands = tuple(band.to(context.device) for band in bands)
+        with torch.inference_mode(False):  # the loss passes save them for backward: no inference tensors
+            self.layer_boxes = tuple(
+                upload(torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]), context.device)
+                for layer in self.layers
+            )
+            inside, bands, cells = self._boxdiff_boxes(control, context)
+            self._refuse_empty_boxes(control, context, inside)
+            self.cells = tuple(tuple(upload(part, context.device) for part in side) for side in cells)
+            self.masks = upload(inside, context.device)
+            self.bands = tuple(upload(band, context.device) for band in bands)
+
+    def _boxdiff_boxes(self, control: BoxGuidance, context: BindContext) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], Any]:
+        """BoxDiff's box at the maps' grid (each edge rounded to a cell edge: the cells whose centre is inside), its
+        corner bands and its cells inside and out, on the host: made once per handle and grid (they read the boxes)."""
+        key = ("boxdiff boxes", self.grid, control.corner_width)
+        if key not in context.handle_cache:
+            inside = torch.stack([box_mask(box, self.grid).view(self.grid).float() for _, box in control.boxes])
+            bands = (losses.edge_bands(inside.amax(dim=1), control.corner_width), losses.edge_bands(inside.amax(dim=2), control.corner_width))
+            context.handle_cache[key] = (inside, bands, losses.box_cells(inside))
+        return context.handle_cache[key]
 
     def _refuse_empty_boxes(self, control: BoxGuidance, context: BindContext, inside: torch.Tensor) -> None:
         """A box that holds no cell of the maps it guides gives the loss no gradient: the output would be stock. The
@@ -496,7 +506,7 @@ class BoxGuidanceBound(LatentOptimizerBound):
             maps = self.averaged(maps) if self.boxdiff else None
         if self.boxdiff:
             subjects = losses.excite_maps(maps, selector, c.temperature, c.kernel_size, c.sigma)
-            boxdiff = losses.boxdiff_loss(subjects, self.masks, self.boxdiff, c.topk, c.corner_width, self.bands)
+            boxdiff = losses.boxdiff_loss(subjects, self.masks, self.boxdiff, c.topk, c.corner_width, self.bands, self.cells)
             total = boxdiff if total is None else total + boxdiff
         return total
 
@@ -513,19 +523,21 @@ class BoxGuidanceBound(LatentOptimizerBound):
         for iteration in range(c.iterations):
             loss, grad = self.gradient(x, inputs, frame, loss_of)
             if iteration == 0:
-                self.losses.append((outer.step.index, loss.tolist()))
+                self.log_loss(outer.step.index, loss)
                 going = torch.ones_like(loss, dtype=torch.bool)
             x = x - size * grad * going.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
             going = going & (loss > c.loss_threshold)
-            if iteration + 1 < c.iterations and not bool(going.any()):
+            # a threshold of 0 never stops the loop early (a loss of exactly 0 has no gradient): no host read
+            if c.loss_threshold > 0 and iteration + 1 < c.iterations and not bool(going.any()):
                 break
         return x
 
 
-def guidance_step_variance(scheduler: Any, timestep: Any) -> float:
+def guidance_step_variance(scheduler: Any, timestep: Any) -> torch.Tensor:
     """The variance of the noise in the denoiser's input at the step in progress: `1 - alpha_bar` (VP schedulers:
     `sigma^2 / (sigma^2 + 1)` from the scheduler's own sigma, or `alphas_cumprod` at the timestep), `sigma^2` for
-    flow matching (`(1 - sigma) x0 + sigma noise`); the level is `attnctl.noise.noise_level`, read once per step on the host.
+    flow matching (`(1 - sigma) x0 + sigma noise`); the level is `attnctl.noise.noise_level` (a number, or a 0-d tensor
+    where the scheduler gathers it on the device: it stays there).
 
     It turns Chen et al.'s step into the input's scale. Their code steps LMS's latent `y = x0 + s noise` by
     `scale * s^2 * dL/dy`, `s^2 = (1 - alpha_bar) / alpha_bar`; the denoiser reads `x = y / sqrt(s^2 + 1)`, so
@@ -533,5 +545,5 @@ def guidance_step_variance(scheduler: Any, timestep: Any) -> float:
     dL/dx`. A flow-matching input `(1 - sigma) y` with `s = sigma / (1 - sigma)` moves by `scale * sigma^2 * dL/dx`.
     The scheduler's own sample then moves by the input's move over the input's scale (`_updated_sample`)."""
     level = noise_level(scheduler, timestep, owner="attnctl: BoxGuidance")
-    value = float(level.value)
+    value = level.value
     return value**2 if level.kind == "flow" else 1.0 - value

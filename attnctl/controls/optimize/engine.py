@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ...control import BindContext, Bound
-from ...denoiser_call import DenoiserCall, Row, RowLayout
+from ...denoiser_call import DenoiserCall, Row, RowLayout, upload
 from ...errors import CallLayoutError, TokenError, UnsupportedError
 from ...families.base import LayerInfo
 from ...kernels.semantics import block_bias
@@ -90,7 +90,7 @@ class LatentOptimizerBound(Bound):
         self.steps_count = context.steps
         self.main_input = context.adapter.batched_inputs[0]
         self.columns = columns  # text positions whose maps the loss reads
-        self.selector = selector.to(context.device)  # (prompt rows, S, W): the columns of each subject / word
+        self.selector = upload(selector, context.device)  # (prompt rows, S, W): the columns of each subject / word
         self.grid = max((context.canvas.grid_at(layer.level) for layer in context.layers), key=lambda hw: hw[0] * hw[1])
         self.index = RowIndex()
         self.hook = _MapHook(self)
@@ -100,7 +100,8 @@ class LatentOptimizerBound(Bound):
         #: tuple in layer order) instead of averaging heads and layers on the finest grid (the default).
         self.keep_heads = False
         self.updates: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # step -> prompt -> (old, new)
-        self.losses: list[tuple[int, list[float]]] = []  # (step, per-image loss before its update), for reports
+        self._loss_log: list[tuple[int, torch.Tensor]] = []  # (step, per-image loss before its update), on the device
+        self._selectors: dict[tuple[Any, ...], torch.Tensor] = {}  # (rows, keys, first text key, device) -> selector
         self._scheduler_wrapped = False
         scheduler = getattr(context.pipeline, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "step", None)):
@@ -108,6 +109,18 @@ class LatentOptimizerBound(Bound):
         self.scheduler = scheduler
         self._signature = inspect.signature(type(scheduler).step)
         context.wrap_method(scheduler, "step", self._wrap_step)
+
+    @property
+    def losses(self) -> list[tuple[int, list[float]]]:
+        """(step, per-image loss before the step's update), read on the host when asked for (not during the call)."""
+        return [(step, loss.tolist()) for step, loss in self._loss_log]
+
+    @losses.setter
+    def losses(self, value: list[tuple[int, Any]]) -> None:
+        self._loss_log = list(value)
+
+    def log_loss(self, step: int, loss: torch.Tensor) -> None:
+        self._loss_log.append((step, loss.detach()))
 
     # -- the loss pass ----------------------------------------------------------------------------------------
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
@@ -119,9 +132,7 @@ class LatentOptimizerBound(Bound):
         key_text = geometry.key_text_slice
         n_keys = k.shape[2]
         rows = q.shape[0]
-        selector = q.new_zeros(rows, len(self.columns), n_keys, dtype=torch.float32)
-        positions = torch.tensor([key_text.start + c for c in self.columns], device=q.device)
-        selector[:, torch.arange(len(self.columns), device=q.device), positions] = 1.0
+        selector = self._column_selector(rows, n_keys, key_text.start, q.device)
         keys = slice(0, n_keys)
 
         def bias(lo: int, hi: int) -> torch.Tensor | None:
@@ -137,6 +148,16 @@ class LatentOptimizerBound(Bound):
         if (h, w) != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
         self.read[call.layer.index] = maps
+
+    def _column_selector(self, rows: int, n_keys: int, text_start: int, device: torch.device) -> torch.Tensor:
+        """(rows, columns, keys) one-hot rows picking the loss's text columns among a layer's keys; made once per
+        call and layout (its positions go to the device in one copy)."""
+        key = (rows, n_keys, text_start, device)
+        if key not in self._selectors:
+            one_hot = torch.zeros(len(self.columns), n_keys, dtype=torch.float32)
+            one_hot[torch.arange(len(self.columns)), torch.tensor([text_start + c for c in self.columns])] = 1.0
+            self._selectors[key] = upload(one_hot, device).expand(rows, -1, -1)
+        return self._selectors[key]
 
     def loss_maps(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
         """The layer-averaged maps (n, W, h, w) of a loss pass at latent `x` (differentiable in `x`); with

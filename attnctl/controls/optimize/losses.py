@@ -8,13 +8,21 @@ image, shape (n,), differentiable in `maps`. Definitions: docs/methods.md, "Late
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def smoothing_kernel(kernel_size: int, sigma: float, device: torch.device | None = None) -> torch.Tensor:
     """The (k, k) smoothing kernel of Attend-and-Excite's code: weights proportional to `exp(-(d / (2 sigma))^2)`
-    per axis (a Gaussian of standard deviation `sigma * sqrt(2)`), normalised to sum 1."""
+    per axis (a Gaussian of standard deviation `sigma * sqrt(2)`), normalised to sum 1. Made once per size, sigma,
+    device and inference mode (the loss passes read it many times); do not modify the tensor returned."""
+    return _smoothing_kernel(kernel_size, float(sigma), None if device is None else torch.device(device), torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=32)
+def _smoothing_kernel(kernel_size: int, sigma: float, device: torch.device | None, inference: bool) -> torch.Tensor:
     centre = (kernel_size - 1) / 2
     d = torch.arange(kernel_size, dtype=torch.float32, device=device) - centre
     line = torch.exp(-((d / (2 * sigma)) ** 2))
@@ -111,18 +119,25 @@ def layout_loss(per_layer: tuple[torch.Tensor, ...], masks: tuple[torch.Tensor, 
     return total / (selector.shape[1] * len(per_layer))
 
 
-def _topk_mean(values: torch.Tensor, weight: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Mean of the top `fraction` of `values` (n, S, P) among the positions where `weight` (S, P) > 0.5: the top
-    `floor(fraction * count)` of them (at least one), as BoxDiff's code takes them; 0 where a word has no such
-    position."""
+def box_cells(boxes: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Per word, the flat indices of the cells of its box `boxes` (S, h, w) (a cell at least 1/2 is inside) and of
+    the cells outside it, on the boxes' device. Reads the boxes on the host: make them once per call."""
+    hard = (boxes >= 0.5).flatten(1).cpu()
+    inside = tuple(torch.nonzero(row).flatten().to(boxes.device) for row in hard)
+    outside = tuple(torch.nonzero(~row).flatten().to(boxes.device) for row in hard)
+    return inside, outside
+
+
+def _topk_mean(values: torch.Tensor, cells: tuple[torch.Tensor, ...], fraction: float) -> torch.Tensor:
+    """Mean of the top `fraction` of `values` (n, S, P) among each word's positions `cells[s]`: the top
+    `floor(fraction * count)` of them (at least one), as BoxDiff's code takes them; 0 where a word has none."""
     out = []
-    for s in range(values.shape[1]):
-        chosen = values[:, s, weight[s] > 0.5]
-        if chosen.shape[1] == 0:
+    for s, positions in enumerate(cells):
+        if positions.numel() == 0:
             out.append(values.new_zeros(values.shape[0]))
             continue
-        k = max(1, int(fraction * chosen.shape[1]))
-        out.append(chosen.topk(k, dim=1).values.mean(dim=1))
+        k = max(1, int(fraction * positions.numel()))
+        out.append(values[:, s].index_select(1, positions).topk(k, dim=1).values.mean(dim=1))
     return torch.stack(out, dim=1)
 
 
@@ -142,7 +157,8 @@ def edge_bands(inside: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def boxdiff_loss(subject_maps: torch.Tensor, boxes: torch.Tensor, constraints: tuple[str, ...], fraction: float = 0.8,
-                 corner_width: int = 1, bands: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 corner_width: int = 1, bands: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 cells: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
     """BoxDiff's constraints (Xie et al. 2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained
     Diffusion", ICCV), on Attend-and-Excite's subject maps (`excite_maps`: renormalised over the text tokens,
     smoothed) and each word's box `boxes` (S, h, w) (0 / 1: BoxGuidance gives BoxDiff's rectangle; a soft box counts a
@@ -154,15 +170,17 @@ def boxdiff_loss(subject_maps: torch.Tensor, boxes: torch.Tensor, constraints: t
       differences kept within `corner_width` cells of the box's left and right edges and averaged over the whole
       axis; the same on y.
 
-    Summed over the constraints and words; per image (n,). `bands`: `edge_bands` of the boxes on x and y, when the
-    caller made them once (they are constant for a control)."""
+    Summed over the constraints and words; per image (n,). `bands` (`edge_bands` of the boxes on x and y) and
+    `cells` (`box_cells(boxes)`): when the caller made them once (they are constant for a control; `box_cells` reads
+    the boxes on the host)."""
     flat = subject_maps.flatten(2)
     hard = (boxes >= 0.5).to(subject_maps.dtype)
     total = subject_maps.new_zeros(subject_maps.shape[0], subject_maps.shape[1])
+    inside, outside = cells if cells is not None else box_cells(boxes)
     if "inner" in constraints:
-        total = total + (1.0 - _topk_mean(flat, hard.flatten(1), fraction)).clamp(min=0.0)
+        total = total + (1.0 - _topk_mean(flat, inside, fraction)).clamp(min=0.0)
     if "outer" in constraints:
-        total = total + _topk_mean(flat, 1.0 - hard.flatten(1), fraction)
+        total = total + _topk_mean(flat, outside, fraction)
     if "corner" in constraints:
         on_x, on_y = hard.amax(dim=1), hard.amax(dim=2)  # (S, w), (S, h)
         band_x, band_y = bands if bands is not None else (edge_bands(on_x, corner_width), edge_bands(on_y, corner_width))
