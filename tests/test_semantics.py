@@ -345,3 +345,23 @@ def test_change_sub_attention_query_range_message():
     spec = AttentionSpec(key_bias=torch.zeros(1, 6), query_range=(1, 5))
     with pytest.raises(ConfigError, match="cannot map another control's query range"):
         spec_tokens(spec, ((4, 6), (0, 2)), ((0, 6),), torch.arange(6), where="layer x")
+
+
+def test_restricted_label_masks_are_the_same_object_at_every_attention_call():
+    """`spec_rows` / `spec_queries` give the same derived LabelMask for the same restriction, so the backends' caches
+    per LabelMask (dense masks, kernel layouts and their host checks) hit instead of rebuilding at every call; an
+    in-place change of the labels, another index tensor or other query rows give a new one."""
+    from attnctl.kernels.semantics import spec_queries, spec_rows
+    from attnctl.kernels.spec import AttentionSpec, LabelMask
+
+    labels = LabelMask(torch.tensor([[0, 1, 1, 0]] * 3), torch.tensor([[0, 1, 1, 0]] * 3), torch.zeros(1, 2, 2))
+    spec = AttentionSpec(labels=labels)
+    index, other = torch.tensor([0, 2]), torch.tensor([0, 2])
+    first = spec_rows(spec, index, 3).labels
+    assert spec_rows(spec, index, 3).labels is first
+    assert torch.equal(first.q_labels, labels.q_labels[[0, 2]])
+    assert spec_rows(spec, other, 3).labels is not first
+    assert spec_queries(spec, 1, 3).labels is spec_queries(spec, 1, 3).labels is not spec_queries(spec, 0, 2).labels
+    labels.q_labels[1, 0] = 1  # in place: the derived masks follow
+    changed = spec_rows(spec, index, 3).labels
+    assert changed is not first and torch.equal(changed.q_labels, labels.q_labels[[0, 2]])

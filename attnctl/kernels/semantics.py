@@ -31,6 +31,26 @@ from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
 KEEP = object()  # `spec_tokens(labels=KEEP)`: restrict the spec's own label mask
 
 
+#: At most this many derived label masks are kept per label mask (an index tensor made afresh at every attention
+#: call would otherwise grow the store).
+_DERIVED_LIMIT = 64
+
+
+def _derived(labels: LabelMask, key: tuple[int | str, ...], make: Callable[[], LabelMask], anchor: object = None) -> LabelMask:
+    """`make()`, kept on `labels` under `key`, the identity of `anchor` (a row index tensor: the callers' indices
+    are cached tensors) and the label tensors' versions, so that every attention call of a call that restricts the
+    same mask the same way gets the same object, and the backends' caches for it."""
+    if torch.compiler.is_compiling():
+        return make()
+    key = (*key, id(anchor), labels.versions())
+    found = labels.derived.get(key)
+    if found is None or found[0] is not anchor:
+        if len(labels.derived) >= _DERIVED_LIMIT:
+            labels.derived.clear()
+        found = labels.derived[key] = (anchor, make())
+    return found[1]
+
+
 def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> AttentionSpec:
     """`spec` for the batch rows `index` (of `batch` rows) only: per-row tensors are re-indexed, tensors with one
     row (broadcast) and 0-d tensors are kept."""
@@ -42,7 +62,8 @@ def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> Attention
 
     labels = spec.labels
     if labels is not None:
-        labels = LabelMask(take(labels.q_labels), take(labels.k_labels), take(labels.table))
+        source = labels
+        labels = _derived(source, ("rows", batch), anchor=index, make=lambda: LabelMask(take(source.q_labels), take(source.k_labels), take(source.table)))
     return dataclasses.replace(
         spec, attn_mask=take(spec.attn_mask), key_bias=take(spec.key_bias), value_scale=take(spec.value_scale), labels=labels
     )
@@ -62,7 +83,8 @@ def spec_queries(spec: AttentionSpec, start: int, stop: int) -> AttentionSpec:
         attn_mask = attn_mask[..., start:stop, :]
     labels = spec.labels
     if labels is not None:
-        labels = LabelMask(labels.q_labels[:, start:stop], labels.k_labels, labels.table)
+        source = labels
+        labels = _derived(source, ("queries", start, stop), lambda: LabelMask(source.q_labels[:, start:stop], source.k_labels, source.table))
     key_bias, value_scale, sparse, query_range = spec.key_bias, spec.value_scale, spec.sparse, spec.query_range
     if query_range is not None:
         lo, hi = max(query_range[0], start), min(query_range[1], stop)

@@ -62,6 +62,9 @@ class LabelMask:
     #: Dense forms made before a compiled forward, by (device, dtype) (`sdpa.prepare_labels`): a graph reads them
     #: instead of building the mask at every attention call.
     prepared: dict = field(default_factory=dict, repr=False, compare=False)
+    #: Label masks derived from this one for some batch rows or query rows (`semantics.spec_rows`,
+    #: `semantics.spec_queries`), kept so that the backends' per-object caches (dense masks, kernel layouts) hit.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def versions(self) -> tuple[int | None, ...]:
         """The label tensors' version counters, so that cached masks rebuild after an in-place change. Tensors
