@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..control import BindContext, Bound, Control
-from ..denoiser_call import DenoiserCall
+from ..denoiser_call import DenoiserCall, upload
 from ..errors import ConfigError, TokenError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter
 from ..processors.edit import AttendFn, AttentionCall, Edit, LayerHook
@@ -296,17 +296,29 @@ class StructuredBound(Bound):
         rows, heads, dim = len(self.counts), values.shape[1], values.shape[3]
         cover = torch.zeros(rows, 1, text, 1, device=device)
         summed = torch.zeros(rows, heads, text, dim, device=device)
-        for span in self.spans:
-            positions = torch.tensor(span.positions, device=device)
-            own = torch.tensor(span.own, device=device)
+        spans, counts = self._span_indices(device)
+        for span, (positions, own) in zip(self.spans, spans):
             cover[span.row, :, positions] += 1.0
             summed[span.row, :, positions] += values[span.source][:, own]
-        sets = torch.tensor(self.counts, device=device, dtype=torch.float32).add(1.0)[:, None, None, None]
+        sets = counts.add(1.0)[:, None, None, None]
         keep = 1.0 - self.scale * cover / sets
         add = self.scale * summed / sets
         found = (keep, add)
         self._cache[key] = found
         return found
+
+    def _span_indices(self, device: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Each span's (positions, own token indices) and the value-set counts on `device`: one copy per call
+        and device for all the layers."""
+        key = ("spans", str(device))
+        if key not in self._cache:
+            lengths = [len(span.positions) for span in self.spans] + [len(span.own) for span in self.spans]
+            host = torch.tensor([p for span in self.spans for p in span.positions] + [o for span in self.spans for o in span.own],
+                                dtype=torch.long)
+            parts = upload(host, device).split(lengths)
+            spans = list(zip(parts[: len(self.spans)], parts[len(self.spans):]))
+            self._cache[key] = (spans, upload(torch.tensor(self.counts, dtype=torch.float32), device))
+        return self._cache[key]
 
     def finish(self) -> None:
         self.index.clear()

@@ -416,7 +416,7 @@ class _ConsistentBound(LinkedKeysBound):
                         ) from None
                 for row, positions in enumerate(found):
                     selector[row, w, [p for p in positions if p < text_len]] = 1.0
-            self.selector = selector.to(self.device)
+            self.selector = upload(selector, self.device)
             grids = [context.canvas.grid_at(layer.level) for layer in map_layers]
             self.map_grid = max(grids, key=lambda hw: hw[0] * hw[1])
             self.pending = torch.zeros(len(map_layers), self.prompt_rows, len(self.words), *self.map_grid, device=self.device)

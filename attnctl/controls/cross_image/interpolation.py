@@ -25,13 +25,14 @@ concatenated keys (the own keys plus one endpoint's), on the handle's backend. T
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ...control import BindContext, Bound, Control
-from ...denoiser_call import DenoiserCall, RowLayout
+from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import ConfigError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
@@ -61,6 +62,12 @@ def beta_points(n: int, alpha: float = DEFAULT_BETA, beta: float = DEFAULT_BETA)
         raise ConfigError(f"beta_points: n must be an integer >= 2 (the two endpoints included), got {n!r}")
     alpha = number(alpha, "beta_points alpha", minimum=0, exclusive_minimum=True)
     beta = number(beta, "beta_points beta", minimum=0, exclusive_minimum=True)
+    return _beta_points(n, float(alpha), float(beta))
+
+
+@functools.lru_cache(maxsize=64)
+def _beta_points(n: int, alpha: float, beta: float) -> tuple[float, ...]:
+    """`beta_points` of validated arguments, once per (n, alpha, beta): a bound call asks at every call."""
     # The density x^(a-1) (1-x)^(b-1) is integrated per cell of a fine grid with its singular factor exactly: on the
     # left half x^(a-1) (the other factor at the cell's midpoint), on the right half (1-x)^(b-1); the same form
     # inverts the CDF inside a cell. Exact for Beta(a, 1) and Beta(1, b), accurate to ~1e-9 otherwise, a or b < 1
@@ -252,7 +259,7 @@ class _InterpolationBound(Bound):
         key = (links.t, device, dtype)
         found = self._t.get(key)
         if found is None:
-            found = self._t[key] = torch.tensor(links.t, dtype=dtype, device=device).view(-1, 1, 1, 1)
+            found = self._t[key] = upload(torch.tensor(links.t, dtype=dtype), device).view(-1, 1, 1, 1)
         return found
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ...control import BindContext, Bound, Control
-from ...denoiser_call import DenoiserCall, RowLayout
+from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import CallLayoutError, ConfigError, TokenError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
@@ -369,7 +369,7 @@ class PromptToPromptBound(Bound):
         for branch in ("cond", "uncond") if control.branch == "both" else ("cond",):
             source = tokens if branch == "cond" else context.negative_tokens
             host = self._host_tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
-            self.tables[branch] = (None if host[0] is None else host[0].to(self.device), host[1].to(self.device), host[2])
+            self.tables[branch] = (None if host[0] is None else upload(host[0], self.device), upload(host[1], self.device), host[2])
         # per-word cross-attention windows: (window, (rows, T) columns it sets), "default_" first (P2P's order)
         self.word_windows: tuple[tuple[P2PWindow, torch.Tensor], ...] | None = None
         if isinstance(control.cross_steps, WordWindows):
@@ -569,7 +569,7 @@ class PromptToPromptBound(Bound):
         masked = full * alpha[:, None, :]
         kept = torch.where(alpha, own, torch.ones(()))
         zero = not bool(kept[list(self.edited)].any())
-        return (masked.to(self.device), kept.to(self.device), zero, on)
+        return (upload(masked, self.device), upload(kept, self.device), zero, on)
 
     def _blend_selector(self, tokens: Any, words: tuple[Any, ...]) -> torch.Tensor:
         """(rows, T) 1 at the tokens of the blend words found in each row's prompt."""
@@ -585,7 +585,7 @@ class PromptToPromptBound(Bound):
                     f"attnctl: PromptToPrompt.local_blend: none of {list(words)} is in the prompt of row {row}; give the "
                     "words of the edited region as each prompt says them (e.g. ('cat', 'dog') for cat -> dog)"
                 )
-        return selector.to(self.device)
+        return upload(selector, self.device)
 
     # -- per denoiser call ------------------------------------------------------------------------------
     def source_prompt(self, prompt: int) -> int | None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ...control import BindContext, Control
-from ...denoiser_call import DenoiserCall, RowLayout
+from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
@@ -280,7 +280,7 @@ class _ReferenceBound(LinkedKeysBound):
             )
         generator = torch.Generator().manual_seed(control.seed)
         self.x0 = latents
-        self.eps = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+        self.eps = upload(torch.randn(latents.shape, generator=generator, dtype=torch.float32), latents.device).to(latents.dtype)
         self.canvas = context.canvas
         self._region: dict[Any, torch.Tensor] = {}
         self._fidelity: dict[Any, torch.Tensor] = {}
@@ -307,7 +307,7 @@ class _ReferenceBound(LinkedKeysBound):
         key = (geometry.image_hw, device, dtype)
         found = self._region.get(key)
         if found is None:
-            found = self._region[key] = box_mask(self.control.region, geometry.image_hw).to(device=device, dtype=dtype)[:, None]
+            found = self._region[key] = upload(box_mask(self.control.region, geometry.image_hw), device).to(dtype)[:, None]
         return found
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ...control import BindContext, Bound, Control, VideoFrames
-from ...denoiser_call import DenoiserCall, RowLayout
+from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import block_bias, block_logits, probabilities, query_segments, spec_rows
@@ -292,7 +292,7 @@ class AttentionMapsBound(Bound):
                     tokens.positions(query, 0)  # the TokenError that names the word and shows the prompt
             for row, positions in enumerate(found):
                 selector[row, w, list(positions)] = 1.0
-        self.selector = selector.to(self.device)  # (prompt rows, words, text_len)
+        self.selector = upload(selector, self.device)  # (prompt rows, words, text_len)
         self.prompts = _prompt_texts(tokens, rows)
         grids = [context.canvas.grid_at(layer.level) for layer in context.layers]
         self.grid = max(grids, key=lambda hw: hw[0] * hw[1])
