@@ -421,6 +421,7 @@ class _ConsistentBound(LinkedKeysBound):
             self.map_grid = max(grids, key=lambda hw: hw[0] * hw[1])
             self.pending = torch.zeros(len(map_layers), self.prompt_rows, len(self.words), *self.map_grid, device=self.device)
             self.text_len = text_len
+            self._key_selectors: dict[tuple[Any, ...], torch.Tensor] = {}  # (prompts, keys, first text key, device)
 
     def _check_static_subjects(self, control: ConsistentSubjects, context: BindContext) -> None:
         """A box or mask subject that holds no cell of any grid the control attends at (`labels`: a box holds the cells
@@ -531,9 +532,12 @@ class _ConsistentBound(LinkedKeysBound):
         ki = k.index_select(0, index)
         key_text = geometry.key_text_slice
         prompt_index = self.index(prompts, self.selector.device)
-        words = self.selector.index_select(0, prompt_index).to(q.device)
-        selector = words.new_zeros(len(batch_rows), words.shape[1], ki.shape[2])
-        selector[:, :, key_text.start : key_text.start + self.text_len] = words
+        found = (prompts, ki.shape[2], key_text.start, q.device)
+        selector = self._key_selectors.get(found)
+        if selector is None:  # once per call and layout (word subjects are refused in a compiled denoiser)
+            words = self.selector.index_select(0, prompt_index).to(q.device)
+            selector = self._key_selectors[found] = words.new_zeros(len(batch_rows), words.shape[1], ki.shape[2])
+            selector[:, :, key_text.start : key_text.start + self.text_len] = words
         keys = slice(0, ki.shape[2])
 
         def bias(lo: int, hi: int) -> torch.Tensor | None:

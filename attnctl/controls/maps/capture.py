@@ -302,6 +302,7 @@ class AttentionMapsBound(Bound):
         self.sums = torch.zeros(rows, len(control.words), *frames, *self.grid, device=self.device)
         self.contributions = [0] * rows
         self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
+        self._key_selectors: dict[tuple[Any, ...], torch.Tensor] = {}  # (prompts, keys, first text key, device) -> selector
         self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
         self.resolution = control.resolution or image_size(context)
         # PixArt's resolution binning generates at a binned size, then resizes and centre-crops the image to the size
@@ -401,9 +402,7 @@ class AttentionMapsBound(Bound):
         ki = k.index_select(0, index)
         n_keys = ki.shape[2]
         key_text = geometry.key_text_slice
-        text_selector = self.selector.index_select(0, prompt_index).to(q.device)  # (b, W, text_len)
-        selector = text_selector.new_zeros(len(batch_rows), text_selector.shape[1], n_keys)
-        selector[:, :, key_text.start : key_text.start + self.text_len] = text_selector
+        selector = self._key_selector(prompts, prompt_index, n_keys, key_text.start, q.device)  # (b, W, n_keys)
         keys = slice(0, n_keys)
         text_keys = slice(key_text.start, key_text.start + self.text_len)
         segments = []  # (queries, edited, the words' weights over the keys)
@@ -428,10 +427,10 @@ class AttentionMapsBound(Bound):
         if not hook.sinks:
             parts = [mass(queries, edited, chosen, False) for queries, edited, chosen in segments]
         else:  # sinks found on the head-averaged attention; each head's softmax then renormalised without them
-            every = text_selector.new_zeros(len(batch_rows), self.text_len, n_keys)
+            every = selector.new_zeros(len(batch_rows), self.text_len, n_keys)
             every[:, :, text_keys] = torch.eye(self.text_len, device=every.device)
             sinks = global_sinks(torch.cat([mass(queries, edited, every, False) for queries, edited, _ in segments], dim=1))
-            sink_keys = text_selector.new_zeros(len(batch_rows), n_keys)
+            sink_keys = selector.new_zeros(len(batch_rows), n_keys)
             sink_keys[:, text_keys] = sinks
             parts = [renormalised(mass(queries, edited, sink_columns(chosen, sink_keys), True)) for queries, edited, chosen in segments]
         words = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, Ni, W)
@@ -444,6 +443,20 @@ class AttentionMapsBound(Bound):
         maps = maps.reshape(len(batch_rows), *self.sums.shape[1:])  # video: (b, W, frames, h, w)
         self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
 
+    def _key_selector(self, prompts: tuple[int, ...], prompt_index: torch.Tensor, n_keys: int, text_start: int,
+                      device: torch.device) -> torch.Tensor:
+        """The words' columns of the prompt rows `prompts` over a layer's `n_keys` keys (text from `text_start`):
+        made once per call and layout when eager; in a graph at each call (no dict lookup for dynamo to guard on)."""
+        key = (prompts, n_keys, text_start, device)
+        found = None if torch.compiler.is_compiling() else self._key_selectors.get(key)
+        if found is None:
+            text_selector = self.selector.index_select(0, prompt_index).to(device)  # (b, W, text_len)
+            found = text_selector.new_zeros(len(prompts), text_selector.shape[1], n_keys)
+            found[:, :, text_start : text_start + self.text_len] = text_selector
+            if not torch.compiler.is_compiling():
+                self._key_selectors[key] = found
+        return found
+
     def finish(self) -> None:
         shown = self.call_images()
         if self.frames is None:
@@ -451,6 +464,7 @@ class AttentionMapsBound(Bound):
         else:
             images = _video_to_pil(shown.frames) if isinstance(shown, VideoFrames) else None
         self.index.clear()
+        self._key_selectors.clear()
         maps = self.sums.float()
         if tuple(maps.shape[-2:]) != self.resolution:  # per frame on video
             flat = maps if self.frames is None else maps.flatten(1, 2)
