@@ -42,7 +42,7 @@ from .pipelines.protocol import protocol_for
 from .pipelines.runtime import Runtime
 from .processors import processor_for
 from .processors.base import ControlledProcessor, make_processor
-from .processors.edit import EFFECTS, effect_conflict
+from .processors.edit import EFFECTS, HELD_BY_CACHE, effect_conflict
 from .selection import describe_layers
 
 _LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -276,12 +276,27 @@ def _check_effects(controls: tuple[Control, ...], resolved: dict[int, tuple[Laye
             for second, second_effects in entries[i + 1 :]:
                 for a in first_effects:
                     for b in second_effects:
-                        why = effect_conflict(a, b)
+                        why = effect_conflict(a, b) or _windowed_under_cache(first, a, second, b)
                         if why is not None:
                             raise ConfigError(
                                 f"attnctl: {type(first).__name__} ({a}) and {type(second).__name__} ({b}) cannot share "
                                 f"layer {layer.name}: {why}; give them disjoint layers (their `layers` argument)"
                             )
+
+
+def _windowed_under_cache(first: Control, first_effect: str, second: Control, second_effect: str) -> str | None:
+    """Why an edit limited to some steps cannot share a layer with a cache, or None: the cache reuses outputs made at
+    other steps, so the edit would be skipped where it should act, or kept where it should not."""
+    for cache, edit, effect in ((first_effect, second, second_effect), (second_effect, first, first_effect)):
+        if cache == "cache" and effect in HELD_BY_CACHE:
+            start, stop = edit.step_window
+            if (float(start), float(stop)) != (0.0, 1.0):
+                return (
+                    f"the cache reuses this layer's output from other steps, so {type(edit).__name__}'s step window "
+                    f"steps=({float(start):g}, {float(stop):g}) cannot hold there (the edit would be skipped on reused steps "
+                    "inside it, or carried on past it); give it every step (steps=(0, 1)) to compose"
+                )
+    return None
 
 
 def _check_output_keys(controls: tuple[Control, ...]) -> None:

@@ -76,6 +76,26 @@ def test_conflicting_effects_on_a_shared_layer_are_refused_at_apply(tiny_cache, 
     assert _untouched(pipe)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: attnctl.Reweight({"a": 0.0}, steps=(0.5, 1.0)),
+    lambda: attnctl.PLADIS(steps=(0.5, 1.0)),
+    lambda: attnctl.StructuredGuidance(phrases=["a photo"], steps=(0.0, 0.5)),
+], ids=["reweight", "pladis", "structured"])
+def test_an_edit_limited_to_some_steps_is_refused_on_a_layer_a_cache_reuses(tiny_cache, make):
+    """TGate reuses cross-attention outputs from the gate on: an edit whose window starts after it was skipped
+    silently (the image was TGate's alone); one that ends before it was carried on. With every step it composes."""
+    pipe = tiny_cache("tiny-sd")
+    before = generate(pipe, "tiny-sd", steps=4)
+    processors = dict(pipe.unet.attn_processors)
+    with pytest.raises(ConfigError, match=r"cannot share layer .*step window steps=\((0\.5, 1|0, 0\.5)\)"):
+        attnctl.apply(pipe, [attnctl.TGate(gate_step=2), make()])
+    assert pipe.unet.attn_processors == processors
+    assert generate(pipe, "tiny-sd", steps=4).equal(before)
+    control = make()
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), dataclasses.replace(control, steps=(0.0, 1.0))]):
+        generate(pipe, "tiny-sd", steps=4)
+
+
 def test_effects_on_disjoint_layers_or_compatible_effects_are_accepted(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, [Effects(effects=("tokens",), layers="mid"), OtherEffects(effects=("labels",), layers="down")]):

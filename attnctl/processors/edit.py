@@ -90,6 +90,13 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
 CONFLICTS += tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
 
+#: Effects whose result a cache stores with the output it reuses: they hold over the reused steps only when they act at
+#: every step (a step window would be bypassed where the cache reuses an output made outside it, or carried past it).
+HELD_BY_CACHE: tuple[str, ...] = (
+    "labels", "region_prompts", "region_tokens", "window", "sparse", "query", "perturb", "value_scale", "value_edit", "key_bias",
+)
+
+
 def effect_conflict(first: str, second: str) -> str | None:
     """Why effects `first` and `second` of two controls cannot share a layer, or None when they can."""
     for a, b, why in CONFLICTS:
