@@ -119,6 +119,38 @@ def test_identity_edit_sees_every_layer_every_step_and_the_rows(name, tiny):
     assert rows == EXPECTED_ROWS[name] * 3
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_several_images_per_prompt_are_bitwise_stock_and_read_their_prompt_rows(name, tiny):
+    """Two outputs per prompt: Z-Image's encode_prompt does not take the count (the pipeline repeats the embeddings
+    after it), so it is read from the call; every control was refused there with a batch-size error."""
+    if name == "tiny-qwenimage":
+        pytest.skip("QwenImagePipeline with num_images_per_prompt=2 fails in the transformer's modulation before attnctl is involved (diffusers 0.42)")
+    pipe = tiny(name)
+    per_prompt = {"num_videos_per_prompt" if name == "tiny-wan" else "num_images_per_prompt": 2}
+    stock = generate(pipe, name, **per_prompt)
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]) as handle:
+        controlled = generate(pipe, name, **per_prompt)
+    assert torch.equal(stock, controlled)
+    first = handle.adapter.layers[0].name
+    cond = sorted({row[1] for entry in probe.log if entry[0] == first for row in entry[3] if row[0] == "cond"})
+    assert cond == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not available("tiny-zimage"), reason="needs diffusers with ZImagePipeline")
+def test_zimage_call_after_a_call_that_failed_before_denoising_starts_clean():
+    """ZImagePipeline starts a call in encode_prompt (it has no check_inputs): a call that failed before its first
+    denoiser call (a word not in the prompt) left its prompts in place, and the next call was refused."""
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("tiny-zimage")
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 2.0})]):
+        expected = generate(pipe, "tiny-zimage", prompt="a red cat")
+        with pytest.raises(attnctl.TokenError):
+            generate(pipe, "tiny-zimage", prompt="a dog")
+        assert torch.equal(generate(pipe, "tiny-zimage", prompt="a red cat"), expected)
+
+
 # rows of the denoiser calls of one step with CALL_DEFAULTS, two prompts, guidance 5
 EXPECTED_ROWS = {
     "tiny-chroma": [(("cond", 0, None), ("cond", 1, None)), (("uncond", 0, None), ("uncond", 1, None))],

@@ -177,10 +177,16 @@ class Runtime:
                 "controlled call (a callback that changes the prompt?): the controls were bound to the prompts the call "
                 "started with; change the prompt between calls"
             )
-        if self.call is None or self.call.frames:
+        if self.call is None or self.call.frames or self.call_failed():  # a failed call's prompts are not this one's
             self.begin_call()
         # lists copied: a pipeline may rewrite its prompt list in place (ZImagePipeline templates each prompt)
-        self.call.encode_calls.append({k: list(v) if isinstance(v, list) else v for k, v in arguments.items()})
+        recorded = {k: list(v) if isinstance(v, list) else v for k, v in arguments.items()}
+        if not ({"num_images_per_prompt", "num_videos_per_prompt"} & recorded.keys()) and self.call.owner is not None:
+            # an encode_prompt without the argument (ZImagePipeline repeats the embeddings after it): the call's own
+            per_prompt = self.call.owner.frame.f_locals.get("num_images_per_prompt")
+            if isinstance(per_prompt, int) and not isinstance(per_prompt, bool) and per_prompt > 1:
+                recorded["num_images_per_prompt"] = per_prompt
+        self.call.encode_calls.append(recorded)
 
     def scheduler_stepped(self) -> None:
         if self.call is not None:
