@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .validation import plain_scalar
 
 StepWindow = tuple[float, float]
 ALL_STEPS: StepWindow = (0.0, 1.0)
@@ -15,11 +15,13 @@ def validate_steps(steps: object, *, name: str = "steps") -> StepWindow:
     """Return `steps` as a `(start, stop)` pair of floats with `0 <= start <= stop <= 1`, or raise."""
     if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) != 2:  # type: ignore[arg-type]
         raise ConfigError(f"{name} must be a pair (start, stop) of fractions of the schedule, got {steps!r}")
-    start, stop = steps  # type: ignore[misc]
-    for value in (start, stop):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    pair = []
+    for value in steps:  # type: ignore[union-attr]
+        value = plain_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (-2.0 <= value <= 2.0):
             raise ConfigError(f"{name} must hold two finite numbers in [0, 1], got {steps!r}")
-    start, stop = float(start), float(stop)
+        pair.append(float(value))
+    start, stop = pair
     if not (0.0 <= start <= stop <= 1.0):
         raise ConfigError(f"{name} must satisfy 0 <= start <= stop <= 1, got {steps!r}")
     return (start, stop)

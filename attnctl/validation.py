@@ -13,14 +13,36 @@ def set_field(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
+#: The largest float32: a value above it is infinite in the attention math (float32 or lower).
+FLOAT32_MAX = 3.4028234663852886e38
+#: Seeds go to `torch.Generator.manual_seed`, which takes at most 2**64 - 1.
+SEED_MAX = 2**64 - 1
+
+
+def plain_scalar(value: Any) -> Any:
+    """numpy scalars and 0-d torch tensors as Python numbers (bools stay bools, so they are refused)."""
+    if type(value).__module__ == "numpy" or (type(value).__module__.startswith("torch") and getattr(value, "ndim", None) == 0):
+        item = getattr(value, "item", None)
+        if callable(item) and getattr(value, "ndim", 0) == 0:
+            return item()
+    return value
+
+
 def number(value: Any, name: str, *, minimum: float | None = None, maximum: float | None = None,
            exclusive_minimum: bool = False, allow_inf: bool = False) -> float:
-    """A real number (not bool), finite unless `allow_inf`, within the given bounds."""
+    """A real number (not bool; numpy scalars and 0-d tensors included), finite unless `allow_inf` (finite means within
+    float32's range: larger values are infinite in the attention math), within the given bounds."""
+    value = plain_scalar(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ConfigError(f"{name} must be a finite number (at most {FLOAT32_MAX:.4g} in magnitude), got {value!r}") from None
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if not allow_inf and abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{name} must be at most {FLOAT32_MAX:.4g} in magnitude (float32's largest value), got {value!r}")
     if minimum is not None and (value < minimum or (exclusive_minimum and value == minimum)):
         raise ConfigError(f"{name} must be {'>' if exclusive_minimum else '>='} {minimum:g}, got {value!r}")
     if maximum is not None and value > maximum:
@@ -28,12 +50,21 @@ def number(value: Any, name: str, *, minimum: float | None = None, maximum: floa
     return value
 
 
-def integer(value: Any, name: str, *, minimum: int | None = None) -> int:
+def integer(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (not bool; numpy integers and 0-d integer tensors included) within the given bounds."""
+    value = plain_scalar(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value!r}")
+    return int(value)
+
+
+def seed(value: Any, name: str) -> int:
+    """A generator seed: an integer in [0, 2**64 - 1] (what `torch.Generator.manual_seed` takes)."""
+    return integer(value, name, minimum=0, maximum=SEED_MAX)
 
 
 def choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:

@@ -65,3 +65,37 @@ def test_load_errors():
         attnctl.load_pipeline("owner/model", trust_remote_code=True)
     with pytest.raises(ConfigError):
         attnctl.load_pipeline("")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: attnctl.PAG(scale=10**400), "PAG.scale must be a finite number"),
+    (lambda: attnctl.PAG(scale=1e39), "float32"),
+    (lambda: attnctl.Reweight({"red": 1e39}), "float32"),
+    (lambda: attnctl.Reweight({"red": 10**400}), "float32"),
+    (lambda: attnctl.PAG(steps=(0, 10**400)), "steps must hold two finite numbers"),
+    (lambda: attnctl.Region("a cat", box=(0, 0, 10**400, 1)), "box coordinates must be finite"),
+    (lambda: attnctl.ReferenceAttention(image="reference.png", seed=2**64), "seed must be <= 18446744073709551615"),
+    (lambda: attnctl.AttentionInterpolation(alpha=600.0), "alpha must be <= 100"),
+    (lambda: attnctl.AttentionMaps(["cat"], resolution=100_000), "at most 8192 pixels"),
+], ids=["huge-int", "beyond-float32", "reweight-float32", "reweight-huge-int", "steps-huge-int", "box-huge-int", "seed",
+        "beta", "resolution"])
+def test_out_of_range_numbers_are_config_errors_naming_the_field(make, match):
+    """Values that overflowed later (float32 infinities gave NaN images, 2**64 seeds and Beta(600, 600) failed in the
+    call, huge ints raised OverflowError) are refused where the control is made."""
+    with pytest.raises(attnctl.ConfigError, match=match):
+        make()
+
+
+def test_numpy_scalars_and_0d_tensors_are_numbers():
+    import numpy as np
+
+    assert attnctl.PAG(scale=np.float32(2.5), steps=(np.float64(0.0), torch.tensor(0.5))) == attnctl.PAG(scale=2.5, steps=(0.0, 0.5))
+    assert attnctl.ToMe(seed=np.int64(3)).seed == 3
+    assert attnctl.Reweight({"red": np.float64(2.0)}) == attnctl.Reweight({"red": 2.0})
+
+
+def test_reweight_factors_whose_product_leaves_float32_are_refused_at_the_call(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.Reweight({"red": 1e20, ("red", 0): 1e20})]):
+        with pytest.raises(attnctl.ConfigError, match="beyond float32's range"):
+            pipe("a red car", num_inference_steps=2, height=32, width=32, output_type="latent")

@@ -29,7 +29,7 @@ from ..processors.edit import Edit
 from ..selection import LayerSpec, validate_layers
 from ..steps import StepInfo, StepWindow, validate_steps
 from ..tokens import WordQuery, describe_query, validate_word_query
-from ..validation import choice, set_field
+from ..validation import FLOAT32_MAX, choice, plain_scalar, set_field
 from .common import TEXT_KINDS, select_kinds, text_layers
 
 #: A factor: a number, a `(start, end)` pair (linear ramp over the steps the control acts on), or a
@@ -227,12 +227,13 @@ def _entry(query: WordQuery, factor: Factor) -> dict[str, Any]:
 
 
 def _number(value: Any, name: str) -> float:
+    value = plain_scalar(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number >= 0, a (start, end) pair or a callable of the step fraction, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be a finite number >= 0 (0 mutes, 1 changes nothing), got {value!r}")
-    return value
+    if not 0 <= value <= FLOAT32_MAX:  # NaN, inf, negative and beyond float32 (inf in the attention math) fail here
+        raise ConfigError(f"{name} must be a finite number >= 0 and at most {FLOAT32_MAX:.4g} (float32's largest; 0 mutes, "
+                          f"1 changes nothing), got {value!r}")
+    return float(value)
 
 
 def _factor(value: Any, name: str) -> Factor:
@@ -314,6 +315,12 @@ class ReweightBound(Bound):
                         factor, line = _f32(float(factor)), cells[k][row]
                         for p in touched:
                             line[p] = _f32(line[p] * factor)
+                            if math.isinf(line[p]) or math.isnan(line[p]):
+                                raise ConfigError(
+                                    f"attnctl: Reweight: the weights on token {p} of prompt row {row} multiply to {line[p]} "
+                                    f"(weight {weight.query!r} and the others on that token), beyond float32's range: "
+                                    "give smaller weights"
+                                )
             if self.normalize:
                 _check_not_all_muted(cells, branch, self.active_steps, context)
             grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, self.text_len)

@@ -43,6 +43,7 @@ from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import number, set_field
+from ...validation import seed as valid_seed
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import word_attention
 from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
@@ -171,8 +172,7 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         if rate <= 0:
             raise ConfigError(f"ConsistentSubjects.sample_rate must be in (0, 1], got {self.sample_rate!r}")
         set_field(self, "sample_rate", rate)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"ConsistentSubjects.seed must be an integer >= 0, got {self.seed!r}")
+        set_field(self, "seed", valid_seed(self.seed, "ConsistentSubjects.seed"))
         if not isinstance(self.isolate, bool):
             raise ConfigError(f"ConsistentSubjects.isolate must be True or False, got {self.isolate!r}")
         given = [name for name in ("subject", "mask", "reposition") if getattr(self, name) is not None]

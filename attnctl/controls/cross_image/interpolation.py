@@ -47,6 +47,9 @@ from ..common import RowIndex, keep_kinds
 MODES: tuple[str, ...] = ("inner", "outer")
 #: Default Beta parameters, alpha = beta (symmetric: the two prompts are treated alike); see `beta_points`.
 DEFAULT_BETA: float = 2.0
+#: The largest Beta parameter taken: at 100 the middle points lie within 0.03 of t = 1/2 already (the grid that
+#: inverts the CDF resolves the distribution up to about 400).
+BETA_MAX: float = 100.0
 
 
 def beta_points(n: int, alpha: float = DEFAULT_BETA, beta: float = DEFAULT_BETA) -> tuple[float, ...]:
@@ -60,8 +63,8 @@ def beta_points(n: int, alpha: float = DEFAULT_BETA, beta: float = DEFAULT_BETA)
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ConfigError(f"beta_points: n must be an integer >= 2 (the two endpoints included), got {n!r}")
-    alpha = number(alpha, "beta_points alpha", minimum=0, exclusive_minimum=True)
-    beta = number(beta, "beta_points beta", minimum=0, exclusive_minimum=True)
+    alpha = number(alpha, "beta_points alpha", minimum=0, exclusive_minimum=True, maximum=BETA_MAX)
+    beta = number(beta, "beta_points beta", minimum=0, exclusive_minimum=True, maximum=BETA_MAX)
     return _beta_points(n, float(alpha), float(beta))
 
 
@@ -131,8 +134,8 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
             raise ConfigError(f"AttentionInterpolation.n must be an integer >= 2 (the two endpoints included), got {self.n!r}")
         choice(self.mode, "AttentionInterpolation.mode", MODES)
-        set_field(self, "alpha", number(self.alpha, "AttentionInterpolation.alpha", minimum=0, exclusive_minimum=True))
-        set_field(self, "beta", number(self.beta, "AttentionInterpolation.beta", minimum=0, exclusive_minimum=True))
+        set_field(self, "alpha", number(self.alpha, "AttentionInterpolation.alpha", minimum=0, exclusive_minimum=True, maximum=BETA_MAX))
+        set_field(self, "beta", number(self.beta, "AttentionInterpolation.beta", minimum=0, exclusive_minimum=True, maximum=BETA_MAX))
         if not isinstance(self.self_attention, bool):
             raise ConfigError(f"AttentionInterpolation.self_attention must be True or False, got {self.self_attention!r}")
         if self.points is not None:

@@ -48,6 +48,7 @@ from ...processors.edit import AttentionCall, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import choice, number, set_field
+from ...validation import seed as valid_seed
 from ..common import keep_kinds
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
 
@@ -92,8 +93,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
             raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
         set_field(self, "strength", number(self.strength, "ReferenceAttention.strength", minimum=0))
         set_field(self, "region", optional_box(self.region, "ReferenceAttention.region"))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"ReferenceAttention.seed must be an integer >= 0, got {self.seed!r}")
+        set_field(self, "seed", valid_seed(self.seed, "ReferenceAttention.seed"))
         choice(self.branch, "ReferenceAttention.branch", ("both", "cond"))
         set_field(self, "style_fidelity", number(self.style_fidelity, "ReferenceAttention.style_fidelity", minimum=0, maximum=1))
         if self.branch == "cond" and self.style_fidelity not in (0.0, 1.0):

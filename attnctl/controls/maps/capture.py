@@ -143,6 +143,10 @@ class AttentionMaps(Control, type_name="attention-maps"):
         return ("capture",)
 
 
+#: The largest side `AttentionMaps.resolution` takes: the maps are (images, words, height, width) float32 tensors.
+MAX_RESOLUTION = 8192
+
+
 def _resolution(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -151,10 +155,13 @@ def _resolution(value: Any) -> tuple[int, int] | None:
     if (
         isinstance(value, (tuple, list))
         and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_RESOLUTION for v in value)
     ):
         return (int(value[0]), int(value[1]))
-    raise ConfigError(f"AttentionMaps.resolution must be None, a positive int or (height, width), got {value!r}")
+    raise ConfigError(
+        f"AttentionMaps.resolution must be None (the image's size), a positive int or (height, width), each at most "
+        f"{MAX_RESOLUTION} pixels, got {value!r}"
+    )
 
 
 def _magnets(value: Any) -> tuple[str, ...]:
