@@ -217,6 +217,17 @@ def test_flux_true_cfg_uncond_branch_reweights_the_negative_call(tiny_cache):
         assert torch.equal(generate(pipe, name, prompt=PROMPT), stock)
 
 
+def test_uncond_branch_without_cfg_is_idle_even_for_a_word_of_no_prompt(tiny_cache):
+    """Without CFG there are no uncond rows: the words are not looked up in a negative prompt the call does not use
+    (a TokenError named the empty uncond prompt); the control is idle, warned, bitwise stock."""
+    name = "tiny-sd"
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, prompt=PROMPT, guidance=1.0)
+    with attnctl.apply(pipe, [Reweight({"red": 2.0}, branch="uncond")]):
+        with pytest.warns(attnctl.IdleControlWarning, match="branch='uncond'"):
+            assert torch.equal(generate(pipe, name, prompt=PROMPT, guidance=1.0), stock)
+
+
 @pytest.mark.parity
 def test_perturbed_rows_count_as_cond_rows(tiny_cache):
     from .test_guidance_wrapper import ConstantGuidance

@@ -300,6 +300,8 @@ class ReweightBound(Bound):
         self.weights: dict[str, torch.Tensor] = {}
         self.identity: dict[str, list[bool]] = {}
         for branch in branches:
+            if branch == "uncond" and context.cfg_off:  # no uncond rows in this call: nothing to resolve (idle, warned)
+                continue
             tokens = _tokens_for(context, branch, tables)
             if tokens is _NO_ROWS:
                 continue
