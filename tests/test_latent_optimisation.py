@@ -673,3 +673,17 @@ def test_the_scheduler_gets_the_update_in_its_own_scale_with_euler(tiny_cache):
     updated = next(call for call in seen if not call["grad"])["sample"]
     sample, sigma = samples[0]
     torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated[1:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: attnctl.AttendExcite(["cat"], refine=((0.6, 0.5),)), r"refine fraction 0.6 is outside steps=\(0, 0.5\)"),
+    (lambda: attnctl.AttendExcite(["cat"], refine=((0.0, 0.5), (0.0, 0.8))), "one fraction twice"),
+    (lambda: attnctl.AStar(["cat", " cat"]), "names a word twice"),
+    (lambda: attnctl.BoxGuidance([("cat", (0, 0, 0.5, 1)), ("cat", (0.5, 0, 1, 1))]), "more than one box"),
+    (lambda: attnctl.AStar(["cat", "dog"], steps=(0.5, 0.2)), "AStar.steps"),
+], ids=["refine-outside", "refine-twice", "subject-twice", "box-twice", "steps-owner"])
+def test_settings_that_would_do_nothing_or_contradict_are_refused(make, match):
+    """A refinement outside the window never ran, a subject segregated from itself, a word pulled into two boxes:
+    accepted silently before."""
+    with pytest.raises(attnctl.ConfigError, match=match):
+        make()

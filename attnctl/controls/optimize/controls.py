@@ -42,7 +42,10 @@ MAP_LEVEL = 2
 def _subjects(value: Any, owner: str) -> tuple[WordQuery, ...]:
     if isinstance(value, (str, int)) or not isinstance(value, (tuple, list)) or not value:
         raise ConfigError(f"{owner}.subjects must be a non-empty list of words, e.g. ['cat', 'dog'], got {value!r}")
-    return tuple(validate_word_query(v, owner=f"{owner}.subjects") for v in value)
+    subjects = tuple(validate_word_query(v, owner=f"{owner}.subjects") for v in value)
+    if len(set(subjects)) != len(subjects):
+        raise ConfigError(f"{owner}.subjects names a word twice: {subjects!r}; give each subject once")
+    return subjects
 
 
 def _range(value: Any, name: str) -> tuple[float, float]:
@@ -73,8 +76,8 @@ class _LatentOptimization(Control):
     def _check_common(self) -> None:
         owner = type(self).__name__
         set_field(self, "scale", number(self.scale, f"{owner}.scale", minimum=0.0))
-        set_field(self, "steps", validate_steps(self.steps))
-        set_field(self, "layers", validate_layers(self.layers))
+        set_field(self, "steps", validate_steps(self.steps, name=f"{owner}.steps"))
+        set_field(self, "layers", validate_layers(self.layers, name=f"{owner}.layers"))
 
     def default_layers(self, adapter: ModelAdapter) -> str:
         return text_layers(adapter)
@@ -142,6 +145,15 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
                 raise ConfigError(f"AttendExcite.refine must hold (fraction, threshold) pairs, got {pair!r}")
             refine.append((number(pair[0], "AttendExcite.refine fraction", minimum=0.0, maximum=1.0),
                            number(pair[1], "AttendExcite.refine threshold", minimum=0.0, maximum=1.0)))
+        start, stop = self.steps
+        for fraction, _ in refine:
+            if start < stop and not start <= fraction < stop:  # an empty window is an idle control (tested identity)
+                raise ConfigError(
+                    f"AttendExcite.refine fraction {fraction:g} is outside steps=({start:g}, {stop:g}): refinement runs only "
+                    "at steps the control acts on; give fractions f with start <= f < stop"
+                )
+        if len({fraction for fraction, _ in refine}) != len(refine):
+            raise ConfigError(f"AttendExcite.refine gives one fraction twice: {tuple(refine)!r}")
         set_field(self, "refine", tuple(refine))
         integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0)
         set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
@@ -349,6 +361,9 @@ def _boxes(value: Any) -> tuple[tuple[WordQuery, tuple[float, float, float, floa
         out.append((validate_word_query(word if not isinstance(word, list) else tuple(word), owner="BoxGuidance.boxes"), validate_box(box, owner="BoxGuidance.boxes")))
     if not out:
         raise ConfigError("BoxGuidance.boxes is empty; give at least one word and its box")
+    words = [word for word, _ in out]
+    if len(set(words)) != len(words):
+        raise ConfigError(f"BoxGuidance.boxes gives a word more than one box: {tuple(words)!r}; one box per word")
     return tuple(out)
 
 
