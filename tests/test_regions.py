@@ -267,6 +267,12 @@ def test_layout_from_json_and_toml(tmp_path, monkeypatch):
     assert Regions.from_layout([{"prompt": "a cat", "box": [0, 0, 1, 1]}]).regions[0].prompt == "a cat"
     saved = from_json.save_layout(tmp_path / "saved.json")
     assert Regions.from_layout(saved) == from_json
+    # a mask given relative to the working directory, saved in another folder, loads back from there
+    monkeypatch.chdir(tmp_path)
+    relative = Regions([Region("a blue square", mask="square.png")])
+    saved = relative.save_layout(tmp_path / "sub" / "layout.json") if (tmp_path / "sub").mkdir() is None else None
+    monkeypatch.chdir("/")
+    assert Regions.from_layout(saved).regions[0].mask_path == str(tmp_path / "square.png")
 
 
 @pytest.mark.parametrize(

@@ -109,7 +109,19 @@ def save_layout(regions: Layout, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if not path.lower().endswith(".json"):
         raise ConfigError(f"layouts are saved as JSON; {path!r} must end in .json")
-    text = json.dumps(regions.to_dict(), indent=2) + "\n"
+    data = regions.to_dict()
+    folder = os.path.dirname(os.path.abspath(path))
+
+    def relative(mask: str) -> str:  # a layout reads its mask paths relative to its own folder (`load_layout`)
+        return os.path.relpath(os.path.abspath(mask), folder)
+
+    for region in data.get("regions", ()):
+        mask = region.get("mask")
+        if isinstance(mask, str):
+            region["mask"] = relative(mask)
+        elif isinstance(mask, list) and all(isinstance(m, str) for m in mask):
+            region["mask"] = [relative(m) for m in mask]
+    text = json.dumps(data, indent=2) + "\n"
 
     def write(temp: str) -> None:
         with open(temp, "w", encoding="utf-8") as f:

@@ -171,9 +171,9 @@ class Region:
         fields = dict(data)
         mask = fields.get("mask")
         if base_dir is not None and isinstance(mask, str) and not os.path.isabs(mask):
-            fields["mask"] = os.path.join(base_dir, mask)
+            fields["mask"] = os.path.normpath(os.path.join(base_dir, mask))
         elif base_dir is not None and isinstance(mask, list) and all(isinstance(m, str) for m in mask):  # per frame
-            fields["mask"] = [m if os.path.isabs(m) else os.path.join(base_dir, m) for m in mask]
+            fields["mask"] = [m if os.path.isabs(m) else os.path.normpath(os.path.join(base_dir, m)) for m in mask]
         if fields.get("box") is not None and isinstance(fields["box"], list):
             fields["box"] = [tuple(b) for b in fields["box"]] if _box_list(fields["box"]) else tuple(fields["box"])
         if isinstance(fields.get("frames"), list):
