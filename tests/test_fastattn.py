@@ -290,3 +290,13 @@ def test_default_layers_follow_the_family_traits_not_its_name():
         adapter = cls("some-new-family", torch.nn.Linear(1, 1), (), {})
         attnctl.FastAttn().validate_for(adapter)
         assert attnctl.FastAttn().default_layers(adapter) == expected
+
+
+def test_calibrate_refuses_arguments_the_pipeline_does_not_take_and_empty_prompts(tiny_cache):
+    """diffusers swallows an unknown argument into **kwargs: `num_inference_step=2` calibrated a 50-step plan."""
+    pipe = tiny_cache("tiny-sd")
+    with pytest.raises(attnctl.ConfigError, match="takes no argument.*'num_inference_step'"):
+        attnctl.calibrate(attnctl.FastAttn(threshold=0.1), pipe, "a cat", num_inference_step=2)
+    with pytest.raises(attnctl.ConfigError, match="non-empty list of prompts"):
+        attnctl.calibrate(attnctl.FastAttn(threshold=0.1), pipe, [], num_inference_steps=2)
+    assert not any(type(p).__module__.startswith("attnctl") for p in pipe.unet.attn_processors.values())

@@ -658,3 +658,13 @@ def test_the_request_digest_holds_the_contents_of_referenced_files(tmp_path):
     assert load_job_file(path).jobs[0].request == before  # the same file: the same request
     Image.new("RGB", (32, 32), (200, 0, 0)).save(reference)
     assert load_job_file(path).jobs[0].request != before
+
+
+def test_generate_refuses_a_size_the_pipeline_does_not_take(tiny_cache):
+    """StableDiffusionImg2ImgPipeline takes its size from the image: width / height were dropped silently."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**tiny_cache("tiny-sd").components)
+    img2img.set_progress_bar_config(disable=True)
+    with pytest.raises(ConfigError, match="takes no width=, height="):
+        Model(img2img, "tiny-sd").generate("a cat", width=64, height=64, image=Image.new("RGB", (32, 32)))

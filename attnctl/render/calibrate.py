@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,9 +20,19 @@ def calibrate(control: FastAttn, pipe: Any, prompts: str | Sequence[str], *, bac
     """
     if not isinstance(control, FastAttn):
         raise ConfigError(f"attnctl.calibrate takes a FastAttn control, got {control!r} ({type(control).__name__})")
+    prompt = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt or not all(isinstance(p, str) and p for p in prompt):
+        raise ConfigError(f"attnctl.calibrate: prompts must be a prompt or a non-empty list of prompts, got {prompts!r}")
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    named = {name for name, p in parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = sorted(set(call_kwargs) - named)
+    if unknown:  # diffusers swallows unknown arguments into **kwargs: a misspelt step count made a 50-step plan
+        raise ConfigError(
+            f"attnctl.calibrate: {type(pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(sorted(named - {'self'}))}"
+        )
     control = dataclasses.replace(control, plan=None, window=control.window_size)
     call_kwargs.setdefault("output_type", "latent")
-    prompt = [prompts] if isinstance(prompts, str) else list(prompts)
     with apply(pipe, [control], backend=backend) as handle:
         pipe(prompt, **call_kwargs)
         report = handle.outputs.get(control.key)

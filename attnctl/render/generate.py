@@ -369,6 +369,12 @@ class Model:
                 f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
                 f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
             )
+        not_taken = [named[key] for key, value in given.items() if value is not None and not self.accepts(key)]
+        if not_taken:
+            raise ConfigError(
+                f"{type(self.pipe).__name__}.__call__ takes no {', '.join(name + '=' for name in not_taken)} (an image-to-image pipeline's size "
+                f"comes from its image); it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
+            )
         if steps is not None:
             steps = integer(steps, "steps", minimum=1)
         for name, value in (("width", width), ("height", height)):
