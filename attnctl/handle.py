@@ -150,7 +150,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     if compiled:
         _check_traced_backend(backend, controls, features)
     processor_cls, supported = processor_for(adapter.family)
-    originals = {name: module.processor for name, module in adapter.modules.items()}
+    originals = {name: _stock_processor(module.processor) for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
     if unsupported:
         raise UnsupportedError(
@@ -167,6 +167,15 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for module in denoisers.values():
         _LIVE[module] = handle
     return handle
+
+
+def _stock_processor(processor: Any) -> Any:
+    """The processor to reproduce and restore: a processor of a removed handle (no live handle holds this denoiser,
+    checked before) that diffusers put back, e.g. `unfuse_qkv_projections` restoring the processors saved at fuse
+    time, stands for the stock processor it wrapped."""
+    while isinstance(processor, ControlledProcessor):
+        processor = processor.original
+    return processor
 
 
 def _same_control(a: Control, b: Control) -> bool:

@@ -245,6 +245,38 @@ def test_processor_changes_after_apply_are_detected(change, name):
         _AttentionBackendRegistry._active_backend = active  # (set_active_backend is newer than diffusers 0.35)
 
 
+def test_apply_after_fusing_under_a_handle_then_remove_and_unfuse():
+    """fuse under a live handle (refused at the call), remove(), unfuse: diffusers puts back the processors it saved
+    at fuse time, the removed handle's. apply takes them for the stock ones they wrap (it refused them as
+    unsupported), and remove() leaves the stock processors."""
+    from attnctl.processors.base import ControlledProcessor
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    kinds = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    handle = attnctl.apply(pipe, [])
+    pipe.fuse_qkv_projections()
+    with pytest.raises(PipelineChangedError):
+        generate(pipe, "tiny-sd")
+    handle.remove()
+    pipe.unfuse_qkv_projections()
+    stock = generate(pipe, "tiny-sd")  # (unfusing keeps the fused weights' rounding: not bitwise the first output)
+    with attnctl.apply(pipe, [Probe()]):
+        assert torch.equal(generate(pipe, "tiny-sd"), stock)
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == kinds
+    assert not any(isinstance(p, ControlledProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_projections_fused_then_unfused_before_apply_are_reproduced():
+    """unfuse_qkv_projections leaves the modules' `fused_projections` flag set and AttnProcessor2_0 back, which reads
+    to_q / to_k / to_v: the controlled processor follows the stock processor, not the flag (it used to_qkv)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.fuse_qkv_projections()
+    pipe.unfuse_qkv_projections()
+    stock = generate(pipe, "tiny-sd")
+    with attnctl.apply(pipe, [Probe()]):
+        assert torch.equal(generate(pipe, "tiny-sd"), stock)
+
+
 def test_fused_projections_before_apply_are_reproduced():
     pipe = make_tiny_pipeline("tiny-sd")
     pipe.fuse_qkv_projections()

@@ -19,6 +19,12 @@ class SelfCrossAttnProcessor(ControlledProcessor):
     #: The stock processor classes this one reproduces exactly.
     reproduces: ClassVar[tuple[str, ...]] = ("AttnProcessor2_0", "FusedAttnProcessor2_0", "IPAdapterAttnProcessor2_0")
 
+    def _fused(self) -> bool:
+        """Whether the stock processor projects with the fused weights: FusedAttnProcessor2_0 does, whatever the
+        module's flag (`unfuse_qkv_projections` on a pipeline leaves `fused_projections` set and puts back
+        AttnProcessor2_0, which reads to_q / to_k / to_v)."""
+        return type(self.original).__name__ == "FusedAttnProcessor2_0"
+
     def __call__(
         self,
         attn: Any,
@@ -58,7 +64,7 @@ class SelfCrossAttnProcessor(ControlledProcessor):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        if getattr(attn, "fused_projections", False) and encoder_hidden_states is None:
+        if self._fused() and encoder_hidden_states is None:
             qkv = attn.to_qkv(hidden_states)
             query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
             query = self.query_hooks(call, edit, query)
@@ -68,7 +74,7 @@ class SelfCrossAttnProcessor(ControlledProcessor):
                 encoder_hidden_states = hidden_states
             elif attn.norm_cross:
                 encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-            if getattr(attn, "fused_projections", False):
+            if self._fused():
                 kv = attn.to_kv(encoder_hidden_states)
                 key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
             else:
@@ -103,7 +109,7 @@ class SelfCrossAttnProcessor(ControlledProcessor):
         return self.finish(call, edit, hidden_states)
 
     def project_queries(self, attn: Any, hidden: torch.Tensor) -> torch.Tensor:
-        if getattr(attn, "fused_projections", False):
+        if self._fused():
             q = attn.to_qkv(hidden)[..., : attn.to_qkv.out_features // 3]
         else:
             q = attn.to_q(hidden)
@@ -115,7 +121,7 @@ class SelfCrossAttnProcessor(ControlledProcessor):
     def project_context(self, attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        if getattr(attn, "fused_projections", False):
+        if self._fused():
             kv = attn.to_kv(context)
             key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
         else:
