@@ -7,7 +7,7 @@ ReferenceAttention (middle) and, on UNet models, with AdaIN too (bottom): compar
 
     python examples/reference_attention.py                                   # embedded default model, offline
     python examples/reference_attention.py --image my_reference.png --prompts "a circle on the left"
-    python examples/reference_attention.py --model runwayml/stable-diffusion-v1-5 --device cuda --steps 30 \\
+    python examples/reference_attention.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda --steps 30 \\
         --image dog.png --reference-prompt "a photo of a dog" --prompts "a dog on the beach" "a dog in the snow"
 """
 

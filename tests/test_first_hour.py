@@ -57,6 +57,8 @@ def test_read_maps_takes_one_word_as_a_string_and_refuses_a_non_image(sd):
         attnctl.read_maps(sd, image, "a red cat", ["red"], num_inference_step=2)
     with pytest.raises(ConfigError, match="'output_type'.*from read_maps itself"):
         attnctl.read_maps(sd, image, "a red cat", ["red"], strength=0.5, **{"output_type": "pil"})
+    with pytest.raises(ConfigError, match=r"runs no denoising step \(img2img runs int\(steps \* strength\) = 0\)"):
+        attnctl.read_maps(sd, image, "a red cat", ["red"], strength=0.3, num_inference_steps=2)  # was "call the pipeline first"
     assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
 
 

@@ -211,6 +211,7 @@ BAD_JSONL = [
     {"id": "size", "prompt": "a cat", "width": 30},
     {"id": "opt", "prompt": "a cat", "options": {"generator": 1}},
     {"prompt": ""},
+    {"id": "linked", "prompt": "a cat", "controls": [{"type": "consistent-subjects"}]},
 ]
 
 
@@ -242,12 +243,16 @@ def test_dry_run_reports_every_problem_with_its_place(tmp_path, capsys, monkeypa
         13: "(job 'size'): width must be a multiple of 8",
         14: "(job 'opt'): options.generator is set by the renderer",
         15: "prompt must be a non-empty string",
+        16: "(job 'linked'): controls: ConsistentSubjects links the images of one pipeline call",
     }
     problem_lines = [line for line in out.splitlines() if "problem " in line]
     for line_number, text in expected.items():
         assert any(f"bad.jsonl:{line_number}" in line and text in line for line in problem_lines), (line_number, text, out)
     assert len(problem_lines) == len(expected)
     assert "ok  bad.jsonl:2 job 'good'" in out and f"{len(expected)} problem(s)" in out
+    with pytest.raises(SystemExit):  # a backend typo: refused by the command line before anything runs
+        cli.main(["render", str(path), "--dry-run", "--backend", "tritonn"])
+    assert "invalid choice: 'tritonn'" in capsys.readouterr().err
 
 
 def test_dry_run_of_a_good_file_is_clean_and_reports_resume_state(tmp_path, capsys, tiny_model):

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--device", default="auto", help="auto (default: the process's GPU, else CPU), cpu, cuda, cuda:N, mps")
     render.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
                         help="default: the job file's `dtype`, else auto (float32 on CPU, bfloat16/float16 on GPU)")
-    render.add_argument("--backend", default=None, help="attention backend for controlled layers (auto, reference, sdpa, "
-                                                        "flex, triton); default: the job file's, else auto")
+    render.add_argument("--backend", choices=("auto", "reference", "sdpa", "flex", "triton"), default=None,
+                        help="attention backend for controlled layers; default: the job file's, else auto")
     render.add_argument("--dry-run", action="store_true", help="validate the job file and report every problem with its "
                                                                "place; load no model, write nothing")
     render.add_argument("--check", action="store_true", help="--dry-run, then load the model once and resolve every "

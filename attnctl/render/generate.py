@@ -549,7 +549,7 @@ def call_rows(prompt: str, controls: tuple[Control, ...]) -> tuple[str, list[str
 
     sequence = _interpolation_of(controls)
     edits = _edits_of(controls)
-    referenced = _reference_of(controls)
+    referenced = reference_row_needed(controls)
     chosen = [name for name, given in (("an AttentionInterpolation with `to`", sequence is not None),
                                        ("a PromptToPrompt with `edits`", edits is not None),
                                        ("a ReferenceAttention", referenced)) if given]
@@ -566,7 +566,7 @@ def call_rows(prompt: str, controls: tuple[Control, ...]) -> tuple[str, list[str
     return "single", [prompt]
 
 
-def _reference_of(controls: tuple[Control, ...]) -> bool:
+def reference_row_needed(controls: tuple[Control, ...]) -> bool:
     """Whether `controls` hold a ReferenceAttention (it needs a reference row besides the image); raises for the
     cross-image controls whose rows one image per call cannot give."""
     from ..controls.cross_image.consistent import ConsistentSubjects

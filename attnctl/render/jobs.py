@@ -358,6 +358,13 @@ def _job(entry: Any, defaults: dict[str, Any], index: int, place: str, base: str
         canonical.append(written)
         if control is not None:
             controls.append(control)
+    if controls:  # cross-image controls whose rows one image per call cannot give: refused at --dry-run already
+        from .generate import reference_row_needed
+
+        try:
+            reference_row_needed(tuple(controls))
+        except ConfigError as error:
+            problem(f"controls: {error}")
 
     valid_id = job_id if id_error is None else None
     if problems:

@@ -10,6 +10,7 @@ and for any image.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,13 @@ def read_maps(
         raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
     reader = img2img_of(pipe)
     call = _check_call_arguments(reader, call)
+    steps = call.get("num_inference_steps", inspect.signature(reader.__call__).parameters.get("num_inference_steps"))
+    steps = getattr(steps, "default", steps)
+    if isinstance(steps, int) and not isinstance(steps, bool) and int(steps * float(strength)) < 1:
+        raise ConfigError(
+            f"read_maps: strength={strength!r} of num_inference_steps={steps} runs no denoising step (img2img runs "
+            f"int(steps * strength) = {int(steps * float(strength))}), so there are no maps to read: raise either"
+        )
     size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
     sizes = [image.size for image in images if hasattr(image, "convert")]  # PIL images: (width, height)
     if isinstance(size, tuple) and any(other != size for other in sizes):

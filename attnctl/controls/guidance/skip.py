@@ -92,11 +92,14 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
             else:
                 path = block
             if path not in available:
-                count = sum(1 for name in available if name.startswith("transformer_blocks."))
+                parent = path.rpartition(".")[0] + "."  # the blocks beside it: its siblings at the same path
+                count = sum(1 for name in available if name.startswith(parent) and "." not in name[len(parent):])
                 raise SelectionError(
-                    f"SkipLayer: block {block!r} ({path}) does not exist in {type(adapter.denoiser).__name__}; it has "
-                    f"{count} transformer_blocks; blocks: {_some(available)}"
+                    f"SkipLayer: block {block!r} ({path}) does not exist in {type(adapter.denoiser).__name__}; "
+                    f"{parent[:-1]} has {count} block(s); blocks: {_some(available)}"
                 )
+            if path in paths:
+                raise SelectionError(f"SkipLayer: block {block!r} ({path}) is named twice in blocks={self.blocks!r}")
             paths.append(path)
         return tuple(paths)
 
