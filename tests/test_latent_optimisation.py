@@ -687,3 +687,4 @@ def test_settings_that_would_do_nothing_or_contradict_are_refused(make, match):
     accepted silently before."""
     with pytest.raises(attnctl.ConfigError, match=match):
         make()
+

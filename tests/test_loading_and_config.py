@@ -99,3 +99,12 @@ def test_reweight_factors_whose_product_leaves_float32_are_refused_at_the_call(t
     with attnctl.apply(pipe, [attnctl.Reweight({"red": 1e20, ("red", 0): 1e20})]):
         with pytest.raises(attnctl.ConfigError, match="beyond float32's range"):
             pipe("a red car", num_inference_steps=2, height=32, width=32, output_type="latent")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: attnctl.PromptToPrompt(edits=["a dog"], reweight={"cat": 2.0, " cat": 3.0}), "names 'cat' twice"),
+    (lambda: attnctl.FastAttn(techniques=()), "one or more distinct names"),
+], ids=["p2p-reweight-twice", "fastattn-no-technique"])
+def test_other_controls_refuse_settings_that_contradict_or_do_nothing(make, match):
+    with pytest.raises(attnctl.ConfigError, match=match):
+        make()

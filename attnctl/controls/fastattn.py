@@ -295,8 +295,11 @@ class FastAttn(Control, type_name="fastattn"):
             raise ConfigError(f"FastAttn.techniques must be a tuple drawn from {TECHNIQUES}, got {self.techniques!r}")
         techniques = tuple(self.techniques)
         bad = [t for t in techniques if t not in TECHNIQUES]
-        if bad or len(set(techniques)) != len(techniques):
-            raise ConfigError(f"FastAttn.techniques must be distinct names from {', '.join(TECHNIQUES)}, got {self.techniques!r}")
+        if bad or len(set(techniques)) != len(techniques) or not techniques:
+            raise ConfigError(
+                f"FastAttn.techniques must be one or more distinct names from {', '.join(TECHNIQUES)} (with none every "
+                f"layer keeps full attention: nothing to choose), got {self.techniques!r}"
+            )
         set_field(self, "techniques", techniques)
         set_field(self, "layers", validate_layers(self.layers, name="FastAttn.layers"))
         set_field(self, "key", output_key(self.key, "FastAttn"))

@@ -232,9 +232,10 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
             for word, factor in self.reweight.items():
                 if not isinstance(word, str):
                     raise ConfigError(f"PromptToPrompt.reweight: keys are words, got {word!r}")
-                table[validate_word_query(word, owner="PromptToPrompt.reweight")] = number(
-                    factor, f"PromptToPrompt.reweight[{word!r}]", minimum=0
-                )
+                query = validate_word_query(word, owner="PromptToPrompt.reweight")
+                if query in table:
+                    raise ConfigError(f"PromptToPrompt.reweight names {query!r} twice ({word!r}); one factor per word")
+                table[query] = number(factor, f"PromptToPrompt.reweight[{word!r}]", minimum=0)
             if self.cross_idle:
                 raise ConfigError(
                     "PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and "
