@@ -39,7 +39,7 @@ from .instance import Wrapped, describe_callable, wrap_method
 from .kernels import TRACEABLE_BACKENDS, check_features, choose_backend, validate_backend
 from .pipelines.denoiser import DenoiserHooks
 from .pipelines.protocol import protocol_for
-from .pipelines.runtime import Runtime
+from .pipelines.runtime import CallOwner, Runtime
 from .processors import processor_for
 from .processors.base import ControlledProcessor, make_processor
 from .processors.edit import EFFECTS, HELD_BY_CACHE, effect_conflict
@@ -119,6 +119,11 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
                 "twice (weights multiplied, guidance terms added); to strengthen it, raise its scale or factor"
             )
     _refuse_modular(pipe)
+    if CallOwner.find(pipe) is not None:
+        raise HandleError(
+            f"attnctl.apply was called during a call of this {type(pipe).__name__} (from a callback?): the call's prompts "
+            "and steps are already under way; apply before calling the pipeline"
+        )
     attribute, entry = denoiser_of(pipe)
     entries = _experts(pipe, attribute, entry)
     denoisers = {name: uncompiled(module) for name, module in entries.items()}  # torch.compile(m): attnctl hooks m

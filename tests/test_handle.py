@@ -439,3 +439,23 @@ def test_a_pipeline_without_check_inputs_runs_again_after_a_failed_call():
             with pytest.raises(RuntimeError, match="stop"):
                 run(callback_on_step_end=stop)
             run()
+
+
+def test_apply_from_a_callback_of_the_running_call_is_refused_clearly():
+    """It raised 'the denoiser was called outside a call of the pipeline ... from_pipe' and the call died."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    errors = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        try:
+            attnctl.apply(pipeline, [])
+        except HandleError as error:
+            errors.append(str(error))
+        return kwargs
+
+    stock = generate(pipe, "tiny-sd")
+    assert torch.equal(generate(pipe, "tiny-sd", callback_on_step_end=callback), stock)
+    assert errors and "during a call of this StableDiffusionPipeline (from a callback?)" in errors[0]
+    with attnctl.apply(pipe, []):  # nothing was left installed
+        assert torch.equal(generate(pipe, "tiny-sd"), stock)
+
