@@ -58,6 +58,16 @@ def test_load_embedded_and_saved_directory(name, tmp_path):
         assert torch.equal(a, b), key
 
 
+def test_load_saved_directory_in_a_dtype_without_a_deprecation_warning(tmp_path):
+    import warnings
+
+    attnctl.load_pipeline("tiny-sd").save_pretrained(tmp_path / "sd", safe_serialization=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*", category=FutureWarning)
+        loaded = attnctl.load_pipeline(str(tmp_path / "sd"), torch_dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+
+
 def test_load_errors():
     with pytest.raises(ConfigError, match="neither an embedded model"):
         attnctl.load_pipeline("./does/not/exist")

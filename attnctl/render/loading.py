@@ -179,7 +179,7 @@ def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int,
             )
         options = {"use_safetensors": True, "local_files_only": local, **kwargs}
         if torch_dtype is not None:
-            options["torch_dtype"] = torch_dtype
+            options[_dtype_argument()] = torch_dtype
         pipe = DiffusionPipeline.from_pretrained(name_or_path, **options)
     if torch_dtype is not None and name_or_path in embedded_models():
         pipe = pipe.to(dtype=torch_dtype)
@@ -194,3 +194,12 @@ def _load_toy_shapes():
     except ImportError as error:  # pragma: no cover - depends on the package build
         raise UnsupportedError(f"the embedded toy-shapes model is not available in this build: {error}") from error
     return load_toy_shapes()
+
+
+def _dtype_argument() -> str:
+    """`from_pretrained`'s dtype argument: `dtype` where diffusers takes it (it deprecates `torch_dtype` with a
+    FutureWarning at every load), else `torch_dtype`."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
