@@ -300,3 +300,25 @@ def test_calibrate_refuses_arguments_the_pipeline_does_not_take_and_empty_prompt
     with pytest.raises(attnctl.ConfigError, match="non-empty list of prompts"):
         attnctl.calibrate(attnctl.FastAttn(threshold=0.1), pipe, [], num_inference_steps=2)
     assert not any(type(p).__module__.startswith("attnctl") for p in pipe.unet.attn_processors.values())
+
+
+def test_setups_that_can_only_run_full_attention_warn_idle(tiny_cache):
+    """A window on cross-attention layers only, or a plan of full attention everywhere: bitwise stock, and said so
+    (they were silent)."""
+    import dataclasses
+    import warnings
+
+    pipe = tiny_cache("tiny-sd")
+    stock = generate(pipe, "tiny-sd", steps=3)
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.1), pipe, "a cat", num_inference_steps=3, height=32, width=32)
+    full = dataclasses.replace(plan, methods=tuple((name, ("full",) * len(methods)) for name, methods in plan.methods))
+    for control, reason in ((attnctl.FastAttn(threshold=0.1, techniques=("window_residual",), layers="cross"), "every selected layer is cross-attention"),
+                            (attnctl.FastAttn(plan=full), "full attention on every layer and step")):
+        with attnctl.apply(pipe, [control]):
+            with pytest.warns(attnctl.IdleControlWarning, match=reason):
+                out = generate(pipe, "tiny-sd", steps=3)
+        assert torch.equal(out, stock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]):
+            generate(pipe, "tiny-sd", steps=3)

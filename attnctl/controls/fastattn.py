@@ -427,7 +427,12 @@ class FastAttnBound(Bound):
         """Calibration can choose nothing by construction (threshold 0 is the documented identity): one step (step 0
         always runs full attention), or CFG sharing alone in a call without CFG. The handle warns."""
         if not self.calibrating:
+            if self.fast.plan is not None and all(m == "full" for _, methods in self.fast.plan.methods for m in methods):
+                return "its plan runs full attention on every layer and step, so the output is the stock one"
             return None
+        if self.fast.techniques == ("window_residual",) and all(layer.kind == "cross" for layer in self.layers):
+            return ("techniques=('window_residual',) windows image tokens, and every selected layer is cross-attention "
+                    "(text keys), so the output is the stock one; select self- or joint-attention layers")
         if count == 1:
             return "the call has 1 step, and step 0 always runs full attention, so the output is the stock one"
         if self.fast.techniques == ("cfg_share",) and self.cfg_off:
