@@ -119,6 +119,12 @@ class Control:
     def step_window(self) -> StepWindow:
         return getattr(self, "steps", (0.0, 1.0))
 
+    @property
+    def varies_by_step(self) -> bool:
+        """Whether the control's edit changes from step to step inside its window (a reweighting ramp or a callable
+        of the step): a cache that reuses outputs across steps cannot hold such an edit either."""
+        return False
+
     def bind(self, context: BindContext) -> Bound:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.bind")
 

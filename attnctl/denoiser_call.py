@@ -40,8 +40,10 @@ def upload(host: torch.Tensor, device: Any) -> torch.Tensor:
     it is page-locked and copied asynchronously (a copy from pageable memory waits for the stream; the caching
     host allocator keeps the page-locked block until the copy has run). On the CPU it is `host` itself."""
     device = torch.device(device)
-    if device.type == "cpu":
+    if host.device == device or (device.type == "cpu" and host.device.type == "cpu"):
         return host
+    if host.device.type != "cpu" or device.type == "cpu":  # made on a device already (torch.set_default_device)
+        return host.to(device)
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)

@@ -310,6 +310,12 @@ def _windowed_under_cache(first: Control, first_effect: str, second: Control, se
                     f"steps=({float(start):g}, {float(stop):g}) cannot hold there (the edit would be skipped on reused steps "
                     "inside it, or carried on past it); give it every step (steps=(0, 1)) to compose"
                 )
+            if edit.varies_by_step:
+                return (
+                    f"the cache reuses this layer's output from other steps, so {type(edit).__name__}'s weights that change "
+                    "per step (a ramp or a callable of the step) would stay at the stored step's values; give constant "
+                    "weights to compose"
+                )
     return None
 
 

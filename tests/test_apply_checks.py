@@ -76,23 +76,34 @@ def test_conflicting_effects_on_a_shared_layer_are_refused_at_apply(tiny_cache, 
     assert _untouched(pipe)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: attnctl.Reweight({"a": 0.0}, steps=(0.5, 1.0)),
-    lambda: attnctl.PLADIS(steps=(0.5, 1.0)),
-    lambda: attnctl.StructuredGuidance(phrases=["a photo"], steps=(0.0, 0.5)),
-], ids=["reweight", "pladis", "structured"])
-def test_an_edit_limited_to_some_steps_is_refused_on_a_layer_a_cache_reuses(tiny_cache, make):
-    """TGate reuses cross-attention outputs from the gate on: an edit whose window starts after it was skipped
-    silently (the image was TGate's alone); one that ends before it was carried on. With every step it composes."""
+@pytest.mark.parametrize("make, composes, match", [
+    (lambda: attnctl.Reweight({"a": 0.0}, steps=(0.5, 1.0)), lambda: attnctl.Reweight({"a": 0.0}), r"steps=\(0\.5, 1\)"),
+    (lambda: attnctl.PLADIS(steps=(0.5, 1.0)), lambda: attnctl.PLADIS(), r"steps=\(0\.5, 1\)"),
+    (lambda: attnctl.StructuredGuidance(phrases=["a photo"], steps=(0.0, 0.5)),
+     lambda: attnctl.StructuredGuidance(phrases=["a photo"]), r"steps=\(0, 0\.5\)"),
+    (lambda: attnctl.Reweight({"a": lambda fraction: 0.0 if fraction >= 0.5 else 1.0}), lambda: attnctl.Reweight({"a": 0.5}),
+     "change per step"),
+    (lambda: attnctl.Reweight({"a": (1.0, 0.0)}), lambda: attnctl.Reweight({"a": (0.5, 0.5)}), "change per step"),
+], ids=["reweight", "pladis", "structured", "reweight-callable", "reweight-ramp"])
+def test_an_edit_limited_to_some_steps_is_refused_on_a_layer_a_cache_reuses(tiny_cache, make, composes, match):
+    """TGate reuses cross-attention outputs from the gate on: an edit whose window starts after it (or whose weights
+    change there) was skipped silently (the image was TGate's alone); one that ends before it was carried on. With
+    every step and constant weights it composes."""
     pipe = tiny_cache("tiny-sd")
     before = generate(pipe, "tiny-sd", steps=4)
     processors = dict(pipe.unet.attn_processors)
-    with pytest.raises(ConfigError, match=r"cannot share layer .*step window steps=\((0\.5, 1|0, 0\.5)\)"):
+    with pytest.raises(ConfigError, match=r"cannot share layer .*" + match):
         attnctl.apply(pipe, [attnctl.TGate(gate_step=2), make()])
     assert pipe.unet.attn_processors == processors
     assert generate(pipe, "tiny-sd", steps=4).equal(before)
-    control = make()
-    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), dataclasses.replace(control, steps=(0.0, 1.0))]):
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2), composes()]):
+        generate(pipe, "tiny-sd", steps=4)
+
+
+def test_guidance_windows_compose_with_a_cache_on_their_layers(tiny_cache):
+    """PAG's perturbed rows exist only inside its window and the caches key outputs by row tag: nothing is skipped."""
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=2, sp_interval=2, layers="self"), attnctl.PAG(steps=(0.5, 1.0), layers="self")]):
         generate(pipe, "tiny-sd", steps=4)
 
 

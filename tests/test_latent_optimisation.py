@@ -688,3 +688,11 @@ def test_settings_that_would_do_nothing_or_contradict_are_refused(make, match):
     with pytest.raises(attnctl.ConfigError, match=match):
         make()
 
+
+
+def test_the_papers_refinement_steps_follow_a_narrower_window():
+    """The default refinement (steps 0, 10, 20 of 50) keeps the steps inside a narrower window; given ones outside
+    it are refused (above)."""
+    assert attnctl.AttendExcite(["cat"], steps=(0.0, 0.3)).refine == ((0.0, 0.05), (0.2, 0.5))
+    assert attnctl.AttendExcite(["cat"], steps=(0.1, 0.5)).refine == ((0.2, 0.5), (0.4, 0.8))
+    assert attnctl.AttendExcite(["cat"]).refine == ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))

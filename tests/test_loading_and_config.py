@@ -85,7 +85,7 @@ def test_load_errors():
     (lambda: attnctl.PAG(steps=(0, 10**400)), "steps must hold two finite numbers"),
     (lambda: attnctl.Region("a cat", box=(0, 0, 10**400, 1)), "box coordinates must be finite"),
     (lambda: attnctl.ReferenceAttention(image="reference.png", seed=2**64), "seed must be <= 18446744073709551615"),
-    (lambda: attnctl.AttentionInterpolation(alpha=600.0), "alpha must be <= 100"),
+    (lambda: attnctl.AttentionInterpolation(alpha=600.0), "alpha must be <= 400"),
     (lambda: attnctl.AttentionMaps(["cat"], resolution=100_000), "at most 8192 pixels"),
 ], ids=["huge-int", "beyond-float32", "reweight-float32", "reweight-huge-int", "steps-huge-int", "box-huge-int", "seed",
         "beta", "resolution"])

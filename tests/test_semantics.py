@@ -365,3 +365,8 @@ def test_restricted_label_masks_are_the_same_object_at_every_attention_call():
     labels.q_labels[1, 0] = 1  # in place: the derived masks follow
     changed = spec_rows(spec, index, 3).labels
     assert changed is not first and torch.equal(changed.q_labels, labels.q_labels[[0, 2]])
+    # an index made afresh at every call keeps nothing alive once it is gone
+    kept = len(labels.derived)
+    for _ in range(5):
+        spec_rows(spec, torch.tensor([1, 2]), 3)
+    assert len(labels.derived) == kept

@@ -112,6 +112,12 @@ class Reweight(Control, type_name="reweight"):
         """Whether `weights` holds one table per prompt."""
         return bool(self.weights) and isinstance(self.weights[0], tuple)
 
+    @property
+    def varies_by_step(self) -> bool:
+        """A ramp `(start, end)` with start != end, or a callable of the step fraction, changes the weights per step."""
+        return any(callable(w.factor) or (isinstance(w.factor, tuple) and w.factor[0] != w.factor[1])
+                   for table in self.tables() for w in table)
+
     def tables(self) -> tuple[WeightTable, ...]:
         """The weight tables: one shared table, or one per prompt."""
         return self.weights if self.per_prompt else (self.weights,)

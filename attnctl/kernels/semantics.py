@@ -21,6 +21,7 @@ Combine (the kernel edits of several controls on one layer): `EDIT_FIELDS`, `edi
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,19 +37,26 @@ KEEP = object()  # `spec_tokens(labels=KEEP)`: restrict the spec's own label mas
 _DERIVED_LIMIT = 64
 
 
-def _derived(labels: LabelMask, key: tuple[int | str, ...], make: Callable[[], LabelMask], anchor: object = None) -> LabelMask:
+def _derived(labels: LabelMask, key: tuple[int | str, ...], make: Callable[[], LabelMask], anchor: torch.Tensor | None = None) -> LabelMask:
     """`make()`, kept on `labels` under `key`, the identity of `anchor` (a row index tensor: the callers' indices
     are cached tensors) and the label tensors' versions, so that every attention call of a call that restricts the
-    same mask the same way gets the same object, and the backends' caches for it."""
+    same mask the same way gets the same object, and the backends' caches for it. The entry holds the anchor weakly
+    and goes with it (an index made afresh at each call keeps nothing alive)."""
     if torch.compiler.is_compiling():
         return make()
     key = (*key, id(anchor), labels.versions())
     found = labels.derived.get(key)
-    if found is None or found[0] is not anchor:
-        if len(labels.derived) >= _DERIVED_LIMIT:
-            labels.derived.clear()
-        found = labels.derived[key] = (anchor, make())
-    return found[1]
+    if found is not None and found[0]() is anchor:
+        return found[1]
+    if len(labels.derived) >= _DERIVED_LIMIT:
+        labels.derived.clear()
+    derived = make()
+    if anchor is None:
+        labels.derived[key] = (lambda: None, derived)
+    else:
+        labels.derived[key] = (weakref.ref(anchor), derived)
+        weakref.finalize(anchor, labels.derived.pop, key, None)
+    return derived
 
 
 def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> AttentionSpec:

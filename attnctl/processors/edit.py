@@ -93,8 +93,9 @@ CONFLICTS += tuple((effect.name, effect.name, effect.exclusive) for effect in EF
 #: Effects whose result a cache stores with the output it reuses: they hold over the reused steps only when they act at
 #: every step (a step window would be bypassed where the cache reuses an output made outside it, or carried past it).
 HELD_BY_CACHE: tuple[str, ...] = (
-    "labels", "region_prompts", "region_tokens", "window", "sparse", "query", "perturb", "value_scale", "value_edit", "key_bias",
+    "labels", "region_prompts", "region_tokens", "window", "sparse", "value_scale", "value_edit", "key_bias",
 )
+# (PAG's and SEG's rows exist only inside their window, and the caches key outputs by row tag: not in the list.)
 
 
 def effect_conflict(first: str, second: str) -> str | None:

@@ -42,8 +42,7 @@ from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
-from ...validation import number, set_field
-from ...validation import seed as valid_seed
+from ...validation import integer, number, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import word_attention
 from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
@@ -172,7 +171,7 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
         if rate <= 0:
             raise ConfigError(f"ConsistentSubjects.sample_rate must be in (0, 1], got {self.sample_rate!r}")
         set_field(self, "sample_rate", rate)
-        set_field(self, "seed", valid_seed(self.seed, "ConsistentSubjects.seed"))
+        set_field(self, "seed", integer(self.seed, "ConsistentSubjects.seed", minimum=0))
         if not isinstance(self.isolate, bool):
             raise ConfigError(f"ConsistentSubjects.isolate must be True or False, got {self.isolate!r}")
         given = [name for name in ("subject", "mask", "reposition") if getattr(self, name) is not None]

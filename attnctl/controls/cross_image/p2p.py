@@ -885,7 +885,7 @@ class _LinkHook(LayerHook):
             v_all = torch.cat([v_all, own_v])
             rows.append(targets)
             positions += list(plan.targets)
-        spec_all = spec_rows(spec, torch.cat(rows), batch)
+        spec_all = spec_rows(spec, rows[0] if len(rows) == 1 else torch.cat(rows), batch)  # one row tensor: a cached index
         if len(positions) == batch:
             out, lse = compute(q_all, k_all, v_all, spec_all)
         else:

@@ -107,6 +107,10 @@ def _excite_step_size(control: Any, step: int, count: int) -> float:
     return control.scale * math.sqrt(r)
 
 
+#: Attend-and-Excite's refinement: steps 0, 10 and 20 of 50 at thresholds 0.05, 0.5 and 0.8 (as fractions).
+DEFAULT_REFINE: tuple[tuple[float, float], ...] = ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))
+
+
 @dataclass(frozen=True)
 class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     """Attend-and-Excite (Chefer et al. 2023, arXiv:2301.13826): at the steps in `steps`, a gradient step on the
@@ -127,7 +131,7 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     subjects: tuple[WordQuery, ...]
     scale: float = 20.0
     steps: StepWindow = (0.0, 0.5)
-    refine: tuple[tuple[float, float], ...] = ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))
+    refine: tuple[tuple[float, float], ...] = DEFAULT_REFINE
     max_refinement_steps: int = 20
     scale_range: tuple[float, float] = (1.0, 0.5)
     columns: str = "all"
@@ -146,6 +150,8 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
             refine.append((number(pair[0], "AttendExcite.refine fraction", minimum=0.0, maximum=1.0),
                            number(pair[1], "AttendExcite.refine threshold", minimum=0.0, maximum=1.0)))
         start, stop = self.steps
+        if tuple(refine) == DEFAULT_REFINE:  # the paper's steps: those inside a narrower window
+            refine = [(fraction, threshold) for fraction, threshold in refine if start <= fraction < stop]
         for fraction, _ in refine:
             if start < stop and not start <= fraction < stop:  # an empty window is an idle control (tested identity)
                 raise ConfigError(
@@ -540,7 +546,9 @@ class BoxGuidanceBound(LatentOptimizerBound):
             if iteration == 0:
                 self.log_loss(outer.step.index, loss)
                 going = torch.ones_like(loss, dtype=torch.bool)
-            x = x - size * grad * going.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+            # the step size rounded once to float32 and the product taken in float32, as a Python number would be
+            step = (size.float() * grad.float()).to(grad.dtype)
+            x = x - step * going.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
             going = going & (loss > c.loss_threshold)
             # a threshold of 0 never stops the loop early (a loss of exactly 0 has no gradient): no host read
             if c.loss_threshold > 0 and iteration + 1 < c.iterations and not bool(going.any()):
@@ -560,5 +568,5 @@ def guidance_step_variance(scheduler: Any, timestep: Any) -> torch.Tensor:
     dL/dx`. A flow-matching input `(1 - sigma) y` with `s = sigma / (1 - sigma)` moves by `scale * sigma^2 * dL/dx`.
     The scheduler's own sample then moves by the input's move over the input's scale (`_updated_sample`)."""
     level = noise_level(scheduler, timestep, owner="attnctl: BoxGuidance")
-    value = level.value
+    value = level.value  # a float64 0-d tensor, left where the scheduler has it (no host read)
     return value**2 if level.kind == "flow" else 1.0 - value

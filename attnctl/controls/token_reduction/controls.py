@@ -32,7 +32,6 @@ from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, describe_layers, validate_layers
 from ...steps import StepInfo, StepWindow, validate_steps
 from ...validation import integer, number, set_field
-from ...validation import seed as valid_seed
 from ..common import RowIndex, output_key, publish
 from .merging import MergePlan, agent_attention, derived_seed, match, plan_from_matching, video_cell_destinations
 
@@ -160,7 +159,7 @@ def _merge_ratio(value: Any, name: str, strides: tuple[int, ...]) -> float:
 def _validate_common(control: Control, owner: str) -> None:
     set_field(control, "layers", validate_layers(control.layers, name=f"{owner}.layers"))
     set_field(control, "steps", validate_steps(control.steps, name=f"{owner}.steps"))
-    set_field(control, "seed", valid_seed(control.seed, f"{owner}.seed"))
+    set_field(control, "seed", integer(control.seed, f"{owner}.seed", minimum=0))
     if not isinstance(control.random, bool):
         raise ConfigError(f"{owner}.random must be True (a random destination per cell) or False (its top-left token), got {control.random!r}")
     set_field(control, "key", output_key(control.key, owner))
