@@ -693,6 +693,12 @@ def test_settings_that_would_do_nothing_or_contradict_are_refused(make, match):
 def test_the_papers_refinement_steps_follow_a_narrower_window():
     """The default refinement (steps 0, 10, 20 of 50) keeps the steps inside a narrower window; given ones outside
     it are refused (above)."""
-    assert attnctl.AttendExcite(["cat"], steps=(0.0, 0.3)).refine == ((0.0, 0.05), (0.2, 0.5))
-    assert attnctl.AttendExcite(["cat"], steps=(0.1, 0.5)).refine == ((0.2, 0.5), (0.4, 0.8))
-    assert attnctl.AttendExcite(["cat"]).refine == ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))
+    import dataclasses
+
+    narrow = attnctl.AttendExcite(["cat"], steps=(0.0, 0.3))
+    assert narrow.refinement == ((0.0, 0.05), (0.2, 0.5))
+    assert attnctl.AttendExcite(["cat"], steps=(0.1, 0.5)).refinement == ((0.2, 0.5), (0.4, 0.8))
+    assert attnctl.AttendExcite(["cat"]).refinement == ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))
+    # the default stays the default through a copy with another window and a dict round trip
+    assert dataclasses.replace(narrow, steps=(0.25, 0.5)).refinement == ((0.4, 0.8),)
+    assert attnctl.Control.from_dict(narrow.to_dict()) == narrow and narrow.to_dict()["refine"] is None

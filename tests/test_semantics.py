@@ -370,3 +370,14 @@ def test_restricted_label_masks_are_the_same_object_at_every_attention_call():
     for _ in range(5):
         spec_rows(spec, torch.tensor([1, 2]), 3)
     assert len(labels.derived) == kept
+    # and a mask that goes before a long-lived index takes its derived masks with it
+    import gc
+    import weakref
+
+    gone = []
+    for _ in range(3):
+        short = LabelMask(labels.q_labels.clone(), labels.k_labels.clone(), labels.table)
+        gone.append(weakref.ref(spec_rows(AttentionSpec(labels=short), index, 3).labels))
+        del short
+    gc.collect()
+    assert all(ref() is None for ref in gone)

@@ -49,14 +49,22 @@ def _derived(labels: LabelMask, key: tuple[int | str, ...], make: Callable[[], L
     if found is not None and found[0]() is anchor:
         return found[1]
     if len(labels.derived) >= _DERIVED_LIMIT:
+        for entry in labels.derived.values():
+            if entry[2] is not None:
+                entry[2].detach()
         labels.derived.clear()
     derived = make()
     if anchor is None:
-        labels.derived[key] = (lambda: None, derived)
-    else:
-        labels.derived[key] = (weakref.ref(anchor), derived)
-        weakref.finalize(anchor, labels.derived.pop, key, None)
+        labels.derived[key] = (lambda: None, derived, None)
+    else:  # the finalizer holds the mask weakly too: a mask that dies first takes its derived ones with it
+        labels.derived[key] = (weakref.ref(anchor), derived, weakref.finalize(anchor, _drop_derived, weakref.ref(labels), key))
     return derived
+
+
+def _drop_derived(labels: weakref.ref, key: tuple[object, ...]) -> None:
+    alive = labels()
+    if alive is not None:
+        alive.derived.pop(key, None)
 
 
 def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> AttentionSpec:

@@ -121,8 +121,9 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     the second number over the schedule. `columns`: the text positions the softmax renormalises over, `"all"` but the
     first and last (the paper's SD 1.x setting) or `"prompt"` (its tokens without start and end: the SD 2.1 setting).
     `steps`: the window (paper: the first 25 of 50 steps). `refine`:
-    `(fraction, threshold)` pairs, iterative refinement at step `round(fraction * steps)` until every subject's
-    maximum reaches `threshold` (paper: steps 0, 10, 20 of 50 at 0.05, 0.5, 0.8), at most `max_refinement_steps`
+    `(fraction, threshold)` pairs inside the window, iterative refinement at step `round(fraction * steps)` until
+    every subject's maximum reaches `threshold` (None, the default: the paper's steps 0, 10, 20 of 50 at 0.05, 0.5,
+    0.8, those inside the window; `()`: no refinement), at most `max_refinement_steps`
     steps, as the authors' loop (the step after the one that reaches it is still taken; 0: no refinement). `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
     `sigma`: the smoothing (paper 3, 0.5; kernel_size 1: none). `layers`: the cross- or joint-attention layers
     whose maps are averaged (default: the UNet level two downsamplings below the latent, every text layer of a DiT).
@@ -131,7 +132,7 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     subjects: tuple[WordQuery, ...]
     scale: float = 20.0
     steps: StepWindow = (0.0, 0.5)
-    refine: tuple[tuple[float, float], ...] = DEFAULT_REFINE
+    refine: tuple[tuple[float, float], ...] | None = None
     max_refinement_steps: int = 20
     scale_range: tuple[float, float] = (1.0, 0.5)
     columns: str = "all"
@@ -143,15 +144,26 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     def __post_init__(self) -> None:
         set_field(self, "subjects", _subjects(self.subjects, "AttendExcite"))
         self._check_common()
+        if self.refine is None:  # the paper's refinement, at its steps inside the window (`refinement`)
+            refine = None
+        else:
+            refine = self._given_refine()
+        set_field(self, "refine", refine)
+        integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0)
+        set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
+        set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
+        choice(self.columns, "AttendExcite.columns", COLUMNS)
+        _smoothing(self)
+
+    def _given_refine(self) -> tuple[tuple[float, float], ...]:
+        """`refine` as given, validated: (fraction, threshold) pairs, fractions inside the step window, each once."""
         refine = []
-        for pair in self.refine or ():
+        for pair in self.refine:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ConfigError(f"AttendExcite.refine must hold (fraction, threshold) pairs, got {pair!r}")
             refine.append((number(pair[0], "AttendExcite.refine fraction", minimum=0.0, maximum=1.0),
                            number(pair[1], "AttendExcite.refine threshold", minimum=0.0, maximum=1.0)))
         start, stop = self.steps
-        if tuple(refine) == DEFAULT_REFINE:  # the paper's steps: those inside a narrower window
-            refine = [(fraction, threshold) for fraction, threshold in refine if start <= fraction < stop]
         for fraction, _ in refine:
             if start < stop and not start <= fraction < stop:  # an empty window is an idle control (tested identity)
                 raise ConfigError(
@@ -160,12 +172,16 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
                 )
         if len({fraction for fraction, _ in refine}) != len(refine):
             raise ConfigError(f"AttendExcite.refine gives one fraction twice: {tuple(refine)!r}")
-        set_field(self, "refine", tuple(refine))
-        integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0)
-        set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
-        set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
-        choice(self.columns, "AttendExcite.columns", COLUMNS)
-        _smoothing(self)
+        return tuple(refine)
+
+    @property
+    def refinement(self) -> tuple[tuple[float, float], ...]:
+        """The (fraction, threshold) pairs refined: `refine`, or with None the paper's (`DEFAULT_REFINE`) inside the
+        step window."""
+        if self.refine is not None:
+            return self.refine
+        start, stop = self.steps
+        return tuple((fraction, threshold) for fraction, threshold in DEFAULT_REFINE if start <= fraction < stop)
 
     def bind(self, context: BindContext) -> AttendExciteBound:
         return AttendExciteBound(self, context)
@@ -226,7 +242,7 @@ class AttendExciteBound(LatentOptimizerBound):
         columns, selector = _renormalised_columns(context, control.subjects, "AttendExcite", control.columns)
         super().__init__(control, context, columns, selector)
         count = context.steps
-        self.refine_at = {round(fraction * count): threshold for fraction, threshold in control.refine}
+        self.refine_at = {round(fraction * count): threshold for fraction, threshold in control.refinement}
         h, w = self.grid
         widest = min(h, w) + 2 - (min(h, w) % 2)  # odd kernels only
         if control.kernel_size > 1 and control.kernel_size > widest:
