@@ -157,6 +157,8 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
 
     def _given_refine(self) -> tuple[tuple[float, float], ...]:
         """`refine` as given, validated: (fraction, threshold) pairs, fractions inside the step window, each once."""
+        if not isinstance(self.refine, (tuple, list)):
+            raise ConfigError(f"AttendExcite.refine must be None (the paper's), () or (fraction, threshold) pairs, got {self.refine!r}")
         refine = []
         for pair in self.refine:
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
