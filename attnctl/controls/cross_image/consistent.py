@@ -44,7 +44,7 @@ from ...steps import StepInfo, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
 from ...validation import integer, number, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
-from ..maps.capture import word_attention
+from ..maps.capture import key_columns, word_attention
 from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
 
 Box = tuple[float, float, float, float]
@@ -531,12 +531,7 @@ class _ConsistentBound(LinkedKeysBound):
         ki = k.index_select(0, index)
         key_text = geometry.key_text_slice
         prompt_index = self.index(prompts, self.selector.device)
-        found = (prompts, ki.shape[2], key_text.start, q.device)
-        selector = self._key_selectors.get(found)
-        if selector is None:  # once per call and layout (word subjects are refused in a compiled denoiser)
-            words = self.selector.index_select(0, prompt_index).to(q.device)
-            selector = self._key_selectors[found] = words.new_zeros(len(batch_rows), words.shape[1], ki.shape[2])
-            selector[:, :, key_text.start : key_text.start + self.text_len] = words
+        selector = key_columns(self._key_selectors, self.selector, prompts, prompt_index, ki.shape[2], key_text.start, q.device)
         keys = slice(0, ki.shape[2])
 
         def bias(lo: int, hi: int) -> torch.Tensor | None:

@@ -186,6 +186,23 @@ def word_label(query: WordQuery) -> str:
 
 
 # -- the capture math -------------------------------------------------------------------------------------
+def key_columns(cache: dict[tuple[Any, ...], torch.Tensor], text_selector: torch.Tensor, prompts: tuple[int, ...],
+                prompt_index: torch.Tensor, n_keys: int, text_start: int, device: torch.device) -> torch.Tensor:
+    """(b, W, n_keys): the words' columns `text_selector` (prompt rows, W, text_len) of the prompt rows `prompts`
+    (`prompt_index` on the selector's device) placed over a layer's keys, its text from `text_start`. Made once per
+    call and layout, kept in `cache` (a bound's, cleared with it); in a compiled graph made at each call (no dict
+    lookup for dynamo to guard on)."""
+    key = (prompts, n_keys, text_start, device)
+    found = None if torch.compiler.is_compiling() else cache.get(key)
+    if found is None:
+        words = text_selector.index_select(0, prompt_index).to(device)
+        found = words.new_zeros(len(prompts), words.shape[1], n_keys)
+        found[:, :, text_start : text_start + words.shape[2]] = words
+        if not torch.compiler.is_compiling():
+            cache[key] = found
+    return found
+
+
 def word_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -409,7 +426,7 @@ class AttentionMapsBound(Bound):
         ki = k.index_select(0, index)
         n_keys = ki.shape[2]
         key_text = geometry.key_text_slice
-        selector = self._key_selector(prompts, prompt_index, n_keys, key_text.start, q.device)  # (b, W, n_keys)
+        selector = key_columns(self._key_selectors, self.selector, prompts, prompt_index, n_keys, key_text.start, q.device)
         keys = slice(0, n_keys)
         text_keys = slice(key_text.start, key_text.start + self.text_len)
         segments = []  # (queries, edited, the words' weights over the keys)
@@ -449,20 +466,6 @@ class AttentionMapsBound(Bound):
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
         maps = maps.reshape(len(batch_rows), *self.sums.shape[1:])  # video: (b, W, frames, h, w)
         self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
-
-    def _key_selector(self, prompts: tuple[int, ...], prompt_index: torch.Tensor, n_keys: int, text_start: int,
-                      device: torch.device) -> torch.Tensor:
-        """The words' columns of the prompt rows `prompts` over a layer's `n_keys` keys (text from `text_start`):
-        made once per call and layout when eager; in a graph at each call (no dict lookup for dynamo to guard on)."""
-        key = (prompts, n_keys, text_start, device)
-        found = None if torch.compiler.is_compiling() else self._key_selectors.get(key)
-        if found is None:
-            text_selector = self.selector.index_select(0, prompt_index).to(device)  # (b, W, text_len)
-            found = text_selector.new_zeros(len(prompts), text_selector.shape[1], n_keys)
-            found[:, :, text_start : text_start + self.text_len] = text_selector
-            if not torch.compiler.is_compiling():
-                self._key_selectors[key] = found
-        return found
 
     def finish(self) -> None:
         shown = self.call_images()
