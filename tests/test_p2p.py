@@ -155,7 +155,7 @@ def test_linked_attention_matches_the_eager_reference(kind, cross, self_, refine
     mapper = torch.rand(4, text_len, text_len) if text_len else torch.zeros(4, 0, 0)
     own = torch.rand(4, text_len) if refine else torch.zeros(4, text_len)
     index = RowIndex()
-    plan = _Plan((1, 2, 4, 5), index((1, 2, 4, 5)), index((0, 0, 3, 3)), index((0, 0, 0, 3, 3, 3)), mapper, own, not refine)
+    plan = _Plan((1, 2, 4, 5), (0, 0, 3, 3), index((1, 2, 4, 5)), index((0, 0, 3, 3)), (0, 0, 0, 3, 3, 3), mapper, own, not refine)
 
     class Bound:
         text_len = LAYOUTS[kind][2]
@@ -172,6 +172,46 @@ def test_linked_attention_matches_the_eager_reference(kind, cross, self_, refine
     image_k = None if kind == "cross" else geometry.image_slice
     expected = eager_reference(q, k, v, links, mapper, own, cross, self_, text_k, image_k, geometry.image_slice)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_joint_layer_rows_reuse_one_derived_label_mask():
+    """On a joint layer the linked rows' spec (another control's label mask, restricted to the rows the edit stacks)
+    is derived once: the same LabelMask at every attention call, so the backends' per-mask caches hit (a row index
+    made afresh per call derived a new mask, with its dense mask or kernel layout, at every call)."""
+    from attnctl.kernels.spec import LabelMask
+
+    text, image_len, text_len = LAYOUTS["joint"]
+    layer = LayerInfo("layer", 0, "joint", "g", 0, 0, text)
+    rows = RowLayout.batched_cfg(2)
+    geometry = Geometry(layer, (4, 4), text_len)
+    call = AttentionCall(layer, geometry, DenoiserCall(StepInfo(0, 10), rows, Canvas((4, 4), (4, 4), text_len)), None, "sdpa")
+    n = geometry.query_len
+    labels = LabelMask(torch.randint(0, 2, (4, n)), torch.randint(0, 2, (4, n)), torch.zeros(1, 2, 2))
+    index = RowIndex()
+    plan = _Plan((1, 3), (0, 2), index((1, 3)), index((0, 2)), (0, 0, 2, 2), torch.rand(2, text_len, text_len),
+                 torch.rand(2, text_len), False)
+
+    class Bound:
+        text_len = LAYOUTS["joint"][2]
+
+        def __init__(self):
+            self.index = RowIndex()
+
+        def plan(self, rows, device, window="all"):
+            return plan
+
+    seen = []
+
+    def compute(q, k, v, spec):
+        seen.append(spec.labels)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v), None
+
+    hook = _LinkHook(Bound(), layer, True, True, False)
+    q, k, v = (torch.randn(4, 2, n, 8) for _ in range(3))
+    for _ in range(3):
+        hook.attend(call, q, k, v, AttentionSpec(labels=labels), compute)
+    assert seen[0] is not None and seen[0] is seen[1] is seen[2]
+    assert torch.equal(seen[0].q_labels, labels.q_labels[[0, 1, 2, 3, 0, 2, 1, 3]])
 
 
 # -- identities and call protocols on the tiny models ---------------------------------------------------------------

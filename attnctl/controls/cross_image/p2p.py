@@ -328,9 +328,10 @@ class _Plan:
     """The links of one row layout: target rows, their source rows and the mapped text tables, on the device."""
 
     targets: tuple[int, ...]
+    sources: tuple[int, ...]  # the source row of each target
     target_index: torch.Tensor
     source_index: torch.Tensor
-    permuted: torch.Tensor  # (B,) each row's own index, the source's for target rows
+    permuted: tuple[int, ...]  # each row's own position, the source's for target rows
     mapper: torch.Tensor | None  # (E, T, T) M diag(w) per target; None: identity everywhere
     own_text: torch.Tensor  # (E, T) (1 - a) w per target
     own_text_zero: bool  # the edited rows keep none of their own cross-attention (replace)
@@ -626,7 +627,7 @@ class PromptToPromptBound(Bound):
             cross = cross or window == "all" or (window is not None and tables[row.branch][3][row.prompt])
         index = (lambda positions: torch.tensor(positions, device=device)) if tracing else (lambda positions: self.index(positions, device))
         plan = _Plan(
-            targets, index(targets), index(sources), index(permuted),
+            targets, sources, index(targets), index(sources), permuted,
             None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero, cross,
         )
         if not tracing:
@@ -870,22 +871,23 @@ class _LinkHook(LayerHook):
             q_all = q.index_copy(0, targets, q.index_select(0, sources))
             k_all = k.index_copy(0, targets, k.index_select(0, sources))
             v_all = v.index_copy(0, targets, base_v)
-            rows = [plan.permuted]
+            rows = plan.permuted
             positions = list(range(batch))
         else:  # joint layers: the text queries of the edited rows keep their own attention
             q_all = torch.cat([q, q.index_select(0, sources)])
             k_all = torch.cat([k, k.index_select(0, sources)])
             v_all = torch.cat([v, base_v])
-            own = torch.arange(batch, device=q.device) if torch.compiler.is_compiling() else self.bound.index(tuple(range(batch)), q.device)
-            rows = [own, sources]
+            rows = tuple(range(batch)) + plan.sources
             positions = list(range(batch)) + list(plan.targets)
         if extra:
             q_all = torch.cat([q_all, q.index_select(0, targets)])
             k_all = torch.cat([k_all, k.index_select(0, targets)])
             v_all = torch.cat([v_all, own_v])
-            rows.append(targets)
+            rows += plan.targets
             positions += list(plan.targets)
-        spec_all = spec_rows(spec, rows[0] if len(rows) == 1 else torch.cat(rows), batch)  # one row tensor: a cached index
+        # the spec's row of each row of q_all: an index cached by positions, so a label mask derived from it is too
+        row_index = torch.tensor(rows, device=q.device) if torch.compiler.is_compiling() else self.bound.index(rows, q.device)
+        spec_all = spec_rows(spec, row_index, batch)
         if len(positions) == batch:
             out, lse = compute(q_all, k_all, v_all, spec_all)
         else:
