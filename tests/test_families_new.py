@@ -782,11 +782,10 @@ def test_latent_image_is_the_pipelines_own_unpacking(name, tiny):
     assert torch.equal(adapter.packed_latents(image), tokens)
 
 
-@pytest.mark.parity
-@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
-def test_wan_image_to_video_identity(name, tiny, monkeypatch):
-    """Wan I2V: attn2 also attends to CLIP image tokens (the stock processor takes the last 512 context tokens as
-    text); bitwise stock through attnctl's processor, and Reweight acts on the text part only."""
+def _wan_image_to_video(base, monkeypatch, expand_timesteps=False):
+    """A tiny WanImageToVideoPipeline from tiny-wan's parts, and its 2-step call. Wan 2.1 I2V: a transformer taking
+    the image condition as 8 more input channels and CLIP image tokens; `expand_timesteps` (Wan 2.2 TI2V): tiny-wan's
+    own transformer, the clean first latent frame the image, per-token timesteps."""
     import importlib
     import types
 
@@ -797,32 +796,69 @@ def test_wan_image_to_video_identity(name, tiny, monkeypatch):
     module = importlib.import_module("diffusers.pipelines.wan.pipeline_wan_i2v")
     if not hasattr(module, "ftfy"):  # called unguarded by the I2V pipeline: a no-op stand-in
         monkeypatch.setattr(module, "ftfy", types.SimpleNamespace(fix_text=lambda text: text), raising=False)
-    base = tiny(name)
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4, text_dim=32,
-        freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-        image_dim=16, added_kv_proj_dim=24,
-    ).eval()
-    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                               image_size=32, patch_size=8, projection_dim=16)).eval()
-    pipe = WanImageToVideoPipeline(
-        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler,
-        image_processor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}), image_encoder=encoder, transformer=transformer,
-    )
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler)
+    if expand_timesteps:
+        pipe = WanImageToVideoPipeline(**parts, transformer=base.transformer, expand_timesteps=True)
+    else:
+        torch.manual_seed(0)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4, text_dim=32,
+            freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+            image_dim=16, added_kv_proj_dim=24,
+        ).eval()
+        encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                   image_size=32, patch_size=8, projection_dim=16)).eval()
+        pipe = WanImageToVideoPipeline(**parts, image_processor=CLIPImageProcessor(crop_size=32, size={"shortest_edge": 32}),
+                                       image_encoder=encoder, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     image = Image.new("RGB", (48, 64), (200, 30, 30))
 
     def run():
         return pipe(image=image, prompt="a red cat", num_inference_steps=2, guidance_scale=4.0, height=64, width=48, num_frames=9,
-                    max_sequence_length=512, output_type="latent", generator=torch.Generator().manual_seed(0)).frames
+                    max_sequence_length=512 if not expand_timesteps else 32, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
 
+    return pipe, run
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_image_to_video_identity(name, tiny, monkeypatch):
+    """Wan I2V: attn2 also attends to CLIP image tokens (the stock processor takes the last 512 context tokens as
+    text); bitwise stock through attnctl's processor, and Reweight acts on the text part only."""
+    pipe, run = _wan_image_to_video(tiny(name), monkeypatch)
     stock = run()
     with attnctl.apply(pipe, [Probe()]):
         controlled = run()
     assert torch.equal(stock, controlled) and torch.equal(stock, run())
     with attnctl.apply(pipe, [attnctl.Reweight({"red": 3.0})]):
         assert not torch.equal(run(), stock)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+@pytest.mark.parametrize("expand_timesteps", [False, True], ids=["wan21-i2v", "wan22-ti2v"])
+def test_sag_degrades_only_the_noisy_part_of_image_conditioned_wan(name, expand_timesteps, tiny, monkeypatch):
+    """SAG's degraded pass re-noises what the denoiser is told is noisy, and nothing else: Wan 2.1 I2V's condition
+    channels (the input's channels after the noisy latent; SAG failed on the channel count) and Wan 2.2 TI2V's clean
+    first latent frame (its tokens at timestep 0; SAG blurred and re-noised it) reach the degraded pass as the step's
+    own calls have them."""
+    pipe, run = _wan_image_to_video(tiny(name), monkeypatch, expand_timesteps)
+    stock = run()
+    inputs = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: inputs.append(k.get("hidden_states", a[0] if a else None).clone()), with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [attnctl.SAG(scale=1.0)]):
+            out = run()
+    finally:
+        hook.remove()
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+    assert len(inputs) == 6  # per step: cond, uncond (Wan's CFG calls) and SAG's degraded pass
+    kept = (lambda x: x[:, 4:]) if not expand_timesteps else (lambda x: x[:, :, 0])
+    noisy = (lambda x: x[:, :4]) if not expand_timesteps else (lambda x: x[:, :, 1:])
+    for step in (0, 3):
+        assert all(torch.equal(kept(x), kept(inputs[step])) for x in inputs[step + 1 : step + 3])
+    # the degraded pass of the second step (at the first, sigma 1, the input is all noise and re-noising keeps it)
+    assert any(not torch.equal(noisy(x), noisy(inputs[3])) for x in inputs[4:6])
 
 
 # -- video semantics on Wan (issue #19, branch video) ----------------------------------------------------------

@@ -416,6 +416,18 @@ def test_pag_and_seg_compose_and_separate_equals_batched():
     torch.testing.assert_close(apart[0], both[0], rtol=1e-4, atol=1e-4)
 
 
+def test_separate_perturbation_pass_keeps_sags_map():
+    """PAG / SEG with `separate=True` beside SAG: their extra forward of the same step must not drop the map SAG read
+    in the main forward (every call failed: "layer ... did not run"); the result is the batched form's."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    kw = {"prompt": ["a cat", "a dog"], "steps": 2}
+    for make in (attnctl.PAG, lambda **k: attnctl.SEG(sigma=1.0, **k)):
+        batched, _ = record(pipe, "tiny-sd", [make(scale=2.0), attnctl.SAG()], **kw)
+        for controls in ([make(scale=2.0, separate=True), attnctl.SAG()], [attnctl.SAG(), make(scale=2.0, separate=True)]):
+            apart, _ = record(pipe, "tiny-sd", controls, **kw)
+            torch.testing.assert_close(apart[0], batched[0], rtol=1e-4, atol=1e-4)
+
+
 def test_two_pag_controls_on_different_layers_compose():
     pipe = make_tiny_pipeline("tiny-sd")
     stock, _ = record(pipe, "tiny-sd", steps=1)

@@ -125,11 +125,13 @@ class _SAGBound(Bound):
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0 or frame.extra_pass is not None:
             return None
+        if not frame.rows.indices("cond", None):
+            # no map here: another guidance's separate pass (PAG / SEG `separate=True`) of the same frame, which must
+            # not drop the map the frame's main forward left
+            return None
         # the map this frame's capture will leave: asked once per frame, before the layer runs (eagerly, also when the
         # denoiser is compiled), so the hook never reads the frame number (a compiled hook would guard on it per frame)
         self.received, self.received_frame = None, frame.number
-        if not frame.rows.indices("cond", None):
-            return None
         source = degraded_rows(frame.rows)
         found = self._edits.get(source)
         if found is None:
@@ -151,9 +153,10 @@ class _SAGBound(Bound):
         sample = first.inputs[first.main_input]
         sample = sample.index_select(0, self.index(source, sample.device))
         prediction = first.prediction.index_select(0, self.index(source, first.prediction.device))
-        degraded = degrade(
-            sample, prediction, received, self.grid, frame.canvas, self.adapter, self.scheduler, (frame.inputs or {}).get("timestep")
-        )
+        timestep = (frame.inputs or {}).get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.ndim >= 2:  # per token (Wan 2.2 TI2V): the rows' own
+            timestep = timestep.index_select(0, self.index(source, timestep.device))
+        degraded = degrade(sample, prediction, received, self.grid, frame.canvas, self.adapter, self.scheduler, timestep)
         inputs = first.select(source)
         inputs[first.main_input] = degraded.to(sample.dtype)
         again = first.forward(inputs, RowLayout(tuple(rows.rows[i] for i in source)), self.tag)
@@ -261,10 +264,16 @@ def degrade(
     timestep: Any,
 ) -> torch.Tensor:
     """SAG's degraded denoiser input for `sample` (the rows' input) and `prediction` (their output). `grid` is the
-    token grid of `received`: (height, width), or (frames, height, width) with video latents (B, C, F, H, W)."""
+    token grid of `received`: (height, width), or (frames, height, width) with video latents (B, C, F, H, W).
+
+    Only what is noisy is degraded: a denoiser input with more channels than its prediction (image-conditioned
+    models such as Wan 2.1 image-to-video, whose noisy latent comes first) keeps the condition channels, and
+    tokens whose per-token timestep is 0 (Wan 2.2 TI2V's clean first frame) are kept as they are."""
     level = noise_level(scheduler, timestep, "attnctl: SAG")
-    image = adapter.latent_image(sample, canvas)
-    output = adapter.latent_image(prediction, canvas)[:, : image.shape[1]]  # learned-sigma models: the first half
+    full = adapter.latent_image(sample, canvas)
+    output = adapter.latent_image(prediction, canvas)
+    channels = min(full.shape[1], output.shape[1])  # learned-sigma models: the prediction's first half
+    image, output = full[:, :channels], output[:, :channels]
     x0, eps = level.split(image, output)
     frames, height, width = grid if len(grid) == 3 else (1, *grid)
     salient = (received > MASK_THRESHOLD).float()
@@ -279,4 +288,15 @@ def degrade(
         mask = F.interpolate(salient.reshape(-1, 1, height, width), size=image.shape[-2:])  # nearest, as the SAG pipeline
         blurred = gaussian_blur(x0)
     mixed = blurred * mask + x0 * (1 - mask)
-    return adapter.packed_latents(level.noise(mixed, eps))
+    degraded = level.noise(mixed, eps)
+    if isinstance(timestep, torch.Tensor) and timestep.ndim >= 2:
+        if timestep.shape[-1] != frames * height * width:
+            raise UnsupportedError(
+                f"SAG: per-token timesteps of {timestep.shape[-1]} tokens for a {frames}x{height}x{width} token grid"
+            )
+        clean = (timestep.reshape(-1, 1, frames, height, width) == 0).float()
+        clean = F.interpolate(clean, size=image.shape[-3:]) if image.ndim == 5 else F.interpolate(clean[:, :, 0], size=image.shape[-2:])
+        degraded = clean * image.float() + (1 - clean) * degraded
+    if full.shape[1] > channels:
+        degraded = torch.cat([degraded, full[:, channels:].float()], dim=1)
+    return adapter.packed_latents(degraded)
