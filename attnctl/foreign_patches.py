@@ -238,20 +238,51 @@ BLOCK_CACHES = {
     "mag_cache_leader_block_hook": "MagCache",
     "mag_cache_block_hook": "MagCache",
     "faster_cache_denoiser": "FasterCache (unconditional-batch skip)",
+    "sea_cache_root": "SeaCache",
+    "sea_cache_leader_block": "SeaCache",
+    "sea_cache_block": "SeaCache",
+    "sea_cache_post_norm": "SeaCache",
 }
+#: Stateful diffusers hooks that reuse nothing across steps a control could miss (text K/V projections, computed once
+#: per prompt: exact).
+LOSSLESS_HOOKS = ("text_kv_cache_transformer", "text_kv_cache_block")
+
+
+def cache_name(hook_name: str, hook: Any) -> str | None:
+    """The cache a diffusers hook belongs to, or None: a known cache by the name it registers under, and any other
+    stateful hook (a cache of a diffusers release newer than this list) by its own name."""
+    name = ATTENTION_CACHES.get(hook_name) or BLOCK_CACHES.get(hook_name)
+    if name is None and getattr(hook, "_is_stateful", False) and hook_name not in LOSSLESS_HOOKS:
+        name = f"{hook_name!r} (a stateful diffusers hook, taken for a cache)"
+    return name
+
+
 def diffusers_caches(denoiser: torch.nn.Module, modules: list[torch.nn.Module] | None = None) -> list[str]:
     """The diffusers caches installed on the denoiser's modules, by name (deduplicated, in module order)."""
     found: list[str] = []
     for module in module_list(denoiser) if modules is None else modules:
         registry = module.__dict__.get("_diffusers_hook")
-        for hook in getattr(registry, "hooks", {}) or {}:
-            name = ATTENTION_CACHES.get(hook) or BLOCK_CACHES.get(hook)
+        for hook_name, hook in (getattr(registry, "hooks", {}) or {}).items():
+            name = cache_name(hook_name, hook)
             if name is not None and name not in found:
                 found.append(name)
     return found
 
 
-def keyed_cache_context(denoiser: torch.nn.Module, key: str) -> Any:
+def attention_caches(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """{attention module name: the diffusers attention-output cache on it} for those of `modules` that carry one
+    (PyramidAttentionBroadcast, FasterCache's attention part, TaylorSeer: they return a stored output instead of
+    running the attention module on some steps, by schedule)."""
+    found: dict[str, str] = {}
+    for name, module in modules.items():
+        registry = module.__dict__.get("_diffusers_hook")
+        for hook_name in getattr(registry, "hooks", {}) or {}:
+            if hook_name in ATTENTION_CACHES:
+                found[name] = ATTENTION_CACHES[hook_name]
+    return found
+
+
+def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[Any, Any] | None = None) -> Any:
     """Give diffusers' cache hooks a context of their own for a denoiser call whose batch is attnctl's, not the
     pipeline's (perturbed rows added by PAG / SEG / SAG, or attnctl's extra passes).
 
@@ -259,16 +290,43 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str) -> Any:
     pipeline sets (`cache_context("cond")`). A control whose rows come and go with its step window (PAG with
     steps=(0, 0.4)) would otherwise leave the state of a wider batch under the pipeline's name: the next narrow call
     adds a cached residual of the wrong batch (broadcast silently). Each call layout gets its own name
-    (`"cond|attnctl:<key>"`), so a cache reuses only what was computed on the same rows. Returns a function that
-    puts the pipeline's context back, or None where no stateful hook has a context set (no cache, or an old diffusers)."""
+    (`"cond|attnctl:<key>"`), so a cache reuses only what was computed on the same rows. A hook that keeps one plain
+    `state` for every call of the denoiser (PyramidAttentionBroadcast) gets a state of its own per key instead, kept in
+    `plain_states` (the caller's, one per pipeline call). Returns a function that puts the pipeline's context and
+    states back, or None where no stateful hook has a context or a state (no cache, or an old diffusers)."""
     registry = denoiser.__dict__.get("_diffusers_hook")
-    if registry is None:  # the pipeline's cache_context initialises the denoiser's registry
+    if registry is not None:  # the pipeline's cache_context initialises the denoiser's registry
+        children = getattr(registry, "_get_child_registries", None)
+        registries = (registry, *(children() if children is not None else ()))
+    elif plain_states is not None:  # hooks on submodules only (apply_pyramid_attention_broadcast): found once per call
+        registries = plain_states.get(denoiser)
+        if registries is None:
+            found = (module.__dict__.get("_diffusers_hook") for module in module_list(denoiser))
+            registries = plain_states[denoiser] = tuple(r for r in found if r is not None)
+    else:
         return None
-    children = getattr(registry, "_get_child_registries", None)
     changed: list[tuple[Any, Any]] = []
-    for child in (registry, *(children() if children is not None else ())):
-        for hook in getattr(child, "hooks", {}).values():
+    swapped: list[tuple[Any, Any]] = []
+    for child in registries:
+        for name, hook in getattr(child, "hooks", {}).items():
             if not getattr(hook, "_is_stateful", False):
+                continue
+            plain = vars(hook).get("state")
+            if plain_states is not None and hasattr(plain, "reset") and not any(hasattr(m, "set_context") for m in vars(hook).values()):
+                own = plain_states.get((hook, key))
+                if own is None:
+                    try:
+                        own = plain_states[(hook, key)] = type(plain)()
+                    except TypeError:
+                        from .errors import UnsupportedError
+
+                        raise UnsupportedError(
+                            f"attnctl: diffusers' {name!r} hook keeps one state for every call of the denoiser, and attnctl "
+                            f"cannot give it a state of its own for a batch of attnctl's ({key}: PAG / SEG rows, SAG's "
+                            "degraded pass); disable that cache or leave the control out"
+                        ) from None
+                hook.state = own
+                swapped.append((hook, plain))
                 continue
             for manager in vars(hook).values():
                 old = getattr(manager, "_context", None) if hasattr(manager, "set_context") else None
@@ -278,12 +336,14 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str) -> Any:
 
                 manager.set_context(dataclasses.replace(old, name=f"{old.name}|attnctl:{key}"))
                 changed.append((manager, old))
-    if not changed:
+    if not changed and not swapped:
         return None
 
     def restore() -> None:
         for manager, old in changed:
             manager.set_context(old)
+        for hook, state in swapped:
+            hook.state = state
 
     return restore
 

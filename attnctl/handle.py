@@ -24,6 +24,7 @@ from .families import adapter_for, adapter_for_experts  # noqa: F401 - adapter_f
 from .families.base import LayerInfo, ModelAdapter
 from .foreign_patches import (
     Snapshot,
+    attention_caches,
     compiled_parts,
     diffusers_caches,
     foreign_patches,
@@ -148,6 +149,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         )
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
+    _refuse_windows_under_attention_caches(controls, resolved, adapter, attribute)
     features = tuple(control.kernel_features(adapter, resolved[position]) for position, control in enumerate(controls))
     for control, needed in zip(controls, features):
         check_features(backend, needed, type(control).__name__)
@@ -302,21 +304,54 @@ def _windowed_under_cache(first: Control, first_effect: str, second: Control, se
     """Why an edit limited to some steps cannot share a layer with a cache, or None: the cache reuses outputs made at
     other steps, so the edit would be skipped where it should act, or kept where it should not."""
     for cache, edit, effect in ((first_effect, second, second_effect), (second_effect, first, first_effect)):
-        if cache == "cache" and effect in HELD_BY_CACHE:
-            start, stop = edit.step_window
-            if (float(start), float(stop)) != (0.0, 1.0):
-                return (
-                    f"the cache reuses this layer's output from other steps, so {type(edit).__name__}'s step window "
-                    f"steps=({float(start):g}, {float(stop):g}) cannot hold there (the edit would be skipped on reused steps "
-                    "inside it, or carried on past it); give it every step (steps=(0, 1)) to compose"
-                )
-            if edit.varies_by_step:
-                return (
-                    f"the cache reuses this layer's output from other steps, so {type(edit).__name__}'s weights that change "
-                    "per step (a ramp or a callable of the step) would stay at the stored step's values; give constant "
-                    "weights to compose"
-                )
+        if cache == "cache":
+            why = _held_by_cache(edit, effect)
+            if why is not None:
+                return why
     return None
+
+
+def _held_by_cache(edit: Control, effect: str) -> str | None:
+    """Why `edit`'s `effect` cannot hold on a layer whose output a cache reuses across steps, or None."""
+    if effect not in HELD_BY_CACHE:
+        return None
+    start, stop = edit.step_window
+    if (float(start), float(stop)) != (0.0, 1.0):
+        return (
+            f"the cache reuses this layer's output from other steps, so {type(edit).__name__}'s step window "
+            f"steps=({float(start):g}, {float(stop):g}) cannot hold there (the edit would be skipped on reused steps "
+            "inside it, or carried on past it); give it every step (steps=(0, 1)) to compose"
+        )
+    if edit.varies_by_step:
+        return (
+            f"the cache reuses this layer's output from other steps, so {type(edit).__name__}'s weights that change "
+            "per step (a ramp or a callable of the step) would stay at the stored step's values; give constant "
+            "weights to compose"
+        )
+    return None
+
+
+def _refuse_windows_under_attention_caches(
+    controls: tuple[Control, ...], resolved: dict[int, tuple[LayerInfo, ...]], adapter: ModelAdapter, attribute: str
+) -> None:
+    """diffusers' attention-output caches (PyramidAttentionBroadcast, FasterCache, TaylorSeer) reuse a layer's output
+    by schedule, as TGate does: an edit there must act at every step with constant weights (`_held_by_cache`).
+    Checked at apply and at every call (a cache may be enabled after apply)."""
+    cached = attention_caches(adapter.modules)
+    if not cached:
+        return
+    for position, control in enumerate(controls):
+        for layer in resolved[position]:
+            cache = cached.get(layer.name)
+            if cache is None:
+                continue
+            for effect in control.layer_effects(adapter, layer):
+                why = _held_by_cache(control, effect)
+                if why is not None:
+                    raise UnsupportedError(
+                        f"attnctl: {type(control).__name__} ({effect}) cannot act on layer {layer.name} under diffusers' "
+                        f"{cache}: {why}, or disable the cache (pipe.{attribute}.disable_cache())"
+                    )
 
 
 def _check_output_keys(controls: tuple[Control, ...]) -> None:
@@ -497,6 +532,7 @@ class Handle:
                     f"attnctl: pipe.{attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
                 )
             compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
+        _refuse_windows_under_attention_caches(self.controls, self.runtime.resolved, self.adapter, self.attribute)
         if self._hooks is not None:
             self._hooks.compiled = compiled
         if compiled and self.runtime.backend not in ("auto", *TRACEABLE_BACKENDS):  # compiled after apply

@@ -334,3 +334,94 @@ def test_keyed_cache_context_names_attnctl_batches_apart(flux):
         transformer.disable_cache()
     apart = seen - {"cond"}  # PAG's tag is numbered per instance ("pag#<n>")
     assert "cond" in seen and len(apart) == 1 and next(iter(apart)).startswith("cond|attnctl:cond,cond+pag"), seen
+
+
+@pytest.mark.parametrize("key", ["FasterCache", "TaylorSeerCache", "PyramidAttentionBroadcast"])
+def test_edits_limited_to_some_steps_under_attention_caches_are_refused(flux, key):
+    """diffusers' attention-output caches reuse a layer's output by schedule, as TGate does: a Reweight or Regions
+    window (or weights that change per step) on such a layer is refused, at apply and at the call when the cache is
+    enabled after apply (a one-step window fell on reused steps and did nothing; Regions' window crashed under PAB)."""
+    pipe, _ = flux
+    windowed = [
+        attnctl.Reweight({"cat": 0.0}, steps=(0.5, 0.6)),
+        attnctl.Reweight({"cat": lambda step: 0.0 if step.index % 2 else 1.0}),
+        attnctl.Regions([attnctl.Region("a dog", box=(0.0, 0.0, 0.5, 1.0))], steps=(0.0, 0.5)),
+    ]
+    pipe.transformer.enable_cache(_config(key, pipe))
+    try:
+        for control in windowed:
+            with pytest.raises(UnsupportedError, match=rf"{type(control).__name__} .*under diffusers' {key[:10]}.*disable_cache"):
+                attnctl.apply(pipe, control)
+            assert not pipe.transformer._forward_pre_hooks
+    finally:
+        pipe.transformer.disable_cache()
+    handle = attnctl.apply(pipe, windowed[0])
+    pipe.transformer.enable_cache(_config(key, pipe))
+    try:
+        with pytest.raises(UnsupportedError, match="step window"):
+            generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        pipe.transformer.disable_cache()
+        handle.remove()
+
+
+def test_pyramid_attention_broadcast_keeps_attnctl_batches_apart(flux):
+    """PAB keeps one plain state per attention module (no cache context): PAG's rows, which come and go with its step
+    window, get a state of their own per call layout, so PAB never hands a 2-row output to a 1-row call (it failed
+    with a batch error on tiny-flux and PixArt); the pipeline's own state is the one PAB holds again after each call."""
+    from diffusers.hooks import HookRegistry, apply_pyramid_attention_broadcast
+
+    pipe, _ = flux
+    pipe.transformer.enable_cache(_config("PyramidAttentionBroadcast", pipe))
+    hook = pipe.transformer.transformer_blocks[0].attn._diffusers_hook.hooks["pyramid_attention_broadcast"]
+    own = hook.state
+    try:
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.5))):
+            first = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+            again = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        assert hook.state is own
+    finally:
+        pipe.transformer.disable_cache()
+    assert torch.isfinite(first).all() and torch.equal(first, again)
+    pixart = make_tiny_pipeline("tiny-pixart")
+    config = diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001), current_timestep_callback=lambda: 500
+    )
+    apply_pyramid_attention_broadcast(pixart.transformer, config)
+    try:
+        with attnctl.apply(pixart, attnctl.PAG(scale=3.0, steps=(0.0, 0.5))):
+            assert torch.isfinite(generate(pixart, "tiny-pixart", prompt=PROMPT, steps=STEPS)).all()
+    finally:
+        HookRegistry.check_if_exists_or_initialize(pixart.transformer).remove_hook("pyramid_attention_broadcast", recurse=True)
+
+
+def test_sea_cache_and_unknown_stateful_hooks_count_as_caches():
+    """SeaCache (diffusers 0.42) and any stateful diffusers hook attnctl does not know are caches: the controls that
+    need every layer at every step are refused with them (TGate with SeaCache was accepted; compiled, it never hit)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from attnctl.foreign_patches import diffusers_caches
+
+    pipe = make_tiny_pipeline("tiny-wan")
+    config = getattr(diffusers, "SeaCacheConfig", None)
+    if config is not None:
+        pipe.transformer.enable_cache(config(threshold=100.0, retention_steps=1, cache_end_steps=1, max_consecutive_cached=0))
+        try:
+            assert "SeaCache" in diffusers_caches(pipe.transformer)
+            with pytest.raises(UnsupportedError, match="TGate cannot run with diffusers' SeaCache"):
+                attnctl.apply(pipe, attnctl.TGate(gate_step=2))
+        finally:
+            pipe.transformer.disable_cache()
+
+    class FutureCacheHook(ModelHook):
+        _is_stateful = True
+
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer.blocks[0])
+    registry.register_hook(FutureCacheHook(), "future_cache_block")
+    try:
+        with pytest.raises(UnsupportedError, match="'future_cache_block' \\(a stateful diffusers hook, taken for a cache\\)"):
+            attnctl.apply(pipe, attnctl.TGate(gate_step=2))
+    finally:
+        registry.remove_hook("future_cache_block")
+    with attnctl.apply(pipe, attnctl.TGate(gate_step=2)):
+        pass

@@ -198,6 +198,10 @@ class DenoiserHooks:
         bound = inspect.BoundArguments(self.signature, inputs)
         return bound.args, bound.kwargs
 
+    def _cache_states(self) -> dict[Any, Any] | None:
+        call = self.runtime.call
+        return None if call is None else call.cache_states
+
     def call_with(self, inputs: dict[str, Any], frame: DenoiserCall) -> Any:
         """An extra forward of attnctl's own (separate perturbations, second passes) with `frame` set."""
         wrapper = stateful_forward(self.module)
@@ -213,7 +217,7 @@ class DenoiserHooks:
         self.runtime.enter(frame)
         if self.compiled:
             self.runtime.prefill_edits(self.processors, self.module)
-        restore = keyed_cache_context(self.module, f"pass:{_layout_key(frame.rows)}")  # not the pipeline's cache state
+        restore = keyed_cache_context(self.module, f"pass:{_layout_key(frame.rows)}", self._cache_states())  # not the pipeline's
         try:
             return self.module(*args, **kwargs)
         finally:
@@ -276,7 +280,7 @@ class DenoiserHooks:
         if self.compiled and self._reused is None:  # a reused call runs no layer: no edits (eager asks for none)
             runtime.prefill_edits(self.processors, module)
         if call_frame is not pending.frame or outer is not None:  # a batch of attnctl's: diffusers' caches keyed apart
-            pending.restore = keyed_cache_context(module, _layout_key(call_frame.rows))
+            pending.restore = keyed_cache_context(module, _layout_key(call_frame.rows), self._cache_states())
         self._pending = pending
         if call_inputs is given:
             return None

@@ -54,6 +54,7 @@ class PipelineCallState:
     pixels: tuple[int, int] | None = None  # (height, width) the pipeline's check_inputs got, when it names them
     owner: CallOwner | None = None  # the pipeline's `__call__` running this call (None where it was not found)
     finished: bool = False  # its bound controls have finished
+    cache_states: dict[Any, Any] = field(default_factory=dict)  # diffusers hooks' plain states per batch of attnctl's
 
     @property
     def record(self) -> PromptRecord:
