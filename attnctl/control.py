@@ -241,6 +241,10 @@ class BindContext:
     dtype: Any
     outputs: dict[str, Any]  # results a control publishes for the handle (maps, reports), by key
     layers: tuple[LayerInfo, ...] = ()  # the layers this control resolved to at apply time
+    # the text length of each branch's rows ("cond", "uncond"): Qwen-Image encodes the negative prompt by a call of its
+    # own, padded to its own longest prompt, so its denoiser calls have another text length than the prompt's; a
+    # branch not named has `canvas.text_len` (`text_len_of`)
+    text_lens: Mapping[str, int] = field(default_factory=dict, compare=False)
     # The denoiser call in progress (None between calls), for code that runs outside attention layers
     # (instance-level wraps of transformer blocks: skip-layer guidance).
     current_frame: Callable[[], DenoiserCall | None] = field(default=lambda: None, compare=False, repr=False)
@@ -301,6 +305,10 @@ class BindContext:
         """The pipeline's `encode_prompt` call says classifier-free guidance is off (SD, SDXL, Wan with
         guidance_scale <= 1): the call has no uncond rows. False where the call does not say (Flux's true CFG)."""
         return bool(self.prompt_arguments) and self.prompt_arguments[0].get("do_classifier_free_guidance") is False
+
+    def text_len_of(self, branch: str) -> int:
+        """The text length of `branch`'s rows ("cond" or "uncond"; `text_lens`)."""
+        return self.text_lens.get(branch, self.canvas.text_len)
 
     def geometry(self, layer: LayerInfo) -> Geometry:
         return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)

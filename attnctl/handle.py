@@ -456,13 +456,16 @@ class Handle:
         signature = inspect.signature(method.__get__(self.pipeline) if method is not None else original)  # wrapper may take *a, **k
 
         def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            if not self.runtime.internal:
-                if self.runtime.call is None or self.runtime.call.frames:
-                    self.verify()
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                self.runtime.record_encode(dict(bound.arguments))
-            return original(*args, **kwargs)
+            if self.runtime.internal:
+                return original(*args, **kwargs)
+            if self.runtime.call is None or self.runtime.call.frames:
+                self.verify()
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            index = self.runtime.record_encode(dict(bound.arguments))
+            out = original(*args, **kwargs)
+            self.runtime.record_encoded(index, out)  # its text length (a separately encoded negative prompt's own)
+            return out
 
         return encode_prompt
 

@@ -451,6 +451,106 @@ def test_qwenimage_isolation_in_a_negative_call_with_its_own_text_length(name, t
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+#: Qwen-Image negative prompts shorter and longer than the prompts (each call is padded to its own longest prompt);
+#: the longer one holds "red" past the prompts' text length
+QWEN_NEGATIVES = {"shorter": "a red street", "longer": "a blurry photo of a car on a wet street at night with a dog and a red sign"}
+QWEN_PROMPTS = ["a red cat on the street", "a photo of a red car on the street"]
+
+
+def _qwen_reweighted(record, texts, table, branch, tokenizer, normalize=False):
+    """The output of one recorded Qwen-Image joint attention call by the definition (docs/methods.md "Reweight"): the
+    image-query rows' probabilities over the weighted words' text keys times the factor (or softmax(logits + log w)),
+    on the rows of `branch`, the words looked up in each row's own text (`texts[branch][prompt]`); the text length is
+    the call's own (its queries less the 64 image tokens)."""
+    q, k, v = (record[x].double() for x in ("q", "k", "v"))
+    n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
+    text_len = n_q - IMAGE_TOKENS
+    logits = q @ k.transpose(-1, -2) / d**0.5
+    if record["mask"] is not None:
+        mask = record["mask"]
+        logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask.double())
+    w = torch.ones(q.shape[0], n_k, dtype=torch.float64)
+    for b, row in enumerate(record["rows"].rows):
+        if branch not in (row.branch, "both"):
+            continue
+        for word, factor in table.items():
+            positions = _t5_positions(tokenizer, texts[row.branch][row.prompt], word)
+            assert positions and max(positions) < text_len, (word, positions, text_len)
+            w[b, positions] *= factor
+    image_rows = slice(text_len, n_q)
+    if normalize:
+        bias = torch.zeros(q.shape[0], 1, n_q, n_k, dtype=torch.float64)
+        bias[:, :, image_rows] = torch.log(w)[:, None, None, :]
+        return torch.softmax(logits + bias, -1) @ v
+    probs = torch.softmax(logits, -1)
+    probs[:, :, image_rows] = probs[:, :, image_rows] * w[:, None, None, :]
+    return probs @ v
+
+
+@pytest.mark.parametrize("negative", list(QWEN_NEGATIVES))
+@pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])
+def test_qwenimage_reweight_each_branch_on_a_negative_prompt_of_its_own_length(name, negative, tiny):
+    """Qwen-Image encodes the negative prompt by a call of its own, padded to its own longest prompt (README: "the cond
+    and uncond texts may have different lengths"): Reweight with branch "cond", "uncond" and "both" matches the
+    definition call by call, the negative prompt's words placed in its own text. It raised CallLayoutError ("bound to
+    16 text tokens, layer ... has 13") for a shorter negative prompt, and for a word of a longer one past the prompts'
+    length a TokenError that said the pipeline truncates it."""
+    pipe = tiny(name)
+    neg = QWEN_NEGATIVES[negative]
+    table = {"red": 3.0, "street": 0.5}
+    texts = {"cond": QWEN_PROMPTS, "uncond": [neg, neg]}
+    for branch in ("cond", "uncond", "both"):
+        spy = Spy(layers="joint")
+        with attnctl.apply(pipe, [attnctl.Reweight(table, branch=branch), spy]) as handle:
+            generate(pipe, name, prompt=QWEN_PROMPTS, steps=2, negative_prompt=neg)
+        assert {record["layer"].name for record in spy.log} == {layer.name for layer in handle.adapter.layers}
+        lengths = {record["rows"].rows[0].branch: record["q"].shape[2] - IMAGE_TOKENS for record in spy.log}
+        assert set(lengths) == {"cond", "uncond"}
+        assert (lengths["uncond"] < lengths["cond"]) if negative == "shorter" else (lengths["uncond"] > lengths["cond"])
+        if negative == "longer":  # the case of the false truncation: a weighted word past the prompts' text length
+            assert max(_t5_positions(pipe.tokenizer, neg, "red")) >= lengths["cond"]
+        changed = set()
+        for record in spy.log:
+            expected = _qwen_reweighted(record, texts, table, branch, pipe.tokenizer)
+            torch.testing.assert_close(record["out"].double(), expected, rtol=1e-5, atol=1e-6)
+            plain = _qwen_reweighted(record, texts, {}, branch, pipe.tokenizer)
+            if (expected - plain).abs().max() > 1e-4:
+                changed.add(record["rows"].rows[0].branch)
+        assert changed == ({"cond", "uncond"} if branch == "both" else {branch}), (branch, changed)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])
+def test_qwenimage_reweight_refuses_what_is_not_in_the_negative_prompts_own_text(name, tiny):
+    """Token limits per branch as the pipeline encoded it: a word not in the negative prompt, and a token position past
+    the negative prompt's own (shorter) text, are TokenErrors that say so (the position was checked against the prompt's
+    length and then failed inside the denoiser with an internal layout error); a position inside the negative prompt's
+    longer text is controlled."""
+    pipe = tiny(name)
+    short, long = QWEN_NEGATIVES["shorter"], QWEN_NEGATIVES["longer"]
+    for branch in ("uncond", "both"):
+        with attnctl.apply(pipe, [attnctl.Reweight({"on": 2.0}, branch=branch)]):
+            with pytest.raises(attnctl.TokenError, match="'on' is not in the uncond prompt"):
+                generate(pipe, name, prompt=QWEN_PROMPTS, steps=1, negative_prompt=short)
+    _, calls = record(pipe, name, prompt=QWEN_PROMPTS, steps=1, negative_prompt=short)
+    cond_len, uncond_len = (call["kwargs"]["encoder_hidden_states"].shape[1] for call in calls)
+    assert uncond_len < cond_len
+    with attnctl.apply(pipe, [attnctl.Reweight({uncond_len: 2.0}, branch="uncond")]):
+        with pytest.raises(attnctl.TokenError, match=f"token position {uncond_len} is outside the text sequence of {uncond_len} tokens"):
+            generate(pipe, name, prompt=QWEN_PROMPTS, steps=1, negative_prompt=short)
+    # a position past the prompts' length, inside the longer negative prompt's text: reweighted there
+    _, calls = record(pipe, name, prompt=QWEN_PROMPTS, steps=1, negative_prompt=long)
+    cond_len, uncond_len = (call["kwargs"]["encoder_hidden_states"].shape[1] for call in calls)
+    assert uncond_len > cond_len
+    spy = Spy(layers="joint")
+    with attnctl.apply(pipe, [attnctl.Reweight({cond_len: 0.0}, branch="uncond"), spy]):
+        generate(pipe, name, prompt=QWEN_PROMPTS, steps=1, negative_prompt=long)
+    for each in spy.log:
+        if each["rows"].rows[0].branch == "uncond":
+            probs = torch.softmax(each["q"].double() @ each["k"].double().transpose(-1, -2) / each["q"].shape[-1] ** 0.5, -1)
+            probs[:, :, uncond_len:, cond_len] = 0.0
+            torch.testing.assert_close(each["out"].double(), probs @ each["v"].double(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [pytest.param("tiny-qwenimage", marks=_needs("tiny-qwenimage"))])
 def test_qwenimage_pag_against_a_dense_mask_reference(name):
     """Without true CFG (the pipeline rescales a true-CFG combination by the cond norm): cond + D exactly."""

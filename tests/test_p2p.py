@@ -155,7 +155,8 @@ def test_linked_attention_matches_the_eager_reference(kind, cross, self_, refine
     mapper = torch.rand(4, text_len, text_len) if text_len else torch.zeros(4, 0, 0)
     own = torch.rand(4, text_len) if refine else torch.zeros(4, text_len)
     index = RowIndex()
-    plan = _Plan((1, 2, 4, 5), (0, 0, 3, 3), index((1, 2, 4, 5)), index((0, 0, 3, 3)), (0, 0, 0, 3, 3, 3), mapper, own, not refine)
+    plan = _Plan((1, 2, 4, 5), (0, 0, 3, 3), index((1, 2, 4, 5)), index((0, 0, 3, 3)), (0, 0, 0, 3, 3, 3), mapper, own, not refine,
+                 text_len=text_len)
 
     class Bound:
         text_len = LAYOUTS[kind][2]
@@ -189,7 +190,7 @@ def test_joint_layer_rows_reuse_one_derived_label_mask():
     labels = LabelMask(torch.randint(0, 2, (4, n)), torch.randint(0, 2, (4, n)), torch.zeros(1, 2, 2))
     index = RowIndex()
     plan = _Plan((1, 3), (0, 2), index((1, 3)), index((0, 2)), (0, 0, 2, 2), torch.rand(2, text_len, text_len),
-                 torch.rand(2, text_len), False)
+                 torch.rand(2, text_len), False, text_len=text_len)
 
     class Bound:
         text_len = LAYOUTS["joint"][2]
@@ -274,6 +275,35 @@ def test_tables_hold_the_word_swap_and_the_equalizer(tiny_cache):
     assert mapper[1, red, red] == 1.0  # "red" (base) -> "blue" (edited) at the same position
     assert mapper[1, street, street] == 3.0 and zero  # reweighted, and replace keeps none of its own map
     assert bound.tables["uncond"][0] is None  # the same negative prompt: identity
+
+
+@pytest.mark.skipif(not available("tiny-qwenimage"), reason="tiny-qwenimage needs a newer diffusers")
+@pytest.mark.parametrize("negatives", [("a red street", "a blue street"),
+                                       ("a blurry photo of a car on a wet street", "a blurry photo of a big car on a wet street at night")],
+                         ids=["shorter", "longer"])
+def test_qwenimage_uncond_tables_have_the_negative_prompts_own_text_length(negatives, tiny_cache):
+    """Qwen-Image encodes the negative prompts by a call of their own, padded to their own longest: with branch="both"
+    and a negative prompt per row, the uncond rows' refinement tables align the negative prompts' tokens over that
+    call's text length, and the uncond denoiser calls run with them. It raised CallLayoutError ("bound to 16 text
+    tokens, layer ... has 13"): the tables had the prompts' length."""
+    name = "tiny-qwenimage"
+    pipe = tiny_cache(name)
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt("refine", branch="both")]) as handle:
+        edited = generate(pipe, name, [BASE, "a blue cat sitting on the street"], steps=2, negative_prompt=list(negatives))
+        bound = handle.runtime.last_call.bound[0]
+    assert torch.isfinite(edited).all()
+    ids = [pipe.tokenizer(text)["input_ids"] for text in negatives]
+    encoded = pipe.encode_prompt(list(negatives), device="cpu")[0].shape[1]  # the negative call's own text length
+    assert encoded != bound.text_len and bound.text_lens["uncond"] == encoded
+    mapper, own, _ = bound.tables["uncond"]
+    assert mapper.shape == (2, encoded, encoded) and own.shape == (2, encoded)
+    expected_mapping, expected_alpha = refinement_mapper(ids[0], ids[1], encoded)
+    for j, (m, a) in enumerate(zip(expected_mapping, expected_alpha)):  # P2P's refinement of row 1 from row 0
+        column = torch.zeros(encoded)
+        if m >= 0:
+            column[m] = a
+        assert torch.equal(mapper[1, :, j].cpu(), column), j
+        assert own[1, j] == 1.0 - a
 
 
 # -- every family ---------------------------------------------------------------------------------------------------

@@ -280,7 +280,10 @@ class ReweightBound(Bound):
     def __init__(self, control: Reweight, context: BindContext):
         super().__init__(control, context.layers, control.steps)
         self.normalize = control.normalize
-        self.text_len = context.canvas.text_len
+        self.text_len = context.canvas.text_len  # the cond rows' (the call the control is bound at)
+        # each branch's own text length: Qwen-Image's negative prompt is encoded by a call of its own, padded to its own
+        # longest prompt, so its denoiser calls have another text length; each table has its branch's length
+        self.text_lens: dict[str, int] = {}
         self.device = context.device
         count = context.steps
         self.active_steps = tuple(i for i in range(count) if StepInfo(i, count).inside(control.steps))
@@ -302,7 +305,7 @@ class ReweightBound(Bound):
             [factor_values(w.factor, self.active_steps, count, f"Reweight factor of {describe_query(w.query)}") for w in table]
             for table in tables
         ]
-        # weights[branch]: (active steps, prompt rows, text_len) on the CPU; identity[branch][k]: all ones
+        # weights[branch]: (active steps, prompt rows, the branch's text length) on the CPU; identity[branch][k]: all ones
         self.weights: dict[str, torch.Tensor] = {}
         self.identity: dict[str, list[bool]] = {}
         for branch in branches:
@@ -311,14 +314,15 @@ class ReweightBound(Bound):
             tokens = _tokens_for(context, branch, tables)
             if tokens is _NO_ROWS:
                 continue
+            text_len = self.text_lens[branch] = context.text_len_of(branch)
             # built in Python floats rounded to float32 after every product, exactly as float32 tensors would
             # hold it: one tensor made from host data, and no tensor read to find the identity steps
-            cells = [[[1.0] * self.text_len for _ in range(rows)] for _ in self.active_steps]
+            cells = [[[1.0] * text_len for _ in range(rows)] for _ in self.active_steps]
             for row in range(rows):
                 t = row // per_prompt if len(tables) > 1 else 0
                 for weight, per_step in zip(tables[t], values[t]):
-                    positions = _positions(tokens, weight.query, row, self.text_len)
-                    touched = {p % self.text_len if p < 0 else p for p in positions}
+                    positions = _positions(tokens, weight.query, row, text_len)
+                    touched = {p % text_len if p < 0 else p for p in positions}
                     for k, factor in enumerate(per_step):
                         factor, line = _f32(float(factor)), cells[k][row]
                         for p in touched:
@@ -331,7 +335,7 @@ class ReweightBound(Bound):
                                 )
             if self.normalize:
                 _check_not_all_muted(cells, branch, self.active_steps, context)
-            grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, self.text_len)
+            grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, text_len)
             self.weights[branch] = grid
             self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
         self.no_uncond_rows = control.branch == "uncond" and (not self.weights or context.cfg_off)
@@ -351,7 +355,8 @@ class ReweightBound(Bound):
         return super().idle_reason(count)
 
     def weights_at(self, step: int, branch: str = "cond") -> torch.Tensor | None:
-        """(prompt rows, text_len) factors at step index `step` for `branch`; None outside the step window."""
+        """(prompt rows, the branch's text length) factors at step index `step` for `branch`; None outside the step
+        window."""
         k = self._step_slot.get(step)
         if k is None or branch not in self.weights:
             return None
@@ -362,20 +367,16 @@ class ReweightBound(Bound):
         k = self._step_slot.get(step)
         if k is None:
             return None
-        # a branch with no rows in this call changes nothing here (Qwen-Image's separate uncond call may have
-        # another text length than the cond call the control was bound to)
+        # a branch with no rows in this call changes nothing here
         live = [b for b, identity in self.identity.items() if not identity[k]]
         if not any(frame.rows.indices(b) for b in live):
             return None
         geometry = frame.geometry(layer)
         key_text = geometry.key_text_slice
         # keys from the frame's geometry: another control may have appended text tokens (Regions on SD3 / Flux puts
-        # region prompts after the base text); the weights stay on the base text, the first `text_len` text keys
+        # region prompts after the base text); the weights stay on the base text, the first text keys, as many as
+        # the row's branch has (Qwen-Image's negative prompt call has its own text length)
         n_keys = geometry.text_len if layer.kind == "cross" else geometry.image_len + geometry.text_len
-        if geometry.text_len < self.text_len:
-            raise CallLayoutError(
-                f"attnctl: Reweight was bound to {self.text_len} text tokens, layer {layer.name} has {geometry.text_len}"
-            )
         key = (frame.rows.rows, key_text.start, n_keys, layer.kind == "cross" or (geometry.image_slice.start, geometry.image_slice.stop))
         cached = self._cache.get((k, key), _UNSET)
         if cached is _UNSET:
@@ -383,6 +384,7 @@ class ReweightBound(Bound):
                 cached = None  # no row of this call has a branch with weights at this step: stock attention
             else:
                 if key not in self._scales:
+                    self._check_text_len(frame, layer, geometry.text_len)
                     self._scales[key] = self._scale(frame, key_text, n_keys)
                 image_rows = None if layer.kind == "cross" else geometry.image_slice
                 query_range = None if image_rows is None else (image_rows.start, image_rows.stop)
@@ -391,26 +393,32 @@ class ReweightBound(Bound):
             self._cache[(k, key)] = cached
         return cached
 
+    def _check_text_len(self, frame: DenoiserCall, layer: LayerInfo, text_len: int) -> None:
+        """Each weighted row's table fits the text keys of this denoiser call: a call whose text is shorter than its
+        rows' branch was encoded with is a layout attnctl does not know (once per row layout, on the host)."""
+        for branch in {row.branch for row in frame.rows.rows if row.branch in self.weights}:
+            if text_len < self.text_lens[branch]:
+                raise CallLayoutError(
+                    f"attnctl: Reweight's {branch} rows were encoded with {self.text_lens[branch]} text tokens, but layer "
+                    f"{layer.name} has {text_len} in this denoiser call"
+                )
+
     def _scale(self, frame: DenoiserCall, key_text: slice, n_keys: int) -> torch.Tensor:
         """(active steps, B, n_keys) value scales (log: key biases with `normalize`) of a row layout, every step
-        at once: a few operations per call instead of a few per step and layer. A branch that is the identity at a
+        at once: a few operations per call instead of a few per step and layer. Each row's weights cover its branch's
+        text (Qwen-Image's negative prompt call has its own length), ones elsewhere. A branch that is the identity at a
         step has all-ones weights there, so its rows are the same as the ones they used to get."""
-        ones = None
-        per_row = []
-        for row in frame.rows.rows:
-            table = self._on_device.get(row.branch)
-            if table is None:
-                if ones is None:
-                    ones = torch.ones(len(self.active_steps), self.text_len, device=self.device)
-                per_row.append(ones)
-            else:
-                per_row.append(table[:, row.prompt])
-        text = torch.stack(per_row, dim=1)  # (steps, B, text_len)
-        if n_keys == self.text_len and key_text.start == 0:
-            scale = text
+        per_row = [(self._on_device.get(row.branch), row.prompt) for row in frame.rows.rows]
+        lengths = {table.shape[-1] for table, _ in per_row if table is not None}
+        steps = len(self.active_steps)
+        if lengths == {n_keys} and key_text.start == 0 and all(table is not None for table, _ in per_row):
+            scale = torch.stack([table[:, prompt] for table, prompt in per_row], dim=1)  # (steps, B, text_len)
         else:
-            scale = torch.ones(len(self.active_steps), len(per_row), n_keys, device=self.device)
-            scale[:, :, key_text.start : key_text.start + self.text_len] = text
+            scale = torch.ones(steps, len(per_row), n_keys, device=self.device)
+            start = key_text.start
+            for b, (table, prompt) in enumerate(per_row):
+                if table is not None:
+                    scale[:, b, start : start + table.shape[-1]] = table[:, prompt]
         return torch.log(scale) if self.normalize else scale
 
 

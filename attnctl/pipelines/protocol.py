@@ -250,6 +250,18 @@ def encoder_prompts(
     return encoders
 
 
+def branch_text_len(protocol: CallProtocol, record: PromptRecord, lengths: list[int | None], text_len: int, branch: str) -> int:
+    """The text length of `branch`'s rows: the length of the negative prompt's own `encode_prompt` call where the
+    protocol encodes it separately (Flux true CFG, Qwen-Image, Flux.2: Qwen-Image pads each call to its longest
+    prompt, so the two calls' lengths differ), else `text_len` (the denoiser call the controls are bound at: one
+    encoding holds both prompts, padded alike)."""
+    if branch == "uncond" and protocol.cfg_source == "contexts" and len(record.arguments) >= 2 and len(lengths) >= 2:
+        found = lengths[1]
+        if found is not None:
+            return found
+    return text_len
+
+
 def encoded_texts(pipeline: Any, tokenizer: Any, texts: list[str], arguments: dict[str, Any]) -> list[str]:
     """`texts` as the pipeline's `encode_prompt` hands them to `tokenizer`, so that word positions are those
     of the tokens the text encoder sees: PixArt's caption preprocessing (`_text_preprocessing(prompt,

@@ -34,7 +34,7 @@ from ..steps import StepInfo
 from ..tokens import PromptTokens
 from .denoiser import rebatch
 from .prompts import encode_prompts
-from .protocol import CallProtocol, PromptRecord, base_rows, encoder_prompts, sequential_branch
+from .protocol import CallProtocol, PromptRecord, base_rows, branch_text_len, encoder_prompts, sequential_branch
 
 
 @dataclass
@@ -42,6 +42,9 @@ class PipelineCallState:
     """Everything about one pipeline call; replaced wholesale at the next call's start."""
 
     encode_calls: list[dict[str, Any]] = field(default_factory=list)
+    # the text length (tokens) of the embeddings each of those calls returned (None: not known, or it raised): the
+    # negative prompt's own call may have another length than the prompt's (Qwen-Image pads each call to its longest)
+    encode_lengths: list[int | None] = field(default_factory=list)
     positions_done: int = 0  # scheduler.step calls so far
     num_positions: int | None = None
     order: int = 1
@@ -168,7 +171,7 @@ class Runtime:
             "pipeline and handle"
         )
 
-    def record_encode(self, arguments: dict[str, Any]) -> None:
+    def record_encode(self, arguments: dict[str, Any]) -> int:
         owner = self.call.owner if self.call is not None else None
         if owner is not None and owner.thread != threading.get_ident() and owner.running():
             self._refuse_other_thread()
@@ -188,6 +191,18 @@ class Runtime:
             if isinstance(per_prompt, int) and not isinstance(per_prompt, bool) and per_prompt > 1:
                 recorded["num_images_per_prompt"] = per_prompt
         self.call.encode_calls.append(recorded)
+        self.call.encode_lengths.append(None)
+        return len(self.call.encode_calls) - 1
+
+    def record_encoded(self, index: int, out: Any) -> None:
+        """The text length of what the call's `index`-th `encode_prompt` returned (its embeddings come first: a
+        (prompts, tokens, channels) tensor in every supported pipeline); a shape, read without a device sync."""
+        call = self.call
+        if call is None or not 0 <= index < len(call.encode_lengths):
+            return
+        embeds = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
+            call.encode_lengths[index] = int(embeds.shape[1])
 
     def scheduler_stepped(self) -> None:
         if self.call is not None:
@@ -399,11 +414,14 @@ class Runtime:
     def _bind(self, call: PipelineCallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
         record = call.record
         pipe = self.pipeline
-        cond_prompts = encoder_prompts(self.protocol, pipe, record, canvas.text_len, "cond")
-        uncond_prompts = encoder_prompts(self.protocol, pipe, record, canvas.text_len, "uncond")
+        # each branch's text length: the negative prompt encoded by a call of its own has that call's length
+        text_lens = {branch: branch_text_len(self.protocol, record, call.encode_lengths, canvas.text_len, branch)
+                     for branch in ("cond", "uncond")}
+        cond_prompts = encoder_prompts(self.protocol, pipe, record, text_lens["cond"], "cond")
+        uncond_prompts = encoder_prompts(self.protocol, pipe, record, text_lens["uncond"], "uncond")
         prompt_rows = record.prompt_rows()
-        tokens = PromptTokens(cond_prompts, prompt_rows, canvas.text_len, "cond") if cond_prompts else None
-        negative = PromptTokens(uncond_prompts, prompt_rows, canvas.text_len, "uncond") if uncond_prompts else None
+        tokens = PromptTokens(cond_prompts, prompt_rows, text_lens["cond"], "cond") if cond_prompts else None
+        negative = PromptTokens(uncond_prompts, prompt_rows, text_lens["uncond"], "uncond") if uncond_prompts else None
         sample = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
         context = BindContext(
             adapter=self.adapter,
@@ -413,6 +431,7 @@ class Runtime:
             prompt_rows=prompt_rows,
             tokens=tokens,
             negative_tokens=negative,
+            text_lens=text_lens,
             backend=self.backend,
             pipeline=pipe,
             device=sample.device if sample is not None else torch.device("cpu"),

@@ -336,6 +336,7 @@ class _Plan:
     own_text: torch.Tensor  # (E, T) (1 - a) w per target
     own_text_zero: bool  # the edited rows keep none of their own cross-attention (replace)
     cross: bool = True  # some target row has a text column inside its cross-attention window
+    text_len: int = 0  # T: the text length of the target rows' branch (Qwen-Image's negative prompt has its own)
 
 
 class PromptToPromptBound(Bound):
@@ -348,7 +349,7 @@ class PromptToPromptBound(Bound):
         self.adapter = context.adapter
         self.device = context.device
         self.count = context.steps
-        self.text_len = context.canvas.text_len
+        self.text_len = context.canvas.text_len  # the cond rows' (the prompts'); each branch's own in `text_lens`
         self.rows = context.prompt_rows
         self.per_prompt = _per_prompt(context)
         if self.rows % self.per_prompt or self.rows // self.per_prompt < 2:
@@ -368,6 +369,10 @@ class PromptToPromptBound(Bound):
         weights = self._equalizer(tokens)
         self.tables: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
         self._host_tables: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+        # each branch's text length: Qwen-Image encodes the negative prompt by a call of its own, padded to its own
+        # longest prompt, so the uncond rows' tables have that length
+        self.text_lens = {branch: context.text_len_of(branch) for branch in ("cond", "uncond")}
+        self.text_lens["cond"] = self.text_len
         for branch in ("cond", "uncond") if control.branch == "both" else ("cond",):
             source = tokens if branch == "cond" else context.negative_tokens
             host = self._host_tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
@@ -439,8 +444,9 @@ class PromptToPromptBound(Bound):
         return out
 
     def _tables(self, tokens: Any, weights: dict[int, torch.Tensor] | None, branch: str):
-        """(mapper (rows, T, T) or None for identity, own text scale (rows, T), own all zero) of one branch."""
-        t = self.text_len
+        """(mapper (rows, T, T) or None for identity, own text scale (rows, T), own all zero) of one branch (T: its
+        text length)."""
+        t = self.text_lens[branch]
         mappers = torch.eye(t).repeat(self.rows, 1, 1)
         own = torch.zeros(self.rows, t)
         for row in self.edited:
@@ -551,7 +557,7 @@ class PromptToPromptBound(Bound):
             else:
                 found = (edited.numpy().tobytes(), uncond)
                 if found not in self._window_tables:
-                    full = torch.zeros_like(alpha)
+                    full = torch.zeros(self.rows, self.text_lens["uncond"], dtype=torch.bool)
                     full[list(self.edited)] = uncond
                     self._window_tables[found] = {
                         branch: self._masked_tables(branch, alpha if branch == "cond" else full) for branch in self.tables
@@ -566,7 +572,7 @@ class PromptToPromptBound(Bound):
         if bool(alpha[list(self.edited)].all()):
             return self.tables[branch] + (on,)
         mapper, own, _ = self._host_tables[branch]
-        t = self.text_len
+        t = self.text_lens[branch]
         full = torch.eye(t).expand(self.rows, t, t) if mapper is None else mapper
         masked = full * alpha[:, None, :]
         kept = torch.where(alpha, own, torch.ones(()))
@@ -617,18 +623,22 @@ class PromptToPromptBound(Bound):
         permuted = tuple(link if link is not None else i for i, link in enumerate(links))
         mapper, own, zero = [], [], True
         identity, cross = True, False
+        lengths = {self.text_lens[rows.rows[i].branch] for i in targets}
+        if len(lengths) > 1:  # one denoiser call has one text length; its rows' branches were encoded alike
+            raise CallLayoutError(f"attnctl: PromptToPrompt's rows {rows.rows} hold texts of different lengths {sorted(lengths)}")
+        text_len = lengths.pop()
         for i in targets:
             row = rows.rows[i]
             table, scale, table_zero = tables[row.branch][:3]
             identity = identity and table is None
-            mapper.append(torch.eye(self.text_len, device=self.device) if table is None else table[row.prompt])
+            mapper.append(torch.eye(text_len, device=self.device) if table is None else table[row.prompt])
             own.append(scale[row.prompt])
             zero = zero and table_zero
             cross = cross or window == "all" or (window is not None and tables[row.branch][3][row.prompt])
         index = (lambda positions: torch.tensor(positions, device=device)) if tracing else (lambda positions: self.index(positions, device))
         plan = _Plan(
             targets, sources, index(targets), index(sources), permuted,
-            None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero, cross,
+            None if identity else torch.stack(mapper).to(device), torch.stack(own).to(device), zero, cross, text_len,
         )
         if not tracing:
             self._plans[key] = plan
@@ -836,13 +846,13 @@ class _LinkHook(LayerHook):
         text_k = layout.text_k if layout.text_k is not None and layout.text_k.stop > layout.text_k.start else None
         image_k = layout.image_k if layout.image_k.stop > layout.image_k.start else None
         own_text = plan.own_text
-        if cross and text_k is not None and text_k.stop - text_k.start != self.bound.text_len:
+        if cross and text_k is not None and text_k.stop - text_k.start != plan.text_len:
             if plan.mapper is None and plan.own_text_zero:  # identity links (the same negative prompt): any length
                 own_text = own_text.new_zeros(own_text.shape[0], text_k.stop - text_k.start)
-            else:
+            else:  # the tables have the text length each branch was encoded with: another one is not a known layout
                 raise CallLayoutError(
-                    f"attnctl: PromptToPrompt was bound to {self.bound.text_len} text tokens, layer {call.layer.name} has "
-                    f"{text_k.stop - text_k.start}"
+                    f"attnctl: PromptToPrompt's {call.rows.rows[plan.targets[0]].branch} rows were encoded with "
+                    f"{plan.text_len} text tokens, layer {call.layer.name} has {text_k.stop - text_k.start}"
                 )
         targets, sources = plan.target_index, plan.source_index
         v_t = v.index_select(0, targets)
