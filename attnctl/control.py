@@ -303,7 +303,7 @@ class BindContext:
         return bool(self.prompt_arguments) and self.prompt_arguments[0].get("do_classifier_free_guidance") is False
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.trailing_len)
 
 
 class Bound:
