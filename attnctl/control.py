@@ -311,7 +311,7 @@ class BindContext:
         return self.text_lens.get(branch, self.canvas.text_len)
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.trailing_len)
 
 
 class Bound:

@@ -208,4 +208,4 @@ class DenoiserCall:
     compiled: bool = False
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.reference_len)
+        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.trailing_len)

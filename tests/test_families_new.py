@@ -1273,3 +1273,153 @@ def test_reweight_tables_per_prompt_count_the_videos_per_prompt():
     with attnctl.apply(pipe, [attnctl.Reweight([{"cat": 2.0}, {"cat": 0.5}])]):
         with pytest.raises(attnctl.ConfigError, match="1 prompt\\(s\\) x 2"):
             generate(pipe, "tiny-wan", prompt="a cat", steps=1, num_videos_per_prompt=2)
+
+
+# -- Z-Image: captions of different padded lengths, image tokens padded to a multiple of 32 ----------------------
+
+ZIMAGE = "tiny-zimage"
+#: Its chat-templated caption has 46 tokens and pads to 64; the empty negative prompt's has 15 and pads to 32.
+ZIMAGE_LONG = "a red cat " + "on the street " * 8 + "under a blue sky"
+#: Per layout, the call's options: captions padding to different lengths per CFG row (64 and 32), a 32x40 image whose
+#: 8x10 = 80 tokens the transformer pads to 96 (16 padding tokens between the image and the text), and both.
+ZIMAGE_LAYOUTS = {
+    "mixed-captions": dict(prompt=ZIMAGE_LONG, max_sequence_length=128),
+    "padded-image": dict(prompt="a red cat", height=32, width=40),
+    "both": dict(prompt=ZIMAGE_LONG, max_sequence_length=128, height=32, width=40),
+}
+
+
+@pytest.fixture(scope="module")
+def wide_zimage():
+    """tiny-zimage with a RoPE table long enough for a 64-token caption (axes_lens 256), so that stock runs it."""
+    if not available(ZIMAGE):
+        pytest.skip("needs diffusers with ZImagePipeline")
+    from diffusers import ZImageTransformer2DModel
+
+    pipe = make_tiny_pipeline(ZIMAGE)
+    config = {key: value for key, value in dict(pipe.transformer.config).items() if not key.startswith("_")}
+    config["axes_lens"] = [256, 32, 32]
+    torch.manual_seed(0)
+    pipe.transformer = ZImageTransformer2DModel(**config).eval()
+    return pipe
+
+
+@pytest.mark.parity
+@pytest.mark.filterwarnings("ignore:.*is idle in this call")
+@pytest.mark.parametrize(
+    "layout, guidance",
+    [("mixed-captions", 4.0), ("padded-image", 4.0), ("padded-image", 0.0), ("both", 4.0), ("both", 0.0)],
+    ids=["mixed-captions-cfg", "padded-image-cfg", "padded-image-no-cfg", "both-cfg", "both-no-cfg"],  # one row: one caption
+)
+def test_zimage_padded_layouts_are_bitwise_stock_without_controls_and_with_idle_ones(wide_zimage, layout, guidance):
+    """The first rule on Z-Image's padded layouts: apply with no controls, and controls that are idle (scale 0, factor 1,
+    a step window the call does not reach), give stock's output bitwise. Both layouts used to raise CallLayoutError."""
+    pipe, options = wide_zimage, ZIMAGE_LAYOUTS[layout]
+    stock = generate(pipe, ZIMAGE, guidance=guidance, **options)
+    idle = ([], [attnctl.PAG(scale=0.0)], [attnctl.SEG(scale=0.0)], [attnctl.Reweight({"cat": 1.0})],
+            [attnctl.Reweight({"cat": 2.0}, steps=(0.9, 1.0))])
+    for controls in idle:
+        with attnctl.apply(pipe, controls):
+            assert torch.equal(generate(pipe, ZIMAGE, guidance=guidance, **options), stock), controls
+    assert torch.equal(generate(pipe, ZIMAGE, guidance=guidance, **options), stock)
+
+
+class RefZImageReweight:
+    """docs/methods.md "Reweight" in Z-Image's single-stream attention, in the transformer's own token order (image,
+    image padding, caption, batch padding) and with its mask: the image queries of the rows in `weights` ({row:
+    {caption position: factor}}) see their probabilities over those caption keys times the factor (normalize:
+    softmax(logits + log w) instead); qk-norm and RoPE as the stock processor."""
+
+    def __init__(self, image_tokens: int, text_start: int, weights: dict, normalize: bool):
+        self.n, self.text_start, self.weights, self.normalize = image_tokens, text_start, weights, normalize
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        from .test_zimage_guidance import _rotary
+
+        def heads(t):
+            return t.unflatten(-1, (attn.heads, -1))
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k = _rotary(q, freqs_cis), _rotary(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2).double() for t in (q, k, v))
+        logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
+        w = torch.ones(q.shape[0], k.shape[2], dtype=torch.float64)
+        for row, positions in self.weights.items():
+            for position, factor in positions.items():
+                w[row, self.text_start + position] *= factor
+        if self.normalize:
+            bias = torch.zeros_like(logits)
+            bias[:, :, : self.n] = torch.log(w)[:, None, None, :]
+            probs = torch.softmax(logits + bias, -1)
+        else:
+            probs = torch.softmax(logits, -1)
+            probs[:, :, : self.n] = probs[:, :, : self.n] * w[:, None, None, :]
+        out = (probs @ v).to(hidden_states.dtype)
+        return attn.to_out[0](out.transpose(1, 2).flatten(2, 3))
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["p2p", "normalize"])
+@pytest.mark.parametrize("layout", ["mixed-captions", "both"])
+def test_zimage_reweight_is_exact_on_mixed_caption_lengths_and_padded_images(wide_zimage, layout, normalize):
+    """CFG rows [cond: 64-token caption, uncond: 32] (and a padded 32x40 image): Reweight scales the cond row's image
+    queries' probabilities over the word's caption keys (the uncond row's extra positions are masked batch padding,
+    the image padding is keys and queries as stock), against a dense reference in the transformer's own order."""
+    pipe, options = wide_zimage, ZIMAGE_LAYOUTS[layout]
+    table = {"cat": 3.0, "sky": 0.25}
+    with attnctl.apply(pipe, [attnctl.Reweight(table, normalize=normalize)]) as handle:
+        assert {layer.name for layer in handle.runtime.resolved[0]} == {f"layers.{i}.attention" for i in range(2)}
+        got = generate(pipe, ZIMAGE, guidance=4.0, **options)
+    stock = generate(pipe, ZIMAGE, guidance=4.0, **options)
+    encoded = _as_encoded(pipe, ZIMAGE, options["prompt"])
+    weights = {p: f for word, f in table.items() for p in _t5_positions(pipe.tokenizer, encoded, word)}
+    assert len(weights) == 2
+    height, width = options.get("height", 32), options.get("width", 32)
+    image = (height // 4) * (width // 4)  # the tiny VAE's factor 2, then 2x2 patches
+    padded = -(-image // 32) * 32
+    layers = [layer.attention for layer in pipe.transformer.layers]
+    originals = [layer.processor for layer in layers]
+    for layer in layers:
+        layer.set_processor(RefZImageReweight(image, padded, {0: weights}, normalize))  # row 0: the cond row
+    try:
+        expected = generate(pipe, ZIMAGE, guidance=4.0, **options)
+    finally:
+        for layer, processor in zip(layers, originals):
+            layer.set_processor(processor)
+    assert (expected - stock).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_zimage_controls_undefined_over_image_padding_are_refused_at_the_call_with_the_sizes(wide_zimage):
+    """A control whose effects are not defined over the padding tokens between the image and the text (here the
+    cross-image links of ConsistentSubjects) is refused at a size whose token count is not a multiple of 32, naming
+    the sizes and the sizes that work; it runs at such a size, and the stock call at the padded size is not refused."""
+    from attnctl.errors import UnsupportedError
+
+    pipe = wide_zimage
+    prompts = ["a red cat", "a red cat"]
+    control = attnctl.ConsistentSubjects(subject=(0.0, 0.0, 0.5, 1.0))
+    with attnctl.apply(pipe, [control]):
+        with pytest.raises(UnsupportedError, match=r"ConsistentSubjects \(linked_keys at .*16 padding tokens.* 8x10 = 80 "
+                                                   r"image tokens are not a multiple of 32.*a multiple of 8 and the other of 4"):
+            generate(pipe, ZIMAGE, prompt=prompts, height=32, width=40)
+        assert torch.isfinite(generate(pipe, ZIMAGE, prompt=prompts, height=32, width=64)).all()  # 8x16 = 128 tokens
+    stock = generate(pipe, ZIMAGE, prompt=prompts, height=32, width=40)
+    with attnctl.apply(pipe, []):
+        assert torch.equal(generate(pipe, ZIMAGE, prompt=prompts, height=32, width=40), stock)
+
+
+def test_zimage_separate_perturbed_rows_with_a_negative_prompt_longer_than_the_prompt(wide_zimage):
+    """PAG(separate=True) runs the cond rows by themselves; with a negative prompt whose caption pads longer (64) than
+    the prompt's (32), that forward's sequence is shorter than the call's. The processor pads it as the call does (masked
+    positions), so the term is the batched one's. It used to raise CallLayoutError (a token-count mismatch)."""
+    pipe = wide_zimage
+    options = dict(prompt="a red cat", negative_prompt=ZIMAGE_LONG, max_sequence_length=128)
+    with attnctl.apply(pipe, [attnctl.PAG(scale=1.5)]):
+        batched = generate(pipe, ZIMAGE, **options)
+    with attnctl.apply(pipe, [attnctl.PAG(scale=1.5, separate=True)]):
+        separate = generate(pipe, ZIMAGE, **options)
+    assert (batched - generate(pipe, ZIMAGE, **options)).abs().max() > 1e-4
+    torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-4)

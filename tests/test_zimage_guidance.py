@@ -28,10 +28,10 @@ def pipe():
     return make_tiny_pipeline(NAME)
 
 
-def generate(pipe, guidance: float = 4.0, steps: int = 1, seed: int = 0):
+def generate(pipe, guidance: float = 4.0, steps: int = 1, seed: int = 0, **options):
     generator = torch.Generator().manual_seed(seed)
     return pipe(prompt=list(PROMPTS), num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                generator=generator, **CALL_DEFAULTS[NAME]).images
+                generator=generator, **{**CALL_DEFAULTS[NAME], **options}).images
 
 
 class Recorder:
@@ -65,10 +65,12 @@ def _rotary(x_in, freqs_cis):
 class RefZImagePAG:
     """docs/methods.md "PAG" in Z-Image's single-stream `[image; text]` attention, written out with a dense mask: an
     image query attends to itself and to every text key (the caption's visible pad tokens included), text queries
-    attend to everything; qk-norm and RoPE as the stock processor."""
+    attend to everything; qk-norm and RoPE as the stock processor. The `pad` image padding tokens after the image
+    tokens (a size whose token count is not a multiple of 32) belong to the image stream: a perturbed image query does
+    not see them (as it does not see the other image tokens); their own queries attend to everything, as stock."""
 
-    def __init__(self, image_tokens: int):
-        self.n = image_tokens
+    def __init__(self, image_tokens: int, pad: int = 0):
+        self.n, self.pad = image_tokens, pad
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         def heads(t):
@@ -80,6 +82,7 @@ class RefZImagePAG:
         length = q.shape[1]
         mask = torch.zeros(q.shape[0], 1, length, length)
         mask[:, :, : self.n, : self.n] = torch.full((self.n, self.n), float("-inf")).fill_diagonal_(0.0)
+        mask[:, :, : self.n, self.n : self.n + self.pad] = float("-inf")
         if attention_mask is not None:
             mask = mask.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
@@ -124,6 +127,31 @@ def test_pag_adds_its_term_to_both_cfg_rows_against_a_reference(pipe, guidance):
         uncond = _run(pipe, call, range(rows, 2 * rows))
         combined = cond + guidance * (cond - uncond)
     expected = -(combined + scale * (cond - perturbed)).squeeze(2)
+    assert (cond - perturbed).abs().max() > 1e-4
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
+def test_pag_on_a_size_whose_image_tokens_are_padded_against_a_reference(pipe):
+    """32x40: 8x10 = 80 image tokens, padded to 96 by the transformer between the image and the text (it used to be
+    refused with CallLayoutError): PAG's D is the docs' definition with the padding handled as the reference says."""
+    scale, guidance = 1.5, 4.0
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale)]):
+        recorder = Recorder(pipe)
+        try:
+            generate(pipe, guidance=guidance, height=32, width=40)
+        finally:
+            recorder.close()
+    (call,), (got,) = recorder.calls, recorder.predictions
+    rows = len(PROMPTS)
+    cond, uncond = _run(pipe, call, range(rows)), _run(pipe, call, range(rows, 2 * rows))
+    layer = pipe.transformer.layers[1].attention
+    original = layer.processor
+    layer.set_processor(RefZImagePAG(image_tokens=80, pad=16))
+    try:
+        perturbed = _run(pipe, call, range(rows))
+    finally:
+        layer.set_processor(original)
+    expected = -(cond + guidance * (cond - uncond) + scale * (cond - perturbed)).squeeze(2)
     assert (cond - perturbed).abs().max() > 1e-4
     torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4)
 

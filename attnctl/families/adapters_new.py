@@ -302,8 +302,11 @@ class ZImageAdapter(ModelAdapter):
     tokens), a caption refiner (text tokens only: not controlled, it has no image queries) and the main layers over
     one sequence `[image; text]` with RoPE. The inputs are lists of per-row tensors; CFG is batched as
     `[cond, uncond]`. Each row's caption is padded with a learned pad token (visible to attention) to a multiple
-    of 32, so the text span a layer sees is the padded length; rows whose padded lengths differ, an image token
-    count that is not a multiple of 32 (padding between image and text), and omni mode are refused per call."""
+    of 32, and the rows to the longest one with positions its attention mask hides: the text span a layer sees is
+    the longest padded caption (a shorter row's extra positions are masked keys, so a per-key edit there changes
+    nothing). The image tokens are padded to a multiple of 32 as well, with a learned token attention sees: those
+    tokens sit between the image and the text (`Canvas.image_pad`); the processor keeps them out of the controls'
+    sequence and lets them attend as stock. Omni mode is refused per call."""
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
 
@@ -366,16 +369,9 @@ class ZImageAdapter(ModelAdapter):
         if frames != f_patch:
             raise CallLayoutError(f"attnctl: Z-Image latents with {frames} frames are not supported (one image per row)")
         rows, cols = height // patch, width // patch
-        if (rows * cols) % ZIMAGE_SEQ_MULTIPLE:
-            raise CallLayoutError(
-                f"attnctl: Z-Image pads the {rows}x{cols} image tokens to a multiple of {ZIMAGE_SEQ_MULTIPLE}, which puts "
-                "padding between the image and the text; use a size whose token grid is a multiple of 32 tokens "
-                "(e.g. width and height multiples of 64 pixels)"
-            )
-        padded = {-(-int(c.shape[0]) // ZIMAGE_SEQ_MULTIPLE) * ZIMAGE_SEQ_MULTIPLE for c in captions}
-        if len(padded) != 1:
-            raise CallLayoutError(
-                f"attnctl: the Z-Image rows' captions pad to different lengths ({sorted(padded)}), so their text spans "
-                "differ; give prompts of similar length (or one prompt per call)"
-            )
-        return Canvas(latent_hw=(height, width), token_hw=(rows, cols), text_len=padded.pop())
+        # each row: [image; image padding; caption; caption padding], then zeros up to the longest row, which the
+        # transformer's attention mask hides; the text span is the longest padded caption (`_build_unified_sequence`)
+        text = max(-(-int(c.shape[0]) // ZIMAGE_SEQ_MULTIPLE) * ZIMAGE_SEQ_MULTIPLE for c in captions)
+        return Canvas(
+            latent_hw=(height, width), token_hw=(rows, cols), text_len=text, image_pad=(-rows * cols) % ZIMAGE_SEQ_MULTIPLE,
+        )

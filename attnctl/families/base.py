@@ -82,6 +82,17 @@ class Canvas:
     #: Reference-image tokens after the generated image's tokens in the image stream (Flux.2 klein `image=`): keys
     #: and queries of every joint layer, never part of the image grid controls edit.
     reference_len: int = 0
+    #: Padding tokens right after the image tokens, before any text (Z-Image pads each row's image tokens to a multiple
+    #: of 32 with a learned token that attention sees): keys and queries of every layer that sees the image, neither
+    #: image nor text for controls; the processor hands the controls the sequence without them and lets them attend
+    #: as stock (as reference-image tokens: `processors/references.py`).
+    image_pad: int = 0
+
+    @property
+    def trailing_len(self) -> int:
+        """Tokens a layer's controls find after its own in the keys, unedited (`Geometry.reference_len`): the
+        reference-image tokens, and the image padding, which Z-Image's processor moves there."""
+        return self.reference_len + self.image_pad
 
     def grid_at(self, level: int) -> tuple[int, int]:
         h, w = self.token_hw
@@ -98,7 +109,9 @@ class Geometry:
     image_hw: tuple[int, int]
     text_len: int
     frames: int = 1  # token frames of `image_hw` each (video); the image tokens are frame-major
-    reference_len: int = 0  # reference-image tokens after the image tokens (joint layouts: `Canvas.reference_len`)
+    #: Keys after the layer's own tokens that no control edits (`Canvas.trailing_len`): reference-image tokens (joint
+    #: layouts), Z-Image's image padding (moved there by its processor).
+    reference_len: int = 0
 
     @property
     def image_len(self) -> int:

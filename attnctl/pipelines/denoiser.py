@@ -157,6 +157,7 @@ class DenoiserHooks:
         self._pending: _Pending | None = None
         self._passthrough = 0  # >0 while attnctl runs an extra forward (its frame is set by attnctl)
         self._references_checked: Any = None  # the pipeline call whose controls were checked for reference tokens
+        self._padding_checked: Any = None  # the pipeline call whose controls were checked for image padding tokens
         self.compiled = False  # set by the handle at each pipeline call: edits are then computed before the forward
         runtime.extra_forward = self.call_with  # `BindContext.run_denoiser` (latent optimisation's loss passes)
         self._handles = tuple(
@@ -239,6 +240,8 @@ class DenoiserHooks:
         frame = runtime.open_frame(inputs, batch)
         if frame.canvas.reference_len:
             self._check_reference_tokens(frame)
+        if frame.canvas.image_pad:
+            self._check_image_padding(frame)
         given = inputs
         inputs, frame = runtime.transform_inputs(frame, inputs)
         outer = None
@@ -394,6 +397,36 @@ class DenoiserHooks:
                         f"with reference images attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}"
                     )
         self._references_checked = runtime.call
+
+    def _check_image_padding(self, frame: DenoiserCall) -> None:
+        """Refuse, once per pipeline call, a control whose effects are not defined over the padding tokens between the
+        image and the text (Z-Image at a size whose token count is not a multiple of 32: `Canvas.image_pad`). The
+        processor handles them as reference-image tokens (`REFERENCE_EFFECTS`); the stock call is never refused."""
+        runtime, adapter = self.runtime, self.runtime.adapter
+        if self._padding_checked is runtime.call:
+            return
+        canvas = frame.canvas
+        (rows, cols), height = canvas.token_hw, canvas.latent_hw[0]
+        for position, control in enumerate(runtime.controls):
+            for layer in runtime.resolved[position]:
+                effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
+                if not effects:
+                    continue
+                vae = getattr(runtime.pipeline, "vae_scale_factor", None)
+                pixels = vae * (height // rows) if isinstance(vae, int) else None
+                sizes = (
+                    f"; at this pipeline's {pixels} px per token, e.g. a height a multiple of {8 * pixels} px and a width "
+                    f"a multiple of {4 * pixels} px (or the other way round)" if pixels else ""
+                )
+                raise UnsupportedError(
+                    f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the "
+                    f"{canvas.image_pad} padding tokens {adapter.family} puts between the image and the text at this size: "
+                    f"its {rows}x{cols} = {rows * cols} image tokens are not a multiple of 32. With such a size attnctl "
+                    f"supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}; for "
+                    f"{type(control).__name__}, use a size whose token grid has a multiple of 32 tokens (rows x cols with one "
+                    f"of them a multiple of 8 and the other of 4{sizes})"
+                )
+        self._padding_checked = runtime.call
 
     def _signed_call(self, inputs: dict[str, Any], frame: DenoiserCall, main: str, sign: int) -> torch.Tensor:
         """A second pass's extra forward: its main input given back as a list of rows where the denoiser takes one,

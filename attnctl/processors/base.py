@@ -126,7 +126,17 @@ class ControlledProcessor:
 
     def begin(self, attn: torch.nn.Module, hidden: torch.Tensor, context: Any) -> tuple[Edit | None, AttentionCall | None, Any, torch.Tensor]:
         """Look up the edit; returns (edit, call, reused result or None, hidden after token hooks)."""
-        edit = self.edit_now if self.runtime.prefilled else self.runtime.edit_for(self.layer)  # compiled: prefilled
+        return self.begin_edit(self.lookup_edit(), attn, hidden, context)
+
+    def lookup_edit(self) -> Edit | None:
+        """This layer's edit in the denoiser call in progress (None: the stock op)."""
+        return self.edit_now if self.runtime.prefilled else self.runtime.edit_for(self.layer)  # compiled: prefilled
+
+    def begin_edit(
+        self, edit: Edit | None, attn: torch.nn.Module, hidden: torch.Tensor, context: Any,
+    ) -> tuple[Edit | None, AttentionCall | None, Any, torch.Tensor]:
+        """`begin` with the edit already looked up (`lookup_edit`): for a processor that hands the controls other
+        tokens than its input only when there is an edit (Z-Image's image padding)."""
         if edit is None:
             return None, None, None, hidden
         call = self.runtime.layer_call(self.layer, attn, edit)

@@ -37,10 +37,15 @@ def begin(processor: Any, attn: Any, hidden_states: torch.Tensor, context: Any) 
     return edit, call, reused, hidden_states
 
 
-def attend(processor: Any, call: Any, edit: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def attend(
+    processor: Any, call: Any, edit: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    references: int | None = None,
+) -> torch.Tensor:
     """The layer's attention, (B, H, S, D): the edited op for the text and image queries, the plain op for the
-    reference queries (the last `Geometry.reference_len`), every key for both."""
-    references = call.geometry.reference_len if call is not None else 0
+    reference queries (the last `references`, by default `Geometry.reference_len`; Z-Image's processor moves its image
+    padding there), every key for both."""
+    if references is None:
+        references = call.geometry.reference_len if call is not None else 0
     if not references:
         return processor.attention(call, edit, q, k, v, mask)
     key = (id(edit), references, k.shape[2])

@@ -4,6 +4,12 @@ One module type serves the image refiner (image tokens only), the caption refine
 controlled: no image queries) and the main layers, whose sequence is `[image; text]` per row. q and k get RMS
 qk-norm per head and complex RoPE (`freqs_cis`); a 2-D (B, S) padding mask becomes (B, 1, 1, S). Without an
 edit the op is diffusers' `dispatch_attention_fn` with the processor's backend, exactly as stock.
+
+An image whose token count is not a multiple of 32 is followed by `Canvas.image_pad` padding tokens (a learned
+token attention sees) in the image refiner and in the main layers, where they sit between the image and the text.
+With an edit they are moved behind the layer's own tokens, `[image; text; padding]`: the controls see `[image; text]`
+as in an unpadded call, and the padding is handled as reference-image tokens are (`references.py`): keys for every
+query with no per-key change, queries attending as stock. The order is put back on the output.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from . import references
 from .base import ControlledProcessor
 
 
@@ -37,17 +44,32 @@ class ZImageProcessor(ControlledProcessor):
     ) -> torch.Tensor:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        edit, call, reused, hidden_states = self.begin(attn, hidden_states, encoder_hidden_states)
+        edit = self.lookup_edit()
+        image, pad, short = _image_padding(self, hidden_states) if edit is not None else (0, 0, 0)
+        if short:  # rows of the call run by themselves, whose captions pad shorter than the call's longest: as in the call
+            hidden_states, freqs_cis, attention_mask = _batch_padding(hidden_states, freqs_cis, attention_mask, short)
+        if pad:  # [image; padding; text] -> [image; text; padding]: the controls see the first two
+            hidden_states = _padding_last(hidden_states, 1, image, pad)
+            own = hidden_states[:, :-pad]
+            edit, call, reused, seen = self.begin_edit(edit, attn, own, encoder_hidden_states)
+            if seen is not own:
+                hidden_states = torch.cat([seen, hidden_states[:, -pad:]], dim=1)
+            if freqs_cis is not None:
+                freqs_cis = _padding_last(freqs_cis, 1, image, pad)
+            if attention_mask is not None:
+                attention_mask = _padding_last(attention_mask, attention_mask.ndim - 1, image, pad)
+        else:
+            edit, call, reused, hidden_states = self.begin_edit(edit, attn, hidden_states, encoder_hidden_states)
         if reused is not None:
             return reused
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         if edit is not None:  # query hooks see the image tokens only; in the main layers they come first
-            image = call.geometry.image_len
-            head = query[:, :image]
+            length = call.geometry.image_len
+            head = query[:, :length]
             hooked = self.query_hooks(call, edit, head)
-            query = query if hooked is head else torch.cat([hooked, query[:, image:]], dim=1)
+            query = query if hooked is head else torch.cat([hooked, query[:, length:]], dim=1)
         query = query.unflatten(-1, (attn.heads, -1))
         key = key.unflatten(-1, (attn.heads, -1))
         value = value.unflatten(-1, (attn.heads, -1))
@@ -69,10 +91,50 @@ class ZImageProcessor(ControlledProcessor):
             )
         else:
             q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-            hidden_states = self.attention(call, edit, q, k, v, attention_mask).transpose(1, 2)
+            hidden_states = references.attend(self, call, edit, q, k, v, attention_mask, pad).transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(dtype)
         output = attn.to_out[0](hidden_states)
         if len(attn.to_out) > 1:
             output = attn.to_out[1](output)
-        return self.finish(call, edit, output)
+        output = self.finish(call, edit, output)
+        if pad:  # the stock order back: [image; padding; text]
+            output = torch.cat([output[:, :image], output[:, -pad:], output[:, image:-pad]], dim=1)
+        if short:
+            output = output[:, : output.shape[1] - short]
+        return output
+
+
+def _image_padding(processor: ControlledProcessor, hidden: torch.Tensor) -> tuple[int, int, int]:
+    """(image tokens, padding tokens after them, tokens `hidden` lacks) of the Z-Image call in progress ((0, 0, 0)
+    outside a call). A call of some of the rows by themselves (PAG / SEG `separate=True`: the cond rows) is padded to
+    its own longest caption; when that is shorter than the pipeline call's (a negative prompt longer than every
+    prompt), the missing positions are the ones the call's attention mask hides for those rows."""
+    frame = getattr(processor.runtime, "frame", None)
+    if frame is None:
+        return 0, 0, 0
+    canvas = frame.canvas
+    image = canvas.token_hw[0] * canvas.token_hw[1]
+    expected = image + canvas.image_pad + (canvas.text_len if processor.layer.concatenated else 0)
+    return image, canvas.image_pad, max(expected - int(hidden.shape[1]), 0)
+
+
+def _batch_padding(
+    hidden: torch.Tensor, freqs_cis: torch.Tensor | None, mask: torch.Tensor | None, short: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`short` positions appended as the transformer pads a shorter row in a batch: zero tokens, zero rotations, and
+    masked as keys (their queries' outputs are dropped), so the other tokens' attention is unchanged."""
+    found = hidden.shape[1]
+    hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], short, hidden.shape[2])], dim=1)
+    if freqs_cis is not None:
+        freqs_cis = torch.cat([freqs_cis, freqs_cis.new_zeros(freqs_cis.shape[0], short, *freqs_cis.shape[2:])], dim=1)
+    if mask is None:
+        mask = torch.ones(hidden.shape[0], found, dtype=torch.bool, device=hidden.device)
+    extra = mask.new_zeros(*mask.shape[:-1], short)
+    return hidden, freqs_cis, torch.cat([mask, extra], dim=-1)
+
+
+def _padding_last(tensor: torch.Tensor, dim: int, image: int, pad: int) -> torch.Tensor:
+    """`tensor` with the `pad` positions after the first `image` along `dim` moved to the end."""
+    rest = tensor.shape[dim] - image - pad
+    return torch.cat([tensor.narrow(dim, 0, image), tensor.narrow(dim, image + pad, rest), tensor.narrow(dim, image, pad)], dim=dim)
