@@ -29,7 +29,8 @@ def interpolate(
     The points are `beta_points(n, alpha, beta)` (AID §4.3); `mode` "outer" or "inner" and `self_attention` are
     `AttentionInterpolation`'s. Every image starts from the same initial noise: one seed is drawn from `generator`
     (a `torch.Generator`, or a list holding one) and every row gets a generator with that seed, so the endpoints are
-    exactly the stock images of the two prompts with that noise. The interpolated rows are encoded with the nearer
+    exactly the stock rows of the two prompts with that noise in the same batched call (alone, a prompt may differ by
+    diffusers' own batching rounding: 1e-6 in latents on Qwen-Image and Wan). The interpolated rows are encoded with the nearer
     endpoint's prompt (t < 0.5: `prompt_a`; this gives their pooled embeddings and, on joint families, the start of
     their text stream; their image tokens read only the endpoints' text). `pipeline_kwargs` go to the pipeline call;
     on the embedded toy model its `CALL_DEFAULTS` apply where not given. `controls`: more controls for the call.
@@ -55,7 +56,7 @@ def interpolate(
     prompts = sequence_prompts(prompt_a, prompt_b, points)
     handle = apply(pipe, [control, *controls])
     try:
-        result = pipe(prompts, output_type="pil", **options)
+        result = pipe(prompt=prompts, output_type="pil", **options)  # Flux.2 klein takes `image` first
     finally:
         handle.remove()
     images = getattr(result, "images", None)

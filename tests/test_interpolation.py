@@ -335,6 +335,24 @@ def test_interpolate_on_the_toy_model():
     assert rates["outer Beta(2,2)"] >= 0.9, rates
 
 
+def test_interpolate_on_a_pipeline_whose_first_argument_is_not_the_prompt():
+    """Flux2KleinPipeline takes `image` first: interpolate() names the prompt (the prompt list went to `image`, and
+    diffusers failed with "Provide either prompt or prompt_embeds"). The endpoints are the stock images of that noise."""
+    from attnctl.testing import make_tiny_pipeline
+    from attnctl.testing.new_families import available
+
+    if not available("tiny-flux2"):
+        pytest.skip("needs diffusers with Flux2KleinPipeline")
+    pipe = make_tiny_pipeline("tiny-flux2")
+    options = dict(CALL_DEFAULTS["tiny-flux2"], num_inference_steps=2, guidance_scale=3.0)
+    images = attnctl.interpolate(pipe, "a red cat", "a blue dog", n=3, generator=torch.Generator().manual_seed(0), **options)
+    assert len(images) == 3
+    seed = _seed(0)
+    for image, prompt in ((images[0], "a red cat"), (images[-1], "a blue dog")):
+        stock = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **options).images[0]
+        assert _close(image, stock)
+
+
 def _seed(seed):
     return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(seed)).item())
 

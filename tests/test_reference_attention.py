@@ -18,7 +18,7 @@ from attnctl import ConfigError
 from attnctl.control import Bound, Control
 from attnctl.controls.cross_image.reference import ReferenceAttention
 from attnctl.processors.edit import Edit, LayerHook
-from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS
+from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS, make_tiny_pipeline
 from attnctl.testing.new_families import PROMPT_KEYWORD, available
 
 PROMPTS = ["a red cat on the street", "a blue dog in a field", "a green car"]
@@ -315,6 +315,7 @@ def test_a_float16_vae_that_asks_for_upcasting_encodes_the_reference_in_float32(
     from types import SimpleNamespace
 
     from attnctl.controls.cross_image.reference import encode_reference
+    from attnctl.handle import adapter_for
 
     vae = copy.deepcopy(tiny_cache("tiny-sdxl").vae).to(torch.float16)
     vae.register_to_config(force_upcast=True)
@@ -322,7 +323,7 @@ def test_a_float16_vae_that_asks_for_upcasting_encodes_the_reference_in_float32(
     encode = vae.encode
     vae.encode = lambda pixels: (seen.append((pixels.dtype, next(vae.parameters()).dtype)), encode(pixels))[1]
     image = Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8))
-    latents = encode_reference(SimpleNamespace(vae=vae), image, (32, 32), "cpu", torch.float16)
+    latents = encode_reference(SimpleNamespace(vae=vae), adapter_for(tiny_cache("tiny-sdxl").unet), image, (32, 32), "cpu", torch.float16)
     assert seen == [(torch.float32, torch.float32)] and vae.dtype == torch.float16
     assert latents.dtype == torch.float16 and torch.isfinite(latents).all()
 
@@ -331,5 +332,30 @@ def test_a_float16_vae_that_asks_for_upcasting_encodes_the_reference_in_float32(
 
     vae.encode = broken
     with pytest.raises(RuntimeError, match="encoder failed"):
-        encode_reference(SimpleNamespace(vae=vae), image, (32, 32), "cpu", torch.float16)
+        encode_reference(SimpleNamespace(vae=vae), adapter_for(tiny_cache("tiny-sdxl").unet), image, (32, 32), "cpu", torch.float16)
     assert vae.dtype == torch.float16
+
+
+def test_flux2_reference_is_in_the_latent_space_of_the_pipelines_own_image_encoding():
+    """Flux.2's pipelines normalise a VAE encoding by the VAE's batch-norm statistics per patch channel
+    (`Flux2KleinPipeline._encode_vae_image`): the reference row carries the reference in that space. The tiny VAE's
+    statistics are fresh (mean 0, var 1), so the test gives it a trained VAE's kind (the shift and scale alone, as
+    before, were 0.79 off on a latent of magnitude 1)."""
+
+    if not available("tiny-flux2"):
+        pytest.skip("needs diffusers with Flux2KleinPipeline")
+    pipe = make_tiny_pipeline("tiny-flux2")
+    bn = pipe.vae.bn
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.linspace(-0.5, 0.5, bn.running_mean.numel()))
+        bn.running_var.copy_(torch.linspace(0.5, 4.0, bn.running_var.numel()))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    with attnctl.apply(pipe, [ReferenceAttention(image, strength=1.0)]) as handle:
+        pipe(prompt=["a cat", "a cat on the street"], num_inference_steps=1, guidance_scale=3.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS["tiny-flux2"])
+        bound = handle.runtime.last_call.bound[0]
+        ours = bound.adapter.packed_latents(bound.x0.float())
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        theirs = pipe._encode_vae_image(pixels, generator=None).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -192,6 +192,20 @@ class Flux2Adapter(FluxAdapter):
                     return dataclasses.replace(super().canvas(own), reference_len=total - generated)
         return super().canvas(inputs)
 
+    def vae_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """Flux.2's pipelines normalise the VAE's encoding by the VAE's batch-norm statistics, kept per 2 x 2 patch
+        channel (`Flux2KleinPipeline._encode_vae_image`: patchify, then `(z - running_mean) / sqrt(running_var +
+        batch_norm_eps)`); the patch channel `c * 4 + 2 * dy + dx` is the one `packed_latents` makes."""
+        bn = getattr(vae, "bn", None)
+        if bn is None or getattr(bn, "running_mean", None) is None:
+            return super().vae_latents(vae, latents)
+        batch, channels, height, width = latents.shape
+        shape = (1, channels, 1, 2, 1, 2)
+        mean = bn.running_mean.view(channels, 2, 2).to(latents.device, latents.dtype).reshape(shape)
+        std = torch.sqrt(bn.running_var.view(channels, 2, 2) + vae.config.batch_norm_eps).to(latents.device, latents.dtype).reshape(shape)
+        patches = latents.view(batch, channels, height // 2, 2, width // 2, 2)
+        return ((patches - mean) / std).reshape(latents.shape)
+
     def canvas_for_call(self, inputs: dict[str, Any], pixels: tuple[int, int], vae_scale_factor: Any) -> Canvas:
         """As Flux's; with more tokens than the call's size accounts for, the grid comes from the size too and the
         rest are taken as reference-image tokens after it (the runtime checks that against `canvas` once per call)."""

@@ -277,3 +277,11 @@ class ModelAdapter:
     def packed_latents(self, images: torch.Tensor) -> torch.Tensor:
         """The inverse of `latent_image`."""
         return images
+
+    def vae_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's encoding (B, C, H, W) in the space of `latent_image`, as the family's pipelines map it (img2img's
+        `(z - shift_factor) * scaling_factor`)."""
+        config = vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        scale = getattr(config, "scaling_factor", None) or 1.0
+        return (latents - shift) * scale

@@ -205,10 +205,11 @@ def _check_image_file(path: str) -> None:
         raise ConfigError(f"ReferenceAttention.image: {path!r} is not an image PIL can read: {error}") from None
 
 
-def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, dtype: Any) -> torch.Tensor:
+def encode_reference(pipe: Any, adapter: ModelAdapter, image: Any, size: tuple[int, int], device: Any, dtype: Any) -> torch.Tensor:
     """The reference as the pipeline's VAE latents (1, C, h, w): resized to the call's image size (Lanczos, as the
-    reference-only pipeline), scaled to [-1, 1], encoded (the distribution's mean), then shifted and scaled by the
-    VAE's config. A VAE whose config asks for `force_upcast` (SDXL's) encodes in float32, as diffusers' img2img
+    reference-only pipeline), scaled to [-1, 1], encoded (the distribution's mean), then mapped as the family's
+    pipelines map an encoding (`ModelAdapter.vae_latents`: shifted and scaled by the VAE's config; Flux.2: its
+    batch-norm statistics). A VAE whose config asks for `force_upcast` (SDXL's) encodes in float32, as diffusers' img2img
     pipelines do (its float16 encoder overflows), and is put back in its dtype afterwards."""
     from PIL import Image
 
@@ -236,10 +237,7 @@ def encode_reference(pipe: Any, image: Any, size: tuple[int, int], device: Any, 
         raise UnsupportedError(
             f"attnctl: ReferenceAttention encodes a 2-D image latent; this pipeline's VAE gives a {latents.ndim}-D latent"
         )
-    config = vae.config
-    shift = getattr(config, "shift_factor", None) or 0.0
-    scale = getattr(config, "scaling_factor", None) or 1.0
-    return ((latents - shift) * scale).to(dtype)
+    return adapter.vae_latents(vae, latents).to(dtype)
 
 
 class _ReferenceBound(LinkedKeysBound):
@@ -272,7 +270,7 @@ class _ReferenceBound(LinkedKeysBound):
 
         self.adapter = context.adapter
         self.pipeline = context.pipeline
-        latents = encode_reference(context.pipeline, control.image, image_size(context), context.device, context.dtype)
+        latents = encode_reference(context.pipeline, context.adapter, control.image, image_size(context), context.device, context.dtype)
         if tuple(latents.shape[-2:]) != tuple(context.canvas.latent_hw):
             raise UnsupportedError(
                 f"attnctl: ReferenceAttention: the reference encodes to a {tuple(latents.shape[-2:])} latent, the call's "
