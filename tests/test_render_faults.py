@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import html.parser
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -425,3 +426,170 @@ def test_progress_log_has_a_sane_first_estimate_and_one_final_line(caplog, monke
     assert messages[-1].startswith("10/10 images") and messages[-1].endswith("done")
     assert sum(m.startswith("10/10") for m in messages) == 1
     assert "0.50 images/s" in messages[-1]  # 9 images in 18 s after the first
+
+
+# -- review of the batch renderer: output keys, dry-run options, gallery videos, [defaults], --log-file, backend ---
+@pytest.mark.parametrize("key", ["png", "PNG", "frames", "mp4", "gif", "maps.png", "x.frames"])
+def test_an_output_key_that_names_a_renderer_file_is_refused_before_the_run(key, tmp_path, capsys, monkeypatch, tiny_model):
+    maps = {"type": "AttentionMaps", "words": ["cat"], "key": key}
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL, "controls": [maps]},
+                 {"id": "ok", "prompt": "a cat", **SMALL, "controls": [{**maps, "key": "maps"}]})
+    assert cli.main(["render", str(jobs), "--dry-run"]) == 2
+    out = capsys.readouterr().out
+    assert f"jobs.jsonl:2 (job 'a'): controls[0] (attention-maps): output key {key!r} would be saved to <seed>." in out
+    assert "a name the renderer uses for its own files" in out and "choose a key other than png, gif, mp4 or frames" in out
+    assert "ok  jobs.jsonl:3 job 'ok'" in out and "1 problem(s)" in out
+    # the run records the job as failed and writes no folder in the image's place
+    target = tmp_path / "out"
+    assert run_cli([jobs, "--out", target], tiny_model, monkeypatch) == 1
+    record = next(r for r in manifest(target) if r["job"] == "a")
+    assert record["status"] == "failed" and "output key" in record["error"]
+    assert not (target / "a").exists() and (target / "ok" / "0.maps").is_dir() and (target / "ok" / "0.png").is_file()
+
+
+def test_two_output_keys_with_one_file_safe_name_are_refused(tmp_path):
+    maps = {"type": "AttentionMaps", "words": ["cat"]}
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a red cat", "controls": [
+        {**maps, "key": "a/b"}, {**maps, "words": ["red"], "key": "A_b"}]}))
+    assert not jobs.jobs
+    (problem,) = jobs.problems
+    assert ("controls[1] (attention-maps): output key 'A_b' would be saved to <seed>.A_b/, the folder of output key "
+            "'a/b' (controls[0] (attention-maps))") in str(problem)
+
+
+def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model):
+    import dataclasses
+
+    from attnctl.controls.maps.capture import AttentionMaps
+    from attnctl.render import runner
+
+    # an output no control declared (published under a key of its own): refused before anything is written
+    with pytest.raises(ConfigError, match="output key 'png' would be saved to <seed>.png/"):
+        runner.save_outputs({"png": _Heatmaps()}, str(tmp_path), 0, Image.new("RGB", (8, 8)))
+    assert os.listdir(tmp_path) == []
+    # a job built in code (not read from a file): the run's per-job check refuses it, the other job renders
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a cat", **SMALL},
+                               {"id": "b", "prompt": "a cat", **SMALL}))
+    bad = dataclasses.replace(jobs.jobs[0], controls=(AttentionMaps(words=("cat",), key="frames"),))
+    jobs = dataclasses.replace(jobs, jobs=(bad, jobs.jobs[1]))
+    out = tmp_path / "out"
+    summary = render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
+    assert summary.rendered == 1 and summary.exit_code == 1
+    (failed,) = summary.failed
+    assert failed["job"] == "a" and "controls[0] (AttentionMaps): output key 'frames'" in failed["error"]
+    assert not (out / "a" / "0.frames").exists() and not (out / "a" / "0.png").exists()
+
+
+def test_dry_run_and_check_count_and_check_with_the_runs_dtype_device_and_backend(tmp_path, capsys, tiny_model):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a cat", "seeds": [0, 1], **SMALL})
+    out = tmp_path / "out"
+    assert render(str(jobs), RenderOptions(out=str(out), progress="none"), model=tiny_model).rendered == 2  # float32
+    capsys.readouterr()
+
+    def done(*extra: str) -> str:
+        assert cli.main(["render", str(jobs), "--dry-run", "--out", str(out), "--model", "tiny-sd", *extra]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "already done" in line)
+
+    assert done("--device", "cpu").endswith("2 image(s) already done, 0 to render")
+    assert done("--dtype", "float32").endswith("2 image(s) already done, 0 to render")
+    assert done("--dtype", "bfloat16").endswith("0 image(s) already done, 2 to render")
+    assert done("--backend", "reference").endswith("0 image(s) already done, 2 to render")
+    assert done("--backend", "auto").endswith("2 image(s) already done, 0 to render")
+    assert cli.main(["render", str(jobs), "--dry-run", "--out", str(out), "--device", "foo"]) == 2
+    assert "problem  --device: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'foo'" in capsys.readouterr().out
+
+
+def test_changing_the_backend_renders_again_and_the_default_digest_is_unchanged(tmp_path, tiny_cache):
+    from attnctl.render.runner import request_digest
+
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a cat", "seeds": [0], **SMALL})
+    out = tmp_path / "out"
+    pipe = tiny_cache("tiny-sd")
+    first = render(str(jobs), RenderOptions(out=str(out), progress="none"), model=Model(pipe, "tiny-sd"))
+    assert first.rendered == 1
+    job = load_job_file(jobs).jobs[0]
+    assert manifest(out)[0]["request"] == f"{job.request}/tiny-sd/float32" == request_digest(job, "tiny-sd", "float32")
+    reference = Model(pipe, "tiny-sd", backend="reference")
+    again = render(str(jobs), RenderOptions(out=str(out), progress="none"), model=reference)
+    assert (again.rendered, again.skipped) == (1, 0)
+    assert read_png_params(out / "a" / "0.png")["backend"] == "reference"
+    assert render(str(jobs), RenderOptions(out=str(out), progress="none"), model=reference).skipped == 1
+
+
+def test_the_gallery_links_the_video_and_shows_no_frames_as_maps(tmp_path):
+    from attnctl.render.gallery import render_html
+
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "v", "prompt": "a cat walking", "seeds": [0]}))
+    out = tmp_path / "out"
+    (out / "v" / "0.frames").mkdir(parents=True)
+    (out / "v" / "0.attention_maps").mkdir()
+    for path in ("v/0.png", "v/0.frames/0000.png", "v/0.frames/0001.png", "v/0.attention_maps/image0_cat.png"):
+        Image.new("RGB", (8, 8)).save(out / path)
+    Image.new("RGB", (8, 8)).save(out / "v" / "0.gif")
+    record = {"job": "v", "seed": 0, "path": "v/0.png", "status": "ok",
+              "outputs": ["v/0.gif", "v/0.frames", "v/0.attention_maps"]}
+    page = render_html(str(out), jobs, {("v", 0): record})
+    parser = _Images()
+    parser.feed(page)
+    assert parser.images == ["v/0.png", "v/0.attention_maps/image0_cat.png"]
+    assert '<a href="v/0.gif">0.gif</a>' in page
+
+
+def test_defaults_with_both_seed_and_seeds_is_the_same_error_as_in_a_job(tmp_path, capsys):
+    path = tmp_path / "jobs.toml"
+    path.write_text('[defaults]\nseed = 7\nseeds = [0, 1]\n[[jobs]]\nid = "a"\nprompt = "x"\n'
+                    '[[jobs]]\nid = "own"\nprompt = "y"\nseeds = [2]\n')
+    jobs = load_job_file(path)
+    assert [str(p) for p in jobs.problems] == ["jobs.toml [defaults]: give either 'seed' or 'seeds', not both (the jobs "
+                                               "that take their seeds from [defaults] are not rendered)"]
+    assert [(j.id, j.seeds) for j in jobs.jobs] == [("own", (2,))]
+    assert [(j.id, j.seeds) for j in jobs.invalid] == [("a", ())]
+    assert cli.main(["render", str(path), "--dry-run", "--model", "tiny-sd"]) == 2
+    assert "jobs.toml [defaults]: give either 'seed' or 'seeds', not both" in capsys.readouterr().out
+
+
+def test_a_log_file_that_cannot_be_opened_is_one_line_and_rc_2(tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    missing = tmp_path / "no" / "such" / "x.log"
+    assert run_cli([jobs, "--out", tmp_path / "out", "--log-file", missing]) == 2
+    assert one_line_error(capsys) == f"attnctl render: cannot open --log-file {missing}: No such file or directory"
+    assert not (tmp_path / "out").exists()
+    logger = logging.getLogger("attnctl")
+    assert logger.propagate and not logger.handlers
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_manifest_interval_is_a_finite_number_of_seconds(value, tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a cat"})
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["render", str(jobs), "--dry-run", "--manifest-interval", value])
+    assert raised.value.code == 2
+    assert f"--manifest-interval: must be a finite number of seconds >= 0 (0: after every image), got {value!r}" in \
+        capsys.readouterr().err
+
+
+def test_params_reads_gif_and_mp4_by_their_suffix(tmp_path, capsys, monkeypatch):
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
+    gif = tmp_path / "0.gif"
+    outputs.save_video(frames, str(gif), {"prompt": "a cat", "seed": 0})
+    assert cli.main(["params", str(gif)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"file": str(gif), "prompt": "a cat", "seed": 0}
+    monkeypatch.setattr(outputs, "read_mp4_params", lambda path: {"prompt": "a dog", "from": "mp4"})
+    assert cli.main(["params", str(tmp_path / "0.mp4")]) == 0
+    assert json.loads(capsys.readouterr().out)["from"] == "mp4"
+
+
+def test_a_failed_heatmap_write_names_the_heatmaps_not_the_image(tmp_path, capsys, monkeypatch, tiny_model):
+    from attnctl.render import runner
+
+    def no_space(folder, params):  # a failing write() names no file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runner, "tag_pngs", no_space)
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"},
+                 {"id": "maps", "prompt": "a red car", **SMALL, "controls": [{"type": "test-faults-maps"}]})
+    out = tmp_path / "out"
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 2
+    line = one_line_error(capsys)
+    assert f"cannot write {out / 'maps' / '0.attention_maps'}: No space left on device" in line, line
+    assert not (out / "maps" / "0.png").exists()

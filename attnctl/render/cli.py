@@ -1,7 +1,7 @@
 """The `attnctl` command line.
 
     attnctl render JOBS --out DIR [--model M] [--device D] [--dtype T] [--dry-run] ...
-    attnctl params IMAGE.png              # the generation parameters stored in a rendered PNG
+    attnctl params IMAGE.png              # the generation parameters stored in a rendered PNG (or .gif / .mp4)
     python -m attnctl render ...          # the same; `accelerate launch -m attnctl render ...` for many processes
 
 Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or some jobs were invalid;
@@ -16,6 +16,8 @@ import argparse
 import contextlib
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -60,15 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     render.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                         help="auto: a progress bar on a terminal, log lines otherwise")
-    render.add_argument("--manifest-interval", type=float, default=60.0, metavar="SECONDS",
+    render.add_argument("--manifest-interval", type=_seconds, default=60.0, metavar="SECONDS",
                         help="refresh DIR/manifest.jsonl this often during the run (default 60)")
     render.add_argument("--log-file", default=None, help="also append the log to this file")
     render.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     render.add_argument("-q", "--quiet", action="store_true", help="warnings and the summary only")
 
-    params = commands.add_parser("params", help="print the generation parameters stored in rendered PNG files")
+    params = commands.add_parser("params", help="print the generation parameters stored in rendered files (PNG; GIF and "
+                                                "MP4 by their comment; the format chosen by the suffix)")
     params.add_argument("images", nargs="+", metavar="IMAGE")
     return parser
+
+
+def _seconds(text: str) -> float:
+    """--manifest-interval: a finite number of seconds >= 0 (0: refresh after every image)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0 (0: after every image), got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,16 +111,24 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _CannotRun(Exception):
+    """The command cannot start (exit status 2); the message is its one line on stderr."""
+
+
 @contextlib.contextmanager
 def _logging(args: argparse.Namespace) -> Iterator[None]:
     """Log lines with a timestamp to stderr (and --log-file) for the command's duration; the `attnctl` logger
-    is put back as it was afterwards (main() may run inside another program or a test)."""
+    is put back as it was afterwards (main() may run inside another program or a test). A --log-file that cannot
+    be opened raises _CannotRun before anything runs."""
     logger = logging.getLogger("attnctl")
     saved = (logger.level, logger.propagate, list(logger.handlers))
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [_StderrHandler()]
     if args.log_file:
-        handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+        try:
+            handlers.append(logging.FileHandler(args.log_file, encoding="utf-8"))
+        except OSError as error:
+            raise _CannotRun(f"cannot open --log-file {args.log_file}: {error.strerror or error}") from None
     logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     logger.propagate = False
     for handler in handlers:
@@ -123,8 +145,12 @@ def _logging(args: argparse.Namespace) -> Iterator[None]:
 
 
 def _render(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    with _logging(args):
-        return _render_logged(args, parser)
+    try:
+        with _logging(args):
+            return _render_logged(args, parser)
+    except _CannotRun as error:
+        print(f"attnctl render: {error}", file=sys.stderr)
+        return 2
 
 
 def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -146,7 +172,8 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         return 2
     if args.dry_run or args.check:
         try:
-            lines, problems = dry_run(jobs, args.out, args.model)
+            lines, problems = dry_run(jobs, args.out, args.model, device=args.device, dtype=args.dtype,
+                                      backend=args.backend)
         except AttnctlError as error:
             print(f"attnctl render: {error}", file=sys.stderr)
             return 2
@@ -186,12 +213,19 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _params(args: argparse.Namespace) -> int:
-    from .outputs import read_png_params
+    from .outputs import read_gif_params, read_mp4_params, read_png_params
 
     status = 0
     for path in args.images:
+        suffix = os.path.splitext(path)[1].lower()
+        read = read_gif_params if suffix == ".gif" else read_mp4_params if suffix == ".mp4" else read_png_params
         try:
-            params = read_png_params(path)
+            params = read(path)
+        except ImportError:  # an MP4 without imageio-ffmpeg
+            print(f"{path}: reading an MP4's parameters needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+                  "the PNG beside it (<seed>.png) holds the same parameters", file=sys.stderr)
+            status = 1
+            continue
         except (OSError, ValueError) as error:
             print(f"{path}: {error}", file=sys.stderr)
             status = 1

@@ -5,7 +5,8 @@ No network and no external assets: one HTML file with inline CSS, the images ref
 
 - the run: model, images rendered / skipped / failed, and its timings;
 - per job: its prompt, settings and controls, and a grid of thumbnails (seed under each image, the image's
-  own parameters in its tooltip); the attention-map overlays a control saved beside an image are shown next to it;
+  own parameters in its tooltip); the attention-map overlays a control saved beside an image are shown next to it
+  (a video's or sequence's own frames are not: its `<seed>.mp4` / `<seed>.gif` is linked under the image);
   images that failed show their error instead;
 - A/B rows: jobs that differ only by their controls (same prompt, settings and seeds) side by side, one row
   per seed, one column per job.
@@ -66,11 +67,13 @@ def _job_settings(job: Any) -> dict[str, Any]:
 
 
 def _maps(out: str, record: dict[str, Any]) -> list[str]:
-    """Relative paths of the PNGs a control saved beside this image (attention-map overlays first)."""
+    """Relative paths of the PNGs a control saved beside this image (attention-map overlays first). The frames
+    folder of a video or sequence (`<seed>.frames/`) is the image's own frames, not a control's: not listed."""
     found: list[str] = []
+    frames = f"{record.get('seed')}.frames"
     for folder in record.get("outputs") or ():
         full = os.path.join(out, folder)
-        if not os.path.isdir(full):
+        if os.path.basename(os.path.normpath(str(folder))) == frames or not os.path.isdir(full):
             continue
         names = sorted(name for name in os.listdir(full) if name.lower().endswith(".png") and not name.startswith("."))
         names.sort(key=lambda name: (name.endswith("_grid.png"), name))  # overlays before grids
@@ -78,11 +81,18 @@ def _maps(out: str, record: dict[str, Any]) -> list[str]:
     return found
 
 
+def _videos(out: str, record: dict[str, Any]) -> list[str]:
+    """Relative paths of the video (`<seed>.mp4` or `<seed>.gif`) of a video or sequence image, when present."""
+    return [str(path) for path in record.get("outputs") or ()
+            if str(path).lower().endswith((".mp4", ".gif")) and os.path.isfile(os.path.join(out, str(path)))]
+
+
 def _image_cell(out: str, job: Any, seed: int, record: dict[str, Any] | None, with_maps: bool = True) -> str:
     title = f"seed {seed}\n{job.prompt}"
     if job.negative_prompt:
         title += f"\nnegative: {job.negative_prompt}"
     title += f"\ncontrols: {_controls_text([c.to_dict() for c in job.controls]) if _serialisable(job) else 'see job'}"
+    videos: list[str] = []
     if record is None:
         body = '<div class="failed">not rendered yet</div>'
     elif record.get("status") != "ok" or not os.path.isfile(os.path.join(out, str(record.get("path", "")))):
@@ -94,9 +104,11 @@ def _image_cell(out: str, job: Any, seed: int, record: dict[str, Any] | None, wi
                 label = os.path.splitext(os.path.basename(path))[0]
                 parts.append(f'<img class="map" src="{_src(path)}" alt="{_e(label)}" title="{_e(label)}">')
         body = f'<div class="row">{"".join(parts)}</div>'
+        videos = _videos(out, record)
     seconds = (record or {}).get("seconds") or {}
     timing = f" · {seconds['total']:.2f} s" if isinstance(seconds.get("total"), (int, float)) else ""
-    return f"<figure>{body}<figcaption>seed {seed}{timing}</figcaption></figure>"
+    links = "".join(f' · <a href="{_src(path)}">{_e(os.path.basename(path))}</a>' for path in videos)
+    return f"<figure>{body}<figcaption>seed {seed}{timing}{links}</figcaption></figure>"
 
 
 def _serialisable(job: Any) -> bool:

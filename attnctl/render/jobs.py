@@ -47,6 +47,7 @@ from typing import Any
 
 from ..control import Control, canonical_type_name, registered_controls
 from ..errors import AttnctlError, ConfigError
+from .outputs import output_key_problems
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
     import tomllib
@@ -271,6 +272,11 @@ def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entri
             allowed = tuple(k for k in JOB_KEYS if k != "id")
             problems.append(Problem(defaults_place, f"unknown key {key!r}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"))
     defaults = {key: value for key, value in defaults.items() if key in JOB_KEYS and key != "id"}
+    seeds_conflict = None  # as inside a job: which of the two was meant is not guessed
+    if "seed" in defaults and "seeds" in defaults:
+        seeds_conflict = Problem(defaults_place, "give either 'seed' or 'seeds', not both (the jobs that take their "
+                                                 "seeds from [defaults] are not rendered)")
+        problems.append(seeds_conflict)
 
     if not entries:
         problems.append(Problem(os.path.basename(path), "no jobs in this file"))
@@ -279,6 +285,7 @@ def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entri
     seen: dict[str, str] = {}
     for index, (place, entry) in enumerate(entries):
         job, job_problems, job_id, seeds = _job(entry, defaults, index, place, base)
+        inherits = seeds_conflict is not None and isinstance(entry, dict) and "seed" not in entry and "seeds" not in entry
         if job_id is not None:
             folder = job_id.lower()  # one folder on case-insensitive file systems (macOS, Windows)
             if folder in seen:
@@ -286,9 +293,12 @@ def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entri
                 job_id = None  # its images belong to the first job of that id: record nothing under it
             else:
                 seen[folder] = place
-        if job_problems or job is None:
-            invalid.append(InvalidJob(job_id, seeds if job_id is not None else (), place, tuple(job_problems), index))
-            problems.extend(job_problems)
+        if job_problems or job is None or inherits:
+            # a job whose seeds are unknown (the defaults' conflict) records nothing: no seeds to record under
+            known = seeds if job_id is not None and not inherits else ()
+            invalid.append(InvalidJob(job_id, known, place, tuple(job_problems) + ((seeds_conflict,) if inherits else ()),
+                                      index))
+            problems.extend(job_problems)  # the defaults' conflict is listed once, above
         else:
             jobs.append(job)
     return JobFile(path=os.path.abspath(path), format=fmt, jobs=tuple(jobs), invalid=tuple(invalid),
@@ -353,11 +363,18 @@ def _job(entry: Any, defaults: dict[str, Any], index: int, place: str, base: str
     if not isinstance(raw_controls, list):
         problem(f"controls must be a list of control tables, got {type(raw_controls).__name__}")
         raw_controls = []
+    published: list[tuple[Any, str]] = []  # (output key, label) of the controls that publish into handle.outputs
     for position, raw in enumerate(raw_controls):
         control, written = _control(raw, position, base, problem)
         canonical.append(written)
         if control is not None:
             controls.append(control)
+            key = getattr(control, "output_key", None)
+            if key is not None:
+                published.append((key, f"controls[{position}] ({written['type']})"))
+    # what a control publishes with save() goes to DIR/<job-id>/<seed>.<key>/, beside the renderer's own files
+    for message in output_key_problems(published):
+        problem(message)
     if controls:  # cross-image controls whose rows one image per call cannot give: refused at --dry-run already
         from .generate import reference_row_needed
 

@@ -17,12 +17,51 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import ConfigError
 
 PNG_KEY = "attnctl"
 TEMP_PATTERN = re.compile(r"^\..+\.\d+\.tmp$")
+#: What `attnctl render` writes beside an image as `<seed>.<name>`: the image, the video (MP4 or GIF) and its frames
+#: folder. A control's output folder `<seed>.<key>/` may not take one of these names (nor end in one).
+RENDERER_NAMES: tuple[str, ...] = ("png", "gif", "mp4", "frames")
+
+
+def output_folder_name(key: Any) -> str:
+    """The file-safe name of a control's output key: `<seed>.<name>/` is the folder its `save` fills (characters
+    outside letters, digits and `._-` become `_`; leading and trailing dots are dropped)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(key)).strip(".") or "output"
+
+
+def output_key_problems(keys: Iterable[tuple[Any, str]]) -> list[str]:
+    """Why these output keys (each with a label naming its control) cannot each have their own folder
+    `<seed>.<name>/` beside the renderer's files: a name the renderer writes itself (`png`, `gif`, `mp4`,
+    `frames`, or one ending in `.png` ...), or two keys with one file-safe name (compared ignoring case, as
+    macOS and Windows do). Empty when every key is usable."""
+    problems: list[str] = []
+    seen: dict[str, tuple[Any, str]] = {}
+    for key, label in keys:
+        name = output_folder_name(key)
+        lowered = name.lower()
+        if lowered in RENDERER_NAMES or lowered.rsplit(".", 1)[-1] in RENDERER_NAMES:
+            problems.append(
+                f"{label}: output key {key!r} would be saved to <seed>.{name}/, a name the renderer uses for its own "
+                f"files (<seed>.png, <seed>.gif, <seed>.mp4, <seed>.frames/); choose a key other than png, gif, mp4 or "
+                "frames that does not end in .png, .gif, .mp4 or .frames"
+            )
+            continue
+        if lowered in seen:
+            other, other_label = seen[lowered]
+            problems.append(
+                f"{label}: output key {key!r} would be saved to <seed>.{name}/, the folder of output key {other!r} "
+                f"({other_label}); keys must differ after characters other than letters, digits and ._- become '_' "
+                "(and ignoring case)"
+            )
+            continue
+        seen[lowered] = (key, label)
+    return problems
 
 
 def temp_name(path: str) -> str:
@@ -215,6 +254,8 @@ def read_mp4_params(path: str) -> dict[str, Any]:
     """The parameters `save_video` stored in an MP4's comment (needs imageio-ffmpeg; ValueError if it holds none)."""
     import subprocess
 
+    with open(path, "rb"):  # a missing or unreadable file is an OSError naming it, not "no parameters"
+        pass
     import imageio_ffmpeg
 
     result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", path, "-f", "ffmetadata", "-"],

@@ -30,6 +30,7 @@ A killed run therefore loses at most the images in flight; the next run merges w
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import inspect
@@ -45,11 +46,19 @@ from typing import Any
 
 import torch
 
-from ..errors import AttnctlError
+from ..errors import AttnctlError, ConfigError
 from . import outputs
 from .generate import Model, default_model, dtype_name, resolve_device, resolve_dtype
 from .jobs import Job, JobFile, Problem, load_job_file
-from .outputs import atomic_folder, remove_temporaries, save_frames, save_png, save_video
+from .outputs import (
+    atomic_folder,
+    output_folder_name,
+    output_key_problems,
+    remove_temporaries,
+    save_frames,
+    save_png,
+    save_video,
+)
 
 log = logging.getLogger("attnctl.render")
 
@@ -337,12 +346,15 @@ class Image:
         return (self.job.id, self.seed)
 
 
-def request_digest(job: Job, model: str, dtype: str) -> str:
-    """What must be equal for a recorded image to count as done: the job's request, the model, the dtype."""
-    return f"{job.request}/{model}/{dtype}"
+def request_digest(job: Job, model: str, dtype: str, backend: str = "auto") -> str:
+    """What must be equal for a recorded image to count as done: the job's request, the model, the dtype, and the
+    attention backend when one is named (not "auto": the digests of images rendered before the backend counted,
+    all with "auto", stay valid)."""
+    digest = f"{job.request}/{model}/{dtype}"
+    return digest if backend in (None, "auto") else f"{digest}/{backend}"
 
 
-def plan(jobs: JobFile, out: str, model: str, dtype: str, *, resume: bool = True,
+def plan(jobs: JobFile, out: str, model: str, dtype: str, *, backend: str = "auto", resume: bool = True,
          records: dict[tuple[str, int], dict[str, Any]] | None = None) -> tuple[list[Image], list[Image]]:
     """All images of the valid jobs in file order, and those still to render."""
     if records is None:
@@ -350,7 +362,7 @@ def plan(jobs: JobFile, out: str, model: str, dtype: str, *, resume: bool = True
     every: list[Image] = []
     pending: list[Image] = []
     for job in jobs.jobs:
-        request = request_digest(job, model, dtype)
+        request = request_digest(job, model, dtype, backend)
         for seed in job.seeds:
             image = Image(job, seed, request)
             every.append(image)
@@ -421,7 +433,7 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
         check_model_name(model_name)
     device = model.device if model is not None else ranks.device
     dtype = dtype_name(model.dtype if model is not None else resolve_dtype(options.dtype or jobs.dtype or "auto", device))
-    backend = options.backend or jobs.backend or "auto"
+    backend = model.backend if model is not None else (options.backend or jobs.backend or "auto")
 
     lock = FolderLock(out)
     if ranks.main:
@@ -467,7 +479,7 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
         run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     ranks.barrier()
     run_id = ranks.broadcast(run_id)
-    every, pending = plan(jobs, out, model_name, dtype, resume=options.resume)
+    every, pending = plan(jobs, out, model_name, dtype, backend=backend, resume=options.resume)
     mine = shard(pending, ranks.rank, ranks.world)
     invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
     summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
@@ -585,6 +597,7 @@ class _RunContext:
                     checked.add(job.id)
                     try:
                         model.check(job.controls, job.options, job.negative_prompt)
+                        check_output_keys(job.controls)
                         self.job_folder(job)
                     except Exception as error:  # noqa: BLE001 - fault isolation: the job fails, the run goes on
                         failed_jobs[job.id] = _describe(error)
@@ -622,9 +635,11 @@ class _RunContext:
                                              params=params)
                 if result.frames is not None:  # a video: <seed>.mp4 (imageio-ffmpeg) or .gif, and <seed>.frames/ (PNGs)
                     video = f"{seed}.{outputs.video_format()}"
-                    save_video(result.frames, os.path.join(folder, video), params, fsync=self.options.fsync,
-                               **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
-                    save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
+                    with _naming(os.path.join(folder, video)):
+                        save_video(result.frames, os.path.join(folder, video), params, fsync=self.options.fsync,
+                                   **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
+                    with _naming(os.path.join(folder, f"{seed}.frames")):
+                        save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
                     saved_outputs = [os.path.join(job.id, video), os.path.join(job.id, f"{seed}.frames"), *saved_outputs]
                 # the PNG last: resuming counts an image done by its PNG, so it exists only once every other file does
                 size = save_png(result.image, target, params, fsync=self.options.fsync)
@@ -660,18 +675,31 @@ class _RunContext:
         return True
 
 
+def check_output_keys(controls: tuple[Any, ...]) -> None:
+    """Raise ConfigError when a control's output folder `<seed>.<key>/` would take a name of the renderer's own
+    files or another control's folder (the job file check does this for jobs read from a file)."""
+    published = [(control.output_key, f"controls[{position}] ({type(control).__name__})")
+                 for position, control in enumerate(controls) if getattr(control, "output_key", None) is not None]
+    problems = output_key_problems(published)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *, fsync: bool = False,
                  params: dict[str, Any] | None = None) -> list[str]:
     """Save what controls published with a `save(folder)` method (attention maps) to `<seed>.<key>/`."""
     from PIL import Image as PILImage
 
+    saving = [(key, value) for key, value in outputs.items()
+              if callable(getattr(value, "save", None)) and not isinstance(value, PILImage.Image)]
+    # the job check refuses such keys before the run; here for outputs no control declared as its output_key
+    problems = output_key_problems((key, "a control's output") for key, _ in saving)
+    if problems:
+        raise ConfigError("; ".join(problems))
     saved = []
-    for key, value in outputs.items():
-        save = getattr(value, "save", None)
-        if not callable(save) or isinstance(value, PILImage.Image):
-            continue
-        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(key)).strip(".") or "output"
-        target = os.path.join(folder, f"{seed}.{name}")
+    for key, value in saving:
+        save = value.save
+        target = os.path.join(folder, f"{seed}.{output_folder_name(key)}")
         try:
             takes_images = "images" in inspect.signature(save).parameters
         except (TypeError, ValueError):  # builtins without a signature
@@ -682,9 +710,22 @@ def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *,
             if params is not None:
                 tag_pngs(path, {**params, "output": str(key)})
 
-        atomic_folder(target, fill, fsync=fsync)
+        with _naming(target):
+            atomic_folder(target, fill, fsync=fsync)
         saved.append(os.path.relpath(target, os.path.dirname(folder)))
     return saved
+
+
+@contextlib.contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Give an OSError that names no file (a failed `write`: no space, I/O error) the path being written, so the
+    run's error names the file that failed, not the image's PNG."""
+    try:
+        yield
+    except OSError as error:
+        if not error.filename:
+            error.filename = path
+        raise
 
 
 def tag_pngs(folder: str, params: dict[str, Any]) -> None:
@@ -773,20 +814,28 @@ def _duration(seconds: float) -> str:
 
 
 # -- dry run ------------------------------------------------------------------------------------------------------
-def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None) -> tuple[list[str], int]:
-    """Report lines for `--dry-run` (no model is loaded), and the number of problems found."""
+def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, device: str = "auto",
+            dtype: str | None = None, backend: str | None = None) -> tuple[list[str], int]:
+    """Report lines for `--dry-run` (no model is loaded), and the number of problems found. `device`, `dtype` and
+    `backend` are those of the run (`render`'s options): the device is checked as `render` checks it, and the
+    count of images already done uses the request digest the run would use (it holds the dtype and backend)."""
     lines = []
     problems = list(jobs.problems)
     name = model or jobs.model or default_model()
     model_problem = _model_problem(name)
     if model_problem:
         problems.insert(0, Problem("--model" if model else jobs.path, model_problem))
+    target = None
+    try:
+        target = resolve_device(device)
+    except AttnctlError as error:
+        problems.insert(0, Problem("--device", str(error)))
     images = jobs.images + sum(len(job.seeds) for job in jobs.invalid)
     lines.append(f"{os.path.basename(jobs.path)}: {len(jobs.jobs) + len(jobs.invalid)} job(s), {images} image(s), "
                  f"model {name}")
-    if out is not None and os.path.isdir(out):
-        dtype = dtype_name(resolve_dtype(jobs.dtype or "auto", resolve_device("auto")))
-        every, pending = plan(jobs, os.path.realpath(out), name, dtype)
+    if out is not None and os.path.isdir(out) and target is not None:
+        resolved = dtype_name(resolve_dtype(dtype or jobs.dtype or "auto", target))
+        every, pending = plan(jobs, os.path.realpath(out), name, resolved, backend=backend or jobs.backend or "auto")
         lines.append(f"{out}: {len(every) - len(pending)} image(s) already done, {len(pending)} to render")
     for job in jobs.jobs[:DRY_RUN_LISTED]:
         controls = ", ".join(c.type_name for c in job.controls) or "no controls"
