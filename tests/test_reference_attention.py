@@ -70,6 +70,11 @@ class _EagerHook(LayerHook):
                               torch.full((image.stop - image.start,), math.log(self.control.strength) if self.control.strength else -math.inf,
                                          dtype=torch.float64)])
             logits = q[i][:, image].double() @ keys.transpose(-1, -2) * scale + bias
+            if spec.attn_mask is not None:  # the layer's own mask (Chroma's text padding) over its own keys
+                mask = spec.attn_mask[i if spec.attn_mask.shape[0] > 1 else 0]
+                mask = mask if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, -math.inf)
+                own = mask.double()[..., image, :] if mask.shape[-2] > 1 else mask.double()
+                logits = logits + torch.cat([own.expand(*logits.shape[:-1], -1), logits.new_zeros(*logits.shape[:-1], image.stop - image.start)], -1)
             read = torch.softmax(logits, -1) @ values
             stock = out[i, :, image].double()
             mixed = inside * read + (1 - inside) * stock
@@ -154,6 +159,22 @@ def test_matches_eager_reference(name, options, tiny_cache):
         expected = run(pipe, name)
     assert not torch.allclose(expected[1:], stock[1:], **TOL)
     torch.testing.assert_close(ours[1:], expected[1:], **TOL)
+
+
+@pytest.mark.parametrize("options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}], ids=["everywhere", "region"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-chroma"])
+def test_matches_eager_reference_on_other_families(name, options, tiny_cache):
+    """SD3 and Chroma (joint attention; Chroma's text padding mask on the own keys) and PixArt (self-attention)."""
+    if name in NEW_TINY_MODELS and not available(name):
+        pytest.skip(f"diffusers lacks {name}")
+    pipe = tiny_cache(name)
+    stock = run(pipe, name, guidance=3.0)
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), **options)]):
+        ours = run(pipe, name, guidance=3.0)
+    with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"))]):
+        expected = run(pipe, name, guidance=3.0)
+    assert not torch.allclose(expected[1:], stock[1:], **TOL)
+    torch.testing.assert_close(ours[1:], expected[1:], **LOOSE)
 
 
 @pytest.mark.parametrize("name", [n for n in TINY_MODELS if n not in ("tiny-sd", "tiny-flux")] + list(NEW_TINY_MODELS))
