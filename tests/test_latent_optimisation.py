@@ -675,6 +675,29 @@ def test_the_scheduler_gets_the_update_in_its_own_scale_with_euler(tiny_cache):
     torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated[1:], rtol=1e-5, atol=1e-6)
 
 
+def test_half_precision_pipelines_keep_the_update():
+    """In float16 the scheduler's sample was NaN after the first update (the least-squares sums of an Euler-scaled
+    latent overflow float16: tiny-sdxl, 128 px); in bfloat16 a refinement of small steps moved the latent by exactly 0
+    (each step rounded away: the call was stock's, at the cost of every loss pass). The updates now accumulate in
+    float32 and are cast once."""
+    import copy
+
+    from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
+
+    sdxl = make_tiny_pipeline("tiny-sdxl").to(torch.float16)
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="latent", height=128, width=128)
+    with attnctl.apply(sdxl, [attnctl.AStar(["cat", "red"])], backend="sdpa"):
+        out = sdxl(["a photo of a red cat"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    sd3 = copy.deepcopy(make_tiny_pipeline("tiny-sd3")).to(torch.bfloat16)
+    kw = dict(CALL_DEFAULTS["tiny-sd3"], num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    prompts = ["a photo of a red cat", "a red cat and a dog"]
+    stock = sd3(prompts, generator=torch.Generator().manual_seed(0), **kw).images
+    with attnctl.apply(sd3, [attnctl.AttendExcite(["cat"])], backend="sdpa"):
+        excited = sd3(prompts, generator=torch.Generator().manual_seed(0), **kw).images
+    assert excited.dtype == torch.bfloat16 and not torch.equal(excited, stock)
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: attnctl.AttendExcite(["cat"], refine=((0.6, 0.5),)), r"refine fraction 0.6 is outside steps=\(0, 0.5\)"),
     (lambda: attnctl.AttendExcite(["cat"], refine=((0.0, 0.5), (0.0, 0.8))), "one fraction twice"),

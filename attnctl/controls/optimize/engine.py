@@ -164,7 +164,8 @@ class LatentOptimizerBound(Bound):
         `keep_heads`, each layer's (n, H, W, h, w) maps, in layer order."""
         self.read = {}
         run = dict(inputs)
-        run[self.main_input] = x
+        latent = inputs[self.main_input]
+        run[self.main_input] = x if x.dtype == latent.dtype else x.to(latent.dtype)  # differentiable: grads in x's dtype
         try:
             self.context.run_denoiser(run, frame)
         except _MapsRead:
@@ -224,7 +225,9 @@ class LatentOptimizerBound(Bound):
             rows = RowLayout(tuple(Row("cond", p) for p in prompts))
             loss_frame = dataclasses.replace(frame, rows=rows, inputs=narrow, extra_pass=LOSS_PASS)
             selector = self.selector.index_select(0, self.index(prompts, self.selector.device))
-            x = self.optimise_step(start, narrow, loss_frame, selector, frame)
+            # the updates accumulate in float32: in a float16 / bfloat16 pipeline a step below half the latent's
+            # resolution would round away (A&E's refinement moved a bf16 latent by exactly 0); cast once when used
+            x = self.optimise_step(start.float(), narrow, loss_frame, selector, frame)
         return {p: (start[j].detach(), x[j].detach()) for j, p in enumerate(prompts)}
 
     def gradient(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall,
@@ -265,7 +268,8 @@ class LatentOptimizerBound(Bound):
                     f"attnctl: {type(self.control).__name__}: the scheduler's sample has shape {tuple(sample.shape)}, which does "
                     f"not hold the denoiser's latent of image {prompt} ({tuple(old.shape)}); this pipeline is not supported"
                 )
-            s = sample[prompt].reshape(old.shape).to(old.dtype)
+            # in float32: the sums overflow float16 (65504) on a latent of a few hundred values scaled by Euler's sigma
+            s, old, new = sample[prompt].reshape(old.shape).float(), old.float(), new.float()
             ratio = (old * s).sum() / (s * s).sum().clamp(min=1e-20)
             out[prompt] = (s + (new - old) / ratio).reshape(sample[prompt].shape).to(sample.dtype)
         return out
