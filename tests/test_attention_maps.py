@@ -409,3 +409,13 @@ def test_pixart_maps_follow_resolution_binning_to_the_image_size(tiny_cache):
         pipe.transformer.register_to_config(sample_size=sample_size)
     assert out.images[0].size == (300, 200)
     assert tuple(result.maps.shape) == (1, 1, 200, 300) and tuple(result.masks("cat").shape) == (1, 200, 300)
+
+
+def test_words_that_differ_only_in_case_are_duplicates():
+    """Words match case-insensitively, so "red" and "RED" would be one map twice: refused as duplicates."""
+    import attnctl
+
+    for words in (["red", "RED"], [("cat", 0), ("Cat", 0)]):
+        with pytest.raises(attnctl.ConfigError, match="duplicates"):
+            attnctl.AttentionMaps(words)
+    attnctl.AttentionMaps([("cat", 0), ("cat", 1)])

@@ -62,6 +62,23 @@ def test_read_maps_takes_one_word_as_a_string_and_refuses_a_non_image(sd):
     assert set(_processors(sd).values()) == {"AttnProcessor2_0"}
 
 
+def test_read_maps_of_arrays_and_tensors_saves_and_refuses_several_images_per_prompt(sd, tmp_path):
+    """numpy / torch images (read_maps takes them as the pipeline does) are pictures in the result, so `save` draws the
+    heatmaps (it failed: 'ndarray' object has no attribute 'convert'); a word "grid" keeps its own heatmap file beside
+    the grid picture; num_images_per_prompt (maps rows without an image) is read_maps' own argument."""
+    import numpy as np
+
+    picture = Image.new("RGB", (48, 32), (200, 30, 30))
+    array = np.asarray(picture).astype("float32") / 255
+    for image in (array, array[None], torch.from_numpy(array).permute(2, 0, 1)[None]):
+        result = attnctl.read_maps(sd, image, "a red grid", ["red", "grid"], num_inference_steps=2, magnets=False)
+        assert len(result.images) == 1 and result.images[0].size == (48, 32)
+        written = result.save(str(tmp_path / type(image).__name__))
+        assert len(written) == len(set(written)) == 3, written  # two heatmaps and the grid picture
+    with pytest.raises(ConfigError, match="'num_images_per_prompt'.*from read_maps itself"):
+        attnctl.read_maps(sd, picture, "a red cat", ["red"], num_inference_steps=2, num_images_per_prompt=2)
+
+
 # -- ReferenceAttention's image: a path checked when made, and relative to the job file ------------------------------
 def test_reference_attention_missing_image_is_a_config_error(tmp_path):
     missing = tmp_path / "nope.png"

@@ -107,8 +107,28 @@ def read_maps(
     with apply(reader, control) as handle:
         reader(prompts, image=images, strength=float(strength), generator=torch.Generator().manual_seed(seed), output_type="latent", **call)
         result = handle.outputs["readout_maps"]
-    result.images = [image.copy() if hasattr(image, "copy") else image for image in images]
+    result.images = _pictures(reader, images, result.maps.shape[0])
     return result
+
+
+def _pictures(reader: Any, images: list[Any], count: int) -> list[Any] | None:
+    """The given images as PIL pictures for the result (its heatmaps and `save` draw on them): PIL images copied,
+    numpy arrays and tensors converted as the pipeline reads them (its image processor). None where they do not
+    give one picture per map row."""
+    pictures: list[Any] = []
+    processor = getattr(reader, "image_processor", None)
+    for image in images:
+        if hasattr(image, "convert"):
+            pictures.append(image.copy())
+        elif processor is not None:
+            pictures.extend(processor.postprocess(processor.preprocess(image), output_type="pil"))
+        else:
+            return None
+    return pictures if len(pictures) == count else None
+
+
+#: The img2img call's arguments read_maps sets itself (one image per prompt: the maps' rows are the given images).
+READOUT_ARGUMENTS = ("prompt", "image", "strength", "generator", "output_type", "num_images_per_prompt")
 
 
 def _check_call_arguments(reader: Any, call: dict[str, Any]) -> dict[str, Any]:
@@ -118,12 +138,12 @@ def _check_call_arguments(reader: Any, call: dict[str, Any]) -> dict[str, Any]:
     named = named_call_arguments(reader)
     call = {key: value for key, value in call.items() if key in named or key not in ("height", "width")}
     unknown = [name for name in call if name not in named]
-    reserved = [name for name in call if name in ("prompt", "image", "strength", "generator", "output_type")]
+    reserved = [name for name in call if name in READOUT_ARGUMENTS]
     if unknown or reserved:
         raise ConfigError(
             f"read_maps: {type(reader).__name__}.__call__ " + (f"takes no argument(s) {', '.join(map(repr, unknown))}"
             if unknown else f"gets {', '.join(map(repr, reserved))} from read_maps itself") + "; further arguments: "
-            + ", ".join(name for name in named if name not in ("prompt", "image", "strength", "generator", "output_type"))
+            + ", ".join(name for name in named if name not in READOUT_ARGUMENTS)
         )
     return call
 

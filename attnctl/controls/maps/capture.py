@@ -106,8 +106,9 @@ class AttentionMaps(Control, type_name="attention-maps"):
         if not isinstance(words, (list, tuple)) or not words:
             raise ConfigError(f"AttentionMaps.words must be a non-empty list of words, got {self.words!r}")
         checked = tuple(validate_word_query(w, owner="AttentionMaps.words") for w in words)
-        if len(set(checked)) != len(checked):
-            raise ConfigError(f"AttentionMaps.words has duplicates: {checked!r}")
+        folded = [w.casefold() if isinstance(w, str) else (w[0].casefold(), *w[1:]) if isinstance(w, tuple) else w for w in checked]
+        if len(set(folded)) != len(folded):  # words match case-insensitively: "red" and "RED" are one map twice
+            raise ConfigError(f"AttentionMaps.words has duplicates (words match whatever their case): {checked!r}")
         set_field(self, "words", checked)
         set_field(self, "layers", validate_layers(self.layers, name="AttentionMaps.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="AttentionMaps.steps"))
@@ -121,7 +122,8 @@ class AttentionMaps(Control, type_name="attention-maps"):
             raise UnsupportedError(
                 f"attnctl: AttentionMaps(magnets=...) swaps the cond rows' prompt embeddings for those of the prompt with the "
                 f"magnets appended (same padded length), implemented for {', '.join(MAGNET_FAMILIES)}; the "
-                f"{adapter.family} family's text input (unpadded or masked text, video) is not handled yet"
+                f"{adapter.family} family's text input (unpadded or masked text, video) is not handled yet; pass "
+                "magnets=False for the plain maps (read_maps defaults to magnets=True)"
             )
 
     @property

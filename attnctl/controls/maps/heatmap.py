@@ -105,9 +105,9 @@ def save_maps(
     when `images` has one) and `image{i}_grid.png`."""
     os.makedirs(directory, exist_ok=True)
     names: list[str] = []
-    for word in words:  # file names unique even when two words slug alike
+    for word in words:  # file names unique even when two words slug alike, and never the grid's
         name = slug(word)
-        while name in names:
+        while name in names or name == "grid":
             name += "_"
         names.append(name)
     written = []
