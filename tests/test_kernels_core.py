@@ -229,3 +229,23 @@ def test_per_key_shapes_are_checked_once_for_every_backend():
     assert torch.equal(as_additive(mask), torch.tensor([0.0, float("-inf")]))
     assert as_additive(mask, torch.float16).dtype == torch.float16
     assert as_additive(torch.zeros(2), torch.float64).dtype == torch.float64
+
+
+def test_sdpa_gets_the_mask_in_the_querys_dtype(monkeypatch):
+    """A model's float32 mask (Chroma's) with bfloat16 queries and an edit: SDPA gets the mask in bfloat16, as CUDA's
+    memory-efficient kernel requires (it refuses a bias of another dtype; the CPU promotes silently). float32's most
+    negative value becomes bfloat16's, not -inf; the result agrees with the reference backend."""
+    from attnctl.kernels import sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 6)
+    mask[:, :, :, -2:] = torch.finfo(torch.float32).min
+    spec = AttentionSpec(attn_mask=mask, key_bias=torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 0.0]] * 2))
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", lambda *a, **kw: (seen.append(kw["attn_mask"]), real(*a, **kw))[1])
+    out, _ = attention(q, k, v, spec, backend="sdpa")
+    assert seen and all(m.dtype == torch.bfloat16 and torch.isfinite(m).all() for m in seen)
+    expected, _ = attention(q, k, v, spec, backend="reference")
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)

@@ -144,6 +144,10 @@ def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torc
     mask = spec.attn_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = as_additive(mask, q.dtype)
+    elif mask is not None and mask.dtype != q.dtype:
+        # in the query's dtype: CUDA's memory-efficient SDPA refuses a float32 bias with bfloat16 queries (the CPU
+        # promotes silently); float32's most negative values are clamped to the dtype's instead of becoming -inf
+        mask = mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
     if spec.labels is not None:
         dense, _ = _labels_dense(spec.labels, q.dtype, q.device)
         mask = dense if mask is None else mask + dense
