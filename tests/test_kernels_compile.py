@@ -184,3 +184,34 @@ def test_every_switch_combination_compiles(tmp_path):
     assert not _failures(compiled), "\n".join(_failures(compiled)[:20])
     assert [r["variant"] for r in compiled] == expected, stderr
     assert rc == 0, stderr
+
+
+def test_wide_tiles_fit_consumer_gpus_by_their_configs():
+    """The tiles `cuda_config` / the sparse launcher pick at the widest heads fit the 99 KiB of shared memory per block
+    of sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4): float32 at head dims above 128 takes 32 x 32 tiles (64 x 32 needed
+    139-156 KiB), and the sparse kernel's one-tile layout is kept for key rows whose K tile fits 64 KiB (a float32
+    row of 77 keys at head dim 256 needed 160 KiB; it streams instead). The compiles behind the numbers:
+    `test_widest_tiles_compile_within_consumer_shared_memory` (slow)."""
+    import torch
+
+    from attnctl.kernels import triton_sparse as ts
+
+    assert (ta.cuda_config(torch.float32, 256).block_m, ta.cuda_config(torch.float32, 256).block_n) == (32, 32)
+    assert ta.cuda_config(torch.float32, 128) == ta.Config(64, 32, num_warps=4, num_stages=2)  # unchanged where it fits
+    assert not ts.one_tile(77, 256, 4) and ts.one_tile(64, 256, 4) and ts.one_tile(77, 256, 2) and ts.one_tile(77, 128, 4)
+    assert ts.launch_config(ta.cuda_config(torch.float32, 256), 77, True, 256, 4) == ta.cuda_config(torch.float32, 256)
+    assert triton_aot.MAX_SHARED[86] == triton_aot.MAX_SHARED[89] == 101376
+
+
+@needs_ptxas
+@pytest.mark.slow
+def test_widest_tiles_compile_within_consumer_shared_memory(tmp_path):
+    """The variants that need the most shared memory (`--set widest`: most switches on, every dtype, head dims 128
+    and 256, the sparse kernel's two layouts) compile for sm_86 within its 101,376 bytes (24 compiles, about 4 minutes)."""
+    expected = [v.label() for v in triton_aot.variants("widest", (86,))]
+    rc, records, stderr = _run_aot(tmp_path, "--set", "widest", "--arch", "86", timeout=3600)
+    compiled = [r for r in records if "variant" in r]
+    assert not _failures(compiled), "\n".join(_failures(compiled))
+    assert [r["variant"] for r in compiled] == expected, stderr
+    assert rc == 0, stderr
+

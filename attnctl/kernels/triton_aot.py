@@ -41,9 +41,14 @@ import torch
 SIZES = ("H", "N_Q", "N_K", "HEAD_DIM")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (80, 90)
-VARIANT_SETS = ("default", "product", "full")
-#: Shared memory per block a kernel may use (bytes, opt-in maximum): A100 (sm_80) and H100 / H200 (sm_90).
-MAX_SHARED = {80: 166912, 90: 232448}
+VARIANT_SETS = ("default", "product", "full", "widest")
+#: Shared memory per block a kernel may use (bytes, opt-in maximum): A100 (sm_80), RTX 30xx / A10 (sm_86), RTX 40xx /
+#: L4 / L40 (sm_89) and H100 / H200 (sm_90).
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+#: The variant index of the `widest` set: the sparse kernel's one-tile layout at its longest key row (`ONE_TILE_KEYS`).
+WIDEST_INDEX = -1
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def kernels() -> dict[str, KernelDecl]:
 
     def sparse_config(dtype, head_dim, switches, index):
         keys = ts.ONE_TILE_KEYS[index % len(ts.ONE_TILE_KEYS)] if switches["ONE_TILE"] else 4096
-        return ts.launch_config(ta.cuda_config(dtype, head_dim), keys, cuda=True)
+        return ts.launch_config(ta.cuda_config(dtype, head_dim), keys, True, head_dim, dtype.itemsize)
 
     return {
         "_attn_fwd": KernelDecl("_attn_fwd", ta, lambda dtype, head_dim, switches, index: ta.cuda_config(dtype, head_dim)),
@@ -163,7 +168,10 @@ def variants(which: str = "default", archs: tuple[int, ...] = ARCHS) -> list[Var
       (a few variants per kernel: `make test`);
     - `product`: every launchable switch combination of every kernel (dtype and head-dim class rotating),
       plus every dtype x head-dim class at each of `default`'s combinations (the slow test);
-    - `full`: switch combinations x dtypes x head-dim classes (about 10k per arch: hours on one core).
+    - `full`: switch combinations x dtypes x head-dim classes (about 10k per arch: hours on one core);
+    - `widest`: the tiles that need the most shared memory: per kernel, the combinations with the most switches on
+      (the sparse kernel's one-tile and streaming layouts, the one-tile at its longest key row), every dtype, the two
+      widest head-dim classes (for the consumer GPUs' 99 KiB: `--arch 86`; the slow test).
     """
     if which not in VARIANT_SETS:
         raise ValueError(f"variant set must be one of {', '.join(VARIANT_SETS)}, got {which!r}")
@@ -172,6 +180,16 @@ def variants(which: str = "default", archs: tuple[int, ...] = ARCHS) -> list[Var
     dtypes = list(DTYPES)
     out: list[Variant] = []
     for arch in archs:
+        if which == "widest":
+            for decl in decls.values():
+                combos = _all_combinations(decl)
+                layouts = {combo.get("ONE_TILE") for combo in combos}
+                for layout in sorted(layouts, key=str):
+                    mine = [combo for combo in combos if combo.get("ONE_TILE") == layout]
+                    combo = max(mine, key=lambda c: sum(bool(v) for v in c.values()))
+                    for dtype, head in itertools.product(dtypes, heads[-2:]):
+                        out.append(Variant(decl.name, arch, dtype, head, tuple(combo.items()), WIDEST_INDEX))
+            continue
         if which == "full":
             for decl in decls.values():
                 for i, (combo, dtype, head) in enumerate(itertools.product(_all_combinations(decl), dtypes, heads)):

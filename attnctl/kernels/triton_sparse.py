@@ -42,6 +42,10 @@ from .triton_attention import _RUNTIME_INTS, LOG2E, _flash_loop, _key_block, _pr
 
 #: Key rows up to this length (after rounding up to a power of two) use the one-pass layout.
 ONE_TILE_MAX = 128
+#: ... when a whole key row of K fits this many bytes of shared memory (V's row beside it): the tiles then fit the 99
+#: KiB per block of consumer GPUs (sm_86 / sm_89); float32 rows of 128 keys at head dim 256 (160 KiB) use the multi-tile
+#: layout instead.
+ONE_TILE_BYTES = 65536
 #: Threshold iterations at most (Newton converges in a handful; the cap bounds pathological rows).
 MAX_ITER = 40
 TOL = 1e-6
@@ -256,9 +260,10 @@ def _mode(alpha: float) -> int:
     return 2
 
 
-def one_tile(nk: int) -> bool:
-    """Whether a key row of `nk` keys uses the one-pass layout."""
-    return triton.next_power_of_2(max(nk, 16)) <= ONE_TILE_MAX
+def one_tile(nk: int, head_dim: int = 16, itemsize: int = 2) -> bool:
+    """Whether a key row of `nk` keys (of `head_dim`, `itemsize` bytes each) uses the one-pass layout."""
+    block_n = triton.next_power_of_2(max(nk, 16))
+    return block_n <= ONE_TILE_MAX and block_n * ta.head_block(head_dim) * itemsize <= ONE_TILE_BYTES
 
 
 def attention(
@@ -284,8 +289,8 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     out, lse = ta.outputs(q, v, spec.return_lse)
     if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
         return ta.empty_call(out, lse)
-    single = one_tile(nk)
-    config = launch_config(config or ta.default_config(q, head_dim), nk, q.device.type == "cuda")
+    single = one_tile(nk, head_dim, q.element_size())
+    config = launch_config(config or ta.default_config(q, head_dim), nk, q.device.type == "cuda", head_dim, q.element_size())
     args, switches = ta.kernel_arguments(q, k, v, spec, config)
     if single:
         switches["HAS_BLOCKS"] = False
@@ -302,10 +307,10 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     return out, lse
 
 
-def launch_config(config: ta.Config, nk: int, cuda: bool) -> ta.Config:
+def launch_config(config: ta.Config, nk: int, cuda: bool, head_dim: int = 16, itemsize: int = 2) -> ta.Config:
     """The tiles of a call with `nk` keys: `config`, or in the one-tile layout the whole key row as BLOCK_N
     (BLOCK_M at most 32 on a GPU: the row tile and its entmax terms live in registers)."""
-    if not one_tile(nk):
+    if not one_tile(nk, head_dim, itemsize):
         return config
     block_n = triton.next_power_of_2(max(nk, 16))
     block_m = min(config.block_m, 32) if cuda else config.block_m
