@@ -224,6 +224,14 @@ def _as_encoded(pipe, name: str, prompt: str) -> str:
 IMAGE_TOKENS = 64
 
 
+def _masked_logits(q, k, mask):
+    """float64 logits `q kᵀ / sqrt(d)` plus the call's mask (bool: -inf where False; float: added)."""
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is None:
+        return logits
+    return logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask.double())
+
+
 @pytest.mark.parametrize("normalize", [False, True], ids=["p2p", "normalize"])
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT])
 def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
@@ -242,7 +250,7 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
     assert {record["layer"].name for record in spy.log} == {layer.name for layer in handle.adapter.layers if layer.kind == kind}
     for record in spy.log:
         q, k, v = (record[x].double() for x in ("q", "k", "v"))
-        n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
+        n_q, n_k = q.shape[2], k.shape[2]
         if cross:
             image_rows, text_keys = slice(0, n_q), slice(0, n_k)
         elif TEXT[name][1] == "last":
@@ -250,10 +258,7 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
         else:
             text_len = n_q - IMAGE_TOKENS
             image_rows, text_keys = slice(text_len, n_q), slice(0, text_len)
-        logits = q @ k.transpose(-1, -2) / d**0.5
-        if record["mask"] is not None:
-            mask = record["mask"]
-            logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask.double())
+        logits = _masked_logits(q, k, record["mask"])
         w = torch.ones(q.shape[0], n_k, dtype=torch.float64)
         for b, row in enumerate(record["rows"].rows):
             if row.branch == "cond":
@@ -463,12 +468,9 @@ def _qwen_reweighted(record, texts, table, branch, tokenizer, normalize=False):
     on the rows of `branch`, the words looked up in each row's own text (`texts[branch][prompt]`); the text length is
     the call's own (its queries less the 64 image tokens)."""
     q, k, v = (record[x].double() for x in ("q", "k", "v"))
-    n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
+    n_q, n_k = q.shape[2], k.shape[2]
     text_len = n_q - IMAGE_TOKENS
-    logits = q @ k.transpose(-1, -2) / d**0.5
-    if record["mask"] is not None:
-        mask = record["mask"]
-        logits = logits + (torch.zeros_like(mask, dtype=torch.float64).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask.double())
+    logits = _masked_logits(q, k, record["mask"])
     w = torch.ones(q.shape[0], n_k, dtype=torch.float64)
     for b, row in enumerate(record["rows"].rows):
         if branch not in (row.branch, "both"):
@@ -1334,15 +1336,9 @@ class RefZImageReweight:
         self.n, self.text_start, self.weights, self.normalize = image_tokens, text_start, weights, normalize
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        from .test_zimage_guidance import _rotary
+        from .test_zimage_guidance import zimage_qkv
 
-        def heads(t):
-            return t.unflatten(-1, (attn.heads, -1))
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k = _rotary(q, freqs_cis), _rotary(k, freqs_cis)
-        q, k, v = (t.transpose(1, 2).double() for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2).double() for t in zimage_qkv(attn, hidden_states, freqs_cis))
         logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
         if attention_mask is not None:
             logits = logits.masked_fill(~attention_mask[:, None, None, :], float("-inf"))

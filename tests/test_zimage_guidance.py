@@ -62,6 +62,16 @@ def _rotary(x_in, freqs_cis):
     return torch.view_as_real(x * freqs_cis.unsqueeze(2)).flatten(3).type_as(x_in)
 
 
+def zimage_qkv(attn, hidden_states, freqs_cis):
+    """q, k, v (B, S, heads, d) of a Z-Image attention module as its stock processor makes them: qk-norm and RoPE."""
+    def heads(t):
+        return t.unflatten(-1, (attn.heads, -1))
+
+    q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    return _rotary(q, freqs_cis), _rotary(k, freqs_cis), v
+
+
 class RefZImagePAG:
     """docs/methods.md "PAG" in Z-Image's single-stream `[image; text]` attention, written out with a dense mask: an
     image query attends to itself and to every text key (the caption's visible pad tokens included), text queries
@@ -73,12 +83,7 @@ class RefZImagePAG:
         self.n, self.pad = image_tokens, pad
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        def heads(t):
-            return t.unflatten(-1, (attn.heads, -1))
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        q, k = _rotary(q, freqs_cis), _rotary(k, freqs_cis)
+        q, k, v = zimage_qkv(attn, hidden_states, freqs_cis)
         length = q.shape[1]
         mask = torch.zeros(q.shape[0], 1, length, length)
         mask[:, :, : self.n, : self.n] = torch.full((self.n, self.n), float("-inf")).fill_diagonal_(0.0)
