@@ -375,14 +375,28 @@ def test_pyramid_attention_broadcast_keeps_attnctl_batches_apart(flux):
     pipe.transformer.enable_cache(_config("PyramidAttentionBroadcast", pipe))
     hook = pipe.transformer.transformer_blocks[0].attn._diffusers_hook.hooks["pyramid_attention_broadcast"]
     own = hook.state
+
+    def fail_in_pags_batch(module, args, kwargs):
+        if kwargs.get("hidden_states", args[0] if args else None).shape[0] == 2:
+            raise RuntimeError("stopped in PAG's batch")
+
     try:
-        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.5))):
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.5))) as handle:
             first = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+            assert hook.state is own
+            assert not handle.runtime.last_call.cache_states  # attnctl's states (attention outputs) end with the call
             again = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
-        assert hook.state is own
+            stop = pipe.transformer.single_transformer_blocks[0].register_forward_pre_hook(fail_in_pags_batch, with_kwargs=True)
+            try:
+                with pytest.raises(RuntimeError, match="stopped in PAG's batch"):
+                    generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+            finally:
+                stop.remove()
+        assert hook.state is own  # a forward that raised in attnctl's batch gave PAB its state back at remove()
+        cached = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
     finally:
         pipe.transformer.disable_cache()
-    assert torch.isfinite(first).all() and torch.equal(first, again)
+    assert torch.isfinite(first).all() and torch.equal(first, again) and cached.shape == first.shape
     pixart = make_tiny_pipeline("tiny-pixart")
     config = diffusers.PyramidAttentionBroadcastConfig(
         spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001), current_timestep_callback=lambda: 500

@@ -187,8 +187,15 @@ class DenoiserHooks:
         for expert, installed in zip(self.modules, self._reuse_hooks):
             _remove_reuse_hook(expert, *installed)
         self._reuse_hooks = ()
-        self._pending = None
+        self._drop_pending()
         self._cond_output = self._reused = None
+
+    def _drop_pending(self) -> None:
+        """Forget the forward in progress; a forward that raised never reached `_post`, so the diffusers cache context
+        or state it keyed apart (`keyed_cache_context`) is put back here."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.restore is not None:
+            pending.restore()
 
     def take_reused(self) -> Any:
         """The output the current forward returns without running (None: run it), consumed."""
@@ -232,7 +239,7 @@ class DenoiserHooks:
         if self._passthrough:
             return None
         runtime, adapter = self.runtime, self.runtime.adapter
-        self._pending = None
+        self._drop_pending()
         self._reused = None  # never left over from a call that failed before its forward
         self.module = module
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
@@ -379,24 +386,34 @@ class DenoiserHooks:
         runtime, adapter = self.runtime, self.runtime.adapter
         if self._references_checked is runtime.call:
             return
-        for position, control in enumerate(runtime.controls):
-            name = type(control).__name__
+        for control in runtime.controls:
             replaces = [need for need in control.needs if need in ("row_inputs", "appended_text")]
             if replaces:
                 raise UnsupportedError(
-                    f"attnctl: {name} needs {replaces[0].replace('_', ' ')}, and this {adapter.family} call holds "
+                    f"attnctl: {type(control).__name__} needs {replaces[0].replace('_', ' ')}, and this {adapter.family} call holds "
                     f"{frame.canvas.reference_len} reference-image tokens in its sequence (image=...); not supported with "
                     "reference images"
                 )
+        found = self._undefined_over_references()
+        if found is not None:
+            control, layer, effects = found
+            raise UnsupportedError(
+                f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the "
+                f"{frame.canvas.reference_len} reference-image tokens of this {adapter.family} call (image=...); "
+                f"with reference images attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}"
+            )
+        self._references_checked = runtime.call
+
+    def _undefined_over_references(self) -> tuple[Any, LayerInfo, list[str]] | None:
+        """The first (control, layer, effects) whose effects are not defined over tokens the processors leave unedited
+        (reference-image tokens, Z-Image's image padding: `REFERENCE_EFFECTS`), or None."""
+        runtime, adapter = self.runtime, self.runtime.adapter
+        for position, control in enumerate(runtime.controls):
             for layer in runtime.resolved[position]:
                 effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
                 if effects:
-                    raise UnsupportedError(
-                        f"attnctl: {name} ({', '.join(effects)} at {layer.name}) is not defined over the "
-                        f"{frame.canvas.reference_len} reference-image tokens of this {adapter.family} call (image=...); "
-                        f"with reference images attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}"
-                    )
-        self._references_checked = runtime.call
+                    return control, layer, effects
+        return None
 
     def _check_image_padding(self, frame: DenoiserCall) -> None:
         """Refuse, once per pipeline call, a control whose effects are not defined over the padding tokens between the
@@ -405,27 +422,25 @@ class DenoiserHooks:
         runtime, adapter = self.runtime, self.runtime.adapter
         if self._padding_checked is runtime.call:
             return
-        canvas = frame.canvas
-        (rows, cols), height = canvas.token_hw, canvas.latent_hw[0]
-        for position, control in enumerate(runtime.controls):
-            for layer in runtime.resolved[position]:
-                effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
-                if not effects:
-                    continue
-                vae = getattr(runtime.pipeline, "vae_scale_factor", None)
-                pixels = vae * (height // rows) if isinstance(vae, int) else None
-                sizes = (
-                    f"; at this pipeline's {pixels} px per token, e.g. a height a multiple of {8 * pixels} px and a width "
-                    f"a multiple of {4 * pixels} px (or the other way round)" if pixels else ""
-                )
-                raise UnsupportedError(
-                    f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the "
-                    f"{canvas.image_pad} padding tokens {adapter.family} puts between the image and the text at this size: "
-                    f"its {rows}x{cols} = {rows * cols} image tokens are not a multiple of 32. With such a size attnctl "
-                    f"supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}; for "
-                    f"{type(control).__name__}, use a size whose token grid has a multiple of 32 tokens (rows x cols with one "
-                    f"of them a multiple of 8 and the other of 4{sizes})"
-                )
+        found = self._undefined_over_references()
+        if found is not None:
+            control, layer, effects = found
+            canvas = frame.canvas
+            (rows, cols), height = canvas.token_hw, canvas.latent_hw[0]
+            vae = getattr(runtime.pipeline, "vae_scale_factor", None)
+            pixels = vae * (height // rows) if isinstance(vae, int) else None
+            sizes = (
+                f"; at this pipeline's {pixels} px per token, e.g. a height a multiple of {8 * pixels} px and a width "
+                f"a multiple of {4 * pixels} px (or the other way round)" if pixels else ""
+            )
+            raise UnsupportedError(
+                f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the "
+                f"{canvas.image_pad} padding tokens {adapter.family} puts between the image and the text at this size: "
+                f"its {rows}x{cols} = {rows * cols} image tokens are not a multiple of 32. With such a size attnctl "
+                f"supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}; for "
+                f"{type(control).__name__}, use a size whose token grid has a multiple of 32 tokens (rows x cols with one "
+                f"of them a multiple of 8 and the other of 4{sizes})"
+            )
         self._padding_checked = runtime.call
 
     def _signed_call(self, inputs: dict[str, Any], frame: DenoiserCall, main: str, sign: int) -> torch.Tensor:

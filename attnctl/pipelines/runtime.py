@@ -214,6 +214,7 @@ class Runtime:
         finally:  # the call is over whatever its controls' finish raised (the next call starts clean)
             if self.call is not None:
                 self.call.owner = None  # the pipeline's frame (and its locals) is not kept past the call
+                self.call.cache_states.clear()  # diffusers hooks' states of attnctl's batches hold attention outputs
             self.last_call = self.call
             self.call = None
             self.frame = None
