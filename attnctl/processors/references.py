@@ -48,12 +48,16 @@ def attend(
         references = call.geometry.reference_len if call is not None else 0
     if not references:
         return processor.attention(call, edit, q, k, v, mask)
-    key = (id(edit), references, k.shape[2])
-    cached = getattr(processor, "_references_edit", None)
-    if cached is None or cached[0] != key or cached[1] is not edit:  # a control's edit is often the same object across steps
-        cached = (key, edit, _over_references(edit, references, k.shape[2]))
-        processor._references_edit = cached
-    own = processor.attention(call, cached[2], q[:, :, :-references], k, v, _rows(mask, 0, -references))
+    if torch.compiler.is_compiling():  # made in the graph: a lookup by the edit's identity would guard on it per call
+        over = _over_references(edit, references, k.shape[2])
+    else:
+        key = (id(edit), references, k.shape[2])
+        cached = getattr(processor, "_references_edit", None)
+        if cached is None or cached[0] != key or cached[1] is not edit:  # an edit is often the same object across steps
+            cached = (key, edit, _over_references(edit, references, k.shape[2]))
+            processor._references_edit = cached
+        over = cached[2]
+    own = processor.attention(call, over, q[:, :, :-references], k, v, _rows(mask, 0, -references))
     rest = processor.plain_attention(q[:, :, -references:], k, v, _rows(mask, -references, None))
     return torch.cat([own, rest.to(own.dtype)], dim=2)
 
