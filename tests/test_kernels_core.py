@@ -249,3 +249,8 @@ def test_sdpa_gets_the_mask_in_the_querys_dtype(monkeypatch):
     assert seen and all(m.dtype == torch.bfloat16 and torch.isfinite(m).all() for m in seen)
     expected, _ = attention(q, k, v, spec, backend="reference")
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    converted = sdpa._mask_in_dtype(mask, torch.bfloat16)  # made once per mask tensor, not per attention call
+    assert sdpa._mask_in_dtype(mask, torch.bfloat16) is converted
+    mask[:, :, :, 0] = float("-inf")  # in place: converted again, -inf kept
+    again = sdpa._mask_in_dtype(mask, torch.bfloat16)
+    assert again is not converted and torch.isneginf(again[..., 0]).all() and torch.isfinite(again[..., 1:]).all()

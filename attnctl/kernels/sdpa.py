@@ -71,10 +71,36 @@ def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> t
     return cached
 
 
+#: The model's float masks in the queries' dtype, by mask tensor (every layer of a denoiser call passes the same one).
+_MASK_IN_DTYPE: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_MASK_CACHE_SIZE = 4
+
+
+def _mask_in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float mask in `dtype` (CUDA's memory-efficient SDPA refuses a bias of another dtype than the queries'; the CPU
+    promotes silently): -inf kept, other values clamped to the dtype's range (float32's most negative value would
+    become -inf in float16). Made once per mask tensor, not at every attention call."""
+    def convert() -> torch.Tensor:
+        return mask.clamp(min=torch.finfo(dtype).min).masked_fill(mask == float("-inf"), float("-inf")).to(dtype)
+
+    if torch.compiler.is_compiling():
+        return convert()
+    key = (id(mask), mask._version, dtype)
+    found = _MASK_IN_DTYPE.get(key)
+    if found is not None and found[0]() is mask:
+        return found[1]
+    if len(_MASK_IN_DTYPE) >= _MASK_CACHE_SIZE:
+        _MASK_IN_DTYPE.pop(next(iter(_MASK_IN_DTYPE)))
+    converted = convert()
+    _MASK_IN_DTYPE[key] = (weakref.ref(mask), converted)
+    return converted
+
+
 def clear_caches() -> None:
     """Forget every cached dense mask."""
     _LABEL_DENSE.clear()
     _WINDOW_DENSE.clear()
+    _MASK_IN_DTYPE.clear()
 
 
 def _call(q, k, v, mask, scale):
@@ -145,9 +171,7 @@ def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torc
     if mask is not None and mask.dtype == torch.bool:
         mask = as_additive(mask, q.dtype)
     elif mask is not None and mask.dtype != q.dtype:
-        # in the query's dtype: CUDA's memory-efficient SDPA refuses a float32 bias with bfloat16 queries (the CPU
-        # promotes silently); float32's most negative values are clamped to the dtype's instead of becoming -inf
-        mask = mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        mask = _mask_in_dtype(mask, q.dtype)
     if spec.labels is not None:
         dense, _ = _labels_dense(spec.labels, q.dtype, q.device)
         mask = dense if mask is None else mask + dense
