@@ -77,7 +77,11 @@ def kernels() -> dict[str, KernelDecl]:
     from . import triton_sparse as ts
 
     def sparse_config(dtype, head_dim, switches, index):
-        keys = ts.ONE_TILE_KEYS[index % len(ts.ONE_TILE_KEYS)] if switches["ONE_TILE"] else 4096
+        keys = 4096
+        if switches["ONE_TILE"]:  # a key row the launcher runs in one tile at this dtype and head dim (the longest
+            # of them for the `widest` set's index -1): never a one-tile switch with the streaming config
+            fitting = [n for n in ts.ONE_TILE_KEYS if ts.one_tile(n, head_dim, dtype.itemsize)]
+            keys = fitting[index % len(fitting)]
         return ts.launch_config(ta.cuda_config(dtype, head_dim), keys, True, head_dim, dtype.itemsize)
 
     return {
