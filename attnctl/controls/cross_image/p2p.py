@@ -372,7 +372,6 @@ class PromptToPromptBound(Bound):
         # each branch's text length: Qwen-Image encodes the negative prompt by a call of its own, padded to its own
         # longest prompt, so the uncond rows' tables have that length
         self.text_lens = {branch: context.text_len_of(branch) for branch in ("cond", "uncond")}
-        self.text_lens["cond"] = self.text_len
         for branch in ("cond", "uncond") if control.branch == "both" else ("cond",):
             source = tokens if branch == "cond" else context.negative_tokens
             host = self._host_tables[branch] = self._tables(source, weights if branch == "cond" else None, branch)
