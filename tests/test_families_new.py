@@ -1388,6 +1388,25 @@ def test_zimage_reweight_is_exact_on_mixed_caption_lengths_and_padded_images(wid
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_zimage_padding_reorders_the_shared_rope_table_once_per_forward(wide_zimage, monkeypatch):
+    """The RoPE table (and mask) every layer of a forward shares is re-ordered for the image padding once per forward,
+    not at every controlled layer (constant work of an attention call)."""
+    from attnctl.processors import zimage
+
+    pipe, options = wide_zimage, ZIMAGE_LAYOUTS["padded-image"]
+    tables, forwards = [], []
+    reorder = zimage._padding_last
+    monkeypatch.setattr(zimage, "_padding_last", lambda t, *a: (tables.append(t) if t.is_complex() else None, reorder(t, *a))[1])
+    hook = pipe.transformer.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        with attnctl.apply(pipe, [attnctl.Reweight({"cat": 3.0})]) as handle:
+            generate(pipe, ZIMAGE, guidance=4.0, **options)
+            assert len(handle.runtime.resolved[0]) == 2  # two controlled layers per forward
+    finally:
+        hook.remove()
+    assert len(forwards) >= 2 and len(tables) == len(forwards)
+
+
 def test_zimage_controls_undefined_over_image_padding_are_refused_at_the_call_with_the_sizes(wide_zimage):
     """A control whose effects are not defined over the padding tokens between the image and the text (here the
     cross-image links of ConsistentSubjects) is refused at a size whose token count is not a multiple of 32, naming

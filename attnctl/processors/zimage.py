@@ -14,6 +14,7 @@ query with no per-key change, queries attending as stock. The order is put back 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -55,9 +56,9 @@ class ZImageProcessor(ControlledProcessor):
             if seen is not own:
                 hidden_states = torch.cat([seen, hidden_states[:, -pad:]], dim=1)
             if freqs_cis is not None:
-                freqs_cis = _padding_last(freqs_cis, 1, image, pad)
+                freqs_cis = _shared_padding_last(freqs_cis, 1, image, pad)
             if attention_mask is not None:
-                attention_mask = _padding_last(attention_mask, attention_mask.ndim - 1, image, pad)
+                attention_mask = _shared_padding_last(attention_mask, attention_mask.ndim - 1, image, pad)
         else:
             edit, call, reused, hidden_states = self.begin_edit(edit, attn, hidden_states, encoder_hidden_states)
         if reused is not None:
@@ -138,3 +139,24 @@ def _padding_last(tensor: torch.Tensor, dim: int, image: int, pad: int) -> torch
     """`tensor` with the `pad` positions after the first `image` along `dim` moved to the end."""
     rest = tensor.shape[dim] - image - pad
     return torch.cat([tensor.narrow(dim, 0, image), tensor.narrow(dim, image + pad, rest), tensor.narrow(dim, image, pad)], dim=dim)
+
+
+#: RoPE tables and masks re-ordered, by tensor: every layer of a forward gets the same ones (made once, not per layer).
+_SHARED: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+_SHARED_SIZE = 4
+
+
+def _shared_padding_last(tensor: torch.Tensor, dim: int, image: int, pad: int) -> torch.Tensor:
+    """`_padding_last` of a tensor every layer of a forward shares (the RoPE table, the attention mask), made once per
+    tensor (and in-place version); in a traced graph, made there."""
+    if torch.compiler.is_compiling():
+        return _padding_last(tensor, dim, image, pad)
+    key = (id(tensor), tensor._version, dim, image, pad)
+    found = _SHARED.get(key)
+    if found is not None and found[0]() is tensor:
+        return found[1]
+    if len(_SHARED) >= _SHARED_SIZE:
+        _SHARED.pop(next(iter(_SHARED)))
+    reordered = _padding_last(tensor, dim, image, pad)
+    _SHARED[key] = (weakref.ref(tensor), reordered)
+    return reordered
