@@ -310,6 +310,15 @@ def test_layout_picture(tmp_path):
     assert Control.from_dict(data) == control
 
 
+def test_layout_picture_of_per_frame_boxes(tmp_path):
+    """A video region's per-frame boxes (Wan) draw as its first frame's box (picture() failed unpacking them)."""
+    control = Regions([Region("a cat", box=[(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]), Region("a dog", box=(0.5, 0.0, 1.0, 1.0))])
+    picture = control.picture(size=(64, 48))
+    assert picture.size == (64, 48)
+    assert tuple(np.asarray(picture)[12 + 6, 16]) != (255, 255, 255)  # inside the first frame's box
+    assert save_picture(control, tmp_path / "frames.png", size=(64, 48))
+
+
 def test_exports():
     assert attnctl.Region is Region and attnctl.Regions is Regions
     assert "Regions" in attnctl.__all__ and "Region" in attnctl.__all__

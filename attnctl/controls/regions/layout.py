@@ -160,8 +160,9 @@ def draw_layout(regions: Layout, size: tuple[int, int] = (512, 512), background:
     font = _font(max(10, height // 32))
     for position, region in enumerate(regions.regions):
         colour = _PALETTE[position % len(_PALETTE)]
-        if region.box is not None:
-            x0, y0, x1, y1 = region.box
+        shape = region.shape  # per-frame boxes: the first frame's, as the region's own colour raster
+        if not isinstance(shape, torch.Tensor):
+            x0, y0, x1, y1 = shape
             corner = (x0 * width, y0 * height)
             draw.rectangle([x0 * width, y0 * height, x1 * width - 1, y1 * height - 1], outline=colour, width=max(1, width // 256))
         else:
