@@ -323,6 +323,7 @@ class ZImageAdapter(ModelAdapter):
     sequence and lets them attend as stock. Omni mode is refused per call."""
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
+    image_token_multiple: ClassVar[int] = ZIMAGE_SEQ_MULTIPLE
 
     text_attention: ClassVar[str] = "joint"
     rotary: ClassVar[bool] = True
@@ -387,5 +388,5 @@ class ZImageAdapter(ModelAdapter):
         # transformer's attention mask hides; the text span is the longest padded caption (`_build_unified_sequence`)
         text = max(-(-int(c.shape[0]) // ZIMAGE_SEQ_MULTIPLE) * ZIMAGE_SEQ_MULTIPLE for c in captions)
         return Canvas(
-            latent_hw=(height, width), token_hw=(rows, cols), text_len=text, image_pad=(-rows * cols) % ZIMAGE_SEQ_MULTIPLE,
+            latent_hw=(height, width), token_hw=(rows, cols), text_len=text, image_pad=(-rows * cols) % self.image_token_multiple,
         )

@@ -195,6 +195,9 @@ class ModelAdapter:
     #: The oldest diffusers whose attention processors of this family attnctl reproduces exactly (None: every
     #: supported version).
     min_diffusers: ClassVar[tuple[int, int] | None] = None
+    #: The denoiser pads each row's image tokens to a multiple of this (Z-Image: 32), putting `Canvas.image_pad`
+    #: padding tokens after them; 1: no padding.
+    image_token_multiple: ClassVar[int] = 1
     #: Whether an integer `i` names the block `transformer_blocks.i` (no flat block list in a UNet).
     indexed_blocks: ClassVar[bool] = True
     #: The image-token grid's dimensions: 2 (height x width) or 3 (frames x height x width: video). Controls

@@ -427,19 +427,22 @@ class DenoiserHooks:
             control, layer, effects = found
             canvas = frame.canvas
             (rows, cols), height = canvas.token_hw, canvas.latent_hw[0]
+            multiple = adapter.image_token_multiple  # the family's padding: one side a multiple of `wide`, the other of
+            wide = 1 << (multiple.bit_length() // 2)  # `narrow` (Z-Image's 32 = 8 x 4)
+            narrow = max(multiple // wide, 1)
             vae = getattr(runtime.pipeline, "vae_scale_factor", None)
             pixels = vae * (height // rows) if isinstance(vae, int) else None
             sizes = (
-                f"; at this pipeline's {pixels} px per token, e.g. a height a multiple of {8 * pixels} px and a width "
-                f"a multiple of {4 * pixels} px (or the other way round)" if pixels else ""
+                f"; at this pipeline's {pixels} px per token, e.g. a height a multiple of {wide * pixels} px and a width "
+                f"a multiple of {narrow * pixels} px (or the other way round)" if pixels else ""
             )
             raise UnsupportedError(
                 f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the "
                 f"{canvas.image_pad} padding tokens {adapter.family} puts between the image and the text at this size: "
-                f"its {rows}x{cols} = {rows * cols} image tokens are not a multiple of 32. With such a size attnctl "
-                f"supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}; for "
-                f"{type(control).__name__}, use a size whose token grid has a multiple of 32 tokens (rows x cols with one "
-                f"of them a multiple of 8 and the other of 4{sizes})"
+                f"its {rows}x{cols} = {rows * cols} image tokens are not a multiple of {multiple}. With such a size "
+                f"attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}; for "
+                f"{type(control).__name__}, use a size whose token grid has a multiple of {multiple} tokens (rows x cols "
+                f"with one of them a multiple of {wide} and the other of {narrow}{sizes})"
             )
         self._padding_checked = runtime.call
 
