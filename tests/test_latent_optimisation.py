@@ -675,6 +675,34 @@ def test_the_scheduler_gets_the_update_in_its_own_scale_with_euler(tiny_cache):
     torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated[1:], rtol=1e-5, atol=1e-6)
 
 
+def test_two_latent_optimisers_each_step_the_latent_the_other_left(tiny_cache):
+    """Two latent optimisers in one call (each one's map hook stopped the other's loss pass, so every pair failed): the
+    second optimises the latent the first updated, and the scheduler's sample carries both updates in its own scale
+    (Euler: the denoiser input is the sample over sqrt(sigma^2 + 1)), whatever the order of the controls."""
+    pipe = tiny_cache("tiny-sd")
+    # steps large enough that an update read in the wrong scale shows (a first fix was off by 0.07 here)
+    excite = attnctl.AttendExcite(subjects=["cat"], refine=(), steps=(0.0, 0.5), scale=2000.0)
+    boxes = attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, steps=(0.0, 0.5), scale=3000.0)
+
+    def first_step(controls):
+        with _euler_recording_samples(pipe) as samples:
+            with attnctl.apply(pipe, controls) as handle:
+                seen, hook = _capture_inputs(pipe.unet)
+                try:
+                    generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+                finally:
+                    hook.remove()
+                assert all(len(bound.losses) == 1 for bound in handle.runtime.last_call.bound)
+        sample, sigma = samples[0]
+        return sample, sigma, next(call for call in seen if not call["grad"])["sample"][1:]
+
+    alone = [first_step([control])[2] for control in (excite, boxes)]
+    for controls in ([excite, boxes], [boxes, excite]):
+        sample, sigma, updated = first_step(controls)
+        assert not any(torch.allclose(updated, single, atol=1e-6) for single in alone)
+        torch.testing.assert_close(sample / math.sqrt(sigma**2 + 1), updated, rtol=0, atol=1e-5)
+
+
 def test_half_precision_pipelines_keep_the_update():
     """In float16 the scheduler's sample was NaN after the first update (the least-squares sums of an Euler-scaled
     latent overflow float16: tiny-sdxl, 128 px); in bfloat16 a refinement of small steps moved the latent by exactly 0

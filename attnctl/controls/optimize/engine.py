@@ -95,6 +95,9 @@ class LatentOptimizerBound(Bound):
         self.index = RowIndex()
         self.hook = _MapHook(self)
         self._edit = Edit(hooks=(self.hook,))
+        # each optimiser's own pass: another latent optimiser of the call records nothing in it (its hook would
+        # stop the forward once it had read its own layers, before this one's)
+        self.loss_pass = f"{LOSS_PASS} {id(self):x}"
         self.read: dict[int, torch.Tensor] = {}  # layer index -> (n, W, h, w) maps of the loss pass in progress
         #: Keep each layer's maps per head at the layer's own grid ((n, H, W, h, w); `loss_maps` then gives them as a
         #: tuple in layer order) instead of averaging heads and layers on the finest grid (the default).
@@ -108,7 +111,9 @@ class LatentOptimizerBound(Bound):
             raise UnsupportedError(f"attnctl: {type(control).__name__} needs the pipeline's scheduler (pipe.scheduler.step) to carry the updated latent")
         self.scheduler = scheduler
         self._signature = inspect.signature(type(scheduler).step)
-        context.wrap_method(scheduler, "step", self._wrap_step)
+        # beneath the call's other wraps of `step`: a later optimiser's update (read against the latent the earlier
+        # one left) is then added to the sample the earlier one moved, in the scale that sample and latent share
+        context.wrap_method(scheduler, "step", self._wrap_step, innermost=True)
 
     @property
     def losses(self) -> list[tuple[int, list[float]]]:
@@ -124,7 +129,7 @@ class LatentOptimizerBound(Bound):
 
     # -- the loss pass ----------------------------------------------------------------------------------------
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        return self._edit if frame.extra_pass == LOSS_PASS else None
+        return self._edit if frame.extra_pass == self.loss_pass else None
 
     def record(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
         geometry = call.geometry
@@ -223,7 +228,7 @@ class LatentOptimizerBound(Bound):
             narrow = _normal(narrow)
             start = narrow[self.main_input].detach().clone()
             rows = RowLayout(tuple(Row("cond", p) for p in prompts))
-            loss_frame = dataclasses.replace(frame, rows=rows, inputs=narrow, extra_pass=LOSS_PASS)
+            loss_frame = dataclasses.replace(frame, rows=rows, inputs=narrow, extra_pass=self.loss_pass)
             selector = self.selector.index_select(0, self.index(prompts, self.selector.device))
             # the updates accumulate in float32: in a float16 / bfloat16 pipeline a step below half the latent's
             # resolution would round away (A&E's refinement moved a bf16 latent by exactly 0); cast once when used
