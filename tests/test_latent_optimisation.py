@@ -202,14 +202,24 @@ def test_attend_excite_gradient_step_matches_autograd_through_full_attention(tin
     loss_pass = seen[0]  # the first call: the loss pass on the cond row, with gradients
     assert loss_pass["grad"] and loss_pass["sample"].shape[0] == 1
     updated = next(call for call in seen if not call["grad"])["sample"]  # the step's call: [uncond, cond]
-    # the reference: the stock UNet with eager attention, every cross-attention map materialised, autograd
+    x, grad = _reference_excite_gradient(pipe, loss_pass)
+    expected = x - 20.0 * math.sqrt(1.0) * grad  # step 0: scale_factor * sqrt(scale_range[0])
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(updated[1:], expected, rtol=1e-4, atol=1e-5)  # the cond row
+    torch.testing.assert_close(updated[:1], expected, rtol=1e-4, atol=1e-5)  # the uncond row shares the latent
+
+
+def _reference_excite_gradient(pipe, loss_pass):
+    """(the loss pass's input, the gradient of Attend-and-Excite's loss on "cat" with respect to it): the stock UNet
+    with eager attention, every cross-attention map materialised, autograd."""
     store: list = []
     saved = pipe.unet.attn_processors
     pipe.unet.set_attn_processor(_Recording(store))
+    extra = {key: loss_pass[key] for key in ("timestep_cond",) if key in loss_pass}
     try:
         with torch.enable_grad():
             x = loss_pass["sample"].clone().requires_grad_(True)
-            pipe.unet(x, loss_pass["timestep"], encoder_hidden_states=loss_pass["encoder_hidden_states"])
+            pipe.unet(x, loss_pass["timestep"], encoder_hidden_states=loss_pass["encoder_hidden_states"], **extra)
             grid = int(math.isqrt(store[0].shape[1]))
             maps = []
             for probs in store:  # (heads, N, T): head average, resized to the finest grid
@@ -222,10 +232,43 @@ def test_attend_excite_gradient_step_matches_autograd_through_full_attention(tin
             (grad,) = torch.autograd.grad(loss, [x])
     finally:
         pipe.unet.set_attn_processor(saved)
-    expected = x.detach() - 20.0 * math.sqrt(1.0) * grad  # step 0: scale_factor * sqrt(scale_range[0])
-    assert grad.abs().max() > 0
-    torch.testing.assert_close(updated[1:], expected, rtol=1e-4, atol=1e-5)  # the cond row
-    torch.testing.assert_close(updated[:1], expected, rtol=1e-4, atol=1e-5)  # the uncond row shares the latent
+    return x.detach(), grad
+
+
+def test_inpainting_denoisers_move_only_the_latent_channels(tiny_cache):
+    """An inpainting UNet reads 9 channels (latent 4, mask 1, masked image 4) and predicts 4: the step moves the
+    latent channels only (the loss's gradient in those channels), the mask and masked image stay the pipeline's, and
+    the scheduler's sample carries the update (the call failed after the first loss pass)."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    base = tiny_cache("tiny-sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    samples: list = []
+    original = pipe.scheduler.step
+    pipe.scheduler.step = lambda output, t, sample, *a, **k: samples.append(sample.clone()) or original(output, t, sample, *a, **k)
+    try:
+        with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], steps=(0.0, 0.5), refine=(), layers="cross")]):
+            seen, hook = _capture_inputs(pipe.unet)
+            try:
+                pipe(PROMPT, image=image, mask_image=mask, height=32, width=32, num_inference_steps=2, guidance_scale=5.0,
+                     output_type="latent", generator=torch.Generator().manual_seed(0))
+            finally:
+                hook.remove()
+    finally:
+        del pipe.scheduler.step
+    loss_pass = seen[0]
+    updated = next(call for call in seen if not call["grad"])["sample"]
+    x, grad = _reference_excite_gradient(pipe, loss_pass)
+    expected = x[:, :4] - 20.0 * grad[:, :4]
+    assert grad[:, :4].abs().max() > 0 and grad[:, 4:].abs().max() > 0  # the condition channels would have moved
+    torch.testing.assert_close(updated[1:, :4], expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(updated[:, 4:], x[:, 4:].expand(2, -1, -1, -1))
+    torch.testing.assert_close(samples[0][0], expected[0], rtol=1e-4, atol=1e-5)  # DDIM: the sample is the input
 
 
 def _run_with_inputs(pipe, control):
@@ -483,6 +526,23 @@ def test_only_the_window_steps_run_loss_passes_and_inference_mode_matches_no_gra
 
 
 # -- families -----------------------------------------------------------------------------------------------------
+def test_prompt_columns_hold_each_text_encoders_prompt_tokens_on_sd3(tiny_cache):
+    """`columns="prompt"` on SD3 reads the prompt's tokens in CLIP's span (without <sot> / <eot>) and in T5's (without
+    </s>, from position 77): every word sits in both, and a word in T5's span was refused as outside the maps."""
+    pipe = tiny_cache("tiny-sd3")
+    clip = len(pipe.tokenizer(PROMPT).input_ids)  # <sot> words <eot>
+    t5 = len(pipe.tokenizer_3(PROMPT).input_ids)  # words </s>
+    expected = tuple(range(1, clip - 1)) + tuple(range(77, 77 + t5 - 1))
+    for control in (attnctl.AttendExcite(subjects=["cat"], refine=(), columns="prompt"),
+                    attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("inner", "outer"), columns="prompt")):
+        with attnctl.apply(pipe, [control]) as handle:
+            generate(pipe, "tiny-sd3", prompt=PROMPT, steps=2)
+            bound = handle.runtime.last_call.bound[0]
+        assert bound.columns == expected and bound.losses
+        picked = [bound.columns[i] for i in torch.nonzero(bound.selector[0, 0]).flatten().tolist()]
+        assert picked == [clip - 2, 77 + t5 - 2]  # "cat": the last word of the prompt, in each span
+
+
 @pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-pixart"])
 def test_runs_on_joint_attention_and_pixart(tiny_cache, name):
     pipe = tiny_cache(name)

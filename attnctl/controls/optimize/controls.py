@@ -200,43 +200,62 @@ def _smoothing(control: Any) -> None:
 COLUMNS: tuple[str, ...] = ("all", "prompt")
 
 
-def _prompt_end(context: BindContext, owner: str) -> int:
-    """One past the last token of the longest prompt before its end token, in the first text encoder's span."""
-    tokens = context.require_tokens(owner)
-    encoder = tokens.encoders[0]
-    tokenizer, prompts = encoder.tokenizers[0], encoder.prompts[0]
-    longest = max(len(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in prompts)
-    return encoder.offset + min(longest, encoder.limit) - 1
-
-
-def _text_start(context: BindContext, owner: str) -> int:
-    """1 when the first text encoder's tokenizer puts a start token first (CLIP's <sot>, which the paper's `[1:-1]`
-    drops), else 0 (T5 and other tokenizers without one: the first position is a word)."""
-    tokens = context.require_tokens(owner)
-    tokenizer = tokens.encoders[0].tokenizers[0]
+def _start_tokens(tokenizer: Any) -> int:
+    """1 when the tokenizer puts a start token first (CLIP's <sot>, which the paper's `[1:-1]` drops), else 0 (T5 and
+    other tokenizers without one: the first position is a word)."""
     with_special = list(tokenizer("x", add_special_tokens=True)["input_ids"])
     plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
     return 1 if with_special[: len(plain)] != plain else 0
+
+
+def _prompt_columns(context: BindContext, owner: str) -> tuple[int, ...]:
+    """The prompt's tokens without start and end tokens, in each text encoder's span (SD3: CLIP's, then T5's), up to
+    the longest prompt's end token."""
+    columns: list[int] = []
+    for encoder in context.require_tokens(owner).encoders:
+        start = _start_tokens(encoder.tokenizers[0])
+        longest = max(
+            len(tokenizer(text, add_special_tokens=True)["input_ids"])
+            for tokenizer, prompts in zip(encoder.tokenizers, encoder.prompts)
+            for text in prompts
+        )
+        columns.extend(range(encoder.offset + start, encoder.offset + min(longest, encoder.limit) - 1))
+    return tuple(sorted(set(columns)))
 
 
 def _renormalised_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str, which: str = "all") -> tuple[tuple[int, ...], torch.Tensor]:
     """Attend-and-Excite's columns and the selector (rows, S, W) of each word's tokens among them: `"all"`, every
     text position but the first and the last (the paper's `[1:-1]`, its SD 1.x setting); `"prompt"`, the prompt's
     tokens without its start and end tokens (the paper's SD 2.1 setting, `normalize_eot`)."""
-    text_len = context.canvas.text_len
-    stop = text_len - 1 if which == "all" else _prompt_end(context, owner)
-    first = _text_start(context, owner)
-    columns = tuple(range(first, stop))
-    text_len = stop + 1
+    if which == "all":
+        first = _start_tokens(context.require_tokens(owner).encoders[0].tokenizers[0])
+        columns = tuple(range(first, context.canvas.text_len - 1))
+    else:
+        columns = _prompt_columns(context, owner)
+    index = {position: i for i, position in enumerate(columns)}
     per_row = word_columns(context, words, owner)
     selector = torch.zeros(context.prompt_rows, len(words), len(columns))
     for row, per_word in enumerate(per_row):
         for s, positions in enumerate(per_word):
             for p in positions:
-                if not first <= p < text_len - 1:
-                    raise ConfigError(f"attnctl: {owner}: the word {words[s]!r} sits at text position {p}, outside the maps read ({first}..{text_len - 2})")
-                selector[row, s, p - first] = 1.0
+                if p not in index:
+                    raise ConfigError(
+                        f"attnctl: {owner}: the word {words[s]!r} sits at text position {p}, outside the maps read "
+                        f"(columns={which!r}: {_ranges(columns)})"
+                    )
+                selector[row, s, index[p]] = 1.0
     return columns, selector
+
+
+def _ranges(positions: tuple[int, ...]) -> str:
+    """`1..5, 77..81` for the positions 1-5 and 77-81."""
+    spans: list[list[int]] = []
+    for p in positions:
+        if spans and spans[-1][1] == p - 1:
+            spans[-1][1] = p
+        else:
+            spans.append([p, p])
+    return ", ".join(f"{a}..{b}" for a, b in spans)
 
 
 class AttendExciteBound(LatentOptimizerBound):
