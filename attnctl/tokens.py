@@ -41,6 +41,12 @@ def validate_word_query(query: object, *, owner: str) -> WordQuery:
     raise ConfigError(f"{owner}: {query!r} is not a word, phrase, (word, occurrence) pair or token position")
 
 
+def has_duplicates(queries: Sequence[WordQuery]) -> bool:
+    """Whether two queries find the same tokens: words match whatever their case ("red" and "RED" are one word)."""
+    folded = [q.casefold() if isinstance(q, str) else (q[0].casefold(), q[1]) if isinstance(q, tuple) else q for q in queries]
+    return len(set(folded)) != len(folded)
+
+
 def describe_query(query: WordQuery) -> str:
     if isinstance(query, tuple):
         return f"{query[0]!r} (occurrence {query[1]})"

@@ -112,7 +112,7 @@ def test_attend_excite_loss_matches_the_paper_code():
     torch.testing.assert_close(ours[0], _paper_excite_loss(probabilities, [3, 7]))
 
 
-def _boxdiff_reference(image: torch.Tensor, box: tuple[int, int, int, int], P: float = 0.8, L: int = 1) -> torch.Tensor:
+def _boxdiff_reference(image: torch.Tensor, box: tuple[int, int, int, int], P: float = 0.2, L: int = 1) -> torch.Tensor:
     """BoxDiff (Xie et al. 2023) for one word's (h, w) map and its box in map cells (x1, y1, x2, y2), x2 / y2
     exclusive, written from the paper's three constraints and its code's choices (top floor(P * count) values; the
     corner L1 kept within L cells of the box corners' coordinates, averaged over the axis)."""
@@ -791,8 +791,11 @@ def test_half_precision_pipelines_keep_the_update():
     (lambda: attnctl.AttendExcite(["cat"], refine=((0.0, 0.5), (0.0, 0.8))), "one fraction twice"),
     (lambda: attnctl.AStar(["cat", " cat"]), "names a word twice"),
     (lambda: attnctl.BoxGuidance([("cat", (0, 0, 0.5, 1)), ("cat", (0.5, 0, 1, 1))]), "more than one box"),
+    # words match whatever their case: one token pulled toward two boxes
+    (lambda: attnctl.BoxGuidance({"cat": (0, 0, 0.5, 1), "Cat": (0.5, 0, 1, 1)}), "more than one box"),
+    (lambda: attnctl.AttendExcite([("cat", 0), ("CAT", 0)]), "names a word twice"),
     (lambda: attnctl.AStar(["cat", "dog"], steps=(0.5, 0.2)), "AStar.steps"),
-], ids=["refine-outside", "refine-twice", "subject-twice", "box-twice", "steps-owner"])
+], ids=["refine-outside", "refine-twice", "subject-twice", "box-twice", "box-twice-cased", "subject-twice-cased", "steps-owner"])
 def test_settings_that_would_do_nothing_or_contradict_are_refused(make, match):
     """A refinement outside the window never ran, a subject segregated from itself, a word pulled into two boxes:
     accepted silently before."""

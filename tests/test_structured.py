@@ -31,6 +31,12 @@ PROMPTS = ["a red cat and a blue car", "a photo of a green dog"]
         ("a red car", ()),  # the whole prompt: its aligned copy would be the prompt itself
         ("red and blue", ()),  # no determiner: no phrase
         ("a big red car a small house", ("a big red car", "a small house")),  # a determiner opens a phrase
+        # caption verbs end a phrase (they were swallowed into it: "a brown bench sits", "a dog chasing")
+        ("a brown bench sits in a park", ("a brown bench", "a park")),
+        ("a spacious kitchen has white walls and a wooden table", ("a spacious kitchen", "a wooden table")),
+        ("a dog chasing a red ball", ("a dog", "a red ball")),
+        ("a plastic cup full of water", ("a plastic cup",)),
+        ("a tall building next to an oil painting", ("a tall building", "an oil painting")),  # "-ing" nouns stay
     ],
 )
 def test_noun_phrases(prompt, phrases):

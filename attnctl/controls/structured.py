@@ -40,13 +40,16 @@ from ..tokens import EncoderPrompts, PromptTokens
 from ..validation import set_field
 from .common import RowIndex, select_kinds
 
-#: Words that end a noun phrase in `noun_phrases` (conjunctions, prepositions, relative words, verbs of being).
+#: Words that end a noun phrase in `noun_phrases` (conjunctions, prepositions, relative words, verbs of being, and
+#: common verbs of captions; "-ing" words are listed one by one: "a building", "an oil painting" are nouns).
 PHRASE_BREAKS: tuple[str, ...] = (
     "and", "or", "but", "with", "without", "on", "in", "at", "of", "to", "from", "by", "near", "under", "over",
     "above", "below", "behind", "beside", "besides", "between", "next", "inside", "outside", "into", "onto",
     "under", "beneath", "around", "against", "along", "across", "through", "while", "that", "which", "who",
     "is", "are", "was", "were", "holding", "wearing", "riding", "sitting", "standing", "left", "right", "top",
-    "bottom",
+    "bottom", "has", "have", "sits", "stands", "lies", "takes", "looks", "runs", "walks", "eats", "flies", "full",
+    "filled", "covered", "lying", "looking", "playing", "chasing", "running", "walking", "eating", "flying",
+    "jumping", "swimming", "carrying", "parked",
 )
 #: Words that open a noun phrase (kept in it).
 DETERMINERS: tuple[str, ...] = ("a", "an", "the", "one", "two", "three", "some", "many", "his", "her", "their", "its", "this", "that")

@@ -39,7 +39,7 @@ from ...processors.chain import token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
-from ...tokens import WordQuery, describe_query, validate_word_query
+from ...tokens import WordQuery, describe_query, has_duplicates, validate_word_query
 from ...validation import choice, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
@@ -106,8 +106,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
         if not isinstance(words, (list, tuple)) or not words:
             raise ConfigError(f"AttentionMaps.words must be a non-empty list of words, got {self.words!r}")
         checked = tuple(validate_word_query(w, owner="AttentionMaps.words") for w in words)
-        folded = [w.casefold() if isinstance(w, str) else (w[0].casefold(), *w[1:]) if isinstance(w, tuple) else w for w in checked]
-        if len(set(folded)) != len(folded):  # words match case-insensitively: "red" and "RED" are one map twice
+        if has_duplicates(checked):
             raise ConfigError(f"AttentionMaps.words has duplicates (words match whatever their case): {checked!r}")
         set_field(self, "words", checked)
         set_field(self, "layers", validate_layers(self.layers, name="AttentionMaps.layers"))

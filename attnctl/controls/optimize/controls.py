@@ -27,7 +27,7 @@ from ...families.base import LayerInfo, ModelAdapter
 from ...noise import noise_level, require_noise_level
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
-from ...tokens import WordQuery, validate_word_query
+from ...tokens import WordQuery, has_duplicates, validate_word_query
 from ...validation import choice, integer, number, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
 from ..regions.masks import box_mask, validate_box
@@ -43,8 +43,8 @@ def _subjects(value: Any, owner: str) -> tuple[WordQuery, ...]:
     if isinstance(value, (str, int)) or not isinstance(value, (tuple, list)) or not value:
         raise ConfigError(f"{owner}.subjects must be a non-empty list of words, e.g. ['cat', 'dog'], got {value!r}")
     subjects = tuple(validate_word_query(v, owner=f"{owner}.subjects") for v in value)
-    if len(set(subjects)) != len(subjects):
-        raise ConfigError(f"{owner}.subjects names a word twice: {subjects!r}; give each subject once")
+    if has_duplicates(subjects):
+        raise ConfigError(f"{owner}.subjects names a word twice (words match whatever their case): {subjects!r}; give each subject once")
     return subjects
 
 
@@ -405,8 +405,8 @@ def _boxes(value: Any) -> tuple[tuple[WordQuery, tuple[float, float, float, floa
     if not out:
         raise ConfigError("BoxGuidance.boxes is empty; give at least one word and its box")
     words = [word for word, _ in out]
-    if len(set(words)) != len(words):
-        raise ConfigError(f"BoxGuidance.boxes gives a word more than one box: {tuple(words)!r}; one box per word")
+    if has_duplicates(words):
+        raise ConfigError(f"BoxGuidance.boxes gives a word more than one box (words match whatever their case): {tuple(words)!r}; one box per word")
     return tuple(out)
 
 
@@ -425,7 +425,7 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained Diffusion"). BoxDiff's constraints read
     Attend-and-Excite's maps (`columns`, `temperature`, `kernel_size`, `sigma` as in `AttendExcite`); their top-k means
     take the top `topk` fraction, and the corner constraint the cells within `corner_width` of the box edges
-    (P = 0.8, the default of BoxDiff's config, and L = 1, its README's runs; its config's L is 6). The step and
+    (P = 0.2 and L = 1: the authors' README runs and the config of their default branch). The step and
     iterations stay Chen et al.'s with any constraints. With `Regions`: `BoxGuidance.from_regions(regions, words)` gives each word its
     region's box.
     """
@@ -436,7 +436,7 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     iterations: int = 5
     loss_threshold: float = 0.2
     constraints: tuple[str, ...] = ("ratio",)
-    topk: float = 0.8
+    topk: float = 0.2
     corner_width: int = 1
     columns: str = "all"
     temperature: float = 100.0

@@ -156,7 +156,7 @@ def edge_bands(inside: torch.Tensor, width: int) -> torch.Tensor:
     return bands
 
 
-def boxdiff_loss(subject_maps: torch.Tensor, boxes: torch.Tensor, constraints: tuple[str, ...], fraction: float = 0.8,
+def boxdiff_loss(subject_maps: torch.Tensor, boxes: torch.Tensor, constraints: tuple[str, ...], fraction: float = 0.2,
                  corner_width: int = 1, bands: tuple[torch.Tensor, torch.Tensor] | None = None,
                  cells: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None) -> torch.Tensor:
     """BoxDiff's constraints (Xie et al. 2023, "BoxDiff: Text-to-Image Synthesis with Training-Free Box-Constrained
