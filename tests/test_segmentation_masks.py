@@ -153,6 +153,31 @@ def test_readout_pass_over_a_given_image(name, tiny_cache):
         attnctl.read_maps(pipe, [images[0], images[0].resize((images[0].width * 2, images[0].height))], PROMPT, ["red"])
 
 
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_readout_runs_at_the_given_images_size(name, tiny_cache):
+    """SD3's and Flux's img2img calls default to the model's square size whatever the image: the readout stretched a
+    48x32 image to a square (tiny-flux: a 64x64 token grid for 8x12 image tokens; mask IoU against the image-size
+    readout 0.12). It runs at the image's size, as an explicit height / width does."""
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache(name)
+    options = {k: v for k, v in CALL_DEFAULTS[name].items() if k not in ("height", "width")}
+    image = pipe([PROMPT], num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=32, width=48, **options).images[0]
+    default = attnctl.read_maps(pipe, image, PROMPT, ["car"], magnets=False, num_inference_steps=4, **options)
+    sized = attnctl.read_maps(pipe, image, PROMPT, ["car"], magnets=False, num_inference_steps=4, height=32, width=48, **options)
+    scale = pipe.vae_scale_factor * (2 if name == "tiny-flux" else pipe.transformer.config.patch_size)
+    assert sized.grid_maps.shape[-2:] == (32 // scale, 48 // scale)
+    assert torch.equal(default.grid_maps, sized.grid_maps) and torch.equal(default.maps, sized.maps)
+
+
+def test_readout_of_a_video_pipeline_is_refused_naming_video(tiny_cache):
+    """Wan was told to "pass an img2img pipeline of the model instead", which no Wan pipeline is."""
+    from PIL import Image
+
+    with pytest.raises(UnsupportedError, match="makes videos"):
+        attnctl.read_maps(tiny_cache("tiny-wan"), Image.new("RGB", (48, 64)), PROMPT, ["car"])
+
+
 def test_readout_takes_sinks_out_of_each_heads_softmax_and_phrases_keep_their_other_tokens(tiny_cache, monkeypatch):
     """End to end: with token 1 ("a") taken for a sink (maps of the mid block: the deepest level), the readout's maps of "red" and "cat" are
     each divided by the rest of each head's softmax, and the phrase "a red cat" loses only the sink's share: its map

@@ -84,8 +84,14 @@ def read_maps(
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if len(prompts) != len(images):
         raise ConfigError(f"read_maps: {len(images)} image(s) and {len(prompts)} prompt(s); give one prompt, or one per image")
+    if getattr(pipe, "video_processor", None) is not None:
+        raise UnsupportedError(
+            f"attnctl: read_maps reads the maps of given images through an img2img pass; {type(pipe).__name__} makes "
+            "videos, and no video-to-video pass is wired for it: capture AttentionMaps while generating instead"
+        )
     reader = img2img_of(pipe)
     call = _check_call_arguments(reader, call)
+    call = {**_image_size(reader, images[0]), **call}
     steps = call.get("num_inference_steps", inspect.signature(reader.__call__).parameters.get("num_inference_steps"))
     steps = getattr(steps, "default", steps)
     if isinstance(steps, int) and not isinstance(steps, bool) and int(steps * float(strength)) < 1:
@@ -125,6 +131,23 @@ def _pictures(reader: Any, images: list[Any], count: int) -> list[Any] | None:
         else:
             return None
     return pictures if len(pictures) == count else None
+
+
+def _image_size(reader: Any, image: Any) -> dict[str, int]:
+    """`height` / `width` of the image for an img2img call that takes them: SD3's and Flux's default to the model's
+    square size (1024 px) whatever the image, which would read the maps of the image stretched to a square."""
+    named = named_call_arguments(reader)
+    if "height" not in named or "width" not in named:
+        return {}
+    if hasattr(image, "convert"):
+        width, height = image.size
+    elif type(image).__name__ == "ndarray" and image.ndim in (3, 4):  # (..., height, width, channels)
+        height, width = image.shape[-3:-1]
+    elif hasattr(image, "shape") and image.dim() in (3, 4):  # torch: (..., channels, height, width)
+        height, width = image.shape[-2:]
+    else:
+        return {}
+    return {"height": int(height), "width": int(width)}
 
 
 #: The img2img call's arguments read_maps sets itself (one image per prompt: the maps' rows are the given images).
