@@ -459,3 +459,34 @@ def test_apply_from_a_callback_of_the_running_call_is_refused_clearly():
     with attnctl.apply(pipe, []):  # nothing was left installed
         assert torch.equal(generate(pipe, "tiny-sd"), stock)
 
+
+
+def test_a_handle_keeps_no_tensor_of_a_finished_call():
+    """After a call the handle held its last denoiser call's inputs (latents, text embeddings) and every step's
+    guidance term (PAG: one latent-sized tensor per step, kept until the next call ended, and after remove())."""
+    import gc
+    import weakref
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    seen: list = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.extend(weakref.ref(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)),
+        with_kwargs=True,
+    )
+    outputs: list = []
+    pipe.unet.register_forward_hook(lambda module, args, output: outputs.append(weakref.ref(output[0])))
+    try:
+        with attnctl.apply(pipe, [attnctl.PAG(scale=2.0)]) as handle:
+            held: list = []
+
+            def count_terms(pipeline, step, timestep, kwargs):
+                held.append(len(handle.runtime.call.guidance_terms))
+                return kwargs
+
+            generate(pipe, "tiny-sd", steps=3, callback_on_step_end=count_terms)
+            assert held == [1, 1, 1]  # during the call, the step's own D only
+            gc.collect()
+            assert seen and outputs and not [ref for ref in seen + outputs if ref() is not None]
+            assert handle.runtime.last_call.bound  # what a control reports stays readable
+    finally:
+        hook.remove()

@@ -376,8 +376,9 @@ class DenoiserHooks:
             for second in plan.second:
                 total = total + _signed(second.term(first), sign)
         prompts = tuple(base.rows[i].prompt for i in cond)
-        runtime.call.guidance_terms[frame.step.index] = total
-        runtime.call.guidance_prompts[frame.step.index] = prompts
+        # only the step's own D is read again (by its separate uncond call or extra pass): one step's kept, not all
+        runtime.call.guidance_terms = {frame.step.index: total}
+        runtime.call.guidance_prompts = {frame.step.index: prompts}
         return replace_first(output, own + _spread(total, base, prompts))
 
     def _check_reference_tokens(self, frame: DenoiserCall) -> None:

@@ -50,8 +50,8 @@ class PipelineCallState:
     order: int = 1
     bound: list[Bound] | None = None
     frames: int = 0
-    guidance_terms: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> D, for separate cond/uncond calls
-    guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # step -> prompt row of each D row
+    guidance_terms: dict[int, torch.Tensor] = field(default_factory=dict)  # the last guided step -> its D, for separate cond/uncond calls
+    guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # that step -> prompt row of each D row
     images: Any = None  # what pipe.image_processor.postprocess returned (controls with `needs_images`)
     position_calls: dict[int, int] = field(default_factory=dict)  # scheduler position -> denoiser calls opened there
     pixels: tuple[int, int] | None = None  # (height, width) the pipeline's check_inputs got, when it names them
@@ -215,6 +215,8 @@ class Runtime:
             if self.call is not None:
                 self.call.owner = None  # the pipeline's frame (and its locals) is not kept past the call
                 self.call.cache_states.clear()  # diffusers hooks' states of attnctl's batches hold attention outputs
+                self.call.guidance_terms, self.call.guidance_prompts, self.call.images = {}, {}, None
+            self._plans = None  # the last frame, whose inputs are the call's latents and text embeddings
             self.last_call = self.call
             self.call = None
             self.frame = None
