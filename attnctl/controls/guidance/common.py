@@ -30,12 +30,11 @@ def new_tag(name: str) -> str:
 
 
 def timestep_1000(frame: DenoiserCall, adapter: ModelAdapter) -> torch.Tensor:
-    """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor."""
-    inputs = frame.inputs or {}
-    value = inputs.get("timestep")
+    """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor (`ModelAdapter.timestep_1000`)."""
+    value = adapter.timestep_1000(frame.inputs or {})
     if value is None:
-        raise UnsupportedError("attnctl: the denoiser call has no `timestep` input; the adaptive scale needs it")
-    return torch.as_tensor(value).flatten()[0].float() * adapter.timestep_scale
+        raise UnsupportedError(f"attnctl: this {adapter.family} denoiser call has no timestep input; the adaptive scale needs it")
+    return value
 
 
 @dataclass(frozen=True)
