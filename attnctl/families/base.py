@@ -271,6 +271,17 @@ class ModelAdapter:
             self.__dict__["_transformer_blocks"] = found
         return dict(found)
 
+    def expert_name(self, module: torch.nn.Module) -> str | None:
+        """The pipeline attribute of the expert `module` (`DenoiserCall.expert`); None with one denoiser."""
+        return next((attribute for attribute, expert in self.experts.items() if expert is module), None)
+
+    def layer_experts(self, names: Any) -> frozenset[str] | None:
+        """The experts holding the layers or blocks named `names` (paths behind their expert's attribute); None with
+        one denoiser."""
+        if not self.experts:
+            return None
+        return frozenset(name.split(".")[0] for name in names)
+
     def expert_of(self, layer: LayerInfo | None) -> torch.nn.Module:
         """The denoiser (expert) that holds `layer`; the (first) denoiser for None."""
         if layer is not None and self.experts:
