@@ -206,6 +206,9 @@ class DenoiserCall:
     # True when the forward runs compiled: every layer's edit is made before it (`Runtime.prefill_edits`) and the hooks
     # run inside a graph, so what a hook would decide in Python per call must be decided in `Bound.edit`.
     compiled: bool = False
+    # The pipeline attribute of the denoiser expert running this call (Wan 2.2 A14B: "transformer" for the high-noise
+    # steps, "transformer_2" for the low-noise ones); None with one denoiser.
+    expert: str | None = None
 
     def geometry(self, layer: LayerInfo) -> Geometry:
         return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.trailing_len)

@@ -186,12 +186,119 @@ def test_regions_use_each_experts_own_text_projection(pipe):
 
 
 def test_skip_layer_names_each_experts_blocks(pipe):
-    with pytest.raises(attnctl.errors.SelectionError, match="transformer_2.blocks.1"):
+    # the message used to say "blocks has 0 block(s)"; it says how blocks are named on a pipeline with experts
+    with pytest.raises(attnctl.errors.SelectionError, match=r"2 denoiser experts .*'transformer.blocks.1' and 'transformer_2.blocks.1'"):
         attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("blocks.1",))])
     stock = generate(pipe, prompt="a cat", guidance=1.0)
     with attnctl.apply(pipe, [attnctl.SkipLayer(blocks=("transformer_2.blocks.1",), scale=2.0, steps=(0.0, 1.0))]):
         got = generate(pipe, prompt="a cat", guidance=1.0)
     assert not torch.equal(got, stock) and torch.isfinite(got).all()
+
+
+def _batches(pipe, control):
+    """The output of a 4-step call under `control`, and the batch size of each expert's calls (pipeline rows + perturbed)."""
+    log = []
+    hooks = [getattr(pipe, attribute).register_forward_pre_hook(
+        lambda m, a, k, attribute=attribute: log.append((attribute, k["hidden_states"].shape[0])), with_kwargs=True)
+        for attribute in EXPERTS]
+    try:
+        with attnctl.apply(pipe, [control]):
+            out = generate(pipe, prompt="a cat")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, log
+
+
+@pytest.mark.parametrize("make", [
+    lambda steps: attnctl.PAG(scale=2.0, layers="transformer & self", steps=steps),
+    lambda steps: attnctl.SEG(scale=2.0, sigma=1.0, layers="transformer & self", steps=steps),
+    lambda steps: attnctl.SkipLayer(blocks=("transformer.blocks.1",), scale=2.0, steps=steps),
+], ids=["pag", "seg", "skip-layer"])
+def test_perturbed_rows_run_only_on_the_expert_holding_the_layers(pipe, make):
+    """Layers on the high-noise expert only: the low-noise expert's calls hold the pipeline's row alone (the perturbed
+    rows ran there at full cost for a term of cond - cond), and the output is that of the same control with a step
+    window on the high-noise steps."""
+    got, log = _batches(pipe, make((0.0, 1.0)))
+    windowed, _ = _batches(pipe, make((0.0, 0.5)))
+    assert [size for attribute, size in log if attribute == "transformer_2"] == [1] * 4  # cond, uncond; 2 steps
+    assert any(size == 2 for attribute, size in log if attribute == "transformer")
+    assert torch.equal(got, windowed)
+
+
+def _sag_run(pipe, control, steps=STEPS):
+    """The predictions handed to `scheduler.step` and the output of a call under `control` (CFG 4)."""
+    predictions = []
+    original = pipe.scheduler.step
+
+    def step(model_output, *args, **kwargs):
+        predictions.append(model_output.clone())
+        return original(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    try:
+        with attnctl.apply(pipe, [control]):
+            out = generate(pipe, prompt="a cat", steps=steps)
+    finally:
+        del pipe.scheduler.step
+    return predictions, out
+
+
+@pytest.mark.parametrize("ratio, expert", [(0.0, "transformer"), (1.01, "transformer_2")])
+def test_sag_on_one_expert_is_sag_on_that_denoiser_alone(ratio, expert):
+    """A boundary that gives every step to one expert: SAG (default layer) on the two-expert pipeline is SAG on a
+    pipeline with that expert as its only denoiser (its middle block's attn1, docs/methods.md "SAG" on video). SAG's
+    default was the first expert's layer only: the second expert's steps failed ("did not run")."""
+    from diffusers import WanPipeline
+
+    from attnctl.testing.new_families import tiny_wan22
+
+    two = tiny_wan22(boundary_ratio=ratio)
+    two.set_progress_bar_config(disable=True)
+    with attnctl.apply(two, []) as handle:
+        assert [layer.name for layer in attnctl.SAG().select(handle.adapter)] == [f"{e}.blocks.1.attn1" for e in EXPERTS]
+    _, got = _sag_run(two, attnctl.SAG(scale=1.0))
+    one = WanPipeline(tokenizer=two.tokenizer, text_encoder=two.text_encoder, vae=two.vae, scheduler=two.scheduler,
+                      transformer=getattr(two, expert))
+    one.set_progress_bar_config(disable=True)
+    stock = generate(one, prompt="a cat")
+    _, expected = _sag_run(one, attnctl.SAG(scale=1.0))
+    assert not torch.equal(expected, stock)
+    assert torch.equal(got, expected)
+
+
+def test_sag_reads_the_map_of_the_expert_that_runs_each_step(pipe):
+    """Two experts (steps 0-1 high noise, 2-3 low noise): the steps of the high-noise expert are those of SAG on that
+    expert alone (a pipeline with it as its only denoiser, same trajectory until the switch); a layer on one expert
+    only gives SAG on that expert's steps (= a step window on them); every step of the default gets its degraded pass
+    on its own expert."""
+    from diffusers import WanPipeline
+
+    log = []
+    hooks = [getattr(pipe, attribute).register_forward_pre_hook(lambda m, a, attribute=attribute: log.append(attribute))
+             for attribute in EXPERTS]
+    try:
+        predictions, _ = _sag_run(pipe, attnctl.SAG(scale=1.0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert log == ["transformer"] * 6 + ["transformer_2"] * 6  # per step: cond, uncond, SAG's degraded pass
+    one = WanPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler,
+                      transformer=pipe.transformer)
+    one.set_progress_bar_config(disable=True)
+    alone, _ = _sag_run(one, attnctl.SAG(scale=1.0))
+    for step in (0, 1):
+        assert torch.equal(predictions[step], alone[step])
+    _, high = _sag_run(pipe, attnctl.SAG(scale=1.0, layer="transformer.blocks.1.attn1"))
+    _, window = _sag_run(pipe, attnctl.SAG(scale=1.0, steps=(0.0, 0.5)))
+    assert torch.equal(high, window)
+    _, low = _sag_run(pipe, attnctl.SAG(scale=1.0, layer="transformer_2.blocks.1.attn1"))
+    _, window = _sag_run(pipe, attnctl.SAG(scale=1.0, steps=(0.5, 1.0)))
+    assert torch.equal(low, window)
+    _, named = _sag_run(pipe, attnctl.SAG(scale=1.0, layer=("transformer.blocks.1.attn1", "transformer_2.blocks.0.attn1")))
+    assert named.shape == window.shape and torch.isfinite(named).all()
+    with pytest.raises(attnctl.errors.SelectionError, match="2 self-attention layers of expert transformer; it needs exactly one per expert"):
+        attnctl.apply(pipe, [attnctl.SAG(layer="transformer & self")])
 
 
 def test_experts_that_differ_are_refused_and_a_replaced_expert_is_detected(pipe):

@@ -963,6 +963,27 @@ def test_sag_degrades_only_the_noisy_part_of_image_conditioned_wan(name, expand_
     assert any(not torch.equal(noisy(x), noisy(inputs[3])) for x in inputs[4:6])
 
 
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_pag_adaptive_scale_reads_the_noisy_tokens_timestep_on_wan22_ti2v(name, tiny, monkeypatch):
+    """diffusers' `pag_adaptive_scale`: at the scheduler's timestep T the scale is `max(scale - a (1000 - T), 0)`. Wan 2.2
+    TI2V's denoiser gets a per-token timestep, 0 on the clean first frame and T elsewhere; PAG read token 0's and ran at
+    `scale - 1000 a` at every step. Expected: per step, PAG at that step's scale (two step windows)."""
+    pipe, run = _wan_image_to_video(tiny(name), monkeypatch, expand_timesteps=True)
+    scale, adaptive = 3.0, 0.002
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale, adaptive_scale=adaptive)]):
+        got = run()
+    first, second = pipe.scheduler.timesteps.tolist()
+    assert first == 1000.0 and 0 < second < 1000.0
+    per_step = [attnctl.PAG(scale=max(scale - adaptive * (1000.0 - t), 0.0), steps=window)
+                for t, window in ((first, (0.0, 0.5)), (second, (0.5, 1.0)))]
+    with attnctl.apply(pipe, per_step):
+        expected = run()
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale - 1000.0 * adaptive)]):  # the scale at token 0's t = 0
+        wrong = run()
+    assert (wrong - expected).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 # -- video semantics on Wan (issue #19, branch video) ----------------------------------------------------------
 
 

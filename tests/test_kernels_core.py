@@ -114,6 +114,19 @@ def test_entmax_matches_definition(alpha):
     assert (p == 0).any()  # sparse
 
 
+def test_entmax_bisection_is_exact_to_float32_for_large_alpha():
+    """Peters et al.'s entmax at alpha = 4 (p = (x - tau)^(1/3): steep at the support's edge) against a float64
+    bisection of the definition: every probability to float32 rounding (a float32 tau moved one by 3e-3)."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3, 16, 77, generator=generator) * 3
+    z[..., 60:] = float("-inf")
+    expected = _entmax_by_bisection(z.double().clamp(min=-1e30), 4.0)
+    expected = expected / expected.sum(-1, keepdim=True)
+    got = entmax(z, 4.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-6)
+
+
 def test_sparsemax_known_values():
     z = torch.tensor([[1.0, 0.5, -3.0]])
     torch.testing.assert_close(entmax(z, 2.0), torch.tensor([[0.75, 0.25, 0.0]]))

@@ -136,6 +136,36 @@ def test_pag_adds_its_term_to_both_cfg_rows_against_a_reference(pipe, guidance):
     torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4)
 
 
+def test_pag_adaptive_scale_follows_diffusers_timestep(pipe):
+    """diffusers' `pag_adaptive_scale`: at the scheduler's timestep T the scale is `max(scale - a (1000 - T), 0)`.
+    ZImagePipeline calls its denoiser with `t = (1000 - T) / 1000` (it used to fail: no `timestep` input); over 2 steps
+    (T = 1000, 500) the prediction is -(cond + g (cond - uncond) + s_T (cond - perturbed)) at each step."""
+    scale, adaptive, guidance = 3.0, 0.003, 4.0
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale, adaptive_scale=adaptive)]):
+        recorder = Recorder(pipe)
+        try:
+            generate(pipe, guidance=guidance, steps=2)
+        finally:
+            recorder.close()
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert timesteps == [1000.0, 500.0] and len(recorder.calls) == len(recorder.predictions) == 2
+    rows = len(PROMPTS)
+    layer = pipe.transformer.layers[1].attention
+    for call, got, timestep in zip(recorder.calls, recorder.predictions, timesteps):
+        cond, uncond = _run(pipe, call, range(rows)), _run(pipe, call, range(rows, 2 * rows))
+        original = layer.processor
+        height, width = call[0][0][0].shape[-2:]
+        layer.set_processor(RefZImagePAG(image_tokens=(height // 2) * (width // 2)))
+        try:
+            perturbed = _run(pipe, call, range(rows))
+        finally:
+            layer.set_processor(original)
+        step_scale = max(scale - adaptive * (1000.0 - timestep), 0.0)
+        expected = -(cond + guidance * (cond - uncond) + step_scale * (cond - perturbed)).squeeze(2)
+        assert (cond - perturbed).abs().max() > 1e-4
+        torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-4, atol=1e-4)
+
+
 def test_pag_on_a_size_whose_image_tokens_are_padded_against_a_reference(pipe):
     """32x40: 8x10 = 80 image tokens, padded to 96 by the transformer between the image and the text (it used to be
     refused with CallLayoutError): PAG's D is the docs' definition with the padding handled as the reference says."""

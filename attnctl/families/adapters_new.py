@@ -364,6 +364,14 @@ class ZImageAdapter(ModelAdapter):
             dict_inputs=("joint_attention_kwargs",),
         )
 
+    def timestep_1000(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """ZImagePipeline calls the denoiser with `t = (1000 - timestep) / 1000` (0 at pure noise, 1 at the end), so
+        diffusers' timestep is `1000 (1 - t)`."""
+        value = inputs.get("t")
+        if value is None:
+            return None
+        return (1.0 - torch.as_tensor(value).flatten()[0].float()) * 1000.0
+
     def perturbed_layers(self) -> str:
         blocks = sorted({layer.block for layer in self.layers if layer.group == "layers"})
         return f"layers.{blocks[len(blocks) // 2]}"  # the middle main layer

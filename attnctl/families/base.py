@@ -176,7 +176,8 @@ class ModelAdapter:
     #: Where image queries meet the prompt: "cross" (cross-attention layers, text as keys only) or "joint"
     #: (text and image tokens in one sequence).
     text_attention: ClassVar[Literal["cross", "joint"]] = "cross"
-    #: The factor from the denoiser's `timestep` input to diffusers' 0..1000 scale (Flux is called with t / 1000).
+    #: The factor from the denoiser's `timestep` input to diffusers' 0..1000 scale (Flux is called with t / 1000);
+    #: `timestep_1000` reads it.
     timestep_scale: ClassVar[float] = 1.0
     #: Whether image tokens carry rotary position embeddings (merging tokens would lose their positions).
     rotary: ClassVar[bool] = False
@@ -226,6 +227,20 @@ class ModelAdapter:
         weight = next(self.modules[name].parameters(), None)
         return None if weight is None or weight.device.type == "meta" else weight
 
+    def timestep_1000(self, inputs: dict[str, Any]) -> torch.Tensor | None:
+        """The denoiser call's timestep on diffusers' 0..1000 scale (the scheduler's `t`, which PAG's adaptive scale
+        reads) as a 0-d float tensor, left where the input is (no host read); None when the call has no timestep.
+
+        The `timestep` input times `timestep_scale`; a per-token timestep (Wan 2.2 TI2V, `expand_timesteps`: (B, seq),
+        0 on the clean conditioning frame's tokens, `t` on the others) gives its noisy tokens', the row's maximum."""
+        value = inputs.get("timestep")
+        if value is None:
+            return None
+        value = torch.as_tensor(value)
+        if value.ndim >= 2:
+            value = value[0].amax()
+        return value.flatten()[0].float() * self.timestep_scale
+
     def layer(self, name: str) -> LayerInfo:
         for info in self.layers:
             if info.name == name:
@@ -255,6 +270,17 @@ class ModelAdapter:
             found = {name: module for name, module in self.denoiser.named_modules() if type(module).__name__ in classes}
             self.__dict__["_transformer_blocks"] = found
         return dict(found)
+
+    def expert_name(self, module: torch.nn.Module) -> str | None:
+        """The pipeline attribute of the expert `module` (`DenoiserCall.expert`); None with one denoiser."""
+        return next((attribute for attribute, expert in self.experts.items() if expert is module), None)
+
+    def layer_experts(self, names: Any) -> frozenset[str] | None:
+        """The experts holding the layers or blocks named `names` (paths behind their expert's attribute); None with
+        one denoiser."""
+        if not self.experts:
+            return None
+        return frozenset(name.split(".")[0] for name in names)
 
     def expert_of(self, layer: LayerInfo | None) -> torch.nn.Module:
         """The denoiser (expert) that holds `layer`; the (first) denoiser for None."""

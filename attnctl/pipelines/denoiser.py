@@ -244,7 +244,7 @@ class DenoiserHooks:
         self.module = module
         inputs = dict(self.signature.bind(*args, **kwargs).arguments)
         batch = adapter.batch_size(inputs)
-        frame = runtime.open_frame(inputs, batch)
+        frame = runtime.open_frame(inputs, batch, module)
         if frame.canvas.reference_len:
             self._check_reference_tokens(frame)
         if frame.canvas.image_pad:

@@ -255,7 +255,8 @@ class Runtime:
         bound = self._signature.bind(*args, **kwargs)
         return dict(bound.arguments)
 
-    def open_frame(self, inputs: dict[str, Any], batch: int) -> DenoiserCall:
+    def open_frame(self, inputs: dict[str, Any], batch: int, module: torch.nn.Module | None = None) -> DenoiserCall:
+        """The frame of a denoiser call of `module` (the denoiser, or the expert that runs it)."""
         call = self.call
         if call is not None and call.owner is not None and not call.owner.running():  # it ended with an error
             self.end_call_quietly()
@@ -274,7 +275,8 @@ class Runtime:
         call.position_calls[call.positions_done] = calls_before + 1
         context = self.context or sequential_branch(self.protocol, call.record, calls_before)
         rows = base_rows(self.protocol, call.record, batch, context, inputs)
-        frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=context, inputs=inputs, number=call.frames)
+        frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=context, inputs=inputs, number=call.frames,
+                             expert=None if module is None else self.adapter.expert_name(module))
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
         call.frames += 1

@@ -30,12 +30,11 @@ def new_tag(name: str) -> str:
 
 
 def timestep_1000(frame: DenoiserCall, adapter: ModelAdapter) -> torch.Tensor:
-    """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor."""
-    inputs = frame.inputs or {}
-    value = inputs.get("timestep")
+    """The denoiser call's timestep on diffusers' 0..1000 scale, as a 0-d float tensor (`ModelAdapter.timestep_1000`)."""
+    value = adapter.timestep_1000(frame.inputs or {})
     if value is None:
-        raise UnsupportedError("attnctl: the denoiser call has no `timestep` input; the adaptive scale needs it")
-    return torch.as_tensor(value).flatten()[0].float() * adapter.timestep_scale
+        raise UnsupportedError(f"attnctl: this {adapter.family} denoiser call has no timestep input; the adaptive scale needs it")
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,15 @@ class PerturbingControl(Control):
 
 
 class PerturbingBound(Bound):
-    """A bound perturbing control: one tag, rows only while scale > 0 and the step is inside the window."""
+    """A bound perturbing control: one tag, rows only while scale > 0, the step is inside the window and (on a
+    pipeline with several denoiser experts) the expert running the call holds one of its layers."""
 
     def __init__(self, control: Any, layers: tuple[LayerInfo, ...], adapter: ModelAdapter):
         super().__init__(control, layers, control.steps)
         self.adapter = adapter
+        #: the experts whose calls get perturbed rows (None: one denoiser); the other expert's calls would run the rows
+        #: unperturbed, at full cost, for a term of cond - cond
+        self.experts = adapter.layer_experts(layer.name for layer in layers)
         self.tag = new_tag(control.type_name)
         self.index = RowIndex()  # the tagged rows' positions as index tensors, per device
         self._edits: dict[tuple[Any, ...], Edit] = {}
@@ -75,7 +78,7 @@ class PerturbingBound(Bound):
         return self.control.scale * (cond - perturbed)
 
     def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
-        if self.control.scale == 0:
+        if self.control.scale == 0 or (self.experts is not None and frame.expert not in self.experts):
             return None
         return RowPlan((Perturbation(self.tag, self.term, separate=self.control.separate),))
 

@@ -19,7 +19,8 @@ which SAG predates, the layer PAG perturbs by default (SD3 `transformer_blocks.1
 image block of the softmax, renormalised per image query over the image keys (so that "received > 1" still
 means "above the average key"; the text keys' share would otherwise empty the mask). With separate cond /
 uncond calls (Flux true CFG) the uncond prediction is not available during the cond call, so the cond rows
-are degraded.
+are degraded. With several denoiser experts (Wan 2.2 A14B) SAG reads one layer per expert (default: each expert's
+middle `attn1`), and each step's map comes from the layer of the expert that runs it.
 
 Video (Wan: frames x height x width tokens, frame-major): the map is the layer's own self-attention over every
 video token (the attention a token receives from all queries of the video, head-averaged; "above 1" still means
@@ -44,7 +45,7 @@ from ...kernels.semantics import block_logits, probabilities, spec_rows
 from ...noise import noise_level, require_noise_level
 from ...processors.chain import token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
-from ...selection import select_layers
+from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
 from ..common import RowIndex, keep_kinds
@@ -62,7 +63,10 @@ class SAG(Control, type_name="sag"):
     """Self-attention guidance (Hong et al. 2023).
 
     scale: `s_sag` (0: off; 0.75 as the SAG pipeline). layer: the one self- / joint attention layer whose map
-    drives the mask (default: see the module docstring). steps: the step window.
+    drives the mask (default: see the module docstring); on a pipeline with several denoiser experts (Wan 2.2 A14B)
+    one layer per expert, a selector or a sequence of them (`"blocks.1.attn1"` names that layer of each expert), and the
+    map is read from the layer of the expert that runs the step (an expert without one gets no SAG). steps: the
+    step window.
     """
 
     #: images and video: on a (frames, height, width) grid the mask is per token frame and the blur per latent frame
@@ -70,7 +74,7 @@ class SAG(Control, type_name="sag"):
     needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # a second forward of degraded rows
 
     scale: float = 0.75
-    layer: str | None = None
+    layer: LayerSpec = None
     steps: tuple[float, float] = (0.0, 1.0)
 
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
@@ -78,23 +82,41 @@ class SAG(Control, type_name="sag"):
 
     def __post_init__(self) -> None:
         set_field(self, "scale", number(self.scale, "SAG.scale", minimum=0))
-        if self.layer is not None and (not isinstance(self.layer, str) or not self.layer.strip()):
-            raise SelectionError(f"SAG.layer must be None or one layer selector such as 'mid_block.attentions.0.transformer_blocks.0.attn1', got {self.layer!r}")
+        blank = isinstance(self.layer, str) and not self.layer.strip()
+        if blank or not (self.layer is None or isinstance(self.layer, (str, tuple, list))):
+            raise SelectionError(
+                "SAG.layer must be None, one layer selector such as 'mid_block.attentions.0.transformer_blocks.0.attn1', or "
+                f"selectors of one layer per denoiser expert, got {self.layer!r}"
+            )
+        set_field(self, "layer", validate_layers(self.layer, name="SAG.layer"))
         set_field(self, "steps", validate_steps(self.steps, name="SAG.steps"))
 
-    def default_layers(self, adapter: ModelAdapter) -> str:
+    def default_layers(self, adapter: ModelAdapter) -> tuple[str, ...]:
         """The first self- / joint attention layer of PAG's default layers: UNet
         `mid_block.attentions.0.transformer_blocks.0.attn1` (the SAG pipeline's), SD3 `transformer_blocks.1.attn`,
-        PixArt `transformer_blocks.1.attn1`, Flux the middle double block's `attn`."""
+        PixArt `transformer_blocks.1.attn1`, Flux the middle double block's `attn`; with several experts (Wan 2.2
+        A14B), that layer of each expert (its middle block's `attn1`)."""
         layers = select_layers(adapter.layers, None, default=adapter.perturbed_layers(), owner="SAG")
-        return next(layer.name for layer in layers if layer.kind in PERTURBABLE_KINDS)
+        first: dict[str | None, str] = {}
+        for layer in layers:
+            if layer.kind in PERTURBABLE_KINDS:
+                first.setdefault(layer.parts[0] if adapter.experts else None, layer.name)
+        return tuple(first.values())
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         selection = self.layer or self.default_layers(adapter)
         layers = select_layers(adapter.layers, selection, default=None, owner="SAG")
         layers = keep_kinds(layers, PERTURBABLE_KINDS, "SAG", "self- or joint attention", selection)
-        if len(layers) != 1:
-            raise SelectionError(f"SAG: layer {selection!r} matches {len(layers)} self-attention layers; it needs exactly one: {[l.name for l in layers]}")
+        per_expert: dict[str | None, list[str]] = {}
+        for layer in layers:
+            per_expert.setdefault(layer.parts[0] if adapter.experts else None, []).append(layer.name)
+        for expert, names in per_expert.items():
+            if len(names) != 1:
+                where = "" if expert is None else f" of expert {expert}"
+                each = "" if expert is None else " per expert"
+                raise SelectionError(
+                    f"SAG: layer {selection!r} matches {len(names)} self-attention layers{where}; it needs exactly one{each}: {names}"
+                )
         return layers
 
     def validate_for(self, adapter: ModelAdapter) -> None:
@@ -119,6 +141,8 @@ class _SAGBound(Bound):
         self.received: torch.Tensor | None = None
         self.received_frame: int | None = None
         self.grid: tuple[int, int, int] | None = None  # (frames, height, width) of the captured map; frames 1 on images
+        #: the experts whose calls get SAG (None: one denoiser), each reading its own layer's map
+        self.experts = self.adapter.layer_experts(layer.name for layer in self.layers)
         if control.scale > 0:  # the degraded input is made at the call's noise level: refused here, not mid-call
             require_noise_level(self.scheduler, "attnctl: SAG")
 
@@ -139,7 +163,7 @@ class _SAGBound(Bound):
         return found
 
     def row_plan(self, frame: DenoiserCall) -> RowPlan | None:
-        if self.control.scale == 0:
+        if self.control.scale == 0 or (self.experts is not None and frame.expert not in self.experts):
             return None
         return RowPlan(second=(SecondPass(self.tag, self.term),))
 
@@ -148,7 +172,8 @@ class _SAGBound(Bound):
         rows = frame.rows
         source = degraded_rows(rows)
         if self.received is None or self.received_frame != frame.number:
-            raise CallLayoutError(f"SAG: layer {self.layers[0].name} did not run in this denoiser call; no attention map")
+            layer = next((l.name for l in self.layers if self.experts is None or l.parts[0] == frame.expert), self.layers[0].name)
+            raise CallLayoutError(f"SAG: layer {layer} did not run in this denoiser call; no attention map")
         received, self.received = self.received, None
         sample = first.inputs[first.main_input]
         sample = sample.index_select(0, self.index(source, sample.device))

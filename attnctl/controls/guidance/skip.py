@@ -91,6 +91,13 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
                 path = f"transformer_blocks.{block}"
             else:
                 path = block
+            if path not in available and adapter.experts and path.split(".")[0] not in adapter.experts:
+                named = [f"{expert}.{path}" for expert in adapter.experts]
+                raise SelectionError(
+                    f"SkipLayer: block {block!r} does not exist: this pipeline has {len(adapter.experts)} denoiser experts "
+                    f"({', '.join(adapter.experts)}), whose blocks are named behind the expert's attribute; name the block "
+                    f"of each expert that should skip it ({' and '.join(repr(name) for name in named)}); blocks: {_some(available)}"
+                )
             if path not in available:
                 parent = path.rpartition(".")[0] + "."  # the blocks beside it: its siblings at the same path
                 count = sum(1 for name in available if name.startswith(parent) and "." not in name[len(parent):])
@@ -132,10 +139,12 @@ class _SkipBound(PerturbingBound):
 
     def __init__(self, control: SkipLayer, context):
         super().__init__(control, context.layers, context.adapter)
+        paths = control.block_paths(context.adapter)
+        self.experts = context.adapter.layer_experts(paths)
         if control.scale == 0:
             return
         modules = context.adapter.transformer_blocks()
-        for path in control.block_paths(context.adapter):
+        for path in paths:
             context.wrap_method(modules[path], "forward", self._make(modules[path], context.current_frame))
 
     def active(self, step: StepInfo) -> bool:
