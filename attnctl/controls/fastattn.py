@@ -92,6 +92,11 @@ def _validate_window(window: Any, name: str) -> WindowSize:
     )
 
 
+def _is_list(value: Any) -> bool:
+    """A list or tuple (JSON's array), not a string, which is a sequence of characters."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 @dataclass(frozen=True)
 class FastAttnPlan:
     """Per layer and step, which DiTFastAttn method runs; made by calibration, saved and loaded as JSON.
@@ -125,12 +130,26 @@ class FastAttnPlan:
         set_field(self, "resolution", resolution)
         set_field(self, "window", _validate_window(self.window, "FastAttnPlan.window"))
         set_field(self, "threshold", number(self.threshold, "FastAttnPlan.threshold", minimum=0))
-        items = tuple(self.methods.items()) if isinstance(self.methods, Mapping) else tuple(self.methods)
+        for name in ("model", "fingerprint", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"FastAttnPlan.{name} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.methods, Mapping):
+            items = tuple(self.methods.items())
+        elif _is_list(self.methods):
+            items = tuple(self.methods)
+        else:
+            raise ConfigError(
+                "FastAttnPlan.methods must be a mapping {layer name: [method of each step]} or a list of (layer name, "
+                f"methods) pairs, got {self.methods!r}"
+            )
         methods = []
         for item in items:
-            if not isinstance(item, Sequence) or len(item) != 2 or not isinstance(item[0], str):
+            if not _is_list(item) or len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"FastAttnPlan.methods must hold (layer name, methods per step) pairs, got {item!r}")
-            name, per_step = item[0], tuple(item[1])
+            name, per_step = item[0], item[1]
+            if not _is_list(per_step):
+                raise ConfigError(f"FastAttnPlan.methods[{name!r}] must be a list of per-step methods, got {per_step!r}")
+            per_step = tuple(per_step)
             if len(per_step) != self.steps:
                 raise ConfigError(f"FastAttnPlan: layer {name!r} has {len(per_step)} methods for {self.steps} steps")
             bad = [m for m in per_step if m not in METHODS]
