@@ -415,3 +415,61 @@ def test_attention_maps_in_compiled_experts_count_only_the_expert_that_runs(pipe
     assert counter.frame_count > 0 and not counters["graph_break"]
     assert compiled.contributions == eager.contributions == (2 * STEPS, 2 * STEPS)  # 2 layers with maps, per step
     assert torch.equal(compiled.grid_maps, eager.grid_maps)
+
+
+def _observed_experts(pipe, steps, guidance=4.0):
+    """The expert each step ran (the first denoiser call of the step), from forward pre-hooks: what the pipeline did."""
+    calls = ExpertCalls(pipe)
+    try:
+        generate(pipe, steps=steps, guidance=guidance)
+    finally:
+        calls.close()
+    per_step = 2 if guidance > 1 else 1
+    return tuple(attribute for attribute, _ in calls.calls[::per_step])
+
+
+def test_fastattn_plan_records_the_expert_schedule_and_refuses_another(pipe):
+    """A plan calibrated on one expert schedule (boundary_ratio 0.7: 3 + 3 of 6 steps) has no methods for an expert
+    at the steps it did not run; another boundary_ratio (0.4: 5 + 1) or scheduler shift runs another expert there,
+    which silently lost the plan's sharing (a 'miss', full attention). The plan records the schedule the pipeline
+    ran (compared with forward pre-hooks), a mismatch is refused naming both, and a plan without the field still
+    loads and runs, with a warning where its methods are lost."""
+    import dataclasses
+    import warnings
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from attnctl.testing.new_families import tiny_wan22
+
+    steps = 6
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=10.0, window=(0, 1, 1)), pipe, "a red cat", num_inference_steps=steps,
+                             guidance_scale=4.0, generator=torch.Generator().manual_seed(0), **NEW_CALL_DEFAULTS["tiny-wan"])
+    assert plan.experts == _observed_experts(pipe, steps) == ("transformer",) * 3 + ("transformer_2",) * 3
+    assert attnctl.FastAttnPlan.from_json(plan.to_json()) == plan
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]) as handle:  # the same schedule: every planned share hits
+        generate(pipe, steps=steps)
+        assert not any("miss" in entry.ran for entry in handle.outputs["fastattn"].entries.values())
+
+    other = tiny_wan22(boundary_ratio=0.4)
+    other.set_progress_bar_config(disable=True)
+    shifted = tiny_wan22()
+    shifted.set_progress_bar_config(disable=True)
+    shifted.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    for moved, runs in ((other, "transformer at steps 0-4, transformer_2 at step 5"),
+                        (shifted, "transformer at steps 0-1, transformer_2 at steps 2-5")):
+        assert _observed_experts(moved, steps) != plan.experts
+        with attnctl.apply(moved, [attnctl.FastAttn(plan=plan)]):
+            with pytest.raises(attnctl.ConfigError) as error:
+                generate(moved, steps=steps)
+        assert "transformer at steps 0-2, transformer_2 at steps 3-5" in str(error.value) and runs in str(error.value)
+
+    legacy = dataclasses.replace(plan, experts=None)
+    data = legacy.to_dict()
+    assert "experts" not in data and attnctl.FastAttnPlan.from_dict(data) == legacy  # plans made before the field
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with attnctl.apply(pipe, [attnctl.FastAttn(plan=legacy)]):
+            generate(pipe, steps=steps)
+    with pytest.warns(UserWarning, match="transformer_2 at step 4.*this call runs transformer at steps 0-4"):
+        with attnctl.apply(other, [attnctl.FastAttn(plan=legacy)]):
+            generate(other, steps=steps)

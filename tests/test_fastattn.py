@@ -3,6 +3,8 @@ rule against an independent re-computation, plans (JSON, mismatches), and the FL
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -266,6 +268,29 @@ def test_plan_validation(tiny_cache):
     cross = make_plan(pipe, 2, {"transformer_blocks.0.attn2": ["full", "window_residual"]})
     with pytest.raises(ConfigError, match="cross-attention"):
         attnctl.apply(pipe, [attnctl.FastAttn(plan=cross)])
+
+
+PLAN_FIELDS = {"model": "PixArtTransformer2DModel", "fingerprint": "f", "steps": 4, "resolution": [32, 32], "window": 4,
+               "threshold": 0.1}
+
+
+@pytest.mark.parametrize("methods, match", [
+    ({"transformer_blocks.0.attn1": 3}, r"methods\['transformer_blocks.0.attn1'\] must be a list of per-step methods, got 3"),
+    ({"transformer_blocks.0.attn1": None}, r"methods\['transformer_blocks.0.attn1'\] must be a list of per-step methods, got None"),
+    ({"a": "full"}, r"methods\['a'\] must be a list of per-step methods, got 'full'"),  # not 4 methods 'f', 'u', 'l', 'l'
+    ([["a", 3]], r"methods\['a'\] must be a list of per-step methods, got 3"),
+    ([["a"]], r"\(layer name, methods per step\) pairs, got \['a'\]"),
+    (7, r"FastAttnPlan.methods must be a mapping .* got 7"),
+    ("a", r"FastAttnPlan.methods must be a mapping .* got 'a'"),
+])
+def test_malformed_plan_methods_are_config_errors_naming_the_layer(methods, match):
+    """A hand-edited or truncated plan file: a ConfigError naming the layer and the value, never a bare TypeError."""
+    with pytest.raises(ConfigError, match=match):
+        attnctl.FastAttnPlan.from_json(json.dumps({**PLAN_FIELDS, "methods": methods}))
+    with pytest.raises(ConfigError, match=match):
+        attnctl.FastAttnPlan(**{**PLAN_FIELDS, "resolution": (32, 32), "methods": methods})
+    with pytest.raises(ConfigError, match="FastAttnPlan.model must be a string, got 5"):
+        attnctl.FastAttnPlan.from_dict({**PLAN_FIELDS, "model": 5, "methods": {}})
 
 
 def test_techniques_restrict_the_choices(tiny_cache):

@@ -104,6 +104,11 @@ def test_config_is_validated():
         attnctl.PromptToPrompt(cross_steps=0.0, reweight={"cat": 2.0})
     with pytest.raises(attnctl.ConfigError, match="local_blend"):
         attnctl.PromptToPrompt(local_blend=[1])
+    # P2P's equalizer multiplies probability columns: any finite factor (its notebook's "pink" at -1), not NaN / inf
+    assert attnctl.PromptToPrompt(reweight={"pink": -1}, local_blend=("bicycle",)).reweight == {"pink": -1.0}
+    for bad in (float("nan"), float("inf"), -float("inf"), "2"):
+        with pytest.raises(attnctl.ConfigError, match=r"reweight\['pink'\]"):
+            attnctl.PromptToPrompt(reweight={"pink": bad})
     control = attnctl.PromptToPrompt("refine", reweight={"cat": 2.0}, local_blend="cat")
     assert attnctl.Control.from_dict(control.to_dict()) == control
     # hashable like every control; equal tables in another order are one control
@@ -370,7 +375,8 @@ class _EagerP2PProcessor:
     windows, the edited rows' probabilities are the base rows' in the cond half of the CFG batch
     `[uncond base, uncond edit, cond base, cond edit]` (the code edits `attn[h // 2:]`; with `halves="both"` the
     uncond half too); one token-for-token swap: P2P's mapper is the identity. Windows: cross-attention
-    `step < int(cross * (steps + 1))` (its time alphas have steps + 1 entries), self-attention `step < int(self * steps)`."""
+    `step < int(cross * (steps + 1))` (its time alphas have steps + 1 entries), self-attention `step < int(self * steps)`
+    and only where it has at most 16 ** 2 tokens (`replace_self_attention`: `att_replace.shape[2] <= 16 ** 2`)."""
 
     def __init__(self, is_cross: bool, clock: dict):
         self.is_cross, self.clock = is_cross, clock
@@ -383,7 +389,7 @@ class _EagerP2PProcessor:
         probs = probs.view(batch, attn.heads, *probs.shape[1:]).clone()
         steps = self.clock["steps"]
         limit = int(self.clock["cross"] * (steps + 1)) if self.is_cross else int(self.clock["self"] * steps)
-        if self.clock["step"] < limit:
+        if self.clock["step"] < limit and (self.is_cross or probs.shape[-1] <= 16**2):
             n, half = self.clock["n"], batch // 2
             for start in (0, half) if self.clock.get("halves") == "both" else (half,):
                 probs[start + n : start + 2 * n] = probs[start : start + n]
@@ -421,6 +427,42 @@ def test_toy_end_to_end_matches_p2p_on_eager_attention(windows, branch):
     stock_pair = abs(reference[:2] - reference[2:]).max()
     assert stock_pair > 0.1  # the edit changes the image (the colour), so the comparison below means something
     assert abs(controlled - reference).max() < 1e-3
+
+
+@pytest.mark.parametrize("height, width", [(16, 64), (16, 80), (32, 32)], ids=["8x32", "8x40", "16x16"])
+def test_self_attention_is_edited_where_p2p_counts_at_most_256_tokens(height, width, tiny_cache):
+    """P2P's rule is a token count (`att_replace.shape[2] <= 16 ** 2`): tiny-sd at 16x64 px has an 8x32 level (256
+    tokens: edited, as a 16x16 one) and at 16x80 px an 8x40 one (320: stock). End to end against the eager P2P."""
+    pipe = tiny_cache("tiny-sd")
+    scale = pipe.vae_scale_factor
+    latents = torch.randn(1, 4, height // scale, width // scale, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    kwargs = dict(height=height, width=width, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(cross_steps=1.0, self_steps=1.0)]):
+        controlled = pipe([BASE, EDIT], latents=latents.clone(), **kwargs).images
+    clock = {"step": 0, "n": 1, "cross": 1.0, "self": 1.0, "steps": 4}
+    stock = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({name: _EagerP2PProcessor(name.endswith("attn2.processor"), clock) for name in stock})
+
+    def tick(pipeline, i, t, kwargs):
+        clock["step"] = i + 1
+        return {}
+
+    try:
+        reference = pipe([BASE, EDIT], latents=latents.clone(), callback_on_step_end=tick, **kwargs).images
+    finally:
+        pipe.unet.set_attn_processor(stock)
+    assert (reference[0] - reference[1]).abs().max() > 0.1
+    torch.testing.assert_close(controlled, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("height, width, grid", [(16, 64, (8, 32)), (32, 32, (16, 16)), (16, 16, (8, 8))])
+def test_local_blend_reads_the_level_nearest_to_256_tokens(height, width, grid, tiny_cache):
+    """P2P's `LocalBlend` reads maps of 16x16 = 256 tokens: on tiny-sd's two cross-attention levels the one holding
+    (nearest to) 256 tokens, a non-square 8x32 one too."""
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(local_blend=("cat",))]) as handle:
+        generate(pipe, "tiny-sd", [BASE, EDIT], steps=2, height=height, width=width)
+        assert handle.runtime.last_call.bound[0].blend_grid == grid
 
 
 def test_render_job_drives_edits(tiny_cache, tmp_path):

@@ -193,6 +193,9 @@ CASES = {  # windows whose ends differ between n + 1 and n alpha entries at 10 s
     "refine-reweight": dict(prompts=("a red circle", "a red circle on the left"), mode="refine", branch="cond",
                             cross={"default_": (0.0, 0.64), "left": (0.19, 1.0), "circle": 0.46}, self_=0.4,
                             reweight={"left": 2.0}),
+    # P2P's notebook: the same prompt, the equalizer (-1) on a word ("pink bear riding a bicycle"; the toy has colours)
+    "negative-reweight": dict(prompts=("a red circle", "a red circle"), mode="replace", branch="cond",
+                              cross={"default_": 0.8}, self_=0.4, reweight={"red": -1.0}),
     "no-default-both-branches": dict(prompts=("a red circle", "a blue circle"), mode="replace", branch="both",
                                      cross={"blue": (0.46, 0.82)}, self_=0.2, reweight=None),
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -121,6 +123,39 @@ def test_gate_at_or_beyond_the_steps_is_bitwise_stock(name, gate, tiny_cache):
     assert report.flops_ratio() == 1.0 and report.hits == 0
 
 
+@pytest.mark.parametrize("options, words", [
+    (dict(gate_step=4, fi_interval=1), ["fi_interval=1", "sp_interval=None"]),
+    (dict(gate_step=10, fi_interval=2), ["gate_step=10", "fi_interval=2"]),
+    (dict(gate_step=10, sp_interval=5, warm_up=3), ["warm_up=3", "sp_interval=5"]),
+], ids=["fi-only", "fi-gate-beyond", "sp-after-the-last-step"])
+def test_v2_intervals_that_reuse_no_step_warn_idle_and_stay_stock(options, words, tiny_cache):
+    """A gate at or after the last step with v2 intervals whose schedule (the reference's `_schedule`) reuses no
+    self-attention output in the call: bitwise stock, and the handle says so, naming the intervals."""
+    pipe = tiny_cache("tiny-sd")
+    control = attnctl.TGate(**options)
+    assert all(_schedule(i, control.gate_step, control.warm_up, control.sp_interval, control.fi_interval)[1] != "reuse"
+               for i in range(4))
+    stock = generate(pipe, "tiny-sd", steps=4)
+    with pytest.warns(attnctl.IdleControlWarning, match="TGate is idle") as caught:
+        with attnctl.apply(pipe, [control]):
+            controlled = generate(pipe, "tiny-sd", steps=4)
+    assert torch.equal(controlled, stock)
+    message = next(str(w.message) for w in caught if issubclass(w.category, attnctl.IdleControlWarning))
+    assert all(word in message for word in words), message
+
+
+def test_a_gate_at_the_last_step_with_self_attention_reuse_acts_and_does_not_warn(tiny_cache):
+    """gate_step = steps with sp_interval=5, fi_interval=1 reuses self-attention before the gate (the `tgate`
+    package does too: test_tgate_matches_the_tgate_package): not stock, no idle warning."""
+    pipe = tiny_cache("tiny-sd")
+    stock = generate(pipe, "tiny-sd", steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        with attnctl.apply(pipe, [attnctl.TGate(gate_step=6, sp_interval=5, fi_interval=1)]) as handle:
+            controlled = generate(pipe, "tiny-sd", steps=6)
+    assert (controlled - stock).abs().max() > 1e-3 and handle.outputs["tgate"].hits > 0
+
+
 # -- against the reference ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, guidance, options",
@@ -152,7 +187,7 @@ def test_tgate_matches_the_reference_loop(name, guidance, options, tiny_cache):
 
 
 @pytest.mark.parametrize("name, module", [("tiny-sd", "SD"), ("tiny-sdxl", "SDXL"), ("tiny-pixart", "PixArt_Alpha")])
-@pytest.mark.parametrize("steps, gate, warm_up, sp, fi", [(8, 5, 2, 5, 1), (10, 6, 1, 2, 2)])
+@pytest.mark.parametrize("steps, gate, warm_up, sp, fi", [(8, 5, 2, 5, 1), (10, 6, 1, 2, 2), (6, 6, 2, 5, 1)])
 def test_tgate_matches_the_tgate_package(name, module, steps, gate, warm_up, sp, fi):
     """The peer's own code: the `tgate` package's pipelines (TGATE v2, its self-attention reuse included) against
     `TGate` with the same settings, bitwise."""
@@ -168,7 +203,8 @@ def test_tgate_matches_the_tgate_package(name, module, steps, gate, warm_up, sp,
     pipe = make_tiny_pipeline(name)
     with attnctl.apply(pipe, [attnctl.TGate(gate_step=gate, warm_up=warm_up, sp_interval=sp, fi_interval=fi)]):
         ours = generate(pipe, name, prompt=prompt, steps=steps, guidance=4.5)
-    assert (theirs - generate(pipe, name, prompt=prompt, steps=steps, guidance=4.5)).abs().max() > 1e-2  # it acts
+    # it acts (with the gate at the last step only a few self-attention outputs are reused: 9e-4 on PixArt)
+    assert (theirs - generate(pipe, name, prompt=prompt, steps=steps, guidance=4.5)).abs().max() > 1e-4
     assert torch.equal(ours, theirs)
 
 

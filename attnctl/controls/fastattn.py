@@ -16,8 +16,9 @@ whose relative L1 error `sum|O' - O| / sum|O|` of the layer's attention output a
 strictly below `threshold`. The paper's window is a 1-D band over the flattened image tokens (`window=w`:
 `|i - j| <= w`); `window=(rh, rw)` is a 2-D neighbourhood over the token grid instead, and on video (Wan)
 `window=(rf, rh, rw)` a 3-D one over frames x height x width. Text tokens of joint layouts attend to and are
-attended by every token. A plan records the model, the number of steps, the resolution and the number of token
-frames it was made for, and raises on a mismatch; it is saved and loaded as JSON.
+attended by every token. A plan records the model, the number of steps, the resolution, the number of token
+frames and, on a pipeline with denoiser experts (Wan 2.2 A14B), the expert of each step it was made for, and raises
+on a mismatch; it is saved and loaded as JSON.
 
 The first step always runs full attention (the reference never compresses step 0). Deviations from the reference
 code, as the project's specification asks: the error is the relative L1 above, measured on each layer's attention
@@ -37,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -92,6 +94,22 @@ def _validate_window(window: Any, name: str) -> WindowSize:
     )
 
 
+def describe_experts(experts: tuple[str, ...]) -> str:
+    """`transformer` at steps 0-2, `transformer_2` at steps 3-5: an expert schedule in runs."""
+    runs: list[tuple[str, int, int]] = []
+    for step, expert in enumerate(experts):
+        if runs and runs[-1][0] == expert and runs[-1][2] == step - 1:
+            runs[-1] = (expert, runs[-1][1], step)
+        else:
+            runs.append((expert, step, step))
+    return ", ".join(f"{e} at step {a}" if a == b else f"{e} at steps {a}-{b}" for e, a, b in runs)
+
+
+def _is_list(value: Any) -> bool:
+    """A list or tuple (JSON's array), not a string, which is a sequence of characters."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 @dataclass(frozen=True)
 class FastAttnPlan:
     """Per layer and step, which DiTFastAttn method runs; made by calibration, saved and loaded as JSON.
@@ -100,7 +118,10 @@ class FastAttnPlan:
     or path it was loaded from (informative); `steps`: the number of steps run; `resolution`: the image (height,
     width) in pixels; `frames`: the token (latent) frames of a video, 1 for images (checked when applied: a window
     and the cached residuals are per token, so a plan holds for one frame count); `methods`: `(layer name, (method
-    of step 0, method of step 1, ...))` in model order.
+    of step 0, method of step 1, ...))` in model order; `experts`: on a pipeline with denoiser experts (Wan 2.2
+    A14B), the expert (pipeline attribute) that ran each step (checked when applied: another `boundary_ratio` or
+    scheduler shift runs another expert at some step, whose layers the plan has no methods for there); None for one
+    denoiser and for plans made before it was recorded.
     """
 
     model: str
@@ -113,6 +134,7 @@ class FastAttnPlan:
     source: str = ""
     version: int = 1
     frames: int = 1
+    experts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -125,12 +147,26 @@ class FastAttnPlan:
         set_field(self, "resolution", resolution)
         set_field(self, "window", _validate_window(self.window, "FastAttnPlan.window"))
         set_field(self, "threshold", number(self.threshold, "FastAttnPlan.threshold", minimum=0))
-        items = tuple(self.methods.items()) if isinstance(self.methods, Mapping) else tuple(self.methods)
+        for name in ("model", "fingerprint", "source"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"FastAttnPlan.{name} must be a string, got {getattr(self, name)!r}")
+        if isinstance(self.methods, Mapping):
+            items = tuple(self.methods.items())
+        elif _is_list(self.methods):
+            items = tuple(self.methods)
+        else:
+            raise ConfigError(
+                "FastAttnPlan.methods must be a mapping {layer name: [method of each step]} or a list of (layer name, "
+                f"methods) pairs, got {self.methods!r}"
+            )
         methods = []
         for item in items:
-            if not isinstance(item, Sequence) or len(item) != 2 or not isinstance(item[0], str):
+            if not _is_list(item) or len(item) != 2 or not isinstance(item[0], str):
                 raise ConfigError(f"FastAttnPlan.methods must hold (layer name, methods per step) pairs, got {item!r}")
-            name, per_step = item[0], tuple(item[1])
+            name, per_step = item[0], item[1]
+            if not _is_list(per_step):
+                raise ConfigError(f"FastAttnPlan.methods[{name!r}] must be a list of per-step methods, got {per_step!r}")
+            per_step = tuple(per_step)
             if len(per_step) != self.steps:
                 raise ConfigError(f"FastAttnPlan: layer {name!r} has {len(per_step)} methods for {self.steps} steps")
             bad = [m for m in per_step if m not in METHODS]
@@ -143,6 +179,13 @@ class FastAttnPlan:
         if len(set(names)) != len(names):
             raise ConfigError("FastAttnPlan.methods names a layer twice")
         set_field(self, "methods", tuple(methods))
+        if self.experts is not None:
+            if not _is_list(self.experts) or len(self.experts) != self.steps or not all(isinstance(e, str) for e in self.experts):
+                raise ConfigError(
+                    f"FastAttnPlan.experts must be None or the expert (pipeline attribute) of each of its {self.steps} "
+                    f"steps, got {self.experts!r}"
+                )
+            set_field(self, "experts", tuple(self.experts))
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -162,9 +205,11 @@ class FastAttnPlan:
         return out
 
     def check(self, *, model: str | None = None, fingerprint: str | None = None, steps: int | None = None,
-              resolution: tuple[int, int] | None = None, frames: int | None = None) -> None:
-        """Raise ConfigError when the plan was made for another model, number of steps, resolution or number of
-        (token) frames."""
+              resolution: tuple[int, int] | None = None, frames: int | None = None,
+              experts: tuple[str, ...] | None = None) -> None:
+        """Raise ConfigError when the plan was made for another model, number of steps, resolution, number of
+        (token) frames or expert schedule (`experts`: the expert of each step of the call; not checked when the plan
+        or the call has none)."""
         if model is not None and (model != self.model or fingerprint != self.fingerprint):
             raise ConfigError(
                 f"this FastAttn plan was calibrated for {self.model} (config {self.fingerprint}), not for this "
@@ -185,6 +230,13 @@ class FastAttnPlan:
                 f"this FastAttn plan was calibrated for {self.frames} token frame(s), but the call has {frames} token "
                 "frame(s) (a video's latent frames; 1 for an image); calibrate a plan for this number of frames"
             )
+        if experts is not None and self.experts is not None and tuple(experts) != self.experts:
+            raise ConfigError(
+                f"this FastAttn plan was calibrated with the experts running {describe_experts(self.experts)}, but this call "
+                f"runs {describe_experts(tuple(experts))} (the pipeline's boundary_ratio and its scheduler's timesteps "
+                "decide which expert runs a step; the plan has no methods for an expert at the steps it did not run); "
+                "calibrate a plan for this pipeline's schedule"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +244,7 @@ class FastAttnPlan:
             "steps": self.steps, "resolution": list(self.resolution), "frames": self.frames,
             "window": self.window if isinstance(self.window, int) else list(self.window), "threshold": self.threshold,
             "methods": {name: list(methods) for name, methods in self.methods},
+            **({"experts": list(self.experts)} if self.experts is not None else {}),
         }
 
     @classmethod
@@ -407,9 +460,12 @@ class FastAttnBound(Bound):
         self.identity = (model, source, fingerprint)
         plan = control.plan
         self.frames = context.canvas.frames
+        self.experts = context.adapter.expert_schedule(context.pipeline, context.steps)
         if plan is not None:
-            plan.check(steps=context.steps, resolution=self.resolution, frames=self.frames)
+            plan.check(steps=context.steps, resolution=self.resolution, frames=self.frames, experts=self.experts)
             self.methods = {layer.name: list(plan.per_step(layer.name)) for layer in context.layers}
+            if plan.experts is None and self.experts is not None:
+                self._warn_unrecorded_experts(context.adapter)
         else:
             self.methods = {layer.name: ["full"] * context.steps for layer in context.layers}
         self.calibrating = plan is None and control.threshold > 0
@@ -441,6 +497,21 @@ class FastAttnBound(Bound):
                 "guidance (guidance_scale <= 1), so the output is the stock one; add 'window_residual' or 'step_share'"
             )
         return None
+
+    def _warn_unrecorded_experts(self, adapter: ModelAdapter) -> None:
+        """A plan made before plans recorded their expert schedule: its methods other than full attention tell which
+        expert ran a step; where this call runs the other one, those methods are lost (the layers do not run)."""
+        lost = sorted({(step, name.split(".", 1)[0]) for name, methods in self.fast.plan.methods
+                       for step, method in enumerate(methods)
+                       if method != "full" and name.split(".", 1)[0] in adapter.experts and name.split(".", 1)[0] != self.experts[step]})
+        if lost:
+            shown = ", ".join(f"{expert} at step {step}" for step, expert in lost[:6])
+            warnings.warn(
+                f"attnctl: this FastAttn plan records no expert schedule (made before plans did), and it has methods for "
+                f"{shown}, where this call runs {describe_experts(self.experts)}: those methods are lost (their "
+                "layers do not run there), and the other expert runs full attention; calibrate a plan for this schedule",
+                stacklevel=2,
+            )
 
     # -- per layer geometry ---------------------------------------------------------------------------------------
     def window_for(self, layer: LayerInfo, geometry: Geometry) -> Window | None:
@@ -511,6 +582,7 @@ class FastAttnBound(Bound):
             self.report.plan = FastAttnPlan(
                 model=model, fingerprint=fingerprint, steps=self.steps_count, resolution=self.resolution,
                 frames=self.frames, window=self.fast.window_size, threshold=self.fast.threshold, source=source,
+                experts=self.experts,
                 methods=tuple((layer.name, tuple(self.methods[layer.name])) for layer in self.layers),
             )
         for state in self.states.values():

@@ -72,7 +72,9 @@ class TGate(Control, type_name="tgate"):
     """TGATE (Zhang et al. 2024): cache cross-attention from step `gate_step` on and drop CFG there.
 
     gate_step: the step index from which cross-attention is cached and CFG dropped (>= 1). At or beyond the
-        number of steps nothing changes.
+        number of steps no cross-attention is cached and CFG is kept: only the v2 self-attention reuse before it
+        (`sp_interval` steps after `warm_up`) can change the output; without it the output is stock (the handle
+        warns).
     warm_up, sp_interval, fi_interval: TGATE v2's self-attention reuse (off while both intervals are None):
         after `warm_up` steps, store every `sp_interval` steps before the gate and every `fi_interval` after it,
         reusing the stored output in between (`warm_up` 2 as the reference code's; the intervals are opt-in).
@@ -164,13 +166,29 @@ class TGateBound(Bound):
         self.pending: list[_TracedTGateHook] = []  # outputs a compiled forward kept, not yet filed (`settle`)
 
     def idle_reason(self, count: int) -> str | None:
-        """A gate at or after the last step (documented: nothing changes) without self-attention reuse: the handle warns."""
-        if self.tgate.gate_step < count or self.tgate.reuses_self_attention:
+        """A gate at or after the last step and no step whose self-attention output is reused (no v2 intervals, no
+        self-attention layer, or intervals that reuse no step of the call): nothing changes, the handle warns."""
+        control = self.tgate
+        if control.gate_step < count:
+            return None
+        selfs = any(layer.kind == "self" for layer in self.layers)
+        schedule = (self_action(step, control.gate_step, count, control.warm_up, control.sp_interval, control.fi_interval)
+                    for step in range(count))
+        if selfs and "reuse" in schedule:
             return None
         allowed = f"gate_step must be at most {count - 1} to cache any step" if count > 1 else "a 1-step call has no step after a gate"
+        reuse = ""
+        if control.reuses_self_attention:
+            reuse = (
+                f"; its self-attention reuse (warm_up={control.warm_up}, sp_interval={control.sp_interval}, "
+                f"fi_interval={control.fi_interval}) reuses no step of it ("
+                + ("none of its layers is self-attention)" if not selfs else
+                   "it reuses between stores every sp_interval steps from warm_up to the gate, every fi_interval steps "
+                   "after the gate)")
+            )
         return (
-            f"its gate_step={self.tgate.gate_step} is not before the last step of this {count}-step call ({allowed}), so no "
-            "cross-attention is cached and CFG is never dropped: the output is the stock one"
+            f"its gate_step={control.gate_step} is not before the last step of this {count}-step call ({allowed}), so no "
+            f"cross-attention is cached and CFG is never dropped{reuse}: the output is the stock one"
         )
 
     # -- rows -----------------------------------------------------------------------------------------------------

@@ -280,6 +280,25 @@ class WanAdapter(ModelAdapter):
             dict_inputs=first.dict_inputs, experts=dict(experts),
         )
 
+    def expert_schedule(self, pipeline: Any, steps: int) -> tuple[str, ...] | None:
+        """Wan 2.2's rule (`WanPipeline.__call__`): the first expert runs the steps whose timestep is at least
+        `boundary_ratio * num_train_timesteps`, the second the others; with no `boundary_ratio`, the first runs all.
+        Read from the scheduler's timesteps (set before the first denoiser call: one host read per call)."""
+        if len(self.experts) < 2:
+            return None
+        first, second = tuple(self.experts)[:2]
+        config = getattr(pipeline, "config", None) or {}
+        ratio = config.get("boundary_ratio") if hasattr(config, "get") else getattr(config, "boundary_ratio", None)
+        if ratio is None:
+            return (first,) * steps
+        scheduler = pipeline.scheduler
+        timesteps = [float(t) for t in scheduler.timesteps.tolist()]
+        begin = getattr(scheduler, "_begin_index", None) or 0
+        order = int(getattr(scheduler, "order", 1) or 1)
+        boundary = ratio * scheduler.config.num_train_timesteps
+        positions = [min(begin + step * order, len(timesteps) - 1) for step in range(steps)]
+        return tuple(first if timesteps[position] >= boundary else second for position in positions)
+
     def transformer_blocks(self) -> dict[str, torch.nn.Module]:
         """As the base class; with experts, each path behind its expert's attribute (`transformer_2.blocks.3`)."""
         if not self.experts:

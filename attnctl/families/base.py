@@ -288,6 +288,11 @@ class ModelAdapter:
             return self.experts[layer.parts[0]]
         return self.denoiser
 
+    def expert_schedule(self, pipeline: Any, steps: int) -> tuple[str, ...] | None:
+        """The expert (pipeline attribute) that runs each of a call's `steps`, read from the pipeline's schedule once
+        its timesteps are set; None for a single denoiser."""
+        return None
+
     def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
         """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any (the
         projection of the expert holding `layer`, on a pipeline with several)."""

@@ -24,6 +24,7 @@ and copies the base row's latents elsewhere after every scheduler step. docs/met
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
@@ -51,7 +52,8 @@ MODES: tuple[str, ...] = ("replace", "refine")
 DEFAULT_WORD = "default_"
 P2PWindow = float | tuple[float, float]
 BRANCHES: tuple[str, ...] = ("both", "cond")
-#: P2P edits self-attention, and takes its blending maps, at 16x16 tokens (SD 1.x at 512 px).
+#: P2P edits self-attention where it has at most 16x16 = 256 tokens (`att_replace.shape[2] <= 16 ** 2`, a token
+#: count: an 8x32 grid counts), and takes its blending maps of 256 tokens (SD 1.x at 512 px: 16x16).
 P2P_GRID = 16
 
 
@@ -184,14 +186,15 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     word take the base maps in that word's window, every other token in the `"default_"` window ((0, 1) when the
     key is missing, as P2P). Steps: cross `int(start (n + 1)) <= i < int(end (n + 1))`, self
     `int(start n) <= i < int(end n)` (P2P's counts).
-    `reweight`: `{word: factor}` scaling the attention of words of the edited prompts (P2P's equalizer; only
-    inside the cross-attention window, as P2P). `local_blend`: words (found in a prompt, they count for its rows)
+    `reweight`: `{word: factor}` scaling the attention of words of the edited prompts (P2P's equalizer: any finite
+    factor, negative ones included, multiplies the probability columns; only inside the cross-attention window, as
+    P2P). `local_blend`: words (found in a prompt, they count for its rows)
     whose cross-attention maps confine the edit; `blend_threshold` on the max-normalised maps; blending from the
     step fraction `blend_start`. `branch`: `"cond"` (only the cond rows, as P2P's reference code; default) or
     `"both"` (uncond rows also read the base's uncond row). `layers`: default every cross- / joint-attention layer, and
-    the self-attention layers with at most 16x16 tokens in the call (P2P's rule; every self-attention layer of a
-    denoiser with one token grid); given layers are all edited. Local blending averages the maps of the
-    cross-attention level nearest to 16x16 tokens. `edits`: the edited prompts, for `attnctl render` jobs and
+    the self-attention layers with at most 16x16 = 256 tokens in the call (P2P's rule, a token count: 8x32 too; every
+    self-attention layer of a denoiser with one token grid); given layers are all edited. Local blending averages
+    the maps of the cross-attention level whose token count is nearest to 256. `edits`: the edited prompts, for `attnctl render` jobs and
     `Model.generate` (they call the pipeline with `[prompt, *edits]`, one image per prompt from the same seed);
     a direct call must then pass that many prompts.
     """
@@ -235,7 +238,9 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
                 query = validate_word_query(word, owner="PromptToPrompt.reweight")
                 if query in table:
                     raise ConfigError(f"PromptToPrompt.reweight names {query!r} twice ({word!r}); one factor per word")
-                table[query] = number(factor, f"PromptToPrompt.reweight[{word!r}]", minimum=0)
+                # any finite factor: the equalizer multiplies probability columns (the mapped values), and P2P's
+                # notebook uses negative ones ("pink bear", -1)
+                table[query] = number(factor, f"PromptToPrompt.reweight[{word!r}]")
             if self.cross_idle:
                 raise ConfigError(
                     "PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and "
@@ -301,26 +306,28 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
 
 
 def blend_level(layers: tuple[LayerInfo, ...], canvas: Canvas) -> int | None:
-    """The level of the cross-attention maps local blending averages: the one whose token grid is nearest to P2P's
-    16x16 (SD at 512 px; the finer of two equally near), or None without cross- / joint-attention layers."""
+    """The level of the cross-attention maps local blending averages: the one whose token count is nearest to P2P's
+    16x16 = 256 (its `LocalBlend` reads maps of 256 tokens; compared by the side of a square of as many tokens, the
+    finer of two equally near), or None without cross- / joint-attention layers."""
     levels = sorted({layer.level for layer in layers if layer.kind in ("cross", "joint")})
     if not levels:
         return None
-    return min(levels, key=lambda level: (abs(_side(canvas, level) - P2P_GRID), -_side(canvas, level)))
+    return min(levels, key=lambda level: (abs(math.sqrt(_tokens(canvas, level)) - P2P_GRID), -_tokens(canvas, level)))
 
 
 def p2p_self_layers(layers: tuple[LayerInfo, ...], canvas: Canvas) -> tuple[LayerInfo, ...]:
-    """P2P edits self-attention only where it has at most 16x16 tokens (its `replace_self_attention`); a denoiser
-    with one token grid (DiT) has it edited everywhere."""
+    """P2P edits self-attention only where it has at most 16x16 = 256 tokens (its `replace_self_attention`,
+    `att_replace.shape[2] <= 16 ** 2`: an 8x32 grid too); a denoiser with one token grid (DiT) has it edited
+    everywhere."""
     selfs = tuple(layer for layer in layers if layer.kind == "self")
     if len({layer.level for layer in selfs}) <= 1:
         return selfs
-    return tuple(layer for layer in selfs if _side(canvas, layer.level) <= P2P_GRID)
+    return tuple(layer for layer in selfs if _tokens(canvas, layer.level) <= P2P_GRID**2)
 
 
-def _side(canvas: Canvas, level: int) -> int:
+def _tokens(canvas: Canvas, level: int) -> int:
     h, w = canvas.grid_at(level)
-    return max(h, w)
+    return h * w
 
 
 @dataclass
