@@ -1,7 +1,7 @@
 """Cached and fast attention: DiTFastAttn (calibrate a plan, save it, generate with it) and TGATE.
 
     python examples/fast_attention.py                                  # toy-shapes (UNet self-attention), offline: FastAttn
-    python examples/fast_attention.py --model tiny-pixart              # a DiT: every attention layer
+    python examples/fast_attention.py --model tiny-pixart              # a DiT: its self-attention layers (the paper's default)
     python examples/fast_attention.py --method tgate --model tiny-sd   # TGATE on a UNet
     python examples/fast_attention.py --model tiny-flux --guidance-scale 1   # FastAttn without CFG
     python examples/fast_attention.py --model PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --device cuda --steps 20 \\

@@ -1,7 +1,7 @@
 """Guidance by attention perturbation: PAG, SEG, SAG, PLADIS and skip-layer guidance on one pipeline.
 
 Generates the same prompt and seed without guidance and with each method, saves every image and a strip of
-them side by side, and prints what attnctl did (`handle.describe()`).
+them side by side (`--describe` also prints what attnctl did: `handle.describe()`).
 
     python examples/guidance.py                                   # toy-shapes (trained), offline
     python examples/guidance.py --model tiny-sd3 --methods pag,skip
@@ -41,8 +41,9 @@ def skip_blocks(pipe) -> tuple:
 
 
 def controls_for(method: str, pipe, few_steps: bool = False) -> list[attnctl.Control]:
-    # SD3.5-M's window (1%-20% of the steps) holds no step of a 4-step run: widen it there
-    skip_steps = (0.0, 0.5) if few_steps else (0.01, 0.2)
+    # SD3.5-M's window (1%-20% of the steps) holds no step of a short run, and SkipLayer's window excludes both ends
+    # (n start < i < n stop): every step but the first there (of --quick's 2 steps, step 1)
+    skip_steps = (0.0, 1.0) if few_steps else (0.01, 0.2)
     table = {
         "pag": lambda: [attnctl.PAG(scale=3.0)],
         "seg": lambda: [attnctl.SEG(scale=3.0, sigma=10.0)],

@@ -129,7 +129,7 @@ def test_gate_at_or_beyond_the_steps_is_bitwise_stock(name, gate, tiny_cache):
     (dict(gate_step=10, sp_interval=5, warm_up=3), ["warm_up=3", "sp_interval=5"]),
 ], ids=["fi-only", "fi-gate-beyond", "sp-after-the-last-step"])
 def test_v2_intervals_that_reuse_no_step_warn_idle_and_stay_stock(options, words, tiny_cache):
-    """A gate at or after the last step with v2 intervals whose schedule (the reference's `_schedule`) reuses no
+    """A gate at or beyond the call's step count with v2 intervals whose schedule (the reference's `_schedule`) reuses no
     self-attention output in the call: bitwise stock, and the handle says so, naming the intervals."""
     pipe = tiny_cache("tiny-sd")
     control = attnctl.TGate(**options)

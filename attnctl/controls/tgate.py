@@ -166,7 +166,7 @@ class TGateBound(Bound):
         self.pending: list[_TracedTGateHook] = []  # outputs a compiled forward kept, not yet filed (`settle`)
 
     def idle_reason(self, count: int) -> str | None:
-        """A gate at or after the last step and no step whose self-attention output is reused (no v2 intervals, no
+        """A gate at or beyond the call's step count and no step whose self-attention output is reused (no v2 intervals, no
         self-attention layer, or intervals that reuse no step of the call): nothing changes, the handle warns."""
         control = self.tgate
         if control.gate_step < count:
@@ -187,7 +187,7 @@ class TGateBound(Bound):
                    "after the gate)")
             )
         return (
-            f"its gate_step={control.gate_step} is not before the last step of this {count}-step call ({allowed}), so no "
+            f"its gate_step={control.gate_step} is not less than the {count} steps of this call ({allowed}), so no "
             f"cross-attention is cached and CFG is never dropped{reuse}: the output is the stock one"
         )
 
