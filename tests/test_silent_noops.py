@@ -47,7 +47,7 @@ def _idle_warnings(caught) -> list[str]:
     (attnctl.Reweight({"cat": 3.0}, steps=(0.05, 0.1)), 10, ["Reweight", "steps=(0.05, 0.1)", "10 steps"]),
     (attnctl.SkipLayer(blocks=("up_blocks.1.attentions.0.transformer_blocks.0",)), 5,
      ["SkipLayer", "steps=(0.01, 0.2)", "5 steps", "strict"]),
-    (attnctl.TGate(), 10, ["TGate", "gate_step=10", "10-step call", "at most 9"]),
+    (attnctl.TGate(), 10, ["TGate", "gate_step=10", "10 steps of this call", "at most 9"]),
     (attnctl.PromptToPrompt(mode="refine", cross_steps=(0.0, 0.1), self_steps=(0.0, 0.1)), 2,
      ["PromptToPrompt", "cross_steps=(0.0, 0.1)", "self_steps=(0.0, 0.1)", "2 steps"]),
 ], ids=["pag", "reweight", "skip-layer-default", "tgate-default", "p2p"])
