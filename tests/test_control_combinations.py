@@ -27,7 +27,7 @@ from .helpers import generate
 
 EFFECTS = (
     "tokens", "labels", "region_prompts", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "value_scale",
-    "key_bias",
+    "key_bias", "joint_perturb",
 )
 
 
@@ -129,9 +129,11 @@ CONFLICTS = [
     ("tiny-sd3", lambda: [attnctl.ToMe(), attnctl.AttentionMaps(["cat"])]),
     ("tiny-sd", lambda: [attnctl.TGate(gate_step=1), attnctl.AttentionMaps(["cat"])]),  # reused steps: no maps
     ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, sp_interval=2), attnctl.SAG()]),  # SAG reads a self-attention map
+    ("tiny-sd3", lambda: [attnctl.ToMe(), attnctl.PAG()]),  # PAG's joint identity: the image block's diagonal
+    ("tiny-sd3", lambda: [attnctl.PAG(separate=True), attnctl.ToMe()]),
 ]
 CONFLICT_IDS = ["pladis+regions-sd3", "tome+isolation-sd", "agent+isolation-sd", "tome+regions-sd3", "seg+tome-sd3",
-                "tome+maps-sd3", "tgate+maps-sd", "tgate+sag-sd"]
+                "tome+maps-sd3", "tgate+maps-sd", "tgate+sag-sd", "tome+pag-sd3", "pag-separate+tome-sd3"]
 
 
 @pytest.mark.parametrize("name, make", CONFLICTS, ids=CONFLICT_IDS)
@@ -160,6 +162,26 @@ def test_conflicting_controls_fail_with_an_attnctl_error(name, make, tiny_cache)
     with handle, pytest.raises(AttnctlError) as caught:
         generate(pipe, name, prompt="a photo of a cat", steps=1)
     assert "layer" in str(caught.value) or "share" in str(caught.value)
+
+
+def test_pag_on_a_joint_layer_token_reduction_merges_is_refused_at_apply_naming_both(tiny_cache):
+    """PAG's joint-attention perturbation masks the image x image block to its diagonal over the layer's own image
+    tokens (diffusers' PAGCFGJointAttnProcessor2_0); ToMe hands it merged ones. It was accepted and failed at the
+    first call; it is a layer conflict at apply, in both orders, and ToMe on other layers still composes."""
+    pipe = tiny_cache("tiny-sd3")
+    for controls in ([attnctl.ToMe(), attnctl.PAG()], [attnctl.PAG(), attnctl.ToMe()]):
+        with pytest.raises(ConfigError) as caught:
+            attnctl.apply(pipe, controls)
+        message = str(caught.value)
+        assert "ToMe (tokens)" in message and "PAG (joint_perturb)" in message and "transformer_blocks.1.attn" in message
+    info = adapter(pipe)
+    assert {layer.name: attnctl.PAG().layer_effects(info, layer) for layer in attnctl.PAG().select(info)} == {
+        "transformer_blocks.1.attn": ("perturb", "joint_perturb")
+    }
+    stock = generate(pipe, "tiny-sd3", prompt="a photo of a cat", steps=2)
+    with attnctl.apply(pipe, [attnctl.ToMe(layers="transformer_blocks.0"), attnctl.PAG()]):
+        out = generate(pipe, "tiny-sd3", prompt="a photo of a cat", steps=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
 
 
 @pytest.mark.parametrize("name, make", [

@@ -52,6 +52,8 @@ EFFECT_TABLE: tuple[Effect, ...] = (
     Effect("capture", "reads the attention probabilities (AttentionMaps, SAG's capture layer)"),
     Effect("cache", "reuses outputs (TGATE, DiTFastAttn)", exclusive="two caches on one layer"),
     Effect("perturb", "identity rows (PAG)"),
+    Effect("joint_perturb", "the perturbed rows' image x image block masked to its diagonal over the layer's own image "
+           "tokens (PAG on a joint layer)"),
     Effect("value_scale", "a per-key value scale (Reweight)", ("value_scale",)),
     Effect("value_edit", "replaces the text values of the cond rows (Structured Diffusion Guidance)", exclusive="two value replacements on one layer"),
     Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
@@ -73,6 +75,8 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "query", "token reduction merges image tokens, so the query transform's grid no longer matches them"),
     ("tokens", "capture", "token reduction merges image tokens, so captured maps would not cover the image grid"),
     ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
+    ("tokens", "joint_perturb", "token reduction merges image tokens, and PAG's joint-attention identity (the image "
+     "block's diagonal) is defined over the layer's own image tokens, not over merged ones"),
     ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
     ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
     ("tokens", "linked_rows", "token reduction merges each row's tokens differently, so one row's keys no longer match another's values"),

@@ -76,8 +76,11 @@ class PAG(PerturbingControl, type_name="pag"):
         return _PAGBound(self, context.layers, context.adapter)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
-        """"perturb": the perturbed rows' attention is replaced (none while scale is 0)."""
-        return ("perturb",) if self.scale > 0 else ()
+        """"perturb": the perturbed rows' attention is replaced (none while scale is 0); on a joint layer also
+        "joint_perturb" (their image block is masked to its diagonal over the layer's own image tokens)."""
+        if self.scale <= 0:
+            return ()
+        return ("perturb", "joint_perturb") if layer.text in ("first", "last") else ("perturb",)
 
 
 class _PAGBound(PerturbingBound):
