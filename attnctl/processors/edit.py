@@ -89,7 +89,7 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("linked_keys", other, "the linked rows attend to other rows' keys in their own attention op, which does not carry "
      "this edit over to the appended keys")
     for other in ("tokens", "labels", "region_prompts", "region_tokens", "window", "sparse", "capture", "cache", "perturb",
-                  "value_scale", "key_bias")
+                  "value_scale", "value_edit", "key_bias")
 )
 CONFLICTS += tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
