@@ -4,7 +4,7 @@ Kernel-level changes (per-key bias and value scale, label masks, windows, sparse
 go to the backend through `AttentionSpec`. Changes a kernel cannot express (perturbed rows, query
 transforms, caches, token reduction, extra contexts) are `LayerHook`s, called by the processor at fixed
 stages. Several controls on one layer merge their edits: biases add, value scales multiply, hooks run in
-control order. What a control does to a layer is declared once, as effects (`EFFECT_TABLE`: what each
+control order (but for `LayerHook.inside_others` and `LayerHook.innermost` hooks, nearest the op in that order). What a control does to a layer is declared once, as effects (`EFFECT_TABLE`: what each
 needs from the backend, and which cannot be shared): `apply` refuses controls whose effects conflict on a
 shared layer (`CONFLICTS`), and an explicit backend that lacks a feature they need, before anything is
 installed.
@@ -155,6 +155,11 @@ class LayerHook:
     #: the token sequence or replace the op by calls of another shape (token merging, agent attention), so
     #: that the other hooks see the layer's own tokens and one attention op over q, k, v.
     innermost: ClassVar[bool] = False
+    #: True: the hook's `attend` sits inside every other hook's but the `innermost` ones, whatever the control order.
+    #: For hooks that compute some rows themselves instead of the op (PAG's identity rows): the other controls'
+    #: per-row edits (Regions' region prompts and base blend, Prompt-to-Prompt's links of perturbed copies) then
+    #: reach those rows too, as their definitions say, instead of only when listed first.
+    inside_others: ClassVar[bool] = False
 
     def reuse(self, call: AttentionCall, hidden: torch.Tensor, context: torch.Tensor | None) -> Any | None:
         """Return a module result to skip the whole computation (cached attention), or None."""
@@ -232,5 +237,5 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
     hooks: list[LayerHook] = []
     for edit in edits:
         hooks.extend(edit.hooks)
-    hooks.sort(key=lambda hook: hook.innermost)  # stable: control order otherwise
+    hooks.sort(key=lambda hook: (hook.innermost, hook.inside_others))  # stable: control order otherwise
     return Edit(kernel, tuple(hooks))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -102,7 +103,10 @@ class _PAGBound(PerturbingBound):
 
 class IdentityAttention(PerturbedRows, LayerHook):
     """The perturbed rows (`PerturbedRows`) get identity attention (self-attention) or the diagonal-masked image
-    block (joint)."""
+    block (joint). It sits inside the other controls' hooks (`inside_others`): they see every row, and the
+    identity replaces the op for the perturbed rows only."""
+
+    inside_others: ClassVar[bool] = True
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         tagged, rest, batch = self.positions(call)
