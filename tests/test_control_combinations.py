@@ -261,6 +261,7 @@ class AttendRecorder(Control, type_name="test-combinations-attend-recorder"):
 
     layers: Any = None
     log: list = field(default_factory=list, compare=False, hash=False)
+    at_op: bool = False  # the hook nearest the attention op (`LayerHook.innermost`): what the op itself is given
 
     def bind(self, context):
         return _RecorderBound(self, context.layers, (0.0, 1.0))
@@ -268,7 +269,7 @@ class AttendRecorder(Control, type_name="test-combinations-attend-recorder"):
 
 class _RecorderBound(Bound):
     def edit(self, layer, frame):
-        return Edit(hooks=(_Recorder(self.control.log),))
+        return Edit(hooks=((_OpRecorder if self.control.at_op else _Recorder)(self.control.log),))
 
 
 class _Recorder(LayerHook):
@@ -281,21 +282,26 @@ class _Recorder(LayerHook):
         return compute(q, k, v, spec)
 
 
+class _OpRecorder(_Recorder):
+    innermost = True
+
+
 @pytest.mark.parametrize("name, layers", [("tiny-sd", "mid & self"), ("tiny-sd3", "transformer_blocks.1")])
 def test_pag_runs_no_attention_for_the_perturbed_rows(name, layers, tiny_cache):
     pipe = tiny_cache(name)
     pag = attnctl.PAG(scale=3.0, layers=layers)
     with attnctl.apply(pipe, [pag]):
         alone = generate(pipe, name)
-    inside = AttendRecorder(layers=layers)
-    with attnctl.apply(pipe, [pag, inside]):
+    at_op = AttendRecorder(layers=layers, at_op=True)
+    with attnctl.apply(pipe, [pag, at_op]):
         got = generate(pipe, name)
     torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
-    assert inside.log and all(rows == 4 and set(tags) == {None} for _, rows, tags in inside.log)  # 2 prompts x CFG
-    outside = AttendRecorder(layers=layers)
-    with attnctl.apply(pipe, [outside, pag]):
-        generate(pipe, name)
-    assert outside.log and all(rows == 6 for _, rows, _ in outside.log)  # it sees the perturbed rows too
+    assert at_op.log and all(rows == 4 and set(tags) == {None} for _, rows, tags in at_op.log)  # 2 prompts x CFG
+    for order in ("first", "last"):  # another control's hook sees the perturbed rows too, whatever the order
+        other = AttendRecorder(layers=layers)
+        with attnctl.apply(pipe, [other, pag] if order == "first" else [pag, other]):
+            generate(pipe, name)
+        assert other.log and all(rows == 6 for _, rows, _ in other.log), order
 
 
 @pytest.mark.parametrize("separate", [False, True])
