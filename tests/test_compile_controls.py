@@ -384,8 +384,8 @@ def test_caches_run_compiled():
 
 def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs(monkeypatch):
     """Calibration chooses each layer's method from measured errors (host reads): refused in a compiled denoiser,
-    naming the way out (calibrate uncompiled, apply the plan). A control that runs a FastAttn layer's attention on
-    some of its rows is refused there at the call (the plan's caches are made for the layer's rows). A window past
+    naming the way out (calibrate uncompiled, apply the plan). PAG listed before it runs (its identity rows sit inside
+    FastAttn's hook, which sees the layer's own rows, for which the plan's caches are made). A window past
     sdpa's dense limit (the backend a graph runs windows on) is refused before the forward."""
     import dataclasses
 
@@ -399,9 +399,9 @@ def test_fastattn_calibration_is_refused_under_compile_and_its_plan_runs(monkeyp
             attnctl.apply(pipe, attnctl.FastAttn())
         plan = _fastattn_plan("tiny-pixart", 2, ["full", "window_residual"])
         layer = plan.layers[0]
+        # PAG listed first: its identity rows sit inside FastAttn's hook, which sees the layer's own rows
         with attnctl.apply(pipe, [attnctl.PAG(layers=(layer,)), attnctl.FastAttn(plan=plan)]):
-            with pytest.raises(UnsupportedError, match=rf"FastAttn at {re.escape(layer)} got 6 of the call's 9 rows"):
-                generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)
+            assert torch.isfinite(generate(pipe, "tiny-pixart", prompt=PROMPTS, steps=2)).all()
         assert type(pipe.transformer.transformer_blocks[0].attn1.processor).__module__.startswith("diffusers.")
     finally:
         _uncompile(pipe.transformer)
@@ -491,7 +491,7 @@ def test_prompt_to_prompt_runs_compiled_on_joint_attention():
     torch._dynamo.reset()
     counters.clear()
     _check("tiny-flux P2P blend", *_compiled_run("tiny-flux", P2P["blend"], "inplace", steps=4, prompt=P2P_PROMPTS))
-    # PAG listed first runs P2P's hook on some rows: its links are then made in the graph (no graph per call)
+    # PAG listed first (its identity rows sit inside P2P's hook whatever the order)
     torch._dynamo.reset()
     counters.clear()
     _check("tiny-sd PAG+P2P", *_compiled_run("tiny-sd", lambda: [attnctl.PAG(), P2P["replace"]()], "inplace", steps=3, prompt=P2P_PROMPTS))

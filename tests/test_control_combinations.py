@@ -14,12 +14,13 @@ import torch
 
 import attnctl
 from attnctl.control import Bound, Control
+from attnctl.controls.guidance.pag import IdentityAttention as PAGIdentity
 from attnctl.denoiser_call import DenoiserCall, RowLayout
 from attnctl.errors import AttnctlError, ConfigError, UnsupportedError
 from attnctl.families import adapter_for
 from attnctl.families.base import Canvas
 from attnctl.handle import denoiser_of
-from attnctl.processors.edit import Edit, LayerHook
+from attnctl.processors.edit import Edit, LayerHook, merge_edits
 from attnctl.steps import StepInfo
 from attnctl.testing import make_tiny_pipeline
 
@@ -27,7 +28,7 @@ from .helpers import generate
 
 EFFECTS = (
     "tokens", "labels", "region_prompts", "region_tokens", "window", "sparse", "query", "capture", "cache", "perturb", "value_scale",
-    "key_bias",
+    "key_bias", "joint_perturb",
 )
 
 
@@ -129,9 +130,11 @@ CONFLICTS = [
     ("tiny-sd3", lambda: [attnctl.ToMe(), attnctl.AttentionMaps(["cat"])]),
     ("tiny-sd", lambda: [attnctl.TGate(gate_step=1), attnctl.AttentionMaps(["cat"])]),  # reused steps: no maps
     ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, sp_interval=2), attnctl.SAG()]),  # SAG reads a self-attention map
+    ("tiny-sd3", lambda: [attnctl.ToMe(), attnctl.PAG()]),  # PAG's joint identity: the image block's diagonal
+    ("tiny-sd3", lambda: [attnctl.PAG(separate=True), attnctl.ToMe()]),
 ]
 CONFLICT_IDS = ["pladis+regions-sd3", "tome+isolation-sd", "agent+isolation-sd", "tome+regions-sd3", "seg+tome-sd3",
-                "tome+maps-sd3", "tgate+maps-sd", "tgate+sag-sd"]
+                "tome+maps-sd3", "tgate+maps-sd", "tgate+sag-sd", "tome+pag-sd3", "pag-separate+tome-sd3"]
 
 
 @pytest.mark.parametrize("name, make", CONFLICTS, ids=CONFLICT_IDS)
@@ -160,6 +163,46 @@ def test_conflicting_controls_fail_with_an_attnctl_error(name, make, tiny_cache)
     with handle, pytest.raises(AttnctlError) as caught:
         generate(pipe, name, prompt="a photo of a cat", steps=1)
     assert "layer" in str(caught.value) or "share" in str(caught.value)
+
+
+def test_pag_on_a_joint_layer_token_reduction_merges_is_refused_at_apply_naming_both(tiny_cache):
+    """PAG's joint-attention perturbation masks the image x image block to its diagonal over the layer's own image
+    tokens (diffusers' PAGCFGJointAttnProcessor2_0); ToMe hands it merged ones. It was accepted and failed at the
+    first call; it is a layer conflict at apply, in both orders, and ToMe on other layers still composes."""
+    pipe = tiny_cache("tiny-sd3")
+    for controls in ([attnctl.ToMe(), attnctl.PAG()], [attnctl.PAG(), attnctl.ToMe()]):
+        with pytest.raises(ConfigError) as caught:
+            attnctl.apply(pipe, controls)
+        message = str(caught.value)
+        assert "ToMe (tokens)" in message and "PAG (joint_perturb)" in message and "transformer_blocks.1.attn" in message
+    info = adapter(pipe)
+    assert {layer.name: attnctl.PAG().layer_effects(info, layer) for layer in attnctl.PAG().select(info)} == {
+        "transformer_blocks.1.attn": ("perturb", "joint_perturb")
+    }
+    stock = generate(pipe, "tiny-sd3", prompt="a photo of a cat", steps=2)
+    with attnctl.apply(pipe, [attnctl.ToMe(layers="transformer_blocks.0"), attnctl.PAG()]):
+        out = generate(pipe, "tiny-sd3", prompt="a photo of a cat", steps=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_pag_perturbed_rows_get_the_other_controls_row_edits_in_either_order(name, tiny_cache):
+    """Region prompts act on PAG's perturbed rows (copies of the cond rows) and Prompt-to-Prompt links a perturbed
+    copy to the base's copy (docs/methods.md). PAG's identity took its rows out of the chain before the hooks of
+    controls listed after it, so on joint layers [PAG, Regions] skipped the region blend for them (0.0069 tiny-flux,
+    0.0078 tiny-sd3 from [Regions, PAG]) and [PAG, P2P] the links (0.028 tiny-flux). Its hook now sits inside the
+    others' whatever the order: both orders give the documented result, bitwise."""
+    pipe = tiny_cache(name)
+    prompts = ["a red cat and a blue dog", "a green cat and a blue dog"]
+    p2p = lambda: attnctl.PromptToPrompt("replace", cross_steps=0.8, self_steps=0.4)  # noqa: E731
+    for make in (regions, p2p):
+        outs = []
+        for controls in ([make(), attnctl.PAG(scale=3.0)], [attnctl.PAG(scale=3.0), make()]):
+            with attnctl.apply(pipe, controls):
+                outs.append(generate(pipe, name, prompt=prompts, steps=3))
+        assert torch.equal(outs[0], outs[1]), (make, (outs[0] - outs[1]).abs().max())
+    merged = merge_edits([Edit(hooks=(PAGIdentity((1,), 2),)), Edit(hooks=(LayerHook(),))], "a layer")
+    assert type(merged.hooks[-1]).__name__ == "IdentityAttention"
 
 
 @pytest.mark.parametrize("name, make", [
@@ -218,6 +261,7 @@ class AttendRecorder(Control, type_name="test-combinations-attend-recorder"):
 
     layers: Any = None
     log: list = field(default_factory=list, compare=False, hash=False)
+    at_op: bool = False  # the hook nearest the attention op (`LayerHook.innermost`): what the op itself is given
 
     def bind(self, context):
         return _RecorderBound(self, context.layers, (0.0, 1.0))
@@ -225,7 +269,7 @@ class AttendRecorder(Control, type_name="test-combinations-attend-recorder"):
 
 class _RecorderBound(Bound):
     def edit(self, layer, frame):
-        return Edit(hooks=(_Recorder(self.control.log),))
+        return Edit(hooks=((_OpRecorder if self.control.at_op else _Recorder)(self.control.log),))
 
 
 class _Recorder(LayerHook):
@@ -238,21 +282,26 @@ class _Recorder(LayerHook):
         return compute(q, k, v, spec)
 
 
+class _OpRecorder(_Recorder):
+    innermost = True
+
+
 @pytest.mark.parametrize("name, layers", [("tiny-sd", "mid & self"), ("tiny-sd3", "transformer_blocks.1")])
 def test_pag_runs_no_attention_for_the_perturbed_rows(name, layers, tiny_cache):
     pipe = tiny_cache(name)
     pag = attnctl.PAG(scale=3.0, layers=layers)
     with attnctl.apply(pipe, [pag]):
         alone = generate(pipe, name)
-    inside = AttendRecorder(layers=layers)
-    with attnctl.apply(pipe, [pag, inside]):
+    at_op = AttendRecorder(layers=layers, at_op=True)
+    with attnctl.apply(pipe, [pag, at_op]):
         got = generate(pipe, name)
     torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
-    assert inside.log and all(rows == 4 and set(tags) == {None} for _, rows, tags in inside.log)  # 2 prompts x CFG
-    outside = AttendRecorder(layers=layers)
-    with attnctl.apply(pipe, [outside, pag]):
-        generate(pipe, name)
-    assert outside.log and all(rows == 6 for _, rows, _ in outside.log)  # it sees the perturbed rows too
+    assert at_op.log and all(rows == 4 and set(tags) == {None} for _, rows, tags in at_op.log)  # 2 prompts x CFG
+    for order in ("first", "last"):  # another control's hook sees the perturbed rows too, whatever the order
+        other = AttendRecorder(layers=layers)
+        with attnctl.apply(pipe, [other, pag] if order == "first" else [pag, other]):
+            generate(pipe, name)
+        assert other.log and all(rows == 6 for _, rows, _ in other.log), order
 
 
 @pytest.mark.parametrize("separate", [False, True])

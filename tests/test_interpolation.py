@@ -264,6 +264,24 @@ def test_conflicts_are_refused_at_apply(tiny_cache):
         attnctl.apply(pipe, [AttentionInterpolation(), attnctl.Reweight({"red": 2.0})])
 
 
+@pytest.mark.parametrize("order", ["aid-first", "sdg-first"])
+def test_structured_guidance_on_the_interpolated_layers_is_refused_in_both_orders(tiny_cache, order):
+    """The interpolated rows' attention is computed from the raw keys and values of the end rows, outside the rest
+    of the layer's hooks: Structured Diffusion Guidance's replaced text values never reach them (listed after
+    AttentionInterpolation, its middle row was bitwise AttentionInterpolation alone). Refused as Reweight's value
+    scale is, naming both controls and the layer; on disjoint layers they compose."""
+    pipe = tiny_cache("tiny-sd")
+    controls = [AttentionInterpolation(layers="cross"), attnctl.StructuredGuidance()]
+    if order == "sdg-first":
+        controls.reverse()
+    with pytest.raises(ConfigError) as caught:
+        attnctl.apply(pipe, controls)
+    message = str(caught.value)
+    assert "AttentionInterpolation (linked_keys)" in message and "StructuredGuidance (value_edit)" in message
+    assert "cross" in message or "attn2" in message
+    attnctl.apply(pipe, [AttentionInterpolation(layers="self"), attnctl.StructuredGuidance()]).remove()
+
+
 def test_model_generate_renders_a_sequence(tiny_cache, tmp_path):
     """A render job's AttentionInterpolation(to=...): one call of n rows, frames = the images, image = their strip."""
     import numpy as np

@@ -115,7 +115,7 @@ class _Pending:
 #: What a control may do at a layer whose sequence holds reference-image tokens (Flux.2 `image=`, Qwen-Image Edit): the
 #: processors give the controls the text and generated-image queries, extend per-key edits over the reference keys with
 #: no change, and let the reference queries attend as stock (`processors/references.py`).
-REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "key_bias", "perturb", "query", "sparse", "value_scale"})
+REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "joint_perturb", "key_bias", "perturb", "query", "sparse", "value_scale"})
 
 
 def _skipped_error(skipped: tuple[Bound, tuple[LayerInfo, ...]], frame: DenoiserCall, adapter: ModelAdapter) -> UnsupportedError:

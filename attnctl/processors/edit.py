@@ -4,7 +4,7 @@ Kernel-level changes (per-key bias and value scale, label masks, windows, sparse
 go to the backend through `AttentionSpec`. Changes a kernel cannot express (perturbed rows, query
 transforms, caches, token reduction, extra contexts) are `LayerHook`s, called by the processor at fixed
 stages. Several controls on one layer merge their edits: biases add, value scales multiply, hooks run in
-control order. What a control does to a layer is declared once, as effects (`EFFECT_TABLE`: what each
+control order (but for `LayerHook.inside_others` and `LayerHook.innermost` hooks, nearest the op in that order). What a control does to a layer is declared once, as effects (`EFFECT_TABLE`: what each
 needs from the backend, and which cannot be shared): `apply` refuses controls whose effects conflict on a
 shared layer (`CONFLICTS`), and an explicit backend that lacks a feature they need, before anything is
 installed.
@@ -52,6 +52,8 @@ EFFECT_TABLE: tuple[Effect, ...] = (
     Effect("capture", "reads the attention probabilities (AttentionMaps, SAG's capture layer)"),
     Effect("cache", "reuses outputs (TGATE, DiTFastAttn)", exclusive="two caches on one layer"),
     Effect("perturb", "identity rows (PAG)"),
+    Effect("joint_perturb", "the perturbed rows' image x image block masked to its diagonal over the layer's own image "
+           "tokens (PAG on a joint layer)"),
     Effect("value_scale", "a per-key value scale (Reweight)", ("value_scale",)),
     Effect("value_edit", "replaces the text values of the cond rows (Structured Diffusion Guidance)", exclusive="two value replacements on one layer"),
     Effect("key_bias", "a per-key logit bias (Reweight with normalize)", ("key_bias",)),
@@ -73,6 +75,8 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("tokens", "query", "token reduction merges image tokens, so the query transform's grid no longer matches them"),
     ("tokens", "capture", "token reduction merges image tokens, so captured maps would not cover the image grid"),
     ("tokens", "cache", "token reduction changes the tokens whose outputs the cache stores and reuses"),
+    ("tokens", "joint_perturb", "token reduction merges image tokens, and PAG's joint-attention identity (the image "
+     "block's diagonal) is defined over the layer's own image tokens, not over merged ones"),
     ("sparse", "region_tokens", "the joint region mask and the sparse (entmax) transform are separate attention passes"),
     ("window", "region_tokens", "the joint region mask and the window are separate attention passes"),
     ("tokens", "linked_rows", "token reduction merges each row's tokens differently, so one row's keys no longer match another's values"),
@@ -85,7 +89,7 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
     ("linked_keys", other, "the linked rows attend to other rows' keys in their own attention op, which does not carry "
      "this edit over to the appended keys")
     for other in ("tokens", "labels", "region_prompts", "region_tokens", "window", "sparse", "capture", "cache", "perturb",
-                  "value_scale", "key_bias")
+                  "value_scale", "value_edit", "key_bias")
 )
 CONFLICTS += tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
@@ -151,6 +155,11 @@ class LayerHook:
     #: the token sequence or replace the op by calls of another shape (token merging, agent attention), so
     #: that the other hooks see the layer's own tokens and one attention op over q, k, v.
     innermost: ClassVar[bool] = False
+    #: True: the hook's `attend` sits inside every other hook's but the `innermost` ones, whatever the control order.
+    #: For hooks that compute some rows themselves instead of the op (PAG's identity rows): the other controls'
+    #: per-row edits (Regions' region prompts and base blend, Prompt-to-Prompt's links of perturbed copies) then
+    #: reach those rows too, as their definitions say, instead of only when listed first.
+    inside_others: ClassVar[bool] = False
 
     def reuse(self, call: AttentionCall, hidden: torch.Tensor, context: torch.Tensor | None) -> Any | None:
         """Return a module result to skip the whole computation (cached attention), or None."""
@@ -228,5 +237,5 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
     hooks: list[LayerHook] = []
     for edit in edits:
         hooks.extend(edit.hooks)
-    hooks.sort(key=lambda hook: hook.innermost)  # stable: control order otherwise
+    hooks.sort(key=lambda hook: (hook.innermost, hook.inside_others))  # stable: control order otherwise
     return Edit(kernel, tuple(hooks))

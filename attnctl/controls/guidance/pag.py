@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -76,8 +77,11 @@ class PAG(PerturbingControl, type_name="pag"):
         return _PAGBound(self, context.layers, context.adapter)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
-        """"perturb": the perturbed rows' attention is replaced (none while scale is 0)."""
-        return ("perturb",) if self.scale > 0 else ()
+        """"perturb": the perturbed rows' attention is replaced (none while scale is 0); on a joint layer also
+        "joint_perturb" (their image block is masked to its diagonal over the layer's own image tokens)."""
+        if self.scale <= 0:
+            return ()
+        return ("perturb", "joint_perturb") if layer.text in ("first", "last") else ("perturb",)
 
 
 class _PAGBound(PerturbingBound):
@@ -99,7 +103,10 @@ class _PAGBound(PerturbingBound):
 
 class IdentityAttention(PerturbedRows, LayerHook):
     """The perturbed rows (`PerturbedRows`) get identity attention (self-attention) or the diagonal-masked image
-    block (joint)."""
+    block (joint). It sits inside the other controls' hooks (`inside_others`): they see every row, and the
+    identity replaces the op for the perturbed rows only."""
+
+    inside_others: ClassVar[bool] = True
 
     def attend(self, call: AttentionCall, q, k, v, spec: AttentionSpec, compute):
         tagged, rest, batch = self.positions(call)
