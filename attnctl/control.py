@@ -98,6 +98,12 @@ class Control:
         """
         return ()
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """What this control does to the pipeline call as a whole, whatever its layers: names from
+        `processors.edit.CALL_EFFECTS`. `apply` refuses two controls whose call effects conflict
+        (`processors.edit.CALL_CONFLICTS`), before anything is installed. Default: none."""
+        return ()
+
     def kernel_features(self, adapter: ModelAdapter, layers: tuple[LayerInfo, ...]) -> tuple[str, ...]:
         """The backend features this control needs on `layers` (from its declared effects)."""
         return effect_features(tuple(effect for layer in layers for effect in self.layer_effects(adapter, layer)))
@@ -350,6 +356,10 @@ class Bound:
 
     #: How the control's `active` reads its window, when it differs from `start <= i/n < stop` (for `idle_reason`).
     window_rule: str = ""
+
+    #: When the control's `transform_inputs` runs among the call's controls': lower first, control order among equals.
+    #: A control that reads the inputs as the denoiser will receive them (a latent optimiser's loss pass) says 1.
+    input_order: int = 0
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         """What changes at `layer` in the denoiser call `frame` (None: nothing)."""

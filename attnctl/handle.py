@@ -43,7 +43,7 @@ from .pipelines.protocol import protocol_for
 from .pipelines.runtime import CallOwner, Runtime
 from .processors import processor_for
 from .processors.base import ControlledProcessor, make_processor
-from .processors.edit import EFFECTS, HELD_BY_CACHE, effect_conflict
+from .processors.edit import CALL_EFFECTS, EFFECTS, HELD_BY_CACHE, call_conflict, effect_conflict
 from .selection import describe_layers
 
 _LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
@@ -267,9 +267,34 @@ def _resolve(controls: tuple[Control, ...], adapter: ModelAdapter) -> dict[int, 
         control.validate_traits(adapter)
         control.validate_for(adapter)
         resolved[position] = control.select(adapter)
+    _check_call_effects(controls, adapter)  # first: disjoint layers would not lift a call-wide conflict
     _check_effects(controls, resolved, adapter)
     _check_output_keys(controls)
     return resolved
+
+
+def _check_call_effects(controls: tuple[Control, ...], adapter: ModelAdapter) -> None:
+    """Refuse two controls whose effects on the call as a whole cannot go together (`processors.edit.CALL_CONFLICTS`)."""
+    declared = []
+    for control in controls:
+        effects = tuple(control.call_effects(adapter))
+        unknown = [effect for effect in effects if effect not in CALL_EFFECTS]
+        if unknown:
+            raise ConfigError(
+                f"attnctl: {type(control).__name__}.call_effects gave unknown effect(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(CALL_EFFECTS)}"
+            )
+        declared.append((control, effects))
+    for i, (first, first_effects) in enumerate(declared):
+        for second, second_effects in declared[i + 1 :]:
+            for a in first_effects:
+                for b in second_effects:
+                    why = call_conflict(a, b)
+                    if why is not None:
+                        raise ConfigError(
+                            f"attnctl: {type(first).__name__} ({a}) and {type(second).__name__} ({b}) cannot be applied "
+                            f"together: {why}; run them in separate calls"
+                        )
 
 
 def _check_effects(controls: tuple[Control, ...], resolved: dict[int, tuple[LayerInfo, ...]], adapter: ModelAdapter) -> None:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 import attnctl
 from attnctl.controls.guidance import sag as sag_module
+from attnctl.families import adapter_for
+from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS, make_tiny_pipeline
 
 from .helpers import Probe, generate
@@ -572,3 +574,55 @@ def test_second_pass_frames_are_marked():
         generate(pipe, "tiny-sd", prompt="a cat", steps=1)
     assert [entry[:2] for entry in log.log] == [((("uncond", None), ("cond", None)), None), ((("uncond", None),), log.log[1][1])]
     assert log.log[1][1] is not None and log.log[1][1].startswith("sag")
+
+
+@dataclass(frozen=True)
+class QKLog(attnctl.Control, type_name="test-qk-log"):
+    """Records q and k of its layers as the attention op receives them, in the pipeline's own denoiser calls (listed
+    first: its hook is the outermost, so it sees the layer call's own rows)."""
+
+    layers: object = None
+    log: list = field(default_factory=list, compare=False, hash=False)
+
+    def bind(self, context):
+        control = self
+
+        class _Hook(LayerHook):
+            def attend(self, call, q, k, v, spec, compute):
+                control.log.append((q.detach().clone(), k.detach().clone(), call.geometry.image_slice))
+                return compute(q, k, v, spec)
+
+        class _Bound(attnctl.Bound):
+            def edit(self, layer, frame):
+                return None if frame.extra_pass is not None else Edit(hooks=(_Hook(),))
+
+        return _Bound(self, context.layers, (0.0, 1.0))
+
+
+@pytest.mark.parametrize("p2p_first", [True, False])
+def test_sag_reads_the_pipelines_own_rows_next_to_prompt_to_prompt_on_joint_layers(tiny_cache, monkeypatch, p2p_first):
+    """On a joint layer Prompt-to-Prompt runs the rest of the chain on the call's rows plus copies of its edited rows;
+    SAG's map counted the copies as rows (5 maps for 3 images: a raw size mismatch mid-call). SAG's map (Hong et al.
+    2023; joint attention: each image query's image-key row renormalised) is the mean over heads of the attention
+    each image token receives, from the queries and keys of the pipeline's own rows."""
+    pipe = tiny_cache("tiny-flux")
+    received = []
+    original = sag_module.degrade
+
+    def degrade(sample, prediction, mask_source, *args, **kwargs):
+        received.append(mask_source.detach().clone())
+        return original(sample, prediction, mask_source, *args, **kwargs)
+
+    monkeypatch.setattr(sag_module, "degrade", degrade)
+    sag = attnctl.SAG(scale=0.75)
+    log = QKLog(layers=sag.select(adapter_for(pipe.transformer))[0].name)  # SAG's layer
+    p2p = attnctl.PromptToPrompt("replace", cross_steps=0.8, self_steps=0.4)
+    prompts = ["a red cat and a blue dog", "a green cat and a blue dog", "a yellow cat and a blue dog"]
+    with attnctl.apply(pipe, [log, p2p, sag] if p2p_first else [log, sag, p2p]):
+        generate(pipe, "tiny-flux", prompt=prompts, steps=2)
+    assert len(received) == len(log.log) == 2
+    for got, (q, k, image) in zip(received, log.log):
+        probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        block = probs[:, :, image, image]
+        block = block / block.sum(-1, keepdim=True)
+        torch.testing.assert_close(got, block.sum(dim=2).mean(dim=1), rtol=1e-4, atol=1e-5)

@@ -5,6 +5,7 @@ autograd through the stock UNet), bitwise stock when idle, and the families it r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 
@@ -586,6 +587,93 @@ def test_box_guidance_composes_with_regions(tiny_cache):
         both = generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
         assert handle.runtime.last_call.bound[1].losses
     assert torch.isfinite(both).all() and not torch.equal(both, regional)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("kind", ["box", "excite"])
+def test_an_optimiser_with_regions_on_joint_layers_reads_the_maps_the_denoiser_call_computes(tiny_cache, monkeypatch, name, kind):
+    """Regions appends its region prompts' tokens to a joint text sequence (`transform_inputs`); the optimiser's loss
+    pass ran on the inputs before them (listed first) or with the frame's canvas before them (listed second): both
+    orders failed mid-call ('Regions expected 96 text tokens (32 base + 64 region), got 32'). The latent optimisers'
+    input transforms run after every other control's, on the inputs and canvas those left, so the loss pass's maps at
+    the first step are those of a plain forward with Regions at the same latent: AttentionMaps' (heads averaged, over
+    the full row) at that step, averaged over the optimiser's layers; and the two orders give one result."""
+    from attnctl.controls.optimize.engine import LatentOptimizerBound
+
+    pipe = tiny_cache(name)
+    prompt = "a red cat and a blue dog"
+    regions = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 0.5)),
+                               attnctl.Region("a blue dog", box=(0.5, 0.5, 1.0, 1.0))])
+    make = {
+        "box": lambda: attnctl.BoxGuidance.from_regions(regions, ["cat", "dog"]),
+        "excite": lambda: attnctl.AttendExcite(subjects=["cat", "dog"], refine=()),
+    }[kind]
+    first: list = []
+    original = LatentOptimizerBound.loss_maps
+
+    def loss_maps(self, x, inputs, frame):
+        maps = original(self, x, inputs, frame)
+        if not first:  # per word: its columns summed (a word may have several tokens: SD3's CLIP and T5 spans)
+            mean = self.averaged(maps) if isinstance(maps, tuple) else maps
+            first.append((self, torch.einsum("nwhk,nsw->nshk", mean.detach(), self.selector.float())))
+        return maps
+
+    monkeypatch.setattr(LatentOptimizerBound, "loss_maps", loss_maps)
+    outs, maps = [], []
+    for controls in ([regions, make()], [make(), regions]):
+        first.clear()
+        with attnctl.apply(pipe, controls):
+            outs.append(generate(pipe, name, prompt=prompt, steps=2))
+        bound, read = first[0]
+        maps.append(read)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(maps[0], maps[1])
+
+    def plain(controls):
+        with attnctl.apply(pipe, controls) as handle:
+            generate(pipe, name, prompt=prompt, steps=2)
+            return handle.outputs["attention_maps"].maps / len(bound.layers)
+
+    reader = lambda: attnctl.AttentionMaps(["cat", "dog"], layers=tuple(layer.name for layer in bound.layers),  # noqa: E731
+                                           steps=(0.0, 0.5), heads="mean", resolution=bound.grid)
+    expected = plain([regions, reader()])
+    torch.testing.assert_close(maps[0], expected, rtol=1e-4, atol=1e-7)
+    assert (plain([reader()]) - expected).abs().max() > 1e-3  # the region tokens change the maps
+
+
+@pytest.mark.parametrize("linking", ["PromptToPrompt", "ConsistentSubjects", "ReferenceAttention", "AttentionInterpolation"])
+@pytest.mark.parametrize("optimiser", ["AttendExcite", "AStar", "BoxGuidance"])
+def test_an_optimiser_with_a_row_linking_control_is_refused_at_apply(tiny_cache, linking, optimiser):
+    """The loss pass applies the row links and the update differentiates the images' summed loss: with
+    Prompt-to-Prompt the base row ('never changed') moved by 0.7 through the edited rows' loss, ConsistentSubjects'
+    reference row by 0.02, ReferenceAttention's noised reference by 0.16; listed after P2P's copy of the base latent,
+    the scheduler stepped a latent the denoiser never saw. Refused at apply in either order, naming both controls and
+    why, before anything is installed (AttentionInterpolation: this call-wide refusal, not a layer conflict that
+    disjoint layers would lift)."""
+    from PIL import Image
+
+    pipe = tiny_cache("tiny-sd")
+    processors = dict(pipe.unet.attn_processors)
+    make_linking = {
+        "PromptToPrompt": lambda: attnctl.PromptToPrompt("replace", cross_steps=0.8, self_steps=0.4),
+        "ConsistentSubjects": lambda: attnctl.ConsistentSubjects(reference=0, subject=(0.0, 0.2, 0.5, 0.8)),
+        "ReferenceAttention": lambda: attnctl.ReferenceAttention(Image.new("RGB", (32, 32), (200, 30, 30))),
+        "AttentionInterpolation": lambda: attnctl.AttentionInterpolation(),
+    }[linking]
+    make_optimiser = {
+        "AttendExcite": lambda: attnctl.AttendExcite(subjects=["cat"]),
+        "AStar": lambda: attnctl.AStar(subjects=["cat", "dog"]),
+        "BoxGuidance": lambda: attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}),
+    }[optimiser]
+    for controls in ([make_linking(), make_optimiser()], [make_optimiser(), make_linking()]):
+        with pytest.raises(attnctl.ConfigError, match=rf"(?s){type(controls[0]).__name__} .*and {type(controls[1]).__name__} "
+                           r".*cannot be applied together: .*differentiate through, and move, the row it reads"):
+            attnctl.apply(pipe, controls)
+        assert pipe.unet.attn_processors == processors
+    # each alone still applies, and an idle optimiser (scale 0: no loss pass) with the linking control (but for
+    # AttentionInterpolation, whose cross-attention layers its map layers share: a layer conflict)
+    idle = [] if linking == "AttentionInterpolation" else [[make_linking(), dataclasses.replace(make_optimiser(), scale=0.0)]]
+    for controls in ([make_linking()], [make_optimiser()], *idle):
+        attnctl.apply(pipe, controls).remove()
 
 
 # -- the effect on the toy-shapes model (8 seeds; benchmarks/attend_excite.py runs the full measurement) -----------

@@ -647,3 +647,25 @@ def test_no_tensor_of_n_by_n_elements_is_made():
         plan.unmerge(agent_attention(q, q, q, a, scale_power=0.3, shortcut=0.075).transpose(1, 2).reshape(1, -1, 8))
     assert Largest.largest == src.numel() * dst.numel()  # the similarity of sources and destinations: N^2 / 4 * 3 / 4
     assert Largest.largest < n * n
+
+
+@pytest.mark.parametrize("reducer", ["ToMe", "AgentAttention"])
+def test_the_report_holds_the_pipelines_own_calls_and_keeps_extra_forwards_apart(tiny_cache, reducer):
+    """A latent optimiser's loss passes (cond rows only, stopped after its map layers) were recorded as layer calls of
+    the pipeline: AgentAttention with AttendExcite reported 51 layer calls instead of 9 and a FLOPs ratio of 0.104
+    instead of 0.171. `records` holds one call per layer and step with the pipeline's batch (uncond and cond), and the
+    summaries are those of the reducer alone; the loss passes' calls are in `extra_records`, tagged with their pass."""
+    pipe = tiny_cache("tiny-sd")
+    make = getattr(attnctl, reducer)
+    with attnctl.apply(pipe, [make()]) as handle:
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+    alone = handle.outputs[_key(make())]
+    with attnctl.apply(pipe, [make(), attnctl.AttendExcite(subjects=["cat"], refine=(), steps=(0.0, 0.5))]) as handle:
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+    report = handle.outputs[_key(make())]
+    layers = _level_layers(handle, make())
+    assert sorted((r.layer, r.step) for r in report.records) == sorted((l.name, s) for l in layers for s in range(3))
+    assert {r.rows for r in report.records} == {2} and {r.extra_pass for r in report.records} == {None}
+    assert report.flops_ratio() == alone.flops_ratio() and report.merged() == alone.merged()
+    assert report.extra_records and {r.rows for r in report.extra_records} == {1}  # the cond row of the one image
+    assert all(r.extra_pass.startswith("latent-optimisation") and r.step in (0, 1) for r in report.extra_records)

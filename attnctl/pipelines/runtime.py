@@ -49,6 +49,7 @@ class PipelineCallState:
     num_positions: int | None = None
     order: int = 1
     bound: list[Bound] | None = None
+    input_order: tuple[Bound, ...] = ()  # `bound` in the order their `transform_inputs` run (`Bound.input_order`)
     frames: int = 0
     guidance_terms: dict[int, torch.Tensor] = field(default_factory=dict)  # the last guided step -> its D, for separate cond/uncond calls
     guidance_prompts: dict[int, tuple[int, ...]] = field(default_factory=dict)  # that step -> prompt row of each D row
@@ -279,19 +280,20 @@ class Runtime:
                              expert=None if module is None else self.adapter.expert_name(module))
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
+            call.input_order = tuple(sorted(call.bound, key=lambda bound: bound.input_order))  # stable: control order
         call.frames += 1
         return frame
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> tuple[dict[str, Any], DenoiserCall]:
-        """Let active bound controls change the denoiser's inputs; the frame's canvas follows the new inputs."""
-        changed = False
-        for bound in self.call.bound or ():
+        """Let active bound controls change the denoiser's inputs, in `Bound.input_order`; after each change the frame
+        (its inputs, and its canvas: e.g. the text length with appended region tokens) follows the new inputs, so the
+        next control sees them as the denoiser will."""
+        for bound in self.call.input_order:
             if bound.active(frame.step):
                 new = bound.transform_inputs(frame, inputs)
                 if new is not inputs:
-                    inputs, changed = new, True
-        if changed:
-            frame = replace(frame, canvas=self._canvas(inputs), inputs=inputs)
+                    inputs = new
+                    frame = replace(frame, canvas=self._canvas(inputs), inputs=inputs)
         return inputs, frame
 
     def _canvas(self, inputs: dict[str, Any]) -> Canvas:

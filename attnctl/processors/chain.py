@@ -28,7 +28,8 @@ def restricted_rows(call: AttentionCall, positions: Sequence[int]) -> Iterator[A
 
     For a hook that runs the rest of the chain (`compute`) on some rows only: the hooks inside then read a
     layout that matches the tensors they get. `row_source(call)` gives, for each row they see, its position
-    in the batch the layer call started with (token reducers use it to pick their per-row plans).
+    in the batch the layer call started with (token reducers use it to pick their per-row plans). A hook that
+    runs a row more than once puts the row's own computation first (`own_rows`).
     """
     layout = call.row_layout
     before = row_source(call)
@@ -45,6 +46,18 @@ def restricted_rows(call: AttentionCall, positions: Sequence[int]) -> Iterator[A
 def row_source(call: AttentionCall) -> tuple[int, ...] | None:
     """The original batch positions of the rows of a restricted layer call (None: not restricted)."""
     return call.row_source
+
+
+def own_rows(call: AttentionCall, rows: Sequence[int]) -> tuple[int, ...]:
+    """The positions, among the rows the call's tensors hold, of the layer call's batch rows `rows` (rows an outer
+    hook left out are dropped). An outer hook may hold a row more than once (Prompt-to-Prompt's link on a joint layer
+    appends copies of the edited rows, which attend with the base row's queries and keys): a row's own attention is
+    its first position, as `restricted_rows` asks of a hook that appends copies. For a hook that reads the layer's
+    attention (a captured map) rather than changing it."""
+    source = call.row_source
+    if source is None:
+        return tuple(rows)
+    return tuple(source.index(row) for row in rows if row in source)
 
 
 @dataclass(frozen=True)

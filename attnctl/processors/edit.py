@@ -94,6 +94,31 @@ CONFLICTS: tuple[tuple[str, str, str], ...] = (
 CONFLICTS += tuple((effect.name, effect.name, effect.exclusive) for effect in EFFECT_TABLE if effect.exclusive)
 
 
+#: What a control does to a pipeline call as a whole, whatever its layers (`Control.call_effects`): name -> meaning.
+CALL_EFFECTS: dict[str, str] = {
+    "row_links": "some rows of the call are computed from other rows of the call (their attention, keys and values, "
+    "features or latents): Prompt-to-Prompt, ConsistentSubjects, ReferenceAttention, AttentionInterpolation",
+    "latent_loss": "the call's latents are moved by the gradient of the images' summed loss through the denoiser "
+    "(AttendExcite, AStar, BoxGuidance)",
+}
+
+#: Pairs of call effects that cannot be in one call, on any layers, with why.
+CALL_CONFLICTS: tuple[tuple[str, str, str], ...] = (
+    ("latent_loss", "row_links", "the loss pass applies the row links, so the loss of a linked row would differentiate "
+     "through, and move, the row it reads (Prompt-to-Prompt's base row, ConsistentSubjects' reference, "
+     "AttentionInterpolation's endpoints, ReferenceAttention's noised reference), and the optimiser's update would overwrite latents the linking control "
+     "sets itself"),
+)
+
+
+def call_conflict(first: str, second: str) -> str | None:
+    """Why call effects `first` and `second` of two controls cannot be in one call, or None when they can."""
+    for a, b, why in CALL_CONFLICTS:
+        if (first, second) in ((a, b), (b, a)):
+            return why
+    return None
+
+
 #: Effects whose result a cache stores with the output it reuses: they hold over the reused steps only when they act at
 #: every step (a step window would be bypassed where the cache reuses an output made outside it, or carried past it).
 HELD_BY_CACHE: tuple[str, ...] = (

@@ -256,6 +256,10 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
                 "(not exact); reposition works on families without rotary keys (SD / SDXL, SD3, PixArt)"
             )
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """"row_links": the rows attend to the source rows' keys and values (none while strength is 0)."""
+        return ("row_links",) if self.strength > 0 else ()
+
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"linked_keys" (and "labels" with `isolate`): the rows attend to the source rows' keys and values (none while
         strength is 0); "capture": a map layer of a subject word."""

@@ -163,6 +163,10 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
         """"linked_keys": the interpolated rows attend to the endpoint rows' keys and values."""
         return ("linked_keys",)
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """"row_links": the interpolated rows attend to the endpoint rows' keys and values."""
+        return ("row_links",)
+
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
         return None  # the edit hands its hook the row links as constants (tests/test_compile_controls.py)
 

@@ -295,6 +295,10 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
             return ("linked_rows", "capture")
         return ("linked_rows",)
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """"row_links": the edited rows read the base row's attention and start from its latent."""
+        return () if self.idle else ("row_links",)
+
     def bind(self, context: BindContext) -> Bound:
         return PromptToPromptBound(self, context)
 

@@ -124,6 +124,11 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         """"linked_keys": the rows attend to the reference row's keys and values (none while strength is 0)."""
         return ("linked_keys",) if self.strength > 0 else ()
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """"row_links": the rows attend to the reference row's keys and values, or match its features' statistics
+        (AdaIN), and the reference row's latent is the reference image's (none while strength is 0 without AdaIN)."""
+        return ("row_links",) if self.strength > 0 or self.adain else ()
+
     def __hash__(self) -> int:  # a PIL image is unhashable (and compares by content): its mode and size stand for it
         image = self.image if isinstance(self.image, str) else (self.image.mode, self.image.size)
         return hash((image, *(getattr(self, f.name) for f in fields(self) if f.name != "image")))

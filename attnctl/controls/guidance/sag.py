@@ -43,7 +43,7 @@ from ...errors import CallLayoutError, SelectionError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
 from ...kernels.semantics import block_logits, probabilities, spec_rows
 from ...noise import noise_level, require_noise_level
-from ...processors.chain import token_layout
+from ...processors.chain import own_rows, token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import validate_steps
@@ -211,7 +211,8 @@ class CaptureReceived(LayerHook):
     """Measures, for the rows SAG degrades, the head-averaged attention each image token receives.
 
     `source`: those rows' positions in the frame's batch, found by the edit (eagerly), so that a compiled processor
-    never reads the row layout; inside another hook's restricted rows they are found from the call's rows."""
+    never reads the row layout; inside another hook's restricted rows they are mapped to the rows' own positions
+    there (`processors.chain.own_rows`: Prompt-to-Prompt's copies of the edited rows are not the pipeline's rows)."""
 
     def __init__(self, bound: _SAGBound, source: tuple[int, ...] = ()):
         self.bound = bound
@@ -221,7 +222,7 @@ class CaptureReceived(LayerHook):
         out, lse = compute(q, k, v, spec)
         if token_layout(call).sub:  # a sub-attention an outer hook runs: not the layer's map
             return out, lse
-        source = self.source if call.row_source is None else degraded_rows(call.rows)
+        source = own_rows(call, self.source)  # inside another hook's restricted rows: their own, never its copies
         if torch.compiler.is_compiling():  # a constant of the graph: no lookup in the index cache to guard on
             index = torch.tensor(source, dtype=torch.long, device=q.device)
         else:

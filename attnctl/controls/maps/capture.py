@@ -35,7 +35,7 @@ from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import block_bias, block_logits, probabilities, query_segments, spec_rows
 from ...kernels.spec import AttentionSpec, per_key
-from ...processors.chain import token_layout
+from ...processors.chain import own_rows, token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
@@ -284,12 +284,11 @@ class _CaptureHook(LayerHook):
 
 def _mapped_rows(call: AttentionCall, rows: tuple[int, ...], prompts: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The frame's `rows` as positions among the rows of `call`, which another hook may have restricted
-    (`processors.chain.restricted_rows`); rows it left out are dropped."""
-    source = call.row_source
-    if source is None:
+    (`processors.chain.own_rows`: each row's own copy; rows it left out are dropped)."""
+    if call.row_source is None:
         return rows, prompts
-    kept = [(source.index(row), prompt) for row, prompt in zip(rows, prompts) if row in source]
-    return tuple(row for row, _ in kept), tuple(prompt for _, prompt in kept)
+    kept = [prompt for row, prompt in zip(rows, prompts) if row in call.row_source]
+    return own_rows(call, rows), tuple(kept)
 
 
 class AttentionMapsBound(Bound):

@@ -98,6 +98,10 @@ class _LatentOptimization(Control):
         """"capture": its loss passes read the layer's attention to the words (normal passes are untouched)."""
         return ("capture",)
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """"latent_loss": its updates are the gradient of the images' summed loss through the denoiser."""
+        return ("latent_loss",) if self.scale > 0 else ()
+
 
 def _excite_step_size(control: Any, step: int, count: int) -> float:
     """Attend-and-Excite's step size: `scale * sqrt(r_i)`, r linear from `scale_range[0]` at the first step to

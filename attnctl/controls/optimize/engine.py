@@ -103,6 +103,10 @@ class LatentOptimizerBound(Bound):
     """A latent optimiser bound to one pipeline call. Subclasses say which token columns the loss reads
     (`columns`, `selector`) and how a step optimises (`optimise_step`)."""
 
+    # after every other control's input changes (Regions' appended region tokens): the loss pass runs the denoiser on
+    # the inputs the step's denoiser call receives; latent optimisers among themselves stay in control order
+    input_order = 1
+
     def __init__(self, control: Any, context: BindContext, columns: tuple[int, ...], selector: torch.Tensor):
         super().__init__(control, context.layers, control.steps)
         self.context = context

@@ -45,7 +45,9 @@ class ReductionRecord:
 
     FLOPs count the two matrix products of attention (`4 * B * H * Nq * Nk * D`; agent attention:
     `4 * B * H * D * (Na * Nk + Nq * Na)`); `full_flops` is the same layer's full attention, `matching_flops`
-    the cosine similarity of the matching (`2 * B * Ns * Nd * C`), an overhead outside attention.
+    the cosine similarity of the matching (`2 * B * Ns * Nd * C`), an overhead outside attention. `extra_pass`: the
+    tag of attnctl's own extra forward the call belongs to (`DenoiserCall.extra_pass`: a latent optimiser's loss pass,
+    SAG's degraded pass), None for the pipeline's own denoiser calls.
     """
 
     step: int
@@ -57,6 +59,7 @@ class ReductionRecord:
     flops: int
     full_flops: int
     matching_flops: int
+    extra_pass: str | None = None
 
     @property
     def merged(self) -> int:
@@ -64,14 +67,19 @@ class ReductionRecord:
 
 
 class TokenReductionReport:
-    """What token reduction did during the last pipeline call, layer by layer and step by step."""
+    """What token reduction did during the last pipeline call, layer by layer and step by step.
+
+    `records` (and every summary) hold the pipeline's own denoiser calls; the calls of attnctl's extra forwards (a
+    latent optimiser's loss passes, which stop after its map layers; SAG's degraded pass; `PAG(separate=True)`) are
+    kept apart in `extra_records`, so that they do not change what the summaries say about the pipeline's calls."""
 
     def __init__(self, method: str):
         self.method = method
         self.records: list[ReductionRecord] = []
+        self.extra_records: list[ReductionRecord] = []
 
     def add(self, record: ReductionRecord) -> None:
-        self.records.append(record)
+        (self.records if record.extra_pass is None else self.extra_records).append(record)
 
     def _select(self, layers: Iterable[str] | None) -> list[ReductionRecord]:
         chosen = None if layers is None else set(layers)
@@ -131,10 +139,12 @@ class TokenReductionReport:
             "full_flops": self.full_flops(),
             "flops_ratio": self.flops_ratio(),
             "records": [dataclasses.asdict(r) for r in self.records],
+            "extra_records": [dataclasses.asdict(r) for r in self.extra_records],
         }
 
     def table(self) -> str:
-        lines = [f"{self.method}: attention FLOPs {self.flops_ratio():.3f} of full attention over {len(self.records)} layer calls"]
+        lines = [f"{self.method}: attention FLOPs {self.flops_ratio():.3f} of full attention over {len(self.records)} layer calls"
+                 + (f" (and {len(self.extra_records)} in attnctl's extra forwards)" if self.extra_records else "")]
         lines.append(f"  {'step':>4}  {'layer':<60} {'tokens':>7} {'merged':>7} {'agents':>6} {'flops/full':>10}")
         for r in self.records:
             ratio = r.flops / r.full_flops if r.full_flops else 1.0
@@ -533,7 +543,7 @@ class _ReductionHook(LayerHook):
             ReductionRecord(
                 step=call.step.index, layer=call.layer.name, rows=batch, tokens=state.plan.tokens, kept=state.plan.kept,
                 agents=0 if state.agents is None else state.agents.shape[1], flops=flops, full_flops=full,
-                matching_flops=state.matching_flops,
+                matching_flops=state.matching_flops, extra_pass=call.frame.extra_pass,
             )
         )
         return result
