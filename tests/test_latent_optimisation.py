@@ -590,7 +590,7 @@ def test_box_guidance_composes_with_regions(tiny_cache):
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
-@pytest.mark.parametrize("kind", ["box", "excite"])
+@pytest.mark.parametrize("kind", ["excite", "astar"])
 def test_an_optimiser_with_regions_on_joint_layers_reads_the_maps_the_denoiser_call_computes(tiny_cache, monkeypatch, name, kind):
     """Regions appends its region prompts' tokens to a joint text sequence (`transform_inputs`); the optimiser's loss
     pass ran on the inputs before them (listed first) or with the frame's canvas before them (listed second): both
@@ -605,8 +605,8 @@ def test_an_optimiser_with_regions_on_joint_layers_reads_the_maps_the_denoiser_c
     regions = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 0.5)),
                                attnctl.Region("a blue dog", box=(0.5, 0.5, 1.0, 1.0))])
     make = {
-        "box": lambda: attnctl.BoxGuidance.from_regions(regions, ["cat", "dog"]),
         "excite": lambda: attnctl.AttendExcite(subjects=["cat", "dog"], refine=()),
+        "astar": lambda: attnctl.AStar(subjects=["cat", "dog"]),
     }[kind]
     first: list = []
     original = LatentOptimizerBound.loss_maps
@@ -638,6 +638,22 @@ def test_an_optimiser_with_regions_on_joint_layers_reads_the_maps_the_denoiser_c
     expected = plain([regions, reader()])
     torch.testing.assert_close(maps[0], expected, rtol=1e-4, atol=1e-7)
     assert (plain([reader()]) - expected).abs().max() > 1e-3  # the region tokens change the maps
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_box_guidance_with_regions_on_joint_layers_is_refused(tiny_cache, name):
+    """Regions' joint rule hides the base prompt from the image tokens inside a region, so a base word's map is 0 in
+    its region's box: the box loss stayed 1 with no gradient and the pair moved the latent by exactly 0 (silently)."""
+    pipe = tiny_cache(name)
+    regions = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 0.5))])
+    before = dict(pipe.transformer.attn_processors)
+    for controls in ([regions, attnctl.BoxGuidance.from_regions(regions, ["cat"])],
+                     [attnctl.BoxGuidance({"cat": (0.5, 0.0, 1.0, 1.0)}), regions]):
+        with pytest.raises(attnctl.ConfigError, match=r"BoxGuidance.*Regions|Regions.*BoxGuidance") as error:
+            attnctl.apply(pipe, controls)
+        assert "no gradient" in str(error.value)
+        assert dict(pipe.transformer.attn_processors) == before
+    attnctl.apply(pipe, [regions, attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 0.5)}, scale=0.0)]).remove()  # idle: no loss
 
 
 @pytest.mark.parametrize("linking", ["PromptToPrompt", "ConsistentSubjects", "ReferenceAttention", "AttentionInterpolation"])

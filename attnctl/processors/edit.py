@@ -100,6 +100,10 @@ CALL_EFFECTS: dict[str, str] = {
     "features or latents): Prompt-to-Prompt, ConsistentSubjects, ReferenceAttention, AttentionInterpolation",
     "latent_loss": "the call's latents are moved by the gradient of the images' summed loss through the denoiser "
     "(AttendExcite, AStar, BoxGuidance)",
+    "base_words_in_boxes": "the loss pulls the base prompt's words' joint-attention maps inside their boxes (BoxGuidance "
+    "on SD3 / Flux and the other joint-attention families)",
+    "regions_hide_base_text": "image tokens inside a region read their region's prompt instead of the base prompt "
+    "(Regions' joint rule, on SD3 / Flux and the other joint-attention families)",
 }
 
 #: Pairs of call effects that cannot be in one call, on any layers, with why.
@@ -108,6 +112,9 @@ CALL_CONFLICTS: tuple[tuple[str, str, str], ...] = (
      "through, and move, the row it reads (Prompt-to-Prompt's base row, ConsistentSubjects' reference, "
      "AttentionInterpolation's endpoints, ReferenceAttention's noised reference), and the optimiser's update would overwrite latents the linking control "
      "sets itself"),
+    ("base_words_in_boxes", "regions_hide_base_text", "inside a region a base word's map is 0 under Regions' joint rule, "
+     "so the box loss stays at its maximum with no gradient and BoxGuidance would not move the latent (on a UNet or "
+     "PixArt, where the region rule is a blend of cross-attentions, the two compose)"),
 )
 
 

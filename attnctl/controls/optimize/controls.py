@@ -497,6 +497,12 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     def bind(self, context: BindContext) -> BoxGuidanceBound:
         return BoxGuidanceBound(self, context)
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """As every latent optimiser; on joint attention also "base_words_in_boxes" (its loss reads the base
+        prompt's words' joint maps inside the boxes)."""
+        effects = super().call_effects(adapter)
+        return effects + ("base_words_in_boxes",) if effects and adapter.text_attention == "joint" else effects
+
 
 class BoxGuidanceBound(LatentOptimizerBound):
     def __init__(self, control: BoxGuidance, context: BindContext):

@@ -173,6 +173,11 @@ class Regions(Control, type_name="regions"):
         """Whether isolation acts: `isolate` and at least two subject regions."""
         return self.isolate and sum(region.subject for region in self.regions) >= 2
 
+    def call_effects(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        """"regions_hide_base_text" on joint attention while region prompts act: an image token inside a region
+        reads the region's prompt there, not the base prompt."""
+        return ("regions_hide_base_text",) if adapter.text_attention == "joint" and self.base_ratio < 1.0 else ()
+
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """What Regions does at `layer` (the roles of `RegionsBound`): on SD3 / Flux "region_tokens" on every
         joint layer while region prompts act (their tokens are in the sequence there), "labels" on the joint
