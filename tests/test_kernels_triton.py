@@ -259,6 +259,34 @@ def test_sparse_kernel_matches_reference(alpha, nk):
     assert (out[0, :, 4:19] == 0).all()
 
 
+def _entmax64(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha-entmax from its definition (Peters et al. 2019): p = [(alpha - 1) z - tau]_+^(1 / (alpha - 1)) with tau
+    such that p sums to 1, by float64 bisection on tau in [(alpha - 1) max z - 1, (alpha - 1) max z]."""
+    x = (alpha - 1.0) * z.double()
+    hi = x.amax(-1, keepdim=True)
+    lo = hi - 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        heavy = (x - mid).clamp(min=0).pow(1.0 / (alpha - 1.0)).sum(-1, keepdim=True) >= 1.0
+        lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
+    return (x - lo).clamp(min=0).pow(1.0 / (alpha - 1.0))
+
+
+# alpha > 2: the weights go as (x - tau)^(1 / (alpha - 1)), so a float32 logit error e (~1e-6 here) moves a small
+# weight by up to ~e^(1 / (alpha - 1)): 1e-2 at alpha = 4, where only a coarse check is meaningful
+@pytest.mark.parametrize(("alpha", "tol"), [(2.5, 1e-4), (3.0, 5e-4), (4.0, 5e-2)])
+@pytest.mark.parametrize("nk", [77, 150], ids=["one-tile", "streaming"])
+def test_sparse_threshold_converges_for_alpha_above_2(alpha, tol, nk):
+    """The safeguarded Newton iteration ends at the threshold for alpha > 2, where f(tau) has an infinite slope
+    wherever a key enters the support (it used to bounce between its bracket's ends, rows off by up to 0.3)."""
+    q, k, v = _rand(1, 2, 256, 64, seed=3, scale=3.0), _rand(1, 2, nk, 64, seed=4, scale=1.5), _rand(1, 2, nk, 64, seed=5)
+    out, _ = ts.attention(q, k, v, AttentionSpec(sparse=Sparse(alpha, 1.0)))  # scale 1: the entmax output alone
+    p = _entmax64((q.double() @ k.double().transpose(-1, -2)) / 8.0, alpha)
+    expected = (p @ v.double()) / p.sum(-1, keepdim=True)
+    err = (out.double() - expected).abs().amax(-1)
+    assert err.max().item() < tol, f"alpha={alpha}: {int((err > tol).sum())} rows off, by up to {err.max().item():.3g}"
+
+
 @pytest.mark.parametrize("n_grid", [(5, 8), (12, 12)], ids=["one-tile", "streaming"])
 def test_sparse_with_labels_window_and_mask(n_grid):
     window = Window(n_grid, radius=(3, 3), text_len=6, text_first=True)
