@@ -5,7 +5,8 @@ are bitwise identical to stock.
 Per-key edits (bias, value scale) never need an N x N mask: a (B, H, 1, Nk) mask broadcasts, and a query
 range splits the call into row groups. Label masks and windows are made dense here, up to
 `DENSE_MASK_LIMIT` mask elements (B * Nq * Nk); past that the fused backends (flex, triton) are needed. A window
-alone on a large grid runs tiled instead (`window_tiles`: each tile of image queries against its neighbourhood).
+alone on a large grid runs tiled instead (`window_tiles`: each tile of image queries against its neighbourhood),
+with no mask and no size limit (`mask_elements`), except inside torch.compile.
 """
 
 from __future__ import annotations
@@ -118,12 +119,12 @@ def attention(
         return _call(q, k, v, spec.attn_mask, spec.scale), None
     batch, _, nq, _ = q.shape
     nk = k.shape[2]
-    if _window_only(spec) and window_tiles.tileable(spec.window):
+    if tiled(spec):
         n = spec.window.n_img + spec.window.text_len
         if (nq, nk) != (n, n):
             raise BackendError(f"window covers {(n, n)} tokens but the call has ({nq}, {nk})")
         return window_tiles.attention(q, k, v, spec.window, spec.scale), None
-    elements = spec.dense_elements(batch, nq, nk)
+    elements = mask_elements(spec, batch, nq, nk)
     if elements > DENSE_MASK_LIMIT:
         raise BackendError(
             f"the sdpa backend would materialise a {batch}x{nq}x{nk} mask ({elements} elements, limit "
@@ -150,6 +151,20 @@ def attention(
         _, dead = _labels_dense(spec.labels, q.dtype, q.device)  # (B, Nq)
         out = out.masked_fill(dead[:, None, :, None], 0.0)
     return out, None
+
+
+def tiled(spec: AttentionSpec) -> bool:
+    """Whether `attention` computes `spec` in tiles (`window_tiles`), without a dense mask: a window alone, on a grid
+    where the tiles pay off (`window_tiles.tileable`), outside torch.compile (the tiles' plan lookups break a graph;
+    in one the window is a dense mask)."""
+    return _window_only(spec) and not torch.compiler.is_compiling() and window_tiles.tileable(spec.window)
+
+
+def mask_elements(spec: AttentionSpec, batch: int, nq: int, nk: int) -> int:
+    """Elements of the dense mask `attention` would build for `spec`'s label masks and windows: B x Nq x Nk, or 0
+    when there are none or when it computes the window in tiles (`tiled`). What `DENSE_MASK_LIMIT` bounds, and what
+    callers pass to `choose_backend` as `dense_elements`."""
+    return 0 if tiled(spec) else spec.dense_elements(batch, nq, nk)
 
 
 def _window_only(spec: AttentionSpec) -> bool:

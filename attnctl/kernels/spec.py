@@ -180,7 +180,8 @@ class AttentionSpec:
     return_lse: bool = False
 
     def dense_elements(self, batch: int, nq: int, nk: int) -> int:
-        """Mask elements a backend that makes label masks and windows dense would build (0 when none)."""
+        """Elements of a dense mask of the label masks and windows, B x Nq x Nk (0 when none). The sdpa backend
+        builds one except for a window it computes in tiles: `sdpa.mask_elements` is what it builds."""
         return batch * nq * nk if (self.labels is not None or self.window is not None) else 0
 
     def features(self) -> tuple[str, ...]:
