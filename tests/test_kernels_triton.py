@@ -172,6 +172,28 @@ def test_masks_filled_with_the_dtype_minimum_stay_finite(dtype):
     torch.testing.assert_close(out, reference.attention(q, k, v, biased)[0], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("nk", [24, 200], ids=["one-tile", "several"])
+def test_label_table_at_the_float32_minimum_stays_finite(nk):
+    """A label table entry of finfo(float32).min is a finite penalty (`LabelMask`): a row penalised so on every key is
+    the uniform average of the values (float32 logits: the penalty swamps them), as the reference, sdpa and flex give.
+    The kernels added the table after flooring the logits, so x log2(e) overflowed to -inf: those rows were zeros.
+    Dense, grouped label and sparse kernels."""
+    from attnctl.kernels import triton_labels as tlab
+
+    q, k, v = _rand(1, 2, 20, 16, seed=1), _rand(1, 2, nk, 16, seed=2), _rand(1, 2, nk, 16, seed=3)
+    q_labels = (torch.arange(20) % 2)[None].to(DEVICE)  # odd rows: label 1, penalised on every key
+    table = torch.tensor([[[0.0], [torch.finfo(torch.float32).min]]]).to(DEVICE)
+    labels = LabelMask(q_labels, torch.zeros(1, nk, dtype=torch.long).to(DEVICE), table)
+    uniform = v.double().mean(2, keepdim=True).expand(1, 2, 10, 16)
+    plain = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4.0, -1) @ v.double()
+    for kernel, spec in ((ta.attention, AttentionSpec(labels=labels)), (tlab.attention, AttentionSpec(labels=labels)),
+                         (ts.attention, AttentionSpec(labels=labels, sparse=Sparse(1.5, 1.0)))):
+        out = kernel(q, k, v, spec, config=ta.Config(16, 16))[0].double()
+        torch.testing.assert_close(out[:, :, 1::2], uniform, atol=2e-5, rtol=2e-5)
+        if spec.sparse is None:
+            torch.testing.assert_close(out[:, :, 0::2], plain[:, :, 0::2], atol=2e-5, rtol=2e-5)
+
+
 def test_label_vectors_of_any_stride():
     """Label vectors stored transposed (a (B, N) view with stride (1, B)) are read by token, not by memory order."""
     q, k, v = _rand(2, 2, 24, 16, seed=1), _rand(2, 2, 24, 16, seed=2), _rand(2, 2, 24, 16, seed=3)

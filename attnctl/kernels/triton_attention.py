@@ -91,7 +91,7 @@ FLOATS = ("sm_scale",)
 # ---------------------------------------------------------------------------------------------------------
 
 
-#: The floor of a finite logit: masks (or per-key biases) filled with a dtype's minimum (`torch.finfo(float32).min`) times log2(e) would
+#: The floor of a finite logit: masks, per-key biases or label tables filled with a dtype's minimum (`torch.finfo(float32).min`) times log2(e) would
 #: overflow to -inf and read as "masked", where the reference keeps them finite (a row masked that way on every key
 #: is a uniform average there, not empty). -1e37 * log2(e) is finite and still makes exp() zero beside any real logit.
 FINITE_FLOOR = -1e37
@@ -134,11 +134,11 @@ def _tile_logits(
             z += tl.where(in_range[:, None], bias[None, :], 0.0)
         else:
             z += bias[None, :]
-    if HAS_MASK or HAS_BIAS:
-        z = _finite_floor(z)
     if HAS_LABELS:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)
+    if HAS_MASK or HAS_BIAS or HAS_LABELS:  # after every additive term: a table entry can be a dtype's minimum too
+        z = _finite_floor(z)
     if WINDOW != 0:
         qi = offs_m - text_start
         ki = offs_n - text_start
