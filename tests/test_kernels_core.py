@@ -267,3 +267,28 @@ def test_sdpa_gets_the_mask_in_the_querys_dtype(monkeypatch):
     mask[:, :, :, 0] = float("-inf")  # in place: converted again, -inf kept
     again = sdpa._mask_in_dtype(mask, torch.bfloat16)
     assert again is not converted and torch.isneginf(again[..., 0]).all() and torch.isfinite(again[..., 1:]).all()
+
+
+def test_sdpa_keeps_key_biases_and_label_tables_finite_in_float16(monkeypatch):
+    """float32 key biases and label tables reach SDPA in the queries' dtype clamped to its range, as model masks do:
+    in float16 a bias of +7e4 became +inf (the rows NaN), a penalty of -1e5 on every key -inf (the rows zeros), where
+    the logits are float32 in the definition: +7e4 puts all the weight on its key, -1e5 on every key is the plain
+    softmax. The conversion is made once per bias tensor, not per attention call."""
+    from attnctl.kernels import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).half() for n in (4, 6, 6))
+    softmax = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4.0, -1) @ v.double()
+    boost = AttentionSpec(key_bias=torch.tensor([[7e4, 0, 0, 0, 0, 0.0]]))
+    out, _ = attention(q, k, v, boost, "sdpa")
+    torch.testing.assert_close(out.double(), v[:, :, :1].double().expand(1, 2, 4, 16))
+    everywhere = LabelMask(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long), torch.tensor([[[-1e5]]]))
+    for spec in (AttentionSpec(key_bias=torch.full((1, 6), -1e5)), AttentionSpec(labels=everywhere)):
+        out, _ = attention(q, k, v, spec, "sdpa")
+        torch.testing.assert_close(out.double(), softmax, atol=4e-3, rtol=4e-3)
+    conversions = []
+    real = sdpa._in_dtype
+    monkeypatch.setattr(sdpa, "_in_dtype", lambda *a: (conversions.append(1), real(*a))[1])
+    for _ in range(3):
+        attention(q, k, v, boost, "sdpa")
+    assert len(conversions) <= 1

@@ -155,3 +155,36 @@ def test_grouped_block_mask_has_open_blocks_where_the_token_order_has_none():
     assert int(token_order.full_kv_num_blocks.sum()) == 0
     assert int(grouped.full_kv_num_blocks.sum()) > 0
     assert int(grouped.kv_num_blocks.sum() + grouped.full_kv_num_blocks.sum()) < int(token_order.kv_num_blocks.sum())
+
+
+def test_inputs_flex_cannot_take_move_that_call_only(monkeypatch):
+    """float64 tensors, or a call with no keys, are inputs compiled flex does not compile for: UnsupportedInputError, so
+    `auto` runs that call on the next backend and nothing is recorded (the Inductor failure used to be recorded as
+    flex failing on the device, refusing every later flex call there)."""
+    import warnings
+
+    from attnctl import kernels
+    from attnctl.errors import UnsupportedInputError
+
+    monkeypatch.setattr(kernels, "KERNEL_FAILURES", {})
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("flex", "sdpa", "reference"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, N, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, N, generator=g, dtype=torch.float64)
+    spec = AttentionSpec(key_bias=bias)
+    with pytest.raises(UnsupportedInputError, match="fp16, bf16, fp32; got torch.float64"):
+        kernels.attention(q, k, v, spec, "flex")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the one warning that auto moved the call on
+        out, _ = kernels.attention(q, k, v, spec, "auto")
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 4.0 + bias[:, None, None, :], -1) @ v
+    torch.testing.assert_close(out, expected)
+    empty = AttentionSpec(key_bias=torch.zeros(2, 0))
+    with pytest.raises(UnsupportedInputError, match="at least one query and one key, got 45 and 0"):
+        kernels.attention(q.float(), k[:, :, :0].float(), v[:, :, :0].float(), empty, "flex")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, _ = kernels.attention(q.float(), k[:, :, :0].float(), v[:, :, :0].float(), empty, "auto")
+    assert out.shape == (2, 2, N, 16) and (out == 0).all()  # a row that attends to no key gives zeros
+    assert not kernels.KERNEL_FAILURES and choose_backend("auto", "cpu", spec.features())[0] == "flex"

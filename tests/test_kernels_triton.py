@@ -172,6 +172,28 @@ def test_masks_filled_with_the_dtype_minimum_stay_finite(dtype):
     torch.testing.assert_close(out, reference.attention(q, k, v, biased)[0], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("nk", [24, 200], ids=["one-tile", "several"])
+def test_label_table_at_the_float32_minimum_stays_finite(nk):
+    """A label table entry of finfo(float32).min is a finite penalty (`LabelMask`): a row penalised so on every key is
+    the uniform average of the values (float32 logits: the penalty swamps them), as the reference, sdpa and flex give.
+    The kernels added the table after flooring the logits, so x log2(e) overflowed to -inf: those rows were zeros.
+    Dense, grouped label and sparse kernels."""
+    from attnctl.kernels import triton_labels as tlab
+
+    q, k, v = _rand(1, 2, 20, 16, seed=1), _rand(1, 2, nk, 16, seed=2), _rand(1, 2, nk, 16, seed=3)
+    q_labels = (torch.arange(20) % 2)[None].to(DEVICE)  # odd rows: label 1, penalised on every key
+    table = torch.tensor([[[0.0], [torch.finfo(torch.float32).min]]]).to(DEVICE)
+    labels = LabelMask(q_labels, torch.zeros(1, nk, dtype=torch.long).to(DEVICE), table)
+    uniform = v.double().mean(2, keepdim=True).expand(1, 2, 10, 16)
+    plain = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4.0, -1) @ v.double()
+    for kernel, spec in ((ta.attention, AttentionSpec(labels=labels)), (tlab.attention, AttentionSpec(labels=labels)),
+                         (ts.attention, AttentionSpec(labels=labels, sparse=Sparse(1.5, 1.0)))):
+        out = kernel(q, k, v, spec, config=ta.Config(16, 16))[0].double()
+        torch.testing.assert_close(out[:, :, 1::2], uniform, atol=2e-5, rtol=2e-5)
+        if spec.sparse is None:
+            torch.testing.assert_close(out[:, :, 0::2], plain[:, :, 0::2], atol=2e-5, rtol=2e-5)
+
+
 def test_label_vectors_of_any_stride():
     """Label vectors stored transposed (a (B, N) view with stride (1, B)) are read by token, not by memory order."""
     q, k, v = _rand(2, 2, 24, 16, seed=1), _rand(2, 2, 24, 16, seed=2), _rand(2, 2, 24, 16, seed=3)
@@ -257,6 +279,34 @@ def test_sparse_kernel_matches_reference(alpha, nk):
     ref, ref_lse = reference.attention(q, k, v, spec)
     _close(out, ref, lse, ref_lse, tol=1e-4 if alpha == 3.0 else 2e-5)
     assert (out[0, :, 4:19] == 0).all()
+
+
+def _entmax64(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha-entmax from its definition (Peters et al. 2019): p = [(alpha - 1) z - tau]_+^(1 / (alpha - 1)) with tau
+    such that p sums to 1, by float64 bisection on tau in [(alpha - 1) max z - 1, (alpha - 1) max z]."""
+    x = (alpha - 1.0) * z.double()
+    hi = x.amax(-1, keepdim=True)
+    lo = hi - 1.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        heavy = (x - mid).clamp(min=0).pow(1.0 / (alpha - 1.0)).sum(-1, keepdim=True) >= 1.0
+        lo, hi = torch.where(heavy, mid, lo), torch.where(heavy, hi, mid)
+    return (x - lo).clamp(min=0).pow(1.0 / (alpha - 1.0))
+
+
+# alpha > 2: the weights go as (x - tau)^(1 / (alpha - 1)), so a float32 logit error e (~1e-6 here) moves a small
+# weight by up to ~e^(1 / (alpha - 1)): 1e-2 at alpha = 4, where only a coarse check is meaningful
+@pytest.mark.parametrize(("alpha", "tol"), [(2.5, 1e-4), (3.0, 5e-4), (4.0, 5e-2)])
+@pytest.mark.parametrize("nk", [77, 150], ids=["one-tile", "streaming"])
+def test_sparse_threshold_converges_for_alpha_above_2(alpha, tol, nk):
+    """The safeguarded Newton iteration ends at the threshold for alpha > 2, where f(tau) has an infinite slope
+    wherever a key enters the support (it used to bounce between its bracket's ends, rows off by up to 0.3)."""
+    q, k, v = _rand(1, 2, 256, 64, seed=3, scale=3.0), _rand(1, 2, nk, 64, seed=4, scale=1.5), _rand(1, 2, nk, 64, seed=5)
+    out, _ = ts.attention(q, k, v, AttentionSpec(sparse=Sparse(alpha, 1.0)))  # scale 1: the entmax output alone
+    p = _entmax64((q.double() @ k.double().transpose(-1, -2)) / 8.0, alpha)
+    expected = (p @ v.double()) / p.sum(-1, keepdim=True)
+    err = (out.double() - expected).abs().amax(-1)
+    assert err.max().item() < tol, f"alpha={alpha}: {int((err > tol).sum())} rows off, by up to {err.max().item():.3g}"
 
 
 @pytest.mark.parametrize("n_grid", [(5, 8), (12, 12)], ids=["one-tile", "streaming"])

@@ -189,3 +189,49 @@ def test_a_plan_made_in_inference_mode_serves_autograd_later():
     q = torch.randn(1, 1, window.n_img, 8, requires_grad=True)
     window_tiles.attention(q, q, q, window, None).sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_a_window_sdpa_computes_in_tiles_is_not_refused_as_a_dense_mask(monkeypatch):
+    """A window alone that sdpa computes in tiles builds no dense mask: past the dense limit (lowered here) sdpa runs
+    it, and `auto` on a CPU keeps sdpa (not flex, which compiles for seconds per shape). A window with another edit,
+    and a window too small to tile, still build B x N x N masks and are still refused past the limit."""
+    import dataclasses
+
+    from attnctl import kernels
+    from attnctl.errors import BackendError
+
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=1000))
+    monkeypatch.setattr(sdpa, "DENSE_MASK_LIMIT", 1000)
+    window = Window((32, 32), band=40)
+    n = window.n_img
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 1, n, 8, generator=generator) for _ in range(3))
+    spec = AttentionSpec(window=window)
+    out, _ = kernels.attention(q, k, v, spec, "sdpa")
+    torch.testing.assert_close(out.double(), dense(q, k, v, window), rtol=1e-5, atol=2e-6)
+    assert sdpa.mask_elements(spec, 2, n, n) == 0 and spec.dense_elements(2, n, n) == 2 * n * n
+    name, _ = kernels.choose_backend("auto", "cpu", spec.features(), sdpa.mask_elements(spec, 2, n, n), (n, 8))
+    assert name == "sdpa"
+    biased = AttentionSpec(window=window, key_bias=torch.zeros(2, n))
+    with pytest.raises(BackendError, match="limit 1000"):
+        kernels.attention(q, k, v, biased, "sdpa")
+    small = Window((8, 8), band=4)
+    with pytest.raises(BackendError, match="dense mask of 8192 elements"):
+        kernels.attention(*(x[:, :, :64] for x in (q, k, v)), AttentionSpec(window=small), "sdpa")
+
+
+def test_in_a_graph_sdpa_makes_a_tileable_window_dense(monkeypatch):
+    """The tiles' plan lookups break a dynamo graph (fullgraph=True raised): inside torch.compile sdpa makes the window
+    a dense mask, counted against its limit as such."""
+    window = Window((32, 32), band=40)
+    assert window_tiles.tileable(window)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, window.n_img, 8, generator=generator) for _ in range(3))
+    spec = AttentionSpec(window=window)
+    seen = []
+    compiled = torch.compile(
+        lambda q, k, v: (seen.append(sdpa.mask_elements(spec, 1, window.n_img, window.n_img)), sdpa.attention(q, k, v, spec)[0])[1],
+        backend="eager", fullgraph=True,
+    )
+    torch.testing.assert_close(compiled(q, k, v).double(), dense(q, k, v, window), rtol=1e-5, atol=2e-6)
+    assert seen == [window.n_img**2]

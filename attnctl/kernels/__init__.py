@@ -39,7 +39,8 @@ class Backend:
     note: str = ""
     #: device type -> features this backend lacks there (compiled flex returns no log-sum-exp on CPU)
     missing_on: dict[str, frozenset[str]] = field(default_factory=dict)
-    #: The most mask elements (`AttentionSpec.dense_elements`) it builds for label masks and windows (None: no limit)
+    #: The most mask elements it builds for label masks and windows, counted as sdpa does (`sdpa.mask_elements`: a
+    #: window it computes in tiles builds none); only sdpa builds such masks (None: no limit)
     dense_limit: int | None = None
     #: features -> the name of the compiled kernel a call with them runs (None: none), for compile failures
     kernel_of: Callable[[tuple[str, ...]], str | None] | None = None
@@ -54,7 +55,8 @@ BACKENDS: dict[str, Backend] = {
         sdpa.attention,
         frozenset({"attn_mask", "key_bias", "value_scale", "query_range", "labels", "window"}),
         ("cpu", "cuda", "mps", "xpu"),
-        f"torch SDPA; label masks and windows dense up to {sdpa.DENSE_MASK_LIMIT} elements",
+        f"torch SDPA; label masks and windows dense up to {sdpa.DENSE_MASK_LIMIT} elements (a window alone on a large "
+        "grid in tiles, no mask)",
         dense_limit=sdpa.DENSE_MASK_LIMIT,
     ),
 }
@@ -195,8 +197,8 @@ def choose_backend(
 ) -> tuple[str, str]:
     """Return (backend name, reason) for a call needing `features` on `device`, or raise BackendError.
 
-    `dense_elements` is what a backend that makes label masks and windows dense would build for this call
-    (`AttentionSpec.dense_elements(batch, nq, nk)`; 0 when unknown or none): `auto` skips a backend whose
+    `dense_elements` is the dense mask the sdpa backend would build for this call's label masks and windows
+    (`sdpa.mask_elements(spec, batch, nq, nk)`; 0 when unknown or none, or for a window it tiles): `auto` skips a backend whose
     `dense_limit` it exceeds, an explicit request of that backend raises. `shape` = (tokens, head dim) picks
     the measured row on CUDA (None: `DEFAULT_MEASURED_SHAPE`). A backend whose kernel for these features
     failed to compile on this device type is skipped by `auto` and refused when requested; `exclude` names
@@ -336,7 +338,7 @@ def _with_fallback(name: str, fn: AttentionFn) -> AttentionFn:
                     raise
                 record_kernel_failure(device_type, kernel, str(error))
                 failure = (kernel, str(error))
-        dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+        dense = sdpa.mask_elements(spec, q.shape[0], q.shape[2], k.shape[2])
         shape = (q.shape[2], q.shape[3])
         if _REQUESTED.get() != "auto":
             raise BackendError(_failure_message(name, failure, device_type, features, dense, shape))
@@ -442,7 +444,7 @@ def attention(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over (B, H, N, D) tensors with the changes in `spec`; returns (out, lse or None)."""
-    dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+    dense = sdpa.mask_elements(spec, q.shape[0], q.shape[2], k.shape[2])
     name, _ = choose_backend(backend, q.device, spec.features(), dense, shape=(q.shape[2], q.shape[3]))
     token = _REQUESTED.set(backend)
     try:

@@ -37,9 +37,9 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 
-from ..errors import BackendError, ConfigError, KernelCompileError
+from ..errors import BackendError, ConfigError, KernelCompileError, UnsupportedInputError
 from . import sdpa
-from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
+from .spec import AttentionSpec, LabelMask, Window, as_additive, check_kernel_dtypes, per_key
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -332,6 +332,14 @@ def check_spec(spec: AttentionSpec, device: torch.device) -> None:
         raise BackendError("the flex backend cannot return log-sum-exp on CPU (compiled flex does not support it there)")
 
 
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise UnsupportedInputError for tensors compiled flex does not compile for (another dtype than fp16 / bf16 /
+    fp32, no queries or no keys): a failure of these tensors, not of flex on the device (`auto` moves the call on)."""
+    check_kernel_dtypes(q, k, v, "flex")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise UnsupportedInputError(f"the flex backend needs at least one query and one key, got {q.shape[2]} and {k.shape[2]}")
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,6 +347,7 @@ def attention(
     check_spec(spec, q.device)
     if spec.is_plain and not spec.return_lse:
         return sdpa.attention(q, k, v, spec)
+    check_inputs(q, k, v)
     batch, heads, nq, _ = q.shape
     nk = k.shape[2]
     if spec.window is not None:

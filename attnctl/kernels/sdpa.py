@@ -5,7 +5,8 @@ are bitwise identical to stock.
 Per-key edits (bias, value scale) never need an N x N mask: a (B, H, 1, Nk) mask broadcasts, and a query
 range splits the call into row groups. Label masks and windows are made dense here, up to
 `DENSE_MASK_LIMIT` mask elements (B * Nq * Nk); past that the fused backends (flex, triton) are needed. A window
-alone on a large grid runs tiled instead (`window_tiles`: each tile of image queries against its neighbourhood).
+alone on a large grid runs tiled instead (`window_tiles`: each tile of image queries against its neighbourhood),
+with no mask and no size limit (`mask_elements`), except inside torch.compile.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
         prepared = labels.prepared.get((device, dtype))
         if prepared is not None:
             return prepared
-        return labels.dense().to(device=device, dtype=dtype), labels.fully_masked_queries().to(device)
+        return _in_dtype(labels.dense().to(device), dtype), labels.fully_masked_queries().to(device)
     key = (str(device), dtype, labels.versions())
     per_object = _LABEL_DENSE.get(labels)
     if per_object is None:
@@ -47,7 +48,7 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
     cached = per_object.get(key)
     if cached is None:
         per_object.clear()  # a stale version, another dtype: keep one entry per object
-        cached = per_object[key] = (labels.dense().to(device=device, dtype=dtype), labels.fully_masked_queries().to(device))
+        cached = per_object[key] = (_in_dtype(labels.dense().to(device), dtype), labels.fully_masked_queries().to(device))
     return cached
 
 
@@ -56,7 +57,7 @@ def prepare_labels(labels: LabelMask, dtype: torch.dtype, device: torch.device) 
     mask is then made once per LabelMask (once per call or handle), not in the graph at every attention call."""
     key = (torch.device(device), dtype)
     if key not in labels.prepared:
-        labels.prepared[key] = (labels.dense().to(device=key[0], dtype=dtype), labels.fully_masked_queries().to(key[0]))
+        labels.prepared[key] = (_in_dtype(labels.dense().to(key[0]), dtype), labels.fully_masked_queries().to(key[0]))
 
 
 def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -76,22 +77,31 @@ _MASK_IN_DTYPE: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 _MASK_CACHE_SIZE = 4
 
 
-def _mask_in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float mask in `dtype` (CUDA's memory-efficient SDPA refuses a bias of another dtype than the queries'; the CPU
-    promotes silently): -inf kept, other values clamped to the dtype's range (float32's most negative value would
-    become -inf in float16). Made once per mask tensor, not at every attention call."""
-    def convert() -> torch.Tensor:
-        return mask.clamp(min=torch.finfo(dtype).min).masked_fill(mask == float("-inf"), float("-inf")).to(dtype)
+def _in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive float mask in `dtype`: -inf kept, other values clamped to the dtype's range (float32's most negative
+    value, or a penalty of -1e5, would become -inf in float16 and a row penalised on every key would be empty instead
+    of the average the other backends give; +7e4 would become +inf and the row NaN)."""
+    if mask.dtype == dtype:
+        return mask
+    info = torch.finfo(dtype)
+    if not mask.is_floating_point() or torch.finfo(mask.dtype).max <= info.max:  # every value fits
+        return mask.to(dtype)
+    return mask.clamp(info.min, info.max).masked_fill(mask == float("-inf"), float("-inf")).to(dtype)
 
-    if torch.compiler.is_compiling():
-        return convert()
+
+def _mask_in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float mask or per-key bias in `dtype` (CUDA's memory-efficient SDPA refuses a bias of another dtype than the
+    queries'; the CPU promotes silently), clamped as `_in_dtype` says. Made once per tensor, not at every attention
+    call."""
+    if mask.dtype == dtype or torch.compiler.is_compiling():
+        return _in_dtype(mask, dtype)
     key = (id(mask), mask._version, dtype)
     found = _MASK_IN_DTYPE.get(key)
     if found is not None and found[0]() is mask:
         return found[1]
     if len(_MASK_IN_DTYPE) >= _MASK_CACHE_SIZE:
         _MASK_IN_DTYPE.pop(next(iter(_MASK_IN_DTYPE)))
-    converted = convert()
+    converted = _in_dtype(mask, dtype)
     _MASK_IN_DTYPE[key] = (weakref.ref(mask), converted)
     return converted
 
@@ -118,12 +128,12 @@ def attention(
         return _call(q, k, v, spec.attn_mask, spec.scale), None
     batch, _, nq, _ = q.shape
     nk = k.shape[2]
-    if _window_only(spec) and window_tiles.tileable(spec.window):
+    if tiled(spec):
         n = spec.window.n_img + spec.window.text_len
         if (nq, nk) != (n, n):
             raise BackendError(f"window covers {(n, n)} tokens but the call has ({nq}, {nk})")
         return window_tiles.attention(q, k, v, spec.window, spec.scale), None
-    elements = spec.dense_elements(batch, nq, nk)
+    elements = mask_elements(spec, batch, nq, nk)
     if elements > DENSE_MASK_LIMIT:
         raise BackendError(
             f"the sdpa backend would materialise a {batch}x{nq}x{nk} mask ({elements} elements, limit "
@@ -136,7 +146,7 @@ def attention(
         pieces.append(_call(q[:, :, :start], k, v, _rows(shared, 0, start), spec.scale))
     edited_mask = _rows(shared, start, stop)
     if spec.key_bias is not None:
-        key_bias = per_key(spec.key_bias, "key_bias", keys=nk)[:, :, None, :].to(q.dtype)  # (B|1, H|1, 1, Nk)
+        key_bias = per_key(_mask_in_dtype(spec.key_bias, q.dtype), "key_bias", keys=nk)[:, :, None, :]  # (B|1, H|1, 1, Nk)
         edited_mask = key_bias if edited_mask is None else edited_mask + key_bias
     if spec.value_scale is not None:
         edited_v = v * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].to(v.dtype)  # (B|1, H|1, Nk, 1)
@@ -150,6 +160,20 @@ def attention(
         _, dead = _labels_dense(spec.labels, q.dtype, q.device)  # (B, Nq)
         out = out.masked_fill(dead[:, None, :, None], 0.0)
     return out, None
+
+
+def tiled(spec: AttentionSpec) -> bool:
+    """Whether `attention` computes `spec` in tiles (`window_tiles`), without a dense mask: a window alone, on a grid
+    where the tiles pay off (`window_tiles.tileable`), outside torch.compile (the tiles' plan lookups break a graph;
+    in one the window is a dense mask)."""
+    return _window_only(spec) and not torch.compiler.is_compiling() and window_tiles.tileable(spec.window)
+
+
+def mask_elements(spec: AttentionSpec, batch: int, nq: int, nk: int) -> int:
+    """Elements of the dense mask `attention` would build for `spec`'s label masks and windows: B x Nq x Nk, or 0
+    when there are none or when it computes the window in tiles (`tiled`). What `DENSE_MASK_LIMIT` bounds, and what
+    callers pass to `choose_backend` as `dense_elements`."""
+    return 0 if tiled(spec) else spec.dense_elements(batch, nq, nk)
 
 
 def _window_only(spec: AttentionSpec) -> bool:

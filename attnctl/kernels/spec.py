@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedInputError
 
 
 def per_key(
@@ -38,6 +38,17 @@ def per_key(
         expected = f"({batch if batch is not None else 'B'}, [{heads if heads is not None else 'H'},] {keys if keys is not None else 'Nk'})"
         raise ConfigError(f"{name} must have shape (B, Nk) or (B, H, Nk) = {expected}, got {given}")
     return tensor
+
+
+#: The dtypes the fused kernels (triton, compiled flex) take.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str) -> None:
+    """Raise UnsupportedInputError unless q, k and v share one of `KERNEL_DTYPES` (these tensors only: `auto` runs
+    the call on another backend, and nothing is recorded against the backend)."""
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in KERNEL_DTYPES:
+        raise UnsupportedInputError(f"the {who} backend takes q, k, v of one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def as_additive(mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -180,7 +191,8 @@ class AttentionSpec:
     return_lse: bool = False
 
     def dense_elements(self, batch: int, nq: int, nk: int) -> int:
-        """Mask elements a backend that makes label masks and windows dense would build (0 when none)."""
+        """Elements of a dense mask of the label masks and windows, B x Nq x Nk (0 when none). The sdpa backend
+        builds one except for a window it computes in tiles: `sdpa.mask_elements` is what it builds."""
         return batch * nq * nk if (self.labels is not None or self.window is not None) else 0
 
     def features(self) -> tuple[str, ...]:

@@ -41,13 +41,13 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendError, ConfigError, KernelCompileError, UnsupportedInputError
-from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
+from .spec import KERNEL_DTYPES, AttentionSpec, LabelMask, Window, as_additive, check_kernel_dtypes, per_key
 
 #: log2(e). A module global read inside @triton.jit code must be a `tl.constexpr` instance (the annotated form
 #: `LOG2E: tl.constexpr = ...` is not accepted either); a plain float compiles only in the interpreter.
 LOG2E = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = KERNEL_DTYPES
 #: Integer arguments that change between layers / controls: not specialised (no new compilation per value).
 _RUNTIME_INTS = ("q_start", "q_stop", "win_w", "win_hw", "win_rf", "win_rh", "win_rw", "win_band", "text_start", "n_img")
 
@@ -91,7 +91,7 @@ FLOATS = ("sm_scale",)
 # ---------------------------------------------------------------------------------------------------------
 
 
-#: The floor of a finite logit: masks (or per-key biases) filled with a dtype's minimum (`torch.finfo(float32).min`) times log2(e) would
+#: The floor of a finite logit: masks, per-key biases or label tables filled with a dtype's minimum (`torch.finfo(float32).min`) times log2(e) would
 #: overflow to -inf and read as "masked", where the reference keeps them finite (a row masked that way on every key
 #: is a uniform average there, not empty). -1e37 * log2(e) is finite and still makes exp() zero beside any real logit.
 FINITE_FLOOR = -1e37
@@ -134,11 +134,11 @@ def _tile_logits(
             z += tl.where(in_range[:, None], bias[None, :], 0.0)
         else:
             z += bias[None, :]
-    if HAS_MASK or HAS_BIAS:
-        z = _finite_floor(z)
     if HAS_LABELS:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)
+    if HAS_MASK or HAS_BIAS or HAS_LABELS:  # after every additive term: a table entry can be a dtype's minimum too
+        z = _finite_floor(z)
     if WINDOW != 0:
         qi = offs_m - text_start
         ki = offs_n - text_start
@@ -417,8 +417,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str = "
             f"the {who} backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, set before attnctl's "
             f"triton kernels are first imported); got a tensor on {q.device}"
         )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise UnsupportedInputError(f"the {who} backend takes q, k, v of one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_kernel_dtypes(q, k, v, who)
     if q.shape[-1] != k.shape[-1] or v.shape[-1] != q.shape[-1]:
         raise UnsupportedInputError(f"the {who} backend needs equal head dims for q, k and v, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
     if q.shape[-1] > MAX_HEAD_DIM:

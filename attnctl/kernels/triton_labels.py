@@ -99,11 +99,11 @@ def _label_step(
             z += tl.where(in_range[:, None], bias[None, :], 0.0)
         else:
             z += bias[None, :]
-    if HAS_MASK or HAS_BIAS:
-        z = _finite_floor(z)
     if MIXED:
         k_lab = tl.load(KLab_b + offs_n, mask=key_ok, other=0)
         z += tl.load(Table_b + q_lab[:, None] * stride_tq + k_lab[None, :] * stride_tk)
+    if HAS_MASK or HAS_BIAS or MIXED:  # after every additive term: a table entry can be a dtype's minimum too
+        z = _finite_floor(z)
     s = tl.where(key_ok[None, :], z * LOG2E, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -11,8 +11,10 @@ The threshold tau is a per-row quantity that an element-wise score_mod cannot ex
 finds it inside the kernel. With x = (alpha - 1)(z - max z), tau lies in [-1, 0] and
 f(tau) = sum_j [x_j - tau]_+^(1/(alpha-1)) is decreasing; Newton's method started from tau = -1 (where
 f >= 1) climbs monotonically to the root for alpha <= 2 (f is convex; for sparsemax this is Michelot's
-algorithm and ends exactly once the support stops changing), and a bisection bracket keeps it safe for
-alpha > 2. Two layouts of the same kernel (a constexpr switch):
+algorithm and ends exactly once the support stops changing); for alpha > 2 it is safeguarded by a bisection
+bracket (`_newton`). In float32 a weight near the support's edge, (x - tau)^(1/(alpha-1)), carries the logits'
+rounding error e as ~e^(1/(alpha-1)): ~1e-2 at alpha = 4 (the reference solves in float64). Two layouts of the
+same kernel (a constexpr switch):
 
 - ONE_TILE (the key row fits one tile, e.g. the 77 text keys of cross-attention): the logits are
   computed once and kept in registers; the dense softmax, the threshold iterations and both P @ V
@@ -94,17 +96,25 @@ def _entmax_terms(x, tau, pow_, MODE: tl.constexpr):
 
 
 @triton.jit
-def _newton(tau, lo, hi, f, slope, active, TOL_: tl.constexpr):
-    """One safeguarded Newton step on f(tau) = 1 (f decreasing); rows already within TOL_ keep their tau."""
+def _newton(tau, lo, hi, moved, moved_before, f, slope, active, TOL_: tl.constexpr):
+    """One safeguarded Newton step on f(tau) = 1 (f decreasing), as `rtsafe` (Press et al., Numerical Recipes,
+    9.4): the Newton step where it lands strictly inside the bracket [lo, hi] and moves tau less than half as far
+    as the step before last (`moved_before`), bisection otherwise. For alpha > 2 f is concave between the points
+    where a key enters the support, with an infinite slope there, so plain Newton can overshoot onto a bracket end
+    and cycle. Rows within TOL_, or whose bracket is down to adjacent floats, keep their tau."""
     lo = tl.where(f >= 1.0, tau, lo)
     hi = tl.where(f >= 1.0, hi, tau)
     step = tau + (f - 1.0) / tl.where(slope > 0.0, slope, 1.0)
-    inside = (slope > 0.0) & (step >= lo) & (step <= hi)
-    new = tl.where(inside, step, 0.5 * (lo + hi))
-    done = tl.abs(f - 1.0) <= TOL_
-    tau = tl.where(done | (~active), tau, new)
-    err = tl.max(tl.where(active & (~done), 1.0, 0.0), 0)
-    return tau, lo, hi, err
+    mid = 0.5 * (lo + hi)
+    newton = (slope > 0.0) & (step > lo) & (step < hi) & (tl.abs(step - tau) <= 0.5 * moved_before)
+    new = tl.where(newton, step, mid)
+    done = (tl.abs(f - 1.0) <= TOL_) | (mid == lo) | (mid == hi)
+    move = active & (~done)
+    moved_before = tl.where(move, moved, moved_before)
+    moved = tl.where(move, tl.abs(new - tau), moved)
+    tau = tl.where(move, new, tau)
+    err = tl.max(tl.where(move, 1.0, 0.0), 0)
+    return tau, lo, hi, moved, moved_before, err
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -168,11 +178,15 @@ def _sparse_attn_fwd(
         tau = tl.full([BLOCK_M], -1.0, tl.float32)
         lo = tl.full([BLOCK_M], -1.0, tl.float32)
         hi = tl.zeros([BLOCK_M], tl.float32)
+        moved = tl.full([BLOCK_M], 2.0, tl.float32)  # > the bracket: the first two Newton steps are free
+        moved_before = tl.full([BLOCK_M], 2.0, tl.float32)
         it = 0
         go = tl.max(tl.where(active, 1.0, 0.0), 0) > 0.0
         while go:
             value, slope = _entmax_terms(x, tau, pow_, MODE)
-            tau, lo, hi, err = _newton(tau, lo, hi, tl.sum(value, 1), tl.sum(slope, 1), active, TOL_)
+            tau, lo, hi, moved, moved_before, err = _newton(
+                tau, lo, hi, moved, moved_before, tl.sum(value, 1), tl.sum(slope, 1), active, TOL_
+            )
             it += 1
             go = (it < MAX_ITER_) & (err > 0.0)
         ps, _ = _entmax_terms(x, tau, pow_, MODE)
@@ -196,6 +210,8 @@ def _sparse_attn_fwd(
         tau = tl.full([BLOCK_M], -1.0, tl.float32)
         lo = tl.full([BLOCK_M], -1.0, tl.float32)
         hi = tl.zeros([BLOCK_M], tl.float32)
+        moved = tl.full([BLOCK_M], 2.0, tl.float32)  # > the bracket: the first two Newton steps are free
+        moved_before = tl.full([BLOCK_M], 2.0, tl.float32)
         go = tl.max(tl.where(active, 1.0, 0.0), 0) > 0.0
         needed = go
         it = 0
@@ -213,7 +229,7 @@ def _sparse_attn_fwd(
                 value, slope = _entmax_terms(alpha_m1 * (z - m_safe[:, None]), tau, pow_, MODE)
                 f += tl.sum(value, 1)
                 df += tl.sum(slope, 1)
-            tau, lo, hi, err = _newton(tau, lo, hi, f, df, active, TOL_)
+            tau, lo, hi, moved, moved_before, err = _newton(tau, lo, hi, moved, moved_before, f, df, active, TOL_)
             it += 1
             go = (it < MAX_ITER_) & (err > 0.0)
         if needed:

@@ -114,7 +114,7 @@ class ControlledProcessor:
         features = spec.features()
         if (not features or features == ("attn_mask",)) and self.stock_sdpa():
             return kernels.sdpa.attention(q, k, v, spec)
-        dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+        dense = kernels.sdpa.mask_elements(spec, q.shape[0], q.shape[2], k.shape[2])
         backend = self.runtime.backend_for(self.layer, q.device, features, dense, (q.shape[2], q.shape[3]))
         return kernels.BACKENDS[backend].fn(q, k, v, spec)
 

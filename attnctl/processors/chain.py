@@ -121,7 +121,7 @@ def backend_op(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.T
     `Runtime.backend_for` does there): `kernels.attention` notes the request in a context variable, which dynamo
     cannot trace."""
     if torch.compiler.is_compiling():
-        dense = spec.dense_elements(q.shape[0], q.shape[2], k.shape[2])
+        dense = kernels.sdpa.mask_elements(spec, q.shape[0], q.shape[2], k.shape[2])
         name = kernels.choose_traced_backend(call.backend, q.device, spec.features(), dense, shape=(q.shape[2], q.shape[3]))
         return kernels.BACKENDS[name].fn(q, k, v, spec)
     return kernels.attention(q, k, v, spec, call.backend)
