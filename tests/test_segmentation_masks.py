@@ -168,6 +168,10 @@ def test_readout_runs_at_the_given_images_size(name, tiny_cache):
     scale = pipe.vae_scale_factor * (2 if name == "tiny-flux" else pipe.transformer.config.patch_size)
     assert sized.grid_maps.shape[-2:] == (32 // scale, 48 // scale)
     assert torch.equal(default.grid_maps, sized.grid_maps) and torch.equal(default.maps, sized.maps)
+    # a size the pipeline does not take (SD3 refuses sizes off its multiple) is read at the nearest size below it,
+    # and the masks are the image's size
+    odd = image.resize((29, 21))
+    assert attnctl.read_maps(pipe, odd, PROMPT, ["car"], magnets=False, num_inference_steps=4, **options).masks("car").shape == (1, 21, 29)
 
 
 def test_readout_of_a_video_pipeline_is_refused_naming_video(tiny_cache):

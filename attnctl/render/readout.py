@@ -135,7 +135,11 @@ def _pictures(reader: Any, images: list[Any], count: int) -> list[Any] | None:
 
 def _image_size(reader: Any, image: Any) -> dict[str, int]:
     """`height` / `width` of the image for an img2img call that takes them: SD3's and Flux's default to the model's
-    square size (1024 px) whatever the image, which would read the maps of the image stretched to a square."""
+    square size (1024 px) whatever the image, which would read the maps of the image stretched to a square. Rounded
+    down to the size the pipeline accepts (SD3 refuses others: `vae_scale_factor * patch_size`, 16 px; Flux resizes to
+    its `2 * vae_scale_factor`); the maps are fitted back to the image's own size."""
+    import torch
+
     named = named_call_arguments(reader)
     if "height" not in named or "width" not in named:
         return {}
@@ -143,11 +147,12 @@ def _image_size(reader: Any, image: Any) -> dict[str, int]:
         width, height = image.size
     elif type(image).__name__ == "ndarray" and image.ndim in (3, 4):  # (..., height, width, channels)
         height, width = image.shape[-3:-1]
-    elif hasattr(image, "shape") and image.dim() in (3, 4):  # torch: (..., channels, height, width)
+    elif isinstance(image, torch.Tensor) and image.dim() in (3, 4):  # (..., channels, height, width)
         height, width = image.shape[-2:]
     else:
         return {}
-    return {"height": int(height), "width": int(width)}
+    multiple = int(getattr(reader, "vae_scale_factor", 1) or 1) * int(getattr(reader, "patch_size", 2) or 2)
+    return {"height": max(multiple, int(height) - int(height) % multiple), "width": max(multiple, int(width) - int(width) % multiple)}
 
 
 #: The img2img call's arguments read_maps sets itself (one image per prompt: the maps' rows are the given images).
