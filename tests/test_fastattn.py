@@ -107,6 +107,32 @@ def test_window_residual_band_matches_the_reference_and_counts_window_flops(tiny
     assert report.entries[(1, layer)].full_flops == full
 
 
+def test_rows_a_window_step_has_no_residual_for_keep_one_from_then_on(tiny_cache):
+    """PAG's perturbed rows from a late start reach a window_residual layer with no residual kept for them: that
+    step runs full attention and keeps a residual, so the next window step reuses it (it used to miss, and run
+    full attention, at every window step until the plan's next full step)."""
+    pipe = tiny_cache("tiny-pixart")
+    layer = "transformer_blocks.0.attn1"
+    plan = make_plan(pipe, 4, {layer: ["full", "window_residual", "window_residual", "window_residual"]}, window=8)
+    capture = Capture(layers=layer)
+    pag = attnctl.PAG(layers="transformer_blocks.1.attn1", steps=(0.5, 1.0))  # perturbed rows at steps 2 and 3
+    with attnctl.apply(pipe, [capture, attnctl.FastAttn(plan=plan), pag]) as handle:
+        generate(pipe, "tiny-pixart", steps=4, guidance=4.5)
+        report = handle.outputs["fastattn"]
+    calls = {entry[1]: entry for entry in capture.log}
+    _, _, rows2, q2, k2, v2, out2, _ = calls[2]
+    _, _, rows3, q3, k3, v3, out3, _ = calls[3]
+    assert len(rows2) == len(rows3) == 6  # uncond, cond, perturbed, for each of the two prompts
+    band = band_allowed(q2.shape[2], 8)
+    torch.testing.assert_close(out2, explicit_attention(q2, k2, v2), rtol=1e-4, atol=1e-5)
+    residual = explicit_attention(q2, k2, v2) - explicit_attention(q2, k2, v2, band)
+    torch.testing.assert_close(out3, explicit_attention(q3, k3, v3, band) + residual, rtol=1e-4, atol=1e-5)
+    full = report.entries[(2, layer)].full_flops
+    windowed = report.entries[(3, layer)].flops
+    assert windowed < full
+    assert report.entries[(2, layer)].flops == full + windowed  # the miss also ran the window, for its residual
+
+
 @pytest.mark.parametrize("name, layer, text_first", [
     ("tiny-flux", "transformer_blocks.0.attn", True),
     ("tiny-flux", "single_transformer_blocks.1.attn", True),

@@ -715,9 +715,11 @@ class _FastAttnHook(LayerHook):
         label = _ran(method, share is not None)
         if method.startswith("window_residual"):
             residual = self.state.residual.load(layout, self.keys)
-            if residual is None:
-                self._record("miss", len(computed) * self.one)
-                return _Run(computed, rows, None, False)
+            if residual is None:  # rows no earlier step kept (PAG's rows from a late start, a new pass): full, and a
+                # residual for the next steps, which would otherwise miss too until the plan's next full step
+                keep = self.window is not None and self.window_one < self.one
+                self._record("miss", len(computed) * (self.one + (self.window_one if keep else 0.0)))
+                return _Run(computed, rows, None, keep)
             if share is not None:
                 residual = take_rows(residual, computed, index)
             self._record(label, self._cost(method, len(computed), False))
@@ -740,8 +742,11 @@ class _FastAttnHook(LayerHook):
 
         if self.method.startswith("window_residual"):
             if run.residual is None:
-                out, _ = self._some_rows(call, run.computed, compute, q, k, v, dataclasses.replace(spec, window=None))
-                return spread(out), None, None
+                full, _ = self._some_rows(call, run.computed, compute, q, k, v, dataclasses.replace(spec, window=None))
+                if not run.keep_residual:
+                    return spread(full), None, None
+                window, _ = self._some_rows(call, run.computed, compute, q, k, v, dataclasses.replace(spec, window=self.window))
+                return spread(full), None, spread(full - window)
             window_spec = spec if spec.window is not None else dataclasses.replace(spec, window=self.window)
             out, _ = self._some_rows(call, run.computed, compute, q, k, v, window_spec)
             return spread(out + run.residual.to(out.dtype)), None, None
