@@ -656,6 +656,36 @@ def test_box_guidance_with_regions_on_joint_layers_is_refused(tiny_cache, name):
     attnctl.apply(pipe, [regions, attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 0.5)}, scale=0.0)]).remove()  # idle: no loss
 
 
+def test_cells_hidden_from_every_column_have_no_subject_attention():
+    """A cell whose columns all have probability 0 (Regions hides the base text there on joint attention) has no
+    attention to any subject: 0 in the subject maps, not the 1/W a softmax over W zeros gives."""
+    torch.manual_seed(1)
+    maps = torch.rand(1, 4, 3, 3)
+    maps = maps / maps.sum(dim=1, keepdim=True) * 0.1
+    maps[:, :, :, 0] = 0.0  # the left column of cells hidden
+    selector = torch.zeros(1, 1, 4)
+    selector[0, 0, 2] = 1.0
+    out = losses.excite_maps(maps, selector, kernel_size=1)
+    assert torch.equal(out[0, 0, :, 0], torch.zeros(3))
+    torch.testing.assert_close(out[0, 0, :, 1:], torch.softmax(maps[0, :, :, 1:] * 100.0, dim=0)[2])
+
+
+def test_attend_excite_with_regions_on_qwen_image_moves_every_image(tiny_cache):
+    """tiny-qwenimage, three prompts, seed 0: with Regions, the middle image's "cat" map peaked on the flat 1/W of
+    the cells Regions hides the base text from (1/15 against a real peak of 0.056), so its loss had no gradient
+    and its latent was never moved (8 of 36 images over 12 seeds)."""
+    name = "tiny-qwenimage"
+    pipe = tiny_cache(name)
+    prompts = ["a red cat on the street", "a blue cat on the street", "a green cat on the street"]
+    regions = attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))], base_ratio=0.2)
+    with attnctl.apply(pipe, [regions]):
+        alone = generate(pipe, name, prompt=prompts, steps=2)
+    with attnctl.apply(pipe, [regions, attnctl.AttendExcite(subjects=["cat"], refine=())]):
+        excited = generate(pipe, name, prompt=prompts, steps=2)
+    moved = (excited - alone).flatten(1).abs().amax(dim=1)
+    assert bool((moved > 0).all()), moved
+
+
 @pytest.mark.parametrize("linking", ["PromptToPrompt", "ConsistentSubjects", "ReferenceAttention", "AttentionInterpolation"])
 @pytest.mark.parametrize("optimiser", ["AttendExcite", "AStar", "BoxGuidance"])
 def test_an_optimiser_with_a_row_linking_control_is_refused_at_apply(tiny_cache, linking, optimiser):

@@ -48,8 +48,11 @@ def excite_maps(maps: torch.Tensor, selector: torch.Tensor, temperature: float =
                 sigma: float = 0.5, padding: int | None = None) -> torch.Tensor:
     """Attend-and-Excite's subject maps (n, S, h, w): the token probabilities renormalised over the W columns by a
     softmax of `temperature` times them, each subject's columns summed, then smoothed (`kernel_size` 1: not;
-    `padding` as `smooth`)."""
-    renormalised = torch.softmax(maps * temperature, dim=1)
+    `padding` as `smooth`). A cell where all W columns have zero probability (hidden from them, as Regions hides the
+    base text inside its regions on joint attention) stays 0: the softmax would spread it evenly, 1/W a column,
+    which can exceed a neglected subject's real peak and leave its loss without a gradient."""
+    seen = (maps.sum(dim=1, keepdim=True) > 0).to(maps.dtype)
+    renormalised = torch.softmax(maps * temperature, dim=1) * seen
     subjects = torch.einsum("nsw,nwhk->nshk", selector.to(maps.dtype), renormalised)
     return smooth(subjects, kernel_size, sigma, padding) if kernel_size > 1 else subjects
 
