@@ -72,3 +72,27 @@ def test_controls_run_under_inference_mode_as_under_no_grad(tiny_cache, name, ma
             again = generate(pipe, name, steps=4)
     torch.testing.assert_close(inferred, expected, rtol=0, atol=0)
     torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+
+#: Half-precision pipelines cast the float masks and biases they are given (sdpa), and Z-Image's processor re-orders
+#: its padded RoPE table and mask once per forward: both caches are keyed by the tensor's version counter, which
+#: tensors made under inference mode lack (reading it raised "Inference tensors do not track version counter").
+HALF = [
+    ("tiny-sd", lambda: attnctl.Reweight({"red": 2.0}, normalize=True), {}),
+    ("tiny-chroma", lambda: attnctl.ConsistentSubjects(), {}),
+    ("tiny-zimage", lambda: attnctl.PAG(), {"height": 48, "width": 48}),  # 144 image tokens, padded to 160
+]
+
+
+@pytest.mark.parametrize("name,make,size", HALF, ids=[n for n, _, _ in HALF])
+def test_half_precision_pipelines_run_under_inference_mode_as_under_no_grad(name, make, size):
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(name).to(torch.bfloat16)
+    prompts = ("a red cat on the street", "a red dog on the street")  # a fresh list per call: Z-Image templates it in place
+    with attnctl.apply(pipe, [make()]):
+        with torch.no_grad():
+            expected = generate(pipe, name, prompt=list(prompts), steps=2, **size)
+        with torch.inference_mode():
+            inferred = generate(pipe, name, prompt=list(prompts), steps=2, **size)
+    torch.testing.assert_close(inferred, expected, rtol=0, atol=0)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from . import window_tiles
-from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
+from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key, version
 
 DENSE_MASK_LIMIT = 1 << 26  # 64M elements: 256 MB as float32
 
@@ -95,7 +95,7 @@ def _mask_in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     call."""
     if mask.dtype == dtype or torch.compiler.is_compiling():
         return _in_dtype(mask, dtype)
-    key = (id(mask), mask._version, dtype)
+    key = (id(mask), version(mask), dtype)
     found = _MASK_IN_DTYPE.get(key)
     if found is not None and found[0]() is mask:
         return found[1]

@@ -59,6 +59,12 @@ def as_additive(mask: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
     return mask if dtype is None else mask.to(dtype)
 
 
+def version(tensor: torch.Tensor) -> int | None:
+    """A tensor's in-place version counter, for caches keyed by tensor. Tensors made under `torch.inference_mode()`
+    have none (reading it raises): None, and their in-place changes are not seen."""
+    return None if tensor.is_inference() else tensor._version
+
+
 @dataclass(frozen=True, eq=False)  # identity equality and hash: backends cache per LabelMask object
 class LabelMask:
     """Region / isolation masks evaluated from labels, never as a dense N x N tensor in fused kernels.
@@ -78,9 +84,8 @@ class LabelMask:
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def versions(self) -> tuple[int | None, ...]:
-        """The label tensors' version counters, so that cached masks rebuild after an in-place change. Tensors
-        made under `torch.inference_mode()` have no counter (None): their in-place changes are not seen."""
-        return tuple(None if t.is_inference() else t._version for t in (self.q_labels, self.k_labels, self.table))
+        """The label tensors' version counters (`version`), so that cached masks rebuild after an in-place change."""
+        return tuple(version(t) for t in (self.q_labels, self.k_labels, self.table))
 
     def dense(self) -> torch.Tensor:
         """The (B, 1, Nq, Nk) additive mask; for reference backends and small sizes only."""

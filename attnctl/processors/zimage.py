@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..kernels.spec import version
 from . import references
 from .base import ControlledProcessor
 
@@ -151,7 +152,7 @@ def _shared_padding_last(tensor: torch.Tensor, dim: int, image: int, pad: int) -
     tensor (and in-place version); in a traced graph, made there."""
     if torch.compiler.is_compiling():
         return _padding_last(tensor, dim, image, pad)
-    key = (id(tensor), tensor._version, dim, image, pad)
+    key = (id(tensor), version(tensor), dim, image, pad)
     found = _SHARED.get(key)
     if found is not None and found[0]() is tensor:
         return found[1]
