@@ -126,8 +126,8 @@ class _EagerBound(Bound):
             noised = noised.view(b, c, hh // 2, 2, ww // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (hh // 2) * (ww // 2), c * 4)
         sample = inputs[name].clone()
         for i, row in enumerate(frame.rows.rows):
-            if row.prompt == 0:
-                sample[i] = noised[0].to(sample.dtype)
+            if row.prompt == 0:  # an inpainting UNet's input: latent 4, mask 1, masked image 4; the latent replaced
+                sample[i, : noised.shape[1]] = noised[0].to(sample.dtype)
         return {**inputs, name: sample}
 
     def edit(self, layer, frame):
@@ -157,6 +157,31 @@ def test_matches_eager_reference(name, options, tiny_cache):
     with attnctl.apply(pipe, [EagerReference(picture(), options.get("strength", 1.0), options.get("region"), options.get("branch", "both"),
                                              options.get("style_fidelity", 0.0))]):
         expected = run(pipe, name)
+    assert not torch.allclose(expected[1:], stock[1:], **TOL)
+    torch.testing.assert_close(ours[1:], expected[1:], **TOL)
+
+
+def test_inpainting_denoisers_get_the_reference_in_their_latent_channels(tiny_cache):
+    """An inpainting UNet reads 9 channels (latent 4, mask 1, masked image 4): the reference row's latent channels
+    are the noised reference and its mask and masked image the pipeline's (the call failed at the first step)."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    base = tiny_cache("tiny-sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+
+    def call():
+        return run(pipe, "tiny-sd", prompts=PROMPTS[:2], image=image, mask_image=mask)
+
+    stock = call()
+    with attnctl.apply(pipe, [ReferenceAttention(picture())]):
+        ours = call()
+    with attnctl.apply(pipe, [EagerReference(picture())]):
+        expected = call()
     assert not torch.allclose(expected[1:], stock[1:], **TOL)
     torch.testing.assert_close(ours[1:], expected[1:], **TOL)
 

@@ -319,3 +319,22 @@ class ModelAdapter:
         shift = getattr(config, "shift_factor", None) or 0.0
         scale = getattr(config, "scaling_factor", None) or 1.0
         return (latents - shift) * scale
+
+
+def noisy_channels(denoiser: torch.nn.Module) -> int | None:
+    """How many leading channels of the denoiser's input are the noisy latent, where it takes more (an inpainting
+    UNet's 9 = latent 4 + mask 1 + masked image 4, FLUX.1 Fill's packed 384 = 64 + 320): its predicted channels.
+    None where every input channel is the latent (a learned-sigma model predicts more channels than it reads)."""
+    config = getattr(denoiser, "config", None) or {}
+    given, predicted = config.get("in_channels"), config.get("out_channels")
+    if not isinstance(given, int) or not isinstance(predicted, int) or predicted >= given:
+        return None
+    return predicted
+
+
+def channel_dim(latent: torch.Tensor, batched: bool = True) -> int:
+    """The channel axis of a denoiser input (`batched`: with its batch axis): last for packed tokens ((batch,) tokens,
+    channels), else the first after the batch axis."""
+    if latent.dim() == 2 + batched:
+        return -1
+    return int(batched)

@@ -39,7 +39,7 @@ import torch
 from ...control import BindContext, Control
 from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import CallLayoutError, ConfigError, UnsupportedError
-from ...families.base import LayerInfo, ModelAdapter
+from ...families.base import LayerInfo, ModelAdapter, channel_dim, noisy_channels
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
 from ...noise import noise_level, require_noise_level
@@ -288,6 +288,7 @@ class _ReferenceBound(LinkedKeysBound):
         self._region: dict[Any, torch.Tensor] = {}
         self._fidelity: dict[Any, torch.Tensor] = {}
         self.main_input = context.adapter.batched_inputs[0]
+        self.noisy_channels = noisy_channels(context.adapter.denoiser)
         if control.adain:
             for module in adain_modules(context.adapter.denoiser, control.adain_weight, context.adapter.family):
                 context.wrap_method(module, "forward", self._adain_wrap(context.current_frame))
@@ -328,14 +329,17 @@ class _ReferenceBound(LinkedKeysBound):
         level = noise_level(getattr(self.pipeline, "scheduler", None), inputs.get("timestep"), owner="attnctl: ReferenceAttention")
         noised = level.noise(self.x0.float(), self.eps.float()).to(sample.dtype)
         packed = self.adapter.packed_latents(noised)
-        if packed.shape[1:] != sample.shape[1:]:
+        changed = sample.clone()
+        latent = changed  # an inpainting denoiser's input: the noisy latent first, then its condition (kept as given)
+        if self.noisy_channels is not None and packed.shape[channel_dim(packed)] == self.noisy_channels:
+            latent = changed.narrow(channel_dim(sample), 0, self.noisy_channels)
+        if packed.shape[1:] != latent.shape[1:]:
             raise UnsupportedError(
                 f"attnctl: ReferenceAttention: the noised reference has shape {tuple(packed.shape[1:])}, the denoiser's "
                 f"{self.main_input} rows {tuple(sample.shape[1:])}"
             )
-        changed = sample.clone()
         index = self.index(rows, sample.device)
-        changed.index_copy_(0, index, packed.expand(len(rows), *packed.shape[1:]).to(sample.dtype))
+        latent.index_copy_(0, index, packed.expand(len(rows), *packed.shape[1:]).to(sample.dtype))
         return {**inputs, self.main_input: changed}
 
 

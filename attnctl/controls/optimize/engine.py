@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ...control import BindContext, Bound
 from ...denoiser_call import DenoiserCall, Row, RowLayout, upload
 from ...errors import CallLayoutError, TokenError, UnsupportedError
-from ...families.base import LayerInfo
+from ...families.base import LayerInfo, channel_dim, noisy_channels
 from ...kernels.semantics import block_bias
 from ...kernels.spec import AttentionSpec
 from ...processors.chain import token_layout
@@ -80,25 +80,6 @@ def word_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str)
     return out
 
 
-def _noisy_channels(denoiser: torch.nn.Module) -> int | None:
-    """How many leading channels of the denoiser's input are the noisy latent, where it takes more (an inpainting
-    UNet's 9 = latent 4 + mask 1 + masked image 4, FLUX.1 Fill's packed 384 = 64 + 320): its predicted channels.
-    None where every input channel is the latent (a learned-sigma model predicts more channels than it reads)."""
-    config = getattr(denoiser, "config", None) or {}
-    given, predicted = config.get("in_channels"), config.get("out_channels")
-    if not isinstance(given, int) or not isinstance(predicted, int) or predicted >= given:
-        return None
-    return predicted
-
-
-def _channel_dim(latent: torch.Tensor, batched: bool = True) -> int:
-    """The channel axis of a denoiser input (`batched`: with its batch axis): last for packed tokens ((batch,) tokens,
-    channels), else the first after the batch axis."""
-    if latent.dim() == 2 + batched:
-        return -1
-    return int(batched)
-
-
 class LatentOptimizerBound(Bound):
     """A latent optimiser bound to one pipeline call. Subclasses say which token columns the loss reads
     (`columns`, `selector`) and how a step optimises (`optimise_step`)."""
@@ -134,7 +115,7 @@ class LatentOptimizerBound(Bound):
             raise UnsupportedError(f"attnctl: {type(control).__name__} needs the pipeline's scheduler (pipe.scheduler.step) to carry the updated latent")
         self.scheduler = scheduler
         self._signature = inspect.signature(type(scheduler).step)
-        self.noisy_channels = _noisy_channels(context.adapter.denoiser)
+        self.noisy_channels = noisy_channels(context.adapter.denoiser)
         # beneath the call's other wraps of `step`: a later optimiser's update (read against the latent the earlier
         # one left) is then added to the sample the earlier one moved, in the scale that sample and latent share
         context.wrap_method(scheduler, "step", self._wrap_step, innermost=True)
@@ -268,7 +249,7 @@ class LatentOptimizerBound(Bound):
             return losses.detach(), torch.zeros_like(x)
         (grad,) = torch.autograd.grad(losses.sum(), [x])
         if self.noisy_channels is not None:  # the condition channels (mask, masked image) are inputs, not the latent
-            grad.narrow(_channel_dim(grad), self.noisy_channels, grad.shape[_channel_dim(grad)] - self.noisy_channels).zero_()
+            grad.narrow(channel_dim(grad), self.noisy_channels, grad.shape[channel_dim(grad)] - self.noisy_channels).zero_()
         return losses.detach(), grad
 
     def optimise_step(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall, selector: torch.Tensor,
@@ -295,7 +276,7 @@ class LatentOptimizerBound(Bound):
         out = sample.clone()
         for prompt, (old, new) in updates.items():
             if self.noisy_channels is not None and prompt < sample.shape[0] and sample[prompt].numel() != old.numel():
-                dim = _channel_dim(old, batched=False)
+                dim = channel_dim(old, batched=False)
                 old, new = old.narrow(dim, 0, self.noisy_channels), new.narrow(dim, 0, self.noisy_channels)
             if prompt >= sample.shape[0] or sample[prompt].numel() != old.numel():
                 raise CallLayoutError(
