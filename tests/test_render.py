@@ -572,6 +572,67 @@ def test_two_processes_render_the_same_images_as_one_each_once(tmp_path, tiny_mo
     assert not list((two / ".attnctl").glob("journal-*"))
 
 
+RANK_ONE_STARTS_LATE = """
+import os, sys, time
+import torch
+import attnctl.render.runner as runner
+from attnctl.render.cli import main
+
+broadcast = runner.Ranks.broadcast
+
+
+def late(self, value):
+    # rank 1 goes on only once rank 0 has recorded two images of this run (a slow process, a busy file system)
+    value = broadcast(self, value)
+    if self.rank == 1:
+        journal = os.path.join(sys.argv[sys.argv.index("--out") + 1], runner.STATE, "journal-00000.jsonl")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.exists(journal) and open(journal).read().count("\\n") >= 2:
+                break
+            time.sleep(0.01)
+    return value
+
+
+runner.Ranks.broadcast = late
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_starts_late_renders_its_share_of_the_same_plan(tmp_path):
+    """Every rank shards rank 0's plan: rank 1 planning on its own after rank 0 had recorded images saw a shorter
+    pending list, so `pending[1::2]` skipped some images (never rendered, exit status 0) and repeated others."""
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": list(range(6)), **SMALL})
+    wrapper = write(tmp_path / "late.py", RANK_ONE_STARTS_LATE)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(wrapper), "render", str(path), "--out", str(out),
+               "--model", "tiny-sd", "--device", "cpu", "--threads", "1", "--progress", "none"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "across 2 processes: 6 rendered, 0 skipped" in result.stdout
+    records = manifest(out)
+    assert sorted(r["seed"] for r in records) == list(range(6)) and all(r["status"] == "ok" for r in records)
+    # rank r rendered seeds r, r + 2, r + 4: the shares of the one list, each image once
+    assert {r["seed"]: r["rank"] for r in records} == {seed: seed % 2 for seed in range(6)}
+    assert sorted(p.name for p in (out / "a").glob("*.png")) == [f"{seed}.png" for seed in range(6)]
+
+
+def test_an_image_no_rank_recorded_is_missing_and_fails_the_run(tmp_path, tiny_model, monkeypatch):
+    """Rank 0 counts the pending images with no record of this run (a rank that skipped its share): they are
+    reported missing and the exit status is 1, never a clean summary."""
+    import attnctl.render.runner as runner
+
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": [0, 1, 2], **SMALL})
+    monkeypatch.setattr(runner, "shard", lambda pending, rank, world: pending[1:])
+    summary = render(str(path), options(tmp_path / "out"), model=tiny_model)
+    assert (summary.rendered, summary.skipped, len(summary.failed)) == (2, 0, 0)
+    assert summary.missing == [("a", 0)] and summary.exit_code == 1
+    assert "1 image(s) missing" in summary.format() and "job 'a' seed 0" in summary.format()
+
+
 # -- examples -----------------------------------------------------------------------------------------------------
 EXAMPLES = sorted((ROOT / "examples" / "jobs").glob("*.toml")) + sorted((ROOT / "examples" / "jobs").glob("*.jsonl"))
 
