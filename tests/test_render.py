@@ -681,6 +681,50 @@ def test_reference_example_job_renders_the_generated_row(tmp_path, tiny_cache):
     assert read_png_params(str(tmp_path / "out" / "reference-adain" / "0.png"))["controls"][0]["adain"] is True
 
 
+def test_reference_generation_publishes_the_maps_of_the_kept_row_only(tmp_path, tiny_cache):
+    """A ReferenceAttention image is row 1 of [prompt, prompt]: its attention maps are row 1's of that call (the
+    maps, grid maps, contributions, picture and masks), so the saved `image0_*` files are the image's, not those of
+    the discarded reconstruction of the reference in row 0."""
+    from attnctl.render.runner import save_outputs
+
+    pipe = tiny_cache("tiny-sd")
+    reference = Image.new("RGB", (32, 32), (0, 200, 0))
+    model = Model(pipe, "tiny-sd")
+    with model:
+        kept = model.generate("a red cat", seed=0, steps=2, controls=[attnctl.ReferenceAttention(reference),
+                                                                       attnctl.AttentionMaps(["cat"])])
+    maps = kept.outputs["attention_maps"]
+    # the call by hand: both rows seeded with the seed, the reference in row 0
+    with attnctl.apply(pipe, [attnctl.ReferenceAttention(reference), attnctl.AttentionMaps(["cat"])]) as handle:
+        pipe(["a red cat"] * 2, generator=[torch.Generator().manual_seed(0) for _ in range(2)], num_inference_steps=2,
+             **CALL_DEFAULTS["tiny-sd"])
+        both = handle.outputs["attention_maps"]
+    assert len(both) == 2 and len(maps) == 1
+    assert torch.equal(maps.maps, both.maps[1:]) and torch.equal(maps.grid_maps, both.grid_maps[1:])
+    assert maps.contributions == both.contributions[1:] and maps.prompts == both.prompts[1:]
+    assert torch.equal(maps.masks("cat"), both.masks("cat")[1:])
+    assert np.array_equal(np.asarray(maps.images[0]), np.asarray(kept.image))
+    assert np.array_equal(np.asarray(both.images[1]), np.asarray(kept.image))
+    save_outputs(kept.outputs, str(tmp_path / "kept"), 0, kept.image)
+    both.save(str(tmp_path / "both"))
+    assert sorted(os.listdir(tmp_path / "kept" / "0.attention_maps")) == ["image0_cat.png", "image0_grid.png"]
+    assert np.array_equal(pixels(tmp_path / "kept" / "0.attention_maps" / "image0_cat.png"),
+                          pixels(tmp_path / "both" / "image1_cat.png"))
+
+
+def test_select_images_checks_its_indices(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, attnctl.AttentionMaps(["cat"])) as handle:
+        pipe(["a red cat", "a blue cat"], generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+             num_inference_steps=1, **CALL_DEFAULTS["tiny-sd"])
+        result = handle.outputs["attention_maps"]
+    swapped = result.select_images([1, 0])
+    assert torch.equal(swapped.maps, result.maps.flip(0)) and swapped.prompts == ("a blue cat", "a red cat")
+    for bad in (2, -1, True, "0"):
+        with pytest.raises(ConfigError, match=r"image positions in \[0, 2\)"):
+            result.select_images([bad])
+
+
 @pytest.mark.parametrize("name", ["gallery.toml", "interpolate.toml", "quickstart.toml", "reference.toml", "sweep.jsonl"])
 def test_example_job_files_on_the_embedded_model_pass_check(name, tmp_path, capsys):
     """`attnctl render FILE --check` resolves each job with the rows its image's call will have (an interpolation
