@@ -284,6 +284,29 @@ def test_check_resolves_words_layers_and_options_without_generating(tmp_path, ca
     assert {name: type(p) for name, p in tiny_model.pipe.unet.attn_processors.items()} == stock
 
 
+def test_check_resolves_the_valid_jobs_of_a_file_with_problems(tmp_path, capsys, monkeypatch, tiny_model):
+    """`--check` on a file whose dry run found problems still resolves its valid jobs on the model (README: it
+    "does the same, then loads the model once and resolves every job"), so one pass reports every problem; with a
+    bad --model or --device it says the model check was skipped, never lists the jobs as all right."""
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd"},
+        {"id": "good", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"red": 2}}], **SMALL},
+        {"id": "invalid", "prompt": "a red car", "controls": [{"type": "pag", "scale": "big"}], **SMALL},
+        {"id": "absent", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"zebra": 2}}], **SMALL},
+    )
+    assert run_cli([jobs, "--check"], tiny_model, monkeypatch) == 2
+    out = capsys.readouterr().out
+    assert any("problem" in line and "job 'invalid'" in line and "PAG.scale" in line for line in out.splitlines()), out
+    assert any(line.strip().startswith("ok") and "job 'good' resolves on tiny-sd" in line for line in out.splitlines())
+    assert any("problem" in line and "job 'absent'" in line and "zebra" in line for line in out.splitlines()), out
+    assert "check: 1 problem(s) on tiny-sd" in out
+    assert run_cli([jobs, "--check", "--model", "tiny-sd2"], tiny_model, monkeypatch) == 2
+    out = capsys.readouterr().out
+    assert "did you mean 'tiny-sd'?" in out
+    assert "check: model check skipped: fix the 1 --model / --device problem(s) above first" in out
+    assert "resolves on" not in out
+
+
 # -- the Python API -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [3.7, -1, 2**64, True, "3"])
 def test_generate_rejects_seeds_that_are_not_integers_in_range(tiny_model, seed):

@@ -841,16 +841,11 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
     `backend` are those of the run (`render`'s options): the device is checked as `render` checks it, and the
     count of images already done uses the request digest the run would use (it holds the dtype and backend)."""
     lines = []
-    problems = list(jobs.problems)
     name = model or jobs.model or default_model()
-    model_problem = _model_problem(name)
-    if model_problem:
-        problems.insert(0, Problem("--model" if model else jobs.path, model_problem))
+    problems = setup_problems(jobs, model, device) + list(jobs.problems)
     target = None
-    try:
+    with contextlib.suppress(AttnctlError):  # a device problem is in `problems`
         target = resolve_device(device)
-    except AttnctlError as error:
-        problems.insert(0, Problem("--device", str(error)))
     images = jobs.images + sum(len(job.seeds) for job in jobs.invalid)
     lines.append(f"{os.path.basename(jobs.path)}: {len(jobs.jobs) + len(jobs.invalid)} job(s), {images} image(s), "
                  f"model {name}")
@@ -867,6 +862,20 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
         lines.append(f"  problem  {problem}")
     lines.append(f"{len(problems)} problem(s)" if problems else "no problems")
     return lines, len(problems)
+
+
+def setup_problems(jobs: JobFile, model: str | None = None, device: str = "auto") -> list[Problem]:
+    """Problems of the run's model name and device (found without loading anything): with one, no job can be
+    checked on the model."""
+    problems = []
+    try:
+        resolve_device(device)
+    except AttnctlError as error:
+        problems.append(Problem("--device", str(error)))
+    model_problem = _model_problem(model or jobs.model or default_model())
+    if model_problem:
+        problems.append(Problem("--model" if model else jobs.path, model_problem))
+    return problems
 
 
 def _model_problem(name: str) -> str | None:
@@ -912,7 +921,8 @@ def check_jobs(jobs: JobFile, model: str | None = None, *, device: str = "auto",
                 lines.append(f"  ok  {job.place} job {job.id!r} resolves on {name}")
     finally:
         loaded.release()
-    lines.append(f"check: {problems} problem(s) on {name}" if problems else f"check: every job resolves on {name}")
+    every = "every valid job" if jobs.invalid else "every job"
+    lines.append(f"check: {problems} problem(s) on {name}" if problems else f"check: {every} resolves on {name}")
     return lines, problems
 
 
@@ -927,5 +937,5 @@ def iter_images(out: str) -> Iterator[str]:
 
 __all__ = [
     "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records", "plan",
-    "read_records", "render", "shard",
+    "read_records", "render", "setup_problems", "shard",
 ]
