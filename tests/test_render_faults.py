@@ -459,7 +459,7 @@ def test_an_output_key_that_names_a_renderer_file_is_refused_before_the_run(key,
                  {"id": "ok", "prompt": "a cat", **SMALL, "controls": [{**maps, "key": "maps"}]})
     assert cli.main(["render", str(jobs), "--dry-run"]) == 2
     out = capsys.readouterr().out
-    assert f"jobs.jsonl:2 (job 'a'): controls[0] (attention-maps): output key {key!r} would be saved to <seed>." in out
+    assert f"jobs.jsonl:2 (job 'a'): controls[0] (attention-maps): output key {key!r} names <seed>." in out
     assert "a name the renderer uses for its own files" in out and "choose a key other than png, gif, mp4 or frames" in out
     assert "ok  jobs.jsonl:3 job 'ok'" in out and "1 problem(s)" in out
     # the run records the job as failed and writes no folder in the image's place
@@ -470,14 +470,25 @@ def test_an_output_key_that_names_a_renderer_file_is_refused_before_the_run(key,
     assert not (target / "a").exists() and (target / "ok" / "0.maps").is_dir() and (target / "ok" / "0.png").is_file()
 
 
+@pytest.mark.parametrize("control", [{"type": "tome"}, {"type": "tgate"}, {"type": "agent-attention"}, {"type": "fastattn"}])
+def test_a_report_key_that_names_a_renderer_file_is_refused_as_a_reservation(control, tmp_path):
+    """A report without save() writes no folder, so its key is refused as reserved, not as a folder it would take."""
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a red cat",
+                                                          "controls": [{**control, "key": "gif"}]}))
+    (problem,) = jobs.problems
+    assert f"controls[0] ({control['type']}): output key 'gif' names <seed>.gif/" in str(problem)
+    assert "reserved for every control's key, whether or not its output is saved" in str(problem)
+    assert "would be saved" not in str(problem)
+
+
 def test_two_output_keys_with_one_file_safe_name_are_refused(tmp_path):
     maps = {"type": "AttentionMaps", "words": ["cat"]}
     jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a red cat", "controls": [
         {**maps, "key": "a/b"}, {**maps, "words": ["red"], "key": "A_b"}]}))
     assert not jobs.jobs
     (problem,) = jobs.problems
-    assert ("controls[1] (attention-maps): output key 'A_b' would be saved to <seed>.A_b/, the folder of output key "
-            "'a/b' (controls[0] (attention-maps))") in str(problem)
+    assert ("controls[1] (attention-maps): output key 'A_b' names <seed>.A_b/, as output key 'a/b' "
+            "(controls[0] (attention-maps)) does") in str(problem)
 
 
 def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model):
@@ -487,7 +498,7 @@ def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_mode
     from attnctl.render import runner
 
     # an output no control declared (published under a key of its own): refused before anything is written
-    with pytest.raises(ConfigError, match="output key 'png' would be saved to <seed>.png/"):
+    with pytest.raises(ConfigError, match="output key 'png' names <seed>.png/"):
         runner.save_outputs({"png": _Heatmaps()}, str(tmp_path), 0, Image.new("RGB", (8, 8)))
     assert os.listdir(tmp_path) == []
     # a job built in code (not read from a file): the run's per-job check refuses it, the other job renders
