@@ -572,6 +572,67 @@ def test_two_processes_render_the_same_images_as_one_each_once(tmp_path, tiny_mo
     assert not list((two / ".attnctl").glob("journal-*"))
 
 
+RANK_ONE_STARTS_LATE = """
+import os, sys, time
+import torch
+import attnctl.render.runner as runner
+from attnctl.render.cli import main
+
+broadcast = runner.Ranks.broadcast
+
+
+def late(self, value):
+    # rank 1 goes on only once rank 0 has recorded two images of this run (a slow process, a busy file system)
+    value = broadcast(self, value)
+    if self.rank == 1:
+        journal = os.path.join(sys.argv[sys.argv.index("--out") + 1], runner.STATE, "journal-00000.jsonl")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if os.path.exists(journal) and open(journal).read().count("\\n") >= 2:
+                break
+            time.sleep(0.01)
+    return value
+
+
+runner.Ranks.broadcast = late
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_starts_late_renders_its_share_of_the_same_plan(tmp_path):
+    """Every rank shards rank 0's plan: rank 1 planning on its own after rank 0 had recorded images saw a shorter
+    pending list, so `pending[1::2]` skipped some images (never rendered, exit status 0) and repeated others."""
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": list(range(6)), **SMALL})
+    wrapper = write(tmp_path / "late.py", RANK_ONE_STARTS_LATE)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(wrapper), "render", str(path), "--out", str(out),
+               "--model", "tiny-sd", "--device", "cpu", "--threads", "1", "--progress", "none"]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "across 2 processes: 6 rendered, 0 skipped" in result.stdout
+    records = manifest(out)
+    assert sorted(r["seed"] for r in records) == list(range(6)) and all(r["status"] == "ok" for r in records)
+    # rank r rendered seeds r, r + 2, r + 4: the shares of the one list, each image once
+    assert {r["seed"]: r["rank"] for r in records} == {seed: seed % 2 for seed in range(6)}
+    assert sorted(p.name for p in (out / "a").glob("*.png")) == [f"{seed}.png" for seed in range(6)]
+
+
+def test_an_image_no_rank_recorded_is_missing_and_fails_the_run(tmp_path, tiny_model, monkeypatch):
+    """Rank 0 counts the pending images with no record of this run (a rank that skipped its share): they are
+    reported missing and the exit status is 1, never a clean summary."""
+    import attnctl.render.runner as runner
+
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": [0, 1, 2], **SMALL})
+    monkeypatch.setattr(runner, "shard", lambda pending, rank, world: pending[1:])
+    summary = render(str(path), options(tmp_path / "out"), model=tiny_model)
+    assert (summary.rendered, summary.skipped, len(summary.failed)) == (2, 0, 0)
+    assert summary.missing == [("a", 0)] and summary.exit_code == 1
+    assert "1 image(s) missing" in summary.format() and "job 'a' seed 0" in summary.format()
+
+
 # -- examples -----------------------------------------------------------------------------------------------------
 EXAMPLES = sorted((ROOT / "examples" / "jobs").glob("*.toml")) + sorted((ROOT / "examples" / "jobs").glob("*.jsonl"))
 
@@ -618,6 +679,50 @@ def test_reference_example_job_renders_the_generated_row(tmp_path, tiny_cache):
     assert summary.exit_code == 0, summary.format()
     assert summary.rendered == 3
     assert read_png_params(str(tmp_path / "out" / "reference-adain" / "0.png"))["controls"][0]["adain"] is True
+
+
+def test_reference_generation_publishes_the_maps_of_the_kept_row_only(tmp_path, tiny_cache):
+    """A ReferenceAttention image is row 1 of [prompt, prompt]: its attention maps are row 1's of that call (the
+    maps, grid maps, contributions, picture and masks), so the saved `image0_*` files are the image's, not those of
+    the discarded reconstruction of the reference in row 0."""
+    from attnctl.render.runner import save_outputs
+
+    pipe = tiny_cache("tiny-sd")
+    reference = Image.new("RGB", (32, 32), (0, 200, 0))
+    model = Model(pipe, "tiny-sd")
+    with model:
+        kept = model.generate("a red cat", seed=0, steps=2, controls=[attnctl.ReferenceAttention(reference),
+                                                                       attnctl.AttentionMaps(["cat"])])
+    maps = kept.outputs["attention_maps"]
+    # the call by hand: both rows seeded with the seed, the reference in row 0
+    with attnctl.apply(pipe, [attnctl.ReferenceAttention(reference), attnctl.AttentionMaps(["cat"])]) as handle:
+        pipe(["a red cat"] * 2, generator=[torch.Generator().manual_seed(0) for _ in range(2)], num_inference_steps=2,
+             **CALL_DEFAULTS["tiny-sd"])
+        both = handle.outputs["attention_maps"]
+    assert len(both) == 2 and len(maps) == 1
+    assert torch.equal(maps.maps, both.maps[1:]) and torch.equal(maps.grid_maps, both.grid_maps[1:])
+    assert maps.contributions == both.contributions[1:] and maps.prompts == both.prompts[1:]
+    assert torch.equal(maps.masks("cat"), both.masks("cat")[1:])
+    assert np.array_equal(np.asarray(maps.images[0]), np.asarray(kept.image))
+    assert np.array_equal(np.asarray(both.images[1]), np.asarray(kept.image))
+    save_outputs(kept.outputs, str(tmp_path / "kept"), 0, kept.image)
+    both.save(str(tmp_path / "both"))
+    assert sorted(os.listdir(tmp_path / "kept" / "0.attention_maps")) == ["image0_cat.png", "image0_grid.png"]
+    assert np.array_equal(pixels(tmp_path / "kept" / "0.attention_maps" / "image0_cat.png"),
+                          pixels(tmp_path / "both" / "image1_cat.png"))
+
+
+def test_select_images_checks_its_indices(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, attnctl.AttentionMaps(["cat"])) as handle:
+        pipe(["a red cat", "a blue cat"], generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+             num_inference_steps=1, **CALL_DEFAULTS["tiny-sd"])
+        result = handle.outputs["attention_maps"]
+    swapped = result.select_images([1, 0])
+    assert torch.equal(swapped.maps, result.maps.flip(0)) and swapped.prompts == ("a blue cat", "a red cat")
+    for bad in (2, -1, True, "0"):
+        with pytest.raises(ConfigError, match=r"image positions in \[0, 2\)"):
+            result.select_images([bad])
 
 
 @pytest.mark.parametrize("name", ["gallery.toml", "interpolate.toml", "quickstart.toml", "reference.toml", "sweep.jsonl"])

@@ -284,6 +284,29 @@ def test_check_resolves_words_layers_and_options_without_generating(tmp_path, ca
     assert {name: type(p) for name, p in tiny_model.pipe.unet.attn_processors.items()} == stock
 
 
+def test_check_resolves_the_valid_jobs_of_a_file_with_problems(tmp_path, capsys, monkeypatch, tiny_model):
+    """`--check` on a file whose dry run found problems still resolves its valid jobs on the model (README: it
+    "does the same, then loads the model once and resolves every job"), so one pass reports every problem; with a
+    bad --model or --device it says the model check was skipped, never lists the jobs as all right."""
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd"},
+        {"id": "good", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"red": 2}}], **SMALL},
+        {"id": "invalid", "prompt": "a red car", "controls": [{"type": "pag", "scale": "big"}], **SMALL},
+        {"id": "absent", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"zebra": 2}}], **SMALL},
+    )
+    assert run_cli([jobs, "--check"], tiny_model, monkeypatch) == 2
+    out = capsys.readouterr().out
+    assert any("problem" in line and "job 'invalid'" in line and "PAG.scale" in line for line in out.splitlines()), out
+    assert any(line.strip().startswith("ok") and "job 'good' resolves on tiny-sd" in line for line in out.splitlines())
+    assert any("problem" in line and "job 'absent'" in line and "zebra" in line for line in out.splitlines()), out
+    assert "check: 1 problem(s) on tiny-sd" in out
+    assert run_cli([jobs, "--check", "--model", "tiny-sd2"], tiny_model, monkeypatch) == 2
+    out = capsys.readouterr().out
+    assert "did you mean 'tiny-sd'?" in out
+    assert "check: model check skipped: fix the 1 --model / --device problem(s) above first" in out
+    assert "resolves on" not in out
+
+
 # -- the Python API -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", [3.7, -1, 2**64, True, "3"])
 def test_generate_rejects_seeds_that_are_not_integers_in_range(tiny_model, seed):
@@ -436,7 +459,7 @@ def test_an_output_key_that_names_a_renderer_file_is_refused_before_the_run(key,
                  {"id": "ok", "prompt": "a cat", **SMALL, "controls": [{**maps, "key": "maps"}]})
     assert cli.main(["render", str(jobs), "--dry-run"]) == 2
     out = capsys.readouterr().out
-    assert f"jobs.jsonl:2 (job 'a'): controls[0] (attention-maps): output key {key!r} would be saved to <seed>." in out
+    assert f"jobs.jsonl:2 (job 'a'): controls[0] (attention-maps): output key {key!r} names <seed>." in out
     assert "a name the renderer uses for its own files" in out and "choose a key other than png, gif, mp4 or frames" in out
     assert "ok  jobs.jsonl:3 job 'ok'" in out and "1 problem(s)" in out
     # the run records the job as failed and writes no folder in the image's place
@@ -447,14 +470,25 @@ def test_an_output_key_that_names_a_renderer_file_is_refused_before_the_run(key,
     assert not (target / "a").exists() and (target / "ok" / "0.maps").is_dir() and (target / "ok" / "0.png").is_file()
 
 
+@pytest.mark.parametrize("control", [{"type": "tome"}, {"type": "tgate"}, {"type": "agent-attention"}, {"type": "fastattn"}])
+def test_a_report_key_that_names_a_renderer_file_is_refused_as_a_reservation(control, tmp_path):
+    """A report without save() writes no folder, so its key is refused as reserved, not as a folder it would take."""
+    jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a red cat",
+                                                          "controls": [{**control, "key": "gif"}]}))
+    (problem,) = jobs.problems
+    assert f"controls[0] ({control['type']}): output key 'gif' names <seed>.gif/" in str(problem)
+    assert "reserved for every control's key, whether or not its output is saved" in str(problem)
+    assert "would be saved" not in str(problem)
+
+
 def test_two_output_keys_with_one_file_safe_name_are_refused(tmp_path):
     maps = {"type": "AttentionMaps", "words": ["cat"]}
     jobs = load_job_file(jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a red cat", "controls": [
         {**maps, "key": "a/b"}, {**maps, "words": ["red"], "key": "A_b"}]}))
     assert not jobs.jobs
     (problem,) = jobs.problems
-    assert ("controls[1] (attention-maps): output key 'A_b' would be saved to <seed>.A_b/, the folder of output key "
-            "'a/b' (controls[0] (attention-maps))") in str(problem)
+    assert ("controls[1] (attention-maps): output key 'A_b' names <seed>.A_b/, as output key 'a/b' "
+            "(controls[0] (attention-maps)) does") in str(problem)
 
 
 def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model):
@@ -464,7 +498,7 @@ def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_mode
     from attnctl.render import runner
 
     # an output no control declared (published under a key of its own): refused before anything is written
-    with pytest.raises(ConfigError, match="output key 'png' would be saved to <seed>.png/"):
+    with pytest.raises(ConfigError, match="output key 'png' names <seed>.png/"):
         runner.save_outputs({"png": _Heatmaps()}, str(tmp_path), 0, Image.new("RGB", (8, 8)))
     assert os.listdir(tmp_path) == []
     # a job built in code (not read from a file): the run's per-job check refuses it, the other job renders

@@ -328,6 +328,30 @@ def test_bad_weights_raise_config_error(weights, match):
         Reweight(weights)
 
 
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ({"word": "cat", "weigth": 2.0}, r"weights\[0\]: unknown key 'weigth' in a weight entry .*; keys: word, occurrence, position, weight"),
+        ({"word": "cat", "occurence": 1, "weight": 2.0}, "unknown key 'occurence' in a weight entry"),
+        ({"position": [3], "wieght": 2.0}, "unknown key 'wieght' in a weight entry"),
+        ({"word": "cat"}, "weight entry .* has no 'weight'"),
+    ],
+)
+def test_a_misspelt_entry_key_is_named(entry, match):
+    """A JSON entry with a misspelt key was taken for a per-prompt table of the words 'word' and 'weigth', and the
+    error blamed the word: "weights[0]['word'] must be a number ..., got 'cat'"."""
+    with pytest.raises(ConfigError, match=match):
+        Control.from_dict({"type": "reweight", "weights": [entry]})
+    with pytest.raises(ConfigError, match=match.replace(r"weights\[0\]", r"weights\[1\]\[0\]")):
+        Reweight([[{"word": "red", "weight": 2.0}], [entry]])
+
+
+def test_a_table_that_weights_the_words_word_and_position_stays_a_table():
+    _, control = Reweight.from_prompt("a (word:1.5) in (position:2) and a (cat:1.2)")
+    assert [(w.query, w.factor) for w in control.weights] == [("word", 1.5), ("position", 2.0), ("cat", 1.2)]
+    assert [(w.query, w.factor) for w in Reweight({"word": 0.5, "weigth": 2.0}).weights] == [("word", 0.5), ("weigth", 2.0)]
+
+
 def test_other_bad_options():
     with pytest.raises(ConfigError, match="branch must be one of"):
         Reweight({"red": 2.0}, branch="perturbed")

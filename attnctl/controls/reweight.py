@@ -156,6 +156,27 @@ def _is_entry_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and "weight" in value and bool({"word", "position"} & set(value)) and set(value) <= _ENTRY_KEYS
 
 
+def _refuse_broken_entries(weights: Any, name: str) -> None:
+    """Raise for a mapping that can only be meant as a JSON entry, yet is not one: it holds 'word' or 'position' and
+    a value no table takes (the word itself), beside a key no entry has or without 'weight' ({'word': 'cat',
+    'weigth': 2}, otherwise read as a table of the words 'word' and 'weigth'). A table of factors ({'word': 1.5},
+    from `(word:1.5)` in a prompt) stays a table."""
+    if isinstance(weights, (list, tuple)):
+        for i, item in enumerate(weights):
+            _refuse_broken_entries(item, f"{name}[{i}]")
+        return
+    if (not isinstance(weights, Mapping) or not {"word", "position"} & set(weights)
+            or all(_is_factor_like(value) for value in weights.values())):
+        return
+    unknown = [key for key in weights if key not in _ENTRY_KEYS]
+    if unknown:
+        raise ConfigError(f"{name}: unknown key {unknown[0]!r} in a weight entry {dict(weights)!r}; keys: word, occurrence, "
+                          "position, weight")
+    if "weight" not in weights:
+        raise ConfigError(f"{name}: the weight entry {dict(weights)!r} has no 'weight'; keys: word, occurrence, position, "
+                          "weight")
+
+
 def _is_pair(item: Any) -> bool:
     return isinstance(item, (list, tuple)) and len(item) == 2 and not isinstance(item[0], Mapping) and _is_factor_like(item[1])
 
@@ -171,6 +192,7 @@ def _is_prompt_table(item: Any) -> bool:
 
 def _parse_weights(weights: Any) -> WeightTable | tuple[WeightTable, ...]:
     """Normalise every accepted form of `weights` to a table (or a tuple of tables, one per prompt)."""
+    _refuse_broken_entries(weights, "Reweight.weights")
     if isinstance(weights, Mapping) and not _is_entry_dict(weights):
         return _table(list(weights.items()), "Reweight.weights")
     if isinstance(weights, (list, tuple)):

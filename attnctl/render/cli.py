@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention backend for controlled layers; default: the job file's, else auto")
     render.add_argument("--dry-run", action="store_true", help="validate the job file and report every problem with its "
                                                                "place; load no model, write nothing")
-    render.add_argument("--check", action="store_true", help="--dry-run, then load the model once and resolve every "
+    render.add_argument("--check", action="store_true", help="--dry-run, then load the model once and resolve every valid "
                                                              "job's words, layers and options on it (prompt encoding "
                                                              "only: no image is generated, nothing is written)")
     render.add_argument("--overwrite", action="store_true", help="render every image again (no resume)")
@@ -178,15 +178,22 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             print(f"attnctl render: {error}", file=sys.stderr)
             return 2
         print("\n".join(lines), flush=True)
-        if args.check and not problems:
-            from .runner import check_jobs
+        if args.check:
+            from .runner import check_jobs, setup_problems
 
-            try:
-                lines, problems = check_jobs(jobs, args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-            except AttnctlError as error:
-                print(f"attnctl render: {error}", file=sys.stderr)
-                return 2
-            print("\n".join(lines))
+            setup = setup_problems(jobs, args.model, args.device)
+            if setup:
+                print(f"check: model check skipped: fix the {len(setup)} --model / --device problem(s) above first")
+            elif jobs.jobs or not problems:  # valid jobs are resolved beside the file's problems: one pass reports all
+                try:
+                    lines, found = check_jobs(jobs, args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+                except AttnctlError as error:
+                    print(f"attnctl render: {error}", file=sys.stderr)
+                    return 2
+                print("\n".join(lines))
+                problems += found
+            else:
+                print("check: model check skipped: no valid job to resolve")
         return 2 if problems else 0
     for problem in jobs.problems:
         logging.getLogger("attnctl.render").warning("job file problem: %s", problem)

@@ -328,13 +328,17 @@ class Model:
                     handle: Any) -> Generation:
         """A ReferenceAttention image: one call of [prompt, prompt] (row 0 carries the reference, with the generation's
         prompt as in reference-only's community pipeline), row 1 from a CPU generator seeded with `seed`; the image is
-        row 1's (row 0's is a reconstruction of the reference)."""
+        row 1's (row 0's is a reconstruction of the reference), and so are the published per-image outputs (attention
+        maps); a report of the whole call (TGate's `CacheReport`) counts both rows, as the call ran them."""
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
         result = self.pipe(prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
         seconds = time.perf_counter() - start
         image = result.images[1]
         outputs = handle.outputs if handle is not None else {}
+        for key, value in list(outputs.items()):
+            if callable(getattr(value, "select_images", None)):  # per-image outputs: AttentionMapResult
+                outputs[key] = value.select_images([1])
         return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
 
     def _refuse_video_rows(self) -> None:

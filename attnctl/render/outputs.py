@@ -39,25 +39,28 @@ def output_key_problems(keys: Iterable[tuple[Any, str]]) -> list[str]:
     """Why these output keys (each with a label naming its control) cannot each have their own folder
     `<seed>.<name>/` beside the renderer's files: a name the renderer writes itself (`png`, `gif`, `mp4`,
     `frames`, or one ending in `.png` ...), or two keys with one file-safe name (compared ignoring case, as
-    macOS and Windows do). Empty when every key is usable."""
+    macOS and Windows do). Empty when every key is usable. Checked for every control's key, also a report's
+    that is never saved: a job file cannot tell which outputs will have a `save()` method."""
     problems: list[str] = []
     seen: dict[str, tuple[Any, str]] = {}
     for key, label in keys:
         name = output_folder_name(key)
         lowered = name.lower()
         if lowered in RENDERER_NAMES or lowered.rsplit(".", 1)[-1] in RENDERER_NAMES:
-            problems.append(
-                f"{label}: output key {key!r} would be saved to <seed>.{name}/, a name the renderer uses for its own "
-                f"files (<seed>.png, <seed>.gif, <seed>.mp4, <seed>.frames/); choose a key other than png, gif, mp4 or "
-                "frames that does not end in .png, .gif, .mp4 or .frames"
+            problems.append(  # a report without save() writes nothing, but the job file cannot tell which outputs have one
+                f"{label}: output key {key!r} names <seed>.{name}/, a name the renderer uses for its own files "
+                f"(<seed>.png, <seed>.gif, <seed>.mp4, <seed>.frames/); the renderer saves an output with a save() method "
+                "(attention maps) to <seed>.<key>/, so these names are reserved for every control's key, whether or not "
+                "its output is saved; choose a key other than png, gif, mp4 or frames that does not end in .png, .gif, "
+                ".mp4 or .frames"
             )
             continue
         if lowered in seen:
             other, other_label = seen[lowered]
             problems.append(
-                f"{label}: output key {key!r} would be saved to <seed>.{name}/, the folder of output key {other!r} "
-                f"({other_label}); keys must differ after characters other than letters, digits and ._- become '_' "
-                "(and ignoring case)"
+                f"{label}: output key {key!r} names <seed>.{name}/, as output key {other!r} ({other_label}) does: the "
+                "folder an output with a save() method is saved to; keys must differ after characters other than "
+                "letters, digits and ._- become '_' (and ignoring case)"
             )
             continue
         seen[lowered] = (key, label)

@@ -12,16 +12,18 @@ How a run goes:
 1. The job file is read and validated (no model yet). Jobs with problems are recorded as failed.
 2. Rank 0 takes the folder's lock, removes temporaries left by a killed run and merges the manifest with
    the journals a killed run left behind (`compact`). All ranks wait for it (a barrier).
-3. Every rank computes the same list of pending images: those not recorded `ok` with the same request
-   digest and present on disk with the recorded size. Rank r renders pending images r, r + W, r + 2W, ...
-   (images, not jobs, so one long job is spread over every process).
+3. Rank 0 lists the pending images (those not recorded `ok` with the same request digest and present on
+   disk with the recorded size) and sends the list to every rank with the run id, so that every rank shards
+   the same list. Rank r renders pending images r, r + W, r + 2W, ... (images, not jobs, so one long job is
+   spread over every process).
 4. Each image: generate (batch 1, CPU generator seeded with the seed), write the PNG through a temporary
    file and a rename, then append one whole line to the rank's journal `DIR/.attnctl/journal-<rank>.jsonl`
    with a single `write`. An error (a bad mask, an unknown word, out of memory) is recorded for that
    image and the run goes on.
 5. All ranks wait (a barrier); rank 0 merges the journals into `manifest.jsonl` (written to a temporary
-   file and renamed, so it is never half-written), deletes them, and prints the summary. Rank 0 also
-   refreshes the manifest every `manifest_interval` seconds during the run.
+   file and renamed, so it is never half-written), deletes them, and prints the summary; a pending image
+   no rank recorded in this run is reported missing (exit status 1). Rank 0 also refreshes the manifest
+   every `manifest_interval` seconds during the run.
 
 Per-rank journals rather than appends to one shared file: appends from several machines to one file on a
 network file system are not atomic, and a reader of a journal only has to drop an incomplete last line.
@@ -115,6 +117,8 @@ class Summary:
     skipped: int = 0
     rendered: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
+    #: (job, seed) of pending images that no rank recorded in this run (rank 0 of a multi-process run only).
+    missing: list[tuple[str, int]] = field(default_factory=list)
     problems: tuple[Problem, ...] = ()
     seconds: float = 0.0
     load_seconds: float = 0.0
@@ -126,7 +130,7 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed or self.problems else 0
+        return 1 if self.failed or self.problems or self.missing else 0
 
     def format(self) -> str:
         rate = self.rendered / self.seconds if self.seconds > 0 else 0.0
@@ -146,6 +150,12 @@ class Summary:
                 lines.append(f"  job {record['job']!r} seed {record['seed']}: {record.get('error')}")
             if len(failed) > 20:
                 lines.append(f"  ... and {len(failed) - 20} more (see the manifest)")
+        if self.missing:
+            lines.append(f"{len(self.missing)} image(s) missing: no process rendered or recorded them in this run; "
+                         "run again to render them:")
+            lines.extend(f"  job {job!r} seed {seed}" for job, seed in self.missing[:20])
+            if len(self.missing) > 20:
+                lines.append(f"  ... and {len(self.missing) - 20} more")
         if self.manifest:
             lines.append(f"manifest: {self.manifest}")
         return "\n".join(lines)
@@ -470,16 +480,26 @@ def _safe_compact(out: str, jobs: JobFile, fsync: bool) -> None:
 
 def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, ranks: Ranks, out: str, model_name: str,
                    device: torch.device, dtype: str, backend: str, started: float) -> Summary:
-    run_id = None
+    started_with = None
     if ranks.main:
         removed = remove_temporaries(out)
         if removed:
             log.info("removed %d temporary file(s) left by an interrupted run", removed)
         compact(out, jobs, delete_journals=True, fsync=options.fsync)
         run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        every, pending = plan(jobs, out, model_name, dtype, backend=backend, resume=options.resume)
+        positions = {image.key: position for position, image in enumerate(every)}
+        started_with = (run_id, len(every), [positions[image.key] for image in pending])
     ranks.barrier()
-    run_id = ranks.broadcast(run_id)
-    every, pending = plan(jobs, out, model_name, dtype, backend=backend, resume=options.resume)
+    # rank 0 plans for every rank: a rank planning on its own once rank 0 has started rendering would see this run's
+    # records, plan a shorter list, and its share would skip some images and repeat others
+    run_id, count, pending_positions = ranks.broadcast(started_with)
+    if not ranks.main:
+        every, _ = plan(jobs, out, model_name, dtype, backend=backend, records={})
+        if len(every) != count:
+            raise RenderError(f"rank {ranks.rank} reads {len(every)} image(s) in {jobs.path}, rank 0 {count}: every "
+                              "process must read the same job file (was it edited as the run started?)")
+        pending = [every[position] for position in pending_positions]
     mine = shard(pending, ranks.rank, ranks.world)
     invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
     summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
@@ -526,6 +546,7 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
         this_run = [record for record in merged.values() if record.get("run") == run_id]
         summary.rendered = sum(record.get("status") == "ok" for record in this_run)
         summary.failed = [record for record in this_run if record.get("status") != "ok"]
+        summary.missing = [image.key for image in pending if merged.get(image.key, {}).get("run") != run_id]
     summary.seconds = time.perf_counter() - started
     summary.timings = context.timings
     if ranks.main:
@@ -820,16 +841,11 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
     `backend` are those of the run (`render`'s options): the device is checked as `render` checks it, and the
     count of images already done uses the request digest the run would use (it holds the dtype and backend)."""
     lines = []
-    problems = list(jobs.problems)
     name = model or jobs.model or default_model()
-    model_problem = _model_problem(name)
-    if model_problem:
-        problems.insert(0, Problem("--model" if model else jobs.path, model_problem))
+    problems = setup_problems(jobs, model, device) + list(jobs.problems)
     target = None
-    try:
+    with contextlib.suppress(AttnctlError):  # a device problem is in `problems`
         target = resolve_device(device)
-    except AttnctlError as error:
-        problems.insert(0, Problem("--device", str(error)))
     images = jobs.images + sum(len(job.seeds) for job in jobs.invalid)
     lines.append(f"{os.path.basename(jobs.path)}: {len(jobs.jobs) + len(jobs.invalid)} job(s), {images} image(s), "
                  f"model {name}")
@@ -846,6 +862,20 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
         lines.append(f"  problem  {problem}")
     lines.append(f"{len(problems)} problem(s)" if problems else "no problems")
     return lines, len(problems)
+
+
+def setup_problems(jobs: JobFile, model: str | None = None, device: str = "auto") -> list[Problem]:
+    """Problems of the run's model name and device (found without loading anything): with one, no job can be
+    checked on the model."""
+    problems = []
+    try:
+        resolve_device(device)
+    except AttnctlError as error:
+        problems.append(Problem("--device", str(error)))
+    model_problem = _model_problem(model or jobs.model or default_model())
+    if model_problem:
+        problems.append(Problem("--model" if model else jobs.path, model_problem))
+    return problems
 
 
 def _model_problem(name: str) -> str | None:
@@ -891,7 +921,8 @@ def check_jobs(jobs: JobFile, model: str | None = None, *, device: str = "auto",
                 lines.append(f"  ok  {job.place} job {job.id!r} resolves on {name}")
     finally:
         loaded.release()
-    lines.append(f"check: {problems} problem(s) on {name}" if problems else f"check: every job resolves on {name}")
+    every = "every valid job" if jobs.invalid else "every job"
+    lines.append(f"check: {problems} problem(s) on {name}" if problems else f"check: {every} resolves on {name}")
     return lines, problems
 
 
@@ -906,5 +937,5 @@ def iter_images(out: str) -> Iterator[str]:
 
 __all__ = [
     "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records", "plan",
-    "read_records", "render", "shard",
+    "read_records", "render", "setup_problems", "shard",
 ]

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -647,6 +647,20 @@ class AttentionMapResult:
                 raise MissingWordError(_missing_word(item, self.words))
             return self.maps[:, self.words.index(item)]
         return _WordMaps({word: self.maps[item, w] for w, word in enumerate(self.words)})
+
+    def select_images(self, indices: Sequence[int]) -> AttentionMapResult:
+        """The result of images `indices` only, in that order (maps, grid maps, prompts, contributions, pictures):
+        what a caller keeps of a call that rendered rows it does not return (`Model.generate` with ReferenceAttention
+        keeps row 1 of `[reference, image]`)."""
+        rows = list(indices)
+        bad = [i for i in rows if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self)]
+        if bad:
+            raise ConfigError(f"select_images: indices must be image positions in [0, {len(self)}), got {bad[0]!r}")
+        return replace(self, maps=self.maps[rows], grid_maps=self.grid_maps[rows],
+                       prompts=tuple(self.prompts[i] for i in rows),
+                       contributions=tuple(self.contributions[i] for i in rows),
+                       images=[self.images[i] for i in rows] if self.images is not None and len(self.images) == len(self) else None,
+                       _pictures=None)
 
     def normalized(self) -> torch.Tensor:
         """Every map scaled to [0, 1] by its own maximum (all-zero maps stay zero); on video, by the maximum over
