@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import attnctl
 from attnctl.controls.guidance import sag as sag_module
 from attnctl.families import adapter_for
+from attnctl.processors.chain import own_rows
 from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS, make_tiny_pipeline
 
@@ -578,8 +579,9 @@ def test_second_pass_frames_are_marked():
 
 @dataclass(frozen=True)
 class QKLog(attnctl.Control, type_name="test-qk-log"):
-    """Records q and k of its layers as the attention op receives them, in the pipeline's own denoiser calls (listed
-    first: its hook is the outermost, so it sees the layer call's own rows)."""
+    """Records q and k of its layers' own rows as the attention op receives them, in the pipeline's own denoiser calls.
+    Prompt-to-Prompt's link sits outside the other hooks (`LayerHook.links_rows`) and runs them on the call's rows plus
+    copies of its edited rows, each row's own first (`processors.chain.own_rows`): the log keeps the call's rows."""
 
     layers: object = None
     log: list = field(default_factory=list, compare=False, hash=False)
@@ -589,7 +591,8 @@ class QKLog(attnctl.Control, type_name="test-qk-log"):
 
         class _Hook(LayerHook):
             def attend(self, call, q, k, v, spec, compute):
-                control.log.append((q.detach().clone(), k.detach().clone(), call.geometry.image_slice))
+                rows = list(own_rows(call, range(len(call.frame.rows.rows))))
+                control.log.append((q[rows].detach().clone(), k[rows].detach().clone(), call.geometry.image_slice))
                 return compute(q, k, v, spec)
 
         class _Bound(attnctl.Bound):

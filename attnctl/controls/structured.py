@@ -332,6 +332,8 @@ class _ValueHook(LayerHook):
     """The cond rows' text values averaged with the phrases' (`rows` / `prompts`: the frame's cond rows and their
     prompt rows; `plan`: the layer's (keep, add), both made by the edit)."""
 
+    edits_values: ClassVar[bool] = True
+
     def __init__(self, bound: StructuredBound, rows: tuple[int, ...], prompts: tuple[int, ...], plan: Any = None):
         self.bound = bound
         self.rows = rows

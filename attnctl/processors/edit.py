@@ -4,10 +4,11 @@ Kernel-level changes (per-key bias and value scale, label masks, windows, sparse
 go to the backend through `AttentionSpec`. Changes a kernel cannot express (perturbed rows, query
 transforms, caches, token reduction, extra contexts) are `LayerHook`s, called by the processor at fixed
 stages. Several controls on one layer merge their edits: biases add, value scales multiply, hooks run in
-control order (but for `LayerHook.inside_others` and `LayerHook.innermost` hooks, nearest the op in that order). What a control does to a layer is declared once, as effects (`EFFECT_TABLE`: what each
-needs from the backend, and which cannot be shared): `apply` refuses controls whose effects conflict on a
-shared layer (`CONFLICTS`), and an explicit backend that lacks a feature they need, before anything is
-installed.
+control order (but for `LayerHook.edits_values` and `LayerHook.links_rows` hooks, outermost in that order, and
+`LayerHook.inside_others` and `LayerHook.innermost` hooks, nearest the op in that order). What a control does to
+a layer is declared once, as effects (`EFFECT_TABLE`: what each needs from the backend, and which cannot be
+shared): `apply` refuses controls whose effects conflict on a shared layer (`CONFLICTS`), and an explicit backend
+that lacks a feature they need, before anything is installed.
 """
 
 from __future__ import annotations
@@ -192,6 +193,16 @@ class LayerHook:
     #: per-row edits (Regions' region prompts and base blend, Prompt-to-Prompt's links of perturbed copies) then
     #: reach those rows too, as their definitions say, instead of only when listed first.
     inside_others: ClassVar[bool] = False
+    #: True: the hook's `attend` sits outside every other hook's but the `edits_values` ones, whatever the control
+    #: order. For hooks that make some rows attend with other rows' queries and keys (Prompt-to-Prompt's links): the
+    #: attention the other controls add from a row's queries (Regions' region prompts) is then linked too, as the
+    #: link's definition says of the row's cross-attention, and a row the link runs in parts (refine's own part, one
+    #: more copy of the row) is still one row to them (`processors.chain.own_rows`).
+    links_rows: ClassVar[bool] = False
+    #: True: the hook's `attend` sits outside every other hook's, whatever the control order. For hooks that change
+    #: the values a row attends to as that row's own (Structured Diffusion Guidance's averaged values): a
+    #: `links_rows` hook then maps and splits the changed values, as it does a row's own.
+    edits_values: ClassVar[bool] = False
 
     def reuse(self, call: AttentionCall, hidden: torch.Tensor, context: torch.Tensor | None) -> Any | None:
         """Return a module result to skip the whole computation (cached attention), or None."""
@@ -269,5 +280,6 @@ def merge_edits(edits: list[Edit], where: str) -> Edit | None:
     hooks: list[LayerHook] = []
     for edit in edits:
         hooks.extend(edit.hooks)
-    hooks.sort(key=lambda hook: (hook.innermost, hook.inside_others))  # stable: control order otherwise
+    # outermost first: value edits, row links, the others, `inside_others`, `innermost`; stable: control order otherwise
+    hooks.sort(key=lambda hook: (hook.innermost, hook.inside_others, not hook.edits_values, not hook.links_rows))
     return Edit(kernel, tuple(hooks))

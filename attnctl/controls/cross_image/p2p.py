@@ -833,6 +833,8 @@ class _LinkHook(LayerHook):
     """The linked attention of one layer and step: see the module docstring. `plan`: the links of the frame's rows,
     made with the edit for a compiled forward (looked up by rows in the hook, dynamo would guard on the lookup)."""
 
+    links_rows: ClassVar[bool] = True
+
     def __init__(self, bound: PromptToPromptBound, layer: LayerInfo, cross: bool, self_: bool, capture: bool,
                  window: Any = "all", plan: Any = _UNSET):
         self.bound, self.layer = bound, layer

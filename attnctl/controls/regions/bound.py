@@ -412,7 +412,11 @@ class CrossHook(LayerHook):
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         out, lse = compute(q, k, v, spec)
-        cond = self.cond if self.cond is not None and call.row_source is None else call.rows.indices("cond")
+        parts: tuple[int, ...] = ()
+        if self.cond is not None and call.row_source is None:
+            cond = self.cond
+        else:
+            cond, parts = _first_and_parts(call.rows.indices("cond"), call.row_source)
         if not cond:
             return out, lse
         bound = self.bound
@@ -449,7 +453,26 @@ class CrossHook(LayerHook):
             total.index_add_(2, chunk.index.reshape(-1), part.transpose(1, 2).reshape(batch, heads, count * width, head_dim))
         keep = bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1): 1 - (1 - b) M(x)
         blended = keep * out.index_select(0, rows).float() + (1.0 - bound.base_ratio) * total
-        return out.index_copy(0, rows, blended.to(out.dtype)), lse
+        out = out.index_copy(0, rows, blended.to(out.dtype))
+        if parts:  # the outer hook adds the parts of a row: the base attention's share applies to each
+            index = torch.tensor(parts, dtype=torch.long, device=q.device) if torch.compiler.is_compiling() else bound.index(parts, q.device)
+            out = out.index_copy(0, index, (keep * out.index_select(0, index).float()).to(out.dtype))
+        return out, lse
+
+
+def _first_and_parts(cond: tuple[int, ...], source: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The positions of `cond` rows split into each row's first position and the later ones: an outer hook that holds a
+    row more than once sums its copies (Prompt-to-Prompt's refine on a cross-attention layer: the linked part first,
+    the row's own part after), so the region prompts' attention is added once, at the first (`processors.chain.own_rows`)."""
+    if source is None:
+        return cond, ()
+    first: list[int] = []
+    parts: list[int] = []
+    seen: set[int] = set()
+    for position in cond:
+        (parts if source[position] in seen else first).append(position)
+        seen.add(source[position])
+    return tuple(first), tuple(parts)
 
 
 # -- joint attention ---------------------------------------------------------------------------------------------
