@@ -259,7 +259,8 @@ class BindContext:
     # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
     prompt_arguments: tuple[dict[str, Any], ...] = ()
     # `encode_prompts(texts, trim=False)`: extra prompts encoded as the pipeline encodes its own prompt in this call
-    # (`trim`: cut after the longest prompt's last token, where `ModelAdapter.padded_text_tokenizer` says how)
+    # (`trim`: cut after the longest prompt's last token, where `ModelAdapter.padded_text_tokenizer` says how); the
+    # handle keeps the embeddings for later calls while nothing they depend on changes (`pipelines.prompts.PromptCache`)
     encode_prompts: Callable[..., EncodedText] = field(default=_no_handle, compare=False, repr=False)
     # `wrap_method(obj, name, make, innermost=False)`: an instance-level wrap for this pipeline call, owned by the
     # handle (undone at the end of the call, or by `handle.remove()`); on top of the call's other wraps of that

@@ -24,6 +24,10 @@ sys.modules[_SPEC.name] = bench
 _SPEC.loader.exec_module(bench)
 
 MODELS = ("tiny-sd", "tiny-flux")
+#: A family whose text encoder gives a padding mask, with the controls that encode extra prompts with it: Qwen-Image's
+#: `encode_prompt` (Qwen2.5-VL) reads the mask on the host, so a control that encodes its prompts again at every call
+#: adds host synchronisations (Regions did: 2 is_nonzero, 1 boolean-mask index, 1 tolist per call).
+MASKED_TEXT = ("tiny-qwenimage", ("regions", "regions+isolate", "rw+regions+pag"))
 
 #: Controls that need a host synchronisation by their definition (README, "Host synchronisations").
 SYNC_EXEMPT = {
@@ -34,6 +38,9 @@ SYNC_EXEMPT = {
     # Attend-and-Excite's iterative refinement (Chefer et al. 2023), at its refinement steps only: after each
     # iteration each image's loss is compared with the step's target to decide whether the next one runs.
     "attend-excite": "iterative refinement tests the loss against its target on the host after each iteration",
+    # AttentionMaps hands its maps to the user as CPU tensors (AttentionMapResult.maps, grid_maps): two copies to the
+    # host once per call, when it finishes (after the denoising loop)
+    "maps": "the result is copied to the host at the end of the call",
 }
 
 
@@ -61,14 +68,30 @@ def test_counter_sees_host_synchronisations(read):
 
 def test_counter_counts_copies_to_a_device():
     x = torch.arange(4.0)
+    device = torch.device("cpu")  # the call's device, as attnctl's code has it (`q.device`, `context.device`)
     with CostCounter() as counter:
         torch.tensor([1.0, 2.0], device="cpu")
-        x.to("cpu")
-        x.to(device=torch.device("cpu"))
-        x.to("cpu", non_blocking=True)  # not counted: no sync from pinned memory
+        x.to(device)
+        x.to(device=device)
+        x.to(device, non_blocking=True)  # not counted: no sync from pinned memory
         x.to(torch.float16)  # a cast, not a copy between devices
         torch.ones(2, device="cpu")  # made on the device
     assert counter.copies_in == 3, counter.copy_ops
+    assert counter.syncs == 0, counter
+
+
+@pytest.mark.parametrize(("read", "name"), [
+    (lambda x: x.cpu(), "cpu()"), (lambda x: x.to("cpu"), "to(cpu)"), (lambda x: x.to(device="cpu"), "to(cpu)"),
+    (lambda x: x.to("cpu", torch.float16), "to(cpu)"), (lambda x: x.sum().item(), "item"), (lambda x: x.tolist(), "tolist"),
+])
+def test_counter_counts_copies_to_the_host_once(read, name):
+    """A copy to the host (`.cpu()`, `.to("cpu")`) is a device-to-host sync on a GPU; on a CPU tensor it dispatches
+    nothing, so it is counted by the call. `.item()` counts once (not again as its `_local_scalar_dense`)."""
+    x = torch.arange(4.0)
+    with CostCounter() as counter:
+        read(x)
+    assert dict(counter.sync_ops) == {name: 1}, counter
+    assert counter.copies_in == 0, counter.copy_ops
 
 
 def test_counter_is_quiet_on_device_side_selection():
@@ -84,7 +107,7 @@ def test_counter_is_quiet_on_device_side_selection():
 # -- the pipeline targets ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stock_costs(tiny_cache):
-    return {model: bench.measure(tiny_cache(model), model, "stock", None) for model in MODELS}
+    return {model: bench.measure(tiny_cache(model), model, "stock", None) for model in (*MODELS, MASKED_TEXT[0])}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -120,6 +143,9 @@ def _cases():
         for name, make in bench.controls(model).items():
             if make is not None:
                 yield pytest.param(model, name, id=f"{model}-{name}")
+    model, names = MASKED_TEXT
+    for name in names:
+        yield pytest.param(model, name, id=f"{model}-{name}")
 
 
 @pytest.mark.parametrize(("model", "name"), list(_cases()))

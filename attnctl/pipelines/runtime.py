@@ -33,7 +33,7 @@ from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepInfo
 from ..tokens import PromptTokens
 from .denoiser import rebatch
-from .prompts import encode_prompts
+from .prompts import PromptCache, encode_prompts
 from .protocol import CallProtocol, PromptRecord, base_rows, branch_text_len, encoder_prompts, sequential_branch
 
 
@@ -127,6 +127,7 @@ class Runtime:
         self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
         self._plans: tuple[DenoiserCall, list[RowPlan]] | None = None  # the active bound controls' plans of a frame
         self._handle_caches: dict[int, dict[Any, Any]] = {}  # control position -> its cache for the handle's life
+        self._prompts = PromptCache(skip=(adapter.denoiser, *adapter.experts.values()))  # extra prompts, encoded once
         self.differentiable = 0  # >0 while a control's loss pass runs: backends autograd can differentiate only
         self.extra_forward: Any = None  # the denoiser hooks' `call_with` (set by DenoiserHooks)
 
@@ -430,6 +431,7 @@ class Runtime:
         tokens = PromptTokens(cond_prompts, prompt_rows, text_lens["cond"], "cond") if cond_prompts else None
         negative = PromptTokens(uncond_prompts, prompt_rows, text_lens["uncond"], "uncond") if uncond_prompts else None
         sample = next((v for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
+        self._prompts.begin_call()
         context = BindContext(
             adapter=self.adapter,
             canvas=canvas,
@@ -449,7 +451,7 @@ class Runtime:
             prompt_arguments=tuple(call.encode_calls),
             encode_prompts=functools.partial(
                 encode_prompts, pipe, self.adapter, call.encode_calls[0] if call.encode_calls else {},
-                sample.device if sample is not None else torch.device("cpu"), self.internal_calls,
+                sample.device if sample is not None else torch.device("cpu"), self.internal_calls, cache=self._prompts,
             ),
             wrap_method=self.wrap_for_call,
             call_images=lambda: call.images,

@@ -15,7 +15,8 @@ in `_FREE`. `syncs` counts what makes the host wait for the device when the tens
   `float(t)`, `torch.equal`, `.tolist()`, `.numpy()`;
 - data-dependent shapes: `nonzero`, `masked_select`, `unique`, indexing with a boolean mask,
   `repeat_interleave` without `output_size`;
-- copies of a tensor to the CPU (`_to_copy` / `copy_` from another device, `.cpu()` of a device tensor).
+- copies of a tensor to the CPU: `.cpu()` and `.to("cpu")` (the device named by a string) by the call, whatever
+  the tensor's device, since on a CPU machine they dispatch nothing; `_to_copy` / `copy_` from another device.
 
 `copies_in` counts, apart, the calls that copy host data to a named device: `torch.tensor(..., device=d)`,
 `torch.as_tensor(..., device=d)` and `tensor.to(d)` / `.to(device=d)` / `.cuda()` without `non_blocking=True`.
@@ -23,9 +24,13 @@ On CUDA a blocking copy from pageable host memory synchronises the stream; on a 
 no-ops, so they are counted by the call, whatever the tensor's device (a `.to(d)` of a tensor already on `d`
 counts too: compare with stock).
 
-On a CPU machine every tensor is on the CPU, so a read such as `.tolist()` or `.item()` counts whatever the
-tensor's device: the tests compare a control's counts with stock's, and a control that reads tensor values
-on the host during a pipeline call would sync on a GPU unless the tensor was made on the host.
+On a CPU machine every tensor is on the CPU, so a read such as `.tolist()` or `.item()`, or a copy such as
+`.cpu()`, counts whatever the tensor's device: the tests compare a control's counts with stock's, and a control
+that reads tensor values on the host during a pipeline call would sync on a GPU unless the tensor was made on the
+host. These four are counted at the Python level (`TorchFunctionMode`), once per call, whatever they dispatch.
+`.to(d)` with `d` a `torch.device` is taken as a copy to the call's device (`copies_in`), what it is in attnctl's
+code (`.to(q.device)`), even where `d` is the CPU: on a CPU machine the call's device is the CPU, and only the
+string form says "to the host" there.
 
 Imports only torch (a low layer: attnctl.testing).
 """
@@ -53,8 +58,11 @@ _DATA_SHAPES = {
 #: Pure metadata operations, never a kernel launch.
 _FREE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
 
-#: Python-level tensor methods that read values to the host without an aten operation on a CPU tensor.
-_FUNCTION_READS = {torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy"}
+#: Python-level tensor methods that read values or copy a tensor to the host (on a CPU tensor `.tolist()`, `.numpy()`
+#: and `.cpu()` dispatch nothing, `.item()` a `_local_scalar_dense` that is then not counted again).
+_FUNCTION_READS = {
+    torch.Tensor.tolist: "tolist", torch.Tensor.numpy: "numpy", torch.Tensor.item: "item", torch.Tensor.cpu: "cpu()",
+}
 
 
 def _sync_name(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -94,9 +102,20 @@ class _Dispatch(TorchDispatchMode):
         if not func.is_view and func not in _FREE:
             counter.op_names[func.__name__] += 1
             sync = _sync_name(func, args, kwargs)
-            if sync is not None:
+            if sync is not None and not counter.quiet:
                 counter.sync_ops[sync] += 1
         return func(*args, **kwargs)
+
+
+def _named_host(device: Any) -> bool:
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
+def _function_sync(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    name = _FUNCTION_READS.get(func)
+    if name is None and func is torch.Tensor.to and (_named_host(kwargs.get("device")) or (len(args) > 1 and _named_host(args[1]))):
+        name = "to(cpu)"
+    return name
 
 
 def _copy_in(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -105,7 +124,8 @@ def _copy_in(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | 
     if func is torch.Tensor.cuda:
         return None if kwargs.get("non_blocking") else "cuda"
     if func is torch.Tensor.to and not kwargs.get("non_blocking"):
-        named = kwargs.get("device") is not None or any(isinstance(a, (str, torch.device)) for a in args[1:])
+        device = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+        named = device is not None and not _named_host(device)  # "cpu": a copy to the host (`_function_sync`)
         if len(args) > 2 and args[-1] is True and not isinstance(args[1], torch.dtype):  # to(device, dtype, True)
             return None
         return "to(device)" if named else None
@@ -119,13 +139,19 @@ class _Function(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = _FUNCTION_READS.get(func)
-        if name is not None:
-            self.counter.sync_ops[name] += 1
+        counter = self.counter
         copy = _copy_in(func, args, kwargs)
         if copy is not None:
-            self.counter.copy_ops[copy] += 1
-        return func(*args, **kwargs)
+            counter.copy_ops[copy] += 1
+        name = _function_sync(func, args, kwargs)
+        if name is None:
+            return func(*args, **kwargs)
+        counter.sync_ops[name] += 1
+        counter.quiet += 1  # what it dispatches (`_local_scalar_dense`, a `_to_copy` to the CPU) is this one sync
+        try:
+            return func(*args, **kwargs)
+        finally:
+            counter.quiet -= 1
 
 
 class CostCounter:
@@ -135,6 +161,7 @@ class CostCounter:
         self.op_names: Counter[str] = Counter()
         self.sync_ops: Counter[str] = Counter()
         self.copy_ops: Counter[str] = Counter()
+        self.quiet = 0  # >0 inside a sync counted at the Python level: its dispatched operations are not counted again
         self._modes: list[Any] = []
 
     @property

@@ -605,7 +605,7 @@ def _video_to_pil(result: Any) -> list[list[Any]] | None:
 # -- the result ---------------------------------------------------------------------------------------------
 @dataclass
 class AttentionMapResult:
-    """Per-image, per-word attention maps of one pipeline call (`handle.outputs["attention_maps"]`).
+    """Per-image, per-word attention maps of one pipeline call (`handle.outputs["attention_maps"]`), on the CPU.
 
     `maps` (images, words, height, width): the sums over layers and steps (of each layer's heads summed, or
     averaged with `heads="mean"`), resized to the resolution; `grid_maps` the same sums at the finest token grid,
