@@ -147,8 +147,11 @@ class RegionsBound(Bound):
         key = ("embeds", str(device), dtype, expert)
         if key not in self._cache:
             embeds = self.text.embeds.to(device=device, dtype=dtype)
-            with torch.no_grad():
-                self._cache[key] = self.adapter.project_text(embeds, layer)
+            # normal tensors: a latent optimiser's loss pass (autograd on, outside inference mode) projects them with
+            # the layer's weights, which autograd saves; encoded under torch.inference_mode() they could not be saved
+            with torch.inference_mode(False), torch.no_grad():  # in this order: leaving inference mode restores grad
+                projected = self.adapter.project_text(embeds, layer)
+                self._cache[key] = projected.clone() if projected.is_inference() else projected
         return self._cache[key]
 
     def region_keys(self, call: AttentionCall, device: torch.device, q_dtype: torch.dtype, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
