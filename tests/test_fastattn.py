@@ -353,6 +353,24 @@ def test_calibrate_refuses_arguments_the_pipeline_does_not_take_and_empty_prompt
     assert not any(type(p).__module__.startswith("attnctl") for p in pipe.unet.attn_processors.values())
 
 
+def test_calibrate_passes_the_prompts_by_name(tiny_cache):
+    """Flux2KleinPipeline's first argument is `image`: calibrate passed the prompts there ("Provide either 'prompt'
+    or 'prompt_embeds'"); the plan made equals the plan of the calibrating control applied by hand."""
+    from attnctl.testing.new_families import available
+
+    if not available("tiny-flux2"):
+        pytest.skip("diffusers lacks tiny-flux2")
+    pipe = tiny_cache("tiny-flux2")
+    options = dict(_defaults("tiny-flux2"), num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.5), pipe, ["a photo of a cat"], **options)
+    with attnctl.apply(pipe, [attnctl.FastAttn(threshold=0.5)]) as handle:
+        pipe(prompt=["a photo of a cat"], output_type="latent", **dict(options, generator=torch.Generator().manual_seed(0)))
+        by_hand = handle.outputs["fastattn"].plan
+    assert plan.methods == by_hand.methods and plan.counts() != {"full": 3 * len(plan.layers)}
+    with pytest.raises(attnctl.ConfigError, match="`prompt`"):
+        attnctl.calibrate(attnctl.FastAttn(threshold=0.5), pipe, "a cat", prompt="a dog", **options)
+
+
 def test_setups_that_can_only_run_full_attention_warn_idle(tiny_cache):
     """A window on cross-attention layers only, or a plan of full attention everywhere: bitwise stock, and said so
     (they were silent)."""

@@ -319,6 +319,19 @@ def test_generate_is_the_plain_call_and_independent_of_order(tiny_cache):
     assert result.params["seed"] == 7 and result.params["steps"] == 2 and result.params["width"] == 32
 
 
+def test_generate_passes_the_prompt_by_name(tiny_cache):
+    """Flux2KleinPipeline's first argument is `image`: generate passed the prompt there and failed."""
+    from attnctl.testing.new_families import available
+
+    if not available("tiny-flux2"):
+        pytest.skip("diffusers lacks tiny-flux2")
+    pipe = tiny_cache("tiny-flux2")
+    options = dict(CALL_DEFAULTS["tiny-flux2"])
+    stock = pipe(prompt="a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(7), **options).images[0]
+    result = generate(pipe, "a photo of a cat", seed=7, steps=2, **options)
+    assert np.array_equal(np.asarray(result.image), np.asarray(stock))
+
+
 def test_model_keeps_one_handle_per_control_objects_and_restores(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     before = dict(pipe.unet.attn_processors)

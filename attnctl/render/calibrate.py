@@ -31,10 +31,12 @@ def calibrate(control: FastAttn, pipe: Any, prompts: str | Sequence[str], *, bac
             f"attnctl.calibrate: {type(pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
             f"it takes: {', '.join(sorted(named - {'self'}))}"
         )
+    if "prompt" in call_kwargs:
+        raise ConfigError("attnctl.calibrate: the prompts are its `prompts` argument; do not pass `prompt` too")
     control = dataclasses.replace(control, plan=None, window=control.window_size)
     call_kwargs.setdefault("output_type", "latent")
     with apply(pipe, [control], backend=backend) as handle:
-        pipe(prompt, **call_kwargs)
+        pipe(prompt=prompt, **call_kwargs)  # Flux.2 klein takes `image` first
         report = handle.outputs.get(control.key)
     if report is None or report.plan is None:
         raise ConfigError("attnctl.calibrate: the pipeline call ran no denoising step, so no plan was made")

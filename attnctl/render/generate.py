@@ -253,7 +253,7 @@ class Model:
             rows = prompts if len(prompts) > 1 else prompt
             generators = [torch.Generator(device="cpu").manual_seed(0) for _ in prompts]
             try:
-                self.pipe(rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent",
+                self.pipe(prompt=rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent",
                           **(_per_row(kwargs, len(prompts)) if len(prompts) > 1 else kwargs))
             except _Resolved:
                 pass
@@ -291,7 +291,7 @@ class Model:
             return self._referenced(prompts, prompt, seed, controls, kwargs, handle)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
-        result = self.pipe(prompt, generator=generator, output_type="pil", **kwargs)
+        result = self.pipe(prompt=prompt, generator=generator, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
         frames = None
         if hasattr(result, "frames"):  # a video pipeline: per video, its frames as PIL images
@@ -315,7 +315,7 @@ class Model:
 
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
+        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
         seconds = time.perf_counter() - start
         frames = list(result.images)  # a video model was refused before the call (_refuse_video_rows)
         image = strip(frames)
@@ -332,7 +332,7 @@ class Model:
         maps); a report of the whole call (TGate's `CacheReport`) counts both rows, as the call ran them."""
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
+        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
         seconds = time.perf_counter() - start
         image = result.images[1]
         outputs = handle.outputs if handle is not None else {}
