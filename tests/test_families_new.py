@@ -1445,6 +1445,10 @@ def test_zimage_controls_undefined_over_image_padding_are_refused_at_the_call_wi
     stock = generate(pipe, ZIMAGE, prompt=prompts, height=32, width=40)
     with attnctl.apply(pipe, []):
         assert torch.equal(generate(pipe, ZIMAGE, prompt=prompts, height=32, width=40), stock)
+    # idle in the call (a window holding none of its steps; two rows for interpolation): stock, with the idle warning
+    for idle in (attnctl.ConsistentSubjects(subject=(0.0, 0.0, 0.5, 1.0), steps=(0.6, 0.9)), attnctl.AttentionInterpolation()):
+        with attnctl.apply(pipe, [idle]), pytest.warns(attnctl.IdleControlWarning):
+            assert torch.equal(generate(pipe, ZIMAGE, prompt=prompts, height=32, width=40), stock)
 
 
 def test_zimage_separate_perturbed_rows_with_a_negative_prompt_longer_than_the_prompt(wide_zimage):

@@ -395,7 +395,7 @@ class DenoiserHooks:
                     f"{frame.canvas.reference_len} reference-image tokens in its sequence (image=...); not supported with "
                     "reference images"
                 )
-        found = self._undefined_over_references()
+        found = self._undefined_over_references(frame)
         if found is not None:
             control, layer, effects = found
             raise UnsupportedError(
@@ -405,11 +405,16 @@ class DenoiserHooks:
             )
         self._references_checked = runtime.call
 
-    def _undefined_over_references(self) -> tuple[Any, LayerInfo, list[str]] | None:
+    def _undefined_over_references(self, frame: DenoiserCall) -> tuple[Any, LayerInfo, list[str]] | None:
         """The first (control, layer, effects) whose effects are not defined over tokens the processors leave unedited
-        (reference-image tokens, Z-Image's image padding: `REFERENCE_EFFECTS`), or None."""
+        (reference-image tokens, Z-Image's image padding: `REFERENCE_EFFECTS`), or None. A control idle in this call
+        (`Bound.idle_reason`: the handle warns) edits nothing, so it is not refused."""
         runtime, adapter = self.runtime, self.runtime.adapter
+        call = runtime.call
+        bound = call.bound if call is not None and call.num_positions is not None else []
         for position, control in enumerate(runtime.controls):
+            if position < len(bound) and bound[position].idle_reason(frame.step.count) is not None:
+                continue
             for layer in runtime.resolved[position]:
                 effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
                 if effects:
@@ -423,7 +428,7 @@ class DenoiserHooks:
         runtime, adapter = self.runtime, self.runtime.adapter
         if self._padding_checked is runtime.call:
             return
-        found = self._undefined_over_references()
+        found = self._undefined_over_references(frame)
         if found is not None:
             control, layer, effects = found
             canvas = frame.canvas
