@@ -4,7 +4,7 @@ A controlled processor is a plain object (not an nn.Module, so it never enters a
 per layer; where the stock processor holds weights (IP-Adapter) it is an nn.Module holding those same
 weights under the same names, so the state_dict is the stock one (`make_processor`). It recomputes q, k, v exactly as the stock processor it replaces, asks the runtime for the
 layer's edit, and calls one attention op. With no edit it makes the stock processor's exact SDPA call, so
-outputs are bitwise identical to stock.
+outputs are bitwise identical to stock (but on the `reference` backend, which computes every layer explicitly).
 """
 
 from __future__ import annotations
