@@ -370,9 +370,10 @@ class ReweightBound(Bound):
         nothing to reweight, bitwise stock (a tested identity: the handle warns)."""
         if self.no_uncond_rows:
             return (
-                "branch='uncond' reweights the negative prompt's rows, and this call has none (no classifier-free "
-                "guidance: guidance_scale <= 1, or Flux without true_cfg_scale and a negative_prompt), so the output is "
-                "the stock one; use branch='cond' or 'both', or enable CFG"
+                "branch='uncond' reweights the negative prompt's rows, and this call has none (the pipeline ran it "
+                "without classifier-free guidance: e.g. guidance_scale <= 1 on SD, <= 0 on Z-Image; Flux and Qwen-Image "
+                "need true_cfg_scale > 1 and a negative_prompt), so the output is the stock one; use "
+                "branch='cond' or 'both', or enable CFG"
             )
         return super().idle_reason(count)
 
