@@ -200,7 +200,7 @@ def measure_shape(name: str, shape: tuple, dtype: torch.dtype, device: torch.dev
 def _tiles(q: torch.Tensor, head_dim: int) -> tuple[int, int]:
     from attnctl.kernels import triton_attention as ta
 
-    config = ta.default_config(q, head_dim)
+    config = ta.default_config(q.dtype, head_dim, q.device.type == "cuda")
     return config.block_m, config.block_n
 
 

@@ -1,16 +1,27 @@
-"""Every Triton kernel compiles for real GPU targets (sm_80, sm_90), on this CPU-only machine.
+"""Every Triton kernel compiles for real GPU targets (sm_80, sm_90), on this CPU-only machine, as the runtime launches it.
 
 The interpreter (TRITON_INTERPRET=1, set by conftest.py for the other kernel tests) accepts code that a GPU
 compile rejects: issue #15's kernels read a plain module float and failed on every GPU while CI passed. Here
-`attnctl.kernels.triton_aot` compiles the kernels to cubin with `triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))` in a subprocess with TRITON_INTERPRET=0 and a fresh, empty cache. The
-variants come from the launchers' own declarations (SWITCHES, FIXED, TILE_CONSTEXPRS, `launchable`), and
-`check_declarations` fails when a kernel has a constexpr its launcher does not declare.
+`attnctl.kernels.triton_aot` compiles the kernels to cubin in a subprocess with TRITON_INTERPRET=0 and a fresh,
+empty cache: the launches the triton backend makes for the real families' shapes (SD 1.5 at head dims 40 / 80 / 160,
+SD 2 / SDXL / SD3 at 64, PixArt at 72, Flux / Qwen-Image / Z-Image / Wan at 128; 77, 120, 154, 256, 333 and 512 text
+tokens; every control's call), built by the launchers themselves (`launch`: tiles, arguments, label layouts, block
+lists) and compiled through `JITFunction.warmup` with a Triton driver that reports the GPU, so Triton's own binder
+specialises them as at runtime (unit strides become the constant 1, sizes and strides divisible by 16 get the hint:
+head dim 40 and 64 compile to different code, 25,088 and 66,048 bytes of shared memory on sm_90). Each compile's
+shared memory is checked against the limit of every GPU that runs it (sm_80's against sm_80 and the 99 KiB of sm_86 /
+sm_89, sm_90's against sm_90). `check_declarations` fails when a kernel has a constexpr its launcher does not declare.
 
-Default: per arch, every switch value of every kernel and every dtype / head-dim class at least once (18
-compiles, about 2 minutes of one core). The slow test compiles every launchable switch combination of every
-kernel for both archs (`--set product`, 2976 compiles, about 5 hours of one core); it runs only with
-ATTNCTL_COMPILE_ALL=1 (ATTNCTL_COMPILE_SHARD=i/n runs every n-th variant from the i-th).
+Default (`--set runtime`): per arch one launch per tile configuration of the real families (kernel, dtype, BLOCK_D,
+BLOCK_M, BLOCK_N, warps, stages, PLADIS layout: 35 in all), sm_80 in fp16 and fp32, sm_90 in bf16 and fp32 (fp16 and
+bf16 take the same tiles), chosen so that every switch value of every kernel is compiled on both: 46 compiles, about
+4 minutes of one core. The tightest fits are the 128 x 64 tiles at head dims 72-128 in fp16 (8 warps, 3 stages):
+98,304 bytes (PLADIS streaming, 3,072 under sm_86's limit) to 99,072 (the label kernel at head dim 80, 2,304 under);
+sm_90 needs at most 164,608. Known over sm_86 / sm_89 (`known_over_limit`, reported, not failed): a model mask at
+head dim 128 in fp16 / bf16 (Qwen-Image), 131,584 / 131,840 bytes. Opt-in (ATTNCTL_COMPILE_ALL=1): every launch of
+the runtime matrix (13 families x 3 dtypes x their calls), one per Triton cache key per arch (`--set runtime-all`,
+924 compiles), and every launchable switch combination of every kernel from the declarations (`--set product`, 2976
+compiles, about 5 hours of one core); ATTNCTL_COMPILE_SHARD=i/n runs every n-th from the i-th.
 """
 
 from __future__ import annotations
@@ -92,7 +103,7 @@ def test_launcher_passes_only_declared_switch_values():
         assert set(switches) == (set(ta.SWITCHES) - {"RETURN_LSE"}) | set(ta.TILE_CONSTEXPRS)
 
 
-@pytest.mark.parametrize("which", ["default", "product"])
+@pytest.mark.parametrize("which", ["switches", "product"])
 def test_variant_sets_cover_every_switch_value_dtype_and_head_dim(which):
     for arch in triton_aot.ARCHS:
         chosen = [v for v in triton_aot.variants(which) if v.arch == arch]
@@ -111,19 +122,96 @@ def test_variant_sets_cover_every_switch_value_dtype_and_head_dim(which):
             assert len(combos) == len(triton_aot._all_combinations(decl))
 
 
+def _expected_tiles(dtype, head_dim: int, keys: int) -> set[tuple]:
+    """The tiles of the three kernels for a head dim, dtype and cross-attention key length, from the launchers'
+    documented rules: `cuda_config` for the dense and label kernels and PLADIS's streaming layout; PLADIS's one-tile
+    layout (the whole key row, BLOCK_M 32, 4 warps) while the key row fits a 128-key tile of at most 64 KiB of K."""
+    import torch
+
+    from attnctl.kernels import triton_sparse as ts
+
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    c = ta.cuda_config(dtype, head_dim)
+    tiles = {(kernel, name, block_d, c.block_m, c.block_n, c.num_warps, c.num_stages, "") for kernel in ("_attn_fwd", "_label_attn_fwd")}
+    block_n = max(16, 1 << (keys - 1).bit_length())
+    if block_n <= 128 and block_n * block_d * dtype.itemsize <= 65536:
+        tiles.add(("_sparse_attn_fwd", name, block_d, min(c.block_m, 32), block_n, 4, c.num_stages, "one-tile"))
+    else:
+        tiles.add(("_sparse_attn_fwd", name, block_d, c.block_m, c.block_n, c.num_warps, c.num_stages, ""))
+    assert ts.one_tile(keys, head_dim, dtype.itemsize) == (block_n <= 128 and block_n * block_d * dtype.itemsize <= 65536)
+    return tiles
+
+
+def test_runtime_default_compiles_every_tile_of_the_real_families():
+    """The default set holds every tile configuration the launchers pick for the real families (head dims 40 / 64 /
+    72 / 80 / 128 / 160; cross-attention keys 77 and 120 in one PLADIS tile, 154, 512 and joint rows streamed; fp16,
+    bf16, fp32): all 35 across the two archs, every tile layout on each arch, and every switch value of every kernel
+    on each arch. Before, the default (`variants("default")`) held 4 of them."""
+    import torch
+
+    from attnctl.kernels import triton_backend
+
+    expected = set()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim, keys in ((40, 77), (64, 77), (72, 120), (80, 77), (160, 77), (160, 154), (128, 512), (64, 4429)):
+            expected |= _expected_tiles(dtype, head_dim, keys)
+    assert len(expected) == 35
+    matrix = {triton_aot.tile_configuration(triton_aot.runtime_launch(case)) for case in triton_aot.runtime_cases()}
+    assert matrix == expected
+    compiled = set()
+    for arch in triton_aot.ARCHS:
+        cases = triton_aot.runtime_default(arch)
+        launches = [triton_aot.runtime_launch(case) for case in cases]
+        tiles = [triton_aot.tile_configuration(launch) for launch in launches]
+        codes = {(tile, tuple(sorted(launch.options.items()))) for tile, launch in zip(tiles, launches, strict=True)}
+        assert len(codes) == len(cases), arch  # no two launches compile the same code
+        assert {(t[0], *t[2:]) for t in tiles} == {(t[0], *t[2:]) for t in expected}, arch  # every tile layout
+        compiled |= set(tiles)
+        for case, launch in zip(cases, launches, strict=True):  # the launch is the backend's
+            q, k, v, spec = triton_aot.runtime_call(case)
+            assert launch.name == triton_backend.kernel_for(spec.features())
+        for name, decl in triton_aot.kernels().items():
+            covered = {(key, value) for launch in launches if launch.name == name for key, value in launch.options.items()}
+            wanted = {(key, value) for key, values in decl.switches.items() for value in values}
+            assert wanted <= covered, (arch, name, wanted - covered)
+    assert compiled == expected
+
+
 # --- compiling ---------------------------------------------------------------------------------------------
 
 
 @needs_ptxas
 @pytest.mark.parametrize("arch", triton_aot.ARCHS, ids=lambda a: f"sm_{a}")
-def test_default_variants_compile_to_cubin(arch, tmp_path):
-    expected = [v.label() for v in triton_aot.variants("default", (arch,))]
-    rc, records, stderr = _run_aot(tmp_path, "--set", "default", "--arch", str(arch), timeout=900)
+def test_runtime_launches_compile_to_cubin_within_shared_memory(arch, tmp_path):
+    """The default set's launches compile to cubin with the runtime's specialisation, within the shared memory of
+    every GPU that runs them (sm_80's compile: sm_80, sm_86, sm_89)."""
+    expected = triton_aot.labels("runtime", (arch,))
+    rc, records, stderr = _run_aot(tmp_path, "--set", "runtime", "--arch", str(arch), timeout=900)
     assert records and records[0] == {"declarations": []}, (records[:1], stderr)
     compiled = [r for r in records if "variant" in r]
     assert not _failures(compiled), "\n".join(_failures(compiled))
     assert [r["variant"] for r in compiled] == expected, stderr
     assert all("cubin" in r["stages"] and "ptx" in r["stages"] for r in compiled)
+    limits = {80: ("sm_80", "sm_86", "sm_89"), 90: ("sm_90",)}[arch]
+    assert all(set(r["limits"]) == set(limits) and r["margin"] == min(r["limits"].values()) - r["shared"] for r in compiled)
+    known = [r for r in compiled if "known_over" in r]  # over sm_86 / sm_89 only, by `known_over_limit`: reported
+    assert all(r["margin"] >= 0 for r in compiled if r not in known)
+    assert all(r["shared"] <= r["limits"][f"sm_{arch}"] for r in compiled)
+    # diffusers' (B, N, H, D) projections transposed to (B, H, N, D): the head dim has unit stride, which Triton's
+    # binder makes the constant 1; a head dim of 40 is not divisible by 16, 64 is
+    for r in compiled:
+        assert {"stride_qd", "stride_kd", "stride_vd", "stride_od"} <= set(r["ones"]), r["variant"]
+    d40 = [r for r in compiled if " sd15-64x64 " in r["variant"]]
+    d64 = [r for r in compiled if any(f" {family} " in r["variant"] for family in ("sd2-96x96", "sdxl-64x64", "sd3-64x64"))]
+    assert d40 and all("HEAD_DIM" not in r["div16"] for r in d40)
+    assert d64 and all("HEAD_DIM" in r["div16"] for r in d64)
+    tightest = min((r for r in compiled if r not in known), key=lambda r: r["margin"])
+    print(f"\nsm_{arch}: {len(compiled)} launches in {sum(r['seconds'] for r in compiled):.0f} s; largest shared memory "
+          f"{max(r['shared'] for r in compiled)} B; tightest {tightest['variant']}: {tightest['shared']} B, "
+          f"{tightest['margin']} B under {min(tightest['limits'], key=tightest['limits'].get)}")
+    for r in known:
+        print(f"known: {r['variant']}: {r['shared']} B, {r['known_over']}")
     assert rc == 0, stderr
 
 
@@ -181,6 +269,27 @@ def test_every_switch_combination_compiles(tmp_path):
     seconds = sum(r["seconds"] for r in compiled)
     print(f"\ncompiled {len(compiled)} of {len(expected)} variants (shard {shard}) in {seconds:.0f} s of compile time; "
           f"slowest {max((r['seconds'] for r in compiled), default=0):.1f} s")
+    assert not _failures(compiled), "\n".join(_failures(compiled)[:20])
+    assert [r["variant"] for r in compiled] == expected, stderr
+    assert rc == 0, stderr
+
+
+@needs_ptxas
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ATTNCTL_COMPILE_ALL") != "1", reason="every runtime launch (924 compiles, hours on one core): set ATTNCTL_COMPILE_ALL=1")
+def test_every_runtime_launch_compiles(tmp_path):
+    """Every launch of the runtime matrix (every family, dtype and call), one per Triton cache key per arch, compiles
+    within the shared memory of the GPUs that run it (`--set runtime-all`, sm_80 and sm_90)."""
+    shard = os.environ.get("ATTNCTL_COMPILE_SHARD", "0/1")
+    index, count = (int(x) for x in shard.split("/"))
+    listing = subprocess.run([sys.executable, "-m", "attnctl.kernels.triton_aot", "--set", "runtime-all", "--list"],
+                             env=_compile_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    labels = [line for line in listing.stdout.splitlines() if line and not line.startswith("{")]
+    expected = [label for i, label in enumerate(labels) if i % count == index]
+    rc, records, stderr = _run_aot(tmp_path, "--set", "runtime-all", "--shard", shard, timeout=24 * 3600)
+    compiled = [r for r in records if "variant" in r]
+    print(f"\ncompiled {len(compiled)} launches (shard {shard}) in {sum(r['seconds'] for r in compiled):.0f} s; known over "
+          f"sm_86: {[r['variant'] for r in compiled if 'known_over' in r]}")
     assert not _failures(compiled), "\n".join(_failures(compiled)[:20])
     assert [r["variant"] for r in compiled] == expected, stderr
     assert rc == 0, stderr

@@ -1,26 +1,35 @@
 """Ahead-of-time compilation of every Triton kernel for real GPU targets, on a machine without a GPU.
 
-`triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))` runs Triton's
-whole pipeline (ttir, ttgir, llir, ptx, and cubin with the ptxas that ships in the triton wheel) on the CPU.
-The interpreter (`TRITON_INTERPRET=1`, the CPU tests) accepts code a GPU compile rejects, e.g. a kernel that
-reads a plain module float (issue #15); this compile does not.
+Triton's whole pipeline (ttir, ttgir, llir, ptx, and cubin with the ptxas that ships in the triton wheel) runs on the
+CPU for a `GPUTarget("cuda", arch, 32)`. The interpreter (`TRITON_INTERPRET=1`, the CPU tests) accepts code a GPU
+compile rejects, e.g. a kernel that reads a plain module float (issue #15); this compile does not.
 
-Each launcher module declares what it can launch, and everything here is derived from that:
+The default set (`runtime`) compiles the launches the runtime makes: for the real families' attention shapes
+(`FAMILIES`) and the controls' calls (`CALLS`), the triton backend's launcher builds the launch itself
+(`triton_backend.launcher_for(spec).launch`: its tiles, arguments, label layouts and block lists), and
+`JITFunction.warmup` compiles it with a Triton driver that reports the GPU (`_TargetDriver`): Triton's own binder
+specialises the arguments as at runtime (an int equal to 1 becomes a constant, sizes and strides divisible by 16 and
+aligned pointers get the divisibility hint), which changes the generated code and its shared memory. Each compile's
+shared memory is checked against every GPU that runs that code (`SHARED_BY`: sm_80's compile against sm_80, sm_86 and
+sm_89). Per arch it holds one launch per tile configuration of the real families (`runtime_default`), so that every
+switch value of every kernel is compiled; `runtime-all` holds every launch of the matrix, one per Triton cache key.
+
+The other sets are built from each launcher module's declarations:
 
 - `SWITCHES`: constexpr switch -> every value the launcher passes; `FIXED`: constexprs with one value;
   `TILE_CONSTEXPRS`: the constexprs its tile configuration sets; `launchable(switches)`: the combinations the
   launcher can produce;
-- `POINTERS` / `FLOATS`: argument types (every other argument is an int32 size or stride).
+- `POINTERS` / `FLOATS`: argument types (every other argument is an int32 size or stride, not specialised).
 
 `check_declarations()` fails when a kernel's constexpr parameters are not exactly these declarations, so a
-new switch cannot escape the compile test. `variants("default")` covers, per GPU arch, every switch value of
+new switch cannot escape the compile test. `variants("switches")` covers, per GPU arch, every switch value of
 every kernel, every dtype and every head-dim class at least once; `variants("product")` every launchable
 switch combination of every kernel; `variants("full")` also crosses those with every dtype and head dim.
 
 The jit functions must be real `JITFunction`s: run this module with `TRITON_INTERPRET=0` (in a subprocess
 when the interpreter is on in the caller, as in the tests):
 
-    TRITON_INTERPRET=0 python -m attnctl.kernels.triton_aot --set default --arch 80,90
+    TRITON_INTERPRET=0 python -m attnctl.kernels.triton_aot --set runtime --arch 80,90
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -37,14 +47,23 @@ from types import ModuleType
 
 import torch
 
+from .spec import AttentionSpec, LabelMask, Sparse, Window
+
 #: Integer kernel arguments named in upper case (sizes); other upper-case names must be declared pointers.
 SIZES = ("H", "N_Q", "N_K", "HEAD_DIM")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (80, 90)
-VARIANT_SETS = ("default", "product", "full", "widest")
+#: `runtime` (the default) and `runtime-all` compile the launchers' own launches (`runtime_jobs`); the others compile
+#: from the declarations with every integer an i32 (`variants`).
+RUNTIME_SETS = ("runtime", "runtime-all")
+VARIANT_SETS = ("switches", "product", "full", "widest")
 #: Shared memory per block a kernel may use (bytes, opt-in maximum): A100 (sm_80), RTX 30xx / A10 (sm_86), RTX 40xx /
 #: L4 / L40 (sm_89) and H100 / H200 (sm_90).
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+#: The GPUs that run the code compiled for an arch: Triton generates the same code for every sm_8x (mma v2, cp.async;
+#: the compiles for sm_80 and sm_86 need the same shared memory), so sm_80's compile is checked against the 99 KiB of
+#: sm_86 / sm_89 too.
+SHARED_BY = {80: (80, 86, 89), 86: (86,), 89: (89,), 90: (90,)}
 
 
 #: The variant index of the `widest` set: the sparse kernel's one-tile layout at its longest key row (`ONE_TILE_KEYS`).
@@ -165,13 +184,12 @@ def head_dim_classes() -> tuple[int, ...]:
     return ta.HEAD_DIM_CLASSES
 
 
-def variants(which: str = "default", archs: tuple[int, ...] = ARCHS) -> list[Variant]:
+def variants(which: str = "switches", archs: tuple[int, ...] = ARCHS) -> list[Variant]:
     """The compile jobs of a variant set, per GPU arch in `archs`:
 
-    - `default`: every switch value of every kernel, every dtype and every head-dim class at least once
-      (a few variants per kernel: `make test`);
+    - `switches`: every switch value of every kernel, every dtype and every head-dim class at least once;
     - `product`: every launchable switch combination of every kernel (dtype and head-dim class rotating),
-      plus every dtype x head-dim class at each of `default`'s combinations (the slow test);
+      plus every dtype x head-dim class at each of `switches`'s combinations (the slow test);
     - `full`: switch combinations x dtypes x head-dim classes (about 10k per arch: hours on one core);
     - `widest`: the tiles that need the most shared memory: per kernel, the combinations with the most switches on
       (the sparse kernel's one-tile and streaming layouts, the one-tile at its longest key row), every dtype, the two
@@ -290,6 +308,340 @@ def compile_variant(variant: Variant) -> dict:
     return record
 
 
+# --- the launches the runtime makes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """One attention level of a model family at its default resolution: heads x head dim, the image-token grid
+    ((h, w), or (frames, h, w) for video) and the text tokens (cross-attention keys, or the text part of a joint
+    sequence). `mask`: the model passes its text padding mask (in the model dtype) to attention."""
+
+    name: str
+    heads: int
+    head_dim: int
+    grid: tuple[int, ...]
+    text: int
+    joint: bool
+    mask: bool = False
+
+    @property
+    def image_tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+#: The real families' attention shapes (the tiles depend on head dim and dtype; the specialisation on which sizes
+#: and strides are 1 or divisible by 16; the one-tile PLADIS layout on the text length).
+FAMILIES: tuple[Family, ...] = (
+    Family("sd15-64x64", 8, 40, (64, 64), 77, joint=False),  # SD 1.5 at 512 px, its three attention levels
+    Family("sd15-32x32", 8, 80, (32, 32), 77, joint=False),
+    Family("sd15-16x16", 8, 160, (16, 16), 77, joint=False),
+    Family("sd15-16x16-long-prompt", 8, 160, (16, 16), 154, joint=False),  # two CLIP windows (compel and the like)
+    Family("sd2-96x96", 5, 64, (96, 96), 77, joint=False),  # SD 2.x at 768 px
+    Family("sdxl-64x64", 10, 64, (64, 64), 77, joint=False),  # SDXL at 1024 px
+    Family("pixart-64x64", 16, 72, (64, 64), 120, joint=False, mask=True),  # PixArt-alpha: T5's 120 tokens, masked
+    Family("sd3-64x64", 24, 64, (64, 64), 333, joint=True),  # 77 CLIP + 256 T5 tokens
+    Family("flux-64x64", 24, 128, (64, 64), 512, joint=True),  # Flux.1-dev / Chroma
+    Family("flux-schnell-64x64", 24, 128, (64, 64), 256, joint=True),
+    Family("qwenimage-64x64", 24, 128, (64, 64), 93, joint=True, mask=True),  # text length: the prompt's
+    Family("zimage-64x64", 30, 128, (64, 64), 77, joint=True),
+    Family("wan-21x30x52", 12, 128, (21, 30, 52), 512, joint=False),  # Wan 2.1 1.3B, 81 frames at 480 x 832
+)
+
+#: The calls controls make (alone and composed, `semantics.merge_specs`), with the layers they make them on: "cross"
+#: (text keys), "self" (image tokens) or "joint" (text and image in one sequence); the specs are `runtime_call`'s.
+CALLS = (
+    ("Reweight key bias", ("cross", "joint")),
+    ("Reweight value scale", ("cross", "joint")),
+    ("Regions labels", ("cross", "self", "joint")),
+    ("Regions + Reweight key bias and value scale", ("cross", "joint")),
+    ("Regions + log-sum-exp", ("self", "joint")),
+    ("PLADIS sparsemax", ("cross", "joint")),
+    ("PLADIS 1.5-entmax", ("cross", "joint")),
+    ("PLADIS alpha 3 + labels + key bias", ("cross", "joint")),
+    ("window radius", ("self", "joint")),
+    ("window band", ("self", "joint")),
+    ("labels + window", ("self", "joint")),
+    ("PLADIS + window", ("joint",)),
+    ("PLADIS + Reweight value scale", ("cross", "joint")),
+    ("PLADIS + band window + log-sum-exp", ("joint",)),
+    ("log-sum-exp + key bias", ("self", "joint")),
+)
+#: Per-call arrays made by a control on the host (per-step scales: a view into one tensor of every step).
+_STEPS = 3
+
+
+@dataclass(frozen=True)
+class RuntimeCase:
+    family: Family
+    dtype: str
+    layer: str
+    call: str
+
+    def label(self) -> str:
+        return f"{self.family.name} {self.dtype} {self.layer}: {self.call}"
+
+
+def runtime_cases() -> list[RuntimeCase]:
+    """Every (family, dtype, layer, call) of the runtime matrix."""
+    out = []
+    for family, dtype in itertools.product(FAMILIES, DTYPES):
+        layers = ("joint",) if family.joint else ("cross", "self")
+        for layer, (call, where) in itertools.product(layers, CALLS):
+            if layer in where:
+                out.append(RuntimeCase(family, dtype, layer, call))
+    return out
+
+
+def _projections(batch: int, tokens: int, family: Family, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, D) as diffusers' processors make it: a (B, N, H * D) projection viewed and transposed."""
+    flat = torch.empty(batch, tokens, family.heads * family.head_dim, dtype=dtype)
+    return flat.view(batch, tokens, family.heads, family.head_dim).transpose(1, 2)
+
+
+def _label_mask(batch: int, nq: int, nk: int) -> LabelMask:
+    q_labels = (torch.arange(nq) * 3 // max(nq, 1)).repeat(batch, 1)
+    k_labels = q_labels if nq == nk else (torch.arange(nk) % 3).repeat(batch, 1)
+    table = torch.zeros(1, 3, 3)
+    table[0, 0, 1] = float("-inf")
+    table[0, 1, 2] = -3.0
+    return LabelMask(q_labels, k_labels, table)
+
+
+def runtime_call(case: RuntimeCase, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec]:
+    """The tensors and spec of a case (CPU tensors, never filled: only shapes, strides and dtypes matter here)."""
+    family, layer, call = case.family, case.layer, case.call
+    dtype = DTYPES[case.dtype]
+    n_img, text = family.image_tokens, family.text
+    nq = n_img + text if layer == "joint" else n_img
+    nk = text if layer == "cross" else nq
+    q, k, v = (_projections(batch, n, family, dtype) for n in (nq, nk, nk))
+    frames, grid = (family.grid[0], family.grid[1:]) if len(family.grid) == 3 else (1, family.grid)
+    text_len = text if layer == "joint" else 0
+    radius = (1, 8, 8) if frames > 1 else (8, 8)
+    window = Window(grid, radius=radius, text_len=text_len, text_first=True, frames=frames)
+    band = Window(grid, band=256, text_len=text_len, text_first=True, frames=frames)
+    rows = (text, nq) if layer == "joint" else None  # joint layers edit the image rows only
+    mask = None
+    if family.mask and layer != "self":
+        mask = torch.zeros(batch, family.heads, 1, nk, dtype=dtype)  # diffusers: (B * H, 1, Nk) viewed per head
+    scales = torch.zeros(_STEPS, batch, nk)[1]
+    labels = _label_mask(batch, nq, nk)
+    specs = {
+        "Reweight key bias": AttentionSpec(attn_mask=mask, key_bias=scales, query_range=rows),
+        "Reweight value scale": AttentionSpec(attn_mask=mask, value_scale=scales, query_range=rows),
+        "Regions labels": AttentionSpec(attn_mask=mask, labels=labels),
+        "Regions + Reweight key bias and value scale": AttentionSpec(
+            attn_mask=mask, labels=labels, key_bias=scales, value_scale=scales, query_range=rows
+        ),
+        "Regions + log-sum-exp": AttentionSpec(attn_mask=mask, labels=labels, return_lse=True),
+        "PLADIS sparsemax": AttentionSpec(attn_mask=mask, sparse=Sparse(2.0, 2.0), query_range=rows),
+        "PLADIS 1.5-entmax": AttentionSpec(attn_mask=mask, sparse=Sparse(1.5, 2.0), query_range=rows),
+        "PLADIS alpha 3 + labels + key bias": AttentionSpec(
+            attn_mask=mask, sparse=Sparse(3.0, 2.0), labels=labels, key_bias=scales, query_range=rows
+        ),
+        "window radius": AttentionSpec(attn_mask=mask, window=window),
+        "window band": AttentionSpec(attn_mask=mask, window=band),
+        "labels + window": AttentionSpec(attn_mask=mask, labels=labels, window=window),
+        "PLADIS + window": AttentionSpec(attn_mask=mask, sparse=Sparse(1.5, 2.0), window=window, query_range=rows),
+        "PLADIS + Reweight value scale": AttentionSpec(attn_mask=mask, sparse=Sparse(1.5, 2.0), value_scale=scales, query_range=rows),
+        "PLADIS + band window + log-sum-exp": AttentionSpec(
+            attn_mask=mask, sparse=Sparse(2.0, 2.0), window=band, query_range=rows, return_lse=True
+        ),
+        "log-sum-exp + key bias": AttentionSpec(
+            attn_mask=mask, key_bias=torch.zeros(batch, nk), query_range=(0, nq // 2), return_lse=True
+        ),
+    }
+    return q, k, v, specs[call]
+
+
+def runtime_launch(case: RuntimeCase):
+    """The kernel launch (`triton_attention.Launch`) the triton backend makes for the case on a GPU: the launchers'
+    own tile choice (`cuda_config`, the sparse one-tile layout), argument building, label layouts and block lists."""
+    from . import triton_attention as ta
+    from . import triton_backend
+
+    q, k, v, spec = runtime_call(case)
+    launcher = triton_backend.launcher_for(spec)
+    if launcher is None:
+        raise ValueError(f"{case.label()}: SDPA's plain path, no Triton kernel")
+    out, lse = ta.outputs(q, v, spec.return_lse)
+    return launcher.launch(q, k, v, spec, out, lse, config=None, gpu=True)
+
+
+def tile_configuration(launch) -> tuple:
+    """(kernel, dtype, BLOCK_D, BLOCK_M, BLOCK_N, warps, stages, layout): what the launchers pick per head dim, dtype
+    and key length."""
+    options = launch.options
+    layout = "one-tile" if options.get("ONE_TILE") else ""
+    dtype = next(name for name, value in DTYPES.items() if value == launch.args[0].dtype)
+    return (launch.name, dtype, options["BLOCK_D"], options["BLOCK_M"], options["BLOCK_N"], options["num_warps"],
+            options["num_stages"], layout)
+
+
+#: The dtypes of the default set per arch: fp16 and bf16 take the same tiles (the same shared memory), so each arch
+#: compiles every tile of the real families once, in one of them, and the two archs together every dtype.
+DEFAULT_DTYPES = {80: ("fp16", "fp32"), 90: ("bf16", "fp32")}
+
+
+def runtime_default(arch: int, cases: list[RuntimeCase] | None = None) -> list[RuntimeCase]:
+    """The default set on `arch`: one case per tile configuration (`tile_configuration`) in `DEFAULT_DTYPES[arch]`,
+    each the one that compiles the most switch values not yet compiled, then a case for each switch value of each
+    kernel still missing. Every chosen case is a different kernel, tile or switch combination: different code."""
+    cases = runtime_cases() if cases is None else cases
+    dtypes = DEFAULT_DTYPES.get(arch, tuple(DTYPES))
+    by_config: dict[tuple, list[tuple[RuntimeCase, set]]] = {}
+    for case in cases:
+        if case.dtype in dtypes:
+            launch = runtime_launch(case)
+            switches = {(launch.name, name, value) for name, value in launch.options.items() if name in _switch_names(launch.name)}
+            by_config.setdefault(tile_configuration(launch), []).append((case, switches))
+    chosen: list[RuntimeCase] = []
+    covered: set = set()
+    for options in by_config.values():
+        case, switches = max(options, key=lambda option: len(option[1] - covered))  # the first of the best
+        chosen.append(case)
+        covered |= switches
+    for options in by_config.values():
+        for case, switches in options:
+            if not switches <= covered:
+                chosen.append(case)
+                covered |= switches
+    return chosen
+
+
+def _switch_names(kernel: str) -> tuple[str, ...]:
+    return tuple(kernels()[kernel].switches)
+
+
+class _TargetDriver:
+    """A Triton driver that reports a CUDA GPU of `arch` and launches nothing: `JITFunction.warmup` then compiles a
+    launch exactly as on that GPU (Triton's own binder specialises the real arguments: ints equal to 1 become
+    constexprs, sizes and strides divisible by 16 and 16-byte aligned pointers get the divisibility hint). The device
+    number is the arch, so each arch keeps its own binder and kernel cache."""
+
+    def __init__(self) -> None:
+        self.arch = ARCHS[0]
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self) -> int:
+        return self.arch
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+_DRIVER = _TargetDriver()
+
+
+def _warmup(launch, arch: int, compile_it: bool):
+    """Specialise `launch` for `arch` and compile it (`compile_it`), or only return its Triton cache key (the
+    specialisation and options: what changes the compiled code)."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    driver.set_active(_DRIVER)  # for this process (the compile runs in its own, with TRITON_INTERPRET=0)
+    _DRIVER.arch = arch
+    keys = []
+
+    def hook(*, key, **_):
+        keys.append(key)
+        return not compile_it  # True: skip the compile
+
+    previous = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = hook
+    try:
+        kernel = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
+    finally:
+        knobs.runtime.jit_cache_hook = previous
+    return kernel, (keys[0] if keys else None)
+
+
+def runtime_key(launch, arch: int) -> str:
+    """Triton's cache key of `launch` on `arch`: two launches with the same key compile to the same code."""
+    return f"sm_{arch} {launch.name} " + _warmup(launch, arch, compile_it=False)[1]
+
+
+def runtime_jobs(which: str, archs: tuple[int, ...]) -> list[tuple[int, RuntimeCase]]:
+    """(arch, case) to compile: `runtime` (the default) per arch `runtime_default`; `runtime-all` every case of
+    the matrix, deduplicated per arch by Triton's cache key (the first case of each key)."""
+    cases = runtime_cases()
+    if which == "runtime":
+        return [(arch, case) for arch in archs for case in runtime_default(arch, cases)]
+    jobs, seen = [], set()
+    for arch in archs:
+        for case in cases:
+            key = runtime_key(runtime_launch(case), arch)
+            if key not in seen:
+                seen.add(key)
+                jobs.append((arch, case))
+    return jobs
+
+
+def specialisation(src) -> dict[str, list[str]]:
+    """The integer arguments a compile specialised (an `ASTSource`): `ones` became the constant 1, `div16` carry the
+    divisibility-by-16 hint."""
+    names = src.fn.arg_names
+    declared = set(constexpr_names(src.fn))
+    ones = sorted(names[index[0]] for index in src.constants if names[index[0]] not in declared)
+    div16 = sorted(
+        names[index[0]] for index, attrs in src.attrs.items()
+        if not src.signature[names[index[0]]].startswith("*") and ["tt.divisibility", 16] in [list(a) for a in attrs]
+    )
+    return {"ones": ones, "div16": div16}
+
+
+def known_over_limit(launch) -> str | None:
+    """Why a launch is known to need more shared memory than the 99 KiB of sm_86 / sm_89 (None: it is not). There its
+    compile fails at the first call and `auto` runs such calls on the next backend (warned once); `backend="triton"`
+    raises. The compile test reports these and fails when one of them fits (then remove it here) or another is over."""
+    options, q = launch.options, launch.args[0]
+    if options.get("HAS_MASK") and q.element_size() == 2 and options["BLOCK_D"] == 128 and options["num_stages"] == 3 \
+            and q.shape[-1] % 16 == 0:
+        # measured on sm_80: the model's mask tile is pipelined beside K and V (3 stages) once the head dim is a
+        # multiple of 16: 131,584 bytes (_attn_fwd), 131,840 (_label_attn_fwd), 131,072 (_sparse_attn_fwd streaming);
+        # 98,560 with 2 stages; PixArt's head dim 72 loads unvectorised and needs 66,048
+        return "a model mask at head dim 128 in fp16 / bf16 (Qwen-Image's text mask): its tile is pipelined beside K and V"
+    return None
+
+
+def compile_runtime(arch: int, case: RuntimeCase) -> dict:
+    """Compile a case's launch for `arch` to cubin; a JSON-able record with its shared memory against the limit of
+    every GPU that runs the same code (`SHARED_BY`)."""
+    launch = runtime_launch(case)
+    record = {"variant": f"sm_{arch} {case.label()}", "kernel": launch.name, "arch": arch, "dtype": case.dtype,
+              "tiles": list(tile_configuration(launch)[2:])}
+    start = time.perf_counter()
+    try:
+        compiled, _ = _warmup(launch, arch, compile_it=True)
+    except Exception as error:  # noqa: BLE001 - reported per case
+        record.update(ok=False, error=_describe_error(error))
+    else:
+        shared = int(compiled.metadata.shared)
+        limits = {f"sm_{a}": MAX_SHARED[a] for a in SHARED_BY[arch]}
+        record.update(ok=True, stages=sorted(compiled.asm), shared=shared, limits=limits,
+                      margin=min(limits.values()) - shared, **specialisation(compiled.src))
+        over = [name for name, limit in limits.items() if shared > limit]
+        known = known_over_limit(launch) if arch in (80, 86, 89) else None
+        if known is not None and (not over or set(over) - {"sm_86", "sm_89"}):
+            record.update(ok=False, error=f"needs {shared} bytes of shared memory ({limits}): `known_over_limit` is out of date ({known})")
+        elif known is not None:
+            record.update(known_over=f"over {', '.join(over)}: {known}")
+        elif over:
+            record.update(ok=False, error=f"needs {shared} bytes of shared memory, over the limit of {', '.join(over)} ({limits})")
+        elif "cubin" not in compiled.asm:
+            record.update(ok=False, error="no cubin: ptxas did not run")
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
 def _describe_error(error: BaseException) -> str:
     """The error and its causes, innermost last (a CompilationError in a called jit function wraps the real one)."""
     parts = []
@@ -305,13 +657,24 @@ def _describe_error(error: BaseException) -> str:
 def run(
     which: str, archs: tuple[int, ...], shard: tuple[int, int] = (0, 1), limit: int | None = None, kernel: str | None = None
 ) -> Iterator[dict]:
-    """Compile a variant set (optionally one shard of it: variant i goes to shard i % count); yields records."""
+    """Compile a set (optionally one shard of it: job i goes to shard i % count); yields records."""
     index, count = shard
+    if which in RUNTIME_SETS:
+        jobs = [job for i, job in enumerate(runtime_jobs(which, archs)) if i % count == index]
+        jobs = [job for job in jobs if kernel in (None, runtime_launch(job[1]).name)][:limit]
+        for arch, case in jobs:
+            yield compile_runtime(arch, case)
+        return
     todo = [v for i, v in enumerate(variants(which, archs)) if i % count == index and kernel in (None, v.kernel)]
-    if limit is not None:
-        todo = todo[:limit]
-    for variant in todo:
+    for variant in todo[:limit]:
         yield compile_variant(variant)
+
+
+def labels(which: str, archs: tuple[int, ...]) -> list[str]:
+    """What a set compiles, in order (the `variant` of its records)."""
+    if which in RUNTIME_SETS:
+        return [f"sm_{arch} {case.label()}" for arch, case in runtime_jobs(which, archs)]
+    return [variant.label() for variant in variants(which, archs)]
 
 
 def _interpreted() -> bool:
@@ -322,7 +685,7 @@ def _interpreted() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default="default", choices=VARIANT_SETS)
+    parser.add_argument("--set", default="runtime", choices=RUNTIME_SETS + VARIANT_SETS)
     parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated sm numbers, e.g. 80,90")
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
     parser.add_argument("--kernel", default=None, help="compile only this kernel's variants (e.g. _label_attn_fwd)")
@@ -339,8 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     problems = check_declarations()
     print(json.dumps({"declarations": problems}), flush=True)
     if args.list:
-        for variant in variants(args.set, archs):
-            print(variant.label())
+        for label in labels(args.set, archs):
+            print(label)
         return 1 if problems else 0
     index, count = (int(x) for x in args.shard.split("/"))
     failed = bool(problems)

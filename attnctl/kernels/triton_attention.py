@@ -35,6 +35,7 @@ import contextlib
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -371,13 +372,13 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def default_config(q: torch.Tensor, head_dim: int) -> Config:
+def default_config(dtype: torch.dtype, head_dim: int, gpu: bool) -> Config:
     """Tile sizes: the FlashAttention-2 tutorial's on a GPU (smaller for fp32 and wide heads); 64 x 64 in
     the interpreter, whose cost grows with the number of programs and tiles (tests pass smaller tiles to
     exercise block boundaries)."""
-    if q.device.type != "cuda":
+    if not gpu:
         return Config(64, 64)
-    return cuda_config(q.dtype, head_dim)
+    return cuda_config(dtype, head_dim)
 
 
 def cuda_config(dtype: torch.dtype, head_dim: int) -> Config:
@@ -392,6 +393,39 @@ def cuda_config(dtype: torch.dtype, head_dim: int) -> Config:
     if block_d <= 128:
         return Config(128, 64, num_warps=8, num_stages=3)
     return Config(64, 32, num_warps=8, num_stages=2)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as a launcher builds it. `run` launches it; `triton_aot` compiles the same call for a GPU
+    target without a GPU (`JITFunction.warmup`), so the compile test gets the runtime's specialisation."""
+
+    kernel: Any  # the @triton.jit function (an InterpretedFunction under TRITON_INTERPRET=1)
+    grid: tuple[int, int]
+    args: tuple
+    options: dict  # constexprs, num_warps, num_stages
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+    def run(self) -> None:
+        with compiling(self.name, self.args[0].device):
+            self.kernel[self.grid](*self.args, **self.options)
+
+
+#: One tensor per (device, dtype), passed for the pointers of the controls a call does not use: the kernels read
+#: them only behind their switches, so one allocation serves every call.
+_UNUSED: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def unused(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The placeholder tensor for a pointer argument the kernel does not read (never written either)."""
+    key = (str(device), dtype)
+    found = _UNUSED.get(key)
+    if found is None:
+        found = _UNUSED[key] = torch.zeros(1, device=device, dtype=dtype)
+    return found
 
 
 def outputs(q: torch.Tensor, v: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -445,13 +479,19 @@ def _mask4(mask: torch.Tensor, batch: int, heads: int, nq: int, nk: int) -> torc
 
 
 def _labels(labels: LabelMask, batch: int, nq: int, nk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The label vectors as the kernels read them (int32, unit stride along the tokens) and the float32 table, made
+    once per LabelMask, label versions and size (controls reuse one LabelMask for every step and layer)."""
     ql, kl, table = labels.q_labels, labels.k_labels, labels.table
     if tuple(ql.shape) != (batch, nq) or tuple(kl.shape) != (batch, nk):
         raise ConfigError(f"label vectors must be ({batch}, {nq}) and ({batch}, {nk}), got {tuple(ql.shape)} and {tuple(kl.shape)}")
     if table.ndim != 3 or table.shape[0] not in (1, batch):
         raise ConfigError(f"label table must be (B or 1, Lq, Lk), got {tuple(table.shape)}")
-    # the kernels step through the label vectors with unit stride along the tokens
-    return ql.to(torch.int32).contiguous(), kl.to(torch.int32).contiguous(), table.float().expand(batch, -1, -1)
+    per_object = _per_label_mask(labels)
+    key = ("vectors", labels.versions(), batch, nq, nk)
+    found = per_object.get(key)
+    if found is None:
+        found = per_object[key] = (ql.to(torch.int32).contiguous(), kl.to(torch.int32).contiguous(), table.float().expand(batch, -1, -1))
+    return found
 
 
 def _check_window(window: Window, nq: int, nk: int) -> None:
@@ -465,8 +505,17 @@ def _check_window(window: Window, nq: int, nk: int) -> None:
 # labels, 1 for a window alone. Windows are cached by layout; labels by the LabelMask object (controls
 # build it once per pipeline call and reuse it every step), dropped when that object dies.
 _WINDOW_LISTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_LABEL_LISTS: dict[int, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+#: Per LabelMask object: its block lists and its kernel-ready label vectors (`_labels`), dropped when it dies.
+_LABEL_LISTS: dict[int, dict[tuple, tuple[torch.Tensor, ...]]] = {}
 _WINDOW_CACHE_SIZE = 64
+
+
+def _per_label_mask(labels: LabelMask) -> dict[tuple, tuple[torch.Tensor, ...]]:
+    per_object = _LABEL_LISTS.get(id(labels))
+    if per_object is None:
+        per_object = _LABEL_LISTS[id(labels)] = {}
+        weakref.finalize(labels, _LABEL_LISTS.pop, id(labels), None)
+    return per_object
 
 
 def _window_tiles(window: Window, n: int, block_m: int, block_n: int, device: torch.device) -> torch.Tensor:
@@ -563,10 +612,7 @@ def block_lists(
     labels = spec.labels
     versions = labels.versions()
     key = (window_key, versions, nq, nk, block_m, block_n, str(device))
-    per_object = _LABEL_LISTS.get(id(labels))
-    if per_object is None:
-        per_object = _LABEL_LISTS[id(labels)] = {}
-        weakref.finalize(labels, _LABEL_LISTS.pop, id(labels), None)
+    per_object = _per_label_mask(labels)
     lists = per_object.get(key)
     if lists is None:
         _check_label_values(labels)
@@ -590,8 +636,8 @@ def kernel_arguments(
     (everything after the output pointers of `_attn_fwd`, from `Mask` on)."""
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
-    dummy_int = torch.zeros(1, device=q.device, dtype=torch.int32)
+    dummy = unused(q.device, torch.float32)
+    dummy_int = unused(q.device, torch.int32)
     args: list = []
     if spec.attn_mask is not None:
         mask = _mask4(spec.attn_mask, batch, heads, nq, nk)
@@ -673,24 +719,28 @@ def attention(
     if spec.sparse is not None:
         raise BackendError("triton_attention.attention does not apply sparse attention; use triton_sparse.attention")
     check_inputs(q, k, v)
-    batch, heads, nq, head_dim = q.shape
-    nk = k.shape[2]
     out, lse = outputs(q, v, spec.return_lse)
-    if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
+    if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
         return empty_call(out, lse)
-    config = config or default_config(q, head_dim)
-    args, switches = kernel_arguments(q, k, v, spec, config)
-    dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(nq, config.block_m), batch * heads)
-    with compiling("_attn_fwd", q.device):
-        _attn_fwd[grid](
-            q, k, v, out, lse if lse is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *args,
-            RETURN_LSE=lse is not None, **switches,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+    launch(q, k, v, spec, out, lse, config=config, gpu=q.device.type == "cuda").run()
     return out, lse
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor, lse: torch.Tensor | None,
+    *, config: Config | None, gpu: bool,
+) -> Launch:
+    """The `_attn_fwd` launch of a call into `out` / `lse`, at `config` or the tiles `default_config` picks on a GPU
+    (`gpu`) or in the interpreter."""
+    head_dim = q.shape[-1]
+    config = config or default_config(q.dtype, head_dim, gpu)
+    args, switches = kernel_arguments(q, k, v, spec, config)
+    return Launch(
+        _attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),
+        (q, k, v, out, lse if lse is not None else unused(q.device, torch.float32),
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *args),
+        dict(RETURN_LSE=lse is not None, **switches, num_warps=config.num_warps, num_stages=config.num_stages),
+    )
 
 
 def _self_check(n: int = 40, head_dim: int = 24) -> float:

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
-from . import sdpa, triton_labels, triton_sparse
+from . import sdpa, triton_attention, triton_labels, triton_sparse
 from .spec import AttentionSpec
 
 
@@ -20,11 +22,21 @@ def attention(
     """The registered `triton` backend: plain calls (no control, or only the model's own mask) are torch
     SDPA's, which is what the kernels would compute and the fastest way to do it; label masks without a
     window or PLADIS go to the grouped label kernel (`triton_labels`); the rest runs here."""
-    if spec.is_plain and not spec.return_lse:
+    launcher = launcher_for(spec)
+    if launcher is None:
         return sdpa.attention(q, k, v, spec)
+    return launcher.attention(q, k, v, spec)
+
+
+def launcher_for(spec: AttentionSpec) -> ModuleType | None:
+    """The launcher module whose `attention` (and `launch`) computes `spec`; None for SDPA's plain path."""
+    if spec.is_plain and not spec.return_lse:
+        return None
     if triton_labels.supports(spec):
-        return triton_labels.attention(q, k, v, spec)
-    return triton_sparse.attention(q, k, v, spec)
+        return triton_labels
+    if spec.sparse is not None:
+        return triton_sparse
+    return triton_attention
 
 
 def kernel_for(features: tuple[str, ...]) -> str | None:

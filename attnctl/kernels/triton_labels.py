@@ -305,14 +305,23 @@ def attention(
             f"{', '.join(spec.features()) or 'none'}"
         )
     ta.check_inputs(q, k, v, who="triton (labels)")
+    out, lse = ta.outputs(q, v, spec.return_lse)
+    if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
+        return ta.empty_call(out, lse)
+    launch(q, k, v, spec, out, lse, config=config, gpu=q.device.type == "cuda").run()
+    return out, lse
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor, lse: torch.Tensor | None,
+    *, config: ta.Config | None, gpu: bool,
+) -> ta.Launch:
+    """The `_label_attn_fwd` launch of a call into `out` / `lse` (see `ta.launch`)."""
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    out, lse = ta.outputs(q, v, spec.return_lse)
-    if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
-        return ta.empty_call(out, lse)
-    config = config or ta.default_config(q, head_dim)
+    config = config or ta.default_config(q.dtype, head_dim, gpu)
     grouped = layout(spec.labels, nq, nk, config.block_m, config.block_n, q.device)
-    dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
+    dummy = ta.unused(q.device, torch.float32)
     args: list = []
     if spec.attn_mask is not None:
         mask = ta._mask4(spec.attn_mask, batch, heads, nq, nk)
@@ -332,16 +341,12 @@ def attention(
     scale = spec.scale if spec.scale is not None else head_dim**-0.5
     q_start, q_stop = spec.query_range if spec.query_range is not None else (0, nq)
     args += [heads, nq, nk, head_dim, float(scale), int(q_start), int(q_stop)]
-    grid = (triton.cdiv(nq, config.block_m), batch * heads)
-    with ta.compiling("_label_attn_fwd", q.device):
-        _label_attn_fwd[grid](
-            q, k, v, out, lse if lse is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *args,
+    return ta.Launch(
+        _label_attn_fwd, (triton.cdiv(nq, config.block_m), batch * heads),
+        (q, k, v, out, lse if lse is not None else dummy, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *args),
+        dict(
             HAS_MASK=spec.attn_mask is not None, HAS_BIAS=spec.key_bias is not None,
             HAS_VSCALE=spec.value_scale is not None, RETURN_LSE=lse is not None, ROW_RANGE=(int(q_start), int(q_stop)) != (0, nq),
-            **tile_constexprs(config, head_dim, q.dtype),
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-    return out, lse
-
+            **tile_constexprs(config, head_dim, q.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+        ),
+    )

@@ -300,27 +300,33 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     if not alpha > 1.0:
         raise ConfigError(f"Sparse.alpha must be > 1 (alpha -> 1 is softmax), got {alpha}")
     ta.check_inputs(q, k, v, who="triton (sparse)")
-    batch, heads, nq, head_dim = q.shape
-    nk = k.shape[2]
     out, lse = ta.outputs(q, v, spec.return_lse)
-    if nq == 0 or nk == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
+    if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
         return ta.empty_call(out, lse)
+    launch(q, k, v, spec, out, lse, config=config, gpu=q.device.type == "cuda").run()
+    return out, lse
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor, lse: torch.Tensor | None,
+    *, config: ta.Config | None, gpu: bool,
+) -> ta.Launch:
+    """The `_sparse_attn_fwd` launch of a call with `spec.sparse` into `out` / `lse` (see `ta.launch`)."""
+    alpha = float(spec.sparse.alpha)
+    head_dim, nk = q.shape[-1], k.shape[2]
     single = one_tile(nk, head_dim, q.element_size())
-    config = launch_config(config or ta.default_config(q, head_dim), nk, q.device.type == "cuda", head_dim, q.element_size())
+    config = launch_config(config or ta.default_config(q.dtype, head_dim, gpu), nk, gpu, head_dim, q.element_size())
     args, switches = ta.kernel_arguments(q, k, v, spec, config)
     if single:
         switches["HAS_BLOCKS"] = False
-    dummy = torch.zeros(1, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(nq, config.block_m), batch * heads)
-    with ta.compiling("_sparse_attn_fwd", q.device):
-        _sparse_attn_fwd[grid](
-            q, k, v, out, lse if lse is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *args, alpha - 1.0, 1.0 / (alpha - 1.0), float(spec.sparse.scale),
-            RETURN_LSE=lse is not None, ONE_TILE=single, MODE=_mode(alpha), **FIXED,
-            **switches, num_warps=config.num_warps, num_stages=config.num_stages,
-        )
-    return out, lse
+    return ta.Launch(
+        _sparse_attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),
+        (q, k, v, out, lse if lse is not None else ta.unused(q.device, torch.float32),
+         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+         *args, alpha - 1.0, 1.0 / (alpha - 1.0), float(spec.sparse.scale)),
+        dict(RETURN_LSE=lse is not None, ONE_TILE=single, MODE=_mode(alpha), **FIXED, **switches,
+             num_warps=config.num_warps, num_stages=config.num_stages),
+    )
 
 
 def launch_config(config: ta.Config, nk: int, cuda: bool, head_dim: int = 16, itemsize: int = 2) -> ta.Config:
