@@ -104,6 +104,92 @@ def test_numpy_scalars_and_0d_tensors_are_numbers():
     assert attnctl.Reweight({"red": np.float64(2.0)}) == attnctl.Reweight({"red": 2.0})
 
 
+def _one_of_every_control(image_path):
+    """One instance of every registered control (tests' own left out), its optional numeric fields given."""
+    region = attnctl.Region
+    return {
+        "a-star": attnctl.AStar(["cat", "dog"]),
+        "agent-attention": attnctl.AgentAttention(),
+        "attend-excite": attnctl.AttendExcite(["cat"], refine=((0.0, 0.5),)),
+        "attention-interpolation": attnctl.AttentionInterpolation(),
+        "attention-maps": attnctl.AttentionMaps(["cat"], resolution=(8, 16)),
+        "box-guidance": attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, constraints=("ratio", "corner")),
+        "consistent-subjects": attnctl.ConsistentSubjects(reference=1),
+        "fastattn": attnctl.FastAttn(window=(4, 4)),
+        "pag": attnctl.PAG(),
+        "pladis": attnctl.PLADIS(),
+        "prompt-to-prompt": attnctl.PromptToPrompt(reweight={"cat": 2.0}),
+        "reference-attention": attnctl.ReferenceAttention(image_path),
+        "regions": attnctl.Regions([region("a cat", box=(0, 0, 0.5, 1)), region("a dog", box=(0.5, 0, 1, 1))]),
+        "reweight": attnctl.Reweight({"cat": 0.5}),
+        "sag": attnctl.SAG(),
+        "seg": attnctl.SEG(),
+        "skip-layer": attnctl.SkipLayer(blocks=(1, "mid_block.attentions.0")),
+        "structured-guidance": attnctl.StructuredGuidance(),
+        "tgate": attnctl.TGate(gate_step=1, sp_interval=2, fi_interval=2),
+        "tome": attnctl.ToMe(),
+    }
+
+
+def _as_numpy(value, as_tensor=False):
+    """`value` with every int and float in it (tuples and dicts walked) a numpy scalar, or a 0-d tensor."""
+    import numpy as np
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        if as_tensor:
+            return torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+        return np.int64(value) if isinstance(value, int) else np.float64(value)
+    if isinstance(value, tuple):
+        return tuple(_as_numpy(v, as_tensor) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_numpy(v, as_tensor) for k, v in value.items()}
+    return value
+
+
+def _plain_types(value):
+    """The value's types, walked through tuples, dicts and dataclasses (numpy and torch types show as themselves)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain_types(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain_types(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_types(v) for k, v in value.items()}
+    return type(value)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "0d-tensor"])
+def test_every_control_stores_numpy_and_tensor_numbers_as_plain_python(as_tensor, tmp_path):
+    """Every numeric field of every control given as a numpy scalar (or a 0-d tensor) is stored as the int or float
+    the plain value gives, so `to_dict` goes through json and back (an np.int64 kernel_size stayed one: json.dumps,
+    and so `Generation.save`, failed)."""
+    import dataclasses
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "reference.png")
+    controls = _one_of_every_control(str(tmp_path / "reference.png"))
+    registered = {name for name in attnctl.control.registered_controls() if not (name.startswith("test-") or name.endswith("-test"))}
+    assert set(controls) == registered
+    checked = 0
+    for name, control in controls.items():
+        for f in dataclasses.fields(control):
+            value = getattr(control, f.name)
+            given = _as_numpy(value, as_tensor)
+            if _plain_types(given) == _plain_types(value):
+                continue  # no number in it
+            made = dataclasses.replace(control, **{f.name: given})
+            assert made == control, (name, f.name)
+            assert _plain_types(getattr(made, f.name)) == _plain_types(value), (name, f.name, getattr(made, f.name))
+            assert Control.from_dict(json.loads(json.dumps(made.to_dict()))) == control, (name, f.name)
+            checked += 1
+    assert checked >= 60
+
+
 def test_reweight_factors_whose_product_leaves_float32_are_refused_at_the_call(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, [attnctl.Reweight({"red": 1e20, ("red", 0): 1e20})]):

@@ -42,7 +42,7 @@ from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
-from ...validation import integer, number, set_field
+from ...validation import integer, number, plain_scalar, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import key_columns, word_attention
 from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
@@ -154,8 +154,10 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.reference is not None and (isinstance(self.reference, bool) or not isinstance(self.reference, int) or self.reference < 0):
+        reference = plain_scalar(self.reference)
+        if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 0):
             raise ConfigError(f"ConsistentSubjects.reference must be None or a prompt row index >= 0, got {self.reference!r}")
+        set_field(self, "reference", None if reference is None else int(reference))
         set_field(self, "subject", _subjects(self.subject))
         set_field(self, "mask", _masks(self.mask))
         set_field(self, "reposition", _reposition(self.reposition))

@@ -42,7 +42,7 @@ from ...processors.chain import restricted_rows, token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...tokens import validate_word_query
-from ...validation import choice, number, set_field
+from ...validation import choice, number, plain_scalar, set_field
 from ..common import RowIndex
 from ..maps.capture import word_attention
 from .p2p_align import refinement_mapper, replacement_mapper
@@ -106,7 +106,7 @@ def p2p_window(value: Any, name: str) -> P2PWindow:
         if start > end:
             raise ConfigError(f"{name} = {tuple(value)!r} starts after it ends; give (start, end) with start <= end")
         return (start, end)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(plain_scalar(value), bool) or not isinstance(plain_scalar(value), (int, float)):
         raise ConfigError(f"{name} must be {_WINDOW_FORMS}, got {value!r}")
     return number(value, name, minimum=0, maximum=1)
 

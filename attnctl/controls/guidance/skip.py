@@ -32,7 +32,7 @@ from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
 from ...steps import StepInfo, validate_steps
-from ...validation import set_field
+from ...validation import plain_scalar, set_field
 from .common import PerturbingBound, PerturbingControl
 
 #: Arguments that are dicts of extra inputs: re-indexed only when they hold no tensor.
@@ -64,10 +64,11 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
     def __post_init__(self) -> None:
         self._check_scale()
         blocks = self.blocks
-        if isinstance(blocks, (int, str)):
+        if isinstance(plain_scalar(blocks), (int, str)):
             blocks = (blocks,)
         if not isinstance(blocks, (tuple, list)) or not blocks:
             raise ConfigError(f"SkipLayer.blocks must be a non-empty sequence of block indices or paths, got {self.blocks!r}")
+        blocks = tuple(plain_scalar(block) for block in blocks)
         for block in blocks:
             valid_int = isinstance(block, int) and not isinstance(block, bool) and block >= 0
             if not (valid_int or (isinstance(block, str) and block.strip())):

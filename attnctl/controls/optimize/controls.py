@@ -153,7 +153,7 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
         else:
             refine = self._given_refine()
         set_field(self, "refine", refine)
-        integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0)
+        set_field(self, "max_refinement_steps", integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0))
         set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
         set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
         choice(self.columns, "AttendExcite.columns", COLUMNS)
@@ -198,6 +198,7 @@ def _smoothing(control: Any) -> None:
     size = integer(control.kernel_size, f"{owner}.kernel_size", minimum=1)
     if size % 2 == 0:
         raise ConfigError(f"{owner}.kernel_size must be odd, got {size}")
+    set_field(control, "kernel_size", size)
     set_field(control, "sigma", number(control.sigma, f"{owner}.sigma", minimum=0.0, exclusive_minimum=True))
 
 
@@ -451,7 +452,7 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     def __post_init__(self) -> None:
         set_field(self, "boxes", _boxes(self.boxes))
         self._check_common()
-        integer(self.iterations, "BoxGuidance.iterations", minimum=1)
+        set_field(self, "iterations", integer(self.iterations, "BoxGuidance.iterations", minimum=1))
         set_field(self, "loss_threshold", number(self.loss_threshold, "BoxGuidance.loss_threshold", minimum=0.0))
         constraints = (self.constraints,) if isinstance(self.constraints, str) else tuple(self.constraints or ())
         if not constraints:
@@ -460,7 +461,7 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
             choice(name, "BoxGuidance.constraints", BOX_CONSTRAINTS)
         set_field(self, "constraints", tuple(dict.fromkeys(constraints)))
         set_field(self, "topk", number(self.topk, "BoxGuidance.topk", minimum=0.0, maximum=1.0, exclusive_minimum=True))
-        integer(self.corner_width, "BoxGuidance.corner_width", minimum=0)
+        set_field(self, "corner_width", integer(self.corner_width, "BoxGuidance.corner_width", minimum=0))
         choice(self.columns, "BoxGuidance.columns", COLUMNS)
         set_field(self, "temperature", number(self.temperature, "BoxGuidance.temperature", minimum=0.0, exclusive_minimum=True))
         _smoothing(self)
