@@ -77,6 +77,29 @@ def test_load_errors():
         attnctl.load_pipeline("")
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"torch_dtpye": torch.float16}, r"takes no torch_dtpye= .*it takes torch_dtype, device and seed"),
+    ({"variant": "fp16", "revision": "main"}, r"takes no revision=, variant="),
+])
+def test_embedded_models_refuse_options_they_would_drop(kwargs, match):
+    """A misspelt torch_dtype or a from_pretrained option for an embedded model was accepted and ignored (the model
+    stayed float32)."""
+    with pytest.raises(ConfigError, match=match):
+        attnctl.load_pipeline("tiny-sd", **kwargs)
+    with pytest.raises(ConfigError, match=r"Model.load: the embedded model 'tiny-sd' takes no devic="):
+        attnctl.Model.load("tiny-sd", devic="cpu")
+
+
+@pytest.mark.parametrize("seed, match", [(1.5, "must be an integer"), (True, "must be an integer"),
+                                         ("x", "must be an integer"), (-1, "must be >= 0"), (2**64, "must be <=")])
+def test_load_pipeline_refuses_a_seed_manual_seed_would_truncate_or_reject(seed, match):
+    """seed=1.5 built the seed-1 weights, True seed 1, "x" raised torch's ValueError."""
+    with pytest.raises(ConfigError, match=f"seed {match}"):
+        attnctl.load_pipeline("tiny-sd", seed=seed)
+    with pytest.raises(ConfigError, match=f"seed {match}"):
+        attnctl.Model.load("tiny-sd", seed=seed, device="cpu")
+
+
 @pytest.mark.parametrize("make, match", [
     (lambda: attnctl.PAG(scale=10**400), "PAG.scale must be a finite number"),
     (lambda: attnctl.PAG(scale=1e39), "float32"),

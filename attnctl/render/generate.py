@@ -165,9 +165,11 @@ class Model:
              **kwargs: Any) -> Model:
         """Load an embedded model (`default_model()` when None), a local diffusers folder or a hub id
         (safetensors only, no remote code) with `attnctl.load_pipeline`, on `device` in `dtype`."""
-        from .loading import embedded_models, load_pipeline
+        from .loading import embedded_models, load_pipeline, refuse_embedded_options
 
         name = name_or_path or default_model()
+        refuse_embedded_options(name, {key: value for key, value in kwargs.items() if key != "seed"}, "Model.load",
+                                "device, dtype, backend, cpu_offload and seed")
         target = device if isinstance(device, torch.device) else resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         embedded = name in embedded_models()
