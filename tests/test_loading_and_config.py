@@ -119,6 +119,20 @@ def test_out_of_range_numbers_are_config_errors_naming_the_field(make, match):
         make()
 
 
+@pytest.mark.parametrize("make, match", [
+    (lambda: attnctl.PAG(steps=torch.tensor(0.5)), r"PAG.steps must be a pair \(start, stop\)"),
+    (lambda: attnctl.SEG(steps=torch.tensor([0.0, 0.5, 1.0])), r"SEG.steps must be a pair \(start, stop\)"),
+    (lambda: attnctl.BoxGuidance(boxes={"cat": (0, 0, 0.5, 0.5)}, constraints=1.5),
+     r"BoxGuidance.constraints must name one or more of ratio, inner, outer, corner, got 1.5"),
+    (lambda: attnctl.Model(None), r"Model needs a diffusers pipeline .*got None"),
+], ids=["steps-0d-tensor", "steps-3-tensor", "box-constraints-float", "model-none"])
+def test_bad_values_are_config_errors_not_python_errors(make, match):
+    """Each raised a bare TypeError or AttributeError from inside the check (len() of a 0-d tensor, iterating a
+    float, None.__call__)."""
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
 def test_numpy_scalars_and_0d_tensors_are_numbers():
     import numpy as np
 

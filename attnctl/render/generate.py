@@ -151,6 +151,8 @@ class Model:
                  call_defaults: Mapping[str, Any] | None = None):
         from ..kernels import validate_backend
 
+        if not callable(pipe):
+            raise ConfigError(f"Model needs a diffusers pipeline (or use Model.load(name)), got {pipe!r}")
         self.pipe = pipe
         self.name = name or _pipeline_name(pipe)
         self.backend = validate_backend(backend)

@@ -102,9 +102,10 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
             if path not in available:
                 parent = path.rpartition(".")[0] + "."  # the blocks beside it: its siblings at the same path
                 count = sum(1 for name in available if name.startswith(parent) and "." not in name[len(parent):])
+                siblings = f"{parent[:-1]} has {count} block(s); " if count else ""
                 raise SelectionError(
                     f"SkipLayer: block {block!r} ({path}) does not exist in {type(adapter.denoiser).__name__}; "
-                    f"{parent[:-1]} has {count} block(s); blocks: {_some(available)}"
+                    f"{siblings}blocks: {_some(available)}"
                 )
             if path in paths:
                 raise SelectionError(f"SkipLayer: block {block!r} ({path}) is named twice in blocks={self.blocks!r}")

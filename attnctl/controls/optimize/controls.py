@@ -454,7 +454,9 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
         self._check_common()
         set_field(self, "iterations", integer(self.iterations, "BoxGuidance.iterations", minimum=1))
         set_field(self, "loss_threshold", number(self.loss_threshold, "BoxGuidance.loss_threshold", minimum=0.0))
-        constraints = (self.constraints,) if isinstance(self.constraints, str) else tuple(self.constraints or ())
+        if not isinstance(self.constraints, (str, tuple, list)):
+            raise ConfigError(f"BoxGuidance.constraints must name one or more of {', '.join(BOX_CONSTRAINTS)}, got {self.constraints!r}")
+        constraints = (self.constraints,) if isinstance(self.constraints, str) else tuple(self.constraints)
         if not constraints:
             raise ConfigError(f"BoxGuidance.constraints must name at least one of {', '.join(BOX_CONSTRAINTS)}")
         for name in constraints:
