@@ -42,7 +42,7 @@ from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
-from ...validation import integer, number, plain_scalar, set_field
+from ...validation import integer, number, plain_scalar, refuse_unused, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import key_columns, word_attention
 from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
@@ -185,6 +185,10 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
             raise ConfigError("ConsistentSubjects.isolate keeps subjects apart: give the subjects (subject=, mask= or reposition=)")
         if self.map_layers is not None and not self.words:
             raise ConfigError("ConsistentSubjects.map_layers selects the maps of subject words; subject gives no word")
+        if not self.words and self.mask is None:
+            refuse_unused(self, "threshold", "without a word subject or a mask (it selects the tokens of a word's map or a mask)")
+        if self.sample_rate == 1:
+            refuse_unused(self, "seed", "with sample_rate=1 (it seeds the random sampling of the shared tokens: give sample_rate < 1)")
 
     @property
     def step_cache_refusal(self) -> str | None:  # type: ignore[override]

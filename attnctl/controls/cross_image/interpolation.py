@@ -41,7 +41,7 @@ from ...processors.chain import backend_op, restricted_rows
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import choice, number, plain_scalar, set_field
+from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ..common import RowIndex, keep_kinds
 
 MODES: tuple[str, ...] = ("inner", "outer")
@@ -151,6 +151,10 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
                     f"AttentionInterpolation.points must start at 0, end at 1 and never decrease, got {self.points!r}"
                 )
             set_field(self, "points", points)
+            for name in ("alpha", "beta"):
+                refuse_unused(self, name, "with points given (it shapes the Beta distribution the points come from when points=None)")
+            if self.n != len(points):
+                refuse_unused(self, "n", f"with points given (a sequence renders len(points) = {len(points)} images)")
         set_field(self, "layers", validate_layers(self.layers, name="AttentionInterpolation.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="AttentionInterpolation.steps"))
 

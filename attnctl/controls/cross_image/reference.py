@@ -47,7 +47,7 @@ from ...processors.chain import restricted_rows
 from ...processors.edit import AttentionCall, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import choice, number, plain_scalar, set_field
+from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ...validation import seed as valid_seed
 from ..common import keep_kinds
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
@@ -108,6 +108,8 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         if not isinstance(self.adain, bool):
             raise ConfigError(f"ReferenceAttention.adain must be True or False, got {self.adain!r}")
         set_field(self, "adain_weight", number(self.adain_weight, "ReferenceAttention.adain_weight", minimum=0, maximum=2))
+        if not self.adain:
+            refuse_unused(self, "adain_weight", "with adain=False (it picks the blocks AdaIN acts on: give adain=True)")
         if self.adain and self.region is not None:
             raise ConfigError(
                 "ReferenceAttention.adain matches the whole feature map's channel statistics, which a region cannot confine; "

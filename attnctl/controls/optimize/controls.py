@@ -28,7 +28,7 @@ from ...noise import noise_level, require_noise_level
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, has_duplicates, validate_word_query
-from ...validation import choice, integer, number, set_field
+from ...validation import choice, integer, number, refuse_unused, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
 from ..regions.masks import box_mask, validate_box
 from . import losses
@@ -158,6 +158,8 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
         set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
         choice(self.columns, "AttendExcite.columns", COLUMNS)
         _smoothing(self)
+        if self.refine == () and self.max_refinement_steps != 0:
+            refuse_unused(self, "max_refinement_steps", "with refine=() (it bounds the iterative refinement, which refine=() turns off)")
 
     def _given_refine(self) -> tuple[tuple[float, float], ...]:
         """`refine` as given, validated: (fraction, threshold) pairs, fractions inside the step window, each once."""
@@ -356,6 +358,8 @@ class AStar(_LatentOptimization, type_name="a-star"):
         set_field(self, "temperature", number(self.temperature, "AStar.temperature", minimum=0.0, exclusive_minimum=True))
         choice(self.columns, "AStar.columns", COLUMNS)
         _smoothing(self)
+        if self.loss == "segregation":
+            refuse_unused(self, "threshold", "with loss='segregation' (it binarises the maps of the retention loss: give loss='both' or 'retention')")
 
     def bind(self, context: BindContext) -> AStarBound:
         return AStarBound(self, context)
@@ -467,6 +471,10 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
         choice(self.columns, "BoxGuidance.columns", COLUMNS)
         set_field(self, "temperature", number(self.temperature, "BoxGuidance.temperature", minimum=0.0, exclusive_minimum=True))
         _smoothing(self)
+        if "corner" not in self.constraints:
+            refuse_unused(self, "corner_width", f"with constraints={self.constraints!r} (it is the width of the 'corner' constraint's bands)")
+        if not {"inner", "outer"} & set(self.constraints):
+            refuse_unused(self, "topk", f"with constraints={self.constraints!r} (it is the top fraction the 'inner' and 'outer' constraints average)")
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         """Default with the ratio loss on a UNet: Chen et al.'s layers, the mid block's and the first up block's

@@ -24,7 +24,7 @@ from ...errors import ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import choice, number, set_field
+from ...validation import choice, number, refuse_unused, set_field
 from ..common import keep_kinds
 from .bound import RegionsBound
 from .layout import draw_layout, layout_fields, save_layout, save_mask
@@ -109,6 +109,8 @@ class Regions(Control, type_name="regions"):
         if isinstance(strength, str) and strength.strip().lower() in ("inf", "infinity", "+inf"):
             strength = math.inf
         set_field(self, "isolation_strength", number(strength, "Regions.isolation_strength", minimum=0.0, exclusive_minimum=True, allow_inf=True))
+        if not self.isolate:
+            refuse_unused(self, "isolation_strength", "with isolate=False (it is the bias between subject regions that isolate=True adds)")
         set_field(self, "layers", validate_layers(self.layers, name="Regions.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="Regions.steps"))
         if not isinstance(self.trim_prompts, bool):
