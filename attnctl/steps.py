@@ -13,7 +13,8 @@ ALL_STEPS: StepWindow = (0.0, 1.0)
 
 def validate_steps(steps: object, *, name: str = "steps") -> StepWindow:
     """Return `steps` as a `(start, stop)` pair of floats with `0 <= start <= stop <= 1`, or raise."""
-    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) != 2:  # type: ignore[arg-type]
+    if (isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or getattr(steps, "ndim", 1) == 0
+            or len(steps) != 2):  # type: ignore[arg-type]
         raise ConfigError(f"{name} must be a pair (start, stop) of fractions of the schedule, got {steps!r}")
     pair = []
     for value in steps:  # type: ignore[union-attr]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -65,6 +66,15 @@ def integer(value: Any, name: str, *, minimum: int | None = None, maximum: int |
 def seed(value: Any, name: str) -> int:
     """A generator seed: an integer in [0, 2**64 - 1] (what `torch.Generator.manual_seed` takes)."""
     return integer(value, name, minimum=0, maximum=SEED_MAX)
+
+
+def refuse_unused(control: Any, name: str, why: str) -> None:
+    """Refuse a field of a dataclass control set away from its default where it changes nothing (`why`: the setting
+    that leaves it unread, and what would read it), rather than accept it silently. Call after normalising."""
+    default = next(f.default for f in dataclasses.fields(control) if f.name == name)
+    value = getattr(control, name)
+    if value != default:
+        raise ConfigError(f"{type(control).__name__}.{name}={value!r} does nothing {why}; leave it at its default ({default!r})")
 
 
 def choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:

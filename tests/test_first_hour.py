@@ -42,6 +42,22 @@ def test_read_maps_leaves_a_half_precision_pipeline_in_its_dtype(capfd):
     assert "kept in float32" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("images, seed, match", [
+    ([], 0, "read_maps: images is empty"),
+    ("image", 1.5, "read_maps: seed must be an integer, got 1.5"),
+    ("image", "x", "read_maps: seed must be an integer, got 'x'"),
+    ("image", -1, "read_maps: seed must be >= 0, got -1"),
+], ids=["no-image", "float-seed", "str-seed", "negative-seed"])
+def test_read_maps_refuses_no_image_and_a_bad_seed_before_building_the_reader(sd, images, seed, match):
+    """An empty list failed with IndexError; seed=1.5 or "x" with torch's RuntimeError from manual_seed after the
+    img2img pipeline was built; seed=-1 was accepted (torch wraps it)."""
+    images = Image.new("RGB", (32, 32)) if images == "image" else images
+    before = _processors(sd)
+    with pytest.raises(ConfigError, match=match):
+        attnctl.read_maps(sd, images, "a red cat", "red", seed=seed, num_inference_steps=2)
+    assert _processors(sd) == before
+
+
 def test_read_maps_takes_one_word_as_a_string_and_refuses_a_non_image(sd):
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     result = attnctl.read_maps(sd, image, "a red cat", "red", num_inference_steps=2, magnets=False)

@@ -489,6 +489,18 @@ def test_skip_layer_against_a_hand_skipped_block(name, blocks, path):
     assert "forward" not in block.__dict__
 
 
+@pytest.mark.parametrize("name, block, siblings", [
+    ("tiny-sd", "typo", None),  # no parent path: no sibling count (it said ";  has 0 block(s)")
+    ("tiny-sd3", 99, "transformer_blocks has 2 block(s)"),
+])
+def test_skip_layer_names_a_missing_block_and_its_siblings_only_where_it_has_some(tiny_cache, name, block, siblings):
+    with pytest.raises(attnctl.errors.SelectionError, match=r"does not exist in \w+; (\w+ has \d+ block\(s\); )?blocks: ") as info:
+        attnctl.apply(tiny_cache(name), [attnctl.SkipLayer(blocks=(block,))])
+    message = str(info.value)
+    assert " has 0 block(s)" not in message and ";  " not in message
+    assert (siblings in message) if siblings else ("block(s)" not in message)
+
+
 def test_skip_layer_wrappers_are_removed_after_an_error():
     pipe = make_tiny_pipeline("tiny-sd3")
     block = pipe.transformer.transformer_blocks[0]

@@ -104,7 +104,8 @@ def test_regions_accepts_dicts_and_infinite_strength_spellings():
     control = Regions([{"prompt": "a cat", "box": [0, 0, 0.5, 1]}], isolation_strength="inf")
     assert control.regions == (Region("a cat", box=(0, 0, 0.5, 1)),)
     assert control.isolation_strength == math.inf
-    assert Regions([Region("a", box=(0, 0, 1, 1))], isolation_strength=4).isolation_strength == 4.0
+    two = [Region("a", box=(0, 0, 0.5, 1)), Region("b", box=(0.5, 0, 1, 1))]
+    assert Regions(two, isolate=True, isolation_strength=4).isolation_strength == 4.0
 
 
 # -- masks --------------------------------------------------------------------------------------------------------

@@ -791,3 +791,41 @@ def test_generate_refuses_a_size_the_pipeline_does_not_take(tiny_cache):
     img2img.set_progress_bar_config(disable=True)
     with pytest.raises(ConfigError, match="takes no width=, height="):
         Model(img2img, "tiny-sd").generate("a cat", width=64, height=64, image=Image.new("RGB", (32, 32)))
+
+
+def test_generate_records_options_json_cannot_hold_and_saves_the_image(tiny_cache, tmp_path):
+    """Call options diffusers takes but JSON cannot hold (a latents tensor, a callback, a numpy eta) and a region's
+    in-memory mask are recorded (numbers as numbers, the rest described): `Generation.save` raised TypeError (or
+    ConfigError for the mask, before the Generation was returned) after the image was rendered."""
+    model = Model(tiny_cache("tiny-sd"), "tiny-sd")
+    calls = []
+
+    def on_step(pipe, i, t, kwargs):
+        calls.append(i)
+        return kwargs
+
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    g = model.generate("a cat", steps=2, latents=latents, callback_on_step_end=on_step, eta=np.float32(0.5))
+    assert calls == [0, 1]
+    assert g.save(str(tmp_path / "a.png")) > 0
+    options = read_png_params(str(tmp_path / "a.png"))["options"]
+    assert options["eta"] == 0.5 and type(options["eta"]) is float
+    assert options["latents"] == "<Tensor float32 (1, 4, 4, 4), not saved>"
+    assert "on_step" in options["callback_on_step_end"] and "not saved" in options["callback_on_step_end"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(g.image.convert("RGB")))
+
+    regions = attnctl.Regions([attnctl.Region("a cat", mask=np.ones((8, 8))), attnctl.Region("a dog", box=(0.5, 0, 1, 1))])
+    g = model.generate("a cat and a dog", steps=2, controls=[regions])
+    model.release()
+    g.save(str(tmp_path / "b.png"))
+    recorded = read_png_params(str(tmp_path / "b.png"))["controls"][0]["regions"]
+    assert recorded == [{"prompt": "a cat", "mask": "<in-memory mask, not saved>", "subject": True},
+                        {"prompt": "a dog", "box": [0.5, 0.0, 1.0, 1.0], "subject": True}]
+
+
+def test_generate_refuses_more_than_one_image_per_prompt(tiny_cache):
+    """num_images_per_prompt=2 rendered two images and kept the first."""
+    model = Model(tiny_cache("tiny-sd"), "tiny-sd")
+    with pytest.raises(ConfigError, match=r"one image per call, got num_images_per_prompt=2"):
+        model.generate("a cat", steps=2, num_images_per_prompt=2)
+    assert model.generate("a cat", steps=1, num_images_per_prompt=1).image.size == (32, 32)

@@ -54,7 +54,7 @@ from ..kernels.spec import AttentionSpec, Window
 from ..processors.chain import restricted_rows, token_layout
 from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
-from ..validation import number, set_field
+from ..validation import number, plain_scalar, refuse_unused, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
 from .common import RowIndex, image_size, output_key, publish, write_atomically
 
@@ -78,12 +78,15 @@ def model_identity(denoiser: torch.nn.Module) -> tuple[str, str, str]:
 
 
 def _validate_window(window: Any, name: str) -> WindowSize:
+    window = plain_scalar(window)
+    if isinstance(window, Sequence) and not isinstance(window, str):
+        window = tuple(plain_scalar(v) for v in window)
     if isinstance(window, bool):
         raise ConfigError(f"{name} must be an int (1-D band), a pair (rh, rw) (2-D radius) or a triple (rf, rh, rw) (3-D video radius), got {window!r}")
     if isinstance(window, int):
         if window < 0:
             raise ConfigError(f"{name} must be >= 0, got {window!r}")
-        return window
+        return int(window)
     if isinstance(window, Sequence) and not isinstance(window, str) and len(window) in (2, 3):
         if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in window):
             return tuple(int(v) for v in window)
@@ -369,6 +372,8 @@ class FastAttn(Control, type_name="fastattn"):
                 raise ConfigError(f"FastAttn.window {self.window!r} differs from the plan's window {plan.window!r}")
             if self.layers is not None:
                 raise ConfigError("FastAttn.layers must be None with a plan: the plan names its layers")
+            if self.threshold != plan.threshold:
+                refuse_unused(self, "threshold", f"with a plan (the plan was calibrated at its own threshold, {plan.threshold!r})")
             allowed = {"full"} | {m for m in METHODS if all(part in techniques for part in m.split("+") if part != "full")}
             used = sorted({m for _, methods in plan.methods for m in methods} - allowed)
             if used:

@@ -37,7 +37,7 @@ from ..processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
 from ..steps import StepWindow, validate_steps
 from ..tokens import EncoderPrompts, PromptTokens
-from ..validation import set_field
+from ..validation import plain_scalar, set_field
 from .common import RowIndex, select_kinds
 
 #: Words that end a noun phrase in `noun_phrases` (conjunctions, prepositions, relative words, verbs of being, and
@@ -142,7 +142,7 @@ class StructuredGuidance(Control, type_name="structured-guidance"):
             if len(set(phrases)) != len(phrases):
                 raise ConfigError(f"StructuredGuidance.phrases has duplicates: {phrases!r}")
         set_field(self, "phrases", phrases)
-        scale = self.scale
+        scale = plain_scalar(self.scale)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= float(scale) <= 1.0:
             raise ConfigError(f"StructuredGuidance.scale must be a number in [0, 1] (1 = the paper, 0 = stock), got {scale!r}")
         set_field(self, "scale", float(scale))

@@ -33,6 +33,8 @@ import torch
 from .._version import __version__
 from ..control import Control
 from ..errors import AttnctlError, ConfigError
+from ..instance import describe_callable
+from ..validation import plain_scalar
 from .outputs import sampler_fields, save_png
 
 #: Frames per second of the GIF of an interpolation sequence (`AttentionInterpolation(to=...)`).
@@ -149,6 +151,8 @@ class Model:
                  call_defaults: Mapping[str, Any] | None = None):
         from ..kernels import validate_backend
 
+        if not callable(pipe):
+            raise ConfigError(f"Model needs a diffusers pipeline (or use Model.load(name)), got {pipe!r}")
         self.pipe = pipe
         self.name = name or _pipeline_name(pipe)
         self.backend = validate_backend(backend)
@@ -163,9 +167,11 @@ class Model:
              **kwargs: Any) -> Model:
         """Load an embedded model (`default_model()` when None), a local diffusers folder or a hub id
         (safetensors only, no remote code) with `attnctl.load_pipeline`, on `device` in `dtype`."""
-        from .loading import embedded_models, load_pipeline
+        from .loading import embedded_models, load_pipeline, refuse_embedded_options
 
         name = name_or_path or default_model()
+        refuse_embedded_options(name, {key: value for key, value in kwargs.items() if key != "seed"}, "Model.load",
+                                "device, dtype, backend, cpu_offload and seed")
         target = device if isinstance(device, torch.device) else resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         embedded = name in embedded_models()
@@ -359,6 +365,9 @@ class Model:
         if owned:
             raise ConfigError(f"Model.generate sets {', '.join(owned)} itself (a CPU generator seeded with `seed`, PIL "
                               "images); call the pipeline directly for other outputs")
+        if "num_images_per_prompt" in options and plain_scalar(options["num_images_per_prompt"]) != 1:
+            raise ConfigError(f"Model.generate makes one image per call, got num_images_per_prompt="
+                              f"{options['num_images_per_prompt']!r}; call it once per seed for more images")
         named = {"num_inference_steps": "steps", "negative_prompt": "negative_prompt", "width": "width",
                  "height": "height", "guidance_scale": "guidance_scale"}
         given = {"num_inference_steps": steps, "negative_prompt": negative_prompt, "width": width, "height": height,
@@ -415,7 +424,7 @@ class Model:
             **sampler_fields(getattr(self.pipe, "scheduler", None)),
             "dtype": dtype_name(self.dtype),
             "controls": [control.to_record() for control in controls],
-            "options": {key: value for key, value in sorted(kwargs.items()) if key not in main},
+            "options": {key: _recorded(value) for key, value in sorted(kwargs.items()) if key not in main},
             "backend": self.backend,
             "attnctl": __version__,
         }
@@ -491,6 +500,25 @@ def _as_controls(controls: Control | Iterable[Control]) -> tuple[Control, ...]:
     from ..handle import _control_tuple
 
     return _control_tuple(controls)
+
+
+def _recorded(value: Any) -> Any:
+    """A call option as JSON can hold it in the image's parameters: numpy scalars and 0-d tensors as numbers, lists
+    and mappings walked, anything else (a latents tensor, a callback) a description: a record, not replayable."""
+    value = plain_scalar(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_recorded(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _recorded(item) for key, item in value.items()}
+    if isinstance(value, torch.Tensor) or type(value).__module__ == "numpy":
+        return f"<{type(value).__name__} {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}, not saved>"
+    if hasattr(value, "size") and hasattr(value, "convert"):
+        return f"<PIL image {value.size[0]}x{value.size[1]}, not saved>"
+    if callable(value):
+        return f"<{describe_callable(value)}, not saved>"
+    return f"<{type(value).__name__}, not saved>"
 
 
 def _check_prompt(prompt: Any) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ConfigError, UnsupportedError
+from ..validation import seed as valid_seed
 
 DEFAULT_MODEL = "toy-shapes"
 
@@ -108,13 +109,26 @@ def load_pipeline(
       offline fixtures (`seed`);
     - a local directory in diffusers format, or a hub id (needs network access): loaded with
       `DiffusionPipeline.from_pretrained(..., use_safetensors=True)`, never with remote code.
-    Extra keyword arguments go to `from_pretrained`. A name with no '/' close to an embedded name is a typo
-    (ConfigError with "did you mean"), never sent to a hub. Loading shows no progress bars (`quiet_loading`).
+    Extra keyword arguments go to `from_pretrained` (an embedded model takes none: ConfigError). A name with no '/'
+    close to an embedded name is a typo (ConfigError with "did you mean"), never sent to a hub. Loading shows no
+    progress bars (`quiet_loading`).
     """
     check_model_name(name_or_path)
+    refuse_embedded_options(name_or_path, kwargs, "load_pipeline", "torch_dtype, device and seed")
+    seed = valid_seed(seed, "seed")
     torch_dtype, device = _check_dtype_and_device(torch_dtype, device)
     with quiet_loading():
         return _load(name_or_path, torch_dtype=torch_dtype, device=device, seed=seed, **kwargs)
+
+
+def refuse_embedded_options(name: str, options: dict[str, Any], owner: str, accepted: str) -> None:
+    """An embedded model is built here, not by `from_pretrained`: an option for it (or a misspelt one) would be
+    dropped, so it is a ConfigError naming it and what the embedded models take."""
+    if options and name in embedded_models():
+        raise ConfigError(
+            f"{owner}: the embedded model {name!r} takes no {', '.join(f'{key}=' for key in sorted(options))} "
+            f"(from_pretrained's options apply to local folders and hub ids only); it takes {accepted}"
+        )
 
 
 def _check_dtype_and_device(torch_dtype: Any, device: Any) -> tuple[Any, Any]:

@@ -18,6 +18,7 @@ from ..controls.maps.capture import AttentionMapResult, AttentionMaps
 from ..errors import ConfigError, UnsupportedError
 from ..handle import apply
 from ..pipelines.protocol import named_call_arguments
+from ..validation import seed as valid_seed
 
 
 def img2img_of(pipe: Any) -> Any:
@@ -72,7 +73,10 @@ def read_maps(
 
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
         raise ConfigError(f"read_maps: strength must be in (0, 1], got {strength!r}")
+    seed = valid_seed(seed, "read_maps: seed")
     images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        raise ConfigError("read_maps: images is empty; give an image (or a list of them, one per prompt)")
     for image in images:
         if not (hasattr(image, "convert") or isinstance(image, torch.Tensor) or type(image).__name__ == "ndarray"):
             raise ConfigError(

@@ -42,7 +42,7 @@ from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
 from ...tokens import WordQuery, describe_query, validate_word_query
-from ...validation import integer, number, set_field
+from ...validation import integer, number, plain_scalar, refuse_unused, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import key_columns, word_attention
 from ..regions.masks import area_matrix, box_mask, load_mask, resize_mask, validate_box
@@ -154,8 +154,10 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.reference is not None and (isinstance(self.reference, bool) or not isinstance(self.reference, int) or self.reference < 0):
+        reference = plain_scalar(self.reference)
+        if reference is not None and (isinstance(reference, bool) or not isinstance(reference, int) or reference < 0):
             raise ConfigError(f"ConsistentSubjects.reference must be None or a prompt row index >= 0, got {self.reference!r}")
+        set_field(self, "reference", None if reference is None else int(reference))
         set_field(self, "subject", _subjects(self.subject))
         set_field(self, "mask", _masks(self.mask))
         set_field(self, "reposition", _reposition(self.reposition))
@@ -181,8 +183,18 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
             raise ConfigError("ConsistentSubjects.reposition maps a reference subject into the target: it needs reference=<prompt row>, got reference=None")
         if self.isolate and not given:
             raise ConfigError("ConsistentSubjects.isolate keeps subjects apart: give the subjects (subject=, mask= or reposition=)")
+        if self.strength == 0 and (self.isolate or self.reposition is not None):
+            asked = "isolate=True" if self.isolate else "reposition"
+            raise ConfigError(
+                f"ConsistentSubjects: strength=0 turns the control off, and {asked} with it (the output is the stock one); "
+                f"give strength > 0 for {asked}"
+            )
         if self.map_layers is not None and not self.words:
             raise ConfigError("ConsistentSubjects.map_layers selects the maps of subject words; subject gives no word")
+        if not self.words and self.mask is None:
+            refuse_unused(self, "threshold", "without a word subject or a mask (it selects the tokens of a word's map or a mask)")
+        if self.sample_rate == 1:
+            refuse_unused(self, "seed", "with sample_rate=1 (it seeds the random sampling of the shared tokens: give sample_rate < 1)")
 
     @property
     def step_cache_refusal(self) -> str | None:  # type: ignore[override]

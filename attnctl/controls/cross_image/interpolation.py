@@ -41,7 +41,7 @@ from ...processors.chain import backend_op, restricted_rows
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import choice, number, set_field
+from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ..common import RowIndex, keep_kinds
 
 MODES: tuple[str, ...] = ("inner", "outer")
@@ -131,8 +131,10 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
     def __post_init__(self) -> None:
         if self.to is not None and not isinstance(self.to, str):
             raise ConfigError(f"AttentionInterpolation.to must be None or the second prompt (a string), got {self.to!r}")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 2:
+        n = plain_scalar(self.n)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ConfigError(f"AttentionInterpolation.n must be an integer >= 2 (the two endpoints included), got {self.n!r}")
+        set_field(self, "n", int(n))
         choice(self.mode, "AttentionInterpolation.mode", MODES)
         set_field(self, "alpha", number(self.alpha, "AttentionInterpolation.alpha", minimum=0, exclusive_minimum=True, maximum=BETA_MAX))
         set_field(self, "beta", number(self.beta, "AttentionInterpolation.beta", minimum=0, exclusive_minimum=True, maximum=BETA_MAX))
@@ -149,6 +151,10 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
                     f"AttentionInterpolation.points must start at 0, end at 1 and never decrease, got {self.points!r}"
                 )
             set_field(self, "points", points)
+            for name in ("alpha", "beta"):
+                refuse_unused(self, name, "with points given (it shapes the Beta distribution the points come from when points=None)")
+            if self.n != len(points):
+                refuse_unused(self, "n", f"with points given (a sequence renders len(points) = {len(points)} images)")
         set_field(self, "layers", validate_layers(self.layers, name="AttentionInterpolation.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="AttentionInterpolation.steps"))
 

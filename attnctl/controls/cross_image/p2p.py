@@ -42,7 +42,7 @@ from ...processors.chain import restricted_rows, token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...tokens import validate_word_query
-from ...validation import choice, number, set_field
+from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ..common import RowIndex
 from ..maps.capture import word_attention
 from .p2p_align import refinement_mapper, replacement_mapper
@@ -106,7 +106,7 @@ def p2p_window(value: Any, name: str) -> P2PWindow:
         if start > end:
             raise ConfigError(f"{name} = {tuple(value)!r} starts after it ends; give (start, end) with start <= end")
         return (start, end)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(plain_scalar(value), bool) or not isinstance(plain_scalar(value), (int, float)):
         raise ConfigError(f"{name} must be {_WINDOW_FORMS}, got {value!r}")
     return number(value, name, minimum=0, maximum=1)
 
@@ -252,6 +252,9 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
             if not isinstance(words, (tuple, list)) or not words or not all(isinstance(w, str) for w in words):
                 raise ConfigError(f"PromptToPrompt.local_blend must be a word or a non-empty list of words, or None; got {self.local_blend!r}")
             set_field(self, "local_blend", tuple(validate_word_query(w, owner="PromptToPrompt.local_blend") for w in words))
+        else:
+            for name in ("blend_threshold", "blend_start"):
+                refuse_unused(self, name, "with local_blend=None (it sets the local blend of the words' maps: give local_blend=[words])")
         set_field(self, "layers", validate_layers(self.layers, name="PromptToPrompt.layers"))
         if self.edits is not None:
             edits = (self.edits,) if isinstance(self.edits, str) else self.edits

@@ -47,7 +47,7 @@ from ...processors.chain import restricted_rows
 from ...processors.edit import AttentionCall, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import choice, number, set_field
+from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ...validation import seed as valid_seed
 from ..common import keep_kinds
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
@@ -89,8 +89,10 @@ class ReferenceAttention(Control, type_name="reference-attention"):
             set_field(self, "image", os.fspath(self.image))
         if not isinstance(self.image, str) and not hasattr(self.image, "convert"):
             raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {self.image!r}")
-        if isinstance(self.reference_row, bool) or not isinstance(self.reference_row, int) or self.reference_row < 0:
+        row = plain_scalar(self.reference_row)
+        if isinstance(row, bool) or not isinstance(row, int) or row < 0:
             raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
+        set_field(self, "reference_row", int(row))
         set_field(self, "strength", number(self.strength, "ReferenceAttention.strength", minimum=0))
         set_field(self, "region", optional_box(self.region, "ReferenceAttention.region"))
         set_field(self, "seed", valid_seed(self.seed, "ReferenceAttention.seed"))
@@ -106,6 +108,8 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         if not isinstance(self.adain, bool):
             raise ConfigError(f"ReferenceAttention.adain must be True or False, got {self.adain!r}")
         set_field(self, "adain_weight", number(self.adain_weight, "ReferenceAttention.adain_weight", minimum=0, maximum=2))
+        if not self.adain:
+            refuse_unused(self, "adain_weight", "with adain=False (it picks the blocks AdaIN acts on: give adain=True)")
         if self.adain and self.region is not None:
             raise ConfigError(
                 "ReferenceAttention.adain matches the whole feature map's channel statistics, which a region cannot confine; "

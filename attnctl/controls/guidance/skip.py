@@ -32,7 +32,7 @@ from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, SelectionError
 from ...families.base import LayerInfo, ModelAdapter
 from ...steps import StepInfo, validate_steps
-from ...validation import set_field
+from ...validation import plain_scalar, set_field
 from .common import PerturbingBound, PerturbingControl
 
 #: Arguments that are dicts of extra inputs: re-indexed only when they hold no tensor.
@@ -64,10 +64,11 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
     def __post_init__(self) -> None:
         self._check_scale()
         blocks = self.blocks
-        if isinstance(blocks, (int, str)):
+        if isinstance(plain_scalar(blocks), (int, str)):
             blocks = (blocks,)
         if not isinstance(blocks, (tuple, list)) or not blocks:
             raise ConfigError(f"SkipLayer.blocks must be a non-empty sequence of block indices or paths, got {self.blocks!r}")
+        blocks = tuple(plain_scalar(block) for block in blocks)
         for block in blocks:
             valid_int = isinstance(block, int) and not isinstance(block, bool) and block >= 0
             if not (valid_int or (isinstance(block, str) and block.strip())):
@@ -101,9 +102,10 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
             if path not in available:
                 parent = path.rpartition(".")[0] + "."  # the blocks beside it: its siblings at the same path
                 count = sum(1 for name in available if name.startswith(parent) and "." not in name[len(parent):])
+                siblings = f"{parent[:-1]} has {count} block(s); " if count else ""
                 raise SelectionError(
                     f"SkipLayer: block {block!r} ({path}) does not exist in {type(adapter.denoiser).__name__}; "
-                    f"{parent[:-1]} has {count} block(s); blocks: {_some(available)}"
+                    f"{siblings}blocks: {_some(available)}"
                 )
             if path in paths:
                 raise SelectionError(f"SkipLayer: block {block!r} ({path}) is named twice in blocks={self.blocks!r}")

@@ -40,7 +40,7 @@ from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, describe_query, has_duplicates, validate_word_query
-from ...validation import choice, set_field
+from ...validation import choice, plain_scalar, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
 from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, global_sinks, magnet_prompt, renormalised, sink_columns
@@ -151,17 +151,20 @@ MAX_RESOLUTION = 8192
 def _resolution(value: Any) -> tuple[int, int] | None:
     if value is None:
         return None
+    given, value = value, plain_scalar(value)
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        value = tuple(plain_scalar(v) for v in value)
     if (
-        isinstance(value, (tuple, list))
+        isinstance(value, tuple)
         and len(value) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_RESOLUTION for v in value)
     ):
         return (int(value[0]), int(value[1]))
     raise ConfigError(
         f"AttentionMaps.resolution must be None (the image's size), a positive int or (height, width), each at most "
-        f"{MAX_RESOLUTION} pixels, got {value!r}"
+        f"{MAX_RESOLUTION} pixels, got {given!r}"
     )
 
 

@@ -28,7 +28,7 @@ from ...noise import noise_level, require_noise_level
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, has_duplicates, validate_word_query
-from ...validation import choice, integer, number, set_field
+from ...validation import choice, integer, number, refuse_unused, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
 from ..regions.masks import box_mask, validate_box
 from . import losses
@@ -153,11 +153,13 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
         else:
             refine = self._given_refine()
         set_field(self, "refine", refine)
-        integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0)
+        set_field(self, "max_refinement_steps", integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0))
         set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
         set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
         choice(self.columns, "AttendExcite.columns", COLUMNS)
         _smoothing(self)
+        if self.refine == () and self.max_refinement_steps != 0:
+            refuse_unused(self, "max_refinement_steps", "with refine=() (it bounds the iterative refinement, which refine=() turns off)")
 
     def _given_refine(self) -> tuple[tuple[float, float], ...]:
         """`refine` as given, validated: (fraction, threshold) pairs, fractions inside the step window, each once."""
@@ -198,6 +200,7 @@ def _smoothing(control: Any) -> None:
     size = integer(control.kernel_size, f"{owner}.kernel_size", minimum=1)
     if size % 2 == 0:
         raise ConfigError(f"{owner}.kernel_size must be odd, got {size}")
+    set_field(control, "kernel_size", size)
     set_field(control, "sigma", number(control.sigma, f"{owner}.sigma", minimum=0.0, exclusive_minimum=True))
 
 
@@ -355,6 +358,8 @@ class AStar(_LatentOptimization, type_name="a-star"):
         set_field(self, "temperature", number(self.temperature, "AStar.temperature", minimum=0.0, exclusive_minimum=True))
         choice(self.columns, "AStar.columns", COLUMNS)
         _smoothing(self)
+        if self.loss == "segregation":
+            refuse_unused(self, "threshold", "with loss='segregation' (it binarises the maps of the retention loss: give loss='both' or 'retention')")
 
     def bind(self, context: BindContext) -> AStarBound:
         return AStarBound(self, context)
@@ -451,19 +456,25 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     def __post_init__(self) -> None:
         set_field(self, "boxes", _boxes(self.boxes))
         self._check_common()
-        integer(self.iterations, "BoxGuidance.iterations", minimum=1)
+        set_field(self, "iterations", integer(self.iterations, "BoxGuidance.iterations", minimum=1))
         set_field(self, "loss_threshold", number(self.loss_threshold, "BoxGuidance.loss_threshold", minimum=0.0))
-        constraints = (self.constraints,) if isinstance(self.constraints, str) else tuple(self.constraints or ())
+        if not isinstance(self.constraints, (str, tuple, list)):
+            raise ConfigError(f"BoxGuidance.constraints must name one or more of {', '.join(BOX_CONSTRAINTS)}, got {self.constraints!r}")
+        constraints = (self.constraints,) if isinstance(self.constraints, str) else tuple(self.constraints)
         if not constraints:
             raise ConfigError(f"BoxGuidance.constraints must name at least one of {', '.join(BOX_CONSTRAINTS)}")
         for name in constraints:
             choice(name, "BoxGuidance.constraints", BOX_CONSTRAINTS)
         set_field(self, "constraints", tuple(dict.fromkeys(constraints)))
         set_field(self, "topk", number(self.topk, "BoxGuidance.topk", minimum=0.0, maximum=1.0, exclusive_minimum=True))
-        integer(self.corner_width, "BoxGuidance.corner_width", minimum=0)
+        set_field(self, "corner_width", integer(self.corner_width, "BoxGuidance.corner_width", minimum=0))
         choice(self.columns, "BoxGuidance.columns", COLUMNS)
         set_field(self, "temperature", number(self.temperature, "BoxGuidance.temperature", minimum=0.0, exclusive_minimum=True))
         _smoothing(self)
+        if "corner" not in self.constraints:
+            refuse_unused(self, "corner_width", f"with constraints={self.constraints!r} (it is the width of the 'corner' constraint's bands)")
+        if not {"inner", "outer"} & set(self.constraints):
+            refuse_unused(self, "topk", f"with constraints={self.constraints!r} (it is the top fraction the 'inner' and 'outer' constraints average)")
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         """Default with the ratio loss on a UNet: Chen et al.'s layers, the mid block's and the first up block's

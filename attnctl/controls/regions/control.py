@@ -24,7 +24,7 @@ from ...errors import ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
-from ...validation import choice, number, set_field
+from ...validation import choice, number, refuse_unused, set_field
 from ..common import keep_kinds
 from .bound import RegionsBound
 from .layout import draw_layout, layout_fields, save_layout, save_mask
@@ -109,6 +109,8 @@ class Regions(Control, type_name="regions"):
         if isinstance(strength, str) and strength.strip().lower() in ("inf", "infinity", "+inf"):
             strength = math.inf
         set_field(self, "isolation_strength", number(strength, "Regions.isolation_strength", minimum=0.0, exclusive_minimum=True, allow_inf=True))
+        if not self.isolate:
+            refuse_unused(self, "isolation_strength", "with isolate=False (it is the bias between subject regions that isolate=True adds)")
         set_field(self, "layers", validate_layers(self.layers, name="Regions.layers"))
         set_field(self, "steps", validate_steps(self.steps, name="Regions.steps"))
         if not isinstance(self.trim_prompts, bool):
@@ -216,6 +218,14 @@ class Regions(Control, type_name="regions"):
             out[f.name] = [r.to_dict() for r in value] if f.name == "regions" else _plain(value)
         return out
 
+    def to_record(self) -> dict[str, Any]:
+        """`to_dict` with in-memory masks described instead of refused (a record beside a rendered image, not replayable)."""
+        out: dict[str, Any] = {"type": self.type_name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = [_region_record(r) for r in value] if f.name == "regions" else _plain(value)
+        return out
+
     @classmethod
     def from_layout(cls, source: str | os.PathLike | Mapping[str, Any] | Sequence[Any], **overrides: Any) -> Regions:
         """Regions from a JSON or TOML layout file (or the same data): see `attnctl.controls.regions.layout`."""
@@ -249,3 +259,10 @@ class Regions(Control, type_name="regions"):
     def picture(self, size: tuple[int, int] = (512, 512), background: Any = None):
         """A PIL picture of the layout: each region's box or mask in its colour, with its prompt."""
         return draw_layout(self, size=size, background=background)
+
+
+def _region_record(region: Region) -> dict[str, Any]:
+    if region.box is not None or region.mask_path is not None:
+        return region.to_dict()
+    frames = {} if region.frames is None else {"frames": list(region.frames)}
+    return {"prompt": region.prompt, "mask": "<in-memory mask, not saved>", "subject": region.subject, **frames}

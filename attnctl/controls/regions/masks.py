@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
+from ...validation import plain_scalar
 
 #: Cells whose largest mask value is at least this (minus rounding) get that region's label.
 LABEL_THRESHOLD = 0.5
@@ -138,7 +139,8 @@ def validate_box(box: Any, *, owner: str) -> Box:
         raise ConfigError(f"{owner}: a box is (x0, y0, x1, y1) in relative image coordinates, got {box!r}")
     values = []
     for v in box:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not -2.0 <= v <= 2.0:
+        v = plain_scalar(v)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
             raise ConfigError(f"{owner}: box coordinates must be finite numbers in [0, 1], got {box!r}")
         values.append(float(v))
     x0, y0, x1, y1 = values

@@ -31,7 +31,7 @@ from ...processors.chain import row_source
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, describe_layers, validate_layers
 from ...steps import StepInfo, StepWindow, validate_steps
-from ...validation import integer, number, set_field
+from ...validation import integer, number, refuse_unused, set_field
 from ..common import RowIndex, output_key, publish
 from .merging import MergePlan, agent_attention, derived_seed, match, plan_from_matching, video_cell_destinations
 
@@ -172,6 +172,8 @@ def _validate_common(control: Control, owner: str) -> None:
     set_field(control, "seed", integer(control.seed, f"{owner}.seed", minimum=0))
     if not isinstance(control.random, bool):
         raise ConfigError(f"{owner}.random must be True (a random destination per cell) or False (its top-left token), got {control.random!r}")
+    if not control.random:
+        refuse_unused(control, "seed", "with random=False (it seeds the random destination draws; random=False takes each cell's top-left token)")
     set_field(control, "key", output_key(control.key, owner))
 
 
