@@ -182,11 +182,6 @@ def test_bad_options():
             ConsistentSubjects(sample_rate=rate)
     with pytest.raises(ConfigError, match="seed"):
         ConsistentSubjects(seed=-1)
-    # strength 0 is the idle setting: isolation / reposition asked with it did nothing, silently (bitwise stock)
-    with pytest.raises(ConfigError, match="strength=0.*isolate=True"):
-        ConsistentSubjects(strength=0, subject=[(0, 0, 0.5, 1), (0.5, 0, 1, 1)], isolate=True)
-    with pytest.raises(ConfigError, match="strength=0.*reposition"):
-        ConsistentSubjects(strength=0, reference=0, reposition=[((0, 0, 0.5, 1), (0.5, 0, 1, 1))])
     control = ConsistentSubjects(reference=None, subject=(0, 0, 0.5, 1), strength=2.0, sample_rate=0.5, seed=7)
     assert Control.from_dict(control.to_dict()) == control and control != ConsistentSubjects(reference=None, subject=(0, 0, 0.5, 1), strength=2.0)
     assert "every step" in ConsistentSubjects(sample_rate=0.5).compile_refusal(None)

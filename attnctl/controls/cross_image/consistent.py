@@ -183,12 +183,6 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
             raise ConfigError("ConsistentSubjects.reposition maps a reference subject into the target: it needs reference=<prompt row>, got reference=None")
         if self.isolate and not given:
             raise ConfigError("ConsistentSubjects.isolate keeps subjects apart: give the subjects (subject=, mask= or reposition=)")
-        if self.strength == 0 and (self.isolate or self.reposition is not None):
-            asked = "isolate=True" if self.isolate else "reposition"
-            raise ConfigError(
-                f"ConsistentSubjects: strength=0 turns the control off, and {asked} with it (the output is the stock one); "
-                f"give strength > 0 for {asked}"
-            )
         if self.map_layers is not None and not self.words:
             raise ConfigError("ConsistentSubjects.map_layers selects the maps of subject words; subject gives no word")
         if not self.words and self.mask is None:
