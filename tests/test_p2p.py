@@ -219,7 +219,7 @@ def test_linked_rows_take_structured_guidance_values_as_their_own_in_either_orde
     for edits in ([link, values], [values, link]):
         attend = lambda q, k, v, spec: (torch.nn.functional.scaled_dot_product_attention(q, k, v), None)  # noqa: E731
         for hook in reversed(merge_edits(edits, "layer").hooks):
-            attend = (lambda hook, inner: lambda q, k, v, spec: hook.attend(call, q, k, v, spec, inner))(hook, attend)
+            attend = (lambda hook, inner: lambda q, k, v, spec: hook.attend(call, q, k, v, spec, inner))(hook, attend)  # noqa: B023
         torch.testing.assert_close(attend(q, k, v, AttentionSpec())[0], expected, atol=1e-5, rtol=1e-4)
 
 
