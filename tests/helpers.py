@@ -65,3 +65,17 @@ class WordProbe(Control, type_name="test-word-probe"):
                 self.log.append(("uncond", row, {w: negative.positions(w, row) for w in self.words}))
         self.log.append(("text_len", context.canvas.text_len))
         return Bound(self, context.layers, (0.0, 1.0))
+
+
+def tiny_inpainting(base: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """An inpainting pipeline on tiny-sd's components with a 9-channel UNet (latent 4, mask 1, masked image 4; random
+    weights from seed 0), and a 32 x 32 image and mask (a centred square) for its calls."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    return pipe, image, mask

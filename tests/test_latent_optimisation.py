@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import AttnProcessor
 import attnctl
 from attnctl.controls.optimize import losses
 
-from .helpers import generate
+from .helpers import generate, tiny_inpainting
 
 PROMPT = "a photo of a cat"
 
@@ -240,15 +240,7 @@ def test_inpainting_denoisers_move_only_the_latent_channels(tiny_cache):
     """An inpainting UNet reads 9 channels (latent 4, mask 1, masked image 4) and predicts 4: the step moves the
     latent channels only (the loss's gradient in those channels), the mask and masked image stay the pipeline's, and
     the scheduler's sample carries the update (the call failed after the first loss pass)."""
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
-
-    base = tiny_cache("tiny-sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
-    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
-    pipe.set_progress_bar_config(disable=True)
-    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
+    pipe, image, mask = tiny_inpainting(tiny_cache("tiny-sd"))
     samples: list = []
     original = pipe.scheduler.step
     pipe.scheduler.step = lambda output, t, sample, *a, **k: samples.append(sample.clone()) or original(output, t, sample, *a, **k)

@@ -21,6 +21,8 @@ from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS, make_tiny_pipeline
 from attnctl.testing.new_families import PROMPT_KEYWORD, available
 
+from .helpers import tiny_inpainting
+
 PROMPTS = ["a red cat on the street", "a blue dog in a field", "a green car"]
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 LOOSE = {"rtol": 1e-3, "atol": 1e-3}
@@ -164,15 +166,7 @@ def test_matches_eager_reference(name, options, tiny_cache):
 def test_inpainting_denoisers_get_the_reference_in_their_latent_channels(tiny_cache):
     """An inpainting UNet reads 9 channels (latent 4, mask 1, masked image 4): the reference row's latent channels
     are the noised reference and its mask and masked image the pipeline's (the call failed at the first step)."""
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
-
-    base = tiny_cache("tiny-sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
-    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
-    pipe.set_progress_bar_config(disable=True)
-    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
+    pipe, image, mask = tiny_inpainting(tiny_cache("tiny-sd"))
 
     def call():
         return run(pipe, "tiny-sd", prompts=PROMPTS[:2], image=image, mask_image=mask)
