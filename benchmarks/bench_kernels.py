@@ -184,7 +184,7 @@ def measure_shape(name: str, shape: tuple, dtype: torch.dtype, device: torch.dev
         if column == "sdpa-dense-mask" and dense_mask is not None:
             cells["dense-mask-bytes"] = dense_mask.numel() * dense_mask.element_size()
             dense_mask = None
-    layout = tlab.layout(labels, n, n, *_tiles(q, d), device)
+    layout = tlab.layout(labels, n, n, *_tiles(q, region_spec), device)
     cells["layout-bytes"] = sum(t.numel() * t.element_size() for t in (
         layout.q_perm, layout.q_sorted, layout.k_perm, layout.k_sorted, layout.table, layout.counts, layout.order, layout.classes))
     cells["tiles"] = {kind: int((layout.classes == value).sum()) for kind, value in (("open", tlab.OPEN), ("mixed", tlab.MIXED), ("skipped", tlab.SKIPPED))}
@@ -197,10 +197,10 @@ def measure_shape(name: str, shape: tuple, dtype: torch.dtype, device: torch.dev
     return cells
 
 
-def _tiles(q: torch.Tensor, head_dim: int) -> tuple[int, int]:
+def _tiles(q: torch.Tensor, spec: AttentionSpec) -> tuple[int, int]:
     from attnctl.kernels import triton_attention as ta
 
-    config = ta.default_config(q.dtype, head_dim, q.device.type == "cuda")
+    config = ta.call_config(q, spec, None, q.device.type == "cuda", None)
     return config.block_m, config.block_n
 
 

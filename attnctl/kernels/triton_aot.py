@@ -9,10 +9,13 @@ The default set (`runtime`) compiles the launches the runtime makes: for the rea
 (`triton_backend.launcher_for(spec).launch`: its tiles, arguments, label layouts and block lists), and
 `JITFunction.warmup` compiles it with a Triton driver that reports the GPU (`_TargetDriver`): Triton's own binder
 specialises the arguments as at runtime (an int equal to 1 becomes a constant, sizes and strides divisible by 16 and
-aligned pointers get the divisibility hint), which changes the generated code and its shared memory. Each compile's
-shared memory is checked against every GPU that runs that code (`SHARED_BY`: sm_80's compile against sm_80, sm_86 and
-sm_89). Per arch it holds one launch per tile configuration of the real families (`runtime_default`), so that every
-switch value of every kernel is compiled; `runtime-all` holds every launch of the matrix, one per Triton cache key.
+aligned pointers get the divisibility hint), which changes the generated code and its shared memory. The launchers
+pick tiles for the shared memory per block of the GPU (`MAX_SHARED`), so each arch's launches are built with its
+limit. Each compile's shared memory is checked against every GPU that runs that code (`SHARED_BY`: sm_80's compile
+against sm_80, and sm_86 / sm_89 where they get the same tiles); sm_86 (whose code and 99 KiB are sm_89's too)
+compiles the launches whose tiles differ from sm_80's (`COMPILED_ON`). Per arch (`RUNTIME_ARCHS`) the default holds
+one launch per tile configuration of the real families (`runtime_default`), so that every switch value of every
+kernel is compiled; `runtime-all` holds every launch of the matrix, one per Triton cache key.
 
 The other sets are built from each launcher module's declarations:
 
@@ -29,7 +32,7 @@ switch combination of every kernel; `variants("full")` also crosses those with e
 The jit functions must be real `JITFunction`s: run this module with `TRITON_INTERPRET=0` (in a subprocess
 when the interpreter is on in the caller, as in the tests):
 
-    TRITON_INTERPRET=0 python -m attnctl.kernels.triton_aot --set runtime --arch 80,90
+    TRITON_INTERPRET=0 python -m attnctl.kernels.triton_aot --set runtime --arch 80,86,90
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from .spec import AttentionSpec, LabelMask, Sparse, Window
 SIZES = ("H", "N_Q", "N_K", "HEAD_DIM")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ARCHS = (80, 90)
+#: The archs of the runtime sets: sm_86 for the launches whose tiles differ from sm_80's (`COMPILED_ON`).
+RUNTIME_ARCHS = (80, 86, 90)
 #: `runtime` (the default) and `runtime-all` compile the launchers' own launches (`runtime_jobs`); the others compile
 #: from the declarations with every integer an i32 (`variants`).
 RUNTIME_SETS = ("runtime", "runtime-all")
@@ -60,10 +65,13 @@ VARIANT_SETS = ("switches", "product", "full", "widest")
 #: Shared memory per block a kernel may use (bytes, opt-in maximum): A100 (sm_80), RTX 30xx / A10 (sm_86), RTX 40xx /
 #: L4 / L40 (sm_89) and H100 / H200 (sm_90).
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-#: The GPUs that run the code compiled for an arch: Triton generates the same code for every sm_8x (mma v2, cp.async;
-#: the compiles for sm_80 and sm_86 need the same shared memory), so sm_80's compile is checked against the 99 KiB of
-#: sm_86 / sm_89 too.
-SHARED_BY = {80: (80, 86, 89), 86: (86,), 89: (89,), 90: (90,)}
+#: The GPUs that can run the code compiled for an arch: Triton generates the same code for every sm_8x (mma v2,
+#: cp.async; the compiles for sm_80 and sm_86 need the same shared memory), so sm_80's compile is checked against the
+#: 99 KiB of sm_86 / sm_89 too where the launchers pick the same tiles there (`compile_runtime`).
+SHARED_BY = {80: (80, 86, 89), 86: (86, 89), 89: (89,), 90: (90,)}
+#: An arch whose launches are compiled on another where their tiles are the same (the same code: `SHARED_BY`); the
+#: runtime sets compile on it only the launches whose tiles differ.
+COMPILED_ON = {86: 80, 89: 80}
 
 
 #: The variant index of the `widest` set: the sparse kernel's one-tile layout at its longest key row (`ONE_TILE_KEYS`).
@@ -72,12 +80,12 @@ WIDEST_INDEX = -1
 
 @dataclass(frozen=True)
 class KernelDecl:
-    """A kernel and its launcher's declarations; `config(dtype, head_dim, switches, index)` gives the launcher's
-    tile configuration (a `triton_attention.Config`) for a variant."""
+    """A kernel and its launcher's declarations; `config(dtype, head_dim, switches, index, shared_memory)` gives the
+    launcher's tile configuration (a `triton_attention.Config`) for a variant on a GPU with that shared memory."""
 
     name: str
     module: ModuleType
-    config: Callable[[torch.dtype, int, dict, int], object]
+    config: Callable[[torch.dtype, int, dict, int, int], object]
     fixed: dict = field(default_factory=dict)
 
     @property
@@ -95,20 +103,22 @@ def kernels() -> dict[str, KernelDecl]:
     from . import triton_labels as tlab
     from . import triton_sparse as ts
 
-    def sparse_config(dtype, head_dim, switches, index):
+    def dense_config(dtype, head_dim, switches, index, shared_memory):
+        return ta.cuda_config(dtype, head_dim, masked=switches["HAS_MASK"], shared_memory=shared_memory)
+
+    def sparse_config(dtype, head_dim, switches, index, shared_memory):
         keys = 4096
         if switches["ONE_TILE"]:  # a key row the launcher runs in one tile at this dtype and head dim (the longest
             # of them for the `widest` set's index -1): never a one-tile switch with the streaming config
             fitting = [n for n in ts.ONE_TILE_KEYS if ts.one_tile(n, head_dim, dtype.itemsize)]
             keys = fitting[index % len(fitting)]
-        return ts.launch_config(ta.cuda_config(dtype, head_dim), keys, True, head_dim, dtype.itemsize)
+        config = dense_config(dtype, head_dim, switches, index, shared_memory)
+        return ts.launch_config(config, keys, True, head_dim, dtype.itemsize)
 
     return {
-        "_attn_fwd": KernelDecl("_attn_fwd", ta, lambda dtype, head_dim, switches, index: ta.cuda_config(dtype, head_dim)),
+        "_attn_fwd": KernelDecl("_attn_fwd", ta, dense_config),
         "_sparse_attn_fwd": KernelDecl("_sparse_attn_fwd", ts, sparse_config, dict(ts.FIXED)),
-        "_label_attn_fwd": KernelDecl(
-            "_label_attn_fwd", tlab, lambda dtype, head_dim, switches, index: tlab.cuda_config(dtype, head_dim)
-        ),
+        "_label_attn_fwd": KernelDecl("_label_attn_fwd", tlab, dense_config),
     }
 
 
@@ -280,7 +290,7 @@ def compile_variant(variant: Variant) -> dict:
     decl = kernels()[variant.kernel]
     switches = dict(variant.switches)
     dtype = DTYPES[variant.dtype]
-    config = decl.config(dtype, variant.head_dim, switches, variant.index)
+    config = decl.config(dtype, variant.head_dim, switches, variant.index, MAX_SHARED[variant.arch])
     constexprs = {**switches, **decl.fixed, **decl.module.tile_constexprs(config, variant.head_dim, dtype)}
     sig = signature(decl, variant.dtype, constexprs)
     pointer_args = [i for i, name in enumerate(decl.fn.arg_names) if sig[name].startswith("*")]
@@ -455,9 +465,10 @@ def runtime_call(case: RuntimeCase, batch: int = 2) -> tuple[torch.Tensor, torch
     return q, k, v, specs[call]
 
 
-def runtime_launch(case: RuntimeCase):
-    """The kernel launch (`triton_attention.Launch`) the triton backend makes for the case on a GPU: the launchers'
-    own tile choice (`cuda_config`, the sparse one-tile layout), argument building, label layouts and block lists."""
+def runtime_launch(case: RuntimeCase, arch: int):
+    """The kernel launch (`triton_attention.Launch`) the triton backend makes for the case on a GPU of `arch`: the
+    launchers' own tile choice (`cuda_config` for the arch's shared memory, the sparse one-tile layout), argument
+    building, label layouts and block lists."""
     from . import triton_attention as ta
     from . import triton_backend
 
@@ -466,7 +477,7 @@ def runtime_launch(case: RuntimeCase):
     if launcher is None:
         raise ValueError(f"{case.label()}: SDPA's plain path, no Triton kernel")
     out, lse = ta.outputs(q, v, spec.return_lse)
-    return launcher.launch(q, k, v, spec, out, lse, config=None, gpu=True)
+    return launcher.launch(q, k, v, spec, out, lse, config=None, gpu=True, shared_memory=MAX_SHARED[arch])
 
 
 def tile_configuration(launch) -> tuple:
@@ -480,20 +491,27 @@ def tile_configuration(launch) -> tuple:
 
 
 #: The dtypes of the default set per arch: fp16 and bf16 take the same tiles (the same shared memory), so each arch
-#: compiles every tile of the real families once, in one of them, and the two archs together every dtype.
-DEFAULT_DTYPES = {80: ("fp16", "fp32"), 90: ("bf16", "fp32")}
+#: compiles every tile of the real families once, in one of them, and sm_80 and sm_90 together every dtype.
+DEFAULT_DTYPES = {80: ("fp16", "fp32"), 86: ("fp16", "fp32"), 90: ("bf16", "fp32")}
+
+
+def compiled_elsewhere(case: RuntimeCase, arch: int) -> bool:
+    """Whether the case's launch on `arch` is compiled on `COMPILED_ON[arch]`: the same tiles, the same code."""
+    other = COMPILED_ON.get(arch)
+    return other is not None and tile_configuration(runtime_launch(case, arch)) == tile_configuration(runtime_launch(case, other))
 
 
 def runtime_default(arch: int, cases: list[RuntimeCase] | None = None) -> list[RuntimeCase]:
     """The default set on `arch`: one case per tile configuration (`tile_configuration`) in `DEFAULT_DTYPES[arch]`,
     each the one that compiles the most switch values not yet compiled, then a case for each switch value of each
-    kernel still missing. Every chosen case is a different kernel, tile or switch combination: different code."""
+    kernel still missing; on an arch of `COMPILED_ON`, of the cases whose tiles differ there only. Every chosen case
+    is a different kernel, tile or switch combination: different code."""
     cases = runtime_cases() if cases is None else cases
     dtypes = DEFAULT_DTYPES.get(arch, tuple(DTYPES))
     by_config: dict[tuple, list[tuple[RuntimeCase, set]]] = {}
     for case in cases:
-        if case.dtype in dtypes:
-            launch = runtime_launch(case)
+        if case.dtype in dtypes and not compiled_elsewhere(case, arch):
+            launch = runtime_launch(case, arch)
             switches = {(launch.name, name, value) for name, value in launch.options.items() if name in _switch_names(launch.name)}
             by_config.setdefault(tile_configuration(launch), []).append((case, switches))
     chosen: list[RuntimeCase] = []
@@ -571,14 +589,17 @@ def runtime_key(launch, arch: int) -> str:
 
 def runtime_jobs(which: str, archs: tuple[int, ...]) -> list[tuple[int, RuntimeCase]]:
     """(arch, case) to compile: `runtime` (the default) per arch `runtime_default`; `runtime-all` every case of
-    the matrix, deduplicated per arch by Triton's cache key (the first case of each key)."""
+    the matrix (on an arch of `COMPILED_ON`, those whose tiles differ), deduplicated per arch by Triton's cache key
+    (the first case of each key)."""
     cases = runtime_cases()
     if which == "runtime":
         return [(arch, case) for arch in archs for case in runtime_default(arch, cases)]
     jobs, seen = [], set()
     for arch in archs:
         for case in cases:
-            key = runtime_key(runtime_launch(case), arch)
+            if compiled_elsewhere(case, arch):
+                continue
+            key = runtime_key(runtime_launch(case, arch), arch)
             if key not in seen:
                 seen.add(key)
                 jobs.append((arch, case))
@@ -598,26 +619,14 @@ def specialisation(src) -> dict[str, list[str]]:
     return {"ones": ones, "div16": div16}
 
 
-def known_over_limit(launch) -> str | None:
-    """Why a launch is known to need more shared memory than the 99 KiB of sm_86 / sm_89 (None: it is not). There its
-    compile fails at the first call and `auto` runs such calls on the next backend (warned once); `backend="triton"`
-    raises. The compile test reports these and fails when one of them fits (then remove it here) or another is over."""
-    options, q = launch.options, launch.args[0]
-    if options.get("HAS_MASK") and q.element_size() == 2 and options["BLOCK_D"] == 128 and options["num_stages"] == 3 \
-            and q.shape[-1] % 16 == 0:
-        # measured on sm_80: the model's mask tile is pipelined beside K and V (3 stages) once the head dim is a
-        # multiple of 16: 131,584 bytes (_attn_fwd), 131,840 (_label_attn_fwd), 131,072 (_sparse_attn_fwd streaming);
-        # 98,560 with 2 stages; PixArt's head dim 72 loads unvectorised and needs 66,048
-        return "a model mask at head dim 128 in fp16 / bf16 (Qwen-Image's text mask): its tile is pipelined beside K and V"
-    return None
-
-
 def compile_runtime(arch: int, case: RuntimeCase) -> dict:
     """Compile a case's launch for `arch` to cubin; a JSON-able record with its shared memory against the limit of
-    every GPU that runs the same code (`SHARED_BY`)."""
-    launch = runtime_launch(case)
+    every GPU that runs the same code (`SHARED_BY`, where the launchers pick the same tiles as on `arch`)."""
+    launch = runtime_launch(case, arch)
+    tiles = tile_configuration(launch)
+    limits = {f"sm_{a}": MAX_SHARED[a] for a in SHARED_BY[arch] if a == arch or tile_configuration(runtime_launch(case, a)) == tiles}
     record = {"variant": f"sm_{arch} {case.label()}", "kernel": launch.name, "arch": arch, "dtype": case.dtype,
-              "tiles": list(tile_configuration(launch)[2:])}
+              "tiles": list(tiles[2:])}
     start = time.perf_counter()
     try:
         compiled, _ = _warmup(launch, arch, compile_it=True)
@@ -625,16 +634,10 @@ def compile_runtime(arch: int, case: RuntimeCase) -> dict:
         record.update(ok=False, error=_describe_error(error))
     else:
         shared = int(compiled.metadata.shared)
-        limits = {f"sm_{a}": MAX_SHARED[a] for a in SHARED_BY[arch]}
         record.update(ok=True, stages=sorted(compiled.asm), shared=shared, limits=limits,
                       margin=min(limits.values()) - shared, **specialisation(compiled.src))
         over = [name for name, limit in limits.items() if shared > limit]
-        known = known_over_limit(launch) if arch in (80, 86, 89) else None
-        if known is not None and (not over or set(over) - {"sm_86", "sm_89"}):
-            record.update(ok=False, error=f"needs {shared} bytes of shared memory ({limits}): `known_over_limit` is out of date ({known})")
-        elif known is not None:
-            record.update(known_over=f"over {', '.join(over)}: {known}")
-        elif over:
+        if over:
             record.update(ok=False, error=f"needs {shared} bytes of shared memory, over the limit of {', '.join(over)} ({limits})")
         elif "cubin" not in compiled.asm:
             record.update(ok=False, error="no cubin: ptxas did not run")
@@ -661,7 +664,7 @@ def run(
     index, count = shard
     if which in RUNTIME_SETS:
         jobs = [job for i, job in enumerate(runtime_jobs(which, archs)) if i % count == index]
-        jobs = [job for job in jobs if kernel in (None, runtime_launch(job[1]).name)][:limit]
+        jobs = [job for job in jobs if kernel in (None, runtime_launch(job[1], job[0]).name)][:limit]
         for arch, case in jobs:
             yield compile_runtime(arch, case)
         return
@@ -686,13 +689,15 @@ def _interpreted() -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", default="runtime", choices=RUNTIME_SETS + VARIANT_SETS)
-    parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated sm numbers, e.g. 80,90")
+    parser.add_argument("--arch", default=None, help="comma-separated sm numbers, e.g. 80,90 (default: 80,86,90 for "
+                        "the runtime sets, 80,90 for the others)")
     parser.add_argument("--shard", default="0/1", help="i/n: compile every n-th variant starting at i")
     parser.add_argument("--kernel", default=None, help="compile only this kernel's variants (e.g. _label_attn_fwd)")
     parser.add_argument("--limit", type=int, default=None, help="compile at most this many variants")
     parser.add_argument("--list", action="store_true", help="print the variants and the declaration check, compile nothing")
     args = parser.parse_args(argv)
-    archs = tuple(int(a) for a in args.arch.split(","))
+    default_archs = RUNTIME_ARCHS if args.set in RUNTIME_SETS else ARCHS
+    archs = tuple(int(a) for a in args.arch.split(",")) if args.arch else default_archs
     for arch in archs:
         if arch not in MAX_SHARED:
             parser.error(f"--arch takes {', '.join(map(str, MAX_SHARED))}, got {arch}")

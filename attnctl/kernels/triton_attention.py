@@ -372,27 +372,71 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def default_config(dtype: torch.dtype, head_dim: int, gpu: bool) -> Config:
-    """Tile sizes: the FlashAttention-2 tutorial's on a GPU (smaller for fp32 and wide heads); 64 x 64 in
-    the interpreter, whose cost grows with the number of programs and tiles (tests pass smaller tiles to
-    exercise block boundaries)."""
+#: Shared memory per block (bytes) a masked fp16 / bf16 call at a head dim in (64, 128] that is a multiple of 16 needs
+#: in 128 x 64 tiles at 3 stages: Triton pipelines the model's mask tile beside K and V once HEAD_DIM carries the
+#: divisibility-by-16 hint (compiled for sm_80: 131,584 bytes `_attn_fwd`, 131,840 `_label_attn_fwd`, 131,072
+#: `_sparse_attn_fwd` streaming; head dim 72 loads unvectorised and needs 66,048). At 2 stages 98,304-98,560 without
+#: labels but 131,072-131,584 with them; in 128 x 32 tiles at 2 stages 65,536-82,176 (`cuda_config`).
+MASKED_WIDE_SHARED = 131840
+
+
+def default_config(dtype: torch.dtype, head_dim: int, gpu: bool, *, masked: bool, shared_memory: int | None) -> Config:
+    """Tile sizes: `cuda_config`'s on a GPU (`shared_memory`: its shared memory per block); 64 x 64 in the
+    interpreter, whose cost grows with the number of programs and tiles (tests pass smaller tiles to exercise block
+    boundaries)."""
     if not gpu:
         return Config(64, 64)
-    return cuda_config(dtype, head_dim)
+    if shared_memory is None:
+        raise ValueError("default_config on a GPU needs the device's shared memory per block (`device_shared_memory`)")
+    return cuda_config(dtype, head_dim, masked=masked, shared_memory=shared_memory)
 
 
-def cuda_config(dtype: torch.dtype, head_dim: int) -> Config:
-    """The tile sizes `default_config` picks on a GPU (the compile test compiles each of them). They fit the shared
-    memory of every GPU from sm_80 on, the consumer ones included (sm_86 / sm_89: 99 KiB per block): float32 at head
-    dims above 128 takes smaller tiles (64 x 32 needed up to 152 KiB there)."""
+def cuda_config(dtype: torch.dtype, head_dim: int, *, masked: bool, shared_memory: int) -> Config:
+    """The tile sizes `default_config` picks on a GPU with `shared_memory` bytes per block (opt-in maximum) for a call
+    with (`masked`) or without the model's mask (the compile test compiles each of them): the FlashAttention-2
+    tutorial's, smaller for fp32 and wide heads. Float32 at head dims above 128 takes smaller tiles (64 x 32 needed up
+    to 152 KiB); a masked fp16 / bf16 call at head dims 80-128 takes 128 x 32 tiles at 2 stages where 128 x 64 at 3
+    do not fit (`MASKED_WIDE_SHARED`: sm_86 / sm_89, 99 KiB per block; 2 stages of 128 x 64 do not fit with labels
+    either). Every other tile fits 99 KiB, and sm_80 / sm_90 take the same tiles."""
     block_d = head_block(head_dim)
     if dtype == torch.float32:
         return Config(64, 32, num_warps=4, num_stages=2) if block_d <= 128 else Config(32, 32, num_warps=4, num_stages=1)
     if block_d <= 64:
         return Config(128, 64, num_warps=4, num_stages=3)
     if block_d <= 128:
+        if masked and head_dim % 16 == 0 and shared_memory < MASKED_WIDE_SHARED:
+            return Config(128, 32, num_warps=8, num_stages=2)
         return Config(128, 64, num_warps=8, num_stages=3)
     return Config(64, 32, num_warps=8, num_stages=2)
+
+
+#: Per CUDA device index: its shared memory per block (`device_shared_memory`), read once.
+_SHARED_MEMORY: dict[int, int] = {}
+
+
+def device_shared_memory(device: torch.device) -> int:
+    """The shared memory per block (bytes) a kernel may use on a CUDA device: the opt-in maximum (sm_80 166,912,
+    sm_86 / sm_89 101,376, sm_90 232,448; ROCm reports the plain per-block size), read once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    found = _SHARED_MEMORY.get(index)
+    if found is None:
+        props = torch.cuda.get_device_properties(index)
+        found = _SHARED_MEMORY[index] = int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+    return found
+
+
+def call_config(
+    q: torch.Tensor, spec: AttentionSpec, config: Config | None, gpu: bool, shared_memory: int | None
+) -> Config:
+    """The tiles of a call: `config`, else `default_config`'s for its dtype, head dim and mask on the GPU of `q` (or
+    for a GPU with `shared_memory` bytes per block: the compile test builds GPU launches from CPU tensors)."""
+    if config is not None:
+        return config
+    if gpu and shared_memory is None:
+        if q.device.type != "cuda":
+            raise ValueError(f"a GPU launch from tensors on {q.device} needs the target's shared memory per block")
+        shared_memory = device_shared_memory(q.device)
+    return default_config(q.dtype, q.shape[-1], gpu, masked=spec.attn_mask is not None, shared_memory=shared_memory)
 
 
 @dataclass(frozen=True)
@@ -728,12 +772,11 @@ def attention(
 
 def launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor, lse: torch.Tensor | None,
-    *, config: Config | None, gpu: bool,
+    *, config: Config | None, gpu: bool, shared_memory: int | None = None,
 ) -> Launch:
     """The `_attn_fwd` launch of a call into `out` / `lse`, at `config` or the tiles `default_config` picks on a GPU
-    (`gpu`) or in the interpreter."""
-    head_dim = q.shape[-1]
-    config = config or default_config(q.dtype, head_dim, gpu)
+    (`gpu`: `q`'s, or one with `shared_memory` bytes per block) or in the interpreter (`call_config`)."""
+    config = call_config(q, spec, config, gpu, shared_memory)
     args, switches = kernel_arguments(q, k, v, spec, config)
     return Launch(
         _attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),

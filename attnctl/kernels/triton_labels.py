@@ -314,12 +314,12 @@ def attention(
 
 def launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor, lse: torch.Tensor | None,
-    *, config: ta.Config | None, gpu: bool,
+    *, config: ta.Config | None, gpu: bool, shared_memory: int | None = None,
 ) -> ta.Launch:
     """The `_label_attn_fwd` launch of a call into `out` / `lse` (see `ta.launch`)."""
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[2]
-    config = config or ta.default_config(q.dtype, head_dim, gpu)
+    config = ta.call_config(q, spec, config, gpu, shared_memory)
     grouped = layout(spec.labels, nq, nk, config.block_m, config.block_n, q.device)
     dummy = ta.unused(q.device, torch.float32)
     args: list = []

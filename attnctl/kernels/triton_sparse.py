@@ -309,13 +309,13 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
 
 def launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, out: torch.Tensor, lse: torch.Tensor | None,
-    *, config: ta.Config | None, gpu: bool,
+    *, config: ta.Config | None, gpu: bool, shared_memory: int | None = None,
 ) -> ta.Launch:
     """The `_sparse_attn_fwd` launch of a call with `spec.sparse` into `out` / `lse` (see `ta.launch`)."""
     alpha = float(spec.sparse.alpha)
     head_dim, nk = q.shape[-1], k.shape[2]
     single = one_tile(nk, head_dim, q.element_size())
-    config = launch_config(config or ta.default_config(q.dtype, head_dim, gpu), nk, gpu, head_dim, q.element_size())
+    config = launch_config(ta.call_config(q, spec, config, gpu, shared_memory), nk, gpu, head_dim, q.element_size())
     args, switches = ta.kernel_arguments(q, k, v, spec, config)
     if single:
         switches["HAS_BLOCKS"] = False
