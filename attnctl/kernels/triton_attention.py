@@ -444,14 +444,11 @@ class Launch:
     """One kernel launch as a launcher builds it. `run` launches it; `triton_aot` compiles the same call for a GPU
     target without a GPU (`JITFunction.warmup`), so the compile test gets the runtime's specialisation."""
 
+    name: str  # the kernel's name, for compile-failure records (`compiling`)
     kernel: Any  # the @triton.jit function (an InterpretedFunction under TRITON_INTERPRET=1)
     grid: tuple[int, int]
     args: tuple
     options: dict  # constexprs, num_warps, num_stages
-
-    @property
-    def name(self) -> str:
-        return self.kernel.fn.__name__
 
     def run(self) -> None:
         with compiling(self.name, self.args[0].device):
@@ -779,7 +776,7 @@ def launch(
     config = call_config(q, spec, config, gpu, shared_memory)
     args, switches = kernel_arguments(q, k, v, spec, config)
     return Launch(
-        _attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),
+        "_attn_fwd", _attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),
         (q, k, v, out, lse if lse is not None else unused(q.device, torch.float32),
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *args),
         dict(RETURN_LSE=lse is not None, **switches, num_warps=config.num_warps, num_stages=config.num_stages),

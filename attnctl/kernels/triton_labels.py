@@ -342,7 +342,7 @@ def launch(
     q_start, q_stop = spec.query_range if spec.query_range is not None else (0, nq)
     args += [heads, nq, nk, head_dim, float(scale), int(q_start), int(q_stop)]
     return ta.Launch(
-        _label_attn_fwd, (triton.cdiv(nq, config.block_m), batch * heads),
+        "_label_attn_fwd", _label_attn_fwd, (triton.cdiv(nq, config.block_m), batch * heads),
         (q, k, v, out, lse if lse is not None else dummy, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *args),
         dict(
             HAS_MASK=spec.attn_mask is not None, HAS_BIAS=spec.key_bias is not None,

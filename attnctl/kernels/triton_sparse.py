@@ -320,7 +320,7 @@ def launch(
     if single:
         switches["HAS_BLOCKS"] = False
     return ta.Launch(
-        _sparse_attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),
+        "_sparse_attn_fwd", _sparse_attn_fwd, (triton.cdiv(q.shape[2], config.block_m), q.shape[0] * q.shape[1]),
         (q, k, v, out, lse if lse is not None else ta.unused(q.device, torch.float32),
          *q.stride(), *k.stride(), *v.stride(), *out.stride(),
          *args, alpha - 1.0, 1.0 / (alpha - 1.0), float(spec.sparse.scale)),
