@@ -100,15 +100,16 @@ def test_half_precision_pipelines_run_under_inference_mode_as_under_no_grad(name
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart"])
 def test_regions_with_a_latent_optimiser_run_first_under_inference_mode(tiny_cache, name):
-    """Regions' region prompts encoded in an inference-mode call were inference tensors; the optimiser's loss pass
-    (autograd on) projects them with the layers' weights, which autograd saves: the first call failed."""
+    """Regions' region prompts encoded in an inference-mode call, and the region keys its edits keep for the call,
+    were inference tensors; the optimiser's loss pass (autograd on) saves them: the first call failed (at its first
+    step for the prompts, at its second for the keys: 4 steps, the window the first half)."""
     pipe = tiny_cache(name)
     regions = lambda: attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)),  # noqa: E731
                                        attnctl.Region("a blue car", box=(0.5, 0.0, 1.0, 1.0))], isolate=True)
     with attnctl.apply(pipe, [regions(), attnctl.AttendExcite(subjects=["cat", "car"])]):
         with torch.inference_mode():
-            inferred = generate(pipe, name, prompt="a red cat and a blue car", steps=2)
+            inferred = generate(pipe, name, prompt="a red cat and a blue car", steps=4)
     with attnctl.apply(pipe, [regions(), attnctl.AttendExcite(subjects=["cat", "car"])]):
         with torch.no_grad():
-            expected = generate(pipe, name, prompt="a red cat and a blue car", steps=2)
+            expected = generate(pipe, name, prompt="a red cat and a blue car", steps=4)
     torch.testing.assert_close(inferred, expected, rtol=0, atol=0)

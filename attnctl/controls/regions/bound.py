@@ -337,6 +337,14 @@ class RegionsBound(Bound):
         return self.adapter.append_text(inputs, block, segments=len(self.shapes), block_mask=block_mask)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
+        if torch.is_inference_mode_enabled():
+            # what the edit makes is kept for the call (region keys, masks, tables): as normal tensors, which a
+            # latent optimiser's loss pass (autograd on, outside inference mode) can save at a later step
+            with torch.inference_mode(False), torch.no_grad():  # in this order: leaving inference mode restores grad
+                return self._edit(layer, frame)
+        return self._edit(layer, frame)
+
+    def _edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         role = self.roles.get(layer.index)
         if role is None:
             return None
