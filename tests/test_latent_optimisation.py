@@ -678,6 +678,43 @@ def test_attend_excite_with_regions_on_qwen_image_moves_every_image(tiny_cache):
     assert bool((moved > 0).all()), moved
 
 
+def test_attention_maps_with_an_optimiser_are_the_maps_of_the_steps_forwards(tiny_cache):
+    """AttentionMaps counts each prompt row once per step, at its first forward: with an optimiser that was the loss
+    pass (at the latent before the update, and only up to its last map layer), not the step's forward. The maps
+    are those of the same forwards replayed, the updated latents given, without the optimiser."""
+    pipe = tiny_cache("tiny-sd")
+    prompt = "a red cat and a blue dog"
+    seen: list = []
+
+    def record(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        if sample.shape[0] == 2:  # the step's forward (uncond, cond); the loss pass runs the cond row only
+            seen.append(sample.detach().clone())
+
+    def replay(module, args, kwargs):
+        if args:
+            return (next(inputs), *args[1:]), kwargs
+        return args, {**kwargs, "sample": next(inputs)}
+
+    hook = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"]), attnctl.AttendExcite(subjects=["cat", "dog"], refine=())]) as handle:
+            generate(pipe, "tiny-sd", prompt=prompt, steps=4)
+            maps = handle.outputs["attention_maps"].maps
+    finally:
+        hook.remove()
+    inputs = iter(seen)
+    hook = pipe.unet.register_forward_pre_hook(replay, with_kwargs=True)
+    try:
+        with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+            generate(pipe, "tiny-sd", prompt=prompt, steps=4)
+            replayed = handle.outputs["attention_maps"].maps
+    finally:
+        hook.remove()
+    assert len(seen) == 4
+    torch.testing.assert_close(maps, replayed, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("linking", ["PromptToPrompt", "ConsistentSubjects", "ReferenceAttention", "AttentionInterpolation"])
 @pytest.mark.parametrize("optimiser", ["AttendExcite", "AStar", "BoxGuidance"])
 def test_an_optimiser_with_a_row_linking_control_is_refused_at_apply(tiny_cache, linking, optimiser):

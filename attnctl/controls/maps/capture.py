@@ -369,9 +369,11 @@ class AttentionMapsBound(Bound):
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         """The capture of `layer` in `frame`. Each prompt row counts once per step (a step's second model call, Heun's
-        or SD3's skip-layer pass, adds nothing): when the maps are added (`counted`), or, in a compiled forward, here."""
+        or SD3's skip-layer pass, adds nothing): when the maps are added (`counted`), or, in a compiled forward, here.
+        attnctl's own extra forwards (`frame.extra_pass`: a latent optimiser's loss pass, which runs before the step's
+        forward at the latent before its update; SAG's degraded pass) are not the call's attention: not captured."""
         cond = frame.rows.indices("cond", None)
-        if not cond:
+        if not cond or frame.extra_pass is not None:
             return None
         sinks = bool(self.magnets) and layer.index in self.sink_layers
         rows = prompts = None
