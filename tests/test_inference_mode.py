@@ -113,3 +113,20 @@ def test_regions_with_a_latent_optimiser_run_first_under_inference_mode(tiny_cac
         with torch.no_grad():
             expected = generate(pipe, name, prompt="a red cat and a blue car", steps=4)
     torch.testing.assert_close(inferred, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_regions_with_a_late_optimiser_window_under_inference_mode(tiny_cache, name):
+    """On joint attention the dense form of Regions' label mask is made by the attention backend and cached for the
+    call: made in the inference-mode forwards before an optimiser's window opens, it was an inference tensor that the
+    window's first loss pass (autograd on) had to save for backward."""
+    pipe = tiny_cache(name)
+
+    def run(mode):
+        controls = [attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)),
+                                     attnctl.Region("a blue car", box=(0.5, 0.0, 1.0, 1.0))], isolate=True),
+                    attnctl.AttendExcite(subjects=["cat", "car"], steps=(0.5, 1.0), refine=())]
+        with attnctl.apply(pipe, controls), mode():
+            return generate(pipe, name, prompt="a red cat and a blue car", steps=4)
+
+    torch.testing.assert_close(run(torch.inference_mode), run(torch.no_grad), rtol=0, atol=0)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from . import window_tiles
-from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key, version
+from .spec import AttentionSpec, LabelMask, Window, as_additive, kept_tensors, per_key, version
 
 DENSE_MASK_LIMIT = 1 << 26  # 64M elements: 256 MB as float32
 
@@ -48,7 +48,8 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
     cached = per_object.get(key)
     if cached is None:
         per_object.clear()  # a stale version, another dtype: keep one entry per object
-        cached = per_object[key] = (_in_dtype(labels.dense().to(device), dtype), labels.fully_masked_queries().to(device))
+        with kept_tensors():
+            cached = per_object[key] = (_in_dtype(labels.dense().to(device), dtype), labels.fully_masked_queries().to(device))
     return cached
 
 
@@ -57,7 +58,8 @@ def prepare_labels(labels: LabelMask, dtype: torch.dtype, device: torch.device) 
     mask is then made once per LabelMask (once per call or handle), not in the graph at every attention call."""
     key = (torch.device(device), dtype)
     if key not in labels.prepared:
-        labels.prepared[key] = (_in_dtype(labels.dense().to(key[0]), dtype), labels.fully_masked_queries().to(key[0]))
+        with kept_tensors():
+            labels.prepared[key] = (_in_dtype(labels.dense().to(key[0]), dtype), labels.fully_masked_queries().to(key[0]))
 
 
 def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -65,7 +67,8 @@ def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> t
     key = (window, str(device), dtype)
     cached = _WINDOW_DENSE.get(key)
     if cached is None:
-        cached = as_additive(window.allowed(device), dtype)
+        with kept_tensors():
+            cached = as_additive(window.allowed(device), dtype)
         if len(_WINDOW_DENSE) >= _WINDOW_CACHE_SIZE:
             _WINDOW_DENSE.pop(next(iter(_WINDOW_DENSE)))
         _WINDOW_DENSE[key] = cached
@@ -101,7 +104,8 @@ def _mask_in_dtype(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return found[1]
     if len(_MASK_IN_DTYPE) >= _MASK_CACHE_SIZE:
         _MASK_IN_DTYPE.pop(next(iter(_MASK_IN_DTYPE)))
-    converted = _in_dtype(mask, dtype)
+    with kept_tensors():
+        converted = _in_dtype(mask, dtype)
     _MASK_IN_DTYPE[key] = (weakref.ref(mask), converted)
     return converted
 

@@ -8,6 +8,7 @@ Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D). Per-key tensors broadcast to (B,
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,18 @@ def version(tensor: torch.Tensor) -> int | None:
     """A tensor's in-place version counter, for caches keyed by tensor. Tensors made under `torch.inference_mode()`
     have none (reading it raises): None, and their in-place changes are not seen."""
     return None if tensor.is_inference() else tensor._version
+
+
+def kept_tensors() -> contextlib.AbstractContextManager:
+    """Where a tensor is made that outlives the attention call making it (a cache entry, a table kept for the call):
+    under `torch.inference_mode()` it is made as a normal tensor without autograd history, since a later pass with
+    autograd on (a latent optimiser's loss pass) may read it, and autograd refuses to save inference tensors."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())  # after it: leaving inference mode restores the grad mode
+    return stack
 
 
 @dataclass(frozen=True, eq=False)  # identity equality and hash: backends cache per LabelMask object

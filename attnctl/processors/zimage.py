@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..kernels.spec import version
+from ..kernels.spec import kept_tensors, version
 from . import references
 from .base import ControlledProcessor
 
@@ -158,6 +158,7 @@ def _shared_padding_last(tensor: torch.Tensor, dim: int, image: int, pad: int) -
         return found[1]
     if len(_SHARED) >= _SHARED_SIZE:
         _SHARED.pop(next(iter(_SHARED)))
-    reordered = _padding_last(tensor, dim, image, pad)
+    with kept_tensors():
+        reordered = _padding_last(tensor, dim, image, pad)
     _SHARED[key] = (weakref.ref(tensor), reordered)
     return reordered

@@ -21,7 +21,7 @@ from ...errors import CallLayoutError, ConfigError, IdleControlWarning, Unsuppor
 from ...families.base import Geometry, LayerInfo
 from ...kernels import prepare_traced_labels
 from ...kernels.semantics import spec_tokens
-from ...kernels.spec import AttentionSpec, LabelMask
+from ...kernels.spec import AttentionSpec, LabelMask, kept_tensors
 from ...processors.chain import TokenLayout, backend_op, restricted_rows, restricted_tokens
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ..common import RowIndex
@@ -337,12 +337,8 @@ class RegionsBound(Bound):
         return self.adapter.append_text(inputs, block, segments=len(self.shapes), block_mask=block_mask)
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
-        if torch.is_inference_mode_enabled():
-            # what the edit makes is kept for the call (region keys, masks, tables): as normal tensors, which a
-            # latent optimiser's loss pass (autograd on, outside inference mode) can save at a later step
-            with torch.inference_mode(False), torch.no_grad():  # in this order: leaving inference mode restores grad
-                return self._edit(layer, frame)
-        return self._edit(layer, frame)
+        with kept_tensors():  # what the edit makes is kept for the call (region keys, masks, tables)
+            return self._edit(layer, frame)
 
     def _edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         role = self.roles.get(layer.index)
