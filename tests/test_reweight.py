@@ -350,6 +350,11 @@ def test_a_table_that_weights_the_words_word_and_position_stays_a_table():
     _, control = Reweight.from_prompt("a (word:1.5) in (position:2) and a (cat:1.2)")
     assert [(w.query, w.factor) for w in control.weights] == [("word", 1.5), ("position", 2.0), ("cat", 1.2)]
     assert [(w.query, w.factor) for w in Reweight({"word": 0.5, "weigth": 2.0}).weights] == [("word", 0.5), ("weigth", 2.0)]
+    # factors as numpy scalars or 0-d tensors, accepted everywhere else, keep such a table a table
+    numpy = pytest.importorskip("numpy")
+    for factor in (numpy.float32(1.5), torch.tensor(1.5)):
+        assert [(w.query, w.factor) for w in Reweight({"position": factor, "sky": (factor, 1.0)}).weights] == [
+            ("position", 1.5), ("sky", (1.5, 1.0))]
 
 
 def test_other_bad_options():
