@@ -82,6 +82,31 @@ def _refuse_modular(pipe: Any) -> None:
         )
 
 
+def _refuse_pag_pipeline(pipe: Any) -> None:
+    """diffusers' PAG pipelines (PAGMixin; Ahn et al. 2024, arXiv:2403.17377) swap their own processors into the PAG
+    layers after `check_inputs`, batch a third, perturbed row group that no call protocol of attnctl's knows, and put
+    the processors back only when the call completes: refused, pointing to attnctl's own PAG on the plain pipeline."""
+    mixin = any(klass.__name__ == "PAGMixin" for klass in type(pipe).__mro__)
+    if mixin or hasattr(pipe, "_pag_attn_processors") or hasattr(pipe, "pag_applied_layers"):
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} is a diffusers PAG pipeline: it swaps its own PAG attention processors in "
+            "during each call and adds perturbed rows to the batch, which attnctl's processors cannot compose with. "
+            "Apply attnctl.PAG(scale=..., layers=...) to the plain pipeline instead (the AutoPipelineFor* class's "
+            "from_pipe(pipe, enable_pag=False) makes it, sharing the components), e.g. "
+            "attnctl.apply(AutoPipelineForText2Image.from_pipe(pipe, enable_pag=False), [attnctl.PAG(scale=3.0)])"
+        )
+
+
+def _left_by_pag_call(processor: Any) -> bool:
+    """Whether `processor` is one of diffusers' PAG processors (PAGIdentitySelfAttnProcessor2_0,
+    PAGCFGJointAttnProcessor2_0, ...). A PAG pipeline sets them on its layers for one call, over the processors it
+    found, and sets those back only when the call completes; with a live handle such a call always fails (a PAG
+    pipeline is refused at apply, and a denoiser shared through from_pipe refuses a call of another pipeline), so one
+    found where attnctl's processor was is a failed call's leftover, standing where that call would have put attnctl's."""
+    klass = type(processor)
+    return klass.__name__.startswith("PAG") and klass.__module__.startswith("diffusers.")
+
+
 def _refuse_uncomposable(
     entry: torch.nn.Module, denoiser: torch.nn.Module, attribute: str, controls: tuple[Control, ...], adapter: ModelAdapter
 ) -> list[str]:
@@ -120,6 +145,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
                 "twice (weights multiplied, guidance terms added); to strengthen it, raise its scale or factor"
             )
     _refuse_modular(pipe)
+    _refuse_pag_pipeline(pipe)
     if CallOwner.find(pipe) is not None:
         raise HandleError(
             f"attnctl.apply was called during a call of this {type(pipe).__name__} (from a callback?): the call's prompts "
@@ -591,7 +617,9 @@ class Handle:
 
     # -- removal ----------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Restore processors and wrapped methods exactly as they were. Safe to call more than once."""
+        """Restore processors and wrapped methods exactly as they were. Safe to call more than once. A layer where
+        another library replaced attnctl's processor keeps that library's, except diffusers' PAG processors left by
+        a failed PAG pipeline call (`_left_by_pag_call`), replaced with the stock one."""
         if not self.live and not self._wrapped and not self._scheduler_wraps:
             return
         self.live = False
@@ -605,7 +633,7 @@ class Handle:
                 unfinished = error
         for name, proc in self._processors.items():
             module = self.adapter.modules[name]
-            if module.processor is proc:
+            if module.processor is proc or _left_by_pag_call(module.processor):
                 module.set_processor(self._originals[name])
             else:
                 proc.inert = True  # if something still calls it, it is a pass-through to the stock processor
