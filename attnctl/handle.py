@@ -635,8 +635,7 @@ class Handle:
             module = self.adapter.modules[name]
             if module.processor is proc or _left_by_pag_call(module.processor):
                 module.set_processor(self._originals[name])
-            else:
-                proc.inert = True  # if something still calls it, it is a pass-through to the stock processor
+            proc.inert = True  # wherever it is still held (another library, a dict of processors saved while applied)
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None

@@ -361,6 +361,38 @@ def test_a_denoiser_with_a_live_handle_cannot_be_copied_or_pickled():
     pickle.dumps(pipe.unet)
 
 
+@pytest.mark.parametrize("keeper", ["fuse_then_unfuse", "saved_dict"])
+def test_processors_left_by_a_removed_handle_copy_and_pickle_as_the_stock_ones(keeper):
+    """diffusers' fuse_qkv_projections saves the processors it finds (attnctl's, under a live handle) and
+    unfuse_qkv_projections puts them back after remove(); a library may save `attn_processors` and set them back
+    likewise. No handle is live then: the UNet and the pipeline copy and pickle, as stock ones (the copies hold
+    the stock processors, not attnctl's), and the copy generates the stock output."""
+    import copy
+    import pickle
+
+    from attnctl.processors.base import ControlledProcessor
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock_kinds = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    handle = attnctl.apply(pipe, [Probe()])
+    if keeper == "fuse_then_unfuse":
+        pipe.fuse_qkv_projections()
+        handle.remove()
+        pipe.unfuse_qkv_projections()
+    else:
+        saved = pipe.unet.attn_processors
+        handle.remove()
+        pipe.unet.set_attn_processor(saved)
+    assert all(isinstance(p, ControlledProcessor) for p in pipe.unet.attn_processors.values())
+    stock = generate(pipe, "tiny-sd")
+    unet = copy.deepcopy(pipe.unet)
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == stock_kinds
+    again = pickle.loads(pickle.dumps(pipe))
+    assert {name: type(p) for name, p in again.unet.attn_processors.items()} == stock_kinds
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(again, "tiny-sd"), stock)
+
+
 def test_two_handles_on_pipelines_sharing_a_scheduler_are_removed_in_any_order():
     """Both handles wrap the one scheduler's step: removing the first (under the second's wrapper) takes its wrapper
     out of the stack (it was reported as another library's patch and stayed), and after both the scheduler is
