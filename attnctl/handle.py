@@ -49,9 +49,10 @@ from .selection import describe_layers
 _LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
 
 CHANGE_HINT = (
-    "calls such as load_ip_adapter, fuse_qkv_projections, set_attn_processor, set_default_attn_processor or "
-    "set_attention_backend replace or reconfigure processors; make them before attnctl.apply, or call "
-    "handle.remove() first and apply again afterwards"
+    "calls such as load_ip_adapter, fuse_qkv_projections, set_attn_processor or set_attention_backend replace or "
+    "reconfigure processors; make them before attnctl.apply, or call handle.remove() first and apply again afterwards "
+    "(set_default_attn_processor installs diffusers' AttnProcessor, which attnctl does not reproduce: keep "
+    "AttnProcessor2_0)"
 )
 
 
@@ -186,9 +187,14 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     originals = {name: _stock_processor(module.processor) for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
     if unsupported:
+        default = (
+            f"; set_default_attn_processor() installs AttnProcessor: set AttnProcessor2_0 back with "
+            f"pipe.{attribute}.set_attn_processor(AttnProcessor2_0())"
+            if "AttnProcessor" in unsupported and "AttnProcessor2_0" in supported else ""
+        )
         raise UnsupportedError(
             f"attnctl: {type(denoiser).__name__} has attention processor(s) {', '.join(unsupported)}, which attnctl "
-            f"cannot reproduce; supported for this family: {', '.join(supported)}"
+            f"cannot reproduce; supported for this family: {', '.join(supported)}{default}"
         )
     runtime = Runtime(pipe, adapter, protocol, controls, resolved, backend)
     handle = Handle(pipe, attribute, adapter, runtime, originals)

@@ -245,6 +245,28 @@ def test_processor_changes_after_apply_are_detected(change, name):
         _AttentionBackendRegistry._active_backend = active  # (set_active_backend is newer than diffusers 0.35)
 
 
+def test_set_default_attn_processor_is_not_advised_before_apply():
+    """set_default_attn_processor installs diffusers' AttnProcessor, which apply refuses: the error at the call must
+    not advise making it before apply, and apply's refusal says how to put the default AttnProcessor2_0 back; done,
+    the pipeline is stock and controllable again."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = make_tiny_pipeline("tiny-pixart")
+    stock = generate(pipe, "tiny-pixart")
+    handle = attnctl.apply(pipe, [Probe()])
+    pipe.transformer.set_default_attn_processor()
+    with pytest.raises(PipelineChangedError, match="set_default_attn_processor installs diffusers' AttnProcessor, which "
+                       "attnctl does not reproduce") as error:
+        generate(pipe, "tiny-pixart")
+    assert "set_default_attn_processor or" not in str(error.value)
+    handle.remove()
+    with pytest.raises(UnsupportedError, match=r"pipe\.transformer\.set_attn_processor\(AttnProcessor2_0\(\)\)"):
+        attnctl.apply(pipe, [Probe()])
+    pipe.transformer.set_attn_processor(AttnProcessor2_0())
+    with attnctl.apply(pipe, [Probe()]):
+        assert torch.equal(generate(pipe, "tiny-pixart"), stock)
+
+
 def test_apply_after_fusing_under_a_handle_then_remove_and_unfuse():
     """fuse under a live handle (refused at the call), remove(), unfuse: diffusers puts back the processors it saved
     at fuse time, the removed handle's. apply takes them for the stock ones they wrap (it refused them as
