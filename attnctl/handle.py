@@ -49,9 +49,10 @@ from .selection import describe_layers
 _LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
 
 CHANGE_HINT = (
-    "calls such as load_ip_adapter, fuse_qkv_projections, set_attn_processor, set_default_attn_processor or "
-    "set_attention_backend replace or reconfigure processors; make them before attnctl.apply, or call "
-    "handle.remove() first and apply again afterwards"
+    "calls such as load_ip_adapter, fuse_qkv_projections, set_attn_processor or set_attention_backend replace or "
+    "reconfigure processors; make them before attnctl.apply, or call handle.remove() first and apply again afterwards "
+    "(set_default_attn_processor installs diffusers' AttnProcessor, which attnctl does not reproduce: keep "
+    "AttnProcessor2_0)"
 )
 
 
@@ -80,6 +81,31 @@ def _refuse_modular(pipe: Any) -> None:
             "(prepare_inputs / set_state), but not the words. Modular pipelines are not supported yet; use the family's "
             "classic pipeline (e.g. Flux2KleinPipeline, QwenImagePipeline, WanPipeline)"
         )
+
+
+def _refuse_pag_pipeline(pipe: Any) -> None:
+    """diffusers' PAG pipelines (PAGMixin; Ahn et al. 2024, arXiv:2403.17377) swap their own processors into the PAG
+    layers after `check_inputs`, batch a third, perturbed row group that no call protocol of attnctl's knows, and put
+    the processors back only when the call completes: refused, pointing to attnctl's own PAG on the plain pipeline."""
+    mixin = any(klass.__name__ == "PAGMixin" for klass in type(pipe).__mro__)
+    if mixin or hasattr(pipe, "_pag_attn_processors") or hasattr(pipe, "pag_applied_layers"):
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} is a diffusers PAG pipeline: it swaps its own PAG attention processors in "
+            "during each call and adds perturbed rows to the batch, which attnctl's processors cannot compose with. "
+            "Apply attnctl.PAG(scale=..., layers=...) to the plain pipeline instead (the AutoPipelineFor* class's "
+            "from_pipe(pipe, enable_pag=False) makes it, sharing the components), e.g. "
+            "attnctl.apply(AutoPipelineForText2Image.from_pipe(pipe, enable_pag=False), [attnctl.PAG(scale=3.0)])"
+        )
+
+
+def _left_by_pag_call(processor: Any) -> bool:
+    """Whether `processor` is one of diffusers' PAG processors (PAGIdentitySelfAttnProcessor2_0,
+    PAGCFGJointAttnProcessor2_0, ...). A PAG pipeline sets them on its layers for one call, over the processors it
+    found, and sets those back only when the call completes; with a live handle such a call always fails (a PAG
+    pipeline is refused at apply, and a denoiser shared through from_pipe refuses a call of another pipeline), so one
+    found where attnctl's processor was is a failed call's leftover, standing where that call would have put attnctl's."""
+    klass = type(processor)
+    return klass.__name__.startswith("PAG") and klass.__module__.startswith("diffusers.")
 
 
 def _refuse_uncomposable(
@@ -120,6 +146,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
                 "twice (weights multiplied, guidance terms added); to strengthen it, raise its scale or factor"
             )
     _refuse_modular(pipe)
+    _refuse_pag_pipeline(pipe)
     if CallOwner.find(pipe) is not None:
         raise HandleError(
             f"attnctl.apply was called during a call of this {type(pipe).__name__} (from a callback?): the call's prompts "
@@ -160,9 +187,14 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     originals = {name: _stock_processor(module.processor) for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
     if unsupported:
+        default = (
+            f"; set_default_attn_processor() installs AttnProcessor: set AttnProcessor2_0 back with "
+            f"pipe.{attribute}.set_attn_processor(AttnProcessor2_0())"
+            if "AttnProcessor" in unsupported and "AttnProcessor2_0" in supported else ""
+        )
         raise UnsupportedError(
             f"attnctl: {type(denoiser).__name__} has attention processor(s) {', '.join(unsupported)}, which attnctl "
-            f"cannot reproduce; supported for this family: {', '.join(supported)}"
+            f"cannot reproduce; supported for this family: {', '.join(supported)}{default}"
         )
     runtime = Runtime(pipe, adapter, protocol, controls, resolved, backend)
     handle = Handle(pipe, attribute, adapter, runtime, originals)
@@ -591,7 +623,9 @@ class Handle:
 
     # -- removal ----------------------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Restore processors and wrapped methods exactly as they were. Safe to call more than once."""
+        """Restore processors and wrapped methods exactly as they were. Safe to call more than once. A layer where
+        another library replaced attnctl's processor keeps that library's, except diffusers' PAG processors left by
+        a failed PAG pipeline call (`_left_by_pag_call`), replaced with the stock one."""
         if not self.live and not self._wrapped and not self._scheduler_wraps:
             return
         self.live = False
@@ -605,10 +639,9 @@ class Handle:
                 unfinished = error
         for name, proc in self._processors.items():
             module = self.adapter.modules[name]
-            if module.processor is proc:
+            if module.processor is proc or _left_by_pag_call(module.processor):
                 module.set_processor(self._originals[name])
-            else:
-                proc.inert = True  # if something still calls it, it is a pass-through to the stock processor
+            proc.inert = True  # wherever it is still held (another library, a dict of processors saved while applied)
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None

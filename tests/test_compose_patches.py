@@ -375,3 +375,42 @@ def test_a_compiled_denoiser_with_a_block_cache_refuses_controls_that_need_every
         handle.remove()
     finally:
         pipe.unet._compiled_call_impl = None
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3"])
+def test_diffusers_pag_pipelines_are_refused_at_apply(tiny_cache, name):
+    """diffusers' PAG pipelines (PAGMixin) swap their own processors in during a call and batch a third, perturbed
+    row group: refused at apply, naming the pipeline and attnctl.PAG on the plain pipeline, with nothing installed."""
+    from diffusers import AutoPipelineForText2Image
+
+    base = tiny_cache(name)
+    pag = AutoPipelineForText2Image.from_pipe(base, enable_pag=True)
+    denoiser = base.unet if hasattr(base, "unet") else base.transformer
+    before = dict(denoiser.attn_processors)
+    with pytest.raises(UnsupportedError, match=f"{type(pag).__name__} is a diffusers PAG pipeline.*attnctl.PAG"):
+        attnctl.apply(pag, [])
+    assert denoiser.attn_processors == before
+    assert not denoiser._forward_pre_hooks and not denoiser._forward_hooks
+    assert not {"check_inputs", "encode_prompt", "maybe_free_model_hooks"} & pag.__dict__.keys()
+    attnctl.apply(AutoPipelineForText2Image.from_pipe(pag, enable_pag=False), [attnctl.PAG()]).remove()
+
+
+def test_remove_restores_the_stock_processors_a_failed_pag_call_left(sd):
+    """A PAG pipeline sharing the controlled UNet (from_pipe) sets diffusers' PAG processors on its layers, and its
+    call fails (the denoiser belongs to the controlled pipeline); diffusers sets the processors it found back only when
+    the call completes. remove() puts the stock processors back there too: the shared UNet is stock again."""
+    from diffusers import StableDiffusionPAGPipeline
+
+    pipe, stock, _ = sd
+    pag = StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers=["mid"])
+    pag.set_progress_bar_config(disable=True)
+    pag_stock = generate(pag, "tiny-sd", prompt=PROMPT, pag_scale=3.0)
+    handle = attnctl.apply(pipe, attnctl.Reweight(MUTE))
+    with pytest.raises(attnctl.HandleError, match="outside a call of the pipeline it was applied to"):
+        generate(pag, "tiny-sd", prompt=PROMPT, pag_scale=3.0)
+    assert any(type(p).__name__.startswith("PAG") for p in pipe.unet.attn_processors.values())
+    handle.remove()
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT), stock)
+    assert torch.equal(generate(pag, "tiny-sd", prompt=PROMPT, pag_scale=3.0), pag_stock)
+    attnctl.apply(pipe, []).remove()

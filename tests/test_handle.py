@@ -245,6 +245,28 @@ def test_processor_changes_after_apply_are_detected(change, name):
         _AttentionBackendRegistry._active_backend = active  # (set_active_backend is newer than diffusers 0.35)
 
 
+def test_set_default_attn_processor_is_not_advised_before_apply():
+    """set_default_attn_processor installs diffusers' AttnProcessor, which apply refuses: the error at the call must
+    not advise making it before apply, and apply's refusal says how to put the default AttnProcessor2_0 back; done,
+    the pipeline is stock and controllable again."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = make_tiny_pipeline("tiny-pixart")
+    stock = generate(pipe, "tiny-pixart")
+    handle = attnctl.apply(pipe, [Probe()])
+    pipe.transformer.set_default_attn_processor()
+    with pytest.raises(PipelineChangedError, match="set_default_attn_processor installs diffusers' AttnProcessor, which "
+                       "attnctl does not reproduce") as error:
+        generate(pipe, "tiny-pixart")
+    assert "set_default_attn_processor or" not in str(error.value)
+    handle.remove()
+    with pytest.raises(UnsupportedError, match=r"pipe\.transformer\.set_attn_processor\(AttnProcessor2_0\(\)\)"):
+        attnctl.apply(pipe, [Probe()])
+    pipe.transformer.set_attn_processor(AttnProcessor2_0())
+    with attnctl.apply(pipe, [Probe()]):
+        assert torch.equal(generate(pipe, "tiny-pixart"), stock)
+
+
 def test_apply_after_fusing_under_a_handle_then_remove_and_unfuse():
     """fuse under a live handle (refused at the call), remove(), unfuse: diffusers puts back the processors it saved
     at fuse time, the removed handle's. apply takes them for the stock ones they wrap (it refused them as
@@ -359,6 +381,38 @@ def test_a_denoiser_with_a_live_handle_cannot_be_copied_or_pickled():
     handle.remove()
     copy.deepcopy(pipe.unet)
     pickle.dumps(pipe.unet)
+
+
+@pytest.mark.parametrize("keeper", ["fuse_then_unfuse", "saved_dict"])
+def test_processors_left_by_a_removed_handle_copy_and_pickle_as_the_stock_ones(keeper):
+    """diffusers' fuse_qkv_projections saves the processors it finds (attnctl's, under a live handle) and
+    unfuse_qkv_projections puts them back after remove(); a library may save `attn_processors` and set them back
+    likewise. No handle is live then: the UNet and the pipeline copy and pickle, as stock ones (the copies hold
+    the stock processors, not attnctl's), and the copy generates the stock output."""
+    import copy
+    import pickle
+
+    from attnctl.processors.base import ControlledProcessor
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock_kinds = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    handle = attnctl.apply(pipe, [Probe()])
+    if keeper == "fuse_then_unfuse":
+        pipe.fuse_qkv_projections()
+        handle.remove()
+        pipe.unfuse_qkv_projections()
+    else:
+        saved = pipe.unet.attn_processors
+        handle.remove()
+        pipe.unet.set_attn_processor(saved)
+    assert all(isinstance(p, ControlledProcessor) for p in pipe.unet.attn_processors.values())
+    stock = generate(pipe, "tiny-sd")
+    unet = copy.deepcopy(pipe.unet)
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == stock_kinds
+    again = pickle.loads(pickle.dumps(pipe))
+    assert {name: type(p) for name, p in again.unet.attn_processors.items()} == stock_kinds
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(again, "tiny-sd"), stock)
 
 
 def test_two_handles_on_pipelines_sharing_a_scheduler_are_removed_in_any_order():

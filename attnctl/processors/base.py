@@ -10,6 +10,7 @@ outputs are bitwise identical to stock (but on the `reference` backend, which co
 from __future__ import annotations
 
 import functools
+import operator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -54,7 +55,7 @@ class ControlledProcessor:
     _attention_backend = None
     _parallel_config = None
     edit_now = None  # this layer's edit, computed before a compiled forward (`Runtime.prefill_edits`)
-    inert = False  # set by Handle.remove() when another library still holds this processor: pass-through to stock
+    inert = False  # set by Handle.remove(): a processor still held somewhere is a pass-through to the stock one
 
     def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
         if isinstance(self, torch.nn.Module):
@@ -76,6 +77,14 @@ class ControlledProcessor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.layer.name!r}, wraps {type(self.original).__name__})"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Once its handle is removed (inert) it copies and pickles as the stock processor it stands for, e.g. after
+        `unfuse_qkv_projections` put back the processors `fuse_qkv_projections` saved while the handle was live;
+        while the handle is live, copying reaches the runtime, which refuses it."""
+        if self.inert:  # rebuilt as `(original,)[0]`: a copy shares the copied original, a pickle needs no attnctl
+            return operator.getitem, ((self.original,), 0)
+        return super().__reduce_ex__(protocol)
 
     def stock_sdpa(self) -> bool:
         """Whether a layer without edits makes the stock SDPA call (auto or sdpa backend)."""
