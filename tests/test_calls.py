@@ -52,6 +52,22 @@ def test_flux_true_cfg_separate_calls():
     assert [f[0] for f in frames] == [0, 0, 1, 1]
 
 
+def test_flux_pipelines_without_cache_context_label_their_true_cfg_calls_by_order():
+    """FluxImg2ImgPipeline (as Flux's inpaint, Kontext and ControlNet pipelines) makes its true-CFG negative call
+    outside `cache_context`: it was labelled a cond call, so Reweight edited the negative prompt's tokens and PAG
+    guided the negative prediction with a term of its own."""
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline(**make_tiny_pipeline("tiny-flux").components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        pipe("a cat", image=image, strength=1.0, negative_prompt="a dog", true_cfg_scale=4.0, num_inference_steps=2,
+             height=32, width=32, max_sequence_length=32, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert [f[2] for f in _frames(probe.log)] == [(("cond", 0, None),), (("uncond", 0, None),)] * 2
+
+
 def test_sd3_skip_layer_pass_is_cond_only():
     pipe = make_tiny_pipeline("tiny-sd3")
     probe = Probe()

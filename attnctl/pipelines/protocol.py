@@ -6,7 +6,9 @@
   (true CFG);
 - SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`;
 - sequential true CFG (Chroma): with CFG on, each scheduler position makes a cond call, then an uncond call,
-  without `cache_context` (the runtime names them by their order, `sequential_branch`).
+  without `cache_context` (the runtime names them by their order, `sequential_branch`); so do the pipelines of a
+  "contexts" family that make their separate calls outside `cache_context` (Flux's img2img, inpaint, Kontext and
+  ControlNet pipelines).
 
 A denoiser call whose batch matches none of these raises `CallLayoutError`; nothing is guessed.
 """
@@ -99,9 +101,16 @@ PROTOCOLS["qwenimage"] = CallProtocol(
 
 
 def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before: int) -> str | None:
-    """The branch of a denoiser call under a "sequential" protocol with CFG on: the first call at a scheduler
-    position is the cond call, the second the uncond one (Chroma's true CFG); None for other protocols."""
-    if protocol.cfg_source != "sequential" or not record.cfg_flag():
+    """The branch of a denoiser call that no `cache_context` names, in a call whose CFG runs as separate cond and
+    uncond calls: the first call at a scheduler position is the cond call, the second the uncond one. Chroma's true
+    CFG ("sequential"), and under "contexts" the pipelines that make their two calls outside `cache_context` (Flux's
+    img2img, inpaint, Kontext and ControlNet pipelines with `true_cfg_scale`, Wan's video2video). None where the call
+    has no separate uncond call."""
+    if protocol.cfg_source == "sequential":
+        separate = record.cfg_flag()
+    else:  # the negative prompt as a second encode_prompt call (Flux, Qwen-Image), or encoded with the prompt (Wan)
+        separate = protocol.cfg_source == "contexts" and (len(record.arguments) >= 2 or record.cfg_flag())
+    if not separate:
         return None
     if calls_before > 1:
         raise CallLayoutError(
