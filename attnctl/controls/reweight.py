@@ -67,6 +67,8 @@ class Reweight(Control, type_name="reweight"):
     the negative prompt) or `"both"` (each prompt's words in its own rows; a word must be in both).
     """
 
+    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
+
     weights: Any
     _: KW_ONLY
     normalize: bool = False
