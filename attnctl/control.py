@@ -43,10 +43,8 @@ class Control:
     step_cache_refusal: ClassVar[str | None] = None
     #: Why the control cannot follow a call whose uncond rows a callback dropped mid-call (diffusers' CFG-cutoff
     #: callbacks: the denoiser gets the cond rows only from then on), or None when it follows it as a call without
-    #: CFG would run from that step on. Read on the instance. Default: not verified, refused at the cutoff.
-    cfg_cutoff_refusal: ClassVar[str | None] = (
-        "it is not verified to follow a call whose rows change mid-call (it may keep state for the CFG rows)"
-    )
+    #: CFG would run from that step on (every built-in control). Read on the instance.
+    cfg_cutoff_refusal: ClassVar[str | None] = None
     #: The image-token grids the control's definition covers (`ModelAdapter.grid_dims`): 2 (images) and 3 (video:
     #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)

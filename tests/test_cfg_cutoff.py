@@ -130,18 +130,20 @@ def test_tgate_with_its_gate_before_the_cutoff_is_unchanged_by_it(tiny_cache):
 
 @dataclass(frozen=True)
 class _PerRowState(Control, type_name="test-cfg-cutoff-unverified"):
-    """A control that does not say it follows a CFG cutoff (the default)."""
+    """A control that says it cannot follow a CFG cutoff (say, state sized for the CFG rows at bind)."""
+
+    cfg_cutoff_refusal = "it keeps state per CFG row"
 
     def bind(self, context):
         return Bound(self, context.layers, (0.0, 1.0))
 
 
-def test_a_control_not_known_to_follow_is_refused_and_the_handle_stays_usable(tiny_cache):
+def test_a_control_that_cannot_follow_is_refused_and_the_handle_stays_usable(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     stock = generate(pipe, "tiny-sd", prompt=PROMPT, steps=STEPS)
     handle = attnctl.apply(pipe, [_PerRowState()])
     try:
-        with pytest.raises(CallLayoutError, match=r"_PerRowState cannot follow this call from step 2: its uncond rows were dropped.*SDCFGCutoffCallback"):
+        with pytest.raises(CallLayoutError, match=r"_PerRowState cannot follow this call from step 2: its uncond rows were dropped.*SDCFGCutoffCallback.*it keeps state per CFG row"):
             generate(pipe, "tiny-sd", prompt=PROMPT, steps=STEPS, callback_on_step_end=_cutoff("tiny-sd"))
         assert torch.equal(generate(pipe, "tiny-sd", prompt=PROMPT, steps=STEPS), stock)
     finally:

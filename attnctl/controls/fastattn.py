@@ -318,8 +318,6 @@ class FastAttn(Control, type_name="fastattn"):
     key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     #: images and video; on video (frames x height x width tokens, frame-major) the window is the paper's 1-D band
     #: over the flattened video tokens (`window=w`) or a 3-D neighbourhood `(rf, rh, rw)`; a 2-D radius is refused
     #: there, a 3-D one on images

@@ -67,8 +67,6 @@ class Reweight(Control, type_name="reweight"):
     the negative prompt) or `"both"` (each prompt's words in its own rows; a word must be in both).
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     weights: Any
     _: KW_ONLY
     normalize: bool = False
@@ -146,11 +144,15 @@ class Reweight(Control, type_name="reweight"):
 
 
 def _is_factor_like(value: Any) -> bool:
-    if callable(value) or isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True
-    return isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    )
+    """A factor, a (start, end) pair of them or a schedule; numbers as numpy scalars or 0-d tensors count."""
+    if isinstance(value, (tuple, list)):
+        return len(value) == 2 and all(_is_number(v) for v in value)
+    return _is_number(value) or callable(value)
+
+
+def _is_number(value: Any) -> bool:
+    value = plain_scalar(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_entry_dict(value: Any) -> bool:

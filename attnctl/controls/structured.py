@@ -116,8 +116,6 @@ class StructuredGuidance(Control, type_name="structured-guidance"):
     (the paper: every step).
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     phrases: tuple[str, ...] | None = None
     _: KW_ONLY
     scale: float = 1.0

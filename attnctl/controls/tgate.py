@@ -83,8 +83,6 @@ class TGate(Control, type_name="tgate"):
     key: where the `CacheReport` goes in `handle.outputs` (two cache controls need different keys).
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     gate_step: int = 10
     warm_up: int = 2
     sp_interval: int | None = None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +139,6 @@ class ConsistentSubjects(Control, type_name="consistent-subjects"):
     source images' tokens, a fresh subset at each step shared by every layer, query and image of that step
     (`sampled_tokens`, seeded by `seed`); 1 (default) appends them all.
     """
-
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
 
     reference: int | None = 0
     subject: Any = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -117,8 +117,6 @@ class AttentionInterpolation(Control, type_name="attention-interpolation"):
     `to` and `n` are for `attnctl.Model.generate` and `attnctl render` jobs: with `to` set, the job's prompt is the
     first endpoint, `to` the second, and one call renders `n` images (`len(points)` when points are given).
     """
-
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
 
     points: tuple[float, ...] | None = None
     mode: str = "outer"

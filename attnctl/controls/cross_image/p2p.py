@@ -199,8 +199,6 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
     a direct call must then pass that many prompts.
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     mode: str = "replace"
     _: KW_ONLY
     cross_steps: float | tuple[float, float] | Mapping[str, float | tuple[float, float]] = 0.8

@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,8 +71,6 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     `gn_auto_machine_weight` does (1, its default: the mid block and the lower-resolution half; 2: every block).
     `style_fidelity` blends AdaIN on the uncond rows as it blends the attention.
     """
-
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
 
     image: Any
     reference_row: int = 0

@@ -45,8 +45,6 @@ class PerturbingControl(Control):
     pipeline's CFG yields `uncond + s (cond - uncond) + scale (cond - perturbed)`.
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     kinds: ClassVar[tuple[str, ...]] = PERTURBABLE_KINDS
     needs: ClassVar[tuple[str, ...]] = ("extra_rows",)
 

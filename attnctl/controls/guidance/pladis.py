@@ -17,7 +17,6 @@ so `backend="auto"` routes these layers to a backend that can and says so in `ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall
@@ -39,8 +38,6 @@ class PLADIS(Control, type_name="pladis"):
     Reweight's and AttentionMaps': every cross-attention on SD / SDXL / PixArt, every joint attention on SD3 /
     Flux). steps: the step window.
     """
-
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
 
     scale: float = 2.0
     alpha: float = 1.5

@@ -69,8 +69,6 @@ class SAG(Control, type_name="sag"):
     step window.
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     #: images and video: on a (frames, height, width) grid the mask is per token frame and the blur per latent frame
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
     needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # a second forward of degraded rows

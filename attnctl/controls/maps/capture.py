@@ -74,8 +74,6 @@ class AttentionMaps(Control, type_name="attention-maps"):
     SD3 and Flux (padded text embeddings); other families are refused at apply with the reason.
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     #: images (2-D token grids) and video (3-D: one map per token frame, see `AttentionMapResult`)
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
 

@@ -58,8 +58,6 @@ def _range(value: Any, name: str) -> tuple[float, float]:
 class _LatentOptimization(Control):
     """Fields and checks shared by the latent optimisers."""
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     needs_words: ClassVar[bool] = True
     grid_dims: ClassVar[tuple[int, ...]] = (2,)  # maps over a 2-D image-token grid (video: not implemented yet)
     needs: ClassVar[tuple[str, ...]] = ("extra_rows", "row_inputs")  # the loss pass runs the denoiser on the cond rows alone, its latents replaced

@@ -68,8 +68,6 @@ class Regions(Control, type_name="regions"):
     weights `m_r` and labels are per token over (frames x h x w), and the cross-attention blend is the one above.
     """
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     #: images and video (regions as spatio-temporal tubes over the frames x height x width token grid)
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
     needs: ClassVar[tuple[str, ...]] = ("appended_text",)  # region prompts join a joint text sequence

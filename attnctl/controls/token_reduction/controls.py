@@ -180,8 +180,6 @@ def _validate_common(control: Control, owner: str) -> None:
 class _Reducer:
     """What ToMe and AgentAttention share as controls: the report's key and their effect on a layer."""
 
-    cfg_cutoff_refusal: ClassVar[str | None] = None  # per-frame rows (docs/methods.md, CFG cut off mid-call)
-
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
         return "its token-merge plan creates objects dynamo cannot build inside a graph (an opaque object)"
 
