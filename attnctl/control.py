@@ -41,6 +41,10 @@ class Control:
     #: Why the control cannot share the denoiser with a diffusers step cache (FirstBlockCache, FasterCache, ...),
     #: or None when it can. Read on the instance (a control may need every layer in some settings only).
     step_cache_refusal: ClassVar[str | None] = None
+    #: Why the control cannot follow a call whose uncond rows a callback dropped mid-call (diffusers' CFG-cutoff
+    #: callbacks: the denoiser gets the cond rows only from then on), or None when it follows it as a call without
+    #: CFG would run from that step on (every built-in control). Read on the instance.
+    cfg_cutoff_refusal: ClassVar[str | None] = None
     #: The image-token grids the control's definition covers (`ModelAdapter.grid_dims`): 2 (images) and 3 (video:
     #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)

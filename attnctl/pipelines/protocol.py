@@ -4,6 +4,8 @@
   (SD, SDXL, SD3, PixArt), cond rows only otherwise (guidance_scale <= 1);
 - Flux: cond rows only, or separate cond / uncond calls inside `transformer.cache_context("cond" / "uncond")`
   (true CFG);
+- batched CFG whose uncond rows a callback dropped mid-call (diffusers' CFG-cutoff callbacks): cond rows only
+  from then on, once the pipeline's `do_classifier_free_guidance` says CFG is off;
 - SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`;
 - sequential true CFG (Chroma): with CFG on, each scheduler position makes a cond call, then an uncond call,
   without `cache_context` (the runtime names them by their order, `sequential_branch`); so do the pipelines of a
@@ -298,9 +300,23 @@ def _textual_inversion(pipeline: Any, tokenizer: Any) -> Callable[[str], str] | 
     return functools.partial(pipeline.maybe_convert_prompt, tokenizer=tokenizer)
 
 
-def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context: str | None, inputs: dict[str, Any]) -> RowLayout:
-    """The pipeline's own rows for a denoiser call with `batch` rows."""
+def cfg_dropped(protocol: CallProtocol, record: PromptRecord, batch: int, cfg_now: bool | None) -> bool:
+    """Whether a batched-CFG call dropped its uncond rows mid-call, as diffusers' CFG-cutoff callbacks
+    (`SDCFGCutoffCallback`, `SDXLCFGCutoffCallback`, `SD3CFGCutoffCallback`, the "dynamic classifier-free guidance"
+    recipe) do: `encode_prompt` was told to do CFG, the pipeline's `do_classifier_free_guidance` (`cfg_now`) is now
+    False, and the denoiser gets the cond rows only."""
+    return protocol.cfg_source == "flag" and record.cfg_flag() and cfg_now is False and batch == record.prompt_rows()
+
+
+def base_rows(
+    protocol: CallProtocol, record: PromptRecord, batch: int, context: str | None, inputs: dict[str, Any],
+    cfg_now: bool | None = None,
+) -> RowLayout:
+    """The pipeline's own rows for a denoiser call with `batch` rows; `cfg_now`: the pipeline's
+    `do_classifier_free_guidance` at this call (None where it has none)."""
     prompt_rows = record.prompt_rows()
+    if cfg_dropped(protocol, record, batch, cfg_now):
+        return RowLayout.single("cond", prompt_rows)
     if protocol.skip_layer_kwarg and inputs.get(protocol.skip_layer_kwarg) is not None:
         expected, layout = prompt_rows, RowLayout.single("cond", prompt_rows)
         what = "SD3's skip-layer pass (cond rows only)"
@@ -321,7 +337,8 @@ def base_rows(protocol: CallProtocol, record: PromptRecord, batch: int, context:
         raise CallLayoutError(
             f"attnctl: the denoiser was called with a batch of {batch} rows, but the {protocol.name} call protocol "
             f"expects {expected} for {what} with {prompt_rows} prompt row(s). Known layouts: batched "
-            "[uncond, cond], cond only, separate cond/uncond calls (Flux / Chroma true CFG), SD3 skip-layer passes."
+            "[uncond, cond], cond only (also after a CFG-cutoff callback dropped the uncond rows), separate cond/uncond calls "
+            "(Flux / Chroma true CFG), SD3 skip-layer passes."
         )
     return layout
 

@@ -34,7 +34,9 @@ from ..steps import StepInfo
 from ..tokens import PromptTokens
 from .denoiser import rebatch
 from .prompts import PromptCache, encode_prompts
-from .protocol import CallProtocol, PromptRecord, base_rows, branch_text_len, encoder_prompts, sequential_branch
+from .protocol import (
+    CallProtocol, PromptRecord, base_rows, branch_text_len, cfg_dropped, encoder_prompts, sequential_branch,
+)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class PipelineCallState:
     owner: CallOwner | None = None  # the pipeline's `__call__` running this call (None where it was not found)
     finished: bool = False  # its bound controls have finished
     cache_states: dict[Any, Any] = field(default_factory=dict)  # diffusers hooks' plain states per batch of attnctl's
+    cfg_cut_at: int | None = None  # the step of the first denoiser call after a callback dropped the uncond rows
 
     @property
     def record(self) -> PromptRecord:
@@ -276,14 +279,44 @@ class Runtime:
         calls_before = call.position_calls.get(call.positions_done, 0)
         call.position_calls[call.positions_done] = calls_before + 1
         context = self.context or sequential_branch(self.protocol, call.record, calls_before)
-        rows = base_rows(self.protocol, call.record, batch, context, inputs)
+        cfg_now = getattr(self.pipeline, "do_classifier_free_guidance", None)  # a property of batched-CFG pipelines
+        rows = base_rows(self.protocol, call.record, batch, context, inputs, cfg_now if isinstance(cfg_now, bool) else None)
         frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=context, inputs=inputs, number=call.frames,
                              expert=None if module is None else self.adapter.expert_name(module))
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
             call.input_order = tuple(sorted(call.bound, key=lambda bound: bound.input_order))  # stable: control order
+        if call.cfg_cut_at is None and cfg_dropped(self.protocol, call.record, batch, cfg_now):
+            self._check_cfg_cut(call, step, inputs, batch)
         call.frames += 1
         return frame
+
+    def _check_cfg_cut(self, call: PipelineCallState, step: StepInfo, inputs: dict[str, Any], batch: int) -> None:
+        """Once per call, at its first denoiser call without the uncond rows a callback dropped (diffusers' CFG-cutoff
+        callbacks): a bound control that cannot follow the cond-only rows from there on (`Control.cfg_cutoff_refusal`)
+        is refused, before this forward runs; so are controls when every image now reads one prompt's text."""
+        text = inputs.get("encoder_hidden_states")
+        if call.bound and isinstance(text, torch.Tensor) and text.ndim == 3 and text.shape[0] != batch:
+            # SD3CFGCutoffCallback keeps `prompt_embeds[-1:]`: with several prompts the denoiser broadcasts the last
+            # prompt's text over every image, so no row holds the prompt the controls resolved its words in
+            raise CallLayoutError(
+                f"attnctl: from step {step.index} the {batch} images of this call read {text.shape[0]} row(s) of text: "
+                "a CFG-cutoff callback kept the last row of the embeddings (diffusers' SD3CFGCutoffCallback keeps "
+                "prompt_embeds[-1:], which serves one prompt row), so the images no longer read their own prompts. Use "
+                "one prompt per call with it, or a callback that keeps the cond half (prompt_embeds.chunk(2)[1], "
+                "diffusers' 'dynamic classifier-free guidance' recipe)"
+            )
+        for bound in call.bound or ():
+            reason = bound.control.cfg_cutoff_refusal
+            if reason is not None:
+                raise CallLayoutError(
+                    f"attnctl: {type(bound.control).__name__} cannot follow this call from step {step.index}: its uncond "
+                    "rows were dropped mid-call (the pipeline's do_classifier_free_guidance turned False and the denoiser "
+                    "got the cond rows only, as diffusers' CFG-cutoff callbacks SDCFGCutoffCallback, SDXLCFGCutoffCallback "
+                    f"and SD3CFGCutoffCallback do): {reason}. Leave out the callback or the control (docs/methods.md, "
+                    "'Classifier-free guidance cut off mid-call', lists the controls that follow it)"
+                )
+        call.cfg_cut_at = step.index
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> tuple[dict[str, Any], DenoiserCall]:
         """Let active bound controls change the denoiser's inputs, in `Bound.input_order`; after each change the frame
