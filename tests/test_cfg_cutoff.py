@@ -17,6 +17,7 @@ from diffusers.callbacks import SD3CFGCutoffCallback, SDCFGCutoffCallback, SDXLC
 import attnctl
 from attnctl.control import Bound, Control
 from attnctl.errors import CallLayoutError
+
 from .helpers import generate
 
 STEPS, CUT = 4, 1  # steps 0 and 1 with CFG, 2 and 3 on the cond rows only

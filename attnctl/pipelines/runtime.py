@@ -35,7 +35,13 @@ from ..tokens import PromptTokens
 from .denoiser import rebatch
 from .prompts import PromptCache, encode_prompts
 from .protocol import (
-    CallProtocol, PromptRecord, base_rows, branch_text_len, cfg_dropped, encoder_prompts, sequential_branch,
+    CallProtocol,
+    PromptRecord,
+    base_rows,
+    branch_text_len,
+    cfg_dropped,
+    encoder_prompts,
+    sequential_branch,
 )
 
 
