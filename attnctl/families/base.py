@@ -214,6 +214,11 @@ class ModelAdapter:
     #: The sign between the denoiser's output and the prediction the pipeline hands to the scheduler (-1: Z-Image's
     #: pipeline negates the output); a second pass (SAG) sees the prediction with the scheduler's sign.
     prediction_sign: ClassVar[int] = 1
+    #: Batched inputs that carry another network's residuals, added to the denoiser's features (ControlNet, T2I-Adapter):
+    #: the pipeline computes them per row from that row's latent (and prompt), outside the denoiser. A row selection that
+    #: relabels rows takes them from the rows of the label it gives (`RowSelect`); a row whose latent a control replaces
+    #: by another image's runs without them (`without_conditioning`).
+    conditioning_inputs: ClassVar[tuple[str, ...]] = ()
 
     def batch_size(self, inputs: dict[str, Any]) -> int:
         """The number of rows of a denoiser call (the first batched input's first dimension, or its length when it
