@@ -62,6 +62,12 @@ def _from_cond(residual, targets):
     return changed
 
 
+def _zeroed(residual, targets):
+    changed = residual.clone()
+    changed[targets] = 0
+    return changed
+
+
 @pytest.mark.parametrize("guess_mode", [False, True])
 def test_empty_and_idle_apply_are_bitwise_stock(pipe, guess_mode):
     stock = run(pipe, guess_mode=guess_mode)
@@ -93,6 +99,21 @@ def test_tgate_kept_rows_get_the_cond_rows_controlnet_residuals(pipe, guess_mode
         switched_off = run(pipe, steps=steps, guess_mode=guess_mode, control_guidance_end=gate / steps)
     assert torch.equal(controlled, expected)
     assert (controlled - switched_off).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_reference_rows_run_without_controlnet_residuals(pipe, guess_mode):
+    """The reference row's latent is the noised reference, not the latent the ControlNet saw: it runs without the
+    residuals, as the community `stable_diffusion_controlnet_reference.py` runs its reference pass."""
+    reference_rows = [0, len(PROMPTS)]  # prompt row 0, uncond and cond
+    with attnctl.apply(pipe, [attnctl.ReferenceAttention(_picture())]):
+        controlled = run(pipe, steps=3, guess_mode=guess_mode)
+        hook = _ResidualHook(pipe.unet, range(3), reference_rows, _zeroed)
+        try:
+            expected = run(pipe, steps=3, guess_mode=guess_mode)
+        finally:
+            hook.handle.remove()
+    assert torch.equal(controlled, expected)
 
 
 def _picture() -> Image.Image:

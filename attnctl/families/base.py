@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import CallLayoutError, UnsupportedError
 
 LayerKind = Literal["self", "cross", "joint"]
 TextPosition = Literal["none", "keys", "first", "last"]
@@ -225,6 +225,28 @@ class ModelAdapter:
         is a list of per-row tensors)."""
         first = self.batched_inputs[0]
         return len(inputs[first]) if isinstance(first, RowList) else int(inputs[first].shape[0])
+
+    def without_conditioning(self, inputs: dict[str, Any], rows: torch.Tensor, batch: int) -> dict[str, Any]:
+        """`inputs` with the `conditioning_inputs` of the rows `rows` (indices on the inputs' device) zeroed: the residuals
+        are added to the denoiser's features, so those rows run as without the ControlNet / adapter. New tensors; the
+        pipeline's are left as they are (a one-row residual for every row is expanded to `batch` rows first)."""
+
+        def zeroed(value: Any, where: str) -> Any:
+            if isinstance(value, torch.Tensor):
+                if value.ndim == 0 or value.shape[0] not in (1, batch):
+                    raise CallLayoutError(f"attnctl: input {where} has shape {tuple(value.shape)}, expected {batch} (or 1) rows")
+                if value.shape[0] != batch:
+                    value = value.expand(batch, *value.shape[1:])
+                return value.index_fill(0, rows.to(value.device), 0)
+            if isinstance(value, (list, tuple)):
+                return type(value)(zeroed(v, f"{where}[{i}]") for i, v in enumerate(value))
+            return value
+
+        changed = dict(inputs)
+        for name in self.conditioning_inputs:
+            if changed.get(name) is not None:
+                changed[name] = zeroed(changed[name], name)
+        return changed
 
     def placed_weight(self, name: str) -> torch.Tensor | None:
         """The first parameter of layer `name`'s module: where and in which dtype its attention runs, for constants
