@@ -116,5 +116,24 @@ def test_reference_rows_run_without_controlnet_residuals(pipe, guess_mode):
     assert torch.equal(controlled, expected)
 
 
+def test_latent_optimisers_warn_once_that_the_residuals_are_the_pipeline_s(pipe, tiny_cache):
+    """The optimisers move the latent after the pipeline ran the ControlNet at the latent before the update: documented,
+    and warned once per handle (docs/methods.md, latent optimisation); a pipeline without one is not warned."""
+    control = attnctl.AttendExcite(subjects=["photo"], refine=(), steps=(0.0, 0.5))
+
+    def warned(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        return [w for w in caught if "not re-run at the moved latent" in str(w.message)]
+
+    with attnctl.apply(pipe, [control]):
+        assert len(warned(lambda: run(pipe, steps=2))) == 1
+        assert not warned(lambda: run(pipe, steps=2))  # once per handle
+    plain = tiny_cache("tiny-sd")
+    with attnctl.apply(plain, [control]):
+        assert not warned(lambda: generate(plain, "tiny-sd", PROMPTS, steps=2))
+
+
 def _picture() -> Image.Image:
     return Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
