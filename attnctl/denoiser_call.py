@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from .errors import CallLayoutError
 from .families.base import Canvas, Geometry, LayerInfo
 from .steps import StepInfo
 
@@ -126,6 +127,14 @@ class RowLayout:
         index = self.indices(branch, None)
         return RowLayout(tuple(Row(label or self.rows[i].branch, self.rows[i].prompt) for i in index)), index
 
+    def counterparts(self, index: tuple[int, ...], branch: Branch) -> tuple[int, ...]:
+        """For each row of `index`, the untagged row of `branch` with the same prompt."""
+        where = {self.rows[i].prompt: i for i in self.indices(branch, None)}
+        missing = [self.rows[i].prompt for i in index if self.rows[i].prompt not in where]
+        if missing:
+            raise CallLayoutError(f"attnctl: this denoiser call has no {branch} row for prompt row(s) {missing}: {self.rows}")
+        return tuple(where[self.rows[i].prompt] for i in index)
+
     def with_perturbed(self, tags: tuple[str, ...]) -> tuple[RowLayout, tuple[int, ...]]:
         """This layout plus one copy of the untagged cond rows per tag; also returns the source index of every row."""
         cond = self.indices("cond", None)
@@ -173,7 +182,9 @@ class RowSelect:
     and give each row of the pipeline's layout the prediction of the selected row with the same prompt.
 
     TGATE (Zhang et al. 2024) after its gate step: one null-text row per prompt, `RowSelect("uncond", "cond")`:
-    its prediction stands for the guided one, so it is returned for both CFG rows.
+    its prediction stands for the guided one, so it is returned for both CFG rows. Rows relabelled `label` take the
+    conditioning residuals (`ModelAdapter.conditioning_inputs`: ControlNet, T2I-Adapter) of the `label` row with their
+    prompt: the residuals of the prediction they stand for (ControlNet's guess mode gives the uncond rows zeros).
     """
 
     branch: Branch

@@ -42,6 +42,9 @@ class UNetAdapter(ModelAdapter):
 
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"BasicTransformerBlock": BASIC_BLOCK_INPUTS}
     indexed_blocks: ClassVar[bool] = False
+    conditioning_inputs: ClassVar[tuple[str, ...]] = (  # ControlNet's, T2I-Adapter's
+        "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
+    )
 
     def perturbed_layers(self) -> str:
         return "self & mid"
@@ -126,6 +129,7 @@ class SD3Adapter(ModelAdapter):
     text_attention: ClassVar[str] = "joint"
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {"JointTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb")}
     text_stream_blocks: ClassVar[tuple[str, ...]] = ("JointTransformerBlock",)
+    conditioning_inputs: ClassVar[tuple[str, ...]] = ("block_controlnet_hidden_states",)
 
     def perturbed_layers(self) -> str:
         return "transformer_blocks.1"  # exactly block 1 (diffusers' regex `blocks.1` also picks 10-19)
@@ -212,6 +216,7 @@ class FluxAdapter(ModelAdapter):
         "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
     }
     text_stream_blocks: ClassVar[tuple[str, ...]] = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    conditioning_inputs: ClassVar[tuple[str, ...]] = ("controlnet_block_samples", "controlnet_single_block_samples")
 
     def perturbed_layers(self) -> str:
         blocks = sorted({layer.block for layer in self.layers if layer.group == "double" and layer.block is not None})

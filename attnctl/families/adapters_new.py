@@ -77,6 +77,7 @@ class QwenImageAdapter(ModelAdapter):
     rotary: ClassVar[bool] = True
     cfg_calls: ClassVar[str] = "separate"
     prompt_mask_index: ClassVar[int | None] = 1  # encode_prompt: (embeds, mask or None when nothing is padded)
+    conditioning_inputs: ClassVar[tuple[str, ...]] = ("controlnet_block_samples",)
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
     }

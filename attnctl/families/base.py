@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..errors import UnsupportedError
+from ..errors import CallLayoutError, UnsupportedError
 
 LayerKind = Literal["self", "cross", "joint"]
 TextPosition = Literal["none", "keys", "first", "last"]
@@ -214,12 +214,39 @@ class ModelAdapter:
     #: The sign between the denoiser's output and the prediction the pipeline hands to the scheduler (-1: Z-Image's
     #: pipeline negates the output); a second pass (SAG) sees the prediction with the scheduler's sign.
     prediction_sign: ClassVar[int] = 1
+    #: Batched inputs that carry another network's residuals, added to the denoiser's features (ControlNet, T2I-Adapter):
+    #: the pipeline computes them per row from that row's latent (and prompt), outside the denoiser. A row selection that
+    #: relabels rows takes them from the rows of the label it gives (`RowSelect`); a row whose latent a control replaces
+    #: by another image's runs without them (`without_conditioning`).
+    conditioning_inputs: ClassVar[tuple[str, ...]] = ()
 
     def batch_size(self, inputs: dict[str, Any]) -> int:
         """The number of rows of a denoiser call (the first batched input's first dimension, or its length when it
         is a list of per-row tensors)."""
         first = self.batched_inputs[0]
         return len(inputs[first]) if isinstance(first, RowList) else int(inputs[first].shape[0])
+
+    def without_conditioning(self, inputs: dict[str, Any], rows: torch.Tensor, batch: int) -> dict[str, Any]:
+        """`inputs` with the `conditioning_inputs` of the rows `rows` (indices on the inputs' device) zeroed: the residuals
+        are added to the denoiser's features, so those rows run as without the ControlNet / adapter. New tensors; the
+        pipeline's are left as they are (a one-row residual for every row is expanded to `batch` rows first)."""
+
+        def zeroed(value: Any, where: str) -> Any:
+            if isinstance(value, torch.Tensor):
+                if value.ndim == 0 or value.shape[0] not in (1, batch):
+                    raise CallLayoutError(f"attnctl: input {where} has shape {tuple(value.shape)}, expected {batch} (or 1) rows")
+                if value.shape[0] != batch:
+                    value = value.expand(batch, *value.shape[1:])
+                return value.index_fill(0, rows.to(value.device), 0)
+            if isinstance(value, (list, tuple)):
+                return type(value)(zeroed(v, f"{where}[{i}]") for i, v in enumerate(value))
+            return value
+
+        changed = dict(inputs)
+        for name in self.conditioning_inputs:
+            if changed.get(name) is not None:
+                changed[name] = zeroed(changed[name], name)
+        return changed
 
     def placed_weight(self, name: str) -> torch.Tensor | None:
         """The first parameter of layer `name`'s module: where and in which dtype its attention runs, for constants

@@ -258,7 +258,10 @@ class DenoiserHooks:
             if not index:
                 raise CallLayoutError(f"attnctl: a control selected the {selection.branch} rows, but this denoiser call has none")
             outer = frame
-            inputs = rebatch(inputs, adapter.batched_inputs, adapter.dict_inputs, batch, index)
+            conditioning = adapter.conditioning_inputs
+            source = frame.rows.counterparts(index, selection.label) if selection.label else index
+            inputs = rebatch(inputs, tuple(n for n in adapter.batched_inputs if n not in conditioning), adapter.dict_inputs, batch, index)
+            inputs = rebatch(inputs, tuple(n for n in adapter.batched_inputs if n in conditioning), (), batch, source)
             frame = dataclasses.replace(frame, rows=layout, inputs=inputs)
             batch = len(index)
         pending = _Pending(frame, inputs, batch, outer=outer)

@@ -11,6 +11,7 @@ from .pipelines import (
     tiny_pixart,
     tiny_sd,
     tiny_sd3,
+    tiny_sd_controlnet,
     tiny_sdxl,
 )
 from .tokenizers import tiny_clip_tokenizer, tiny_t5_tokenizer, write_clip_tokenizer
@@ -18,5 +19,5 @@ from .vocabulary import MULTI_TOKEN_WORD, WORDS
 
 __all__ = [
     "CALL_DEFAULTS", "MULTI_TOKEN_WORD", "NEW_TINY_MODELS", "TINY_MODELS", "WORDS", "make_tiny_pipeline", "tiny_clip_tokenizer",
-    "tiny_flux", "tiny_pixart", "tiny_sd", "tiny_sd3", "tiny_sdxl", "tiny_t5_tokenizer", "write_clip_tokenizer",
+    "tiny_flux", "tiny_pixart", "tiny_sd", "tiny_sd3", "tiny_sd_controlnet", "tiny_sdxl", "tiny_t5_tokenizer", "write_clip_tokenizer",
 ]

@@ -115,6 +115,24 @@ def tiny_pixart(seed: int = 0):
     )
 
 
+def tiny_sd_controlnet(base: Any, seed: int = 0):
+    """A `StableDiffusionControlNetPipeline` on the components of `base` (a tiny-sd pipeline) with a ControlNet made
+    from its UNet (`ControlNetModel.from_unet`), whose zero-initialised convolutions get random weights from `seed` so
+    that its residuals are not zero. Call it with `image=` a (1, 3, 32, 32) tensor in [0, 1]."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet.eval(), requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 _BUILDERS = {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux, "tiny-pixart": tiny_pixart}
 
 

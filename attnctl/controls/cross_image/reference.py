@@ -319,7 +319,9 @@ class _ReferenceBound(LinkedKeysBound):
         return found
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The reference row's latent input: the reference noised to this call's level."""
+        """The reference row's latent input: the reference noised to this call's level; its ControlNet / adapter
+        residuals (computed by the pipeline for the latent replaced here) are zeroed, as the community
+        `stable_diffusion_controlnet_reference.py` runs its reference pass without them."""
         rows = tuple(i for i, row in enumerate(frame.rows.rows) if row.prompt == self.control.reference_row)
         idle = self.control.strength == 0 and not self.control.adain
         if idle or not self.active(frame.step) or not rows or self.main_input not in inputs:
@@ -344,7 +346,7 @@ class _ReferenceBound(LinkedKeysBound):
             )
         index = self.index(rows, sample.device)
         latent.index_copy_(0, index, packed.expand(len(rows), *packed.shape[1:]).to(sample.dtype))
-        return {**inputs, self.main_input: changed}
+        return self.adapter.without_conditioning({**inputs, self.main_input: changed}, index, len(frame.rows))
 
 
     def _adain_wrap(self, current_frame: Callable[[], DenoiserCall | None]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -227,6 +228,7 @@ class LatentOptimizerBound(Bound):
         return out
 
     def _optimise(self, frame: DenoiserCall, inputs: dict[str, Any], cond: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        self._warn_conditioning(inputs, frame.step.index)
         prompts = tuple(frame.rows.rows[i].prompt for i in cond)
         narrow = self.context.select_rows(inputs, cond)
         with torch.inference_mode(False), torch.enable_grad():
@@ -239,6 +241,21 @@ class LatentOptimizerBound(Bound):
             # resolution would round away (A&E's refinement moved a bf16 latent by exactly 0); cast once when used
             x = self.optimise_step(start.float(), narrow, loss_frame, selector, frame)
         return {p: (start[j].detach(), x[j].detach()) for j, p in enumerate(prompts)}
+
+    def _warn_conditioning(self, inputs: dict[str, Any], step: int) -> None:
+        """Once per handle: the call carries ControlNet / T2I-Adapter residuals, which the pipeline computed from the
+        latent before the update (docs/methods.md, latent optimisation)."""
+        given = [name for name in self.context.adapter.conditioning_inputs if inputs.get(name) is not None]
+        if not given or self.context.handle_cache.get("warned_conditioning"):
+            return
+        self.context.handle_cache["warned_conditioning"] = True
+        warnings.warn(
+            f"attnctl: {type(self.control).__name__} moves the latent at step {step}, but the denoiser call's "
+            f"{', '.join(given)} (a ControlNet's or T2I-Adapter's residuals) were computed by the pipeline from the latent "
+            "before the update: the loss pass and the step's denoiser call add them as given (the gradient does not go "
+            "through the ControlNet, and it is not re-run at the moved latent). Warned once per handle",
+            stacklevel=2,
+        )
 
     def gradient(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall,
                  loss_of: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
