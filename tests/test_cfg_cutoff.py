@@ -177,3 +177,29 @@ def test_layout_follows_the_pipelines_cfg_flag():
     assert [(row.branch, row.prompt) for row in rows.rows] == [("cond", 0), ("cond", 1)]
     with pytest.raises(CallLayoutError, match="batch of 2 rows"):  # the pipeline still says CFG: nothing is guessed
         base_rows(protocol_for("unet"), record, 2, None, {}, cfg_now=True)
+
+
+def test_zimage_cfg_truncation_runs_the_cond_rows_alone_past_it():
+    """ZImagePipeline's own `cfg_truncation`: past it the pipeline passes the cond rows only and leaves
+    `do_classifier_free_guidance` True; the call failed at that step even with no controls."""
+    from attnctl.testing.new_families import available
+
+    if not available("tiny-zimage"):
+        pytest.skip("tiny-zimage needs diffusers >= 0.42")
+    from attnctl.testing import make_tiny_pipeline
+
+    from .helpers import Probe
+
+    pipe = make_tiny_pipeline("tiny-zimage")
+    options = dict(prompt="a photo of a cat", negative_prompt="a dog", guidance=4.0, steps=4, cfg_truncation=0.5)
+    stock = generate(pipe, "tiny-zimage", **options)
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        assert torch.equal(generate(pipe, "tiny-zimage", **options), stock)
+    frames = {}
+    for entry in probe.log:
+        if entry[0] != "bind":
+            frames.setdefault(entry[-1], (entry[1], tuple(row[0] for row in entry[3])))
+    assert list(frames.values()) == [(0, ("cond", "uncond")), (1, ("cond", "uncond")), (2, ("cond", "uncond")), (3, ("cond",))]
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 3.0}, branch="cond")]):
+        assert not torch.equal(generate(pipe, "tiny-zimage", **options), stock)

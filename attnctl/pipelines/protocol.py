@@ -54,6 +54,9 @@ class CallProtocol:
     skip_layer_blocks: str = "transformer_blocks"
     #: Batched CFG's row order: [uncond, cond] (diffusers' usual) or "cond_first" (Z-Image: [cond, uncond]).
     cfg_order: Literal["uncond_first", "cond_first"] = "uncond_first"
+    #: The pipeline attribute of its own CFG truncation (Z-Image's `cfg_truncation`): at or below 1, the steps past it
+    #: run the cond rows only while `do_classifier_free_guidance` stays True.
+    cfg_truncation: str | None = None
 
 
 _CLIP = EncoderSpec("clip", ("tokenizer", "tokenizer_2"), ("prompt", "prompt_2"), ("negative_prompt", "negative_prompt_2"), 77)
@@ -143,7 +146,7 @@ def _zimage_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
 
 PROTOCOLS["zimage"] = CallProtocol(
     "zimage", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("negative_prompt",), None, template=_zimage_chat),), "flag",
-    cfg_order="cond_first",
+    cfg_order="cond_first", cfg_truncation="_cfg_truncation",
 )
 PROTOCOLS["flux2"] = CallProtocol(
     "flux2", (EncoderSpec("qwen3", ("tokenizer",), ("prompt",), ("prompt",), None, template=_klein_chat),), "contexts"
@@ -300,11 +303,25 @@ def _textual_inversion(pipeline: Any, tokenizer: Any) -> Callable[[str], str] | 
     return functools.partial(pipeline.maybe_convert_prompt, tokenizer=tokenizer)
 
 
+def pipeline_cfg(protocol: CallProtocol, pipeline: Any, record: PromptRecord, batch: int) -> bool | None:
+    """Whether the pipeline runs CFG at this denoiser call, as it says: its `do_classifier_free_guidance` (turned False
+    by a CFG-cutoff callback), and False for a call of the cond rows only past the pipeline's own CFG truncation
+    (Z-Image's `cfg_truncation`, which leaves the flag True); None where the pipeline has no such flag."""
+    flag = getattr(pipeline, "do_classifier_free_guidance", None)  # a property of batched-CFG pipelines
+    if not isinstance(flag, bool):
+        return None
+    if flag and protocol.cfg_truncation is not None and batch == record.prompt_rows():
+        truncation = getattr(pipeline, protocol.cfg_truncation, None)
+        if isinstance(truncation, (int, float)) and not isinstance(truncation, bool) and truncation <= 1:
+            return False
+    return flag
+
+
 def cfg_dropped(protocol: CallProtocol, record: PromptRecord, batch: int, cfg_now: bool | None) -> bool:
     """Whether a batched-CFG call dropped its uncond rows mid-call, as diffusers' CFG-cutoff callbacks
     (`SDCFGCutoffCallback`, `SDXLCFGCutoffCallback`, `SD3CFGCutoffCallback`, the "dynamic classifier-free guidance"
-    recipe) do: `encode_prompt` was told to do CFG, the pipeline's `do_classifier_free_guidance` (`cfg_now`) is now
-    False, and the denoiser gets the cond rows only."""
+    recipe) and Z-Image's `cfg_truncation` do: `encode_prompt` was told to do CFG, the pipeline now runs without it
+    (`cfg_now`, `pipeline_cfg`), and the denoiser gets the cond rows only."""
     return protocol.cfg_source == "flag" and record.cfg_flag() and cfg_now is False and batch == record.prompt_rows()
 
 

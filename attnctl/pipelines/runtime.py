@@ -41,6 +41,7 @@ from .protocol import (
     branch_text_len,
     cfg_dropped,
     encoder_prompts,
+    pipeline_cfg,
     sequential_branch,
 )
 
@@ -285,8 +286,8 @@ class Runtime:
         calls_before = call.position_calls.get(call.positions_done, 0)
         call.position_calls[call.positions_done] = calls_before + 1
         context = self.context or sequential_branch(self.protocol, call.record, calls_before)
-        cfg_now = getattr(self.pipeline, "do_classifier_free_guidance", None)  # a property of batched-CFG pipelines
-        rows = base_rows(self.protocol, call.record, batch, context, inputs, cfg_now if isinstance(cfg_now, bool) else None)
+        cfg_now = pipeline_cfg(self.protocol, self.pipeline, call.record, batch)
+        rows = base_rows(self.protocol, call.record, batch, context, inputs, cfg_now)
         frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=context, inputs=inputs, number=call.frames,
                              expert=None if module is None else self.adapter.expert_name(module))
         if call.bound is None:
@@ -317,9 +318,9 @@ class Runtime:
             if reason is not None:
                 raise CallLayoutError(
                     f"attnctl: {type(bound.control).__name__} cannot follow this call from step {step.index}: its uncond "
-                    "rows were dropped mid-call (the pipeline's do_classifier_free_guidance turned False and the denoiser "
-                    "got the cond rows only, as diffusers' CFG-cutoff callbacks SDCFGCutoffCallback, SDXLCFGCutoffCallback "
-                    f"and SD3CFGCutoffCallback do): {reason}. Leave out the callback or the control (docs/methods.md, "
+                    "rows were dropped mid-call (the denoiser got the cond rows only, as after diffusers' CFG-cutoff "
+                    "callbacks SDCFGCutoffCallback, SDXLCFGCutoffCallback and SD3CFGCutoffCallback, or past Z-Image's "
+                    f"cfg_truncation): {reason}. Leave out the callback (or the truncation) or the control (docs/methods.md, "
                     "'Classifier-free guidance cut off mid-call', lists the controls that follow it)"
                 )
         call.cfg_cut_at = step.index
