@@ -68,6 +68,27 @@ def test_flux_pipelines_without_cache_context_label_their_true_cfg_calls_by_orde
     assert [f[2] for f in _frames(probe.log)] == [(("cond", 0, None),), (("uncond", 0, None),)] * 2
 
 
+def test_flux_kontext_reference_image_is_refused_and_its_text_to_image_calls_run():
+    """FluxKontextPipeline appends its `image`'s tokens after the generated image's (img_ids with first coordinate 1),
+    which FLUX.1's processors do not place: refused naming them (it was a bare grid mismatch). Without an image it is
+    a text-to-image call whose true-CFG negative call runs outside cache_context (labelled by order)."""
+    from diffusers import FluxKontextPipeline
+
+    from attnctl.errors import UnsupportedError
+
+    pipe = FluxKontextPipeline(**make_tiny_pipeline("tiny-flux").components)
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(height=32, width=32, max_area=32 * 32, _auto_resize=False, max_sequence_length=32, num_inference_steps=2,
+                   output_type="latent")
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        with pytest.raises(UnsupportedError, match="64 tokens of a reference image .*FluxKontextPipeline"):
+            pipe(prompt="a cat", image=image, generator=torch.Generator().manual_seed(0), **options)
+        pipe(prompt="a cat", negative_prompt="a dog", true_cfg_scale=4.0, generator=torch.Generator().manual_seed(0), **options)
+    assert [f[2] for f in _frames(probe.log)] == [(("cond", 0, None),), (("uncond", 0, None),)] * 2
+
+
 def test_sd3_skip_layer_pass_is_cond_only():
     pipe = make_tiny_pipeline("tiny-sd3")
     probe = Probe()

@@ -295,6 +295,14 @@ class FluxAdapter(ModelAdapter):
                 f"attnctl: Flux img_ids has {img_ids.shape[0]} rows but hidden_states has {n} image tokens; "
                 "extra image tokens (Kontext-style references) are not supported yet"
             )
+        if bool((img_ids[:, 0] != img_ids[0, 0]).any()):
+            references = int((img_ids[:, 0] != img_ids[0, 0]).sum())
+            raise UnsupportedError(
+                f"attnctl: this Flux call's {n} image tokens include {references} tokens of a reference image (img_ids "
+                "with another first coordinate, as FluxKontextPipeline and FluxKontextInpaintPipeline append for their "
+                "`image`); attnctl does not place reference tokens on FLUX.1 yet (it does on Flux.2 and Qwen-Image's "
+                "edit pipelines): call without the image, or without attnctl"
+            )
         rows = int(img_ids[:, 1].max()) + 1
         cols = int(img_ids[:, 2].max()) + 1
         if rows * cols != n:
