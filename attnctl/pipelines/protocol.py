@@ -5,7 +5,8 @@
 - Flux: cond rows only, or separate cond / uncond calls inside `transformer.cache_context("cond" / "uncond")`
   (true CFG);
 - batched CFG whose uncond rows a callback dropped mid-call (diffusers' CFG-cutoff callbacks): cond rows only
-  from then on, once the pipeline's `do_classifier_free_guidance` says CFG is off;
+  from then on, once the pipeline's `do_classifier_free_guidance` says CFG is off (or past Z-Image's own
+  `cfg_truncation`, which leaves the flag on);
 - SD3's own skip-layer guidance: an extra cond-only call with `skip_layers`;
 - sequential true CFG (Chroma): with CFG on, each scheduler position makes a cond call, then an uncond call,
   without `cache_context` (the runtime names them by their order, `sequential_branch`); so do the pipelines of a
@@ -329,8 +330,8 @@ def base_rows(
     protocol: CallProtocol, record: PromptRecord, batch: int, context: str | None, inputs: dict[str, Any],
     cfg_now: bool | None = None,
 ) -> RowLayout:
-    """The pipeline's own rows for a denoiser call with `batch` rows; `cfg_now`: the pipeline's
-    `do_classifier_free_guidance` at this call (None where it has none)."""
+    """The pipeline's own rows for a denoiser call with `batch` rows; `cfg_now`: whether the pipeline runs CFG at this
+    call (`pipeline_cfg`; None where it does not say)."""
     prompt_rows = record.prompt_rows()
     if cfg_dropped(protocol, record, batch, cfg_now):
         return RowLayout.single("cond", prompt_rows)
