@@ -47,6 +47,13 @@ def has_duplicates(queries: Sequence[WordQuery]) -> bool:
     return len(set(folded)) != len(folded)
 
 
+def explicit_position(query: int, text_len: int) -> tuple[int, ...]:
+    """An explicit token position, resolved without the prompt's text (it may have come as `prompt_embeds`)."""
+    if query >= text_len:
+        raise TokenError(f"attnctl: token position {query} is outside the text sequence of {text_len} tokens")
+    return (query,)
+
+
 def describe_query(query: WordQuery) -> str:
     if isinstance(query, tuple):
         return f"{query[0]!r} (occurrence {query[1]})"
@@ -194,9 +201,7 @@ class PromptTokens:
         is not in this row gives () instead of a TokenError (a word truncated away by the encoder's limit still
         raises: it is in the prompt, and the pipeline drops it)."""
         if isinstance(query, int):
-            if query >= self.text_len:
-                raise TokenError(f"attnctl: token position {query} is outside the text sequence of {self.text_len} tokens")
-            return (query,)
+            return explicit_position(query, self.text_len)
         phrase, occurrence = (query if isinstance(query, tuple) else (query, None))
         found: set[int] = set()
         truncated: list[tuple[_Tokenized, list[int]]] = []
