@@ -71,7 +71,9 @@ class EncoderPrompts:
     `limit` is the number of positions the encoder has (77 for CLIP, `max_sequence_length` for T5).
     `convert[t]`, when given, rewrites a queried phrase as the prompts were rewritten for tokenizer `t`
     (textual inversion: a multi-vector token `<x>` becomes `<x> <x>_1 ...`, so a query for `<x>` finds
-    every vector).
+    every vector). `prepare[t]`, when given, rewrites any text as the pipeline rewrites its prompts for tokenizer `t`
+    (caption preprocessing, then textual inversion): for text the pipeline encodes besides the prompt (a phrase
+    encoded alone).
     """
 
     name: str
@@ -80,6 +82,7 @@ class EncoderPrompts:
     offset: int
     limit: int
     convert: tuple[Callable[[str], str] | None, ...] = ()
+    prepare: tuple[Callable[[str], str] | None, ...] = ()
 
 
 class _Tokenized:

@@ -266,7 +266,7 @@ def encoder_prompts(
     offset = 0
     for spec in protocol.encoders:
         length = spec.length if spec.length is not None else text_len - offset
-        tokenizers, texts, converters = [], [], []
+        tokenizers, texts, converters, preparers = [], [], [], []
         for attr, prompt_arg, negative_arg in zip(spec.tokenizers, spec.prompt_args, spec.negative_args):
             tokenizer = getattr(pipeline, attr, None)
             if tokenizer is None:
@@ -290,8 +290,11 @@ def encoder_prompts(
             tokenizers.append(tokenizer)
             texts.append(tuple(encoded_texts(pipeline, tokenizer, row_texts, args)))
             converters.append(_textual_inversion(pipeline, tokenizer))
+            preparers.append(functools.partial(_encoded_text, pipeline, tokenizer, args))
         if tokenizers and length > 0:
-            encoders.append(EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length, tuple(converters)))
+            encoders.append(
+                EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length, tuple(converters), tuple(preparers))
+            )
         offset += length
     return encoders
 
@@ -321,6 +324,11 @@ def encoded_texts(pipeline: Any, tokenizer: Any, texts: list[str], arguments: di
     if convert is not None:
         texts = [convert(text) for text in texts]
     return texts
+
+
+def _encoded_text(pipeline: Any, tokenizer: Any, arguments: dict[str, Any], text: str) -> str:
+    """One text as `encoded_texts` rewrites it."""
+    return encoded_texts(pipeline, tokenizer, [text], arguments)[0]
 
 
 def _textual_inversion(pipeline: Any, tokenizer: Any) -> Callable[[str], str] | None:
