@@ -277,6 +277,19 @@ def test_batched_cfg_negative_prompt_embeds_are_named_not_an_empty_prompt(tiny_c
     torch.testing.assert_close(by_embeds, by_word, rtol=1e-5, atol=1e-5)  # "blurry" is token 2
 
 
+def test_prompt_embeds_with_a_negative_prompt_as_text_keep_its_words(tiny_cache):
+    """`prompt_embeds` with `negative_prompt` as text: diffusers encodes the negative text, so its words are found (they
+    were refused: the cond rows' embeddings hid the negative prompt's text)."""
+    pipe = tiny_cache("tiny-sd")
+    embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    kwargs = {"prompt_embeds": embeds, "negative_prompt": "a blurry street"}
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        by_word = generate(pipe, "tiny-sd", prompt=None, **kwargs)
+    with attnctl.apply(pipe, [Reweight({2: 0.0}, branch="uncond")]):  # "blurry" is token 2
+        by_position = generate(pipe, "tiny-sd", prompt=None, **kwargs)
+    assert torch.equal(by_word, by_position) and not torch.equal(by_word, generate(pipe, "tiny-sd", prompt=None, **kwargs))
+
+
 def test_sdxl_zeroed_negative_prompt_has_no_words(tiny_cache):
     """SDXL with `negative_prompt_2` and no `negative_prompt`, `force_zeros_for_empty_prompt=True` (SDXL base): diffusers
     zeroes the negative embeddings (`zero_out_negative_prompt`), so the uncond rows have no text. An uncond word was
