@@ -255,6 +255,14 @@ class BindContext:
     # own, padded to its own longest prompt, so its denoiser calls have another text length than the prompt's; a
     # branch not named has `canvas.text_len` (`text_len_of`)
     text_lens: Mapping[str, int] = field(default_factory=dict, compare=False)
+    # whether this call runs rows of the negative prompt (batched CFG, or a separate negative-prompt call), as its
+    # layout says: they exist even where their text is unknown (`negative_tokens` None, `textless`)
+    uncond_rows: bool = False
+    # why a branch's prompt has no text ("cond", "uncond": embeddings given, SDXL's zeroed negative prompt)
+    textless: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # the first tokenizer of the first text encoder (CLIP-L on SD, SDXL, SD3; T5 on Flux, PixArt), for what needs no
+    # prompt text (whether a start token comes first); None where the pipeline has none
+    text_tokenizer: Any = field(default=None, compare=False, repr=False)
     # The denoiser call in progress (None between calls), for code that runs outside attention layers
     # (instance-level wraps of transformer blocks: skip-layer guidance).
     current_frame: Callable[[], DenoiserCall | None] = field(default=lambda: None, compare=False, repr=False)
@@ -286,22 +294,29 @@ class BindContext:
     # latent through the denoiser (Attend-and-Excite); returns the denoiser's output
     run_denoiser: Callable[[dict[str, Any], DenoiserCall], Any] = field(default=_no_handle, compare=False, repr=False)
 
-    def require_tokens(self, owner: str, branch: str = "cond") -> PromptTokens:
+    def require_tokens(self, owner: str, branch: str = "cond", *, positions: bool = False) -> PromptTokens:
+        """The PromptTokens of `branch`, or a TokenError saying why its words cannot be found. `positions`: the
+        control also takes explicit token positions (ints), which need no text: the refusal suggests them."""
         tokens = self.tokens if branch == "cond" else self.negative_tokens
-        if tokens is None and branch == "cond" and self.prompt_arguments and self.prompt_arguments[0].get("prompt") is not None:
+        if tokens is not None:
+            return tokens
+        what = "prompt" if branch == "cond" else "negative prompt"
+        if branch == "uncond" and not self.uncond_rows:
             raise TokenError(
-                f"attnctl: {owner} needs the words of the prompt, but "
+                f"attnctl: {owner} needs the words of the negative prompt, but this call has no negative-prompt rows "
+                "(no classifier-free guidance)"
+            )
+        reason = self.textless.get(branch)
+        if reason is None:  # text, but not placed
+            instead = "give explicit token positions or use a control that needs no words" if positions else "use a control that needs no words"
+            raise TokenError(
+                f"attnctl: {owner} needs the words of the {what}, but "
                 f"attnctl does not know where {type(self.pipeline).__name__}'s text encoding puts them (its chat template "
                 "is not modelled, e.g. Flux2Pipeline's Mistral template, Qwen-Image edit pipelines other than Edit and "
-                "EditPlus); give explicit token positions or use a control that needs no words"
+                f"EditPlus); {instead}"
             )
-        if tokens is None:
-            raise TokenError(
-                f"attnctl: {owner} needs the words of the {'prompt' if branch == 'cond' else 'negative prompt'}, "
-                "but the pipeline was called with embeddings (prompt_embeds) instead of text; pass the prompt as "
-                "text or give explicit token positions"
-            )
-        return tokens
+        fix = f"pass the {what} as text" + (" or give explicit token positions" if positions else "")
+        raise TokenError(f"attnctl: {owner} needs the words of the {what}, but {reason}; {fix}")
 
     @property
     def images_per_prompt(self) -> int | None:

@@ -47,6 +47,13 @@ def has_duplicates(queries: Sequence[WordQuery]) -> bool:
     return len(set(folded)) != len(folded)
 
 
+def explicit_position(query: int, text_len: int) -> tuple[int, ...]:
+    """An explicit token position, resolved without the prompt's text (it may have come as `prompt_embeds`)."""
+    if query >= text_len:
+        raise TokenError(f"attnctl: token position {query} is outside the text sequence of {text_len} tokens")
+    return (query,)
+
+
 def describe_query(query: WordQuery) -> str:
     if isinstance(query, tuple):
         return f"{query[0]!r} (occurrence {query[1]})"
@@ -64,7 +71,9 @@ class EncoderPrompts:
     `limit` is the number of positions the encoder has (77 for CLIP, `max_sequence_length` for T5).
     `convert[t]`, when given, rewrites a queried phrase as the prompts were rewritten for tokenizer `t`
     (textual inversion: a multi-vector token `<x>` becomes `<x> <x>_1 ...`, so a query for `<x>` finds
-    every vector).
+    every vector). `prepare[t]`, when given, rewrites any text as the pipeline rewrites its prompts for tokenizer `t`
+    (caption preprocessing, then textual inversion): for text the pipeline encodes besides the prompt (a phrase
+    encoded alone).
     """
 
     name: str
@@ -73,6 +82,7 @@ class EncoderPrompts:
     offset: int
     limit: int
     convert: tuple[Callable[[str], str] | None, ...] = ()
+    prepare: tuple[Callable[[str], str] | None, ...] = ()
 
 
 class _Tokenized:
@@ -90,9 +100,16 @@ class _Tokenized:
         self.tokens: list[str] = list(tokenizer.convert_ids_to_tokens(self.ids))
         self.tokenizer = tokenizer
         self.limit, self.encoder = limit, encoder
-        # Longer than the encoder takes: the pipeline truncates it (diffusers warns). Words inside the limit are
-        # controlled as usual; a word only past it raises in `PromptTokens.positions`.
+        # Longer than the encoder takes: the pipeline truncates it (diffusers warns), and the encoder gets what the
+        # tokenizer keeps at `max_length=limit`: CLIP's start token, 75 tokens and its end token in 77, T5's L - 1
+        # pieces and </s> in L. `kept` positions are the prompt's own; a word only past them raises in
+        # `PromptTokens.positions`.
         self.truncated = len(self.ids) > limit
+        self.encoded_ids: list[int] = self.ids
+        self.kept = len(self.ids)
+        if self.truncated:
+            self.encoded_ids = list(tokenizer(text, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"])
+            self.kept = next((i for i, (a, b) in enumerate(zip(self.ids, self.encoded_ids)) if a != b), len(self.encoded_ids))
 
     def word_ids(self) -> list[int]:
         """The index of the word each token comes from (-1: a special token): the whitespace-separated word its
@@ -167,23 +184,27 @@ class PromptTokens:
 
     def token_ids(self, row: int) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
         """Per text encoder: (offset, limit, token ids of prompt row `row` by the encoder's first tokenizer, special
-        tokens included, untruncated): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
+        tokens included, as the encoder gets them: truncated to `limit` as the pipeline truncates, its end token
+        last): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
         return tuple(
-            (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).ids)) for e, encoder in enumerate(self.encoders)
+            (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).encoded_ids)) for e, encoder in enumerate(self.encoders)
         )
 
     def token_words(self, row: int) -> tuple[list[int], ...]:
-        """Per text encoder: the word index of each token of `token_ids(row)` (`_Tokenized.word_ids`)."""
-        return tuple(self._tokenized(e, 0, row).word_ids() for e in range(len(self.encoders)))
+        """Per text encoder: the word index of each token of `token_ids(row)` (`_Tokenized.word_ids`; -1 for the end
+        token a truncated prompt ends with)."""
+        out = []
+        for e in range(len(self.encoders)):
+            tokenized = self._tokenized(e, 0, row)
+            out.append(tokenized.word_ids()[: tokenized.kept] + [-1] * (len(tokenized.encoded_ids) - tokenized.kept))
+        return tuple(out)
 
     def positions(self, query: WordQuery, row: int, *, missing_ok: bool = False) -> tuple[int, ...]:
         """Positions of `query` in the text sequence of prompt row `row` (sorted, unique). `missing_ok`: a word that
         is not in this row gives () instead of a TokenError (a word truncated away by the encoder's limit still
         raises: it is in the prompt, and the pipeline drops it)."""
         if isinstance(query, int):
-            if query >= self.text_len:
-                raise TokenError(f"attnctl: token position {query} is outside the text sequence of {self.text_len} tokens")
-            return (query,)
+            return explicit_position(query, self.text_len)
         phrase, occurrence = (query if isinstance(query, tuple) else (query, None))
         found: set[int] = set()
         truncated: list[tuple[_Tokenized, list[int]]] = []
@@ -193,8 +214,8 @@ class PromptTokens:
                 convert = encoder.convert[t] if t < len(encoder.convert) else None
                 form = convert(phrase) if convert is not None else phrase
                 hits = tokenized.find(form, occurrence)
-                found.update(encoder.offset + p for p in hits if p < encoder.limit)
-                past = [p for p in hits if p >= encoder.limit]
+                found.update(encoder.offset + p for p in hits if p < tokenized.kept)
+                past = [p for p in hits if p >= tokenized.kept]
                 if past:
                     truncated.append((tokenized, past))
         if not found and truncated:
@@ -202,8 +223,9 @@ class PromptTokens:
             raise TokenError(
                 f"attnctl: {describe_query(query)} is at {tokenized.encoder} token position(s) {past} of the prompt "
                 f"{tokenized.text!r}, which has {len(tokenized.ids)} tokens but the limit is {tokenized.limit} "
-                "(special tokens included): the pipeline truncates the prompt there, so the word cannot be "
-                "controlled. Shorten the prompt or move the word before the limit."
+                f"(special tokens included; the encoder keeps the prompt's tokens up to position {tokenized.kept - 1}): "
+                "the pipeline truncates the prompt there, so the word cannot be controlled. Shorten the prompt or "
+                "move the word before the limit."
             )
         if not found:
             if missing_ok:

@@ -671,3 +671,22 @@ def test_sag_extra_pass_does_not_replace_the_word_maps(tiny_cache):
         with attnctl.apply(pipe, [control]):
             run(pipe, "tiny-sd", prompts=WORD_PROMPTS, steps=3, guidance=1.0)
     assert calls == len(passes)  # SAG's extra pass captured nothing
+
+
+def test_a_position_subject_works_with_prompt_embeds(tiny_cache):
+    """A subject given as a token position needs no prompt text: with `prompt_embeds` it shares as the same word does on
+    the text prompts ("cat" is token 3 of each, by the tokenizer). It was refused for want of the prompt's words."""
+    pipe = tiny_cache("tiny-sd")
+    prompts = ["a red cat", "a blue cat", "a green cat"]
+    cat = pipe.tokenizer.convert_tokens_to_ids("cat</w>")
+    assert {pipe.tokenizer(p)["input_ids"].index(cat) for p in prompts} == {3}
+    embeds, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
+    with attnctl.apply(pipe, [ConsistentSubjects(subject=3, strength=5.0)]):
+        generators = [torch.Generator().manual_seed(i) for i in range(3)]
+        options = dict(CALL_DEFAULTS["tiny-sd"], guidance_scale=5.0)
+        by_position = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=2, output_type="latent",
+                           generator=generators, **options).images
+    with attnctl.apply(pipe, [ConsistentSubjects(subject="cat", strength=5.0)]):
+        by_word = run(pipe, "tiny-sd", prompts=prompts)
+    torch.testing.assert_close(by_position, by_word, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(by_word, run(pipe, "tiny-sd", prompts=prompts))

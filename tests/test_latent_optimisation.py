@@ -979,3 +979,32 @@ def test_the_papers_refinement_steps_follow_a_narrower_window():
     # the default stays the default through a copy with another window and a dict round trip
     assert dataclasses.replace(narrow, steps=(0.25, 0.5)).refinement == ((0.4, 0.8),)
     assert attnctl.Control.from_dict(narrow.to_dict()) == narrow and narrow.to_dict()["refine"] is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda subjects: attnctl.AttendExcite(subjects=subjects, steps=(0.0, 0.5), refine=()),
+    lambda subjects: attnctl.AStar(subjects=subjects + (1,), steps=(0.0, 0.5)),
+    lambda subjects: attnctl.BoxGuidance(boxes=tuple((s, (0.0, 0.0, 0.5, 0.5)) for s in subjects), steps=(0.0, 0.5)),
+], ids=["AttendExcite", "AStar", "BoxGuidance"])
+def test_integer_subjects_work_with_prompt_embeds(make, tiny_cache):
+    """Subjects given as token positions need no prompt text: with `prompt_embeds` they act as the same word does on
+    the text prompt (the tokenizer puts "cat" at 5). They were refused, by a message that suggested positions."""
+    pipe = tiny_cache("tiny-sd")
+    cat = pipe.tokenizer(PROMPT)["input_ids"].index(pipe.tokenizer.convert_tokens_to_ids("cat</w>"))
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    with attnctl.apply(pipe, [make((cat,))]):
+        by_position = generate(pipe, "tiny-sd", prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative, steps=2)
+    with attnctl.apply(pipe, [make(("cat",))]):
+        by_word = generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+    torch.testing.assert_close(by_position, by_word, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(by_word, generate(pipe, "tiny-sd", prompt=PROMPT, steps=2))
+
+
+def test_a_refusal_suggests_positions_only_to_controls_that_take_them(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    embeds, negative = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    for control, positions in [(attnctl.AttendExcite(subjects=["cat"]), True), (attnctl.StructuredGuidance(), False)]:
+        with attnctl.apply(pipe, [control]):
+            with pytest.raises(attnctl.TokenError, match="prompt_embeds") as info:
+                generate(pipe, "tiny-sd", prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative, steps=2)
+        assert ("explicit token positions" in str(info.value)) == positions, str(info.value)

@@ -579,3 +579,17 @@ def test_attention_maps_read_the_linked_rows_in_either_order(name, tiny_cache):
             generate(pipe, name, prompts, steps=2)
             maps.append(handle.outputs["attention_maps"].maps)
     assert torch.equal(maps[0], maps[1]), (maps[0] - maps[1]).abs().max()
+
+
+def test_alignment_reads_the_tokens_the_encoder_gets_of_a_truncated_prompt(tiny_cache):
+    """Two prompts that differ only past CLIP's truncation point are the same prompt to the encoder (start token, 75
+    words, end token): refine maps every position to itself. The aligners cut the untruncated ids at 77, so "cat"
+    and "dog" stood where the encoder holds its end token, and the end token was left out as a new token."""
+    pipe = tiny_cache("tiny-sd")
+    base, edit = (" ".join(["red"] * 75) + word for word in (" cat", " dog"))
+    assert pipe.tokenizer(base, truncation=True, max_length=77)["input_ids"] == pipe.tokenizer(edit, truncation=True, max_length=77)["input_ids"]
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt("refine")]) as handle:
+        generate(pipe, "tiny-sd", [base, edit])
+        bound = handle.runtime.last_call.bound[0]
+    mapper, own, zero = bound.tables["cond"]
+    assert mapper is None and zero  # identity: the edited row reads the base row's maps everywhere

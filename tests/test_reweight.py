@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -226,6 +227,81 @@ def test_uncond_branch_without_cfg_is_idle_even_for_a_word_of_no_prompt(tiny_cac
     with attnctl.apply(pipe, [Reweight({"red": 2.0}, branch="uncond")]):
         with pytest.warns(attnctl.IdleControlWarning, match="branch='uncond'"):
             assert torch.equal(generate(pipe, name, prompt=PROMPT, guidance=1.0), stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-qwenimage"])
+def test_true_cfg_with_negative_prompt_embeds_has_uncond_rows(name, tiny_cache):
+    """Flux / Qwen-Image with true CFG and `negative_prompt_embeds` (no negative text) run an uncond call (diffusers'
+    do_true_cfg): an uncond Reweight by position acts on it, exactly as with the negative prompt as text; by word it is
+    refused, naming the embeddings. It was idle, warned "this call has none (no classifier-free guidance)"."""
+    from attnctl.testing.new_families import available
+
+    if name != "tiny-flux" and not available(name):
+        pytest.skip(f"{name} needs a newer diffusers")
+    pipe = tiny_cache(name)
+    negative = "a blurry dark street"
+    encoded = pipe.encode_prompt(negative, device="cpu", max_sequence_length=32) if name == "tiny-flux" else pipe.encode_prompt(negative, device="cpu")
+    if name == "tiny-flux":
+        as_embeds = {"negative_prompt_embeds": encoded[0], "negative_pooled_prompt_embeds": encoded[1], "true_cfg_scale": 3.0}
+    else:
+        as_embeds = {"negative_prompt": None, "negative_prompt_embeds": encoded[0], "negative_prompt_embeds_mask": encoded[1], "true_cfg_scale": 3.0}
+    as_text = {"negative_prompt": negative, "true_cfg_scale": 3.0}
+    stock = generate(pipe, name, prompt=PROMPT, **as_embeds)
+    weights = Reweight({1: 0.0, 2: 4.0}, branch="uncond")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        with attnctl.apply(pipe, [weights]):
+            by_embeds = generate(pipe, name, prompt=PROMPT, **as_embeds)
+            by_text = generate(pipe, name, prompt=PROMPT, **as_text)
+    assert not torch.equal(by_embeds, stock)
+    torch.testing.assert_close(by_embeds, by_text, rtol=1e-5, atol=1e-5)
+    for branch in ("uncond", "both"):
+        with attnctl.apply(pipe, [Reweight({"street": 0.0}, branch=branch)]):
+            with pytest.raises(TokenError, match="negative prompt came as embeddings \\(negative_prompt_embeds\\)"):
+                generate(pipe, name, prompt=PROMPT, **as_embeds)
+
+
+def test_batched_cfg_negative_prompt_embeds_are_named_not_an_empty_prompt(tiny_cache):
+    """A text prompt with `negative_prompt_embeds`: an uncond word is refused naming the embeddings (it named a
+    prompt '' the user never passed); positions act on the uncond rows."""
+    pipe = tiny_cache("tiny-sd")
+    _, negative = pipe.encode_prompt("a blurry street", "cpu", 1, True, negative_prompt="a blurry street")
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        with pytest.raises(TokenError, match="negative prompt came as embeddings \\(negative_prompt_embeds\\)") as info:
+            generate(pipe, "tiny-sd", prompt=PROMPT, negative_prompt_embeds=negative)
+    assert "''" not in str(info.value)
+    with attnctl.apply(pipe, [Reweight({2: 0.0}, branch="uncond")]):
+        by_embeds = generate(pipe, "tiny-sd", prompt=PROMPT, negative_prompt_embeds=negative)
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        by_word = generate(pipe, "tiny-sd", prompt=PROMPT, negative_prompt="a blurry street")
+    torch.testing.assert_close(by_embeds, by_word, rtol=1e-5, atol=1e-5)  # "blurry" is token 2
+
+
+def test_prompt_embeds_with_a_negative_prompt_as_text_keep_its_words(tiny_cache):
+    """`prompt_embeds` with `negative_prompt` as text: diffusers encodes the negative text, so its words are found (they
+    were refused: the cond rows' embeddings hid the negative prompt's text)."""
+    pipe = tiny_cache("tiny-sd")
+    embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+    kwargs = {"prompt_embeds": embeds, "negative_prompt": "a blurry street"}
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        by_word = generate(pipe, "tiny-sd", prompt=None, **kwargs)
+    with attnctl.apply(pipe, [Reweight({2: 0.0}, branch="uncond")]):  # "blurry" is token 2
+        by_position = generate(pipe, "tiny-sd", prompt=None, **kwargs)
+    assert torch.equal(by_word, by_position) and not torch.equal(by_word, generate(pipe, "tiny-sd", prompt=None, **kwargs))
+
+
+def test_sdxl_zeroed_negative_prompt_has_no_words(tiny_cache):
+    """SDXL with `negative_prompt_2` and no `negative_prompt`, `force_zeros_for_empty_prompt=True` (SDXL base): diffusers
+    zeroes the negative embeddings (`zero_out_negative_prompt`), so the uncond rows have no text. An uncond word was
+    looked up in negative_prompt_2 and the Reweight was silently a no-op; now it is refused naming the cause."""
+    pipe = tiny_cache("tiny-sdxl")
+    assert pipe.config.force_zeros_for_empty_prompt
+    _, negative, _, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt_2="a blurry dark street")
+    assert not negative.any()  # diffusers' own truth: no negative text reaches the denoiser
+    with attnctl.apply(pipe, [Reweight({"blurry": 0.0}, branch="uncond")]):
+        with pytest.raises(TokenError, match="force_zeros_for_empty_prompt"):
+            generate(pipe, "tiny-sdxl", prompt=PROMPT, negative_prompt_2="a blurry dark street")
+        generate(pipe, "tiny-sdxl", prompt=PROMPT, negative_prompt="a blurry street")  # with negative_prompt: text
 
 
 @pytest.mark.parity

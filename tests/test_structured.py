@@ -302,3 +302,30 @@ def test_a_render_job_with_structured_guidance(tmp_path, tiny_cache):
     with Model(tiny_cache("tiny-sd"), "tiny-sd") as model:
         summary = render(jobs, RenderOptions(out=str(tmp_path / "out"), progress="none"), model=model)
     assert summary.exit_code == 0 and (tmp_path / "out" / "sdg" / "0.png").is_file()
+
+
+def test_a_phrase_is_counted_in_the_text_the_pipeline_encodes(tiny_cache):
+    """A phrase's own tokens are counted in the text the pipeline encodes for it, as the prompt's are: PixArt lower-cases
+    both (`_text_preprocessing`), and textual inversion expands a multi-vector token in both. Counted from the raw
+    phrase, "A Red Car" on PixArt had 10 tokens alone and 3 in the prompt (TokenError), and "a <toy>" was not found
+    in its own encoding."""
+    from attnctl.testing import make_tiny_pipeline
+
+    pixart = tiny_cache("tiny-pixart")
+    prompt = "A Red Car and a blue house"
+    assert pixart._text_preprocessing(["A Red Car"], clean_caption=False) == ["a red car"]  # diffusers' own rule
+    with attnctl.apply(pixart, StructuredGuidance(["A Red Car"])):
+        as_written = generate(pixart, "tiny-pixart", [prompt])
+    with attnctl.apply(pixart, StructuredGuidance(["a red car"])):
+        lower = generate(pixart, "tiny-pixart", [prompt])
+    assert torch.equal(as_written, lower)
+
+    sd = make_tiny_pipeline("tiny-sd")  # its own: textual inversion changes the tokenizer and the text encoder
+    sd.load_textual_inversion({"<toy>": torch.randn(3, sd.text_encoder.get_input_embeddings().weight.shape[1])}, token="<toy>")
+    prompt = "a <toy> and a blue house"
+    with attnctl.apply(sd, StructuredGuidance(["a <toy>"])) as handle:
+        generate(sd, "tiny-sd", [prompt])
+        (span,) = handle.runtime.last_call.bound[0].spans
+    alone = sd.tokenizer(sd.maybe_convert_prompt("a <toy>", sd.tokenizer))["input_ids"]  # as encode_prompt tokenizes it
+    assert span.own == tuple(range(1, len(alone) - 1)) == (1, 2, 3, 4)  # "a" and the token's 3 vectors
+    assert span.positions == (1, 2, 3, 4)

@@ -59,11 +59,33 @@ def test_missing_word_shows_tokenization(clip):
 def test_prompt_over_limit(clip):
     """The pipeline truncates a long prompt (with a warning): a word inside the limit is controlled, a word only
     past it raises (issue #18: any word control used to raise on any prompt over the limit)."""
-    tokens = _clip_tokens(clip, [" ".join(["cat"] * 80) + " dog"])
+    prompt = " ".join(["cat"] * 80) + " dog"
+    tokens = _clip_tokens(clip, [prompt])
     tokens.check_lengths()  # not an error by itself
-    assert tokens.positions("cat", 0) == tuple(range(1, 77))
+    encoded = clip(prompt, truncation=True, max_length=77)["input_ids"]  # what the pipeline hands the encoder
+    cat = clip("cat", add_special_tokens=False)["input_ids"][0]
+    assert tokens.positions("cat", 0) == tuple(i for i, token in enumerate(encoded) if token == cat) == tuple(range(1, 76))
     with pytest.raises(TokenError, match="limit is 77"):
         tokens.positions("dog", 0)
+
+
+@pytest.mark.parametrize("encoder", ["clip", "t5"])
+def test_a_word_at_the_last_position_of_a_truncated_prompt_is_past_the_limit(encoder, clip, t5):
+    """Truncation keeps `limit - 1` positions of the prompt and puts the end token last (CLIP: start token, 75 words,
+    end token in 77; T5 at max_sequence_length L: L - 1 pieces and </s>): a word at position `limit - 1` of the
+    untruncated prompt is not in what the encoder gets. It was placed on the end token there."""
+    tokenizer, limit, words = (clip, 77, 75) if encoder == "clip" else (t5, 32, 31)
+    prompt = " ".join(["red"] * words) + " cat"
+    tokens = PromptTokens([EncoderPrompts(encoder, (tokenizer,), ((prompt, "a red cat"),), 0, limit)], 2, limit)
+    encoded = tokenizer(prompt, truncation=True, max_length=limit)["input_ids"]
+    cat = tokenizer("cat", add_special_tokens=False)["input_ids"][0]
+    assert len(tokenizer(prompt)["input_ids"]) == limit + 1 and cat not in encoded  # the tokenizer's own truth
+    with pytest.raises(TokenError, match=f"position\\(s\\) \\[{limit - 1}\\].*limit is {limit}"):
+        tokens.positions("cat", 0)
+    red = tokenizer("red", add_special_tokens=False)["input_ids"][0]
+    assert tokens.positions("red", 0) == tuple(i for i, token in enumerate(encoded) if token == red)
+    assert [tuple(ids) for _, _, ids in tokens.token_ids(0)] == [tuple(encoded)]  # the aligners' ids: the encoder's
+    assert tokens.token_words(0)[0][-1] == -1  # the end token is no word
 
 
 def test_t5_span_after_clip_and_shared_clip_positions(clip, t5):

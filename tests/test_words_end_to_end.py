@@ -124,3 +124,23 @@ def test_words_are_found_in_the_text_the_pipeline_encodes_pixart_preprocessing()
     assert probe.log[0][2]["cat"] == _positions(pipe.tokenizer, encoded, "cat") != _positions(pipe.tokenizer, prompt, "cat")
     assert probe.log[0][2]["photo"] == _positions(pipe.tokenizer, encoded, "photo")
     assert seen.count(True) >= 1  # attnctl asked the pipeline's own preprocessing, with the call's clean_caption
+
+
+def test_a_word_truncated_onto_the_end_token_is_refused_end_to_end():
+    """75 words and "cat" on CLIP: the pipeline's encoder gets the start token, the 75 words and its end token at 76,
+    so "cat" is not in the prompt the model sees (Reweight({"cat": 0}) scaled the end token). On SD3 its T5 span
+    (max_sequence_length 256) still holds it: only that position is "cat"."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    prompt = " ".join(["red"] * 75) + " cat"
+    encoded = pipe.tokenizer(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]  # as the pipeline
+    assert pipe.tokenizer.convert_tokens_to_ids("cat</w>") not in encoded
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 0.0})]):
+        with pytest.raises(TokenError, match="limit is 77"):
+            generate(pipe, "tiny-sd", prompt=prompt)
+    sd3 = make_tiny_pipeline("tiny-sd3")
+    probe = WordProbe(words=("cat",))
+    with attnctl.apply(sd3, [probe]):
+        generate(sd3, "tiny-sd3", prompt=prompt, max_sequence_length=256)
+    t5 = sd3.tokenizer_3(prompt, padding="max_length", max_length=256, truncation=True)["input_ids"]
+    cat = sd3.tokenizer_3("cat", add_special_tokens=False)["input_ids"]
+    assert probe.log[0] == ("cond", 0, {"cat": tuple(77 + i for i in range(len(t5)) if t5[i : i + len(cat)] == cat)})

@@ -28,7 +28,7 @@ from ..families.base import LayerInfo, ModelAdapter
 from ..processors.edit import Edit
 from ..selection import LayerSpec, validate_layers
 from ..steps import StepInfo, StepWindow, validate_steps
-from ..tokens import WordQuery, describe_query, validate_word_query
+from ..tokens import WordQuery, describe_query, explicit_position, validate_word_query
 from ..validation import FLOAT32_MAX, choice, plain_scalar, set_field
 from .common import TEXT_KINDS, select_kinds, text_layers
 
@@ -335,10 +335,8 @@ class ReweightBound(Bound):
         self.weights: dict[str, torch.Tensor] = {}
         self.identity: dict[str, list[bool]] = {}
         for branch in branches:
-            if branch == "uncond" and context.cfg_off:  # no uncond rows in this call: nothing to resolve (idle, warned)
-                continue
             tokens = _tokens_for(context, branch, tables)
-            if tokens is _NO_ROWS:
+            if tokens is _NO_ROWS:  # no uncond rows in this call: nothing to resolve (idle, warned)
                 continue
             text_len = self.text_lens[branch] = context.text_len_of(branch)
             # built in Python floats rounded to float32 after every product, exactly as float32 tensors would
@@ -364,7 +362,7 @@ class ReweightBound(Bound):
             grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, text_len)
             self.weights[branch] = grid
             self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
-        self.no_uncond_rows = control.branch == "uncond" and (not self.weights or context.cfg_off)
+        self.no_uncond_rows = control.branch == "uncond" and not self.weights
         self._cache: dict[Any, Edit | None] = {}
         self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
         self._on_device = {branch: upload(grid, self.device) for branch, grid in self.weights.items()}  # one async copy per call
@@ -376,7 +374,7 @@ class ReweightBound(Bound):
             return (
                 "branch='uncond' reweights the negative prompt's rows, and this call has none (the pipeline ran it "
                 "without classifier-free guidance: e.g. guidance_scale <= 1 on SD, <= 0 on Z-Image; Flux and Qwen-Image "
-                "need true_cfg_scale > 1 and a negative_prompt), so the output is the stock one; use "
+                "need true_cfg_scale > 1 and a negative_prompt or negative_prompt_embeds), so the output is the stock one; use "
                 "branch='cond' or 'both', or enable CFG"
             )
         return super().idle_reason(count)
@@ -466,25 +464,22 @@ _NO_ROWS = object()
 
 
 def _tokens_for(context: BindContext, branch: str, tables: tuple[WeightTable, ...]) -> Any:
-    """The PromptTokens of `branch`; None when only explicit positions are used; _NO_ROWS when the call has
-    no rows of that branch (Flux without true CFG has no negative prompt)."""
+    """The PromptTokens of `branch`; None when only explicit positions are used and the branch has no text; _NO_ROWS
+    when the call has no rows of that branch, as its layout says (no CFG; Flux without true CFG has no negative
+    prompt), not where only the branch's text is missing (its negative prompt given as embeddings)."""
+    if branch == "uncond" and not context.uncond_rows:
+        return _NO_ROWS
     needs_words = any(not isinstance(w.query, int) for table in tables for w in table)
     tokens = context.tokens if branch == "cond" else context.negative_tokens
-    if tokens is None and branch == "uncond" and context.tokens is not None:
-        return _NO_ROWS
     if tokens is None and needs_words:
-        return context.require_tokens("Reweight", branch)
+        return context.require_tokens("Reweight", branch, positions=True)
     return tokens
 
 
 def _positions(tokens: Any, query: WordQuery, row: int, text_len: int) -> tuple[int, ...]:
     if tokens is not None:
         return tokens.positions(query, row)
-    from ..errors import TokenError
-
-    if query >= text_len:  # explicit positions without prompts (prompt_embeds)
-        raise TokenError(f"attnctl: token position {query} is outside the text sequence of {text_len} tokens")
-    return (query,)
+    return explicit_position(query, text_len)  # explicit positions without prompts (prompt_embeds)
 
 
 def _check_not_all_muted(cells: list[list[list[float]]], branch: str, steps: tuple[int, ...], context: BindContext) -> None:

@@ -184,10 +184,17 @@ class PhraseSpan:
 
 
 def phrase_tokens(tokens: PromptTokens, phrase: str) -> tuple[int, ...]:
-    """Positions of `phrase`'s tokens in its own encoding (after CLIP's start token; from 0 in T5)."""
+    """Positions of `phrase`'s tokens in its own encoding (after CLIP's start token; from 0 in T5), the phrase
+    rewritten as the pipeline rewrites what it encodes (PixArt lower-cases it, textual inversion expands its tokens)."""
+
+    def encoded(encoder: EncoderPrompts, t: int) -> str:
+        prepare = encoder.prepare[t] if t < len(encoder.prepare) else None
+        return prepare(phrase) if prepare is not None else phrase
+
     alone = PromptTokens(
         [
-            EncoderPrompts(e.name, e.tokenizers, tuple((phrase,) for _ in e.tokenizers), e.offset, e.limit, e.convert)
+            EncoderPrompts(e.name, e.tokenizers, tuple((encoded(e, t),) for t in range(len(e.tokenizers))), e.offset, e.limit,
+                           e.convert, e.prepare)
             for e in tokens.encoders
         ],
         rows=1,

@@ -112,11 +112,7 @@ def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before
     CFG ("sequential"), and under "contexts" the pipelines that make their two calls outside `cache_context` (Flux's
     img2img, inpaint, Kontext and ControlNet pipelines with `true_cfg_scale`, Wan's video2video). None where the call
     has no separate uncond call."""
-    if protocol.cfg_source == "sequential":
-        separate = record.cfg_flag()
-    else:  # the negative prompt as a second encode_prompt call (Flux, Qwen-Image), or encoded with the prompt (Wan)
-        separate = protocol.cfg_source == "contexts" and (len(record.arguments) >= 2 or record.cfg_flag())
-    if not separate:
+    if protocol.cfg_source == "flag" or not has_uncond_rows(protocol, record):
         return None
     if calls_before > 1:
         raise CallLayoutError(
@@ -124,6 +120,41 @@ def sequential_branch(protocol: CallProtocol, record: PromptRecord, calls_before
             "expects a cond call, then an uncond call"
         )
     return ("cond", "uncond")[calls_before]
+
+
+def has_uncond_rows(protocol: CallProtocol, record: PromptRecord) -> bool:
+    """Whether the call runs rows of the negative prompt, as its layout says (not whether their text is known): batched
+    or sequential CFG when `encode_prompt` was told to do it; under "contexts", the negative prompt's own
+    `encode_prompt` call (Flux, Qwen-Image, Flux.2 true CFG: made with text or with `negative_prompt_embeds`), or the
+    flag of the one call that encodes both (Wan)."""
+    if protocol.cfg_source == "contexts" and len(record.arguments) >= 2:
+        return True
+    return record.cfg_flag()
+
+
+_AS_EMBEDDINGS = "the negative prompt came as embeddings (negative_prompt_embeds) instead of text"
+
+
+def textless_reason(protocol: CallProtocol, pipeline: Any, record: PromptRecord, branch: str) -> str | None:
+    """Why the rows of `branch` have no text to find words in (`encoder_prompts` gives None for it), or None where they
+    have text. The uncond rows of a call with classifier-free guidance: the negative prompt given as embeddings, or
+    zeroed by SDXL's pipelines (`encode_prompt`: `zero_out_negative_prompt = negative_prompt is None and
+    self.config.force_zeros_for_empty_prompt`, which then encodes no negative text, `negative_prompt_2` included)."""
+    if branch == "cond":
+        return None if record.has_text() else "the pipeline was called with embeddings (prompt_embeds) instead of text"
+    if protocol.cfg_source == "contexts" and len(record.arguments) >= 2:
+        return None if _as_list(record.arguments[1].get("prompt")) is not None else _AS_EMBEDDINGS
+    args = record.first
+    if args.get("negative_prompt_embeds") is not None:
+        return _AS_EMBEDDINGS
+    config = getattr(pipeline, "config", None)
+    if args.get("negative_prompt") is None and getattr(config, "force_zeros_for_empty_prompt", False) is True:
+        return (
+            f"{type(pipeline).__name__} zeroes the negative embeddings when negative_prompt is None and its config's "
+            "force_zeros_for_empty_prompt is True (diffusers' zero_out_negative_prompt; negative_prompt_2 alone is not "
+            "encoded), so the uncond rows have no text"
+        )
+    return None
 
 
 def _klein_chat(pipeline: Any, tokenizer: Any, text: str) -> str | None:
@@ -218,8 +249,11 @@ def _row_texts(args: dict[str, Any], names: tuple[str, ...], fallback: str | Non
 def encoder_prompts(
     protocol: CallProtocol, pipeline: Any, record: PromptRecord, text_len: int, branch: str
 ) -> list[EncoderPrompts] | None:
-    """Per-encoder prompts of every row for the cond or uncond branch; None when the prompts are not text."""
-    if not record.has_text():
+    """Per-encoder prompts of every row for the cond or uncond branch; None when the branch has no rows in this call
+    (`has_uncond_rows`) or its prompts are not text (`textless_reason`)."""
+    if branch == "uncond" and not has_uncond_rows(protocol, record):
+        return None
+    if textless_reason(protocol, pipeline, record, branch) is not None:
         return None
     args = record.first
     per_prompt = _per_prompt(args)
@@ -229,13 +263,11 @@ def encoder_prompts(
     separate_negative = protocol.cfg_source == "contexts" and len(record.arguments) >= 2
     if branch == "uncond" and separate_negative:
         args = record.arguments[1]
-    elif branch == "uncond" and protocol.cfg_source == "contexts" and not record.cfg_flag():
-        return None  # no negative prompt in this call
     encoders: list[EncoderPrompts] = []
     offset = 0
     for spec in protocol.encoders:
         length = spec.length if spec.length is not None else text_len - offset
-        tokenizers, texts, converters = [], [], []
+        tokenizers, texts, converters, preparers = [], [], [], []
         for attr, prompt_arg, negative_arg in zip(spec.tokenizers, spec.prompt_args, spec.negative_args):
             tokenizer = getattr(pipeline, attr, None)
             if tokenizer is None:
@@ -259,8 +291,11 @@ def encoder_prompts(
             tokenizers.append(tokenizer)
             texts.append(tuple(encoded_texts(pipeline, tokenizer, row_texts, args)))
             converters.append(_textual_inversion(pipeline, tokenizer))
+            preparers.append(functools.partial(_encoded_text, pipeline, tokenizer, args))
         if tokenizers and length > 0:
-            encoders.append(EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length, tuple(converters)))
+            encoders.append(
+                EncoderPrompts(spec.name, tuple(tokenizers), tuple(texts), offset, length, tuple(converters), tuple(preparers))
+            )
         offset += length
     return encoders
 
@@ -290,6 +325,11 @@ def encoded_texts(pipeline: Any, tokenizer: Any, texts: list[str], arguments: di
     if convert is not None:
         texts = [convert(text) for text in texts]
     return texts
+
+
+def _encoded_text(pipeline: Any, tokenizer: Any, arguments: dict[str, Any], text: str) -> str:
+    """One text as `encoded_texts` rewrites it."""
+    return encoded_texts(pipeline, tokenizer, [text], arguments)[0]
 
 
 def _textual_inversion(pipeline: Any, tokenizer: Any) -> Callable[[str], str] | None:

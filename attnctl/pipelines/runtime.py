@@ -41,8 +41,10 @@ from .protocol import (
     branch_text_len,
     cfg_dropped,
     encoder_prompts,
+    has_uncond_rows,
     pipeline_cfg,
     sequential_branch,
+    textless_reason,
 )
 
 
@@ -481,6 +483,10 @@ class Runtime:
             tokens=tokens,
             negative_tokens=negative,
             text_lens=text_lens,
+            uncond_rows=has_uncond_rows(self.protocol, record),
+            textless={branch: reason for branch in ("cond", "uncond")
+                      if (reason := textless_reason(self.protocol, pipe, record, branch)) is not None},
+            text_tokenizer=getattr(pipe, self.protocol.encoders[0].tokenizers[0], None) if self.protocol.encoders else None,
             backend=self.backend,
             pipeline=pipe,
             device=sample.device if sample is not None else torch.device("cpu"),

@@ -41,7 +41,7 @@ from ...processors.chain import backend_op, restricted_rows, token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, select_layers, validate_layers
 from ...steps import StepInfo, validate_steps
-from ...tokens import WordQuery, describe_query, validate_word_query
+from ...tokens import WordQuery, describe_query, explicit_position, validate_word_query
 from ...validation import integer, number, plain_scalar, refuse_unused, set_field
 from ..common import TEXT_KINDS, RowIndex, keep_kinds, text_layers
 from ..maps.capture import key_columns, word_attention
@@ -406,11 +406,16 @@ class _ConsistentBound(LinkedKeysBound):
         self.pending_step: int | None = None
         self.sample_step: int | None = None  # the step whose sampled tokens the cached plans hold
         if self.words:
-            tokens = context.require_tokens("ConsistentSubjects(subject=<word>)")
-            tokens.check_lengths()
             text_len = context.canvas.text_len
+            positions_only = context.tokens is None and all(isinstance(query, int) for query in self.words)
+            tokens = None if positions_only else context.require_tokens("ConsistentSubjects(subject=<word>)", positions=True)
+            if tokens is not None:
+                tokens.check_lengths()
             selector = torch.zeros(self.prompt_rows, len(self.words), text_len)
             for w, query in enumerate(self.words):
+                if tokens is None:  # an explicit position: the same in every row, no text needed (prompt_embeds)
+                    selector[:, w, list(explicit_position(query, text_len))] = 1.0  # type: ignore[arg-type]
+                    continue
                 found = [tokens.positions(query, row, missing_ok=True) for row in range(self.prompt_rows)]
                 if not any(found):
                     tokens.positions(query, 0)  # raises the TokenError that names the word and shows the prompt

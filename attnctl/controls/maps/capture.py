@@ -308,7 +308,7 @@ class AttentionMapsBound(Bound):
         rows = context.prompt_rows
         tokens = None
         if any(not isinstance(w, int) for w in control.words):
-            tokens = context.require_tokens("AttentionMaps")
+            tokens = context.require_tokens("AttentionMaps", positions=True)
         selector = torch.zeros(rows, len(control.words), self.text_len)
         for w, query in enumerate(control.words):
             if tokens is None:

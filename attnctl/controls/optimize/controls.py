@@ -219,7 +219,7 @@ def _prompt_columns(context: BindContext, owner: str) -> tuple[int, ...]:
     """The prompt's tokens without start and end tokens, in each text encoder's span (SD3: CLIP's, then T5's), up to
     the longest prompt's end token."""
     columns: list[int] = []
-    for encoder in context.require_tokens(owner).encoders:
+    for encoder in context.require_tokens(f"{owner}(columns='prompt')").encoders:
         start = _start_tokens(encoder.tokenizers[0])
         longest = max(
             len(tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -235,8 +235,11 @@ def _renormalised_columns(context: BindContext, words: tuple[WordQuery, ...], ow
     text position but the first and the last (the paper's `[1:-1]`, its SD 1.x setting); `"prompt"`, the prompt's
     tokens without its start and end tokens (the paper's SD 2.1 setting, `normalize_eot`)."""
     if which == "all":
-        first = _start_tokens(context.require_tokens(owner).encoders[0].tokenizers[0])
-        columns = tuple(range(first, context.canvas.text_len - 1))
+        tokens = context.tokens
+        tokenizer = tokens.encoders[0].tokenizers[0] if tokens is not None and tokens.encoders else context.text_tokenizer
+        if tokenizer is None:
+            context.require_tokens(owner, positions=True)  # raises, saying why the words are unknown
+        columns = tuple(range(_start_tokens(tokenizer), context.canvas.text_len - 1))
     else:
         columns = _prompt_columns(context, owner)
     index = {position: i for i, position in enumerate(columns)}

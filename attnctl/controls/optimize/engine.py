@@ -31,7 +31,7 @@ from ...kernels.semantics import block_bias
 from ...kernels.spec import AttentionSpec
 from ...processors.chain import token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
-from ...tokens import WordQuery
+from ...tokens import WordQuery, explicit_position
 from ..common import RowIndex
 from ..maps.capture import word_attention
 
@@ -67,8 +67,12 @@ def _normal(value: Any) -> Any:
 
 
 def word_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str) -> list[list[tuple[int, ...]]]:
-    """Per prompt row, per word: its token positions in the text sequence (`PromptTokens.positions`)."""
-    tokens = context.require_tokens(owner)
+    """Per prompt row, per word: its token positions in the text sequence (`PromptTokens.positions`); explicit
+    positions (ints) need no text, as with `prompt_embeds`."""
+    if all(isinstance(word, int) for word in words) and context.tokens is None:
+        per_word = [explicit_position(word, context.canvas.text_len) for word in words if isinstance(word, int)]
+        return [list(per_word) for _ in range(context.prompt_rows)]
+    tokens = context.require_tokens(owner, positions=True)
     out = []
     for row in range(context.prompt_rows):
         per_word = []
