@@ -72,3 +72,24 @@ def loop_timesteps(frame: FrameType) -> torch.Tensor | list[Any] | tuple[Any, ..
         return value
     return None
 
+
+def step_timesteps(pipeline: Any, count: int) -> tuple[float, ...] | None:
+    """The timestep of each of the `count` steps the running call of `pipeline` runs (a second-order scheduler's first
+    position of each step): its loop's `timesteps` (`loop_timesteps`), else the scheduler's from its begin index; None
+    where neither is known. Reads them to the host: once per call, at bind."""
+    scheduler = getattr(pipeline, "scheduler", None)
+    order = int(getattr(scheduler, "order", 1) or 1)
+    frame = call_frame(pipeline)
+    timesteps = loop_timesteps(frame) if frame is not None else None
+    begin = 0
+    if timesteps is None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        begin = getattr(scheduler, "_begin_index", None) or 0
+    positions = [begin + step * order for step in range(count)]
+    if timesteps is None or count < 1 or positions[-1] >= len(timesteps):
+        return None
+    values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    try:
+        return tuple(float(values[position]) for position in positions)
+    except (TypeError, ValueError):  # not numbers: not a schedule attnctl can compare
+        return None
