@@ -86,7 +86,12 @@ def tiny_sdxl_conditioned(base: Any, kind: str) -> Any:
     `StableDiffusionXLControlNetPipeline` with a ControlNet made from its UNet (`ControlNetModel.from_unet`), or
     `"adapter"`, a `StableDiffusionXLAdapterPipeline` with a tiny T2I-Adapter (random weights from seed 0). Call it with
     `image=` a (1, 3, 32, 32) tensor in [0, 1]."""
-    from diffusers import ControlNetModel, StableDiffusionXLAdapterPipeline, StableDiffusionXLControlNetPipeline, T2IAdapter
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLAdapterPipeline,
+        StableDiffusionXLControlNetPipeline,
+        T2IAdapter,
+    )
 
     components = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
     torch.manual_seed(0)

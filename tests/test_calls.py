@@ -142,7 +142,7 @@ def test_sdxl_denoising_end_counts_the_steps_run_on_conditioned_pipelines(tiny_c
                         (tiny_sdxl_conditioned(base, kind), {"image": torch.rand(1, 3, 32, 32)})):
         pipe.set_progress_bar_config(disable=True)
         calls = []
-        counter = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+        counter = pipe.unet.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
         probe = Probe()
         try:
             with attnctl.apply(pipe, [probe]):
