@@ -686,6 +686,7 @@ class Handle:
         """What controls published during the last pipeline call (attention maps, reports), by key. A key that is
         not there raises a KeyError (also a HandleError) that says why: no call yet, or no control publishes it."""
         published = tuple(key for key in (getattr(c, "output_key", None) for c in self.controls) if key is not None)
+        self.runtime.end_returned_call()  # a pipeline that returned before maybe_free_model_hooks: its call ends here
         return _Outputs(self.runtime.outputs, published)
 
     def describe(self) -> str:

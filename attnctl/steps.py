@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
 
 from .errors import ConfigError
 from .validation import plain_scalar
@@ -46,3 +51,45 @@ class StepInfo:
     def inside(self, window: StepWindow) -> bool:
         start, stop = window
         return start <= self.fraction < stop
+
+
+def call_frame(pipeline: Any) -> FrameType | None:
+    """The innermost running `__call__` of `pipeline` on this thread's stack (the pipeline call in progress), or None."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def loop_timesteps(frame: FrameType) -> torch.Tensor | list[Any] | tuple[Any, ...] | None:
+    """The `timesteps` local of a pipeline's running `__call__`, or None where it has none: diffusers' pipelines loop
+    `for i, t in enumerate(timesteps)` over it once img2img's `strength` and SDXL's `denoising_end` have cut it, so
+    it holds exactly the scheduler positions the call runs (read once per call: it builds the frame's locals)."""
+    value = frame.f_locals.get("timesteps")
+    if isinstance(value, torch.Tensor) and value.ndim == 1 or isinstance(value, (list, tuple)):
+        return value
+    return None
+
+
+def step_timesteps(pipeline: Any, count: int) -> tuple[float, ...] | None:
+    """The timestep of each of the `count` steps the running call of `pipeline` runs (a second-order scheduler's first
+    position of each step): its loop's `timesteps` (`loop_timesteps`), else the scheduler's from its begin index; None
+    where neither is known. Reads them to the host: once per call, at bind."""
+    scheduler = getattr(pipeline, "scheduler", None)
+    order = int(getattr(scheduler, "order", 1) or 1)
+    frame = call_frame(pipeline)
+    timesteps = loop_timesteps(frame) if frame is not None else None
+    begin = 0
+    if timesteps is None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        begin = getattr(scheduler, "_begin_index", None) or 0
+    positions = [begin + step * order for step in range(count)]
+    if timesteps is None or count < 1 or positions[-1] >= len(timesteps):
+        return None
+    values = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    try:
+        return tuple(float(values[position]) for position in positions)
+    except (TypeError, ValueError):  # not numbers: not a schedule attnctl can compare
+        return None

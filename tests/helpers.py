@@ -79,3 +79,27 @@ def tiny_inpainting(base: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
     image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1
     return pipe, image, mask
+
+
+def tiny_sdxl_conditioned(base: Any, kind: str) -> Any:
+    """An SDXL pipeline conditioned by an image on tiny-sdxl's components: `"controlnet"`, a
+    `StableDiffusionXLControlNetPipeline` with a ControlNet made from its UNet (`ControlNetModel.from_unet`), or
+    `"adapter"`, a `StableDiffusionXLAdapterPipeline` with a tiny T2I-Adapter (random weights from seed 0). Call it with
+    `image=` a (1, 3, 32, 32) tensor in [0, 1]."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLAdapterPipeline,
+        StableDiffusionXLControlNetPipeline,
+        T2IAdapter,
+    )
+
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    torch.manual_seed(0)
+    if kind == "controlnet":
+        controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8)).eval()
+        pipe = StableDiffusionXLControlNetPipeline(**components, controlnet=controlnet)
+    else:
+        adapter = T2IAdapter(in_channels=3, channels=[8, 16], num_res_blocks=1, downscale_factor=4, adapter_type="full_adapter_xl")
+        pipe = StableDiffusionXLAdapterPipeline(**components, adapter=adapter.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

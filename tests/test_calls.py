@@ -9,7 +9,7 @@ import attnctl
 from attnctl.errors import CallLayoutError
 from attnctl.testing import make_tiny_pipeline
 
-from .helpers import Probe, generate
+from .helpers import Probe, generate, tiny_sdxl_conditioned
 
 pytestmark = pytest.mark.parity
 
@@ -126,6 +126,33 @@ def test_img2img_strength_counts_steps_run():
     frames = _frames(probe.log)
     assert [f[0] for f in frames] == [0, 1, 2, 3]
     assert {f[1] for f in frames} == {4}
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "adapter"])
+def test_sdxl_denoising_end_counts_the_steps_run_on_conditioned_pipelines(tiny_cache, kind):
+    """SDXL's `denoising_end` (the base of an "ensemble of experts") runs the steps before the cut. The ControlNet SDXL
+    pipeline sets `_num_timesteps` before the cut and the T2I-Adapter one never sets it: attnctl counted all 10 steps
+    (frames (0..7, 10)), as diffusers' own SDXL pipeline does not (count 8), so step windows and gates differed."""
+    from diffusers import StableDiffusionXLPipeline
+
+    base = tiny_cache("tiny-sdxl")
+    options = dict(prompt="a cat", num_inference_steps=10, denoising_end=0.8, height=32, width=32, output_type="latent")
+    seen = []
+    for pipe, extra in ((StableDiffusionXLPipeline(**base.components), {}),
+                        (tiny_sdxl_conditioned(base, kind), {"image": torch.rand(1, 3, 32, 32)})):
+        pipe.set_progress_bar_config(disable=True)
+        calls = []
+        counter = pipe.unet.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
+        probe = Probe()
+        try:
+            with attnctl.apply(pipe, [probe]):
+                pipe(**options, generator=torch.Generator().manual_seed(0), **extra)
+        finally:
+            counter.remove()
+        assert len(calls) == 8  # diffusers: the timesteps at or above 200 of 1000
+        assert [frame[:2] for frame in _frames(probe.log)] == [(i, 8) for i in range(8)]
+        seen.append(probe.log[0])
+    assert seen[0] == seen[1] == ("bind", 8, True, 1)
 
 
 def test_state_does_not_leak_between_calls():

@@ -265,6 +265,40 @@ def test_plan_json_round_trip_and_mismatches(tiny_cache, tmp_path):
     assert "forward" not in other.unet.__dict__
 
 
+def test_a_plan_runs_only_at_the_timesteps_it_was_calibrated_at(tiny_cache):
+    """A plan keyed on the step count alone ran a text-to-image plan of 4 steps on an img2img call running 4 steps
+    (strength 0.5 of 8) at other timesteps, silently. A plan records the timesteps of its steps (diffusers' schedule:
+    `set_timesteps(n)`, img2img keeping its last `strength * n`) and refuses other ones; the img2img pipeline's own
+    plan runs there, and a plan saved before timesteps were recorded checks the count only."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = tiny_cache("tiny-sd")
+    i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    i2i.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    options = dict(image=image, strength=0.5, num_inference_steps=8, output_type="latent")
+    control = attnctl.FastAttn(threshold=0.05)
+    plan = attnctl.calibrate(control, pipe, "a cat", num_inference_steps=4, **_defaults("tiny-sd"))
+    own = attnctl.calibrate(control, i2i, "a cat", generator=torch.Generator().manual_seed(0), **options)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    assert plan.timesteps == tuple(float(t) for t in scheduler.timesteps)
+    scheduler.set_timesteps(8)
+    assert own.timesteps == tuple(float(t) for t in scheduler.timesteps[4:]) and own.steps == plan.steps == 4
+    assert attnctl.FastAttnPlan.from_json(plan.to_json()) == plan
+    shown = r"\(" + ", ".join(f"{t:.4g}" for t in own.timesteps) + r"\)"
+    with attnctl.apply(i2i, [attnctl.FastAttn(plan=plan)]):
+        with pytest.raises(ConfigError, match=f"calibrated at the timesteps .*, but this call runs {shown}"):
+            i2i("a cat", generator=torch.Generator().manual_seed(0), **options)
+    with attnctl.apply(i2i, [attnctl.FastAttn(plan=own)]):
+        i2i("a cat", generator=torch.Generator().manual_seed(0), **options)
+    older = attnctl.FastAttnPlan.from_dict({key: value for key, value in plan.to_dict().items() if key != "timesteps"})
+    with attnctl.apply(i2i, [attnctl.FastAttn(plan=older)]):
+        i2i("a cat", generator=torch.Generator().manual_seed(0), **options)
+    with pytest.raises(ConfigError, match=r"FastAttnPlan.timesteps must be None or the timestep \(a number\) of each of its 4 steps"):
+        attnctl.FastAttnPlan.from_dict({**plan.to_dict(), "timesteps": [999, 500]})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"threshold": -0.1}, "threshold"),
     ({"window": -1}, "window"),

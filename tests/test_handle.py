@@ -12,7 +12,7 @@ from attnctl.control import Bound, Control
 from attnctl.errors import ConfigError, HandleError, PipelineChangedError, UnsupportedError
 from attnctl.testing import make_tiny_pipeline
 
-from .helpers import Probe, generate
+from .helpers import Probe, generate, tiny_sdxl_conditioned
 
 pytestmark = pytest.mark.parity
 
@@ -451,6 +451,26 @@ def test_outputs_of_a_call_that_failed_are_missing_not_none():
             handle.outputs["attention_maps"]
         generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=2)
         assert handle.outputs["attention_maps"] is not None
+
+
+def test_a_call_that_returns_before_its_end_hook_publishes_its_outputs(tiny_cache):
+    """StableDiffusionXLAdapterPipeline returns early for output_type="latent", before `maybe_free_model_hooks`, where
+    attnctl ends a call: `handle.outputs` raised MissingOutputError and the call stayed open. A call whose pipeline
+    returned ends when its outputs are read, with the maps of the same call run to its end (output_type="np")."""
+    pipe = tiny_sdxl_conditioned(tiny_cache("tiny-sdxl"), "adapter")
+    options = dict(prompt="a cat", image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+                   num_inference_steps=3, height=32, width=32)
+    maps = {}
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        for output_type in ("np", "latent"):
+            pipe(**options, output_type=output_type, generator=torch.Generator().manual_seed(0))
+            result = handle.outputs["attention_maps"]
+            maps[output_type] = result.maps
+            assert handle.runtime.call is None and handle.runtime.last_call.finished
+        pipe(**options, output_type="latent", generator=torch.Generator().manual_seed(0))
+        pipe(**options, output_type="np", generator=torch.Generator().manual_seed(0))  # the returned call ends first
+        assert torch.equal(handle.outputs["attention_maps"].maps, maps["np"])
+    assert torch.equal(maps["latent"], maps["np"]) and bool(maps["np"].any())
 
 
 def test_the_with_block_keeps_the_pipelines_own_error():

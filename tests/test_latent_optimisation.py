@@ -1008,3 +1008,41 @@ def test_a_refusal_suggests_positions_only_to_controls_that_take_them(tiny_cache
             with pytest.raises(attnctl.TokenError, match="prompt_embeds") as info:
                 generate(pipe, "tiny-sd", prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative, steps=2)
         assert ("explicit token positions" in str(info.value)) == positions, str(info.value)
+
+
+@pytest.mark.parametrize("steps, refine, match", [
+    (8, ((0.45, 1.0),), r"fraction 0.45, threshold 1\): its step round\(0.45 x 8\) = 4 is outside steps=\(0, 0.5\)"),
+    (3, ((0.2, 0.5), (0.4, 0.8)), r"fraction 0.4, threshold 0.8\): its step round\(0.4 x 3\) = 1 is also the step of the "
+                                  r"refinement at fraction 0.2"),
+])
+def test_given_refinement_steps_outside_the_window_or_shared_are_refused_when_the_call_starts(tiny_cache, steps, refine, match):
+    """The paper refines at step round(f n) of the window's steps (start <= i/n < stop). A given fraction inside the
+    window whose step is not (0.45 of 8 steps: step 4 = 0.5) never ran, and two fractions on one step kept the last
+    threshold only: both silently."""
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttendExcite(["cat"], refine=refine, max_refinement_steps=1)]) as handle:
+        with pytest.raises(attnctl.ConfigError, match=match):
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=steps)
+        generate(pipe, "tiny-sd", prompt=PROMPT, steps=steps + 2)  # the handle goes on: more steps, other step numbers
+        assert handle.runtime.last_call.bound[0].refine_at
+
+
+@pytest.mark.parametrize("steps, dropped", [
+    (3, r"\(fraction 0.4, threshold 0.8\): its step round\(0.4 x 3\) = 1 is also the step of the refinement at fraction 0.2"),
+    (4, r"\(fraction 0.4, threshold 0.8\): its step round\(0.4 x 4\) = 2 is outside steps=\(0, 0.5\)"),
+])
+def test_the_papers_refinements_that_miss_the_call_s_steps_are_dropped_with_a_warning(tiny_cache, monkeypatch, steps, dropped):
+    """The paper's refinement pairs (0, 0.05), (0.2, 0.5), (0.4, 0.8) at steps round(f n) of the window (0, 0.5): at 3
+    steps two share step 1 (the 0.8 threshold replaced the 0.5 one), at 4 the third falls at step 2 = 0.5, outside;
+    both silently. Steps 0 and 1 refine at 0.05 and 0.5 (the first pair of a step), and the dropped pair is named."""
+    from attnctl.controls.optimize.controls import AttendExciteBound
+
+    thresholds = []
+    refine = AttendExciteBound._refine
+    monkeypatch.setattr(AttendExciteBound, "_refine", lambda self, x, loss, grad, size, threshold, gradient: (
+        thresholds.append(threshold), refine(self, x, loss, grad, size, threshold, gradient))[1])
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttendExcite(["cat"], max_refinement_steps=1)]):
+        with pytest.warns(attnctl.IdleControlWarning, match=dropped):
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=steps)
+    assert thresholds == [0.05, 0.5]

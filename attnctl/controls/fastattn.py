@@ -54,6 +54,7 @@ from ..kernels.spec import AttentionSpec, Window
 from ..processors.chain import restricted_rows, token_layout
 from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
+from ..steps import step_timesteps
 from ..validation import number, plain_scalar, refuse_unused, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
 from .common import RowIndex, image_size, output_key, publish, write_atomically
@@ -108,6 +109,17 @@ def describe_experts(experts: tuple[str, ...]) -> str:
     return ", ".join(f"{e} at step {a}" if a == b else f"{e} at steps {a}-{b}" for e, a, b in runs)
 
 
+def _same_timesteps(a: Sequence[float], b: Sequence[float]) -> bool:
+    """The same timesteps, up to float rounding (a schedule computed on another device may differ in its last bits)."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-3) for x, y in zip(a, b))
+
+
+def _show_timesteps(timesteps: Sequence[float]) -> str:
+    """`(999, 749, 499, ...)`: at most eight, rounded."""
+    shown = ", ".join(f"{t:.4g}" for t in timesteps[:8])
+    return f"({shown}{', ...' if len(timesteps) > 8 else ''})"
+
+
 def _is_list(value: Any) -> bool:
     """A list or tuple (JSON's array), not a string, which is a sequence of characters."""
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
@@ -124,7 +136,10 @@ class FastAttnPlan:
     of step 0, method of step 1, ...))` in model order; `experts`: on a pipeline with denoiser experts (Wan 2.2
     A14B), the expert (pipeline attribute) that ran each step (checked when applied: another `boundary_ratio` or
     scheduler shift runs another expert at some step, whose layers the plan has no methods for there); None for one
-    denoiser and for plans made before it was recorded.
+    denoiser and for plans made before it was recorded. `timesteps`: the timestep of each step it was calibrated at
+    (checked when applied: img2img `strength`, another scheduler, shift or custom `timesteps=` / `sigmas=` run other
+    timesteps with the same count, where its methods' errors were never measured); None for plans made before it was
+    recorded (the count alone is checked) and where the call's timesteps were not known.
     """
 
     model: str
@@ -138,6 +153,7 @@ class FastAttnPlan:
     version: int = 1
     frames: int = 1
     experts: tuple[str, ...] | None = None
+    timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
@@ -189,6 +205,14 @@ class FastAttnPlan:
                     f"steps, got {self.experts!r}"
                 )
             set_field(self, "experts", tuple(self.experts))
+        if self.timesteps is not None:
+            if not _is_list(self.timesteps) or len(self.timesteps) != self.steps or not all(
+                    isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in self.timesteps):
+                raise ConfigError(
+                    f"FastAttnPlan.timesteps must be None or the timestep (a number) of each of its {self.steps} steps, "
+                    f"got {self.timesteps!r}"
+                )
+            set_field(self, "timesteps", tuple(float(t) for t in self.timesteps))
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -209,10 +233,11 @@ class FastAttnPlan:
 
     def check(self, *, model: str | None = None, fingerprint: str | None = None, steps: int | None = None,
               resolution: tuple[int, int] | None = None, frames: int | None = None,
-              experts: tuple[str, ...] | None = None) -> None:
+              experts: tuple[str, ...] | None = None, timesteps: tuple[float, ...] | None = None) -> None:
         """Raise ConfigError when the plan was made for another model, number of steps, resolution, number of
-        (token) frames or expert schedule (`experts`: the expert of each step of the call; not checked when the plan
-        or the call has none)."""
+        (token) frames, expert schedule (`experts`: the expert of each step of the call) or timesteps (`timesteps`:
+        the timestep of each step of the call, equal up to float rounding); the last two are not checked when the
+        plan or the call has none."""
         if model is not None and (model != self.model or fingerprint != self.fingerprint):
             raise ConfigError(
                 f"this FastAttn plan was calibrated for {self.model} (config {self.fingerprint}), not for this "
@@ -220,8 +245,8 @@ class FastAttnPlan:
             )
         if steps is not None and steps != self.steps:
             raise ConfigError(
-                f"this FastAttn plan was calibrated for {self.steps} steps, but the call runs {steps}; calibrate a plan "
-                "for this number of steps (img2img strength counts: only the steps run)"
+                f"this FastAttn plan was calibrated for {self.steps} steps, but the call runs {steps} (with img2img "
+                "strength, only the steps run count); calibrate a plan with this call's pipeline and schedule"
             )
         if resolution is not None and tuple(resolution) != self.resolution:
             raise ConfigError(
@@ -240,6 +265,14 @@ class FastAttnPlan:
                 "decide which expert runs a step; the plan has no methods for an expert at the steps it did not run); "
                 "calibrate a plan for this pipeline's schedule"
             )
+        if timesteps is not None and self.timesteps is not None and not _same_timesteps(timesteps, self.timesteps):
+            raise ConfigError(
+                f"this FastAttn plan was calibrated at the timesteps {_show_timesteps(self.timesteps)}, but this call runs "
+                f"{_show_timesteps(timesteps)}: its methods were chosen by their error at those timesteps (img2img "
+                "strength, another scheduler or shift, or custom timesteps / sigmas run others with the same number of "
+                "steps); calibrate a plan with this call's pipeline and schedule (an img2img plan on the img2img "
+                "pipeline at this strength)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -248,6 +281,7 @@ class FastAttnPlan:
             "window": self.window if isinstance(self.window, int) else list(self.window), "threshold": self.threshold,
             "methods": {name: list(methods) for name, methods in self.methods},
             **({"experts": list(self.experts)} if self.experts is not None else {}),
+            **({"timesteps": list(self.timesteps)} if self.timesteps is not None else {}),
         }
 
     @classmethod
@@ -466,8 +500,11 @@ class FastAttnBound(Bound):
         plan = control.plan
         self.frames = context.canvas.frames
         self.experts = context.adapter.expert_schedule(context.pipeline, context.steps)
+        needed = plan is None or plan.timesteps is not None  # recorded in the plan made, or checked against the plan's
+        self.timesteps = step_timesteps(context.pipeline, context.steps) if needed else None
         if plan is not None:
-            plan.check(steps=context.steps, resolution=self.resolution, frames=self.frames, experts=self.experts)
+            plan.check(steps=context.steps, resolution=self.resolution, frames=self.frames, experts=self.experts,
+                       timesteps=self.timesteps)
             self.methods = {layer.name: list(plan.per_step(layer.name)) for layer in context.layers}
             if plan.experts is None and self.experts is not None:
                 self._warn_unrecorded_experts(context.adapter)
@@ -587,7 +624,7 @@ class FastAttnBound(Bound):
             self.report.plan = FastAttnPlan(
                 model=model, fingerprint=fingerprint, steps=self.steps_count, resolution=self.resolution,
                 frames=self.frames, window=self.fast.window_size, threshold=self.fast.threshold, source=source,
-                experts=self.experts,
+                experts=self.experts, timesteps=self.timesteps,
                 methods=tuple((layer.name, tuple(self.methods[layer.name])) for layer in self.layers),
             )
         for state in self.states.values():

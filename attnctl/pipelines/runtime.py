@@ -3,13 +3,15 @@
 The handle feeds it from instance-level hook points (docs/architecture.md): `check_inputs` starts a call,
 `encode_prompt` records the prompts and whether CFG is on, `scheduler.step` advances the step,
 `transformer.cache_context` names Flux's cond / uncond passes, the denoiser's `forward` opens a frame,
-`maybe_free_model_hooks` ends the call. Processors ask `edit_for(layer)` in the hot path: a dict lookup
+`maybe_free_model_hooks` ends the call (or, for a pipeline that returns before it, reading `handle.outputs`, the
+next call or `remove()`: `Runtime.call_returned`). Processors ask `edit_for(layer)` in the hot path: a dict lookup
 once the frame's edit for that layer is built.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dis
 import functools
 import inspect
 import sys
@@ -30,7 +32,7 @@ from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend, choose_traced_backend, prepare_traced_labels
 from ..kernels.spec import LabelMask
 from ..processors.edit import AttentionCall, Edit, merge_edits
-from ..steps import StepInfo
+from ..steps import StepInfo, call_frame, loop_timesteps
 from ..tokens import PromptTokens
 from .denoiser import rebatch
 from .prompts import PromptCache, encode_prompts
@@ -89,12 +91,8 @@ class CallOwner:
     @staticmethod
     def find(pipeline: Any) -> CallOwner | None:
         """The innermost running `__call__` of `pipeline` on this thread's stack, or None."""
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipeline:
-                return CallOwner(frame, threading.get_ident())
-            frame = frame.f_back
-        return None
+        frame = call_frame(pipeline)
+        return CallOwner(frame, threading.get_ident()) if frame is not None else None
 
     def running(self) -> bool:
         """Whether that `__call__` is still on its thread's stack (it has not returned or raised)."""
@@ -104,6 +102,17 @@ class CallOwner:
                 return True
             frame = frame.f_back
         return False
+
+    def returned(self) -> bool:
+        """Whether that `__call__` has returned, rather than raised: it is off the stack and the last instruction it
+        ran is a return (a frame that raised stops at the raising instruction or at a re-raise)."""
+        if self.running() or self.frame.f_lasti < 0:
+            return False
+        return dis.opname[self.frame.f_code.co_code[self.frame.f_lasti]] in _RETURNS
+
+
+#: The bytecode instructions that return from a function (RETURN_CONST: Python 3.12 and 3.13).
+_RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 
 
 class Runtime:
@@ -163,6 +172,12 @@ class Runtime:
                     f"attnctl: this {type(self.pipeline).__name__} was called from inside its own call (a callback?); a "
                     "controlled pipeline runs one call at a time (its controls keep the call's state)"
                 )
+        if self.call_returned():  # it returned before maybe_free_model_hooks: it ends as a call that ran to its end
+            try:
+                self.end_call()
+            except Exception as error:  # noqa: BLE001 - that call is over; this one starts clean
+                warnings.warn(f"attnctl: the controls of the previous call could not finish: {type(error).__name__}: "
+                              f"{error}", RuntimeWarning, stacklevel=3)
         try:  # the previous call, if it ended with an error before its end: its controls finish now
             self._finish_bound()
         except Exception as error:  # noqa: BLE001 - that call failed already; this one starts clean
@@ -195,7 +210,7 @@ class Runtime:
                 "controlled call (a callback that changes the prompt?): the controls were bound to the prompts the call "
                 "started with; change the prompt between calls"
             )
-        if self.call is None or self.call.frames or self.call_failed():  # a failed call's prompts are not this one's
+        if self.call is None or self.call.frames or self.call_ended():  # an ended call's prompts are not this one's
             self.begin_call()
         # lists copied: a pipeline may rewrite its prompt list in place (ZImagePipeline templates each prompt)
         recorded = {k: list(v) if isinstance(v, list) else v for k, v in arguments.items()}
@@ -235,9 +250,26 @@ class Runtime:
             self.call = None
             self.frame = None
 
-    def call_failed(self) -> bool:
-        """Whether the open call ended with an error (its pipeline `__call__` is no longer running)."""
+    def call_ended(self) -> bool:
+        """Whether the open call's pipeline `__call__` is no longer running (it raised, or returned without calling
+        `maybe_free_model_hooks`)."""
         return self.call is not None and self.call.owner is not None and not self.call.owner.running()
+
+    def call_failed(self) -> bool:
+        """Whether the open call ended with an error (its pipeline `__call__` raised)."""
+        return self.call_ended() and not self.call.owner.returned()
+
+    def call_returned(self) -> bool:
+        """Whether the open call's pipeline `__call__` returned without calling `maybe_free_model_hooks`, where
+        attnctl ends a call: StableDiffusionXLAdapterPipeline and the ControlNet (and ControlNet-Union) SDXL inpaint
+        pipelines return early for `output_type="latent"`. Such a call ends (`end_call`) when `handle.outputs` is
+        read, when the next call starts, or at `handle.remove()`."""
+        return self.call_ended() and self.call.owner.returned()
+
+    def end_returned_call(self) -> None:
+        """End the open call if it returned without calling `maybe_free_model_hooks` (`call_returned`)."""
+        if self.call_returned():
+            self.end_call()
 
     def end_call_quietly(self) -> None:
         """End a call that ended with an error (its controls' finish errors become a warning)."""
@@ -272,7 +304,7 @@ class Runtime:
     def open_frame(self, inputs: dict[str, Any], batch: int, module: torch.nn.Module | None = None) -> DenoiserCall:
         """The frame of a denoiser call of `module` (the denoiser, or the expert that runs it)."""
         call = self.call
-        if call is not None and call.owner is not None and not call.owner.running():  # it ended with an error
+        if call is not None and call.owner is not None and not call.owner.running():  # it raised, or returned early
             self.end_call_quietly()
             call = None
         if call is None or not call.encode_calls:
@@ -449,7 +481,23 @@ class Runtime:
         if positions is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
             begin = getattr(scheduler, "_begin_index", None) or 0
             positions = len(scheduler.timesteps) - begin
+        ended = self._positions_to_denoising_end(call)
+        if ended is not None:
+            positions = ended
         call.num_positions = int(positions) if positions else None
+
+    @staticmethod
+    def _positions_to_denoising_end(call: PipelineCallState) -> int | None:
+        """With SDXL's `denoising_end` (the base of an "ensemble of experts"), the scheduler positions the loop runs:
+        its `timesteps` cut at that fraction. The ControlNet, ControlNet-Union and PAG ControlNet SDXL pipelines set
+        `_num_timesteps` before that cut and the T2I-Adapter one never sets it (the scheduler's count is the whole
+        schedule); every diffusers pipeline taking `denoising_end` loops over the cut `timesteps` local. None: the
+        call has no `denoising_end` (or its frame, or that local, is not found)."""
+        frame = call.owner.frame if call.owner is not None else None
+        if frame is None or frame.f_locals.get("denoising_end") is None:
+            return None
+        timesteps = loop_timesteps(frame)
+        return len(timesteps) if timesteps is not None else None
 
     def _step(self, call: PipelineCallState) -> StepInfo:
         order = call.order

@@ -14,6 +14,7 @@ All three move the latent at early steps by gradient steps of a loss on the cros
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,11 +23,11 @@ import torch
 
 from ...control import BindContext, Control
 from ...denoiser_call import DenoiserCall, upload
-from ...errors import ConfigError, UnsupportedError
+from ...errors import ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
 from ...noise import noise_level, require_noise_level
 from ...selection import LayerSpec, validate_layers
-from ...steps import StepWindow, validate_steps
+from ...steps import StepInfo, StepWindow, validate_steps
 from ...tokens import WordQuery, has_duplicates, validate_word_query
 from ...validation import choice, integer, number, refuse_unused, set_field
 from ..common import TEXT_KINDS, select_kinds, text_layers
@@ -127,7 +128,8 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
     `steps`: the window (paper: the first 25 of 50 steps). `refine`:
     `(fraction, threshold)` pairs inside the window, iterative refinement at step `round(fraction * steps)` until
     every subject's maximum reaches `threshold` (None, the default: the paper's steps 0, 10, 20 of 50 at 0.05, 0.5,
-    0.8, those inside the window; `()`: no refinement), at most `max_refinement_steps`
+    0.8, those inside the window; `()`: no refinement; a call whose step count puts a given pair's step outside the
+    window, or on another pair's step, is refused; the paper's pairs are dropped there, with a warning), at most `max_refinement_steps`
     steps, as the authors' loop (the step after the one that reaches it is still taken; 0: no refinement). `temperature`: the renormalising softmax's factor over the text tokens (paper 100); `kernel_size`,
     `sigma`: the smoothing (paper 3, 0.5; kernel_size 1: none). `layers`: the cross- or joint-attention layers
     whose maps are averaged (default: the UNet level two downsamplings below the latent, every text layer of a DiT).
@@ -268,12 +270,43 @@ def _ranges(positions: tuple[int, ...]) -> str:
     return ", ".join(f"{a}..{b}" for a, b in spans)
 
 
+def _refinement_steps(control: AttendExcite, count: int) -> dict[int, float]:
+    """Step -> threshold of each refinement at step `round(f n)` of the call's `n` steps. A step outside the window
+    (`start <= i/n < stop`), or one an earlier pair already refines at, would silently not run as asked: refused for a
+    `refine` the user gave; for the paper's pairs (`refine=None`), dropped with an `IdleControlWarning` naming them."""
+    start, stop = control.steps
+    if start >= stop:  # an empty window: an idle control (no step runs)
+        return {}
+    chosen: dict[int, tuple[float, float]] = {}
+    for fraction, threshold in control.refinement:
+        step = round(fraction * count)
+        if not StepInfo(step, count).inside(control.steps):
+            why = f"is outside steps=({start:g}, {stop:g}) (step i runs at i/n, here {step}/{count} = {step / count:g})"
+        elif step in chosen:
+            why = f"is also the step of the refinement at fraction {chosen[step][0]:g}"
+        else:
+            chosen[step] = (fraction, threshold)
+            continue
+        where = f"(fraction {fraction:g}, threshold {threshold:g}): its step round({fraction:g} x {count}) = {step} {why}"
+        if control.refine is not None:
+            raise ConfigError(
+                f"attnctl: AttendExcite.refine {where} in this call of {count} steps, so it would not run as given; give "
+                "fractions whose steps fall inside the window, one refinement per step, or run more steps"
+            )
+        warnings.warn(
+            f"attnctl: AttendExcite drops the paper's refinement {where} in this call of {count} steps; give refine= "
+            "pairs for this step count, or run more steps",
+            IdleControlWarning,
+            stacklevel=2,
+        )
+    return {step: threshold for step, (_, threshold) in chosen.items()}
+
+
 class AttendExciteBound(LatentOptimizerBound):
     def __init__(self, control: AttendExcite, context: BindContext):
         columns, selector = _renormalised_columns(context, control.subjects, "AttendExcite", control.columns)
         super().__init__(control, context, columns, selector)
-        count = context.steps
-        self.refine_at = {round(fraction * count): threshold for fraction, threshold in control.refinement}
+        self.refine_at = _refinement_steps(control, context.steps)
         h, w = self.grid
         widest = min(h, w) + 2 - (min(h, w) % 2)  # odd kernels only
         if control.kernel_size > 1 and control.kernel_size > widest:
