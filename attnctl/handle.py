@@ -46,7 +46,15 @@ from .processors.base import ControlledProcessor, make_processor
 from .processors.edit import CALL_EFFECTS, EFFECTS, HELD_BY_CACHE, call_conflict, effect_conflict
 from .selection import describe_layers
 
-_LIVE: weakref.WeakKeyDictionary[torch.nn.Module, Handle] = weakref.WeakKeyDictionary()
+# The live handle of each controlled denoiser, both held weakly: a pipeline dropped without handle.remove() (a notebook
+# cell run again, a Model never released) is freed with its handle; while the pipeline lives, its wrappers hold the
+# handle.
+_LIVE: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ReferenceType[Handle]] = weakref.WeakKeyDictionary()
+
+
+def _live_handle(denoiser: torch.nn.Module) -> Handle | None:
+    found = _LIVE.get(denoiser)
+    return found() if found is not None else None
 
 CHANGE_HINT = (
     "calls such as load_ip_adapter, fuse_qkv_projections, set_attn_processor or set_attention_backend replace or "
@@ -157,7 +165,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     denoisers = {name: uncompiled(module) for name, module in entries.items()}  # torch.compile(m): attnctl hooks m
     denoiser = denoisers[attribute]  # itself, dynamo traces through the hooks' calls
     for name, module in denoisers.items():
-        live = _LIVE.get(module)
+        live = _live_handle(module)
         if live is not None and live.live:
             raise HandleError(
                 f"attnctl: pipe.{name} already has a live attnctl handle (applied to a {type(live.pipeline).__name__}); "
@@ -204,7 +212,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         handle.remove()
         raise
     for module in denoisers.values():
-        _LIVE[module] = handle
+        _LIVE[module] = weakref.ref(handle)
     return handle
 
 
@@ -654,8 +662,9 @@ class Handle:
         self._wrapped.clear()
         self._scheduler_wraps.clear()
         for denoiser in self.denoisers().values():
-            if _LIVE.get(denoiser) is self:
+            if _live_handle(denoiser) is self:
                 del _LIVE[denoiser]
+        self.runtime.drop_handle_caches()
         if stuck:
             raise PipelineChangedError(
                 f"attnctl: handle.remove() restored everything except its wrapper(s) of {', '.join(stuck)}: another "

@@ -564,3 +564,39 @@ def test_a_handle_keeps_no_tensor_of_a_finished_call():
             assert handle.runtime.last_call.bound  # what a control reports stays readable
     finally:
         hook.remove()
+
+
+def test_a_pipeline_dropped_without_remove_is_freed_and_a_live_one_stays_refused():
+    """The registry of live handles held each handle strongly, and the handle its pipeline: a pipeline dropped without
+    handle.remove() (a notebook cell run again, a Model never released) was never freed."""
+    import gc
+    import weakref
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    attnctl.apply(pipe, [attnctl.PAG(scale=1.0)])  # the handle itself is not kept
+    gc.collect()
+    with pytest.raises(HandleError, match="already has a live attnctl handle"):
+        attnctl.apply(pipe, [])
+    generate(pipe, "tiny-sd", steps=1)
+    unet = weakref.ref(pipe.unet)
+    del pipe
+    gc.collect()
+    assert unet() is None
+
+
+def test_remove_drops_what_the_handle_kept_across_calls():
+    """Regions' label masks (and the backends' dense forms of them) stayed in a removed handle's caches while a
+    `handle` variable lived; the last call's outputs stay readable."""
+    from attnctl.kernels import sdpa
+
+    pipe = make_tiny_pipeline("tiny-flux")
+    regions = attnctl.Regions([attnctl.Region("a red cat", box=(0, 0, 0.5, 1)), attnctl.Region("a dog", box=(0.5, 0, 1, 1))])
+    handle = attnctl.apply(pipe, [regions, attnctl.AttentionMaps(["cat"])])
+    generate(pipe, "tiny-flux", prompt="a red cat and a dog", steps=1)
+    assert handle.runtime._handle_caches and len(sdpa._LABEL_DENSE) > 0
+    handle.remove()
+    import gc
+
+    gc.collect()
+    assert not handle.runtime._handle_caches and len(sdpa._LABEL_DENSE) == 0
+    assert handle.outputs["attention_maps"].maps.shape[0] == 1

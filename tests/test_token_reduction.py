@@ -669,3 +669,17 @@ def test_the_report_holds_the_pipelines_own_calls_and_keeps_extra_forwards_apart
     assert report.flops_ratio() == alone.flops_ratio() and report.merged() == alone.merged()
     assert report.extra_records and {r.rows for r in report.extra_records} == {1}  # the cond row of the one image
     assert all(r.extra_pass.startswith("latent-optimisation") and r.step in (0, 1) for r in report.extra_records)
+
+
+def test_a_handle_used_at_many_sizes_keeps_one_sizes_partitions():
+    """ToMe's seeded partitions are kept across the calls of a handle; keyed by grid, they grew with every call size a
+    handle saw. A call at another canvas starts them afresh (they are drawn from the seed: the same again)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.ToMe(ratio=0.5)]) as handle:
+        sizes = {}
+        for size in (32, 48, 64, 32):
+            out = generate(pipe, "tiny-sd", steps=2, height=size, width=size)
+            partitions = handle.runtime._handle_caches[0]["partitions"][1]
+            sizes.setdefault(size, []).append((out, len(partitions)))
+    assert sizes[32][1][1] == sizes[32][0][1]  # after 48 and 64, the 32 call's entries alone
+    assert torch.equal(sizes[32][0][0], sizes[32][1][0])

@@ -266,6 +266,17 @@ class Runtime:
         read, when the next call starts, or at `handle.remove()`."""
         return self.call_ended() and self.call.owner.returned()
 
+    def drop_handle_caches(self) -> None:
+        """Forget what the handle kept across calls (controls' handle caches and the last call's bound controls, with
+        their label masks and the backends' dense forms of them, extra prompts' encodings, backend choices): a removed
+        handle never runs again, and a `handle` variable outliving `remove()` should not hold them. The last call's
+        outputs stay readable."""
+        self._handle_caches.clear()
+        self._backend_cache.clear()
+        self.last_call = None
+        self._frame_edits = {}
+        self._prompts = PromptCache(skip=(self.adapter.denoiser, *self.adapter.experts.values()))
+
     def end_returned_call(self) -> None:
         """End the open call if it returned without calling `maybe_free_model_hooks` (`call_returned`)."""
         if self.call_returned():

@@ -404,8 +404,12 @@ class _ReductionBound(Bound):
         self.report = TokenReductionReport(owner)
         publish(context, control.key, self.report)
         self.index = RowIndex()
-        # (dst, src) per layer, step, grid and device: drawn from a seed, so constant for the handle (kept across calls)
-        self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = context.handle_cache.setdefault("partitions", {})
+        # (dst, src) per layer, step, grid and device: drawn from a seed, so constant for the handle (kept across calls
+        # of one canvas; a call at another size starts them afresh, so a handle used at many sizes keeps one size's)
+        kept = context.handle_cache.get("partitions")
+        if kept is None or kept[0] != context.canvas:
+            kept = context.handle_cache["partitions"] = (context.canvas, {})
+        self._partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = kept[1]
         # the matching's metric: the hidden states entering the transformer block of each layer (as tomesd), held
         # by reference while that block runs
         self.block_inputs: dict[str, torch.Tensor] = {}
