@@ -69,8 +69,9 @@ def version(tensor: torch.Tensor) -> int | None:
 def kept_tensors() -> contextlib.AbstractContextManager:
     """Where a tensor is made that outlives the attention call making it (a cache entry, a table kept for the call):
     under `torch.inference_mode()` it is made as a normal tensor without autograd history, since a later pass with
-    autograd on (a latent optimiser's loss pass) may read it, and autograd refuses to save inference tensors."""
-    if not torch.is_inference_mode_enabled():
+    autograd on (a latent optimiser's loss pass) may read it, and autograd refuses to save inference tensors. Inside a
+    torch.compile trace nothing changes (the graph's tensors are not the caches' across calls)."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
