@@ -295,16 +295,18 @@ class FluxAdapter(ModelAdapter):
                 f"attnctl: Flux img_ids has {img_ids.shape[0]} rows but hidden_states has {n} image tokens; "
                 "extra image tokens (Kontext-style references) are not supported yet"
             )
-        if bool((img_ids[:, 0] != img_ids[0, 0]).any()):
-            references = int((img_ids[:, 0] != img_ids[0, 0]).sum())
+        # one host read: the tokens with another first coordinate than the first token's, and the grid's extent
+        references, last_row, last_col = (int(v) for v in torch.stack([
+            (img_ids[:, 0] != img_ids[0, 0]).sum().to(torch.float64), img_ids[:, 1].max().to(torch.float64),
+            img_ids[:, 2].max().to(torch.float64)]).tolist())
+        if references:
             raise UnsupportedError(
                 f"attnctl: this Flux call's {n} image tokens include {references} tokens of a reference image (img_ids "
                 "with another first coordinate, as FluxKontextPipeline and FluxKontextInpaintPipeline append for their "
                 "`image`); attnctl does not place reference tokens on FLUX.1 yet (it does on Flux.2 and Qwen-Image's "
                 "edit pipelines): call without the image, or without attnctl"
             )
-        rows = int(img_ids[:, 1].max()) + 1
-        cols = int(img_ids[:, 2].max()) + 1
+        rows, cols = last_row + 1, last_col + 1
         if rows * cols != n:
             raise CallLayoutError(f"attnctl: Flux img_ids describe a {rows}x{cols} grid but there are {n} image tokens")
         return Canvas(latent_hw=(rows * 2, cols * 2), token_hw=(rows, cols), text_len=_text_len(inputs.get("encoder_hidden_states")))
