@@ -121,8 +121,9 @@ def tiny_sd_controlnet(base: Any, seed: int = 0):
     that its residuals are not zero. Call it with `image=` a (1, 3, 32, 32) tensor in [0, 1]."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8))
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without moving the caller's global generator
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in controlnet.parameters():
