@@ -15,6 +15,7 @@ import torch
 
 from .errors import CallLayoutError
 from .families.base import Canvas, Geometry, LayerInfo
+from .kernels.spec import kept_tensors
 from .steps import StepInfo
 
 Branch = Literal["cond", "uncond"]
@@ -31,7 +32,7 @@ def host_tensor(values: tuple[Any, ...], dtype: torch.dtype, device: Any = None)
     if found is None:
         if len(_HOST_DATA) >= 1024:
             _HOST_DATA.clear()
-        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
+        with kept_tensors():
             found = _HOST_DATA[key] = torch.tensor(values, dtype=dtype, device=device)
     return found
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .semantics import window_near
-from .spec import Window
+from .spec import Window, kept_tensors
 
 #: Below this many image tokens the dense mask is small and the tiled path's gathers cost more than they save.
 MIN_TOKENS = 1024
@@ -68,7 +68,7 @@ class TileGroup:
             return None
         found = self._cast.get((dtype, batch))
         if found is None:
-            with torch.inference_mode(False):
+            with kept_tensors():
                 found = self.bias.to(dtype)[:, None]
                 if batch > 1 and found.shape[0] > 1:
                     found = found.repeat(batch, 1, 1, 1)  # batch-major, as the tiles are in SDPA's batch dimension
@@ -106,7 +106,7 @@ class TilePlan:
         flattened (B x N)."""
         found = self._indices.get(batch)
         if found is None:
-            with torch.inference_mode(False):
+            with kept_tensors():
                 device = self.groups[0].queries.device
                 offsets = (torch.arange(batch, device=device) * self.tokens)[:, None, None]
                 found = tuple(
@@ -202,7 +202,7 @@ def plan(window: Window, device: torch.device) -> TilePlan:
     found = _PLANS.get(key)
     if found is not None:
         return found
-    with torch.inference_mode(False):  # normal tensors: usable in later calls with autograd on
+    with kept_tensors():
         found = make_plan(window, device)
     if len(_PLANS) >= _PLAN_CACHE_SIZE:
         _PLANS.pop(next(iter(_PLANS)))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ...denoiser_call import DenoiserCall
 from ...errors import UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.spec import kept_tensors
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
@@ -126,7 +127,7 @@ def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:
     key = (size, float(sigma), str(torch.device(device)) if device is not None else "cpu")
     found = _KERNELS.get(key)
     if found is None:
-        with torch.inference_mode(False):  # a normal tensor: usable outside inference mode later
+        with kept_tensors():
             half = (size - 1) / 2
             x = torch.linspace(-half, half, steps=size, dtype=torch.float64)
             pdf = torch.exp(-0.5 * (x / sigma) ** 2)

@@ -25,6 +25,7 @@ from ...control import BindContext, Control
 from ...denoiser_call import DenoiserCall, upload
 from ...errors import ConfigError, IdleControlWarning, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.spec import kept_tensors
 from ...noise import noise_level, require_noise_level
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepInfo, StepWindow, validate_steps
@@ -571,7 +572,7 @@ class BoxGuidanceBound(LatentOptimizerBound):
         super().__init__(control, context, columns, selector)
         # Chen et al.'s loss reads each layer's maps per head at the layer's own grid, with their hard boxes there
         self.keep_heads = "ratio" in control.constraints
-        with torch.inference_mode(False):  # the loss passes save them for backward: no inference tensors
+        with kept_tensors():  # the loss passes save them for backward
             self.layer_boxes = tuple(
                 upload(torch.stack([losses.hard_box(box, context.canvas.grid_at(layer.level)) for _, box in control.boxes]), context.device)
                 for layer in self.layers
