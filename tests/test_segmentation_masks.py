@@ -250,3 +250,20 @@ def test_perfect_map_ceiling():
     coarse = perfect_map_mask(truth, (4, 4), 0.5)
     assert coarse.shape == truth.shape and coarse[9, 23] and not coarse[28, 4]
     assert 0.3 < iou(coarse, truth) < 1.0
+
+
+def test_readout_of_arrays_and_tensors_is_at_their_own_size(tiny_cache):
+    """numpy arrays and tensors are images as the pipeline takes them: their maps and masks came back at the size the
+    pass ran at (tiny-flux, a 21x29 image: 16x24), as PIL images' never did; and images of different sizes among
+    them were not refused."""
+    import numpy as np
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache("tiny-flux")
+    options = {k: v for k, v in CALL_DEFAULTS["tiny-flux"].items() if k not in ("height", "width")}
+    pixels = np.random.RandomState(0).rand(21, 29, 3).astype(np.float32)
+    for image in (pixels[None], torch.from_numpy(pixels).permute(2, 0, 1)[None]):
+        result = attnctl.read_maps(pipe, image, PROMPT, ["car"], magnets=False, num_inference_steps=2, **options)
+        assert result.maps.shape[-2:] == (21, 29) and result.masks("car").shape == (1, 21, 29)
+    with pytest.raises(ConfigError, match=r"different sizes \(height x width: 21x29, 21x30\)"):
+        attnctl.read_maps(pipe, [pixels[None], np.zeros((1, 21, 30, 3), np.float32)], PROMPT, ["car"], **options)

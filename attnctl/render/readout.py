@@ -103,15 +103,14 @@ def read_maps(
             f"read_maps: strength={strength!r} of num_inference_steps={steps} runs no denoising step (img2img runs "
             f"int(steps * strength) = {int(steps * float(strength))}), so there are no maps to read: raise either"
         )
-    size = getattr(images[0], "size", None)  # PIL (width, height): the maps at the given images' size
-    sizes = [image.size for image in images if hasattr(image, "convert")]  # PIL images: (width, height)
-    if isinstance(size, tuple) and any(other != size for other in sizes):
+    sizes = [_pixel_size(image) for image in images]  # the maps at the given images' size
+    if len(set(sizes)) > 1:
         raise ConfigError(
-            f"read_maps: the images have different sizes ({', '.join(str(s) for s in dict.fromkeys(sizes))}); the pipeline "
-            "processes a batch at the first image's size, so the maps and masks would not fit the others: read images of "
-            "one size per call"
+            f"read_maps: the images have different sizes (height x width: {', '.join(f'{s[0]}x{s[1]}' if s else '?' for s in dict.fromkeys(sizes))}); "
+            "the pipeline processes a batch at the first image's size, so the maps and masks would not fit the others: read "
+            "images of one size per call"
         )
-    resolution = (size[1], size[0]) if isinstance(size, tuple) and len(size) == 2 else None
+    resolution = sizes[0]
     words = words if isinstance(words, str) else tuple(words)  # one word as a string, as AttentionMaps takes it
     control = AttentionMaps(words, layers=layers, magnets=magnets, resolution=resolution, key="readout_maps")
     with apply(reader, control) as handle:
@@ -137,24 +136,32 @@ def _pictures(reader: Any, images: list[Any], count: int) -> list[Any] | None:
     return pictures if len(pictures) == count else None
 
 
+def _pixel_size(image: Any) -> tuple[int, int] | None:
+    """(height, width) of a PIL image, a numpy array (..., height, width, channels) or a tensor (..., channels, height,
+    width), as the pipeline's image processor reads them; None for another layout."""
+    import torch
+
+    if hasattr(image, "convert"):
+        width, height = image.size
+    elif type(image).__name__ == "ndarray" and image.ndim in (3, 4):
+        height, width = image.shape[-3:-1]
+    elif isinstance(image, torch.Tensor) and image.dim() in (3, 4):
+        height, width = image.shape[-2:]
+    else:
+        return None
+    return int(height), int(width)
+
+
 def _image_size(reader: Any, image: Any) -> dict[str, int]:
     """`height` / `width` of the image for an img2img call that takes them: SD3's and Flux's default to the model's
     square size (1024 px) whatever the image, which would read the maps of the image stretched to a square. Rounded
     down to the size the pipeline accepts (SD3 refuses others: `vae_scale_factor * patch_size`, 16 px; Flux resizes to
     its `2 * vae_scale_factor`); the maps are fitted back to the image's own size."""
-    import torch
-
     named = named_call_arguments(reader)
-    if "height" not in named or "width" not in named:
+    size = _pixel_size(image)
+    if "height" not in named or "width" not in named or size is None:
         return {}
-    if hasattr(image, "convert"):
-        width, height = image.size
-    elif type(image).__name__ == "ndarray" and image.ndim in (3, 4):  # (..., height, width, channels)
-        height, width = image.shape[-3:-1]
-    elif isinstance(image, torch.Tensor) and image.dim() in (3, 4):  # (..., channels, height, width)
-        height, width = image.shape[-2:]
-    else:
-        return {}
+    height, width = size
     multiple = int(getattr(reader, "vae_scale_factor", 1) or 1) * int(getattr(reader, "patch_size", 2) or 2)
     return {"height": max(multiple, int(height) - int(height) % multiple), "width": max(multiple, int(width) - int(width) % multiple)}
 
