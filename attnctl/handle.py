@@ -11,6 +11,7 @@ everything back exactly; it is idempotent, and `with attnctl.apply(...)` calls i
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -471,6 +472,11 @@ class Handle:
         self._wrapped.append(wrap_method(pipe, "encode_prompt", self._make_encode_prompt))
         if callable(getattr(pipe, "maybe_free_model_hooks", None)):
             self._wrapped.append(wrap_method(pipe, "maybe_free_model_hooks", self._make_call_end))
+        if callable(getattr(pipe, "set_ip_adapter_scale", None)):
+            self._wrapped.append(wrap_method(pipe, "set_ip_adapter_scale", self._make_on_stock_processors))
+        for name in ("load_ip_adapter", "unload_ip_adapter"):
+            if callable(getattr(pipe, name, None)):
+                self._wrapped.append(wrap_method(pipe, name, functools.partial(self._make_refusal, name)))
         for expert in experts.values():
             if callable(getattr(expert, "cache_context", None)):
                 self._wrapped.append(wrap_method(expert, "cache_context", self._make_cache_context))
@@ -533,6 +539,36 @@ class Handle:
             return out
 
         return encode_prompt
+
+    def _make_on_stock_processors(self, original):
+        """diffusers' `set_ip_adapter_scale` finds the IP-Adapter processors by class (SD / SDXL) or sets `scale` on
+        whatever processor a layer holds (Flux): it runs with the stock processors in place, so that the scale
+        reaches them, which attnctl's processors read and `remove()` puts back."""
+
+        def on_stock_processors(*args: Any, **kwargs: Any) -> Any:
+            modules = self.adapter.modules
+            installed = [name for name, proc in self._processors.items() if modules[name].processor is proc]
+            for name in installed:
+                modules[name].set_processor(self._originals[name])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                for name in installed:
+                    modules[name].set_processor(self._processors[name])
+
+        return on_stock_processors
+
+    def _make_refusal(self, name: str, original):
+        """diffusers' IP-Adapter loading and unloading rebuild every attention processor and change the denoiser's
+        image projection: refused while applied, before anything changes."""
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise PipelineChangedError(
+                f"attnctl: pipe.{name} rebuilds the attention processors, which an applied attnctl handle holds; call "
+                f"handle.remove() first, then {name}, then attnctl.apply again (nothing was changed)"
+            )
+
+        return refuse
 
     def _make_call_end(self, original):
         def maybe_free_model_hooks(*args: Any, **kwargs: Any) -> Any:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import UnsupportedError
+from ..errors import PipelineChangedError, UnsupportedError
 from ..kernels.spec import AttentionSpec
 from .edit import AttentionCall, Edit
 
@@ -57,7 +57,13 @@ class ControlledProcessor:
     edit_now = None  # this layer's edit, computed before a compiled forward (`Runtime.prefill_edits`)
     inert = False  # set by Handle.remove(): a processor still held somewhere is a pass-through to the stock one
 
-    def __init__(self, layer: LayerInfo, runtime: Runtime, original: Any):
+    def __init__(self, layer: LayerInfo | None = None, runtime: Runtime | None = None, original: Any = None):
+        if layer is None or runtime is None or original is None:  # diffusers rebuilds processors as `type(p)()`
+            raise PipelineChangedError(
+                f"attnctl: {type(self).__name__} is made by attnctl.apply only: something rebuilt the attention "
+                "processors by class while an attnctl handle was applied (diffusers' IP-Adapter loading and unloading "
+                "do); call handle.remove() before such calls and apply again afterwards"
+            )
         if isinstance(self, torch.nn.Module):
             torch.nn.Module.__init__(self)
             for name, child in original.named_children():

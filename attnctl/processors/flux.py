@@ -51,14 +51,19 @@ class FluxAttnProcessor(ControlledProcessor):
         if reused is not None:
             return reused
         query, key, value, encoder_query, encoder_key, encoder_value = _projections(attn, hidden_states, encoder_hidden_states)
+        projected = query
         if edit is not None:
             query = self._query_hooks_joint(call, edit, query)
+        hooked = query is not projected
         query = query.unflatten(-1, (-1, attn.head_dim))
         key = key.unflatten(-1, (-1, attn.head_dim))
         value = value.unflatten(-1, (-1, attn.head_dim))
         query = attn.norm_q(query)
         key = attn.norm_k(key)
-        ip_query = query
+        # the IP-Adapter's cross-attention to the image prompt reads the stock queries: a query transform (SEG's blur)
+        # acts on the joint self-attention only, as on SD, where the IP branch is in the cross-attention layer
+        ip_mode = type(self.original).__name__ == "FluxIPAdapterAttnProcessor"
+        ip_query = attn.norm_q(projected.unflatten(-1, (-1, attn.head_dim))) if hooked and ip_mode else query
 
         if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
             query, key, value = text_first(attn, (query, key, value), (encoder_query, encoder_key, encoder_value))
@@ -79,7 +84,6 @@ class FluxAttnProcessor(ControlledProcessor):
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
             )
-            ip_mode = type(self.original).__name__ == "FluxIPAdapterAttnProcessor"
             hidden_states = attn.to_out[0](hidden_states if ip_mode else hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states if ip_mode else encoder_hidden_states.contiguous())
