@@ -417,3 +417,15 @@ def test_an_image_sequence_of_a_video_model_is_refused_before_it_runs():
             with pytest.raises(ConfigError, match="makes videos"):
                 run()
     assert not calls
+
+
+def test_region_prompts_add_no_diffusers_deprecation_warning(sd):
+    """Encoding region prompts read every config key of the pipeline as an attribute: diffusers' FutureWarning about
+    `requires_safety_checker` appeared in the demo's and the renderer's output, never in a stock call."""
+    import warnings
+
+    regions = attnctl.Regions([attnctl.Region("a red car", box=(0, 0, 0.5, 1))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with attnctl.apply(sd, [regions]):
+            sd("a photo of a cat", num_inference_steps=1, height=32, width=32, output_type="latent")

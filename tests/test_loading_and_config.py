@@ -287,6 +287,10 @@ _UNUSED = [
      lambda: attnctl.AgentAttention(seed=5)),
     (lambda: attnctl.FastAttn(plan=_plan(), threshold=0.3), r"threshold=0.3 does nothing with a plan .*own threshold, 0.1",
      lambda: attnctl.FastAttn(plan=_plan(0.3), threshold=0.3)),
+    (lambda: attnctl.FastAttn(window=1, techniques=("step_share",)), r"FastAttn.window=1 does nothing without 'window_residual'",
+     lambda: attnctl.FastAttn(window=1, techniques=("window_residual",))),
+    (lambda: attnctl.TGate(gate_step=3, warm_up=5), r"TGate.warm_up=5 does nothing without sp_interval",
+     lambda: attnctl.TGate(gate_step=3, warm_up=5, sp_interval=1)),
 ]
 
 
@@ -294,7 +298,7 @@ _UNUSED = [
     "p2p-blend-threshold", "p2p-blend-start", "regions-isolation-strength", "reference-adain-weight",
     "consistent-threshold-no-subject", "consistent-threshold-box", "consistent-seed", "astar-threshold",
     "excite-max-refinement", "box-corner-width", "box-topk", "interp-alpha", "interp-beta", "interp-n", "tome-seed",
-    "agent-seed", "fastattn-plan-threshold"])
+    "agent-seed", "fastattn-plan-threshold", "fastattn-window-without-windows", "tgate-warm-up-without-reuse"])
 def test_options_that_do_nothing_in_the_setting_are_refused(refused, match, acting, tmp_path, monkeypatch):
     """Each was accepted and changed nothing (bitwise the default's output); refused where the control is made,
     naming the option and the setting, as every other idle combination is. Where the option acts it is accepted and

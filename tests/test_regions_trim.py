@@ -63,6 +63,7 @@ def test_the_denoiser_sees_the_base_text_and_the_trimmed_region_tokens(tiny_cach
 @pytest.mark.parametrize("name", [
     "tiny-sd", "tiny-sd3", "tiny-pixart",
     pytest.param("tiny-chroma", marks=pytest.mark.skipif(not available("tiny-chroma"), reason="tiny-chroma needs diffusers >= 0.42")),
+    pytest.param("tiny-flux2", marks=pytest.mark.skipif(not available("tiny-flux2"), reason="tiny-flux2 needs diffusers >= 0.42")),
 ])
 def test_trim_prompts_is_refused_where_the_text_is_not_one_padded_sequence(name, tiny_cache):
     pipe = tiny_cache(name)

@@ -173,7 +173,7 @@ def test_tgate_matches_the_reference_loop(name, guidance, options, tiny_cache):
     pipe = tiny_cache(name)
     steps, gate = 6, 3
     expected = _run_reference(pipe, name, gate, steps, guidance, **options)
-    control = attnctl.TGate(gate_step=gate, warm_up=options.get("warm_up", 0), sp_interval=options.get("sp"), fi_interval=options.get("fi"))
+    control = attnctl.TGate(gate_step=gate, warm_up=options.get("warm_up", 2), sp_interval=options.get("sp"), fi_interval=options.get("fi"))
     with attnctl.apply(pipe, [control]) as handle:
         got = generate(pipe, name, steps=steps, guidance=guidance)
         report = handle.outputs["tgate"]

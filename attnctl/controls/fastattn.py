@@ -401,6 +401,8 @@ class FastAttn(Control, type_name="fastattn"):
             raise ConfigError(f"FastAttn.plan must be a FastAttnPlan, its dict or None, got {type(plan).__name__}")
         if self.window is not None:
             set_field(self, "window", _validate_window(self.window, "FastAttn.window"))
+            if plan is None and "window_residual" not in techniques:
+                refuse_unused(self, "window", "without 'window_residual' in FastAttn.techniques (only window attention reads it)")
         if plan is not None:
             if self.window is not None and self.window != plan.window:
                 raise ConfigError(f"FastAttn.window {self.window!r} differs from the plan's window {plan.window!r}")

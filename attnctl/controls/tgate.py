@@ -36,7 +36,7 @@ from ..errors import ConfigError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter
 from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
-from ..validation import integer, set_field
+from ..validation import integer, refuse_unused, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows
 from .common import RowIndex, output_key, publish
 
@@ -106,6 +106,8 @@ class TGate(Control, type_name="tgate"):
             value = getattr(self, name)
             if value is not None:
                 set_field(self, name, integer(value, f"TGate.{name}", minimum=1))
+        if self.sp_interval is None:
+            refuse_unused(self, "warm_up", "without sp_interval (the self-attention reuse before the gate starts after warm_up)")
         set_field(self, "layers", validate_layers(self.layers, name="TGate.layers"))
         set_field(self, "key", output_key(self.key, "TGate"))
 

@@ -157,6 +157,7 @@ class Flux2Adapter(FluxAdapter):
     text); guidance-distilled (dev: `guidance`, no uncond call) or true CFG as `cache_context` calls (klein base)."""
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
+    padded_text_tokenizer: ClassVar[str | None] = None  # an LLM's chat-templated text, not one padded tokenizer sequence
 
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "Flux2TransformerBlock": ("hidden_states", "encoder_hidden_states", "temb_mod_img", "temb_mod_txt"),

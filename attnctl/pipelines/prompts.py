@@ -119,7 +119,7 @@ def encoder_state(pipe: Any, skip: tuple[torch.nn.Module, ...] = ()) -> Hashable
     for name in names:
         if name in ("vae", "scheduler"):
             continue
-        component = getattr(pipe, name, None)
+        component = vars(pipe).get(name)  # not getattr: diffusers warns on a config value read as an attribute
         if component is None or any(component is module for module in skip):
             continue
         if isinstance(component, torch.nn.Module):

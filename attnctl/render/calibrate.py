@@ -33,7 +33,8 @@ def calibrate(control: FastAttn, pipe: Any, prompts: str | Sequence[str], *, bac
         )
     if "prompt" in call_kwargs:
         raise ConfigError("attnctl.calibrate: the prompts are its `prompts` argument; do not pass `prompt` too")
-    control = dataclasses.replace(control, plan=None, window=control.window_size)
+    windowed = "window_residual" in control.techniques
+    control = dataclasses.replace(control, plan=None, window=control.window_size if windowed else None)
     call_kwargs.setdefault("output_type", "latent")
     with apply(pipe, [control], backend=backend) as handle:
         pipe(prompt=prompt, **call_kwargs)  # Flux.2 klein takes `image` first

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Resumes by default: images already recorded and present are skipped. Run under "
                     "`accelerate launch -m attnctl render ...` to shard the images over several processes.",
     )
-    render.add_argument("jobs", metavar="JOBS", help="job file (.toml or .jsonl)")
+    render.add_argument("jobs", metavar="JOBS", help="job file (.toml, .json or .jsonl)")
     render.add_argument("--out", metavar="DIR", help="output folder (required unless --dry-run)")
     render.add_argument("--model", help="embedded model (toy-shapes, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, "
                                         "tiny-pixart; with a diffusers that has them tiny-chroma, tiny-qwenimage, "
