@@ -3,6 +3,7 @@ independent references built from the stock models (forward hooks, reference pro
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from attnctl.processors.chain import own_rows
 from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS, make_tiny_pipeline
 
-from .helpers import Probe, generate
+from .helpers import PROMPTS, Probe, generate
 from .test_guidance_math import ref_blur, ref_entmax
 
 pytestmark = pytest.mark.parity
@@ -125,6 +126,48 @@ def test_pag_matches_diffusers_pipelines(name, pipeline, layers, leave_out):
     stock = generate(pipe, name, steps=3)
     with attnctl.apply(pipe, [attnctl.PAG(scale=3.0)]):
         got = generate(pipe, name, steps=3)
+    assert (expected - stock).abs().max() > 1e-2  # PAG changes the result
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, variant, reference, adaptive", [
+    ("tiny-sd", "StableDiffusionImg2ImgPipeline", "StableDiffusionPAGImg2ImgPipeline", 0.0),
+    ("tiny-sd", "StableDiffusionControlNetPipeline", "StableDiffusionControlNetPAGPipeline", 0.002),
+    ("tiny-sdxl", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLPAGInpaintPipeline", 0.0),
+    ("tiny-sd3", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3PAGImg2ImgPipeline", 0.002),
+], ids=["sd-img2img", "sd-controlnet", "sdxl-inpaint", "sd3-img2img"])
+def test_pag_matches_diffusers_pag_variants(name, variant, reference, adaptive):
+    """The img2img / inpaint / ControlNet pipelines against diffusers' PAG pipeline of the same variant, sharing the
+    components, at the pipelines' default (CFG) guidance scale; every PAG variant of SD / SDXL / SD3 / PixArt agreed
+    within 1e-5 when checked (sd / sdxl inpaint, ControlNet img2img / inpaint too): four are held here."""
+    import diffusers
+
+    from attnctl.testing import tiny_sd_controlnet
+
+    base = make_tiny_pipeline(name)
+    plain = tiny_sd_controlnet(base, seed=1) if "ControlNet" in variant else getattr(diffusers, variant).from_pipe(base)
+    pag = getattr(diffusers, reference).from_pipe(plain, pag_applied_layers=["blocks.1" if name == "tiny-sd3" else "mid"])
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # one per prompt
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    inputs = {"image": pixels} if "ControlNet" in variant else {"image": pixels, "strength": 0.75}
+    if "Inpaint" in variant:
+        inputs["mask_image"] = mask
+    denoiser = base.unet if hasattr(base, "unet") else base.transformer
+    stock_processors = dict(denoiser.attn_processors)
+    pag.set_progress_bar_config(disable=True)
+
+    def run(pipe, **extra):  # CALL_DEFAULTS less what the variant does not take (img2img: no height / width)
+        taken = inspect.signature(type(pipe).__call__).parameters
+        options = {k: v for k, v in CALL_DEFAULTS[name].items() if k in taken}
+        generator = torch.Generator().manual_seed(0)
+        return pipe(PROMPTS, num_inference_steps=3, output_type="latent", generator=generator, **options, **inputs, **extra).images
+
+    expected = run(pag, pag_scale=3.0, pag_adaptive_scale=adaptive)
+    denoiser.set_attn_processor(dict(stock_processors))  # SDXL's PAG inpaint returns latents before restoring them
+    stock = run(plain)
+    with attnctl.apply(plain, [attnctl.PAG(scale=3.0, adaptive_scale=adaptive, layers="transformer_blocks.1" if name == "tiny-sd3" else "mid")]):
+        got = run(plain)
     assert (expected - stock).abs().max() > 1e-2  # PAG changes the result
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
