@@ -19,11 +19,15 @@ from functools import lru_cache
 from typing import Any
 
 from .errors import ConfigError, TokenError
+from .validation import plain_scalar
 
 WordQuery = str | int | tuple[str, int]
 
 
 def validate_word_query(query: object, *, owner: str) -> WordQuery:
+    query = plain_scalar(query)
+    if isinstance(query, (tuple, list)) and len(query) == 2:
+        query = (query[0], plain_scalar(query[1]))
     if isinstance(query, bool):
         raise ConfigError(f"{owner}: {query!r} is not a word, phrase, (word, occurrence) pair or token position")
     if isinstance(query, int):

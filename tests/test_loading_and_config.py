@@ -139,6 +139,15 @@ def test_numpy_scalars_and_0d_tensors_are_numbers():
     assert attnctl.PAG(scale=np.float32(2.5), steps=(np.float64(0.0), torch.tensor(0.5))) == attnctl.PAG(scale=2.5, steps=(0.0, 0.5))
     assert attnctl.ToMe(seed=np.int64(3)).seed == 3
     assert attnctl.Reweight({"red": np.float64(2.0)}) == attnctl.Reweight({"red": 2.0})
+    # token positions and occurrences too (they were "not a word, phrase, ... or token position")
+    assert attnctl.Reweight({np.int64(3): 2, ("car", torch.tensor(0)): 2}) == attnctl.Reweight({3: 2, ("car", 0): 2})
+    assert attnctl.AttentionMaps(["car", np.int64(3)]).words == ("car", 3)
+    assert attnctl.AttendExcite([np.int64(2), np.int64(5)]) == attnctl.AttendExcite([2, 5])
+    from attnctl.controls.fastattn import FastAttnPlan
+
+    plan = {"model": "m", "fingerprint": "f", "steps": np.int64(1), "resolution": (32, 32), "window": 4, "threshold": 0.1,
+            "methods": (("a.attn1", ("full",)),), "timesteps": [np.float32(999.0)]}
+    assert FastAttnPlan(**plan) == FastAttnPlan(**{**plan, "steps": 1, "timesteps": (999.0,)})
 
 
 def _one_of_every_control(image_path):

@@ -783,6 +783,30 @@ def test_the_request_digest_holds_the_contents_of_referenced_files(tmp_path):
     assert load_job_file(path).jobs[0].request != before
 
 
+def test_the_request_digest_is_the_parsed_controls_in_their_order(tmp_path):
+    """The digest hashed the controls as written with sorted keys: PromptToPrompt's per-word windows, where a later
+    word overrides an earlier one, gave the same request in either order (toy model: a different image, kept on
+    resume as done), and the same mask named by a relative or an absolute path, or a field written 3 or 3.0, gave
+    different ones."""
+    from PIL import Image
+
+    Image.new("L", (8, 8), 255).save(tmp_path / "m.png")
+
+    def request(*controls):
+        path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a red square", "seeds": [0], **SMALL, "controls": list(controls)})
+        found = load_job_file(path)
+        assert found.ok, found.problems
+        return found.jobs[0].request
+
+    windows = [("red square", [0.0, 0.0]), ("square", [0.0, 1.0])]
+    p2p = [{"type": "prompt-to-prompt", "edits": ["a blue square"], "cross_steps": dict(order)} for order in (windows, windows[::-1])]
+    assert request(p2p[0]) != request(p2p[1])
+    region = {"type": "regions", "regions": [{"prompt": "a cat", "mask": "m.png"}]}
+    absolute = {"type": "regions", "regions": [{"prompt": "a cat", "mask": str(tmp_path / "m.png")}]}
+    assert request(region) == request(absolute)
+    assert request({"type": "pag", "scale": 3}) == request({"type": "PAG", "scale": 3.0})
+
+
 def test_generate_refuses_a_size_the_pipeline_does_not_take(tiny_cache):
     """StableDiffusionImg2ImgPipeline takes its size from the image: width / height were dropped silently."""
     from diffusers import StableDiffusionImg2ImgPipeline

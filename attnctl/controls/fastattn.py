@@ -156,6 +156,7 @@ class FastAttnPlan:
     timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        set_field(self, "steps", plain_scalar(self.steps))
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise ConfigError(f"FastAttnPlan.steps must be an int >= 1, got {self.steps!r}")
         if not isinstance(self.frames, int) or isinstance(self.frames, bool) or self.frames < 1:
@@ -206,6 +207,8 @@ class FastAttnPlan:
                 )
             set_field(self, "experts", tuple(self.experts))
         if self.timesteps is not None:
+            if _is_list(self.timesteps):
+                set_field(self, "timesteps", tuple(plain_scalar(t) for t in self.timesteps))
             if not _is_list(self.timesteps) or len(self.timesteps) != self.steps or not all(
                     isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in self.timesteps):
                 raise ConfigError(

@@ -359,16 +359,16 @@ def _job(entry: Any, defaults: dict[str, Any], index: int, place: str, base: str
     options = _options(values.get("options", {}), problem)
     raw_controls = values.get("controls", [])
     controls: list[Control] = []
-    canonical: list[Any] = []
+    requested: list[Any] = []  # the controls as parsed, for the request digest
     if not isinstance(raw_controls, list):
         problem(f"controls must be a list of control tables, got {type(raw_controls).__name__}")
         raw_controls = []
     published: list[tuple[Any, str]] = []  # (output key, label) of the controls that publish into handle.outputs
     for position, raw in enumerate(raw_controls):
         control, written = _control(raw, position, base, problem)
-        canonical.append(written)
         if control is not None:
             controls.append(control)
+            requested.append(_files_as_contents(control.to_dict()))
             key = getattr(control, "output_key", None)
             if key is not None:
                 published.append((key, f"controls[{position}] ({written['type']})"))
@@ -388,7 +388,10 @@ def _job(entry: Any, defaults: dict[str, Any], index: int, place: str, base: str
         return None, problems, valid_id, seeds
     request = _digest({
         "prompt": prompt, "negative_prompt": negative, "steps": steps, "width": width, "height": height,
-        "guidance_scale": guidance, "controls": canonical, "options": options,
+        "guidance_scale": guidance, "options": options,
+        # in the controls' own order (dataclass fields, mappings as given): a later P2P word window overrides an
+        # earlier one, so sorting their keys would give two different requests one digest
+        "controls": json.dumps(requested, ensure_ascii=True, separators=(",", ":"), default=str),
     })
     job = Job(id=job_id, prompt=prompt, seeds=seeds, negative_prompt=negative, steps=steps, width=width, height=height,
               guidance_scale=guidance, controls=tuple(controls), options=options, place=place, index=index, request=request)
@@ -537,12 +540,9 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
         problem(f"{label}: {message}")
     if path_errors:
         return None, written
-    contents = _file_contents(resolved)
-    if contents:  # the request digest holds the referenced files' contents: editing a mask or image re-renders on resume
-        written = {**written, "file_contents": contents}
     if kind == "fastattn" and isinstance(resolved.get("plan"), str):
-        # `plan = "plan.json"`: a file saved by FastAttnPlan.save, read with its own loader. The request digest
-        # holds the plan itself, so editing the file re-renders on resume.
+        # `plan = "plan.json"`: a file saved by FastAttnPlan.save, read with its own loader (the request digest
+        # holds the plan itself)
         from ..controls.fastattn import FastAttnPlan
 
         try:
@@ -551,7 +551,6 @@ def _control(raw: Any, position: int, base: str, problem) -> tuple[Control | Non
             problem(f"{label}: plan file {written['plan']!r}: {error}")
             return None, written
         resolved = {**resolved, "plan": loaded}
-        written = {**written, "plan": loaded}
     try:
         control = Control.from_dict(resolved)
     except (AttnctlError, TypeError, ValueError) as error:
@@ -593,19 +592,21 @@ def resolve_paths(value: Any, base: str, key: str = "") -> tuple[Any, list[str]]
     return value, errors
 
 
-def _file_contents(value: Any, key: str = "") -> list[str]:
-    """The SHA-256 of every file under a path key of `value` (paths resolved by `resolve_paths`), in order."""
+def _files_as_contents(value: Any, key: str = "") -> Any:
+    """`value` (a control's `to_dict()`, its paths resolved by `resolve_paths`) with every file under a path key
+    replaced by the SHA-256 of its bytes: editing a mask or image renders again on resume; the same file named by
+    another path does not."""
     if isinstance(value, dict):
-        return [digest for k, v in value.items() for digest in _file_contents(v, str(k))]
+        return {k: _files_as_contents(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [digest for v in value for digest in _file_contents(v, key)]
+        return [_files_as_contents(v, key) for v in value]
     if isinstance(value, str) and key and is_path_key(key) and os.path.isfile(value):
         digest = hashlib.sha256()
         with open(value, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-        return [digest.hexdigest()]
-    return []
+        return "file-sha256:" + digest.hexdigest()
+    return value
 
 
 def _image_error(path: str) -> str | None:
