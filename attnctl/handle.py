@@ -732,6 +732,8 @@ class Handle:
         not there raises a KeyError (also a HandleError) that says why: no call yet, or no control publishes it."""
         published = tuple(key for key in (getattr(c, "output_key", None) for c in self.controls) if key is not None)
         self.runtime.end_returned_call()  # a pipeline that returned before maybe_free_model_hooks: its call ends here
+        if self.runtime.call_failed():  # what the failed call published (reports at bind) is not a finished call's
+            return _Outputs({}, published)
         return _Outputs(self.runtime.outputs, published)
 
     def describe(self) -> str:

@@ -453,6 +453,71 @@ def test_outputs_of_a_call_that_failed_are_missing_not_none():
         assert handle.outputs["attention_maps"] is not None
 
 
+def _stop_at(step, error=RuntimeError):
+    def callback(pipeline, i, t, kwargs):
+        if i == step:
+            raise error("stop")
+        return kwargs
+
+    return callback
+
+
+@pytest.mark.parametrize("control, key", [
+    (attnctl.AttentionMaps(["cat"]), "attention_maps"),  # publishes when the call finishes
+    (attnctl.TGate(gate_step=2), "tgate"),  # the three others publish their report when they bind
+    (attnctl.FastAttn(threshold=0.3), "fastattn"),
+    (attnctl.ToMe(ratio=0.5), "tome"),
+], ids=["maps", "tgate", "fastattn", "tome"])
+def test_no_output_of_a_failed_call_is_ever_readable(control, key):
+    """After a call failed at step 1 of 4, `handle.outputs[key]` says the last call failed, before and after anything
+    that ends that call: a from_pipe sibling's refused call, `remove()`. The reports published at bind showed the
+    failed call's partial numbers (TGate: flops_ratio 1.0, 0 hits) and the finishing ones its partial results
+    (AttentionMaps: sum 438 against 885 for the call run to its end; FastAttn: a 4-step plan whose steps 2-3 were
+    never calibrated)."""
+    from diffusers import StableDiffusionPipeline
+
+    from attnctl.handle import MissingOutputError
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    handle = attnctl.apply(pipe, [control])
+    generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4)
+    assert handle.outputs[key] is not None
+    with pytest.raises(RuntimeError, match="stop"):
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(1))
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs[key]
+    with pytest.raises(HandleError, match="outside a call"):  # it ends the failed call, whose controls finish
+        generate(other, "tiny-sd", prompt="a photo of a cat", steps=4)
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs[key]
+    with pytest.raises(RuntimeError, match="stop"):
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(1))
+    handle.remove()
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs[key]
+
+
+def test_a_with_block_left_by_a_failed_call_publishes_nothing_and_the_next_call_everything():
+    """A KeyboardInterrupt at step 1 leaving the with block published the interrupted call's maps as the last
+    call's; a call run to its end after a failed one publishes the same maps as on a fresh handle."""
+    from attnctl.handle import MissingOutputError
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4)
+        fresh = handle.outputs["attention_maps"].maps
+    with pytest.raises(KeyboardInterrupt):
+        with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+            with pytest.raises(RuntimeError, match="stop"):
+                generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(2))
+            generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4)
+            assert torch.equal(handle.outputs["attention_maps"].maps, fresh)
+            generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(1, KeyboardInterrupt))
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs["attention_maps"]
+
+
 def test_a_call_that_returns_before_its_end_hook_publishes_its_outputs(tiny_cache):
     """StableDiffusionXLAdapterPipeline returns early for output_type="latent", before `maybe_free_model_hooks`, where
     attnctl ends a call: `handle.outputs` raised MissingOutputError and the call stayed open. A call whose pipeline

@@ -283,12 +283,18 @@ class Runtime:
             self.end_call()
 
     def end_call_quietly(self) -> None:
-        """End a call that ended with an error (its controls' finish errors become a warning)."""
+        """End a call that ended with an error (its controls' finish errors become a warning). Nothing it published
+        stays readable (reports published at bind, results at finish): `handle.outputs` then says the last call
+        failed. A call whose `__call__` returned (`call_returned`) ran to its end, and keeps its outputs."""
+        failed = self.call is not None and not self.call_returned()
         try:
             self.end_call()
         except Exception as error:  # noqa: BLE001 - that call failed already
             warnings.warn(f"attnctl: the controls of a call that ended with an error could not finish: "
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
+        finally:
+            if failed:
+                self.outputs.clear()
 
     def _finish_bound(self) -> None:
         """Every bound control of the call finishes, once (one that raises does not stop the others), and the call's
