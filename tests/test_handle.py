@@ -518,6 +518,124 @@ def test_a_with_block_left_by_a_failed_call_publishes_nothing_and_the_next_call_
         handle.outputs["attention_maps"]
 
 
+def _paused_call(pipe, results, **kwargs):
+    """A thread running a controlled call that waits in its first callback until released."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def wait(pipeline, i, t, kw):
+        if i == 0:
+            started.set()
+            release.wait(60)
+        return kw
+
+    def run():
+        try:
+            results["call"] = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=wait, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - the test reads it
+            results["call"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)
+    return thread, release
+
+
+def test_a_pipeline_sharing_the_denoiser_cannot_join_a_call_running_in_another_thread():
+    """A from_pipe sibling called from another thread while the controlled call ran joined that call: its denoiser
+    calls took the call's steps and controls (sibling 0.10 off stock, the call 0.067 off a call alone); a
+    `scheduler.step` of the shared scheduler from there counted as the call's step. Both are refused; the call's
+    output and maps are those of the call alone."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    controls = [attnctl.AttentionMaps(["cat"]), attnctl.PAG(scale=2.0)]
+    with attnctl.apply(pipe, controls) as handle:
+        alone = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+        maps = handle.outputs["attention_maps"].maps
+    stock_other = generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9)
+    latents = torch.zeros(1, 4, 4, 4)
+    with attnctl.apply(pipe, controls) as handle:
+        results: dict = {}
+        thread, release = _paused_call(pipe, results)
+        try:
+            with pytest.raises(HandleError, match="in a call in another thread"):
+                generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9)
+            with pytest.raises(HandleError, match="in a call in another thread"):
+                other.scheduler.step(latents, other.scheduler.timesteps[1], latents)
+        finally:
+            release.set()
+            thread.join(60)
+        assert torch.equal(results["call"], alone)
+        assert torch.equal(handle.outputs["attention_maps"].maps, maps)
+        assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3), alone)  # the step count is right
+    assert torch.equal(generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9), stock_other)
+
+
+def test_a_pipeline_sharing_the_denoiser_called_from_a_callback_is_refused():
+    """A from_pipe sibling called from the controlled call's own callback (same thread) ran inside that call: its
+    denoiser calls took the call's controls (0.10 off its stock output). Refused; the controlled call runs on."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    errors = []
+
+    def callback(pipeline, i, t, kwargs):
+        if i == 0:
+            try:
+                generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9)
+            except HandleError as error:
+                errors.append(str(error))
+        return kwargs
+
+    with attnctl.apply(pipe, [attnctl.PAG(scale=2.0)]):
+        alone = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+        assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=callback), alone)
+    assert errors and "was called from inside a call of the controlled StableDiffusionPipeline" in errors[0]
+
+
+def test_remove_during_a_call_is_refused():
+    """`handle.remove()` from the running call's callback, or from another thread, ended the call mid-loop: its
+    partial maps were published (sum 217 against 885) and the rest of the loop ran stock. Refused, the call runs
+    to its end as if nothing had happened, and `remove()` after it restores the pipeline."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+    controls = [attnctl.AttentionMaps(["cat"]), attnctl.PAG(scale=2.0)]
+    with attnctl.apply(pipe, controls) as handle:
+        alone = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+        maps = handle.outputs["attention_maps"].maps
+    handle = attnctl.apply(pipe, controls)
+    errors = []
+
+    def callback(pipeline, i, t, kwargs):
+        if i == 0:
+            try:
+                handle.remove()
+            except HandleError as error:
+                errors.append(str(error))
+        return kwargs
+
+    assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=callback), alone)
+    assert errors and "handle.remove() was called during a call" in errors[0]
+    results: dict = {}
+    thread, release = _paused_call(pipe, results)
+    try:
+        with pytest.raises(HandleError, match="during a call"):
+            handle.remove()
+        with pytest.raises(HandleError, match="during a call"):
+            handle.__exit__(RuntimeError, RuntimeError("the with block's error"), None)
+    finally:
+        release.set()
+        thread.join(60)
+    assert handle.live and torch.equal(results["call"], alone)
+    assert torch.equal(handle.outputs["attention_maps"].maps, maps)
+    handle.remove()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3), stock)
+
+
 def test_a_call_that_returns_before_its_end_hook_publishes_its_outputs(tiny_cache):
     """StableDiffusionXLAdapterPipeline returns early for output_type="latent", before `maybe_free_model_hooks`, where
     attnctl ends a call: `handle.outputs` raised MissingOutputError and the call stayed open. A call whose pipeline
