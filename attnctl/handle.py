@@ -498,6 +498,7 @@ class Handle:
 
         def make(original):
             def step(*args: Any, **kwargs: Any) -> Any:
+                runtime.before_step()
                 result = original(*args, **kwargs)
                 runtime.scheduler_stepped()
                 return result
@@ -672,6 +673,7 @@ class Handle:
         a failed PAG pipeline call (`_left_by_pag_call`), replaced with the stock one."""
         if not self.live and not self._wrapped and not self._scheduler_wraps:
             return
+        self._refuse_during_call()
         self.live = False
         unfinished: Exception | None = None
         if self.runtime.call_failed():  # that call's own error was raised already: its controls' errors are warnings
@@ -716,8 +718,21 @@ class Handle:
             raise HandleError("attnctl: this handle was removed; the pipeline is stock again. Call attnctl.apply again")
         return self
 
+    def _refuse_during_call(self) -> None:
+        """`remove()` while the pipeline's call runs (from a callback, or another thread) would end that call mid-loop,
+        publish its partial results and let the rest run stock: refused, as `apply` is, before anything changes."""
+        if self.runtime.call_running():
+            raise HandleError(
+                f"attnctl: handle.remove() was called during a call of this {type(self.pipeline).__name__} (from a "
+                "callback, or another thread): the call's controls are under way and the handle cannot be taken off "
+                "mid-loop; remove it after the call returns (to stop a call early, set pipe._interrupt = True in a "
+                "callback, or raise)"
+            )
+
     def __exit__(self, *exc: Any) -> None:
-        if exc[0] is not None:  # the block's own error goes on: a control's error on finishing becomes a warning
+        if exc[0] is not None and (self.live or self._wrapped or self._scheduler_wraps):
+            self._refuse_during_call()
+            # the block's own error goes on: a control's error on finishing becomes a warning
             self.runtime.end_call_quietly()
         self.remove()
 
@@ -732,6 +747,8 @@ class Handle:
         not there raises a KeyError (also a HandleError) that says why: no call yet, or no control publishes it."""
         published = tuple(key for key in (getattr(c, "output_key", None) for c in self.controls) if key is not None)
         self.runtime.end_returned_call()  # a pipeline that returned before maybe_free_model_hooks: its call ends here
+        if self.runtime.call_failed():  # what the failed call published (reports at bind) is not a finished call's
+            return _Outputs({}, published)
         return _Outputs(self.runtime.outputs, published)
 
     def describe(self) -> str:

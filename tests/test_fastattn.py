@@ -425,3 +425,26 @@ def test_setups_that_can_only_run_full_attention_warn_idle(tiny_cache):
         warnings.simplefilter("error", attnctl.IdleControlWarning)
         with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]):
             generate(pipe, "tiny-sd", steps=3)
+
+
+def test_a_calibration_stopped_early_makes_no_plan(tiny_cache):
+    """A calibration call stopped at step 1 of 4 (a callback setting `pipe._interrupt`, diffusers' way to stop) ran
+    the denoiser at steps 0-1 only; calibrate returned a 4-step plan whose steps 2-3 said "full" without having been
+    calibrated, which `plan.check` accepts for any 4-step call. It raises, naming the steps that ran; applied
+    without a plan, the stopped call's report has no plan. The same call run to its end makes one."""
+    pipe = tiny_cache("tiny-sd")
+
+    def stop_after_step_1(pipeline, i, t, kwargs):
+        if i == 1:
+            pipeline._interrupt = True
+        return kwargs
+
+    options = dict(_defaults("tiny-sd"), num_inference_steps=4)
+    with pytest.raises(ConfigError, match="ran 2 of its 4 denoising steps"):
+        attnctl.calibrate(attnctl.FastAttn(threshold=0.3), pipe, "a cat", callback_on_step_end=stop_after_step_1, **options)
+    with attnctl.apply(pipe, [attnctl.FastAttn(threshold=0.3)]) as handle:
+        generate(pipe, "tiny-sd", steps=4, callback_on_step_end=stop_after_step_1)
+        report = handle.outputs["fastattn"]
+        assert report.plan is None and {step for step, _ in report.entries} == {0, 1}
+    plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.3), pipe, "a cat", **options)
+    assert plan.steps == 4 and "step_share" in plan.counts()

@@ -453,6 +453,189 @@ def test_outputs_of_a_call_that_failed_are_missing_not_none():
         assert handle.outputs["attention_maps"] is not None
 
 
+def _stop_at(step, error=RuntimeError):
+    def callback(pipeline, i, t, kwargs):
+        if i == step:
+            raise error("stop")
+        return kwargs
+
+    return callback
+
+
+@pytest.mark.parametrize("control, key", [
+    (attnctl.AttentionMaps(["cat"]), "attention_maps"),  # publishes when the call finishes
+    (attnctl.TGate(gate_step=2), "tgate"),  # the three others publish their report when they bind
+    (attnctl.FastAttn(threshold=0.3), "fastattn"),
+    (attnctl.ToMe(ratio=0.5), "tome"),
+], ids=["maps", "tgate", "fastattn", "tome"])
+def test_no_output_of_a_failed_call_is_ever_readable(control, key):
+    """After a call failed at step 1 of 4, `handle.outputs[key]` says the last call failed, before and after anything
+    that ends that call: a from_pipe sibling's refused call, `remove()`. The reports published at bind showed the
+    failed call's partial numbers (TGate: flops_ratio 1.0, 0 hits) and the finishing ones its partial results
+    (AttentionMaps: sum 438 against 885 for the call run to its end; FastAttn: a 4-step plan whose steps 2-3 were
+    never calibrated)."""
+    from diffusers import StableDiffusionPipeline
+
+    from attnctl.handle import MissingOutputError
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    handle = attnctl.apply(pipe, [control])
+    generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4)
+    assert handle.outputs[key] is not None
+    with pytest.raises(RuntimeError, match="stop"):
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(1))
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs[key]
+    with pytest.raises(HandleError, match="outside a call"):  # it ends the failed call, whose controls finish
+        generate(other, "tiny-sd", prompt="a photo of a cat", steps=4)
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs[key]
+    with pytest.raises(RuntimeError, match="stop"):
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(1))
+    handle.remove()
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs[key]
+
+
+def test_a_with_block_left_by_a_failed_call_publishes_nothing_and_the_next_call_everything():
+    """A KeyboardInterrupt at step 1 leaving the with block published the interrupted call's maps as the last
+    call's; a call run to its end after a failed one publishes the same maps as on a fresh handle."""
+    from attnctl.handle import MissingOutputError
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4)
+        fresh = handle.outputs["attention_maps"].maps
+    with pytest.raises(KeyboardInterrupt):
+        with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+            with pytest.raises(RuntimeError, match="stop"):
+                generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(2))
+            generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4)
+            assert torch.equal(handle.outputs["attention_maps"].maps, fresh)
+            generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=4, callback_on_step_end=_stop_at(1, KeyboardInterrupt))
+    with pytest.raises(MissingOutputError, match="the last one failed"):
+        handle.outputs["attention_maps"]
+
+
+def _paused_call(pipe, results, **kwargs):
+    """A thread running a controlled call that waits in its first callback until released."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def wait(pipeline, i, t, kw):
+        if i == 0:
+            started.set()
+            release.wait(60)
+        return kw
+
+    def run():
+        try:
+            results["call"] = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=wait, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - the test reads it
+            results["call"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)
+    return thread, release
+
+
+def test_a_pipeline_sharing_the_denoiser_cannot_join_a_call_running_in_another_thread():
+    """A from_pipe sibling called from another thread while the controlled call ran joined that call: its denoiser
+    calls took the call's steps and controls (sibling 0.10 off stock, the call 0.067 off a call alone); a
+    `scheduler.step` of the shared scheduler from there counted as the call's step. Both are refused; the call's
+    output and maps are those of the call alone."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    controls = [attnctl.AttentionMaps(["cat"]), attnctl.PAG(scale=2.0)]
+    with attnctl.apply(pipe, controls) as handle:
+        alone = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+        maps = handle.outputs["attention_maps"].maps
+    stock_other = generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9)
+    latents = torch.zeros(1, 4, 4, 4)
+    with attnctl.apply(pipe, controls) as handle:
+        results: dict = {}
+        thread, release = _paused_call(pipe, results)
+        try:
+            with pytest.raises(HandleError, match="in a call in another thread"):
+                generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9)
+            with pytest.raises(HandleError, match="in a call in another thread"):
+                other.scheduler.step(latents, other.scheduler.timesteps[1], latents)
+        finally:
+            release.set()
+            thread.join(60)
+        assert torch.equal(results["call"], alone)
+        assert torch.equal(handle.outputs["attention_maps"].maps, maps)
+        assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3), alone)  # the step count is right
+    assert torch.equal(generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9), stock_other)
+
+
+def test_a_pipeline_sharing_the_denoiser_called_from_a_callback_is_refused():
+    """A from_pipe sibling called from the controlled call's own callback (same thread) ran inside that call: its
+    denoiser calls took the call's controls (0.10 off its stock output). Refused; the controlled call runs on."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    other = StableDiffusionPipeline.from_pipe(pipe)
+    errors = []
+
+    def callback(pipeline, i, t, kwargs):
+        if i == 0:
+            try:
+                generate(other, "tiny-sd", prompt="a red car on the street", steps=3, seed=9)
+            except HandleError as error:
+                errors.append(str(error))
+        return kwargs
+
+    with attnctl.apply(pipe, [attnctl.PAG(scale=2.0)]):
+        alone = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+        assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=callback), alone)
+    assert errors and "was called from inside a call of the controlled StableDiffusionPipeline" in errors[0]
+
+
+def test_remove_during_a_call_is_refused():
+    """`handle.remove()` from the running call's callback, or from another thread, ended the call mid-loop: its
+    partial maps were published (sum 217 against 885) and the rest of the loop ran stock. Refused, the call runs
+    to its end as if nothing had happened, and `remove()` after it restores the pipeline."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+    controls = [attnctl.AttentionMaps(["cat"]), attnctl.PAG(scale=2.0)]
+    with attnctl.apply(pipe, controls) as handle:
+        alone = generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3)
+        maps = handle.outputs["attention_maps"].maps
+    handle = attnctl.apply(pipe, controls)
+    errors = []
+
+    def callback(pipeline, i, t, kwargs):
+        if i == 0:
+            try:
+                handle.remove()
+            except HandleError as error:
+                errors.append(str(error))
+        return kwargs
+
+    assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3, callback_on_step_end=callback), alone)
+    assert errors and "handle.remove() was called during a call" in errors[0]
+    results: dict = {}
+    thread, release = _paused_call(pipe, results)
+    try:
+        with pytest.raises(HandleError, match="during a call"):
+            handle.remove()
+        with pytest.raises(HandleError, match="during a call"):
+            handle.__exit__(RuntimeError, RuntimeError("the with block's error"), None)
+    finally:
+        release.set()
+        thread.join(60)
+    assert handle.live and torch.equal(results["call"], alone)
+    assert torch.equal(handle.outputs["attention_maps"].maps, maps)
+    handle.remove()
+    assert torch.equal(generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=3), stock)
+
+
 def test_a_call_that_returns_before_its_end_hook_publishes_its_outputs(tiny_cache):
     """StableDiffusionXLAdapterPipeline returns early for output_type="latent", before `maybe_free_model_hooks`, where
     attnctl ends a call: `handle.outputs` raised MissingOutputError and the call stayed open. A call whose pipeline

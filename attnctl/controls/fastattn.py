@@ -625,7 +625,9 @@ class FastAttnBound(Bound):
 
     def finish(self) -> None:
         model, source, fingerprint = self.identity
-        if self.fast.plan is None:
+        calibrated = {step for _, step in self.decided}
+        # a call stopped early (pipe._interrupt) never calibrated its last steps: their "full" was never chosen
+        if self.fast.plan is None and (not self.calibrating or calibrated == set(range(self.steps_count))):
             self.report.plan = FastAttnPlan(
                 model=model, fingerprint=fingerprint, steps=self.steps_count, resolution=self.resolution,
                 frames=self.frames, window=self.fast.window_size, threshold=self.fast.threshold, source=source,

@@ -239,6 +239,7 @@ class DenoiserHooks:
         if self._passthrough:
             return None
         runtime, adapter = self.runtime, self.runtime.adapter
+        runtime.refuse_other_thread()  # before the state of a forward the call may have in progress there is touched
         self._drop_pending()
         self._reused = None  # never left over from a call that failed before its forward
         self.module = module

@@ -103,6 +103,30 @@ class CallOwner:
             frame = frame.f_back
         return False
 
+    def calls_here(self, pipeline: Any) -> bool:
+        """Whether that `__call__` is running on this thread and makes the call in progress here (a denoiser call, a
+        scheduler step) itself: False once it has returned or raised. The call of another pipeline object running
+        inside it (a from_pipe sibling sharing the denoiser, called from a callback) is refused (HandleError). The
+        caller checked the thread; this walks the stack up to that frame, as `running` does."""
+        frame = sys._getframe(1)
+        foreign = None
+        while frame is not None:
+            if frame is self.frame:
+                if foreign is not None:
+                    raise HandleError(
+                        f"attnctl: a {type(foreign).__name__} was called from inside a call of the controlled "
+                        f"{type(pipeline).__name__} (from a callback?), and it shares that pipeline's denoiser (from_pipe): "
+                        "the controls keep the running call's state and would act on the other call's denoiser calls. "
+                        "Call the other pipeline after this call returns, or give it a denoiser of its own"
+                    )
+                return True
+            if foreign is None and frame.f_code.co_name == "__call__":
+                caller = frame.f_locals.get("self")
+                if caller is not pipeline and _is_pipeline(caller):
+                    foreign = caller
+            frame = frame.f_back
+        return False
+
     def returned(self) -> bool:
         """Whether that `__call__` has returned, rather than raised: it is off the stack and the last instruction it
         ran is a return (a frame that raised stops at the raising instruction or at a re-raise)."""
@@ -113,6 +137,11 @@ class CallOwner:
 
 #: The bytecode instructions that return from a function (RETURN_CONST: Python 3.12 and 3.13).
 _RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
+
+
+def _is_pipeline(obj: Any) -> bool:
+    """Whether `obj` is a diffusers pipeline (a `DiffusionPipeline`, found by class name as for ModularPipeline)."""
+    return obj is not None and any(klass.__name__ == "DiffusionPipeline" for klass in type(obj).__mro__)
 
 
 class Runtime:
@@ -193,12 +222,34 @@ class Runtime:
         self.context = None
         self._plans = None
 
-    def _refuse_other_thread(self) -> None:
+    def _refuse_other_thread(self, shared: bool = False) -> None:
+        subject = (f"the {type(self.pipeline).__name__} this denoiser is controlled on (pipelines made with from_pipe share "
+                   "it)" if shared else f"this {type(self.pipeline).__name__}")
         raise HandleError(
-            f"attnctl: this {type(self.pipeline).__name__} is in a call in another thread; a controlled pipeline runs one "
-            "call at a time (its controls keep the call's state): wait for that call, or give each thread its own "
-            "pipeline and handle"
+            f"attnctl: {subject} is in a call in another thread; a controlled pipeline runs one call at a time (its "
+            "controls keep the call's state): wait for that call, or give each thread its own pipeline and handle"
         )
+
+    def refuse_other_thread(self) -> None:
+        """Refuse a denoiser call or a scheduler step made on another thread while the open call runs (a from_pipe
+        sibling shares the denoiser and the scheduler): it would join that call. One `get_ident` when it is not."""
+        owner = self.call.owner if self.call is not None else None
+        if owner is not None and owner.thread != threading.get_ident() and owner.running():
+            self._refuse_other_thread(shared=True)
+
+    def _owner_calls(self, owner: CallOwner) -> bool:
+        """Whether the open call's `__call__` is running and makes the denoiser call or scheduler step in progress;
+        refused when it runs on another thread, or when another pipeline's `__call__` inside it makes it
+        (`CallOwner.calls_here`). False: it has returned or raised."""
+        if owner.thread != threading.get_ident():
+            if owner.running():
+                self._refuse_other_thread(shared=True)
+            return False
+        return owner.calls_here(self.pipeline)
+
+    def call_running(self) -> bool:
+        """Whether the open call's pipeline `__call__` is running (on any thread)."""
+        return self.call is not None and self.call.owner is not None and self.call.owner.running()
 
     def record_encode(self, arguments: dict[str, Any]) -> int:
         owner = self.call.owner if self.call is not None else None
@@ -232,6 +283,13 @@ class Runtime:
         embeds = out[0] if isinstance(out, (tuple, list)) and out else out
         if isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
             call.encode_lengths[index] = int(embeds.shape[1])
+
+    def before_step(self) -> None:
+        """Before a `scheduler.step`: one made from another thread, or by another pipeline's `__call__` inside the
+        open call (a from_pipe sibling shares the scheduler), is refused before it changes the scheduler."""
+        owner = self.call.owner if self.call is not None else None
+        if owner is not None:
+            self._owner_calls(owner)
 
     def scheduler_stepped(self) -> None:
         if self.call is not None:
@@ -283,12 +341,18 @@ class Runtime:
             self.end_call()
 
     def end_call_quietly(self) -> None:
-        """End a call that ended with an error (its controls' finish errors become a warning)."""
+        """End a call that ended with an error (its controls' finish errors become a warning). Nothing it published
+        stays readable (reports published at bind, results at finish): `handle.outputs` then says the last call
+        failed. A call whose `__call__` returned (`call_returned`) ran to its end, and keeps its outputs."""
+        failed = self.call is not None and not self.call_returned()
         try:
             self.end_call()
         except Exception as error:  # noqa: BLE001 - that call failed already
             warnings.warn(f"attnctl: the controls of a call that ended with an error could not finish: "
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
+        finally:
+            if failed:
+                self.outputs.clear()
 
     def _finish_bound(self) -> None:
         """Every bound control of the call finishes, once (one that raises does not stop the others), and the call's
@@ -315,7 +379,7 @@ class Runtime:
     def open_frame(self, inputs: dict[str, Any], batch: int, module: torch.nn.Module | None = None) -> DenoiserCall:
         """The frame of a denoiser call of `module` (the denoiser, or the expert that runs it)."""
         call = self.call
-        if call is not None and call.owner is not None and not call.owner.running():  # it raised, or returned early
+        if call is not None and call.owner is not None and not self._owner_calls(call.owner):  # it raised, or returned early
             self.end_call_quietly()
             call = None
         if call is None or not call.encode_calls:

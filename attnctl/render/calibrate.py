@@ -40,5 +40,10 @@ def calibrate(control: FastAttn, pipe: Any, prompts: str | Sequence[str], *, bac
         pipe(prompt=prompt, **call_kwargs)  # Flux.2 klein takes `image` first
         report = handle.outputs.get(control.key)
     if report is None or report.plan is None:
-        raise ConfigError("attnctl.calibrate: the pipeline call ran no denoising step, so no plan was made")
+        ran = len({step for step, _ in report.entries}) if report is not None else 0
+        steps = f"{ran} of its {report.steps}" if report is not None else "no"
+        raise ConfigError(
+            f"attnctl.calibrate: the pipeline call ran {steps} denoising steps (a callback set pipe._interrupt?), so "
+            "no plan was made: a plan needs every step calibrated; calibrate without stopping the call"
+        )
     return report.plan
