@@ -49,7 +49,8 @@ class Control:
     #: frames x height x width). A control that works on token maps, masks or windows over a 2-D grid says (2,).
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
     #: Call-machinery capabilities the control relies on (`ModelAdapter.lacks`): "extra_rows" (guidance by
-    #: perturbed rows), "appended_text" (tokens appended to a joint text sequence).
+    #: perturbed rows), "appended_text" (tokens appended to a joint text sequence), "row_inputs" (a row's latent input
+    #: replaced: the loss passes, ReferenceAttention's reference row), "second_pass" (a second forward over the re-noised latent input: SAG).
     needs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, type_name: str | None = None, **kwargs: Any) -> None:

@@ -39,7 +39,7 @@ from .foreign_patches import (
 )
 from .instance import Wrapped, describe_callable, wrap_method
 from .kernels import TRACEABLE_BACKENDS, check_features, choose_backend, validate_backend
-from .pipelines.denoiser import DenoiserHooks
+from .pipelines.denoiser import DenoiserHooks, reference_refusal
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import CallOwner, Runtime
 from .processors import processor_for
@@ -183,8 +183,15 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
             f"attnctl: cannot apply to pipe.{attribute}: {summarize(problems)}. Undo the other library's patch before "
             "attnctl.apply (tomesd.remove_patch(pipe), tgate's cleanup), or use attnctl's own ToMe / TGate"
         )
+    refused = adapter.refused_pipelines.get(type(pipe).__name__)
+    if refused is not None:
+        raise UnsupportedError(f"attnctl: {type(pipe).__name__} is not supported: it {refused}")
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
+    if type(pipe).__name__ in adapter.reference_pipelines:
+        reason = reference_refusal(controls, resolved, adapter, f"every {type(pipe).__name__} call holds its image's tokens as a reference")
+        if reason is not None:
+            raise UnsupportedError(reason)
     _refuse_windows_under_attention_caches(controls, resolved, adapter, attribute)
     features = tuple(control.kernel_features(adapter, resolved[position]) for position, control in enumerate(controls))
     for control, needed in zip(controls, features):

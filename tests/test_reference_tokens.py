@@ -226,7 +226,7 @@ def test_attention_maps_are_over_the_generated_grid_against_an_eager_reference(p
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda: attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))]), "needs appended text"),
+        (lambda: attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))]), "appended to the joint text"),
         (lambda: attnctl.FastAttn(threshold=10.0, window=1), "cache, window at transformer_blocks.0.attn"),
         (lambda: attnctl.SAG(scale=0.75), "second pass"),
     ],
@@ -239,6 +239,15 @@ def test_controls_not_defined_over_reference_tokens_are_refused_at_the_call(pipe
             generate(pipe, reference)
         generate(pipe, None, steps=1)  # without reference images the control runs
     assert torch.equal(generate(pipe, reference), stock)
+
+
+def test_a_control_idle_in_the_call_is_not_refused_over_reference_tokens(pipe, reference):
+    """Regions idle at 2 steps (its window starts at 0.9) was warned idle and then refused for its needs, which it
+    never uses in that call; an idle control with an undefined effect ran. Both run now, as stock."""
+    stock = generate(pipe, reference)
+    idle = attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))], steps=(0.9, 1.0))
+    with attnctl.apply(pipe, [idle]), pytest.warns(attnctl.IdleControlWarning):
+        assert torch.equal(generate(pipe, reference), stock)
 
 
 # -- Qwen-Image Edit ----------------------------------------------------------------------------------------------
@@ -342,9 +351,8 @@ def test_qwen_edit_attention_maps_and_refused_regions(edit_pipe, reference):
                 expected[row.prompt, 0] += probs[i][:, positions].sum(-1).reshape(4, 3)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
-    with attnctl.apply(edit_pipe, [attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))])]):
-        with pytest.raises(attnctl.UnsupportedError, match="reference-image tokens"):
-            edit(edit_pipe, reference)
+    with pytest.raises(attnctl.UnsupportedError, match="every QwenImageEditPipeline call holds its image's tokens"):
+        attnctl.apply(edit_pipe, [attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))])])
 
 
 def test_qwen_edit_plus_places_words_after_every_images_vision_tokens(edit_pipe, reference):
@@ -492,3 +500,40 @@ def test_qwen_edit_2511_skip_layer_against_a_hand_skipped_block(edit_2511, refer
     expected = (cond + 2.0 * (cond - skipped))[:, :EDIT_TOKENS]
     assert (cond - skipped).abs().max() > 1e-4
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: attnctl.SAG(scale=0.75),
+    lambda: attnctl.FastAttn(threshold=10.0, window=1),
+    lambda: attnctl.AttendExcite(["cat"]),
+], ids=["SAG", "FastAttn", "AttendExcite"])
+def test_edit_pipelines_refuse_at_apply_what_their_reference_tokens_rule_out(edit_pipe, reference, make):
+    """Every Qwen-Image Edit call holds the image's tokens: these were accepted at apply and failed at each call (SAG
+    only when its first second pass was planned, half the steps in)."""
+    stock = edit(edit_pipe, reference)
+    with pytest.raises(attnctl.UnsupportedError, match="QwenImageEditPipeline call holds"):
+        attnctl.apply(edit_pipe, [make()])
+    assert torch.equal(edit(edit_pipe, reference), stock)
+
+
+def test_pipelines_attnctl_cannot_follow_are_refused_at_apply(edit_pipe):
+    """FluxKontextInpaintPipeline appends its image's tokens to every call (stock fails without an image), and
+    QwenImageLayeredPipeline lists its extra layer images as if they were references: both were accepted at apply,
+    then every Kontext-inpaint call failed, and the layered pipeline's controls acted on its first layer only."""
+    from diffusers import AutoencoderKLQwenImage, FluxKontextInpaintPipeline, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+
+    from attnctl.testing import make_tiny_pipeline
+
+    kontext = FluxKontextInpaintPipeline(**make_tiny_pipeline("tiny-flux").components)
+    with pytest.raises(attnctl.UnsupportedError, match="FluxKontextInpaintPipeline is not supported: it appends its image's tokens"):
+        attnctl.apply(kontext, [])
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=2, z_dim=8, dim_mult=[1] * 6, num_res_blocks=0, temperal_downsample=[False] * 5,
+                                 latents_mean=[0.0] * 8, latents_std=[1.0] * 8, input_channels=4)
+    layered_transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=32, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(4, 6, 6), use_additional_t_cond=True, use_layer3d_rope=True)
+    layered = QwenImageLayeredPipeline(**{**edit_pipe.components, "transformer": layered_transformer, "vae": vae})
+    with pytest.raises(attnctl.UnsupportedError, match="QwenImageLayeredPipeline is not supported: it generates several layer images"):
+        attnctl.apply(layered, [attnctl.PAG()])
+    assert all(type(p).__module__.startswith("diffusers") for p in layered_transformer.attn_processors.values())

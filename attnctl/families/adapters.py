@@ -211,6 +211,10 @@ class FluxAdapter(ModelAdapter):
     rotary: ClassVar[bool] = True
     cfg_calls: ClassVar[str] = "separate"
     padded_text_tokenizer: ClassVar[str | None] = "tokenizer_2"
+    refused_pipelines: ClassVar[dict[str, str]] = {
+        "FluxKontextInpaintPipeline": "appends its image's tokens (or image_reference's) to every call's sequence as a "
+        "reference, which attnctl does not place on FLUX.1 yet (it does on Flux.2 and Qwen-Image's edit pipelines)",
+    }
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "FluxTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
         "FluxSingleTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb"),
@@ -304,7 +308,7 @@ class FluxAdapter(ModelAdapter):
                 f"attnctl: this Flux call's {n} image tokens include {references} tokens of a reference image (img_ids "
                 "with another first coordinate, as FluxKontextPipeline and FluxKontextInpaintPipeline append for their "
                 "`image`); attnctl does not place reference tokens on FLUX.1 yet (it does on Flux.2 and Qwen-Image's "
-                "edit pipelines): call without the image, or without attnctl"
+                "edit pipelines): call FluxKontextPipeline without the image, or without attnctl"
             )
         rows, cols = last_row + 1, last_col + 1
         if rows * cols != n:

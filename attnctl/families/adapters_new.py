@@ -78,6 +78,11 @@ class QwenImageAdapter(ModelAdapter):
     cfg_calls: ClassVar[str] = "separate"
     prompt_mask_index: ClassVar[int | None] = 1  # encode_prompt: (embeds, mask or None when nothing is padded)
     conditioning_inputs: ClassVar[tuple[str, ...]] = ("controlnet_block_samples",)
+    refused_pipelines: ClassVar[dict[str, str]] = {
+        "QwenImageLayeredPipeline": "generates several layer images in one sequence (img_shapes lists the layers after "
+        "the first image), which attnctl would take for reference images: the controls would act on the first layer only",
+    }
+    reference_pipelines: ClassVar[tuple[str, ...]] = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
     }
@@ -345,6 +350,10 @@ class ZImageAdapter(ModelAdapter):
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
     image_token_multiple: ClassVar[int] = ZIMAGE_SEQ_MULTIPLE
+    refused_pipelines: ClassVar[dict[str, str]] = {
+        "ZImageOmniPipeline": "calls the transformer in omni mode (per-image lists of condition images) on every call, "
+        "text-to-image included, which attnctl does not follow yet",
+    }
 
     text_attention: ClassVar[str] = "joint"
     rotary: ClassVar[bool] = True

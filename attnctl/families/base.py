@@ -211,6 +211,11 @@ class ModelAdapter:
     #: control relies on: "extra_rows" to batch perturbed rows into a denoiser call, "appended_text" to append
     #: tokens to the joint text sequence); a control needing one is refused at apply.
     lacks: ClassVar[dict[str, str]] = {}
+    #: Pipelines of the family refused at apply (class name: what the pipeline does that attnctl cannot follow).
+    refused_pipelines: ClassVar[dict[str, str]] = {}
+    #: Pipelines whose every call holds reference-image tokens (`Canvas.reference_len`): the controls that are not
+    #: defined over them are refused at apply, not at each call.
+    reference_pipelines: ClassVar[tuple[str, ...]] = ()
     #: The sign between the denoiser's output and the prediction the pipeline hands to the scheduler (-1: Z-Image's
     #: pipeline negates the output); a second pass (SAG) sees the prediction with the scheduler's sign.
     prediction_sign: ClassVar[int] = 1

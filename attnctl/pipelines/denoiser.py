@@ -116,6 +116,51 @@ class _Pending:
 #: processors give the controls the text and generated-image queries, extend per-key edits over the reference keys with
 #: no change, and let the reference queries attend as stock (`processors/references.py`).
 REFERENCE_EFFECTS: frozenset[str] = frozenset({"capture", "joint_perturb", "key_bias", "perturb", "query", "sparse", "value_scale"})
+#: Needs (`Control.needs`) whose machinery rewrites the latent input, which holds the reference tokens, or the text.
+_LATENT_NEEDS: dict[str, str] = {
+    "row_inputs": "its own latent input for some rows (a loss pass, a reference row)",
+    "appended_text": "tokens appended to the joint text sequence",
+    "second_pass": "a second pass over the re-noised latent input",
+}
+
+
+def undefined_over_references(
+    controls: tuple[Any, ...], resolved: tuple[tuple[LayerInfo, ...], ...], adapter: Any, idle: frozenset[int] = frozenset(),
+) -> tuple[Any, LayerInfo, list[str]] | None:
+    """The first (control, layer, effects) whose effects are not defined over tokens the processors leave unedited
+    (reference-image tokens, Z-Image's image padding: `REFERENCE_EFFECTS`), or None; controls at positions in `idle`
+    edit nothing and are skipped."""
+    for position, control in enumerate(controls):
+        if position in idle:
+            continue
+        for layer in resolved[position]:
+            effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
+            if effects:
+                return control, layer, effects
+    return None
+
+
+def reference_refusal(
+    controls: tuple[Any, ...], resolved: tuple[tuple[LayerInfo, ...], ...], adapter: Any, references: str,
+    idle: frozenset[int] = frozenset(),
+) -> str | None:
+    """Why the controls cannot run where `references` (a description) are in the sequence, or None: a control that
+    rewrites the latent input or the text (`_LATENT_NEEDS`), or whose effects are not defined over the tokens the
+    processors leave unedited (`undefined_over_references`). Checked per call, and at apply for the pipelines whose
+    every call has them (`ModelAdapter.reference_pipelines`)."""
+    for position, control in enumerate(controls):
+        need = next((_LATENT_NEEDS[n] for n in control.needs if n in _LATENT_NEEDS), None)
+        if need is not None and position not in idle:
+            return f"attnctl: {type(control).__name__} needs {need}, and {references}; not supported with reference images"
+    found = undefined_over_references(controls, resolved, adapter, idle)
+    if found is None:
+        return None
+    control, layer, effects = found
+    return (
+        f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the reference-image "
+        f"tokens: {references}; with reference images attnctl supports controls whose effects are "
+        f"{', '.join(sorted(REFERENCE_EFFECTS))}"
+    )
 
 
 def _skipped_error(skipped: tuple[Bound, tuple[LayerInfo, ...]], frame: DenoiserCall, adapter: ModelAdapter) -> UnsupportedError:
@@ -273,11 +318,6 @@ class DenoiserHooks:
         if plan.reuse_cond:
             self._reused = self._reused_output(frame)
             pending.mode = "reused"
-        if plan.second and frame.canvas.reference_len:
-            raise UnsupportedError(
-                "attnctl: a second pass (SAG) re-noises the denoiser's latent input, which holds reference-image tokens in "
-                "this call (Flux.2 image=..., Qwen-Image Edit); SAG with reference images is not supported"
-            )
         if plan.perturbations or plan.second:
             pending.plan = plan
             cond = frame.rows.indices("cond", None)
@@ -386,44 +426,25 @@ class DenoiserHooks:
         return replace_first(output, own + _spread(total, base, prompts))
 
     def _check_reference_tokens(self, frame: DenoiserCall) -> None:
-        """Refuse, once per pipeline call, a control whose effects are not defined over reference-image tokens (the
-        processors leave those unedited: `REFERENCE_EFFECTS`) or that replaces the latent input (which holds them)."""
-        runtime, adapter = self.runtime, self.runtime.adapter
+        """Refuse, once per pipeline call, a control that is not defined with reference-image tokens in the sequence
+        (`reference_refusal`); a control idle in this call is not refused."""
+        runtime = self.runtime
         if self._references_checked is runtime.call:
             return
-        for control in runtime.controls:
-            replaces = [need for need in control.needs if need in ("row_inputs", "appended_text")]
-            if replaces:
-                raise UnsupportedError(
-                    f"attnctl: {type(control).__name__} needs {replaces[0].replace('_', ' ')}, and this {adapter.family} call holds "
-                    f"{frame.canvas.reference_len} reference-image tokens in its sequence (image=...); not supported with "
-                    "reference images"
-                )
-        found = self._undefined_over_references(frame)
-        if found is not None:
-            control, layer, effects = found
-            raise UnsupportedError(
-                f"attnctl: {type(control).__name__} ({', '.join(effects)} at {layer.name}) is not defined over the "
-                f"{frame.canvas.reference_len} reference-image tokens of this {adapter.family} call (image=...); "
-                f"with reference images attnctl supports controls whose effects are {', '.join(sorted(REFERENCE_EFFECTS))}"
-            )
+        reason = reference_refusal(
+            runtime.controls, runtime.resolved, runtime.adapter,
+            f"this {runtime.adapter.family} call holds {frame.canvas.reference_len} reference-image tokens in its sequence (image=...)",
+            idle=self._idle_positions(frame),
+        )
+        if reason is not None:
+            raise UnsupportedError(reason)
         self._references_checked = runtime.call
 
-    def _undefined_over_references(self, frame: DenoiserCall) -> tuple[Any, LayerInfo, list[str]] | None:
-        """The first (control, layer, effects) whose effects are not defined over tokens the processors leave unedited
-        (reference-image tokens, Z-Image's image padding: `REFERENCE_EFFECTS`), or None. A control idle in this call
-        (`Bound.idle_reason`: the handle warns) edits nothing, so it is not refused."""
-        runtime, adapter = self.runtime, self.runtime.adapter
-        call = runtime.call
+    def _idle_positions(self, frame: DenoiserCall) -> frozenset[int]:
+        """The positions of the controls idle in this call (`Bound.idle_reason`: the handle warns); they edit nothing."""
+        call = self.runtime.call
         bound = call.bound if call is not None and call.num_positions is not None else []
-        for position, control in enumerate(runtime.controls):
-            if position < len(bound) and bound[position].idle_reason(frame.step.count) is not None:
-                continue
-            for layer in runtime.resolved[position]:
-                effects = sorted(set(control.layer_effects(adapter, layer)) - REFERENCE_EFFECTS)
-                if effects:
-                    return control, layer, effects
-        return None
+        return frozenset(i for i, b in enumerate(bound) if b.idle_reason(frame.step.count) is not None)
 
     def _check_image_padding(self, frame: DenoiserCall) -> None:
         """Refuse, once per pipeline call, a control whose effects are not defined over the padding tokens between the
@@ -432,7 +453,7 @@ class DenoiserHooks:
         runtime, adapter = self.runtime, self.runtime.adapter
         if self._padding_checked is runtime.call:
             return
-        found = self._undefined_over_references(frame)
+        found = undefined_over_references(runtime.controls, runtime.resolved, adapter, self._idle_positions(frame))
         if found is not None:
             control, layer, effects = found
             canvas = frame.canvas

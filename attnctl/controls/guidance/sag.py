@@ -71,7 +71,7 @@ class SAG(Control, type_name="sag"):
 
     #: images and video: on a (frames, height, width) grid the mask is per token frame and the blur per latent frame
     grid_dims: ClassVar[tuple[int, ...]] = (2, 3)
-    needs: ClassVar[tuple[str, ...]] = ("extra_rows",)  # a second forward of degraded rows
+    needs: ClassVar[tuple[str, ...]] = ("extra_rows", "second_pass")  # a second forward of degraded rows
 
     scale: float = 0.75
     layer: LayerSpec = None
