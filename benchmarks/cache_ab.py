@@ -144,7 +144,8 @@ def make_controls(method: str, pipe, options: dict[str, Any], args) -> tuple[lis
     if method == "tgate":
         return [attnctl.TGate(gate_step=gate_step(options, args))], 0.0
     techniques = ("window_residual", "step_share", "cfg_share") if method == "fastattn" else ("step_share", "cfg_share")
-    control = attnctl.FastAttn(threshold=args.threshold, window=args.window, techniques=techniques)
+    window = args.window if "window_residual" in techniques else None  # a window is refused where no method reads it
+    control = attnctl.FastAttn(threshold=args.threshold, window=window, techniques=techniques)
     start = time.perf_counter()
     with torch.inference_mode():
         plan = attnctl.calibrate(control, pipe, CALIBRATION_PROMPTS, backend=args.backend, generator=torch.Generator().manual_seed(1), **options)
