@@ -76,6 +76,18 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
+def _image_projection(denoiser: torch.nn.Module) -> tuple[Any, Any]:
+    """The denoiser's IP-Adapter image projection as diffusers' IP-Adapter unloading changes it (the module, and the
+    config's `encoder_hid_dim_type`), by identity and value."""
+    config = getattr(denoiser, "config", None)
+    return getattr(denoiser, "encoder_hid_proj", None), getattr(config, "encoder_hid_dim_type", None)
+
+
+def _restore_image_projection(denoiser: torch.nn.Module, saved: tuple[Any, Any]) -> None:
+    """Put back what an IP-Adapter unload changed before attnctl refused it (it rebuilds the processors last)."""
+    denoiser.encoder_hid_proj, denoiser.config.encoder_hid_dim_type = saved
+
+
 def _refuse_modular(pipe: Any) -> None:
     """diffusers' modular pipelines run blocks that encode the prompt and call the denoiser from a shared state,
     without the pipeline-object methods (`check_inputs`, `encode_prompt`, `maybe_free_model_hooks`) where attnctl
@@ -183,12 +195,13 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
             f"attnctl: cannot apply to pipe.{attribute}: {summarize(problems)}. Undo the other library's patch before "
             "attnctl.apply (tomesd.remove_patch(pipe), tgate's cleanup), or use attnctl's own ToMe / TGate"
         )
-    refused = adapter.refused_pipelines.get(type(pipe).__name__)
+    lineage = [klass.__name__ for klass in type(pipe).__mro__]  # a subclass of a refused pipeline does what it does
+    refused = next((adapter.refused_pipelines[name] for name in lineage if name in adapter.refused_pipelines), None)
     if refused is not None:
         raise UnsupportedError(f"attnctl: {type(pipe).__name__} is not supported: it {refused}")
     protocol = protocol_for(adapter.family)
     resolved = _resolve(controls, adapter)
-    if type(pipe).__name__ in adapter.reference_pipelines:
+    if any(name in adapter.reference_pipelines for name in lineage):
         reason = reference_refusal(controls, resolved, adapter, f"every {type(pipe).__name__} call holds its image's tokens as a reference")
         if reason is not None:
             raise UnsupportedError(reason)
@@ -457,6 +470,7 @@ class Handle:
         self._hooks: DenoiserHooks | None = None
         self._snapshots: list[Snapshot] = []
         self._scheduler_wraps: list[Wrapped] = []
+        self._image_projections: dict[str, tuple[Any, Any]] = {}
         self.live = False
 
     # -- installation -----------------------------------------------------------------------------------------
@@ -483,7 +497,13 @@ class Handle:
             self._wrapped.append(wrap_method(pipe, "set_ip_adapter_scale", self._make_on_stock_processors))
         for name in ("load_ip_adapter", "unload_ip_adapter"):
             if callable(getattr(pipe, name, None)):
-                self._wrapped.append(wrap_method(pipe, name, functools.partial(self._make_refusal, name)))
+                self._wrapped.append(wrap_method(pipe, name, functools.partial(self._make_refusal, f"pipe.{name}")))
+        # reached by the IP-Adapter loading of any pipeline sharing the denoiser (from_pipe), not only this one's
+        for attribute, expert in experts.items():
+            if callable(getattr(expert, "_load_ip_adapter_weights", None)):
+                label = f"pipe.{attribute}._load_ip_adapter_weights (load_ip_adapter, on any pipeline sharing it)"
+                self._wrapped.append(wrap_method(expert, "_load_ip_adapter_weights", functools.partial(self._make_refusal, label)))
+        self._image_projections = {attribute: _image_projection(expert) for attribute, expert in experts.items()}
         for expert in experts.values():
             if callable(getattr(expert, "cache_context", None)):
                 self._wrapped.append(wrap_method(expert, "cache_context", self._make_cache_context))
@@ -566,14 +586,14 @@ class Handle:
 
         return on_stock_processors
 
-    def _make_refusal(self, name: str, original):
+    def _make_refusal(self, label: str, original):
         """diffusers' IP-Adapter loading and unloading rebuild every attention processor and change the denoiser's
         image projection: refused while applied, before anything changes."""
 
         def refuse(*args: Any, **kwargs: Any) -> Any:
             raise PipelineChangedError(
-                f"attnctl: pipe.{name} rebuilds the attention processors, which an applied attnctl handle holds; call "
-                f"handle.remove() first, then {name}, then attnctl.apply again (nothing was changed)"
+                f"attnctl: {label} rebuilds the attention processors, which an applied attnctl handle holds; call "
+                f"handle.remove() first, then that call, then attnctl.apply again (nothing was changed)"
             )
 
         return refuse
@@ -671,6 +691,14 @@ class Handle:
         changes = [change for snapshot in self._snapshots for change in snapshot.changes()]
         if changes:
             raise PipelineChangedError(f"attnctl: {summarize(changes)}; call handle.remove(), undo that change, and apply again")
+        moved = [attribute for attribute, expert in self.denoisers().items()
+                 if attribute in self._image_projections and _image_projection(expert) != self._image_projections[attribute]]
+        if moved:
+            raise PipelineChangedError(
+                f"attnctl: the IP-Adapter image projection of pipe.{moved[0]} (encoder_hid_proj) changed after "
+                "attnctl.apply: an IP-Adapter unload through a pipeline sharing the denoiser (from_pipe) that attnctl "
+                "refused half-way; call handle.remove(), which puts it back, then unload the IP-Adapter, then apply again"
+            )
         self._wrap_scheduler()
 
     # -- removal ----------------------------------------------------------------------------------------------
@@ -698,6 +726,9 @@ class Handle:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        for attribute, expert in self.denoisers().items():  # undo what a refused IP-Adapter unload changed first
+            if attribute in self._image_projections and _image_projection(expert) != self._image_projections[attribute]:
+                _restore_image_projection(expert, self._image_projections[attribute])
         stuck = []
         for record in reversed(self._scheduler_wraps + self._wrapped):
             if not record.unwrap():  # another library stacked on attnctl's wrapper: it stays, as a pass-through

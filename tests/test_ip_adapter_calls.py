@@ -105,3 +105,35 @@ def test_flux_query_transforms_leave_the_ip_adapter_queries_stock(monkeypatch):
     assert first.shape[0] == 2  # the cond row and SEG's perturbed row (no true CFG)
     assert float(first[1].std(dim=0).mean()) > 0.1  # not one blurred query over the whole image
     torch.testing.assert_close(first[1], first[0])
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_ip_adapter_unloading_through_a_pipeline_sharing_the_denoiser(name):
+    """A from_pipe sibling calls diffusers' own unload, which clears the denoiser's image projection before it rebuilds
+    the processors (refused there): the controlled calls ran without it (tiny-sd 15.9 off), also after remove()
+    (tiny-flux: every call raised). The next controlled call is refused, and remove() puts the projection back."""
+    pipe = _ip_adapter(make_tiny_pipeline(name), name)
+    stock = _generate(pipe, name)
+    sibling = type(pipe)(**pipe.components)
+    handle = attnctl.apply(pipe, [])
+    with pytest.raises(PipelineChangedError):
+        sibling.unload_ip_adapter()
+    with pytest.raises(PipelineChangedError, match="image projection .*encoder_hid_proj"):
+        _generate(pipe, name)
+    handle.remove()
+    assert torch.equal(_generate(pipe, name), stock)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_ip_adapter_loading_through_the_denoiser_is_refused_before_it_changes_anything(name):
+    """`load_ip_adapter` of any pipeline sharing the denoiser ends in the denoiser's own loader, which cleared the
+    image projection before attnctl's processors refused to be rebuilt."""
+    pipe = _ip_adapter(make_tiny_pipeline(name), name)
+    stock = _generate(pipe, name)
+    denoiser = pipe.unet if name == "tiny-sd" else pipe.transformer
+    projection = denoiser.encoder_hid_proj
+    with attnctl.apply(pipe, []):
+        with pytest.raises(PipelineChangedError, match="_load_ip_adapter_weights .*nothing was changed"):
+            denoiser._load_ip_adapter_weights([{"image_proj": {}, "ip_adapter": {}}], low_cpu_mem_usage=False)
+        assert denoiser.encoder_hid_proj is projection
+        assert torch.equal(_generate(pipe, name), stock)

@@ -537,3 +537,17 @@ def test_pipelines_attnctl_cannot_follow_are_refused_at_apply(edit_pipe):
     with pytest.raises(attnctl.UnsupportedError, match="QwenImageLayeredPipeline is not supported: it generates several layer images"):
         attnctl.apply(layered, [attnctl.PAG()])
     assert all(type(p).__module__.startswith("diffusers") for p in layered_transformer.attn_processors.values())
+
+    class MyKontextInpaint(FluxKontextInpaintPipeline):  # what the class does, a subclass does
+        pass
+
+    with pytest.raises(attnctl.UnsupportedError, match="MyKontextInpaint is not supported"):
+        attnctl.apply(MyKontextInpaint(**make_tiny_pipeline("tiny-flux").components), [])
+
+
+def test_qwen_edit_inpaint_refuses_at_apply_what_its_reference_tokens_rule_out(edit_pipe):
+    from diffusers import QwenImageEditInpaintPipeline
+
+    inpaint = QwenImageEditInpaintPipeline(**edit_pipe.components)
+    with pytest.raises(attnctl.UnsupportedError, match="every QwenImageEditInpaintPipeline call holds"):
+        attnctl.apply(inpaint, [attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))])])

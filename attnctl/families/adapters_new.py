@@ -82,7 +82,7 @@ class QwenImageAdapter(ModelAdapter):
         "QwenImageLayeredPipeline": "generates several layer images in one sequence (img_shapes lists the layers after "
         "the first image), which attnctl would take for reference images: the controls would act on the first layer only",
     }
-    reference_pipelines: ClassVar[tuple[str, ...]] = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+    reference_pipelines: ClassVar[tuple[str, ...]] = ("QwenImageEditPipeline", "QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline")
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "QwenImageTransformerBlock": ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"),
     }
