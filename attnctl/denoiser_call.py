@@ -221,6 +221,18 @@ class DenoiserCall:
     # The pipeline attribute of the denoiser expert running this call (Wan 2.2 A14B: "transformer" for the high-noise
     # steps, "transformer_2" for the low-noise ones); None with one denoiser.
     expert: str | None = None
+    # A compiled forward's `canvas.shape_tensor` on the denoiser's device, made before it (`Runtime.prefill_edits`):
+    # the layers in the graph read the canvas from its shape (`layer_canvas`).
+    canvas_shape: torch.Tensor | None = None
+
+    def layer_canvas(self) -> Canvas:
+        """The canvas as the attention layers read it: in a compiled graph, the one of `canvas_shape`, whose sizes
+        are symbolic once they vary between calls, so that a new image size or prompt length runs the graph compiled
+        for the previous one as the stock denoiser's does; elsewhere `canvas`."""
+        if self.canvas_shape is not None and torch.compiler.is_compiling():
+            return Canvas.from_shape(self.canvas_shape)
+        return self.canvas
 
     def geometry(self, layer: LayerInfo) -> Geometry:
-        return Geometry(layer, self.canvas.grid_at(layer.level), self.canvas.text_len, self.canvas.frames, self.canvas.trailing_len)
+        canvas = self.layer_canvas()
+        return Geometry(layer, canvas.grid_at(layer.level), canvas.text_len, canvas.frames, canvas.trailing_len)

@@ -664,3 +664,51 @@ def test_zimage_with_image_padding_compiles_once():
         pytest.skip("needs diffusers with ZImagePipeline")
     _check("tiny-zimage padded Reweight", *_compiled_run("tiny-zimage", lambda: [attnctl.Reweight({"cat": 2.0})], "inplace",
                                                           steps=3, prompt="a red cat", height=32, width=40))
+
+
+# -- new image sizes and prompt lengths: the graph with dynamic sizes is reused, as stock ----------------------
+SIZES = [(32, 32), (48, 48), (64, 64), (32, 64), (64, 32), (48, 32), (80, 80), (32, 96), (96, 32), (48, 64)]
+WORDS = "a photo of a cat on a red car near a big tree in the park at night".split()
+
+
+def _sweep(name, make, calls):
+    """(eager outputs, compiled outputs, graphs compiled) of the pipeline calls `calls` (keyword arguments) with the
+    controls `make()`, the whole denoiser compiled on dynamo's "eager" backend."""
+    pipe = make_tiny_pipeline(name)
+    with attnctl.apply(pipe, make()):
+        eager = [generate(pipe, name, steps=1, **call) for call in calls]
+    counter = CompileCounterWithBackend("eager")
+    _denoiser(pipe).compile(backend=counter)
+    try:
+        with attnctl.apply(pipe, make()):
+            compiled = [generate(pipe, name, steps=1, **call) for call in calls]
+    finally:
+        _uncompile(_denoiser(pipe))
+    return eager, compiled, counter.frame_count
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_new_image_sizes_reuse_the_compiled_graph(name):
+    """Dynamo compiles a stock denoiser for the first image size, and once more with dynamic sizes at the second
+    (automatic dynamic shapes), which every later size reuses. With controls the same holds: the layers read the
+    call's sizes from a tensor's shape, never as ints the graph would be specialised to. Ten sizes, past dynamo's
+    recompile limit (8), after which a graph per size would run the denoiser uncompiled."""
+    calls = [{"prompt": PROMPT, "height": h, "width": w} for h, w in SIZES]
+    eager, compiled, graphs = _sweep(name, lambda: [attnctl.PAG(), attnctl.Reweight({"cat": 2.0})], calls)
+    for call, want, got in zip(calls, eager, compiled):
+        assert torch.equal(got, want), call
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 2, graphs
+
+
+@pytest.mark.parametrize("make", [lambda: attnctl.Reweight({"cat": 2.0}), lambda: attnctl.PAG()], ids=["reweight", "pag"])
+def test_new_prompt_lengths_reuse_the_compiled_graph(make):
+    """Qwen-Image's text length is the prompt's: stock compiles a static graph and a dynamic one, reused by every
+    later length. With controls: at most a static and a dynamic graph per structure (Reweight edits the cond call
+    only, so its uncond call is another structure; PAG's cond call has the perturbed rows), never one per length."""
+    calls = [{"prompt": " ".join(WORDS[:n])} for n in (5, 7, 9, 11, 13, 15, 17, 6, 8, 10)]
+    eager, compiled, graphs = _sweep("tiny-qwenimage", make, calls)
+    for call, want, got in zip(calls, eager, compiled):
+        assert torch.equal(got, want), call
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 4, graphs

@@ -25,7 +25,7 @@ from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, upload
 from ..errors import CallLayoutError, ConfigError
 from ..families.base import LayerInfo, ModelAdapter
-from ..processors.edit import Edit
+from ..processors.edit import Edit, image_queries
 from ..selection import LayerSpec, validate_layers
 from ..steps import StepInfo, StepWindow, validate_steps
 from ..tokens import WordQuery, describe_query, explicit_position, validate_word_query
@@ -412,7 +412,7 @@ class ReweightBound(Bound):
                     self._check_text_len(frame, layer, geometry.text_len)
                     self._scales[key] = self._scale(frame, key_text, n_keys)
                 image_rows = None if layer.kind == "cross" else geometry.image_slice
-                query_range = None if image_rows is None else (image_rows.start, image_rows.stop)
+                query_range = None if image_rows is None else image_queries(image_rows, frame)
                 scale = self._scales[key][k]  # a view: no operation
                 cached = Edit(key_bias=scale, query_range=query_range) if self.normalize else Edit(value_scale=scale, query_range=query_range)
             self._cache[(k, key)] = cached

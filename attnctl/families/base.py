@@ -94,6 +94,20 @@ class Canvas:
         reference-image tokens, and the image padding, which Z-Image's processor moves there."""
         return self.reference_len + self.image_pad
 
+    def shape_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """A tensor with no elements whose shape holds this canvas's sizes (`from_shape` reads them back). A compiled
+        forward reads the sizes from its shape rather than from this canvas's ints, which dynamo would make constants
+        of the graph (a new graph for every image size and prompt length); tensor sizes that vary between calls
+        become symbolic (automatic dynamic shapes), as the denoiser's own inputs' do."""
+        sizes = (*self.latent_hw, *self.token_hw, self.text_len, self.frames, self.reference_len, self.image_pad)
+        return torch.empty((0, *sizes), device=device)
+
+    @staticmethod
+    def from_shape(sizes: torch.Tensor) -> Canvas:
+        """The canvas whose `shape_tensor` is `sizes` (in a graph, with the symbolic sizes of its shape)."""
+        _, latent_h, latent_w, token_h, token_w, text_len, frames, reference_len, image_pad = sizes.shape
+        return Canvas((latent_h, latent_w), (token_h, token_w), text_len, frames, reference_len, image_pad)
+
     def grid_at(self, level: int) -> tuple[int, int]:
         h, w = self.token_hw
         for _ in range(level):

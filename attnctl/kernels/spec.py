@@ -189,6 +189,12 @@ class Sparse:
     scale: float = 2.0
 
 
+#: An edit's `query_range` meaning the layer's image queries (`Geometry.image_slice`), made a range by the processor
+#: (`Edit.spec`): an edit made before a compiled forward then holds no token count, which dynamo would make a constant
+#: of the graph (one graph per image size and prompt length).
+IMAGE_QUERIES = "image"
+
+
 @dataclass(frozen=True)
 class AttentionSpec:
     """The changes to one attention call. See the module docstring for shapes.
@@ -196,14 +202,15 @@ class AttentionSpec:
     `key_bias` (additive logits) and `value_scale` (multiplies value rows, i.e. `A (w * V)`: Prompt-to-Prompt
     reweighting without renormalisation) act per key and apply to the query rows in `query_range`
     (None: all rows); `sparse` applies to the same rows. `attn_mask` is the model's own additive mask,
-    passed through exactly as the stock processor passes it.
+    passed through exactly as the stock processor passes it. An edit's `query_range` may be `IMAGE_QUERIES`, which
+    the processor makes the layer's image rows before the op (`Edit.spec`); a backend never sees it.
     """
 
     scale: float | None = None
     attn_mask: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
     value_scale: torch.Tensor | None = None
-    query_range: tuple[int, int] | None = None
+    query_range: tuple[int, int] | str | None = None
     labels: LabelMask | None = None
     window: Window | None = None
     sparse: Sparse | None = None

@@ -174,6 +174,7 @@ class Runtime:
         self._call_makers: dict[int, Any] = {}  # id(Wrapped) -> the maker that made it (to re-stack it)
         self.prefilled = False  # True while the processors' `edit_now` holds the current frame's edits (compiled)
         self._prefilled_processors: dict[str, Any] = {}  # whose `edit_now` to clear when the forward ends
+        self._canvas_shapes: tuple[tuple[Canvas, torch.device], torch.Tensor] | None = None  # the last `_canvas_shape`
         self._signature = inspect.signature(type(adapter.denoiser).forward.__get__(adapter.denoiser))  # the class's: see denoiser.call_signature
         self._plans: tuple[DenoiserCall, list[RowPlan]] | None = None  # the active bound controls' plans of a frame
         self._handle_caches: dict[int, dict[Any, Any]] = {}  # control position -> its cache for the handle's life
@@ -718,6 +719,7 @@ class Runtime:
         held = self._held_layers(module)
         skipped = self._skipped_blocks(self.frame)
         self.frame.compiled = True
+        self.frame.canvas_shape = self._canvas_shape(self.frame.canvas, self.frame.inputs)
         self._prefilled_processors = processors
         for layer in self.adapter.layers:
             runs = layer.index in held and not layer.name.startswith(skipped)
@@ -728,6 +730,20 @@ class Runtime:
             if edit is not None:
                 self._check_traced_window(layer, edit)
         self.prefilled = True
+
+    def _canvas_shape(self, canvas: Canvas, inputs: dict[str, Any] | None) -> torch.Tensor:
+        """`canvas.shape_tensor` on the device of the denoiser's inputs, made once per canvas and device."""
+        device = torch.device("cpu")
+        for value in (inputs or {}).values():
+            if isinstance(value, (list, tuple)) and value:  # a list of per-row tensors (Z-Image)
+                value = value[0]
+            if isinstance(value, torch.Tensor):
+                device = value.device
+                break
+        made = self._canvas_shapes
+        if made is None or made[0] != (canvas, device):
+            made = self._canvas_shapes = ((canvas, device), canvas.shape_tensor(device))
+        return made[1]
 
     def _skipped_blocks(self, frame: DenoiserCall) -> tuple[str, ...]:
         """Prefixes of the layers the denoiser skips in this call (SD3's skip-layer pass: the protocol's

@@ -117,7 +117,7 @@ class ControlledProcessor:
         self, call: AttentionCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Attention with the edit's spec on the chosen backend, wrapped by the edit's hooks, (B, H, N, D)."""
-        spec = edit.spec(attn_mask=attn_mask)
+        spec = edit.spec(attn_mask=attn_mask, geometry=call.geometry)
         fn = self.compute
         for hook in reversed(edit.hooks):
             fn = _bind_hook(hook, call, fn)

@@ -97,6 +97,12 @@ class TokenLayout:
         return TokenLayout(n, n, image, image, text, text, sub=True)
 
 
+def has_span(span: slice | None) -> bool:
+    """Whether a token span that may be None (`TokenLayout.text_q`) is given. Not `span is not None`: dynamo makes the
+    symbolic bounds of a slice it compares by identity constants of the graph (a new graph per image size)."""
+    return isinstance(span, slice)
+
+
 def token_layout(call: AttentionCall) -> TokenLayout:
     """The token layout of the op a hook is asked to run: the layer's own, or the one an outer hook declared."""
     return call.token_layout or TokenLayout.of(call.geometry)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..kernels.semantics import EDIT_FIELDS, edits_keys, merge_specs
-from ..kernels.spec import PLAIN, AttentionSpec
+from ..kernels.spec import IMAGE_QUERIES, PLAIN, AttentionSpec
 
 if TYPE_CHECKING:
     from ..denoiser_call import DenoiserCall
@@ -257,8 +257,12 @@ class Edit:
             return getattr(self.kernel, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def spec(self, attn_mask: torch.Tensor | None = None, scale: float | None = None) -> AttentionSpec:
+    def spec(self, attn_mask: torch.Tensor | None = None, scale: float | None = None, geometry: Geometry | None = None) -> AttentionSpec:
+        """The spec of the attention call at the layer of `geometry` (its `IMAGE_QUERIES` made its image rows)."""
         kernel = self.kernel
+        if kernel.query_range == IMAGE_QUERIES:
+            image = geometry.image_slice
+            kernel = dataclasses.replace(kernel, query_range=(image.start, image.stop))
         if attn_mask is None and scale is None and kernel.attn_mask is None and kernel.scale is None:
             return kernel  # the common call: no copy of the spec per attention call
         return dataclasses.replace(kernel, scale=scale, attn_mask=attn_mask)
@@ -266,6 +270,12 @@ class Edit:
     @property
     def per_key(self) -> bool:
         return edits_keys(self.kernel)
+
+
+def image_queries(image: slice, frame: DenoiserCall) -> tuple[int, int] | str:
+    """An edit's `query_range` over its layer's image queries `image`: the range, or in a compiled forward
+    `IMAGE_QUERIES`, which the processor makes the range inside the graph from its symbolic sizes."""
+    return IMAGE_QUERIES if frame.compiled else (image.start, image.stop)
 
 
 def merge_edits(edits: list[Edit], where: str) -> Edit | None:

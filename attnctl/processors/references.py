@@ -21,7 +21,7 @@ from .edit import Edit
 def count(processor: Any) -> int:
     """The reference-image tokens of the denoiser call in progress (0 outside a call)."""
     frame = getattr(processor.runtime, "frame", None)
-    return frame.canvas.reference_len if frame is not None else 0
+    return frame.layer_canvas().reference_len if frame is not None else 0
 
 
 def begin(processor: Any, attn: Any, hidden_states: torch.Tensor, context: Any) -> tuple[Any, Any, Any, torch.Tensor]:

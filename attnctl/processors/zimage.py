@@ -115,7 +115,7 @@ def _image_padding(processor: ControlledProcessor, hidden: torch.Tensor) -> tupl
     frame = getattr(processor.runtime, "frame", None)
     if frame is None:
         return 0, 0, 0
-    canvas = frame.canvas
+    canvas = frame.layer_canvas()
     image = canvas.token_hw[0] * canvas.token_hw[1]
     expected = image + canvas.image_pad + (canvas.text_len if processor.layer.concatenated else 0)
     return image, canvas.image_pad, max(expected - int(hidden.shape[1]), 0)

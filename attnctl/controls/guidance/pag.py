@@ -39,7 +39,7 @@ from ...kernels.semantics import (
     spec_rows,
 )
 from ...kernels.spec import AttentionSpec, per_key
-from ...processors.chain import TokenLayout, backend_op, restricted_rows, token_layout
+from ...processors.chain import TokenLayout, backend_op, has_span, restricted_rows, token_layout
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
@@ -148,7 +148,7 @@ def _joint_rows(call: AttentionCall, layout: TokenLayout, q, k, v, spec: Attenti
     """The perturbed rows of a joint layer: image queries by `joint_identity`, text queries (if any) by the layer's
     attention op over every key (a window never restricts text queries, so it is left out there)."""
     image_out, image_lse = joint_identity(q, k, v, spec, layout.image_q, layout.image_k, layout.text_k)
-    if layout.text_q is None:
+    if not has_span(layout.text_q):
         return image_out.to(q.dtype), image_lse
     text = layout.text_q
     text_spec = spec_queries(dataclasses.replace(spec, window=None), text.start, text.stop)
@@ -195,8 +195,8 @@ def joint_identity(
     computed in float32.
     """
     total = k.shape[2]
-    image_keys = image if image_keys is None else image_keys
-    if text_keys is None:
+    image_keys = image_keys if has_span(image_keys) else image
+    if not has_span(text_keys):
         if image_keys.start == 0:
             text_keys = slice(image_keys.stop, total)
         elif image_keys.stop == total:
@@ -219,12 +219,13 @@ def joint_identity(
     rows = query_rows(spec, image, q.device)
     rows = None if rows is None else rows[:, None]  # (N, 1)
 
-    def combine(p: torch.Tensor, scaled: bool) -> torch.Tensor:
-        self_v, text_v = vi, vt
-        if scaled and spec.value_scale is not None:
-            weights = per_key(spec.value_scale, "value_scale").float()
-            self_v = vi * weights[..., image_keys, None]
-            text_v = vt * weights[..., text_keys, None]
+    scaled_values = (vi, vt)
+    if spec.value_scale is not None:
+        weights = per_key(spec.value_scale, "value_scale").float()
+        scaled_values = (vi * weights[..., image_keys, None], vt * weights[..., text_keys, None])
+
+    def combine(p: torch.Tensor, scaled: bool) -> torch.Tensor:  # no slice in its closure: dynamo would make it constant
+        self_v, text_v = scaled_values if scaled else (vi, vt)
         return p[..., :1] * self_v + p[..., 1:] @ text_v
 
     def on_rows(edited: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.spec import Sparse
-from ...processors.edit import Edit
+from ...processors.edit import Edit, image_queries
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
 from ...validation import number, set_field
@@ -85,5 +85,5 @@ class _PLADISBound(Bound):
         image = frame.geometry(layer).image_slice  # joint attention: the image-query rows only
         key = (layer.index, image.start, image.stop)
         if key not in self._edits:
-            self._edits[key] = Edit(sparse=self.sparse, query_range=(image.start, image.stop))
+            self._edits[key] = Edit(sparse=self.sparse, query_range=image_queries(image, frame))
         return self._edits[key]
