@@ -76,16 +76,19 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
     )
 
 
-def _image_projection(denoiser: torch.nn.Module) -> tuple[Any, Any]:
-    """The denoiser's IP-Adapter image projection as diffusers' IP-Adapter unloading changes it (the module, and the
-    config's `encoder_hid_dim_type`), by identity and value."""
+def _image_projection(denoiser: torch.nn.Module) -> tuple[Any, Any, Any]:
+    """The denoiser's projections as diffusers' IP-Adapter unloading changes them, by identity and value: the image
+    projection, the config's `encoder_hid_dim_type`, and the text projection an IP-Adapter moved aside (Kolors)."""
     config = getattr(denoiser, "config", None)
-    return getattr(denoiser, "encoder_hid_proj", None), getattr(config, "encoder_hid_dim_type", None)
+    return (getattr(denoiser, "encoder_hid_proj", None), getattr(config, "encoder_hid_dim_type", None),
+            getattr(denoiser, "text_encoder_hid_proj", None))
 
 
-def _restore_image_projection(denoiser: torch.nn.Module, saved: tuple[Any, Any]) -> None:
+def _restore_image_projection(denoiser: torch.nn.Module, saved: tuple[Any, Any, Any]) -> None:
     """Put back what an IP-Adapter unload changed before attnctl refused it (it rebuilds the processors last)."""
-    denoiser.encoder_hid_proj, denoiser.config.encoder_hid_dim_type = saved
+    denoiser.encoder_hid_proj, denoiser.config.encoder_hid_dim_type, text = saved
+    if hasattr(denoiser, "text_encoder_hid_proj"):
+        denoiser.text_encoder_hid_proj = text
 
 
 def _refuse_modular(pipe: Any) -> None:
@@ -470,7 +473,7 @@ class Handle:
         self._hooks: DenoiserHooks | None = None
         self._snapshots: list[Snapshot] = []
         self._scheduler_wraps: list[Wrapped] = []
-        self._image_projections: dict[str, tuple[Any, Any]] = {}
+        self._image_projections: dict[str, tuple[Any, Any, Any]] = {}
         self.live = False
 
     # -- installation -----------------------------------------------------------------------------------------

@@ -137,3 +137,39 @@ def test_ip_adapter_loading_through_the_denoiser_is_refused_before_it_changes_an
             denoiser._load_ip_adapter_weights([{"image_proj": {}, "ip_adapter": {}}], low_cpu_mem_usage=False)
         assert denoiser.encoder_hid_proj is projection
         assert torch.equal(_generate(pipe, name), stock)
+
+
+def _text_projected_sd():
+    """tiny-sd with a UNet that projects its text (Kolors' `encoder_hid_dim_type="text_proj"`), and an IP-Adapter,
+    which moves that projection to `text_encoder_hid_proj`."""
+    from diffusers import UNet2DConditionModel
+
+    base = make_tiny_pipeline("tiny-sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(base.unet.config, encoder_hid_dim_type="text_proj",
+                                            encoder_hid_dim=base.text_encoder.config.hidden_size)
+    pipe = type(base)(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    return _ip_adapter(pipe, "tiny-sd")
+
+
+def test_a_refused_unload_on_a_text_projecting_unet_is_undone_whole():
+    """diffusers' unload also moves the text projection back before it is refused: remove() left
+    text_encoder_hid_proj None, and the UNet then skipped its text projection (5.8 off stock)."""
+    pipe = _text_projected_sd()
+    stock = _generate(pipe, "tiny-sd")
+    handle = attnctl.apply(pipe, [])
+    with pytest.raises(PipelineChangedError):
+        type(pipe)(**pipe.components).unload_ip_adapter()
+    handle.remove()
+    assert torch.equal(_generate(pipe, "tiny-sd"), stock)
+
+
+def test_region_prompts_are_projected_as_the_unet_projects_text_under_an_ip_adapter():
+    """With the IP-Adapter's image projection in `encoder_hid_proj`, the UNet still projects the text through
+    `text_encoder_hid_proj`; attnctl's own projection of region prompts skipped it."""
+    pipe = _text_projected_sd()
+    with attnctl.apply(pipe, []) as handle:
+        embeds = torch.randn(1, 7, pipe.text_encoder.config.hidden_size)
+        expected = pipe.unet.text_encoder_hid_proj(embeds)
+        torch.testing.assert_close(handle.adapter.project_text(embeds), expected)

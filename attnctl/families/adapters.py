@@ -56,9 +56,12 @@ class UNetAdapter(ModelAdapter):
         kind = getattr(self.denoiser.config, "encoder_hid_dim_type", None)
         if kind == "text_proj":
             return projection(embeds)
-        if kind != "ip_image_proj":  # IP-Adapter's image projection leaves the text alone
+        if kind != "ip_image_proj":
             raise UnsupportedError(f"attnctl: a UNet whose encoder_hid_dim_type is {kind!r} is not supported here")
-        return embeds
+        # an IP-Adapter's image projection takes the image embeddings; a text projection it moved aside (Kolors) still
+        # projects the text, as the UNet's forward does
+        text = getattr(self.denoiser, "text_encoder_hid_proj", None)
+        return embeds if text is None else text(embeds)
 
     @classmethod
     def discover(cls, denoiser: torch.nn.Module) -> UNetAdapter:
