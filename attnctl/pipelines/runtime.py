@@ -231,12 +231,13 @@ class Runtime:
             "controls keep the call's state): wait for that call, or give each thread its own pipeline and handle"
         )
 
-    def refuse_other_thread(self) -> None:
-        """Refuse a denoiser call or a scheduler step made on another thread while the open call runs (a from_pipe
-        sibling shares the denoiser and the scheduler): it would join that call. One `get_ident` when it is not."""
+    def refuse_other_thread(self, shared: bool = True) -> None:
+        """Refuse what is made on another thread while the open call runs: a denoiser call or a scheduler step (a
+        from_pipe sibling shares the denoiser and the scheduler: `shared`), or a prompt encoding of this pipeline; it
+        would join that call. One `get_ident` when it is not."""
         owner = self.call.owner if self.call is not None else None
         if owner is not None and owner.thread != threading.get_ident() and owner.running():
-            self._refuse_other_thread(shared=True)
+            self._refuse_other_thread(shared=shared)
 
     def _owner_calls(self, owner: CallOwner) -> bool:
         """Whether the open call's `__call__` is running and makes the denoiser call or scheduler step in progress;
@@ -253,9 +254,8 @@ class Runtime:
         return self.call is not None and self.call.owner is not None and self.call.owner.running()
 
     def record_encode(self, arguments: dict[str, Any]) -> int:
+        self.refuse_other_thread(shared=False)
         owner = self.call.owner if self.call is not None else None
-        if owner is not None and owner.thread != threading.get_ident() and owner.running():
-            self._refuse_other_thread()
         if owner is not None and self.call.frames and owner.running():
             raise HandleError(
                 f"attnctl: {type(self.pipeline).__name__}.encode_prompt was called during the denoising loop of a "
