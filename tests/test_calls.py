@@ -155,6 +155,33 @@ def test_sdxl_denoising_end_counts_the_steps_run_on_conditioned_pipelines(tiny_c
     assert seen[0] == seen[1] == ("bind", 8, True, 1)
 
 
+@pytest.mark.filterwarnings("ignore:attnctl. BoxGuidance moves the latent")
+def test_extra_forwards_get_the_t2i_adapter_residuals(tiny_cache):
+    """The UNet pops T2I-Adapter residuals off the list it is given: SAG's degraded pass, a separate perturbation's pass
+    and every loss pass after the first ran without the adapter (PAG(separate=True) 16.3 off PAG() on tiny-sdxl)."""
+    pipe = tiny_sdxl_conditioned(tiny_cache("tiny-sdxl"), "adapter")
+    levels = []
+    counter = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: levels.append(len(kwargs["down_intrablock_additional_residuals"])), with_kwargs=True
+    )
+    options = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="latent", image=torch.rand(1, 3, 32, 32))
+    outputs = []
+    try:
+        for controls in ([attnctl.PAG(scale=3.0)], [attnctl.PAG(scale=3.0, separate=True), attnctl.SAG(scale=0.5)],
+                         [attnctl.BoxGuidance({"cat": (0, 0, 0.5, 1)}, iterations=2, steps=(0.0, 1.0))]):
+            with attnctl.apply(pipe, controls):
+                outputs.append(pipe(**options, generator=torch.Generator().manual_seed(0)).images)
+    finally:
+        counter.remove()
+    assert len(levels) > 8 and set(levels) == {2}
+    with attnctl.apply(pipe, [attnctl.SAG(scale=0.5)]):
+        sag = pipe(**options, generator=torch.Generator().manual_seed(0)).images
+    with attnctl.apply(pipe, [attnctl.PAG(scale=3.0, separate=True)]):
+        pag_separate = pipe(**options, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(pag_separate, outputs[0], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(sag, pag_separate)
+
+
 def test_state_does_not_leak_between_calls():
     pipe = make_tiny_pipeline("tiny-sd")
     fresh = Probe()

@@ -91,6 +91,12 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
     return out
 
 
+def _unconsumed(inputs: dict[str, Any]) -> dict[str, Any]:
+    """`inputs` with each list input copied: the UNet pops T2I-Adapter residuals off
+    `down_intrablock_additional_residuals` as it adds them, so a list one forward was given is empty after it."""
+    return {name: list(value) if type(value) is list else value for name, value in inputs.items()}
+
+
 def call_signature(module: torch.nn.Module) -> inspect.Signature:
     """The denoiser's call signature, taken from its class: another library's instance-level `forward`
     wrapper (DeepCache, cache-dit, accelerate's hooks) often takes `*args, **kwargs` only."""
@@ -265,7 +271,7 @@ class DenoiserHooks:
                 f"{wrapper}: it keeps features of the pipeline's own calls across steps, which an extra forward of "
                 "other rows would overwrite or misread. Disable the cache, or leave the control out"
             )
-        args, kwargs = self._arguments(inputs)
+        args, kwargs = self._arguments(_unconsumed(inputs))
         self._passthrough += 1
         self.runtime.enter(frame)
         if self.compiled:
@@ -310,7 +316,7 @@ class DenoiserHooks:
             inputs = rebatch(inputs, tuple(n for n in adapter.batched_inputs if n in conditioning), (), batch, source)
             frame = dataclasses.replace(frame, rows=layout, inputs=inputs)
             batch = len(index)
-        pending = _Pending(frame, inputs, batch, outer=outer)
+        pending = _Pending(frame, _unconsumed(inputs), batch, outer=outer)
         skip_kwarg = runtime.protocol.skip_layer_kwarg
         pending.skips_layers = bool(skip_kwarg and inputs.get(skip_kwarg) is not None)
         call_frame, call_inputs = frame, inputs
