@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AttnctlError(Exception):
-    """Base class of every error attnctl raises on purpose."""
+    """Base class of every error attnctl raises on purpose. `handle`: the live handle the error is about, where one
+    stands in the way (a pipeline that still holds a handle whose object was lost: `error.handle.remove()`), else None."""
+
+    def __init__(self, *args: object, handle: Any = None):
+        super().__init__(*args)
+        self.handle = handle
 
 
 class ConfigError(AttnctlError, ValueError):

@@ -51,10 +51,18 @@ from .selection import describe_layers
 # cell run again, a Model never released) is freed with its handle; while the pipeline lives, its wrappers hold the
 # handle.
 _LIVE: weakref.WeakKeyDictionary[torch.nn.Module, weakref.ReferenceType[Handle]] = weakref.WeakKeyDictionary()
+# The live handle of each controlled pipeline, likewise: a pipeline whose denoiser was swapped after apply still holds
+# that handle's wrappers, and is refused another apply until it is removed.
+_LIVE_PIPELINES: weakref.WeakKeyDictionary[Any, weakref.ReferenceType[Handle]] = weakref.WeakKeyDictionary()
 
 
 def _live_handle(denoiser: torch.nn.Module) -> Handle | None:
     found = _LIVE.get(denoiser)
+    return found() if found is not None else None
+
+
+def _live_pipeline_handle(pipe: Any) -> Handle | None:
+    found = _LIVE_PIPELINES.get(pipe)
     return found() if found is not None else None
 
 CHANGE_HINT = (
@@ -185,8 +193,16 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         if live is not None and live.live:
             raise HandleError(
                 f"attnctl: pipe.{name} already has a live attnctl handle (applied to a {type(live.pipeline).__name__}); "
-                "pipelines made with from_pipe share the denoiser. Call handle.remove() before applying again."
+                "pipelines made with from_pipe share the denoiser. Call handle.remove() before applying again (a handle "
+                "no longer at hand: error.handle.remove())", handle=live,
             )
+    live = _live_pipeline_handle(pipe)
+    if live is not None and live.live:  # its denoiser was replaced since (the check above found none on the new one)
+        raise HandleError(
+            f"attnctl: this {type(pipe).__name__} still has a live attnctl handle, applied to the pipe.{live.attribute} it "
+            f"held before pipe.{live.attribute} was replaced; remove it first: handle.remove() (a handle no longer at "
+            "hand: error.handle.remove()), then apply again", handle=live,
+        )
     for method in ("encode_prompt",):
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
@@ -237,6 +253,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
         raise
     for module in denoisers.values():
         _LIVE[module] = weakref.ref(handle)
+    _LIVE_PIPELINES[pipe] = weakref.ref(handle)
     return handle
 
 
@@ -664,7 +681,8 @@ class Handle:
             current = getattr(self.pipeline, attribute, None)
             if current is None or uncompiled(current) is not denoiser:
                 raise PipelineChangedError(
-                    f"attnctl: pipe.{attribute} was replaced after attnctl.apply; call handle.remove() and apply again"
+                    f"attnctl: pipe.{attribute} was replaced after attnctl.apply; call handle.remove() and apply again "
+                    "(a handle no longer at hand: error.handle.remove())", handle=self,
                 )
             compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
         _refuse_windows_under_attention_caches(self.controls, self.runtime.resolved, self.adapter, self.attribute)
@@ -743,6 +761,8 @@ class Handle:
         for denoiser in self.denoisers().values():
             if _live_handle(denoiser) is self:
                 del _LIVE[denoiser]
+        if _live_pipeline_handle(self.pipeline) is self:
+            del _LIVE_PIPELINES[self.pipeline]
         self.runtime.drop_handle_caches()
         if stuck:
             raise PipelineChangedError(

@@ -4,14 +4,24 @@
 puts back exactly what was there. If something was stacked on top of the wrapper in the meantime
 (accelerate's offload hooks keep the previous forward as `_old_forward`), the stack is mended in place;
 a wrapper that cannot be taken out is switched to pass-through instead.
+
+On an object that is not an `nn.Module` (the pipeline, its scheduler, image or video processor) the wrapper is a
+`MethodWrapper`, whose deep copies and pickles are what was there before the wrap: a copy of a wrapped scheduler is a
+stock scheduler of its own, not one whose `step` steps the original. Module methods (`forward`) keep plain function
+wrappers, which dynamo traces; a module with a live handle is not copied anyway (its hooks refuse it). A shallow
+`copy.copy` of the object shares its instance attributes, the wrapper included, and cannot be intercepted.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 _MISSING = object()
 
@@ -45,6 +55,43 @@ class Wrapped:
         return current is self.previous  # someone else already put back what was there before: nothing of ours left
 
 
+class MethodWrapper:
+    """attnctl's instance-level wrapper of a method of an object that is not an `nn.Module`: calls `call`; a deep copy
+    or a pickle of it (made with the object holding it) is what the attribute was before the wrap, so the copy of a
+    wrapped scheduler or image processor is stock and independent of the original and of the handle."""
+
+    __attnctl_wrapper__ = True
+    __attnctl_record__: Wrapped
+
+    def __init__(self, call: Callable[..., Any], original: Callable[..., Any]):
+        functools.update_wrapper(self, original)  # its name and signature (`inspect.signature` follows __wrapped__)
+        self._call = call  # after: update_wrapper copies the attributes of `original`, another wrapper's `_call` too
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<attnctl wrapper of {self.__module__}.{self.__qualname__}>"
+
+    def __copy__(self) -> MethodWrapper:
+        return self  # as a function's copy is the function
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        record = self.__attnctl_record__
+        if record.previous is not _MISSING:
+            return copy.deepcopy(record.previous, memo)
+        # the class's method, bound to the copy of record.obj under construction (in `memo`; a wrapper copied on its
+        # own copies its object, as the deep copy of a bound method does)
+        return copy.deepcopy(record.original, memo)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        record = self.__attnctl_record__
+        if record.previous is not _MISSING:
+            return operator.getitem, ((record.previous,), 0)
+        # unpickled before the object's attributes are set: the class's method of the new object, as a bound method
+        return getattr, (record.obj, record.name)
+
+
 def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Wrapped:
     """Wrap `obj.<name>` (looked up as Python would) with `make(original)` at instance level."""
     previous = obj.__dict__.get(name, _MISSING)
@@ -57,12 +104,12 @@ def wrap_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callab
 
     inner = make(below)
 
-    @functools.wraps(original)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
         if not record.active:
             return record.original(*args, **kwargs)
         return inner(*args, **kwargs)
 
+    wrapper: Any = functools.update_wrapper(call, original) if isinstance(obj, torch.nn.Module) else MethodWrapper(call, original)
     wrapper.__attnctl_wrapper__ = True  # lets foreign-patch checks tell attnctl's own wraps from others'
     record = Wrapped(obj, name, previous, original, wrapper)
     wrapper.__attnctl_record__ = record

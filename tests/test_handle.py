@@ -415,6 +415,49 @@ def test_processors_left_by_a_removed_handle_copy_and_pickle_as_the_stock_ones(k
     assert torch.equal(generate(again, "tiny-sd"), stock)
 
 
+def test_a_scheduler_or_image_processor_copied_while_applied_is_stock_and_its_own():
+    """A deep copy or pickle of `pipe.scheduler` made while a handle was live kept attnctl's `step` wrapper, bound to
+    the original scheduler: a pipeline given the copy stepped the original's state (7.92 off stock, also after
+    remove()), and pickling failed with a PicklingError. The copy now holds the class's step, bound to itself."""
+    import copy
+    import inspect
+    import pickle
+
+    from diffusers import StableDiffusionPipeline
+
+    from attnctl.instance import is_attnctl_wrapper
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    unet = make_tiny_pipeline("tiny-sd", seed=1).unet
+    stock = generate(StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": copy.deepcopy(pipe.scheduler)}), "tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]):  # wraps image_processor.postprocess too
+        assert "eta" in inspect.signature(pipe.scheduler.step).parameters  # diffusers reads the step's signature
+        images = copy.deepcopy(pipe.image_processor)
+        assert not is_attnctl_wrapper(images.postprocess) and images.postprocess.__self__ is images
+        for scheduler in (copy.deepcopy(pipe.scheduler), pickle.loads(pickle.dumps(pipe.scheduler))):
+            assert not is_attnctl_wrapper(scheduler.step) and scheduler.step.__self__ is scheduler
+            pipe.scheduler.set_timesteps(50)  # the original's state, as another call of `pipe` leaves it
+            other = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
+            assert torch.equal(generate(other, "tiny-sd"), stock)
+
+
+def test_a_live_processor_copies_as_the_stock_one_and_the_denoiser_stays_refused():
+    """diffusers' ComponentsManager deep-copies `attn_processors` for its report (`repr`, `get_model_info`): that
+    raised while a component was controlled. A live processor copies and pickles as its stock original; a copy of the
+    denoiser or the pipeline is still refused."""
+    import copy
+    import pickle
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    stock_kinds = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    with attnctl.apply(pipe, [Probe()]):
+        for processors in (copy.deepcopy(pipe.unet.attn_processors), pickle.loads(pickle.dumps(pipe.unet.attn_processors))):
+            assert {name: type(p) for name, p in processors.items()} == stock_kinds
+        for attempt in (lambda: copy.deepcopy(pipe.unet), lambda: pickle.dumps(pipe), lambda: copy.deepcopy(pipe)):
+            with pytest.raises(HandleError, match="cannot be copied or pickled while the handle is applied"):
+                attempt()
+
+
 def test_two_handles_on_pipelines_sharing_a_scheduler_are_removed_in_any_order():
     """Both handles wrap the one scheduler's step: removing the first (under the second's wrapper) takes its wrapper
     out of the stack (it was reported as another library's patch and stayed), and after both the scheduler is
@@ -597,6 +640,34 @@ def test_a_pipeline_sharing_the_denoiser_called_from_a_callback_is_refused():
     assert errors and "was called from inside a call of the controlled StableDiffusionPipeline" in errors[0]
 
 
+def test_a_modular_pipeline_sharing_the_denoiser_called_from_a_callback_is_refused():
+    """A diffusers ModularPipeline built from the controlled pipeline's components, called from its callback, was not
+    recognised as another pipeline: its denoiser calls ran under the running call's controls, silently (0.32 off its
+    stock output on Flux) or failing with a misleading CallLayoutError (here). Refused as a from_pipe sibling is."""
+    import diffusers
+
+    if not hasattr(diffusers, "ModularPipeline"):
+        pytest.skip("this diffusers has no modular pipelines")
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    pipe = make_tiny_pipeline("tiny-sdxl")
+    modular = StableDiffusionXLAutoBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in pipe.components.items() if k in modular._component_specs and v is not None})
+    modular.set_progress_bar_config(disable=True)
+    errors = []
+
+    def callback(pipeline, i, t, kwargs):
+        try:
+            modular(prompt="a dog", num_inference_steps=1, height=32, width=32, output="latents")
+        except HandleError as error:
+            errors.append(str(error))
+        return kwargs
+
+    with attnctl.apply(pipe, []):
+        generate(pipe, "tiny-sdxl", steps=1, callback_on_step_end=callback)
+    assert errors and "a StableDiffusionXLModularPipeline was called from inside a call of the controlled" in errors[0]
+
+
 def test_remove_during_a_call_is_refused():
     """`handle.remove()` from the running call's callback, or from another thread, ended the call mid-loop: its
     partial maps were published (sum 217 against 885) and the rest of the loop ran stock. Refused, the call runs
@@ -765,6 +836,24 @@ def test_a_pipeline_dropped_without_remove_is_freed_and_a_live_one_stays_refused
     del pipe
     gc.collect()
     assert unet() is None
+
+
+def test_a_pipeline_whose_denoiser_was_swapped_keeps_its_handle_reachable_until_removed():
+    """After `pipe.unet = other` the old handle's wrappers stay on the pipeline: a second apply was accepted, every call
+    still raised, and with the first handle object lost nothing could remove it. The second apply is refused, and
+    both errors carry the stale handle (`error.handle.remove()`)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    attnctl.apply(pipe, [Probe()])  # the handle object is lost, as in a notebook cell run again
+    pipe.unet = make_tiny_pipeline("tiny-sd", seed=1).unet
+    with pytest.raises(PipelineChangedError, match="pipe.unet was replaced after attnctl.apply") as changed:
+        generate(pipe, "tiny-sd", steps=1)
+    with pytest.raises(HandleError, match="still has a live attnctl handle") as refused:
+        attnctl.apply(pipe, [])
+    assert refused.value.handle is changed.value.handle is not None
+    refused.value.handle.remove()
+    stock = generate(pipe, "tiny-sd", steps=1)
+    with attnctl.apply(pipe, []):
+        assert torch.equal(generate(pipe, "tiny-sd", steps=1), stock)
 
 
 def test_remove_drops_what_the_handle_kept_across_calls():

@@ -106,8 +106,8 @@ class CallOwner:
     def calls_here(self, pipeline: Any) -> bool:
         """Whether that `__call__` is running on this thread and makes the call in progress here (a denoiser call, a
         scheduler step) itself: False once it has returned or raised. The call of another pipeline object running
-        inside it (a from_pipe sibling sharing the denoiser, called from a callback) is refused (HandleError). The
-        caller checked the thread; this walks the stack up to that frame, as `running` does."""
+        inside it (a from_pipe sibling or a modular pipeline sharing the denoiser, called from a callback) is refused
+        (HandleError). The caller checked the thread; this walks the stack up to that frame, as `running` does."""
         frame = sys._getframe(1)
         foreign = None
         while frame is not None:
@@ -115,9 +115,9 @@ class CallOwner:
                 if foreign is not None:
                     raise HandleError(
                         f"attnctl: a {type(foreign).__name__} was called from inside a call of the controlled "
-                        f"{type(pipeline).__name__} (from a callback?), and it shares that pipeline's denoiser (from_pipe): "
-                        "the controls keep the running call's state and would act on the other call's denoiser calls. "
-                        "Call the other pipeline after this call returns, or give it a denoiser of its own"
+                        f"{type(pipeline).__name__} (from a callback?), and it shares that pipeline's denoiser (from_pipe, or "
+                        "built from its components): the controls keep the running call's state and would act on the other "
+                        "call's denoiser calls. Call the other pipeline after this call returns, or give it a denoiser of its own"
                     )
                 return True
             if foreign is None and frame.f_code.co_name == "__call__":
@@ -139,9 +139,14 @@ class CallOwner:
 _RETURNS = frozenset({"RETURN_VALUE", "RETURN_CONST"})
 
 
+#: diffusers' pipeline base classes, found by class name in the MRO: a modular pipeline's blocks call a shared
+#: denoiser as a classic pipeline does.
+_PIPELINE_BASES = frozenset({"DiffusionPipeline", "ModularPipeline"})
+
+
 def _is_pipeline(obj: Any) -> bool:
-    """Whether `obj` is a diffusers pipeline (a `DiffusionPipeline`, found by class name as for ModularPipeline)."""
-    return obj is not None and any(klass.__name__ == "DiffusionPipeline" for klass in type(obj).__mro__)
+    """Whether `obj` is a diffusers pipeline, classic (`DiffusionPipeline`) or modular (`ModularPipeline`)."""
+    return obj is not None and any(klass.__name__ in _PIPELINE_BASES for klass in type(obj).__mro__)
 
 
 class Runtime:

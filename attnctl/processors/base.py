@@ -85,12 +85,12 @@ class ControlledProcessor:
         return f"{type(self).__name__}({self.layer.name!r}, wraps {type(self.original).__name__})"
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        """Once its handle is removed (inert) it copies and pickles as the stock processor it stands for, e.g. after
-        `unfuse_qkv_projections` put back the processors `fuse_qkv_projections` saved while the handle was live;
-        while the handle is live, copying reaches the runtime, which refuses it."""
-        if self.inert:  # rebuilt as `(original,)[0]`: a copy shares the copied original, a pickle needs no attnctl
-            return operator.getitem, ((self.original,), 0)
-        return super().__reduce_ex__(protocol)
+        """It copies and pickles as the stock processor it stands for, rebuilt as `(original,)[0]`: a copy shares the
+        copied original, a pickle needs no attnctl. Live, e.g. diffusers' ComponentsManager deep-copying
+        `attn_processors` for its report; once its handle is removed (inert), e.g. after `unfuse_qkv_projections` put
+        back the processors `fuse_qkv_projections` saved while the handle was live. A copy or pickle of the denoiser or
+        pipeline with a live handle is still refused, by the runtime its hooks reach."""
+        return operator.getitem, ((self.original,), 0)
 
     def stock_sdpa(self) -> bool:
         """Whether a layer without edits makes the stock SDPA call (auto or sdpa backend)."""
