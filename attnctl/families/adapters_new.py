@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CallLayoutError, UnsupportedError
 from .adapters import FluxAdapter, _attention_modules, _text_len
-from .base import Canvas, LayerInfo, ModelAdapter, RowList
+from .base import Canvas, LayerInfo, ModelAdapter, RowGroups, RowList
 
 
 def _appended_mask(block: torch.Tensor, block_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -246,12 +246,18 @@ class WanAdapter(ModelAdapter):
                 raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
             cross = parts[2] == "attn2"
             layers.append(LayerInfo(name, index, "cross" if cross else "self", "blocks", int(parts[1]), 0, "keys" if cross else "none"))
+        # a first-last-frame model (its image embedder has a `pos_embed`) takes two CLIP rows per video, first and last
+        # frame, and views them as one row (`WanImageEmbedding.forward`)
+        image_embedder = getattr(getattr(denoiser, "condition_embedder", None), "image_embedder", None)
+        image = "encoder_hidden_states_image"
+        if getattr(image_embedder, "pos_embed", None) is not None:
+            image = RowGroups(image, 2)
         return cls(
             family="wan",
             denoiser=denoiser,
             layers=tuple(layers),
             modules=modules,
-            batched_inputs=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+            batched_inputs=("hidden_states", "timestep", "encoder_hidden_states", image),
             dict_inputs=("attention_kwargs",),
         )
 
