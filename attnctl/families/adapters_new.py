@@ -312,6 +312,18 @@ class WanAdapter(ModelAdapter):
         positions = [min(begin + step * order, len(timesteps) - 1) for step in range(steps)]
         return tuple(first if timesteps[position] >= boundary else second for position in positions)
 
+    def expert_rule(self, pipeline: Any) -> str:
+        if len(self.experts) < 2:
+            return ""
+        first, second = tuple(self.experts)[:2]
+        config = getattr(pipeline, "config", None) or {}
+        ratio = config.get("boundary_ratio") if hasattr(config, "get") else getattr(config, "boundary_ratio", None)
+        name = type(pipeline).__name__
+        if ratio is None:
+            return f"{name} has no boundary_ratio: {first} runs every step"
+        boundary = ratio * pipeline.scheduler.config.num_train_timesteps
+        return f"{name}'s boundary_ratio={ratio:g}: {first} runs the steps whose timestep is at least {boundary:g}, {second} the others"
+
     def transformer_blocks(self) -> dict[str, torch.nn.Module]:
         """As the base class; with experts, each path behind its expert's attribute (`transformer_2.blocks.3`)."""
         if not self.experts:

@@ -358,6 +358,10 @@ class ModelAdapter:
         its timesteps are set; None for a single denoiser."""
         return None
 
+    def expert_rule(self, pipeline: Any) -> str:
+        """How `pipeline` gives the steps to its experts, in words (for messages); empty for a single denoiser."""
+        return ""
+
     def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
         """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any (the
         projection of the expert holding `layer`, on a pipeline with several)."""
