@@ -817,6 +817,34 @@ def test_modular_pipelines_are_refused_with_what_is_missing():
         attnctl.apply(pipe, [])
 
 
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_vace_and_animate_are_refused_with_a_reason_of_their_own(name, tiny):
+    """WanVACEPipeline and WanAnimatePipeline were refused as an unknown denoiser class ("not supported; supported:
+    UNet2DConditionModel, ..."): the reason names what attnctl does not control and the Wan pipelines it does."""
+    from diffusers import WanAnimateTransformer3DModel, WanVACEPipeline, WanVACETransformer3DModel
+
+    base = tiny(name)
+    vace = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32, freq_dim=16,
+        ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0], vace_in_channels=12,
+    ).eval()
+    pipe = WanVACEPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler, transformer=vace)
+    before = _processors(vace)
+    with pytest.raises(attnctl.UnsupportedError, match=r"WanVACEPipeline\) is not supported: its VACE blocks \(vace_blocks\.\*\).*"
+                                                       r"WanPipeline, WanImageToVideoPipeline and WanVideoToVideoPipeline are supported"):
+        attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})])
+    assert _processors(vace) == before
+    animate = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=32,
+        motion_encoder_size=16, motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2, inject_face_latents_blocks=1,
+        motion_encoder_channel_sizes={str(2**i): 8 for i in range(2, 11)},
+    ).eval()
+    with pytest.raises(attnctl.UnsupportedError, match=r"WanAnimatePipeline\) is not supported: its face-adapter cross-attention"):
+        attnctl.handle.adapter_for(animate)
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-chroma", "tiny-flux2", "tiny-wan")])
 def test_fused_projections_before_apply(name):
