@@ -504,3 +504,22 @@ def test_a_control_whose_layers_sit_on_an_expert_that_runs_none_of_its_steps_war
             generate(pipe, prompt="a cat")
         with attnctl.apply(zero, [attnctl.TGate(gate_step=1, layers="transformer_2 & cross")]):
             assert not torch.equal(generate(zero, prompt="a cat", steps=2), stock)
+
+
+def test_a_pipeline_with_transformer_2_alone_is_refused_naming_it(pipe):
+    """diffusers runs a Wan 2.2 pipeline with `transformer=None` and `transformer_2` only (every step below the
+    boundary); apply said it "holds neither a unet nor a transformer". The refusal names transformer_2 and says to pass
+    it as `transformer`, which runs the same steps: bitwise the same output."""
+    from diffusers import WanPipeline
+
+    parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler)
+    alone = WanPipeline(**parts, transformer=None, transformer_2=pipe.transformer_2, boundary_ratio=1.01)
+    alone.set_progress_bar_config(disable=True)
+    with pytest.raises(UnsupportedError, match=r"WanPipeline holds a `transformer_2` but no `transformer` \(transformer=None\).*"
+                                               r"Pass that expert as `transformer`"):
+        attnctl.apply(alone, [attnctl.Reweight({"cat": 2.0})])
+    assert not any(isinstance(p, ControlledProcessor) for p in _processors(pipe.transformer_2).values())
+    moved = WanPipeline(**parts, transformer=pipe.transformer_2)
+    moved.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(moved, prompt="a cat", steps=2), generate(alone, prompt="a cat", steps=2))
+    attnctl.apply(moved, []).remove()
