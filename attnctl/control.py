@@ -378,6 +378,12 @@ class Bound:
     #: How the control's `active` reads its window, when it differs from `start <= i/n < stop` (for `idle_reason`).
     window_rule: str = ""
 
+    #: Whether the control changes a denoiser call only through its layers (edits there, or perturbed rows run only
+    #: where the expert holding them runs): on a pipeline with several denoiser experts (Wan 2.2), a control whose
+    #: layers all sit on experts that run none of its steps is idle, and the handle warns. False (the default) where a
+    #: control also changes the call's rows or inputs (TGATE drops the CFG rows, PromptToPrompt shares initial latents).
+    layers_only: bool = False
+
     #: When the control's `transform_inputs` runs among the call's controls': lower first, control order among equals.
     #: A control that reads the inputs as the denoiser will receive them (a latent optimiser's loss pass) says 1.
     input_order: int = 0

@@ -78,6 +78,13 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
         module = getattr(pipe, attribute, None)
         if isinstance(module, torch.nn.Module):
             return attribute, module
+    if isinstance(getattr(pipe, "transformer_2", None), torch.nn.Module):  # Wan 2.2's low-noise expert alone
+        raise UnsupportedError(
+            f"attnctl: {type(pipe).__name__} holds a `transformer_2` but no `transformer` (transformer=None); attnctl "
+            "controls transformer_2 only as the second expert beside a transformer. Pass that expert as `transformer` "
+            f"instead (e.g. {type(pipe).__name__}(..., transformer=pipe.transformer_2) with no boundary_ratio: it runs "
+            "every step, with guidance_scale in place of guidance_scale_2)"
+        )
     raise UnsupportedError(
         f"attnctl: {type(pipe).__name__} holds neither a `unet` nor a `transformer`; attnctl.apply needs a diffusers "
         "pipeline whose denoiser is one of those"

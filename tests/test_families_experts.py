@@ -473,3 +473,53 @@ def test_fastattn_plan_records_the_expert_schedule_and_refuses_another(pipe):
     with pytest.warns(UserWarning, match="transformer_2 at step 4.*this call runs transformer at steps 0-4"):
         with attnctl.apply(other, [attnctl.FastAttn(plan=legacy)]):
             generate(other, steps=steps)
+
+
+def test_a_control_whose_layers_sit_on_an_expert_that_runs_none_of_its_steps_warns_idle(pipe):
+    """A control acting only through layers of an expert that runs none of its steps (boundary_ratio=0.0 gives every
+    step to `transformer`; or the expert's steps lie outside the control's window) is stock for the call: warned as
+    an empty step window is, naming the expert and the boundary (it was silent; AttentionMaps returned zero maps)."""
+    import warnings
+
+    from attnctl.testing.new_families import tiny_wan22
+
+    zero = tiny_wan22(boundary_ratio=0.0)
+    zero.set_progress_bar_config(disable=True)
+    stock = generate(zero, prompt="a cat", steps=2)
+    for control in (attnctl.Reweight({"cat": 2.0}, layers="transformer_2"), attnctl.AttentionMaps(["cat"], layers="transformer_2 & cross")):
+        with pytest.warns(attnctl.IdleControlWarning, match=(
+            rf"{type(control).__name__} is idle in this call: its layers are all on transformer_2, which runs none of the 2 "
+            r"steps of this call \(WanPipeline's boundary_ratio=0: transformer runs the steps whose timestep is at least 0")):
+            with attnctl.apply(zero, [control]):
+                assert torch.equal(generate(zero, prompt="a cat", steps=2), stock)
+    # the fixture's boundary: transformer_2 runs steps 2 and 3 of 4, outside the window (0, 0.5)
+    with pytest.warns(attnctl.IdleControlWarning, match=r"PAG is idle .* which runs steps 2, 3 of the 4 steps of this call, none inside "
+                                                       r"its step window steps=\(0, 0.5\)"):
+        with attnctl.apply(pipe, [attnctl.PAG(scale=1.0, layers="transformer_2 & self", steps=(0.0, 0.5))]):
+            generate(pipe, prompt="a cat")
+    # not warned: a window holding one of the expert's steps, and TGATE, which also drops the CFG rows whatever its layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        with attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0}, layers="transformer_2", steps=(0.0, 0.75))]):
+            generate(pipe, prompt="a cat")
+        with attnctl.apply(zero, [attnctl.TGate(gate_step=1, layers="transformer_2 & cross")]):
+            assert not torch.equal(generate(zero, prompt="a cat", steps=2), stock)
+
+
+def test_a_pipeline_with_transformer_2_alone_is_refused_naming_it(pipe):
+    """diffusers runs a Wan 2.2 pipeline with `transformer=None` and `transformer_2` only (every step below the
+    boundary); apply said it "holds neither a unet nor a transformer". The refusal names transformer_2 and says to pass
+    it as `transformer`, which runs the same steps: bitwise the same output."""
+    from diffusers import WanPipeline
+
+    parts = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, scheduler=pipe.scheduler)
+    alone = WanPipeline(**parts, transformer=None, transformer_2=pipe.transformer_2, boundary_ratio=1.01)
+    alone.set_progress_bar_config(disable=True)
+    with pytest.raises(UnsupportedError, match=r"WanPipeline holds a `transformer_2` but no `transformer` \(transformer=None\).*"
+                                               r"Pass that expert as `transformer`"):
+        attnctl.apply(alone, [attnctl.Reweight({"cat": 2.0})])
+    assert not any(isinstance(p, ControlledProcessor) for p in _processors(pipe.transformer_2).values())
+    moved = WanPipeline(**parts, transformer=pipe.transformer_2)
+    moved.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(moved, prompt="a cat", steps=2), generate(alone, prompt="a cat", steps=2))
+    attnctl.apply(moved, []).remove()

@@ -817,6 +817,34 @@ def test_modular_pipelines_are_refused_with_what_is_missing():
         attnctl.apply(pipe, [])
 
 
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_wan_vace_and_animate_are_refused_with_a_reason_of_their_own(name, tiny):
+    """WanVACEPipeline and WanAnimatePipeline were refused as an unknown denoiser class ("not supported; supported:
+    UNet2DConditionModel, ..."): the reason names what attnctl does not control and the Wan pipelines it does."""
+    from diffusers import WanAnimateTransformer3DModel, WanVACEPipeline, WanVACETransformer3DModel
+
+    base = tiny(name)
+    vace = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32, freq_dim=16,
+        ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0], vace_in_channels=12,
+    ).eval()
+    pipe = WanVACEPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler, transformer=vace)
+    before = _processors(vace)
+    with pytest.raises(attnctl.UnsupportedError, match=r"WanVACEPipeline\) is not supported: its VACE blocks \(vace_blocks\.\*\).*"
+                                                       r"WanPipeline, WanImageToVideoPipeline and WanVideoToVideoPipeline are supported"):
+        attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})])
+    assert _processors(vace) == before
+    animate = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, latent_channels=4, out_channels=4,
+        text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=16, added_kv_proj_dim=24, rope_max_seq_len=32,
+        motion_encoder_size=16, motion_style_dim=8, motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8,
+        face_encoder_num_heads=2, inject_face_latents_blocks=1,
+        motion_encoder_channel_sizes={str(2**i): 8 for i in range(2, 11)},
+    ).eval()
+    with pytest.raises(attnctl.UnsupportedError, match=r"WanAnimatePipeline\) is not supported: its face-adapter cross-attention"):
+        attnctl.handle.adapter_for(animate)
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in ("tiny-chroma", "tiny-flux2", "tiny-wan")])
 def test_fused_projections_before_apply(name):
@@ -884,10 +912,11 @@ def test_latent_image_is_the_pipelines_own_unpacking(name, tiny):
     assert torch.equal(adapter.packed_latents(image), tokens)
 
 
-def _wan_image_to_video(base, monkeypatch, expand_timesteps=False):
+def _wan_image_to_video(base, monkeypatch, expand_timesteps=False, first_last=False):
     """A tiny WanImageToVideoPipeline from tiny-wan's parts, and its 2-step call. Wan 2.1 I2V: a transformer taking
     the image condition as 8 more input channels and CLIP image tokens; `expand_timesteps` (Wan 2.2 TI2V): tiny-wan's
-    own transformer, the clean first latent frame the image, per-token timesteps."""
+    own transformer, the clean first latent frame the image, per-token timesteps; `first_last` (FLF2V): the Wan 2.1
+    transformer with an image `pos_embed` over two images' CLIP tokens, called with a `last_image`."""
     import importlib
     import types
 
@@ -906,7 +935,7 @@ def _wan_image_to_video(base, monkeypatch, expand_timesteps=False):
         transformer = WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=12, out_channels=4, text_dim=32,
             freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-            image_dim=16, added_kv_proj_dim=24,
+            image_dim=16, added_kv_proj_dim=24, pos_embed_seq_len=2 * 17 if first_last else None,  # 17 CLIP tokens per image
         ).eval()
         encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
                                                    image_size=32, patch_size=8, projection_dim=16)).eval()
@@ -914,11 +943,12 @@ def _wan_image_to_video(base, monkeypatch, expand_timesteps=False):
                                        image_encoder=encoder, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     image = Image.new("RGB", (48, 64), (200, 30, 30))
+    last = {"last_image": Image.new("RGB", (48, 64), (30, 30, 200))} if first_last else {}
 
-    def run():
-        return pipe(image=image, prompt="a red cat", num_inference_steps=2, guidance_scale=4.0, height=64, width=48, num_frames=9,
+    def run(prompt="a red cat"):
+        return pipe(image=image, prompt=prompt, num_inference_steps=2, guidance_scale=4.0, height=64, width=48, num_frames=9,
                     max_sequence_length=512 if not expand_timesteps else 32, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).frames
+                    generator=torch.Generator().manual_seed(0), **last).frames
 
     return pipe, run
 
@@ -935,6 +965,66 @@ def test_wan_image_to_video_identity(name, tiny, monkeypatch):
     assert torch.equal(stock, controlled) and torch.equal(stock, run())
     with attnctl.apply(pipe, [attnctl.Reweight({"red": 3.0})]):
         assert not torch.equal(run(), stock)
+
+
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_pag_on_wan_first_last_frame_perturbs_each_video_with_its_two_image_rows(name, tiny, monkeypatch):
+    """Wan first-last-frame (FLF2V): the pipeline hands the transformer two CLIP rows per video (first and last frame),
+    which it views as one row. PAG's perturbed rows take their video's two rows (they failed at the first denoiser call:
+    "encoder_hidden_states_image has 4 rows, expected 2"): per step, the stock CFG combination plus
+    scale * (cond - perturbed), the perturbed pass being the cond call with identity self-attention in block 1."""
+    pipe, run = _wan_image_to_video(tiny(name), monkeypatch, first_last=True)
+    scale, guidance = 1.5, 4.0
+    calls, predictions = [], []
+    with attnctl.apply(pipe, [attnctl.PAG(scale=scale)]):
+        # prepended after apply: sees the pipeline's own rows, before attnctl adds the perturbed ones
+        hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append(dict(k)), with_kwargs=True, prepend=True)
+        step = pipe.scheduler.step
+        pipe.scheduler.step = lambda output, *a, **k: (predictions.append(output.clone()), step(output, *a, **k))[1]
+        try:
+            run(prompt=["a red cat", "a blue dog"])
+        finally:
+            del pipe.scheduler.step
+            hook.remove()
+    assert len(calls) == 4 and len(predictions) == 2
+    assert calls[0]["encoder_hidden_states_image"].shape[0] == 4  # 2 videos x (first, last)
+
+    def forward(inputs):
+        with torch.no_grad():
+            return pipe.transformer(**{**inputs, "return_dict": False})[0]
+
+    layer = pipe.transformer.blocks[1].attn1
+    for index, prediction in enumerate(predictions):
+        cond, uncond = forward(calls[2 * index]), forward(calls[2 * index + 1])
+        original = layer.processor
+        layer.set_processor(RefIdentitySelfAttention())
+        try:
+            perturbed = forward(calls[2 * index])
+        finally:
+            layer.set_processor(original)
+        assert (cond - perturbed).abs().max() > 1e-4
+        torch.testing.assert_close(prediction, uncond + guidance * (cond - uncond) + scale * (cond - perturbed), rtol=1e-5, atol=1e-5)
+    stock = run(prompt=["a red cat", "a blue dog"])
+    for control in (attnctl.SEG(scale=2.0), attnctl.SAG(scale=1.0), attnctl.SkipLayer(blocks=("blocks.1",), scale=2.0, steps=(0.0, 1.0))):
+        with attnctl.apply(pipe, [control]):
+            out = run(prompt=["a red cat", "a blue dog"])
+        assert torch.isfinite(out).all() and not torch.equal(out, stock), type(control).__name__
+
+
+def test_rebatch_moves_row_groups_whole_and_names_the_expected_rows():
+    from attnctl.errors import CallLayoutError
+    from attnctl.families.base import RowGroups
+    from attnctl.pipelines.denoiser import rebatch
+
+    images = torch.arange(4.0)  # two batch rows of (first, last)
+    out = rebatch({"x": torch.arange(2.0), "images": images}, ("x", RowGroups("images", 2)), (), 2, (1, 0, 1))
+    assert out["x"].tolist() == [1.0, 0.0, 1.0] and out["images"].tolist() == [2.0, 3.0, 0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(CallLayoutError, match=r"input images has 3 rows, expected 2 per batch row: 4"):
+        rebatch({"images": torch.zeros(3)}, (RowGroups("images", 2),), (), 2, (0,))
+    with pytest.raises(CallLayoutError, match=r"input x has 2 rows, expected 1$"):  # not "expected 1 (or 1)"
+        rebatch({"x": torch.zeros(2)}, ("x",), (), 1, (0,))
+    with pytest.raises(CallLayoutError, match=r"input x has 3 rows, expected 2 \(or 1\)$"):
+        rebatch({"x": torch.zeros(3)}, ("x",), (), 2, (0,))
 
 
 @pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])

@@ -494,6 +494,8 @@ def _relative_l1(candidate: torch.Tensor, full: torch.Tensor) -> float:
 
 
 class FastAttnBound(Bound):
+    layers_only = True
+
     def __init__(self, control: FastAttn, context: BindContext):
         super().__init__(control, context.layers, (0.0, 1.0))
         self.fast = control

@@ -303,6 +303,8 @@ def factor_values(factor: Factor, active: Sequence[int], count: int, name: str) 
 class ReweightBound(Bound):
     """Reweight bound to one pipeline call: per-step weights per prompt row, per branch."""
 
+    layers_only = True
+
     def __init__(self, control: Reweight, context: BindContext):
         super().__init__(control, context.layers, control.steps)
         self.normalize = control.normalize

@@ -22,6 +22,20 @@ ADAPTERS: tuple[tuple[str, type[ModelAdapter]], ...] = (
     ("ZImageTransformer2DModel", ZImageAdapter),
 )
 SUPPORTED_DENOISERS: tuple[str, ...] = tuple(name for name, _ in ADAPTERS)
+#: Denoiser classes refused with a reason of their own (a variant of a supported family that attnctl does not follow).
+REFUSED_DENOISERS: dict[str, str] = {
+    "WanVACETransformer3DModel": (
+        "the Wan VACE transformer (WanVACEPipeline) is not supported: its VACE blocks (vace_blocks.*), which add the "
+        "control video's hints to the main blocks, have attention attnctl does not control yet; "
+        "WanPipeline, WanImageToVideoPipeline and WanVideoToVideoPipeline are supported"
+    ),
+    "WanAnimateTransformer3DModel": (
+        "the Wan Animate transformer (WanAnimatePipeline) is not supported: its face-adapter cross-attention "
+        "(face_adapter.*, the driving face's motion tokens into the video tokens) is not controlled yet, and its pipeline "
+        "denoises the video in segments attnctl does not follow; WanPipeline, WanImageToVideoPipeline and "
+        "WanVideoToVideoPipeline are supported"
+    ),
+}
 
 
 def installed_diffusers() -> tuple[int, int]:
@@ -45,6 +59,9 @@ def adapter_for(denoiser: torch.nn.Module) -> ModelAdapter:
                     f"{'.'.join(map(str, installed_diffusers()))}"
                 )
             return adapter_cls.discover(denoiser)
+    refused = next((REFUSED_DENOISERS[name] for name in mro if name in REFUSED_DENOISERS), None)
+    if refused is not None:
+        raise UnsupportedError(f"attnctl: {refused}")
     raise UnsupportedError(
         f"attnctl: denoiser class {type(denoiser).__name__} is not supported; supported: {', '.join(SUPPORTED_DENOISERS)}"
     )
@@ -66,4 +83,4 @@ def adapter_for_experts(experts: dict[str, torch.nn.Module]) -> ModelAdapter:
     return discover(experts)
 
 
-__all__ = ["ADAPTERS", "adapter_for_experts", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]
+__all__ = ["ADAPTERS", "REFUSED_DENOISERS", "adapter_for_experts", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import CallLayoutError, UnsupportedError
 from .adapters import FluxAdapter, _attention_modules, _text_len
-from .base import Canvas, LayerInfo, ModelAdapter, RowList
+from .base import Canvas, LayerInfo, ModelAdapter, RowGroups, RowList
 
 
 def _appended_mask(block: torch.Tensor, block_mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -246,12 +246,18 @@ class WanAdapter(ModelAdapter):
                 raise UnsupportedError(f"attnctl: unexpected attention layer {name!r} in {type(denoiser).__name__}")
             cross = parts[2] == "attn2"
             layers.append(LayerInfo(name, index, "cross" if cross else "self", "blocks", int(parts[1]), 0, "keys" if cross else "none"))
+        # a first-last-frame model (its image embedder has a `pos_embed`) takes two CLIP rows per video, first and last
+        # frame, and views them as one row (`WanImageEmbedding.forward`)
+        image_embedder = getattr(getattr(denoiser, "condition_embedder", None), "image_embedder", None)
+        image = "encoder_hidden_states_image"
+        if getattr(image_embedder, "pos_embed", None) is not None:
+            image = RowGroups(image, 2)
         return cls(
             family="wan",
             denoiser=denoiser,
             layers=tuple(layers),
             modules=modules,
-            batched_inputs=("hidden_states", "timestep", "encoder_hidden_states", "encoder_hidden_states_image"),
+            batched_inputs=("hidden_states", "timestep", "encoder_hidden_states", image),
             dict_inputs=("attention_kwargs",),
         )
 
@@ -305,6 +311,18 @@ class WanAdapter(ModelAdapter):
         boundary = ratio * scheduler.config.num_train_timesteps
         positions = [min(begin + step * order, len(timesteps) - 1) for step in range(steps)]
         return tuple(first if timesteps[position] >= boundary else second for position in positions)
+
+    def expert_rule(self, pipeline: Any) -> str:
+        if len(self.experts) < 2:
+            return ""
+        first, second = tuple(self.experts)[:2]
+        config = getattr(pipeline, "config", None) or {}
+        ratio = config.get("boundary_ratio") if hasattr(config, "get") else getattr(config, "boundary_ratio", None)
+        name = type(pipeline).__name__
+        if ratio is None:
+            return f"{name} has no boundary_ratio: {first} runs every step"
+        boundary = ratio * pipeline.scheduler.config.num_train_timesteps
+        return f"{name}'s boundary_ratio={ratio:g}: {first} runs the steps whose timestep is at least {boundary:g}, {second} the others"
 
     def transformer_blocks(self) -> dict[str, torch.nn.Module]:
         """As the base class; with experts, each path behind its expert's attribute (`transformer_2.blocks.3`)."""

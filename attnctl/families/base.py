@@ -29,6 +29,25 @@ class RowList(str):
     __slots__ = ()
 
 
+class RowGroups(str):
+    """The name of a batched tensor input that holds `rows` consecutive rows per batch row, which the denoiser views as
+    one (Wan first-last-frame's `encoder_hidden_states_image`: each video's first- and last-frame CLIP tokens, two rows
+    that `WanImageEmbedding` reshapes into one row of twice the tokens). Re-batching moves whole groups. A
+    `ModelAdapter.batched_inputs` entry; it is a `str`, so it names the input everywhere a plain name does."""
+
+    rows: int
+
+    def __new__(cls, name: str, rows: int) -> RowGroups:
+        if rows < 1:
+            raise ValueError(f"attnctl: RowGroups({name!r}, rows={rows}): rows must be at least 1")
+        self = super().__new__(cls, name)
+        self.rows = rows
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RowGroups, (str(self), self.rows)
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """One attention layer of a denoiser.
@@ -338,6 +357,10 @@ class ModelAdapter:
         """The expert (pipeline attribute) that runs each of a call's `steps`, read from the pipeline's schedule once
         its timesteps are set; None for a single denoiser."""
         return None
+
+    def expert_rule(self, pipeline: Any) -> str:
+        """How `pipeline` gives the steps to its experts, in words (for messages); empty for a single denoiser."""
+        return ""
 
     def project_text(self, embeds: torch.Tensor, layer: LayerInfo | None = None) -> torch.Tensor:
         """Prompt embeddings as the attention layers see them: after the denoiser's own projection, if any (the

@@ -25,7 +25,7 @@ import torch
 from ..control import Bound
 from ..denoiser_call import DenoiserCall, Row, RowLayout, RowPlan, host_tensor
 from ..errors import CallLayoutError, UnsupportedError
-from ..families.base import LayerInfo, ModelAdapter, RowList
+from ..families.base import LayerInfo, ModelAdapter, RowGroups, RowList
 from ..foreign_patches import keyed_cache_context, stateful_forward
 
 
@@ -58,15 +58,17 @@ def replace_first(output: Any, value: torch.Tensor) -> Any:
 
 
 def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[str, ...], batch: int, index: tuple[int, ...]) -> dict[str, Any]:
-    """Inputs with every batched tensor re-indexed by `index` (rows of the original batch)."""
+    """Inputs with every batched tensor re-indexed by `index` (rows of the original batch); a `RowGroups` input by
+    whole groups (its rows k*i .. k*i + k - 1 for batch row i)."""
     index = tuple(index)
+    expected = f"{batch}" if batch == 1 else f"{batch} (or 1)"
 
     def take(value: Any, where: str) -> Any:
         if isinstance(value, torch.Tensor):
             if value.ndim == 0 or value.shape[0] == 1 and batch != 1:
                 return value
             if value.shape[0] != batch:
-                raise CallLayoutError(f"attnctl: input {where} has {value.shape[0]} rows, expected {batch} (or 1)")
+                raise CallLayoutError(f"attnctl: input {where} has {value.shape[0]} rows, expected {expected}")
             return value.index_select(0, host_tensor(index, torch.long, value.device))
         if isinstance(value, (list, tuple)):
             return type(value)(take(v, f"{where}[{i}]") for i, v in enumerate(value))
@@ -81,8 +83,15 @@ def rebatch(inputs: dict[str, Any], names: tuple[str, ...], dict_names: tuple[st
             if len(value) == 1 and batch != 1:
                 continue
             if len(value) != batch:
-                raise CallLayoutError(f"attnctl: input {name} holds {len(value)} rows, expected {batch} (or 1)")
+                raise CallLayoutError(f"attnctl: input {name} holds {len(value)} rows, expected {expected}")
             out[name] = type(value)(value[i] for i in index)
+        elif isinstance(name, RowGroups) and isinstance(value, torch.Tensor):
+            k = name.rows
+            if value.ndim == 0 or value.shape[0] != k * batch:
+                rows = value.shape[0] if value.ndim else 0
+                raise CallLayoutError(f"attnctl: input {name} has {rows} rows, expected {k} per batch row: {k * batch}")
+            grouped = tuple(k * i + j for i in index for j in range(k))
+            out[name] = value.index_select(0, host_tensor(grouped, torch.long, value.device))
         else:
             out[name] = take(value, name)
     for name in dict_names:

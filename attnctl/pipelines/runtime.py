@@ -646,12 +646,39 @@ class Runtime:
             self._unwrap_call()
             raise
         if call.num_positions is not None:
+            schedule: list[tuple[str, ...] | None] = []  # the experts' schedule, read once, if some control needs it
             for done in bound:
-                reason = done.idle_reason(step.count)
+                reason = done.idle_reason(step.count) or self._expert_idle_reason(done, step.count, schedule)
                 if reason is not None:
                     warnings.warn(f"attnctl: {type(done.control).__name__} is idle in this call: {reason}", IdleControlWarning,
                                   stacklevel=2)
         return bound
+
+    def _expert_idle_reason(self, bound: Bound, count: int, schedule: list[tuple[str, ...] | None]) -> str | None:
+        """Why `bound` is idle in a call of `count` steps on a pipeline with several experts, or None: it acts through its
+        layers only (`Bound.layers_only`), and every one sits on experts that run none of its active steps (Wan 2.2 with a
+        boundary that gives those steps to the other expert). `schedule`: the call's expert schedule once read."""
+        adapter = self.adapter
+        experts = adapter.layer_experts(layer.name for layer in bound.layers) if bound.layers_only else None
+        if not experts or experts >= set(adapter.experts):
+            return None
+        if not schedule:
+            schedule.append(adapter.expert_schedule(self.pipeline, count))
+        runs = schedule[0]
+        if runs is None or any(runs[i] in experts for i in range(count) if bound.active(StepInfo(i, count))):
+            return None
+        held = " and ".join(sorted(experts))
+        steps = [i for i in range(count) if runs[i] in experts]
+        if steps:
+            start, stop = bound.steps
+            what = (f"which runs steps {', '.join(map(str, steps))} of the {count} steps of this call, none inside its step "
+                    f"window steps=({start:g}, {stop:g}){bound.window_rule}")
+        else:
+            what = f"which runs none of the {count} steps of this call"
+        return (
+            f"its layers are all on {held}, {what} ({adapter.expert_rule(self.pipeline)}), so the output is the stock one; "
+            "select layers of an expert that runs its steps, or change the boundary"
+        )
 
     def select_rows(self, inputs: dict[str, Any], index: tuple[int, ...]) -> dict[str, Any]:
         """The denoiser inputs of the rows `index` only (`BindContext.select_rows`)."""

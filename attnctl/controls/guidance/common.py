@@ -64,6 +64,8 @@ class PerturbingBound(Bound):
     """A bound perturbing control: one tag, rows only while scale > 0, the step is inside the window and (on a
     pipeline with several denoiser experts) the expert running the call holds one of its layers."""
 
+    layers_only = True
+
     def __init__(self, control: Any, layers: tuple[LayerInfo, ...], adapter: ModelAdapter):
         super().__init__(control, layers, control.steps)
         self.adapter = adapter

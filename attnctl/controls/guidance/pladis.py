@@ -69,6 +69,8 @@ class PLADIS(Control, type_name="pladis"):
 
 
 class _PLADISBound(Bound):
+    layers_only = True
+
     def __init__(self, control: PLADIS, layers: tuple[LayerInfo, ...]):
         super().__init__(control, layers, control.steps)
         self.sparse = Sparse(alpha=control.alpha, scale=control.scale)

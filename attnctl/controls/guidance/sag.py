@@ -131,6 +131,8 @@ class SAG(Control, type_name="sag"):
 
 
 class _SAGBound(Bound):
+    layers_only = True  # its degraded pass runs only where the expert holding its layer runs
+
     def __init__(self, control: SAG, context):
         super().__init__(control, context.layers, control.steps)
         self.tag = new_tag("sag")

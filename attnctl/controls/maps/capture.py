@@ -299,6 +299,7 @@ class AttentionMapsBound(Bound):
 
     def __init__(self, control: AttentionMaps, context: BindContext):
         super().__init__(control, context.layers, control.steps)
+        self.layers_only = not control.magnets  # magnets change the cond rows' prompt
         self.key = control.key
         self.outputs = context.outputs
         publish(context, self.key, None)  # claimed for this call; the result replaces it at the end
