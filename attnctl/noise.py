@@ -57,6 +57,10 @@ def _is_flow(scheduler: Any) -> bool:
     return "FlowMatch" in type(scheduler).__name__ or get("prediction_type", "epsilon") == "flow_prediction" or bool(get("use_flow_sigmas", False))
 
 
+def _is_kdpm2_ancestral(scheduler: Any) -> bool:
+    return any(cls.__name__ == "KDPM2AncestralDiscreteScheduler" for cls in type(scheduler).__mro__)
+
+
 def require_noise_level(scheduler: Any, owner: str) -> None:
     """Raise UnsupportedError, naming `owner`, when `noise_level` cannot tell the noise level of `scheduler`'s
     denoiser inputs (called at bind by the controls that need it, so that they are refused before the call runs)."""
@@ -75,8 +79,8 @@ def require_noise_level(scheduler: Any, owner: str) -> None:
 def noise_level(scheduler: Any, timestep: Any, owner: str) -> NoiseLevel:
     """The noise level of the denoiser call in progress, from the pipeline's scheduler (see the module
     docstring): flow-matching sigma; a VP scheduler's sigma (Euler, Heun, DPM-Solver, UniPC: the input is VP
-    with alpha_bar = 1 / (1 + sigma^2); the second call of KDPM2's and DPM-Solver-SDE's steps reads their
-    interpolated sigma, as their `scale_model_input` does); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
+    with alpha_bar = 1 / (1 + sigma^2); the second call of KDPM2's, KDPM2-Ancestral's and DPM-Solver-SDE's steps
+    reads their interpolated sigma, as their `scale_model_input` does); or alphas_cumprod at the timestep (DDIM, DDPM, PNDM)."""
     require_noise_level(scheduler, owner)
     config = getattr(scheduler, "config", {})
     prediction = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
@@ -89,7 +93,9 @@ def noise_level(scheduler: Any, timestep: Any, owner: str) -> NoiseLevel:
         value = sigmas[index]
         if not getattr(scheduler, "state_in_first_order", True):  # the second call of a second-order step
             if getattr(scheduler, "sigmas_interpol", None) is not None:
-                value = scheduler.sigmas_interpol[index]
+                # the first call has advanced step_index: KDPM2 reads sigmas_interpol at it, KDPM2Ancestral (whose
+                # table interpolates towards sigma_down) one back
+                value = scheduler.sigmas_interpol[index - 1 if _is_kdpm2_ancestral(scheduler) else index]
             elif getattr(scheduler, "mid_point_sigma", None) is not None:
                 value = scheduler.mid_point_sigma
         value = torch.as_tensor(value)
