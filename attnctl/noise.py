@@ -9,6 +9,7 @@ Everything is in the space of the denoiser's input: for Euler-type schedulers th
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,3 +127,64 @@ def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
         with torch.inference_mode(False):
             found = _TABLES[key] = (table, table.to(device))
     return found[1]
+
+
+#: Schedulers whose `step` draws fresh noise at every step, whatever their config (diffusers 0.42.1): the ancestral
+#: samplers, DDPM, the consistency samplers (LCM, its flow-matching form; CM, sCM), SA-Solver (its default `tau_func`),
+#: CogVideoX's DPM, the cosine DPM-Solver (an SDE solver: a Brownian tree seeded by the generators), and DPM-Solver-SDE
+#: (a Brownian tree of its own `noise_sampler_seed`, which the generators do not reach).
+#: Others are stochastic by a setting `step_noise` reads: `algorithm_type="sde-..."` (the DPM-Solvers),
+#: `stochastic_sampling` (flow-matching Euler), an `eta` above 0 (DDIM, TCD: the call's `eta`; LTX's config).
+STOCHASTIC_SCHEDULERS = frozenset({
+    "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler",
+    "DDPMParallelScheduler", "DDPMWuerstchenScheduler", "LCMScheduler", "FlowMatchLCMScheduler",
+    "CMStochasticIterativeScheduler", "SCMScheduler", "SASolverScheduler", "CogVideoXDPMScheduler",
+    "CosineDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "ScoreSdeVeScheduler", "RePaintScheduler", "UnCLIPScheduler",
+})
+
+#: Of those, the ones whose noise is one draw for the whole batch from a seed of the scheduler's (`noise_sampler_seed`),
+#: which the pipeline's generators do not reach; a list of one seed per image gives each image a tree of its own.
+BATCH_NOISE_SCHEDULERS = frozenset({"DPMSolverSDEScheduler"})
+
+
+def _class_names(scheduler: Any) -> set[str]:
+    return {cls.__name__ for cls in type(scheduler).__mro__}
+
+
+def step_noise(scheduler: Any, eta: Any = None) -> str | None:
+    """Why `scheduler`'s `step` adds fresh noise at each step (so that images sharing their initial latents drift
+    apart unless each draws the same noise), or None where it is deterministic given the latents. `eta`: the pipeline
+    call's `eta` argument (diffusers' pipelines pass it to a `step` that takes one; None: the call has none, and the
+    step's own default counts). Read once per call, at bind."""
+    if scheduler is None:
+        return None
+    name = type(scheduler).__name__
+    if _class_names(scheduler) & STOCHASTIC_SCHEDULERS:
+        return f"{name} adds noise at every step"
+    config = getattr(scheduler, "config", {})
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: default)
+    algorithm = get("algorithm_type", None)
+    if isinstance(algorithm, str) and algorithm.startswith("sde-"):
+        return f"{name} with algorithm_type={algorithm!r} adds noise at every step"
+    if get("stochastic_sampling", False) is True:
+        return f"{name} with stochastic_sampling=True adds noise at every step"
+    step = getattr(type(scheduler), "step", None)  # the class's: the instance's may be wrapped (attnctl wraps it)
+    try:
+        parameter = inspect.signature(step).parameters.get("eta") if callable(step) else None
+    except (TypeError, ValueError):
+        parameter = None
+    if parameter is not None:
+        value = eta if eta is not None else parameter.default
+        where = "the call's eta" if eta is not None else "its step's default eta"
+    else:  # LTX's Euler Ancestral: eta (and s_noise) in its config
+        value, where = get("eta", None), "its config's eta"
+        if get("s_noise", 1.0) == 0:
+            value = 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return f"{name} adds noise at every step ({where} is {value})"
+    return None
+
+
+def batch_noise(scheduler: Any) -> bool:
+    """Whether `scheduler` draws its step noise for the whole batch from a seed of its own (`BATCH_NOISE_SCHEDULERS`)."""
+    return scheduler is not None and bool(_class_names(scheduler) & BATCH_NOISE_SCHEDULERS)
