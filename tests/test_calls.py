@@ -116,6 +116,29 @@ def test_second_order_scheduler_counts_steps_once(scheduler):
     assert {f[1] for f in frames} == {3}
 
 
+def test_pndm_runge_kutta_calls_count_four_per_step():
+    """PNDM without `skip_prk_steps` (`PNDMScheduler.from_config(<another scheduler's config>)`) starts with 3
+    Runge-Kutta steps of 4 model calls each: 4 steps make 13 calls. They were counted one step per call (n = 13),
+    so `steps=(0, 0.5)` covered 7 calls, not the first 2 of the 4 steps. With `skip_prk_steps=True` (SD 1.x's
+    config) each call is a step (4 steps: 5 calls, n = 5, as the pipeline's num_timesteps)."""
+    from diffusers import PNDMScheduler
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    assert not pipe.scheduler.config.skip_prk_steps
+    whole, half = Probe(), Probe(steps=(0.0, 0.5))
+    with attnctl.apply(pipe, [whole, half]):
+        generate(pipe, "tiny-sd", prompt="a cat", steps=4)
+    assert [f[:2] for f in _frames(whole.log)] == [(0, 4)] * 4 + [(1, 4)] * 4 + [(2, 4)] * 4 + [(3, 4)]
+    assert [f[:2] for f in _frames(half.log)] == [(0, 4)] * 4 + [(1, 4)] * 4
+    assert whole.log[0][1] == half.log[0][1] == 4  # the count the controls bind with
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    probe = Probe()
+    with attnctl.apply(pipe, [probe]):
+        generate(pipe, "tiny-sd", prompt="a cat", steps=4)
+    assert [f[:2] for f in _frames(probe.log)] == [(i, 5) for i in range(5)]
+
+
 def test_img2img_strength_counts_steps_run():
     from diffusers import StableDiffusionImg2ImgPipeline
 

@@ -299,6 +299,40 @@ def test_a_plan_runs_only_at_the_timesteps_it_was_calibrated_at(tiny_cache):
         attnctl.FastAttnPlan.from_dict({**plan.to_dict(), "timesteps": [999, 500]})
 
 
+def test_a_plan_runs_only_with_the_scheduler_it_was_calibrated_with(tiny_cache):
+    """A plan calibrated with Euler was accepted on Heun (3 corrector calls the plan never measured, at the same step
+    timesteps) and on EulerAncestral (other latents): the timesteps alone do not tell schedulers apart. A plan records
+    the scheduler's class and refuses another, naming both; a plan saved before it was recorded runs unchecked, and
+    serialises (control dict, hence the renderer's request digest) as it did then."""
+    from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    try:
+        pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
+        plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.05), pipe, "a cat", num_inference_steps=3, **_defaults("tiny-sd"))
+        assert plan.scheduler == "EulerDiscreteScheduler" and plan.to_dict()["scheduler"] == "EulerDiscreteScheduler"
+        assert attnctl.FastAttnPlan.from_json(plan.to_json()) == plan
+        control = attnctl.FastAttn(plan=plan)
+        assert attnctl.Control.from_dict(control.to_dict()) == control
+        older = attnctl.FastAttnPlan.from_dict({key: value for key, value in plan.to_dict().items() if key != "scheduler"})
+        assert older.scheduler is None and "scheduler" not in attnctl.FastAttn(plan=older).to_dict()["plan"]
+        for other in (HeunDiscreteScheduler, EulerAncestralDiscreteScheduler):
+            pipe.scheduler = other.from_config(saved.config)
+            with attnctl.apply(pipe, [control]):
+                with pytest.raises(ConfigError, match=f"calibrated with EulerDiscreteScheduler, but this call runs {other.__name__}"):
+                    generate(pipe, "tiny-sd", steps=3)
+            with attnctl.apply(pipe, [attnctl.FastAttn(plan=older)]):  # the same step timesteps: the older plan runs
+                generate(pipe, "tiny-sd", steps=3)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(saved.config)
+        with attnctl.apply(pipe, [control]):
+            generate(pipe, "tiny-sd", steps=3)
+    finally:
+        pipe.scheduler = saved
+    with pytest.raises(ConfigError, match="FastAttnPlan.scheduler must be None or the scheduler's class name, got 3"):
+        attnctl.FastAttnPlan.from_dict({**plan.to_dict(), "scheduler": 3})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"threshold": -0.1}, "threshold"),
     ({"window": -1}, "window"),

@@ -3,6 +3,7 @@ docs/methods.md (never from the implementation), plus validation and serialisati
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -246,6 +247,27 @@ def test_sag_x0_matches_the_scheduler(name, prediction):
                 scheduler._step_index -= 1  # undo: the real step below advances it
         torch.testing.assert_close(x0, expected_x0.float(), rtol=1e-4, atol=1e-4)
         x = scheduler.step(output, t, x).prev_sample
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # KDPM2 on numpy 2
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_noise_level_is_the_one_the_scheduler_scales_its_input_by(name):
+    """At every model call of a run (both calls of a second-order step), sqrt(alpha_bar) is the factor the scheduler's
+    own `scale_model_input` applies, 1 / sqrt(sigma^2 + 1). KDPM2Ancestral's second call reads `sigmas_interpol` one
+    index back (its step_index has moved on); attnctl read KDPM2's index there (1.6156 against 0.0292 at call 1)."""
+    import diffusers
+
+    scheduler = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler.set_timesteps(4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 4, 4, generator=generator) * float(scheduler.init_noise_sigma)
+    noise = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        scale = scheduler.scale_model_input(torch.ones(()), t)
+        level = noise_level(scheduler, t, "test")
+        torch.testing.assert_close(level.value.sqrt().float(), scale.float(), rtol=1e-5, atol=1e-7)
+        x = scheduler.step(torch.randn(x.shape, generator=generator), t, x, **noise).prev_sample
 
 
 def test_noise_level_split_sample_prediction():

@@ -468,6 +468,36 @@ def test_box_guidance_step_variance_is_the_noise_variance_of_the_denoiser_input(
     assert guidance_step_variance(second, second.timesteps[3]) == pytest.approx(sigma**2 / (sigma**2 + 1), rel=1e-6) != first
 
 
+@pytest.mark.parametrize("make", [
+    lambda: attnctl.AttendExcite(subjects=["cat"], steps=(0.0, 0.5), refine=()),
+    lambda: attnctl.AStar(subjects=["photo", "cat"], steps=(0.0, 0.5)),
+    lambda: attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0)}, iterations=1, loss_threshold=0.0, steps=(0.0, 0.5)),
+], ids=["excite", "astar", "box"])
+def test_second_order_steps_are_optimised_at_their_first_call_only(tiny_cache, make):
+    """Heun's second call of a step resumes from the sample the scheduler stored at the first: a latent moved there
+    does not persist (moving it by 1.0 changed the step's result by 7.6e-6), yet each optimiser ran its loss pass(es)
+    again. One update per step, at the step's first call: 3 steps = 5 calls, window (0, 0.5) = steps 0 and 1, so two
+    loss passes, at the timesteps of calls 0 and 2 (not four)."""
+    from diffusers import HeunDiscreteScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    pipe.scheduler = HeunDiscreteScheduler.from_config(saved.config)
+    try:
+        with attnctl.apply(pipe, [make()]):
+            seen, hook = _capture_inputs(pipe.unet)
+            try:
+                generate(pipe, "tiny-sd", prompt=PROMPT, steps=3)
+            finally:
+                hook.remove()
+        timesteps = pipe.scheduler.timesteps
+    finally:
+        pipe.scheduler = saved
+    loss_passes = [call for call in seen if call["grad"]]
+    assert len(seen) - len(loss_passes) == 5
+    assert [float(call["timestep"]) for call in loss_passes] == [float(timesteps[0]), float(timesteps[2])]
+
+
 def test_box_guidance_refuses_edm_schedulers_when_the_call_binds(tiny_cache):
     """EDM schedulers precondition the model: the input's noise variance, and so the step, is not defined. The call
     is refused when it binds its controls (before the first denoiser call runs), and the scheduler is left as it was;

@@ -327,6 +327,71 @@ def test_base_row_is_untouched_and_a_same_prompt_edit_is_the_base(name, guidance
     torch.testing.assert_close(same[1], same[0], atol=1e-5, rtol=1e-5)
 
 
+def _p2p_noise_warnings(pipe, generator, **kwargs):
+    """(the warnings about step noise, the latents) of a P2P call editing the base prompt into itself."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attnctl.apply(pipe, [attnctl.PromptToPrompt(**FULL)]):
+            out = pipe(prompt=[BASE, BASE], num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                       generator=generator, **CALL_DEFAULTS["tiny-sd"], **kwargs).images
+    return [str(w.message) for w in caught if "adds noise at every step" in str(w.message)], out
+
+
+def test_stochastic_schedulers_warn_unless_each_image_has_its_own_generator(tiny_cache):
+    """Under a scheduler that adds noise at every step, one generator draws different noise for each image, so an
+    edit identical to its base drifted from it (Euler Ancestral: by up to 15 on 4 steps) silently. P2P warns once per
+    call, naming the scheduler and the remedy, unless each edited image has a generator of its own in its base
+    image's state (which gives the base image itself); deterministic schedulers (DDIM), and TCD at the call's eta=0,
+    need none."""
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, TCDScheduler
+
+    pipe = tiny_cache("tiny-sd")
+    saved = pipe.scheduler
+    try:
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(saved.config)
+        for generator in (torch.Generator().manual_seed(0), None, [torch.Generator().manual_seed(0)] * 2,
+                          [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]):
+            found, out = _p2p_noise_warnings(pipe, generator)
+            assert len(found) == 1 and "EulerAncestralDiscreteScheduler adds noise at every step" in found[0]
+            assert "pass one generator per image" in found[0]
+        found, out = _p2p_noise_warnings(pipe, [torch.Generator().manual_seed(0) for _ in range(2)])
+        assert found == []
+        torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)  # the remedy: the edit is the base image
+        pipe.scheduler = TCDScheduler.from_config(saved.config)
+        assert _p2p_noise_warnings(pipe, torch.Generator().manual_seed(0))[0] == []  # the pipeline passes its eta=0.0
+        found, _ = _p2p_noise_warnings(pipe, torch.Generator().manual_seed(0), eta=0.3)
+        assert len(found) == 1 and "TCDScheduler adds noise at every step (the call's eta is 0.3)" in found[0]
+        pipe.scheduler = DDIMScheduler.from_config(saved.config)
+        assert _p2p_noise_warnings(pipe, torch.Generator().manual_seed(0))[0] == []
+        assert _p2p_noise_warnings(pipe, torch.Generator().manual_seed(0), eta=1.0)[0] != []
+    finally:
+        pipe.scheduler = saved
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # KDPM2 on numpy 2
+def test_step_noise_names_the_stochastic_schedulers():
+    """Which schedulers draw fresh noise in `step` (diffusers 0.42.1), by class or by setting; DPM-Solver-SDE draws it
+    for the whole batch from its own seed (needs torchsde to build: a stand-in of that name here)."""
+    import diffusers
+
+    from attnctl.noise import batch_noise, step_noise
+
+    for name in ("EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler", "LCMScheduler"):
+        assert step_noise(getattr(diffusers, name)()) == f"{name} adds noise at every step"
+    for name in ("DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+                 "DPMSolverMultistepScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler"):
+        assert step_noise(getattr(diffusers, name)()) is None
+    assert "algorithm_type='sde-dpmsolver++'" in step_noise(diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"))
+    assert "stochastic_sampling=True" in step_noise(diffusers.FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    assert step_noise(diffusers.TCDScheduler()) == "TCDScheduler adds noise at every step (its step's default eta is 0.3)"
+    assert step_noise(diffusers.TCDScheduler(), eta=0.0) is None
+    sde = type("DPMSolverSDEScheduler", (), {"config": {}})()
+    assert step_noise(sde) == "DPMSolverSDEScheduler adds noise at every step" and batch_noise(sde)
+    assert not batch_noise(diffusers.EulerAncestralDiscreteScheduler())
+
+
 def test_tables_hold_the_word_swap_and_the_equalizer(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, [attnctl.PromptToPrompt(reweight={"street": 3.0}, branch="both")]) as handle:

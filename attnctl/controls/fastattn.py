@@ -139,7 +139,10 @@ class FastAttnPlan:
     denoiser and for plans made before it was recorded. `timesteps`: the timestep of each step it was calibrated at
     (checked when applied: img2img `strength`, another scheduler, shift or custom `timesteps=` / `sigmas=` run other
     timesteps with the same count, where its methods' errors were never measured); None for plans made before it was
-    recorded (the count alone is checked) and where the call's timesteps were not known.
+    recorded (the count alone is checked) and where the call's timesteps were not known. `scheduler`: the class name
+    of the pipeline's scheduler at calibration (checked when applied: Euler and Heun, or Euler and EulerAncestral, run
+    the same step timesteps, but Heun adds corrector calls between them and an ancestral scheduler other latents);
+    None for plans made before it was recorded (not checked) and where the pipeline has no scheduler.
     """
 
     model: str
@@ -154,6 +157,7 @@ class FastAttnPlan:
     frames: int = 1
     experts: tuple[str, ...] | None = None
     timesteps: tuple[float, ...] | None = None
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         set_field(self, "steps", plain_scalar(self.steps))
@@ -216,6 +220,8 @@ class FastAttnPlan:
                     f"got {self.timesteps!r}"
                 )
             set_field(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        if self.scheduler is not None and (not isinstance(self.scheduler, str) or not self.scheduler):
+            raise ConfigError(f"FastAttnPlan.scheduler must be None or the scheduler's class name, got {self.scheduler!r}")
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -236,11 +242,12 @@ class FastAttnPlan:
 
     def check(self, *, model: str | None = None, fingerprint: str | None = None, steps: int | None = None,
               resolution: tuple[int, int] | None = None, frames: int | None = None,
-              experts: tuple[str, ...] | None = None, timesteps: tuple[float, ...] | None = None) -> None:
+              experts: tuple[str, ...] | None = None, timesteps: tuple[float, ...] | None = None,
+              scheduler: str | None = None) -> None:
         """Raise ConfigError when the plan was made for another model, number of steps, resolution, number of
-        (token) frames, expert schedule (`experts`: the expert of each step of the call) or timesteps (`timesteps`:
-        the timestep of each step of the call, equal up to float rounding); the last two are not checked when the
-        plan or the call has none."""
+        (token) frames, expert schedule (`experts`: the expert of each step of the call), timesteps (`timesteps`:
+        the timestep of each step of the call, equal up to float rounding) or scheduler (`scheduler`: the class name
+        of the call's); the last three are not checked when the plan or the call has none."""
         if model is not None and (model != self.model or fingerprint != self.fingerprint):
             raise ConfigError(
                 f"this FastAttn plan was calibrated for {self.model} (config {self.fingerprint}), not for this "
@@ -276,6 +283,12 @@ class FastAttnPlan:
                 "steps); calibrate a plan with this call's pipeline and schedule (an img2img plan on the img2img "
                 "pipeline at this strength)"
             )
+        if scheduler is not None and self.scheduler is not None and scheduler != self.scheduler:
+            raise ConfigError(
+                f"this FastAttn plan was calibrated with {self.scheduler}, but this call runs {scheduler}: its methods "
+                "were chosen by their error on that scheduler's model calls and latents (a second-order scheduler adds "
+                "a call per step, an ancestral one adds noise); calibrate a plan with this call's scheduler"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -285,6 +298,7 @@ class FastAttnPlan:
             "methods": {name: list(methods) for name, methods in self.methods},
             **({"experts": list(self.experts)} if self.experts is not None else {}),
             **({"timesteps": list(self.timesteps)} if self.timesteps is not None else {}),
+            **({"scheduler": self.scheduler} if self.scheduler is not None else {}),
         }
 
     @classmethod
@@ -423,6 +437,15 @@ class FastAttn(Control, type_name="fastattn"):
         """Where the report goes in `handle.outputs`."""
         return self.key
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        plan = out.get("plan")
+        if isinstance(plan, dict) and plan.get("scheduler") is None:
+            # a plan without a recorded scheduler (saved before it was) is written as it was then: the renderer's
+            # request digest of a job naming it stays the same, so a resumed run does not render its images again
+            del plan["scheduler"]
+        return out
+
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"cache" where outputs may be stored and reused, "window" where window attention may run (by the plan's
         methods for the layer; without a plan, what calibration may choose; nothing at threshold 0)."""
@@ -509,9 +532,11 @@ class FastAttnBound(Bound):
         self.experts = context.adapter.expert_schedule(context.pipeline, context.steps)
         needed = plan is None or plan.timesteps is not None  # recorded in the plan made, or checked against the plan's
         self.timesteps = step_timesteps(context.pipeline, context.steps) if needed else None
+        scheduler = getattr(context.pipeline, "scheduler", None)
+        self.scheduler = type(scheduler).__name__ if scheduler is not None else None
         if plan is not None:
             plan.check(steps=context.steps, resolution=self.resolution, frames=self.frames, experts=self.experts,
-                       timesteps=self.timesteps)
+                       timesteps=self.timesteps, scheduler=self.scheduler)
             self.methods = {layer.name: list(plan.per_step(layer.name)) for layer in context.layers}
             if plan.experts is None and self.experts is not None:
                 self._warn_unrecorded_experts(context.adapter)
@@ -633,7 +658,7 @@ class FastAttnBound(Bound):
             self.report.plan = FastAttnPlan(
                 model=model, fingerprint=fingerprint, steps=self.steps_count, resolution=self.resolution,
                 frames=self.frames, window=self.fast.window_size, threshold=self.fast.threshold, source=source,
-                experts=self.experts, timesteps=self.timesteps,
+                experts=self.experts, timesteps=self.timesteps, scheduler=self.scheduler,
                 methods=tuple((layer.name, tuple(self.methods[layer.name])) for layer in self.layers),
             )
         for state in self.states.values():

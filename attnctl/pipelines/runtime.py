@@ -32,7 +32,7 @@ from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend, choose_traced_backend, prepare_traced_labels
 from ..kernels.spec import LabelMask
 from ..processors.edit import AttentionCall, Edit, merge_edits
-from ..steps import StepInfo, call_frame, loop_timesteps
+from ..steps import StepGroups, StepInfo, call_frame, loop_timesteps, step_groups
 from ..tokens import PromptTokens
 from .denoiser import rebatch
 from .prompts import PromptCache, encode_prompts
@@ -60,7 +60,7 @@ class PipelineCallState:
     encode_lengths: list[int | None] = field(default_factory=list)
     positions_done: int = 0  # scheduler.step calls so far
     num_positions: int | None = None
-    order: int = 1
+    groups: StepGroups = field(default_factory=StepGroups)  # how the scheduler's positions group into steps
     bound: list[Bound] | None = None
     input_order: tuple[Bound, ...] = ()  # `bound` in the order their `transform_inputs` run (`Bound.input_order`)
     frames: int = 0
@@ -557,7 +557,7 @@ class Runtime:
 
     def _start_schedule(self, call: PipelineCallState) -> None:
         scheduler = getattr(self.pipeline, "scheduler", None)
-        call.order = int(getattr(scheduler, "order", 1) or 1)
+        call.groups = step_groups(scheduler)
         positions = getattr(self.pipeline, "_num_timesteps", None)
         if positions is None and scheduler is not None and getattr(scheduler, "timesteps", None) is not None:
             begin = getattr(scheduler, "_begin_index", None) or 0
@@ -581,14 +581,16 @@ class Runtime:
         return len(timesteps) if timesteps is not None else None
 
     def _step(self, call: PipelineCallState) -> StepInfo:
-        order = call.order
+        groups = call.groups
         position = call.positions_done
+        index = groups.step_of(position)
+        first = groups.first_position(index) == position
         if call.num_positions is None:
-            return StepInfo(index=position // order, count=max(position // order + 1, 1))
+            return StepInfo(index=index, count=index + 1, first=first)
         # a second-order scheduler (Heun, KDPM2) calls the model twice per step, except for the last step:
         # calls (0, 1) are step 0, (2, 3) step 1, ..., the last call alone the last step
-        count = (call.num_positions + order - 1) // order
-        return StepInfo(index=min(position // order, count - 1), count=count)
+        count = groups.count(call.num_positions)
+        return StepInfo(index=min(index, count - 1), count=count, first=first)
 
     def _bind(self, call: PipelineCallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
         record = call.record

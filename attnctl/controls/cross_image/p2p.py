@@ -25,6 +25,7 @@ and copies the base row's latents elsewhere after every scheduler step. docs/met
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
@@ -38,9 +39,11 @@ from ...errors import CallLayoutError, ConfigError, TokenError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
+from ...noise import batch_noise, step_noise
 from ...processors.chain import restricted_rows, token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
+from ...steps import call_frame
 from ...tokens import validate_word_query
 from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ..common import RowIndex
@@ -176,7 +179,9 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
 
     Call the pipeline with a list of prompts `[base, edit1, ...]` (each may have `num_images_per_prompt` images);
     the edited rows start from the base row's initial latents (copied at the first step, so one generator is
-    enough) and take its attention. The base rows are never changed.
+    enough with a deterministic scheduler) and take its attention. The base rows are never changed. A scheduler that
+    adds noise at every step (Euler Ancestral, DDPM, LCM, ...: `attnctl.noise.step_noise`) needs one generator per
+    image, seeded alike, for the edited rows to draw their base row's noise; the call warns where they do not.
 
     `mode`: `"replace"` (words swapped one for one; token counts may differ) or `"refine"` (words added or
     removed: aligned tokens take the base maps, new tokens keep their own). `cross_steps` / `self_steps`: the
@@ -312,6 +317,21 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
         return out
 
 
+def _same_generators(generators: Any, pairs: list[tuple[int, int]], rows: int) -> bool:
+    """Whether `generators` (the call's `generator`) is a list of one generator per image in which each (edited,
+    base) pair holds two distinct generators in the same state (seeded alike, and the same draws so far: the
+    initial latents): they draw the same noise at every step."""
+    if not isinstance(generators, (list, tuple)) or len(generators) != rows:
+        return False
+    for row, base in pairs:
+        mine, theirs = generators[row], generators[base]
+        if mine is theirs or not isinstance(mine, torch.Generator) or not isinstance(theirs, torch.Generator):
+            return False
+        if mine.device != theirs.device or not torch.equal(mine.get_state(), theirs.get_state()):
+            return False
+    return True
+
+
 def blend_level(layers: tuple[LayerInfo, ...], canvas: Canvas) -> int | None:
     """The level of the cross-attention maps local blending averages: the one whose token count is nearest to P2P's
     16x16 = 256 (its `LocalBlend` reads maps of 256 tokens; compared by the side of a square of as many tokens, the
@@ -432,8 +452,46 @@ class PromptToPromptBound(Bound):
             if scheduler is None or not callable(getattr(scheduler, "step", None)):
                 raise UnsupportedError("attnctl: PromptToPrompt needs the pipeline's scheduler (its step copies the start latents and blends)")
             context.wrap_method(scheduler, "step", self._wrap_step)
+            self._warn_step_noise(context.pipeline, scheduler)
 
     # -- binding ----------------------------------------------------------------------------------------
+    def _warn_step_noise(self, pipeline: Any, scheduler: Any) -> None:
+        """Warn (once per call) where the edited rows will not draw the noise their base rows draw: the scheduler adds
+        noise at every step (`noise.step_noise`) and the call does not give each edited image the same noise source
+        as its base image (a generator of its own, in the state of the base image's; for DPM-Solver-SDE, a seed of
+        its own in `noise_sampler_seed`). The initial latents are copied either way: the drift comes from the steps."""
+        frame = call_frame(pipeline)
+        given = frame.f_locals if frame is not None else {}  # read once, at bind
+        reason = step_noise(scheduler, given.get("eta"))
+        if reason is None:
+            return
+        pairs = [(row, row % self.per_prompt) for row in self.edited]
+        if batch_noise(scheduler):
+            seeds = getattr(scheduler, "noise_sampler_seed", None)
+            if isinstance(seeds, (list, tuple)) and len(seeds) == self.rows and all(seeds[r] == seeds[b] for r, b in pairs):
+                return
+            remedy = (
+                "it draws that noise for the whole batch from its own noise_sampler_seed, which the pipeline's generators "
+                "do not reach: give it one seed per image, the base image's for each edited image "
+                f"({type(scheduler).__name__}.from_config(config, noise_sampler_seed=[seed] * {self.rows})), or use a "
+                "deterministic scheduler"
+            )
+        else:
+            if _same_generators(given.get("generator"), pairs, self.rows):
+                return
+            remedy = (
+                "pass one generator per image, each edited image's seeded as its base image's "
+                f"(generator=[torch.Generator().manual_seed(seed) for _ in range({self.rows})]: {self.rows} generator "
+                "objects, not one object repeated), as attnctl render, Model.generate and attnctl.interpolate do, or use "
+                "a deterministic scheduler"
+            )
+        warnings.warn(
+            f"attnctl: PromptToPrompt: {reason}, and this call does not give each edited image the noise of its base "
+            "image: the edited images start from their base image's latents but drift from it at every step (an edit "
+            f"identical to its base prompt comes out different). To share the base images' noise, {remedy}",
+            UserWarning, stacklevel=2,
+        )
+
     def _equalizer(self, tokens: Any) -> dict[int, torch.Tensor]:
         """Per edited cond row: (T,) factors of P2P's equalizer (1 where not reweighted)."""
         out: dict[int, torch.Tensor] = {}

@@ -9,7 +9,9 @@ are the columns' indicators, never an N x N matrix) and, once the last map layer
 with a private exception: later layers cost nothing. The loss's gradient with respect to the latent gives the step
 `x <- x - step_size * grad`. The denoiser call of the step then runs on the updated latent for every row of that
 image (the uncond rows carry no loss but share the latent, as in the paper's code), and the scheduler's `step` is
-given the updated latent too (an instance-level wrap owned by the handle), so that the update persists.
+given the updated latent too (an instance-level wrap owned by the handle), so that the update persists. A step of
+several model calls (Heun, KDPM2, DPM-Solver-SDE: 2; PNDM's Runge-Kutta warm-up: 4) is optimised at its first call
+only: the scheduler continues the step from the sample it stored then, so an update at a later call would not persist.
 """
 
 from __future__ import annotations
@@ -213,6 +215,10 @@ class LatentOptimizerBound(Bound):
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
         step = frame.step.index
         if frame.extra_pass is not None or self.control.scale == 0:
+            return inputs
+        if not frame.step.first:
+            # the second call of a Heun / KDPM2 step (or a PNDM Runge-Kutta sub-call): the scheduler resumes from the
+            # sample it stored at the step's first call, so a latent moved here would not persist (one update per step)
             return inputs
         if step not in self.updates:
             cond = frame.rows.indices("cond", None)
