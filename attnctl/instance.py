@@ -78,11 +78,13 @@ class MethodWrapper:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         record = self.__attnctl_record__
+        if id(record.obj) not in memo:
+            # the object's attributes copied without the object (diffusers' panorama copies `scheduler.__dict__` to put
+            # it back per view): the wrapper itself, as the deep copy of a function is the function
+            return self
         if record.previous is not _MISSING:
             return copy.deepcopy(record.previous, memo)
-        # the class's method, bound to the copy of record.obj under construction (in `memo`; a wrapper copied on its
-        # own copies its object, as the deep copy of a bound method does)
-        return copy.deepcopy(record.original, memo)
+        return copy.deepcopy(record.original, memo)  # the class's method, bound to the copy (in `memo`) of record.obj
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         record = self.__attnctl_record__

@@ -439,6 +439,24 @@ def test_a_scheduler_or_image_processor_copied_while_applied_is_stock_and_its_ow
             pipe.scheduler.set_timesteps(50)  # the original's state, as another call of `pipe` leaves it
             other = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
             assert torch.equal(generate(other, "tiny-sd"), stock)
+        state = copy.deepcopy(pipe.scheduler.__dict__)  # diffusers' panorama puts a scheduler's state back per view
+        assert state["step"] is pipe.scheduler.step
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionAttendAndExcitePipeline", "StableDiffusionSAGPipeline", "StableDiffusionPanoramaPipeline"])
+def test_sd_pipelines_that_set_their_own_processors_or_denoise_views_are_refused(name):
+    """diffusers' Attend-and-Excite and SAG pipelines set their own processors during each call (every CFG call failed
+    with a handle, and remove() left their processors); the panorama pipeline denoises several views per step from
+    copies of the scheduler's state (steps all counted 0: step windows silently idle). Refused at apply, untouched."""
+    import diffusers
+
+    base = make_tiny_pipeline("tiny-sd")
+    klass = getattr(diffusers, name)
+    pipe = klass(**{key: value for key, value in base.components.items() if key in klass._get_signature_keys(klass)[0]})
+    processors = dict(pipe.unet.attn_processors)
+    with pytest.raises(UnsupportedError, match=name):
+        attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})])
+    assert pipe.unet.attn_processors == processors and "step" not in vars(pipe.scheduler)
 
 
 def test_a_live_processor_copies_as_the_stock_one_and_the_denoiser_stays_refused():

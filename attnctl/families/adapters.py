@@ -45,6 +45,22 @@ class UNetAdapter(ModelAdapter):
     conditioning_inputs: ClassVar[tuple[str, ...]] = (  # ControlNet's, T2I-Adapter's
         "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
     )
+    refused_pipelines: ClassVar[dict[str, str]] = {
+        "StableDiffusionAttendAndExcitePipeline": "sets its own attention processors on the UNet during each call; use "
+        "attnctl.AttendExcite on the plain StableDiffusionPipeline",
+        "StableDiffusionSAGPipeline": "sets its own attention processor and hooks on the UNet during each call; use "
+        "attnctl.SAG on the plain StableDiffusionPipeline",
+        "StableDiffusionPanoramaPipeline": "denoises several views of a wide latent per step, stepping the scheduler "
+        "once per view from a copy of its state: attnctl's steps and canvases follow one image per step",
+        "StableDiffusionDiffEditPipeline": "runs the denoiser in generate_mask and invert outside a pipeline call, and "
+        "invert steps its inverse_scheduler, which attnctl does not follow",
+        "StableDiffusionGLIGENPipeline": "adds gated self-attention layers over image and grounding tokens whose inputs "
+        "keep the pipeline's batch, which attnctl does not place",
+        "StableDiffusionGLIGENTextImagePipeline": "adds gated self-attention layers over image and grounding tokens "
+        "whose inputs keep the pipeline's batch, which attnctl does not place",
+        "StableDiffusionXLInstructPix2PixPipeline": "batches three rows per prompt (text and image, image only, neither), "
+        "a classifier-free guidance layout attnctl does not know",
+    }
 
     def perturbed_layers(self) -> str:
         return "self & mid"
