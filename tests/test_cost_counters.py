@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnctl.testing.counters import CostCounter
 
@@ -157,6 +159,125 @@ def test_no_control_adds_a_host_synchronisation(model, name, tiny_cache, stock_c
         assert extra, f"{name} no longer syncs: remove its exemption ({SYNC_EXEMPT[name]})"
         return
     assert not extra, f"{name} on {model} adds host synchronisations: {extra}"
+
+
+# -- sequence-squared work ---------------------------------------------------------------------------------------
+_ATTNCTL = os.path.dirname(os.path.abspath(__import__("attnctl").__file__))
+
+
+class _SquareOps(TorchDispatchMode):
+    """Counts the operations attnctl's own code dispatches (the innermost frame outside torch is in attnctl, not in
+    attnctl.testing) whose output is sequence-squared: its last two dimensions `tokens` or more each. Views are free."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.found: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and isinstance(out, torch.Tensor) and out.ndim >= 3 and min(out.shape[-2:]) >= self.tokens:
+            frame = sys._getframe(1)
+            while frame is not None and (f"{os.sep}torch{os.sep}" in frame.f_code.co_filename or frame.f_code.co_filename.startswith("<")):
+                frame = frame.f_back
+            where = frame.f_code.co_filename if frame is not None else ""
+            if where.startswith(_ATTNCTL) and f"{os.sep}testing{os.sep}" not in where:
+                self.found[f"{func.__name__} {tuple(out.shape)} at {os.path.relpath(where, _ATTNCTL)}:{frame.f_lineno}"] += 1
+        return out
+
+
+#: Regions on the families whose model mask pads the prompts per row (prompts of different lengths), per step (one
+#: denoiser call with the region tokens): the model mask plus the joint label mask, (B, 1, N, N), and on Chroma, whose
+#: mask is (B, 1, N, N) itself, the blend's part of the model mask, (B, 1, image, image + base text). Each is made once
+#: per denoiser call and read by every joint layer; at every layer they were 3 per layer on Chroma (the sum, the
+#: cond rows' part, the keys' part), 1 per layer on Qwen-Image.
+SQUARE_PER_STEP = {"tiny-chroma": 2, "tiny-qwenimage": 1}
+
+
+@pytest.mark.parametrize("model", SQUARE_PER_STEP)
+def test_regions_make_the_sequence_squared_masks_once_per_denoiser_call(model, tiny_cache):
+    import attnctl
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache(model)
+    options = {**CALL_DEFAULTS[model], "height": 64, "width": 64}
+    image_tokens = (64 // pipe.vae_scale_factor // 2) ** 2  # 2x2 packed latents
+    steps = 2
+
+    def run():
+        with torch.inference_mode():
+            pipe(prompt=["a photo of a red cat and a blue dog", "a cat"], num_inference_steps=steps, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **options)
+
+    with attnctl.apply(pipe, bench._regions(False)) as handle:
+        run()
+        counter = _SquareOps(image_tokens)
+        with counter:
+            run()
+        layers = sum(1 for layer in handle.adapter.layers if layer.kind == "joint")
+    assert layers > SQUARE_PER_STEP[model]  # made at every layer, they would be more
+    made = sum(counter.found.values())
+    assert 0 < made <= SQUARE_PER_STEP[model] * steps, dict(counter.found)
+
+
+def test_isolation_makes_one_label_mask_row_for_every_image(tiny_cache, monkeypatch):
+    """Regions(isolate=True) gives every row (every image, uncond rows too) the same labels: one (1, 1, N, N) mask
+    that SDPA broadcasts, counted once against sdpa's dense limit. With B identical rows, 3 images per prompt and CFG
+    passed a limit that one N x N mask stays under (SDXL at 1024² with 3 images: 100M elements, past 64M: auto
+    went to flex)."""
+    import dataclasses
+
+    import attnctl
+    from attnctl import kernels
+    from attnctl.kernels import LabelMask
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache("tiny-sd")
+    tokens = (CALL_DEFAULTS["tiny-sd"]["height"] // pipe.vae_scale_factor) ** 2  # the finest self-attention grid
+    kernels.sdpa.clear_caches()
+    shapes = []
+    dense = LabelMask.dense
+    monkeypatch.setattr(LabelMask, "dense", lambda self: shapes.append(tuple(self.q_labels.shape)) or dense(self))
+    limit = tokens * tokens  # one N x N mask fits, six do not
+    monkeypatch.setitem(kernels.BACKENDS, "sdpa", dataclasses.replace(kernels.BACKENDS["sdpa"], dense_limit=limit))
+    monkeypatch.setattr(kernels.sdpa, "DENSE_MASK_LIMIT", limit)
+    monkeypatch.setitem(kernels.AUTO_ORDER, "cpu", ("sdpa", "reference"))
+    with attnctl.apply(pipe, bench._regions(True)) as handle:
+        with torch.inference_mode():
+            pipe(prompt="a photo of a red cat and a blue dog", num_inference_steps=2, num_images_per_prompt=3, output_type="latent",
+                 generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS["tiny-sd"])
+        chosen = {name: choice[0] for name, choice in handle.runtime.backend_log.items()}
+    assert shapes and {rows for rows, _ in shapes} == {1}, shapes
+    assert tokens in {n for _, n in shapes}
+    assert set(chosen.values()) == {"sdpa"}, chosen
+
+
+#: Constant work is not repeated at every attention call (extra operations over stock in a warm call of 4 steps): an
+#: idle Reweight (no step inside its window) makes nothing; AttentionMaps pads its word columns once per call and
+#: layout (`word_values`), not at each layer and step; PAG takes its perturbed rows (after the pipeline's) and the
+#: others as views and joins the two with one concatenation (no gather into copies, no scatter into a new batch);
+#: Regions' joint blend keeps `1 - weight` in its plan (joint layers only).
+SHARED_WORK = {
+    "idle-rw": (lambda: __import__("attnctl").Reweight({"red": 2.0}, steps=(0.95, 1.0)), {"*": 0}),
+    "maps": (lambda: __import__("attnctl").AttentionMaps(["cat", "dog"]), {"pad.default": 2}),
+    "pag": (lambda: __import__("attnctl").PAG(scale=3.0), {"index_copy_.default": 0, "new_empty.default": 0}),
+    "regions": (lambda: bench._regions(False), {"rsub.Scalar": 1}),
+}
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("name", SHARED_WORK)
+def test_what_attention_calls_share_is_made_once(model, name, tiny_cache, stock_costs):
+    make, limits = SHARED_WORK[name]
+    cost = bench.measure(tiny_cache(model), model, name, lambda: [make()])
+    stock = stock_costs[model]
+    extra = {k: v - stock.op_names.get(k, 0) for k, v in cost.op_names.items() if v != stock.op_names.get(k, 0)}
+    if "*" in limits:
+        assert cost.attention_calls == 0 and not extra, extra
+        return
+    assert cost.attention_calls >= 2, cost
+    for op, limit in limits.items():
+        assert extra.get(op, 0) <= limit, (op, extra)
 
 
 # -- the sync-free paths give what the host reads gave -------------------------------------------------------------

@@ -292,3 +292,49 @@ def test_sdpa_keeps_key_biases_and_label_tables_finite_in_float16(monkeypatch):
     for _ in range(3):
         attention(q, k, v, boost, "sdpa")
     assert len(conversions) <= 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_labels_every_row_shares_are_one_row(backend):
+    """Labels every batch row shares (Regions' isolation) are one row of each tensor: the same output as the labels
+    repeated per row, a (1, 1, Nq, Nk) dense mask that SDPA broadcasts, counted once against sdpa's dense limit."""
+    q, k, v = _qkv(b=3, nq=10, nk=10)
+    inf = float("-inf")
+    q_labels = torch.tensor([[0] * 4 + [1] * 5 + [2]])
+    table = torch.tensor([[[0.0, inf, -1.0], [inf, 0.0, -0.5], [inf, inf, inf]]])
+    shared = LabelMask(q_labels, q_labels, table)
+    repeated = LabelMask(q_labels.repeat(3, 1), q_labels.repeat(3, 1), table)
+    out, _ = attention(q, k, v, AttentionSpec(labels=shared), backend)
+    expected, _ = attention(q, k, v, AttentionSpec(labels=repeated), backend)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert shared.rows == 1 and shared.dense().shape == (1, 1, 10, 10) and shared.fully_masked_queries().shape == (1, 10)
+    assert AttentionSpec(labels=shared).dense_elements(3, 10, 10) == 100
+    assert AttentionSpec(labels=repeated).dense_elements(3, 10, 10) == 300
+    mask = torch.zeros(3, 1, 1, 10)
+    assert AttentionSpec(labels=shared, attn_mask=mask).dense_elements(3, 10, 10) == 300  # the sum has a row per mask row
+
+
+def test_sdpa_adds_a_model_mask_and_labels_once_per_mask_tensor():
+    """The model's mask plus a label mask is made once per mask tensor and LabelMask (every layer of a denoiser call
+    passes the same ones), again after an in-place change of the mask, and forgotten when the mask dies."""
+    import gc
+
+    from attnctl.kernels import sdpa
+
+    sdpa.clear_caches()
+    q, k, v = _qkv(nq=12, nk=12)
+    labels = LabelMask(torch.zeros(1, 12, dtype=torch.long), torch.arange(12).remainder(2)[None], torch.tensor([[[0.0, -2.0]]]))
+    mask = torch.zeros(2, 1, 12, 12)
+    mask[1, :, :, -3:] = float("-inf")
+    spec = AttentionSpec(attn_mask=mask, labels=labels)
+    out, _ = attention(q, k, v, spec, "sdpa")
+    torch.testing.assert_close(out, attention(q, k, v, spec, "reference")[0])
+    made = sdpa._shared_mask(spec, 12, 12, q)
+    assert sdpa._shared_mask(spec, 12, 12, q) is made and made.shape == (2, 1, 12, 12)
+    assert sdpa._shared_mask(AttentionSpec(attn_mask=mask.clone(), labels=labels), 12, 12, q) is not made  # another tensor
+    mask[0, :, :, 0] = -1.0  # in place: made again
+    again = sdpa._shared_mask(spec, 12, 12, q)
+    assert again is not made and again[0, 0, 0, 0] == -1.0
+    del spec, mask, made, again
+    gc.collect()
+    assert len(sdpa._SHARED_MASKS) == 0  # the entries went with their mask tensors

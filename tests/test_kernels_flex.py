@@ -3,6 +3,7 @@ CPU, so the compiled tests share two shapes (a query range splits the call into 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -188,3 +189,16 @@ def test_inputs_flex_cannot_take_move_that_call_only(monkeypatch):
         out, _ = kernels.attention(q.float(), k[:, :, :0].float(), v[:, :, :0].float(), empty, "auto")
     assert out.shape == (2, 2, N, 16) and (out == 0).all()  # a row that attends to no key gives zeros
     assert not kernels.KERNEL_FAILURES and choose_backend("auto", "cpu", spec.features())[0] == "flex"
+
+
+def test_labels_every_row_shares_run_per_row():
+    """One-row labels (every batch row shares them: Regions' isolation) are repeated per row for flex's mods, as one
+    derived LabelMask per batch size (flex's caches are per object): the output of the labels given per row."""
+    q, k, v, spec = _inputs(0)
+    labels = spec.labels
+    shared = LabelMask(labels.q_labels[:1], labels.k_labels[:1], labels.table)
+    repeated = LabelMask(shared.q_labels.repeat(2, 1), shared.k_labels.repeat(2, 1), shared.table)
+    out, _ = flex.attention(q, k, v, dataclasses.replace(spec, labels=shared))
+    expected, _ = flex.attention(q, k, v, dataclasses.replace(spec, labels=repeated))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out, reference.attention(q, k, v, dataclasses.replace(spec, labels=shared))[0], rtol=2e-5, atol=2e-5)

@@ -219,3 +219,21 @@ def test_refusals():
         tlab.attention(q, q, q, AttentionSpec(labels=bad))
     with pytest.raises(ConfigError, match="label vectors must be"):
         tlab.attention(q, q, q, AttentionSpec(labels=LabelMask(torch.zeros(1, 7, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 1, 1))))
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["cross", "self"])
+def test_labels_every_row_shares_run_per_row(same):
+    """One-row labels (every batch row shares them: Regions' isolation) through the registered backend: repeated per
+    row for the kernels, the output of the labels given per row."""
+    from attnctl.kernels.semantics import labels_for_batch
+
+    one = _random_labels(1, 40, 40, seed=5, same=same)
+    shared = LabelMask(one.q_labels, one.q_labels if same else one.k_labels, one.table[:1])
+    repeated = labels_for_batch(shared, 3)
+    assert labels_for_batch(shared, 3) is repeated and tuple(repeated.q_labels.shape) == (3, 40)
+    assert (repeated.k_labels is repeated.q_labels) == same  # one vector stays one (one sort)
+    q, k, v = _rand(3, 2, 40, 16, seed=1), _rand(3, 2, 40, 16, seed=2), _rand(3, 2, 40, 16, seed=3)
+    fn = BACKENDS["triton"].fn
+    for spec in (AttentionSpec(labels=shared), AttentionSpec(labels=shared, window=Window((5, 8), radius=(1, 1)))):
+        out, _ = fn(q, k, v, spec)
+        _close(out, reference.attention(q, k, v, spec)[0])

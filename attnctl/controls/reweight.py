@@ -333,7 +333,8 @@ class ReweightBound(Bound):
             [factor_values(w.factor, self.active_steps, count, f"Reweight factor of {describe_query(w.query)}") for w in table]
             for table in tables
         ]
-        # weights[branch]: (active steps, prompt rows, the branch's text length) on the CPU; identity[branch][k]: all ones
+        # weights[branch]: (active steps, prompt rows, the branch's text length) on the CPU, none without an active step;
+        # identity[branch][k]: all ones
         self.weights: dict[str, torch.Tensor] = {}
         self.identity: dict[str, list[bool]] = {}
         for branch in branches:
@@ -361,10 +362,12 @@ class ReweightBound(Bound):
                                 )
             if self.normalize:
                 _check_not_all_muted(cells, branch, self.active_steps, context)
+            if not self.active_steps:  # idle in this call (no step inside its window): the words are checked, no table made
+                continue
             grid = torch.tensor(cells, dtype=torch.float32).reshape(len(self.active_steps), rows, text_len)
             self.weights[branch] = grid
             self.identity[branch] = [all(v == 1.0 for line in step for v in line) for step in cells]
-        self.no_uncond_rows = control.branch == "uncond" and not self.weights
+        self.no_uncond_rows = control.branch == "uncond" and not self.text_lens
         self._cache: dict[Any, Edit | None] = {}
         self._scales: dict[Any, torch.Tensor | None] = {}  # per row layout: (active steps, B, keys), once per call
         self._on_device = {branch: upload(grid, self.device) for branch, grid in self.weights.items()}  # one async copy per call

@@ -32,6 +32,7 @@ class ChromaAdapter(FluxAdapter):
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
     padded_text_tokenizer: ClassVar[str | None] = None  # T5 with a padding mask
     prompt_mask_index: ClassVar[int | None] = 2  # encode_prompt: (embeds, text_ids, mask, ...)
+    layer_mask_input: ClassVar[str | None] = "attention_mask"  # every block: mask[:, None, None, :] * mask[:, None, :, None]
 
     block_inputs: ClassVar[dict[str, tuple[str, ...]]] = {
         "ChromaTransformerBlock": ("hidden_states", "encoder_hidden_states", "temb", "attention_mask"),
@@ -77,6 +78,7 @@ class QwenImageAdapter(ModelAdapter):
     rotary: ClassVar[bool] = True
     cfg_calls: ClassVar[str] = "separate"
     prompt_mask_index: ClassVar[int | None] = 1  # encode_prompt: (embeds, mask or None when nothing is padded)
+    layer_mask_input: ClassVar[str | None] = "encoder_hidden_states_mask"  # every layer: [mask; ones] (processors/qwen.py)
     conditioning_inputs: ClassVar[tuple[str, ...]] = ("controlnet_block_samples",)
     refused_pipelines: ClassVar[dict[str, str]] = {
         "QwenImageLayeredPipeline": "generates several layer images in one sequence (img_shapes lists the layers after "

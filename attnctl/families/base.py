@@ -218,6 +218,12 @@ class ModelAdapter:
     #: Qwen-Image 1; Qwen-Image returns None when nothing is padded), so that extra prompts keep their padding
     #: masked. None: the family masks no text padding.
     prompt_mask_index: ClassVar[int | None] = None
+    #: The denoiser input every attention layer's own mask is made from, the same way at every layer of one forward
+    #: (Chroma: each block's outer product of `attention_mask`; Qwen-Image: the processors' `encoder_hidden_states_mask`
+    #: and ones for the image tokens), so that the layers' masks are equal: a layer with an edit then reads the first
+    #: layer's mask tensor (`ControlledProcessor.layer_mask`), and what the backends derive from it (a label mask
+    #: added, a sub-attention's rows and keys) is made once per denoiser call. None: no such input.
+    layer_mask_input: ClassVar[str | None] = None
     #: The pipeline attribute of the tokenizer whose padded output is the whole joint text sequence, with no
     #: attention mask (Flux: T5 padded to `max_sequence_length`): extra prompts appended to that sequence can
     #: be cut after their last token (`Regions(trim_prompts=True)`). None: the text has several segments or a mask.

@@ -30,6 +30,7 @@ without a compilation. Rows whose every key is masked give zeros.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block
 
 from ..errors import BackendError, ConfigError, KernelCompileError, UnsupportedInputError
 from . import sdpa
+from .semantics import labels_for_batch
 from .spec import AttentionSpec, LabelMask, Window, as_additive, check_kernel_dtypes, per_key
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -350,6 +352,8 @@ def attention(
     check_inputs(q, k, v)
     batch, heads, nq, _ = q.shape
     nk = k.shape[2]
+    if spec.labels is not None:  # labels every row shares (one row): per batch row, as the mods read them
+        spec = dataclasses.replace(spec, labels=labels_for_batch(spec.labels, batch))
     if spec.window is not None:
         n = spec.window.n_img + spec.window.text_len
         if nq != n or nk != n:

@@ -4,7 +4,8 @@ are bitwise identical to stock.
 
 Per-key edits (bias, value scale) never need an N x N mask: a (B, H, 1, Nk) mask broadcasts, and a query
 range splits the call into row groups. Label masks and windows are made dense here, up to
-`DENSE_MASK_LIMIT` mask elements (B * Nq * Nk); past that the fused backends (flex, triton) are needed. A window
+`DENSE_MASK_LIMIT` mask elements (B * Nq * Nk, or 1 * Nq * Nk for labels every row shares: SDPA broadcasts them);
+past that the fused backends (flex, triton) are needed. A window
 alone on a large grid runs tiled instead (`window_tiles`: each tile of image queries against its neighbourhood),
 with no mask and no size limit (`mask_elements`), except inside torch.compile.
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from . import window_tiles
-from .spec import AttentionSpec, LabelMask, Window, as_additive, kept_tensors, per_key, version
+from .spec import AttentionSpec, IdentityCache, LabelMask, Window, as_additive, kept_tensors, per_key, version
 
 DENSE_MASK_LIMIT = 1 << 26  # 64M elements: 256 MB as float32
 
@@ -40,7 +41,7 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
         prepared = labels.prepared.get((device, dtype))
         if prepared is not None:
             return prepared
-        return _in_dtype(labels.dense().to(device), dtype), labels.fully_masked_queries().to(device)
+        return _dense_in(labels, dtype, device)
     key = (str(device), dtype, labels.versions())
     per_object = _LABEL_DENSE.get(labels)
     if per_object is None:
@@ -49,8 +50,16 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
     if cached is None:
         per_object.clear()  # a stale version, another dtype: keep one entry per object
         with kept_tensors():
-            cached = per_object[key] = (_in_dtype(labels.dense().to(device), dtype), labels.fully_masked_queries().to(device))
+            cached = per_object[key] = _dense_in(labels, dtype, device)
     return cached
+
+
+def _dense_in(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_labels_dense` made: the mask gathered from the table in `dtype` (`_in_dtype` of each entry, as of the float32
+    mask, without making the float32 mask first) and the fully masked queries, on `device`."""
+    table = _in_dtype(labels.table, dtype)
+    dense = (labels if table is labels.table else LabelMask(labels.q_labels, labels.k_labels, table)).dense()
+    return dense.to(device), labels.fully_masked_queries().to(device)
 
 
 def prepare_labels(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> None:
@@ -59,7 +68,7 @@ def prepare_labels(labels: LabelMask, dtype: torch.dtype, device: torch.device) 
     key = (torch.device(device), dtype)
     if key not in labels.prepared:
         with kept_tensors():
-            labels.prepared[key] = (_in_dtype(labels.dense().to(key[0]), dtype), labels.fully_masked_queries().to(key[0]))
+            labels.prepared[key] = _dense_in(labels, dtype, key[0])
 
 
 def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -115,6 +124,7 @@ def clear_caches() -> None:
     _LABEL_DENSE.clear()
     _WINDOW_DENSE.clear()
     _MASK_IN_DTYPE.clear()
+    _SHARED_MASKS.clear()
 
 
 def _call(q, k, v, mask, scale):
@@ -193,8 +203,29 @@ def _join_queries(pieces: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([piece.transpose(1, 2) for piece in pieces], dim=1).transpose(1, 2)
 
 
+#: The model's mask plus a label mask or window (`_shared_mask`), by the mask tensor and the LabelMask object: the
+#: layers of a denoiser call pass one mask tensor (`ControlledProcessor.layer_mask` where a family gives each layer an
+#: equal one of its own) and one LabelMask, so the (B, 1, Nq, Nk) sum is made once per call, not at every layer. An
+#: entry goes with its mask tensor.
+_SHARED_MASKS = IdentityCache(4)
+
+
 def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torch.Tensor | None:
-    """The model's own mask plus label and window masks, broadcastable to (B, H, Nq, Nk)."""
+    """The model's own mask plus label and window masks, broadcastable to (B, H, Nq, Nk); a sum of the model's mask and
+    another is cached per mask tensor, LabelMask and window."""
+    mask, labels = spec.attn_mask, spec.labels
+    if mask is None or (labels is None and spec.window is None) or torch.compiler.is_compiling():
+        return _sum_masks(spec, nq, nk, q)
+    tensors = (mask, labels.q_labels, labels.k_labels, labels.table) if labels is not None else (mask,)
+    extra = (version(mask), labels.versions() if labels is not None else None, spec.window, q.dtype, str(q.device), nq, nk)
+    found = _SHARED_MASKS.get(tensors, extra)
+    if found is None:
+        with kept_tensors():
+            found = _SHARED_MASKS.put(tensors, extra, _sum_masks(spec, nq, nk, q))
+    return found
+
+
+def _sum_masks(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torch.Tensor | None:
     mask = spec.attn_mask
     if mask is not None and mask.dtype == torch.bool:
         mask = as_additive(mask, q.dtype)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigError, UnsupportedError
-from .spec import AttentionSpec, LabelMask, Window, as_additive, per_key
+from .spec import AttentionSpec, IdentityCache, LabelMask, Window, as_additive, kept_tensors, per_key, version
 
 KEEP = object()  # `spec_tokens(labels=KEEP)`: restrict the spec's own label mask
 
@@ -67,6 +67,24 @@ def _drop_derived(labels: weakref.ref, key: tuple[object, ...]) -> None:
         alive.derived.pop(key, None)
 
 
+def labels_for_batch(labels: LabelMask, batch: int) -> LabelMask:
+    """`labels` with `batch` rows in each tensor: a one-row tensor (labels every row shares) repeated, for the fused
+    backends, which read the labels per batch row. The same object for every call with that batch (their caches are
+    per LabelMask object); `labels` itself when it has them already."""
+    if all(t.shape[0] == batch for t in (labels.q_labels, labels.k_labels)) and labels.table.shape[0] in (1, batch):
+        return labels
+
+    def make() -> LabelMask:
+        def rows(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if tensor.shape[0] == batch else tensor.expand(batch, *tensor.shape[1:]).contiguous()
+
+        q_labels = rows(labels.q_labels)
+        k_labels = q_labels if labels.k_labels is labels.q_labels else rows(labels.k_labels)  # one vector: one sort
+        return LabelMask(q_labels, k_labels, labels.table)
+
+    return _derived(labels, ("batch", batch), make)
+
+
 def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> AttentionSpec:
     """`spec` for the batch rows `index` (of `batch` rows) only: per-row tensors are re-indexed, tensors with one
     row (broadcast) and 0-d tensors are kept."""
@@ -77,7 +95,7 @@ def spec_rows(spec: AttentionSpec, index: torch.Tensor, batch: int) -> Attention
         return tensor.index_select(0, index if index.device == tensor.device else index.to(tensor.device))
 
     labels = spec.labels
-    if labels is not None:
+    if labels is not None and labels.rows != 1:  # labels every row shares (one row) stay the same object
         source = labels
         labels = _derived(source, ("rows", batch), anchor=index, make=lambda: LabelMask(take(source.q_labels), take(source.k_labels), take(source.table)))
     return dataclasses.replace(
@@ -171,11 +189,14 @@ def spec_tokens(
         index = key_index if key_index.device == tensor.device else key_index.to(tensor.device)
         return tensor.index_select(tensor.ndim - 1, index)
 
+    def restrict_mask(mask: torch.Tensor) -> torch.Tensor:
+        if mask.ndim >= 2 and mask.shape[-2] != 1:
+            mask = _take_spans(mask, mask.ndim - 2, queries)
+        return take_keys(mask)
+
     attn_mask = spec.attn_mask
     if attn_mask is not None:
-        if attn_mask.ndim >= 2 and attn_mask.shape[-2] != 1:
-            attn_mask = _take_spans(attn_mask, attn_mask.ndim - 2, queries)
-        attn_mask = take_keys(attn_mask)
+        attn_mask = _token_mask(attn_mask, queries, key_index, rows, restrict_mask)
     if labels is KEEP:
         labels = spec.labels
         if labels is not None:
@@ -192,6 +213,26 @@ def spec_tokens(
         spec, attn_mask=attn_mask, key_bias=key_bias, value_scale=value_scale, query_range=query_range, labels=labels,
         sparse=sparse, window=_window_tokens(spec.window, queries, keys, where),
     )
+
+
+#: The model's mask of a sub-attention (`spec_tokens`), by the mask tensor, the query spans and the key and row index
+#: tensors (the callers' cached ones): every layer of a denoiser call restricts the one mask the same way, so the
+#: (B, 1, nq, nk) gather is made once per call, not at every layer. An entry goes with its mask tensor.
+_TOKEN_MASKS = IdentityCache(4)
+
+
+def _token_mask(
+    mask: torch.Tensor, queries: Sequence[tuple[int, int]], key_index: torch.Tensor, rows: torch.Tensor | None,
+    make: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return make(mask)
+    tensors, extra = (mask, key_index, rows), (version(mask), tuple(tuple(span) for span in queries))
+    found = _TOKEN_MASKS.get(tensors, extra)
+    if found is None:
+        with kept_tensors():
+            found = _TOKEN_MASKS.put(tensors, extra, make(mask))
+    return found
 
 
 def _window_tokens(window: Window | None, queries: Sequence[tuple[int, int]], keys: Sequence[tuple[int, int]], where: str) -> Window | None:

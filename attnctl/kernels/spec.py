@@ -9,6 +9,7 @@ Shapes: q (B, H, Nq, D), k and v (B, H, Nk, D). Per-key tensors broadcast to (B,
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -79,16 +80,60 @@ def kept_tensors() -> contextlib.AbstractContextManager:
     return stack
 
 
+_MISSING = object()
+
+
+class IdentityCache:
+    """A few values made from tensors, by the tensors' identity (and other hashable parts of the key): at most `size`
+    entries, the oldest dropped first. An entry holds its tensors weakly (a tensor made later at the same address
+    does not hit it) and goes when the first of them dies, so what it holds lives no longer than what it was made
+    from. Not for use inside a torch.compile trace (the callers make the value there)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: dict[tuple, tuple[tuple[weakref.ref | None, ...], object, weakref.finalize]] = {}
+
+    def get(self, tensors: tuple[torch.Tensor | None, ...], extra: tuple = (), default: object = None) -> object:
+        found = self._entries.get((tuple(id(t) for t in tensors), extra))
+        if found is None or any((ref() if ref is not None else None) is not t for ref, t in zip(found[0], tensors)):
+            return default
+        return found[1]
+
+    def put(self, tensors: tuple[torch.Tensor | None, ...], extra: tuple, value: object) -> object:
+        key = (tuple(id(t) for t in tensors), extra)
+        self._drop(key)
+        while len(self._entries) >= self.size:
+            self._drop(next(iter(self._entries)))
+        refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
+        self._entries[key] = (refs, value, weakref.finalize(tensors[0], self._entries.pop, key, None))
+        return value
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry[2].detach()
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._drop(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass(frozen=True, eq=False)  # identity equality and hash: backends cache per LabelMask object
 class LabelMask:
     """Region / isolation masks evaluated from labels, never as a dense N x N tensor in fused kernels.
 
     Query i of batch row b and key j may interact with additive bias `table[b, q_labels[b, i], k_labels[b, j]]`
-    (0: allowed, -inf: masked, finite: a soft penalty). `table` has shape (B or 1, Lq, Lk).
+    (0: allowed, -inf: masked, finite: a soft penalty). Each of the three tensors has B rows or one row, which then
+    stands for every batch row (broadcast): labels that every row shares (isolation) are one row, so that the sdpa
+    backend builds a (1, 1, Nq, Nk) mask that SDPA broadcasts, not B identical ones. The fused backends take it
+    with B rows (`semantics.labels_for_batch`).
     """
 
-    q_labels: torch.Tensor  # (B, Nq) int64
-    k_labels: torch.Tensor  # (B, Nk) int64
+    q_labels: torch.Tensor  # (B | 1, Nq) int64
+    k_labels: torch.Tensor  # (B | 1, Nk) int64
     table: torch.Tensor  # (B | 1, Lq, Lk) float
     #: Dense forms made before a compiled forward, by (device, dtype) (`sdpa.prepare_labels`): a graph reads them
     #: instead of building the mask at every attention call.
@@ -101,20 +146,28 @@ class LabelMask:
         """The label tensors' version counters (`version`), so that cached masks rebuild after an in-place change."""
         return tuple(version(t) for t in (self.q_labels, self.k_labels, self.table))
 
+    @property
+    def rows(self) -> int:
+        """The batch rows the label tensors hold: B, or 1 when every batch row shares them."""
+        return max(self.q_labels.shape[0], self.k_labels.shape[0], self.table.shape[0])
+
     def dense(self) -> torch.Tensor:
-        """The (B, 1, Nq, Nk) additive mask; for reference backends and small sizes only."""
-        table = self.table.expand(self.q_labels.shape[0], -1, -1)
-        rows = torch.gather(table, 1, self.q_labels[:, :, None].expand(-1, -1, table.shape[-1]))
-        return torch.gather(rows, 2, self.k_labels[:, None, :].expand(-1, rows.shape[1], -1))[:, None]
+        """The (rows, 1, Nq, Nk) additive mask in the table's dtype (`rows`: B, or 1 for labels every row shares); for
+        reference backends and small sizes only."""
+        rows = self.rows
+        table = self.table.expand(rows, -1, -1)
+        q_labels, k_labels = self.q_labels.expand(rows, -1), self.k_labels.expand(rows, -1)
+        by_query = torch.gather(table, 1, q_labels[:, :, None].expand(-1, -1, table.shape[-1]))
+        return torch.gather(by_query, 2, k_labels[:, None, :].expand(-1, by_query.shape[1], -1))[:, None]
 
     def fully_masked_queries(self) -> torch.Tensor:
-        """(B, Nq) bool: queries whose every key is masked (their output is defined as zeros)."""
-        batch, lk = self.q_labels.shape[0], self.table.shape[2]
-        present = torch.zeros(batch, lk, dtype=torch.bool, device=self.k_labels.device)
-        present.scatter_(1, self.k_labels, True)
-        table = self.table.expand(batch, -1, -1)
-        open_label = ((table > float("-inf")) & present[:, None, :]).any(-1)  # (B, Lq)
-        return ~torch.gather(open_label, 1, self.q_labels)
+        """(rows, Nq) bool: queries whose every key is masked (their output is defined as zeros)."""
+        rows, lk = self.rows, self.table.shape[2]
+        present = torch.zeros(rows, lk, dtype=torch.bool, device=self.k_labels.device)
+        present.scatter_(1, self.k_labels.expand(rows, -1), True)
+        table = self.table.expand(rows, -1, -1)
+        open_label = ((table > float("-inf")) & present[:, None, :]).any(-1)  # (rows, Lq)
+        return ~torch.gather(open_label, 1, self.q_labels.expand(rows, -1))
 
 
 @dataclass(frozen=True)
@@ -217,9 +270,13 @@ class AttentionSpec:
     return_lse: bool = False
 
     def dense_elements(self, batch: int, nq: int, nk: int) -> int:
-        """Elements of a dense mask of the label masks and windows, B x Nq x Nk (0 when none). The sdpa backend
-        builds one except for a window it computes in tiles: `sdpa.mask_elements` is what it builds."""
-        return batch * nq * nk if (self.labels is not None or self.window is not None) else 0
+        """Elements of a dense mask of the label masks and windows, rows x Nq x Nk (0 when none): B rows, or one for
+        labels that every row shares (`LabelMask.rows`) alone, which SDPA broadcasts. The sdpa backend builds one
+        except for a window it computes in tiles: `sdpa.mask_elements` is what it builds."""
+        if self.labels is None and self.window is None:
+            return 0
+        shared = self.labels is not None and self.window is None and self.attn_mask is None
+        return (min(self.labels.rows, batch) if shared else batch) * nq * nk
 
     def features(self) -> tuple[str, ...]:
         """The capability names this spec needs, in a fixed order."""

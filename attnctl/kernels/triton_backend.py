@@ -8,11 +8,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 
 import torch
 
 from . import sdpa, triton_attention, triton_labels, triton_sparse
+from .semantics import labels_for_batch
 from .spec import AttentionSpec
 
 
@@ -25,6 +27,8 @@ def attention(
     launcher = launcher_for(spec)
     if launcher is None:
         return sdpa.attention(q, k, v, spec)
+    if spec.labels is not None:  # labels every row shares (one row): per batch row, as the kernels read them
+        spec = dataclasses.replace(spec, labels=labels_for_batch(spec.labels, q.shape[0]))
     return launcher.attention(q, k, v, spec)
 
 

@@ -18,17 +18,23 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..errors import PipelineChangedError, UnsupportedError
-from ..kernels.spec import AttentionSpec
+from ..kernels.spec import AttentionSpec, IdentityCache, version
 from .edit import AttentionCall, Edit
 
 if TYPE_CHECKING:
-    from ..families.base import LayerInfo
+    from ..families.base import LayerInfo, ModelAdapter
+
+
+#: The first layer's mask of a forward, by the denoiser input it is made from (`ControlledProcessor.layer_mask`); an
+#: entry goes with that input.
+_LAYER_MASKS = IdentityCache(4)
 
 
 class Runtime(Protocol):
     """What a controlled processor asks of the handle's per-call state (`attnctl.pipelines.runtime.Runtime`)."""
 
     backend: str
+    adapter: ModelAdapter
     prefilled: bool  # a compiled forward: the processors read the edits prefilled before it (`edit_now`)
 
     def edit_for(self, layer: LayerInfo) -> Edit | None: ...
@@ -117,12 +123,28 @@ class ControlledProcessor:
         self, call: AttentionCall, edit: Edit, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Attention with the edit's spec on the chosen backend, wrapped by the edit's hooks, (B, H, N, D)."""
-        spec = edit.spec(attn_mask=attn_mask, geometry=call.geometry)
+        spec = edit.spec(attn_mask=self.layer_mask(call, attn_mask), geometry=call.geometry)
         fn = self.compute
         for hook in reversed(edit.hooks):
             fn = _bind_hook(hook, call, fn)
         out, _ = fn(q, k, v, spec)
         return out
+
+    def layer_mask(self, call: AttentionCall, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's mask of this layer as the first layer of the forward got it, where the family makes every layer's
+        mask the same way from one denoiser input (`ModelAdapter.layer_mask_input`): the layers then pass one tensor,
+        so that the backends' caches per mask tensor hold (the mask plus a label mask, a sub-attention's part of it)
+        and make those once per denoiser call. Inside a graph, or with autograd on (the tensor of a pass without it
+        must not reach one with it), the layer's own mask."""
+        name = self.runtime.adapter.layer_mask_input
+        if attn_mask is None or name is None or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return attn_mask
+        source = (call.frame.inputs or {}).get(name)
+        if not isinstance(source, torch.Tensor):
+            return attn_mask
+        extra = (version(source), tuple(attn_mask.shape), attn_mask.dtype, attn_mask.device)
+        found = _LAYER_MASKS.get((source,), extra)
+        return _LAYER_MASKS.put((source,), extra, attn_mask) if found is None else found
 
     def compute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One attention op with `spec` on the backend the runtime picks for it (hooks call it through `attend`)."""

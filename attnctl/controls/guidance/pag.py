@@ -123,7 +123,7 @@ class IdentityAttention(PerturbedRows, LayerHook):
             )
         index = self.tensor(tagged, q.device)
         sub = spec_rows(spec, index, batch)
-        qt, kt, vt = (t.index_select(0, index) for t in (q, k, v))
+        qt, kt, vt = (_take_rows(t, tagged, index) for t in (q, k, v))
         if joint:
             own, own_lse = _joint_rows(call, layout, qt, kt, vt, sub)
         else:
@@ -132,16 +132,35 @@ class IdentityAttention(PerturbedRows, LayerHook):
             return own.to(q.dtype), own_lse if spec.return_lse else None
         kept = self.tensor(rest, q.device)
         with restricted_rows(call, rest):
-            out, lse = compute(q.index_select(0, kept), k.index_select(0, kept), v.index_select(0, kept), spec_rows(spec, kept, batch))
-        full = out.new_empty((batch,) + tuple(out.shape[1:]))
-        full.index_copy_(0, kept, out)
-        full.index_copy_(0, index, own.to(out.dtype))
+            out, lse = compute(*(_take_rows(t, rest, kept) for t in (q, k, v)), spec_rows(spec, kept, batch))
+        full = _join_rows(out, own.to(out.dtype), rest, tagged, kept, index)
         if lse is None or own_lse is None:
             return full, None
-        full_lse = lse.new_empty((batch,) + tuple(lse.shape[1:]))
-        full_lse.index_copy_(0, kept, lse)
-        full_lse.index_copy_(0, index, own_lse.to(lse.dtype))
-        return full, full_lse
+        return full, _join_rows(lse, own_lse.to(lse.dtype), rest, tagged, kept, index)
+
+
+def _consecutive(positions: tuple[int, ...]) -> bool:
+    return positions == tuple(range(positions[0], positions[0] + len(positions)))
+
+
+def _take_rows(t: torch.Tensor, positions: tuple[int, ...], index: torch.Tensor) -> torch.Tensor:
+    """The batch rows `positions` of `t` (`index` holds them on the device): a view where they are consecutive (the
+    perturbed copies follow the pipeline's rows), else gathered."""
+    return t.narrow(0, positions[0], len(positions)) if _consecutive(positions) else t.index_select(0, index)
+
+
+def _join_rows(
+    kept_out: torch.Tensor, own: torch.Tensor, rest: tuple[int, ...], tagged: tuple[int, ...], kept: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    """The rows `rest` (`kept_out`) and `tagged` (`own`), which together are every row, as one batch: concatenated
+    where each is a consecutive run, else scattered to their positions."""
+    if _consecutive(rest) and _consecutive(tagged):
+        return torch.cat((kept_out, own) if rest[0] == 0 else (own, kept_out), dim=0)
+    full = kept_out.new_empty((len(rest) + len(tagged),) + tuple(kept_out.shape[1:]))
+    full.index_copy_(0, kept, kept_out)
+    full.index_copy_(0, index, own)
+    return full
 
 
 def _joint_rows(call: AttentionCall, layout: TokenLayout, q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -216,6 +216,7 @@ def word_attention(
     bias: torch.Tensor | Callable[[int, int], torch.Tensor | None] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
     per_head: bool = False,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-averaged attention mass of each word: `mean_h sum_t softmax(q k^T scale + bias)[.., t] S[w, t]`
     (`per_head`: not averaged, (B, H, Nq, W)).
@@ -229,19 +230,15 @@ def word_attention(
     The sum `softmax(...) @ S^T` is itself an attention whose values are the selector columns, so it runs as
     a fused SDPA call (values padded to the head width): the softmax is normalised over every key and no
     Nq x Nk matrix is formed. Query rows go in chunks of at most about `chunk_elements` logits, which also bounds memory
-    where SDPA falls back to its unfused kernel.
+    where SDPA falls back to its unfused kernel. `values`: `word_values(selector, q, k)`, where the caller keeps it
+    (the same selector at every layer of a call).
     """
     batch, heads, nq, _ = q.shape
     nk = k.shape[2]
-    if selector.ndim == 3:
-        values = selector.transpose(-1, -2)[:, None].expand(batch, heads, nk, selector.shape[1])
-    else:
-        values = selector.transpose(-1, -2)
-    words, head_dim = values.shape[-1], q.shape[-1]
-    # fused SDPA kernels (CPU flash, CUDA flash) need values as wide as the queries, otherwise SDPA falls back
-    # to its unfused kernel (3x slower here): pad the word columns with zeros to groups of head_dim
+    words, head_dim = selector.shape[-2], q.shape[-1]
     groups = -(-words // head_dim)
-    values = F.pad(values, (0, groups * head_dim - words)).to(device=q.device, dtype=q.dtype).contiguous()
+    if values is None:
+        values = word_values(selector, q, k)
     if isinstance(bias, torch.Tensor) and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     rows = max(1, chunk_elements // max(1, batch * heads * nk))
@@ -264,6 +261,21 @@ def word_attention(
         mass = mass[..., :words].float().nan_to_num(0.0)  # a fully masked row attends to nothing
         out.append(mass if per_head else mass.mean(dim=1))
     return torch.cat(out, dim=2 if per_head else 1)
+
+
+def word_values(selector: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The selector columns as `word_attention`'s SDPA values: (B, H, Nk, groups * head_dim) in q's dtype and device.
+    Fused SDPA kernels (CPU flash, CUDA flash) need values as wide as the queries, otherwise SDPA falls back to its
+    unfused kernel (3x slower here): the word columns are padded with zeros to groups of head_dim."""
+    batch, heads, _, head_dim = q.shape
+    nk = k.shape[2]
+    if selector.ndim == 3:
+        values = selector.transpose(-1, -2)[:, None].expand(batch, heads, nk, selector.shape[1])
+    else:
+        values = selector.transpose(-1, -2)
+    words = values.shape[-1]
+    groups = -(-words // head_dim)
+    return F.pad(values, (0, groups * head_dim - words)).to(device=q.device, dtype=q.dtype).contiguous()
 
 
 class _CaptureHook(LayerHook):
@@ -330,7 +342,8 @@ class AttentionMapsBound(Bound):
         self.sums = torch.zeros(rows, len(control.words), *frames, *self.grid, device=self.device)
         self.contributions = [0] * rows
         self.index = RowIndex()  # batch rows and prompt rows as index tensors, per device
-        self._key_selectors: dict[tuple[Any, ...], torch.Tensor] = {}  # (prompts, keys, first text key, device) -> selector
+        # (prompts, keys, first text key, device) -> selector; ("values", ..., heads, head dim, dtype) -> its `word_values`
+        self._key_selectors: dict[tuple[Any, ...], torch.Tensor] = {}
         self._last_step: dict[tuple[int, int], int] = {}  # (layer, prompt row) -> last step summed
         self.resolution = control.resolution or image_size(context)
         # PixArt's resolution binning generates at a binned size, then resizes and centre-crops the image to the size
@@ -452,7 +465,13 @@ class AttentionMapsBound(Bound):
             def bias(lo: int, hi: int) -> torch.Tensor | None:
                 return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
 
-            return word_attention(qi[:, :, queries], ki, columns, scale=spec.scale, bias=bias, per_head=per_head)
+            values = None
+            if columns is selector and not torch.compiler.is_compiling():  # padded once per call and layout, as the selector
+                values_key = ("values", prompts, n_keys, key_text.start, q.device, q.shape[1], q.shape[3], q.dtype)
+                values = self._key_selectors.get(values_key)
+                if values is None:
+                    values = self._key_selectors[values_key] = word_values(selector, qb, ki)
+            return word_attention(qi[:, :, queries], ki, columns, scale=spec.scale, bias=bias, per_head=per_head, values=values)
 
         if not hook.sinks:
             parts = [mass(queries, edited, chosen, False) for queries, edited, chosen in segments]

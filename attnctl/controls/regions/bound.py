@@ -258,12 +258,13 @@ class RegionsBound(Bound):
         return tuple(row.branch == "cond" for row in rows.rows)
 
     def isolation_labels(self, geometry: Geometry, rows: RowLayout) -> Any:
-        """Self-attention isolation: every row (uncond rows too) gets the regions' image labels."""
+        """Self-attention isolation: every row (uncond rows too) gets the regions' image labels, so the label mask has
+        one row that stands for all (`LabelMask`): the sdpa backend makes a (1, 1, N, N) mask, not one per row."""
 
-        key = ("isolate", self.grid(geometry), len(rows), str(self.device))
+        key = ("isolate", self.grid(geometry), str(self.device))
         if key not in self._grids:
             image = self.layout(self.grid(geometry)).labels
-            labels = image[None].repeat(len(rows), 1).to(self.device)
+            labels = image[None].to(self.device)
             table = isolation_table(self.subjects, self.strength)[None].to(self.device)
             self._grids[key] = LabelMask(labels, labels, table)
         return self._grids[key]
@@ -292,19 +293,20 @@ class RegionsBound(Bound):
             self._grids[key] = LabelMask(stacked, stacked, table.to(self.device))
         return self._grids[key]
 
-    def base_labels(self, sequence: JointSequence, grid: tuple[int, int], rows: int, device: torch.device) -> Any:
-        """Labels of the blend's base attention (cond rows: image queries, image + base-text keys); None without isolation."""
+    def base_labels(self, sequence: JointSequence, grid: tuple[int, int], device: torch.device) -> Any:
+        """Labels of the blend's base attention (cond rows: image queries, image + base-text keys), one row for all the
+        cond rows (`LabelMask`); None without isolation."""
         if not self.isolating:
             return None
 
-        key = ("base", sequence, grid, rows, str(device))
+        key = ("base", sequence, grid, str(device))
         if key not in self._grids:
             regions = len(self.shapes)
             image = self.layout(grid).labels
             full = sequence.labels(image, regions, True)
             keys = full[sequence.base_positions()]
             table = base_table(self.subjects, True, self.strength)[None]
-            self._grids[key] = LabelMask(image.expand(rows, -1).to(device), keys.expand(rows, -1).to(device), table.to(device))
+            self._grids[key] = LabelMask(image[None].to(device), keys[None].to(device), table.to(device))
         return self._grids[key]
 
     # -- the protocol ------------------------------------------------------------------------------------------------
@@ -388,12 +390,15 @@ class RegionsBound(Bound):
         found = self._cache.get(key)
         if found is None:
             blend = bool(cond) and self.needs_blend(grid)
+            weight = self.blend_weight(grid, device, "region") if blend else None
             found = JointPlan(
                 sequence, cond, blend,
                 rows=self.index(cond, device) if blend else None,
+                every_row=cond == tuple(range(len(rows))),
                 positions=self.base_positions(sequence, device) if blend else None,
-                labels=self.base_labels(sequence, grid, len(cond), device) if blend else None,
-                weight=self.blend_weight(grid, device, "region") if blend else None,
+                labels=self.base_labels(sequence, grid, device) if blend else None,
+                weight=weight,
+                keep=1.0 - weight if weight is not None else None,
             )
             self._cache[key] = found
         return found
@@ -494,9 +499,11 @@ class JointPlan:
     cond: tuple[int, ...]
     blend: bool
     rows: torch.Tensor | None = None
+    every_row: bool = False  # the cond rows are every row of the call, in order: no rows to pick
     positions: torch.Tensor | None = None
     labels: LabelMask | None = None
-    weight: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # (1, 1, N, 1): (1 - b) M(x)
+    keep: torch.Tensor | None = None  # 1 - weight
 
 
 class JointHook(LayerHook):
@@ -526,24 +533,30 @@ class JointHook(LayerHook):
         out, lse = compute(q, k, v, spec)
         if not plan.blend:
             return out, lse
-        cond, rows, positions = plan.cond, plan.rows, plan.positions
+        cond, positions = plan.cond, plan.positions
+        every = plan.every_row and q.shape[0] == len(cond)
+        rows = None if every else plan.rows  # None: every row, in order (no index_select to make)
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t.index_select(0, rows)
+
         image = sequence.image_slice
         base_spec = spec_tokens(
             spec, ((image.start, image.stop),), sequence.base_spans(), positions, rows=rows, labels=plan.labels,
             where=f"layer {call.layer.name}",
         )
-        qc = q.index_select(0, rows)[:, :, image]
-        kc = k.index_select(0, rows).index_select(2, positions)
-        vc = v.index_select(0, rows).index_select(2, positions)
+        qc = pick(q)[:, :, image]
+        kc = pick(k).index_select(2, positions)
+        vc = pick(v).index_select(2, positions)
         # the base attention runs through the other hooks as a sub-attention of the cond rows (PAG perturbs it too)
         tokens = TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first, queries="image")
         with restricted_rows(call, cond), restricted_tokens(call, tokens):
             base, _ = compute(qc, kc, vc, base_spec)
         weight = plan.weight  # (1, 1, N, 1): (1 - b) M(x)
-        chosen = out.index_select(0, rows)
-        mixed = (1.0 - weight) * base.float() + weight * chosen[:, :, image].float()
+        chosen = pick(out)
+        mixed = plan.keep * base.float() + weight * chosen[:, :, image].float()
         chosen = torch.cat([chosen[:, :, : image.start], mixed.to(out.dtype), chosen[:, :, image.stop :]], dim=2)
-        return out.index_copy(0, rows, chosen), lse
+        return (chosen if rows is None else out.index_copy(0, rows, chosen)), lse
 
 
 def _check_tokens(call: AttentionCall, q: torch.Tensor, sequence: JointSequence) -> None:
