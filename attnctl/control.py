@@ -404,5 +404,14 @@ class Bound:
         """Extra or fewer rows for this denoiser call (guidance, CFG dropping); None: the pipeline's rows."""
         return None
 
+    def text_switch_refusal(self, step: StepInfo) -> str | None:
+        """Why the control cannot follow a call whose text input a callback replaced before `step` (other
+        `prompt_embeds`), or None when it follows it as a call made with the new text would. Default: a control that
+        needs words refuses, since it resolved them (or its token positions) in the prompts the call started with."""
+        if self.control.needs_words:
+            return ("it resolved its words (or token positions) in the prompts the call started with, and the new text "
+                    "may hold other words at those positions")
+        return None
+
     def finish(self) -> None:
         """End of the pipeline call (successful or not)."""

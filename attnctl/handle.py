@@ -589,6 +589,9 @@ class Handle:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             index = self.runtime.record_encode(dict(bound.arguments))
+            if index is None:  # inside the denoising loop (a callback): the call's record stays as it is
+                with self.runtime.internal_calls():
+                    return original(*args, **kwargs)
             out = original(*args, **kwargs)
             self.runtime.record_encoded(index, out)  # its text length (a separately encoded negative prompt's own)
             return out

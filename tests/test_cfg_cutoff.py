@@ -29,7 +29,7 @@ def _cutoff(name: str):
     return CALLBACKS[name](cutoff_step_ratio=None, cutoff_step_index=CUT)
 
 
-def _cut_run(pipe, name: str, prompt=PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
+def _cut_run(pipe, name: str, prompt=PROMPT, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """The official callback's run, and its latents at the end of the cutoff step."""
     callback, kept = _cutoff(name), {}
 
@@ -40,11 +40,11 @@ def _cut_run(pipe, name: str, prompt=PROMPT) -> tuple[torch.Tensor, torch.Tensor
         return tensors
 
     out = generate(pipe, name, prompt=prompt, steps=STEPS, callback_on_step_end=step_end,
-                   callback_on_step_end_tensor_inputs=[*callback.tensor_inputs, "latents"])
+                   callback_on_step_end_tensor_inputs=[*callback.tensor_inputs, "latents"], **kwargs)
     return out, kept["latents"]
 
 
-def _spliced(pipe, name: str, latents: torch.Tensor, prompt=PROMPT) -> torch.Tensor:
+def _spliced(pipe, name: str, latents: torch.Tensor, prompt=PROMPT, **kwargs) -> torch.Tensor:
     """A call without CFG whose latents are the cutoff run's from the end of the cutoff step on."""
 
     def step_end(pipeline, step, timestep, tensors):
@@ -53,7 +53,7 @@ def _spliced(pipe, name: str, latents: torch.Tensor, prompt=PROMPT) -> torch.Ten
         return tensors
 
     return generate(pipe, name, prompt=prompt, steps=STEPS, guidance=1.0, callback_on_step_end=step_end,
-                    callback_on_step_end_tensor_inputs=["latents"])
+                    callback_on_step_end_tensor_inputs=["latents"], **kwargs)
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-sd3"])
@@ -163,8 +163,49 @@ def test_sd3_callback_with_several_prompts_is_refused_with_controls(tiny_cache):
         handle.remove()
     handle = attnctl.apply(pipe, [attnctl.Reweight({"cat": 3.0})])
     try:
-        with pytest.raises(CallLayoutError, match=r"2 images of this call read 1 row\(s\) of text.*prompt_embeds\[-1:\]"):
+        with pytest.raises(CallLayoutError, match=r"2 image row\(s\) of this call read 1 row\(s\) of text: fewer text rows "
+                           r"than images.*prompt_embeds\[-1:\].*the call has 2 prompts"):
             generate(pipe, "tiny-sd3", prompt=prompts, steps=STEPS, callback_on_step_end=_cutoff("tiny-sd3"))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("make", [lambda: attnctl.Reweight({"cat": 3.0}), attnctl.PAG], ids=["Reweight", "PAG"])
+def test_sd3_callback_with_one_prompt_and_several_images_runs(tiny_cache, make):
+    """SD3CFGCutoffCallback's one cond row serves every image of one prompt (num_images_per_prompt=2): SD3's denoiser
+    broadcasts it. It was refused ("the images no longer read their own prompts"), even for PAG; the controls follow it
+    as a call without CFG would, within the float noise of the stock run's own cut-vs-spliced difference."""
+    pipe = tiny_cache("tiny-sd3")
+    stock, latents = _cut_run(pipe, "tiny-sd3", num_images_per_prompt=2)
+    noise = float((stock - _spliced(pipe, "tiny-sd3", latents, num_images_per_prompt=2)).abs().max())
+    handle = attnctl.apply(pipe, [make()])
+    try:
+        cut, latents = _cut_run(pipe, "tiny-sd3", num_images_per_prompt=2)
+        expected = _spliced(pipe, "tiny-sd3", latents, num_images_per_prompt=2)
+    finally:
+        handle.remove()
+    assert not torch.equal(cut, stock)
+    assert float((cut - expected).abs().max()) <= max(4 * noise, 1e-6)
+
+
+def test_sd_cutoff_with_too_few_or_too_many_text_rows_names_the_cause(tiny_cache):
+    """Stock fails in both with a raw size error; the refusal said "SD3CFGCutoffCallback keeps the last row ... use one
+    prompt per call" in both, though the call had one prompt."""
+    pipe = tiny_cache("tiny-sd")
+
+    def flag_only(pipeline, step, timestep, tensors):  # drops CFG but leaves the negative rows in prompt_embeds
+        if step == CUT:
+            pipeline._guidance_scale = 0.0
+        return tensors
+
+    handle = attnctl.apply(pipe, [attnctl.Reweight({"cat": 2.0})])
+    try:
+        with pytest.raises(CallLayoutError, match=r"2 image row\(s\) of this call read 1 row\(s\) of text: fewer text rows "
+                           r"than images.*does not broadcast one text row.*num_images_per_prompt=2"):
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=STEPS, callback_on_step_end=_cutoff("tiny-sd"), num_images_per_prompt=2)
+        with pytest.raises(CallLayoutError, match=r"1 image row\(s\) of this call read 2 row\(s\) of text: more text rows "
+                           r"than images.*slice them as well"):
+            generate(pipe, "tiny-sd", prompt=PROMPT, steps=STEPS, callback_on_step_end=flag_only)
     finally:
         handle.remove()
 

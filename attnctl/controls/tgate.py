@@ -36,6 +36,7 @@ from ..errors import ConfigError, UnsupportedError
 from ..families.base import LayerInfo, ModelAdapter
 from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
+from ..steps import StepInfo
 from ..validation import integer, refuse_unused, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows
 from .common import RowIndex, output_key, publish
@@ -192,6 +193,13 @@ class TGateBound(Bound):
             f"its gate_step={control.gate_step} is not less than the {count} steps of this call ({allowed}), so no "
             f"cross-attention is cached and CFG is never dropped{reuse}: the output is the stock one"
         )
+
+    def text_switch_refusal(self, step: StepInfo) -> str | None:
+        gate = self.tgate.gate_step
+        if step.index < gate:  # the cross-attention it stores at step gate_step - 1 is made with the new text
+            return None
+        return (f"from its gate step {gate} on it reuses the cross-attention it cached at step {gate - 1}, made with the "
+                "old text, so the new text would be ignored")
 
     # -- rows -----------------------------------------------------------------------------------------------------
     def row_plan(self, frame: DenoiserCall) -> RowPlan | None:

@@ -224,6 +224,19 @@ class PromptRecord:
             return int(embeds.shape[0]) * per_prompt
         raise CallLayoutError("attnctl: encode_prompt was called with neither a prompt nor prompt_embeds")
 
+    def per_prompt(self) -> int:
+        """Outputs per prompt (`num_images_per_prompt`, or `num_videos_per_prompt`)."""
+        return _per_prompt(self.first)
+
+    def one_prompt(self) -> bool:
+        """Whether every row reads one prompt: a single prompt (repeated by `num_images_per_prompt`), or several whose
+        texts are equal in every prompt argument. False where they are not known (`prompt_embeds` of several rows)."""
+        args = self.first
+        if self.prompt_rows() // _per_prompt(args) == 1:
+            return True
+        columns = [_as_list(args.get(name)) for name in ("prompt", "prompt_2", "prompt_3")]
+        return columns[0] is not None and all(len(set(values)) == 1 for values in columns if values is not None)
+
     def has_text(self) -> bool:
         return _as_list(self.first.get("prompt")) is not None
 

@@ -73,6 +73,8 @@ class PipelineCallState:
     finished: bool = False  # its bound controls have finished
     cache_states: dict[Any, Any] = field(default_factory=dict)  # diffusers hooks' plain states per batch of attnctl's
     cfg_cut_at: int | None = None  # the step of the first denoiser call after a callback dropped the uncond rows
+    # branch (`DenoiserCall.context`) -> the storages of the text input the bound controls follow (`_check_text`)
+    text_storages: dict[str | None, frozenset[int]] = field(default_factory=dict)
 
     @property
     def record(self) -> PromptRecord:
@@ -258,15 +260,14 @@ class Runtime:
         """Whether the open call's pipeline `__call__` is running (on any thread)."""
         return self.call is not None and self.call.owner is not None and self.call.owner.running()
 
-    def record_encode(self, arguments: dict[str, Any]) -> int:
+    def record_encode(self, arguments: dict[str, Any]) -> int | None:
+        """Record an `encode_prompt` call of the pipeline (it starts a call when the open one has run its denoiser):
+        its index in the call's record, or None for one made inside the open call's denoising loop (a callback that
+        encodes another prompt), which is not recorded and runs as attnctl's own calls do."""
         self.refuse_other_thread(shared=False)
         owner = self.call.owner if self.call is not None else None
         if owner is not None and self.call.frames and owner.running():
-            raise HandleError(
-                f"attnctl: {type(self.pipeline).__name__}.encode_prompt was called during the denoising loop of a "
-                "controlled call (a callback that changes the prompt?): the controls were bound to the prompts the call "
-                "started with; change the prompt between calls"
-            )
+            return None  # in the denoising loop (a callback switching the prompt): no new call; `_check_text` decides
         if self.call is None or self.call.frames or self.call_ended():  # an ended call's prompts are not this one's
             self.begin_call()
         # lists copied: a pipeline may rewrite its prompt list in place (ZImagePipeline templates each prompt)
@@ -280,11 +281,11 @@ class Runtime:
         self.call.encode_lengths.append(None)
         return len(self.call.encode_calls) - 1
 
-    def record_encoded(self, index: int, out: Any) -> None:
+    def record_encoded(self, index: int | None, out: Any) -> None:
         """The text length of what the call's `index`-th `encode_prompt` returned (its embeddings come first: a
         (prompts, tokens, channels) tensor in every supported pipeline); a shape, read without a device sync."""
         call = self.call
-        if call is None or not 0 <= index < len(call.encode_lengths):
+        if call is None or index is None or not 0 <= index < len(call.encode_lengths):
             return
         embeds = out[0] if isinstance(out, (tuple, list)) and out else out
         if isinstance(embeds, torch.Tensor) and embeds.ndim == 3:
@@ -408,26 +409,51 @@ class Runtime:
         if call.bound is None:
             call.bound = self._bind(call, canvas, step, inputs)
             call.input_order = tuple(sorted(call.bound, key=lambda bound: bound.input_order))  # stable: control order
+        if call.bound:
+            self._check_text(call, frame, inputs)
         if call.cfg_cut_at is None and cfg_dropped(self.protocol, call.record, batch, cfg_now):
             self._check_cfg_cut(call, step, inputs, batch)
         call.frames += 1
         return frame
 
+    def _check_text(self, call: PipelineCallState, frame: DenoiserCall, inputs: dict[str, Any]) -> None:
+        """Refuse a text input that a callback replaced mid-call (other `prompt_embeds`) when a bound control cannot
+        follow it (`Bound.text_switch_refusal`), before this forward runs. Compared by storage, per branch (Flux's true
+        CFG passes its negative embeddings in calls of their own): diffusers' CFG-cutoff slices (`prompt_embeds[-1:]`,
+        `chunk(2)[-1]`) keep the storage. Host pointers only: no device sync."""
+        skip = self.protocol.skip_layer_kwarg
+        if skip and inputs.get(skip) is not None:
+            return  # SD3's skip-layer pass reads the cond embeddings from before they were batched with the negative ones
+        storages = _text_storages(inputs)
+        if not storages:
+            return
+        seen = call.text_storages.get(frame.context)
+        if seen is None or call.positions_done == 0:  # no callback_on_step_end has run before the first step's end
+            call.text_storages[frame.context] = storages | (seen or frozenset())
+            return
+        if storages <= seen:
+            return
+        for bound in call.bound or ():
+            reason = bound.text_switch_refusal(frame.step)
+            if reason is not None:
+                raise CallLayoutError(
+                    f"attnctl: the text the controls were bound to changed mid-call: at step {frame.step.index} the "
+                    "denoiser reads other text embeddings than the call started with (a callback_on_step_end that returned "
+                    f"other prompt_embeds, e.g. from pipe.encode_prompt, or a copy of them), and {type(bound.control).__name__} "
+                    f"cannot follow it: {reason}. Change the prompt between calls (stop the call at the switch, then start "
+                    "a call with the new prompt from its latents), or leave the control out; callbacks that only slice the "
+                    "embeddings (diffusers' CFG-cutoff callbacks) are fine"
+                )
+        call.text_storages[frame.context] = storages  # the controls follow the new text from here on
+
     def _check_cfg_cut(self, call: PipelineCallState, step: StepInfo, inputs: dict[str, Any], batch: int) -> None:
         """Once per call, at its first denoiser call without the uncond rows a callback dropped (diffusers' CFG-cutoff
         callbacks): a bound control that cannot follow the cond-only rows from there on (`Control.cfg_cutoff_refusal`)
-        is refused, before this forward runs; so are controls when every image now reads one prompt's text."""
+        is refused, before this forward runs; so are controls when the text rows left no longer match the images
+        (`_refuse_cut_text`)."""
         text = inputs.get("encoder_hidden_states")
         if call.bound and isinstance(text, torch.Tensor) and text.ndim == 3 and text.shape[0] != batch:
-            # SD3CFGCutoffCallback keeps `prompt_embeds[-1:]`: with several prompts the denoiser broadcasts the last
-            # prompt's text over every image, so no row holds the prompt the controls resolved its words in
-            raise CallLayoutError(
-                f"attnctl: from step {step.index} the {batch} images of this call read {text.shape[0]} row(s) of text: "
-                "a CFG-cutoff callback kept the last row of the embeddings (diffusers' SD3CFGCutoffCallback keeps "
-                "prompt_embeds[-1:], which serves one prompt row), so the images no longer read their own prompts. Use "
-                "one prompt per call with it, or a callback that keeps the cond half (prompt_embeds.chunk(2)[1], "
-                "diffusers' 'dynamic classifier-free guidance' recipe)"
-            )
+            self._refuse_cut_text(call, step, int(text.shape[0]), batch)
         for bound in call.bound or ():
             reason = bound.control.cfg_cutoff_refusal
             if reason is not None:
@@ -439,6 +465,38 @@ class Runtime:
                     "'Classifier-free guidance cut off mid-call', lists the controls that follow it)"
                 )
         call.cfg_cut_at = step.index
+
+    def _refuse_cut_text(self, call: PipelineCallState, step: StepInfo, rows: int, batch: int) -> None:
+        """After a callback dropped the uncond rows, `rows` rows of text for `batch` images: refused unless one row
+        serves images that all read one prompt in a joint-attention denoiser, which broadcasts it through its
+        modulation (diffusers' SD3CFGCutoffCallback keeps `prompt_embeds[-1:]`; with num_images_per_prompt > 1 it
+        serves every image of the one prompt)."""
+        record = call.record
+        one_prompt = record.one_prompt()
+        if rows == 1 and one_prompt and self.adapter.text_attention == "joint":
+            return
+        head = f"attnctl: from step {step.index} the {batch} image row(s) of this call read {rows} row(s) of text"
+        if rows > batch:
+            raise CallLayoutError(
+                f"{head}: more text rows than images. The callback that dropped the uncond rows (set _guidance_scale to 0 "
+                "mid-call) left the negative prompt's rows in prompt_embeds: slice them as well (prompt_embeds.chunk(2)[-1], "
+                "as diffusers' CFG-cutoff callbacks do)"
+            )
+        per_prompt = record.per_prompt()
+        if not one_prompt:
+            why = (f"the call has {record.prompt_rows() // per_prompt} prompts (different texts, or prompt_embeds), so the "
+                   "images no longer read their own prompts. Use one prompt per call with it (num_images_per_prompt is fine)")
+        elif rows == 1:
+            why = (f"the {self.adapter.family} family's denoiser does not broadcast one text row over the images "
+                   f"(num_images_per_prompt={per_prompt}; the stock pipeline fails here too)")
+        else:
+            why = "the callback kept only part of the prompt rows"
+        raise CallLayoutError(
+            f"{head}: fewer text rows than images. The callback kept too few rows of prompt_embeds (diffusers' "
+            f"SD3CFGCutoffCallback and SDCFGCutoffCallback keep prompt_embeds[-1:], one row), and {why}; or use a "
+            "callback that keeps the whole cond half (prompt_embeds.chunk(2)[-1], diffusers' 'dynamic classifier-free "
+            "guidance' recipe)"
+        )
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> tuple[dict[str, Any], DenoiserCall]:
         """Let active bound controls change the denoiser's inputs, in `Bound.input_order`; after each change the frame
@@ -831,3 +889,19 @@ class Runtime:
 
 
 _UNSET = object()
+
+#: The denoiser inputs that hold the text embeddings: a tensor, or a list of per-row tensors (Z-Image's `cap_feats`).
+_TEXT_INPUTS = ("encoder_hidden_states", "cap_feats")
+
+
+def _text_storages(inputs: dict[str, Any]) -> frozenset[int]:
+    """The addresses of the storages of the denoiser's text input (empty: none, or a tensor without a storage)."""
+    for name in _TEXT_INPUTS:
+        value = inputs.get(name)
+        tensors = [value] if isinstance(value, torch.Tensor) else value if isinstance(value, (list, tuple)) else ()
+        if tensors and all(isinstance(t, torch.Tensor) for t in tensors):
+            try:
+                return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+            except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage: not checked
+                return frozenset()
+    return frozenset()

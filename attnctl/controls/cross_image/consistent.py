@@ -511,6 +511,11 @@ class _ConsistentBound(LinkedKeysBound):
         if labels is not None and weight is not None and weight.device == hook.plan.device:
             prepare_traced_labels(labels, self.backend, weight.dtype, weight.device)
 
+    def text_switch_refusal(self, step: StepInfo) -> str | None:
+        if not self.words:
+            return None
+        return "it resolved its subject words in the prompts the call started with"
+
     def active(self, step: StepInfo) -> bool:
         """Inside the step window, and (subject words) at the step before it, whose maps pick the window's first
         subject tokens (a capture-only step is stock: the capture reads the layer's attention, it changes nothing)."""
