@@ -370,6 +370,7 @@ class ZImageAdapter(ModelAdapter):
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
     image_token_multiple: ClassVar[int] = ZIMAGE_SEQ_MULTIPLE
+    text_input: ClassVar[str] = "cap_feats"
     refused_pipelines: ClassVar[dict[str, str]] = {
         "ZImageOmniPipeline": "calls the transformer in omni mode (per-image lists of condition images) on every call, "
         "text-to-image included, which attnctl does not follow yet",

@@ -252,6 +252,8 @@ class ModelAdapter:
     lacks: ClassVar[dict[str, str]] = {}
     #: Pipelines of the family refused at apply (class name: what the pipeline does that attnctl cannot follow).
     refused_pipelines: ClassVar[dict[str, str]] = {}
+    #: The denoiser input that holds the text embeddings: a tensor, or a list of per-row tensors (Z-Image's `cap_feats`).
+    text_input: ClassVar[str] = "encoder_hidden_states"
     #: Pipelines whose every call holds reference-image tokens (`Canvas.reference_len`): the controls that are not
     #: defined over them are refused at apply, not at each call.
     reference_pipelines: ClassVar[tuple[str, ...]] = ()

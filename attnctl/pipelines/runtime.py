@@ -424,7 +424,7 @@ class Runtime:
         skip = self.protocol.skip_layer_kwarg
         if skip and inputs.get(skip) is not None:
             return  # SD3's skip-layer pass reads the cond embeddings from before they were batched with the negative ones
-        storages = _text_storages(inputs)
+        storages = _text_storages(inputs.get(self.adapter.text_input))
         if not storages:
             return
         seen = call.text_storages.get(frame.context)
@@ -890,18 +890,13 @@ class Runtime:
 
 _UNSET = object()
 
-#: The denoiser inputs that hold the text embeddings: a tensor, or a list of per-row tensors (Z-Image's `cap_feats`).
-_TEXT_INPUTS = ("encoder_hidden_states", "cap_feats")
 
-
-def _text_storages(inputs: dict[str, Any]) -> frozenset[int]:
+def _text_storages(value: Any) -> frozenset[int]:
     """The addresses of the storages of the denoiser's text input (empty: none, or a tensor without a storage)."""
-    for name in _TEXT_INPUTS:
-        value = inputs.get(name)
-        tensors = [value] if isinstance(value, torch.Tensor) else value if isinstance(value, (list, tuple)) else ()
-        if tensors and all(isinstance(t, torch.Tensor) for t in tensors):
-            try:
-                return frozenset(t.untyped_storage().data_ptr() for t in tensors)
-            except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage: not checked
-                return frozenset()
-    return frozenset()
+    tensors = [value] if isinstance(value, torch.Tensor) else value if isinstance(value, (list, tuple)) else ()
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return frozenset()
+    try:
+        return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a plain storage: not checked
+        return frozenset()
