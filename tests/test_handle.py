@@ -663,7 +663,10 @@ def test_a_modular_pipeline_sharing_the_denoiser_called_from_a_callback_is_refus
 
     pipe = make_tiny_pipeline("tiny-sdxl")
     modular = StableDiffusionXLAutoBlocks().init_pipeline()
-    modular.update_components(**{k: v for k, v in pipe.components.items() if k in modular._component_specs and v is not None})
+    try:
+        modular.update_components(**{k: v for k, v in pipe.components.items() if k in modular._component_specs and v is not None})
+    except ValueError as error:  # diffusers before 0.36 takes only components made with ComponentSpec.load()
+        pytest.skip(f"this diffusers cannot build a modular pipeline from loaded components: {error}")
     modular.set_progress_bar_config(disable=True)
     errors = []
 
