@@ -451,7 +451,7 @@ class Runtime:
         callbacks): a bound control that cannot follow the cond-only rows from there on (`Control.cfg_cutoff_refusal`)
         is refused, before this forward runs; so are controls when the text rows left no longer match the images
         (`_refuse_cut_text`)."""
-        text = inputs.get("encoder_hidden_states")
+        text = inputs.get(self.adapter.text_input)
         if call.bound and isinstance(text, torch.Tensor) and text.ndim == 3 and text.shape[0] != batch:
             self._refuse_cut_text(call, step, int(text.shape[0]), batch)
         for bound in call.bound or ():
