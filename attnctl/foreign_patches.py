@@ -218,8 +218,8 @@ def refuse_uncompilable(controls: tuple[Any, ...], parts: list[str], attribute: 
             ready = [type(c).__name__ for c in controls if c.compile_refusal(adapter) is None]
             raise UnsupportedError(
                 f"attnctl: {type(control).__name__} cannot run in the torch.compile'd pipe.{attribute} ({', '.join(parts)}): "
-                f"{why}. " + (f"Of the controls given, these run compiled: {', '.join(ready)}; " if ready else "")
-                + f"or apply {type(control).__name__} to an uncompiled denoiser"
+                f"{why}. Apply {type(control).__name__} to an uncompiled denoiser"
+                + (f", or keep only the controls given that run compiled ({', '.join(ready)})" if ready else "") + "."
             )
 
 

@@ -152,8 +152,11 @@ def test_control_that_cannot_run_compiled_is_refused_with_the_reason():
     pipe.unet._compiled_call_impl = None
     handle = attnctl.apply(pipe, [attnctl.Reweight({"cat": 0.0}), attnctl.ToMe()])
     pipe.unet.compile()  # compiled after apply: refused at the next call, before the denoiser runs
-    with pytest.raises(UnsupportedError, match=r"ToMe cannot run in the torch.compile'd pipe.unet"):
+    with pytest.raises(UnsupportedError, match=r"ToMe cannot run in the torch.compile'd pipe.unet") as refused:
         generate(pipe, "tiny-sd", prompt=PROMPT)
+    assert str(refused.value).endswith(
+        "(an opaque object). Apply ToMe to an uncompiled denoiser, or keep only the controls given that run compiled (Reweight)."
+    )
     pipe.unet._compiled_call_impl = None
     handle.remove()
 
