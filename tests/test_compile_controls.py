@@ -712,3 +712,40 @@ def test_new_prompt_lengths_reuse_the_compiled_graph(make):
         assert torch.equal(got, want), call
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs <= 4, graphs
+
+
+# -- FastAttn with a plan: no graph on the next call, none per image size ---------------------------------------------
+def test_fastattn_plan_compiles_no_graph_on_the_next_call_nor_per_image_size():
+    """FastAttn's window runs in a graph on sdpa as a dense mask the edit makes before the forward and hands the graph
+    as a tensor (`sdpa.prepare_window`): the graph neither reads the process-wide mask cache (it guarded on the cache
+    being empty, so the next call, after the first had filled it, compiled again) nor builds the mask from the grid's
+    sizes (a graph per image size, and FailOnRecompileLimitHit under fullgraph=True past dynamo's limit). Two
+    structures (step 0: full attention keeping the residual; step 1: window + residual), each compiled for the first
+    size and once more with dynamic sizes, as stock's one; bitwise the eager output at each size."""
+    from attnctl.kernels import sdpa
+
+    from .cache_helpers import make_plan
+
+    name, sizes = "tiny-sd", [(32, 32), (48, 48), (32, 48), (48, 32)]
+    pipe = make_tiny_pipeline(name)
+    layers = [layer.name for layer in adapter_for(pipe.unet).layers if layer.kind != "cross"][:3]
+
+    def run(size, calls=1):
+        plan = make_plan(pipe, 2, {layer: ["full", "window_residual"] for layer in layers}, window=(1, 1), resolution=size)
+        with attnctl.apply(pipe, attnctl.FastAttn(plan=plan)):
+            return [generate(pipe, name, PROMPT, height=size[0], width=size[1]) for _ in range(calls)]
+
+    sdpa.clear_caches()  # no mask left by an eager run (one hid the second call's compile)
+    counter = CompileCounterWithBackend("eager")
+    pipe.unet.compile(backend=counter, fullgraph=True)
+    try:
+        compiled = run(sizes[0], calls=2)
+        assert counter.frame_count == 2, counter.frame_count  # the two structures, none more on the second call
+        compiled += [run(size)[0] for size in sizes[1:]]
+    finally:
+        _uncompile(pipe.unet)
+    assert counter.frame_count <= 4, counter.frame_count  # each structure static and dynamic, not one per size
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    eager = [run(size)[0] for size in sizes]
+    for got, want in zip(compiled, [eager[0], *eager]):
+        assert torch.equal(got, want)

@@ -49,6 +49,7 @@ from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall
 from ..errors import ConfigError, UnsupportedError
 from ..families.base import Geometry, LayerInfo, ModelAdapter
+from ..kernels import choose_traced_backend, sdpa
 from ..kernels.semantics import spec_rows
 from ..kernels.spec import AttentionSpec, Window
 from ..processors.chain import restricted_rows, token_layout
@@ -551,6 +552,7 @@ class FastAttnBound(Bound):
         self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
         self.passes = PassCounter()
         self.cfg_off = context.cfg_off
+        self.backend = context.backend
         self.pending: list[_TracedFastAttnHook] = []  # what a compiled forward kept, not yet filed (`settle`)
 
     def idle_reason(self, count: int) -> str | None:
@@ -635,6 +637,7 @@ class FastAttnBound(Bound):
         if frame.compiled:
             hook = _TracedFastAttnHook(self, layer, frame, method, window, pass_index)
             self.pending.append(hook)
+            window = hook.window  # with its dense mask for the graph
         else:
             hook = _FastAttnHook(self, layer, frame, method, window, pass_index, calibrate=False)
         return Edit(window=window if method.startswith("window_residual") else None, hooks=(hook,))
@@ -902,6 +905,19 @@ class _TracedFastAttnHook(_FastAttnHook):
         else:
             weight = bound.adapter.placed_weight(layer.name)
             self.run = self._decide(self.layout, weight.device if weight is not None else None)
+            if window is not None and weight is not None and self.window_rows():  # offloaded: the graph makes the mask
+                # its own object (the edit's too): it keeps the dense mask, which a cache holding an equal window as
+                # its key (`window_pairs`) must not keep alive
+                self.window = dataclasses.replace(window)
+                self._prepare_window(self.window, weight)
+
+    def _prepare_window(self, window: Window, weight: torch.Tensor) -> None:
+        """The window's dense mask, made now for the graph where it runs on sdpa (`sdpa.prepare_window`): a graph that
+        made it from the window's grid would be specialised to the image size and make it at every attention call."""
+        tokens = window.n_img + window.text_len
+        elements = self.window_rows() * tokens * tokens
+        if choose_traced_backend(self.bound.backend, weight.device, ("window",), elements) == "sdpa":
+            sdpa.prepare_window(window, weight.dtype, weight.device)
 
     def reuse(self, call: AttentionCall, hidden: Any, context: Any) -> Any | None:
         return self.reused

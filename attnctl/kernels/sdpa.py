@@ -72,7 +72,16 @@ def prepare_labels(labels: LabelMask, dtype: torch.dtype, device: torch.device) 
 
 
 def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The (N, N) additive mask of a window in `dtype`, cached per window value, device and dtype."""
+    """The (N, N) additive mask of a window in `dtype`, cached per window value, device and dtype.
+
+    While torch.compile traces, the cache is not read (dynamo would guard on its contents and compile again once the
+    call filled it): the graph reads the form made before the forward (`prepare_window`), or builds the mask itself
+    when there is none for this device and dtype (then for this image size only: the grid's sizes are constants)."""
+    if torch.compiler.is_compiling():
+        prepared = window.prepared.get((device, dtype))
+        if prepared is not None:
+            return prepared
+        return as_additive(window.allowed(device), dtype)
     key = (window, str(device), dtype)
     cached = _WINDOW_DENSE.get(key)
     if cached is None:
@@ -82,6 +91,14 @@ def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> t
             _WINDOW_DENSE.pop(next(iter(_WINDOW_DENSE)))
         _WINDOW_DENSE[key] = cached
     return cached
+
+
+def prepare_window(window: Window, dtype: torch.dtype, device: torch.device) -> None:
+    """Give `window` its dense mask in `dtype` on `device` now (outside a graph; the cached one, `_window_dense`), for
+    compiled forwards to read as a tensor whose size is dynamic, as the layer's inputs' are."""
+    key = (torch.device(device), dtype)
+    if key not in window.prepared:
+        window.prepared[key] = _window_dense(window, dtype, key[0])
 
 
 #: The model's float masks in the queries' dtype, by mask tensor (every layer of a denoiser call passes the same one).

@@ -188,6 +188,10 @@ class Window:
     text_len: int = 0
     text_first: bool = False
     frames: int = 1  # video: `frames` token frames of `grid_hw` each, frame-major
+    #: Dense forms made before a compiled forward, by (device, dtype) (`sdpa.prepare_window`): a graph reads them instead
+    #: of building the mask from the grid's sizes, which dynamo would make constants of the graph (one per image size).
+    #: Not an init field: `dataclasses.replace` gives the new window its own.
+    prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.radius is None) == (self.band is None):
