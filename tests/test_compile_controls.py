@@ -749,3 +749,41 @@ def test_fastattn_plan_compiles_no_graph_on_the_next_call_nor_per_image_size():
     eager = [run(size)[0] for size in sizes]
     for got, want in zip(compiled, [eager[0], *eager]):
         assert torch.equal(got, want)
+
+
+# -- Regions and AttentionMaps over image sizes: per-grid data made with the edit, sizes read from shapes ------------
+def _regions_and_maps():
+    soft = torch.zeros(30, 40)
+    soft[:, :20] = torch.linspace(1.0, 0.4, 20)  # a soft mask over the left half
+    regions = [attnctl.Region("a cat", mask=soft), attnctl.Region("a dog", box=(0.5, 0.0, 1.0, 1.0))]
+    return [attnctl.Regions(regions, isolate=True), attnctl.AttentionMaps(["cat"])]
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
+def test_regions_and_attention_maps_reuse_the_compiled_graph_across_sizes(name):
+    """Regions (a soft mask, isolation) with AttentionMaps at four image sizes compile stock's two graphs (static, then
+    dynamic), with outputs and maps bitwise the eager ones. They compiled one graph per size: the hooks looked their
+    grid's tables up by the graph's symbolic grid, looped over the query count with `range`, held slices in closures
+    and compared with the maps' grid as ints, each of which made the size a constant of the graph."""
+    pipe = make_tiny_pipeline(name)
+    sizes = SIZES[:4]
+
+    def run():
+        out = []
+        with attnctl.apply(pipe, _regions_and_maps()) as handle:
+            for h, w in sizes:
+                image = generate(pipe, name, "a cat and a dog", steps=1, height=h, width=w)
+                out.append((image, handle.outputs["attention_maps"].grid_maps))
+        return out
+
+    eager = run()
+    counter = CompileCounterWithBackend("eager")
+    _denoiser(pipe).compile(backend=counter)
+    try:
+        compiled = run()
+    finally:
+        _uncompile(_denoiser(pipe))
+    for size, (want, want_maps), (got, got_maps) in zip(sizes, eager, compiled):
+        assert torch.equal(got, want) and torch.equal(got_maps, want_maps), size
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counter.frame_count <= 2, counter.frame_count

@@ -244,8 +244,9 @@ def word_attention(
     rows = max(1, chunk_elements // max(1, batch * heads * nk))
     options = {} if scale is None else {"scale": scale}
     out = []
-    for start in range(0, nq, rows):
-        stop = min(start + rows, nq)
+    for chunk in range((nq + rows - 1) // rows):  # a range over nq would make nq a constant of a compiled graph
+        start = chunk * rows
+        stop = torch.sym_min(start + rows, nq)
         if callable(bias):
             mask = bias(start, stop)
             mask = mask if mask is None or mask.dtype == q.dtype else mask.to(q.dtype)
@@ -444,10 +445,9 @@ class AttentionMapsBound(Bound):
         qi = qb[:, :, image]
         ki = k.index_select(0, index)
         n_keys = ki.shape[2]
-        key_text = geometry.key_text_slice
-        selector = key_columns(self._key_selectors, self.selector, prompts, prompt_index, n_keys, key_text.start, q.device)
-        keys = slice(0, n_keys)
-        text_keys = slice(key_text.start, key_text.start + self.text_len)
+        text_start = geometry.key_text_slice.start
+        selector = key_columns(self._key_selectors, self.selector, prompts, prompt_index, n_keys, text_start, q.device)
+        text_keys = slice(text_start, text_start + self.text_len)
         segments = []  # (queries, edited, the words' weights over the keys)
         for start, stop, edited in query_segments(spec, image):
             chosen = selector
@@ -456,18 +456,20 @@ class AttentionMapsBound(Bound):
                 chosen = selector * value_scale if value_scale.shape[1] == 1 else selector[:, None] * value_scale[:, :, None, :]
             segments.append((slice(start, stop), edited, chosen))
 
+        image_start = image.start  # `mass` holds ints, not slices: dynamo makes a slice a closure holds a constant
+
         def mass(queries: slice, edited: bool, columns: torch.Tensor, per_head: bool) -> torch.Tensor:
             """The segment's attention to each column of `columns` (b, C, Nk) or (b, H, C, Nk)."""
-            offset = image.start + queries.start
+            offset = image_start + queries.start
             if edited and spec.sparse is not None:
-                return _sparse_words(qb, ki, columns, spec, slice(offset, image.start + queries.stop), per_head=per_head)
+                return _sparse_words(qb, ki, columns, spec, slice(offset, image_start + queries.stop), per_head=per_head)
 
             def bias(lo: int, hi: int) -> torch.Tensor | None:
-                return block_bias(spec, slice(offset + lo, offset + hi), keys, q.device)
+                return block_bias(spec, slice(offset + lo, offset + hi), slice(0, n_keys), q.device)
 
             values = None
             if columns is selector and not torch.compiler.is_compiling():  # padded once per call and layout, as the selector
-                values_key = ("values", prompts, n_keys, key_text.start, q.device, q.shape[1], q.shape[3], q.dtype)
+                values_key = ("values", prompts, n_keys, text_start, q.device, q.shape[1], q.shape[3], q.dtype)
                 values = self._key_selectors.get(values_key)
                 if values is None:
                     values = self._key_selectors[values_key] = word_values(selector, qb, ki)
@@ -487,8 +489,9 @@ class AttentionMapsBound(Bound):
             words = words * q.shape[1]  # word_attention averages the heads
         h, w = geometry.image_hw
         maps = words.transpose(1, 2).reshape(len(batch_rows), -1, h, w)  # video: (b, W * frames, h, w), frame-major
-        if (h, w) != self.grid:
-            maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
+        grid = self.sums.shape[-2:]  # not `self.grid`: its ints would be constants of a compiled graph, the shape is not
+        if h != grid[0] or w != grid[1]:
+            maps = F.interpolate(maps, size=(grid[0], grid[1]), mode="bilinear", align_corners=False)
         maps = maps.reshape(len(batch_rows), *self.sums.shape[1:])  # video: (b, W, frames, h, w)
         self.sums.index_add_(0, prompt_index, maps.to(self.sums.device))
 
@@ -558,8 +561,9 @@ def _sparse_words(
     values = values[:, None] if values.ndim == 3 else values
     rows = max(1, chunk_elements // max(1, batch * heads * nk))
     out = []
-    for start in range(queries.start, queries.stop, rows):
-        chunk = slice(start, min(start + rows, queries.stop))
+    for index in range((queries.stop - queries.start + rows - 1) // rows):  # as in `word_attention`
+        start = queries.start + index * rows
+        chunk = slice(start, torch.sym_min(start + rows, queries.stop))
         weights = probabilities(block_logits(q, k, spec, chunk, slice(0, nk)), spec, chunk)
         mass = weights @ values
         out.append(mass if per_head else mass.mean(dim=1))

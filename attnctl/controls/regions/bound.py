@@ -81,7 +81,6 @@ class RegionsBound(Bound):
         self.text: EncodedText | None = None
         if roles and (self.tokens or "cross" in roles.values()):
             self.text = context.encode_prompts([region.prompt for region in control.regions], trim=control.trim_prompts)
-        self.hidden_hook = HiddenHook(self)
         # per token grid (masks, labels, chunks): constant for the handle, kept across calls
         self._layouts: dict[tuple[int, int], GridLayout] = context.handle_cache.setdefault("layouts", {})
         self._grids: dict[Any, Any] = context.handle_cache.setdefault("grids", {})
@@ -163,21 +162,22 @@ class RegionsBound(Bound):
         """The edit of a cross-attention layer. Its hook gets, as constants made here (eagerly, also before a compiled
         forward), the cond rows' positions, the layer's region keys and values (on the device and in the dtype of the
         layer's weights; elsewhere the hook projects its own) and the grid's tables, so that a compiled processor
-        looks nothing up by layer name (which would compile one graph per layer)."""
+        looks nothing up by layer name (which would compile one graph per layer) nor by grid (a graph's grid is symbolic:
+        a lookup by it would make it a constant, one graph per image size)."""
         cond = frame.rows.indices("cond")
         key = ("cross", layer.index, cond)
         found = self._cache.get(key)
         if found is None:
             module = self.adapter.modules[layer.name]
             weight = self.adapter.placed_weight(layer.name)
-            kv = None
+            kv = chunks = keep = None
             if weight is not None:
                 kv = self.layer_keys(module, layer.name, weight.device, weight.dtype, weight.dtype)
                 grid = self.grid(frame.geometry(layer))
-                self.chunks(grid, weight.device)  # the grid's tables, in the handle's cache before any graph reads them
-                self.blend_weight(grid, weight.device, "keep")
+                chunks = self.chunks(grid, weight.device)
+                keep = self.blend_weight(grid, weight.device, "keep")
                 self.text_bias(weight.device, weight.dtype)
-            found = Edit(hooks=(CrossHook(self, cond, kv),))
+            found = Edit(hooks=(CrossHook(self, cond, kv, chunks, keep),))
             if not torch.is_grad_enabled():  # as layer_keys: with autograd on, every step keeps its own graph
                 self._cache[key] = found
         return found
@@ -361,8 +361,7 @@ class RegionsBound(Bound):
         if role == "isolate":
             return Edit(labels=self.isolation_labels(geometry, frame.rows))
         if role == "hidden":
-            self.sequence(geometry)
-            return Edit(hooks=(self.hidden_hook,))
+            return Edit(hooks=(self.hidden_edit_hook(layer, geometry),))
         if role == "joint":
             labels = self.joint_labels(geometry, frame.rows)
             return Edit(labels=labels, hooks=(self.joint_edit_hook(layer, frame),) if self.tokens else ())
@@ -380,6 +379,13 @@ class RegionsBound(Bound):
         if frame.compiled and plan.labels is not None:  # the blend's base attention: its mask made before the graph
             prepare_traced_labels(plan.labels, self.backend, weight.dtype, weight.device)
         return JointHook(self, plan)
+
+    def hidden_edit_hook(self, layer: LayerInfo, geometry: Geometry) -> HiddenHook:
+        """The hook of a joint layer Regions does not select, with the stock sequence's positions made here, on the device
+        of the layer's weights (a compiled processor looks nothing up by its sequence, whose sizes are symbolic)."""
+        sequence = self.sequence(geometry)  # raises here if the text length is not the expected one
+        weight = self.adapter.placed_weight(layer.name)
+        return HiddenHook(self, None if weight is None else self.base_positions(sequence, weight.device))
 
     def joint_plan(self, geometry: Geometry, rows: RowLayout, device: torch.device) -> JointPlan:
         """What a joint layer's blend needs in one call, per token sequence, grid, cond rows and device."""
@@ -417,10 +423,15 @@ def _weight_dtype(module: torch.nn.Module) -> torch.dtype:
 class CrossHook(LayerHook):
     """Regional prompts in a cross-attention layer (UNet, PixArt); see the module docstring."""
 
-    def __init__(self, bound: RegionsBound, cond: tuple[int, ...] | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(
+        self, bound: RegionsBound, cond: tuple[int, ...] | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        chunks: tuple[RegionChunk, ...] | None = None, keep: torch.Tensor | None = None,
+    ):
         self.bound = bound
         self.cond = cond  # the cond rows of the frame (`RegionsBound.cross_edit`)
         self.kv = kv
+        self.chunks = chunks  # the layer's grid's region chunks and blend weight, on the device of its weights
+        self.keep = keep
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         out, lse = compute(q, k, v, spec)
@@ -432,11 +443,13 @@ class CrossHook(LayerHook):
         if not cond:
             return out, lse
         bound = self.bound
-        grid = bound.grid(call.geometry)
-        layout = bound.layout(grid)
-        n = layout.weights.shape[1]
+        chunks, keep = self.chunks, self.keep
+        if keep is None or keep.device != q.device:
+            grid = bound.grid(call.geometry)
+            chunks, keep = bound.chunks(grid, q.device), bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1)
+        n = keep.shape[2]
         if q.shape[2] != n:
-            shown = "x".join(map(str, grid))
+            shown = "x".join(map(str, bound.grid(call.geometry)))
             raise CallLayoutError(f"attnctl: Regions expected {n} image queries ({shown}) at {call.layer.name}, got {q.shape[2]}")
         if torch.compiler.is_compiling():  # a constant of the graph: no lookup in the index cache to guard on
             rows = torch.tensor(cond, dtype=torch.long, device=q.device)
@@ -450,7 +463,7 @@ class CrossHook(LayerHook):
         keys, values = kv
         padding = bound.text_bias(q.device, q.dtype)  # (R, 1, 1, T) or None
         total = keys.new_zeros(batch, heads, n, head_dim, dtype=torch.float32)
-        for chunk in bound.chunks(grid, q.device):
+        for chunk in chunks:
             count, width = chunk.index.shape
             gathered = qc.index_select(2, chunk.index.reshape(-1))  # (Bc, H, C*S, D)
             gathered = gathered.view(batch, heads, count, width, head_dim).transpose(1, 2).reshape(batch * count, heads, width, head_dim)
@@ -463,7 +476,6 @@ class CrossHook(LayerHook):
             part, _ = backend_op(call, gathered, ck, cv, AttentionSpec(attn_mask=mask))
             part = part.view(batch, count, heads, width, head_dim).float() * chunk.weight[None, :, None, :, None]
             total.index_add_(2, chunk.index.reshape(-1), part.transpose(1, 2).reshape(batch, heads, count * width, head_dim))
-        keep = bound.blend_weight(grid, q.device, "keep")  # (1, 1, N, 1): 1 - (1 - b) M(x)
         blended = keep * out.index_select(0, rows).float() + (1.0 - bound.base_ratio) * total
         out = out.index_copy(0, rows, blended.to(out.dtype))
         if parts:  # the outer hook adds the parts of a row: the base attention's share applies to each
@@ -528,7 +540,8 @@ class JointHook(LayerHook):
         plan = self.plan
         if plan is None or call.row_source is not None or (plan.blend and plan.rows.device != q.device):
             plan = self.bound.joint_plan(call.geometry, call.rows, q.device)
-        sequence = plan.sequence
+        # in a graph, the sequence of the graph's symbolic sizes: the plan's ints would make the image size a constant
+        sequence = self.bound.sequence(call.geometry) if torch.compiler.is_compiling() else plan.sequence
         _check_tokens(call, q, sequence)
         out, lse = compute(q, k, v, spec)
         if not plan.blend:
@@ -574,15 +587,18 @@ class HiddenHook(LayerHook):
     only to itself; nothing attends to region text. No dense mask is needed.
     """
 
-    def __init__(self, bound: RegionsBound):
+    def __init__(self, bound: RegionsBound, positions: torch.Tensor | None = None):
         self.bound = bound
+        self.positions = positions  # the stock sequence's positions (`RegionsBound.hidden_edit_hook`)
 
     def attend(self, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, compute: AttendFn):
         if spec.labels is not None:
             raise ConfigError(f"attnctl: Regions cannot share joint layer {call.layer.name} with another control's label mask")
         sequence = self.bound.sequence(call)
         _check_tokens(call, q, sequence)
-        positions = self.bound.base_positions(sequence, q.device)
+        positions = self.positions
+        if positions is None or positions.device != q.device:
+            positions = self.bound.base_positions(sequence, q.device)
         spans = sequence.base_spans()
         base_spec = spec_tokens(spec, spans, spans, positions, labels=None, where=f"layer {call.layer.name}")
         with restricted_tokens(call, TokenLayout.joint(sequence.image_len, sequence.base_len, sequence.text_first)):
