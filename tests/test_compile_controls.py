@@ -787,3 +787,22 @@ def test_regions_and_attention_maps_reuse_the_compiled_graph_across_sizes(name):
         assert torch.equal(got, want) and torch.equal(got_maps, want_maps), size
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counter.frame_count <= 2, counter.frame_count
+
+
+# -- fix-sag: SAG and SEG (default sigma) keep stock's graphs over image sizes ----------------------------------------
+
+
+def test_sag_and_seg_compile_no_graph_per_image_size():
+    """SAG with SEG at its default sigma (whose kernel the grid's longest side clamps) over four image sizes: stock
+    compiles 2 graphs (static, then dynamic sizes); SAG's degraded pass is a second structure, so 4. Before, SAG's
+    query-chunk loop (`range` over the image tokens) and SEG's kernel taps made the sizes constants: a graph per size
+    (6). SAG's loop now guards only the chunk count (image tokens / 1024 at its layer); SEG's kernel is a tensor
+    input. Two prompts: SAG's second pass then has 2 rows (at 1 row dynamo's CPU convolutions guard on the sizes, as
+    a stock batch of 1 does)."""
+    sizes = [(32, 32), (48, 48), (64, 64), (32, 48)]
+    calls = [{"prompt": PROMPTS[:2], "height": h, "width": w} for h, w in sizes]
+    eager, compiled, graphs = _sweep("tiny-sd", lambda: [attnctl.SAG(), attnctl.SEG()], calls)
+    for call, want, got in zip(calls, eager, compiled):
+        assert torch.equal(got, want), call
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 4, graphs

@@ -256,8 +256,11 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
     keys = slice(0, k.shape[2])
     kf = k.float()
     total = torch.zeros(q.shape[0], q.shape[1], image.stop - image.start, device=q.device)
-    for start in range(image.start, image.stop, QUERY_CHUNK):
-        stop = min(start + QUERY_CHUNK, image.stop)
+    # a loop over the chunk count: in a graph, `range` over the (symbolic) token bounds would make them constants, a
+    # graph per image size; this guards only the count (a graph per 1024 image tokens at the layer)
+    for chunk in range((image.stop - image.start + QUERY_CHUNK - 1) // QUERY_CHUNK):
+        start = image.start + chunk * QUERY_CHUNK
+        stop = torch.sym_min(start + QUERY_CHUNK, image.stop)
         queries = slice(start, stop)
         probs = probabilities(block_logits(q, kf, spec, queries, keys), spec, queries, sparse="ignore")
         block = probs[..., image]

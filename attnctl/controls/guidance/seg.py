@@ -80,17 +80,29 @@ class _SEGBound(PerturbingBound):
     def edit(self, layer, frame: DenoiserCall) -> Edit | None:
         hw = frame.geometry(layer).image_hw
         sigma = self.control.sigma
-        return self.rows_edit(frame, lambda tagged, batch: (BlurQueries(tagged, batch, sigma, hw, self.index),), key=(hw,))
+        # a compiled forward gets the grid's kernel as a tensor on the denoiser's device (`BlurQueries.kernel`)
+        device = frame.canvas_shape.device if frame.compiled and frame.canvas_shape is not None else None
+        return self.rows_edit(
+            frame, lambda tagged, batch: (BlurQueries(tagged, batch, sigma, hw, self.index, device),), key=(hw, device)
+        )
 
 
 class BlurQueries(PerturbedRows, LayerHook):
     """Blurs the image-token query projections of the perturbed rows (`PerturbedRows`) over the layer's image
-    grid `grid_hw`, with the kernel's taps computed here (a compiled processor makes them a constant)."""
+    grid `grid_hw`.
 
-    def __init__(self, tagged: tuple[int, ...], batch: int, sigma: float, grid_hw: tuple[int, int], index: RowIndex | None = None):
+    `device`: the device of a compiled forward, which reads the grid's kernel from `kernel`, made here on it: a
+    tensor input of the graph whose length is symbolic once it varies (SEG's default sigma clamps the kernel to the
+    grid), where Python taps or a lookup in the kernel table would be constants of the graph, one graph per size.
+    None (eager): the kernel table, as `blur_grid` looks it up."""
+
+    def __init__(
+        self, tagged: tuple[int, ...], batch: int, sigma: float, grid_hw: tuple[int, int], index: RowIndex | None = None,
+        device: torch.device | None = None,
+    ):
         super().__init__(tagged, batch, index)
         self.sigma = sigma
-        self.taps = kernel_taps(sigma, grid_hw)
+        self.kernel = None if device is None else grid_kernel(sigma, grid_hw, device)
 
     def query(self, call: AttentionCall, q_proj: torch.Tensor) -> torch.Tensor:
         rows, _, _ = self.positions(call)
@@ -109,7 +121,7 @@ class BlurQueries(PerturbedRows, LayerHook):
         count, tokens, channels = picked.shape
         # video tokens are frame-major: each frame's (h, w) grid is blurred on its own, never across frames
         per_frame = picked.reshape(count * frames, hw[0] * hw[1], channels)
-        blurred = blur_tokens(per_frame, hw, self.sigma, self.taps).reshape(count, tokens, channels)
+        blurred = blur_tokens(per_frame, hw, self.sigma, self.kernel).reshape(count, tokens, channels)
         return q_proj.index_copy(0, index, blurred.to(q_proj.dtype))
 
 
@@ -141,52 +153,42 @@ def gaussian_kernel1d(size: int, sigma: float, device=None) -> torch.Tensor:
 _KERNELS: dict[tuple[int, float, str], torch.Tensor] = {}
 
 
-def kernel_taps(sigma: float, grid_hw: tuple[int, int]) -> tuple[float, ...] | None:
-    """The float32 taps of the blur over a `grid_hw` grid as Python floats (None: no kernel, the mean or no blur)."""
+def grid_kernel(sigma: float, grid_hw: tuple[int, int], device=None) -> torch.Tensor | None:
+    """The blur's float32 kernel over a `grid_hw` grid on `device` (None: no kernel, the mean or no blur)."""
     if sigma >= INFINITE_SIGMA:
         return None
     size = kernel_size(sigma, grid_hw)
-    if size <= 1:
-        return None
-    key = (size, float(sigma))
-    found = _TAPS.get(key)
-    if found is None:  # once per process: the same taps at every layer, call and handle
-        if len(_TAPS) >= 64:
-            _TAPS.clear()
-        found = _TAPS[key] = tuple(gaussian_kernel1d(size, sigma).tolist())
-    return found
+    return gaussian_kernel1d(size, sigma, device) if size > 1 else None
 
 
-_TAPS: dict[tuple[int, float], tuple[float, ...]] = {}
-
-
-def blur_grid(images: torch.Tensor, sigma: float, taps: tuple[float, ...] | None = None) -> torch.Tensor:
+def blur_grid(images: torch.Tensor, sigma: float, kernel: torch.Tensor | None = None) -> torch.Tensor:
     """Gaussian blur of (B, C, H, W) per channel as SEG specifies (see the module docstring), in float32.
 
-    `taps` (`kernel_taps` of this grid): the kernel as constants, used while torch.compile traces (a tensor made
-    from them in the graph, instead of a lookup in the process-wide kernel table that dynamo would guard on)."""
+    `kernel` (`grid_kernel` of this grid, on the images' device): the kernel used while torch.compile traces, a
+    graph input whose length can be symbolic, instead of a size computed from the grid and a lookup in the
+    process-wide kernel table, which dynamo would make constants (one graph per kernel size)."""
     height, width = images.shape[-2:]
     x = images.float()
     if sigma >= INFINITE_SIGMA:
         return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
-    size = kernel_size(sigma, (height, width))
-    if size <= 1:
-        return x
+    if kernel is not None and torch.compiler.is_compiling():
+        size = kernel.shape[0]
+    else:
+        size = kernel_size(sigma, (height, width))
+        if size <= 1:
+            return x
+        kernel = gaussian_kernel1d(size, sigma, x.device)
     pad = size // 2
     x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if pad < width else "replicate")
     x = F.pad(x, (0, 0, pad, pad), mode="reflect" if pad < height else "replicate")
-    if taps is not None and torch.compiler.is_compiling():
-        kernel = torch.tensor(taps, dtype=torch.float32, device=x.device)
-    else:
-        kernel = gaussian_kernel1d(size, sigma, x.device)
     channels = x.shape[1]
     x = F.conv2d(x, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
     return F.conv2d(x, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
 
 
-def blur_tokens(tokens: torch.Tensor, grid_hw: tuple[int, int], sigma: float, taps: tuple[float, ...] | None = None) -> torch.Tensor:
-    """(B, H*W, C) row-major image tokens -> blurred, same layout, float32 (`taps`: as `blur_grid`)."""
+def blur_tokens(tokens: torch.Tensor, grid_hw: tuple[int, int], sigma: float, kernel: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, H*W, C) row-major image tokens -> blurred, same layout, float32 (`kernel`: as `blur_grid`)."""
     batch, n, channels = tokens.shape
     height, width = grid_hw
     images = tokens.transpose(1, 2).reshape(batch, channels, height, width)
-    return blur_grid(images, sigma, taps).reshape(batch, channels, n).transpose(1, 2)
+    return blur_grid(images, sigma, kernel).reshape(batch, channels, n).transpose(1, 2)
