@@ -56,6 +56,9 @@ MASK_THRESHOLD = 1.0  # attention received above this is "salient" (the SAG pipe
 BLUR_KERNEL = 9
 BLUR_SIGMA = 1.0
 QUERY_CHUNK = 1024  # query rows per chunk when measuring received attention (bounded memory)
+#: At most this many elements per (B, H, rows, keys) tensor of a chunk (1 GiB in float32; several are alive at once):
+#: at video sizes 1024 rows alone would be tens of GiB (Wan 14B at 720p, 81 frames: 2 x 40 x 1024 x 75,600).
+CHUNK_ELEMENTS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -256,11 +259,12 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
     keys = slice(0, k.shape[2])
     kf = k.float()
     total = torch.zeros(q.shape[0], q.shape[1], image.stop - image.start, device=q.device)
+    rows = torch.sym_max(1, torch.sym_min(QUERY_CHUNK, CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2])))
     # a loop over the chunk count: in a graph, `range` over the (symbolic) token bounds would make them constants, a
-    # graph per image size; this guards only the count (a graph per 1024 image tokens at the layer)
-    for chunk in range((image.stop - image.start + QUERY_CHUNK - 1) // QUERY_CHUNK):
-        start = image.start + chunk * QUERY_CHUNK
-        stop = torch.sym_min(start + QUERY_CHUNK, image.stop)
+    # graph per image size; this guards only the count (a graph per `rows` image tokens at the layer)
+    for chunk in range((image.stop - image.start + rows - 1) // rows):
+        start = image.start + chunk * rows
+        stop = torch.sym_min(start + rows, image.stop)
         queries = slice(start, stop)
         probs = probabilities(block_logits(q, kf, spec, queries, keys), spec, queries, sparse="ignore")
         block = probs[..., image]
