@@ -806,3 +806,20 @@ def test_sag_and_seg_compile_no_graph_per_image_size():
         assert torch.equal(got, want), call
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs <= 4, graphs
+
+
+# -- cross-image controls over image sizes: one graph with dynamic sizes, as stock ------------------------------------
+@pytest.mark.parametrize("name, make, prompts", [
+    ("tiny-sd", CROSS_CONTROLS["ConsistentSubjects-isolate"], PROMPTS[:2]),
+    ("tiny-flux", P2P["replace"], P2P_PROMPTS),
+], ids=["consistent-subjects-isolate", "p2p-joint"])
+def test_cross_image_controls_reuse_the_compiled_graph_over_image_sizes(name, make, prompts):
+    """Stock compiles a static graph and a dynamic one that every later size reuses; so do these. ConsistentSubjects'
+    appended image keys (a slice a closure captured) and its isolation masks (kept per key count), Prompt-to-Prompt's
+    joint token spans (compared with `is None`) made a size a constant of the graph: one graph per size."""
+    calls = [{"prompt": prompts, "height": h, "width": w} for h, w in [(32, 32), (48, 48), (32, 48), (48, 32)]]
+    eager, compiled, graphs = _sweep(name, make, calls)
+    for call, want, got in zip(calls, eager, compiled):
+        assert torch.equal(got, want), call
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 2, graphs

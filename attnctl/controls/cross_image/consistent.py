@@ -700,7 +700,7 @@ class _Plan:
     q_labels: torch.Tensor | None  # (targets, image queries) long, with isolation
     k_labels: list[torch.Tensor] | None  # own image keys (targets, image tokens), then per source slot (targets, n appended)
     table: torch.Tensor | None  # (1, S + 1, S + 1): 0, -inf between two different subjects
-    _masks: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)  # `label_mask`: one per text layout, text length and key offset
     key_biases: dict = field(default_factory=dict)  # `appended_attention`'s joined key bias, per key count and dtype
 
     def label_mask(self, n_own: int, geometry: Any, text: str) -> LabelMask | None:
@@ -708,12 +708,16 @@ class _Plan:
         (the backend keeps its dense form per mask object: a new object per call would rebuild it every call)."""
         if self.q_labels is None:
             return None
-        found = self._masks.get(n_own)
+        # keyed by the text layout and length and by the key count's offset from the layer's own (0 but in another
+        # hook's sub-attention), not by the key count: a graph's key count is symbolic, and a dict key is made a
+        # constant (a graph per image size). The text length varies only between calls (Qwen-Image's cond and uncond).
+        key = (text, geometry.text_len, n_own - geometry.key_len)
+        found = self._masks.get(key)
         if found is None:
             image = slice(0, n_own) if text == "none" else geometry.image_slice
             own_keys = self.k_labels[0].new_zeros(self.k_labels[0].shape[0], n_own)  # own text keys: label 0, open
             own_keys[:, image] = self.k_labels[0]
-            found = self._masks[n_own] = LabelMask(self.q_labels, torch.cat([own_keys] + list(self.k_labels[1:]), dim=-1), self.table)
+            found = self._masks[key] = LabelMask(self.q_labels, torch.cat([own_keys] + list(self.k_labels[1:]), dim=-1), self.table)
         return found
 
 
@@ -772,9 +776,10 @@ def appended_attention(call, q, k, v, spec: AttentionSpec, targets: torch.Tensor
         mask_t = mask
     image_q = slice(0, q.shape[2]) if text == "none" else image
     picked = None if gather is None else gather + image.start
+    image_start, image_stop = image.start, image.stop  # ints, not the slice: a closure's slice is made constant
     def appended(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         rows = t.index_select(0, s)
-        return rows[:, :, image] if picked is None else rows.index_select(2, picked)
+        return rows[:, :, image_start:image_stop] if picked is None else rows.index_select(2, picked)
     keys = [kt] + [appended(k, s) for s in sources]
     values = [vt] + [appended(v, s) for s in sources]
     n_own = kt.shape[2]

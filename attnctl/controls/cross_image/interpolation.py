@@ -37,7 +37,7 @@ from ...errors import ConfigError
 from ...families.base import LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec, as_additive
-from ...processors.chain import backend_op, restricted_rows
+from ...processors.chain import backend_op, has_span, restricted_rows
 from ...processors.edit import AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import validate_steps
@@ -329,9 +329,9 @@ def _mask_part(mask: torch.Tensor | None, rows: torch.Tensor, batch: int, querie
         mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
     if mask.shape[0] == batch and batch > 1:
         mask = mask.index_select(0, rows)
-    if queries is not None and mask.shape[-2] > 1:
+    if has_span(queries) and mask.shape[-2] > 1:
         mask = mask[..., queries, :]
-    if keys is not None:
+    if has_span(keys):
         mask = mask[..., keys]
     return mask
 

@@ -40,7 +40,7 @@ from ...families.base import Canvas, LayerInfo, ModelAdapter
 from ...kernels.semantics import spec_rows
 from ...kernels.spec import AttentionSpec
 from ...noise import batch_noise, step_noise
-from ...processors.chain import restricted_rows, token_layout
+from ...processors.chain import has_span, restricted_rows, token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import call_frame
@@ -916,10 +916,10 @@ class _LinkHook(LayerHook):
         if not (cross or self.self_):
             return compute(q, k, v, spec)
         layout = token_layout(call)
-        text_k = layout.text_k if layout.text_k is not None and layout.text_k.stop > layout.text_k.start else None
+        text_k = layout.text_k if has_span(layout.text_k) and layout.text_k.stop > layout.text_k.start else None
         image_k = layout.image_k if layout.image_k.stop > layout.image_k.start else None
         own_text = plan.own_text
-        if cross and text_k is not None and text_k.stop - text_k.start != plan.text_len:
+        if cross and has_span(text_k) and text_k.stop - text_k.start != plan.text_len:
             if plan.mapper is None and plan.own_text_zero:  # identity links (the same negative prompt): any length
                 own_text = own_text.new_zeros(own_text.shape[0], text_k.stop - text_k.start)
             else:  # the tables have the text length each branch was encoded with: another one is not a known layout
@@ -932,7 +932,7 @@ class _LinkHook(LayerHook):
         base_v = torch.zeros_like(v_t)
         own_v = v_t.clone()
         own_zero = True
-        if text_k is not None:
+        if has_span(text_k):
             text = v_t[:, :, text_k]
             if cross:
                 mapped = text if plan.mapper is None else torch.einsum("ewj,ehjd->ehwd", plan.mapper.to(text.dtype), text)
@@ -941,7 +941,7 @@ class _LinkHook(LayerHook):
                 own_zero = plan.own_text_zero
             else:
                 own_zero = False
-        if image_k is not None:
+        if has_span(image_k):
             if self.self_:
                 base_v[:, :, image_k] = v_t[:, :, image_k]
                 own_v[:, :, image_k] = 0
@@ -949,7 +949,7 @@ class _LinkHook(LayerHook):
                 own_zero = False
         batch = q.shape[0]
         extra = [plan.targets] if not own_zero else []
-        if layout.text_q is None and layout.image_q == slice(0, layout.nq):
+        if not has_span(layout.text_q) and layout.image_q.start == 0 and layout.image_q.stop == layout.nq:
             # every query is an image query: the edited rows run in place with the base row's queries and keys
             q_all = q.index_copy(0, targets, q.index_select(0, sources))
             k_all = k.index_copy(0, targets, k.index_select(0, sources))
@@ -978,7 +978,7 @@ class _LinkHook(LayerHook):
                 out, lse = compute(q_all, k_all, v_all, spec_all)
         lse = None if lse is None else lse[:batch]
         edited_count = len(plan.targets)
-        if layout.text_q is None and layout.image_q == slice(0, layout.nq):
+        if not has_span(layout.text_q) and layout.image_q.start == 0 and layout.image_q.stop == layout.nq:
             result = out[:batch]
             if extra:
                 result = result.index_add(0, targets, out[batch:])
