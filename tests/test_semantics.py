@@ -138,6 +138,25 @@ def test_change_sag_received_attention_honours_windows(extra):
         assert not torch.allclose((plain / plain.sum(-1, keepdim=True)).sum(2).mean(1), expected, atol=1e-3)
 
 
+def test_sag_received_attention_bounds_its_chunks_by_elements(monkeypatch):
+    """SAG's received attention runs over query chunks of at most CHUNK_ELEMENTS per (B, H, rows, keys) tensor (at
+    video sizes 1024 rows were tens of GiB); the result does not depend on the chunking."""
+    from attnctl.controls.guidance import sag
+
+    torch.manual_seed(2)
+    batch, heads, text_len, n_img = 2, 3, 5, 40
+    image = slice(text_len, text_len + n_img)
+    q, k = (torch.randn(batch, heads, text_len + n_img, 8) for _ in range(2))
+    whole = received_attention(q, k, AttentionSpec(), image)
+    rows_seen = []
+    block_logits = sag.block_logits
+    monkeypatch.setattr(sag, "block_logits", lambda q, k, spec, queries, keys: (
+        rows_seen.append(queries.stop - queries.start), block_logits(q, k, spec, queries, keys))[1])
+    monkeypatch.setattr(sag, "CHUNK_ELEMENTS", batch * heads * k.shape[2] * 7)
+    torch.testing.assert_close(received_attention(q, k, AttentionSpec(), image), whole, rtol=1e-6, atol=1e-6)
+    assert rows_seen == [7] * 5 + [5]
+
+
 def test_probabilities_refuse_or_ignore_sparse_when_asked():
     logits = torch.randn(1, 1, 4, 5)
     spec = AttentionSpec(sparse=Sparse(), query_range=(2, 4))
