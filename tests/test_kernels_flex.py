@@ -202,3 +202,112 @@ def test_labels_every_row_shares_run_per_row():
     expected, _ = flex.attention(q, k, v, dataclasses.replace(spec, labels=repeated))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(out, reference.attention(q, k, v, dataclasses.replace(spec, labels=shared))[0], rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BlockMasks built over chunks of query blocks (bounded mask memory at video sizes)
+# ---------------------------------------------------------------------------------------------------------
+
+MASK_BLOCK = 128  # torch's BlockMask tile
+CHUNK_WINDOWS = {
+    "2d": Window((16, 20), radius=(2, 3), text_len=7, text_first=True),
+    "3d": Window((6, 8), radius=(1, 1, 2), frames=6, text_len=5),
+    "band": Window((15, 20), band=17, text_len=9, text_first=True),
+}
+
+
+def _chunk_labels(n: int, batch: int, seed: int) -> LabelMask:
+    g = torch.Generator().manual_seed(seed)
+    q_labels = torch.randint(0, 3, (batch, n), generator=g)
+    q_labels[:, :140] = 1  # whole blocks of one label: full and empty tiles as well as partial ones
+    table = torch.tensor([[[0.0, INF, 0.0], [INF, -1.0, INF], [0.0, INF, INF]]])
+    return LabelMask(q_labels, q_labels if seed % 2 else torch.randint(0, 3, (batch, n), generator=g), table)
+
+
+def _used(blocks: torch.Tensor | None, indices: torch.Tensor | None) -> list:
+    """The kv block lists a kernel reads: per (b, h, query block), the first `blocks` entries of `indices`."""
+    if blocks is None:
+        return [None]
+    flat_blocks, flat_indices = blocks.flatten(0, -2), indices.flatten(0, -3)
+    return [[row[:int(k)].tolist() for row, k in zip(rows, ks)] for rows, ks in zip(flat_indices, flat_blocks)]
+
+
+def _same_block_mask(a, b) -> None:
+    assert a.seq_lengths == b.seq_lengths and a.BLOCK_SIZE == b.BLOCK_SIZE
+    for blocks, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                            ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        assert torch.equal(getattr(a, blocks), getattr(b, blocks)), blocks
+        assert _used(getattr(a, blocks), getattr(a, indices)) == _used(getattr(b, blocks), getattr(b, indices)), indices
+
+
+def _build_cases():
+    """(name, batch, rows evaluated, build()) for every BlockMask flex.py makes: windows alone, labels with and without
+    a window (token order, a row group starting past 0) and the label-sorted order."""
+    cpu = torch.device("cpu")
+    cases = []
+    for name, w in CHUNK_WINDOWS.items():
+        n = w.n_img + w.text_len
+        cases.append((f"window {name}", 1, n, lambda w=w, n=n: flex.block_mask(AttentionSpec(window=w), 1, (0, n), n, cpu)))
+        cases.append((f"window {name} rows 5:", 1, n - 5, lambda w=w, n=n: flex.block_mask(AttentionSpec(window=w), 1, (5, n), n, cpu)))
+    w = CHUNK_WINDOWS["2d"]
+    n = w.n_img + w.text_len
+    for seed in (0, 1):
+        cases.append((f"labels {seed}", 2, n - 3, lambda n=n, s=seed: flex.block_mask(AttentionSpec(labels=_chunk_labels(n, 2, s)), 2, (3, n), n, cpu)))
+        cases.append((f"labels&window {seed}", 2, n - 7, lambda n=n, s=seed: flex.block_mask(
+            AttentionSpec(labels=_chunk_labels(n, 2, s), window=w), 2, (7, n), n, cpu)))
+        cases.append((f"grouped labels {seed}", 2, n, lambda n=n, s=seed: flex.grouped_layout(_chunk_labels(n, 2, s), 2, n, n, cpu)[-1]))
+    return cases
+
+
+@pytest.mark.parametrize("blocks_per_chunk", [1, 2])
+def test_block_masks_built_in_chunks_equal_the_one_shot_ones(monkeypatch, blocks_per_chunk):
+    """Past `MASK_CHUNK_ELEMENTS` the mask_mod is evaluated over chunks of whole query blocks, never more than the
+    budget (or one block of rows) at once, and the joined BlockMask is the one-shot one, list for list; under the
+    budget it is today's single `create_block_mask` call."""
+    real = flex.create_block_mask
+    calls = []
+
+    def spy(mod, batch, heads, q_len, kv_len, **kwargs):
+        calls.append((batch or 1) * q_len * kv_len)
+        return real(mod, batch, heads, q_len, kv_len, **kwargs)
+
+    monkeypatch.setattr(flex, "create_block_mask", spy)
+    for name, batch, rows, build in _build_cases():
+        n = build().seq_lengths[1]
+        monkeypatch.setattr(flex, "MASK_CHUNK_ELEMENTS", batch * rows * n, raising=False)
+        flex.clear_caches()
+        calls.clear()
+        one_shot = build()
+        assert calls == [batch * rows * n], name
+        budget = batch * blocks_per_chunk * MASK_BLOCK * n
+        monkeypatch.setattr(flex, "MASK_CHUNK_ELEMENTS", budget + batch * n - 1, raising=False)  # a little under one more row
+        flex.clear_caches()
+        calls.clear()
+        chunked = build()
+        assert len(calls) == -(-rows // (blocks_per_chunk * MASK_BLOCK)) > 1 and max(calls) <= budget, (name, calls)
+        assert chunked.mask_mod.__name__ == one_shot.mask_mod.__name__ != "shifted"  # the unshifted mod, for partial tiles
+        _same_block_mask(chunked, one_shot)
+    monkeypatch.setattr(flex, "MASK_CHUNK_ELEMENTS", 1, raising=False)
+    flex.clear_caches()
+    calls.clear()
+    flex.block_mask(AttentionSpec(window=CHUNK_WINDOWS["3d"]), 1, (0, 293), 293, torch.device("cpu"))
+    assert calls == [128 * 293] * 2 + [37 * 293]  # a budget under one block of rows: one block at a time
+    flex.clear_caches()
+
+
+def test_flex_outputs_with_chunked_block_masks_are_bitwise_the_one_shot_ones(monkeypatch):
+    """Compiled flex with a chunk-built BlockMask (labels and a 3-D window, the combined mask_mod, with a label bias
+    and a key bias) gives the very output of the one-shot one. One compiled shape: a cold compile costs ~20 s on a CPU."""
+    w = CHUNK_WINDOWS["3d"]
+    n = w.n_img + w.text_len
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for _ in range(3))
+    spec = AttentionSpec(labels=_chunk_labels(n, 2, 1), window=w, key_bias=torch.randn(2, n, generator=g))
+    outs = []
+    for budget in (1 << 30, 1):
+        monkeypatch.setattr(flex, "MASK_CHUNK_ELEMENTS", budget, raising=False)
+        flex.clear_caches()
+        outs.append(flex.attention(q, k, v, spec)[0])
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], reference.attention(q, k, v, spec)[0], rtol=2e-5, atol=2e-5)
+    flex.clear_caches()

@@ -14,8 +14,10 @@ closure with a readable `__name__`:
 Per-key edits (bias, value scale) act on the `query_range` rows only: the call is split into row groups
 as the sdpa backend does, and the value scale multiplies V for the edited group (`A (w V)`). Block masks
 are cached per layout (window, group, resolution) and, for labels, per `LabelMask` object (controls build
-it once per pipeline call). The closures capture tensors, which torch.compile treats as inputs: new bias
-values, new labels, new steps never recompile; a new shape or a new combination of controls compiles once.
+it once per pipeline call); past `MASK_CHUNK_ELEMENTS` mask elements one is built over chunks of query blocks,
+so making it never holds the N x N mask (video sizes). The closures capture tensors, which torch.compile treats
+as inputs: new bias values, new labels, new steps never recompile; a new shape or a new combination of controls
+compiles once.
 Row groups have their own shapes, so a joint layer with a query range compiles up to three times.
 
 Two things flex does not do here, listed in the capability table that `auto` reads:
@@ -165,6 +167,40 @@ def window_mask(window: Window, offset: int = 0, device: torch.device | str | No
 # Block masks, cached per layout / per LabelMask
 # ---------------------------------------------------------------------------------------------------------
 
+#: Mask elements (batch x query rows x keys) a BlockMask is evaluated over at once. `create_block_mask` evaluates the
+#: mask_mod over its whole grid (bool results, int64 / int32 index intermediates: about 2 bytes an element for labels,
+#: 9 to 17 for windows), which at video sizes is gigabytes; larger masks are built over chunks of query blocks
+#: (a chunk of 16M elements peaks near 32 MiB for labels, 270 MiB for a 2-D window).
+MASK_CHUNK_ELEMENTS = 1 << 24
+#: The BlockMask's tile (query rows x keys), torch's default.
+MASK_BLOCK = 128
+
+
+def _shifted(mod: MaskMod, first: int) -> MaskMod:
+    def shifted(b, h, q_idx, kv_idx):
+        return mod(b, h, q_idx + first, kv_idx)
+
+    return shifted
+
+
+def _create_block_mask(mod: MaskMod, batch: int | None, nq: int, nk: int, device: torch.device) -> BlockMask:
+    """`create_block_mask(mod, batch, None, nq, nk)`, evaluating `mod` over at most `MASK_CHUNK_ELEMENTS` elements at
+    a time (but at least one block of query rows): chunks of whole query blocks, each a BlockMask of its rows, whose
+    per-block kv lists (one row of blocks each, independent of the others) are joined into one BlockMask with `mod`."""
+    rows = MASK_CHUNK_ELEMENTS // max((batch or 1) * nk, 1)
+    if rows >= nq:
+        return create_block_mask(mod, batch, None, nq, nk, device=device, BLOCK_SIZE=MASK_BLOCK)
+    rows = max(rows // MASK_BLOCK, 1) * MASK_BLOCK
+    parts = []
+    for first in range(0, nq, rows):
+        part = create_block_mask(_shifted(mod, first), batch, None, min(rows, nq - first), nk, device=device, BLOCK_SIZE=MASK_BLOCK)
+        parts.append((part.kv_num_blocks, part.kv_indices, part.full_kv_num_blocks, part.full_kv_indices))
+    kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = (torch.cat(t, dim=2) for t in zip(*parts))
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, BLOCK_SIZE=MASK_BLOCK, mask_mod=mod, seq_lengths=(nq, nk)
+    )
+
+
 _WINDOW_MASKS: dict[tuple, BlockMask] = {}
 _LABEL_MASKS: dict[int, dict[tuple, BlockMask]] = {}
 _LABEL_PARTS: dict[int, tuple] = {}
@@ -195,7 +231,7 @@ def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int,
     if spec.labels is None:
         cached = _WINDOW_MASKS.get(window_key)
         if cached is None:
-            cached = create_block_mask(window_mask(spec.window, start, device), None, None, stop - start, nk, device=device)
+            cached = _create_block_mask(window_mask(spec.window, start, device), None, stop - start, nk, device)
             if len(_WINDOW_MASKS) >= _WINDOW_CACHE_SIZE:
                 _WINDOW_MASKS.pop(next(iter(_WINDOW_MASKS)))
             _WINDOW_MASKS[window_key] = cached
@@ -213,7 +249,7 @@ def block_mask(spec: AttentionSpec, batch: int, group: tuple[int, int], nk: int,
         if spec.window is not None:
             mod = and_masks(mod, window_mask(spec.window, start, device))
             mod.__name__ = "label_mask&window"
-        cached = per_object[key] = create_block_mask(mod, batch, None, stop - start, nk, device=device)
+        cached = per_object[key] = _create_block_mask(mod, batch, stop - start, nk, device)
     return cached
 
 
@@ -236,7 +272,7 @@ def grouped_layout(labels: LabelMask, batch: int, nq: int, nk: int, device: torc
         q_labels, k_labels, allowed, _, _ = _label_parts(labels, batch)
         q_sorted, q_perm = torch.sort(q_labels, dim=-1, stable=True)
         k_sorted, k_perm = (q_sorted, q_perm) if labels.k_labels is labels.q_labels else torch.sort(k_labels, dim=-1, stable=True)
-        mask = create_block_mask(label_mask(q_sorted, k_sorted, allowed), batch, None, nq, nk, device=device)
+        mask = _create_block_mask(label_mask(q_sorted, k_sorted, allowed), batch, nq, nk, device)
         cached = per_object[key] = (q_perm, k_perm, q_sorted, k_sorted, mask)
     return cached
 
