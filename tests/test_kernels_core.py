@@ -338,3 +338,34 @@ def test_sdpa_adds_a_model_mask_and_labels_once_per_mask_tensor():
     del spec, mask, made, again
     gc.collect()
     assert len(sdpa._SHARED_MASKS) == 0  # the entries went with their mask tensors
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_reference_goes_in_blocks_of_query_rows_past_its_element_budget(monkeypatch, alpha):
+    """A large call never materialises all of its logits (the sparse transform's sort-based solution made about ten
+    N x N tensors: Flux 1024 peaked at 25 GiB per attention call): blocks of query rows, as unblocked up to the rounding
+    of the q k^T product on fewer rows (a different BLAS kernel; the softmax, entmax and P V of a row are bitwise)."""
+    from attnctl.kernels import reference
+
+    torch.manual_seed(0)
+    b, h, n, d = 2, 3, 26, 8  # 14 image tokens (a 2 x 7 grid) after 12 text tokens
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    spec = AttentionSpec(
+        key_bias=torch.randn(b, n), value_scale=torch.rand(b, n) + 0.5, query_range=(12, n), sparse=Sparse(alpha, 2.0),
+        labels=LabelMask(torch.arange(n).remainder(3)[None], torch.arange(n).remainder(2)[None], torch.tensor([[[0.0, -1.0]] * 3])),
+        window=Window((2, 7), radius=(1, 1), text_len=12, text_first=True), return_lse=True,
+    )
+    q.requires_grad_(True)
+    whole, whole_lse = reference.attention(q, k, v, spec)
+    calls = []
+    real = reference._attention_rows
+    monkeypatch.setattr(reference, "_attention_rows", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", b * h * n * 5)  # 5 rows a block
+    blocks, blocks_lse = reference.attention(q, k, v, spec)
+    assert [(s.start, s.stop) for s in calls] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 26)]
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocks_lse, whole_lse, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(blocks.sum(), [q])
+    (expected,) = torch.autograd.grad(whole.sum(), [q])
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
