@@ -369,3 +369,27 @@ def test_reference_goes_in_blocks_of_query_rows_past_its_element_budget(monkeypa
     (expected,) = torch.autograd.grad(whole.sum(), [q])
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
+
+def test_sdpa_sums_a_label_mask_and_key_bias_once_for_every_layer(monkeypatch):
+    """The label mask is cached; its sum with the key bias (ConsistentSubjects(isolate=True): a (B, 1, Nq, Nk) tensor,
+    128 MiB at SDXL 1024 for 2 images) was made again at every layer call: now once per pair of tensors, and it goes
+    with the key bias."""
+    import gc
+
+    from attnctl.kernels import sdpa
+
+    q, k, v = _qkv(nq=10, nk=12)
+    labels = LabelMask(torch.zeros(2, 10, dtype=torch.long), torch.arange(12).remainder(2).expand(2, -1), torch.tensor([[[0.0, -2.0]]]))
+    masks = []
+    real = sdpa._call
+    monkeypatch.setattr(sdpa, "_call", lambda q, k, v, mask, scale: masks.append(mask) or real(q, k, v, mask, scale))
+    spec = AttentionSpec(labels=labels, key_bias=torch.randn(2, 12))
+    outs = [attention(q, k, v, spec, "sdpa")[0] for _ in range(3)]  # three layers of one denoiser call
+    assert len({id(m) for m in masks}) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(outs[0], attention(q, k, v, spec, "reference")[0], rtol=1e-5, atol=1e-5)
+    spec = AttentionSpec(labels=labels, key_bias=torch.randn(2, 12))  # the next call's key bias: a new sum
+    attention(q, k, v, spec, "sdpa")
+    assert masks[-1] is not masks[0]
+    del masks[:], spec
+    gc.collect()
+    assert len(sdpa._BIASED_MASKS) == 0  # each entry went with its key bias
