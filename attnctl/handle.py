@@ -38,7 +38,7 @@ from .foreign_patches import (
     uncompiled,
 )
 from .instance import Wrapped, describe_callable, wrap_method
-from .kernels import TRACEABLE_BACKENDS, check_features, choose_backend, validate_backend
+from .kernels import TRACEABLE_BACKENDS, check_features, choose_backend, clear_caches, validate_backend
 from .pipelines.denoiser import DenoiserHooks, reference_refusal
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import CallOwner, Runtime
@@ -59,6 +59,11 @@ _LIVE_PIPELINES: weakref.WeakKeyDictionary[Any, weakref.ReferenceType[Handle]] =
 def _live_handle(denoiser: torch.nn.Module) -> Handle | None:
     found = _LIVE.get(denoiser)
     return found() if found is not None else None
+
+
+def _any_live() -> bool:
+    """Whether any handle is live (on any denoiser or pipeline)."""
+    return any((handle := ref()) is not None and handle.live for live in (_LIVE, _LIVE_PIPELINES) for ref in list(live.values()))
 
 
 def _live_pipeline_handle(pipe: Any) -> Handle | None:
@@ -774,6 +779,8 @@ class Handle:
         if _live_pipeline_handle(self.pipeline) is self:
             del _LIVE_PIPELINES[self.pipeline]
         self.runtime.drop_handle_caches()
+        if not _any_live():
+            clear_caches()  # the backends' module caches (up to 32 dense N x N window masks) serve live handles only
         if stuck:
             raise PipelineChangedError(
                 f"attnctl: handle.remove() restored everything except its wrapper(s) of {', '.join(stuck)}: another "

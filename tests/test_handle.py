@@ -886,3 +886,23 @@ def test_remove_drops_what_the_handle_kept_across_calls():
     gc.collect()
     assert not handle.runtime._handle_caches and len(sdpa._LABEL_DENSE) == 0
     assert handle.outputs["attention_maps"].maps.shape[0] == 1
+
+
+def test_removing_the_last_live_handle_clears_the_backends_module_caches(tiny_cache, monkeypatch):
+    """The backends' module caches (sdpa's dense window masks: up to 32 N x N tensors) outlived every handle: the last
+    handle.remove() clears them; while another handle is live they stay."""
+    import weakref
+
+    from attnctl import handle
+    from attnctl.kernels import sdpa
+
+    for registry in ("_LIVE", "_LIVE_PIPELINES"):  # only this test's handles count (not one another test left live)
+        monkeypatch.setattr(handle, registry, weakref.WeakKeyDictionary())
+    first, second = tiny_cache("tiny-sd"), tiny_cache("tiny-sdxl")
+    one, two = attnctl.apply(first, []), attnctl.apply(second, [])
+    monkeypatch.setitem(sdpa._WINDOW_DENSE, "test entry", torch.zeros(4, 4))
+    one.remove()
+    assert "test entry" in sdpa._WINDOW_DENSE  # `two` is live
+    two.remove()
+    assert not sdpa._WINDOW_DENSE
+    two.remove()  # idempotent

@@ -338,3 +338,58 @@ def test_sdpa_adds_a_model_mask_and_labels_once_per_mask_tensor():
     del spec, mask, made, again
     gc.collect()
     assert len(sdpa._SHARED_MASKS) == 0  # the entries went with their mask tensors
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_reference_goes_in_blocks_of_query_rows_past_its_element_budget(monkeypatch, alpha):
+    """A large call never materialises all of its logits (the sparse transform's sort-based solution made about ten
+    N x N tensors: Flux 1024 peaked at 25 GiB per attention call): blocks of query rows, as unblocked up to the rounding
+    of the q k^T product on fewer rows (a different BLAS kernel; the softmax, entmax and P V of a row are bitwise)."""
+    from attnctl.kernels import reference
+
+    torch.manual_seed(0)
+    b, h, n, d = 2, 3, 26, 8  # 14 image tokens (a 2 x 7 grid) after 12 text tokens
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    spec = AttentionSpec(
+        key_bias=torch.randn(b, n), value_scale=torch.rand(b, n) + 0.5, query_range=(12, n), sparse=Sparse(alpha, 2.0),
+        labels=LabelMask(torch.arange(n).remainder(3)[None], torch.arange(n).remainder(2)[None], torch.tensor([[[0.0, -1.0]] * 3])),
+        window=Window((2, 7), radius=(1, 1), text_len=12, text_first=True), return_lse=True,
+    )
+    q.requires_grad_(True)
+    whole, whole_lse = reference.attention(q, k, v, spec)
+    calls = []
+    real = reference._attention_rows
+    monkeypatch.setattr(reference, "_attention_rows", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", b * h * n * 5)  # 5 rows a block
+    blocks, blocks_lse = reference.attention(q, k, v, spec)
+    assert [(s.start, s.stop) for s in calls] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 26)]
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocks_lse, whole_lse, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(blocks.sum(), [q])
+    (expected,) = torch.autograd.grad(whole.sum(), [q])
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_sums_a_label_mask_and_key_bias_once_for_every_layer(monkeypatch):
+    """The label mask is cached; its sum with the key bias (ConsistentSubjects(isolate=True): a (B, 1, Nq, Nk) tensor,
+    128 MiB at SDXL 1024 for 2 images) was made again at every layer call: now once per pair of tensors, and it goes
+    with the key bias."""
+    import gc
+
+    from attnctl.kernels import sdpa
+
+    q, k, v = _qkv(nq=10, nk=12)
+    labels = LabelMask(torch.zeros(2, 10, dtype=torch.long), torch.arange(12).remainder(2).expand(2, -1), torch.tensor([[[0.0, -2.0]]]))
+    masks = []
+    real = sdpa._call
+    monkeypatch.setattr(sdpa, "_call", lambda q, k, v, mask, scale: masks.append(mask) or real(q, k, v, mask, scale))
+    spec = AttentionSpec(labels=labels, key_bias=torch.randn(2, 12))
+    outs = [attention(q, k, v, spec, "sdpa")[0] for _ in range(3)]  # three layers of one denoiser call
+    assert len({id(m) for m in masks}) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    torch.testing.assert_close(outs[0], attention(q, k, v, spec, "reference")[0], rtol=1e-5, atol=1e-5)
+    spec = AttentionSpec(labels=labels, key_bias=torch.randn(2, 12))  # the next call's key bias: a new sum
+    attention(q, k, v, spec, "sdpa")
+    assert masks[-1] is not masks[0]
+    del masks[:], spec
+    gc.collect()
+    assert len(sdpa._BIASED_MASKS) == 0  # each entry went with its key bias

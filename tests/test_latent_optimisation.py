@@ -1076,3 +1076,21 @@ def test_the_papers_refinements_that_miss_the_call_s_steps_are_dropped_with_a_wa
         with pytest.warns(attnctl.IdleControlWarning, match=dropped):
             generate(pipe, "tiny-sd", prompt=PROMPT, steps=steps)
     assert thresholds == [0.05, 0.5]
+
+
+# -- memory of the loss pass --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_word_values_are_built_once_per_loss_pass(tiny_cache, monkeypatch, name):
+    """The map layers of a loss pass share one `word_values` tensor: SDPA's autograd node saves its values for the
+    backward, so one built per layer was kept per layer (SD3 1024: 24 x 78 MiB; Flux: 6 GiB)."""
+    from attnctl.controls.optimize import engine
+
+    built, passes = [], []
+    real_values, real_maps = engine.word_values, engine.LatentOptimizerBound.loss_maps
+    monkeypatch.setattr(engine, "word_values", lambda *a: built.append(len(passes)) or real_values(*a))
+    monkeypatch.setattr(engine.LatentOptimizerBound, "loss_maps", lambda self, *a: passes.append(1) or real_maps(self, *a))
+    pipe = tiny_cache(name)
+    with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat"], refine=())]) as handle:
+        generate(pipe, name, prompt=PROMPT, steps=2)
+        assert len(handle.runtime.last_call.bound[0].layers) > 1
+    assert passes and built == list(range(1, len(passes) + 1))  # one build in each pass

@@ -16,6 +16,7 @@ This package imports without triton installed.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -99,6 +100,16 @@ _WARNED: set[tuple[str, str]] = set()
 #: What the caller of a backend function asked for ("auto" or a backend name): a backend whose kernel fails to
 #: compile falls back under "auto" and raises otherwise. `attention` sets it; the runtime sets it per call.
 _REQUESTED: ContextVar[str] = ContextVar("attnctl_backend_requested", default="")
+
+
+def clear_caches() -> None:
+    """Forget every backend's cached masks, block lists and layouts (dense window masks, label masks, flex block masks,
+    triton block lists): `Handle.remove()` calls it once no handle is live. Backends not imported have none."""
+    sdpa.clear_caches()
+    for name in ("flex", "triton_attention", "triton_labels"):
+        module = sys.modules.get(f"{__name__}.{name}")
+        if module is not None:
+            module.clear_caches()
 
 
 def note_request(requested: str) -> None:
@@ -456,5 +467,5 @@ def attention(
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_NAMES", "KERNEL_FAILURES", "MEASURED", "MEASURED_ON", "AttentionSpec", "Backend",
     "LabelMask", "PLAIN", "Sparse", "TRACEABLE_BACKENDS", "Window", "attention", "auto_order", "capability_table", "check_features",
-    "choose_backend", "choose_traced_backend", "note_request", "prepare_traced_labels", "record_kernel_failure", "register_backend", "validate_backend",
+    "choose_backend", "choose_traced_backend", "clear_caches", "note_request", "prepare_traced_labels", "record_kernel_failure", "register_backend", "validate_backend",
 ]

@@ -33,8 +33,18 @@ def _check(spec: AttentionSpec, nq: int, nk: int) -> None:
 
 def query_indicator(spec: AttentionSpec, nq: int, device: torch.device) -> torch.Tensor:
     """(Nq, 1) float: 1 for query rows the per-key edits apply to."""
-    rows = query_rows(spec, slice(0, nq), device)
-    return torch.ones(nq, 1, device=device) if rows is None else rows[:, None]
+    return _indicator(spec, slice(0, nq), device)
+
+
+def _indicator(spec: AttentionSpec, queries: slice, device: torch.device) -> torch.Tensor:
+    rows = query_rows(spec, queries, device)
+    return torch.ones(queries.stop - queries.start, 1, device=device) if rows is None else rows[:, None]
+
+
+#: Elements of one block of logits (batch x heads x query rows x keys) the reference materialises at once: 32M, 128 MiB
+#: in float32. A larger call goes in blocks of query rows (each row's output is its own): the sparse transform's
+#: sort-based solution makes about ten such tensors (PLADIS on Flux at 1024: 25 GiB in one block).
+CHUNK_ELEMENTS = 1 << 25
 
 
 def attention(
@@ -43,15 +53,34 @@ def attention(
     """Attention with every control of `spec`, by the formulas. Returns (out in v's dtype, lse or None)."""
     nq, nk = q.shape[2], k.shape[2]
     _check(spec, nq, nk)
-    logits = block_logits(q, k, spec, slice(0, nq), slice(0, nk))
-    probs = softmax(logits)  # rows whose every key is masked -> zeros
     values = v.float()
-    rows = query_indicator(spec, nq, q.device)  # (Nq, 1)
+    scaled = values
     if spec.value_scale is not None:
         scaled = values * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].float()  # (B|1, H|1, Nk, 1)
+    per_row = max(q.shape[0], k.shape[0]) * max(q.shape[1], k.shape[1]) * nk
+    rows = max(1, CHUNK_ELEMENTS // max(1, per_row))
+    if rows >= nq:
+        out, lse = _attention_rows(q, k, values, scaled, spec, slice(0, nq))
+        return out.to(v.dtype), lse
+    outs, lses = [], []
+    for chunk in range((nq + rows - 1) // rows):
+        start = chunk * rows
+        out, lse = _attention_rows(q, k, values, scaled, spec, slice(start, torch.sym_min(start + rows, nq)))
+        outs.append(out.to(v.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), None if lses[0] is None else torch.cat(lses, dim=-1)
+
+
+def _attention_rows(
+    q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, scaled: torch.Tensor, spec: AttentionSpec, queries: slice
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output (float32) and lse of the query rows `queries`; `values` float32, `scaled` times the value scale."""
+    logits = block_logits(q, k, spec, queries, slice(0, k.shape[2]))
+    probs = softmax(logits)  # rows whose every key is masked -> zeros
+    rows = _indicator(spec, queries, q.device)  # (n, 1)
+    if spec.value_scale is not None:
         out = probs @ values * (1 - rows) + probs @ scaled * rows
     else:
-        scaled = values
         out = probs @ values
     if spec.sparse is not None:
         sparse = entmax(logits, spec.sparse.alpha)
@@ -60,4 +89,4 @@ def attention(
     lse = None
     if spec.return_lse:
         lse = log_sum_exp(logits)
-    return out.to(v.dtype), lse
+    return out, lse

@@ -142,6 +142,7 @@ def clear_caches() -> None:
     _WINDOW_DENSE.clear()
     _MASK_IN_DTYPE.clear()
     _SHARED_MASKS.clear()
+    _BIASED_MASKS.clear()
 
 
 def _call(q, k, v, mask, scale):
@@ -177,8 +178,7 @@ def attention(
         pieces.append(_call(q[:, :, :start], k, v, _rows(shared, 0, start), spec.scale))
     edited_mask = _rows(shared, start, stop)
     if spec.key_bias is not None:
-        key_bias = per_key(_mask_in_dtype(spec.key_bias, q.dtype), "key_bias", keys=nk)[:, :, None, :]  # (B|1, H|1, 1, Nk)
-        edited_mask = key_bias if edited_mask is None else edited_mask + key_bias
+        edited_mask = _biased(shared, edited_mask, spec, start, stop, q)
     if spec.value_scale is not None:
         edited_v = v * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].to(v.dtype)  # (B|1, H|1, Nk, 1)
     else:
@@ -239,6 +239,32 @@ def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torc
     if found is None:
         with kept_tensors():
             found = _SHARED_MASKS.put(tensors, extra, _sum_masks(spec, nq, nk, q))
+    return found
+
+
+#: The edited rows' mask plus the per-key bias (`_biased`), by the shared mask and key bias tensors: every layer of a
+#: denoiser call passes the same two, so the (B, H|1, rows, Nk) sum is made once per call, not at every layer. An entry
+#: goes with either tensor.
+_BIASED_MASKS = IdentityCache(4)
+
+
+def _biased(shared: torch.Tensor | None, rows: torch.Tensor | None, spec: AttentionSpec, start: int, stop: int,
+            q: torch.Tensor) -> torch.Tensor:
+    """`rows` (the shared mask's rows start:stop, or None) plus the key bias, broadcastable to (B, H, stop - start, Nk).
+    A sum with a dense label or window mask is cached (`_BIASED_MASKS`)."""
+    nk = spec.key_bias.shape[-1]
+    key_bias = per_key(_mask_in_dtype(spec.key_bias, q.dtype), "key_bias", keys=nk)[:, :, None, :]  # (B|1, H|1, 1, Nk)
+    if rows is None:
+        return key_bias
+    if (spec.labels is None and spec.window is None) or torch.compiler.is_compiling() or key_bias.requires_grad \
+            or shared.requires_grad:
+        return rows + key_bias
+    tensors = (shared, spec.key_bias)
+    extra = (version(shared), version(spec.key_bias), start, stop, q.dtype, str(q.device))
+    found = _BIASED_MASKS.get(tensors, extra)
+    if found is None:
+        with kept_tensors():
+            found = _BIASED_MASKS.put(tensors, extra, rows + key_bias)
     return found
 
 

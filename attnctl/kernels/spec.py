@@ -91,7 +91,7 @@ class IdentityCache:
 
     def __init__(self, size: int):
         self.size = size
-        self._entries: dict[tuple, tuple[tuple[weakref.ref | None, ...], object, weakref.finalize]] = {}
+        self._entries: dict[tuple, tuple[tuple[weakref.ref | None, ...], object, tuple[weakref.finalize, ...]]] = {}
 
     def get(self, tensors: tuple[torch.Tensor | None, ...], extra: tuple = (), default: object = None) -> object:
         found = self._entries.get((tuple(id(t) for t in tensors), extra))
@@ -105,13 +105,15 @@ class IdentityCache:
         while len(self._entries) >= self.size:
             self._drop(next(iter(self._entries)))
         refs = tuple(weakref.ref(t) if t is not None else None for t in tensors)
-        self._entries[key] = (refs, value, weakref.finalize(tensors[0], self._entries.pop, key, None))
+        finalizers = tuple(weakref.finalize(t, self._entries.pop, key, None) for t in dict.fromkeys(t for t in tensors if t is not None))
+        self._entries[key] = (refs, value, finalizers)
         return value
 
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            entry[2].detach()
+            for finalizer in entry[2]:
+                finalizer.detach()
 
     def clear(self) -> None:
         for key in list(self._entries):

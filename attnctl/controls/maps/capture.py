@@ -259,7 +259,12 @@ def word_attention(
             ],
             dim=-1,
         )
-        mass = mass[..., :words].float().nan_to_num(0.0)  # a fully masked row attends to nothing
+        mass = mass[..., :words]
+        # a fully masked row (NaN in every column) attends to nothing. Zeroed through a (B, H, rows, 1) mask and averaged
+        # over heads before anything is kept: under autograd the mask is all that is saved, not a float32 copy of the
+        # per-head maps (nan_to_num would save its input); the values are those of `.float().nan_to_num(0.0)`
+        hidden = mass.isnan().any(dim=-1, keepdim=True)
+        mass = mass.masked_fill(hidden, 0.0).float()
         out.append(mass if per_head else mass.mean(dim=1))
     return torch.cat(out, dim=2 if per_head else 1)
 

@@ -35,7 +35,7 @@ from ...processors.chain import token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...tokens import WordQuery, explicit_position
 from ..common import RowIndex
-from ..maps.capture import word_attention
+from ..maps.capture import word_attention, word_values
 
 LOSS_PASS = "latent-optimisation"
 
@@ -116,6 +116,10 @@ class LatentOptimizerBound(Bound):
         self.updates: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # step -> prompt -> (old, new)
         self._loss_log: list[tuple[int, torch.Tensor]] = []  # (step, per-image loss before its update), on the device
         self._selectors: dict[tuple[Any, ...], torch.Tensor] = {}  # (rows, keys, first text key, device) -> selector
+        # (rows, keys, first text key, device, heads, head dim, dtype) -> the selector's `word_values`, for the loss pass in
+        # progress: one tensor for every layer of that layout (SDPA's autograd node saves its values for the backward,
+        # so a copy made per layer would be kept per layer); cleared when the pass ends
+        self._values: dict[tuple[Any, ...], torch.Tensor] = {}
         self._scheduler_wrapped = False
         scheduler = getattr(context.pipeline, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "step", None)):
@@ -150,6 +154,10 @@ class LatentOptimizerBound(Bound):
         n_keys = k.shape[2]
         rows = q.shape[0]
         selector = self._column_selector(rows, n_keys, key_text.start, q.device)
+        values_key = (rows, n_keys, key_text.start, q.device, q.shape[1], q.shape[3], q.dtype)
+        values = self._values.get(values_key)
+        if values is None:
+            values = self._values[values_key] = word_values(selector, q, k)
         keys = slice(0, n_keys)
 
         def bias(lo: int, hi: int) -> torch.Tensor | None:
@@ -157,10 +165,10 @@ class LatentOptimizerBound(Bound):
 
         h, w = geometry.image_hw
         if self.keep_heads:
-            maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias, per_head=True)  # (n, H, Ni, W)
+            maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias, per_head=True, values=values)  # (n, H, Ni, W)
             self.read[call.layer.index] = maps.transpose(2, 3).reshape(rows, q.shape[1], len(self.columns), h, w)
             return
-        maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias)  # (n, Ni, W) float32
+        maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias, values=values)  # (n, Ni, W) float32
         maps = maps.transpose(1, 2).reshape(rows, len(self.columns), h, w)
         if (h, w) != self.grid:
             maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
@@ -180,6 +188,7 @@ class LatentOptimizerBound(Bound):
         """The layer-averaged maps (n, W, h, w) of a loss pass at latent `x` (differentiable in `x`); with
         `keep_heads`, each layer's (n, H, W, h, w) maps, in layer order."""
         self.read = {}
+        self._values = {}
         run = dict(inputs)
         latent = inputs[self.main_input]
         run[self.main_input] = x if x.dtype == latent.dtype else x.to(latent.dtype)  # differentiable: grads in x's dtype
@@ -187,6 +196,8 @@ class LatentOptimizerBound(Bound):
             self.context.run_denoiser(run, frame)
         except _MapsRead:
             pass
+        finally:
+            self._values = {}
         if len(self.read) != len(self.layers):
             missing = [layer.name for layer in self.layers if layer.index not in self.read]
             raise UnsupportedError(
@@ -319,4 +330,5 @@ class LatentOptimizerBound(Bound):
     def finish(self) -> None:
         self.updates = {}
         self.read = {}
+        self._values = {}
         self.index.clear()
