@@ -520,7 +520,12 @@ def test_pipelines_attnctl_cannot_follow_are_refused_at_apply(edit_pipe):
     """FluxKontextInpaintPipeline appends its image's tokens to every call (stock fails without an image), and
     QwenImageLayeredPipeline lists its extra layer images as if they were references: both were accepted at apply,
     then every Kontext-inpaint call failed, and the layered pipeline's controls acted on its first layer only."""
-    from diffusers import AutoencoderKLQwenImage, FluxKontextInpaintPipeline, QwenImageLayeredPipeline, QwenImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FluxKontextInpaintPipeline,
+        QwenImageLayeredPipeline,
+        QwenImageTransformer2DModel,
+    )
 
     from attnctl.testing import make_tiny_pipeline
 

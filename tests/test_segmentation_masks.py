@@ -257,6 +257,7 @@ def test_readout_of_arrays_and_tensors_is_at_their_own_size(tiny_cache):
     pass ran at (tiny-flux, a 21x29 image: 16x24), as PIL images' never did; and images of different sizes among
     them were not refused."""
     import numpy as np
+
     from attnctl.testing import CALL_DEFAULTS
 
     pipe = tiny_cache("tiny-flux")
