@@ -393,3 +393,35 @@ def test_sdpa_sums_a_label_mask_and_key_bias_once_for_every_layer(monkeypatch):
     del masks[:], spec
     gc.collect()
     assert len(sdpa._BIASED_MASKS) == 0  # each entry went with its key bias
+
+
+@pytest.mark.parametrize("case", ["labels", "labels+bias", "window", "model mask+labels"])
+def test_sdpa_lays_cached_masks_out_with_aligned_rows(monkeypatch, case):
+    """CUDA's memory-efficient SDPA copies, at every call, a mask whose strides are not multiples of 8 elements
+    (ATen's `preprocess_mask`; SD3's 4096 + 333 tokens): the cached masks are slices of tensors whose rows are padded
+    to a multiple of 8, with the same values. Checked here with the CPU counted as a device that wants it."""
+    from attnctl.kernels import sdpa
+
+    nk = 13
+    q, k, v = _qkv(b=2, nq=nk, nk=nk)
+    labels = LabelMask(torch.arange(nk).remainder(3).expand(2, -1), torch.arange(nk).remainder(3).expand(2, -1),
+                       torch.tensor([[[0.0, -3.0, float("-inf")], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]))
+    spec = {
+        "labels": AttentionSpec(labels=labels),
+        "labels+bias": AttentionSpec(labels=labels, key_bias=torch.randn(2, nk)),
+        "window": AttentionSpec(window=Window((1, nk), band=2), query_range=(2, 9)),
+        "model mask+labels": AttentionSpec(labels=labels, attn_mask=torch.rand(2, 1, 1, nk) > 0.2),
+    }[case]
+    sdpa.clear_caches()
+    plain = attention(q, k, v, spec, "sdpa")[0]
+    sdpa.clear_caches()
+    monkeypatch.setattr(sdpa, "ALIGNED_DEVICES", frozenset({"cpu"}))
+    masks = []
+    real = sdpa._call
+    monkeypatch.setattr(sdpa, "_call", lambda q, k, v, mask, scale: masks.append(mask) or real(q, k, v, mask, scale))
+    aligned = attention(q, k, v, spec, "sdpa")[0]
+    sdpa.clear_caches()
+    assert torch.equal(aligned, plain)
+    assert masks and all(m is not None for m in masks)
+    for mask in masks:
+        assert all(stride % sdpa.MASK_ALIGNMENT == 0 for stride, size in zip(mask.stride()[:-1], mask.shape[:-1]) if size > 1), mask.stride()

@@ -32,6 +32,25 @@ _WINDOW_DENSE: dict[tuple, torch.Tensor] = {}
 _WINDOW_CACHE_SIZE = 32
 
 
+#: CUDA's memory-efficient SDPA kernel copies a mask whose strides (all but the last) are not multiples of 8 elements,
+#: at every call (ATen's `preprocess_mask`): SD3 at 1024 px has 4096 image + 333 text tokens, a 99 MiB copy per layer
+#: for a label mask. A cached mask is laid out once with its rows padded to a multiple of 8 (`_aligned`).
+MASK_ALIGNMENT = 8
+#: Device types whose cached masks are laid out so.
+ALIGNED_DEVICES = frozenset({"cuda"})
+
+
+def _aligned(mask: torch.Tensor) -> torch.Tensor:
+    """`mask` with the same values as a slice of a tensor whose rows are a multiple of `MASK_ALIGNMENT` wide (on
+    `ALIGNED_DEVICES`; elsewhere, or already aligned, `mask` itself)."""
+    width = mask.shape[-1]
+    if mask.device.type not in ALIGNED_DEVICES or mask.stride(-1) != 1 or width % MASK_ALIGNMENT == 0:
+        return mask
+    padded = -(-width // MASK_ALIGNMENT) * MASK_ALIGNMENT
+    out = mask.new_empty((*mask.shape[:-1], padded))[..., :width]
+    return out.copy_(mask)
+
+
 def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the (B, 1, Nq, Nk) additive mask in `dtype`, the (B, Nq) fully masked queries), cached per LabelMask.
 
@@ -50,7 +69,8 @@ def _labels_dense(labels: LabelMask, dtype: torch.dtype, device: torch.device) -
     if cached is None:
         per_object.clear()  # a stale version, another dtype: keep one entry per object
         with kept_tensors():
-            cached = per_object[key] = _dense_in(labels, dtype, device)
+            dense, fully_masked = _dense_in(labels, dtype, device)
+            cached = per_object[key] = (_aligned(dense), fully_masked)
     return cached
 
 
@@ -86,7 +106,7 @@ def _window_dense(window: Window, dtype: torch.dtype, device: torch.device) -> t
     cached = _WINDOW_DENSE.get(key)
     if cached is None:
         with kept_tensors():
-            cached = as_additive(window.allowed(device), dtype)
+            cached = _aligned(as_additive(window.allowed(device), dtype))
         if len(_WINDOW_DENSE) >= _WINDOW_CACHE_SIZE:
             _WINDOW_DENSE.pop(next(iter(_WINDOW_DENSE)))
         _WINDOW_DENSE[key] = cached
@@ -238,7 +258,7 @@ def _shared_mask(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torc
     found = _SHARED_MASKS.get(tensors, extra)
     if found is None:
         with kept_tensors():
-            found = _SHARED_MASKS.put(tensors, extra, _sum_masks(spec, nq, nk, q))
+            found = _SHARED_MASKS.put(tensors, extra, _aligned(_sum_masks(spec, nq, nk, q)))
     return found
 
 
@@ -264,7 +284,7 @@ def _biased(shared: torch.Tensor | None, rows: torch.Tensor | None, spec: Attent
     found = _BIASED_MASKS.get(tensors, extra)
     if found is None:
         with kept_tensors():
-            found = _BIASED_MASKS.put(tensors, extra, rows + key_bias)
+            found = _BIASED_MASKS.put(tensors, extra, _aligned(rows + key_bias))
     return found
 
 
