@@ -425,3 +425,12 @@ def test_sdpa_lays_cached_masks_out_with_aligned_rows(monkeypatch, case):
     assert masks and all(m is not None for m in masks)
     for mask in masks:
         assert all(stride % sdpa.MASK_ALIGNMENT == 0 for stride, size in zip(mask.stride()[:-1], mask.shape[:-1]) if size > 1), mask.stride()
+
+
+@pytest.mark.parametrize("length", [1, 11])
+def test_sdpa_refuses_a_key_bias_of_the_wrong_length(length):
+    """A key bias of one entry broadcast over every key (cancelled by the softmax) or of another length is refused by
+    name, as the reference backend refuses it (the cached mask + key-bias sum had read the key count off the bias)."""
+    q, k, v = _qkv(nq=10, nk=12)
+    with pytest.raises(ConfigError, match="key_bias"):
+        attention(q, k, v, AttentionSpec(key_bias=torch.randn(2, length)), "sdpa")

@@ -198,7 +198,7 @@ def attention(
         pieces.append(_call(q[:, :, :start], k, v, _rows(shared, 0, start), spec.scale))
     edited_mask = _rows(shared, start, stop)
     if spec.key_bias is not None:
-        edited_mask = _biased(shared, edited_mask, spec, start, stop, q)
+        edited_mask = _biased(shared, edited_mask, spec, start, stop, q, nk)
     if spec.value_scale is not None:
         edited_v = v * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].to(v.dtype)  # (B|1, H|1, Nk, 1)
     else:
@@ -269,10 +269,9 @@ _BIASED_MASKS = IdentityCache(4)
 
 
 def _biased(shared: torch.Tensor | None, rows: torch.Tensor | None, spec: AttentionSpec, start: int, stop: int,
-            q: torch.Tensor) -> torch.Tensor:
+            q: torch.Tensor, nk: int) -> torch.Tensor:
     """`rows` (the shared mask's rows start:stop, or None) plus the key bias, broadcastable to (B, H, stop - start, Nk).
     A sum with a dense label or window mask is cached (`_BIASED_MASKS`)."""
-    nk = spec.key_bias.shape[-1]
     key_bias = per_key(_mask_in_dtype(spec.key_bias, q.dtype), "key_bias", keys=nk)[:, :, None, :]  # (B|1, H|1, 1, Nk)
     if rows is None:
         return key_bias
