@@ -209,3 +209,23 @@ def test_cache_composes_with_pag(kind, name, separate, tiny_cache):
     if kind == "tgate":
         cross = [layer.name for layer in handle.adapter.layers if layer.kind == "cross"]
         assert all(report.entries[(3, layer)].ran == ["cached"] for layer in cross)
+
+
+def test_branch_cache_hands_back_the_stored_batch_without_copies_and_reorders_by_prompt():
+    """A batched CFG layout stored under one key per branch comes back as the stored tensor itself when the rows are
+    asked in the stored order (no per-branch split at the store, no cat at every reuse); another order or another
+    row set gets the right rows, matched by prompt."""
+    from attnctl.controls.caching import BranchCache, row_keys
+    from attnctl.denoiser_call import Row
+
+    layout = RowLayout(tuple(Row(branch, prompt) for branch in ("uncond", "cond") for prompt in (0, 1)))
+    value = torch.arange(4.0)[:, None].expand(4, 3).clone()
+    cache = BranchCache()
+    cache.store(layout, value, row_keys(layout, 0))
+    assert cache.load(layout, row_keys(layout, 0)) is value
+    swapped = RowLayout(tuple(Row(branch, prompt) for branch in ("cond", "uncond") for prompt in (1, 0)))
+    assert torch.equal(cache.load(swapped, row_keys(swapped, 0)), value[[3, 2, 1, 0]])
+    cond_only = RowLayout((Row("cond", 1),))
+    assert torch.equal(cache.load(cond_only, row_keys(cond_only, 0)), value[[3]])
+    assert cache.load(RowLayout((Row("cond", 2),)), [(0, "cond", None)]) is None
+    assert cache.load(layout, row_keys(layout, 1)) is None

@@ -323,3 +323,8 @@ def test_options_that_do_nothing_in_the_setting_are_refused(refused, match, acti
     name = match.split(" does nothing")[0].split("=")[0].rsplit(".", 1)[-1]
     assert getattr(control, name) != getattr(type(control), name)  # the option is set where it acts
 
+
+
+def test_reference_attention_names_a_tensor_image_by_type_and_shape_not_its_values():
+    with pytest.raises(ConfigError, match=r"got a Tensor of shape \(3, 64, 64\)$"):
+        attnctl.ReferenceAttention(image=torch.zeros(3, 64, 64))

@@ -71,10 +71,12 @@ def row_keys(layout: RowLayout, pass_index: Any) -> list[Key]:
 
 
 class BranchCache:
-    """At most one value per key; a value holds that key's rows of the layout it was stored from, by prompt."""
+    """At most one value per key; a key's entry holds which prompts its rows are and where they lie in the batch it
+    was stored from. The stored batch is kept whole (no copy per key): a load that asks for its rows in their
+    stored order gets it back as it is, any other order one `index_select`."""
 
     def __init__(self, index: RowIndex | None = None) -> None:
-        self._values: dict[Any, tuple[tuple[int, ...], Value]] = {}
+        self._values: dict[Any, tuple[tuple[int, ...], Value, tuple[int, ...]]] = {}
         self.index = index if index is not None else RowIndex()  # the owner clears it at the end of the call
 
     def __len__(self) -> int:
@@ -89,35 +91,28 @@ class BranchCache:
         for i, key in enumerate(keys):
             groups.setdefault(key, []).append(i)
         for key, index in groups.items():
-            self._values[key] = (tuple(layout.rows[i].prompt for i in index), take_rows(value, index, self.index))
+            self._values[key] = (tuple(layout.rows[i].prompt for i in index), value, tuple(index))
 
     def store_by_prompt(self, key: Any, prompts: tuple[int, ...], value: Value) -> None:
-        self._values[key] = (prompts, value)
+        self._values[key] = (prompts, value, tuple(range(len(prompts))))
 
     def load(self, layout: RowLayout, keys: list[Any]) -> Value | None:
         """The value for every row of `layout` (row i from key `keys[i]`, matched by prompt), or None on any miss."""
-        parts, order = [], []
-        groups: dict[Any, list[int]] = {}
+        sources: list[tuple[Value, list[int]]] = []  # (stored batch, positions in it), one per batch, in row order
         for i, key in enumerate(keys):
-            groups.setdefault(key, []).append(i)
-        for key, index in groups.items():
             entry = self._values.get(key)
             if entry is None:
                 return None
-            prompts, value = entry
+            prompts, value, rows = entry
             try:
-                positions = [prompts.index(layout.rows[i].prompt) for i in index]
+                position = rows[prompts.index(layout.rows[i].prompt)]
             except ValueError:
                 return None
-            parts.append(take_rows(value, positions, self.index))
-            order.extend(index)
-        out = parts[0] if len(parts) == 1 else cat_rows(parts)
-        if order != sorted(order):
-            inverse = [0] * len(order)
-            for place, row in enumerate(order):
-                inverse[row] = place
-            out = take_rows(out, inverse, self.index)
-        return out
+            if not sources or sources[-1][0] is not value:
+                sources.append((value, []))
+            sources[-1][1].append(position)
+        parts = [take_rows(value, positions, self.index) for value, positions in sources]
+        return parts[0] if len(parts) == 1 else cat_rows(parts)
 
 
 # -- FLOPs -------------------------------------------------------------------------------------------------------

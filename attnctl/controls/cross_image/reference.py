@@ -88,7 +88,9 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         if isinstance(self.image, os.PathLike):
             set_field(self, "image", os.fspath(self.image))
         if not isinstance(self.image, str) and not hasattr(self.image, "convert"):
-            raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {self.image!r}")
+            shape = getattr(self.image, "shape", None)  # a tensor or array: its type and shape, not its values
+            got = repr(self.image) if shape is None else f"a {type(self.image).__name__} of shape {tuple(shape)}"
+            raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {got}")
         row = plain_scalar(self.reference_row)
         if isinstance(row, bool) or not isinstance(row, int) or row < 0:
             raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
