@@ -518,10 +518,10 @@ def entmax(logits: torch.Tensor, alpha: float, dim: int = -1) -> torch.Tensor:
     if alpha <= 1.0:
         raise ValueError(f"entmax needs alpha > 1 (alpha -> 1 is softmax), got {alpha}")
     z = logits.float().movedim(dim, -1)
-    dead = torch.isneginf(z).all(-1, keepdim=True)
-    finite = torch.where(torch.isneginf(z), torch.full_like(z, -1e4), z)
-    finite = finite - finite.max(-1, keepdim=True).values
-    finite = torch.where(torch.isneginf(z), torch.full_like(z, -1e4), finite)
+    masked = torch.isneginf(z)
+    dead = masked.all(-1, keepdim=True)
+    finite = torch.where(masked, -1e4, z)
+    finite = torch.where(masked, -1e4, finite - finite.max(-1, keepdim=True).values)
     finite = finite.masked_fill(dead, 0.0)  # all -inf: solve a uniform row instead (zeroed below)
     if alpha == 2.0:
         probs = _sparsemax(finite)
