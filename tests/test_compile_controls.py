@@ -823,3 +823,41 @@ def test_cross_image_controls_reuse_the_compiled_graph_over_image_sizes(name, ma
         assert torch.equal(got, want), call
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs <= 2, graphs
+
+
+# -- fix-misc: SEG's kernel on the queries' device; P2P's blend maps over image sizes ---------------------------------
+def test_seg_compiled_blur_moves_its_kernel_to_the_queries_device():
+    """A compiled forward reads SEG's kernel as a tensor made before it, on the device of the denoiser's inputs; the
+    layer may run elsewhere (accelerate's hooks move the inputs of a model placed with a device map inside its
+    forward, after attnctl's pre-hook). The traced blur moves the kernel to the queries' device ("meta" here stands
+    for the other device; before, both convolutions took the CPU kernel), and stays bitwise the eager blur."""
+    from attnctl.controls.guidance.seg import blur_tokens, grid_kernel
+
+    hw = (4, 6)
+    kernel = grid_kernel(1.0, hw, "cpu")
+    devices = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.target is torch.nn.functional.conv2d:
+                devices.append(tuple(str(arg.meta["example_value"].device) for arg in node.args[:2]))
+        return gm.forward
+
+    blur = torch.compile(lambda tokens, k: blur_tokens(tokens, hw, 1.0, k), backend=backend, fullgraph=True)
+    assert blur(torch.zeros(2, 24, 8, device="meta"), kernel).device.type == "meta"
+    assert devices == [("meta", "meta")] * 2, devices
+    tokens = torch.randn(2, 24, 8)
+    assert torch.equal(blur(tokens, kernel), blur_tokens(tokens, hw, 1.0))
+
+
+def test_prompt_to_prompt_local_blend_on_a_unet_compiles_as_stock_over_image_sizes():
+    """Local blending reads its maps at the cross-attention level nearest to 16x16 tokens, which on a UNet moves with
+    the image size (tiny-sd: the finest level at 32x32, the mid block from 48x48 on). The maps buffer, made with the
+    edit, has its token count marked dynamic: before, the mid block's maps, first read by dynamo's dynamic graph,
+    were static there and the next size compiled a third graph (stock: 2)."""
+    calls = [{"prompt": P2P_PROMPTS, "height": h, "width": w} for h, w in [(32, 32), (48, 48), (64, 64)]]
+    eager, compiled, graphs = _sweep("tiny-sd", P2P["blend"], calls)
+    for call, want, got in zip(calls, eager, compiled):
+        assert torch.equal(got, want), call
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 2, graphs

@@ -758,6 +758,10 @@ class PromptToPromptBound(Bound):
             if capture and self.maps is None:
                 h, w = self.blend_grid
                 self.maps = torch.zeros(self.rows, h * w, device=self.device)
+                # its token count symbolic as the layers' from dynamo's first dynamic graph on: the blend level can
+                # move with the image size (a UNet's finest level up to 16x16, then a coarser one), and a layer
+                # whose maps a graph reads for the first time would otherwise get them static (one graph more)
+                torch._dynamo.maybe_mark_dynamic(self.maps, 1)
             plan = self.plan(frame.rows, self.device, window) if (cross or self_) else None
             return Edit(hooks=(_LinkHook(self, layer, cross, self_, capture, window, plan),))
         key = (layer.index, window, self_, capture)

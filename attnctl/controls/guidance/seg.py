@@ -80,7 +80,7 @@ class _SEGBound(PerturbingBound):
     def edit(self, layer, frame: DenoiserCall) -> Edit | None:
         hw = frame.geometry(layer).image_hw
         sigma = self.control.sigma
-        # a compiled forward gets the grid's kernel as a tensor on the denoiser's device (`BlurQueries.kernel`)
+        # a compiled forward gets the grid's kernel as a tensor on its inputs' device (`BlurQueries.kernel`)
         device = frame.canvas_shape.device if frame.compiled and frame.canvas_shape is not None else None
         return self.rows_edit(
             frame, lambda tagged, batch: (BlurQueries(tagged, batch, sigma, hw, self.index, device),), key=(hw, device)
@@ -91,7 +91,7 @@ class BlurQueries(PerturbedRows, LayerHook):
     """Blurs the image-token query projections of the perturbed rows (`PerturbedRows`) over the layer's image
     grid `grid_hw`.
 
-    `device`: the device of a compiled forward, which reads the grid's kernel from `kernel`, made here on it: a
+    `device`: the device of a compiled forward's inputs, which reads the grid's kernel from `kernel`, made here on it: a
     tensor input of the graph whose length is symbolic once it varies (SEG's default sigma clamps the kernel to the
     grid), where Python taps or a lookup in the kernel table would be constants of the graph, one graph per size.
     None (eager): the kernel table, as `blur_grid` looks it up."""
@@ -164,7 +164,7 @@ def grid_kernel(sigma: float, grid_hw: tuple[int, int], device=None) -> torch.Te
 def blur_grid(images: torch.Tensor, sigma: float, kernel: torch.Tensor | None = None) -> torch.Tensor:
     """Gaussian blur of (B, C, H, W) per channel as SEG specifies (see the module docstring), in float32.
 
-    `kernel` (`grid_kernel` of this grid, on the images' device): the kernel used while torch.compile traces, a
+    `kernel` (`grid_kernel` of this grid, moved to the images' device): the kernel used while torch.compile traces, a
     graph input whose length can be symbolic, instead of a size computed from the grid and a lookup in the
     process-wide kernel table, which dynamo would make constants (one graph per kernel size)."""
     height, width = images.shape[-2:]
@@ -172,7 +172,9 @@ def blur_grid(images: torch.Tensor, sigma: float, kernel: torch.Tensor | None = 
     if sigma >= INFINITE_SIGMA:
         return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
     if kernel is not None and torch.compiler.is_compiling():
-        size = kernel.shape[0]
+        # made on the device of the denoiser's inputs, where a layer may not run (accelerate's hooks move the inputs
+        # of a model placed with a device map); `.to` of a tensor already there is no op
+        kernel, size = kernel.to(x.device), kernel.shape[0]
     else:
         size = kernel_size(sigma, (height, width))
         if size <= 1:
