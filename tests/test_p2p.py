@@ -658,3 +658,18 @@ def test_alignment_reads_the_tokens_the_encoder_gets_of_a_truncated_prompt(tiny_
         bound = handle.runtime.last_call.bound[0]
     mapper, own, zero = bound.tables["cond"]
     assert mapper is None and zero  # identity: the edited row reads the base row's maps everywhere
+
+
+def test_the_reweight_table_cannot_be_changed_after_validation():
+    """A frozen control's equalizer table: assigning into it raises (a dict field would take `nan` unvalidated and
+    change the control's hash); it copies, pickles and serialises as the validated table."""
+    import copy
+    import pickle
+
+    control = attnctl.PromptToPrompt(reweight={"dog": 2.0, "cat": 0.5})
+    before = hash(control)
+    with pytest.raises(TypeError):
+        control.reweight["dog"] = float("nan")
+    assert hash(control) == before and control.reweight == {"dog": 2.0, "cat": 0.5}
+    assert pickle.loads(pickle.dumps(control)) == control == copy.deepcopy(control)
+    assert type(control.to_dict()["reweight"]) is dict

@@ -60,20 +60,19 @@ BRANCHES: tuple[str, ...] = ("both", "cond")
 P2P_GRID = 16
 
 
-class WordWindows(Mapping):
-    """`cross_steps` given per word: an ordered, immutable, hashable `{word: window}` with `"default_"` first.
-
-    Later words override earlier ones on tokens they share, as P2P applies its dictionary in order."""
+class WordTable(Mapping):
+    """An ordered, immutable, hashable `{word: value}` mapping (a frozen control's per-word settings: a dict field
+    could be changed after validation, and would change the control's hash)."""
 
     __slots__ = ("_items",)
 
     def __init__(self, items: Any):
-        self._items: tuple[tuple[str, P2PWindow], ...] = tuple(items.items() if isinstance(items, Mapping) else items)
+        self._items: tuple[tuple[str, Any], ...] = tuple(items.items() if isinstance(items, Mapping) else items)
 
-    def __getitem__(self, key: str) -> P2PWindow:
-        for word, window in self._items:
+    def __getitem__(self, key: str) -> Any:
+        for word, value in self._items:
             if word == key:
-                return window
+                return value
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
@@ -82,18 +81,33 @@ class WordWindows(Mapping):
     def __len__(self) -> int:
         return len(self._items)
 
+    def __hash__(self) -> int:  # as a dict compares: the same items in another order are equal
+        return hash(frozenset(self._items))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dict(self._items) == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self._items)!r})"
+
+
+class WordWindows(WordTable):
+    """`cross_steps` given per word: a `WordTable` of `{word: window}` with `"default_"` first.
+
+    Later words override earlier ones on tokens they share, as P2P applies its dictionary in order: the order is
+    part of the value."""
+
+    __slots__ = ()
+
     def __hash__(self) -> int:
         return hash(self._items)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, WordWindows):
             return self._items == other._items
-        if isinstance(other, Mapping):
-            return dict(self._items) == dict(other.items())
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return f"WordWindows({dict(self._items)!r})"
+        return super().__eq__(other)
 
 
 _WINDOW_FORMS = "a fraction of the steps in [0, 1] or a (start, end) pair of fractions with start <= end"
@@ -251,7 +265,7 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
                     "PromptToPrompt.reweight acts inside the cross-attention window (as P2P's equalizer), and "
                     f"cross_steps={self.cross_steps!r} leaves no step for it; give a non-empty cross_steps window"
                 )
-            set_field(self, "reweight", table)
+            set_field(self, "reweight", WordTable(table))
         if self.local_blend is not None:
             words = (self.local_blend,) if isinstance(self.local_blend, str) else self.local_blend
             if not isinstance(words, (tuple, list)) or not words or not all(isinstance(w, str) for w in words):
@@ -266,11 +280,6 @@ class PromptToPrompt(Control, type_name="prompt-to-prompt"):
             if not isinstance(edits, (tuple, list)) or not edits or not all(isinstance(e, str) and e.strip() for e in edits):
                 raise ConfigError(f"PromptToPrompt.edits must be None or a non-empty list of edited prompts (strings), got {self.edits!r}")
             set_field(self, "edits", tuple(edits))
-
-    def __hash__(self) -> int:  # `reweight` is a dict (P2P's equalizer table): hashed as the set of its items
-        reweight = None if self.reweight is None else frozenset(self.reweight.items())
-        return hash((self.mode, self.cross_steps, self.self_steps, reweight, self.local_blend, self.blend_threshold,
-                     self.blend_start, self.branch, self.layers, self.edits))
 
     @property
     def cross_idle(self) -> bool:
@@ -933,24 +942,22 @@ class _LinkHook(LayerHook):
                 )
         targets, sources = plan.target_index, plan.source_index
         v_t = v.index_select(0, targets)
+        # the edited rows' own share (the values of the keys they keep): zero where every key is linked, and then
+        # neither built nor run
+        own_zero = (not has_span(text_k) or (cross and plan.own_text_zero)) and (not has_span(image_k) or self.self_)
         base_v = torch.zeros_like(v_t)
-        own_v = v_t.clone()
-        own_zero = True
+        own_v = None if own_zero else v_t.clone()
         if has_span(text_k):
             text = v_t[:, :, text_k]
             if cross:
                 mapped = text if plan.mapper is None else torch.einsum("ewj,ehjd->ehwd", plan.mapper.to(text.dtype), text)
                 base_v[:, :, text_k] = mapped
-                own_v[:, :, text_k] = text * own_text.to(text.dtype)[:, None, :, None]
-                own_zero = plan.own_text_zero
-            else:
-                own_zero = False
-        if has_span(image_k):
-            if self.self_:
-                base_v[:, :, image_k] = v_t[:, :, image_k]
+                if own_v is not None:
+                    own_v[:, :, text_k] = text * own_text.to(text.dtype)[:, None, :, None]
+        if has_span(image_k) and self.self_:
+            base_v[:, :, image_k] = v_t[:, :, image_k]
+            if own_v is not None:
                 own_v[:, :, image_k] = 0
-            else:
-                own_zero = False
         batch = q.shape[0]
         extra = [plan.targets] if not own_zero else []
         if not has_span(layout.text_q) and layout.image_q.start == 0 and layout.image_q.stop == layout.nq:
