@@ -248,10 +248,14 @@ class BindContext:
     negative_tokens: PromptTokens | None
     backend: str
     pipeline: Any
-    device: Any
+    device: Any  # where the denoiser's layers run: the tensors they read are made here
     dtype: Any
     outputs: dict[str, Any]  # results a control publishes for the handle (maps, reports), by key
     layers: tuple[LayerInfo, ...] = ()  # the layers this control resolved to at apply time
+    # where the pipeline passes the denoiser's inputs (its latents, text embeddings): what a control puts into them
+    # (`Bound.transform_inputs`) is made here. Another device than `device` where accelerate's hook moves the inputs
+    # inside the denoiser's forward (a pipeline-level device_map="balanced"); None: `device`
+    input_device: Any = None
     # the text length of each branch's rows ("cond", "uncond"): Qwen-Image encodes the negative prompt by a call of its
     # own, padded to its own longest prompt, so its denoiser calls have another text length than the prompt's; a
     # branch not named has `canvas.text_len` (`text_len_of`)

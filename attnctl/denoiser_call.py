@@ -224,6 +224,9 @@ class DenoiserCall:
     # A compiled forward's `canvas.shape_tensor` on the denoiser's device, made before it (`Runtime.prefill_edits`):
     # the layers in the graph read the canvas from its shape (`layer_canvas`).
     canvas_shape: torch.Tensor | None = None
+    # The device the denoiser's layers run on in this call (`Runtime.layer_device`), where the controls make the tensors
+    # the layers read; None in a frame made outside a pipeline call.
+    device: torch.device | None = None
 
     def layer_canvas(self) -> Canvas:
         """The canvas as the attention layers read it: in a compiled graph, the one of `canvas_shape`, whose sizes

@@ -39,7 +39,7 @@ from .foreign_patches import (
 )
 from .instance import Wrapped, describe_callable, wrap_method
 from .kernels import TRACEABLE_BACKENDS, check_features, choose_backend, clear_caches, validate_backend
-from .pipelines.denoiser import DenoiserHooks, reference_refusal
+from .pipelines.denoiser import DenoiserHooks, hook_device, placement_devices, reference_refusal
 from .pipelines.protocol import protocol_for
 from .pipelines.runtime import CallOwner, Runtime
 from .processors import processor_for
@@ -218,6 +218,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     for method in ("encode_prompt",):
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
+    _refuse_split_placement(denoisers)
     adapter = adapter_for_experts(denoisers)
     compiled = [part for name, module in entries.items() for part in _refuse_uncomposable(module, denoisers[name], name, controls, adapter)]
     problems = [found for module in denoisers.values() for found in foreign_patches(module, adapter.modules if module is denoiser else {})]
@@ -316,13 +317,27 @@ def execution_device(denoiser: torch.nn.Module) -> torch.device:
     """The device the denoiser runs on: the execution device of its accelerate hooks (model or sequential CPU
     offload), else the device of its parameters."""
     for module in denoiser.modules():
-        hook = getattr(module, "_hf_hook", None)
-        for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
-            device = getattr(part, "execution_device", None)
-            if device is not None:
-                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        device = hook_device(module)
+        if device is not None:
+            return device
     parameter = next(denoiser.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _refuse_split_placement(denoisers: dict[str, torch.nn.Module]) -> None:
+    """A denoiser (with its experts) must run whole on one device: the controls make their tensors for a call once, on
+    the device its layers run on (`Runtime.layer_device`); a denoiser split over devices (`from_pretrained(...,
+    device_map="auto")`: layers on several devices) would need them on each layer's."""
+    found = {name: placement_devices(module) for name, module in denoisers.items()}
+    devices = set().union(*found.values())
+    if len(devices) > 1:
+        where = "; ".join(f"pipe.{name} on {', '.join(sorted(map(str, placed)))}" for name, placed in found.items())
+        raise UnsupportedError(
+            f"attnctl: the denoiser runs on several devices ({where}), and attnctl's controls make their tensors for one "
+            "device per call. Supported: the denoiser whole on one device (with its second expert), the other components "
+            "anywhere: a pipeline-level device_map='balanced', enable_model_cpu_offload, sequential CPU offload and group "
+            "offload to one device. Load the denoiser on one device (no device_map='auto' / 'balanced' on the model itself)"
+        )
 
 
 def _check_backend_device(

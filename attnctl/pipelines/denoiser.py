@@ -112,6 +112,26 @@ def call_signature(module: torch.nn.Module) -> inspect.Signature:
     return inspect.signature(type(module).forward.__get__(module))
 
 
+def hook_device(module: torch.nn.Module) -> torch.device | None:
+    """The device accelerate's hook on `module` itself moves the forward's inputs to (a pipeline-level device map,
+    model CPU offload, a device map's block hooks), or None where it has none or the hook moves nothing (the top hook
+    of sequential offload). The hook moves them inside `forward`, after attnctl's pre-hook has seen them; of a
+    SequentialHook's parts the last that moves them decides."""
+    hook = getattr(module, "_hf_hook", None)
+    for part in reversed(getattr(hook, "hooks", (hook,))):
+        device = getattr(part, "execution_device", None)
+        if device is not None:
+            return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return None
+
+
+def placement_devices(module: torch.nn.Module) -> set[torch.device]:
+    """The devices `module`'s layers run on: the devices accelerate's hooks on it and its submodules move their inputs
+    to where it has such hooks (device maps, CPU offload: the weights rest elsewhere), else its parameters' devices."""
+    hooked = {device for part in module.modules() if (device := hook_device(part)) is not None}
+    return hooked or {parameter.device for parameter in module.parameters()}
+
+
 @dataclasses.dataclass
 class _Pending:
     """What the forward hook needs from the pre-hook of the same denoiser call."""

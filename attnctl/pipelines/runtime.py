@@ -34,7 +34,7 @@ from ..kernels.spec import LabelMask
 from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepGroups, StepInfo, call_frame, loop_timesteps, step_groups
 from ..tokens import PromptTokens
-from .denoiser import rebatch
+from .denoiser import hook_device, rebatch
 from .prompts import PromptCache, encode_prompts
 from .protocol import (
     CallProtocol,
@@ -149,6 +149,17 @@ _PIPELINE_BASES = frozenset({"DiffusionPipeline", "ModularPipeline"})
 def _is_pipeline(obj: Any) -> bool:
     """Whether `obj` is a diffusers pipeline, classic (`DiffusionPipeline`) or modular (`ModularPipeline`)."""
     return obj is not None and any(klass.__name__ in _PIPELINE_BASES for klass in type(obj).__mro__)
+
+
+def input_device(inputs: dict[str, Any] | None) -> torch.device:
+    """The device of the denoiser call's first floating-point tensor input (of a list of per-row tensors, Z-Image's,
+    the first's); the CPU when it has none."""
+    for value in (inputs or {}).values():
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.device
+    return torch.device("cpu")
 
 
 class Runtime:
@@ -405,9 +416,10 @@ class Runtime:
         cfg_now = pipeline_cfg(self.protocol, self.pipeline, call.record, batch)
         rows = base_rows(self.protocol, call.record, batch, context, inputs, cfg_now)
         frame = DenoiserCall(step=step, rows=rows, canvas=canvas, context=context, inputs=inputs, number=call.frames,
-                             expert=None if module is None else self.adapter.expert_name(module))
+                             expert=None if module is None else self.adapter.expert_name(module),
+                             device=self.layer_device(self.adapter.denoiser if module is None else module, inputs))
         if call.bound is None:
-            call.bound = self._bind(call, canvas, step, inputs)
+            call.bound = self._bind(call, canvas, step, inputs, frame.device)
             call.input_order = tuple(sorted(call.bound, key=lambda bound: bound.input_order))  # stable: control order
         if call.bound:
             self._check_text(call, frame, inputs)
@@ -650,7 +662,9 @@ class Runtime:
         count = groups.count(call.num_positions)
         return StepInfo(index=min(index, count - 1), count=count, first=first)
 
-    def _bind(self, call: PipelineCallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any]) -> list[Bound]:
+    def _bind(
+        self, call: PipelineCallState, canvas: Canvas, step: StepInfo, inputs: dict[str, Any], device: torch.device
+    ) -> list[Bound]:
         record = call.record
         pipe = self.pipeline
         # each branch's text length: the negative prompt encoded by a call of its own has that call's length
@@ -678,7 +692,8 @@ class Runtime:
             text_tokenizer=getattr(pipe, self.protocol.encoders[0].tokenizers[0], None) if self.protocol.encoders else None,
             backend=self.backend,
             pipeline=pipe,
-            device=sample.device if sample is not None else torch.device("cpu"),
+            device=device,
+            input_device=sample.device if sample is not None else device,
             dtype=sample.dtype if sample is not None else torch.float32,
             outputs=self.outputs,
             current_frame=lambda: self.frame,
@@ -811,7 +826,7 @@ class Runtime:
         held = self._held_layers(module)
         skipped = self._skipped_blocks(self.frame)
         self.frame.compiled = True
-        self.frame.canvas_shape = self._canvas_shape(self.frame.canvas, self.frame.inputs)
+        self.frame.canvas_shape = self._canvas_shape(self.frame.canvas, self.frame.device or input_device(self.frame.inputs))
         self._prefilled_processors = processors
         for layer in self.adapter.layers:
             runs = layer.index in held and not layer.name.startswith(skipped)
@@ -823,15 +838,16 @@ class Runtime:
                 self._check_traced_window(layer, edit)
         self.prefilled = True
 
-    def _canvas_shape(self, canvas: Canvas, inputs: dict[str, Any] | None) -> torch.Tensor:
-        """`canvas.shape_tensor` on the device of the denoiser's inputs, made once per canvas and device."""
-        device = torch.device("cpu")
-        for value in (inputs or {}).values():
-            if isinstance(value, (list, tuple)) and value:  # a list of per-row tensors (Z-Image)
-                value = value[0]
-            if isinstance(value, torch.Tensor):
-                device = value.device
-                break
+    def layer_device(self, module: torch.nn.Module, inputs: dict[str, Any]) -> torch.device:
+        """The device the layers of `module` (the denoiser or expert about to run) run on: where accelerate's hook on it
+        moves its inputs inside `forward`, after attnctl's pre-hook (a pipeline-level device map makes the latents on the
+        pipeline's execution device, the first component's, and runs the denoiser on its own), else the device of the
+        inputs. One device per call: `apply` refuses a denoiser split over devices."""
+        device = hook_device(module)
+        return device if device is not None else input_device(inputs)
+
+    def _canvas_shape(self, canvas: Canvas, device: torch.device) -> torch.Tensor:
+        """`canvas.shape_tensor` on the device the denoiser's layers run on, made once per canvas and device."""
         made = self._canvas_shapes
         if made is None or made[0] != (canvas, device):
             made = self._canvas_shapes = ((canvas, device), canvas.shape_tensor(device))

@@ -361,7 +361,10 @@ def sampled_tokens(seed: int, step: int, images: int, tokens: int, rate: float) 
 
 
 def frame_device(frame: DenoiserCall) -> torch.device:
-    """The device of the denoiser call's first tensor input (where the constants of its edits are made)."""
+    """The device the denoiser call's layers run on (where the constants of its edits are made); in a frame made
+    outside a pipeline call, the device of its first tensor input."""
+    if frame.device is not None:
+        return frame.device
     for value in (frame.inputs or {}).values():
         if isinstance(value, torch.Tensor):
             return value.device

@@ -281,7 +281,9 @@ class _ReferenceBound(LinkedKeysBound):
 
         self.adapter = context.adapter
         self.pipeline = context.pipeline
-        latents = encode_reference(context.pipeline, context.adapter, control.image, image_size(context), context.device, context.dtype)
+        # noised into the denoiser's inputs (`transform_inputs`): on their device
+        device = context.device if context.input_device is None else context.input_device
+        latents = encode_reference(context.pipeline, context.adapter, control.image, image_size(context), device, context.dtype)
         if tuple(latents.shape[-2:]) != tuple(context.canvas.latent_hw):
             raise UnsupportedError(
                 f"attnctl: ReferenceAttention: the reference encodes to a {tuple(latents.shape[-2:])} latent, the call's "
