@@ -834,7 +834,7 @@ class PromptToPromptBound(Bound):
         above = (flat / peak[:, None]) > self.p2p.blend_threshold
         edited, base = self._edited_index(above.device)
         mask = above.index_select(0, edited) | above.index_select(0, base)
-        return mask.view(len(self.edited), *maps.shape[1:]).to(latents.dtype)
+        return mask.view(len(self.edited), *maps.shape[1:]).to(device=latents.device, dtype=latents.dtype)  # maps: on the layers' device
 
     def _token_hw(self, tokens: int) -> tuple[int, int]:
         grid = self._canvas_token_hw
