@@ -861,3 +861,64 @@ def test_prompt_to_prompt_local_blend_on_a_unet_compiles_as_stock_over_image_siz
         assert torch.equal(got, want), call
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs <= 2, graphs
+
+
+# -- fix-chunk: query-chunk loops compile a graph per power of two of chunks, not one per chunk count -----------------
+def test_query_chunk_loops_reuse_a_graph_within_a_power_of_two_of_chunks(monkeypatch):
+    """SAG's received attention with its row budget forced to 16 rows, at four sizes of 96 to 128 image tokens at its
+    layer: they needed 6, 6, 7, 8 chunks, a graph per count (the loop count is a constant of the graph: at real
+    sizes a graph per few image sizes, and dynamo's recompile limit after 8). Now every count is a power of two
+    (`kernels.chunks.row_chunks`: 8 chunks of 12 to 16 rows here), so the sizes share stock's graphs plus SAG's second
+    pass (4); bitwise the eager outputs. The reference backend and AttentionMaps chunk the same way."""
+    from attnctl.controls.guidance import sag
+
+    monkeypatch.setattr(sag, "QUERY_CHUNK", 16)
+    calls = [{"prompt": PROMPTS[:2], "height": h, "width": w} for h, w in [(32, 48), (48, 32), (40, 40), (32, 64)]]
+    eager, compiled, graphs = _sweep("tiny-sd", lambda: [attnctl.SAG()], calls)
+    for call, want, got in zip(calls, eager, compiled):
+        assert torch.equal(got, want), call
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 4, graphs
+
+
+def test_an_empty_trailing_query_chunk_changes_nothing(monkeypatch):
+    """9 query rows at 3 a chunk go in 4 chunks (a power of two), the last one empty: each chunked computation (the
+    reference backend with PLADIS's sparse transform and lse, AttentionMaps' word mass, dense and sparse, SAG's
+    received attention) gives bitwise what its three non-empty chunks give."""
+    from attnctl.controls.guidance import sag
+    from attnctl.controls.maps.capture import _sparse_words, word_attention
+    from attnctl.kernels import reference
+    from attnctl.kernels.chunks import row_chunks
+    from attnctl.kernels.semantics import block_logits, probabilities
+    from attnctl.kernels.spec import AttentionSpec, Sparse
+
+    for n in range(1, 70):
+        for budget in range(1, 20):
+            chunks = row_chunks(5, 5 + n, budget)
+            assert chunks[0].start == 5 and chunks[-1].stop == 5 + n and all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+            assert all(0 <= c.stop - c.start <= budget for c in chunks) and len(chunks) & (len(chunks) - 1) == 0
+            assert len(chunks) == 1 or len(chunks) // 2 * budget < n  # the smallest power of two that fits
+    thirds = [slice(0, 3), slice(3, 6), slice(6, 9)]
+    assert row_chunks(0, 9, 3) == [*thirds, slice(9, 9)]
+    g = torch.Generator().manual_seed(0)
+    b, h, n = 2, 3, 9
+    q, k, v = (torch.randn(b, h, n, 8, generator=g) for _ in range(3))
+    selector = (torch.rand(b, 4, n, generator=g) > 0.5).float()
+    bias = torch.randn(b, 1, n, n, generator=g)
+    spec = AttentionSpec(key_bias=torch.randn(b, n, generator=g), query_range=(2, n), sparse=Sparse(1.5, 2.0), return_lse=True)
+    budget = b * h * n * 3  # elements: 3 rows
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", budget)
+    out, lse = reference.attention(q, k, v, spec)
+    parts = [reference._attention_rows(q, k, v, v, spec, rows) for rows in thirds]
+    assert torch.equal(out, torch.cat([p[0] for p in parts], 2)) and torch.equal(lse, torch.cat([p[1] for p in parts], -1))
+    maps = word_attention(q, k, selector, bias=bias, chunk_elements=budget)
+    assert torch.equal(maps, torch.cat([word_attention(q[:, :, rows], k, selector, bias=bias[:, :, rows]) for rows in thirds], 1))
+    maps = word_attention(q, k, selector, bias=lambda lo, hi: bias[:, :, lo:hi], chunk_elements=budget)
+    assert torch.equal(maps, torch.cat([word_attention(q[:, :, rows], k, selector, bias=bias[:, :, rows]) for rows in thirds], 1))
+    sparse = _sparse_words(q, k, selector, spec, slice(0, n), chunk_elements=budget)
+    assert torch.equal(sparse, torch.cat([_sparse_words(q, k, selector, spec, rows) for rows in thirds], 1))
+    monkeypatch.setattr(sag, "QUERY_CHUNK", 3)
+    received = sag.received_attention(q, k, AttentionSpec(), slice(0, n))
+    plain = AttentionSpec()
+    expected = sum(probabilities(block_logits(q, k, plain, rows, slice(0, n)), plain, rows).sum(dim=2) for rows in thirds)
+    assert torch.equal(received, expected.mean(dim=1))

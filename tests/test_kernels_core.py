@@ -360,9 +360,10 @@ def test_reference_goes_in_blocks_of_query_rows_past_its_element_budget(monkeypa
     calls = []
     real = reference._attention_rows
     monkeypatch.setattr(reference, "_attention_rows", lambda *a: calls.append(a[-1]) or real(*a))
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", b * h * n * 5)  # 5 rows a block
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", b * h * n * 5)  # at most 5 rows a block
     blocks, blocks_lse = reference.attention(q, k, v, spec)
-    assert [(s.start, s.stop) for s in calls] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 26)]
+    # 26 rows need 6 blocks of 5: 8 (a power of two, `chunks.row_chunks`) of 4, the last one empty
+    assert [(s.start, s.stop) for s in calls] == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 26), (26, 26)]
     torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(blocks_lse, whole_lse, rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(blocks.sum(), [q])

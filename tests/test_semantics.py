@@ -154,7 +154,7 @@ def test_sag_received_attention_bounds_its_chunks_by_elements(monkeypatch):
         rows_seen.append(queries.stop - queries.start), block_logits(q, k, spec, queries, keys))[1])
     monkeypatch.setattr(sag, "CHUNK_ELEMENTS", batch * heads * k.shape[2] * 7)
     torch.testing.assert_close(received_attention(q, k, AttentionSpec(), image), whole, rtol=1e-6, atol=1e-6)
-    assert rows_seen == [7] * 5 + [5]
+    assert rows_seen == [5] * 8  # 40 rows need 6 chunks of 7: 8 (a power of two, `chunks.row_chunks`) of 5
 
 
 def test_probabilities_refuse_or_ignore_sparse_when_asked():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .chunks import row_chunks
 from .semantics import block_bias, block_logits, entmax, log_sum_exp, query_rows, softmax
 from .spec import AttentionSpec, per_key
 
@@ -42,8 +43,9 @@ def _indicator(spec: AttentionSpec, queries: slice, device: torch.device) -> tor
 
 
 #: Elements of one block of logits (batch x heads x query rows x keys) the reference materialises at once: 32M, 128 MiB
-#: in float32. A larger call goes in blocks of query rows (each row's output is its own): the sparse transform's
-#: sort-based solution makes about ten such tensors (PLADIS on Flux at 1024: 25 GiB in one block).
+#: in float32. A larger call goes in blocks of query rows (each row's output is its own; `chunks.row_chunks`: a
+#: power-of-two count of them): the sparse transform's sort-based solution makes about ten such tensors (PLADIS on
+#: Flux at 1024: 25 GiB in one block).
 CHUNK_ELEMENTS = 1 << 25
 
 
@@ -58,14 +60,13 @@ def attention(
     if spec.value_scale is not None:
         scaled = values * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].float()  # (B|1, H|1, Nk, 1)
     per_row = max(q.shape[0], k.shape[0]) * max(q.shape[1], k.shape[1]) * nk
-    rows = max(1, CHUNK_ELEMENTS // max(1, per_row))
-    if rows >= nq:
-        out, lse = _attention_rows(q, k, values, scaled, spec, slice(0, nq))
+    chunks = row_chunks(0, nq, max(1, CHUNK_ELEMENTS // max(1, per_row)))
+    if len(chunks) == 1:
+        out, lse = _attention_rows(q, k, values, scaled, spec, chunks[0])
         return out.to(v.dtype), lse
     outs, lses = [], []
-    for chunk in range((nq + rows - 1) // rows):
-        start = chunk * rows
-        out, lse = _attention_rows(q, k, values, scaled, spec, slice(start, torch.sym_min(start + rows, nq)))
+    for queries in chunks:  # a power-of-two count (`row_chunks`); an empty trailing chunk adds nothing
+        out, lse = _attention_rows(q, k, values, scaled, spec, queries)
         outs.append(out.to(v.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), None if lses[0] is None else torch.cat(lses, dim=-1)

@@ -41,6 +41,7 @@ from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout, RowPlan, SecondPass
 from ...errors import CallLayoutError, SelectionError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
+from ...kernels.chunks import row_chunks
 from ...kernels.semantics import block_logits, probabilities, spec_rows
 from ...noise import noise_level, require_noise_level
 from ...processors.chain import own_rows, token_layout
@@ -260,12 +261,9 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, spec, image: slice) -> 
     kf = k.float()
     total = torch.zeros(q.shape[0], q.shape[1], image.stop - image.start, device=q.device)
     rows = torch.sym_max(1, torch.sym_min(QUERY_CHUNK, CHUNK_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2])))
-    # a loop over the chunk count: in a graph, `range` over the (symbolic) token bounds would make them constants, a
-    # graph per image size; this guards only the count (a graph per `rows` image tokens at the layer)
-    for chunk in range((image.stop - image.start + rows - 1) // rows):
-        start = image.start + chunk * rows
-        stop = torch.sym_min(start + rows, image.stop)
-        queries = slice(start, stop)
+    # a power-of-two count of chunks (`row_chunks`): a compiled graph serves every size with the same count; an empty
+    # trailing chunk adds zeros
+    for queries in row_chunks(image.start, image.stop, rows):
         probs = probabilities(block_logits(q, kf, spec, queries, keys), spec, queries, sparse="ignore")
         block = probs[..., image]
         if image.stop - image.start < k.shape[2]:  # joint attention: renormalise over the image keys

@@ -33,6 +33,7 @@ from ...control import BindContext, Bound, Control, VideoFrames
 from ...denoiser_call import DenoiserCall, RowLayout, upload
 from ...errors import ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...kernels.chunks import row_chunks
 from ...kernels.semantics import block_bias, block_logits, probabilities, query_segments, spec_rows
 from ...kernels.spec import AttentionSpec, per_key
 from ...processors.chain import own_rows, token_layout
@@ -214,7 +215,7 @@ def word_attention(
     *,
     scale: float | None = None,
     bias: torch.Tensor | Callable[[int, int], torch.Tensor | None] | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     per_head: bool = False,
     values: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -229,8 +230,9 @@ def word_attention(
 
     The sum `softmax(...) @ S^T` is itself an attention whose values are the selector columns, so it runs as
     a fused SDPA call (values padded to the head width): the softmax is normalised over every key and no
-    Nq x Nk matrix is formed. Query rows go in chunks of at most about `chunk_elements` logits, which also bounds memory
-    where SDPA falls back to its unfused kernel. `values`: `word_values(selector, q, k)`, where the caller keeps it
+    Nq x Nk matrix is formed. Query rows go in chunks of at most about `chunk_elements` logits (None: `CHUNK_ELEMENTS`;
+    a power-of-two count of chunks, `kernels.chunks.row_chunks`), which also bounds memory where SDPA falls back to
+    its unfused kernel. `values`: `word_values(selector, q, k)`, where the caller keeps it
     (the same selector at every layer of a call).
     """
     batch, heads, nq, _ = q.shape
@@ -241,12 +243,11 @@ def word_attention(
         values = word_values(selector, q, k)
     if isinstance(bias, torch.Tensor) and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    rows = max(1, chunk_elements // max(1, batch * heads * nk))
+    budget = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     options = {} if scale is None else {"scale": scale}
     out = []
-    for chunk in range((nq + rows - 1) // rows):  # a range over nq would make nq a constant of a compiled graph
-        start = chunk * rows
-        stop = torch.sym_min(start + rows, nq)
+    for chunk in row_chunks(0, nq, max(1, budget // max(1, batch * heads * nk))):  # may end with an empty chunk
+        start, stop = chunk.start, chunk.stop
         if callable(bias):
             mask = bias(start, stop)
             mask = mask if mask is None or mask.dtype == q.dtype else mask.to(q.dtype)
@@ -556,7 +557,7 @@ def _prompt_texts(tokens: Any, rows: int) -> tuple[str, ...]:
 
 def _sparse_words(
     q: torch.Tensor, k: torch.Tensor, selector: torch.Tensor, spec: AttentionSpec, queries: slice,
-    chunk_elements: int = CHUNK_ELEMENTS, per_head: bool = False,
+    chunk_elements: int | None = None, per_head: bool = False,
 ) -> torch.Tensor:
     """`word_attention` for query rows a sparse transform (PLADIS) applies to: the words' mass under the attention
     weights `kernels.semantics.probabilities` (eager, per chunk of rows; q holds every query position, k every key).
@@ -564,11 +565,9 @@ def _sparse_words(
     batch, heads, nk = q.shape[0], q.shape[1], k.shape[2]
     values = selector.float().transpose(-1, -2)  # (B, Nk, W) or (B, H, Nk, W)
     values = values[:, None] if values.ndim == 3 else values
-    rows = max(1, chunk_elements // max(1, batch * heads * nk))
+    budget = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     out = []
-    for index in range((queries.stop - queries.start + rows - 1) // rows):  # as in `word_attention`
-        start = queries.start + index * rows
-        chunk = slice(start, torch.sym_min(start + rows, queries.stop))
+    for chunk in row_chunks(queries.start, queries.stop, max(1, budget // max(1, batch * heads * nk))):  # as in `word_attention`
         weights = probabilities(block_logits(q, k, spec, chunk, slice(0, nk)), spec, chunk)
         mass = weights @ values
         out.append(mass if per_head else mass.mean(dim=1))
