@@ -443,3 +443,27 @@ def test_word_attention_saves_no_per_head_float_copy_for_the_backward():
     assert maps[0, 3].abs().sum() == 0
     maps.sum().backward()
     assert torch.isfinite(q.grad[1]).all()
+
+
+def test_word_attention_makes_no_copy_of_a_single_chunk():
+    """One query chunk and one head group (the usual case, at every captured layer) are returned as computed: no
+    `cat` of a single part (each one copies); several chunks are still joined."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountCats(TorchDispatchMode):
+        cats = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountCats.cats += func is torch.ops.aten.cat.default
+            return func(*args, **(kwargs or {}))
+
+    q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 10, 8)
+    selector = torch.zeros(1, 3, 10)
+    selector[0, [0, 1, 2], [1, 2, 3]] = 1.0
+    with CountCats():
+        whole = word_attention(q, k, selector)
+    assert CountCats.cats == 0
+    with CountCats():
+        chunked = word_attention(q, k, selector, chunk_elements=2 * 10 * 4)  # 4 rows per chunk
+    assert CountCats.cats == 1
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

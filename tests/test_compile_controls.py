@@ -825,7 +825,7 @@ def test_cross_image_controls_reuse_the_compiled_graph_over_image_sizes(name, ma
     assert graphs <= 2, graphs
 
 
-# -- fix-misc: SEG's kernel on the queries' device; P2P's blend maps over image sizes ---------------------------------
+# -- SEG's kernel on the queries' device; P2P's blend maps over image sizes ---------------------------------
 def test_seg_compiled_blur_moves_its_kernel_to_the_queries_device():
     """A compiled forward reads SEG's kernel as a tensor made before it, on the device of the denoiser's inputs; the
     layer may run elsewhere (accelerate's hooks move the inputs of a model placed with a device map inside its
@@ -863,7 +863,7 @@ def test_prompt_to_prompt_local_blend_on_a_unet_compiles_as_stock_over_image_siz
     assert graphs <= 2, graphs
 
 
-# -- fix-chunk: query-chunk loops compile a graph per power of two of chunks, not one per chunk count -----------------
+# -- query-chunk loops compile a graph per power of two of chunks, not one per chunk count -----------------
 def test_query_chunk_loops_reuse_a_graph_within_a_power_of_two_of_chunks(monkeypatch):
     """SAG's received attention with its row budget forced to 16 rows, at four sizes of 96 to 128 image tokens at its
     layer: they needed 6, 6, 7, 8 chunks, a graph per count (the loop count is a constant of the graph: at real

@@ -208,6 +208,12 @@ def key_columns(cache: dict[tuple[Any, ...], torch.Tensor], text_selector: torch
     return found
 
 
+def joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """`torch.cat(parts, dim)`, without the copy `cat` makes of a single part (one query chunk, one head group: the
+    usual case, at every captured layer)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def word_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -253,7 +259,7 @@ def word_attention(
             mask = mask if mask is None or mask.dtype == q.dtype else mask.to(q.dtype)
         else:
             mask = None if bias is None else (bias[..., start:stop, :] if bias.shape[-2] > 1 else bias)
-        mass = torch.cat(
+        mass = joined(
             [
                 F.scaled_dot_product_attention(q[:, :, start:stop], k, values[..., g * head_dim : (g + 1) * head_dim], attn_mask=mask, **options)
                 for g in range(groups)
@@ -267,7 +273,7 @@ def word_attention(
         hidden = mass.isnan().any(dim=-1, keepdim=True)
         mass = mass.masked_fill(hidden, 0.0).float()
         out.append(mass if per_head else mass.mean(dim=1))
-    return torch.cat(out, dim=2 if per_head else 1)
+    return joined(out, dim=2 if per_head else 1)
 
 
 def word_values(selector: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -571,7 +577,7 @@ def _sparse_words(
         weights = probabilities(block_logits(q, k, spec, chunk, slice(0, nk)), spec, chunk)
         mass = weights @ values
         out.append(mass if per_head else mass.mean(dim=1))
-    return torch.cat(out, dim=2 if per_head else 1)
+    return joined(out, dim=2 if per_head else 1)
 
 
 class MissingWordError(TokenError, KeyError):
