@@ -146,3 +146,30 @@ def test_split_denoiser_refused_by_its_parameters():
     with pytest.raises(attnctl.UnsupportedError, match=r"pipe.unet on cpu, meta"):
         attnctl.apply(pipe)
     assert _untouched(pipe, processors)
+
+
+def test_a_group_offloaded_expert_counts_at_its_onload_device():
+    """diffusers' group offloading keeps an expert's weights on the offload device between uses and loads them onto
+    its onload device to run: Wan 2.2 with one expert group-offloaded onto the device where the other one lives runs
+    on one device, and is accepted (its resting weights' device is not where it runs). The group hook is a stand-in
+    with the attributes diffusers' has (a group with an onload device), "meta" the device both experts run on."""
+    from types import SimpleNamespace
+
+    hooks = pytest.importorskip("diffusers.hooks.hooks")
+    from attnctl.testing.new_families import tiny_wan22
+
+    try:
+        pipe = tiny_wan22()
+    except (ImportError, AttributeError) as missing:
+        pytest.skip(f"tiny-wan22 needs diffusers >= 0.42: {missing}")
+
+    class GroupOffloadStandIn(hooks.ModelHook):
+        group = SimpleNamespace(onload_device=META)
+
+    pipe.transformer_2.to(META)
+    for block in pipe.transformer.blocks:  # weights resting on the CPU, run on meta
+        hooks.HookRegistry.check_if_exists_or_initialize(block).register_hook(GroupOffloadStandIn(), "group_offloading")
+    attnctl.apply(pipe, attnctl.Reweight({"cat": 0.0})).remove()
+    GroupOffloadStandIn.group = SimpleNamespace(onload_device=torch.device("cpu"))  # now loaded onto another device
+    with pytest.raises(attnctl.UnsupportedError, match=r"pipe.transformer on cpu; pipe.transformer_2 on meta"):
+        attnctl.apply(pipe)

@@ -125,11 +125,27 @@ def hook_device(module: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def onload_device(module: torch.nn.Module) -> torch.device | None:
+    """The device diffusers' group offloading loads `module`'s group onto before it runs (its weights rest on the
+    offload device between uses), or None where `module` leads no group."""
+    registry = module.__dict__.get("_diffusers_hook")
+    hook = registry.get_hook("group_offloading") if registry is not None else None
+    device = getattr(getattr(hook, "group", None), "onload_device", None)
+    return None if device is None else torch.device(device)
+
+
 def placement_devices(module: torch.nn.Module) -> set[torch.device]:
     """The devices `module`'s layers run on: the devices accelerate's hooks on it and its submodules move their inputs
-    to where it has such hooks (device maps, CPU offload: the weights rest elsewhere), else its parameters' devices."""
-    hooked = {device for part in module.modules() if (device := hook_device(part)) is not None}
-    return hooked or {parameter.device for parameter in module.parameters()}
+    to, or diffusers' group offloading loads their weights onto, where it has such hooks (device maps, CPU or group
+    offload: the weights rest elsewhere), else its parameters' devices. `cuda` without an index is the current one."""
+    hooked = {device for part in module.modules() if (device := hook_device(part) or onload_device(part)) is not None}
+    return {_indexed(device) for device in hooked or (parameter.device for parameter in module.parameters())}
+
+
+def _indexed(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 @dataclasses.dataclass

@@ -182,6 +182,7 @@ class _SAGBound(Bound):
             raise CallLayoutError(f"SAG: layer {layer} did not run in this denoiser call; no attention map")
         received, self.received = self.received, None
         sample = first.inputs[first.main_input]
+        received = received.to(sample.device)  # made on the layers' device: another one under a pipeline-level device map
         sample = sample.index_select(0, self.index(source, sample.device))
         prediction = first.prediction.index_select(0, self.index(source, first.prediction.device))
         timestep = (frame.inputs or {}).get("timestep")
