@@ -80,7 +80,7 @@ class _SEGBound(PerturbingBound):
     def edit(self, layer, frame: DenoiserCall) -> Edit | None:
         hw = frame.geometry(layer).image_hw
         sigma = self.control.sigma
-        # a compiled forward gets the grid's kernel as a tensor on its inputs' device (`BlurQueries.kernel`)
+        # a compiled forward gets the grid's kernel as a tensor on the denoiser's device (`BlurQueries.kernel`)
         device = frame.canvas_shape.device if frame.compiled and frame.canvas_shape is not None else None
         return self.rows_edit(
             frame, lambda tagged, batch: (BlurQueries(tagged, batch, sigma, hw, self.index, device),), key=(hw, device)
@@ -91,7 +91,7 @@ class BlurQueries(PerturbedRows, LayerHook):
     """Blurs the image-token query projections of the perturbed rows (`PerturbedRows`) over the layer's image
     grid `grid_hw`.
 
-    `device`: the device of a compiled forward's inputs, which reads the grid's kernel from `kernel`, made here on it: a
+    `device`: the device a compiled forward runs on, which reads the grid's kernel from `kernel`, made here on it: a
     tensor input of the graph whose length is symbolic once it varies (SEG's default sigma clamps the kernel to the
     grid), where Python taps or a lookup in the kernel table would be constants of the graph, one graph per size.
     None (eager): the kernel table, as `blur_grid` looks it up."""
@@ -172,8 +172,8 @@ def blur_grid(images: torch.Tensor, sigma: float, kernel: torch.Tensor | None = 
     if sigma >= INFINITE_SIGMA:
         return x.mean(dim=(-2, -1), keepdim=True).expand_as(x)
     if kernel is not None and torch.compiler.is_compiling():
-        # made on the device of the denoiser's inputs, where a layer may not run (accelerate's hooks move the inputs
-        # of a model placed with a device map); `.to` of a tensor already there is no op
+        # made on the device the denoiser runs on (`DenoiserCall.device`); should a layer run elsewhere the graph still
+        # holds, and `.to` of a tensor already there is no op
         kernel, size = kernel.to(x.device), kernel.shape[0]
     else:
         size = kernel_size(sigma, (height, width))
