@@ -51,6 +51,17 @@ def upload(host: torch.Tensor, device: Any) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+def input_device(inputs: dict[str, Any] | None) -> torch.device:
+    """The device of the denoiser call's first floating-point tensor input (of a list of per-row tensors, Z-Image's,
+    the first's); the CPU when it has none."""
+    for value in (inputs or {}).values():
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.device
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Row:
     branch: Branch
@@ -227,6 +238,10 @@ class DenoiserCall:
     # The device the denoiser's layers run on in this call (`Runtime.layer_device`), where the controls make the tensors
     # the layers read; None in a frame made outside a pipeline call.
     device: torch.device | None = None
+
+    def layers_device(self) -> torch.device:
+        """`device`, or in a frame made outside a pipeline call the device of its inputs (`input_device`)."""
+        return self.device if self.device is not None else input_device(self.inputs)
 
     def layer_canvas(self) -> Canvas:
         """The canvas as the attention layers read it: in a compiled graph, the one of `canvas_shape`, whose sizes

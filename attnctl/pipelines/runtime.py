@@ -25,7 +25,7 @@ import torch
 
 from .. import kernels
 from ..control import BindContext, Bound, Control
-from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass
+from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass, input_device
 from ..errors import BackendError, CallLayoutError, HandleError, IdleControlWarning
 from ..families.base import Canvas, LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
@@ -149,17 +149,6 @@ _PIPELINE_BASES = frozenset({"DiffusionPipeline", "ModularPipeline"})
 def _is_pipeline(obj: Any) -> bool:
     """Whether `obj` is a diffusers pipeline, classic (`DiffusionPipeline`) or modular (`ModularPipeline`)."""
     return obj is not None and any(klass.__name__ in _PIPELINE_BASES for klass in type(obj).__mro__)
-
-
-def input_device(inputs: dict[str, Any] | None) -> torch.device:
-    """The device of the denoiser call's first floating-point tensor input (of a list of per-row tensors, Z-Image's,
-    the first's); the CPU when it has none."""
-    for value in (inputs or {}).values():
-        if isinstance(value, (list, tuple)) and value:
-            value = value[0]
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.device
-    return torch.device("cpu")
 
 
 class Runtime:
@@ -826,7 +815,7 @@ class Runtime:
         held = self._held_layers(module)
         skipped = self._skipped_blocks(self.frame)
         self.frame.compiled = True
-        self.frame.canvas_shape = self._canvas_shape(self.frame.canvas, self.frame.device or input_device(self.frame.inputs))
+        self.frame.canvas_shape = self._canvas_shape(self.frame.canvas, self.frame.layers_device())
         self._prefilled_processors = processors
         for layer in self.adapter.layers:
             runs = layer.index in held and not layer.name.startswith(skipped)

@@ -332,7 +332,7 @@ class LinkedKeysBound(Bound):
         key = (links, geometry.image_hw, geometry.frames, geometry.image_len)
         found = self._edits.get(key)
         if found is None:
-            found = self._edits[key] = Edit(hooks=(self._hook(self, links, geometry, frame_device(frame)),))
+            found = self._edits[key] = Edit(hooks=(self._hook(self, links, geometry, frame.layers_device()),))
         return found
 
     def call_links(self, call: AttentionCall, links: Links) -> Links:
@@ -358,17 +358,6 @@ def sampled_tokens(seed: int, step: int, images: int, tokens: int, rate: float) 
     separate draw per grid, as StoryDiffusion draws one per resolution."""
     generator = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + tokens) % 2**63)
     return torch.rand(images, tokens, generator=generator) < rate
-
-
-def frame_device(frame: DenoiserCall) -> torch.device:
-    """The device the denoiser call's layers run on (where the constants of its edits are made); in a frame made
-    outside a pipeline call, the device of its first tensor input."""
-    if frame.device is not None:
-        return frame.device
-    for value in (frame.inputs or {}).values():
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
 
 
 def on_device(table: torch.Tensor, device: torch.device, make) -> torch.Tensor:
@@ -500,7 +489,7 @@ class _ConsistentBound(LinkedKeysBound):
                        self.step_seen if self.words else None)
                 found = self._edits.get(key)
                 if found is None:
-                    found = self._edits[key] = AppendedKeysHook(self, links, geometry, frame_device(frame), frame.rows)
+                    found = self._edits[key] = AppendedKeysHook(self, links, geometry, frame.layers_device(), frame.rows)
                     if frame.compiled:
                         self._prepare_isolation(found, layer, geometry)
                 hooks.append(found)
