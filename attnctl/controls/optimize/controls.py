@@ -520,12 +520,11 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
         if self.layers is not None or "ratio" not in self.constraints:
             return layers
         text = select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
-        mid = tuple(layer for layer in text if layer.name.startswith("mid_block."))
-        up = sorted({layer.name.split(".")[1] for layer in text if layer.name.startswith("up_blocks.")}, key=int)
+        mid = tuple(layer for layer in text if layer.group == "mid")
+        up = sorted({layer.block for layer in text if layer.group == "up"})
         if not mid or not up:
             return layers
-        first_up = f"up_blocks.{up[0]}."
-        return mid + tuple(layer for layer in text if layer.name.startswith(first_up))
+        return mid + tuple(layer for layer in text if layer.group == "up" and layer.block == up[0])
 
     @staticmethod
     def from_regions(regions: Any, words: Any, **fields: Any) -> BoxGuidance:
