@@ -18,7 +18,7 @@ count), `--swap-sides` (each case's box in the other half) and `--first-seed 100
 the toy settings were chosen on).
 
     python benchmarks/attend_excite.py             # 96 two-object prompt-seed pairs, 48 box seeds
-    python benchmarks/attend_excite.py --quick     # a smoke run: 4 of each, memory at 64x64 (CI)
+    python benchmarks/attend_excite.py --quick     # a smoke run: 2 of each, memory at 64x64 (CI)
     python benchmarks/attend_excite.py --part box --first-seed 1000   # the same prompts and boxes on other seeds
     python benchmarks/attend_excite.py --part box --steps 50          # at the papers' step count
     python benchmarks/attend_excite.py --part box --swap-sides         # every box in the other half
@@ -84,7 +84,7 @@ def call(pipe, prompt: str, seed: int, controls: list, steps: int | None = None)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4 prompt-seed pairs of each kind, memory at 64x64")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 prompt-seed pairs of each kind, memory at 64x64")
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--boxes", type=int, default=48)
     parser.add_argument("--first-seed", type=int, default=0,
@@ -104,7 +104,7 @@ def main() -> None:
         _memory_child(args.memory_child, args.memory_size)
         return
     if args.quick:  # a smoke run of every part (the 8-seed effect checks are tests/test_latent_optimisation.py's)
-        args.pairs = args.boxes = 4
+        args.pairs = args.boxes = 2
         args.memory_size = 64
     torch.set_num_threads(1)
     pipe = load_toy_shapes()

@@ -27,3 +27,9 @@ def tiny_cache():
         return cache[name]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `heavy` (a minute or more of CPU) run first: started last, one of them would keep a pytest-xdist
+    worker busy alone at the end of the run. The order is otherwise the collection's, the same on every worker."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

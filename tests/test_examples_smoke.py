@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 slow = pytest.mark.slow
+heavy = pytest.mark.heavy
 
 #: (script, extra arguments, a line its output must hold); the slow ones (over ~20 s of CPU on 2 cores) are marked
 EXAMPLES = [
@@ -47,7 +48,7 @@ BENCHMARKS = [
     pytest.param("benchmarks/p2p_padding.py", [], "own probs after it", id="p2p_padding", marks=slow),
     pytest.param("benchmarks/cache_ab.py", ["--repeats", "1", "--families", "sd,pixart"], "time ratio", id="cache_ab", marks=slow),
     pytest.param("benchmarks/toy_eval.py", ["--controls"], "two-object regions binding", id="toy_eval", marks=slow),
-    pytest.param("benchmarks/attend_excite.py", [], "peak memory of one 64x64 call", id="attend_excite", marks=slow),
+    pytest.param("benchmarks/attend_excite.py", [], "peak memory of one 64x64 call", id="attend_excite", marks=[slow, heavy]),
     pytest.param("benchmarks/segmentation.py", [], "mean IoU  magnets", id="segmentation"),
     pytest.param("benchmarks/structured.py", [], "colour binding", id="structured"),
     pytest.param("benchmarks/video_window_attention.py", ["--backends", "sdpa"], "speed-up", id="video_window_attention"),

@@ -29,6 +29,7 @@ compiles, about 5 hours of one core); ATTNCTL_COMPILE_SHARD=i/n runs every n-th 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -268,6 +269,7 @@ def test_launchers_take_the_tiles_of_the_gpu_they_run_on(monkeypatch):
 
 
 @needs_ptxas
+@pytest.mark.heavy
 @pytest.mark.parametrize("arch", triton_aot.RUNTIME_ARCHS, ids=lambda a: f"sm_{a}")
 def test_runtime_launches_compile_to_cubin_within_shared_memory(arch, tmp_path):
     """The default set's launches compile to cubin with the runtime's specialisation, within the shared memory of
@@ -401,11 +403,23 @@ def test_wide_tiles_fit_consumer_gpus_by_their_configs():
     assert triton_aot.MAX_SHARED[86] == triton_aot.MAX_SHARED[89] == 101376
 
 
+def test_bf16_takes_the_tiles_of_fp16():
+    """The `widest` set compiles fp16 and fp32 only (`WIDEST_DTYPES`): bf16 gets fp16's tiles at every head dim, mask
+    and GPU, so its shared memory is fp16's."""
+    import torch
+
+    assert set(triton_aot.WIDEST_DTYPES) == {"fp16", "fp32"}
+    for head_dim, masked, limit in itertools.product(range(8, 257, 8), (False, True), set(triton_aot.MAX_SHARED.values())):
+        assert (ta.cuda_config(torch.bfloat16, head_dim, masked=masked, shared_memory=limit)
+                == ta.cuda_config(torch.float16, head_dim, masked=masked, shared_memory=limit)), (head_dim, masked, limit)
+
+
 @needs_ptxas
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_widest_tiles_compile_within_consumer_shared_memory(tmp_path):
-    """The variants that need the most shared memory (`--set widest`: most switches on, every dtype, head dims 128
-    and 256, the sparse kernel's two layouts) compile for sm_86 within its 101,376 bytes (24 compiles, about 4 minutes)."""
+    """The variants that need the most shared memory (`--set widest`: most switches on, fp16 and fp32, head dims 128
+    and 256, the sparse kernel's two layouts) compile for sm_86 within its 101,376 bytes (16 compiles, about 2 minutes)."""
     expected = [v.label() for v in triton_aot.variants("widest", (86,))]
     rc, records, stderr = _run_aot(tmp_path, "--set", "widest", "--arch", "86", timeout=3600)
     compiled = [r for r in records if "variant" in r]

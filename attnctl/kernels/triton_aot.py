@@ -74,6 +74,9 @@ SHARED_BY = {80: (80, 86, 89), 86: (86, 89), 89: (89,), 90: (90,)}
 COMPILED_ON = {86: 80, 89: 80}
 
 
+#: The dtypes of the `widest` set: one per element size. bf16 takes fp16's tiles (`cuda_config` and the sparse launcher
+#: read the element size only) and compiled to the same shared memory in all 12 widest pairs (sm_86, Triton 3.9).
+WIDEST_DTYPES = ("fp16", "fp32")
 #: The variant index of the `widest` set: the sparse kernel's one-tile layout at its longest key row (`ONE_TILE_KEYS`).
 WIDEST_INDEX = -1
 
@@ -202,8 +205,8 @@ def variants(which: str = "switches", archs: tuple[int, ...] = ARCHS) -> list[Va
       plus every dtype x head-dim class at each of `switches`'s combinations (the slow test);
     - `full`: switch combinations x dtypes x head-dim classes (about 10k per arch: hours on one core);
     - `widest`: the tiles that need the most shared memory: per kernel, the combinations with the most switches on
-      (the sparse kernel's one-tile and streaming layouts, the one-tile at its longest key row), every dtype, the two
-      widest head-dim classes (for the consumer GPUs' 99 KiB: `--arch 86`; the slow test).
+      (the sparse kernel's one-tile and streaming layouts, the one-tile at its longest key row), one dtype per element
+      size (`WIDEST_DTYPES`), the two widest head-dim classes (for the consumer GPUs' 99 KiB: `--arch 86`; the slow test).
     """
     if which not in VARIANT_SETS:
         raise ValueError(f"variant set must be one of {', '.join(VARIANT_SETS)}, got {which!r}")
@@ -219,7 +222,7 @@ def variants(which: str = "switches", archs: tuple[int, ...] = ARCHS) -> list[Va
                 for layout in sorted(layouts, key=str):
                     mine = [combo for combo in combos if combo.get("ONE_TILE") == layout]
                     combo = max(mine, key=lambda c: sum(bool(v) for v in c.values()))
-                    for dtype, head in itertools.product(dtypes, heads[-2:]):
+                    for dtype, head in itertools.product(WIDEST_DTYPES, heads[-2:]):
                         out.append(Variant(decl.name, arch, dtype, head, tuple(combo.items()), WIDEST_INDEX))
             continue
         if which == "full":
