@@ -419,7 +419,7 @@ def test_bf16_takes_the_tiles_of_fp16():
 @pytest.mark.heavy
 def test_widest_tiles_compile_within_consumer_shared_memory(tmp_path):
     """The variants that need the most shared memory (`--set widest`: most switches on, fp16 and fp32, head dims 128
-    and 256, the sparse kernel's two layouts) compile for sm_86 within its 101,376 bytes (16 compiles, about 2 minutes)."""
+    and 256, the sparse kernel's two layouts) compile for sm_86 within its 101,376 bytes (16 compiles, about 2 minutes of one core)."""
     expected = [v.label() for v in triton_aot.variants("widest", (86,))]
     rc, records, stderr = _run_aot(tmp_path, "--set", "widest", "--arch", "86", timeout=3600)
     compiled = [r for r in records if "variant" in r]

@@ -75,7 +75,7 @@ COMPILED_ON = {86: 80, 89: 80}
 
 
 #: The dtypes of the `widest` set: one per element size. bf16 takes fp16's tiles (`cuda_config` and the sparse launcher
-#: read the element size only) and compiled to the same shared memory in all 12 widest pairs (sm_86, Triton 3.9).
+#: read the element size only) and compiled to the same shared memory in all 8 pairs of the set (sm_86, Triton 3.9).
 WIDEST_DTYPES = ("fp16", "fp32")
 #: The variant index of the `widest` set: the sparse kernel's one-tile layout at its longest key row (`ONE_TILE_KEYS`).
 WIDEST_INDEX = -1
