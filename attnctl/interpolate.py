@@ -17,6 +17,7 @@ from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpola
 from .errors import ConfigError
 from .handle import _control_tuple, apply
 from .pipelines.protocol import named_call_arguments
+from .render.generate import row_arguments
 
 
 def interpolate(
@@ -33,7 +34,11 @@ def interpolate(
     diffusers' own batching rounding: 1e-6 in latents on Qwen-Image and Wan). The interpolated rows are encoded with the nearer
     endpoint's prompt (t < 0.5: `prompt_a`; this gives their pooled embeddings and, on joint families, the start of
     their text stream; their image tokens read only the endpoints' text). `pipeline_kwargs` go to the pipeline call;
-    on the embedded toy model its `CALL_DEFAULTS` apply where not given. `controls`: more controls for the call.
+    on the embedded toy model its `CALL_DEFAULTS` apply where not given. A negative prompt (`negative_prompt`,
+    `negative_prompt_2`, `negative_prompt_3`) is one string for every image or a list of n; a second / third encoder's
+    prompt (`prompt_2`, `prompt_3`) is a list of n, one per image in order (one string would give every image the same
+    text on that encoder; on Flux `prompt_2` is the only text the transformer attends to), or left out.
+    `controls`: more controls for the call.
     Returns the n PIL images in order (for a video pipeline such as Wan: the n videos, each a list of frames).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -50,10 +55,8 @@ def interpolate(
     control = AttentionInterpolation(points=points, mode=mode, self_attention=self_attention)
     options = {**embedded_defaults(pipe), **pipeline_kwargs}
     options["generator"] = _same_noise(options.get("generator"), n, pipe)
-    for name in ("negative_prompt",):
-        if isinstance(options.get(name), (list, tuple)):
-            raise ConfigError(f"interpolate: {name} must be one string for all the images")
     prompts = sequence_prompts(prompt_a, prompt_b, points)
+    options = row_arguments(options, prompts, "interpolate")
     handle = apply(pipe, [control, *controls])
     try:
         result = pipe(prompt=prompts, output_type="pil", **options)  # Flux.2 klein takes `image` first

@@ -403,3 +403,46 @@ def test_several_images_per_prompt_are_refused(tiny_cache):
         with pytest.raises(attnctl.ConfigError, match="num_images_per_prompt=2"):
             pipe(["a red cat", "a blue dog"], num_images_per_prompt=2, num_inference_steps=1, height=32, width=32,
                  output_type="latent")
+
+
+# -- interpolate(): per-row prompt arguments (negative prompts, a second / third encoder's prompt) ------------------
+def _processors(pipe):
+    from attnctl.handle import denoiser_of
+
+    return dict(denoiser_of(pipe)[1].attn_processors)
+
+
+def test_interpolate_gives_a_negative_prompt_string_to_every_image(tiny_cache):
+    """SD 1.x / 2.x refuse a negative prompt string beside interpolate's list of prompts (TypeError), and a list was
+    refused by interpolate itself: one string is now every row's, a list of n is taken as it is."""
+    pipe = tiny_cache("tiny-sd")
+    options = dict(CALL_DEFAULTS["tiny-sd"], num_inference_steps=1, self_attention=False)
+    one = attnctl.interpolate(pipe, "a red cat", "a blue dog", n=3, negative_prompt="blurry",
+                              generator=torch.Generator().manual_seed(0), **options)
+    listed = attnctl.interpolate(pipe, "a red cat", "a blue dog", n=3, negative_prompt=["blurry"] * 3,
+                                 generator=torch.Generator().manual_seed(0), **options)
+    assert [image.tobytes() for image in one] == [image.tobytes() for image in listed]
+    with pytest.raises(ConfigError, match=r"negative_prompt must be one string \(every row's\) or a list of 3 strings"):
+        attnctl.interpolate(pipe, "a red cat", "a blue dog", n=3, negative_prompt=["blurry"] * 2, **options)
+
+
+@pytest.mark.parametrize("name, key", [("tiny-sdxl", "prompt_2"), ("tiny-sd3", "prompt_3"), ("tiny-flux", "prompt_2")])
+def test_interpolate_refuses_one_second_prompt_for_rows_of_different_prompts(tiny_cache, name, key):
+    """One prompt_2 / prompt_3 string beside the sequence's prompts: SDXL / SD3 failed deep in diffusers
+    (RuntimeError), Flux ran with the same T5 text (the only text its transformer attends to) in every row. Refused,
+    before anything runs; a list of one string per image reaches its row (the endpoints are the stock images)."""
+    pipe = tiny_cache(name)
+    options = dict(CALL_DEFAULTS[name], num_inference_steps=1)
+    before = _processors(pipe)
+    with pytest.raises(ConfigError, match=rf"{key}='a photo' is one string, .*a list of 3 strings, one per row"):
+        attnctl.interpolate(pipe, "a red cat", "a blue dog", n=3, **{key: "a photo"}, **options)
+    assert _processors(pipe) == before
+    if name != "tiny-flux":
+        return
+    texts = ["a green bird", "a green bird", "a yellow fish"]
+    images = attnctl.interpolate(pipe, "a red cat", "a blue dog", n=3, generator=torch.Generator().manual_seed(0),
+                                 **{key: texts}, **options)
+    seed = _seed(0)
+    for image, prompt, text in ((images[0], "a red cat", texts[0]), (images[-1], "a blue dog", texts[-1])):
+        stock = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **{key: text}, **options).images[0]
+        assert _close(image, stock)

@@ -853,3 +853,34 @@ def test_generate_refuses_more_than_one_image_per_prompt(tiny_cache):
     with pytest.raises(ConfigError, match=r"one image per call, got num_images_per_prompt=2"):
         model.generate("a cat", steps=2, num_images_per_prompt=2)
     assert model.generate("a cat", steps=1, num_images_per_prompt=1).image.size == (32, 32)
+
+
+# -- rows of different prompts (PromptToPrompt edits, an interpolation sequence): a second encoder's prompt -------
+def test_generate_refuses_one_prompt_2_for_rows_of_different_prompts(tiny_cache):
+    """Flux's prompt_2 is the T5 text, the only text its transformer attends to: spread to every row, the base and
+    the edit had the same T5 text and the edit reached only the pooled vector, silently. One string is refused (by
+    generate and resolve, nothing attached); a list of one string per row reaches its row."""
+    from attnctl.handle import denoiser_of
+
+    pipe = tiny_cache("tiny-flux")
+    model = Model(pipe, "tiny-flux")
+    processors = dict(denoiser_of(pipe)[1].attn_processors)
+    p2p = attnctl.PromptToPrompt("replace", edits=["a blue car"])
+    for call in (model.generate, model.resolve):
+        with pytest.raises(ConfigError, match=r"prompt_2='a red car on a street' is one string, .*a list of 2 strings"):
+            call("a red car", steps=1, controls=[p2p], prompt_2="a red car on a street", **CALL_DEFAULTS["tiny-flux"])
+        assert model.handle is None and dict(denoiser_of(pipe)[1].attn_processors) == processors
+    seen = []
+
+    def t5(*args, **kwargs):  # Flux encodes prompt_2 with T5 here
+        seen.append(kwargs.get("prompt"))
+        return type(pipe)._get_t5_prompt_embeds(pipe, *args, **kwargs)
+
+    pipe._get_t5_prompt_embeds = t5
+    try:
+        texts = ["a red car on a street", "a blue car on a street"]
+        g = model.generate("a red car", steps=1, controls=[p2p], prompt_2=texts, **CALL_DEFAULTS["tiny-flux"])
+    finally:
+        model.release()
+        del pipe._get_t5_prompt_embeds
+    assert seen == [texts] and len(g.frames) == 2 and g.params["options"]["prompt_2"] == texts

@@ -251,6 +251,7 @@ class Model:
         layout, prompts = call_rows(prompt, controls)
         if layout == "rows":
             self._refuse_video_rows()
+        row_kwargs = row_arguments(kwargs, prompts, "Model.generate") if len(prompts) > 1 else kwargs
         self.release()
         hooks = [child.register_forward_pre_hook(stop) for child in denoiser.children()]
         try:
@@ -260,7 +261,7 @@ class Model:
             generators = [torch.Generator(device="cpu").manual_seed(0) for _ in prompts]
             try:
                 self.pipe(prompt=rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent",
-                          **(_per_row(kwargs, len(prompts)) if len(prompts) > 1 else kwargs))
+                          **row_kwargs)
             except _Resolved:
                 pass
             del handle
@@ -282,19 +283,22 @@ class Model:
         layout, prompts = call_rows(prompt, controls)
         if layout == "rows":
             self._refuse_video_rows()
+        row_kwargs = row_arguments(kwargs, prompts, "Model.generate") if len(prompts) > 1 else kwargs
         handle = self._attach(controls)
         try:
-            return self._render(prompt, seed, controls, kwargs, layout, prompts, handle)
+            return self._render(prompt, seed, controls, kwargs, layout, prompts, handle, row_kwargs)
         except AttnctlError:  # bad input found while binding (a word not in the prompt, ...): the pipeline is stock again
             self.release()
             raise
 
     def _render(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], layout: str,
-                prompts: list[str], handle: Any) -> Generation:
+                prompts: list[str], handle: Any, row_kwargs: dict[str, Any]) -> Generation:
+        """`kwargs`: the call's arguments as given (recorded in the parameters); `row_kwargs`: as the call of `prompts` takes
+        them (`row_arguments`)."""
         if layout == "rows":  # AID's sequence or P2P's [prompt, *edits]: frames = the images, image = their strip
-            return self._rows(prompts, prompt, seed, controls, kwargs, handle)
+            return self._rows(prompts, prompt, seed, controls, kwargs, handle, row_kwargs)
         if layout == "reference":  # row 0 carries the reference (with the same prompt, as reference-only); row 1 is kept
-            return self._referenced(prompts, prompt, seed, controls, kwargs, handle)
+            return self._referenced(prompts, prompt, seed, controls, kwargs, handle, row_kwargs)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
         result = self.pipe(prompt=prompt, generator=generator, output_type="pil", **kwargs)
@@ -314,14 +318,14 @@ class Model:
         return Generation(image, params, outputs, seconds, frames)
 
     def _rows(self, prompts: list[Any], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
-              handle: Any) -> Generation:
+              handle: Any, row_kwargs: dict[str, Any]) -> Generation:
         """One call with one row per prompt, each with a CPU generator seeded with `seed`: frames = the images,
         image = their strip."""
         from .outputs import strip
 
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
+        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **row_kwargs)
         seconds = time.perf_counter() - start
         frames = list(result.images)  # a video model was refused before the call (_refuse_video_rows)
         image = strip(frames)
@@ -331,14 +335,14 @@ class Model:
         return Generation(image, params, outputs, seconds, frames)
 
     def _referenced(self, prompts: list[str], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
-                    handle: Any) -> Generation:
+                    handle: Any, row_kwargs: dict[str, Any]) -> Generation:
         """A ReferenceAttention image: one call of [prompt, prompt] (row 0 carries the reference, with the generation's
         prompt as in reference-only's community pipeline), row 1 from a CPU generator seeded with `seed`; the image is
         row 1's (row 0's is a reconstruction of the reference), and so are the published per-image outputs (attention
         maps); a report of the whole call (TGate's `CacheReport`) counts both rows, as the call ran them."""
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **_per_row(kwargs, len(prompts)))
+        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **row_kwargs)
         seconds = time.perf_counter() - start
         image = result.images[1]
         outputs = handle.outputs if handle is not None else {}
@@ -564,11 +568,42 @@ def _edits_of(controls: tuple[Control, ...]) -> tuple[str, ...] | None:
     return found[0].edits if found else None
 
 
-def _per_row(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
-    """The call's keyword arguments for a call of `rows` prompts: a negative prompt (or a second / third encoder's
-    prompt) given as one string becomes one per row (diffusers refuses a string beside a list of prompts)."""
-    spread = ("negative_prompt", "negative_prompt_2", "negative_prompt_3", "prompt_2", "prompt_3")
-    return {key: [value] * rows if key in spread and isinstance(value, str) else value for key, value in kwargs.items()}
+#: Each row's own text for a second / third text encoder (Flux: `prompt_2` is the T5 text, the only text its
+#: transformer attends to; SDXL: half of the CLIP context; SD3: the T5 tokens)
+ROW_TEXTS = ("prompt_2", "prompt_3")
+#: Negative prompts: one string is every row's negative, as for a batch of one prompt
+NEGATIVES = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+_ENCODER = {"prompt_2": "second", "prompt_3": "third"}
+
+
+def row_arguments(kwargs: Mapping[str, Any], prompts: list[str], caller: str) -> dict[str, Any]:
+    """The call's keyword arguments for one call of the rows `prompts`. A negative prompt given as one string becomes
+    one per row (SD 1.x / 2.x refuse a string beside a list of prompts). `prompt_2` / `prompt_3` as one string becomes
+    one per row only where every row has the same prompt (a reference row): where the prompts differ, one string would
+    give every row the same text on that encoder (on Flux the edit or the sequence would reach only the pooled vector),
+    so it is refused. A list is taken as one string per row. ConfigError, before anything runs, for a string that
+    cannot be spread and for a list that is not `len(prompts)` strings."""
+    rows = len(prompts)
+    differ = len(set(prompts)) > 1
+    out = dict(kwargs)
+    for key in (*NEGATIVES, *ROW_TEXTS):
+        value = out.get(key)
+        if isinstance(value, str):
+            if key in ROW_TEXTS and differ:
+                raise ConfigError(
+                    f"{caller}: {key}={value!r} is one string, but the call renders {rows} rows with different prompts "
+                    f"{prompts!r}; {key} is each row's text for the pipeline's {_ENCODER[key]} text encoder, so one string "
+                    f"would give every row the same text there. Give {key} as a list of {rows} strings, one per row in "
+                    f"that order, or leave it out (each row then uses its own prompt)"
+                )
+            out[key] = [value] * rows
+        elif isinstance(value, (list, tuple)):
+            if len(value) != rows or not all(isinstance(item, str) for item in value):
+                allowed = "one string (every row's) or " if key in NEGATIVES else ""
+                raise ConfigError(f"{caller}: {key} must be {allowed}a list of {rows} strings, one per row of {prompts!r}; "
+                                  f"got {value!r}")
+            out[key] = list(value)
+    return out
 
 
 def call_rows(prompt: str, controls: tuple[Control, ...]) -> tuple[str, list[str]]:
