@@ -90,17 +90,20 @@ class EncoderPrompts:
 
 
 class _Tokenized:
-    """One prompt tokenized by one tokenizer, with character offsets when the tokenizer gives them."""
+    """One prompt tokenized by one tokenizer, with the character span of each token in the prompt: the tokenizer's
+    own offsets, or (a slow tokenizer: transformers 4.x's CLIPTokenizer / T5Tokenizer give none) offsets rebuilt by
+    `_rebuilt_offsets`, so that words are matched in the text the same way either way."""
 
     def __init__(self, tokenizer: Any, text: str, limit: int, encoder: str):
         self.text = text
         try:
             encoding = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
-            self.offsets: list[tuple[int, int]] | None = [tuple(o) for o in encoding["offset_mapping"]]
+            offsets: list[tuple[int, int]] | None = [tuple(o) for o in encoding["offset_mapping"]]
         except (NotImplementedError, TypeError, ValueError, KeyError):
             encoding = tokenizer(text, truncation=False, add_special_tokens=True)
-            self.offsets = None
+            offsets = None
         self.ids: list[int] = list(encoding["input_ids"])
+        self.offsets: list[tuple[int, int]] = offsets if offsets is not None else _rebuilt_offsets(tokenizer, text, self.ids)
         self.tokens: list[str] = list(tokenizer.convert_ids_to_tokens(self.ids))
         self.tokenizer = tokenizer
         self.limit, self.encoder = limit, encoder
@@ -117,46 +120,61 @@ class _Tokenized:
 
     def word_ids(self) -> list[int]:
         """The index of the word each token comes from (-1: a special token): the whitespace-separated word its
-        characters fall in, when the tokenizer gives character offsets; else from the tokens' own word marks (CLIP's
-        `</w>` ends a word; SentencePiece's `▁` and byte-level BPE's `Ġ` start one)."""
-        if self.offsets is not None:
-            words = [m.span() for m in re.finditer(r"\S+", self.text)]
-            return [next((k for k, (start, stop) in enumerate(words) if b > a and a < stop and b > start), -1) for a, b in self.offsets]
-        specials = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
-        found, word, open_word = [], -1, False
-        for token_id, token in zip(self.ids, self.tokens):
-            if token_id in specials:
-                found.append(-1)
-                open_word = False
-                continue
-            if not open_word or token.startswith(("\u2581", "\u0120")):
-                word += 1
-            found.append(word)
-            open_word = not token.endswith("</w>")
-        return found
+        characters fall in."""
+        words = [m.span() for m in re.finditer(r"\S+", self.text)]
+        return [next((k for k, (start, stop) in enumerate(words) if b > a and a < stop and b > start), -1) for a, b in self.offsets]
 
     def show(self) -> str:
         return " ".join(f"{i}:{tok}" for i, tok in enumerate(self.tokens))
 
     def find(self, phrase: str, occurrence: int | None) -> list[int]:
-        if self.offsets is not None:
-            spans = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", self.text, re.IGNORECASE)]
-            if occurrence is not None:
-                spans = spans[occurrence : occurrence + 1]
-            positions: list[int] = []
-            for start, stop in spans:
-                positions.extend(
-                    i for i, (a, b) in enumerate(self.offsets) if b > a and a < stop and b > start
-                )
-            return positions
-        return self._find_ids(phrase, occurrence)
-
-    def _find_ids(self, phrase: str, occurrence: int | None) -> list[int]:
-        pattern = list(self.tokenizer(phrase, add_special_tokens=False)["input_ids"])
-        hits = [i for i in range(len(self.ids) - len(pattern) + 1) if pattern and self.ids[i : i + len(pattern)] == pattern]
+        spans = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", self.text, re.IGNORECASE)]
         if occurrence is not None:
-            hits = hits[occurrence : occurrence + 1]
-        return [i + j for i in hits for j in range(len(pattern))]
+            spans = spans[occurrence : occurrence + 1]
+        positions: list[int] = []
+        for start, stop in spans:
+            positions.extend(i for i, (a, b) in enumerate(self.offsets) if b > a and a < stop and b > start)
+        return positions
+
+
+def _rebuilt_offsets(tokenizer: Any, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Character spans of `ids` in `text` for a tokenizer that gives no offsets, as a fast tokenizer gives them: each
+    token is decoded alone and found in the text from where the previous one ended, ignoring case (CLIP lower-cases
+    the prompt). A token that decodes to nothing (SentencePiece's lone `▁`) or to part of a character (U+FFFD: a
+    byte-level piece) is decoded with the tokens after it until that gives text, and they all get its span. An unknown
+    token gets the text between its neighbours; special tokens, and tokens not found (text the tokenizer normalized),
+    get (0, 0): no word."""
+    folded = text.lower()
+    if len(folded) != len(text):  # a character whose lower case is longer: keep the text's indices
+        folded = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    specials = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    unknown_id = getattr(tokenizer, "unk_token_id", None)
+    offsets: list[tuple[int, int]] = [(0, 0)] * len(ids)
+    cursor, group, unknown = 0, [], []
+    for i, token_id in enumerate(ids):
+        if token_id == unknown_id:
+            unknown.append(i)
+            continue
+        if token_id in specials:
+            group, unknown = [], []
+            continue
+        group.append(i)
+        piece = tokenizer.decode([ids[j] for j in group], clean_up_tokenization_spaces=False).strip().lower()
+        if (not piece or "\ufffd" in piece) and len(group) < 4 and i + 1 < len(ids):
+            continue
+        members, group = group, []
+        start = folded.find(piece, cursor) if piece else -1
+        if start < 0:
+            continue
+        gap = re.search(r"\S(.*\S)?", text[cursor:start])
+        for j in unknown:
+            if gap is not None:
+                offsets[j] = (cursor + gap.start(), cursor + gap.end())
+        unknown = []
+        cursor = start + len(piece)
+        for j in members:
+            offsets[j] = (start, cursor)
+    return offsets
 
 
 class PromptTokens:

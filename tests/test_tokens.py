@@ -108,3 +108,58 @@ def test_query_validation():
     for bad in ("", -1, ("cat", -1), True, 1.5, ("", 0)):
         with pytest.raises(ConfigError):
             validate_word_query(bad, owner="x")
+
+
+# --- Words in prompts: tokenizers without character offsets, truncation, whitespace, prompt_2 ---------------------
+
+
+class _NoOffsets:
+    """A tokenizer as transformers 4.x's slow CLIPTokenizer / T5Tokenizer: `return_offsets_mapping` raises."""
+
+    def __init__(self, tokenizer):
+        self.__dict__["_tokenizer"] = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+_NO_OFFSETS_TABLE = [
+    ("a catfish and a fish", "fish", None),
+    ("a catfish and a fish", "fish", 0),
+    ("a catfish", "fish", None),
+    ("a catfish", "cat", None),
+    ("a catfish and a cat", "cat", 0),
+    ("a Cat", "Cat", None),
+    ("a cat", "Cat", None),
+    ("a red,dog", "dog", None),
+    ("a dog, a cat.", "dog", None),
+    ("A Red Car and a red car", "red car", 1),
+    (f"a {MULTI_TOKEN_WORD} cat", MULTI_TOKEN_WORD, None),
+    ("a héllo cat", "cat", None),
+    ("a héllo cat", "héllo", None),
+    ("a héllo  wörld, no", "wörld", None),
+    ("a cat-dog", "dog", None),
+]
+
+
+@pytest.mark.parametrize("name, encoder", [("tiny-sd", "tokenizer"), ("tiny-pixart", "tokenizer")])
+def test_words_without_character_offsets_match_as_with_them(name, encoder, tiny_cache):
+    """Without offsets, words were matched as raw token ids: "fish" bound the end of "catfish", T5's "cat" the start
+    of it, case mattered and a word after punctuation was missed. Both paths now give the same positions."""
+    from attnctl.tokens import _Tokenized
+
+    tokenizer = getattr(tiny_cache(name), encoder)
+    for text, phrase, occurrence in _NO_OFFSETS_TABLE:
+        with_offsets = _Tokenized(tokenizer, text, 77, "x")
+        without = _Tokenized(_NoOffsets(tokenizer), text, 77, "x")
+        expected = with_offsets.find(phrase, occurrence)
+        assert without.find(phrase, occurrence) == expected, (text, phrase, occurrence, with_offsets.show())
+        assert without.word_ids() == with_offsets.word_ids(), (text, with_offsets.show())
+    clip = _Tokenized(_NoOffsets(tokenizer), "a catfish and a fish", 77, "x")
+    assert clip.find("fish", None) == (clip.find("fish", 0)) and len(clip.find("fish", None)) == 1
+    assert _Tokenized(_NoOffsets(tokenizer), "a catfish", 77, "x").find("fish", None) == []
