@@ -163,3 +163,34 @@ def test_words_without_character_offsets_match_as_with_them(name, encoder, tiny_
     clip = _Tokenized(_NoOffsets(tokenizer), "a catfish and a fish", 77, "x")
     assert clip.find("fish", None) == (clip.find("fish", 0)) and len(clip.find("fish", None)) == 1
     assert _Tokenized(_NoOffsets(tokenizer), "a catfish", 77, "x").find("fish", None) == []
+
+
+_LONG = "a red cat and " + "red " * 80 + "dog"  # "dog" is past CLIP's 77 tokens: the pipeline truncates it away
+
+
+@pytest.mark.parametrize("kind", ["p2p-reweight", "p2p-local-blend", "structured"])
+def test_a_word_truncated_away_raises_in_controls_that_skip_missing_words(kind, tiny_cache):
+    """P2P's reweight / local_blend and StructuredGuidance skip a word missing from a row; they caught every
+    TokenError, so a word truncated away silently got no weight (or "in none of the edited prompts")."""
+    import attnctl
+    from tests.helpers import generate
+
+    control = {
+        "p2p-reweight": attnctl.PromptToPrompt("refine", reweight={"dog": 2.0}),
+        "p2p-local-blend": attnctl.PromptToPrompt("refine", local_blend=("cat", "dog")),
+        "structured": attnctl.StructuredGuidance(phrases=["a red cat", "dog"]),
+    }[kind]
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, control):
+        with pytest.raises(TokenError, match="'dog'.* is at clip token position.*limit is 77"):
+            generate(pipe, "tiny-sd", ["a red cat and a dog", _LONG], steps=1)
+
+
+def test_chunked_phrases_past_the_limit_are_left_out(tiny_cache):
+    """StructuredGuidance without `phrases`: a noun phrase the chunker finds past the limit is not an error."""
+    import attnctl
+    from tests.helpers import generate
+
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, attnctl.StructuredGuidance()):
+        generate(pipe, "tiny-sd", ["a red cat and a dog", _LONG + " and a blue car"], steps=1)

@@ -510,9 +510,8 @@ class PromptToPromptBound(Bound):
         for row in self.edited:
             w = torch.ones(self.text_len)
             for word, factor in table.items():
-                try:
-                    positions = tokens.positions(word, row)
-                except TokenError:
+                positions = tokens.positions(word, row, missing_ok=True)  # a word the pipeline truncated away raises
+                if not positions:
                     continue
                 found[word] = True
                 w[list(positions)] *= factor
@@ -663,11 +662,8 @@ class PromptToPromptBound(Bound):
         """(rows, T) 1 at the tokens of the blend words found in each row's prompt."""
         selector = torch.zeros(self.rows, self.text_len)
         for row in range(self.rows):
-            for word in words:
-                try:
-                    selector[row, list(tokens.positions(word, row))] = 1.0
-                except TokenError:
-                    continue
+            for word in words:  # a word the pipeline truncated away raises
+                selector[row, list(tokens.positions(word, row, missing_ok=True))] = 1.0
             if not bool(selector[row].any()):
                 raise TokenError(
                     f"attnctl: PromptToPrompt.local_blend: none of {list(words)} is in the prompt of row {row}; give the "
