@@ -46,9 +46,21 @@ def validate_word_query(query: object, *, owner: str) -> WordQuery:
 
 
 def has_duplicates(queries: Sequence[WordQuery]) -> bool:
-    """Whether two queries find the same tokens: words match whatever their case ("red" and "RED" are one word)."""
-    folded = [q.casefold() if isinstance(q, str) else (q[0].casefold(), q[1]) if isinstance(q, tuple) else q for q in queries]
+    """Whether two queries find the same tokens: words match whatever their case and the whitespace between them
+    ("red car" and "RED  car" are one phrase)."""
+    folded = [_folded(q) if isinstance(q, str) else (_folded(q[0]), q[1]) if isinstance(q, tuple) else q for q in queries]
     return len(set(folded)) != len(folded)
+
+
+def phrase_pattern(phrase: str) -> re.Pattern[str]:
+    """Where `phrase` is in a prompt: whole words, any case, its words separated by any whitespace ("red car" is in
+    "a red  car" and "a Red\ncar": the tokenizer gives them the same tokens)."""
+    words = r"\s+".join(re.escape(word) for word in phrase.split())
+    return re.compile(r"(?<!\w)" + words + r"(?!\w)", re.IGNORECASE)
+
+
+def _folded(phrase: str) -> str:
+    return " ".join(phrase.casefold().split())
 
 
 def explicit_position(query: int, text_len: int) -> tuple[int, ...]:
@@ -128,7 +140,7 @@ class _Tokenized:
         return " ".join(f"{i}:{tok}" for i, tok in enumerate(self.tokens))
 
     def find(self, phrase: str, occurrence: int | None) -> list[int]:
-        spans = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", self.text, re.IGNORECASE)]
+        spans = [m.span() for m in phrase_pattern(phrase).finditer(self.text)]
         if occurrence is not None:
             spans = spans[occurrence : occurrence + 1]
         positions: list[int] = []

@@ -194,3 +194,19 @@ def test_chunked_phrases_past_the_limit_are_left_out(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, attnctl.StructuredGuidance()):
         generate(pipe, "tiny-sd", ["a red cat and a dog", _LONG + " and a blue car"], steps=1)
+
+
+def test_a_phrase_matches_whatever_whitespace_separates_its_words(clip, t5):
+    """"red car" was not found in "a red  car" or "a red\\ncar" (the same tokens as "a red car")."""
+    from attnctl.prompt_weights import parse_prompt
+    from attnctl.tokens import has_duplicates
+
+    for name, tokenizer in (("clip", clip), ("t5", t5)):
+        prompts = ("a red car", "a red  car", "a red\ncar", "a red\t car and a red car")
+        tokens = PromptTokens([EncoderPrompts(name, (tokenizer,), (prompts,), 0, 77)], len(prompts), 77)
+        expected = tokens.positions("red car", 0)
+        assert [tokens.positions("red car", row) for row in range(3)] == [expected] * 3
+        assert tokens.positions(("red  car", 1), 3) == tokens.positions("red car", 3)[len(expected) :]
+    # parse_prompt counts occurrences as the tokens are found: the weighted one is the first of two
+    assert parse_prompt("a (red car:1.5) and a red  car")[1] == {("red car", 0): 1.5}
+    assert has_duplicates(["red car", "RED  car"])
