@@ -210,3 +210,21 @@ def test_a_phrase_matches_whatever_whitespace_separates_its_words(clip, t5):
     # parse_prompt counts occurrences as the tokens are found: the weighted one is the first of two
     assert parse_prompt("a (red car:1.5) and a red  car")[1] == {("red car", 0): 1.5}
     assert has_duplicates(["red car", "RED  car"])
+
+
+def test_sd3_without_its_t5_encoder_places_words_in_clip_only(tiny_cache):
+    """SD3 loaded with `text_encoder_3=None` (tokenizer_3 kept) fills the T5 span with zeros: "cat" was also placed
+    there, at 77 + its T5 position."""
+    import attnctl
+    from tests.helpers import WordProbe, generate
+
+    pipe = tiny_cache("tiny-sd3")
+    t5 = pipe.text_encoder_3
+    probe = WordProbe(words=("cat",))
+    pipe.text_encoder_3 = None
+    try:
+        with attnctl.apply(pipe, probe):
+            generate(pipe, "tiny-sd3", "a photo of a cat", steps=1)
+    finally:
+        pipe.text_encoder_3 = t5
+    assert probe.log[0] == ("cond", 0, {"cat": (5,)})
