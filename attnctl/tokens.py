@@ -13,6 +13,7 @@ row raises `TokenError` showing how the prompt was tokenized.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -216,22 +217,33 @@ class PromptTokens:
                 for row in range(self.rows):
                     self._tokenized(e, t, row)
 
-    def token_ids(self, row: int) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-        """Per text encoder: (offset, limit, token ids of prompt row `row` by the encoder's first tokenizer, special
-        tokens included, as the encoder gets them: truncated to `limit` as the pipeline truncates, its end token
-        last): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
+    @property
+    def tokenizer_count(self) -> int:
+        """The most tokenizers an encoder has (2: SDXL's and SD3's CLIP-L and CLIP-G, which share positions)."""
+        return max((len(encoder.tokenizers) for encoder in self.encoders), default=1)
+
+    def token_ids(self, row: int, tokenizer: int = 0) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        """Per text encoder: (offset, limit, token ids of prompt row `row` by the encoder's tokenizer `tokenizer` (its
+        last one if it has fewer), special tokens included, as the encoder gets them: truncated to `limit` as the
+        pipeline truncates, its end token last): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
         return tuple(
-            (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).encoded_ids)) for e, encoder in enumerate(self.encoders)
+            (encoder.offset, encoder.limit, tuple(self._tokenized(e, min(tokenizer, len(encoder.tokenizers) - 1), row).encoded_ids))
+            for e, encoder in enumerate(self.encoders)
         )
 
-    def token_words(self, row: int) -> tuple[list[int], ...]:
-        """Per text encoder: the word index of each token of `token_ids(row)` (`_Tokenized.word_ids`; -1 for the end
-        token a truncated prompt ends with)."""
+    def token_words(self, row: int, tokenizer: int = 0) -> tuple[list[int], ...]:
+        """Per text encoder: the word index of each token of `token_ids(row, tokenizer)` (`_Tokenized.word_ids`; -1 for
+        the end token a truncated prompt ends with)."""
         out = []
-        for e in range(len(self.encoders)):
-            tokenized = self._tokenized(e, 0, row)
+        for e, encoder in enumerate(self.encoders):
+            tokenized = self._tokenized(e, min(tokenizer, len(encoder.tokenizers) - 1), row)
             out.append(tokenized.word_ids()[: tokenized.kept] + [-1] * (len(tokenized.encoded_ids) - tokenized.kept))
         return tuple(out)
+
+    def text(self, row: int, tokenizer: int = 0) -> str:
+        """The prompt of row `row` as the first encoder's tokenizer `tokenizer` (its last if it has fewer) reads it."""
+        encoder = self.encoders[0]
+        return encoder.prompts[min(tokenizer, len(encoder.tokenizers) - 1)][row]
 
     def positions(self, query: WordQuery, row: int, *, missing_ok: bool = False) -> tuple[int, ...]:
         """Positions of `query` in the text sequence of prompt row `row` (sorted, unique). `missing_ok`: a word that
@@ -243,15 +255,19 @@ class PromptTokens:
         found: set[int] = set()
         truncated: list[tuple[_Tokenized, list[int]]] = []
         for e, encoder in enumerate(self.encoders):
+            shared: list[tuple[int, ...]] = []  # per tokenizer of this encoder: the positions they share
             for t in range(len(encoder.tokenizers)):
                 tokenized = self._tokenized(e, t, row)
                 convert = encoder.convert[t] if t < len(encoder.convert) else None
                 form = convert(phrase) if convert is not None else phrase
                 hits = tokenized.find(form, occurrence)
-                found.update(encoder.offset + p for p in hits if p < tokenized.kept)
+                shared.append(tuple(encoder.offset + p for p in hits if p < tokenized.kept))
+                found.update(shared[-1])
                 past = [p for p in hits if p >= tokenized.kept]
                 if past:
                     truncated.append((tokenized, past))
+            if len(set(shared)) > 1:
+                self._warn_shared(query, row, e, shared)
         if not found and truncated:
             tokenized, past = truncated[0]
             raise TokenError(
@@ -266,6 +282,22 @@ class PromptTokens:
                 return ()
             raise TokenError(self._missing_message(query, row))
         return tuple(sorted(found))
+
+    def _warn_shared(self, query: WordQuery, row: int, e: int, shared: list[tuple[int, ...]]) -> None:
+        encoder = self.encoders[e]
+        where = "; ".join(
+            f"at {list(positions)} in tokenizer {t + 1}'s text {encoder.prompts[t][row]!r}" for t, positions in enumerate(shared)
+        )
+        union = sorted(set().union(*shared))
+        prompt = "prompt" if self.branch == "cond" else "negative_prompt"
+        warnings.warn(
+            f"attnctl: {describe_query(query)} is at different {encoder.name} positions in the {self.branch} prompts of row "
+            f"{row} ({where}). Their encoders share positions (each key carries both encoders' channels), so the "
+            f"control acts at {union} in both, on whatever the other text holds there too. Word {prompt} and "
+            f"{prompt}_2 alike (or leave {prompt}_2 None) to control one word.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _missing_message(self, query: WordQuery, row: int) -> str:
         shown = []

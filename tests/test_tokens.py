@@ -228,3 +228,29 @@ def test_sd3_without_its_t5_encoder_places_words_in_clip_only(tiny_cache):
     finally:
         pipe.text_encoder_3 = t5
     assert probe.log[0] == ("cond", 0, {"cat": (5,)})
+
+
+def test_sdxl_prompt_2_worded_differently(tiny_cache):
+    """CLIP-L and CLIP-G share positions. (a) Prompt-to-Prompt aligned the tokens of `prompt` only, and applied that
+    alignment to `prompt_2`'s tokens too: an edit that aligns differently there is refused, naming both. (b) A word
+    at different positions in the two texts is placed at the union (on the other text's token there too): warned."""
+    import warnings
+
+    import attnctl
+    from attnctl.errors import UnsupportedError
+    from tests.helpers import WordProbe, generate
+
+    pipe = tiny_cache("tiny-sdxl")
+    prompts = ["a cat on a table", "a dog on a table"]
+    with attnctl.apply(pipe, attnctl.PromptToPrompt("refine")):
+        generate(pipe, "tiny-sdxl", prompts, steps=1, prompt_2=["a cat on a bed", "a dog on a bed"])  # aligned alike
+        with pytest.raises(UnsupportedError, match=r"prompt \('a cat on a table' -> 'a dog on a table'\) and in prompt_2"):
+            generate(pipe, "tiny-sdxl", prompts, steps=1, prompt_2=["a cat on a table", "a big red dog on a table"])
+    probe = WordProbe(words=("dog", "cat"))
+    with warnings.catch_warnings(record=True) as caught, attnctl.apply(pipe, probe):
+        warnings.simplefilter("always")
+        generate(pipe, "tiny-sdxl", "a photo of a cat", steps=1, prompt_2="a dog and cat")
+    assert probe.log[0] == ("cond", 0, {"dog": (2,), "cat": (4, 5)})  # the union, as before
+    messages = [str(w.message) for w in caught if str(w.message).startswith("attnctl: ")]
+    assert len(messages) == 2 and all("tokenizer 2's text 'a dog and cat'" in m for m in messages)
+    assert "'dog' is at different clip positions" in messages[0] and "at [] in tokenizer 1's text 'a photo of a cat'" in messages[0]
