@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import ConfigError
+from .tokens import phrase_pattern  # how attnctl.tokens finds a phrase, so occurrences count alike
 
 ROUND = 1.1
 SQUARE = 1 / 1.1
@@ -38,11 +39,6 @@ _ANY_NUMBER_CLOSE = re.compile(r":\s*([+-]?(?:(?=[\d.eE+-]*\d)[\d.eE+-]+|nan|inf
 _ESCAPABLE = "()[]:\\"
 
 Key = str | tuple[str, int]
-
-
-def _phrase_pattern(phrase: str) -> re.Pattern[str]:
-    # The same whole-word, case-insensitive pattern `attnctl.tokens` uses to find a phrase in a prompt.
-    return re.compile(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", re.IGNORECASE)
 
 
 def parse_segments(text: str) -> list[tuple[str, float]]:
@@ -139,10 +135,10 @@ def parse_prompt(text: str) -> tuple[str, dict[Key, float]]:
     weights: dict[Key, float] = {}
     by_phrase: dict[str, list[tuple[str, int, float]]] = {}
     for span in spans:
-        by_phrase.setdefault(span[0].lower(), []).append(span)
+        by_phrase.setdefault(" ".join(span[0].lower().split()), []).append(span)  # as `phrase_pattern` matches
     for phrase_spans in by_phrase.values():
         phrase = phrase_spans[0][0]
-        starts = [m.start() for m in _phrase_pattern(phrase).finditer(clean)]
+        starts = [m.start() for m in phrase_pattern(phrase).finditer(clean)]
         occurrences = []
         for found, start, weight in phrase_spans:
             if start not in starts:

@@ -13,6 +13,7 @@ row raises `TokenError` showing how the prompt was tokenized.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,9 +47,21 @@ def validate_word_query(query: object, *, owner: str) -> WordQuery:
 
 
 def has_duplicates(queries: Sequence[WordQuery]) -> bool:
-    """Whether two queries find the same tokens: words match whatever their case ("red" and "RED" are one word)."""
-    folded = [q.casefold() if isinstance(q, str) else (q[0].casefold(), q[1]) if isinstance(q, tuple) else q for q in queries]
+    """Whether two queries find the same tokens: words match whatever their case and the whitespace between them
+    ("red car" and "RED  car" are one phrase)."""
+    folded = [_folded(q) if isinstance(q, str) else (_folded(q[0]), q[1]) if isinstance(q, tuple) else q for q in queries]
     return len(set(folded)) != len(folded)
+
+
+def phrase_pattern(phrase: str) -> re.Pattern[str]:
+    """Where `phrase` is in a prompt: whole words, any case, its words separated by any whitespace ("red car" is in
+    "a red  car" and "a Red\ncar": the tokenizer gives them the same tokens)."""
+    words = r"\s+".join(re.escape(word) for word in phrase.split())
+    return re.compile(r"(?<!\w)" + words + r"(?!\w)", re.IGNORECASE)
+
+
+def _folded(phrase: str) -> str:
+    return " ".join(phrase.casefold().split())
 
 
 def explicit_position(query: int, text_len: int) -> tuple[int, ...]:
@@ -90,17 +103,20 @@ class EncoderPrompts:
 
 
 class _Tokenized:
-    """One prompt tokenized by one tokenizer, with character offsets when the tokenizer gives them."""
+    """One prompt tokenized by one tokenizer, with the character span of each token in the prompt: the tokenizer's
+    own offsets, or (a slow tokenizer: transformers 4.x's CLIPTokenizer / T5Tokenizer give none) offsets rebuilt by
+    `_rebuilt_offsets`, so that words are matched in the text the same way either way."""
 
     def __init__(self, tokenizer: Any, text: str, limit: int, encoder: str):
         self.text = text
         try:
             encoding = tokenizer(text, truncation=False, add_special_tokens=True, return_offsets_mapping=True)
-            self.offsets: list[tuple[int, int]] | None = [tuple(o) for o in encoding["offset_mapping"]]
+            offsets: list[tuple[int, int]] | None = [tuple(o) for o in encoding["offset_mapping"]]
         except (NotImplementedError, TypeError, ValueError, KeyError):
             encoding = tokenizer(text, truncation=False, add_special_tokens=True)
-            self.offsets = None
+            offsets = None
         self.ids: list[int] = list(encoding["input_ids"])
+        self.offsets: list[tuple[int, int]] = offsets if offsets is not None else _rebuilt_offsets(tokenizer, text, self.ids)
         self.tokens: list[str] = list(tokenizer.convert_ids_to_tokens(self.ids))
         self.tokenizer = tokenizer
         self.limit, self.encoder = limit, encoder
@@ -117,46 +133,61 @@ class _Tokenized:
 
     def word_ids(self) -> list[int]:
         """The index of the word each token comes from (-1: a special token): the whitespace-separated word its
-        characters fall in, when the tokenizer gives character offsets; else from the tokens' own word marks (CLIP's
-        `</w>` ends a word; SentencePiece's `▁` and byte-level BPE's `Ġ` start one)."""
-        if self.offsets is not None:
-            words = [m.span() for m in re.finditer(r"\S+", self.text)]
-            return [next((k for k, (start, stop) in enumerate(words) if b > a and a < stop and b > start), -1) for a, b in self.offsets]
-        specials = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
-        found, word, open_word = [], -1, False
-        for token_id, token in zip(self.ids, self.tokens):
-            if token_id in specials:
-                found.append(-1)
-                open_word = False
-                continue
-            if not open_word or token.startswith(("\u2581", "\u0120")):
-                word += 1
-            found.append(word)
-            open_word = not token.endswith("</w>")
-        return found
+        characters fall in."""
+        words = [m.span() for m in re.finditer(r"\S+", self.text)]
+        return [next((k for k, (start, stop) in enumerate(words) if b > a and a < stop and b > start), -1) for a, b in self.offsets]
 
     def show(self) -> str:
         return " ".join(f"{i}:{tok}" for i, tok in enumerate(self.tokens))
 
     def find(self, phrase: str, occurrence: int | None) -> list[int]:
-        if self.offsets is not None:
-            spans = [m.span() for m in re.finditer(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", self.text, re.IGNORECASE)]
-            if occurrence is not None:
-                spans = spans[occurrence : occurrence + 1]
-            positions: list[int] = []
-            for start, stop in spans:
-                positions.extend(
-                    i for i, (a, b) in enumerate(self.offsets) if b > a and a < stop and b > start
-                )
-            return positions
-        return self._find_ids(phrase, occurrence)
-
-    def _find_ids(self, phrase: str, occurrence: int | None) -> list[int]:
-        pattern = list(self.tokenizer(phrase, add_special_tokens=False)["input_ids"])
-        hits = [i for i in range(len(self.ids) - len(pattern) + 1) if pattern and self.ids[i : i + len(pattern)] == pattern]
+        spans = [m.span() for m in phrase_pattern(phrase).finditer(self.text)]
         if occurrence is not None:
-            hits = hits[occurrence : occurrence + 1]
-        return [i + j for i in hits for j in range(len(pattern))]
+            spans = spans[occurrence : occurrence + 1]
+        positions: list[int] = []
+        for start, stop in spans:
+            positions.extend(i for i, (a, b) in enumerate(self.offsets) if b > a and a < stop and b > start)
+        return positions
+
+
+def _rebuilt_offsets(tokenizer: Any, text: str, ids: list[int]) -> list[tuple[int, int]]:
+    """Character spans of `ids` in `text` for a tokenizer that gives no offsets, as a fast tokenizer gives them: each
+    token is decoded alone and found in the text from where the previous one ended, ignoring case (CLIP lower-cases
+    the prompt). A token that decodes to nothing (SentencePiece's lone `▁`) or to part of a character (U+FFFD: a
+    byte-level piece) is decoded with the tokens after it until that gives text, and they all get its span. An unknown
+    token gets the text between its neighbours; special tokens, and tokens not found (text the tokenizer normalized),
+    get (0, 0): no word."""
+    folded = text.lower()
+    if len(folded) != len(text):  # a character whose lower case is longer: keep the text's indices
+        folded = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    specials = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    unknown_id = getattr(tokenizer, "unk_token_id", None)
+    offsets: list[tuple[int, int]] = [(0, 0)] * len(ids)
+    cursor, group, unknown = 0, [], []
+    for i, token_id in enumerate(ids):
+        if token_id == unknown_id:
+            unknown.append(i)
+            continue
+        if token_id in specials:
+            group, unknown = [], []
+            continue
+        group.append(i)
+        piece = tokenizer.decode([ids[j] for j in group], clean_up_tokenization_spaces=False).strip().lower()
+        if (not piece or "\ufffd" in piece) and len(group) < 4 and i + 1 < len(ids):
+            continue
+        members, group = group, []
+        start = folded.find(piece, cursor) if piece else -1
+        if start < 0:
+            continue
+        gap = re.search(r"\S(.*\S)?", text[cursor:start])
+        for j in unknown:
+            if gap is not None:
+                offsets[j] = (cursor + gap.start(), cursor + gap.end())
+        unknown = []
+        cursor = start + len(piece)
+        for j in members:
+            offsets[j] = (start, cursor)
+    return offsets
 
 
 class PromptTokens:
@@ -186,22 +217,33 @@ class PromptTokens:
                 for row in range(self.rows):
                     self._tokenized(e, t, row)
 
-    def token_ids(self, row: int) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-        """Per text encoder: (offset, limit, token ids of prompt row `row` by the encoder's first tokenizer, special
-        tokens included, as the encoder gets them: truncated to `limit` as the pipeline truncates, its end token
-        last): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
+    @property
+    def tokenizer_count(self) -> int:
+        """The most tokenizers an encoder has (2: SDXL's and SD3's CLIP-L and CLIP-G, which share positions)."""
+        return max((len(encoder.tokenizers) for encoder in self.encoders), default=1)
+
+    def token_ids(self, row: int, tokenizer: int = 0) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        """Per text encoder: (offset, limit, token ids of prompt row `row` by the encoder's tokenizer `tokenizer` (its
+        last one if it has fewer), special tokens included, as the encoder gets them: truncated to `limit` as the
+        pipeline truncates, its end token last): for controls that align the tokens of two prompts (Prompt-to-Prompt)."""
         return tuple(
-            (encoder.offset, encoder.limit, tuple(self._tokenized(e, 0, row).encoded_ids)) for e, encoder in enumerate(self.encoders)
+            (encoder.offset, encoder.limit, tuple(self._tokenized(e, min(tokenizer, len(encoder.tokenizers) - 1), row).encoded_ids))
+            for e, encoder in enumerate(self.encoders)
         )
 
-    def token_words(self, row: int) -> tuple[list[int], ...]:
-        """Per text encoder: the word index of each token of `token_ids(row)` (`_Tokenized.word_ids`; -1 for the end
-        token a truncated prompt ends with)."""
+    def token_words(self, row: int, tokenizer: int = 0) -> tuple[list[int], ...]:
+        """Per text encoder: the word index of each token of `token_ids(row, tokenizer)` (`_Tokenized.word_ids`; -1 for
+        the end token a truncated prompt ends with)."""
         out = []
-        for e in range(len(self.encoders)):
-            tokenized = self._tokenized(e, 0, row)
+        for e, encoder in enumerate(self.encoders):
+            tokenized = self._tokenized(e, min(tokenizer, len(encoder.tokenizers) - 1), row)
             out.append(tokenized.word_ids()[: tokenized.kept] + [-1] * (len(tokenized.encoded_ids) - tokenized.kept))
         return tuple(out)
+
+    def text(self, row: int, tokenizer: int = 0) -> str:
+        """The prompt of row `row` as the first encoder's tokenizer `tokenizer` (its last if it has fewer) reads it."""
+        encoder = self.encoders[0]
+        return encoder.prompts[min(tokenizer, len(encoder.tokenizers) - 1)][row]
 
     def positions(self, query: WordQuery, row: int, *, missing_ok: bool = False) -> tuple[int, ...]:
         """Positions of `query` in the text sequence of prompt row `row` (sorted, unique). `missing_ok`: a word that
@@ -213,15 +255,19 @@ class PromptTokens:
         found: set[int] = set()
         truncated: list[tuple[_Tokenized, list[int]]] = []
         for e, encoder in enumerate(self.encoders):
+            shared: list[tuple[int, ...]] = []  # per tokenizer of this encoder: the positions they share
             for t in range(len(encoder.tokenizers)):
                 tokenized = self._tokenized(e, t, row)
                 convert = encoder.convert[t] if t < len(encoder.convert) else None
                 form = convert(phrase) if convert is not None else phrase
                 hits = tokenized.find(form, occurrence)
-                found.update(encoder.offset + p for p in hits if p < tokenized.kept)
+                shared.append(tuple(encoder.offset + p for p in hits if p < tokenized.kept))
+                found.update(shared[-1])
                 past = [p for p in hits if p >= tokenized.kept]
                 if past:
                     truncated.append((tokenized, past))
+            if len(set(shared)) > 1:
+                self._warn_shared(query, row, e, shared)
         if not found and truncated:
             tokenized, past = truncated[0]
             raise TokenError(
@@ -236,6 +282,22 @@ class PromptTokens:
                 return ()
             raise TokenError(self._missing_message(query, row))
         return tuple(sorted(found))
+
+    def _warn_shared(self, query: WordQuery, row: int, e: int, shared: list[tuple[int, ...]]) -> None:
+        encoder = self.encoders[e]
+        where = "; ".join(
+            f"at {list(positions)} in tokenizer {t + 1}'s text {encoder.prompts[t][row]!r}" for t, positions in enumerate(shared)
+        )
+        union = sorted(set().union(*shared))
+        prompt = "prompt" if self.branch == "cond" else "negative_prompt"
+        warnings.warn(
+            f"attnctl: {describe_query(query)} is at different {encoder.name} positions in the {self.branch} prompts of row "
+            f"{row} ({where}). Their encoders share positions (each key carries both encoders' channels), so the "
+            f"control acts at {union} in both, on whatever the other text holds there too. Word {prompt} and "
+            f"{prompt}_2 alike (or leave {prompt}_2 None) to control one word.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _missing_message(self, query: WordQuery, row: int) -> str:
         shown = []

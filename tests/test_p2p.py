@@ -77,8 +77,8 @@ def test_replacement_mapper_pairs_swapped_words_as_p2p(x_words, y_words):
     torch.testing.assert_close(got[: len(x), : len(y)], expected[: len(x), : len(y)])
 
 
-def test_prompt_words_from_offsets_and_from_token_marks(tiny_cache):
-    from attnctl.tokens import _Tokenized
+def test_prompt_words_from_offsets_and_from_rebuilt_offsets(tiny_cache):
+    from attnctl.tokens import _rebuilt_offsets, _Tokenized
 
     tokenizer = tiny_cache("tiny-sd").tokenizer
     text = "a red hippopotamus on the street"
@@ -86,12 +86,12 @@ def test_prompt_words_from_offsets_and_from_token_marks(tiny_cache):
     words = with_offsets.word_ids()
     assert words[0] == words[-1] == -1 and words[1:3] == [0, 1] and words[-2] == 5
     assert set(words[3:-4]) == {2}  # the split word is one word
-    with_offsets.offsets = None  # a tokenizer without offsets: CLIP's `</w>` marks the word ends
+    with_offsets.offsets = _rebuilt_offsets(tokenizer, text, with_offsets.ids)  # a tokenizer without offsets
     assert with_offsets.word_ids() == words
     t5 = _Tokenized(tiny_cache("tiny-flux").tokenizer_2, text + ", at night", 512, "t5")
     words = t5.word_ids()
     assert max(words) == 7 and words[-1] == -1
-    t5.offsets = None  # SentencePiece's `▁` marks the word starts
+    t5.offsets = _rebuilt_offsets(t5.tokenizer, t5.text, t5.ids)
     assert t5.word_ids() == words
 
 

@@ -108,3 +108,149 @@ def test_query_validation():
     for bad in ("", -1, ("cat", -1), True, 1.5, ("", 0)):
         with pytest.raises(ConfigError):
             validate_word_query(bad, owner="x")
+
+
+# --- Words in prompts: tokenizers without character offsets, truncation, whitespace, prompt_2 ---------------------
+
+
+class _NoOffsets:
+    """A tokenizer as transformers 4.x's slow CLIPTokenizer / T5Tokenizer: `return_offsets_mapping` raises."""
+
+    def __init__(self, tokenizer):
+        self.__dict__["_tokenizer"] = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+_NO_OFFSETS_TABLE = [
+    ("a catfish and a fish", "fish", None),
+    ("a catfish and a fish", "fish", 0),
+    ("a catfish", "fish", None),
+    ("a catfish", "cat", None),
+    ("a catfish and a cat", "cat", 0),
+    ("a Cat", "Cat", None),
+    ("a cat", "Cat", None),
+    ("a red,dog", "dog", None),
+    ("a dog, a cat.", "dog", None),
+    ("A Red Car and a red car", "red car", 1),
+    (f"a {MULTI_TOKEN_WORD} cat", MULTI_TOKEN_WORD, None),
+    ("a héllo cat", "cat", None),
+    ("a héllo cat", "héllo", None),
+    ("a héllo  wörld, no", "wörld", None),
+    ("a cat-dog", "dog", None),
+]
+
+
+@pytest.mark.parametrize("name, encoder", [("tiny-sd", "tokenizer"), ("tiny-pixart", "tokenizer")])
+def test_words_without_character_offsets_match_as_with_them(name, encoder, tiny_cache):
+    """Without offsets, words were matched as raw token ids: "fish" bound the end of "catfish", T5's "cat" the start
+    of it, case mattered and a word after punctuation was missed. Both paths now give the same positions."""
+    from attnctl.tokens import _Tokenized
+
+    tokenizer = getattr(tiny_cache(name), encoder)
+    for text, phrase, occurrence in _NO_OFFSETS_TABLE:
+        with_offsets = _Tokenized(tokenizer, text, 77, "x")
+        without = _Tokenized(_NoOffsets(tokenizer), text, 77, "x")
+        expected = with_offsets.find(phrase, occurrence)
+        assert without.find(phrase, occurrence) == expected, (text, phrase, occurrence, with_offsets.show())
+        assert without.word_ids() == with_offsets.word_ids(), (text, with_offsets.show())
+    clip = _Tokenized(_NoOffsets(tokenizer), "a catfish and a fish", 77, "x")
+    assert clip.find("fish", None) == (clip.find("fish", 0)) and len(clip.find("fish", None)) == 1
+    assert _Tokenized(_NoOffsets(tokenizer), "a catfish", 77, "x").find("fish", None) == []
+
+
+_LONG = "a red cat and " + "red " * 80 + "dog"  # "dog" is past CLIP's 77 tokens: the pipeline truncates it away
+
+
+@pytest.mark.parametrize("kind", ["p2p-reweight", "p2p-local-blend", "structured"])
+def test_a_word_truncated_away_raises_in_controls_that_skip_missing_words(kind, tiny_cache):
+    """P2P's reweight / local_blend and StructuredGuidance skip a word missing from a row; they caught every
+    TokenError, so a word truncated away silently got no weight (or "in none of the edited prompts")."""
+    import attnctl
+    from tests.helpers import generate
+
+    control = {
+        "p2p-reweight": attnctl.PromptToPrompt("refine", reweight={"dog": 2.0}),
+        "p2p-local-blend": attnctl.PromptToPrompt("refine", local_blend=("cat", "dog")),
+        "structured": attnctl.StructuredGuidance(phrases=["a red cat", "dog"]),
+    }[kind]
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, control):
+        with pytest.raises(TokenError, match="'dog'.* is at clip token position.*limit is 77"):
+            generate(pipe, "tiny-sd", ["a red cat and a dog", _LONG], steps=1)
+
+
+def test_chunked_phrases_past_the_limit_are_left_out(tiny_cache):
+    """StructuredGuidance without `phrases`: a noun phrase the chunker finds past the limit is not an error."""
+    import attnctl
+    from tests.helpers import generate
+
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, attnctl.StructuredGuidance()):
+        generate(pipe, "tiny-sd", ["a red cat and a dog", _LONG + " and a blue car"], steps=1)
+
+
+def test_a_phrase_matches_whatever_whitespace_separates_its_words(clip, t5):
+    """"red car" was not found in "a red  car" or "a red\\ncar" (the same tokens as "a red car")."""
+    from attnctl.prompt_weights import parse_prompt
+    from attnctl.tokens import has_duplicates
+
+    for name, tokenizer in (("clip", clip), ("t5", t5)):
+        prompts = ("a red car", "a red  car", "a red\ncar", "a red\t car and a red car")
+        tokens = PromptTokens([EncoderPrompts(name, (tokenizer,), (prompts,), 0, 77)], len(prompts), 77)
+        expected = tokens.positions("red car", 0)
+        assert [tokens.positions("red car", row) for row in range(3)] == [expected] * 3
+        assert tokens.positions(("red  car", 1), 3) == tokens.positions("red car", 3)[len(expected) :]
+    # parse_prompt counts occurrences as the tokens are found: the weighted one is the first of two
+    assert parse_prompt("a (red car:1.5) and a red  car")[1] == {("red car", 0): 1.5}
+    assert has_duplicates(["red car", "RED  car"])
+
+
+def test_sd3_without_its_t5_encoder_places_words_in_clip_only(tiny_cache):
+    """SD3 loaded with `text_encoder_3=None` (tokenizer_3 kept) fills the T5 span with zeros: "cat" was also placed
+    there, at 77 + its T5 position."""
+    import attnctl
+    from tests.helpers import WordProbe, generate
+
+    pipe = tiny_cache("tiny-sd3")
+    t5 = pipe.text_encoder_3
+    probe = WordProbe(words=("cat",))
+    pipe.text_encoder_3 = None
+    try:
+        with attnctl.apply(pipe, probe):
+            generate(pipe, "tiny-sd3", "a photo of a cat", steps=1)
+    finally:
+        pipe.text_encoder_3 = t5
+    assert probe.log[0] == ("cond", 0, {"cat": (5,)})
+
+
+def test_sdxl_prompt_2_worded_differently(tiny_cache):
+    """CLIP-L and CLIP-G share positions. (a) Prompt-to-Prompt aligned the tokens of `prompt` only, and applied that
+    alignment to `prompt_2`'s tokens too: an edit that aligns differently there is refused, naming both. (b) A word
+    at different positions in the two texts is placed at the union (on the other text's token there too): warned."""
+    import warnings
+
+    import attnctl
+    from attnctl.errors import UnsupportedError
+    from tests.helpers import WordProbe, generate
+
+    pipe = tiny_cache("tiny-sdxl")
+    prompts = ["a cat on a table", "a dog on a table"]
+    with attnctl.apply(pipe, attnctl.PromptToPrompt("refine")):
+        generate(pipe, "tiny-sdxl", prompts, steps=1, prompt_2=["a cat on a bed", "a dog on a bed"])  # aligned alike
+        with pytest.raises(UnsupportedError, match=r"prompt \('a cat on a table' -> 'a dog on a table'\) and in prompt_2"):
+            generate(pipe, "tiny-sdxl", prompts, steps=1, prompt_2=["a cat on a table", "a big red dog on a table"])
+    probe = WordProbe(words=("dog", "cat"))
+    with warnings.catch_warnings(record=True) as caught, attnctl.apply(pipe, probe):
+        warnings.simplefilter("always")
+        generate(pipe, "tiny-sdxl", "a photo of a cat", steps=1, prompt_2="a dog and cat")
+    assert probe.log[0] == ("cond", 0, {"dog": (2,), "cat": (4, 5)})  # the union, as before
+    messages = [str(w.message) for w in caught if str(w.message).startswith("attnctl: ")]
+    assert len(messages) == 2 and all("tokenizer 2's text 'a dog and cat'" in m for m in messages)
+    assert "'dog' is at different clip positions" in messages[0] and "at [] in tokenizer 1's text 'a photo of a cat'" in messages[0]

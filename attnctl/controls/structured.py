@@ -89,10 +89,16 @@ def noun_phrases(prompt: str) -> tuple[str, ...]:
 
 
 def _occurrences(tokens: PromptTokens, phrase: str, row: int) -> list[tuple[int, ...]]:
-    """The token positions of each occurrence of `phrase` in prompt row `row`, in order."""
-    found = []
+    """The token positions of each occurrence of `phrase` in prompt row `row`, in order (TokenError: the first one is
+    past the encoder's limit)."""
+    found: list[tuple[int, ...]] = []
     for occurrence in range(tokens.text_len):
-        positions = tokens.positions((phrase, occurrence), row, missing_ok=True)
+        try:
+            positions = tokens.positions((phrase, occurrence), row, missing_ok=True)
+        except TokenError:  # this occurrence is past the encoder's limit: the kept ones count, as for a word query
+            if found:
+                break
+            raise
         if not positions:
             break
         found.append(positions)
@@ -227,8 +233,10 @@ class StructuredBound(Bound):
             for phrase in phrases:
                 try:
                     occurrences = _occurrences(tokens, phrase, row)
-                except TokenError:
-                    occurrences = []
+                except TokenError:  # in the prompt, past the encoder's limit
+                    if control.phrases is not None:
+                        raise
+                    occurrences = []  # a phrase the chunker found where the pipeline truncates the prompt
                 if not occurrences:
                     missing.append(phrase)
                     continue

@@ -259,6 +259,13 @@ def _row_texts(args: dict[str, Any], names: tuple[str, ...], fallback: str | Non
     return [text for text in values for _ in range(per_prompt)]
 
 
+def _without_text_encoder(pipeline: Any, tokenizer_attr: str) -> bool:
+    """Whether the text encoder of `tokenizer_attr` (`tokenizer_3` -> `text_encoder_3`) was loaded as None while its
+    tokenizer was kept: SD3 without T5 fills that encoder's span with zeros, so no word is there."""
+    encoder = tokenizer_attr.replace("tokenizer", "text_encoder", 1)
+    return hasattr(pipeline, encoder) and getattr(pipeline, encoder) is None
+
+
 def encoder_prompts(
     protocol: CallProtocol, pipeline: Any, record: PromptRecord, text_len: int, branch: str
 ) -> list[EncoderPrompts] | None:
@@ -283,7 +290,7 @@ def encoder_prompts(
         tokenizers, texts, converters, preparers = [], [], [], []
         for attr, prompt_arg, negative_arg in zip(spec.tokenizers, spec.prompt_args, spec.negative_args):
             tokenizer = getattr(pipeline, attr, None)
-            if tokenizer is None:
+            if tokenizer is None or _without_text_encoder(pipeline, attr):
                 continue
             if branch == "cond" or separate_negative:
                 row_texts = _row_texts(args, (prompt_arg,), "prompt", rows, per_prompt)

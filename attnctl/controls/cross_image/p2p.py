@@ -510,9 +510,8 @@ class PromptToPromptBound(Bound):
         for row in self.edited:
             w = torch.ones(self.text_len)
             for word, factor in table.items():
-                try:
-                    positions = tokens.positions(word, row)
-                except TokenError:
+                positions = tokens.positions(word, row, missing_ok=True)  # a word the pipeline truncated away raises
+                if not positions:
                     continue
                 found[word] = True
                 w[list(positions)] *= factor
@@ -532,28 +531,47 @@ class PromptToPromptBound(Bound):
         for row in self.edited:
             base = row % self.per_prompt
             if tokens is not None:
-                words = zip(tokens.token_words(base), tokens.token_words(row))
-                for ((offset, limit, x), (_, _, y)), (x_words, y_words) in zip(zip(tokens.token_ids(base), tokens.token_ids(row)), words):
-                    span = min(limit, t - offset)
-                    if span <= 0 or offset < 0:
-                        continue
-                    block = slice(offset, offset + span)
-                    mappers[row, block, block] = 0.0
-                    if self.p2p.mode == "replace":
-                        what = f"the {branch} prompt of row {row}"
-                        mappers[row, block, block] = torch.tensor(replacement_mapper(x, y, span, what=what, x_words=x_words, y_words=y_words))
-                    else:
-                        mapping, alpha = refinement_mapper(x, y, span)
-                        for j, (m, a) in enumerate(zip(mapping, alpha)):
-                            if m >= 0:
-                                mappers[row, offset + m, offset + j] = a
-                            own[row, offset + j] = 1.0 - a
+                mappers[row], own[row] = self._aligned(tokens, base, row, t, branch, 0)
+                # SDXL / SD3: CLIP-L and CLIP-G share positions, so one alignment serves both texts (prompt, prompt_2)
+                for k in range(1, tokens.tokenizer_count):
+                    other = self._aligned(tokens, base, row, t, branch, k)
+                    if not (torch.equal(other[0], mappers[row]) and torch.equal(other[1], own[row])):
+                        prompt = "prompt" if branch == "cond" else "negative_prompt"
+                        raise UnsupportedError(
+                            f"attnctl: PromptToPrompt: row {row} edits row {base} differently in {prompt} "
+                            f"({tokens.text(base)!r} -> {tokens.text(row)!r}) and in {prompt}_{k + 1} "
+                            f"({tokens.text(base, k)!r} -> {tokens.text(row, k)!r}): their encoders share token "
+                            f"positions, so one token alignment must serve both. Edit {prompt}_{k + 1} at the same token "
+                            f"positions as {prompt}, or leave {prompt}_{k + 1} None (it then repeats {prompt})"
+                        )
             if weights is not None:
                 mappers[row] = mappers[row] * weights[row][None, :]
                 own[row] = own[row] * weights[row]
         identity = bool(torch.equal(mappers, torch.eye(t).expand(self.rows, t, t)))
         zero = not bool(own.any())
         return (None if identity else mappers, own, zero)
+
+    def _aligned(self, tokens: Any, base: int, row: int, t: int, branch: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mapper (T, T), own text scale (T,)) of edited row `row` from its base row `base`, the tokens read by each
+        encoder's tokenizer `k`."""
+        mapper, own = torch.eye(t), torch.zeros(t)
+        words = zip(tokens.token_words(base, k), tokens.token_words(row, k))
+        for ((offset, limit, x), (_, _, y)), (x_words, y_words) in zip(zip(tokens.token_ids(base, k), tokens.token_ids(row, k)), words):
+            span = min(limit, t - offset)
+            if span <= 0 or offset < 0:
+                continue
+            block = slice(offset, offset + span)
+            mapper[block, block] = 0.0
+            if self.p2p.mode == "replace":
+                what = f"the {branch} prompt of row {row}" + (f" (its text for tokenizer {k + 1})" if k else "")
+                mapper[block, block] = torch.tensor(replacement_mapper(x, y, span, what=what, x_words=x_words, y_words=y_words))
+            else:
+                mapping, alpha = refinement_mapper(x, y, span)
+                for j, (m, a) in enumerate(zip(mapping, alpha)):
+                    if m >= 0:
+                        mapper[offset + m, offset + j] = a
+                    own[offset + j] = 1.0 - a
+        return mapper, own
 
     def _word_columns(self, tokens: Any, windows: WordWindows) -> tuple[tuple[P2PWindow, torch.Tensor], ...]:
         """P2P's `get_time_words_attention_alpha`: the default window over every text column of every edited row,
@@ -663,11 +681,8 @@ class PromptToPromptBound(Bound):
         """(rows, T) 1 at the tokens of the blend words found in each row's prompt."""
         selector = torch.zeros(self.rows, self.text_len)
         for row in range(self.rows):
-            for word in words:
-                try:
-                    selector[row, list(tokens.positions(word, row))] = 1.0
-                except TokenError:
-                    continue
+            for word in words:  # a word the pipeline truncated away raises
+                selector[row, list(tokens.positions(word, row, missing_ok=True))] = 1.0
             if not bool(selector[row].any()):
                 raise TokenError(
                     f"attnctl: PromptToPrompt.local_blend: none of {list(words)} is in the prompt of row {row}; give the "
