@@ -109,6 +109,24 @@ def test_pag_matches_diffusers_sd(guidance, adaptive):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name, pipeline", [("tiny-sd", "StableDiffusionPAGPipeline"), ("tiny-sdxl", "StableDiffusionXLPAGPipeline")])
+def test_pag_with_guidance_rescale_matches_diffusers(name, pipeline):
+    """With `guidance_rescale` the pipeline rescales toward the cond prediction's spread, as diffusers' PAG pipelines
+    do: D goes to the uncond rows as D / (1 - s) (`rescale_shares`), the cond rows stay the plain prediction."""
+    import diffusers
+
+    pipe = make_tiny_pipeline(name)
+    reference_pipe = getattr(diffusers, pipeline)(**pipe.components, pag_applied_layers=["mid"])
+    reference_pipe.set_progress_bar_config(disable=True)
+    options = dict(steps=3, guidance=5.0, guidance_rescale=0.7)
+    expected = generate(reference_pipe, name, pag_scale=3.0, **options)
+    unrescaled = generate(reference_pipe, name, pag_scale=3.0, steps=3, guidance=5.0)
+    with attnctl.apply(pipe, [attnctl.PAG(scale=3.0, layers="mid")]):
+        got = generate(pipe, name, **options)
+    assert (expected - unrescaled).abs().max() > 1e-2  # the rescale changes the result
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name, pipeline, layers, leave_out", [
     ("tiny-sdxl", "StableDiffusionXLPAGPipeline", "mid", ()),
     ("tiny-sd3", "StableDiffusion3PAGPipeline", "blocks.1", ("image_encoder", "feature_extractor")),  # no qk-norm

@@ -3,7 +3,8 @@
 Every denoiser call opens a frame (step, rows, geometry) for the processors. When guidance controls
 add perturbed rows, they are batched with the pipeline's rows in one forward (every batched input is
 re-batched), and `D = sum_k term_k(cond, perturbed_k)` is added to every row the pipeline combines, so
-the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s. In a separate uncond call
+the pipeline's own CFG gives `uncond + s (cond - uncond) + D` for any scale s (a pipeline that rescales its CFG
+result gets D on the uncond rows only, `rescale_shares`). In a separate uncond call
 (Flux true CFG) and in SD3's own skip-layer pass the `D` of the same step's cond call is added.
 
 A guidance term that needs the first forward's output (SAG's degraded input) is a `SecondPass`: after the
@@ -474,7 +475,12 @@ class DenoiserHooks:
         # only the step's own D is read again (by its separate uncond call or extra pass): one step's kept, not all
         runtime.call.guidance_terms = {frame.step.index: total}
         runtime.call.guidance_prompts = {frame.step.index: prompts}
-        return replace_first(output, own + _spread(total, base, prompts))
+        spread = _spread(total, base, prompts)
+        shares = rescale_shares(runtime.pipeline, base)
+        if shares is not None:
+            weights = host_tensor(shares, torch.float32, spread.device).view(-1, *([1] * (spread.dim() - 1)))
+            spread = (spread.to(torch.float32) * weights).to(spread.dtype)
+        return replace_first(output, own + spread)
 
     def _check_reference_tokens(self, frame: DenoiserCall) -> None:
         """Refuse, once per pipeline call, a control that is not defined with reference-image tokens in the sequence
@@ -614,6 +620,23 @@ class FirstPass:
             raise CallLayoutError(f"attnctl: an extra forward got {batch} rows but a layout of {len(rows)}")
         frame = dataclasses.replace(self.frame, rows=rows, inputs=inputs, extra_pass=tag)
         return self._call_with(inputs, frame)
+
+
+def rescale_shares(pipeline: Any, layout: RowLayout) -> tuple[float, ...] | None:
+    """Each row's share of the guidance term D where the pipeline rescales its CFG result (`guidance_rescale > 0`,
+    SD / SDXL: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed", rescale toward the
+    standard deviation of the cond prediction): the cond rows keep their prediction (share 0) and the uncond rows take
+    D / (1 - s), so the pipeline's `uncond' + s (cond - uncond')` is still `uncond + s (cond - uncond) + D` and its
+    rescale reads the plain cond prediction, as diffusers' PAG pipelines rescale. None (D on every row) where the
+    pipeline does not rescale, runs no CFG, or the rows are not uncond / cond pairs."""
+    rescale = getattr(pipeline, "guidance_rescale", None)
+    scale = getattr(pipeline, "guidance_scale", None)
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (rescale, scale))
+    if not numbers or rescale <= 0 or scale <= 1 or getattr(pipeline, "do_classifier_free_guidance", None) is not True:
+        return None
+    if {row.branch for row in layout.rows} != {"uncond", "cond"}:
+        return None
+    return tuple(0.0 if row.branch == "cond" else 1.0 / (1.0 - float(scale)) for row in layout.rows)
 
 
 def _spread(terms: torch.Tensor, layout: RowLayout, prompts: tuple[int, ...] | None) -> torch.Tensor:
