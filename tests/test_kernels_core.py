@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from attnctl.errors import BackendError, ConfigError
-from attnctl.kernels import AttentionSpec, LabelMask, Sparse, Window, attention, choose_backend, validate_backend
+from attnctl.kernels import (
+    BACKENDS,
+    AttentionSpec,
+    LabelMask,
+    Sparse,
+    Window,
+    attention,
+    choose_backend,
+    validate_backend,
+)
 from attnctl.kernels.reference import entmax
 
 
@@ -435,3 +444,70 @@ def test_sdpa_refuses_a_key_bias_of_the_wrong_length(length):
     q, k, v = _qkv(nq=10, nk=12)
     with pytest.raises(ConfigError, match="key_bias"):
         attention(q, k, v, AttentionSpec(key_bias=torch.randn(2, length)), "sdpa")
+
+
+# --- float16 value scales past float16's range ---------------------------------------------------------------------
+
+
+def _fp16_value_scale_case(layout):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 20, 16, generator=g).half() for _ in range(3))
+    scale = torch.ones(2, 20)
+    scale[:, 16:18] = 1e5
+    scale[1, 3] = 0.0
+    if layout == "rows":
+        return q, k, v, AttentionSpec(value_scale=scale, query_range=(4, 20))  # two row groups: one flex graph less
+    labels = torch.tensor([[0] * 10 + [1] * 10] * 2)
+    table = torch.zeros(2, 2, 2)
+    table[:, 0, 1] = float("-inf")
+    return q, k, v, AttentionSpec(value_scale=scale, labels=LabelMask(labels, labels, table))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "triton"])
+@pytest.mark.parametrize("layout", ["rows", "labels"])
+def test_float16_value_scale_past_its_range_gives_the_float32_output(backend, layout):
+    """A value scale (Reweight's factor: valid up to float32's largest) of 1e5 in float16: sdpa, flex and triton
+    scaled V (or P * w) in float16, where w * |v| past 65504 is inf and mixed-sign infs NaN (an all-NaN latent), though
+    the output, an average of the scaled values, is finite, as the reference's float32 one is. They scale by w / peak
+    and multiply the output by the peak."""
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} is not available here")
+    q, k, v, spec = _fp16_value_scale_case(layout)
+    out, _ = attention(q, k, v, spec, backend)
+    expected, _ = attention(q.float(), k.float(), v.float(), spec, "reference")
+    assert torch.isfinite(out).all()
+    assert expected.abs().max() > 1e4  # the scaled keys dominate: finite only because of the bound
+    assert (out.float() - expected).abs().max() <= 2e-3 * expected.abs().max()
+
+
+def test_float16_value_scale_of_at_most_one_and_other_dtypes_are_unchanged(monkeypatch):
+    """The bound changes nothing where it is not needed: a float16 scale of at most 1 (peak 1) and bf16 / float32 at
+    any scale give SDPA of (w * V) to the bit, as before. The bound is made once per value-scale tensor."""
+    from attnctl.kernels import spec as spec_module
+
+    for dtype, factor in ((torch.float16, 0.5), (torch.float16, 1.0), (torch.bfloat16, 1e5), (torch.float32, 1e5)):
+        q, k, v = (t.to(dtype) for t in _qkv())
+        scale = torch.ones(2, 12)
+        scale[:, 3:5] = factor
+        scale[:, 7] = 0.0
+        out, _ = attention(q, k, v, AttentionSpec(value_scale=scale), "sdpa")
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v * scale[:, None, :, None].to(dtype))), (dtype, factor)
+    made = []
+    real = spec_module._bounded
+    monkeypatch.setattr(spec_module, "_bounded", lambda s: (made.append(1), real(s))[1])
+    q, k, v, spec = _fp16_value_scale_case("rows")
+    for _ in range(3):
+        attention(q, k, v, spec, "sdpa")
+    assert len(made) == 1
+
+
+def test_float16_pipeline_with_a_huge_reweight_factor_has_a_finite_latent():
+    import attnctl
+    from attnctl.testing import make_tiny_pipeline
+
+    from .helpers import generate
+
+    pipe = make_tiny_pipeline("tiny-sd").to(torch.float16)
+    with attnctl.apply(pipe, [attnctl.Reweight({"cat": 1e5})], backend="auto"):
+        latent = generate(pipe, "tiny-sd", prompt="a photo of a cat")
+    assert torch.isfinite(latent).all()

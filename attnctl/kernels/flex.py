@@ -43,7 +43,16 @@ from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block
 from ..errors import BackendError, ConfigError, KernelCompileError, UnsupportedInputError
 from . import sdpa
 from .semantics import labels_for_batch
-from .spec import AttentionSpec, LabelMask, Window, as_additive, check_kernel_dtypes, per_key
+from .spec import (
+    AttentionSpec,
+    LabelMask,
+    Window,
+    as_additive,
+    bounded_value_scale,
+    check_kernel_dtypes,
+    per_key,
+    times_peak,
+)
 
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -405,9 +414,9 @@ def attention(
     bias = None
     if spec.key_bias is not None:
         bias = per_key(spec.key_bias, "key_bias", batch=batch, heads=heads, keys=nk).float().expand(batch, heads, nk).contiguous()
-    scaled_v = v
+    scaled_v, peak = v, None
     if spec.value_scale is not None:
-        w = per_key(spec.value_scale, "value_scale", batch=batch, heads=heads, keys=nk).to(v.dtype)
+        w, peak = _value_scale(spec.value_scale, v.dtype, batch, heads, nk)
         scaled_v = v * w[..., None]
     edited = spec.key_bias is not None or spec.value_scale is not None
     start, stop = spec.query_range if (spec.query_range is not None and edited) else (0, nq)
@@ -427,7 +436,7 @@ def attention(
             q[:, :, a:b], k, scaled_v if in_range else v, compose(tuple(mods)), block_mask(spec, batch, (a, b), nk, q.device),
             spec.scale, spec.return_lse,
         )
-        outs.append(out)
+        outs.append(out if not (in_range and peak is not None) else times_peak(out, peak))
         lses.append(lse)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     lse = None
@@ -446,9 +455,9 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
     def rows(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         return t.gather(2, perm[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
 
-    vv = v
+    vv, peak = v, None
     if spec.value_scale is not None:
-        w = per_key(spec.value_scale, "value_scale", batch=batch, heads=heads, keys=nk).to(v.dtype)
+        w, peak = _value_scale(spec.value_scale, v.dtype, batch, heads, nk)
         vv = v * w[..., None]
     mods: list[ScoreMod] = []
     if spec.key_bias is not None:
@@ -458,8 +467,22 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: 
     if soft:
         mods.append(label_bias(q_sorted, k_sorted, finite))
     out_g, lse_g = _flex_call(rows(q, q_perm), rows(k, k_perm), rows(vv, k_perm), compose(tuple(mods)), mask, spec.scale, spec.return_lse)
+    if peak is not None:
+        out_g = times_peak(out_g, peak)
     out = torch.empty_like(out_g).scatter_(2, q_perm[:, None, :, None].expand(-1, heads, -1, out_g.shape[3]), out_g)
     lse = None
     if lse_g is not None:
         lse = torch.empty_like(lse_g).scatter_(2, q_perm[:, None, :].expand(-1, heads, -1), lse_g)
     return out, lse
+
+
+def _value_scale(
+    value_scale: torch.Tensor, dtype: torch.dtype, batch: int, heads: int, nk: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the value scale (B|1, H|1, Nk) in `dtype`, None), or in float16 (value scale / peak, peak)
+    (`bounded_value_scale`: w * v past float16's range; the output times peak)."""
+    w = per_key(value_scale, "value_scale", batch=batch, heads=heads, keys=nk)
+    if dtype != torch.float16:
+        return w.to(dtype), None
+    w, peak = bounded_value_scale(value_scale)
+    return w.to(dtype), peak

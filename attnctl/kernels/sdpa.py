@@ -19,7 +19,18 @@ import torch.nn.functional as F
 
 from ..errors import BackendError
 from . import window_tiles
-from .spec import AttentionSpec, IdentityCache, LabelMask, Window, as_additive, kept_tensors, per_key, version
+from .spec import (
+    AttentionSpec,
+    IdentityCache,
+    LabelMask,
+    Window,
+    as_additive,
+    bounded_value_scale,
+    kept_tensors,
+    per_key,
+    times_peak,
+    version,
+)
 
 DENSE_MASK_LIMIT = 1 << 26  # 64M elements: 256 MB as float32
 
@@ -199,11 +210,14 @@ def attention(
     edited_mask = _rows(shared, start, stop)
     if spec.key_bias is not None:
         edited_mask = _biased(shared, edited_mask, spec, start, stop, q, nk)
+    edited_v, peak = v, None
     if spec.value_scale is not None:
-        edited_v = v * per_key(spec.value_scale, "value_scale", keys=nk)[..., None].to(v.dtype)  # (B|1, H|1, Nk, 1)
-    else:
-        edited_v = v
-    pieces.append(_call(q[:, :, start:stop], k, edited_v, edited_mask, spec.scale))
+        value_scale = per_key(spec.value_scale, "value_scale", keys=nk)
+        if v.dtype == torch.float16:  # w * v past float16's range: V times w / peak, the output times peak
+            value_scale, peak = bounded_value_scale(spec.value_scale)
+        edited_v = v * value_scale[..., None].to(v.dtype)  # (B|1, H|1, Nk, 1)
+    edited = _call(q[:, :, start:stop], k, edited_v, edited_mask, spec.scale)
+    pieces.append(edited if peak is None else times_peak(edited, peak))
     if stop < nq:
         pieces.append(_call(q[:, :, stop:], k, v, _rows(shared, stop, nq), spec.scale))
     out = pieces[0] if len(pieces) == 1 else _join_queries(pieces)

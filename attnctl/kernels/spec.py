@@ -123,6 +123,42 @@ class IdentityCache:
         return len(self._entries)
 
 
+#: `bounded_value_scale`'s results, by value-scale tensor: every layer of a denoiser call passes the same one.
+_BOUNDED_SCALES = IdentityCache(4)
+
+
+def bounded_value_scale(value_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A value scale for float16 attention: (value_scale / peak, peak) in `per_key`'s form, peak (B|1, H|1, 1) being
+    each row's largest |scale|, at least 1. The fused backends scale V (or P) in the half dtype, where w * |v| past
+    65504 is inf (mixed-sign infs then NaN) although the output, an average of the scaled values, may be finite: with
+    the scale at most 1 the products stay in range, and the output times the peak (`times_peak`) is the same average.
+    A scale of at most 1 everywhere has peak 1 and is returned as it is, to the bit. Made on the device, no host
+    sync, once per tensor and version (in a torch.compile trace, in the graph)."""
+    scale = per_key(value_scale, "value_scale")
+    if torch.compiler.is_compiling() or value_scale.requires_grad:
+        return _bounded(scale)
+    extra = (version(value_scale),)
+    found = _BOUNDED_SCALES.get((value_scale,), extra)
+    if found is None:
+        with kept_tensors():
+            found = _BOUNDED_SCALES.put((value_scale,), extra, _bounded(scale))
+    return found
+
+
+def _bounded(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    peak = scale.abs().amax(-1, keepdim=True).clamp(min=1)
+    return scale / peak, peak
+
+
+def times_peak(out: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """`out` (B, H, rows, D) times `bounded_value_scale`'s peak (B|1, H|1, 1), multiplied in the peak's dtype and
+    rounded once to `out`'s (a peak past float16's range stays exact); in place unless autograd records `out`."""
+    peak = peak[..., None]
+    if out.requires_grad:
+        return (out * peak).to(out.dtype)
+    return out.mul_(peak)
+
+
 @dataclass(frozen=True, eq=False)  # identity equality and hash: backends cache per LabelMask object
 class LabelMask:
     """Region / isolation masks evaluated from labels, never as a dense N x N tensor in fused kernels.

@@ -32,6 +32,7 @@ Under `TRITON_INTERPRET=1` (set before this module is first imported) the kernel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,17 @@ import triton
 import triton.language as tl
 
 from ..errors import BackendError, ConfigError, KernelCompileError, UnsupportedInputError
-from .spec import KERNEL_DTYPES, AttentionSpec, LabelMask, Window, as_additive, check_kernel_dtypes, per_key
+from .spec import (
+    KERNEL_DTYPES,
+    AttentionSpec,
+    LabelMask,
+    Window,
+    as_additive,
+    bounded_value_scale,
+    check_kernel_dtypes,
+    per_key,
+    times_peak,
+)
 
 #: log2(e). A module global read inside @triton.jit code must be a `tl.constexpr` instance (the annotated form
 #: `LOG2E: tl.constexpr = ...` is not accepted either); a plain float compiles only in the interpreter.
@@ -483,6 +494,27 @@ def empty_call(out: torch.Tensor, lse: torch.Tensor | None) -> tuple[torch.Tenso
     return out, lse
 
 
+def bounded(
+    spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[AttentionSpec, torch.Tensor | None]:
+    """(`spec`, None), or in float16 with a value scale (`spec` with the scale over its peak, the peak): the kernels
+    round P * w to float16 for the P @ V product, inf past 65504 (`bounded_value_scale`). `unbounded` multiplies the
+    edited rows' output by the peak."""
+    if spec.value_scale is None or v.dtype != torch.float16:
+        return spec, None
+    per_key(spec.value_scale, "value_scale", batch=q.shape[0], heads=q.shape[1], keys=k.shape[2])
+    scale, peak = bounded_value_scale(spec.value_scale)
+    return dataclasses.replace(spec, value_scale=scale), peak
+
+
+def unbounded(out: torch.Tensor, spec: AttentionSpec, peak: torch.Tensor | None) -> torch.Tensor:
+    """`out` (a kernel's, in place) with the rows the value scale applies to times `peak` (`bounded`)."""
+    if peak is not None:
+        start, stop = spec.query_range if spec.query_range is not None else (0, out.shape[2])
+        times_peak(out[:, :, start:stop], peak)
+    return out
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, who: str = "triton") -> None:
     """Raise UnsupportedInputError for what the kernels cannot take (`auto` then uses another backend)."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -763,8 +795,9 @@ def attention(
     out, lse = outputs(q, v, spec.return_lse)
     if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
         return empty_call(out, lse)
+    spec, peak = bounded(spec, q, k, v)
     launch(q, k, v, spec, out, lse, config=config, gpu=q.device.type == "cuda").run()
-    return out, lse
+    return unbounded(out, spec, peak), lse
 
 
 def launch(

@@ -303,8 +303,9 @@ def _sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     out, lse = ta.outputs(q, v, spec.return_lse)
     if q.shape[2] == 0 or k.shape[2] == 0:  # nothing to compute: no rows, or rows that attend to nothing (zeros, lse -inf)
         return ta.empty_call(out, lse)
+    spec, peak = ta.bounded(spec, q, k, v)
     launch(q, k, v, spec, out, lse, config=config, gpu=q.device.type == "cuda").run()
-    return out, lse
+    return ta.unbounded(out, spec, peak), lse
 
 
 def launch(
