@@ -627,3 +627,45 @@ def test_a_failed_heatmap_write_names_the_heatmaps_not_the_image(tmp_path, capsy
     line = one_line_error(capsys)
     assert f"cannot write {out / 'maps' / '0.attention_maps'}: No space left on device" in line, line
     assert not (out / "maps" / "0.png").exists()
+
+
+# -- review B of the renderer: whole-file problems, JSONL headers, model checks before the first image, --out, env ----
+def _no_load(monkeypatch):
+    def load(cls, *args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(Model, "load", classmethod(load))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('modle = "tiny-sd"\n[defaults]\nstep = 1\n[[jobs]]\nid = "a"\nprompt = "a cat"\n',
+     ["jobs.toml: unknown top-level key 'modle' (did you mean 'model'?)",
+      "jobs.toml [defaults]: unknown key 'step' (did you mean 'steps'?)"]),
+    # a control under `[[job.controls]]` goes to a top-level `job` table: the job would render without it
+    ('[[jobs]]\nid = "pag"\nprompt = "a cat"\n[[job.controls]]\ntype = "PAG"\n',
+     ["jobs.toml: unknown top-level key 'job' (did you mean 'jobs'?)"]),
+])
+def test_whole_file_problems_stop_the_run_before_the_model_loads(text, expected, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "jobs.toml"
+    path.write_text(text)
+    _no_load(monkeypatch)
+    out = tmp_path / "out"
+    assert run_cli([path, "--out", out], None, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "attnctl render: jobs.toml: " in err and "nothing was rendered" in err, err
+    for message in expected:
+        assert f"  problem  {message}" in err, err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(ConfigError, match="nothing was rendered"):  # the Python API refuses them too
+        render(load_job_file(path), RenderOptions(out=str(out), progress="none"))
+    assert not out.exists()
+
+
+def test_the_summary_says_what_happens_to_the_images_of_invalid_jobs(tmp_path, monkeypatch, tiny_model, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL},
+                 {"id": "a", "prompt": "a dog", **SMALL}, {"id": "b", "prompt": "", **SMALL})
+    assert run_cli([jobs, "--out", tmp_path / "out"], tiny_model, monkeypatch) == 1
+    out = capsys.readouterr().out
+    assert ("2 problem(s) in the job file; their jobs are not rendered (their images are recorded as failed where "
+            "the job's id and seeds could be read):") in out, out
+    assert [(r["job"], r["status"]) for r in manifest(tmp_path / "out")] == [("a", "ok"), ("b", "failed")]

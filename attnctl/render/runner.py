@@ -141,7 +141,8 @@ class Summary:
             f"{self.load_seconds:.1f} s)"
         ]
         if self.problems:
-            lines.append(f"{len(self.problems)} problem(s) in the job file (their images are recorded as failed):")
+            lines.append(f"{len(self.problems)} problem(s) in the job file; their jobs are not rendered (their images are "
+                         "recorded as failed where the job's id and seeds could be read):")
             lines.extend(f"  {p}" for p in self.problems)
         failed = [r for r in self.failed if not str(r.get("error", "")).startswith("invalid job:")]
         if failed:
@@ -434,6 +435,7 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
     started = time.perf_counter()
     if not isinstance(jobs, JobFile):
         jobs = load_job_file(jobs)
+    refuse_file_problems(jobs)
     ranks = ranks or Ranks.from_env(options.device)
     out = os.path.realpath(options.out)
     model_name = model.name if model is not None else (options.model or jobs.model or default_model())
@@ -466,6 +468,15 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
             raise RenderError(f"cannot write to the output folder {out}{where}: {_os_reason(error)}") from None
     finally:
         lock.release()
+
+
+def refuse_file_problems(jobs: JobFile) -> None:
+    """Raise ConfigError, listing them as `--dry-run` does, when the job file has problems of the file as a whole (an
+    unknown top-level or [defaults] key, a header value): every job would render without what was meant."""
+    if jobs.file_problems:
+        listed = "".join(f"\n  problem  {problem}" for problem in jobs.file_problems)
+        raise ConfigError(f"{os.path.basename(jobs.path)}: {len(jobs.file_problems)} problem(s) of the whole file (they "
+                          f"change every job); nothing was rendered (--dry-run lists every problem):{listed}")
 
 
 def _safe_compact(out: str, jobs: JobFile, fsync: bool) -> None:
@@ -937,5 +948,5 @@ def iter_images(out: str) -> Iterator[str]:
 
 __all__ = [
     "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records", "plan",
-    "read_records", "render", "setup_problems", "shard",
+    "read_records", "refuse_file_problems", "render", "setup_problems", "shard",
 ]
