@@ -669,3 +669,19 @@ def test_the_summary_says_what_happens_to_the_images_of_invalid_jobs(tmp_path, m
     assert ("2 problem(s) in the job file; their jobs are not rendered (their images are recorded as failed where "
             "the job's id and seeds could be read):") in out, out
     assert [(r["job"], r["status"]) for r in manifest(tmp_path / "out")] == [("a", "ok"), ("b", "failed")]
+
+
+def test_a_jsonl_header_with_a_misspelt_key_stays_the_header(tmp_path, capsys, monkeypatch):
+    path = jsonl(tmp_path / "jobs.jsonl", {"modle": "tiny-sd", "defaults": {"steps": 1, "seeds": [5, 6]}},
+                 {"id": "a", "prompt": "a red circle"})
+    jobs = load_job_file(path)
+    assert [(job.id, job.seeds, job.steps) for job in jobs.jobs] == [("a", (5, 6), 1)]  # the defaults are kept
+    assert not jobs.invalid  # no phantom job from the header line
+    assert [str(p) for p in jobs.file_problems] == [
+        "jobs.jsonl:1: unknown header key 'modle' (did you mean 'model'?); allowed: model, dtype, backend, defaults"]
+    _no_load(monkeypatch)
+    assert run_cli([path, "--out", tmp_path / "out"], None, monkeypatch) == 2
+    assert "  problem  jobs.jsonl:1: unknown header key 'modle' (did you mean 'model'?)" in capsys.readouterr().err
+    # a first line with a job key is a job, as before
+    path = jsonl(tmp_path / "job.jsonl", {"model": "tiny-sd", "id": "a", "prompt": "a cat"})
+    assert [p.message.split(" (")[0] for p in load_job_file(path).problems] == ["unknown key 'model'"]

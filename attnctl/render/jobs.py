@@ -22,8 +22,8 @@ TOML::
     controls = [{ type = "reweight", weights = { cat = 1.5 } }]
     options = { clip_skip = 1 }        # extra keyword arguments of the pipeline call
 
-JSONL: one job object per line. An optional first line whose keys are all among `model`, `dtype`,
-`backend`, `defaults` is the file's header. Blank lines and lines starting with `#` are ignored.
+JSONL: one job object per line. An optional first line with a key among `model`, `dtype`, `backend`,
+`defaults` (or a near miss, `modle`) and no job key is the file's header. Blank lines and lines starting with `#` are ignored.
 JSON (`.json`): one object with the layout of the TOML file (`{"defaults": {...}, "jobs": [...]}`).
 
 Seeds are a list of integers, one integer (`seed = 3`), or a range `{ start = 0, count = 100 }`.
@@ -237,16 +237,31 @@ def _parse_jsonl(path: str, text: str) -> JobFile:
             problems.append(Problem(place, f"not valid JSON: {error.msg} (column {error.colno})"))
             first = False
             continue
+        if first and _is_header(value):
+            # unknown keys of a header line (`modle`) are reported, not the cause of reading it as a job, which would
+            # lose its defaults for every job
+            for key in value:
+                if key not in HEADER_KEYS:
+                    file_problems.append(Problem(place, f"unknown header key {key!r}{_suggest(key, HEADER_KEYS)}; "
+                                                        f"allowed: {', '.join(HEADER_KEYS)}"))
+            header, header_place = {key: item for key, item in value.items() if key in HEADER_KEYS}, place
+            first = False
+            continue
         if isinstance(value, dict) and value and all(key in HEADER_KEYS for key in value):
-            if first:
-                header, header_place = value, place
-            else:
-                file_problems.append(Problem(place, "a header line (model / dtype / backend / defaults) must be the first line"))
+            file_problems.append(Problem(place, "a header line (model / dtype / backend / defaults) must be the first line"))
             first = False
             continue
         first = False
         entries.append((place, value))
     return _build(path, "jsonl", header, header_place, entries, problems, file_problems)
+
+
+def _is_header(value: Any) -> bool:
+    """Whether the first line of a JSONL file is its header: an object with no job key and a header key, or a key
+    close to one (`modle`)."""
+    if not isinstance(value, dict) or not value or any(key in JOB_KEYS for key in value):
+        return False
+    return any(key in HEADER_KEYS or difflib.get_close_matches(str(key), HEADER_KEYS, n=1) for key in value)
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
