@@ -491,7 +491,7 @@ def test_two_output_keys_with_one_file_safe_name_are_refused(tmp_path):
             "(controls[0] (attention-maps)) does") in str(problem)
 
 
-def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model):
+def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model, monkeypatch):
     import dataclasses
 
     from attnctl.controls.maps.capture import AttentionMaps
@@ -507,6 +507,9 @@ def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_mode
     bad = dataclasses.replace(jobs.jobs[0], controls=(AttentionMaps(words=("cat",), key="frames"),))
     jobs = dataclasses.replace(jobs, jobs=(bad, jobs.jobs[1]))
     out = tmp_path / "out"
+    with pytest.raises(RenderError, match="controls\\[0\\] \\(AttentionMaps\\): output key 'frames'"):  # before any image
+        render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
+    monkeypatch.setattr(runner, "_resolve_jobs", lambda *args: [])  # the per-job check of the run, behind it
     summary = render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
     assert summary.rendered == 1 and summary.exit_code == 1
     (failed,) = summary.failed
@@ -685,3 +688,22 @@ def test_a_jsonl_header_with_a_misspelt_key_stays_the_header(tmp_path, capsys, m
     # a first line with a job key is a job, as before
     path = jsonl(tmp_path / "job.jsonl", {"model": "tiny-sd", "id": "a", "prompt": "a cat"})
     assert [p.message.split(" (")[0] for p in load_job_file(path).problems] == ["unknown key 'model'"]
+
+
+def test_jobs_that_cannot_run_on_the_model_stop_the_run_before_the_first_image(tmp_path, capsys, monkeypatch, tiny_model):
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "seeds": [0, 1, 2]}},
+        {"id": "fine", "prompt": "a red car"},
+        {"id": "option", "prompt": "a red car", "options": {"etaa": 0.0}},
+        {"id": "word", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"carr": 2}}]},
+    )
+    generated = []
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: generated.append(1))
+    out = tmp_path / "out"
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "attnctl render: 2 job(s) cannot run on tiny-sd; nothing was rendered" in err, err
+    assert "  problem  jobs.jsonl:3 (job 'option'): ConfigError: " in err and "(did you mean 'eta' for 'etaa'?)" in err
+    assert "  problem  jobs.jsonl:4 (job 'word'): TokenError: " in err and "'carr'" in err
+    assert generated == [] and not list(out.glob("*/*.png"))
+    assert tiny_model.handle is None

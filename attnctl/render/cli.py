@@ -6,7 +6,8 @@
 
 Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or some jobs were invalid;
 2 the command could not run (usage, unreadable job file, problems of the whole job file (top-level, header or
-[defaults] keys), problems found by --dry-run or --check, folder locked,
+[defaults] keys), a job the model cannot run (checked before the first image), problems found by --dry-run or
+--check, folder locked,
 an output folder that is a file, read-only or full: one line on stderr, nothing recorded is lost);
 130 interrupted.
 """

@@ -18,8 +18,9 @@ How a run goes:
    spread over every process).
 4. Each image: generate (batch 1, CPU generator seeded with the seed), write the PNG through a temporary
    file and a rename, then append one whole line to the rank's journal `DIR/.attnctl/journal-<rank>.jsonl`
-   with a single `write`. An error (a bad mask, an unknown word, out of memory) is recorded for that
-   image and the run goes on.
+   with a single `write`. An error (out of memory, a failure inside the pipeline) is recorded for that
+   image and the run goes on. Before the first image, every job is resolved on the model (`Model.resolve`, as
+   --check does); a job that cannot run on it stops the run on every rank.
 5. All ranks wait (a barrier); rank 0 merges the journals into `manifest.jsonl` (written to a temporary
    file and renamed, so it is never half-written), deletes them, and prints the summary; a pending image
    no rank recorded in this run is reported missing (exit status 1). Rank 0 also refreshes the manifest
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import errno
 import inspect
 import json
@@ -198,6 +200,14 @@ class Ranks:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value], from_process=0)[0]
+
+    def gather(self, values: list[Any]) -> list[Any]:
+        """Every rank's `values`, concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(values))
 
     def say(self, message: str) -> str:
         return message if self.world == 1 else f"[rank {self.rank}/{self.world}] {message}"
@@ -534,6 +544,13 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
                 summary.load_seconds = time.perf_counter() - load_start
             else:
                 model.pipe.set_progress_bar_config(disable=True)
+        # what only the model knows (its call's options, the controls' layers, their words in the prompt), for every
+        # job of this run before its first image, as --check does: a typo in job 37 stops the run before job 1
+        failures = ranks.gather(_resolve_jobs(model, mine, ranks) if mine else [])
+        if failures:
+            raise RenderError(f"{len(failures)} job(s) cannot run on {model_name}; nothing was rendered (--check finds "
+                              "these without rendering):" + "".join(f"\n  problem  {line}" for line in failures))
+        if mine:
             context.run(model, mine)
     except KeyboardInterrupt:
         journal.close()
@@ -563,6 +580,30 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
     if ranks.main:
         _write_gallery(out, jobs, merged, summary, model_name)
     return summary
+
+
+def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[str]:
+    """`Model.resolve` (prompt encoding, no denoising) for each job of these images: one line per job that cannot
+    run on this model."""
+    jobs = list({image.job.id: image.job for image in images}.values())
+    log.info(ranks.say(f"checking {len(jobs)} job(s) on {model.name}"))
+    failures = []
+    for job in jobs:
+        try:
+            check_output_keys(job.controls)
+            model.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
+                          width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
+        except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
+            failures.append(f"{job.place} (job {job.id!r}): {_describe(error)}{_option_hint(model, job.options)}")
+    return failures
+
+
+def _option_hint(model: Model, options: Any) -> str:
+    """' (did you mean ...)' for the options the pipeline call does not take and that are close to one it takes."""
+    taken = [name for name in inspect.signature(model.pipe.__call__).parameters if model.accepts(name)]
+    close = [(key, difflib.get_close_matches(key, taken, n=1)) for key in options if not model.accepts(key)]
+    guesses = [f"{match[0]!r} for {key!r}" for key, match in close if match]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def _write_gallery(out: str, jobs: JobFile, records: dict[tuple[str, int], dict[str, Any]], summary: Summary,
@@ -927,7 +968,7 @@ def check_jobs(jobs: JobFile, model: str | None = None, *, device: str = "auto",
                                width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
             except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
                 problems += 1
-                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}")
+                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}{_option_hint(loaded, job.options)}")
             else:
                 lines.append(f"  ok  {job.place} job {job.id!r} resolves on {name}")
     finally:
