@@ -707,3 +707,19 @@ def test_jobs_that_cannot_run_on_the_model_stop_the_run_before_the_first_image(t
     assert "  problem  jobs.jsonl:4 (job 'word'): TokenError: " in err and "'carr'" in err
     assert generated == [] and not list(out.glob("*/*.png"))
     assert tiny_model.handle is None
+
+
+def test_dry_run_reports_an_out_the_run_could_not_write(tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.html").mkdir()
+    for out, message in [(taken, f"--out {taken} is a file, not a folder"),
+                         (taken / "out", f"cannot create the output folder {taken / 'out'}: {taken} is a file"),
+                         (tmp_path / "old", f"{tmp_path / 'old' / 'index.html'} is a folder where the renderer writes")]:
+        assert cli.main(["render", str(jobs), "--dry-run", "--out", str(out)]) == 2
+        text = capsys.readouterr().out
+        assert f"  problem  --out: {message}" in text and "1 problem(s)" in text, text
+    assert cli.main(["render", str(jobs), "--dry-run", "--out", str(tmp_path / "new" / "out")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("no problems") and not (tmp_path / "new").exists()

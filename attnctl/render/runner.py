@@ -410,6 +410,29 @@ def shard(pending: list[Image], rank: int, world: int) -> list[Image]:
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
+def output_folder_problem(out: str) -> str | None:
+    """What would stop a run from writing to `out`, found without writing anything (`--dry-run`): a file in its
+    place or in the place of a folder above it or of the state folder, a folder where the manifest or the gallery
+    goes, no write permission."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder; give a folder (it is created if missing)"
+    state = os.path.join(out, STATE)
+    if os.path.exists(state) and not os.path.isdir(state):
+        return f"{state} is a file, not the renderer's state folder; move it away"
+    for name in (MANIFEST, GALLERY):
+        if os.path.isdir(os.path.join(out, name)):
+            return (f"{os.path.join(out, name)} is a folder where the renderer writes its {name} (an older attnctl "
+                    f"allowed a job id {name!r}); move that folder out of {out}")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the folder nearest to `out` that exists: the one a run creates it in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot create the output folder {out}: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the output folder {out} is not writable ({existing}: permission denied)"
+    return None
+
+
 def prepare_output_folder(out: str) -> None:
     """Create the output folder and its state folder, or raise RenderError with the one-line reason (a file in
     the way, a read-only folder, a renderer file replaced by a folder)."""
@@ -895,6 +918,9 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
     lines = []
     name = model or jobs.model or default_model()
     problems = setup_problems(jobs, model, device) + list(jobs.problems)
+    folder_problem = output_folder_problem(out) if out is not None else None
+    if folder_problem is not None:
+        problems.insert(0, Problem("--out", folder_problem))
     target = None
     with contextlib.suppress(AttnctlError):  # a device problem is in `problems`
         target = resolve_device(device)
@@ -988,6 +1014,6 @@ def iter_images(out: str) -> Iterator[str]:
 
 
 __all__ = [
-    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records", "plan",
-    "read_records", "refuse_file_problems", "render", "setup_problems", "shard",
+    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records",
+    "output_folder_problem", "plan", "read_records", "refuse_file_problems", "render", "setup_problems", "shard",
 ]
