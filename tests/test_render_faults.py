@@ -723,3 +723,20 @@ def test_dry_run_reports_an_out_the_run_could_not_write(tmp_path, capsys):
         assert f"  problem  --out: {message}" in text and "1 problem(s)" in text, text
     assert cli.main(["render", str(jobs), "--dry-run", "--out", str(tmp_path / "new" / "out")]) == 0
     assert capsys.readouterr().out.rstrip().endswith("no problems") and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT are not set: start several processes with "
+                          "accelerate launch or torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "WORLD_SIZE=2 but MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not a number of processes >= 1"),
+])
+def test_a_stray_launcher_environment_is_one_line_and_rc_2(env, message, tmp_path, capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _no_load(monkeypatch)
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    assert run_cli([jobs, "--out", tmp_path / "out"], None, monkeypatch) == 2
+    assert message in one_line_error(capsys)

@@ -173,13 +173,31 @@ class Ranks:
 
     @classmethod
     def from_env(cls, device: str = "auto") -> Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world <= 1:
+        """The launcher's environment (WORLD_SIZE and what goes with it); RenderError naming the variable when it is
+        not one a launcher sets (a stray WORLD_SIZE), instead of a traceback or a wait for processes that never come."""
+        text = os.environ.get("WORLD_SIZE", "").strip()
+        try:
+            world = int(text) if text else 1
+        except ValueError:
+            world = 0
+        if world < 1:
+            raise RenderError(f"WORLD_SIZE={text!r} is not a number of processes >= 1: unset it for one process, or "
+                              "start several with accelerate launch or torchrun (they set it)")
+        if world == 1:
             return cls(0, 1, resolve_device(device))
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise RenderError(f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                              "set: start several processes with accelerate launch or torchrun (they set all of them), "
+                              "or unset WORLD_SIZE for one process")
         from accelerate import PartialState
 
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        try:
+            state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        except (ValueError, RuntimeError) as error:  # a launcher environment the process group cannot start from
+            raise RenderError(f"cannot start the {world}-process group from the launcher's environment: "
+                              f"{_describe(error)}") from None
         if device in ("auto", "cuda") or cpu:
             target = torch.device(state.device.type) if state.device.type == "cpu" else state.device
         else:
