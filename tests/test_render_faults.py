@@ -740,3 +740,11 @@ def test_a_stray_launcher_environment_is_one_line_and_rc_2(env, message, tmp_pat
     jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
     assert run_cli([jobs, "--out", tmp_path / "out"], None, monkeypatch) == 2
     assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "[1.0, -inf]"])
+def test_pipeline_options_must_be_finite(value, tmp_path):
+    path = tmp_path / "jobs.toml"
+    path.write_text(f'[[jobs]]\nid = "a"\nprompt = "a cat"\noptions = {{ eta = {value} }}\n')
+    jobs = load_job_file(path)
+    assert not jobs.jobs and "options.eta must be a finite number" in str(jobs.problems[0])

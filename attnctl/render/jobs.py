@@ -38,6 +38,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -530,6 +531,8 @@ def _options(value: Any, problem) -> dict[str, Any]:
                     f"use the job's own keys ({', '.join(k for k in JOB_KEYS if k not in ('id', 'controls', 'options'))})")
         elif not _plain_value(item):
             problem(f"options.{key} must be a string, number, boolean or a list of them, got {item!r}")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in (item if isinstance(item, list) else [item])):
+            problem(f"options.{key} must be a finite number (TOML and JSON allow nan and inf), got {item!r}")
         else:
             options[key] = item
     return options
