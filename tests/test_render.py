@@ -385,7 +385,7 @@ def test_png_parameters_round_trip(tmp_path, tiny_model, capsys):
     assert json.loads(capsys.readouterr().out)["seed"] == 3
 
 
-def test_a_failing_job_does_not_stop_the_others(tmp_path, tiny_model, capsys):
+def test_a_failing_job_does_not_stop_the_others(tmp_path, tiny_model, capsys, monkeypatch):
     path = jsonl(tmp_path / "j.jsonl",
                  {"id": "first", "prompt": "a photo of a cat", "seeds": [0, 1], **SMALL},
                  {"id": "unknown-word", "prompt": "a photo of a cat", "seeds": [0, 1], **SMALL,
@@ -395,6 +395,14 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path, tiny_model, capsys):
                  {"id": "last", "prompt": "a red car on the street", "seeds": [2], **SMALL,
                   "controls": [{"type": "test-render-word", "word": "car"}]})
     out = tmp_path / "out"
+    # what the model knows (an unknown word, an argument the pipeline does not take) stops the run before its first image
+    with pytest.raises(RenderError, match="2 job\\(s\\) cannot run on tiny-sd; nothing was rendered"):
+        render(str(path), options(out), model=tiny_model)
+    assert not list(iter_images(str(out)))
+    # behind that check, a job failing while it renders is recorded and the others render
+    from attnctl.render import runner
+
+    monkeypatch.setattr(runner, "_resolve_jobs", lambda *args: [])
     summary = render(str(path), options(out), model=tiny_model)
     assert summary.exit_code == 1
     assert summary.rendered == 3 and len(summary.failed) == 4 and summary.images == 7

@@ -491,7 +491,7 @@ def test_two_output_keys_with_one_file_safe_name_are_refused(tmp_path):
             "(controls[0] (attention-maps)) does") in str(problem)
 
 
-def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model):
+def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_model, monkeypatch):
     import dataclasses
 
     from attnctl.controls.maps.capture import AttentionMaps
@@ -507,6 +507,9 @@ def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_mode
     bad = dataclasses.replace(jobs.jobs[0], controls=(AttentionMaps(words=("cat",), key="frames"),))
     jobs = dataclasses.replace(jobs, jobs=(bad, jobs.jobs[1]))
     out = tmp_path / "out"
+    with pytest.raises(RenderError, match="controls\\[0\\] \\(AttentionMaps\\): output key 'frames'"):  # before any image
+        render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
+    monkeypatch.setattr(runner, "_resolve_jobs", lambda *args: [])  # the per-job check of the run, behind it
     summary = render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
     assert summary.rendered == 1 and summary.exit_code == 1
     (failed,) = summary.failed
@@ -627,3 +630,121 @@ def test_a_failed_heatmap_write_names_the_heatmaps_not_the_image(tmp_path, capsy
     line = one_line_error(capsys)
     assert f"cannot write {out / 'maps' / '0.attention_maps'}: No space left on device" in line, line
     assert not (out / "maps" / "0.png").exists()
+
+
+# -- review B of the renderer: whole-file problems, JSONL headers, model checks before the first image, --out, env ----
+def _no_load(monkeypatch):
+    def load(cls, *args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(Model, "load", classmethod(load))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('modle = "tiny-sd"\n[defaults]\nstep = 1\n[[jobs]]\nid = "a"\nprompt = "a cat"\n',
+     ["jobs.toml: unknown top-level key 'modle' (did you mean 'model'?)",
+      "jobs.toml [defaults]: unknown key 'step' (did you mean 'steps'?)"]),
+    # a control under `[[job.controls]]` goes to a top-level `job` table: the job would render without it
+    ('[[jobs]]\nid = "pag"\nprompt = "a cat"\n[[job.controls]]\ntype = "PAG"\n',
+     ["jobs.toml: unknown top-level key 'job' (did you mean 'jobs'?)"]),
+])
+def test_whole_file_problems_stop_the_run_before_the_model_loads(text, expected, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "jobs.toml"
+    path.write_text(text)
+    _no_load(monkeypatch)
+    out = tmp_path / "out"
+    assert run_cli([path, "--out", out], None, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "attnctl render: jobs.toml: " in err and "nothing was rendered" in err, err
+    for message in expected:
+        assert f"  problem  {message}" in err, err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(ConfigError, match="nothing was rendered"):  # the Python API refuses them too
+        render(load_job_file(path), RenderOptions(out=str(out), progress="none"))
+    assert not out.exists()
+
+
+def test_the_summary_says_what_happens_to_the_images_of_invalid_jobs(tmp_path, monkeypatch, tiny_model, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL},
+                 {"id": "a", "prompt": "a dog", **SMALL}, {"id": "b", "prompt": "", **SMALL})
+    assert run_cli([jobs, "--out", tmp_path / "out"], tiny_model, monkeypatch) == 1
+    out = capsys.readouterr().out
+    assert ("2 problem(s) in the job file; their jobs are not rendered (their images are recorded as failed where "
+            "the job's id and seeds could be read):") in out, out
+    assert [(r["job"], r["status"]) for r in manifest(tmp_path / "out")] == [("a", "ok"), ("b", "failed")]
+
+
+def test_a_jsonl_header_with_a_misspelt_key_stays_the_header(tmp_path, capsys, monkeypatch):
+    path = jsonl(tmp_path / "jobs.jsonl", {"modle": "tiny-sd", "defaults": {"steps": 1, "seeds": [5, 6]}},
+                 {"id": "a", "prompt": "a red circle"})
+    jobs = load_job_file(path)
+    assert [(job.id, job.seeds, job.steps) for job in jobs.jobs] == [("a", (5, 6), 1)]  # the defaults are kept
+    assert not jobs.invalid  # no phantom job from the header line
+    assert [str(p) for p in jobs.file_problems] == [
+        "jobs.jsonl:1: unknown header key 'modle' (did you mean 'model'?); allowed: model, dtype, backend, defaults"]
+    _no_load(monkeypatch)
+    assert run_cli([path, "--out", tmp_path / "out"], None, monkeypatch) == 2
+    assert "  problem  jobs.jsonl:1: unknown header key 'modle' (did you mean 'model'?)" in capsys.readouterr().err
+    # a first line with a job key is a job, as before
+    path = jsonl(tmp_path / "job.jsonl", {"model": "tiny-sd", "id": "a", "prompt": "a cat"})
+    assert [p.message.split(" (")[0] for p in load_job_file(path).problems] == ["unknown key 'model'"]
+
+
+def test_jobs_that_cannot_run_on_the_model_stop_the_run_before_the_first_image(tmp_path, capsys, monkeypatch, tiny_model):
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "seeds": [0, 1, 2]}},
+        {"id": "fine", "prompt": "a red car"},
+        {"id": "option", "prompt": "a red car", "options": {"etaa": 0.0}},
+        {"id": "word", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"carr": 2}}]},
+    )
+    generated = []
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: generated.append(1))
+    out = tmp_path / "out"
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "attnctl render: 2 job(s) cannot run on tiny-sd; nothing was rendered" in err, err
+    assert "  problem  jobs.jsonl:3 (job 'option'): ConfigError: " in err and "(did you mean 'eta' for 'etaa'?)" in err
+    assert "  problem  jobs.jsonl:4 (job 'word'): TokenError: " in err and "'carr'" in err
+    assert generated == [] and not list(out.glob("*/*.png"))
+    assert tiny_model.handle is None
+
+
+def test_dry_run_reports_an_out_the_run_could_not_write(tmp_path, capsys):
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.html").mkdir()
+    for out, message in [(taken, f"--out {taken} is a file, not a folder"),
+                         (taken / "out", f"cannot create the output folder {taken / 'out'}: {taken} is a file"),
+                         (tmp_path / "old", f"{tmp_path / 'old' / 'index.html'} is a folder where the renderer writes")]:
+        assert cli.main(["render", str(jobs), "--dry-run", "--out", str(out)]) == 2
+        text = capsys.readouterr().out
+        assert f"  problem  --out: {message}" in text and "1 problem(s)" in text, text
+    assert cli.main(["render", str(jobs), "--dry-run", "--out", str(tmp_path / "new" / "out")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("no problems") and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT are not set: start several processes with "
+                          "accelerate launch or torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "WORLD_SIZE=2 but MASTER_PORT is not set"),
+    ({"WORLD_SIZE": "x"}, "WORLD_SIZE='x' is not a number of processes >= 1"),
+])
+def test_a_stray_launcher_environment_is_one_line_and_rc_2(env, message, tmp_path, capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _no_load(monkeypatch)
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
+    assert run_cli([jobs, "--out", tmp_path / "out"], None, monkeypatch) == 2
+    assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "[1.0, -inf]"])
+def test_pipeline_options_must_be_finite(value, tmp_path):
+    path = tmp_path / "jobs.toml"
+    path.write_text(f'[[jobs]]\nid = "a"\nprompt = "a cat"\noptions = {{ eta = {value} }}\n')
+    jobs = load_job_file(path)
+    assert not jobs.jobs and "options.eta must be a finite number" in str(jobs.problems[0])

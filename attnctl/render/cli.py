@@ -5,7 +5,9 @@
     python -m attnctl render ...          # the same; `accelerate launch -m attnctl render ...` for many processes
 
 Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or some jobs were invalid;
-2 the command could not run (usage, unreadable job file, problems found by --dry-run or --check, folder locked,
+2 the command could not run (usage, unreadable job file, problems of the whole job file (top-level, header or
+[defaults] keys), a job the model cannot run (checked before the first image), problems found by --dry-run or
+--check, folder locked,
 an output folder that is a file, read-only or full: one line on stderr, nothing recorded is lost);
 130 interrupted.
 """
@@ -163,7 +165,7 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
         torch.set_num_threads(args.threads)
     from .jobs import load_job_file
-    from .runner import RenderOptions, dry_run, render
+    from .runner import RenderOptions, dry_run, refuse_file_problems, render
 
     try:
         jobs = load_job_file(args.jobs)
@@ -195,6 +197,11 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             else:
                 print("check: model check skipped: no valid job to resolve")
         return 2 if problems else 0
+    try:
+        refuse_file_problems(jobs)  # before the model loads: every image would be rendered without what was meant
+    except AttnctlError as error:
+        print(f"attnctl render: {error}", file=sys.stderr)
+        return 2
     for problem in jobs.problems:
         logging.getLogger("attnctl.render").warning("job file problem: %s", problem)
     options = RenderOptions(

@@ -22,8 +22,8 @@ TOML::
     controls = [{ type = "reweight", weights = { cat = 1.5 } }]
     options = { clip_skip = 1 }        # extra keyword arguments of the pipeline call
 
-JSONL: one job object per line. An optional first line whose keys are all among `model`, `dtype`,
-`backend`, `defaults` is the file's header. Blank lines and lines starting with `#` are ignored.
+JSONL: one job object per line. An optional first line with a key among `model`, `dtype`, `backend`,
+`defaults` (or a near miss, `modle`) and no job key is the file's header. Blank lines and lines starting with `#` are ignored.
 JSON (`.json`): one object with the layout of the TOML file (`{"defaults": {...}, "jobs": [...]}`).
 
 Seeds are a list of integers, one integer (`seed = 3`), or a range `{ start = 0, count = 100 }`.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -137,6 +138,10 @@ class JobFile:
     model: str | None = None
     dtype: str | None = None
     backend: str | None = None
+    #: The problems of the file as a whole (unknown top-level or header keys, the header's values, unknown keys in
+    #: [defaults], a misplaced header, no jobs), also in `problems`: they change what every job asks for, so the
+    #: renderer refuses to start while there is one.
+    file_problems: tuple[Problem, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -194,18 +199,18 @@ def _parse_json(path: str, text: str) -> JobFile:
 def _parse_document(path: str, text: str, data: dict[str, Any]) -> JobFile:
     name = os.path.basename(path)
     fmt = "json" if path.lower().endswith(".json") else "toml"
-    problems: list[Problem] = []
+    file_problems: list[Problem] = []
     unknown = [key for key in data if key not in HEADER_KEYS + ("jobs",)]
-    for key in unknown:
-        problems.append(Problem(name, f"unknown top-level key {key!r}{_suggest(key, HEADER_KEYS + ('jobs',))}; "
-                                      f"allowed: {', '.join(HEADER_KEYS + ('jobs',))}"))
+    for key in unknown:  # `[[job.controls]]` for `[[jobs.controls]]` lands here: a control that would be dropped
+        file_problems.append(Problem(name, f"unknown top-level key {key!r}{_suggest(key, HEADER_KEYS + ('jobs',))}; "
+                                           f"allowed: {', '.join(HEADER_KEYS + ('jobs',))}"))
     jobs = data.get("jobs", [])
     if not isinstance(jobs, list):
         raise ConfigError(f"{name}: 'jobs' must be an array of tables ([[jobs]] sections), got {type(jobs).__name__}")
     lines = _toml_job_lines(text, len(jobs)) if fmt == "toml" else None
     places = [f"{name}:{lines[i]}" if lines else f"{name} jobs[{i}]" for i in range(len(jobs))]
     header = {key: data[key] for key in HEADER_KEYS if key in data}
-    return _build(path, fmt, header, name, list(zip(places, jobs)), problems)
+    return _build(path, fmt, header, name, list(zip(places, jobs)), [], file_problems)
 
 
 def _toml_job_lines(text: str, count: int) -> list[int] | None:
@@ -217,6 +222,7 @@ def _toml_job_lines(text: str, count: int) -> list[int] | None:
 def _parse_jsonl(path: str, text: str) -> JobFile:
     name = os.path.basename(path)
     problems: list[Problem] = []
+    file_problems: list[Problem] = []
     header: dict[str, Any] = {}
     entries: list[tuple[str, Any]] = []
     header_place = name
@@ -232,45 +238,62 @@ def _parse_jsonl(path: str, text: str) -> JobFile:
             problems.append(Problem(place, f"not valid JSON: {error.msg} (column {error.colno})"))
             first = False
             continue
+        if first and _is_header(value):
+            # unknown keys of a header line (`modle`) are reported, not the cause of reading it as a job, which would
+            # lose its defaults for every job
+            for key in value:
+                if key not in HEADER_KEYS:
+                    file_problems.append(Problem(place, f"unknown header key {key!r}{_suggest(key, HEADER_KEYS)}; "
+                                                        f"allowed: {', '.join(HEADER_KEYS)}"))
+            header, header_place = {key: item for key, item in value.items() if key in HEADER_KEYS}, place
+            first = False
+            continue
         if isinstance(value, dict) and value and all(key in HEADER_KEYS for key in value):
-            if first:
-                header, header_place = value, place
-            else:
-                problems.append(Problem(place, "a header line (model / dtype / backend / defaults) must be the first line"))
+            file_problems.append(Problem(place, "a header line (model / dtype / backend / defaults) must be the first line"))
             first = False
             continue
         first = False
         entries.append((place, value))
-    return _build(path, "jsonl", header, header_place, entries, problems)
+    return _build(path, "jsonl", header, header_place, entries, problems, file_problems)
+
+
+def _is_header(value: Any) -> bool:
+    """Whether the first line of a JSONL file is its header: an object with no job key and a header key, or a key
+    close to one (`modle`)."""
+    if not isinstance(value, dict) or not value or any(key in JOB_KEYS for key in value):
+        return False
+    return any(key in HEADER_KEYS or difflib.get_close_matches(str(key), HEADER_KEYS, n=1) for key in value)
 
 
 # -- validation ---------------------------------------------------------------------------------------------------
 def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entries: list[tuple[str, Any]],
-           problems: list[Problem]) -> JobFile:
+           problems: list[Problem], file_problems: list[Problem]) -> JobFile:
+    """`problems`: those found so far of single lines (not valid JSON); `file_problems`: of the file as a whole
+    (JobFile.file_problems), to which the header's and [defaults]' are added here."""
     base = os.path.dirname(os.path.abspath(path))
-    model = _header_string(header, "model", header_place, problems)
-    dtype = _header_string(header, "dtype", header_place, problems)
+    model = _header_string(header, "model", header_place, file_problems)
+    dtype = _header_string(header, "dtype", header_place, file_problems)
     if dtype is not None and dtype not in DTYPES:
-        problems.append(Problem(header_place, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}"))
+        file_problems.append(Problem(header_place, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}"))
         dtype = None
-    backend = _header_string(header, "backend", header_place, problems)
+    backend = _header_string(header, "backend", header_place, file_problems)
     if backend is not None:
         from ..kernels import validate_backend
 
         try:
             validate_backend(backend)
         except AttnctlError as error:
-            problems.append(Problem(header_place, str(error)))
+            file_problems.append(Problem(header_place, str(error)))
             backend = None
     defaults = header.get("defaults", {})
     defaults_place = f"{header_place} [defaults]"
     if not isinstance(defaults, dict):
-        problems.append(Problem(defaults_place, f"defaults must be a table, got {type(defaults).__name__}"))
+        file_problems.append(Problem(defaults_place, f"defaults must be a table, got {type(defaults).__name__}"))
         defaults = {}
     for key in defaults:
         if key not in JOB_KEYS or key == "id":
             allowed = tuple(k for k in JOB_KEYS if k != "id")
-            problems.append(Problem(defaults_place, f"unknown key {key!r}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"))
+            file_problems.append(Problem(defaults_place, f"unknown key {key!r}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"))
     defaults = {key: value for key, value in defaults.items() if key in JOB_KEYS and key != "id"}
     seeds_conflict = None  # as inside a job: which of the two was meant is not guessed
     if "seed" in defaults and "seeds" in defaults:
@@ -279,7 +302,8 @@ def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entri
         problems.append(seeds_conflict)
 
     if not entries:
-        problems.append(Problem(os.path.basename(path), "no jobs in this file"))
+        file_problems.append(Problem(os.path.basename(path), "no jobs in this file"))
+    problems[:0] = file_problems
     jobs: list[Job] = []
     invalid: list[InvalidJob] = []
     seen: dict[str, str] = {}
@@ -302,7 +326,7 @@ def _build(path: str, fmt: str, header: dict[str, Any], header_place: str, entri
         else:
             jobs.append(job)
     return JobFile(path=os.path.abspath(path), format=fmt, jobs=tuple(jobs), invalid=tuple(invalid),
-                   problems=tuple(problems), model=model, dtype=dtype, backend=backend)
+                   problems=tuple(problems), model=model, dtype=dtype, backend=backend, file_problems=tuple(file_problems))
 
 
 def _header_string(header: dict[str, Any], key: str, place: str, problems: list[Problem]) -> str | None:
@@ -507,6 +531,8 @@ def _options(value: Any, problem) -> dict[str, Any]:
                     f"use the job's own keys ({', '.join(k for k in JOB_KEYS if k not in ('id', 'controls', 'options'))})")
         elif not _plain_value(item):
             problem(f"options.{key} must be a string, number, boolean or a list of them, got {item!r}")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in (item if isinstance(item, list) else [item])):
+            problem(f"options.{key} must be a finite number (TOML and JSON allow nan and inf), got {item!r}")
         else:
             options[key] = item
     return options

@@ -18,8 +18,9 @@ How a run goes:
    spread over every process).
 4. Each image: generate (batch 1, CPU generator seeded with the seed), write the PNG through a temporary
    file and a rename, then append one whole line to the rank's journal `DIR/.attnctl/journal-<rank>.jsonl`
-   with a single `write`. An error (a bad mask, an unknown word, out of memory) is recorded for that
-   image and the run goes on.
+   with a single `write`. An error (out of memory, a failure inside the pipeline) is recorded for that
+   image and the run goes on. Before the first image, every job is resolved on the model (`Model.resolve`, as
+   --check does); a job that cannot run on it stops the run on every rank.
 5. All ranks wait (a barrier); rank 0 merges the journals into `manifest.jsonl` (written to a temporary
    file and renamed, so it is never half-written), deletes them, and prints the summary; a pending image
    no rank recorded in this run is reported missing (exit status 1). Rank 0 also refreshes the manifest
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import difflib
 import errno
 import inspect
 import json
@@ -141,7 +143,8 @@ class Summary:
             f"{self.load_seconds:.1f} s)"
         ]
         if self.problems:
-            lines.append(f"{len(self.problems)} problem(s) in the job file (their images are recorded as failed):")
+            lines.append(f"{len(self.problems)} problem(s) in the job file; their jobs are not rendered (their images are "
+                         "recorded as failed where the job's id and seeds could be read):")
             lines.extend(f"  {p}" for p in self.problems)
         failed = [r for r in self.failed if not str(r.get("error", "")).startswith("invalid job:")]
         if failed:
@@ -170,13 +173,31 @@ class Ranks:
 
     @classmethod
     def from_env(cls, device: str = "auto") -> Ranks:
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world <= 1:
+        """The launcher's environment (WORLD_SIZE and what goes with it); RenderError naming the variable when it is
+        not one a launcher sets (a stray WORLD_SIZE), instead of a traceback or a wait for processes that never come."""
+        text = os.environ.get("WORLD_SIZE", "").strip()
+        try:
+            world = int(text) if text else 1
+        except ValueError:
+            world = 0
+        if world < 1:
+            raise RenderError(f"WORLD_SIZE={text!r} is not a number of processes >= 1: unset it for one process, or "
+                              "start several with accelerate launch or torchrun (they set it)")
+        if world == 1:
             return cls(0, 1, resolve_device(device))
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise RenderError(f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                              "set: start several processes with accelerate launch or torchrun (they set all of them), "
+                              "or unset WORLD_SIZE for one process")
         from accelerate import PartialState
 
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        try:
+            state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+        except (ValueError, RuntimeError) as error:  # a launcher environment the process group cannot start from
+            raise RenderError(f"cannot start the {world}-process group from the launcher's environment: "
+                              f"{_describe(error)}") from None
         if device in ("auto", "cuda") or cpu:
             target = torch.device(state.device.type) if state.device.type == "cpu" else state.device
         else:
@@ -197,6 +218,14 @@ class Ranks:
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value], from_process=0)[0]
+
+    def gather(self, values: list[Any]) -> list[Any]:
+        """Every rank's `values`, concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(values))
 
     def say(self, message: str) -> str:
         return message if self.world == 1 else f"[rank {self.rank}/{self.world}] {message}"
@@ -399,6 +428,29 @@ def shard(pending: list[Image], rank: int, world: int) -> list[Image]:
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
+def output_folder_problem(out: str) -> str | None:
+    """What would stop a run from writing to `out`, found without writing anything (`--dry-run`): a file in its
+    place or in the place of a folder above it or of the state folder, a folder where the manifest or the gallery
+    goes, no write permission."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder; give a folder (it is created if missing)"
+    state = os.path.join(out, STATE)
+    if os.path.exists(state) and not os.path.isdir(state):
+        return f"{state} is a file, not the renderer's state folder; move it away"
+    for name in (MANIFEST, GALLERY):
+        if os.path.isdir(os.path.join(out, name)):
+            return (f"{os.path.join(out, name)} is a folder where the renderer writes its {name} (an older attnctl "
+                    f"allowed a job id {name!r}); move that folder out of {out}")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):  # the folder nearest to `out` that exists: the one a run creates it in
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot create the output folder {out}: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the output folder {out} is not writable ({existing}: permission denied)"
+    return None
+
+
 def prepare_output_folder(out: str) -> None:
     """Create the output folder and its state folder, or raise RenderError with the one-line reason (a file in
     the way, a read-only folder, a renderer file replaced by a folder)."""
@@ -434,6 +486,7 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
     started = time.perf_counter()
     if not isinstance(jobs, JobFile):
         jobs = load_job_file(jobs)
+    refuse_file_problems(jobs)
     ranks = ranks or Ranks.from_env(options.device)
     out = os.path.realpath(options.out)
     model_name = model.name if model is not None else (options.model or jobs.model or default_model())
@@ -466,6 +519,15 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
             raise RenderError(f"cannot write to the output folder {out}{where}: {_os_reason(error)}") from None
     finally:
         lock.release()
+
+
+def refuse_file_problems(jobs: JobFile) -> None:
+    """Raise ConfigError, listing them as `--dry-run` does, when the job file has problems of the file as a whole (an
+    unknown top-level or [defaults] key, a header value): every job would render without what was meant."""
+    if jobs.file_problems:
+        listed = "".join(f"\n  problem  {problem}" for problem in jobs.file_problems)
+        raise ConfigError(f"{os.path.basename(jobs.path)}: {len(jobs.file_problems)} problem(s) of the whole file (they "
+                          f"change every job); nothing was rendered (--dry-run lists every problem):{listed}")
 
 
 def _safe_compact(out: str, jobs: JobFile, fsync: bool) -> None:
@@ -523,6 +585,13 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
                 summary.load_seconds = time.perf_counter() - load_start
             else:
                 model.pipe.set_progress_bar_config(disable=True)
+        # what only the model knows (its call's options, the controls' layers, their words in the prompt), for every
+        # job of this run before its first image, as --check does: a typo in job 37 stops the run before job 1
+        failures = ranks.gather(_resolve_jobs(model, mine, ranks) if mine else [])
+        if failures:
+            raise RenderError(f"{len(failures)} job(s) cannot run on {model_name}; nothing was rendered (--check finds "
+                              "these without rendering):" + "".join(f"\n  problem  {line}" for line in failures))
+        if mine:
             context.run(model, mine)
     except KeyboardInterrupt:
         journal.close()
@@ -552,6 +621,30 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
     if ranks.main:
         _write_gallery(out, jobs, merged, summary, model_name)
     return summary
+
+
+def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[str]:
+    """`Model.resolve` (prompt encoding, no denoising) for each job of these images: one line per job that cannot
+    run on this model."""
+    jobs = list({image.job.id: image.job for image in images}.values())
+    log.info(ranks.say(f"checking {len(jobs)} job(s) on {model.name}"))
+    failures = []
+    for job in jobs:
+        try:
+            check_output_keys(job.controls)
+            model.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
+                          width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
+        except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
+            failures.append(f"{job.place} (job {job.id!r}): {_describe(error)}{_option_hint(model, job.options)}")
+    return failures
+
+
+def _option_hint(model: Model, options: Any) -> str:
+    """' (did you mean ...)' for the options the pipeline call does not take and that are close to one it takes."""
+    taken = [name for name in inspect.signature(model.pipe.__call__).parameters if model.accepts(name)]
+    close = [(key, difflib.get_close_matches(key, taken, n=1)) for key in options if not model.accepts(key)]
+    guesses = [f"{match[0]!r} for {key!r}" for key, match in close if match]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def _write_gallery(out: str, jobs: JobFile, records: dict[tuple[str, int], dict[str, Any]], summary: Summary,
@@ -843,6 +936,9 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
     lines = []
     name = model or jobs.model or default_model()
     problems = setup_problems(jobs, model, device) + list(jobs.problems)
+    folder_problem = output_folder_problem(out) if out is not None else None
+    if folder_problem is not None:
+        problems.insert(0, Problem("--out", folder_problem))
     target = None
     with contextlib.suppress(AttnctlError):  # a device problem is in `problems`
         target = resolve_device(device)
@@ -916,7 +1012,7 @@ def check_jobs(jobs: JobFile, model: str | None = None, *, device: str = "auto",
                                width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
             except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
                 problems += 1
-                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}")
+                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}{_option_hint(loaded, job.options)}")
             else:
                 lines.append(f"  ok  {job.place} job {job.id!r} resolves on {name}")
     finally:
@@ -936,6 +1032,6 @@ def iter_images(out: str) -> Iterator[str]:
 
 
 __all__ = [
-    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records", "plan",
-    "read_records", "render", "setup_problems", "shard",
+    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records",
+    "output_folder_problem", "plan", "read_records", "refuse_file_problems", "render", "setup_problems", "shard",
 ]
