@@ -748,3 +748,18 @@ def test_pipeline_options_must_be_finite(value, tmp_path):
     path.write_text(f'[[jobs]]\nid = "a"\nprompt = "a cat"\noptions = {{ eta = {value} }}\n')
     jobs = load_job_file(path)
     assert not jobs.jobs and "options.eta must be a finite number" in str(jobs.problems[0])
+
+
+# --- sizes a Flux-like pipeline would resize -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-qwenimage"])
+def test_a_size_the_pipeline_would_resize_is_refused(name):
+    """Flux-like pipelines pack 2x2 latent pixels per token and resize a side that is not a multiple of
+    2 x vae_scale_factor with only a logged warning (40 -> 32 at factor 8): the renderer refuses it before anything runs."""
+    model = Model.load(name, device="cpu")
+    model.pipe.vae_scale_factor = 8  # a real checkpoint's factor (the tiny VAE's is 2)
+    with pytest.raises(ConfigError, match=r"width must be a multiple of 16 for \w+Pipeline \(it would resize 40 to 32 px\), got 40"):
+        model.resolve("a cat", width=40, height=48)
+    model.pipe.vae_scale_factor = 2
+    model.resolve("a cat", width=40, height=48)  # a multiple of 4 at the tiny factor

@@ -230,6 +230,7 @@ class FluxAdapter(ModelAdapter):
     rotary: ClassVar[bool] = True
     cfg_calls: ClassVar[str] = "separate"
     padded_text_tokenizer: ClassVar[str | None] = "tokenizer_2"
+    latent_packing: ClassVar[int] = 2
     refused_pipelines: ClassVar[dict[str, str]] = {
         "FluxKontextInpaintPipeline": "appends its image's tokens (or image_reference's) to every call's sequence as a "
         "reference, which attnctl does not place on FLUX.1 yet (it does on Flux.2 and Qwen-Image's edit pipelines)",

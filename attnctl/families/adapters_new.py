@@ -72,6 +72,7 @@ class QwenImageAdapter(ModelAdapter):
     as separate `cache_context("cond" / "uncond")` calls; guidance-distilled checkpoints take `guidance`."""
 
     min_diffusers: ClassVar[tuple[int, int] | None] = (0, 42)  # its processors reproduce diffusers 0.42's
+    latent_packing: ClassVar[int] = 2
 
     text_attention: ClassVar[str] = "joint"
     timestep_scale: ClassVar[float] = 1000.0

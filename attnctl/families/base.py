@@ -235,6 +235,10 @@ class ModelAdapter:
     #: The oldest diffusers whose attention processors of this family attnctl reproduces exactly (None: every
     #: supported version).
     min_diffusers: ClassVar[tuple[int, int] | None] = None
+    #: The pipeline packs each side's `latent_packing` latent pixels into one image token itself (Flux-like 2x2
+    #: patches) and resizes, with only a logged warning, an image side that is not a multiple of
+    #: `latent_packing * vae_scale_factor` (`Model.generate` refuses it instead); 1: the pipeline does no such resizing.
+    latent_packing: ClassVar[int] = 1
     #: The denoiser pads each row's image tokens to a multiple of this (Z-Image: 32), putting `Canvas.image_pad`
     #: padding tokens after them; 1: no padding.
     image_token_multiple: ClassVar[int] = 1

@@ -360,6 +360,18 @@ class Model:
             raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation or prompt-to-prompt job renders "
                               "image sequences only (use attnctl.interpolate for interpolation videos)")
 
+    def _pixel_packing(self) -> int | None:
+        """The image side's multiple where the pipeline would otherwise resize a size silently (Flux-like packing:
+        `ModelAdapter.latent_packing` x the VAE's factor); None where the pipeline resizes nothing itself."""
+        from ..families import adapter_for
+        from ..handle import denoiser_of
+
+        packing = adapter_for(denoiser_of(self.pipe)[1]).latent_packing
+        factor = getattr(self.pipe, "vae_scale_factor", None)
+        if packing == 1 or not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+            return None
+        return packing * factor
+
     def _call_kwargs(self, options: Mapping[str, Any], negative_prompt: str | None, steps: int | None,
                      width: int | None, height: int | None, guidance_scale: float | None) -> dict[str, Any]:
         """The pipeline call's keyword arguments, validated as the renderer validates a job (ConfigError)."""
@@ -394,11 +406,17 @@ class Model:
             )
         if steps is not None:
             steps = integer(steps, "steps", minimum=1)
+        packing = self._pixel_packing()
         for name, value in (("width", width), ("height", height)):
             if value is not None:
                 value = integer(value, name, minimum=8)
                 if value % 8:
                     raise ConfigError(f"{name} must be a multiple of 8, got {value}")
+                if packing is not None and value % packing:
+                    raise ConfigError(
+                        f"{name} must be a multiple of {packing} for {type(self.pipe).__name__} (it would resize "
+                        f"{value} to {value - value % packing} px), got {value}"
+                    )
         if guidance_scale is not None:
             guidance_scale = number(guidance_scale, "guidance_scale", minimum=0.0)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
