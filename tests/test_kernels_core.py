@@ -511,3 +511,18 @@ def test_float16_pipeline_with_a_huge_reweight_factor_has_a_finite_latent():
     with attnctl.apply(pipe, [attnctl.Reweight({"cat": 1e5})], backend="auto"):
         latent = generate(pipe, "tiny-sd", prompt="a photo of a cat")
     assert torch.isfinite(latent).all()
+
+
+def test_float16_value_scale_changed_in_place_under_inference_mode_is_read_again():
+    """The bound is cached by tensor and version; a tensor made under inference_mode has no version, so it is not
+    cached: a scale changed in place between calls (a control updating it per step) is read again."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 16, 16).half() * 0.1, torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16).half()
+    with torch.inference_mode():
+        scale = torch.ones(1, 8)
+        scale[:, 2] = 50.0
+        attention(q, k, v, AttentionSpec(value_scale=scale), "sdpa")
+        scale[:, 2] = 2.0
+        got, _ = attention(q, k, v, AttentionSpec(value_scale=scale), "sdpa")
+        expected, _ = attention(q.float(), k.float(), v.float(), AttentionSpec(value_scale=scale), "reference")
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-3)

@@ -135,9 +135,9 @@ def bounded_value_scale(value_scale: torch.Tensor) -> tuple[torch.Tensor, torch.
     A scale of at most 1 everywhere has peak 1 and is returned as it is, to the bit. Made on the device, no host
     sync, once per tensor and version (in a torch.compile trace, in the graph)."""
     scale = per_key(value_scale, "value_scale")
-    if torch.compiler.is_compiling() or value_scale.requires_grad:
-        return _bounded(scale)
     extra = (version(value_scale),)
+    if torch.compiler.is_compiling() or value_scale.requires_grad or extra[0] is None:
+        return _bounded(scale)  # an inference tensor has no version: changed in place, it would look unchanged
     found = _BOUNDED_SCALES.get((value_scale,), extra)
     if found is None:
         with kept_tensors():
