@@ -165,15 +165,27 @@ def _rebuilt_offsets(tokenizer: Any, text: str, ids: list[int]) -> list[tuple[in
     offsets: list[tuple[int, int]] = [(0, 0)] * len(ids)
     cursor, group, unknown = 0, [], []
     for i, token_id in enumerate(ids):
-        if token_id == unknown_id:
-            unknown.append(i)
+        if token_id == unknown_id or token_id in specials:
+            # its own text typed in the prompt ("<|endoftext|>"): step over it, so the next token is not found inside
+            literal = str(tokenizer.convert_ids_to_tokens(token_id)).lower()
+            at = folded.find(literal, cursor) if literal else -1
+            typed = at >= 0 and not text[cursor:at].strip() and _parsed_whole(tokenizer, text[at : at + len(literal)], token_id)
+            if typed:
+                offsets[i] = (at, at + len(literal))
+                cursor = at + len(literal)
+            if token_id == unknown_id and not typed:  # a character the vocabulary lacks: the text up to the next token
+                unknown.extend(group)  # a lone SentencePiece `▁` before it shares its span, as fast tokenizers give it
+                unknown.append(i)
+            else:
+                unknown = []
+            group = []
             continue
-        if token_id in specials:
-            group, unknown = [], []
+        alone = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        if not group and alone and not alone.strip():  # a whitespace token (byte-level `Ġ`, `Ċ`): in no word
             continue
         group.append(i)
         piece = tokenizer.decode([ids[j] for j in group], clean_up_tokenization_spaces=False).strip().lower()
-        if (not piece or "\ufffd" in piece) and len(group) < 4 and i + 1 < len(ids):
+        if (not piece or "\ufffd" in piece) and len(group) < 8 and i + 1 < len(ids):
             continue
         members, group = group, []
         start = folded.find(piece, cursor) if piece else -1
@@ -188,6 +200,12 @@ def _rebuilt_offsets(tokenizer: Any, text: str, ids: list[int]) -> list[tuple[in
         for j in members:
             offsets[j] = (start, cursor)
     return offsets
+
+
+def _parsed_whole(tokenizer: Any, typed: str, token_id: int) -> bool:
+    """Whether the tokenizer reads `typed` (a special token's text as the prompt has it) as the one token `token_id`
+    (CLIP's "<|endoftext|>"), not as pieces (T5 reads a typed "<UNK>" as "<", "UNK", ">")."""
+    return list(tokenizer(typed, add_special_tokens=False)["input_ids"]) == [token_id]
 
 
 class PromptTokens:

@@ -144,10 +144,15 @@ _NO_OFFSETS_TABLE = [
     ("a héllo cat", "héllo", None),
     ("a héllo  wörld, no", "wörld", None),
     ("a cat-dog", "dog", None),
+    ("a red  cat", "cat", None),  # byte-level BPE's lone whitespace tokens belong to no word
+    ("a red cat\n\nblue dog", "blue", None),
+    ("a cat \U0001f431 dog", "dog", None),  # the word after a character split into bytes
+    ("emoji \U0001f431 cat", "cat", None),  # T5: the `▁` before an unknown character is not the next word's
+    ("four, <|endoftext|> table", "table", None),  # a special token typed in the prompt is stepped over
 ]
 
 
-@pytest.mark.parametrize("name, encoder", [("tiny-sd", "tokenizer"), ("tiny-pixart", "tokenizer")])
+@pytest.mark.parametrize("name, encoder", [("tiny-sd", "tokenizer"), ("tiny-pixart", "tokenizer"), ("tiny-qwenimage", "tokenizer")])
 def test_words_without_character_offsets_match_as_with_them(name, encoder, tiny_cache):
     """Without offsets, words were matched as raw token ids: "fish" bound the end of "catfish", T5's "cat" the start
     of it, case mattered and a word after punctuation was missed. Both paths now give the same positions."""
