@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from .controls.cross_image.interpolation import DEFAULT_BETA, AttentionInterpola
 from .errors import ConfigError
 from .handle import _control_tuple, apply
 from .pipelines.protocol import named_call_arguments
-from .render.generate import row_arguments
+from .render.generate import embedded_pipeline_defaults, row_arguments
 
 
 def interpolate(
@@ -53,7 +52,7 @@ def interpolate(
     controls = _control_tuple(controls)
     points = beta_points(n, alpha, beta)
     control = AttentionInterpolation(points=points, mode=mode, self_attention=self_attention)
-    options = {**embedded_defaults(pipe), **pipeline_kwargs}
+    options = {**embedded_pipeline_defaults(pipe), **pipeline_kwargs}
     options["generator"] = _same_noise(options.get("generator"), n, pipe)
     prompts = sequence_prompts(prompt_a, prompt_b, points)
     options = row_arguments(options, prompts, "interpolate")
@@ -78,21 +77,6 @@ def _check_arguments(pipe: Any, pipeline_kwargs: dict[str, Any]) -> None:
             f"interpolate: {type(pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; it "
             f"takes: {', '.join(named)}"
         )
-
-
-def embedded_defaults(pipe: Any) -> dict[str, Any]:
-    """The toy model's CALL_DEFAULTS when `pipe` is the embedded toy-shapes model, else nothing."""
-    name = getattr(pipe, "name_or_path", None)
-    if not name:
-        return {}
-    try:
-        from . import toy
-
-        if Path(str(name)).resolve() == toy.toy_shapes_path().resolve():
-            return dict(toy.CALL_DEFAULTS)
-    except (ImportError, FileNotFoundError, OSError):  # pragma: no cover - depends on the build
-        return {}
-    return {}
 
 
 def _same_noise(generator: Any, n: int, pipe: Any) -> list[torch.Generator]:

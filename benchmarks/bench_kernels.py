@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 
-if "--tiny" in sys.argv:  # the Triton kernels run on CPU only in the interpreter, chosen before they are imported
+if "--tiny" in sys.argv or "--quick" in sys.argv:  # the Triton kernels run on CPU only in the interpreter, chosen before they are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
@@ -338,7 +338,8 @@ def cpu_size(size: int, repeats: int, has_flex: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run of the table at tiny sizes (interpreter; seconds)")
+    parser.add_argument("--tiny", "--quick", dest="tiny", action="store_true",
+                        help="CPU smoke run of the table at tiny sizes (interpreter; seconds; --quick: the same)")
     parser.add_argument("--flex", action="store_true", help="with --tiny: also the flex columns (compiles on CPU: slower)")
     parser.add_argument("--cpu", action="store_true", help="the CPU comparison of sdpa / flex against the reference")
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))

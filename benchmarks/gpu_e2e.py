@@ -739,7 +739,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--tiny", action="store_true", help="CPU-size configs (attnctl.testing): a smoke test, not timed")
+    parser.add_argument("--tiny", "--quick", dest="tiny", action="store_true",
+                        help="CPU-size configs (attnctl.testing): a smoke test, not timed (--quick: the same)")
     parser.add_argument("--fbc-threshold", type=float, default=0.12, help="FirstBlockCache threshold of the *fbc variants")
     parser.add_argument("--fbc-extra-thresholds", default="",
                         help="comma-separated: also stock+fbc@T, cff+fbc@T (and cff(trim)+fbc@T) at these thresholds, as extra rows")

@@ -892,3 +892,21 @@ def test_generate_refuses_one_prompt_2_for_rows_of_different_prompts(tiny_cache)
         model.release()
         del pipe._get_t5_prompt_embeds
     assert seen == [texts] and len(g.frames) == 2 and g.params["options"]["prompt_2"] == texts
+
+
+# --- attnctl.generate on an embedded model takes its call defaults ---------------------------------------------------
+
+
+def test_generate_on_an_embedded_pipeline_takes_its_call_defaults():
+    """`attnctl.generate(pipe, ...)` applies an embedded model's call defaults as `interpolate` and `Model.load` do:
+    the toy model's guidance 4 and 10 steps (it passed diffusers' 7.5 and 50), and the tiny PixArt's arguments (without
+    them the call failed inside diffusers: "Invalid sample size")."""
+    import attnctl
+    from attnctl.toy import CALL_DEFAULTS
+
+    toy = attnctl.load_pipeline("toy-shapes")
+    generation = attnctl.generate(toy, "a red circle", seed=3)
+    assert generation.params["guidance_scale"] == CALL_DEFAULTS["guidance_scale"]
+    assert generation.params["steps"] == CALL_DEFAULTS["num_inference_steps"]
+    pixart = attnctl.load_pipeline("tiny-pixart")
+    assert attnctl.generate(pixart, "a photo of a cat", steps=1).image.size == (32, 32)

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +73,26 @@ def embedded_call_defaults(name: str | None) -> dict[str, Any]:
         except ImportError:  # pragma: no cover - depends on the build
             return {}
         return dict(getattr(toy, "CALL_DEFAULTS", {}))
+    return {}
+
+
+def embedded_pipeline_defaults(pipe: Any) -> dict[str, Any]:
+    """`embedded_call_defaults` of the embedded model `pipe` is (the toy model, by its folder; a tiny fixture, by the
+    name `make_tiny_pipeline` records in `pipe.name_or_path`); nothing for any other pipeline."""
+    from ..testing import CALL_DEFAULTS
+
+    name = getattr(pipe, "name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return {}
+    if name in CALL_DEFAULTS:
+        return embedded_call_defaults(name)
+    try:
+        from .. import toy
+
+        if Path(name).resolve() == toy.toy_shapes_path().resolve():
+            return embedded_call_defaults("toy-shapes")
+    except (ImportError, FileNotFoundError, OSError):  # pragma: no cover - depends on the build
+        return {}
     return {}
 
 
@@ -496,8 +517,9 @@ def generate(pipe: Any, prompt: str, *, controls: Control | Iterable[Control] = 
              **options: Any) -> Generation:
     """Generate one image with `controls` attached for this call only (the pipeline is restored after).
 
-    The image depends only on its arguments: batch 1 and a CPU `torch.Generator` seeded with `seed`."""
-    with Model(pipe, backend=backend, call_defaults={}) as model:
+    The image depends only on its arguments: batch 1 and a CPU `torch.Generator` seeded with `seed`. On an embedded
+    model (`attnctl.load_pipeline("toy-shapes")`, the tiny fixtures) its call defaults apply where not given."""
+    with Model(pipe, backend=backend, call_defaults=embedded_pipeline_defaults(pipe)) as model:
         return model.generate(prompt, seed=seed, controls=controls, negative_prompt=negative_prompt, steps=steps,
                               width=width, height=height, guidance_scale=guidance_scale, **options)
 

@@ -146,6 +146,7 @@ def make_tiny_pipeline(name: str, seed: int = 0, **options: Any):
         raise ConfigError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS + NEW_TINY_MODELS)}")
     pipe = builders[name](seed, **options)
     pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(_name_or_path=name)  # `pipe.name_or_path`: its call defaults are found by it (CALL_DEFAULTS)
     return pipe
 
 
