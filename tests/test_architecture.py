@@ -25,7 +25,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("attnctl.processors",),  # per-family processors, edits and effects, the hook chain
     ("attnctl.denoiser_call", "attnctl.selection"),  # one denoiser call's rows / layer selection
     ("attnctl.kernels", "attnctl.families", "attnctl.toy", "attnctl.testing"),
-    ("attnctl.tokens", "attnctl.prompt_weights", "attnctl.steps", "attnctl.noise", "attnctl.foreign_patches"),
+    ("attnctl.prompt_weights",),  # finds a phrase as attnctl.tokens does (`phrase_pattern`), so occurrences count alike
+    ("attnctl.tokens", "attnctl.steps", "attnctl.noise", "attnctl.foreign_patches"),
     ("attnctl.instance",),
     ("attnctl.validation",),
     ("attnctl.errors", "attnctl._version"),
