@@ -20,6 +20,7 @@ same control objects (a job of many seeds pays `attnctl.apply` once); `model.rel
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import inspect
 import os
@@ -239,10 +240,7 @@ class Model:
         if negative_prompt is not None and not self.accepts("negative_prompt"):
             unknown.append("negative_prompt")
         if unknown:
-            raise ConfigError(
-                f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
-                f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
-            )
+            raise self._unknown_options(unknown)
         controls = _as_controls(controls)
         if controls and not self._is_attached(controls):
             self.release()
@@ -381,6 +379,16 @@ class Model:
             raise ConfigError(f"{type(self.pipe).__name__} makes videos; an interpolation or prompt-to-prompt job renders "
                               "image sequences only (use attnctl.interpolate for interpolation videos)")
 
+    def _unknown_options(self, unknown: list[str]) -> ConfigError:
+        """The error for call options the pipeline does not take, with a did-you-mean for near misses ('etaa')."""
+        taken = [name for name in self._parameters if self.accepts(name)]
+        guesses = [f"{close[0]!r} for {key!r}" for key in unknown if (close := difflib.get_close_matches(key, taken, n=1))]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+        return ConfigError(
+            f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}{hint}; "
+            f"it takes: {', '.join(taken)}"
+        )
+
     def _pixel_packing(self) -> int | None:
         """The image side's multiple where the pipeline would otherwise resize a size silently (Flux-like packing:
         `ModelAdapter.latent_packing` x the VAE's factor); None where the pipeline resizes nothing itself."""
@@ -415,10 +423,7 @@ class Model:
                               f"{', '.join(doubled)} in the options")
         unknown = [key for key in options if not self.accepts(key)]
         if unknown:
-            raise ConfigError(
-                f"{type(self.pipe).__name__}.__call__ takes no argument(s) {', '.join(map(repr, unknown))}; "
-                f"it takes: {', '.join(name for name in self._parameters if self.accepts(name))}"
-            )
+            raise self._unknown_options(unknown)
         not_taken = [named[key] for key, value in given.items() if value is not None and not self.accepts(key)]
         if not_taken:
             raise ConfigError(

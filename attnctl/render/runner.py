@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import difflib
 import errno
 import inspect
 import json
@@ -635,16 +634,8 @@ def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[str]:
             model.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
                           width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
         except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
-            failures.append(f"{job.place} (job {job.id!r}): {_describe(error)}{_option_hint(model, job.options)}")
+            failures.append(f"{job.place} (job {job.id!r}): {_describe(error)}")
     return failures
-
-
-def _option_hint(model: Model, options: Any) -> str:
-    """' (did you mean ...)' for the options the pipeline call does not take and that are close to one it takes."""
-    taken = [name for name in inspect.signature(model.pipe.__call__).parameters if model.accepts(name)]
-    close = [(key, difflib.get_close_matches(key, taken, n=1)) for key in options if not model.accepts(key)]
-    guesses = [f"{match[0]!r} for {key!r}" for key, match in close if match]
-    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def _write_gallery(out: str, jobs: JobFile, records: dict[tuple[str, int], dict[str, Any]], summary: Summary,
@@ -1012,7 +1003,7 @@ def check_jobs(jobs: JobFile, model: str | None = None, *, device: str = "auto",
                                width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
             except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
                 problems += 1
-                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}{_option_hint(loaded, job.options)}")
+                lines.append(f"  problem  {job.place} job {job.id!r}: {_describe(error)}")
             else:
                 lines.append(f"  ok  {job.place} job {job.id!r} resolves on {name}")
     finally:
