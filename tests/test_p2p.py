@@ -27,7 +27,14 @@ def test_alignment_matches_equal_tokens_and_leaves_new_ones_out():
     # BOS a red cat EOS  vs  BOS a big red cat EOS
     assert align([0, 1, 2, 3, 9], [0, 1, 7, 2, 3, 9]) == [0, 1, -1, 2, 3, 4]
     mapping, alpha = refinement_mapper([0, 1, 2, 3, 9], [0, 1, 7, 2, 3, 9], 8)
-    assert mapping == [0, 1, -1, 2, 3, 4, 5, 6] and alpha == [1, 1, 0, 1, 1, 1, 1, 1]  # padding aligned by offset
+    assert mapping == [0, 1, -1, 2, 3, 4, 6, 7] and alpha == [1, 1, 0, 1, 1, 1, 1, 1]  # padding: the same position
+
+
+def test_refinement_padding_reads_the_base_at_the_same_position_as_p2p():
+    """P2P's `seq_aligner.get_mapper`: `mapper[len(y):] = len(y) + arange(max_len - len(y))` with alpha 1, so after a
+    word is removed the edited padding reads the base's last real tokens (its EOS here), not the base's padding."""
+    mapping, alpha = refinement_mapper([0, 1, 7, 2, 3, 9], [0, 1, 2, 3, 9], 8)
+    assert mapping == [0, 1, 3, 4, 5, 5, 6, 7] and alpha == [1.0] * 8
 
 
 def test_replacement_mapper_swaps_words_with_different_token_counts():

@@ -2,7 +2,8 @@
 
 An edited prompt's text tokens are aligned to the base prompt's by a global (Needleman-Wunsch) alignment with
 P2P's scores (gap 0, match 1, mismatch -1) and its trace-back preferences, over the tokens with the special tokens
-(BOS / EOS) included. The padding after the last real token is aligned by its offset from that token.
+(BOS / EOS) included. The padding after the edited prompt's last token reads the base position it stands at (refine,
+as P2P's `get_mapper`); replace aligns it by its offset from the last aligned token.
 
 - `refinement_mapper`: for each edited token, the base token it aligns to (or -1) and alpha = 1 where aligned
   (P2P's `get_refinement_mapper`: aligned tokens take the base maps, new tokens keep their own).
@@ -56,17 +57,13 @@ def align(x: Sequence[int], y: Sequence[int]) -> list[int]:
     return mapping
 
 
-def _with_tail(x_len: int, y_len: int, limit: int, mapping: list[int]) -> list[int]:
-    """`mapping` extended over the padding positions `y_len .. limit-1`, aligned by offset from the last token."""
-    tail = [i - y_len + x_len for i in range(y_len, limit)]
-    return mapping[:limit] + [t if t < limit else -1 for t in tail]
-
-
 def refinement_mapper(x: Sequence[int], y: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
     """(base index or -1, alpha) for each of the `limit` positions of the edited prompt `y` (token ids, special
-    tokens included, truncated to `limit`)."""
+    tokens included, truncated to `limit`). The positions after the edited prompt's last token read the base's same
+    position (P2P's `get_mapper`: `mapper[len(y):] = arange(len(y), limit)`, alpha 1), where the base may still hold
+    real tokens when the edit is the shorter."""
     x, y = list(x)[:limit], list(y)[:limit]
-    mapping = _with_tail(len(x), len(y), limit, align(x, y))
+    mapping = align(x, y) + list(range(len(y), limit))
     return mapping, [0.0 if m < 0 else 1.0 for m in mapping]
 
 
