@@ -65,7 +65,7 @@ METHODS: tuple[str, ...] = ("full", "cfg_share", "window_residual", "window_resi
 #: Candidates in order of preference when two cost the same (most compressive first).
 CANDIDATES: tuple[str, ...] = ("step_share", "window_residual+cfg_share", "window_residual", "cfg_share")
 FAMILIES: tuple[str, ...] = ("pixart", "sd3", "flux", "unet")
-DEFAULT_WINDOW = 64  # the reference code's band |i - j| <= 64 (its flash-attention window (64, 64))
+DEFAULT_WINDOW = 64  # run_pixart.py's command-line default in the reference code; its published PixArt runs use tokens / 8
 WindowSize = int | tuple[int, int] | tuple[int, int, int]
 
 
