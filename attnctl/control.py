@@ -275,8 +275,9 @@ class BindContext:
     internal: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
     # the arguments (defaults applied) of this call's encode_prompt calls, in order (Flux true CFG: cond, negative)
     prompt_arguments: tuple[dict[str, Any], ...] = ()
-    # `encode_prompts(texts, trim=False)`: extra prompts encoded as the pipeline encodes its own prompt in this call
-    # (`trim`: cut after the longest prompt's last token, where `ModelAdapter.padded_text_tokenizer` says how); the
+    # `encode_prompts(texts, trim=False, others=None)`: extra prompts encoded as the pipeline encodes its own prompt in
+    # this call (`trim`: cut after the longest prompt's last token, where `ModelAdapter.padded_text_tokenizer` says how;
+    # `others`: {"prompt_2": texts, ...} for the encoders that read their own prompt, None where left out); the
     # handle keeps the embeddings for later calls while nothing they depend on changes (`pipelines.prompts.PromptCache`)
     encode_prompts: Callable[..., EncodedText] = field(default=_no_handle, compare=False, repr=False)
     # `wrap_method(obj, name, make, innermost=False)`: an instance-level wrap for this pipeline call, owned by the

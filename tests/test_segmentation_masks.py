@@ -268,3 +268,75 @@ def test_readout_of_arrays_and_tensors_is_at_their_own_size(tiny_cache):
         assert result.maps.shape[-2:] == (21, 29) and result.masks("car").shape == (1, 21, 29)
     with pytest.raises(ConfigError, match=r"different sizes \(height x width: 21x29, 21x30\)"):
         attnctl.read_maps(pipe, [pixels[None], np.zeros((1, 21, 30, 3), np.float32)], PROMPT, ["car"], **options)
+
+
+def _readout_text(pipe, denoiser, images, prompt, **call):
+    """The text-sequence embeddings the denoiser receives at the readout's first call (a forward pre-hook)."""
+    import inspect
+
+    seen = []
+    signature = inspect.signature(type(denoiser).forward)
+
+    def record(module, args, kwargs):
+        seen.append(signature.bind(module, *args, **kwargs).arguments["encoder_hidden_states"].detach().clone())
+
+    hook = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        if "num_images_per_prompt" in call:  # read_maps sets it itself: the control on the img2img call
+            from attnctl.render.readout import img2img_of
+
+            reader = img2img_of(pipe)
+            with attnctl.apply(reader, AttentionMaps(["cat"], magnets=True)):
+                reader(prompt, image=images, strength=1.0, num_inference_steps=1, guidance_scale=5.0, **call)
+        else:
+            attnctl.read_maps(pipe, images, prompt, ["cat"], num_inference_steps=2, guidance_scale=5.0, height=32, width=32, **call)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _encoded(pipe, prompt, **others):
+    with torch.no_grad():
+        return pipe.encode_prompt(prompt, **others, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+
+
+def test_magnets_follow_each_encoders_own_prompt(tiny_cache):
+    """RefAM appends the magnets to the prompt; on SDXL CLIP-G reads `prompt_2` (SD3's T5 `prompt_3`), so its magnet
+    text is `prompt_2 + magnets`. The readout encoded `prompt + magnets` for every encoder (prompt_2 dropped from
+    the sequence while the pooled embeddings still followed it): CLIP-G's half was off by 0.75 on tiny-sdxl."""
+    from PIL import Image
+
+    def m(texts):
+        return [magnet_prompt(t, MAGNET_WORDS) for t in texts]
+
+    images = [Image.new("RGB", (32, 32), (120, 60, 200)), Image.new("RGB", (32, 32), (20, 160, 90))]
+    first, second = ["a photo of a cat", "a red cat in the park"], ["a sketch of a cat", "a blue cat on the street"]
+    pipe = tiny_cache("tiny-sdxl")
+    text = _readout_text(pipe, pipe.unet, images, first, prompt_2=second)  # [uncond x 2, cond x 2]
+    assert torch.equal(text[2:], _encoded(pipe, m(first), prompt_2=m(second)))
+    # one prompt_2 for every prompt, and num_images_per_prompt
+    text = _readout_text(pipe, pipe.unet, images[0], first[0], prompt_2=second[0], num_images_per_prompt=2)
+    assert torch.equal(text[2:], _encoded(pipe, m(first[:1]) * 2, prompt_2=m(second[:1]) * 2))
+    # without prompt_2 every encoder reads prompt + magnets, as before
+    text = _readout_text(pipe, pipe.unet, images, first)
+    assert torch.equal(text[2:], _encoded(pipe, m(first), prompt_2=None))
+
+    pipe = tiny_cache("tiny-sd3")  # CLIP-L, CLIP-G and T5 each read their own prompt
+    third = ["a drawing of a cat", "a green cat near the river"]
+    text = _readout_text(pipe, pipe.transformer, images, first, prompt_2=second, prompt_3=third)
+    assert torch.equal(text[2:], _encoded(pipe, m(first), prompt_2=m(second), prompt_3=m(third)))
+    text = _readout_text(pipe, pipe.transformer, images, first, prompt_3=third)  # prompt_2 left None: CLIP-G reads prompt
+    assert torch.equal(text[2:], _encoded(pipe, m(first), prompt_2=None, prompt_3=m(third)))
+
+
+def test_magnet_prompt_is_the_prompt_as_given_with_textual_inversion():
+    """The magnet prompt is the call's own prompt: it was taken as the tokenizer sees it (textual inversion's `<x>`
+    already expanded to `<x> <x>_1`), which `encode_prompt` expanded again (`<x> <x>_1 <x> <x>_1_1`)."""
+    from PIL import Image
+
+    from attnctl.testing import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline("tiny-sd")  # its own: the embedding is loaded into it
+    pipe.load_textual_inversion({"<thing>": torch.randn(2, pipe.text_encoder.config.hidden_size)}, token="<thing>")
+    text = _readout_text(pipe, pipe.unet, Image.new("RGB", (32, 32)), "a <thing> cat")
+    assert torch.equal(text[1:], _encoded(pipe, [magnet_prompt("a <thing> cat", MAGNET_WORDS)]))

@@ -15,7 +15,7 @@ Qwen-Image (Qwen2.5-VL's attention mask, read on the host) or Chroma (its T5 mas
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -28,7 +28,19 @@ from ..families.base import ModelAdapter
 _NONE_SUFFIXES = ("_embeds", "_attention_mask")
 
 
-def _prompt_arguments(signature: inspect.Signature, recorded: dict[str, Any], prompts: list[str], device: Any) -> inspect.BoundArguments:
+def _prompt_arguments(
+    signature: inspect.Signature, recorded: dict[str, Any], prompts: list[str], device: Any,
+    others: Mapping[str, Sequence[str]] | None = None,
+) -> inspect.BoundArguments:
+    others = dict(others or {})
+    for name, texts in others.items():
+        if not (name.startswith("prompt_") and name[len("prompt_"):].isdigit()) or name not in signature.parameters:
+            takes = [n for n in signature.parameters if n.startswith("prompt_") and n[len("prompt_"):].isdigit()]
+            raise CallLayoutError(
+                f"attnctl: cannot encode extra prompts with {name!r}: this encode_prompt takes {', '.join(takes) or 'no second prompt'}"
+            )
+        if len(texts) != len(prompts):
+            raise CallLayoutError(f"attnctl: {len(texts)} texts for {name!r}, {len(prompts)} extra prompts")
     arguments: dict[str, Any] = {}
     for name, parameter in signature.parameters.items():
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
@@ -41,7 +53,7 @@ def _prompt_arguments(signature: inspect.Signature, recorded: dict[str, Any], pr
         if name == "prompt":
             value: Any = list(prompts)
         elif name.startswith("prompt_") and name[len("prompt_"):].isdigit():
-            value = None  # prompt_2 / prompt_3 default to `prompt`
+            value = list(others[name]) if name in others else None  # None: prompt_2 / prompt_3 default to `prompt`
         elif name.startswith("negative_prompt"):
             value = None
         elif name.endswith(_NONE_SUFFIXES):
@@ -168,16 +180,18 @@ class PromptCache:
 
 def encode_prompts(
     pipe: Any, adapter: ModelAdapter, recorded: dict[str, Any], device: Any, internal: Callable[[], AbstractContextManager[None]],
-    prompts: list[str], *, trim: bool = False, cache: PromptCache | None = None,
+    prompts: list[str], *, trim: bool = False, cache: PromptCache | None = None, others: Mapping[str, Sequence[str]] | None = None,
 ) -> EncodedText:
     """Encode `prompts` as the pipeline encodes its prompt in this call (`recorded`: the arguments of the
     call's first `encode_prompt`; see the module docstring). `trim`: on a family whose text is one padded
     sequence without a mask (`ModelAdapter.padded_text_tokenizer`), keep the positions up to the longest
     prompt's last token (its end-of-sequence token included); the kept positions are exactly as encoded.
-    `cache`: the handle's encodings, reused where nothing they depend on changed (`PromptCache`)."""
+    `cache`: the handle's encodings, reused where nothing they depend on changed (`PromptCache`). `others`: the
+    texts of `prompt_2` / `prompt_3` (one per prompt) for the encoders that read their own prompt (SDXL's CLIP-G,
+    SD3's T5); an argument left out is None, so that encoder reads `prompts` too."""
     encode = pipe.encode_prompt
     signature = inspect.signature(encode)
-    bound = _prompt_arguments(signature, recorded, prompts, device)
+    bound = _prompt_arguments(signature, recorded, prompts, device, others)
     key: Hashable | None = None
     if cache is not None:
         try:

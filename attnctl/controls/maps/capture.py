@@ -371,8 +371,16 @@ class AttentionMapsBound(Bound):
         self.magnet_text = None
         if self.magnets:
             _require_readout(context.pipeline)
-            texts = _prompt_texts(context.require_tokens("AttentionMaps(magnets=...)"), rows)
-            self.magnet_text = context.encode_prompts([magnet_prompt(p, self.magnets) for p in texts])
+            tokens = context.require_tokens("AttentionMaps(magnets=...)")
+            # the call's texts as given: the tokens' are as the tokenizer sees them (textual inversion's `<x>` expanded,
+            # which encode_prompt would expand again)
+            arguments = context.prompt_arguments[0] if context.prompt_arguments else {}
+            texts = _call_texts(arguments, "prompt", rows) or _prompt_texts(tokens, rows)
+            own = {name: _call_texts(arguments, name, rows) for name in _OWN_PROMPTS}
+            self.magnet_text = context.encode_prompts(
+                [magnet_prompt(p, self.magnets) for p in texts],
+                others={name: [magnet_prompt(p, self.magnets) for p in found] for name, found in own.items() if found is not None},
+            )
             sizes = {layer.index: math.prod(context.canvas.grid_at(layer.level)) for layer in context.layers}
             deepest = min(sizes.values())
             self.sink_layers = frozenset(index for index, size in sizes.items() if size == deepest)
@@ -552,6 +560,30 @@ def _position(query: WordQuery, text_len: int) -> tuple[int, ...]:
     if not isinstance(query, int) or query >= text_len:
         raise TokenError(f"attnctl: token position {query} is outside the text sequence of {text_len} tokens")
     return (query,)
+
+
+#: `encode_prompt`'s prompts of the encoders that read their own (SDXL's CLIP-G, SD3's T5, Flux's T5): the magnet
+#: text of each is its own prompt with the magnets appended.
+_OWN_PROMPTS = ("prompt_2", "prompt_3")
+
+
+def _call_texts(arguments: dict[str, Any], name: str, rows: int) -> list[str] | None:
+    """The text of each prompt row in `encode_prompt`'s argument `name` as the call gave it (one string, or one per
+    prompt, each repeated `num_images_per_prompt` times), before the pipeline rewrites it (textual inversion); None
+    where the call left it None."""
+    value = arguments.get(name)
+    if value is None:
+        return None
+    texts = [value] if isinstance(value, str) else list(value)
+    per_prompt = int(arguments.get("num_images_per_prompt") or 1)
+    if len(texts) == 1:
+        texts = texts * (rows // per_prompt)
+    if not all(isinstance(t, str) for t in texts) or len(texts) * per_prompt != rows:
+        raise UnsupportedError(
+            f"attnctl: AttentionMaps(magnets=...) cannot append the magnets to {name}={value!r}: expected a string or "
+            f"{rows // per_prompt} strings (one per prompt) for {rows} prompt rows"
+        )
+    return [text for text in texts for _ in range(per_prompt)]
 
 
 def _prompt_texts(tokens: Any, rows: int) -> tuple[str, ...]:
