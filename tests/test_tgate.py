@@ -250,6 +250,21 @@ def test_joint_attention_models_raise_clearly(name, tiny_cache):
     assert "forward" not in pipe.transformer.__dict__
 
 
+def test_the_issues_v1_signature_is_the_default_gate(tiny_cache):
+    """`TGate(gate_step=10, warm_up=0, sp_interval=None, fi_interval=None)` (the v1 spelling, no warm-up of a reuse
+    that is off) is accepted and acts as `TGate(gate_step=...)`; a warm-up that would wait for a reuse is refused."""
+    control = attnctl.TGate(gate_step=1, warm_up=0, sp_interval=None, fi_interval=None)
+    assert attnctl.Control.from_dict({"type": "tgate", "gate_step": 1, "warm_up": 0}) == control
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [control]):
+        issue = generate(pipe, "tiny-sd", steps=2)
+    with attnctl.apply(pipe, [attnctl.TGate(gate_step=1)]):
+        default = generate(pipe, "tiny-sd", steps=2)
+    assert torch.equal(issue, default)
+    with pytest.raises(ConfigError, match="warm_up=3 does nothing without sp_interval"):
+        attnctl.TGate(warm_up=3)
+
+
 def test_self_layers_need_an_interval(tiny_cache):
     with pytest.raises(ConfigError, match="interval"):
         attnctl.apply(tiny_cache("tiny-sd"), [attnctl.TGate(layers="self")])

@@ -107,7 +107,7 @@ class TGate(Control, type_name="tgate"):
             value = getattr(self, name)
             if value is not None:
                 set_field(self, name, integer(value, f"TGate.{name}", minimum=1))
-        if self.sp_interval is None:
+        if self.sp_interval is None and self.warm_up != 0:  # 0 (no warm-up of a reuse that is off) is harmless
             refuse_unused(self, "warm_up", "without sp_interval (the self-attention reuse before the gate starts after warm_up)")
         set_field(self, "layers", validate_layers(self.layers, name="TGate.layers"))
         set_field(self, "key", output_key(self.key, "TGate"))
