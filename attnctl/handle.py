@@ -215,11 +215,11 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
             f"held before pipe.{live.attribute} was replaced; remove it first: handle.remove() (a handle no longer at "
             "hand: error.handle.remove()), then apply again", handle=live,
         )
+    _refuse_split_placement(denoisers)
+    adapter = adapter_for_experts(denoisers)  # first: an unsupported denoiser's error lists the supported ones
     for method in ("encode_prompt",):
         if not callable(getattr(pipe, method, None)):
             raise UnsupportedError(f"attnctl: {type(pipe).__name__} has no {method}(); attnctl reads the prompts there")
-    _refuse_split_placement(denoisers)
-    adapter = adapter_for_experts(denoisers)
     compiled = [part for name, module in entries.items() for part in _refuse_uncomposable(module, denoisers[name], name, controls, adapter)]
     problems = [found for module in denoisers.values() for found in foreign_patches(module, adapter.modules if module is denoiser else {})]
     if problems:

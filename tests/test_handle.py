@@ -452,6 +452,17 @@ def test_sd_pipelines_that_set_their_own_processors_or_denoise_views_are_refused
     assert pipe.unet.attn_processors == processors and "step" not in vars(pipe.scheduler)
 
 
+def test_a_pipeline_without_prompts_and_an_unknown_denoiser_is_told_what_is_supported():
+    """Issue #2: an unsupported model raises an error that lists what is supported (an unconditional DDPM pipeline
+    has no encode_prompt either; the denoiser is what it is told about)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    with pytest.raises(UnsupportedError, match="UNet2DModel is not supported; supported: UNet2DConditionModel"):
+        attnctl.apply(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), [])
+
+
 def test_a_live_processor_copies_as_the_stock_one_and_the_denoiser_stays_refused():
     """diffusers' ComponentsManager deep-copies `attn_processors` for its report (`repr`, `get_model_info`): that
     raised while a component was controlled. A live processor copies and pickles as its stock original; a copy of the
