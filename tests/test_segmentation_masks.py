@@ -121,6 +121,18 @@ def test_magnets_never_run_in_a_generation(tiny_cache):
             generate(pipe, "tiny-sd", [PROMPT])
 
 
+def test_magnets_never_run_in_a_controlnet_generation(tiny_cache):
+    """A ControlNet text-to-image call takes an `image` (its condition) but no `strength`: it generates, so magnets
+    are refused there too (they changed its images without a word)."""
+    from attnctl.testing import tiny_sd_controlnet
+
+    pipe = tiny_sd_controlnet(tiny_cache("tiny-sd"), seed=1)
+    condition = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
+        with pytest.raises(ConfigError, match="readout pass"):
+            generate(pipe, "tiny-sd", [PROMPT], image=condition)
+
+
 @pytest.mark.parametrize("name", ["tiny-pixart"])
 def test_magnets_are_refused_at_apply_outside_their_families(name, tiny_cache):
     with pytest.raises(UnsupportedError, match="magnets"):

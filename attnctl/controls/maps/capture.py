@@ -543,12 +543,14 @@ class AttentionMapsBound(Bound):
 
 
 def _require_readout(pipeline: Any) -> None:
-    """Magnets change the prompt and so the image: only an img2img call (a readout pass over an image) may use them."""
+    """Magnets change the prompt and so the image: only an img2img call (a readout pass over an image, re-noised to a
+    `strength`) may use them. A ControlNet or T2I-Adapter text-to-image call also takes an `image` (its condition),
+    but no `strength`: it generates."""
     try:
-        takes_image = "image" in inspect.signature(type(pipeline).__call__).parameters
+        parameters = inspect.signature(type(pipeline).__call__).parameters
     except (AttributeError, TypeError, ValueError):
-        takes_image = False
-    if not takes_image:
+        parameters = {}
+    if not ("image" in parameters and "strength" in parameters):
         raise ConfigError(
             f"attnctl: AttentionMaps(magnets=...) changes the prompt and so the image, so it runs only in a separate "
             f"readout pass over an image (an img2img call); {type(pipeline).__name__} generates from text. Generate "
