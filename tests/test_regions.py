@@ -44,7 +44,7 @@ from attnctl.errors import ConfigError
         ({"prompt": "a cat", "mask": [[0, 1], [1, 0]]}, "must be a PIL image"),
         ({"prompt": "a cat", "mask": 0.5}, "must be a PIL image"),
         ({"prompt": "a cat", "mask": np.ones(5)}, "2-D"),
-        ({"prompt": "a cat", "mask": np.ones((3, 4, 5))}, "2-D"),
+        ({"prompt": "a cat", "mask": np.ones((4, 5, 3))}, "RGB"),
         ({"prompt": "a cat", "mask": torch.ones(2, 3, 4, 5)}, "2-D"),
         ({"prompt": "a cat", "mask": np.zeros((4, 4))}, "empty"),
         ({"prompt": "a cat", "mask": torch.zeros(4, 4, dtype=torch.bool)}, "empty"),
@@ -341,3 +341,66 @@ def test_video_region_fields_survive_saving_and_loading(tmp_path):
     assert region.per_frame is not None and len(region.per_frame) == 2
     assert region.to_dict()["mask"] == [str(tmp_path / "m0.png"), str(tmp_path / "m1.png")]
     assert Regions.from_layout(loaded.to_dict()["regions"]) == loaded
+
+
+def test_a_mask_stack_reads_as_its_list_of_frames():
+    """A 3-D array (frames, H, W) is one mask per token frame, read exactly as the list of its frames (issue #21:
+    `AttentionMapResult.masks` on video is (videos, frames, H, W), and `Region(mask=masks[i])` raised); a first or
+    last axis of 1 stays one single-channel mask, and an (H, W, 3) / (H, W, 4) array an RGB(A) image, refused."""
+    soft = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0))
+    uint8 = np.zeros((2, 6, 5), dtype=np.uint8)
+    uint8[0, :3], uint8[1, 3:] = 255, 1  # per frame: a 0..255 frame is scaled, a 0 / 1 frame is not (as in a list)
+    for stack in (soft, soft > 0.5, soft.numpy(), uint8, torch.from_numpy(uint8)):
+        region, listed = Region("a cat", mask=stack), Region("a cat", mask=list(stack))
+        assert region == listed and len(region.per_frame) == len(stack) and region.video
+        assert torch.equal(region._pixels, listed._pixels) and region._pixels.dtype == listed._pixels.dtype
+    for single in (soft[:1], soft[0, :, :, None], np.ones((2, 4, 1))):
+        region = Region("a cat", mask=single)
+        assert region.per_frame is None and not region.video and region.shape.ndim == 2
+    for colour in (np.ones((6, 5, 3)), np.full((6, 5, 4), 255, dtype=np.uint8), torch.ones(6, 5, 3)):
+        with pytest.raises(ConfigError, match=r"RGB / RGBA image \(H, W, C\).*grayscale.*got shape \(6, 5, [34]\)"):
+            Region("a cat", mask=colour)
+
+
+def test_a_mask_stack_is_refused_on_image_models_as_a_list_is(tiny_cache):
+    pipe = tiny_cache("tiny-sd")
+    stack = torch.zeros(2, 8, 8)
+    stack[:, 2:6, 2:6] = 1.0
+    messages = []
+    for mask in (stack, list(stack)):
+        with pytest.raises(ConfigError, match="need a video denoiser") as info:
+            attnctl.apply(pipe, [Regions([Region("a dog", mask=mask)])])
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and "(2, 8, 8)" in messages[0]
+
+
+def _needs_wan():
+    from attnctl.testing.new_families import available
+
+    return pytest.mark.skipif(not available("tiny-wan"), reason="tiny-wan needs diffusers >= 0.42 with Wan")
+
+
+@_needs_wan()
+def test_video_attention_masks_are_usable_directly_as_a_region_mask(tiny_cache):
+    """Issue #21 on tiny-wan: `Region(mask=masks(word)[0])` from a real call is `Region(mask=list(masks(word)[0]))`,
+    bitwise, in the region and in the generated video."""
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache("tiny-wan")
+
+    def generate():
+        out = pipe(prompt="a cat on the street", num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS["tiny-wan"])
+        return out.frames
+
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(("cat",))]) as handle:
+        generate()
+    masks = handle.outputs["attention_maps"].masks("cat")
+    assert masks.ndim == 4 and masks.shape[1] > 1
+    region, listed = Region("a dog", mask=masks[0]), Region("a dog", mask=list(masks[0]))
+    assert region == listed and torch.equal(region._pixels, listed._pixels) and len(region.per_frame) == masks.shape[1]
+    videos = []
+    for r in (region, listed):
+        with attnctl.apply(pipe, [Regions([r])]):
+            videos.append(generate())
+    assert torch.equal(videos[0], videos[1])

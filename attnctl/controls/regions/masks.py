@@ -78,6 +78,21 @@ def load_mask(value: Any, *, owner: str) -> torch.Tensor:
     )
 
 
+def frame_stack(value: Any) -> list[Any] | None:
+    """The frames of a 3-D numpy array or torch tensor that is a stack of masks, (frames, H, W): one mask per token
+    frame (video), read as the list `list(value)`; None for anything else.
+
+    The rule for a 3-D array: (frames, H, W) unless an axis at either end has one entry, (1, H, W) or (H, W, 1) (one
+    channel: one mask, as `load_mask` reads it), or its last axis has 3 or 4 entries ((H, W, 3) / (H, W, 4): an RGB /
+    RGBA image array, which `load_mask` refuses). A channel-first colour tensor (3, H, W) is read as three frames.
+    """
+    if not isinstance(value, (np.ndarray, torch.Tensor)) or value.ndim != 3:
+        return None
+    if value.shape[0] == 1 or value.shape[-1] in (1, 3, 4):
+        return None
+    return list(value)
+
+
 def _open_image(path: Any, owner: str):
     from PIL import Image
 
@@ -115,9 +130,16 @@ def _scaled(values: np.ndarray, full: float) -> np.ndarray:
 def _check(mask: torch.Tensor, owner: str, integer: bool = False) -> torch.Tensor:
     if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
         mask = mask[0] if mask.shape[0] == 1 else mask[..., 0]
+    if mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        raise ConfigError(
+            f"{owner}: a 3-D mask whose last axis has 3 or 4 entries is read as an RGB / RGBA image (H, W, C), which is "
+            f"not a mask: convert it to grayscale (or pass the PIL image); per-frame masks that narrow go as a list; got "
+            f"shape {tuple(mask.shape)}"
+        )
     if mask.ndim != 2:
         raise ConfigError(
-            f"{owner}: a mask must be 2-D (H, W), or 3-D with one singleton channel axis, got shape {tuple(mask.shape)}"
+            f"{owner}: a mask must be 2-D (H, W), or 3-D with one singleton channel axis ((1, H, W) or (H, W, 1)); a "
+            f"Region also takes (frames, H, W), one mask per token frame (video denoisers); got shape {tuple(mask.shape)}"
         )
     if mask.shape[0] == 0 or mask.shape[1] == 0:
         raise ConfigError(f"{owner}: the mask has no pixels (shape {tuple(mask.shape)})")

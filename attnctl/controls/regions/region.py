@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...errors import ConfigError
-from .masks import Box, load_mask, validate_box, validate_frames
+from .masks import Box, frame_stack, load_mask, validate_box, validate_frames
 
 _FIELDS = ("prompt", "box", "mask", "subject", "frames")
 
@@ -28,8 +28,11 @@ class Region:
 
     Video denoisers (Wan: a frames x height x width token grid): one box or mask applies to every token frame;
     `box=[box, ...]` or `mask=[mask, ...]` (one per token frame, masks of one size) gives one shape per token
-    frame; `frames=(start, stop)` limits the region to token frames start..stop-1 (a spatio-temporal tube; stop None:
-    to the last), and per-frame shapes then cover exactly that range. Token frames are the denoiser's latent frames
+    frame, and so does a 3-D numpy array or tensor (frames, H, W), read as the list of its frames (one video of
+    `AttentionMapResult.masks`: `mask=masks[i]` is `mask=list(masks[i])`; a 3-D array with a first or last axis
+    of 1 is one single-channel mask, one whose last axis is 3 or 4 an RGB / RGBA image, refused).
+    `frames=(start, stop)` limits the region to token frames start..stop-1 (a spatio-temporal tube; stop None: to
+    the last), and per-frame shapes then cover exactly that range. Token frames are the denoiser's latent frames
     (Wan's VAE: frame 0 is video frame 0, token frame t >= 1 video frames 4t-3..4t). A region with `frames` or
     per-frame shapes is refused on image denoisers.
 
@@ -67,15 +70,17 @@ class Region:
                 object.__setattr__(self, "box", validate_box(self.box, owner=owner))
             object.__setattr__(self, "_pixels", None)
             return
-        if isinstance(self.mask, (list, tuple)):  # one mask per token frame (video), each in any accepted form
-            if not self.mask:
-                raise ConfigError(f"{owner}: a list of per-frame masks needs at least one mask, got {self.mask!r}")
-            frames = [load_mask(m, owner=f"{owner} mask[{f}]") for f, m in enumerate(self.mask)]
+        stack = frame_stack(self.mask)  # a (frames, H, W) array reads as the list of its frames
+        masks = stack if stack is not None else self.mask
+        if isinstance(masks, (list, tuple)):  # one mask per token frame (video), each in any accepted form
+            if not masks:
+                raise ConfigError(f"{owner}: a list of per-frame masks needs at least one mask, got {masks!r}")
+            frames = [load_mask(m, owner=f"{owner} mask[{f}]") for f, m in enumerate(masks)]
             if len({tuple(m.shape) for m in frames}) != 1:
                 raise ConfigError(f"{owner}: per-frame masks must share one size, got {[tuple(m.shape) for m in frames]}")
             pixels = torch.stack(frames)
-            paths = all(isinstance(m, (str, os.PathLike)) for m in self.mask)  # kept as paths: the layout round-trips
-            object.__setattr__(self, "mask", tuple(os.fspath(m) for m in self.mask) if paths else pixels)
+            paths = all(isinstance(m, (str, os.PathLike)) for m in masks)  # kept as paths: the layout round-trips
+            object.__setattr__(self, "mask", tuple(os.fspath(m) for m in masks) if paths else pixels)
             object.__setattr__(self, "_pixels", pixels)
             return
         if isinstance(self.mask, (str, os.PathLike)):
