@@ -334,6 +334,20 @@ def test_mask_regions_are_read_validated_and_serialised_as_regions_masks(tmp_pat
     assert len({in_memory, again, from_file, ReferenceAttention(image, region=(0, 0, 0.5, 1))}) == 3
 
 
+def test_the_image_may_be_a_tensor_or_array_as_diffusers_pipelines_take_it():
+    """Floats in [0, 1], torch (3, H, W) / (1, 3, H, W) or numpy (H, W, 3), read as the 8-bit image they hold."""
+    pixels = np.asarray(picture())
+    expected = picture().tobytes()
+    as_float = torch.from_numpy(pixels.copy()).permute(2, 0, 1).double() / 255.0
+    for image in (as_float, as_float[None].float(), pixels.astype(np.float32) / 255.0, pixels):
+        assert ReferenceAttention(image).image.tobytes() == expected
+    assert ReferenceAttention(as_float) == ReferenceAttention(picture())
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.image: a float image holds values in \[0, 1\].*from -1 to 0.99"):
+        ReferenceAttention(as_float * 2 - 1)
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.image: an RGB image tensor has shape .*got shape \(32, 32\)"):
+        ReferenceAttention(as_float[0])
+
+
 # -- reference-only's AdaIN ---------------------------------------------------------------------------------------
 
 

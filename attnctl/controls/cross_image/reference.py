@@ -59,7 +59,9 @@ from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mas
 class ReferenceAttention(Control, type_name="reference-attention"):
     """The images of the call attend to a reference image in their self-attention (reference-only, PrimeComposer).
 
-    `image`: the reference, a path to an image file or a PIL image (a path serialises into job files).
+    `image`: the reference, a path to an image file, a PIL image, or an RGB image as diffusers pipelines take one: a
+    torch tensor (3, H, W) or (1, 3, H, W), or a numpy array (H, W, 3) or (1, H, W, 3), floats in [0, 1] (uint8 arrays
+    and tensors: 0..255), kept as an 8-bit PIL image (a path serialises into job files).
     `reference_row`: the prompt row that carries the reference (default 0; give it a prompt describing the
     reference, and discard its output). `branch`: "both" (uncond rows read the reference's uncond row, cond rows its
     cond row) or "cond" (only the cond rows read it, so CFG amplifies the reference: reference-only's
@@ -93,10 +95,13 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     def __post_init__(self) -> None:
         if isinstance(self.image, os.PathLike):
             set_field(self, "image", os.fspath(self.image))
+        if isinstance(self.image, (torch.Tensor, np.ndarray)):
+            set_field(self, "image", _image_from_array(self.image))
         if not isinstance(self.image, str) and not hasattr(self.image, "convert"):
-            shape = getattr(self.image, "shape", None)  # a tensor or array: its type and shape, not its values
-            got = repr(self.image) if shape is None else f"a {type(self.image).__name__} of shape {tuple(shape)}"
-            raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {got}")
+            raise ConfigError(
+                f"ReferenceAttention.image must be a path to an image, a PIL image, or an RGB image tensor / array, got "
+                f"{self.image!r}"
+            )
         row = plain_scalar(self.reference_row)
         if isinstance(row, bool) or not isinstance(row, int) or row < 0:
             raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
@@ -162,7 +167,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
 
     def to_dict(self) -> dict[str, Any]:
         if not isinstance(self.image, str):
-            raise ConfigError("ReferenceAttention.to_dict: the image is a PIL image; give a path to serialise it")
+            raise ConfigError("ReferenceAttention.to_dict: the image is in memory (a PIL image); give a path to serialise it")
         if isinstance(self.region, torch.Tensor):
             raise ConfigError(
                 f"ReferenceAttention.to_dict: the region is an in-memory mask ({_described_mask(self.region)}), which "
@@ -223,6 +228,37 @@ def _region(value: Any) -> tuple[Any, torch.Tensor | None]:
 
 def _described_mask(mask: torch.Tensor) -> str:
     return f"a {mask.shape[0]}x{mask.shape[1]} mask"
+
+
+def _image_from_array(value: torch.Tensor | np.ndarray) -> Any:
+    """An RGB image as diffusers pipelines take one (torch (3, H, W) / (1, 3, H, W), numpy (H, W, 3) / (1, H, W, 3);
+    floats in [0, 1], uint8 0..255) as an 8-bit PIL image: the reference is resized as a PIL image (Lanczos, as the
+    reference-only pipeline), so a path, a PIL image and an array take one road."""
+    from PIL import Image
+
+    owner = "ReferenceAttention.image"
+    is_tensor = isinstance(value, torch.Tensor)
+    array = value.detach().to("cpu") if is_tensor else torch.from_numpy(np.array(value))
+    shape = tuple(array.shape)
+    if array.ndim == 4 and shape[0] == 1:
+        array = array[0]
+    channels = (array.shape[0] if is_tensor else array.shape[-1]) if array.ndim == 3 else None
+    if channels != 3:
+        layout = "(3, H, W) or (1, 3, H, W)" if is_tensor else "(H, W, 3) or (1, H, W, 3)"
+        raise ConfigError(f"{owner}: an RGB image {'tensor' if is_tensor else 'array'} has shape {layout}, got shape {shape}")
+    if is_tensor:
+        array = array.permute(1, 2, 0)
+    if array.dtype == torch.uint8:
+        return Image.fromarray(array.contiguous().numpy(), "RGB")
+    if not array.is_floating_point():
+        raise ConfigError(f"{owner}: an image array holds floats in [0, 1] or uint8 values 0..255, got {array.dtype}")
+    array = array.double()
+    if torch.isnan(array).any() or float(array.min()) < 0.0 or float(array.max()) > 1.0:
+        raise ConfigError(
+            f"{owner}: a float image holds values in [0, 1] (as diffusers pipelines take it), got values from "
+            f"{float(array.min()):g} to {float(array.max()):g}"
+        )
+    return Image.fromarray((array * 255.0).round().to(torch.uint8).contiguous().numpy(), "RGB")
 
 
 def adain_modules(denoiser: torch.nn.Module, weight: float, family: str) -> tuple[torch.nn.Module, ...]:
