@@ -326,5 +326,6 @@ def test_options_that_do_nothing_in_the_setting_are_refused(refused, match, acti
 
 
 def test_reference_attention_names_a_tensor_image_by_type_and_shape_not_its_values():
-    with pytest.raises(ConfigError, match=r"got a Tensor of shape \(3, 64, 64\)$"):
-        attnctl.ReferenceAttention(image=torch.zeros(3, 64, 64))
+    # an RGB tensor (3, H, W) is an image (tests/test_reference_attention.py); a tensor of another shape is named by it
+    with pytest.raises(ConfigError, match=r"an RGB image tensor has shape .*, got shape \(64, 64\)$"):
+        attnctl.ReferenceAttention(image=torch.zeros(64, 64))

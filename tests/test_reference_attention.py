@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,28 @@ def run(pipe, name, prompts=PROMPTS, steps=2, guidance=5.0, **kwargs):
     return out.frames if hasattr(out, "frames") and not hasattr(out, "images") else out.images
 
 
+def soft_mask() -> torch.Tensor:
+    """A (12, 20) soft mask in [0, 1] whose pixels do not divide the attention grids (fractional overlaps)."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, 12), torch.linspace(0, 1, 20), indexing="ij")
+    return (0.2 + 0.8 * xs * (1 - ys)).clamp(0, 1).float()
+
+
+def area_average(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(h * w,) row-major: docs/methods.md's weight of a mask on an h x w grid, the mean of the mask (stretched over the
+    image) over each cell's area, from exact rational overlaps."""
+    rows, cols = mask.shape
+    m = mask.double()
+
+    def overlap(cell: int, cells: int, pixel: int, pixels: int) -> float:
+        low = max(Fraction(cell, cells), Fraction(pixel, pixels))
+        high = min(Fraction(cell + 1, cells), Fraction(pixel + 1, pixels))
+        return float(max(high - low, Fraction(0)) * cells)
+
+    ay = torch.tensor([[overlap(i, h, p, rows) for p in range(rows)] for i in range(h)], dtype=torch.float64)
+    ax = torch.tensor([[overlap(j, w, q, cols) for q in range(cols)] for j in range(w)], dtype=torch.float64)
+    return (ay @ m @ ax.T).flatten()
+
+
 class _EagerHook(LayerHook):
     def __init__(self, control):
         self.control = control
@@ -60,8 +83,11 @@ class _EagerHook(LayerHook):
         image = slice(0, q.shape[2]) if call.layer.text == "none" else g.image_slice
         h, w = g.image_hw
         box = self.control.region
-        inside = torch.tensor([box is None or (box[0] <= ((i % w) + 0.5) / w <= box[2] and box[1] <= ((i // w) + 0.5) / h <= box[3])
-                               for i in range(h * w)], dtype=torch.float64)[:, None]
+        if isinstance(box, torch.Tensor):  # a soft mask: each query's share of the attention with the reference
+            inside = area_average(box, h, w)[:, None]
+        else:
+            inside = torch.tensor([box is None or (box[0] <= ((i % w) + 0.5) / w <= box[2] and box[1] <= ((i // w) + 0.5) / h <= box[3])
+                                   for i in range(h * w)], dtype=torch.float64)[:, None]
         for i, row in enumerate(rows):
             if row.prompt == 0 or (self.control.branch == "cond" and row.branch != "cond"):
                 continue
@@ -90,7 +116,7 @@ class _EagerHook(LayerHook):
 class EagerReference(Control, type_name="test-eager-reference"):
     image: Any = None
     strength: float = 1.0
-    region: tuple | None = None
+    region: Any = None  # a box or an (H, W) soft mask tensor
     branch: str = "both"
     style_fidelity: float = 0.0
 
@@ -147,8 +173,8 @@ def test_idle_is_bitwise_stock(name, tiny_cache):
 
 @pytest.mark.parametrize(
     "options", [{}, {"strength": 3.0, "region": (0.0, 0.0, 0.5, 1.0)}, {"branch": "cond"}, {"style_fidelity": 0.5},
-                {"style_fidelity": 0.3, "region": (0.0, 0.0, 0.5, 1.0)}],
-    ids=["everywhere", "region", "cond", "style-fidelity", "style-fidelity-region"],
+                {"style_fidelity": 0.3, "region": (0.0, 0.0, 0.5, 1.0)}, {"strength": 3.0, "region": soft_mask()}],
+    ids=["everywhere", "region", "cond", "style-fidelity", "style-fidelity-region", "soft-mask"],
 )
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-flux"])
 def test_matches_eager_reference(name, options, tiny_cache):
@@ -261,6 +287,65 @@ def test_bad_options(tiny_cache, tmp_path):
     with attnctl.apply(pipe, [ReferenceAttention(picture(), reference_row=5)]):
         with pytest.raises(ConfigError, match="prompt row 5"):
             run(pipe, "tiny-sd")
+
+
+def test_a_mask_region_of_a_boxs_cells_is_bitwise_the_box(tiny_cache):
+    """A mask that covers exactly the box's cells on every grid (tiny SD: 16x16 and 8x8) weighs them 1 and the others 0,
+    as the box does; given as a bool tensor, a uint8 numpy array or a PIL image."""
+    pipe = tiny_cache("tiny-sd")
+    stock = run(pipe, "tiny-sd")
+    with attnctl.apply(pipe, [ReferenceAttention(picture(), strength=3.0, region=(0.0, 0.0, 0.5, 1.0))]):
+        boxed = run(pipe, "tiny-sd")
+    assert not torch.equal(boxed, stock)
+    left = torch.zeros(32, 32, dtype=torch.bool)
+    left[:, :16] = True
+    for mask in (left, left.numpy().astype(np.uint8) * 255, Image.fromarray(left.numpy().astype(np.uint8) * 255)):
+        with attnctl.apply(pipe, [ReferenceAttention(picture(), strength=3.0, region=mask)]):
+            assert torch.equal(run(pipe, "tiny-sd"), boxed)
+
+
+def test_mask_regions_are_read_validated_and_serialised_as_regions_masks(tmp_path):
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.region: a mask must be 2-D .*got shape \(2, 8, 8\)"):
+        ReferenceAttention(picture(), region=torch.ones(2, 8, 8))
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.region: mask values must lie in \[0, 1\]; got values from -0.5 to 1.5"):
+        ReferenceAttention(picture(), region=torch.tensor([[-0.5, 1.5], [0.0, 1.0]]))
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.region: the mask is empty"):
+        ReferenceAttention(picture(), region=np.zeros((4, 4)))
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.region: mask file 'nope.png' does not exist"):
+        ReferenceAttention(picture(), region="nope.png")
+    with pytest.raises(ConfigError, match="ReferenceAttention.region must be None, a box .* or a mask"):
+        ReferenceAttention(picture(), region=3)
+    with pytest.raises(ConfigError, match="ReferenceAttention.region: a box is"):  # boxes as before
+        ReferenceAttention(picture(), region=(0.0, 0.5))
+    image, mask_file = str(tmp_path / "ref.png"), str(tmp_path / "mask.png")
+    picture().save(image)
+    Image.fromarray((soft_mask().numpy() * 255).astype(np.uint8)).save(mask_file)
+    from_file = ReferenceAttention(image, region=mask_file)
+    assert from_file.region == mask_file and Control.from_dict(from_file.to_dict()) == from_file
+    in_memory = ReferenceAttention(image, region=soft_mask())
+    with pytest.raises(ConfigError, match="in-memory mask"):
+        in_memory.to_dict()
+    assert in_memory.to_record()["region"] == "<a 12x20 mask, not saved>"
+    copy = soft_mask()
+    again = ReferenceAttention(image, region=copy)
+    copy.fill_(1.0)  # a private copy: the caller's later changes do not leak in
+    assert again == in_memory and hash(again) == hash(in_memory) and in_memory != from_file
+    assert ReferenceAttention(image, region=soft_mask() * 0.5) != in_memory
+    assert len({in_memory, again, from_file, ReferenceAttention(image, region=(0, 0, 0.5, 1))}) == 3
+
+
+def test_the_image_may_be_a_tensor_or_array_as_diffusers_pipelines_take_it():
+    """Floats in [0, 1], torch (3, H, W) / (1, 3, H, W) or numpy (H, W, 3), read as the 8-bit image they hold."""
+    pixels = np.asarray(picture())
+    expected = picture().tobytes()
+    as_float = torch.from_numpy(pixels.copy()).permute(2, 0, 1).double() / 255.0
+    for image in (as_float, as_float[None].float(), pixels.astype(np.float32) / 255.0, pixels):
+        assert ReferenceAttention(image).image.tobytes() == expected
+    assert ReferenceAttention(as_float) == ReferenceAttention(picture())
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.image: a float image holds values in \[0, 1\].*from -1 to 0.99"):
+        ReferenceAttention(as_float * 2 - 1)
+    with pytest.raises(ConfigError, match=r"ReferenceAttention.image: an RGB image tensor has shape .*got shape \(32, 32\)"):
+        ReferenceAttention(as_float[0])
 
 
 # -- reference-only's AdaIN ---------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ the reference row's image keys with a logit bias log(strength):
 
     softmax(Q [K; K_ref]ᵀ scale + [0; log(strength)]) [V; V_ref]
 
-inside `region` (a box of the generated image; outside it the stock attention), everywhere when None. The
-reference row's own image is a by-product (a reconstruction of the reference); discard it.
+inside `region` (a box of the generated image, or a soft mask in [0, 1] area-averaged onto each attention grid as
+Regions' masks are, whose value m per query weighs the two: m times this plus 1 - m times the stock attention),
+everywhere when None. The reference row's own image is a by-product (a reconstruction of the reference); discard it.
 
 Optionally (`adain=True`, UNet denoisers) reference-only's AdaIN ("reference_adain" in the community pipeline): after
 each ResNet / transformer stage of the selected UNet blocks, every linked row's feature map is moved to the reference
@@ -50,6 +51,7 @@ from ...steps import validate_steps
 from ...validation import choice, number, plain_scalar, refuse_unused, set_field
 from ...validation import seed as valid_seed
 from ..common import keep_kinds
+from ..regions.masks import grid_layout, load_mask
 from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mask, on_device, optional_box
 
 
@@ -57,15 +59,21 @@ from .consistent import Box, LinkedKeysBound, Links, appended_attention, box_mas
 class ReferenceAttention(Control, type_name="reference-attention"):
     """The images of the call attend to a reference image in their self-attention (reference-only, PrimeComposer).
 
-    `image`: the reference, a path to an image file or a PIL image (a path serialises into job files).
+    `image`: the reference, a path to an image file, a PIL image, or an RGB image as diffusers pipelines take one: a
+    torch tensor (3, H, W) or (1, 3, H, W), or a numpy array (H, W, 3) or (1, H, W, 3), floats in [0, 1] (uint8 arrays
+    and tensors: 0..255), kept as an 8-bit PIL image (a path serialises into job files).
     `reference_row`: the prompt row that carries the reference (default 0; give it a prompt describing the
     reference, and discard its output). `branch`: "both" (uncond rows read the reference's uncond row, cond rows its
     cond row) or "cond" (only the cond rows read it, so CFG amplifies the reference: reference-only's
     style_fidelity = 1). `style_fidelity` (with `branch="both"`): reference-only's blend on the uncond rows,
     `style_fidelity * their own attention + (1 - style_fidelity) * with the reference` (the community pipeline's
     default is 0.5; 0, the default here, is plain "both"; 1 is "cond"). `strength`: a factor on the attention the reference tokens get (logit bias
-    log(strength); 0 is off). `region`: a box (x0, y0, x1, y1) of the generated images where they read the reference
-    (None: everywhere). `seed`: of the fixed noise the reference is noised with. `layers`, `steps` as usual.
+    log(strength); 0 is off). `region`: where the generated images read the reference (None: everywhere): a box
+    (x0, y0, x1, y1) in relative coordinates (the tokens whose cell centre is inside), or a soft mask in [0, 1] over
+    the whole image as `Region(mask=...)` takes it (a PIL image, a numpy array or torch tensor (H, W), or a path to an
+    image file), area-averaged onto each attention grid: a query with mask value m takes m of its attention with the
+    reference and 1 - m of its stock attention. A path mask serialises as its path; an in-memory one cannot
+    (`to_dict` raises). `seed`: of the fixed noise the reference is noised with. `layers`, `steps` as usual.
     `adain`: also reference-only's AdaIN on the UNet's feature maps (module docstring; UNet families only; with
     `strength=0` AdaIN alone); `adain_weight` in [0, 2] picks its blocks as the community pipeline's
     `gn_auto_machine_weight` does (1, its default: the mid block and the lower-resolution half; 2: every block).
@@ -75,7 +83,7 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     image: Any
     reference_row: int = 0
     strength: float = 1.0
-    region: Box | None = None
+    region: Box | str | torch.Tensor | None = None  # a box, a mask file's path, or an in-memory mask's (H, W) copy
     seed: int = 0
     branch: str = "both"
     layers: LayerSpec = None
@@ -87,16 +95,21 @@ class ReferenceAttention(Control, type_name="reference-attention"):
     def __post_init__(self) -> None:
         if isinstance(self.image, os.PathLike):
             set_field(self, "image", os.fspath(self.image))
+        if isinstance(self.image, (torch.Tensor, np.ndarray)):
+            set_field(self, "image", _image_from_array(self.image))
         if not isinstance(self.image, str) and not hasattr(self.image, "convert"):
-            shape = getattr(self.image, "shape", None)  # a tensor or array: its type and shape, not its values
-            got = repr(self.image) if shape is None else f"a {type(self.image).__name__} of shape {tuple(shape)}"
-            raise ConfigError(f"ReferenceAttention.image must be a path to an image or a PIL image, got {got}")
+            raise ConfigError(
+                f"ReferenceAttention.image must be a path to an image, a PIL image, or an RGB image tensor / array, got "
+                f"{self.image!r}"
+            )
         row = plain_scalar(self.reference_row)
         if isinstance(row, bool) or not isinstance(row, int) or row < 0:
             raise ConfigError(f"ReferenceAttention.reference_row must be a prompt row index >= 0, got {self.reference_row!r}")
         set_field(self, "reference_row", int(row))
         set_field(self, "strength", number(self.strength, "ReferenceAttention.strength", minimum=0))
-        set_field(self, "region", optional_box(self.region, "ReferenceAttention.region"))
+        region, pixels = _region(self.region)
+        set_field(self, "region", region)
+        object.__setattr__(self, "_mask", pixels)  # the mask's (H, W) pixels (None for a box or no region)
         set_field(self, "seed", valid_seed(self.seed, "ReferenceAttention.seed"))
         choice(self.branch, "ReferenceAttention.branch", ("both", "cond"))
         set_field(self, "style_fidelity", number(self.style_fidelity, "ReferenceAttention.style_fidelity", minimum=0, maximum=1))
@@ -135,22 +148,42 @@ class ReferenceAttention(Control, type_name="reference-attention"):
         (AdaIN), and the reference row's latent is the reference image's (none while strength is 0 without AdaIN)."""
         return ("row_links",) if self.strength > 0 or self.adain else ()
 
+    def __eq__(self, other: object) -> bool:  # a mask compares by its pixels, as Region's (a tensor has no plain ==)
+        if not isinstance(other, ReferenceAttention):
+            return NotImplemented
+        plain = [f.name for f in fields(self) if f.name != "region"]
+        if any(getattr(self, name) != getattr(other, name) for name in plain):
+            return False
+        if self._mask is None or other._mask is None:
+            return self._mask is other._mask and self.region == other.region
+        same_path = isinstance(self.region, str) == isinstance(other.region, str) and (
+            not isinstance(self.region, str) or self.region == other.region)
+        return same_path and self._mask.shape == other._mask.shape and torch.equal(self._mask, other._mask)
+
     def __hash__(self) -> int:  # a PIL image is unhashable (and compares by content): its mode and size stand for it
         image = self.image if isinstance(self.image, str) else (self.image.mode, self.image.size)
-        return hash((image, *(getattr(self, f.name) for f in fields(self) if f.name != "image")))
+        region = self.region if not isinstance(self.region, torch.Tensor) else ("mask", tuple(self.region.shape))
+        return hash((image, region, *(getattr(self, f.name) for f in fields(self) if f.name not in ("image", "region"))))
 
     def to_dict(self) -> dict[str, Any]:
         if not isinstance(self.image, str):
-            raise ConfigError("ReferenceAttention.to_dict: the image is a PIL image; give a path to serialise it")
+            raise ConfigError("ReferenceAttention.to_dict: the image is in memory (a PIL image); give a path to serialise it")
+        if isinstance(self.region, torch.Tensor):
+            raise ConfigError(
+                f"ReferenceAttention.to_dict: the region is an in-memory mask ({_described_mask(self.region)}), which "
+                "cannot be serialised; save it as an image and pass its path"
+            )
         return super().to_dict()
 
     def to_record(self) -> dict[str, Any]:
-        if isinstance(self.image, str):
+        if isinstance(self.image, str) and not isinstance(self.region, torch.Tensor):
             return self.to_dict()
-        size = getattr(self.image, "size", None)
-        shown = f"<PIL image {size[0]}x{size[1]}, not saved>" if size else "<PIL image, not saved>"
         described = copy.copy(self)
-        set_field(described, "image", shown)
+        if not isinstance(self.image, str):
+            size = getattr(self.image, "size", None)
+            set_field(described, "image", f"<PIL image {size[0]}x{size[1]}, not saved>" if size else "<PIL image, not saved>")
+        if isinstance(self.region, torch.Tensor):
+            set_field(described, "region", f"<{_described_mask(self.region)}, not saved>")
         return Control.to_dict(described)
 
     def validate_for(self, adapter: ModelAdapter) -> None:
@@ -168,6 +201,64 @@ class ReferenceAttention(Control, type_name="reference-attention"):
 
 
 ADAIN_EPS = 1e-6
+
+
+def _region(value: Any) -> tuple[Any, torch.Tensor | None]:
+    """`region` as stored and its mask pixels: None; a box (a sequence of 4 numbers, or a rank-1 array / tensor, as
+    before masks were taken), validated as Regions' boxes; a mask file's path (read now, as `Region(mask=path)`); or an
+    in-memory mask, kept as its (H, W) float32 copy (`load_mask`: Region's types, validation and errors)."""
+    owner = "ReferenceAttention.region"
+    if value is None:
+        return None, None
+    from PIL import Image
+
+    rank = getattr(value, "ndim", None) if isinstance(value, (torch.Tensor, np.ndarray)) else None
+    if isinstance(value, (str, os.PathLike, Image.Image)) or (rank is not None and rank != 1):
+        pixels = load_mask(value, owner=owner)
+        if pixels.ndim != 2:
+            raise ConfigError(f"{owner}: a mask must be 2-D (H, W), got shape {tuple(pixels.shape)}")
+        return (os.fspath(value) if isinstance(value, (str, os.PathLike)) else pixels), pixels
+    if rank is None and not hasattr(value, "__len__"):
+        raise ConfigError(
+            f"{owner} must be None, a box (x0, y0, x1, y1) in relative image coordinates, or a mask (a PIL image, a numpy "
+            f"array or torch tensor (H, W) with values in [0, 1], or a path to an image file), got {value!r}"
+        )
+    return optional_box(value, owner), None
+
+
+def _described_mask(mask: torch.Tensor) -> str:
+    return f"a {mask.shape[0]}x{mask.shape[1]} mask"
+
+
+def _image_from_array(value: torch.Tensor | np.ndarray) -> Any:
+    """An RGB image as diffusers pipelines take one (torch (3, H, W) / (1, 3, H, W), numpy (H, W, 3) / (1, H, W, 3);
+    floats in [0, 1], uint8 0..255) as an 8-bit PIL image: the reference is resized as a PIL image (Lanczos, as the
+    reference-only pipeline), so a path, a PIL image and an array take one road."""
+    from PIL import Image
+
+    owner = "ReferenceAttention.image"
+    is_tensor = isinstance(value, torch.Tensor)
+    array = value.detach().to("cpu") if is_tensor else torch.from_numpy(np.array(value))
+    shape = tuple(array.shape)
+    if array.ndim == 4 and shape[0] == 1:
+        array = array[0]
+    channels = (array.shape[0] if is_tensor else array.shape[-1]) if array.ndim == 3 else None
+    if channels != 3:
+        layout = "(3, H, W) or (1, 3, H, W)" if is_tensor else "(H, W, 3) or (1, H, W, 3)"
+        raise ConfigError(f"{owner}: an RGB image {'tensor' if is_tensor else 'array'} has shape {layout}, got shape {shape}")
+    if is_tensor:
+        array = array.permute(1, 2, 0)
+    if array.dtype == torch.uint8:
+        return Image.fromarray(array.contiguous().numpy(), "RGB")
+    if not array.is_floating_point():
+        raise ConfigError(f"{owner}: an image array holds floats in [0, 1] or uint8 values 0..255, got {array.dtype}")
+    array = array.double()
+    if torch.isnan(array).any() or float(array.min()) < 0.0 or float(array.max()) > 1.0:
+        raise ConfigError(
+            f"{owner}: a float image holds values in [0, 1] (as diffusers pipelines take it), got values from "
+            f"{float(array.min()):g} to {float(array.max()):g}"
+        )
+    return Image.fromarray((array * 255.0).round().to(torch.uint8).contiguous().numpy(), "RGB")
 
 
 def adain_modules(denoiser: torch.nn.Module, weight: float, family: str) -> tuple[torch.nn.Module, ...]:
@@ -270,12 +361,13 @@ class _ReferenceBound(LinkedKeysBound):
         grids = sorted({context.canvas.grid_at(layer.level) for layer in context.layers})
         key = ("empty region", tuple(grids))
         if control.region is not None and key not in context.handle_cache:  # read once per handle, not in a warm call
-            context.handle_cache[key] = not any(bool(box_mask(control.region, g).any()) for g in grids)
+            context.handle_cache[key] = not any(bool(region_cells(control, g).any()) for g in grids)
         if control.region is not None and control.strength > 0 and context.handle_cache[key]:
+            shown = control.region if control._mask is None else _described_mask(control._mask)
             raise ConfigError(
-                f"attnctl: ReferenceAttention.region {control.region} holds no image token at this call's size (token grids "
-                f"{', '.join(f'{h}x{w}' for h, w in grids)}; a region holds the cells whose centre is inside it), so no "
-                "image would read the reference: give a larger region"
+                f"attnctl: ReferenceAttention.region {shown} holds no image token at this call's size (token grids "
+                f"{', '.join(f'{h}x{w}' for h, w in grids)}; a box holds the cells whose centre is inside it, a mask those "
+                "where its area average is above 0), so no image would read the reference: give a larger region"
             )
         from ..common import image_size
 
@@ -315,11 +407,11 @@ class _ReferenceBound(LinkedKeysBound):
         return found
 
     def region_weight(self, geometry, device, dtype) -> torch.Tensor:
-        """(Nq, 1): 1 for the image queries inside the region."""
+        """(Nq, 1): each image query's share of the attention with the reference (`region_cells`)."""
         key = (geometry.image_hw, device, dtype)
         found = self._region.get(key)
         if found is None:
-            found = self._region[key] = upload(box_mask(self.control.region, geometry.image_hw), device).to(dtype)[:, None]
+            found = self._region[key] = upload(region_cells(self.control, geometry.image_hw), device).to(dtype)[:, None]
         return found
 
     def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -410,6 +502,14 @@ class _ReferenceBound(LinkedKeysBound):
         return found
 
 
+def region_cells(control: ReferenceAttention, grid: tuple[int, int]) -> torch.Tensor:
+    """(h * w,) row-major: a box's cells (bool: centre inside), or a mask area-averaged onto `grid` as Regions' masks
+    (float32 in [0, 1], `grid_layout`'s weights: exact area averaging, values within 1e-12 of 0 or 1 snapped)."""
+    if control._mask is None:
+        return box_mask(control.region, grid)
+    return grid_layout((control._mask,), grid).weights[0]
+
+
 class ReferenceHook(LayerHook):
     """The target rows: appended reference keys (`appended_attention`), blended with their stock attention outside
     the region; the other rows (the reference) through the rest of the chain."""
@@ -451,7 +551,7 @@ class ReferenceHook(LayerHook):
             geometry = call.geometry
             image = slice(0, q.shape[2]) if call.layer.text == "none" else geometry.image_slice
             weight = on_device(self.region, q.device, lambda device: self.bound.region_weight(geometry, device, torch.float32))
-            weight = weight.to(own.dtype)  # 0 / 1: exact in any dtype
+            weight = weight.to(own.dtype)  # a box's 0 / 1: exact in any dtype
             stock = full.index_select(0, target_index)
             blended = stock.clone()
             blended[:, :, image] = stock[:, :, image] + weight * (own[:, :, image].to(stock.dtype) - stock[:, :, image])
