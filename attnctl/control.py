@@ -118,6 +118,13 @@ class Control:
         running (`RowPlan.reuse_cond`); `apply` then installs the hook that can skip the denoiser's forward."""
         return False
 
+    def reads_after_call(self, pipeline: Any) -> bool:
+        """Whether the control, applied to `pipeline`, acts on nothing during its calls and instead reads the call's
+        result in a separate pass after it (`AttentionMaps(magnets=...)` on a text-to-image pipeline: the readout):
+        its bound control then leaves a `ReadoutRequest` in `readout`, which the handle runs once the call has ended,
+        with the pipeline stock. Default: False."""
+        return False
+
     def compile_refusal(self, adapter: ModelAdapter) -> str | None:
         """Why the control cannot run in a torch.compile'd denoiser of this family, or None when it is verified to
         (no graph break in the processors, one compilation per control set and shapes: tests/test_compose_compile.py)."""
@@ -299,6 +306,9 @@ class BindContext:
     # that autograd can differentiate (sdpa, reference) whatever the handle's backend: for a control that optimises the
     # latent through the denoiser (Attend-and-Excite); returns the denoiser's output
     run_denoiser: Callable[[dict[str, Any], DenoiserCall], Any] = field(default=_no_handle, compare=False, repr=False)
+    # the pipeline `__call__`'s named arguments as its frame holds them when the controls are bound (the first
+    # denoiser call: `output_type`, `num_inference_steps`, `guidance_scale`, ...); empty where the call was not found
+    call_arguments: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def require_tokens(self, owner: str, branch: str = "cond", *, positions: bool = False) -> PromptTokens:
         """The PromptTokens of `branch`, or a TokenError saying why its words cannot be found. `positions`: the
@@ -388,6 +398,10 @@ class Bound:
     #: layers all sit on experts that run none of its steps is idle, and the handle warns. False (the default) where a
     #: control also changes the call's rows or inputs (TGATE drops the CFG rows, PromptToPrompt shares initial latents).
     layers_only: bool = False
+
+    #: What the handle is to read after the call (`Control.reads_after_call`): a `ReadoutRequest` left at `finish`
+    #: (`attnctl.controls.maps.capture`), taken by the handle once the call has ended; None: nothing.
+    readout: Any = None
 
     #: When the control's `transform_inputs` runs among the call's controls': lower first, control order among equals.
     #: A control that reads the inputs as the denoiser will receive them (a latent optimiser's loss pass) says 1.

@@ -244,6 +244,7 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     _check_backend_device(backend, denoiser, controls, features)
     if compiled:
         _check_traced_backend(backend, controls, features)
+    _refuse_readout(pipe, controls, bool(compiled))
     processor_cls, supported = processor_for(adapter.family)
     originals = {name: _stock_processor(module.processor) for name, module in adapter.modules.items()}
     unsupported = sorted({type(p).__name__ for p in originals.values() if type(p).__name__ not in supported})
@@ -264,10 +265,40 @@ def apply(pipe: Any, controls: Control | Iterable[Control] = (), *, backend: str
     except BaseException:
         handle.remove()
         raise
-    for module in denoisers.values():
-        _LIVE[module] = weakref.ref(handle)
-    _LIVE_PIPELINES[pipe] = weakref.ref(handle)
     return handle
+
+
+def _on_top(record: Wrapped) -> bool:
+    """Whether attnctl's wrapper is still what `record.obj.<name>` holds (or what accelerate's hook calls)."""
+    held = record.obj.__dict__
+    return held.get(record.name) is record.wrapper or held.get("_old_forward") is record.wrapper
+
+
+def _refuse_readout(pipe: Any, controls: tuple[Control, ...], compiled: bool) -> None:
+    """A control that reads the call's result after it (`Control.reads_after_call`) needs an img2img pass of the
+    pipeline, which video pipelines do not have, and steps the handle aside for it, which would recompile a compiled
+    denoiser at every call (its hooks come off and on): refused at apply and at every call, before the generation."""
+    readers = [control for control in controls if control.reads_after_call(pipe)]
+    if not readers:
+        return
+    from .pipelines.readout import img2img_name, refuse_unreadable
+
+    what = f"{type(readers[0]).__name__}(magnets=...) on a text-to-image pipeline"
+    refuse_unreadable(pipe, owner=what)
+    import diffusers
+
+    if not hasattr(diffusers, img2img_name(pipe)):
+        raise UnsupportedError(
+            f"attnctl: {what} reads the call's images in an img2img pass after it, and diffusers has no "
+            f"{img2img_name(pipe)} to make of {type(pipe).__name__}; generate without magnets and read the images with "
+            "attnctl.read_maps(img2img_pipe, images, prompt, words) on an img2img pipeline of the model"
+        )
+    if compiled:
+        raise UnsupportedError(
+            f"attnctl: {what} runs its readout pass after each call with attnctl's hooks taken off the denoiser and put "
+            "back, which makes a compiled denoiser recompile at every call; apply to the uncompiled denoiser, or generate "
+            "with the compiled one and read the images with attnctl.read_maps after handle.remove()"
+        )
 
 
 def _stock_processor(processor: Any) -> Any:
@@ -522,11 +553,15 @@ class Handle:
 
     # -- installation -----------------------------------------------------------------------------------------
     def _install(self, processor_cls: type[ControlledProcessor]) -> None:
+        for layer in self.adapter.layers:
+            self._processors[layer.name] = make_processor(processor_cls, layer, self.runtime, self._originals[layer.name])
+        self.live = True
+        self._attach()
+
+    def _attach(self) -> None:
+        """Put this handle's processors, denoiser hooks and wraps in place (at apply, and again after a readout)."""
         pipe, runtime = self.pipeline, self.runtime
         denoiser = self.adapter.denoiser
-        for layer in self.adapter.layers:
-            self._processors[layer.name] = make_processor(processor_cls, layer, runtime, self._originals[layer.name])
-        self.live = True
         for layer in self.adapter.layers:
             self.adapter.modules[layer.name].set_processor(self._processors[layer.name])
         experts = self.denoisers()
@@ -561,6 +596,9 @@ class Handle:
         if any(control.needs_images for control in self.runtime.controls) and callable(getattr(video, "postprocess_video", None)):
             self._wrapped.append(wrap_method(video, "postprocess_video", self._make_postprocess_video))
         self._wrap_scheduler()
+        for expert in experts.values():
+            _LIVE[expert] = weakref.ref(self)
+        _LIVE_PIPELINES[pipe] = weakref.ref(self)
 
     def _wrap_scheduler(self) -> None:
         scheduler = getattr(self.pipeline, "scheduler", None)
@@ -650,11 +688,66 @@ class Handle:
 
     def _make_call_end(self, original):
         def maybe_free_model_hooks(*args: Any, **kwargs: Any) -> Any:
-            if not self.runtime.internal:
-                self.runtime.end_call()
-            return original(*args, **kwargs)
+            if self.runtime.internal:
+                return original(*args, **kwargs)
+            self.runtime.end_call()
+            result = original(*args, **kwargs)
+            self._run_readouts()
+            return result
 
         return maybe_free_model_hooks
+
+    # -- readouts after a call ----------------------------------------------------------------------------------
+    def _run_readouts(self) -> None:
+        """The readout passes the ended call's controls left (`Bound.readout`: `AttentionMaps(magnets=...)` on a
+        text-to-image pipeline), each run once, never inside the denoising loop. The pass applies its own handle to an
+        img2img pipeline sharing the denoiser and the scheduler, so this handle steps aside for it: the stock
+        processors, hooks and methods are put back and it is no longer registered as live; afterwards it is installed
+        again as it was, also when a pass raises (its error then reaches the caller)."""
+        call = self.runtime.last_call
+        bound = [each for each in (call.bound or ()) if each.readout is not None] if call is not None else []
+        if not bound or not self.live:
+            return
+        requests = [each.readout for each in bound]
+        for each in bound:
+            each.readout = None
+        from .pipelines.readout import read_request
+
+        self._step_aside()
+        try:
+            for request in requests:
+                self.runtime.outputs[request.control.key] = read_request(apply, self.pipeline, request)
+        finally:
+            self._attach()
+
+    def _step_aside(self) -> None:
+        """Restore the stock pipeline for a readout pass (as `remove()` does, keeping this handle's state). Refused,
+        with nothing changed, where another library stacked on one of attnctl's wrappers (it could not be re-stacked)."""
+        stacked = [record for record in (*self._wrapped, *self._scheduler_wraps) if not _on_top(record)]
+        if stacked:
+            names = ", ".join(f"{type(record.obj).__name__}.{record.name}" for record in stacked)
+            raise PipelineChangedError(
+                f"attnctl: the readout pass after this call needs the stock pipeline, but another library stacked on "
+                f"attnctl's wrapper(s) of {names} after attnctl.apply; read the images with attnctl.read_maps after "
+                "handle.remove() instead"
+            )
+        for name, proc in self._processors.items():
+            module = self.adapter.modules[name]
+            if module.processor is proc:
+                module.set_processor(self._originals[name])
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        for record in reversed(self._scheduler_wraps + self._wrapped):
+            record.unwrap()
+        self._wrapped.clear()
+        self._scheduler_wraps.clear()
+        self._snapshots = []
+        for denoiser in self.denoisers().values():
+            if _live_handle(denoiser) is self:
+                del _LIVE[denoiser]
+        if _live_pipeline_handle(self.pipeline) is self:
+            del _LIVE_PIPELINES[self.pipeline]
 
     def _make_cache_context(self, original):
         runtime = self.runtime
@@ -716,6 +809,7 @@ class Handle:
                 )
             compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
         _refuse_windows_under_attention_caches(self.controls, self.runtime.resolved, self.adapter, self.attribute)
+        _refuse_readout(self.pipeline, self.controls, compiled)
         if self._hooks is not None:
             self._hooks.compiled = compiled
         if compiled and self.runtime.backend not in ("auto", *TRACEABLE_BACKENDS):  # compiled after apply
@@ -839,7 +933,9 @@ class Handle:
         """What controls published during the last pipeline call (attention maps, reports), by key. A key that is
         not there raises a KeyError (also a HandleError) that says why: no call yet, or no control publishes it."""
         published = tuple(key for key in (getattr(c, "output_key", None) for c in self.controls) if key is not None)
-        self.runtime.end_returned_call()  # a pipeline that returned before maybe_free_model_hooks: its call ends here
+        if self.runtime.call_returned():  # a pipeline that returned before maybe_free_model_hooks: its call ends here
+            self.runtime.end_call()
+            self._run_readouts()
         if self.runtime.call_failed():  # what the failed call published (reports at bind) is not a finished call's
             return _Outputs({}, published)
         return _Outputs(self.runtime.outputs, published)

@@ -25,6 +25,7 @@ from attnctl.controls.maps.magnets import (
 from .helpers import generate
 
 PROMPT = "a red cat and a blue car"
+CALL_DEFAULTS_SD = {"height": 32, "width": 32}
 
 
 def _result(pipe, name="tiny-sd", words=("red", "cat")):
@@ -112,13 +113,23 @@ def test_magnet_config():
     assert magnet_prompt("a cat", ("the", "of")) == "a cat the of"
     control = AttentionMaps(["cat"], magnets=True)
     assert attnctl.Control.from_dict(control.to_dict()) == control
+    control = AttentionMaps(["cat"], magnets=True, readout_strength=0.75)
+    assert control.readout_strength == 0.75 and attnctl.Control.from_dict(control.to_dict()) == control
+    for bad in (0, 1.5, True, "0.5"):
+        with pytest.raises(ConfigError, match="readout_strength"):
+            AttentionMaps(["cat"], readout_strength=bad)
 
 
-def test_magnets_never_run_in_a_generation(tiny_cache):
+def test_magnets_in_a_text_to_image_call_need_its_images(tiny_cache):
+    """The readout after a text-to-image call reads its images: output_type="latent" has none, refused at the call
+    (before the generation), naming output_type and read_maps; a strength that runs no readout step likewise."""
     pipe = tiny_cache("tiny-sd")
     with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
-        with pytest.raises(ConfigError, match="readout pass"):
+        with pytest.raises(ConfigError, match=r"output_type='latent'.*read_maps"):
             generate(pipe, "tiny-sd", [PROMPT])
+    with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True, readout_strength=0.2)):
+        with pytest.raises(ConfigError, match="readout_strength=0.2 of num_inference_steps=2"):
+            pipe(PROMPT, num_inference_steps=2, **CALL_DEFAULTS_SD)
 
 
 def test_magnets_never_run_in_a_controlnet_generation(tiny_cache):
@@ -352,3 +363,88 @@ def test_magnet_prompt_is_the_prompt_as_given_with_textual_inversion():
     pipe.load_textual_inversion({"<thing>": torch.randn(2, pipe.text_encoder.config.hidden_size)}, token="<thing>")
     text = _readout_text(pipe, pipe.unet, Image.new("RGB", (32, 32)), "a <thing> cat")
     assert torch.equal(text[1:], _encoded(pipe, [magnet_prompt("a <thing> cat", MAGNET_WORDS)]))
+
+
+# -- the readout after a text-to-image call (AttentionMaps(magnets=...) on a text-to-image pipeline) --------------
+def _pictures(pipe, name, prompts, per_prompt=1, seed=0, **call):
+    from attnctl.testing import CALL_DEFAULTS
+
+    return pipe(prompts, num_inference_steps=4, guidance_scale=5.0, num_images_per_prompt=per_prompt,
+                generator=torch.Generator().manual_seed(seed), **CALL_DEFAULTS[name], **call).images
+
+
+def _same_pictures(a, b):
+    return len(a) == len(b) and all(x.tobytes() == y.tobytes() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "tiny-flux"])
+def test_magnets_read_the_images_a_text_to_image_call_generated(name, tiny_cache):
+    """Issue #21's form: the generation is the stock one, bitwise, and `handle.outputs` holds the readout of its
+    images: the maps of `read_maps` over them with the call's prompts (per image: num_images_per_prompt), negative
+    prompt, steps, guidance and text length (Flux's max_sequence_length), at the control's strength. A second call
+    reads its own images the same way; after remove() the pipeline is stock."""
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache(name)
+    denoiser = pipe.transformer if name == "tiny-flux" else pipe.unet
+    options = {k: v for k, v in CALL_DEFAULTS[name].items() if k not in ("height", "width")}
+    negative = {} if name == "tiny-flux" else {"negative_prompt": ["a green dog", "a grey bird"]}
+    per_image = {key: [p for p in texts for _ in range(2)] for key, texts in negative.items()}
+    prompts, other = [PROMPT, "a blue cat and a red car"], "a red cat"
+    stock = _pictures(pipe, name, prompts, per_prompt=2, **negative)
+    hooks = (dict(denoiser._forward_pre_hooks), dict(denoiser._forward_hooks))
+    with attnctl.apply(pipe, AttentionMaps(["red", "cat"], magnets=True, readout_strength=0.5)) as handle:
+        images = _pictures(pipe, name, prompts, per_prompt=2, **negative)
+        result = handle.outputs["attention_maps"]
+        again = _pictures(pipe, name, [other], seed=3)
+        second = handle.outputs["attention_maps"]
+    assert _same_pictures(images, stock)
+    expected = attnctl.read_maps(pipe, images, [p for p in prompts for _ in range(2)], ["red", "cat"], strength=0.5,
+                                 num_inference_steps=4, guidance_scale=5.0, **options, **per_image)
+    assert result.maps.shape == (4, 2, 32, 32) and torch.equal(result.maps, expected.maps)
+    assert torch.equal(result.grid_maps, expected.grid_maps) and result.contributions == expected.contributions
+    assert _same_pictures(result.images, images) and result.masks("cat").shape == (4, 32, 32)
+    plain = attnctl.read_maps(pipe, again, other, ["red", "cat"], num_inference_steps=4, guidance_scale=5.0, **options)
+    assert torch.equal(second.maps, plain.maps)
+    assert _same_pictures(_pictures(pipe, name, prompts, per_prompt=2, **negative), stock)  # removed: stock again
+    assert (dict(denoiser._forward_pre_hooks), dict(denoiser._forward_hooks)) == hooks
+    assert not any("attnctl" in type(p).__module__ for p in denoiser.attn_processors.values())
+    assert "maybe_free_model_hooks" not in pipe.__dict__ and "step" not in pipe.scheduler.__dict__
+
+
+def test_a_readout_that_raises_leaves_the_handle_installed(tiny_cache, monkeypatch):
+    """The readout runs with the handle stepped aside; when it raises, the error reaches the caller and the handle is
+    back in place and live: the next call is controlled (a second AttentionMaps captures during the generation)."""
+    import attnctl.pipelines.readout as readout
+    from attnctl.handle import _live_handle
+    from attnctl.processors.base import ControlledProcessor
+
+    pipe = tiny_cache("tiny-sd")
+    stock = _pictures(pipe, "tiny-sd", [PROMPT])
+    real = readout.read_pass
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("readout failed")
+
+    with attnctl.apply(pipe, [AttentionMaps(["cat"], magnets=True), AttentionMaps(["car"], key="plain")]) as handle:
+        monkeypatch.setattr(readout, "read_pass", failing)
+        with pytest.raises(RuntimeError, match="readout failed"):
+            _pictures(pipe, "tiny-sd", [PROMPT])
+        assert handle.live and _live_handle(pipe.unet) is handle
+        assert all(isinstance(p, ControlledProcessor) for p in pipe.unet.attn_processors.values())
+        monkeypatch.setattr(readout, "read_pass", real)
+        images = _pictures(pipe, "tiny-sd", [PROMPT])
+        assert _same_pictures(images, stock)
+        assert handle.outputs["plain"].contributions[0] > 0 and handle.outputs["attention_maps"].maps.shape == (1, 1, 32, 32)
+        with pytest.raises(attnctl.HandleError, match="live attnctl handle"):  # still the denoiser's live handle
+            attnctl.apply(pipe, AttentionMaps(["cat"]))
+    assert _same_pictures(_pictures(pipe, "tiny-sd", [PROMPT]), stock)
+
+
+def test_magnets_on_a_compiled_text_to_image_denoiser_are_refused(tiny_cache):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tiny_cache("tiny-sd")
+    compiled = StableDiffusionPipeline(**{**pipe.components, "unet": torch.compile(pipe.unet)})
+    with pytest.raises(UnsupportedError, match="compiled denoiser recompile"):
+        attnctl.apply(compiled, AttentionMaps(["cat"], magnets=True))

@@ -44,6 +44,7 @@ from .protocol import (
     cfg_dropped,
     encoder_prompts,
     has_uncond_rows,
+    named_call_arguments,
     pipeline_cfg,
     sequential_branch,
     textless_reason,
@@ -696,6 +697,7 @@ class Runtime:
             call_images=lambda: call.images,
             select_rows=self.select_rows,
             run_denoiser=self.run_differentiable,
+            call_arguments=_call_arguments(pipe, call.owner),
         )
         bound: list[Bound] = []
         try:
@@ -894,6 +896,14 @@ class Runtime:
 
 
 _UNSET = object()
+
+
+def _call_arguments(pipeline: Any, owner: CallOwner | None) -> dict[str, Any]:
+    """The named arguments of `pipeline.__call__` as its running frame holds them now (`BindContext.call_arguments`)."""
+    if owner is None:
+        return {}
+    values = owner.frame.f_locals
+    return {name: values[name] for name in named_call_arguments(pipeline) if name in values}
 
 
 def _text_storages(value: Any) -> frozenset[int]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -70,9 +70,13 @@ class AttentionMaps(Control, type_name="attention-maps"):
     `magnets` (RefAM, opt-in; `attnctl.controls.maps.magnets`): True appends the default stop words
     (`MAGNET_WORDS`), or give your own tuple. They soak up surplus attention and are filtered out; global
     attention sinks at the deepest captured level are detected and suppressed. The magnets change the prompt and
-    so the image, so they are only for a separate readout pass, an img2img call over the image
-    (`attnctl.read_maps(pipe, images, prompt, words)`): a text-to-image call with magnets raises. SD / SDXL,
-    SD3 and Flux (padded text embeddings); other families are refused at apply with the reason.
+    so the image, so they run only in a separate readout pass, an img2img call over the image at
+    `readout_strength`: on an img2img pipeline the call itself is that pass; on a text-to-image pipeline the
+    generation runs stock (nothing captured) and, once it has returned its images, the handle reads them in a
+    readout pass (`attnctl.read_maps`'s, with the call's prompts, `num_inference_steps` and `guidance_scale`,
+    re-noised with seed 0) and publishes that pass's maps under `key`. A ControlNet / T2I-Adapter text-to-image call
+    (its `image` is a condition) raises. SD / SDXL, SD3 and Flux (padded text embeddings); other families are
+    refused at apply with the reason.
     """
 
     #: images (2-D token grids) and video (3-D: one map per token frame, see `AttentionMapResult`)
@@ -85,6 +89,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
     key: str = "attention_maps"
     magnets: bool | tuple[str, ...] = False
     heads: str = "sum"
+    readout_strength: float = 0.5
 
     needs_words: ClassVar[bool] = True
     needs_images: ClassVar[bool] = True  # the maps are drawn over the generated images
@@ -116,6 +121,13 @@ class AttentionMaps(Control, type_name="attention-maps"):
         set_field(self, "key", output_key(self.key, "AttentionMaps"))
         set_field(self, "magnets", _magnets(self.magnets))
         set_field(self, "heads", choice(self.heads, "AttentionMaps.heads", ("sum", "mean")))
+        strength = plain_scalar(self.readout_strength)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < float(strength) <= 1.0:
+            raise ConfigError(
+                f"AttentionMaps.readout_strength must be in (0, 1] (the share of the schedule the readout pass re-runs), "
+                f"got {self.readout_strength!r}"
+            )
+        set_field(self, "readout_strength", float(strength))
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         if self.magnets and adapter.family not in MAGNET_FAMILIES:
@@ -137,7 +149,13 @@ class AttentionMaps(Control, type_name="attention-maps"):
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         return select_kinds(self, adapter, TEXT_KINDS, "cross- or joint-attention")
 
-    def bind(self, context: BindContext) -> AttentionMapsBound:
+    def reads_after_call(self, pipeline: Any) -> bool:
+        """Magnets on a pipeline that generates from text alone (no `image`): the readout runs after the call."""
+        return bool(self.magnets) and "image" not in _call_parameters(pipeline)
+
+    def bind(self, context: BindContext) -> Bound:
+        if self.reads_after_call(context.pipeline):
+            return _ReadoutAfterCall(self, context)
         return AttentionMapsBound(self, context)
 
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
@@ -542,20 +560,109 @@ class AttentionMapsBound(Bound):
         )
 
 
+def _call_parameters(pipeline: Any) -> Mapping[str, Any]:
+    try:
+        return inspect.signature(type(pipeline).__call__).parameters
+    except (AttributeError, TypeError, ValueError):
+        return {}
+
+
 def _require_readout(pipeline: Any) -> None:
     """Magnets change the prompt and so the image: only an img2img call (a readout pass over an image, re-noised to a
     `strength`) may use them. A ControlNet or T2I-Adapter text-to-image call also takes an `image` (its condition),
-    but no `strength`: it generates."""
-    try:
-        parameters = inspect.signature(type(pipeline).__call__).parameters
-    except (AttributeError, TypeError, ValueError):
-        parameters = {}
+    but no `strength`: it generates (a text-to-image call without an image reads its result after it,
+    `_ReadoutAfterCall`)."""
+    parameters = _call_parameters(pipeline)
     if not ("image" in parameters and "strength" in parameters):
         raise ConfigError(
             f"attnctl: AttentionMaps(magnets=...) changes the prompt and so the image, so it runs only in a separate "
             f"readout pass over an image (an img2img call); {type(pipeline).__name__} generates from text. Generate "
             "without magnets, then read the maps with attnctl.read_maps(pipe, images, prompt, words, magnets=True)"
         )
+
+
+@dataclass(frozen=True)
+class ReadoutRequest:
+    """The readout a handle runs after a text-to-image call (`AttentionMaps.reads_after_call`): `control` (its
+    words, layers, steps, heads, magnets, resolution) read over the call's `images` (PIL, one per prompt row) with
+    `prompts` (the call's, one per image), in an img2img pass at `strength` with the noise of `seed`, and `call`: the
+    call's arguments the pass takes where the img2img call names them (`num_inference_steps`, `guidance_scale`,
+    `max_sequence_length`, `prompt_2` / `prompt_3` and the negative prompts, one per image). The result goes to `handle.outputs[control.key]`."""
+
+    control: AttentionMaps
+    images: tuple[Any, ...]
+    prompts: tuple[str, ...]
+    strength: float
+    seed: int = 0
+    call: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: The text-to-image call's arguments the readout pass takes over (where its img2img call names them).
+READOUT_CALL_ARGUMENTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")
+#: The call's negative prompts the readout pass reads too (one per image, as its prompts).
+_NEGATIVE_PROMPTS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
+
+
+class _ReadoutAfterCall(Bound):
+    """`AttentionMaps(magnets=...)` in a text-to-image call: nothing during the call (no layer, no input changed, no
+    map captured: the generation is stock); at its end a `ReadoutRequest` over the images it returned, which the
+    handle runs with the pipeline stock (`Handle._run_readouts`). Refuses at bind, before the generation, what the
+    readout could not read: no decoded images (`output_type="latent"`), a strength that runs no step, a word that is in
+    no prompt."""
+
+    def __init__(self, control: AttentionMaps, context: BindContext):
+        super().__init__(control, (), control.steps)
+        arguments = dict(context.call_arguments)
+        output_type = arguments.get("output_type", "pil")
+        if output_type == "latent":
+            raise ConfigError(
+                f"attnctl: AttentionMaps(magnets=...) on a {type(context.pipeline).__name__} reads the call's images in a "
+                "readout pass after it, and output_type='latent' returns no images; call with output_type='pil' (or "
+                "'np' / 'pt'), or decode the latents and read them with attnctl.read_maps(pipe, images, prompt, words)"
+            )
+        steps = arguments.get("num_inference_steps")
+        steps = steps if isinstance(steps, int) and not isinstance(steps, bool) else context.steps
+        if int(steps * control.readout_strength) < 1:
+            raise ConfigError(
+                f"attnctl: AttentionMaps.readout_strength={control.readout_strength:g} of num_inference_steps={steps} "
+                f"runs no denoising step in the readout pass (img2img runs int(steps * strength) = "
+                f"{int(steps * control.readout_strength)}), so there would be no maps to read: raise either"
+            )
+        rows = context.prompt_rows
+        tokens = None
+        if any(not isinstance(w, int) for w in control.words):
+            tokens = context.require_tokens("AttentionMaps", positions=True)
+            for query in control.words:  # a word in no prompt raises now, not after the generation
+                if not isinstance(query, int) and not any(tokens.positions(query, row, missing_ok=True) for row in range(rows)):
+                    tokens.positions(query, 0)
+        given = context.prompt_arguments[0] if context.prompt_arguments else {}
+        self.prompts = tuple(_call_texts(given, "prompt", rows) or _prompt_texts(tokens, rows))
+        call = {name: arguments[name] for name in READOUT_CALL_ARGUMENTS if arguments.get(name) is not None}
+        call["num_inference_steps"] = steps
+        for name in _OWN_PROMPTS:  # the call's own prompts of the encoders that read them, one per image
+            texts = _call_texts(given, name, rows)
+            if texts is not None:
+                call[name] = texts
+        for name in _NEGATIVE_PROMPTS:
+            texts = _call_texts(arguments, name, rows)
+            if texts is not None:
+                call[name] = texts
+        self.call = call
+        self.call_images = context.call_images
+        self.key = control.key
+        self.outputs = context.outputs
+        publish(context, self.key, None)  # claimed for this call; the readout's result replaces it after the call
+
+    def finish(self) -> None:
+        found = self.call_images()
+        images = _to_pil(found) if found is not None and not isinstance(found, VideoFrames) else None
+        if images is None or len(images) != len(self.prompts):
+            raise UnsupportedError(
+                f"attnctl: AttentionMaps(magnets=...) reads the call's images after it, and this call returned "
+                f"{'no decoded images' if images is None else f'{len(images)} images for {len(self.prompts)} prompt rows'} "
+                "through pipe.image_processor.postprocess; read them with attnctl.read_maps(pipe, images, prompt, words)"
+            )
+        self.readout = ReadoutRequest(self.control, tuple(images), self.prompts, self.control.readout_strength, 0, self.call)
 
 
 def _position(query: WordQuery, text_len: int) -> tuple[int, ...]:
@@ -767,4 +874,4 @@ class AttentionMapResult:
         return save_maps(self.maps, self.words, self.images, directory, scaling)
 
 
-__all__ = ["AttentionMapResult", "AttentionMaps", "describe_query", "word_attention", "word_label"]
+__all__ = ["AttentionMapResult", "AttentionMaps", "ReadoutRequest", "describe_query", "word_attention", "word_label"]

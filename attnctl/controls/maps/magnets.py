@@ -15,7 +15,8 @@ RefAM (Kukleva et al. 2025, "RefAM: Attention Magnets for Zero-Shot Referral Seg
   loses only its sink tokens' share); the sinks' share is so redistributed over the other tokens, magnets included.
 
 The magnets change the prompt and so the image: they run in a separate readout pass (an img2img call of the same
-pipeline over a given or generated image, `attnctl.render.readout.read_maps`), never in the generation.
+pipeline over a given or generated image, `attnctl.pipelines.readout`: `attnctl.read_maps`, or the handle after a
+text-to-image call), never in the generation.
 """
 
 from __future__ import annotations
