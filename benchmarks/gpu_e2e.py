@@ -364,6 +364,40 @@ def token_frames(pipe: Any, call: dict[str, Any]) -> int:
     return ((frames - 1) // temporal + 1) // patch
 
 
+def fast_variants(model: str, tiny: bool = False) -> dict[str, Any]:
+    """FastAttn's variants of `model` (issue 19): name -> its plan's band (tokens each side) or 3-D radius."""
+    found: dict[str, Any] = {}
+    if model in FAST_BAND:
+        band = (TINY_FAST_BAND if tiny else FAST_BAND)[model]
+        found[f"fastattn(band={band})"] = band
+        if model in FAST_WINDOW_3D:
+            radius = (TINY_FAST_WINDOW_3D if tiny else FAST_WINDOW_3D)[model]
+            found[f"fastattn(window={'x'.join(map(str, radius))})"] = radius
+    return found
+
+
+def variant_names(model: str, args: argparse.Namespace) -> list[str]:
+    """Every variant name `model` can have under these options (block-cache variants included: whether the denoiser
+    has enable_cache is known once it is built), without building anything."""
+    steps = args.flux_steps if model in FEW_STEPS else args.steps
+    extra = tuple(float(t) for t in args.fbc_extra_thresholds.split(",") if t)
+    names = variants(model, steps, tiny=args.tiny, cacheable=True, fbc_threshold=args.fbc_threshold, fbc_extra=extra)
+    return [*names, *fast_variants(model, args.tiny)]
+
+
+def check_variants(models: list[str], args: argparse.Namespace) -> None:
+    """SystemExit listing the known names when `--variants` names one that no model has (a misspelt or shortened
+    name, `tgate` for `tgate(g=8/20)`, would otherwise be skipped silently and waste a GPU window). A name of another
+    model is accepted (gpu_session.sh passes one list to each model's run); run_model says it skips it."""
+    wanted = [name for name in args.variants.split(",") if name]
+    known = {model: variant_names(model, args) for model in MODELS}
+    unknown = [name for name in wanted if not any(name in names for names in known.values())]
+    if unknown:
+        listed = "; ".join(f"{model}: {', '.join(known[model])}" for model in models)
+        raise SystemExit(f"unknown variant(s) {', '.join(map(repr, unknown))} (--steps {args.steps}, --flux-steps "
+                         f"{args.flux_steps}); known names (the *fbc ones only where the denoiser has enable_cache): {listed}")
+
+
 def variants(
     model: str, steps: int, pipe: Any = None, call: dict[str, Any] | None = None, tiny: bool = False, cacheable: bool = False,
     fbc_threshold: float = 0.12, fbc_extra: tuple[float, ...] = (),
@@ -390,14 +424,10 @@ def variants(
     }
     if trims:
         found["regions(trim)"] = Variant(lambda: [regions(False, trim=True)])
-    if model in FAST_BAND and pipe is not None:  # the families of issue 19: FastAttn's band (video: over frames x h x w)
-        band = (TINY_FAST_BAND if tiny else FAST_BAND)[model]
-        plan = fast_plan(pipe, steps, band, call)
-        found[f"fastattn(band={band})"] = Variant(lambda: [a.FastAttn(plan=plan)])
-        if model in FAST_WINDOW_3D:
-            radius = (TINY_FAST_WINDOW_3D if tiny else FAST_WINDOW_3D)[model]
-            plan_3d = fast_plan(pipe, steps, radius, call)
-            found[f"fastattn(window={'x'.join(map(str, radius))})"] = Variant(lambda: [a.FastAttn(plan=plan_3d)])
+    if pipe is not None:  # the families of issue 19: FastAttn's band (video: over frames x h x w) and 3-D window
+        for name, extent in fast_variants(model, tiny).items():
+            plan = fast_plan(pipe, steps, extent, call)
+            found[name] = Variant(lambda plan=plan: [a.FastAttn(plan=plan)])
     if family == "wan":  # a cross-attention family: no joint region tokens; the tube variant is Regions on frames
         found["regions"] = Variant(lambda: [a.Regions([a.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0), frames=(0, None)),
                                                        a.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))], base_ratio=0.2)])
@@ -516,7 +546,10 @@ def run_model(model: str, args: argparse.Namespace) -> list[Row]:
     if not cacheable:
         print(f"{model}: {type(denoiser_of(pipe)).__name__} has no enable_cache in this diffusers: no block-cache variants")
     if args.variants:
-        wanted = set(args.variants.split(","))
+        wanted = [name for name in args.variants.split(",") if name]
+        absent = [name for name in wanted if name not in table]  # names of other models (check_variants)
+        if absent:
+            print(f"{model}: no variant {', '.join(absent)} on this model")
         table = {name: v for name, v in table.items() if name in wanted or name in ("stock", "stock-nocfg")}
 
     def generate(variant: Variant, pipe: Any = pipe) -> torch.Tensor:
@@ -733,7 +766,8 @@ def _targets(model: str, steps: int, rows: dict[str, Row]) -> None:
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="sd15,sdxl,flux", help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--variants", default="", help="comma-separated variant names (stock always runs)")
+    parser.add_argument("--variants", default="", help="comma-separated variant names (stock always runs; a name no model has stops the run, listing the "
+                             "known names, before any model is built)")
     parser.add_argument("--steps", type=int, default=20, help="steps of the UNet and SD3.5 models")
     parser.add_argument("--flux-steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
@@ -756,10 +790,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, device {args.device} ({gpu})")
     if not args.device.startswith("cuda"):
         print("not CUDA: no target is judged (the targets are GPU figures)")
-    results: list[Row] = []
-    for model in args.models.split(","):
+    models = args.models.split(",")
+    for model in models:
         if model not in MODELS:
             raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    check_variants(models, args)  # before any model is built
+    results: list[Row] = []
+    for model in models:
         results.extend(run_model(model, args))
         if args.json:
             with open(args.json, "w") as handle:

@@ -120,3 +120,20 @@ def test_cpu_claim_line_judges_cff_fbc_at_the_benchmark_threshold(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("CPU FAIL flux-cpu cff+fbc at threshold 0.12: x2.311")
     assert "last block ran in 20/20 calls" in out[0]
+
+
+def test_an_unknown_variant_name_stops_the_run_before_any_model_is_built(monkeypatch):
+    """--variants with a name no model has (`tgate` for `tgate(g=8/20)`, a typo) was skipped silently, wasting a GPU
+    window: it stops the run, listing the known names; a name of another model is accepted (one list per session)."""
+    import argparse
+
+    import pytest
+
+    monkeypatch.setattr(bench, "build", lambda *args, **kwargs: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit, match=r"unknown variant\(s\) 'tgate', 'bogus' .*sd15: stock, .*tgate\(g=8/20\)"):
+        bench.main(["--tiny", "--models", "sd15", "--variants", "stock,tgate,bogus", "--device", "cpu"])
+    args = argparse.Namespace(variants="tgate(g=8/20),fastattn(band=8),stock+fbc@0.5", steps=20, flux_steps=10, tiny=True,
+                              fbc_threshold=0.12, fbc_extra_thresholds="0.5")
+    bench.check_variants(["flux"], args)  # SD 1.5's TGate, Wan's FastAttn band, an extra threshold's row
+    with pytest.raises(SystemExit, match="'tgate\\(g=8/20\\)'"):
+        bench.check_variants(["sd15"], argparse.Namespace(**{**vars(args), "steps": 10}))  # 10 steps: tgate(g=4/10)

@@ -385,7 +385,7 @@ def test_png_parameters_round_trip(tmp_path, tiny_model, capsys):
     assert json.loads(capsys.readouterr().out)["seed"] == 3
 
 
-def test_a_failing_job_does_not_stop_the_others(tmp_path, tiny_model, capsys, monkeypatch):
+def test_a_failing_job_does_not_stop_the_others(tmp_path, tiny_model, capsys):
     path = jsonl(tmp_path / "j.jsonl",
                  {"id": "first", "prompt": "a photo of a cat", "seeds": [0, 1], **SMALL},
                  {"id": "unknown-word", "prompt": "a photo of a cat", "seeds": [0, 1], **SMALL,
@@ -395,14 +395,9 @@ def test_a_failing_job_does_not_stop_the_others(tmp_path, tiny_model, capsys, mo
                  {"id": "last", "prompt": "a red car on the street", "seeds": [2], **SMALL,
                   "controls": [{"type": "test-render-word", "word": "car"}]})
     out = tmp_path / "out"
-    # what the model knows (an unknown word, an argument the pipeline does not take) stops the run before its first image
-    with pytest.raises(RenderError, match="2 job\\(s\\) cannot run on tiny-sd; nothing was rendered"):
-        render(str(path), options(out), model=tiny_model)
-    assert not list(iter_images(str(out)))
-    # behind that check, a job failing while it renders is recorded and the others render
-    from attnctl.render import runner
-
-    monkeypatch.setattr(runner, "_resolve_jobs", lambda *args: [])
+    # issue 8: "a failing job (a bad mask, an unknown word, out of memory) is recorded with its error and the rest go
+    # on"; what the model knows (an unknown word, an argument the pipeline does not take) is found before the first
+    # image, and those jobs are recorded as failed as any other
     summary = render(str(path), options(out), model=tiny_model)
     assert summary.exit_code == 1
     assert summary.rendered == 3 and len(summary.failed) == 4 and summary.images == 7
@@ -571,20 +566,35 @@ def test_two_processes_render_the_same_images_as_one_each_once(tmp_path, tiny_mo
     path = jsonl(tmp_path / "j.jsonl",
                  {"id": "a", "prompt": "a photo of a cat", "seeds": [0, 1, 2], **SMALL},
                  {"id": "b", "prompt": "a red car on the street", "seeds": [5, 6], **SMALL},
-                 {"id": "c", "prompt": "a photo of a dog", "seeds": [1], **SMALL})
+                 {"id": "c", "prompt": "a photo of a dog", "seeds": [1], **SMALL},
+                 # jobs the model cannot run (issue 8: recorded as failed, the others render): pending images 6-8 and 9,
+                 # so `word` is on both ranks and `option` on rank 1 only
+                 {"id": "word", "prompt": "a photo of a dog", "seeds": [3, 4, 5], **SMALL,
+                  "controls": [{"type": "reweight", "weights": {"zebra": 2}}]},
+                 {"id": "option", "prompt": "a photo of a dog", "seeds": [8], **SMALL, "options": {"etaa": 0.0}})
     one, two = tmp_path / "one", tmp_path / "two"
-    assert render(str(path), options(one), model=tiny_model).exit_code == 0
+    assert render(str(path), options(one), model=tiny_model).exit_code == 1
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), "-m", "attnctl", "render", str(path), "--out", str(two),
                "--model", "tiny-sd", "--device", "cpu", "--threads", "1", "--progress", "none"]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "across 2 processes: 6 rendered" in result.stdout
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "across 2 processes: 6 rendered, 0 skipped (already done), 4 failed" in result.stdout
+    # rank 0 reports, before the first image, every job that cannot run, also the one only rank 1 resolved
+    assert result.stderr.count("cannot run on tiny-sd") == 1 and "2 job(s) cannot run on tiny-sd" in result.stderr
+    assert "(job 'word'): TokenError" in result.stderr and "(job 'option'): ConfigError" in result.stderr
     assert_same_images(one, two)
     records = manifest(two)
     keys = [(r["job"], r["seed"]) for r in records]
-    assert keys == [(r["job"], r["seed"]) for r in manifest(one)] and len(set(keys)) == 6
+    assert keys == [(r["job"], r["seed"]) for r in manifest(one)] and len(set(keys)) == 10
+    failed = {(r["job"], r["seed"]): r for r in records if r["status"] == "failed"}
+    assert sorted(failed) == [("option", 8), ("word", 3), ("word", 4), ("word", 5)]
+    assert {failed[("word", seed)]["rank"] for seed in (3, 4, 5)} == {0, 1} and failed[("option", 8)]["rank"] == 1
+    assert len({failed[("word", seed)]["error"] for seed in (3, 4, 5)}) == 1
+    # the same errors as one process records
+    assert {(r["job"], r["seed"]): r["error"] for r in manifest(one) if r["status"] == "failed"} == {
+        key: record["error"] for key, record in failed.items()}
     jobs = load_job_file(path)
     _, pending = plan(jobs, str(two), "tiny-sd", "float32", records={})
     by_rank = {rank: {image.key for image in shard(pending, rank, 2)} for rank in (0, 1)}

@@ -196,8 +196,30 @@ def test_seed_counts_are_bounded_and_checked_in_linear_time(tmp_path):
     assert many.ok and [len(j.seeds) for j in many.jobs] == [MAX_SEEDS_PER_JOB] * 2
     duplicate = load_job_file(jsonl(tmp_path / "dup.jsonl", {"id": "a", "prompt": "x", "seeds": list(range(50)) + [7]}))
     assert duplicate.problems[0].message == "seed 7 appears twice"
-    over = load_job_file(jsonl(tmp_path / "over.jsonl", {"id": "a", "prompt": "x", "seeds": {"start": 2**63 - 2, "count": 5}}))
-    assert "beyond the largest seed" in over.problems[0].message
+    over = load_job_file(jsonl(tmp_path / "over.jsonl", {"id": "a", "prompt": "x", "seeds": {"start": 2**64 - 2, "count": 5}}))
+    assert "beyond the largest seed 2**64 - 1" in over.problems[0].message
+    last = load_job_file(jsonl(tmp_path / "last.jsonl", {"id": "a", "prompt": "x", "seeds": {"start": 2**64 - 2, "count": 2}}))
+    assert last.ok and last.jobs[0].seeds == (2**64 - 2, 2**64 - 1)
+
+
+@pytest.mark.parametrize("seed", [-1, 0, 2**63 - 1, 2**63, 2**64 - 1, 2**64])
+def test_job_files_and_generate_take_the_same_seeds(tmp_path, tiny_model, monkeypatch, seed):
+    """Issue 18: "the Python API's validation matches the renderer's": at the bounds of the seed range, a job file
+    (TOML, JSONL, JSON) accepts a seed exactly when Model.generate does."""
+    monkeypatch.setattr(tiny_model, "_render", lambda prompt, seed, *rest: seed)  # the validation only, no denoising
+    try:
+        api = tiny_model.generate("a cat", seed=seed) == seed
+    except ConfigError as error:
+        assert "seed must be an integer in" in str(error)
+        api = False
+    (tmp_path / "jobs.toml").write_text(f'[[jobs]]\nid = "a"\nprompt = "a cat"\nseed = {seed}\n')
+    (tmp_path / "jobs.json").write_text(json.dumps({"jobs": [{"id": "a", "prompt": "a cat", "seeds": [seed]}]}))
+    jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a cat", "seed": seed})
+    for path in (tmp_path / "jobs.toml", tmp_path / "jobs.jsonl", tmp_path / "jobs.json"):
+        jobs = load_job_file(path)
+        assert jobs.ok == api, (path.name, [str(p) for p in jobs.problems])
+        assert jobs.jobs[0].seeds == (seed,) if api else "is not an integer in [0, 2**64 - 1]" in jobs.problems[0].message
+    assert api == (0 <= seed <= 2**64 - 1)
 
 
 def test_dry_run_of_100000_seeds(tmp_path, capsys):
@@ -341,6 +363,47 @@ def a1111_parse(text: str) -> dict[str, str]:
     for key, value in A1111_PARAM.findall(last):
         found[key] = json.loads(value) if value.startswith('"') else value
     return found
+
+
+#: The keys of a manifest record, as the README lists them ("Output"), for every record.
+RECORD_KEYS = {"job", "seed", "path", "status", "error", "error_type", "place", "seconds", "bytes", "request", "run",
+               "rank", "finished", "outputs"}
+
+
+def test_every_manifest_record_has_every_documented_key(tmp_path, monkeypatch, tiny_model):
+    """ok, invalid (found before the model loads), refused by the model (before the first image), failed while
+    rendering: the same keys, null where there is no value, so that a reader can index every record alike."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = readme[readme.index("`DIR/manifest.jsonl` has one record per image"):]
+    documented = documented[:documented.index("Controls that publish")]
+    assert all(f"`{key}`" in documented for key in RECORD_KEYS)
+    jobs = jsonl(
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "steps": 1}},
+        {"id": "ok", "prompt": "a red car"},
+        {"id": "invalid", "prompt": "a red car", "controls": [{"type": "regions", "regions": [{"prompt": "a car", "mask": "no.png"}]}]},
+        {"id": "word", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"zebra": 2}}]},
+        {"id": "oom", "prompt": "a blue car"},
+    )
+    generate = tiny_model.generate
+
+    def failing(prompt, **kwargs):
+        if prompt == "a blue car":
+            raise RuntimeError("CUDA out of memory (a test)")
+        return generate(prompt, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "generate", failing)
+    out = tmp_path / "out"
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 1
+    records = {r["job"]: r for r in manifest(out)}
+    assert sorted(records) == ["invalid", "ok", "oom", "word"]
+    assert all(set(record) == RECORD_KEYS for record in records.values()), {j: sorted(r) for j, r in records.items()}
+    assert records["ok"]["status"] == "ok" and records["ok"]["bytes"] > 0 and records["ok"]["seconds"]["total"] > 0
+    assert records["ok"]["outputs"] is None  # no control published a file
+    assert [records[job]["status"] for job in ("invalid", "word", "oom")] == ["failed"] * 3
+    assert all(records[job]["bytes"] is None and records[job]["outputs"] is None for job in ("invalid", "word", "oom"))
+    assert records["invalid"]["seconds"] is None and records["invalid"]["request"] is None
+    assert records["word"]["seconds"] is None and records["word"]["request"] not in (None, records["ok"]["request"])
+    assert records["oom"]["seconds"]["total"] >= 0 and records["oom"]["error_type"] == "RuntimeError"
 
 
 def test_render_records_metadata_heatmaps_and_gallery(tmp_path, monkeypatch, tiny_model, capsys):
@@ -506,15 +569,15 @@ def test_output_keys_are_checked_at_the_run_and_the_save_too(tmp_path, tiny_mode
                                {"id": "b", "prompt": "a cat", **SMALL}))
     bad = dataclasses.replace(jobs.jobs[0], controls=(AttentionMaps(words=("cat",), key="frames"),))
     jobs = dataclasses.replace(jobs, jobs=(bad, jobs.jobs[1]))
-    out = tmp_path / "out"
-    with pytest.raises(RenderError, match="controls\\[0\\] \\(AttentionMaps\\): output key 'frames'"):  # before any image
-        render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
-    monkeypatch.setattr(runner, "_resolve_jobs", lambda *args: [])  # the per-job check of the run, behind it
-    summary = render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
-    assert summary.rendered == 1 and summary.exit_code == 1
-    (failed,) = summary.failed
-    assert failed["job"] == "a" and "controls[0] (AttentionMaps): output key 'frames'" in failed["error"]
-    assert not (out / "a" / "0.frames").exists() and not (out / "a" / "0.png").exists()
+    # found before the first image (with the model's checks), and behind it by the run's per-job check
+    for attempt, out in enumerate((tmp_path / "out", tmp_path / "out-run-check")):
+        if attempt:
+            monkeypatch.setattr(runner, "_resolve_jobs", lambda *args: [])
+        summary = render(jobs, RenderOptions(out=str(out), progress="none"), model=tiny_model)
+        assert summary.rendered == 1 and summary.exit_code == 1
+        (failed,) = summary.failed
+        assert failed["job"] == "a" and "controls[0] (AttentionMaps): output key 'frames'" in failed["error"]
+        assert not (out / "a" / "0.frames").exists() and not (out / "a" / "0.png").exists()
 
 
 def test_dry_run_and_check_count_and_check_with_the_runs_dtype_device_and_backend(tmp_path, capsys, tiny_model):
@@ -690,22 +753,50 @@ def test_a_jsonl_header_with_a_misspelt_key_stays_the_header(tmp_path, capsys, m
     assert [p.message.split(" (")[0] for p in load_job_file(path).problems] == ["unknown key 'model'"]
 
 
-def test_jobs_that_cannot_run_on_the_model_stop_the_run_before_the_first_image(tmp_path, capsys, monkeypatch, tiny_model):
+def test_jobs_that_cannot_run_on_the_model_are_reported_first_and_recorded_failed_while_the_others_render(
+        tmp_path, capsys, monkeypatch, tiny_model):
+    """Issue 8: "a failing job (a bad mask, an unknown word, out of memory) is recorded with its error and the rest go
+    on; the exit status is non-zero if any failed". The jobs the model cannot run are found (and logged) before the
+    first image, and not checked a second time."""
     jobs = jsonl(
-        tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "seeds": [0, 1, 2]}},
-        {"id": "fine", "prompt": "a red car"},
+        tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**{**SMALL, "steps": 1}, "seeds": [0, 1]}},
         {"id": "option", "prompt": "a red car", "options": {"etaa": 0.0}},
+        {"id": "fine", "prompt": "a red car"},
         {"id": "word", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"carr": 2}}]},
     )
-    generated = []
-    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: generated.append(1))
+    events = []
+    generate, check = tiny_model.generate, tiny_model.check
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: events.append("generate") or generate(*a, **k))
+    monkeypatch.setattr(tiny_model, "check", lambda *a, **k: events.append("check") or check(*a, **k))
+
+    class Events(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                events.append(record.getMessage())
+
+    handler = Events()
+    logging.getLogger("attnctl.render").addHandler(handler)
     out = tmp_path / "out"
-    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 2
-    err = capsys.readouterr().err
-    assert "attnctl render: 2 job(s) cannot run on tiny-sd; nothing was rendered" in err, err
-    assert "  problem  jobs.jsonl:3 (job 'option'): ConfigError: " in err and "(did you mean 'eta' for 'etaa'?)" in err
-    assert "  problem  jobs.jsonl:4 (job 'word'): TokenError: " in err and "'carr'" in err
-    assert generated == [] and not list(out.glob("*/*.png"))
+    try:
+        assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 1
+    finally:
+        logging.getLogger("attnctl.render").removeHandler(handler)
+    (warning,) = [event for event in events if event not in ("check", "generate")]
+    assert warning.startswith("2 job(s) cannot run on tiny-sd; their images will be recorded as failed"), events
+    assert "  problem  jobs.jsonl:2 (job 'option'): ConfigError: " in warning and "(did you mean 'eta' for 'etaa'?)" in warning
+    assert "  problem  jobs.jsonl:4 (job 'word'): TokenError: " in warning and "'carr'" in warning
+    # reported before the first image; then only the job that resolved is checked (the run's per-job check) and rendered
+    assert events[events.index(warning) + 1:] == ["check", "generate", "generate"], events
+    records = {(r["job"], r["seed"]): r for r in manifest(out)}
+    assert len(records) == 6 and sorted(p.name for p in out.glob("*/*.png")) == ["0.png", "1.png"]
+    assert all(records[("fine", seed)]["status"] == "ok" for seed in (0, 1))
+    for job, kind, words in (("option", "ConfigError", "etaa"), ("word", "TokenError", "'carr'")):
+        for seed in (0, 1):
+            record = records[(job, seed)]
+            assert record["status"] == "failed" and record["error_type"] == kind and words in record["error"], record
+            assert record["error"].startswith(f"{kind}: ") and record["place"] == f"jobs.jsonl:{2 if job == 'option' else 4}"
+    printed = capsys.readouterr().out
+    assert "6 image(s): 2 rendered, 0 skipped (already done), 4 failed" in printed and "job 'word' seed 1: TokenError" in printed
     assert tiny_model.handle is None
 
 

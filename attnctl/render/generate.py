@@ -36,7 +36,7 @@ from .._version import __version__
 from ..control import Control
 from ..errors import AttnctlError, ConfigError
 from ..instance import describe_callable
-from ..validation import plain_scalar
+from ..validation import SEED_MAX, plain_scalar
 from .outputs import sampler_fields, save_png
 
 #: Frames per second of the GIF of an interpolation sequence (`AttentionInterpolation(to=...)`).
@@ -578,8 +578,9 @@ def _check_prompt(prompt: Any) -> None:
 
 
 def _check_seed(seed: Any) -> int:
-    """A seed is an int in [0, 2**64) (what torch.Generator.manual_seed takes without wrapping): floats, bools,
-    negative numbers and larger numbers raise ConfigError rather than being truncated or wrapped."""
+    """A seed is an int in [0, SEED_MAX = 2**64 - 1] (what torch.Generator.manual_seed takes without wrapping; job
+    files take the same range): floats, bools, negative numbers and larger numbers raise ConfigError rather than being
+    truncated or wrapped."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         try:
             import numpy
@@ -588,7 +589,7 @@ def _check_seed(seed: Any) -> int:
                 seed = int(seed)
         except ImportError:  # pragma: no cover
             pass
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
 

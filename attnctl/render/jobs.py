@@ -48,6 +48,7 @@ from typing import Any
 
 from ..control import Control, canonical_type_name, registered_controls
 from ..errors import AttnctlError, ConfigError
+from ..validation import SEED_MAX
 from .outputs import output_key_problems
 
 if sys.version_info >= (3, 11):  # pragma: no cover - depends on the interpreter
@@ -71,7 +72,10 @@ RESERVED_OPTIONS: tuple[str, ...] = (
     "callback_on_step_end_tensor_inputs", "return_dict", "cross_attention_kwargs", "joint_attention_kwargs",
     "attention_kwargs", "ip_adapter_image", "ip_adapter_image_embeds",
 )
-MAX_SEED = 2**63 - 1
+#: The largest seed: `Model.generate`'s (what `torch.Generator.manual_seed` takes), so that a job file and the Python
+#: API accept the same seeds (issue #18). JSON carries such integers; TOML's spec stops at 2**63 - 1, but Python's
+#: `tomllib` reads larger ones, and the bound is the same whatever the format.
+MAX_SEED = SEED_MAX
 #: The most seeds (images) one job may have: a bound that keeps a typo (`count = 10**12`) a clear error.
 MAX_SEEDS_PER_JOB = 100_000
 #: Names in the output folder the renderer writes itself (compared case-insensitively): never job ids.
@@ -460,7 +464,7 @@ def _seeds(values: dict[str, Any], problem) -> tuple[int, ...]:
                     "jobs (seeds = {start, count} with count <= " f"{MAX_SEEDS_PER_JOB})")
             return ()
         if start + count - 1 > MAX_SEED:
-            problem(f"seeds {{start = {start}, count = {count}}} go beyond the largest seed 2**63 - 1")
+            problem(f"seeds {{start = {start}, count = {count}}} go beyond the largest seed 2**64 - 1")
             return ()
         raw = range(start, start + count)  # distinct by construction
         return tuple(raw)
@@ -476,7 +480,7 @@ def _seeds(values: dict[str, Any], problem) -> tuple[int, ...]:
     seen: set[int] = set()  # O(n): a list membership test made 100000 seeds take over a minute
     for seed in raw:
         if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
-            problem(f"seed {seed!r} is not an integer in [0, 2**63 - 1]")
+            problem(f"seed {seed!r} is not an integer in [0, 2**64 - 1]")
             return ()
         if seed in seen:
             problem(f"seed {seed} appears twice")

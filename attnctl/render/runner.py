@@ -20,7 +20,8 @@ How a run goes:
    file and a rename, then append one whole line to the rank's journal `DIR/.attnctl/journal-<rank>.jsonl`
    with a single `write`. An error (out of memory, a failure inside the pipeline) is recorded for that
    image and the run goes on. Before the first image, every job is resolved on the model (`Model.resolve`, as
-   --check does); a job that cannot run on it stops the run on every rank.
+   --check does); a job that cannot run on it is reported then, and its images are recorded as failed (every
+   rank knows the same failed jobs) while the other jobs render.
 5. All ranks wait (a barrier); rank 0 merges the journals into `manifest.jsonl` (written to a temporary
    file and renamed, so it is never half-written), deletes them, and prints the summary; a pending image
    no rank recorded in this run is reported missing (exit status 1). Rank 0 also refreshes the manifest
@@ -70,6 +71,9 @@ STATE = ".attnctl"
 #: Process-group timeout of multi-process runs: the last barrier waits for the slowest rank.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 DRY_RUN_LISTED = 50
+#: The keys of every manifest record (README, "Output"), in the order they are documented.
+RECORD_FIELDS: tuple[str, ...] = ("job", "seed", "path", "status", "error", "error_type", "place", "seconds", "bytes",
+                                  "request", "run", "rank", "finished", "outputs")
 GALLERY = "index.html"
 #: Write errors that stop a run at once (the folder cannot take more files): rendering on would only make
 #: images that cannot be saved.
@@ -585,13 +589,15 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
             else:
                 model.pipe.set_progress_bar_config(disable=True)
         # what only the model knows (its call's options, the controls' layers, their words in the prompt), for every
-        # job of this run before its first image, as --check does: a typo in job 37 stops the run before job 1
-        failures = ranks.gather(_resolve_jobs(model, mine, ranks) if mine else [])
-        if failures:
-            raise RenderError(f"{len(failures)} job(s) cannot run on {model_name}; nothing was rendered (--check finds "
-                              "these without rendering):" + "".join(f"\n  problem  {line}" for line in failures))
+        # job of this run before its first image, as --check does: a typo in job 37 is reported before job 1 renders;
+        # the job's images are recorded as failed and the other jobs go on (issue #8's fault isolation)
+        unresolved = _unresolved_jobs(ranks.gather(_resolve_jobs(model, mine, ranks) if mine else []))
+        if unresolved and ranks.main:
+            log.warning(f"{len(unresolved)} job(s) cannot run on {model_name}; their images will be recorded as failed "
+                        "and the other jobs render (--check finds these without rendering):"
+                        + "".join(f"\n  problem  {failure.line}" for failure in unresolved.values()))
         if mine:
-            context.run(model, mine)
+            context.run(model, mine, unresolved)
     except KeyboardInterrupt:
         journal.close()
         if ranks.world == 1:
@@ -622,8 +628,22 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
     return summary
 
 
-def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[str]:
-    """`Model.resolve` (prompt encoding, no denoising) for each job of these images: one line per job that cannot
+@dataclass(frozen=True)
+class JobFailure:
+    """A job that cannot run on the model (found before the first image): what its images are recorded with."""
+
+    job: str
+    place: str
+    error: str  # "<type>: <message>", as the manifest's `error`
+    error_type: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.place} (job {self.job!r}): {self.error}"
+
+
+def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[JobFailure]:
+    """`Model.resolve` (prompt encoding, no denoising) for each job of these images: one failure per job that cannot
     run on this model."""
     jobs = list({image.job.id: image.job for image in images}.values())
     log.info(ranks.say(f"checking {len(jobs)} job(s) on {model.name}"))
@@ -634,8 +654,17 @@ def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[str]:
             model.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
                           width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
         except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
-            failures.append(f"{job.place} (job {job.id!r}): {_describe(error)}")
+            failures.append(JobFailure(job.id, job.place, _describe(error), type(error).__name__))
     return failures
+
+
+def _unresolved_jobs(failures: list[JobFailure]) -> dict[str, JobFailure]:
+    """Every rank's failures by job id (a job whose images are spread over several ranks is resolved on each; the
+    first rank's failure is kept, so that every rank records the same error)."""
+    unresolved: dict[str, JobFailure] = {}
+    for failure in failures:
+        unresolved.setdefault(failure.job, failure)
+    return unresolved
 
 
 def _write_gallery(out: str, jobs: JobFile, records: dict[tuple[str, int], dict[str, Any]], summary: Summary,
@@ -659,9 +688,14 @@ class _RunContext:
         self.timings: dict[str, float] = {"generate": 0.0, "save": 0.0, "images": 0}
 
     def record(self, job_id: str, seed: int, status: str, **fields: Any) -> dict[str, Any]:
+        """Journal one image's record: every key the README lists, None where it has no value (a failed image has no
+        `bytes` or `outputs`; a job that never ran has no `seconds`)."""
+        unknown = sorted(set(fields) - set(RECORD_FIELDS))
+        if unknown:
+            raise ValueError(f"not manifest fields: {', '.join(unknown)}")
         record = {
-            "job": job_id, "seed": seed, "path": f"{job_id}/{seed}.png", "status": status, "error": None,
-            "error_type": None, "place": None, "run": self.run_id, "rank": self.ranks.rank,
+            **dict.fromkeys(RECORD_FIELDS), "job": job_id, "seed": seed, "path": f"{job_id}/{seed}.png", "status": status,
+            "run": self.run_id, "rank": self.ranks.rank,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
             **fields,
         }
@@ -691,10 +725,12 @@ class _RunContext:
         os.makedirs(folder, exist_ok=True)
         return folder
 
-    def run(self, model: Model, images: list[Image]) -> None:
+    def run(self, model: Model, images: list[Image], unresolved: dict[str, JobFailure] | None = None) -> None:
+        """Render `images`; the jobs in `unresolved` (found before the first image) are not checked again: each of
+        their images is recorded as failed with the job's error."""
         progress = _Progress(len(images), self.options.progress, self.ranks)
-        failed_jobs: dict[str, str] = {}
-        checked: set[str] = set()
+        failed_jobs: dict[str, JobFailure] = dict(unresolved or {})
+        checked: set[str] = set(failed_jobs)
         try:
             for image in images:
                 job = image.job
@@ -705,11 +741,13 @@ class _RunContext:
                         check_output_keys(job.controls)
                         self.job_folder(job)
                     except Exception as error:  # noqa: BLE001 - fault isolation: the job fails, the run goes on
-                        failed_jobs[job.id] = _describe(error)
-                        log.warning(self.ranks.say(f"job {job.id!r} ({job.place}) cannot run on {model.name}: {failed_jobs[job.id]}"))
+                        failed_jobs[job.id] = JobFailure(job.id, job.place, _describe(error), type(error).__name__)
+                        log.warning(self.ranks.say(f"job {job.id!r} ({job.place}) cannot run on {model.name}: "
+                                                   f"{failed_jobs[job.id].error}"))
                 if job.id in failed_jobs:
-                    self.record(job.id, image.seed, "failed", error=failed_jobs[job.id], request=image.request,
-                                error_type="ConfigError", place=job.place)
+                    failure = failed_jobs[job.id]
+                    self.record(job.id, image.seed, "failed", error=failure.error, request=image.request,
+                                error_type=failure.error_type, place=job.place)
                     progress.update(ok=False)
                     continue
                 ok = self.render_one(model, image)
