@@ -4,11 +4,11 @@
     attnctl params IMAGE.png              # the generation parameters stored in a rendered PNG (or .gif / .mp4)
     python -m attnctl render ...          # the same; `accelerate launch -m attnctl render ...` for many processes
 
-Exit status: 0 everything rendered (or a clean dry run); 1 some images failed or some jobs were invalid;
-2 the command could not run (usage, unreadable job file, problems of the whole job file (top-level, header or
-[defaults] keys), a job the model cannot run (checked before the first image), problems found by --dry-run or
---check, folder locked,
-an output folder that is a file, read-only or full: one line on stderr, nothing recorded is lost);
+Exit status: 0 everything rendered (or a clean dry run); 1 some images failed, some jobs were invalid or could not
+run on the model (reported before the first image, recorded failed, the others rendered); 2 the command could not
+run (usage, unreadable job file, problems of the whole job file (top-level, header or [defaults] keys), problems
+found by --dry-run or --check, folder locked, an output folder that is a file, read-only or full: one line on
+stderr, nothing recorded is lost);
 130 interrupted.
 """
 

@@ -855,7 +855,7 @@ class AttentionMapResult:
         The rule (docs/methods.md "Segmentation masks from attention"): each image's map is min-max normalised to
         [0, 1] (the soft mask; a constant map gives zeros) and the binary mask is `soft >= threshold` (0.5, the
         half maximum, by default). Video: (videos, frames, height, width), normalised over the whole video; a region
-        takes one video's masks as a list of frames, `Region(mask=list(masks[i]))`."""
+        takes one video's masks, `Region(mask=masks[i])` (a (frames, H, W) stack, read as its list of frames)."""
         if isinstance(word, bool) or not isinstance(word, (str, tuple, int)):
             raise ConfigError(f"masks: word must be a captured word, a (word, occurrence) pair or a token position, got {word!r}")
         item = word_label(word) if isinstance(word, (tuple, int)) else word
