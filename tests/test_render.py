@@ -920,3 +920,18 @@ def test_generate_on_an_embedded_pipeline_takes_its_call_defaults():
     assert generation.params["steps"] == CALL_DEFAULTS["num_inference_steps"]
     pixart = attnctl.load_pipeline("tiny-pixart")
     assert attnctl.generate(pixart, "a photo of a cat", steps=1).image.size == (32, 32)
+
+
+def test_a_reference_attention_mask_region_is_a_path_relative_to_the_job_file(tmp_path):
+    """ReferenceAttention's `region` may be a mask file: like its `image`, resolved against the job file's folder."""
+    (tmp_path / "masks").mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "ref.png")
+    Image.fromarray(np.tile(np.array([0, 255], dtype=np.uint8).repeat(4), (8, 1))).save(tmp_path / "masks" / "r.png")
+    (tmp_path / "jobs.toml").write_text(
+        'model = "tiny-sd"\n[[jobs]]\nid = "ref"\nprompt = "a cat"\n'
+        '[[jobs.controls]]\ntype = "reference-attention"\nimage = "ref.png"\nregion = "masks/r.png"\n'
+    )
+    loaded = load_job_file(tmp_path / "jobs.toml")
+    assert loaded.ok, loaded.problems
+    control = loaded.jobs[0].controls[0]
+    assert control.image == str(tmp_path / "ref.png") and control.region == str(tmp_path / "masks" / "r.png")

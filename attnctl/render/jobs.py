@@ -62,7 +62,7 @@ JOB_KEYS: tuple[str, ...] = (
 )
 DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 #: Keys whose string values (at any depth of a control) are file paths, resolved against the job file's folder.
-PATH_KEYS: tuple[str, ...] = ("mask", "masks", "plan", "path", "image")  # image: ReferenceAttention's reference
+PATH_KEYS: tuple[str, ...] = ("mask", "masks", "plan", "path", "image", "region")  # image, region: ReferenceAttention's
 PATH_SUFFIXES: tuple[str, ...] = ("_mask", "_masks", "_path", "_file")
 #: Keyword arguments of the pipeline call the renderer sets itself (or that cannot come from a data file).
 RESERVED_OPTIONS: tuple[str, ...] = (
