@@ -57,13 +57,14 @@ def align(x: Sequence[int], y: Sequence[int]) -> list[int]:
     return mapping
 
 
-def refinement_mapper(x: Sequence[int], y: Sequence[int], limit: int) -> tuple[list[int], list[float]]:
+def refinement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, masked_padding: bool = False) -> tuple[list[int], list[float]]:
     """(base index or -1, alpha) for each of the `limit` positions of the edited prompt `y` (token ids, special
     tokens included, truncated to `limit`). The positions after the edited prompt's last token read the base's same
     position (P2P's `get_mapper`: `mapper[len(y):] = arange(len(y), limit)`, alpha 1), where the base may still hold
-    real tokens when the edit is the shorter."""
+    real tokens when the edit is the shorter. `masked_padding`: the model masks the text after each prompt's last
+    token (Qwen-Image, Chroma), so those positions of the edited row are no keys of it: -1 there (its own, masked, map)."""
     x, y = list(x)[:limit], list(y)[:limit]
-    mapping = align(x, y) + list(range(len(y), limit))
+    mapping = align(x, y) + ([-1] * (limit - len(y)) if masked_padding else list(range(len(y), limit)))
     return mapping, [0.0 if m < 0 else 1.0 for m in mapping]
 
 
