@@ -800,6 +800,24 @@ def test_jobs_that_cannot_run_on_the_model_are_reported_first_and_recorded_faile
     assert tiny_model.handle is None
 
 
+def test_running_out_of_memory_while_a_job_is_checked_does_not_fail_its_images(tmp_path, monkeypatch, tiny_model):
+    """Out of memory is not the job's fault: a check that runs out of it leaves the job to its images, each of which
+    renders (or fails) on its own, as an out-of-memory error while an image renders fails that image only."""
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "steps": 1, "seeds": [0, 1]}},
+                 {"id": "big", "prompt": "a red car", "controls": [{"type": "reweight", "weights": {"car": 2}}]})
+    resolve, calls = tiny_model.resolve, []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return resolve(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "resolve", out_of_memory_once)
+    assert run_cli([jobs, "--out", tmp_path / "out"], tiny_model, monkeypatch) == 0
+    assert [(r["job"], r["status"]) for r in manifest(tmp_path / "out")] == [("big", "ok"), ("big", "ok")]
+
+
 def test_dry_run_reports_an_out_the_run_could_not_write(tmp_path, capsys):
     jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd"}, {"id": "a", "prompt": "a cat", **SMALL})
     taken = tmp_path / "taken"

@@ -654,6 +654,11 @@ def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[JobFa
             model.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
                           width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
         except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
+            if _is_out_of_memory(error):  # not the job's fault: its images are tried, and fail or render one by one
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning(ranks.say(f"job {job.id!r} ({job.place}): checking it ran out of memory; its images are tried"))
+                continue
             failures.append(JobFailure(job.id, job.place, _describe(error), type(error).__name__))
     return failures
 
