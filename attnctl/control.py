@@ -307,7 +307,8 @@ class BindContext:
     # latent through the denoiser (Attend-and-Excite); returns the denoiser's output
     run_denoiser: Callable[[dict[str, Any], DenoiserCall], Any] = field(default=_no_handle, compare=False, repr=False)
     # the pipeline `__call__`'s named arguments as its frame holds them when the controls are bound (the first
-    # denoiser call: `output_type`, `num_inference_steps`, `guidance_scale`, ...); empty where the call was not found
+    # denoiser call: `output_type`, `num_inference_steps`, `guidance_scale`, ...), settings only (None, numbers, strings,
+    # lists of strings: no tensor, generator or callback); empty where the call was not found
     call_arguments: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def require_tokens(self, owner: str, branch: str = "cond", *, positions: bool = False) -> PromptTokens:

@@ -104,6 +104,12 @@ def _image_projection(denoiser: torch.nn.Module) -> tuple[Any, Any, Any]:
             getattr(denoiser, "text_encoder_hid_proj", None))
 
 
+def _has_ip_adapter(denoiser: torch.nn.Module) -> bool:
+    """Whether an IP-Adapter is loaded into `denoiser` (its image projection: UNets also say so in their config)."""
+    projection, kind, _ = _image_projection(denoiser)
+    return kind == "ip_image_proj" or "ImageProjection" in type(projection).__name__
+
+
 def _restore_image_projection(denoiser: torch.nn.Module, saved: tuple[Any, Any, Any]) -> None:
     """Put back what an IP-Adapter unload changed before attnctl refused it (it rebuilds the processors last)."""
     denoiser.encoder_hid_proj, denoiser.config.encoder_hid_dim_type, text = saved
@@ -285,6 +291,16 @@ def _refuse_readout(pipe: Any, controls: tuple[Control, ...], compiled: bool) ->
 
     what = f"{type(readers[0]).__name__}(magnets=...) on a text-to-image pipeline"
     refuse_unreadable(pipe, owner=what)
+    conditions = [name for name in ("controlnet", "adapter") if getattr(pipe, name, None) is not None]
+    conditions += [name for name in ("control_image",) if name in inspect.signature(type(pipe).__call__).parameters]
+    conditions += [f"the IP-Adapter of pipe.{name}" for name, module in _experts(pipe, *denoiser_of(pipe)).items()
+                   if _has_ip_adapter(module)]
+    if conditions:
+        raise UnsupportedError(
+            f"attnctl: {what} reads the call's images in an img2img pass after it, which would not get this call's "
+            f"conditions ({', '.join(conditions)}); generate without magnets, then read the images with "
+            "attnctl.read_maps on an img2img pipeline given the same conditions"
+        )
     import diffusers
 
     if not hasattr(diffusers, img2img_name(pipe)):
@@ -691,9 +707,8 @@ class Handle:
             if self.runtime.internal:
                 return original(*args, **kwargs)
             self.runtime.end_call()
-            result = original(*args, **kwargs)
-            self._run_readouts()
-            return result
+            self._run_readouts()  # before the pipeline's own model offload, which then runs last as without attnctl
+            return original(*args, **kwargs)
 
         return maybe_free_model_hooks
 
@@ -720,9 +735,8 @@ class Handle:
         finally:
             self._attach()
 
-    def _step_aside(self) -> None:
-        """Restore the stock pipeline for a readout pass (as `remove()` does, keeping this handle's state). Refused,
-        with nothing changed, where another library stacked on one of attnctl's wrappers (it could not be re-stacked)."""
+    def _refuse_stacked_wraps(self) -> None:
+        """A readout needs attnctl's wraps taken off and put back: not possible where another library stacked on one."""
         stacked = [record for record in (*self._wrapped, *self._scheduler_wraps) if not _on_top(record)]
         if stacked:
             names = ", ".join(f"{type(record.obj).__name__}.{record.name}" for record in stacked)
@@ -731,6 +745,11 @@ class Handle:
                 f"attnctl's wrapper(s) of {names} after attnctl.apply; read the images with attnctl.read_maps after "
                 "handle.remove() instead"
             )
+
+    def _step_aside(self) -> None:
+        """Restore the stock pipeline for a readout pass (as `remove()` does, keeping this handle's state). Refused,
+        with nothing changed, where another library stacked on one of attnctl's wrappers (it could not be re-stacked)."""
+        self._refuse_stacked_wraps()
         for name, proc in self._processors.items():
             module = self.adapter.modules[name]
             if module.processor is proc:
@@ -810,6 +829,8 @@ class Handle:
             compiled = bool(_refuse_uncomposable(current, denoiser, attribute, self.controls, self.adapter)) or compiled
         _refuse_windows_under_attention_caches(self.controls, self.runtime.resolved, self.adapter, self.attribute)
         _refuse_readout(self.pipeline, self.controls, compiled)
+        if any(control.reads_after_call(self.pipeline) for control in self.controls):
+            self._refuse_stacked_wraps()  # now, not after the generation
         if self._hooks is not None:
             self._hooks.compiled = compiled
         if compiled and self.runtime.backend not in ("auto", *TRACEABLE_BACKENDS):  # compiled after apply

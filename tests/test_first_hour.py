@@ -35,7 +35,9 @@ def test_read_maps_leaves_a_half_precision_pipeline_in_its_dtype(capfd):
     pipe.text_encoder.to(torch.bfloat16)  # the VAE stays float32: a mixed pipeline, as an upcast VAE is
     capfd.readouterr()
     reader = img2img_of(pipe)
-    assert reader.unet is pipe.unet and reader.vae is pipe.vae and reader.scheduler is pipe.scheduler
+    assert reader.unet is pipe.unet and reader.vae is pipe.vae
+    # the scheduler is its own copy: the img2img constructor's config fix-ups must not reach the user's
+    assert reader.scheduler is not pipe.scheduler and dict(reader.scheduler.config) == dict(pipe.scheduler.config)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
     assert pipe.vae.dtype == torch.float32
     assert type(reader).__name__ == "StableDiffusionImg2ImgPipeline"

@@ -21,6 +21,7 @@ from attnctl.controls.maps.magnets import (
     sink_columns,
     without_sinks,
 )
+from attnctl.testing import make_tiny_pipeline
 
 from .helpers import generate
 
@@ -448,3 +449,67 @@ def test_magnets_on_a_compiled_text_to_image_denoiser_are_refused(tiny_cache):
     compiled = StableDiffusionPipeline(**{**pipe.components, "unet": torch.compile(pipe.unet)})
     with pytest.raises(UnsupportedError, match="compiled denoiser recompile"):
         attnctl.apply(compiled, AttentionMaps(["cat"], magnets=True))
+
+
+def test_the_readout_runs_before_the_pipelines_model_offload(tiny_cache):
+    """`maybe_free_model_hooks` (enable_model_cpu_offload's end of call) runs after the readout, as last as without
+    attnctl: run before it, the readout loaded the denoiser and the VAE back, and they stayed on the accelerator."""
+    pipe = tiny_cache("tiny-sd")
+    seen = []
+    pipe.maybe_free_model_hooks = lambda: seen.append(handle.runtime.outputs.get("attention_maps") is not None)
+    try:
+        with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)) as handle:
+            _pictures(pipe, "tiny-sd", [PROMPT])
+    finally:
+        del pipe.maybe_free_model_hooks
+    assert seen == [True]
+
+
+def test_readouts_that_could_not_read_the_call_are_refused_before_the_generation(tiny_cache, monkeypatch):
+    """What the img2img readout would not get (an IP-Adapter's image, a control image), the call's prompt as text,
+    and a method another library stacked on attnctl's: refused at apply or at the call, before any denoising step
+    (they failed after the generation, losing its images)."""
+    from diffusers import StableDiffusionPipeline
+
+    from .test_ip_adapter_calls import _ip_adapter
+
+    with pytest.raises(UnsupportedError, match="IP-Adapter of pipe.unet"):
+        attnctl.apply(_ip_adapter(make_tiny_pipeline("tiny-sd"), "tiny-sd"), AttentionMaps(["cat"], magnets=True))
+
+    class ControlImagePipeline(StableDiffusionPipeline):
+        def __call__(self, prompt=None, control_image=None, **kwargs):
+            return super().__call__(prompt, **kwargs)
+
+    pipe = tiny_cache("tiny-sd")
+    with pytest.raises(UnsupportedError, match="control_image"):
+        attnctl.apply(ControlImagePipeline(**pipe.components), AttentionMaps(["cat"], magnets=True))
+
+    steps = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *args: steps.append(1))
+    try:
+        with attnctl.apply(pipe, AttentionMaps([2], magnets=True)):
+            embeds = pipe.encode_prompt(PROMPT, "cpu", 1, True)
+            with pytest.raises(ConfigError, match="gave no prompt text"):
+                pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=2, height=32, width=32)
+        with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
+            encode = pipe.encode_prompt
+            pipe.encode_prompt = lambda *args, **kwargs: encode(*args, **kwargs)  # another library's wrapper on attnctl's
+            with pytest.raises(attnctl.PipelineChangedError, match="stacked on"):
+                _pictures(pipe, "tiny-sd", [PROMPT])
+            del pipe.encode_prompt
+            pipe.encode_prompt = encode
+    finally:
+        hook.remove()
+    assert steps == []
+
+
+def test_the_readout_leaves_the_pipelines_scheduler_config_alone(tiny_cache):
+    """The img2img constructor applies diffusers' deprecation fix-ups to the scheduler it is given (SD's clip_sample,
+    steps_offset): the readout gives it a copy, so the user's scheduler, and every later generation, stay as they were."""
+    from diffusers import DDIMScheduler
+
+    pipe = make_tiny_pipeline("tiny-sd")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True, steps_offset=0)
+    with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
+        _pictures(pipe, "tiny-sd", [PROMPT])
+    assert pipe.scheduler.config.clip_sample is True and pipe.scheduler.config.steps_offset == 0

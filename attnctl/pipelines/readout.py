@@ -52,6 +52,11 @@ def img2img_of(pipe: Any) -> Any:
         cls = getattr(diffusers, name)  # only that pipeline's module is imported
         parameters = inspect.signature(cls.__init__).parameters
         components = {key: value for key, value in pipe.components.items() if key in parameters}
+        scheduler = components.get("scheduler")
+        if hasattr(scheduler, "config") and callable(getattr(type(scheduler), "from_config", None)):
+            # its own: the img2img constructor's deprecation fix-ups (SD's clip_sample, steps_offset) would rewrite the
+            # shared scheduler's config, and so every later generation of `pipe`
+            components["scheduler"] = type(scheduler).from_config(scheduler.config)
         settings = {key: value for key, value in pipe.config.items() if key in parameters and key not in components}
         made = cls(**components, **settings)
     except (AttributeError, ValueError, KeyError, TypeError) as error:

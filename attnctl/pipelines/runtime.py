@@ -903,7 +903,15 @@ def _call_arguments(pipeline: Any, owner: CallOwner | None) -> dict[str, Any]:
     if owner is None:
         return {}
     values = owner.frame.f_locals
-    return {name: values[name] for name in named_call_arguments(pipeline) if name in values}
+    return {name: values[name] for name in named_call_arguments(pipeline) if name in values and _plain(values[name])}
+
+
+def _plain(value: Any) -> bool:
+    """A setting, not data: None, a number, a string or a list of strings (the call's tensors, generators and callbacks
+    are left out, so that nothing the controls keep past the call holds them alive)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
 
 
 def _text_storages(value: Any) -> frozenset[int]:

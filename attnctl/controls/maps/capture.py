@@ -598,7 +598,7 @@ class ReadoutRequest:
 
 
 #: The text-to-image call's arguments the readout pass takes over (where its img2img call names them).
-READOUT_CALL_ARGUMENTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")
+READOUT_CALL_ARGUMENTS = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "max_sequence_length")
 #: The call's negative prompts the readout pass reads too (one per image, as its prompts).
 _NEGATIVE_PROMPTS = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")
 
@@ -636,7 +636,14 @@ class _ReadoutAfterCall(Bound):
                 if not isinstance(query, int) and not any(tokens.positions(query, row, missing_ok=True) for row in range(rows)):
                     tokens.positions(query, 0)
         given = context.prompt_arguments[0] if context.prompt_arguments else {}
-        self.prompts = tuple(_call_texts(given, "prompt", rows) or _prompt_texts(tokens, rows))
+        texts = _call_texts(given, "prompt", rows)
+        if texts is None and tokens is None:
+            raise ConfigError(
+                f"attnctl: AttentionMaps(magnets=...) on a {type(context.pipeline).__name__} reads the call's images in a "
+                "readout pass that encodes the call's prompts with the magnets appended, and this call gave no prompt text "
+                "(prompt_embeds); call with prompt=..., or read the images with attnctl.read_maps(pipe, images, prompt, words)"
+            )
+        self.prompts = tuple(texts or _prompt_texts(tokens, rows))
         call = {name: arguments[name] for name in READOUT_CALL_ARGUMENTS if arguments.get(name) is not None}
         call["num_inference_steps"] = steps
         for name in _OWN_PROMPTS:  # the call's own prompts of the encoders that read them, one per image
