@@ -484,3 +484,12 @@ def test_flux2_reference_is_in_the_latent_space_of_the_pipelines_own_image_encod
     with torch.no_grad():
         theirs = pipe._encode_vae_image(pixels, generator=None).flatten(2).transpose(1, 2)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_a_3d_region_mask_is_refused_in_reference_attention_own_words():
+    """ReferenceAttention takes one 2-D mask: a (frames, H, W) stack is refused without Region's per-frame wording."""
+    for value in (torch.ones(3, 8, 8), np.ones((2, 8, 8)), np.ones((8, 8, 3))):
+        with pytest.raises(ConfigError, match=r"ReferenceAttention.region: .*ReferenceAttention takes one 2-D mask for the "
+                                              r"whole image, no per-frame masks; got shape") as info:
+            ReferenceAttention(picture(), region=value)
+        assert "Region also takes" not in str(info.value) and "token frame" not in str(info.value)

@@ -22,6 +22,7 @@ from attnctl.controls.regions import (
     resize_mask,
     save_picture,
 )
+from attnctl.controls.regions.masks import Tube
 from attnctl.errors import ConfigError
 
 
@@ -349,7 +350,7 @@ def test_a_mask_stack_reads_as_its_list_of_frames():
     last axis of 1 stays one single-channel mask, and an (H, W, 3) / (H, W, 4) array an RGB(A) image, refused."""
     soft = torch.rand(3, 6, 5, generator=torch.Generator().manual_seed(0))
     uint8 = np.zeros((2, 6, 5), dtype=np.uint8)
-    uint8[0, :3], uint8[1, 3:] = 255, 1  # per frame: a 0..255 frame is scaled, a 0 / 1 frame is not (as in a list)
+    uint8[0, :3], uint8[1, 3:] = 255, 128  # one 0..255 stack (a stack's scale: test_a_uint8_mask_stack_is_scaled_as_one_array)
     for stack in (soft, soft > 0.5, soft.numpy(), uint8, torch.from_numpy(uint8)):
         region, listed = Region("a cat", mask=stack), Region("a cat", mask=list(stack))
         assert region == listed and len(region.per_frame) == len(stack) and region.video
@@ -366,12 +367,9 @@ def test_a_mask_stack_is_refused_on_image_models_as_a_list_is(tiny_cache):
     pipe = tiny_cache("tiny-sd")
     stack = torch.zeros(2, 8, 8)
     stack[:, 2:6, 2:6] = 1.0
-    messages = []
     for mask in (stack, list(stack)):
-        with pytest.raises(ConfigError, match="need a video denoiser") as info:
+        with pytest.raises(ConfigError, match=r"Region\('a dog', mask=<\(2, 8, 8\) array.*need a video denoiser"):
             attnctl.apply(pipe, [Regions([Region("a dog", mask=mask)])])
-        messages.append(str(info.value))
-    assert messages[0] == messages[1] and "(2, 8, 8)" in messages[0]
 
 
 def _needs_wan():
@@ -404,3 +402,74 @@ def test_video_attention_masks_are_usable_directly_as_a_region_mask(tiny_cache):
         with attnctl.apply(pipe, [Regions([r])]):
             videos.append(generate())
     assert torch.equal(videos[0], videos[1])
+
+
+# -- per-frame masks: empty frames, one scale per stack, fields that read back, errors naming the rule --------------
+def test_a_per_frame_mask_may_have_empty_frames_but_not_every_frame():
+    """`AttentionMapResult.masks(word)[i]` on video is thresholded over the whole video, so a token frame the object
+    has left is all False: that frame has no cells of the region; a mask with no area in any frame is refused."""
+    stack = torch.zeros(3, 8, 8, dtype=torch.bool)
+    stack[0, :4], stack[1, 2:6] = True, True
+    for mask in (stack, list(stack), stack.numpy(), [m.numpy().astype(np.uint8) * 255 for m in stack]):
+        region = Region("a cat", mask=mask)
+        assert len(region.per_frame) == 3 and float(region.per_frame[2].max()) == 0.0 and region.per_frame[0].any()
+    layout = grid_layout((Tube(Region("a cat", mask=stack).per_frame),), (3, 4, 4))
+    assert layout.coverage.reshape(3, 4, 4)[2].abs().max() == 0 and (layout.labels.reshape(3, 4, 4)[2] == 0).all()
+    assert layout.labels.reshape(3, 4, 4)[:2].any(dim=(1, 2)).all()
+    for empty in (torch.zeros(3, 8, 8), [np.zeros((8, 8))] * 2):
+        with pytest.raises(ConfigError, match=r"Region\('a cat'\): every per-frame mask is empty"):
+            Region("a cat", mask=empty)
+    with pytest.raises(ConfigError, match=r"Region\('a cat'\): the mask is empty"):
+        Region("a cat", mask=torch.zeros(8, 8))
+
+
+@_needs_wan()
+def test_an_empty_token_frame_is_a_region_absent_from_that_frame_on_wan(tiny_cache):
+    """tiny-wan has 3 token frames: masks (m, m, empty) are the tube of frames 0..1 with m, bitwise (region prompts
+    and isolation)."""
+    from attnctl.testing import CALL_DEFAULTS
+
+    pipe = tiny_cache("tiny-wan")
+    m = torch.zeros(16, 12)
+    m[:, :6] = 1.0
+    videos = []
+    cat = Region("a cat", box=(0.5, 0.0, 1.0, 1.0))
+    for region in (Region("a dog", mask=[m, m, torch.zeros(16, 12)]), Region("a dog", mask=[m, m], frames=(0, 2))):
+        with attnctl.apply(pipe, [Regions([region, cat], isolate=True)]):
+            videos.append(pipe(prompt="a cat on the street", num_inference_steps=1, output_type="latent",
+                               generator=torch.Generator().manual_seed(0), **CALL_DEFAULTS["tiny-wan"]).frames)
+    assert torch.isfinite(videos[0]).all() and torch.equal(videos[0], videos[1])
+
+
+def test_a_uint8_mask_stack_is_scaled_as_one_array():
+    """One uint8 array has one scale: 0..255 unless it holds only 0 and 1; a list holds separate masks, each its own."""
+    stack = np.zeros((2, 4, 5), dtype=np.uint8)
+    stack[0, :2], stack[1, 2:] = 255, 1
+    for value in (stack, torch.from_numpy(stack)):
+        assert [float(f.max()) for f in Region("a cat", mask=value).per_frame] == [1.0, pytest.approx(1 / 255)]
+    assert [float(f.max()) for f in Region("a cat", mask=list(stack)).per_frame] == [1.0, 1.0]
+    binary = np.minimum(stack, 1)  # a 0 / 1 stack is a 0 / 1 mask, not 1/255 of one
+    assert torch.equal(Region("a cat", mask=binary)._pixels, torch.from_numpy(binary).float())
+
+
+@pytest.mark.parametrize("kind", ["list of one", "list of two", "stack", "narrow frames"])
+def test_per_frame_masks_survive_re_creating_the_region_from_its_fields(kind):
+    """`dataclasses.replace` re-reads `mask` as stored: per-frame masks must stay per-frame (one frame included)."""
+    import dataclasses
+
+    m = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(1))
+    mask = {"list of one": [m[0]], "list of two": list(m), "stack": m, "narrow frames": [m[0, :, :3], m[1, :, :3]]}[kind]
+    region = Region("a cat", mask=mask, subject=False)
+    copy = dataclasses.replace(region, prompt="a dog")
+    assert copy == Region("a dog", mask=mask, subject=False) and copy.video and region.video
+    assert len(copy.per_frame) == len(region.per_frame) and torch.equal(copy._pixels, region._pixels)
+    assert dataclasses.replace(copy, prompt="a cat") == region
+
+
+def test_a_colour_tensor_refused_on_an_image_model_names_the_frames_rule(tiny_cache):
+    """A (3, H, W) colour tensor (torchvision's to_tensor) is read as 3 token frames: the refusal says so."""
+    pipe = tiny_cache("tiny-sd")
+    rgb = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match=r"\(3, 8, 8\) array, read as 3 per-token-frame masks: a 3-D mask \(F, H, W\) is F "
+                                          r"masks, one per token frame.*need a video denoiser"):
+        attnctl.apply(pipe, [Regions([Region("a dog", mask=rgb)])])

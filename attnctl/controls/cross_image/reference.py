@@ -214,9 +214,7 @@ def _region(value: Any) -> tuple[Any, torch.Tensor | None]:
 
     rank = getattr(value, "ndim", None) if isinstance(value, (torch.Tensor, np.ndarray)) else None
     if isinstance(value, (str, os.PathLike, Image.Image)) or (rank is not None and rank != 1):
-        pixels = load_mask(value, owner=owner)
-        if pixels.ndim != 2:
-            raise ConfigError(f"{owner}: a mask must be 2-D (H, W), got shape {tuple(pixels.shape)}")
+        pixels = load_mask(value, owner=owner, shapes="ReferenceAttention takes one 2-D mask for the whole image, no per-frame masks")
         return (os.fspath(value) if isinstance(value, (str, os.PathLike)) else pixels), pixels
     if rank is None and not hasattr(value, "__len__"):
         raise ConfigError(

@@ -15,6 +15,7 @@ belongs to one of them.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ _EPS = 1e-6
 Box = tuple[float, float, float, float]
 
 
-def load_mask(value: Any, *, owner: str) -> torch.Tensor:
+def load_mask(value: Any, *, owner: str, allow_empty: bool = False, shapes: str = "") -> torch.Tensor:
     """A user mask as a (H, W) float32 CPU tensor in [0, 1], or ConfigError naming what is wrong.
 
     Accepts a PIL image (read as grayscale, white = inside; alpha ignored; 16-bit and 32-bit integer images scaled
@@ -41,36 +42,40 @@ def load_mask(value: Any, *, owner: str) -> torch.Tensor:
     path to an image file (a `str` or `os.PathLike`, relative to the current directory unless absolute). An integer
     mask or image that holds only the values 0 and 1 is taken as a 0 / 1 mask, not scaled (it would be 1/255 or
     1/65535 of a mask: nearly empty).
+
+    `allow_empty`: an all-zero mask is returned (one frame of per-frame masks may be empty) instead of refused.
+    `shapes`: what else the caller takes, appended to the refusal of a mask that is not 2-D.
     """
+    check = functools.partial(_check, owner=owner, allow_empty=allow_empty, shapes=shapes)
     if isinstance(value, (str, os.PathLike)):
-        return _from_image(_open_image(value, owner), owner)
+        return check(_from_image(_open_image(value, owner)))
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
         Image = None
     if Image is not None and isinstance(value, Image.Image):
-        return _from_image(value, owner)
+        return check(_from_image(value))
     if isinstance(value, np.ndarray):
         kind = value.dtype
         if kind == np.bool_:
-            return _check(torch.from_numpy(value.astype(np.float64)), owner)
+            return check(torch.from_numpy(value.astype(np.float64)))
         if kind in (np.uint8, np.uint16):
-            return _check(torch.from_numpy(_scaled(value.astype(np.float64), 255.0 if kind == np.uint8 else 65535.0)), owner)
+            return check(torch.from_numpy(_scaled(value.astype(np.float64), 255.0 if kind == np.uint8 else 65535.0)))
         if np.issubdtype(kind, np.integer):
-            return _check(torch.from_numpy(value.astype(np.float64)), owner, integer=True)
+            return check(torch.from_numpy(value.astype(np.float64)), integer=True)
         if np.issubdtype(kind, np.floating):
-            return _check(torch.from_numpy(value.astype(np.float64)), owner)
+            return check(torch.from_numpy(value.astype(np.float64)))
         raise ConfigError(f"{owner}: a numpy mask must hold bools, integers or floats, got dtype {kind}")
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to("cpu")
         if tensor.dtype == torch.bool:
-            return _check(tensor.double(), owner)
+            return check(tensor.double())
         if tensor.dtype == torch.uint8:
-            return _check(torch.from_numpy(_scaled(tensor.double().numpy(), 255.0)), owner)
+            return check(torch.from_numpy(_scaled(tensor.double().numpy(), 255.0)))
         if tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
-            return _check(tensor.double(), owner, integer=True)
+            return check(tensor.double(), integer=True)
         if tensor.is_floating_point():
-            return _check(tensor.double(), owner)
+            return check(tensor.double())
         raise ConfigError(f"{owner}: a tensor mask must hold bools, integers or floats, got {tensor.dtype}")
     raise ConfigError(
         f"{owner}: a mask must be a PIL image, a numpy array, a torch tensor (values in [0, 1]) or a path to an image "
@@ -85,11 +90,18 @@ def frame_stack(value: Any) -> list[Any] | None:
     The rule for a 3-D array: (frames, H, W) unless an axis at either end has one entry, (1, H, W) or (H, W, 1) (one
     channel: one mask, as `load_mask` reads it), or its last axis has 3 or 4 entries ((H, W, 3) / (H, W, 4): an RGB /
     RGBA image array, which `load_mask` refuses). A channel-first colour tensor (3, H, W) is read as three frames.
+    A uint8 / uint16 stack is one array of one scale: it is scaled as a whole (a stack of only 0 and 1 as is,
+    otherwise over 255 / 65535) and its frames are then floats, so a frame of only 0 and 1 in a 0..255 stack stays
+    nearly empty, as it is in that stack (a list of separate masks scales each mask on its own).
     """
     if not isinstance(value, (np.ndarray, torch.Tensor)) or value.ndim != 3:
         return None
     if value.shape[0] == 1 or value.shape[-1] in (1, 3, 4):
         return None
+    full = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, torch.uint8: 255.0}.get(value.dtype)
+    if full is not None:
+        array = value.detach().to("cpu").numpy() if isinstance(value, torch.Tensor) else value
+        value = torch.from_numpy(_scaled(array.astype(np.float64), full))
     return list(value)
 
 
@@ -107,7 +119,7 @@ def _open_image(path: Any, owner: str):
         raise ConfigError(f"{owner}: mask file {resolved!r} is not an image PIL can read: {error}") from None
 
 
-def _from_image(image: Any, owner: str) -> torch.Tensor:
+def _from_image(image: Any) -> torch.Tensor:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         array = _scaled(np.asarray(image, dtype=np.float64), 65535.0)
@@ -117,7 +129,7 @@ def _from_image(image: Any, owner: str) -> torch.Tensor:
         array = np.asarray(image.convert("L"), dtype=np.float64) / 255.0
     else:
         array = _scaled(np.asarray(image.convert("L"), dtype=np.float64), 255.0)
-    return _check(torch.from_numpy(np.ascontiguousarray(array)), owner)
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _scaled(values: np.ndarray, full: float) -> np.ndarray:
@@ -127,19 +139,19 @@ def _scaled(values: np.ndarray, full: float) -> np.ndarray:
     return values / full
 
 
-def _check(mask: torch.Tensor, owner: str, integer: bool = False) -> torch.Tensor:
+def _check(mask: torch.Tensor, owner: str, integer: bool = False, allow_empty: bool = False, shapes: str = "") -> torch.Tensor:
+    also = f"; {shapes}" if shapes else ""
     if mask.ndim == 3 and 1 in (mask.shape[0], mask.shape[-1]):
         mask = mask[0] if mask.shape[0] == 1 else mask[..., 0]
     if mask.ndim == 3 and mask.shape[-1] in (3, 4):
         raise ConfigError(
             f"{owner}: a 3-D mask whose last axis has 3 or 4 entries is read as an RGB / RGBA image (H, W, C), which is "
-            f"not a mask: convert it to grayscale (or pass the PIL image); per-frame masks that narrow go as a list; got "
-            f"shape {tuple(mask.shape)}"
+            f"not a mask: convert it to grayscale (or pass the PIL image){also}; got shape {tuple(mask.shape)}"
         )
     if mask.ndim != 2:
         raise ConfigError(
-            f"{owner}: a mask must be 2-D (H, W), or 3-D with one singleton channel axis ((1, H, W) or (H, W, 1)); a "
-            f"Region also takes (frames, H, W), one mask per token frame (video denoisers); got shape {tuple(mask.shape)}"
+            f"{owner}: a mask must be 2-D (H, W), or 3-D with one singleton channel axis ((1, H, W) or (H, W, 1))"
+            f"{also}; got shape {tuple(mask.shape)}"
         )
     if mask.shape[0] == 0 or mask.shape[1] == 0:
         raise ConfigError(f"{owner}: the mask has no pixels (shape {tuple(mask.shape)})")
@@ -150,7 +162,7 @@ def _check(mask: torch.Tensor, owner: str, integer: bool = False) -> torch.Tenso
     if low < 0.0 or high > 1.0:
         what = "integer masks must hold 0 and 1 (uint8 masks 0..255)" if integer else "mask values must lie in [0, 1]"
         raise ConfigError(f"{owner}: {what}; got values from {low:g} to {high:g}")
-    if high == 0.0:
+    if high == 0.0 and not allow_empty:
         raise ConfigError(f"{owner}: the mask is empty (all zeros); a region needs some area")
     return mask.float().contiguous()
 

@@ -13,6 +13,7 @@ from ...errors import ConfigError
 from .masks import Box, frame_stack, load_mask, validate_box, validate_frames
 
 _FIELDS = ("prompt", "box", "mask", "subject", "frames")
+_SHAPES = "a Region also takes (frames, H, W) or a list of masks, one mask per token frame (video denoisers)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,8 +30,10 @@ class Region:
     Video denoisers (Wan: a frames x height x width token grid): one box or mask applies to every token frame;
     `box=[box, ...]` or `mask=[mask, ...]` (one per token frame, masks of one size) gives one shape per token
     frame, and so does a 3-D numpy array or tensor (frames, H, W), read as the list of its frames (one video of
-    `AttentionMapResult.masks`: `mask=masks[i]` is `mask=list(masks[i])`; a 3-D array with a first or last axis
-    of 1 is one single-channel mask, one whose last axis is 3 or 4 an RGB / RGBA image, refused).
+    `AttentionMapResult.masks`: `mask=masks[i]` is `mask=list(masks[i])`, except that a uint8 stack is scaled as
+    one array; a 3-D array with a first or last axis of 1 is one single-channel mask, one whose last axis is 3 or 4
+    an RGB / RGBA image, refused). One frame's mask may be empty (the region has no cells in that frame: the object
+    is out of view), as long as one is not. In-memory per-frame masks are kept as a tuple of (H, W) tensors.
     `frames=(start, stop)` limits the region to token frames start..stop-1 (a spatio-temporal tube; stop None: to
     the last), and per-frame shapes then cover exactly that range. Token frames are the denoiser's latent frames
     (Wan's VAE: frame 0 is video frame 0, token frame t >= 1 video frames 4t-3..4t). A region with `frames` or
@@ -69,26 +72,35 @@ class Region:
             else:
                 object.__setattr__(self, "box", validate_box(self.box, owner=owner))
             object.__setattr__(self, "_pixels", None)
+            object.__setattr__(self, "_stacked", None)
             return
         stack = frame_stack(self.mask)  # a (frames, H, W) array reads as the list of its frames
+        object.__setattr__(self, "_stacked", None if stack is None else tuple(self.mask.shape))
         masks = stack if stack is not None else self.mask
         if isinstance(masks, (list, tuple)):  # one mask per token frame (video), each in any accepted form
             if not masks:
                 raise ConfigError(f"{owner}: a list of per-frame masks needs at least one mask, got {masks!r}")
-            frames = [load_mask(m, owner=f"{owner} mask[{f}]") for f, m in enumerate(masks)]
+            # A frame may be empty (the region has no cells there: the object is out of the frame), the region not.
+            frames = [load_mask(m, owner=f"{owner} mask[{f}]", allow_empty=True) for f, m in enumerate(masks)]
             if len({tuple(m.shape) for m in frames}) != 1:
                 raise ConfigError(f"{owner}: per-frame masks must share one size, got {[tuple(m.shape) for m in frames]}")
+            if not any(bool(m.any()) for m in frames):
+                raise ConfigError(
+                    f"{owner}: every per-frame mask is empty (all zeros); a region needs some area in at least one frame"
+                )
             pixels = torch.stack(frames)
             paths = all(isinstance(m, (str, os.PathLike)) for m in masks)  # kept as paths: the layout round-trips
-            object.__setattr__(self, "mask", tuple(os.fspath(m) for m in masks) if paths else pixels)
+            # In memory: a tuple of (H, W) frames, which reads back as per-frame masks (dataclasses.replace), as the
+            # (F, H, W) stack would not when F is 1 or W is 1, 3 or 4.
+            object.__setattr__(self, "mask", tuple(os.fspath(m) for m in masks) if paths else tuple(pixels))
             object.__setattr__(self, "_pixels", pixels)
             return
         if isinstance(self.mask, (str, os.PathLike)):
             path = os.fspath(self.mask)
             object.__setattr__(self, "mask", path)
-            object.__setattr__(self, "_pixels", load_mask(path, owner=owner))
+            object.__setattr__(self, "_pixels", load_mask(path, owner=owner, shapes=_SHAPES))
         else:
-            pixels = load_mask(self.mask, owner=owner)
+            pixels = load_mask(self.mask, owner=owner, shapes=_SHAPES)
             object.__setattr__(self, "mask", pixels)  # a private copy: later changes to the caller's array do not leak in
             object.__setattr__(self, "_pixels", pixels)
 
@@ -116,6 +128,8 @@ class Region:
     @property
     def mask_path(self) -> str | tuple[str, ...] | None:
         """The mask's file, or one file per token frame; None for a box or an in-memory mask."""
+        if isinstance(self.mask, tuple) and not isinstance(self.mask[0], str):
+            return None  # per-frame masks in memory
         return self.mask if isinstance(self.mask, (str, tuple)) else None
 
     # -- equality (masks are tensors) -----------------------------------------------------------------------------
@@ -137,6 +151,9 @@ class Region:
             where = f"box={self.box}"
         elif self.mask_path is not None:
             where = f"mask={self.mask_path!r}"
+        elif self._stacked is not None:  # name the rule: a (3, H, W) colour tensor reads as 3 frames
+            where = (f"mask=<{self._stacked} array, read as {self._stacked[0]} per-token-frame masks: a 3-D mask (F, H, W) "
+                     "is F masks, one per token frame>")
         else:
             where = f"mask=<{tuple(self._pixels.shape)} array>"
         extra = "" if self.subject else ", subject=False"
