@@ -78,15 +78,17 @@ def read_pass(
     strength: float,
     seed: int,
     call: dict[str, Any],
+    reader: Any = None,
 ) -> AttentionMapResult:
     """The readout of `control` (its words, layers, steps, heads, magnets; `resolution` None: the images' size) over
     `images` (checked by the caller: one per prompt), an img2img call at `strength` with the noise of `seed` and the
     further arguments `call` (each a named argument of the img2img call, `height` / `width` left out where it takes
-    none). `apply` is `attnctl.apply`. Returns the result with `images` set to the given images."""
+    none). `apply` is `attnctl.apply`; `reader`: the img2img pipeline of `pipe` where the caller made it already.
+    Returns the result with `images` set to the given images."""
     import torch
 
     refuse_unreadable(pipe)
-    reader = img2img_of(pipe)
+    reader = img2img_of(pipe) if reader is None else reader
     call = _check_call_arguments(reader, call)
     call = {**_image_size(reader, images[0]), **call}
     steps = call.get("num_inference_steps", inspect.signature(reader.__call__).parameters.get("num_inference_steps"))
@@ -114,10 +116,11 @@ def read_pass(
 def read_request(apply: Callable[..., Any], pipe: Any, request: ReadoutRequest) -> AttentionMapResult:
     """The readout a handle owes after a text-to-image call (`ReadoutRequest`): `read_pass` over the call's images,
     with the call's prompts and those of its settings the img2img call takes."""
-    reader_arguments = named_call_arguments(img2img_of(pipe))
+    reader = img2img_of(pipe)
+    reader_arguments = named_call_arguments(reader)
     call = {name: value for name, value in request.call.items() if name in reader_arguments}
     return read_pass(apply, pipe, list(request.images), list(request.prompts), request.control, strength=request.strength,
-                     seed=request.seed, call=call)
+                     seed=request.seed, call=call, reader=reader)
 
 
 def _pictures(reader: Any, images: list[Any], count: int) -> list[Any] | None:
