@@ -513,3 +513,9 @@ def test_the_readout_leaves_the_pipelines_scheduler_config_alone(tiny_cache):
     with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
         _pictures(pipe, "tiny-sd", [PROMPT])
     assert pipe.scheduler.config.clip_sample is True and pipe.scheduler.config.steps_offset == 0
+
+
+def test_a_readout_strength_without_magnets_is_refused():
+    with pytest.raises(ConfigError, match="readout_strength=0.3 does nothing without magnets"):
+        AttentionMaps(["cat"], readout_strength=0.3)
+    assert AttentionMaps(["cat"], magnets=True, readout_strength=0.3).readout_strength == 0.3

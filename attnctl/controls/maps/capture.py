@@ -41,7 +41,7 @@ from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...selection import LayerSpec, validate_layers
 from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, describe_query, has_duplicates, validate_word_query
-from ...validation import choice, plain_scalar, set_field
+from ...validation import choice, plain_scalar, refuse_unused, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
 from .heatmap import save_maps, save_video_maps
 from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, global_sinks, magnet_prompt, renormalised, sink_columns
@@ -128,6 +128,8 @@ class AttentionMaps(Control, type_name="attention-maps"):
                 f"got {self.readout_strength!r}"
             )
         set_field(self, "readout_strength", float(strength))
+        if not self.magnets:
+            refuse_unused(self, "readout_strength", "without magnets (only a magnets readout after a text-to-image call reads it)")
 
     def validate_for(self, adapter: ModelAdapter) -> None:
         if self.magnets and adapter.family not in MAGNET_FAMILIES:
@@ -587,7 +589,7 @@ class ReadoutRequest:
     words, layers, steps, heads, magnets, resolution) read over the call's `images` (PIL, one per prompt row) with
     `prompts` (the call's, one per image), in an img2img pass at `strength` with the noise of `seed`, and `call`: the
     call's arguments the pass takes where the img2img call names them (`num_inference_steps`, `guidance_scale`,
-    `max_sequence_length`, `prompt_2` / `prompt_3` and the negative prompts, one per image). The result goes to `handle.outputs[control.key]`."""
+    `true_cfg_scale`, `max_sequence_length`, `prompt_2` / `prompt_3` and the negative prompts, one per image). The result goes to `handle.outputs[control.key]`."""
 
     control: AttentionMaps
     images: tuple[Any, ...]
