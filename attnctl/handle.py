@@ -105,9 +105,11 @@ def _image_projection(denoiser: torch.nn.Module) -> tuple[Any, Any, Any]:
 
 
 def _has_ip_adapter(denoiser: torch.nn.Module) -> bool:
-    """Whether an IP-Adapter is loaded into `denoiser` (its image projection: UNets also say so in their config)."""
+    """Whether an IP-Adapter is loaded into `denoiser` (its image projection: UNets also say so in their config; SD3
+    keeps it in `image_proj`)."""
     projection, kind, _ = _image_projection(denoiser)
-    return kind == "ip_image_proj" or "ImageProjection" in type(projection).__name__
+    return (kind == "ip_image_proj" or "ImageProjection" in type(projection).__name__
+            or getattr(denoiser, "image_proj", None) is not None)
 
 
 def _restore_image_projection(denoiser: torch.nn.Module, saved: tuple[Any, Any, Any]) -> None:

@@ -470,6 +470,20 @@ def test_refine_on_a_masked_family_never_reads_the_edited_rows_masked_text(tiny_
     assert torch.equal(quiet, noisy)
 
 
+def test_refine_on_chroma_keeps_p2ps_padding_rule_as_its_padding_is_attended(tiny_cache):
+    """Chroma's T5 padding is attended (diffusers adds its float 0/1 mask as a bias): a shorter edit's padding
+    positions read the base's same positions, P2P's rule, not the edited row's own map as on Qwen-Image."""
+    if not available("tiny-chroma"):
+        pytest.skip("tiny-chroma needs a newer diffusers")
+    pipe = tiny_cache("tiny-chroma")
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt("refine")]) as handle:
+        generate(pipe, "tiny-chroma", ["a photo of a red cat sitting on a green sofa", "a photo of a cat"], steps=1)
+        mapper, own, _ = handle.runtime.last_call.bound[0].tables["cond"]
+    edit_len = len(pipe.tokenizer("a photo of a cat")["input_ids"])
+    for j in range(edit_len, edit_len + 4):  # past the edited prompt's end: the base's same position, alpha 1
+        assert mapper[1, j, j] == 1 and mapper[1, :, j].sum() == 1 and own[1, j] == 0, j
+
+
 # -- every family ---------------------------------------------------------------------------------------------------
 FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart"] + [
     pytest.param(name, marks=pytest.mark.skipif(not available(name), reason=f"{name} needs a newer diffusers")) for name in NEW_TINY_MODELS

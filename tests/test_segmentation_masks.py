@@ -519,3 +519,15 @@ def test_a_readout_strength_without_magnets_is_refused():
     with pytest.raises(ConfigError, match="readout_strength=0.3 does nothing without magnets"):
         AttentionMaps(["cat"], readout_strength=0.3)
     assert AttentionMaps(["cat"], magnets=True, readout_strength=0.3).readout_strength == 0.3
+
+
+def test_a_guidance_scale_given_as_a_numpy_or_tensor_scalar_reaches_the_readout():
+    """Settings the readout takes over from the call, given as numpy or 0-d tensor scalars, are kept as numbers."""
+    import numpy as np
+
+    from attnctl.pipelines.runtime import _plain, _setting
+
+    for given in (3.0, np.float32(3.0), torch.tensor(3.0)):
+        value = _setting(given)
+        assert _plain(value) and value == 3.0 and type(value) is float
+    assert not _plain(_setting(torch.ones(2)))  # a tensor stays data, left out

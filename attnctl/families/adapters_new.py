@@ -80,6 +80,7 @@ class QwenImageAdapter(ModelAdapter):
     cfg_calls: ClassVar[str] = "separate"
     prompt_mask_index: ClassVar[int | None] = 1  # encode_prompt: (embeds, mask or None when nothing is padded)
     layer_mask_input: ClassVar[str | None] = "encoder_hidden_states_mask"  # every layer: [mask; ones] (processors/qwen.py)
+    masks_text_padding: ClassVar[bool] = True
     conditioning_inputs: ClassVar[tuple[str, ...]] = ("controlnet_block_samples",)
     refused_pipelines: ClassVar[dict[str, str]] = {
         "QwenImageLayeredPipeline": "generates several layer images in one sequence (img_shapes lists the layers after "

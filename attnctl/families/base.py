@@ -224,6 +224,10 @@ class ModelAdapter:
     #: layer's mask tensor (`ControlledProcessor.layer_mask`), and what the backends derive from it (a label mask
     #: added, a sub-attention's rows and keys) is made once per denoiser call. None: no such input.
     layer_mask_input: ClassVar[str | None] = None
+    #: Each row's text after its prompt's last token is masked out of the attention's keys (Qwen-Image's boolean
+    #: mask), so a control must not read those positions of a row as text (Prompt-to-Prompt's refine). False where the
+    #: padding is attended (CLIP / T5 padding; Chroma, whose float 0/1 mask diffusers adds as a bias).
+    masks_text_padding: ClassVar[bool] = False
     #: The pipeline attribute of the tokenizer whose padded output is the whole joint text sequence, with no
     #: attention mask (Flux: T5 padded to `max_sequence_length`): extra prompts appended to that sequence can
     #: be cut after their last token (`Regions(trim_prompts=True)`). None: the text has several segments or a mask.

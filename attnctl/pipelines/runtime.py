@@ -903,7 +903,8 @@ def _call_arguments(pipeline: Any, owner: CallOwner | None) -> dict[str, Any]:
     if owner is None:
         return {}
     values = owner.frame.f_locals
-    return {name: values[name] for name in named_call_arguments(pipeline) if name in values and _plain(values[name])}
+    settings = {name: _setting(values[name]) for name in named_call_arguments(pipeline) if name in values}
+    return {name: value for name, value in settings.items() if _plain(value)}
 
 
 def _plain(value: Any) -> bool:
@@ -912,6 +913,14 @@ def _plain(value: Any) -> bool:
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
     return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def _setting(value: Any) -> Any:
+    """A numpy scalar or a one-element tensor given as a number (`guidance_scale=np.float32(3)`): its Python value."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return item()
+    return value
 
 
 def _text_storages(value: Any) -> frozenset[int]:

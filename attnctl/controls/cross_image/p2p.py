@@ -566,7 +566,7 @@ class PromptToPromptBound(Bound):
                 what = f"the {branch} prompt of row {row}" + (f" (its text for tokenizer {k + 1})" if k else "")
                 mapper[block, block] = torch.tensor(replacement_mapper(x, y, span, what=what, x_words=x_words, y_words=y_words))
             else:
-                mapping, alpha = refinement_mapper(x, y, span, masked_padding=self.adapter.layer_mask_input is not None)
+                mapping, alpha = refinement_mapper(x, y, span, masked_padding=self.adapter.masks_text_padding)
                 for j, (m, a) in enumerate(zip(mapping, alpha)):
                     if m >= 0:
                         mapper[offset + m, offset + j] = a

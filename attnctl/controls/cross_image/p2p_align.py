@@ -62,7 +62,7 @@ def refinement_mapper(x: Sequence[int], y: Sequence[int], limit: int, *, masked_
     tokens included, truncated to `limit`). The positions after the edited prompt's last token read the base's same
     position (P2P's `get_mapper`: `mapper[len(y):] = arange(len(y), limit)`, alpha 1), where the base may still hold
     real tokens when the edit is the shorter. `masked_padding`: the model masks the text after each prompt's last
-    token (Qwen-Image, Chroma), so those positions of the edited row are no keys of it: -1 there (its own, masked, map)."""
+    token (Qwen-Image), so those positions of the edited row are no keys of it: -1 there (its own, masked, map)."""
     x, y = list(x)[:limit], list(y)[:limit]
     mapping = align(x, y) + ([-1] * (limit - len(y)) if masked_padding else list(range(len(y), limit)))
     return mapping, [0.0 if m < 0 else 1.0 for m in mapping]
