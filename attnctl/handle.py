@@ -709,7 +709,11 @@ class Handle:
             if self.runtime.internal:
                 return original(*args, **kwargs)
             self.runtime.end_call()
-            self._run_readouts()  # before the pipeline's own model offload, which then runs last as without attnctl
+            try:
+                self._run_readouts()  # before the pipeline's own model offload, which then runs last as without attnctl
+            except BaseException:
+                original(*args, **kwargs)  # the offload and cache reset still happen; the readout's error goes on
+                raise
             return original(*args, **kwargs)
 
         return maybe_free_model_hooks

@@ -465,6 +465,22 @@ def test_the_readout_runs_before_the_pipelines_model_offload(tiny_cache):
     assert seen == [True]
 
 
+def test_a_readout_that_raises_still_lets_the_pipeline_offload(tiny_cache, monkeypatch):
+    from attnctl.pipelines import readout
+
+    pipe = tiny_cache("tiny-sd")
+    seen = []
+    pipe.maybe_free_model_hooks = lambda: seen.append("offload")
+    monkeypatch.setattr(readout, "read_pass", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("readout failed")))
+    try:
+        with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
+            with pytest.raises(RuntimeError, match="readout failed"):
+                _pictures(pipe, "tiny-sd", [PROMPT])
+    finally:
+        del pipe.maybe_free_model_hooks
+    assert seen == ["offload"]
+
+
 def test_readouts_that_could_not_read_the_call_are_refused_before_the_generation(tiny_cache, monkeypatch):
     """What the img2img readout would not get (an IP-Adapter's image, a control image), the call's prompt as text,
     and a method another library stacked on attnctl's: refused at apply or at the call, before any denoising step
