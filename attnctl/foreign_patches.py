@@ -282,6 +282,62 @@ def attention_caches(modules: dict[str, torch.nn.Module]) -> dict[str, str]:
     return found
 
 
+def _hooks(module: torch.nn.Module) -> dict[str, Any]:
+    registry = module.__dict__.get("_diffusers_hook")
+    return dict(getattr(registry, "hooks", {}) or {})
+
+
+#: Block-cache hooks on the first block of the stack they cache: the block's output over the whole batch decides for
+#: every later block, and on a cached step the hook returns the stack's cached residual added to it.
+LEADER_HOOKS = ("fbc_leader_block_hook", "mag_cache_leader_block_hook", "sea_cache_leader_block")
+
+
+def block_cache_boundary(block: torch.nn.Module) -> str | None:
+    """The diffusers block cache whose state spans `block` and the blocks after it, described, or None: its first-block
+    hook (FirstBlockCache, MagCache, SeaCache: the block's residual over the whole batch decides whether the later
+    blocks run, and a cached step returns the stack's residual added to the block's output), its last-block hook
+    (`is_tail`: the stack's residual, the block's output less the first block's, over the whole batch), SeaCache's
+    post-norm hook, or a stateful hook attnctl does not know (taken for a cache)."""
+    for hook_name, hook in _hooks(block).items():
+        name = cache_name(hook_name, hook)
+        if name is None or hook_name in ATTENTION_CACHES:
+            continue
+        if hook_name in LEADER_HOOKS:
+            return f"{name} (its first-block hook, which decides for the later blocks from this block's output)"
+        if getattr(hook, "is_tail", False) or hook_name == "sea_cache_post_norm":
+            return f"{name} (its last-block hook, which stores the stack's residual from this block's output)"
+        if hook_name not in BLOCK_CACHES:
+            return name
+    return None
+
+
+def layer_cache(root: torch.nn.Module, path: str) -> str | None:
+    """The diffusers cache that can leave the attention layer at `path` under `root` unrun at some step of a call,
+    described, or None: an attention-output cache on it (PyramidAttentionBroadcast, FasterCache, TaylorSeer reuse
+    its output by schedule), a block cache that can skip a block holding it (FirstBlockCache's later blocks; MagCache
+    and SeaCache, whose first block is skipped too), FasterCache's skip of the unconditional rows (models with CFG in
+    one batch), or a stateful hook attnctl does not know. FirstBlockCache's first block always runs: None there."""
+    module, chain = root, [("", root)]
+    for part in path.split("."):
+        module = module._modules.get(part) if module is not None else None
+        if module is None:
+            break
+        chain.append((f"{chain[-1][0]}.{part}".lstrip("."), module))
+    for where, module in chain:
+        for hook_name, hook in _hooks(module).items():
+            name = cache_name(hook_name, hook)
+            if name is None or hook_name == "fbc_leader_block_hook":
+                continue
+            if hook_name == "faster_cache_denoiser":
+                if getattr(hook, "is_guidance_distilled", False):
+                    continue  # a guidance-distilled model has no unconditional rows to skip
+                return f"{name}, which runs the denoiser on its conditional rows alone on some steps"
+            if hook_name in ATTENTION_CACHES:
+                return f"{name}, which reuses the output of {where or 'the denoiser'} on some steps instead of running it"
+            return f"{name}, which skips {where or 'the denoiser'} on some steps"
+    return None
+
+
 def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[Any, Any] | None = None) -> Any:
     """Give diffusers' cache hooks a context of their own for a denoiser call whose batch is attnctl's, not the
     pipeline's (perturbed rows added by PAG / SEG / SAG, or attnctl's extra passes).
@@ -325,6 +381,8 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
                             f"cannot give it a state of its own for a batch of attnctl's ({key}: PAG / SEG rows, SAG's "
                             "degraded pass); disable that cache or leave the control out"
                         ) from None
+                    computes_first(name, hook, own)
+                computes_first(name, hook, plain)  # its first call may come after attnctl's batches (PAG's window at step 0)
                 hook.state = own
                 swapped.append((hook, plain))
                 continue
@@ -346,6 +404,24 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
             hook.state = state
 
     return restore
+
+
+def computes_first(name: str, hook: Any, state: Any) -> None:
+    """Make the next call under `state` compute where the hook registered as `name` would otherwise read an empty
+    cache: FasterCache's attention hook (Lv et al. 2024, "FasterCache: Training-Free Video Diffusion Model Acceleration
+    with High Quality", arXiv:2410.19355) reuses the layer's output inside its timestep range unless `iteration > 0
+    and iteration % block_skip_range == 0`, and its first call normally falls outside that range (the first, noisiest
+    step). A state attnctl gives a batch of its own, or the pipeline's state first used after such a batch (PAG's rows
+    from step 0), starts inside it, and the hook read `state.cache[-1]` of None (TypeError). An unused state (`cache` None, `iteration` 0) gets `iteration =
+    block_skip_range`: the call computes and the schedule keeps its phase (the same iterations modulo the range).
+    Other hooks' states are left as they are (PyramidAttentionBroadcast computes on an empty cache itself)."""
+    if name != "faster_cache_block":
+        return
+    skip_range = getattr(hook, "block_skip_range", None)
+    if not isinstance(skip_range, int) or skip_range < 1 or not hasattr(state, "cache") or not hasattr(state, "iteration"):
+        return
+    if state.cache is None and state.iteration == 0:
+        state.iteration = skip_range
 
 
 def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str) -> None:

@@ -439,3 +439,119 @@ def test_sea_cache_and_unknown_stateful_hooks_count_as_caches():
         registry.remove_hook("future_cache_block")
     with attnctl.apply(pipe, attnctl.TGate(gate_step=2)):
         pass
+
+
+def _refused_at_apply(pipe, control, match):
+    handle = None
+    try:
+        with pytest.raises(UnsupportedError, match=match):
+            handle = attnctl.apply(pipe, control)
+    finally:
+        if handle is not None:  # accepted: leave no live handle to the tests after it
+            handle.remove()
+    assert not pipe.transformer._forward_pre_hooks
+
+
+def _layouts(probe):
+    """(step, tags of the rows) of every call in which the probed layer's attention ran (not reused by the cache)."""
+    return {(entry[1], tuple(sorted({(row[2] or "").split("#")[0] for row in entry[3]}))) for entry in probe.log if entry[0] != "bind"}
+
+
+@pytest.mark.parametrize("control,computed", [
+    (attnctl.PAG(scale=3.0, steps=(0.0, 0.4)), {(0, ("", "pag")), (2, ("", "pag")), (3, ("",)), (5, ("",))}),
+    (attnctl.SEG(steps=(0.0, 0.4)), {(0, ("", "seg")), (2, ("", "seg")), (3, ("",)), (5, ("",))}),
+    (attnctl.SkipLayer(blocks=("single_transformer_blocks.0",)), {(0, ("",)), (1, ("", "skip-layer")), (3, ("",)), (5, ("",))}),
+], ids=["PAG-window", "SEG-window", "SkipLayer"])
+def test_rows_for_some_steps_under_faster_cache(flux, control, computed):
+    """FasterCache (Lv et al. 2024) reuses an attention output inside its timestep range except at every
+    `block_skip_range`-th call of a batch (here 2, range t < 901: every step but the first); its state is one per
+    batch, and a batch's first call computes (its first call falls on t = 1000, outside the range). PAG's and SEG's
+    rows for steps 0-2 of 6, SkipLayer's for step 1 (its window is strict at both ends), get a state of their own
+    (`keyed_cache_context`): that state, or the pipeline's own first used after PAG's window, started inside the range
+    and FasterCache read its empty cache (TypeError: 'NoneType' object is not subscriptable). Each batch's first call
+    now computes, then every second one: the layer runs at those calls only, in both orders."""
+    from .helpers import Probe
+
+    pipe, _ = flux
+    transformer = pipe.transformer
+    probe = Probe(layers=("transformer_blocks.0.attn",))
+    transformer.enable_cache(_config("FasterCache", pipe))
+    try:
+        cached = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        with attnctl.apply(pipe, [probe, control]):  # cache first
+            cache_then_attnctl = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+    handle = attnctl.apply(pipe, control)
+    transformer.enable_cache(_config("FasterCache", pipe))  # attnctl first
+    try:
+        attnctl_then_cache = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+        handle.remove()
+    assert _layouts(probe) == computed
+    assert torch.equal(cache_then_attnctl, attnctl_then_cache) and not torch.equal(cache_then_attnctl, cached)
+
+
+@pytest.mark.parametrize("key", ["FirstBlockCache", "MagCache"])
+def test_skip_layer_on_a_block_cache_boundary_block_is_refused(flux, key):
+    """SkipLayer runs a block on the rows that keep it. On the first block of FirstBlockCache / MagCache the hook's
+    residual and decision cover the whole batch (FirstBlockCache: IndexError in SkipLayer's merge; MagCache: 'Dimension
+    mismatch ... Returning input without residual', the later blocks dropped for the kept rows, no error); on the last
+    block the stack's residual of the kept rows was broadcast to the skipping ones. Refused at apply and at the call
+    when the cache comes after apply; a block between them still composes."""
+    pipe, _ = flux
+    transformer = pipe.transformer
+    boundary = [attnctl.SkipLayer(blocks=(0,), steps=(0.0, 1.0)),
+                attnctl.SkipLayer(blocks=("single_transformer_blocks.1",), steps=(0.0, 1.0))]
+    transformer.enable_cache(_config(key, pipe))
+    try:
+        cached = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        for control, where in zip(boundary, ("transformer_blocks.0", "single_transformer_blocks.1")):
+            _refused_at_apply(pipe, control, rf"SkipLayer cannot skip block {where} .*{key}")
+        with attnctl.apply(pipe, attnctl.SkipLayer(blocks=("single_transformer_blocks.0",), steps=(0.0, 1.0))):
+            between = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+    assert not torch.equal(between, cached)
+    with attnctl.apply(pipe, boundary[0]):
+        transformer.enable_cache(_config(key, pipe))
+        try:
+            with pytest.raises(UnsupportedError, match=rf"SkipLayer cannot skip block transformer_blocks.0 .*{key}"):
+                generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        finally:
+            transformer.disable_cache()
+
+
+def test_sag_with_a_cache_that_can_leave_its_layer_unrun_is_refused(flux):
+    """SAG's mask is the map of its layer at every step. diffusers' attention-output caches (PAB, FasterCache, TaylorSeer)
+    reuse that layer's output on some steps, MagCache skips every block including the first, and FirstBlockCache skips
+    the blocks after the first: the call failed part-way ('layer ... did not run in this denoiser call'), not naming
+    the cache. Refused at apply and at the call when the cache comes after apply, naming it; with SAG's layer in
+    FirstBlockCache's first block (tiny-flux's default) SAG acts under the cache."""
+    pipe, _ = flux
+    transformer = pipe.transformer
+    for key in ("PyramidAttentionBroadcast", "FasterCache", "TaylorSeerCache", "MagCache"):
+        transformer.enable_cache(_config(key, pipe))
+        try:
+            _refused_at_apply(pipe, attnctl.SAG(), rf"SAG reads the self-attention map of transformer_blocks.0.attn .*{key[:10]}")
+        finally:
+            transformer.disable_cache()
+    with attnctl.apply(pipe, attnctl.SAG()):
+        transformer.enable_cache(_config("PyramidAttentionBroadcast", pipe))
+        try:
+            with pytest.raises(UnsupportedError, match="SAG reads .*PyramidAttentionBroadcast"):
+                generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        finally:
+            transformer.disable_cache()
+    transformer.enable_cache(_config("FirstBlockCache", pipe))
+    try:
+        _refused_at_apply(pipe, attnctl.SAG(layer="single_transformer_blocks.0.attn"),
+                          r"SAG reads the self-attention map of single_transformer_blocks.0.attn .*FirstBlockCache, which skips "
+                          "single_transformer_blocks.0")
+        cached = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+        with attnctl.apply(pipe, attnctl.SAG()):
+            guided = generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        transformer.disable_cache()
+    assert torch.isfinite(guided).all() and not torch.equal(guided, cached)

@@ -678,6 +678,22 @@ def test_box_guidance_with_regions_on_joint_layers_is_refused(tiny_cache, name):
     attnctl.apply(pipe, [regions, attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 0.5)}, scale=0.0)]).remove()  # idle: no loss
 
 
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_an_optimiser_with_regions_covering_the_image_on_joint_layers_is_refused(tiny_cache, name):
+    """Attend-and-Excite and A-STAR read the base prompt's words' maps. Regions' joint rule hides the base prompt from
+    the image tokens inside its regions, so with regions covering the whole image those maps are 0 everywhere, the
+    loss has no gradient and the latent never moved: the pair's output was bitwise Regions' alone, with no warning
+    (tiny-flux, tiny-sd3). Refused at the call's first loss pass, naming both controls; a region that leaves part of
+    the image to the base prompt keeps both acting (`test_an_optimiser_with_regions_on_joint_layers_reads...`)."""
+    pipe = tiny_cache(name)
+    covering = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)),
+                                attnctl.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))])
+    for optimiser in (attnctl.AttendExcite(subjects=["cat", "dog"], refine=()), attnctl.AStar(subjects=["cat", "dog"])):
+        with attnctl.apply(pipe, [optimiser, covering]):
+            with pytest.raises(attnctl.ConfigError, match=rf"{type(optimiser).__name__} with Regions.*no gradient"):
+                generate(pipe, name, prompt="a red cat and a blue dog", steps=2)
+
+
 def test_cells_hidden_from_every_column_have_no_subject_attention():
     """A cell whose columns all have probability 0 (Regions hides the base text there on joint attention) has no
     attention to any subject: 0 in the subject maps, not the 1/W a softmax over W zeros gives."""

@@ -27,6 +27,9 @@ video token (the attention a token receives from all queries of the video, head-
 above the average key, as every query row sums to 1). The mask is that map per token frame, upsampled (nearest) to
 each latent frame, and the blur is SAG's 2-D Gaussian within each latent frame (no blur across frames: the paper's
 degradation is spatial).
+
+A diffusers cache that can leave the map layer unrun at a step (an attention-output cache on it, a block cache that can
+skip its block) is refused at apply and at each call (`refuse_caches`); FirstBlockCache's first block always runs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout, RowPlan, SecondPass
 from ...errors import CallLayoutError, SelectionError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
+from ...foreign_patches import layer_cache
 from ...kernels.chunks import row_chunks
 from ...kernels.semantics import block_logits, probabilities, spec_rows
 from ...noise import noise_level, require_noise_level
@@ -124,7 +128,7 @@ class SAG(Control, type_name="sag"):
         return layers
 
     def validate_for(self, adapter: ModelAdapter) -> None:
-        self.select(adapter)
+        refuse_caches(self, adapter, self.select(adapter))
 
     def bind(self, context) -> _SAGBound:
         return _SAGBound(self, context)
@@ -132,6 +136,24 @@ class SAG(Control, type_name="sag"):
     def layer_effects(self, adapter: ModelAdapter, layer: LayerInfo) -> tuple[str, ...]:
         """"capture" on the layer whose self-attention map it reads (none while scale is 0)."""
         return ("capture",) if self.scale > 0 else ()
+
+
+def refuse_caches(control: SAG, adapter: ModelAdapter, layers: tuple[LayerInfo, ...]) -> None:
+    """SAG's mask is its layer's self-attention map at every step it acts on: a diffusers cache that can leave that
+    layer unrun at a step (an attention-output cache on it, a block cache that can skip its block) is refused, at apply
+    and at each call (a cache enabled after apply). Before, the call failed part-way ("did not run in this denoiser
+    call"), not naming the cache. FirstBlockCache's first block always runs: a layer there composes."""
+    if control.scale == 0:
+        return
+    for layer in layers:
+        path = layer.name.split(".", 1)[1] if adapter.experts else layer.name  # behind the expert's attribute
+        cache = layer_cache(adapter.expert_of(layer), path)
+        if cache is not None:
+            raise UnsupportedError(
+                f"attnctl: SAG reads the self-attention map of {layer.name} at every step it acts on, and diffusers' "
+                f"{cache}: the map would be missing there. Disable the cache (disable_cache()), leave SAG out, or under "
+                "FirstBlockCache give SAG a layer of the first transformer block (SAG(layer=...)), which always runs"
+            )
 
 
 class _SAGBound(Bound):
@@ -151,6 +173,7 @@ class _SAGBound(Bound):
         self.experts = self.adapter.layer_experts(layer.name for layer in self.layers)
         if control.scale > 0:  # the degraded input is made at the call's noise level: refused here, not mid-call
             require_noise_level(self.scheduler, "attnctl: SAG")
+        refuse_caches(control, self.adapter, self.layers)  # a cache enabled after apply
 
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.control.scale == 0 or frame.extra_pass is not None:

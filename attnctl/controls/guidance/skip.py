@@ -17,7 +17,9 @@ the attention layers inside it seeing those rows as the denoiser call's rows), a
 inputs back. A forward made of skipping rows only (`separate=True`) does not run the block at all. When a block
 input cannot be re-indexed safely (tensors inside `joint_attention_kwargs` / `cross_attention_kwargs` /
 `added_cond_kwargs`, or a batched input whose rows do not match), the block runs on the whole batch and the
-skipping rows' outputs are replaced, as before.
+skipping rows' outputs are replaced, as before. A block that carries the first- or last-block hook of a diffusers
+block cache (FirstBlockCache, MagCache, SeaCache), whose state covers the whole batch, is refused
+(`refuse_block_caches`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import Any
 import torch
 
 from ...denoiser_call import DenoiserCall, RowLayout
-from ...errors import ConfigError, SelectionError
+from ...errors import ConfigError, SelectionError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
+from ...foreign_patches import block_cache_boundary
 from ...steps import StepInfo, validate_steps
 from ...validation import plain_scalar, set_field
 from .common import PerturbingBound, PerturbingControl
@@ -113,7 +116,7 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
         return tuple(paths)
 
     def validate_for(self, adapter: ModelAdapter) -> None:
-        self.block_paths(adapter)
+        refuse_block_caches(self, adapter, self.block_paths(adapter))
 
     def select(self, adapter: ModelAdapter) -> tuple[LayerInfo, ...]:
         """The attention layers inside the skipped blocks (for `describe()`)."""
@@ -127,6 +130,25 @@ class SkipLayer(PerturbingControl, type_name="skip-layer"):
         """None: whole blocks are skipped for the perturbed rows only; no attention layer computes differently for
         the rows that run it, so nothing here conflicts with another control's edits."""
         return ()
+
+
+def refuse_block_caches(control: SkipLayer, adapter: ModelAdapter, paths: tuple[str, ...]) -> None:
+    """A block whose diffusers block-cache hook keeps state over the whole batch and the blocks after it (the first or
+    last block of FirstBlockCache, MagCache, SeaCache) cannot run on the kept rows alone: its cached residual and its
+    decision cover every row (FirstBlockCache's first block raised an IndexError, MagCache's dropped the later blocks
+    for the kept rows, logging a dimension mismatch; the last blocks' residuals broadcast one row's to the others).
+    Refused at apply and at each call (a cache enabled after apply)."""
+    if control.scale == 0:
+        return
+    blocks = adapter.transformer_blocks()
+    for path in paths:
+        cache = block_cache_boundary(blocks[path])
+        if cache is not None:
+            raise UnsupportedError(
+                f"attnctl: SkipLayer cannot skip block {path} for its rows under diffusers' {cache}: the skipped rows "
+                "would leave that state with fewer rows than the batch. Skip other blocks (SkipLayer(blocks=...)), or "
+                "disable the cache (disable_cache())"
+            )
 
 
 def _some(available: dict[str, Any], limit: int = 6) -> str:
@@ -145,6 +167,7 @@ class _SkipBound(PerturbingBound):
         self.experts = context.adapter.layer_experts(paths)
         if control.scale == 0:
             return
+        refuse_block_caches(control, context.adapter, paths)  # a cache enabled after apply
         modules = context.adapter.transformer_blocks()
         for path in paths:
             context.wrap_method(modules[path], "forward", self._make(modules[path], context.current_frame))

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from ...control import BindContext, Bound
 from ...denoiser_call import DenoiserCall, Row, RowLayout, upload
-from ...errors import CallLayoutError, TokenError, UnsupportedError
+from ...errors import CallLayoutError, ConfigError, TokenError, UnsupportedError
 from ...families.base import LayerInfo, channel_dim, noisy_channels
 from ...kernels.semantics import block_bias
-from ...kernels.spec import AttentionSpec
+from ...kernels.spec import AttentionSpec, LabelMask
 from ...processors.chain import token_layout
 from ...processors.edit import AttendFn, AttentionCall, Edit, LayerHook
 from ...tokens import WordQuery, explicit_position
@@ -66,6 +66,20 @@ def _normal(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(_normal(item) for item in value)
     return value
+
+
+def sees_columns(labels: LabelMask, image: slice, columns: list[int]) -> torch.Tensor:
+    """A 0-d bool tensor: whether under `labels` some query in `image` of some batch row may attend to some key at the
+    positions `columns` (its label pair's bias is above -inf). Read on the labels (a few labels), never a dense mask."""
+    rows = labels.rows
+    table = labels.table.expand(rows, -1, -1) > float("-inf")  # (rows, Lq, Lk)
+    device = labels.q_labels.device
+    queries = torch.zeros(rows, table.shape[1], dtype=torch.bool, device=device)
+    queries.scatter_(1, labels.q_labels[:, image].expand(rows, -1), True)
+    index = torch.tensor(columns, dtype=torch.long, device=labels.k_labels.device)
+    keys = torch.zeros(rows, table.shape[2], dtype=torch.bool, device=labels.k_labels.device)
+    keys.scatter_(1, labels.k_labels.index_select(1, index).expand(rows, -1), True)
+    return (queries[:, :, None] & table.to(device) & keys.to(device)[:, None, :]).any()
 
 
 def word_columns(context: BindContext, words: tuple[WordQuery, ...], owner: str) -> list[list[tuple[int, ...]]]:
@@ -120,6 +134,9 @@ class LatentOptimizerBound(Bound):
         # progress: one tensor for every layer of that layout (SDPA's autograd node saves its values for the backward,
         # so a copy made per layer would be kept per layer); cleared when the pass ends
         self._values: dict[tuple[Any, ...], torch.Tensor] = {}
+        # per map layer of the call's first loss pass with a label mask: whether some image query may attend to the
+        # loss's columns there (`sees_columns`); None once checked (`_refuse_hidden_words`)
+        self._sight: list[torch.Tensor] | None = []
         self._scheduler_wrapped = False
         scheduler = getattr(context.pipeline, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "step", None)):
@@ -163,6 +180,8 @@ class LatentOptimizerBound(Bound):
         def bias(lo: int, hi: int) -> torch.Tensor | None:
             return block_bias(spec, slice(image.start + lo, image.start + hi), keys, q.device)
 
+        if self._sight is not None and spec.labels is not None:
+            self._sight.append(sees_columns(spec.labels, image, [key_text.start + c for c in self.columns]))
         h, w = geometry.image_hw
         if self.keep_heads:
             maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias, per_head=True, values=values)  # (n, H, Ni, W)
@@ -204,12 +223,31 @@ class LatentOptimizerBound(Bound):
                 f"attnctl: {type(self.control).__name__} read no attention map at {', '.join(missing)} in its loss pass "
                 "(another control on those layers computes their attention itself, or the layers did not run)"
             )
+        self._refuse_hidden_words()
         if self.keep_heads:
             maps = tuple(self.read[layer.index] for layer in self.layers)
         else:
             maps = torch.stack(list(self.read.values())).mean(dim=0)
         self.read = {}
         return maps
+
+    def _refuse_hidden_words(self) -> None:
+        """After the call's first loss pass: refuse when a label mask hid the loss's text columns from every image
+        token at every map layer. Regions' joint rule (SD3, Flux and the other joint-attention families) hides the base
+        prompt from the image tokens inside its regions; where the regions cover the whole token grid the words' maps
+        are 0 everywhere, the loss has no gradient and the latent never moved (the output was bitwise Regions' alone).
+        One host read per call, only where every map layer has a label mask."""
+        sight, self._sight = self._sight, None
+        if not sight or len(sight) != len(self.layers) or bool(torch.stack([s.to(sight[0].device) for s in sight]).any()):
+            return
+        name = type(self.control).__name__
+        raise ConfigError(
+            f"attnctl: {name} with Regions: Regions' joint rule hides the base prompt from the image tokens inside its "
+            f"regions, and at this call's size the regions cover every image token of {name}'s map layers "
+            f"({', '.join(layer.name for layer in self.layers)}), so the base prompt's words have no attention there: their "
+            f"maps are 0, the loss has no gradient and {name} would not move the latent (the output would be Regions' "
+            "alone). Leave part of the image outside every region (the optimiser acts there), or run them in separate calls"
+        )
 
     def averaged(self, per_layer: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Kept per-head, per-layer maps as the default form: heads averaged, each resized to the finest grid, layers
@@ -330,5 +368,6 @@ class LatentOptimizerBound(Bound):
     def finish(self) -> None:
         self.updates = {}
         self.read = {}
+        self._sight = None
         self._values = {}
         self.index.clear()
