@@ -508,6 +508,8 @@ def test_cfg_share_alone_is_refused_where_cfg_never_batches_uncond_with_cond_row
         alone.validate_for(Separate("some-family", torch.nn.Linear(1, 1), (), {}))
     alone.validate_for(Batched("some-family", torch.nn.Linear(1, 1), (), {}))
     attnctl.FastAttn(threshold=10.0, techniques=("step_share", "cfg_share")).validate_for(Separate("some-family", torch.nn.Linear(1, 1), (), {}))
+    # threshold 0 is the documented identity (idle, bitwise stock): accepted as every idle control is
+    attnctl.FastAttn(threshold=0.0, techniques=("cfg_share",)).validate_for(Separate("some-family", torch.nn.Linear(1, 1), (), {}))
 
     pipe = tiny_cache("tiny-flux")
     with pytest.raises(UnsupportedError, match="can never act on flux"):

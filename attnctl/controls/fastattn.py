@@ -505,7 +505,7 @@ class FastAttn(Control, type_name="fastattn"):
         inert: refused. Beside other methods it falls back to full attention, and the handle warns where it was asked
         for explicitly (`FastAttnBound._unused_cfg_share`)."""
         why = _separate_cfg(adapter.family)
-        if self.plan is None and self.techniques == ("cfg_share",):
+        if self.plan is None and self.techniques == ("cfg_share",) and self.threshold > 0:  # threshold 0: the documented identity
             raise UnsupportedError(
                 f"attnctl: FastAttn(techniques=('cfg_share',)) can never act on {adapter.family}: CFG sharing copies each "
                 f"prompt's cond attention to its uncond rows within one denoiser call, and {why}; add 'window_residual' "
