@@ -482,3 +482,100 @@ def test_a_calibration_stopped_early_makes_no_plan(tiny_cache):
         assert report.plan is None and {step for step, _ in report.entries} == {0, 1}
     plan = attnctl.calibrate(attnctl.FastAttn(threshold=0.3), pipe, "a cat", **options)
     assert plan.steps == 4 and "step_share" in plan.counts()
+
+
+# -- CFG sharing needs uncond rows beside their cond rows in one denoiser call -----------------------------------------
+def _idle_messages(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, attnctl.IdleControlWarning)]
+
+
+def test_cfg_share_alone_is_refused_where_cfg_never_batches_uncond_with_cond_rows(tiny_cache):
+    """The paper's ASC copies a prompt's cond attention to its uncond rows in the same forward (batched CFG). Families
+    whose CFG is a separate uncond call (Flux, Chroma, Qwen-Image, Flux.2, Wan true CFG) or absent (guidance-distilled)
+    never have both in one call: CFG sharing alone could never act there, so it is refused at apply (it was silently
+    bitwise stock), as is a plan that asks for it; batched families take it."""
+    from attnctl.errors import UnsupportedError
+    from attnctl.families.base import ModelAdapter
+
+    class Separate(ModelAdapter):
+        cfg_calls = "separate"
+
+    class Batched(ModelAdapter):
+        cfg_calls = "batched"
+
+    alone = attnctl.FastAttn(threshold=10.0, techniques=("cfg_share",))
+    with pytest.raises(UnsupportedError, match=r"techniques=\('cfg_share',\)\) can never act on some-family: .*uncond call of its own"):
+        alone.validate_for(Separate("some-family", torch.nn.Linear(1, 1), (), {}))
+    alone.validate_for(Batched("some-family", torch.nn.Linear(1, 1), (), {}))
+    attnctl.FastAttn(threshold=10.0, techniques=("step_share", "cfg_share")).validate_for(Separate("some-family", torch.nn.Linear(1, 1), (), {}))
+    # threshold 0 is the documented identity (idle, bitwise stock): accepted as every idle control is
+    attnctl.FastAttn(threshold=0.0, techniques=("cfg_share",)).validate_for(Separate("some-family", torch.nn.Linear(1, 1), (), {}))
+
+    pipe = tiny_cache("tiny-flux")
+    with pytest.raises(UnsupportedError, match="can never act on flux"):
+        attnctl.apply(pipe, [alone])
+    only = make_plan(pipe, 2, {"transformer_blocks.0.attn": ["full", "cfg_share"]})
+    with pytest.raises(UnsupportedError, match=r"plan's only method besides full attention is cfg_share, which can never act on flux"):
+        attnctl.apply(pipe, [attnctl.FastAttn(plan=only)])
+    assert not any(type(p).__module__.startswith("attnctl") for p in pipe.transformer.attn_processors.values())
+    # beside another method (a hand-made plan: calibration never chooses it here) its steps run full attention: warned
+    some = make_plan(pipe, 2, {"transformer_blocks.0.attn": ["full", "cfg_share"], "single_transformer_blocks.0.attn": ["full", "step_share"]})
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=some)]):
+        with pytest.warns(attnctl.IdleControlWarning, match=r"FastAttn's 'cfg_share' is idle in this call: .*the flux family never"):
+            generate(pipe, "tiny-flux", steps=2, guidance=1.0)
+
+
+@pytest.mark.parametrize("name, guidance, extra", [
+    ("tiny-flux", 1.0, {}),
+    ("tiny-flux", 1.0, {"negative_prompt": "a dog", "true_cfg_scale": 3.0}),  # true CFG: a separate uncond call
+    ("tiny-sd", 1.0, {}),  # batched CFG, but none in this call
+], ids=["flux-distilled", "flux-true-cfg", "sd-no-cfg"])
+def test_cfg_share_beside_other_techniques_warns_where_no_row_can_take_it(name, guidance, extra, tiny_cache):
+    """CFG sharing asked for beside other techniques in a call with no uncond rows next to their cond rows: the other
+    techniques act, calibration never chooses CFG sharing (nor window + CFG sharing, cheaper than the window alone),
+    and the handle says that part is idle. The default techniques' fallback (documented) stays quiet."""
+    import warnings
+
+    pipe = tiny_cache(name)
+    stock = generate(pipe, name, steps=3, guidance=guidance, **extra)
+    control = attnctl.FastAttn(threshold=10.0, window=1, techniques=("window_residual", "cfg_share"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with attnctl.apply(pipe, [control]) as handle:
+            out = generate(pipe, name, steps=3, guidance=guidance, **extra)
+            plan = handle.outputs["fastattn"].plan
+    messages = _idle_messages(caught)
+    assert len(messages) == 1 and "'cfg_share' is idle" in messages[0] and "'window_residual' only" in messages[0], messages
+    counts = plan.counts()
+    assert counts["cfg_share"] == counts["window_residual+cfg_share"] == 0 and counts["window_residual"] > 0, counts
+    assert not torch.equal(out, stock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        with attnctl.apply(pipe, [attnctl.FastAttn(threshold=10.0)]):  # the default techniques: no warning
+            generate(pipe, name, steps=2, guidance=guidance, **extra)
+
+
+def test_a_plan_of_cfg_sharing_in_a_call_without_cfg_warns(tiny_cache):
+    """A plan calibrated with CFG, run without it (guidance 1 on SD): its cfg_share steps run full attention. A plan of
+    nothing but CFG sharing is then bitwise stock and idle; beside step sharing, its CFG sharing part is idle. With CFG
+    neither warns."""
+    import warnings
+
+    pipe = tiny_cache("tiny-sd")
+    stock = generate(pipe, "tiny-sd", steps=3, guidance=1.0)
+    layers = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1", "up_blocks.1.attentions.0.transformer_blocks.0.attn1")
+    only = make_plan(pipe, 3, {name: ["full", "cfg_share", "cfg_share"] for name in layers})
+    some = make_plan(pipe, 3, {layers[0]: ["full", "cfg_share", "cfg_share"], layers[1]: ["full", "step_share", "full"]})
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=only)]):
+        with pytest.warns(attnctl.IdleControlWarning, match="FastAttn is idle in this call: its plan's only method .* cfg_share"):
+            out = generate(pipe, "tiny-sd", steps=3, guidance=1.0)
+    assert torch.equal(out, stock)
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=some)]):
+        with pytest.warns(attnctl.IdleControlWarning, match="FastAttn's 'cfg_share' is idle in this call: .* no classifier-free guidance"):
+            out = generate(pipe, "tiny-sd", steps=3, guidance=1.0)
+    assert not torch.equal(out, stock)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        for plan in (only, some):
+            with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]):
+                generate(pipe, "tiny-sd", steps=3)

@@ -47,7 +47,7 @@ import torch
 
 from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall
-from ..errors import ConfigError, UnsupportedError
+from ..errors import ConfigError, IdleControlWarning, UnsupportedError
 from ..families.base import Geometry, LayerInfo, ModelAdapter
 from ..kernels import choose_traced_backend, sdpa
 from ..kernels.semantics import spec_rows
@@ -495,6 +495,28 @@ class FastAttn(Control, type_name="fastattn"):
                         if kinds[name] == "cross" and any(m.startswith("window_residual") for m in methods)]
             if windowed:
                 raise ConfigError(f"the FastAttn plan asks for window attention in cross-attention layer(s) {', '.join(windowed[:5])}")
+        if adapter.cfg_calls == "separate":
+            self._refuse_cfg_share_alone(adapter)
+
+    def _refuse_cfg_share_alone(self, adapter: ModelAdapter) -> None:
+        """CFG sharing (the paper's ASC) copies each prompt's cond rows' attention to its uncond rows inside one
+        denoiser call; a family whose uncond rows never share a call with their cond rows can never use it. Where it is
+        all FastAttn may do (techniques=('cfg_share',), or a plan of full attention and cfg_share), it would be silently
+        inert: refused. Beside other methods it falls back to full attention, and the handle warns where it was asked
+        for explicitly (`FastAttnBound._unused_cfg_share`)."""
+        why = _separate_cfg(adapter.family)
+        if self.plan is None and self.techniques == ("cfg_share",) and self.threshold > 0:  # threshold 0: the documented identity
+            raise UnsupportedError(
+                f"attnctl: FastAttn(techniques=('cfg_share',)) can never act on {adapter.family}: CFG sharing copies each "
+                f"prompt's cond attention to its uncond rows within one denoiser call, and {why}; add 'window_residual' "
+                "or 'step_share' to techniques"
+            )
+        if self.plan is not None and _cfg_share_use(self.plan.methods) == "only":
+            raise UnsupportedError(
+                f"attnctl: this FastAttn plan's only method besides full attention is cfg_share, which can never act on "
+                f"{adapter.family}: CFG sharing copies each prompt's cond attention to its uncond rows within one denoiser "
+                f"call, and {why}; calibrate a plan on this pipeline (calibration never chooses CFG sharing here)"
+            )
 
     def bind(self, context: BindContext) -> Bound:
         return FastAttnBound(self, context)
@@ -551,26 +573,75 @@ class FastAttnBound(Bound):
         self.index = RowIndex()  # row positions as index tensors, per device (shared by the layers' caches)
         self.states = {layer.index: _LayerState(self.index) for layer in context.layers}
         self.passes = PassCounter()
-        self.cfg_off = context.cfg_off
+        # CFG sharing needs a prompt's uncond rows beside its cond rows in one denoiser call: batched CFG, in a call with it
+        self.shares_cfg = context.adapter.cfg_calls == "batched" and context.uncond_rows
+        self.family = context.adapter.family
         self.backend = context.backend
         self.pending: list[_TracedFastAttnHook] = []  # what a compiled forward kept, not yet filed (`settle`)
+        unused = self._unused_cfg_share() if self.idle_reason(context.steps) is None else None
+        if unused is not None:
+            warnings.warn(f"attnctl: FastAttn's 'cfg_share' is idle in this call: {unused}", IdleControlWarning, stacklevel=2)
+
+    def _cfg_share_asked(self) -> str | None:
+        """How much of what this call's FastAttn may do is CFG sharing: with a plan, by its methods (`_cfg_share_use`);
+        without, "only" for techniques=('cfg_share',), "some" for CFG sharing among other techniques asked for
+        explicitly, None otherwise (the default techniques' fallback to full attention without batched CFG rows is
+        documented)."""
+        if self.fast.plan is not None:
+            return _cfg_share_use(self.fast.plan.methods)
+        if not self.calibrating or "cfg_share" not in self.fast.techniques:
+            return None
+        if self.fast.techniques == ("cfg_share",):
+            return "only"
+        return "some" if set(self.fast.techniques) != set(TECHNIQUES) else None
+
+    def _no_cfg_rows(self) -> str:
+        """Why no row of this call can take CFG sharing (`shares_cfg` is False)."""
+        if self.adapter.cfg_calls == "separate":
+            return _separate_cfg(self.family)
+        return ("this call has no classifier-free guidance (no uncond rows beside the cond rows: guidance_scale <= 1, "
+                "or <= 0 on Z-Image)")
+
+    def _unused_cfg_share(self) -> str | None:
+        """CFG sharing asked for beside other techniques, in a call where no row can take it: the other techniques
+        act, CFG sharing does not (the handle's idle warnings cover the control as a whole; this its part)."""
+        if self.shares_cfg or self._cfg_share_asked() != "some":
+            return None
+        if self.fast.plan is not None:
+            what = "its plan's cfg_share steps run full attention (window_residual+cfg_share: the window alone); " + (
+                "calibrate a plan on this pipeline (calibration never chooses CFG sharing here)"
+                if self.adapter.cfg_calls == "separate" else "run it with classifier-free guidance, as it was calibrated")
+        else:
+            others = ", ".join(repr(t) for t in self.fast.techniques if t != "cfg_share")
+            what = f"calibration chooses among {others} only; leave 'cfg_share' out of techniques here"
+        return (
+            f"CFG sharing copies each prompt's cond attention to its uncond rows within one denoiser call, and "
+            f"{self._no_cfg_rows()}, so {what}"
+        )
 
     def idle_reason(self, count: int) -> str | None:
         """Calibration can choose nothing by construction (threshold 0 is the documented identity): one step (step 0
-        always runs full attention), or CFG sharing alone in a call without CFG. The handle warns."""
+        always runs full attention), or CFG sharing alone in a call without uncond rows beside its cond rows; or a plan
+        of full attention only, or of full attention and CFG sharing in such a call. The handle warns."""
         if not self.calibrating:
             if self.fast.plan is not None and all(m == "full" for _, methods in self.fast.plan.methods for m in methods):
                 return "its plan runs full attention on every layer and step, so the output is the stock one"
+            if self.fast.plan is not None and not self.shares_cfg and self._cfg_share_asked() == "only":
+                return (
+                    f"its plan's only method besides full attention is cfg_share, which copies each prompt's cond "
+                    f"attention to its uncond rows within one denoiser call, and {self._no_cfg_rows()}, so the output is "
+                    "the stock one; run it with classifier-free guidance, as it was calibrated"
+                )
             return None
         if self.fast.techniques == ("window_residual",) and all(layer.kind == "cross" for layer in self.layers):
             return ("techniques=('window_residual',) windows image tokens, and every selected layer is cross-attention "
                     "(text keys), so the output is the stock one; select self- or joint-attention layers")
         if count == 1:
             return "the call has 1 step, and step 0 always runs full attention, so the output is the stock one"
-        if self.fast.techniques == ("cfg_share",) and self.cfg_off:
+        if self.fast.techniques == ("cfg_share",) and not self.shares_cfg:
             return (
-                "techniques=('cfg_share',) shares attention between CFG rows, and this call has no classifier-free "
-                "guidance (guidance_scale <= 1), so the output is the stock one; add 'window_residual' or 'step_share'"
+                f"techniques=('cfg_share',) shares attention between CFG rows, and {self._no_cfg_rows()}, so the output "
+                "is the stock one; add 'window_residual' or 'step_share'"
             )
         return None
 
@@ -670,6 +741,23 @@ class FastAttnBound(Bound):
         self.index.clear()
         self.pending.clear()
         self.accountant._frame = None
+
+
+def _cfg_share_use(methods: tuple[tuple[str, tuple[str, ...]], ...]) -> str | None:
+    """Whether a plan's methods use CFG sharing: "only" (every method but full attention is cfg_share), "some", or None."""
+    used = {m for _, per_step in methods for m in per_step} - {"full"}
+    if used == {"cfg_share"}:
+        return "only"
+    return "some" if any(m.endswith("cfg_share") for m in used) else None
+
+
+def _separate_cfg(family: str) -> str:
+    """Why a family with `cfg_calls == "separate"` never has a prompt's uncond rows beside its cond rows."""
+    return (
+        f"the {family} family never runs a prompt's uncond rows beside its cond rows in one denoiser call (its "
+        "classifier-free guidance, where it has any, is an uncond call of its own per step: true CFG; a guidance-distilled "
+        "model has no uncond rows)"
+    )
 
 
 def _ran(method: str, shared: bool) -> str:
