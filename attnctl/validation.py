@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 
 
@@ -68,13 +70,28 @@ def seed(value: Any, name: str) -> int:
     return integer(value, name, minimum=0, maximum=SEED_MAX)
 
 
+def _same_float32(value: Any, default: Any) -> bool:
+    """Whether a number equals a float default once both are rounded to float32: `np.float32(0.3)` (normalised to
+    0.30000001192092896) is the default 0.3 as the user wrote it, not a setting away from it."""
+    value = plain_scalar(value)
+    if not isinstance(default, float) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in (float(value), default)):
+        return False
+    return float(np.float32(value)) == float(np.float32(default))
+
+
 def refuse_unused(control: Any, name: str, why: str) -> None:
     """Refuse a field of a dataclass control set away from its default where it changes nothing (`why`: the setting
-    that leaves it unread, and what would read it), rather than accept it silently. Call after normalising."""
+    that leaves it unread, and what would read it), rather than accept it silently. Call after normalising. A float
+    equal to the default at float32 precision (a numpy float32 scalar of it) is the default, and is set to it."""
     default = next(f.default for f in dataclasses.fields(control) if f.name == name)
     value = getattr(control, name)
-    if value != default:
+    if value == default:
+        return
+    if not _same_float32(value, default):
         raise ConfigError(f"{type(control).__name__}.{name}={value!r} does nothing {why}; leave it at its default ({default!r})")
+    set_field(control, name, default)
 
 
 def choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:

@@ -43,7 +43,7 @@ from ...steps import StepWindow, validate_steps
 from ...tokens import WordQuery, describe_query, has_duplicates, validate_word_query
 from ...validation import choice, plain_scalar, refuse_unused, set_field
 from ..common import TEXT_KINDS, RowIndex, image_size, output_key, publish, select_kinds, text_layers
-from .heatmap import save_maps, save_video_maps
+from .heatmap import check_fps, save_maps, save_video_maps
 from .magnets import MAGNET_FAMILIES, MAGNET_WORDS, global_sinks, magnet_prompt, renormalised, sink_columns
 from .masks import MASK_THRESHOLD, masks_from_maps
 
@@ -877,7 +877,9 @@ class AttentionMapResult:
 
         Video: per video i and word, `video{i}_{word}_strip.png` (the token frames side by side, each over its
         first decoded frame) and `video{i}_{word}.gif` (animated: every decoded frame under its token frame's map,
-        or the token frames alone without decoded frames), scaled over the whole video; `fps` is the GIF's rate."""
+        or the token frames alone without decoded frames), scaled over the whole video; `fps` is the GIF's rate.
+        Every argument is checked before the folder is created."""
+        check_fps(fps)  # on images too (unread there), so that a bad value is named rather than ignored
         if self.frames is not None:
             return save_video_maps(self.maps, self.words, self.images, directory, scaling, fps=fps)
         return save_maps(self.maps, self.words, self.images, directory, scaling)

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...errors import ConfigError
+from ...validation import integer
 from ..common import write_atomically
 
 # (position, (r, g, b)) anchors of the "inferno" colour map
@@ -41,12 +43,31 @@ def colorize(values: np.ndarray) -> np.ndarray:
 SCALINGS: tuple[str, ...] = ("max", "minmax")
 
 
+def check_scaling(scaling: Any) -> str:
+    if not isinstance(scaling, str) or scaling not in SCALINGS:
+        raise ConfigError(f"scaling must be one of {', '.join(map(repr, SCALINGS))}, got {scaling!r}")
+    return scaling
+
+
+def check_fps(fps: Any) -> int:
+    try:  # numpy and 0-d tensor integers too
+        return integer(fps, "fps", minimum=1)
+    except ConfigError:
+        raise ConfigError(f"fps must be a positive int (frames per second of the GIF), got {fps!r}") from None
+
+
+def output_folder(directory: Any) -> str:
+    """The folder a `save` writes to, as a str: a path (str or os.PathLike), not empty. Checked before anything is
+    created, so that a refused call leaves nothing behind."""
+    path = os.fspath(directory) if isinstance(directory, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"save: directory must be a folder path (a non-empty str or os.PathLike), got {directory!r}")
+    return path
+
+
 def scale_map(array: np.ndarray, scaling: str = "max") -> np.ndarray:
     """Values in [0, 1]: divided by the maximum, or min-max scaled; a constant or zero map gives zeros."""
-    if scaling not in SCALINGS:
-        from ...errors import ConfigError
-
-        raise ConfigError(f"scaling must be one of {', '.join(map(repr, SCALINGS))}, got {scaling!r}")
+    check_scaling(scaling)
     low = float(array.min()) if scaling == "minmax" and array.size else 0.0
     span = (float(array.max()) - low) if array.size else 0.0
     return (array - low) / span if span > 0 else np.zeros_like(array)
@@ -102,7 +123,9 @@ def save_maps(
     maps: torch.Tensor, words: Sequence[str], images: Sequence[Any] | None, directory: str, scaling: str = "max"
 ) -> list[str]:
     """Per image i of `maps` (images, words, H, W): `image{i}_{word}.png` for each word (heatmap over the image,
-    when `images` has one) and `image{i}_grid.png`."""
+    when `images` has one) and `image{i}_grid.png`. The arguments are checked before the folder is created."""
+    check_scaling(scaling)
+    directory = output_folder(directory)
     os.makedirs(directory, exist_ok=True)
     names: list[str] = []
     for word in words:  # file names unique even when two words slug alike, and never the grid's
@@ -159,11 +182,11 @@ def save_video_maps(
     """Per video i of `maps` (videos, words, token frames, H, W) and word: `video{i}_{word}_strip.png` (the token
     frames side by side, each over the first decoded frame that belongs to it, labelled `t=k`) and
     `video{i}_{word}.gif` (animated: each decoded frame under its token frame's map; the token frames alone when
-    `videos` is None). Each word's maps are scaled over the whole video (frames compare)."""
-    if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
-        from ...errors import ConfigError
-
-        raise ConfigError(f"fps must be a positive int (frames per second of the GIF), got {fps!r}")
+    `videos` is None). Each word's maps are scaled over the whole video (frames compare). The arguments are checked
+    before the folder is created."""
+    check_scaling(scaling)
+    fps = check_fps(fps)
+    directory = output_folder(directory)
     os.makedirs(directory, exist_ok=True)
     names: list[str] = []
     for word in words:

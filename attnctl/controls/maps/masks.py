@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import ConfigError
+from ...validation import number, plain_scalar
 
 #: Default threshold of the binary masks, on the min-max normalised map.
 MASK_THRESHOLD = 0.5
@@ -28,10 +29,15 @@ def soft_masks(maps: torch.Tensor, frames: bool = False) -> torch.Tensor:
 
 def masks_from_maps(maps: torch.Tensor, *, soft: bool = False, threshold: float = MASK_THRESHOLD, frames: bool = False) -> torch.Tensor:
     """`soft_masks(maps)` (soft=True) or its binary mask `soft >= threshold` (a bool tensor)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) <= 1.0:
-        raise ConfigError(f"masks: threshold must be a number in (0, 1] (on the min-max normalised map), got {threshold!r}")
+    soft_flag = plain_scalar(soft)
+    if not isinstance(soft_flag, bool):
+        raise ConfigError(f"masks: soft must be True (the soft masks) or False (the binary masks), got {soft!r}")
+    try:  # numpy and 0-d tensor scalars too, as every control field takes them
+        level = number(threshold, "masks: threshold", minimum=0.0, exclusive_minimum=True, maximum=1.0)
+    except ConfigError:
+        raise ConfigError(f"masks: threshold must be a number in (0, 1] (on the min-max normalised map), got {threshold!r}") from None
     normalised = soft_masks(maps, frames)
-    return normalised if soft else normalised >= float(threshold)
+    return normalised if soft_flag else normalised >= level
 
 
 __all__ = ["MASK_THRESHOLD", "masks_from_maps", "soft_masks"]
