@@ -70,7 +70,7 @@ def seed(value: Any, name: str) -> int:
     return integer(value, name, minimum=0, maximum=SEED_MAX)
 
 
-def _same_float32(value: Any, default: Any) -> bool:
+def same_float32(value: Any, default: Any) -> bool:
     """Whether a number equals a float default once both are rounded to float32: `np.float32(0.3)` (normalised to
     0.30000001192092896) is the default 0.3 as the user wrote it, not a setting away from it."""
     value = plain_scalar(value)
@@ -89,7 +89,7 @@ def refuse_unused(control: Any, name: str, why: str) -> None:
     value = getattr(control, name)
     if value == default:
         return
-    if not _same_float32(value, default):
+    if not same_float32(value, default):
         raise ConfigError(f"{type(control).__name__}.{name}={value!r} does nothing {why}; leave it at its default ({default!r})")
     set_field(control, name, default)
 

@@ -77,3 +77,25 @@ def test_a_float32_scalar_of_an_unused_default_is_the_default(make, name, defaul
         assert getattr(control, name) == default and control == make(default)
     with pytest.raises(ConfigError, match=f"{name}=0.4000000059604645 does nothing"):
         make(np.float32(0.4))  # a float32 away from the default is still refused
+
+
+def test_fastattn_threshold_equal_to_its_plans_at_float32_is_accepted():
+    from attnctl.controls.fastattn import FastAttnPlan
+    plan = FastAttnPlan(model="m", fingerprint="f", steps=2, resolution=(32, 32), window=8, threshold=0.3,
+                        methods=(("layer", ("full", "full")),))
+    assert attnctl.FastAttn(plan=plan, threshold=np.float32(0.3)).threshold == 0.3
+    with pytest.raises(ConfigError, match="calibrated at its own threshold"):
+        attnctl.FastAttn(plan=plan, threshold=np.float32(0.31))
+
+
+@pytest.mark.parametrize("directory", [123, b"masks", ""], ids=["int", "bytes", "empty"])
+def test_regions_with_mask_files_checks_before_it_creates_anything(directory, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    soft = torch.zeros(8, 8)
+    soft[2:6, 2:6] = 1.0
+    with pytest.raises(ConfigError, match="directory must be a folder path"):
+        attnctl.Regions([attnctl.Region("a cat", mask=soft)]).with_mask_files(directory)
+    frames = attnctl.Regions([attnctl.Region("a cat", mask=torch.stack([soft, soft]))])
+    with pytest.raises(ConfigError, match="per-frame masks"):
+        frames.with_mask_files(tmp_path / "masks")
+    assert list(tmp_path.iterdir()) == []

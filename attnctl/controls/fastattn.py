@@ -56,7 +56,7 @@ from ..processors.chain import restricted_rows, token_layout
 from ..processors.edit import AttentionCall, Edit, LayerHook
 from ..selection import LayerSpec, validate_layers
 from ..steps import step_timesteps
-from ..validation import number, plain_scalar, refuse_unused, set_field
+from ..validation import number, plain_scalar, refuse_unused, same_float32, set_field
 from .caching import Accountant, BranchCache, CacheReport, PassCounter, row_keys, take_rows, window_pairs
 from .common import RowIndex, image_size, output_key, publish, write_atomically
 
@@ -426,7 +426,9 @@ class FastAttn(Control, type_name="fastattn"):
                 raise ConfigError(f"FastAttn.window {self.window!r} differs from the plan's window {plan.window!r}")
             if self.layers is not None:
                 raise ConfigError("FastAttn.layers must be None with a plan: the plan names its layers")
-            if self.threshold != plan.threshold:
+            if same_float32(self.threshold, plan.threshold):
+                set_field(self, "threshold", plan.threshold)
+            elif self.threshold != plan.threshold:
                 refuse_unused(self, "threshold", f"with a plan (the plan was calibrated at its own threshold, {plan.threshold!r})")
             allowed = {"full"} | {m for m in METHODS if all(part in techniques for part in m.split("+") if part != "full")}
             used = sorted({m for _, methods in plan.methods for m in methods} - allowed)

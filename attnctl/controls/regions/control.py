@@ -242,15 +242,18 @@ class Regions(Control, type_name="regions"):
 
     def with_mask_files(self, directory: str | os.PathLike) -> Regions:
         """A copy whose in-memory masks are saved as 16-bit PNGs in `directory` and referenced by path."""
+        if isinstance(directory, bytes) or not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+            raise ConfigError(f"Regions.with_mask_files: directory must be a folder path (str or os.PathLike), got {directory!r}")
+        for region in self.regions:
+            if region.box is None and region.mask_path is None and region.per_frame is not None:
+                raise ConfigError(
+                    f"{region!r} has per-frame masks, which cannot be saved as one mask file; use per-frame boxes "
+                    "or serialise the layout without it"
+                )
         os.makedirs(directory, exist_ok=True)
         regions = []
         for position, region in enumerate(self.regions):
             if region.box is None and region.mask_path is None:
-                if region.per_frame is not None:
-                    raise ConfigError(
-                        f"{region!r} has per-frame masks, which cannot be saved as one mask file; use per-frame boxes "
-                        "or serialise the layout without it"
-                    )
                 path = save_mask(region.shape, os.path.join(os.fspath(directory), f"region_{position:02d}.png"))
                 region = dataclasses.replace(region, mask=path)  # every other field (frames, subject) kept
             regions.append(region)
