@@ -343,12 +343,6 @@ class BindContext:
         value = arguments.get("num_images_per_prompt", arguments.get("num_videos_per_prompt"))
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
-    @property
-    def cfg_off(self) -> bool:
-        """The pipeline's `encode_prompt` call says classifier-free guidance is off (SD, SDXL, Wan with
-        guidance_scale <= 1): the call has no uncond rows. False where the call does not say (Flux's true CFG)."""
-        return bool(self.prompt_arguments) and self.prompt_arguments[0].get("do_classifier_free_guidance") is False
-
     def text_len_of(self, branch: str) -> int:
         """The text length of `branch`'s rows ("cond" or "uncond"; `text_lens`)."""
         return self.text_lens.get(branch, self.canvas.text_len)

@@ -67,4 +67,5 @@ class UnsupportedInputError(BackendError):
 
 class IdleControlWarning(UserWarning):
     """A control was asked to act but does nothing in this pipeline call (its output is the stock one): a step window
-    that holds none of the call's steps, a gate after the last step, ... (`Bound.idle_reason`)."""
+    that holds none of the call's steps, a gate after the last step, ... (`Bound.idle_reason`); or one part of it asked
+    for explicitly does nothing while the rest acts (FastAttn's 'cfg_share' without uncond rows beside cond rows)."""
