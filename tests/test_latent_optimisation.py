@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -533,6 +534,49 @@ def test_idle_controls_are_bitwise_stock(tiny_cache, make):
     with attnctl.apply(pipe, [make()]):
         out = generate(pipe, "tiny-sd", prompt=PROMPT, steps=3)
     torch.testing.assert_close(out, stock, rtol=0, atol=0)
+
+
+def _passes(pipe, control, steps):
+    """(latents, [(batch rows, with gradients)] of every UNet call, the IdleControlWarnings) of a call with `control`."""
+    with attnctl.apply(pipe, [control]):
+        seen, hook = _capture_inputs(pipe.unet)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = generate(pipe, "tiny-sd", prompt=PROMPT, steps=steps)
+        finally:
+            hook.remove()
+    idle = [str(w.message) for w in caught if issubclass(w.category, attnctl.IdleControlWarning)]
+    return out, [(call["sample"].shape[0], call["grad"]) for call in seen], idle
+
+
+def test_astar_retention_has_no_term_at_the_windows_first_step(tiny_cache):
+    """A-STAR's retention (Agarwal et al. 2023, eq. 3) compares each subject's map with its binarised map at the
+    previous step: at the window's first step it has no term and no gradient. A window holding one step of the call
+    (2 steps, the default window) changes nothing: bitwise stock, an IdleControlWarning, and no pass at all (it ran a
+    loss pass, unwarned). Over 3 steps the first step runs the denoiser on the cond row for its maps only, without
+    gradients (it ran a forward and a backward), and the next steps retain them (the output moves)."""
+    pipe = tiny_cache("tiny-sd")
+    stock = generate(pipe, "tiny-sd", prompt=PROMPT, steps=2)
+    out, passes, idle = _passes(pipe, attnctl.AStar(subjects=["cat"], loss="retention"), steps=2)
+    torch.testing.assert_close(out, stock, rtol=0, atol=0)
+    assert passes == [(2, False)] * 2  # [uncond, cond] at each step, nothing else
+    assert len(idle) == 1 and "loss='retention'" in idle[0] and "steps=(0, 0.5)" in idle[0]
+
+    out, passes, idle = _passes(pipe, attnctl.AStar(subjects=["cat"], loss="retention", steps=(0.0, 1.0)), steps=3)
+    assert passes == [(1, False), (2, False), (1, True), (2, False), (1, True), (2, False)] and not idle
+    assert not torch.equal(out, generate(pipe, "tiny-sd", prompt=PROMPT, steps=3))
+
+
+def test_astar_both_is_segregation_alone_at_the_windows_first_step(tiny_cache):
+    """loss="both" is the paper's sum L_seg + L_ret; at the window's first step L_ret has no term, so a window of one
+    step is segregation's step, not idle."""
+    pipe = tiny_cache("tiny-sd")
+    both, passes, idle = _passes(pipe, attnctl.AStar(subjects=["photo", "cat"], loss="both"), steps=2)
+    assert passes == [(1, True), (2, False), (2, False)] and not idle
+    segregation, _, _ = _passes(pipe, attnctl.AStar(subjects=["photo", "cat"], loss="segregation"), steps=2)
+    torch.testing.assert_close(both, segregation, rtol=0, atol=0)
+    assert not torch.equal(both, generate(pipe, "tiny-sd", prompt=PROMPT, steps=2))
 
 
 def test_only_the_window_steps_run_loss_passes_and_inference_mode_matches_no_grad(tiny_cache):

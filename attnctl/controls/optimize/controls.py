@@ -407,11 +407,49 @@ class AStarBound(LatentOptimizerBound):
         columns, selector = _renormalised_columns(context, control.subjects, "AStar", control.columns)
         super().__init__(control, context, columns, selector)
         self.previous: dict[int, torch.Tensor] = {}  # prompt row -> its binarised subject maps of the last step
+        self._windows: dict[int, tuple[int, ...]] = {}  # step count -> the call's steps inside the window
+
+    def window(self, count: int) -> tuple[int, ...]:
+        """The steps of a call of `count` steps that the window holds."""
+        if count not in self._windows:
+            self._windows[count] = tuple(i for i in range(count) if self.active(StepInfo(i, count)))
+        return self._windows[count]
+
+    def idle_reason(self, count: int) -> str | None:
+        """As every control's; and `loss="retention"` with one of the call's steps in the window: the retention term
+        compares each subject's map with its map at the previous step (Agarwal et al. 2023, eq. 3), so it has no term
+        at the window's first step, and a window of one step moves nothing (bitwise stock: the handle warns)."""
+        reason = super().idle_reason(count)
+        c = self.control
+        if reason is not None or c.loss != "retention" or c.scale == 0 or len(self.window(count)) != 1:
+            return reason
+        start, stop = c.steps
+        other = ", or give loss='both'" if len(c.subjects) > 1 else ""
+        return (
+            f"loss='retention' compares each subject's map with its map at the window's previous step, so it has no term "
+            f"at the window's first step, and steps=({start:g}, {stop:g}) holds only step {self.window(count)[0]} of the "
+            f"{count} steps of this call (step i runs at i/n), so the output is the stock one; widen the window to hold "
+            f"two steps or more, or run more steps{other}"
+        )
+
+    def transform_inputs(self, frame: DenoiserCall, inputs: dict[str, Any]) -> dict[str, Any]:
+        if self.control.loss == "retention" and len(self.window(frame.step.count)) < 2:
+            return inputs  # idle (`idle_reason`): no pass, neither a loss pass nor one for the maps
+        return super().transform_inputs(frame, inputs)
 
     def optimise_step(self, x, inputs, frame, selector, outer: DenoiserCall):
         c = self.control
         prompts = tuple(row.prompt for row in frame.rows.rows)
         previous = [self.previous.get(p) for p in prompts]
+        retain = c.loss in ("both", "retention") and all(p is not None for p in previous)
+        if c.loss == "retention" and not retain:
+            # the window's first step: no previous map, so the loss has no term and no gradient (eq. 3); a forward
+            # without autograd (no backward, no saved activations) records the maps the next step retains
+            with torch.no_grad():
+                subjects = losses.excite_maps(self.loss_maps(x, inputs, frame), selector, c.temperature, c.kernel_size, c.sigma)
+            self.log_loss(outer.step.index, subjects.new_zeros(subjects.shape[0]))
+            self._remember(prompts, subjects)
+            return None
         seen: dict[str, torch.Tensor] = {}
 
         def loss_of(maps: torch.Tensor) -> torch.Tensor:
@@ -420,16 +458,21 @@ class AStarBound(LatentOptimizerBound):
             total = subjects.new_zeros(subjects.shape[0])
             if c.loss in ("both", "segregation"):
                 total = total + losses.segregation_loss(subjects)
-            if c.loss in ("both", "retention") and all(p is not None for p in previous):
+            if retain:  # "both" at the window's first step: segregation alone
                 total = total + losses.retention_loss(subjects, torch.stack(previous))
             return total
 
         loss, grad = self.gradient(x, inputs, frame, loss_of)
         self.log_loss(outer.step.index, loss)
-        binary = losses.binarize(seen["maps"], c.threshold)
+        if c.loss != "segregation":
+            self._remember(prompts, seen["maps"])
+        return x - _excite_step_size(c, outer.step.index, outer.step.count) * grad
+
+    def _remember(self, prompts: tuple[int, ...], subjects: torch.Tensor) -> None:
+        """Each image's subject maps, binarised, for the next step's retention term."""
+        binary = losses.binarize(subjects, self.control.threshold)
         for j, p in enumerate(prompts):
             self.previous[p] = binary[j]
-        return x - _excite_step_size(c, outer.step.index, outer.step.count) * grad
 
 
 BOX_CONSTRAINTS: tuple[str, ...] = ("ratio", "inner", "outer", "corner")

@@ -299,6 +299,8 @@ class LatentOptimizerBound(Bound):
             # the updates accumulate in float32: in a float16 / bfloat16 pipeline a step below half the latent's
             # resolution would round away (A&E's refinement moved a bf16 latent by exactly 0); cast once when used
             x = self.optimise_step(start.float(), narrow, loss_frame, selector, frame)
+        if x is None:  # the step moves no latent
+            return {}
         return {p: (start[j].detach(), x[j].detach()) for j, p in enumerate(prompts)}
 
     def _warn_conditioning(self, inputs: dict[str, Any], step: int) -> None:
@@ -329,15 +331,16 @@ class LatentOptimizerBound(Bound):
         return losses.detach(), grad
 
     def optimise_step(self, x: torch.Tensor, inputs: dict[str, Any], frame: DenoiserCall, selector: torch.Tensor,
-                      outer: DenoiserCall) -> torch.Tensor:  # pragma: no cover - abstract
+                      outer: DenoiserCall) -> torch.Tensor | None:  # pragma: no cover - abstract
+        """The latent `x` (float32, the cond rows) after the step's update; None: the step moves nothing."""
         raise NotImplementedError
 
     # -- the scheduler --------------------------------------------------------------------------------------------
     def _wrap_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def step(*args: Any, **kwargs: Any) -> Any:
-            if self.updates:
-                (updates,) = self.updates.values()
-                self.updates = {}
+            updates = next(iter(self.updates.values()), {})  # {}: no update pending, or a step that moved nothing
+            self.updates = {}
+            if updates:
                 bound = self._signature.bind(self.scheduler, *args, **kwargs)
                 bound.arguments["sample"] = self._updated_sample(bound.arguments["sample"], updates)
                 args, kwargs = bound.args[1:], bound.kwargs
