@@ -99,3 +99,13 @@ def test_regions_with_mask_files_checks_before_it_creates_anything(directory, tm
     with pytest.raises(ConfigError, match="per-frame masks"):
         frames.with_mask_files(tmp_path / "masks")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("make", [lambda n: attnctl.AttendExcite(["cat"], max_refinement_steps=n),
+                                  lambda n: attnctl.BoxGuidance({"cat": (0, 0, 0.5, 1)}, iterations=n)],
+                         ids=["attend-excite", "box-guidance"])
+def test_optimiser_iteration_counts_are_bounded(make):
+    from attnctl.controls.optimize.controls import MAX_ITERATIONS
+    make(np.int64(MAX_ITERATIONS))
+    with pytest.raises(ConfigError, match=f"must be <= {MAX_ITERATIONS}, got {10**30}"):
+        make(10**30)

@@ -39,6 +39,9 @@ from .engine import LatentOptimizerBound, word_columns
 #: The UNet level whose maps the losses read by default: two 2x downsamplings below the latent (Attend-and-Excite's
 #: 16x16 maps of a 64x64 SD latent; 32x32 on SDXL; 4x4 on the toy-shapes model's 16x16 latent).
 MAP_LEVEL = 2
+#: Upper bound of AttendExcite.max_refinement_steps and BoxGuidance.iterations (each iteration is a forward and a
+#: backward through the denoiser; the papers use 20 and 5): a mistyped 10**6 is refused, not a call that never ends.
+MAX_ITERATIONS = 1000
 
 
 def _subjects(value: Any, owner: str) -> tuple[WordQuery, ...]:
@@ -156,7 +159,8 @@ class AttendExcite(_LatentOptimization, type_name="attend-excite"):
         else:
             refine = self._given_refine()
         set_field(self, "refine", refine)
-        set_field(self, "max_refinement_steps", integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0))
+        set_field(self, "max_refinement_steps", integer(self.max_refinement_steps, "AttendExcite.max_refinement_steps", minimum=0,
+                                                              maximum=MAX_ITERATIONS))
         set_field(self, "scale_range", _range(self.scale_range, "AttendExcite.scale_range"))
         set_field(self, "temperature", number(self.temperature, "AttendExcite.temperature", minimum=0.0, exclusive_minimum=True))
         choice(self.columns, "AttendExcite.columns", COLUMNS)
@@ -536,7 +540,7 @@ class BoxGuidance(_LatentOptimization, type_name="box-guidance"):
     def __post_init__(self) -> None:
         set_field(self, "boxes", _boxes(self.boxes))
         self._check_common()
-        set_field(self, "iterations", integer(self.iterations, "BoxGuidance.iterations", minimum=1))
+        set_field(self, "iterations", integer(self.iterations, "BoxGuidance.iterations", minimum=1, maximum=MAX_ITERATIONS))
         set_field(self, "loss_threshold", number(self.loss_threshold, "BoxGuidance.loss_threshold", minimum=0.0))
         if not isinstance(self.constraints, (str, tuple, list)):
             raise ConfigError(f"BoxGuidance.constraints must name one or more of {', '.join(BOX_CONSTRAINTS)}, got {self.constraints!r}")
