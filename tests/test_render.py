@@ -609,12 +609,13 @@ import torch
 import attnctl.render.runner as runner
 from attnctl.render.cli import main
 
-broadcast = runner.Ranks.broadcast
+gather = runner.Ranks.gather
 
 
 def late(self, value):
-    # rank 1 goes on only once rank 0 has recorded two images of this run (a slow process, a busy file system)
-    value = broadcast(self, value)
+    # rank 1 goes on only once rank 0 has recorded two images of this run (a slow process, a busy file system); the
+    # wait follows the last collective before rendering (the jobs' up-front check), which rank 0 cannot pass alone
+    value = gather(self, value)
     if self.rank == 1:
         journal = os.path.join(sys.argv[sys.argv.index("--out") + 1], runner.STATE, "journal-00000.jsonl")
         deadline = time.monotonic() + 120
@@ -625,7 +626,7 @@ def late(self, value):
     return value
 
 
-runner.Ranks.broadcast = late
+runner.Ranks.gather = late
 sys.exit(main(sys.argv[1:]))
 """
 
