@@ -872,3 +872,110 @@ def test_a_size_the_pipeline_would_resize_is_refused(name):
         model.resolve("a cat", width=40, height=48)
     model.pipe.vae_scale_factor = 2
     model.resolve("a cat", width=40, height=48)  # a multiple of 4 at the tiny factor
+
+
+# --- review r3 of the renderer: option values under --check, a failed image's side files, a job's folder in the way ---
+def test_check_tries_the_option_values_of_a_job_without_controls(tmp_path, capsys, monkeypatch, tiny_model):
+    """`Model.resolve` raises "what `generate` would raise" for the call's options, with or without controls: a value
+    the pipeline refuses (diffusers' TypeError for clip_skip="x") is a ConfigError naming the option and what the
+    pipeline takes for it, found by --check and before the run's first image; `generate` raises the same."""
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "steps": 1}},
+                 {"id": "plain", "prompt": "a red car", "options": {"clip_skip": "x"}},
+                 {"id": "controlled", "prompt": "a red car", "options": {"clip_skip": "x"},
+                  "controls": [{"type": "reweight", "weights": {"red": 2}}]},
+                 {"id": "fine", "prompt": "a red car", "options": {"eta": 0.0}})
+    generated = []
+    generate = tiny_model.generate
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: generated.append(1) or generate(*a, **k))
+    assert run_cli([jobs, "--check"], tiny_model, monkeypatch) == 2
+    out = capsys.readouterr().out
+    for job in ("plain", "controlled"):
+        line = [line for line in out.splitlines() if f"job {job!r}" in line][-1]  # the dry run's line first
+        assert line.strip().startswith("problem") and "ConfigError: " in line, out
+        assert "clip_skip='x'" in line and "clip_skip: int | None = None" in line and "TypeError" in line, line
+    assert "job 'fine' resolves on tiny-sd" in out and generated == [] and tiny_model.handle is None
+    # the run records the job's images as failed with that error, before the first image; the others render
+    out_folder = tmp_path / "out"
+    assert run_cli([jobs, "--out", out_folder], tiny_model, monkeypatch) == 1
+    records = {r["job"]: r for r in manifest(out_folder)}
+    assert records["plain"]["error_type"] == "ConfigError" and "clip_skip='x'" in records["plain"]["error"]
+    assert records["fine"]["status"] == "ok" and generated == [1]
+    # the Python API: the original error is the cause, and the pipeline is stock again
+    with pytest.raises(ConfigError, match=r"call with the options clip_skip='x' failed: TypeError: .*clip_skip: ") as raised:
+        generate("a red car", steps=1, clip_skip="x", controls=[attnctl.Reweight(weights={"red": 2.0})])
+    assert isinstance(raised.value.__cause__, TypeError) and tiny_model.handle is None
+    # running out of memory is not a value's fault: raised as it is, as is any error of a call without options
+
+    def out_of_memory(*_):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    hook = tiny_model.pipe.unet.register_forward_pre_hook(out_of_memory)
+    try:
+        for options in ({"eta": 0.0}, {}):
+            with pytest.raises(RuntimeError, match="CUDA out of memory"):
+                generate("a red car", steps=1, **options)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("failure", [ValueError("simulated encoder failure"), OSError(errno.ENOSPC, "No space left on device")])
+def test_a_failed_image_leaves_none_of_its_side_files(failure, tmp_path, monkeypatch, tiny_model):
+    """Resuming counts an image done by its PNG, and a failed image's record lists no outputs: its maps folder, video
+    and frames folder are not left at their final paths when its PNG cannot be saved."""
+    from attnctl.render import runner
+    from attnctl.render.generate import Generation
+
+    frames = [Image.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(3)]
+
+    def fake_generate(prompt, *, seed, **kwargs):  # a video with attention maps, without running the pipeline
+        return Generation(frames[0], {"prompt": prompt, "seed": seed, "frames": 3, "fps": 16},
+                          {"attention_maps": _Heatmaps()}, 0.0, frames)
+
+    save_png = runner.save_png
+
+    def failing_png(image, path, params, **kwargs):
+        if params["seed"] == 0:
+            raise failure
+        return save_png(image, path, params, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "generate", fake_generate)
+    monkeypatch.setattr(outputs, "video_format", lambda: "gif")
+    monkeypatch.setattr(runner, "save_png", failing_png)
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"id": "a", "prompt": "a red car", "seeds": [1, 0, 2], **SMALL})
+    out = tmp_path / "out"
+    if isinstance(failure, OSError):  # a failed write stops the run
+        with pytest.raises(RenderError, match="No space left on device"):
+            render(str(jobs), RenderOptions(out=str(out), progress="none"), model=tiny_model)
+    else:
+        assert render(str(jobs), RenderOptions(out=str(out), progress="none"), model=tiny_model).exit_code == 1
+    assert sorted(os.listdir(out / "a")) == ["1.attention_maps", "1.frames", "1.gif", "1.png"] + (
+        [] if isinstance(failure, OSError) else ["2.attention_maps", "2.frames", "2.gif", "2.png"])
+    records = {r["seed"]: r for r in manifest(out)}
+    assert records[0]["status"] == "failed" and records[0]["outputs"] is None
+    assert sorted(records[1]["outputs"]) == ["a/1.attention_maps", "a/1.frames", "a/1.gif"]
+
+
+def test_a_file_where_a_job_folder_goes_is_reported_by_the_dry_run_and_fails_that_job_only(tmp_path, capsys, monkeypatch,
+                                                                                          tiny_model):
+    """A file at OUT/<job id> (or a folder at OUT/<job id>/<seed>.png) is named, with what to move, by --dry-run
+    and at the run, where it fails that job's (that seed's) images and not the others; it is not the model's fault."""
+    jobs = jsonl(tmp_path / "jobs.jsonl", {"model": "tiny-sd", "defaults": {**SMALL, "steps": 1, "seeds": [0, 1]}},
+                 {"id": "a", "prompt": "a red car"}, {"id": "b", "prompt": "a red car"}, {"id": "c", "prompt": "a red car"})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("not a folder")
+    (out / "b" / "0.png").mkdir(parents=True)
+    file_problem = f"{out / 'a'} is a file where job 'a' writes its images; move it away or rename the job"
+    folder_problem = f"{out / 'b' / '0.png'} is a folder where job 'b' writes its image of seed 0; move it away"
+    assert cli.main(["render", str(jobs), "--dry-run", "--out", str(out)]) == 2
+    text = capsys.readouterr().out
+    assert f"  problem  jobs.jsonl:2 (job 'a'): {file_problem}" in text and "2 problem(s)" in text, text
+    assert f"  problem  jobs.jsonl:3 (job 'b'): {folder_problem}" in text
+    assert run_cli([jobs, "--out", out], tiny_model, monkeypatch) == 1
+    logged = capsys.readouterr().err
+    assert f"job 'a' (jobs.jsonl:2) cannot be rendered: RenderError: {file_problem}" in logged and "cannot run on" not in logged
+    records = {(r["job"], r["seed"]): r for r in manifest(out)}
+    assert {key for key, r in records.items() if r["status"] == "ok"} == {("b", 1), ("c", 0), ("c", 1)}
+    assert records[("a", 0)]["error"] == records[("a", 1)]["error"] == f"RenderError: {file_problem}"
+    assert records[("b", 0)]["error"] == f"RenderError: {folder_problem}"
+    assert (out / "b" / "0.png").is_dir() and not list((out / "b" / "0.png").iterdir())

@@ -24,6 +24,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import reprlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -250,16 +251,15 @@ class Model:
                 steps: int | None = None, width: int | None = None, height: int | None = None,
                 guidance_scale: float | None = None, **options: Any) -> None:
         """Raise what `generate` would raise for these arguments before the first image pixel is computed: the
-        call's options, the controls' layers and options (`attnctl.apply`) and their words in this prompt (bound
-        at the first denoiser call). Runs the prompt encoding and stops the denoiser before its first layer;
-        generates nothing and leaves no control attached."""
+        call's options (their names, and their values up to the denoiser: a `clip_skip="x"` the prompt encoding
+        refuses is a ConfigError naming it), the controls' layers and options (`attnctl.apply`) and their words in
+        this prompt (bound at the first denoiser call). Runs the prompt encoding and stops the denoiser before its
+        first layer, also without controls; generates nothing and leaves no control attached."""
         controls = _as_controls(controls)
         _check_prompt(prompt)
         self.check(controls, options, negative_prompt)
         kwargs = self._call_kwargs(options, negative_prompt, steps, width, height, guidance_scale)
         _check_seed(0)
-        if not controls:
-            return
         from ..handle import denoiser_of
 
         _, denoiser = denoiser_of(self.pipe)
@@ -274,13 +274,13 @@ class Model:
         self.release()
         hooks = [child.register_forward_pre_hook(stop) for child in denoiser.children()]
         try:
-            handle = self._attach(controls)
+            handle = self._attach(controls)  # None without controls: the stock call still checks the options' values
             # the rows generate would call (a sequence, edits, a reference row): the controls bind as they will there
             rows = prompts if len(prompts) > 1 else prompt
             generators = [torch.Generator(device="cpu").manual_seed(0) for _ in prompts]
             try:
-                self.pipe(prompt=rows, generator=generators if len(prompts) > 1 else generators[0], output_type="latent",
-                          **row_kwargs)
+                self._call(options, prompt=rows, generator=generators if len(prompts) > 1 else generators[0],
+                           output_type="latent", **row_kwargs)
             except _Resolved:
                 pass
             del handle
@@ -305,22 +305,22 @@ class Model:
         row_kwargs = row_arguments(kwargs, prompts, "Model.generate") if len(prompts) > 1 else kwargs
         handle = self._attach(controls)
         try:
-            return self._render(prompt, seed, controls, kwargs, layout, prompts, handle, row_kwargs)
+            return self._render(prompt, seed, controls, kwargs, layout, prompts, handle, row_kwargs, options)
         except AttnctlError:  # bad input found while binding (a word not in the prompt, ...): the pipeline is stock again
             self.release()
             raise
 
     def _render(self, prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any], layout: str,
-                prompts: list[str], handle: Any, row_kwargs: dict[str, Any]) -> Generation:
+                prompts: list[str], handle: Any, row_kwargs: dict[str, Any], options: Mapping[str, Any]) -> Generation:
         """`kwargs`: the call's arguments as given (recorded in the parameters); `row_kwargs`: as the call of `prompts` takes
-        them (`row_arguments`)."""
+        them (`row_arguments`); `options`: the caller's further options (named by an error of the call)."""
         if layout == "rows":  # AID's sequence or P2P's [prompt, *edits]: frames = the images, image = their strip
-            return self._rows(prompts, prompt, seed, controls, kwargs, handle, row_kwargs)
+            return self._rows(prompts, prompt, seed, controls, kwargs, handle, row_kwargs, options)
         if layout == "reference":  # row 0 carries the reference (with the same prompt, as reference-only); row 1 is kept
-            return self._referenced(prompts, prompt, seed, controls, kwargs, handle, row_kwargs)
+            return self._referenced(prompts, prompt, seed, controls, kwargs, handle, row_kwargs, options)
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         start = time.perf_counter()
-        result = self.pipe(prompt=prompt, generator=generator, output_type="pil", **kwargs)
+        result = self._call(options, prompt=prompt, generator=generator, output_type="pil", **kwargs)
         seconds = time.perf_counter() - start
         frames = None
         if hasattr(result, "frames"):  # a video pipeline: per video, its frames as PIL images
@@ -337,14 +337,14 @@ class Model:
         return Generation(image, params, outputs, seconds, frames)
 
     def _rows(self, prompts: list[Any], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
-              handle: Any, row_kwargs: dict[str, Any]) -> Generation:
+              handle: Any, row_kwargs: dict[str, Any], options: Mapping[str, Any]) -> Generation:
         """One call with one row per prompt, each with a CPU generator seeded with `seed`: frames = the images,
         image = their strip."""
         from .outputs import strip
 
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **row_kwargs)
+        result = self._call(options, prompt=prompts, generator=generators, output_type="pil", **row_kwargs)
         seconds = time.perf_counter() - start
         frames = list(result.images)  # a video model was refused before the call (_refuse_video_rows)
         image = strip(frames)
@@ -354,14 +354,14 @@ class Model:
         return Generation(image, params, outputs, seconds, frames)
 
     def _referenced(self, prompts: list[str], prompt: str, seed: int, controls: tuple[Control, ...], kwargs: dict[str, Any],
-                    handle: Any, row_kwargs: dict[str, Any]) -> Generation:
+                    handle: Any, row_kwargs: dict[str, Any], options: Mapping[str, Any]) -> Generation:
         """A ReferenceAttention image: one call of [prompt, prompt] (row 0 carries the reference, with the generation's
         prompt as in reference-only's community pipeline), row 1 from a CPU generator seeded with `seed`; the image is
         row 1's (row 0's is a reconstruction of the reference), and so are the published per-image outputs (attention
         maps); a report of the whole call (TGate's `CacheReport`) counts both rows, as the call ran them."""
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for _ in prompts]
         start = time.perf_counter()
-        result = self.pipe(prompt=prompts, generator=generators, output_type="pil", **row_kwargs)
+        result = self._call(options, prompt=prompts, generator=generators, output_type="pil", **row_kwargs)
         seconds = time.perf_counter() - start
         image = result.images[1]
         outputs = handle.outputs if handle is not None else {}
@@ -369,6 +369,26 @@ class Model:
             if callable(getattr(value, "select_images", None)):  # per-image outputs: AttentionMapResult
                 outputs[key] = value.select_images([1])
         return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
+
+    def _call(self, options: Mapping[str, Any], **call: Any) -> Any:
+        """The pipeline call. An error that is not attnctl's (diffusers' TypeError for `clip_skip="x"`) is raised as a
+        ConfigError naming the caller's `options` and what the pipeline takes for each, with the original as its
+        `__cause__`; without options, and for running out of memory (not a value's fault), it is raised as it is."""
+        try:
+            return self.pipe(**call)
+        except (AttnctlError, _Resolved):
+            raise
+        except Exception as error:
+            if not options or is_out_of_memory(error):
+                raise
+            raise self._options_error(options, error) from error
+
+    def _options_error(self, options: Mapping[str, Any], error: Exception) -> ConfigError:
+        given = ", ".join(f"{key}={_brief.repr(value)}" for key, value in options.items())
+        taken = "; ".join(str(self._parameters[key]) for key in options if key in self._parameters)
+        return ConfigError(f"{type(self.pipe).__name__} call with the options {given} failed: {type(error).__name__}: "
+                           f"{str(error).strip() or repr(error)}; check these options' values (the pipeline takes "
+                           f"{taken})")
 
     def _refuse_video_rows(self) -> None:
         """An image sequence (interpolation, P2P edits) of a video model is refused before anything runs."""
@@ -527,6 +547,17 @@ def generate(pipe: Any, prompt: str, *, controls: Control | Iterable[Control] = 
     with Model(pipe, backend=backend, call_defaults=embedded_pipeline_defaults(pipe)) as model:
         return model.generate(prompt, seed=seed, controls=controls, negative_prompt=negative_prompt, steps=steps,
                               width=width, height=height, guidance_scale=guidance_scale, **options)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is running out of (GPU) memory: a fault of the size of the work, not of a value."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
+
+
+#: How an option's value is shown in an error: briefly (a latents tensor or a long list is not printed whole)
+_brief = reprlib.Repr()
+_brief.maxstring, _brief.maxother, _brief.maxlist = 80, 80, 8
 
 
 class _Resolved(Exception):

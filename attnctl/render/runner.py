@@ -41,6 +41,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -52,7 +53,7 @@ import torch
 
 from ..errors import AttnctlError, ConfigError
 from . import outputs
-from .generate import Model, default_model, dtype_name, resolve_device, resolve_dtype
+from .generate import Model, default_model, dtype_name, is_out_of_memory, resolve_device, resolve_dtype
 from .jobs import Job, JobFile, Problem, load_job_file
 from .outputs import (
     atomic_folder,
@@ -454,6 +455,35 @@ def output_folder_problem(out: str) -> str | None:
     return None
 
 
+def job_folder_problem(out: str, job_id: str) -> str | None:
+    """A file (not a folder) at `out/<job id>`, where the job's images go, found without writing anything."""
+    folder = os.path.join(out, job_id)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        return f"{folder} is a file where job {job_id!r} writes its images; move it away or rename the job"
+    return None
+
+
+def image_path_problem(out: str, job_id: str, seed: int) -> str | None:
+    """A folder at `out/<job id>/<seed>.png`, where the image of that seed is saved."""
+    path = os.path.join(out, job_id, f"{seed}.png")
+    if os.path.isdir(path):
+        return f"{path} is a folder where job {job_id!r} writes its image of seed {seed}; move it away"
+    return None
+
+
+def job_output_problems(out: str, jobs: JobFile) -> list[Problem]:
+    """`job_folder_problem` and `image_path_problem` for every valid job of `jobs` (`--dry-run`): what would fail
+    those jobs' images at the run."""
+    problems = []
+    for job in jobs.jobs:
+        problem = job_folder_problem(out, job.id)
+        if problem is None and os.path.isdir(os.path.join(out, job.id)):
+            problem = "; ".join(found for seed in job.seeds if (found := image_path_problem(out, job.id, seed))) or None
+        if problem is not None:
+            problems.append(Problem(f"{job.place} (job {job.id!r})", problem, job.id))
+    return problems
+
+
 def prepare_output_folder(out: str) -> None:
     """Create the output folder and its state folder, or raise RenderError with the one-line reason (a file in
     the way, a read-only folder, a renderer file replaced by a folder)."""
@@ -654,7 +684,7 @@ def _resolve_jobs(model: Model, images: list[Image], ranks: Ranks) -> list[JobFa
             model.resolve(job.prompt, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
                           width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options)
         except Exception as error:  # noqa: BLE001 - every job is checked; each problem is reported
-            if _is_out_of_memory(error):  # not the job's fault: its images are tried, and fail or render one by one
+            if is_out_of_memory(error):  # not the job's fault: its images are tried, and fail or render one by one
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 log.warning(ranks.say(f"job {job.id!r} ({job.place}): checking it ran out of memory; its images are tried"))
@@ -727,6 +757,9 @@ class _RunContext:
         real = os.path.realpath(folder)
         if os.path.commonpath([real, self.out]) != self.out or real == self.out:
             raise RenderError(f"job {job.id!r}: its folder {real} is outside the output folder {self.out}")
+        problem = job_folder_problem(self.out, job.id)
+        if problem is not None:
+            raise RenderError(problem)
         os.makedirs(folder, exist_ok=True)
         return folder
 
@@ -747,7 +780,7 @@ class _RunContext:
                         self.job_folder(job)
                     except Exception as error:  # noqa: BLE001 - fault isolation: the job fails, the run goes on
                         failed_jobs[job.id] = JobFailure(job.id, job.place, _describe(error), type(error).__name__)
-                        log.warning(self.ranks.say(f"job {job.id!r} ({job.place}) cannot run on {model.name}: "
+                        log.warning(self.ranks.say(f"job {job.id!r} ({job.place}) cannot be rendered: "
                                                    f"{failed_jobs[job.id].error}"))
                 if job.id in failed_jobs:
                     failure = failed_jobs[job.id]
@@ -771,6 +804,9 @@ class _RunContext:
         start = time.perf_counter()
         target = os.path.join(self.out, job.id, f"{seed}.png")
         try:
+            problem = image_path_problem(self.out, job.id, seed)
+            if problem is not None:  # before generating: the image could not be saved
+                raise RenderError(problem)
             result = model.generate(
                 job.prompt, seed=seed, controls=job.controls, negative_prompt=job.negative_prompt, steps=job.steps,
                 width=job.width, height=job.height, guidance_scale=job.guidance_scale, **job.options,
@@ -779,18 +815,24 @@ class _RunContext:
             folder = os.path.join(self.out, job.id)  # checked by job_folder before the job's first image
             params = {"job": job.id, **result.params}
             try:
-                saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync,
-                                             params=params)
-                if result.frames is not None:  # a video: <seed>.mp4 (imageio-ffmpeg) or .gif, and <seed>.frames/ (PNGs)
-                    video = f"{seed}.{outputs.video_format()}"
-                    with _naming(os.path.join(folder, video)):
-                        save_video(result.frames, os.path.join(folder, video), params, fsync=self.options.fsync,
-                                   **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
-                    with _naming(os.path.join(folder, f"{seed}.frames")):
-                        save_frames(result.frames, os.path.join(folder, f"{seed}.frames"), params, fsync=self.options.fsync)
-                    saved_outputs = [os.path.join(job.id, video), os.path.join(job.id, f"{seed}.frames"), *saved_outputs]
-                # the PNG last: resuming counts an image done by its PNG, so it exists only once every other file does
-                size = save_png(result.image, target, params, fsync=self.options.fsync)
+                # the side outputs go into place first, and are removed again if a later file fails: they exist only
+                # beside their image's PNG (a failed image's record lists no outputs)
+                with _removed_on_failure() as placed:
+                    saved_outputs = save_outputs(result.outputs, folder, seed, result.image, fsync=self.options.fsync,
+                                                 params=params, placed=placed)
+                    if result.frames is not None:  # a video: <seed>.mp4 (imageio-ffmpeg) or .gif, and <seed>.frames/
+                        video = os.path.join(folder, f"{seed}.{outputs.video_format()}")
+                        frames = os.path.join(folder, f"{seed}.frames")
+                        with _naming(video):
+                            save_video(result.frames, video, params, fsync=self.options.fsync,
+                                       **({"fps": params["fps"]} if isinstance(params.get("fps"), int) else {}))
+                        placed.append(video)
+                        with _naming(frames):
+                            save_frames(result.frames, frames, params, fsync=self.options.fsync)
+                        placed.append(frames)
+                        saved_outputs = [os.path.relpath(path, self.out) for path in (video, frames)] + saved_outputs
+                    # the PNG last: resuming counts an image done by its PNG, so it exists only once every other file does
+                    size = save_png(result.image, target, params, fsync=self.options.fsync)
             except OSError as error:
                 if error.errno in FATAL_WRITE_ERRNOS:
                     raise WriteStopped(error, error.filename or target) from None
@@ -808,7 +850,7 @@ class _RunContext:
             raise
         except Exception as error:  # noqa: BLE001 - fault isolation: the image fails, the run goes on
             message = _describe(error)
-            if _is_out_of_memory(error) and torch.cuda.is_available():
+            if is_out_of_memory(error) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             log.warning(self.ranks.say(f"job {job.id!r} seed {seed} failed ({job.place}): {message}"))
             self.record(job.id, seed, "failed", error=message, error_type=type(error).__name__, request=image.request,
@@ -834,8 +876,9 @@ def check_output_keys(controls: tuple[Any, ...]) -> None:
 
 
 def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *, fsync: bool = False,
-                 params: dict[str, Any] | None = None) -> list[str]:
-    """Save what controls published with a `save(folder)` method (attention maps) to `<seed>.<key>/`."""
+                 params: dict[str, Any] | None = None, placed: list[str] | None = None) -> list[str]:
+    """Save what controls published with a `save(folder)` method (attention maps) to `<seed>.<key>/`; each folder's
+    path is appended to `placed` as soon as it is in place (so that a caller can remove them if a later one fails)."""
     from PIL import Image as PILImage
 
     saving = [(key, value) for key, value in outputs.items()
@@ -860,8 +903,26 @@ def save_outputs(outputs: dict[str, Any], folder: str, seed: int, image: Any, *,
 
         with _naming(target):
             atomic_folder(target, fill, fsync=fsync)
+        if placed is not None:
+            placed.append(target)
         saved.append(os.path.relpath(target, os.path.dirname(folder)))
     return saved
+
+
+@contextlib.contextmanager
+def _removed_on_failure() -> Iterator[list[str]]:
+    """A list for the paths (files or folders) the block puts in place; if the block raises, they are removed."""
+    placed: list[str] = []
+    try:
+        yield placed
+    except BaseException:
+        for path in reversed(placed):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        raise
 
 
 @contextlib.contextmanager
@@ -894,11 +955,6 @@ def tag_pngs(folder: str, params: dict[str, Any]) -> None:
 def _describe(error: BaseException) -> str:
     text = str(error).strip() or repr(error)
     return f"{type(error).__name__}: {text}"
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(error, oom)) or "out of memory" in str(error).lower()
 
 
 class _Progress:
@@ -973,6 +1029,8 @@ def dry_run(jobs: JobFile, out: str | None = None, model: str | None = None, *, 
     folder_problem = output_folder_problem(out) if out is not None else None
     if folder_problem is not None:
         problems.insert(0, Problem("--out", folder_problem))
+    elif out is not None and os.path.isdir(out):
+        problems += job_output_problems(out, jobs)
     target = None
     with contextlib.suppress(AttnctlError):  # a device problem is in `problems`
         target = resolve_device(device)
