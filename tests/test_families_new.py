@@ -137,6 +137,19 @@ def test_several_images_per_prompt_are_bitwise_stock_and_read_their_prompt_rows(
     assert cond == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("name", [pytest.param("tiny-wan", marks=_needs("tiny-wan"))])
+def test_extra_prompts_are_encoded_once_with_several_videos_per_prompt(name, tiny):
+    """Region prompts and noun phrases are encoded one row each: Wan's encode_prompt names its count
+    num_videos_per_prompt, which was passed through, and the extra prompts came back twice (CallLayoutError)."""
+    pipe = tiny(name)
+    stock = generate(pipe, name, prompt="a cat and a dog", num_videos_per_prompt=2)
+    regions = attnctl.Regions([attnctl.Region("a red cat", box=(0, 0, 0.5, 1)), attnctl.Region("a dog", box=(0.5, 0, 1, 1))])
+    for control in (regions, attnctl.StructuredGuidance(phrases=["a cat", "a dog"])):
+        with attnctl.apply(pipe, [control]):
+            controlled = generate(pipe, name, prompt="a cat and a dog", num_videos_per_prompt=2)
+        assert controlled.shape == stock.shape and not torch.equal(controlled, stock)
+
+
 @pytest.mark.skipif(not available("tiny-zimage"), reason="needs diffusers with ZImagePipeline")
 def test_zimage_call_after_a_call_that_failed_before_denoising_starts_clean():
     """ZImagePipeline starts a call in encode_prompt (it has no check_inputs): a call that failed before its first

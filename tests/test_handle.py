@@ -917,3 +917,17 @@ def test_removing_the_last_live_handle_clears_the_backends_module_caches(tiny_ca
     two.remove()
     assert not sdpa._WINDOW_DENSE
     two.remove()  # idempotent
+
+
+def test_encode_prompt_between_calls_keeps_the_last_calls_outputs():
+    """Embeddings computed ahead with pipe.encode_prompt between two calls start no pipeline call: the last call's
+    outputs stay readable (they were cleared, and handle.outputs said no call had finished)."""
+    pipe = make_tiny_pipeline("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
+        generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=1)
+        maps = handle.outputs["attention_maps"]
+        embeds, negative = pipe.encode_prompt("a photo of a dog", "cpu", 1, True)
+        assert handle.outputs["attention_maps"] is maps
+        assert embeds.shape[0] == negative.shape[0] == 1
+        generate(pipe, "tiny-sd", prompt="a cat", steps=1)
+        assert handle.outputs["attention_maps"] is not maps

@@ -58,7 +58,7 @@ def _prompt_arguments(
             value = None
         elif name.endswith(_NONE_SUFFIXES):
             value = None
-        elif name == "num_images_per_prompt":
+        elif name in ("num_images_per_prompt", "num_videos_per_prompt"):
             value = 1
         elif name == "do_classifier_free_guidance":
             value = False

@@ -223,7 +223,10 @@ class Runtime:
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
         if previous is not None:
             previous.owner = None
-        self.outputs.clear()
+        if owner is not None:
+            # an encode_prompt made outside a pipeline call (embeddings computed ahead) is recorded but starts no call
+            # of the pipeline: the last call's outputs stay readable until the next call's check_inputs
+            self.outputs.clear()
         self.call = PipelineCallState(owner=owner)
         if pixels is not None and all(isinstance(p, int) for p in pixels):
             self.call.pixels = (int(pixels[0]), int(pixels[1]))
