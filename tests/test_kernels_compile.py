@@ -4,15 +4,19 @@ The interpreter (TRITON_INTERPRET=1, set by conftest.py for the other kernel tes
 compile rejects: issue #15's kernels read a plain module float and failed on every GPU while CI passed. Here
 `attnctl.kernels.triton_aot` compiles the kernels to cubin in a subprocess with TRITON_INTERPRET=0 and a fresh,
 empty cache: the launches the triton backend makes for the real families' shapes (SD 1.5 at head dims 40 / 80 / 160,
-SD 2 / SDXL / SD3 at 64, PixArt at 72, Flux / Qwen-Image / Z-Image / Wan at 128; 77, 120, 154, 256, 333 and 512 text
-tokens; every control's call), built by the launchers themselves (`launch`: tiles, arguments, label layouts, block
+SD 2 / SDXL / SD3 at 64, PixArt-alpha / -Sigma at 72, Flux / Qwen-Image / Z-Image / Chroma / Wan at 128; 77 to 512 text
+tokens; every control's call; the models' own masks as they pass them, `triton_aot.MASKS`: PixArt's (B, H, 1, Nk) in the
+model dtype, Qwen-Image's and Z-Image's bool key masks, which the launchers make additive in the queries' dtype,
+Chroma's dense (B, 1, N, N)), built by the launchers themselves (`launch`: tiles, arguments, label layouts, block
 lists) and compiled through `JITFunction.warmup` with a Triton driver that reports the GPU, so Triton's own binder
 specialises them as at runtime (unit strides become the constant 1, sizes and strides divisible by 16 get the hint:
 head dim 40 and 64 compile to different code, 25,088 and 66,048 bytes of shared memory on sm_90). The launchers pick
 tiles for the GPU's shared memory per block, so each arch's launches are built with its limit. Each compile's shared
 memory is checked against the limit of every GPU that runs it (sm_80's against sm_80 and, where they get the same
 tiles, the 99 KiB of sm_86 / sm_89; sm_86's against sm_86 / sm_89; sm_90's against sm_90); any launch over fails.
-`check_declarations` fails when a kernel has a constexpr its launcher does not declare.
+`check_declarations` fails when a kernel has a constexpr its launcher does not declare. Compiled flex attention is not
+compiled here: Inductor generates its kernels on the device at their first use, and only the compile-failure fallback
+(`flex._flex_call`: `auto` moves such calls to the next backend) covers it.
 
 Default (`--set runtime`): per arch one launch per tile configuration of the real families (kernel, dtype, BLOCK_D,
 BLOCK_M, BLOCK_N, warps, stages, PLADIS layout: 35 on sm_80 / sm_90, 3 more on sm_86), sm_80 in fp16 and fp32, sm_90
@@ -21,8 +25,11 @@ both; sm_86 compiles the launches whose tiles differ from sm_80's (a model mask 
 128 x 32 tiles at 2 stages instead of 128 x 64 at 3; 65,536-82,176 bytes): 46 + 15 compiles, about 5 minutes of one
 core. The tightest fits are the 128 x 64 tiles at head dims 72-128 in fp16 (8 warps, 3 stages): 98,304 bytes (PLADIS
 streaming, 3,072 under sm_86's limit) to 99,072 (the label kernel at head dim 80, 2,304 under); sm_90 needs at most
-164,608. Opt-in (ATTNCTL_COMPILE_ALL=1): every
-launch of the runtime matrix (13 families x 3 dtypes x their calls), one per Triton cache key per arch (`--set
+164,608 (compiled with this change: 61 launches, none over). Outside the default set, PixArt-Sigma's label kernel
+with a per-key bias and value scale (head dim 72, fp16) needs 99,332 bytes on sm_80, 2,044 under sm_86's limit, and
+the masked head-dim-128 label kernel with them 132,608 on sm_80 and 165,376 on sm_90 (compiled once from the
+`runtime-all` matrix). Opt-in (ATTNCTL_COMPILE_ALL=1): every
+launch of the runtime matrix (15 families x 3 dtypes x their calls), one per Triton cache key per arch (`--set
 runtime-all`), and every launchable switch combination of every kernel from the declarations (`--set product`, 2976
 compiles, about 5 hours of one core); ATTNCTL_COMPILE_SHARD=i/n runs every n-th from the i-th.
 """
@@ -164,7 +171,8 @@ def test_runtime_default_compiles_every_tile_of_the_real_families():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim, keys in ((40, 77), (64, 77), (80, 77), (160, 77), (160, 154), (128, 512), (64, 4429)):
                 expected[arch] |= _expected_tiles(dtype, head_dim, keys, False, shared_memory)
-            for head_dim, keys in ((72, 120), (128, 4189)):  # PixArt (cross) and Qwen-Image (joint) with their mask
+            # PixArt-alpha / -Sigma (cross) and Qwen-Image / Z-Image / Chroma (joint) with their masks
+            for head_dim, keys in ((72, 120), (72, 300), (128, 4189), (128, 4192), (128, 4608)):
                 expected[arch] |= _expected_tiles(dtype, head_dim, keys, True, shared_memory)
     assert expected[80] == expected[90] and len(expected[80]) == 35
     differing = expected[86] - expected[80]
@@ -201,10 +209,10 @@ def test_runtime_default_compiles_every_tile_of_the_real_families():
 
 
 def test_masked_wide_head_tiles_fit_the_gpu_shared_memory():
-    """A model mask at head dim 128 in fp16 / bf16 (Qwen-Image's text mask, Chroma's) needs 131,072-131,840 bytes of
-    shared memory in 128 x 64 tiles at 3 stages (Triton pipelines the mask tile beside K and V; the sm_80 compiles),
-    and still 131,072-131,584 at 2 stages with labels: those tiles where the GPU has the room (A100 166,912 bytes per
-    block, H100 232,448), 128 x 32 at 2 stages (65,536-82,176) on sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4: 101,376),
+    """A model mask at head dim 128 in fp16 / bf16 (Qwen-Image's and Z-Image's key masks, Chroma's dense mask) needs
+    131,072-132,608 bytes of shared memory in 128 x 64 tiles at 3 stages (Triton pipelines the mask tile beside K and
+    V; the sm_80 compiles), and still 131,072-131,584 at 2 stages with labels: those tiles where the GPU has the room
+    (A100 166,912 bytes per block, H100 232,448), 128 x 32 at 2 stages (57,344-82,176) on sm_86 / sm_89 (RTX 30xx / 40xx, A10, L4: 101,376),
     where 128 x 64 failed to compile. Without the mask, at head dims whose mask tile is not pipelined (72), in fp32,
     and at other head dims the tiles are the same on every GPU."""
     import torch
@@ -263,6 +271,64 @@ def test_launchers_take_the_tiles_of_the_gpu_they_run_on(monkeypatch):
     assert reads == [0, 1]  # once per device
     with pytest.raises(ValueError, match="shared memory per block"):  # a GPU launch from CPU tensors names its target
         ta.launch(q, q, q, specs[ta], *ta.outputs(q, q, False), config=None, gpu=True)
+
+
+#: Tiny pipelines whose models pass their own mask to attention, with prompts that pad differently in one batch, and the
+#: family of the runtime matrix that stands for each: Qwen-Image (prompts of different lengths), Z-Image (a negative
+#: prompt whose caption pads to more tokens than the prompt's), Chroma (its dense mask, every call).
+MASKED_MODELS = {
+    "tiny-qwenimage": ("qwenimage-64x64", {"prompt": ["a red cat", "a red dog on a very long green field"]}),
+    "tiny-zimage": ("zimage-64x64", {"prompt": "a red cat", "negative_prompt": "a blurry photo " * 12, "max_sequence_length": 64}),
+    "tiny-chroma": ("chroma-64x64", {"prompt": "a red cat"}),
+}
+
+
+def _signature(launch) -> tuple:
+    """What a launch compiles to apart from its sizes and tiles: the kernel, the q / k / v dtype, the mask's dtype and
+    layout (whether it broadcasts over heads and over queries: zero strides) and the constexpr switches (not the tiles,
+    set by the head dim and the GPU, nor PLADIS's one-tile layout, set by the key count)."""
+    names, args = launch.kernel.arg_names, launch.args
+    mask = None
+    if launch.options["HAS_MASK"]:
+        tensor = args[names.index("Mask")]
+        mask = (tensor.dtype, args[names.index("stride_mh")] == 0, args[names.index("stride_mm")] == 0)
+    layout = set(ta.TILE_CONSTEXPRS) | {"ONE_TILE"}
+    switches = tuple(sorted((k, v) for k, v in launch.options.items() if k.isupper() and k not in layout))
+    return launch.name, args[0].dtype, mask, switches
+
+
+def test_the_masked_models_launches_are_in_the_compile_matrix(monkeypatch):
+    """The launches the tiny Qwen-Image, Z-Image and Chroma pipelines make in fp16 with padded batched prompts (the
+    launch is recorded, not run) have the signatures of their family's launches in `runtime_cases()`: the models'
+    own masks as they pass them (bool key masks made additive in the queries' dtype, Chroma's dense mask in the model
+    dtype). Before, the matrix gave Qwen-Image a (B, H, 1, Nk) fp16 mask while the runtime passed a float32 (B, 1, 1,
+    N) one, and treated Z-Image and Chroma as unmasked: CI never compiled the launches these models make."""
+    import torch
+
+    import attnctl
+    from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
+
+    launches: list = []
+    monkeypatch.setattr(ta.Launch, "run", lambda self: launches.append(self) or self.args[3].zero_())
+    controls = (lambda: [attnctl.Reweight({"red": 2.0})], lambda: [attnctl.Reweight({"red": 2.0}, normalize=True)],
+                lambda: [attnctl.PLADIS()])
+    for model, (family, call) in MASKED_MODELS.items():
+        pipe = make_tiny_pipeline(model).to(torch.float16)
+        if model == "tiny-zimage":  # room on the RoPE's first axis for a 64-token caption (the image's positions follow it)
+            pipe.transformer.rope_embedder.axes_lens = [128, 32, 32]
+            pipe.transformer.rope_embedder.freqs_cis = None
+        launches.clear()
+        for make in controls:
+            with attnctl.apply(pipe, make(), backend="triton"), torch.inference_mode():
+                pipe(**{**CALL_DEFAULTS[model], **call}, num_inference_steps=1, output_type="latent",
+                     generator=torch.Generator().manual_seed(0))
+        seen = {_signature(launch) for launch in launches}
+        assert {name for name, _, _, _ in seen} == {"_attn_fwd", "_sparse_attn_fwd"}, model
+        assert any(mask is not None for _, _, mask, _ in seen), f"{model} made no masked launch"
+        # the model's family, and Flux's unmasked launches for the calls whose batch is not padded (Qwen-Image's uncond)
+        cases = [case for case in triton_aot.runtime_cases() if case.dtype == "fp16" and case.family.name in (family, "flux-64x64")]
+        matrix = {_signature(triton_aot.runtime_launch(case, 80)) for case in cases}
+        assert seen <= matrix, (model, seen - matrix)
 
 
 # --- compiling ---------------------------------------------------------------------------------------------

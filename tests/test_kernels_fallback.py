@@ -175,10 +175,13 @@ def test_auto_on_cuda_follows_the_measured_table():
     assert choose_backend("auto", "cuda", ("key_bias", "value_scale"), shape=(4096, 64))[0] == "triton"
     assert choose_backend("auto", "cuda", ("key_bias", "value_scale"), shape=(4608, 128))[0] == "flex"
     assert choose_backend("auto", "cuda", ("key_bias",), shape=(16384, 64))[0] == "flex"
-    # a value scale alone (Reweight's default): sdpa runs the plain flash kernel on scaled values (1.0x), which
-    # beats triton (0.80x) at D=64; flex (1.17x) stays first at D=128
-    assert choose_backend("auto", "cuda", ("value_scale",), shape=(4096, 64))[0] == "sdpa"
-    assert choose_backend("auto", "cuda", ("value_scale", "query_range"), shape=(4608, 128))[0] == "flex"
+    # a value scale alone (Reweight's default): sdpa runs the plain flash kernel on scaled values (plain SDPA's 1.0x)
+    # at every head dim: the fused rows (flex 1.17x at D=128, triton 0.80x at D=64) were measured with a bias too
+    for shape in ((4096, 64), (4608, 128), (16384, 64), (4096, 72), None):
+        name, why = choose_backend("auto", "cuda", ("value_scale", "query_range"), shape=shape)
+        assert name == "sdpa" and "a value scale alone" in why, (shape, why)
+        assert choose_backend("auto", "cuda", ("attn_mask", "value_scale"), shape=shape)[0] == "sdpa"
+    assert kernels.auto_order("cuda", ("value_scale",), (4608, 128))[0][:3] == ("sdpa", "triton", "flex")
     # regions: dense SDPA while the mask fits, then flex (0.23-0.58x) before the ungrouped triton kernel
     name, why = choose_backend("auto", "cuda", ("labels",), dense_elements=2 * 4096 * 4096)
     assert name == "sdpa" and "measured regions" in why and "H200" in why

@@ -311,3 +311,30 @@ def test_flex_outputs_with_chunked_block_masks_are_bitwise_the_one_shot_ones(mon
     assert torch.equal(outs[0], outs[1])
     torch.testing.assert_close(outs[0], reference.attention(q, k, v, spec)[0], rtol=2e-5, atol=2e-5)
     flex.clear_caches()
+
+
+def test_model_masks_are_read_in_their_own_dtype(monkeypatch):
+    """Flex reads the model's mask without a float32 copy per call: Chroma's dense (B, 1, N, N) 0/1 mask in the model
+    dtype as it is (diffusers adds it as it is), which the score_mod adds to the float32 score (an exact promotion:
+    the reference's output), and a bool key mask (Qwen-Image, Z-Image) made additive in the queries' dtype once per
+    mask. Before, every call copied the mask to float32 (`mask.float()`) and made a bool mask additive. Flex runs
+    uncompiled here (a new mask dtype is a new graph: about 15 s of CPU for Inductor; compiled, the output is the same)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from attnctl.kernels.spec import additive_in
+
+    monkeypatch.setattr(flex, "compiled_flex", lambda: flex_attention)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, N, 16, generator=g) for _ in range(3))
+    keys = torch.ones(2, N, dtype=torch.bool)
+    keys[1, 30:] = False  # the second row's padding
+    dense = (keys[:, None, :, None] & keys[:, None, None, :]).to(torch.float16)
+    spec = AttentionSpec(attn_mask=dense, key_bias=torch.randn(2, N, generator=g))
+    out, _ = flex.attention(q, k, v, spec)
+    torch.testing.assert_close(out, reference.attention(q, k, v, spec)[0], rtol=2e-5, atol=2e-5)
+    assert flex._mask4(dense, N, N, q.dtype) is dense
+    key_mask = keys[:, None, None, :]
+    read = flex._mask4(key_mask, N, N, torch.float16)
+    assert read.dtype == torch.float16 and read is additive_in(key_mask, torch.float16)
+    assert read is flex._mask4(keys[:, None, None, :], N, N, torch.float16)  # another view of the same mask: made once
+    assert torch.equal(read.isinf(), ~key_mask) and (read <= 0).all()

@@ -179,9 +179,13 @@ def auto_order(device_type: str, features: tuple[str, ...], shape: tuple[int, in
     row = _measured_row(shape)
     speeds = MEASURED[kind]
     if kind == "reweight" and "key_bias" not in features:
-        # a value scale alone: sdpa runs the plain fused kernel on the scaled values (one multiply more), so it
-        # goes as fast as plain sdpa; the measured reweight rows are of a bias and a value scale together
-        speeds = {**speeds, "sdpa": MEASURED["plain"]["sdpa"]}
+        # A value scale alone (Reweight's default): sdpa runs the plain fused kernel on the scaled values (one multiply
+        # more), as fast as plain sdpa. The fused backends' reweight rows (flex 1.17x at head dim 128, triton 0.80x /
+        # 0.99x) were measured with a bias and a value scale together, which sdpa cannot run in its flash kernel; no
+        # measurement here has flex or triton with a value scale alone, so sdpa comes first at every head dim (flex's
+        # 1.17x used to send it to flex at head dim 128 only) and the others keep their preference order.
+        speeds = {"sdpa": MEASURED["plain"]["sdpa"]}
+        kind = "plain (a value scale alone)"
 
     def speed(name: str) -> float:
         by_shape = speeds[name]

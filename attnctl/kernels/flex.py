@@ -47,7 +47,7 @@ from .spec import (
     AttentionSpec,
     LabelMask,
     Window,
-    as_additive,
+    additive_in,
     bounded_value_scale,
     check_kernel_dtypes,
     per_key,
@@ -360,13 +360,16 @@ def _compiled_call(q, k, v, score_mod, mask, scale, return_lse):
         return out, aux.lse
 
 
-def _mask4(mask: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
-    mask = as_additive(mask)
+def _mask4(mask: torch.Tensor, nq: int, nk: int, dtype: torch.dtype) -> torch.Tensor:
+    """The model's mask as `additive_mask` reads it: 4-D, additive, a bool mask in `dtype` (`additive_in`: made once
+    per mask), a float mask as it is (the score_mod adds it to the float32 score, which promotes it exactly: no float32
+    copy of a dense (B, 1, N, N) mask at every call)."""
+    mask = additive_in(mask, dtype)
     while mask.ndim < 4:
         mask = mask[None]
     if mask.shape[-1] != nk or mask.shape[-2] not in (1, nq):
         raise ConfigError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, {nq}, {nk})")
-    return mask.float()
+    return mask
 
 
 def check_spec(spec: AttentionSpec, device: torch.device) -> None:
@@ -410,7 +413,7 @@ def attention(
         )
     if grouped(spec):
         return _grouped_attention(q, k, v, spec)
-    mask = _mask4(spec.attn_mask, nq, nk) if spec.attn_mask is not None else None
+    mask = _mask4(spec.attn_mask, nq, nk, q.dtype) if spec.attn_mask is not None else None
     bias = None
     if spec.key_bias is not None:
         bias = per_key(spec.key_bias, "key_bias", batch=batch, heads=heads, keys=nk).float().expand(batch, heads, nk).contiguous()

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError
+from . import spec as spec_module
 from . import window_tiles
 from .spec import (
     AttentionSpec,
     IdentityCache,
     LabelMask,
     Window,
+    additive_in,
     as_additive,
     bounded_value_scale,
     kept_tensors,
@@ -174,6 +176,7 @@ def clear_caches() -> None:
     _MASK_IN_DTYPE.clear()
     _SHARED_MASKS.clear()
     _BIASED_MASKS.clear()
+    spec_module._ADDITIVE.clear()
 
 
 def _call(q, k, v, mask, scale):
@@ -304,7 +307,7 @@ def _biased(shared: torch.Tensor | None, rows: torch.Tensor | None, spec: Attent
 def _sum_masks(spec: AttentionSpec, nq: int, nk: int, q: torch.Tensor) -> torch.Tensor | None:
     mask = spec.attn_mask
     if mask is not None and mask.dtype == torch.bool:
-        mask = as_additive(mask, q.dtype)
+        mask = additive_in(mask, q.dtype)  # once per mask tensor, not at every layer
     elif mask is not None and mask.dtype != q.dtype:
         mask = _mask_in_dtype(mask, q.dtype)
     if spec.labels is not None:

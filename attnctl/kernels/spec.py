@@ -127,6 +127,32 @@ class IdentityCache:
 _BOUNDED_SCALES = IdentityCache(4)
 
 
+#: `additive_in`'s results, by the bool mask's storage: every layer of a denoiser call passes one mask, or a view of one.
+_ADDITIVE = IdentityCache(4)
+
+
+def additive_in(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True = attend) as additive 0 / -inf logits in `dtype`, the queries' (a float mask: itself).
+
+    In the queries' dtype a half-precision call's fused kernel reads half the bytes of a float32 mask, and the Triton
+    kernels are compiled for that signature (`triton_aot`'s runtime matrix). Made once per mask, not at every
+    attention call: cached by the mask's storage (Z-Image makes a new (B, 1, 1, S) view of the forward's (B, S) mask at
+    every layer, and a view made under inference mode does not know its base), the view's geometry and the in-place
+    version (an inference tensor has none: by storage alone; a model's mask is made per forward, not changed in
+    place). The entry goes with the storage. No host sync; in a torch.compile trace, made in the graph."""
+    if mask.dtype != torch.bool:
+        return mask
+    if torch.compiler.is_compiling():
+        return as_additive(mask, dtype)
+    storage = mask.untyped_storage()  # one Python object per storage while it lives: weakly referenced by the cache
+    extra = (version(mask), tuple(mask.shape), mask.stride(), mask.storage_offset(), dtype, str(mask.device))
+    found = _ADDITIVE.get((storage,), extra)
+    if found is None:
+        with kept_tensors():
+            found = _ADDITIVE.put((storage,), extra, as_additive(mask, dtype))
+    return found
+
+
 def bounded_value_scale(value_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A value scale for float16 attention: (value_scale / peak, peak) in `per_key`'s form, peak (B|1, H|1, 1) being
     each row's largest |scale|, at least 1. The fused backends scale V (or P) in the half dtype, where w * |v| past

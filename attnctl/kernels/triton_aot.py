@@ -328,7 +328,7 @@ def compile_variant(variant: Variant) -> dict:
 class Family:
     """One attention level of a model family at its default resolution: heads x head dim, the image-token grid
     ((h, w), or (frames, h, w) for video) and the text tokens (cross-attention keys, or the text part of a joint
-    sequence). `mask`: the model passes its text padding mask (in the model dtype) to attention."""
+    sequence). `mask`: the mask the model passes to attention on its text-attending layers (`MASKS`), or None."""
 
     name: str
     heads: int
@@ -336,12 +336,27 @@ class Family:
     grid: tuple[int, ...]
     text: int
     joint: bool
-    mask: bool = False
+    mask: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and self.mask not in MASKS:
+            raise ValueError(f"Family.mask must be None or one of {', '.join(MASKS)}, got {self.mask!r}")
 
     @property
     def image_tokens(self) -> int:
         return math.prod(self.grid)
 
+
+#: The masks the models pass to attention, as they pass them (`runtime_call` builds each; the mask's dtype is part of
+#: the kernel's signature, its strides of the specialisation):
+#: - "key": an additive (B, H, 1, Nk) text padding mask in the model dtype (PixArt: diffusers' (B * H, 1, Nk) viewed
+#:   per head);
+#: - "bool-key": a bool (B, 1, 1, N) padding mask over a joint sequence's keys (Qwen-Image's text mask; Z-Image's,
+#:   where the rows' captions pad to different lengths), which the launchers turn into the queries' dtype
+#:   (`spec.additive_in`);
+#: - "dense": a (B, 1, N, N) float mask in the model dtype over the joint sequence (Chroma: `mask[:, None, None, :] *
+#:   mask[:, None, :, None]`, which diffusers adds as it is).
+MASKS = ("key", "bool-key", "dense")
 
 #: The real families' attention shapes (the tiles depend on head dim and dtype; the specialisation on which sizes
 #: and strides are 1 or divisible by 16; the one-tile PLADIS layout on the text length).
@@ -352,12 +367,18 @@ FAMILIES: tuple[Family, ...] = (
     Family("sd15-16x16-long-prompt", 8, 160, (16, 16), 154, joint=False),  # two CLIP windows (compel and the like)
     Family("sd2-96x96", 5, 64, (96, 96), 77, joint=False),  # SD 2.x at 768 px
     Family("sdxl-64x64", 10, 64, (64, 64), 77, joint=False),  # SDXL at 1024 px
-    Family("pixart-64x64", 16, 72, (64, 64), 120, joint=False, mask=True),  # PixArt-alpha: T5's 120 tokens, masked
+    Family("pixart-64x64", 16, 72, (64, 64), 120, joint=False, mask="key"),  # PixArt-alpha: T5's 120 tokens, masked
+    # PixArt-Sigma at 1024 px (the README's example): 300 T5 tokens, so PLADIS streams the cross-attention keys
+    Family("pixart-sigma-128x128", 16, 72, (128, 128), 300, joint=False, mask="key"),
     Family("sd3-64x64", 24, 64, (64, 64), 333, joint=True),  # 77 CLIP + 256 T5 tokens
-    Family("flux-64x64", 24, 128, (64, 64), 512, joint=True),  # Flux.1-dev / Chroma
+    Family("flux-64x64", 24, 128, (64, 64), 512, joint=True),  # Flux.1-dev
     Family("flux-schnell-64x64", 24, 128, (64, 64), 256, joint=True),
-    Family("qwenimage-64x64", 24, 128, (64, 64), 93, joint=True, mask=True),  # text length: the prompt's
-    Family("zimage-64x64", 30, 128, (64, 64), 77, joint=True),
+    # prompts of different lengths in one batch: the text length is the longest prompt's
+    Family("qwenimage-64x64", 24, 128, (64, 64), 93, joint=True, mask="bool-key"),
+    # captions pad to a multiple of 32 tokens; a batch whose captions pad to different lengths (a longer negative
+    # prompt) is masked (with equal lengths there is no mask: Flux's unmasked launches)
+    Family("zimage-64x64", 30, 128, (64, 64), 96, joint=True, mask="bool-key"),
+    Family("chroma-64x64", 24, 128, (64, 64), 512, joint=True, mask="dense"),
     Family("wan-21x30x52", 12, 128, (21, 30, 52), 512, joint=False),  # Wan 2.1 1.3B, 81 frames at 480 x 832
 )
 
@@ -421,6 +442,15 @@ def _label_mask(batch: int, nq: int, nk: int) -> LabelMask:
     return LabelMask(q_labels, k_labels, table)
 
 
+def _model_mask(kind: str, batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype) -> torch.Tensor:
+    """The model's mask of a `MASKS` kind, laid out as the model passes it."""
+    if kind == "key":
+        return torch.zeros(batch * heads, 1, nk, dtype=dtype).view(batch, heads, 1, nk)
+    if kind == "bool-key":
+        return torch.ones(batch, nk, dtype=torch.bool)[:, None, None, :]  # (B, N) viewed per key, as the processors do
+    return torch.empty(batch, 1, nq, nk, dtype=dtype)  # (B, 1, N, N): never filled, only its layout matters here
+
+
 def runtime_call(case: RuntimeCase, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec]:
     """The tensors and spec of a case (CPU tensors, never filled: only shapes, strides and dtypes matter here)."""
     family, layer, call = case.family, case.layer, case.call
@@ -436,8 +466,8 @@ def runtime_call(case: RuntimeCase, batch: int = 2) -> tuple[torch.Tensor, torch
     band = Window(grid, band=256, text_len=text_len, text_first=True, frames=frames)
     rows = (text, nq) if layer == "joint" else None  # joint layers edit the image rows only
     mask = None
-    if family.mask and layer != "self":
-        mask = torch.zeros(batch, family.heads, 1, nk, dtype=dtype)  # diffusers: (B * H, 1, Nk) viewed per head
+    if family.mask is not None and layer != "self":
+        mask = _model_mask(family.mask, batch, family.heads, nq, nk, dtype)
     scales = torch.zeros(_STEPS, batch, nk)[1]
     labels = _label_mask(batch, nq, nk)
     specs = {

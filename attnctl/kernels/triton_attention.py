@@ -48,7 +48,7 @@ from .spec import (
     AttentionSpec,
     LabelMask,
     Window,
-    as_additive,
+    additive_in,
     bounded_value_scale,
     check_kernel_dtypes,
     per_key,
@@ -88,7 +88,7 @@ def launchable(switches: dict) -> bool:
 
 
 #: Pointer arguments of the kernels: "qkv" is the dtype of q / k / v (and of the output), "mask" the dtype of
-#: the model's mask as passed (additive, usually the model dtype), else a fixed dtype (labels and block lists
+#: the model's mask (a float mask as passed, usually the model dtype; a bool mask made additive in the qkv dtype), else a fixed dtype (labels and block lists
 #: int32, per-key edits float32 unless given in another float dtype, the label table float32).
 POINTERS: dict[str, str] = {
     "Q": "qkv", "K": "qkv", "V": "qkv", "Out": "qkv", "Lse": "fp32", "Mask": "mask", "Bias": "fp32", "VScale": "fp32",
@@ -385,10 +385,13 @@ def head_block(head_dim: int) -> int:
 
 #: Shared memory per block (bytes) a masked fp16 / bf16 call at a head dim in (64, 128] that is a multiple of 16 needs
 #: in 128 x 64 tiles at 3 stages: Triton pipelines the model's mask tile beside K and V once HEAD_DIM carries the
-#: divisibility-by-16 hint (compiled for sm_80: 131,584 bytes `_attn_fwd`, 131,840 `_label_attn_fwd`, 131,072
+#: divisibility-by-16 hint (compiled for sm_80 with the masks the models pass, `triton_aot.MASKS`, in the model dtype:
+#: 131,584 bytes `_attn_fwd`, 131,840 `_label_attn_fwd`, 132,608 with a per-key bias and value scale too, 131,072-131,584
 #: `_sparse_attn_fwd` streaming; head dim 72 loads unvectorised and needs 66,048). At 2 stages 98,304-98,560 without
-#: labels but 131,072-131,584 with them; in 128 x 32 tiles at 2 stages 65,536-82,176 (`cuda_config`).
-MASKED_WIDE_SHARED = 131840
+#: labels but 131,072-131,584 with them; in 128 x 32 tiles at 2 stages 57,344-82,176 (`cuda_config`). A bool mask is
+#: passed in the queries' dtype (`additive_in`); a float32 mask on a half call needs up to 164,352 bytes on sm_80
+#: (`_attn_fwd`), which A100 has (166,912), and no GPU lies between these and the 101,376 of sm_86 / sm_89.
+MASKED_WIDE_SHARED = 132608
 
 
 def default_config(dtype: torch.dtype, head_dim: int, gpu: bool, *, masked: bool, shared_memory: int | None) -> Config:
@@ -541,8 +544,10 @@ def _per_key_view(t: torch.Tensor, batch: int, heads: int, nk: int, name: str) -
     return t.expand(batch, heads, nk)
 
 
-def _mask4(mask: torch.Tensor, batch: int, heads: int, nq: int, nk: int) -> torch.Tensor:
-    mask = as_additive(mask)
+def _mask4(mask: torch.Tensor, batch: int, heads: int, nq: int, nk: int, dtype: torch.dtype) -> torch.Tensor:
+    """The model's mask as the kernels read it: additive, a (B, H, Nq, Nk) view (zero strides where it broadcasts); a bool
+    mask in `dtype`, the queries' (`additive_in`: made once per mask; a float mask is read in its own dtype)."""
+    mask = additive_in(mask, dtype)
     while mask.ndim < 4:
         mask = mask[None]
     try:
@@ -713,7 +718,7 @@ def kernel_arguments(
     dummy_int = unused(q.device, torch.int32)
     args: list = []
     if spec.attn_mask is not None:
-        mask = _mask4(spec.attn_mask, batch, heads, nq, nk)
+        mask = _mask4(spec.attn_mask, batch, heads, nq, nk, q.dtype)
         args += [mask, *mask.stride()]
     else:
         args += [dummy, 0, 0, 0, 0]

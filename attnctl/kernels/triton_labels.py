@@ -325,7 +325,7 @@ def launch(
     dummy = ta.unused(q.device, torch.float32)
     args: list = []
     if spec.attn_mask is not None:
-        mask = ta._mask4(spec.attn_mask, batch, heads, nq, nk)
+        mask = ta._mask4(spec.attn_mask, batch, heads, nq, nk, q.dtype)
         args += [mask, *mask.stride()]
     else:
         args += [dummy, 0, 0, 0, 0]

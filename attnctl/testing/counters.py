@@ -9,7 +9,8 @@ CPU and tested in CI, where wall times cannot.
     counter.ops, counter.syncs, counter.sync_ops
 
 `ops` counts every dispatched operation except views (`OpOverload.is_view`) and the few pure metadata ones
-in `_FREE`. `syncs` counts what makes the host wait for the device when the tensor lives on a GPU:
+in `_FREE`. A composite operation reaching the counter undecomposed (on an inference tensor, which has no autograd key:
+`to`, `contiguous`, `reshape`) is decomposed first, as autograd does for other tensors, so its copy counts. `syncs` counts what makes the host wait for the device when the tensor lives on a GPU:
 
 - reading a value to Python: `.item()` / `_local_scalar_dense`, `bool(t)` / `is_nonzero`, `int(t)`,
   `float(t)`, `torch.equal`, `.tolist()`, `.numpy()`;
@@ -32,6 +33,10 @@ host. These four are counted at the Python level (`TorchFunctionMode`), once per
 code (`.to(q.device)`), even where `d` is the CPU: on a CPU machine the call's device is the CPU, and only the
 string form says "to the host" there.
 
+A `torch.compile`d function (compiled flex attention) runs compiled under the counter, as it does outside it: the
+kernels of its generated code are not counted (they dispatch nothing through Python), the operations of a graph run
+by dynamo's eager backend are, and a higher-order operator run eagerly (`flex_attention`) counts as one operation.
+
 Imports only torch (a low layer: attnctl.testing).
 """
 
@@ -41,6 +46,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from torch._ops import HigherOrderOperator
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -55,6 +61,7 @@ _DATA_SHAPES = {
     aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
     aten.unique_consecutive.default, aten._unique.default,
 }
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 #: Pure metadata operations, never a kernel launch.
 _FREE = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default}
 
@@ -92,6 +99,17 @@ def _sync_name(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str 
 
 
 class _Dispatch(TorchDispatchMode):
+    #: Higher-order operators (compiled flex attention's `flex_attention`, `while_loop`, ...) come here too, counted as
+    #: one operation each by name and run as they are; without this a warm compiled flex call raises NotImplementedError.
+    supports_higher_order_operators = True
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        """A compiled function (compiled flex attention) runs compiled under the counter, as outside it (by default
+        dynamo runs eagerly under a dispatch mode, and flex's inner `fullgraph` compile then raises); the counter sees
+        what its compiled code dispatches, not what tracing it does."""
+        return True
+
     def __init__(self, counter: CostCounter):
         super().__init__()
         self.counter = counter
@@ -99,6 +117,16 @@ class _Dispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         counter = self.counter
+        if isinstance(func, HigherOrderOperator):
+            counter.op_names[func.name()] += 1
+            return func(*args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            # An inference tensor has no autograd key, so a composite op (`to`, `contiguous`, `reshape`: schemas that
+            # may alias, `is_view`) reaches the mode undecomposed: decomposed here, the copy it makes is counted.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
         if not func.is_view and func not in _FREE:
             counter.op_names[func.__name__] += 1
             sync = _sync_name(func, args, kwargs)
