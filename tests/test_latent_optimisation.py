@@ -723,19 +723,30 @@ def test_box_guidance_with_regions_on_joint_layers_is_refused(tiny_cache, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
-def test_an_optimiser_with_regions_covering_the_image_on_joint_layers_is_refused(tiny_cache, name):
+def test_an_optimiser_with_regions_covering_the_image_on_joint_layers_warns_it_is_idle(tiny_cache, name):
     """Attend-and-Excite and A-STAR read the base prompt's words' maps. Regions' joint rule hides the base prompt from
     the image tokens inside its regions, so with regions covering the whole image those maps are 0 everywhere, the
-    loss has no gradient and the latent never moved: the pair's output was bitwise Regions' alone, with no warning
-    (tiny-flux, tiny-sd3). Refused at the call's first loss pass, naming both controls; a region that leaves part of
-    the image to the base prompt keeps both acting (`test_an_optimiser_with_regions_on_joint_layers_reads...`)."""
+    loss has no gradient and the latent never moves: the pair's output is bitwise Regions' alone, which was silent
+    (tiny-flux, tiny-sd3); it warns IdleControlWarning naming both. A Regions window that ends before the optimiser's
+    leaves it steps to act on: no warning, and the output moves (a refusal at the first loss pass refused that)."""
     pipe = tiny_cache(name)
-    covering = attnctl.Regions([attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)),
-                                attnctl.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))])
+    boxes = [attnctl.Region("a red cat", box=(0.0, 0.0, 0.5, 1.0)), attnctl.Region("a blue dog", box=(0.5, 0.0, 1.0, 1.0))]
+    prompt = "a red cat and a blue dog"
+    with attnctl.apply(pipe, [attnctl.Regions(boxes)]):
+        alone = generate(pipe, name, prompt=prompt, steps=2)
     for optimiser in (attnctl.AttendExcite(subjects=["cat", "dog"], refine=()), attnctl.AStar(subjects=["cat", "dog"])):
-        with attnctl.apply(pipe, [optimiser, covering]):
-            with pytest.raises(attnctl.ConfigError, match=rf"{type(optimiser).__name__} with Regions.*no gradient"):
-                generate(pipe, name, prompt="a red cat and a blue dog", steps=2)
+        with attnctl.apply(pipe, [optimiser, attnctl.Regions(boxes)]):
+            with pytest.warns(attnctl.IdleControlWarning, match=rf"{type(optimiser).__name__} did nothing in this call: Regions"):
+                paired = generate(pipe, name, prompt=prompt, steps=2)
+        assert torch.equal(paired, alone)
+    with attnctl.apply(pipe, [attnctl.Regions(boxes, steps=(0.0, 0.3))]):
+        early = generate(pipe, name, prompt=prompt, steps=4)
+    with attnctl.apply(pipe, [attnctl.AttendExcite(subjects=["cat", "dog"], refine=(), steps=(0.0, 0.8)),
+                              attnctl.Regions(boxes, steps=(0.0, 0.3))]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", attnctl.IdleControlWarning)
+            later = generate(pipe, name, prompt=prompt, steps=4)
+    assert not torch.equal(later, early)
 
 
 def test_cells_hidden_from_every_column_have_no_subject_attention():

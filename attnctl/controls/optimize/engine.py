@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ...control import BindContext, Bound
 from ...denoiser_call import DenoiserCall, Row, RowLayout, upload
-from ...errors import CallLayoutError, ConfigError, TokenError, UnsupportedError
+from ...errors import CallLayoutError, IdleControlWarning, TokenError, UnsupportedError
 from ...families.base import LayerInfo, channel_dim, noisy_channels
 from ...kernels.semantics import block_bias
 from ...kernels.spec import AttentionSpec, LabelMask
@@ -134,9 +134,13 @@ class LatentOptimizerBound(Bound):
         # progress: one tensor for every layer of that layout (SDPA's autograd node saves its values for the backward,
         # so a copy made per layer would be kept per layer); cleared when the pass ends
         self._values: dict[tuple[Any, ...], torch.Tensor] = {}
-        # per map layer of the call's first loss pass with a label mask: whether some image query may attend to the
-        # loss's columns there (`sees_columns`); None once checked (`_refuse_hidden_words`)
-        self._sight: list[torch.Tensor] | None = []
+        # per map layer of the loss pass in progress with a label mask: whether some image query may attend to the
+        # loss's columns there (`sees_columns`); over the call's passes (`_note_sight`): how many ran, how many had a
+        # label mask at every map layer, and whether any of those saw a column (a device tensor: read once, at finish)
+        self._sight: list[torch.Tensor] = []
+        self._passes = 0
+        self._masked_passes = 0
+        self._seen: torch.Tensor | None = None
         self._scheduler_wrapped = False
         scheduler = getattr(context.pipeline, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "step", None)):
@@ -180,7 +184,7 @@ class LatentOptimizerBound(Bound):
         def bias(lo: int, hi: int) -> torch.Tensor | None:
             return block_bias(spec, slice(image.start + lo, image.start + hi), keys, q.device)
 
-        if self._sight is not None and spec.labels is not None:
+        if spec.labels is not None:
             self._sight.append(sees_columns(spec.labels, image, [key_text.start + c for c in self.columns]))
         h, w = geometry.image_hw
         if self.keep_heads:
@@ -208,6 +212,7 @@ class LatentOptimizerBound(Bound):
         `keep_heads`, each layer's (n, H, W, h, w) maps, in layer order."""
         self.read = {}
         self._values = {}
+        self._sight = []
         run = dict(inputs)
         latent = inputs[self.main_input]
         run[self.main_input] = x if x.dtype == latent.dtype else x.to(latent.dtype)  # differentiable: grads in x's dtype
@@ -223,7 +228,7 @@ class LatentOptimizerBound(Bound):
                 f"attnctl: {type(self.control).__name__} read no attention map at {', '.join(missing)} in its loss pass "
                 "(another control on those layers computes their attention itself, or the layers did not run)"
             )
-        self._refuse_hidden_words()
+        self._note_sight()
         if self.keep_heads:
             maps = tuple(self.read[layer.index] for layer in self.layers)
         else:
@@ -231,22 +236,35 @@ class LatentOptimizerBound(Bound):
         self.read = {}
         return maps
 
-    def _refuse_hidden_words(self) -> None:
-        """After the call's first loss pass: refuse when a label mask hid the loss's text columns from every image
-        token at every map layer. Regions' joint rule (SD3, Flux and the other joint-attention families) hides the base
-        prompt from the image tokens inside its regions; where the regions cover the whole token grid the words' maps
-        are 0 everywhere, the loss has no gradient and the latent never moved (the output was bitwise Regions' alone).
-        One host read per call, only where every map layer has a label mask."""
-        sight, self._sight = self._sight, None
-        if not sight or len(sight) != len(self.layers) or bool(torch.stack([s.to(sight[0].device) for s in sight]).any()):
+    def _note_sight(self) -> None:
+        """After a loss pass: whether a label mask hid the loss's text columns from every image token at every map layer
+        (no host read here; `_warn_hidden_words` reads the call's answer once)."""
+        sight, self._sight = self._sight, []
+        self._passes += 1
+        if sight and len(sight) == len(self.layers):
+            self._masked_passes += 1
+            seen = torch.stack([s.to(sight[0].device) for s in sight]).any()
+            self._seen = seen if self._seen is None else self._seen | seen.to(self._seen.device)
+
+    def _warn_hidden_words(self) -> None:
+        """At the call's end: warn when, at every loss pass of the call, a label mask hid the loss's text columns from
+        every image token at every map layer. Regions' joint rule (SD3, Flux and the other joint-attention families)
+        hides the base prompt from the image tokens inside its regions; where the regions cover the whole token grid at
+        every step the optimiser ran, the words' maps were 0 everywhere, the loss had no gradient and the latent never
+        moved (the output is Regions' alone). A Regions step window that leaves some of those steps to the base prompt
+        lets the optimiser act there. One host read per call, only where every pass had a label mask at every layer."""
+        passes, masked, seen = self._passes, self._masked_passes, self._seen
+        if not passes or masked != passes or seen is None or bool(seen):
             return
         name = type(self.control).__name__
-        raise ConfigError(
-            f"attnctl: {name} with Regions: Regions' joint rule hides the base prompt from the image tokens inside its "
-            f"regions, and at this call's size the regions cover every image token of {name}'s map layers "
-            f"({', '.join(layer.name for layer in self.layers)}), so the base prompt's words have no attention there: their "
-            f"maps are 0, the loss has no gradient and {name} would not move the latent (the output would be Regions' "
-            "alone). Leave part of the image outside every region (the optimiser acts there), or run them in separate calls"
+        warnings.warn(
+            f"attnctl: {name} did nothing in this call: Regions' joint rule hides the base prompt from the image tokens "
+            f"inside its regions, and at every step {name} optimised the regions covered every image token of its map "
+            f"layers ({', '.join(layer.name for layer in self.layers)}), so the base prompt's words had no attention "
+            f"there: their maps were 0, the loss had no gradient and the latent did not move (the output is Regions' "
+            "alone). Leave part of the image outside every region, or end Regions' step window before "
+            f"{name}'s, or run them in separate calls",
+            IdleControlWarning, stacklevel=2,
         )
 
     def averaged(self, per_layer: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -369,8 +387,12 @@ class LatentOptimizerBound(Bound):
         return out
 
     def finish(self) -> None:
+        try:
+            self._warn_hidden_words()
+        finally:
+            self._passes, self._masked_passes, self._seen = 0, 0, None
         self.updates = {}
         self.read = {}
-        self._sight = None
+        self._sight = []
         self._values = {}
         self.index.clear()
