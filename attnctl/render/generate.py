@@ -371,14 +371,15 @@ class Model:
         return Generation(image, self._params(prompt, seed, controls, kwargs, image), outputs, seconds)
 
     def _call(self, options: Mapping[str, Any], **call: Any) -> Any:
-        """The pipeline call. An error that is not attnctl's (diffusers' TypeError for `clip_skip="x"`) is raised as a
-        ConfigError naming the caller's `options` and what the pipeline takes for each, with the original as its
-        `__cause__`; without options, and for running out of memory (not a value's fault), it is raised as it is."""
+        """The pipeline call. A TypeError or ValueError that is not attnctl's (diffusers' TypeError for
+        `clip_skip="x"`, its ValueError for a bad `output_type`) is raised as a ConfigError naming the caller's `options`
+        and what the pipeline takes for each, with the original as its `__cause__`; without options, and for any
+        other error (a device fault, running out of memory: not a value's fault), it is raised as it is."""
         try:
             return self.pipe(**call)
         except (AttnctlError, _Resolved):
             raise
-        except Exception as error:
+        except (TypeError, ValueError) as error:
             if not options or is_out_of_memory(error):
                 raise
             raise self._options_error(options, error) from error
