@@ -302,7 +302,7 @@ def test_isolation_makes_one_label_mask_row_for_every_image(tiny_cache, monkeypa
 #: Regions' joint blend keeps `1 - weight` in its plan (joint layers only).
 SHARED_WORK = {
     "idle-rw": (lambda: __import__("attnctl").Reweight({"red": 2.0}, steps=(0.95, 1.0)), {"*": 0}),
-    "maps": (lambda: __import__("attnctl").AttentionMaps(["cat", "dog"]), {"pad.default": 2}),
+    "maps": (lambda: __import__("attnctl").AttentionMaps(["cat", "dog"]), {"constant_pad_nd.default": 2}),
     "pag": (lambda: __import__("attnctl").PAG(scale=3.0), {"index_copy_.default": 0, "new_empty.default": 0}),
     "regions": (lambda: bench._regions(False), {"rsub.Scalar": 1}),
 }
@@ -321,6 +321,9 @@ def test_what_attention_calls_share_is_made_once(model, name, tiny_cache, stock_
     assert cost.attention_calls >= 2, cost
     for op, limit in limits.items():
         assert extra.get(op, 0) <= limit, (op, extra)
+        # a limit above 0 names work the control does (on Flux: Regions' joint blend is on joint layers only): an op
+        # name the counter records, not one it decomposes
+        assert limit == 0 or model != "tiny-flux" or extra.get(op, 0) > 0, (op, sorted(extra))
 
 
 # -- the sync-free paths give what the host reads gave -------------------------------------------------------------

@@ -139,7 +139,9 @@ def additive_in(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     attention call: cached by the mask's storage (Z-Image makes a new (B, 1, 1, S) view of the forward's (B, S) mask at
     every layer, and a view made under inference mode does not know its base), the view's geometry and the in-place
     version (an inference tensor has none: by storage alone; a model's mask is made per forward, not changed in
-    place). The entry goes with the storage. No host sync; in a torch.compile trace, made in the graph."""
+    place; the runtime forgets every entry at each denoiser call, `forget_mask_conversions`, so a mask changed in place
+    without a version is stale for one forward at most). The entry goes with the storage. No host sync; in a
+    torch.compile trace, made in the graph."""
     if mask.dtype != torch.bool:
         return mask
     if torch.compiler.is_compiling():
@@ -151,6 +153,12 @@ def additive_in(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         with kept_tensors():
             found = _ADDITIVE.put((storage,), extra, as_additive(mask, dtype))
     return found
+
+
+def forget_mask_conversions() -> None:
+    """Drop `additive_in`'s entries: the runtime calls it as each denoiser call opens (a model makes its mask per
+    forward; an inference tensor has no version to tell a mask changed in place since the last forward)."""
+    _ADDITIVE.clear()
 
 
 def bounded_value_scale(value_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from ..errors import BackendError, CallLayoutError, HandleError, IdleControlWarn
 from ..families.base import Canvas, LayerInfo, ModelAdapter
 from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend, choose_traced_backend, prepare_traced_labels
-from ..kernels.spec import LabelMask
+from ..kernels.spec import LabelMask, forget_mask_conversions
 from ..processors.edit import AttentionCall, Edit, merge_edits
 from ..steps import StepGroups, StepInfo, call_frame, loop_timesteps, step_groups
 from ..tokens import PromptTokens
@@ -399,6 +399,7 @@ class Runtime:
                 f"applied to ({type(self.pipeline).__name__}). Pipelines made with from_pipe share the denoiser: "
                 "apply attnctl to the pipeline you call (handle.remove() first)."
             )
+        forget_mask_conversions()
         canvas = self._canvas(inputs)
         if call.frames == 0:
             self._start_schedule(call)

@@ -68,15 +68,15 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def sees_columns(labels: LabelMask, image: slice, columns: list[int]) -> torch.Tensor:
+def sees_columns(labels: LabelMask, image: slice, index: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor: whether under `labels` some query in `image` of some batch row may attend to some key at the
-    positions `columns` (its label pair's bias is above -inf). Read on the labels (a few labels), never a dense mask."""
+    positions `index` (a long tensor on the labels' device; its label pair's bias is above -inf). Read on the labels
+    (a few labels), never a dense mask."""
     rows = labels.rows
     table = labels.table.expand(rows, -1, -1) > float("-inf")  # (rows, Lq, Lk)
     device = labels.q_labels.device
     queries = torch.zeros(rows, table.shape[1], dtype=torch.bool, device=device)
     queries.scatter_(1, labels.q_labels[:, image].expand(rows, -1), True)
-    index = torch.tensor(columns, dtype=torch.long, device=labels.k_labels.device)
     keys = torch.zeros(rows, table.shape[2], dtype=torch.bool, device=labels.k_labels.device)
     keys.scatter_(1, labels.k_labels.index_select(1, index).expand(rows, -1), True)
     return (queries[:, :, None] & table.to(device) & keys.to(device)[:, None, :]).any()
@@ -141,6 +141,7 @@ class LatentOptimizerBound(Bound):
         self._passes = 0
         self._masked_passes = 0
         self._seen: torch.Tensor | None = None
+        self._column_index: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._scheduler_wrapped = False
         scheduler = getattr(context.pipeline, "scheduler", None)
         if scheduler is None or not callable(getattr(scheduler, "step", None)):
@@ -185,7 +186,7 @@ class LatentOptimizerBound(Bound):
             return block_bias(spec, slice(image.start + lo, image.start + hi), keys, q.device)
 
         if spec.labels is not None:
-            self._sight.append(sees_columns(spec.labels, image, [key_text.start + c for c in self.columns]))
+            self._sight.append(sees_columns(spec.labels, image, self._key_columns(key_text.start, spec.labels.k_labels.device)))
         h, w = geometry.image_hw
         if self.keep_heads:
             maps = word_attention(q[:, :, image], k, selector, scale=spec.scale, bias=bias, per_head=True, values=values)  # (n, H, Ni, W)
@@ -235,6 +236,15 @@ class LatentOptimizerBound(Bound):
             maps = torch.stack(list(self.read.values())).mean(dim=0)
         self.read = {}
         return maps
+
+    def _key_columns(self, start: int, device: torch.device) -> torch.Tensor:
+        """The loss's columns as key positions (text starting at `start`), a long tensor on `device`: made once per
+        call and device, not at every map layer (a host-to-device copy)."""
+        key = (start, device)
+        index = self._column_index.get(key)
+        if index is None:
+            index = self._column_index[key] = torch.tensor([start + c for c in self.columns], dtype=torch.long, device=device)
+        return index
 
     def _note_sight(self) -> None:
         """After a loss pass: whether a label mask hid the loss's text columns from every image token at every map layer
@@ -388,11 +398,12 @@ class LatentOptimizerBound(Bound):
 
     def finish(self) -> None:
         try:
-            self._warn_hidden_words()
+            self._warn_hidden_words()  # last use of the call's state; a warning turned into an error still clears it
         finally:
             self._passes, self._masked_passes, self._seen = 0, 0, None
-        self.updates = {}
-        self.read = {}
-        self._sight = []
-        self._values = {}
-        self.index.clear()
+            self.updates = {}
+            self.read = {}
+            self._sight = []
+            self._values = {}
+            self._column_index = {}
+            self.index.clear()
