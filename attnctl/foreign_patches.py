@@ -424,7 +424,41 @@ def computes_first(name: str, hook: Any, state: Any) -> None:
         state.iteration = skip_range
 
 
-def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str) -> None:
+def refuse_batch_splitting_cache(controls: tuple[Any, ...], denoiser: torch.nn.Module, attribute: str) -> None:
+    """Refuse every control under FasterCache's unconditional-batch skip (a model that is not guidance-distilled, with
+    CFG in one batch: PixArt): on the steps it skips, its hook around the denoiser's forward keeps the second half of
+    the batch (`chunk(2)`), after attnctl has laid out the call's rows. Every per-row edit then meets a batch it was not
+    built for: PAG's and SEG's perturbed rows were taken for the cond rows (a 1e-4 PAG moved the output 0.73), Reweight
+    and Regions failed on a batch of the wrong size."""
+    if not controls:
+        return
+    registry = denoiser.__dict__.get("_diffusers_hook")
+    hook = (getattr(registry, "hooks", {}) or {}).get("faster_cache_denoiser")
+    if hook is None or getattr(hook, "is_guidance_distilled", True):
+        return
+    from .errors import UnsupportedError
+
+    raise UnsupportedError(
+        f"attnctl: diffusers' FasterCache on pipe.{attribute} skips the unconditional rows on some steps "
+        "(is_guidance_distilled=False): it runs the denoiser on the second half of the batch, after attnctl has laid "
+        "out the call's rows, so the controls' per-row edits would act on the wrong rows. Use FasterCacheConfig("
+        "is_guidance_distilled=True) (its attention cache alone composes) or another cache, or leave the controls out. "
+        f"Or {cache_removal_hint(denoiser, attribute)}"
+    )
+
+
+def cache_removal_hint(denoiser: torch.nn.Module, attribute: str | None = None) -> str:
+    """How to take diffusers' caches off the denoiser (`pipe.<attribute>`): `disable_cache()` where the model has it
+    (CacheMixin), else the hooks' registry (hooks applied with `diffusers.hooks.apply_*` on a UNet, SD3 or PixArt,
+    whose models have no `disable_cache`)."""
+    where = f"pipe.{attribute}" if attribute else f"the {type(denoiser).__name__}"
+    if callable(getattr(denoiser, "disable_cache", None)):
+        return f"disable the cache with {where}.disable_cache()"
+    return (f"{where} has no disable_cache(): remove the cache's hook with diffusers.hooks.HookRegistry."
+            "check_if_exists_or_initialize(<the denoiser>).remove_hook(<the hook's name>, recurse=True)")
+
+
+def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str, denoiser: torch.nn.Module) -> None:
     if not caches:
         return
     for control in controls:
@@ -434,7 +468,7 @@ def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribu
 
             raise UnsupportedError(
                 f"attnctl: {type(control).__name__} cannot run with diffusers' {', '.join(caches)} on pipe.{attribute}: "
-                f"{why}. Disable the cache (pipe.{attribute}.disable_cache()) or leave {type(control).__name__} out"
+                f"{why}. Leave {type(control).__name__} out, or take the cache off: {cache_removal_hint(denoiser, attribute)}"
             )
 
 

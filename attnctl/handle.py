@@ -26,10 +26,12 @@ from .families.base import LayerInfo, ModelAdapter
 from .foreign_patches import (
     Snapshot,
     attention_caches,
+    cache_removal_hint,
     compiled_parts,
     diffusers_caches,
     foreign_patches,
     module_list,
+    refuse_batch_splitting_cache,
     refuse_cache_conflicts,
     refuse_context_parallel,
     refuse_stateful_forward_compiled,
@@ -171,7 +173,8 @@ def _refuse_uncomposable(
     parts = compiled_parts(entry, denoiser, modules)
     refuse_uncompilable(controls, parts, attribute, adapter)
     refuse_stateful_forward_compiled(controls, parts, denoiser, attribute)
-    refuse_cache_conflicts(controls, diffusers_caches(denoiser, modules), attribute)  # diffusers' caches and context
+    refuse_batch_splitting_cache(controls, denoiser, attribute)
+    refuse_cache_conflicts(controls, diffusers_caches(denoiser, modules), attribute, denoiser)  # diffusers' caches and context
     refuse_context_parallel(denoiser, attribute, modules)  # parallelism: checked at the same times (apply, every call)
     return parts
 
@@ -532,7 +535,7 @@ def _refuse_windows_under_attention_caches(
                 if why is not None:
                     raise UnsupportedError(
                         f"attnctl: {type(control).__name__} ({effect}) cannot act on layer {layer.name} under diffusers' "
-                        f"{cache}: {why}, or disable the cache (pipe.{attribute}.disable_cache())"
+                        f"{cache}: {why}, or {cache_removal_hint(adapter.expert_of(layer), adapter.expert_name(adapter.expert_of(layer)) or attribute)}"
                     )
 
 

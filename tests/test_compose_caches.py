@@ -555,3 +555,40 @@ def test_sag_with_a_cache_that_can_leave_its_layer_unrun_is_refused(flux):
     finally:
         transformer.disable_cache()
     assert torch.isfinite(guided).all() and not torch.equal(guided, cached)
+
+
+def test_faster_cache_skipping_unconditional_rows_is_refused_with_every_control():
+    """FasterCache on a model that is not guidance-distilled (PixArt: CFG in one batch) runs the denoiser on the second
+    half of the batch on its skip steps, after attnctl laid out the call's rows: PAG's perturbed row was read as the
+    cond row (a 1e-4 PAG moved the output 0.73), Reweight failed on a batch of the wrong size. Refused at apply, and
+    at the next call when the cache comes after apply; the distilled form (attention cache alone) composes."""
+    from diffusers.hooks import FasterCacheConfig, HookRegistry, apply_faster_cache
+
+    pipe = make_tiny_pipeline("tiny-pixart")
+
+    def cache(distilled: bool) -> None:
+        apply_faster_cache(pipe.transformer, FasterCacheConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 901),
+            current_timestep_callback=lambda: 500, attention_weight_callback=lambda _: 0.5,
+            is_guidance_distilled=distilled, unconditional_batch_skip_range=2,
+            unconditional_batch_timestep_skip_range=(-1, 1001), tensor_format="BCHW"))
+
+    def uncache() -> None:
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook("faster_cache_denoiser", recurse=True)
+        HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook("faster_cache_block", recurse=True)
+
+    cache(False)
+    for control in (attnctl.PAG(scale=1e-4), attnctl.Reweight({"cat": 2.0})):
+        with pytest.raises(UnsupportedError, match=r"FasterCache on pipe.transformer skips the unconditional rows.*"
+                                                   r"has no disable_cache\(\)"):
+            attnctl.apply(pipe, [control])
+    attnctl.apply(pipe, []).remove()  # no control, nothing to refuse
+    uncache()
+    with attnctl.apply(pipe, [attnctl.PAG(scale=2.0)]):
+        cache(False)
+        with pytest.raises(UnsupportedError, match="skips the unconditional rows"):
+            generate(pipe, "tiny-pixart", prompt="a photo of a cat", steps=2)
+        uncache()
+        cache(True)
+        generate(pipe, "tiny-pixart", prompt="a photo of a cat", steps=2)
+    uncache()

@@ -44,7 +44,7 @@ from ...control import Bound, Control
 from ...denoiser_call import DenoiserCall, RowLayout, RowPlan, SecondPass
 from ...errors import CallLayoutError, SelectionError, UnsupportedError
 from ...families.base import Canvas, LayerInfo, ModelAdapter
-from ...foreign_patches import layer_cache
+from ...foreign_patches import cache_removal_hint, layer_cache
 from ...kernels.chunks import row_chunks
 from ...kernels.semantics import block_logits, probabilities, spec_rows
 from ...noise import noise_level, require_noise_level
@@ -151,8 +151,9 @@ def refuse_caches(control: SAG, adapter: ModelAdapter, layers: tuple[LayerInfo, 
         if cache is not None:
             raise UnsupportedError(
                 f"attnctl: SAG reads the self-attention map of {layer.name} at every step it acts on, and diffusers' "
-                f"{cache}: the map would be missing there. Disable the cache (disable_cache()), leave SAG out, or under "
-                "FirstBlockCache give SAG a layer of the first transformer block (SAG(layer=...)), which always runs"
+                f"{cache}: the map would be missing there. Leave SAG out, or under FirstBlockCache give SAG a layer of "
+                "the first transformer block (SAG(layer=...)), which always runs, or take the cache off: "
+                f"{cache_removal_hint(adapter.expert_of(layer), adapter.expert_name(adapter.expert_of(layer)))}"
             )
 
 

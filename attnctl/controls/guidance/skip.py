@@ -33,7 +33,7 @@ import torch
 from ...denoiser_call import DenoiserCall, RowLayout
 from ...errors import ConfigError, SelectionError, UnsupportedError
 from ...families.base import LayerInfo, ModelAdapter
-from ...foreign_patches import block_cache_boundary
+from ...foreign_patches import block_cache_boundary, cache_removal_hint
 from ...steps import StepInfo, validate_steps
 from ...validation import plain_scalar, set_field
 from .common import PerturbingBound, PerturbingControl
@@ -147,7 +147,7 @@ def refuse_block_caches(control: SkipLayer, adapter: ModelAdapter, paths: tuple[
             raise UnsupportedError(
                 f"attnctl: SkipLayer cannot skip block {path} for its rows under diffusers' {cache}: the skipped rows "
                 "would leave that state with fewer rows than the batch. Skip other blocks (SkipLayer(blocks=...)), or "
-                "disable the cache (disable_cache())"
+                f"take the cache off: {cache_removal_hint(adapter.denoiser)}"
             )
 
 
