@@ -288,7 +288,15 @@ def _on_top(record: Wrapped) -> bool:
 def _refuse_readout(pipe: Any, controls: tuple[Control, ...], compiled: bool) -> None:
     """A control that reads the call's result after it (`Control.reads_after_call`) needs an img2img pass of the
     pipeline, which video pipelines do not have, and steps the handle aside for it, which would recompile a compiled
-    denoiser at every call (its hooks come off and on): refused at apply and at every call, before the generation."""
+    denoiser at every call (its hooks come off and on): refused at apply and at every call, before the generation.
+    Magnets on a pipeline none of whose calls can be their readout pass (an inpainting call; Flux Kontext's, with no
+    img2img pipeline) are refused here too (`magnets_refusal`)."""
+    from .controls.maps.capture import AttentionMaps, magnets_refusal
+
+    if any(isinstance(control, AttentionMaps) and control.magnets for control in controls):
+        refused = magnets_refusal(pipe)
+        if refused is not None:
+            raise UnsupportedError(refused)
     readers = [control for control in controls if control.reads_after_call(pipe)]
     if not readers:
         return

@@ -506,6 +506,50 @@ def test_a_control_whose_layers_sit_on_an_expert_that_runs_none_of_its_steps_war
             assert not torch.equal(generate(zero, prompt="a cat", steps=2), stock)
 
 
+def test_every_control_acting_through_its_layers_alone_warns_on_an_expert_that_runs_no_step():
+    """Regions (cross-attention: no region tokens), StructuredGuidance, ConsistentSubjects and AttentionInterpolation
+    change a denoiser call only at their layers: on `transformer_2` with boundary_ratio=0.0 (every step on
+    `transformer`) they are stock, and warn as Reweight does (they were silent)."""
+    from attnctl.testing.new_families import tiny_wan22
+
+    zero = tiny_wan22(boundary_ratio=0.0)
+    zero.set_progress_bar_config(disable=True)
+    one, two, three = ["a red cat"], ["a red cat", "a green dog"], ["a red cat", "a green dog", "a blue cat"]
+    cases = (
+        (attnctl.Regions([attnctl.Region("a blue dog", box=(0.0, 0.0, 0.5, 1.0))], base_ratio=0.0, layers="transformer_2"), one),
+        (attnctl.StructuredGuidance(phrases=["a red cat"], layers="transformer_2"), one),
+        (attnctl.ConsistentSubjects(strength=4.0, layers="transformer_2"), two),
+        (attnctl.AttentionInterpolation(layers="transformer_2"), three),
+    )
+    stock = {len(prompt): generate(zero, prompt=prompt, steps=2) for prompt in (one, two, three)}
+    for control, prompt in cases:
+        with pytest.warns(attnctl.IdleControlWarning, match=(
+                rf"{type(control).__name__} is idle in this call: its layers are all on transformer_2, which runs none of "
+                r"the 2 steps of this call \(WanPipeline's boundary_ratio=0")):
+            with attnctl.apply(zero, [control]):
+                assert torch.equal(generate(zero, prompt=prompt, steps=2), stock[len(prompt)])
+
+
+def test_fastattn_with_one_step_per_expert_warns_idle(pipe):
+    """Calibration runs full attention at a layer's first step (nothing cached yet: no earlier output, no residual),
+    and a layer of an expert first runs at that expert's first step: with one step per expert (2 steps across the
+    boundary) FastAttn is stock, and warns as a one-step call does; with 3 steps one expert has a second step, where
+    calibration chooses sharing at this threshold."""
+    import warnings
+
+    fast = attnctl.FastAttn(threshold=10.0, window=1)
+    stock = {steps: generate(pipe, prompt="a cat", steps=steps) for steps in (2, 3)}
+    with pytest.warns(attnctl.IdleControlWarning, match=(
+            r"FastAttn is idle in this call: each expert holding its layers \(transformer, transformer_2\) runs at most "
+            r"one step of this call \(transformer at step 0, transformer_2 at step 1\)")):
+        with attnctl.apply(pipe, [fast]):
+            assert torch.equal(generate(pipe, prompt="a cat", steps=2), stock[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnctl.IdleControlWarning)
+        with attnctl.apply(pipe, [fast]):
+            assert not torch.equal(generate(pipe, prompt="a cat", steps=3), stock[3])
+
+
 def test_a_pipeline_with_transformer_2_alone_is_refused_naming_it(pipe):
     """diffusers runs a Wan 2.2 pipeline with `transformer=None` and `transformer_2` only (every step below the
     boundary); apply said it "holds neither a unet nor a transformer". The refusal names transformer_2 and says to pass

@@ -141,8 +141,44 @@ def test_magnets_never_run_in_a_controlnet_generation(tiny_cache):
     pipe = tiny_sd_controlnet(tiny_cache("tiny-sd"), seed=1)
     condition = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     with attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)):
-        with pytest.raises(ConfigError, match="readout pass"):
+        with pytest.raises(ConfigError, match="readout pass.*control_image= .*StableDiffusionControlNetImg2ImgPipeline"):
             generate(pipe, "tiny-sd", [PROMPT], image=condition)
+
+
+def test_magnets_on_a_pipeline_none_of_whose_calls_is_a_readout_are_refused_at_apply(tiny_cache):
+    """Magnets change the prompt and so the image, so they run only in a readout pass. An inpainting call (Inpaint,
+    Fill: a `mask_image`) generates the masked area: it was taken for the readout, and the inpainted image changed
+    without a word. Flux Kontext and T2I-Adapter calls take their `image` as a condition and diffusers has no img2img
+    pipeline for them: every call raised, naming read_maps(pipe, ...), which raised too. All are refused at apply,
+    naming the img2img pipeline to read with, and leave the pipeline stock; img2img and ControlNet stay accepted."""
+    from diffusers import (
+        FluxFillPipeline,
+        FluxKontextPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+    )
+
+    from attnctl.testing import tiny_sd_controlnet
+
+    from .helpers import tiny_sdxl_conditioned
+
+    sd, flux = tiny_cache("tiny-sd"), tiny_cache("tiny-flux")
+    flux_parts = {k: v for k, v in flux.components.items() if k not in ("image_encoder", "feature_extractor")}
+    refused = {
+        StableDiffusionInpaintPipeline(**sd.components): r"StableDiffusionInpaintPipeline's call inpaints .*StableDiffusionImg2ImgPipeline",
+        FluxFillPipeline(**flux_parts): r"FluxFillPipeline's call inpaints .*FluxImg2ImgPipeline",
+        FluxKontextPipeline(**flux.components): r"no FluxKontextImg2ImgPipeline .*FluxImg2ImgPipeline",
+        tiny_sdxl_conditioned(tiny_cache("tiny-sdxl"), "adapter"): r"no StableDiffusionXLAdapterImg2ImgPipeline .*StableDiffusionXLImg2ImgPipeline",
+    }
+    for pipe, reason in refused.items():
+        denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        before = dict(denoiser.attn_processors)
+        with pytest.raises(UnsupportedError, match=r"runs only in a readout pass over an image .*" + reason):
+            attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True))
+        assert denoiser.attn_processors == before
+        attnctl.apply(pipe, AttentionMaps(["cat"])).remove()  # the plain maps capture the call itself
+    for pipe in (StableDiffusionImg2ImgPipeline(**sd.components), tiny_sd_controlnet(sd, seed=1)):
+        attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)).remove()
 
 
 @pytest.mark.parametrize("name", ["tiny-pixart"])

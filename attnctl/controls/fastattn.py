@@ -640,12 +640,34 @@ class FastAttnBound(Bound):
                     "(text keys), so the output is the stock one; select self- or joint-attention layers")
         if count == 1:
             return "the call has 1 step, and step 0 always runs full attention, so the output is the stock one"
+        lone = self._lone_expert_steps()
+        if lone is not None:
+            return lone
         if self.fast.techniques == ("cfg_share",) and not self.shares_cfg:
             return (
                 f"techniques=('cfg_share',) shares attention between CFG rows, and {self._no_cfg_rows()}, so the output "
                 "is the stock one; add 'window_residual' or 'step_share'"
             )
         return None
+
+    def _lone_expert_steps(self) -> str | None:
+        """Calibration on a pipeline with denoiser experts (Wan 2.2) where each expert holding the selected layers runs
+        at most one step of the call: a layer has nothing cached at its expert's first step (no earlier output to share,
+        no residual for a window), so that step runs full attention, as step 0 does, unless CFG sharing can act there
+        (not at step 0, and only with batched CFG rows). None where some step can take another method, and where no
+        such expert runs a step (the handle's own idle rule names the expert then)."""
+        if self.experts is None:
+            return None
+        held = self.adapter.layer_experts(layer.name for layer in self.layers) or frozenset()
+        steps = {expert: [i for i, runs in enumerate(self.experts) if runs == expert] for expert in sorted(held)}
+        cfg = self.shares_cfg and "cfg_share" in self.fast.techniques
+        if not any(steps.values()) or any(len(run) > 1 or (run and run[0] > 0 and cfg) for run in steps.values()):
+            return None
+        return (
+            f"each expert holding its layers ({', '.join(steps)}) runs at most one step of this call "
+            f"({describe_experts(self.experts)}), and an expert's first step runs full attention (its layers have "
+            "nothing cached from an earlier step), so the output is the stock one; run more steps"
+        )
 
     def _warn_unrecorded_experts(self, adapter: ModelAdapter) -> None:
         """A plan made before plans recorded their expert schedule: its methods other than full attention tell which

@@ -212,6 +212,8 @@ def phrase_tokens(tokens: PromptTokens, phrase: str) -> tuple[int, ...]:
 class StructuredBound(Bound):
     """The phrases of each prompt row resolved and encoded once per call; the value edit per layer."""
 
+    layers_only = True  # its value edit at the selected layers is all it does
+
     def __init__(self, control: StructuredGuidance, context: BindContext):
         super().__init__(control, context.layers, control.steps)
         self.scale = control.scale

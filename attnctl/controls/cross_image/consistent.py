@@ -369,6 +369,8 @@ class _ConsistentBound(LinkedKeysBound):
     """Row links, the subjects' labels per prompt row at each grid, and (subject words) the maps of the previous
     step: captured in the cond rows' map layers during step t, used by every row at step t + 1."""
 
+    layers_only = True  # the rows share keys and values at its layers only (no row, input or latent of the call changes)
+
     def __init__(self, control: ConsistentSubjects, context: BindContext):
         super().__init__(control, context, AppendedKeysHook)
         self.prompt_rows = context.prompt_rows

@@ -224,6 +224,8 @@ def interpolation_links(rows: RowLayout, points: tuple[float, ...]) -> RowLinks:
 
 
 class _InterpolationBound(Bound):
+    layers_only = True  # the interpolated rows' attention at its layers (the rows' prompts are the call's own)
+
     def __init__(self, control: AttentionInterpolation, context: BindContext):
         super().__init__(control, context.layers, control.steps)
         if context.prompt_rows < 2:

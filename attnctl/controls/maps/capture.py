@@ -74,9 +74,11 @@ class AttentionMaps(Control, type_name="attention-maps"):
     `readout_strength`: on an img2img pipeline the call itself is that pass; on a text-to-image pipeline the
     generation runs stock (nothing captured) and, once it has returned its images, the handle reads them in a
     readout pass (`attnctl.read_maps`'s, with the call's prompts, `num_inference_steps` and `guidance_scale`,
-    re-noised with seed 0) and publishes that pass's maps under `key`. A ControlNet / T2I-Adapter text-to-image call
-    (its `image` is a condition) raises. SD / SDXL, SD3 and Flux (padded text embeddings); other families are
-    refused at apply with the reason.
+    re-noised with seed 0) and publishes that pass's maps under `key`. A ControlNet text-to-image call (its `image`
+    is a condition) raises; an inpainting pipeline (it generates the masked area) and one whose `image` is a
+    condition with no img2img pipeline in diffusers (T2I-Adapter, Flux Kontext) are refused at apply
+    (`magnets_refusal`). SD / SDXL, SD3 and Flux (padded text embeddings); other families are refused at apply
+    with the reason.
     """
 
     #: images (2-D token grids) and video (3-D: one map per token frame, see `AttentionMapResult`)
@@ -153,7 +155,7 @@ class AttentionMaps(Control, type_name="attention-maps"):
 
     def reads_after_call(self, pipeline: Any) -> bool:
         """Magnets on a pipeline that generates from text alone (no `image`): the readout runs after the call."""
-        return bool(self.magnets) and "image" not in _call_parameters(pipeline)
+        return bool(self.magnets) and _call_kind(pipeline) == "text"
 
     def bind(self, context: BindContext) -> Bound:
         if self.reads_after_call(context.pipeline):
@@ -569,18 +571,97 @@ def _call_parameters(pipeline: Any) -> Mapping[str, Any]:
         return {}
 
 
+def _call_kind(pipeline: Any) -> str:
+    """What a call of `pipeline` is to magnets, by its arguments: "text" (no `image`: it generates from text, and the
+    handle reads its images after it, `_ReadoutAfterCall`), "img2img" (an `image` re-noised to a `strength`: the call
+    is the readout pass), "inpaint" (also a `mask_image`: it generates the masked area) or "conditioned" (an `image`
+    and no `strength`: a ControlNet or T2I-Adapter condition, Flux Kontext's reference image; it generates)."""
+    parameters = _call_parameters(pipeline)
+    if "image" not in parameters:
+        return "text"
+    if "mask_image" in parameters:
+        return "inpaint"
+    return "img2img" if "strength" in parameters else "conditioned"
+
+
+_VARIANT_WORDS = ("Kontext", "Adapter", "ControlNet", "Control", "InstructPix2Pix", "Inpaint", "Fill")
+
+
+def _base_img2img(pipeline: Any) -> str | None:
+    """The img2img pipeline class of `pipeline`'s model in diffusers (FluxKontextPipeline, FluxFillPipeline ->
+    FluxImg2ImgPipeline; StableDiffusionXLAdapterPipeline -> StableDiffusionXLImg2ImgPipeline), or None."""
+    import diffusers
+
+    name = type(pipeline).__name__
+    for word in _VARIANT_WORDS:
+        name = name.replace(word, "")
+    name = name.replace("Pipeline", "Img2ImgPipeline")
+    return name if hasattr(diffusers, name) else None
+
+
+def _read_with(pipeline: Any) -> str:
+    """Where to read the maps of `pipeline`'s images with magnets instead: an img2img pipeline of the model."""
+    base = _base_img2img(pipeline)
+    made = f" ({base}, made of this pipeline's components)" if base is not None else ""
+    return f"generate without magnets, then read the images with attnctl.read_maps on an img2img pipeline of the model{made}"
+
+
+def magnets_refusal(pipeline: Any) -> str | None:
+    """Why `AttentionMaps(magnets=...)` can read in no call of `pipeline` (checked at apply), or None. Magnets change
+    the prompt and so the image, so they run only in a readout pass over an image (`_require_readout`). An
+    inpainting call (its `mask_image`: Inpaint and Fill pipelines) generates the masked area, so it is no readout
+    pass; a call whose `image` is a condition (no `strength`) generates too, and where diffusers has no img2img
+    pipeline for it (Flux Kontext, T2I-Adapter) no readout can be made of it either (`attnctl.read_maps(pipe, ...)`
+    raises). A ControlNet pipeline, whose img2img pipeline reads given images, raises at each call instead."""
+    import diffusers
+
+    from ...pipelines.readout import img2img_name
+
+    kind = _call_kind(pipeline)
+    name = type(pipeline).__name__
+    why = ("attnctl: AttentionMaps(magnets=...) changes the prompt and so the image, so it runs only in a readout pass "
+           "over an image (an img2img call, or one the handle runs after a text-to-image call); ")
+    if kind == "inpaint":
+        return why + (
+            f"{name}'s call inpaints (it takes a mask_image): it generates the masked area, which the magnets would "
+            f"change, so it is no readout pass (an img2img call re-noises a whole image); {_read_with(pipeline)}; an "
+            "inpainting denoiser with extra input channels (a 9-channel UNet, Flux Fill's) runs in none: read with the "
+            "base model's"
+        )
+    if kind == "conditioned" and not hasattr(diffusers, img2img_name(pipeline)):
+        return why + (
+            f"{name}'s call takes its `image` as a condition (it has no strength to re-noise it), so it generates, and "
+            f"diffusers has no {img2img_name(pipeline)} to make a readout pass of ({name} itself cannot be read by "
+            f"attnctl.read_maps either); {_read_with(pipeline)}"
+        )
+    return None
+
+
 def _require_readout(pipeline: Any) -> None:
     """Magnets change the prompt and so the image: only an img2img call (a readout pass over an image, re-noised to a
-    `strength`) may use them. A ControlNet or T2I-Adapter text-to-image call also takes an `image` (its condition),
-    but no `strength`: it generates (a text-to-image call without an image reads its result after it,
-    `_ReadoutAfterCall`)."""
-    parameters = _call_parameters(pipeline)
-    if not ("image" in parameters and "strength" in parameters):
-        raise ConfigError(
-            f"attnctl: AttentionMaps(magnets=...) changes the prompt and so the image, so it runs only in a separate "
-            f"readout pass over an image (an img2img call); {type(pipeline).__name__} generates from text. Generate "
-            "without magnets, then read the maps with attnctl.read_maps(pipe, images, prompt, words, magnets=True)"
-        )
+    `strength`) may use them. A ControlNet text-to-image call also takes an `image` (its condition), but no
+    `strength`: it generates (a text-to-image call without an image reads its result after it, `_ReadoutAfterCall`;
+    the pipelines no readout can be made of are refused at apply, `magnets_refusal`)."""
+    kind = _call_kind(pipeline)
+    if kind == "img2img":
+        return
+    refused = magnets_refusal(pipeline)
+    if refused is not None:
+        raise UnsupportedError(refused)
+    condition = ""
+    if kind == "conditioned":  # diffusers has its img2img pipeline (magnets_refusal), which takes the condition apart
+        import diffusers
+
+        from ...pipelines.readout import img2img_name
+
+        reader = img2img_name(pipeline)
+        if "control_image" in inspect.signature(getattr(diffusers, reader).__call__).parameters:
+            condition = f", giving this call's image as control_image= (the condition of {reader}, which read_maps makes)"
+    raise ConfigError(
+        f"attnctl: AttentionMaps(magnets=...) changes the prompt and so the image, so it runs only in a separate "
+        f"readout pass over an image (an img2img call); {type(pipeline).__name__} generates. Generate without "
+        f"magnets, then read the maps with attnctl.read_maps(pipe, images, prompt, words, magnets=True){condition}"
+    )
 
 
 @dataclass(frozen=True)

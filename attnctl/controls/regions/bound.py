@@ -74,6 +74,8 @@ class RegionsBound(Bound):
                     roles[layer.index] = "hidden"
         self.roles = roles
         super().__init__(control, tuple(layer for layer in adapter.layers if layer.index in roles), control.steps)
+        # region tokens appended to the text stream reach every joint layer; without them Regions acts at its layers only
+        self.layers_only = not self.tokens
         self.device = context.device
         self.backend = context.backend
         self.denoiser = adapter.denoiser
