@@ -179,6 +179,11 @@ def test_magnets_on_a_pipeline_none_of_whose_calls_is_a_readout_are_refused_at_a
         attnctl.apply(pipe, AttentionMaps(["cat"])).remove()  # the plain maps capture the call itself
     for pipe in (StableDiffusionImg2ImgPipeline(**sd.components), tiny_sd_controlnet(sd, seed=1)):
         attnctl.apply(pipe, AttentionMaps(["cat"], magnets=True)).remove()
+    # read_maps on an inpainting pipeline read with the inpainting call itself and failed inside diffusers
+    inpaint = StableDiffusionInpaintPipeline(**sd.components)
+    for magnets in (False, True):
+        with pytest.raises(UnsupportedError, match=r"read_maps .*inpaints .*StableDiffusionImg2ImgPipeline\(\*\*pipe.components\)"):
+            attnctl.read_maps(inpaint, [torch.rand(3, 32, 32)], PROMPT, ["cat"], magnets=magnets, num_inference_steps=2)
 
 
 @pytest.mark.parametrize("name", ["tiny-pixart"])

@@ -43,6 +43,14 @@ def img2img_of(pipe: Any) -> Any:
     does, but without `from_pipe`'s final `.to(dtype=float32)`: the components are the caller's own modules, and that
     cast turned a half-precision pipeline into a float32 one (tests/test_first_hour.py)."""
     parameters = inspect.signature(type(pipe).__call__).parameters
+    if "mask_image" in parameters:  # an inpainting call generates the masked area: no readout of the whole image
+        base = type(pipe).__name__.replace("Inpaint", "").replace("Fill", "").replace("Pipeline", "Img2ImgPipeline")
+        raise UnsupportedError(
+            f"attnctl: read_maps reads the maps of given images through an img2img pass; {type(pipe).__name__}'s call "
+            f"inpaints (it takes a mask_image) and regenerates only the masked area: pass an img2img pipeline of the "
+            f"model instead, e.g. diffusers.{base}(**pipe.components) where the denoiser takes plain latents (an "
+            "inpainting-only denoiser, a 9-channel UNet or Flux Fill's, needs its base model)"
+        )
     if "image" in parameters and "strength" in parameters:
         return pipe
     import diffusers
