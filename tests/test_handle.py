@@ -922,6 +922,8 @@ def test_removing_the_last_live_handle_clears_the_backends_module_caches(tiny_ca
 def test_encode_prompt_between_calls_keeps_the_last_calls_outputs():
     """Embeddings computed ahead with pipe.encode_prompt between two calls start no pipeline call: the last call's
     outputs stay readable (they were cleared, and handle.outputs said no call had finished)."""
+    from attnctl.handle import MissingOutputError
+
     pipe = make_tiny_pipeline("tiny-sd")
     with attnctl.apply(pipe, [attnctl.AttentionMaps(["cat"])]) as handle:
         generate(pipe, "tiny-sd", prompt="a photo of a cat", steps=1)
@@ -931,3 +933,12 @@ def test_encode_prompt_between_calls_keeps_the_last_calls_outputs():
         assert embeds.shape[0] == negative.shape[0] == 1
         generate(pipe, "tiny-sd", prompt="a cat", steps=1)
         assert handle.outputs["attention_maps"] is not maps
+
+        def stop(*_):
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):  # a failed call's partial maps never read as a call's, encode or not
+            generate(pipe, "tiny-sd", prompt="a cat", steps=2, callback_on_step_end=stop)
+        pipe.encode_prompt("a photo of a dog", "cpu", 1, True)
+        with pytest.raises(MissingOutputError, match="the last one failed"):
+            handle.outputs["attention_maps"]

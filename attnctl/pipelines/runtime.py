@@ -202,6 +202,7 @@ class Runtime:
     def begin_call(self, pixels: tuple[Any, Any] | None = None) -> None:
         owner = CallOwner.find(self.pipeline)
         previous = self.call
+        failed = self.call_failed()  # its controls finish below and publish what they had: not readable as a call's
         if previous is not None and previous.owner is not None and previous.owner.running():
             if previous.owner.thread != threading.get_ident():
                 self._refuse_other_thread()
@@ -223,9 +224,10 @@ class Runtime:
                           f"{type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
         if previous is not None:
             previous.owner = None
-        if owner is not None:
+        if owner is not None or failed:
             # an encode_prompt made outside a pipeline call (embeddings computed ahead) is recorded but starts no call
-            # of the pipeline: the last call's outputs stay readable until the next call's check_inputs
+            # of the pipeline: the last call's outputs stay readable until the next call's check_inputs (a failed
+            # call's never are)
             self.outputs.clear()
         self.call = PipelineCallState(owner=owner)
         if pixels is not None and all(isinstance(p, int) for p in pixels):
