@@ -251,6 +251,8 @@ LOSSLESS_HOOKS = ("text_kv_cache_transformer", "text_kv_cache_block")
 def cache_name(hook_name: str, hook: Any) -> str | None:
     """The cache a diffusers hook belongs to, or None: a known cache by the name it registers under, and any other
     stateful hook (a cache of a diffusers release newer than this list) by its own name."""
+    if hook_name == "faster_cache_denoiser" and getattr(hook, "is_guidance_distilled", False):
+        return None  # registered on a guidance-distilled model too, where it never skips a row: nothing is cached
     name = ATTENTION_CACHES.get(hook_name) or BLOCK_CACHES.get(hook_name)
     if name is None and getattr(hook, "_is_stateful", False) and hook_name not in LOSSLESS_HOOKS:
         name = f"{hook_name!r} (a stateful diffusers hook, taken for a cache)"
@@ -448,14 +450,21 @@ def refuse_batch_splitting_cache(controls: tuple[Any, ...], denoiser: torch.nn.M
 
 
 def cache_removal_hint(denoiser: torch.nn.Module, attribute: str | None = None) -> str:
-    """How to take diffusers' caches off the denoiser (`pipe.<attribute>`): `disable_cache()` where the model has it
-    (CacheMixin), else the hooks' registry (hooks applied with `diffusers.hooks.apply_*` on a UNet, SD3 or PixArt,
-    whose models have no `disable_cache`)."""
-    where = f"pipe.{attribute}" if attribute else f"the {type(denoiser).__name__}"
-    if callable(getattr(denoiser, "disable_cache", None)):
+    """How to take diffusers' caches off the denoiser (`pipe.<attribute>`): `disable_cache()` where the cache came from
+    `enable_cache` (CacheMixin keeps its config), else the hooks' registry, by the names of the cache hooks found (hooks
+    applied with `diffusers.hooks.apply_*`: `disable_cache()` does nothing for them, and UNet, SD3 and PixArt models
+    have no `disable_cache`)."""
+    where = f"pipe.{attribute}" if attribute else "the denoiser (pipe.unet / pipe.transformer)"
+    if callable(getattr(denoiser, "disable_cache", None)) and getattr(denoiser, "_cache_config", None) is not None:
         return f"disable the cache with {where}.disable_cache()"
-    return (f"{where} has no disable_cache(): remove the cache's hook with diffusers.hooks.HookRegistry."
-            "check_if_exists_or_initialize(<the denoiser>).remove_hook(<the hook's name>, recurse=True)")
+    names: list[str] = []
+    for module in module_list(denoiser):
+        for hook_name, hook in _hooks(module).items():
+            if cache_name(hook_name, hook) is not None and hook_name not in names:
+                names.append(hook_name)
+    model = f"pipe.{attribute}" if attribute else "<the denoiser>"
+    return (f"remove its hooks from {where}: for name in {tuple(names)!r}: diffusers.hooks.HookRegistry."
+            f"check_if_exists_or_initialize({model}).remove_hook(name, recurse=True)")
 
 
 def refuse_cache_conflicts(controls: tuple[Any, ...], caches: list[str], attribute: str, denoiser: torch.nn.Module) -> None:

@@ -173,8 +173,8 @@ def _refuse_uncomposable(
     parts = compiled_parts(entry, denoiser, modules)
     refuse_uncompilable(controls, parts, attribute, adapter)
     refuse_stateful_forward_compiled(controls, parts, denoiser, attribute)
-    refuse_batch_splitting_cache(controls, denoiser, attribute)
     refuse_cache_conflicts(controls, diffusers_caches(denoiser, modules), attribute, denoiser)  # diffusers' caches and context
+    refuse_batch_splitting_cache(controls, denoiser, attribute)  # after: its advice (the distilled form) suits the rest
     refuse_context_parallel(denoiser, attribute, modules)  # parallelism: checked at the same times (apply, every call)
     return parts
 
