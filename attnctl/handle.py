@@ -300,7 +300,8 @@ def _refuse_readout(pipe: Any, controls: tuple[Control, ...], compiled: bool) ->
     readers = [control for control in controls if control.reads_after_call(pipe)]
     if not readers:
         return
-    from .pipelines.readout import img2img_name, refuse_unreadable
+    from .families import img2img_name
+    from .pipelines.readout import refuse_unreadable
 
     what = f"{type(readers[0]).__name__}(magnets=...) on a text-to-image pipeline"
     refuse_unreadable(pipe, owner=what)

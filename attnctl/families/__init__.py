@@ -38,6 +38,11 @@ REFUSED_DENOISERS: dict[str, str] = {
 }
 
 
+def img2img_name(pipe: object) -> str:
+    """The name of the img2img pipeline class of `pipe`'s (StableDiffusion(XL)Pipeline -> ...Img2ImgPipeline)."""
+    return type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline")
+
+
 def installed_diffusers() -> tuple[int, int]:
     """(major, minor) of the installed diffusers."""
     import diffusers
@@ -83,4 +88,4 @@ def adapter_for_experts(experts: dict[str, torch.nn.Module]) -> ModelAdapter:
     return discover(experts)
 
 
-__all__ = ["ADAPTERS", "REFUSED_DENOISERS", "adapter_for_experts", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]
+__all__ = ["ADAPTERS", "REFUSED_DENOISERS", "adapter_for_experts", "img2img_name", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]

@@ -19,12 +19,8 @@ from typing import Any
 
 from ..controls.maps.capture import AttentionMapResult, AttentionMaps, ReadoutRequest
 from ..errors import ConfigError, UnsupportedError
+from ..families import img2img_name
 from .protocol import named_call_arguments
-
-
-def img2img_name(pipe: Any) -> str:
-    """The name of the img2img pipeline class of `pipe`'s (StableDiffusion(XL)Pipeline -> ...Img2ImgPipeline)."""
-    return type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline")
 
 
 def refuse_unreadable(pipe: Any, owner: str = "read_maps") -> None:

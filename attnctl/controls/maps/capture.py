@@ -615,7 +615,7 @@ def magnets_refusal(pipeline: Any) -> str | None:
     raises). A ControlNet pipeline, whose img2img pipeline reads given images, raises at each call instead."""
     import diffusers
 
-    from ...pipelines.readout import img2img_name
+    from ...families import img2img_name
 
     kind = _call_kind(pipeline)
     name = type(pipeline).__name__
@@ -652,7 +652,7 @@ def _require_readout(pipeline: Any) -> None:
     if kind == "conditioned":  # diffusers has its img2img pipeline (magnets_refusal), which takes the condition apart
         import diffusers
 
-        from ...pipelines.readout import img2img_name
+        from ...families import img2img_name
 
         reader = img2img_name(pipeline)
         if "control_image" in inspect.signature(getattr(diffusers, reader).__call__).parameters:
