@@ -43,6 +43,21 @@ def img2img_name(pipe: object) -> str:
     return type(pipe).__name__.replace("Pipeline", "Img2ImgPipeline")
 
 
+_VARIANT_WORDS = ("Kontext", "Adapter", "ControlNet", "Control", "InstructPix2Pix", "Inpaint", "Fill")
+
+
+def base_img2img_name(pipe: object) -> str | None:
+    """The img2img pipeline class of `pipe`'s base model in diffusers (FluxKontextPipeline, FluxFillPipeline ->
+    FluxImg2ImgPipeline; StableDiffusionXLAdapterPipeline -> StableDiffusionXLImg2ImgPipeline), or None."""
+    import diffusers
+
+    name = type(pipe).__name__
+    for word in _VARIANT_WORDS:
+        name = name.replace(word, "")
+    name = name.replace("Pipeline", "Img2ImgPipeline")
+    return name if hasattr(diffusers, name) else None
+
+
 def installed_diffusers() -> tuple[int, int]:
     """(major, minor) of the installed diffusers."""
     import diffusers
@@ -88,4 +103,4 @@ def adapter_for_experts(experts: dict[str, torch.nn.Module]) -> ModelAdapter:
     return discover(experts)
 
 
-__all__ = ["ADAPTERS", "REFUSED_DENOISERS", "adapter_for_experts", "img2img_name", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]
+__all__ = ["ADAPTERS", "REFUSED_DENOISERS", "adapter_for_experts", "base_img2img_name", "img2img_name", "SUPPORTED_DENOISERS", "Canvas", "Geometry", "LayerInfo", "ModelAdapter", "TextSpan", "adapter_for"]

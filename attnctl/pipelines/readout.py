@@ -19,7 +19,7 @@ from typing import Any
 
 from ..controls.maps.capture import AttentionMapResult, AttentionMaps, ReadoutRequest
 from ..errors import ConfigError, UnsupportedError
-from ..families import img2img_name
+from ..families import base_img2img_name, img2img_name
 from .protocol import named_call_arguments
 
 
@@ -40,7 +40,7 @@ def img2img_of(pipe: Any) -> Any:
     cast turned a half-precision pipeline into a float32 one (tests/test_first_hour.py)."""
     parameters = inspect.signature(type(pipe).__call__).parameters
     if "mask_image" in parameters:  # an inpainting call generates the masked area: no readout of the whole image
-        base = type(pipe).__name__.replace("Inpaint", "").replace("Fill", "").replace("Pipeline", "Img2ImgPipeline")
+        base = base_img2img_name(pipe) or "<the model's img2img pipeline>"
         raise UnsupportedError(
             f"attnctl: read_maps reads the maps of given images through an img2img pass; {type(pipe).__name__}'s call "
             f"inpaints (it takes a mask_image) and regenerates only the masked area: pass an img2img pipeline of the "

@@ -584,24 +584,11 @@ def _call_kind(pipeline: Any) -> str:
     return "img2img" if "strength" in parameters else "conditioned"
 
 
-_VARIANT_WORDS = ("Kontext", "Adapter", "ControlNet", "Control", "InstructPix2Pix", "Inpaint", "Fill")
-
-
-def _base_img2img(pipeline: Any) -> str | None:
-    """The img2img pipeline class of `pipeline`'s model in diffusers (FluxKontextPipeline, FluxFillPipeline ->
-    FluxImg2ImgPipeline; StableDiffusionXLAdapterPipeline -> StableDiffusionXLImg2ImgPipeline), or None."""
-    import diffusers
-
-    name = type(pipeline).__name__
-    for word in _VARIANT_WORDS:
-        name = name.replace(word, "")
-    name = name.replace("Pipeline", "Img2ImgPipeline")
-    return name if hasattr(diffusers, name) else None
-
-
 def _read_with(pipeline: Any) -> str:
     """Where to read the maps of `pipeline`'s images with magnets instead: an img2img pipeline of the model."""
-    base = _base_img2img(pipeline)
+    from ...families import base_img2img_name
+
+    base = base_img2img_name(pipeline)
     made = f" ({base}, made of this pipeline's components)" if base is not None else ""
     return f"generate without magnets, then read the images with attnctl.read_maps on an img2img pipeline of the model{made}"
 
