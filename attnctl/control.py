@@ -297,6 +297,9 @@ class BindContext:
     # video pipeline `VideoFrames` of what `pipe.video_processor.postprocess_video` returned; only for controls
     # with `needs_images`
     call_images: Callable[[], Any] = field(default=lambda: None, compare=False, repr=False)
+    # `call_failed()`: whether the call ended with an error (its pipeline `__call__` raised): at finish, a control
+    # that reads the call's results has none to read, and that call's own error was raised already
+    call_failed: Callable[[], bool] = field(default=lambda: False, compare=False, repr=False)
     # a dict the control's bound objects share for the life of the handle: what depends only on the control and
     # the handle (masks per token grid, index tensors per layer and step) is computed once, not once per call
     handle_cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)

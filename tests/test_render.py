@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -936,3 +937,33 @@ def test_a_reference_attention_mask_region_is_a_path_relative_to_the_job_file(tm
     assert loaded.ok, loaded.problems
     control = loaded.jobs[0].controls[0]
     assert control.image == str(tmp_path / "ref.png") and control.region == str(tmp_path / "masks" / "r.png")
+
+
+def test_a_magnets_job_renders_on_a_text_to_image_model(tmp_path, capsys):
+    """`AttentionMaps(magnets=True)` reads a text-to-image call's images after it: the renderer's check of each job
+    (`Model.resolve`) called the pipeline with output_type='latent', which the magnets refuse, so every magnets job
+    failed before it rendered."""
+    path = jsonl(tmp_path / "j.jsonl", {"id": "m", "prompt": "a red circle", "seeds": [0], **SMALL, "controls": [
+        {"type": "AttentionMaps", "words": ["circle"], "magnets": True}]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the check's stopped call left the magnets nothing to read
+        assert cli.main(["render", str(path), "--out", str(tmp_path / "out"), "--model", "toy-shapes",
+                         "--progress", "none"]) == 0, capsys.readouterr().out
+    assert (tmp_path / "out" / "m" / "0.png").is_file()
+
+
+def test_magnets_after_a_failed_call_add_no_warning_of_their_own(tiny_cache):
+    """A call that raises before its images exist leaves the magnets nothing to read: its own error is raised, and
+    no "could not finish" warning follows it (at the call's end or at the next call)."""
+    pipe = tiny_cache("tiny-sd")
+
+    def fail(*_):
+        raise KeyError("stop")
+
+    with attnctl.apply(pipe, attnctl.AttentionMaps(words=["cat"], magnets=True)) as handle:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with pytest.raises(KeyError, match="stop"):
+                pipe("a cat", num_inference_steps=2, callback_on_step_end=fail, output_type="pil")
+            pipe("a cat", num_inference_steps=2, output_type="pil", generator=torch.Generator().manual_seed(0))
+        assert handle.outputs["attention_maps"] is not None

@@ -701,6 +701,7 @@ class Runtime:
             ),
             wrap_method=self.wrap_for_call,
             call_images=lambda: call.images,
+            call_failed=self.call_failed,
             select_rows=self.select_rows,
             run_denoiser=self.run_differentiable,
             call_arguments=_call_arguments(pipe, call.owner),

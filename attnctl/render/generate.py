@@ -280,7 +280,7 @@ class Model:
             generators = [torch.Generator(device="cpu").manual_seed(0) for _ in prompts]
             try:
                 self._call(options, prompt=rows, generator=generators if len(prompts) > 1 else generators[0],
-                           output_type="latent", **row_kwargs)
+                           output_type="pil", **row_kwargs)
             except _Resolved:
                 pass
             del handle

@@ -726,11 +726,14 @@ class _ReadoutAfterCall(Bound):
                 call[name] = texts
         self.call = call
         self.call_images = context.call_images
+        self.call_failed = context.call_failed
         self.key = control.key
         self.outputs = context.outputs
         publish(context, self.key, None)  # claimed for this call; the readout's result replaces it after the call
 
     def finish(self) -> None:
+        if self.call_failed():  # no images to read (a failed call publishes nothing); its own error was raised
+            return
         found = self.call_images()
         images = _to_pil(found) if found is not None and not isinstance(found, VideoFrames) else None
         if images is None or len(images) != len(self.prompts):
