@@ -147,13 +147,15 @@ LAYOUTS = {  # kind: (text position, image tokens, text tokens)
 }
 
 
-@pytest.mark.parametrize("kind", list(LAYOUTS))
-@pytest.mark.parametrize("cross, self_", [(True, True), (True, False), (False, True)])
+# (layer kind, cross window, self window): a self-attention layer has no cross part, a cross-attention layer no self part
+LINKED_PARTS = [(kind, cross, self_) for kind in LAYOUTS for cross, self_ in [(True, True), (True, False), (False, True)]
+                if (kind != "self" or self_) and (kind != "cross" or cross)]
+
+
+@pytest.mark.parametrize("kind, cross, self_", LINKED_PARTS)
 @pytest.mark.parametrize("refine", [False, True])
 def test_linked_attention_matches_the_eager_reference(kind, cross, self_, refine):
     text, image_len, text_len = LAYOUTS[kind]
-    if (kind == "self" and not self_) or (kind == "cross" and not cross):
-        pytest.skip("no linked part on this layer kind")
     torch.manual_seed(0)
     layer = LayerInfo("layer", 0, kind, "g", 0, 0, text)
     rows = RowLayout.batched_cfg(3)  # u0 u1 u2 c0 c1 c2: u1, u2 read u0; c1, c2 read c0
@@ -233,17 +235,21 @@ def test_linked_rows_take_structured_guidance_values_as_their_own_in_either_orde
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart"])
 def test_structured_guidance_with_refine_is_the_same_in_either_order(name, tiny_cache):
     """End to end on the UNet and PixArt families: both orders bitwise (they differed by 0.058 on tiny-sd and 60.5
-    on tiny-pixart), and the edit changes the edited row."""
+    on tiny-pixart), and both controls act in the composition. Every row starts from the same noise (P2P's start copy
+    then changes nothing), and only cross-attention is linked, on the layers SDG edits too: the edited row differs
+    from SDG alone only by the link, and from P2P alone by SDG's values; the base row is SDG's alone."""
     pipe = tiny_cache(name)
     prompts = ["a red cat and a blue dog", "a green cat and a blue dog"]
-    p2p = lambda: attnctl.PromptToPrompt("refine", cross_steps=0.8, self_steps=0.4)  # noqa: E731
+    p2p = lambda: attnctl.PromptToPrompt("refine", cross_steps=1.0, self_steps=0.0)  # noqa: E731
     outs = []
-    for controls in ([p2p(), attnctl.StructuredGuidance()], [attnctl.StructuredGuidance(), p2p()]):
+    for controls in ([p2p(), attnctl.StructuredGuidance()], [attnctl.StructuredGuidance(), p2p()], [attnctl.StructuredGuidance()], [p2p()]):
         with attnctl.apply(pipe, controls):
-            outs.append(generate(pipe, name, prompts, steps=2))
-    assert torch.equal(outs[0], outs[1]), (outs[0] - outs[1]).abs().max()
-    with attnctl.apply(pipe, [p2p()]):
-        assert not torch.equal(generate(pipe, name, prompts, steps=2)[1], outs[0][1])
+            outs.append(generate(pipe, name, prompts, steps=2, same_noise=True))
+    both, reversed_, sdg, linked = outs
+    assert torch.equal(both, reversed_), (both - reversed_).abs().max()
+    assert torch.equal(both[0], sdg[0])  # P2P never changes the base row
+    assert (both[1] - sdg[1]).abs().max() > 1e-3 * sdg[1].abs().max()  # the link acts alongside SDG
+    assert (both[1] - linked[1]).abs().max() > 1e-3 * linked[1].abs().max()  # and SDG alongside the link
 
 
 def test_joint_layer_rows_reuse_one_derived_label_mask():
@@ -287,10 +293,11 @@ def test_joint_layer_rows_reuse_one_derived_label_mask():
 
 
 # -- identities and call protocols on the tiny models ---------------------------------------------------------------
-def generate(pipe, name, prompts, *, seed=0, steps=3, guidance=5.0, **kwargs):
+def generate(pipe, name, prompts, *, seed=0, steps=3, guidance=5.0, same_noise=False, **kwargs):
+    """Latents of a call; `same_noise`: every image starts from the seed's noise (one generator per image)."""
     options = dict(CALL_DEFAULTS[name])
     options.update(kwargs)
-    generator = torch.Generator().manual_seed(seed)
+    generator = [torch.Generator().manual_seed(seed) for _ in prompts] if same_noise else torch.Generator().manual_seed(seed)
     out = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
                generator=generator, **options)
     return out.frames if hasattr(out, "frames") else out.images
@@ -638,6 +645,131 @@ def test_local_blend_reads_the_level_nearest_to_256_tokens(height, width, grid, 
         assert handle.runtime.last_call.bound[0].blend_grid == grid
 
 
+# -- local blending (P2P's LocalBlend) -------------------------------------------------------------------------------
+def reference_blend_mask(maps: torch.Tensor, base: list[int], edited: list[int], size: tuple[int, int],
+                         threshold: float) -> torch.Tensor:
+    """P2P's `LocalBlend` mask (Hertz et al. 2022, the authors' notebook), from the definition over given maps
+    (rows, h, w): each row's map max-pooled 3x3 (stride 1, padding 1), resized nearest to `size` (source index
+    floor(i * in / out)), divided by its maximum and thresholded; the mask of an edited row is the union of its
+    base row's and its own (`mask[:1] + mask[1:]`). (edited rows, 1, *size), bool."""
+    h, w = maps.shape[-2:]
+    padded = torch.nn.functional.pad(maps, (1, 1, 1, 1), value=-float("inf"))
+    pooled = torch.stack([padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]).amax(0)
+    rows, cols = torch.arange(size[0]) * h // size[0], torch.arange(size[1]) * w // size[1]
+    resized = pooled[:, rows][:, :, cols]
+    above = resized / resized.flatten(1).amax(1)[:, None, None] > threshold
+    return (above[edited] | above[base])[:, None]
+
+
+def test_blend_mask_is_p2ps_local_blend_over_given_maps(tiny_cache):
+    """The bound control's mask over hand-made maps of three prompts with two images each (edited rows 2..5 read
+    base rows 0, 1, 0, 1): equal to the reference above, and by hand on peaks: a lone peak dilates to its 3x3
+    block, clipped at the border; a value under the threshold of its row's maximum is out; the edited row's mask
+    also holds its base row's region."""
+    pipe = tiny_cache("tiny-sd")
+    with attnctl.apply(pipe, [attnctl.PromptToPrompt(local_blend=("cat",), blend_threshold=0.3)]) as handle:
+        generate(pipe, "tiny-sd", [BASE, EDIT, "a green cat on the street"], steps=1, num_images_per_prompt=2)
+        bound = handle.runtime.last_call.bound[0]
+    assert bound.blend_grid == (16, 16) and bound.edited == (2, 3, 4, 5)
+    base, edited = [0, 1, 0, 1], [2, 3, 4, 5]
+    maps = torch.rand(6, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.1  # under 0.3 of every peak
+    maps[0, 2, 3], maps[1, 15, 15], maps[2, 9, 9], maps[3, 0, 8], maps[4, 12, 2], maps[5, 6, 6] = 1.0, 2.0, 0.5, 3.0, 1.0, 4.0
+    maps[3, 5, 5] = 0.25 * 3.0  # above 0.1 but under 0.3 of its row's maximum
+    maps[5, 0, 0] = 0.5 * 4.0  # a second region, in the corner
+    bound.maps = maps.flatten(1)
+    for size in ((16, 16), (32, 64), (8, 8)):
+        got = bound.blend_mask(torch.zeros(6, 4, *size))
+        assert got.shape == (4, 1, *size) and set(got.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(got.bool(), reference_blend_mask(maps, base, edited, size, 0.3)), size
+    got = bound.blend_mask(torch.zeros(6, 4, 16, 16)).bool()[:, 0]
+
+    def block(y, x):
+        region = torch.zeros(16, 16, dtype=torch.bool)
+        region[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = True
+        return region
+
+    assert torch.equal(got[0], block(2, 3) | block(9, 9))  # row 2: its base row 0's peak and its own
+    assert torch.equal(got[1], block(15, 15) | block(0, 8))  # row 3 (base 1): corner and border clipped; (5, 5) out
+    assert torch.equal(got[2], block(2, 3) | block(12, 2))
+    assert torch.equal(got[3], block(15, 15) | block(6, 6) | block(0, 0))
+    packed = bound.blend_mask(torch.zeros(6, 256, 8))  # packed latents (Flux family): the image-token grid
+    assert torch.equal(packed, got.flatten(1)[..., None].float())
+
+
+class _EagerBlendMaps(_EagerP2PProcessor):
+    """`_EagerP2PProcessor` that also adds, on the cross-attention layers of `clock["tokens"]` queries, the cond rows'
+    own maps of the blend words (their probabilities at the words' tokens summed, averaged over heads) into
+    `clock["maps"]`: P2P's attention store as docs/methods.md defines it for attnctl (each row's own attention,
+    before the base row's is written into it)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if self.is_cross and hidden_states.shape[1] == self.clock["tokens"]:
+            batch = hidden_states.shape[0]
+            q, k = attn.head_to_batch_dim(attn.to_q(hidden_states)), attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+            probs = attn.get_attention_scores(q, k, attention_mask).view(batch, attn.heads, hidden_states.shape[1], -1)
+            self.clock["maps"] += (probs[batch // 2 :] * self.clock["words"][:, None, None, :]).sum(-1).mean(1)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def test_local_blend_keeps_the_base_latents_outside_the_mask_from_blend_start_on(tiny_cache):
+    """P2P's `LocalBlend` end to end on tiny-sd against P2P on eager attention with the blend as a step callback, as
+    the authors' `step_callback`: after each step i >= int(blend_start n) the edited latents become
+    x_b + mask (x_e - x_b), the mask from both rows' maps of "cat" at the 16x16 level. So outside the mask the
+    edited row's latents are the base row's bit for bit after each blended step and differ inside it; before
+    blend_start nothing is blended. The random model's maps are nearly flat (the max-normalised maps lie above 0.84
+    everywhere), hence the threshold 0.94, which leaves a partial mask with a region from the base row only."""
+    pipe = tiny_cache("tiny-sd")
+    steps, start, threshold = 3, 0.5, 0.94  # blended steps: 1 and 2
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    kwargs = dict(num_inference_steps=steps, guidance_scale=5.0, output_type="latent", **CALL_DEFAULTS["tiny-sd"])
+    controlled = []
+
+    def record(pipeline, i, t, callback_kwargs):
+        controlled.append(callback_kwargs["latents"].clone())
+        return {}
+
+    control = attnctl.PromptToPrompt(local_blend=("cat",), blend_threshold=threshold, blend_start=start)
+    with attnctl.apply(pipe, [control]):
+        pipe([BASE, EDIT], latents=latents.clone(), callback_on_step_end=record, **kwargs)
+
+    cat = pipe.tokenizer.convert_tokens_to_ids("cat</w>")
+    ids = [pipe.tokenizer(p, padding="max_length", max_length=pipe.tokenizer.model_max_length)["input_ids"] for p in (BASE, EDIT)]
+    clock = {"step": 0, "n": 1, "cross": 0.8, "self": 0.4, "steps": steps, "tokens": 256,
+             "words": (torch.tensor(ids) == cat).float(), "maps": torch.zeros(2, 256)}
+    reference, masks, margins, base_only = [], [], [], []
+
+    def blend(pipeline, i, t, callback_kwargs):
+        clock["step"] = i + 1
+        x = callback_kwargs["latents"]
+        maps = clock["maps"].view(2, 16, 16)
+        masks.append(reference_blend_mask(maps, [0], [1], (16, 16), threshold)[0])
+        base_only.append(bool((masks[-1] & ~reference_blend_mask(maps, [1], [1], (16, 16), threshold)[0]).any()))
+        pooled = torch.nn.functional.max_pool2d(maps[:, None], 3, 1, 1).flatten(1)
+        margins.append((pooled / pooled.amax(1, keepdim=True) - threshold).abs().min())
+        if i >= int(start * steps):
+            x = torch.cat([x[:1], x[:1] + masks[-1] * (x[1:] - x[:1])])
+        reference.append(x.clone())
+        return {"latents": x}
+
+    saved = dict(pipe.unet.attn_processors)
+    pipe.unet.set_attn_processor({name: _EagerBlendMaps(name.endswith("attn2.processor"), clock) for name in saved})
+    try:
+        pipe([BASE, EDIT], latents=latents.clone(), callback_on_step_end=blend, **kwargs)
+    finally:
+        pipe.unet.set_attn_processor(saved)
+    assert min(margins) > 1e-4  # no map value at the threshold: the two runs' masks cannot differ by rounding
+    assert all(0 < m.float().mean() < 1 for m in masks[1:])
+    assert any(base_only[int(start * steps) :])  # the base row's maps add to the mask
+    for i, (c, r, m) in enumerate(zip(controlled, reference, masks)):
+        torch.testing.assert_close(c, r, atol=1e-4, rtol=1e-4, msg=f"step {i}")
+        outside, inside = (c[1] - c[0])[~m.expand_as(c[1])], (c[1] - c[0])[m.expand_as(c[1])]
+        if i >= int(start * steps):
+            assert torch.equal(outside, torch.zeros_like(outside)), i  # the base row's latents, bit for bit
+            assert inside.abs().max() > 1e-2, i
+        else:
+            assert outside.abs().max() > 1e-2, i  # not blended yet
+
+
 def test_render_job_drives_edits(tiny_cache, tmp_path):
     """A render job's PromptToPrompt(edits=[...]): one call [prompt, *edits] from one seed; the strip's first frame is
     the base, the edited frame equals a direct call; the field is validated and round-trips."""
@@ -683,16 +815,21 @@ def test_render_job_drives_edits(tiny_cache, tmp_path):
 def test_attention_maps_read_the_linked_rows_in_either_order(name, tiny_cache):
     """A captured map of an edited row is of the attention it runs with (P2P's link outside the capture,
     `LayerHook.links_rows`), whatever the order: the maps of the edited row differed by order (0.030 on tiny-sd, of
-    maps about 0.4; 0.68 on tiny-pixart, of maps about 2)."""
+    maps about 0.4; 0.68 on tiny-pixart, of maps about 2). "cat" stands at the same token in both prompts (the word
+    swap maps it to itself) and every step is in the cross window: the edited row attends with its base row's
+    probabilities there, so its "cat" map is the base row's (docs/methods.md), which AttentionMaps alone does not give."""
     pipe = tiny_cache(name)
     prompts = ["a red cat and a blue dog", "a green cat and a blue dog"]
-    p2p = lambda: attnctl.PromptToPrompt("replace", cross_steps=0.8, self_steps=0.4)  # noqa: E731
+    p2p = lambda: attnctl.PromptToPrompt("replace", cross_steps=1.0, self_steps=0.4)  # noqa: E731
     maps = []
-    for controls in ([p2p(), attnctl.AttentionMaps(["cat"])], [attnctl.AttentionMaps(["cat"]), p2p()]):
+    for controls in ([p2p(), attnctl.AttentionMaps(["cat"])], [attnctl.AttentionMaps(["cat"]), p2p()], [attnctl.AttentionMaps(["cat"])]):
         with attnctl.apply(pipe, controls) as handle:
             generate(pipe, name, prompts, steps=2)
             maps.append(handle.outputs["attention_maps"].maps)
-    assert torch.equal(maps[0], maps[1]), (maps[0] - maps[1]).abs().max()
+    both, reversed_, alone = maps
+    assert torch.equal(both, reversed_), (both - reversed_).abs().max()
+    assert torch.equal(both[1], both[0]) and torch.equal(both[0], alone[0])
+    assert (alone[1] - alone[0]).abs().max() > 1e-2 * alone[0].abs().max()  # without the link the edit's map differs
 
 
 def test_alignment_reads_the_tokens_the_encoder_gets_of_a_truncated_prompt(tiny_cache):
