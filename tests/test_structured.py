@@ -274,17 +274,30 @@ def test_every_family_runs_or_is_refused_at_apply(name, tiny_cache):
 
 
 # -- the effect on the toy model ----------------------------------------------------------------------------------
-def test_binding_on_the_toy_model_8_seeds():
+def test_binding_on_the_toy_model_8_seeds(monkeypatch):
     """Stock and SDG on the same 8 two-object prompts and seeds (benchmarks/structured.py at 8): both run and are
-    measured; the 96-prompt numbers are in the benchmark (the effect is not asserted: see docs/methods.md)."""
+    measured, and SDG changes every image (an idle control would score stock's rate). Its rate against stock's is not
+    asserted: 8 seeds cannot tell them apart; the 96-prompt numbers are in docs/methods.md."""
+    import numpy as np
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from structured import binding
+    import structured
 
     from attnctl.toy import load_toy_shapes
 
-    result = binding(load_toy_shapes(), 8)
+    images = []  # the benchmark checks stock's image, then SDG's, per prompt
+    checks = structured.checks
+
+    def recorded(image, objects):
+        images.append(np.asarray(image))
+        return checks(image, objects)
+
+    monkeypatch.setattr(structured, "checks", recorded)
+    result = structured.binding(load_toy_shapes(), 8)
     assert 0.0 <= result["stock"] <= 1.0 and 0.0 <= result["sdg"] <= 1.0
     assert result["time_sdg"] > 0 and result["time_stock"] > 0
+    assert len(images) == 16
+    assert all(not np.array_equal(stock, sdg) for stock, sdg in zip(images[0::2], images[1::2]))
 
 
 def test_a_render_job_with_structured_guidance(tmp_path, tiny_cache):
