@@ -562,6 +562,51 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _launch(*args: object, processes: int = 2) -> subprocess.CompletedProcess:
+    """`accelerate launch` of CPU processes: `args` are the script (or `-m attnctl`) and its arguments."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *map(str, args)]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+# the end of a wrapper around the command line: each rank writes `<out>.rank-<r>.json` with the status main() returned,
+# whether the run's gallery (written by rank 0 after the final merge) was there when it returned, and whether the
+# process group was still up (gloo left to the interpreter's exit can abort it: SIGABRT, launcher status 1)
+RECORDS_ITS_EXIT = """
+import torch.distributed
+
+code = main(sys.argv[1:])
+out = sys.argv[sys.argv.index("--out") + 1]
+with open(f"{out}.rank-{os.environ['RANK']}.json", "w") as handle:
+    json.dump({"code": code, "gallery": os.path.exists(os.path.join(out, "index.html")),
+               "group": torch.distributed.is_initialized()}, handle)
+sys.exit(code)
+"""
+
+# rank 0's final merge and gallery take a while (a large manifest, a slow file system): before the fix rank 1 exited
+# (status 1: it had failed images) meanwhile, and the launcher stopped rank 0 before it wrote them
+RANK_ZERO_FINISHES_LATE = """
+import json, os, sys, time
+import attnctl.render.runner as runner
+from attnctl.render.cli import main
+
+write_gallery = runner._write_gallery
+
+
+def slow(*args, **kwargs):
+    time.sleep(1.5)
+    return write_gallery(*args, **kwargs)
+
+
+runner._write_gallery = slow
+""" + RECORDS_ITS_EXIT
+
+
+def _rank_exits(out: Path, processes: int = 2) -> list[dict]:
+    return [json.loads(Path(f"{out}.rank-{rank}.json").read_text()) for rank in range(processes)]
+
+
 @pytest.mark.slow
 def test_two_processes_render_the_same_images_as_one_each_once(tmp_path, tiny_model):
     path = jsonl(tmp_path / "j.jsonl",
@@ -572,26 +617,32 @@ def test_two_processes_render_the_same_images_as_one_each_once(tmp_path, tiny_mo
                  # so `word` is on both ranks and `option` on rank 1 only
                  {"id": "word", "prompt": "a photo of a dog", "seeds": [3, 4, 5], **SMALL,
                   "controls": [{"type": "reweight", "weights": {"zebra": 2}}]},
-                 {"id": "option", "prompt": "a photo of a dog", "seeds": [8], **SMALL, "options": {"etaa": 0.0}})
+                 {"id": "option", "prompt": "a photo of a dog", "seeds": [8], **SMALL, "options": {"etaa": 0.0}},
+                 {"id": "invalid", "prompt": "x", "seeds": [0], "steps": 0})  # a job-file problem: rank 0 records it
     one, two = tmp_path / "one", tmp_path / "two"
     assert render(str(path), options(one), model=tiny_model).exit_code == 1
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "attnctl", "render", str(path), "--out", str(two),
-               "--model", "tiny-sd", "--device", "cpu", "--threads", "1", "--progress", "none"]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    wrapper = write(tmp_path / "finishes_late.py", RANK_ZERO_FINISHES_LATE)
+    result = _launch(wrapper, "render", path, "--out", two, "--model", "tiny-sd", "--device", "cpu", "--threads", "1",
+                     "--progress", "none")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "across 2 processes: 6 rendered, 0 skipped (already done), 4 failed" in result.stdout
+    assert "across 2 processes: 6 rendered, 0 skipped (already done), 5 failed" in result.stdout
+    # rank 1 had failures (status 1) but waited for rank 0's merge and gallery; every rank exits with the run's status
+    assert _rank_exits(two) == [{"code": 1, "gallery": True, "group": False}] * 2
+    # rank 1 reports its own share only; the run's failures and the job file's problems are listed once, by rank 0
+    assert "rank 1 of 2: 5 image(s) of its share, 3 rendered, 2 failed" in result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("  job 'option' seed 8: ConfigError") == 1 and output.count("job file problem:") == 1
     # rank 0 reports, before the first image, every job that cannot run, also the one only rank 1 resolved
     assert result.stderr.count("cannot run on tiny-sd") == 1 and "2 job(s) cannot run on tiny-sd" in result.stderr
     assert "(job 'word'): TokenError" in result.stderr and "(job 'option'): ConfigError" in result.stderr
     assert_same_images(one, two)
     records = manifest(two)
     keys = [(r["job"], r["seed"]) for r in records]
-    assert keys == [(r["job"], r["seed"]) for r in manifest(one)] and len(set(keys)) == 10
+    assert keys == [(r["job"], r["seed"]) for r in manifest(one)] and len(set(keys)) == 11
     failed = {(r["job"], r["seed"]): r for r in records if r["status"] == "failed"}
-    assert sorted(failed) == [("option", 8), ("word", 3), ("word", 4), ("word", 5)]
+    assert sorted(failed) == [("invalid", 0), ("option", 8), ("word", 3), ("word", 4), ("word", 5)]
     assert {failed[("word", seed)]["rank"] for seed in (3, 4, 5)} == {0, 1} and failed[("option", 8)]["rank"] == 1
+    assert failed[("invalid", 0)]["rank"] == 0
     assert len({failed[("word", seed)]["error"] for seed in (3, 4, 5)}) == 1
     # the same errors as one process records
     assert {(r["job"], r["seed"]): r["error"] for r in manifest(one) if r["status"] == "failed"} == {
@@ -599,13 +650,13 @@ def test_two_processes_render_the_same_images_as_one_each_once(tmp_path, tiny_mo
     jobs = load_job_file(path)
     _, pending = plan(jobs, str(two), "tiny-sd", "float32", records={})
     by_rank = {rank: {image.key for image in shard(pending, rank, 2)} for rank in (0, 1)}
-    assert {(r["job"], r["seed"]) for r in records if r["rank"] == 0} == by_rank[0]
+    assert {(r["job"], r["seed"]) for r in records if r["rank"] == 0} == by_rank[0] | {("invalid", 0)}
     assert {(r["job"], r["seed"]) for r in records if r["rank"] == 1} == by_rank[1]
     assert not list((two / ".attnctl").glob("journal-*"))
 
 
 RANK_ONE_STARTS_LATE = """
-import os, sys, time
+import json, os, sys, time
 import torch
 import attnctl.render.runner as runner
 from attnctl.render.cli import main
@@ -628,29 +679,41 @@ def late(self, value):
 
 
 runner.Ranks.gather = late
-sys.exit(main(sys.argv[1:]))
-"""
+""" + RECORDS_ITS_EXIT
 
 
 @pytest.mark.slow
 def test_a_rank_that_starts_late_renders_its_share_of_the_same_plan(tmp_path):
     """Every rank shards rank 0's plan: rank 1 planning on its own after rank 0 had recorded images saw a shorter
     pending list, so `pending[1::2]` skipped some images (never rendered, exit status 0) and repeated others."""
-    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": list(range(6)), **SMALL})
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": list(range(6)), **SMALL},
+                 # a job the model cannot run, its one image (pending image 6) on rank 0
+                 {"id": "option", "prompt": "a photo of a cat", "seeds": [0], **SMALL, "options": {"etaa": 0.0}})
     wrapper = write(tmp_path / "late.py", RANK_ONE_STARTS_LATE)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(wrapper), "render", str(path), "--out", str(out),
-               "--model", "tiny-sd", "--device", "cpu", "--threads", "1", "--progress", "none"]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "across 2 processes: 6 rendered, 0 skipped" in result.stdout
-    records = manifest(out)
+    result = _launch(wrapper, "render", path, "--out", out, "--model", "tiny-sd", "--device", "cpu", "--threads", "1",
+                     "--progress", "none")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "across 2 processes: 6 rendered, 0 skipped (already done), 1 failed" in result.stdout
+    # rank 1 rendered its share without a failure; it exits with the run's status all the same (it exited 0)
+    assert _rank_exits(out) == [{"code": 1, "gallery": True, "group": False}] * 2
+    records = [r for r in manifest(out) if r["job"] == "a"]
     assert sorted(r["seed"] for r in records) == list(range(6)) and all(r["status"] == "ok" for r in records)
     # rank r rendered seeds r, r + 2, r + 4: the shares of the one list, each image once
     assert {r["seed"]: r["rank"] for r in records} == {seed: seed % 2 for seed in range(6)}
     assert sorted(p.name for p in (out / "a").glob("*.png")) == [f"{seed}.png" for seed in range(6)]
+
+
+@pytest.mark.slow
+def test_check_under_a_launcher_runs_on_rank_0_only(tmp_path):
+    """`--check` under `accelerate launch`: one report and one model loaded, by rank 0 (every rank loaded the model,
+    on a GPU machine all on the first GPU, and printed the whole report); the other processes exit 0."""
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", **SMALL})
+    result = _launch("-m", "attnctl", "render", path, "--check", "--model", "tiny-sd", "--device", "cpu",
+                     "--threads", "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("j.jsonl: 1 job(s), 1 image(s), model tiny-sd") == 1
+    assert result.stdout.count("check: loaded tiny-sd") == 1 and result.stdout.count("check: every job resolves") == 1
 
 
 def test_an_image_no_rank_recorded_is_missing_and_fails_the_run(tmp_path, tiny_model, monkeypatch):
@@ -664,6 +727,55 @@ def test_an_image_no_rank_recorded_is_missing_and_fails_the_run(tmp_path, tiny_m
     assert (summary.rendered, summary.skipped, len(summary.failed)) == (2, 0, 0)
     assert summary.missing == [("a", 0)] and summary.exit_code == 1
     assert "1 image(s) missing" in summary.format() and "job 'a' seed 0" in summary.format()
+
+
+class _OneRankOfTwo:
+    """Rank `rank` of a two-process run inside this process: what it sends is kept in `sent`; what rank 0 sends to
+    it comes from `replies` (rank 0 gets its own values back)."""
+
+    def __init__(self, rank: int, replies: tuple = ()):
+        import attnctl.render.runner as runner
+
+        self.ranks = runner.Ranks(rank, 2, torch.device("cpu"))
+        self.sent: list = []
+        replies = list(replies)
+
+        def broadcast(value):
+            self.sent.append(value)
+            return value if rank == 0 else replies.pop(0)
+
+        self.ranks.barrier = lambda: None
+        self.ranks.broadcast = broadcast
+        self.ranks.gather = list
+
+
+def test_rank_0_sends_the_runs_status_and_its_failure_to_every_rank(tmp_path, tiny_model, monkeypatch):
+    """Every rank exits with the run's status, which rank 0 sends once its final merge and gallery are written; when
+    they fail, rank 0 sends that too, so that the others fail with it instead of waiting for it or exiting 0."""
+    import attnctl.render.runner as runner
+
+    path = jsonl(tmp_path / "j.jsonl", {"id": "a", "prompt": "a photo of a cat", "seeds": [0, 1], **SMALL})
+    out = tmp_path / "out"
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(runner, "_write_gallery", full)
+        zero = _OneRankOfTwo(0)
+        with pytest.raises(RenderError, match="No space left on device"):
+            render(str(path), options(out), model=tiny_model, ranks=zero.ranks)
+    assert zero.sent[-1] == (2, "OSError: [Errno 28] No space left on device")
+    assert [r["seed"] for r in manifest(out)] == [0]  # rank 0's share, merged before the gallery failed
+    plan_of_rank_0 = ("run-x", 2, [0, 1])  # run id, images, positions of the pending ones
+    one = _OneRankOfTwo(1, (plan_of_rank_0, zero.sent[-1]))
+    with pytest.raises(RenderError, match=r"rank 0 could not finish the run \(OSError: \[Errno 28\] No space left"):
+        render(str(path), options(out), model=tiny_model, ranks=one.ranks)
+    # rank 1's share rendered without a failure; rank 0 found the run's status 1 (a failed image): rank 1's too
+    one = _OneRankOfTwo(1, (plan_of_rank_0, (1, None)))
+    summary = render(str(path), options(out), model=tiny_model, ranks=one.ranks)
+    assert (summary.rendered, summary.failed, summary.exit_code) == (1, [], 1)
+    assert summary.format().startswith("attnctl render: rank 1 of 2: 1 image(s) of its share, 1 rendered, 0 failed")
 
 
 # -- examples -----------------------------------------------------------------------------------------------------

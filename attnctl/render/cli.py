@@ -9,7 +9,8 @@ run on the model (reported before the first image, recorded failed, the others r
 run (usage, unreadable job file, problems of the whole job file (top-level, header or [defaults] keys), problems
 found by --dry-run or --check, folder locked, an output folder that is a file, read-only or full: one line on
 stderr, nothing recorded is lost);
-130 interrupted.
+130 interrupted. Under a launcher every process exits with the run's status (rank 0's, sent once it has written the
+manifest), and --dry-run / --check run on rank 0 only (the other processes exit 0 at once).
 """
 
 from __future__ import annotations
@@ -164,8 +165,14 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         import torch
 
         torch.set_num_threads(args.threads)
+    from .runner import launcher_rank
+
+    if (args.dry_run or args.check) and launcher_rank() != 0:
+        # under a launcher, rank 0 alone checks and reports: one report, one model loaded (not one per process, all on
+        # the first GPU); the others have nothing to do
+        return 0
     from .jobs import load_job_file
-    from .runner import RenderOptions, dry_run, refuse_file_problems, render
+    from .runner import Ranks, RenderOptions, dry_run, refuse_file_problems, render
 
     try:
         jobs = load_job_file(args.jobs)
@@ -202,15 +209,23 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     except AttnctlError as error:
         print(f"attnctl render: {error}", file=sys.stderr)
         return 2
-    for problem in jobs.problems:
-        logging.getLogger("attnctl.render").warning("job file problem: %s", problem)
     options = RenderOptions(
         out=args.out, model=args.model, device=args.device, dtype=args.dtype, backend=args.backend,
         resume=not args.overwrite, fsync=args.fsync, cpu_offload=args.cpu_offload, progress=args.progress,
         manifest_interval=args.manifest_interval,
     )
+    ranks: Ranks | None = None
+    finished = False
     try:
-        summary = render(jobs, options)
+        ranks = Ranks.from_env(args.device)
+        if ranks.main:
+            for problem in jobs.problems:
+                logging.getLogger("attnctl.render").warning("job file problem: %s", problem)
+        summary = render(jobs, options, ranks=ranks)
+        if summary.rank == 0 or summary.failed:
+            print(summary.format(), file=sys.stderr if summary.rank else sys.stdout, flush=True)
+        finished = True
+        return summary.exit_code  # the run's, on every rank
     except KeyboardInterrupt:
         print("attnctl render: interrupted", file=sys.stderr)
         return 130
@@ -221,9 +236,9 @@ def _render_logged(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         print(f"attnctl render: cannot write the output{where}: {error.strerror or error}", file=sys.stderr)
         return 2
-    if summary.rank == 0 or summary.failed:
-        print(summary.format(), file=sys.stderr if summary.rank else sys.stdout, flush=True)
-    return summary.exit_code
+    finally:
+        if ranks is not None:  # after the summary: every rank waits for rank 0's, then the group ends
+            ranks.close(wait=finished)
 
 
 def _params(args: argparse.Namespace) -> int:

@@ -26,6 +26,9 @@ How a run goes:
    file and renamed, so it is never half-written), deletes them, and prints the summary; a pending image
    no rank recorded in this run is reported missing (exit status 1). Rank 0 also refreshes the manifest
    every `manifest_interval` seconds during the run.
+6. Rank 0 then sends the run's exit status to every rank (the other ranks wait for it, so that none exits while
+   rank 0 still writes: a launcher stops every process when one exits non-zero), and every rank exits with it
+   after a last barrier and the end of the process group (`Ranks.close`).
 
 Per-rank journals rather than appends to one shared file: appends from several machines to one file on a
 network file system are not atomic, and a reader of a journal only has to drop an incomplete last line.
@@ -117,7 +120,9 @@ class RenderOptions:
 
 @dataclass
 class Summary:
-    """What a run did. On rank 0 of a multi-process run it covers every rank; elsewhere, that rank."""
+    """What a run did. On rank 0 of a multi-process run it covers every rank; on the other ranks, that rank's share
+    (its images, rendered and failed; job-file problems and missing images are rank 0's to report), with the run's
+    exit status, which rank 0 sends to every rank once it has merged the manifest and written the gallery."""
 
     images: int = 0
     skipped: int = 0
@@ -133,14 +138,22 @@ class Summary:
     manifest: str = ""
     #: This process's time per phase over the images it rendered: {"generate": s, "save": s, "images": n}.
     timings: dict[str, float] = field(default_factory=dict)
+    #: The whole run's exit status as rank 0 found it (ranks >= 1 of a multi-process run); None: this summary's own.
+    run_exit_code: int | None = None
 
     @property
     def exit_code(self) -> int:
+        if self.run_exit_code is not None:
+            return self.run_exit_code
         return 1 if self.failed or self.problems or self.missing else 0
 
     def format(self) -> str:
         rate = self.rendered / self.seconds if self.seconds > 0 else 0.0
-        scope = "" if self.world == 1 else (f" across {self.world} processes" if self.rank == 0 else f" on rank {self.rank}")
+        if self.rank > 0:  # one rank's share: the run's totals, failures and problems are in rank 0's summary
+            return (f"attnctl render: rank {self.rank} of {self.world}: {self.images} image(s) of its share, "
+                    f"{self.rendered} rendered, {len(self.failed)} failed, in {self.seconds:.1f} s ({rate:.2f} images/s; "
+                    f"model load {self.load_seconds:.1f} s); rank 0's summary covers the run")
+        scope = "" if self.world == 1 else f" across {self.world} processes"
         lines = [
             f"attnctl render: {self.images} image(s){scope}: {self.rendered} rendered, {self.skipped} skipped (already "
             f"done), {len(self.failed)} failed, in {self.seconds:.1f} s ({rate:.2f} images/s; model load "
@@ -172,8 +185,11 @@ class Summary:
 class Ranks:
     """This process's place in a multi-process run (`accelerate launch`, `torchrun`), or a single process."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None, state: Any = None):
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None, state: Any = None,
+                 owns_group: bool = False):
         self.rank, self.world, self.device, self._state = rank, world, device, state
+        #: The process group was started by `from_env` (not by the program that calls attnctl): `close` destroys it.
+        self.owns_group = owns_group
 
     @classmethod
     def from_env(cls, device: str = "auto") -> Ranks:
@@ -196,6 +212,7 @@ class Ranks:
                               "or unset WORLD_SIZE for one process")
         from accelerate import PartialState
 
+        started_before = torch.distributed.is_available() and torch.distributed.is_initialized()
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         try:
             state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
@@ -206,7 +223,7 @@ class Ranks:
             target = torch.device(state.device.type) if state.device.type == "cpu" else state.device
         else:
             target = resolve_device(device)
-        return cls(state.process_index, state.num_processes, target, state)
+        return cls(state.process_index, state.num_processes, target, state, owns_group=not started_before)
 
     @property
     def main(self) -> bool:
@@ -233,6 +250,35 @@ class Ranks:
 
     def say(self, message: str) -> str:
         return message if self.world == 1 else f"[rank {self.rank}/{self.world}] {message}"
+
+    def close(self, *, wait: bool = True) -> None:
+        """This process's last step in the group. `wait`: the run finished here, so wait for every rank first (no rank
+        exits while another still works: a launcher stops every process when one exits with a non-zero status). Then
+        the group `from_env` started is destroyed: gloo left to the interpreter's exit can abort it ("terminate called
+        without an active exception", SIGABRT) when the ranks exit at different times. Without `wait` (an error
+        path: the other ranks may never come) it is only destroyed. Idempotent; never raises."""
+        if self.world == 1 or self._state is None:
+            return
+        try:
+            if wait:
+                self._state.wait_for_everyone()
+        except Exception as error:  # noqa: BLE001 - a rank died after the run's end: its status is still this run's
+            log.warning(self.say(f"the final barrier failed ({_describe(error)})"))
+        finally:
+            if self.owns_group:
+                self.owns_group = False
+                with contextlib.suppress(Exception):
+                    self._state.destroy_process_group()
+
+
+def launcher_rank() -> int:
+    """This process's RANK under a launcher that started several (WORLD_SIZE > 1), read from the environment without
+    starting the process group; 0 for a single process and for an incomplete launcher environment (which
+    `Ranks.from_env` reports when a run needs the group)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
 
 
 # -- manifest and journals ----------------------------------------------------------------------------------------
@@ -515,12 +561,28 @@ def render(jobs: JobFile | str, options: RenderOptions, *, model: Model | None =
     """Render every pending image of a job file into `options.out`; see the module docstring.
 
     Every fault of the output folder (a file in its place, read-only, full) raises RenderError with one line;
-    after a failed write the run stops, and the manifest and journals hold every image saved so far."""
+    after a failed write the run stops, and the manifest and journals hold every image saved so far.
+
+    Under a launcher, every rank returns once rank 0 has written the manifest and the gallery, with the run's exit
+    status in `Summary.exit_code`. Without `ranks` the process group is started here and ended before returning
+    (`Ranks.close`); given `ranks`, ending it is the caller's."""
     started = time.perf_counter()
     if not isinstance(jobs, JobFile):
         jobs = load_job_file(jobs)
     refuse_file_problems(jobs)
-    ranks = ranks or Ranks.from_env(options.device)
+    if ranks is not None:
+        return _render(jobs, options, model, ranks, started)
+    ranks = Ranks.from_env(options.device)  # the group this call starts, it ends (a caller's `ranks` are the caller's)
+    finished = False
+    try:
+        summary = _render(jobs, options, model, ranks, started)
+        finished = True
+        return summary
+    finally:
+        ranks.close(wait=finished)
+
+
+def _render(jobs: JobFile, options: RenderOptions, model: Model | None, ranks: Ranks, started: float) -> Summary:
     out = os.path.realpath(options.out)
     model_name = model.name if model is not None else (options.model or jobs.model or default_model())
     if model is None:
@@ -596,9 +658,12 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
                               "process must read the same job file (was it edited as the run started?)")
         pending = [every[position] for position in pending_positions]
     mine = shard(pending, ranks.rank, ranks.world)
-    invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
-    summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
-                      rank=ranks.rank, world=ranks.world, manifest=os.path.join(out, MANIFEST))
+    if ranks.main:
+        invalid_images = sum(len(job.seeds) for job in jobs.invalid if job.id is not None)
+        summary = Summary(images=len(every) + invalid_images, skipped=len(every) - len(pending), problems=jobs.problems,
+                          rank=ranks.rank, world=ranks.world, manifest=os.path.join(out, MANIFEST))
+    else:
+        summary = Summary(images=len(mine), rank=ranks.rank, world=ranks.world, manifest=os.path.join(out, MANIFEST))
     log.info(ranks.say(f"{len(jobs.jobs)} job(s), {len(every)} image(s): {len(every) - len(pending)} already done, "
                        f"{len(pending)} to render, {len(mine)} on this process"))
     journal = Journal(os.path.join(out, STATE, f"journal-{ranks.rank:05d}.jsonl"), fsync=options.fsync)
@@ -644,18 +709,41 @@ def _render_locked(jobs: JobFile, options: RenderOptions, model: Model | None, r
         if model is not None:
             model.release()
     summary.rendered, summary.failed = context.ok, context.failed
+    summary.timings = context.timings
     ranks.barrier()
-    if ranks.main:
+    if not ranks.main:
+        # wait for rank 0's merge and gallery: exiting before them, with status 1, would make the launcher stop rank 0
+        # in the middle of writing the manifest; and every rank exits with the run's status
+        summary.seconds = time.perf_counter() - started  # this rank's work, not its wait for rank 0
+        summary.run_exit_code = _outcome_from_rank_0(ranks)
+        return summary
+    try:
         merged = compact(out, jobs, delete_journals=True, fsync=options.fsync)
         this_run = [record for record in merged.values() if record.get("run") == run_id]
         summary.rendered = sum(record.get("status") == "ok" for record in this_run)
         summary.failed = [record for record in this_run if record.get("status") != "ok"]
         summary.missing = [image.key for image in pending if merged.get(image.key, {}).get("run") != run_id]
-    summary.seconds = time.perf_counter() - started
-    summary.timings = context.timings
-    if ranks.main:
+        summary.seconds = time.perf_counter() - started
         _write_gallery(out, jobs, merged, summary, model_name)
+    except BaseException as error:
+        if ranks.world > 1:  # the other ranks wait for the outcome: they fail with rank 0's status too
+            with contextlib.suppress(Exception):
+                ranks.broadcast((130, None) if isinstance(error, KeyboardInterrupt) else (2, _describe(error)))
+        raise
+    if ranks.world > 1:
+        ranks.broadcast((summary.exit_code, None))
     return summary
+
+
+def _outcome_from_rank_0(ranks: Ranks) -> int:
+    """Ranks >= 1: the run's exit status, once rank 0 has finished the run; rank 0's failure raised here as well
+    (RenderError; KeyboardInterrupt when rank 0 was interrupted), so that every rank exits with the same status."""
+    code, reason = ranks.broadcast(None)
+    if code == 130:
+        raise KeyboardInterrupt
+    if reason is not None:
+        raise RenderError(f"rank 0 could not finish the run ({reason}); its message says more")
+    return code
 
 
 @dataclass(frozen=True)
@@ -1124,6 +1212,7 @@ def iter_images(out: str) -> Iterator[str]:
 
 
 __all__ = [
-    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "merged_records",
-    "output_folder_problem", "plan", "read_records", "refuse_file_problems", "render", "setup_problems", "shard",
+    "MANIFEST", "Ranks", "RenderError", "RenderOptions", "Summary", "check_jobs", "compact", "dry_run", "launcher_rank",
+    "merged_records", "output_folder_problem", "plan", "read_records", "refuse_file_problems", "render", "setup_problems",
+    "shard",
 ]
