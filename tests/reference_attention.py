@@ -3,7 +3,9 @@
 Token positions come straight from the tokenizers' input ids; the token layout of each family is spelled
 out here ([image; text] for SD3, [text; image] for Flux, text-only keys for cross-attention); the
 attention is an explicit float64 softmax. The only attnctl machinery used is the processors' q / k / v
-(held bitwise to stock by the identity tests) and the row layout (held by the call-protocol tests).
+(held bitwise to stock by the identity tests) and the row layout (held by the call-protocol tests). The model's
+text padding mask comes from the pipeline itself (`PipelineMask`), not from the spec attnctl's processor builds, so
+an edit path that drops or changes that mask cannot hide behind a reference that shares it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,59 @@ def text_positions(pipe: Any, name: str, prompt: str, word: str) -> list[int]:
     return sorted(positions)
 
 
+#: The keyword by which a tiny model's pipeline hands its denoiser the text padding mask (the others pass none).
+PADDING_KWARG = {"tiny-pixart": "encoder_attention_mask", "tiny-chroma": "attention_mask",
+                 "tiny-qwenimage": "encoder_hidden_states_mask"}
+
+
+def _denoiser(pipe: Any) -> torch.nn.Module:
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+class PipelineMask:
+    """The padding mask the pipeline hands its denoiser in the call in progress, caught by a forward pre-hook of the
+    test's own (`with PipelineMask(pipe, name) as mask:`), and `bias`, the additive mask each family's attention
+    makes of it. The references take the model's mask from here, not from attnctl's spec."""
+
+    def __init__(self, pipe: Any, name: str):
+        self.name, self.kwarg = name, PADDING_KWARG.get(name)
+        self.denoiser = _denoiser(pipe)
+        self.current: torch.Tensor | None = None
+        self.calls = 0  # denoiser calls that passed a mask
+        self._handle: Any = None
+
+    def __enter__(self) -> PipelineMask:
+        self._handle = self.denoiser.register_forward_pre_hook(self._catch, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def _catch(self, module: Any, args: Any, kwargs: dict) -> None:
+        self.current = kwargs.get(self.kwarg) if self.kwarg is not None else None
+        self.calls += self.current is not None
+
+    def bias(self, n_q: int, n_k: int) -> torch.Tensor | None:
+        """float64 additive mask (B, 1, 1 | n_q, n_k) of an attention call of the current denoiser call: PixArt's
+        cross-attention and Qwen-Image's joint `[text; image]` keys drop the padded text keys (-inf; PixArt's -10000
+        gives the same zero weight in float64); Chroma adds the outer product of its 0/1 mask over `[text; image]`
+        (diffusers' ChromaTransformer2DModel turns the pipeline's float mask into `m_i * m_j` and passes it to SDPA,
+        which adds a float mask)."""
+        padding = self.current
+        if padding is None:
+            return None
+        if self.name == "tiny-chroma":
+            m = padding.double()
+            assert m.shape[1] == n_k == n_q, (m.shape, n_q, n_k)
+            return m[:, None, None, :] * m[:, None, :, None]
+        keep = padding.bool()
+        if self.name == "tiny-qwenimage":
+            keep = torch.cat([keep, keep.new_ones(keep.shape[0], n_k - keep.shape[1])], 1)
+        assert keep.shape[1] == n_k, (keep.shape, n_k)
+        zero = torch.zeros(keep.shape, dtype=torch.float64)
+        return zero.masked_fill(~keep, float("-inf"))[:, None, None, :]
+
+
 # weights(branch, prompt_row, step_index) -> {text position: factor}
 WeightsFn = Callable[[str, int, int], dict[int, float]]
 
@@ -66,8 +121,10 @@ class _EagerHook(LayerHook):
         else:  # flux: [text; image]
             text_keys, image_rows = slice(0, text_len), slice(text_len, n_q)
         logits = (q.double() @ k.double().transpose(-1, -2)) / d**0.5
-        if spec.attn_mask is not None:
-            logits = logits + spec.attn_mask.double()
+        assert spec.attn_mask is None or c.padding is not None, "the model has a mask: give the reference its PipelineMask"
+        mask = c.padding.bias(n_q, n_k) if c.padding is not None else None
+        if mask is not None:
+            logits = logits + mask
         w = torch.ones(batch, n_k, dtype=torch.float64)
         for b, row in enumerate(call.rows.rows):
             for position, factor in c.weights(row.branch, row.prompt, call.step.index).items():
@@ -94,6 +151,7 @@ class EagerReference(Control, type_name="test-eager-reweight-reference"):
     normalize: bool = False
     layers: Any = None
     capture: list | None = field(default=None, compare=False, hash=False)
+    padding: PipelineMask | None = field(default=None, compare=False, hash=False)  # the model's mask, from the pipeline
 
     def default_layers(self, adapter):
         return "joint" if adapter.family in ("sd3", "flux") else "cross"
@@ -111,8 +169,10 @@ class _EagerBound(Bound):
         return self._edit
 
 
-def reference_for(name: str, weights: WeightsFn, normalize: bool = False, capture: list | None = None, layers: Any = None) -> EagerReference:
-    return EagerReference(family=FAMILY[name], text_len=TEXT_LEN[name], weights=weights, normalize=normalize, capture=capture, layers=layers)
+def reference_for(name: str, weights: WeightsFn, normalize: bool = False, capture: list | None = None, layers: Any = None,
+                  padding: PipelineMask | None = None) -> EagerReference:
+    return EagerReference(family=FAMILY[name], text_len=TEXT_LEN[name], weights=weights, normalize=normalize, capture=capture,
+                          layers=layers, padding=padding)
 
 
 def word_weights(pipe: Any, name: str, prompts: list[str], table: dict[str, float], branch: str = "cond",
@@ -136,29 +196,32 @@ def word_weights(pipe: Any, name: str, prompts: list[str], table: dict[str, floa
 
 
 class _SpyHook(LayerHook):
-    def __init__(self, log: list):
-        self.log = log
+    def __init__(self, log: list, padding: PipelineMask | None):
+        self.log, self.padding = log, padding
 
     def attend(self, call, q, k, v, spec, compute):
         out, lse = compute(q, k, v, spec)
+        model_mask = self.padding.bias(q.shape[2], k.shape[2]) if self.padding is not None else None
         self.log.append({"layer": call.layer, "rows": call.rows, "step": call.step.index, "q": q, "k": k, "v": v,
-                         "mask": spec.attn_mask, "out": out})
+                         "mask": spec.attn_mask, "model_mask": model_mask, "out": out})
         return out, lse
 
 
 @dataclass(frozen=True)
 class Spy(Control, type_name="test-attention-spy"):
-    """Records q, k, v and the output of every attention call of its layers (the op of the other controls)."""
+    """Records q, k, v and the output of every attention call of its layers (the op of the other controls); with
+    `padding`, also the model's additive mask of the call made from the pipeline's own padding mask ("model_mask")."""
 
     log: list = field(default_factory=list, compare=False, hash=False)
     layers: Any = None
+    padding: PipelineMask | None = field(default=None, compare=False, hash=False)
 
     def default_layers(self, adapter):
         return "joint" if adapter.family in ("sd3", "flux") else "cross"
 
     def bind(self, context):
         bound = Bound(self, context.layers, (0.0, 1.0))
-        edit = Edit(hooks=(_SpyHook(self.log),))
+        edit = Edit(hooks=(_SpyHook(self.log, self.padding),))
         bound.edit = lambda layer, frame: edit
         return bound
 
@@ -175,14 +238,16 @@ def layout(name: str, n_q: int, n_k: int) -> tuple[slice, slice, slice]:
 
 
 def eager_call(name: str, record: dict, weights: WeightsFn, normalize: bool) -> torch.Tensor:
-    """The reweighted output of one recorded attention call, by the formula."""
+    """The reweighted output of one recorded attention call, by the formula; the model's mask is the record's
+    "model_mask" (from the pipeline: a `Spy` with `padding`)."""
     q, k, v = (record[x].double() for x in ("q", "k", "v"))
     batch, _, n_q, d = q.shape
     n_k = k.shape[2]
     text_keys, image_rows, _ = layout(name, n_q, n_k)
     logits = q @ k.transpose(-1, -2) / d**0.5
-    if record["mask"] is not None:
-        logits = logits + record["mask"].double()
+    assert record["mask"] is None or record["model_mask"] is not None, "the model has a mask: give the Spy its PipelineMask"
+    if record["model_mask"] is not None:
+        logits = logits + record["model_mask"]
     w = torch.ones(batch, n_k, dtype=torch.float64)
     for b, row in enumerate(record["rows"].rows):
         for position, factor in weights(row.branch, row.prompt, record["step"]).items():

@@ -15,7 +15,7 @@ from attnctl.control import Control
 from attnctl.controls.maps.capture import AttentionMapResult, word_attention
 from attnctl.testing import CALL_DEFAULTS, TINY_MODELS
 
-from .reference_attention import Spy, layout, text_positions
+from .reference_attention import PipelineMask, Spy, layout, text_positions
 
 PROMPTS = ["a red cat on the street", "a photo of a red car"]
 WORDS = ["red", "a", "street"]
@@ -77,13 +77,25 @@ def test_capture_does_not_change_the_output(tiny_cache):
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux", "tiny-pixart"])
 def test_matches_eager_reference(name, tiny_cache):
-    """Explicit softmax over every key of the row (image keys too in joint attention), sum over heads, the
-    word's tokens, layers and steps, bilinear resizing."""
+    """Explicit softmax over every key of the row (image keys too in joint attention, the model's text padding mask
+    taken from the pipeline), sum over heads, the word's tokens, layers and steps, bilinear resizing; on a
+    non-square image (32 x 48: rows of 48 pixels), whose token grids the reference derives from the image size."""
+    height, width = 32, 48
     pipe = tiny_cache(name)
-    spy = Spy()
-    with attnctl.apply(pipe, [AttentionMaps(WORDS, resolution=(20, 24)), spy]) as handle:
-        _run(pipe, name)
-        result = handle.outputs["attention_maps"]
+    with PipelineMask(pipe, name) as padding:
+        spy = Spy(padding=padding)
+        with attnctl.apply(pipe, [AttentionMaps(WORDS, resolution=(20, 24)), spy]) as handle:
+            _run(pipe, name, height=height, width=width)
+            result = handle.outputs["attention_maps"]
+    assert (padding.calls > 0) == (name == "tiny-pixart")
+
+    def grid(tokens: int) -> tuple[int, int]:
+        """The (rows, columns) of an image's token grid: the image's size divided by one factor on both axes."""
+        factor = (height * width / tokens) ** 0.5
+        h, w = round(height / factor), round(width / factor)
+        assert h * w == tokens and h != w
+        return h, w
+
     finest = max(r["q"].shape[2] for r in spy.log)
     expected = None
     for record in spy.log:
@@ -91,19 +103,20 @@ def test_matches_eager_reference(name, tiny_cache):
         n_q, n_k = q.shape[2], k.shape[2]
         text_keys, image_rows, _ = layout(name, n_q, n_k)
         logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-        if record["mask"] is not None:
-            logits = logits + record["mask"].double()
+        assert (record["model_mask"] is None) == (record["mask"] is None)
+        if record["model_mask"] is not None:
+            logits = logits + record["model_mask"]
         probs = torch.softmax(logits, dim=-1)[:, :, image_rows].sum(1)  # (B, Ni, Nk)
-        side = int(round((image_rows.stop - image_rows.start) ** 0.5))
+        h, w = grid(image_rows.stop - image_rows.start)
         rows = [(i, row.prompt) for i, row in enumerate(record["rows"].rows) if row.branch == "cond"]
-        maps = torch.zeros(len(PROMPTS), len(WORDS), side, side, dtype=torch.float64)
+        maps = torch.zeros(len(PROMPTS), len(WORDS), h, w, dtype=torch.float64)
         for i, prompt in rows:
-            for w, word in enumerate(WORDS):
+            for n, word in enumerate(WORDS):
                 keys = [text_keys.start + p for p in text_positions(pipe, name, PROMPTS[prompt], word)]
-                maps[prompt, w] = probs[i][:, keys].sum(-1).reshape(side, side)
-        if side * side < finest:
-            full = int(round(finest**0.5)) if name in ("tiny-sd", "tiny-sdxl") else side
-            maps = F.interpolate(maps, size=(full, full), mode="bilinear", align_corners=False)
+                maps[prompt, n] = probs[i][:, keys].sum(-1).reshape(h, w)  # row-major: a row of w tokens at a time
+        if h * w < finest:
+            full = grid(finest) if name in ("tiny-sd", "tiny-sdxl") else (h, w)
+            maps = F.interpolate(maps, size=full, mode="bilinear", align_corners=False)
         expected = maps if expected is None else expected + maps
     torch.testing.assert_close(result.grid_maps.double(), expected, rtol=1e-5, atol=1e-6)
     resized = F.interpolate(expected, size=(20, 24), mode="bilinear", align_corners=False)

@@ -17,7 +17,7 @@ from attnctl.testing import CALL_DEFAULTS, make_tiny_pipeline
 from attnctl.testing.new_families import NEW_TINY_MODELS, REQUIRES, available
 
 from .helpers import PROMPTS, Probe
-from .reference_attention import RefQwenIsolation, RefQwenPAG, Spy
+from .reference_attention import PipelineMask, RefQwenIsolation, RefQwenPAG, Spy
 
 PROMPT = "a red cat on the street"
 
@@ -249,16 +249,22 @@ def _masked_logits(q, k, mask):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_needs(n)) for n in TEXT])
 def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
     """docs/methods.md "Reweight": the cond rows' image queries see A * w (or softmax(logits + log w)) over the
-    text keys of the weighted words; uncond rows and text queries keep plain attention."""
+    text keys of the weighted words; uncond rows and text queries keep plain attention. The model's mask is the
+    pipeline's own padding mask (`PipelineMask`), not the one attnctl hands the edited op: two prompts of different
+    lengths, so that Qwen-Image pads (and masks) the shorter one too."""
     pipe = tiny(name)
     table = {"red": 3.0, "street": 0.0}
+    prompts = [PROMPT, "a red street"]
     cross = TEXT[name][1] == "keys"
-    spy = Spy(layers="cross" if cross else "joint")
-    with attnctl.apply(pipe, [attnctl.Reweight(table, normalize=normalize), spy]) as handle:
-        generate(pipe, name, prompt=PROMPT)
+    with PipelineMask(pipe, name) as padding:
+        spy = Spy(layers="cross" if cross else "joint", padding=padding)
+        with attnctl.apply(pipe, [attnctl.Reweight(table, normalize=normalize), spy]) as handle:
+            generate(pipe, name, prompt=prompts)
+    assert (padding.calls > 0) == (name in ("tiny-chroma", "tiny-qwenimage"))
     tokenizer = getattr(pipe, TEXT[name][0])
-    weights = {p: f for word, f in table.items() for p in _t5_positions(tokenizer, _as_encoded(pipe, name, PROMPT), word)}
-    assert weights
+    weights = [{p: f for word, f in table.items() for p in _t5_positions(tokenizer, _as_encoded(pipe, name, prompt), word)}
+               for prompt in prompts]
+    assert all(weights) and weights[0] != weights[1]
     kind = "cross" if cross else "joint"
     assert {record["layer"].name for record in spy.log} == {layer.name for layer in handle.adapter.layers if layer.kind == kind}
     for record in spy.log:
@@ -271,11 +277,13 @@ def test_reweight_matches_the_formula_call_by_call(name, normalize, tiny):
         else:
             text_len = n_q - IMAGE_TOKENS
             image_rows, text_keys = slice(text_len, n_q), slice(0, text_len)
-        logits = _masked_logits(q, k, record["mask"])
+        logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if record["model_mask"] is not None:
+            logits = logits + record["model_mask"]
         w = torch.ones(q.shape[0], n_k, dtype=torch.float64)
         for b, row in enumerate(record["rows"].rows):
             if row.branch == "cond":
-                for position, factor in weights.items():
+                for position, factor in weights[row.prompt].items():
                     w[b, text_keys.start + position] *= factor
         if normalize:
             bias = torch.zeros(q.shape[0], 1, n_q, n_k, dtype=torch.float64)

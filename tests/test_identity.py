@@ -68,9 +68,26 @@ def test_img2img_identity(tiny_cache):
 
 
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-sd3", "tiny-flux"])
-def test_reference_backend_close_to_stock(name, tiny_cache):
+def test_reference_backend_close_to_stock(name, tiny_cache, monkeypatch):
+    """backend="reference" computes every layer's attention explicitly, without controls too: close to stock, not
+    bitwise (README), one eager call per layer and step (batched CFG rows in one call)."""
+    import dataclasses
+
+    from attnctl import kernels
+
+    calls = []
+    eager = kernels.BACKENDS["reference"]
+
+    def counted(q, k, v, spec):
+        calls.append(q.shape)
+        return eager.fn(q, k, v, spec)
+
+    monkeypatch.setitem(kernels.BACKENDS, "reference", dataclasses.replace(eager, fn=counted))
     pipe = tiny_cache(name)
-    stock = generate(pipe, name)
-    with attnctl.apply(pipe, [], backend="reference"):
-        controlled = generate(pipe, name)
+    stock = generate(pipe, name, steps=2)
+    assert not calls
+    with attnctl.apply(pipe, [], backend="reference") as handle:
+        controlled = generate(pipe, name, steps=2)
+    assert len(calls) == 2 * len(handle.adapter.layers)
+    assert not torch.equal(controlled, stock)
     torch.testing.assert_close(controlled, stock, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ from attnctl.kernels.spec import LabelMask, Window
 from attnctl.processors.edit import Edit, LayerHook
 
 from .helpers import generate
+from .test_backends_controls import KernelLaunches
 
 INF = float("-inf")
 
@@ -82,13 +83,22 @@ def reference_run(tiny_cache):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton", "flex"])
-def test_backends_generate_like_the_reference(tiny_cache, reference_run, backend):
+def test_backends_generate_like_the_reference(tiny_cache, reference_run, backend, monkeypatch):
     if backend not in BACKENDS:
         pytest.skip(f"{backend} is not available here")
     pipe = tiny_cache("tiny-sd")
     stock = generate(pipe, "tiny-sd", prompt="a photo of a cat", height=16, width=16)
     expected, expected_lse, _ = reference_run
     assert (expected - stock).abs().max() > 1e-3, "the probe control changes nothing: the test could not fail"
+    if backend == "triton":  # without log-sum-exp first: each controlled layer's edits launch the flash kernel
+        launches = KernelLaunches(monkeypatch, pipe.unet)
+        try:
+            latents, _, _ = _run(pipe, backend, lse=False)
+        finally:
+            launches.remove()
+        torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
+        launches.check({"_attn_fwd"})  # key bias + value scale; labels + window
+        assert {layer for layer, _, kernel, _ in launches.calls if kernel} == set(expected_lse)
     lse = backend == "triton"  # sdpa has no log-sum-exp; compiled flex has none on CPU
     latents, store, used = _run(pipe, backend, lse)
     torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-4)
