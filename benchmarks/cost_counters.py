@@ -29,6 +29,10 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 import torch  # noqa: E402
 
 PROMPT = "a photo of a red cat and a blue dog"
+#: The prompt rows of the controls that link several images of a call: a base row and two edits of one word each
+#: (PromptToPrompt swaps words one for one); row 0 is ReferenceAttention's reference and ConsistentSubjects' source,
+#: the first and last rows AttentionInterpolation's endpoints.
+ROWS = ("a photo of a red cat and a blue dog", "a photo of a red cat and a green dog", "a photo of a red fox and a blue dog")
 STEPS = 4
 MODELS = ("tiny-sd", "tiny-flux")
 
@@ -42,12 +46,35 @@ def _regions(isolate: bool):
     )
 
 
+def _reference_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (200, 30, 30))
+
+
+#: The controls that link several images of a call: measured on `ROWS`, against stock on `ROWS` ("stock(rows)").
+CROSS_IMAGE = ("p2p", "p2p-refine-blend", "consistent", "consistent-words", "reference", "interpolation")
+#: Stock on `PROMPT` and on `ROWS` (no handle).
+STOCK = ("stock", "stock(rows)")
+
+
+def prompt_for(name: str) -> str | list[str]:
+    """The prompt a catalog entry is measured with: `ROWS` for the controls that link images, else `PROMPT`."""
+    return list(ROWS) if name in CROSS_IMAGE or name == "stock(rows)" else PROMPT
+
+
+def stock_for(name: str) -> str:
+    """The stock entry a catalog entry is compared with (the same prompt rows)."""
+    return "stock(rows)" if name in CROSS_IMAGE else "stock"
+
+
 def controls(model: str) -> dict[str, Any]:
     """name -> factory of the control list (None: stock, no handle). The UNet-only ones are left out on Flux."""
     import attnctl
 
     catalog: dict[str, Any] = {
         "stock": None,
+        "stock(rows)": None,
         "apply[]": lambda: [],
         "reweight": lambda: [attnctl.Reweight({"red": 2.0})],
         "regions": lambda: [_regions(False)],
@@ -65,9 +92,18 @@ def controls(model: str) -> dict[str, Any]:
         "structured": lambda: [attnctl.StructuredGuidance(phrases=["a red cat", "a blue dog"])],
         "attend-excite": lambda: [attnctl.AttendExcite(subjects=["cat", "dog"])],
         "a-star": lambda: [attnctl.AStar(subjects=["cat", "dog"])],
-        "box-guidance": lambda: [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, loss_threshold=0.0)],
+        # guidance at the first half of the steps (the default window, the first 20%, holds step 0 alone at any step
+        # count up to 5: tests/test_cost_counters.py's per-step budgets would not see its per-iteration work)
+        "box-guidance": lambda: [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)}, loss_threshold=0.0,
+                                                     steps=(0.0, 0.5), iterations=2)],
         "boxdiff": lambda: [attnctl.BoxGuidance({"cat": (0.0, 0.0, 0.5, 1.0), "dog": (0.5, 0.0, 1.0, 1.0)},
-                                                constraints=("inner", "outer", "corner"), loss_threshold=0.0)],
+                                                constraints=("inner", "outer", "corner"), loss_threshold=0.0, steps=(0.0, 0.5), iterations=2)],
+        "p2p": lambda: [attnctl.PromptToPrompt()],
+        "p2p-refine-blend": lambda: [attnctl.PromptToPrompt(mode="refine", local_blend=["cat", "dog"], reweight={"dog": 2.0})],
+        "consistent": lambda: [attnctl.ConsistentSubjects()],
+        "consistent-words": lambda: [attnctl.ConsistentSubjects(subject=["cat", "dog"], isolate=True)],
+        "reference": lambda: [attnctl.ReferenceAttention(_reference_image(), region=(0.0, 0.0, 0.5, 1.0))],
+        "interpolation": lambda: [attnctl.AttentionInterpolation(self_attention=True)],
         "rw+regions+pag": lambda: [attnctl.Reweight({"red": 2.0}), _regions(True), attnctl.PAG(scale=3.0)],
         "rw+regions+pag+tgate": lambda: [attnctl.Reweight({"red": 2.0}), _regions(False), attnctl.PAG(scale=3.0, steps=(0.0, 0.4)),
                                          attnctl.TGate(gate_step=2)],
@@ -92,18 +128,21 @@ class Cost:
     error: str | None = None
 
 
-def _run(pipe: Any, model: str, steps: int, call: dict[str, Any] | None = None):
+def _run(pipe: Any, model: str, steps: int, call: dict[str, Any] | None = None, prompt: str | list[str] = PROMPT):
     from attnctl.testing import CALL_DEFAULTS
 
     options = dict(CALL_DEFAULTS[model]) if call is None else dict(call)
     guidance = options.pop("guidance_scale", 5.0 if model != "tiny-flux" else 3.5)
     with torch.inference_mode():
-        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+        return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
                     generator=torch.Generator().manual_seed(0), **options).images
 
 
-def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> Cost:
-    """The counts of the second (warm) pipeline call with the control list `make()` applied (None: stock)."""
+def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS, prompt: str | list[str] | None = None,
+            profile: bool = True) -> Cost:
+    """The counts of the second (warm) pipeline call with the control list `make()` applied (None: stock), on
+    `prompt` (default `prompt_for(name)`). `profile`: also count the Python calls of a third call (cProfile)."""
+    prompt = prompt_for(name) if prompt is None else prompt
     import attnctl
     from attnctl.testing.counters import CostCounter
 
@@ -121,18 +160,20 @@ def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS) -> 
                 return edit
 
             runtime.edit_for = counting
-        _run(pipe, model, steps)
+        _run(pipe, model, steps, prompt=prompt)
         edited[0] = 0
         with CostCounter() as counter:
-            _run(pipe, model, steps)
+            _run(pipe, model, steps, prompt=prompt)
         attention_calls = edited[0]
-        profile = cProfile.Profile()
-        profile.enable()
-        try:
-            _run(pipe, model, steps)
-        finally:
-            profile.disable()
-        python_calls = pstats.Stats(profile).total_calls
+        python_calls = 0
+        if profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            try:
+                _run(pipe, model, steps, prompt=prompt)
+            finally:
+                profiler.disable()
+            python_calls = pstats.Stats(profiler).total_calls
     finally:
         if handle is not None:
             handle.remove()
@@ -263,7 +304,7 @@ def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
     for model in models:
         pipe = make_tiny_pipeline(model)
         for name, make in controls(model).items():
-            if names and name not in names and name != "stock":
+            if names and name not in names and name not in STOCK:
                 continue
             try:
                 rows.append(measure(pipe, model, name, make, steps))
@@ -332,7 +373,7 @@ def main() -> None:
         args.models, args.controls, args.steps = "tiny-sd", "reweight", 2
     torch.set_num_threads(1)
     rows = table(args.models.split(","), set(filter(None, args.controls.split(","))), args.steps)
-    stock = {row.model: row for row in rows if row.control == "stock"}
+    stock = {(row.model, row.control): row for row in rows if row.control in STOCK}
     print(f"torch {torch.__version__}; warm second call, {args.steps} steps, inference_mode; "
           "ops = aten ops dispatched (views excluded), syncs = host synchronisations, "
           "Python calls = function calls in the call (cProfile), the host work a GPU waits on when launch-bound")
@@ -343,14 +384,14 @@ def main() -> None:
         if row.error:
             print(f"| {row.model} | {row.control} | error: {row.error} |")
             continue
-        base = stock[row.model]
+        base = stock[(row.model, stock_for(row.control))]
         extra = row.ops - base.ops
         per = f"{extra / row.attention_calls:.2f}" if row.attention_calls else "-"
         extra_syncs = {k: v - base.sync_ops.get(k, 0) for k, v in row.sync_ops.items() if v != base.sync_ops.get(k, 0)}
         print(f"| {row.model} | {row.control} | {row.ops} | {extra:+d} | {row.attention_calls} | {per} | {row.syncs} | "
               f"{row.syncs - base.syncs:+d} {extra_syncs or ''} | {row.copies_in - base.copies_in:+d} | "
               f"{row.python_calls - base.python_calls:+d} |")
-        if args.ops and row.control != "stock":
+        if args.ops and row.control not in STOCK:
             diff = {k: v - base.op_names.get(k, 0) for k, v in row.op_names.items() if v != base.op_names.get(k, 0)}
             print(f"|   | ops by name | {dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:25])} |")
 

@@ -454,12 +454,16 @@ def test_skip_layer_does_not_run_the_blocks_it_skips(separate, tiny_cache):
 # -- no host syncs and no per-call index copies in the hot path -----------------------------------------------------
 class SyncWatch:
     """Counts host syncs (`item`, `cpu`, `tolist`, `bool`, `nonzero`) and host-made tensors (`torch.tensor`) called
-    from `attnctl/processors/` after the first steps of a pipeline call."""
+    from attnctl's attention path (`attnctl/processors/`, `attnctl/kernels/`) and controls (`attnctl/controls/`)
+    after the first steps of a pipeline call."""
+
+    WATCHED = ("/attnctl/processors/", "/attnctl/kernels/", "/attnctl/controls/")
 
     def __init__(self, monkeypatch, runtime, from_step: int):
         self.runtime, self.from_step, self.calls = runtime, from_step, []
-        for owner, name in ((torch, "tensor"), (torch, "nonzero"), (torch.Tensor, "nonzero"), (torch.Tensor, "item"),
-                            (torch.Tensor, "cpu"), (torch.Tensor, "tolist"), (torch.Tensor, "__bool__")):
+        for owner, name in ((torch, "tensor"), (torch, "nonzero"), (torch, "equal"), (torch, "allclose"), (torch.Tensor, "nonzero"),
+                            (torch.Tensor, "item"), (torch.Tensor, "cpu"), (torch.Tensor, "tolist"), (torch.Tensor, "numpy"),
+                            (torch.Tensor, "__bool__"), (torch.Tensor, "__float__"), (torch.Tensor, "__int__")):
             monkeypatch.setattr(owner, name, self._wrap(getattr(owner, name), name))
 
     #: Functions that work on the CPU by construction: ToMe's destinations are drawn from a private CPU generator
@@ -471,7 +475,7 @@ class SyncWatch:
             code = sys._getframe(1).f_code
             caller = code.co_filename.replace("\\", "/")
             frame = self.runtime.frame
-            if ("/attnctl/processors/" in caller and code.co_name not in self.CPU_ONLY and frame is not None
+            if (any(part in caller for part in self.WATCHED) and code.co_name not in self.CPU_ONLY and frame is not None
                     and frame.step.index >= self.from_step):
                 self.calls.append((name, caller.rsplit("/attnctl/", 1)[1], sys._getframe(1).f_lineno))
             return original(*args, **kwargs)
@@ -479,19 +483,39 @@ class SyncWatch:
         return wrapper
 
 
-@pytest.mark.parametrize("name, make", [
+#: Prompt rows for the controls that link the images of a call: a base and two one-word edits (PromptToPrompt's
+#: replace), row 0 the reference / source, rows 0 and 2 AttentionInterpolation's endpoints.
+ROWS = ["a photo of a red cat and a blue dog", "a photo of a red cat and a green dog", "a photo of a red fox and a blue dog"]
+
+
+def _reference_image():
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (200, 30, 30))
+
+
+@pytest.mark.parametrize("name, make, prompt", [
     ("tiny-sd3", lambda: [attnctl.PAG(), regions(isolate=True), attnctl.AttentionMaps(["cat"]), attnctl.Reweight({"cat": 2.0}),
-                          attnctl.SEG(layers="transformer_blocks.0"), attnctl.SkipLayer(blocks=(1,), steps=(0.0, 1.0))]),
-    ("tiny-flux", lambda: [attnctl.PAG(), regions(isolate=True), attnctl.Reweight({"cat": 2.0})]),
-    ("tiny-sd", lambda: [attnctl.PAG(), attnctl.SAG(), regions(), attnctl.AttentionMaps(["cat"]), attnctl.ToMe()]),
-    ("tiny-sd", lambda: [attnctl.ToMe(layers="mid & self"), attnctl.PAG(), regions(base_ratio=0.0)]),
-    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, sp_interval=1, fi_interval=1), attnctl.PAG()]),
-], ids=["sd3", "flux", "sd", "sd-tome-pag", "tgate"])
-def test_no_host_syncs_in_the_hot_path(name, make, monkeypatch):
-    pipe = make_tiny_pipeline(name)
+                          attnctl.SEG(layers="transformer_blocks.0"), attnctl.SkipLayer(blocks=(1,), steps=(0.0, 1.0))], "a photo of a cat"),
+    ("tiny-flux", lambda: [attnctl.PAG(), regions(isolate=True), attnctl.Reweight({"cat": 2.0})], "a photo of a cat"),
+    ("tiny-sd", lambda: [attnctl.PAG(), attnctl.SAG(), regions(), attnctl.AttentionMaps(["cat"]), attnctl.ToMe()], "a photo of a cat"),
+    ("tiny-sd", lambda: [attnctl.ToMe(layers="mid & self"), attnctl.PAG(), regions(base_ratio=0.0)], "a photo of a cat"),
+    ("tiny-sd", lambda: [attnctl.TGate(gate_step=1, sp_interval=1, fi_interval=1), attnctl.PAG()], "a photo of a cat"),
+    ("tiny-sd", lambda: [attnctl.PromptToPrompt(mode="refine", local_blend=["cat", "dog"], reweight={"dog": 2.0})], ROWS),
+    ("tiny-flux", lambda: [attnctl.PromptToPrompt(local_blend=["dog"])], ROWS),
+    ("tiny-sd", lambda: [attnctl.ConsistentSubjects(subject=["cat", "dog"], isolate=True)], ROWS),
+    ("tiny-flux", lambda: [attnctl.ConsistentSubjects(sample_rate=0.5)], ROWS),
+    ("tiny-sd", lambda: [attnctl.ReferenceAttention(_reference_image(), adain=True, style_fidelity=0.5)], ROWS),
+    ("tiny-flux", lambda: [attnctl.ReferenceAttention(_reference_image(), region=(0.0, 0.0, 0.5, 1.0))], ROWS),
+    ("tiny-sd", lambda: [attnctl.AttentionInterpolation(self_attention=True)], ROWS),
+    ("tiny-flux", lambda: [attnctl.AttentionInterpolation(mode="inner")], ROWS),
+], ids=["sd3", "flux", "sd", "sd-tome-pag", "tgate", "sd-p2p", "flux-p2p", "sd-consistent", "flux-consistent", "sd-reference",
+        "flux-reference", "sd-interpolation", "flux-interpolation"])
+def test_no_host_syncs_in_the_hot_path(name, make, prompt, monkeypatch, tiny_cache):
+    pipe = tiny_cache(name)
     with attnctl.apply(pipe, make()) as handle:
         watch = SyncWatch(monkeypatch, handle.runtime, from_step=2)
-        generate(pipe, name, prompt="a photo of a cat", steps=4)
+        generate(pipe, name, prompt=prompt, steps=4)
     assert watch.calls == []
 
 

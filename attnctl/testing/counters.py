@@ -13,9 +13,10 @@ in `_FREE`. A composite operation reaching the counter undecomposed (on an infer
 `to`, `contiguous`, `reshape`) is decomposed first, as autograd does for other tensors, so its copy counts. `syncs` counts what makes the host wait for the device when the tensor lives on a GPU:
 
 - reading a value to Python: `.item()` / `_local_scalar_dense`, `bool(t)` / `is_nonzero`, `int(t)`,
-  `float(t)`, `torch.equal`, `.tolist()`, `.numpy()`;
+  `float(t)`, `torch.equal`, `torch.allclose`, `.tolist()`, `.numpy()`;
 - data-dependent shapes: `nonzero`, `masked_select`, `unique`, indexing with a boolean mask,
-  `repeat_interleave` without `output_size`;
+  `repeat_interleave` without `output_size`, `bincount` (CUDA reads the input's minimum and maximum on the host,
+  `minlength` or not), `histc` without bounds (`min == max`: CUDA reads the input's range on the host);
 - copies of a tensor to the CPU: `.cpu()` and `.to("cpu")` (the device named by a string) by the call, whatever
   the tensor's device, since on a CPU machine they dispatch nothing; `_to_copy` / `copy_` from another device.
 
@@ -55,11 +56,12 @@ aten = torch.ops.aten
 #: Operations that read a tensor's value into Python (a host sync for a device tensor).
 _READS = {
     aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
+    aten.allclose.default,
 }
 #: Operations whose output shape depends on the data (a host sync on a GPU).
 _DATA_SHAPES = {
     aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
-    aten.unique_consecutive.default, aten._unique.default,
+    aten.unique_consecutive.default, aten._unique.default, aten.bincount.default,
 }
 _COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
 #: Pure metadata operations, never a kernel launch.
@@ -83,6 +85,11 @@ def _sync_name(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str 
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         if any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices):
             return "index_put(bool mask)"
+    if func is aten.histc.default:  # histc(self, bins=100, min=0, max=0): equal bounds mean the data's range
+        low = args[2] if len(args) > 2 else kwargs.get("min", 0)
+        high = args[3] if len(args) > 3 else kwargs.get("max", 0)
+        if low == high:
+            return "histc(no bounds)"
     if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
         return "repeat_interleave"
     if func is aten.repeat_interleave.self_Tensor and kwargs.get("output_size") is None:

@@ -724,7 +724,8 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
     sampling = bound.control.sample_rate < 1
     prompt = [r.prompt for r in rows.rows]
     slots = range(len(sources[0]))
-    source_prompts = [upload(torch.tensor([prompt[s[j]] for s in sources], dtype=torch.long), device) for j in slots]
+    # the bound's cached index tensors: a plan is made again at every step with subject words or sampling
+    source_prompts = [bound.tensor(tuple(prompt[s[j]] for s in sources), device) for j in slots]
     if labels is None and geometry.frames > 1:  # video, no subject: every token of every frame
         bias_all = torch.full((bound.prompt_rows, geometry.image_len), math.log(bound.control.strength), dtype=torch.float32, device=device)
         if sampling:
@@ -734,7 +735,7 @@ def _plan(bound: _ConsistentBound, links: Links, geometry: Any, device: torch.de
     gather, appended_labels, appended_bias = bound.appended(grid, labels, device)
     if sampling:
         appended_bias = appended_bias.masked_fill(~bound.sampled(grid[0] * grid[1], gather, device), -math.inf)
-    target_prompts = upload(torch.tensor([prompt[t] for t in targets], dtype=torch.long), device)
+    target_prompts = bound.tensor(tuple(prompt[t] for t in targets), device)
     bias = [appended_bias.index_select(0, p) for p in source_prompts]
     if not bound.control.isolate:
         return _Plan(device, bias, gather, None, None, None)
