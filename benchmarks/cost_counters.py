@@ -2,9 +2,10 @@
 synchronisations in a whole warm pipeline call, against stock (`attnctl.testing.counters`).
 
 A warm call is the second call with the same handle (the first one builds per-handle caches), under
-`torch.inference_mode`, `tiny-sd` / `tiny-flux` at 32x32, 4 steps, CFG 5 on tiny-sd. `ops/attn` divides the
-extra operations by the attention calls that got an edit from the control. tests/test_cost_counters.py holds
-the CI targets; this prints the table.
+`torch.inference_mode`, `tiny-sd` / `tiny-flux` at 32x32, 4 steps, CFG 5 on tiny-sd, one prompt (`PROMPT`); the
+controls that link the images of a call (`CROSS_IMAGE`) on three prompt rows (`ROWS`), against stock on the same
+rows (`stock(rows)`). `ops/attn` divides the extra operations by the attention calls that got an edit from the
+control. tests/test_cost_counters.py holds the CI targets; this prints the table.
 
     python benchmarks/cost_counters.py [--models tiny-sd,tiny-flux] [--controls reweight,regions] [--ops]
     OMP_NUM_THREADS=1 python benchmarks/cost_counters.py --block-cache flux-cpu [--fbc-threshold 1e9]
@@ -301,10 +302,11 @@ def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
     from attnctl.testing import make_tiny_pipeline
 
     rows = []
+    wanted = set(names or ()) | {stock_for(name) for name in names or ()}  # each with the stock it is compared with
     for model in models:
         pipe = make_tiny_pipeline(model)
         for name, make in controls(model).items():
-            if names and name not in names and name not in STOCK:
+            if wanted and name not in wanted:
                 continue
             try:
                 rows.append(measure(pipe, model, name, make, steps))
