@@ -24,7 +24,7 @@ EXAMPLES = [
     pytest.param("examples/attention_maps.py", [], "pictures in", id="attention_maps"),
     pytest.param("examples/token_reduction.py", [], "saved stock.png, tome.png, agent.png", id="token_reduction"),
     pytest.param("examples/guidance.py", ["--methods", "pag,sag,skip"], "saved 4 images", id="guidance"),
-    pytest.param("examples/regions.py", [], "saved layout.png", id="regions"),
+    pytest.param("examples/regions.py", ["--describe"], "saved layout.png", id="regions"),
     pytest.param("examples/interpolate.py", [], "saved strip.png", id="interpolate"),
     pytest.param("examples/consistent_subjects.py", [], "saved comparison.png", id="consistent_subjects"),
     pytest.param("examples/reference_attention.py", [], "saved comparison.png", id="reference_attention"),
@@ -57,6 +57,49 @@ BENCHMARKS = [
 NOISE = ("requires torchvision", "Loading pipeline components", "Loading weights", "Traceback")
 
 
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=float)
+
+
+def _check_attention_maps(stdout: str, out: Path) -> None:
+    """toy-shapes' maps are read at attnctl.toy.MAP_LAYERS (the 4x4 down level's cross-attention): the default, every
+    cross layer, gives maps anti-correlated with the objects there."""
+    assert "AttentionMaps: steps 0 <= i/n < 1, 1 layer(s)" in stdout, stdout[-3000:]
+    assert "down_blocks.2.attentions.0.transformer_blocks.0.attn2 (cross)" in stdout, stdout[-3000:]
+
+
+def _check_guidance(stdout: str, out: Path) -> None:
+    """On toy-shapes PAG on its default layers (the 16-token mid block) changed the 2-step image by at most 2 levels of
+    255; the example's toy layers (every self-attention layer) change it visibly (77)."""
+    change = abs(_pixels(out / "pag.png") - _pixels(out / "none.png")).max()
+    assert change > 16, change
+
+
+def _check_reweight(stdout: str, out: Path) -> None:
+    """The toy default 'a (red:0) circle' at the default seed takes the red off the circle (2 steps: 28 -> 12 red
+    pixels; at seed 0, where the 10-step circle stays red, 58 -> 59)."""
+    from attnctl.toy import analysis
+
+    def red(name: str) -> float:
+        return float(analysis.color_masks(_pixels(out / name))["red"].sum())
+
+    assert red("reweighted.png") < 0.6 * red("stock.png"), (red("stock.png"), red("reweighted.png"))
+
+
+def _check_regions(stdout: str, out: Path) -> None:
+    """Isolation is on by default on toy-shapes: its 7 self-attention layers are controlled with the 7 cross layers."""
+    if "(toy-shapes," in stdout:
+        assert "Regions: steps 0 <= i/n < 1, 14 layer(s)" in stdout, stdout[-3000:]
+
+
+#: what an example's smoke run must also show, read from its stdout and its --out folder
+CHECKS = {"examples/attention_maps.py": _check_attention_maps, "examples/guidance.py": _check_guidance,
+          "examples/reweight.py": _check_reweight, "examples/regions.py": _check_regions}
+
+
 def run(script: str, args: list[str], tmp_path: Path, out: bool) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -74,6 +117,8 @@ def test_example_smoke(script, args, expect, tmp_path):
     assert "IdleControlWarning" not in result.stderr, result.stderr[-3000:]
     assert not [noise for noise in NOISE if noise in result.stderr + result.stdout], result.stderr[-3000:]
     assert any((tmp_path / "out").rglob("*.png"))
+    if script in CHECKS:
+        CHECKS[script](result.stdout, tmp_path / "out")
 
 
 def test_quickstart_prints_its_result_lines_only(tmp_path):
