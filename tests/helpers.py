@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 
 from attnctl.control import Bound, Control
@@ -103,3 +105,47 @@ def tiny_sdxl_conditioned(base: Any, kind: str) -> Any:
         pipe = StableDiffusionXLAdapterPipeline(**components, adapter=adapter.eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class KernelLaunches:
+    """Which Triton kernels each call of the `triton` backend launched: `Launch.run` (every launcher's way into a
+    kernel) is wrapped, and forward pre-hooks on the attention modules name the layer in progress. `calls` holds
+    (layer, spec features, the kernel `triton_backend.kernel_for` names for them, kernels launched) per call."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, denoiser: torch.nn.Module):
+        from attnctl.kernels import BACKENDS, triton_attention, triton_backend
+
+        self.calls: list[tuple[str | None, tuple[str, ...], str | None, list[str]]] = []
+        self._layer: str | None = None
+        self._launched: list[str] | None = None
+        run, backend = triton_attention.Launch.run, BACKENDS["triton"]
+
+        def launch(launch_self: Any) -> None:
+            if self._launched is not None:
+                self._launched.append(launch_self.name)
+            run(launch_self)
+
+        def attention(q, k, v, spec):
+            self._launched = launched = []
+            try:
+                return backend.fn(q, k, v, spec)
+            finally:
+                self._launched = None
+                features = spec.features()
+                self.calls.append((self._layer, features, triton_backend.kernel_for(features), launched))
+
+        monkeypatch.setattr(triton_attention.Launch, "run", launch)
+        monkeypatch.setitem(BACKENDS, "triton", dataclasses.replace(backend, fn=attention))
+        self._hooks = [module.register_forward_pre_hook(lambda m, a, name=name: setattr(self, "_layer", name))
+                       for name, module in denoiser.named_modules() if hasattr(module, "processor")]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def check(self, kernels_expected: set[str]) -> None:
+        """Every call launched the kernel its features name (none for a plain call); together, `kernels_expected`."""
+        assert self.calls, "no call reached the triton backend"
+        for layer, features, kernel, launched in self.calls:
+            assert launched == ([kernel] if kernel else []), (layer, features, launched)
+        assert {kernel for *_, kernel, _ in self.calls if kernel} == kernels_expected

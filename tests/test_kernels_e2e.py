@@ -16,8 +16,7 @@ from attnctl.kernels import BACKENDS
 from attnctl.kernels.spec import LabelMask, Window
 from attnctl.processors.edit import Edit, LayerHook
 
-from .helpers import generate
-from .test_backends_controls import KernelLaunches
+from .helpers import KernelLaunches, generate
 
 INF = float("-inf")
 
