@@ -12,8 +12,8 @@ on attention maps"); the truth comes from the pixels (attnctl.toy.analysis).
 The controls read the toy's down-path map layer (TOY_LAYERS, chosen on held-out seeds 1000-1015); --level-defaults
 adds the controls at their default layers (A&E / A-STAR: the 4x4 level; BoxGuidance: Chen et al.'s mid block and first
 up block) and TOY_BOX at the 8x8 level. --part runs one part (each has its own
-stock, so its time ratios stand alone); the numbers in README were measured with `--part box --level-defaults` and
-`--part two` running concurrently, then `--part memory`; the box part also with `--steps 50` (the papers' step
+stock, so its time ratios stand alone); the numbers in README were measured with `--part two --level-defaults` (alone), `--part
+box --level-defaults` (an earlier run, beside the two-object part), then `--part memory`; the box part also with `--steps 50` (the papers' step
 count), `--swap-sides` (each case's box in the other half) and `--first-seed 1000 --boxes 96` (the held-out seeds
 the toy settings were chosen on).
 
@@ -40,14 +40,15 @@ from attnctl.toy.data import COLORS, SHAPES
 
 
 def two_object_cases(n: int) -> list[tuple[str, str, str, str, int]]:
-    cases = []
-    for i in range(n):
-        c1, c2 = COLORS[i % len(COLORS)], COLORS[(i // len(COLORS) + 1 + i) % len(COLORS)]
-        if c2 == c1:
-            c2 = COLORS[(COLORS.index(c1) + 1) % len(COLORS)]
-        s1, s2 = SHAPES[i % 3], SHAPES[(i // 3 + 1 + i) % 3]
-        cases.append((c1, s1, c2, s2, i))
-    return cases
+    """(colour 1, shape 1, colour 2, shape 2, seed offset): two different colours and two different shapes (the controls
+    take the two shape words as subjects, and a subject named twice is refused). The 72 such prompts in a fixed
+    shuffled order, repeated past 72; case i runs at seed offset i."""
+    import itertools
+    import random
+
+    prompts = [(c1, s1, c2, s2) for c1, c2 in itertools.permutations(COLORS, 2) for s1, s2 in itertools.permutations(SHAPES, 2)]
+    random.Random(0).shuffle(prompts)
+    return [(*prompts[i % len(prompts)], i) for i in range(n)]
 
 
 def box_cases(n: int, swap: bool = False) -> list[tuple[str, str, tuple[float, float, float, float], int]]:

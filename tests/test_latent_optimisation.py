@@ -954,6 +954,25 @@ def test_box_guidance_puts_the_object_in_its_box_on_the_toy_model(toy):
     assert depth["guided"] >= depth["stock"] + 2.0 and inside["guided"] >= 10, (inside, depth)
 
 
+def test_the_benchmarks_two_object_cases_name_two_different_subjects():
+    """benchmarks/attend_excite.py's two-object cases: two colours and two shapes, each pair different, so that every
+    case's controls (subjects: the two shape words) can be built; the 72 prompts recur in the 96 cases."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attend_excite.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_attend_excite_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = module.two_object_cases(96)
+    assert [case[4] for case in cases] == list(range(96))
+    assert all(c1 != c2 and s1 != s2 for c1, s1, c2, s2, _ in cases)
+    assert len({case[:4] for case in cases}) == 72
+    for _, s1, _, s2, _ in cases:
+        attnctl.AttendExcite(subjects=[s1, s2])
+        attnctl.AStar(subjects=[s1, s2])
+
+
 def test_down_path_layers_stop_the_loss_pass_before_the_up_path(toy):
     """With map layers on the down path only (the toy model's choice: its up path's maps are anti-correlated with
     the object), the loss passes never run the up blocks: the up path runs once per denoiser call, no more."""
