@@ -54,6 +54,26 @@ def test_training_config_chooses_the_attention_levels():
             attention_levels(TrainConfig(unet_attention=bad), 16)
 
 
+def test_training_summary_of_a_run_that_reused_a_vae_counts_only_that_runs_vae_steps(tmp_path):
+    """`--reuse-vae`: the other run's log gives the VAE's numbers; its UNet steps (a longer run's) are not this run's."""
+    from attnctl.toy.train import summarize_log
+
+    def log(path, vae_steps, unet_steps, unet_dt):
+        lines = [f"[00:00:00 +    0.0s] vae step {i}/{vae_steps} recon 0.0100 0.300 s/step" for i in range(25, vae_steps + 1, 25)]
+        lines += [f"[00:00:00 +    0.0s] unet step {i}/{unet_steps} loss 0.0200 (unweighted 0.0300) lr 1.00e-04 {unet_dt} s/step"
+                  for i in range(25, unet_steps + 1, 25)]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    source = log(tmp_path / "source.log", 100, 400, 1.0)
+    run = log(tmp_path / "run.log", 0, 200, 0.5)
+    summary = summarize_log(run, source)
+    assert summary["vae_steps"] == 100 and summary["vae_seconds_per_step"] == 0.3
+    assert summary["unet_steps"] == 200 and summary["unet_seconds_per_step"] == 0.5
+    assert summary["unet_minutes"] == 200 * 0.5 / 60
+    assert summarize_log(run)["unet_steps"] == 200 and "vae_steps" not in summarize_log(run)
+
+
 def test_generator_leaves_global_random_state_alone():
     state = np.random.get_state()
     data.make_dataset(8, seed=1)

@@ -399,14 +399,16 @@ _LOG_RE = re.compile(r"(?P<stage>vae|unet) step (?P<step>\d+)/(?P<total>\d+) (?:
                      r"(?: \(unweighted (?P<unweighted>[\d.]+)\))?.* (?P<dt>[\d.]+) s/step")
 
 
-def summarize_log(*log_paths: Path) -> dict:
-    """Training summary from ``train.log`` files (robust to resumed runs: every logged interval counts once;
-    a run that reused another run's VAE passes that run's log first)."""
+def summarize_log(log_path: Path, vae_log_path: Path | None = None) -> dict:
+    """Training summary from a run's ``train.log`` (robust to resumed runs: every logged interval counts once).
+    A run that reused another run's VAE passes that run's log as ``vae_log_path``: only its VAE steps count."""
     rows: dict[str, dict[int, dict]] = {"vae": {}, "unet": {}}
-    for log_path in log_paths:
-        for line in log_path.read_text(encoding="utf-8").splitlines():
+    for path, stages in ((vae_log_path, ("vae",)), (log_path, ("vae", "unet"))):
+        if path is None:
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
             m = _LOG_RE.search(line)
-            if m:
+            if m and m["stage"] in stages:
                 rows[m["stage"]][int(m["step"])] = m.groupdict()
     out: dict = {}
     for stage, by_step in rows.items():
@@ -569,12 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     stats["unet_seconds_this_process"] = time.time() - t0
 
     model_dir = export_pipeline(out / "model", tokenizer, text_encoder, vae, unet, args.scheduler)
-    logs = [out / "train.log"]
+    vae_log = None
     if (ckpt / "vae_source.json").exists():
         source = Path(json.loads((ckpt / "vae_source.json").read_text())["run"])
-        logs.insert(0, source / "train.log")
+        vae_log = source / "train.log"
         stats["vae_reused_from"] = str(source)
-    summary = {**summarize_log(*logs), "config": asdict(cfg), "vae_reused_from": stats.get("vae_reused_from"),
+    summary = {**summarize_log(out / "train.log", vae_log), "config": asdict(cfg), "vae_reused_from": stats.get("vae_reused_from"),
                "scaling_factor": scaling, "vae_recon_mse": stats["vae_recon_mse"]}
     (model_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
     size = sum(f.stat().st_size for f in model_dir.rglob("*") if f.is_file())
