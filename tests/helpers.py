@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -13,6 +17,20 @@ from attnctl.control import Bound, Control
 from attnctl.testing import CALL_DEFAULTS
 
 PROMPTS = ["a photo of a cat", "a red car on the street"]
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(filename: str, module_name: str, *, register: bool = False) -> ModuleType:
+    """A fresh module of `benchmarks/<filename>` (benchmarks/ is not a package). With `register`, it is also put in
+    `sys.modules` under `module_name` before it runs (dataclasses in the module look their module up there); the
+    caller removes it when it must."""
+    spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / filename)
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def generate(pipe: Any, name: str, prompt: Any = PROMPTS, steps: int = 2, guidance: float = 5.0, seed: int = 0, **kwargs: Any) -> torch.Tensor:

@@ -8,24 +8,18 @@ window: that call always runs every block (one full call more than stock + First
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
 import attnctl
 from attnctl.testing import make_tiny_pipeline
 
+from .helpers import load_benchmark
+
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "FirstBlockCacheConfig"):
     pytest.skip(f"diffusers {diffusers.__version__} has no FirstBlockCacheConfig", allow_module_level=True)
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cost_counters.py")
-_SPEC = importlib.util.spec_from_file_location("attnctl_cost_counters_fbc", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+bench = load_benchmark("cost_counters.py", "attnctl_cost_counters_fbc", register=True)
 
 STEPS = 10
 ALWAYS_SKIP = 1e9  # every call after a context's first skips the later blocks

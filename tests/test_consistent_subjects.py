@@ -18,6 +18,8 @@ from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS
 from attnctl.testing.new_families import PROMPT_KEYWORD, available
 
+from .helpers import load_benchmark
+
 PROMPTS = ["a red cat on the street", "a blue dog in a field", "a green car"]
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 LOOSE = {"rtol": 1e-3, "atol": 1e-3}
@@ -546,13 +548,7 @@ def test_toy_agreement_benchmark_ci_size(monkeypatch):
     the word-map subject changes each target image and never the reference (an idle control would leave every image
     stock's). (On this model sharing does not make the colour agree: the 48-seed numbers and the diagnostic are in
     the README; nothing here asserts a rate the model does not show.)"""
-    import importlib.util
-    import os
-
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cross_image.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_cross_image_cs", here)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("cross_image.py", "benchmarks_cross_image_cs")
     from attnctl.toy import CALL_DEFAULTS, analysis, load_toy_shapes
 
     pipe = load_toy_shapes()

@@ -8,7 +8,6 @@ stalls the CPU on a GPU). The table itself: `python benchmarks/cost_counters.py`
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from collections import Counter
@@ -19,11 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnctl.testing.counters import CostCounter
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cost_counters.py")
-_SPEC = importlib.util.spec_from_file_location("attnctl_cost_counters_benchmark", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+from .helpers import load_benchmark
+
+bench = load_benchmark("cost_counters.py", "attnctl_cost_counters_benchmark", register=True)
 
 MODELS = ("tiny-sd", "tiny-flux")
 #: A family whose text encoder gives a padding mask, with the controls that encode extra prompts with it: Qwen-Image's

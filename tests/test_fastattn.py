@@ -180,6 +180,33 @@ def test_step_share_reuses_the_layer_output(tiny_cache):
     assert report.hits == 2 and report.entries[(1, layer)].flops == 0.0
 
 
+def test_a_plan_frees_each_cache_at_the_first_step_that_no_longer_reads_it(tiny_cache, monkeypatch):
+    """With a plan, a residual lives until the window steps that read it are over, a module output until its run of
+    step sharing is (at the next step's first edit), not to the end of the call; the output is unchanged."""
+    from attnctl.controls.fastattn import FastAttnBound
+
+    pipe = tiny_cache("tiny-pixart")
+    window_layer, shared_layer = "transformer_blocks.0.attn1", "transformer_blocks.1.attn1"
+    plan = make_plan(pipe, 6, {window_layer: ["full", "window_residual", "window_residual", "full", "window_residual", "full"],
+                               shared_layer: ["full", "step_share", "full", "full", "full", "full"]}, window=8)
+    held: dict[int, dict[str, tuple[int, int]]] = {}
+    drop = FastAttnBound.drop_unread
+
+    def spy(self, step):
+        drop(self, step)
+        held[step] = {layer.name: (len(self.states[layer.index].residual), len(self.states[layer.index].output)) for layer in self.layers}
+
+    monkeypatch.setattr(FastAttnBound, "drop_unread", spy)
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]):
+        freed = generate(pipe, "tiny-pixart", steps=6)
+    assert [held[step][window_layer][0] > 0 for step in range(6)] == [False, True, True, False, True, False]
+    assert [held[step][shared_layer][1] > 0 for step in range(6)] == [False, True, False, False, False, False]
+    monkeypatch.setattr(FastAttnBound, "drop_unread", lambda self, step: None)
+    with attnctl.apply(pipe, [attnctl.FastAttn(plan=plan)]):
+        kept = generate(pipe, "tiny-pixart", steps=6)
+    assert torch.equal(freed, kept)
+
+
 def test_cfg_share_computes_cond_rows_and_copies_them(tiny_cache):
     pipe = tiny_cache("tiny-pixart")
     layer = "transformer_blocks.1.attn1"

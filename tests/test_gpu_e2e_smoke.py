@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_e2e.py")
-_SPEC = importlib.util.spec_from_file_location("attnctl_gpu_e2e_benchmark", _PATH)
-bench = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = bench
-_SPEC.loader.exec_module(bench)
+from .helpers import load_benchmark
+
+bench = load_benchmark("gpu_e2e.py", "attnctl_gpu_e2e_benchmark", register=True)
 
 
 def test_tiny_run_reports_every_column(capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,6 +17,8 @@ from attnctl.controls.cross_image.interpolation import AttentionInterpolation, b
 from attnctl.processors.edit import Edit, LayerHook
 from attnctl.testing import CALL_DEFAULTS, NEW_TINY_MODELS, TINY_MODELS
 from attnctl.testing.new_families import PROMPT_KEYWORD, available
+
+from .helpers import load_benchmark
 
 PROMPTS = ["a red cat on the street", "a red car on the street", "a blue car in a field", "a blue dog in a field"]
 POINTS = (0.0, 0.3, 0.7, 1.0)
@@ -385,11 +386,7 @@ def _close(a, b):
 def _benchmark_module():
     import sys
 
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "cross_image.py")
-    spec = importlib.util.spec_from_file_location("benchmarks_cross_image", here)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["benchmarks_cross_image"] = module
+    load_benchmark("cross_image.py", "benchmarks_cross_image", register=True)
     yield
     sys.modules.pop("benchmarks_cross_image", None)
 

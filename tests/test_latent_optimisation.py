@@ -20,7 +20,7 @@ import attnctl
 from attnctl.controls.optimize import controls as optimize_controls
 from attnctl.controls.optimize import losses
 
-from .helpers import generate, tiny_inpainting
+from .helpers import generate, load_benchmark, tiny_inpainting
 
 PROMPT = "a photo of a cat"
 
@@ -957,14 +957,7 @@ def test_box_guidance_puts_the_object_in_its_box_on_the_toy_model(toy):
 def test_the_benchmarks_two_object_cases_name_two_different_subjects():
     """benchmarks/attend_excite.py's two-object cases: two colours and two shapes, each pair different, so that every
     case's controls (subjects: the two shape words) can be built; the 72 prompts recur in the 96 cases."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attend_excite.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_attend_excite_cases", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cases = module.two_object_cases(96)
+    cases = load_benchmark("attend_excite.py", "benchmarks_attend_excite_cases").two_object_cases(96)
     assert [case[4] for case in cases] == list(range(96))
     assert all(c1 != c2 and s1 != s2 for c1, s1, c2, s2, _ in cases)
     assert len({case[:4] for case in cases}) == 72

@@ -19,6 +19,8 @@ from attnctl.steps import StepInfo
 from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import NEW_TINY_MODELS, available
 
+from .helpers import load_benchmark
+
 BASE, EDIT = "a red cat on the street", "a blue cat on the street"
 
 
@@ -524,15 +526,9 @@ def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_no
     """benchmarks/p2p.py on 8 seeds: "a red circle" -> "a blue circle" (shape kept, centroid within 0.1 of the width,
     blue). The issue's target is 90%; the toy model reaches far less (see the note in docs/methods.md), so this pins
     what it does reach: more successes than the stock batch started from the same noise."""
-    import importlib.util
-    from pathlib import Path
-
     from attnctl.toy import load_toy_shapes
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "p2p.py"
-    spec = importlib.util.spec_from_file_location("p2p_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("p2p.py", "p2p_benchmark")
     pipe = load_toy_shapes()
     seeds = list(range(8))
     edited = bench.run(pipe, attnctl.PromptToPrompt("replace"), seeds, 8)

@@ -5,22 +5,17 @@ or without a control applied, and leave the base rows alone."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import attnctl
 
+from .helpers import load_benchmark
+
 
 @pytest.fixture(scope="module")
 def bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "p2p.py"
-    spec = importlib.util.spec_from_file_location("p2p_benchmark_oracle", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("p2p.py", "p2p_benchmark_oracle")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from attnctl.testing import CALL_DEFAULTS
 from attnctl.testing.new_families import REQUIRES, available
 
 from .cache_helpers import Capture, explicit_attention, make_plan
+from .helpers import load_benchmark
 
 WAN = "tiny-wan"
 needs_wan = pytest.mark.skipif(not available(WAN), reason=f"{WAN} needs diffusers >= 0.42 with {', '.join(REQUIRES[WAN])}")
@@ -361,13 +362,7 @@ def test_wan_3d_window_plan_gives_the_same_video_on_every_backend(wan):
 
 def test_window_attention_benchmark_smoke(capsys):
     """benchmarks/video_window_attention.py on a tiny grid: every case runs and the bound is all pairs / allowed pairs."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "video_window_attention.py"
-    spec = importlib.util.spec_from_file_location("video_window_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("video_window_attention.py", "video_window_attention")
     result = bench.main(["--grid", "2,4,4", "--repeats", "1", "--backends", "sdpa", "--windows", "band=8,3d=1x1x1"])
     n = 32
     assert result["band=8 (sdpa)"]["bound"] == n * n / window_pairs(Window((4, 4), band=8, frames=2))

@@ -78,6 +78,33 @@ def test_every_block_shape_computes_the_window_of_the_definition(window, shape, 
         torch.testing.assert_close(got.double(), dense(q, k, v, window), rtol=1e-5, atol=2e-6)
 
 
+CHUNKED = [
+    (Window((12, 16), radius=(1, 2, 2), frames=4), (1, 4, 4)),
+    (Window((12, 16), radius=(1, 2, 2), frames=4, text_len=3, text_first=True), (2, 4, 4)),
+    (Window((16, 20), radius=(2, 3), text_len=4), (1, 4, 5)),
+]
+
+
+@pytest.mark.parametrize(("window", "shape"), CHUNKED, ids=["3d", "3d-text-first", "2d-text"])
+def test_tiles_gathered_in_chunks_give_the_one_shot_output(window, shape, monkeypatch):
+    """Under a gather budget of a few tiles, each group's tiles are gathered and computed a chunk at a time (per-tile
+    masks sliced with them, batch-major), with the output of gathering them all at once, and buffers of one chunk."""
+    generator = torch.Generator().manual_seed(6)
+    n = window.n_img + window.text_len
+    q, k, v = (torch.randn(2, 3, n, 8, generator=generator) for _ in range(3))
+    with torch.inference_mode():
+        whole = window_tiles.attention(q, k, v, window, None, window_tiles.make_plan(window, "cpu", shape))
+        one_tile = 3 * 8 * 3 * max(g.keys.shape[1] for g in window_tiles.make_plan(window, "cpu", shape).groups)
+        monkeypatch.setattr(window_tiles, "GATHER_BUDGET", one_tile)  # at least one tile of every group
+        tiles = window_tiles.make_plan(window, "cpu", shape)
+        assert max(-(-2 * g.queries.shape[0] // g.chunk_tiles(3, 8, 8)) for g in tiles.groups) > 2  # several chunks
+        chunked = window_tiles.attention(q, k, v, window, None, tiles)
+    torch.testing.assert_close(chunked.double(), dense(q, k, v, window), rtol=1e-5, atol=2e-6)
+    assert torch.equal(chunked, whole)
+    gathered = sum(buffer.numel() for buffer in tiles.buffers(q, k, v))
+    assert gathered <= window_tiles.GATHER_BUDGET
+
+
 def test_interior_blocks_share_one_mask_and_edge_blocks_have_smaller_boxes():
     window = Window((16, 28), radius=(1, 4, 4), frames=9)  # gpu_e2e's wan-cpu grid and 3-D window
     tiles = window_tiles.make_plan(window, "cpu", (1, 8, 4))

@@ -580,6 +580,7 @@ class FastAttnBound(Bound):
         self.family = context.adapter.family
         self.backend = context.backend
         self.pending: list[_TracedFastAttnHook] = []  # what a compiled forward kept, not yet filed (`settle`)
+        self.swept_step = -1  # the last step whose first edit dropped the caches no later step reads (`drop_unread`)
         unused = self._unused_cfg_share() if self.idle_reason(context.steps) is None else None
         if unused is not None:
             warnings.warn(f"attnctl: FastAttn's 'cfg_share' is idle in this call: {unused}", IdleControlWarning, stacklevel=2)
@@ -712,12 +713,31 @@ class FastAttnBound(Bound):
         methods = self.methods[layer.name]
         return step + 1 < len(methods) and methods[step + 1] == "step_share"
 
+    def drop_unread(self, step: int) -> None:
+        """With a plan, at a step's first edit: free each layer's residual and module output that no step reads any
+        more, instead of holding them to the end of the call. A residual is read by window steps only, and a full or
+        CFG-shared step stores a fresh one where a later window step needs it; a module output is read by step
+        sharing only, and any other step stores a fresh one where the next step shares it. On a real-size video model
+        they are large (Wan 14B at 480p: a residual per layer and CFG branch, 1.25 GiB in bfloat16), and on Wan 2.2
+        the expert that stopped running would keep its layers' entries to the end otherwise."""
+        for layer in self.layers:
+            state, method = self.states[layer.index], self.methods[layer.name][step]
+            if len(state.residual) and not method.startswith("window_residual") and (
+                method != "step_share" or not self.needs_residual(layer, step)
+            ):
+                state.residual.clear()
+            if len(state.output) and method != "step_share":
+                state.output.clear()
+
     # -- edits ----------------------------------------------------------------------------------------------------
     def edit(self, layer: LayerInfo, frame: DenoiserCall) -> Edit | None:
         if self.pending and self.pending[0].number != frame.number:
             self.settle()
         self.accountant.see(frame, len(frame.rows))
         step = frame.step.index
+        if not self.calibrating and step != self.swept_step:
+            self.swept_step = step
+            self.drop_unread(step)
         pass_index = self.passes(frame)
         geometry = frame.geometry(layer)
         window = self.window_for(layer, geometry)
@@ -764,6 +784,7 @@ class FastAttnBound(Bound):
             state.residual.clear()
         self.index.clear()
         self.pending.clear()
+        self.swept_step = -1
         self.accountant._frame = None
 
 

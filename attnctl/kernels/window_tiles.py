@@ -37,6 +37,10 @@ from .spec import Window, kept_tensors
 MIN_TOKENS = 1024
 #: Tiles only where their modelled cost is at most this fraction of full attention's (`tileable`).
 MAX_COST = 0.8
+#: At most this many elements of gathered queries, keys and values at once. The tiles' boxes overlap, so each key is
+#: gathered once per box that holds it: all of a call's tiles at once held 24 copies of K and V for a radius (1, 8, 8)
+#: window at Wan's 480p (15 GiB per row of Wan 14B in bfloat16). A group's tiles are gathered in chunks within this.
+GATHER_BUDGET = 2**25
 _PLANS: dict[tuple[Window, str], TilePlan] = {}
 _PLAN_CACHE_SIZE = 16
 
@@ -60,6 +64,12 @@ class TileGroup:
     runs: tuple[int, int] | None = None  # (first query, first key) where each block's queries and keys are runs of
     # consecutive tokens, block i's starting tq x i later (a band without text): views of q, k, v, no gather
     _cast: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def chunk_tiles(self, heads: int, dim_k: int, dim_v: int) -> int:
+        """How many of the group's tiles (over the batch) are gathered and computed at once: `GATHER_BUDGET`
+        elements of queries, keys and values, at least one tile."""
+        tq, keys = self.queries.shape[1], self.keys.shape[1]
+        return max(1, GATHER_BUDGET // (heads * (tq * dim_k + keys * (dim_k + dim_v))))
 
     def bias_for(self, dtype: torch.dtype, batch: int) -> torch.Tensor | None:
         """The mask as SDPA takes it for `batch` rows, (B x tiles | 1, 1, tq, keys) in the attention's dtype, made once
@@ -118,8 +128,9 @@ class TilePlan:
         return found
 
     def buffers(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """Buffers for the gathered rows of `tensors` = (q, k, v), reused from call to call on a CPU; None elsewhere
-        (the CUDA caching allocator already reuses memory) and when autograd could save them for a backward pass."""
+        """Buffers for one chunk of gathered rows of `tensors` = (q, k, v) (the largest chunk of any group), reused
+        from call to call on a CPU; None elsewhere (the CUDA caching allocator already reuses memory) and when
+        autograd could save them for a backward pass."""
         like, _, value = tensors
         if like.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             return None
@@ -128,7 +139,11 @@ class TilePlan:
         key = (like.dtype, batch, heads, dim_k, dim_v, torch.is_inference_mode_enabled(), threading.get_ident())
         found = self._workspace.get(key)
         if found is None:
-            n_q, n_k = (index.numel() for index in self.indices(batch))
+            n_q = n_k = 0
+            for group in self.groups:
+                if group.runs is None:
+                    tiles = min(batch * group.queries.shape[0], group.chunk_tiles(heads, dim_k, dim_v))
+                    n_q, n_k = max(n_q, tiles * group.queries.shape[1]), max(n_k, tiles * group.keys.shape[1])
             self._workspace.clear()  # one workspace per plan: the latest shape
             found = self._workspace[key] = (
                 like.new_empty(n_q, heads, dim_k), like.new_empty(n_k, heads, dim_k), like.new_empty(n_k, heads, dim_v)
@@ -312,9 +327,10 @@ def attention(
 
     def gather(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:  # (rows, H, d)
         rows = rows.view(batch * n, heads, rows.shape[-1])
-        return torch.index_select(rows, 0, index) if buffer is None else torch.index_select(rows, 0, index, out=buffer)
+        if buffer is None:
+            return torch.index_select(rows, 0, index)
+        return torch.index_select(rows, 0, index, out=buffer[: index.numel()])
 
-    q_all, k_all, v_all = gather(q_rows, q_index, buffers[0]), gather(k_rows, k_index, buffers[1]), gather(v_rows, k_index, buffers[2])
     out = q.new_empty(batch, n, heads, dim_v)
     out_rows = out.view(batch * n, heads, dim_v)
     kwargs = {} if scale is None else {"scale": scale}
@@ -330,12 +346,18 @@ def attention(
                 out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=group.bias_for(q.dtype, 1), **kwargs)
                 out[b, first_q : first_q + count * tq].view(count, tq, heads, dim_v).copy_(out_t.transpose(1, 2))
             continue
-        rows = batch * count
-        q_t = q_all[q_at : q_at + rows * tq].view(rows, tq, heads, dim_k).transpose(1, 2)
-        k_t = k_all[k_at : k_at + rows * box].view(rows, box, heads, dim_k).transpose(1, 2)
-        v_t = v_all[k_at : k_at + rows * box].view(rows, box, heads, dim_v).transpose(1, 2)
-        out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=group.bias_for(q.dtype, batch), **kwargs)
-        out_rows[q_index[q_at : q_at + rows * tq].view(rows, tq)] = out_t.transpose(1, 2)  # (B x tiles, tq, H, d)
+        rows, chunk = batch * count, group.chunk_tiles(heads, dim_k, dim_v)
+        bias = group.bias_for(q.dtype, batch)
+        for first in range(0, rows, chunk):  # tiles batch-major, as the indices and a per-tile bias are
+            tiles_here = min(chunk, rows - first)
+            queries = q_index[q_at + first * tq : q_at + (first + tiles_here) * tq]
+            keys = k_index[k_at + first * box : k_at + (first + tiles_here) * box]
+            q_t = gather(q_rows, queries, buffers[0]).view(tiles_here, tq, heads, dim_k).transpose(1, 2)
+            k_t = gather(k_rows, keys, buffers[1]).view(tiles_here, box, heads, dim_k).transpose(1, 2)
+            v_t = gather(v_rows, keys, buffers[2]).view(tiles_here, box, heads, dim_v).transpose(1, 2)
+            mask = bias if bias is None or bias.shape[0] == 1 else bias[first : first + tiles_here]
+            out_t = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, **kwargs)
+            out_rows[queries.view(tiles_here, tq)] = out_t.transpose(1, 2)  # (tiles, tq, H, d)
         q_at, k_at = q_at + rows * tq, k_at + rows * box
     out = out.view(batch, n, heads, dim_v)
     if text:
