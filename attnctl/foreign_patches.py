@@ -243,6 +243,14 @@ BLOCK_CACHES = {
     "sea_cache_block": "SeaCache",
     "sea_cache_post_norm": "SeaCache",
 }
+#: The context a cache hook opens itself on its first forward where the pipeline opens none (MagCache on a denoiser
+#: without `enable_cache`: diffusers/hooks/mag_cache.py sets `CacheContext("inference")`).
+DEFAULT_CONTEXTS = {"mag_cache_leader_block_hook": "inference", "mag_cache_block_hook": "inference"}
+#: Hooks whose state counts its context's denoiser calls as the pipeline's step (MagCache's `step_index`: it indexes
+#: the calibrated ratios and the retention steps, and the state resets when it reaches the call's steps).
+STEP_COUNTERS = ("mag_cache_leader_block_hook", "mag_cache_block_hook")
+#: The suffix of the cache contexts attnctl opens for its own batches.
+KEYED = "|attnctl:"
 #: Stateful diffusers hooks that reuse nothing across steps a control could miss (text K/V projections, computed once
 #: per prompt: exact).
 LOSSLESS_HOOKS = ("text_kv_cache_transformer", "text_kv_cache_block")
@@ -340,6 +348,14 @@ def layer_cache(root: torch.nn.Module, path: str) -> str | None:
     return None
 
 
+@dataclass
+class OwnState:
+    """A plain hook state attnctl gave a batch of its own for one pipeline call, and its schedule counter when made."""
+
+    state: Any
+    start: int | None
+
+
 def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[Any, Any] | None = None) -> Any:
     """Give diffusers' cache hooks a context of their own for a denoiser call whose batch is attnctl's, not the
     pipeline's (perturbed rows added by PAG / SEG / SAG, or attnctl's extra passes).
@@ -348,33 +364,39 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
     pipeline sets (`cache_context("cond")`). A control whose rows come and go with its step window (PAG with
     steps=(0, 0.4)) would otherwise leave the state of a wider batch under the pipeline's name: the next narrow call
     adds a cached residual of the wrong batch (broadcast silently). Each call layout gets its own name
-    (`"cond|attnctl:<key>"`), so a cache reuses only what was computed on the same rows. A hook that keeps one plain
-    `state` for every call of the denoiser (PyramidAttentionBroadcast) gets a state of its own per key instead, kept in
-    `plain_states` (the caller's, one per pipeline call). Returns a function that puts the pipeline's context and
-    states back, or None where no stateful hook has a context or a state (no cache, or an old diffusers)."""
-    registry = denoiser.__dict__.get("_diffusers_hook")
-    if registry is not None:  # the pipeline's cache_context initialises the denoiser's registry
-        children = getattr(registry, "_get_child_registries", None)
-        registries = (registry, *(children() if children is not None else ()))
-    elif plain_states is not None:  # hooks on submodules only (apply_pyramid_attention_broadcast): found once per call
+    (`"cond|attnctl:<key>"`; where the pipeline opens no context, the one the hook would open itself,
+    `DEFAULT_CONTEXTS`), so a cache reuses only what was computed on the same rows; a hook that counts the steps per
+    context (`STEP_COUNTERS`) counts them across the contexts, so each sees the pipeline's step. A hook that keeps one plain `state`
+    for every call of the denoiser (PyramidAttentionBroadcast) gets a state of its own per key instead, kept in
+    `plain_states` (the caller's, one per pipeline call; `settle_plain_states` at its end). The hooks are found once per
+    pipeline call, by a walk over the denoiser's modules (diffusers' own list of child registries is kept from its
+    first use and misses hooks added later, on denoisers without `enable_cache`). Returns a function that puts the
+    pipeline's context and states back, or None where no stateful hook has a context or a state (no cache, or an old
+    diffusers)."""
+    if plain_states is not None:
         registries = plain_states.get(denoiser)
         if registries is None:
             found = (module.__dict__.get("_diffusers_hook") for module in module_list(denoiser))
             registries = plain_states[denoiser] = tuple(r for r in found if r is not None)
-    else:
-        return None
+    else:  # a denoiser call outside a pipeline call
+        registry = denoiser.__dict__.get("_diffusers_hook")
+        if registry is None:
+            return None
+        children = getattr(registry, "_get_child_registries", None)
+        registries = (registry, *(children() if children is not None else ()))
     changed: list[tuple[Any, Any]] = []
     swapped: list[tuple[Any, Any]] = []
+    counted: list[tuple[Any, str, Any]] = []  # (state manager, the pipeline's context name, attnctl's state)
     for child in registries:
         for name, hook in getattr(child, "hooks", {}).items():
             if not getattr(hook, "_is_stateful", False):
                 continue
             plain = vars(hook).get("state")
             if plain_states is not None and hasattr(plain, "reset") and not any(hasattr(m, "set_context") for m in vars(hook).values()):
-                own = plain_states.get((hook, key))
-                if own is None:
+                entry = plain_states.get((hook, key))
+                if entry is None:
                     try:
-                        own = plain_states[(hook, key)] = type(plain)()
+                        own = type(plain)()
                     except TypeError:
                         from .errors import UnsupportedError
 
@@ -384,28 +406,83 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
                             "degraded pass); disable that cache or leave the control out"
                         ) from None
                     computes_first(name, hook, own)
+                    start = getattr(own, "iteration", None)
+                    entry = plain_states[(hook, key)] = OwnState(own, start if isinstance(start, int) else None)
                 computes_first(name, hook, plain)  # its first call may come after attnctl's batches (PAG's window at step 0)
-                hook.state = own
+                hook.state = entry.state
                 swapped.append((hook, plain))
                 continue
             for manager in vars(hook).values():
-                old = getattr(manager, "_context", None) if hasattr(manager, "set_context") else None
-                if old is None or not hasattr(old, "name"):
+                if not hasattr(manager, "set_context"):
                     continue
-                import dataclasses
+                old = getattr(manager, "_context", None)
+                if old is None and name in DEFAULT_CONTEXTS:
+                    context = _cache_context(f"{DEFAULT_CONTEXTS[name]}{KEYED}{key}")
+                elif old is not None and hasattr(old, "name"):
+                    import dataclasses
 
-                manager.set_context(dataclasses.replace(old, name=f"{old.name}|attnctl:{key}"))
+                    context = dataclasses.replace(old, name=f"{old.name}{KEYED}{key}")
+                else:
+                    continue
+                if context is None:
+                    continue
+                manager.set_context(context)
                 changed.append((manager, old))
+                if name in STEP_COUNTERS and all(manager is not m for m, _, _ in counted):
+                    theirs_name = old.name if old is not None else DEFAULT_CONTEXTS[name]
+                    mine, theirs = manager.get_state(), manager._state_cache.get(theirs_name)
+                    mine.step_index = theirs.step_index if theirs is not None else 0
+                    counted.append((manager, theirs_name, mine))
     if not changed and not swapped:
         return None
 
     def restore() -> None:
+        for manager, theirs_name, mine in counted:
+            theirs = manager._state_cache.get(theirs_name)
+            if theirs is None:
+                theirs = manager._state_cache[theirs_name] = manager._state_cls(*manager._init_args, **manager._init_kwargs)
+            if mine.step_index == 0:  # attnctl's batch ran the call's last step: the hook reset its state at the end, as
+                theirs.reset()  # it resets the pipeline's
+            else:
+                theirs.step_index = mine.step_index
         for manager, old in changed:
             manager.set_context(old)
         for hook, state in swapped:
             hook.state = state
 
     return restore
+
+
+def _cache_context(name: str) -> Any:
+    """diffusers' `CacheContext` named `name`, or None in a diffusers without it (whose caches open no context)."""
+    try:
+        from diffusers.hooks.hooks import CacheContext
+    except ImportError:
+        return None
+    return CacheContext(name=name)
+
+
+def settle_plain_states(plain_states: dict[Any, Any]) -> None:
+    """At the end of a pipeline call: the states of the contexts attnctl opened are dropped (diffusers resets every
+    state after a call only on denoisers with `enable_cache`), and each plain hook state of the pipeline (PyramidAttentionBroadcast's, on a
+    denoiser whose pipeline never resets it) counts the denoiser calls the states attnctl gave its batches ran, as if
+    it had run them. Its schedule (`iteration % block_skip_range`) then keeps the phase it has without attnctl from
+    one call to the next: with a control whose rows come for some steps only (`PAG(steps=(0, 0.4))`), it counted half
+    the calls, two equal calls gave different images, and the cache-only output after `remove()` was not the one
+    before `apply`."""
+    for key, entry in plain_states.items():
+        if isinstance(entry, tuple):  # a denoiser's registries: attnctl's own contexts last one call, as its states do
+            for registry in entry:
+                for hook in getattr(registry, "hooks", {}).values():
+                    for manager in vars(hook).values():
+                        for name in [n for n in getattr(manager, "_state_cache", {}) if isinstance(n, str) and KEYED in n]:
+                            manager._state_cache.pop(name)
+        if not isinstance(entry, OwnState) or entry.start is None:
+            continue
+        plain = vars(key[0]).get("state")
+        ran = getattr(entry.state, "iteration", None)
+        if isinstance(getattr(plain, "iteration", None), int) and isinstance(ran, int):
+            plain.iteration += ran - entry.start
 
 
 def computes_first(name: str, hook: Any, state: Any) -> None:

@@ -409,6 +409,97 @@ def test_pyramid_attention_broadcast_keeps_attnctl_batches_apart(flux):
         HookRegistry.check_if_exists_or_initialize(pixart.transformer).remove_hook("pyramid_attention_broadcast", recurse=True)
 
 
+def _cache_on_pixart(pipe, key, cross=False):
+    """A cache installed with diffusers' hook functions on tiny-pixart, whose transformer has no enable_cache."""
+    from diffusers.hooks import apply_mag_cache, apply_pyramid_attention_broadcast
+
+    if key == "MagCache":
+        apply_mag_cache(pipe.transformer, _config(key, pipe))
+        return
+    cross_range = {"cross_attention_block_skip_range": 2, "cross_attention_timestep_skip_range": (-1, 1001)} if cross else {}
+    apply_pyramid_attention_broadcast(pipe.transformer, diffusers.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001), current_timestep_callback=lambda: 500,
+        **cross_range,
+    ))
+
+
+@pytest.mark.parametrize("key", ["PyramidAttentionBroadcast", "MagCache"])
+def test_caches_without_enable_cache_keep_their_schedule_through_controlled_calls(key, caplog):
+    """On a denoiser without enable_cache (PixArt) diffusers never resets its cache hooks between calls: PAB counts
+    its calls in one plain state (its phase: `iteration % block_skip_range`), MagCache counts the steps per cache context
+    (it opens its own, "inference", at its first forward; the step indexes its ratios). With PAG's rows for some steps
+    only, attnctl's batches run on states and contexts of their own, while the pipeline's still count every step: two
+    equal calls give one image (PAB's phase drifted by PAG's steps, MagCache's first call filed PAG's batch under the
+    pipeline's context: 'Dimension mismatch'), the cache-only output after remove() is the one before apply, and
+    attnctl's contexts end with the call."""
+    import logging
+
+    pipe = make_tiny_pipeline("tiny-pixart")
+    _cache_on_pixart(pipe, key)
+    before = [generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="diffusers.hooks.mag_cache"):
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))):
+            first, second = (generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS) for _ in range(2))
+    after = generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS)
+    assert torch.equal(before[0], before[1])
+    assert torch.equal(first, second) and not torch.equal(first, before[0])
+    assert torch.equal(after, before[0])
+    assert "Dimension mismatch" not in caplog.text
+    contexts = {name for module in pipe.transformer.modules() for hook in getattr(module.__dict__.get("_diffusers_hook"), "hooks", {}).values()
+                for manager in vars(hook).values() for name in getattr(manager, "_state_cache", {})}
+    assert not any("attnctl" in name for name in contexts), contexts
+
+
+@pytest.mark.parametrize("window", [(0.0, 0.4), (0.6, 1.0)], ids=["early", "late"])
+def test_mag_cache_counts_every_step_across_attnctl_contexts(flux, window, monkeypatch):
+    """MagCache indexes its calibrated ratios and its retention steps by a step counter kept per cache context. PAG's
+    batch runs under a context of its own for the steps of its window; each context still sees the pipeline's step
+    (it counted only its own calls: the pipeline's context took step 3 for its step 0), and the next call starts at 0."""
+    if not hasattr(diffusers, "MagCacheConfig"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no MagCacheConfig")
+    from diffusers.hooks import mag_cache
+
+    seen = []
+    forward = mag_cache.MagCacheHeadHook.new_forward
+
+    def spy(self, module, *args, **kwargs):
+        out = forward(self, module, *args, **kwargs)
+        seen.append((self.state_manager.get_state().step_index, "attnctl" in self.state_manager._context.name))
+        return out
+
+    monkeypatch.setattr(mag_cache.MagCacheHeadHook, "new_forward", spy)
+    pipe, _ = flux
+    pipe.transformer.enable_cache(_config("MagCache", pipe))
+    try:
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=window)):
+            for _ in range(2):
+                generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
+    finally:
+        pipe.transformer.disable_cache()
+    pag_steps = [step for step in range(STEPS) if window[0] * STEPS <= step < window[1] * STEPS]
+    assert seen == [(step, step in pag_steps) for step in range(STEPS)] * 2
+
+
+def test_cache_hooks_added_after_a_controlled_call_keep_attnctl_batches_apart():
+    """diffusers lists a denoiser's child hook registries once and refreshes the list only in enable_cache, which
+    PixArt lacks; attnctl finds the hooks anew at each pipeline call, so PAB hooks added after a controlled call, on
+    layers that had none (cross-attention), also give PAG's rows a state of their own (they got PAG's batch: a batch
+    size error inside diffusers)."""
+    from diffusers.hooks import HookRegistry
+
+    pipe = make_tiny_pipeline("tiny-pixart")
+    registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
+    _cache_on_pixart(pipe, "PyramidAttentionBroadcast")
+    with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))):
+        registry.reset_stateful_hooks()  # diffusers lists the child registries here
+        generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS)
+        registry.remove_hook("pyramid_attention_broadcast", recurse=True)
+        _cache_on_pixart(pipe, "PyramidAttentionBroadcast", cross=True)
+        registry.reset_stateful_hooks()
+        out = generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS)
+    assert torch.isfinite(out).all()
+
+
 def test_sea_cache_and_unknown_stateful_hooks_count_as_caches():
     """SeaCache (diffusers 0.42) and any stateful diffusers hook attnctl does not know are caches: the controls that
     need every layer at every step are refused with them (TGate with SeaCache was accepted; compiled, it never hit)."""

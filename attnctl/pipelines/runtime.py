@@ -28,6 +28,7 @@ from ..control import BindContext, Bound, Control
 from ..denoiser_call import DenoiserCall, Perturbation, RowPlan, RowSelect, SecondPass, input_device
 from ..errors import BackendError, CallLayoutError, HandleError, IdleControlWarning
 from ..families.base import Canvas, LayerInfo, ModelAdapter
+from ..foreign_patches import settle_plain_states
 from ..instance import Wrapped, wrap_method
 from ..kernels import choose_backend, choose_traced_backend, prepare_traced_labels
 from ..kernels.spec import LabelMask, forget_mask_conversions
@@ -314,6 +315,7 @@ class Runtime:
         finally:  # the call is over whatever its controls' finish raised (the next call starts clean)
             if self.call is not None:
                 self.call.owner = None  # the pipeline's frame (and its locals) is not kept past the call
+                settle_plain_states(self.call.cache_states)
                 self.call.cache_states.clear()  # diffusers hooks' states of attnctl's batches hold attention outputs
                 self.call.guidance_terms, self.call.guidance_prompts, self.call.images = {}, {}, None
             self._plans = None  # the last frame, whose inputs are the call's latents and text embeddings
