@@ -366,13 +366,13 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
     adds a cached residual of the wrong batch (broadcast silently). Each call layout gets its own name
     (`"cond|attnctl:<key>"`; where the pipeline opens no context, the one the hook would open itself,
     `DEFAULT_CONTEXTS`), so a cache reuses only what was computed on the same rows; a hook that counts the steps per
-    context (`STEP_COUNTERS`) counts them across the contexts, so each sees the pipeline's step. A hook that keeps one plain `state`
-    for every call of the denoiser (PyramidAttentionBroadcast) gets a state of its own per key instead, kept in
-    `plain_states` (the caller's, one per pipeline call; `settle_plain_states` at its end). The hooks are found once per
-    pipeline call, by a walk over the denoiser's modules (diffusers' own list of child registries is kept from its
-    first use and misses hooks added later, on denoisers without `enable_cache`). Returns a function that puts the
-    pipeline's context and states back, or None where no stateful hook has a context or a state (no cache, or an old
-    diffusers)."""
+    context (`STEP_COUNTERS`) counts them across the contexts, so each sees the pipeline's step. A hook that keeps one
+    plain `state` for every call of the denoiser (PyramidAttentionBroadcast) gets a state of its own per key instead,
+    kept in `plain_states` (the caller's, one per pipeline call; `settle_plain_states` at its end). The hooks are found
+    once per pipeline call, by a walk over the denoiser's modules (diffusers' own list of child registries is kept
+    from its first use and misses hooks added later, on denoisers without `enable_cache`). Returns a function that
+    puts the pipeline's context and states back, or None where no stateful hook has a context or a state (no cache,
+    or an old diffusers)."""
     if plain_states is not None:
         registries = plain_states.get(denoiser)
         if registries is None:
@@ -464,12 +464,12 @@ def _cache_context(name: str) -> Any:
 
 def settle_plain_states(plain_states: dict[Any, Any]) -> None:
     """At the end of a pipeline call: the states of the contexts attnctl opened are dropped (diffusers resets every
-    state after a call only on denoisers with `enable_cache`), and each plain hook state of the pipeline (PyramidAttentionBroadcast's, on a
-    denoiser whose pipeline never resets it) counts the denoiser calls the states attnctl gave its batches ran, as if
-    it had run them. Its schedule (`iteration % block_skip_range`) then keeps the phase it has without attnctl from
-    one call to the next: with a control whose rows come for some steps only (`PAG(steps=(0, 0.4))`), it counted half
-    the calls, two equal calls gave different images, and the cache-only output after `remove()` was not the one
-    before `apply`."""
+    state after a call only on denoisers with `enable_cache`), and each plain hook state of the pipeline
+    (PyramidAttentionBroadcast's, on a denoiser whose pipeline never resets it) counts the denoiser calls the states
+    attnctl gave its batches ran, as if it had run them. Its schedule (`iteration % block_skip_range`) then keeps the
+    phase it has without attnctl from one call to the next: with a control whose rows come for some steps only
+    (`PAG(steps=(0, 0.4))`), it counted part of the calls, two equal calls gave different images, and the cache-only
+    output after `remove()` was not the one before `apply`."""
     for key, entry in plain_states.items():
         if isinstance(entry, tuple):  # a denoiser's registries: attnctl's own contexts last one call, as its states do
             for registry in entry:
