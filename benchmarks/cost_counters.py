@@ -47,6 +47,13 @@ def _regions(isolate: bool):
     )
 
 
+def _skip_layer_block(model: str) -> int | str:
+    """The first transformer block as SkipLayer names it on `model`'s family."""
+    if model in ("tiny-sd", "tiny-sdxl"):
+        return "down_blocks.0.attentions.0.transformer_blocks.0"
+    return "blocks.0" if model == "tiny-wan" else 0
+
+
 def _reference_image():
     from PIL import Image
 
@@ -84,7 +91,7 @@ def controls(model: str) -> dict[str, Any]:
         "seg": lambda: [attnctl.SEG(scale=3.0)],
         "sag": lambda: [attnctl.SAG(scale=0.75)],
         "pladis": lambda: [attnctl.PLADIS()],
-        "skip-layer": lambda: [attnctl.SkipLayer(blocks=((0,) if model == "tiny-flux" else ("down_blocks.0.attentions.0.transformer_blocks.0",)), steps=(0.0, 1.0))],
+        "skip-layer": lambda: [attnctl.SkipLayer(blocks=(_skip_layer_block(model),), steps=(0.0, 1.0))],
         "maps": lambda: [attnctl.AttentionMaps(["cat", "dog"])],
         "tgate": lambda: [attnctl.TGate(gate_step=2)],
         "tome0.5": lambda: [attnctl.ToMe(ratio=0.5)],
@@ -135,8 +142,9 @@ def _run(pipe: Any, model: str, steps: int, call: dict[str, Any] | None = None, 
     options = dict(CALL_DEFAULTS[model]) if call is None else dict(call)
     guidance = options.pop("guidance_scale", 5.0 if model != "tiny-flux" else 3.5)
     with torch.inference_mode():
-        return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                    generator=torch.Generator().manual_seed(0), **options).images
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), **options)
+    return out.frames if hasattr(out, "frames") else out.images  # video pipelines (Wan) return frames
 
 
 def measure(pipe: Any, model: str, name: str, make: Any, steps: int = STEPS, prompt: str | list[str] | None = None,
@@ -311,7 +319,7 @@ def table(models=MODELS, names=None, steps: int = STEPS) -> list[Cost]:
             try:
                 rows.append(measure(pipe, model, name, make, steps))
             except Exception as error:  # noqa: BLE001 - the table goes on
-                rows.append(Cost(model, name, 0, 0, {}, {}, 0, 0, f"{type(error).__name__}: {error}"[:200]))
+                rows.append(Cost(model, name, 0, 0, {}, {}, 0, error=f"{type(error).__name__}: {error}"[:200]))
     return rows
 
 
