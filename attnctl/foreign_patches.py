@@ -353,10 +353,12 @@ class OwnState:
     """A plain hook state attnctl gave a batch of its own for one pipeline call, and its schedule counter when made."""
 
     state: Any
-    start: int | None
+    start: int | None  # None: not counted into the pipeline's state (no counter, or an extra pass)
 
 
-def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[Any, Any] | None = None) -> Any:
+def keyed_cache_context(
+    denoiser: torch.nn.Module, key: str, plain_states: dict[Any, Any] | None = None, replaces_call: bool = True
+) -> Any:
     """Give diffusers' cache hooks a context of their own for a denoiser call whose batch is attnctl's, not the
     pipeline's (perturbed rows added by PAG / SEG / SAG, or attnctl's extra passes).
 
@@ -366,7 +368,9 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
     adds a cached residual of the wrong batch (broadcast silently). Each call layout gets its own name
     (`"cond|attnctl:<key>"`; where the pipeline opens no context, the one the hook would open itself,
     `DEFAULT_CONTEXTS`), so a cache reuses only what was computed on the same rows; a hook that counts the steps per
-    context (`STEP_COUNTERS`) counts them across the contexts, so each sees the pipeline's step. A hook that keeps one
+    context (`STEP_COUNTERS`) counts them across the contexts, so each sees the pipeline's step, where the batch
+    replaces the pipeline's call of the step (`replaces_call`; an extra pass runs beside it and counts on its own). A
+    hook that keeps one
     plain `state` for every call of the denoiser (PyramidAttentionBroadcast) gets a state of its own per key instead,
     kept in `plain_states` (the caller's, one per pipeline call; `settle_plain_states` at its end). The hooks are found
     once per pipeline call, by a walk over the denoiser's modules (diffusers' own list of child registries is kept
@@ -407,7 +411,8 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
                         ) from None
                     computes_first(name, hook, own)
                     start = getattr(own, "iteration", None)
-                    entry = plain_states[(hook, key)] = OwnState(own, start if isinstance(start, int) else None)
+                    counted_in = replaces_call and isinstance(start, int)
+                    entry = plain_states[(hook, key)] = OwnState(own, start if counted_in else None)
                 computes_first(name, hook, plain)  # its first call may come after attnctl's batches (PAG's window at step 0)
                 hook.state = entry.state
                 swapped.append((hook, plain))
@@ -428,7 +433,7 @@ def keyed_cache_context(denoiser: torch.nn.Module, key: str, plain_states: dict[
                     continue
                 manager.set_context(context)
                 changed.append((manager, old))
-                if name in STEP_COUNTERS and all(manager is not m for m, _, _ in counted):
+                if replaces_call and name in STEP_COUNTERS and all(manager is not m for m, _, _ in counted):
                     theirs_name = old.name if old is not None else DEFAULT_CONTEXTS[name]
                     mine, theirs = manager.get_state(), manager._state_cache.get(theirs_name)
                     mine.step_index = theirs.step_index if theirs is not None else 0
@@ -466,7 +471,8 @@ def settle_plain_states(plain_states: dict[Any, Any]) -> None:
     """At the end of a pipeline call: the states of the contexts attnctl opened are dropped (diffusers resets every
     state after a call only on denoisers with `enable_cache`), and each plain hook state of the pipeline
     (PyramidAttentionBroadcast's, on a denoiser whose pipeline never resets it) counts the denoiser calls the states
-    attnctl gave its batches ran, as if it had run them. Its schedule (`iteration % block_skip_range`) then keeps the
+    attnctl gave the batches that replaced its calls ran (not extra passes, which run beside them), as if it had run
+    them. Its schedule (`iteration % block_skip_range`) then keeps the
     phase it has without attnctl from one call to the next: with a control whose rows come for some steps only
     (`PAG(steps=(0, 0.4))`), it counted part of the calls, two equal calls gave different images, and the cache-only
     output after `remove()` was not the one before `apply`."""

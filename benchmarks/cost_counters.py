@@ -49,8 +49,10 @@ def _regions(isolate: bool):
 
 def _skip_layer_block(model: str) -> int | str:
     """The first transformer block as SkipLayer names it on `model`'s family."""
-    if model in ("tiny-sd", "tiny-sdxl"):
+    if model == "tiny-sd":
         return "down_blocks.0.attentions.0.transformer_blocks.0"
+    if model == "tiny-sdxl":  # its first down block has no attention
+        return "down_blocks.1.attentions.0.transformer_blocks.0"
     return "blocks.0" if model == "tiny-wan" else 0
 
 

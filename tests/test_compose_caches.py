@@ -410,7 +410,8 @@ def test_pyramid_attention_broadcast_keeps_attnctl_batches_apart(flux):
 
 
 def _cache_on_pixart(pipe, key, cross=False):
-    """A cache installed with diffusers' hook functions on tiny-pixart, whose transformer has no enable_cache."""
+    """A cache installed with diffusers' hook functions on tiny-pixart or tiny-sd3, whose transformers have no
+    enable_cache."""
     from diffusers.hooks import apply_mag_cache, apply_pyramid_attention_broadcast
 
     if key == "MagCache":
@@ -423,24 +424,29 @@ def _cache_on_pixart(pipe, key, cross=False):
     ))
 
 
-@pytest.mark.parametrize("key", ["PyramidAttentionBroadcast", "MagCache"])
-def test_caches_without_enable_cache_keep_their_schedule_through_controlled_calls(key, caplog):
+@pytest.mark.parametrize(("name", "key", "separate"), [
+    ("tiny-pixart", "PyramidAttentionBroadcast", False), ("tiny-pixart", "MagCache", False),
+    ("tiny-pixart", "PyramidAttentionBroadcast", True), ("tiny-pixart", "MagCache", True),
+    ("tiny-sd3", "PyramidAttentionBroadcast", False), ("tiny-sd3", "MagCache", False),
+])
+def test_caches_without_enable_cache_keep_their_schedule_through_controlled_calls(name, key, separate, caplog):
     """On a denoiser without enable_cache (PixArt) diffusers never resets its cache hooks between calls: PAB counts
     its calls in one plain state (its phase: `iteration % block_skip_range`), MagCache counts the steps per cache context
     (it opens its own, "inference", at its first forward; the step indexes its ratios). With PAG's rows for some steps
     only, attnctl's batches run on states and contexts of their own, while the pipeline's still count every step: two
     equal calls give one image (PAB's phase drifted by PAG's steps, MagCache's first call filed PAG's batch under the
     pipeline's context: 'Dimension mismatch'), the cache-only output after remove() is the one before apply, and
-    attnctl's contexts end with the call."""
+    attnctl's contexts end with the call. With `separate=True` PAG's rows run as an extra pass beside the pipeline's
+    call of each step, which the pipeline's state does not count."""
     import logging
 
-    pipe = make_tiny_pipeline("tiny-pixart")
+    pipe = make_tiny_pipeline(name)
     _cache_on_pixart(pipe, key)
-    before = [generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS) for _ in range(2)]
+    before = [generate(pipe, name, prompt=PROMPT, steps=STEPS) for _ in range(2)]
     with caplog.at_level(logging.WARNING, logger="diffusers.hooks.mag_cache"):
-        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))):
-            first, second = (generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS) for _ in range(2))
-    after = generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS)
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4), separate=separate)):
+            first, second = (generate(pipe, name, prompt=PROMPT, steps=STEPS) for _ in range(2))
+    after = generate(pipe, name, prompt=PROMPT, steps=STEPS)
     assert torch.equal(before[0], before[1])
     assert torch.equal(first, second) and not torch.equal(first, before[0])
     assert torch.equal(after, before[0])
@@ -450,11 +456,13 @@ def test_caches_without_enable_cache_keep_their_schedule_through_controlled_call
     assert not any("attnctl" in name for name in contexts), contexts
 
 
-@pytest.mark.parametrize("window", [(0.0, 0.4), (0.6, 1.0)], ids=["early", "late"])
-def test_mag_cache_counts_every_step_across_attnctl_contexts(flux, window, monkeypatch):
+@pytest.mark.parametrize(("window", "separate"), [((0.0, 0.4), False), ((0.6, 1.0), False), ((0.0, 1.0), True)],
+                         ids=["early", "late", "separate"])
+def test_mag_cache_counts_every_step_across_attnctl_contexts(flux, window, separate, monkeypatch):
     """MagCache indexes its calibrated ratios and its retention steps by a step counter kept per cache context. PAG's
     batch runs under a context of its own for the steps of its window; each context still sees the pipeline's step
-    (it counted only its own calls: the pipeline's context took step 3 for its step 0), and the next call starts at 0."""
+    (it counted only its own calls: the pipeline's context took step 3 for its step 0), and the next call starts at 0.
+    An extra pass beside the pipeline's call (`separate=True`) counts on its own and not into the pipeline's."""
     if not hasattr(diffusers, "MagCacheConfig"):
         pytest.skip(f"diffusers {diffusers.__version__} has no MagCacheConfig")
     from diffusers.hooks import mag_cache
@@ -471,27 +479,30 @@ def test_mag_cache_counts_every_step_across_attnctl_contexts(flux, window, monke
     pipe, _ = flux
     pipe.transformer.enable_cache(_config("MagCache", pipe))
     try:
-        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=window)):
+        with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=window, separate=separate)):
             for _ in range(2):
                 generate(pipe, "tiny-flux", prompt=PROMPT, steps=STEPS)
     finally:
         pipe.transformer.disable_cache()
-    pag_steps = [step for step in range(STEPS) if window[0] * STEPS <= step < window[1] * STEPS]
-    assert seen == [(step, step in pag_steps) for step in range(STEPS)] * 2
+    if separate:
+        assert seen == [(step, keyed) for step in range(STEPS) for keyed in (False, True)] * 2
+    else:
+        pag_steps = [step for step in range(STEPS) if window[0] * STEPS <= step < window[1] * STEPS]
+        assert seen == [(step, step in pag_steps) for step in range(STEPS)] * 2
 
 
 def test_cache_hooks_added_after_a_controlled_call_keep_attnctl_batches_apart():
-    """diffusers lists a denoiser's child hook registries once and refreshes the list only in enable_cache, which
-    PixArt lacks; attnctl finds the hooks anew at each pipeline call, so PAB hooks added after a controlled call, on
-    layers that had none (cross-attention), also give PAG's rows a state of their own (they got PAG's batch: a batch
-    size error inside diffusers)."""
+    """diffusers keeps a denoiser's list of child hook registries from its first use (attnctl's first controlled call
+    read it) and refreshes it only in enable_cache, which PixArt lacks; attnctl finds the hooks anew at each pipeline
+    call, so PAB hooks added after a controlled call, on layers that had none (cross-attention), also give PAG's rows
+    a state of their own (they got PAG's batch: a batch size error inside diffusers)."""
     from diffusers.hooks import HookRegistry
 
     pipe = make_tiny_pipeline("tiny-pixart")
     registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
     _cache_on_pixart(pipe, "PyramidAttentionBroadcast")
     with attnctl.apply(pipe, attnctl.PAG(scale=3.0, steps=(0.0, 0.4))):
-        registry.reset_stateful_hooks()  # diffusers lists the child registries here
+        registry.reset_stateful_hooks()
         generate(pipe, "tiny-pixart", prompt=PROMPT, steps=STEPS)
         registry.remove_hook("pyramid_attention_broadcast", recurse=True)
         _cache_on_pixart(pipe, "PyramidAttentionBroadcast", cross=True)

@@ -718,8 +718,9 @@ class FastAttnBound(Bound):
         more, instead of holding them to the end of the call. A residual is read by window steps only, and a full or
         CFG-shared step stores a fresh one where a later window step needs it; a module output is read by step
         sharing only, and any other step stores a fresh one where the next step shares it. On a real-size video model
-        they are large (Wan 14B at 480p: a residual per layer and CFG branch, 1.25 GiB in bfloat16), and on Wan 2.2
-        the expert that stopped running would keep its layers' entries to the end otherwise."""
+        they are large (Wan 14B at 480p, 81 frames: 0.31 GiB per layer and CFG branch in bfloat16, 25 GiB over its 40
+        layers), and on Wan 2.2 the expert that stopped running kept its layers' entries to the end (they are freed at
+        the first edit of a later step, which a layer of the other expert makes where the control selected one)."""
         for layer in self.layers:
             state, method = self.states[layer.index], self.methods[layer.name][step]
             if len(state.residual) and not method.startswith("window_residual") and (

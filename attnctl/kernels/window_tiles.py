@@ -37,9 +37,10 @@ from .spec import Window, kept_tensors
 MIN_TOKENS = 1024
 #: Tiles only where their modelled cost is at most this fraction of full attention's (`tileable`).
 MAX_COST = 0.8
-#: At most this many elements of gathered queries, keys and values at once. The tiles' boxes overlap, so each key is
-#: gathered once per box that holds it: all of a call's tiles at once held 24 copies of K and V for a radius (1, 8, 8)
-#: window at Wan's 480p (15 GiB per row of Wan 14B in bfloat16). A group's tiles are gathered in chunks within this.
+#: About this many elements of gathered queries, keys and values at once (at least one tile). The tiles' boxes overlap,
+#: so each key is gathered once per box that holds it: all of a call's tiles at once held 24 copies of K and V for a
+#: radius (1, 8, 8) window at Wan's 480p (15 GiB per row of Wan 14B in bfloat16). A group's tiles are gathered in
+#: chunks within this.
 GATHER_BUDGET = 2**25
 _PLANS: dict[tuple[Window, str], TilePlan] = {}
 _PLAN_CACHE_SIZE = 16

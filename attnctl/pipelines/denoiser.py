@@ -322,7 +322,8 @@ class DenoiserHooks:
         self.runtime.enter(frame)
         if self.compiled:
             self.runtime.prefill_edits(self.processors, self.module)
-        restore = keyed_cache_context(self.module, f"pass:{_layout_key(frame.rows)}", self._cache_states())  # not the pipeline's
+        # a batch of attnctl's beside the pipeline's call of the step
+        restore = keyed_cache_context(self.module, f"pass:{_layout_key(frame.rows)}", self._cache_states(), replaces_call=False)
         try:
             return self.module(*args, **kwargs)
         finally:
