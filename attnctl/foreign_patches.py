@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -390,7 +391,7 @@ def keyed_cache_context(
         registries = (registry, *(children() if children is not None else ()))
     changed: list[tuple[Any, Any]] = []
     swapped: list[tuple[Any, Any]] = []
-    counted: list[tuple[Any, str, Any]] = []  # (state manager, the pipeline's context name, attnctl's state)
+    counted: list[tuple[Any, Any, Any]] = []  # (state manager, the pipeline's context, attnctl's state)
     for child in registries:
         for name, hook in getattr(child, "hooks", {}).items():
             if not getattr(hook, "_is_stateful", False):
@@ -421,31 +422,22 @@ def keyed_cache_context(
                 if not hasattr(manager, "set_context"):
                     continue
                 old = getattr(manager, "_context", None)
-                if old is None and name in DEFAULT_CONTEXTS:
-                    context = _cache_context(f"{DEFAULT_CONTEXTS[name]}{KEYED}{key}")
-                elif old is not None and hasattr(old, "name"):
-                    import dataclasses
-
-                    context = dataclasses.replace(old, name=f"{old.name}{KEYED}{key}")
-                else:
+                pipelines = _cache_context(DEFAULT_CONTEXTS[name]) if old is None and name in DEFAULT_CONTEXTS else old
+                if pipelines is None or not hasattr(pipelines, "name"):
                     continue
-                if context is None:
-                    continue
+                context = dataclasses.replace(pipelines, name=f"{pipelines.name}{KEYED}{key}")
                 manager.set_context(context)
                 changed.append((manager, old))
                 if replaces_call and name in STEP_COUNTERS and all(manager is not m for m, _, _ in counted):
-                    theirs_name = old.name if old is not None else DEFAULT_CONTEXTS[name]
-                    mine, theirs = manager.get_state(), manager._state_cache.get(theirs_name)
-                    mine.step_index = theirs.step_index if theirs is not None else 0
-                    counted.append((manager, theirs_name, mine))
+                    mine = manager.get_state()
+                    mine.step_index = _state_under(manager, pipelines, context).step_index
+                    counted.append((manager, pipelines, mine))
     if not changed and not swapped:
         return None
 
     def restore() -> None:
-        for manager, theirs_name, mine in counted:
-            theirs = manager._state_cache.get(theirs_name)
-            if theirs is None:
-                theirs = manager._state_cache[theirs_name] = manager._state_cls(*manager._init_args, **manager._init_kwargs)
+        for manager, pipelines, mine in counted:
+            theirs = _state_under(manager, pipelines, None)
             if mine.step_index == 0:  # attnctl's batch ran the call's last step: the hook reset its state at the end, as
                 theirs.reset()  # it resets the pipeline's
             else:
@@ -456,6 +448,16 @@ def keyed_cache_context(
             hook.state = state
 
     return restore
+
+
+def _state_under(manager: Any, context: Any, then: Any) -> Any:
+    """The state a diffusers `StateManager` keeps for `context` (made where it has none yet, as the hook would at its
+    next call under it), with `then` set as the manager's context afterwards."""
+    manager.set_context(context)
+    try:
+        return manager.get_state()
+    finally:
+        manager.set_context(then)
 
 
 def _cache_context(name: str) -> Any:
