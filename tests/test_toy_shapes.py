@@ -1,4 +1,4 @@
-"""Tests of the embedded toy-shapes model, its data generator, tokenizer and pixel analysis (CPU, offline, no training)."""
+"""Tests of the embedded toy-shapes model, its data generator, tokenizer, training losses and pixel analysis (CPU, offline, no training run)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,78 @@ def test_training_config_chooses_the_attention_levels():
     for bad in ("5", "8,x", ""):
         with pytest.raises(ValueError, match="unet-attention"):
             attention_levels(TrainConfig(unet_attention=bad), 16)
+
+
+def test_named_objects_point_at_their_colour_and_shape_tokens(tmp_path):
+    from attnctl.toy.tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    samples = data.make_samples(300, seed=2)
+    assert [s.caption for s in samples] == data.make_dataset(300, seed=2)[1]
+    counts = {}
+    for sample in samples:
+        ids = tokenizer(sample.caption).input_ids
+        named = data.named_objects(sample)
+        counts[sample.kind] = counts.get(sample.kind, set()) | {len(named)}
+        for shape, color_word, shape_word in named:
+            assert tokenizer.convert_ids_to_tokens([ids[color_word + 1], ids[shape_word + 1]]) == [
+                f"{shape.color}</w>", f"{shape.shape}</w>"]
+        assert sorted((c, s) for c, s, _ in analysis.parse_caption(sample.caption)) == sorted(
+            (shape.color, shape.shape) for shape, _, _ in named)
+    assert counts == {"one": {1}, "one_pos": {1}, "one_of_two": {1}, "two": {2}, "two_pos": {2}}
+
+
+def test_grounding_targets_and_losses_follow_tokencompose():
+    import torch
+
+    from attnctl.toy.grounding import grounding_losses, grounding_targets
+
+    sample = data.Sample("a red square and a blue circle",
+                         (data.Shape("red", "square", 8.0, 8.0, 8.0), data.Shape("blue", "circle", 24.0, 24.0, 10.0)), "two")
+    tokens, masks = grounding_targets([sample], grid=8)
+    assert tokens.tolist() == [[[2, 3], [6, 7]]]
+    assert masks[0, 0, 1:3, 1:3].eq(1).all() and abs(float(masks[0, 0].sum()) - 4) < 0.5  # pixels 4-12: cells 1-2
+    assert masks[0, 1, :4, :4].eq(0).all() and 0 < masks[0, 1].sum() < 9
+
+    probs = torch.rand(1, 64, 77)
+    probs = probs / probs.sum(-1, keepdim=True)
+    coarse = probs.unflatten(1, (4, 2, 4, 2)).mean((2, 4)).flatten(1, 2)  # any (queries, keys) maps will do
+    token_loss, pixel_loss = grounding_losses([probs, coarse], tokens, masks)
+    expected_token, expected_pixel = [], []
+    for level, side in ((probs, 8), (coarse, 4)):
+        m = torch.nn.functional.avg_pool2d(masks, 8 // side).flatten(2)
+        t_terms, p_terms = [], []
+        for o in range(2):
+            for w in range(2):
+                a = level[0, :, tokens[0, o, w]]
+                t_terms.append((1 - (a * m[0, o]).sum() / a.sum()) ** 2)
+                p_terms.append(-(m[0, o] * a.log() + (1 - m[0, o]) * (1 - a).log()).mean())
+        expected_token.append(torch.stack(t_terms).mean())
+        expected_pixel.append(torch.stack(p_terms).mean())
+    torch.testing.assert_close(token_loss, torch.stack(expected_token).mean())
+    torch.testing.assert_close(pixel_loss, torch.stack(expected_pixel).mean())
+    inside = torch.zeros(1, 64, 77)
+    inside[0, :, 2] = masks[0, 0].flatten().eq(1).float()  # the word "red" attends only where its square covers a cell
+    assert float(grounding_losses([inside], tokens[:, :1, :1], masks[:, :1])[0]) == 0.0
+    none = torch.full_like(tokens, -1)
+    assert float(grounding_losses([probs], none, masks)[0]) == 0.0
+
+
+def test_recording_processor_computes_the_stock_cross_attention():
+    import torch
+
+    from attnctl.toy.grounding import record_cross_attention
+    from attnctl.toy.train import TrainConfig, build_unet
+
+    unet = build_unet(TrainConfig(unet_channels=(32, 32, 32)), 16).eval()
+    x, t, cond = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 64)
+    with torch.no_grad():
+        stock = unet(x, t, cond).sample
+        maps = record_cross_attention(unet)
+        recorded = unet(x, t, cond).sample
+    torch.testing.assert_close(recorded, stock, atol=1e-5, rtol=1e-5)
+    assert [m.shape[1] for m in maps] == [64, 16, 16, 16, 16, 64, 64]  # down 8x8, down 4x4, mid, up 4x4 (2), up 8x8 (2)
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
 
 
 def test_training_summary_of_a_run_that_reused_a_vae_counts_only_that_runs_vae_steps(tmp_path):

@@ -229,16 +229,37 @@ def sample_stream(seed: int, kind_weights: dict[str, float] | None = None) -> It
         yield sample_one(rng, kind)
 
 
+def make_samples(n: int, seed: int = 0, kind_weights: dict[str, float] | None = None) -> list[Sample]:
+    """The first ``n`` samples of :func:`sample_stream` (the ones :func:`make_dataset` renders)."""
+    stream = sample_stream(seed, kind_weights)
+    return [next(stream) for _ in range(n)]
+
+
 def make_dataset(n: int, seed: int = 0, kind_weights: dict[str, float] | None = None) -> tuple[np.ndarray, list[str]]:
     """``n`` samples as a uint8 array ``(n, 32, 32, 3)`` and their captions, deterministic from ``seed``."""
+    samples = make_samples(n, seed, kind_weights)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    captions: list[str] = []
-    stream = sample_stream(seed, kind_weights)
-    for i in range(n):
-        s = next(stream)
+    for i, s in enumerate(samples):
         images[i] = np.asarray(render(s.shapes))
-        captions.append(s.caption)
-    return images, captions
+    return images, [s.caption for s in samples]
+
+
+def named_objects(sample: Sample) -> list[tuple[Shape, int, int]]:
+    """The shapes a sample's caption names, each with the word indices of its colour and shape words.
+
+    Word ``k`` of the caption is token ``k + 1`` of the toy tokenizer (one token per word after the start token).
+    """
+    words = sample.caption.split()
+    named: list[tuple[Shape, int, int]] = []
+    start = 0
+    for shape in sample.shapes:
+        if sample.kind == "one_of_two" and shape.color != words[1]:
+            continue  # the one-of-two caption names a single object, by its colour
+        if words[start : start + 3] != ["a", shape.color, shape.shape]:
+            raise ValueError(f"caption {sample.caption!r} does not name {shape.color} {shape.shape} at word {start}")
+        named.append((shape, start + 1, start + 2))
+        start += len(object_phrase(shape.color, shape.shape, shape.position).split()) + 1  # the phrase and "and"
+    return named
 
 
 def all_captions() -> list[str]:

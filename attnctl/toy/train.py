@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as toy_data
+from .grounding import grounding_losses, grounding_targets, record_cross_attention
 from .tokenizer import make_tokenizer
 
 
@@ -72,6 +73,9 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    # TokenCompose's grounding losses on the cross-attention maps (attnctl/toy/grounding.py); 0 = off (the shipped model)
+    ground_token_weight: float = 0.0
+    ground_pixel_weight: float = 0.0
     # bookkeeping
     log_every: int = 25
     ckpt_every: int = 250
@@ -306,11 +310,17 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
 
 
 def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, caption_idx: torch.Tensor,
-               null_idx: int, ckpt: Path, log: Logger, stats: dict):
-    """Train the UNet (resumable); returns the EMA UNet."""
+               null_idx: int, ckpt: Path, log: Logger, stats: dict,
+               grounding: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Train the UNet (resumable); returns the EMA UNet.
+
+    ``grounding``: per sample, the grounded words' token indices and their objects' masks
+    (:func:`.grounding.grounding_targets`), when the grounding losses are on.
+    """
     from diffusers import DDPMScheduler
 
     unet = build_unet(cfg, latents.shape[-1])
+    maps = record_cross_attention(unet) if grounding is not None else None
     ema = build_unet(cfg, latents.shape[-1]).requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
     final = ckpt / "unet_ema_final.pt"
@@ -348,7 +358,7 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
     params = list(unet.parameters())
     unet.train()
     t_start = time.time()
-    t_last, run_loss, last_losses, last_weighted = time.time(), 0.0, [], []
+    t_last, run_loss, last_losses, last_weighted, last_ground = time.time(), 0.0, [], [], []
     governor = ThreadGovernor(cfg.threads)
     for step in range(start, cfg.unet_steps):
         t_step = time.time()
@@ -363,9 +373,17 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         xt = sched.add_noise(x0, noise, t)
+        if maps is not None:
+            maps.clear()
         pred = unet(xt, t, cond[cidx]).sample
         per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per * loss_weight[t]).mean()
+        denoising = (per * loss_weight[t]).mean()
+        loss = denoising
+        if maps is not None:
+            words = grounding[0][idx].masked_fill(drop[:, None, None], -1)  # a dropped caption grounds nothing
+            token_loss, pixel_loss = grounding_losses(maps, words, grounding[1][idx])
+            loss = loss + cfg.ground_token_weight * token_loss + cfg.ground_pixel_weight * pixel_loss
+            last_ground = (last_ground + [(token_loss.item(), pixel_loss.item())])[-cfg.log_every:]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -373,15 +391,17 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
         d = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - d)
-        run_loss += loss.item()
+        run_loss += denoising.item()
         governor.after_step(time.time() - t_step)
         last_losses = (last_losses + [per.mean().item()])[-200:]
-        last_weighted = (last_weighted + [loss.item()])[-200:]
+        last_weighted = (last_weighted + [denoising.item()])[-200:]
         if (step + 1) % cfg.log_every == 0:
             dt = (time.time() - t_last) / cfg.log_every
             log(f"unet step {step + 1}/{cfg.unet_steps} loss {run_loss / cfg.log_every:.4f} "
                 f"(unweighted {np.mean(last_losses[-cfg.log_every:]):.4f}) lr {lr:.2e} {dt:.3f} s/step "
-                f"threads {torch.get_num_threads()}")
+                f"threads {torch.get_num_threads()}"
+                + (f" grounding token {np.mean([g[0] for g in last_ground]):.4f} pixel {np.mean([g[1] for g in last_ground]):.4f}"
+                   if last_ground else ""))
             governor.at_interval()
             t_last, run_loss = time.time(), 0.0
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.unet_steps:
@@ -567,7 +587,12 @@ def main(argv: list[str] | None = None) -> int:
     log(f"text: {len(unique)} distinct captions embedded, shape {tuple(cond.shape)}")
 
     t0 = time.time()
-    unet = train_unet(cfg, latents, cond, caption_idx, 0, ckpt, log, stats)
+    grounding = None
+    if cfg.ground_token_weight > 0 or cfg.ground_pixel_weight > 0:
+        t0 = time.time()
+        grounding = grounding_targets(toy_data.make_samples(cfg.n_samples, seed=cfg.seed, kind_weights=cfg.kind_weights))
+        log(f"grounding: {int((grounding[0][..., 0] >= 0).sum())} named objects' masks in {time.time() - t0:.1f}s")
+    unet = train_unet(cfg, latents, cond, caption_idx, 0, ckpt, log, stats, grounding)
     stats["unet_seconds_this_process"] = time.time() - t0
 
     model_dir = export_pipeline(out / "model", tokenizer, text_encoder, vae, unet, args.scheduler)
