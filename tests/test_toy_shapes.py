@@ -107,6 +107,9 @@ def test_grounding_targets_and_losses_follow_tokencompose():
     assert float(grounding_losses([inside], tokens[:, :1, :1], masks[:, :1])[0]) == 0.0
     none = torch.full_like(tokens, -1)
     assert float(grounding_losses([probs], none, masks)[0]) == 0.0
+    assert grounding_targets([sample], kinds=("one", "one_pos"))[0].eq(-1).all()  # a two-object caption, not grounded
+    with pytest.raises(ValueError, match="unknown sample kinds"):
+        grounding_targets([sample], kinds=("three",))
 
 
 def test_recording_processor_computes_the_stock_cross_attention():

@@ -24,19 +24,25 @@ from . import data as toy_data
 MAX_OBJECTS = 2
 
 
-def grounding_targets(samples: list[toy_data.Sample], grid: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def grounding_targets(samples: list[toy_data.Sample], grid: int = 8,
+                      kinds: tuple[str, ...] = tuple(toy_data.KIND_WEIGHTS)) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: the token indices of each named object's colour and shape words and the object's coverage.
 
-    Returns ``tokens`` (n, MAX_OBJECTS, 2) long, -1 where a caption names fewer objects, and ``masks``
-    (n, MAX_OBJECTS, grid, grid) float, the object's pixel coverage area-averaged to ``grid`` (coarser grids are
-    area averages of it).
+    Returns ``tokens`` (n, MAX_OBJECTS, 2) long, -1 where a caption names fewer objects or its sample's kind is
+    not in ``kinds``, and ``masks`` (n, MAX_OBJECTS, grid, grid) float, the object's pixel coverage area-averaged
+    to ``grid`` (coarser grids are area averages of it).
     """
     size = toy_data.IMAGE_SIZE
     if size % grid:
         raise ValueError(f"grid {grid} must divide the image size {size}")
+    unknown = sorted(set(kinds) - set(toy_data.KIND_WEIGHTS))
+    if unknown:
+        raise ValueError(f"unknown sample kinds {unknown}; expected some of {tuple(toy_data.KIND_WEIGHTS)}")
     tokens = torch.full((len(samples), MAX_OBJECTS, 2), -1, dtype=torch.long)
     masks = torch.zeros(len(samples), MAX_OBJECTS, grid, grid)
     for i, sample in enumerate(samples):
+        if sample.kind not in kinds:
+            continue
         for k, (shape, color_word, shape_word) in enumerate(toy_data.named_objects(sample)):
             half = shape.size / 2
             box = (shape.cx - half, shape.cy - half, shape.cx + half, shape.cy + half)

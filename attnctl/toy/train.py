@@ -76,6 +76,7 @@ class TrainConfig:
     # TokenCompose's grounding losses on the cross-attention maps (attnctl/toy/grounding.py); 0 = off (the shipped model)
     ground_token_weight: float = 0.0
     ground_pixel_weight: float = 0.0
+    ground_kinds: str = "one,one_pos,two_pos,two,one_of_two"  # the sample kinds whose captions are grounded
     # bookkeeping
     log_every: int = 25
     ckpt_every: int = 250
@@ -590,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     grounding = None
     if cfg.ground_token_weight > 0 or cfg.ground_pixel_weight > 0:
         t0 = time.time()
-        grounding = grounding_targets(toy_data.make_samples(cfg.n_samples, seed=cfg.seed, kind_weights=cfg.kind_weights))
+        samples = toy_data.make_samples(cfg.n_samples, seed=cfg.seed, kind_weights=cfg.kind_weights)
+        grounding = grounding_targets(samples, kinds=tuple(k.strip() for k in cfg.ground_kinds.split(",") if k.strip()))
         log(f"grounding: {int((grounding[0][..., 0] >= 0).sum())} named objects' masks in {time.time() - t0:.1f}s")
     unet = train_unet(cfg, latents, cond, caption_idx, 0, ckpt, log, stats, grounding)
     stats["unet_seconds_this_process"] = time.time() - t0
