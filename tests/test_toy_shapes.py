@@ -111,6 +111,14 @@ def test_grounding_targets_and_losses_follow_tokencompose():
     with pytest.raises(ValueError, match="unknown sample kinds"):
         grounding_targets([sample], kinds=("three",))
 
+    from attnctl.toy.train import TrainConfig, grounding_for
+
+    assert grounding_for(TrainConfig(), print) is None  # the shipped model's run: no grounding
+    with pytest.raises(ValueError, match="ground-pixel-weight must be >= 0, got -1"):
+        grounding_for(TrainConfig(ground_pixel_weight=-1.0), print)
+    tokens, _ = grounding_for(TrainConfig(n_samples=40, ground_token_weight=0.1, ground_kinds="one,one_pos"), print)
+    assert tokens.shape == (40, 2, 2) and tokens[:, 1].eq(-1).all() and tokens[:, 0, 0].ge(0).sum() >= 10
+
 
 def test_recording_processor_computes_the_stock_cross_attention():
     import torch

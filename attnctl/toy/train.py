@@ -415,6 +415,20 @@ def train_unet(cfg: TrainConfig, latents: torch.Tensor, cond: torch.Tensor, capt
     return ema.eval()
 
 
+def grounding_for(cfg: TrainConfig, log: Logger) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The grounding targets of the training samples, or None when both grounding weights are 0."""
+    for name in ("ground_token_weight", "ground_pixel_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.ground_token_weight == 0 and cfg.ground_pixel_weight == 0:
+        return None
+    t0 = time.time()
+    samples = toy_data.make_samples(cfg.n_samples, seed=cfg.seed, kind_weights=cfg.kind_weights)
+    grounding = grounding_targets(samples, kinds=tuple(k.strip() for k in cfg.ground_kinds.split(",") if k.strip()))
+    log(f"grounding: {int((grounding[0][..., 0] >= 0).sum())} named objects' masks in {time.time() - t0:.1f}s")
+    return grounding
+
+
 # --------------------------------------------------------------------------- export
 _LOG_RE = re.compile(r"(?P<stage>vae|unet) step (?P<step>\d+)/(?P<total>\d+) (?:recon|loss) (?P<loss>[\d.]+)"
                      r"(?: \(unweighted (?P<unweighted>[\d.]+)\))?.* (?P<dt>[\d.]+) s/step")
@@ -587,13 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     caption_idx = torch.tensor([index[c] for c in captions])
     log(f"text: {len(unique)} distinct captions embedded, shape {tuple(cond.shape)}")
 
+    grounding = grounding_for(cfg, log)
     t0 = time.time()
-    grounding = None
-    if cfg.ground_token_weight > 0 or cfg.ground_pixel_weight > 0:
-        t0 = time.time()
-        samples = toy_data.make_samples(cfg.n_samples, seed=cfg.seed, kind_weights=cfg.kind_weights)
-        grounding = grounding_targets(samples, kinds=tuple(k.strip() for k in cfg.ground_kinds.split(",") if k.strip()))
-        log(f"grounding: {int((grounding[0][..., 0] >= 0).sum())} named objects' masks in {time.time() - t0:.1f}s")
     unet = train_unet(cfg, latents, cond, caption_idx, 0, ckpt, log, stats, grounding)
     stats["unet_seconds_this_process"] = time.time() - t0
 
