@@ -3,7 +3,7 @@
 TokenCompose (Wang et al., CVPR 2024, "TokenCompose: Text-to-Image Diffusion with Token-level Supervision") adds
 two losses on the UNet's cross-attention maps to the denoising loss, for every caption word with a known object mask:
 
-- token loss: ``(1 - sum_{u in M} A[u] / sum_u A[u])^2``, the share of the word's attention mass outside its object;
+- token loss: ``(1 - sum_{u in M} A[u] / sum_u A[u])^2``, the squared share of the word's attention mass outside its object;
 - pixel loss: the binary cross-entropy between the word's attention probability at each query position ``A[u]``
   and the object mask ``M[u]``.
 
