@@ -135,6 +135,9 @@ def test_recording_processor_computes_the_stock_cross_attention():
     torch.testing.assert_close(recorded, stock, atol=1e-5, rtol=1e-5)
     assert [m.shape[1] for m in maps] == [64, 16, 16, 16, 16, 64, 64]  # down 8x8, down 4x4, mid, up 4x4 (2), up 8x8 (2)
     assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
+    unet.mid_block.attentions[0].transformer_blocks[0].attn2.residual_connection = True  # not what it computes
+    with pytest.raises(ValueError, match="plain, unmasked cross-attention only"), torch.no_grad():
+        unet(x, t, cond)
 
 
 def test_training_summary_of_a_run_that_reused_a_vae_counts_only_that_runs_vae_steps(tmp_path):

@@ -59,8 +59,10 @@ class RecordingCrossAttnProcessor:
         self.sink = sink
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3:
-            raise ValueError("the recording processor handles the toy UNet's unmasked cross-attention only")
+        extras = (attn.norm_cross, attn.group_norm, attn.spatial_norm, attn.residual_connection, attn.rescale_output_factor != 1)
+        if encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3 or any(extras):
+            raise ValueError("the recording processor handles the toy UNet's plain, unmasked cross-attention only "
+                             "(no norms, residual or output rescaling in the Attention module)")
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
