@@ -97,6 +97,7 @@ def main() -> None:
                         help="run one part only (the parts are independent; each has its own stock)")
     parser.add_argument("--level-defaults", action="store_true",
                         help="also run the controls at their default level (4x4 on the toy) and the 8x8 level")
+    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
     parser.add_argument("--out", default=None, help="unused (the smoke test passes it)")
     parser.add_argument("--memory-size", type=int, default=MEMORY_SIZE, help="image side of the peak-memory calls")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -108,8 +109,9 @@ def main() -> None:
         args.pairs = args.boxes = 2
         args.memory_size = 64
     torch.set_num_threads(1)
-    pipe = load_toy_shapes()
+    pipe = load_toy_shapes(model=args.model)
     pipe.set_progress_bar_config(disable=True)
+    print(f"model {args.model}")
 
     if args.part in ("all", "two"):
         _two_objects(pipe, args)

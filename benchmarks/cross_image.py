@@ -292,6 +292,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("all", "aid", "consistent", "consistent-select", "reference", "cost"), default="all")
+    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
     parser.add_argument("--picture", default=None, help="with --only consistent or reference: also save seeds 0-3 as a picture here")
     args = parser.parse_args()
@@ -300,7 +301,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from attnctl.render.loading import load_pipeline
 
-    pipe = load_pipeline("toy-shapes")
+    pipe = load_pipeline(args.model)
     if args.only == "cost":
         args.only = "cost-only"
     if args.only in ("all", "reference"):
@@ -341,7 +342,7 @@ def main() -> None:
         if args.only == "consistent":
             return
     variants = [] if args.only == "cost-only" else [("outer", 2.0)] if args.quick else [("outer", 2.0), ("inner", 2.0), ("outer", 1.0), ("outer", 3.0)]
-    print(f"AID on toy-shapes: {PROMPT_A!r} -> {PROMPT_B!r}, n={args.n}, seeds 0..{args.seeds - 1}")
+    print(f"AID on {args.model}: {PROMPT_A!r} -> {PROMPT_B!r}, n={args.n}, seeds 0..{args.seeds - 1}")
     print(f"pass: centroid never back > {MAX_BACK} width, travel >= {MIN_TRAVEL} width")
     for key, rate in (aid_rates(pipe, range(args.seeds), args.n, variants, baseline=bool(variants)) if variants else {}).items():
         print(f"  {key:32s} {rate:6.1%}", flush=True)

@@ -4,9 +4,9 @@ Images: two-object prompts without positions, `"a {c1} {s1} and a {c2} {s2}"` (p
 stock. Per image and per word of its objects (both colour words and both shape words), the IoU of
 `masks(word)` (threshold 0.5 on the min-max normalised map, docs/methods.md) against the object's mask from the
 pixels (`attnctl.toy.analysis.color_masks(image)[colour] >= 0.5`; a shape word's object is the one of its
-colour); objects the image does not show (coverage < 12 pixels) are skipped. The maps are read in the toy model's
+colour); objects the image does not show (coverage < 12 pixels) are skipped. On `toy-shapes` the maps are read in
 `attnctl.toy.MAP_LAYERS` (the layers whose maps locate objects there, chosen on held-out seeds: docs/toy-shapes.md);
-`--layers all` reads every cross-attention layer (the method's default). Three readouts, each in its own pass:
+on `--model toy-shapes-grounded` in every cross-attention layer (the method's default; `--layers all` on either). Three readouts, each in its own pass:
 
 - `generation`: `AttentionMaps(words)` during the generation call itself (no magnets);
 - `readout`: `attnctl.read_maps(pipe, image, prompt, words, strength, magnets=False)`: img2img at `strength`;
@@ -15,6 +15,7 @@ colour); objects the image does not show (coverage < 12 pixels) are skipped. The
 Also the time of each pass against the plain call (median).
 
     python benchmarks/segmentation.py [--count 96] [--strength 0.5] [--threshold 0.5 ...] [--layers all|NAME ...]
+    python benchmarks/segmentation.py --model toy-shapes-grounded
 """
 
 from __future__ import annotations
@@ -123,18 +124,20 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--threshold", type=float, nargs="+", default=[0.5], help="mask thresholds (each is reported)")
     parser.add_argument("--layers", nargs="+", default=None,
-                        help="layer selectors; default attnctl.toy.MAP_LAYERS, 'all' every cross-attention layer")
+                        help="layer selectors; default attnctl.toy.MAP_LAYERS on toy-shapes, every layer on toy-shapes-grounded; 'all' every cross-attention layer")
+    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 images (CI)")
     args = parser.parse_args()
     if args.quick:
         args.count = 2
     from attnctl.toy import MAP_LAYERS, load_toy_shapes
 
-    layers = MAP_LAYERS if args.layers is None else None if args.layers == ["all"] else tuple(args.layers)
-    pipe = load_toy_shapes()
+    default = MAP_LAYERS if args.model == "toy-shapes" else None
+    layers = default if args.layers is None else None if args.layers == ["all"] else tuple(args.layers)
+    pipe = load_toy_shapes(model=args.model)
     thresholds = tuple(args.threshold)
     r = segmentation(pipe, args.count, strength=args.strength, thresholds=thresholds, layers=layers)
-    print(f"toy-shapes, {args.count} two-object images (prompt i, seed i), {r['pairs']} (image, word) pairs, "
+    print(f"{args.model}, {args.count} two-object images (prompt i, seed i), {r['pairs']} (image, word) pairs, "
           f"layers {'every cross-attention layer' if layers is None else layers}, readout strength {args.strength}")
     for name in ("generation", "readout", "magnets"):
         ious = "  ".join(f"threshold {t:g}: {r[f'iou_{name}@{t:g}']:.3f}" for t in thresholds)

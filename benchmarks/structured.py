@@ -91,16 +91,17 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--layers", nargs="+", default=None, help="SDG's layer selectors (default: every cross layer)")
+    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts (CI)")
     args = parser.parse_args()
     if args.quick:
         args.count = 2
     from attnctl.toy import load_toy_shapes
 
-    pipe = load_toy_shapes()
+    pipe = load_toy_shapes(model=args.model)
     layers = None if args.layers is None else tuple(args.layers)
     r = binding(pipe, args.count, scale=args.scale, steps=args.steps, guidance=args.guidance, layers=layers)
-    print(f"toy-shapes, {r['count']} two-object prompts without positions (prompt i, seed i), {args.steps} steps, "
+    print(f"{args.model}, {r['count']} two-object prompts without positions (prompt i, seed i), {args.steps} steps, "
           f"guidance {args.guidance}, SDG layers {'every cross-attention layer' if layers is None else layers}")
     print(f"colour binding  stock {100 * r['stock']:.1f}%   SDG (scale {args.scale}) {100 * r['sdg']:.1f}%   "
           f"difference {100 * (r['sdg'] - r['stock']):+.1f} points")

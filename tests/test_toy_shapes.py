@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,11 +194,11 @@ def test_analysis_catches_a_colour_swap_and_a_wrong_shape():
 # --------------------------------------------------------------------------- tokenizer
 
 
-@pytest.fixture(scope="module")
-def shipped_dir():
+@pytest.fixture(scope="module", params=["toy-shapes", "toy-shapes-grounded"])
+def shipped_dir(request):
     from attnctl.toy import toy_shapes_path
 
-    return toy_shapes_path()
+    return toy_shapes_path(request.param)
 
 
 def test_shipped_tokenizer_has_one_token_per_caption_word(shipped_dir):
@@ -378,3 +379,26 @@ def test_load_pipeline_and_render_default_to_toy_shapes():
     assert embedded_call_defaults("toy-shapes") == CALL_DEFAULTS
     pipe = attnctl.load_pipeline("toy-shapes")
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
+
+
+def test_the_grounded_model_loads_by_name_with_the_toy_call_defaults():
+    """`toy-shapes-grounded` is an embedded name everywhere `toy-shapes` is (load_pipeline, the renderer's list, the
+    call defaults, found again from the pipeline's folder), with its own weights; an unknown toy name is refused with
+    the names allowed."""
+    import torch
+
+    import attnctl
+    from attnctl.render.generate import embedded_call_defaults, embedded_pipeline_defaults
+    from attnctl.render.loading import embedded_models
+    from attnctl.toy import CALL_DEFAULTS, MODEL_NAMES, load_toy_shapes, toy_shapes_path
+
+    assert set(MODEL_NAMES) <= set(embedded_models())
+    assert embedded_call_defaults("toy-shapes-grounded") == CALL_DEFAULTS
+    grounded = attnctl.load_pipeline("toy-shapes-grounded")
+    assert Path(grounded.name_or_path).resolve() == toy_shapes_path("toy-shapes-grounded").resolve()
+    assert embedded_pipeline_defaults(grounded) == CALL_DEFAULTS
+    shipped = load_toy_shapes()
+    first = next(iter(shipped.unet.state_dict()))
+    assert not torch.equal(shipped.unet.state_dict()[first], grounded.unet.state_dict()[first])
+    with pytest.raises(attnctl.ConfigError, match=r"toy model 'toy_shapes'.*toy-shapes, toy-shapes-grounded"):
+        load_toy_shapes(model="toy_shapes")

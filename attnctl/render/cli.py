@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("jobs", metavar="JOBS", help="job file (.toml, .json or .jsonl)")
     render.add_argument("--out", metavar="DIR", help="output folder (required unless --dry-run)")
-    render.add_argument("--model", help="embedded model (toy-shapes, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, "
+    render.add_argument("--model", help="embedded model (toy-shapes, toy-shapes-grounded, tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux, "
                                         "tiny-pixart; with a diffusers that has them tiny-chroma, tiny-qwenimage, "
                                         "tiny-zimage, tiny-flux2, tiny-wan), a local diffusers folder or a hub id; "
                                         "default: the job file's `model`, else the embedded default. Video pipelines "

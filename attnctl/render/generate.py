@@ -38,6 +38,7 @@ from ..control import Control
 from ..errors import AttnctlError, ConfigError
 from ..instance import describe_callable
 from ..validation import SEED_MAX, plain_scalar
+from .loading import TOY_MODELS
 from .outputs import sampler_fields, save_png
 
 #: Frames per second of the GIF of an interpolation sequence (`AttentionInterpolation(to=...)`).
@@ -69,7 +70,7 @@ def embedded_call_defaults(name: str | None) -> dict[str, Any]:
 
     if name in CALL_DEFAULTS:
         return dict(CALL_DEFAULTS[name])
-    if name == "toy-shapes":
+    if name in TOY_MODELS:
         try:
             from .. import toy
         except ImportError:  # pragma: no cover - depends on the build
@@ -91,8 +92,9 @@ def embedded_pipeline_defaults(pipe: Any) -> dict[str, Any]:
     try:
         from .. import toy
 
-        if Path(name).resolve() == toy.toy_shapes_path().resolve():
-            return embedded_call_defaults("toy-shapes")
+        for model in toy.MODEL_NAMES:
+            if Path(name).resolve() == toy.toy_shapes_path(model).resolve():
+                return embedded_call_defaults(model)
     except (ImportError, FileNotFoundError, OSError):  # pragma: no cover - depends on the build
         return {}
     return {}

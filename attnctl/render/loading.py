@@ -13,14 +13,17 @@ from ..errors import ConfigError, UnsupportedError
 from ..validation import seed as valid_seed
 
 DEFAULT_MODEL = "toy-shapes"
+#: The embedded toy models (`attnctl.toy.MODEL_NAMES`; named here too so that listing them does not import the toy).
+TOY_MODELS = ("toy-shapes", "toy-shapes-grounded")
 
 
 def embedded_models() -> tuple[str, ...]:
-    """`toy-shapes`, the tiny fixtures, and those of the newer families (issue 19) the installed diffusers has."""
+    """`toy-shapes` and `toy-shapes-grounded`, the tiny fixtures, and those of the newer families (issue 19) the
+    installed diffusers has."""
     from ..testing import NEW_TINY_MODELS, TINY_MODELS
     from ..testing.new_families import available
 
-    return ("toy-shapes",) + TINY_MODELS + tuple(name for name in NEW_TINY_MODELS if available(name))
+    return TOY_MODELS + TINY_MODELS + tuple(name for name in NEW_TINY_MODELS if available(name))
 
 
 class _TorchvisionNotice(logging.Filter):
@@ -103,7 +106,8 @@ def load_pipeline(
 ):
     """Load a diffusers pipeline.
 
-    - `toy-shapes`: the shapes model trained by this project and shipped in the package;
+    - `toy-shapes`: the shapes model trained by this project and shipped in the package; `toy-shapes-grounded`: the
+      same training with grounding losses, whose word attention maps locate their objects (`attnctl.toy`);
     - `tiny-sd`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-pixart`, and where the installed diffusers has their
       classes `tiny-chroma`, `tiny-qwenimage`, `tiny-zimage`, `tiny-flux2`, `tiny-wan` (video): random-weight
       offline fixtures (`seed`);
@@ -173,8 +177,8 @@ def check_device_available(target: Any) -> None:
 def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int, **kwargs: Any):
     import torch
 
-    if name_or_path == "toy-shapes":
-        pipe = _load_toy_shapes()
+    if name_or_path in TOY_MODELS:
+        pipe = _load_toy_shapes(name_or_path)
     elif name_or_path in embedded_models():
         from ..testing import make_tiny_pipeline
 
@@ -202,12 +206,12 @@ def _load(name_or_path: str, *, torch_dtype: Any, device: str | None, seed: int,
     return pipe
 
 
-def _load_toy_shapes():
+def _load_toy_shapes(name: str):
     try:
         from ..toy import load_toy_shapes
     except ImportError as error:  # pragma: no cover - depends on the package build
-        raise UnsupportedError(f"the embedded toy-shapes model is not available in this build: {error}") from error
-    return load_toy_shapes()
+        raise UnsupportedError(f"the embedded {name} model is not available in this build: {error}") from error
+    return load_toy_shapes(model=name)
 
 
 def _dtype_argument() -> str:
