@@ -1,6 +1,7 @@
 """Per-word attention maps: heatmaps over the generated image and one grid per image.
 
     python examples/attention_maps.py                             # embedded toy-shapes, offline
+    python examples/attention_maps.py --model toy-shapes-grounded # every cross layer: its word maps locate objects
     python examples/attention_maps.py --model tiny-sd3            # tiny-sdxl, tiny-sd3, tiny-flux, tiny-pixart too
     python examples/attention_maps.py --model black-forest-labs/FLUX.1-schnell --device cuda --dtype bfloat16 \
         --prompt "a red car next to a blue house" --words red,car,blue,house --steps 4
@@ -23,6 +24,7 @@ import torch
 
 import attnctl
 from attnctl.render.generate import embedded_call_defaults
+from attnctl.render.loading import TOY_MODELS
 
 
 def main() -> None:
@@ -51,10 +53,10 @@ def main() -> None:
         options["num_inference_steps"] = args.steps or 2
     options.setdefault("num_inference_steps", 2 if args.model.startswith("tiny-") else 30)
     steps = options["num_inference_steps"]
-    toy = args.model == "toy-shapes"
+    toy = args.model in TOY_MODELS  # the toy vocabulary; the map layers are toy-shapes' own choice
     prompt = args.prompt or ("a red circle on the left and a blue square on the right" if toy else "a red car on the street")
     words = [w.strip() for w in (args.words or ("circle,square" if toy else "red,car,street")).split(",") if w.strip()]
-    layers = args.layers or (attnctl.toy.MAP_LAYERS if toy else None)
+    layers = args.layers or (attnctl.toy.MAP_LAYERS if args.model == "toy-shapes" else None)
     control = attnctl.AttentionMaps(words, layers=layers, resolution=args.resolution)
     with attnctl.apply(pipe, [control]) as handle:
         generator = torch.Generator(device="cpu").manual_seed(args.seed)

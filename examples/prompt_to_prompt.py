@@ -2,6 +2,7 @@
 attention (Hertz et al. 2022). Saves the stock batch and the edited batch as two strips, base first.
 
     python examples/prompt_to_prompt.py                                  # embedded toy-shapes (trained), offline
+    python examples/prompt_to_prompt.py --model toy-shapes-grounded      # the toy model whose word maps locate objects
     python examples/prompt_to_prompt.py --model tiny-flux                # any embedded tiny model too
     python examples/prompt_to_prompt.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda \
         --dtype float16 --prompts "a cat riding a bicycle" "a dog riding a bicycle" --local-blend cat dog
@@ -17,6 +18,7 @@ import torch
 
 import attnctl
 from attnctl.render.generate import embedded_call_defaults
+from attnctl.render.loading import TOY_MODELS
 
 
 def strip(images):
@@ -34,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="toy-shapes", help="embedded name (toy-shapes, tiny-sd, ...), a directory or a hub id")
     parser.add_argument("--prompts", nargs="+", default=None, help="base prompt, then the edited prompts "
-                                                                    "(default on toy-shapes: a red / blue / green circle)")
+                                                                    "(default on the toy models: a red / blue / green circle)")
     parser.add_argument("--mode", default="replace", choices=("replace", "refine"))
     parser.add_argument("--cross-steps", type=float, default=0.8)
     parser.add_argument("--self-steps", type=float, default=0.4)
@@ -55,7 +57,7 @@ def main() -> None:
     options.setdefault("num_inference_steps", 2 if args.model.startswith("tiny-") else 50)
     if args.prompts:
         prompts = args.prompts
-    elif args.model == "toy-shapes":
+    elif args.model in TOY_MODELS:
         prompts = ["a red circle", "a blue circle", "a green circle"]
     else:
         prompts = ["a red cat on the street", "a blue cat on the street"]

@@ -2,14 +2,15 @@
 (RefAM), then used as a region mask in a second generation.
 
     python examples/segmentation_masks.py                          # embedded toy-shapes model, offline
+    python examples/segmentation_masks.py --model toy-shapes-grounded   # the toy whose word maps locate objects
     python examples/segmentation_masks.py --no-magnets --strength 0.3
     python examples/segmentation_masks.py --model stabilityai/stable-diffusion-2-1-base --device cuda \\
         --prompt "a cat and a dog on a sofa" --words cat,dog --steps 30
 
 Writes the generated image, each word's soft mask and binary mask (threshold 0.5 on the min-max normalised
-map), and the second pass that puts the first word's region prompt inside that word's mask. On the toy model the
+map), and the second pass that puts the first word's region prompt inside that word's mask. On toy-shapes the
 maps are read in its down-path cross-attention (`attnctl.toy.MAP_LAYERS`: its up-path maps are anti-correlated with
-the objects); real models read every cross-attention layer (`--layers` overrides). docs/methods.md gives the
+the objects); toy-shapes-grounded and real models read every cross-attention layer (`--layers` overrides). docs/methods.md gives the
 measured IoU.
 """
 
@@ -27,7 +28,7 @@ from attnctl.render.generate import example_pipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="embedded name (toy-shapes, tiny-sd), a directory or a hub id")
+    parser.add_argument("--model", default=None, help="embedded name (toy-shapes, toy-shapes-grounded, tiny-sd), a directory or a hub id")
     parser.add_argument("--prompt", default="a red circle and a blue square")
     parser.add_argument("--words", default="circle,square", help="comma-separated words")
     parser.add_argument("--strength", type=float, default=0.5, help="share of the schedule the readout re-runs")
