@@ -53,6 +53,13 @@ def test_training_config_chooses_the_attention_levels():
     for bad in ("5", "8,x", ""):
         with pytest.raises(ValueError, match="unet-attention"):
             attention_levels(TrainConfig(unet_attention=bad), 16)
+    _, cfg = parse_args(["--out", "run", "--kind-weights", "one=0.35,one_pos=0.3,two_pos=0.3,two=0.05"])
+    assert cfg.kind_weights == {"one": 0.35, "one_pos": 0.3, "two_pos": 0.3, "two": 0.05, "one_of_two": 0.0}
+    assert parse_args(["--out", "run"])[1].kind_weights == data.KIND_WEIGHTS
+    for bad, match in (("three=1", "unknown kind 'three'"), ("one=x", "'one=x' is not KIND=WEIGHT"),
+                       ("one=-1", "'one' must be >= 0"), ("one=0", "no kind a positive weight")):
+        with pytest.raises(ValueError, match=match):
+            parse_args(["--out", "run", "--kind-weights", bad])
 
 
 def test_named_objects_point_at_their_colour_and_shape_tokens(tmp_path):

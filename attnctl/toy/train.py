@@ -497,6 +497,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     p.add_argument("--scheduler", default="DDIMScheduler", help="scheduler class saved with the model")
     p.add_argument("--reuse-vae", type=Path, default=None,
                    help="copy the trained VAE and latents of another run with the same data and VAE settings")
+    p.add_argument("--kind-weights", default=None, metavar="KIND=W,...",
+                   help="the caption kinds' mixture weights (default: attnctl.toy.data.KIND_WEIGHTS); kinds left out get 0, "
+                        "e.g. one=0.35,one_pos=0.3,two_pos=0.3,two=0.05 (no one-of-two captions)")
     p.add_argument("--snapshot", action="store_true",
                    help="only export the latest checkpoint's EMA weights to OUT/snapshot (inspect a run in progress)")
     for name, value in asdict(cfg).items():
@@ -506,7 +509,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Train
     for name, value in asdict(cfg).items():
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             setattr(cfg, name, getattr(args, name))
+    if args.kind_weights is not None:
+        cfg.kind_weights = parse_kind_weights(args.kind_weights)
     return args, cfg
+
+
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """``"one=0.35,two=0.05"`` -> every kind of ``KIND_WEIGHTS`` with its weight (0 where not named)."""
+    weights = dict.fromkeys(toy_data.KIND_WEIGHTS, 0.0)
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        kind, _, value = item.partition("=")
+        if kind not in weights:
+            raise ValueError(f"--kind-weights: unknown kind {kind!r}; the kinds are {', '.join(weights)}")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            raise ValueError(f"--kind-weights: {item!r} is not KIND=WEIGHT with a number") from None
+        if not weights[kind] >= 0:
+            raise ValueError(f"--kind-weights: the weight of {kind!r} must be >= 0, got {value}")
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"--kind-weights: {text!r} gives no kind a positive weight")
+    return weights
 
 
 def snapshot(out: Path, cfg: TrainConfig, scheduler_class: str, log: Logger) -> Path:
