@@ -396,10 +396,10 @@ def test_the_grounded_model_loads_by_name_with_the_toy_call_defaults():
 
     import attnctl
     from attnctl.render.generate import embedded_call_defaults, embedded_pipeline_defaults
-    from attnctl.render.loading import embedded_models
+    from attnctl.render.loading import TOY_MODELS, embedded_models
     from attnctl.toy import CALL_DEFAULTS, MODEL_NAMES, load_toy_shapes, toy_shapes_path
 
-    assert set(MODEL_NAMES) <= set(embedded_models())
+    assert TOY_MODELS == MODEL_NAMES and set(MODEL_NAMES) <= set(embedded_models())
     assert embedded_call_defaults("toy-shapes-grounded") == CALL_DEFAULTS
     grounded = attnctl.load_pipeline("toy-shapes-grounded")
     assert Path(grounded.name_or_path).resolve() == toy_shapes_path("toy-shapes-grounded").resolve()

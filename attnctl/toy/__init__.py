@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: The embedded models: `toy-shapes`, the shipped demo model, and `toy-shapes-grounded`, the same training (same
-#: data, seed and steps) with TokenCompose's grounding losses added (docs/toy-shapes.md, "The grounded model"). On the
+#: data, seed and steps) with TokenCompose's grounding losses added (docs/toy-shapes.md, "Run 8"). On the
 #: grounded model every word's attention map locates its object, as on large models, so the map-reading methods work
 #: at their defaults; it binds colours by itself, so it has no binding failure for Regions to fix. The constants below
 #: (MAP_LAYERS, BOX_GUIDANCE, BINDING_REGION_LAYERS) were chosen for `toy-shapes`; on `toy-shapes-grounded` use the
