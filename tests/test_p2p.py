@@ -546,9 +546,9 @@ def test_toy_red_to_blue_circle_keeps_the_base_image_more_often_than_the_same_no
 
 
 def test_toy_red_to_blue_circle_on_the_grounded_model():
-    """benchmarks/p2p.py on 8 seeds of `toy-shapes-grounded` (word maps that locate their objects; 48 seeds: 77.1%
-    against 14.6%, per object 89.6% against 16.7%). Measured on these seeds: 5/8 against 2/8 stock from the same
-    noise, per object 6/8 against 2/8."""
+    """benchmarks/p2p.py on 8 seeds of `toy-shapes-grounded` (word maps that locate their objects; 48 seeds: 100%
+    against 39.6% for the stock batch from the same noise). Measured on these seeds: 8/8 against 5/8, the layout kept
+    (object IoU with the base 0.91 against 0.52)."""
     from attnctl.toy import load_toy_shapes
 
     bench = load_benchmark("p2p.py", "p2p_benchmark")
@@ -559,7 +559,8 @@ def test_toy_red_to_blue_circle_on_the_grounded_model():
     def count(results, keys=("shape", "centroid", "color")):
         return sum(all(r[key] for key in keys) for r in results)
 
-    assert count(edited) >= count(stock) + 2 and count(edited, ("objects",)) >= count(stock, ("objects",)) + 3
+    assert count(edited) >= 7 and count(edited, ("objects",)) >= 7 and count(edited) > count(stock)
+    assert sum(r["iou"] for r in edited) > sum(r["iou"] for r in stock) + 1.0
 
 
 def test_the_per_object_check_of_the_p2p_benchmark():

@@ -24,9 +24,9 @@ __all__ = [
 ]
 
 #: The embedded models: `toy-shapes`, the shipped demo model, and `toy-shapes-grounded`, the same training (same
-#: data, seed and steps) with TokenCompose's grounding losses added (docs/toy-shapes.md, "Run 8"). On the
-#: grounded model every word's attention map locates its object, as on large models, so the map-reading methods work
-#: at their defaults; it binds colours by itself, so it has no binding failure for Regions to fix. The constants below
+#: seed and steps) with TokenCompose's grounding losses and without the one-of-two captions (docs/toy-shapes.md,
+#: "Run 10"). On the grounded model every word's attention map locates its object, as on large models, so the
+#: map-reading methods work at their defaults; it binds colours by itself, so it has no binding failure for Regions to fix. The constants below
 #: (MAP_LAYERS, BOX_GUIDANCE, BINDING_REGION_LAYERS) were chosen for `toy-shapes`; on `toy-shapes-grounded` use the
 #: methods' defaults.
 MODEL_NAMES = ("toy-shapes", "toy-shapes-grounded")
@@ -64,7 +64,8 @@ def toy_shapes_path(model: str = "toy-shapes") -> Path:
         raise ConfigError(f"toy model {model!r}: the embedded toy models are {', '.join(MODEL_NAMES)}")
     path = Path(__file__).resolve().parent.parent / "assets" / model
     if not (path / "model_index.json").is_file():
-        grounding = " --ground-token-weight 0.02 --ground-pixel-weight 0.005" if model == "toy-shapes-grounded" else ""
+        grounding = (" --ground-token-weight 0.02 --ground-pixel-weight 0.005 --kind-weights one=0.35,one_pos=0.3,two_pos=0.3,two=0.05"
+                     if model == "toy-shapes-grounded" else "")
         raise FileNotFoundError(
             f"the {model} model is missing from {path}; train it with "
             f"`python -m attnctl.toy.train --out RUN_DIR{grounding} --export attnctl/assets/{model}`"
