@@ -35,7 +35,7 @@ import time
 import torch
 
 import attnctl
-from attnctl.toy import BOX_GUIDANCE, CALL_DEFAULTS, MAP_LAYERS, analysis, load_toy_shapes
+from attnctl.toy import BOX_GUIDANCE, CALL_DEFAULTS, MAP_LAYERS, MODEL_NAMES, analysis, load_toy_shapes
 from attnctl.toy.data import COLORS, SHAPES
 
 
@@ -97,7 +97,7 @@ def main() -> None:
                         help="run one part only (the parts are independent; each has its own stock)")
     parser.add_argument("--level-defaults", action="store_true",
                         help="also run the controls at their default level (4x4 on the toy) and the 8x8 level")
-    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="toy-shapes", help="embedded toy model")
     parser.add_argument("--out", default=None, help="unused (the smoke test passes it)")
     parser.add_argument("--memory-size", type=int, default=MEMORY_SIZE, help="image side of the peak-memory calls")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

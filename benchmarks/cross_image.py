@@ -286,13 +286,15 @@ def reference_rates(pipe: Any, seeds: range, rows: int, variants: dict[str, Any]
 
 
 def main() -> None:
+    from attnctl.toy import MODEL_NAMES  # no diffusers import
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=48)
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("all", "aid", "consistent", "consistent-select", "reference", "cost"), default="all")
-    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="toy-shapes", help="embedded toy model")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, 3 images, 1 repeat (CI)")
     parser.add_argument("--picture", default=None, help="with --only consistent or reference: also save seeds 0-3 as a picture here")
     args = parser.parse_args()

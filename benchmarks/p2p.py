@@ -255,7 +255,7 @@ def cost(repeats: int) -> None:
 
 def main() -> None:
     import attnctl
-    from attnctl.toy import load_toy_shapes
+    from attnctl.toy import MODEL_NAMES, load_toy_shapes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=48)
@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--branch", default=None)
     parser.add_argument("--layers", nargs="*", default=None)
     parser.add_argument("--no-stock", action="store_true")
-    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="toy-shapes", help="embedded toy model")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds (CI)")
     parser.add_argument("--oracle", action="store_true", help="also run the oracle diagnostics (CopyAttentionOutputs)")
     parser.add_argument("--picture", default=None, help="also save seeds 0-7 (base / stock edit / P2P edit rows) here")

@@ -119,13 +119,15 @@ def segmentation(pipe: Any, count: int, *, strength: float = 0.5, thresholds: tu
 
 
 def main() -> None:
+    from attnctl.toy import MODEL_NAMES  # no diffusers import
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--threshold", type=float, nargs="+", default=[0.5], help="mask thresholds (each is reported)")
     parser.add_argument("--layers", nargs="+", default=None,
                         help="layer selectors; default attnctl.toy.MAP_LAYERS on toy-shapes, every layer on toy-shapes-grounded; 'all' every cross-attention layer")
-    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="toy-shapes", help="embedded toy model")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 images (CI)")
     args = parser.parse_args()
     if args.quick:

@@ -85,13 +85,15 @@ def binding(pipe: Any, count: int, *, scale: float = 1.0, steps: int = 10, guida
 
 
 def main() -> None:
+    from attnctl.toy import MODEL_NAMES  # no diffusers import
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--layers", nargs="+", default=None, help="SDG's layer selectors (default: every cross layer)")
-    parser.add_argument("--model", choices=("toy-shapes", "toy-shapes-grounded"), default="toy-shapes", help="embedded toy model (attnctl.toy.MODEL_NAMES)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default="toy-shapes", help="embedded toy model")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 prompts (CI)")
     args = parser.parse_args()
     if args.quick:
